@@ -1,0 +1,347 @@
+//! The Open Inference Protocol over gRPC: conversions between the generated
+//! `inference` types and the domain types, and the tonic service that calls
+//! [`InferenceService`]. Nothing else in the agent sees protobuf types.
+
+use edgefleet_proto::inference as pb;
+use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use tonic::{Request, Response, Status};
+
+use crate::error::InferError;
+use crate::service::{InferRequest, InferResponse, InferenceService};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// The tonic service over the shared inference service.
+#[derive(Debug, Clone)]
+pub struct GrpcInference {
+    service: InferenceService,
+}
+
+impl GrpcInference {
+    pub fn new(service: InferenceService) -> Self {
+        GrpcInference { service }
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcInference {
+    async fn server_live(
+        &self,
+        _: Request<pb::ServerLiveRequest>,
+    ) -> Result<Response<pb::ServerLiveResponse>, Status> {
+        Ok(Response::new(pb::ServerLiveResponse {
+            live: self.service.server_live(),
+        }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<pb::ServerReadyRequest>,
+    ) -> Result<Response<pb::ServerReadyResponse>, Status> {
+        Ok(Response::new(pb::ServerReadyResponse {
+            ready: self.service.server_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<pb::ModelReadyRequest>,
+    ) -> Result<Response<pb::ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let ready = self.service.model_ready(&request.name, &request.version)?;
+        Ok(Response::new(pb::ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<pb::ServerMetadataRequest>,
+    ) -> Result<Response<pb::ServerMetadataResponse>, Status> {
+        let metadata = self.service.server_metadata();
+        let mut extensions = metadata.extensions;
+        // The protocol has no runtime field; say it where clients list capabilities.
+        extensions.push(format!("runtime:{}", metadata.runtime));
+        Ok(Response::new(pb::ServerMetadataResponse {
+            name: metadata.name,
+            version: metadata.version,
+            extensions,
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let metadata = self.service.model_metadata(&request.name, &request.version)?;
+        let tensors = |specs: Vec<crate::runtime::TensorSpec>| {
+            specs
+                .into_iter()
+                .map(|spec| pb::model_metadata_response::TensorMetadata {
+                    name: spec.name,
+                    datatype: spec.dtype.protocol_name().to_string(),
+                    shape: spec.shape,
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: metadata.name,
+            versions: metadata.versions.iter().map(u64::to_string).collect(),
+            platform: metadata.platform,
+            inputs: tensors(metadata.inputs),
+            outputs: tensors(metadata.outputs),
+        }))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let request = infer_request_from_proto(request.into_inner())?;
+        let response = self.service.infer(request).await?;
+        Ok(Response::new(infer_response_to_proto(response)))
+    }
+}
+
+/// Decodes a `ModelInferRequest` (raw or typed contents, never both).
+pub fn infer_request_from_proto(request: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
+    let pb::ModelInferRequest {
+        model_name,
+        model_version,
+        id,
+        inputs,
+        outputs,
+        raw_input_contents,
+        ..
+    } = request;
+    let uses_raw = !raw_input_contents.is_empty();
+    if uses_raw {
+        if let Some(input) = inputs.iter().find(|input| input.contents.is_some()) {
+            return Err(InferError::invalid(format!(
+                "input '{}' has typed contents but the request also uses raw_input_contents; \
+                 use one or the other for all inputs",
+                input.name
+            )));
+        }
+        if raw_input_contents.len() != inputs.len() {
+            return Err(InferError::invalid(format!(
+                "raw_input_contents has {} entries for {} inputs",
+                raw_input_contents.len(),
+                inputs.len()
+            )));
+        }
+    }
+    let mut raw = raw_input_contents.into_iter();
+    let mut tensors = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let dtype = parse_datatype(&input.name, &input.datatype)?;
+        let data = match raw.next() {
+            Some(bytes) => match dtype {
+                DataType::Bytes => TensorData::Bytes(decode_raw_strings(&input.name, &bytes)?),
+                _ => TensorData::Raw(bytes),
+            },
+            None => typed_contents(&input.name, dtype, input.contents.unwrap_or_default())?,
+        };
+        tensors.push(Tensor {
+            name: input.name,
+            dtype,
+            shape: input.shape,
+            data,
+        });
+    }
+    Ok(InferRequest {
+        model_name,
+        model_version,
+        id,
+        inputs: tensors,
+        outputs: outputs.into_iter().map(|output| output.name).collect(),
+    })
+}
+
+/// Encodes a response the way Triton does: every output in `raw_output_contents`.
+pub fn infer_response_to_proto(response: InferResponse) -> pb::ModelInferResponse {
+    let mut outputs = Vec::with_capacity(response.outputs.len());
+    let mut raw = Vec::with_capacity(response.outputs.len());
+    for tensor in response.outputs {
+        outputs.push(pb::model_infer_response::InferOutputTensor {
+            name: tensor.name,
+            datatype: tensor.dtype.protocol_name().to_string(),
+            shape: tensor.shape,
+            parameters: Default::default(),
+            contents: None,
+        });
+        raw.push(match tensor.data {
+            TensorData::Raw(bytes) => bytes,
+            TensorData::Bytes(items) => encode_raw_strings(&items),
+        });
+    }
+    pb::ModelInferResponse {
+        model_name: response.model_name,
+        model_version: response.model_version.to_string(),
+        id: response.id,
+        parameters: Default::default(),
+        outputs,
+        raw_output_contents: raw,
+    }
+}
+
+pub fn parse_datatype(input: &str, datatype: &str) -> Result<DataType, InferError> {
+    DataType::from_protocol_name(datatype).ok_or_else(|| {
+        InferError::invalid(format!(
+            "input '{input}' has unknown datatype '{datatype}' (expected one of {})",
+            DataType::ALL.map(DataType::protocol_name).join(", ")
+        ))
+    })
+}
+
+/// Raw `BYTES`: each element is a 4-byte little-endian length, then the bytes.
+pub fn decode_raw_strings(name: &str, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, InferError> {
+    let mut items = Vec::new();
+    while !bytes.is_empty() {
+        let malformed = || InferError::invalid(format!("input '{name}': malformed raw BYTES contents"));
+        let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(malformed)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let item = rest.get(..len).ok_or_else(malformed)?;
+        items.push(item.to_vec());
+        bytes = &rest[len..];
+    }
+    Ok(items)
+}
+
+pub fn encode_raw_strings(items: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(items.iter().map(|item| item.len() + 4).sum());
+    for item in items {
+        out.extend_from_slice(&(item.len() as u32).to_le_bytes());
+        out.extend_from_slice(item);
+    }
+    out
+}
+
+fn typed_contents(name: &str, dtype: DataType, contents: pb::InferTensorContents) -> Result<TensorData, InferError> {
+    let fields: [(&str, bool); 8] = [
+        ("bool_contents", !contents.bool_contents.is_empty()),
+        ("int_contents", !contents.int_contents.is_empty()),
+        ("int64_contents", !contents.int64_contents.is_empty()),
+        ("uint_contents", !contents.uint_contents.is_empty()),
+        ("uint64_contents", !contents.uint64_contents.is_empty()),
+        ("fp32_contents", !contents.fp32_contents.is_empty()),
+        ("fp64_contents", !contents.fp64_contents.is_empty()),
+        ("bytes_contents", !contents.bytes_contents.is_empty()),
+    ];
+    let expected = match dtype {
+        DataType::Bool => "bool_contents",
+        DataType::I8 | DataType::I16 | DataType::I32 => "int_contents",
+        DataType::I64 => "int64_contents",
+        DataType::U8 | DataType::U16 | DataType::U32 => "uint_contents",
+        DataType::U64 => "uint64_contents",
+        DataType::F32 => "fp32_contents",
+        DataType::F64 => "fp64_contents",
+        DataType::Bytes => "bytes_contents",
+        DataType::F16 => {
+            return if fields.iter().any(|(_, set)| *set) {
+                Err(InferError::invalid(format!(
+                    "input '{name}' is FP16, which has no typed contents field: send it in raw_input_contents"
+                )))
+            } else {
+                Ok(TensorData::Raw(Vec::new()))
+            };
+        }
+    };
+    if let Some((field, _)) = fields.iter().find(|(field, set)| *set && *field != expected) {
+        return Err(InferError::invalid(format!(
+            "input '{name}' is {dtype} but its data is in {field}; use {expected}"
+        )));
+    }
+    let out_of_range = |value: &dyn std::fmt::Display| {
+        InferError::invalid(format!("input '{name}': value {value} is out of range for {dtype}"))
+    };
+    Ok(match dtype {
+        DataType::Bool => TensorData::Raw(contents.bool_contents.into_iter().map(u8::from).collect()),
+        DataType::I8 => TensorData::Raw(
+            contents
+                .int_contents
+                .iter()
+                .map(|&v| i8::try_from(v).map(|v| v as u8).map_err(|_| out_of_range(&v)))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::I16 => {
+            let values = contents
+                .int_contents
+                .iter()
+                .map(|&v| i16::try_from(v).map_err(|_| out_of_range(&v)))
+                .collect::<Result<Vec<_>, _>>()?;
+            TensorData::Raw(bytemuck::cast_slice(&values).to_vec())
+        }
+        DataType::I32 => TensorData::Raw(bytemuck::cast_slice(&contents.int_contents).to_vec()),
+        DataType::I64 => TensorData::Raw(bytemuck::cast_slice(&contents.int64_contents).to_vec()),
+        DataType::U8 => TensorData::Raw(
+            contents
+                .uint_contents
+                .iter()
+                .map(|&v| u8::try_from(v).map_err(|_| out_of_range(&v)))
+                .collect::<Result<_, _>>()?,
+        ),
+        DataType::U16 => {
+            let values = contents
+                .uint_contents
+                .iter()
+                .map(|&v| u16::try_from(v).map_err(|_| out_of_range(&v)))
+                .collect::<Result<Vec<_>, _>>()?;
+            TensorData::Raw(bytemuck::cast_slice(&values).to_vec())
+        }
+        DataType::U32 => TensorData::Raw(bytemuck::cast_slice(&contents.uint_contents).to_vec()),
+        DataType::U64 => TensorData::Raw(bytemuck::cast_slice(&contents.uint64_contents).to_vec()),
+        DataType::F32 => TensorData::Raw(bytemuck::cast_slice(&contents.fp32_contents).to_vec()),
+        DataType::F64 => TensorData::Raw(bytemuck::cast_slice(&contents.fp64_contents).to_vec()),
+        DataType::Bytes => TensorData::Bytes(contents.bytes_contents),
+        DataType::F16 => TensorData::Raw(Vec::new()),
+    })
+}
+
+/// tonic answers a request over the decoding limit with OUT_OF_RANGE; the
+/// gRPC spec (and every other server) says RESOURCE_EXHAUSTED. Rewrites
+/// just that status, keeping tonic's message, which states the limit.
+pub fn oversize_is_resource_exhausted<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
+    let headers = response.headers_mut();
+    let is_oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+    if is_oversize {
+        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_strings_round_trip_and_reject_truncation() {
+        let items = vec![b"hello".to_vec(), Vec::new(), "ünï".as_bytes().to_vec()];
+        let encoded = encode_raw_strings(&items);
+        assert_eq!(decode_raw_strings("s", &encoded).unwrap(), items);
+        assert!(decode_raw_strings("s", &encoded[..encoded.len() - 1]).is_err());
+        assert!(decode_raw_strings("s", &[1, 0]).is_err());
+    }
+
+    #[test]
+    fn typed_contents_in_the_wrong_field_are_refused() {
+        let contents = pb::InferTensorContents {
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        };
+        let err = typed_contents("x", DataType::I64, contents).unwrap_err();
+        assert!(err.message.contains("fp32_contents") && err.message.contains("int64_contents"), "{}", err.message);
+    }
+
+    #[test]
+    fn narrow_integers_are_range_checked() {
+        let contents = pb::InferTensorContents {
+            int_contents: vec![1, 300],
+            ..Default::default()
+        };
+        let err = typed_contents("x", DataType::I8, contents).unwrap_err();
+        assert!(err.message.contains("300"), "{}", err.message);
+    }
+}

@@ -1,0 +1,21 @@
+//! The edgefleet device agent, as a library: the `edgefleet-agent` binary is a
+//! thin shell over it, and tests run the real servers in-process.
+//!
+//! Request path: [`grpc`] / [`http`] (protocol boundaries) → [`service`]
+//! (validation, version choice) → [`model_registry`] (which versions are
+//! loaded) → [`model_worker`] (bounded queue, dynamic batching, one thread
+//! per session) → [`runtime`] (ONNX Runtime or tract).
+
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod model_check;
+pub mod model_config;
+pub mod model_registry;
+pub mod model_worker;
+pub mod repository;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod tensor;

@@ -1,0 +1,206 @@
+//! Prometheus metrics, served as text on the HTTP port at `/metrics`.
+//!
+//! Handles for one model version are created once ([`VersionMetrics`]) and
+//! cloned into its worker, so the serving path never looks up a label set.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub model: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub model: String,
+    pub version: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~10 s, doubling.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 21))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
+/// Every metric the agent exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<VersionLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    queue_seconds: Family<VersionLabels, Histogram, fn() -> Histogram>,
+    compute_seconds: Family<VersionLabels, Histogram, fn() -> Histogram>,
+    batch_size: Family<VersionLabels, Histogram, fn() -> Histogram>,
+    queue_depth: Family<VersionLabels, Gauge>,
+    model_ready: Family<VersionLabels, Gauge>,
+    load_failures: Family<ModelLabels, Counter>,
+    loads: Family<ModelLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("edgefleet");
+        let requests = Family::<VersionLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let queue_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let compute_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let batch_size = Family::new_with_constructor(batch_histogram as fn() -> Histogram);
+        let queue_depth = Family::<VersionLabels, Gauge>::default();
+        let model_ready = Family::<VersionLabels, Gauge>::default();
+        let load_failures = Family::<ModelLabels, Counter>::default();
+        let loads = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "inference_requests",
+            "Inference requests accepted into a model's queue",
+            requests.clone(),
+        );
+        registry.register(
+            "inference_errors",
+            "Inference requests that failed, by reason",
+            errors.clone(),
+        );
+        registry.register(
+            "inference_queue_seconds",
+            "Time requests waited in the model's queue",
+            queue_seconds.clone(),
+        );
+        registry.register(
+            "inference_compute_seconds",
+            "Time the runtime took per batch",
+            compute_seconds.clone(),
+        );
+        registry.register(
+            "inference_batch_size",
+            "Requests per batch the runtime ran",
+            batch_size.clone(),
+        );
+        registry.register(
+            "inference_queue_depth",
+            "Requests waiting in the model's queue",
+            queue_depth.clone(),
+        );
+        registry.register(
+            "model_ready",
+            "1 when the model version is loaded and serving",
+            model_ready.clone(),
+        );
+        registry.register(
+            "model_load_failures",
+            "Times a model version failed to load",
+            load_failures.clone(),
+        );
+        registry.register(
+            "model_loads",
+            "Times a model version was loaded (initial load and hot reloads)",
+            loads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            errors,
+            queue_seconds,
+            compute_seconds,
+            batch_size,
+            queue_depth,
+            model_ready,
+            load_failures,
+            loads,
+        }
+    }
+
+    /// Handles for one model version.
+    pub fn for_version(self: &Arc<Self>, model: &str, version: u64) -> VersionMetrics {
+        let labels = VersionLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+        };
+        VersionMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            queue_seconds: self.queue_seconds.get_or_create(&labels).clone(),
+            compute_seconds: self.compute_seconds.get_or_create(&labels).clone(),
+            batch_size: self.batch_size.get_or_create(&labels).clone(),
+            queue_depth: self.queue_depth.get_or_create(&labels).clone(),
+            ready: self.model_ready.get_or_create(&labels).clone(),
+            metrics: Arc::clone(self),
+            labels,
+        }
+    }
+
+    /// Counts a failed request that never reached a version (unknown model, bad input).
+    pub fn count_error(&self, model: &str, version: &str, reason: &str) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                model: model.to_string(),
+                version: version.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn count_load(&self, model: &str) {
+        self.loads
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn count_load_failure(&self, model: &str) {
+        self.load_failures
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Metric handles of one model version.
+#[derive(Debug, Clone)]
+pub struct VersionMetrics {
+    pub requests: Counter,
+    pub queue_seconds: Histogram,
+    pub compute_seconds: Histogram,
+    pub batch_size: Histogram,
+    pub queue_depth: Gauge,
+    pub ready: Gauge,
+    metrics: Arc<Metrics>,
+    labels: VersionLabels,
+}
+
+impl VersionMetrics {
+    pub fn count_error(&self, reason: &str) {
+        self.metrics
+            .count_error(&self.labels.model, &self.labels.version, reason);
+    }
+}

@@ -1,0 +1,204 @@
+//! A model's optional `config.toml`: batching, queueing, threads, runtime and
+//! which versions to serve. Every default is a named constant with its reason.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::runtime::RuntimeChoice;
+
+/// Largest batch the batcher builds. 32 amortises per-run overhead on small
+/// models without letting one batch hog the worker for long.
+pub const DEFAULT_MAX_BATCH_SIZE: usize = 32;
+/// No added wait by default: requests that queue up while the worker is busy
+/// are batched anyway, so batching costs no latency unless asked for.
+pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::ZERO;
+/// Requests waiting per model before new ones are refused with
+/// RESOURCE_EXHAUSTED: a few batches' worth, so memory stays bounded.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
+/// One session (and worker thread) per version: a device has few cores.
+pub const DEFAULT_INSTANCES: usize = 1;
+/// Serve only the newest version, as Triton's default `latest: 1` policy.
+pub const DEFAULT_LATEST_VERSIONS: usize = 1;
+
+/// Which of the versions on disk are loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum VersionPolicy {
+    /// The N highest versions.
+    Latest(usize),
+    /// Every version on disk.
+    All,
+    /// Exactly these versions (those present on disk).
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(DEFAULT_LATEST_VERSIONS)
+    }
+}
+
+impl VersionPolicy {
+    /// The versions to serve out of those available (ascending).
+    pub fn select(&self, available: impl DoubleEndedIterator<Item = u64>) -> Vec<u64> {
+        let mut selected: Vec<u64> = match self {
+            VersionPolicy::Latest(count) => available.rev().take(*count).collect(),
+            VersionPolicy::All => available.collect(),
+            VersionPolicy::Specific(wanted) => available.filter(|v| wanted.contains(v)).collect(),
+        };
+        selected.sort_unstable();
+        selected
+    }
+}
+
+/// The file as written by a user.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModelConfig {
+    max_batch_size: Option<usize>,
+    max_queue_delay_us: Option<u64>,
+    queue_capacity: Option<usize>,
+    instances: Option<usize>,
+    intra_op_threads: Option<usize>,
+    runtime: Option<RuntimeChoice>,
+    version_policy: Option<VersionPolicy>,
+    private: Option<bool>,
+}
+
+/// Validated per-model settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelConfig {
+    /// 0 or 1 disables batching.
+    pub max_batch_size: usize,
+    pub max_queue_delay: Duration,
+    pub queue_capacity: usize,
+    pub instances: usize,
+    pub intra_op_threads: Option<usize>,
+    /// `None`: the agent's runtime.
+    pub runtime: Option<RuntimeChoice>,
+    pub version_policy: VersionPolicy,
+    /// Inputs must never leave the device (used by offloading).
+    pub private: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            instances: DEFAULT_INSTANCES,
+            intra_op_threads: None,
+            runtime: None,
+            version_policy: VersionPolicy::default(),
+            private: false,
+        }
+    }
+}
+
+impl ModelConfig {
+    /// Parses and validates a `config.toml`, reporting every problem at once.
+    pub fn parse(text: &str) -> Result<ModelConfig, String> {
+        let raw: RawModelConfig = toml::from_str(text).map_err(|err| err.message().to_string())?;
+        let defaults = ModelConfig::default();
+        let mut problems = Vec::new();
+        let queue_capacity = raw.queue_capacity.unwrap_or(defaults.queue_capacity);
+        if queue_capacity == 0 {
+            problems.push("queue_capacity must be at least 1".to_string());
+        }
+        let instances = raw.instances.unwrap_or(defaults.instances);
+        if instances == 0 {
+            problems.push("instances must be at least 1".to_string());
+        }
+        if raw.intra_op_threads == Some(0) {
+            problems.push("intra_op_threads must be at least 1 (omit it for the runtime's default)".to_string());
+        }
+        if let Some(VersionPolicy::Latest(0)) = raw.version_policy {
+            problems.push("version_policy.latest must be at least 1".to_string());
+        }
+        if let Some(VersionPolicy::Specific(versions)) = &raw.version_policy
+            && (versions.is_empty() || versions.contains(&0))
+        {
+            problems.push("version_policy.specific must list positive versions".to_string());
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(ModelConfig {
+            max_batch_size: raw.max_batch_size.unwrap_or(defaults.max_batch_size),
+            max_queue_delay: raw
+                .max_queue_delay_us
+                .map_or(defaults.max_queue_delay, Duration::from_micros),
+            queue_capacity,
+            instances,
+            intra_op_threads: raw.intra_op_threads,
+            runtime: raw.runtime,
+            version_policy: raw.version_policy.unwrap_or_default(),
+            private: raw.private.unwrap_or(false),
+        })
+    }
+
+    /// Reads `config.toml` from a model directory; absent means defaults.
+    pub fn load(model_dir: &Path) -> Result<ModelConfig, String> {
+        let path = model_dir.join("config.toml");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => ModelConfig::parse(&text).map_err(|err| format!("{}: {err}", path.display())),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
+            Err(err) => Err(format!("{}: {err}", path.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(ModelConfig::parse("").unwrap(), ModelConfig::default());
+    }
+
+    #[test]
+    fn every_field_parses() {
+        let config = ModelConfig::parse(
+            "max_batch_size = 8\nmax_queue_delay_us = 500\nqueue_capacity = 16\ninstances = 2\n\
+             intra_op_threads = 1\nruntime = \"tract\"\nprivate = true\nversion_policy = { latest = 2 }\n",
+        )
+        .unwrap();
+        assert_eq!(config.max_batch_size, 8);
+        assert_eq!(config.max_queue_delay, Duration::from_micros(500));
+        assert_eq!(config.queue_capacity, 16);
+        assert_eq!(config.instances, 2);
+        assert_eq!(config.intra_op_threads, Some(1));
+        assert_eq!(config.runtime, Some(RuntimeChoice::Tract));
+        assert!(config.private);
+        assert_eq!(config.version_policy, VersionPolicy::Latest(2));
+        assert_eq!(
+            ModelConfig::parse("version_policy = \"all\"").unwrap().version_policy,
+            VersionPolicy::All
+        );
+    }
+
+    #[test]
+    fn all_problems_reported_at_once() {
+        let err = ModelConfig::parse("queue_capacity = 0\ninstances = 0").unwrap_err();
+        assert!(err.contains("queue_capacity") && err.contains("instances"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = ModelConfig::parse("max_batch = 3").unwrap_err();
+        assert!(err.contains("max_batch"), "{err}");
+    }
+
+    #[test]
+    fn version_policies_select() {
+        let available = [1u64, 2, 5];
+        assert_eq!(VersionPolicy::Latest(1).select(available.into_iter()), vec![5]);
+        assert_eq!(VersionPolicy::Latest(2).select(available.into_iter()), vec![2, 5]);
+        assert_eq!(VersionPolicy::All.select(available.into_iter()), vec![1, 2, 5]);
+        assert_eq!(VersionPolicy::Specific(vec![1, 3]).select(available.into_iter()), vec![1]);
+    }
+}

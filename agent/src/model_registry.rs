@@ -1,0 +1,384 @@
+//! Which model versions are loaded, and keeping that in step with the
+//! repository on disk (initial load and hot reload).
+//!
+//! Reloading never blocks serving: new sessions are loaded (after a check in
+//! a child process) next to the old ones, the map is swapped under a short
+//! write lock, and the old versions' handles are dropped so their workers
+//! drain what is queued and exit. Requests hold an `Arc` to the version they
+//! started on, so they finish there. A version that fails to load leaves the
+//! version that was serving in place.
+
+use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::error::{ErrorCode, InferError};
+use crate::metrics::Metrics;
+use crate::model_check::ModelCheck;
+use crate::model_config::ModelConfig;
+use crate::model_worker::LoadedVersion;
+use crate::repository::{self, Fingerprint, ModelDir, RepositoryError};
+use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind, SessionOptions};
+
+/// The runtimes this agent can use: its chosen default, tract always, and
+/// ONNX Runtime when its library was found.
+#[derive(Debug, Clone)]
+pub struct Runtimes {
+    pub default: Arc<dyn Runtime>,
+    pub tract: Arc<dyn Runtime>,
+    pub onnxruntime: Option<Arc<dyn Runtime>>,
+    pub onnxruntime_library: Option<PathBuf>,
+}
+
+impl Runtimes {
+    fn for_model(&self, choice: Option<RuntimeChoice>) -> Result<Arc<dyn Runtime>, String> {
+        match choice {
+            None | Some(RuntimeChoice::Auto) => Ok(Arc::clone(&self.default)),
+            Some(RuntimeChoice::Tract) => Ok(Arc::clone(&self.tract)),
+            Some(RuntimeChoice::Onnxruntime) => self.onnxruntime.clone().ok_or_else(|| {
+                "the model's config.toml asks for onnxruntime, but its library was not found".to_string()
+            }),
+        }
+    }
+}
+
+struct ServedVersion {
+    handle: Arc<LoadedVersion>,
+    fingerprint: Fingerprint,
+}
+
+#[derive(Default)]
+struct ModelState {
+    config_fingerprint: Option<Fingerprint>,
+    config: Option<ModelConfig>,
+    /// Why the model's config is unusable, if it is.
+    config_error: Option<String>,
+    served: BTreeMap<u64, ServedVersion>,
+    /// Versions that failed to load, with the file they failed on, so an
+    /// unchanged broken file is not retried on every scan.
+    failed: BTreeMap<u64, (Fingerprint, String)>,
+    /// Versions present on disk.
+    on_disk: Vec<u64>,
+}
+
+/// A snapshot of one model's state, for metadata, logs and telemetry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub name: String,
+    pub served_versions: Vec<u64>,
+    pub failed_versions: BTreeMap<u64, String>,
+    pub config_error: Option<String>,
+}
+
+/// The loaded models.
+pub struct ModelRegistry {
+    repository: PathBuf,
+    runtimes: Runtimes,
+    metrics: Arc<Metrics>,
+    check: ModelCheck,
+    models: RwLock<BTreeMap<String, ModelState>>,
+    initial_load_done: AtomicBool,
+    /// Serialises scans (the poller and explicit reloads).
+    sync_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for ModelRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelRegistry")
+            .field("repository", &self.repository)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ModelRegistry {
+    pub fn new(repository: PathBuf, runtimes: Runtimes, metrics: Arc<Metrics>, check: ModelCheck) -> ModelRegistry {
+        ModelRegistry {
+            repository,
+            runtimes,
+            metrics,
+            check,
+            models: RwLock::new(BTreeMap::new()),
+            initial_load_done: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
+        }
+    }
+
+    pub fn repository(&self) -> &Path {
+        &self.repository
+    }
+
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
+    }
+
+    /// True once the first scan has loaded (or failed) every model.
+    pub fn is_ready(&self) -> bool {
+        self.initial_load_done.load(Ordering::Acquire)
+    }
+
+    /// Scans the repository and brings the loaded versions in line with it.
+    /// Blocking: run it on a blocking thread.
+    pub fn sync(&self) -> Result<(), RepositoryError> {
+        let _guard = self.sync_lock.lock().unwrap_or_else(|poison| poison.into_inner());
+        let scan = repository::scan(&self.repository)?;
+        let known: Vec<String> = self.read().keys().cloned().collect();
+        for name in known {
+            if !scan.models.contains_key(&name) {
+                tracing::info!(model = %name, "model removed from the repository; unloading");
+                self.write().remove(&name);
+            }
+        }
+        for dir in scan.models.values() {
+            self.sync_model(dir);
+        }
+        if !self.initial_load_done.swap(true, Ordering::AcqRel) {
+            let models = self.read();
+            let served = models.values().filter(|m| !m.served.is_empty()).count();
+            if models.is_empty() {
+                tracing::warn!(repository = %self.repository.display(), "the model repository has no models");
+            } else {
+                tracing::info!(models = models.len(), serving = served, "initial model load done");
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelState>> {
+        self.models.read().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ModelState>> {
+        self.models.write().unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn sync_model(&self, dir: &ModelDir) {
+        let name = dir.name.as_str();
+        // What is loaded now (cheap clones of Arcs), read without holding the lock while loading.
+        let (old_config_fp, old_config, old_served, old_failed) = {
+            let models = self.read();
+            match models.get(name) {
+                Some(state) => (
+                    state.config_fingerprint,
+                    state.config.clone(),
+                    state
+                        .served
+                        .iter()
+                        .map(|(v, s)| (*v, (Arc::clone(&s.handle), s.fingerprint)))
+                        .collect::<BTreeMap<_, _>>(),
+                    state.failed.clone(),
+                ),
+                None => (None, None, BTreeMap::new(), BTreeMap::new()),
+            }
+        };
+        let config_changed = old_config.is_none() || old_config_fp != dir.config_fingerprint;
+        let config = if config_changed {
+            match ModelConfig::load(&dir.dir) {
+                Ok(config) => config,
+                Err(err) => {
+                    tracing::error!(model = name, error = %err, "invalid model config; keeping what is serving");
+                    self.metrics.count_load_failure(name);
+                    let mut models = self.write();
+                    let state = models.entry(name.to_string()).or_default();
+                    state.config_fingerprint = dir.config_fingerprint;
+                    state.config_error = Some(err);
+                    state.on_disk = dir.versions.keys().copied().collect();
+                    return;
+                }
+            }
+        } else {
+            old_config.clone().unwrap_or_default()
+        };
+
+        let desired = config.version_policy.select(dir.versions.keys().copied());
+        let mut served: BTreeMap<u64, ServedVersion> = BTreeMap::new();
+        let mut failed: BTreeMap<u64, (Fingerprint, String)> = BTreeMap::new();
+        for &version in &desired {
+            let files = &dir.versions[&version];
+            if !config_changed {
+                if let Some((handle, fingerprint)) = old_served.get(&version)
+                    && *fingerprint == files.fingerprint
+                {
+                    served.insert(
+                        version,
+                        ServedVersion {
+                            handle: Arc::clone(handle),
+                            fingerprint: *fingerprint,
+                        },
+                    );
+                    continue;
+                }
+                if let Some((fingerprint, reason)) = old_failed.get(&version)
+                    && *fingerprint == files.fingerprint
+                {
+                    failed.insert(version, (*fingerprint, reason.clone()));
+                    continue;
+                }
+            }
+            let reloading = old_served.contains_key(&version);
+            match self.load_version(name, version, &files.model_path, &config) {
+                Ok(handle) => {
+                    self.metrics.count_load(name);
+                    tracing::info!(
+                        model = name,
+                        version,
+                        runtime = %handle.runtime,
+                        batching = handle.batching,
+                        reload = reloading,
+                        "model version loaded"
+                    );
+                    served.insert(
+                        version,
+                        ServedVersion {
+                            handle,
+                            fingerprint: files.fingerprint,
+                        },
+                    );
+                }
+                Err(reason) => {
+                    tracing::error!(model = name, version, error = %reason, "model version failed to load");
+                    self.metrics.count_load_failure(name);
+                    if let Some((handle, fingerprint)) = old_served.get(&version) {
+                        // The new files are broken: keep serving the old session.
+                        served.insert(
+                            version,
+                            ServedVersion {
+                                handle: Arc::clone(handle),
+                                fingerprint: *fingerprint,
+                            },
+                        );
+                    }
+                    failed.insert(version, (files.fingerprint, reason));
+                }
+            }
+        }
+        // A wanted version failed: keep whatever served before and is still on disk.
+        if desired.iter().any(|v| !served.contains_key(v)) {
+            for (version, (handle, fingerprint)) in &old_served {
+                if !served.contains_key(version) && dir.versions.contains_key(version) {
+                    served.insert(
+                        *version,
+                        ServedVersion {
+                            handle: Arc::clone(handle),
+                            fingerprint: *fingerprint,
+                        },
+                    );
+                }
+            }
+        }
+        for version in old_served.keys() {
+            if !served.contains_key(version) {
+                tracing::info!(model = name, version, "model version unloaded; draining its queue");
+            }
+        }
+        drop(old_served);
+        let mut models = self.write();
+        let state = models.entry(name.to_string()).or_default();
+        state.config_fingerprint = dir.config_fingerprint;
+        state.config = Some(config);
+        state.config_error = None;
+        // Swapping the map drops the old handles: their workers drain and exit.
+        state.served = served;
+        state.failed = failed;
+        state.on_disk = dir.versions.keys().copied().collect();
+    }
+
+    fn load_version(
+        &self,
+        name: &str,
+        version: u64,
+        path: &Path,
+        config: &ModelConfig,
+    ) -> Result<Arc<LoadedVersion>, String> {
+        let runtime = self.runtimes.for_model(config.runtime)?;
+        let options = SessionOptions {
+            intra_op_threads: config.intra_op_threads,
+        };
+        self.check.run(
+            runtime.as_ref(),
+            self.runtimes.onnxruntime_library.as_deref(),
+            path,
+            &options,
+        )?;
+        let mut sessions: Vec<Box<dyn ModelSession>> = Vec::with_capacity(config.instances);
+        for _ in 0..config.instances {
+            let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.load(path, &options)))
+                .map_err(|_| "the runtime panicked while loading the model".to_string())?;
+            sessions.push(loaded.map_err(|err| err.to_string())?);
+        }
+        let metrics = self.metrics.for_version(name, version);
+        Ok(LoadedVersion::start(name, version, runtime.kind(), sessions, config, metrics))
+    }
+
+    /// The version a request goes to: the one named, or the highest served.
+    pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedVersion>, InferError> {
+        let models = self.read();
+        let Some(state) = models.get(name) else {
+            let hint = if models.is_empty() {
+                format!(" (the repository {} has no models)", self.repository.display())
+            } else {
+                String::new()
+            };
+            return Err(InferError::not_found(format!("unknown model '{name}'{hint}")));
+        };
+        match version {
+            Some(version) => {
+                if let Some(served) = state.served.get(&version) {
+                    return Ok(Arc::clone(&served.handle));
+                }
+                if let Some((_, reason)) = state.failed.get(&version) {
+                    return Err(InferError::new(
+                        ErrorCode::Unavailable,
+                        format!("model '{name}' version {version} is not ready: it failed to load: {reason}"),
+                    ));
+                }
+                if state.on_disk.contains(&version) {
+                    return Err(InferError::not_found(format!(
+                        "model '{name}' version {version} is not loaded (the version policy serves {:?})",
+                        state.served.keys().collect::<Vec<_>>()
+                    )));
+                }
+                Err(InferError::not_found(format!(
+                    "model '{name}' has no version {version} (versions on disk: {:?})",
+                    state.on_disk
+                )))
+            }
+            None => match state.served.values().next_back() {
+                Some(served) => Ok(Arc::clone(&served.handle)),
+                None => {
+                    let reason = state
+                        .config_error
+                        .clone()
+                        .or_else(|| state.failed.values().next_back().map(|(_, r)| r.clone()))
+                        .unwrap_or_else(|| "it has no version directory with a model.onnx".to_string());
+                    Err(InferError::new(
+                        ErrorCode::Unavailable,
+                        format!("model '{name}' is not ready: {reason}"),
+                    ))
+                }
+            },
+        }
+    }
+
+    /// Every model's state, sorted by name.
+    pub fn statuses(&self) -> Vec<ModelStatus> {
+        self.read()
+            .iter()
+            .map(|(name, state)| ModelStatus {
+                name: name.clone(),
+                served_versions: state.served.keys().copied().collect(),
+                failed_versions: state.failed.iter().map(|(v, (_, r))| (*v, r.clone())).collect(),
+                config_error: state.config_error.clone(),
+            })
+            .collect()
+    }
+
+    /// The runtime serving a model version, if any (for metadata).
+    pub fn runtime_of(&self, name: &str) -> Option<RuntimeKind> {
+        self.read()
+            .get(name)
+            .and_then(|state| state.served.values().next_back())
+            .map(|served| served.handle.runtime)
+    }
+}

@@ -1,0 +1,172 @@
+//! One interface over the ONNX runtimes the agent can use.
+//!
+//! Everything above this module (batching, the model registry, the servers)
+//! sees only [`Runtime`] and [`ModelSession`]; nothing above it names `ort` or
+//! `tract`. A session is owned by exactly one worker thread and run with
+//! `&mut self` (as `ort` requires), so no lock is needed around it.
+
+mod onnxruntime;
+mod tract;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::tensor::{DataType, Tensor};
+
+pub use self::onnxruntime::{OnnxRuntime, find_onnxruntime_library};
+pub use self::tract::TractRuntime;
+
+/// Which runtime a user asked for (`--runtime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeChoice {
+    /// ONNX Runtime when its library is found, tract otherwise.
+    #[default]
+    Auto,
+    /// ONNX Runtime 1.31 (native library loaded at start).
+    Onnxruntime,
+    /// tract, pure Rust, always available.
+    Tract,
+}
+
+/// A runtime that is actually in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuntimeKind {
+    OnnxRuntime,
+    Tract,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::OnnxRuntime => "onnxruntime",
+            RuntimeKind::Tract => "tract",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Name, element type and shape of a model input or output. `-1` marks a
+/// dynamic (symbolic or unknown) dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+}
+
+/// The inputs and outputs of a loaded model, in the model's own order.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Signature {
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// Per-session tuning, from the model's `config.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    /// Threads one run may use; `None` lets the runtime decide.
+    pub intra_op_threads: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("cannot read model file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not a model this runtime can load (garbage, truncated,
+    /// unsupported operator, ...). The message names the cause.
+    #[error("{runtime} cannot load the model: {message}")]
+    Load {
+        runtime: RuntimeKind,
+        message: String,
+    },
+    /// The model has an input or output type the agent cannot represent.
+    #[error("unsupported tensor type for {name}: {detail}")]
+    UnsupportedType { name: String, detail: String },
+    /// Running the model failed.
+    #[error("{runtime} failed to run the model: {message}")]
+    Run {
+        runtime: RuntimeKind,
+        message: String,
+    },
+    #[error("the ONNX Runtime library could not be loaded: {0}")]
+    Library(String),
+}
+
+/// A loaded model, owned by one worker.
+pub trait ModelSession: Send {
+    fn signature(&self) -> &Signature;
+
+    /// Runs the model on `inputs` (one per signature input, in signature
+    /// order, already validated against it) and returns every output in
+    /// signature order.
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+}
+
+/// Something that loads ONNX files into sessions.
+pub trait Runtime: Send + Sync + fmt::Debug {
+    fn kind(&self) -> RuntimeKind;
+
+    fn load(
+        &self,
+        model_path: &Path,
+        options: &SessionOptions,
+    ) -> Result<Box<dyn ModelSession>, RuntimeError>;
+}
+
+/// The runtime chosen for `choice`, and a sentence saying why, for the log.
+pub fn select_runtime(
+    choice: RuntimeChoice,
+) -> Result<(Arc<dyn Runtime>, String), RuntimeError> {
+    match choice {
+        RuntimeChoice::Tract => Ok((
+            Arc::new(TractRuntime::new()),
+            "tract (pure Rust), as requested".to_string(),
+        )),
+        RuntimeChoice::Onnxruntime => {
+            let path = find_onnxruntime_library().ok_or_else(|| {
+                RuntimeError::Library(
+                    "libonnxruntime not found: set ORT_DYLIB_PATH, put it beside the \
+                     executable or on the system library path (scripts/fetch-onnxruntime.sh \
+                     fetches it)"
+                        .to_string(),
+                )
+            })?;
+            let runtime = OnnxRuntime::new(&path)?;
+            Ok((
+                Arc::new(runtime),
+                format!("onnxruntime from {}, as requested", path.display()),
+            ))
+        }
+        RuntimeChoice::Auto => match find_onnxruntime_library() {
+            Some(path) => match OnnxRuntime::new(&path) {
+                Ok(runtime) => Ok((
+                    Arc::new(runtime),
+                    format!("onnxruntime: found its library at {}", path.display()),
+                )),
+                Err(err) => Ok((
+                    Arc::new(TractRuntime::new()),
+                    format!(
+                        "tract: the ONNX Runtime library at {} failed to load ({err})",
+                        path.display()
+                    ),
+                )),
+            },
+            None => Ok((
+                Arc::new(TractRuntime::new()),
+                "tract: no ONNX Runtime library found (ORT_DYLIB_PATH, beside the \
+                 executable, system library path)"
+                    .to_string(),
+            )),
+        },
+    }
+}

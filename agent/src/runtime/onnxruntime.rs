@@ -1,0 +1,309 @@
+//! ONNX Runtime through `ort` (2.0.0-rc.14, `load-dynamic`).
+//!
+//! The native library is loaded at run time, once per process, from the path
+//! [`find_onnxruntime_library`] returns; `ort` allows one environment per
+//! process, so every [`OnnxRuntime`] shares it.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+
+use super::{ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// File names tried beside the executable and in library directories.
+const LIBRARY_NAMES: &[&str] = &[
+    "libonnxruntime.so",
+    "libonnxruntime.so.1",
+    "libonnxruntime.so.1.31.1",
+    "libonnxruntime.dylib",
+];
+
+/// System library directories searched after `LD_LIBRARY_PATH`.
+const SYSTEM_LIBRARY_DIRS: &[&str] = &[
+    "/usr/local/lib",
+    "/usr/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/lib",
+];
+
+/// Where the ONNX Runtime library is: `ORT_DYLIB_PATH`, then beside the
+/// executable, then the system library path. `None` if nowhere.
+pub fn find_onnxruntime_library() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from) {
+        if path.is_file() {
+            return Some(path);
+        }
+        tracing::warn!(path = %path.display(), "ORT_DYLIB_PATH does not name a file; looking elsewhere");
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+        dirs.push(dir);
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&paths));
+    }
+    dirs.extend(SYSTEM_LIBRARY_DIRS.iter().map(PathBuf::from));
+    dirs.iter()
+        .flat_map(|dir| LIBRARY_NAMES.iter().map(move |name| dir.join(name)))
+        .find(|path| path.is_file())
+}
+
+static ENVIRONMENT: OnceLock<Result<Environment, String>> = OnceLock::new();
+
+/// ONNX Runtime, loaded from a shared library.
+#[derive(Clone)]
+pub struct OnnxRuntime {
+    environment: Environment,
+}
+
+impl std::fmt::Debug for OnnxRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnnxRuntime")
+    }
+}
+
+impl OnnxRuntime {
+    /// Loads the library (first call in the process) and sets up the shared
+    /// environment. Later calls reuse it, whatever `library` they name.
+    pub fn new(library: &Path) -> Result<OnnxRuntime, RuntimeError> {
+        let environment = ENVIRONMENT.get_or_init(|| {
+            let builder = ort::init_from(library)
+                .map_err(|err| format!("cannot load {}: {err}", library.display()))?;
+            builder
+                .with_name("edgefleet")
+                .build()
+                .map_err(|err| format!("cannot create the ONNX Runtime environment: {err}"))
+        });
+        match environment {
+            Ok(environment) => Ok(OnnxRuntime {
+                environment: environment.clone(),
+            }),
+            Err(message) => Err(RuntimeError::Library(message.clone())),
+        }
+    }
+
+    /// The process-wide `ort` environment (for benchmarks against raw `ort`).
+    pub fn environment(&self) -> &Environment {
+        &self.environment
+    }
+}
+
+fn load_error(err: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Load {
+        runtime: RuntimeKind::OnnxRuntime,
+        message: err.to_string(),
+    }
+}
+
+fn run_error(err: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run {
+        runtime: RuntimeKind::OnnxRuntime,
+        message: err.to_string(),
+    }
+}
+
+fn data_type(name: &str, ty: TensorElementType) -> Result<DataType, RuntimeError> {
+    Ok(match ty {
+        TensorElementType::Bool => DataType::Bool,
+        TensorElementType::Uint8 => DataType::U8,
+        TensorElementType::Uint16 => DataType::U16,
+        TensorElementType::Uint32 => DataType::U32,
+        TensorElementType::Uint64 => DataType::U64,
+        TensorElementType::Int8 => DataType::I8,
+        TensorElementType::Int16 => DataType::I16,
+        TensorElementType::Int32 => DataType::I32,
+        TensorElementType::Int64 => DataType::I64,
+        TensorElementType::Float16 => DataType::F16,
+        TensorElementType::Float32 => DataType::F32,
+        TensorElementType::Float64 => DataType::F64,
+        TensorElementType::String => DataType::Bytes,
+        other => {
+            return Err(RuntimeError::UnsupportedType {
+                name: name.to_string(),
+                detail: format!("element type {other:?} is not in the Open Inference Protocol"),
+            });
+        }
+    })
+}
+
+fn spec(name: &str, value_type: &ValueType) -> Result<TensorSpec, RuntimeError> {
+    match value_type {
+        ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
+            name: name.to_string(),
+            dtype: data_type(name, *ty)?,
+            shape: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
+        }),
+        other => Err(RuntimeError::UnsupportedType {
+            name: name.to_string(),
+            detail: format!("{other:?} is not a tensor"),
+        }),
+    }
+}
+
+impl Runtime for OnnxRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::OnnxRuntime
+    }
+
+    fn load(&self, model_path: &Path, options: &SessionOptions) -> Result<Box<dyn ModelSession>, RuntimeError> {
+        let bytes = std::fs::read(model_path).map_err(|source| RuntimeError::Io {
+            path: model_path.to_path_buf(),
+            source,
+        })?;
+        let mut builder = Session::builder(&self.environment)
+            .map_err(load_error)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(load_error)?;
+        if let Some(threads) = options.intra_op_threads {
+            builder = builder.with_intra_threads(threads).map_err(load_error)?;
+        }
+        let session = builder.commit_from_memory(&bytes).map_err(load_error)?;
+        let signature = Signature {
+            inputs: session
+                .inputs()
+                .iter()
+                .map(|outlet| spec(outlet.name(), outlet.dtype()))
+                .collect::<Result<_, _>>()?,
+            outputs: session
+                .outputs()
+                .iter()
+                .map(|outlet| spec(outlet.name(), outlet.dtype()))
+                .collect::<Result<_, _>>()?,
+        };
+        Ok(Box::new(OnnxSession { session, signature }))
+    }
+}
+
+struct OnnxSession {
+    session: Session,
+    signature: Signature,
+}
+
+fn typed<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+    tensor: &Tensor,
+) -> Result<DynValue, RuntimeError> {
+    OrtTensor::<T>::from_array((tensor.shape.clone(), tensor.to_vec::<T>()))
+        .map(|t| t.into_dyn())
+        .map_err(run_error)
+}
+
+fn to_ort(tensor: &Tensor) -> Result<DynValue, RuntimeError> {
+    match tensor.dtype {
+        DataType::Bool => {
+            let values: Vec<bool> = match &tensor.data {
+                TensorData::Raw(bytes) => bytes.iter().map(|&b| b != 0).collect(),
+                TensorData::Bytes(_) => Vec::new(),
+            };
+            OrtTensor::<bool>::from_array((tensor.shape.clone(), values))
+                .map(|t| t.into_dyn())
+                .map_err(run_error)
+        }
+        DataType::U8 => typed::<u8>(tensor),
+        DataType::U16 => typed::<u16>(tensor),
+        DataType::U32 => typed::<u32>(tensor),
+        DataType::U64 => typed::<u64>(tensor),
+        DataType::I8 => typed::<i8>(tensor),
+        DataType::I16 => typed::<i16>(tensor),
+        DataType::I32 => typed::<i32>(tensor),
+        DataType::I64 => typed::<i64>(tensor),
+        DataType::F16 => typed::<half::f16>(tensor),
+        DataType::F32 => typed::<f32>(tensor),
+        DataType::F64 => typed::<f64>(tensor),
+        DataType::Bytes => {
+            let TensorData::Bytes(items) = &tensor.data else {
+                return Err(run_error("BYTES tensor without byte strings"));
+            };
+            let strings = items
+                .iter()
+                .map(|item| {
+                    String::from_utf8(item.clone()).map_err(|_| {
+                        run_error(format!(
+                            "input '{}': ONNX Runtime string tensors must be valid UTF-8",
+                            tensor.name
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let shape: Vec<i64> = tensor.shape.clone();
+            OrtTensor::<String>::from_string_array((shape, strings.as_slice()))
+                .map(|t| t.into_dyn())
+                .map_err(run_error)
+        }
+    }
+}
+
+fn extract<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType>(
+    value: &DynValue,
+) -> Result<(Vec<i64>, Vec<u8>), RuntimeError> {
+    let (shape, data) = value.try_extract_tensor::<T>().map_err(run_error)?;
+    Ok((shape.to_vec(), bytemuck::cast_slice(data).to_vec()))
+}
+
+fn from_ort(name: &str, dtype: DataType, value: &DynValue) -> Result<Tensor, RuntimeError> {
+    let (shape, data) = match dtype {
+        DataType::Bool => {
+            let (shape, data) = value.try_extract_tensor::<bool>().map_err(run_error)?;
+            (shape.to_vec(), TensorData::Raw(data.iter().map(|&b| u8::from(b)).collect()))
+        }
+        DataType::Bytes => {
+            let (shape, strings) = value.try_extract_strings().map_err(run_error)?;
+            (
+                shape.to_vec(),
+                TensorData::Bytes(strings.into_iter().map(String::into_bytes).collect()),
+            )
+        }
+        _ => {
+            let (shape, bytes) = match dtype {
+                DataType::U8 => extract::<u8>(value),
+                DataType::U16 => extract::<u16>(value),
+                DataType::U32 => extract::<u32>(value),
+                DataType::U64 => extract::<u64>(value),
+                DataType::I8 => extract::<i8>(value),
+                DataType::I16 => extract::<i16>(value),
+                DataType::I32 => extract::<i32>(value),
+                DataType::I64 => extract::<i64>(value),
+                DataType::F16 => extract::<half::f16>(value),
+                DataType::F32 => extract::<f32>(value),
+                _ => extract::<f64>(value),
+            }?;
+            (shape, TensorData::Raw(bytes))
+        }
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        data,
+    })
+}
+
+impl ModelSession for OnnxSession {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        let values = inputs
+            .iter()
+            .map(|tensor| Ok((Cow::Owned(tensor.name.clone()), SessionInputValue::from(to_ort(tensor)?))))
+            .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()?;
+        let outputs = self.session.run(values).map_err(run_error)?;
+        self.signature
+            .outputs
+            .iter()
+            .map(|spec| {
+                let value = outputs
+                    .get(&spec.name)
+                    .ok_or_else(|| run_error(format!("output '{}' missing from the run", spec.name)))?;
+                from_ort(&spec.name, spec.dtype, value)
+            })
+            .collect()
+    }
+}

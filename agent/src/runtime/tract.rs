@@ -1,0 +1,228 @@
+//! tract (`tract-onnx` 0.23), pure Rust: always compiled in, no native
+//! dependency. Symbolic dimensions (a dynamic batch `N`) stay symbolic, so
+//! one plan serves every batch size.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::{
+    DatumType, Framework, InferenceModelExt, IntoTensor, TValue, TVec, Tensor as TractTensor, TypedModel,
+    TypedRunnableModel, TypedSimpleState, tract_ndarray,
+};
+
+use super::{ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec};
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// tract, pure Rust.
+#[derive(Debug, Clone, Default)]
+pub struct TractRuntime;
+
+impl TractRuntime {
+    pub fn new() -> TractRuntime {
+        TractRuntime
+    }
+}
+
+fn load_error(message: String) -> RuntimeError {
+    RuntimeError::Load {
+        runtime: RuntimeKind::Tract,
+        message,
+    }
+}
+
+fn run_error(err: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Run {
+        runtime: RuntimeKind::Tract,
+        message: err.to_string(),
+    }
+}
+
+fn data_type(name: &str, datum: DatumType) -> Result<DataType, RuntimeError> {
+    Ok(match datum {
+        DatumType::Bool => DataType::Bool,
+        DatumType::U8 => DataType::U8,
+        DatumType::U16 => DataType::U16,
+        DatumType::U32 => DataType::U32,
+        DatumType::U64 => DataType::U64,
+        DatumType::I8 => DataType::I8,
+        DatumType::I16 => DataType::I16,
+        DatumType::I32 => DataType::I32,
+        DatumType::I64 => DataType::I64,
+        DatumType::F16 => DataType::F16,
+        DatumType::F32 => DataType::F32,
+        DatumType::F64 => DataType::F64,
+        DatumType::String => DataType::Bytes,
+        other => {
+            return Err(RuntimeError::UnsupportedType {
+                name: name.to_string(),
+                detail: format!("tract datum type {other:?} is not in the Open Inference Protocol"),
+            });
+        }
+    })
+}
+
+fn signature(model: &TypedModel, names: (&[String], &[String])) -> Result<Signature, RuntimeError> {
+    let spec = |name: &str, fact: &tract_onnx::prelude::TypedFact| -> Result<TensorSpec, RuntimeError> {
+        Ok(TensorSpec {
+            name: name.to_string(),
+            dtype: data_type(name, fact.datum_type)?,
+            shape: fact.shape.iter().map(|dim| dim.as_i64().unwrap_or(-1)).collect(),
+        })
+    };
+    let mut inputs = Vec::new();
+    for (i, name) in names.0.iter().enumerate() {
+        inputs.push(spec(name, model.input_fact(i).map_err(|e| load_error(format!("{e:#}")))?)?);
+    }
+    let mut outputs = Vec::new();
+    for (i, name) in names.1.iter().enumerate() {
+        outputs.push(spec(name, model.output_fact(i).map_err(|e| load_error(format!("{e:#}")))?)?);
+    }
+    Ok(Signature { inputs, outputs })
+}
+
+impl Runtime for TractRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Tract
+    }
+
+    fn load(&self, model_path: &Path, _options: &SessionOptions) -> Result<Box<dyn ModelSession>, RuntimeError> {
+        if let Err(source) = std::fs::metadata(model_path) {
+            return Err(RuntimeError::Io {
+                path: model_path.to_path_buf(),
+                source,
+            });
+        }
+        let model = tract_onnx::onnx()
+            .model_for_path(model_path)
+            .map_err(|err| load_error(format!("{err:#}")))?;
+        // ONNX names of the graph inputs and outputs, before optimisation renames nodes.
+        let label = |outlet: tract_onnx::prelude::OutletId| {
+            model
+                .outlet_label(outlet)
+                .map(str::to_string)
+                .unwrap_or_else(|| model.node(outlet.node).name.clone())
+        };
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(|e| load_error(format!("{e:#}")))?
+            .iter()
+            .map(|&o| label(o))
+            .collect();
+        let output_names: Vec<String> = model
+            .output_outlets()
+            .map_err(|e| load_error(format!("{e:#}")))?
+            .iter()
+            .map(|&o| label(o))
+            .collect();
+        let optimized = model
+            .into_optimized()
+            .map_err(|err| load_error(format!("{err:#}")))?;
+        let signature = signature(&optimized, (&input_names, &output_names))?;
+        let plan: Arc<TypedRunnableModel> = tract_onnx::prelude::IntoRunnable::into_runnable(optimized)
+            .map_err(|err| load_error(format!("{err:#}")))?;
+        let state = TypedSimpleState::new(&plan).map_err(|err| load_error(format!("{err:#}")))?;
+        Ok(Box::new(TractSession { state, signature }))
+    }
+}
+
+struct TractSession {
+    state: TypedSimpleState,
+    signature: Signature,
+}
+
+fn dims(tensor: &Tensor) -> Result<Vec<usize>, RuntimeError> {
+    tensor
+        .shape
+        .iter()
+        .map(|&d| usize::try_from(d).map_err(|_| run_error(format!("negative dimension in {:?}", tensor.shape))))
+        .collect()
+}
+
+fn typed<T: bytemuck::Pod + tract_onnx::prelude::Datum>(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
+    TractTensor::from_shape::<T>(&dims(tensor)?, &tensor.to_vec::<T>()).map_err(run_error)
+}
+
+fn to_tract(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
+    match tensor.dtype {
+        DataType::Bool => {
+            let values: Vec<bool> = match &tensor.data {
+                TensorData::Raw(bytes) => bytes.iter().map(|&b| b != 0).collect(),
+                TensorData::Bytes(_) => Vec::new(),
+            };
+            TractTensor::from_shape::<bool>(&dims(tensor)?, &values).map_err(run_error)
+        }
+        DataType::U8 => typed::<u8>(tensor),
+        DataType::U16 => typed::<u16>(tensor),
+        DataType::U32 => typed::<u32>(tensor),
+        DataType::U64 => typed::<u64>(tensor),
+        DataType::I8 => typed::<i8>(tensor),
+        DataType::I16 => typed::<i16>(tensor),
+        DataType::I32 => typed::<i32>(tensor),
+        DataType::I64 => typed::<i64>(tensor),
+        DataType::F16 => typed::<half::f16>(tensor),
+        DataType::F32 => typed::<f32>(tensor),
+        DataType::F64 => typed::<f64>(tensor),
+        DataType::Bytes => {
+            let TensorData::Bytes(items) = &tensor.data else {
+                return Err(run_error("BYTES tensor without byte strings"));
+            };
+            let strings = items
+                .iter()
+                .map(|item| {
+                    String::from_utf8(item.clone())
+                        .map_err(|_| run_error(format!("input '{}': strings must be valid UTF-8", tensor.name)))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let array = tract_ndarray::ArrayD::from_shape_vec(dims(tensor)?, strings).map_err(run_error)?;
+            Ok(array.into_tensor())
+        }
+    }
+}
+
+fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, RuntimeError> {
+    let dtype = data_type(name, value.datum_type()).map_err(|err| run_error(err.to_string()))?;
+    let shape: Vec<i64> = value.shape().iter().map(|&d| d as i64).collect();
+    let data = match dtype {
+        DataType::Bytes => {
+            let view = value.to_plain_array_view::<String>().map_err(run_error)?;
+            TensorData::Bytes(view.iter().map(|s| s.as_bytes().to_vec()).collect())
+        }
+        DataType::Bool => {
+            let view = value.to_plain_array_view::<bool>().map_err(run_error)?;
+            TensorData::Raw(view.iter().map(|&b| u8::from(b)).collect())
+        }
+        _ => TensorData::Raw(value.as_bytes().to_vec()),
+    };
+    Ok(Tensor {
+        name: name.to_string(),
+        dtype,
+        shape,
+        data,
+    })
+}
+
+impl ModelSession for TractSession {
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        let values: TVec<TValue> = inputs
+            .iter()
+            .map(|tensor| to_tract(tensor).map(TValue::from))
+            .collect::<Result<_, _>>()?;
+        let outputs = self.state.run(values).map_err(|err| run_error(format!("{err:#}")))?;
+        if outputs.len() != self.signature.outputs.len() {
+            return Err(run_error(format!(
+                "the model produced {} outputs, its signature has {}",
+                outputs.len(),
+                self.signature.outputs.len()
+            )));
+        }
+        outputs
+            .iter()
+            .zip(&self.signature.outputs)
+            .map(|(value, spec)| from_tract(&spec.name, value))
+            .collect()
+    }
+}

@@ -1,0 +1,169 @@
+//! Assembles the agent (runtimes, registry, service) and runs its gRPC and
+//! HTTP servers on listeners the caller has already bound, until shutdown.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::grpc::GrpcInference;
+use crate::metrics::Metrics;
+use crate::model_check::ModelCheck;
+use crate::model_registry::{ModelRegistry, Runtimes};
+use crate::repository::{self, RepositoryError};
+use crate::runtime::{self, RuntimeChoice, RuntimeError, RuntimeKind, TractRuntime};
+use crate::service::InferenceService;
+
+/// How often the repository is rescanned for new or changed models: quick
+/// enough that a copied-in version serves within seconds, rare enough to
+/// cost nothing on a device.
+pub const DEFAULT_REPOSITORY_POLL_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Everything `serve` needs, validated.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub model_repository: PathBuf,
+    pub runtime: RuntimeChoice,
+    /// `None`: never rescan (no hot reload).
+    pub repository_poll_interval: Option<Duration>,
+    pub max_request_bytes: usize,
+    pub model_check: ModelCheck,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    #[error("server failed: {0}")]
+    Serve(String),
+}
+
+/// A configured agent, ready to serve.
+#[derive(Debug)]
+pub struct Agent {
+    options: ServeOptions,
+    service: InferenceService,
+    registry: Arc<ModelRegistry>,
+    runtime_reason: String,
+}
+
+impl Agent {
+    /// Checks the repository and picks the runtime; fails before any port is used.
+    pub fn new(options: ServeOptions) -> Result<Agent, StartError> {
+        repository::check_repository(&options.model_repository)?;
+        let (default, reason) = runtime::select_runtime(options.runtime)?;
+        let onnxruntime_library = match default.kind() {
+            RuntimeKind::OnnxRuntime => runtime::find_onnxruntime_library(),
+            RuntimeKind::Tract => None,
+        };
+        let runtimes = Runtimes {
+            onnxruntime: (default.kind() == RuntimeKind::OnnxRuntime).then(|| Arc::clone(&default)),
+            tract: match default.kind() {
+                RuntimeKind::Tract => Arc::clone(&default),
+                RuntimeKind::OnnxRuntime => Arc::new(TractRuntime::new()),
+            },
+            default,
+            onnxruntime_library,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(ModelRegistry::new(
+            options.model_repository.clone(),
+            runtimes,
+            Arc::clone(&metrics),
+            options.model_check.clone(),
+        ));
+        let service = InferenceService::new(Arc::clone(&registry), metrics, options.max_request_bytes);
+        Ok(Agent {
+            options,
+            service,
+            registry,
+            runtime_reason: reason,
+        })
+    }
+
+    pub fn service(&self) -> &InferenceService {
+        &self.service
+    }
+
+    /// Why the runtime in use was chosen (logged at start).
+    pub fn runtime_reason(&self) -> &str {
+        &self.runtime_reason
+    }
+
+    /// Serves until `shutdown` is cancelled. Models load in the background;
+    /// the servers answer (live, not ready) meanwhile.
+    pub async fn run(
+        self,
+        grpc_listener: TcpListener,
+        http_listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), StartError> {
+        tracing::info!(runtime = %self.registry.runtimes().default.kind(), reason = %self.runtime_reason, "runtime selected");
+        if let (Ok(grpc), Ok(http)) = (grpc_listener.local_addr(), http_listener.local_addr()) {
+            tracing::info!(grpc = %grpc, http = %http, "edgefleet-agent listening");
+        }
+        let watcher = tokio::spawn(watch_repository(
+            Arc::clone(&self.registry),
+            self.options.repository_poll_interval,
+            shutdown.clone(),
+        ));
+
+        let limit = self.options.max_request_bytes;
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<GrpcInferenceServiceServer<GrpcInference>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(edgefleet_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|err| StartError::Reflection(err.to_string()))?;
+        let inference = GrpcInferenceServiceServer::new(GrpcInference::new(self.service.clone()))
+            // Leave room for protobuf framing; the service enforces `limit` on the tensors.
+            .max_decoding_message_size(limit.saturating_add(64 * 1024))
+            .max_encoding_message_size(usize::MAX);
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let grpc_shutdown = shutdown.clone();
+        let grpc = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(crate::grpc::oversize_is_resource_exhausted))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(inference)
+            .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
+
+        let router = crate::http::router(self.service.clone());
+        let http_shutdown = shutdown.clone();
+        let http = axum::serve(http_listener, router)
+            .with_graceful_shutdown(async move { http_shutdown.cancelled().await });
+
+        let (grpc_result, http_result) = tokio::join!(grpc, async { http.await });
+        watcher.abort();
+        grpc_result.map_err(|err| StartError::Serve(format!("gRPC: {err}")))?;
+        http_result.map_err(|err| StartError::Serve(format!("HTTP: {err}")))?;
+        tracing::info!("edgefleet-agent stopped");
+        Ok(())
+    }
+}
+
+/// Loads every model once, then rescans every `interval` for hot reload.
+async fn watch_repository(registry: Arc<ModelRegistry>, interval: Option<Duration>, shutdown: CancellationToken) {
+    loop {
+        let sync = Arc::clone(&registry);
+        match tokio::task::spawn_blocking(move || sync.sync()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "cannot scan the model repository"),
+            Err(err) => tracing::error!(error = %err, "the repository scan panicked"),
+        }
+        let Some(interval) = interval else { return };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}

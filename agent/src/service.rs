@@ -1,0 +1,286 @@
+//! The inference service both protocol boundaries call: request validation,
+//! version choice, queueing, output selection. gRPC and HTTP handlers are
+//! thin conversions around these functions, so both behave the same.
+
+use std::sync::Arc;
+
+use crate::error::{ErrorCode, InferError};
+use crate::metrics::Metrics;
+use crate::model_registry::ModelRegistry;
+use crate::runtime::{RuntimeKind, TensorSpec};
+use crate::tensor::Tensor;
+
+/// Largest request accepted, on both protocols, unless configured: big
+/// enough for a batch of camera frames, small enough for a device's memory.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024 * 1024;
+
+pub const SERVER_NAME: &str = "edgefleet-agent";
+pub const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// One inference request, protocol-independent.
+#[derive(Debug, Clone, Default)]
+pub struct InferRequest {
+    pub model_name: String,
+    /// Empty: the highest ready version.
+    pub model_version: String,
+    pub id: String,
+    pub inputs: Vec<Tensor>,
+    /// Names of the outputs wanted; empty means all.
+    pub outputs: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: u64,
+    pub id: String,
+    pub outputs: Vec<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<u64>,
+    pub platform: String,
+    pub inputs: Vec<TensorSpec>,
+    pub outputs: Vec<TensorSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerMetadata {
+    pub name: String,
+    pub version: String,
+    pub runtime: RuntimeKind,
+    pub extensions: Vec<String>,
+}
+
+/// The protocol-independent inference API.
+#[derive(Debug, Clone)]
+pub struct InferenceService {
+    registry: Arc<ModelRegistry>,
+    metrics: Arc<Metrics>,
+    max_request_bytes: usize,
+}
+
+/// Parses a protocol version string ("" → none).
+pub fn parse_version(text: &str) -> Result<Option<u64>, InferError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    match text.parse::<u64>() {
+        Ok(version) if version > 0 => Ok(Some(version)),
+        _ => Err(InferError::invalid(format!(
+            "model version '{text}' is not a positive integer"
+        ))),
+    }
+}
+
+fn platform(runtime: RuntimeKind) -> &'static str {
+    match runtime {
+        RuntimeKind::OnnxRuntime => "onnxruntime_onnx",
+        RuntimeKind::Tract => "tract_onnx",
+    }
+}
+
+impl InferenceService {
+    pub fn new(registry: Arc<ModelRegistry>, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
+        InferenceService {
+            registry,
+            metrics,
+            max_request_bytes,
+        }
+    }
+
+    pub fn registry(&self) -> &Arc<ModelRegistry> {
+        &self.registry
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
+    }
+
+    pub fn server_live(&self) -> bool {
+        true
+    }
+
+    pub fn server_ready(&self) -> bool {
+        self.registry.is_ready()
+    }
+
+    pub fn server_metadata(&self) -> ServerMetadata {
+        ServerMetadata {
+            name: SERVER_NAME.to_string(),
+            version: SERVER_VERSION.to_string(),
+            runtime: self.registry.runtimes().default.kind(),
+            extensions: vec![],
+        }
+    }
+
+    pub fn model_ready(&self, name: &str, version: &str) -> Result<bool, InferError> {
+        let version = parse_version(version)?;
+        match self.registry.get(name, version) {
+            Ok(_) => Ok(true),
+            Err(err) if err.code == ErrorCode::Unavailable => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    pub fn model_metadata(&self, name: &str, version: &str) -> Result<ModelMetadata, InferError> {
+        let loaded = self.registry.get(name, parse_version(version)?)?;
+        let versions = self
+            .registry
+            .statuses()
+            .into_iter()
+            .find(|status| status.name == name)
+            .map(|status| status.served_versions)
+            .unwrap_or_default();
+        Ok(ModelMetadata {
+            name: name.to_string(),
+            versions,
+            platform: platform(loaded.runtime).to_string(),
+            inputs: loaded.signature.inputs.clone(),
+            outputs: loaded.signature.outputs.clone(),
+        })
+    }
+
+    /// Runs one request to completion.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        let model_name = request.model_name.clone();
+        let result = self.infer_inner(request).await;
+        if let Err(err) = &result {
+            // Failures after queueing are counted by the worker.
+            if matches!(err.code, ErrorCode::NotFound | ErrorCode::InvalidArgument | ErrorCode::Unavailable | ErrorCode::TooLarge) {
+                self.metrics.count_error(&model_name, "", err.code.as_str());
+            }
+        }
+        result
+    }
+
+    async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+        let size: usize = request.inputs.iter().map(Tensor::byte_size).sum();
+        if size > self.max_request_bytes {
+            return Err(InferError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "request inputs are {size} bytes, over the limit of {} bytes",
+                    self.max_request_bytes
+                ),
+            ));
+        }
+        let version = parse_version(&request.model_version)?;
+        let loaded = self.registry.get(&request.model_name, version)?;
+        let signature = &loaded.signature;
+
+        for wanted in &request.outputs {
+            if !signature.outputs.iter().any(|spec| &spec.name == wanted) {
+                return Err(InferError::invalid(format!(
+                    "model '{}' has no output '{wanted}' (outputs: {})",
+                    request.model_name,
+                    names(&signature.outputs)
+                )));
+            }
+        }
+        let inputs = order_and_validate(&request.model_name, &signature.inputs, request.inputs)?;
+        if loaded.batching {
+            let rows: Vec<i64> = inputs.iter().map(|t| t.shape.first().copied().unwrap_or(0)).collect();
+            if rows.windows(2).any(|w| w[0] != w[1]) {
+                return Err(InferError::invalid(format!(
+                    "inputs of a batched model must share their first (batch) dimension, got {rows:?}"
+                )));
+            }
+        }
+
+        let receiver = loaded.submit(inputs)?;
+        let outputs = match receiver.await {
+            Ok(result) => result?,
+            Err(_) => {
+                loaded.count_error(ErrorCode::Internal);
+                return Err(InferError::internal("the model worker stopped before answering"));
+            }
+        };
+        let outputs = if request.outputs.is_empty() {
+            outputs
+        } else {
+            let mut outputs = outputs;
+            request
+                .outputs
+                .iter()
+                .filter_map(|wanted| {
+                    let index = outputs.iter().position(|t| &t.name == wanted)?;
+                    Some(outputs.swap_remove(index))
+                })
+                .collect()
+        };
+        Ok(InferResponse {
+            model_name: request.model_name,
+            model_version: loaded.version,
+            id: request.id,
+            outputs,
+        })
+    }
+}
+
+fn names(specs: &[TensorSpec]) -> String {
+    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Puts the inputs in signature order and checks each against its spec.
+fn order_and_validate(
+    model: &str,
+    specs: &[TensorSpec],
+    inputs: Vec<Tensor>,
+) -> Result<Vec<Tensor>, InferError> {
+    let mut slots: Vec<Option<Tensor>> = specs.iter().map(|_| None).collect();
+    for input in inputs {
+        let Some(index) = specs.iter().position(|spec| spec.name == input.name) else {
+            return Err(InferError::invalid(format!(
+                "model '{model}' has no input '{}' (inputs: {})",
+                input.name,
+                names(specs)
+            )));
+        };
+        if slots[index].is_some() {
+            return Err(InferError::invalid(format!("input '{}' is given twice", input.name)));
+        }
+        let spec = &specs[index];
+        if input.dtype != spec.dtype {
+            return Err(InferError::invalid(format!(
+                "input '{}' has datatype {}, the model expects {}",
+                input.name, input.dtype, spec.dtype
+            )));
+        }
+        let shape_ok = input.shape.len() == spec.shape.len()
+            && input
+                .shape
+                .iter()
+                .zip(&spec.shape)
+                .all(|(&got, &want)| want < 0 || got == want);
+        if !shape_ok {
+            return Err(InferError::invalid(format!(
+                "input '{}' has shape {:?}, the model expects {:?} (-1: any size)",
+                input.name, input.shape, spec.shape
+            )));
+        }
+        input
+            .validate()
+            .map_err(|err| InferError::invalid(format!("input '{}': {err}", input.name)))?;
+        slots[index] = Some(input);
+    }
+    let missing: Vec<&str> = specs
+        .iter()
+        .zip(&slots)
+        .filter(|(_, slot)| slot.is_none())
+        .map(|(spec, _)| spec.name.as_str())
+        .collect();
+    if !missing.is_empty() {
+        return Err(InferError::invalid(format!(
+            "model '{model}' needs input(s) {} which the request does not give",
+            missing.join(", ")
+        )));
+    }
+    Ok(slots.into_iter().flatten().collect())
+}

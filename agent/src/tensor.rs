@@ -1,0 +1,354 @@
+//! Tensors as the agent sees them, independent of any protocol or runtime.
+//!
+//! Fixed-size element types are kept as little-endian bytes (`TensorData::Raw`):
+//! that is what `raw_input_contents` carries, what batching concatenates and
+//! what both runtimes copy from, so most requests never convert element by
+//! element. Strings (`BYTES`) are kept as one byte vector per element.
+
+use std::fmt;
+
+/// Element type, named as in the Open Inference Protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DataType {
+    Bool,
+    U8,
+    U16,
+    U32,
+    U64,
+    I8,
+    I16,
+    I32,
+    I64,
+    F16,
+    F32,
+    F64,
+    /// Variable-length byte strings (ONNX `string`).
+    Bytes,
+}
+
+impl DataType {
+    pub const ALL: [DataType; 13] = [
+        DataType::Bool,
+        DataType::U8,
+        DataType::U16,
+        DataType::U32,
+        DataType::U64,
+        DataType::I8,
+        DataType::I16,
+        DataType::I32,
+        DataType::I64,
+        DataType::F16,
+        DataType::F32,
+        DataType::F64,
+        DataType::Bytes,
+    ];
+
+    /// The protocol's name for this type (`FP32`, `INT64`, `BYTES`, ...).
+    pub fn protocol_name(self) -> &'static str {
+        match self {
+            DataType::Bool => "BOOL",
+            DataType::U8 => "UINT8",
+            DataType::U16 => "UINT16",
+            DataType::U32 => "UINT32",
+            DataType::U64 => "UINT64",
+            DataType::I8 => "INT8",
+            DataType::I16 => "INT16",
+            DataType::I32 => "INT32",
+            DataType::I64 => "INT64",
+            DataType::F16 => "FP16",
+            DataType::F32 => "FP32",
+            DataType::F64 => "FP64",
+            DataType::Bytes => "BYTES",
+        }
+    }
+
+    pub fn from_protocol_name(name: &str) -> Option<DataType> {
+        DataType::ALL
+            .into_iter()
+            .find(|dtype| dtype.protocol_name() == name)
+    }
+
+    /// Bytes per element in raw form; `None` for variable-length `BYTES`.
+    pub fn element_size(self) -> Option<usize> {
+        Some(match self {
+            DataType::Bool | DataType::U8 | DataType::I8 => 1,
+            DataType::U16 | DataType::I16 | DataType::F16 => 2,
+            DataType::U32 | DataType::I32 | DataType::F32 => 4,
+            DataType::U64 | DataType::I64 | DataType::F64 => 8,
+            DataType::Bytes => return None,
+        })
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.protocol_name())
+    }
+}
+
+/// A tensor's elements.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    /// Fixed-size elements, little-endian, row-major. `BOOL` is one byte (0/1).
+    Raw(Vec<u8>),
+    /// One entry per element, for `BYTES`.
+    Bytes(Vec<Vec<u8>>),
+}
+
+/// A named tensor with a concrete shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+    pub data: TensorData,
+}
+
+/// What is wrong with a tensor's data given its declared type and shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("shape {shape:?} has a negative dimension")]
+    NegativeDimension { shape: Vec<i64> },
+    #[error("shape {shape:?} has too many elements")]
+    TooLarge { shape: Vec<i64> },
+    #[error("expected {expected} elements for shape {shape:?}, got {actual}")]
+    ElementCount {
+        shape: Vec<i64>,
+        expected: usize,
+        actual: usize,
+    },
+    #[error("{actual} bytes is not a whole number of {dtype} elements ({size} bytes each)")]
+    RaggedBytes {
+        dtype: DataType,
+        size: usize,
+        actual: usize,
+    },
+    #[error("datatype {dtype} does not match the data given")]
+    DataKind { dtype: DataType },
+}
+
+/// Number of elements of a shape, checking for negative dims and overflow.
+pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
+    let mut count: usize = 1;
+    for &dim in shape {
+        let dim = usize::try_from(dim).map_err(|_| TensorError::NegativeDimension {
+            shape: shape.to_vec(),
+        })?;
+        count = count
+            .checked_mul(dim)
+            .ok_or_else(|| TensorError::TooLarge {
+                shape: shape.to_vec(),
+            })?;
+    }
+    Ok(count)
+}
+
+impl Tensor {
+    /// A tensor whose fixed-size elements are given as a typed slice.
+    pub fn from_slice<T: bytemuck::Pod>(
+        name: impl Into<String>,
+        dtype: DataType,
+        shape: Vec<i64>,
+        values: &[T],
+    ) -> Tensor {
+        debug_assert_eq!(dtype.element_size(), Some(std::mem::size_of::<T>()));
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            data: TensorData::Raw(bytemuck::cast_slice(values).to_vec()),
+        }
+    }
+
+    /// Checks that the data holds exactly the elements the shape promises.
+    pub fn validate(&self) -> Result<(), TensorError> {
+        let expected = element_count(&self.shape)?;
+        let actual = self.len_elements()?;
+        if actual != expected {
+            return Err(TensorError::ElementCount {
+                shape: self.shape.clone(),
+                expected,
+                actual,
+            });
+        }
+        Ok(())
+    }
+
+    /// Number of elements the data holds.
+    pub fn len_elements(&self) -> Result<usize, TensorError> {
+        match (&self.data, self.dtype.element_size()) {
+            (TensorData::Raw(bytes), Some(size)) => {
+                if bytes.len() % size != 0 {
+                    return Err(TensorError::RaggedBytes {
+                        dtype: self.dtype,
+                        size,
+                        actual: bytes.len(),
+                    });
+                }
+                Ok(bytes.len() / size)
+            }
+            (TensorData::Bytes(items), None) => Ok(items.len()),
+            _ => Err(TensorError::DataKind { dtype: self.dtype }),
+        }
+    }
+
+    /// Bytes the tensor's elements occupy (payload only).
+    pub fn byte_size(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(bytes) => bytes.len(),
+            TensorData::Bytes(items) => items.iter().map(|item| item.len()).sum(),
+        }
+    }
+
+    /// The fixed-size elements copied into a properly aligned vector.
+    ///
+    /// Panics if `T` does not match the element size; callers dispatch on
+    /// `dtype` first.
+    pub fn to_vec<T: bytemuck::Pod>(&self) -> Vec<T> {
+        match &self.data {
+            TensorData::Raw(bytes) => bytemuck::pod_collect_to_vec(bytes),
+            TensorData::Bytes(_) => Vec::new(),
+        }
+    }
+}
+
+/// Concatenates tensors of the same type along dimension 0.
+///
+/// The caller has checked that every tensor has the same dtype and the same
+/// dimensions after the first.
+pub fn concat_batch(name: &str, parts: &[&Tensor]) -> Tensor {
+    let first = parts[0];
+    let batch: i64 = parts.iter().map(|part| part.shape[0]).sum();
+    let mut shape = first.shape.clone();
+    shape[0] = batch;
+    let data = match &first.data {
+        TensorData::Raw(_) => {
+            let total = parts.iter().map(|part| part.byte_size()).sum();
+            let mut out = Vec::with_capacity(total);
+            for part in parts {
+                if let TensorData::Raw(bytes) = &part.data {
+                    out.extend_from_slice(bytes);
+                }
+            }
+            TensorData::Raw(out)
+        }
+        TensorData::Bytes(_) => {
+            let mut out = Vec::new();
+            for part in parts {
+                if let TensorData::Bytes(items) = &part.data {
+                    out.extend(items.iter().cloned());
+                }
+            }
+            TensorData::Bytes(out)
+        }
+    };
+    Tensor {
+        name: name.to_string(),
+        dtype: first.dtype,
+        shape,
+        data,
+    }
+}
+
+/// Splits a batched tensor along dimension 0 into pieces of the given sizes.
+///
+/// Returns `None` if the tensor's first dimension is not the sum of `sizes`.
+pub fn split_batch(tensor: Tensor, sizes: &[i64]) -> Option<Vec<Tensor>> {
+    let total: i64 = sizes.iter().sum();
+    if tensor.shape.first() != Some(&total) {
+        return None;
+    }
+    let row_elements = element_count(&tensor.shape[1..]).ok()?;
+    let mut pieces = Vec::with_capacity(sizes.len());
+    let mut offset = 0usize;
+    for &size in sizes {
+        let rows = usize::try_from(size).ok()?;
+        let mut shape = tensor.shape.clone();
+        shape[0] = size;
+        let data = match &tensor.data {
+            TensorData::Raw(bytes) => {
+                let width = row_elements * tensor.dtype.element_size()?;
+                let piece = bytes.get(offset * width..(offset + rows) * width)?;
+                TensorData::Raw(piece.to_vec())
+            }
+            TensorData::Bytes(items) => {
+                let piece =
+                    items.get(offset * row_elements..(offset + rows) * row_elements)?;
+                TensorData::Bytes(piece.to_vec())
+            }
+        };
+        pieces.push(Tensor {
+            name: tensor.name.clone(),
+            dtype: tensor.dtype,
+            shape,
+            data,
+        });
+        offset += rows;
+    }
+    Some(pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_round_trip() {
+        for dtype in DataType::ALL {
+            assert_eq!(DataType::from_protocol_name(dtype.protocol_name()), Some(dtype));
+        }
+        assert_eq!(DataType::from_protocol_name("FLOAT"), None);
+    }
+
+    #[test]
+    fn validate_rejects_wrong_element_count_and_ragged_bytes() {
+        let ok = Tensor::from_slice("x", DataType::F32, vec![2, 2], &[1f32, 2., 3., 4.]);
+        assert_eq!(ok.validate(), Ok(()));
+        let short = Tensor::from_slice("x", DataType::F32, vec![2, 3], &[1f32, 2., 3., 4.]);
+        assert!(matches!(short.validate(), Err(TensorError::ElementCount { expected: 6, actual: 4, .. })));
+        let ragged = Tensor {
+            name: "x".into(),
+            dtype: DataType::F32,
+            shape: vec![1],
+            data: TensorData::Raw(vec![0; 5]),
+        };
+        assert!(matches!(ragged.validate(), Err(TensorError::RaggedBytes { .. })));
+        let negative = Tensor::from_slice("x", DataType::F32, vec![-1], &[1f32]);
+        assert!(matches!(negative.validate(), Err(TensorError::NegativeDimension { .. })));
+    }
+
+    #[test]
+    fn concat_then_split_restores_each_part() {
+        let a = Tensor::from_slice("x", DataType::I64, vec![1, 2], &[1i64, 2]);
+        let b = Tensor::from_slice("x", DataType::I64, vec![2, 2], &[3i64, 4, 5, 6]);
+        let batched = concat_batch("x", &[&a, &b]);
+        assert_eq!(batched.shape, vec![3, 2]);
+        assert_eq!(batched.to_vec::<i64>(), vec![1, 2, 3, 4, 5, 6]);
+        let parts = split_batch(batched, &[1, 2]).unwrap();
+        assert_eq!(parts, vec![a, b]);
+    }
+
+    #[test]
+    fn split_refuses_a_batch_of_the_wrong_size() {
+        let t = Tensor::from_slice("x", DataType::F32, vec![3], &[1f32, 2., 3.]);
+        assert!(split_batch(t, &[1, 1]).is_none());
+    }
+
+    #[test]
+    fn strings_concat_and_split() {
+        let a = Tensor {
+            name: "s".into(),
+            dtype: DataType::Bytes,
+            shape: vec![1],
+            data: TensorData::Bytes(vec![b"a".to_vec()]),
+        };
+        let b = Tensor {
+            name: "s".into(),
+            dtype: DataType::Bytes,
+            shape: vec![2],
+            data: TensorData::Bytes(vec![b"b".to_vec(), b"c".to_vec()]),
+        };
+        let batched = concat_batch("s", &[&a, &b]);
+        assert_eq!(split_batch(batched, &[1, 2]).unwrap(), vec![a, b]);
+    }
+}

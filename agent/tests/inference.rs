@@ -1,0 +1,427 @@
+//! End to end: the real agent on ephemeral ports, real fixture models, real
+//! runtimes (each test runs on tract and on ONNX Runtime), real gRPC and HTTP
+//! clients. Expected outputs come from onnxruntime in Python.
+
+mod support;
+
+use std::collections::HashMap;
+
+use edgefleet_agent::grpc::encode_raw_strings;
+use edgefleet_agent::http::{data_to_json, tensor_from_json};
+use edgefleet_agent::runtime::RuntimeChoice;
+use edgefleet_agent::tensor::{DataType, Tensor, TensorData};
+use edgefleet_proto::inference as pb;
+use serde_json::{Value, json};
+use support::*;
+
+/// Models a runtime cannot load, and the words its error must contain.
+fn expected_load_failure(model: &str, runtime: RuntimeChoice) -> Option<&'static str> {
+    match (model, runtime) {
+        ("contrib_op", RuntimeChoice::Tract) => Some("Gelu"),
+        _ => None,
+    }
+}
+
+fn all_fixtures_repo() -> Repo {
+    let repo = Repo::new();
+    for name in fixture_names() {
+        repo.add(&name, 1, &name);
+    }
+    repo
+}
+
+fn tensor_of(value: &Value) -> Tensor {
+    tensor_from_json(
+        value["name"].as_str().unwrap().to_string(),
+        value["datatype"].as_str().unwrap(),
+        serde_json::from_value(value["shape"].clone()).unwrap(),
+        &value["data"],
+    )
+    .unwrap()
+}
+
+fn raw_bytes(tensor: &Tensor) -> Vec<u8> {
+    match &tensor.data {
+        TensorData::Raw(bytes) => bytes.clone(),
+        TensorData::Bytes(items) => encode_raw_strings(items),
+    }
+}
+
+/// The typed `contents` field a client would fill for this tensor.
+fn typed_contents(tensor: &Tensor) -> pb::InferTensorContents {
+    let mut contents = pb::InferTensorContents::default();
+    match tensor.dtype {
+        DataType::Bool => contents.bool_contents = tensor.to_vec::<u8>().into_iter().map(|b| b != 0).collect(),
+        DataType::I8 => contents.int_contents = tensor.to_vec::<i8>().into_iter().map(i32::from).collect(),
+        DataType::I16 => contents.int_contents = tensor.to_vec::<i16>().into_iter().map(i32::from).collect(),
+        DataType::I32 => contents.int_contents = tensor.to_vec::<i32>(),
+        DataType::I64 => contents.int64_contents = tensor.to_vec::<i64>(),
+        DataType::U8 => contents.uint_contents = tensor.to_vec::<u8>().into_iter().map(u32::from).collect(),
+        DataType::U16 => contents.uint_contents = tensor.to_vec::<u16>().into_iter().map(u32::from).collect(),
+        DataType::U32 => contents.uint_contents = tensor.to_vec::<u32>(),
+        DataType::U64 => contents.uint64_contents = tensor.to_vec::<u64>(),
+        DataType::F32 => contents.fp32_contents = tensor.to_vec::<f32>(),
+        DataType::F64 => contents.fp64_contents = tensor.to_vec::<f64>(),
+        DataType::Bytes => {
+            if let TensorData::Bytes(items) = &tensor.data {
+                contents.bytes_contents = items.clone();
+            }
+        }
+        DataType::F16 => unreachable!("FP16 has no typed contents"),
+    }
+    contents
+}
+
+fn grpc_request(model: &str, case: &Value, raw: bool) -> pb::ModelInferRequest {
+    let tensors: Vec<Tensor> = case["inputs"].as_array().unwrap().iter().map(tensor_of).collect();
+    let inputs = tensors
+        .iter()
+        .map(|t| pb::model_infer_request::InferInputTensor {
+            name: t.name.clone(),
+            datatype: t.dtype.protocol_name().into(),
+            shape: t.shape.clone(),
+            parameters: Default::default(),
+            contents: (!raw).then(|| typed_contents(t)),
+        })
+        .collect();
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        id: format!("req-{model}"),
+        inputs,
+        raw_input_contents: if raw { tensors.iter().map(raw_bytes).collect() } else { vec![] },
+        ..Default::default()
+    }
+}
+
+/// A gRPC response's outputs in JSON form, for comparison with the cases.
+fn grpc_outputs_as_json(response: &pb::ModelInferResponse) -> Vec<Value> {
+    response
+        .outputs
+        .iter()
+        .zip(&response.raw_output_contents)
+        .map(|(output, raw)| {
+            let dtype = DataType::from_protocol_name(&output.datatype).unwrap();
+            let data = match dtype {
+                DataType::Bytes => TensorData::Bytes(edgefleet_agent::grpc::decode_raw_strings("out", raw).unwrap()),
+                _ => TensorData::Raw(raw.clone()),
+            };
+            let tensor = Tensor {
+                name: output.name.clone(),
+                dtype,
+                shape: output.shape.clone(),
+                data,
+            };
+            json!({ "name": output.name, "datatype": output.datatype, "shape": output.shape, "data": data_to_json(&tensor) })
+        })
+        .collect()
+}
+
+fn sorted_by_name(mut outputs: Vec<Value>) -> Vec<Value> {
+    outputs.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    outputs
+}
+
+async fn every_fixture_matches_onnxruntime_python_over_http(runtime: RuntimeChoice) {
+    let repo = all_fixtures_repo();
+    let agent = agent(repo.path(), runtime).start().await;
+    let http = reqwest::Client::new();
+    for model in fixture_names() {
+        if let Some(words) = expected_load_failure(&model, runtime) {
+            let response = http.get(agent.url(&format!("/v2/models/{model}/ready"))).send().await.unwrap();
+            assert_eq!(response.status(), 503, "{model} should not be ready on {runtime:?}");
+            let response = http
+                .post(agent.url(&format!("/v2/models/{model}/infer")))
+                .json(&json!({"inputs": cases(&model)[0]["inputs"]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 503);
+            let body: Value = response.json().await.unwrap();
+            assert!(body["error"].as_str().unwrap().contains(words), "{model}: {body}");
+            continue;
+        }
+        for (i, case) in cases(&model).iter().enumerate() {
+            let context = format!("{model} case {i} over HTTP on {runtime:?}");
+            let response = http
+                .post(agent.url(&format!("/v2/models/{model}/infer")))
+                .json(&json!({ "id": format!("case-{i}"), "inputs": case["inputs"] }))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "{context}: {}", response.text().await.unwrap());
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["model_name"], model.as_str());
+            assert_eq!(body["model_version"], "1");
+            assert_eq!(body["id"], format!("case-{i}"), "{context}: request id echoed");
+            let got = sorted_by_name(body["outputs"].as_array().unwrap().clone());
+            let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+            assert_eq!(got.len(), want.len(), "{context}");
+            for (g, w) in got.iter().zip(&want) {
+                assert_tensor_matches(g, w, &context);
+            }
+        }
+    }
+    agent.stop().await;
+}
+
+async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoice) {
+    let repo = all_fixtures_repo();
+    let agent = agent(repo.path(), runtime).start().await;
+    let mut client = agent.grpc().await;
+    for model in fixture_names() {
+        if expected_load_failure(&model, runtime).is_some() {
+            let ready = client
+                .model_ready(pb::ModelReadyRequest { name: model.clone(), version: String::new() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!ready.ready, "{model} should not be ready on {runtime:?}");
+            continue;
+        }
+        for (i, case) in cases(&model).iter().enumerate() {
+            let has_fp16 = case["inputs"].as_array().unwrap().iter().any(|t| t["datatype"] == "FP16");
+            for raw in [true, false] {
+                if !raw && has_fp16 {
+                    continue; // FP16 can only travel raw.
+                }
+                let context = format!("{model} case {i} over gRPC (raw: {raw}) on {runtime:?}");
+                let response = client
+                    .model_infer(grpc_request(&model, case, raw))
+                    .await
+                    .unwrap_or_else(|status| panic!("{context}: {status}"))
+                    .into_inner();
+                assert_eq!(response.id, format!("req-{model}"), "{context}: request id echoed");
+                assert_eq!(response.model_version, "1");
+                let got = sorted_by_name(grpc_outputs_as_json(&response));
+                let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+                assert_eq!(got.len(), want.len(), "{context}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert_tensor_matches(g, w, &context);
+                }
+            }
+        }
+    }
+    agent.stop().await;
+}
+
+async fn output_selection_returns_only_the_outputs_asked_for(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("multi_io", 1, "multi_io");
+    let agent = agent(repo.path(), runtime).start().await;
+    let case = &cases("multi_io")[0];
+    let mut request = grpc_request("multi_io", case, true);
+    request.outputs = vec![pb::model_infer_request::InferRequestedOutputTensor {
+        name: "product".into(),
+        parameters: Default::default(),
+    }];
+    let response = agent.grpc().await.model_infer(request).await.unwrap().into_inner();
+    let names: Vec<&str> = response.outputs.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["product"]);
+    let expected = case["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "product").unwrap();
+    assert_tensor_matches(&grpc_outputs_as_json(&response)[0], expected, "selected output");
+
+    let body: Value = reqwest::Client::new()
+        .post(agent.url("/v2/models/multi_io/infer"))
+        .json(&json!({ "inputs": case["inputs"], "outputs": [{"name": "a_max"}, {"name": "sum"}] }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = body["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["a_max", "sum"]);
+    agent.stop().await;
+}
+
+async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("dynamic", 1, "dynamic").add("no_batch", 1, "no_batch").add("int_bool", 3, "int_bool");
+    let agent = agent(repo.path(), runtime).start().await;
+    let http = reqwest::Client::new();
+    let runtime_name = match runtime {
+        RuntimeChoice::Tract => "tract",
+        _ => "onnxruntime",
+    };
+
+    let server: Value = http.get(agent.url("/v2")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(server["name"], "edgefleet-agent");
+    assert_eq!(server["runtime"], runtime_name);
+    for path in ["/v2/health/live", "/v2/health/ready", "/ready", "/v2/models/dynamic/ready", "/v2/models/int_bool/versions/3/ready"] {
+        assert_eq!(http.get(agent.url(path)).send().await.unwrap().status(), 200, "{path}");
+    }
+
+    let meta: Value = http.get(agent.url("/v2/models/dynamic")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(meta["versions"], json!(["1"]));
+    assert_eq!(meta["inputs"], json!([{"name": "x", "datatype": "FP32", "shape": [-1, -1]}]));
+    let outputs = sorted_by_name(meta["outputs"].as_array().unwrap().clone());
+    assert_eq!(outputs, vec![
+        json!({"name": "row_sum", "datatype": "FP32", "shape": [-1]}),
+        json!({"name": "y", "datatype": "FP32", "shape": [-1, -1]}),
+    ]);
+    let meta: Value = http.get(agent.url("/v2/models/int_bool/versions/3")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(meta["versions"], json!(["3"]));
+    let inputs = sorted_by_name(meta["inputs"].as_array().unwrap().clone());
+    assert_eq!(inputs, vec![
+        json!({"name": "mask", "datatype": "BOOL", "shape": [-1, 3]}),
+        json!({"name": "x", "datatype": "INT64", "shape": [-1, 3]}),
+    ]);
+
+    let mut grpc = agent.grpc().await;
+    assert!(grpc.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
+    assert!(grpc.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
+    let server = grpc.server_metadata(pb::ServerMetadataRequest {}).await.unwrap().into_inner();
+    assert_eq!(server.name, "edgefleet-agent");
+    assert!(server.extensions.contains(&format!("runtime:{runtime_name}")), "{:?}", server.extensions);
+    let meta = grpc
+        .model_metadata(pb::ModelMetadataRequest { name: "no_batch".into(), version: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.inputs[0].shape, vec![2, 3]);
+    assert_eq!(meta.outputs[0].shape, vec![2, 2]);
+    assert_eq!(meta.platform, format!("{runtime_name}_onnx"));
+    let ready = grpc
+        .model_ready(pb::ModelReadyRequest { name: "int_bool".into(), version: "3".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
+
+    // Standard gRPC health and reflection.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.grpc_addr)).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "inference.GRPCInferenceService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply");
+    };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(services.contains(&"inference.GRPCInferenceService".to_string()), "{services:?}");
+    agent.stop().await;
+}
+
+/// Many clients at once: every answer belongs to its own request.
+async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp").config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 20000\n");
+    repo.add("no_batch", 1, "no_batch").config("no_batch", "max_queue_delay_us = 20000\n");
+    let agent = agent(repo.path(), runtime).start().await;
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let (model, cases) = if i % 4 == 3 { ("no_batch", cases("no_batch")) } else { ("mlp", cases("mlp")) };
+        let case = cases[i % cases.len()].clone();
+        let mut client = agent.grpc().await;
+        tasks.push(tokio::spawn(async move {
+            let response = client.model_infer(grpc_request(model, &case, i % 2 == 0)).await.unwrap().into_inner();
+            let got = sorted_by_name(grpc_outputs_as_json(&response));
+            let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+            for (g, w) in got.iter().zip(&want) {
+                assert_tensor_matches(g, w, &format!("concurrent request {i} to {model}"));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let metrics = reqwest::get(agent.url("/metrics")).await.unwrap().text().await.unwrap();
+    let batches = metric_value(&metrics, "edgefleet_inference_batch_size_count", "model=\"mlp\"");
+    let requests = metric_value(&metrics, "edgefleet_inference_requests_total", "model=\"mlp\"");
+    assert_eq!(requests, 36.0);
+    assert!(batches < requests, "mlp requests were never batched: {batches} runs for {requests} requests");
+    let no_batch_runs = metric_value(&metrics, "edgefleet_inference_batch_size_count", "model=\"no_batch\"");
+    let no_batch_sum = metric_value(&metrics, "edgefleet_inference_batch_size_sum", "model=\"no_batch\"");
+    assert_eq!(no_batch_runs, 12.0, "a model without a batch dimension runs each request alone");
+    assert_eq!(no_batch_sum, 12.0);
+    agent.stop().await;
+}
+
+pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(name) && line.contains(label))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name}{{{label}}} not found in:\n{text}"))
+}
+
+async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("conv", 1, "conv").config("conv", "max_batch_size = 0\nqueue_capacity = 1\n");
+    let agent = agent(repo.path(), runtime).start().await;
+    // Big requests keep the single worker busy while more arrive.
+    let rows = 64;
+    let image: Vec<f32> = (0..rows * 3 * 16 * 16).map(|i| (i % 7) as f32 * 0.1).collect();
+    let tensor = Tensor::from_slice("image", DataType::F32, vec![rows as i64, 3, 16, 16], &image);
+    let request = pb::ModelInferRequest {
+        model_name: "conv".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "image".into(),
+            datatype: "FP32".into(),
+            shape: tensor.shape.clone(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![raw_bytes(&tensor)],
+        ..Default::default()
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..40 {
+        let mut client = agent.grpc().await;
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move { client.model_infer(request).await.map(|_| ()) }));
+    }
+    let mut exhausted = 0;
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+                assert!(status.message().contains("queue"), "{}", status.message());
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, refused {exhausted}");
+    // The same over HTTP: 503 with a JSON error.
+    let body = json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [rows, 3, 16, 16], "data": image}]});
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let url = agent.url("/v2/models/conv/infer");
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await.unwrap() }));
+    }
+    let mut statuses = HashMap::new();
+    for task in tasks {
+        let response = task.await.unwrap();
+        let status = response.status().as_u16();
+        if status == 503 {
+            let body: Value = response.json().await.unwrap();
+            assert!(body["error"].as_str().unwrap().contains("queue"), "{body}");
+        }
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    assert!(statuses.contains_key(&503) && statuses.contains_key(&200), "{statuses:?}");
+    // And it recovers: a lone request succeeds.
+    agent.grpc().await.model_infer(request).await.unwrap();
+    agent.stop().await;
+}
+
+on_both_runtimes!(
+    every_fixture_matches_onnxruntime_python_over_http,
+    every_fixture_matches_onnxruntime_python_over_grpc,
+    output_selection_returns_only_the_outputs_asked_for,
+    metadata_and_health_on_both_protocols,
+    concurrent_requests_are_batched_and_each_gets_its_own_answer,
+    a_full_queue_answers_resource_exhausted_and_503,
+);

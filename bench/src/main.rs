@@ -1,0 +1,75 @@
+//! `edgefleet-bench`: the agent's performance targets, measured against their
+//! references in the same run, written to `docs/benchmarks.md`.
+//!
+//! Run through `scripts/bench.sh` (it fetches ONNX Runtime, generates the
+//! benchmark models and builds in release mode first).
+
+mod agent_process;
+mod report;
+mod suites;
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// Agent gRPC latency vs a raw ONNX Runtime Session::run.
+    Overhead,
+    /// Throughput and p99 at 1/8/32/128 clients, batching on vs off.
+    Batching,
+    /// Idle RSS and binary size.
+    Footprint,
+    /// ONNX Runtime vs tract on every test model.
+    Runtimes,
+    /// Everything above.
+    All,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "edgefleet-bench", about = "edgefleet benchmarks; figures go to docs/benchmarks.md")]
+pub struct Args {
+    #[arg(value_enum, default_value = "all")]
+    pub suite: Suite,
+    /// Repository holding bench_mlp and bench_conv (scripts/gen_test_models.py --bench-dir).
+    #[arg(long, default_value = "target/bench-models")]
+    pub bench_models: PathBuf,
+    /// The committed test fixtures.
+    #[arg(long, default_value = "testdata/models")]
+    pub fixtures: PathBuf,
+    /// The release agent binary to measure.
+    #[arg(long, default_value = "target/release/edgefleet-agent")]
+    pub agent: PathBuf,
+    /// Markdown file the figures are written into (each suite replaces its own section).
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    pub out: PathBuf,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 4.0)]
+    pub seconds: f64,
+    /// Timed iterations per latency measurement.
+    #[arg(long, default_value_t = 3000)]
+    pub iterations: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let suites: Vec<Suite> = match args.suite {
+        Suite::All => vec![Suite::Overhead, Suite::Batching, Suite::Footprint, Suite::Runtimes],
+        one => vec![one],
+    };
+    for suite in suites {
+        eprintln!("== {suite:?}");
+        let section = match suite {
+            Suite::Overhead => runtime.block_on(suites::overhead(&args))?,
+            Suite::Batching => runtime.block_on(suites::batching(&args))?,
+            Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
+            Suite::Runtimes => suites::runtimes(&args)?,
+            Suite::All => unreachable!(),
+        };
+        println!("{section}");
+        report::write_section(&args.out, &format!("{suite:?}").to_lowercase(), &section, &command)?;
+    }
+    Ok(())
+}

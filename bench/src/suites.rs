@@ -1,0 +1,332 @@
+//! The benchmark suites. Each returns a markdown section.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use edgefleet_agent::runtime::{OnnxRuntime, Runtime, SessionOptions, TractRuntime, find_onnxruntime_library};
+use edgefleet_agent::tensor::{Tensor, TensorData, element_count};
+use edgefleet_proto::inference as pb;
+use hdrhistogram::Histogram;
+
+use crate::Args;
+use crate::agent_process::AgentProcess;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+fn us(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64
+}
+
+fn ort_library() -> anyhow::Result<PathBuf> {
+    find_onnxruntime_library().context("ONNX Runtime not found: run scripts/fetch-onnxruntime.sh and set ORT_DYLIB_PATH")
+}
+
+fn model_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(name).join("1").join("model.onnx")
+}
+
+/// A deterministic batch-1 FP32 input for a bench model.
+fn input_values(len: usize) -> Vec<f32> {
+    (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+}
+
+fn infer_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: input.into(),
+            datatype: "FP32".into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![values.iter().flat_map(|v| v.to_le_bytes()).collect()],
+        ..Default::default()
+    }
+}
+
+struct BenchModel {
+    name: &'static str,
+    input: &'static str,
+    output: &'static str,
+    shape: [i64; 4],
+    rank: usize,
+}
+
+const BENCH_MODELS: [BenchModel; 2] = [
+    BenchModel { name: "bench_mlp", input: "input", output: "logits", shape: [1, 256, 0, 0], rank: 2 },
+    BenchModel { name: "bench_conv", input: "image", output: "logits", shape: [1, 3, 64, 64], rank: 4 },
+];
+
+pub async fn overhead(args: &Args) -> anyhow::Result<String> {
+    let library = ort_library()?;
+    let onnxruntime = OnnxRuntime::new(&library)?;
+    let environment = onnxruntime.environment();
+    let mut out = String::new();
+    writeln!(out, "## Overhead: agent gRPC vs raw ONNX Runtime `Session::run`\n")?;
+    writeln!(
+        out,
+        "Batch-1 requests, one client, sequential, {} timed iterations after warm-up. \"raw\" is `ort::Session::run` \
+         on the same model in the benchmark process (input tensor creation and output extraction included); \
+         \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (tonic client, \
+         raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs.\n",
+        args.iterations
+    )?;
+    writeln!(out, "| model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target |")?;
+    writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | --- |")?;
+    let agent = AgentProcess::start(&args.agent, &args.bench_models, "onnxruntime").await?;
+    for model in &BENCH_MODELS {
+        let shape = &model.shape[..model.rank];
+        let len = element_count(shape)?;
+        let values = input_values(len);
+
+        let mut session = ort::session::Session::builder(environment)?.commit_from_file(model_path(&args.bench_models, model.name))?;
+        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let mut raw = histogram();
+        for i in 0..(args.iterations + 300) {
+            let started = Instant::now();
+            let tensor = ort::value::Tensor::from_array((dims.clone(), values.clone()))?;
+            let outputs = session.run(ort::inputs![tensor])?;
+            let (_, logits) = outputs[model.output].try_extract_tensor::<f32>()?;
+            std::hint::black_box(logits);
+            if i >= 300 {
+                raw.record(started.elapsed().as_micros() as u64)?;
+            }
+        }
+
+        let mut client = agent.client().await?;
+        let request = infer_request(model.name, model.input, shape, &values);
+        let mut through_agent = histogram();
+        for i in 0..(args.iterations + 300) {
+            let started = Instant::now();
+            let response = client.model_infer(request.clone()).await?.into_inner();
+            std::hint::black_box(response);
+            if i >= 300 {
+                through_agent.record(started.elapsed().as_micros() as u64)?;
+            }
+        }
+        let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
+        writeln!(
+            out,
+            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} |",
+            model.name,
+            us(&raw, 0.5),
+            us(&raw, 0.99),
+            us(&through_agent, 0.5),
+            us(&through_agent, 0.99),
+            delta,
+            if delta <= 50.0 { "met" } else { "missed" }
+        )?;
+    }
+    Ok(out)
+}
+
+/// A repository holding one model with the given config.
+fn repository_with(bench_models: &Path, model: &str, config: &str) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let version = dir.path().join(model).join("1");
+    std::fs::create_dir_all(&version)?;
+    std::fs::copy(model_path(bench_models, model), version.join("model.onnx"))?;
+    std::fs::write(dir.path().join(model).join("config.toml"), config)?;
+    Ok(dir)
+}
+
+struct LoadResult {
+    throughput: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+}
+
+async fn closed_loop(agent: &AgentProcess, clients: usize, seconds: f64, request: pb::ModelInferRequest) -> anyhow::Result<LoadResult> {
+    // A few connections shared by the clients, as several apps on a device would.
+    let mut channels = Vec::new();
+    for _ in 0..clients.min(8) {
+        channels.push(agent.client().await?);
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let request = Arc::new(request);
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let mut client = channels[i % channels.len()].clone();
+        let request = Arc::clone(&request);
+        tasks.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                match client.model_infer((*request).clone()).await {
+                    Ok(_) => h.record(started.elapsed().as_micros().max(1) as u64).ok(),
+                    Err(_) => {
+                        errors += 1;
+                        None
+                    }
+                };
+            }
+            (h, errors)
+        }));
+    }
+    let started = Instant::now();
+    let mut merged = histogram();
+    let mut errors = 0;
+    for task in tasks {
+        let (h, e) = task.await?;
+        merged.add(&h)?;
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Ok(LoadResult {
+        throughput: merged.len() as f64 / elapsed,
+        p50: us(&merged, 0.5),
+        p99: us(&merged, 0.99),
+        errors,
+    })
+}
+
+pub async fn batching(args: &Args) -> anyhow::Result<String> {
+    ort_library()?;
+    let model = &BENCH_MODELS[0];
+    let shape = &model.shape[..model.rank];
+    let values = input_values(element_count(shape)?);
+    let request = infer_request(model.name, model.input, shape, &values);
+    let mut out = String::new();
+    writeln!(out, "## Dynamic batching: throughput at 1, 8, 32 and 128 concurrent clients\n")?;
+    writeln!(
+        out,
+        "`bench_mlp` (256→1024→1024→10) on ONNX Runtime, batch-1 requests over gRPC from closed-loop clients in \
+         the benchmark process, {:.0} s per point. \"on\": `max_batch_size = 32`, `max_queue_delay_us = 0` \
+         (requests queued while the worker runs are stacked); \"off\": `max_batch_size = 0`. Target: ≥ 3× the \
+         throughput with batching at 32 clients, p99 no worse than unbatched.\n",
+        args.seconds
+    )?;
+    writeln!(out, "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | throughput gain | errors |")?;
+    writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    let off_repo = repository_with(&args.bench_models, model.name, "max_batch_size = 0\nqueue_capacity = 512\n")?;
+    let on_repo = repository_with(&args.bench_models, model.name, "max_batch_size = 32\nqueue_capacity = 512\n")?;
+    let off_agent = AgentProcess::start(&args.agent, off_repo.path(), "onnxruntime").await?;
+    let on_agent = AgentProcess::start(&args.agent, on_repo.path(), "onnxruntime").await?;
+    let mut verdict = String::new();
+    for clients in [1usize, 8, 32, 128] {
+        // Warm up each, then measure; the idle agent costs nothing meanwhile.
+        closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
+        let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
+        closed_loop(&on_agent, clients, 0.5, request.clone()).await?;
+        let on = closed_loop(&on_agent, clients, args.seconds, request.clone()).await?;
+        let gain = on.throughput / off.throughput;
+        writeln!(
+            out,
+            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {gain:.2}× | {} |",
+            off.throughput, off.p50, off.p99, on.throughput, on.p50, on.p99, off.errors + on.errors
+        )?;
+        if clients == 32 {
+            verdict = format!(
+                "\nAt 32 clients: {gain:.2}× the throughput (target ≥ 3×: {}), p99 {:.0} µs vs {:.0} µs unbatched ({}).\n",
+                if gain >= 3.0 { "met" } else { "missed" },
+                on.p99,
+                off.p99,
+                if on.p99 <= off.p99 { "no worse: met" } else { "worse: missed" }
+            );
+        }
+    }
+    out.push_str(&verdict);
+    Ok(out)
+}
+
+pub async fn footprint(args: &Args) -> anyhow::Result<String> {
+    let library = ort_library()?;
+    let empty = tempfile::tempdir()?;
+    let mlp = repository_with(&args.bench_models, "bench_mlp", "")?;
+    let mut out = String::new();
+    writeln!(out, "## Footprint\n")?;
+    writeln!(
+        out,
+        "RSS of the release `edgefleet-agent serve` process 3 s after it reports ready (VmRSS from /proc). \
+         Targets: ≤ 10 MB idle with tract and an empty repository (Greengrass nucleus needs ≥ 96 MB, nucleus lite \
+         states < 15 MB, KubeEdge edgecore ~30 MB); stripped binary ≤ 20 MB.\n"
+    )?;
+    writeln!(out, "| runtime | repository | RSS (MB) |")?;
+    writeln!(out, "| --- | --- | ---: |")?;
+    for runtime in ["tract", "onnxruntime"] {
+        for (label, repo) in [("empty", empty.path()), ("bench_mlp (4.3 MB of weights)", mlp.path())] {
+            let agent = AgentProcess::start(&args.agent, repo, runtime).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let rss = agent.rss_bytes()? as f64 / 1e6;
+            writeln!(out, "| {runtime} | {label} | {rss:.1} |")?;
+        }
+    }
+    let size = std::fs::metadata(&args.agent)?.len() as f64 / 1e6;
+    let lib = std::fs::metadata(&library)?.len() as f64 / 1e6;
+    writeln!(
+        out,
+        "\nRelease binary (stripped, thin LTO): **{size:.1} MB** (target ≤ 20 MB: {}). The ONNX Runtime library it \
+         loads when present is a separate {lib:.1} MB file.",
+        if size <= 20.0 { "met" } else { "missed" }
+    )?;
+    Ok(out)
+}
+
+fn zeros_like(spec: &edgefleet_agent::runtime::TensorSpec) -> anyhow::Result<Tensor> {
+    let shape: Vec<i64> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
+    let count = element_count(&shape)?;
+    let data = match spec.dtype.element_size() {
+        Some(size) => TensorData::Raw(vec![0; count * size]),
+        None => TensorData::Bytes(vec![b"edge".to_vec(); count]),
+    };
+    Ok(Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data })
+}
+
+fn median_run_us(runtime: &dyn Runtime, path: &Path, iterations: usize) -> anyhow::Result<f64> {
+    let mut session = runtime.load(path, &SessionOptions::default())?;
+    let inputs: Vec<Tensor> = session.signature().inputs.iter().map(zeros_like).collect::<Result<_, _>>()?;
+    let mut h = histogram();
+    for i in 0..iterations + 20 {
+        let started = Instant::now();
+        std::hint::black_box(session.run(inputs.clone())?);
+        if i >= 20 {
+            h.record(started.elapsed().as_micros().max(1) as u64)?;
+        }
+    }
+    Ok(us(&h, 0.5))
+}
+
+pub fn runtimes(args: &Args) -> anyhow::Result<String> {
+    let library = ort_library()?;
+    let ort = OnnxRuntime::new(&library)?;
+    let tract = TractRuntime::new();
+    let mut out = String::new();
+    writeln!(out, "## ONNX Runtime vs tract, per model\n")?;
+    writeln!(
+        out,
+        "Median time of one batch-1 run (dynamic dimensions set to 1, zeros) through the agent's runtime \
+         interface, same process, one after the other. Ratio > 1: tract is slower.\n"
+    )?;
+    writeln!(out, "| model | onnxruntime (µs) | tract (µs) | tract / onnxruntime |")?;
+    writeln!(out, "| --- | ---: | ---: | ---: |")?;
+    let mut models: Vec<PathBuf> = Vec::new();
+    for dir in [&args.fixtures, &args.bench_models] {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        names.sort();
+        models.extend(names);
+    }
+    let iterations = (args.iterations / 10).max(50);
+    for dir in models {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let path = dir.join("1").join("model.onnx");
+        let ort_us = median_run_us(&ort, &path, iterations);
+        let tract_us = median_run_us(&tract, &path, iterations);
+        let cell = |r: &anyhow::Result<f64>| match r {
+            Ok(v) => format!("{v:.0}"),
+            Err(err) => format!("cannot run: {}", err.to_string().chars().take(60).collect::<String>().replace('|', "/")),
+        };
+        let ratio = match (&ort_us, &tract_us) {
+            (Ok(o), Ok(t)) => format!("{:.2}×", t / o.max(1.0)),
+            _ => "—".to_string(),
+        };
+        writeln!(out, "| {name} | {} | {} | {ratio} |", cell(&ort_us), cell(&tract_us))?;
+    }
+    Ok(out)
+}

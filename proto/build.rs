@@ -1,0 +1,22 @@
+//! Compiles the protos with protox (pure Rust), so building needs no `protoc`.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &["inference/grpc_service.proto", "edgefleet/v1/agent.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let fds = protox::compile(PROTOS, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("edgefleet_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,23 @@
+//! Generated protobuf types and gRPC stubs for every protocol edgefleet speaks.
+//!
+//! The `.proto` files beside this crate are the contract; this crate only
+//! compiles them (with `protox`, so no system `protoc` is needed). Generated
+//! types stay at the edges: each service converts them to plain domain types
+//! in one boundary module.
+
+#![allow(clippy::all, clippy::pedantic, unreachable_pub, missing_docs)]
+
+/// The Open Inference Protocol (KServe v2), `package inference`.
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Agent <-> control plane, `package edgefleet.v1`.
+pub mod edgefleet {
+    pub mod v1 {
+        tonic::include_proto!("edgefleet.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("edgefleet_descriptor");

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Builds edgefleet's test models and their expected outputs.
+
+Default: writes the committed fixtures, relative to the repository root:
+  testdata/models/<name>/1/model.onnx   (a valid model repository)
+  testdata/cases/<name>.json            (inputs and onnxruntime's outputs)
+  examples/model-repository/iris/...    (the quickstart model)
+--bench-dir DIR also writes the (bigger, uncommitted) benchmark models;
+--only-bench writes only those.
+
+Deterministic: a fixed seed, opset 17, IR version 8; rerunning gives
+byte-identical files. Requires scripts/requirements.txt.
+"""
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OPSET = [helper.make_opsetid("", 17)]
+IR_VERSION = 8
+RNG = np.random.default_rng(20261124)
+
+KSERVE = {
+    TensorProto.FLOAT16: "FP16", TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP64",
+    TensorProto.INT8: "INT8", TensorProto.INT16: "INT16", TensorProto.INT32: "INT32",
+    TensorProto.INT64: "INT64", TensorProto.UINT8: "UINT8", TensorProto.UINT16: "UINT16",
+    TensorProto.UINT32: "UINT32", TensorProto.UINT64: "UINT64", TensorProto.BOOL: "BOOL",
+    TensorProto.STRING: "BYTES",
+}
+NUMPY = {
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "INT8": np.int8,
+    "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8,
+    "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "BOOL": np.bool_,
+}
+
+
+def weight(name, *shape):
+    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.1).astype(np.float32), name)
+
+
+def vinfo(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def model(name, nodes, inputs, outputs, initializers=(), opsets=OPSET):
+    graph = helper.make_graph(nodes, name, inputs, outputs, list(initializers))
+    m = helper.make_model(graph, opset_imports=opsets, producer_name="edgefleet-gen")
+    m.ir_version = IR_VERSION
+    return m
+
+
+def gemm_chain(name, inp, out, sizes, final_softmax=False):
+    nodes, inits = [], []
+    prev = inp
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        inits += [weight(f"w{i}", a, b), weight(f"b{i}", b)]
+        y = f"h{i}"
+        nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [y]))
+        last = i == len(sizes) - 2
+        if not last:
+            nodes.append(helper.make_node("Relu", [y], [f"r{i}"]))
+            prev = f"r{i}"
+        else:
+            prev = y
+    if final_softmax:
+        nodes.append(helper.make_node("Softmax", [prev], [out], axis=1))
+    else:
+        nodes[-1].output[0] = out
+    return model(name, nodes, [vinfo(inp, TensorProto.FLOAT, ["N", sizes[0]])],
+                 [vinfo(out, TensorProto.FLOAT, ["N", sizes[-1]])], inits)
+
+
+def conv_net(name, channels, spatial, pools, classes):
+    nodes, inits = [], []
+    prev, c_in = "image", 3
+    for i, c in enumerate(channels):
+        inits += [weight(f"cw{i}", c, c_in, 3, 3), weight(f"cb{i}", c)]
+        nodes.append(helper.make_node("Conv", [prev, f"cw{i}", f"cb{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev = f"r{i}"
+        if i < pools:
+            nodes.append(helper.make_node("MaxPool", [prev], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]))
+            prev = f"p{i}"
+        c_in = c
+    inits += [weight("fw", c_in, classes), weight("fb", classes)]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"]),
+    ]
+    return model(name, nodes, [vinfo("image", TensorProto.FLOAT, ["N", 3, spatial, spatial])],
+                 [vinfo("logits", TensorProto.FLOAT, ["N", classes])], inits)
+
+
+def fixture_models():
+    models = {}
+    models["mlp"] = gemm_chain("mlp", "input", "logits", [16, 32, 4])
+    models["conv"] = conv_net("conv", [8, 16], 16, 1, 10)
+
+    f = TensorProto.FLOAT
+    models["multi_io"] = model("multi_io", [
+        helper.make_node("Add", ["a", "b"], ["sum"]),
+        helper.make_node("Mul", ["a", "b"], ["product"]),
+        helper.make_node("ReduceMax", ["a"], ["a_max"], axes=[1], keepdims=0),
+    ], [vinfo("a", f, ["N", 4]), vinfo("b", f, ["N", 4])],
+        [vinfo("sum", f, ["N", 4]), vinfo("product", f, ["N", 4]), vinfo("a_max", f, ["N"])])
+
+    i64, b = TensorProto.INT64, TensorProto.BOOL
+    models["int_bool"] = model("int_bool", [
+        helper.make_node("Where", ["mask", "x", "zero"], ["masked"]),
+        helper.make_node("Not", ["mask"], ["inverted"]),
+        helper.make_node("Cast", ["mask"], ["mask_i64"], to=i64),
+        helper.make_node("ReduceSum", ["mask_i64", "axes"], ["count"], keepdims=0),
+    ], [vinfo("x", i64, ["N", 3]), vinfo("mask", b, ["N", 3])],
+        [vinfo("masked", i64, ["N", 3]), vinfo("inverted", b, ["N", 3]), vinfo("count", i64, ["N"])],
+        [numpy_helper.from_array(np.array(0, dtype=np.int64), "zero"),
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+
+    models["dynamic"] = model("dynamic", [
+        helper.make_node("Mul", ["x", "two"], ["x2"]),
+        helper.make_node("Add", ["x2", "one"], ["y"]),
+        helper.make_node("ReduceSum", ["x", "axes"], ["row_sum"], keepdims=0),
+    ], [vinfo("x", f, ["N", "M"])], [vinfo("y", f, ["N", "M"]), vinfo("row_sum", f, ["N"])],
+        [numpy_helper.from_array(np.array(2, dtype=np.float32), "two"),
+         numpy_helper.from_array(np.array(1, dtype=np.float32), "one"),
+         numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+
+    models["no_batch"] = model("no_batch", [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                               [vinfo("x", f, [2, 3])], [vinfo("y", f, [2, 2])], [weight("w", 3, 2)])
+
+    types = [TensorProto.FLOAT16, TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.INT8,
+             TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+             TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64, TensorProto.BOOL]
+    models["all_types"] = model(
+        "all_types",
+        [helper.make_node("Identity", [f"in_{KSERVE[t]}"], [f"out_{KSERVE[t]}"]) for t in types],
+        [vinfo(f"in_{KSERVE[t]}", t, ["N", 2]) for t in types],
+        [vinfo(f"out_{KSERVE[t]}", t, ["N", 2]) for t in types])
+
+    s = TensorProto.STRING
+    models["strings"] = model("strings", [helper.make_node("Identity", ["text"], ["text_out"])],
+                              [vinfo("text", s, ["N"])], [vinfo("text_out", s, ["N"])])
+
+    models["contrib_op"] = model(
+        "contrib_op", [helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")],
+        [vinfo("x", f, ["N", 4])], [vinfo("y", f, ["N", 4])],
+        opsets=OPSET + [helper.make_opsetid("com.microsoft", 1)])
+    return models
+
+
+def random_input(kserve, shape):
+    if kserve == "BYTES":
+        words = ["hello", "ünïcode ✓", "edge", "", "fleet"]
+        return np.array([f"{words[i % len(words)]} {i}" for i in range(int(np.prod(shape)))],
+                        dtype=object).reshape(shape)
+    dtype = NUMPY[kserve]
+    if kserve == "BOOL":
+        return RNG.integers(0, 2, size=shape).astype(np.bool_)
+    if kserve.startswith("FP"):
+        return (RNG.standard_normal(shape) * 2).astype(dtype)
+    info = np.iinfo(dtype)
+    low, high = max(info.min, -1000), min(info.max, 1000)
+    return RNG.integers(low, high, size=shape, endpoint=True).astype(dtype)
+
+
+def json_tensor(name, array):
+    kserve = "BYTES" if array.dtype == object else KSERVE[onnx.helper.np_dtype_to_tensor_dtype(array.dtype)]
+    flat = array.reshape(-1).tolist()
+    if kserve in ("FP16", "FP32", "FP64"):
+        flat = [float(v) for v in flat]
+    return {"name": name, "datatype": kserve, "shape": list(array.shape), "data": flat}
+
+
+def concrete(shape, batch, extra):
+    out = []
+    for dim in shape.dim:
+        if dim.HasField("dim_value"):
+            out.append(dim.dim_value)
+        elif dim.dim_param == "N":
+            out.append(batch)
+        else:
+            out.append(extra)
+    return out
+
+
+def cases_for(name, m, session):
+    cases = []
+    for batch, extra in [(1, 3), (2, 1), (5, 4)]:
+        feeds = {}
+        for inp in m.graph.input:
+            elem = inp.type.tensor_type.elem_type
+            feeds[inp.name] = random_input(KSERVE[elem], concrete(inp.type.tensor_type.shape, batch, extra))
+        results = session.run(None, feeds)
+        outputs = [json_tensor(o.name, np.asarray(r)) for o, r in zip(session.get_outputs(), results)]
+        cases.append({"inputs": [json_tensor(k, v) for k, v in feeds.items()], "outputs": outputs})
+    return cases
+
+
+def save(m, path, check=True):
+    if check:
+        onnx.checker.check_model(m, full_check=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = m.SerializeToString(deterministic=True)
+    path.write_bytes(data)
+    print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ({len(data)} bytes)")
+    return data
+
+
+def session_for(data):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def write_fixtures():
+    for name, m in fixture_models().items():
+        data = save(m, ROOT / "testdata" / "models" / name / "1" / "model.onnx", check=name != "contrib_op")
+        cases = {"model": name, "cases": cases_for(name, m, session_for(data))}
+        path = ROOT / "testdata" / "cases" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {path.relative_to(ROOT)}")
+    iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
+    data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
+    session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
+    (ROOT / "examples" / "model-repository" / "iris" / "config.toml").write_text(
+        "# Optional per-model settings; see docs/model-repository.md\nmax_batch_size = 8\n")
+
+
+def write_bench(directory):
+    directory = pathlib.Path(directory).resolve()
+    models = {
+        "bench_mlp": gemm_chain("bench_mlp", "input", "logits", [256, 1024, 1024, 10]),
+        "bench_conv": conv_net("bench_conv", [16, 32, 64], 64, 2, 10),
+    }
+    for name, m in models.items():
+        data = save(m, directory / name / "1" / "model.onnx")
+        session_for(data)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench-dir", help="also write the benchmark models into this repository")
+    parser.add_argument("--only-bench", action="store_true", help="write only the benchmark models")
+    args = parser.parse_args()
+    if args.only_bench and not args.bench_dir:
+        parser.error("--only-bench needs --bench-dir")
+    if not args.only_bench:
+        write_fixtures()
+    if args.bench_dir:
+        write_bench(args.bench_dir)
+
+
+if __name__ == "__main__":
+    main()
