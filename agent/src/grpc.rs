@@ -71,7 +71,9 @@ impl GrpcInferenceService for GrpcInference {
         request: Request<pb::ModelMetadataRequest>,
     ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
         let request = request.into_inner();
-        let metadata = self.service.model_metadata(&request.name, &request.version)?;
+        let metadata = self
+            .service
+            .model_metadata(&request.name, &request.version)?;
         let tensors = |specs: Vec<crate::runtime::TensorSpec>| {
             specs
                 .into_iter()
@@ -102,7 +104,9 @@ impl GrpcInferenceService for GrpcInference {
 }
 
 /// Decodes a `ModelInferRequest` (raw or typed contents, never both).
-pub fn infer_request_from_proto(request: pb::ModelInferRequest) -> Result<InferRequest, InferError> {
+pub fn infer_request_from_proto(
+    request: pb::ModelInferRequest,
+) -> Result<InferRequest, InferError> {
     let pb::ModelInferRequest {
         model_name,
         model_version,
@@ -196,7 +200,8 @@ pub fn parse_datatype(input: &str, datatype: &str) -> Result<DataType, InferErro
 pub fn decode_raw_strings(name: &str, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, InferError> {
     let mut items = Vec::new();
     while !bytes.is_empty() {
-        let malformed = || InferError::invalid(format!("input '{name}': malformed raw BYTES contents"));
+        let malformed =
+            || InferError::invalid(format!("input '{name}': malformed raw BYTES contents"));
         let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(malformed)?;
         let len = u32::from_le_bytes(*len) as usize;
         let item = rest.get(..len).ok_or_else(malformed)?;
@@ -215,7 +220,11 @@ pub fn encode_raw_strings(items: &[Vec<u8>]) -> Vec<u8> {
     out
 }
 
-fn typed_contents(name: &str, dtype: DataType, contents: pb::InferTensorContents) -> Result<TensorData, InferError> {
+fn typed_contents(
+    name: &str,
+    dtype: DataType,
+    contents: pb::InferTensorContents,
+) -> Result<TensorData, InferError> {
     let fields: [(&str, bool); 8] = [
         ("bool_contents", !contents.bool_contents.is_empty()),
         ("int_contents", !contents.int_contents.is_empty()),
@@ -245,21 +254,32 @@ fn typed_contents(name: &str, dtype: DataType, contents: pb::InferTensorContents
             };
         }
     };
-    if let Some((field, _)) = fields.iter().find(|(field, set)| *set && *field != expected) {
+    if let Some((field, _)) = fields
+        .iter()
+        .find(|(field, set)| *set && *field != expected)
+    {
         return Err(InferError::invalid(format!(
             "input '{name}' is {dtype} but its data is in {field}; use {expected}"
         )));
     }
     let out_of_range = |value: &dyn std::fmt::Display| {
-        InferError::invalid(format!("input '{name}': value {value} is out of range for {dtype}"))
+        InferError::invalid(format!(
+            "input '{name}': value {value} is out of range for {dtype}"
+        ))
     };
     Ok(match dtype {
-        DataType::Bool => TensorData::Raw(contents.bool_contents.into_iter().map(u8::from).collect()),
+        DataType::Bool => {
+            TensorData::Raw(contents.bool_contents.into_iter().map(u8::from).collect())
+        }
         DataType::I8 => TensorData::Raw(
             contents
                 .int_contents
                 .iter()
-                .map(|&v| i8::try_from(v).map(|v| v as u8).map_err(|_| out_of_range(&v)))
+                .map(|&v| {
+                    i8::try_from(v)
+                        .map(|v| v as u8)
+                        .map_err(|_| out_of_range(&v))
+                })
                 .collect::<Result<_, _>>()?,
         ),
         DataType::I16 => {
@@ -299,13 +319,18 @@ fn typed_contents(name: &str, dtype: DataType, contents: pb::InferTensorContents
 /// tonic answers a request over the decoding limit with OUT_OF_RANGE; the
 /// gRPC spec (and every other server) says RESOURCE_EXHAUSTED. Rewrites
 /// just that status, keeping tonic's message, which states the limit.
-pub fn oversize_is_resource_exhausted<B>(mut response: axum::http::Response<B>) -> axum::http::Response<B> {
+pub fn oversize_is_resource_exhausted<B>(
+    mut response: axum::http::Response<B>,
+) -> axum::http::Response<B> {
     let headers = response.headers_mut();
     let is_oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
         && headers
             .get("grpc-message")
             .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| m.contains("message%20length%20too%20large") || m.contains("message length too large"));
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
     if is_oversize {
         headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
     }
@@ -332,7 +357,11 @@ mod tests {
             ..Default::default()
         };
         let err = typed_contents("x", DataType::I64, contents).unwrap_err();
-        assert!(err.message.contains("fp32_contents") && err.message.contains("int64_contents"), "{}", err.message);
+        assert!(
+            err.message.contains("fp32_contents") && err.message.contains("int64_contents"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -18,7 +18,11 @@ use crate::tensor::{DataType, Tensor, TensorData};
 
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
-        (self.code.http_status(), Json(json!({ "error": self.message }))).into_response()
+        (
+            self.code.http_status(),
+            Json(json!({ "error": self.message })),
+        )
+            .into_response()
     }
 }
 
@@ -30,11 +34,20 @@ pub fn router(service: InferenceService) -> axum::Router {
         .route("/v2/health/ready", get(ready))
         .route("/ready", get(ready))
         .route("/v2/models/{name}", get(model_metadata))
-        .route("/v2/models/{name}/versions/{version}", get(model_version_metadata))
+        .route(
+            "/v2/models/{name}/versions/{version}",
+            get(model_version_metadata),
+        )
         .route("/v2/models/{name}/ready", get(model_ready))
-        .route("/v2/models/{name}/versions/{version}/ready", get(model_version_ready))
+        .route(
+            "/v2/models/{name}/versions/{version}/ready",
+            get(model_version_ready),
+        )
         .route("/v2/models/{name}/infer", post(infer))
-        .route("/v2/models/{name}/versions/{version}/infer", post(infer_version))
+        .route(
+            "/v2/models/{name}/versions/{version}/infer",
+            post(infer_version),
+        )
         .route("/metrics", get(metrics))
         .fallback(|| async {
             InferError::not_found("no such endpoint (see the Open Inference Protocol: /v2/...)")
@@ -60,7 +73,11 @@ async fn live(State(service): State<InferenceService>) -> Json<Value> {
 
 async fn ready(State(service): State<InferenceService>) -> Response {
     let ready = service.server_ready();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({ "ready": ready }))).into_response()
 }
 
@@ -85,7 +102,10 @@ fn metadata_response(service: &InferenceService, name: &str, version: &str) -> R
     }
 }
 
-async fn model_metadata(State(service): State<InferenceService>, Path(name): Path<String>) -> Response {
+async fn model_metadata(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
     metadata_response(&service, &name, "")
 }
 
@@ -99,14 +119,21 @@ async fn model_version_metadata(
 fn ready_response(service: &InferenceService, name: &str, version: &str) -> Response {
     match service.model_ready(name, version) {
         Ok(ready) => {
-            let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
             (status, Json(json!({ "name": name, "ready": ready }))).into_response()
         }
         Err(err) => err.into_response(),
     }
 }
 
-async fn model_ready(State(service): State<InferenceService>, Path(name): Path<String>) -> Response {
+async fn model_ready(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
     ready_response(&service, &name, "")
 }
 
@@ -119,13 +146,20 @@ async fn model_version_ready(
 
 async fn metrics(State(service): State<InferenceService>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         service.metrics().encode(),
     )
         .into_response()
 }
 
-async fn infer(State(service): State<InferenceService>, Path(name): Path<String>, body: Body) -> Response {
+async fn infer(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+    body: Body,
+) -> Response {
     run_infer(service, name, String::new(), body).await
 }
 
@@ -137,7 +171,12 @@ async fn infer_version(
     run_infer(service, name, version, body).await
 }
 
-async fn run_infer(service: InferenceService, name: String, version: String, body: Body) -> Response {
+async fn run_infer(
+    service: InferenceService,
+    name: String,
+    version: String,
+    body: Body,
+) -> Response {
     let limit = service.max_request_bytes();
     let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
@@ -151,7 +190,9 @@ async fn run_infer(service: InferenceService, name: String, version: String, bod
     };
     let request = match serde_json::from_slice::<JsonInferRequest>(&bytes) {
         Ok(request) => request,
-        Err(err) => return InferError::invalid(format!("malformed JSON request: {err}")).into_response(),
+        Err(err) => {
+            return InferError::invalid(format!("malformed JSON request: {err}")).into_response();
+        }
     };
     let request = match request.into_domain(name, version) {
         Ok(request) => request,
@@ -203,13 +244,15 @@ pub struct JsonOutput {
 }
 
 impl JsonInferRequest {
-    fn into_domain(self, model_name: String, model_version: String) -> Result<InferRequest, InferError> {
+    fn into_domain(
+        self,
+        model_name: String,
+        model_version: String,
+    ) -> Result<InferRequest, InferError> {
         let inputs = self
             .inputs
             .into_iter()
-            .map(|input| {
-                tensor_from_json(input.name, &input.datatype, input.shape, &input.data)
-            })
+            .map(|input| tensor_from_json(input.name, &input.datatype, input.shape, &input.data))
             .collect::<Result<Vec<_>, InferError>>()?;
         Ok(InferRequest {
             model_name,
@@ -222,12 +265,22 @@ impl JsonInferRequest {
 }
 
 /// Decodes one tensor in the protocol's JSON form.
-pub fn tensor_from_json(name: String, datatype: &str, shape: Vec<i64>, data: &Value) -> Result<Tensor, InferError> {
+pub fn tensor_from_json(
+    name: String,
+    datatype: &str,
+    shape: Vec<i64>,
+    data: &Value,
+) -> Result<Tensor, InferError> {
     let dtype = crate::grpc::parse_datatype(&name, datatype)?;
     let mut flat = Vec::new();
     flatten(data, &mut flat);
     let data = json_to_data(&name, dtype, &flat)?;
-    Ok(Tensor { name, dtype, shape, data })
+    Ok(Tensor {
+        name,
+        dtype,
+        shape,
+        data,
+    })
 }
 
 /// KServe allows nested arrays (row-major) or a flat list.
@@ -239,12 +292,20 @@ fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
 }
 
 fn json_to_data(name: &str, dtype: DataType, values: &[&Value]) -> Result<TensorData, InferError> {
-    let bad = |value: &Value| InferError::invalid(format!("input '{name}': {value} is not a valid {dtype} value"));
+    let bad = |value: &Value| {
+        InferError::invalid(format!(
+            "input '{name}': {value} is not a valid {dtype} value"
+        ))
+    };
     macro_rules! ints {
         ($ty:ty, $get:ident) => {{
             let items = values
                 .iter()
-                .map(|v| v.$get().and_then(|n| <$ty>::try_from(n).ok()).ok_or_else(|| bad(v)))
+                .map(|v| {
+                    v.$get()
+                        .and_then(|n| <$ty>::try_from(n).ok())
+                        .ok_or_else(|| bad(v))
+                })
                 .collect::<Result<Vec<$ty>, _>>()?;
             TensorData::Raw(bytemuck::cast_slice(&items).to_vec())
         }};
@@ -288,7 +349,11 @@ fn json_to_data(name: &str, dtype: DataType, values: &[&Value]) -> Result<Tensor
         DataType::Bytes => TensorData::Bytes(
             values
                 .iter()
-                .map(|v| v.as_str().map(|s| s.as_bytes().to_vec()).ok_or_else(|| bad(v)))
+                .map(|v| {
+                    v.as_str()
+                        .map(|s| s.as_bytes().to_vec())
+                        .ok_or_else(|| bad(v))
+                })
                 .collect::<Result<_, _>>()?,
         ),
     })
@@ -360,7 +425,10 @@ mod tests {
         let (mut a, mut b) = (Vec::new(), Vec::new());
         flatten(&nested, &mut a);
         flatten(&flat, &mut b);
-        assert_eq!(json_to_data("x", DataType::F32, &a).unwrap(), json_to_data("x", DataType::F32, &b).unwrap());
+        assert_eq!(
+            json_to_data("x", DataType::F32, &a).unwrap(),
+            json_to_data("x", DataType::F32, &b).unwrap()
+        );
     }
 
     #[test]

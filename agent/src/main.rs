@@ -21,7 +21,11 @@ const DEFAULT_GRPC_ADDR: &str = "127.0.0.1:8001";
 const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:8000";
 
 #[derive(Debug, Parser)]
-#[command(name = "edgefleet-agent", version, about = "The edgefleet device agent: serves ONNX models over the Open Inference Protocol")]
+#[command(
+    name = "edgefleet-agent",
+    version,
+    about = "The edgefleet device agent: serves ONNX models over the Open Inference Protocol"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,7 +95,8 @@ struct ServeConfig {
 }
 
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -103,18 +108,42 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         None => FileConfig::default(),
     };
     let mut problems = Vec::new();
-    let parse_addr = |flag: Option<SocketAddr>, text: Option<String>, default: &str, key: &str, problems: &mut Vec<String>| {
+    let parse_addr = |flag: Option<SocketAddr>,
+                      text: Option<String>,
+                      default: &str,
+                      key: &str,
+                      problems: &mut Vec<String>| {
         flag.or_else(|| {
             text.and_then(|text| {
                 text.parse()
-                    .map_err(|_| problems.push(format!("{key} = \"{text}\" is not an address like 127.0.0.1:8000")))
+                    .map_err(|_| {
+                        problems.push(format!(
+                            "{key} = \"{text}\" is not an address like 127.0.0.1:8000"
+                        ))
+                    })
                     .ok()
             })
         })
-        .unwrap_or_else(|| default.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0))))
+        .unwrap_or_else(|| {
+            default
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+        })
     };
-    let grpc_addr = parse_addr(args.grpc_addr, file.grpc_addr, DEFAULT_GRPC_ADDR, "grpc_addr", &mut problems);
-    let http_addr = parse_addr(args.http_addr, file.http_addr, DEFAULT_HTTP_ADDR, "http_addr", &mut problems);
+    let grpc_addr = parse_addr(
+        args.grpc_addr,
+        file.grpc_addr,
+        DEFAULT_GRPC_ADDR,
+        "grpc_addr",
+        &mut problems,
+    );
+    let http_addr = parse_addr(
+        args.http_addr,
+        file.http_addr,
+        DEFAULT_HTTP_ADDR,
+        "http_addr",
+        &mut problems,
+    );
     let poll = match (args.repository_poll_interval, file.repository_poll_interval) {
         (Some(interval), _) => interval,
         (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
@@ -135,12 +164,15 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
         problems.push("--model-repository is required (or EDGEFLEET_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
     if grpc_addr == http_addr && grpc_addr.port() != 0 {
-        problems.push(format!("the gRPC and HTTP listeners cannot share {grpc_addr}"));
+        problems.push(format!(
+            "the gRPC and HTTP listeners cannot share {grpc_addr}"
+        ));
     }
     if !problems.is_empty() {
         anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
     }
-    let exe = std::env::current_exe().context("cannot find the agent's own executable for model checks")?;
+    let exe = std::env::current_exe()
+        .context("cannot find the agent's own executable for model checks")?;
     Ok(ServeConfig {
         options: ServeOptions {
             model_repository: model_repository.unwrap_or_default(),
@@ -181,14 +213,15 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                shutdown.cancel();
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    shutdown.cancel();
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -205,7 +238,8 @@ fn check(args: CheckModelArgs) -> anyhow::Result<()> {
     let options = SessionOptions {
         intra_op_threads: args.intra_op_threads,
     };
-    check_model(runtime.as_ref(), &args.model, &options).map_err(|reason| anyhow::anyhow!(reason))?;
+    check_model(runtime.as_ref(), &args.model, &options)
+        .map_err(|reason| anyhow::anyhow!(reason))?;
     Ok(())
 }
 
@@ -217,6 +251,7 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()

@@ -37,7 +37,9 @@ pub fn check_model(
     options: &SessionOptions,
 ) -> Result<Signature, String> {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Signature, String> {
-        let mut session = runtime.load(model_path, options).map_err(|err| err.to_string())?;
+        let mut session = runtime
+            .load(model_path, options)
+            .map_err(|err| err.to_string())?;
         let signature = session.signature().clone();
         let inputs = signature
             .inputs
@@ -166,11 +168,18 @@ fn run_child(mut command: Command, timeout: Duration) -> Result<(), String> {
         .map(|line| line.trim_start_matches("model check failed: ").to_string());
     Err(match (reason, status.code()) {
         (Some(reason), _) => reason,
-        (None, Some(code)) => format!("the model check process exited with code {code}: {}", last_line(&stderr)),
+        (None, Some(code)) => format!(
+            "the model check process exited with code {code}: {}",
+            last_line(&stderr)
+        ),
         (None, None) => format!("the model crashed the runtime in the check process ({status})"),
     })
 }
 
 fn last_line(text: &str) -> &str {
-    text.lines().rev().find(|line| !line.trim().is_empty()).unwrap_or("").trim()
+    text.lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("")
+        .trim()
 }

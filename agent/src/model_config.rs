@@ -113,7 +113,10 @@ impl ModelConfig {
             problems.push("instances must be at least 1".to_string());
         }
         if raw.intra_op_threads == Some(0) {
-            problems.push("intra_op_threads must be at least 1 (omit it for the runtime's default)".to_string());
+            problems.push(
+                "intra_op_threads must be at least 1 (omit it for the runtime's default)"
+                    .to_string(),
+            );
         }
         if let Some(VersionPolicy::Latest(0)) = raw.version_policy {
             problems.push("version_policy.latest must be at least 1".to_string());
@@ -144,7 +147,9 @@ impl ModelConfig {
     pub fn load(model_dir: &Path) -> Result<ModelConfig, String> {
         let path = model_dir.join("config.toml");
         match std::fs::read_to_string(&path) {
-            Ok(text) => ModelConfig::parse(&text).map_err(|err| format!("{}: {err}", path.display())),
+            Ok(text) => {
+                ModelConfig::parse(&text).map_err(|err| format!("{}: {err}", path.display()))
+            }
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(ModelConfig::default()),
             Err(err) => Err(format!("{}: {err}", path.display())),
         }
@@ -176,7 +181,9 @@ mod tests {
         assert!(config.private);
         assert_eq!(config.version_policy, VersionPolicy::Latest(2));
         assert_eq!(
-            ModelConfig::parse("version_policy = \"all\"").unwrap().version_policy,
+            ModelConfig::parse("version_policy = \"all\"")
+                .unwrap()
+                .version_policy,
             VersionPolicy::All
         );
     }
@@ -184,7 +191,10 @@ mod tests {
     #[test]
     fn all_problems_reported_at_once() {
         let err = ModelConfig::parse("queue_capacity = 0\ninstances = 0").unwrap_err();
-        assert!(err.contains("queue_capacity") && err.contains("instances"), "{err}");
+        assert!(
+            err.contains("queue_capacity") && err.contains("instances"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -196,9 +206,21 @@ mod tests {
     #[test]
     fn version_policies_select() {
         let available = [1u64, 2, 5];
-        assert_eq!(VersionPolicy::Latest(1).select(available.into_iter()), vec![5]);
-        assert_eq!(VersionPolicy::Latest(2).select(available.into_iter()), vec![2, 5]);
-        assert_eq!(VersionPolicy::All.select(available.into_iter()), vec![1, 2, 5]);
-        assert_eq!(VersionPolicy::Specific(vec![1, 3]).select(available.into_iter()), vec![1]);
+        assert_eq!(
+            VersionPolicy::Latest(1).select(available.into_iter()),
+            vec![5]
+        );
+        assert_eq!(
+            VersionPolicy::Latest(2).select(available.into_iter()),
+            vec![2, 5]
+        );
+        assert_eq!(
+            VersionPolicy::All.select(available.into_iter()),
+            vec![1, 2, 5]
+        );
+        assert_eq!(
+            VersionPolicy::Specific(vec![1, 3]).select(available.into_iter()),
+            vec![1]
+        );
     }
 }

@@ -38,7 +38,8 @@ impl Runtimes {
             None | Some(RuntimeChoice::Auto) => Ok(Arc::clone(&self.default)),
             Some(RuntimeChoice::Tract) => Ok(Arc::clone(&self.tract)),
             Some(RuntimeChoice::Onnxruntime) => self.onnxruntime.clone().ok_or_else(|| {
-                "the model's config.toml asks for onnxruntime, but its library was not found".to_string()
+                "the model's config.toml asks for onnxruntime, but its library was not found"
+                    .to_string()
             }),
         }
     }
@@ -93,7 +94,12 @@ impl std::fmt::Debug for ModelRegistry {
 }
 
 impl ModelRegistry {
-    pub fn new(repository: PathBuf, runtimes: Runtimes, metrics: Arc<Metrics>, check: ModelCheck) -> ModelRegistry {
+    pub fn new(
+        repository: PathBuf,
+        runtimes: Runtimes,
+        metrics: Arc<Metrics>,
+        check: ModelCheck,
+    ) -> ModelRegistry {
         ModelRegistry {
             repository,
             runtimes,
@@ -121,7 +127,10 @@ impl ModelRegistry {
     /// Scans the repository and brings the loaded versions in line with it.
     /// Blocking: run it on a blocking thread.
     pub fn sync(&self) -> Result<(), RepositoryError> {
-        let _guard = self.sync_lock.lock().unwrap_or_else(|poison| poison.into_inner());
+        let _guard = self
+            .sync_lock
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
         let scan = repository::scan(&self.repository)?;
         let known: Vec<String> = self.read().keys().cloned().collect();
         for name in known {
@@ -139,18 +148,26 @@ impl ModelRegistry {
             if models.is_empty() {
                 tracing::warn!(repository = %self.repository.display(), "the model repository has no models");
             } else {
-                tracing::info!(models = models.len(), serving = served, "initial model load done");
+                tracing::info!(
+                    models = models.len(),
+                    serving = served,
+                    "initial model load done"
+                );
             }
         }
         Ok(())
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, ModelState>> {
-        self.models.read().unwrap_or_else(|poison| poison.into_inner())
+        self.models
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, ModelState>> {
-        self.models.write().unwrap_or_else(|poison| poison.into_inner())
+        self.models
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn sync_model(&self, dir: &ModelDir) {
@@ -269,7 +286,11 @@ impl ModelRegistry {
         }
         for version in old_served.keys() {
             if !served.contains_key(version) {
-                tracing::info!(model = name, version, "model version unloaded; draining its queue");
+                tracing::info!(
+                    model = name,
+                    version,
+                    "model version unloaded; draining its queue"
+                );
             }
         }
         drop(old_served);
@@ -303,12 +324,20 @@ impl ModelRegistry {
         )?;
         let mut sessions: Vec<Box<dyn ModelSession>> = Vec::with_capacity(config.instances);
         for _ in 0..config.instances {
-            let loaded = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.load(path, &options)))
-                .map_err(|_| "the runtime panicked while loading the model".to_string())?;
+            let loaded =
+                std::panic::catch_unwind(AssertUnwindSafe(|| runtime.load(path, &options)))
+                    .map_err(|_| "the runtime panicked while loading the model".to_string())?;
             sessions.push(loaded.map_err(|err| err.to_string())?);
         }
         let metrics = self.metrics.for_version(name, version);
-        Ok(LoadedVersion::start(name, version, runtime.kind(), sessions, config, metrics))
+        Ok(LoadedVersion::start(
+            name,
+            version,
+            runtime.kind(),
+            sessions,
+            config,
+            metrics,
+        ))
     }
 
     /// The version a request goes to: the one named, or the highest served.
@@ -316,11 +345,16 @@ impl ModelRegistry {
         let models = self.read();
         let Some(state) = models.get(name) else {
             let hint = if models.is_empty() {
-                format!(" (the repository {} has no models)", self.repository.display())
+                format!(
+                    " (the repository {} has no models)",
+                    self.repository.display()
+                )
             } else {
                 String::new()
             };
-            return Err(InferError::not_found(format!("unknown model '{name}'{hint}")));
+            return Err(InferError::not_found(format!(
+                "unknown model '{name}'{hint}"
+            )));
         };
         match version {
             Some(version) => {
@@ -330,7 +364,9 @@ impl ModelRegistry {
                 if let Some((_, reason)) = state.failed.get(&version) {
                     return Err(InferError::new(
                         ErrorCode::Unavailable,
-                        format!("model '{name}' version {version} is not ready: it failed to load: {reason}"),
+                        format!(
+                            "model '{name}' version {version} is not ready: it failed to load: {reason}"
+                        ),
                     ));
                 }
                 if state.on_disk.contains(&version) {
@@ -351,7 +387,9 @@ impl ModelRegistry {
                         .config_error
                         .clone()
                         .or_else(|| state.failed.values().next_back().map(|(_, r)| r.clone()))
-                        .unwrap_or_else(|| "it has no version directory with a model.onnx".to_string());
+                        .unwrap_or_else(|| {
+                            "it has no version directory with a model.onnx".to_string()
+                        });
                     Err(InferError::new(
                         ErrorCode::Unavailable,
                         format!("model '{name}' is not ready: {reason}"),
@@ -368,7 +406,11 @@ impl ModelRegistry {
             .map(|(name, state)| ModelStatus {
                 name: name.clone(),
                 served_versions: state.served.keys().copied().collect(),
-                failed_versions: state.failed.iter().map(|(v, (_, r))| (*v, r.clone())).collect(),
+                failed_versions: state
+                    .failed
+                    .iter()
+                    .map(|(v, (_, r))| (*v, r.clone()))
+                    .collect(),
                 config_error: state.config_error.clone(),
             })
             .collect()

@@ -142,9 +142,15 @@ impl LoadedVersion {
 
     /// Queues a request; fails at once with RESOURCE_EXHAUSTED if the queue
     /// is full. `inputs` are in signature order and validated.
-    pub fn submit(&self, inputs: Vec<Tensor>) -> Result<oneshot::Receiver<InferResult>, InferError> {
+    pub fn submit(
+        &self,
+        inputs: Vec<Tensor>,
+    ) -> Result<oneshot::Receiver<InferResult>, InferError> {
         let rows = if self.batching {
-            inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1)
+            inputs
+                .first()
+                .and_then(|t| t.shape.first().copied())
+                .unwrap_or(1)
         } else {
             1
         };
@@ -164,7 +170,8 @@ impl LoadedVersion {
             }
             Err(TrySendError::Full(_)) => {
                 self.metrics.queue_depth.dec();
-                self.metrics.count_error(ErrorCode::ResourceExhausted.as_str());
+                self.metrics
+                    .count_error(ErrorCode::ResourceExhausted.as_str());
                 Err(InferError::new(
                     ErrorCode::ResourceExhausted,
                     format!(
@@ -178,7 +185,10 @@ impl LoadedVersion {
                 self.metrics.count_error(ErrorCode::Unavailable.as_str());
                 Err(InferError::new(
                     ErrorCode::Unavailable,
-                    format!("model '{}' version {} has stopped", self.model, self.version),
+                    format!(
+                        "model '{}' version {} has stopped",
+                        self.model, self.version
+                    ),
                 ))
             }
         }
@@ -226,7 +236,9 @@ fn worker_loop(
         if policy.max_batch_size > 1 {
             let deadline = batch[0].enqueued + policy.max_queue_delay;
             while rows < policy.max_batch_size {
-                let fits = |job: &Job| rows + job.rows <= policy.max_batch_size && job.stacks_with(&batch[0]);
+                let fits = |job: &Job| {
+                    rows + job.rows <= policy.max_batch_size && job.stacks_with(&batch[0])
+                };
                 if let Some(pos) = deferred.iter().position(fits) {
                     if let Some(job) = deferred.remove(pos) {
                         rows += job.rows;
@@ -258,9 +270,17 @@ fn worker_loop(
     }
 }
 
-fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, metrics: &VersionMetrics, label: &str) {
+fn run_batch(
+    session: &mut dyn ModelSession,
+    batch: Vec<Job>,
+    metrics: &VersionMetrics,
+    label: &str,
+) {
     // Callers that gave up (timeout, disconnect) need no answer.
-    let batch: Vec<Job> = batch.into_iter().filter(|job| !job.reply.is_closed()).collect();
+    let batch: Vec<Job> = batch
+        .into_iter()
+        .filter(|job| !job.reply.is_closed())
+        .collect();
     if batch.is_empty() {
         return;
     }
@@ -290,7 +310,9 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, metrics: &VersionM
     };
 
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)));
-    metrics.compute_seconds.observe(started.elapsed().as_secs_f64());
+    metrics
+        .compute_seconds
+        .observe(started.elapsed().as_secs_f64());
     metrics.batch_size.observe(replies.len() as f64);
 
     let result: Result<Vec<Vec<Tensor>>, InferError> = match outcome {
@@ -304,7 +326,9 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, metrics: &VersionM
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
             tracing::error!(model = label, panic = %what, "the runtime panicked; the request fails, the model keeps serving");
-            Err(InferError::internal(format!("{label}: the runtime panicked: {what}")))
+            Err(InferError::internal(format!(
+                "{label}: the runtime panicked: {what}"
+            )))
         }
     };
     match result {
@@ -371,7 +395,12 @@ mod tests {
             }
             self.batches.lock().unwrap().push(input.shape[0]);
             let doubled: Vec<f32> = input.to_vec::<f32>().iter().map(|v| v * 2.0).collect();
-            Ok(vec![Tensor::from_slice("y", DataType::F32, input.shape.clone(), &doubled)])
+            Ok(vec![Tensor::from_slice(
+                "y",
+                DataType::F32,
+                input.shape.clone(),
+                &doubled,
+            )])
         }
     }
 
@@ -396,7 +425,8 @@ mod tests {
     fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Arc<Mutex<Vec<i64>>>) {
         let (session, batches) = doubler(delay);
         let metrics = Arc::new(Metrics::new()).for_version("m", 1);
-        let version = LoadedVersion::start("m", 1, RuntimeKind::Tract, vec![session], &config, metrics);
+        let version =
+            LoadedVersion::start("m", 1, RuntimeKind::Tract, vec![session], &config, metrics);
         (version, batches)
     }
 
@@ -414,12 +444,18 @@ mod tests {
         };
         let (version, batches) = start(config, Duration::ZERO);
         let receivers: Vec<_> = (0..4)
-            .map(|i| version.submit(row([i as f32, 10.0 + i as f32], 1 + i % 2)).unwrap())
+            .map(|i| {
+                version
+                    .submit(row([i as f32, 10.0 + i as f32], 1 + i % 2))
+                    .unwrap()
+            })
             .collect();
         for (i, receiver) in receivers.into_iter().enumerate() {
             let outputs = receiver.await.unwrap().unwrap();
             let rows = 1 + i as i64 % 2;
-            let expected: Vec<f32> = (0..rows).flat_map(|_| [2.0 * i as f32, 2.0 * (10.0 + i as f32)]).collect();
+            let expected: Vec<f32> = (0..rows)
+                .flat_map(|_| [2.0 * i as f32, 2.0 * (10.0 + i as f32)])
+                .collect();
             assert_eq!(outputs[0].shape, vec![rows, 2]);
             assert_eq!(outputs[0].to_vec::<f32>(), expected);
         }
@@ -435,7 +471,9 @@ mod tests {
             ..ModelConfig::default()
         };
         let (version, batches) = start(config, Duration::ZERO);
-        let receivers: Vec<_> = (0..7).map(|_| version.submit(row([1.0, 2.0], 1)).unwrap()).collect();
+        let receivers: Vec<_> = (0..7)
+            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
+            .collect();
         for receiver in receivers {
             receiver.await.unwrap().unwrap();
         }
@@ -452,7 +490,9 @@ mod tests {
         };
         let (version, batches) = start(config, Duration::from_millis(5));
         assert!(!version.batching);
-        let receivers: Vec<_> = (0..4).map(|_| version.submit(row([1.0, 2.0], 2)).unwrap()).collect();
+        let receivers: Vec<_> = (0..4)
+            .map(|_| version.submit(row([1.0, 2.0], 2)).unwrap())
+            .collect();
         for receiver in receivers {
             receiver.await.unwrap().unwrap();
         }
@@ -480,7 +520,11 @@ mod tests {
         }
         let err = refused.expect("the queue never filled up");
         assert_eq!(err.code, ErrorCode::ResourceExhausted);
-        assert!(err.message.contains("queue of 2 requests is full"), "{}", err.message);
+        assert!(
+            err.message.contains("queue of 2 requests is full"),
+            "{}",
+            err.message
+        );
         // Everything accepted still completes.
         for receiver in accepted {
             receiver.await.unwrap().unwrap();
@@ -490,10 +534,20 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_run_fails_that_request_and_the_worker_keeps_serving() {
         let (version, _) = start(ModelConfig::default(), Duration::ZERO);
-        let err = version.submit(row([f32::NAN, 1.0], 1)).unwrap().await.unwrap().unwrap_err();
+        let err = version
+            .submit(row([f32::NAN, 1.0], 1))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::Internal);
         assert!(err.message.contains("panicked"), "{}", err.message);
-        let ok = version.submit(row([1.0, 2.0], 1)).unwrap().await.unwrap().unwrap();
+        let ok = version
+            .submit(row([1.0, 2.0], 1))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(ok[0].to_vec::<f32>(), vec![2.0, 4.0]);
     }
 
@@ -506,7 +560,9 @@ mod tests {
             },
             Duration::from_millis(20),
         );
-        let receivers: Vec<_> = (0..5).map(|_| version.submit(row([1.0, 2.0], 1)).unwrap()).collect();
+        let receivers: Vec<_> = (0..5)
+            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
+            .collect();
         drop(version);
         for receiver in receivers {
             receiver.await.unwrap().unwrap();

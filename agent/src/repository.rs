@@ -160,8 +160,22 @@ mod tests {
 
         let scan = scan(root.path()).unwrap();
         assert_eq!(scan.models.keys().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(scan.models["a"].versions.keys().copied().collect::<Vec<_>>(), [1, 3]);
-        assert_eq!(scan.models["b"].versions.keys().copied().collect::<Vec<_>>(), [2]);
+        assert_eq!(
+            scan.models["a"]
+                .versions
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [1, 3]
+        );
+        assert_eq!(
+            scan.models["b"]
+                .versions
+                .keys()
+                .copied()
+                .collect::<Vec<_>>(),
+            [2]
+        );
         assert!(scan.models["a"].config_fingerprint.is_some());
         assert!(scan.models["b"].config_fingerprint.is_none());
     }
@@ -177,6 +191,9 @@ mod tests {
     #[test]
     fn a_file_is_not_a_repository() {
         let file = tempfile::NamedTempFile::new().unwrap();
-        assert!(matches!(scan(file.path()).unwrap_err(), RepositoryError::NotADirectory { .. }));
+        assert!(matches!(
+            scan(file.path()).unwrap_err(),
+            RepositoryError::NotADirectory { .. }
+        ));
     }
 }

@@ -79,7 +79,8 @@ impl Agent {
             Arc::clone(&metrics),
             options.model_check.clone(),
         ));
-        let service = InferenceService::new(Arc::clone(&registry), metrics, options.max_request_bytes);
+        let service =
+            InferenceService::new(Arc::clone(&registry), metrics, options.max_request_bytes);
         Ok(Agent {
             options,
             service,
@@ -128,10 +129,13 @@ impl Agent {
             // Leave room for protobuf framing; the service enforces `limit` on the tensors.
             .max_decoding_message_size(limit.saturating_add(64 * 1024))
             .max_encoding_message_size(usize::MAX);
-        let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(crate::grpc::oversize_is_resource_exhausted))
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc::oversize_is_resource_exhausted,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(inference)
@@ -152,7 +156,11 @@ impl Agent {
 }
 
 /// Loads every model once, then rescans every `interval` for hot reload.
-async fn watch_repository(registry: Arc<ModelRegistry>, interval: Option<Duration>, shutdown: CancellationToken) {
+async fn watch_repository(
+    registry: Arc<ModelRegistry>,
+    interval: Option<Duration>,
+    shutdown: CancellationToken,
+) {
     loop {
         let sync = Arc::clone(&registry);
         match tokio::task::spawn_blocking(move || sync.sync()).await {

@@ -83,7 +83,11 @@ fn platform(runtime: RuntimeKind) -> &'static str {
 }
 
 impl InferenceService {
-    pub fn new(registry: Arc<ModelRegistry>, metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
+    pub fn new(
+        registry: Arc<ModelRegistry>,
+        metrics: Arc<Metrics>,
+        max_request_bytes: usize,
+    ) -> Self {
         InferenceService {
             registry,
             metrics,
@@ -153,7 +157,13 @@ impl InferenceService {
         let result = self.infer_inner(request).await;
         if let Err(err) = &result {
             // Failures after queueing are counted by the worker.
-            if matches!(err.code, ErrorCode::NotFound | ErrorCode::InvalidArgument | ErrorCode::Unavailable | ErrorCode::TooLarge) {
+            if matches!(
+                err.code,
+                ErrorCode::NotFound
+                    | ErrorCode::InvalidArgument
+                    | ErrorCode::Unavailable
+                    | ErrorCode::TooLarge
+            ) {
                 self.metrics.count_error(&model_name, "", err.code.as_str());
             }
         }
@@ -186,7 +196,10 @@ impl InferenceService {
         }
         let inputs = order_and_validate(&request.model_name, &signature.inputs, request.inputs)?;
         if loaded.batching {
-            let rows: Vec<i64> = inputs.iter().map(|t| t.shape.first().copied().unwrap_or(0)).collect();
+            let rows: Vec<i64> = inputs
+                .iter()
+                .map(|t| t.shape.first().copied().unwrap_or(0))
+                .collect();
             if rows.windows(2).any(|w| w[0] != w[1]) {
                 return Err(InferError::invalid(format!(
                     "inputs of a batched model must share their first (batch) dimension, got {rows:?}"
@@ -199,7 +212,9 @@ impl InferenceService {
             Ok(result) => result?,
             Err(_) => {
                 loaded.count_error(ErrorCode::Internal);
-                return Err(InferError::internal("the model worker stopped before answering"));
+                return Err(InferError::internal(
+                    "the model worker stopped before answering",
+                ));
             }
         };
         let outputs = if request.outputs.is_empty() {
@@ -225,7 +240,11 @@ impl InferenceService {
 }
 
 fn names(specs: &[TensorSpec]) -> String {
-    specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+    specs
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Puts the inputs in signature order and checks each against its spec.
@@ -244,7 +263,10 @@ fn order_and_validate(
             )));
         };
         if slots[index].is_some() {
-            return Err(InferError::invalid(format!("input '{}' is given twice", input.name)));
+            return Err(InferError::invalid(format!(
+                "input '{}' is given twice",
+                input.name
+            )));
         }
         let spec = &specs[index];
         if input.dtype != spec.dtype {

@@ -272,8 +272,7 @@ pub fn split_batch(tensor: Tensor, sizes: &[i64]) -> Option<Vec<Tensor>> {
                 TensorData::Raw(piece.to_vec())
             }
             TensorData::Bytes(items) => {
-                let piece =
-                    items.get(offset * row_elements..(offset + rows) * row_elements)?;
+                let piece = items.get(offset * row_elements..(offset + rows) * row_elements)?;
                 TensorData::Bytes(piece.to_vec())
             }
         };
@@ -295,7 +294,10 @@ mod tests {
     #[test]
     fn protocol_names_round_trip() {
         for dtype in DataType::ALL {
-            assert_eq!(DataType::from_protocol_name(dtype.protocol_name()), Some(dtype));
+            assert_eq!(
+                DataType::from_protocol_name(dtype.protocol_name()),
+                Some(dtype)
+            );
         }
         assert_eq!(DataType::from_protocol_name("FLOAT"), None);
     }
@@ -305,16 +307,29 @@ mod tests {
         let ok = Tensor::from_slice("x", DataType::F32, vec![2, 2], &[1f32, 2., 3., 4.]);
         assert_eq!(ok.validate(), Ok(()));
         let short = Tensor::from_slice("x", DataType::F32, vec![2, 3], &[1f32, 2., 3., 4.]);
-        assert!(matches!(short.validate(), Err(TensorError::ElementCount { expected: 6, actual: 4, .. })));
+        assert!(matches!(
+            short.validate(),
+            Err(TensorError::ElementCount {
+                expected: 6,
+                actual: 4,
+                ..
+            })
+        ));
         let ragged = Tensor {
             name: "x".into(),
             dtype: DataType::F32,
             shape: vec![1],
             data: TensorData::Raw(vec![0; 5]),
         };
-        assert!(matches!(ragged.validate(), Err(TensorError::RaggedBytes { .. })));
+        assert!(matches!(
+            ragged.validate(),
+            Err(TensorError::RaggedBytes { .. })
+        ));
         let negative = Tensor::from_slice("x", DataType::F32, vec![-1], &[1f32]);
-        assert!(matches!(negative.validate(), Err(TensorError::NegativeDimension { .. })));
+        assert!(matches!(
+            negative.validate(),
+            Err(TensorError::NegativeDimension { .. })
+        ));
     }
 
     #[test]

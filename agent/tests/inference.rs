@@ -17,7 +17,7 @@ use support::*;
 /// Models a runtime cannot load, and the words its error must contain.
 fn expected_load_failure(model: &str, runtime: RuntimeChoice) -> Option<&'static str> {
     match (model, runtime) {
-        ("contrib_op", RuntimeChoice::Tract) => Some("Gelu"),
+        ("unsupported_op", RuntimeChoice::Tract) => Some("Det"),
         _ => None,
     }
 }
@@ -51,13 +51,23 @@ fn raw_bytes(tensor: &Tensor) -> Vec<u8> {
 fn typed_contents(tensor: &Tensor) -> pb::InferTensorContents {
     let mut contents = pb::InferTensorContents::default();
     match tensor.dtype {
-        DataType::Bool => contents.bool_contents = tensor.to_vec::<u8>().into_iter().map(|b| b != 0).collect(),
-        DataType::I8 => contents.int_contents = tensor.to_vec::<i8>().into_iter().map(i32::from).collect(),
-        DataType::I16 => contents.int_contents = tensor.to_vec::<i16>().into_iter().map(i32::from).collect(),
+        DataType::Bool => {
+            contents.bool_contents = tensor.to_vec::<u8>().into_iter().map(|b| b != 0).collect()
+        }
+        DataType::I8 => {
+            contents.int_contents = tensor.to_vec::<i8>().into_iter().map(i32::from).collect()
+        }
+        DataType::I16 => {
+            contents.int_contents = tensor.to_vec::<i16>().into_iter().map(i32::from).collect()
+        }
         DataType::I32 => contents.int_contents = tensor.to_vec::<i32>(),
         DataType::I64 => contents.int64_contents = tensor.to_vec::<i64>(),
-        DataType::U8 => contents.uint_contents = tensor.to_vec::<u8>().into_iter().map(u32::from).collect(),
-        DataType::U16 => contents.uint_contents = tensor.to_vec::<u16>().into_iter().map(u32::from).collect(),
+        DataType::U8 => {
+            contents.uint_contents = tensor.to_vec::<u8>().into_iter().map(u32::from).collect()
+        }
+        DataType::U16 => {
+            contents.uint_contents = tensor.to_vec::<u16>().into_iter().map(u32::from).collect()
+        }
         DataType::U32 => contents.uint_contents = tensor.to_vec::<u32>(),
         DataType::U64 => contents.uint64_contents = tensor.to_vec::<u64>(),
         DataType::F32 => contents.fp32_contents = tensor.to_vec::<f32>(),
@@ -73,7 +83,12 @@ fn typed_contents(tensor: &Tensor) -> pb::InferTensorContents {
 }
 
 fn grpc_request(model: &str, case: &Value, raw: bool) -> pb::ModelInferRequest {
-    let tensors: Vec<Tensor> = case["inputs"].as_array().unwrap().iter().map(tensor_of).collect();
+    let tensors: Vec<Tensor> = case["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor_of)
+        .collect();
     let inputs = tensors
         .iter()
         .map(|t| pb::model_infer_request::InferInputTensor {
@@ -88,7 +103,11 @@ fn grpc_request(model: &str, case: &Value, raw: bool) -> pb::ModelInferRequest {
         model_name: model.into(),
         id: format!("req-{model}"),
         inputs,
-        raw_input_contents: if raw { tensors.iter().map(raw_bytes).collect() } else { vec![] },
+        raw_input_contents: if raw {
+            tensors.iter().map(raw_bytes).collect()
+        } else {
+            vec![]
+        },
         ..Default::default()
     }
 }
@@ -127,8 +146,16 @@ async fn every_fixture_matches_onnxruntime_python_over_http(runtime: RuntimeChoi
     let http = reqwest::Client::new();
     for model in fixture_names() {
         if let Some(words) = expected_load_failure(&model, runtime) {
-            let response = http.get(agent.url(&format!("/v2/models/{model}/ready"))).send().await.unwrap();
-            assert_eq!(response.status(), 503, "{model} should not be ready on {runtime:?}");
+            let response = http
+                .get(agent.url(&format!("/v2/models/{model}/ready")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(
+                response.status(),
+                503,
+                "{model} should not be ready on {runtime:?}"
+            );
             let response = http
                 .post(agent.url(&format!("/v2/models/{model}/infer")))
                 .json(&json!({"inputs": cases(&model)[0]["inputs"]}))
@@ -137,7 +164,10 @@ async fn every_fixture_matches_onnxruntime_python_over_http(runtime: RuntimeChoi
                 .unwrap();
             assert_eq!(response.status(), 503);
             let body: Value = response.json().await.unwrap();
-            assert!(body["error"].as_str().unwrap().contains(words), "{model}: {body}");
+            assert!(
+                body["error"].as_str().unwrap().contains(words),
+                "{model}: {body}"
+            );
             continue;
         }
         for (i, case) in cases(&model).iter().enumerate() {
@@ -148,11 +178,20 @@ async fn every_fixture_matches_onnxruntime_python_over_http(runtime: RuntimeChoi
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(response.status(), 200, "{context}: {}", response.text().await.unwrap());
+            assert_eq!(
+                response.status(),
+                200,
+                "{context}: {}",
+                response.text().await.unwrap()
+            );
             let body: Value = response.json().await.unwrap();
             assert_eq!(body["model_name"], model.as_str());
             assert_eq!(body["model_version"], "1");
-            assert_eq!(body["id"], format!("case-{i}"), "{context}: request id echoed");
+            assert_eq!(
+                body["id"],
+                format!("case-{i}"),
+                "{context}: request id echoed"
+            );
             let got = sorted_by_name(body["outputs"].as_array().unwrap().clone());
             let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
             assert_eq!(got.len(), want.len(), "{context}");
@@ -171,7 +210,10 @@ async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoi
     for model in fixture_names() {
         if expected_load_failure(&model, runtime).is_some() {
             let ready = client
-                .model_ready(pb::ModelReadyRequest { name: model.clone(), version: String::new() })
+                .model_ready(pb::ModelReadyRequest {
+                    name: model.clone(),
+                    version: String::new(),
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -179,7 +221,11 @@ async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoi
             continue;
         }
         for (i, case) in cases(&model).iter().enumerate() {
-            let has_fp16 = case["inputs"].as_array().unwrap().iter().any(|t| t["datatype"] == "FP16");
+            let has_fp16 = case["inputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|t| t["datatype"] == "FP16");
             for raw in [true, false] {
                 if !raw && has_fp16 {
                     continue; // FP16 can only travel raw.
@@ -190,7 +236,11 @@ async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoi
                     .await
                     .unwrap_or_else(|status| panic!("{context}: {status}"))
                     .into_inner();
-                assert_eq!(response.id, format!("req-{model}"), "{context}: request id echoed");
+                assert_eq!(
+                    response.id,
+                    format!("req-{model}"),
+                    "{context}: request id echoed"
+                );
                 assert_eq!(response.model_version, "1");
                 let got = sorted_by_name(grpc_outputs_as_json(&response));
                 let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
@@ -214,11 +264,26 @@ async fn output_selection_returns_only_the_outputs_asked_for(runtime: RuntimeCho
         name: "product".into(),
         parameters: Default::default(),
     }];
-    let response = agent.grpc().await.model_infer(request).await.unwrap().into_inner();
+    let response = agent
+        .grpc()
+        .await
+        .model_infer(request)
+        .await
+        .unwrap()
+        .into_inner();
     let names: Vec<&str> = response.outputs.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["product"]);
-    let expected = case["outputs"].as_array().unwrap().iter().find(|o| o["name"] == "product").unwrap();
-    assert_tensor_matches(&grpc_outputs_as_json(&response)[0], expected, "selected output");
+    let expected = case["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["name"] == "product")
+        .unwrap();
+    assert_tensor_matches(
+        &grpc_outputs_as_json(&response)[0],
+        expected,
+        "selected output",
+    );
 
     let body: Value = reqwest::Client::new()
         .post(agent.url("/v2/models/multi_io/infer"))
@@ -229,14 +294,21 @@ async fn output_selection_returns_only_the_outputs_asked_for(runtime: RuntimeCho
         .json()
         .await
         .unwrap();
-    let names: Vec<&str> = body["outputs"].as_array().unwrap().iter().map(|o| o["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = body["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["a_max", "sum"]);
     agent.stop().await;
 }
 
 async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
     let repo = Repo::new();
-    repo.add("dynamic", 1, "dynamic").add("no_batch", 1, "no_batch").add("int_bool", 3, "int_bool");
+    repo.add("dynamic", 1, "dynamic")
+        .add("no_batch", 1, "no_batch")
+        .add("int_bool", 3, "int_bool");
     let agent = agent(repo.path(), runtime).start().await;
     let http = reqwest::Client::new();
     let runtime_name = match runtime {
@@ -244,37 +316,102 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
         _ => "onnxruntime",
     };
 
-    let server: Value = http.get(agent.url("/v2")).send().await.unwrap().json().await.unwrap();
+    let server: Value = http
+        .get(agent.url("/v2"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(server["name"], "edgefleet-agent");
     assert_eq!(server["runtime"], runtime_name);
-    for path in ["/v2/health/live", "/v2/health/ready", "/ready", "/v2/models/dynamic/ready", "/v2/models/int_bool/versions/3/ready"] {
-        assert_eq!(http.get(agent.url(path)).send().await.unwrap().status(), 200, "{path}");
+    for path in [
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/ready",
+        "/v2/models/dynamic/ready",
+        "/v2/models/int_bool/versions/3/ready",
+    ] {
+        assert_eq!(
+            http.get(agent.url(path)).send().await.unwrap().status(),
+            200,
+            "{path}"
+        );
     }
 
-    let meta: Value = http.get(agent.url("/v2/models/dynamic")).send().await.unwrap().json().await.unwrap();
+    let meta: Value = http
+        .get(agent.url("/v2/models/dynamic"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(meta["versions"], json!(["1"]));
-    assert_eq!(meta["inputs"], json!([{"name": "x", "datatype": "FP32", "shape": [-1, -1]}]));
+    assert_eq!(
+        meta["inputs"],
+        json!([{"name": "x", "datatype": "FP32", "shape": [-1, -1]}])
+    );
     let outputs = sorted_by_name(meta["outputs"].as_array().unwrap().clone());
-    assert_eq!(outputs, vec![
-        json!({"name": "row_sum", "datatype": "FP32", "shape": [-1]}),
-        json!({"name": "y", "datatype": "FP32", "shape": [-1, -1]}),
-    ]);
-    let meta: Value = http.get(agent.url("/v2/models/int_bool/versions/3")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(
+        outputs,
+        vec![
+            json!({"name": "row_sum", "datatype": "FP32", "shape": [-1]}),
+            json!({"name": "y", "datatype": "FP32", "shape": [-1, -1]}),
+        ]
+    );
+    let meta: Value = http
+        .get(agent.url("/v2/models/int_bool/versions/3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(meta["versions"], json!(["3"]));
     let inputs = sorted_by_name(meta["inputs"].as_array().unwrap().clone());
-    assert_eq!(inputs, vec![
-        json!({"name": "mask", "datatype": "BOOL", "shape": [-1, 3]}),
-        json!({"name": "x", "datatype": "INT64", "shape": [-1, 3]}),
-    ]);
+    assert_eq!(
+        inputs,
+        vec![
+            json!({"name": "mask", "datatype": "BOOL", "shape": [-1, 3]}),
+            json!({"name": "x", "datatype": "INT64", "shape": [-1, 3]}),
+        ]
+    );
 
     let mut grpc = agent.grpc().await;
-    assert!(grpc.server_live(pb::ServerLiveRequest {}).await.unwrap().into_inner().live);
-    assert!(grpc.server_ready(pb::ServerReadyRequest {}).await.unwrap().into_inner().ready);
-    let server = grpc.server_metadata(pb::ServerMetadataRequest {}).await.unwrap().into_inner();
+    assert!(
+        grpc.server_live(pb::ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        grpc.server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let server = grpc
+        .server_metadata(pb::ServerMetadataRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(server.name, "edgefleet-agent");
-    assert!(server.extensions.contains(&format!("runtime:{runtime_name}")), "{:?}", server.extensions);
+    assert!(
+        server
+            .extensions
+            .contains(&format!("runtime:{runtime_name}")),
+        "{:?}",
+        server.extensions
+    );
     let meta = grpc
-        .model_metadata(pb::ModelMetadataRequest { name: "no_batch".into(), version: String::new() })
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "no_batch".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -282,49 +419,88 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
     assert_eq!(meta.outputs[0].shape, vec![2, 2]);
     assert_eq!(meta.platform, format!("{runtime_name}_onnx"));
     let ready = grpc
-        .model_ready(pb::ModelReadyRequest { name: "int_bool".into(), version: "3".into() })
+        .model_ready(pb::ModelReadyRequest {
+            name: "int_bool".into(),
+            version: "3".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(ready.ready);
 
     // Standard gRPC health and reflection.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.grpc_addr)).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "inference.GRPCInferenceService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "inference.GRPCInferenceService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(
+            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            ),
+        ),
     };
-    let mut stream = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
     let reply = stream.message().await.unwrap().unwrap();
-    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+    let Some(
+        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
+            list,
+        ),
+    ) = reply.message_response
+    else {
         panic!("unexpected reflection reply");
     };
     let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(services.contains(&"inference.GRPCInferenceService".to_string()), "{services:?}");
+    assert!(
+        services.contains(&"inference.GRPCInferenceService".to_string()),
+        "{services:?}"
+    );
     agent.stop().await;
 }
 
 /// Many clients at once: every answer belongs to its own request.
 async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: RuntimeChoice) {
     let repo = Repo::new();
-    repo.add("mlp", 1, "mlp").config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 20000\n");
-    repo.add("no_batch", 1, "no_batch").config("no_batch", "max_queue_delay_us = 20000\n");
+    repo.add("mlp", 1, "mlp")
+        .config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 20000\n");
+    repo.add("no_batch", 1, "no_batch")
+        .config("no_batch", "max_queue_delay_us = 20000\n");
     let agent = agent(repo.path(), runtime).start().await;
     let mut tasks = Vec::new();
     for i in 0..48 {
-        let (model, cases) = if i % 4 == 3 { ("no_batch", cases("no_batch")) } else { ("mlp", cases("mlp")) };
+        let (model, cases) = if i % 4 == 3 {
+            ("no_batch", cases("no_batch"))
+        } else {
+            ("mlp", cases("mlp"))
+        };
         let case = cases[i % cases.len()].clone();
         let mut client = agent.grpc().await;
         tasks.push(tokio::spawn(async move {
-            let response = client.model_infer(grpc_request(model, &case, i % 2 == 0)).await.unwrap().into_inner();
+            let response = client
+                .model_infer(grpc_request(model, &case, i % 2 == 0))
+                .await
+                .unwrap()
+                .into_inner();
             let got = sorted_by_name(grpc_outputs_as_json(&response));
             let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
             for (g, w) in got.iter().zip(&want) {
@@ -335,14 +511,41 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
     for task in tasks {
         task.await.unwrap();
     }
-    let metrics = reqwest::get(agent.url("/metrics")).await.unwrap().text().await.unwrap();
-    let batches = metric_value(&metrics, "edgefleet_inference_batch_size_count", "model=\"mlp\"");
-    let requests = metric_value(&metrics, "edgefleet_inference_requests_total", "model=\"mlp\"");
+    let metrics = reqwest::get(agent.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let batches = metric_value(
+        &metrics,
+        "edgefleet_inference_batch_size_count",
+        "model=\"mlp\"",
+    );
+    let requests = metric_value(
+        &metrics,
+        "edgefleet_inference_requests_total",
+        "model=\"mlp\"",
+    );
     assert_eq!(requests, 36.0);
-    assert!(batches < requests, "mlp requests were never batched: {batches} runs for {requests} requests");
-    let no_batch_runs = metric_value(&metrics, "edgefleet_inference_batch_size_count", "model=\"no_batch\"");
-    let no_batch_sum = metric_value(&metrics, "edgefleet_inference_batch_size_sum", "model=\"no_batch\"");
-    assert_eq!(no_batch_runs, 12.0, "a model without a batch dimension runs each request alone");
+    assert!(
+        batches < requests,
+        "mlp requests were never batched: {batches} runs for {requests} requests"
+    );
+    let no_batch_runs = metric_value(
+        &metrics,
+        "edgefleet_inference_batch_size_count",
+        "model=\"no_batch\"",
+    );
+    let no_batch_sum = metric_value(
+        &metrics,
+        "edgefleet_inference_batch_size_sum",
+        "model=\"no_batch\"",
+    );
+    assert_eq!(
+        no_batch_runs, 12.0,
+        "a model without a batch dimension runs each request alone"
+    );
     assert_eq!(no_batch_sum, 12.0);
     agent.stop().await;
 }
@@ -357,11 +560,14 @@ pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
 
 async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice) {
     let repo = Repo::new();
-    repo.add("conv", 1, "conv").config("conv", "max_batch_size = 0\nqueue_capacity = 1\n");
+    repo.add("conv", 1, "conv")
+        .config("conv", "max_batch_size = 0\nqueue_capacity = 1\n");
     let agent = agent(repo.path(), runtime).start().await;
     // Big requests keep the single worker busy while more arrive.
     let rows = 64;
-    let image: Vec<f32> = (0..rows * 3 * 16 * 16).map(|i| (i % 7) as f32 * 0.1).collect();
+    let image: Vec<f32> = (0..rows * 3 * 16 * 16)
+        .map(|i| (i % 7) as f32 * 0.1)
+        .collect();
     let tensor = Tensor::from_slice("image", DataType::F32, vec![rows as i64, 3, 16, 16], &image);
     let request = pb::ModelInferRequest {
         model_name: "conv".into(),
@@ -378,7 +584,9 @@ async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice)
     for _ in 0..40 {
         let mut client = agent.grpc().await;
         let request = request.clone();
-        tasks.push(tokio::spawn(async move { client.model_infer(request).await.map(|_| ()) }));
+        tasks.push(tokio::spawn(async move {
+            client.model_infer(request).await.map(|_| ())
+        }));
     }
     let mut exhausted = 0;
     let mut ok = 0;
@@ -393,25 +601,49 @@ async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice)
         }
     }
     assert!(ok >= 1 && exhausted >= 1, "ok {ok}, refused {exhausted}");
-    // The same over HTTP: 503 with a JSON error.
-    let body = json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [rows, 3, 16, 16], "data": image}]});
-    let mut tasks = Vec::new();
-    for _ in 0..20 {
-        let url = agent.url("/v2/models/conv/infer");
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await.unwrap() }));
+    // The same over HTTP: 503 with a JSON error, while gRPC clients keep the queue full.
+    let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        let mut client = agent.grpc().await;
+        let (request, flooding) = (request.clone(), flooding.clone());
+        flood.push(tokio::spawn(async move {
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client.model_infer(request.clone()).await;
+            }
+        }));
     }
+    let body = json!({"inputs": [{"name": "image", "datatype": "FP32", "shape": [rows, 3, 16, 16], "data": image}]});
     let mut statuses = HashMap::new();
-    for task in tasks {
-        let response = task.await.unwrap();
+    for _ in 0..200 {
+        let response = reqwest::Client::new()
+            .post(agent.url("/v2/models/conv/infer"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         if status == 503 {
             let body: Value = response.json().await.unwrap();
             assert!(body["error"].as_str().unwrap().contains("queue"), "{body}");
         }
         *statuses.entry(status).or_insert(0) += 1;
+        if statuses.contains_key(&503) {
+            break;
+        }
     }
-    assert!(statuses.contains_key(&503) && statuses.contains_key(&200), "{statuses:?}");
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    for task in flood {
+        task.await.unwrap();
+    }
+    assert!(
+        statuses.keys().all(|s| *s == 200 || *s == 503),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.contains_key(&503),
+        "HTTP never saw the full queue: {statuses:?}"
+    );
     // And it recovers: a lone request succeeds.
     agent.grpc().await.model_infer(request).await.unwrap();
     agent.stop().await;

@@ -21,14 +21,24 @@ fn http_infer_body() -> Value {
 }
 
 async fn post(agent: &TestAgent, path: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new().post(agent.url(path)).json(body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(agent.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
 fn mlp_input_raw() -> pb::ModelInferRequest {
     let input = &mlp_case()["inputs"][0];
-    let values: Vec<f32> = input["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+    let values: Vec<f32> = input["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
     pb::ModelInferRequest {
         model_name: "mlp".into(),
         inputs: vec![pb::model_infer_request::InferInputTensor {
@@ -47,7 +57,10 @@ fn mlp_input_raw() -> pb::ModelInferRequest {
 async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
-    let agent = agent(repo.path(), runtime).poll(Duration::from_millis(100)).start().await;
+    let agent = agent(repo.path(), runtime)
+        .poll(Duration::from_millis(100))
+        .start()
+        .await;
     let stop = Arc::new(AtomicBool::new(false));
     let served_v2 = Arc::new(AtomicUsize::new(0));
     let total = Arc::new(AtomicUsize::new(0));
@@ -57,7 +70,10 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
         let (stop, served_v2, total) = (stop.clone(), served_v2.clone(), total.clone());
         clients.push(tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let response = client.model_infer(mlp_input_raw()).await.expect("no request fails during reload");
+                let response = client
+                    .model_infer(mlp_input_raw())
+                    .await
+                    .expect("no request fails during reload");
                 let response = response.into_inner();
                 if response.model_version == "2" {
                     served_v2.fetch_add(1, Ordering::Relaxed);
@@ -78,7 +94,12 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     })
     .await;
     // Version 1 is drained and unloaded (latest-1 policy).
-    let status = http.get(agent.url("/v2/models/mlp/versions/1/ready")).send().await.unwrap().status();
+    let status = http
+        .get(agent.url("/v2/models/mlp/versions/1/ready"))
+        .send()
+        .await
+        .unwrap()
+        .status();
     assert_eq!(status, 404);
 
     // 2. The serving version's file changes: reloaded in place.
@@ -88,10 +109,16 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     filetime_bump(&staged);
     std::fs::rename(&staged, repo.path().join("mlp/2/model.onnx")).unwrap();
     let agent_ref = &agent;
-    assert_eventually(Duration::from_secs(30), || async move { reload_count(agent_ref).await > loads_before }).await;
+    assert_eventually(Duration::from_secs(30), || async move {
+        reload_count(agent_ref).await > loads_before
+    })
+    .await;
     let before = total.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(total.load(Ordering::Relaxed) > before, "requests keep flowing after the reload");
+    assert!(
+        total.load(Ordering::Relaxed) > before,
+        "requests keep flowing after the reload"
+    );
 
     // 3. A broken version 3: version 2 keeps serving; v3 reports why.
     repo.write("mlp", 3, b"this is not an onnx model");
@@ -104,9 +131,17 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     let (status, body) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["model_version"], "2");
-    let (status, body) = post(&agent, "/v2/models/mlp/versions/3/infer", &http_infer_body()).await;
+    let (status, body) = post(
+        &agent,
+        "/v2/models/mlp/versions/3/infer",
+        &http_infer_body(),
+    )
+    .await;
     assert_eq!(status, 503);
-    assert!(body["error"].as_str().unwrap().contains("failed to load"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("failed to load"),
+        "{body}"
+    );
 
     stop.store(true, Ordering::Relaxed);
     for client in clients {
@@ -118,9 +153,16 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
 
 /// How many times the agent has loaded a version of `mlp` (a metric).
 async fn reload_count(agent: &TestAgent) -> u64 {
-    let text = reqwest::get(agent.url("/metrics")).await.unwrap().text().await.unwrap();
+    let text = reqwest::get(agent.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines()
-        .find(|line| line.starts_with("edgefleet_model_loads_total") && line.contains("model=\"mlp\""))
+        .find(|line| {
+            line.starts_with("edgefleet_model_loads_total") && line.contains("model=\"mlp\"")
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
@@ -140,40 +182,77 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
     repo.write("garbage", 1, &[0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x37]);
     let truncated = std::fs::read(fixture_model("conv")).unwrap();
     repo.write("truncated", 1, &truncated[..truncated.len() / 2]);
-    repo.config("bad_config", "max_batch_size = \"lots\"").add("bad_config", 1, "mlp");
+    repo.config("bad_config", "max_batch_size = \"lots\"")
+        .add("bad_config", 1, "mlp");
     std::fs::create_dir_all(repo.path().join("no_versions")).unwrap();
     let agent = agent(repo.path(), runtime).start().await;
     let http = reqwest::Client::new();
     for model in ["garbage", "truncated", "bad_config", "no_versions"] {
-        let status = http.get(agent.url(&format!("/v2/models/{model}/ready"))).send().await.unwrap().status();
+        let status = http
+            .get(agent.url(&format!("/v2/models/{model}/ready")))
+            .send()
+            .await
+            .unwrap()
+            .status();
         assert_eq!(status, 503, "{model} must not be ready");
-        let (status, body) = post(&agent, &format!("/v2/models/{model}/infer"), &http_infer_body()).await;
+        let (status, body) = post(
+            &agent,
+            &format!("/v2/models/{model}/infer"),
+            &http_infer_body(),
+        )
+        .await;
         assert_eq!(status, 503, "{model}: {body}");
-        assert!(body["error"].as_str().unwrap().contains("not ready"), "{model}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains("not ready"),
+            "{model}: {body}"
+        );
     }
     let (_, body) = post(&agent, "/v2/models/bad_config/infer", &http_infer_body()).await;
-    assert!(body["error"].as_str().unwrap().contains("config.toml"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("config.toml"),
+        "{body}"
+    );
     let mut grpc = agent.grpc().await;
     let ready = grpc
-        .model_ready(pb::ModelReadyRequest { name: "garbage".into(), version: String::new() })
+        .model_ready(pb::ModelReadyRequest {
+            name: "garbage".into(),
+            version: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!ready.ready);
-    let err = grpc.model_infer(pb::ModelInferRequest { model_name: "truncated".into(), ..mlp_input_raw() }).await.unwrap_err();
+    let err = grpc
+        .model_infer(pb::ModelInferRequest {
+            model_name: "truncated".into(),
+            ..mlp_input_raw()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable);
     // The good model serves.
     let (status, _) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(agent.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("edgefleet_model_load_failures_total{model=\"garbage\"} 1"), "{metrics}");
+    let metrics = reqwest::get(agent.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("edgefleet_model_load_failures_total{model=\"garbage\"} 1"),
+        "{metrics}"
+    );
     agent.stop().await;
 }
 
 async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: RuntimeChoice) {
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp").add("multi_io", 1, "multi_io");
-    let agent = agent(repo.path(), runtime).max_request_bytes(4096).start().await;
+    let agent = agent(repo.path(), runtime)
+        .max_request_bytes(4096)
+        .start()
+        .await;
     let input = mlp_case()["inputs"][0].clone();
     let with = |patch: Value| {
         let mut tensor = input.clone();
@@ -183,25 +262,108 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
         json!({ "inputs": [tensor] })
     };
     let http_cases: Vec<(&str, &str, Value, u16, &str)> = vec![
-        ("unknown model", "/v2/models/nope/infer", http_infer_body(), 404, "unknown model 'nope'"),
-        ("unknown version", "/v2/models/mlp/versions/9/infer", http_infer_body(), 404, "no version 9"),
-        ("bad version", "/v2/models/mlp/versions/x/infer", http_infer_body(), 400, "not a positive integer"),
-        ("wrong datatype", "/v2/models/mlp/infer", with(json!({"datatype": "FP64"})), 400, "datatype FP64"),
-        ("unknown datatype", "/v2/models/mlp/infer", with(json!({"datatype": "FLOAT"})), 400, "unknown datatype"),
-        ("wrong shape", "/v2/models/mlp/infer", with(json!({"shape": [1, 15]})), 400, "expects [-1, 16]"),
-        ("wrong rank", "/v2/models/mlp/infer", with(json!({"shape": [16]})), 400, "has shape [16]"),
-        ("wrong element count", "/v2/models/mlp/infer", with(json!({"shape": [2, 16]})), 400, "expected 32 elements"),
-        ("wrong value type", "/v2/models/mlp/infer", with(json!({"data": ["a"]})), 400, "not a valid FP32"),
-        ("unknown input", "/v2/models/mlp/infer", with(json!({"name": "other"})), 400, "has no input 'other'"),
-        ("missing input", "/v2/models/multi_io/infer", json!({"inputs": [cases("multi_io")[0]["inputs"][0]]}), 400, "needs input(s) b"),
-        ("unknown output", "/v2/models/mlp/infer", json!({"inputs": [input], "outputs": [{"name": "nope"}]}), 400, "has no output 'nope'"),
-        ("oversized", "/v2/models/mlp/infer", with(json!({"shape": [100, 16], "data": vec![0.5; 1600]})), 413, "over the limit"),
+        (
+            "unknown model",
+            "/v2/models/nope/infer",
+            http_infer_body(),
+            404,
+            "unknown model 'nope'",
+        ),
+        (
+            "unknown version",
+            "/v2/models/mlp/versions/9/infer",
+            http_infer_body(),
+            404,
+            "no version 9",
+        ),
+        (
+            "bad version",
+            "/v2/models/mlp/versions/x/infer",
+            http_infer_body(),
+            400,
+            "not a positive integer",
+        ),
+        (
+            "wrong datatype",
+            "/v2/models/mlp/infer",
+            with(json!({"datatype": "FP64"})),
+            400,
+            "datatype FP64",
+        ),
+        (
+            "unknown datatype",
+            "/v2/models/mlp/infer",
+            with(json!({"datatype": "FLOAT"})),
+            400,
+            "unknown datatype",
+        ),
+        (
+            "wrong shape",
+            "/v2/models/mlp/infer",
+            with(json!({"shape": [1, 15]})),
+            400,
+            "expects [-1, 16]",
+        ),
+        (
+            "wrong rank",
+            "/v2/models/mlp/infer",
+            with(json!({"shape": [16]})),
+            400,
+            "has shape [16]",
+        ),
+        (
+            "wrong element count",
+            "/v2/models/mlp/infer",
+            with(json!({"shape": [2, 16]})),
+            400,
+            "expected 32 elements",
+        ),
+        (
+            "wrong value type",
+            "/v2/models/mlp/infer",
+            with(json!({"data": ["a"]})),
+            400,
+            "not a valid FP32",
+        ),
+        (
+            "unknown input",
+            "/v2/models/mlp/infer",
+            with(json!({"name": "other"})),
+            400,
+            "has no input 'other'",
+        ),
+        (
+            "missing input",
+            "/v2/models/multi_io/infer",
+            json!({"inputs": [cases("multi_io")[0]["inputs"][0]]}),
+            400,
+            "needs input(s) b",
+        ),
+        (
+            "unknown output",
+            "/v2/models/mlp/infer",
+            json!({"inputs": [input], "outputs": [{"name": "nope"}]}),
+            400,
+            "has no output 'nope'",
+        ),
+        (
+            "oversized",
+            "/v2/models/mlp/infer",
+            with(json!({"shape": [100, 16], "data": vec![0.5; 1600]})),
+            413,
+            "over the limit",
+        ),
     ];
     for (what, path, body, status, words) in http_cases {
         let (got, reply) = post(&agent, path, &body).await;
         assert_eq!(got, status, "{what}: {reply}");
-        let message = reply["error"].as_str().unwrap_or_else(|| panic!("{what}: no JSON error: {reply}"));
-        assert!(message.contains(words), "{what}: '{message}' should contain '{words}'");
+        let message = reply["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: no JSON error: {reply}"));
+        assert!(
+            message.contains(words),
+            "{what}: '{message}' should contain '{words}'"
+        );
     }
     // Malformed JSON.
     let response = reqwest::Client::new()
@@ -213,7 +375,10 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
         .unwrap();
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("malformed JSON"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("malformed JSON"),
+        "{body}"
+    );
     let response = reqwest::get(agent.url("/v2/nothing/here")).await.unwrap();
     assert_eq!(response.status(), 404);
 
@@ -221,7 +386,10 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     let mut grpc = agent.grpc().await;
     let base = mlp_input_raw();
     let mut mixed = base.clone();
-    mixed.inputs[0].contents = Some(pb::InferTensorContents { fp32_contents: vec![1.0; 16], ..Default::default() });
+    mixed.inputs[0].contents = Some(pb::InferTensorContents {
+        fp32_contents: vec![1.0; 16],
+        ..Default::default()
+    });
     let mut short = base.clone();
     short.raw_input_contents[0].truncate(10);
     let mut wrong_type = base.clone();
@@ -231,7 +399,10 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     missing.raw_input_contents.clear();
     let mut typed_wrong_field = base.clone();
     typed_wrong_field.raw_input_contents.clear();
-    typed_wrong_field.inputs[0].contents = Some(pb::InferTensorContents { int64_contents: vec![1; 16], ..Default::default() });
+    typed_wrong_field.inputs[0].contents = Some(pb::InferTensorContents {
+        int64_contents: vec![1; 16],
+        ..Default::default()
+    });
     let mut oversized = base.clone();
     oversized.inputs[0].shape = vec![1000, 16];
     oversized.raw_input_contents[0] = vec![0; 64_000];
@@ -239,23 +410,81 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     huge.inputs[0].shape = vec![10_000, 16];
     huge.raw_input_contents[0] = vec![0; 640_000];
     let grpc_cases = vec![
-        ("unknown model", pb::ModelInferRequest { model_name: "nope".into(), ..base.clone() }, tonic::Code::NotFound, "unknown model"),
-        ("unknown version", pb::ModelInferRequest { model_version: "7".into(), ..base.clone() }, tonic::Code::NotFound, "no version 7"),
-        ("mixed raw and typed", mixed, tonic::Code::InvalidArgument, "raw_input_contents"),
-        ("wrong byte count", short, tonic::Code::InvalidArgument, "input 'input'"),
-        ("wrong datatype", wrong_type, tonic::Code::InvalidArgument, "datatype INT32"),
-        ("missing input", missing, tonic::Code::InvalidArgument, "needs input(s) input"),
-        ("typed data in the wrong field", typed_wrong_field, tonic::Code::InvalidArgument, "int64_contents"),
-        ("over the request limit", oversized, tonic::Code::ResourceExhausted, "limit"),
-        ("over the message limit", huge, tonic::Code::ResourceExhausted, "too large"),
+        (
+            "unknown model",
+            pb::ModelInferRequest {
+                model_name: "nope".into(),
+                ..base.clone()
+            },
+            tonic::Code::NotFound,
+            "unknown model",
+        ),
+        (
+            "unknown version",
+            pb::ModelInferRequest {
+                model_version: "7".into(),
+                ..base.clone()
+            },
+            tonic::Code::NotFound,
+            "no version 7",
+        ),
+        (
+            "mixed raw and typed",
+            mixed,
+            tonic::Code::InvalidArgument,
+            "raw_input_contents",
+        ),
+        (
+            "wrong byte count",
+            short,
+            tonic::Code::InvalidArgument,
+            "input 'input'",
+        ),
+        (
+            "wrong datatype",
+            wrong_type,
+            tonic::Code::InvalidArgument,
+            "datatype INT32",
+        ),
+        (
+            "missing input",
+            missing,
+            tonic::Code::InvalidArgument,
+            "needs input(s) input",
+        ),
+        (
+            "typed data in the wrong field",
+            typed_wrong_field,
+            tonic::Code::InvalidArgument,
+            "int64_contents",
+        ),
+        (
+            "over the request limit",
+            oversized,
+            tonic::Code::ResourceExhausted,
+            "limit",
+        ),
+        (
+            "over the message limit",
+            huge,
+            tonic::Code::ResourceExhausted,
+            "too large",
+        ),
     ];
     for (what, request, code, words) in grpc_cases {
         let status = grpc.model_infer(request).await.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status}");
-        assert!(status.message().contains(words), "{what}: '{}' should contain '{words}'", status.message());
+        assert!(
+            status.message().contains(words),
+            "{what}: '{}' should contain '{words}'",
+            status.message()
+        );
     }
     let status = grpc
-        .model_metadata(pb::ModelMetadataRequest { name: "nope".into(), version: String::new() })
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -272,8 +501,14 @@ async fn an_empty_repository_serves_and_says_it_has_no_models(runtime: RuntimeCh
     let agent = agent(repo.path(), runtime).start().await;
     let (status, body) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
     assert_eq!(status, 404);
-    assert!(body["error"].as_str().unwrap().contains("has no models"), "{body}");
-    let ready = reqwest::get(agent.url("/v2/health/ready")).await.unwrap().status();
+    assert!(
+        body["error"].as_str().unwrap().contains("has no models"),
+        "{body}"
+    );
+    let ready = reqwest::get(agent.url("/v2/health/ready"))
+        .await
+        .unwrap()
+        .status();
     assert_eq!(ready, 200);
     agent.stop().await;
 }

@@ -15,9 +15,21 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    pub async fn start(agent: &Path, repository: &Path, runtime: &str) -> anyhow::Result<AgentProcess> {
+    pub async fn start(
+        agent: &Path,
+        repository: &Path,
+        runtime: &str,
+    ) -> anyhow::Result<AgentProcess> {
         let mut child = Command::new(agent)
-            .args(["serve", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--runtime", runtime])
+            .args([
+                "serve",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--runtime",
+                runtime,
+            ])
             .arg("--model-repository")
             .arg(repository)
             .env("EDGEFLEET_LOG", "info")
@@ -43,7 +55,10 @@ impl AgentProcess {
             .context("the agent did not report its addresses")?;
         let field = |key: &str| -> anyhow::Result<SocketAddr> {
             let start = line.find(key).context("address missing")? + key.len();
-            let text: String = line[start..].chars().take_while(|c| !c.is_whitespace()).collect();
+            let text: String = line[start..]
+                .chars()
+                .take_while(|c| !c.is_whitespace())
+                .collect();
             Ok(text.parse()?)
         };
         let process = AgentProcess {
@@ -54,11 +69,14 @@ impl AgentProcess {
         Ok(process)
     }
 
-    pub async fn client(&self) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))?
+                .tcp_nodelay(true)
+                .connect()
+                .await?;
         Ok(GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX))

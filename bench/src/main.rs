@@ -27,7 +27,10 @@ pub enum Suite {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "edgefleet-bench", about = "edgefleet benchmarks; figures go to docs/benchmarks.md")]
+#[command(
+    name = "edgefleet-bench",
+    about = "edgefleet benchmarks; figures go to docs/benchmarks.md"
+)]
 pub struct Args {
     #[arg(value_enum, default_value = "all")]
     pub suite: Suite,
@@ -54,9 +57,16 @@ pub struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let suites: Vec<Suite> = match args.suite {
-        Suite::All => vec![Suite::Overhead, Suite::Batching, Suite::Footprint, Suite::Runtimes],
+        Suite::All => vec![
+            Suite::Overhead,
+            Suite::Batching,
+            Suite::Footprint,
+            Suite::Runtimes,
+        ],
         one => vec![one],
     };
     for suite in suites {
@@ -69,7 +79,12 @@ fn main() -> anyhow::Result<()> {
             Suite::All => unreachable!(),
         };
         println!("{section}");
-        report::write_section(&args.out, &format!("{suite:?}").to_lowercase(), &section, &command)?;
+        report::write_section(
+            &args.out,
+            &format!("{suite:?}").to_lowercase(),
+            &section,
+            &command,
+        )?;
     }
     Ok(())
 }

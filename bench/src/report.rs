@@ -11,7 +11,9 @@ pub fn machine() -> String {
         .and_then(|line| line.split(':').nth(1))
         .map(str::trim)
         .unwrap_or("unknown CPU");
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let memory = std::fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
@@ -45,7 +47,9 @@ pub fn write_section(path: &Path, name: &str, body: &str, command: &str) -> anyh
             .to_string()
     });
     let updated = match (existing.find(&start), existing.find(&end)) {
-        (Some(a), Some(b)) if b > a => format!("{}{section}{}", &existing[..a], &existing[b + end.len()..]),
+        (Some(a), Some(b)) if b > a => {
+            format!("{}{section}{}", &existing[..a], &existing[b + end.len()..])
+        }
         _ => format!("{}\n{section}\n", existing.trim_end()),
     };
     std::fs::write(path, updated)?;

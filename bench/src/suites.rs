@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use edgefleet_agent::runtime::{OnnxRuntime, Runtime, SessionOptions, TractRuntime, find_onnxruntime_library};
+use edgefleet_agent::runtime::{
+    OnnxRuntime, Runtime, SessionOptions, TractRuntime, find_onnxruntime_library,
+};
 use edgefleet_agent::tensor::{Tensor, TensorData, element_count};
 use edgefleet_proto::inference as pb;
 use hdrhistogram::Histogram;
@@ -23,7 +25,8 @@ fn us(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 fn ort_library() -> anyhow::Result<PathBuf> {
-    find_onnxruntime_library().context("ONNX Runtime not found: run scripts/fetch-onnxruntime.sh and set ORT_DYLIB_PATH")
+    find_onnxruntime_library()
+        .context("ONNX Runtime not found: run scripts/fetch-onnxruntime.sh and set ORT_DYLIB_PATH")
 }
 
 fn model_path(dir: &Path, name: &str) -> PathBuf {
@@ -32,7 +35,9 @@ fn model_path(dir: &Path, name: &str) -> PathBuf {
 
 /// A deterministic batch-1 FP32 input for a bench model.
 fn input_values(len: usize) -> Vec<f32> {
-    (0..len).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect()
+    (0..len)
+        .map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5)
+        .collect()
 }
 
 fn infer_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> pb::ModelInferRequest {
@@ -58,8 +63,20 @@ struct BenchModel {
 }
 
 const BENCH_MODELS: [BenchModel; 2] = [
-    BenchModel { name: "bench_mlp", input: "input", output: "logits", shape: [1, 256, 0, 0], rank: 2 },
-    BenchModel { name: "bench_conv", input: "image", output: "logits", shape: [1, 3, 64, 64], rank: 4 },
+    BenchModel {
+        name: "bench_mlp",
+        input: "input",
+        output: "logits",
+        shape: [1, 256, 0, 0],
+        rank: 2,
+    },
+    BenchModel {
+        name: "bench_conv",
+        input: "image",
+        output: "logits",
+        shape: [1, 3, 64, 64],
+        rank: 4,
+    },
 ];
 
 pub async fn overhead(args: &Args) -> anyhow::Result<String> {
@@ -67,7 +84,10 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
     let onnxruntime = OnnxRuntime::new(&library)?;
     let environment = onnxruntime.environment();
     let mut out = String::new();
-    writeln!(out, "## Overhead: agent gRPC vs raw ONNX Runtime `Session::run`\n")?;
+    writeln!(
+        out,
+        "## Overhead: agent gRPC vs raw ONNX Runtime `Session::run`\n"
+    )?;
     writeln!(
         out,
         "Batch-1 requests, one client, sequential, {} timed iterations after warm-up. \"raw\" is `ort::Session::run` \
@@ -76,7 +96,10 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs.\n",
         args.iterations
     )?;
-    writeln!(out, "| model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target |")?;
+    writeln!(
+        out,
+        "| model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target |"
+    )?;
     writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | --- |")?;
     let agent = AgentProcess::start(&args.agent, &args.bench_models, "onnxruntime").await?;
     for model in &BENCH_MODELS {
@@ -84,7 +107,8 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         let len = element_count(shape)?;
         let values = input_values(len);
 
-        let mut session = ort::session::Session::builder(environment)?.commit_from_file(model_path(&args.bench_models, model.name))?;
+        let mut session = ort::session::Session::builder(environment)?
+            .commit_from_file(model_path(&args.bench_models, model.name))?;
         let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
         let mut raw = histogram();
         for i in 0..(args.iterations + 300) {
@@ -126,7 +150,11 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
 }
 
 /// A repository holding one model with the given config.
-fn repository_with(bench_models: &Path, model: &str, config: &str) -> anyhow::Result<tempfile::TempDir> {
+fn repository_with(
+    bench_models: &Path,
+    model: &str,
+    config: &str,
+) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
     let version = dir.path().join(model).join("1");
     std::fs::create_dir_all(&version)?;
@@ -142,7 +170,12 @@ struct LoadResult {
     errors: u64,
 }
 
-async fn closed_loop(agent: &AgentProcess, clients: usize, seconds: f64, request: pb::ModelInferRequest) -> anyhow::Result<LoadResult> {
+async fn closed_loop(
+    agent: &AgentProcess,
+    clients: usize,
+    seconds: f64,
+    request: pb::ModelInferRequest,
+) -> anyhow::Result<LoadResult> {
     // A few connections shared by the clients, as several apps on a device would.
     let mut channels = Vec::new();
     for _ in 0..clients.min(8) {
@@ -194,7 +227,10 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let values = input_values(element_count(shape)?);
     let request = infer_request(model.name, model.input, shape, &values);
     let mut out = String::new();
-    writeln!(out, "## Dynamic batching: throughput at 1, 8, 32 and 128 concurrent clients\n")?;
+    writeln!(
+        out,
+        "## Dynamic batching: throughput at 1, 8, 32 and 128 concurrent clients\n"
+    )?;
     writeln!(
         out,
         "`bench_mlp` (256→1024→1024→10) on ONNX Runtime, batch-1 requests over gRPC from closed-loop clients in \
@@ -203,10 +239,24 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
          throughput with batching at 32 clients, p99 no worse than unbatched.\n",
         args.seconds
     )?;
-    writeln!(out, "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | throughput gain | errors |")?;
-    writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
-    let off_repo = repository_with(&args.bench_models, model.name, "max_batch_size = 0\nqueue_capacity = 512\n")?;
-    let on_repo = repository_with(&args.bench_models, model.name, "max_batch_size = 32\nqueue_capacity = 512\n")?;
+    writeln!(
+        out,
+        "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | throughput gain | errors |"
+    )?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    let off_repo = repository_with(
+        &args.bench_models,
+        model.name,
+        "max_batch_size = 0\nqueue_capacity = 512\n",
+    )?;
+    let on_repo = repository_with(
+        &args.bench_models,
+        model.name,
+        "max_batch_size = 32\nqueue_capacity = 512\n",
+    )?;
     let off_agent = AgentProcess::start(&args.agent, off_repo.path(), "onnxruntime").await?;
     let on_agent = AgentProcess::start(&args.agent, on_repo.path(), "onnxruntime").await?;
     let mut verdict = String::new();
@@ -220,7 +270,13 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         writeln!(
             out,
             "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {gain:.2}× | {} |",
-            off.throughput, off.p50, off.p99, on.throughput, on.p50, on.p99, off.errors + on.errors
+            off.throughput,
+            off.p50,
+            off.p99,
+            on.throughput,
+            on.p50,
+            on.p99,
+            off.errors + on.errors
         )?;
         if clients == 32 {
             verdict = format!(
@@ -228,7 +284,11 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
                 if gain >= 3.0 { "met" } else { "missed" },
                 on.p99,
                 off.p99,
-                if on.p99 <= off.p99 { "no worse: met" } else { "worse: missed" }
+                if on.p99 <= off.p99 {
+                    "no worse: met"
+                } else {
+                    "worse: missed"
+                }
             );
         }
     }
@@ -251,7 +311,10 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
     writeln!(out, "| runtime | repository | RSS (MB) |")?;
     writeln!(out, "| --- | --- | ---: |")?;
     for runtime in ["tract", "onnxruntime"] {
-        for (label, repo) in [("empty", empty.path()), ("bench_mlp (4.3 MB of weights)", mlp.path())] {
+        for (label, repo) in [
+            ("empty", empty.path()),
+            ("bench_mlp (4.3 MB of weights)", mlp.path()),
+        ] {
             let agent = AgentProcess::start(&args.agent, repo, runtime).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             let rss = agent.rss_bytes()? as f64 / 1e6;
@@ -270,18 +333,32 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
 }
 
 fn zeros_like(spec: &edgefleet_agent::runtime::TensorSpec) -> anyhow::Result<Tensor> {
-    let shape: Vec<i64> = spec.shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
+    let shape: Vec<i64> = spec
+        .shape
+        .iter()
+        .map(|&d| if d < 0 { 1 } else { d })
+        .collect();
     let count = element_count(&shape)?;
     let data = match spec.dtype.element_size() {
         Some(size) => TensorData::Raw(vec![0; count * size]),
         None => TensorData::Bytes(vec![b"edge".to_vec(); count]),
     };
-    Ok(Tensor { name: spec.name.clone(), dtype: spec.dtype, shape, data })
+    Ok(Tensor {
+        name: spec.name.clone(),
+        dtype: spec.dtype,
+        shape,
+        data,
+    })
 }
 
 fn median_run_us(runtime: &dyn Runtime, path: &Path, iterations: usize) -> anyhow::Result<f64> {
     let mut session = runtime.load(path, &SessionOptions::default())?;
-    let inputs: Vec<Tensor> = session.signature().inputs.iter().map(zeros_like).collect::<Result<_, _>>()?;
+    let inputs: Vec<Tensor> = session
+        .signature()
+        .inputs
+        .iter()
+        .map(zeros_like)
+        .collect::<Result<_, _>>()?;
     let mut h = histogram();
     for i in 0..iterations + 20 {
         let started = Instant::now();
@@ -304,29 +381,50 @@ pub fn runtimes(args: &Args) -> anyhow::Result<String> {
         "Median time of one batch-1 run (dynamic dimensions set to 1, zeros) through the agent's runtime \
          interface, same process, one after the other. Ratio > 1: tract is slower.\n"
     )?;
-    writeln!(out, "| model | onnxruntime (µs) | tract (µs) | tract / onnxruntime |")?;
+    writeln!(
+        out,
+        "| model | onnxruntime (µs) | tract (µs) | tract / onnxruntime |"
+    )?;
     writeln!(out, "| --- | ---: | ---: | ---: |")?;
     let mut models: Vec<PathBuf> = Vec::new();
     for dir in [&args.fixtures, &args.bench_models] {
-        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
         names.sort();
         models.extend(names);
     }
     let iterations = (args.iterations / 10).max(50);
     for dir in models {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let path = dir.join("1").join("model.onnx");
         let ort_us = median_run_us(&ort, &path, iterations);
         let tract_us = median_run_us(&tract, &path, iterations);
         let cell = |r: &anyhow::Result<f64>| match r {
             Ok(v) => format!("{v:.0}"),
-            Err(err) => format!("cannot run: {}", err.to_string().chars().take(60).collect::<String>().replace('|', "/")),
+            Err(err) => format!(
+                "cannot run: {}",
+                err.to_string()
+                    .chars()
+                    .take(60)
+                    .collect::<String>()
+                    .replace('|', "/")
+            ),
         };
         let ratio = match (&ort_us, &tract_us) {
             (Ok(o), Ok(t)) => format!("{:.2}×", t / o.max(1.0)),
             _ => "—".to_string(),
         };
-        writeln!(out, "| {name} | {} | {} | {ratio} |", cell(&ort_us), cell(&tract_us))?;
+        writeln!(
+            out,
+            "| {name} | {} | {} | {ratio} |",
+            cell(&ort_us),
+            cell(&tract_us)
+        )?;
     }
     Ok(out)
 }

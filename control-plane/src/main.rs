@@ -9,7 +9,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "edgefleet-server", version, about = "The edgefleet control plane (not implemented yet)")]
+#[command(
+    name = "edgefleet-server",
+    version,
+    about = "The edgefleet control plane (not implemented yet)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,7 +28,9 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve => {
-            eprintln!("edgefleet-server: the control plane is not implemented yet; run `edgefleet-agent serve` for standalone serving");
+            eprintln!(
+                "edgefleet-server: the control plane is not implemented yet; run `edgefleet-agent serve` for standalone serving"
+            );
             ExitCode::FAILURE
         }
     }

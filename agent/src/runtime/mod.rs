@@ -124,9 +124,7 @@ pub trait Runtime: Send + Sync + fmt::Debug {
 }
 
 /// The runtime chosen for `choice`, and a sentence saying why, for the log.
-pub fn select_runtime(
-    choice: RuntimeChoice,
-) -> Result<(Arc<dyn Runtime>, String), RuntimeError> {
+pub fn select_runtime(choice: RuntimeChoice) -> Result<(Arc<dyn Runtime>, String), RuntimeError> {
     match choice {
         RuntimeChoice::Tract => Ok((
             Arc::new(TractRuntime::new()),

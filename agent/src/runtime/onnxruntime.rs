@@ -13,7 +13,9 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
 
-use super::{ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec};
+use super::{
+    ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec,
+};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// File names tried beside the executable and in library directories.
@@ -43,7 +45,10 @@ pub fn find_onnxruntime_library() -> Option<PathBuf> {
         tracing::warn!(path = %path.display(), "ORT_DYLIB_PATH does not name a file; looking elsewhere");
     }
     let mut dirs: Vec<PathBuf> = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    {
         dirs.push(dir);
     }
     if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
@@ -152,7 +157,11 @@ impl Runtime for OnnxRuntime {
         RuntimeKind::OnnxRuntime
     }
 
-    fn load(&self, model_path: &Path, options: &SessionOptions) -> Result<Box<dyn ModelSession>, RuntimeError> {
+    fn load(
+        &self,
+        model_path: &Path,
+        options: &SessionOptions,
+    ) -> Result<Box<dyn ModelSession>, RuntimeError> {
         let bytes = std::fs::read(model_path).map_err(|source| RuntimeError::Io {
             path: model_path.to_path_buf(),
             source,
@@ -186,7 +195,9 @@ struct OnnxSession {
     signature: Signature,
 }
 
-fn typed<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static>(
+fn typed<
+    T: bytemuck::Pod + ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
+>(
     tensor: &Tensor,
 ) -> Result<DynValue, RuntimeError> {
     OrtTensor::<T>::from_array((tensor.shape.clone(), tensor.to_vec::<T>()))
@@ -250,7 +261,10 @@ fn from_ort(name: &str, dtype: DataType, value: &DynValue) -> Result<Tensor, Run
     let (shape, data) = match dtype {
         DataType::Bool => {
             let (shape, data) = value.try_extract_tensor::<bool>().map_err(run_error)?;
-            (shape.to_vec(), TensorData::Raw(data.iter().map(|&b| u8::from(b)).collect()))
+            (
+                shape.to_vec(),
+                TensorData::Raw(data.iter().map(|&b| u8::from(b)).collect()),
+            )
         }
         DataType::Bytes => {
             let (shape, strings) = value.try_extract_strings().map_err(run_error)?;
@@ -292,16 +306,21 @@ impl ModelSession for OnnxSession {
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let values = inputs
             .iter()
-            .map(|tensor| Ok((Cow::Owned(tensor.name.clone()), SessionInputValue::from(to_ort(tensor)?))))
+            .map(|tensor| {
+                Ok((
+                    Cow::Owned(tensor.name.clone()),
+                    SessionInputValue::from(to_ort(tensor)?),
+                ))
+            })
             .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()?;
         let outputs = self.session.run(values).map_err(run_error)?;
         self.signature
             .outputs
             .iter()
             .map(|spec| {
-                let value = outputs
-                    .get(&spec.name)
-                    .ok_or_else(|| run_error(format!("output '{}' missing from the run", spec.name)))?;
+                let value = outputs.get(&spec.name).ok_or_else(|| {
+                    run_error(format!("output '{}' missing from the run", spec.name))
+                })?;
                 from_ort(&spec.name, spec.dtype, value)
             })
             .collect()

@@ -6,11 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoTensor, TValue, TVec, Tensor as TractTensor, TypedModel,
-    TypedRunnableModel, TypedSimpleState, tract_ndarray,
+    DatumType, Framework, InferenceModelExt, IntoTensor, TValue, TVec, Tensor as TractTensor,
+    TypedModel, TypedRunnableModel, TypedSimpleState, tract_ndarray,
 };
 
-use super::{ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec};
+use super::{
+    ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec,
+};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// tract, pure Rust.
@@ -47,7 +49,9 @@ fn data_type(name: &str, datum: DatumType) -> Result<DataType, RuntimeError> {
         DatumType::I8 => DataType::I8,
         DatumType::I16 => DataType::I16,
         DatumType::I32 => DataType::I32,
-        DatumType::I64 => DataType::I64,
+        // tract computes some integer results (sizes, counts) as symbolic
+        // dimensions; they leave the runtime as INT64.
+        DatumType::I64 | DatumType::TDim => DataType::I64,
         DatumType::F16 => DataType::F16,
         DatumType::F32 => DataType::F32,
         DatumType::F64 => DataType::F64,
@@ -62,20 +66,35 @@ fn data_type(name: &str, datum: DatumType) -> Result<DataType, RuntimeError> {
 }
 
 fn signature(model: &TypedModel, names: (&[String], &[String])) -> Result<Signature, RuntimeError> {
-    let spec = |name: &str, fact: &tract_onnx::prelude::TypedFact| -> Result<TensorSpec, RuntimeError> {
-        Ok(TensorSpec {
-            name: name.to_string(),
-            dtype: data_type(name, fact.datum_type)?,
-            shape: fact.shape.iter().map(|dim| dim.as_i64().unwrap_or(-1)).collect(),
-        })
-    };
+    let spec =
+        |name: &str, fact: &tract_onnx::prelude::TypedFact| -> Result<TensorSpec, RuntimeError> {
+            Ok(TensorSpec {
+                name: name.to_string(),
+                dtype: data_type(name, fact.datum_type)?,
+                shape: fact
+                    .shape
+                    .iter()
+                    .map(|dim| dim.as_i64().unwrap_or(-1))
+                    .collect(),
+            })
+        };
     let mut inputs = Vec::new();
     for (i, name) in names.0.iter().enumerate() {
-        inputs.push(spec(name, model.input_fact(i).map_err(|e| load_error(format!("{e:#}")))?)?);
+        inputs.push(spec(
+            name,
+            model
+                .input_fact(i)
+                .map_err(|e| load_error(format!("{e:#}")))?,
+        )?);
     }
     let mut outputs = Vec::new();
     for (i, name) in names.1.iter().enumerate() {
-        outputs.push(spec(name, model.output_fact(i).map_err(|e| load_error(format!("{e:#}")))?)?);
+        outputs.push(spec(
+            name,
+            model
+                .output_fact(i)
+                .map_err(|e| load_error(format!("{e:#}")))?,
+        )?);
     }
     Ok(Signature { inputs, outputs })
 }
@@ -85,7 +104,11 @@ impl Runtime for TractRuntime {
         RuntimeKind::Tract
     }
 
-    fn load(&self, model_path: &Path, _options: &SessionOptions) -> Result<Box<dyn ModelSession>, RuntimeError> {
+    fn load(
+        &self,
+        model_path: &Path,
+        _options: &SessionOptions,
+    ) -> Result<Box<dyn ModelSession>, RuntimeError> {
         if let Err(source) = std::fs::metadata(model_path) {
             return Err(RuntimeError::Io {
                 path: model_path.to_path_buf(),
@@ -118,8 +141,9 @@ impl Runtime for TractRuntime {
             .into_optimized()
             .map_err(|err| load_error(format!("{err:#}")))?;
         let signature = signature(&optimized, (&input_names, &output_names))?;
-        let plan: Arc<TypedRunnableModel> = tract_onnx::prelude::IntoRunnable::into_runnable(optimized)
-            .map_err(|err| load_error(format!("{err:#}")))?;
+        let plan: Arc<TypedRunnableModel> =
+            tract_onnx::prelude::IntoRunnable::into_runnable(optimized)
+                .map_err(|err| load_error(format!("{err:#}")))?;
         let state = TypedSimpleState::new(&plan).map_err(|err| load_error(format!("{err:#}")))?;
         Ok(Box::new(TractSession { state, signature }))
     }
@@ -134,11 +158,16 @@ fn dims(tensor: &Tensor) -> Result<Vec<usize>, RuntimeError> {
     tensor
         .shape
         .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| run_error(format!("negative dimension in {:?}", tensor.shape))))
+        .map(|&d| {
+            usize::try_from(d)
+                .map_err(|_| run_error(format!("negative dimension in {:?}", tensor.shape)))
+        })
         .collect()
 }
 
-fn typed<T: bytemuck::Pod + tract_onnx::prelude::Datum>(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
+fn typed<T: bytemuck::Pod + tract_onnx::prelude::Datum>(
+    tensor: &Tensor,
+) -> Result<TractTensor, RuntimeError> {
     TractTensor::from_shape::<T>(&dims(tensor)?, &tensor.to_vec::<T>()).map_err(run_error)
 }
 
@@ -169,11 +198,16 @@ fn to_tract(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
             let strings = items
                 .iter()
                 .map(|item| {
-                    String::from_utf8(item.clone())
-                        .map_err(|_| run_error(format!("input '{}': strings must be valid UTF-8", tensor.name)))
+                    String::from_utf8(item.clone()).map_err(|_| {
+                        run_error(format!(
+                            "input '{}': strings must be valid UTF-8",
+                            tensor.name
+                        ))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let array = tract_ndarray::ArrayD::from_shape_vec(dims(tensor)?, strings).map_err(run_error)?;
+            let array =
+                tract_ndarray::ArrayD::from_shape_vec(dims(tensor)?, strings).map_err(run_error)?;
             Ok(array.into_tensor())
         }
     }
@@ -190,6 +224,10 @@ fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, RuntimeError> {
         DataType::Bool => {
             let view = value.to_plain_array_view::<bool>().map_err(run_error)?;
             TensorData::Raw(view.iter().map(|&b| u8::from(b)).collect())
+        }
+        _ if value.datum_type() == DatumType::TDim => {
+            let cast = value.cast_to::<i64>().map_err(run_error)?;
+            TensorData::Raw(cast.as_bytes().to_vec())
         }
         _ => TensorData::Raw(value.as_bytes().to_vec()),
     };
@@ -211,7 +249,10 @@ impl ModelSession for TractSession {
             .iter()
             .map(|tensor| to_tract(tensor).map(TValue::from))
             .collect::<Result<_, _>>()?;
-        let outputs = self.state.run(values).map_err(|err| run_error(format!("{err:#}")))?;
+        let outputs = self
+            .state
+            .run(values)
+            .map_err(|err| run_error(format!("{err:#}")))?;
         if outputs.len() != self.signature.outputs.len() {
             return Err(run_error(format!(
                 "the model produced {} outputs, its signature has {}",

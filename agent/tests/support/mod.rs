@@ -19,13 +19,18 @@ pub fn testdata() -> PathBuf {
 
 /// `testdata/models/<name>/1/model.onnx`.
 pub fn fixture_model(name: &str) -> PathBuf {
-    testdata().join("models").join(name).join("1").join("model.onnx")
+    testdata()
+        .join("models")
+        .join(name)
+        .join("1")
+        .join("model.onnx")
 }
 
 /// The expected cases computed by onnxruntime (Python) for a fixture.
 pub fn cases(name: &str) -> Vec<Value> {
     let path = testdata().join("cases").join(format!("{name}.json"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|err| panic!("{}: {err}", path.display()));
     let file: Value = serde_json::from_str(&text).unwrap();
     file["cases"].as_array().unwrap().clone()
 }
@@ -212,7 +217,10 @@ where
         if check().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -220,13 +228,33 @@ where
 /// Compares an actual output tensor (JSON form) with an expected one.
 pub fn assert_tensor_matches(actual: &Value, expected: &Value, context: &str) {
     assert_eq!(actual["name"], expected["name"], "{context}: output name");
-    assert_eq!(actual["datatype"], expected["datatype"], "{context}: datatype of {}", expected["name"]);
-    assert_eq!(actual["shape"], expected["shape"], "{context}: shape of {}", expected["name"]);
+    assert_eq!(
+        actual["datatype"], expected["datatype"],
+        "{context}: datatype of {}",
+        expected["name"]
+    );
+    assert_eq!(
+        actual["shape"], expected["shape"],
+        "{context}: shape of {}",
+        expected["name"]
+    );
     let got = actual["data"].as_array().unwrap();
     let want = expected["data"].as_array().unwrap();
-    assert_eq!(got.len(), want.len(), "{context}: element count of {}", expected["name"]);
-    let float = matches!(expected["datatype"].as_str(), Some("FP16" | "FP32" | "FP64"));
-    let tolerance = if expected["datatype"] == "FP16" { 1e-2 } else { 1e-4 };
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{context}: element count of {}",
+        expected["name"]
+    );
+    let float = matches!(
+        expected["datatype"].as_str(),
+        Some("FP16" | "FP32" | "FP64")
+    );
+    let tolerance = if expected["datatype"] == "FP16" {
+        1e-2
+    } else {
+        1e-4
+    };
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         if float {
             let (g, w) = (g.as_f64().unwrap(), w.as_f64().unwrap());
