@@ -200,6 +200,31 @@ impl Tensor {
         }
     }
 
+    /// `BOOL` elements as `bool`s (empty for other kinds of data).
+    pub fn bools(&self) -> Vec<bool> {
+        match &self.data {
+            TensorData::Raw(bytes) => bytes.iter().map(|&b| b != 0).collect(),
+            TensorData::Bytes(_) => Vec::new(),
+        }
+    }
+
+    /// `BYTES` elements as strings, which both runtimes require to be UTF-8.
+    pub fn utf8_strings(&self) -> Result<Vec<String>, String> {
+        let TensorData::Bytes(items) = &self.data else {
+            return Err(format!(
+                "input '{}': BYTES tensor without byte strings",
+                self.name
+            ));
+        };
+        items
+            .iter()
+            .map(|item| {
+                String::from_utf8(item.clone())
+                    .map_err(|_| format!("input '{}': strings must be valid UTF-8", self.name))
+            })
+            .collect()
+    }
+
     /// The fixed-size elements copied into a properly aligned vector.
     ///
     /// Panics if `T` does not match the element size; callers dispatch on

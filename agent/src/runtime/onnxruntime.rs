@@ -207,15 +207,9 @@ fn typed<
 
 fn to_ort(tensor: &Tensor) -> Result<DynValue, RuntimeError> {
     match tensor.dtype {
-        DataType::Bool => {
-            let values: Vec<bool> = match &tensor.data {
-                TensorData::Raw(bytes) => bytes.iter().map(|&b| b != 0).collect(),
-                TensorData::Bytes(_) => Vec::new(),
-            };
-            OrtTensor::<bool>::from_array((tensor.shape.clone(), values))
-                .map(|t| t.into_dyn())
-                .map_err(run_error)
-        }
+        DataType::Bool => OrtTensor::<bool>::from_array((tensor.shape.clone(), tensor.bools()))
+            .map(|t| t.into_dyn())
+            .map_err(run_error),
         DataType::U8 => typed::<u8>(tensor),
         DataType::U16 => typed::<u16>(tensor),
         DataType::U32 => typed::<u32>(tensor),
@@ -228,20 +222,7 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, RuntimeError> {
         DataType::F32 => typed::<f32>(tensor),
         DataType::F64 => typed::<f64>(tensor),
         DataType::Bytes => {
-            let TensorData::Bytes(items) = &tensor.data else {
-                return Err(run_error("BYTES tensor without byte strings"));
-            };
-            let strings = items
-                .iter()
-                .map(|item| {
-                    String::from_utf8(item.clone()).map_err(|_| {
-                        run_error(format!(
-                            "input '{}': ONNX Runtime string tensors must be valid UTF-8",
-                            tensor.name
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let strings = tensor.utf8_strings().map_err(run_error)?;
             let shape: Vec<i64> = tensor.shape.clone();
             OrtTensor::<String>::from_string_array((shape, strings.as_slice()))
                 .map(|t| t.into_dyn())

@@ -174,11 +174,7 @@ fn typed<T: bytemuck::Pod + tract_onnx::prelude::Datum>(
 fn to_tract(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
     match tensor.dtype {
         DataType::Bool => {
-            let values: Vec<bool> = match &tensor.data {
-                TensorData::Raw(bytes) => bytes.iter().map(|&b| b != 0).collect(),
-                TensorData::Bytes(_) => Vec::new(),
-            };
-            TractTensor::from_shape::<bool>(&dims(tensor)?, &values).map_err(run_error)
+            TractTensor::from_shape::<bool>(&dims(tensor)?, &tensor.bools()).map_err(run_error)
         }
         DataType::U8 => typed::<u8>(tensor),
         DataType::U16 => typed::<u16>(tensor),
@@ -192,20 +188,7 @@ fn to_tract(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
         DataType::F32 => typed::<f32>(tensor),
         DataType::F64 => typed::<f64>(tensor),
         DataType::Bytes => {
-            let TensorData::Bytes(items) = &tensor.data else {
-                return Err(run_error("BYTES tensor without byte strings"));
-            };
-            let strings = items
-                .iter()
-                .map(|item| {
-                    String::from_utf8(item.clone()).map_err(|_| {
-                        run_error(format!(
-                            "input '{}': strings must be valid UTF-8",
-                            tensor.name
-                        ))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let strings = tensor.utf8_strings().map_err(run_error)?;
             let array =
                 tract_ndarray::ArrayD::from_shape_vec(dims(tensor)?, strings).map_err(run_error)?;
             Ok(array.into_tensor())
