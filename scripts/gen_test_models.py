@@ -24,7 +24,10 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OPSET = [helper.make_opsetid("", 17)]
 IR_VERSION = 8
+# Fixtures draw from RNG in a fixed order; the bench models get their own
+# generator so they are the same whether or not the fixtures were built first.
 RNG = np.random.default_rng(20261124)
+BENCH_SEED = 20261125
 
 KSERVE = {
     TensorProto.FLOAT16: "FP16", TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP64",
@@ -40,8 +43,9 @@ NUMPY = {
 }
 
 
-def weight(name, *shape):
-    return numpy_helper.from_array((RNG.standard_normal(shape) * 0.1).astype(np.float32), name)
+def weight(name, *shape, rng=None):
+    rng = RNG if rng is None else rng
+    return numpy_helper.from_array((rng.standard_normal(shape) * 0.1).astype(np.float32), name)
 
 
 def vinfo(name, elem, shape):
@@ -55,11 +59,11 @@ def model(name, nodes, inputs, outputs, initializers=(), opsets=OPSET):
     return m
 
 
-def gemm_chain(name, inp, out, sizes, final_softmax=False):
+def gemm_chain(name, inp, out, sizes, final_softmax=False, rng=None):
     nodes, inits = [], []
     prev = inp
     for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
-        inits += [weight(f"w{i}", a, b), weight(f"b{i}", b)]
+        inits += [weight(f"w{i}", a, b, rng=rng), weight(f"b{i}", b, rng=rng)]
         y = f"h{i}"
         nodes.append(helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [y]))
         last = i == len(sizes) - 2
@@ -76,11 +80,11 @@ def gemm_chain(name, inp, out, sizes, final_softmax=False):
                  [vinfo(out, TensorProto.FLOAT, ["N", sizes[-1]])], inits)
 
 
-def conv_net(name, channels, spatial, pools, classes):
+def conv_net(name, channels, spatial, pools, classes, rng=None):
     nodes, inits = [], []
     prev, c_in = "image", 3
     for i, c in enumerate(channels):
-        inits += [weight(f"cw{i}", c, c_in, 3, 3), weight(f"cb{i}", c)]
+        inits += [weight(f"cw{i}", c, c_in, 3, 3, rng=rng), weight(f"cb{i}", c, rng=rng)]
         nodes.append(helper.make_node("Conv", [prev, f"cw{i}", f"cb{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         prev = f"r{i}"
@@ -88,7 +92,7 @@ def conv_net(name, channels, spatial, pools, classes):
             nodes.append(helper.make_node("MaxPool", [prev], [f"p{i}"], kernel_shape=[2, 2], strides=[2, 2]))
             prev = f"p{i}"
         c_in = c
-    inits += [weight("fw", c_in, classes), weight("fb", classes)]
+    inits += [weight("fw", c_in, classes, rng=rng), weight("fb", classes, rng=rng)]
     nodes += [
         helper.make_node("GlobalAveragePool", [prev], ["gap"]),
         helper.make_node("Flatten", ["gap"], ["flat"]),
@@ -223,24 +227,30 @@ def write_fixtures():
         cases = {"model": name, "cases": cases_for(name, m, session_for(data))}
         path = ROOT / "testdata" / "cases" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
-        print(f"wrote {path.relative_to(ROOT)}")
+        text = json.dumps(cases, indent=1, ensure_ascii=False) + "\n"
+        path.write_bytes(text.encode("utf-8"))
+        print(f"wrote {path.relative_to(ROOT)} ({len(text.encode('utf-8'))} bytes)")
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
-    (ROOT / "examples" / "model-repository" / "iris" / "config.toml").write_text(
-        "# Optional per-model settings; see docs/model-repository.md\nmax_batch_size = 8\n")
+    config = ROOT / "examples" / "model-repository" / "iris" / "config.toml"
+    config.write_bytes(b"# Optional per-model settings; see docs/model-repository.md\nmax_batch_size = 8\n")
+    print(f"wrote {config.relative_to(ROOT)}")
 
 
 def write_bench(directory):
     directory = pathlib.Path(directory).resolve()
     models = {
-        "bench_mlp": gemm_chain("bench_mlp", "input", "logits", [256, 1024, 1024, 10]),
-        "bench_conv": conv_net("bench_conv", [16, 32, 64], 64, 2, 10),
+        "bench_mlp": gemm_chain("bench_mlp", "input", "logits", [256, 1024, 1024, 10],
+                                rng=np.random.default_rng(BENCH_SEED)),
+        "bench_conv": conv_net("bench_conv", [16, 32, 64], 64, 2, 10,
+                               rng=np.random.default_rng(BENCH_SEED + 1)),
     }
+    shapes = {"bench_mlp": (2, 256), "bench_conv": (2, 3, 64, 64)}
     for name, m in models.items():
         data = save(m, directory / name / "1" / "model.onnx")
-        session_for(data)
+        feed = {m.graph.input[0].name: np.zeros(shapes[name], dtype=np.float32)}
+        session_for(data).run(None, feed)
 
 
 def main():
