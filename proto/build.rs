@@ -2,7 +2,11 @@
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["inference/grpc_service.proto", "edgefleet/v1/agent.proto"];
+const PROTOS: &[&str] = &[
+    "inference/grpc_service.proto",
+    "edgefleet/v1/agent.proto",
+    "edgefleet/v1/operator.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {

@@ -19,5 +19,8 @@ pub mod edgefleet {
     }
 }
 
+mod histogram;
+pub use histogram::{BUCKETS_PER_OCTAVE, bucket_lower_bound, bucket_of};
+
 /// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("edgefleet_descriptor");

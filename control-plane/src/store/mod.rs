@@ -1,0 +1,347 @@
+//! Storage: one interface ([`Store`]), two implementations — SQLite (the
+//! embedded default, WAL, one file under the data dir) and PostgreSQL (for
+//! fleets that outgrow one machine). The same test suite runs on both
+//! (`control-plane/tests/store.rs`).
+//!
+//! Times are Unix milliseconds (`i64`) everywhere; labels and inventories are
+//! stored as JSON text; histograms as the protobuf encoding of
+//! [`LogHistogram`], merged in Rust.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
+use serde::{Deserialize, Serialize};
+
+pub mod postgres;
+pub mod sqlite;
+
+/// Device and token labels, ordered so their JSON is stable.
+pub type Labels = BTreeMap<String, String>;
+
+/// Opens the store a database URL names: `postgres://…` / `postgresql://…`
+/// for PostgreSQL, `sqlite://PATH` for SQLite, and `None` for SQLite at
+/// `DATA_DIR/edgefleet.db` (created if missing). Applies pending migrations;
+/// refuses a schema newer than this build knows with
+/// [`StoreError::SchemaTooNew`].
+pub async fn open(
+    database_url: Option<&str>,
+    data_dir: &std::path::Path,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match database_url {
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            postgres::open(url).await
+        }
+        Some(url) if url.starts_with("sqlite:") => sqlite::open_url(url).await,
+        Some(url) => Err(StoreError::Connect(format!(
+            "unsupported database URL scheme in {:?}: use postgres://… or sqlite://PATH",
+            url.split(':').next().unwrap_or_default()
+        ))),
+        None => sqlite::open_file(&data_dir.join("edgefleet.db")).await,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the database schema (migration {found}) is newer than this edgefleet-server knows (up to {known}); upgrade edgefleet-server or point it at another database"
+    )]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("database migration failed: {0}")]
+    Migrate(String),
+    #[error("cannot open the database: {0}")]
+    Connect(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// What a device is (mirrors the protobuf `Inventory`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub cpu_model: String,
+    pub cpu_cores: u32,
+    pub memory_bytes: u64,
+    pub arch: String,
+    pub os: String,
+    pub accelerators: Vec<String>,
+    pub agent_version: String,
+    pub runtimes: Vec<String>,
+    pub hostname: String,
+}
+
+/// A model version as a device reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceModel {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub state: String,
+}
+
+/// An operator's bearer token (only its SHA-256 is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorToken {
+    pub id: String,
+    pub name: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// "admin" for now; the roles issue adds more.
+    pub role: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// A join token (only its secret's SHA-256 is stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret_hash: String,
+    pub labels: Labels,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// Devices it may still enroll.
+    pub uses_left: u32,
+    /// Operator token id that created it.
+    pub created_by: String,
+}
+
+/// Why a join token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum JoinTokenRefusal {
+    #[error("unknown join token")]
+    Unknown,
+    #[error("the join token has expired")]
+    Expired,
+    #[error("the join token has been used up")]
+    UsedUp,
+}
+
+/// A device to insert at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDevice {
+    pub id: String,
+    pub inventory: Inventory,
+    pub enrolled_at: i64,
+    /// Hex serial number of the issued certificate.
+    pub certificate_serial: String,
+    pub certificate_expires_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceStatus {
+    Enrolled,
+    Revoked,
+}
+
+/// Everything the store knows about a device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    pub id: String,
+    pub labels: Labels,
+    pub inventory: Inventory,
+    pub status: DeviceStatus,
+    pub enrolled_at: i64,
+    pub revoked_at: Option<i64>,
+    pub certificate_serial: String,
+    pub certificate_expires_at: i64,
+    /// Last time the device was heard from (hello, heartbeat, telemetry); 0 never.
+    pub last_seen: i64,
+    pub models: Vec<DeviceModel>,
+    pub runtime: String,
+    /// The device sample of the newest telemetry batch (highest sequence).
+    pub health: Option<DeviceTelemetry>,
+    /// Highest telemetry sequence stored.
+    pub last_sequence: u64,
+    pub requests_total: u64,
+    pub errors_total: u64,
+    pub offloaded_total: u64,
+    /// Largest `dropped_batches_total` the device reported.
+    pub dropped_batches_total: u64,
+}
+
+/// One model's figures in one telemetry batch.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelSample {
+    pub name: String,
+    pub version: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub local: u64,
+    pub offloaded: u64,
+    pub latency_us: LogHistogram,
+    pub batch_size: LogHistogram,
+    pub max_queue_depth: u32,
+}
+
+/// An event a device reported.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventRecord {
+    pub at: i64,
+    /// The protobuf enum's name, e.g. "MODEL_LOADED".
+    pub kind: String,
+    pub model: String,
+    pub version: u64,
+    pub message: String,
+}
+
+/// One telemetry batch of one device, as received.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TelemetryRecord {
+    pub device_id: String,
+    pub sequence: u64,
+    pub received_at: i64,
+    pub start_at: i64,
+    pub end_at: i64,
+    pub models: Vec<ModelSample>,
+    pub device: Option<DeviceTelemetry>,
+    pub events: Vec<EventRecord>,
+    pub dropped_batches_total: u64,
+}
+
+/// A point of a model series: raw (one batch) or rolled up (one hour).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelPoint {
+    /// Start of the interval the point covers.
+    pub at: i64,
+    /// End of the interval the point covers.
+    pub until: i64,
+    pub name: String,
+    pub version: u64,
+    pub requests: u64,
+    pub errors: u64,
+    pub local: u64,
+    pub offloaded: u64,
+    pub latency_us: LogHistogram,
+    pub batch_size: LogHistogram,
+    pub max_queue_depth: u32,
+}
+
+/// Resolution of a series query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// Every stored batch (only within the raw retention).
+    Raw,
+    /// Hourly rollups.
+    Hourly,
+}
+
+/// What one rollup-and-prune pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RollupReport {
+    /// (device, model, version, hour) rows written or rewritten.
+    pub hours_rolled_up: u64,
+    /// Raw telemetry batches deleted for being older than the retention.
+    pub batches_pruned: u64,
+}
+
+/// The storage interface. Every method is one transaction: it either happens
+/// entirely or not at all.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// "sqlite" or "postgres".
+    fn kind(&self) -> &'static str;
+
+    // ---- operator tokens
+    async fn insert_operator_token(&self, token: &OperatorToken) -> Result<(), StoreError>;
+    /// The live (not revoked) token with this secret hash.
+    async fn operator_token_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<OperatorToken>, StoreError>;
+    async fn count_operator_tokens(&self) -> Result<u64, StoreError>;
+
+    // ---- join tokens and enrollment
+    async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Atomically checks the join token (id and secret hash must both match,
+    /// not expired at `device.enrolled_at`, uses left), takes one use, and
+    /// inserts the device with the token's labels. Concurrent enrollments can
+    /// never take more uses than the token has.
+    async fn enroll_device(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        device: &NewDevice,
+    ) -> Result<Result<Device, JoinTokenRefusal>, StoreError>;
+
+    // ---- devices
+    async fn device(&self, id: &str) -> Result<Option<Device>, StoreError>;
+    /// All devices carrying every label of `selector`, ordered by id.
+    async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
+    /// Marks the device revoked (keeping the first revocation time). `None`
+    /// if there is no such device.
+    async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError>;
+    /// Ids of devices revoked at or after `since`, with their revocation time.
+    async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError>;
+    /// Records a new certificate for the device (renewal).
+    async fn set_device_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// Updates what a device said in its Hello: inventory, models, runtime,
+    /// and last seen.
+    async fn record_hello(
+        &self,
+        id: &str,
+        inventory: &Inventory,
+        models: &[DeviceModel],
+        runtime: &str,
+        at: i64,
+    ) -> Result<(), StoreError>;
+    /// Sets last seen (never moves it backwards).
+    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError>;
+
+    // ---- telemetry
+    /// Stores a group of batches (possibly from many devices) in one
+    /// transaction. A (device, sequence) already stored is skipped: the result
+    /// says, per batch in order, whether it was newly stored. Updates each
+    /// device's last sequence, last seen, latest health (from the batch with
+    /// the highest sequence), totals and dropped count.
+    async fn ingest_telemetry(&self, batches: &[TelemetryRecord]) -> Result<Vec<bool>, StoreError>;
+    /// Highest sequence stored for the device (0 if none).
+    async fn last_sequence(&self, device_id: &str) -> Result<u64, StoreError>;
+    /// Every sequence stored for the device, ascending (tests and audits).
+    async fn telemetry_sequences(&self, device_id: &str) -> Result<Vec<u64>, StoreError>;
+    /// A device's model series in `[from, until)`, ordered by time then model.
+    async fn model_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<ModelPoint>, StoreError>;
+    /// A device's raw device samples in `[from, until)` as (batch end, sample).
+    async fn device_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<(i64, DeviceTelemetry)>, StoreError>;
+    /// Fleet-wide totals per model and version over `[from, until)`, from
+    /// raw data and rollups (each hour counted once), latency histograms merged.
+    async fn fleet_model_totals(
+        &self,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<ModelPoint>, StoreError>;
+    /// Events of a device in `[from, until)`, ascending.
+    async fn events(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<EventRecord>, StoreError>;
+    /// Rolls raw model samples up into hourly rows for every complete hour
+    /// (before `now`'s hour) that has raw data, merging histograms; rewrites
+    /// an hour when late data arrived for it. Then deletes raw batches (and
+    /// their samples and events) whose end is older than `now - retention_ms`,
+    /// but only once their hour is rolled up. Idempotent.
+    async fn rollup_and_prune(
+        &self,
+        now: i64,
+        retention_ms: i64,
+    ) -> Result<RollupReport, StoreError>;
+}
