@@ -10,7 +10,16 @@ use clap::{Parser, Subcommand};
 use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_model};
 use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
 use edgefleet_agent::server::{Agent, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions};
+use edgefleet_agent::managed::enroll::EnrollOptions;
+use edgefleet_agent::managed::session::{self, HelloSource, SessionOptions};
+use edgefleet_agent::managed::state::StateDir;
+use edgefleet_agent::managed::{self};
+use edgefleet_agent::model_registry::ModelRegistry;
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
+use edgefleet_agent::telemetry::{
+    self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig, TelemetryRecorder,
+};
+use std::sync::Arc;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -35,6 +44,10 @@ struct Cli {
 enum Command {
     /// Standalone mode: serve every model in a model repository (no control plane).
     Serve(ServeArgs),
+    /// Enroll this device in a fleet with a join token (managed mode).
+    Enroll(EnrollArgs),
+    /// Managed mode: serve the models of the state dir and hold a session with the control plane.
+    Run(RunArgs),
     /// Load a model and run it once on zeros; exit 0 if it works. Used by the
     /// agent itself to check a model in a child process before serving it.
     #[command(hide = true)]
@@ -46,6 +59,13 @@ struct ServeArgs {
     /// Model repository: DIR/<model>/<version>/model.onnx (Triton's layout).
     #[arg(long, env = "EDGEFLEET_MODEL_REPOSITORY", value_name = "DIR")]
     model_repository: Option<PathBuf>,
+    #[command(flatten)]
+    serving: ServingArgs,
+}
+
+/// The serving flags `serve` and `run` share.
+#[derive(Debug, clap::Args)]
+struct ServingArgs {
     /// Open Inference Protocol gRPC listener [default: 127.0.0.1:8001].
     #[arg(long, env = "EDGEFLEET_GRPC_ADDR", value_name = "ADDR")]
     grpc_addr: Option<SocketAddr>,
@@ -61,9 +81,46 @@ struct ServeArgs {
     /// Largest inference request accepted, in bytes [default: 64 MiB].
     #[arg(long, env = "EDGEFLEET_MAX_REQUEST_BYTES", value_name = "BYTES")]
     max_request_bytes: Option<usize>,
-    /// TOML file with any of the settings above (flags and environment win).
+    /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct EnrollArgs {
+    /// The control plane's agent listener: https://HOST:PORT.
+    #[arg(long, env = "EDGEFLEET_SERVER", value_name = "URL")]
+    server: String,
+    /// Join token from `edgefleet join-token create`.
+    #[arg(long, env = "EDGEFLEET_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    token: String,
+    /// Where the agent keeps its identity, model cache and telemetry queue.
+    #[arg(long, env = "EDGEFLEET_STATE_DIR", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Enroll again even if the state dir already holds an enrollment.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// The state dir `enroll` filled.
+    #[arg(long, env = "EDGEFLEET_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    serving: ServingArgs,
+    /// Telemetry interval until the control plane suggests one [default: 10s].
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    telemetry_interval: Option<Duration>,
+    /// Cap of the on-disk telemetry queue in bytes; the oldest batches are dropped (and counted) beyond it [default: 64 MiB].
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_QUEUE_BYTES", value_name = "BYTES")]
+    telemetry_queue_bytes: Option<u64>,
+    /// Root under which /sys and /proc are read for device telemetry [default: /].
+    #[arg(long, env = "EDGEFLEET_SYSFS_ROOT", value_name = "DIR")]
+    sysfs_root: Option<PathBuf>,
+    /// Longest wait between reconnect attempts (delays double up to it, with full jitter) [default: 30s].
+    #[arg(long, env = "EDGEFLEET_RECONNECT_MAX_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    reconnect_max_delay: Option<Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +143,12 @@ struct FileConfig {
     runtime: Option<RuntimeChoice>,
     repository_poll_interval: Option<String>,
     max_request_bytes: Option<usize>,
+    // Managed mode (`run`) only.
+    state_dir: Option<PathBuf>,
+    telemetry_interval: Option<String>,
+    telemetry_queue_bytes: Option<u64>,
+    sysfs_root: Option<PathBuf>,
+    reconnect_max_delay: Option<String>,
 }
 
 struct ServeConfig {
@@ -102,11 +165,11 @@ fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
 
 /// Flags, then environment (both through clap), then the file, then defaults.
 /// Reports every problem at once.
-fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
-    let file = match &args.config {
-        Some(path) => load_file_config(path)?,
-        None => FileConfig::default(),
-    };
+fn resolve(
+    model_repository: Option<PathBuf>,
+    args: ServingArgs,
+    file: &FileConfig,
+) -> anyhow::Result<ServeConfig> {
     let mut problems = Vec::new();
     let parse_addr = |flag: Option<SocketAddr>,
                       text: Option<String>,
@@ -132,19 +195,22 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     };
     let grpc_addr = parse_addr(
         args.grpc_addr,
-        file.grpc_addr,
+        file.grpc_addr.clone(),
         DEFAULT_GRPC_ADDR,
         "grpc_addr",
         &mut problems,
     );
     let http_addr = parse_addr(
         args.http_addr,
-        file.http_addr,
+        file.http_addr.clone(),
         DEFAULT_HTTP_ADDR,
         "http_addr",
         &mut problems,
     );
-    let poll = match (args.repository_poll_interval, file.repository_poll_interval) {
+    let poll = match (
+        args.repository_poll_interval,
+        file.repository_poll_interval.clone(),
+    ) {
         (Some(interval), _) => interval,
         (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
             problems.push(format!("repository_poll_interval = \"{text}\": {err}"));
@@ -159,7 +225,6 @@ fn resolve(args: ServeArgs) -> anyhow::Result<ServeConfig> {
     if max_request_bytes == 0 {
         problems.push("max_request_bytes must be positive".to_string());
     }
-    let model_repository = args.model_repository.or(file.model_repository);
     if model_repository.is_none() {
         problems.push("--model-repository is required (or EDGEFLEET_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
@@ -198,14 +263,179 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
+fn file_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
+    match path {
+        Some(path) => load_file_config(path),
+        None => Ok(FileConfig::default()),
+    }
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = resolve(args)?;
+    let file = file_config(args.serving.config.as_deref())?;
+    let model_repository = args.model_repository.or(file.model_repository.clone());
+    let config = resolve(model_repository, args.serving, &file)?;
     let agent = Agent::new(config.options)?;
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     agent.run(grpc, http, shutdown).await?;
+    Ok(())
+}
+
+/// The runtimes this agent could use here, for the inventory.
+fn runtimes_available() -> Vec<String> {
+    let mut runtimes = Vec::new();
+    if runtime::find_onnxruntime_library().is_some() {
+        runtimes.push("onnxruntime".to_string());
+    }
+    runtimes.push("tract".to_string());
+    runtimes
+}
+
+async fn enroll(args: EnrollArgs) -> anyhow::Result<()> {
+    let options = EnrollOptions {
+        server_url: args.server,
+        token: args.token,
+        state_dir: args.state_dir.clone(),
+        force: args.force,
+        connect_timeout: Duration::from_secs(15),
+    };
+    let inventory = telemetry::collect_inventory(runtimes_available());
+    let enrollment = managed::enroll::enroll(&options, inventory).await?;
+    println!(
+        "enrolled as device {} with {}; start it with: edgefleet-agent run --state-dir {}",
+        enrollment.device_id,
+        enrollment.server_url,
+        args.state_dir.display()
+    );
+    Ok(())
+}
+
+/// What Hello reports, read live from the serving agent.
+struct AgentHello {
+    registry: Arc<ModelRegistry>,
+    runtime: String,
+    inventory: edgefleet_proto::edgefleet::v1::Inventory,
+}
+
+impl HelloSource for AgentHello {
+    fn inventory(&self) -> edgefleet_proto::edgefleet::v1::Inventory {
+        self.inventory.clone()
+    }
+
+    fn models(&self) -> Vec<edgefleet_proto::edgefleet::v1::ModelVersionRef> {
+        let mut models = Vec::new();
+        for status in self.registry.statuses() {
+            for version in &status.served_versions {
+                models.push(edgefleet_proto::edgefleet::v1::ModelVersionRef {
+                    name: status.name.clone(),
+                    version: *version,
+                    sha256: String::new(),
+                    state: "ready".into(),
+                });
+            }
+            for version in status.failed_versions.keys() {
+                models.push(edgefleet_proto::edgefleet::v1::ModelVersionRef {
+                    name: status.name.clone(),
+                    version: *version,
+                    sha256: String::new(),
+                    state: "failed".into(),
+                });
+            }
+        }
+        models
+    }
+
+    fn runtime(&self) -> String {
+        self.runtime.clone()
+    }
+}
+
+async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
+    let file = file_config(args.serving.config.as_deref())?;
+    let Some(state_dir) = args.state_dir.clone().or(file.state_dir.clone()) else {
+        anyhow::bail!("--state-dir is required (or EDGEFLEET_STATE_DIR, or state_dir in --config)");
+    };
+    let state = StateDir::new(&state_dir);
+    let (enrollment, _) = state.load()?;
+    state.create()?;
+    let config = resolve(Some(state.models_dir()), args.serving, &file)?;
+    let parse = |text: &Option<String>, key: &str| -> anyhow::Result<Option<Duration>> {
+        text.as_deref()
+            .map(|t| humantime::parse_duration(t).with_context(|| format!("{key} = \"{t}\"")))
+            .transpose()
+    };
+    let interval = match args.telemetry_interval {
+        Some(interval) => interval,
+        None => parse(&file.telemetry_interval, "telemetry_interval")?
+            .unwrap_or(telemetry::DEFAULT_TELEMETRY_INTERVAL),
+    };
+    if interval.is_zero() {
+        anyhow::bail!("the telemetry interval must be longer than zero");
+    }
+    let reconnect_max_delay = match args.reconnect_max_delay {
+        Some(delay) => delay,
+        None => parse(&file.reconnect_max_delay, "reconnect_max_delay")?
+            .unwrap_or(SessionOptions::default().backoff_max),
+    };
+    let telemetry_config = TelemetryConfig {
+        interval,
+        outbox_cap_bytes: args
+            .telemetry_queue_bytes
+            .or(file.telemetry_queue_bytes)
+            .unwrap_or(telemetry::DEFAULT_OUTBOX_CAP_BYTES),
+    };
+    let sysfs_root = args.sysfs_root.or(file.sysfs_root);
+
+    let recorder = Arc::new(TelemetryRecorder::new());
+    let agent = Agent::new_with_recorder(config.options, Arc::clone(&recorder))?;
+    let runtime = agent.runtime_kind().as_str().to_string();
+    let outbox = Outbox::open(state.telemetry_dir(), telemetry_config.outbox_cap_bytes)?;
+    let probe = match &sysfs_root {
+        Some(root) => DeviceProbe::with_root(root),
+        None => DeviceProbe::new(),
+    };
+    let mut collector = TelemetryCollector::new(
+        recorder,
+        probe,
+        outbox,
+        telemetry_config,
+        &runtime,
+        std::time::SystemTime::now(),
+    );
+    collector.set_device_id(&enrollment.device_id);
+    let collector = Arc::new(std::sync::Mutex::new(collector));
+    let hello = Arc::new(AgentHello {
+        registry: Arc::clone(agent.registry()),
+        runtime,
+        inventory: telemetry::collect_inventory(runtimes_available()),
+    });
+    let grpc = bind(config.grpc_addr, "gRPC").await?;
+    let http = bind(config.http_addr, "HTTP").await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tracing::info!(device = %enrollment.device_id, server = %enrollment.server_url, "managed mode");
+    let new_batch = Arc::new(tokio::sync::Notify::new());
+    let ticker = tokio::spawn(session::run_telemetry(
+        Arc::clone(&collector),
+        Arc::clone(&new_batch),
+        shutdown.clone(),
+    ));
+    let session_task = tokio::spawn(session::run_session(
+        state,
+        collector,
+        new_batch,
+        hello,
+        SessionOptions {
+            backoff_max: reconnect_max_delay,
+            ..SessionOptions::default()
+        },
+        shutdown.clone(),
+    ));
+    agent.run(grpc, http, shutdown).await?;
+    let _ = ticker.await;
+    let _ = session_task.await;
     Ok(())
 }
 
@@ -243,6 +473,14 @@ fn check(args: CheckModelArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(work)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -254,11 +492,9 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(serve(args))),
+        Command::Serve(args) => block_on(serve(args)),
+        Command::Enroll(args) => block_on(enroll(args)),
+        Command::Run(args) => block_on(run_managed(args)),
         Command::CheckModel(args) => {
             // The parent reads the last line starting with this prefix.
             return match check(args) {

@@ -1,4 +1,15 @@
-//! The edgefleet control plane, as a library: `edgefleet-server` is a thin
-//! shell over it, and tests run the real server in-process or as a process.
+//! The edgefleet control plane: storage, device identity, agent sessions and
+//! telemetry, and the operator API. `edgefleet-server` is a thin binary over
+//! [`server::start`].
 
+pub mod agent_service;
+pub mod config;
+pub mod convert;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod operator_service;
+pub mod server;
+pub mod sessions;
+pub mod state;
 pub mod store;

@@ -1,18 +1,17 @@
 //! `edgefleet-server`: the control plane.
-//!
-//! Not built yet: the control plane core (storage, enrollment, the agent
-//! session, telemetry) is its own issue. Until then this binary only answers
-//! `--help` and `--version` and refuses to pretend it serves.
 
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgefleet_control_plane::config::{ServeArgs, resolve};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "edgefleet-server",
     version,
-    about = "The edgefleet control plane (not implemented yet)"
+    about = "The edgefleet control plane: devices, enrollment, agent sessions, telemetry"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,16 +20,69 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the control plane (not implemented yet).
-    Serve,
+    /// Run the control plane.
+    Serve(ServeArgs),
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = resolve(args)?;
+    let data_dir = config.data_dir.clone();
+    let server = edgefleet_control_plane::server::start(config).await?;
+    if let Some(token) = &server.admin_token {
+        // Printed once; DATA_DIR/admin.token keeps it for scripts.
+        println!(
+            "edgefleet-server: created the first admin token (also in {}):\n{token}",
+            data_dir.join("admin.token").display()
+        );
+    }
+    tokio::spawn(cancel_on_signal(server.shutdown_token()));
+    server.wait().await
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+        match term {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Serve => {
-            eprintln!(
-                "edgefleet-server: the control plane is not implemented yet; run `edgefleet-agent serve` for standalone serving"
-            );
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(serve(args))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("edgefleet-server: {err:#}");
             ExitCode::FAILURE
         }
     }

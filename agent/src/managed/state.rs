@@ -1,0 +1,223 @@
+//! The agent's state directory in managed mode:
+//!
+//! ```text
+//! STATE_DIR/
+//!   identity/device.key      the device's private key (0600; never leaves the device)
+//!   identity/device.crt      its certificate, issued by the fleet CA
+//!   identity/ca.crt          the fleet CA
+//!   identity/enrollment.json device id, server URL, labels
+//!   models/                  the model cache (a Triton-layout repository)
+//!   telemetry/               the store-and-forward queue
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Enrollment {
+    pub device_id: String,
+    /// The control plane's agent URL, `https://host:port`.
+    pub server_url: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub enrolled_unix_ms: u64,
+}
+
+/// The device's TLS identity.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub key_pem: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: &Path) -> StateDir {
+        StateDir {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn identity_dir(&self) -> PathBuf {
+        self.root.join("identity")
+    }
+
+    pub fn models_dir(&self) -> PathBuf {
+        self.root.join("models")
+    }
+
+    pub fn telemetry_dir(&self) -> PathBuf {
+        self.root.join("telemetry")
+    }
+
+    fn enrollment_path(&self) -> PathBuf {
+        self.identity_dir().join("enrollment.json")
+    }
+
+    fn key_path(&self) -> PathBuf {
+        self.identity_dir().join("device.key")
+    }
+
+    fn certificate_path(&self) -> PathBuf {
+        self.identity_dir().join("device.crt")
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.identity_dir().join("ca.crt")
+    }
+
+    pub fn is_enrolled(&self) -> bool {
+        self.enrollment_path().exists()
+    }
+
+    /// Creates the directories (0700).
+    pub fn create(&self) -> anyhow::Result<()> {
+        for dir in [
+            self.root.clone(),
+            self.identity_dir(),
+            self.models_dir(),
+            self.telemetry_dir(),
+        ] {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("cannot restrict {}", dir.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a fresh enrollment: identity first, the enrollment record last,
+    /// so a crash midway leaves an unenrolled state dir.
+    pub fn save_enrollment(&self, enrollment: &Enrollment, identity: &Identity) -> anyhow::Result<()> {
+        self.create()?;
+        self.save_identity(identity)?;
+        let json = serde_json::to_vec_pretty(enrollment)?;
+        edgefleet_pki::write_private_file(&self.enrollment_path(), &json)?;
+        Ok(())
+    }
+
+    /// Replaces the key and certificate (renewal). Writes `*.next` files
+    /// first and renames them, so a crash never pairs a key with another
+    /// key's certificate: [`StateDir::load`] finishes an interrupted swap.
+    pub fn save_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        let next_key = self.key_path().with_extension("key.next");
+        let next_cert = self.certificate_path().with_extension("crt.next");
+        edgefleet_pki::write_private_file(&self.ca_path(), identity.ca_pem.as_bytes())?;
+        edgefleet_pki::write_private_file(&next_key, identity.key_pem.as_bytes())?;
+        edgefleet_pki::write_private_file(&next_cert, identity.certificate_pem.as_bytes())?;
+        self.finish_identity_swap()
+    }
+
+    fn finish_identity_swap(&self) -> anyhow::Result<()> {
+        let next_key = self.key_path().with_extension("key.next");
+        let next_cert = self.certificate_path().with_extension("crt.next");
+        if next_key.exists() && next_cert.exists() {
+            std::fs::rename(&next_key, self.key_path()).context("cannot install the new key")?;
+            std::fs::rename(&next_cert, self.certificate_path())
+                .context("cannot install the new certificate")?;
+        } else if next_cert.exists() {
+            // The key was renamed; the certificate was not yet.
+            std::fs::rename(&next_cert, self.certificate_path())
+                .context("cannot install the new certificate")?;
+        } else if next_key.exists() {
+            // The certificate never got written: this renewal did not happen.
+            let _ = std::fs::remove_file(&next_key);
+        }
+        Ok(())
+    }
+
+    /// Reads the enrollment and identity; a clear error when not enrolled.
+    pub fn load(&self) -> anyhow::Result<(Enrollment, Identity)> {
+        if !self.is_enrolled() {
+            anyhow::bail!(
+                "{} holds no enrollment: run `edgefleet-agent enroll --server URL --token TOKEN --state-dir {}` first",
+                self.root.display(),
+                self.root.display()
+            );
+        }
+        self.finish_identity_swap()?;
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let enrollment: Enrollment = serde_json::from_str(&read(self.enrollment_path())?)
+            .with_context(|| format!("{} is corrupt", self.enrollment_path().display()))?;
+        let identity = Identity {
+            key_pem: read(self.key_path())?,
+            certificate_pem: read(self.certificate_path())?,
+            ca_pem: read(self.ca_path())?,
+        };
+        Ok((enrollment, identity))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(tag: &str) -> Identity {
+        Identity {
+            key_pem: format!("key-{tag}"),
+            certificate_pem: format!("cert-{tag}"),
+            ca_pem: "ca".into(),
+        }
+    }
+
+    #[test]
+    fn enrollment_round_trips_with_private_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(&dir.path().join("state"));
+        assert!(state.load().is_err());
+        let enrollment = Enrollment {
+            device_id: "dev-1".into(),
+            server_url: "https://cp:7443".into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+            enrolled_unix_ms: 5,
+        };
+        state.save_enrollment(&enrollment, &identity("a")).unwrap();
+        let (loaded, id) = state.load().unwrap();
+        assert_eq!(loaded, enrollment);
+        assert_eq!(id.key_pem, "key-a");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(state.key_path()).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn an_interrupted_renewal_is_finished_or_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let enrollment = Enrollment {
+            device_id: "dev-1".into(),
+            server_url: "https://cp:7443".into(),
+            labels: Default::default(),
+            enrolled_unix_ms: 5,
+        };
+        state.save_enrollment(&enrollment, &identity("a")).unwrap();
+        // Crash after writing only the new key: the old pair stays.
+        std::fs::write(state.key_path().with_extension("key.next"), "key-b").unwrap();
+        let (_, id) = state.load().unwrap();
+        assert_eq!((id.key_pem.as_str(), id.certificate_pem.as_str()), ("key-a", "cert-a"));
+        // Crash after renaming the key but not the certificate: finish it.
+        std::fs::write(state.key_path(), "key-c").unwrap();
+        std::fs::write(state.certificate_path().with_extension("crt.next"), "cert-c").unwrap();
+        let (_, id) = state.load().unwrap();
+        assert_eq!((id.key_pem.as_str(), id.certificate_pem.as_str()), ("key-c", "cert-c"));
+    }
+}

@@ -1,0 +1,348 @@
+//! `edgefleet.v1.AgentService`: enrollment and the agent session stream.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_pki::{JoinTokenSecret, hash_secret};
+use edgefleet_proto::edgefleet::v1 as pb;
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use pb::agent_message::Kind as Upstream;
+use pb::control_message::Kind as Downstream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::convert;
+use crate::state::{ControlPlane, now_ms};
+use crate::store::{DeviceStatus, NewDevice};
+
+/// How long an agent has to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Batches of one session being stored at once (acks stay in order).
+const MAX_IN_FLIGHT: usize = 64;
+/// A session that sends nothing (no heartbeat, no telemetry) for this long is
+/// considered dead.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl AgentApi {
+    pub fn new(cp: Arc<ControlPlane>) -> AgentApi {
+        AgentApi { cp }
+    }
+}
+
+fn new_device_id() -> String {
+    format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+/// The device a session belongs to: the CN of its client certificate, which
+/// the TLS layer has already verified against the fleet CA (and its validity).
+fn authenticated_device<T>(request: &Request<T>) -> Result<String, Status> {
+    edgefleet_pki::peer_device_id(request).ok_or_else(|| {
+        Status::unauthenticated(
+            "a client certificate issued by this fleet's CA is required: enroll the agent first",
+        )
+    })
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        let cp = &self.cp;
+        let request = request.into_inner();
+        let token = JoinTokenSecret::parse(request.join_token.trim()).map_err(|err| {
+            cp.metrics.refuse_enrollment("malformed_token");
+            Status::invalid_argument(format!("malformed join token: {err}"))
+        })?;
+        if token.ca_fingerprint != cp.ca.fingerprint() {
+            cp.metrics.refuse_enrollment("other_fleet");
+            return Err(Status::unauthenticated(
+                "the join token belongs to another fleet (its CA fingerprint is not this server's)",
+            ));
+        }
+        let Some(inventory) = request.inventory.as_ref() else {
+            return Err(Status::invalid_argument("inventory is required"));
+        };
+        let inventory = convert::inventory_from_pb(inventory)?;
+        if request.csr_pem.len() > 16 * 1024 {
+            return Err(Status::invalid_argument("the CSR is too large"));
+        }
+        let device_id = new_device_id();
+        let issued = cp
+            .ca
+            .sign_device_csr(&request.csr_pem, &device_id, cp.config.device_certificate_validity)
+            .map_err(|err| {
+                cp.metrics.refuse_enrollment("bad_csr");
+                Status::invalid_argument(format!("invalid CSR: {err}"))
+            })?;
+        let now = now_ms();
+        let device = NewDevice {
+            id: device_id.clone(),
+            inventory,
+            enrolled_at: now,
+            certificate_serial: issued.serial_hex.clone(),
+            certificate_expires_at: issued.not_after_unix_ms,
+        };
+        let enrolled = cp
+            .store
+            .enroll_device(&token.id, &hash_secret(&token.secret), &device)
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "cannot store an enrollment");
+                Status::unavailable(format!("cannot store the enrollment: {err}"))
+            })?;
+        match enrolled {
+            Ok(device) => {
+                cp.metrics.enrollments.inc();
+                tracing::info!(device = %device.id, token = %token.id, "device enrolled");
+                Ok(Response::new(pb::EnrollResponse {
+                    device_id: device.id,
+                    certificate_pem: issued.certificate_pem,
+                    ca_certificate_pem: cp.ca.certificate_pem().to_string(),
+                    labels: device.labels.into_iter().collect(),
+                }))
+            }
+            Err(refusal) => {
+                cp.metrics.refuse_enrollment(match refusal {
+                    crate::store::JoinTokenRefusal::Unknown => "unknown_token",
+                    crate::store::JoinTokenRefusal::Expired => "expired_token",
+                    crate::store::JoinTokenRefusal::UsedUp => "used_up_token",
+                });
+                tracing::info!(token = %token.id, %refusal, "enrollment refused");
+                Err(Status::unauthenticated(refusal.to_string()))
+            }
+        }
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let cp = self.cp.clone();
+        let device_id = authenticated_device(&request).inspect_err(|_| {
+            cp.metrics.refuse_session("no_client_certificate");
+        })?;
+        let device = cp
+            .store
+            .device(&device_id)
+            .await
+            .map_err(|err| Status::unavailable(format!("cannot read the device: {err}")))?;
+        let Some(device) = device else {
+            cp.metrics.refuse_session("unknown_device");
+            return Err(Status::unauthenticated(format!(
+                "device {device_id} is not enrolled in this fleet"
+            )));
+        };
+        if device.status == DeviceStatus::Revoked {
+            cp.metrics.refuse_session("revoked");
+            return Err(Status::permission_denied(format!(
+                "device {device_id} has been revoked"
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello within 30 s")),
+            Ok(None) => return Err(Status::cancelled("the agent closed the session")),
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(Some(Ok(pb::AgentMessage {
+                kind: Some(Upstream::Hello(hello)),
+            }))) => hello,
+            Ok(Some(Ok(_))) => {
+                cp.metrics.refuse_session("no_hello");
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be a Hello",
+                ));
+            }
+        };
+        if hello.device_id != device_id {
+            cp.metrics.refuse_session("identity_mismatch");
+            return Err(Status::permission_denied(format!(
+                "Hello names device {:?} but the client certificate is device {device_id:?}",
+                hello.device_id
+            )));
+        }
+        let inventory = convert::inventory_from_pb(&hello.inventory.clone().unwrap_or_default())?;
+        let models = convert::models_from_pb(&hello.models)?;
+        let now = now_ms();
+        cp.store
+            .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
+            .await
+            .map_err(|err| Status::unavailable(format!("cannot record the Hello: {err}")))?;
+        let acked_sequence = cp
+            .store
+            .last_sequence(&device_id)
+            .await
+            .map_err(|err| Status::unavailable(format!("cannot read telemetry state: {err}")))?;
+
+        let (outbound, receiver) = mpsc::channel(MAX_IN_FLIGHT * 2);
+        let welcome = pb::ControlMessage {
+            kind: Some(Downstream::Welcome(pb::Welcome {
+                device_id: device_id.clone(),
+                server_unix_ms: u64::try_from(now).unwrap_or_default(),
+                acked_sequence,
+                telemetry_interval_seconds: u32::try_from(cp.config.telemetry_interval.as_secs())
+                    .unwrap_or(u32::MAX),
+            })),
+        };
+        outbound
+            .send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("the agent went away"))?;
+        tracing::info!(device = %device_id, acked_sequence, "agent session opened");
+        tokio::spawn(run_session(cp, device_id, inbound, outbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+async fn run_session(
+    cp: Arc<ControlPlane>,
+    device_id: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+    outbound: crate::sessions::Outbound,
+) {
+    let guard = cp.sessions.register(&device_id, outbound.clone());
+    cp.metrics.sessions.inc();
+    let mut storing = FuturesOrdered::new();
+    let mut last_touch = now_ms();
+    let reason: Result<(), Status> = loop {
+        let receive = !(storing.len() >= MAX_IN_FLIGHT);
+        tokio::select! {
+            _ = guard.cancel.cancelled() => break Ok(()),
+            Some(stored) = storing.next(), if !storing.is_empty() => {
+                match stored {
+                    Ok(sequence) => {
+                        let ack = pb::ControlMessage {
+                            kind: Some(Downstream::TelemetryAck(pb::TelemetryAck { sequence })),
+                        };
+                        if outbound.send(Ok(ack)).await.is_err() {
+                            break Ok(());
+                        }
+                    }
+                    Err(status) => break Err(status),
+                }
+            }
+            message = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()), if receive => {
+                let message = match message {
+                    Err(_) => break Err(Status::deadline_exceeded("no message from the agent for 180 s")),
+                    Ok(None) => break Ok(()),
+                    Ok(Some(Err(status))) => {
+                        tracing::debug!(device = %device_id, %status, "session stream error");
+                        break Ok(());
+                    }
+                    Ok(Some(Ok(message))) => message,
+                };
+                let now = now_ms();
+                match message.kind {
+                    Some(Upstream::Telemetry(batch)) => {
+                        let record = match convert::telemetry_from_pb(&device_id, batch, now) {
+                            Ok(record) => record,
+                            Err(status) => break Err(status),
+                        };
+                        let sequence = record.sequence;
+                        let ingester = cp.ingester.clone();
+                        storing.push_back(async move {
+                            ingester
+                                .store(record)
+                                .await
+                                .map(|_| sequence)
+                                .map_err(Status::unavailable)
+                        });
+                        last_touch = now;
+                    }
+                    Some(Upstream::Heartbeat(_)) => {
+                        if now - last_touch >= 5_000 {
+                            if let Err(err) = cp.store.touch_device(&device_id, now).await {
+                                tracing::warn!(device = %device_id, error = %err, "cannot record a heartbeat");
+                            }
+                            last_touch = now;
+                        }
+                    }
+                    Some(Upstream::RenewCertificate(renew)) => {
+                        match renew_certificate(&cp, &device_id, &renew.csr_pem).await {
+                            Ok(message) => {
+                                if outbound.send(Ok(message)).await.is_err() {
+                                    break Ok(());
+                                }
+                            }
+                            Err(status) => break Err(status),
+                        }
+                    }
+                    Some(Upstream::CommandAck(ack)) => {
+                        tracing::debug!(device = %device_id, command = ack.command_id, ok = ack.ok, "command acknowledged");
+                    }
+                    Some(Upstream::Hello(_)) => {
+                        break Err(Status::invalid_argument("Hello may only be the first message of a session"));
+                    }
+                    // A newer agent's message this server does not know yet.
+                    None => {}
+                }
+            }
+        }
+    };
+    // Acknowledge what is already being stored before going away.
+    while let Some(stored) = storing.next().await {
+        match stored {
+            Ok(sequence) => {
+                let ack = pb::ControlMessage {
+                    kind: Some(Downstream::TelemetryAck(pb::TelemetryAck { sequence })),
+                };
+                let _ = outbound.try_send(Ok(ack));
+            }
+            Err(_) => break,
+        }
+    }
+    if let Err(status) = reason {
+        tracing::info!(device = %device_id, code = ?status.code(), message = status.message(), "agent session ended by the server");
+        cp.metrics.refuse_session(match status.code() {
+            tonic::Code::PermissionDenied => "permission_denied",
+            tonic::Code::InvalidArgument => "invalid_argument",
+            tonic::Code::Unavailable => "store_unavailable",
+            _ => "other",
+        });
+        let _ = outbound.try_send(Err(status));
+    } else {
+        tracing::info!(device = %device_id, "agent session closed");
+    }
+    let _ = cp.store.touch_device(&device_id, now_ms()).await;
+    cp.metrics.sessions.dec();
+    drop(guard);
+}
+
+async fn renew_certificate(
+    cp: &ControlPlane,
+    device_id: &str,
+    csr_pem: &str,
+) -> Result<pb::ControlMessage, Status> {
+    if csr_pem.len() > 16 * 1024 {
+        return Err(Status::invalid_argument("the CSR is too large"));
+    }
+    let issued = cp
+        .ca
+        .sign_device_csr(csr_pem, device_id, cp.config.device_certificate_validity)
+        .map_err(|err| Status::invalid_argument(format!("invalid CSR: {err}")))?;
+    cp.store
+        .set_device_certificate(device_id, &issued.serial_hex, issued.not_after_unix_ms)
+        .await
+        .map_err(|err| Status::unavailable(format!("cannot store the certificate: {err}")))?;
+    cp.metrics.certificates_renewed.inc();
+    tracing::info!(device = %device_id, serial = %issued.serial_hex, "device certificate renewed");
+    Ok(pb::ControlMessage {
+        kind: Some(Downstream::Certificate(pb::CertificateIssued {
+            certificate_pem: issued.certificate_pem,
+            ca_certificate_pem: cp.ca.certificate_pem().to_string(),
+        })),
+    })
+}

@@ -1,0 +1,190 @@
+//! `edgefleet-server serve` settings: flags, then environment (`EDGEFLEET_…`,
+//! both through clap), then a TOML file, then defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// Agents connect here (TLS; mutual TLS for everything but enrollment).
+pub const DEFAULT_AGENT_ADDR: &str = "0.0.0.0:7443";
+/// The operator gRPC API (`edgefleet` CLI, scripts).
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7444";
+/// Dashboard and `/metrics`.
+pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
+pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+pub const DEFAULT_DEVICE_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Where the server keeps its CA, admin token and (by default) its SQLite database.
+    #[arg(long, env = "EDGEFLEET_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// postgres://… for PostgreSQL, sqlite://PATH for another SQLite file [default: SQLite in the data dir].
+    #[arg(long, env = "EDGEFLEET_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// gRPC listener for agents, TLS [default: 0.0.0.0:7443].
+    #[arg(long, env = "EDGEFLEET_AGENT_ADDR", value_name = "ADDR")]
+    pub agent_addr: Option<SocketAddr>,
+    /// Operator gRPC API; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7444].
+    #[arg(long, env = "EDGEFLEET_API_ADDR", value_name = "ADDR")]
+    pub api_addr: Option<SocketAddr>,
+    /// Dashboard and /metrics HTTP listener; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7480].
+    #[arg(long, env = "EDGEFLEET_HTTP_ADDR", value_name = "ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// Extra names (DNS or IP) agents use to reach this server, for its certificate: a,b,c.
+    #[arg(long, env = "EDGEFLEET_SERVER_NAMES", value_name = "NAMES", value_delimiter = ',')]
+    pub server_names: Vec<String>,
+    /// How long raw telemetry is kept before only hourly rollups remain [default: 7d].
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub telemetry_retention: Option<Duration>,
+    /// Telemetry interval suggested to agents [default: 10s].
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub telemetry_interval: Option<Duration>,
+    /// Lifetime of device certificates; agents renew when a third is left [default: 90d].
+    #[arg(long, env = "EDGEFLEET_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub device_certificate_validity: Option<Duration>,
+    /// TOML file with any of the settings above (flags and environment win).
+    #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The same settings, from a TOML file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    database_url: Option<String>,
+    agent_addr: Option<String>,
+    api_addr: Option<String>,
+    http_addr: Option<String>,
+    server_names: Option<Vec<String>>,
+    telemetry_retention: Option<String>,
+    telemetry_interval: Option<String>,
+    device_certificate_validity: Option<String>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub server_names: Vec<String>,
+    pub telemetry_retention: Duration,
+    pub telemetry_interval: Duration,
+    pub device_certificate_validity: Duration,
+    /// How often the store is asked for revocations made by other replicas.
+    pub revocation_poll_interval: Duration,
+    /// How often raw telemetry is rolled up and pruned.
+    pub rollup_interval: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for everything but the data dir (tests and embedding).
+    pub fn new(data_dir: &Path) -> ServerConfig {
+        let parse = |text: &str| text.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        ServerConfig {
+            data_dir: data_dir.to_path_buf(),
+            database_url: None,
+            agent_addr: parse(DEFAULT_AGENT_ADDR),
+            api_addr: parse(DEFAULT_API_ADDR),
+            http_addr: parse(DEFAULT_HTTP_ADDR),
+            server_names: Vec::new(),
+            telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
+            telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
+            device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
+            revocation_poll_interval: Duration::from_secs(2),
+            rollup_interval: Duration::from_secs(600),
+        }
+    }
+}
+
+fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// Flags and environment, then the file, then defaults. Reports every
+/// problem at once.
+pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
+    let file = match &args.config {
+        Some(path) => load_file_config(path)?,
+        None => FileConfig::default(),
+    };
+    let mut problems = Vec::new();
+    let data_dir = args.data_dir.or(file.data_dir);
+    if data_dir.is_none() {
+        problems.push(
+            "--data-dir is required (or EDGEFLEET_DATA_DIR, or data_dir in --config)".to_string(),
+        );
+    }
+    let mut config = ServerConfig::new(&data_dir.unwrap_or_default());
+    let mut addr = |flag: Option<SocketAddr>, text: Option<String>, key: &str, default: SocketAddr| {
+        match (flag, text) {
+            (Some(addr), _) => addr,
+            (None, Some(text)) => text.parse().unwrap_or_else(|_| {
+                problems.push(format!("{key} = \"{text}\" is not an address like 127.0.0.1:7444"));
+                default
+            }),
+            (None, None) => default,
+        }
+    };
+    config.agent_addr = addr(args.agent_addr, file.agent_addr, "agent_addr", config.agent_addr);
+    config.api_addr = addr(args.api_addr, file.api_addr, "api_addr", config.api_addr);
+    config.http_addr = addr(args.http_addr, file.http_addr, "http_addr", config.http_addr);
+    let mut duration = |flag: Option<Duration>, text: Option<String>, key: &str, default: Duration| {
+        let value = match (flag, text) {
+            (Some(value), _) => value,
+            (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
+                problems.push(format!("{key} = \"{text}\": {err}"));
+                default
+            }),
+            (None, None) => default,
+        };
+        if value.is_zero() {
+            problems.push(format!("{key} must be longer than zero"));
+        }
+        value
+    };
+    config.telemetry_retention = duration(
+        args.telemetry_retention,
+        file.telemetry_retention,
+        "telemetry_retention",
+        config.telemetry_retention,
+    );
+    config.telemetry_interval = duration(
+        args.telemetry_interval,
+        file.telemetry_interval,
+        "telemetry_interval",
+        config.telemetry_interval,
+    );
+    config.device_certificate_validity = duration(
+        args.device_certificate_validity,
+        file.device_certificate_validity,
+        "device_certificate_validity",
+        config.device_certificate_validity,
+    );
+    config.database_url = args.database_url.or(file.database_url);
+    config.server_names = if args.server_names.is_empty() {
+        file.server_names.unwrap_or_default()
+    } else {
+        args.server_names
+    };
+    let addrs = [config.agent_addr, config.api_addr, config.http_addr];
+    for (i, a) in addrs.iter().enumerate() {
+        if a.port() != 0 && addrs[..i].contains(a) {
+            problems.push(format!("two listeners cannot share {a}"));
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+    }
+    Ok(config)
+}

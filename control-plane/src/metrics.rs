@@ -1,0 +1,100 @@
+//! The control plane's Prometheus metrics, served at `/metrics`.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct ServerMetrics {
+    registry: Registry,
+    pub sessions: Gauge,
+    pub enrollments: Counter,
+    pub enrollments_refused: Family<ReasonLabels, Counter>,
+    pub sessions_refused: Family<ReasonLabels, Counter>,
+    pub telemetry_batches: Counter,
+    pub telemetry_duplicates: Counter,
+    pub certificates_renewed: Counter,
+}
+
+impl ServerMetrics {
+    pub fn new() -> Arc<ServerMetrics> {
+        let mut registry = Registry::with_prefix("edgefleet_server");
+        let sessions = Gauge::default();
+        let enrollments = Counter::default();
+        let enrollments_refused = Family::<ReasonLabels, Counter>::default();
+        let sessions_refused = Family::<ReasonLabels, Counter>::default();
+        let telemetry_batches = Counter::default();
+        let telemetry_duplicates = Counter::default();
+        let certificates_renewed = Counter::default();
+        registry.register("agent_sessions", "Agent sessions open on this replica", sessions.clone());
+        registry.register("enrollments", "Devices enrolled", enrollments.clone());
+        registry.register(
+            "enrollments_refused",
+            "Enrollments refused, by reason",
+            enrollments_refused.clone(),
+        );
+        registry.register(
+            "sessions_refused",
+            "Agent sessions refused or ended by the server, by reason",
+            sessions_refused.clone(),
+        );
+        registry.register(
+            "telemetry_batches",
+            "Telemetry batches stored",
+            telemetry_batches.clone(),
+        );
+        registry.register(
+            "telemetry_duplicate_batches",
+            "Telemetry batches received again after a lost acknowledgement (not stored twice)",
+            telemetry_duplicates.clone(),
+        );
+        registry.register(
+            "certificates_renewed",
+            "Device certificates renewed over a session",
+            certificates_renewed.clone(),
+        );
+        Arc::new(ServerMetrics {
+            registry,
+            sessions,
+            enrollments,
+            enrollments_refused,
+            sessions_refused,
+            telemetry_batches,
+            telemetry_duplicates,
+            certificates_renewed,
+        })
+    }
+
+    pub fn refuse_session(&self, reason: &str) {
+        self.sessions_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn refuse_enrollment(&self, reason: &str) {
+        self.enrollments_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {
+            text.clear();
+        }
+        text
+    }
+}

@@ -1,0 +1,161 @@
+//! `edgefleet.v1.OperatorService`: what operators script (join tokens and
+//! devices for now). Every call needs `authorization: Bearer <token>`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use edgefleet_pki::{JoinTokenSecret, hash_secret};
+use edgefleet_proto::edgefleet::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::state::{ControlPlane, now_ms};
+use crate::store::{JoinToken, OperatorToken};
+
+/// Join tokens live 24 h unless asked otherwise, and at most a year.
+const DEFAULT_JOIN_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+const MAX_JOIN_TOKEN_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+const MAX_JOIN_TOKEN_USES: u32 = 1_000_000;
+
+#[derive(Debug, Clone)]
+pub struct OperatorApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl OperatorApi {
+    pub fn new(cp: Arc<ControlPlane>) -> OperatorApi {
+        OperatorApi { cp }
+    }
+
+    /// The operator behind the request's bearer token.
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<OperatorToken, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+        let header = header
+            .to_str()
+            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be: Bearer <token>"))?
+            .trim();
+        let found = self
+            .cp
+            .store
+            .operator_token_by_hash(&hash_secret(token))
+            .await
+            .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
+        found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+    }
+}
+
+fn store_error(err: crate::store::StoreError) -> Status {
+    tracing::error!(error = %err, "store error");
+    Status::unavailable(format!("database error: {err}"))
+}
+
+#[tonic::async_trait]
+impl pb::operator_service_server::OperatorService for OperatorApi {
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        let operator = self.authorize(&request).await?;
+        let request = request.into_inner();
+        for (key, value) in &request.labels {
+            convert::validate_label(key, value).map_err(Status::invalid_argument)?;
+        }
+        let lifetime = match request.expires_in_seconds {
+            0 => DEFAULT_JOIN_TOKEN_LIFETIME,
+            seconds => Duration::from_secs(seconds),
+        };
+        if lifetime > MAX_JOIN_TOKEN_LIFETIME {
+            return Err(Status::invalid_argument(
+                "expires_in_seconds is longer than a year",
+            ));
+        }
+        let uses = request.uses.max(1);
+        if uses > MAX_JOIN_TOKEN_USES {
+            return Err(Status::invalid_argument(format!(
+                "uses must be at most {MAX_JOIN_TOKEN_USES}"
+            )));
+        }
+        let secret = JoinTokenSecret::generate(&self.cp.ca.fingerprint());
+        let now = now_ms();
+        let expires_at = now + i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
+        let labels: crate::store::Labels = request.labels.into_iter().collect();
+        self.cp
+            .store
+            .insert_join_token(&JoinToken {
+                id: secret.id.clone(),
+                secret_hash: hash_secret(&secret.secret),
+                labels: labels.clone(),
+                created_at: now,
+                expires_at,
+                uses_left: uses,
+                created_by: operator.id.clone(),
+            })
+            .await
+            .map_err(store_error)?;
+        tracing::info!(token = %secret.id, operator = %operator.id, uses, "join token created");
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: secret.to_string(),
+            id: secret.id.clone(),
+            expires_unix_ms: u64::try_from(expires_at).unwrap_or_default(),
+            uses,
+            ca_fingerprint: secret.ca_fingerprint.clone(),
+            labels: labels.into_iter().collect(),
+        }))
+    }
+
+    async fn list_devices(
+        &self,
+        request: Request<pb::ListDevicesRequest>,
+    ) -> Result<Response<pb::ListDevicesResponse>, Status> {
+        self.authorize(&request).await?;
+        let selector =
+            convert::parse_labels(&request.get_ref().selector).map_err(Status::invalid_argument)?;
+        let devices = self.cp.store.devices(&selector).await.map_err(store_error)?;
+        Ok(Response::new(pb::ListDevicesResponse {
+            devices: devices
+                .iter()
+                .map(|d| convert::device_to_pb(d, self.cp.sessions.is_online(&d.id)))
+                .collect(),
+        }))
+    }
+
+    async fn get_device(
+        &self,
+        request: Request<pb::GetDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        self.authorize(&request).await?;
+        let id = &request.get_ref().id;
+        let device = self.cp.store.device(id).await.map_err(store_error)?;
+        let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
+        let online = self.cp.sessions.is_online(&device.id);
+        Ok(Response::new(convert::device_to_pb(&device, online)))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<pb::RevokeDeviceRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let operator = self.authorize(&request).await?;
+        let id = &request.get_ref().id;
+        let device = self
+            .cp
+            .store
+            .revoke_device(id, now_ms())
+            .await
+            .map_err(store_error)?;
+        let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
+        self.cp.sessions.end(
+            id,
+            Status::permission_denied(format!("device {id} has been revoked")),
+        );
+        tracing::info!(device = %id, operator = %operator.id, "device revoked");
+        Ok(Response::new(convert::device_to_pb(&device, false)))
+    }
+}

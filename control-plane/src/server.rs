@@ -1,0 +1,284 @@
+//! Starting the control plane: storage, the CA, the admin token, the three
+//! listeners and the background tasks.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use edgefleet_pki::CertificateAuthority;
+use edgefleet_proto::edgefleet::v1::agent_service_server::AgentServiceServer;
+use edgefleet_proto::edgefleet::v1::operator_service_server::OperatorServiceServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent_service::AgentApi;
+use crate::config::ServerConfig;
+use crate::ingest::Ingester;
+use crate::metrics::ServerMetrics;
+use crate::operator_service::OperatorApi;
+use crate::sessions::Sessions;
+use crate::state::{ControlPlane, now_ms};
+use crate::store::OperatorToken;
+
+/// Largest message an agent may send (a telemetry batch is a few KB).
+pub const MAX_AGENT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Lifetime of the server certificate issued at each start.
+const SERVER_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A started control plane.
+#[derive(Debug)]
+pub struct RunningServer {
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// The admin token, when this start created it.
+    pub admin_token: Option<String>,
+    pub ca_fingerprint: String,
+    pub control_plane: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops every listener and task, and waits for them.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server stops (a listener fails, or `shutdown` fires).
+    pub async fn wait(self) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for task in self.tasks {
+            let result = match task.await {
+                Ok(result) => result,
+                Err(err) => Err(anyhow::anyhow!("a server task panicked: {err}")),
+            };
+            if let Err(err) = result {
+                self.shutdown.cancel();
+                first_error.get_or_insert(err);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {addr}"))
+}
+
+/// Creates the first admin token when the store has no operator token.
+async fn ensure_admin_token(
+    store: &dyn crate::store::Store,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Option<String>> {
+    if store.count_operator_tokens().await? > 0 {
+        return Ok(None);
+    }
+    let (token, id) = edgefleet_pki::generate_operator_token();
+    store
+        .insert_operator_token(&OperatorToken {
+            id,
+            name: "admin".into(),
+            secret_hash: edgefleet_pki::hash_secret(&token),
+            role: "admin".into(),
+            created_at: now_ms(),
+            revoked_at: None,
+        })
+        .await?;
+    let path = data_dir.join("admin.token");
+    edgefleet_pki::write_private_file(&path, format!("{token}\n").as_bytes())?;
+    Ok(Some(token))
+}
+
+fn reflection() -> anyhow::Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(edgefleet_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build gRPC reflection")
+}
+
+/// Starts the control plane; returns once every listener is bound.
+pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    let data_dir = config.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let store = crate::store::open(config.database_url.as_deref(), &data_dir).await?;
+    tracing::info!(store = store.kind(), "database ready");
+    let (ca, created) = CertificateAuthority::load_or_create(&data_dir)?;
+    if created {
+        tracing::info!(fingerprint = %ca.fingerprint(), "created the fleet CA");
+    }
+    let admin_token = ensure_admin_token(store.as_ref(), &data_dir).await?;
+    let server_identity = ca.issue_server_certificate(&config.server_names, SERVER_CERTIFICATE_VALIDITY)?;
+    let agent_tls = edgefleet_pki::agent_server_tls_config(&server_identity, ca.certificate_pem())?;
+    let operator_tls = edgefleet_pki::operator_server_tls_config(&server_identity)?;
+
+    let agent_listener = bind(config.agent_addr, "agents").await?;
+    let api_listener = bind(config.api_addr, "the operator API").await?;
+    let http_listener = bind(config.http_addr, "HTTP").await?;
+    let agent_addr = agent_listener.local_addr()?;
+    let api_addr = api_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let metrics = ServerMetrics::new();
+    let ingester = Ingester::start(Arc::clone(&store), Arc::clone(&metrics));
+    let ca_fingerprint = ca.fingerprint();
+    let cp = Arc::new(ControlPlane {
+        config: config.clone(),
+        store,
+        ca,
+        sessions: Sessions::default(),
+        ingester,
+        metrics: Arc::clone(&metrics),
+    });
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    // Agents: TLS always (client certificates verified by rustls when given).
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentApi>>()
+        .await;
+    let agent_service = AgentServiceServer::new(AgentApi::new(Arc::clone(&cp)))
+        .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES);
+    let incoming = edgefleet_pki::tls_incoming(agent_listener, agent_tls);
+    let stop = shutdown.clone();
+    let agent_server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection()?)
+        .add_service(agent_service)
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
+    tasks.push(tokio::spawn(async move {
+        agent_server.await.context("agent listener failed")
+    }));
+
+    // Operators: plaintext on loopback, TLS elsewhere.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<OperatorServiceServer<OperatorApi>>()
+        .await;
+    let operator_router = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection()?)
+        .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(&cp))));
+    let stop = shutdown.clone();
+    if api_addr.ip().is_loopback() {
+        let incoming = tonic::transport::server::TcpIncoming::from(api_listener);
+        tasks.push(tokio::spawn(async move {
+            operator_router
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+                .await
+                .context("operator API listener failed")
+        }));
+    } else {
+        let incoming = edgefleet_pki::tls_incoming(api_listener, Arc::clone(&operator_tls));
+        tasks.push(tokio::spawn(async move {
+            operator_router
+                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+                .await
+                .context("operator API listener failed")
+        }));
+    }
+
+    // HTTP: plaintext on loopback, TLS elsewhere.
+    let router = crate::http::router(Arc::clone(&metrics));
+    let stop = shutdown.clone();
+    if http_addr.ip().is_loopback() {
+        tasks.push(tokio::spawn(async move {
+            axum::serve(http_listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .context("HTTP listener failed")
+        }));
+    } else {
+        tasks.push(tokio::spawn(crate::http::serve_tls(
+            http_listener,
+            operator_tls,
+            router,
+            stop,
+        )));
+    }
+
+    tasks.push(tokio::spawn(watch_revocations(Arc::clone(&cp), shutdown.clone())));
+    tasks.push(tokio::spawn(roll_up(Arc::clone(&cp), shutdown.clone())));
+
+    let api_scheme = if api_addr.ip().is_loopback() { "http" } else { "https" };
+    let http_scheme = if http_addr.ip().is_loopback() { "http" } else { "https" };
+    tracing::info!(
+        agent = %format!("https://{agent_addr}"),
+        api = %format!("{api_scheme}://{api_addr}"),
+        http = %format!("{http_scheme}://{http_addr}"),
+        "edgefleet-server listening"
+    );
+    Ok(RunningServer {
+        agent_addr,
+        api_addr,
+        http_addr,
+        admin_token,
+        ca_fingerprint,
+        control_plane: cp,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Ends sessions of devices revoked anywhere (another replica, or directly
+/// in the database) within one poll interval.
+async fn watch_revocations(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut since = now_ms();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(cp.config.revocation_poll_interval) => {}
+        }
+        match cp.store.revocations_since(since).await {
+            Ok(revoked) => {
+                for (device, at) in revoked {
+                    since = since.max(at);
+                    if cp.sessions.end(
+                        &device,
+                        tonic::Status::permission_denied(format!("device {device} has been revoked")),
+                    ) {
+                        tracing::info!(%device, "ended the session of a revoked device");
+                    }
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot poll revocations"),
+        }
+    }
+}
+
+/// Rolls raw telemetry up into hourly rows and prunes what is past retention.
+async fn roll_up(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let retention_ms = i64::try_from(cp.config.telemetry_retention.as_millis()).unwrap_or(i64::MAX);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(cp.config.rollup_interval) => {}
+        }
+        match cp.store.rollup_and_prune(now_ms(), retention_ms).await {
+            Ok(report) => tracing::debug!(hours = report.hours_rolled_up, pruned = report.batches_pruned, "telemetry rolled up"),
+            Err(err) => tracing::warn!(error = %err, "cannot roll up telemetry"),
+        }
+    }
+}

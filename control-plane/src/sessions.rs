@@ -1,0 +1,147 @@
+//! The agent sessions this replica holds: one per device. A new session of a
+//! device replaces the older one (which ends with ABORTED); revoking a device
+//! ends its session with PERMISSION_DENIED.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edgefleet_proto::edgefleet::v1::ControlMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+/// What goes down a session stream.
+pub type Outbound = mpsc::Sender<Result<ControlMessage, Status>>;
+
+#[derive(Debug)]
+struct Entry {
+    id: u64,
+    outbound: Outbound,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<String, Entry>>,
+}
+
+/// A registered session; unregisters itself when dropped.
+#[derive(Debug)]
+pub struct SessionGuard<'a> {
+    sessions: &'a Sessions,
+    device_id: String,
+    id: u64,
+    pub cancel: CancellationToken,
+}
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        let mut live = self.sessions.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.get(&self.device_id).is_some_and(|e| e.id == self.id) {
+            live.remove(&self.device_id);
+        }
+    }
+}
+
+impl Sessions {
+    /// Registers the session of `device_id`, ending any older one.
+    pub fn register(&self, device_id: &str, outbound: Outbound) -> SessionGuard<'_> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let previous = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                device_id.to_string(),
+                Entry {
+                    id,
+                    outbound,
+                    cancel: cancel.clone(),
+                },
+            );
+        if let Some(previous) = previous {
+            end(
+                previous,
+                Status::aborted("a newer session of this device replaced this one"),
+            );
+        }
+        SessionGuard {
+            sessions: self,
+            device_id: device_id.to_string(),
+            id,
+            cancel,
+        }
+    }
+
+    /// Ends the device's session, if this replica holds one, with `status`.
+    pub fn end(&self, device_id: &str, status: Status) -> bool {
+        let entry = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device_id);
+        match entry {
+            Some(entry) => {
+                end(entry, status);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn is_online(&self, device_id: &str) -> bool {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(device_id)
+    }
+
+    pub fn count(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+fn end(entry: Entry, status: Status) {
+    // The stream ends with this status; if the buffer is full the cancel
+    // still stops the session loop, which drops the stream.
+    let _ = entry.outbound.try_send(Err(status));
+    entry.cancel.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_new_session_replaces_the_old_one() {
+        let sessions = Sessions::default();
+        let (tx1, mut rx1) = mpsc::channel(4);
+        let first = sessions.register("d", tx1);
+        let (tx2, _rx2) = mpsc::channel(4);
+        let second = sessions.register("d", tx2);
+        assert!(first.cancel.is_cancelled());
+        let status = rx1.recv().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        drop(first);
+        assert!(sessions.is_online("d"), "dropping the replaced session must not unregister the new one");
+        drop(second);
+        assert!(!sessions.is_online("d"));
+    }
+
+    #[tokio::test]
+    async fn ending_a_session_sends_the_status() {
+        let sessions = Sessions::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = sessions.register("d", tx);
+        assert!(sessions.end("d", Status::permission_denied("revoked")));
+        assert!(guard.cancel.is_cancelled());
+        assert_eq!(
+            rx.recv().await.unwrap().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert!(!sessions.end("d", Status::permission_denied("revoked")));
+    }
+}

@@ -1,0 +1,469 @@
+//! The fleet end to end, with real processes: `edgefleet-server`,
+//! `edgefleet-agent` and the `edgefleet` CLI, real TLS, SQLite files and
+//! PostgreSQL schemas; servers and agents SIGKILLed and restarted.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::*;
+
+/// The server hands this interval to agents, so tests see batches quickly.
+const FAST: &[&str] = &["--telemetry-interval", "1s"];
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: std::path::PathBuf,
+    _schema: Option<PgSchema>,
+    url: Option<String>,
+}
+
+impl Fixture {
+    fn new(db: Db) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let schema = (db == Db::Postgres).then(PgSchema::create);
+        let url = schema.as_ref().map(|s| s.url.clone());
+        Fixture {
+            _dir: dir,
+            root,
+            _schema: schema,
+            url,
+        }
+    }
+
+    fn server(&self, extra: &[&str]) -> Server {
+        Server::start(&self.root.join("server"), self.url.as_deref(), extra)
+    }
+
+    fn state_dir(&self, name: &str) -> std::path::PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn device_sequences(server: &Server, device: &str) -> Vec<u64> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = open_store(&runtime, server);
+    runtime.block_on(store.telemetry_sequences(device)).unwrap()
+}
+
+/// Asserts the stored sequences of a device are exactly 1..=n (no gap, no
+/// duplicate) and returns n.
+fn assert_contiguous(server: &Server, device: &str) -> u64 {
+    let sequences = device_sequences(server, device);
+    let n = sequences.len() as u64;
+    let expected: Vec<u64> = (1..=n).collect();
+    assert_eq!(sequences, expected, "device {device}: sequences with gaps or duplicates");
+    n
+}
+
+fn telemetry_sequence(server: &Server, device: &str) -> u64 {
+    server.device(device)["telemetry_sequence"].as_u64().unwrap()
+}
+
+fn enrollment_end_to_end(db: Db) {
+    let fx = Fixture::new(db);
+    let server = fx.server(FAST);
+    let token = server.join_token(&["--labels", "region=eu,class=cam", "--uses", "2"]);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &token, &state);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(state.join("identity/device.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the device key must be 0600");
+        let mode = std::fs::metadata(server.data_dir.join("ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the CA key must be 0600");
+    }
+    install_fixture(&state, "mlp");
+    let agent = Agent::run(&state, &[]);
+    let ready = eventually(Duration::from_secs(30), "the model to load", || {
+        agent.infer_mlp().then_some(())
+    });
+    let _ = ready;
+    for _ in 0..9 {
+        assert!(agent.infer_mlp());
+    }
+    let shown = eventually(Duration::from_secs(30), "telemetry of 10 requests", || {
+        let d = server.device(&device);
+        (d["requests_total"].as_u64() == Some(10)).then_some(d)
+    });
+    assert_eq!(shown["status"], "online");
+    assert_eq!(shown["labels"]["region"], "eu");
+    assert_eq!(shown["labels"]["class"], "cam");
+    assert!(shown["inventory"]["cpu_cores"].as_u64().unwrap() > 0);
+    assert!(shown["inventory"]["memory_bytes"].as_u64().unwrap() > 0);
+    assert!(!shown["inventory"]["arch"].as_str().unwrap().is_empty());
+    assert!(
+        shown["inventory"]["runtimes"]
+            .as_array()
+            .unwrap()
+            .contains(&Value::from("tract"))
+    );
+    assert_eq!(shown["runtime"], "tract");
+    assert!(
+        shown["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "mlp" && m["version"] == 1),
+        "models: {}",
+        shown["models"]
+    );
+    assert!(shown["health"]["memory_total_bytes"].as_u64().unwrap() > 0);
+
+    let listed = server.cli_json(&["devices", "list", "--selector", "region=eu"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let none = server.cli_json(&["devices", "list", "--selector", "region=us"]);
+    assert!(none.as_array().unwrap().is_empty());
+    let table = server.cli(&["devices", "list"]);
+    assert!(table.status.success());
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&device));
+    assert_contiguous(&server, &device);
+}
+
+#[test]
+fn enrollment_end_to_end_sqlite() {
+    enrollment_end_to_end(Db::Sqlite);
+}
+
+#[test]
+fn enrollment_end_to_end_postgres() {
+    enrollment_end_to_end(Db::Postgres);
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+#[test]
+fn join_tokens_are_refused_when_used_up_expired_unknown_or_for_another_fleet() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&[]);
+
+    let once = server.join_token(&["--uses", "1"]);
+    enroll_ok(&server, &once, &fx.state_dir("a"));
+    let used_up = enroll(&server.agent_url, &once, &fx.state_dir("b"));
+    assert!(!used_up.status.success());
+    assert!(stderr(&used_up).contains("used up"), "{}", stderr(&used_up));
+
+    let short = server.join_token(&["--expires", "1s"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let expired = enroll(&server.agent_url, &short, &fx.state_dir("c"));
+    assert!(!expired.status.success());
+    assert!(stderr(&expired).contains("expired"), "{}", stderr(&expired));
+
+    let good = server.join_token(&[]);
+    let parts: Vec<&str> = good.split('.').collect();
+    let unknown_id = format!("{}.{}.{}", "0".repeat(parts[0].len()), parts[1], parts[2]);
+    let unknown = enroll(&server.agent_url, &unknown_id, &fx.state_dir("d"));
+    assert!(!unknown.status.success());
+    assert!(stderr(&unknown).contains("unknown join token"), "{}", stderr(&unknown));
+    let wrong_secret = format!("{}.{}.{}", parts[0], "0".repeat(parts[1].len()), parts[2]);
+    let refused = enroll(&server.agent_url, &wrong_secret, &fx.state_dir("d"));
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("unknown join token"), "{}", stderr(&refused));
+
+    // A token naming another CA: the agent refuses the server itself.
+    let other_fleet = format!("{}.{}.{}", parts[0], parts[1], "ab".repeat(32));
+    let pinned = enroll(&server.agent_url, &other_fleet, &fx.state_dir("e"));
+    assert!(!pinned.status.success());
+    assert!(stderr(&pinned).contains("fingerprint"), "{}", stderr(&pinned));
+
+    let malformed = enroll(&server.agent_url, "not-a-token", &fx.state_dir("f"));
+    assert!(!malformed.status.success());
+    assert!(stderr(&malformed).contains("join token"), "{}", stderr(&malformed));
+
+    // Nothing was stored for the refused ones, and the good token still works.
+    assert_eq!(server.cli_json(&["devices", "list"]).as_array().unwrap().len(), 1);
+    enroll_ok(&server, &good, &fx.state_dir("g"));
+    let again = enroll(&server.agent_url, &good, &fx.state_dir("g"));
+    assert!(stderr(&again).contains("already enrolled"), "{}", stderr(&again));
+}
+
+#[test]
+fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&[]);
+    let no_token = std::process::Command::new(binary("edgefleet"))
+        .args(["--server", &server.api_url, "devices", "list"])
+        .env_remove("EDGEFLEET_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!no_token.status.success());
+    assert!(stderr(&no_token).contains("--token"));
+    let bad_token = std::process::Command::new(binary("edgefleet"))
+        .args(["--server", &server.api_url, "--token", "efo_nope", "devices", "list"])
+        .output()
+        .unwrap();
+    assert!(!bad_token.status.success());
+    assert!(stderr(&bad_token).contains("not authorized"), "{}", stderr(&bad_token));
+    let missing = server.cli(&["devices", "get", "dev-0000"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no device"), "{}", stderr(&missing));
+    let bad_selector = server.cli(&["devices", "list", "--selector", "nolabel"]);
+    assert!(!bad_selector.status.success());
+    let bad_labels = server.cli(&["join-token", "create", "--labels", "bad key=1"]);
+    assert!(!bad_labels.status.success());
+    assert!(stderr(&bad_labels).contains("label key"), "{}", stderr(&bad_labels));
+    let unreachable = std::process::Command::new(binary("edgefleet"))
+        .args(["--server", "http://127.0.0.1:1", "--token", "x", "devices", "list"])
+        .output()
+        .unwrap();
+    assert!(!unreachable.status.success());
+    assert!(stderr(&unreachable).contains("cannot connect"), "{}", stderr(&unreachable));
+}
+
+#[test]
+fn revoking_a_device_ends_its_session_within_seconds_and_refuses_reconnects() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let agent = Agent::run(&state, &["--reconnect-max-delay", "2s"]);
+    eventually(Duration::from_secs(20), "the device online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+    let revoked = server.cli(&["devices", "revoke", &device]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    let started = Instant::now();
+    eventually(Duration::from_secs(10), "the session to end", || {
+        (server.device(&device)["status"] == "revoked").then_some(())
+    });
+    agent
+        .process
+        .stderr
+        .wait_for("has been revoked", Duration::from_secs(10));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Every reconnect is refused from now on.
+    let before = agent.process.stderr.count("has been revoked");
+    eventually(Duration::from_secs(15), "a refused reconnect", || {
+        (agent.process.stderr.count("has been revoked") > before).then_some(())
+    });
+    assert_eq!(server.device(&device)["status"], "revoked");
+}
+
+fn server_sigkill_keeps_telemetry_exactly_once(db: Db) {
+    let fx = Fixture::new(db);
+    let mut server = fx.server(FAST);
+    let token = server.join_token(&["--uses", "3"]);
+    let mut devices = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let state = fx.state_dir(&format!("agent{i}"));
+        devices.push(enroll_ok(&server, &token, &state));
+        agents.push(Agent::run(&state, &["--reconnect-max-delay", "2s"]));
+    }
+    for device in &devices {
+        eventually(Duration::from_secs(30), "telemetry to flow", || {
+            (telemetry_sequence(&server, device) >= 3).then_some(())
+        });
+    }
+    server.process.kill();
+    std::thread::sleep(Duration::from_secs(3));
+    server.restart();
+    let after: Vec<u64> = devices.iter().map(|d| telemetry_sequence(&server, d)).collect();
+    for (device, seen) in devices.iter().zip(&after) {
+        eventually(Duration::from_secs(40), "the backlog to arrive", || {
+            (telemetry_sequence(&server, device) >= seen + 5).then_some(())
+        });
+    }
+    for device in &devices {
+        let n = assert_contiguous(&server, device);
+        assert!(n >= 8, "{device}: only {n} batches");
+    }
+    drop(agents);
+}
+
+#[test]
+fn server_sigkill_keeps_telemetry_exactly_once_sqlite() {
+    server_sigkill_keeps_telemetry_exactly_once(Db::Sqlite);
+}
+
+#[test]
+fn server_sigkill_keeps_telemetry_exactly_once_postgres() {
+    server_sigkill_keeps_telemetry_exactly_once(Db::Postgres);
+}
+
+fn agent_cut_off_keeps_serving_and_delivers_the_backlog(db: Db) {
+    let fx = Fixture::new(db);
+    let mut server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    install_fixture(&state, "mlp");
+    let agent = Agent::run(&state, &["--reconnect-max-delay", "2s"]);
+    eventually(Duration::from_secs(30), "the model to serve", || {
+        agent.infer_mlp().then_some(())
+    });
+    eventually(Duration::from_secs(20), "the first request counted", || {
+        (server.device(&device)["requests_total"].as_u64() == Some(1)).then_some(())
+    });
+    server.process.kill();
+    // Cut off: inference goes on, every request succeeds.
+    let mut sent = 1;
+    let cut_off = Instant::now();
+    while cut_off.elapsed() < Duration::from_secs(5) {
+        assert!(agent.infer_mlp(), "inference failed while the control plane was away");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.restart();
+    eventually(Duration::from_secs(40), "every request counted", || {
+        let total = server.device(&device)["requests_total"].as_u64().unwrap();
+        assert!(total <= sent, "counted {total} requests, sent {sent}: duplicates");
+        (total == sent).then_some(())
+    });
+    assert_contiguous(&server, &device);
+}
+
+#[test]
+fn agent_cut_off_keeps_serving_and_delivers_the_backlog_sqlite() {
+    agent_cut_off_keeps_serving_and_delivers_the_backlog(Db::Sqlite);
+}
+
+#[test]
+fn agent_cut_off_keeps_serving_and_delivers_the_backlog_postgres() {
+    agent_cut_off_keeps_serving_and_delivers_the_backlog(Db::Postgres);
+}
+
+/// The highest sequence in the agent's on-disk queue.
+fn queued_sequences(state: &std::path::Path) -> Vec<u64> {
+    let mut sequences: Vec<u64> = std::fs::read_dir(state.join("telemetry"))
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            name.strip_suffix(".batch")?.parse().ok()
+        })
+        .collect();
+    sequences.sort_unstable();
+    sequences
+}
+
+#[test]
+fn agent_sigkill_with_an_unacknowledged_backlog_loses_nothing() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let mut agent = Agent::run(&state, &["--reconnect-max-delay", "1s"]);
+    eventually(Duration::from_secs(20), "telemetry to flow", || {
+        (telemetry_sequence(&server, &device) >= 2).then_some(())
+    });
+    server.process.kill();
+    let queued = eventually(Duration::from_secs(20), "a backlog on disk", || {
+        let q = queued_sequences(&state);
+        (q.len() >= 4).then_some(q)
+    });
+    agent.process.kill();
+    let highest = *queued.last().unwrap();
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    server.restart();
+    eventually(Duration::from_secs(40), "the backlog to arrive", || {
+        (telemetry_sequence(&server, &device) > highest + 1).then_some(())
+    });
+    let n = assert_contiguous(&server, &device);
+    assert!(n > highest);
+}
+
+#[test]
+fn agents_reconnect_spread_out_within_a_minute_after_an_outage() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(&[]);
+    let count = 8;
+    let token = server.join_token(&["--uses", &count.to_string()]);
+    let mut agents = Vec::new();
+    let mut devices = Vec::new();
+    for i in 0..count {
+        let state = fx.state_dir(&format!("agent{i}"));
+        devices.push(enroll_ok(&server, &token, &state));
+        agents.push(Agent::run(&state, &["--reconnect-max-delay", "8s"]));
+    }
+    let online = |server: &Server| -> Vec<String> {
+        server
+            .cli_json(&["devices", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["status"] == "online")
+            .map(|d| d["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    eventually(Duration::from_secs(30), "every agent online", || {
+        (online(&server).len() == count).then_some(())
+    });
+    server.process.kill();
+    // Long enough for every agent's backoff to reach its 8 s ceiling.
+    std::thread::sleep(Duration::from_secs(12));
+    server.restart();
+    let restarted = Instant::now();
+    let mut first_seen = std::collections::BTreeMap::new();
+    while first_seen.len() < count {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(60),
+            "only {} of {count} agents reconnected within a minute",
+            first_seen.len()
+        );
+        for id in online(&server) {
+            first_seen.entry(id).or_insert_with(|| restarted.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let times: Vec<f64> = first_seen.values().map(Duration::as_secs_f64).collect();
+    let spread = times.iter().cloned().fold(f64::MIN, f64::max) - times.iter().cloned().fold(f64::MAX, f64::min);
+    eprintln!("reconnect times after restart (s): {times:?}, spread {spread:.2} s");
+    assert!(
+        spread >= 1.0,
+        "agents reconnected within {spread:.2} s of each other: a thundering herd"
+    );
+    drop(agents);
+}
+
+#[test]
+fn certificates_are_renewed_over_the_session_before_they_expire() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(&["--device-certificate-validity", "15s"]);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let first = std::fs::read_to_string(state.join("identity/device.crt")).unwrap();
+    let first_info = edgefleet_pki::certificate_info_pem(&first).unwrap();
+    let _agent = Agent::run(&state, &["--reconnect-max-delay", "1s"]);
+    let renewed = eventually(Duration::from_secs(30), "a renewed certificate", || {
+        let now = std::fs::read_to_string(state.join("identity/device.crt")).ok()?;
+        let info = edgefleet_pki::certificate_info_pem(&now).ok()?;
+        (info.serial_hex != first_info.serial_hex).then_some(info)
+    });
+    assert_eq!(renewed.common_name, device);
+    assert!(renewed.not_after_unix_ms > first_info.not_after_unix_ms);
+    let renewals: u64 = server
+        .metrics()
+        .lines()
+        .find_map(|l| l.strip_prefix("edgefleet_server_certificates_renewed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(renewals >= 1, "the server counted no renewal");
+    // Once the first certificate has expired, a reconnect uses the new one.
+    let expiry = first_info.not_after_unix_ms;
+    while (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64)
+        < expiry + 500
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    server.restart();
+    eventually(Duration::from_secs(20), "the device back online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+}

@@ -1,0 +1,483 @@
+//! Shared by the fleet end-to-end tests: real `edgefleet-server`,
+//! `edgefleet-agent` and `edgefleet` processes on ephemeral ports, on SQLite
+//! files or fresh PostgreSQL schemas.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Where cargo put the workspace's binaries (next to this test's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A workspace binary, built on demand when this test runs alone.
+pub fn binary(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        let package = match name {
+            "edgefleet-agent" => "edgefleet-agent",
+            "edgefleet" => "edgefleet-cli",
+            _ => "edgefleet-control-plane",
+        };
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "cannot build {name}");
+    }
+    path
+}
+
+pub fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
+}
+
+/// The database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+pub fn postgres_base_url() -> String {
+    std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh PostgreSQL schema, dropped on drop.
+pub struct PgSchema {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgSchema {
+    pub fn create() -> PgSchema {
+        let name = format!("e2e_{}", hex::encode(rand::random::<[u8; 6]>()));
+        let base = postgres_base_url();
+        run_psql(&base, &format!("CREATE SCHEMA {name}"));
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        PgSchema { name, url }
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = std::panic::catch_unwind(|| {
+            run_psql(
+                &postgres_base_url(),
+                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+            )
+        });
+    }
+}
+
+fn run_psql(url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .unwrap_or_else(|err| panic!("PostgreSQL at {url}: {err}"));
+        sqlx::raw_sql(sql.to_string().into())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    });
+}
+
+/// Lines a child process wrote, collected by a thread.
+#[derive(Clone, Default)]
+pub struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    fn collect(&self, stream: impl std::io::Read + Send + 'static, echo: &'static str) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("EDGEFLEET_TEST_ECHO").is_some() {
+                    eprintln!("[{echo}] {line}");
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {timeout:?}; output:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines().iter().filter(|l| l.contains(needle)).count()
+    }
+}
+
+/// A running process, killed on drop.
+pub struct Process {
+    pub child: Child,
+    pub stdout: Output,
+    pub stderr: Output,
+}
+
+impl Process {
+    pub fn spawn(mut command: Command, name: &'static str) -> Process {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1")
+            .env(
+                "EDGEFLEET_LOG",
+                std::env::var("EDGEFLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+        let mut child = command.spawn().unwrap_or_else(|err| panic!("{name}: {err}"));
+        let stdout = Output::default();
+        let stderr = Output::default();
+        stdout.collect(child.stdout.take().unwrap(), name);
+        stderr.collect(child.stderr.take().unwrap(), name);
+        Process {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait.
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn field(line: &str, key: &str) -> String {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        + key.len()
+        + 1;
+    line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// A real `edgefleet-server` process.
+pub struct Server {
+    pub process: Process,
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    pub agent_url: String,
+    pub api_url: String,
+    pub http_url: String,
+    pub agent_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub extra_args: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server on ephemeral ports.
+    pub fn start(data_dir: &Path, database_url: Option<&str>, extra_args: &[&str]) -> Server {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Server::start_on(data_dir, database_url, extra_args, any, any, any)
+    }
+
+    pub fn start_on(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        extra_args: &[&str],
+        agent: SocketAddr,
+        api: SocketAddr,
+        http: SocketAddr,
+    ) -> Server {
+        let mut command = Command::new(binary("edgefleet-server"));
+        command
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--agent-addr", &agent.to_string()])
+            .args(["--api-addr", &api.to_string()])
+            .args(["--http-addr", &http.to_string()])
+            .args(extra_args);
+        if let Some(url) = database_url {
+            command.args(["--database-url", url]);
+        }
+        let process = Process::spawn(command, "server");
+        let line = process
+            .stderr
+            .wait_for("edgefleet-server listening", Duration::from_secs(60));
+        let agent_url = field(&line, "agent");
+        let api_url = field(&line, "api");
+        let http_url = field(&line, "http");
+        let addr = |url: &str| url.rsplit("://").next().unwrap().parse().unwrap();
+        Server {
+            agent_addr: addr(&agent_url),
+            api_addr: addr(&api_url),
+            http_addr: addr(&http_url),
+            process,
+            data_dir: data_dir.to_path_buf(),
+            database_url: database_url.map(str::to_string),
+            agent_url,
+            api_url,
+            http_url,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Starts it again on the same ports and database.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            // The port may be briefly unavailable after a kill.
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                Server::start_on(
+                    &self.data_dir,
+                    self.database_url.as_deref(),
+                    &extra,
+                    self.agent_addr,
+                    self.api_addr,
+                    self.http_addr,
+                )
+            }));
+            match attempt {
+                Ok(server) => {
+                    *self = server;
+                    return;
+                }
+                Err(err) if Instant::now() > deadline => std::panic::resume_unwind(err),
+                Err(_) => std::thread::sleep(Duration::from_millis(300)),
+            }
+        }
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    /// Runs the `edgefleet` CLI against this server.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("edgefleet"))
+            .args(["--server", &self.api_url, "--token", &self.admin_token()])
+            .args(args)
+            .env_remove("EDGEFLEET_SERVER")
+            .env_remove("EDGEFLEET_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the CLI and parses its JSON output; panics on failure.
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        let output = self.cli(&all);
+        assert!(
+            output.status.success(),
+            "edgefleet {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    pub fn join_token(&self, extra: &[&str]) -> String {
+        let mut args = vec!["join-token", "create"];
+        args.extend(extra);
+        self.cli_json(&args)["token"].as_str().unwrap().to_string()
+    }
+
+    pub fn device(&self, id: &str) -> Value {
+        self.cli_json(&["devices", "get", id])
+    }
+
+    pub fn metrics(&self) -> String {
+        let output = Command::new("curl")
+            .args(["-sf", &format!("{}/metrics", self.http_url)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    }
+}
+
+/// `edgefleet-agent enroll`; returns the process output.
+pub fn enroll(server_url: &str, token: &str, state_dir: &Path) -> std::process::Output {
+    Command::new(binary("edgefleet-agent"))
+        .args(["enroll", "--server", server_url, "--token", token, "--state-dir"])
+        .arg(state_dir)
+        .env("EDGEFLEET_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Enrolls and returns the device id.
+pub fn enroll_ok(server: &Server, token: &str, state_dir: &Path) -> String {
+    let output = enroll(&server.agent_url, token, state_dir);
+    assert!(
+        output.status.success(),
+        "enroll failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = std::fs::read_to_string(state_dir.join("identity/enrollment.json")).unwrap();
+    let enrollment: Value = serde_json::from_str(&text).unwrap();
+    enrollment["device_id"].as_str().unwrap().to_string()
+}
+
+/// A real `edgefleet-agent run` process (tract, light on memory).
+pub struct Agent {
+    pub process: Process,
+    pub state_dir: PathBuf,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub extra_args: Vec<String>,
+}
+
+impl Agent {
+    pub fn run(state_dir: &Path, extra_args: &[&str]) -> Agent {
+        let mut command = Command::new(binary("edgefleet-agent"));
+        command
+            .arg("run")
+            .arg("--state-dir")
+            .arg(state_dir)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--runtime", "tract"])
+            .args(extra_args);
+        let process = Process::spawn(command, "agent");
+        let line = process
+            .stderr
+            .wait_for("edgefleet-agent listening", Duration::from_secs(60));
+        Agent {
+            grpc_addr: field(&line, "grpc").parse().unwrap(),
+            http_addr: field(&line, "http").parse().unwrap(),
+            process,
+            state_dir: state_dir.to_path_buf(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.process.kill();
+        let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
+        *self = Agent::run(&self.state_dir, &extra);
+    }
+
+    /// One inference over HTTP on the `mlp` fixture; true if it succeeded.
+    pub fn infer_mlp(&self) -> bool {
+        let data = vec![0.5f32; 16];
+        let body = serde_json::json!({
+            "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]
+        });
+        let output = Command::new("curl")
+            .args([
+                "-sf",
+                "-X",
+                "POST",
+                "-H",
+                "content-type: application/json",
+                "-d",
+                &body.to_string(),
+                &format!("http://{}/v2/models/mlp/infer", self.http_addr),
+            ])
+            .output()
+            .unwrap();
+        output.status.success()
+    }
+}
+
+/// Copies a fixture model into the agent's model cache as version 1.
+pub fn install_fixture(state_dir: &Path, name: &str) {
+    let dir = state_dir.join("models").join(name).join("1");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        testdata().join("models").join(name).join("1").join("model.onnx"),
+        dir.join("model.onnx"),
+    )
+    .unwrap();
+}
+
+/// Polls `check` until it returns Some, or panics after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The store the server uses, opened directly, to check what it holds.
+pub fn open_store(
+    runtime: &tokio::runtime::Runtime,
+    server: &Server,
+) -> std::sync::Arc<dyn edgefleet_control_plane::store::Store> {
+    runtime
+        .block_on(edgefleet_control_plane::store::open(
+            server.database_url.as_deref(),
+            &server.data_dir,
+        ))
+        .unwrap()
+}
