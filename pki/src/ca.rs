@@ -411,3 +411,279 @@ fn warn_if_key_readable_by_others(path: &Path) {
     #[cfg(not(unix))]
     let _ = path;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::{certificate_info_pem, fingerprint_pem};
+    use crate::device::{device_csr, generate_device_key};
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+
+    fn now_ms() -> i64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    }
+
+    #[test]
+    fn load_or_create_creates_then_loads_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let (ca, created) = CertificateAuthority::load_or_create(&ca_dir).unwrap();
+        assert!(created);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |f: &str| {
+                std::fs::metadata(ca_dir.join(f))
+                    .unwrap()
+                    .permissions()
+                    .mode()
+                    & 0o777
+            };
+            assert_eq!(mode(CA_KEY_FILE), 0o600);
+            assert_eq!(mode(CA_CERT_FILE), 0o644);
+        }
+        let fp = ca.fingerprint();
+        assert_eq!(fp.len(), 64);
+        assert!(
+            fp.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        );
+        assert_eq!(fingerprint_pem(ca.certificate_pem()).unwrap(), fp);
+        assert_eq!(crate::fingerprint_der(ca.certificate_der()), fp);
+
+        let (again, created) = CertificateAuthority::load_or_create(&ca_dir).unwrap();
+        assert!(!created);
+        assert_eq!(again.fingerprint(), fp);
+        assert_eq!(again.certificate_der(), ca.certificate_der());
+
+        // A certificate signed by the loaded CA chains to the original one.
+        let key = generate_device_key().unwrap();
+        let csr = device_csr(&key, "host").unwrap();
+        let issued = again.sign_device_csr(&csr, "dev-1", DAY).unwrap();
+        let info = certificate_info_pem(&issued.certificate_pem).unwrap();
+        assert_eq!(info.issuer_common_name, CA_COMMON_NAME);
+        let leaf_der = crate::certs::parse_certificate_pem(&issued.certificate_pem).unwrap();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+        let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.certificate_der()).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn the_ca_certificate_is_a_constrained_ca() {
+        let (ca, _key) = CertificateAuthority::generate().unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(ca.certificate_der()).unwrap();
+        let info = certificate_info_pem(ca.certificate_pem()).unwrap();
+        assert_eq!(info.common_name, CA_COMMON_NAME);
+        assert_eq!(info.issuer_common_name, CA_COMMON_NAME);
+        let bc = cert.basic_constraints().unwrap().unwrap().value;
+        assert!(bc.ca);
+        assert_eq!(bc.path_len_constraint, Some(0));
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.key_cert_sign() && ku.crl_sign());
+        let years = (info.not_after_unix_ms - now_ms()) as f64 / (365.25 * 86_400_000.0);
+        assert!((9.9..10.1).contains(&years), "{years}");
+        cert.verify_signature(None).unwrap();
+    }
+
+    #[test]
+    fn only_one_ca_file_or_mismatched_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca1, key1) = CertificateAuthority::generate().unwrap();
+        let (ca2, _key2) = CertificateAuthority::generate().unwrap();
+
+        let only_cert = dir.path().join("only-cert");
+        std::fs::create_dir(&only_cert).unwrap();
+        write_public_file(
+            &only_cert.join(CA_CERT_FILE),
+            ca1.certificate_pem().as_bytes(),
+        )
+        .unwrap();
+        let err = CertificateAuthority::load_or_create(&only_cert).unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+        assert!(!only_cert.join(CA_KEY_FILE).exists());
+
+        let only_key = dir.path().join("only-key");
+        std::fs::create_dir(&only_key).unwrap();
+        write_private_file(&only_key.join(CA_KEY_FILE), key1.as_bytes()).unwrap();
+        let err = CertificateAuthority::load_or_create(&only_key).unwrap_err();
+        assert!(err.to_string().contains("ca.crt"), "{err}");
+        assert!(!only_key.join(CA_CERT_FILE).exists());
+
+        let mismatched = dir.path().join("mismatched");
+        std::fs::create_dir(&mismatched).unwrap();
+        write_private_file(&mismatched.join(CA_KEY_FILE), key1.as_bytes()).unwrap();
+        write_public_file(
+            &mismatched.join(CA_CERT_FILE),
+            ca2.certificate_pem().as_bytes(),
+        )
+        .unwrap();
+        let err = CertificateAuthority::load_or_create(&mismatched).unwrap_err();
+        assert!(err.to_string().contains("do not match"), "{err}");
+
+        let garbage = dir.path().join("garbage");
+        std::fs::create_dir(&garbage).unwrap();
+        write_private_file(&garbage.join(CA_KEY_FILE), b"not a key").unwrap();
+        write_public_file(
+            &garbage.join(CA_CERT_FILE),
+            ca1.certificate_pem().as_bytes(),
+        )
+        .unwrap();
+        assert!(CertificateAuthority::load_or_create(&garbage).is_err());
+
+        // A leaf certificate is not a CA.
+        let server = ca1.issue_server_certificate(&[], DAY).unwrap();
+        let err =
+            CertificateAuthority::from_pem(&server.certificate_pem, &server.key_pem).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn device_certificates_ignore_the_csr_subject() {
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        let key = generate_device_key().unwrap();
+        assert!(key.contains("-----BEGIN PRIVATE KEY-----"));
+        let csr = device_csr(&key, "admin.example.com").unwrap();
+        let before = now_ms();
+        let issued = ca.sign_device_csr(&csr, "dev_01.a-b", 30 * DAY).unwrap();
+        let info = certificate_info_pem(&issued.certificate_pem).unwrap();
+        assert_eq!(info.common_name, "dev_01.a-b");
+        assert_eq!(info.issuer_common_name, CA_COMMON_NAME);
+        assert_eq!(info.serial_hex, issued.serial_hex);
+        assert_eq!(issued.serial_hex.len(), 32);
+        assert_eq!(info.not_after_unix_ms, issued.not_after_unix_ms);
+        let expected_after = before + 30 * 86_400_000;
+        assert!((info.not_after_unix_ms - expected_after).abs() < 5_000);
+        let expected_before = before - 300_000;
+        assert!((info.not_before_unix_ms - expected_before).abs() < 5_000);
+
+        let der = crate::certs::parse_certificate_pem(&issued.certificate_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let mut uris = Vec::new();
+        let mut client_auth = false;
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for name in &san.general_names {
+                        match name {
+                            GeneralName::URI(u) => uris.push(u.to_string()),
+                            other => panic!("unexpected SAN {other:?}"),
+                        }
+                    }
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    client_auth = eku.client_auth;
+                    assert!(!eku.server_auth);
+                }
+                ParsedExtension::BasicConstraints(bc) => assert!(!bc.ca),
+                _ => {}
+            }
+        }
+        assert_eq!(uris, ["urn:edgefleet:device:dev_01.a-b"]);
+        assert!(client_auth);
+        assert!(!issued.certificate_pem.contains("admin"));
+        assert!(
+            !format!("{:?}", cert.subject()).contains("admin"),
+            "{:?}",
+            cert.subject()
+        );
+
+        // Two certificates never share a serial.
+        let other = ca.sign_device_csr(&csr, "dev-2", DAY).unwrap();
+        assert_ne!(other.serial_hex, issued.serial_hex);
+    }
+
+    #[test]
+    fn bad_csrs_and_device_ids_are_rejected() {
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        for garbage in [
+            "",
+            "garbage",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            ca.certificate_pem(),
+        ] {
+            let err = ca.sign_device_csr(garbage, "dev-1", DAY).unwrap_err();
+            assert!(matches!(err, PkiError::InvalidCsr(_)), "{err}");
+        }
+        // A tampered CSR: one base64 character of the body changed.
+        let key = generate_device_key().unwrap();
+        let csr = device_csr(&key, "host").unwrap();
+        let mut lines: Vec<String> = csr.lines().map(str::to_string).collect();
+        let line = &mut lines[2];
+        let c = line.remove(10);
+        line.insert(10, if c == 'A' { 'B' } else { 'A' });
+        let tampered = lines.join("\n");
+        let err = ca.sign_device_csr(&tampered, "dev-1", DAY).unwrap_err();
+        assert!(matches!(err, PkiError::InvalidCsr(_)), "{err}");
+
+        for id in ["", "a b", "dev/1", "dév", &"x".repeat(65)] {
+            let err = ca.sign_device_csr(&csr, id, DAY).unwrap_err();
+            assert!(matches!(err, PkiError::InvalidDeviceId(_)), "{id:?}: {err}");
+        }
+        let now = SystemTime::now();
+        assert!(
+            ca.sign_device_csr_with_validity(&csr, "d", now, now - DAY)
+                .is_err()
+        );
+        // An expired certificate can be made on purpose.
+        let expired = ca
+            .sign_device_csr_with_validity(&csr, "d", now - 2 * DAY, now - DAY)
+            .unwrap();
+        assert!(expired.not_after_unix_ms < now_ms());
+        assert!(device_csr("not a key", "h").is_err());
+    }
+
+    #[test]
+    fn server_certificates_name_the_local_host_and_extras() {
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        let issued = ca
+            .issue_server_certificate(
+                &[
+                    "cp.example.com".into(),
+                    "10.1.2.3".into(),
+                    "[fd00::1]".into(),
+                ],
+                DAY,
+            )
+            .unwrap();
+        assert!(!format!("{issued:?}").contains("PRIVATE KEY"));
+        let der = crate::certs::parse_certificate_pem(&issued.certificate_pem).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap().value;
+        let names: Vec<String> = san
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(ip) => match ip.len() {
+                    4 => std::net::IpAddr::from(<[u8; 4]>::try_from(*ip).unwrap()).to_string(),
+                    _ => std::net::IpAddr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string(),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect();
+        for expected in [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "cp.example.com",
+            "10.1.2.3",
+            "fd00::1",
+        ] {
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} not in {names:?}"
+            );
+        }
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && !eku.client_auth);
+        let err = ca
+            .issue_server_certificate(&["not a name!".into()], DAY)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a name!"), "{err}");
+    }
+}

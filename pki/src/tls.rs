@@ -138,9 +138,17 @@ pub fn ca_client_tls_config(ca_pem: &str) -> Result<Arc<ClientConfig>> {
 /// The error a [`PinnedCaVerifier`] reports (inside
 /// `rustls::Error::InvalidCertificate(CertificateError::Other(..))`) when no
 /// presented certificate has the pinned fingerprint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CaFingerprintMismatch {
     pub expected: String,
+}
+
+// rustls renders `CertificateError::Other` with `Debug`: make that the
+// readable message too.
+impl fmt::Debug for CaFingerprintMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 impl fmt::Display for CaFingerprintMismatch {
