@@ -41,6 +41,6 @@ pub use tokens::{
 };
 pub use transport::{
     DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONCURRENT_HANDSHAKES, PeerInfo, TlsConnection, TlsIncoming,
-    connect_tls, peer_certificate_info, peer_device_id, peer_info, tls_incoming,
-    tls_incoming_with_timeout,
+    connect_tls, peer_certificate_info, peer_device_id, peer_info,
+    rejected_client_certificate_alert, tls_incoming, tls_incoming_with_timeout,
 };

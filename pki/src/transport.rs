@@ -433,3 +433,53 @@ pub fn tls_incoming_with_timeout(
     });
     TlsIncoming { rx, accept_task }
 }
+
+/// TLS alerts with which a server refuses a client certificate.
+const CLIENT_CERTIFICATE_ALERTS: &[&str] = &[
+    "BadCertificate",
+    "UnsupportedCertificate",
+    "CertificateRevoked",
+    "CertificateExpired",
+    "CertificateUnknown",
+    "CertificateRequired",
+    "UnknownCA",
+    "AccessDenied",
+    // webpki reports a signature that does not verify (a certificate from
+    // another CA with the same name) as DecryptError.
+    "DecryptError",
+];
+
+/// If `error` — a failed RPC's `tonic::Status`, a `tonic::transport::Error`,
+/// a [`PkiError`] — was caused by the server refusing our client certificate
+/// with a TLS alert, the alert's name (e.g. `"CertificateExpired"`,
+/// `"UnknownCA"`, `"DecryptError"` for a certificate of another CA).
+///
+/// With TLS 1.3 that refusal reaches the client only when it first reads,
+/// so it typically surfaces as the first RPC's error rather than from
+/// [`connect_tls`]: an agent can use this to decide to enroll again.
+pub fn rejected_client_certificate_alert(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<String> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(rustls::Error::AlertReceived(alert)) = e.downcast_ref::<rustls::Error>() {
+            let name = format!("{alert:?}");
+            if CLIENT_CERTIFICATE_ALERTS.contains(&name.as_str()) {
+                return Some(name);
+            }
+        }
+        // tokio-rustls and hyper pass the alert on as text.
+        let text = e.to_string();
+        if let Some(rest) = text.split("received fatal alert: ").nth(1) {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric())
+                .collect();
+            if CLIENT_CERTIFICATE_ALERTS.contains(&name.as_str()) {
+                return Some(name);
+            }
+        }
+        current = e.source();
+    }
+    None
+}

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 use edgefleet_pki::{
     CertificateAuthority, CertificateInfo, IssuedKeyPair, PkiError, agent_server_tls_config,
     ca_client_tls_config, connect_tls, device_csr, generate_device_key, mtls_client_tls_config,
-    peer_certificate_info, peer_device_id, pinned_client_tls_config, tls_incoming,
+    peer_certificate_info, peer_device_id, pinned_client_tls_config,
+    rejected_client_certificate_alert, tls_incoming,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -109,15 +110,19 @@ fn foreign_device(id: &str) -> (String, String) {
 
 /// Either `connect_tls` or the first RPC must fail (with TLS 1.3 the server
 /// rejects a client certificate after the client's handshake completed).
-async fn assert_rejected(fixture: &Fixture, config: Arc<rustls::ClientConfig>) {
-    match connect_tls(&fixture.url(), config, TIMEOUT).await {
-        Err(e) => assert!(matches!(e, PkiError::Connect { .. }), "{e}"),
-        Ok(channel) => {
-            let status = check(channel).await.unwrap_err();
-            // The RPC fails on the server's TLS alert.
-            assert!(status.to_string().contains("alert"), "{status}");
+async fn assert_rejected(fixture: &Fixture, config: Arc<rustls::ClientConfig>, alert: &str) {
+    let found = match connect_tls(&fixture.url(), config, TIMEOUT).await {
+        Err(e) => {
+            assert!(matches!(e, PkiError::Connect { .. }), "{e}");
+            rejected_client_certificate_alert(&e)
         }
-    }
+        Ok(channel) => {
+            // The RPC fails on the server's TLS alert.
+            let status = check(channel).await.unwrap_err();
+            rejected_client_certificate_alert(&status)
+        }
+    };
+    assert_eq!(found.as_deref(), Some(alert));
 }
 
 /// The raw TLS view: a TLS 1.2 handshake fails outright; with TLS 1.3 the
@@ -230,6 +235,7 @@ async fn pinned_client_with_a_wrong_fingerprint_fails_clearly() {
             "{message}"
         );
         assert!(message.contains("localhost"), "{message}");
+        assert_eq!(rejected_client_certificate_alert(&err), None);
     }
     assert!(pinned_client_tls_config("abc").is_err());
     assert!(fixture.seen().is_empty());
@@ -346,7 +352,7 @@ async fn certificate_from_another_ca_is_rejected_at_handshake() {
     let (cert, key) = foreign_device("dev-1");
     assert_handshake_rejected(&fixture, &cert, &key).await;
     let config = mtls_client_tls_config(fixture.ca.certificate_pem(), &cert, &key).unwrap();
-    assert_rejected(&fixture, config).await;
+    assert_rejected(&fixture, config, "DecryptError").await;
     assert!(fixture.seen().is_empty());
 }
 
@@ -364,7 +370,7 @@ async fn expired_device_certificate_is_rejected_at_handshake() {
     let config =
         mtls_client_tls_config(fixture.ca.certificate_pem(), &expired.certificate_pem, &key)
             .unwrap();
-    assert_rejected(&fixture, config).await;
+    assert_rejected(&fixture, config, "CertificateExpired").await;
     assert!(fixture.seen().is_empty());
 
     // The same key with a valid certificate is accepted.
