@@ -194,14 +194,8 @@ mod tests {
         let batches = collector.outbox_mut().pending().unwrap();
         let (a, b) = (&batches[0], &batches[1]);
         assert_eq!(a.device_id, "dev-7");
-        assert_eq!(
-            (a.start_unix_ms, a.end_unix_ms),
-            (1_000_000, 1_010_000)
-        );
-        assert_eq!(
-            (b.start_unix_ms, b.end_unix_ms),
-            (1_010_000, 1_020_000)
-        );
+        assert_eq!((a.start_unix_ms, a.end_unix_ms), (1_000_000, 1_010_000));
+        assert_eq!((b.start_unix_ms, b.end_unix_ms), (1_010_000, 1_020_000));
         assert_eq!(a.models.len(), 1);
         assert_eq!(a.models[0].requests, 1);
         assert_eq!(a.events.len(), 1);

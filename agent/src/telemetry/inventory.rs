@@ -63,10 +63,10 @@ fn cpu_cores(cpuinfo: &str, root: &Path) -> u32 {
         .lines()
         .filter(|line| line.split(':').next().map(str::trim) == Some("processor"))
         .count();
-    if root == Path::new("/") || listed == 0 {
-        if let Ok(n) = std::thread::available_parallelism() {
-            return u32::try_from(n.get()).unwrap_or(u32::MAX);
-        }
+    if (root == Path::new("/") || listed == 0)
+        && let Ok(n) = std::thread::available_parallelism()
+    {
+        return u32::try_from(n.get()).unwrap_or(u32::MAX);
     }
     u32::try_from(listed).unwrap_or(u32::MAX)
 }

@@ -727,7 +727,11 @@ mod tests {
             .iter()
             .find(|e| e.kind == event::Kind::TelemetryDropped as i32)
             .expect("a TELEMETRY_DROPPED event");
-        assert!(event.message.contains("sequences 1..="), "{}", event.message);
+        assert!(
+            event.message.contains("sequences 1..="),
+            "{}",
+            event.message
+        );
         assert!(
             pending[..pending.len() - 1]
                 .iter()
@@ -772,11 +776,16 @@ mod tests {
         let path = |seq: u64| dir.path().join(batch_file_name(seq));
         // A write interrupted before its rename.
         std::fs::write(
-            dir.path().join(format!("{TMP_PREFIX}{}", batch_file_name(5))),
+            dir.path()
+                .join(format!("{TMP_PREFIX}{}", batch_file_name(5))),
             b"EFTBATv1\x05",
         )
         .unwrap();
-        std::fs::write(dir.path().join(format!("{TMP_PREFIX}{STATE_FILE}")), b"edge").unwrap();
+        std::fs::write(
+            dir.path().join(format!("{TMP_PREFIX}{STATE_FILE}")),
+            b"edge",
+        )
+        .unwrap();
         // A truncated batch (as after a torn write on a lying disk).
         let full = std::fs::read(path(2)).unwrap();
         std::fs::write(path(2), &full[..full.len() - 3]).unwrap();

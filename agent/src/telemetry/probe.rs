@@ -195,7 +195,7 @@ impl DeviceProbe {
     pub fn uptime_seconds(&self) -> Option<u64> {
         let text = read_trimmed(&self.path("proc/uptime"))?;
         let seconds: f64 = text.split_whitespace().next()?.parse().ok()?;
-        (seconds.is_finite() && seconds >= 0.0).then(|| seconds as u64)
+        (seconds.is_finite() && seconds >= 0.0).then_some(seconds as u64)
     }
 }
 
@@ -314,7 +314,10 @@ mod tests {
     fn cpu_use_is_measured_between_two_probes() {
         let root = FakeRoot::new();
         // user nice system idle iowait irq softirq steal guest guest_nice
-        root.write("proc/stat", "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n");
+        root.write(
+            "proc/stat",
+            "cpu  100 0 100 800 0 0 0 0 0 0\ncpu0 1 2 3 4\n",
+        );
         let mut probe = root.probe();
         // +300 busy, +100 idle: 750 per mille.
         root.write("proc/stat", "cpu  300 0 200 880 20 0 0 0 0 0\n");

@@ -278,7 +278,9 @@ impl VersionTelemetry {
     /// The queue depth seen now; the interval keeps the highest.
     pub fn observe_queue_depth(&self, depth: usize) {
         let depth = u32::try_from(depth).unwrap_or(u32::MAX);
-        self.slot.max_queue_depth.fetch_max(depth, Ordering::Relaxed);
+        self.slot
+            .max_queue_depth
+            .fetch_max(depth, Ordering::Relaxed);
     }
 
     /// An event about this model version.
@@ -341,7 +343,10 @@ mod tests {
         a.record_local(Duration::from_millis(1), true);
         b.record_local(Duration::from_millis(2), true);
         let (models, _) = recorder.take_interval(now());
-        let names: Vec<_> = models.iter().map(|m| (m.name.as_str(), m.version)).collect();
+        let names: Vec<_> = models
+            .iter()
+            .map(|m| (m.name.as_str(), m.version))
+            .collect();
         assert_eq!(names, vec![("a", 1), ("b", 2)]);
 
         // Nothing new: nothing reported.
@@ -382,7 +387,11 @@ mod tests {
         assert_eq!(events.len(), 4);
         assert_eq!(events[0].kind, event::Kind::ModelLoaded as i32);
         assert_eq!((events[0].model.as_str(), events[0].version), ("a", 1));
-        assert!(events[3].message.contains("8 more events"), "{:?}", events[3]);
+        assert!(
+            events[3].message.contains("8 more events"),
+            "{:?}",
+            events[3]
+        );
         // The cap is per interval.
         let (_, events) = recorder.take_interval(now());
         assert!(events.is_empty());
