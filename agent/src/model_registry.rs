@@ -35,6 +35,17 @@ pub struct Runtimes {
 }
 
 impl Runtimes {
+    /// Names of the runtimes this agent can use ("onnxruntime", "tract"),
+    /// for the inventory.
+    pub fn available(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.onnxruntime.is_some() {
+            names.push(RuntimeKind::OnnxRuntime.as_str().to_string());
+        }
+        names.push(RuntimeKind::Tract.as_str().to_string());
+        names
+    }
+
     fn for_model(&self, choice: Option<RuntimeChoice>) -> Result<Arc<dyn Runtime>, String> {
         match choice {
             None | Some(RuntimeChoice::Auto) => Ok(Arc::clone(&self.default)),
@@ -220,14 +231,18 @@ impl ModelRegistry {
                 Err(err) => {
                     tracing::error!(model = name, error = %err, "invalid model config; keeping what is serving");
                     self.metrics.count_load_failure(name);
-                    self.telemetry.record_event(
-                        EventKind::ModelFailed,
-                        name,
-                        0,
-                        &format!("invalid config.toml: {err}"),
-                    );
                     let mut models = self.write();
                     let state = models.entry(name.to_string()).or_default();
+                    // A model that never had a valid config is rescanned every
+                    // poll: one event per distinct problem, not per scan.
+                    if state.config_error.as_deref() != Some(err.as_str()) {
+                        self.telemetry.record_event(
+                            EventKind::ModelFailed,
+                            name,
+                            0,
+                            &format!("invalid config.toml: {err}"),
+                        );
+                    }
                     state.config_fingerprint = dir.config_fingerprint;
                     state.config_error = Some(err);
                     state.on_disk = dir.versions.keys().copied().collect();

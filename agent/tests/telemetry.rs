@@ -160,9 +160,40 @@ async fn unloading_is_an_event(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
+async fn load_failures_are_events_once_each(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp")
+        .write("garbage", 1, b"not an onnx model")
+        .config("bad_config", "max_batch_size = \"lots\"")
+        .add("bad_config", 1, "mlp");
+    let agent = agent(repo.path(), runtime)
+        .poll(Duration::from_millis(50))
+        .start()
+        .await;
+    // Several rescans of the same broken files.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, events) = agent.telemetry.take_interval(SystemTime::now());
+    let failed: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == event::Kind::ModelFailed as i32)
+        .collect();
+    let of = |model: &str| failed.iter().filter(|e| e.model == model).count();
+    assert_eq!(of("garbage"), 1, "{failed:?}");
+    assert_eq!(of("bad_config"), 1, "{failed:?}");
+    assert!(
+        failed
+            .iter()
+            .find(|e| e.model == "bad_config")
+            .is_some_and(|e| e.message.contains("config.toml")),
+        "{failed:?}"
+    );
+    agent.stop().await;
+}
+
 on_both_runtimes!(
     requests_are_recorded_per_model_version,
-    unloading_is_an_event
+    unloading_is_an_event,
+    load_failures_are_events_once_each
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
