@@ -179,6 +179,7 @@ impl LoadedVersion {
                 self.metrics.queue_depth.dec();
                 self.metrics
                     .count_error(ErrorCode::ResourceExhausted.as_str());
+                self.telemetry.record_queue_full(self.queue_capacity);
                 Err(InferError::new(
                     ErrorCode::ResourceExhausted,
                     format!(

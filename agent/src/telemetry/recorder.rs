@@ -13,7 +13,7 @@
 //! So standalone `serve`, which never drains, cannot grow.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -58,6 +58,10 @@ struct VersionSlot {
     version: u64,
     interval: Mutex<Interval>,
     max_queue_depth: AtomicU32,
+    /// Between an OVERLOAD_ENTERED event and its OVERLOAD_LEFT.
+    overloaded: AtomicBool,
+    /// A request was refused for a full queue this interval.
+    refused_this_interval: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -138,6 +142,8 @@ impl TelemetryRecorder {
                     version,
                     interval: Mutex::new(Interval::default()),
                     max_queue_depth: AtomicU32::new(0),
+                    overloaded: AtomicBool::new(false),
+                    refused_this_interval: AtomicBool::new(false),
                 })
             });
         VersionTelemetry {
@@ -162,9 +168,22 @@ impl TelemetryRecorder {
     /// `now` stamps the event that reports overflowed events, if any.
     pub fn take_interval(&self, now: SystemTime) -> (Vec<ModelTelemetry>, Vec<Event>) {
         let mut models = Vec::new();
+        let mut recovered = Vec::new();
         {
             let mut versions = lock(&self.versions);
             for slot in versions.values() {
+                // Overload ends with the first interval without a refusal.
+                if !slot.refused_this_interval.swap(false, Ordering::Relaxed)
+                    && slot.overloaded.swap(false, Ordering::Relaxed)
+                {
+                    recovered.push(Event {
+                        unix_ms: unix_ms(now),
+                        kind: event::Kind::OverloadLeft as i32,
+                        model: slot.model.clone(),
+                        version: slot.version,
+                        message: "no request was refused for a full queue this interval".into(),
+                    });
+                }
                 let interval = std::mem::take(&mut *lock(&slot.interval));
                 let max_queue_depth = slot.max_queue_depth.swap(0, Ordering::Relaxed);
                 if interval.is_idle() {
@@ -200,6 +219,8 @@ impl TelemetryRecorder {
             let overflow = std::mem::take(&mut log.overflow);
             (std::mem::take(&mut log.events), overflow)
         };
+        // At most one per version, so outside the cap.
+        events.extend(recovered);
         if overflow > 0 {
             events.push(Event {
                 unix_ms: unix_ms(now),
@@ -281,6 +302,21 @@ impl VersionTelemetry {
         self.slot
             .max_queue_depth
             .fetch_max(depth, Ordering::Relaxed);
+    }
+
+    /// A request was refused because the queue was full. The first refusal
+    /// records OVERLOAD_ENTERED; the first interval without refusals after
+    /// it records OVERLOAD_LEFT (at the drain).
+    pub fn record_queue_full(&self, queue_capacity: usize) {
+        self.slot
+            .refused_this_interval
+            .store(true, Ordering::Relaxed);
+        if !self.slot.overloaded.swap(true, Ordering::Relaxed) {
+            self.record_event(
+                event::Kind::OverloadEntered,
+                &format!("the queue of {queue_capacity} requests is full; refusing requests"),
+            );
+        }
     }
 
     /// An event about this model version.
@@ -397,6 +433,28 @@ mod tests {
         assert!(events.is_empty());
         recorder.record_event(event::Kind::Error, "", 0, "again");
         assert_eq!(recorder.take_interval(now()).1.len(), 1);
+    }
+
+    #[test]
+    fn overload_is_entered_once_and_left_after_a_quiet_interval() {
+        let recorder = TelemetryRecorder::new();
+        let a = recorder.for_version("a", 1);
+        let kinds = |events: Vec<Event>| -> Vec<i32> { events.iter().map(|e| e.kind).collect() };
+        for _ in 0..50 {
+            a.record_queue_full(8);
+        }
+        let (_, events) = recorder.take_interval(now());
+        assert_eq!(kinds(events), vec![event::Kind::OverloadEntered as i32]);
+        // Still refusing: no news.
+        a.record_queue_full(8);
+        assert!(recorder.take_interval(now()).1.is_empty());
+        // A quiet interval: left.
+        let (_, events) = recorder.take_interval(now());
+        assert_eq!(kinds(events), vec![event::Kind::OverloadLeft as i32]);
+        assert!(recorder.take_interval(now()).1.is_empty());
+        a.record_queue_full(8);
+        let (_, events) = recorder.take_interval(now());
+        assert_eq!(kinds(events), vec![event::Kind::OverloadEntered as i32]);
     }
 
     #[test]
