@@ -19,4 +19,5 @@ pub mod repository;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod telemetry;
 pub mod tensor;

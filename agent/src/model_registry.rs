@@ -21,6 +21,8 @@ use crate::model_config::ModelConfig;
 use crate::model_worker::LoadedVersion;
 use crate::repository::{self, Fingerprint, ModelDir, RepositoryError};
 use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind, SessionOptions};
+use crate::telemetry::TelemetryRecorder;
+use edgefleet_proto::edgefleet::v1::event::Kind as EventKind;
 
 /// The runtimes this agent can use: its chosen default, tract always, and
 /// ONNX Runtime when its library was found.
@@ -33,6 +35,17 @@ pub struct Runtimes {
 }
 
 impl Runtimes {
+    /// Names of the runtimes this agent can use ("onnxruntime", "tract"),
+    /// for the inventory.
+    pub fn available(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        if self.onnxruntime.is_some() {
+            names.push(RuntimeKind::OnnxRuntime.as_str().to_string());
+        }
+        names.push(RuntimeKind::Tract.as_str().to_string());
+        names
+    }
+
     fn for_model(&self, choice: Option<RuntimeChoice>) -> Result<Arc<dyn Runtime>, String> {
         match choice {
             None | Some(RuntimeChoice::Auto) => Ok(Arc::clone(&self.default)),
@@ -78,6 +91,7 @@ pub struct ModelRegistry {
     repository: PathBuf,
     runtimes: Runtimes,
     metrics: Arc<Metrics>,
+    telemetry: Arc<TelemetryRecorder>,
     check: ModelCheck,
     models: RwLock<BTreeMap<String, ModelState>>,
     initial_load_done: AtomicBool,
@@ -104,11 +118,24 @@ impl ModelRegistry {
             repository,
             runtimes,
             metrics,
+            telemetry: Arc::new(TelemetryRecorder::new()),
             check,
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
         }
+    }
+
+    /// Records into `telemetry` instead of a recorder of its own. Call before
+    /// the first [`sync`](Self::sync).
+    pub fn with_telemetry(mut self, telemetry: Arc<TelemetryRecorder>) -> ModelRegistry {
+        self.telemetry = telemetry;
+        self
+    }
+
+    /// Where the serving path records telemetry.
+    pub fn telemetry(&self) -> &Arc<TelemetryRecorder> {
+        &self.telemetry
     }
 
     pub fn repository(&self) -> &Path {
@@ -136,7 +163,15 @@ impl ModelRegistry {
         for name in known {
             if !scan.models.contains_key(&name) {
                 tracing::info!(model = %name, "model removed from the repository; unloading");
-                self.write().remove(&name);
+                let removed = self.write().remove(&name);
+                for version in removed.iter().flat_map(|state| state.served.keys()) {
+                    self.telemetry.record_event(
+                        EventKind::ModelUnloaded,
+                        &name,
+                        *version,
+                        "the model was removed from the repository",
+                    );
+                }
             }
         }
         for dir in scan.models.values() {
@@ -198,6 +233,16 @@ impl ModelRegistry {
                     self.metrics.count_load_failure(name);
                     let mut models = self.write();
                     let state = models.entry(name.to_string()).or_default();
+                    // A model that never had a valid config is rescanned every
+                    // poll: one event per distinct problem, not per scan.
+                    if state.config_error.as_deref() != Some(err.as_str()) {
+                        self.telemetry.record_event(
+                            EventKind::ModelFailed,
+                            name,
+                            0,
+                            &format!("invalid config.toml: {err}"),
+                        );
+                    }
                     state.config_fingerprint = dir.config_fingerprint;
                     state.config_error = Some(err);
                     state.on_disk = dir.versions.keys().copied().collect();
@@ -245,6 +290,17 @@ impl ModelRegistry {
                         reload = reloading,
                         "model version loaded"
                     );
+                    self.telemetry.record_event(
+                        EventKind::ModelLoaded,
+                        name,
+                        version,
+                        &format!(
+                            "{} on {}{}",
+                            if reloading { "reloaded" } else { "loaded" },
+                            handle.runtime,
+                            if handle.batching { ", batching" } else { "" }
+                        ),
+                    );
                     served.insert(
                         version,
                         ServedVersion {
@@ -256,6 +312,8 @@ impl ModelRegistry {
                 Err(reason) => {
                     tracing::error!(model = name, version, error = %reason, "model version failed to load");
                     self.metrics.count_load_failure(name);
+                    self.telemetry
+                        .record_event(EventKind::ModelFailed, name, version, &reason);
                     if let Some((handle, fingerprint)) = old_served.get(&version) {
                         // The new files are broken: keep serving the old session.
                         served.insert(
@@ -290,6 +348,12 @@ impl ModelRegistry {
                     model = name,
                     version,
                     "model version unloaded; draining its queue"
+                );
+                self.telemetry.record_event(
+                    EventKind::ModelUnloaded,
+                    name,
+                    *version,
+                    "no longer served (version policy or removed from disk)",
                 );
             }
         }
@@ -337,6 +401,7 @@ impl ModelRegistry {
             sessions,
             config,
             metrics,
+            self.telemetry.for_version(name, version),
         ))
     }
 

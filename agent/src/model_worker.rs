@@ -19,12 +19,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use edgefleet_proto::edgefleet::v1::event;
 use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::VersionMetrics;
 use crate::model_config::ModelConfig;
 use crate::runtime::{ModelSession, RuntimeKind, Signature};
+use crate::telemetry::VersionTelemetry;
 use crate::tensor::{Tensor, concat_batch, split_batch};
 
 /// What a caller gets back for one request.
@@ -67,6 +69,7 @@ pub struct LoadedVersion {
     queue: Sender<Job>,
     queue_capacity: usize,
     metrics: VersionMetrics,
+    telemetry: VersionTelemetry,
 }
 
 impl std::fmt::Debug for LoadedVersion {
@@ -101,6 +104,7 @@ impl LoadedVersion {
         sessions: Vec<Box<dyn ModelSession>>,
         config: &ModelConfig,
         metrics: VersionMetrics,
+        telemetry: VersionTelemetry,
     ) -> Arc<LoadedVersion> {
         let signature = sessions
             .first()
@@ -119,10 +123,11 @@ impl LoadedVersion {
         for (index, session) in sessions.into_iter().enumerate() {
             let receiver = receiver.clone();
             let metrics = metrics.clone();
+            let telemetry = telemetry.clone();
             let label = format!("{model}:{version}");
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{model}-{version}-{index}"))
-                .spawn(move || worker_loop(session, receiver, policy, metrics, label));
+                .spawn(move || worker_loop(session, receiver, policy, metrics, telemetry, label));
             if let Err(err) = spawned {
                 tracing::error!(model, version, error = %err, "cannot start a worker thread");
             }
@@ -137,6 +142,7 @@ impl LoadedVersion {
             queue: sender,
             queue_capacity: config.queue_capacity,
             metrics,
+            telemetry,
         })
     }
 
@@ -166,12 +172,14 @@ impl LoadedVersion {
         match self.queue.try_send(job) {
             Ok(()) => {
                 self.metrics.requests.inc();
+                self.telemetry.observe_queue_depth(self.queue.len());
                 Ok(receiver)
             }
             Err(TrySendError::Full(_)) => {
                 self.metrics.queue_depth.dec();
                 self.metrics
                     .count_error(ErrorCode::ResourceExhausted.as_str());
+                self.telemetry.record_queue_full(self.queue_capacity);
                 Err(InferError::new(
                     ErrorCode::ResourceExhausted,
                     format!(
@@ -199,6 +207,11 @@ impl LoadedVersion {
         self.metrics.count_error(code.as_str());
     }
 
+    /// Where this version's telemetry is recorded.
+    pub fn telemetry(&self) -> &VersionTelemetry {
+        &self.telemetry
+    }
+
     /// Requests waiting right now.
     pub fn queue_depth(&self) -> usize {
         self.queue.len()
@@ -217,6 +230,7 @@ fn worker_loop(
     queue: Receiver<Job>,
     policy: BatchPolicy,
     metrics: VersionMetrics,
+    telemetry: VersionTelemetry,
     label: String,
 ) {
     let mut deferred: VecDeque<Job> = VecDeque::new();
@@ -266,7 +280,7 @@ fn worker_loop(
                 }
             }
         }
-        run_batch(session.as_mut(), batch, &metrics, &label);
+        run_batch(session.as_mut(), batch, &metrics, &telemetry, &label);
     }
 }
 
@@ -274,6 +288,7 @@ fn run_batch(
     session: &mut dyn ModelSession,
     batch: Vec<Job>,
     metrics: &VersionMetrics,
+    telemetry: &VersionTelemetry,
     label: &str,
 ) {
     // Callers that gave up (timeout, disconnect) need no answer.
@@ -314,6 +329,7 @@ fn run_batch(
         .compute_seconds
         .observe(started.elapsed().as_secs_f64());
     metrics.batch_size.observe(replies.len() as f64);
+    telemetry.record_batch(replies.len() as u64);
 
     let result: Result<Vec<Vec<Tensor>>, InferError> = match outcome {
         Ok(Ok(outputs)) if replies.len() == 1 => Ok(vec![outputs]),
@@ -338,6 +354,8 @@ fn run_batch(
             }
         }
         Err(err) => {
+            // One event per failed run (the requests are counted by the service).
+            telemetry.record_event(event::Kind::Error, &err.message);
             for reply in replies {
                 metrics.count_error(err.code.as_str());
                 let _ = reply.send(Err(err.clone()));
@@ -425,8 +443,15 @@ mod tests {
     fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Arc<Mutex<Vec<i64>>>) {
         let (session, batches) = doubler(delay);
         let metrics = Arc::new(Metrics::new()).for_version("m", 1);
-        let version =
-            LoadedVersion::start("m", 1, RuntimeKind::Tract, vec![session], &config, metrics);
+        let version = LoadedVersion::start(
+            "m",
+            1,
+            RuntimeKind::Tract,
+            vec![session],
+            &config,
+            metrics,
+            VersionTelemetry::detached("m", 1),
+        );
         (version, batches)
     }
 

@@ -89,6 +89,12 @@ impl Agent {
         })
     }
 
+    /// The telemetry recorder the serving path records into; a managed-mode
+    /// session drains it (see [`crate::telemetry`]).
+    pub fn telemetry(&self) -> &Arc<crate::telemetry::TelemetryRecorder> {
+        self.registry.telemetry()
+    }
+
     pub fn service(&self) -> &InferenceService {
         &self.service
     }

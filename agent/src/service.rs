@@ -3,10 +3,12 @@
 //! thin conversions around these functions, so both behave the same.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
+use crate::model_worker::LoadedVersion;
 use crate::runtime::{RuntimeKind, TensorSpec};
 use crate::tensor::Tensor;
 
@@ -152,9 +154,20 @@ impl InferenceService {
     }
 
     /// Runs one request to completion.
+    ///
+    /// Telemetry: once the request is routed to a model version, it is
+    /// recorded there with its end-to-end latency and outcome, also when it
+    /// fails later or the caller abandons it (dropping this future).
+    /// Requests refused before a version is known (unknown model or version)
+    /// belong to no version and are not recorded.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         let model_name = request.model_name.clone();
-        let result = self.infer_inner(request).await;
+        let mut outcome = RequestOutcome {
+            started: Instant::now(),
+            version: None,
+        };
+        let result = self.infer_inner(request, &mut outcome.version).await;
+        outcome.finish(result.is_ok());
         if let Err(err) = &result {
             // Failures after queueing are counted by the worker.
             if matches!(
@@ -170,9 +183,17 @@ impl InferenceService {
         result
     }
 
-    async fn infer_inner(&self, request: InferRequest) -> Result<InferResponse, InferError> {
+    async fn infer_inner(
+        &self,
+        request: InferRequest,
+        routed: &mut Option<Arc<LoadedVersion>>,
+    ) -> Result<InferResponse, InferError> {
         let size: usize = request.inputs.iter().map(Tensor::byte_size).sum();
         if size > self.max_request_bytes {
+            // Counted against the version it was meant for, if there is one.
+            if let Ok(version) = parse_version(&request.model_version) {
+                *routed = self.registry.get(&request.model_name, version).ok();
+            }
             return Err(InferError::new(
                 ErrorCode::TooLarge,
                 format!(
@@ -183,6 +204,7 @@ impl InferenceService {
         }
         let version = parse_version(&request.model_version)?;
         let loaded = self.registry.get(&request.model_name, version)?;
+        *routed = Some(Arc::clone(&loaded));
         let signature = &loaded.signature;
 
         for wanted in &request.outputs {
@@ -236,6 +258,27 @@ impl InferenceService {
             id: request.id,
             outputs,
         })
+    }
+}
+
+/// Records a routed request's latency and outcome exactly once: when it
+/// finishes, or as a failure if its future is dropped first.
+struct RequestOutcome {
+    started: Instant,
+    version: Option<Arc<LoadedVersion>>,
+}
+
+impl RequestOutcome {
+    fn finish(&mut self, ok: bool) {
+        if let Some(version) = self.version.take() {
+            version.telemetry().record_local(self.started.elapsed(), ok);
+        }
+    }
+}
+
+impl Drop for RequestOutcome {
+    fn drop(&mut self) {
+        self.finish(false);
     }
 }
 

@@ -601,6 +601,17 @@ async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice)
         }
     }
     assert!(ok >= 1 && exhausted >= 1, "ok {ok}, refused {exhausted}");
+    // Telemetry saw the same: every request, the refusals as errors, and overload.
+    let (models, events) = agent.telemetry.take_interval(std::time::SystemTime::now());
+    let conv = models.iter().find(|m| m.name == "conv").unwrap();
+    assert_eq!((conv.requests, conv.errors), (40, exhausted), "{conv:?}");
+    assert_eq!(conv.max_queue_depth, 1);
+    assert!(
+        events.iter().any(|e| e.kind
+            == edgefleet_proto::edgefleet::v1::event::Kind::OverloadEntered as i32
+            && e.model == "conv"),
+        "{events:?}"
+    );
     // The same over HTTP: 503 with a JSON error, while gRPC clients keep the queue full.
     let flooding = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let mut flood = Vec::new();

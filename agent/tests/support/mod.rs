@@ -4,11 +4,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_agent::model_check::ModelCheck;
 use edgefleet_agent::runtime::{RuntimeChoice, find_onnxruntime_library};
 use edgefleet_agent::server::{Agent, ServeOptions};
+use edgefleet_agent::telemetry::TelemetryRecorder;
 use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -99,6 +101,8 @@ pub struct TestAgent {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub runtime: RuntimeChoice,
+    /// The recorder the agent's serving path records into.
+    pub telemetry: Arc<TelemetryRecorder>,
     shutdown: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -136,6 +140,7 @@ impl<'a> AgentBuilder<'a> {
             },
         })
         .expect("agent starts");
+        let telemetry = Arc::clone(agent.telemetry());
         let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
@@ -149,6 +154,7 @@ impl<'a> AgentBuilder<'a> {
             grpc_addr,
             http_addr,
             runtime: self.runtime,
+            telemetry,
             shutdown,
             task: Some(task),
         };
