@@ -7,20 +7,18 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_model};
-use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
-use edgefleet_agent::server::{Agent, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions};
 use edgefleet_agent::managed::enroll::EnrollOptions;
-use edgefleet_agent::managed::session::{self, HelloSource, SessionOptions};
+use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
 use edgefleet_agent::managed::{self};
+use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_model};
 use edgefleet_agent::model_registry::ModelRegistry;
+use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
+use edgefleet_agent::server::{Agent, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions};
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
-use edgefleet_agent::telemetry::{
-    self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig, TelemetryRecorder,
-};
-use std::sync::Arc;
+use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};
 use serde::Deserialize;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// gRPC port of the Open Inference Protocol, as Triton (8001). Loopback:
@@ -92,7 +90,12 @@ struct EnrollArgs {
     #[arg(long, env = "EDGEFLEET_SERVER", value_name = "URL")]
     server: String,
     /// Join token from `edgefleet join-token create`.
-    #[arg(long, env = "EDGEFLEET_JOIN_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "EDGEFLEET_JOIN_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     token: String,
     /// Where the agent keeps its identity, model cache and telemetry queue.
     #[arg(long, env = "EDGEFLEET_STATE_DIR", value_name = "DIR")]
@@ -377,7 +380,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let reconnect_max_delay = match args.reconnect_max_delay {
         Some(delay) => delay,
         None => parse(&file.reconnect_max_delay, "reconnect_max_delay")?
-            .unwrap_or(SessionOptions::default().backoff_max),
+            .unwrap_or(SessionClientOptions::default().backoff_max),
     };
     let telemetry_config = TelemetryConfig {
         interval,
@@ -388,9 +391,11 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     };
     let sysfs_root = args.sysfs_root.or(file.sysfs_root);
 
-    let recorder = Arc::new(TelemetryRecorder::new());
-    let agent = Agent::new_with_recorder(config.options, Arc::clone(&recorder))?;
-    let runtime = agent.runtime_kind().as_str().to_string();
+    let agent = Agent::new(config.options)?;
+    let recorder = Arc::clone(agent.telemetry());
+    let registry = Arc::clone(agent.service().registry());
+    let runtime = registry.runtimes().default.kind().as_str().to_string();
+    let runtimes_available = registry.runtimes().available();
     let outbox = Outbox::open(state.telemetry_dir(), telemetry_config.outbox_cap_bytes)?;
     let probe = match &sysfs_root {
         Some(root) => DeviceProbe::with_root(root),
@@ -407,9 +412,9 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     collector.set_device_id(&enrollment.device_id);
     let collector = Arc::new(std::sync::Mutex::new(collector));
     let hello = Arc::new(AgentHello {
-        registry: Arc::clone(agent.registry()),
+        registry,
         runtime,
-        inventory: telemetry::collect_inventory(runtimes_available()),
+        inventory: telemetry::collect_inventory(runtimes_available),
     });
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
@@ -427,9 +432,9 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
         collector,
         new_batch,
         hello,
-        SessionOptions {
+        SessionClientOptions {
             backoff_max: reconnect_max_delay,
-            ..SessionOptions::default()
+            ..SessionClientOptions::default()
         },
         shutdown.clone(),
     ));

@@ -129,13 +129,14 @@ async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
             cli.server
         );
     };
-    Ok(OperatorServiceClient::new(channel)
-        .max_decoding_message_size(64 * 1024 * 1024))
+    Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
     let Some(token) = &cli.token else {
-        bail!("--token (or EDGEFLEET_TOKEN) is required: the server's DATA_DIR/admin.token holds the first one");
+        bail!(
+            "--token (or EDGEFLEET_TOKEN) is required: the server's DATA_DIR/admin.token holds the first one"
+        );
     };
     let mut request = tonic::Request::new(message);
     let value: MetadataValue<_> = format!("Bearer {}", token.trim())
@@ -297,7 +298,10 @@ fn print_device_detail(device: &pb::Device) {
         ),
         (
             "memory",
-            format!("{:.1} GiB", inventory.memory_bytes as f64 / (1u64 << 30) as f64),
+            format!(
+                "{:.1} GiB",
+                inventory.memory_bytes as f64 / (1u64 << 30) as f64
+            ),
         ),
         ("arch", inventory.arch.clone()),
         ("os", inventory.os.clone()),
@@ -320,7 +324,10 @@ fn print_device_detail(device: &pb::Device) {
         ),
     ];
     if let Some(health) = &device.health {
-        rows.push(("cpu use", format!("{:.1}%", health.cpu_permille as f64 / 10.0)));
+        rows.push((
+            "cpu use",
+            format!("{:.1}%", health.cpu_permille as f64 / 10.0),
+        ));
         rows.push((
             "memory used",
             format!(
@@ -341,7 +348,10 @@ fn print_device_detail(device: &pb::Device) {
             rows.push(("battery", format!("{b}%{charging}")));
         }
         rows.push(("uptime", format!("{} s", health.uptime_seconds)));
-        rows.push(("agent rss", format!("{:.1} MiB", health.agent_rss_bytes as f64 / 1048576.0)));
+        rows.push((
+            "agent rss",
+            format!("{:.1} MiB", health.agent_rss_bytes as f64 / 1048576.0),
+        ));
     }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);
@@ -358,7 +368,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             expires,
             uses,
         }) => {
-            let labels = labels.as_deref().map(parse_labels).transpose()?.unwrap_or_default();
+            let labels = labels
+                .as_deref()
+                .map(parse_labels)
+                .transpose()?
+                .unwrap_or_default();
             if *uses == 0 {
                 bail!("--uses must be at least 1");
             }
@@ -420,7 +434,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner()
                 .devices;
             match cli.output {
-                Output::Json => print_json(&Value::Array(devices.iter().map(device_json).collect()))?,
+                Output::Json => {
+                    print_json(&Value::Array(devices.iter().map(device_json).collect()))?
+                }
                 Output::Table => print_device_table(&devices),
             }
         }

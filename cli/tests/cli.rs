@@ -36,7 +36,14 @@ fn bad_arguments_fail_with_a_message() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("invalid server URL"));
 
-    let output = edgefleet(&["devices", "list", "--server", "https://127.0.0.1:1", "--token", "t"]);
+    let output = edgefleet(&[
+        "devices",
+        "list",
+        "--server",
+        "https://127.0.0.1:1",
+        "--token",
+        "t",
+    ]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--ca-cert"));
 }

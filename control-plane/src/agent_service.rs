@@ -81,7 +81,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let device_id = new_device_id();
         let issued = cp
             .ca
-            .sign_device_csr(&request.csr_pem, &device_id, cp.config.device_certificate_validity)
+            .sign_device_csr(
+                &request.csr_pem,
+                &device_id,
+                cp.config.device_certificate_validity,
+            )
             .map_err(|err| {
                 cp.metrics.refuse_enrollment("bad_csr");
                 Status::invalid_argument(format!("invalid CSR: {err}"))
@@ -181,11 +185,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
             .await
             .map_err(|err| Status::unavailable(format!("cannot record the Hello: {err}")))?;
-        let acked_sequence = cp
-            .store
-            .last_sequence(&device_id)
-            .await
-            .map_err(|err| Status::unavailable(format!("cannot read telemetry state: {err}")))?;
+        let acked_sequence =
+            cp.store.last_sequence(&device_id).await.map_err(|err| {
+                Status::unavailable(format!("cannot read telemetry state: {err}"))
+            })?;
 
         let (outbound, receiver) = mpsc::channel(MAX_IN_FLIGHT * 2);
         let welcome = pb::ControlMessage {
@@ -218,7 +221,7 @@ async fn run_session(
     let mut storing = FuturesOrdered::new();
     let mut last_touch = now_ms();
     let reason: Result<(), Status> = loop {
-        let receive = !(storing.len() >= MAX_IN_FLIGHT);
+        let receive = storing.len() < MAX_IN_FLIGHT;
         tokio::select! {
             _ = guard.cancel.cancelled() => break Ok(()),
             Some(stored) = storing.next(), if !storing.is_empty() => {
@@ -262,14 +265,13 @@ async fn run_session(
                         });
                         last_touch = now;
                     }
-                    Some(Upstream::Heartbeat(_)) => {
-                        if now - last_touch >= 5_000 {
-                            if let Err(err) = cp.store.touch_device(&device_id, now).await {
-                                tracing::warn!(device = %device_id, error = %err, "cannot record a heartbeat");
-                            }
-                            last_touch = now;
+                    Some(Upstream::Heartbeat(_)) if now - last_touch >= 5_000 => {
+                        if let Err(err) = cp.store.touch_device(&device_id, now).await {
+                            tracing::warn!(device = %device_id, error = %err, "cannot record a heartbeat");
                         }
+                        last_touch = now;
                     }
+                    Some(Upstream::Heartbeat(_)) => {}
                     Some(Upstream::RenewCertificate(renew)) => {
                         match renew_certificate(&cp, &device_id, &renew.csr_pem).await {
                             Ok(message) => {

@@ -24,7 +24,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEFLEET_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// postgres://… for PostgreSQL, sqlite://PATH for another SQLite file [default: SQLite in the data dir].
-    #[arg(long, env = "EDGEFLEET_DATABASE_URL", value_name = "URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "EDGEFLEET_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub database_url: Option<String>,
     /// gRPC listener for agents, TLS [default: 0.0.0.0:7443].
     #[arg(long, env = "EDGEFLEET_AGENT_ADDR", value_name = "ADDR")]
@@ -36,7 +41,12 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEFLEET_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Extra names (DNS or IP) agents use to reach this server, for its certificate: a,b,c.
-    #[arg(long, env = "EDGEFLEET_SERVER_NAMES", value_name = "NAMES", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "EDGEFLEET_SERVER_NAMES",
+        value_name = "NAMES",
+        value_delimiter = ','
+    )]
     pub server_names: Vec<String>,
     /// How long raw telemetry is kept before only hourly rollups remain [default: 7d].
     #[arg(long, env = "EDGEFLEET_TELEMETRY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
@@ -88,7 +98,10 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Defaults for everything but the data dir (tests and embedding).
     pub fn new(data_dir: &Path) -> ServerConfig {
-        let parse = |text: &str| text.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let parse = |text: &str| {
+            text.parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+        };
         ServerConfig {
             data_dir: data_dir.to_path_buf(),
             database_url: None,
@@ -126,33 +139,47 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         );
     }
     let mut config = ServerConfig::new(&data_dir.unwrap_or_default());
-    let mut addr = |flag: Option<SocketAddr>, text: Option<String>, key: &str, default: SocketAddr| {
-        match (flag, text) {
+    let mut addr =
+        |flag: Option<SocketAddr>, text: Option<String>, key: &str, default: SocketAddr| match (
+            flag, text,
+        ) {
             (Some(addr), _) => addr,
             (None, Some(text)) => text.parse().unwrap_or_else(|_| {
-                problems.push(format!("{key} = \"{text}\" is not an address like 127.0.0.1:7444"));
-                default
-            }),
-            (None, None) => default,
-        }
-    };
-    config.agent_addr = addr(args.agent_addr, file.agent_addr, "agent_addr", config.agent_addr);
-    config.api_addr = addr(args.api_addr, file.api_addr, "api_addr", config.api_addr);
-    config.http_addr = addr(args.http_addr, file.http_addr, "http_addr", config.http_addr);
-    let mut duration = |flag: Option<Duration>, text: Option<String>, key: &str, default: Duration| {
-        let value = match (flag, text) {
-            (Some(value), _) => value,
-            (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
-                problems.push(format!("{key} = \"{text}\": {err}"));
+                problems.push(format!(
+                    "{key} = \"{text}\" is not an address like 127.0.0.1:7444"
+                ));
                 default
             }),
             (None, None) => default,
         };
-        if value.is_zero() {
-            problems.push(format!("{key} must be longer than zero"));
-        }
-        value
-    };
+    config.agent_addr = addr(
+        args.agent_addr,
+        file.agent_addr,
+        "agent_addr",
+        config.agent_addr,
+    );
+    config.api_addr = addr(args.api_addr, file.api_addr, "api_addr", config.api_addr);
+    config.http_addr = addr(
+        args.http_addr,
+        file.http_addr,
+        "http_addr",
+        config.http_addr,
+    );
+    let mut duration =
+        |flag: Option<Duration>, text: Option<String>, key: &str, default: Duration| {
+            let value = match (flag, text) {
+                (Some(value), _) => value,
+                (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
+                    problems.push(format!("{key} = \"{text}\": {err}"));
+                    default
+                }),
+                (None, None) => default,
+            };
+            if value.is_zero() {
+                problems.push(format!("{key} must be longer than zero"));
+            }
+            value
+        };
     config.telemetry_retention = duration(
         args.telemetry_retention,
         file.telemetry_retention,

@@ -133,7 +133,9 @@ pub fn telemetry_from_pb(
         ));
     }
     if batch.sequence > i64::MAX as u64 {
-        return Err(Status::invalid_argument("telemetry batch sequence is too large"));
+        return Err(Status::invalid_argument(
+            "telemetry batch sequence is too large",
+        ));
     }
     if batch.models.len() > MAX_MODELS_PER_BATCH {
         return Err(Status::invalid_argument(format!(

@@ -35,7 +35,11 @@ impl ServerMetrics {
         let telemetry_batches = Counter::default();
         let telemetry_duplicates = Counter::default();
         let certificates_renewed = Counter::default();
-        registry.register("agent_sessions", "Agent sessions open on this replica", sessions.clone());
+        registry.register(
+            "agent_sessions",
+            "Agent sessions open on this replica",
+            sessions.clone(),
+        );
         registry.register("enrollments", "Devices enrolled", enrollments.clone());
         registry.register(
             "enrollments_refused",

@@ -117,7 +117,12 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         self.authorize(&request).await?;
         let selector =
             convert::parse_labels(&request.get_ref().selector).map_err(Status::invalid_argument)?;
-        let devices = self.cp.store.devices(&selector).await.map_err(store_error)?;
+        let devices = self
+            .cp
+            .store
+            .devices(&selector)
+            .await
+            .map_err(store_error)?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices
                 .iter()

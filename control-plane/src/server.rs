@@ -127,7 +127,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tracing::info!(fingerprint = %ca.fingerprint(), "created the fleet CA");
     }
     let admin_token = ensure_admin_token(store.as_ref(), &data_dir).await?;
-    let server_identity = ca.issue_server_certificate(&config.server_names, SERVER_CERTIFICATE_VALIDITY)?;
+    let server_identity =
+        ca.issue_server_certificate(&config.server_names, SERVER_CERTIFICATE_VALIDITY)?;
     let agent_tls = edgefleet_pki::agent_server_tls_config(&server_identity, ca.certificate_pem())?;
     let operator_tls = edgefleet_pki::operator_server_tls_config(&server_identity)?;
 
@@ -180,7 +181,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let operator_router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection()?)
-        .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(&cp))));
+        .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(
+            &cp,
+        ))));
     let stop = shutdown.clone();
     if api_addr.ip().is_loopback() {
         let incoming = tonic::transport::server::TcpIncoming::from(api_listener);
@@ -219,11 +222,22 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         )));
     }
 
-    tasks.push(tokio::spawn(watch_revocations(Arc::clone(&cp), shutdown.clone())));
+    tasks.push(tokio::spawn(watch_revocations(
+        Arc::clone(&cp),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(roll_up(Arc::clone(&cp), shutdown.clone())));
 
-    let api_scheme = if api_addr.ip().is_loopback() { "http" } else { "https" };
-    let http_scheme = if http_addr.ip().is_loopback() { "http" } else { "https" };
+    let api_scheme = if api_addr.ip().is_loopback() {
+        "http"
+    } else {
+        "https"
+    };
+    let http_scheme = if http_addr.ip().is_loopback() {
+        "http"
+    } else {
+        "https"
+    };
     tracing::info!(
         agent = %format!("https://{agent_addr}"),
         api = %format!("{api_scheme}://{api_addr}"),
@@ -244,7 +258,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
 /// Ends sessions of devices revoked anywhere (another replica, or directly
 /// in the database) within one poll interval.
-async fn watch_revocations(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn watch_revocations(
+    cp: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut since = now_ms();
     loop {
         tokio::select! {
@@ -257,7 +274,9 @@ async fn watch_revocations(cp: Arc<ControlPlane>, shutdown: CancellationToken) -
                     since = since.max(at);
                     if cp.sessions.end(
                         &device,
-                        tonic::Status::permission_denied(format!("device {device} has been revoked")),
+                        tonic::Status::permission_denied(format!(
+                            "device {device} has been revoked"
+                        )),
                     ) {
                         tracing::info!(%device, "ended the session of a revoked device");
                     }
@@ -277,7 +296,11 @@ async fn roll_up(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::
             () = tokio::time::sleep(cp.config.rollup_interval) => {}
         }
         match cp.store.rollup_and_prune(now_ms(), retention_ms).await {
-            Ok(report) => tracing::debug!(hours = report.hours_rolled_up, pruned = report.batches_pruned, "telemetry rolled up"),
+            Ok(report) => tracing::debug!(
+                hours = report.hours_rolled_up,
+                pruned = report.batches_pruned,
+                "telemetry rolled up"
+            ),
             Err(err) => tracing::warn!(error = %err, "cannot roll up telemetry"),
         }
     }

@@ -50,18 +50,14 @@ impl Sessions {
     pub fn register(&self, device_id: &str, outbound: Outbound) -> SessionGuard<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        let previous = self
-            .live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(
-                device_id.to_string(),
-                Entry {
-                    id,
-                    outbound,
-                    cancel: cancel.clone(),
-                },
-            );
+        let previous = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            device_id.to_string(),
+            Entry {
+                id,
+                outbound,
+                cancel: cancel.clone(),
+            },
+        );
         if let Some(previous) = previous {
             end(
                 previous,
@@ -126,7 +122,10 @@ mod tests {
         let status = rx1.recv().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Aborted);
         drop(first);
-        assert!(sessions.is_online("d"), "dropping the replaced session must not unregister the new one");
+        assert!(
+            sessions.is_online("d"),
+            "dropping the replaced session must not unregister the new one"
+        );
         drop(second);
         assert!(!sessions.is_online("d"));
     }

@@ -57,12 +57,17 @@ fn assert_contiguous(server: &Server, device: &str) -> u64 {
     let sequences = device_sequences(server, device);
     let n = sequences.len() as u64;
     let expected: Vec<u64> = (1..=n).collect();
-    assert_eq!(sequences, expected, "device {device}: sequences with gaps or duplicates");
+    assert_eq!(
+        sequences, expected,
+        "device {device}: sequences with gaps or duplicates"
+    );
     n
 }
 
 fn telemetry_sequence(server: &Server, device: &str) -> u64 {
-    server.device(device)["telemetry_sequence"].as_u64().unwrap()
+    server.device(device)["telemetry_sequence"]
+        .as_u64()
+        .unwrap()
 }
 
 fn enrollment_end_to_end(db: Db) {
@@ -87,10 +92,9 @@ fn enrollment_end_to_end(db: Db) {
     }
     install_fixture(&state, "mlp");
     let agent = Agent::run(&state, &[]);
-    let ready = eventually(Duration::from_secs(30), "the model to load", || {
+    eventually(Duration::from_secs(30), "the model to load", || {
         agent.infer_mlp().then_some(())
     });
-    let _ = ready;
     for _ in 0..9 {
         assert!(agent.infer_mlp());
     }
@@ -168,27 +172,54 @@ fn join_tokens_are_refused_when_used_up_expired_unknown_or_for_another_fleet() {
     let unknown_id = format!("{}.{}.{}", "0".repeat(parts[0].len()), parts[1], parts[2]);
     let unknown = enroll(&server.agent_url, &unknown_id, &fx.state_dir("d"));
     assert!(!unknown.status.success());
-    assert!(stderr(&unknown).contains("unknown join token"), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("unknown join token"),
+        "{}",
+        stderr(&unknown)
+    );
     let wrong_secret = format!("{}.{}.{}", parts[0], "0".repeat(parts[1].len()), parts[2]);
     let refused = enroll(&server.agent_url, &wrong_secret, &fx.state_dir("d"));
     assert!(!refused.status.success());
-    assert!(stderr(&refused).contains("unknown join token"), "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("unknown join token"),
+        "{}",
+        stderr(&refused)
+    );
 
     // A token naming another CA: the agent refuses the server itself.
     let other_fleet = format!("{}.{}.{}", parts[0], parts[1], "ab".repeat(32));
     let pinned = enroll(&server.agent_url, &other_fleet, &fx.state_dir("e"));
     assert!(!pinned.status.success());
-    assert!(stderr(&pinned).contains("fingerprint"), "{}", stderr(&pinned));
+    assert!(
+        stderr(&pinned).contains("fingerprint"),
+        "{}",
+        stderr(&pinned)
+    );
 
     let malformed = enroll(&server.agent_url, "not-a-token", &fx.state_dir("f"));
     assert!(!malformed.status.success());
-    assert!(stderr(&malformed).contains("join token"), "{}", stderr(&malformed));
+    assert!(
+        stderr(&malformed).contains("join token"),
+        "{}",
+        stderr(&malformed)
+    );
 
     // Nothing was stored for the refused ones, and the good token still works.
-    assert_eq!(server.cli_json(&["devices", "list"]).as_array().unwrap().len(), 1);
+    assert_eq!(
+        server
+            .cli_json(&["devices", "list"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     enroll_ok(&server, &good, &fx.state_dir("g"));
     let again = enroll(&server.agent_url, &good, &fx.state_dir("g"));
-    assert!(stderr(&again).contains("already enrolled"), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("already enrolled"),
+        "{}",
+        stderr(&again)
+    );
 }
 
 #[test]
@@ -203,25 +234,55 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
     assert!(!no_token.status.success());
     assert!(stderr(&no_token).contains("--token"));
     let bad_token = std::process::Command::new(binary("edgefleet"))
-        .args(["--server", &server.api_url, "--token", "efo_nope", "devices", "list"])
+        .args([
+            "--server",
+            &server.api_url,
+            "--token",
+            "efo_nope",
+            "devices",
+            "list",
+        ])
         .output()
         .unwrap();
     assert!(!bad_token.status.success());
-    assert!(stderr(&bad_token).contains("not authorized"), "{}", stderr(&bad_token));
+    assert!(
+        stderr(&bad_token).contains("not authorized"),
+        "{}",
+        stderr(&bad_token)
+    );
     let missing = server.cli(&["devices", "get", "dev-0000"]);
     assert!(!missing.status.success());
-    assert!(stderr(&missing).contains("no device"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("no device"),
+        "{}",
+        stderr(&missing)
+    );
     let bad_selector = server.cli(&["devices", "list", "--selector", "nolabel"]);
     assert!(!bad_selector.status.success());
     let bad_labels = server.cli(&["join-token", "create", "--labels", "bad key=1"]);
     assert!(!bad_labels.status.success());
-    assert!(stderr(&bad_labels).contains("label key"), "{}", stderr(&bad_labels));
+    assert!(
+        stderr(&bad_labels).contains("label key"),
+        "{}",
+        stderr(&bad_labels)
+    );
     let unreachable = std::process::Command::new(binary("edgefleet"))
-        .args(["--server", "http://127.0.0.1:1", "--token", "x", "devices", "list"])
+        .args([
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+            "devices",
+            "list",
+        ])
         .output()
         .unwrap();
     assert!(!unreachable.status.success());
-    assert!(stderr(&unreachable).contains("cannot connect"), "{}", stderr(&unreachable));
+    assert!(
+        stderr(&unreachable).contains("cannot connect"),
+        "{}",
+        stderr(&unreachable)
+    );
 }
 
 #[test]
@@ -272,7 +333,10 @@ fn server_sigkill_keeps_telemetry_exactly_once(db: Db) {
     server.process.kill();
     std::thread::sleep(Duration::from_secs(3));
     server.restart();
-    let after: Vec<u64> = devices.iter().map(|d| telemetry_sequence(&server, d)).collect();
+    let after: Vec<u64> = devices
+        .iter()
+        .map(|d| telemetry_sequence(&server, d))
+        .collect();
     for (device, seen) in devices.iter().zip(&after) {
         eventually(Duration::from_secs(40), "the backlog to arrive", || {
             (telemetry_sequence(&server, device) >= seen + 5).then_some(())
@@ -313,14 +377,20 @@ fn agent_cut_off_keeps_serving_and_delivers_the_backlog(db: Db) {
     let mut sent = 1;
     let cut_off = Instant::now();
     while cut_off.elapsed() < Duration::from_secs(5) {
-        assert!(agent.infer_mlp(), "inference failed while the control plane was away");
+        assert!(
+            agent.infer_mlp(),
+            "inference failed while the control plane was away"
+        );
         sent += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
     server.restart();
     eventually(Duration::from_secs(40), "every request counted", || {
         let total = server.device(&device)["requests_total"].as_u64().unwrap();
-        assert!(total <= sent, "counted {total} requests, sent {sent}: duplicates");
+        assert!(
+            total <= sent,
+            "counted {total} requests, sent {sent}: duplicates"
+        );
         (total == sent).then_some(())
     });
     assert_contiguous(&server, &device);
@@ -420,7 +490,8 @@ fn agents_reconnect_spread_out_within_a_minute_after_an_outage() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let times: Vec<f64> = first_seen.values().map(Duration::as_secs_f64).collect();
-    let spread = times.iter().cloned().fold(f64::MIN, f64::max) - times.iter().cloned().fold(f64::MAX, f64::min);
+    let spread = times.iter().cloned().fold(f64::MIN, f64::max)
+        - times.iter().cloned().fold(f64::MAX, f64::min);
     eprintln!("reconnect times after restart (s): {times:?}, spread {spread:.2} s");
     assert!(
         spread >= 1.0,

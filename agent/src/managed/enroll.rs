@@ -50,7 +50,10 @@ fn hostname() -> String {
 }
 
 /// Enrolls the device; returns its enrollment record.
-pub async fn enroll(options: &EnrollOptions, inventory: pb::Inventory) -> anyhow::Result<Enrollment> {
+pub async fn enroll(
+    options: &EnrollOptions,
+    inventory: pb::Inventory,
+) -> anyhow::Result<Enrollment> {
     let state = StateDir::new(&options.state_dir);
     if state.is_enrolled() && !options.force {
         let (enrollment, _) = state.load()?;
@@ -76,12 +79,19 @@ pub async fn enroll(options: &EnrollOptions, inventory: pb::Inventory) -> anyhow
             inventory: Some(inventory),
         })
         .await
-        .map_err(|status| anyhow::anyhow!("the control plane refused the enrollment: {}", status.message()))?
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the control plane refused the enrollment: {}",
+                status.message()
+            )
+        })?
         .into_inner();
     // The CA we were given must be the one the token pinned.
     let ca_fingerprint = edgefleet_pki::fingerprint_pem(&response.ca_certificate_pem)?;
     if ca_fingerprint != token.ca_fingerprint {
-        anyhow::bail!("the control plane answered with a CA that is not the one the join token names");
+        anyhow::bail!(
+            "the control plane answered with a CA that is not the one the join token names"
+        );
     }
     let info = edgefleet_pki::certificate_info_pem(&response.certificate_pem)?;
     if info.common_name != response.device_id {
@@ -121,7 +131,10 @@ mod tests {
     #[test]
     fn server_urls_are_normalized_to_https() {
         assert_eq!(normalize_server_url("cp:7443").unwrap(), "https://cp:7443");
-        assert_eq!(normalize_server_url("https://cp:7443/").unwrap(), "https://cp:7443");
+        assert_eq!(
+            normalize_server_url("https://cp:7443/").unwrap(),
+            "https://cp:7443"
+        );
         assert!(normalize_server_url("http://cp:7443").is_err());
         assert!(normalize_server_url("https://cp:7443/x").is_err());
     }

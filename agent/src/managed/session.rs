@@ -28,7 +28,7 @@ const READ_CHUNK: usize = 64;
 
 /// Settings of the session client.
 #[derive(Debug, Clone)]
-pub struct SessionOptions {
+pub struct SessionClientOptions {
     /// First reconnect delay ceiling; doubles per failure up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -39,9 +39,9 @@ pub struct SessionOptions {
     pub welcome_timeout: Duration,
 }
 
-impl Default for SessionOptions {
+impl Default for SessionClientOptions {
     fn default() -> Self {
-        SessionOptions {
+        SessionClientOptions {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(30),
@@ -84,7 +84,11 @@ async fn with_collector<T: Send + 'static>(
 
 /// Makes one telemetry batch per interval into the on-disk queue, whether or
 /// not the control plane is reachable, and wakes the session to send it.
-pub async fn run_telemetry(collector: SharedCollector, new_batch: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn run_telemetry(
+    collector: SharedCollector,
+    new_batch: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
     loop {
         let interval = collector
             .lock()
@@ -119,7 +123,7 @@ pub async fn run_session(
     collector: SharedCollector,
     new_batch: Arc<Notify>,
     hello: Arc<dyn HelloSource>,
-    options: SessionOptions,
+    options: SessionClientOptions,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
@@ -128,7 +132,15 @@ pub async fn run_session(
             return;
         }
         let started = Instant::now();
-        let outcome = connect_and_serve(&state, &collector, &new_batch, hello.as_ref(), &options, &shutdown).await;
+        let outcome = connect_and_serve(
+            &state,
+            &collector,
+            &new_batch,
+            hello.as_ref(),
+            &options,
+            &shutdown,
+        )
+        .await;
         match outcome {
             Ok(SessionEnd::Shutdown) => return,
             Ok(SessionEnd::Lost(reason)) => {
@@ -137,10 +149,15 @@ pub async fn run_session(
                     backoff.reset();
                 }
             }
-            Err(err) => tracing::warn!(error = %format!("{err:#}"), "cannot hold a session with the control plane"),
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot hold a session with the control plane")
+            }
         }
         let delay = backoff.next_delay();
-        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting after a delay");
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after a delay"
+        );
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(delay) => {}
@@ -170,7 +187,7 @@ async fn connect_and_serve(
     collector: &SharedCollector,
     new_batch: &Notify,
     hello: &dyn HelloSource,
-    options: &SessionOptions,
+    options: &SessionClientOptions,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
     let (enrollment, identity) = state.load()?;
@@ -195,14 +212,23 @@ async fn connect_and_serve(
             last_sequence,
         })),
     };
-    outbound.send(hello_message).await.context("the session closed before Hello")?;
+    outbound
+        .send(hello_message)
+        .await
+        .context("the session closed before Hello")?;
     let response = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         response = tokio::time::timeout(options.welcome_timeout, client.session(ReceiverStream::new(receiver))) => response,
     };
     let mut inbound = response
         .context("the control plane did not answer")?
-        .map_err(|status| anyhow::anyhow!("the control plane refused the session: {} ({:?})", status.message(), status.code()))?
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the control plane refused the session: {} ({:?})",
+                status.message(),
+                status.code()
+            )
+        })?
         .into_inner();
     let welcome = match tokio::time::timeout(options.welcome_timeout, inbound.message()).await {
         Ok(Ok(Some(pb::ControlMessage {
@@ -210,7 +236,11 @@ async fn connect_and_serve(
         }))) => welcome,
         Ok(Ok(Some(_))) => anyhow::bail!("the control plane did not start with a Welcome"),
         Ok(Ok(None)) => anyhow::bail!("the control plane closed the session at once"),
-        Ok(Err(status)) => anyhow::bail!("the control plane ended the session: {} ({:?})", status.message(), status.code()),
+        Ok(Err(status)) => anyhow::bail!(
+            "the control plane ended the session: {} ({:?})",
+            status.message(),
+            status.code()
+        ),
         Err(_) => anyhow::bail!("no Welcome from the control plane"),
     };
     tracing::info!(

@@ -102,7 +102,11 @@ impl StateDir {
 
     /// Stores a fresh enrollment: identity first, the enrollment record last,
     /// so a crash midway leaves an unenrolled state dir.
-    pub fn save_enrollment(&self, enrollment: &Enrollment, identity: &Identity) -> anyhow::Result<()> {
+    pub fn save_enrollment(
+        &self,
+        enrollment: &Enrollment,
+        identity: &Identity,
+    ) -> anyhow::Result<()> {
         self.create()?;
         self.save_identity(identity)?;
         let json = serde_json::to_vec_pretty(enrollment)?;
@@ -151,7 +155,8 @@ impl StateDir {
         }
         self.finish_identity_swap()?;
         let read = |path: PathBuf| {
-            std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))
         };
         let enrollment: Enrollment = serde_json::from_str(&read(self.enrollment_path())?)
             .with_context(|| format!("{} is corrupt", self.enrollment_path().display()))?;
@@ -194,7 +199,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(state.key_path()).unwrap().permissions().mode();
+            let mode = std::fs::metadata(state.key_path())
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
     }
@@ -213,11 +221,21 @@ mod tests {
         // Crash after writing only the new key: the old pair stays.
         std::fs::write(state.key_path().with_extension("key.next"), "key-b").unwrap();
         let (_, id) = state.load().unwrap();
-        assert_eq!((id.key_pem.as_str(), id.certificate_pem.as_str()), ("key-a", "cert-a"));
+        assert_eq!(
+            (id.key_pem.as_str(), id.certificate_pem.as_str()),
+            ("key-a", "cert-a")
+        );
         // Crash after renaming the key but not the certificate: finish it.
         std::fs::write(state.key_path(), "key-c").unwrap();
-        std::fs::write(state.certificate_path().with_extension("crt.next"), "cert-c").unwrap();
+        std::fs::write(
+            state.certificate_path().with_extension("crt.next"),
+            "cert-c",
+        )
+        .unwrap();
         let (_, id) = state.load().unwrap();
-        assert_eq!((id.key_pem.as_str(), id.certificate_pem.as_str()), ("key-c", "cert-c"));
+        assert_eq!(
+            (id.key_pem.as_str(), id.certificate_pem.as_str()),
+            ("key-c", "cert-c")
+        );
     }
 }

@@ -91,14 +91,11 @@ fn run_psql(url: &str, sql: &str) {
         .build()
         .unwrap();
     runtime.block_on(async {
-        use sqlx::Connection;
+        use sqlx::{AssertSqlSafe, Connection, Executor};
         let mut conn = sqlx::PgConnection::connect(url)
             .await
             .unwrap_or_else(|err| panic!("PostgreSQL at {url}: {err}"));
-        sqlx::raw_sql(sql.to_string().into())
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        conn.execute(AssertSqlSafe(sql.to_string())).await.unwrap();
     });
 }
 
@@ -167,7 +164,9 @@ impl Process {
                 "EDGEFLEET_LOG",
                 std::env::var("EDGEFLEET_TEST_LOG").unwrap_or_else(|_| "info".into()),
             );
-        let mut child = command.spawn().unwrap_or_else(|err| panic!("{name}: {err}"));
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("{name}: {err}"));
         let stdout = Output::default();
         let stderr = Output::default();
         stdout.collect(child.stdout.take().unwrap(), name);
@@ -365,7 +364,14 @@ impl Server {
 /// `edgefleet-agent enroll`; returns the process output.
 pub fn enroll(server_url: &str, token: &str, state_dir: &Path) -> std::process::Output {
     Command::new(binary("edgefleet-agent"))
-        .args(["enroll", "--server", server_url, "--token", token, "--state-dir"])
+        .args([
+            "enroll",
+            "--server",
+            server_url,
+            "--token",
+            token,
+            "--state-dir",
+        ])
         .arg(state_dir)
         .env("EDGEFLEET_LOG", "warn")
         .output()
@@ -451,7 +457,11 @@ pub fn install_fixture(state_dir: &Path, name: &str) {
     let dir = state_dir.join("models").join(name).join("1");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::copy(
-        testdata().join("models").join(name).join("1").join("model.onnx"),
+        testdata()
+            .join("models")
+            .join(name)
+            .join("1")
+            .join("model.onnx"),
         dir.join("model.onnx"),
     )
     .unwrap();
