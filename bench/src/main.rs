@@ -5,6 +5,7 @@
 //! benchmark models and builds in release mode first).
 
 mod agent_process;
+mod ingest;
 mod report;
 mod suites;
 
@@ -22,6 +23,8 @@ pub enum Suite {
     Footprint,
     /// ONNX Runtime vs tract on every test model.
     Runtimes,
+    /// Telemetry ingest through the control plane's Store (SQLite and PostgreSQL).
+    Ingest,
     /// Everything above.
     All,
 }
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Batching,
             Suite::Footprint,
             Suite::Runtimes,
+            Suite::Ingest,
         ],
         one => vec![one],
     };
@@ -76,6 +80,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Batching => runtime.block_on(suites::batching(&args))?,
             Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
             Suite::Runtimes => suites::runtimes(&args)?,
+            Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
             Suite::All => unreachable!(),
         };
         println!("{section}");

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use serde::{Deserialize, Serialize};
 
+mod common;
 pub mod postgres;
 pub mod sqlite;
 
@@ -299,7 +300,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// transaction. A (device, sequence) already stored is skipped: the result
     /// says, per batch in order, whether it was newly stored. Updates each
     /// device's last sequence, last seen, latest health (from the batch with
-    /// the highest sequence), totals and dropped count.
+    /// the highest sequence), totals and dropped count. Batches of a device
+    /// that does not exist are skipped (`false`), not an error, so one stale
+    /// device cannot fail a group commit.
     async fn ingest_telemetry(&self, batches: &[TelemetryRecord]) -> Result<Vec<bool>, StoreError>;
     /// Highest sequence stored for the device (0 if none).
     async fn last_sequence(&self, device_id: &str) -> Result<u64, StoreError>;

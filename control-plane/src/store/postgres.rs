@@ -1,12 +1,786 @@
-//! PostgreSQL store (placeholder until the implementation lands).
+//! PostgreSQL store. The hot path (`ingest_telemetry`) sends each table's rows
+//! as arrays and inserts them with `UNNEST`: one statement per table per call,
+//! whatever the number of batches.
+//!
+//! Telemetry for a device that does not exist is skipped (reported as not
+//! stored), so one stale device cannot fail a whole group commit.
 
+use std::collections::HashSet;
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{Store, StoreError};
+use futures::TryStreamExt;
+use prost::Message;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
+
+use super::common::{
+    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
+    OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
+};
+use super::{
+    Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
+    NewDevice, OperatorToken, Resolution, RollupReport, Store, StoreError, TelemetryRecord,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
+
+const MAX_CONNECTIONS: u32 = 8;
 
 /// Connects to `url` and applies migrations.
-pub async fn open(_url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Err(StoreError::Connect(
-        "the PostgreSQL store is not implemented yet".into(),
-    ))
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(PgStore::open(url).await?))
+}
+
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Connect(format!("invalid PostgreSQL URL: {e}")))?;
+        let connect_error = |e: sqlx::Error| StoreError::Connect(format!("PostgreSQL: {e}"));
+        // Migrate on a connection of its own, closed afterwards: the migrator
+        // holds a session advisory lock it does not release when it fails, and
+        // closing the connection releases it.
+        let mut conn = options.connect().await.map_err(connect_error)?;
+        let known = common::known_version(&MIGRATOR);
+        MIGRATOR
+            .run(&mut conn)
+            .await
+            .map_err(|e| common::migrate_error(e, known))?;
+        conn.close().await.map_err(connect_error)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(MAX_CONNECTIONS)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .map_err(connect_error)?;
+        Ok(PgStore { pool })
+    }
+}
+
+async fn device_in(
+    tx: &mut Transaction<'static, Postgres>,
+    id: &str,
+) -> Result<Option<Device>, StoreError> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
+    sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(Device::try_from)
+        .transpose()
+}
+
+const POINT_FROM_ROLLUPS: &str = "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
+     errors, local, offloaded, latency_us, batch_size, max_queue_depth FROM model_rollups_hourly";
+
+#[async_trait::async_trait]
+impl Store for PgStore {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn insert_operator_token(&self, token: &OperatorToken) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, role, created_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.secret_hash)
+        .bind(&token.role)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn operator_token_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<OperatorToken>, StoreError> {
+        let row = sqlx::query_as::<_, OperatorTokenRow>(
+            "SELECT id, name, secret_hash, role, created_at, revoked_at FROM operator_tokens \
+             WHERE secret_hash = $1 AND revoked_at IS NULL",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(OperatorToken::from))
+    }
+
+    async fn count_operator_tokens(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM operator_tokens")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(from_db(n))
+    }
+
+    async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&token.id)
+        .bind(&token.secret_hash)
+        .bind(common::join_token_labels(token))
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(i64::from(token.uses_left))
+        .bind(&token.created_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn enroll_device(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        device: &NewDevice,
+    ) -> Result<Result<Device, JoinTokenRefusal>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock the UPDATE takes serializes concurrent enrollments;
+        // each re-checks uses_left > 0 after the previous one committed.
+        let labels: Option<String> = sqlx::query_scalar(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 \
+             WHERE id = $1 AND secret_hash = $2 AND uses_left > 0 AND expires_at > $3 RETURNING labels",
+        )
+        .bind(token_id)
+        .bind(secret_hash)
+        .bind(device.enrolled_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(labels) = labels else {
+            let row = sqlx::query_as::<_, JoinTokenStateRow>(
+                "SELECT secret_hash, expires_at, uses_left FROM join_tokens WHERE id = $1",
+            )
+            .bind(token_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.rollback().await?;
+            return Ok(Err(JoinTokenStateRow::refusal(
+                row,
+                secret_hash,
+                device.enrolled_at,
+            )));
+        };
+        common::from_json::<Labels>("labels", &format!("join token {token_id:?}"), &labels)?;
+        sqlx::query(
+            "INSERT INTO devices (id, labels, inventory, status, enrolled_at, join_token_id, \
+             certificate_serial, certificate_expires_at) VALUES ($1, $2, $3, 'enrolled', $4, $5, $6, $7)",
+        )
+        .bind(&device.id)
+        .bind(&labels)
+        .bind(to_json(&device.inventory))
+        .bind(device.enrolled_at)
+        .bind(token_id)
+        .bind(&device.certificate_serial)
+        .bind(device.certificate_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        let stored = device_in(&mut tx, &device.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("device {:?} vanished", device.id)))?;
+        tx.commit().await?;
+        Ok(Ok(stored))
+    }
+
+    async fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = $1");
+        sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Device::try_from)
+            .transpose()
+    }
+
+    async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id");
+        let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let device = Device::try_from(row)?;
+            if common::matches(&device.labels, selector) {
+                out.push(device);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE devices SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1) WHERE id = $2",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let device = device_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, revoked_at FROM devices WHERE revoked_at >= $1 ORDER BY revoked_at, id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("revoked_at")?)))
+            .collect()
+    }
+
+    async fn set_device_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE devices SET certificate_serial = $1, certificate_expires_at = $2 WHERE id = $3",
+        )
+        .bind(serial)
+        .bind(expires_at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_hello(
+        &self,
+        id: &str,
+        inventory: &Inventory,
+        models: &[DeviceModel],
+        runtime: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE devices SET inventory = $1, models = $2, runtime = $3, \
+             last_seen = GREATEST(last_seen, $4) WHERE id = $5",
+        )
+        .bind(to_json(inventory))
+        .bind(to_json(&models))
+        .bind(runtime)
+        .bind(at)
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE devices SET last_seen = GREATEST(last_seen, $1) WHERE id = $2")
+            .bind(at)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ingest_telemetry(&self, batches: &[TelemetryRecord]) -> Result<Vec<bool>, StoreError> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut seen = HashSet::with_capacity(batches.len());
+        let candidates: Vec<usize> = (0..batches.len())
+            .filter(|&i| seen.insert((batches[i].device_id.as_str(), batches[i].sequence)))
+            .collect();
+
+        let mut tx = self.pool.begin().await?;
+
+        // Lock the devices first, in id order, so concurrent calls cannot
+        // deadlock on them.
+        let mut device_ids: Vec<&str> = candidates
+            .iter()
+            .map(|&i| batches[i].device_id.as_str())
+            .collect();
+        device_ids.sort_unstable();
+        device_ids.dedup();
+        sqlx::query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
+            .bind(&device_ids)
+            .execute(&mut *tx)
+            .await?;
+
+        let n = candidates.len();
+        let (mut ids, mut seqs, mut received, mut starts, mut ends, mut hours, mut samples) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for &i in &candidates {
+            let b = &batches[i];
+            ids.push(b.device_id.as_str());
+            seqs.push(to_db(b.sequence));
+            received.push(b.received_at);
+            starts.push(b.start_at);
+            ends.push(b.end_at);
+            hours.push(hour_of(b.start_at));
+            samples.push(b.device.as_ref().map(|d| d.encode_to_vec()));
+        }
+        let rows = sqlx::query(
+            "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
+             SELECT u.* FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[]) \
+               AS u(device_id, sequence, received_at, start_at, end_at, hour, device) \
+             WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = u.device_id) \
+             ON CONFLICT DO NOTHING RETURNING device_id, sequence",
+        )
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&received)
+        .bind(&starts)
+        .bind(&ends)
+        .bind(&hours)
+        .bind(&samples)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut inserted: HashSet<(String, i64)> = HashSet::with_capacity(rows.len());
+        for row in rows {
+            inserted.insert((row.try_get(0)?, row.try_get(1)?));
+        }
+        let mut stored = vec![false; batches.len()];
+        for &i in &candidates {
+            let b = &batches[i];
+            stored[i] = inserted.contains(&(b.device_id.clone(), to_db(b.sequence)));
+        }
+        let new_batches: Vec<&TelemetryRecord> = (0..batches.len())
+            .filter(|&i| stored[i])
+            .map(|i| &batches[i])
+            .collect();
+        if new_batches.len() < candidates.len() {
+            tracing::debug!(
+                skipped = candidates.len() - new_batches.len(),
+                "telemetry batches already stored or of unknown devices"
+            );
+        }
+
+        // Model samples.
+        let mut s_dev = Vec::new();
+        let mut s_seq = Vec::new();
+        let mut s_model = Vec::new();
+        let mut s_version = Vec::new();
+        let mut s_requests = Vec::new();
+        let mut s_errors = Vec::new();
+        let mut s_local = Vec::new();
+        let mut s_offloaded = Vec::new();
+        let mut s_latency = Vec::new();
+        let mut s_batch = Vec::new();
+        let mut s_depth = Vec::new();
+        for b in &new_batches {
+            for m in common::merged_samples(b) {
+                s_dev.push(b.device_id.as_str());
+                s_seq.push(to_db(b.sequence));
+                s_version.push(to_db(m.version));
+                s_requests.push(to_db(m.requests));
+                s_errors.push(to_db(m.errors));
+                s_local.push(to_db(m.local));
+                s_offloaded.push(to_db(m.offloaded));
+                s_latency.push(m.latency_us.encode_to_vec());
+                s_batch.push(m.batch_size.encode_to_vec());
+                s_depth.push(i64::from(m.max_queue_depth));
+                s_model.push(m.name);
+            }
+        }
+        if !s_dev.is_empty() {
+            sqlx::query(
+                "INSERT INTO model_samples (device_id, sequence, model, version, requests, errors, local, \
+                 offloaded, latency_us, batch_size, max_queue_depth) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
+                 $7::int8[], $8::int8[], $9::bytea[], $10::bytea[], $11::int8[])",
+            )
+            .bind(&s_dev)
+            .bind(&s_seq)
+            .bind(&s_model)
+            .bind(&s_version)
+            .bind(&s_requests)
+            .bind(&s_errors)
+            .bind(&s_local)
+            .bind(&s_offloaded)
+            .bind(&s_latency)
+            .bind(&s_batch)
+            .bind(&s_depth)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // Events.
+        let mut e_dev = Vec::new();
+        let mut e_seq = Vec::new();
+        let mut e_idx = Vec::new();
+        let mut e_at = Vec::new();
+        let mut e_kind = Vec::new();
+        let mut e_model = Vec::new();
+        let mut e_version = Vec::new();
+        let mut e_message = Vec::new();
+        for b in &new_batches {
+            for (k, e) in b.events.iter().enumerate() {
+                e_dev.push(b.device_id.as_str());
+                e_seq.push(to_db(b.sequence));
+                e_idx.push(k as i64);
+                e_at.push(e.at);
+                e_kind.push(e.kind.as_str());
+                e_model.push(e.model.as_str());
+                e_version.push(to_db(e.version));
+                e_message.push(e.message.as_str());
+            }
+        }
+        if !e_dev.is_empty() {
+            sqlx::query(
+                "INSERT INTO events (device_id, sequence, idx, at, kind, model, version, message) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], \
+                 $6::text[], $7::int8[], $8::text[])",
+            )
+            .bind(&e_dev)
+            .bind(&e_seq)
+            .bind(&e_idx)
+            .bind(&e_at)
+            .bind(&e_kind)
+            .bind(&e_model)
+            .bind(&e_version)
+            .bind(&e_message)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // Devices.
+        let deltas = common::device_deltas(new_batches.iter().copied());
+        if !deltas.is_empty() {
+            let mut d_id = Vec::new();
+            let mut d_seq = Vec::new();
+            let mut d_seen = Vec::new();
+            let mut d_req = Vec::new();
+            let mut d_err = Vec::new();
+            let mut d_off = Vec::new();
+            let mut d_drop = Vec::new();
+            let mut d_hseq = Vec::new();
+            let mut d_health = Vec::new();
+            for (id, d) in deltas {
+                d_id.push(id);
+                d_seq.push(d.last_sequence);
+                d_seen.push(d.last_seen);
+                d_req.push(to_db(d.requests));
+                d_err.push(to_db(d.errors));
+                d_off.push(to_db(d.offloaded));
+                d_drop.push(d.dropped);
+                match d.health {
+                    Some((s, bytes)) => {
+                        d_hseq.push(Some(s));
+                        d_health.push(Some(bytes));
+                    }
+                    None => {
+                        d_hseq.push(None);
+                        d_health.push(None);
+                    }
+                }
+            }
+            sqlx::query(
+                "UPDATE devices d SET last_sequence = GREATEST(d.last_sequence, u.last_sequence), \
+                 last_seen = GREATEST(d.last_seen, u.last_seen), \
+                 requests_total = d.requests_total + u.requests, \
+                 errors_total = d.errors_total + u.errors, \
+                 offloaded_total = d.offloaded_total + u.offloaded, \
+                 dropped_batches_total = GREATEST(d.dropped_batches_total, u.dropped), \
+                 health = CASE WHEN u.health_seq > d.health_sequence THEN u.health ELSE d.health END, \
+                 health_sequence = CASE WHEN u.health_seq > d.health_sequence THEN u.health_seq ELSE d.health_sequence END \
+                 FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], \
+                   $7::int8[], $8::int8[], $9::bytea[]) \
+                   AS u(id, last_sequence, last_seen, requests, errors, offloaded, dropped, health_seq, health) \
+                 WHERE d.id = u.id",
+            )
+            .bind(&d_id)
+            .bind(&d_seq)
+            .bind(&d_seen)
+            .bind(&d_req)
+            .bind(&d_err)
+            .bind(&d_off)
+            .bind(&d_drop)
+            .bind(&d_hseq)
+            .bind(&d_health)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn last_sequence(&self, device_id: &str) -> Result<u64, StoreError> {
+        let seq: Option<i64> =
+            sqlx::query_scalar("SELECT last_sequence FROM devices WHERE id = $1")
+                .bind(device_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(seq.map(from_db).unwrap_or(0))
+    }
+
+    async fn telemetry_sequences(&self, device_id: &str) -> Result<Vec<u64>, StoreError> {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM telemetry_batches WHERE device_id = $1 ORDER BY sequence",
+        )
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(seqs.into_iter().map(from_db).collect())
+    }
+
+    async fn model_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<ModelPoint>, StoreError> {
+        match resolution {
+            Resolution::Raw => {
+                let rows = sqlx::query_as::<_, PointRow>(
+                    "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                     FROM telemetry_batches b JOIN model_samples s \
+                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     WHERE b.device_id = $1 AND b.end_at >= $2 AND b.end_at < $3 \
+                     ORDER BY b.start_at, s.model, s.version, b.sequence",
+                )
+                .bind(device_id)
+                .bind(from)
+                .bind(until)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.into_iter().map(PointRow::into_point).collect()
+            }
+            Resolution::Hourly => {
+                // One statement, one snapshot: rollups plus raw data not rolled up yet.
+                let sql = format!(
+                    "{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3 \
+                     UNION ALL \
+                     SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                     FROM telemetry_batches b JOIN model_samples s \
+                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     WHERE b.device_id = $1 AND NOT b.rolled_up AND b.hour > $2 AND b.hour < $3"
+                );
+                let rows = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
+                    .bind(device_id)
+                    .bind(from - HOUR_MS)
+                    .bind(until)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut merger = Merger::default();
+                for row in rows {
+                    let p = row.into_point()?;
+                    merger.add((p.at, p.name.clone(), p.version), p);
+                }
+                Ok(merger.groups.into_values().collect())
+            }
+        }
+    }
+
+    async fn device_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<(i64, edgefleet_proto::edgefleet::v1::DeviceTelemetry)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT end_at, device FROM telemetry_batches \
+             WHERE device_id = $1 AND end_at >= $2 AND end_at < $3 AND device IS NOT NULL \
+             ORDER BY end_at, sequence",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let end: i64 = r.try_get(0)?;
+                let bytes: Vec<u8> = r.try_get(1)?;
+                let owner = format!("device {device_id:?} at {end}");
+                Ok((end, common::decode_telemetry(&owner, &bytes)?))
+            })
+            .collect()
+    }
+
+    async fn fleet_model_totals(
+        &self,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<ModelPoint>, StoreError> {
+        let lo = hour_ceil(from);
+        let hi = hour_of(until).max(lo);
+        let sql = format!(
+            "{POINT_FROM_ROLLUPS} WHERE hour >= $1 AND hour < $2 \
+             UNION ALL \
+             SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+             s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+             FROM telemetry_batches b JOIN model_samples s \
+               ON s.device_id = b.device_id AND s.sequence = b.sequence \
+             WHERE (NOT b.rolled_up AND b.hour >= $1 AND b.hour < $2) \
+                OR ((b.hour < $1 OR b.hour >= $2) AND b.start_at >= $3 AND b.start_at < $4)"
+        );
+        let rows = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
+            .bind(lo)
+            .bind(hi)
+            .bind(from)
+            .bind(until)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut merger = Merger::default();
+        for row in rows {
+            let mut p = row.into_point()?;
+            p.at = from;
+            p.until = until;
+            merger.add((p.name.clone(), p.version), p);
+        }
+        Ok(merger.groups.into_values().collect())
+    }
+
+    async fn events(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, EventRow>(
+            "SELECT at, kind, model, version, message FROM events \
+             WHERE device_id = $1 AND at >= $2 AND at < $3 ORDER BY at, sequence, idx",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(EventRecord::from).collect())
+    }
+
+    async fn rollup_and_prune(
+        &self,
+        now: i64,
+        retention_ms: i64,
+    ) -> Result<RollupReport, StoreError> {
+        let current_hour = hour_of(now);
+        let mut tx = self.pool.begin().await?;
+        // One rollup at a time per schema (the read-merge-write below).
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.rollup'))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        // Mark and read in one statement, so a batch inserted concurrently is
+        // either both marked and merged, or neither.
+        let mut merger: Merger<RollupKey> = Merger::default();
+        {
+            let mut rows = sqlx::query_as::<_, PointRow>(
+                "WITH marked AS (UPDATE telemetry_batches SET rolled_up = TRUE \
+                   WHERE NOT rolled_up AND hour < $1 RETURNING device_id, sequence, hour) \
+                 SELECT s.device_id, m.hour AS at, m.hour + 3600000 AS until, s.model, s.version, \
+                 s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                 FROM marked m JOIN model_samples s ON s.device_id = m.device_id AND s.sequence = m.sequence",
+            )
+            .bind(current_hour)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let device = row.device_id.clone();
+                let p = row.into_point()?;
+                merger.add((device, p.at, p.name.clone(), to_db(p.version)), p);
+            }
+        }
+        let hours_rolled_up = merger.groups.len() as u64;
+        if !merger.groups.is_empty() {
+            let keys: Vec<RollupKey> = merger.groups.keys().cloned().collect();
+            let k_dev: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+            let k_hour: Vec<i64> = keys.iter().map(|k| k.1).collect();
+            let k_model: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+            let k_version: Vec<i64> = keys.iter().map(|k| k.3).collect();
+            let existing = sqlx::query_as::<_, PointRow>(
+                "SELECT r.device_id, r.hour AS at, r.hour + 3600000 AS until, r.model, r.version, r.requests, \
+                 r.errors, r.local, r.offloaded, r.latency_us, r.batch_size, r.max_queue_depth \
+                 FROM model_rollups_hourly r \
+                 JOIN UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[]) AS k(device_id, hour, model, version) \
+                   ON r.device_id = k.device_id AND r.hour = k.hour AND r.model = k.model AND r.version = k.version",
+            )
+            .bind(&k_dev)
+            .bind(&k_hour)
+            .bind(&k_model)
+            .bind(&k_version)
+            .fetch_all(&mut *tx)
+            .await?;
+            let mut old = Vec::with_capacity(existing.len());
+            for row in existing {
+                let device = row.device_id.clone();
+                let p = row.into_point()?;
+                old.push(((device, p.at, p.name.clone(), to_db(p.version)), p));
+            }
+            for (key, p) in old {
+                merger.add(key, p);
+            }
+            let n = merger.groups.len();
+            let (mut req, mut err, mut loc, mut off, mut lat, mut bsz, mut dep) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            for p in merger.groups.values() {
+                req.push(to_db(p.requests));
+                err.push(to_db(p.errors));
+                loc.push(to_db(p.local));
+                off.push(to_db(p.offloaded));
+                lat.push(p.latency_us.encode_to_vec());
+                bsz.push(p.batch_size.encode_to_vec());
+                dep.push(i64::from(p.max_queue_depth));
+            }
+            sqlx::query(
+                "INSERT INTO model_rollups_hourly (device_id, hour, model, version, requests, errors, \
+                 local, offloaded, latency_us, batch_size, max_queue_depth) \
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], \
+                 $6::int8[], $7::int8[], $8::int8[], $9::bytea[], $10::bytea[], $11::int8[]) \
+                 ON CONFLICT (device_id, hour, model, version) DO UPDATE SET \
+                 requests = EXCLUDED.requests, errors = EXCLUDED.errors, local = EXCLUDED.local, \
+                 offloaded = EXCLUDED.offloaded, latency_us = EXCLUDED.latency_us, \
+                 batch_size = EXCLUDED.batch_size, max_queue_depth = EXCLUDED.max_queue_depth",
+            )
+            .bind(&k_dev)
+            .bind(&k_hour)
+            .bind(&k_model)
+            .bind(&k_version)
+            .bind(&req)
+            .bind(&err)
+            .bind(&loc)
+            .bind(&off)
+            .bind(&lat)
+            .bind(&bsz)
+            .bind(&dep)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let pruned = sqlx::query("DELETE FROM telemetry_batches WHERE rolled_up AND end_at < $1")
+            .bind(now.saturating_sub(retention_ms))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(RollupReport {
+            hours_rolled_up,
+            batches_pruned: pruned,
+        })
+    }
 }

@@ -1,20 +1,768 @@
-//! SQLite store (placeholder until the implementation lands).
+//! SQLite store: one file, WAL journal. SQLite has one writer at a time, so
+//! writes go through a one-connection pool and start with `BEGIN IMMEDIATE`
+//! (they queue in-process instead of failing with SQLITE_BUSY, and take the
+//! write lock up front against other processes, waiting up to the busy
+//! timeout); reads use a separate small pool that WAL lets run alongside.
+//!
+//! Telemetry for a device that does not exist is skipped (reported as not
+//! stored), so one stale device cannot fail a whole group commit.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{Store, StoreError};
+use futures::TryStreamExt;
+use prost::Message;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
+
+use super::common::{
+    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
+    OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
+};
+use super::{
+    Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
+    NewDevice, OperatorToken, Resolution, RollupReport, Store, StoreError, TelemetryRecord,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_CONNECTIONS: u32 = 4;
 
 /// Opens (creating if missing) the SQLite database file at `path`.
-pub async fn open_file(_path: &Path) -> Result<Arc<dyn Store>, StoreError> {
-    Err(StoreError::Connect(
-        "the SQLite store is not implemented yet".into(),
-    ))
+pub async fn open_file(path: &Path) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(SqliteStore::open(path).await?))
 }
 
-/// Opens a `sqlite://PATH` URL.
-pub async fn open_url(_url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Err(StoreError::Connect(
-        "the SQLite store is not implemented yet".into(),
-    ))
+/// Opens a `sqlite://PATH` URL (query parameters are ignored; in-memory
+/// databases are refused: the store needs a file shared by its pools).
+pub async fn open_url(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| StoreError::Connect(format!("not a sqlite:// URL: {url:?}")))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    if path.is_empty() || path == ":memory:" {
+        return Err(StoreError::Connect(format!(
+            "{url:?} names no database file: use sqlite://PATH"
+        )));
+    }
+    open_file(Path::new(path)).await
+}
+
+#[derive(Debug)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-32768")
+            .statement_cache_capacity(256);
+        let connect_error =
+            |e: sqlx::Error| StoreError::Connect(format!("SQLite {}: {e}", path.display()));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect_with(options.clone())
+            .await
+            .map_err(connect_error)?;
+        let known = common::known_version(&MIGRATOR);
+        MIGRATOR
+            .run(&writer)
+            .await
+            .map_err(|e| common::migrate_error(e, known))?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS)
+            .connect_with(options.pragma("query_only", "ON"))
+            .await
+            .map_err(connect_error)?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+/// Row counts a multi-row statement is split into: a few fixed sizes, so the
+/// prepared statements are reused.
+fn chunk_sizes(mut n: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    for size in [128, 32, 8, 1] {
+        while n >= size {
+            out.push(size);
+            n -= size;
+        }
+    }
+    out
+}
+
+/// `(?, ?, ?), (?, ?, ?)` for `rows` rows of `cols` values.
+fn placeholders(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row; rows].join(", ")
+}
+
+async fn device_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: &str,
+) -> Result<Option<Device>, StoreError> {
+    let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?");
+    sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(Device::try_from)
+        .transpose()
+}
+
+/// A model sample row to insert.
+struct SampleRow<'a> {
+    device_id: &'a str,
+    sequence: i64,
+    sample: super::ModelSample,
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn insert_operator_token(&self, token: &OperatorToken) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, role, created_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.secret_hash)
+        .bind(&token.role)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn operator_token_by_hash(
+        &self,
+        secret_hash: &str,
+    ) -> Result<Option<OperatorToken>, StoreError> {
+        let row = sqlx::query_as::<_, OperatorTokenRow>(
+            "SELECT id, name, secret_hash, role, created_at, revoked_at FROM operator_tokens \
+             WHERE secret_hash = ? AND revoked_at IS NULL",
+        )
+        .bind(secret_hash)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.map(OperatorToken::from))
+    }
+
+    async fn count_operator_tokens(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM operator_tokens")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(from_db(n))
+    }
+
+    async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&token.id)
+        .bind(&token.secret_hash)
+        .bind(common::join_token_labels(token))
+        .bind(token.created_at)
+        .bind(token.expires_at)
+        .bind(i64::from(token.uses_left))
+        .bind(&token.created_by)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn enroll_device(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        device: &NewDevice,
+    ) -> Result<Result<Device, JoinTokenRefusal>, StoreError> {
+        let mut tx = self.write().await?;
+        let labels: Option<String> = sqlx::query_scalar(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 \
+             WHERE id = ? AND secret_hash = ? AND uses_left > 0 AND expires_at > ? RETURNING labels",
+        )
+        .bind(token_id)
+        .bind(secret_hash)
+        .bind(device.enrolled_at)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(labels) = labels else {
+            let row = sqlx::query_as::<_, JoinTokenStateRow>(
+                "SELECT secret_hash, expires_at, uses_left FROM join_tokens WHERE id = ?",
+            )
+            .bind(token_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+            return Ok(Err(JoinTokenStateRow::refusal(
+                row,
+                secret_hash,
+                device.enrolled_at,
+            )));
+        };
+        // Validate the token's labels before they become the device's.
+        common::from_json::<Labels>("labels", &format!("join token {token_id:?}"), &labels)?;
+        sqlx::query(
+            "INSERT INTO devices (id, labels, inventory, status, enrolled_at, join_token_id, \
+             certificate_serial, certificate_expires_at) VALUES (?, ?, ?, 'enrolled', ?, ?, ?, ?)",
+        )
+        .bind(&device.id)
+        .bind(&labels)
+        .bind(to_json(&device.inventory))
+        .bind(device.enrolled_at)
+        .bind(token_id)
+        .bind(&device.certificate_serial)
+        .bind(device.certificate_expires_at)
+        .execute(&mut *tx)
+        .await?;
+        let stored = device_in(&mut tx, &device.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(format!("device {:?} vanished", device.id)))?;
+        tx.commit().await?;
+        Ok(Ok(stored))
+    }
+
+    async fn device(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?");
+        sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(Device::try_from)
+            .transpose()
+    }
+
+    async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id");
+        let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await?;
+        let mut out = Vec::new();
+        for row in rows {
+            let device = Device::try_from(row)?;
+            if common::matches(&device.labels, selector) {
+                out.push(device);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE devices SET status = 'revoked', revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+        )
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        let device = device_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
+    async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, revoked_at FROM devices WHERE revoked_at >= ? ORDER BY revoked_at, id",
+        )
+        .bind(since)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("revoked_at")?)))
+            .collect()
+    }
+
+    async fn set_device_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE devices SET certificate_serial = ?, certificate_expires_at = ? WHERE id = ?",
+        )
+        .bind(serial)
+        .bind(expires_at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_hello(
+        &self,
+        id: &str,
+        inventory: &Inventory,
+        models: &[DeviceModel],
+        runtime: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query(
+            "UPDATE devices SET inventory = ?, models = ?, runtime = ?, last_seen = max(last_seen, ?) \
+             WHERE id = ?",
+        )
+        .bind(to_json(inventory))
+        .bind(to_json(&models))
+        .bind(runtime)
+        .bind(at)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE devices SET last_seen = max(last_seen, ?) WHERE id = ?")
+            .bind(at)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn ingest_telemetry(&self, batches: &[TelemetryRecord]) -> Result<Vec<bool>, StoreError> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Only the first occurrence of a (device, sequence) in the call can be new.
+        let mut seen = HashSet::with_capacity(batches.len());
+        let candidates: Vec<usize> = (0..batches.len())
+            .filter(|&i| seen.insert((batches[i].device_id.as_str(), batches[i].sequence)))
+            .collect();
+
+        let mut tx = self.write().await?;
+
+        // Batches: insert those of known devices, learn which were new.
+        let mut inserted: HashSet<(String, i64)> = HashSet::with_capacity(candidates.len());
+        let mut rest = &candidates[..];
+        for size in chunk_sizes(candidates.len()) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let sql = format!(
+                "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 \
+                 FROM (VALUES {}) AS v WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = v.column1) \
+                 ON CONFLICT DO NOTHING RETURNING device_id, sequence",
+                placeholders(size, 7)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for &i in chunk {
+                let b = &batches[i];
+                q = q
+                    .bind(&b.device_id)
+                    .bind(to_db(b.sequence))
+                    .bind(b.received_at)
+                    .bind(b.start_at)
+                    .bind(b.end_at)
+                    .bind(hour_of(b.start_at))
+                    .bind(b.device.as_ref().map(|d| d.encode_to_vec()));
+            }
+            let mut rows = q.fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                inserted.insert((row.try_get(0)?, row.try_get(1)?));
+            }
+        }
+        let mut stored = vec![false; batches.len()];
+        for &i in &candidates {
+            let b = &batches[i];
+            stored[i] = inserted.contains(&(b.device_id.clone(), to_db(b.sequence)));
+        }
+        let new_batches: Vec<&TelemetryRecord> = (0..batches.len())
+            .filter(|&i| stored[i])
+            .map(|i| &batches[i])
+            .collect();
+        if new_batches.len() < candidates.len() {
+            let unknown: HashSet<&str> = candidates
+                .iter()
+                .filter(|&&i| !stored[i])
+                .map(|&i| batches[i].device_id.as_str())
+                .collect();
+            tracing::debug!(
+                skipped = candidates.len() - new_batches.len(),
+                devices = ?unknown,
+                "telemetry batches already stored or of unknown devices"
+            );
+        }
+
+        // Model samples.
+        let samples: Vec<SampleRow> = new_batches
+            .iter()
+            .flat_map(|b| {
+                common::merged_samples(b)
+                    .into_iter()
+                    .map(|sample| SampleRow {
+                        device_id: &b.device_id,
+                        sequence: to_db(b.sequence),
+                        sample,
+                    })
+            })
+            .collect();
+        let mut rest = &samples[..];
+        for size in chunk_sizes(samples.len()) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let sql = format!(
+                "INSERT INTO model_samples (device_id, sequence, model, version, requests, errors, local, \
+                 offloaded, latency_us, batch_size, max_queue_depth) VALUES {}",
+                placeholders(size, 11)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for s in chunk {
+                let m = &s.sample;
+                q = q
+                    .bind(s.device_id)
+                    .bind(s.sequence)
+                    .bind(&m.name)
+                    .bind(to_db(m.version))
+                    .bind(to_db(m.requests))
+                    .bind(to_db(m.errors))
+                    .bind(to_db(m.local))
+                    .bind(to_db(m.offloaded))
+                    .bind(m.latency_us.encode_to_vec())
+                    .bind(m.batch_size.encode_to_vec())
+                    .bind(i64::from(m.max_queue_depth));
+            }
+            q.execute(&mut *tx).await?;
+        }
+
+        // Events.
+        let events: Vec<(&TelemetryRecord, usize, &EventRecord)> = new_batches
+            .iter()
+            .flat_map(|b| b.events.iter().enumerate().map(move |(k, e)| (*b, k, e)))
+            .collect();
+        let mut rest = &events[..];
+        for size in chunk_sizes(events.len()) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let sql = format!(
+                "INSERT INTO events (device_id, sequence, idx, at, kind, model, version, message) VALUES {}",
+                placeholders(size, 8)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (b, k, e) in chunk {
+                q = q
+                    .bind(&b.device_id)
+                    .bind(to_db(b.sequence))
+                    .bind(*k as i64)
+                    .bind(e.at)
+                    .bind(&e.kind)
+                    .bind(&e.model)
+                    .bind(to_db(e.version))
+                    .bind(&e.message);
+            }
+            q.execute(&mut *tx).await?;
+        }
+
+        // Devices.
+        let deltas = common::device_deltas(new_batches.iter().copied());
+        for (id, d) in deltas {
+            let (health_seq, health) = match d.health {
+                Some((s, bytes)) => (Some(s), Some(bytes)),
+                None => (None, None),
+            };
+            sqlx::query(
+                "UPDATE devices SET last_sequence = max(last_sequence, ?1), \
+                 last_seen = max(last_seen, ?2), \
+                 requests_total = requests_total + ?3, errors_total = errors_total + ?4, \
+                 offloaded_total = offloaded_total + ?5, \
+                 dropped_batches_total = max(dropped_batches_total, ?6), \
+                 health = CASE WHEN ?7 > health_sequence THEN ?8 ELSE health END, \
+                 health_sequence = CASE WHEN ?7 > health_sequence THEN ?7 ELSE health_sequence END \
+                 WHERE id = ?9",
+            )
+            .bind(d.last_sequence)
+            .bind(d.last_seen)
+            .bind(to_db(d.requests))
+            .bind(to_db(d.errors))
+            .bind(to_db(d.offloaded))
+            .bind(d.dropped)
+            .bind(health_seq)
+            .bind(health)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+
+    async fn last_sequence(&self, device_id: &str) -> Result<u64, StoreError> {
+        let seq: Option<i64> = sqlx::query_scalar("SELECT last_sequence FROM devices WHERE id = ?")
+            .bind(device_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(seq.map(from_db).unwrap_or(0))
+    }
+
+    async fn telemetry_sequences(&self, device_id: &str) -> Result<Vec<u64>, StoreError> {
+        let seqs: Vec<i64> = sqlx::query_scalar(
+            "SELECT sequence FROM telemetry_batches WHERE device_id = ? ORDER BY sequence",
+        )
+        .bind(device_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(seqs.into_iter().map(from_db).collect())
+    }
+
+    async fn model_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+        resolution: Resolution,
+    ) -> Result<Vec<ModelPoint>, StoreError> {
+        match resolution {
+            Resolution::Raw => {
+                let rows = sqlx::query_as::<_, PointRow>(
+                    "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                     FROM telemetry_batches b JOIN model_samples s \
+                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     WHERE b.device_id = ? AND b.end_at >= ? AND b.end_at < ? \
+                     ORDER BY b.start_at, s.model, s.version, b.sequence",
+                )
+                .bind(device_id)
+                .bind(from)
+                .bind(until)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.into_iter().map(PointRow::into_point).collect()
+            }
+            Resolution::Hourly => {
+                let mut tx = self.reader.begin().await?;
+                let rollups = sqlx::query_as::<_, PointRow>(
+                    "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
+                     errors, local, offloaded, latency_us, batch_size, max_queue_depth \
+                     FROM model_rollups_hourly WHERE device_id = ? AND hour > ? AND hour < ?",
+                )
+                .bind(device_id)
+                .bind(from - HOUR_MS)
+                .bind(until)
+                .fetch_all(&mut *tx)
+                .await?;
+                let raw = sqlx::query_as::<_, PointRow>(
+                    "SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                     FROM telemetry_batches b JOIN model_samples s \
+                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     WHERE b.device_id = ? AND b.rolled_up = 0 AND b.hour > ? AND b.hour < ?",
+                )
+                .bind(device_id)
+                .bind(from - HOUR_MS)
+                .bind(until)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                let mut merger = Merger::default();
+                for row in rollups.into_iter().chain(raw) {
+                    let p = row.into_point()?;
+                    merger.add((p.at, p.name.clone(), p.version), p);
+                }
+                Ok(merger.groups.into_values().collect())
+            }
+        }
+    }
+
+    async fn device_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<(i64, edgefleet_proto::edgefleet::v1::DeviceTelemetry)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT end_at, device FROM telemetry_batches \
+             WHERE device_id = ? AND end_at >= ? AND end_at < ? AND device IS NOT NULL \
+             ORDER BY end_at, sequence",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let end: i64 = r.try_get(0)?;
+                let bytes: Vec<u8> = r.try_get(1)?;
+                let owner = format!("device {device_id:?} at {end}");
+                Ok((end, common::decode_telemetry(&owner, &bytes)?))
+            })
+            .collect()
+    }
+
+    async fn fleet_model_totals(
+        &self,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<ModelPoint>, StoreError> {
+        // Whole hours inside the range come from rollups plus raw data not
+        // rolled up yet; partial hours at the edges from raw data.
+        let lo = hour_ceil(from);
+        let hi = hour_of(until).max(lo);
+        let mut tx = self.reader.begin().await?;
+        let rollups = sqlx::query_as::<_, PointRow>(
+            "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
+             errors, local, offloaded, latency_us, batch_size, max_queue_depth \
+             FROM model_rollups_hourly WHERE hour >= ? AND hour < ?",
+        )
+        .bind(lo)
+        .bind(hi)
+        .fetch_all(&mut *tx)
+        .await?;
+        let raw = sqlx::query_as::<_, PointRow>(
+            "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+             s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+             FROM telemetry_batches b JOIN model_samples s \
+               ON s.device_id = b.device_id AND s.sequence = b.sequence \
+             WHERE (b.rolled_up = 0 AND b.hour >= ?1 AND b.hour < ?2) \
+                OR ((b.hour < ?1 OR b.hour >= ?2) AND b.start_at >= ?3 AND b.start_at < ?4)",
+        )
+        .bind(lo)
+        .bind(hi)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut merger = Merger::default();
+        for row in rollups.into_iter().chain(raw) {
+            let mut p = row.into_point()?;
+            p.at = from;
+            p.until = until;
+            merger.add((p.name.clone(), p.version), p);
+        }
+        Ok(merger.groups.into_values().collect())
+    }
+
+    async fn events(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, EventRow>(
+            "SELECT at, kind, model, version, message FROM events \
+             WHERE device_id = ? AND at >= ? AND at < ? ORDER BY at, sequence, idx",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(EventRecord::from).collect())
+    }
+
+    async fn rollup_and_prune(
+        &self,
+        now: i64,
+        retention_ms: i64,
+    ) -> Result<RollupReport, StoreError> {
+        let current_hour = hour_of(now);
+        let mut tx = self.write().await?;
+        // New raw samples of complete hours, merged per (device, hour, model, version).
+        let mut merger: Merger<RollupKey> = Merger::default();
+        {
+            let mut rows = sqlx::query_as::<_, PointRow>(
+                "SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                 s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
+                 FROM telemetry_batches b JOIN model_samples s \
+                   ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                 WHERE b.rolled_up = 0 AND b.hour < ?",
+            )
+            .bind(current_hour)
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let device = row.device_id.clone();
+                let p = row.into_point()?;
+                merger.add((device, p.at, p.name.clone(), to_db(p.version)), p);
+            }
+        }
+        sqlx::query("UPDATE telemetry_batches SET rolled_up = 1 WHERE rolled_up = 0 AND hour < ?")
+            .bind(current_hour)
+            .execute(&mut *tx)
+            .await?;
+        let hours_rolled_up = merger.groups.len() as u64;
+        for ((device, hour, model, version), mut point) in merger.groups {
+            let existing = sqlx::query_as::<_, PointRow>(
+                "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
+                 errors, local, offloaded, latency_us, batch_size, max_queue_depth \
+                 FROM model_rollups_hourly WHERE device_id = ? AND hour = ? AND model = ? AND version = ?",
+            )
+            .bind(&device)
+            .bind(hour)
+            .bind(&model)
+            .bind(version)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                common::accumulate(&mut point, &row.into_point()?);
+            }
+            sqlx::query(
+                "INSERT OR REPLACE INTO model_rollups_hourly (device_id, hour, model, version, requests, \
+                 errors, local, offloaded, latency_us, batch_size, max_queue_depth) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(&device)
+            .bind(hour)
+            .bind(&model)
+            .bind(version)
+            .bind(to_db(point.requests))
+            .bind(to_db(point.errors))
+            .bind(to_db(point.local))
+            .bind(to_db(point.offloaded))
+            .bind(point.latency_us.encode_to_vec())
+            .bind(point.batch_size.encode_to_vec())
+            .bind(i64::from(point.max_queue_depth))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let pruned =
+            sqlx::query("DELETE FROM telemetry_batches WHERE rolled_up = 1 AND end_at < ?")
+                .bind(now.saturating_sub(retention_ms))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        tx.commit().await?;
+        Ok(RollupReport {
+            hours_rolled_up,
+            batches_pruned: pruned,
+        })
+    }
 }

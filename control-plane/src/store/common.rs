@@ -1,0 +1,354 @@
+//! What both stores share: row shapes, encoding to and from columns, and the
+//! Rust side of rollups (histogram merges).
+
+use std::collections::{BTreeMap, HashMap};
+
+use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
+use prost::Message;
+
+use super::{
+    Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, Labels, ModelPoint,
+    ModelSample, OperatorToken, StoreError, TelemetryRecord,
+};
+
+pub(crate) const HOUR_MS: i64 = 3_600_000;
+
+/// Start of the hour holding `t`.
+pub(crate) fn hour_of(t: i64) -> i64 {
+    t.div_euclid(HOUR_MS) * HOUR_MS
+}
+
+/// First hour start at or after `t`.
+pub(crate) fn hour_ceil(t: i64) -> i64 {
+    let h = hour_of(t);
+    if h == t { h } else { h.saturating_add(HOUR_MS) }
+}
+
+/// u64 figures are stored bit-for-bit in signed 64-bit columns.
+pub(crate) fn to_db(v: u64) -> i64 {
+    v as i64
+}
+
+pub(crate) fn from_db(v: i64) -> u64 {
+    v as u64
+}
+
+pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Serializing maps of strings and plain structs cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    what: &str,
+    owner: &str,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("{what} of {owner} is not valid JSON: {e}")))
+}
+
+pub(crate) fn decode_histogram(owner: &str, bytes: &[u8]) -> Result<LogHistogram, StoreError> {
+    LogHistogram::decode(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("histogram of {owner}: {e}")))
+}
+
+pub(crate) fn decode_telemetry(owner: &str, bytes: &[u8]) -> Result<DeviceTelemetry, StoreError> {
+    DeviceTelemetry::decode(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("device sample of {owner}: {e}")))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct OperatorTokenRow {
+    pub id: String,
+    pub name: String,
+    pub secret_hash: String,
+    pub role: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+impl From<OperatorTokenRow> for OperatorToken {
+    fn from(r: OperatorTokenRow) -> Self {
+        OperatorToken {
+            id: r.id,
+            name: r.name,
+            secret_hash: r.secret_hash,
+            role: r.role,
+            created_at: r.created_at,
+            revoked_at: r.revoked_at,
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct JoinTokenStateRow {
+    pub secret_hash: String,
+    pub expires_at: i64,
+    pub uses_left: i64,
+}
+
+impl JoinTokenStateRow {
+    /// Why the token was refused, given that the atomic take failed.
+    pub(crate) fn refusal(
+        row: Option<JoinTokenStateRow>,
+        secret_hash: &str,
+        at: i64,
+    ) -> super::JoinTokenRefusal {
+        use super::JoinTokenRefusal::*;
+        match row {
+            None => Unknown,
+            Some(r) if r.secret_hash != secret_hash => Unknown,
+            Some(r) if r.expires_at <= at => Expired,
+            Some(r) if r.uses_left <= 0 => UsedUp,
+            // The row changed between the take and this read (a concurrent
+            // enrollment took the last use).
+            Some(_) => UsedUp,
+        }
+    }
+}
+
+pub(crate) fn join_token_labels(token: &JoinToken) -> String {
+    to_json(&token.labels)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct DeviceRow {
+    pub id: String,
+    pub labels: String,
+    pub inventory: String,
+    pub status: String,
+    pub enrolled_at: i64,
+    pub revoked_at: Option<i64>,
+    pub certificate_serial: String,
+    pub certificate_expires_at: i64,
+    pub last_seen: i64,
+    pub models: String,
+    pub runtime: String,
+    pub health: Option<Vec<u8>>,
+    pub last_sequence: i64,
+    pub requests_total: i64,
+    pub errors_total: i64,
+    pub offloaded_total: i64,
+    pub dropped_batches_total: i64,
+}
+
+/// The columns of [`DeviceRow`], for SELECTs.
+pub(crate) const DEVICE_COLUMNS: &str = "id, labels, inventory, status, enrolled_at, revoked_at, \
+     certificate_serial, certificate_expires_at, last_seen, models, runtime, health, \
+     last_sequence, requests_total, errors_total, offloaded_total, dropped_batches_total";
+
+impl TryFrom<DeviceRow> for Device {
+    type Error = StoreError;
+
+    fn try_from(r: DeviceRow) -> Result<Self, StoreError> {
+        let owner = format!("device {:?}", r.id);
+        let status = match r.status.as_str() {
+            "enrolled" => DeviceStatus::Enrolled,
+            "revoked" => DeviceStatus::Revoked,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "status of {owner} is {other:?}"
+                )));
+            }
+        };
+        let health = match &r.health {
+            Some(bytes) => Some(decode_telemetry(&owner, bytes)?),
+            None => None,
+        };
+        Ok(Device {
+            labels: from_json::<Labels>("labels", &owner, &r.labels)?,
+            inventory: from_json::<Inventory>("inventory", &owner, &r.inventory)?,
+            models: from_json::<Vec<DeviceModel>>("models", &owner, &r.models)?,
+            status,
+            enrolled_at: r.enrolled_at,
+            revoked_at: r.revoked_at,
+            certificate_serial: r.certificate_serial,
+            certificate_expires_at: r.certificate_expires_at,
+            last_seen: r.last_seen,
+            runtime: r.runtime,
+            health,
+            last_sequence: from_db(r.last_sequence),
+            requests_total: from_db(r.requests_total),
+            errors_total: from_db(r.errors_total),
+            offloaded_total: from_db(r.offloaded_total),
+            dropped_batches_total: from_db(r.dropped_batches_total),
+            id: r.id,
+        })
+    }
+}
+
+/// True when the device carries every label of the selector.
+pub(crate) fn matches(labels: &Labels, selector: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// A model sample or rollup as read back: figures plus encoded histograms.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct PointRow {
+    pub device_id: String,
+    pub at: i64,
+    pub until: i64,
+    pub model: String,
+    pub version: i64,
+    pub requests: i64,
+    pub errors: i64,
+    pub local: i64,
+    pub offloaded: i64,
+    pub latency_us: Vec<u8>,
+    pub batch_size: Vec<u8>,
+    pub max_queue_depth: i64,
+}
+
+impl PointRow {
+    pub(crate) fn into_point(self) -> Result<ModelPoint, StoreError> {
+        let owner = format!(
+            "model {:?} v{} of device {:?} at {}",
+            self.model, self.version, self.device_id, self.at
+        );
+        Ok(ModelPoint {
+            at: self.at,
+            until: self.until,
+            latency_us: decode_histogram(&owner, &self.latency_us)?,
+            batch_size: decode_histogram(&owner, &self.batch_size)?,
+            name: self.model,
+            version: from_db(self.version),
+            requests: from_db(self.requests),
+            errors: from_db(self.errors),
+            local: from_db(self.local),
+            offloaded: from_db(self.offloaded),
+            max_queue_depth: u32::try_from(self.max_queue_depth).unwrap_or(u32::MAX),
+        })
+    }
+}
+
+/// Adds `other`'s figures into `acc` (same model and version), widening the
+/// interval.
+pub(crate) fn accumulate(acc: &mut ModelPoint, other: &ModelPoint) {
+    acc.at = acc.at.min(other.at);
+    acc.until = acc.until.max(other.until);
+    acc.requests = acc.requests.saturating_add(other.requests);
+    acc.errors = acc.errors.saturating_add(other.errors);
+    acc.local = acc.local.saturating_add(other.local);
+    acc.offloaded = acc.offloaded.saturating_add(other.offloaded);
+    acc.latency_us.merge(&other.latency_us);
+    acc.batch_size.merge(&other.batch_size);
+    acc.max_queue_depth = acc.max_queue_depth.max(other.max_queue_depth);
+}
+
+/// Groups points by a key, merging each group.
+#[derive(Debug, Default)]
+pub(crate) struct Merger<K: Ord> {
+    pub groups: BTreeMap<K, ModelPoint>,
+}
+
+impl<K: Ord> Merger<K> {
+    pub(crate) fn add(&mut self, key: K, point: ModelPoint) {
+        match self.groups.entry(key) {
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(point);
+            }
+            std::collections::btree_map::Entry::Occupied(mut e) => accumulate(e.get_mut(), &point),
+        }
+    }
+}
+
+/// Per-device effect of one ingest call, from its newly stored batches.
+#[derive(Debug, Default)]
+pub(crate) struct DeviceDelta {
+    pub last_sequence: i64,
+    pub last_seen: i64,
+    pub requests: u64,
+    pub errors: u64,
+    pub offloaded: u64,
+    pub dropped: i64,
+    /// Sequence and encoded sample of the newest batch carrying a device sample.
+    pub health: Option<(i64, Vec<u8>)>,
+}
+
+/// Folds the newly stored batches into one delta per device.
+pub(crate) fn device_deltas<'a>(
+    new_batches: impl Iterator<Item = &'a TelemetryRecord>,
+) -> HashMap<&'a str, DeviceDelta> {
+    let mut deltas: HashMap<&str, DeviceDelta> = HashMap::new();
+    for b in new_batches {
+        let d = deltas.entry(b.device_id.as_str()).or_default();
+        let seq = to_db(b.sequence);
+        d.last_sequence = d.last_sequence.max(seq);
+        d.last_seen = d.last_seen.max(b.received_at);
+        d.dropped = d.dropped.max(to_db(b.dropped_batches_total));
+        for m in &b.models {
+            d.requests = d.requests.saturating_add(m.requests);
+            d.errors = d.errors.saturating_add(m.errors);
+            d.offloaded = d.offloaded.saturating_add(m.offloaded);
+        }
+        if let Some(sample) = &b.device
+            && d.health.as_ref().is_none_or(|(s, _)| seq > *s)
+        {
+            d.health = Some((seq, sample.encode_to_vec()));
+        }
+    }
+    deltas
+}
+
+/// Event rows as read back.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EventRow {
+    pub at: i64,
+    pub kind: String,
+    pub model: String,
+    pub version: i64,
+    pub message: String,
+}
+
+impl From<EventRow> for EventRecord {
+    fn from(r: EventRow) -> Self {
+        EventRecord {
+            at: r.at,
+            kind: r.kind,
+            model: r.model,
+            version: from_db(r.version),
+            message: r.message,
+        }
+    }
+}
+
+/// Maps a migration failure, recognizing a database newer than this build.
+pub(crate) fn migrate_error(e: sqlx::migrate::MigrateError, known: i64) -> StoreError {
+    match e {
+        sqlx::migrate::MigrateError::VersionMissing(found) => {
+            StoreError::SchemaTooNew { found, known }
+        }
+        other => StoreError::Migrate(other.to_string()),
+    }
+}
+
+/// The highest migration version a migrator knows.
+pub(crate) fn known_version(migrator: &sqlx::migrate::Migrator) -> i64 {
+    migrator.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Key of a rollup row: device, hour, model, version.
+pub(crate) type RollupKey = (String, i64, String, i64);
+
+/// The samples of a batch, one per (model, version) (repeats are merged).
+pub(crate) fn merged_samples(batch: &TelemetryRecord) -> Vec<ModelSample> {
+    let mut out: Vec<ModelSample> = Vec::with_capacity(batch.models.len());
+    for m in &batch.models {
+        match out
+            .iter_mut()
+            .find(|o| o.name == m.name && o.version == m.version)
+        {
+            Some(o) => {
+                o.requests = o.requests.saturating_add(m.requests);
+                o.errors = o.errors.saturating_add(m.errors);
+                o.local = o.local.saturating_add(m.local);
+                o.offloaded = o.offloaded.saturating_add(m.offloaded);
+                o.latency_us.merge(&m.latency_us);
+                o.batch_size.merge(&m.batch_size);
+                o.max_queue_depth = o.max_queue_depth.max(m.max_queue_depth);
+            }
+            None => out.push(m.clone()),
+        }
+    }
+    out
+}

@@ -1,0 +1,1250 @@
+//! The storage suite: every test runs against SQLite (a temporary file) and
+//! PostgreSQL (`EDGEFLEET_TEST_POSTGRES_URL`, default
+//! `postgres://postgres@127.0.0.1:5432/test`, one fresh schema per test,
+//! dropped afterwards).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use edgefleet_control_plane::store::{
+    self, Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
+    Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution, Store, StoreError,
+    TelemetryRecord,
+};
+use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
+use sqlx::{AssertSqlSafe, Connection, Executor};
+
+const HOUR: i64 = 3_600_000;
+/// 2025-01-01 00:00 UTC, an hour boundary.
+const T0: i64 = 1_735_689_600_000;
+
+fn postgres_base_url() -> String {
+    std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+enum Backend {
+    Sqlite { dir: tempfile::TempDir },
+    Postgres { schema: String },
+}
+
+/// A store under test and what is needed to reopen it and to poke at its
+/// tables directly.
+struct Db {
+    store: Arc<dyn Store>,
+    backend: Backend,
+}
+
+impl Db {
+    async fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::sqlite::open_file(&dir.path().join("edgefleet.db"))
+            .await
+            .unwrap();
+        Db {
+            store,
+            backend: Backend::Sqlite { dir },
+        }
+    }
+
+    async fn postgres() -> Db {
+        let schema = format!("t_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
+            .await
+            .expect("PostgreSQL for the store tests (EDGEFLEET_TEST_POSTGRES_URL)");
+        conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let backend = Backend::Postgres { schema };
+        let store = store::postgres::open(&backend.url()).await.unwrap();
+        Db { store, backend }
+    }
+
+    /// Opens the same database again (a new pool, migrations re-checked).
+    async fn reopen(&self) -> Result<Arc<dyn Store>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite { dir } => {
+                store::sqlite::open_file(&dir.path().join("edgefleet.db")).await
+            }
+            Backend::Postgres { .. } => store::postgres::open(&self.backend.url()).await,
+        }
+    }
+
+    /// A BLOB/BYTEA literal of hex bytes in this backend's dialect.
+    fn bytes(&self, hex: &str) -> String {
+        match self.backend {
+            Backend::Sqlite { .. } => format!("x'{hex}'"),
+            Backend::Postgres { .. } => format!("'\\x{hex}'::bytea"),
+        }
+    }
+
+    /// Runs SQL directly on the database, behind the store's back.
+    async fn raw(&self, sql: &str) {
+        let sql = sql.to_string();
+        match &self.backend {
+            Backend::Sqlite { dir } => {
+                let mut conn = sqlx::SqliteConnection::connect(&format!(
+                    "sqlite://{}",
+                    dir.path().join("edgefleet.db").display()
+                ))
+                .await
+                .unwrap();
+                conn.execute(AssertSqlSafe(sql)).await.unwrap();
+                conn.close().await.unwrap();
+            }
+            Backend::Postgres { .. } => {
+                let mut conn = sqlx::PgConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                conn.execute(AssertSqlSafe(sql)).await.unwrap();
+                conn.close().await.unwrap();
+            }
+        }
+    }
+}
+
+impl Backend {
+    fn url(&self) -> String {
+        match self {
+            Backend::Sqlite { dir } => {
+                format!("sqlite://{}", dir.path().join("edgefleet.db").display())
+            }
+            Backend::Postgres { schema } => {
+                let base = postgres_base_url();
+                let sep = if base.contains('?') { '&' } else { '?' };
+                format!("{base}{sep}options=-c%20search_path%3D{schema}")
+            }
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        if let Backend::Postgres { schema } = self {
+            let schema = schema.clone();
+            // Async work in Drop: a thread with its own runtime (runs after a
+            // failed test too).
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&postgres_base_url()).await {
+                        let _ = conn
+                            .execute(AssertSqlSafe(format!(
+                                "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                            )))
+                            .await;
+                        let _ = conn.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+/// Generates one test per backend for each async fn taking `&Db`.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::Db::sqlite().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let db = super::Db::postgres().await;
+                    super::$name(&db).await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    operator_tokens_roundtrip,
+    enrollment_takes_a_use_and_copies_labels,
+    enrollment_refusals,
+    failed_device_insert_keeps_the_use,
+    concurrent_enrollments_never_exceed_uses,
+    devices_by_selector,
+    revoke_and_revocations_since,
+    hello_certificate_and_touch,
+    ingest_dedupes,
+    ingest_skips_unknown_devices,
+    health_comes_from_the_highest_sequence,
+    totals_accumulate,
+    raw_series,
+    rollup_merges_histograms_and_prune_keeps_unrolled,
+    late_data_rewrites_its_hour,
+    fleet_totals_count_each_hour_once,
+    events_roundtrip,
+    schema_too_new_is_refused,
+    reopening_keeps_data,
+    corrupt_protobuf_is_an_error,
+);
+
+// ---------------------------------------------------------------- helpers
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn join_token(id: &str, uses: u32, expires_at: i64, l: Labels) -> JoinToken {
+    JoinToken {
+        id: id.into(),
+        secret_hash: format!("hash-of-{id}"),
+        labels: l,
+        created_at: T0,
+        expires_at,
+        uses_left: uses,
+        created_by: "op1".into(),
+    }
+}
+
+fn new_device(id: &str, at: i64) -> NewDevice {
+    NewDevice {
+        id: id.into(),
+        inventory: Inventory {
+            cpu_model: "Cortex-A72".into(),
+            cpu_cores: 4,
+            memory_bytes: 4 << 30,
+            arch: "aarch64".into(),
+            os: "linux".into(),
+            accelerators: vec![],
+            agent_version: "0.1.0".into(),
+            runtimes: vec!["tract".into()],
+            hostname: format!("{id}.local"),
+        },
+        enrolled_at: at,
+        certificate_serial: format!("serial-{id}"),
+        certificate_expires_at: at + 30 * 24 * HOUR,
+    }
+}
+
+/// Enrolls devices `ids` through a fresh join token carrying `l`.
+async fn enroll(db: &Db, ids: &[&str], l: Labels) -> Vec<Device> {
+    let token = join_token(
+        &format!("jt-{}", ids.join("-")),
+        ids.len() as u32,
+        T0 + 24 * HOUR,
+        l,
+    );
+    db.store.insert_join_token(&token).await.unwrap();
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(
+            db.store
+                .enroll_device(&token.id, &token.secret_hash, &new_device(id, T0))
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    out
+}
+
+fn hist(values: &[u64]) -> LogHistogram {
+    let mut h = LogHistogram::default();
+    for &v in values {
+        h.record(v);
+    }
+    h
+}
+
+fn sample(name: &str, requests: u64, latencies: &[u64], depth: u32) -> ModelSample {
+    ModelSample {
+        name: name.into(),
+        version: 1,
+        requests,
+        errors: requests / 10,
+        local: requests - requests / 4,
+        offloaded: requests / 4,
+        latency_us: hist(latencies),
+        batch_size: hist(&[1, 2, 4]),
+        max_queue_depth: depth,
+    }
+}
+
+fn telemetry(cpu: u32) -> DeviceTelemetry {
+    DeviceTelemetry {
+        cpu_permille: cpu,
+        memory_used_bytes: 1 << 30,
+        memory_total_bytes: 4 << 30,
+        temperature_millicelsius: Some(51_000),
+        runtime: "tract".into(),
+        ..Default::default()
+    }
+}
+
+/// A 10 s batch starting at `start`.
+fn batch(device: &str, sequence: u64, start: i64, models: Vec<ModelSample>) -> TelemetryRecord {
+    TelemetryRecord {
+        device_id: device.into(),
+        sequence,
+        received_at: start + 10_500,
+        start_at: start,
+        end_at: start + 10_000,
+        models,
+        device: Some(telemetry(sequence as u32)),
+        events: vec![],
+        dropped_batches_total: 0,
+    }
+}
+
+// ---------------------------------------------------------------- tests
+
+async fn operator_tokens_roundtrip(db: &Db) {
+    assert_eq!(db.store.count_operator_tokens().await.unwrap(), 0);
+    let live = OperatorToken {
+        id: "op1".into(),
+        name: "admin".into(),
+        secret_hash: "aa".repeat(32),
+        role: "admin".into(),
+        created_at: T0,
+        revoked_at: None,
+    };
+    let revoked = OperatorToken {
+        id: "op2".into(),
+        name: "old".into(),
+        secret_hash: "bb".repeat(32),
+        role: "admin".into(),
+        created_at: T0,
+        revoked_at: Some(T0 + 5),
+    };
+    db.store.insert_operator_token(&live).await.unwrap();
+    db.store.insert_operator_token(&revoked).await.unwrap();
+    assert_eq!(
+        db.store
+            .operator_token_by_hash(&live.secret_hash)
+            .await
+            .unwrap(),
+        Some(live.clone())
+    );
+    assert_eq!(
+        db.store
+            .operator_token_by_hash(&revoked.secret_hash)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(db.store.operator_token_by_hash("cc").await.unwrap(), None);
+    assert_eq!(db.store.count_operator_tokens().await.unwrap(), 2);
+    // Same id again: an error, not a silent overwrite.
+    assert!(db.store.insert_operator_token(&live).await.is_err());
+}
+
+async fn enrollment_takes_a_use_and_copies_labels(db: &Db) {
+    assert_eq!(
+        db.store.kind(),
+        if matches!(db.backend, Backend::Sqlite { .. }) {
+            "sqlite"
+        } else {
+            "postgres"
+        }
+    );
+    let l = labels(&[("site", "paris"), ("tier", "edge")]);
+    let token = join_token("jt1", 2, T0 + HOUR, l.clone());
+    db.store.insert_join_token(&token).await.unwrap();
+    let nd = new_device("dev-a", T0 + 10);
+    let device = db
+        .store
+        .enroll_device("jt1", &token.secret_hash, &nd)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(device.id, "dev-a");
+    assert_eq!(device.labels, l);
+    assert_eq!(device.inventory, nd.inventory);
+    assert_eq!(device.status, DeviceStatus::Enrolled);
+    assert_eq!(device.enrolled_at, T0 + 10);
+    assert_eq!(device.revoked_at, None);
+    assert_eq!(device.certificate_serial, "serial-dev-a");
+    assert_eq!(device.certificate_expires_at, nd.certificate_expires_at);
+    assert_eq!(device.last_seen, 0);
+    assert_eq!(device.last_sequence, 0);
+    assert_eq!(device.health, None);
+    assert!(device.models.is_empty());
+    assert_eq!(db.store.device("dev-a").await.unwrap(), Some(device));
+    assert_eq!(db.store.device("nope").await.unwrap(), None);
+    // One use left, then none.
+    db.store
+        .enroll_device("jt1", &token.secret_hash, &new_device("dev-b", T0 + 20))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.store
+            .enroll_device("jt1", &token.secret_hash, &new_device("dev-c", T0 + 30))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::UsedUp)
+    );
+    assert_eq!(db.store.device("dev-c").await.unwrap(), None);
+}
+
+async fn enrollment_refusals(db: &Db) {
+    let token = join_token("jt1", 3, T0 + HOUR, Labels::new());
+    db.store.insert_join_token(&token).await.unwrap();
+    let refuse = |id: &'static str, hash: String, at: i64| {
+        let store = db.store.clone();
+        async move {
+            store
+                .enroll_device(id, &hash, &new_device("dev-x", at))
+                .await
+                .unwrap()
+                .unwrap_err()
+        }
+    };
+    assert_eq!(
+        refuse("nope", token.secret_hash.clone(), T0).await,
+        JoinTokenRefusal::Unknown
+    );
+    assert_eq!(
+        refuse("jt1", "wrong".into(), T0).await,
+        JoinTokenRefusal::Unknown
+    );
+    // Expired exactly at expires_at.
+    assert_eq!(
+        refuse("jt1", token.secret_hash.clone(), T0 + HOUR).await,
+        JoinTokenRefusal::Expired
+    );
+    assert_eq!(db.store.device("dev-x").await.unwrap(), None);
+    // None of the refusals took a use: three enrollments still work.
+    for id in ["d1", "d2", "d3"] {
+        db.store
+            .enroll_device("jt1", &token.secret_hash, &new_device(id, T0))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        refuse("jt1", token.secret_hash.clone(), T0).await,
+        JoinTokenRefusal::UsedUp
+    );
+    // An expired, used-up token says expired.
+    assert_eq!(
+        refuse("jt1", token.secret_hash.clone(), T0 + 2 * HOUR).await,
+        JoinTokenRefusal::Expired
+    );
+}
+
+async fn failed_device_insert_keeps_the_use(db: &Db) {
+    let token = join_token("jt1", 2, T0 + HOUR, Labels::new());
+    db.store.insert_join_token(&token).await.unwrap();
+    db.store
+        .enroll_device("jt1", &token.secret_hash, &new_device("dup", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    // The same device id again fails as a whole: the use is not taken.
+    assert!(
+        db.store
+            .enroll_device("jt1", &token.secret_hash, &new_device("dup", T0))
+            .await
+            .is_err()
+    );
+    db.store
+        .enroll_device("jt1", &token.secret_hash, &new_device("other", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        db.store
+            .enroll_device("jt1", &token.secret_hash, &new_device("third", T0))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::UsedUp)
+    );
+}
+
+async fn concurrent_enrollments_never_exceed_uses(db: &Db) {
+    let token = join_token("jt1", 5, T0 + HOUR, labels(&[("a", "b")]));
+    db.store.insert_join_token(&token).await.unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let store = db.store.clone();
+        let hash = token.secret_hash.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .enroll_device("jt1", &hash, &new_device(&format!("dev-{i:02}"), T0))
+                .await
+        }));
+    }
+    let (mut ok, mut used_up) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            Ok(_) => ok += 1,
+            Err(JoinTokenRefusal::UsedUp) => used_up += 1,
+            Err(other) => panic!("unexpected refusal {other:?}"),
+        }
+    }
+    assert_eq!((ok, used_up), (5, 15));
+    assert_eq!(db.store.devices(&Labels::new()).await.unwrap().len(), 5);
+}
+
+async fn devices_by_selector(db: &Db) {
+    enroll(
+        db,
+        &["c", "a"],
+        labels(&[("site", "paris"), ("tier", "edge")]),
+    )
+    .await;
+    enroll(db, &["b"], labels(&[("site", "paris")])).await;
+    enroll(db, &["d"], labels(&[("site", "lyon"), ("tier", "edge")])).await;
+    let ids = |devices: Vec<Device>| devices.into_iter().map(|d| d.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(db.store.devices(&Labels::new()).await.unwrap()),
+        ["a", "b", "c", "d"]
+    );
+    assert_eq!(
+        ids(db
+            .store
+            .devices(&labels(&[("site", "paris")]))
+            .await
+            .unwrap()),
+        ["a", "b", "c"]
+    );
+    assert_eq!(
+        ids(db
+            .store
+            .devices(&labels(&[("site", "paris"), ("tier", "edge")]))
+            .await
+            .unwrap()),
+        ["a", "c"]
+    );
+    assert_eq!(
+        ids(db
+            .store
+            .devices(&labels(&[("tier", "edge")]))
+            .await
+            .unwrap()),
+        ["a", "c", "d"]
+    );
+    assert!(
+        db.store
+            .devices(&labels(&[("site", "nice")]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        db.store
+            .devices(&labels(&[("tier", "paris")]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn revoke_and_revocations_since(db: &Db) {
+    enroll(db, &["a", "b", "c"], Labels::new()).await;
+    let revoked = db
+        .store
+        .revoke_device("b", T0 + 100)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.status, DeviceStatus::Revoked);
+    assert_eq!(revoked.revoked_at, Some(T0 + 100));
+    // The first revocation time stays.
+    let again = db
+        .store
+        .revoke_device("b", T0 + 500)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.revoked_at, Some(T0 + 100));
+    db.store
+        .revoke_device("c", T0 + 200)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(db.store.revoke_device("nope", T0).await.unwrap(), None);
+    assert_eq!(
+        db.store.revocations_since(T0 + 100).await.unwrap(),
+        vec![("b".to_string(), T0 + 100), ("c".to_string(), T0 + 200)]
+    );
+    assert_eq!(
+        db.store.revocations_since(T0 + 101).await.unwrap(),
+        vec![("c".to_string(), T0 + 200)]
+    );
+    assert!(
+        db.store
+            .revocations_since(T0 + 201)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        db.store.device("a").await.unwrap().unwrap().status,
+        DeviceStatus::Enrolled
+    );
+}
+
+async fn hello_certificate_and_touch(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let mut inventory = new_device("a", T0).inventory;
+    inventory.cpu_cores = 8;
+    inventory.accelerators = vec!["npu".into()];
+    let models = vec![
+        DeviceModel {
+            name: "resnet".into(),
+            version: 3,
+            sha256: "ab".repeat(32),
+            state: "LOADED".into(),
+        },
+        DeviceModel {
+            name: "yolo".into(),
+            version: 1,
+            sha256: "cd".repeat(32),
+            state: "FAILED".into(),
+        },
+    ];
+    db.store
+        .record_hello("a", &inventory, &models, "onnxruntime", T0 + 1000)
+        .await
+        .unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(d.inventory, inventory);
+    assert_eq!(d.models, models);
+    assert_eq!(d.runtime, "onnxruntime");
+    assert_eq!(d.last_seen, T0 + 1000);
+    // last_seen never moves backwards.
+    db.store.touch_device("a", T0 + 500).await.unwrap();
+    assert_eq!(
+        db.store.device("a").await.unwrap().unwrap().last_seen,
+        T0 + 1000
+    );
+    db.store.touch_device("a", T0 + 2000).await.unwrap();
+    assert_eq!(
+        db.store.device("a").await.unwrap().unwrap().last_seen,
+        T0 + 2000
+    );
+    db.store
+        .record_hello("a", &inventory, &[], "tract", T0 + 1500)
+        .await
+        .unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(d.last_seen, T0 + 2000);
+    assert!(d.models.is_empty());
+    assert_eq!(d.runtime, "tract");
+    db.store
+        .set_device_certificate("a", "serial-2", T0 + 99 * HOUR)
+        .await
+        .unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(
+        (d.certificate_serial.as_str(), d.certificate_expires_at),
+        ("serial-2", T0 + 99 * HOUR)
+    );
+}
+
+async fn ingest_dedupes(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let b1 = batch("a", 1, T0, vec![sample("m", 10, &[100, 200], 2)]);
+    let b2 = batch("a", 2, T0 + 10_000, vec![sample("m", 5, &[300], 1)]);
+    let c1 = batch("b", 1, T0, vec![sample("m", 7, &[50], 1)]);
+    assert_eq!(
+        db.store
+            .ingest_telemetry(&[b1.clone(), c1.clone()])
+            .await
+            .unwrap(),
+        [true, true]
+    );
+    // The same batch again, and twice in one call.
+    assert_eq!(
+        db.store
+            .ingest_telemetry(&[b1.clone(), b2.clone(), b2.clone(), c1.clone()])
+            .await
+            .unwrap(),
+        [false, true, false, false]
+    );
+    assert_eq!(
+        db.store.ingest_telemetry(&[]).await.unwrap(),
+        Vec::<bool>::new()
+    );
+    assert_eq!(db.store.telemetry_sequences("a").await.unwrap(), [1, 2]);
+    assert_eq!(db.store.telemetry_sequences("b").await.unwrap(), [1]);
+    let series = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+        .await
+        .unwrap();
+    assert_eq!(series.len(), 2, "no duplicate samples: {series:?}");
+    let a = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(a.requests_total, 15, "duplicates are not counted");
+    assert_eq!(
+        db.store.device("b").await.unwrap().unwrap().requests_total,
+        7
+    );
+}
+
+async fn ingest_skips_unknown_devices(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let stored = db
+        .store
+        .ingest_telemetry(&[
+            batch("ghost", 1, T0, vec![sample("m", 1, &[1], 1)]),
+            batch("a", 1, T0, vec![sample("m", 1, &[1], 1)]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored, [false, true]);
+    assert!(
+        db.store
+            .telemetry_sequences("ghost")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(db.store.last_sequence("ghost").await.unwrap(), 0);
+    assert_eq!(db.store.telemetry_sequences("a").await.unwrap(), [1]);
+}
+
+async fn health_comes_from_the_highest_sequence(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    assert_eq!(db.store.last_sequence("a").await.unwrap(), 0);
+    let mut b5 = batch("a", 5, T0 + 50_000, vec![]);
+    b5.device = Some(telemetry(500));
+    b5.dropped_batches_total = 3;
+    let mut b3 = batch("a", 3, T0 + 30_000, vec![]);
+    b3.device = Some(telemetry(300));
+    b3.received_at = T0 + 99_000; // arrives last, but is older
+    b3.dropped_batches_total = 1;
+    db.store.ingest_telemetry(&[b5]).await.unwrap();
+    db.store.ingest_telemetry(&[b3]).await.unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(d.health, Some(telemetry(500)));
+    assert_eq!(d.last_sequence, 5);
+    assert_eq!(d.last_seen, T0 + 99_000);
+    assert_eq!(d.dropped_batches_total, 3);
+    assert_eq!(db.store.last_sequence("a").await.unwrap(), 5);
+    assert_eq!(db.store.telemetry_sequences("a").await.unwrap(), [3, 5]);
+    // Out of order inside one call too: 4 and 8 and 6 → 8.
+    let mk = |seq: u64| {
+        let mut b = batch("a", seq, T0 + seq as i64 * 10_000, vec![]);
+        b.device = Some(telemetry(seq as u32 * 100));
+        b
+    };
+    db.store
+        .ingest_telemetry(&[mk(4), mk(8), mk(6)])
+        .await
+        .unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(d.health, Some(telemetry(800)));
+    assert_eq!(d.last_sequence, 8);
+    // A newer batch without a device sample keeps the last known health.
+    let mut b9 = batch("a", 9, T0 + 90_000, vec![]);
+    b9.device = None;
+    db.store.ingest_telemetry(&[b9]).await.unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(d.health, Some(telemetry(800)));
+    assert_eq!(d.last_sequence, 9);
+}
+
+async fn totals_accumulate(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let mut batches = Vec::new();
+    for seq in 1..=4u64 {
+        batches.push(batch(
+            "a",
+            seq,
+            T0 + seq as i64 * 10_000,
+            vec![sample("m1", 40, &[10], 1), sample("m2", 8 * seq, &[20], 1)],
+        ));
+    }
+    db.store.ingest_telemetry(&batches[..2]).await.unwrap();
+    db.store.ingest_telemetry(&batches[1..]).await.unwrap();
+    let d = db.store.device("a").await.unwrap().unwrap();
+    let requests: u64 = batches
+        .iter()
+        .flat_map(|b| &b.models)
+        .map(|m| m.requests)
+        .sum();
+    let errors: u64 = batches
+        .iter()
+        .flat_map(|b| &b.models)
+        .map(|m| m.errors)
+        .sum();
+    let offloaded: u64 = batches
+        .iter()
+        .flat_map(|b| &b.models)
+        .map(|m| m.offloaded)
+        .sum();
+    assert_eq!(requests, 160 + 80);
+    assert_eq!(
+        (d.requests_total, d.errors_total, d.offloaded_total),
+        (requests, errors, offloaded)
+    );
+}
+
+async fn raw_series(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let b1 = batch(
+        "a",
+        1,
+        T0,
+        vec![sample("z", 3, &[100, 900], 4), sample("m", 5, &[7], 1)],
+    );
+    let b2 = batch("a", 2, T0 + 10_000, vec![sample("m", 2, &[8, 9], 2)]);
+    let b3 = batch("a", 3, T0 + 20_000, vec![sample("m", 1, &[1], 1)]);
+    let other = batch("b", 1, T0, vec![sample("m", 99, &[1], 1)]);
+    // Stored out of order.
+    db.store
+        .ingest_telemetry(&[b3.clone(), other, b1.clone(), b2.clone()])
+        .await
+        .unwrap();
+    let point = |b: &TelemetryRecord, k: usize| {
+        let m = &b.models[k];
+        ModelPoint {
+            at: b.start_at,
+            until: b.end_at,
+            name: m.name.clone(),
+            version: m.version,
+            requests: m.requests,
+            errors: m.errors,
+            local: m.local,
+            offloaded: m.offloaded,
+            latency_us: m.latency_us.clone(),
+            batch_size: m.batch_size.clone(),
+            max_queue_depth: m.max_queue_depth,
+        }
+    };
+    // [from, until) over batch ends: b1 ends at T0+10s, b2 at +20s, b3 at +30s.
+    let series = db
+        .store
+        .model_series("a", T0 + 10_000, T0 + 30_000, Resolution::Raw)
+        .await
+        .unwrap();
+    assert_eq!(series, vec![point(&b1, 1), point(&b1, 0), point(&b2, 0)]);
+    let devices = db.store.device_series("a", T0, T0 + HOUR).await.unwrap();
+    assert_eq!(
+        devices,
+        vec![
+            (b1.end_at, b1.device.clone().unwrap()),
+            (b2.end_at, b2.device.clone().unwrap()),
+            (b3.end_at, b3.device.clone().unwrap()),
+        ]
+    );
+    assert_eq!(
+        db.store
+            .device_series("a", T0 + 20_001, T0 + HOUR)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(
+        db.store
+            .model_series("a", T0 + HOUR, T0 + 2 * HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// Batches of device `dev` every 10 min over `hours` hours from `start`,
+/// one model "m" with a latency histogram depending on the sequence.
+fn hourly_batches(dev: &str, start: i64, hours: i64, first_seq: u64) -> Vec<TelemetryRecord> {
+    (0..hours * 6)
+        .map(|k| {
+            let seq = first_seq + k as u64;
+            batch(
+                dev,
+                seq,
+                start + k * 600_000,
+                vec![sample(
+                    "m",
+                    10 + seq,
+                    &[seq * 10, 1000 + seq],
+                    (seq % 7) as u32,
+                )],
+            )
+        })
+        .collect()
+}
+
+/// Merges raw samples of `batches` for one hour into the expected rollup point.
+fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
+    let mut p = ModelPoint {
+        at: hour,
+        until: hour + HOUR,
+        name: "m".into(),
+        version: 1,
+        ..Default::default()
+    };
+    for b in batches
+        .iter()
+        .filter(|b| b.start_at.div_euclid(HOUR) * HOUR == hour)
+    {
+        for m in &b.models {
+            p.requests += m.requests;
+            p.errors += m.errors;
+            p.local += m.local;
+            p.offloaded += m.offloaded;
+            p.latency_us.merge(&m.latency_us);
+            p.batch_size.merge(&m.batch_size);
+            p.max_queue_depth = p.max_queue_depth.max(m.max_queue_depth);
+        }
+    }
+    p
+}
+
+async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    // Hours T0, T0+1h, T0+2h; "now" is T0+2h30: the first two are complete.
+    let batches = hourly_batches("a", T0, 3, 1);
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let now = T0 + 2 * HOUR + 30 * 60_000;
+    let hourly_before = db
+        .store
+        .model_series("a", T0, now, Resolution::Hourly)
+        .await
+        .unwrap();
+    let expected: Vec<ModelPoint> = (0..3)
+        .map(|h| expected_hour(&batches, T0 + h * HOUR))
+        .collect();
+    assert_eq!(
+        hourly_before, expected,
+        "hourly series from raw data before any rollup"
+    );
+    assert!(expected[0].latency_us.count() == 12 && expected[0].max_queue_depth > 0);
+
+    // Retention 1h15: raw data ending before T0+1h15 may go, if rolled up.
+    let report = db
+        .store
+        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!(report.hours_rolled_up, 2);
+    // Hour 1: the batches starting at T0+1h and T0+1h10 end before T0+1h15.
+    assert_eq!(report.batches_pruned, 6 + 2);
+    let hourly_after = db
+        .store
+        .model_series("a", T0, now, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(
+        hourly_after, expected,
+        "rollups hold exactly the merged raw data"
+    );
+    let remaining = db.store.telemetry_sequences("a").await.unwrap();
+    assert_eq!(remaining, (9..=18).collect::<Vec<u64>>());
+    // The raw series lost the pruned batches only (9..=15 end before `now`).
+    let raw = db
+        .store
+        .model_series("a", T0, now, Resolution::Raw)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 7);
+    assert_eq!(raw[0].at, T0 + 80 * 60_000);
+
+    // Idempotent.
+    let again = db
+        .store
+        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!((again.hours_rolled_up, again.batches_pruned), (0, 0));
+    assert_eq!(
+        db.store
+            .model_series("a", T0, now, Resolution::Hourly)
+            .await
+            .unwrap(),
+        expected
+    );
+
+    // Retention 0: everything rolled up goes, the current hour stays raw.
+    let report = db.store.rollup_and_prune(now, 0).await.unwrap();
+    assert_eq!((report.hours_rolled_up, report.batches_pruned), (0, 4));
+    assert_eq!(
+        db.store.telemetry_sequences("a").await.unwrap(),
+        (13..=18).collect::<Vec<u64>>()
+    );
+    assert_eq!(
+        db.store
+            .model_series("a", T0, now, Resolution::Hourly)
+            .await
+            .unwrap(),
+        expected
+    );
+    // Device totals are not affected by pruning.
+    let total: u64 = batches
+        .iter()
+        .flat_map(|b| &b.models)
+        .map(|m| m.requests)
+        .sum();
+    assert_eq!(
+        db.store.device("a").await.unwrap().unwrap().requests_total,
+        total
+    );
+}
+
+async fn late_data_rewrites_its_hour(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let mut batches = hourly_batches("a", T0, 1, 1);
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let now = T0 + HOUR + 60_000;
+    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
+    // Prune the raw data of that hour, then a late batch arrives for it.
+    assert_eq!(
+        db.store
+            .rollup_and_prune(now, 0)
+            .await
+            .unwrap()
+            .batches_pruned,
+        6
+    );
+    let late = batch(
+        "a",
+        100,
+        T0 + 30 * 60_000 + 5_000,
+        vec![sample("m", 1000, &[77_777], 50)],
+    );
+    assert_eq!(
+        db.store
+            .ingest_telemetry(std::slice::from_ref(&late))
+            .await
+            .unwrap(),
+        [true]
+    );
+    batches.push(late);
+    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
+    let hourly = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(hourly, vec![expected_hour(&batches, T0)]);
+    assert_eq!(hourly[0].max_queue_depth, 50);
+    assert_eq!(hourly[0].latency_us.count(), 13);
+}
+
+async fn fleet_totals_count_each_hour_once(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let mut batches = hourly_batches("a", T0, 3, 1);
+    batches.extend(hourly_batches("b", T0, 3, 1));
+    // A second model on one batch of b.
+    batches
+        .last_mut()
+        .unwrap()
+        .models
+        .push(sample("n", 4, &[5], 9));
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let expect = |batches: &[TelemetryRecord], from: i64, until: i64| {
+        let mut by_model: std::collections::BTreeMap<String, ModelPoint> = Default::default();
+        for b in batches
+            .iter()
+            .filter(|b| b.start_at >= from && b.start_at < until)
+        {
+            for m in &b.models {
+                let p = by_model
+                    .entry(m.name.clone())
+                    .or_insert_with(|| ModelPoint {
+                        at: from,
+                        until,
+                        name: m.name.clone(),
+                        version: m.version,
+                        ..Default::default()
+                    });
+                p.requests += m.requests;
+                p.errors += m.errors;
+                p.local += m.local;
+                p.offloaded += m.offloaded;
+                p.latency_us.merge(&m.latency_us);
+                p.batch_size.merge(&m.batch_size);
+                p.max_queue_depth = p.max_queue_depth.max(m.max_queue_depth);
+            }
+        }
+        by_model.into_values().collect::<Vec<_>>()
+    };
+    let (from, until) = (T0, T0 + 3 * HOUR);
+    let all = expect(&batches, from, until);
+    assert_eq!(all.len(), 2);
+    assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
+    // Rolled up (raw kept): each hour still counted once.
+    let now = T0 + 2 * HOUR + 60_000;
+    db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
+    // Raw data of the rolled-up hours pruned: the rollups answer for them.
+    db.store.rollup_and_prune(now, 0).await.unwrap();
+    assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
+    // A single whole hour.
+    assert_eq!(
+        db.store
+            .fleet_model_totals(T0 + HOUR, T0 + 2 * HOUR)
+            .await
+            .unwrap(),
+        expect(&batches, T0 + HOUR, T0 + 2 * HOUR)
+    );
+    // A partial hour still held raw (the current one).
+    assert_eq!(
+        db.store
+            .fleet_model_totals(T0 + 2 * HOUR + 20 * 60_000, T0 + 3 * HOUR)
+            .await
+            .unwrap(),
+        expect(&batches, T0 + 2 * HOUR + 20 * 60_000, T0 + 3 * HOUR)
+    );
+    assert!(
+        db.store
+            .fleet_model_totals(T0 + 5 * HOUR, T0 + 6 * HOUR)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn events_roundtrip(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let ev = |at: i64, kind: &str, msg: &str| EventRecord {
+        at,
+        kind: kind.into(),
+        model: "m".into(),
+        version: 2,
+        message: msg.into(),
+    };
+    let mut b1 = batch("a", 1, T0, vec![]);
+    b1.events = vec![
+        ev(T0 + 5, "MODEL_LOADED", "ok"),
+        ev(T0 + 3, "ERROR", "boom"),
+    ];
+    let mut b2 = batch("a", 2, T0 + 10_000, vec![]);
+    b2.events = vec![ev(T0 + 10_001, "OVERLOAD_ENTERED", "")];
+    let mut c1 = batch("b", 1, T0, vec![]);
+    c1.events = vec![ev(T0 + 4, "MODEL_FAILED", "other device")];
+    db.store.ingest_telemetry(&[b1.clone(), c1]).await.unwrap();
+    db.store.ingest_telemetry(&[b1.clone(), b2]).await.unwrap(); // b1 again: no duplicate events
+    assert_eq!(
+        db.store.events("a", T0, T0 + HOUR).await.unwrap(),
+        vec![
+            ev(T0 + 3, "ERROR", "boom"),
+            ev(T0 + 5, "MODEL_LOADED", "ok"),
+            ev(T0 + 10_001, "OVERLOAD_ENTERED", "")
+        ]
+    );
+    assert_eq!(
+        db.store.events("a", T0 + 4, T0 + 10_001).await.unwrap(),
+        vec![ev(T0 + 5, "MODEL_LOADED", "ok")]
+    );
+    assert_eq!(db.store.events("b", T0, T0 + HOUR).await.unwrap().len(), 1);
+    assert!(
+        db.store
+            .events("nope", T0, T0 + HOUR)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn schema_too_new_is_refused(db: &Db) {
+    db.raw(&format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', TRUE, {}, 0)",
+        db.bytes("00")
+    ))
+    .await;
+    match db.reopen().await {
+        Err(StoreError::SchemaTooNew { found, known }) => {
+            assert_eq!(found, 9999);
+            assert!((1..9999).contains(&known), "known {known}");
+        }
+        other => panic!("expected SchemaTooNew, got {other:?}"),
+    }
+    // Through the generic entry point too.
+    let url = db.backend.url();
+    let err = store::open(Some(&url), std::path::Path::new("/nonexistent"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::SchemaTooNew { found: 9999, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("9999"));
+}
+
+async fn reopening_keeps_data(db: &Db) {
+    enroll(db, &["a"], labels(&[("k", "v")])).await;
+    db.store
+        .ingest_telemetry(&[batch("a", 1, T0, vec![sample("m", 1, &[1], 1)])])
+        .await
+        .unwrap();
+    let before = db.store.device("a").await.unwrap().unwrap();
+    let reopened = db.reopen().await.unwrap();
+    assert_eq!(reopened.device("a").await.unwrap(), Some(before.clone()));
+    assert_eq!(reopened.telemetry_sequences("a").await.unwrap(), [1]);
+    // And through store::open with the URL.
+    let via_url = store::open(
+        Some(&db.backend.url()),
+        std::path::Path::new("/nonexistent"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(via_url.kind(), db.store.kind());
+    assert_eq!(via_url.device("a").await.unwrap(), Some(before));
+    if let Backend::Sqlite { dir } = &db.backend {
+        // The default location under the data dir.
+        let default = store::open(None, dir.path()).await.unwrap();
+        assert_eq!(
+            default.device("a").await.unwrap().unwrap().labels,
+            labels(&[("k", "v")])
+        );
+        let fresh: PathBuf = dir.path().join("sub");
+        std::fs::create_dir(&fresh).unwrap();
+        let empty = store::open(None, &fresh).await.unwrap();
+        assert!(empty.devices(&Labels::new()).await.unwrap().is_empty());
+        assert!(fresh.join("edgefleet.db").exists());
+    }
+    assert!(matches!(
+        store::open(Some("mysql://x"), std::path::Path::new("/nonexistent")).await,
+        Err(StoreError::Connect(_))
+    ));
+}
+
+async fn corrupt_protobuf_is_an_error(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    db.store
+        .ingest_telemetry(&[batch("a", 1, T0, vec![sample("m", 1, &[1], 1)])])
+        .await
+        .unwrap();
+    db.raw(&format!(
+        "UPDATE devices SET health = {}",
+        db.bytes("ffffffff")
+    ))
+    .await;
+    db.raw(&format!(
+        "UPDATE model_samples SET latency_us = {}",
+        db.bytes("0a05ff")
+    ))
+    .await;
+    assert!(matches!(
+        db.store.device("a").await,
+        Err(StoreError::Corrupt(_))
+    ));
+    assert!(matches!(
+        db.store
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+    db.raw("UPDATE devices SET health = NULL, labels = 'not json'")
+        .await;
+    assert!(matches!(
+        db.store.devices(&Labels::new()).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
