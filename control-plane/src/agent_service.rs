@@ -205,7 +205,13 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await
             .map_err(|_| Status::cancelled("the agent went away"))?;
         tracing::info!(device = %device_id, acked_sequence, "agent session opened");
-        tokio::spawn(run_session(cp, device_id, inbound, outbound));
+        tokio::spawn(run_session(
+            cp,
+            device_id,
+            inbound,
+            outbound,
+            (inventory, hello.runtime),
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }
@@ -215,6 +221,7 @@ async fn run_session(
     device_id: String,
     mut inbound: Streaming<pb::AgentMessage>,
     outbound: crate::sessions::Outbound,
+    (inventory, runtime): (crate::store::Inventory, String),
 ) {
     let guard = cp.sessions.register(&device_id, outbound.clone());
     cp.metrics.sessions.inc();
@@ -280,6 +287,15 @@ async fn run_session(
                                 }
                             }
                             Err(status) => break Err(status),
+                        }
+                    }
+                    Some(Upstream::ModelsChanged(changed)) => {
+                        let models = match convert::models_from_pb(&changed.models) {
+                            Ok(models) => models,
+                            Err(status) => break Err(status),
+                        };
+                        if let Err(err) = cp.store.record_hello(&device_id, &inventory, &models, &runtime, now).await {
+                            tracing::warn!(device = %device_id, error = %err, "cannot record the device's models");
                         }
                     }
                     Some(Upstream::CommandAck(ack)) => {

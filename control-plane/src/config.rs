@@ -139,19 +139,19 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         );
     }
     let mut config = ServerConfig::new(&data_dir.unwrap_or_default());
-    let mut addr =
-        |flag: Option<SocketAddr>, text: Option<String>, key: &str, default: SocketAddr| match (
-            flag, text,
-        ) {
-            (Some(addr), _) => addr,
-            (None, Some(text)) => text.parse().unwrap_or_else(|_| {
-                problems.push(format!(
-                    "{key} = \"{text}\" is not an address like 127.0.0.1:7444"
-                ));
-                default
-            }),
-            (None, None) => default,
-        };
+    let mut addr = |flag: Option<SocketAddr>,
+                    text: Option<String>,
+                    key: &str,
+                    default: SocketAddr| match (flag, text) {
+        (Some(addr), _) => addr,
+        (None, Some(text)) => text.parse().unwrap_or_else(|_| {
+            problems.push(format!(
+                "{key} = \"{text}\" is not an address like 127.0.0.1:7444"
+            ));
+            default
+        }),
+        (None, None) => default,
+    };
     config.agent_addr = addr(
         args.agent_addr,
         file.agent_addr,

@@ -203,11 +203,13 @@ async fn connect_and_serve(
     let mut client = AgentServiceClient::new(channel);
     let (outbound, receiver) = mpsc::channel::<pb::AgentMessage>(SEND_WINDOW + 32);
     let last_sequence = with_collector(collector, |c| c.outbox().last_sequence()).await?;
+    let models_at_hello = hello.models();
+    let mut reported_models = models_at_hello.clone();
     let hello_message = pb::AgentMessage {
         kind: Some(Upstream::Hello(pb::Hello {
             device_id: enrollment.device_id.clone(),
             inventory: Some(hello.inventory()),
-            models: hello.models(),
+            models: models_at_hello,
             runtime: hello.runtime(),
             last_sequence,
         })),
@@ -265,6 +267,18 @@ async fn connect_and_serve(
     let mut pending_key: Option<String> = None;
     let mut current_certificate = identity.certificate_pem.clone();
     loop {
+        let models = hello.models();
+        if models != reported_models {
+            let message = pb::AgentMessage {
+                kind: Some(Upstream::ModelsChanged(pb::ModelsChanged {
+                    models: models.clone(),
+                })),
+            };
+            if outbound.send(message).await.is_err() {
+                return Ok(SessionEnd::Lost("the session's send side closed".into()));
+            }
+            reported_models = models;
+        }
         // Send what the window allows.
         let mut maybe_more = false;
         let room = SEND_WINDOW.saturating_sub((sent - acked) as usize);
