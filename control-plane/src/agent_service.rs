@@ -249,8 +249,10 @@ async fn run_session(
                     Err(_) => break Err(Status::deadline_exceeded("no message from the agent for 180 s")),
                     Ok(None) => break Ok(()),
                     Ok(Some(Err(status))) => {
+                        // A message over the size limit or one that does not
+                        // decode; or the agent went away (then nobody reads this).
                         tracing::debug!(device = %device_id, %status, "session stream error");
-                        break Ok(());
+                        break Err(status);
                     }
                     Ok(Some(Ok(message))) => message,
                 };
@@ -328,6 +330,7 @@ async fn run_session(
             tonic::Code::PermissionDenied => "permission_denied",
             tonic::Code::InvalidArgument => "invalid_argument",
             tonic::Code::Unavailable => "store_unavailable",
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "message_too_large",
             _ => "other",
         });
         let _ = outbound.try_send(Err(status));

@@ -1,0 +1,408 @@
+//! Bad input on the agent API, from a hand-driven gRPC client over real
+//! (mutual) TLS against a real server process: every case gets a clear
+//! status, and the server keeps serving.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use edgefleet_pki::{CertificateAuthority, JoinTokenSecret};
+use edgefleet_proto::edgefleet::v1 as pb;
+use pb::agent_message::Kind as Upstream;
+use pb::agent_service_client::AgentServiceClient;
+use pb::control_message::Kind as Downstream;
+use support::*;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Enrolled {
+    device_id: String,
+    key_pem: String,
+    certificate_pem: String,
+    ca_pem: String,
+}
+
+fn inventory() -> pb::Inventory {
+    pb::Inventory {
+        cpu_model: "test cpu".into(),
+        cpu_cores: 2,
+        memory_bytes: 1 << 30,
+        arch: "x86_64".into(),
+        os: "test".into(),
+        agent_version: "0".into(),
+        runtimes: vec!["tract".into()],
+        hostname: "test".into(),
+        ..Default::default()
+    }
+}
+
+async fn pinned(server: &Server, token: &str) -> AgentServiceClient<Channel> {
+    let token = JoinTokenSecret::parse(token).unwrap();
+    let tls = edgefleet_pki::pinned_client_tls_config(&token.ca_fingerprint).unwrap();
+    let channel = edgefleet_pki::connect_tls(&server.agent_url, tls, Duration::from_secs(5))
+        .await
+        .unwrap();
+    AgentServiceClient::new(channel)
+}
+
+async fn enroll_device(server: &Server) -> Enrolled {
+    let token = server.join_token(&[]);
+    let mut client = pinned(server, &token).await;
+    let key_pem = edgefleet_pki::generate_device_key().unwrap();
+    let csr_pem = edgefleet_pki::device_csr(&key_pem, "test").unwrap();
+    let response = client
+        .enroll(pb::EnrollRequest {
+            join_token: token,
+            csr_pem,
+            inventory: Some(inventory()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Enrolled {
+        device_id: response.device_id,
+        key_pem,
+        certificate_pem: response.certificate_pem,
+        ca_pem: response.ca_certificate_pem,
+    }
+}
+
+async fn mtls(
+    server: &Server,
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<AgentServiceClient<Channel>, String> {
+    let tls = edgefleet_pki::mtls_client_tls_config(ca_pem, cert_pem, key_pem)
+        .map_err(|e| e.to_string())?;
+    let channel = edgefleet_pki::connect_tls(&server.agent_url, tls, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(AgentServiceClient::new(channel.clone()))
+}
+
+fn hello(device_id: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Upstream::Hello(pb::Hello {
+            device_id: device_id.into(),
+            inventory: Some(inventory()),
+            ..Default::default()
+        })),
+    }
+}
+
+fn telemetry(device_id: &str, sequence: u64) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Upstream::Telemetry(pb::TelemetryBatch {
+            sequence,
+            device_id: device_id.into(),
+            start_unix_ms: 1,
+            end_unix_ms: 2,
+            ..Default::default()
+        })),
+    }
+}
+
+/// Opens a session with `first` as its first message; returns the sender
+/// and the stream (or the status the server refused it with).
+async fn open(
+    client: &mut AgentServiceClient<Channel>,
+    first: pb::AgentMessage,
+) -> Result<
+    (
+        mpsc::Sender<pb::AgentMessage>,
+        tonic::Streaming<pb::ControlMessage>,
+    ),
+    tonic::Status,
+> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(first).await.unwrap();
+    let response = client.session(ReceiverStream::new(rx)).await?;
+    Ok((tx, response.into_inner()))
+}
+
+/// Reads until the stream ends; returns its final status (or OK).
+async fn final_status(stream: &mut tonic::Streaming<pb::ControlMessage>) -> Code {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Err(_) => panic!("the server did not end the session"),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => return Code::Ok,
+            Ok(Err(status)) => return status.code(),
+        }
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn enroll_rejects_malformed_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let token = server.join_token(&["--uses", "5"]);
+        let mut client = pinned(&server, &token).await;
+        let key = edgefleet_pki::generate_device_key().unwrap();
+        let csr = edgefleet_pki::device_csr(&key, "x").unwrap();
+        let garbage_csr = client
+            .enroll(pb::EnrollRequest {
+                join_token: token.clone(),
+                csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n".into(),
+                inventory: Some(inventory()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(garbage_csr.code(), Code::InvalidArgument, "{garbage_csr:?}");
+        let no_inventory = client
+            .enroll(pb::EnrollRequest {
+                join_token: token.clone(),
+                csr_pem: csr.clone(),
+                inventory: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(no_inventory.code(), Code::InvalidArgument);
+        let huge = client
+            .enroll(pb::EnrollRequest {
+                join_token: token.clone(),
+                csr_pem: csr.clone(),
+                inventory: Some(pb::Inventory {
+                    cpu_model: "x".repeat(10_000),
+                    ..inventory()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(huge.code(), Code::InvalidArgument);
+        let malformed_token = client
+            .enroll(pb::EnrollRequest {
+                join_token: "a.b".into(),
+                csr_pem: csr.clone(),
+                inventory: Some(inventory()),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(malformed_token.code(), Code::InvalidArgument);
+        // None of those used the token up.
+        let devices = server.cli_json(&["devices", "list"]);
+        assert!(devices.as_array().unwrap().is_empty());
+        client
+            .enroll(pb::EnrollRequest {
+                join_token: token,
+                csr_pem: csr,
+                inventory: Some(inventory()),
+            })
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn sessions_need_a_valid_client_certificate_of_this_fleet() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, &[]);
+    runtime().block_on(async {
+        let device = enroll_device(&server).await;
+
+        // No client certificate: the TLS layer lets it through (enrollment
+        // needs that), the session refuses it.
+        let token = server.join_token(&[]);
+        let mut anonymous = pinned(&server, &token).await;
+        let status = open(&mut anonymous, hello(&device.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+
+        // A certificate from another CA, naming the same device.
+        let (other_ca, _) = CertificateAuthority::generate().unwrap();
+        let csr = edgefleet_pki::device_csr(&device.key_pem, "x").unwrap();
+        let foreign = other_ca
+            .sign_device_csr(&csr, &device.device_id, Duration::from_secs(3600))
+            .unwrap();
+        let refused = match mtls(
+            &server,
+            &device.ca_pem,
+            &foreign.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        {
+            Err(_) => true,
+            Ok(mut client) => open(&mut client, hello(&device.device_id)).await.is_err(),
+        };
+        assert!(refused, "a certificate of another CA was accepted");
+
+        // An expired certificate of this fleet's CA.
+        let (fleet_ca, created) = CertificateAuthority::load_or_create(&server.data_dir).unwrap();
+        assert!(!created);
+        let now = SystemTime::now();
+        let expired = fleet_ca
+            .sign_device_csr_with_validity(
+                &csr,
+                &device.device_id,
+                now - Duration::from_secs(7200),
+                now - Duration::from_secs(3600),
+            )
+            .unwrap();
+        let refused = match mtls(
+            &server,
+            &device.ca_pem,
+            &expired.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        {
+            Err(_) => true,
+            Ok(mut client) => open(&mut client, hello(&device.device_id)).await.is_err(),
+        };
+        assert!(refused, "an expired certificate was accepted");
+
+        // A valid certificate of this CA for a device the server never enrolled.
+        let stranger = fleet_ca
+            .sign_device_csr(&csr, "dev-stranger", Duration::from_secs(3600))
+            .unwrap();
+        let mut client = mtls(
+            &server,
+            &device.ca_pem,
+            &stranger.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+        let status = open(&mut client, hello("dev-stranger")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+
+        // The real one works.
+        let mut client = mtls(
+            &server,
+            &device.ca_pem,
+            &device.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+        let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        let first = stream.message().await.unwrap().unwrap();
+        assert!(matches!(first.kind, Some(Downstream::Welcome(_))));
+    });
+}
+
+#[test]
+fn sessions_refuse_malformed_or_impersonating_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let device = enroll_device(&server).await;
+        let other = enroll_device(&server).await;
+        let mut client = mtls(
+            &server,
+            &device.ca_pem,
+            &device.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+
+        // Hello naming another device.
+        let status = open(&mut client, hello(&other.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+
+        // First message not a Hello.
+        let status = open(&mut client, telemetry(&device.device_id, 1))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+
+        // Telemetry claiming the other device's identity.
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        tx.send(telemetry(&other.device_id, 1)).await.unwrap();
+        assert_eq!(final_status(&mut stream).await, Code::PermissionDenied);
+
+        // Sequence 0, and a histogram out of range.
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        tx.send(telemetry(&device.device_id, 0)).await.unwrap();
+        assert_eq!(final_status(&mut stream).await, Code::InvalidArgument);
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        let mut bad = pb::TelemetryBatch {
+            sequence: 1,
+            ..Default::default()
+        };
+        bad.models.push(pb::ModelTelemetry {
+            name: "m".into(),
+            latency_us: Some(pb::LogHistogram {
+                first_bucket: 10_000,
+                counts: vec![1],
+                sum: 1,
+            }),
+            ..Default::default()
+        });
+        tx.send(pb::AgentMessage {
+            kind: Some(Upstream::Telemetry(bad)),
+        })
+        .await
+        .unwrap();
+        assert_eq!(final_status(&mut stream).await, Code::InvalidArgument);
+
+        // An oversized batch (beyond the 4 MiB message limit).
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        let huge = pb::TelemetryBatch {
+            sequence: 1,
+            events: vec![
+                pb::Event {
+                    message: "x".repeat(4000),
+                    ..Default::default()
+                };
+                2000
+            ],
+            ..Default::default()
+        };
+        tx.send(pb::AgentMessage {
+            kind: Some(Upstream::Telemetry(huge)),
+        })
+        .await
+        .unwrap();
+        let code = final_status(&mut stream).await;
+        assert!(
+            matches!(
+                code,
+                Code::ResourceExhausted | Code::OutOfRange | Code::Internal
+            ),
+            "oversized batch ended with {code:?}"
+        );
+
+        // None of it was stored; a proper batch still is, exactly once.
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        let welcome = stream.message().await.unwrap().unwrap();
+        match welcome.kind {
+            Some(Downstream::Welcome(w)) => assert_eq!(w.acked_sequence, 0),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        for _ in 0..2 {
+            tx.send(telemetry(&device.device_id, 1)).await.unwrap();
+            let ack = stream.message().await.unwrap().unwrap();
+            match ack.kind {
+                Some(Downstream::TelemetryAck(ack)) => assert_eq!(ack.sequence, 1),
+                other => panic!("expected an ack, got {other:?}"),
+            }
+        }
+        let shown = server.device(&device.device_id);
+        assert_eq!(shown["telemetry_sequence"], 1);
+        let other_shown = server.device(&other.device_id);
+        assert_eq!(other_shown["telemetry_sequence"], 0);
+        assert!(
+            server
+                .metrics()
+                .contains("edgefleet_server_telemetry_duplicate_batches_total 1")
+        );
+    });
+}
