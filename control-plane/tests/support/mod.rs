@@ -353,12 +353,36 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
-        let output = Command::new("curl")
-            .args(["-sf", &format!("{}/metrics", self.http_url)])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).to_string()
+        http(self.http_addr, "GET", "/metrics", None)
+            .map(|(_, body)| body)
+            .unwrap_or_default()
     }
+}
+
+/// A plain HTTP/1.1 request over loopback; `(status, body)`.
+pub fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&Value>,
+) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let body = json.map(Value::to_string).unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).ok()?;
+    let text = String::from_utf8_lossy(&response).to_string();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
 }
 
 /// `edgefleet-agent enroll`; returns the process output.
@@ -435,20 +459,10 @@ impl Agent {
         let body = serde_json::json!({
             "inputs": [{"name": "input", "shape": [1, 16], "datatype": "FP32", "data": data}]
         });
-        let output = Command::new("curl")
-            .args([
-                "-sf",
-                "-X",
-                "POST",
-                "-H",
-                "content-type: application/json",
-                "-d",
-                &body.to_string(),
-                &format!("http://{}/v2/models/mlp/infer", self.http_addr),
-            ])
-            .output()
-            .unwrap();
-        output.status.success()
+        matches!(
+            http(self.http_addr, "POST", "/v2/models/mlp/infer", Some(&body)),
+            Some((200, _))
+        )
     }
 }
 
