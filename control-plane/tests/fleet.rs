@@ -538,3 +538,75 @@ fn certificates_are_renewed_over_the_session_before_they_expire() {
         (server.device(&device)["status"] == "online").then_some(())
     });
 }
+
+#[test]
+fn device_health_comes_from_sysfs_a_hot_zone_and_a_low_battery() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let root = fx.root.join("fake-root");
+    for (path, text) in [
+        ("sys/class/thermal/thermal_zone0/temp", "41000\n"),
+        ("sys/class/thermal/thermal_zone1/temp", "87500\n"),
+        ("sys/class/power_supply/BAT0/type", "Battery\n"),
+        ("sys/class/power_supply/BAT0/capacity", "7\n"),
+        ("sys/class/power_supply/BAT0/status", "Discharging\n"),
+        ("sys/class/power_supply/AC/type", "Mains\n"),
+    ] {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    std::fs::create_dir_all(root.join("proc")).unwrap();
+    for name in ["meminfo", "stat", "uptime"] {
+        std::fs::copy(format!("/proc/{name}"), root.join("proc").join(name)).unwrap();
+    }
+    let _agent = Agent::run(&state, &["--sysfs-root", root.to_str().unwrap()]);
+    let health = eventually(Duration::from_secs(20), "a health sample", || {
+        let d = server.device(&device);
+        (!d["health"].is_null()).then(|| d["health"].clone())
+    });
+    assert_eq!(health["temperature_millicelsius"], 87500, "{health}");
+    assert_eq!(health["battery_percent"], 7, "{health}");
+    assert_eq!(health["charging"], false, "{health}");
+    assert!(health["memory_total_bytes"].as_u64().unwrap() > 0);
+    assert!(health["agent_rss_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn a_full_telemetry_queue_drops_the_oldest_batches_and_reports_it() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    // Room for a few batches only.
+    let _agent = Agent::run(
+        &state,
+        &[
+            "--telemetry-queue-bytes",
+            "400",
+            "--reconnect-max-delay",
+            "1s",
+        ],
+    );
+    eventually(Duration::from_secs(20), "telemetry to flow", || {
+        (telemetry_sequence(&server, &device) >= 1).then_some(())
+    });
+    server.process.kill();
+    std::thread::sleep(Duration::from_secs(12));
+    server.restart();
+    let shown = eventually(Duration::from_secs(30), "the drop to be reported", || {
+        let d = server.device(&device);
+        (d["dropped_batches_total"].as_u64().unwrap() > 0).then_some(d)
+    });
+    let dropped = shown["dropped_batches_total"].as_u64().unwrap();
+    // What was stored has gaps exactly where batches were dropped: every
+    // sequence up to the highest is either stored or counted as dropped.
+    eventually(Duration::from_secs(20), "the queue to drain", || {
+        let sequences = device_sequences(&server, &device);
+        let highest = *sequences.last().unwrap();
+        let missing = highest - sequences.len() as u64;
+        (missing == dropped).then_some(())
+    });
+}

@@ -178,6 +178,30 @@ impl Process {
         }
     }
 
+    /// Waits for a stderr line containing `needle`; fails fast, with the
+    /// output, if the process exits first.
+    pub fn wait_for_stderr(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.stderr.lines().into_iter().find(|l| l.contains(needle)) {
+                return line;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "the process exited ({status}) before printing {needle:?}; stderr:\n{}",
+                    self.stderr.text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} within {timeout:?}; stderr:\n{}",
+                self.stderr.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGKILL: no chance to flush or say goodbye.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -261,10 +285,8 @@ impl Server {
         if let Some(url) = database_url {
             command.args(["--database-url", url]);
         }
-        let process = Process::spawn(command, "server");
-        let line = process
-            .stderr
-            .wait_for("edgefleet-server listening", Duration::from_secs(60));
+        let mut process = Process::spawn(command, "server");
+        let line = process.wait_for_stderr("edgefleet-server listening", Duration::from_secs(60));
         let agent_url = field(&line, "agent");
         let api_url = field(&line, "api");
         let http_url = field(&line, "http");
@@ -434,10 +456,8 @@ impl Agent {
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(["--runtime", "tract"])
             .args(extra_args);
-        let process = Process::spawn(command, "agent");
-        let line = process
-            .stderr
-            .wait_for("edgefleet-agent listening", Duration::from_secs(60));
+        let mut process = Process::spawn(command, "agent");
+        let line = process.wait_for_stderr("edgefleet-agent listening", Duration::from_secs(60));
         Agent {
             grpc_addr: field(&line, "grpc").parse().unwrap(),
             http_addr: field(&line, "http").parse().unwrap(),
