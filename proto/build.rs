@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "inference/grpc_service.proto",
     "edgefleet/v1/agent.proto",
     "edgefleet/v1/operator.proto",
+    "edgefleet/v1/models.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
