@@ -336,6 +336,7 @@ impl HelloSource for AgentHello {
                     version: *version,
                     sha256: String::new(),
                     state: "ready".into(),
+                    ..Default::default()
                 });
             }
             for version in status.failed_versions.keys() {
@@ -344,6 +345,7 @@ impl HelloSource for AgentHello {
                     version: *version,
                     sha256: String::new(),
                     state: "failed".into(),
+                    ..Default::default()
                 });
             }
         }

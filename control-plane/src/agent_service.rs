@@ -115,6 +115,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     certificate_pem: issued.certificate_pem,
                     ca_certificate_pem: cp.ca.certificate_pem().to_string(),
                     labels: device.labels.into_iter().collect(),
+                    release_public_key: cp.registry.release_key.public_key(),
                 }))
             }
             Err(refusal) => {
@@ -127,6 +128,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 Err(Status::unauthenticated(refusal.to_string()))
             }
         }
+    }
+
+    type DownloadBlobStream = crate::registry::download::BlobStream;
+
+    async fn download_blob(
+        &self,
+        request: Request<pb::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        let device_id = authenticated_device(&request)?;
+        let stream =
+            crate::registry::download::download_blob(&self.cp, &device_id, request.into_inner())
+                .await?;
+        Ok(Response::new(stream))
     }
 
     type SessionStream = SessionStream;
@@ -198,6 +212,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 acked_sequence,
                 telemetry_interval_seconds: u32::try_from(cp.config.telemetry_interval.as_secs())
                     .unwrap_or(u32::MAX),
+                release_public_key: cp.registry.release_key.public_key(),
             })),
         };
         outbound
@@ -298,6 +313,11 @@ async fn run_session(
                         };
                         if let Err(err) = cp.store.record_hello(&device_id, &inventory, &models, &runtime, now).await {
                             tracing::warn!(device = %device_id, error = %err, "cannot record the device's models");
+                        }
+                    }
+                    Some(Upstream::Activation(report)) => {
+                        if let Err(status) = crate::rollouts::record_activation(&cp, &device_id, report).await {
+                            break Err(status);
                         }
                     }
                     Some(Upstream::CommandAck(ack)) => {

@@ -14,7 +14,8 @@ pub const MAX_HISTOGRAM_BUCKETS: usize = 256;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_MESSAGE_LEN: usize = 4_096;
 
-fn too_long(field: &str, value: &str, max: usize) -> Result<(), Status> {
+/// INVALID_ARGUMENT when `value` is longer than `max` bytes.
+pub fn too_long(field: &str, value: &str, max: usize) -> Result<(), Status> {
     if value.len() > max {
         return Err(Status::invalid_argument(format!(
             "{field} is {} bytes long; at most {max} are accepted",
@@ -99,6 +100,7 @@ pub fn model_to_pb(model: &DeviceModel) -> pb::ModelVersionRef {
         version: model.version,
         sha256: model.sha256.clone(),
         state: model.state.clone(),
+        ..Default::default()
     }
 }
 

@@ -9,6 +9,8 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod operator_service;
+pub mod registry;
+pub mod rollouts;
 pub mod server;
 pub mod sessions;
 pub mod state;

@@ -142,7 +142,9 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let metrics = ServerMetrics::new();
     let ingester = Ingester::start(Arc::clone(&store), Arc::clone(&metrics));
     let ca_fingerprint = ca.fingerprint();
+    let registry = crate::registry::Registry::open(&data_dir)?;
     let cp = Arc::new(ControlPlane {
+        registry,
         config: config.clone(),
         store,
         ca,

@@ -19,6 +19,7 @@ pub struct ControlPlane {
     pub sessions: Sessions,
     pub ingester: Ingester,
     pub metrics: Arc<ServerMetrics>,
+    pub registry: crate::registry::Registry,
 }
 
 /// Unix milliseconds now.

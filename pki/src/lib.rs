@@ -15,6 +15,7 @@ mod certs;
 mod device;
 mod error;
 mod files;
+mod signing;
 mod tls;
 mod tokens;
 mod transport;
@@ -29,6 +30,7 @@ pub use certs::{
 pub use device::{device_csr, generate_device_key};
 pub use error::{PkiError, Result, error_chain};
 pub use files::{write_private_file, write_public_file};
+pub use signing::{RELEASE_KEY_FILE, ReleaseKey, verify_model_signature};
 pub use tls::{
     ALPN_H2, CaFingerprintMismatch, PinnedCaVerifier, agent_server_tls_config,
     ca_client_tls_config, crypto_provider, mtls_client_tls_config, operator_server_tls_config,

@@ -15,7 +15,10 @@ use serde::{Deserialize, Serialize};
 
 mod common;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
+
+pub use registry::RegistryStore;
 
 /// Device and token labels, ordered so their JSON is stable.
 pub type Labels = BTreeMap<String, String>;
@@ -240,7 +243,7 @@ pub struct RollupReport {
 /// The storage interface. Every method is one transaction: it either happens
 /// entirely or not at all.
 #[async_trait::async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// "sqlite" or "postgres".
     fn kind(&self) -> &'static str;
 

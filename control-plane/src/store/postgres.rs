@@ -5,6 +5,8 @@
 //! Telemetry for a device that does not exist is skipped (reported as not
 //! stored), so one stale device cannot fail a whole group commit.
 
+mod registry;
+
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::sync::Arc;

@@ -7,6 +7,8 @@
 //! Telemetry for a device that does not exist is skipped (reported as not
 //! stored), so one stale device cannot fail a whole group commit.
 
+mod registry;
+
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;

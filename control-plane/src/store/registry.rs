@@ -1,0 +1,273 @@
+//! Storage of the model registry, rollouts and each device's desired state:
+//! the part of [`Store`](super::Store) the rollout issue added. Same rules:
+//! every method is one transaction; times are Unix milliseconds.
+
+use serde::{Deserialize, Serialize};
+
+use super::{Labels, StoreError};
+
+/// A model input or output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorInfo {
+    pub name: String,
+    /// Open Inference Protocol datatype ("FP32", …).
+    pub datatype: String,
+    /// -1 for a dynamic dimension.
+    pub shape: Vec<i64>,
+}
+
+/// A model version in the registry. Its file is the blob `sha256` in the
+/// server's blob store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub opset: i64,
+    pub inputs: Vec<TensorInfo>,
+    pub outputs: Vec<TensorInfo>,
+    pub labels: Labels,
+    pub private: bool,
+    /// Ed25519 signature of the raw SHA-256 digest.
+    pub signature: Vec<u8>,
+    /// "fleet" or "operator".
+    pub signed_by: String,
+    pub signature_public_key: Vec<u8>,
+    pub created_at: i64,
+    pub created_by: String,
+    pub estimated_memory_bytes: u64,
+}
+
+/// Why a model could not be inserted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ModelConflict {
+    #[error("{name}@{version} already exists with other content (sha256 {existing_sha256})")]
+    Exists {
+        name: String,
+        version: u64,
+        existing_sha256: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutState {
+    Pending,
+    Running,
+    Paused,
+    Succeeded,
+    Aborted,
+    RolledBack,
+}
+
+impl RolloutState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutState::Pending => "pending",
+            RolloutState::Running => "running",
+            RolloutState::Paused => "paused",
+            RolloutState::Succeeded => "succeeded",
+            RolloutState::Aborted => "aborted",
+            RolloutState::RolledBack => "rolled_back",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RolloutState> {
+        Some(match text {
+            "pending" => RolloutState::Pending,
+            "running" => RolloutState::Running,
+            "paused" => RolloutState::Paused,
+            "succeeded" => RolloutState::Succeeded,
+            "aborted" => RolloutState::Aborted,
+            "rolled_back" => RolloutState::RolledBack,
+            _ => return None,
+        })
+    }
+
+    /// Pending, running or paused: it still owns its devices for its model.
+    pub fn is_active(self) -> bool {
+        matches!(
+            self,
+            RolloutState::Pending | RolloutState::Running | RolloutState::Paused
+        )
+    }
+}
+
+/// A wave's cumulative size.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WaveSize {
+    Percent(f64),
+    Count(u32),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GateSpec {
+    pub max_error_rate: f64,
+    pub max_p95_latency_regression: f64,
+    pub max_failed_activations: u32,
+    pub max_failed_activations_percent: f64,
+    pub min_devices_reporting: u32,
+}
+
+/// How a rollout proceeds (stored as JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    pub waves: Vec<WaveSize>,
+    pub soak_ms: i64,
+    /// 0 = no limit.
+    pub max_concurrent: u32,
+    pub gates: GateSpec,
+    /// true: roll back on a failed gate; false: pause.
+    pub rollback_on_failure: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutRecord {
+    pub id: String,
+    pub model: String,
+    pub version: u64,
+    pub selector: Labels,
+    pub spec: RolloutSpec,
+    pub state: RolloutState,
+    /// 1-based while running; 0 before.
+    pub current_wave: u32,
+    /// When the current wave's last device became active (soak start); 0 if not yet.
+    pub wave_done_at: i64,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A device's part in a rollout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutDeviceRecord {
+    pub rollout_id: String,
+    pub device_id: String,
+    /// 1-based wave the device belongs to.
+    pub wave: u32,
+    /// "waiting", "updating", "active", "failed", "rolling_back", "rolled_back", "left".
+    pub state: String,
+    /// The version it served before (0: none).
+    pub previous_version: u64,
+    pub reason: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutEventRecord {
+    pub rollout_id: String,
+    pub at: i64,
+    /// "operator:<token id>" or "engine".
+    pub actor: String,
+    pub action: String,
+    pub message: String,
+}
+
+/// One model version a device should serve.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DesiredModel {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size_bytes: u64,
+    pub signature: Vec<u8>,
+    pub private: bool,
+}
+
+/// The latest activation step a device reported for a model version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActivationRecord {
+    pub device_id: String,
+    pub name: String,
+    pub version: u64,
+    /// The protobuf stage name, e.g. "ACTIVE", "FAILED".
+    pub stage: String,
+    pub reason: String,
+    pub at: i64,
+}
+
+#[async_trait::async_trait]
+pub trait RegistryStore: Send + Sync {
+    // ---- models
+    /// Inserts a model version; inserting the same name, version and digest
+    /// again is a no-op (`Ok(Ok(()))`).
+    async fn insert_model(
+        &self,
+        model: &ModelRecord,
+    ) -> Result<Result<(), ModelConflict>, StoreError>;
+    /// `version` None: the highest version of `name`.
+    async fn model(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<ModelRecord>, StoreError>;
+    /// All versions (of `name` when given), by name then version.
+    async fn models(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError>;
+    /// Deletes a model version unless an active rollout targets it or a
+    /// device's desired state names it: then `Ok(Err(reason))`. `Ok(Ok(false))`
+    /// if there was no such model.
+    async fn delete_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Result<bool, String>, StoreError>;
+    /// Whether any model version (other than deleted ones) still uses the blob.
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
+
+    // ---- rollouts
+    /// Inserts a rollout with its devices and first event, unless one of the
+    /// devices is in another active rollout of the same model: then
+    /// `Ok(Err(message naming the device and rollout))`. Atomic.
+    async fn create_rollout(
+        &self,
+        rollout: &RolloutRecord,
+        devices: &[RolloutDeviceRecord],
+        event: &RolloutEventRecord,
+    ) -> Result<Result<(), String>, StoreError>;
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
+    /// Newest first; of one model when given.
+    async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// Pending, running and paused rollouts, oldest first.
+    async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// Writes the rollout's changed fields, the given device rows (insert or
+    /// update by (rollout, device)), the desired-state changes, and the
+    /// events, in one transaction — so a crash never leaves a device
+    /// half-updated. Each desired change bumps that device's generation.
+    async fn save_rollout_step(
+        &self,
+        rollout: &RolloutRecord,
+        devices: &[RolloutDeviceRecord],
+        desired: &[DesiredChange],
+        events: &[RolloutEventRecord],
+    ) -> Result<(), StoreError>;
+    async fn rollout_devices(&self, id: &str) -> Result<Vec<RolloutDeviceRecord>, StoreError>;
+    async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError>;
+
+    // ---- desired state and activation reports
+    /// The device's desired models and generation (0 and empty if none).
+    async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError>;
+    /// Records a device's activation step (keeps the latest per device,
+    /// model and version).
+    async fn record_activation(&self, record: &ActivationRecord) -> Result<(), StoreError>;
+    /// Latest activation steps of a model version, one per device.
+    async fn activations(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Vec<ActivationRecord>, StoreError>;
+}
+
+/// A change to one device's desired state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DesiredChange {
+    /// Serve this version of the model.
+    Set {
+        device_id: String,
+        model: DesiredModel,
+    },
+    /// Stop managing this model on the device (leave what it has).
+    Clear { device_id: String, name: String },
+}
