@@ -17,6 +17,8 @@ use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
+mod rollouts;
+
 /// Where `edgefleet-server serve` listens for operators by default.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
 
@@ -27,7 +29,7 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
     about = "Operate an edgefleet control plane: join tokens, devices",
     after_help = "The admin token is printed once by the server's first start and kept in DATA_DIR/admin.token."
 )]
-struct Cli {
+pub(crate) struct Cli {
     /// The control plane's operator API: http://HOST:PORT on loopback, https://HOST:PORT elsewhere.
     #[arg(long, global = true, env = "EDGEFLEET_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
@@ -45,7 +47,7 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
@@ -58,6 +60,9 @@ enum Command {
     /// Enrolled devices.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Staged rollouts of a model version to the devices a selector picks.
+    #[command(subcommand)]
+    Rollouts(rollouts::RolloutsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +110,11 @@ fn parse_labels(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
+    Ok(OperatorServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// A channel to the server's operator API (plaintext or TLS by URL scheme).
+async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
     let timeout = Duration::from_secs(10);
     let channel = if cli.server.starts_with("https://") {
         let Some(ca_path) = &cli.ca_cert else {
@@ -129,7 +139,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
             cli.server
         );
     };
-    Ok(OperatorServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(channel)
 }
 
 fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -363,6 +373,7 @@ fn print_device_detail(device: &pb::Device) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
+        Command::Rollouts(command) => return rollouts::run(&cli, command).await,
         Command::JoinToken(JoinTokenCommand::Create {
             labels,
             expires,

@@ -25,6 +25,9 @@ const MAX_IN_FLIGHT: usize = 64;
 /// A session that sends nothing (no heartbeat, no telemetry) for this long is
 /// considered dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How often a session rereads its device's desired state (changes made on
+/// this replica are pushed at once; this catches the others').
+const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -242,10 +245,24 @@ async fn run_session(
     cp.metrics.sessions.inc();
     let mut storing = FuturesOrdered::new();
     let mut last_touch = now_ms();
+    // Desired state: sent after Welcome, then whenever its generation moves
+    // (this replica pokes the session; others are caught by the poll).
+    let mut sent_generation = None;
+    let mut desired_poll = tokio::time::interval(DESIRED_STATE_POLL);
     let reason: Result<(), Status> = loop {
         let receive = storing.len() < MAX_IN_FLIGHT;
         tokio::select! {
             _ = guard.cancel.cancelled() => break Ok(()),
+            _ = desired_poll.tick() => {
+                if !send_desired_state(&cp, &device_id, &outbound, &mut sent_generation).await {
+                    break Ok(());
+                }
+            }
+            () = guard.poke.notified() => {
+                if !send_desired_state(&cp, &device_id, &outbound, &mut sent_generation).await {
+                    break Ok(());
+                }
+            }
             Some(stored) = storing.next(), if !storing.is_empty() => {
                 match stored {
                     Ok(sequence) => {
@@ -360,6 +377,50 @@ async fn run_session(
     let _ = cp.store.touch_device(&device_id, now_ms()).await;
     cp.metrics.sessions.dec();
     drop(guard);
+}
+
+/// Sends the device's desired state if its generation differs from the one
+/// last sent. False when the session is gone.
+async fn send_desired_state(
+    cp: &ControlPlane,
+    device_id: &str,
+    outbound: &crate::sessions::Outbound,
+    sent_generation: &mut Option<u64>,
+) -> bool {
+    let (generation, models) = match cp.store.desired_state(device_id).await {
+        Ok(desired) => desired,
+        Err(err) => {
+            tracing::warn!(device = %device_id, error = %err, "cannot read the desired state");
+            return true;
+        }
+    };
+    if *sent_generation == Some(generation) {
+        return true;
+    }
+    let message = pb::ControlMessage {
+        kind: Some(Downstream::DesiredState(pb::DesiredState {
+            generation,
+            models: models
+                .into_iter()
+                .map(|m| pb::ModelVersionRef {
+                    name: m.name,
+                    version: m.version,
+                    sha256: m.sha256,
+                    state: String::new(),
+                    size_bytes: m.size_bytes,
+                    signature: m.signature,
+                    private: m.private,
+                })
+                .collect(),
+            trusted_keys: Vec::new(),
+        })),
+    };
+    if outbound.send(Ok(message)).await.is_err() {
+        return false;
+    }
+    tracing::debug!(device = %device_id, generation, "desired state sent");
+    *sent_generation = Some(generation);
+    true
 }
 
 async fn renew_certificate(

@@ -27,28 +27,34 @@ impl OperatorApi {
         OperatorApi { cp }
     }
 
-    /// The operator behind the request's bearer token.
     async fn authorize<T>(&self, request: &Request<T>) -> Result<OperatorToken, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
-        let header = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be: Bearer <token>"))?
-            .trim();
-        let found = self
-            .cp
-            .store
-            .operator_token_by_hash(&hash_secret(token))
-            .await
-            .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
-        found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+        authorize(&self.cp, request).await
     }
+}
+
+/// The operator behind a request's bearer token.
+pub async fn authorize<T>(
+    cp: &ControlPlane,
+    request: &Request<T>,
+) -> Result<OperatorToken, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+    let header = header
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization must be: Bearer <token>"))?
+        .trim();
+    let found = cp
+        .store
+        .operator_token_by_hash(&hash_secret(token))
+        .await
+        .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
+    found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
 }
 
 fn store_error(err: crate::store::StoreError) -> Status {

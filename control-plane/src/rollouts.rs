@@ -1,11 +1,34 @@
 //! Staged rollouts: the engine that moves devices through waves, judges the
-//! health gates, and rolls back; and `RolloutService`.
+//! health gates and rolls back; and `RolloutService`.
+//!
+//! Everything the engine knows is in the database (rollout, device rows,
+//! desired states, activation reports, telemetry), and each step is saved in
+//! one transaction, so a control plane restarted mid-rollout resumes where it
+//! was and never leaves a device half-updated. Steps are idempotent.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use edgefleet_proto::edgefleet::v1 as pb;
-use tonic::Status;
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
 
 use crate::state::{ControlPlane, now_ms};
-use crate::store::registry::ActivationRecord;
+use crate::store::registry::{
+    ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
+    RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
+};
+use crate::store::{DeviceStatus, Resolution};
+
+/// How often the engine looks at every active rollout.
+pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
+/// Fewest requests on each side before the latency gate compares p95s.
+const MIN_LATENCY_SAMPLES: u64 = 20;
+/// How far back the previous version's latency baseline reaches.
+const BASELINE_WINDOW_MS: i64 = 3_600_000;
 
 /// Stores an activation step a device reported (the engine reads them).
 pub async fn record_activation(
@@ -40,4 +63,891 @@ pub async fn record_activation(
         tracing::warn!(device = %device_id, error = %err, "cannot record an activation step");
     }
     Ok(())
+}
+
+fn desired_model(model: &ModelRecord) -> DesiredModel {
+    DesiredModel {
+        name: model.name.clone(),
+        version: model.version,
+        sha256: model.sha256.clone(),
+        size_bytes: model.size_bytes,
+        signature: model.signature.clone(),
+        private: model.private,
+    }
+}
+
+/// Cumulative device counts of each wave over `n` devices.
+pub fn wave_sizes(waves: &[WaveSize], n: usize) -> Vec<usize> {
+    let mut sizes: Vec<usize> = waves
+        .iter()
+        .map(|w| match *w {
+            WaveSize::Percent(p) => ((p / 100.0) * n as f64).ceil() as usize,
+            WaveSize::Count(c) => c as usize,
+        })
+        .map(|s| s.clamp(1, n.max(1)))
+        .collect();
+    // Cumulative and non-decreasing; the last wave takes everyone.
+    for i in 1..sizes.len() {
+        sizes[i] = sizes[i].max(sizes[i - 1]);
+    }
+    if let Some(last) = sizes.last_mut() {
+        *last = n;
+    }
+    sizes
+}
+
+/// Whether a model's estimated memory fits a device: at most half its RAM.
+pub fn fits_device(estimated_memory_bytes: u64, device_memory_bytes: u64) -> bool {
+    device_memory_bytes == 0 || estimated_memory_bytes <= device_memory_bytes / 2
+}
+
+fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> RolloutEventRecord {
+    RolloutEventRecord {
+        rollout_id: rollout_id.to_string(),
+        at: now_ms(),
+        actor: actor.to_string(),
+        action: action.to_string(),
+        message,
+    }
+}
+
+/// Runs the engine until shutdown.
+pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(ENGINE_INTERVAL) => {}
+        }
+        let rollouts = match cp.store.active_rollouts().await {
+            Ok(rollouts) => rollouts,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot read rollouts");
+                continue;
+            }
+        };
+        for rollout in rollouts {
+            if let Err(err) = step(&cp, rollout).await {
+                tracing::warn!(error = %format!("{err:#}"), "rollout step failed; retrying");
+            }
+        }
+    }
+}
+
+/// Pushes changed desired states to the devices' sessions on this replica
+/// (others notice within their poll interval).
+fn poke(cp: &ControlPlane, desired: &[DesiredChange]) {
+    for change in desired {
+        let device = match change {
+            DesiredChange::Set { device_id, .. } | DesiredChange::Clear { device_id, .. } => {
+                device_id
+            }
+        };
+        cp.sessions.poke(device);
+    }
+}
+
+/// Returns every touched device to the version it had before.
+async fn rollback_changes(
+    cp: &ControlPlane,
+    rollout: &RolloutRecord,
+    devices: &mut [RolloutDeviceRecord],
+    reason: &str,
+) -> anyhow::Result<Vec<DesiredChange>> {
+    let now = now_ms();
+    let mut desired = Vec::new();
+    for device in devices.iter_mut() {
+        if !matches!(device.state.as_str(), "updating" | "active" | "failed") {
+            continue;
+        }
+        let previous = if device.previous_version > 0 {
+            cp.store
+                .model(&rollout.model, Some(device.previous_version))
+                .await?
+        } else {
+            None
+        };
+        desired.push(match previous {
+            Some(previous) => DesiredChange::Set {
+                device_id: device.device_id.clone(),
+                model: desired_model(&previous),
+            },
+            None => DesiredChange::Clear {
+                device_id: device.device_id.clone(),
+                name: rollout.model.clone(),
+            },
+        });
+        device.state = "rolled_back".into();
+        device.reason = reason.to_string();
+        device.updated_at = now;
+    }
+    Ok(desired)
+}
+
+/// Telemetry of one model version on some devices since `from`:
+/// (requests, errors, latency histogram).
+async fn version_figures(
+    cp: &ControlPlane,
+    devices: &[String],
+    model: &str,
+    version: Option<u64>,
+    from: i64,
+    until: i64,
+) -> anyhow::Result<(u64, u64, pb::LogHistogram)> {
+    let mut requests = 0;
+    let mut errors = 0;
+    let mut latency = pb::LogHistogram::default();
+    for device in devices {
+        for point in cp
+            .store
+            .model_series(device, from, until, Resolution::Raw)
+            .await?
+        {
+            let version_matches = match version {
+                Some(v) => point.version == v,
+                None => true,
+            };
+            if point.name == model && version_matches {
+                requests += point.requests;
+                errors += point.errors;
+                latency.merge(&point.latency_us);
+            }
+        }
+    }
+    Ok((requests, errors, latency))
+}
+
+/// The first failed gate, as a sentence with the devices and figures.
+async fn judge_gates(
+    cp: &ControlPlane,
+    rollout: &RolloutRecord,
+    devices: &[RolloutDeviceRecord],
+) -> anyhow::Result<Option<String>> {
+    let gates: &GateSpec = &rollout.spec.gates;
+    let failed: Vec<&RolloutDeviceRecord> =
+        devices.iter().filter(|d| d.state == "failed").collect();
+    let active: Vec<String> = devices
+        .iter()
+        .filter(|d| d.state == "active")
+        .map(|d| d.device_id.clone())
+        .collect();
+    let reported = failed.len() + active.len();
+    let min_reporting = gates.min_devices_reporting.max(1) as usize;
+    let failed_list = || {
+        failed
+            .iter()
+            .map(|d| format!("{} ({})", d.device_id, d.reason))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if gates.max_failed_activations > 0 && failed.len() > gates.max_failed_activations as usize {
+        return Ok(Some(format!(
+            "failed-activations gate: {} failed activations > {} allowed, on {}",
+            failed.len(),
+            gates.max_failed_activations,
+            failed_list()
+        )));
+    }
+    if gates.max_failed_activations_percent > 0.0 && reported >= min_reporting {
+        let percent = 100.0 * failed.len() as f64 / reported as f64;
+        if percent > gates.max_failed_activations_percent {
+            return Ok(Some(format!(
+                "failed-activations gate: {percent:.1}% of {reported} devices failed > {}% allowed, on {}",
+                gates.max_failed_activations_percent,
+                failed_list()
+            )));
+        }
+    }
+    if active.len() < min_reporting {
+        return Ok(None);
+    }
+    let now = now_ms();
+    if gates.max_error_rate > 0.0 || gates.max_p95_latency_regression > 0.0 {
+        let (requests, errors, latency) = version_figures(
+            cp,
+            &active,
+            &rollout.model,
+            Some(rollout.version),
+            rollout.created_at,
+            now + 1,
+        )
+        .await?;
+        if gates.max_error_rate > 0.0 && requests > 0 {
+            let rate = errors as f64 / requests as f64;
+            if rate > gates.max_error_rate {
+                return Ok(Some(format!(
+                    "error-rate gate: {errors} errors in {requests} requests ({:.2}%) > {:.2}% allowed, on {}",
+                    rate * 100.0,
+                    gates.max_error_rate * 100.0,
+                    active.join(", ")
+                )));
+            }
+        }
+        if gates.max_p95_latency_regression > 0.0 && latency.count() >= MIN_LATENCY_SAMPLES {
+            let (_, _, baseline) = version_figures(
+                cp,
+                &active,
+                &rollout.model,
+                None,
+                rollout.created_at - BASELINE_WINDOW_MS,
+                rollout.created_at,
+            )
+            .await?;
+            if baseline.count() >= MIN_LATENCY_SAMPLES {
+                let new_p95 = latency.quantile(0.95).unwrap_or(0) as f64;
+                let old_p95 = baseline.quantile(0.95).unwrap_or(0).max(1) as f64;
+                let regression = new_p95 / old_p95 - 1.0;
+                if regression > gates.max_p95_latency_regression {
+                    return Ok(Some(format!(
+                        "latency gate: p95 {new_p95:.0} µs vs {old_p95:.0} µs before (+{:.0}%) > +{:.0}% allowed, on {}",
+                        regression * 100.0,
+                        gates.max_p95_latency_regression * 100.0,
+                        active.join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// One pass over one rollout.
+async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<()> {
+    let now = now_ms();
+    let mut events = Vec::new();
+    let mut devices = cp.store.rollout_devices(&rollout.id).await?;
+    let before = devices.clone();
+    let before_rollout = rollout.clone();
+    let mut desired = Vec::new();
+    let Some(model) = cp
+        .store
+        .model(&rollout.model, Some(rollout.version))
+        .await?
+    else {
+        anyhow::bail!("rollout {} names a missing model", rollout.id);
+    };
+
+    if rollout.state == RolloutState::Paused {
+        return Ok(());
+    }
+    if rollout.state == RolloutState::Pending {
+        rollout.state = RolloutState::Running;
+        rollout.current_wave = 1;
+        events.push(event(
+            &rollout.id,
+            "engine",
+            "started",
+            "wave 1 started".into(),
+        ));
+    }
+
+    // Activation reports move updating devices on.
+    let activations: HashMap<String, ActivationRecord> = cp
+        .store
+        .activations(&rollout.model, rollout.version)
+        .await?
+        .into_iter()
+        .map(|a| (a.device_id.clone(), a))
+        .collect();
+    for device in devices.iter_mut().filter(|d| d.state == "updating") {
+        if let Some(report) = activations.get(&device.device_id) {
+            match report.stage.as_str() {
+                "ACTIVE" => {
+                    device.state = "active".into();
+                    device.reason.clear();
+                    device.updated_at = now;
+                }
+                "FAILED" => {
+                    device.state = "failed".into();
+                    device.reason = report.reason.clone();
+                    device.updated_at = now;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    // Health gates.
+    if let Some(reason) = judge_gates(cp, &rollout, &devices).await? {
+        if rollout.spec.rollback_on_failure {
+            desired = rollback_changes(cp, &rollout, &mut devices, &reason).await?;
+            rollout.state = RolloutState::RolledBack;
+            events.push(event(&rollout.id, "engine", "rolled_back", reason.clone()));
+        } else {
+            rollout.state = RolloutState::Paused;
+            events.push(event(&rollout.id, "engine", "paused", reason.clone()));
+        }
+        rollout.reason = reason;
+    } else {
+        // Start devices of the current wave, within the concurrency limit.
+        let updating = devices.iter().filter(|d| d.state == "updating").count();
+        let limit = match rollout.spec.max_concurrent {
+            0 => usize::MAX,
+            n => n as usize,
+        };
+        let mut room = limit.saturating_sub(updating);
+        for device in devices
+            .iter_mut()
+            .filter(|d| d.state == "waiting" && d.wave <= rollout.current_wave)
+        {
+            if room == 0 {
+                break;
+            }
+            desired.push(DesiredChange::Set {
+                device_id: device.device_id.clone(),
+                model: desired_model(&model),
+            });
+            device.state = "updating".into();
+            device.updated_at = now;
+            room -= 1;
+        }
+        // A wave is done when its devices all finished; then it soaks.
+        let wave_finished = devices
+            .iter()
+            .filter(|d| d.wave <= rollout.current_wave)
+            .all(|d| matches!(d.state.as_str(), "active" | "failed" | "left"));
+        if wave_finished {
+            if rollout.wave_done_at == 0 {
+                rollout.wave_done_at = now;
+            }
+            let waves = rollout.spec.waves.len().max(1) as u32;
+            if now - rollout.wave_done_at >= rollout.spec.soak_ms {
+                if rollout.current_wave >= waves {
+                    rollout.state = RolloutState::Succeeded;
+                    events.push(event(
+                        &rollout.id,
+                        "engine",
+                        "succeeded",
+                        format!("all {waves} waves done"),
+                    ));
+                } else {
+                    rollout.current_wave += 1;
+                    rollout.wave_done_at = 0;
+                    events.push(event(
+                        &rollout.id,
+                        "engine",
+                        "wave_started",
+                        format!("wave {} started", rollout.current_wave),
+                    ));
+                }
+            }
+        }
+    }
+
+    let changed_devices: Vec<RolloutDeviceRecord> = devices
+        .into_iter()
+        .filter(|d| !before.contains(d))
+        .collect();
+    if changed_devices.is_empty() && events.is_empty() && rollout == before_rollout {
+        return Ok(());
+    }
+    rollout.updated_at = now;
+    cp.store
+        .save_rollout_step(&rollout, &changed_devices, &desired, &events)
+        .await?;
+    poke(cp, &desired);
+    Ok(())
+}
+
+// ------------------------------------------------------------------ service
+
+#[derive(Debug, Clone)]
+pub struct RolloutApi {
+    cp: Arc<ControlPlane>,
+}
+
+impl RolloutApi {
+    pub fn new(cp: Arc<ControlPlane>) -> RolloutApi {
+        RolloutApi { cp }
+    }
+}
+
+fn store_error(err: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %err, "store error");
+    Status::unavailable(format!("database error: {err}"))
+}
+
+fn spec_from_request(request: &pb::CreateRolloutRequest) -> Result<RolloutSpec, Status> {
+    let mut waves = Vec::new();
+    for wave in &request.waves {
+        waves.push(match wave.size {
+            Some(pb::wave::Size::Percent(p)) if p > 0.0 && p <= 100.0 => WaveSize::Percent(p),
+            Some(pb::wave::Size::Count(c)) if c > 0 => WaveSize::Count(c),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "each wave is a percent in (0, 100] or a count > 0",
+                ));
+            }
+        });
+    }
+    if waves.is_empty() {
+        waves.push(WaveSize::Percent(100.0));
+    }
+    let gates = request.gates.unwrap_or_default();
+    for (name, value) in [
+        ("max_error_rate", gates.max_error_rate),
+        (
+            "max_p95_latency_regression",
+            gates.max_p95_latency_regression,
+        ),
+        (
+            "max_failed_activations_percent",
+            gates.max_failed_activations_percent,
+        ),
+    ] {
+        if !value.is_finite() || value < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "{name} must be a non-negative number"
+            )));
+        }
+    }
+    if gates.max_error_rate > 1.0 {
+        return Err(Status::invalid_argument(
+            "max_error_rate is a fraction between 0 and 1",
+        ));
+    }
+    Ok(RolloutSpec {
+        waves,
+        soak_ms: i64::try_from(request.soak_seconds.saturating_mul(1000)).unwrap_or(i64::MAX),
+        max_concurrent: request.max_concurrent,
+        gates: GateSpec {
+            max_error_rate: gates.max_error_rate,
+            max_p95_latency_regression: gates.max_p95_latency_regression,
+            max_failed_activations: gates.max_failed_activations,
+            max_failed_activations_percent: gates.max_failed_activations_percent,
+            min_devices_reporting: gates.min_devices_reporting,
+        },
+        rollback_on_failure: request.on_failure() != pb::FailurePolicy::Pause,
+    })
+}
+
+fn wave_to_pb(wave: &WaveSize) -> pb::Wave {
+    pb::Wave {
+        size: Some(match *wave {
+            WaveSize::Percent(p) => pb::wave::Size::Percent(p),
+            WaveSize::Count(c) => pb::wave::Size::Count(c),
+        }),
+    }
+}
+
+fn labels_text(labels: &crate::store::Labels) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The full operator view of a rollout.
+async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
+    let devices = cp
+        .store
+        .rollout_devices(&rollout.id)
+        .await
+        .map_err(store_error)?;
+    let events = cp
+        .store
+        .rollout_events(&rollout.id)
+        .await
+        .map_err(store_error)?;
+    let mut counts = pb::RolloutDeviceCounts {
+        targeted: devices.len() as u32,
+        ..Default::default()
+    };
+    for device in &devices {
+        match device.state.as_str() {
+            "waiting" => counts.waiting += 1,
+            "updating" => counts.updating += 1,
+            "active" => counts.active += 1,
+            "failed" => counts.failed += 1,
+            "rolled_back" | "rolling_back" => counts.rolled_back += 1,
+            _ => {}
+        }
+    }
+    let gates = &rollout.spec.gates;
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
+    Ok(pb::Rollout {
+        id: rollout.id.clone(),
+        model: rollout.model.clone(),
+        version: rollout.version,
+        selector: labels_text(&rollout.selector),
+        waves: rollout.spec.waves.iter().map(wave_to_pb).collect(),
+        soak_seconds: unsigned(rollout.spec.soak_ms / 1000),
+        max_concurrent: rollout.spec.max_concurrent,
+        gates: Some(pb::Gates {
+            max_error_rate: gates.max_error_rate,
+            max_p95_latency_regression: gates.max_p95_latency_regression,
+            max_failed_activations: gates.max_failed_activations,
+            max_failed_activations_percent: gates.max_failed_activations_percent,
+            min_devices_reporting: gates.min_devices_reporting,
+        }),
+        on_failure: if rollout.spec.rollback_on_failure {
+            pb::FailurePolicy::Rollback
+        } else {
+            pb::FailurePolicy::Pause
+        } as i32,
+        state: rollout.state.as_str().to_string(),
+        current_wave: rollout.current_wave,
+        counts: Some(counts),
+        reason: rollout.reason.clone(),
+        created_by: rollout.created_by.clone(),
+        created_unix_ms: unsigned(rollout.created_at),
+        updated_unix_ms: unsigned(rollout.updated_at),
+        devices: devices
+            .iter()
+            .map(|d| pb::RolloutDevice {
+                device_id: d.device_id.clone(),
+                wave: d.wave,
+                state: d.state.clone(),
+                previous_version: d.previous_version,
+                reason: d.reason.clone(),
+                updated_unix_ms: unsigned(d.updated_at),
+            })
+            .collect(),
+        events: events
+            .iter()
+            .map(|e| pb::RolloutEvent {
+                unix_ms: unsigned(e.at),
+                actor: e.actor.clone(),
+                action: e.action.clone(),
+                message: e.message.clone(),
+            })
+            .collect(),
+    })
+}
+
+impl RolloutApi {
+    async fn load(&self, id: &str) -> Result<RolloutRecord, Status> {
+        self.cp
+            .store
+            .rollout(id)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Status::not_found(format!("no rollout {id:?}")))
+    }
+
+    /// Applies an operator action to a rollout in an allowed state.
+    async fn act(
+        &self,
+        request: Request<pb::RolloutRef>,
+        action: &str,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let operator = crate::operator_service::authorize(&self.cp, &request).await?;
+        let actor = format!("operator:{}", operator.id);
+        let mut rollout = self.load(&request.get_ref().id).await?;
+        let mut devices = Vec::new();
+        let mut desired = Vec::new();
+        let from = rollout.state;
+        let allowed = match action {
+            "pause" => matches!(from, RolloutState::Pending | RolloutState::Running),
+            "resume" => from == RolloutState::Paused,
+            "abort" | "rollback" => from.is_active(),
+            _ => false,
+        };
+        if !allowed {
+            return Err(Status::failed_precondition(format!(
+                "cannot {action} rollout {} while it is {}",
+                rollout.id,
+                from.as_str()
+            )));
+        }
+        match action {
+            "pause" => rollout.state = RolloutState::Paused,
+            "resume" => {
+                rollout.state = RolloutState::Running;
+                rollout.reason.clear();
+                if rollout.current_wave == 0 {
+                    rollout.current_wave = 1;
+                }
+            }
+            "abort" => rollout.state = RolloutState::Aborted,
+            _ => {
+                devices = self
+                    .cp
+                    .store
+                    .rollout_devices(&rollout.id)
+                    .await
+                    .map_err(store_error)?;
+                let reason = format!("rolled back by {actor}");
+                desired = rollback_changes(&self.cp, &rollout, &mut devices, &reason)
+                    .await
+                    .map_err(store_error)?;
+                rollout.state = RolloutState::RolledBack;
+                rollout.reason = reason;
+            }
+        }
+        rollout.updated_at = now_ms();
+        let events = [event(
+            &rollout.id,
+            &actor,
+            action,
+            format!("{} → {}", from.as_str(), rollout.state.as_str()),
+        )];
+        self.cp
+            .store
+            .save_rollout_step(&rollout, &devices, &desired, &events)
+            .await
+            .map_err(store_error)?;
+        poke(&self.cp, &desired);
+        tracing::info!(rollout = %rollout.id, %actor, action, "rollout action");
+        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Rollout, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::rollout_service_server::RolloutService for RolloutApi {
+    async fn create_rollout(
+        &self,
+        request: Request<pb::CreateRolloutRequest>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        let operator = crate::operator_service::authorize(&self.cp, &request).await?;
+        let request = request.into_inner();
+        let spec = spec_from_request(&request)?;
+        let selector =
+            crate::convert::parse_labels(&request.selector).map_err(Status::invalid_argument)?;
+        let version = (request.version > 0).then_some(request.version);
+        let model = self
+            .cp
+            .store
+            .model(&request.model, version)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "no model {}{}",
+                    request.model,
+                    version.map(|v| format!("@{v}")).unwrap_or_default()
+                ))
+            })?;
+        let candidates = self
+            .cp
+            .store
+            .devices(&selector)
+            .await
+            .map_err(store_error)?;
+        let mut too_small = Vec::new();
+        let mut targeted = Vec::new();
+        for device in candidates {
+            if device.status == DeviceStatus::Revoked {
+                continue;
+            }
+            if !fits_device(model.estimated_memory_bytes, device.inventory.memory_bytes) {
+                too_small.push(device.id.clone());
+                continue;
+            }
+            targeted.push(device);
+        }
+        if targeted.is_empty() {
+            return Err(Status::failed_precondition(if too_small.is_empty() {
+                format!("no device matches the selector {:?}", request.selector)
+            } else {
+                format!(
+                    "the model does not fit the memory of any matching device ({})",
+                    too_small.join(", ")
+                )
+            }));
+        }
+        let now = now_ms();
+        let id = format!("ro-{}", hex::encode(rand::random::<[u8; 6]>()));
+        let sizes = wave_sizes(&spec.waves, targeted.len());
+        let devices: Vec<RolloutDeviceRecord> = targeted
+            .iter()
+            .enumerate()
+            .map(|(i, device)| {
+                let wave = sizes.iter().position(|&size| i < size).unwrap_or(0) as u32 + 1;
+                let previous_version = device
+                    .models
+                    .iter()
+                    .filter(|m| m.name == model.name && m.state == "ready")
+                    .map(|m| m.version)
+                    .max()
+                    .unwrap_or(0);
+                RolloutDeviceRecord {
+                    rollout_id: id.clone(),
+                    device_id: device.id.clone(),
+                    wave,
+                    state: "waiting".into(),
+                    previous_version,
+                    reason: String::new(),
+                    updated_at: now,
+                }
+            })
+            .collect();
+        let rollout = RolloutRecord {
+            id: id.clone(),
+            model: model.name.clone(),
+            version: model.version,
+            selector,
+            spec,
+            state: RolloutState::Pending,
+            current_wave: 0,
+            wave_done_at: 0,
+            reason: String::new(),
+            created_by: format!("operator:{}", operator.id),
+            created_at: now,
+            updated_at: now,
+        };
+        let mut message = format!(
+            "{}@{} to {} devices in {} waves",
+            model.name,
+            model.version,
+            devices.len(),
+            rollout.spec.waves.len()
+        );
+        if !too_small.is_empty() {
+            message.push_str(&format!(
+                "; skipped (model does not fit their memory): {}",
+                too_small.join(", ")
+            ));
+        }
+        let created = event(&id, &rollout.created_by, "created", message);
+        self.cp
+            .store
+            .create_rollout(&rollout, &devices, &created)
+            .await
+            .map_err(store_error)?
+            .map_err(Status::failed_precondition)?;
+        tracing::info!(rollout = %id, model = %model.name, version = model.version, devices = devices.len(), "rollout created");
+        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+    }
+
+    async fn get_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        crate::operator_service::authorize(&self.cp, &request).await?;
+        let rollout = self.load(&request.get_ref().id).await?;
+        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+    }
+
+    async fn list_rollouts(
+        &self,
+        request: Request<pb::ListRolloutsRequest>,
+    ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
+        crate::operator_service::authorize(&self.cp, &request).await?;
+        let model = request.get_ref().model.clone();
+        let rollouts = self
+            .cp
+            .store
+            .rollouts((!model.is_empty()).then_some(model.as_str()))
+            .await
+            .map_err(store_error)?;
+        let mut views = Vec::new();
+        for rollout in &rollouts {
+            let mut view = rollout_view(&self.cp, rollout).await?;
+            view.devices.clear();
+            view.events.clear();
+            views.push(view);
+        }
+        Ok(Response::new(pb::ListRolloutsResponse { rollouts: views }))
+    }
+
+    async fn pause_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.act(request, "pause").await
+    }
+
+    async fn resume_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.act(request, "resume").await
+    }
+
+    async fn abort_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.act(request, "abort").await
+    }
+
+    async fn rollback_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.act(request, "rollback").await
+    }
+
+    type WatchRolloutStream = WatchStream;
+
+    async fn watch_rollout(
+        &self,
+        request: Request<pb::RolloutRef>,
+    ) -> Result<Response<WatchStream>, Status> {
+        crate::operator_service::authorize(&self.cp, &request).await?;
+        let first = self.load(&request.get_ref().id).await?;
+        let cp = Arc::clone(&self.cp);
+        let (sender, receiver) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last: Option<pb::Rollout> = None;
+            let mut rollout = first;
+            loop {
+                let view = match rollout_view(&cp, &rollout).await {
+                    Ok(view) => view,
+                    Err(status) => {
+                        let _ = sender.send(Err(status)).await;
+                        return;
+                    }
+                };
+                let changed = last.as_ref() != Some(&view);
+                if changed {
+                    if sender.send(Ok(view.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(view);
+                }
+                if !rollout.state.is_active() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                rollout = match cp.store.rollout(&rollout.id).await {
+                    Ok(Some(rollout)) => rollout,
+                    Ok(None) => {
+                        let _ = sender
+                            .send(Err(Status::not_found("the rollout is gone")))
+                            .await;
+                        return;
+                    }
+                    Err(err) => {
+                        let _ = sender.send(Err(store_error(err))).await;
+                        return;
+                    }
+                };
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waves_are_cumulative_and_end_with_everyone() {
+        let waves = [
+            WaveSize::Percent(1.0),
+            WaveSize::Percent(10.0),
+            WaveSize::Percent(50.0),
+            WaveSize::Percent(100.0),
+        ];
+        assert_eq!(wave_sizes(&waves, 20), vec![1, 2, 10, 20]);
+        assert_eq!(wave_sizes(&waves, 1000), vec![10, 100, 500, 1000]);
+        let counts = [WaveSize::Count(2), WaveSize::Count(5)];
+        assert_eq!(wave_sizes(&counts, 20), vec![2, 20]);
+        assert_eq!(wave_sizes(&counts, 3), vec![2, 3]);
+        assert_eq!(wave_sizes(&[WaveSize::Percent(50.0)], 3), vec![3]);
+    }
+
+    #[test]
+    fn models_fit_half_of_device_memory() {
+        assert!(fits_device(100, 200));
+        assert!(!fits_device(101, 200));
+        assert!(fits_device(1 << 40, 0), "unknown memory is not refused");
+    }
 }

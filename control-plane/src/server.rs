@@ -9,6 +9,7 @@ use anyhow::Context;
 use edgefleet_pki::CertificateAuthority;
 use edgefleet_proto::edgefleet::v1::agent_service_server::AgentServiceServer;
 use edgefleet_proto::edgefleet::v1::operator_service_server::OperatorServiceServer;
+use edgefleet_proto::edgefleet::v1::rollout_service_server::RolloutServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,7 @@ use crate::config::ServerConfig;
 use crate::ingest::Ingester;
 use crate::metrics::ServerMetrics;
 use crate::operator_service::OperatorApi;
+use crate::rollouts::RolloutApi;
 use crate::sessions::Sessions;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::OperatorToken;
@@ -185,7 +187,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .add_service(reflection()?)
         .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(
             &cp,
-        ))));
+        ))))
+        .add_service(RolloutServiceServer::new(RolloutApi::new(Arc::clone(&cp))));
     let stop = shutdown.clone();
     if api_addr.ip().is_loopback() {
         let incoming = tonic::transport::server::TcpIncoming::from(api_listener);
@@ -229,6 +232,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(roll_up(Arc::clone(&cp), shutdown.clone())));
+    tasks.push(tokio::spawn(crate::rollouts::run_engine(
+        Arc::clone(&cp),
+        shutdown.clone(),
+    )));
 
     let api_scheme = if api_addr.ip().is_loopback() {
         "http"

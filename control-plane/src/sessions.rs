@@ -3,11 +3,11 @@
 //! ends its session with PERMISSION_DENIED.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use edgefleet_proto::edgefleet::v1::ControlMessage;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -19,6 +19,7 @@ struct Entry {
     id: u64,
     outbound: Outbound,
     cancel: CancellationToken,
+    poke: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -34,6 +35,8 @@ pub struct SessionGuard<'a> {
     device_id: String,
     id: u64,
     pub cancel: CancellationToken,
+    /// Woken when the device's desired state changed.
+    pub poke: Arc<Notify>,
 }
 
 impl Drop for SessionGuard<'_> {
@@ -50,12 +53,14 @@ impl Sessions {
     pub fn register(&self, device_id: &str, outbound: Outbound) -> SessionGuard<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
+        let poke = Arc::new(Notify::new());
         let previous = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             device_id.to_string(),
             Entry {
                 id,
                 outbound,
                 cancel: cancel.clone(),
+                poke: Arc::clone(&poke),
             },
         );
         if let Some(previous) = previous {
@@ -69,6 +74,20 @@ impl Sessions {
             device_id: device_id.to_string(),
             id,
             cancel,
+            poke,
+        }
+    }
+
+    /// Tells the device's session (if this replica holds it) to resend its
+    /// desired state.
+    pub fn poke(&self, device_id: &str) {
+        if let Some(entry) = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(device_id)
+        {
+            entry.poke.notify_one();
         }
     }
 
