@@ -349,7 +349,12 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         .map(|a| (a.device_id.clone(), a))
         .collect();
     for device in devices.iter_mut().filter(|d| d.state == "updating") {
-        if let Some(report) = activations.get(&device.device_id) {
+        // Only reports made since this rollout asked the device to update
+        // count (an earlier rollout of the same version may have left one).
+        if let Some(report) = activations
+            .get(&device.device_id)
+            .filter(|report| report.at >= device.updated_at)
+        {
             match report.stage.as_str() {
                 "ACTIVE" => {
                     device.state = "active".into();

@@ -448,13 +448,19 @@ pub struct Agent {
 
 impl Agent {
     pub fn run(state_dir: &Path, extra_args: &[&str]) -> Agent {
+        let mut args = vec!["--runtime", "tract"];
+        args.extend(extra_args);
+        Agent::run_with(state_dir, &args)
+    }
+
+    /// Like `run`, but the caller picks every flag (e.g. the runtime).
+    pub fn run_with(state_dir: &Path, extra_args: &[&str]) -> Agent {
         let mut command = Command::new(binary("edgefleet-agent"));
         command
             .arg("run")
             .arg("--state-dir")
             .arg(state_dir)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(["--runtime", "tract"])
             .args(extra_args);
         let mut process = Process::spawn(command, "agent");
         let line = process.wait_for_stderr("edgefleet-agent listening", Duration::from_secs(60));
@@ -470,7 +476,25 @@ impl Agent {
     pub fn restart(&mut self) {
         self.process.kill();
         let extra: Vec<&str> = self.extra_args.iter().map(String::as_str).collect();
-        *self = Agent::run(&self.state_dir, &extra);
+        *self = Agent::run_with(&self.state_dir, &extra);
+    }
+
+    /// The versions of a model the agent serves (from its HTTP metadata).
+    pub fn served_versions(&self, model: &str) -> Vec<u64> {
+        match http(self.http_addr, "GET", &format!("/v2/models/{model}"), None) {
+            Some((200, body)) => serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    v["versions"].as_array().map(|versions| {
+                        versions
+                            .iter()
+                            .filter_map(|x| x.as_str().and_then(|s| s.parse().ok()))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        }
     }
 
     /// One inference over HTTP on the `mlp` fixture; true if it succeeded.
