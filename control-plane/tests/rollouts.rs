@@ -352,3 +352,26 @@ fn the_registry_rejects_what_is_not_onnx() {
         stderr(&missing)
     );
 }
+
+#[test]
+fn a_python_script_creates_and_watches_a_rollout() {
+    let fleet = fleet(Db::Sqlite, &["tract"]);
+    push(&fleet.server, &fixture("mlp"), "mlp", 1);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rollout.py");
+    let output = std::process::Command::new("python3")
+        .arg(script)
+        .args(["--server", &fleet.server.api_addr.to_string()])
+        .args(["--model", "mlp@1", "--selector", "region=eu", "--waves", "100%"])
+        .env("EDGEFLEET_TOKEN", fleet.server.admin_token())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "rollout.py failed: {stdout}\n{}",
+        stderr(&output)
+    );
+    assert!(stdout.contains("created ro-"), "{stdout}");
+    assert!(stdout.lines().last().unwrap().starts_with("succeeded"), "{stdout}");
+    assert!(fleet.agents[0].infer_mlp());
+}
