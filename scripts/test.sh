@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 
 ORT_DYLIB_PATH="$(scripts/fetch-onnxruntime.sh)"
 export ORT_DYLIB_PATH
-# The storage and fleet tests run on SQLite files and on this PostgreSQL
-# (each test in a fresh schema it drops afterwards).
 # The Python rollout client's test needs grpcio (scripts/requirements-client.txt).
 python3 -c 'import grpc, grpc_tools' 2>/dev/null ||
   python3 -m pip install --quiet -r scripts/requirements-client.txt
+# The storage and fleet tests run on SQLite files and on this PostgreSQL
+# (each test in a fresh schema it drops afterwards).
 export EDGEFLEET_TEST_POSTGRES_URL="${EDGEFLEET_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/test}"
 if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
