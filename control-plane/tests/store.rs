@@ -1248,3 +1248,812 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
         Err(StoreError::Corrupt(_))
     ));
 }
+
+// ---------------------------------------------------------------- registry
+
+/// The model registry, rollouts and desired state (`RegistryStore`), on both
+/// backends.
+mod registry {
+    use super::*;
+    use edgefleet_control_plane::store::registry::{
+        ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelConflict, ModelRecord,
+        RolloutDeviceRecord, RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState,
+        TensorInfo, WaveSize,
+    };
+
+    suite!(
+        models_roundtrip,
+        delete_model_refused_while_in_use,
+        rollout_create_and_conflict,
+        concurrent_rollout_creates_one_wins,
+        rollout_listing_order,
+        save_rollout_step_applies_everything,
+        failed_rollout_step_changes_nothing,
+        desired_state_sorted_with_generation,
+        activations_keep_the_latest_per_device,
+        rollout_events_keep_insertion_order,
+        rollout_state_and_spec_round_trip,
+        corrupt_registry_rows_are_errors,
+    );
+
+    // ------------------------------------------------------------ helpers
+
+    fn model(name: &str, version: u64, sha256: &str) -> ModelRecord {
+        ModelRecord {
+            name: name.into(),
+            version,
+            sha256: sha256.into(),
+            size_bytes: 1_000 + version,
+            opset: 17,
+            inputs: vec![TensorInfo {
+                name: "input".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, 3, 224, 224],
+            }],
+            outputs: vec![TensorInfo {
+                name: "logits".into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, 1000],
+            }],
+            labels: labels(&[("task", "classify")]),
+            private: version.is_multiple_of(2),
+            signature: vec![1, 2, 3, version as u8, 0, 255],
+            signed_by: "fleet".into(),
+            signature_public_key: vec![9; 32],
+            created_at: T0 + version as i64,
+            created_by: "operator:op1".into(),
+            estimated_memory_bytes: u64::MAX - version,
+        }
+    }
+
+    fn spec() -> RolloutSpec {
+        RolloutSpec {
+            waves: vec![
+                WaveSize::Count(1),
+                WaveSize::Percent(25.5),
+                WaveSize::Percent(100.0),
+            ],
+            soak_ms: 60_000,
+            max_concurrent: 3,
+            gates: GateSpec {
+                max_error_rate: 0.05,
+                max_p95_latency_regression: 1.25,
+                max_failed_activations: 2,
+                max_failed_activations_percent: 10.0,
+                min_devices_reporting: 1,
+            },
+            rollback_on_failure: true,
+        }
+    }
+
+    fn rollout(id: &str, model: &str, version: u64, created_at: i64) -> RolloutRecord {
+        RolloutRecord {
+            id: id.into(),
+            model: model.into(),
+            version,
+            selector: labels(&[("site", "berlin")]),
+            spec: spec(),
+            state: RolloutState::Pending,
+            current_wave: 0,
+            wave_done_at: 0,
+            reason: String::new(),
+            created_by: "operator:op1".into(),
+            created_at,
+            updated_at: created_at,
+        }
+    }
+
+    fn member(rollout_id: &str, device_id: &str, wave: u32) -> RolloutDeviceRecord {
+        RolloutDeviceRecord {
+            rollout_id: rollout_id.into(),
+            device_id: device_id.into(),
+            wave,
+            state: "waiting".into(),
+            previous_version: 1,
+            reason: String::new(),
+            updated_at: T0,
+        }
+    }
+
+    fn members(rollout_id: &str, device_ids: &[&str]) -> Vec<RolloutDeviceRecord> {
+        device_ids
+            .iter()
+            .enumerate()
+            .map(|(i, d)| member(rollout_id, d, i as u32 + 1))
+            .collect()
+    }
+
+    fn event(rollout_id: &str, at: i64, action: &str) -> RolloutEventRecord {
+        RolloutEventRecord {
+            rollout_id: rollout_id.into(),
+            at,
+            actor: "engine".into(),
+            action: action.into(),
+            message: format!("{action} at {at}"),
+        }
+    }
+
+    fn desired(name: &str, version: u64) -> DesiredModel {
+        DesiredModel {
+            name: name.into(),
+            version,
+            sha256: format!("sha-{name}-{version}"),
+            size_bytes: 4096 + version,
+            signature: vec![7, version as u8],
+            private: version == 2,
+        }
+    }
+
+    fn set(device_id: &str, name: &str, version: u64) -> DesiredChange {
+        DesiredChange::Set {
+            device_id: device_id.into(),
+            model: desired(name, version),
+        }
+    }
+
+    fn clear(device_id: &str, name: &str) -> DesiredChange {
+        DesiredChange::Clear {
+            device_id: device_id.into(),
+            name: name.into(),
+        }
+    }
+
+    async fn create(db: &Db, r: &RolloutRecord, devices: &[&str]) -> Result<(), String> {
+        db.store
+            .create_rollout(
+                r,
+                &members(&r.id, devices),
+                &event(&r.id, r.created_at, "created"),
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Saves a step changing only the rollout's state.
+    async fn set_state(db: &Db, r: &mut RolloutRecord, state: RolloutState) {
+        r.state = state;
+        r.updated_at += 1;
+        db.store.save_rollout_step(r, &[], &[], &[]).await.unwrap();
+    }
+
+    async fn generation(db: &Db, device: &str) -> u64 {
+        db.store.desired_state(device).await.unwrap().0
+    }
+
+    // ------------------------------------------------------------ tests
+
+    async fn models_roundtrip(db: &Db) {
+        assert_eq!(db.store.model("resnet", None).await.unwrap(), None);
+        assert!(db.store.models(None).await.unwrap().is_empty());
+        let v1 = model("resnet", 1, "aaa");
+        let v2 = model("resnet", 2, "bbb");
+        let v10 = model("resnet", 10, "ccc");
+        let other = model("bert", 3, "ddd");
+        for m in [&v2, &v10, &other, &v1] {
+            assert_eq!(db.store.insert_model(m).await.unwrap(), Ok(()));
+        }
+        assert_eq!(
+            db.store.model("resnet", Some(2)).await.unwrap(),
+            Some(v2.clone())
+        );
+        assert_eq!(db.store.model("resnet", Some(3)).await.unwrap(), None);
+        // Latest is the numerically highest version (10 > 2).
+        assert_eq!(
+            db.store.model("resnet", None).await.unwrap(),
+            Some(v10.clone())
+        );
+        assert_eq!(
+            db.store.model("bert", None).await.unwrap(),
+            Some(other.clone())
+        );
+        assert_eq!(
+            db.store.models(None).await.unwrap(),
+            [other.clone(), v1.clone(), v2.clone(), v10.clone()]
+        );
+        assert_eq!(
+            db.store.models(Some("resnet")).await.unwrap(),
+            [v1.clone(), v2.clone(), v10.clone()]
+        );
+        assert!(db.store.models(Some("nope")).await.unwrap().is_empty());
+
+        // The same name, version and digest again: a no-op, even with other
+        // metadata (the first insert wins).
+        let mut again = v2.clone();
+        again.created_by = "operator:someone-else".into();
+        assert_eq!(db.store.insert_model(&again).await.unwrap(), Ok(()));
+        assert_eq!(db.store.model("resnet", Some(2)).await.unwrap(), Some(v2));
+        // Another digest: refused, naming the stored one.
+        let conflict = model("resnet", 2, "zzz");
+        assert_eq!(
+            db.store.insert_model(&conflict).await.unwrap(),
+            Err(ModelConflict::Exists {
+                name: "resnet".into(),
+                version: 2,
+                existing_sha256: "bbb".into(),
+            })
+        );
+        assert_eq!(db.store.models(Some("resnet")).await.unwrap().len(), 3);
+    }
+
+    async fn delete_model_refused_while_in_use(db: &Db) {
+        db.store
+            .insert_model(&model("m", 1, "blob1"))
+            .await
+            .unwrap()
+            .unwrap();
+        db.store
+            .insert_model(&model("m", 2, "blob2"))
+            .await
+            .unwrap()
+            .unwrap();
+        // Another model sharing blob2.
+        db.store
+            .insert_model(&model("copy", 1, "blob2"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(db.store.blob_referenced("blob1").await.unwrap());
+        assert!(!db.store.blob_referenced("blob9").await.unwrap());
+
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        let refused = db.store.delete_model("m", 2).await.unwrap().unwrap_err();
+        assert!(refused.contains("r1"), "{refused}");
+        // Other versions are free.
+        assert_eq!(db.store.delete_model("m", 1).await.unwrap(), Ok(true));
+        assert!(!db.store.blob_referenced("blob1").await.unwrap());
+        assert_eq!(db.store.delete_model("m", 1).await.unwrap(), Ok(false));
+
+        // Paused still holds it.
+        set_state(db, &mut r, RolloutState::Paused).await;
+        assert!(db.store.delete_model("m", 2).await.unwrap().is_err());
+
+        // The rollout ends but device a's desired state still names m@2.
+        r.state = RolloutState::Succeeded;
+        db.store
+            .save_rollout_step(&r, &[], &[set("a", "m", 2)], &[])
+            .await
+            .unwrap();
+        let refused = db.store.delete_model("m", 2).await.unwrap().unwrap_err();
+        assert!(refused.contains("device a"), "{refused}");
+        assert!(db.store.model("m", Some(2)).await.unwrap().is_some());
+
+        // Desired state moved elsewhere: allowed.
+        db.store
+            .save_rollout_step(&r, &[], &[clear("a", "m")], &[])
+            .await
+            .unwrap();
+        assert_eq!(db.store.delete_model("m", 2).await.unwrap(), Ok(true));
+        assert_eq!(db.store.model("m", Some(2)).await.unwrap(), None);
+        assert_eq!(db.store.model("m", None).await.unwrap(), None);
+        // blob2 is still used by copy@1, then by nothing.
+        assert!(db.store.blob_referenced("blob2").await.unwrap());
+        assert_eq!(db.store.delete_model("copy", 1).await.unwrap(), Ok(true));
+        assert!(!db.store.blob_referenced("blob2").await.unwrap());
+        assert_eq!(db.store.delete_model("never", 1).await.unwrap(), Ok(false));
+    }
+
+    async fn rollout_create_and_conflict(db: &Db) {
+        assert_eq!(db.store.rollout("r1").await.unwrap(), None);
+        let mut r1 = rollout("r1", "m", 2, T0);
+        create(db, &r1, &["a", "b"]).await.unwrap();
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r1.clone()));
+        assert_eq!(
+            db.store.rollout_devices("r1").await.unwrap(),
+            members("r1", &["a", "b"])
+        );
+        assert_eq!(
+            db.store.rollout_events("r1").await.unwrap(),
+            [event("r1", T0, "created")]
+        );
+
+        // Overlapping devices, same model: refused, nothing stored.
+        let r2 = rollout("r2", "m", 3, T0 + 1);
+        assert_eq!(
+            create(db, &r2, &["c", "b"]).await,
+            Err("device b is already in rollout r1 of model m".to_string())
+        );
+        assert_eq!(db.store.rollout("r2").await.unwrap(), None);
+        assert!(db.store.rollout_devices("r2").await.unwrap().is_empty());
+        assert!(db.store.rollout_events("r2").await.unwrap().is_empty());
+
+        // The same devices for another model are fine, and so are other devices.
+        create(db, &rollout("other", "n", 1, T0 + 2), &["a", "b"])
+            .await
+            .unwrap();
+        create(db, &rollout("r3", "m", 3, T0 + 3), &["c"])
+            .await
+            .unwrap();
+        assert!(
+            create(db, &rollout("r4", "m", 3, T0 + 4), &["c"])
+                .await
+                .is_err()
+        );
+
+        // Running and paused still own their devices; ended rollouts do not.
+        for (state, refused) in [
+            (RolloutState::Running, true),
+            (RolloutState::Paused, true),
+            (RolloutState::Succeeded, false),
+            (RolloutState::Aborted, false),
+            (RolloutState::RolledBack, false),
+        ] {
+            set_state(db, &mut r1, state).await;
+            assert_eq!(
+                create(db, &rollout("r5", "m", 3, T0 + 5), &["b"])
+                    .await
+                    .is_err(),
+                refused,
+                "{state:?}"
+            );
+            if !refused {
+                // Clean up for the next state.
+                let mut r5 = db.store.rollout("r5").await.unwrap().unwrap();
+                set_state(db, &mut r5, RolloutState::Aborted).await;
+                db.raw("DELETE FROM rollouts WHERE id = 'r5'").await;
+            }
+        }
+    }
+
+    async fn concurrent_rollout_creates_one_wins(db: &Db) {
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let store = db.store.clone();
+            tasks.push(tokio::spawn(async move {
+                let id = format!("r{i}");
+                // Each set overlaps every other one only in "shared".
+                let devices = [
+                    member(&id, &format!("own-{i}"), 1),
+                    member(&id, "shared", 1),
+                    member(&id, &format!("own-{i}-b"), 2),
+                ];
+                store
+                    .create_rollout(
+                        &rollout(&id, "m", 2, T0 + i),
+                        &devices,
+                        &event(&id, T0 + i, "created"),
+                    )
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut won = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Ok(()) => won.push(format!("r{i}")),
+                Err(message) => assert!(
+                    message.starts_with("device shared is already in rollout r"),
+                    "{message}"
+                ),
+            }
+        }
+        assert_eq!(won.len(), 1, "winners: {won:?}");
+        let active = db.store.active_rollouts().await.unwrap();
+        assert_eq!(active.len(), 1);
+        assert_eq!(active[0].id, won[0]);
+        assert_eq!(db.store.rollouts(Some("m")).await.unwrap().len(), 1);
+        assert_eq!(db.store.rollout_devices(&won[0]).await.unwrap().len(), 3);
+    }
+
+    async fn rollout_listing_order(db: &Db) {
+        let mut old = rollout("old", "m", 1, T0);
+        let mid = rollout("mid", "n", 1, T0 + 10);
+        let new = rollout("new", "m", 2, T0 + 20);
+        // Inserted out of time order.
+        create(db, &new, &["a"]).await.unwrap();
+        create(db, &old, &["b"]).await.unwrap();
+        create(db, &mid, &["c"]).await.unwrap();
+        let ids = |rs: Vec<RolloutRecord>| rs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(db.store.rollouts(None).await.unwrap()),
+            ["new", "mid", "old"]
+        );
+        assert_eq!(
+            ids(db.store.rollouts(Some("m")).await.unwrap()),
+            ["new", "old"]
+        );
+        assert!(db.store.rollouts(Some("zzz")).await.unwrap().is_empty());
+        assert_eq!(
+            ids(db.store.active_rollouts().await.unwrap()),
+            ["old", "mid", "new"]
+        );
+        set_state(db, &mut old, RolloutState::Succeeded).await;
+        assert_eq!(
+            ids(db.store.active_rollouts().await.unwrap()),
+            ["mid", "new"]
+        );
+        assert_eq!(
+            ids(db.store.rollouts(Some("m")).await.unwrap()),
+            ["new", "old"]
+        );
+    }
+
+    async fn save_rollout_step_applies_everything(db: &Db) {
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b", "c"]).await.unwrap();
+        // Device c already serves m@1 and n@1 through earlier steps.
+        db.store
+            .save_rollout_step(&r, &[], &[set("c", "m", 1), set("c", "n", 1)], &[])
+            .await
+            .unwrap();
+        assert_eq!(generation(db, "c").await, 1);
+
+        r.state = RolloutState::Running;
+        r.current_wave = 1;
+        r.wave_done_at = T0 + 500;
+        r.reason = "wave 1".into();
+        r.updated_at = T0 + 1_000;
+        let mut a = member("r1", "a", 1);
+        a.state = "updating".into();
+        a.previous_version = 7;
+        a.reason = "sent".into();
+        a.updated_at = T0 + 1_000;
+        let mut d = member("r1", "d", 3);
+        d.state = "active".into();
+        let events = [
+            event("r1", T0 + 1_000, "wave_started"),
+            event("r1", T0 + 1_000, "device_updating"),
+        ];
+        db.store
+            .save_rollout_step(
+                &r,
+                &[a.clone(), d.clone()],
+                &[
+                    set("a", "m", 2),
+                    // Two changes to a in one call: one bump.
+                    set("a", "n", 5),
+                    set("b", "m", 2),
+                    clear("c", "m"),
+                ],
+                &events,
+            )
+            .await
+            .unwrap();
+
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r.clone()));
+        let mut expected = members("r1", &["a", "b", "c"]);
+        expected[0] = a;
+        expected.push(d);
+        assert_eq!(db.store.rollout_devices("r1").await.unwrap(), expected);
+        assert_eq!(
+            db.store.desired_state("a").await.unwrap(),
+            (1, vec![desired("m", 2), desired("n", 5)])
+        );
+        assert_eq!(
+            db.store.desired_state("b").await.unwrap(),
+            (1, vec![desired("m", 2)])
+        );
+        // c: m cleared, n left alone; bumped once more.
+        assert_eq!(
+            db.store.desired_state("c").await.unwrap(),
+            (2, vec![desired("n", 1)])
+        );
+        // d got a device row but no desired change: no generation.
+        assert_eq!(db.store.desired_state("d").await.unwrap(), (0, vec![]));
+        let mut all_events = vec![event("r1", T0, "created")];
+        all_events.extend(events);
+        assert_eq!(db.store.rollout_events("r1").await.unwrap(), all_events);
+
+        // A step without desired changes bumps nothing; replacing a version
+        // bumps again.
+        db.store.save_rollout_step(&r, &[], &[], &[]).await.unwrap();
+        assert_eq!(generation(db, "a").await, 1);
+        db.store
+            .save_rollout_step(&r, &[], &[set("a", "m", 3)], &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            db.store.desired_state("a").await.unwrap(),
+            (2, vec![desired("m", 3), desired("n", 5)])
+        );
+        assert_eq!(generation(db, "b").await, 1);
+
+        // Saving a rollout that does not exist is an error.
+        assert!(
+            db.store
+                .save_rollout_step(&rollout("ghost", "m", 1, T0), &[], &[set("a", "m", 1)], &[])
+                .await
+                .is_err()
+        );
+        assert_eq!(generation(db, "a").await, 2);
+    }
+
+    async fn failed_rollout_step_changes_nothing(db: &Db) {
+        let r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        db.store
+            .save_rollout_step(&r, &[], &[set("a", "m", 1)], &[])
+            .await
+            .unwrap();
+        let before_rollout = db.store.rollout("r1").await.unwrap();
+        let before_devices = db.store.rollout_devices("r1").await.unwrap();
+        let before_events = db.store.rollout_events("r1").await.unwrap();
+        let before_a = db.store.desired_state("a").await.unwrap();
+
+        let mut changed = r.clone();
+        changed.state = RolloutState::Running;
+        changed.current_wave = 1;
+        let mut a = member("r1", "a", 1);
+        a.state = "updating".into();
+        // The last write fails (an event of a rollout that does not exist):
+        // everything before it must be undone.
+        let result = db
+            .store
+            .save_rollout_step(
+                &changed,
+                &[a],
+                &[set("a", "m", 2), set("b", "m", 2)],
+                &[event("r1", T0 + 1, "ok"), event("ghost", T0 + 1, "bad")],
+            )
+            .await;
+        assert!(result.is_err(), "{result:?}");
+        assert_eq!(db.store.rollout("r1").await.unwrap(), before_rollout);
+        assert_eq!(
+            db.store.rollout_devices("r1").await.unwrap(),
+            before_devices
+        );
+        assert_eq!(db.store.rollout_events("r1").await.unwrap(), before_events);
+        assert_eq!(db.store.desired_state("a").await.unwrap(), before_a);
+        assert_eq!(db.store.desired_state("b").await.unwrap(), (0, vec![]));
+        // The store still works afterwards.
+        db.store
+            .save_rollout_step(&changed, &[], &[set("b", "m", 2)], &[])
+            .await
+            .unwrap();
+        assert_eq!(generation(db, "b").await, 1);
+    }
+
+    async fn desired_state_sorted_with_generation(db: &Db) {
+        assert_eq!(db.store.desired_state("a").await.unwrap(), (0, vec![]));
+        let r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a"]).await.unwrap();
+        let mut full = desired("zeta", 2);
+        full.signature = (0..=255).collect();
+        full.size_bytes = u64::MAX;
+        db.store
+            .save_rollout_step(
+                &r,
+                &[],
+                &[
+                    DesiredChange::Set {
+                        device_id: "a".into(),
+                        model: full.clone(),
+                    },
+                    set("alpha", "x", 1),
+                    set("a", "alpha", 1),
+                    set("a", "mid", 3),
+                ],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            db.store.desired_state("a").await.unwrap(),
+            (1, vec![desired("alpha", 1), desired("mid", 3), full])
+        );
+        // Device ids are not prefixes of each other's state.
+        assert_eq!(
+            db.store.desired_state("alpha").await.unwrap(),
+            (1, vec![desired("x", 1)])
+        );
+        // Clearing everything keeps the generation moving.
+        db.store
+            .save_rollout_step(
+                &r,
+                &[],
+                &[clear("a", "alpha"), clear("a", "mid"), clear("a", "zeta")],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(db.store.desired_state("a").await.unwrap(), (2, vec![]));
+    }
+
+    async fn activations_keep_the_latest_per_device(db: &Db) {
+        let report = |device: &str, version: u64, stage: &str, at: i64| ActivationRecord {
+            device_id: device.into(),
+            name: "m".into(),
+            version,
+            stage: stage.into(),
+            reason: format!("{stage} reason"),
+            at,
+        };
+        assert!(db.store.activations("m", 2).await.unwrap().is_empty());
+        db.store
+            .record_activation(&report("b", 2, "DOWNLOADING", T0))
+            .await
+            .unwrap();
+        db.store
+            .record_activation(&report("a", 2, "DOWNLOADING", T0))
+            .await
+            .unwrap();
+        db.store
+            .record_activation(&report("a", 2, "VERIFYING", T0 + 1))
+            .await
+            .unwrap();
+        db.store
+            .record_activation(&report("a", 2, "ACTIVE", T0 + 2))
+            .await
+            .unwrap();
+        // A late retry of an older step does not replace the newer one.
+        db.store
+            .record_activation(&report("a", 2, "VERIFYING", T0 + 1))
+            .await
+            .unwrap();
+        db.store
+            .record_activation(&report("b", 2, "FAILED", T0 + 5))
+            .await
+            .unwrap();
+        db.store
+            .record_activation(&report("a", 3, "ACTIVE", T0 + 9))
+            .await
+            .unwrap();
+        let mut other = report("a", 2, "ACTIVE", T0 + 9);
+        other.name = "n".into();
+        db.store.record_activation(&other).await.unwrap();
+
+        assert_eq!(
+            db.store.activations("m", 2).await.unwrap(),
+            [
+                report("a", 2, "ACTIVE", T0 + 2),
+                report("b", 2, "FAILED", T0 + 5)
+            ]
+        );
+        assert_eq!(
+            db.store.activations("m", 3).await.unwrap(),
+            [report("a", 3, "ACTIVE", T0 + 9)]
+        );
+        assert_eq!(db.store.activations("n", 2).await.unwrap(), [other]);
+        assert!(db.store.activations("m", 1).await.unwrap().is_empty());
+    }
+
+    async fn rollout_events_keep_insertion_order(db: &Db) {
+        let r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a"]).await.unwrap();
+        create(db, &rollout("r2", "n", 1, T0), &["a"])
+            .await
+            .unwrap();
+        // Times going backwards and ties: insertion order wins.
+        let batches = [
+            vec![event("r1", T0 + 50, "e1"), event("r1", T0 + 10, "e2")],
+            vec![event("r1", T0 + 10, "e3")],
+            vec![],
+            vec![
+                event("r1", T0, "e4"),
+                event("r1", T0 + 100, "e5"),
+                event("r1", T0, "e6"),
+            ],
+        ];
+        for events in &batches {
+            db.store
+                .save_rollout_step(&r, &[], &[], events)
+                .await
+                .unwrap();
+        }
+        db.store
+            .save_rollout_step(
+                &rollout("r2", "n", 1, T0),
+                &[],
+                &[],
+                &[event("r2", T0 + 1, "other")],
+            )
+            .await
+            .unwrap();
+        let actions: Vec<String> = db
+            .store
+            .rollout_events("r1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["created", "e1", "e2", "e3", "e4", "e5", "e6"]);
+        assert_eq!(
+            db.store.rollout_events("r2").await.unwrap(),
+            [event("r2", T0, "created"), event("r2", T0 + 1, "other")]
+        );
+        assert!(db.store.rollout_events("none").await.unwrap().is_empty());
+    }
+
+    async fn rollout_state_and_spec_round_trip(db: &Db) {
+        let all = [
+            RolloutState::Pending,
+            RolloutState::Running,
+            RolloutState::Paused,
+            RolloutState::Succeeded,
+            RolloutState::Aborted,
+            RolloutState::RolledBack,
+        ];
+        for s in all {
+            assert_eq!(RolloutState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(RolloutState::parse("done"), None);
+        // The spec's JSON survives serde.
+        let json = serde_json::to_string(&spec()).unwrap();
+        assert_eq!(serde_json::from_str::<RolloutSpec>(&json).unwrap(), spec());
+
+        let mut r = rollout("r1", "m", u64::MAX, T0);
+        r.selector = labels(&[("site", "berlin"), ("tier", "edge \"quoted\"")]);
+        r.spec.waves = vec![WaveSize::Percent(0.1), WaveSize::Count(u32::MAX)];
+        r.spec.max_concurrent = 0;
+        r.spec.rollback_on_failure = false;
+        create(db, &r, &["a"]).await.unwrap();
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r.clone()));
+        for s in all {
+            r.state = s;
+            r.current_wave = u32::MAX;
+            r.wave_done_at = T0 + 7;
+            r.reason = format!("now {}", s.as_str());
+            r.spec.soak_ms += 1;
+            r.selector.insert("step".into(), s.as_str().into());
+            db.store.save_rollout_step(&r, &[], &[], &[]).await.unwrap();
+            assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r.clone()));
+            assert_eq!(
+                db.store.active_rollouts().await.unwrap().len(),
+                usize::from(s.is_active())
+            );
+        }
+        // Model, version and creation are not rewritten by a step.
+        let mut renamed = r.clone();
+        renamed.model = "other".into();
+        renamed.created_at = 1;
+        db.store
+            .save_rollout_step(&renamed, &[], &[], &[])
+            .await
+            .unwrap();
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r));
+        let mut m = member("r1", "a", u32::MAX);
+        m.previous_version = u64::MAX;
+        db.store
+            .save_rollout_step(&renamed, &[m.clone()], &[], &[])
+            .await
+            .unwrap();
+        assert_eq!(db.store.rollout_devices("r1").await.unwrap(), [m]);
+    }
+
+    async fn corrupt_registry_rows_are_errors(db: &Db) {
+        db.store
+            .insert_model(&model("m", 1, "aaa"))
+            .await
+            .unwrap()
+            .unwrap();
+        create(db, &rollout("r1", "m", 1, T0), &["a"])
+            .await
+            .unwrap();
+        db.raw("UPDATE models SET inputs = 'not json'").await;
+        assert!(matches!(
+            db.store.model("m", Some(1)).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(
+            db.store.models(None).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        db.raw("UPDATE rollouts SET state = 'exploded'").await;
+        assert!(matches!(
+            db.store.rollout("r1").await,
+            Err(StoreError::Corrupt(_))
+        ));
+        db.raw("UPDATE rollouts SET state = 'running', spec = '{\"waves\": 3}'")
+            .await;
+        assert!(matches!(
+            db.store.active_rollouts().await,
+            Err(StoreError::Corrupt(_))
+        ));
+        db.raw(&format!(
+            "UPDATE rollouts SET spec = '{}'",
+            serde_json::to_string(&spec()).unwrap()
+        ))
+        .await;
+        db.raw("UPDATE rollouts SET current_wave = -1").await;
+        assert!(matches!(
+            db.store.rollouts(None).await,
+            Err(StoreError::Corrupt(_))
+        ));
+        db.raw("UPDATE rollout_devices SET wave = 5000000000").await;
+        assert!(matches!(
+            db.store.rollout_devices("r1").await,
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

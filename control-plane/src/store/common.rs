@@ -6,6 +6,10 @@ use std::collections::{BTreeMap, HashMap};
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use prost::Message;
 
+use super::registry::{
+    ActivationRecord, DesiredModel, ModelRecord, RolloutDeviceRecord, RolloutEventRecord,
+    RolloutRecord, RolloutSpec, RolloutState, TensorInfo,
+};
 use super::{
     Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, Labels, ModelPoint,
     ModelSample, OperatorToken, StoreError, TelemetryRecord,
@@ -351,4 +355,221 @@ pub(crate) fn merged_samples(batch: &TelemetryRecord) -> Vec<ModelSample> {
         }
     }
     out
+}
+
+// ---- registry rows (store/registry.rs)
+
+/// The columns of [`ModelRow`], for SELECTs.
+pub(crate) const MODEL_COLUMNS: &str = "name, version, sha256, size_bytes, opset, inputs, outputs, \
+     labels, private, signature, signed_by, signature_public_key, created_at, created_by, \
+     estimated_memory_bytes";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ModelRow {
+    pub name: String,
+    pub version: i64,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub opset: i64,
+    pub inputs: String,
+    pub outputs: String,
+    pub labels: String,
+    pub private: bool,
+    pub signature: Vec<u8>,
+    pub signed_by: String,
+    pub signature_public_key: Vec<u8>,
+    pub created_at: i64,
+    pub created_by: String,
+    pub estimated_memory_bytes: i64,
+}
+
+impl TryFrom<ModelRow> for ModelRecord {
+    type Error = StoreError;
+
+    fn try_from(r: ModelRow) -> Result<Self, StoreError> {
+        let owner = format!("model {}@{}", r.name, r.version);
+        Ok(ModelRecord {
+            inputs: from_json::<Vec<TensorInfo>>("inputs", &owner, &r.inputs)?,
+            outputs: from_json::<Vec<TensorInfo>>("outputs", &owner, &r.outputs)?,
+            labels: from_json::<Labels>("labels", &owner, &r.labels)?,
+            name: r.name,
+            version: from_db(r.version),
+            sha256: r.sha256,
+            size_bytes: from_db(r.size_bytes),
+            opset: r.opset,
+            private: r.private,
+            signature: r.signature,
+            signed_by: r.signed_by,
+            signature_public_key: r.signature_public_key,
+            created_at: r.created_at,
+            created_by: r.created_by,
+            estimated_memory_bytes: from_db(r.estimated_memory_bytes),
+        })
+    }
+}
+
+/// A stored u32 figure (wave numbers), refusing what does not fit.
+fn u32_column(what: &str, owner: &str, v: i64) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} of {owner} is {v}")))
+}
+
+/// The columns of [`RolloutRow`], for SELECTs.
+pub(crate) const ROLLOUT_COLUMNS: &str = "id, model, version, selector, spec, state, current_wave, \
+     wave_done_at, reason, created_by, created_at, updated_at";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RolloutRow {
+    pub id: String,
+    pub model: String,
+    pub version: i64,
+    pub selector: String,
+    pub spec: String,
+    pub state: String,
+    pub current_wave: i64,
+    pub wave_done_at: i64,
+    pub reason: String,
+    pub created_by: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+impl TryFrom<RolloutRow> for RolloutRecord {
+    type Error = StoreError;
+
+    fn try_from(r: RolloutRow) -> Result<Self, StoreError> {
+        let owner = format!("rollout {:?}", r.id);
+        let state = RolloutState::parse(&r.state)
+            .ok_or_else(|| StoreError::Corrupt(format!("state of {owner} is {:?}", r.state)))?;
+        Ok(RolloutRecord {
+            selector: from_json::<Labels>("selector", &owner, &r.selector)?,
+            spec: from_json::<RolloutSpec>("spec", &owner, &r.spec)?,
+            current_wave: u32_column("current wave", &owner, r.current_wave)?,
+            state,
+            model: r.model,
+            version: from_db(r.version),
+            wave_done_at: r.wave_done_at,
+            reason: r.reason,
+            created_by: r.created_by,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            id: r.id,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RolloutDeviceRow {
+    pub rollout_id: String,
+    pub device_id: String,
+    pub wave: i64,
+    pub state: String,
+    pub previous_version: i64,
+    pub reason: String,
+    pub updated_at: i64,
+}
+
+impl TryFrom<RolloutDeviceRow> for RolloutDeviceRecord {
+    type Error = StoreError;
+
+    fn try_from(r: RolloutDeviceRow) -> Result<Self, StoreError> {
+        let owner = format!("device {:?} of rollout {:?}", r.device_id, r.rollout_id);
+        Ok(RolloutDeviceRecord {
+            wave: u32_column("wave", &owner, r.wave)?,
+            rollout_id: r.rollout_id,
+            device_id: r.device_id,
+            state: r.state,
+            previous_version: from_db(r.previous_version),
+            reason: r.reason,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RolloutEventRow {
+    pub rollout_id: String,
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    pub message: String,
+}
+
+impl From<RolloutEventRow> for RolloutEventRecord {
+    fn from(r: RolloutEventRow) -> Self {
+        RolloutEventRecord {
+            rollout_id: r.rollout_id,
+            at: r.at,
+            actor: r.actor,
+            action: r.action,
+            message: r.message,
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct DesiredRow {
+    pub name: String,
+    pub version: i64,
+    pub sha256: String,
+    pub size_bytes: i64,
+    pub signature: Vec<u8>,
+    pub private: bool,
+}
+
+impl From<DesiredRow> for DesiredModel {
+    fn from(r: DesiredRow) -> Self {
+        DesiredModel {
+            name: r.name,
+            version: from_db(r.version),
+            sha256: r.sha256,
+            size_bytes: from_db(r.size_bytes),
+            signature: r.signature,
+            private: r.private,
+        }
+    }
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct ActivationRow {
+    pub device_id: String,
+    pub name: String,
+    pub version: i64,
+    pub stage: String,
+    pub reason: String,
+    pub at: i64,
+}
+
+impl From<ActivationRow> for ActivationRecord {
+    fn from(r: ActivationRow) -> Self {
+        ActivationRecord {
+            device_id: r.device_id,
+            name: r.name,
+            version: from_db(r.version),
+            stage: r.stage,
+            reason: r.reason,
+            at: r.at,
+        }
+    }
+}
+
+/// The message refusing a rollout over a device another active rollout of
+/// the model holds.
+pub(crate) fn rollout_conflict(device_id: &str, rollout_id: &str, model: &str) -> String {
+    format!("device {device_id} is already in rollout {rollout_id} of model {model}")
+}
+
+/// The devices named by desired-state changes, each once, sorted.
+pub(crate) fn changed_devices(desired: &[super::registry::DesiredChange]) -> Vec<&str> {
+    use super::registry::DesiredChange;
+    let mut ids: Vec<&str> = desired
+        .iter()
+        .map(|c| match c {
+            DesiredChange::Set { device_id, .. } | DesiredChange::Clear { device_id, .. } => {
+                device_id.as_str()
+            }
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }

@@ -1,69 +1,436 @@
-//! [`RegistryStore`] on sqlite (placeholder until the implementation lands).
+//! [`RegistryStore`] on SQLite. Writes go through the one-connection writer
+//! pool with `BEGIN IMMEDIATE` (see the parent module), so the read-check-write
+//! sequences below (model conflicts, rollout device conflicts, delete checks)
+//! cannot interleave with another write.
+
+use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 
 use super::SqliteStore;
 use crate::store::StoreError;
+use crate::store::common::{
+    self, ActivationRow, DesiredRow, MODEL_COLUMNS, ModelRow, ROLLOUT_COLUMNS, RolloutDeviceRow,
+    RolloutEventRow, RolloutRow, to_db, to_json,
+};
 use crate::store::registry::*;
 
-fn todo() -> StoreError {
-    StoreError::Corrupt("the model registry is not stored yet".into())
+/// Rollout states that still own their devices.
+const ACTIVE_STATES: &str = "('pending', 'running', 'paused')";
+
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    event: &RolloutEventRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rollout_events (rollout_id, at, actor, action, message) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(&event.rollout_id)
+    .bind(event.at)
+    .bind(&event.actor)
+    .bind(&event.action)
+    .bind(&event.message)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn upsert_device(
+    tx: &mut Transaction<'static, Sqlite>,
+    d: &RolloutDeviceRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, previous_version, reason, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?) \
+         ON CONFLICT (rollout_id, device_id) DO UPDATE SET wave = excluded.wave, state = excluded.state, \
+         previous_version = excluded.previous_version, reason = excluded.reason, \
+         updated_at = excluded.updated_at",
+    )
+    .bind(&d.rollout_id)
+    .bind(&d.device_id)
+    .bind(i64::from(d.wave))
+    .bind(&d.state)
+    .bind(to_db(d.previous_version))
+    .bind(&d.reason)
+    .bind(d.updated_at)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+fn rollouts_from(rows: Vec<RolloutRow>) -> Result<Vec<RolloutRecord>, StoreError> {
+    rows.into_iter().map(RolloutRecord::try_from).collect()
 }
 
 #[async_trait::async_trait]
 impl RegistryStore for SqliteStore {
-    async fn insert_model(&self, _: &ModelRecord) -> Result<Result<(), ModelConflict>, StoreError> {
-        Err(todo())
+    async fn insert_model(&self, m: &ModelRecord) -> Result<Result<(), ModelConflict>, StoreError> {
+        let mut tx = self.write().await?;
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT sha256 FROM models WHERE name = ? AND version = ?")
+                .bind(&m.name)
+                .bind(to_db(m.version))
+                .fetch_optional(&mut *tx)
+                .await?;
+        if let Some(existing_sha256) = existing {
+            tx.rollback().await?;
+            return Ok(if existing_sha256 == m.sha256 {
+                Ok(())
+            } else {
+                Err(ModelConflict::Exists {
+                    name: m.name.clone(),
+                    version: m.version,
+                    existing_sha256,
+                })
+            });
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO models ({MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )))
+        .bind(&m.name)
+        .bind(to_db(m.version))
+        .bind(&m.sha256)
+        .bind(to_db(m.size_bytes))
+        .bind(m.opset)
+        .bind(to_json(&m.inputs))
+        .bind(to_json(&m.outputs))
+        .bind(to_json(&m.labels))
+        .bind(m.private)
+        .bind(&m.signature)
+        .bind(&m.signed_by)
+        .bind(&m.signature_public_key)
+        .bind(m.created_at)
+        .bind(&m.created_by)
+        .bind(to_db(m.estimated_memory_bytes))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(()))
     }
-    async fn model(&self, _: &str, _: Option<u64>) -> Result<Option<ModelRecord>, StoreError> {
-        Err(todo())
+
+    async fn model(
+        &self,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<Option<ModelRecord>, StoreError> {
+        let q = match version {
+            Some(v) => sqlx::query_as::<_, ModelRow>(AssertSqlSafe(format!(
+                "SELECT {MODEL_COLUMNS} FROM models WHERE name = ? AND version = ?"
+            )))
+            .bind(name)
+            .bind(to_db(v)),
+            None => sqlx::query_as::<_, ModelRow>(AssertSqlSafe(format!(
+                "SELECT {MODEL_COLUMNS} FROM models WHERE name = ? ORDER BY version DESC LIMIT 1"
+            )))
+            .bind(name),
+        };
+        q.fetch_optional(&self.reader)
+            .await?
+            .map(ModelRecord::try_from)
+            .transpose()
     }
-    async fn models(&self, _: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
-        Err(todo())
+
+    async fn models(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, ModelRow>(AssertSqlSafe(format!(
+            "SELECT {MODEL_COLUMNS} FROM models WHERE ?1 IS NULL OR name = ?1 ORDER BY name, version"
+        )))
+        .bind(name)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter().map(ModelRecord::try_from).collect()
     }
-    async fn delete_model(&self, _: &str, _: u64) -> Result<Result<bool, String>, StoreError> {
-        Err(todo())
+
+    async fn delete_model(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Result<bool, String>, StoreError> {
+        let mut tx = self.write().await?;
+        let rollout: Option<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT id, state FROM rollouts WHERE model = ? AND version = ? \
+             AND state IN {ACTIVE_STATES} ORDER BY created_at, rowid LIMIT 1"
+        )))
+        .bind(name)
+        .bind(to_db(version))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((id, state)) = rollout {
+            tx.rollback().await?;
+            return Ok(Err(format!(
+                "{name}@{version} is the target of rollout {id} ({state})"
+            )));
+        }
+        let device: Option<String> = sqlx::query_scalar(
+            "SELECT device_id FROM device_desired WHERE name = ? AND version = ? \
+             ORDER BY device_id LIMIT 1",
+        )
+        .bind(name)
+        .bind(to_db(version))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(device) = device {
+            tx.rollback().await?;
+            return Ok(Err(format!(
+                "the desired state of device {device} names {name}@{version}"
+            )));
+        }
+        let deleted = sqlx::query("DELETE FROM models WHERE name = ? AND version = ?")
+            .bind(name)
+            .bind(to_db(version))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(Ok(deleted > 0))
     }
-    async fn blob_referenced(&self, _: &str) -> Result<bool, StoreError> {
-        Err(todo())
+
+    async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError> {
+        let found: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE sha256 = ?)")
+                .bind(sha256)
+                .fetch_one(&self.reader)
+                .await?;
+        Ok(found)
     }
+
     async fn create_rollout(
         &self,
-        _: &RolloutRecord,
-        _: &[RolloutDeviceRecord],
-        _: &RolloutEventRecord,
+        rollout: &RolloutRecord,
+        devices: &[RolloutDeviceRecord],
+        event: &RolloutEventRecord,
     ) -> Result<Result<(), String>, StoreError> {
-        Err(todo())
+        let mut tx = self.write().await?;
+        // The writer connection serializes this check with every other write.
+        let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+        let conflict: Option<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT d.device_id, r.id FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id \
+             WHERE r.model = ? AND r.id <> ? AND r.state IN {ACTIVE_STATES} \
+             AND d.device_id IN (SELECT value FROM json_each(?)) \
+             ORDER BY d.device_id, r.created_at, r.rowid LIMIT 1"
+        )))
+        .bind(&rollout.model)
+        .bind(&rollout.id)
+        .bind(to_json(&ids))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((device, other)) = conflict {
+            tx.rollback().await?;
+            return Ok(Err(common::rollout_conflict(
+                &device,
+                &other,
+                &rollout.model,
+            )));
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )))
+        .bind(&rollout.id)
+        .bind(&rollout.model)
+        .bind(to_db(rollout.version))
+        .bind(to_json(&rollout.selector))
+        .bind(to_json(&rollout.spec))
+        .bind(rollout.state.as_str())
+        .bind(i64::from(rollout.current_wave))
+        .bind(rollout.wave_done_at)
+        .bind(&rollout.reason)
+        .bind(&rollout.created_by)
+        .bind(rollout.created_at)
+        .bind(rollout.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        for d in devices {
+            upsert_device(&mut tx, d).await?;
+        }
+        insert_event(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
     }
-    async fn rollout(&self, _: &str) -> Result<Option<RolloutRecord>, StoreError> {
-        Err(todo())
+
+    async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError> {
+        sqlx::query_as::<_, RolloutRow>(AssertSqlSafe(format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE id = ?"
+        )))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?
+        .map(RolloutRecord::try_from)
+        .transpose()
     }
-    async fn rollouts(&self, _: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
-        Err(todo())
+
+    async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, RolloutRow>(AssertSqlSafe(format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE ?1 IS NULL OR model = ?1 \
+             ORDER BY created_at DESC, rowid DESC"
+        )))
+        .bind(model)
+        .fetch_all(&self.reader)
+        .await?;
+        rollouts_from(rows)
     }
+
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
-        Ok(Vec::new())
+        let rows = sqlx::query_as::<_, RolloutRow>(AssertSqlSafe(format!(
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state IN {ACTIVE_STATES} \
+             ORDER BY created_at, rowid"
+        )))
+        .fetch_all(&self.reader)
+        .await?;
+        rollouts_from(rows)
     }
+
     async fn save_rollout_step(
         &self,
-        _: &RolloutRecord,
-        _: &[RolloutDeviceRecord],
-        _: &[DesiredChange],
-        _: &[RolloutEventRecord],
+        rollout: &RolloutRecord,
+        devices: &[RolloutDeviceRecord],
+        desired: &[DesiredChange],
+        events: &[RolloutEventRecord],
     ) -> Result<(), StoreError> {
-        Err(todo())
+        let mut tx = self.write().await?;
+        let updated = sqlx::query(
+            "UPDATE rollouts SET selector = ?, spec = ?, state = ?, current_wave = ?, \
+             wave_done_at = ?, reason = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(to_json(&rollout.selector))
+        .bind(to_json(&rollout.spec))
+        .bind(rollout.state.as_str())
+        .bind(i64::from(rollout.current_wave))
+        .bind(rollout.wave_done_at)
+        .bind(&rollout.reason)
+        .bind(rollout.updated_at)
+        .bind(&rollout.id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Err(StoreError::Database(sqlx::Error::RowNotFound));
+        }
+        for d in devices {
+            upsert_device(&mut tx, d).await?;
+        }
+        for change in desired {
+            match change {
+                DesiredChange::Set { device_id, model } => {
+                    sqlx::query(
+                        "INSERT INTO device_desired (device_id, name, version, sha256, size_bytes, signature, private) \
+                         VALUES (?, ?, ?, ?, ?, ?, ?) \
+                         ON CONFLICT (device_id, name) DO UPDATE SET version = excluded.version, \
+                         sha256 = excluded.sha256, size_bytes = excluded.size_bytes, \
+                         signature = excluded.signature, private = excluded.private",
+                    )
+                    .bind(device_id)
+                    .bind(&model.name)
+                    .bind(to_db(model.version))
+                    .bind(&model.sha256)
+                    .bind(to_db(model.size_bytes))
+                    .bind(&model.signature)
+                    .bind(model.private)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                DesiredChange::Clear { device_id, name } => {
+                    sqlx::query("DELETE FROM device_desired WHERE device_id = ? AND name = ?")
+                        .bind(device_id)
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        for device_id in common::changed_devices(desired) {
+            sqlx::query(
+                "INSERT INTO device_generations (device_id, generation) VALUES (?, 1) \
+                 ON CONFLICT (device_id) DO UPDATE SET generation = generation + 1",
+            )
+            .bind(device_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for event in events {
+            insert_event(&mut tx, event).await?;
+        }
+        tx.commit().await?;
+        Ok(())
     }
-    async fn rollout_devices(&self, _: &str) -> Result<Vec<RolloutDeviceRecord>, StoreError> {
-        Err(todo())
+
+    async fn rollout_devices(&self, id: &str) -> Result<Vec<RolloutDeviceRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, RolloutDeviceRow>(
+            "SELECT rollout_id, device_id, wave, state, previous_version, reason, updated_at \
+             FROM rollout_devices WHERE rollout_id = ? ORDER BY device_id",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(RolloutDeviceRecord::try_from)
+            .collect()
     }
-    async fn rollout_events(&self, _: &str) -> Result<Vec<RolloutEventRecord>, StoreError> {
-        Err(todo())
+
+    async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, RolloutEventRow>(
+            "SELECT rollout_id, at, actor, action, message FROM rollout_events \
+             WHERE rollout_id = ? ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(RolloutEventRecord::from).collect())
     }
-    async fn desired_state(&self, _: &str) -> Result<(u64, Vec<DesiredModel>), StoreError> {
-        Ok((0, Vec::new()))
+
+    async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError> {
+        // One read transaction: the generation and the models of one snapshot.
+        let mut tx = self.reader.begin().await?;
+        let generation: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM device_generations WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let rows = sqlx::query_as::<_, DesiredRow>(
+            "SELECT name, version, sha256, size_bytes, signature, private FROM device_desired \
+             WHERE device_id = ? ORDER BY name",
+        )
+        .bind(device_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            common::from_db(generation.unwrap_or(0)),
+            rows.into_iter().map(DesiredModel::from).collect(),
+        ))
     }
-    async fn record_activation(&self, _: &ActivationRecord) -> Result<(), StoreError> {
-        Err(todo())
+
+    async fn record_activation(&self, r: &ActivationRecord) -> Result<(), StoreError> {
+        let mut tx = self.write().await?;
+        // A report older than the stored one (a late retry) does not replace it.
+        sqlx::query(
+            "INSERT INTO activations (device_id, name, version, stage, reason, at) \
+             VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
+             reason = excluded.reason, at = excluded.at WHERE excluded.at >= activations.at",
+        )
+        .bind(&r.device_id)
+        .bind(&r.name)
+        .bind(to_db(r.version))
+        .bind(&r.stage)
+        .bind(&r.reason)
+        .bind(r.at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
     }
-    async fn activations(&self, _: &str, _: u64) -> Result<Vec<ActivationRecord>, StoreError> {
-        Err(todo())
+
+    async fn activations(
+        &self,
+        name: &str,
+        version: u64,
+    ) -> Result<Vec<ActivationRecord>, StoreError> {
+        let rows = sqlx::query_as::<_, ActivationRow>(
+            "SELECT device_id, name, version, stage, reason, at FROM activations \
+             WHERE name = ? AND version = ? ORDER BY device_id",
+        )
+        .bind(name)
+        .bind(to_db(version))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.into_iter().map(ActivationRecord::from).collect())
     }
 }
