@@ -22,7 +22,7 @@ const BACKLOG_INTERVALS: usize = 360;
 /// Intervals (×1,000 devices) per sustained measurement.
 const SUSTAINED_INTERVALS: usize = 60;
 /// The group commit the server uses: up to this many batches per call.
-pub const SERVER_GROUP: usize = 250;
+pub const SERVER_GROUP: usize = 500;
 const GROUPS: [usize; 3] = [100, SERVER_GROUP, 500];
 /// 2025-01-01 00:00 UTC.
 const T0: i64 = 1_735_689_600_000;

@@ -181,6 +181,7 @@ suite!(
     hello_certificate_and_touch,
     ingest_dedupes,
     ingest_skips_unknown_devices,
+    concurrent_ingests_store_each_batch_once,
     health_comes_from_the_highest_sequence,
     totals_accumulate,
     raw_series,
@@ -712,6 +713,46 @@ async fn ingest_skips_unknown_devices(db: &Db) {
     );
     assert_eq!(db.store.last_sequence("ghost").await.unwrap(), 0);
     assert_eq!(db.store.telemetry_sequences("a").await.unwrap(), [1]);
+}
+
+async fn concurrent_ingests_store_each_batch_once(db: &Db) {
+    let ids: Vec<String> = (0..20).map(|d| format!("d{d:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    enroll(db, &refs, Labels::new()).await;
+    // Eight calls at once, each holding every device's batches 1..=5, in
+    // different device orders.
+    let mut tasks = Vec::new();
+    for k in 0..8usize {
+        let store = db.store.clone();
+        let mut group = Vec::new();
+        for d in 0..20usize {
+            let dev = &ids[(d * 7 + k * 3) % 20];
+            for seq in 1..=5u64 {
+                group.push(batch(
+                    dev,
+                    seq,
+                    T0 + seq as i64 * 10_000,
+                    vec![sample("m", 1, &[5], 1)],
+                ));
+            }
+        }
+        tasks.push(tokio::spawn(
+            async move { store.ingest_telemetry(&group).await },
+        ));
+    }
+    let mut stored = 0;
+    for t in tasks {
+        stored += t.await.unwrap().unwrap().into_iter().filter(|&s| s).count();
+    }
+    assert_eq!(stored, 20 * 5, "each batch stored exactly once");
+    for id in &ids {
+        assert_eq!(
+            db.store.telemetry_sequences(id).await.unwrap(),
+            [1, 2, 3, 4, 5]
+        );
+        let d = db.store.device(id).await.unwrap().unwrap();
+        assert_eq!((d.requests_total, d.last_sequence), (5, 5));
+    }
 }
 
 async fn health_comes_from_the_highest_sequence(db: &Db) {

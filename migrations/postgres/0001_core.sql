@@ -46,11 +46,16 @@ CREATE TABLE devices (
 );
 CREATE INDEX devices_revoked_at ON devices (revoked_at) WHERE revoked_at IS NOT NULL;
 
--- One row per stored telemetry batch. `hour` is the start of the hour holding
--- start_at; rolled_up says its model samples are merged into
--- model_rollups_hourly.
+-- One row per stored telemetry batch. `id` grows with insertion, so the big
+-- tables below (keyed by batch id) are appended to, not written all over.
+-- `hour` is the start of the hour holding start_at; rolled_up says its model
+-- samples are merged into model_rollups_hourly. No foreign keys on the
+-- telemetry tables (per-row triggers on the hot path): ingest only inserts
+-- for devices it has locked, and prune deletes samples and events with their
+-- batches.
 CREATE TABLE telemetry_batches (
-    device_id   TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    device_id   TEXT NOT NULL,
     sequence    BIGINT NOT NULL,
     received_at BIGINT NOT NULL,
     start_at    BIGINT NOT NULL,
@@ -58,15 +63,13 @@ CREATE TABLE telemetry_batches (
     hour        BIGINT NOT NULL,
     rolled_up   BOOLEAN NOT NULL DEFAULT FALSE,
     device      BYTEA,
-    PRIMARY KEY (device_id, sequence)
+    UNIQUE (device_id, sequence)
 );
-CREATE INDEX telemetry_batches_device_end ON telemetry_batches (device_id, end_at);
 CREATE INDEX telemetry_batches_end ON telemetry_batches (end_at);
 CREATE INDEX telemetry_batches_unrolled ON telemetry_batches (hour) WHERE NOT rolled_up;
 
 CREATE TABLE model_samples (
-    device_id       TEXT NOT NULL,
-    sequence        BIGINT NOT NULL,
+    batch_id        BIGINT NOT NULL,
     model           TEXT NOT NULL,
     version         BIGINT NOT NULL,
     requests        BIGINT NOT NULL,
@@ -76,21 +79,19 @@ CREATE TABLE model_samples (
     latency_us      BYTEA NOT NULL,
     batch_size      BYTEA NOT NULL,
     max_queue_depth BIGINT NOT NULL,
-    PRIMARY KEY (device_id, sequence, model, version),
-    FOREIGN KEY (device_id, sequence) REFERENCES telemetry_batches (device_id, sequence) ON DELETE CASCADE
+    PRIMARY KEY (batch_id, model, version)
 );
 
 CREATE TABLE events (
-    device_id TEXT NOT NULL,
-    sequence  BIGINT NOT NULL,
+    batch_id  BIGINT NOT NULL,
     idx       BIGINT NOT NULL,
+    device_id TEXT NOT NULL,
     at        BIGINT NOT NULL,
     kind      TEXT NOT NULL,
     model     TEXT NOT NULL,
     version   BIGINT NOT NULL,
     message   TEXT NOT NULL,
-    PRIMARY KEY (device_id, sequence, idx),
-    FOREIGN KEY (device_id, sequence) REFERENCES telemetry_batches (device_id, sequence) ON DELETE CASCADE
+    PRIMARY KEY (batch_id, idx)
 );
 CREATE INDEX events_device_at ON events (device_id, at);
 

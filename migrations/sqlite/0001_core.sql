@@ -46,10 +46,12 @@ CREATE TABLE devices (
 );
 CREATE INDEX devices_revoked_at ON devices (revoked_at) WHERE revoked_at IS NOT NULL;
 
--- One row per stored telemetry batch. `hour` is the start of the hour holding
--- start_at; rolled_up says its model samples are merged into
--- model_rollups_hourly.
+-- One row per stored telemetry batch. `id` grows with insertion, so the big
+-- tables below (keyed by batch id) are appended to, not written all over.
+-- `hour` is the start of the hour holding start_at; rolled_up says its model
+-- samples are merged into model_rollups_hourly.
 CREATE TABLE telemetry_batches (
+    id          INTEGER PRIMARY KEY,
     device_id   TEXT NOT NULL REFERENCES devices (id) ON DELETE CASCADE,
     sequence    INTEGER NOT NULL,
     received_at INTEGER NOT NULL,
@@ -58,15 +60,13 @@ CREATE TABLE telemetry_batches (
     hour        INTEGER NOT NULL,
     rolled_up   INTEGER NOT NULL DEFAULT 0,
     device      BLOB,
-    PRIMARY KEY (device_id, sequence)
-) WITHOUT ROWID;
-CREATE INDEX telemetry_batches_device_end ON telemetry_batches (device_id, end_at);
+    UNIQUE (device_id, sequence)
+);
 CREATE INDEX telemetry_batches_end ON telemetry_batches (end_at);
 CREATE INDEX telemetry_batches_unrolled ON telemetry_batches (hour) WHERE rolled_up = 0;
 
 CREATE TABLE model_samples (
-    device_id       TEXT NOT NULL,
-    sequence        INTEGER NOT NULL,
+    batch_id        INTEGER NOT NULL REFERENCES telemetry_batches (id) ON DELETE CASCADE,
     model           TEXT NOT NULL,
     version         INTEGER NOT NULL,
     requests        INTEGER NOT NULL,
@@ -76,21 +76,19 @@ CREATE TABLE model_samples (
     latency_us      BLOB NOT NULL,
     batch_size      BLOB NOT NULL,
     max_queue_depth INTEGER NOT NULL,
-    PRIMARY KEY (device_id, sequence, model, version),
-    FOREIGN KEY (device_id, sequence) REFERENCES telemetry_batches (device_id, sequence) ON DELETE CASCADE
+    PRIMARY KEY (batch_id, model, version)
 ) WITHOUT ROWID;
 
 CREATE TABLE events (
-    device_id TEXT NOT NULL,
-    sequence  INTEGER NOT NULL,
+    batch_id  INTEGER NOT NULL REFERENCES telemetry_batches (id) ON DELETE CASCADE,
     idx       INTEGER NOT NULL,
+    device_id TEXT NOT NULL,
     at        INTEGER NOT NULL,
     kind      TEXT NOT NULL,
     model     TEXT NOT NULL,
     version   INTEGER NOT NULL,
     message   TEXT NOT NULL,
-    PRIMARY KEY (device_id, sequence, idx),
-    FOREIGN KEY (device_id, sequence) REFERENCES telemetry_batches (device_id, sequence) ON DELETE CASCADE
+    PRIMARY KEY (batch_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX events_device_at ON events (device_id, at);
 

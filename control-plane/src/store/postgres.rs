@@ -7,7 +7,7 @@
 
 mod registry;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -304,18 +304,14 @@ impl Store for PgStore {
 
         let mut tx = self.pool.begin().await?;
 
-        // Lock the devices first, in id order, so concurrent calls cannot
-        // deadlock on them.
-        let mut device_ids: Vec<&str> = candidates
-            .iter()
-            .map(|&i| batches[i].device_id.as_str())
-            .collect();
-        device_ids.sort_unstable();
-        device_ids.dedup();
-        sqlx::query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR NO KEY UPDATE")
-            .bind(&device_ids)
-            .execute(&mut *tx)
-            .await?;
+        // One ingest at a time per schema: concurrent calls would otherwise
+        // lock the same device rows in different orders (deadlocks). The
+        // server runs one group-commit writer anyway, so this costs nothing.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.ingest'))",
+        )
+        .execute(&mut *tx)
+        .await?;
 
         let n = candidates.len();
         let (mut ids, mut seqs, mut received, mut starts, mut ends, mut hours, mut samples) = (
@@ -342,7 +338,7 @@ impl Store for PgStore {
              SELECT u.* FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[]) \
                AS u(device_id, sequence, received_at, start_at, end_at, hour, device) \
              WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = u.device_id) \
-             ON CONFLICT DO NOTHING RETURNING device_id, sequence",
+             ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
         )
         .bind(&ids)
         .bind(&seqs)
@@ -353,19 +349,19 @@ impl Store for PgStore {
         .bind(&samples)
         .fetch_all(&mut *tx)
         .await?;
-        let mut inserted: HashSet<(String, i64)> = HashSet::with_capacity(rows.len());
+        let mut inserted: HashMap<(String, i64), i64> = HashMap::with_capacity(rows.len());
         for row in rows {
-            inserted.insert((row.try_get(0)?, row.try_get(1)?));
+            inserted.insert((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?);
         }
         let mut stored = vec![false; batches.len()];
+        let mut new_batches: Vec<(i64, &TelemetryRecord)> = Vec::with_capacity(inserted.len());
         for &i in &candidates {
             let b = &batches[i];
-            stored[i] = inserted.contains(&(b.device_id.clone(), to_db(b.sequence)));
+            if let Some(&id) = inserted.get(&(b.device_id.clone(), to_db(b.sequence))) {
+                stored[i] = true;
+                new_batches.push((id, b));
+            }
         }
-        let new_batches: Vec<&TelemetryRecord> = (0..batches.len())
-            .filter(|&i| stored[i])
-            .map(|i| &batches[i])
-            .collect();
         if new_batches.len() < candidates.len() {
             tracing::debug!(
                 skipped = candidates.len() - new_batches.len(),
@@ -374,8 +370,7 @@ impl Store for PgStore {
         }
 
         // Model samples.
-        let mut s_dev = Vec::new();
-        let mut s_seq = Vec::new();
+        let mut s_batch_id = Vec::new();
         let mut s_model = Vec::new();
         let mut s_version = Vec::new();
         let mut s_requests = Vec::new();
@@ -385,10 +380,9 @@ impl Store for PgStore {
         let mut s_latency = Vec::new();
         let mut s_batch = Vec::new();
         let mut s_depth = Vec::new();
-        for b in &new_batches {
+        for &(id, b) in &new_batches {
             for m in common::merged_samples(b) {
-                s_dev.push(b.device_id.as_str());
-                s_seq.push(to_db(b.sequence));
+                s_batch_id.push(id);
                 s_version.push(to_db(m.version));
                 s_requests.push(to_db(m.requests));
                 s_errors.push(to_db(m.errors));
@@ -400,15 +394,14 @@ impl Store for PgStore {
                 s_model.push(m.name);
             }
         }
-        if !s_dev.is_empty() {
+        if !s_batch_id.is_empty() {
             sqlx::query(
-                "INSERT INTO model_samples (device_id, sequence, model, version, requests, errors, local, \
+                "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, \
                  offloaded, latency_us, batch_size, max_queue_depth) \
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::int8[], \
-                 $7::int8[], $8::int8[], $9::bytea[], $10::bytea[], $11::int8[])",
+                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
+                 $6::int8[], $7::int8[], $8::bytea[], $9::bytea[], $10::int8[])",
             )
-            .bind(&s_dev)
-            .bind(&s_seq)
+            .bind(&s_batch_id)
             .bind(&s_model)
             .bind(&s_version)
             .bind(&s_requests)
@@ -423,19 +416,19 @@ impl Store for PgStore {
         }
 
         // Events.
-        let mut e_dev = Vec::new();
-        let mut e_seq = Vec::new();
+        let mut e_batch_id = Vec::new();
         let mut e_idx = Vec::new();
+        let mut e_dev = Vec::new();
         let mut e_at = Vec::new();
         let mut e_kind = Vec::new();
         let mut e_model = Vec::new();
         let mut e_version = Vec::new();
         let mut e_message = Vec::new();
-        for b in &new_batches {
+        for &(id, b) in &new_batches {
             for (k, e) in b.events.iter().enumerate() {
-                e_dev.push(b.device_id.as_str());
-                e_seq.push(to_db(b.sequence));
+                e_batch_id.push(id);
                 e_idx.push(k as i64);
+                e_dev.push(b.device_id.as_str());
                 e_at.push(e.at);
                 e_kind.push(e.kind.as_str());
                 e_model.push(e.model.as_str());
@@ -445,13 +438,13 @@ impl Store for PgStore {
         }
         if !e_dev.is_empty() {
             sqlx::query(
-                "INSERT INTO events (device_id, sequence, idx, at, kind, model, version, message) \
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::text[], \
+                "INSERT INTO events (batch_id, idx, device_id, at, kind, model, version, message) \
+                 SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::int8[], $5::text[], \
                  $6::text[], $7::int8[], $8::text[])",
             )
-            .bind(&e_dev)
-            .bind(&e_seq)
+            .bind(&e_batch_id)
             .bind(&e_idx)
+            .bind(&e_dev)
             .bind(&e_at)
             .bind(&e_kind)
             .bind(&e_model)
@@ -462,7 +455,7 @@ impl Store for PgStore {
         }
 
         // Devices.
-        let deltas = common::device_deltas(new_batches.iter().copied());
+        let deltas = common::device_deltas(new_batches.iter().map(|&(_, b)| b));
         if !deltas.is_empty() {
             let mut d_id = Vec::new();
             let mut d_seq = Vec::new();
@@ -551,10 +544,9 @@ impl Store for PgStore {
         match resolution {
             Resolution::Raw => {
                 let rows = sqlx::query_as::<_, PointRow>(
-                    "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+                    "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
                      s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s \
-                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
                      WHERE b.device_id = $1 AND b.end_at >= $2 AND b.end_at < $3 \
                      ORDER BY b.start_at, s.model, s.version, b.sequence",
                 )
@@ -570,10 +562,9 @@ impl Store for PgStore {
                 let sql = format!(
                     "{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3 \
                      UNION ALL \
-                     SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                     SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
                      s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s \
-                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
                      WHERE b.device_id = $1 AND NOT b.rolled_up AND b.hour > $2 AND b.hour < $3"
                 );
                 let rows = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
@@ -628,10 +619,9 @@ impl Store for PgStore {
         let sql = format!(
             "{POINT_FROM_ROLLUPS} WHERE hour >= $1 AND hour < $2 \
              UNION ALL \
-             SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+             SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
              s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-             FROM telemetry_batches b JOIN model_samples s \
-               ON s.device_id = b.device_id AND s.sequence = b.sequence \
+             FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
              WHERE (NOT b.rolled_up AND b.hour >= $1 AND b.hour < $2) \
                 OR ((b.hour < $1 OR b.hour >= $2) AND b.start_at >= $3 AND b.start_at < $4)"
         );
@@ -660,7 +650,7 @@ impl Store for PgStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query_as::<_, EventRow>(
             "SELECT at, kind, model, version, message FROM events \
-             WHERE device_id = $1 AND at >= $2 AND at < $3 ORDER BY at, sequence, idx",
+             WHERE device_id = $1 AND at >= $2 AND at < $3 ORDER BY at, batch_id, idx",
         )
         .bind(device_id)
         .bind(from)
@@ -689,10 +679,10 @@ impl Store for PgStore {
         {
             let mut rows = sqlx::query_as::<_, PointRow>(
                 "WITH marked AS (UPDATE telemetry_batches SET rolled_up = TRUE \
-                   WHERE NOT rolled_up AND hour < $1 RETURNING device_id, sequence, hour) \
-                 SELECT s.device_id, m.hour AS at, m.hour + 3600000 AS until, s.model, s.version, \
+                   WHERE NOT rolled_up AND hour < $1 RETURNING id, device_id, hour) \
+                 SELECT m.device_id, m.hour AS at, m.hour + 3600000 AS until, s.model, s.version, \
                  s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                 FROM marked m JOIN model_samples s ON s.device_id = m.device_id AND s.sequence = m.sequence",
+                 FROM marked m JOIN model_samples s ON s.batch_id = m.id",
             )
             .bind(current_hour)
             .fetch(&mut *tx);
@@ -774,11 +764,17 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         }
-        let pruned = sqlx::query("DELETE FROM telemetry_batches WHERE rolled_up AND end_at < $1")
-            .bind(now.saturating_sub(retention_ms))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        // No foreign keys on the telemetry tables: samples and events go with their batches here.
+        let pruned: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM telemetry_batches WHERE rolled_up AND end_at < $1 RETURNING id), \
+             s AS (DELETE FROM model_samples WHERE batch_id IN (SELECT id FROM gone)), \
+             e AS (DELETE FROM events WHERE batch_id IN (SELECT id FROM gone)) \
+             SELECT count(*) FROM gone",
+        )
+        .bind(now.saturating_sub(retention_ms))
+        .fetch_one(&mut *tx)
+        .await?;
+        let pruned = from_db(pruned);
         tx.commit().await?;
         Ok(RollupReport {
             hours_rolled_up,

@@ -9,7 +9,7 @@
 
 mod registry;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -134,9 +134,8 @@ async fn device_in(
 }
 
 /// A model sample row to insert.
-struct SampleRow<'a> {
-    device_id: &'a str,
-    sequence: i64,
+struct SampleRow {
+    batch_id: i64,
     sample: super::ModelSample,
 }
 
@@ -373,7 +372,7 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
 
         // Batches: insert those of known devices, learn which were new.
-        let mut inserted: HashSet<(String, i64)> = HashSet::with_capacity(candidates.len());
+        let mut inserted: HashMap<(String, i64), i64> = HashMap::with_capacity(candidates.len());
         let mut rest = &candidates[..];
         for size in chunk_sizes(candidates.len()) {
             let (chunk, tail) = rest.split_at(size);
@@ -382,7 +381,7 @@ impl Store for SqliteStore {
                 "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
                  SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 \
                  FROM (VALUES {}) AS v WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = v.column1) \
-                 ON CONFLICT DO NOTHING RETURNING device_id, sequence",
+                 ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
                 placeholders(size, 7)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -399,18 +398,18 @@ impl Store for SqliteStore {
             }
             let mut rows = q.fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
-                inserted.insert((row.try_get(0)?, row.try_get(1)?));
+                inserted.insert((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?);
             }
         }
         let mut stored = vec![false; batches.len()];
+        let mut new_batches: Vec<(i64, &TelemetryRecord)> = Vec::with_capacity(inserted.len());
         for &i in &candidates {
             let b = &batches[i];
-            stored[i] = inserted.contains(&(b.device_id.clone(), to_db(b.sequence)));
+            if let Some(&id) = inserted.get(&(b.device_id.clone(), to_db(b.sequence))) {
+                stored[i] = true;
+                new_batches.push((id, b));
+            }
         }
-        let new_batches: Vec<&TelemetryRecord> = (0..batches.len())
-            .filter(|&i| stored[i])
-            .map(|i| &batches[i])
-            .collect();
         if new_batches.len() < candidates.len() {
             let unknown: HashSet<&str> = candidates
                 .iter()
@@ -427,14 +426,10 @@ impl Store for SqliteStore {
         // Model samples.
         let samples: Vec<SampleRow> = new_batches
             .iter()
-            .flat_map(|b| {
+            .flat_map(|&(batch_id, b)| {
                 common::merged_samples(b)
                     .into_iter()
-                    .map(|sample| SampleRow {
-                        device_id: &b.device_id,
-                        sequence: to_db(b.sequence),
-                        sample,
-                    })
+                    .map(move |sample| SampleRow { batch_id, sample })
             })
             .collect();
         let mut rest = &samples[..];
@@ -442,16 +437,15 @@ impl Store for SqliteStore {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let sql = format!(
-                "INSERT INTO model_samples (device_id, sequence, model, version, requests, errors, local, \
+                "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, \
                  offloaded, latency_us, batch_size, max_queue_depth) VALUES {}",
-                placeholders(size, 11)
+                placeholders(size, 10)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for s in chunk {
                 let m = &s.sample;
                 q = q
-                    .bind(s.device_id)
-                    .bind(s.sequence)
+                    .bind(s.batch_id)
                     .bind(&m.name)
                     .bind(to_db(m.version))
                     .bind(to_db(m.requests))
@@ -466,24 +460,24 @@ impl Store for SqliteStore {
         }
 
         // Events.
-        let events: Vec<(&TelemetryRecord, usize, &EventRecord)> = new_batches
+        let events: Vec<(i64, &TelemetryRecord, usize, &EventRecord)> = new_batches
             .iter()
-            .flat_map(|b| b.events.iter().enumerate().map(move |(k, e)| (*b, k, e)))
+            .flat_map(|&(id, b)| b.events.iter().enumerate().map(move |(k, e)| (id, b, k, e)))
             .collect();
         let mut rest = &events[..];
         for size in chunk_sizes(events.len()) {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let sql = format!(
-                "INSERT INTO events (device_id, sequence, idx, at, kind, model, version, message) VALUES {}",
+                "INSERT INTO events (batch_id, idx, device_id, at, kind, model, version, message) VALUES {}",
                 placeholders(size, 8)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (b, k, e) in chunk {
+            for (id, b, k, e) in chunk {
                 q = q
-                    .bind(&b.device_id)
-                    .bind(to_db(b.sequence))
+                    .bind(*id)
                     .bind(*k as i64)
+                    .bind(&b.device_id)
                     .bind(e.at)
                     .bind(&e.kind)
                     .bind(&e.model)
@@ -493,34 +487,43 @@ impl Store for SqliteStore {
             q.execute(&mut *tx).await?;
         }
 
-        // Devices.
-        let deltas = common::device_deltas(new_batches.iter().copied());
-        for (id, d) in deltas {
-            let (health_seq, health) = match d.health {
-                Some((s, bytes)) => (Some(s), Some(bytes)),
-                None => (None, None),
-            };
-            sqlx::query(
-                "UPDATE devices SET last_sequence = max(last_sequence, ?1), \
-                 last_seen = max(last_seen, ?2), \
-                 requests_total = requests_total + ?3, errors_total = errors_total + ?4, \
-                 offloaded_total = offloaded_total + ?5, \
-                 dropped_batches_total = max(dropped_batches_total, ?6), \
-                 health = CASE WHEN ?7 > health_sequence THEN ?8 ELSE health END, \
-                 health_sequence = CASE WHEN ?7 > health_sequence THEN ?7 ELSE health_sequence END \
-                 WHERE id = ?9",
-            )
-            .bind(d.last_sequence)
-            .bind(d.last_seen)
-            .bind(to_db(d.requests))
-            .bind(to_db(d.errors))
-            .bind(to_db(d.offloaded))
-            .bind(d.dropped)
-            .bind(health_seq)
-            .bind(health)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        // Devices: one multi-row UPDATE … FROM (VALUES …) per chunk.
+        let deltas: Vec<_> = common::device_deltas(new_batches.iter().map(|&(_, b)| b))
+            .into_iter()
+            .collect();
+        let mut rest = &deltas[..];
+        for size in chunk_sizes(deltas.len()) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
+            let sql = format!(
+                "UPDATE devices SET last_sequence = max(last_sequence, u.column2), \
+                 last_seen = max(last_seen, u.column3), \
+                 requests_total = requests_total + u.column4, errors_total = errors_total + u.column5, \
+                 offloaded_total = offloaded_total + u.column6, \
+                 dropped_batches_total = max(dropped_batches_total, u.column7), \
+                 health = CASE WHEN u.column8 > health_sequence THEN u.column9 ELSE health END, \
+                 health_sequence = CASE WHEN u.column8 > health_sequence THEN u.column8 ELSE health_sequence END \
+                 FROM (VALUES {}) AS u WHERE devices.id = u.column1",
+                placeholders(size, 9)
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for (id, d) in chunk {
+                let (health_seq, health) = match &d.health {
+                    Some((s, bytes)) => (Some(*s), Some(bytes.clone())),
+                    None => (None, None),
+                };
+                q = q
+                    .bind(*id)
+                    .bind(d.last_sequence)
+                    .bind(d.last_seen)
+                    .bind(to_db(d.requests))
+                    .bind(to_db(d.errors))
+                    .bind(to_db(d.offloaded))
+                    .bind(d.dropped)
+                    .bind(health_seq)
+                    .bind(health);
+            }
+            q.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(stored)
@@ -554,10 +557,9 @@ impl Store for SqliteStore {
         match resolution {
             Resolution::Raw => {
                 let rows = sqlx::query_as::<_, PointRow>(
-                    "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+                    "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
                      s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s \
-                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
                      WHERE b.device_id = ? AND b.end_at >= ? AND b.end_at < ? \
                      ORDER BY b.start_at, s.model, s.version, b.sequence",
                 )
@@ -581,10 +583,9 @@ impl Store for SqliteStore {
                 .fetch_all(&mut *tx)
                 .await?;
                 let raw = sqlx::query_as::<_, PointRow>(
-                    "SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                    "SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
                      s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s \
-                       ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
                      WHERE b.device_id = ? AND b.rolled_up = 0 AND b.hour > ? AND b.hour < ?",
                 )
                 .bind(device_id)
@@ -649,10 +650,9 @@ impl Store for SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         let raw = sqlx::query_as::<_, PointRow>(
-            "SELECT s.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
+            "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
              s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-             FROM telemetry_batches b JOIN model_samples s \
-               ON s.device_id = b.device_id AND s.sequence = b.sequence \
+             FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
              WHERE (b.rolled_up = 0 AND b.hour >= ?1 AND b.hour < ?2) \
                 OR ((b.hour < ?1 OR b.hour >= ?2) AND b.start_at >= ?3 AND b.start_at < ?4)",
         )
@@ -681,7 +681,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<EventRecord>, StoreError> {
         let rows = sqlx::query_as::<_, EventRow>(
             "SELECT at, kind, model, version, message FROM events \
-             WHERE device_id = ? AND at >= ? AND at < ? ORDER BY at, sequence, idx",
+             WHERE device_id = ? AND at >= ? AND at < ? ORDER BY at, batch_id, idx",
         )
         .bind(device_id)
         .bind(from)
@@ -702,10 +702,9 @@ impl Store for SqliteStore {
         let mut merger: Merger<RollupKey> = Merger::default();
         {
             let mut rows = sqlx::query_as::<_, PointRow>(
-                "SELECT s.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
+                "SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
                  s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                 FROM telemetry_batches b JOIN model_samples s \
-                   ON s.device_id = b.device_id AND s.sequence = b.sequence \
+                 FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
                  WHERE b.rolled_up = 0 AND b.hour < ?",
             )
             .bind(current_hour)
