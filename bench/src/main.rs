@@ -8,6 +8,7 @@ mod agent_process;
 mod ingest;
 mod report;
 mod suites;
+mod wire;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,8 @@ pub enum Suite {
     Runtimes,
     /// Telemetry ingest through the control plane's Store (SQLite and PostgreSQL).
     Ingest,
+    /// Telemetry bytes on the wire per device per day, managed agent RSS.
+    Wire,
     /// Everything above.
     All,
 }
@@ -46,6 +49,12 @@ pub struct Args {
     /// The release agent binary to measure.
     #[arg(long, default_value = "target/release/edgefleet-agent")]
     pub agent: PathBuf,
+    /// The release control plane binary (the `wire` suite).
+    #[arg(long, default_value = "target/release/edgefleet-server")]
+    pub server: PathBuf,
+    /// The release operator CLI (the `wire` suite makes a join token with it).
+    #[arg(long, default_value = "target/release/edgefleet")]
+    pub cli: PathBuf,
     /// Markdown file the figures are written into (each suite replaces its own section).
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub out: PathBuf,
@@ -55,6 +64,10 @@ pub struct Args {
     /// Timed iterations per latency measurement.
     #[arg(long, default_value_t = 3000)]
     pub iterations: usize,
+    /// Seconds of steady state the `wire` suite counts (a multiple of 30 s
+    /// holds whole keepalive periods).
+    #[arg(long, default_value_t = 120.0)]
+    pub wire_seconds: f64,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint,
             Suite::Runtimes,
             Suite::Ingest,
+            Suite::Wire,
         ],
         one => vec![one],
     };
@@ -81,6 +95,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
+            Suite::Wire => runtime.block_on(wire::wire(&args))?,
             Suite::All => unreachable!(),
         };
         println!("{section}");
