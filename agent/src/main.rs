@@ -282,8 +282,29 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    agent.run(grpc, http, shutdown).await?;
+    with_grace(agent.run(grpc, http, shutdown.clone()), &shutdown).await?;
     Ok(())
+}
+
+/// How long open connections may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Runs the servers; once shutdown has begun, gives open connections
+/// (long-lived client streams) `SHUTDOWN_GRACE` to finish, then returns.
+async fn with_grace<E: Into<anyhow::Error>>(
+    servers: impl std::future::Future<Output = Result<(), E>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        result = servers => result.map_err(Into::into),
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown signal; exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 /// The runtimes this agent could use here, for the inventory.
@@ -440,7 +461,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
         },
         shutdown.clone(),
     ));
-    agent.run(grpc, http, shutdown).await?;
+    with_grace(agent.run(grpc, http, shutdown.clone()), &shutdown).await?;
     let _ = ticker.await;
     let _ = session_task.await;
     Ok(())

@@ -24,6 +24,9 @@ enum Command {
     Serve(ServeArgs),
 }
 
+/// How long open connections may take to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = resolve(args)?;
     let data_dir = config.data_dir.clone();
@@ -35,8 +38,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             data_dir.join("admin.token").display()
         );
     }
-    tokio::spawn(cancel_on_signal(server.shutdown_token()));
-    server.wait().await
+    let shutdown = server.shutdown_token();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let waiting = server.wait();
+    tokio::pin!(waiting);
+    tokio::select! {
+        result = &mut waiting => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("connections still open {SHUTDOWN_GRACE:?} after the shutdown signal; exiting anyway");
+            Ok(())
+        }
+    }
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

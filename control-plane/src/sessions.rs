@@ -107,6 +107,21 @@ impl Sessions {
         }
     }
 
+    /// Ends every session (server shutdown), so no long-lived stream holds
+    /// the listener's graceful shutdown open.
+    pub fn end_all(&self, status: Status) {
+        let entries: Vec<Entry> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, entry)| entry)
+            .collect();
+        for entry in entries {
+            end(entry, status.clone());
+        }
+    }
+
     pub fn is_online(&self, device_id: &str) -> bool {
         self.live
             .lock()

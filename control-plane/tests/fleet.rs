@@ -610,3 +610,38 @@ fn a_full_telemetry_queue_drops_the_oldest_batches_and_reports_it() {
         (missing == dropped).then_some(())
     });
 }
+
+#[test]
+fn sigterm_stops_server_and_agent_promptly_with_a_session_open() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let mut agent = Agent::run(&state, &[]);
+    eventually(Duration::from_secs(20), "the device online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+    let started = Instant::now();
+    server.process.terminate();
+    assert!(
+        matches!(server.process.child.try_wait(), Ok(Some(_))),
+        "the server did not exit"
+    );
+    let server_took = started.elapsed();
+    let started = Instant::now();
+    agent.process.terminate();
+    assert!(
+        matches!(agent.process.child.try_wait(), Ok(Some(_))),
+        "the agent did not exit"
+    );
+    // `terminate` SIGKILLs after 10 s, so finishing well before proves SIGTERM worked.
+    assert!(
+        server_took < Duration::from_secs(9),
+        "server took {server_took:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "agent took {:?}",
+        started.elapsed()
+    );
+}

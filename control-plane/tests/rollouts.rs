@@ -361,7 +361,14 @@ fn a_python_script_creates_and_watches_a_rollout() {
     let output = std::process::Command::new("python3")
         .arg(script)
         .args(["--server", &fleet.server.api_addr.to_string()])
-        .args(["--model", "mlp@1", "--selector", "region=eu", "--waves", "100%"])
+        .args([
+            "--model",
+            "mlp@1",
+            "--selector",
+            "region=eu",
+            "--waves",
+            "100%",
+        ])
         .env("EDGEFLEET_TOKEN", fleet.server.admin_token())
         .output()
         .unwrap();
@@ -372,6 +379,9 @@ fn a_python_script_creates_and_watches_a_rollout() {
         stderr(&output)
     );
     assert!(stdout.contains("created ro-"), "{stdout}");
-    assert!(stdout.lines().last().unwrap().starts_with("succeeded"), "{stdout}");
+    assert!(
+        stdout.lines().last().unwrap().starts_with("succeeded"),
+        "{stdout}"
+    );
     assert!(fleet.agents[0].infer_mlp());
 }
