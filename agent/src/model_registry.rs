@@ -409,6 +409,12 @@ impl ModelRegistry {
     pub fn get(&self, name: &str, version: Option<u64>) -> Result<Arc<LoadedVersion>, InferError> {
         let models = self.read();
         let Some(state) = models.get(name) else {
+            if !self.is_ready() {
+                return Err(InferError::new(
+                    ErrorCode::Unavailable,
+                    format!("model '{name}' is not available yet: the models are still loading"),
+                ));
+            }
             let hint = if models.is_empty() {
                 format!(
                     " (the repository {} has no models)",
