@@ -29,29 +29,38 @@ impl OperatorApi {
 
     /// The operator behind the request's bearer token.
     async fn authorize<T>(&self, request: &Request<T>) -> Result<OperatorToken, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
-        let header = header
-            .to_str()
-            .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
-            .ok_or_else(|| Status::unauthenticated("authorization must be: Bearer <token>"))?
-            .trim();
-        let found = self
-            .cp
-            .store
-            .operator_token_by_hash(&hash_secret(token))
-            .await
-            .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
-        found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+        authorize(&self.cp, request).await
     }
 }
 
-fn store_error(err: crate::store::StoreError) -> Status {
+/// The operator behind a request's `authorization: Bearer <token>`
+/// metadata: shared by every operator-facing service.
+pub async fn authorize<T>(
+    cp: &ControlPlane,
+    request: &Request<T>,
+) -> Result<OperatorToken, Status> {
+    let header = request
+        .metadata()
+        .get("authorization")
+        .ok_or_else(|| Status::unauthenticated("missing authorization: Bearer <token>"))?;
+    let header = header
+        .to_str()
+        .map_err(|_| Status::unauthenticated("malformed authorization header"))?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization must be: Bearer <token>"))?
+        .trim();
+    let found = cp
+        .store
+        .operator_token_by_hash(&hash_secret(token))
+        .await
+        .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
+    found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
+}
+
+/// A storage failure as a gRPC status (logged).
+pub fn store_error(err: crate::store::StoreError) -> Status {
     tracing::error!(error = %err, "store error");
     Status::unavailable(format!("database error: {err}"))
 }
