@@ -70,7 +70,14 @@ pub fn parse_reader<R: Read + Seek>(reader: R, len: u64) -> Result<OnnxInfo, Onn
         len,
     };
     let mut model = ModelScan::default();
-    scanner.scan_model(&mut model, len)?;
+    scanner
+        .scan_model(&mut model, len)
+        .map_err(|err| match err {
+            OnnxError::Invalid(message) => invalid(format!(
+                "the file does not decode as ONNX protobuf: {message}"
+            )),
+            other => other,
+        })?;
     model.finish()
 }
 
