@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "edgefleet/v1/agent.proto",
     "edgefleet/v1/operator.proto",
     "edgefleet/v1/models.proto",
+    "onnx/onnx.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use edgefleet_proto::edgefleet::v1 as pb;
+use pb::model_service_client::ModelServiceClient;
 use pb::operator_service_client::OperatorServiceClient;
 use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
@@ -26,7 +27,7 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
 #[command(
     name = "edgefleet",
     version,
-    about = "Operate an edgefleet control plane: join tokens, devices",
+    about = "Operate an edgefleet control plane: join tokens, devices, models",
     after_help = "The admin token is printed once by the server's first start and kept in DATA_DIR/admin.token."
 )]
 pub(crate) struct Cli {
@@ -63,6 +64,46 @@ enum Command {
     /// Staged rollouts of a model version to the devices a selector picks.
     #[command(subcommand)]
     Rollouts(rollouts::RolloutsCommand),
+    /// The model registry: ONNX models, signed and stored by digest.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Upload an ONNX model as NAME@VERSION (checked, stored by SHA-256, signed).
+    Push {
+        /// The .onnx file.
+        file: PathBuf,
+        /// Model name: 1–64 of letters, digits, '.', '_', '-'.
+        #[arg(long)]
+        name: String,
+        /// Version [default: one above the highest of this name].
+        #[arg(long)]
+        version: Option<u64>,
+        /// A label (repeatable): --label k=v.
+        #[arg(long = "label", value_name = "K=V")]
+        labels: Vec<String>,
+        /// The model's inputs must never leave the device (no offloading).
+        #[arg(long)]
+        private: bool,
+    },
+    /// List model versions.
+    List {
+        /// Only versions of this model.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show one model version in full: NAME (the highest version) or NAME@VERSION.
+    Get {
+        #[arg(value_name = "NAME[@VERSION]")]
+        model: String,
+    },
+    /// Delete a model version (refused while a rollout or a device uses it).
+    Delete {
+        #[arg(value_name = "NAME@VERSION")]
+        model: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,10 +150,6 @@ fn parse_labels(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
     Ok(labels)
 }
 
-async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
-    Ok(OperatorServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
-}
-
 /// A channel to the server's operator API (plaintext or TLS by URL scheme).
 async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
     let timeout = Duration::from_secs(10);
@@ -140,6 +177,14 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
         );
     };
     Ok(channel)
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
+    Ok(OperatorServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+async fn connect_models(cli: &Cli) -> anyhow::Result<ModelServiceClient<Channel>> {
+    Ok(ModelServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -464,6 +509,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => print_device_detail(&device),
             }
         }
+        Command::Models(command) => models(&cli, command).await?,
         Command::Devices(DevicesCommand::Revoke { id }) => {
             let request = authorized(&cli, pb::RevokeDeviceRequest { id: id.clone() })?;
             let mut client = connect(&cli).await?;
@@ -475,6 +521,336 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match cli.output {
                 Output::Json => print_json(&device_json(&device))?,
                 Output::Table => println!("device {} revoked", device.id),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Bytes per PushModel chunk.
+const PUSH_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// `NAME` or `NAME@VERSION`; `(name, 0)` without a version.
+fn parse_model_ref(text: &str, require_version: bool) -> anyhow::Result<(String, u64)> {
+    let (name, version) = match text.split_once('@') {
+        Some((name, version)) => {
+            let version: u64 = version.parse().ok().filter(|v| *v > 0).with_context(|| {
+                format!("{text:?}: the version after '@' must be a positive number")
+            })?;
+            (name, version)
+        }
+        None if require_version => bail!("{text:?}: give the version as NAME@VERSION"),
+        None => (text, 0),
+    };
+    if name.is_empty() {
+        bail!("{text:?}: the model name is empty");
+    }
+    Ok((name.to_string(), version))
+}
+
+fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+fn format_tensor(t: &pb::TensorInfo) -> String {
+    let shape: Vec<String> = t.shape.iter().map(i64::to_string).collect();
+    format!("{} {} [{}]", t.name, t.datatype, shape.join(","))
+}
+
+fn tensor_json(t: &pb::TensorInfo) -> Value {
+    json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape })
+}
+
+fn model_json(model: &pb::Model) -> Value {
+    let labels: BTreeMap<_, _> = model.labels.iter().collect();
+    json!({
+        "name": model.name,
+        "version": model.version,
+        "sha256": model.sha256,
+        "size_bytes": model.size_bytes,
+        "opset": model.opset,
+        "inputs": model.inputs.iter().map(tensor_json).collect::<Vec<_>>(),
+        "outputs": model.outputs.iter().map(tensor_json).collect::<Vec<_>>(),
+        "labels": labels,
+        "private": model.private,
+        "signature": hex::encode(&model.signature),
+        "signed_by": model.signed_by,
+        "signature_public_key": hex::encode(&model.signature_public_key),
+        "created_unix_ms": model.created_unix_ms,
+        "created_by": model.created_by,
+        "estimated_memory_bytes": model.estimated_memory_bytes,
+    })
+}
+
+fn print_model_table(models: &[pb::Model]) {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "NAME",
+        "VERSION",
+        "SHA256",
+        "SIZE",
+        "OPSET",
+        "INPUTS",
+        "OUTPUTS",
+        "SIGNED BY",
+        "LABELS",
+        "CREATED",
+    ]);
+    for model in models {
+        table.add_row([
+            model.name.clone(),
+            model.version.to_string(),
+            model.sha256.chars().take(12).collect(),
+            format_bytes(model.size_bytes),
+            model.opset.to_string(),
+            model.inputs.len().to_string(),
+            model.outputs.len().to_string(),
+            model.signed_by.clone(),
+            format_labels(&model.labels),
+            format_ago(model.created_unix_ms),
+        ]);
+    }
+    println!("{table}");
+}
+
+fn print_model_detail(model: &pb::Model) {
+    let tensors = |list: &[pb::TensorInfo]| {
+        list.iter()
+            .map(format_tensor)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("name", model.name.clone()),
+        ("version", model.version.to_string()),
+        ("sha256", model.sha256.clone()),
+        (
+            "size",
+            format!(
+                "{} ({} bytes)",
+                format_bytes(model.size_bytes),
+                model.size_bytes
+            ),
+        ),
+        ("opset", model.opset.to_string()),
+        ("inputs", tensors(&model.inputs)),
+        ("outputs", tensors(&model.outputs)),
+        ("labels", format_labels(&model.labels)),
+        ("private", model.private.to_string()),
+        ("signed by", model.signed_by.clone()),
+        ("public key", hex::encode(&model.signature_public_key)),
+        (
+            "estimated memory",
+            format_bytes(model.estimated_memory_bytes),
+        ),
+        (
+            "created",
+            format!(
+                "{} ({})",
+                format_time(model.created_unix_ms),
+                format_ago(model.created_unix_ms)
+            ),
+        ),
+        ("created by", model.created_by.clone()),
+    ];
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    for (key, value) in rows {
+        table.add_row([key.to_string(), value]);
+    }
+    println!("{table}");
+}
+
+/// Upload progress on stderr: bytes, rate, ETA. Hidden for JSON output and
+/// when stderr is not a terminal.
+fn progress_bar(size: u64, hidden: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if hidden || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(size);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// Reads up to `buf.len()` bytes (fewer only at the end of the file).
+async fn read_chunk(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = file.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    Ok(filled)
+}
+
+async fn push_model(
+    cli: &Cli,
+    file: &std::path::Path,
+    header: pb::PushModelHeader,
+) -> anyhow::Result<pb::Model> {
+    use pb::push_model_request::Kind;
+    use std::sync::{Arc, Mutex};
+    let mut header = header;
+    let opened = tokio::fs::File::open(file)
+        .await
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    let meta = opened
+        .metadata()
+        .await
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    if !meta.is_file() {
+        bail!("{} is not a file", file.display());
+    }
+    header.size_bytes = meta.len();
+    let mut client = connect_models(cli).await?;
+    let bar = progress_bar(meta.len(), cli.output == Output::Json);
+    // A local read error ends the stream early; it is reported instead of
+    // the server's complaint about the short upload.
+    let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();
+    let chunks = futures::stream::unfold(
+        (opened, bar.clone(), Arc::clone(&read_error)),
+        |(mut file, bar, read_error)| async move {
+            let mut buf = vec![0u8; PUSH_CHUNK_BYTES];
+            match read_chunk(&mut file, &mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    bar.inc(n as u64);
+                    let message = pb::PushModelRequest {
+                        kind: Some(Kind::Chunk(buf)),
+                    };
+                    Some((message, (file, bar, read_error)))
+                }
+                Err(err) => {
+                    if let Ok(mut slot) = read_error.lock() {
+                        *slot = Some(err);
+                    }
+                    None
+                }
+            }
+        },
+    );
+    let first = pb::PushModelRequest {
+        kind: Some(Kind::Header(header)),
+    };
+    let stream = futures::StreamExt::chain(futures::stream::iter([first]), chunks);
+    let request = authorized(cli, stream)?;
+    let result = client.push_model(request).await;
+    bar.finish_and_clear();
+    if let Some(err) = read_error.lock().ok().and_then(|mut slot| slot.take()) {
+        return Err(err).with_context(|| format!("cannot read {}", file.display()));
+    }
+    Ok(result.map_err(status_error)?.into_inner())
+}
+
+async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
+    match command {
+        ModelsCommand::Push {
+            file,
+            name,
+            version,
+            labels,
+            private,
+        } => {
+            let mut parsed = BTreeMap::new();
+            for label in labels {
+                parsed.extend(parse_labels(label)?);
+            }
+            if *version == Some(0) {
+                bail!("--version must be at least 1 (leave it out for the next version)");
+            }
+            let header = pb::PushModelHeader {
+                name: name.clone(),
+                version: version.unwrap_or(0),
+                labels: parsed.into_iter().collect(),
+                private: *private,
+                ..Default::default()
+            };
+            let model = push_model(cli, file, header).await?;
+            match cli.output {
+                Output::Json => print_json(&model_json(&model))?,
+                Output::Table => {
+                    eprintln!(
+                        "pushed {}@{} ({}, sha256 {})",
+                        model.name,
+                        model.version,
+                        format_bytes(model.size_bytes),
+                        model.sha256
+                    );
+                    print_model_detail(&model);
+                }
+            }
+        }
+        ModelsCommand::List { name } => {
+            let request = authorized(
+                cli,
+                pb::ListModelsRequest {
+                    name: name.clone().unwrap_or_default(),
+                },
+            )?;
+            let models = connect_models(cli)
+                .await?
+                .list_models(request)
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .models;
+            match cli.output {
+                Output::Json => print_json(&Value::Array(models.iter().map(model_json).collect()))?,
+                Output::Table => print_model_table(&models),
+            }
+        }
+        ModelsCommand::Get { model } => {
+            let (name, version) = parse_model_ref(model, false)?;
+            let request = authorized(cli, pb::GetModelRequest { name, version })?;
+            let model = connect_models(cli)
+                .await?
+                .get_model(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match cli.output {
+                Output::Json => print_json(&model_json(&model))?,
+                Output::Table => print_model_detail(&model),
+            }
+        }
+        ModelsCommand::Delete { model } => {
+            let (name, version) = parse_model_ref(model, true)?;
+            let request = authorized(
+                cli,
+                pb::DeleteModelRequest {
+                    name: name.clone(),
+                    version,
+                },
+            )?;
+            connect_models(cli)
+                .await?
+                .delete_model(request)
+                .await
+                .map_err(status_error)?;
+            match cli.output {
+                Output::Json => {
+                    print_json(&json!({ "name": name, "version": version, "deleted": true }))?
+                }
+                Output::Table => println!("model {name}@{version} deleted"),
             }
         }
     }
@@ -509,5 +885,30 @@ mod tests {
         assert!(parse_labels("region").is_err());
         assert!(parse_labels("=eu").is_err());
         assert!(parse_labels("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn model_references_parse() {
+        assert_eq!(parse_model_ref("mlp", false).unwrap(), ("mlp".into(), 0));
+        assert_eq!(parse_model_ref("mlp@3", false).unwrap(), ("mlp".into(), 3));
+        assert_eq!(parse_model_ref("mlp@3", true).unwrap(), ("mlp".into(), 3));
+        assert!(parse_model_ref("mlp", true).is_err());
+        assert!(parse_model_ref("mlp@", false).is_err());
+        assert!(parse_model_ref("mlp@x", false).is_err());
+        assert!(parse_model_ref("mlp@0", true).is_err());
+        assert!(parse_model_ref("@1", false).is_err());
+    }
+
+    #[test]
+    fn sizes_and_tensors_format() {
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(2048), "2.0 KiB");
+        assert_eq!(format_bytes(3 * 1024 * 1024 + 512 * 1024), "3.5 MiB");
+        let tensor = pb::TensorInfo {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, 3, 224, 224],
+        };
+        assert_eq!(format_tensor(&tensor), "x FP32 [-1,3,224,224]");
     }
 }

@@ -57,6 +57,12 @@ pub struct ServeArgs {
     /// Lifetime of device certificates; agents renew when a third is left [default: 90d].
     #[arg(long, env = "EDGEFLEET_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub device_certificate_validity: Option<Duration>,
+    /// Largest model `PushModel` accepts, in bytes [default: 2 GiB].
+    #[arg(long, env = "EDGEFLEET_MAX_MODEL_BYTES", value_name = "BYTES")]
+    pub max_model_bytes: Option<u64>,
+    /// Device memory a model needs, as a multiple of its size (plus 32 MiB) [default: 3.0].
+    #[arg(long, env = "EDGEFLEET_MODEL_MEMORY_FACTOR", value_name = "FACTOR")]
+    pub model_memory_factor: Option<f64>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -75,6 +81,8 @@ struct FileConfig {
     telemetry_retention: Option<String>,
     telemetry_interval: Option<String>,
     device_certificate_validity: Option<String>,
+    max_model_bytes: Option<u64>,
+    model_memory_factor: Option<f64>,
 }
 
 /// Resolved settings.
@@ -89,6 +97,11 @@ pub struct ServerConfig {
     pub telemetry_retention: Duration,
     pub telemetry_interval: Duration,
     pub device_certificate_validity: Duration,
+    /// Largest model `PushModel` accepts.
+    pub max_model_bytes: u64,
+    /// `estimated_memory_bytes = size × factor + 32 MiB` (see
+    /// [`crate::registry::estimated_memory_bytes`]).
+    pub model_memory_factor: f64,
     /// How often the store is asked for revocations made by other replicas.
     pub revocation_poll_interval: Duration,
     /// How often raw telemetry is rolled up and pruned.
@@ -112,6 +125,8 @@ impl ServerConfig {
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
             device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
+            max_model_bytes: crate::registry::DEFAULT_MAX_MODEL_BYTES,
+            model_memory_factor: crate::registry::DEFAULT_MODEL_MEMORY_FACTOR,
             revocation_poll_interval: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(600),
         }
@@ -198,6 +213,23 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "device_certificate_validity",
         config.device_certificate_validity,
     );
+    config.max_model_bytes = args
+        .max_model_bytes
+        .or(file.max_model_bytes)
+        .unwrap_or(config.max_model_bytes);
+    if config.max_model_bytes == 0 {
+        problems.push("max_model_bytes must be more than zero".to_string());
+    }
+    config.model_memory_factor = args
+        .model_memory_factor
+        .or(file.model_memory_factor)
+        .unwrap_or(config.model_memory_factor);
+    if !config.model_memory_factor.is_finite() || config.model_memory_factor < 1.0 {
+        problems.push(format!(
+            "model_memory_factor = {} must be a number of at least 1.0",
+            config.model_memory_factor
+        ));
+    }
     config.database_url = args.database_url.or(file.database_url);
     config.server_names = if args.server_names.is_empty() {
         file.server_names.unwrap_or_default()

@@ -32,7 +32,8 @@ impl OperatorApi {
     }
 }
 
-/// The operator behind a request's bearer token.
+/// The operator behind a request's `authorization: Bearer <token>`
+/// metadata: shared by every operator-facing service.
 pub async fn authorize<T>(
     cp: &ControlPlane,
     request: &Request<T>,
@@ -57,7 +58,8 @@ pub async fn authorize<T>(
     found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
 }
 
-fn store_error(err: crate::store::StoreError) -> Status {
+/// A storage failure as a gRPC status (logged).
+pub fn store_error(err: crate::store::StoreError) -> Status {
     tracing::error!(error = %err, "store error");
     Status::unavailable(format!("database error: {err}"))
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use edgefleet_pki::CertificateAuthority;
 use edgefleet_proto::edgefleet::v1::agent_service_server::AgentServiceServer;
+use edgefleet_proto::edgefleet::v1::model_service_server::ModelServiceServer;
 use edgefleet_proto::edgefleet::v1::operator_service_server::OperatorServiceServer;
 use edgefleet_proto::edgefleet::v1::rollout_service_server::RolloutServiceServer;
 use tokio::net::TcpListener;
@@ -20,6 +21,7 @@ use crate::ingest::Ingester;
 use crate::metrics::ServerMetrics;
 use crate::operator_service::OperatorApi;
 use crate::rollouts::RolloutApi;
+use crate::registry::service::{MAX_PUSH_MESSAGE_BYTES, ModelApi};
 use crate::sessions::Sessions;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::OperatorToken;
@@ -182,13 +184,20 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     health_reporter
         .set_serving::<OperatorServiceServer<OperatorApi>>()
         .await;
+    health_reporter
+        .set_serving::<ModelServiceServer<ModelApi>>()
+        .await;
     let operator_router = tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection()?)
         .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(
             &cp,
         ))))
-        .add_service(RolloutServiceServer::new(RolloutApi::new(Arc::clone(&cp))));
+        .add_service(RolloutServiceServer::new(RolloutApi::new(Arc::clone(&cp))))
+        .add_service(
+            ModelServiceServer::new(ModelApi::new(Arc::clone(&cp)))
+                .max_decoding_message_size(MAX_PUSH_MESSAGE_BYTES),
+        );
     let stop = shutdown.clone();
     if api_addr.ip().is_loopback() {
         let incoming = tonic::transport::server::TcpIncoming::from(api_listener);

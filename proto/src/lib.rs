@@ -19,6 +19,12 @@ pub mod edgefleet {
     }
 }
 
+/// The subset of the ONNX schema the model registry reads (`package onnx`):
+/// enough to validate a model and list its inputs, outputs and opset.
+pub mod onnx {
+    tonic::include_proto!("onnx");
+}
+
 mod histogram;
 pub use histogram::{BUCKETS_PER_OCTAVE, bucket_lower_bound, bucket_of};
 

@@ -1,0 +1,217 @@
+//! The model registry end to end: a real `edgefleet-server` and the
+//! `edgefleet` CLI pushing, listing, getting and deleting models.
+//!
+//! Needs the registry store (`RegistryStore` for SQLite/PostgreSQL).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use support::{Server, testdata};
+
+fn fixture(name: &str) -> PathBuf {
+    testdata().join("models").join(name).join("1/model.onnx")
+}
+
+fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    walk(&path, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data_dir.join("blobs"), &mut out);
+    out
+}
+
+fn sha256_of(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+#[test]
+fn push_list_get_dedupe_reject_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("server");
+    let server = Server::start(&data_dir, None, &[]);
+    let mlp = fixture("mlp");
+    let digest = sha256_of(&mlp);
+
+    // Push: checked, stored by digest, signed by the fleet.
+    let model = server.cli_json(&[
+        "models",
+        "push",
+        mlp.to_str().unwrap(),
+        "--name",
+        "mlp",
+        "--label",
+        "team=vision",
+    ]);
+    assert_eq!(model["name"], "mlp");
+    assert_eq!(model["version"], 1);
+    assert_eq!(model["sha256"], digest.as_str());
+    assert_eq!(model["size_bytes"], std::fs::metadata(&mlp).unwrap().len());
+    assert_eq!(model["signed_by"], "fleet");
+    assert_eq!(model["labels"]["team"], "vision");
+    assert_eq!(model["inputs"][0]["name"], "input");
+    assert_eq!(model["inputs"][0]["datatype"], "FP32");
+    assert!(model["opset"].as_i64().unwrap() > 0);
+    assert!(model["estimated_memory_bytes"].as_u64().unwrap() >= 32 << 20);
+    let signature = hex::decode(model["signature"].as_str().unwrap()).unwrap();
+    let public_key = hex::decode(model["signature_public_key"].as_str().unwrap()).unwrap();
+    edgefleet_pki::verify_model_signature(&public_key, &digest, &signature).unwrap();
+
+    // List and get.
+    let list = server.cli_json(&["models", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["sha256"], digest.as_str());
+    let got = server.cli_json(&["models", "get", "mlp@1"]);
+    assert_eq!(got, model);
+    let latest = server.cli_json(&["models", "get", "mlp"]);
+    assert_eq!(latest["version"], 1);
+    let table = server.cli(&["models", "list"]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    assert!(String::from_utf8_lossy(&table.stdout).contains("mlp"));
+
+    // The same file again: as the same version (a no-op), then as the next
+    // version; one blob either way.
+    let again = server.cli_json(&[
+        "models",
+        "push",
+        mlp.to_str().unwrap(),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+        "--label",
+        "team=vision",
+    ]);
+    assert_eq!(again["sha256"], digest.as_str());
+    assert_eq!(again["version"], 1);
+    let second = server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", "mlp"]);
+    assert_eq!(second["version"], 2);
+    assert_eq!(second["sha256"], digest.as_str());
+    assert_eq!(
+        blob_files(&data_dir).len(),
+        1,
+        "{:?}",
+        blob_files(&data_dir)
+    );
+    assert_eq!(
+        server
+            .cli_json(&["models", "list", "--name", "mlp"])
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    // Other content under an existing version: ALREADY_EXISTS.
+    let conv = fixture("conv");
+    let clash = server.cli(&[
+        "models",
+        "push",
+        conv.to_str().unwrap(),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+    ]);
+    assert!(!clash.status.success());
+    assert!(
+        stderr(&clash).contains("already exists"),
+        "{}",
+        stderr(&clash)
+    );
+    assert_eq!(
+        blob_files(&data_dir).len(),
+        1,
+        "{:?}",
+        blob_files(&data_dir)
+    );
+
+    // Not ONNX, and empty: refused clearly, nothing kept.
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, "this is not an ONNX model\n".repeat(100)).unwrap();
+    let refused = server.cli(&["models", "push", junk.to_str().unwrap(), "--name", "junk"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("not a valid ONNX model"),
+        "{}",
+        stderr(&refused)
+    );
+    let empty = dir.path().join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let refused = server.cli(&["models", "push", empty.to_str().unwrap(), "--name", "empty"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("empty"), "{}", stderr(&refused));
+    assert_eq!(
+        blob_files(&data_dir).len(),
+        1,
+        "{:?}",
+        blob_files(&data_dir)
+    );
+    let missing = server.cli(&["models", "get", "junk"]);
+    assert!(!missing.status.success());
+    assert!(
+        stderr(&missing).contains("NotFound"),
+        "{}",
+        stderr(&missing)
+    );
+
+    // Bad names and references.
+    let bad = server.cli(&["models", "push", mlp.to_str().unwrap(), "--name", "a/b"]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("model name"), "{}", stderr(&bad));
+    let no_version = server.cli(&["models", "delete", "mlp"]);
+    assert!(!no_version.status.success());
+
+    // Delete: the blob goes with the last version that uses it.
+    let deleted = server.cli(&["models", "delete", "mlp@1"]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    assert_eq!(blob_files(&data_dir).len(), 1);
+    let gone = server.cli(&["models", "get", "mlp@1"]);
+    assert!(!gone.status.success());
+    assert!(stderr(&gone).contains("NotFound"), "{}", stderr(&gone));
+    let deleted = server.cli(&["models", "delete", "mlp@2"]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+    assert!(
+        blob_files(&data_dir).is_empty(),
+        "{:?}",
+        blob_files(&data_dir)
+    );
+    let list: Value = server.cli_json(&["models", "list"]);
+    assert!(list.as_array().unwrap().is_empty(), "{list}");
+    let again = server.cli(&["models", "delete", "mlp@2"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("NotFound"), "{}", stderr(&again));
+}
+
+#[test]
+fn size_limit_is_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("server");
+    let server = Server::start(&data_dir, None, &["--max-model-bytes", "1000"]);
+    let conv = fixture("conv");
+    assert!(std::fs::metadata(&conv).unwrap().len() > 1000);
+    let refused = server.cli(&["models", "push", conv.to_str().unwrap(), "--name", "conv"]);
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("limit"), "{}", stderr(&refused));
+    assert!(
+        blob_files(&data_dir).is_empty(),
+        "{:?}",
+        blob_files(&data_dir)
+    );
+}
