@@ -23,7 +23,7 @@ const BACKLOG_INTERVALS: usize = 360;
 const SUSTAINED_INTERVALS: usize = 60;
 /// The group commit the server uses: up to this many batches per call.
 pub const SERVER_GROUP: usize = 500;
-const GROUPS: [usize; 3] = [100, SERVER_GROUP, 500];
+const GROUPS: [usize; 3] = [100, 250, SERVER_GROUP];
 /// 2025-01-01 00:00 UTC.
 const T0: i64 = 1_735_689_600_000;
 const HOUR: i64 = 3_600_000;
