@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::{Store, TelemetryRecord};
 
 /// Most batches stored in one transaction.
-pub const MAX_GROUP: usize = 256;
+pub const MAX_GROUP: usize = 500;
 
 type Reply = oneshot::Sender<Result<bool, String>>;
 

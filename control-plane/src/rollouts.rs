@@ -96,9 +96,10 @@ pub fn wave_sizes(waves: &[WaveSize], n: usize) -> Vec<usize> {
     sizes
 }
 
-/// Whether a model's estimated memory fits a device: at most half its RAM.
+/// Whether a model's estimated memory fits a device (the registry's rule);
+/// a device that did not report its memory is not refused.
 pub fn fits_device(estimated_memory_bytes: u64, device_memory_bytes: u64) -> bool {
-    device_memory_bytes == 0 || estimated_memory_bytes <= device_memory_bytes / 2
+    device_memory_bytes == 0 || crate::registry::fits(estimated_memory_bytes, device_memory_bytes)
 }
 
 fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> RolloutEventRecord {
