@@ -35,6 +35,10 @@ struct BlobServer {
     requests: Mutex<Vec<(String, u64)>>,
     /// The next stream fails after this many bytes (once).
     cut_after: Mutex<Option<u64>>,
+    /// What a Session answers after Welcome (release key) and sends next.
+    session_script: Mutex<Option<(Vec<u8>, pb::DesiredState)>>,
+    /// Every message agents sent on sessions.
+    upstream: Arc<Mutex<Vec<pb::AgentMessage>>>,
 }
 
 const CHUNK: usize = 256;
@@ -58,9 +62,48 @@ impl AgentService for BlobServer {
 
     async fn session(
         &self,
-        _request: Request<Streaming<pb::AgentMessage>>,
+        request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        Err(Status::unimplemented("not in this test server"))
+        let Some((release_key, desired)) = self.session_script.lock().unwrap().clone() else {
+            return Err(Status::unimplemented("not in this test server"));
+        };
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        if !matches!(
+            first,
+            Some(pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Hello(_))
+            })
+        ) {
+            return Err(Status::invalid_argument("Hello first"));
+        }
+        let upstream = Arc::clone(&self.upstream);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                upstream.lock().unwrap().push(message);
+            }
+        });
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        use pb::control_message::Kind;
+        for kind in [
+            Kind::Welcome(pb::Welcome {
+                device_id: "dev-1".into(),
+                release_public_key: release_key,
+                ..Default::default()
+            }),
+            Kind::DesiredState(desired),
+        ] {
+            let _ = sender
+                .send(Ok(pb::ControlMessage { kind: Some(kind) }))
+                .await;
+        }
+        // Keep the stream open as long as the test runs.
+        tokio::spawn(async move {
+            sender.closed().await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
     }
 
     type DownloadBlobStream = BoxStream<pb::BlobChunk>;
@@ -462,12 +505,17 @@ async fn a_restart_resumes_from_the_partial_file() {
         .encode_to_vec(),
     )
     .unwrap();
+    // And a half-staged install, which is cleaned up.
+    let staged = h.models_dir().join(".staging/conv-1-x");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("model.onnx"), b"half").unwrap();
     // No submit: the persisted desired state is enough.
     let mut running = h.start().await;
     assert_active(&running.outcome("conv", 1).await);
     assert_eq!(h.server.requests(), [(model.sha256.clone(), 1234)]);
     assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
     assert_eq!(running.link.generation(), 3);
+    assert!(!staged.exists());
     running.stop().await;
 }
 
@@ -598,4 +646,94 @@ async fn a_blob_already_on_the_device_is_not_downloaded() {
     assert_eq!(running.stages("cached"), [Stage::Active]);
     assert!(h.server.requests().is_empty());
     running.stop().await;
+}
+
+struct NoHello;
+
+impl edgefleet_agent::managed::session::HelloSource for NoHello {
+    fn inventory(&self) -> pb::Inventory {
+        pb::Inventory::default()
+    }
+    fn models(&self) -> Vec<pb::ModelVersionRef> {
+        Vec::new()
+    }
+    fn runtime(&self) -> String {
+        "tract".into()
+    }
+}
+
+/// The session takes the release key from Welcome, hands DesiredState to
+/// delivery and sends its ActivationReports upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
+    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
+    use edgefleet_agent::telemetry::{
+        DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
+        TelemetryRecorder,
+    };
+    let h = Harness::new().await;
+    // The agent has no release key until the Welcome brings it.
+    std::fs::remove_file(h.state.release_key_path()).unwrap();
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
+    *h.server.session_script.lock().unwrap() = Some((
+        h.release.public_key(),
+        pb::DesiredState {
+            generation: 9,
+            models: vec![model],
+            trusted_keys: Vec::new(),
+        },
+    ));
+    let running = h.start().await;
+    let config = TelemetryConfig {
+        interval: DEFAULT_TELEMETRY_INTERVAL,
+        outbox_cap_bytes: 1 << 20,
+    };
+    let collector = TelemetryCollector::new(
+        Arc::new(TelemetryRecorder::new()),
+        DeviceProbe::new(),
+        Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap(),
+        config,
+        "tract",
+        std::time::SystemTime::now(),
+    );
+    let session = tokio::spawn(run_session(
+        h.state.clone(),
+        Arc::new(Mutex::new(collector)),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(NoHello),
+        Some(running.link.clone()),
+        SessionClientOptions::default(),
+        running.stop.clone(),
+    ));
+    let activations = || -> Vec<pb::ActivationReport> {
+        h.server
+            .upstream
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(pb::agent_message::Kind::Activation(report)) => Some(report.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    support::assert_eventually(Duration::from_secs(60), || {
+        let done = activations()
+            .iter()
+            .any(|r| r.stage == Stage::Active as i32 && r.generation == 9);
+        async move { done }
+    })
+    .await;
+    let stages: Vec<i32> = activations().iter().map(|r| r.stage).collect();
+    assert_eq!(
+        stages.first(),
+        Some(&(Stage::Downloading as i32)),
+        "{stages:?}"
+    );
+    assert_eq!(h.state.release_key().unwrap(), Some(h.release.public_key()));
+    assert_eq!(h.served("mlp"), [1]);
+    running.stop.cancel();
+    session.await.unwrap();
+    running.task.await.unwrap();
 }

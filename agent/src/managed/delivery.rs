@@ -188,7 +188,11 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(DeliveryLink, tokio::task::JoinHandle<()>)> {
     let for_load = state.clone();
-    let persisted = tokio::task::spawn_blocking(move || load_desired(&for_load)).await??;
+    let persisted = tokio::task::spawn_blocking(move || {
+        files::clean_work_areas(&for_load.models_dir(), &for_load.blobs_dir());
+        load_desired(&for_load)
+    })
+    .await??;
     let (sender, receiver) = watch::channel(persisted);
     let reports = Arc::new(Reports::default());
     let delivery = Delivery {

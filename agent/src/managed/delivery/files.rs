@@ -232,6 +232,29 @@ fn empty_trash(models_dir: &Path) {
     }
 }
 
+/// Deletes what an interrupted run (a crash, SIGKILL) left in the work
+/// areas: staged installs, trashed versions, half-made blob copies.
+/// `.partial` downloads stay: they are resumed.
+pub fn clean_work_areas(models_dir: &Path, blobs_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(models_dir.join(STAGING_DIR)) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    empty_trash(models_dir);
+    if let Ok(entries) = std::fs::read_dir(blobs_dir) {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.contains(".copy-"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 /// Removes every version of `name` above `keep` (a rollback) and all but
 /// the highest one below it (kept for rollback). Returns what it removed.
 pub fn prune(models_dir: &Path, name: &str, keep: u64) -> anyhow::Result<Vec<u64>> {
