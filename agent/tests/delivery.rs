@@ -737,3 +737,27 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
     session.await.unwrap();
     running.task.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    // Garbage a power cut could leave: the right length, the wrong bytes.
+    std::fs::write(
+        h.state
+            .blobs_dir()
+            .join(format!("{}.partial", model.sha256)),
+        vec![0u8; 2000],
+    )
+    .unwrap();
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    assert_active(&running.outcome("conv", 1).await);
+    assert_eq!(
+        h.server.requests(),
+        [(model.sha256.clone(), 2000), (model.sha256.clone(), 0)]
+    );
+    assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    running.stop().await;
+}

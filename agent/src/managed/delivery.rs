@@ -297,7 +297,16 @@ struct Job<'a> {
 
 impl Job<'_> {
     fn interrupted(&self, shutdown: &CancellationToken) -> bool {
-        shutdown.is_cancelled() || self.desired.has_changed().unwrap_or(true)
+        shutdown.is_cancelled() || self.desired.has_changed().unwrap_or(false)
+    }
+}
+
+/// Resolves when a desired state newer than the one being worked on arrives.
+async fn newer_desired_state(desired: &watch::Receiver<Option<pb::DesiredState>>) {
+    let mut desired = desired.clone();
+    if desired.changed().await.is_err() {
+        // No one can submit any more: nothing newer will come.
+        std::future::pending::<()>().await;
     }
 }
 
@@ -424,11 +433,12 @@ impl Delivery {
                 .into_iter()
                 .any(|v| v > version)
         };
+        // Even a version already served must be signed to count as desired.
+        self.verify_signature(job)?;
         if installed_ok && !higher_on_disk && self.served(&model.name, model.version) {
             self.report(job, Stage::Active, "", 0);
             return Ok(());
         }
-        self.verify_signature(job)?;
         if !installed_ok {
             let blob = blobs_dir.join(&model.sha256);
             self.fetch(job, &blob).await?;
@@ -512,20 +522,30 @@ impl Delivery {
             return Ok(());
         }
         let partial = blob.with_file_name(format!("{}.partial", model.sha256));
-        self.download(job, &partial).await?;
-        self.report(job, Stage::Verifying, "", 0);
-        let path = partial.clone();
-        let digest = blocking(move || Ok(files::sha256_file(&path)?)).await?;
-        if digest != model.sha256 {
+        let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0;
+        loop {
+            self.download(job, &partial).await?;
+            self.report(job, Stage::Verifying, "", 0);
             let path = partial.clone();
+            let digest = blocking(move || Ok(files::sha256_file(&path)?)).await?;
+            let path = partial.clone();
+            if digest == model.sha256 {
+                download::finish(&partial, blob).await?;
+                return Ok(());
+            }
             let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
+            if resumed {
+                // The bytes kept from before a restart may be what is wrong
+                // (a power cut can leave garbage): one fresh download.
+                tracing::warn!(model = %model.name, version = model.version, "a resumed download does not match its digest; downloading it again");
+                resumed = false;
+                continue;
+            }
             return Err(Stop::Failed(format!(
                 "digest mismatch: expected {}, the download has {digest}",
                 model.sha256
             )));
         }
-        download::finish(&partial, blob).await?;
-        Ok(())
     }
 
     /// Downloads into `partial` until complete, retrying with backoff.
@@ -547,6 +567,7 @@ impl Delivery {
             };
             let attempt = tokio::select! {
                 () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
+                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
                 attempt = download::attempt(
                     &self.state,
                     self.options.connect_timeout,
@@ -572,6 +593,7 @@ impl Delivery {
             tracing::warn!(model = %model.name, version = model.version, %reason, delay_ms = delay.as_millis() as u64, "model download interrupted; retrying");
             tokio::select! {
                 () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
+                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
                 () = tokio::time::sleep(delay) => {}
             }
         }
