@@ -35,6 +35,8 @@ struct BlobServer {
     requests: Mutex<Vec<(String, u64)>>,
     /// The next stream fails after this many bytes (once).
     cut_after: Mutex<Option<u64>>,
+    /// The next stream sends one chunk, then hangs (once).
+    stall: Mutex<bool>,
     /// What a Session answers after Welcome (release key) and sends next.
     session_script: Mutex<Option<(Vec<u8>, pb::DesiredState)>>,
     /// Every message agents sent on sessions.
@@ -128,6 +130,17 @@ impl AgentService for BlobServer {
             return Err(Status::out_of_range("offset beyond the end"));
         }
         let cut = self.cut_after.lock().unwrap().take();
+        if std::mem::take(&mut *self.stall.lock().unwrap()) {
+            let end = (request.offset as usize + CHUNK).min(blob.len());
+            let first = pb::BlobChunk {
+                offset: request.offset,
+                data: blob[request.offset as usize..end].to_vec(),
+                total_size: total,
+            };
+            use futures::StreamExt;
+            let stream = tokio_stream::iter([Ok(first)]).chain(futures::stream::pending());
+            return Ok(Response::new(Box::pin(stream)));
+        }
         let mut items = Vec::new();
         let mut offset = request.offset as usize;
         let mut sent = 0u64;
@@ -290,6 +303,10 @@ impl Harness {
     }
 
     async fn start(&self) -> Running {
+        self.start_with(check()).await
+    }
+
+    async fn start_with(&self, model_check: ModelCheck) -> Running {
         let stop = self.stop.child_token();
         let (link, task) = delivery::start(
             self.state.clone(),
@@ -298,7 +315,7 @@ impl Harness {
                 backoff_initial: Duration::from_millis(20),
                 backoff_max: Duration::from_millis(200),
                 activation_timeout: Duration::from_secs(60),
-                ..DeliveryOptions::new(check())
+                ..DeliveryOptions::new(model_check)
             },
             stop.clone(),
         )
@@ -759,5 +776,58 @@ async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
         [(model.sha256.clone(), 2000), (model.sha256.clone(), 0)]
     );
     assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_the_registry_fails_to_load_is_failed_and_the_previous_serves_on() {
+    let h = Harness::new().await;
+    h.install_fixture("mlp", 1, "mlp");
+    h.sync().await;
+    assert_eq!(h.served("mlp"), [1]);
+    // A pre-install check that passes anything (`true check-model ...`), so
+    // only the registry's own load finds the model broken.
+    let lenient = ModelCheck::ChildProcess {
+        exe: PathBuf::from("true"),
+        timeout: Duration::from_secs(10),
+    };
+    let model = h.model("mlp", 2, &fixture_bytes("unsupported_op"));
+    let mut running = h.start_with(lenient).await;
+    running.submit(1, vec![model]);
+    let report = running.outcome("mlp", 2).await;
+    assert_failed(&report, "failed to load");
+    assert!(running.stages("mlp").contains(&Stage::Loading));
+    assert_eq!(h.served("mlp"), [1]);
+    assert!(h.registry.get("mlp", None).is_ok());
+    // The previous version is still on disk for the registry to serve.
+    assert!(h.models_dir().join("mlp/1/model.onnx").exists());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_desired_state_interrupts_a_stalled_download() {
+    let h = Harness::new().await;
+    let stalled = h.model("big", 1, &fixture_bytes("conv"));
+    *h.server.stall.lock().unwrap() = true;
+    let mut running = h.start().await;
+    running.submit(1, vec![stalled.clone()]);
+    support::assert_eventually(Duration::from_secs(30), || {
+        let started = !h.server.requests().is_empty();
+        async move { started }
+    })
+    .await;
+    // Generation 2 wants another model: it must not wait for the stall.
+    let other = h.model("small", 1, &fixture_bytes("mlp"));
+    running.submit(2, vec![other]);
+    let report = running.outcome("small", 1).await;
+    assert_active(&report);
+    assert_eq!(report.generation, 2);
+    assert!(!h.models_dir().join("big").exists());
+    // What arrived of the abandoned blob is kept for a later resume.
+    let partial = h
+        .state
+        .blobs_dir()
+        .join(format!("{}.partial", stalled.sha256));
+    assert_eq!(std::fs::metadata(partial).unwrap().len(), CHUNK as u64);
     running.stop().await;
 }
