@@ -193,6 +193,7 @@ pub async fn start(
         load_desired(&for_load)
     })
     .await??;
+    let on_disk = persisted.as_ref().map(|d| d.generation);
     let (sender, receiver) = watch::channel(persisted);
     let reports = Arc::new(Reports::default());
     let delivery = Delivery {
@@ -203,7 +204,7 @@ pub async fn start(
         digests: Arc::new(DigestCache::default()),
         shutdown,
     };
-    let task = tokio::spawn(delivery.run(receiver));
+    let task = tokio::spawn(delivery.run(receiver, on_disk));
     Ok((
         DeliveryLink {
             desired: Arc::new(sender),
@@ -319,10 +320,25 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Delivery {
-    async fn run(self, mut desired: watch::Receiver<Option<pb::DesiredState>>) {
+    /// `on_disk`: the generation of the persisted desired state, if any.
+    async fn run(
+        self,
+        mut desired: watch::Receiver<Option<pb::DesiredState>>,
+        mut on_disk: Option<u64>,
+    ) {
         let mut current = desired.borrow_and_update().clone();
         loop {
             if let Some(state) = current.take() {
+                if on_disk != Some(state.generation) {
+                    let path = self.state.desired_path();
+                    let bytes = state.encode_to_vec();
+                    match blocking(move || files::write_atomically(&path, &bytes)).await {
+                        Ok(()) => on_disk = Some(state.generation),
+                        Err(err) => {
+                            tracing::warn!(error = %format!("{err:#}"), "cannot persist the desired state")
+                        }
+                    }
+                }
                 self.converge(&state, &desired).await;
             }
             tokio::select! {
@@ -330,13 +346,6 @@ impl Delivery {
                 changed = desired.changed() => if changed.is_err() { return },
             }
             current = desired.borrow_and_update().clone();
-            if let Some(state) = &current {
-                let path = self.state.desired_path();
-                let bytes = state.encode_to_vec();
-                if let Err(err) = blocking(move || files::write_atomically(&path, &bytes)).await {
-                    tracing::warn!(error = %format!("{err:#}"), "cannot persist the desired state");
-                }
-            }
         }
     }
 
