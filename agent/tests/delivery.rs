@@ -526,6 +526,12 @@ async fn a_restart_resumes_from_the_partial_file() {
     let staged = h.models_dir().join(".staging/conv-1-x");
     std::fs::create_dir_all(&staged).unwrap();
     std::fs::write(staged.join("model.onnx"), b"half").unwrap();
+    // And a partial download nothing wants any more, which goes.
+    let stale = h
+        .state
+        .blobs_dir()
+        .join(format!("{}.partial", "0".repeat(64)));
+    std::fs::write(&stale, b"old").unwrap();
     // No submit: the persisted desired state is enough.
     let mut running = h.start().await;
     assert_active(&running.outcome("conv", 1).await);
@@ -533,6 +539,11 @@ async fn a_restart_resumes_from_the_partial_file() {
     assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
     assert_eq!(running.link.generation(), 3);
     assert!(!staged.exists());
+    support::assert_eventually(Duration::from_secs(10), || {
+        let gone = !stale.exists();
+        async move { gone }
+    })
+    .await;
     running.stop().await;
 }
 
@@ -816,18 +827,25 @@ async fn a_newer_desired_state_interrupts_a_stalled_download() {
         async move { started }
     })
     .await;
-    // Generation 2 wants another model: it must not wait for the stall.
+    // Generation 2 wants another model first: it must not wait for the stall.
     let other = h.model("small", 1, &fixture_bytes("mlp"));
-    running.submit(2, vec![other]);
+    running.submit(2, vec![other, stalled.clone()]);
     let report = running.outcome("small", 1).await;
     assert_active(&report);
     assert_eq!(report.generation, 2);
-    assert!(!h.models_dir().join("big").exists());
-    // What arrived of the abandoned blob is kept for a later resume.
-    let partial = h
-        .state
-        .blobs_dir()
-        .join(format!("{}.partial", stalled.sha256));
-    assert_eq!(std::fs::metadata(partial).unwrap().len(), CHUNK as u64);
+    // Then the abandoned download resumes after what had arrived.
+    assert_active(&running.outcome("big", 1).await);
+    let big: Vec<u64> = h
+        .server
+        .requests()
+        .into_iter()
+        .filter(|(sha, _)| *sha == stalled.sha256)
+        .map(|(_, offset)| offset)
+        .collect();
+    assert_eq!(big, [0, CHUNK as u64]);
+    assert_eq!(
+        installed(&h.models_dir(), "big", 1),
+        Some(fixture_bytes("conv"))
+    );
     running.stop().await;
 }

@@ -418,6 +418,18 @@ impl Delivery {
                 }
             }
         }
+        // Done with this generation: blobs nothing wants any more go.
+        let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
+        let blobs_dir = self.state.blobs_dir();
+        if let Ok(removed) = blocking(move || {
+            let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            Ok(files::collect_garbage(&blobs_dir, &wanted))
+        })
+        .await
+            && !removed.is_empty()
+        {
+            tracing::info!(?removed, "deleted model blobs no longer wanted");
+        }
     }
 
     async fn deliver(&self, job: &Job<'_>) -> Result<(), Stop> {

@@ -255,6 +255,25 @@ pub fn clean_work_areas(models_dir: &Path, blobs_dir: &Path) {
     }
 }
 
+/// Deletes cached blobs and partial downloads no desired model refers to.
+pub fn collect_garbage(blobs_dir: &Path, wanted: &[&str]) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(blobs_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let digest = name.strip_suffix(".partial").unwrap_or(&name);
+        if !wanted.contains(&digest) && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
 /// Removes every version of `name` above `keep` (a rollback) and all but
 /// the highest one below it (kept for rollback). Returns what it removed.
 pub fn prune(models_dir: &Path, name: &str, keep: u64) -> anyhow::Result<Vec<u64>> {
@@ -336,6 +355,18 @@ mod tests {
         let removed = prune(dir.path(), "m", 5).unwrap();
         assert_eq!(removed, [1, 2, 7]);
         assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [4, 5]);
+    }
+
+    #[test]
+    fn garbage_collection_keeps_wanted_blobs_and_their_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["aa", "bb.partial", "cc", "cc.partial"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let removed = collect_garbage(dir.path(), &["bb", "cc"]);
+        assert_eq!(removed, ["aa"]);
+        assert!(dir.path().join("bb.partial").exists());
+        assert!(dir.path().join("cc").exists());
     }
 
     #[test]
