@@ -414,6 +414,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     };
     let sysfs_root = args.sysfs_root.or(file.sysfs_root);
 
+    let model_check = config.options.model_check.clone();
     let agent = Agent::new(config.options)?;
     let recorder = Arc::clone(agent.telemetry());
     let registry = Arc::clone(agent.service().registry());
@@ -434,6 +435,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     );
     collector.set_device_id(&enrollment.device_id);
     let collector = Arc::new(std::sync::Mutex::new(collector));
+    let delivery_registry = Arc::clone(&registry);
     let hello = Arc::new(AgentHello {
         registry,
         runtime,
@@ -443,6 +445,13 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let (delivery, delivery_task) = managed::delivery::start(
+        state.clone(),
+        delivery_registry,
+        managed::delivery::DeliveryOptions::new(model_check),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(device = %enrollment.device_id, server = %enrollment.server_url, "managed mode");
     let new_batch = Arc::new(tokio::sync::Notify::new());
     let ticker = tokio::spawn(session::run_telemetry(
@@ -455,6 +464,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
         collector,
         new_batch,
         hello,
+        Some(delivery),
         SessionClientOptions {
             backoff_max: reconnect_max_delay,
             ..SessionClientOptions::default()
@@ -464,6 +474,8 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     with_grace(agent.run(grpc, http, shutdown.clone()), &shutdown).await?;
     let _ = ticker.await;
     let _ = session_task.await;
+    // Delivery stops between steps; a model check in progress is not waited for long.
+    let _ = tokio::time::timeout(Duration::from_secs(5), delivery_task).await;
     Ok(())
 }
 

@@ -116,6 +116,11 @@ pub async fn enroll(
         ca_pem: response.ca_certificate_pem,
     };
     state.save_enrollment(&enrollment, &identity)?;
+    if !response.release_public_key.is_empty() {
+        state
+            .save_release_key(&response.release_public_key)
+            .context("cannot store the fleet's release key")?;
+    }
     Ok(enrollment)
 }
 

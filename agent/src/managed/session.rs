@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
+use super::delivery::DeliveryLink;
 use super::state::{Identity, StateDir};
 use crate::telemetry::TelemetryCollector;
 
@@ -123,6 +124,7 @@ pub async fn run_session(
     collector: SharedCollector,
     new_batch: Arc<Notify>,
     hello: Arc<dyn HelloSource>,
+    delivery: Option<DeliveryLink>,
     options: SessionClientOptions,
     shutdown: CancellationToken,
 ) {
@@ -137,6 +139,7 @@ pub async fn run_session(
             &collector,
             &new_batch,
             hello.as_ref(),
+            delivery.as_ref(),
             &options,
             &shutdown,
         )
@@ -187,6 +190,7 @@ async fn connect_and_serve(
     collector: &SharedCollector,
     new_batch: &Notify,
     hello: &dyn HelloSource,
+    delivery: Option<&DeliveryLink>,
     options: &SessionClientOptions,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
@@ -251,6 +255,22 @@ async fn connect_and_serve(
         acked_sequence = welcome.acked_sequence,
         "connected to the control plane"
     );
+    if !welcome.release_public_key.is_empty() {
+        let key = welcome.release_public_key.clone();
+        let state_for_key = state.clone();
+        match tokio::task::spawn_blocking(move || state_for_key.save_release_key(&key)).await {
+            Ok(Ok(true)) => tracing::info!("stored the fleet's release key"),
+            Ok(Ok(false)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot store the fleet's release key")
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot store the fleet's release key"),
+        }
+    }
+    if let Some(delivery) = delivery {
+        // Whatever the last session could not send: the latest per model.
+        delivery.reports().resend_latest();
+    }
     let acked_at_welcome = welcome.acked_sequence;
     let interval = Duration::from_secs(u64::from(welcome.telemetry_interval_seconds));
     with_collector(collector, move |c| {
@@ -279,6 +299,16 @@ async fn connect_and_serve(
             }
             reported_models = models;
         }
+        if let Some(delivery) = delivery {
+            for report in delivery.reports().take() {
+                let message = pb::AgentMessage {
+                    kind: Some(Upstream::Activation(report)),
+                };
+                if outbound.send(message).await.is_err() {
+                    return Ok(SessionEnd::Lost("the session's send side closed".into()));
+                }
+            }
+        }
         // Send what the window allows.
         let mut maybe_more = false;
         let room = SEND_WINDOW.saturating_sub((sent - acked) as usize);
@@ -301,8 +331,15 @@ async fn connect_and_serve(
             }
         }
         let window_full = (sent - acked) as usize >= SEND_WINDOW;
+        let report_queued = async {
+            match delivery {
+                Some(delivery) => delivery.reports().notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            () = report_queued => {}
             () = new_batch.notified(), if !maybe_more => {}
             () = std::future::ready(()), if maybe_more && !window_full => {}
             _ = heartbeat.tick() => {
@@ -373,7 +410,17 @@ async fn connect_and_serve(
                         let _ = outbound.send(ack).await;
                     }
                     Some(Downstream::DesiredState(desired)) => {
-                        tracing::debug!(generation = desired.generation, "desired state received (model delivery is not built yet)");
+                        let generation = desired.generation;
+                        match delivery {
+                            Some(delivery) => {
+                                if delivery.submit(desired) {
+                                    tracing::info!(generation, "new desired state");
+                                } else {
+                                    tracing::debug!(generation, "desired state not newer than the current one");
+                                }
+                            }
+                            None => tracing::debug!(generation, "desired state received without model delivery"),
+                        }
                     }
                     Some(Downstream::Welcome(_)) | None => {}
                 }

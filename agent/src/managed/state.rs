@@ -6,7 +6,10 @@
 //!   identity/device.crt      its certificate, issued by the fleet CA
 //!   identity/ca.crt          the fleet CA
 //!   identity/enrollment.json device id, server URL, labels
+//!   identity/release.pub     the fleet's release key (raw Ed25519, 32 bytes)
 //!   models/                  the model cache (a Triton-layout repository)
+//!   blobs/<sha256>           downloaded model blobs, verified (`.partial`: in progress)
+//!   desired.pb               the latest DesiredState (protobuf), for restarts
 //!   telemetry/               the store-and-forward queue
 //! ```
 
@@ -60,6 +63,53 @@ impl StateDir {
         self.root.join("telemetry")
     }
 
+    /// Downloaded model blobs, by SHA-256.
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+
+    /// The latest desired state (encoded protobuf).
+    pub fn desired_path(&self) -> PathBuf {
+        self.root.join("desired.pb")
+    }
+
+    pub fn release_key_path(&self) -> PathBuf {
+        self.identity_dir().join("release.pub")
+    }
+
+    /// Stores the fleet's release key (raw Ed25519 public key, 32 bytes).
+    /// Returns whether it changed.
+    pub fn save_release_key(&self, key: &[u8]) -> anyhow::Result<bool> {
+        if key.len() != 32 {
+            anyhow::bail!(
+                "the release key is {} bytes, not the 32 of an Ed25519 public key",
+                key.len()
+            );
+        }
+        if self.release_key()?.as_deref() == Some(key) {
+            return Ok(false);
+        }
+        std::fs::create_dir_all(self.identity_dir())
+            .with_context(|| format!("cannot create {}", self.identity_dir().display()))?;
+        edgefleet_pki::write_private_file(&self.release_key_path(), key)?;
+        Ok(true)
+    }
+
+    /// The fleet's release key, if the agent has one.
+    pub fn release_key(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = self.release_key_path();
+        match std::fs::read(&path) {
+            Ok(key) if key.len() == 32 => Ok(Some(key)),
+            Ok(key) => anyhow::bail!(
+                "{} holds {} bytes, not a 32-byte Ed25519 key",
+                path.display(),
+                key.len()
+            ),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+        }
+    }
+
     fn enrollment_path(&self) -> PathBuf {
         self.identity_dir().join("enrollment.json")
     }
@@ -87,6 +137,7 @@ impl StateDir {
             self.identity_dir(),
             self.models_dir(),
             self.telemetry_dir(),
+            self.blobs_dir(),
         ] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

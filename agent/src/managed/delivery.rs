@@ -1,0 +1,781 @@
+//! Model delivery: makes the device serve the model versions of the
+//! control plane's latest `DesiredState`.
+//!
+//! The session hands each DesiredState to [`DeliveryLink::submit`] (newest
+//! generation wins; it never blocks) and sends the [`ActivationReport`]s
+//! queued in [`Reports`] upstream. The delivery task persists the desired
+//! state (`STATE/desired.pb`, so a restart converges without waiting for the
+//! control plane) and, model by model:
+//!
+//! 1. skips what is already served at that version with that digest
+//!    (one ACTIVE report per generation);
+//! 2. checks the signature of the digest against the release key or a
+//!    trusted key (no download for a model that could never activate);
+//! 3. finds the blob locally (`STATE/blobs/<sha256>`, or an installed model
+//!    file with that digest) or downloads it with `DownloadBlob` into
+//!    `STATE/blobs/<sha256>.partial`, resuming from that file's size;
+//! 4. verifies the SHA-256 of the whole file;
+//! 5. checks the model in a child process ([`ModelCheck`]);
+//! 6. installs it atomically as `STATE/models/<name>/<version>/model.onnx`,
+//!    removes higher versions (rollback) and all but one lower version, has
+//!    the registry rescan, and reports ACTIVE once the registry serves it.
+//!
+//! Any failure is a FAILED report and leaves the serving version alone.
+//!
+//! [`ActivationReport`]: pb::ActivationReport
+
+mod download;
+pub mod files;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use edgefleet_proto::edgefleet::v1 as pb;
+use pb::activation_report::Stage;
+use prost::Message;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::download::AttemptError;
+use self::files::DigestCache;
+use super::backoff::Backoff;
+use super::state::StateDir;
+use crate::model_check::ModelCheck;
+use crate::model_config::ModelConfig;
+use crate::model_registry::ModelRegistry;
+use crate::repository::MODEL_FILE_NAME;
+use crate::runtime::{Runtime, RuntimeChoice, SessionOptions};
+
+/// Settings of the delivery task.
+#[derive(Debug, Clone)]
+pub struct DeliveryOptions {
+    /// How a model is checked before it is installed.
+    pub check: ModelCheck,
+    pub connect_timeout: Duration,
+    /// Retry delays of a failing download: exponential with full jitter.
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long the registry has to serve an installed version.
+    pub activation_timeout: Duration,
+    /// DOWNLOADING reports go out at most this often (and every 10%).
+    pub progress_interval: Duration,
+}
+
+impl DeliveryOptions {
+    pub fn new(check: ModelCheck) -> DeliveryOptions {
+        DeliveryOptions {
+            check,
+            connect_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            activation_timeout: Duration::from_secs(600),
+            progress_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reports to send upstream. While the session is down they pile up; past a
+/// cap only the latest per model is kept, and each new session starts from
+/// the latest report per model ([`Reports::resend_latest`]).
+#[derive(Debug, Default)]
+pub struct Reports {
+    inner: Mutex<ReportQueue>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct ReportQueue {
+    queue: VecDeque<pb::ActivationReport>,
+    latest: BTreeMap<String, pb::ActivationReport>,
+}
+
+/// Reports queued at most before the queue is compacted to one per model.
+const MAX_QUEUED_REPORTS: usize = 512;
+
+impl Reports {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReportQueue> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn push(&self, report: pb::ActivationReport) {
+        {
+            let mut inner = self.lock();
+            inner.latest.insert(report.name.clone(), report.clone());
+            inner.queue.push_back(report);
+            if inner.queue.len() > MAX_QUEUED_REPORTS {
+                inner.queue = inner.latest.values().cloned().collect();
+            }
+        }
+        self.notify.notify_one();
+    }
+
+    /// Everything queued, oldest first.
+    pub fn take(&self) -> Vec<pb::ActivationReport> {
+        self.lock().queue.drain(..).collect()
+    }
+
+    /// For a new session: queue the latest report of each model again, in
+    /// place of whatever older progress is still queued.
+    pub fn resend_latest(&self) {
+        {
+            let mut inner = self.lock();
+            inner.queue = inner.latest.values().cloned().collect();
+        }
+        self.notify.notify_one();
+    }
+
+    /// The latest report about a model.
+    pub fn latest(&self, name: &str) -> Option<pb::ActivationReport> {
+        self.lock().latest.get(name).cloned()
+    }
+
+    /// Forgets models no longer managed.
+    fn retain(&self, names: &[&str]) {
+        self.lock()
+            .latest
+            .retain(|name, _| names.contains(&name.as_str()));
+    }
+
+    /// Wakes when a report was queued.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// The session's handle on the delivery task.
+#[derive(Debug, Clone)]
+pub struct DeliveryLink {
+    desired: Arc<watch::Sender<Option<pb::DesiredState>>>,
+    reports: Arc<Reports>,
+}
+
+impl DeliveryLink {
+    /// Hands over a desired state; ignored (false) unless its generation is
+    /// newer than the one the task has. Never blocks.
+    pub fn submit(&self, desired: pb::DesiredState) -> bool {
+        self.desired.send_if_modified(|current| match current {
+            Some(current) if current.generation >= desired.generation => false,
+            _ => {
+                *current = Some(desired);
+                true
+            }
+        })
+    }
+
+    pub fn reports(&self) -> &Arc<Reports> {
+        &self.reports
+    }
+
+    /// The generation the task works towards (0 before any).
+    pub fn generation(&self) -> u64 {
+        self.desired
+            .borrow()
+            .as_ref()
+            .map(|d| d.generation)
+            .unwrap_or(0)
+    }
+}
+
+/// Starts the delivery task: it converges on the persisted desired state at
+/// once (if there is one), then on every newer one submitted.
+pub async fn start(
+    state: StateDir,
+    registry: Arc<ModelRegistry>,
+    options: DeliveryOptions,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(DeliveryLink, tokio::task::JoinHandle<()>)> {
+    let for_load = state.clone();
+    let persisted = tokio::task::spawn_blocking(move || {
+        files::clean_work_areas(&for_load.models_dir(), &for_load.blobs_dir());
+        load_desired(&for_load)
+    })
+    .await??;
+    let on_disk = persisted.as_ref().map(|d| d.generation);
+    let (sender, receiver) = watch::channel(persisted);
+    let reports = Arc::new(Reports::default());
+    let delivery = Delivery {
+        state,
+        registry,
+        options,
+        reports: Arc::clone(&reports),
+        digests: Arc::new(DigestCache::default()),
+        shutdown,
+    };
+    let task = tokio::spawn(delivery.run(receiver, on_disk));
+    Ok((
+        DeliveryLink {
+            desired: Arc::new(sender),
+            reports,
+        },
+        task,
+    ))
+}
+
+fn load_desired(state: &StateDir) -> anyhow::Result<Option<pb::DesiredState>> {
+    let path = state.desired_path();
+    match std::fs::read(&path) {
+        Ok(bytes) => match pb::DesiredState::decode(bytes.as_slice()) {
+            Ok(desired) => Ok(Some(desired)),
+            Err(err) => {
+                tracing::warn!(path = %path.display(), error = %err, "ignoring a corrupt desired state");
+                Ok(None)
+            }
+        },
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// Why a model's delivery stopped before an outcome.
+enum Stop {
+    /// A newer desired state arrived, or the agent is shutting down.
+    Interrupted,
+    /// Reported as FAILED.
+    Failed(String),
+}
+
+impl From<anyhow::Error> for Stop {
+    fn from(err: anyhow::Error) -> Stop {
+        Stop::Failed(format!("{err:#}"))
+    }
+}
+
+/// Checks a desired model before any file name is made from it.
+fn validate(model: &pb::ModelVersionRef) -> Result<(), String> {
+    let name = model.name.as_str();
+    let name_ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(format!("invalid model name {name:?}"));
+    }
+    if model.version == 0 {
+        return Err("version 0 is not a valid model version".to_string());
+    }
+    let sha_ok = model.sha256.len() == 64
+        && model
+            .sha256
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if !sha_ok {
+        return Err(format!(
+            "{:?} is not a lower-case hex SHA-256",
+            model.sha256
+        ));
+    }
+    Ok(())
+}
+
+struct Delivery {
+    state: StateDir,
+    registry: Arc<ModelRegistry>,
+    options: DeliveryOptions,
+    reports: Arc<Reports>,
+    digests: Arc<DigestCache>,
+    shutdown: CancellationToken,
+}
+
+/// One model's delivery within one generation.
+struct Job<'a> {
+    generation: u64,
+    model: &'a pb::ModelVersionRef,
+    keys: &'a [Vec<u8>],
+    desired: &'a watch::Receiver<Option<pb::DesiredState>>,
+}
+
+impl Job<'_> {
+    fn interrupted(&self, shutdown: &CancellationToken) -> bool {
+        shutdown.is_cancelled() || self.desired.has_changed().unwrap_or(false)
+    }
+}
+
+/// Resolves when a desired state newer than the one being worked on arrives.
+async fn newer_desired_state(desired: &watch::Receiver<Option<pb::DesiredState>>) {
+    let mut desired = desired.clone();
+    if desired.changed().await.is_err() {
+        // No one can submit any more: nothing newer will come.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("a file task failed")?
+}
+
+impl Delivery {
+    /// `on_disk`: the generation of the persisted desired state, if any.
+    async fn run(
+        self,
+        mut desired: watch::Receiver<Option<pb::DesiredState>>,
+        mut on_disk: Option<u64>,
+    ) {
+        let mut current = desired.borrow_and_update().clone();
+        loop {
+            if let Some(state) = current.take() {
+                if on_disk != Some(state.generation) {
+                    let path = self.state.desired_path();
+                    let bytes = state.encode_to_vec();
+                    match blocking(move || files::write_atomically(&path, &bytes)).await {
+                        Ok(()) => on_disk = Some(state.generation),
+                        Err(err) => {
+                            tracing::warn!(error = %format!("{err:#}"), "cannot persist the desired state")
+                        }
+                    }
+                }
+                self.converge(&state, &desired).await;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                changed = desired.changed() => if changed.is_err() { return },
+            }
+            current = desired.borrow_and_update().clone();
+        }
+    }
+
+    fn report(&self, job: &Job<'_>, stage: Stage, reason: &str, bytes_done: u64) {
+        self.reports.push(pb::ActivationReport {
+            name: job.model.name.clone(),
+            version: job.model.version,
+            sha256: job.model.sha256.clone(),
+            stage: stage as i32,
+            reason: reason.to_string(),
+            bytes_done,
+            unix_ms: now_ms(),
+            generation: job.generation,
+        });
+    }
+
+    /// Brings every model of `desired` into service, one after the other,
+    /// until done or a newer desired state arrives.
+    async fn converge(
+        &self,
+        desired: &pb::DesiredState,
+        receiver: &watch::Receiver<Option<pb::DesiredState>>,
+    ) {
+        let names: Vec<&str> = desired.models.iter().map(|m| m.name.as_str()).collect();
+        self.reports.retain(&names);
+        tracing::info!(
+            generation = desired.generation,
+            models = desired.models.len(),
+            "converging on the desired state"
+        );
+        let state = self.state.clone();
+        let release_key = match blocking(move || state.release_key()).await {
+            Ok(key) => key,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot read the release key");
+                None
+            }
+        };
+        let keys: Vec<Vec<u8>> = release_key
+            .into_iter()
+            .chain(desired.trusted_keys.iter().cloned())
+            .collect();
+        let mut seen = Vec::new();
+        for model in &desired.models {
+            let job = Job {
+                generation: desired.generation,
+                model,
+                keys: &keys,
+                desired: receiver,
+            };
+            if job.interrupted(&self.shutdown) {
+                return;
+            }
+            if seen.contains(&model.name.as_str()) {
+                self.report(
+                    &job,
+                    Stage::Failed,
+                    "the desired state names this model twice",
+                    0,
+                );
+                continue;
+            }
+            seen.push(model.name.as_str());
+            match self.deliver(&job).await {
+                Ok(()) => {}
+                Err(Stop::Interrupted) => return,
+                Err(Stop::Failed(reason)) => {
+                    tracing::warn!(model = %model.name, version = model.version, %reason, "model version not activated");
+                    self.report(&job, Stage::Failed, &reason, 0);
+                }
+            }
+        }
+        // Done with this generation: blobs nothing wants any more go.
+        let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
+        let blobs_dir = self.state.blobs_dir();
+        if let Ok(removed) = blocking(move || {
+            let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            Ok(files::collect_garbage(&blobs_dir, &wanted))
+        })
+        .await
+            && !removed.is_empty()
+        {
+            tracing::info!(?removed, "deleted model blobs no longer wanted");
+        }
+    }
+
+    async fn deliver(&self, job: &Job<'_>) -> Result<(), Stop> {
+        let model = job.model;
+        validate(model).map_err(Stop::Failed)?;
+        let models_dir = self.state.models_dir();
+        let blobs_dir = self.state.blobs_dir();
+        let installed = models_dir
+            .join(&model.name)
+            .join(model.version.to_string())
+            .join(MODEL_FILE_NAME);
+        let digests = Arc::clone(&self.digests);
+        let path = installed.clone();
+        let installed_ok = blocking(move || Ok(digests.digest(&path)?))
+            .await?
+            .as_deref()
+            == Some(model.sha256.as_str());
+        let higher_on_disk = {
+            let (dir, name, version) = (models_dir.clone(), model.name.clone(), model.version);
+            blocking(move || Ok(files::versions_on_disk(&dir, &name)?))
+                .await?
+                .into_iter()
+                .any(|v| v > version)
+        };
+        // Even a version already served must be signed to count as desired.
+        self.verify_signature(job)?;
+        if installed_ok && !higher_on_disk && self.served(&model.name, model.version) {
+            self.report(job, Stage::Active, "", 0);
+            return Ok(());
+        }
+        if !installed_ok {
+            let blob = blobs_dir.join(&model.sha256);
+            self.fetch(job, &blob).await?;
+            if job.interrupted(&self.shutdown) {
+                return Err(Stop::Interrupted);
+            }
+            self.report(job, Stage::Checking, "", 0);
+            if let Err(reason) = self.check(&model.name, &blob).await {
+                let path = blob.clone();
+                let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
+                return Err(Stop::Failed(format!("the model check failed: {reason}")));
+            }
+            let (dir, name, version) = (models_dir.clone(), model.name.clone(), model.version);
+            blocking(move || files::install(&dir, &blob, &name, version))
+                .await
+                .context("cannot install the model")?;
+            tracing::info!(model = %model.name, version = model.version, "model version installed");
+        }
+        let (dir, name, version) = (models_dir, model.name.clone(), model.version);
+        let removed = blocking(move || files::prune(&dir, &name, version))
+            .await
+            .context("cannot remove old versions")?;
+        if !removed.is_empty() {
+            tracing::info!(model = %model.name, ?removed, "old model versions removed");
+        }
+        self.report(job, Stage::Loading, "", 0);
+        self.await_served(job).await
+    }
+
+    fn served(&self, name: &str, version: u64) -> bool {
+        self.registry
+            .statuses()
+            .iter()
+            .any(|s| s.name == name && s.served_versions.contains(&version))
+    }
+
+    fn verify_signature(&self, job: &Job<'_>) -> Result<(), Stop> {
+        if job.keys.is_empty() {
+            return Err(Stop::Failed(
+                "bad signature: the agent has no release key to verify it with".to_string(),
+            ));
+        }
+        let verified = job.keys.iter().any(|key| {
+            edgefleet_pki::verify_model_signature(key, &job.model.sha256, &job.model.signature)
+                .is_ok()
+        });
+        if verified {
+            Ok(())
+        } else {
+            Err(Stop::Failed(
+                "bad signature: the model's signature does not verify with the release key or any trusted key"
+                    .to_string(),
+            ))
+        }
+    }
+
+    /// Makes `blob` (`blobs/<sha256>`) hold the verified blob: from the
+    /// cache, from an installed copy, or downloaded.
+    async fn fetch(&self, job: &Job<'_>, blob: &Path) -> Result<(), Stop> {
+        let model = job.model;
+        let digests = Arc::clone(&self.digests);
+        let (models_dir, blobs_dir) = (self.state.models_dir(), self.state.blobs_dir());
+        let (path, sha, size) = (blob.to_path_buf(), model.sha256.clone(), model.size_bytes);
+        let local = blocking(move || {
+            std::fs::create_dir_all(&blobs_dir)
+                .with_context(|| format!("cannot create {}", blobs_dir.display()))?;
+            match files::sha256_file(&path) {
+                Ok(digest) if digest == sha => return Ok(true),
+                Ok(_) => {
+                    tracing::warn!(path = %path.display(), "a cached blob does not match its digest; deleting it");
+                    std::fs::remove_file(&path)?;
+                }
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err.into()),
+            }
+            files::copy_installed_blob(&digests, &models_dir, &blobs_dir, &sha, size)
+        })
+        .await?;
+        if local {
+            tracing::info!(model = %model.name, version = model.version, "model blob found on the device; no download");
+            return Ok(());
+        }
+        let partial = blob.with_file_name(format!("{}.partial", model.sha256));
+        let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0;
+        loop {
+            self.download(job, &partial).await?;
+            self.report(job, Stage::Verifying, "", 0);
+            let path = partial.clone();
+            let digest = blocking(move || Ok(files::sha256_file(&path)?)).await?;
+            let path = partial.clone();
+            if digest == model.sha256 {
+                download::finish(&partial, blob).await?;
+                return Ok(());
+            }
+            let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
+            if resumed {
+                // The bytes kept from before a restart may be what is wrong
+                // (a power cut can leave garbage): one fresh download.
+                tracing::warn!(model = %model.name, version = model.version, "a resumed download does not match its digest; downloading it again");
+                resumed = false;
+                continue;
+            }
+            return Err(Stop::Failed(format!(
+                "digest mismatch: expected {}, the download has {digest}",
+                model.sha256
+            )));
+        }
+    }
+
+    /// Downloads into `partial` until complete, retrying with backoff.
+    async fn download(&self, job: &Job<'_>, partial: &Path) -> Result<(), Stop> {
+        let model = job.model;
+        let mut backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
+        let start = download::partial_len(partial).await.unwrap_or(0);
+        self.report(job, Stage::Downloading, "", start);
+        let mut progress = download::Progress::new(self.options.progress_interval);
+        loop {
+            if job.interrupted(&self.shutdown) {
+                return Err(Stop::Interrupted);
+            }
+            let before = download::partial_len(partial).await.unwrap_or(0);
+            let mut on_progress = |done: u64, total: u64| {
+                if progress.due(done, total) {
+                    self.report(job, Stage::Downloading, "", done);
+                }
+            };
+            let attempt = tokio::select! {
+                () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
+                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
+                attempt = download::attempt(
+                    &self.state,
+                    self.options.connect_timeout,
+                    &model.sha256,
+                    model.size_bytes,
+                    partial,
+                    &mut on_progress,
+                ) => attempt,
+            };
+            let reason = match attempt {
+                Ok(_) => return Ok(()),
+                Err(AttemptError::Permanent(reason)) => return Err(Stop::Failed(reason)),
+                Err(AttemptError::Restart(reason)) => {
+                    let _ = tokio::fs::remove_file(partial).await;
+                    reason
+                }
+                Err(AttemptError::Transient(reason)) => reason,
+            };
+            if download::partial_len(partial).await.unwrap_or(0) > before {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            tracing::warn!(model = %model.name, version = model.version, %reason, delay_ms = delay.as_millis() as u64, "model download interrupted; retrying");
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
+                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// Runs the model check on `path` with the runtime the model would use.
+    async fn check(&self, name: &str, path: &Path) -> Result<(), String> {
+        let model_dir = self.state.models_dir().join(name);
+        let registry = Arc::clone(&self.registry);
+        let check = self.options.check.clone();
+        let path: PathBuf = path.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let config = ModelConfig::load(&model_dir)?;
+            let runtimes = registry.runtimes();
+            let runtime: Arc<dyn Runtime> = match config.runtime {
+                None | Some(RuntimeChoice::Auto) => Arc::clone(&runtimes.default),
+                Some(RuntimeChoice::Tract) => Arc::clone(&runtimes.tract),
+                Some(RuntimeChoice::Onnxruntime) => runtimes.onnxruntime.clone().ok_or_else(|| {
+                    "the model's config.toml asks for onnxruntime, but its library was not found"
+                        .to_string()
+                })?,
+            };
+            let options = SessionOptions {
+                intra_op_threads: config.intra_op_threads,
+            };
+            check.run(
+                runtime.as_ref(),
+                runtimes.onnxruntime_library.as_deref(),
+                &path,
+                &options,
+            )
+        })
+        .await
+        .map_err(|err| format!("the model check task failed: {err}"))?
+    }
+
+    /// Has the registry rescan, then waits until it serves the version
+    /// (ACTIVE) or reports it failed (FAILED; the previous one serves on).
+    async fn await_served(&self, job: &Job<'_>) -> Result<(), Stop> {
+        let model = job.model;
+        let registry = Arc::clone(&self.registry);
+        blocking(move || {
+            registry
+                .sync()
+                .map_err(|err| anyhow::anyhow!("cannot rescan the model repository: {err}"))
+        })
+        .await?;
+        let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
+        loop {
+            let status = self
+                .registry
+                .statuses()
+                .into_iter()
+                .find(|s| s.name == model.name);
+            if let Some(status) = status {
+                if status.served_versions.contains(&model.version) {
+                    tracing::info!(model = %model.name, version = model.version, "model version active");
+                    self.report(job, Stage::Active, "", 0);
+                    return Ok(());
+                }
+                if let Some(reason) = status.failed_versions.get(&model.version) {
+                    return Err(Stop::Failed(format!(
+                        "the version failed to load: {reason}"
+                    )));
+                }
+                if let Some(reason) = status.config_error {
+                    return Err(Stop::Failed(format!(
+                        "the model's config.toml is unusable: {reason}"
+                    )));
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Stop::Failed(format!(
+                    "the registry did not serve the version within {:?}",
+                    self.options.activation_timeout
+                )));
+            }
+            if job.interrupted(&self.shutdown) {
+                return Err(Stop::Interrupted);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(name: &str, bytes: u64) -> pb::ActivationReport {
+        pb::ActivationReport {
+            name: name.into(),
+            bytes_done: bytes,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn reports_compact_to_the_latest_per_model() {
+        let reports = Reports::default();
+        for i in 0..(MAX_QUEUED_REPORTS as u64 + 10) {
+            reports.push(report(if i % 2 == 0 { "a" } else { "b" }, i));
+        }
+        let queued = reports.take();
+        assert!(queued.len() < MAX_QUEUED_REPORTS, "{}", queued.len());
+        assert!(reports.take().is_empty());
+        reports.resend_latest();
+        let again = reports.take();
+        assert_eq!(again.len(), 2);
+        assert_eq!(
+            again.iter().map(|r| r.bytes_done).max(),
+            Some(MAX_QUEUED_REPORTS as u64 + 9)
+        );
+    }
+
+    #[test]
+    fn desired_models_are_validated_before_use_as_paths() {
+        let good = pb::ModelVersionRef {
+            name: "mlp".into(),
+            version: 2,
+            sha256: "ab".repeat(32),
+            ..Default::default()
+        };
+        assert!(validate(&good).is_ok());
+        for bad in [
+            pb::ModelVersionRef {
+                name: "../x".into(),
+                ..good.clone()
+            },
+            pb::ModelVersionRef {
+                name: ".staging".into(),
+                ..good.clone()
+            },
+            pb::ModelVersionRef {
+                version: 0,
+                ..good.clone()
+            },
+            pb::ModelVersionRef {
+                sha256: "AB".repeat(32),
+                ..good.clone()
+            },
+        ] {
+            assert!(validate(&bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn only_newer_generations_are_taken() {
+        let (sender, _receiver) = watch::channel(None);
+        let link = DeliveryLink {
+            desired: Arc::new(sender),
+            reports: Arc::default(),
+        };
+        let state = |generation| pb::DesiredState {
+            generation,
+            ..Default::default()
+        };
+        assert!(link.submit(state(3)));
+        assert!(!link.submit(state(3)));
+        assert!(!link.submit(state(2)));
+        assert!(link.submit(state(4)));
+        assert_eq!(link.generation(), 4);
+    }
+}

@@ -1,0 +1,387 @@
+//! The file side of delivery, all blocking (run on `spawn_blocking`): the
+//! blob cache, digests, atomic installs into the model repository and
+//! pruning of old versions.
+//!
+//! Everything the registry's rescan can see appears by one `rename` of a
+//! whole version directory, so it never sees a half-written `model.onnx`.
+//! Work areas live under `models/.staging` and `models/.trash`, which the
+//! repository scan skips (dot names).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+
+use crate::repository::MODEL_FILE_NAME;
+
+const STAGING_DIR: &str = ".staging";
+const TRASH_DIR: &str = ".trash";
+
+/// SHA-256 of a whole file, lower-case hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Digests of files, remembered by (size, modification time) so an unchanged
+/// model is not hashed again at every desired state.
+#[derive(Debug, Default)]
+pub struct DigestCache {
+    known: Mutex<HashMap<PathBuf, (Stamp, String)>>,
+}
+
+/// Size and modification time of a file.
+type Stamp = (u64, Option<SystemTime>);
+
+impl DigestCache {
+    /// The file's digest, or `None` when it does not exist.
+    pub fn digest(&self, path: &Path) -> std::io::Result<Option<String>> {
+        let meta = match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => return Ok(None),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        let key = (meta.len(), meta.modified().ok());
+        {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((stamp, digest)) = known.get(path)
+                && *stamp == key
+            {
+                return Ok(Some(digest.clone()));
+            }
+        }
+        let digest = sha256_file(path)?;
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (key, digest.clone()));
+        Ok(Some(digest))
+    }
+}
+
+/// fsync a directory, so a rename in it survives a power cut.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+fn nonce() -> String {
+    format!("{}-{:016x}", std::process::id(), rand::random::<u64>())
+}
+
+/// Version directories of one model on disk (numeric names > 0), ascending.
+pub fn versions_on_disk(models_dir: &Path, name: &str) -> std::io::Result<Vec<u64>> {
+    let dir = models_dir.join(name);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err),
+    };
+    let mut versions: Vec<u64> = entries
+        .flatten()
+        .filter(|entry| entry.path().is_dir())
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u64>().ok())
+        .filter(|&version| version > 0)
+        .collect();
+    versions.sort_unstable();
+    Ok(versions)
+}
+
+/// Looks for a file with this digest among the installed models (any name,
+/// any version) and copies it into the blob cache. Returns whether it did.
+pub fn copy_installed_blob(
+    digests: &DigestCache,
+    models_dir: &Path,
+    blobs_dir: &Path,
+    sha256: &str,
+    size: u64,
+) -> anyhow::Result<bool> {
+    let Ok(models) = std::fs::read_dir(models_dir) else {
+        return Ok(false);
+    };
+    for model in models.flatten() {
+        let name = model.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') {
+            continue;
+        }
+        for version in versions_on_disk(models_dir, name)? {
+            let path = model.path().join(version.to_string()).join(MODEL_FILE_NAME);
+            if size > 0 && std::fs::metadata(&path).map(|m| m.len()).ok() != Some(size) {
+                continue;
+            }
+            if digests.digest(&path)?.as_deref() == Some(sha256) {
+                let tmp = blobs_dir.join(format!("{sha256}.copy-{}", nonce()));
+                let result = (|| -> anyhow::Result<()> {
+                    std::fs::copy(&path, &tmp)
+                        .with_context(|| format!("cannot copy {}", path.display()))?;
+                    std::fs::File::open(&tmp)?.sync_all()?;
+                    if sha256_file(&tmp)? != sha256 {
+                        anyhow::bail!("{} changed while it was copied", path.display());
+                    }
+                    std::fs::rename(&tmp, blobs_dir.join(sha256))?;
+                    sync_dir(blobs_dir)?;
+                    Ok(())
+                })();
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                result?;
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Moves a checked blob into `models/<name>/<version>/model.onnx`
+/// atomically: the file goes into a staging directory, is synced, and the
+/// whole directory is renamed into place. A directory already at that
+/// version (a different file) is moved out first.
+pub fn install(models_dir: &Path, blob: &Path, name: &str, version: u64) -> anyhow::Result<()> {
+    let staging = models_dir.join(STAGING_DIR);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
+    let tmp_dir = staging.join(format!("{name}-{version}-{}", nonce()));
+    std::fs::create_dir(&tmp_dir)
+        .with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+    let result = (|| -> anyhow::Result<()> {
+        let tmp_model = tmp_dir.join(MODEL_FILE_NAME);
+        if std::fs::rename(blob, &tmp_model).is_err() {
+            // Another file system: copy instead.
+            std::fs::copy(blob, &tmp_model)
+                .with_context(|| format!("cannot copy {}", blob.display()))?;
+        }
+        std::fs::File::open(&tmp_model)?.sync_all()?;
+        sync_dir(&tmp_dir)?;
+        let model_dir = models_dir.join(name);
+        std::fs::create_dir_all(&model_dir)
+            .with_context(|| format!("cannot create {}", model_dir.display()))?;
+        let target = model_dir.join(version.to_string());
+        if target.exists() {
+            move_to_trash(models_dir, &target)?;
+        }
+        std::fs::rename(&tmp_dir, &target).with_context(|| {
+            format!(
+                "cannot move {} into place at {}",
+                tmp_dir.display(),
+                target.display()
+            )
+        })?;
+        sync_dir(&model_dir)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp_dir);
+    }
+    empty_trash(models_dir);
+    result
+}
+
+/// Takes a version directory out of the repository with one rename, then
+/// deletes it.
+fn move_to_trash(models_dir: &Path, dir: &Path) -> anyhow::Result<()> {
+    let trash = models_dir.join(TRASH_DIR);
+    std::fs::create_dir_all(&trash)
+        .with_context(|| format!("cannot create {}", trash.display()))?;
+    let label = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("version");
+    let parent = dir
+        .parent()
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("model");
+    let target = trash.join(format!("{parent}-{label}-{}", nonce()));
+    std::fs::rename(dir, &target)
+        .with_context(|| format!("cannot move {} out of the repository", dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn empty_trash(models_dir: &Path) {
+    let trash = models_dir.join(TRASH_DIR);
+    if let Ok(entries) = std::fs::read_dir(&trash) {
+        for entry in entries.flatten() {
+            if let Err(err) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %err, "cannot delete an old model version");
+            }
+        }
+    }
+}
+
+/// Deletes what an interrupted run (a crash, SIGKILL) left in the work
+/// areas: staged installs, trashed versions, half-made blob copies.
+/// `.partial` downloads stay: they are resumed.
+pub fn clean_work_areas(models_dir: &Path, blobs_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(models_dir.join(STAGING_DIR)) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    empty_trash(models_dir);
+    if let Ok(entries) = std::fs::read_dir(blobs_dir) {
+        for entry in entries.flatten() {
+            if entry
+                .file_name()
+                .to_str()
+                .is_some_and(|n| n.contains(".copy-"))
+            {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
+/// Deletes cached blobs and partial downloads no desired model refers to.
+pub fn collect_garbage(blobs_dir: &Path, wanted: &[&str]) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(blobs_dir) else {
+        return removed;
+    };
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let digest = name.strip_suffix(".partial").unwrap_or(&name);
+        if !wanted.contains(&digest) && std::fs::remove_file(entry.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
+}
+
+/// Removes every version of `name` above `keep` (a rollback) and all but
+/// the highest one below it (kept for rollback). Returns what it removed.
+pub fn prune(models_dir: &Path, name: &str, keep: u64) -> anyhow::Result<Vec<u64>> {
+    let versions = versions_on_disk(models_dir, name)?;
+    let previous = versions.iter().copied().filter(|&v| v < keep).max();
+    let mut removed = Vec::new();
+    for version in versions {
+        if version == keep || Some(version) == previous {
+            continue;
+        }
+        move_to_trash(models_dir, &models_dir.join(name).join(version.to_string()))?;
+        removed.push(version);
+    }
+    empty_trash(models_dir);
+    Ok(removed)
+}
+
+/// Writes a file atomically: temp file, fsync, rename, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        nonce()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(models: &Path, name: &str, version: u64, bytes: &[u8]) {
+        let dir = models.join(name).join(version.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(MODEL_FILE_NAME), bytes).unwrap();
+    }
+
+    #[test]
+    fn install_replaces_a_version_directory_and_leaves_no_work_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(&models).unwrap();
+        put(&models, "m", 3, b"old");
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, b"new").unwrap();
+        install(&models, &blob, "m", 3).unwrap();
+        assert_eq!(
+            std::fs::read(models.join("m/3/model.onnx")).unwrap(),
+            b"new"
+        );
+        assert!(!blob.exists());
+        assert_eq!(
+            std::fs::read_dir(models.join(STAGING_DIR)).unwrap().count(),
+            0
+        );
+        assert_eq!(
+            std::fs::read_dir(models.join(TRASH_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn prune_keeps_the_desired_version_and_one_below() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in [1, 2, 4, 5, 7] {
+            put(dir.path(), "m", v, b"x");
+        }
+        let removed = prune(dir.path(), "m", 5).unwrap();
+        assert_eq!(removed, [1, 2, 7]);
+        assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [4, 5]);
+    }
+
+    #[test]
+    fn garbage_collection_keeps_wanted_blobs_and_their_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["aa", "bb.partial", "cc", "cc.partial"] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let removed = collect_garbage(dir.path(), &["bb", "cc"]);
+        assert_eq!(removed, ["aa"]);
+        assert!(dir.path().join("bb.partial").exists());
+        assert!(dir.path().join("cc").exists());
+    }
+
+    #[test]
+    fn digests_are_cached_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"abc").unwrap();
+        let cache = DigestCache::default();
+        let first = cache.digest(&path).unwrap().unwrap();
+        assert_eq!(
+            first,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        std::fs::write(&path, b"abcd").unwrap();
+        assert_ne!(cache.digest(&path).unwrap().unwrap(), first);
+        assert_eq!(cache.digest(&dir.path().join("none")).unwrap(), None);
+    }
+}

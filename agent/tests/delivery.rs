@@ -1,0 +1,851 @@
+//! Model delivery end to end: a real mTLS `AgentService` test server serving
+//! blobs from memory (and cutting streams on request), a real state dir, real
+//! child-process model checks and a real serving registry.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgefleet_agent::managed::delivery::{self, DeliveryLink, DeliveryOptions};
+use edgefleet_agent::managed::state::{Enrollment, Identity, StateDir};
+use edgefleet_agent::model_check::ModelCheck;
+use edgefleet_agent::model_registry::ModelRegistry;
+use edgefleet_agent::runtime::RuntimeChoice;
+use edgefleet_agent::server::{Agent, ServeOptions};
+use edgefleet_pki::{CertificateAuthority, ReleaseKey};
+use edgefleet_proto::edgefleet::v1 as pb;
+use futures::Stream;
+use pb::activation_report::Stage;
+use pb::agent_service_server::{AgentService, AgentServiceServer};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Serves `DownloadBlob` from memory; records every request.
+#[derive(Default)]
+struct BlobServer {
+    blobs: Mutex<HashMap<String, Vec<u8>>>,
+    requests: Mutex<Vec<(String, u64)>>,
+    /// The next stream fails after this many bytes (once).
+    cut_after: Mutex<Option<u64>>,
+    /// The next stream sends one chunk, then hangs (once).
+    stall: Mutex<bool>,
+    /// What a Session answers after Welcome (release key) and sends next.
+    session_script: Mutex<Option<(Vec<u8>, pb::DesiredState)>>,
+    /// Every message agents sent on sessions.
+    upstream: Arc<Mutex<Vec<pb::AgentMessage>>>,
+}
+
+const CHUNK: usize = 256;
+
+impl BlobServer {
+    fn requests(&self) -> Vec<(String, u64)> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for BlobServer {
+    async fn enroll(
+        &self,
+        _request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        Err(Status::unimplemented("not in this test server"))
+    }
+
+    type SessionStream = BoxStream<pb::ControlMessage>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let Some((release_key, desired)) = self.session_script.lock().unwrap().clone() else {
+            return Err(Status::unimplemented("not in this test server"));
+        };
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        if !matches!(
+            first,
+            Some(pb::AgentMessage {
+                kind: Some(pb::agent_message::Kind::Hello(_))
+            })
+        ) {
+            return Err(Status::invalid_argument("Hello first"));
+        }
+        let upstream = Arc::clone(&self.upstream);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                upstream.lock().unwrap().push(message);
+            }
+        });
+        let (sender, receiver) = tokio::sync::mpsc::channel(8);
+        use pb::control_message::Kind;
+        for kind in [
+            Kind::Welcome(pb::Welcome {
+                device_id: "dev-1".into(),
+                release_public_key: release_key,
+                ..Default::default()
+            }),
+            Kind::DesiredState(desired),
+        ] {
+            let _ = sender
+                .send(Ok(pb::ControlMessage { kind: Some(kind) }))
+                .await;
+        }
+        // Keep the stream open as long as the test runs.
+        tokio::spawn(async move {
+            sender.closed().await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(receiver),
+        )))
+    }
+
+    type DownloadBlobStream = BoxStream<pb::BlobChunk>;
+
+    async fn download_blob(
+        &self,
+        request: Request<pb::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        if edgefleet_pki::peer_device_id(&request).as_deref() != Some("dev-1") {
+            return Err(Status::unauthenticated("no device certificate"));
+        }
+        let request = request.into_inner();
+        self.requests
+            .lock()
+            .unwrap()
+            .push((request.sha256.clone(), request.offset));
+        let Some(blob) = self.blobs.lock().unwrap().get(&request.sha256).cloned() else {
+            return Err(Status::not_found("unknown blob"));
+        };
+        let total = blob.len() as u64;
+        if request.offset > total {
+            return Err(Status::out_of_range("offset beyond the end"));
+        }
+        let cut = self.cut_after.lock().unwrap().take();
+        if std::mem::take(&mut *self.stall.lock().unwrap()) {
+            let end = (request.offset as usize + CHUNK).min(blob.len());
+            let first = pb::BlobChunk {
+                offset: request.offset,
+                data: blob[request.offset as usize..end].to_vec(),
+                total_size: total,
+            };
+            use futures::StreamExt;
+            let stream = tokio_stream::iter([Ok(first)]).chain(futures::stream::pending());
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let mut items = Vec::new();
+        let mut offset = request.offset as usize;
+        let mut sent = 0u64;
+        while offset < blob.len() {
+            if cut.is_some_and(|cut| sent >= cut) {
+                items.push(Err(Status::unavailable("connection cut by the test")));
+                break;
+            }
+            let end = (offset + CHUNK).min(blob.len());
+            items.push(Ok(pb::BlobChunk {
+                offset: offset as u64,
+                data: blob[offset..end].to_vec(),
+                total_size: total,
+            }));
+            sent += (end - offset) as u64;
+            offset = end;
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(items))))
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn fixture_bytes(name: &str) -> Vec<u8> {
+    std::fs::read(support::fixture_model(name)).unwrap()
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    state: StateDir,
+    server: Arc<BlobServer>,
+    release: ReleaseKey,
+    registry: Arc<ModelRegistry>,
+    stop: CancellationToken,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Harness {
+    async fn new() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        let server_pair = ca
+            .issue_server_certificate(&[], Duration::from_secs(3600))
+            .unwrap();
+        let tls =
+            edgefleet_pki::agent_server_tls_config(&server_pair, ca.certificate_pem()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = Arc::new(BlobServer::default());
+        let stop = CancellationToken::new();
+        let incoming = edgefleet_pki::tls_incoming(listener, tls);
+        let service = AgentServiceServer::from_arc(Arc::clone(&server));
+        let token = stop.clone();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+                .await
+                .unwrap();
+        });
+
+        let key_pem = edgefleet_pki::generate_device_key().unwrap();
+        let csr = edgefleet_pki::device_csr(&key_pem, "test-host").unwrap();
+        let issued = ca
+            .sign_device_csr(&csr, "dev-1", Duration::from_secs(3600))
+            .unwrap();
+        let state = StateDir::new(&dir.path().join("state"));
+        state
+            .save_enrollment(
+                &Enrollment {
+                    device_id: "dev-1".into(),
+                    server_url: format!("https://127.0.0.1:{port}"),
+                    labels: Default::default(),
+                    enrolled_unix_ms: 1,
+                },
+                &Identity {
+                    key_pem,
+                    certificate_pem: issued.certificate_pem,
+                    ca_pem: ca.certificate_pem().to_string(),
+                },
+            )
+            .unwrap();
+        state.create().unwrap();
+        let (release, _) = ReleaseKey::load_or_create(&dir.path().join("release")).unwrap();
+        state.save_release_key(&release.public_key()).unwrap();
+        let agent = Agent::new(ServeOptions {
+            model_repository: state.models_dir(),
+            runtime: RuntimeChoice::Tract,
+            repository_poll_interval: None,
+            max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+            model_check: check(),
+        })
+        .unwrap();
+        let registry = Arc::clone(agent.service().registry());
+        Harness {
+            dir,
+            state,
+            server,
+            release,
+            registry,
+            stop,
+        }
+    }
+
+    fn serve_blob(&self, sha256: &str, bytes: Vec<u8>) {
+        self.server
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(sha256.to_string(), bytes);
+    }
+
+    /// A desired model ref for `bytes`, signed by the release key; the
+    /// server serves the bytes.
+    fn model(&self, name: &str, version: u64, bytes: &[u8]) -> pb::ModelVersionRef {
+        let sha256 = sha256_hex(bytes);
+        self.serve_blob(&sha256, bytes.to_vec());
+        pb::ModelVersionRef {
+            name: name.into(),
+            version,
+            signature: self.release.sign_model(&sha256).unwrap(),
+            sha256,
+            size_bytes: bytes.len() as u64,
+            ..Default::default()
+        }
+    }
+
+    fn models_dir(&self) -> PathBuf {
+        self.state.models_dir()
+    }
+
+    fn install_fixture(&self, name: &str, version: u64, fixture: &str) {
+        let dir = self.models_dir().join(name).join(version.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(support::fixture_model(fixture), dir.join("model.onnx")).unwrap();
+    }
+
+    async fn sync(&self) {
+        let registry = Arc::clone(&self.registry);
+        tokio::task::spawn_blocking(move || registry.sync())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    fn served(&self, name: &str) -> Vec<u64> {
+        self.registry
+            .statuses()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.served_versions)
+            .unwrap_or_default()
+    }
+
+    async fn start(&self) -> Running {
+        self.start_with(check()).await
+    }
+
+    async fn start_with(&self, model_check: ModelCheck) -> Running {
+        let stop = self.stop.child_token();
+        let (link, task) = delivery::start(
+            self.state.clone(),
+            Arc::clone(&self.registry),
+            DeliveryOptions {
+                backoff_initial: Duration::from_millis(20),
+                backoff_max: Duration::from_millis(200),
+                activation_timeout: Duration::from_secs(60),
+                ..DeliveryOptions::new(model_check)
+            },
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        Running {
+            link,
+            task,
+            stop,
+            seen: Vec::new(),
+        }
+    }
+}
+
+fn check() -> ModelCheck {
+    ModelCheck::ChildProcess {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
+        timeout: Duration::from_secs(60),
+    }
+}
+
+struct Running {
+    link: DeliveryLink,
+    task: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+    seen: Vec<pb::ActivationReport>,
+}
+
+impl Running {
+    fn submit(&self, generation: u64, models: Vec<pb::ModelVersionRef>) {
+        assert!(self.link.submit(pb::DesiredState {
+            generation,
+            models,
+            trusted_keys: Vec::new(),
+        }));
+    }
+
+    /// Collects reports until `name` `version` is ACTIVE or FAILED.
+    async fn outcome(&mut self, name: &str, version: u64) -> pb::ActivationReport {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            for report in self.link.reports().take() {
+                self.seen.push(report.clone());
+                let done =
+                    report.stage == Stage::Active as i32 || report.stage == Stage::Failed as i32;
+                if done && report.name == name && report.version == version {
+                    return report;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no outcome for {name} {version}; reports: {:?}",
+                self.seen
+            );
+            tokio::select! {
+                () = self.link.reports().notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    }
+
+    fn stages(&self, name: &str) -> Vec<Stage> {
+        let mut stages: Vec<Stage> = self
+            .seen
+            .iter()
+            .filter(|r| r.name == name)
+            .map(|r| Stage::try_from(r.stage).unwrap())
+            .collect();
+        stages.dedup();
+        stages
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+fn assert_active(report: &pb::ActivationReport) {
+    assert_eq!(
+        report.stage,
+        Stage::Active as i32,
+        "expected ACTIVE, got {report:?}"
+    );
+}
+
+fn assert_failed(report: &pb::ActivationReport, reason: &str) {
+    assert_eq!(
+        report.stage,
+        Stage::Failed as i32,
+        "expected FAILED, got {report:?}"
+    );
+    assert!(
+        report.reason.contains(reason),
+        "expected a reason with {reason:?}, got {:?}",
+        report.reason
+    );
+}
+
+fn blob_files(state: &StateDir) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(state.blobs_dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+fn installed(models: &Path, name: &str, version: u64) -> Option<Vec<u8>> {
+    std::fs::read(
+        models
+            .join(name)
+            .join(version.to_string())
+            .join("model.onnx"),
+    )
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_verifies_checks_installs_and_serves() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
+    let mut running = h.start().await;
+    running.submit(7, vec![model.clone()]);
+    let report = running.outcome("mlp", 1).await;
+    assert_active(&report);
+    assert_eq!(report.generation, 7);
+    assert_eq!(report.sha256, model.sha256);
+    assert_eq!(
+        running.stages("mlp"),
+        [
+            Stage::Downloading,
+            Stage::Verifying,
+            Stage::Checking,
+            Stage::Loading,
+            Stage::Active
+        ]
+    );
+    let last_progress = running
+        .seen
+        .iter()
+        .filter(|r| r.stage == Stage::Downloading as i32)
+        .map(|r| r.bytes_done)
+        .max();
+    assert_eq!(last_progress, Some(bytes.len() as u64));
+    assert_eq!(h.served("mlp"), [1]);
+    assert!(h.registry.get("mlp", Some(1)).is_ok());
+    assert_eq!(installed(&h.models_dir(), "mlp", 1), Some(bytes));
+    assert_eq!(h.server.requests(), [(model.sha256.clone(), 0)]);
+    // No work files left behind; the desired state is persisted.
+    assert!(
+        blob_files(&h.state).is_empty(),
+        "{:?}",
+        blob_files(&h.state)
+    );
+    let persisted =
+        pb::DesiredState::decode(std::fs::read(h.state.desired_path()).unwrap().as_slice())
+            .unwrap();
+    assert_eq!(persisted.generation, 7);
+    assert_eq!(persisted.models, [model]);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_stream_resumes_where_it_stopped() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    *h.server.cut_after.lock().unwrap() = Some(1000);
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    assert_active(&running.outcome("conv", 1).await);
+    let requests = h.server.requests();
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    assert_eq!(requests[0].1, 0);
+    // Four 256-byte chunks arrived before the cut.
+    assert_eq!(requests[1].1, 1024);
+    assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    assert_eq!(h.served("conv"), [1]);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_resumes_from_the_partial_file() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    // What a SIGKILLed agent left behind, with the desired state it had.
+    std::fs::write(
+        h.state
+            .blobs_dir()
+            .join(format!("{}.partial", model.sha256)),
+        &bytes[..1234],
+    )
+    .unwrap();
+    std::fs::write(
+        h.state.desired_path(),
+        pb::DesiredState {
+            generation: 3,
+            models: vec![model.clone()],
+            trusted_keys: Vec::new(),
+        }
+        .encode_to_vec(),
+    )
+    .unwrap();
+    // And a half-staged install, which is cleaned up.
+    let staged = h.models_dir().join(".staging/conv-1-x");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("model.onnx"), b"half").unwrap();
+    // And a partial download nothing wants any more, which goes.
+    let stale = h
+        .state
+        .blobs_dir()
+        .join(format!("{}.partial", "0".repeat(64)));
+    std::fs::write(&stale, b"old").unwrap();
+    // No submit: the persisted desired state is enough.
+    let mut running = h.start().await;
+    assert_active(&running.outcome("conv", 1).await);
+    assert_eq!(h.server.requests(), [(model.sha256.clone(), 1234)]);
+    assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    assert_eq!(running.link.generation(), 3);
+    assert!(!staged.exists());
+    support::assert_eventually(Duration::from_secs(10), || {
+        let gone = !stale.exists();
+        async move { gone }
+    })
+    .await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bit_flipped_blob_fails_the_digest_and_is_not_installed() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
+    let mut flipped = bytes.clone();
+    flipped[100] ^= 0x01;
+    h.serve_blob(&model.sha256, flipped);
+    let mut running = h.start().await;
+    running.submit(1, vec![model]);
+    assert_failed(&running.outcome("mlp", 1).await, "digest mismatch");
+    assert!(!h.models_dir().join("mlp").exists());
+    assert!(
+        blob_files(&h.state).is_empty(),
+        "{:?}",
+        blob_files(&h.state)
+    );
+    assert!(h.served("mlp").is_empty());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_signature_fails_and_only_trusted_keys_are_accepted() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("mlp");
+    let mut model = h.model("mlp", 1, &bytes);
+    let (operator, _) = ReleaseKey::load_or_create(&h.dir.path().join("operator")).unwrap();
+    model.signature = operator.sign_model(&model.sha256).unwrap();
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    assert_failed(&running.outcome("mlp", 1).await, "bad signature");
+    assert!(!h.models_dir().join("mlp").exists());
+    assert!(h.server.requests().is_empty(), "nothing is downloaded");
+    // The same signature with the operator's key listed as trusted.
+    assert!(running.link.submit(pb::DesiredState {
+        generation: 2,
+        models: vec![model],
+        trusted_keys: vec![operator.public_key()],
+    }));
+    assert_active(&running.outcome("mlp", 1).await);
+    assert_eq!(h.served("mlp"), [1]);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_failing_the_child_check_is_not_installed() {
+    let h = Harness::new().await;
+    h.install_fixture("mlp", 1, "mlp");
+    h.sync().await;
+    assert_eq!(h.served("mlp"), [1]);
+    let broken = fixture_bytes("unsupported_op");
+    let model = h.model("mlp", 2, &broken);
+    let mut running = h.start().await;
+    running.submit(1, vec![model]);
+    let report = running.outcome("mlp", 2).await;
+    assert_failed(&report, "model check failed");
+    assert!(running.stages("mlp").contains(&Stage::Checking));
+    assert!(!h.models_dir().join("mlp/2").exists());
+    h.sync().await;
+    assert_eq!(h.served("mlp"), [1]);
+    assert!(h.registry.get("mlp", None).is_ok());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_removes_the_higher_version_and_serves_the_lower() {
+    let h = Harness::new().await;
+    h.install_fixture("m", 1, "mlp");
+    h.install_fixture("m", 2, "conv");
+    h.install_fixture("m", 3, "dynamic");
+    h.sync().await;
+    assert_eq!(h.served("m"), [3]);
+    // Roll back to 2: 3 goes, 1 stays for a later rollback.
+    let model = h.model("m", 2, &fixture_bytes("conv"));
+    let mut running = h.start().await;
+    running.submit(1, vec![model]);
+    assert_active(&running.outcome("m", 2).await);
+    assert_eq!(h.served("m"), [2]);
+    assert!(!h.models_dir().join("m/3").exists());
+    assert!(h.models_dir().join("m/1/model.onnx").exists());
+    assert!(h.server.requests().is_empty(), "installed: no download");
+    // Forward to a new version 4 (the same file as version 1, copied from
+    // it: still no download): 2 is kept for rollback, 1 goes.
+    let model = h.model("m", 4, &fixture_bytes("mlp"));
+    running.submit(2, vec![model]);
+    assert_active(&running.outcome("m", 4).await);
+    assert_eq!(h.served("m"), [4]);
+    let mut on_disk: Vec<String> = std::fs::read_dir(h.models_dir().join("m"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    on_disk.sort();
+    assert_eq!(on_disk, ["2", "4"]);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_already_on_the_device_is_not_downloaded() {
+    let h = Harness::new().await;
+    // In the blob cache.
+    let cached = fixture_bytes("mlp");
+    let cached_model = h.model("cached", 1, &cached);
+    std::fs::write(h.state.blobs_dir().join(&cached_model.sha256), &cached).unwrap();
+    // Installed under another name.
+    h.install_fixture("original", 1, "conv");
+    let copied_model = h.model("copy", 5, &fixture_bytes("conv"));
+    let mut running = h.start().await;
+    running.submit(1, vec![cached_model, copied_model]);
+    assert_active(&running.outcome("cached", 1).await);
+    assert_active(&running.outcome("copy", 5).await);
+    assert!(h.server.requests().is_empty(), "{:?}", h.server.requests());
+    assert_eq!(h.served("cached"), [1]);
+    assert_eq!(h.served("copy"), [5]);
+    assert_eq!(
+        installed(&h.models_dir(), "copy", 5),
+        Some(fixture_bytes("conv"))
+    );
+    // Already served: the next generation is ACTIVE at once, nothing else.
+    let again = h.model("cached", 1, &cached);
+    running.seen.clear();
+    running.submit(2, vec![again]);
+    let report = running.outcome("cached", 1).await;
+    assert_active(&report);
+    assert_eq!(report.generation, 2);
+    assert_eq!(running.stages("cached"), [Stage::Active]);
+    assert!(h.server.requests().is_empty());
+    running.stop().await;
+}
+
+struct NoHello;
+
+impl edgefleet_agent::managed::session::HelloSource for NoHello {
+    fn inventory(&self) -> pb::Inventory {
+        pb::Inventory::default()
+    }
+    fn models(&self) -> Vec<pb::ModelVersionRef> {
+        Vec::new()
+    }
+    fn runtime(&self) -> String {
+        "tract".into()
+    }
+}
+
+/// The session takes the release key from Welcome, hands DesiredState to
+/// delivery and sends its ActivationReports upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
+    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
+    use edgefleet_agent::telemetry::{
+        DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
+        TelemetryRecorder,
+    };
+    let h = Harness::new().await;
+    // The agent has no release key until the Welcome brings it.
+    std::fs::remove_file(h.state.release_key_path()).unwrap();
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
+    *h.server.session_script.lock().unwrap() = Some((
+        h.release.public_key(),
+        pb::DesiredState {
+            generation: 9,
+            models: vec![model],
+            trusted_keys: Vec::new(),
+        },
+    ));
+    let running = h.start().await;
+    let config = TelemetryConfig {
+        interval: DEFAULT_TELEMETRY_INTERVAL,
+        outbox_cap_bytes: 1 << 20,
+    };
+    let collector = TelemetryCollector::new(
+        Arc::new(TelemetryRecorder::new()),
+        DeviceProbe::new(),
+        Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap(),
+        config,
+        "tract",
+        std::time::SystemTime::now(),
+    );
+    let session = tokio::spawn(run_session(
+        h.state.clone(),
+        Arc::new(Mutex::new(collector)),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(NoHello),
+        Some(running.link.clone()),
+        SessionClientOptions::default(),
+        running.stop.clone(),
+    ));
+    let activations = || -> Vec<pb::ActivationReport> {
+        h.server
+            .upstream
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(pb::agent_message::Kind::Activation(report)) => Some(report.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    support::assert_eventually(Duration::from_secs(60), || {
+        let done = activations()
+            .iter()
+            .any(|r| r.stage == Stage::Active as i32 && r.generation == 9);
+        async move { done }
+    })
+    .await;
+    let stages: Vec<i32> = activations().iter().map(|r| r.stage).collect();
+    assert_eq!(
+        stages.first(),
+        Some(&(Stage::Downloading as i32)),
+        "{stages:?}"
+    );
+    assert_eq!(h.state.release_key().unwrap(), Some(h.release.public_key()));
+    assert_eq!(h.served("mlp"), [1]);
+    running.stop.cancel();
+    session.await.unwrap();
+    running.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    // Garbage a power cut could leave: the right length, the wrong bytes.
+    std::fs::write(
+        h.state
+            .blobs_dir()
+            .join(format!("{}.partial", model.sha256)),
+        vec![0u8; 2000],
+    )
+    .unwrap();
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    assert_active(&running.outcome("conv", 1).await);
+    assert_eq!(
+        h.server.requests(),
+        [(model.sha256.clone(), 2000), (model.sha256.clone(), 0)]
+    );
+    assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_the_registry_fails_to_load_is_failed_and_the_previous_serves_on() {
+    let h = Harness::new().await;
+    h.install_fixture("mlp", 1, "mlp");
+    h.sync().await;
+    assert_eq!(h.served("mlp"), [1]);
+    // A pre-install check that passes anything (`true check-model ...`), so
+    // only the registry's own load finds the model broken.
+    let lenient = ModelCheck::ChildProcess {
+        exe: PathBuf::from("true"),
+        timeout: Duration::from_secs(10),
+    };
+    let model = h.model("mlp", 2, &fixture_bytes("unsupported_op"));
+    let mut running = h.start_with(lenient).await;
+    running.submit(1, vec![model]);
+    let report = running.outcome("mlp", 2).await;
+    assert_failed(&report, "failed to load");
+    assert!(running.stages("mlp").contains(&Stage::Loading));
+    assert_eq!(h.served("mlp"), [1]);
+    assert!(h.registry.get("mlp", None).is_ok());
+    // The previous version is still on disk for the registry to serve.
+    assert!(h.models_dir().join("mlp/1/model.onnx").exists());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_desired_state_interrupts_a_stalled_download() {
+    let h = Harness::new().await;
+    let stalled = h.model("big", 1, &fixture_bytes("conv"));
+    *h.server.stall.lock().unwrap() = true;
+    let mut running = h.start().await;
+    running.submit(1, vec![stalled.clone()]);
+    support::assert_eventually(Duration::from_secs(30), || {
+        let started = !h.server.requests().is_empty();
+        async move { started }
+    })
+    .await;
+    // Generation 2 wants another model first: it must not wait for the stall.
+    let other = h.model("small", 1, &fixture_bytes("mlp"));
+    running.submit(2, vec![other, stalled.clone()]);
+    let report = running.outcome("small", 1).await;
+    assert_active(&report);
+    assert_eq!(report.generation, 2);
+    // Then the abandoned download resumes after what had arrived.
+    assert_active(&running.outcome("big", 1).await);
+    let big: Vec<u64> = h
+        .server
+        .requests()
+        .into_iter()
+        .filter(|(sha, _)| *sha == stalled.sha256)
+        .map(|(_, offset)| offset)
+        .collect();
+    assert_eq!(big, [0, CHUNK as u64]);
+    assert_eq!(
+        installed(&h.models_dir(), "big", 1),
+        Some(fixture_bytes("conv"))
+    );
+    running.stop().await;
+}
