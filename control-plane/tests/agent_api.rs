@@ -389,10 +389,17 @@ fn sessions_refuse_malformed_or_impersonating_messages() {
         }
         for _ in 0..2 {
             tx.send(telemetry(&device.device_id, 1)).await.unwrap();
-            let ack = stream.message().await.unwrap().unwrap();
-            match ack.kind {
-                Some(Downstream::TelemetryAck(ack)) => assert_eq!(ack.sequence, 1),
-                other => panic!("expected an ack, got {other:?}"),
+            // The desired state may come first; the ack must follow.
+            loop {
+                let message = stream.message().await.unwrap().unwrap();
+                match message.kind {
+                    Some(Downstream::TelemetryAck(ack)) => {
+                        assert_eq!(ack.sequence, 1);
+                        break;
+                    }
+                    Some(Downstream::DesiredState(_)) => continue,
+                    other => panic!("expected an ack, got {other:?}"),
+                }
             }
         }
         let shown = server.device(&device.device_id);
