@@ -28,6 +28,8 @@ IR_VERSION = 8
 # generator so they are the same whether or not the fixtures were built first.
 RNG = np.random.default_rng(20261124)
 BENCH_SEED = 20261125
+# The rollout tests' slow model: its own generator, so adding it changed no other fixture.
+SLOW_SEED = 20261126
 
 KSERVE = {
     TensorProto.FLOAT16: "FP16", TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP64",
@@ -230,12 +232,37 @@ def write_fixtures():
         text = json.dumps(cases, indent=1, ensure_ascii=False) + "\n"
         path.write_bytes(text.encode("utf-8"))
         print(f"wrote {path.relative_to(ROOT)} ({len(text.encode('utf-8'))} bytes)")
+    write_rollout_models()
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
     config = ROOT / "examples" / "model-repository" / "iris" / "config.toml"
     config.write_bytes(b"# Optional per-model settings; see docs/model-repository.md\nmax_batch_size = 8\n")
     print(f"wrote {config.relative_to(ROOT)}")
+
+
+def slow_mlp():
+    """Same inputs and outputs as `mlp`, ~1000x the work: a chain of 100
+    MatMul+Tanh layers sharing one 256x256 weight (so the file stays small).
+    The rollout tests use it as the "new version is slower" model."""
+    rng = np.random.default_rng(SLOW_SEED)
+    inits = [weight("w_in", 16, 256, rng=rng), weight("b_in", 256, rng=rng),
+             weight("w", 256, 256, rng=rng), weight("w_out", 256, 4, rng=rng),
+             weight("b_out", 4, rng=rng)]
+    nodes = [helper.make_node("Gemm", ["input", "w_in", "b_in"], ["h"])]
+    prev = "h"
+    for i in range(100):
+        nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
+        prev = f"t{i}"
+    nodes.append(helper.make_node("Gemm", [prev, "w_out", "b_out"], ["logits"]))
+    return model("slow_mlp", nodes, [vinfo("input", TensorProto.FLOAT, ["N", 16])],
+                 [vinfo("logits", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def write_rollout_models():
+    data = save(slow_mlp(), ROOT / "testdata" / "rollout-models" / "slow_mlp" / "1" / "model.onnx")
+    session_for(data).run(None, {"input": np.zeros((1, 16), dtype=np.float32)})
 
 
 def write_bench(directory):

@@ -283,6 +283,7 @@ async fn judge_gates(
                 )));
             }
         }
+        tracing::debug!(rollout = %rollout.id, requests, errors, samples = latency.count(), "gate figures of the new version");
         if gates.max_p95_latency_regression > 0.0 && latency.count() >= MIN_LATENCY_SAMPLES {
             let (_, _, baseline) = version_figures(
                 cp,
@@ -293,9 +294,10 @@ async fn judge_gates(
                 rollout.created_at,
             )
             .await?;
+            let new_p95 = latency.quantile(0.95).unwrap_or(0) as f64;
+            let old_p95 = baseline.quantile(0.95).unwrap_or(0).max(1) as f64;
+            tracing::debug!(rollout = %rollout.id, new_p95, old_p95, baseline_samples = baseline.count(), "latency gate figures");
             if baseline.count() >= MIN_LATENCY_SAMPLES {
-                let new_p95 = latency.quantile(0.95).unwrap_or(0) as f64;
-                let old_p95 = baseline.quantile(0.95).unwrap_or(0).max(1) as f64;
                 let regression = new_p95 / old_p95 - 1.0;
                 if regression > gates.max_p95_latency_regression {
                     return Ok(Some(format!(

@@ -385,3 +385,64 @@ fn a_python_script_creates_and_watches_a_rollout() {
     );
     assert!(fleet.agents[0].infer_mlp());
 }
+
+#[test]
+fn a_slower_model_trips_the_latency_gate_and_is_rolled_back() {
+    let fleet = fleet(Db::Sqlite, &["tract", "tract"]);
+    let server = &fleet.server;
+    // v1: the small MLP; v2: the same inputs and outputs, ~1000x the work.
+    push(server, &fixture("mlp"), "net", 1);
+    let slow = testdata().join("rollout-models/slow_mlp/1/model.onnx");
+    push(server, slow.to_str().unwrap(), "net", 2);
+    let first = rollout(server, &["--model", "net@1"]);
+    wait_state(
+        server,
+        first["id"].as_str().unwrap(),
+        "succeeded",
+        Duration::from_secs(60),
+    );
+    // A baseline of v1 latency on every device, stored before the rollout.
+    for agent in &fleet.agents {
+        for _ in 0..40 {
+            assert!(agent.infer_zeros("net"));
+        }
+    }
+    for device in &fleet.devices {
+        eventually(Duration::from_secs(20), "the baseline stored", || {
+            (server.device(device)["requests_total"].as_u64().unwrap() >= 40).then_some(())
+        });
+    }
+    let second = rollout(
+        server,
+        &[
+            "--model",
+            "net@2",
+            "--max-p95-regression",
+            "0.5",
+            "--min-devices",
+            "2",
+            // Metric gates are judged while a wave soaks.
+            "--soak",
+            "60s",
+        ],
+    );
+    let id = second["id"].as_str().unwrap().to_string();
+    // Traffic keeps flowing to whatever each device serves.
+    let rolled_back = eventually(Duration::from_secs(90), "the latency gate", || {
+        for agent in &fleet.agents {
+            for _ in 0..10 {
+                agent.infer_zeros("net");
+            }
+        }
+        let r = server.cli_json(&["rollouts", "get", &id]);
+        (r["state"] != "running" && r["state"] != "pending").then_some(r)
+    });
+    assert_eq!(rolled_back["state"], "rolled_back", "{rolled_back}");
+    let reason = rolled_back["reason"].as_str().unwrap();
+    assert!(reason.starts_with("latency gate: p95"), "{reason}");
+    for agent in &fleet.agents {
+        eventually(Duration::from_secs(30), "back on v1", || {
+            (agent.served_versions("net") == vec![1]).then_some(())
+        });
+    }
+}

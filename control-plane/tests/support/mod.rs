@@ -479,6 +479,50 @@ impl Agent {
         *self = Agent::run_with(&self.state_dir, &extra);
     }
 
+    /// One inference on whatever version of `model` is served, with zeros
+    /// shaped by its metadata (dynamic dimensions as 1); true on success.
+    pub fn infer_zeros(&self, model: &str) -> bool {
+        let Some((200, body)) = http(self.http_addr, "GET", &format!("/v2/models/{model}"), None)
+        else {
+            return false;
+        };
+        let Ok(metadata) = serde_json::from_str::<Value>(&body) else {
+            return false;
+        };
+        let inputs: Vec<Value> = metadata["inputs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|input| {
+                let shape: Vec<i64> = input["shape"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|d| d.as_i64().unwrap_or(1).max(1))
+                    .collect();
+                let count: i64 = shape.iter().product();
+                serde_json::json!({
+                    "name": input["name"],
+                    "datatype": input["datatype"],
+                    "shape": shape,
+                    "data": vec![0; count as usize],
+                })
+            })
+            .collect();
+        let body = serde_json::json!({ "inputs": inputs });
+        matches!(
+            http(
+                self.http_addr,
+                "POST",
+                &format!("/v2/models/{model}/infer"),
+                Some(&body)
+            ),
+            Some((200, _))
+        )
+    }
+
     /// The versions of a model the agent serves (from its HTTP metadata).
     pub fn served_versions(&self, model: &str) -> Vec<u64> {
         match http(self.http_addr, "GET", &format!("/v2/models/{model}"), None) {
