@@ -134,6 +134,17 @@ enum DevicesCommand {
     Get { id: String },
     /// Revoke a device: its session ends within seconds and it can never reconnect.
     Revoke { id: String },
+    /// Set or remove a device's labels (rollouts follow: it joins those whose
+    /// selector it now matches and leaves the others).
+    Label {
+        id: String,
+        /// Labels to set: k=v,k2=v2.
+        #[arg(value_name = "K=V,...", default_value = "")]
+        set: String,
+        /// Label keys to remove: k,k2.
+        #[arg(long, value_name = "K,...", value_delimiter = ',')]
+        remove: Vec<String>,
+    },
 }
 
 fn parse_labels(text: &str) -> anyhow::Result<BTreeMap<String, String>> {
@@ -521,6 +532,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match cli.output {
                 Output::Json => print_json(&device_json(&device))?,
                 Output::Table => println!("device {} revoked", device.id),
+            }
+        }
+        Command::Devices(DevicesCommand::Label { id, set, remove }) => {
+            let changes = parse_labels(set)?;
+            let mut client = connect(&cli).await?;
+            let current = client
+                .get_device(authorized(&cli, pb::GetDeviceRequest { id: id.clone() })?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut labels = current.labels;
+            for key in remove {
+                labels.remove(key.trim());
+            }
+            labels.extend(changes);
+            let device = client
+                .set_device_labels(authorized(
+                    &cli,
+                    pb::SetDeviceLabelsRequest {
+                        id: id.clone(),
+                        labels,
+                    },
+                )?)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match cli.output {
+                Output::Json => print_json(&device_json(&device))?,
+                Output::Table => println!(
+                    "device {} labels: {}",
+                    device.id,
+                    format_labels(&device.labels)
+                ),
             }
         }
     }

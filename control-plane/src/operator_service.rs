@@ -171,4 +171,26 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         tracing::info!(device = %id, operator = %operator.id, "device revoked");
         Ok(Response::new(convert::device_to_pb(&device, false)))
     }
+
+    async fn set_device_labels(
+        &self,
+        request: Request<pb::SetDeviceLabelsRequest>,
+    ) -> Result<Response<pb::Device>, Status> {
+        let operator = self.authorize(&request).await?;
+        let request = request.into_inner();
+        for (key, value) in &request.labels {
+            convert::validate_label(key, value).map_err(Status::invalid_argument)?;
+        }
+        let labels: crate::store::Labels = request.labels.into_iter().collect();
+        let device = self
+            .cp
+            .store
+            .set_device_labels(&request.id, &labels)
+            .await
+            .map_err(store_error)?
+            .ok_or_else(|| Status::not_found(format!("no device {:?}", request.id)))?;
+        tracing::info!(device = %device.id, operator = %operator.id, "device labels set");
+        let online = self.cp.sessions.is_online(&device.id);
+        Ok(Response::new(convert::device_to_pb(&device, online)))
+    }
 }

@@ -313,6 +313,115 @@ async fn judge_gates(
     Ok(None)
 }
 
+/// Takes in devices that now match the selector and lets go of those that no
+/// longer do (back to their previous version).
+async fn reconcile_membership(
+    cp: &ControlPlane,
+    rollout: &RolloutRecord,
+    model: &ModelRecord,
+    devices: &mut Vec<RolloutDeviceRecord>,
+    desired: &mut Vec<DesiredChange>,
+    events: &mut Vec<RolloutEventRecord>,
+) -> anyhow::Result<()> {
+    let now = now_ms();
+    let matching: HashMap<String, crate::store::Device> = cp
+        .store
+        .devices(&rollout.selector)
+        .await?
+        .into_iter()
+        .filter(|d| d.status != DeviceStatus::Revoked)
+        .filter(|d| fits_device(model.estimated_memory_bytes, d.inventory.memory_bytes))
+        .map(|d| (d.id.clone(), d))
+        .collect();
+    for device in devices.iter_mut() {
+        let matches = matching.contains_key(&device.device_id);
+        match device.state.as_str() {
+            "waiting" | "updating" | "active" | "failed" if !matches => {
+                if device.state != "waiting" {
+                    let previous = if device.previous_version > 0 {
+                        cp.store
+                            .model(&rollout.model, Some(device.previous_version))
+                            .await?
+                    } else {
+                        None
+                    };
+                    desired.push(match previous {
+                        Some(previous) => DesiredChange::Set {
+                            device_id: device.device_id.clone(),
+                            model: desired_model(&previous),
+                        },
+                        None => DesiredChange::Clear {
+                            device_id: device.device_id.clone(),
+                            name: rollout.model.clone(),
+                        },
+                    });
+                }
+                device.state = "left".into();
+                device.reason = "no longer matches the selector".into();
+                device.updated_at = now;
+                events.push(event(
+                    &rollout.id,
+                    "engine",
+                    "device_left",
+                    format!("{} no longer matches the selector", device.device_id),
+                ));
+            }
+            "left" if matches => {
+                device.state = "waiting".into();
+                device.reason.clear();
+                device.wave = rollout.current_wave.max(1);
+                device.updated_at = now;
+                events.push(event(
+                    &rollout.id,
+                    "engine",
+                    "device_joined",
+                    format!("{} matches the selector again", device.device_id),
+                ));
+            }
+            _ => {}
+        }
+    }
+    // Newcomers, unless another active rollout of this model owns them.
+    let mut owned_elsewhere = std::collections::HashSet::new();
+    for other in cp.store.active_rollouts().await? {
+        if other.id != rollout.id && other.model == rollout.model {
+            for d in cp.store.rollout_devices(&other.id).await? {
+                owned_elsewhere.insert(d.device_id);
+            }
+        }
+    }
+    let known: std::collections::HashSet<String> =
+        devices.iter().map(|d| d.device_id.clone()).collect();
+    for (id, device) in matching {
+        if known.contains(&id) || owned_elsewhere.contains(&id) {
+            continue;
+        }
+        let previous_version = device
+            .models
+            .iter()
+            .filter(|m| m.name == model.name && m.state == "ready")
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        events.push(event(
+            &rollout.id,
+            "engine",
+            "device_joined",
+            format!("{id} now matches the selector"),
+        ));
+        devices.push(RolloutDeviceRecord {
+            rollout_id: rollout.id.clone(),
+            device_id: id,
+            wave: rollout.current_wave.max(1),
+            state: "waiting".into(),
+            previous_version,
+            reason: String::new(),
+            updated_at: now,
+        });
+    }
+    Ok(())
+}
+
 /// One pass over one rollout.
 async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<()> {
     let now = now_ms();
@@ -342,6 +451,16 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
             "wave 1 started".into(),
         ));
     }
+
+    reconcile_membership(
+        cp,
+        &rollout,
+        &model,
+        &mut devices,
+        &mut desired,
+        &mut events,
+    )
+    .await?;
 
     // Activation reports move updating devices on.
     let activations: HashMap<String, ActivationRecord> = cp
@@ -377,7 +496,7 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
     // Health gates.
     if let Some(reason) = judge_gates(cp, &rollout, &devices).await? {
         if rollout.spec.rollback_on_failure {
-            desired = rollback_changes(cp, &rollout, &mut devices, &reason).await?;
+            desired.extend(rollback_changes(cp, &rollout, &mut devices, &reason).await?);
             rollout.state = RolloutState::RolledBack;
             events.push(event(&rollout.id, "engine", "rolled_back", reason.clone()));
         } else {

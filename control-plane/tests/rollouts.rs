@@ -446,3 +446,69 @@ fn a_slower_model_trips_the_latency_gate_and_is_rolled_back() {
         });
     }
 }
+
+#[test]
+fn devices_join_and_leave_a_rollout_as_their_labels_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, FAST);
+    let eu = server.join_token(&["--labels", "region=eu", "--uses", "2"]);
+    let us = server.join_token(&["--labels", "region=us"]);
+    let mut agents = Vec::new();
+    let mut devices = Vec::new();
+    for (i, token) in [&eu, &eu, &us].into_iter().enumerate() {
+        let state = dir.path().join(format!("agent{i}"));
+        devices.push(enroll_ok(&server, token, &state));
+        agents.push(Agent::run(&state, &["--reconnect-max-delay", "2s"]));
+    }
+    push(&server, &fixture("mlp"), "mlp", 1);
+    // A long soak keeps the rollout running, so membership can change.
+    let r = rollout(
+        &server,
+        &[
+            "--model",
+            "mlp@1",
+            "--selector",
+            "region=eu",
+            "--soak",
+            "1h",
+        ],
+    );
+    let id = r["id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(60), "the eu devices active", || {
+        let r = server.cli_json(&["rollouts", "get", &id]);
+        (r["counts"]["active"] == 2).then_some(())
+    });
+    assert!(
+        !agents[2].infer_mlp(),
+        "the us device is not in the rollout yet"
+    );
+
+    // The us device moves to eu: it joins and gets the model.
+    let moved = server.cli_json(&["devices", "label", &devices[2], "region=eu"]);
+    assert_eq!(moved["labels"]["region"], "eu");
+    eventually(Duration::from_secs(60), "the newcomer active", || {
+        let r = server.cli_json(&["rollouts", "get", &id]);
+        (r["counts"]["active"] == 3).then_some(())
+    });
+    eventually(Duration::from_secs(20), "the newcomer serving", || {
+        agents[2].infer_mlp().then_some(())
+    });
+
+    // An eu device drops the label: it leaves the rollout.
+    server.cli_json(&["devices", "label", &devices[0], "--remove", "region"]);
+    let left = eventually(Duration::from_secs(30), "the device gone", || {
+        let r = server.cli_json(&["rollouts", "get", &id]);
+        r["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == devices[0].as_str() && d["state"] == "left")
+            .cloned()
+    });
+    assert_eq!(left["reason"], "no longer matches the selector");
+    let events = server.cli_json(&["rollouts", "get", &id])["events"].to_string();
+    assert!(
+        events.contains("device_joined") && events.contains("device_left"),
+        "{events}"
+    );
+}

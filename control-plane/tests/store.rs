@@ -178,6 +178,7 @@ suite!(
     concurrent_enrollments_never_exceed_uses,
     devices_by_selector,
     revoke_and_revocations_since,
+    labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
     ingest_dedupes,
     ingest_skips_unknown_devices,
@@ -547,6 +548,39 @@ async fn devices_by_selector(db: &Db) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+async fn labels_are_replaced_and_selected_on(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let labels: Labels = [("region".to_string(), "eu".to_string())].into();
+    let device = db
+        .store
+        .set_device_labels("a", &labels)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(device.labels, labels);
+    let selected: Vec<String> = db
+        .store
+        .devices(&labels)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    assert_eq!(selected, ["a"]);
+    let cleared = db
+        .store
+        .set_device_labels("a", &Labels::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(cleared.labels.is_empty());
+    assert!(db.store.devices(&labels).await.unwrap().is_empty());
+    assert_eq!(
+        db.store.set_device_labels("nope", &labels).await.unwrap(),
+        None
     );
 }
 

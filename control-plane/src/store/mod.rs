@@ -276,6 +276,12 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// Marks the device revoked (keeping the first revocation time). `None`
     /// if there is no such device.
     async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError>;
+    /// Replaces the device's labels. `None` if there is no such device.
+    async fn set_device_labels(
+        &self,
+        id: &str,
+        labels: &Labels,
+    ) -> Result<Option<Device>, StoreError>;
     /// Ids of devices revoked at or after `since`, with their revocation time.
     async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError>;
     /// Records a new certificate for the device (renewal).

@@ -233,6 +233,24 @@ impl Store for PgStore {
         Ok(device)
     }
 
+    async fn set_device_labels(
+        &self,
+        id: &str,
+        labels: &Labels,
+    ) -> Result<Option<Device>, StoreError> {
+        let json = serde_json::to_string(labels)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode labels: {e}")))?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE devices SET labels = $1 WHERE id = $2")
+            .bind(json)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let device = device_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
     async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, revoked_at FROM devices WHERE revoked_at >= $1 ORDER BY revoked_at, id",

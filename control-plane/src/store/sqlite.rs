@@ -293,6 +293,24 @@ impl Store for SqliteStore {
         Ok(device)
     }
 
+    async fn set_device_labels(
+        &self,
+        id: &str,
+        labels: &Labels,
+    ) -> Result<Option<Device>, StoreError> {
+        let json = serde_json::to_string(labels)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode labels: {e}")))?;
+        let mut tx = self.write().await?;
+        sqlx::query("UPDATE devices SET labels = ? WHERE id = ?")
+            .bind(json)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let device = device_in(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(device)
+    }
+
     async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, revoked_at FROM devices WHERE revoked_at >= ? ORDER BY revoked_at, id",
