@@ -512,3 +512,92 @@ fn devices_join_and_leave_a_rollout_as_their_labels_change() {
         "{events}"
     );
 }
+
+/// Protobuf varint.
+fn varint(mut value: u64, out: &mut Vec<u8>) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn field_bytes(tag: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(tag);
+    varint(payload.len() as u64, out);
+    out.extend_from_slice(payload);
+}
+
+/// The `mlp` fixture with an unused `padding_bytes` initializer appended
+/// (protobuf merges a repeated `graph` field), so it computes the same but
+/// takes a while to download.
+fn padded_mlp(padding_bytes: usize) -> Vec<u8> {
+    let mut model = std::fs::read(fixture("mlp")).unwrap();
+    let mut tensor = Vec::new();
+    tensor.push(0x08); // dims
+    varint((padding_bytes / 4) as u64, &mut tensor);
+    tensor.extend_from_slice(&[0x10, 0x01]); // data_type FLOAT
+    field_bytes(0x42, b"unused_padding", &mut tensor); // name
+    let raw: Vec<u8> = (0..padding_bytes).map(|i| (i % 251) as u8).collect();
+    field_bytes(0x4a, &raw, &mut tensor); // raw_data
+    let mut graph = Vec::new();
+    field_bytes(0x2a, &tensor, &mut graph); // GraphProto.initializer
+    field_bytes(0x3a, &graph, &mut model); // ModelProto.graph (merged)
+    model
+}
+
+#[test]
+fn an_agent_killed_mid_download_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, FAST);
+    let state = dir.path().join("agent");
+    enroll_ok(&server, &server.join_token(&[]), &state);
+    let mut agent = Agent::run(&state, &["--reconnect-max-delay", "1s"]);
+    let file = dir.path().join("padded.onnx");
+    std::fs::write(&file, padded_mlp(96 << 20)).unwrap();
+    let pushed = push(&server, file.to_str().unwrap(), "mlp", 1);
+    let sha = pushed["sha256"].as_str().unwrap().to_string();
+    let r = rollout(&server, &["--model", "mlp@1"]);
+    let id = r["id"].as_str().unwrap().to_string();
+    let partial = state.join("blobs").join(format!("{sha}.partial"));
+    let complete = state.join("blobs").join(&sha);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let size_at_kill = loop {
+        assert!(
+            !complete.exists(),
+            "the download finished before the test could interrupt it"
+        );
+        let size = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        if size > 0 {
+            agent.process.kill();
+            break std::fs::metadata(&partial).unwrap().len();
+        }
+        assert!(std::time::Instant::now() < deadline, "no download started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        size_at_kill < (96 << 20),
+        "killed after the download was complete"
+    );
+    agent.restart();
+    wait_state(&server, &id, "succeeded", Duration::from_secs(120));
+    // The second request started where the killed agent had stopped.
+    let resumed = server
+        .process
+        .stderr
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("blob download") && l.contains(&sha))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("offset="))
+                .and_then(|o| o.parse::<u64>().ok())
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(resumed.first(), Some(&0), "downloads: {resumed:?}");
+    assert!(
+        resumed.iter().any(|&o| o > 0 && o <= size_at_kill),
+        "no download resumed from at most {size_at_kill} bytes: {resumed:?}"
+    );
+    assert!(agent.infer_mlp());
+}

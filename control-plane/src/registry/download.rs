@@ -78,7 +78,7 @@ pub async fn download_blob(
         }
         Err(err) => return Err(Status::internal(err.to_string())),
     };
-    tracing::debug!(device = %device_id, %sha256, offset, size, "blob download");
+    tracing::info!(device = %device_id, %sha256, offset, size, "blob download");
     Ok(Box::pin(stream_file(file, offset, size)))
 }
 
