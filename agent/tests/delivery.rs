@@ -822,9 +822,14 @@ async fn a_newer_desired_state_interrupts_a_stalled_download() {
     *h.server.stall.lock().unwrap() = true;
     let mut running = h.start().await;
     running.submit(1, vec![stalled.clone()]);
+    // Wait until the first chunk is on disk: that is what a resume keeps.
+    let partial = h
+        .state
+        .blobs_dir()
+        .join(format!("{}.partial", stalled.sha256));
     support::assert_eventually(Duration::from_secs(30), || {
-        let started = !h.server.requests().is_empty();
-        async move { started }
+        let written = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+        async move { written >= CHUNK as u64 }
     })
     .await;
     // Generation 2 wants another model first: it must not wait for the stall.
