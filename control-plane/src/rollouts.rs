@@ -147,6 +147,32 @@ fn poke(cp: &ControlPlane, desired: &[DesiredChange]) {
     }
 }
 
+/// The desired-state change that returns a device to the version it served
+/// before the rollout (or stops managing the model if it had none).
+async fn revert(
+    cp: &ControlPlane,
+    rollout: &RolloutRecord,
+    device: &RolloutDeviceRecord,
+) -> anyhow::Result<DesiredChange> {
+    let previous = if device.previous_version > 0 {
+        cp.store
+            .model(&rollout.model, Some(device.previous_version))
+            .await?
+    } else {
+        None
+    };
+    Ok(match previous {
+        Some(previous) => DesiredChange::Set {
+            device_id: device.device_id.clone(),
+            model: desired_model(&previous),
+        },
+        None => DesiredChange::Clear {
+            device_id: device.device_id.clone(),
+            name: rollout.model.clone(),
+        },
+    })
+}
+
 /// Returns every touched device to the version it had before.
 async fn rollback_changes(
     cp: &ControlPlane,
@@ -160,23 +186,7 @@ async fn rollback_changes(
         if !matches!(device.state.as_str(), "updating" | "active" | "failed") {
             continue;
         }
-        let previous = if device.previous_version > 0 {
-            cp.store
-                .model(&rollout.model, Some(device.previous_version))
-                .await?
-        } else {
-            None
-        };
-        desired.push(match previous {
-            Some(previous) => DesiredChange::Set {
-                device_id: device.device_id.clone(),
-                model: desired_model(&previous),
-            },
-            None => DesiredChange::Clear {
-                device_id: device.device_id.clone(),
-                name: rollout.model.clone(),
-            },
-        });
+        desired.push(revert(cp, rollout, device).await?);
         device.state = "rolled_back".into();
         device.reason = reason.to_string();
         device.updated_at = now;
@@ -338,23 +348,7 @@ async fn reconcile_membership(
         match device.state.as_str() {
             "waiting" | "updating" | "active" | "failed" if !matches => {
                 if device.state != "waiting" {
-                    let previous = if device.previous_version > 0 {
-                        cp.store
-                            .model(&rollout.model, Some(device.previous_version))
-                            .await?
-                    } else {
-                        None
-                    };
-                    desired.push(match previous {
-                        Some(previous) => DesiredChange::Set {
-                            device_id: device.device_id.clone(),
-                            model: desired_model(&previous),
-                        },
-                        None => DesiredChange::Clear {
-                            device_id: device.device_id.clone(),
-                            name: rollout.model.clone(),
-                        },
-                    });
+                    desired.push(revert(cp, rollout, device).await?);
                 }
                 device.state = "left".into();
                 device.reason = "no longer matches the selector".into();
