@@ -77,6 +77,10 @@ pub struct Args {
     /// Seconds the `rollout` suite waits for the rollout to end.
     #[arg(long, default_value_t = 900)]
     pub rollout_timeout: u64,
+    /// In the `rollout` suite, each simulated device deletes and unloads the
+    /// model once it reported ACTIVE (so that 1,000 fit in one process).
+    #[arg(long)]
+    pub rollout_unload_active: bool,
     /// Size in MiB of the model the `rollout` suite's throughput agent downloads.
     #[arg(long, default_value_t = 256)]
     pub throughput_mb: u64,

@@ -275,6 +275,7 @@ impl HelloSource for Hello {
 struct SimAgent {
     link: DeliveryLink,
     registry: Arc<ModelRegistry>,
+    state: StateDir,
 }
 
 fn tract_runtimes() -> Runtimes {
@@ -345,6 +346,7 @@ async fn start_agent(
         inventory,
     });
     let new_batch = Arc::new(tokio::sync::Notify::new());
+    let state_for_sim = state.clone();
     tokio::spawn(session::run_session(
         state,
         collector,
@@ -358,11 +360,29 @@ async fn start_agent(
         },
         shutdown.clone(),
     ));
-    Ok(SimAgent { link, registry })
+    Ok(SimAgent {
+        link,
+        registry,
+        state: state_for_sim,
+    })
 }
 
 fn stage_of(report: &pb::ActivationReport) -> Stage {
     Stage::try_from(report.stage).unwrap_or(Stage::Unspecified)
+}
+
+/// VmHWM: the process's peak RSS.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb * 1024.0 / 1e6)
+        .unwrap_or(0.0)
 }
 
 fn rss_mb() -> f64 {
@@ -383,6 +403,8 @@ struct FleetRun {
     bytes_served: u64,
     rss_before_mb: f64,
     rss_after_mb: f64,
+    peak_rss_mb: f64,
+    unloaded: usize,
     check_in_process_ms: f64,
     check_child_ms: Option<f64>,
 }
@@ -474,6 +496,8 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
         .create_rollout(&model, &format!("{}={}", FLEET_LABEL.0, FLEET_LABEL.1))
         .await?;
     let mut downloaded = vec![false; agents];
+    let mut unloaded = vec![false; agents];
+    let mut active_seen = 0usize;
     let mut all_downloaded = None;
     let mut last_poll = Instant::now() - Duration::from_secs(1);
     let mut rollout: pb::Rollout;
@@ -489,6 +513,27 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
                 )
             {
                 *done = true;
+            }
+        }
+        if args.rollout_unload_active {
+            for (sim, done) in sims.iter().zip(unloaded.iter_mut()) {
+                if !*done
+                    && let Some(report) = sim.link.reports().latest(&model.name)
+                    && report.version == model.version
+                    && stage_of(&report) == Stage::Active
+                {
+                    // ACTIVE has been queued for the session: this simulated
+                    // device drops the model so that the next one's fits in
+                    // this one process's memory.
+                    *done = true;
+                    active_seen += 1;
+                    let registry = Arc::clone(&sim.registry);
+                    let dir = sim.state.models_dir().join(&model.name);
+                    tokio::task::spawn_blocking(move || {
+                        let _ = std::fs::remove_dir_all(&dir);
+                        let _ = registry.sync();
+                    });
+                }
             }
         }
         if all_downloaded.is_none() && downloaded.iter().all(|d| *d) {
@@ -526,7 +571,9 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
                 .any(|st| st.name == model.name && st.served_versions.contains(&model.version))
         })
         .count();
-    eprintln!("rollout: {served} registries serve the new version");
+    eprintln!(
+        "rollout: {served} registries serve the new version ({active_seen} unloaded after ACTIVE)"
+    );
     drop(sims);
     Ok(FleetRun {
         agents,
@@ -540,6 +587,8 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
         bytes_served,
         rss_before_mb,
         rss_after_mb,
+        peak_rss_mb: peak_rss_mb(),
+        unloaded: active_seen,
         check_in_process_ms,
         check_child_ms,
     })
@@ -700,6 +749,16 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
          on its own hardware.\n",
         run.agents
     )?;
+    if run.unloaded > 0 {
+        writeln!(
+            out,
+            "To fit {} loaded models in one process, each simulated device deletes the model \
+             from its repository and unloads it (`--rollout-unload-active`) as soon as it has \
+             queued its ACTIVE report — after the point the rollout counts, but the unloads \
+             share the same 2 cores during the run.\n",
+            run.agents
+        )?;
+    }
     writeln!(out, "| | |\n|---|---|")?;
     writeln!(out, "| devices | {} |", run.agents)?;
     writeln!(
@@ -752,6 +811,12 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
         out,
         "| process RSS before agents / after rollout | {:.0} MB / {:.0} MB |",
         run.rss_before_mb, run.rss_after_mb
+    )?;
+    writeln!(out, "| peak process RSS | {:.0} MB |", run.peak_rss_mb)?;
+    writeln!(
+        out,
+        "| simulated devices that dropped the model after ACTIVE (memory) | {} |",
+        run.unloaded
     )?;
     writeln!(
         out,
