@@ -405,6 +405,7 @@ struct FleetRun {
     rss_after_mb: f64,
     peak_rss_mb: f64,
     unloaded: usize,
+    poll_errors: usize,
     check_in_process_ms: f64,
     check_child_ms: Option<f64>,
 }
@@ -500,7 +501,8 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
     let mut active_seen = 0usize;
     let mut all_downloaded = None;
     let mut last_poll = Instant::now() - Duration::from_secs(1);
-    let mut rollout: pb::Rollout;
+    let mut rollout = pb::Rollout::default();
+    let mut poll_errors = 0usize;
     let timeout = Duration::from_secs(args.rollout_timeout);
     loop {
         for (sim, done) in sims.iter().zip(downloaded.iter_mut()) {
@@ -542,7 +544,20 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
         }
         if last_poll.elapsed() >= Duration::from_millis(250) {
             last_poll = Instant::now();
-            rollout = fleet.rollout(&id).await?;
+            match fleet.rollout(&id).await {
+                Ok(now) => rollout = now,
+                Err(err) => {
+                    // Under the fleet's load the server may answer
+                    // UNAVAILABLE (its database pool is busy): count, retry.
+                    poll_errors += 1;
+                    eprintln!("rollout: GetRollout failed ({err:#}); retrying");
+                    if started.elapsed() > timeout {
+                        anyhow::bail!("GetRollout kept failing: {err:#}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
             if !matches!(rollout.state.as_str(), "pending" | "running") {
                 break;
             }
@@ -589,6 +604,7 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
         rss_after_mb,
         peak_rss_mb: peak_rss_mb(),
         unloaded: active_seen,
+        poll_errors,
         check_in_process_ms,
         check_child_ms,
     })
@@ -813,6 +829,11 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
         run.rss_before_mb, run.rss_after_mb
     )?;
     writeln!(out, "| peak process RSS | {:.0} MB |", run.peak_rss_mb)?;
+    writeln!(
+        out,
+        "| `GetRollout` polls answered with an error (retried) | {} |",
+        run.poll_errors
+    )?;
     writeln!(
         out,
         "| simulated devices that dropped the model after ACTIVE (memory) | {} |",
