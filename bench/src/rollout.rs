@@ -501,7 +501,7 @@ async fn fleet_run(args: &Args, fleet: &Fleet, work: &Path) -> anyhow::Result<Fl
     let mut active_seen = 0usize;
     let mut all_downloaded = None;
     let mut last_poll = Instant::now() - Duration::from_secs(1);
-    let mut rollout = pb::Rollout::default();
+    let mut rollout: pb::Rollout;
     let mut poll_errors = 0usize;
     let timeout = Duration::from_secs(args.rollout_timeout);
     loop {
