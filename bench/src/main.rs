@@ -7,6 +7,7 @@
 mod agent_process;
 mod ingest;
 mod report;
+mod rollout;
 mod suites;
 mod wire;
 
@@ -28,6 +29,8 @@ pub enum Suite {
     Ingest,
     /// Telemetry bytes on the wire per device per day, managed agent RSS.
     Wire,
+    /// A model rolled out to a simulated fleet; one agent's download throughput.
+    Rollout,
     /// Everything above.
     All,
 }
@@ -68,6 +71,23 @@ pub struct Args {
     /// holds whole keepalive periods).
     #[arg(long, default_value_t = 120.0)]
     pub wire_seconds: f64,
+    /// Simulated devices in the `rollout` suite.
+    #[arg(long, default_value_t = 1000)]
+    pub rollout_agents: usize,
+    /// Seconds the `rollout` suite waits for the rollout to end.
+    #[arg(long, default_value_t = 900)]
+    pub rollout_timeout: u64,
+    /// In the `rollout` suite, each simulated device deletes and unloads the
+    /// model once it reported ACTIVE (so that 1,000 fit in one process).
+    #[arg(long)]
+    pub rollout_unload_active: bool,
+    /// Size in MiB of the model the `rollout` suite's throughput agent downloads.
+    #[arg(long, default_value_t = 256)]
+    pub throughput_mb: u64,
+    /// Where the `rollout` suite makes its temp dir (state dirs of every
+    /// simulated device: about 2 × model size each at peak).
+    #[arg(long, default_value = "target")]
+    pub rollout_dir: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +104,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Runtimes,
             Suite::Ingest,
             Suite::Wire,
+            Suite::Rollout,
         ],
         one => vec![one],
     };
@@ -96,6 +117,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
+            Suite::Rollout => runtime.block_on(rollout::rollout(&args))?,
             Suite::All => unreachable!(),
         };
         println!("{section}");

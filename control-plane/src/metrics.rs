@@ -23,6 +23,8 @@ pub struct ServerMetrics {
     pub telemetry_batches: Counter,
     pub telemetry_duplicates: Counter,
     pub certificates_renewed: Counter,
+    /// Blob bytes handed to DownloadBlob streams (agents' model downloads).
+    pub blob_bytes_served: Counter,
 }
 
 impl ServerMetrics {
@@ -35,6 +37,7 @@ impl ServerMetrics {
         let telemetry_batches = Counter::default();
         let telemetry_duplicates = Counter::default();
         let certificates_renewed = Counter::default();
+        let blob_bytes_served = Counter::default();
         registry.register(
             "agent_sessions",
             "Agent sessions open on this replica",
@@ -66,6 +69,11 @@ impl ServerMetrics {
             "Device certificates renewed over a session",
             certificates_renewed.clone(),
         );
+        registry.register(
+            "blob_bytes_served",
+            "Model blob bytes streamed to agents by DownloadBlob",
+            blob_bytes_served.clone(),
+        );
         Arc::new(ServerMetrics {
             registry,
             sessions,
@@ -75,6 +83,7 @@ impl ServerMetrics {
             telemetry_batches,
             telemetry_duplicates,
             certificates_renewed,
+            blob_bytes_served,
         })
     }
 

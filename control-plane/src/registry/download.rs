@@ -5,7 +5,7 @@ use std::io::Read;
 use std::pin::Pin;
 
 use edgefleet_proto::edgefleet::v1 as pb;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -79,7 +79,13 @@ pub async fn download_blob(
         Err(err) => return Err(Status::internal(err.to_string())),
     };
     tracing::info!(device = %device_id, %sha256, offset, size, "blob download");
-    Ok(Box::pin(stream_file(file, offset, size)))
+    let served = cp.metrics.blob_bytes_served.clone();
+    let stream = stream_file(file, offset, size).inspect(move |item| {
+        if let Ok(chunk) = item {
+            served.inc_by(chunk.data.len() as u64);
+        }
+    });
+    Ok(Box::pin(stream))
 }
 
 /// Reads `file` (positioned at `offset`) on a blocking thread and yields
