@@ -242,7 +242,7 @@ def write_fixtures():
 
 
 def slow_mlp():
-    """Same inputs and outputs as `mlp`, ~1000x the work: a chain of 100
+    """Same inputs and outputs as `mlp`, ~3000x the work: a chain of 300
     MatMul+Tanh layers sharing one 256x256 weight (so the file stays small).
     The rollout tests use it as the "new version is slower" model."""
     rng = np.random.default_rng(SLOW_SEED)
@@ -251,7 +251,7 @@ def slow_mlp():
              weight("b_out", 4, rng=rng)]
     nodes = [helper.make_node("Gemm", ["input", "w_in", "b_in"], ["h"])]
     prev = "h"
-    for i in range(100):
+    for i in range(300):
         nodes.append(helper.make_node("MatMul", [prev, "w"], [f"m{i}"]))
         nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
         prev = f"t{i}"
