@@ -2,7 +2,6 @@
 //! certificate. The key is generated here and never leaves the device; the
 //! server is trusted through the CA fingerprint inside the join token.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -122,11 +121,6 @@ pub async fn enroll(
             .context("cannot store the fleet's release key")?;
     }
     Ok(enrollment)
-}
-
-/// True when `path` holds an enrollment (for `run`'s error message).
-pub fn is_enrolled(path: &Path) -> bool {
-    StateDir::new(path).is_enrolled()
 }
 
 #[cfg(test)]
