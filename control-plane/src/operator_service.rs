@@ -59,7 +59,7 @@ pub async fn authorize<T>(
 }
 
 /// A storage failure as a gRPC status (logged).
-pub fn store_error(err: crate::store::StoreError) -> Status {
+pub fn store_error(err: impl std::fmt::Display) -> Status {
     tracing::error!(error = %err, "store error");
     Status::unavailable(format!("database error: {err}"))
 }

@@ -582,10 +582,7 @@ impl RolloutApi {
     }
 }
 
-fn store_error(err: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %err, "store error");
-    Status::unavailable(format!("database error: {err}"))
-}
+use crate::operator_service::store_error;
 
 fn spec_from_request(request: &pb::CreateRolloutRequest) -> Result<RolloutSpec, Status> {
     let mut waves = Vec::new();

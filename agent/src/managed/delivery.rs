@@ -30,7 +30,7 @@ pub mod files;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use edgefleet_proto::edgefleet::v1 as pb;
@@ -230,10 +230,7 @@ fn load_desired(state: &StateDir) -> anyhow::Result<Option<pb::DesiredState>> {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+    crate::telemetry::unix_ms(SystemTime::now())
 }
 
 /// Why a model's delivery stopped before an outcome.

@@ -5,7 +5,7 @@
 //! control plane goes away. Serving never waits on any of this.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use edgefleet_proto::edgefleet::v1 as pb;
@@ -63,10 +63,7 @@ pub trait HelloSource: Send + Sync {
 pub type SharedCollector = Arc<Mutex<TelemetryCollector>>;
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
+    crate::telemetry::unix_ms(SystemTime::now())
 }
 
 /// Runs `f` on the collector on a blocking thread (it does file I/O).
