@@ -507,6 +507,7 @@ fn check(args: CheckModelArgs) -> anyhow::Result<()> {
     let (runtime, _) = runtime::select_runtime(args.runtime)?;
     let options = SessionOptions {
         intra_op_threads: args.intra_op_threads,
+        spin_wait: false,
     };
     check_model(runtime.as_ref(), &args.model, &options)
         .map_err(|reason| anyhow::anyhow!(reason))?;

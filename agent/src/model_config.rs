@@ -62,6 +62,7 @@ struct RawModelConfig {
     queue_capacity: Option<usize>,
     instances: Option<usize>,
     intra_op_threads: Option<usize>,
+    spin_wait: Option<bool>,
     runtime: Option<RuntimeChoice>,
     version_policy: Option<VersionPolicy>,
     private: Option<bool>,
@@ -76,6 +77,10 @@ pub struct ModelConfig {
     pub queue_capacity: usize,
     pub instances: usize,
     pub intra_op_threads: Option<usize>,
+    /// Runtime threads spin between runs instead of sleeping (see
+    /// `SessionOptions::spin_wait`). Off by default: on a device the CPU is
+    /// shared with the network stack and spinning drains the battery.
+    pub spin_wait: bool,
     /// `None`: the agent's runtime.
     pub runtime: Option<RuntimeChoice>,
     pub version_policy: VersionPolicy,
@@ -91,6 +96,7 @@ impl Default for ModelConfig {
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             instances: DEFAULT_INSTANCES,
             intra_op_threads: None,
+            spin_wait: false,
             runtime: None,
             version_policy: VersionPolicy::default(),
             private: false,
@@ -137,6 +143,7 @@ impl ModelConfig {
             queue_capacity,
             instances,
             intra_op_threads: raw.intra_op_threads,
+            spin_wait: raw.spin_wait.unwrap_or(defaults.spin_wait),
             runtime: raw.runtime,
             version_policy: raw.version_policy.unwrap_or_default(),
             private: raw.private.unwrap_or(false),
@@ -163,13 +170,18 @@ mod tests {
     #[test]
     fn empty_file_gives_defaults() {
         assert_eq!(ModelConfig::parse("").unwrap(), ModelConfig::default());
+        assert!(
+            !ModelConfig::default().spin_wait,
+            "runtime threads sleep between runs by default"
+        );
     }
 
     #[test]
     fn every_field_parses() {
         let config = ModelConfig::parse(
             "max_batch_size = 8\nmax_queue_delay_us = 500\nqueue_capacity = 16\ninstances = 2\n\
-             intra_op_threads = 1\nruntime = \"tract\"\nprivate = true\nversion_policy = { latest = 2 }\n",
+             intra_op_threads = 1\nspin_wait = true\nruntime = \"tract\"\nprivate = true\n\
+             version_policy = { latest = 2 }\n",
         )
         .unwrap();
         assert_eq!(config.max_batch_size, 8);
@@ -177,6 +189,7 @@ mod tests {
         assert_eq!(config.queue_capacity, 16);
         assert_eq!(config.instances, 2);
         assert_eq!(config.intra_op_threads, Some(1));
+        assert!(config.spin_wait);
         assert_eq!(config.runtime, Some(RuntimeChoice::Tract));
         assert!(config.private);
         assert_eq!(config.version_policy, VersionPolicy::Latest(2));

@@ -379,6 +379,7 @@ impl ModelRegistry {
         let runtime = self.runtimes.for_model(config.runtime)?;
         let options = SessionOptions {
             intra_op_threads: config.intra_op_threads,
+            spin_wait: config.spin_wait,
         };
         self.check.run(
             runtime.as_ref(),

@@ -1,5 +1,6 @@
 //! The release agent binary as a separate process, as a device would run it.
 
+use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,26 +13,46 @@ use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServ
 pub struct AgentProcess {
     child: Child,
     pub grpc_addr: SocketAddr,
+    /// The agent's log lines, in order.
+    log: std::sync::mpsc::Receiver<String>,
 }
 
 impl AgentProcess {
+    /// `edgefleet-agent serve` on a model repository, ready to serve.
     pub async fn start(
         agent: &Path,
         repository: &Path,
         runtime: &str,
     ) -> anyhow::Result<AgentProcess> {
+        let mut args: Vec<OsString> = ["serve", "--runtime", runtime]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push("--model-repository".into());
+        args.push(repository.into());
+        AgentProcess::spawn(agent, args).await
+    }
+
+    /// `edgefleet-agent run` (managed mode) on an enrolled state dir, ready
+    /// to serve; its session may still be connecting.
+    pub async fn managed(
+        agent: &Path,
+        state_dir: &Path,
+        runtime: &str,
+    ) -> anyhow::Result<AgentProcess> {
+        let mut args: Vec<OsString> = ["run", "--runtime", runtime]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        args.push("--state-dir".into());
+        args.push(state_dir.into());
+        AgentProcess::spawn(agent, args).await
+    }
+
+    async fn spawn(agent: &Path, args: Vec<OsString>) -> anyhow::Result<AgentProcess> {
         let mut child = Command::new(agent)
-            .args([
-                "serve",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--http-addr",
-                "127.0.0.1:0",
-                "--runtime",
-                runtime,
-            ])
-            .arg("--model-repository")
-            .arg(repository)
+            .args(args)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("EDGEFLEET_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -39,19 +60,24 @@ impl AgentProcess {
             .spawn()
             .with_context(|| format!("cannot start {}", agent.display()))?;
         let stderr = child.stderr.take().context("no stderr")?;
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, log) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("listening") {
-                    let _ = tx.send(line.clone());
-                }
                 if std::env::var_os("EDGEFLEET_BENCH_VERBOSE").is_some() {
                     eprintln!("agent: {line}");
                 }
+                if tx.send(line).is_err() {
+                    break;
+                }
             }
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
+        let mut process = AgentProcess {
+            child,
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+        };
+        let line = process
+            .wait_for_log("listening", Duration::from_secs(30))
             .context("the agent did not report its addresses")?;
         let field = |key: &str| -> anyhow::Result<SocketAddr> {
             let start = line.find(key).context("address missing")? + key.len();
@@ -61,22 +87,40 @@ impl AgentProcess {
                 .collect();
             Ok(text.parse()?)
         };
-        let process = AgentProcess {
-            grpc_addr: field("grpc=")?,
-            child,
-        };
+        process.grpc_addr = field("grpc=")?;
         process.wait_ready().await?;
         Ok(process)
+    }
+
+    /// Waits for a log line containing `needle` (lines before it are consumed).
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .log
+                .recv_timeout(left)
+                .with_context(|| format!("no agent log line with '{needle}' within {timeout:?}"))?;
+            if line.contains(needle) {
+                return Ok(line);
+            }
+        }
     }
 
     pub async fn client(
         &self,
     ) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.grpc_addr))?
-                .tcp_nodelay(true)
-                .connect()
-                .await?;
+        AgentProcess::client_for(self.grpc_addr).await
+    }
+
+    /// A client of the agent's gRPC API at `addr`, on the current runtime.
+    pub async fn client_for(
+        addr: SocketAddr,
+    ) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
         Ok(GrpcInferenceServiceClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX))

@@ -636,6 +636,7 @@ impl Delivery {
             };
             let options = SessionOptions {
                 intra_op_threads: config.intra_op_threads,
+                spin_wait: config.spin_wait,
             };
             check.run(
                 runtime.as_ref(),

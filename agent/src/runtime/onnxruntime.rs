@@ -173,6 +173,11 @@ impl Runtime for OnnxRuntime {
         if let Some(threads) = options.intra_op_threads {
             builder = builder.with_intra_threads(threads).map_err(load_error)?;
         }
+        builder = builder
+            .with_intra_op_spinning(options.spin_wait)
+            .map_err(load_error)?
+            .with_inter_op_spinning(options.spin_wait)
+            .map_err(load_error)?;
         let session = builder.commit_from_memory(&bytes).map_err(load_error)?;
         let signature = Signature {
             inputs: session
