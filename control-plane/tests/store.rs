@@ -183,6 +183,7 @@ suite!(
     ingest_dedupes,
     ingest_skips_unknown_devices,
     concurrent_ingests_store_each_batch_once,
+    concurrent_ingests_of_new_batches_add_up,
     health_comes_from_the_highest_sequence,
     totals_accumulate,
     raw_series,
@@ -786,6 +787,49 @@ async fn concurrent_ingests_store_each_batch_once(db: &Db) {
         );
         let d = db.store.device(id).await.unwrap().unwrap();
         assert_eq!((d.requests_total, d.last_sequence), (5, 5));
+    }
+}
+
+async fn concurrent_ingests_of_new_batches_add_up(db: &Db) {
+    let ids: Vec<String> = (0..20).map(|d| format!("d{d:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    enroll(db, &refs, Labels::new()).await;
+    // Eight calls at once sharing every device, each with its own sequence
+    // (call k holds sequence k + 1 of every device, in its own device order):
+    // every device row is updated by all eight.
+    let mut tasks = Vec::new();
+    for k in 0..8usize {
+        let store = db.store.clone();
+        let group: Vec<_> = (0..20usize)
+            .map(|d| {
+                let seq = k as u64 + 1;
+                batch(
+                    &ids[(d * 7 + k * 3) % 20],
+                    seq,
+                    T0 + seq as i64 * 10_000,
+                    vec![sample("m", 1 + k as u64, &[5], 1)],
+                )
+            })
+            .collect();
+        tasks.push(tokio::spawn(
+            async move { store.ingest_telemetry(&group).await },
+        ));
+    }
+    for t in tasks {
+        let stored = t.await.unwrap().unwrap();
+        assert!(stored.iter().all(|&s| s), "every batch is new");
+    }
+    for id in &ids {
+        assert_eq!(
+            db.store.telemetry_sequences(id).await.unwrap(),
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        let d = db.store.device(id).await.unwrap().unwrap();
+        assert_eq!(
+            (d.requests_total, d.last_sequence),
+            ((1..=8).sum::<u64>(), 8),
+            "device {id}"
+        );
     }
 }
 

@@ -316,20 +316,18 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut seen = HashSet::with_capacity(batches.len());
-        let candidates: Vec<usize> = (0..batches.len())
+        let mut candidates: Vec<usize> = (0..batches.len())
             .filter(|&i| seen.insert((batches[i].device_id.as_str(), batches[i].sequence)))
             .collect();
+        // Inserted in (device, sequence) order, so two concurrent calls
+        // holding the same batch wait on each other's uncommitted row in one
+        // direction only (no deadlock).
+        candidates.sort_unstable_by(|&a, &b| {
+            (batches[a].device_id.as_str(), batches[a].sequence)
+                .cmp(&(batches[b].device_id.as_str(), batches[b].sequence))
+        });
 
         let mut tx = self.pool.begin().await?;
-
-        // One ingest at a time per schema: concurrent calls would otherwise
-        // lock the same device rows in different orders (deadlocks). The
-        // server runs one group-commit writer anyway, so this costs nothing.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.ingest'))",
-        )
-        .execute(&mut *tx)
-        .await?;
 
         let n = candidates.len();
         let (mut ids, mut seqs, mut received, mut starts, mut ends, mut hours, mut samples) = (
@@ -353,9 +351,11 @@ impl Store for PgStore {
         }
         let rows = sqlx::query(
             "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
-             SELECT u.* FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[]) \
-               AS u(device_id, sequence, received_at, start_at, end_at, hour, device) \
+             SELECT u.device_id, u.sequence, u.received_at, u.start_at, u.end_at, u.hour, u.device \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[]) \
+               WITH ORDINALITY AS u(device_id, sequence, received_at, start_at, end_at, hour, device, n) \
              WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = u.device_id) \
+             ORDER BY u.n \
              ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
         )
         .bind(&ids)
@@ -472,9 +472,17 @@ impl Store for PgStore {
             .await?;
         }
 
-        // Devices.
+        // Devices. One call at a time from here to its commit: concurrent
+        // calls would otherwise lock the same device rows in different orders
+        // (deadlocks). Taken this late, a call's inserts above still overlap
+        // the previous call's commit.
         let deltas = common::device_deltas(new_batches.iter().map(|&(_, b)| b));
         if !deltas.is_empty() {
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.ingest'))",
+            )
+            .execute(&mut *tx)
+            .await?;
             let mut d_id = Vec::new();
             let mut d_seq = Vec::new();
             let mut d_seen = Vec::new();
