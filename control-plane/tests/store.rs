@@ -194,6 +194,7 @@ suite!(
     schema_too_new_is_refused,
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
+    samples_stored_before_migration_3_are_converted,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1346,7 +1347,7 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
     ))
     .await;
     db.raw(&format!(
-        "UPDATE model_samples SET latency_us = {}",
+        "UPDATE telemetry_batches SET models = {}",
         db.bytes("0a05ff")
     ))
     .await;
@@ -1366,6 +1367,90 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
         db.store.devices(&Labels::new()).await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A database written before migration 0003 kept model samples as rows of
+/// `model_samples`; opening it moves them into their batches' rows.
+async fn samples_stored_before_migration_3_are_converted(db: &Db) {
+    use prost::Message;
+    enroll(db, &["a"], Labels::new()).await;
+    let m = sample("m", 10, &[100, 200], 3);
+    let mut n = sample("n", 20, &[7], 1);
+    n.version = 2;
+    let batches = [
+        batch("a", 1, T0, vec![m.clone(), n.clone()]),
+        batch("a", 2, T0 + 10_000, vec![n.clone()]),
+        batch("a", 3, T0 + 20_000, vec![]),
+    ];
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let raw = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+        .await
+        .unwrap();
+    let hourly = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 3);
+    // Back to the old layout: samples as rows, no `models` column value.
+    for (seq, s) in [(1, &m), (1, &n), (2, &n)] {
+        db.raw(&format!(
+            "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, offloaded, \
+             latency_us, batch_size, max_queue_depth) SELECT id, '{}', {}, {}, {}, {}, {}, {}, {}, {} \
+             FROM telemetry_batches WHERE device_id = 'a' AND sequence = {seq}",
+            s.name,
+            s.version,
+            s.requests,
+            s.errors,
+            s.local,
+            s.offloaded,
+            db.bytes(&hex(&s.latency_us.encode_to_vec())),
+            db.bytes(&hex(&s.batch_size.encode_to_vec())),
+            s.max_queue_depth
+        ))
+        .await;
+    }
+    db.raw("UPDATE telemetry_batches SET models = NULL").await;
+    assert!(
+        db.store
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the old layout is not read"
+    );
+    let reopened = db.reopen().await.unwrap();
+    assert_eq!(
+        reopened
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap(),
+        raw
+    );
+    assert_eq!(
+        reopened
+            .model_series("a", T0, T0 + HOUR, Resolution::Hourly)
+            .await
+            .unwrap(),
+        hourly
+    );
+    // Converted once: the old rows are gone, so clearing the column again
+    // and reopening leaves nothing to read.
+    db.raw("UPDATE telemetry_batches SET models = NULL").await;
+    let again = db.reopen().await.unwrap();
+    assert!(
+        again
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------- registry
