@@ -20,8 +20,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
 
 use super::common::{
-    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
-    OperatorTokenRow, PointRow, RollupKey, BatchSamplesRow, LegacySampleRow, from_db, hour_ceil, hour_of, to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
+    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
+    to_db, to_json,
 };
 use super::{
     Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
@@ -597,7 +598,9 @@ impl Store for PgStore {
             Resolution::Hourly => {
                 // One snapshot: rollups plus raw data not rolled up yet.
                 let mut tx = self.snapshot().await?;
-                let sql = format!("{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3");
+                let sql = format!(
+                    "{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3"
+                );
                 let rollups = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
                     .bind(device_id)
                     .bind(from - HOUR_MS)

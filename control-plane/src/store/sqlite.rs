@@ -22,8 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
 use super::common::{
-    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
-    OperatorTokenRow, PointRow, RollupKey, BatchSamplesRow, LegacySampleRow, from_db, hour_ceil, hour_of, to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
+    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
+    to_db, to_json,
 };
 use super::{
     Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
