@@ -183,6 +183,7 @@ suite!(
     ingest_dedupes,
     ingest_skips_unknown_devices,
     concurrent_ingests_store_each_batch_once,
+    concurrent_ingests_of_new_batches_add_up,
     health_comes_from_the_highest_sequence,
     totals_accumulate,
     raw_series,
@@ -193,6 +194,7 @@ suite!(
     schema_too_new_is_refused,
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
+    samples_stored_before_migration_3_are_converted,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -789,6 +791,49 @@ async fn concurrent_ingests_store_each_batch_once(db: &Db) {
     }
 }
 
+async fn concurrent_ingests_of_new_batches_add_up(db: &Db) {
+    let ids: Vec<String> = (0..20).map(|d| format!("d{d:02}")).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    enroll(db, &refs, Labels::new()).await;
+    // Eight calls at once sharing every device, each with its own sequence
+    // (call k holds sequence k + 1 of every device, in its own device order):
+    // every device row is updated by all eight.
+    let mut tasks = Vec::new();
+    for k in 0..8usize {
+        let store = db.store.clone();
+        let group: Vec<_> = (0..20usize)
+            .map(|d| {
+                let seq = k as u64 + 1;
+                batch(
+                    &ids[(d * 7 + k * 3) % 20],
+                    seq,
+                    T0 + seq as i64 * 10_000,
+                    vec![sample("m", 1 + k as u64, &[5], 1)],
+                )
+            })
+            .collect();
+        tasks.push(tokio::spawn(
+            async move { store.ingest_telemetry(&group).await },
+        ));
+    }
+    for t in tasks {
+        let stored = t.await.unwrap().unwrap();
+        assert!(stored.iter().all(|&s| s), "every batch is new");
+    }
+    for id in &ids {
+        assert_eq!(
+            db.store.telemetry_sequences(id).await.unwrap(),
+            [1, 2, 3, 4, 5, 6, 7, 8]
+        );
+        let d = db.store.device(id).await.unwrap().unwrap();
+        assert_eq!(
+            (d.requests_total, d.last_sequence),
+            ((1..=8).sum::<u64>(), 8),
+            "device {id}"
+        );
+    }
+}
+
 async fn health_comes_from_the_highest_sequence(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     assert_eq!(db.store.last_sequence("a").await.unwrap(), 0);
@@ -1302,7 +1347,7 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
     ))
     .await;
     db.raw(&format!(
-        "UPDATE model_samples SET latency_us = {}",
+        "UPDATE telemetry_batches SET models = {}",
         db.bytes("0a05ff")
     ))
     .await;
@@ -1322,6 +1367,90 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
         db.store.devices(&Labels::new()).await,
         Err(StoreError::Corrupt(_))
     ));
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A database written before migration 0003 kept model samples as rows of
+/// `model_samples`; opening it moves them into their batches' rows.
+async fn samples_stored_before_migration_3_are_converted(db: &Db) {
+    use prost::Message;
+    enroll(db, &["a"], Labels::new()).await;
+    let m = sample("m", 10, &[100, 200], 3);
+    let mut n = sample("n", 20, &[7], 1);
+    n.version = 2;
+    let batches = [
+        batch("a", 1, T0, vec![m.clone(), n.clone()]),
+        batch("a", 2, T0 + 10_000, vec![n.clone()]),
+        batch("a", 3, T0 + 20_000, vec![]),
+    ];
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let raw = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+        .await
+        .unwrap();
+    let hourly = db
+        .store
+        .model_series("a", T0, T0 + HOUR, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), 3);
+    // Back to the old layout: samples as rows, no `models` column value.
+    for (seq, s) in [(1, &m), (1, &n), (2, &n)] {
+        db.raw(&format!(
+            "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, offloaded, \
+             latency_us, batch_size, max_queue_depth) SELECT id, '{}', {}, {}, {}, {}, {}, {}, {}, {} \
+             FROM telemetry_batches WHERE device_id = 'a' AND sequence = {seq}",
+            s.name,
+            s.version,
+            s.requests,
+            s.errors,
+            s.local,
+            s.offloaded,
+            db.bytes(&hex(&s.latency_us.encode_to_vec())),
+            db.bytes(&hex(&s.batch_size.encode_to_vec())),
+            s.max_queue_depth
+        ))
+        .await;
+    }
+    db.raw("UPDATE telemetry_batches SET models = NULL").await;
+    assert!(
+        db.store
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty(),
+        "the old layout is not read"
+    );
+    let reopened = db.reopen().await.unwrap();
+    assert_eq!(
+        reopened
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap(),
+        raw
+    );
+    assert_eq!(
+        reopened
+            .model_series("a", T0, T0 + HOUR, Resolution::Hourly)
+            .await
+            .unwrap(),
+        hourly
+    );
+    // Converted once: the old rows are gone, so clearing the column again
+    // and reopening leaves nothing to read.
+    db.raw("UPDATE telemetry_batches SET models = NULL").await;
+    let again = db.reopen().await.unwrap();
+    assert!(
+        again
+            .model_series("a", T0, T0 + HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 // ---------------------------------------------------------------- registry

@@ -225,6 +225,179 @@ impl PointRow {
     }
 }
 
+/// The model samples of one telemetry batch as stored in its row
+/// (`telemetry_batches.models`): the protobuf encoding of this message. One
+/// column instead of a row per sample keeps the hot insert path to one row
+/// per batch. Defined here, not in `proto/`: it is a storage format, not part
+/// of any protocol.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct StoredSamples {
+    #[prost(message, repeated, tag = "1")]
+    pub samples: Vec<StoredSample>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct StoredSample {
+    #[prost(string, tag = "1")]
+    pub model: String,
+    #[prost(uint64, tag = "2")]
+    pub version: u64,
+    #[prost(uint64, tag = "3")]
+    pub requests: u64,
+    #[prost(uint64, tag = "4")]
+    pub errors: u64,
+    #[prost(uint64, tag = "5")]
+    pub local: u64,
+    #[prost(uint64, tag = "6")]
+    pub offloaded: u64,
+    #[prost(message, optional, tag = "7")]
+    pub latency_us: Option<LogHistogram>,
+    #[prost(message, optional, tag = "8")]
+    pub batch_size: Option<LogHistogram>,
+    #[prost(uint32, tag = "9")]
+    pub max_queue_depth: u32,
+}
+
+impl From<ModelSample> for StoredSample {
+    fn from(m: ModelSample) -> Self {
+        StoredSample {
+            model: m.name,
+            version: m.version,
+            requests: m.requests,
+            errors: m.errors,
+            local: m.local,
+            offloaded: m.offloaded,
+            latency_us: Some(m.latency_us),
+            batch_size: Some(m.batch_size),
+            max_queue_depth: m.max_queue_depth,
+        }
+    }
+}
+
+/// The `models` column of a batch: its samples, one per (model, version).
+pub(crate) fn encode_samples(batch: &TelemetryRecord) -> Vec<u8> {
+    StoredSamples {
+        samples: merged_samples(batch)
+            .into_iter()
+            .map(StoredSample::from)
+            .collect(),
+    }
+    .encode_to_vec()
+}
+
+/// A batch's model samples as read back: the batch's interval (or hour) and
+/// its `models` column.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct BatchSamplesRow {
+    pub device_id: String,
+    pub at: i64,
+    pub until: i64,
+    pub sequence: i64,
+    /// NULL only for a batch without samples stored before the column existed.
+    pub models: Option<Vec<u8>>,
+}
+
+impl BatchSamplesRow {
+    /// One point per sample, each covering the row's `at..until`.
+    pub(crate) fn into_points(self) -> Result<Vec<ModelPoint>, StoreError> {
+        let Some(bytes) = self.models else {
+            return Ok(Vec::new());
+        };
+        let stored = StoredSamples::decode(bytes.as_slice()).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "model samples of device {:?} batch {}: {e}",
+                self.device_id, self.sequence
+            ))
+        })?;
+        Ok(stored
+            .samples
+            .into_iter()
+            .map(|s| ModelPoint {
+                at: self.at,
+                until: self.until,
+                name: s.model,
+                version: s.version,
+                requests: s.requests,
+                errors: s.errors,
+                local: s.local,
+                offloaded: s.offloaded,
+                latency_us: s.latency_us.unwrap_or_default(),
+                batch_size: s.batch_size.unwrap_or_default(),
+                max_queue_depth: s.max_queue_depth,
+            })
+            .collect())
+    }
+}
+
+/// The raw series of a device from its batch rows (ordered by start, then
+/// sequence): ordered by time, then model, version and sequence.
+pub(crate) fn raw_points(rows: Vec<BatchSamplesRow>) -> Result<Vec<ModelPoint>, StoreError> {
+    let mut points = Vec::new();
+    for row in rows {
+        let sequence = row.sequence;
+        points.extend(row.into_points()?.into_iter().map(|p| (sequence, p)));
+    }
+    // Stable: batches of one start stay in sequence order.
+    points.sort_by(|(sa, a), (sb, b)| {
+        (a.at, &a.name, a.version, sa).cmp(&(b.at, &b.name, b.version, sb))
+    });
+    Ok(points.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Legacy model-sample rows (the `model_samples` table before migration
+/// 0003), one batch's worth at a time, converted to its `models` column.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct LegacySampleRow {
+    pub batch_id: i64,
+    pub model: String,
+    pub version: i64,
+    pub requests: i64,
+    pub errors: i64,
+    pub local: i64,
+    pub offloaded: i64,
+    pub latency_us: Vec<u8>,
+    pub batch_size: Vec<u8>,
+    pub max_queue_depth: i64,
+}
+
+/// Groups legacy sample rows (ordered by batch id) into (batch id, `models`
+/// column) pairs.
+pub(crate) fn convert_legacy_samples(
+    rows: Vec<LegacySampleRow>,
+) -> Result<Vec<(i64, Vec<u8>)>, StoreError> {
+    let mut out: Vec<(i64, StoredSamples)> = Vec::new();
+    for r in rows {
+        let owner = format!("model {:?} v{} of batch {}", r.model, r.version, r.batch_id);
+        let sample = StoredSample {
+            latency_us: Some(decode_histogram(&owner, &r.latency_us)?),
+            batch_size: Some(decode_histogram(&owner, &r.batch_size)?),
+            model: r.model,
+            version: from_db(r.version),
+            requests: from_db(r.requests),
+            errors: from_db(r.errors),
+            local: from_db(r.local),
+            offloaded: from_db(r.offloaded),
+            max_queue_depth: u32::try_from(r.max_queue_depth).unwrap_or(u32::MAX),
+        };
+        match out.last_mut() {
+            Some((id, stored)) if *id == r.batch_id => stored.samples.push(sample),
+            _ => out.push((
+                r.batch_id,
+                StoredSamples {
+                    samples: vec![sample],
+                },
+            )),
+        }
+    }
+    Ok(out
+        .into_iter()
+        .map(|(id, stored)| (id, stored.encode_to_vec()))
+        .collect())
+}
+
+/// Legacy batches converted per transaction at start.
+pub(crate) const LEGACY_BATCHES_PER_STEP: i64 = 1_000;
+
 /// Adds `other`'s figures into `acc` (same model and version), widening the
 /// interval.
 pub(crate) fn accumulate(acc: &mut ModelPoint, other: &ModelPoint) {

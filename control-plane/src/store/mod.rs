@@ -5,7 +5,8 @@
 //!
 //! Times are Unix milliseconds (`i64`) everywhere; labels and inventories are
 //! stored as JSON text; histograms as the protobuf encoding of
-//! [`LogHistogram`], merged in Rust.
+//! [`LogHistogram`], merged in Rust. A telemetry batch is one row; its model
+//! samples one protobuf column of it (see `common::StoredSamples`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,6 +1,8 @@
 //! PostgreSQL store. The hot path (`ingest_telemetry`) sends each table's rows
 //! as arrays and inserts them with `UNNEST`: one statement per table per call,
-//! whatever the number of batches.
+//! whatever the number of batches (a batch is one row, its model samples one
+//! column). Concurrent calls are safe: batches are inserted in (device,
+//! sequence) order, and only the device-row updates are serialized.
 //!
 //! Telemetry for a device that does not exist is skipped (reported as not
 //! stored), so one stale device cannot fail a whole group commit.
@@ -18,8 +20,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
 
 use super::common::{
-    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
-    OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
+    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
+    to_db, to_json,
 };
 use super::{
     Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
@@ -61,7 +64,60 @@ impl PgStore {
             .connect_with(options)
             .await
             .map_err(connect_error)?;
-        Ok(PgStore { pool })
+        let store = PgStore { pool };
+        store.convert_legacy_samples().await?;
+        Ok(store)
+    }
+
+    /// A read-only transaction whose statements all see one snapshot.
+    async fn snapshot(&self) -> Result<Transaction<'static, Postgres>, StoreError> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .await?)
+    }
+
+    /// Moves model samples stored before migration 0003 (rows of
+    /// `model_samples`) into their batches' `models` column, a step of
+    /// batches per transaction; replicas starting together take turns.
+    /// Nothing to do on a database created since.
+    async fn convert_legacy_samples(&self) -> Result<(), StoreError> {
+        loop {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.legacy_samples'))",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let rows = sqlx::query_as::<_, LegacySampleRow>(
+                "SELECT batch_id, model, version, requests, errors, local, offloaded, latency_us, \
+                 batch_size, max_queue_depth FROM model_samples WHERE batch_id <= (SELECT max(batch_id) \
+                 FROM (SELECT DISTINCT batch_id FROM model_samples ORDER BY batch_id LIMIT $1) AS first) \
+                 ORDER BY batch_id, model, version",
+            )
+            .bind(common::LEGACY_BATCHES_PER_STEP)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = rows.last().map(|r| r.batch_id) else {
+                tx.commit().await?;
+                return Ok(());
+            };
+            let (ids, models): (Vec<i64>, Vec<Vec<u8>>) =
+                common::convert_legacy_samples(rows)?.into_iter().unzip();
+            sqlx::query(
+                "UPDATE telemetry_batches b SET models = u.models \
+                 FROM UNNEST($1::int8[], $2::bytea[]) AS u(id, models) WHERE b.id = u.id",
+            )
+            .bind(&ids)
+            .bind(&models)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM model_samples WHERE batch_id <= $1")
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
     }
 }
 
@@ -316,22 +372,21 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut seen = HashSet::with_capacity(batches.len());
-        let candidates: Vec<usize> = (0..batches.len())
+        let mut candidates: Vec<usize> = (0..batches.len())
             .filter(|&i| seen.insert((batches[i].device_id.as_str(), batches[i].sequence)))
             .collect();
+        // Inserted in (device, sequence) order, so two concurrent calls
+        // holding the same batch wait on each other's uncommitted row in one
+        // direction only (no deadlock).
+        candidates.sort_unstable_by(|&a, &b| {
+            (batches[a].device_id.as_str(), batches[a].sequence)
+                .cmp(&(batches[b].device_id.as_str(), batches[b].sequence))
+        });
 
         let mut tx = self.pool.begin().await?;
 
-        // One ingest at a time per schema: concurrent calls would otherwise
-        // lock the same device rows in different orders (deadlocks). The
-        // server runs one group-commit writer anyway, so this costs nothing.
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.ingest'))",
-        )
-        .execute(&mut *tx)
-        .await?;
-
         let n = candidates.len();
+        let mut models = Vec::with_capacity(n);
         let (mut ids, mut seqs, mut received, mut starts, mut ends, mut hours, mut samples) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -350,12 +405,16 @@ impl Store for PgStore {
             ends.push(b.end_at);
             hours.push(hour_of(b.start_at));
             samples.push(b.device.as_ref().map(|d| d.encode_to_vec()));
+            models.push(common::encode_samples(b));
         }
         let rows = sqlx::query(
-            "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
-             SELECT u.* FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[]) \
-               AS u(device_id, sequence, received_at, start_at, end_at, hour, device) \
+            "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models) \
+             SELECT u.device_id, u.sequence, u.received_at, u.start_at, u.end_at, u.hour, u.device, u.models \
+             FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], \
+               $8::bytea[]) WITH ORDINALITY AS u(device_id, sequence, received_at, start_at, end_at, hour, device, \
+               models, n) \
              WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = u.device_id) \
+             ORDER BY u.n \
              ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
         )
         .bind(&ids)
@@ -365,6 +424,7 @@ impl Store for PgStore {
         .bind(&ends)
         .bind(&hours)
         .bind(&samples)
+        .bind(&models)
         .fetch_all(&mut *tx)
         .await?;
         let mut inserted: HashMap<(String, i64), i64> = HashMap::with_capacity(rows.len());
@@ -385,52 +445,6 @@ impl Store for PgStore {
                 skipped = candidates.len() - new_batches.len(),
                 "telemetry batches already stored or of unknown devices"
             );
-        }
-
-        // Model samples.
-        let mut s_batch_id = Vec::new();
-        let mut s_model = Vec::new();
-        let mut s_version = Vec::new();
-        let mut s_requests = Vec::new();
-        let mut s_errors = Vec::new();
-        let mut s_local = Vec::new();
-        let mut s_offloaded = Vec::new();
-        let mut s_latency = Vec::new();
-        let mut s_batch = Vec::new();
-        let mut s_depth = Vec::new();
-        for &(id, b) in &new_batches {
-            for m in common::merged_samples(b) {
-                s_batch_id.push(id);
-                s_version.push(to_db(m.version));
-                s_requests.push(to_db(m.requests));
-                s_errors.push(to_db(m.errors));
-                s_local.push(to_db(m.local));
-                s_offloaded.push(to_db(m.offloaded));
-                s_latency.push(m.latency_us.encode_to_vec());
-                s_batch.push(m.batch_size.encode_to_vec());
-                s_depth.push(i64::from(m.max_queue_depth));
-                s_model.push(m.name);
-            }
-        }
-        if !s_batch_id.is_empty() {
-            sqlx::query(
-                "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, \
-                 offloaded, latency_us, batch_size, max_queue_depth) \
-                 SELECT * FROM UNNEST($1::int8[], $2::text[], $3::int8[], $4::int8[], $5::int8[], \
-                 $6::int8[], $7::int8[], $8::bytea[], $9::bytea[], $10::int8[])",
-            )
-            .bind(&s_batch_id)
-            .bind(&s_model)
-            .bind(&s_version)
-            .bind(&s_requests)
-            .bind(&s_errors)
-            .bind(&s_local)
-            .bind(&s_offloaded)
-            .bind(&s_latency)
-            .bind(&s_batch)
-            .bind(&s_depth)
-            .execute(&mut *tx)
-            .await?;
         }
 
         // Events.
@@ -472,9 +486,17 @@ impl Store for PgStore {
             .await?;
         }
 
-        // Devices.
+        // Devices. One call at a time from here to its commit: concurrent
+        // calls would otherwise lock the same device rows in different orders
+        // (deadlocks). Taken this late, a call's inserts above still overlap
+        // the previous call's commit.
         let deltas = common::device_deltas(new_batches.iter().map(|&(_, b)| b));
         if !deltas.is_empty() {
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.ingest'))",
+            )
+            .execute(&mut *tx)
+            .await?;
             let mut d_id = Vec::new();
             let mut d_seq = Vec::new();
             let mut d_seen = Vec::new();
@@ -561,40 +583,49 @@ impl Store for PgStore {
     ) -> Result<Vec<ModelPoint>, StoreError> {
         match resolution {
             Resolution::Raw => {
-                let rows = sqlx::query_as::<_, PointRow>(
-                    "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
-                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-                     WHERE b.device_id = $1 AND b.end_at >= $2 AND b.end_at < $3 \
-                     ORDER BY b.start_at, s.model, s.version, b.sequence",
+                let rows = sqlx::query_as::<_, BatchSamplesRow>(
+                    "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
+                     FROM telemetry_batches WHERE device_id = $1 AND end_at >= $2 AND end_at < $3 \
+                     ORDER BY start_at, sequence",
                 )
                 .bind(device_id)
                 .bind(from)
                 .bind(until)
                 .fetch_all(&self.pool)
                 .await?;
-                rows.into_iter().map(PointRow::into_point).collect()
+                common::raw_points(rows)
             }
             Resolution::Hourly => {
-                // One statement, one snapshot: rollups plus raw data not rolled up yet.
+                // One snapshot: rollups plus raw data not rolled up yet.
+                let mut tx = self.snapshot().await?;
                 let sql = format!(
-                    "{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3 \
-                     UNION ALL \
-                     SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
-                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-                     WHERE b.device_id = $1 AND NOT b.rolled_up AND b.hour > $2 AND b.hour < $3"
+                    "{POINT_FROM_ROLLUPS} WHERE device_id = $1 AND hour > $2 AND hour < $3"
                 );
-                let rows = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
+                let rollups = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
                     .bind(device_id)
                     .bind(from - HOUR_MS)
                     .bind(until)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&mut *tx)
                     .await?;
+                let raw = sqlx::query_as::<_, BatchSamplesRow>(
+                    "SELECT device_id, hour AS at, hour + 3600000 AS until, sequence, models \
+                     FROM telemetry_batches WHERE device_id = $1 AND NOT rolled_up AND hour > $2 AND hour < $3",
+                )
+                .bind(device_id)
+                .bind(from - HOUR_MS)
+                .bind(until)
+                .fetch_all(&mut *tx)
+                .await?;
+                tx.commit().await?;
                 let mut merger = Merger::default();
-                for row in rows {
+                for row in rollups {
                     let p = row.into_point()?;
                     merger.add((p.at, p.name.clone(), p.version), p);
+                }
+                for row in raw {
+                    for p in row.into_points()? {
+                        merger.add((p.at, p.name.clone(), p.version), p);
+                    }
                 }
                 Ok(merger.groups.into_values().collect())
             }
@@ -634,28 +665,36 @@ impl Store for PgStore {
     ) -> Result<Vec<ModelPoint>, StoreError> {
         let lo = hour_ceil(from);
         let hi = hour_of(until).max(lo);
-        let sql = format!(
-            "{POINT_FROM_ROLLUPS} WHERE hour >= $1 AND hour < $2 \
-             UNION ALL \
-             SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
-             s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-             FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-             WHERE (NOT b.rolled_up AND b.hour >= $1 AND b.hour < $2) \
-                OR ((b.hour < $1 OR b.hour >= $2) AND b.start_at >= $3 AND b.start_at < $4)"
-        );
-        let rows = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
+        // One snapshot: whole hours from rollups plus raw data not rolled up
+        // yet; partial hours at the edges from raw data.
+        let mut tx = self.snapshot().await?;
+        let sql = format!("{POINT_FROM_ROLLUPS} WHERE hour >= $1 AND hour < $2");
+        let rollups = sqlx::query_as::<_, PointRow>(AssertSqlSafe(sql))
             .bind(lo)
             .bind(hi)
-            .bind(from)
-            .bind(until)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *tx)
             .await?;
+        let raw = sqlx::query_as::<_, BatchSamplesRow>(
+            "SELECT device_id, start_at AS at, end_at AS until, sequence, models FROM telemetry_batches \
+             WHERE (NOT rolled_up AND hour >= $1 AND hour < $2) \
+                OR ((hour < $1 OR hour >= $2) AND start_at >= $3 AND start_at < $4)",
+        )
+        .bind(lo)
+        .bind(hi)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
         let mut merger = Merger::default();
-        for row in rows {
-            let mut p = row.into_point()?;
-            p.at = from;
-            p.until = until;
-            merger.add((p.name.clone(), p.version), p);
+        let raw_points = raw.into_iter().map(BatchSamplesRow::into_points);
+        let rollup_points = rollups.into_iter().map(|r| r.into_point().map(|p| vec![p]));
+        for points in rollup_points.chain(raw_points) {
+            for mut p in points? {
+                p.at = from;
+                p.until = until;
+                merger.add((p.name.clone(), p.version), p);
+            }
         }
         Ok(merger.groups.into_values().collect())
     }
@@ -695,19 +734,17 @@ impl Store for PgStore {
         // either both marked and merged, or neither.
         let mut merger: Merger<RollupKey> = Merger::default();
         {
-            let mut rows = sqlx::query_as::<_, PointRow>(
-                "WITH marked AS (UPDATE telemetry_batches SET rolled_up = TRUE \
-                   WHERE NOT rolled_up AND hour < $1 RETURNING id, device_id, hour) \
-                 SELECT m.device_id, m.hour AS at, m.hour + 3600000 AS until, s.model, s.version, \
-                 s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                 FROM marked m JOIN model_samples s ON s.batch_id = m.id",
+            let mut rows = sqlx::query_as::<_, BatchSamplesRow>(
+                "UPDATE telemetry_batches SET rolled_up = TRUE WHERE NOT rolled_up AND hour < $1 \
+                 RETURNING device_id, hour AS at, hour + 3600000 AS until, sequence, models",
             )
             .bind(current_hour)
             .fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
                 let device = row.device_id.clone();
-                let p = row.into_point()?;
-                merger.add((device, p.at, p.name.clone(), to_db(p.version)), p);
+                for p in row.into_points()? {
+                    merger.add((device.clone(), p.at, p.name.clone(), to_db(p.version)), p);
+                }
             }
         }
         let hours_rolled_up = merger.groups.len() as u64;
@@ -782,10 +819,9 @@ impl Store for PgStore {
             .execute(&mut *tx)
             .await?;
         }
-        // No foreign keys on the telemetry tables: samples and events go with their batches here.
+        // No foreign keys on the telemetry tables: events go with their batches here.
         let pruned: i64 = sqlx::query_scalar(
             "WITH gone AS (DELETE FROM telemetry_batches WHERE rolled_up AND end_at < $1 RETURNING id), \
-             s AS (DELETE FROM model_samples WHERE batch_id IN (SELECT id FROM gone)), \
              e AS (DELETE FROM events WHERE batch_id IN (SELECT id FROM gone)) \
              SELECT count(*) FROM gone",
         )

@@ -22,8 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
 use super::common::{
-    self, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow, Merger,
-    OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
+    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
+    to_db, to_json,
 };
 use super::{
     Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
@@ -33,6 +34,15 @@ use super::{
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// WAL pages (4 KiB) written before a commit copies them back into the
+/// database file (a checkpoint, with an fsync). SQLite's default of 1,000
+/// checkpoints after nearly every telemetry group commit, each rewriting the
+/// same index pages; at 16,384 (64 MiB) a page rewritten by many commits is
+/// copied back once.
+const WAL_AUTOCHECKPOINT_PAGES: &str = "16384";
+/// What the WAL file is truncated to after a checkpoint, so a burst does not
+/// leave a large file behind.
+const JOURNAL_SIZE_LIMIT_BYTES: &str = "67108864";
 const READ_CONNECTIONS: u32 = 4;
 
 /// Opens (creating if missing) the SQLite database file at `path`.
@@ -73,6 +83,8 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-32768")
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES)
+            .pragma("journal_size_limit", JOURNAL_SIZE_LIMIT_BYTES)
             .statement_cache_capacity(256);
         let connect_error =
             |e: sqlx::Error| StoreError::Connect(format!("SQLite {}: {e}", path.display()));
@@ -93,11 +105,47 @@ impl SqliteStore {
             .connect_with(options.pragma("query_only", "ON"))
             .await
             .map_err(connect_error)?;
-        Ok(SqliteStore { writer, reader })
+        let store = SqliteStore { writer, reader };
+        store.convert_legacy_samples().await?;
+        Ok(store)
     }
 
     async fn write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Moves model samples stored before migration 0003 (rows of
+    /// `model_samples`) into their batches' `models` column, a step of
+    /// batches per transaction. Nothing to do on a database created since.
+    async fn convert_legacy_samples(&self) -> Result<(), StoreError> {
+        loop {
+            let mut tx = self.write().await?;
+            let rows = sqlx::query_as::<_, LegacySampleRow>(
+                "SELECT batch_id, model, version, requests, errors, local, offloaded, latency_us, \
+                 batch_size, max_queue_depth FROM model_samples WHERE batch_id <= (SELECT max(batch_id) \
+                 FROM (SELECT DISTINCT batch_id FROM model_samples ORDER BY batch_id LIMIT ?)) \
+                 ORDER BY batch_id, model, version",
+            )
+            .bind(common::LEGACY_BATCHES_PER_STEP)
+            .fetch_all(&mut *tx)
+            .await?;
+            let Some(last) = rows.last().map(|r| r.batch_id) else {
+                tx.commit().await?;
+                return Ok(());
+            };
+            for (id, models) in common::convert_legacy_samples(rows)? {
+                sqlx::query("UPDATE telemetry_batches SET models = ? WHERE id = ?")
+                    .bind(models)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM model_samples WHERE batch_id <= ?")
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
     }
 }
 
@@ -131,12 +179,6 @@ async fn device_in(
         .await?
         .map(Device::try_from)
         .transpose()
-}
-
-/// A model sample row to insert.
-struct SampleRow {
-    batch_id: i64,
-    sample: super::ModelSample,
 }
 
 #[async_trait::async_trait]
@@ -396,11 +438,11 @@ impl Store for SqliteStore {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let sql = format!(
-                "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device) \
-                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7 \
+                "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
                  FROM (VALUES {}) AS v WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = v.column1) \
                  ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
-                placeholders(size, 7)
+                placeholders(size, 8)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for &i in chunk {
@@ -412,7 +454,8 @@ impl Store for SqliteStore {
                     .bind(b.start_at)
                     .bind(b.end_at)
                     .bind(hour_of(b.start_at))
-                    .bind(b.device.as_ref().map(|d| d.encode_to_vec()));
+                    .bind(b.device.as_ref().map(|d| d.encode_to_vec()))
+                    .bind(common::encode_samples(b));
             }
             let mut rows = q.fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
@@ -439,42 +482,6 @@ impl Store for SqliteStore {
                 devices = ?unknown,
                 "telemetry batches already stored or of unknown devices"
             );
-        }
-
-        // Model samples.
-        let samples: Vec<SampleRow> = new_batches
-            .iter()
-            .flat_map(|&(batch_id, b)| {
-                common::merged_samples(b)
-                    .into_iter()
-                    .map(move |sample| SampleRow { batch_id, sample })
-            })
-            .collect();
-        let mut rest = &samples[..];
-        for size in chunk_sizes(samples.len()) {
-            let (chunk, tail) = rest.split_at(size);
-            rest = tail;
-            let sql = format!(
-                "INSERT INTO model_samples (batch_id, model, version, requests, errors, local, \
-                 offloaded, latency_us, batch_size, max_queue_depth) VALUES {}",
-                placeholders(size, 10)
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for s in chunk {
-                let m = &s.sample;
-                q = q
-                    .bind(s.batch_id)
-                    .bind(&m.name)
-                    .bind(to_db(m.version))
-                    .bind(to_db(m.requests))
-                    .bind(to_db(m.errors))
-                    .bind(to_db(m.local))
-                    .bind(to_db(m.offloaded))
-                    .bind(m.latency_us.encode_to_vec())
-                    .bind(m.batch_size.encode_to_vec())
-                    .bind(i64::from(m.max_queue_depth));
-            }
-            q.execute(&mut *tx).await?;
         }
 
         // Events.
@@ -574,19 +581,17 @@ impl Store for SqliteStore {
     ) -> Result<Vec<ModelPoint>, StoreError> {
         match resolution {
             Resolution::Raw => {
-                let rows = sqlx::query_as::<_, PointRow>(
-                    "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
-                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-                     WHERE b.device_id = ? AND b.end_at >= ? AND b.end_at < ? \
-                     ORDER BY b.start_at, s.model, s.version, b.sequence",
+                let rows = sqlx::query_as::<_, BatchSamplesRow>(
+                    "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
+                     FROM telemetry_batches WHERE device_id = ? AND end_at >= ? AND end_at < ? \
+                     ORDER BY start_at, sequence",
                 )
                 .bind(device_id)
                 .bind(from)
                 .bind(until)
                 .fetch_all(&self.reader)
                 .await?;
-                rows.into_iter().map(PointRow::into_point).collect()
+                common::raw_points(rows)
             }
             Resolution::Hourly => {
                 let mut tx = self.reader.begin().await?;
@@ -600,11 +605,9 @@ impl Store for SqliteStore {
                 .bind(until)
                 .fetch_all(&mut *tx)
                 .await?;
-                let raw = sqlx::query_as::<_, PointRow>(
-                    "SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
-                     s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                     FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-                     WHERE b.device_id = ? AND b.rolled_up = 0 AND b.hour > ? AND b.hour < ?",
+                let raw = sqlx::query_as::<_, BatchSamplesRow>(
+                    "SELECT device_id, hour AS at, hour + 3600000 AS until, sequence, models \
+                     FROM telemetry_batches WHERE device_id = ? AND rolled_up = 0 AND hour > ? AND hour < ?",
                 )
                 .bind(device_id)
                 .bind(from - HOUR_MS)
@@ -613,9 +616,14 @@ impl Store for SqliteStore {
                 .await?;
                 tx.commit().await?;
                 let mut merger = Merger::default();
-                for row in rollups.into_iter().chain(raw) {
+                for row in rollups {
                     let p = row.into_point()?;
                     merger.add((p.at, p.name.clone(), p.version), p);
+                }
+                for row in raw {
+                    for p in row.into_points()? {
+                        merger.add((p.at, p.name.clone(), p.version), p);
+                    }
                 }
                 Ok(merger.groups.into_values().collect())
             }
@@ -667,12 +675,10 @@ impl Store for SqliteStore {
         .bind(hi)
         .fetch_all(&mut *tx)
         .await?;
-        let raw = sqlx::query_as::<_, PointRow>(
-            "SELECT b.device_id, b.start_at AS at, b.end_at AS until, s.model, s.version, \
-             s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-             FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-             WHERE (b.rolled_up = 0 AND b.hour >= ?1 AND b.hour < ?2) \
-                OR ((b.hour < ?1 OR b.hour >= ?2) AND b.start_at >= ?3 AND b.start_at < ?4)",
+        let raw = sqlx::query_as::<_, BatchSamplesRow>(
+            "SELECT device_id, start_at AS at, end_at AS until, sequence, models FROM telemetry_batches \
+             WHERE (rolled_up = 0 AND hour >= ?1 AND hour < ?2) \
+                OR ((hour < ?1 OR hour >= ?2) AND start_at >= ?3 AND start_at < ?4)",
         )
         .bind(lo)
         .bind(hi)
@@ -682,11 +688,14 @@ impl Store for SqliteStore {
         .await?;
         tx.commit().await?;
         let mut merger = Merger::default();
-        for row in rollups.into_iter().chain(raw) {
-            let mut p = row.into_point()?;
-            p.at = from;
-            p.until = until;
-            merger.add((p.name.clone(), p.version), p);
+        let raw_points = raw.into_iter().map(BatchSamplesRow::into_points);
+        let rollup_points = rollups.into_iter().map(|r| r.into_point().map(|p| vec![p]));
+        for points in rollup_points.chain(raw_points) {
+            for mut p in points? {
+                p.at = from;
+                p.until = until;
+                merger.add((p.name.clone(), p.version), p);
+            }
         }
         Ok(merger.groups.into_values().collect())
     }
@@ -719,18 +728,17 @@ impl Store for SqliteStore {
         // New raw samples of complete hours, merged per (device, hour, model, version).
         let mut merger: Merger<RollupKey> = Merger::default();
         {
-            let mut rows = sqlx::query_as::<_, PointRow>(
-                "SELECT b.device_id, b.hour AS at, b.hour + 3600000 AS until, s.model, s.version, \
-                 s.requests, s.errors, s.local, s.offloaded, s.latency_us, s.batch_size, s.max_queue_depth \
-                 FROM telemetry_batches b JOIN model_samples s ON s.batch_id = b.id \
-                 WHERE b.rolled_up = 0 AND b.hour < ?",
+            let mut rows = sqlx::query_as::<_, BatchSamplesRow>(
+                "SELECT device_id, hour AS at, hour + 3600000 AS until, sequence, models \
+                 FROM telemetry_batches WHERE rolled_up = 0 AND hour < ?",
             )
             .bind(current_hour)
             .fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
                 let device = row.device_id.clone();
-                let p = row.into_point()?;
-                merger.add((device, p.at, p.name.clone(), to_db(p.version)), p);
+                for p in row.into_points()? {
+                    merger.add((device.clone(), p.at, p.name.clone(), to_db(p.version)), p);
+                }
             }
         }
         sqlx::query("UPDATE telemetry_batches SET rolled_up = 1 WHERE rolled_up = 0 AND hour < ?")
