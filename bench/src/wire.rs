@@ -404,7 +404,12 @@ fn representative_upload(
         for (model, seen) in MODELS.iter().zip(latencies) {
             let version = recorder.for_version(model.name, 1);
             let from = (i * per_interval) % seen.len().max(1);
-            for latency in seen.iter().cycle().skip(from).take(per_interval.min(seen.len())) {
+            for latency in seen
+                .iter()
+                .cycle()
+                .skip(from)
+                .take(per_interval.min(seen.len()))
+            {
                 version.record_local(*latency, true);
                 version.record_batch(1);
                 version.observe_queue_depth(1);
@@ -566,17 +571,28 @@ pub async fn wire(args: &Args) -> anyhow::Result<String> {
     // holds whole upload intervals, and the one-off messages after
     // connecting (ModelsChanged for the models loaded after Hello) are not
     // counted as steady state.
+    // ModelsChanged (the models loaded after Hello) is a big read too: let
+    // it go first, then wait for a new big read.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let big_reads = || {
+        session_conns
+            .iter()
+            .map(|c| {
+                c.chunks
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|c| c.up && c.bytes >= UPLOAD_READ_BYTES)
+                    .count()
+            })
+            .sum::<usize>()
+    };
+    let before = big_reads();
     eprintln!("wire: waiting for the first telemetry upload (up to {UPLOAD_SECONDS:.0} s)");
-    let deadline = Instant::now() + Duration::from_secs_f64(UPLOAD_SECONDS + 3.0 * INTERVAL_SECONDS);
+    let deadline =
+        Instant::now() + Duration::from_secs_f64(UPLOAD_SECONDS + 3.0 * INTERVAL_SECONDS);
     loop {
-        let seen = session_conns.iter().any(|c| {
-            c.chunks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|c| c.up && c.bytes >= UPLOAD_READ_BYTES)
-        });
-        if seen {
+        if big_reads() > before {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "no telemetry upload went up");

@@ -331,11 +331,19 @@ mod tests {
         assert_eq!(config.agent_keepalive_interval(), Duration::from_secs(60));
         assert_eq!(config.session_idle_timeout(), Duration::from_secs(180));
 
-        let err = resolve_args(&["--telemetry-upload-interval", "500ms", "--telemetry-interval", "0s"])
-            .unwrap_err()
-            .to_string();
+        let err = resolve_args(&[
+            "--telemetry-upload-interval",
+            "500ms",
+            "--telemetry-interval",
+            "0s",
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("telemetry_upload_interval"), "{err}");
-        assert!(err.contains("telemetry_interval must be longer than zero"), "{err}");
+        assert!(
+            err.contains("telemetry_interval must be longer than zero"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -349,6 +357,9 @@ mod tests {
         let err = resolve_args(&["--config", file.to_str().unwrap()])
             .unwrap_err()
             .to_string();
-        assert!(err.contains("telemetry_upload_interval = \"soon\""), "{err}");
+        assert!(
+            err.contains("telemetry_upload_interval = \"soon\""),
+            "{err}"
+        );
     }
 }

@@ -52,6 +52,9 @@ pub struct SessionClientOptions {
     /// Telemetry sent but not acknowledged for this long means the
     /// connection is dead (or the control plane stuck): reconnect.
     pub ack_timeout: Duration,
+    /// Gzip the session's messages; turned off for the rest of the process
+    /// when the control plane refuses it.
+    pub gzip: bool,
     pub connect_timeout: Duration,
     /// How long the control plane has to answer Hello.
     pub welcome_timeout: Duration,
@@ -64,6 +67,7 @@ impl Default for SessionClientOptions {
             backoff_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(120),
+            gzip: true,
             connect_timeout: Duration::from_secs(10),
             welcome_timeout: Duration::from_secs(30),
         }
@@ -147,7 +151,7 @@ pub async fn run_session(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
-    let mut gzip = true;
+    let mut options = options;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -160,7 +164,6 @@ pub async fn run_session(
             hello.as_ref(),
             delivery.as_ref(),
             &options,
-            gzip,
             &shutdown,
         )
         .await;
@@ -168,7 +171,7 @@ pub async fn run_session(
             Ok(SessionEnd::Shutdown) => return,
             Ok(SessionEnd::GzipRefused) => {
                 tracing::info!("the control plane does not accept gzip; sending uncompressed");
-                gzip = false;
+                options.gzip = false;
                 continue;
             }
             Ok(SessionEnd::Lost(reason)) => {
@@ -217,7 +220,6 @@ async fn connect_and_serve(
     hello: &dyn HelloSource,
     delivery: Option<&DeliveryLink>,
     options: &SessionClientOptions,
-    gzip: bool,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<SessionEnd> {
     let (enrollment, identity) = state.load()?;
@@ -231,7 +233,7 @@ async fn connect_and_serve(
         channel = edgefleet_pki::connect_tls(&enrollment.server_url, tls, options.connect_timeout) => channel?,
     };
     let mut client = AgentServiceClient::new(channel);
-    if gzip {
+    if options.gzip {
         client = client.send_compressed(CompressionEncoding::Gzip);
     }
     let (outbound, receiver) = mpsc::channel::<pb::AgentMessage>(SEND_WINDOW + 32);
@@ -256,7 +258,7 @@ async fn connect_and_serve(
         response = tokio::time::timeout(options.welcome_timeout, client.session(ReceiverStream::new(receiver))) => response,
     };
     let response = response.context("the control plane did not answer")?;
-    if gzip
+    if options.gzip
         && let Err(status) = &response
         && status.code() == tonic::Code::Unimplemented
     {
@@ -527,7 +529,9 @@ async fn send_telemetry(
         group.push(batch);
     }
     if !group.is_empty() {
-        messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload { batches: group }));
+        messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload {
+            batches: group,
+        }));
     }
     for kind in messages {
         if outbound
