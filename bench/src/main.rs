@@ -67,9 +67,9 @@ pub struct Args {
     /// Timed iterations per latency measurement.
     #[arg(long, default_value_t = 3000)]
     pub iterations: usize,
-    /// Seconds of steady state the `wire` suite counts (a multiple of 30 s
-    /// holds whole keepalive periods).
-    #[arg(long, default_value_t = 120.0)]
+    /// Seconds of steady state the `wire` suite counts (a multiple of the
+    /// server's 300 s upload interval holds whole uploads).
+    #[arg(long, default_value_t = 600.0)]
     pub wire_seconds: f64,
     /// Simulated devices in the `rollout` suite.
     #[arg(long, default_value_t = 1000)]

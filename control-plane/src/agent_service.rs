@@ -7,7 +7,7 @@ use std::time::Duration;
 use edgefleet_pki::{JoinTokenSecret, hash_secret};
 use edgefleet_proto::edgefleet::v1 as pb;
 use futures::stream::FuturesOrdered;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use pb::agent_message::Kind as Upstream;
 use pb::control_message::Kind as Downstream;
 use tokio::sync::mpsc;
@@ -20,11 +20,13 @@ use crate::store::{DeviceStatus, NewDevice};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Batches of one session being stored at once (acks stay in order).
+/// Telemetry messages (single batches or uploads) of one session being
+/// stored at once (acks stay in order).
 const MAX_IN_FLIGHT: usize = 64;
-/// A session that sends nothing (no heartbeat, no telemetry) for this long is
-/// considered dead.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// Most batches one `TelemetryUpload` may carry: the agent's send window
+/// (`edgefleet_agent::managed::session::SEND_WINDOW`), so a whole window can
+/// go in one message.
+pub const MAX_UPLOAD_BATCHES: usize = 256;
 /// How often a session rereads its device's desired state (changes made on
 /// this replica are pushed at once; this catches the others').
 const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
@@ -52,6 +54,48 @@ fn authenticated_device<T>(request: &Request<T>) -> Result<String, Status> {
             "a client certificate issued by this fleet's CA is required: enroll the agent first",
         )
     })
+}
+
+/// The upload interval as the Welcome carries it (whole seconds; the config
+/// allows 0 or at least 1 s).
+fn upload_interval_seconds(interval: Duration) -> u32 {
+    u32::try_from(interval.as_secs()).unwrap_or(u32::MAX)
+}
+
+/// Stores the batches of one telemetry message; resolves to the sequence to
+/// acknowledge (the highest of them) once all are committed.
+async fn store_telemetry(
+    ingester: crate::ingest::Ingester,
+    records: Vec<crate::store::TelemetryRecord>,
+) -> Result<u64, Status> {
+    let highest = records.iter().map(|r| r.sequence).max().unwrap_or(0);
+    ingester
+        .store_all(records)
+        .await
+        .map(|_| highest)
+        .map_err(Status::unavailable)
+}
+
+/// After one stored message, whatever else has been stored already: acks are
+/// cumulative, so one ack covers them all. Returns the highest sequence, and
+/// the error that stopped the draining, if any.
+fn drain_stored<F>(storing: &mut FuturesOrdered<F>, mut highest: u64) -> (u64, Option<Status>)
+where
+    F: std::future::Future<Output = Result<u64, Status>>,
+{
+    loop {
+        match storing.next().now_or_never() {
+            Some(Some(Ok(sequence))) => highest = highest.max(sequence),
+            Some(Some(Err(status))) => return (highest, Some(status)),
+            Some(None) | None => return (highest, None),
+        }
+    }
+}
+
+fn telemetry_ack(sequence: u64) -> pb::ControlMessage {
+    pb::ControlMessage {
+        kind: Some(Downstream::TelemetryAck(pb::TelemetryAck { sequence })),
+    }
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
@@ -216,6 +260,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 telemetry_interval_seconds: u32::try_from(cp.config.telemetry_interval.as_secs())
                     .unwrap_or(u32::MAX),
                 release_public_key: cp.registry.release_key.public_key(),
+                telemetry_upload_interval_seconds: upload_interval_seconds(
+                    cp.config.telemetry_upload_interval,
+                ),
             })),
         };
         outbound
@@ -249,6 +296,7 @@ async fn run_session(
     // (this replica pokes the session; others are caught by the poll).
     let mut sent_generation = None;
     let mut desired_poll = tokio::time::interval(DESIRED_STATE_POLL);
+    let idle_timeout = cp.config.session_idle_timeout();
     let reason: Result<(), Status> = loop {
         let receive = storing.len() < MAX_IN_FLIGHT;
         tokio::select! {
@@ -264,21 +312,24 @@ async fn run_session(
                 }
             }
             Some(stored) = storing.next(), if !storing.is_empty() => {
-                match stored {
-                    Ok(sequence) => {
-                        let ack = pb::ControlMessage {
-                            kind: Some(Downstream::TelemetryAck(pb::TelemetryAck { sequence })),
-                        };
-                        if outbound.send(Ok(ack)).await.is_err() {
-                            break Ok(());
-                        }
-                    }
+                let sequence = match stored {
+                    Ok(sequence) => sequence,
                     Err(status) => break Err(status),
+                };
+                let (sequence, failed) = drain_stored(&mut storing, sequence);
+                if outbound.send(Ok(telemetry_ack(sequence))).await.is_err() {
+                    break Ok(());
+                }
+                if let Some(status) = failed {
+                    break Err(status);
                 }
             }
-            message = tokio::time::timeout(IDLE_TIMEOUT, inbound.next()), if receive => {
+            message = tokio::time::timeout(idle_timeout, inbound.next()), if receive => {
                 let message = match message {
-                    Err(_) => break Err(Status::deadline_exceeded("no message from the agent for 180 s")),
+                    Err(_) => break Err(Status::deadline_exceeded(format!(
+                        "no message from the agent for {} s",
+                        idle_timeout.as_secs()
+                    ))),
                     Ok(None) => break Ok(()),
                     Ok(Some(Err(status))) => {
                         // A message over the size limit or one that does not
@@ -295,15 +346,29 @@ async fn run_session(
                             Ok(record) => record,
                             Err(status) => break Err(status),
                         };
-                        let sequence = record.sequence;
-                        let ingester = cp.ingester.clone();
-                        storing.push_back(async move {
-                            ingester
-                                .store(record)
-                                .await
-                                .map(|_| sequence)
-                                .map_err(Status::unavailable)
-                        });
+                        storing.push_back(store_telemetry(cp.ingester.clone(), vec![record]));
+                        last_touch = now;
+                    }
+                    Some(Upstream::TelemetryUpload(upload)) => {
+                        if upload.batches.len() > MAX_UPLOAD_BATCHES {
+                            break Err(Status::invalid_argument(format!(
+                                "a TelemetryUpload carries at most {MAX_UPLOAD_BATCHES} batches; this one has {}",
+                                upload.batches.len()
+                            )));
+                        }
+                        // Every batch is checked (identity included) before any is stored.
+                        let records: Result<Vec<_>, Status> = upload
+                            .batches
+                            .into_iter()
+                            .map(|batch| convert::telemetry_from_pb(&device_id, batch, now))
+                            .collect();
+                        let records = match records {
+                            Ok(records) => records,
+                            Err(status) => break Err(status),
+                        };
+                        if !records.is_empty() {
+                            storing.push_back(store_telemetry(cp.ingester.clone(), records));
+                        }
                         last_touch = now;
                     }
                     Some(Upstream::Heartbeat(_)) if now - last_touch >= 5_000 => {
@@ -349,17 +414,17 @@ async fn run_session(
             }
         }
     };
-    // Acknowledge what is already being stored before going away.
+    // Acknowledge what is already being stored before going away (one
+    // cumulative ack).
+    let mut stored_last = None;
     while let Some(stored) = storing.next().await {
         match stored {
-            Ok(sequence) => {
-                let ack = pb::ControlMessage {
-                    kind: Some(Downstream::TelemetryAck(pb::TelemetryAck { sequence })),
-                };
-                let _ = outbound.try_send(Ok(ack));
-            }
+            Ok(sequence) => stored_last = Some(sequence),
             Err(_) => break,
         }
+    }
+    if let Some(sequence) = stored_last {
+        let _ = outbound.try_send(Ok(telemetry_ack(sequence)));
     }
     if let Err(status) = reason {
         tracing::info!(device = %device_id, code = ?status.code(), message = status.message(), "agent session ended by the server");

@@ -17,6 +17,17 @@ pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const DEFAULT_DEVICE_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(10);
+/// Agents upload their 10 s batches grouped and gzip-compressed every 5
+/// minutes (urgent events at once): what keeps a device under 1 MB of
+/// telemetry a day with 3 models (docs/benchmarks.md, wire). 0 = each batch
+/// as it is made.
+pub const DEFAULT_TELEMETRY_UPLOAD_INTERVAL: Duration = Duration::from_secs(300);
+/// HTTP/2 keepalive PINGs to agents, at least this far apart (and always
+/// longer than the upload interval, so they never fire between uploads).
+pub const MIN_AGENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// A session silent for this long (at least; 3 upload intervals when those
+/// are longer) is considered dead.
+pub const MIN_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -54,6 +65,9 @@ pub struct ServeArgs {
     /// Telemetry interval suggested to agents [default: 10s].
     #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_interval: Option<Duration>,
+    /// How often agents upload their queued telemetry batches, grouped and compressed; 0s = each batch as it is made [default: 5m].
+    #[arg(long, env = "EDGEFLEET_TELEMETRY_UPLOAD_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub telemetry_upload_interval: Option<Duration>,
     /// Lifetime of device certificates; agents renew when a third is left [default: 90d].
     #[arg(long, env = "EDGEFLEET_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub device_certificate_validity: Option<Duration>,
@@ -80,6 +94,7 @@ struct FileConfig {
     server_names: Option<Vec<String>>,
     telemetry_retention: Option<String>,
     telemetry_interval: Option<String>,
+    telemetry_upload_interval: Option<String>,
     device_certificate_validity: Option<String>,
     max_model_bytes: Option<u64>,
     model_memory_factor: Option<f64>,
@@ -96,6 +111,8 @@ pub struct ServerConfig {
     pub server_names: Vec<String>,
     pub telemetry_retention: Duration,
     pub telemetry_interval: Duration,
+    /// Suggested to agents in the Welcome; zero: each batch as it is made.
+    pub telemetry_upload_interval: Duration,
     pub device_certificate_validity: Duration,
     /// Largest model `PushModel` accepts.
     pub max_model_bytes: u64,
@@ -124,12 +141,27 @@ impl ServerConfig {
             server_names: Vec::new(),
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
+            telemetry_upload_interval: DEFAULT_TELEMETRY_UPLOAD_INTERVAL,
             device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
             max_model_bytes: crate::registry::DEFAULT_MAX_MODEL_BYTES,
             model_memory_factor: crate::registry::DEFAULT_MODEL_MEMORY_FACTOR,
             revocation_poll_interval: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(600),
         }
+    }
+
+    /// The HTTP/2 keepalive interval of the agent listener: a PING goes out
+    /// only after this long without a frame from the agent, so it is kept
+    /// above the upload interval (uploads then keep the connection provably
+    /// alive, and an idle cellular link carries no PINGs between them).
+    pub fn agent_keepalive_interval(&self) -> Duration {
+        MIN_AGENT_KEEPALIVE_INTERVAL.max(self.telemetry_upload_interval + Duration::from_secs(60))
+    }
+
+    /// How long a session may stay silent before the server ends it: longer
+    /// than the agents' heartbeat, which is at least two upload intervals.
+    pub fn session_idle_timeout(&self) -> Duration {
+        MIN_SESSION_IDLE_TIMEOUT.max(self.telemetry_upload_interval * 3)
     }
 }
 
@@ -213,6 +245,28 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "device_certificate_validity",
         config.device_certificate_validity,
     );
+    config.telemetry_upload_interval = match (
+        args.telemetry_upload_interval,
+        file.telemetry_upload_interval,
+    ) {
+        (Some(value), _) => value,
+        (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
+            problems.push(format!("telemetry_upload_interval = \"{text}\": {err}"));
+            config.telemetry_upload_interval
+        }),
+        (None, None) => config.telemetry_upload_interval,
+    };
+    let upload = config.telemetry_upload_interval;
+    if !upload.is_zero() && upload < Duration::from_secs(1) {
+        problems.push(format!(
+            "telemetry_upload_interval = {upload:?}: must be 0 (each batch as it is made) or at least 1s"
+        ));
+    }
+    if upload > Duration::from_secs(24 * 3600) {
+        problems.push(format!(
+            "telemetry_upload_interval = {upload:?}: must be at most 24h"
+        ));
+    }
     config.max_model_bytes = args
         .max_model_bytes
         .or(file.max_model_bytes)
@@ -246,4 +300,66 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
     }
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn resolve_args(args: &[&str]) -> anyhow::Result<ServerConfig> {
+        let cli = Cli::try_parse_from(["serve", "--data-dir", "/tmp/x"].iter().chain(args))?;
+        resolve(cli.serve)
+    }
+
+    #[test]
+    fn the_upload_interval_defaults_to_five_minutes_and_zero_means_at_once() {
+        let config = resolve_args(&[]).unwrap();
+        assert_eq!(config.telemetry_upload_interval, Duration::from_secs(300));
+        // Keepalive PINGs and the idle timeout stay clear of the uploads.
+        assert_eq!(config.agent_keepalive_interval(), Duration::from_secs(360));
+        assert_eq!(config.session_idle_timeout(), Duration::from_secs(900));
+
+        let config = resolve_args(&["--telemetry-upload-interval", "0s"]).unwrap();
+        assert!(config.telemetry_upload_interval.is_zero());
+        assert_eq!(config.agent_keepalive_interval(), Duration::from_secs(60));
+        assert_eq!(config.session_idle_timeout(), Duration::from_secs(180));
+
+        let err = resolve_args(&[
+            "--telemetry-upload-interval",
+            "500ms",
+            "--telemetry-interval",
+            "0s",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("telemetry_upload_interval"), "{err}");
+        assert!(
+            err.contains("telemetry_interval must be longer than zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_upload_interval_comes_from_the_config_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "telemetry_upload_interval = \"2m\"\n").unwrap();
+        let config = resolve_args(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(config.telemetry_upload_interval, Duration::from_secs(120));
+        std::fs::write(&file, "telemetry_upload_interval = \"soon\"\n").unwrap();
+        let err = resolve_args(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("telemetry_upload_interval = \"soon\""),
+            "{err}"
+        );
+    }
 }

@@ -1,6 +1,8 @@
 //! Group commit of telemetry: sessions hand batches to one dispatcher task,
 //! which stores whatever has queued up in one transaction. Under load many
-//! devices' batches share a commit; when idle a batch is written at once.
+//! devices' batches share a commit; when idle a batch is written at once. A
+//! grouped upload (`TelemetryUpload`) enters the queue as one item, so its
+//! batches always share a transaction.
 //!
 //! Up to [`WRITERS`] groups are in flight at a time, so the next group's
 //! statements run while the previous one waits for its commit to reach the
@@ -14,7 +16,8 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::store::{Store, TelemetryRecord};
 
-/// Most batches stored in one transaction.
+/// Most batches stored in one transaction (a single upload larger than this
+/// is still stored whole, in one).
 pub const MAX_GROUP: usize = 500;
 
 /// Groups being stored at the same time: two, so one group's commit (an
@@ -22,12 +25,13 @@ pub const MAX_GROUP: usize = 500;
 /// waits: the stores serialize the device-row updates of a group.
 pub const WRITERS: usize = 2;
 
-type Reply = oneshot::Sender<Result<bool, String>>;
+/// Per batch: `true` if new, `false` if it was a duplicate.
+type Reply = oneshot::Sender<Result<Vec<bool>, String>>;
 
 /// Handle to the writer task.
 #[derive(Debug, Clone)]
 pub struct Ingester {
-    queue: mpsc::Sender<(TelemetryRecord, Reply)>,
+    queue: mpsc::Sender<(Vec<TelemetryRecord>, Reply)>,
 }
 
 impl Ingester {
@@ -40,9 +44,19 @@ impl Ingester {
     /// Stores one batch; `Ok(true)` if new, `Ok(false)` if it was a
     /// duplicate. Resolves once it is committed.
     pub async fn store(&self, record: TelemetryRecord) -> Result<bool, String> {
+        let stored = self.store_all(vec![record]).await?;
+        Ok(stored.first().copied().unwrap_or(false))
+    }
+
+    /// Stores several batches in one transaction; per batch `true` if new,
+    /// `false` if it was a duplicate. Resolves once they are committed.
+    pub async fn store_all(&self, records: Vec<TelemetryRecord>) -> Result<Vec<bool>, String> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, done) = oneshot::channel();
         self.queue
-            .send((record, reply))
+            .send((records, reply))
             .await
             .map_err(|_| "the telemetry writer has stopped".to_string())?;
         done.await
@@ -54,7 +68,7 @@ impl Ingester {
 /// up and groups grow to [`MAX_GROUP`]) and stores it on a task of its own.
 async fn dispatch_loop(
     store: Arc<dyn Store>,
-    mut receiver: mpsc::Receiver<(TelemetryRecord, Reply)>,
+    mut receiver: mpsc::Receiver<(Vec<TelemetryRecord>, Reply)>,
     metrics: Arc<crate::metrics::ServerMetrics>,
 ) {
     let writers = Arc::new(Semaphore::new(WRITERS));
@@ -63,18 +77,19 @@ async fn dispatch_loop(
         let Ok(writer) = Arc::clone(&writers).acquire_owned().await else {
             break;
         };
-        let Some((record, reply)) = receiver.recv().await else {
+        let Some((group, reply)) = receiver.recv().await else {
             break;
         };
-        let mut records = Vec::with_capacity(MAX_GROUP);
-        let mut replies = Vec::with_capacity(MAX_GROUP);
-        records.push(record);
-        replies.push(reply);
+        let mut records = Vec::with_capacity(MAX_GROUP.max(group.len()));
+        // Each waiting sender and how many of `records` are its own.
+        let mut replies: Vec<(Reply, usize)> = Vec::new();
+        replies.push((reply, group.len()));
+        records.extend(group);
         while records.len() < MAX_GROUP {
             match receiver.try_recv() {
-                Ok((record, reply)) => {
-                    records.push(record);
-                    replies.push(reply);
+                Ok((group, reply)) => {
+                    replies.push((reply, group.len()));
+                    records.extend(group);
                 }
                 Err(_) => break,
             }
@@ -91,24 +106,28 @@ async fn dispatch_loop(
 async fn write_group(
     store: &dyn Store,
     records: &[TelemetryRecord],
-    replies: Vec<Reply>,
+    replies: Vec<(Reply, usize)>,
     metrics: &crate::metrics::ServerMetrics,
 ) {
     match store.ingest_telemetry(records).await {
         Ok(stored) => {
-            for (reply, new) in replies.into_iter().zip(stored) {
-                if new {
-                    metrics.telemetry_batches.inc();
-                } else {
-                    metrics.telemetry_duplicates.inc();
+            let mut stored = stored.into_iter();
+            for (reply, n) in replies {
+                let news: Vec<bool> = stored.by_ref().take(n).collect();
+                for &new in &news {
+                    if new {
+                        metrics.telemetry_batches.inc();
+                    } else {
+                        metrics.telemetry_duplicates.inc();
+                    }
                 }
-                let _ = reply.send(Ok(new));
+                let _ = reply.send(Ok(news));
             }
         }
         Err(err) => {
             tracing::error!(error = %err, batches = records.len(), "cannot store telemetry; agents will resend");
             let message = format!("cannot store telemetry: {err}");
-            for reply in replies {
+            for (reply, _) in replies {
                 let _ = reply.send(Err(message.clone()));
             }
         }

@@ -164,12 +164,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     health_reporter
         .set_serving::<AgentServiceServer<AgentApi>>()
         .await;
+    // Agents gzip their messages (grouped telemetry compresses well); the
+    // size limit applies to the decompressed message.
     let agent_service = AgentServiceServer::new(AgentApi::new(Arc::clone(&cp)))
-        .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES);
+        .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
     let incoming = edgefleet_pki::tls_incoming(agent_listener, agent_tls);
     let stop = shutdown.clone();
     let agent_server = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        // A PING only after a silence longer than the upload interval (see
+        // `agent_keepalive_interval`): uploads keep the link provably alive.
+        .http2_keepalive_interval(Some(config.agent_keepalive_interval()))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
         .add_service(reflection()?)

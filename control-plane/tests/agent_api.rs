@@ -413,3 +413,106 @@ fn sessions_refuse_malformed_or_impersonating_messages() {
         );
     });
 }
+
+fn upload(device_id: &str, sequences: impl IntoIterator<Item = u64>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Upstream::TelemetryUpload(pb::TelemetryUpload {
+            batches: sequences
+                .into_iter()
+                .map(|sequence| pb::TelemetryBatch {
+                    sequence,
+                    device_id: device_id.into(),
+                    start_unix_ms: sequence * 10_000,
+                    end_unix_ms: (sequence + 1) * 10_000,
+                    ..Default::default()
+                })
+                .collect(),
+        })),
+    }
+}
+
+/// The next TelemetryAck's sequence (a desired state may come first).
+async fn next_ack(stream: &mut tonic::Streaming<pb::ControlMessage>) -> u64 {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no ack within 10 s")
+            .unwrap()
+            .unwrap();
+        match message.kind {
+            Some(Downstream::TelemetryAck(ack)) => return ack.sequence,
+            Some(Downstream::DesiredState(_)) => continue,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn grouped_uploads_are_stored_once_acked_cumulatively_and_checked_batch_by_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &["--telemetry-upload-interval", "2m"]);
+    runtime().block_on(async {
+        let device = enroll_device(&server).await;
+        let other = enroll_device(&server).await;
+        let client = mtls(
+            &server,
+            &device.ca_pem,
+            &device.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+        // Compressed, as agents send it.
+        let mut client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
+
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(Downstream::Welcome(w)) => {
+                assert_eq!(w.telemetry_upload_interval_seconds, 120);
+                assert_eq!(w.telemetry_interval_seconds, 10);
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        // One group of five (device id left out, as agents do): one ack for all.
+        tx.send(upload("", 1..=5)).await.unwrap();
+        assert_eq!(next_ack(&mut stream).await, 5);
+        // Resent with two new ones: stored once each, acked cumulatively.
+        tx.send(upload(&device.device_id, 3..=7)).await.unwrap();
+        assert_eq!(next_ack(&mut stream).await, 7);
+        // An older agent's single batch is still accepted.
+        tx.send(telemetry(&device.device_id, 8)).await.unwrap();
+        assert_eq!(next_ack(&mut stream).await, 8);
+        assert_eq!(server.device(&device.device_id)["telemetry_sequence"], 8);
+        assert!(
+            server
+                .metrics()
+                .contains("edgefleet_server_telemetry_duplicate_batches_total 3"),
+            "{}",
+            server.metrics()
+        );
+
+        // One batch of a group claiming another device: the whole group is
+        // refused, none of it stored.
+        let mut impostor = upload(&device.device_id, 9..=11);
+        if let Some(Upstream::TelemetryUpload(u)) = &mut impostor.kind {
+            u.batches[1].device_id = other.device_id.clone();
+        }
+        tx.send(impostor).await.unwrap();
+        assert_eq!(final_status(&mut stream).await, Code::PermissionDenied);
+        assert_eq!(server.device(&device.device_id)["telemetry_sequence"], 8);
+        assert_eq!(server.device(&other.device_id)["telemetry_sequence"], 0);
+
+        // More batches than one upload may carry.
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        tx.send(upload("", 100..=356)).await.unwrap();
+        assert_eq!(final_status(&mut stream).await, Code::InvalidArgument);
+        assert_eq!(server.device(&device.device_id)["telemetry_sequence"], 8);
+
+        // The server still serves the device; the Welcome acks what is stored.
+        let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(Downstream::Welcome(w)) => assert_eq!(w.acked_sequence, 8),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    });
+}

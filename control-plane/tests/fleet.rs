@@ -9,8 +9,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::*;
 
-/// The server hands this interval to agents, so tests see batches quickly.
-const FAST: &[&str] = &["--telemetry-interval", "1s"];
+/// The server hands these intervals to agents, so tests see batches quickly
+/// (uploaded grouped, one group a second).
+const FAST: &[&str] = &[
+    "--telemetry-interval",
+    "1s",
+    "--telemetry-upload-interval",
+    "1s",
+];
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -644,4 +650,42 @@ fn sigterm_stops_server_and_agent_promptly_with_a_session_open() {
         "agent took {:?}",
         started.elapsed()
     );
+}
+
+#[test]
+fn telemetry_waits_for_the_upload_interval_but_urgent_events_go_at_once() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&[
+        "--telemetry-interval",
+        "1s",
+        "--telemetry-upload-interval",
+        "60s",
+    ]);
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let _agent = Agent::run(&state, &["--repository-poll-interval", "1s"]);
+    eventually(Duration::from_secs(20), "the device online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+    // Batches are made every second, and wait in the queue for the upload
+    // (with FAST's 1 s upload interval they would not pile up).
+    let queued = eventually(Duration::from_secs(30), "batches waiting", || {
+        let stored = telemetry_sequence(&server, &device);
+        let queued = *queued_sequences(&state).last()?;
+        (queued >= stored + 4).then_some(queued)
+    });
+    // A model failing to load is urgent: everything queued goes at once.
+    let started = Instant::now();
+    let broken = state.join("models/broken/1");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("model.onnx"), b"not an onnx model").unwrap();
+    eventually(Duration::from_secs(20), "the failure uploaded", || {
+        (telemetry_sequence(&server, &device) > queued).then_some(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the urgent upload took {:?}",
+        started.elapsed()
+    );
+    assert_contiguous(&server, &device);
 }

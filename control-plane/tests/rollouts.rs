@@ -8,7 +8,12 @@ use std::time::Duration;
 use serde_json::Value;
 use support::*;
 
-const FAST: &[&str] = &["--telemetry-interval", "1s"];
+const FAST: &[&str] = &[
+    "--telemetry-interval",
+    "1s",
+    "--telemetry-upload-interval",
+    "1s",
+];
 
 struct Fleet {
     _dir: tempfile::TempDir,

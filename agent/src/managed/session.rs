@@ -1,11 +1,20 @@
 //! The agent's side of the session stream: connect over mutual TLS, say
-//! Hello, send the telemetry backlog in order and everything new as it is
-//! made, delete what the control plane acknowledges, renew the certificate
-//! before it expires, and reconnect with backoff and jitter when the
-//! control plane goes away. Serving never waits on any of this.
+//! Hello, send the telemetry backlog in order and then what is new, grouped
+//! per upload interval (urgent batches at once), delete what the control
+//! plane acknowledges, renew the certificate before it expires, and
+//! reconnect with backoff and jitter when the control plane goes away.
+//! Serving never waits on any of this.
+//!
+//! Bytes matter on cellular links: messages are gzip-compressed (falling
+//! back to plain ones for a control plane that refuses gzip), a group of
+//! batches is one `TelemetryUpload` answered by one cumulative ack, and the
+//! heartbeat only goes out when nothing else has for two upload intervals.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+use prost::Message as _;
+use tonic::codec::CompressionEncoding;
 
 use anyhow::Context;
 use edgefleet_proto::edgefleet::v1 as pb;
@@ -24,8 +33,12 @@ use crate::telemetry::TelemetryCollector;
 /// Batches sent but not yet acknowledged, at most. Keeps the agent from
 /// ever blocking on a send while acks wait to be read.
 pub const SEND_WINDOW: usize = 256;
-/// Batches read from disk per step of a backlog.
+/// Batches read from disk per step of a backlog; also the most batches in
+/// one `TelemetryUpload` (a backlog goes in groups this large).
 const READ_CHUNK: usize = 64;
+/// Most encoded batch bytes in one `TelemetryUpload`: far below the control
+/// plane's 4 MiB message limit (a single larger batch still goes alone).
+const MAX_UPLOAD_BYTES: usize = 1024 * 1024;
 
 /// Settings of the session client.
 #[derive(Debug, Clone)]
@@ -33,8 +46,15 @@ pub struct SessionClientOptions {
     /// First reconnect delay ceiling; doubles per failure up to `backoff_max`.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// A Heartbeat goes out when nothing else has for this long.
+    /// A Heartbeat goes out when nothing else has for this long (or for two
+    /// upload intervals, when those are longer).
     pub heartbeat_interval: Duration,
+    /// Telemetry sent but not acknowledged for this long means the
+    /// connection is dead (or the control plane stuck): reconnect.
+    pub ack_timeout: Duration,
+    /// Gzip the session's messages; turned off for the rest of the process
+    /// when the control plane refuses it.
+    pub gzip: bool,
     pub connect_timeout: Duration,
     /// How long the control plane has to answer Hello.
     pub welcome_timeout: Duration,
@@ -46,6 +66,8 @@ impl Default for SessionClientOptions {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(30),
+            ack_timeout: Duration::from_secs(120),
+            gzip: true,
             connect_timeout: Duration::from_secs(10),
             welcome_timeout: Duration::from_secs(30),
         }
@@ -110,6 +132,9 @@ pub async fn run_telemetry(
 /// How a session ended.
 enum SessionEnd {
     Shutdown,
+    /// The control plane refused the gzip-compressed stream (UNIMPLEMENTED):
+    /// an older one. Reconnect at once without compression.
+    GzipRefused,
     /// The stream ended or failed after the Welcome.
     Lost(String),
 }
@@ -126,6 +151,7 @@ pub async fn run_session(
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(options.backoff_initial, options.backoff_max);
+    let mut options = options;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -143,6 +169,11 @@ pub async fn run_session(
         .await;
         match outcome {
             Ok(SessionEnd::Shutdown) => return,
+            Ok(SessionEnd::GzipRefused) => {
+                tracing::info!("the control plane does not accept gzip; sending uncompressed");
+                options.gzip = false;
+                continue;
+            }
             Ok(SessionEnd::Lost(reason)) => {
                 tracing::warn!(%reason, "lost the control plane session; reconnecting");
                 if started.elapsed() > Duration::from_secs(30) {
@@ -202,6 +233,9 @@ async fn connect_and_serve(
         channel = edgefleet_pki::connect_tls(&enrollment.server_url, tls, options.connect_timeout) => channel?,
     };
     let mut client = AgentServiceClient::new(channel);
+    if options.gzip {
+        client = client.send_compressed(CompressionEncoding::Gzip);
+    }
     let (outbound, receiver) = mpsc::channel::<pb::AgentMessage>(SEND_WINDOW + 32);
     let last_sequence = with_collector(collector, |c| c.outbox().last_sequence()).await?;
     let models_at_hello = hello.models();
@@ -223,8 +257,14 @@ async fn connect_and_serve(
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
         response = tokio::time::timeout(options.welcome_timeout, client.session(ReceiverStream::new(receiver))) => response,
     };
+    let response = response.context("the control plane did not answer")?;
+    if options.gzip
+        && let Err(status) = &response
+        && status.code() == tonic::Code::Unimplemented
+    {
+        return Ok(SessionEnd::GzipRefused);
+    }
     let mut inbound = response
-        .context("the control plane did not answer")?
         .map_err(|status| {
             anyhow::anyhow!(
                 "the control plane refused the session: {} ({:?})",
@@ -276,10 +316,19 @@ async fn connect_and_serve(
     })
     .await??;
 
+    // 0 (an older control plane): each batch as a single message at once.
+    let upload_interval = Duration::from_secs(u64::from(welcome.telemetry_upload_interval_seconds));
+    let grouped = !upload_interval.is_zero();
     let mut acked = welcome.acked_sequence;
     let mut sent = acked;
-    let mut heartbeat = tokio::time::interval(options.heartbeat_interval);
+    // Uploads reset it: it fires only when nothing went out for this long.
+    let mut heartbeat = tokio::time::interval(options.heartbeat_interval.max(upload_interval * 2));
     heartbeat.tick().await;
+    // The backlog found at connect goes at once; then one upload per interval.
+    let mut flush = true;
+    let mut next_upload = tokio::time::Instant::now() + upload_interval;
+    // When the oldest telemetry not yet acknowledged was sent (or the last ack came).
+    let mut unacked_since: Option<tokio::time::Instant> = None;
     let mut renewal_check = tokio::time::interval(RENEWAL_CHECK_INTERVAL);
     let mut pending_key: Option<String> = None;
     let mut current_certificate = identity.certificate_pem.clone();
@@ -306,28 +355,35 @@ async fn connect_and_serve(
                 }
             }
         }
-        // Send what the window allows.
+        // Send what the window allows: everything at once without an upload
+        // interval, else when an upload is due.
         let mut maybe_more = false;
         let room = SEND_WINDOW.saturating_sub((sent - acked) as usize);
-        if room > 0 {
+        if room > 0 && (flush || !grouped) {
             let after = sent;
             let batches = with_collector(collector, move |c| {
                 c.outbox_mut().pending_after(after, room.min(READ_CHUNK))
             })
             .await??;
             maybe_more = batches.len() == room.min(READ_CHUNK);
-            for batch in batches {
-                sent = batch.sequence;
-                let message = pb::AgentMessage {
-                    kind: Some(Upstream::Telemetry(batch)),
-                };
-                if outbound.send(message).await.is_err() {
+            if let Some(last) = batches.last() {
+                sent = last.sequence;
+                if !send_telemetry(&outbound, batches, grouped).await {
                     return Ok(SessionEnd::Lost("the session's send side closed".into()));
                 }
                 heartbeat.reset();
+                unacked_since.get_or_insert_with(tokio::time::Instant::now);
+            }
+            if !maybe_more {
+                flush = false;
+                next_upload = tokio::time::Instant::now() + upload_interval;
             }
         }
         let window_full = (sent - acked) as usize >= SEND_WINDOW;
+        let upload_due = tokio::time::sleep_until(next_upload);
+        let ack_overdue = tokio::time::sleep_until(
+            unacked_since.unwrap_or_else(tokio::time::Instant::now) + options.ack_timeout,
+        );
         let report_queued = async {
             match delivery {
                 Some(delivery) => delivery.reports().notified().await,
@@ -337,7 +393,23 @@ async fn connect_and_serve(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             () = report_queued => {}
-            () = new_batch.notified(), if !maybe_more => {}
+            () = new_batch.notified(), if !maybe_more => {
+                if grouped {
+                    let (urgent, last) = with_collector(collector, |c| {
+                        (c.take_urgent(), c.outbox().last_sequence())
+                    })
+                    .await?;
+                    // Urgent events, and a full group, go at once.
+                    flush |= urgent || last.saturating_sub(sent) >= READ_CHUNK as u64;
+                }
+            }
+            () = upload_due, if grouped && !flush => flush = true,
+            () = ack_overdue, if unacked_since.is_some() => {
+                return Ok(SessionEnd::Lost(format!(
+                    "telemetry sent {} s ago is still not acknowledged",
+                    options.ack_timeout.as_secs()
+                )));
+            }
             () = std::future::ready(()), if maybe_more && !window_full => {}
             _ = heartbeat.tick() => {
                 let message = pb::AgentMessage {
@@ -373,6 +445,7 @@ async fn connect_and_serve(
                         let sequence = ack.sequence.min(sent);
                         if sequence > acked {
                             acked = sequence;
+                            unacked_since = (acked < sent).then(tokio::time::Instant::now);
                             with_collector(collector, move |c| c.outbox_mut().ack(sequence)).await??;
                         }
                     }
@@ -424,4 +497,50 @@ async fn connect_and_serve(
             }
         }
     }
+}
+
+/// Sends batches in order: grouped in `TelemetryUpload`s (at most
+/// `MAX_UPLOAD_BYTES` of batches each), or one `telemetry` message each for a
+/// control plane without an upload interval. The device id is left out: the
+/// session already says which device this is. False when the session's send
+/// side has closed.
+async fn send_telemetry(
+    outbound: &mpsc::Sender<pb::AgentMessage>,
+    batches: Vec<pb::TelemetryBatch>,
+    grouped: bool,
+) -> bool {
+    let mut group: Vec<pb::TelemetryBatch> = Vec::new();
+    let mut group_bytes = 0;
+    let mut messages = Vec::new();
+    for mut batch in batches {
+        batch.device_id.clear();
+        if !grouped {
+            messages.push(Upstream::Telemetry(batch));
+            continue;
+        }
+        let bytes = batch.encoded_len();
+        if !group.is_empty() && group_bytes + bytes > MAX_UPLOAD_BYTES {
+            messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload {
+                batches: std::mem::take(&mut group),
+            }));
+            group_bytes = 0;
+        }
+        group_bytes += bytes;
+        group.push(batch);
+    }
+    if !group.is_empty() {
+        messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload {
+            batches: group,
+        }));
+    }
+    for kind in messages {
+        if outbound
+            .send(pb::AgentMessage { kind: Some(kind) })
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    true
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use edgefleet_proto::edgefleet::v1::TelemetryBatch;
+use edgefleet_proto::edgefleet::v1::{TelemetryBatch, event};
 
 use super::outbox::{DEFAULT_OUTBOX_CAP_BYTES, Outbox, OutboxError};
 use super::probe::DeviceProbe;
@@ -47,6 +47,23 @@ pub struct TelemetryCollector {
     device_id: String,
     runtime: String,
     interval_start_ms: u64,
+    /// A batch with an urgent event was made since the last `take_urgent`.
+    urgent: bool,
+}
+
+/// Whether a batch should reach the control plane at once rather than with
+/// the next grouped upload: it reports a failed model, overload entered or
+/// left, or dropped telemetry.
+pub fn is_urgent(batch: &TelemetryBatch) -> bool {
+    batch.events.iter().any(|e| {
+        matches!(
+            event::Kind::try_from(e.kind),
+            Ok(event::Kind::ModelFailed
+                | event::Kind::OverloadEntered
+                | event::Kind::OverloadLeft
+                | event::Kind::TelemetryDropped)
+        )
+    })
 }
 
 impl TelemetryCollector {
@@ -67,6 +84,7 @@ impl TelemetryCollector {
             device_id: String::new(),
             runtime: runtime.to_string(),
             interval_start_ms: unix_ms(now),
+            urgent: false,
         }
     }
 
@@ -130,7 +148,20 @@ impl TelemetryCollector {
     /// `now` regardless): telemetry must never pile up in memory.
     pub fn tick(&mut self, now: SystemTime) -> Result<u64, OutboxError> {
         let batch = self.build_batch(now);
-        self.outbox.push(batch)
+        let urgent = is_urgent(&batch);
+        let dropped_before = self.outbox.dropped_total();
+        let sequence = self.outbox.push(batch)?;
+        // A push that dropped old batches stamps a TELEMETRY_DROPPED event.
+        if urgent || self.outbox.dropped_total() > dropped_before {
+            self.urgent = true;
+        }
+        Ok(sequence)
+    }
+
+    /// Whether a batch made since the last call is urgent ([`is_urgent`]);
+    /// clears the flag. The session then uploads at once.
+    pub fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
     }
 
     /// The interval's batch, without storing it (its sequence is still 0).
@@ -190,6 +221,8 @@ mod tests {
         let seq1 = collector.tick(t0 + Duration::from_secs(10)).unwrap();
         let seq2 = collector.tick(t0 + Duration::from_secs(20)).unwrap();
         assert_eq!((seq1, seq2), (1, 2));
+        // A load is news, not urgent: it waits for the next grouped upload.
+        assert!(!collector.take_urgent());
 
         let batches = collector.outbox_mut().pending().unwrap();
         let (a, b) = (&batches[0], &batches[1]);
@@ -205,6 +238,14 @@ mod tests {
         // The second interval was idle.
         assert!(b.models.is_empty() && b.events.is_empty());
         assert!(b.device.is_some());
+
+        // A failed model is urgent, once.
+        recorder.record_event(event::Kind::ModelFailed, "m", 4, "bad");
+        collector.tick(t0 + Duration::from_secs(30)).unwrap();
+        assert!(collector.take_urgent());
+        assert!(!collector.take_urgent());
+        collector.tick(t0 + Duration::from_secs(40)).unwrap();
+        assert!(!collector.take_urgent());
 
         collector.set_interval(Duration::ZERO);
         assert_eq!(collector.interval(), Duration::from_secs(10));
