@@ -408,3 +408,54 @@ pub async fn finish(partial: &Path, blob: &Path) -> anyhow::Result<()> {
     })
     .await?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_resumed_partial_file_is_hashed_when_opened_and_appends_extend_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        let whole: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &whole[..1_234_567]).unwrap();
+        let mut partial = PartialFile::open(&path, whole.len() as u64).unwrap();
+        assert_eq!(partial.size(), 1_234_567);
+        assert_eq!(partial.digest(), sha256_hex(&whole[..1_234_567]));
+        partial.append(&whole[1_234_567..2_000_000]).unwrap();
+        partial.append(&whole[2_000_000..]).unwrap();
+        assert!(partial.matches_disk());
+        assert_eq!(partial.digest(), sha256_hex(&whole));
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_partial_file_longer_than_the_blob_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let partial = PartialFile::open(&path, 4).unwrap();
+        assert_eq!(partial.size(), 0);
+        assert_eq!(partial.digest(), sha256_hex(b""));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_file_changed_behind_the_handle_no_longer_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        let mut partial = PartialFile::open(&path, 0).unwrap();
+        partial.append(b"abc").unwrap();
+        assert!(partial.matches_disk());
+        let mut other = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        other.write_all(b"d").unwrap();
+        assert!(!partial.matches_disk());
+    }
+}
