@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Blob chunks are the bulk of a model download: `Bytes` lets the
+        // decoder hand them over without copying.
+        .bytes(".edgefleet.v1.BlobChunk.data")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

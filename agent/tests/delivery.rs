@@ -134,7 +134,7 @@ impl AgentService for BlobServer {
             let end = (request.offset as usize + CHUNK).min(blob.len());
             let first = pb::BlobChunk {
                 offset: request.offset,
-                data: blob[request.offset as usize..end].to_vec(),
+                data: blob[request.offset as usize..end].to_vec().into(),
                 total_size: total,
             };
             use futures::StreamExt;
@@ -152,7 +152,7 @@ impl AgentService for BlobServer {
             let end = (offset + CHUNK).min(blob.len());
             items.push(Ok(pb::BlobChunk {
                 offset: offset as u64,
-                data: blob[offset..end].to_vec(),
+                data: blob[offset..end].to_vec().into(),
                 total_size: total,
             }));
             sent += (end - offset) as u64;

@@ -117,7 +117,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
-            Suite::Rollout => runtime.block_on(rollout::rollout(&args))?,
+            Suite::Rollout => rollout::runtime()?.block_on(rollout::rollout(&args))?,
             Suite::All => unreachable!(),
         };
         println!("{section}");

@@ -32,6 +32,12 @@ use tonic::transport::Channel;
 
 use crate::Args;
 
+/// Blocking threads of the suite's runtime. The simulated devices share
+/// one process: with tokio's default of 512, hundreds of them would run
+/// their model check and load at once on this machine's 2 cores (each holds
+/// the whole model, several times over, while tract loads it); a real
+/// device runs its own on its own cores. Every check and load still runs.
+pub const BLOCKING_THREADS: usize = 32;
 const TARGET_FLEET_SECONDS: f64 = 60.0;
 const TARGET_MB_PER_S: f64 = 500.0;
 const FLEET_LABEL: (&str, &str) = ("bench", "fleet");
@@ -727,6 +733,14 @@ fn mb_per_s(bytes: u64, time: Duration) -> f64 {
     bytes as f64 / 1e6 / time.as_secs_f64().max(1e-9)
 }
 
+/// The runtime the suite runs on (see [`BLOCKING_THREADS`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build()
+}
+
 pub async fn rollout(args: &Args) -> anyhow::Result<String> {
     let work = tempfile::Builder::new()
         .prefix("edgefleet-rollout-bench")
@@ -760,9 +774,13 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
          gates off, no concurrency limit) and timed to `succeeded` by polling `GetRollout` \
          every 250 ms. The model check runs **in process** (`ModelCheck::InProcess`, an \
          existing agent option) rather than in a child process per device; the child-process \
-         check is timed on its own below. Every device's CPU work (TLS, SHA-256 twice, check, \
-         tract load) runs on this machine's 2 cores, where a real fleet does it in parallel \
-         on its own hardware.\n",
+         check is timed on its own below. Every device's CPU work (TLS, SHA-256 once while \
+         downloading, check, tract load) and disk writes (each device's file is synced before \
+         it is verified) run on this machine's 2 cores and one disk, where a real fleet does \
+         them in parallel on its own hardware. The suite's tokio runtime has {BLOCKING_THREADS} \
+         blocking threads (tokio's default is 512): the simulated devices' file writes, checks \
+         and loads queue for those instead of hundreds of tract loads running at once in one \
+         process.\n",
         run.agents
     )?;
     if run.unloaded > 0 {
@@ -889,8 +907,9 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
         out,
         "One more simulated device downloads a generated {:.0} MB ONNX model through the real \
          delivery code (`DownloadBlob` over mTLS on loopback, written to `blobs/<sha>.partial`, \
-         1 MiB chunks). Timed from its first DOWNLOADING report to its VERIFYING report \
-         (millisecond timestamps; excludes the SHA-256 verify, check and install). \
+         1 MiB chunks, hashed with SHA-256 on their way to the disk, the file synced at the end). \
+         Timed from its first DOWNLOADING report to its VERIFYING report (millisecond \
+         timestamps; the digest is complete by then; excludes the check and install). \
          Reference in the same run: the same bytes over plain tokio TCP on loopback.\n",
         t.bytes as f64 / 1e6
     )?;

@@ -14,7 +14,9 @@
 //! 3. finds the blob locally (`STATE/blobs/<sha256>`, or an installed model
 //!    file with that digest) or downloads it with `DownloadBlob` into
 //!    `STATE/blobs/<sha256>.partial`, resuming from that file's size;
-//! 4. verifies the SHA-256 of the whole file;
+//! 4. verifies the SHA-256 of the whole file (computed once, as the bytes
+//!    are written; the bytes a resumed download starts from are hashed
+//!    when the file is opened);
 //! 5. checks the model in a child process ([`ModelCheck`]);
 //! 6. installs it atomically as `STATE/models/<name>/<version>/model.onnx`,
 //!    removes higher versions (rollback) and all but one lower version, has
@@ -39,7 +41,7 @@ use prost::Message;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use self::download::AttemptError;
+use self::download::{AttemptError, PartialFile};
 use self::files::DigestCache;
 use super::backoff::Backoff;
 use super::state::StateDir;
@@ -542,15 +544,14 @@ impl Delivery {
         let partial = blob.with_file_name(format!("{}.partial", model.sha256));
         let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0;
         loop {
-            self.download(job, &partial).await?;
+            // The digest of the bytes written, computed while downloading.
+            let digest = self.download(job, &partial).await?;
             self.report(job, Stage::Verifying, "", 0);
-            let path = partial.clone();
-            let digest = blocking(move || Ok(files::sha256_file(&path)?)).await?;
-            let path = partial.clone();
             if digest == model.sha256 {
                 download::finish(&partial, blob).await?;
                 return Ok(());
             }
+            let path = partial.clone();
             let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
             if resumed {
                 // The bytes kept from before a restart may be what is wrong
@@ -566,18 +567,22 @@ impl Delivery {
         }
     }
 
-    /// Downloads into `partial` until complete, retrying with backoff.
-    async fn download(&self, job: &Job<'_>, partial: &Path) -> Result<(), Stop> {
+    /// Downloads into `path` until complete, retrying with backoff; returns
+    /// the SHA-256 of the whole file.
+    async fn download(&self, job: &Job<'_>, path: &Path) -> Result<String, Stop> {
         let model = job.model;
         let mut backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
-        let start = download::partial_len(partial).await.unwrap_or(0);
+        let start = download::partial_len(path).await.unwrap_or(0);
         self.report(job, Stage::Downloading, "", start);
         let mut progress = download::Progress::new(self.options.progress_interval);
+        // The open partial file and the digest of what it holds, kept
+        // across attempts so nothing is hashed twice.
+        let mut partial: Option<PartialFile> = None;
         loop {
             if job.interrupted(&self.shutdown) {
                 return Err(Stop::Interrupted);
             }
-            let before = download::partial_len(partial).await.unwrap_or(0);
+            let before = download::partial_len(path).await.unwrap_or(0);
             let mut on_progress = |done: u64, total: u64| {
                 if progress.due(done, total) {
                     self.report(job, Stage::Downloading, "", done);
@@ -591,20 +596,25 @@ impl Delivery {
                     self.options.connect_timeout,
                     &model.sha256,
                     model.size_bytes,
-                    partial,
+                    path,
+                    &mut partial,
                     &mut on_progress,
                 ) => attempt,
             };
             let reason = match attempt {
-                Ok(_) => return Ok(()),
+                Ok(_) => match &partial {
+                    Some(file) => return Ok(file.digest()),
+                    None => "the partial file was closed".to_string(),
+                },
                 Err(AttemptError::Permanent(reason)) => return Err(Stop::Failed(reason)),
                 Err(AttemptError::Restart(reason)) => {
-                    let _ = tokio::fs::remove_file(partial).await;
+                    partial = None;
+                    let _ = tokio::fs::remove_file(path).await;
                     reason
                 }
                 Err(AttemptError::Transient(reason)) => reason,
             };
-            if download::partial_len(partial).await.unwrap_or(0) > before {
+            if download::partial_len(path).await.unwrap_or(0) > before {
                 backoff.reset();
             }
             let delay = backoff.next_delay();

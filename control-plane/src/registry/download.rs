@@ -1,13 +1,11 @@
 //! `AgentService.DownloadBlob`: a model blob, from an offset, to a device
 //! whose desired state names it.
 
-use std::io::Read;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use edgefleet_proto::edgefleet::v1 as pb;
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{BlobError, is_sha256_hex};
@@ -19,8 +17,8 @@ pub type BlobStream = Pin<Box<dyn Stream<Item = Result<pb::BlobChunk, Status>> +
 /// Bytes per `BlobChunk`: big enough that per-message costs vanish, well
 /// under the agent's 4 MiB default message limit.
 pub const DOWNLOAD_CHUNK_BYTES: usize = 1024 * 1024;
-/// Chunks read ahead of the network.
-const READ_AHEAD_CHUNKS: usize = 4;
+/// Chunks read ahead of the network, per download.
+pub const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Streams the blob from `request.offset` to an enrolled, unrevoked device
 /// whose desired state names it.
@@ -88,39 +86,68 @@ pub async fn download_blob(
     Ok(Box::pin(stream))
 }
 
-/// Reads `file` (positioned at `offset`) on a blocking thread and yields
-/// 1 MiB chunks; stops early when the receiver goes away.
+/// Yields the blob from `offset` in 1 MiB chunks, each read by its own
+/// short blocking task at its position (up to [`READ_AHEAD_CHUNKS`] ahead
+/// of the network): no thread is held while a slow device drains its
+/// stream, so a thousand concurrent downloads do not exhaust the blocking
+/// pool. Ends after the first error, or when the receiver goes away.
 pub fn stream_file(
-    mut file: std::fs::File,
+    file: std::fs::File,
     offset: u64,
     size: u64,
 ) -> impl Stream<Item = Result<pb::BlobChunk, Status>> + Send + 'static {
-    let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
-    tokio::task::spawn_blocking(move || {
-        let mut position = offset;
-        while position < size {
-            let want = usize::try_from(size - position)
-                .unwrap_or(usize::MAX)
-                .min(DOWNLOAD_CHUNK_BYTES);
-            let mut data = vec![0u8; want];
-            let item = match file.read_exact(&mut data) {
-                Ok(()) => Ok(pb::BlobChunk {
-                    offset: position,
-                    data,
-                    total_size: size,
-                }),
-                Err(err) => Err(Status::internal(format!(
-                    "cannot read the blob at offset {position}: {err}"
-                ))),
-            };
-            let failed = item.is_err();
-            position += want as u64;
-            if tx.blocking_send(item).is_err() || failed {
-                return;
+    let file = Arc::new(file);
+    futures::stream::iter((offset..size).step_by(DOWNLOAD_CHUNK_BYTES))
+        .map(move |position| {
+            let file = Arc::clone(&file);
+            let want = (size - position).min(DOWNLOAD_CHUNK_BYTES as u64) as usize;
+            async move {
+                let read = tokio::task::spawn_blocking(move || read_at(&file, position, want))
+                    .await
+                    .unwrap_or_else(|err| Err(std::io::Error::other(err)));
+                match read {
+                    Ok(data) => Ok(pb::BlobChunk {
+                        offset: position,
+                        data: data.into(),
+                        total_size: size,
+                    }),
+                    Err(err) => Err(Status::internal(format!(
+                        "cannot read the blob at offset {position}: {err}"
+                    ))),
+                }
             }
+        })
+        .buffered(READ_AHEAD_CHUNKS)
+        .scan(false, |failed, item| {
+            let next = (!*failed).then(|| {
+                *failed = item.is_err();
+                item
+            });
+            std::future::ready(next)
+        })
+}
+
+/// Reads exactly `len` bytes at `position`.
+fn read_at(file: &std::fs::File, position: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut data = vec![0u8; len];
+    #[cfg(unix)]
+    std::os::unix::fs::FileExt::read_exact_at(file, &mut data, position)?;
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < len {
+            let read = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut data[done..],
+                position + done as u64,
+            )?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += read;
         }
-    });
-    ReceiverStream::new(rx)
+    }
+    Ok(data)
 }
 
 #[cfg(test)]

@@ -1,19 +1,24 @@
 //! `DownloadBlob` into `blobs/<sha256>.partial`, resuming from the size of
-//! that file after a cut stream or an agent restart.
+//! that file after a cut stream or an agent restart, and hashing the bytes
+//! on their way to the disk (once; a resumed file is hashed when opened).
 
-use std::path::Path;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use bytes::Bytes;
 use edgefleet_proto::edgefleet::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
-use tokio::io::AsyncWriteExt;
+use sha2::{Digest, Sha256};
 use tonic::Code;
 
 use super::super::state::StateDir;
 
 /// Largest chunk message accepted from the server.
 const MAX_CHUNK_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Read size when hashing what an earlier run left in a partial file.
+const HASH_BUFFER_BYTES: usize = 1024 * 1024;
 
 /// Why one attempt ended without the whole blob.
 #[derive(Debug)]
@@ -77,71 +82,233 @@ impl Progress {
     }
 }
 
-/// One connection and one `DownloadBlob` stream, appended to `partial`.
-/// Returns the blob's total size once the file holds all of it.
+/// The partial download file and the SHA-256 of the bytes it holds, kept
+/// across attempts: each byte is hashed once, as it is written, so the
+/// digest is ready the moment the last chunk is on disk. Opening a partial
+/// file left by an earlier run hashes what it holds (a resumed download).
+/// Blocking: use it on a blocking thread.
+pub struct PartialFile {
+    path: PathBuf,
+    file: std::fs::File,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl PartialFile {
+    /// Opens `path` for appending, creating it, and hashes what it holds.
+    /// A file longer than `expected_size` (when known) cannot be this blob's
+    /// beginning: it is emptied.
+    pub fn open(path: &Path, expected_size: u64) -> std::io::Result<PartialFile> {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(path)?;
+        let on_disk = file.metadata()?.len();
+        if expected_size > 0 && on_disk > expected_size {
+            file.set_len(0)?;
+        }
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
+        let mut len = 0u64;
+        // Reads start at 0 even in append mode; writes always go to the end.
+        loop {
+            let read = file.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+            len += read as u64;
+        }
+        Ok(PartialFile {
+            path: path.to_path_buf(),
+            file,
+            hasher,
+            len,
+        })
+    }
+
+    /// Bytes in the file.
+    pub fn size(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the file still is what this handle hashed (nobody truncated,
+    /// replaced or appended to it behind our back).
+    fn matches_disk(&self) -> bool {
+        let by_path = std::fs::metadata(&self.path).ok();
+        let by_handle = self.file.metadata().ok();
+        match (by_path, by_handle) {
+            (Some(path), Some(handle)) => {
+                path.len() == self.len && handle.len() == self.len && same_file(&path, &handle)
+            }
+            _ => false,
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(data)?;
+        self.hasher.update(data);
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Lower-case hex SHA-256 of the bytes in the file.
+    pub fn digest(&self) -> String {
+        hex::encode(self.hasher.clone().finalize())
+    }
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    true
+}
+
+/// Opens (and hashes) the partial file unless `partial` already holds it.
+async fn open_partial(
+    partial: &mut Option<PartialFile>,
+    path: &Path,
+    expected_size: u64,
+) -> std::io::Result<()> {
+    if let Some(open) = partial.take() {
+        let (open, same) = tokio::task::spawn_blocking(move || {
+            let same = open.matches_disk();
+            (open, same)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        if same {
+            *partial = Some(open);
+            return Ok(());
+        }
+    }
+    let path = path.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || PartialFile::open(&path, expected_size))
+        .await
+        .map_err(std::io::Error::other)??;
+    *partial = Some(opened);
+    Ok(())
+}
+
+/// Appends one chunk (write, then hash) on a blocking thread, so the disk
+/// and the hash overlap with the network receiving the next chunk. One
+/// chunk at a time: no thread is held for a whole download.
+fn spawn_append(
+    mut partial: PartialFile,
+    data: Bytes,
+) -> tokio::task::JoinHandle<std::io::Result<PartialFile>> {
+    tokio::task::spawn_blocking(move || {
+        partial.append(&data)?;
+        Ok(partial)
+    })
+}
+
+/// Waits for the chunk being written, if any; `Err` means the file must be
+/// opened (and hashed) again: a failed write may have left a torn chunk.
+async fn settle(
+    in_flight: tokio::task::JoinHandle<std::io::Result<PartialFile>>,
+) -> std::io::Result<PartialFile> {
+    in_flight.await.map_err(std::io::Error::other)?
+}
+
+/// Syncs what arrived, so the next attempt resumes after it, and checks
+/// that the file on disk is what was hashed.
+async fn sync(partial: PartialFile) -> std::io::Result<PartialFile> {
+    tokio::task::spawn_blocking(move || {
+        partial.file.sync_all()?;
+        if !partial.matches_disk() {
+            // Another writer (an interrupted attempt's, finishing) touched
+            // the file: what was hashed is not what is on disk.
+            return Err(std::io::Error::other(
+                "the partial file changed while it was written",
+            ));
+        }
+        Ok(partial)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+/// One connection and one `DownloadBlob` stream, appended to the partial
+/// file at `path` (opened into `partial` if it is not yet). Returns once
+/// the file holds the whole blob; `partial` then has its digest.
 pub async fn attempt(
     state: &StateDir,
     connect_timeout: Duration,
     sha256: &str,
     expected_size: u64,
-    partial: &Path,
+    path: &Path,
+    partial: &mut Option<PartialFile>,
     on_progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<u64, AttemptError> {
     let io = |what: &str, err: std::io::Error| {
-        AttemptError::Transient(format!("{what} {}: {err}", partial.display()))
+        AttemptError::Transient(format!("{what} {}: {err}", path.display()))
     };
-    let mut offset = partial_len(partial)
-        .await
-        .map_err(|e| io("cannot read", e))?;
-    if expected_size > 0 && offset > expected_size {
-        // Not this blob's bytes (or a corrupted file): start over.
-        tokio::fs::remove_file(partial)
-            .await
-            .map_err(|e| io("cannot delete", e))?;
-        offset = 0;
-    }
-    if expected_size > 0 && offset == expected_size {
-        return Ok(offset);
-    }
-    let state_for_load = state.clone();
-    let (enrollment, identity) = tokio::task::spawn_blocking(move || state_for_load.load())
-        .await
-        .map_err(|e| AttemptError::Transient(e.to_string()))?
-        .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
-    let tls = edgefleet_pki::mtls_client_tls_config(
-        &identity.ca_pem,
-        &identity.certificate_pem,
-        &identity.key_pem,
-    )
-    .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
-    let channel = edgefleet_pki::connect_tls(&enrollment.server_url, tls, connect_timeout)
-        .await
-        .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
-    let mut client =
-        AgentServiceClient::new(channel).max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
-    let mut stream = client
-        .download_blob(pb::DownloadBlobRequest {
-            sha256: sha256.to_string(),
-            offset,
-        })
-        .await
-        .map_err(|status| {
-            if status.code() == Code::OutOfRange {
-                AttemptError::Restart(format!(
-                    "the control plane says offset {offset} is beyond the blob: {}",
-                    status.message()
-                ))
-            } else {
-                status_error(&status)
-            }
-        })?
-        .into_inner();
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(partial)
+    open_partial(partial, path, expected_size)
         .await
         .map_err(|e| io("cannot open", e))?;
+    let Some(file) = partial.take() else {
+        return Err(AttemptError::Transient(
+            "the partial file is not open".to_string(),
+        ));
+    };
+    let mut offset = file.size();
+    if expected_size > 0 && offset == expected_size {
+        *partial = Some(file);
+        return Ok(offset);
+    }
+    let connected = async {
+        let state_for_load = state.clone();
+        let (enrollment, identity) = tokio::task::spawn_blocking(move || state_for_load.load())
+            .await
+            .map_err(|e| AttemptError::Transient(e.to_string()))?
+            .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
+        let tls = edgefleet_pki::mtls_client_tls_config(
+            &identity.ca_pem,
+            &identity.certificate_pem,
+            &identity.key_pem,
+        )
+        .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
+        let channel = edgefleet_pki::connect_tls(&enrollment.server_url, tls, connect_timeout)
+            .await
+            .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
+        let mut client =
+            AgentServiceClient::new(channel).max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
+        client
+            .download_blob(pb::DownloadBlobRequest {
+                sha256: sha256.to_string(),
+                offset,
+            })
+            .await
+            .map_err(|status| {
+                if status.code() == Code::OutOfRange {
+                    AttemptError::Restart(format!(
+                        "the control plane says offset {offset} is beyond the blob: {}",
+                        status.message()
+                    ))
+                } else {
+                    status_error(&status)
+                }
+            })
+            .map(tonic::Response::into_inner)
+    }
+    .await;
+    let mut stream = match connected {
+        Ok(stream) => stream,
+        Err(err) => {
+            *partial = Some(file);
+            return Err(err);
+        }
+    };
+    let mut idle = Some(file);
+    let mut in_flight = None;
+    let mut write_error = None;
     let mut total = (expected_size > 0).then_some(expected_size);
     let outcome = loop {
         let chunk = match stream.message().await {
@@ -172,29 +339,56 @@ pub async fn attempt(
                 "the control plane sent bytes up to {end} of a {size}-byte blob"
             )));
         }
-        if let Err(err) = file.write_all(&chunk.data).await {
-            break Err(io("cannot write", err));
-        }
+        let file = match (idle.take(), in_flight.take()) {
+            (Some(file), _) => file,
+            (None, Some(previous)) => match settle(previous).await {
+                Ok(file) => file,
+                Err(err) => {
+                    write_error = Some(err);
+                    break Ok(());
+                }
+            },
+            (None, None) => break Ok(()),
+        };
+        in_flight = Some(spawn_append(file, chunk.data));
         offset = end;
         on_progress(offset, size);
         if offset == size {
             break Ok(());
         }
     };
-    // Whatever arrived stays: the next attempt resumes after it.
-    let flushed = async {
-        file.flush().await?;
-        file.sync_all().await
-    }
-    .await;
+    drop(stream);
+    let file = match (idle, in_flight) {
+        (Some(file), _) => Ok(file),
+        (None, Some(last)) => settle(last).await,
+        (None, None) => Err(write_error
+            .take()
+            .unwrap_or_else(|| std::io::Error::other("the partial file was lost"))),
+    };
+    let synced = match file {
+        Ok(file) => sync(file).await,
+        Err(err) => Err(err),
+    };
+    let written_len = match synced {
+        Ok(file) => {
+            let len = file.size();
+            *partial = Some(file);
+            len
+        }
+        Err(err) => {
+            // `partial` stays empty: the file may hold a torn write the
+            // hash has not seen, so the next attempt hashes it again.
+            outcome?;
+            return Err(io("cannot write", err));
+        }
+    };
     outcome?;
-    flushed.map_err(|e| io("cannot sync", e))?;
     match total {
-        Some(size) if offset == size => Ok(size),
+        Some(size) if written_len == size => Ok(size),
         Some(size) => Err(AttemptError::Transient(format!(
-            "the download stream ended at {offset} of {size} bytes"
+            "the download stream ended at {written_len} of {size} bytes"
         ))),
-        None if offset > 0 => Ok(offset),
+        None if written_len > 0 => Ok(written_len),
         None => Err(AttemptError::Transient(
             "the download stream ended without data".to_string(),
         )),
@@ -213,4 +407,55 @@ pub async fn finish(partial: &Path, blob: &Path) -> anyhow::Result<()> {
         Ok(())
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn a_resumed_partial_file_is_hashed_when_opened_and_appends_extend_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        let whole: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &whole[..1_234_567]).unwrap();
+        let mut partial = PartialFile::open(&path, whole.len() as u64).unwrap();
+        assert_eq!(partial.size(), 1_234_567);
+        assert_eq!(partial.digest(), sha256_hex(&whole[..1_234_567]));
+        partial.append(&whole[1_234_567..2_000_000]).unwrap();
+        partial.append(&whole[2_000_000..]).unwrap();
+        assert!(partial.matches_disk());
+        assert_eq!(partial.digest(), sha256_hex(&whole));
+        assert_eq!(std::fs::read(&path).unwrap(), whole);
+    }
+
+    #[test]
+    fn a_partial_file_longer_than_the_blob_is_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let partial = PartialFile::open(&path, 4).unwrap();
+        assert_eq!(partial.size(), 0);
+        assert_eq!(partial.digest(), sha256_hex(b""));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_file_changed_behind_the_handle_no_longer_matches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob.partial");
+        let mut partial = PartialFile::open(&path, 0).unwrap();
+        partial.append(b"abc").unwrap();
+        assert!(partial.matches_disk());
+        let mut other = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        other.write_all(b"d").unwrap();
+        assert!(!partial.matches_disk());
+    }
 }
