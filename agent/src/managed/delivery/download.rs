@@ -4,6 +4,8 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -92,6 +94,8 @@ pub struct PartialFile {
     file: std::fs::File,
     hasher: Sha256,
     len: u64,
+    /// A background sync of this file is running (`start_writeback`).
+    writeback_running: Arc<AtomicBool>,
 }
 
 impl PartialFile {
@@ -125,6 +129,7 @@ impl PartialFile {
             file,
             hasher,
             len,
+            writeback_running: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -149,8 +154,33 @@ impl PartialFile {
     fn append(&mut self, data: &[u8]) -> std::io::Result<()> {
         self.file.write_all(data)?;
         self.hasher.update(data);
+        let start = self.len;
         self.len += data.len() as u64;
+        if start / WRITEBACK_STEP_BYTES != self.len / WRITEBACK_STEP_BYTES {
+            self.start_writeback();
+        }
         Ok(())
+    }
+
+    /// Syncs what the file holds on a thread of its own (one at a time per
+    /// file) while the download goes on. Durability still comes from the
+    /// `sync_all` at the end of each attempt; this only gets the disk going.
+    fn start_writeback(&self) {
+        if self.writeback_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let running = Arc::clone(&self.writeback_running);
+        let started = self.file.try_clone().and_then(|file| {
+            std::thread::Builder::new()
+                .name("blob-writeback".into())
+                .spawn(move || {
+                    let _ = file.sync_data();
+                    running.store(false, Ordering::Release);
+                })
+        });
+        if started.is_err() {
+            self.writeback_running.store(false, Ordering::Release);
+        }
     }
 
     /// Lower-case hex SHA-256 of the bytes in the file.
@@ -158,6 +188,11 @@ impl PartialFile {
         hex::encode(self.hasher.clone().finalize())
     }
 }
+
+/// Every this many bytes, the disk starts writing what has arrived, so the
+/// sync at the end of a download finds little left to write (the disk
+/// works while the network delivers).
+const WRITEBACK_STEP_BYTES: u64 = 8 * 1024 * 1024;
 
 #[cfg(unix)]
 fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
