@@ -10,6 +10,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod managed;
+pub mod memory;
 pub mod metrics;
 pub mod model_check;
 pub mod model_config;

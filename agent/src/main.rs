@@ -532,6 +532,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let released = edgefleet_agent::memory::release_relocation_table();
+    tracing::debug!(bytes = released, "released the relocation table's pages");
     let result = match cli.command {
         Command::Serve(args) => block_on(serve(args)),
         Command::Enroll(args) => block_on(enroll(args)),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::runtime::RuntimeChoice;
+use crate::runtime::{RuntimeChoice, SessionOptions};
 
 /// Largest batch the batcher builds. 32 amortises per-run overhead on small
 /// models without letting one batch hog the worker for long.
@@ -105,6 +105,14 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
+    /// The runtime session options this config asks for.
+    pub fn session_options(&self) -> SessionOptions {
+        SessionOptions {
+            intra_op_threads: self.intra_op_threads,
+            spin_wait: self.spin_wait,
+        }
+    }
+
     /// Parses and validates a `config.toml`, reporting every problem at once.
     pub fn parse(text: &str) -> Result<ModelConfig, String> {
         let raw: RawModelConfig = toml::from_str(text).map_err(|err| err.message().to_string())?;

@@ -20,7 +20,7 @@ use crate::model_check::ModelCheck;
 use crate::model_config::ModelConfig;
 use crate::model_worker::LoadedVersion;
 use crate::repository::{self, Fingerprint, ModelDir, RepositoryError};
-use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind, SessionOptions};
+use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind};
 use crate::telemetry::TelemetryRecorder;
 use edgefleet_proto::edgefleet::v1::event::Kind as EventKind;
 
@@ -377,10 +377,7 @@ impl ModelRegistry {
         config: &ModelConfig,
     ) -> Result<Arc<LoadedVersion>, String> {
         let runtime = self.runtimes.for_model(config.runtime)?;
-        let options = SessionOptions {
-            intra_op_threads: config.intra_op_threads,
-            spin_wait: config.spin_wait,
-        };
+        let options = config.session_options();
         self.check.run(
             runtime.as_ref(),
             self.runtimes.onnxruntime_library.as_deref(),

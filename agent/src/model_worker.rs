@@ -12,10 +12,20 @@
 //! When the registry drops its handle (hot reload, unload), the queue's
 //! sender goes away; workers finish what is queued and exit — that is the
 //! drain. A runtime panic is caught and fails only that batch.
+//!
+//! A fast path skips the queue: when no other request to the version is in
+//! flight and the model's last lone request computed in at most
+//! [`INLINE_MAX_COMPUTE`], the request runs at once on the caller's thread. Handing it to a worker
+//! thread and the answer back costs two thread wake-ups, which for a small
+//! model take longer than the model itself. Each session sits behind its own
+//! mutex, which only its worker and this fast path ever take, and never both
+//! wait on it. With `max_queue_delay` set on a batched model, every request
+//! waits in the queue for company, as configured.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
@@ -32,13 +42,106 @@ use crate::tensor::{Tensor, concat_batch, split_batch};
 /// What a caller gets back for one request.
 pub type InferResult = Result<Vec<Tensor>, InferError>;
 
+/// Requests to a model whose last lone request computed in at most this long
+/// run on the caller's thread when the model is idle (see the module docs).
+/// Short enough that the async runtime's thread is never held for long.
+pub const INLINE_MAX_COMPUTE: Duration = Duration::from_micros(250);
+
+/// How long a version must have had nothing in flight before a request may
+/// take the fast path: concurrent clients keep arriving within less.
+pub const INLINE_QUIET: Duration = Duration::from_micros(40);
+
+/// A session, shared by its worker thread and the inline fast path.
+type SharedSession = Arc<Mutex<Box<dyn ModelSession>>>;
+
+fn lock(session: &SharedSession) -> MutexGuard<'_, Box<dyn ModelSession>> {
+    // Runs catch panics inside the lock, so it is never poisoned in practice;
+    // if it were, the session itself is still whole.
+    session
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What every run of one version updates.
+struct RunContext {
+    metrics: VersionMetrics,
+    telemetry: VersionTelemetry,
+    label: String,
+    /// Nanoseconds the last run of a single request took (`u64::MAX` until
+    /// one has run): decides whether the inline fast path may be taken.
+    lone_run_nanos: AtomicU64,
+    /// Input bytes of that run: larger requests never take the fast path.
+    lone_run_bytes: AtomicU64,
+    activity: Arc<Activity>,
+}
+
+/// How busy a version is: requests in flight, and since when none is.
+struct Activity {
+    /// Requests submitted and not yet answered.
+    in_flight: AtomicUsize,
+    /// When the last request in flight was answered, in nanoseconds since
+    /// `epoch`.
+    idle_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Counts a new request in; true if it is alone and the version has
+    /// been idle for [`INLINE_QUIET`] (so it is not part of a stream of
+    /// concurrent requests whose gaps happen to leave nothing in flight).
+    fn start(&self) -> bool {
+        let alone = self.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
+        alone
+            && self
+                .now()
+                .saturating_sub(self.idle_since.load(Ordering::Relaxed))
+                >= INLINE_QUIET.as_nanos() as u64
+    }
+
+    fn finish(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(self.now(), Ordering::Relaxed);
+        }
+    }
+}
+
 struct Job {
     /// One per signature input, in signature order, validated.
     inputs: Vec<Tensor>,
     /// Rows along dimension 0 (1 if the model is not batched).
     rows: i64,
     enqueued: Instant,
-    reply: oneshot::Sender<InferResult>,
+    reply: Reply,
+}
+
+/// Where a request's answer goes; the request counts as in flight until it
+/// has been answered (or given up).
+struct Reply {
+    /// Taken when the answer is sent.
+    sender: Option<oneshot::Sender<InferResult>>,
+    activity: Arc<Activity>,
+}
+
+impl Reply {
+    fn send(mut self, result: InferResult) {
+        if let Some(sender) = self.sender.take() {
+            let _ = sender.send(result);
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.sender.as_ref().is_none_or(|sender| sender.is_closed())
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        self.activity.finish();
+    }
 }
 
 impl Job {
@@ -68,6 +171,10 @@ pub struct LoadedVersion {
     pub batching: bool,
     queue: Sender<Job>,
     queue_capacity: usize,
+    sessions: Vec<SharedSession>,
+    /// Whether requests may skip the queue (not when it delays for batching).
+    inline: bool,
+    run: Arc<RunContext>,
     metrics: VersionMetrics,
     telemetry: VersionTelemetry,
 }
@@ -120,14 +227,29 @@ impl LoadedVersion {
             max_queue_delay: config.max_queue_delay,
         };
         let (sender, receiver) = crossbeam_channel::bounded(config.queue_capacity);
-        for (index, session) in sessions.into_iter().enumerate() {
+        let run = Arc::new(RunContext {
+            metrics: metrics.clone(),
+            telemetry: telemetry.clone(),
+            label: format!("{model}:{version}"),
+            lone_run_nanos: AtomicU64::new(u64::MAX),
+            lone_run_bytes: AtomicU64::new(0),
+            activity: Arc::new(Activity {
+                in_flight: AtomicUsize::new(0),
+                idle_since: AtomicU64::new(0),
+                epoch: Instant::now(),
+            }),
+        });
+        let sessions: Vec<SharedSession> = sessions
+            .into_iter()
+            .map(|session| Arc::new(Mutex::new(session)))
+            .collect();
+        for (index, session) in sessions.iter().enumerate() {
             let receiver = receiver.clone();
-            let metrics = metrics.clone();
-            let telemetry = telemetry.clone();
-            let label = format!("{model}:{version}");
+            let session = Arc::clone(session);
+            let run = Arc::clone(&run);
             let spawned = std::thread::Builder::new()
                 .name(format!("infer-{model}-{version}-{index}"))
-                .spawn(move || worker_loop(session, receiver, policy, metrics, telemetry, label));
+                .spawn(move || worker_loop(session, receiver, policy, run));
             if let Err(err) = spawned {
                 tracing::error!(model, version, error = %err, "cannot start a worker thread");
             }
@@ -141,13 +263,17 @@ impl LoadedVersion {
             batching,
             queue: sender,
             queue_capacity: config.queue_capacity,
+            sessions,
+            inline: !batching || config.max_queue_delay.is_zero(),
+            run,
             metrics,
             telemetry,
         })
     }
 
-    /// Queues a request; fails at once with RESOURCE_EXHAUSTED if the queue
-    /// is full. `inputs` are in signature order and validated.
+    /// Queues a request (or, on the fast path, runs it at once: the receiver
+    /// is then already answered); fails at once with RESOURCE_EXHAUSTED if
+    /// the queue is full. `inputs` are in signature order and validated.
     pub fn submit(
         &self,
         inputs: Vec<Tensor>,
@@ -160,12 +286,25 @@ impl LoadedVersion {
         } else {
             1
         };
-        let (reply, receiver) = oneshot::channel();
+        let (sender, receiver) = oneshot::channel();
+        let alone = self.run.activity.start();
+        let reply = Reply {
+            sender: Some(sender),
+            activity: Arc::clone(&self.run.activity),
+        };
         let job = Job {
             inputs,
             rows,
             enqueued: Instant::now(),
             reply,
+        };
+        let job = if alone {
+            match self.run_inline(job) {
+                Ok(()) => return Ok(receiver),
+                Err(job) => job,
+            }
+        } else {
+            job
         };
         // Count before sending so the worker's decrement never goes first.
         self.metrics.queue_depth.inc();
@@ -202,6 +341,29 @@ impl LoadedVersion {
         }
     }
 
+    /// Runs `job`, the only request in flight, on this thread if the model
+    /// ran a request at least as large fast enough last time and a session is
+    /// free; gives it back otherwise.
+    fn run_inline(&self, job: Job) -> Result<(), Job> {
+        let fast =
+            self.run.lone_run_nanos.load(Ordering::Relaxed) <= INLINE_MAX_COMPUTE.as_nanos() as u64;
+        let known = job_bytes(&job) <= self.run.lone_run_bytes.load(Ordering::Relaxed);
+        if !self.inline || !fast || !known {
+            return Err(job);
+        }
+        for session in &self.sessions {
+            let mut guard = match session.try_lock() {
+                Ok(guard) => guard,
+                Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => continue,
+            };
+            self.metrics.requests.inc();
+            run_batch(guard.as_mut(), vec![job], &self.run);
+            return Ok(());
+        }
+        Err(job)
+    }
+
     /// Counts a request for this version that failed after it was queued.
     pub fn count_error(&self, code: ErrorCode) {
         self.metrics.count_error(code.as_str());
@@ -226,13 +388,12 @@ impl Drop for LoadedVersion {
 }
 
 fn worker_loop(
-    mut session: Box<dyn ModelSession>,
+    session: SharedSession,
     queue: Receiver<Job>,
     policy: BatchPolicy,
-    metrics: VersionMetrics,
-    telemetry: VersionTelemetry,
-    label: String,
+    run: Arc<RunContext>,
 ) {
+    let metrics = &run.metrics;
     let mut deferred: VecDeque<Job> = VecDeque::new();
     loop {
         let first = match deferred.pop_front() {
@@ -280,17 +441,26 @@ fn worker_loop(
                 }
             }
         }
-        run_batch(session.as_mut(), batch, &metrics, &telemetry, &label);
+        run_batch(lock(&session).as_mut(), batch, &run);
     }
 }
 
-fn run_batch(
-    session: &mut dyn ModelSession,
-    batch: Vec<Job>,
-    metrics: &VersionMetrics,
-    telemetry: &VersionTelemetry,
-    label: &str,
-) {
+fn job_bytes(job: &Job) -> u64 {
+    job.inputs
+        .iter()
+        .map(|tensor| tensor.byte_size() as u64)
+        .sum()
+}
+
+fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) {
+    let RunContext {
+        metrics,
+        telemetry,
+        label,
+        lone_run_nanos,
+        lone_run_bytes,
+        activity: _,
+    } = run;
     // Callers that gave up (timeout, disconnect) need no answer.
     let batch: Vec<Job> = batch
         .into_iter()
@@ -307,6 +477,7 @@ fn run_batch(
     }
     let sizes: Vec<i64> = batch.iter().map(|job| job.rows).collect();
     let mut replies = Vec::with_capacity(batch.len());
+    let lone_bytes = (batch.len() == 1).then(|| job_bytes(&batch[0]));
     let inputs = if batch.len() == 1 {
         let job = batch.into_iter().next().map(|job| (job.inputs, job.reply));
         let Some((inputs, reply)) = job else { return };
@@ -325,9 +496,13 @@ fn run_batch(
     };
 
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)));
-    metrics
-        .compute_seconds
-        .observe(started.elapsed().as_secs_f64());
+    let computed = started.elapsed();
+    metrics.compute_seconds.observe(computed.as_secs_f64());
+    if let Some(bytes) = lone_bytes {
+        let nanos = u64::try_from(computed.as_nanos()).unwrap_or(u64::MAX);
+        lone_run_nanos.store(nanos, Ordering::Relaxed);
+        lone_run_bytes.store(bytes, Ordering::Relaxed);
+    }
     metrics.batch_size.observe(replies.len() as f64);
     telemetry.record_batch(replies.len() as u64);
 
@@ -350,7 +525,7 @@ fn run_batch(
     match result {
         Ok(per_request) => {
             for (reply, outputs) in replies.into_iter().zip(per_request) {
-                let _ = reply.send(Ok(outputs));
+                reply.send(Ok(outputs));
             }
         }
         Err(err) => {
@@ -358,7 +533,7 @@ fn run_batch(
             telemetry.record_event(event::Kind::Error, &err.message);
             for reply in replies {
                 metrics.count_error(err.code.as_str());
-                let _ = reply.send(Err(err.clone()));
+                reply.send(Err(err.clone()));
             }
         }
     }
@@ -390,7 +565,6 @@ mod tests {
     use crate::metrics::Metrics;
     use crate::runtime::{RuntimeError, TensorSpec};
     use crate::tensor::DataType;
-    use std::sync::Mutex;
 
     /// A scripted session: doubles its input and records each batch's rows.
     /// (A fake runtime here only to test batching logic deterministically;
@@ -398,6 +572,8 @@ mod tests {
     struct Doubler {
         signature: Signature,
         batches: Arc<Mutex<Vec<i64>>>,
+        /// The name of the thread each run ran on.
+        threads: Arc<Mutex<Vec<String>>>,
         delay: Duration,
     }
 
@@ -412,6 +588,8 @@ mod tests {
                 panic!("scripted panic on NaN");
             }
             self.batches.lock().unwrap().push(input.shape[0]);
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            self.threads.lock().unwrap().push(thread);
             let doubled: Vec<f32> = input.to_vec::<f32>().iter().map(|v| v * 2.0).collect();
             Ok(vec![Tensor::from_slice(
                 "y",
@@ -422,8 +600,11 @@ mod tests {
         }
     }
 
-    fn doubler(delay: Duration) -> (Box<dyn ModelSession>, Arc<Mutex<Vec<i64>>>) {
+    type Recorded<T> = Arc<Mutex<Vec<T>>>;
+
+    fn doubler(delay: Duration) -> (Box<dyn ModelSession>, Recorded<i64>, Recorded<String>) {
         let batches = Arc::new(Mutex::new(Vec::new()));
+        let threads = Arc::new(Mutex::new(Vec::new()));
         let spec = |name: &str| TensorSpec {
             name: name.into(),
             dtype: DataType::F32,
@@ -435,13 +616,22 @@ mod tests {
                 outputs: vec![spec("y")],
             },
             batches: Arc::clone(&batches),
+            threads: Arc::clone(&threads),
             delay,
         };
-        (Box::new(session), batches)
+        (Box::new(session), batches, threads)
     }
 
-    fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Arc<Mutex<Vec<i64>>>) {
-        let (session, batches) = doubler(delay);
+    fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Recorded<i64>) {
+        let (version, batches, _) = start_traced(config, delay);
+        (version, batches)
+    }
+
+    fn start_traced(
+        config: ModelConfig,
+        delay: Duration,
+    ) -> (Arc<LoadedVersion>, Recorded<i64>, Recorded<String>) {
+        let (session, batches, threads) = doubler(delay);
         let metrics = Arc::new(Metrics::new()).for_version("m", 1);
         let version = LoadedVersion::start(
             "m",
@@ -452,7 +642,7 @@ mod tests {
             metrics,
             VersionTelemetry::detached("m", 1),
         );
-        (version, batches)
+        (version, batches, threads)
     }
 
     fn row(values: [f32; 2], rows: i64) -> Vec<Tensor> {
@@ -593,6 +783,131 @@ mod tests {
             receiver.await.unwrap().unwrap();
         }
         assert_eq!(batches.lock().unwrap().len(), 5);
+    }
+
+    /// Lets the version be idle long enough for the fast path.
+    fn quiet() {
+        std::thread::sleep(INLINE_QUIET * 2);
+    }
+
+    #[test]
+    fn a_request_right_after_another_is_answered_goes_through_the_queue() {
+        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        infer_blocking(&version);
+        quiet();
+        infer_blocking(&version);
+        // No pause: as from concurrent clients, whose gaps are short.
+        infer_blocking(&version);
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec!["infer-m-1-0".to_string(), here, "infer-m-1-0".to_string()]
+        );
+    }
+
+    /// Runs one request through `version` and waits for its answer.
+    fn infer_blocking(version: &LoadedVersion) -> Vec<Tensor> {
+        version
+            .submit(row([1.0, 2.0], 1))
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_idle_fast_model_runs_requests_on_the_callers_thread() {
+        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        // The first request goes to the worker: nothing is known of its speed.
+        infer_blocking(&version);
+        // The model is fast and idle: the next requests run at once, here
+        // (each answered request no longer counts as in flight).
+        for i in 0..2 {
+            quiet();
+            let mut receiver = version.submit(row([3.0, 4.0 + i as f32], 1)).unwrap();
+            let outputs = receiver
+                .try_recv()
+                .expect("answered before submit returned")
+                .unwrap();
+            assert_eq!(outputs[0].to_vec::<f32>(), vec![6.0, 8.0 + 2.0 * i as f32]);
+        }
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec!["infer-m-1-0".to_string(), here.clone(), here]
+        );
+    }
+
+    #[test]
+    fn a_larger_request_than_the_last_lone_one_runs_on_the_worker() {
+        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        infer_blocking(&version);
+        // Three rows: more input than the one-row run that was measured.
+        version
+            .submit(row([1.0, 2.0], 3))
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        // Measured now, so the next three-row request is known to be fast.
+        quiet();
+        let mut receiver = version.submit(row([1.0, 2.0], 3)).unwrap();
+        receiver
+            .try_recv()
+            .expect("answered before submit returned")
+            .unwrap();
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(*batches.lock().unwrap(), vec![1, 3, 3]);
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec!["infer-m-1-0".to_string(), "infer-m-1-0".to_string(), here]
+        );
+    }
+
+    #[test]
+    fn a_slow_model_always_runs_on_its_worker() {
+        let slow = INLINE_MAX_COMPUTE * 4;
+        let (version, _, threads) = start_traced(ModelConfig::default(), slow);
+        for _ in 0..3 {
+            infer_blocking(&version);
+        }
+        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"; 3]);
+    }
+
+    #[test]
+    fn a_busy_model_queues_instead_of_running_inline() {
+        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        infer_blocking(&version);
+        // Hold the only session, as a running batch would.
+        let session = Arc::clone(&version.sessions[0]);
+        let guard = lock(&session);
+        quiet();
+        let mut receiver = version.submit(row([1.0, 2.0], 1)).unwrap();
+        assert!(
+            receiver.try_recv().is_err(),
+            "answered while the session was busy"
+        );
+        drop(guard);
+        receiver.blocking_recv().unwrap().unwrap();
+        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"; 2]);
+    }
+
+    #[test]
+    fn a_queue_delay_keeps_every_request_in_the_queue_for_company() {
+        let config = ModelConfig {
+            max_batch_size: 8,
+            max_queue_delay: Duration::from_millis(200),
+            ..ModelConfig::default()
+        };
+        let (version, batches, _) = start_traced(config, Duration::ZERO);
+        infer_blocking(&version);
+        let receivers: Vec<_> = (0..4)
+            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
+            .collect();
+        for receiver in receivers {
+            receiver.blocking_recv().unwrap().unwrap();
+        }
+        assert_eq!(*batches.lock().unwrap(), vec![1, 4]);
     }
 
     #[test]

@@ -49,7 +49,7 @@ use crate::model_check::ModelCheck;
 use crate::model_config::ModelConfig;
 use crate::model_registry::ModelRegistry;
 use crate::repository::MODEL_FILE_NAME;
-use crate::runtime::{Runtime, RuntimeChoice, SessionOptions};
+use crate::runtime::{Runtime, RuntimeChoice};
 
 /// Settings of the delivery task.
 #[derive(Debug, Clone)]
@@ -644,10 +644,7 @@ impl Delivery {
                         .to_string()
                 })?,
             };
-            let options = SessionOptions {
-                intra_op_threads: config.intra_op_threads,
-                spin_wait: config.spin_wait,
-            };
+            let options = config.session_options();
             check.run(
                 runtime.as_ref(),
                 runtimes.onnxruntime_library.as_deref(),

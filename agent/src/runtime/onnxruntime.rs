@@ -94,9 +94,24 @@ impl OnnxRuntime {
         }
     }
 
-    /// The process-wide `ort` environment (for benchmarks against raw `ort`).
-    pub fn environment(&self) -> &Environment {
-        &self.environment
+    /// A session builder configured as the agent configures its sessions
+    /// (benchmarks build raw `ort` sessions with it to compare like for like).
+    pub fn session_builder(
+        &self,
+        options: &SessionOptions,
+    ) -> Result<ort::session::builder::SessionBuilder, RuntimeError> {
+        let mut builder = Session::builder(&self.environment)
+            .map_err(load_error)?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(load_error)?;
+        if let Some(threads) = options.intra_op_threads {
+            builder = builder.with_intra_threads(threads).map_err(load_error)?;
+        }
+        builder
+            .with_intra_op_spinning(options.spin_wait)
+            .map_err(load_error)?
+            .with_inter_op_spinning(options.spin_wait)
+            .map_err(load_error)
     }
 }
 
@@ -166,18 +181,7 @@ impl Runtime for OnnxRuntime {
             path: model_path.to_path_buf(),
             source,
         })?;
-        let mut builder = Session::builder(&self.environment)
-            .map_err(load_error)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(load_error)?;
-        if let Some(threads) = options.intra_op_threads {
-            builder = builder.with_intra_threads(threads).map_err(load_error)?;
-        }
-        builder = builder
-            .with_intra_op_spinning(options.spin_wait)
-            .map_err(load_error)?
-            .with_inter_op_spinning(options.spin_wait)
-            .map_err(load_error)?;
+        let mut builder = self.session_builder(options)?;
         let session = builder.commit_from_memory(&bytes).map_err(load_error)?;
         let signature = Signature {
             inputs: session
