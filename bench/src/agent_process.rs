@@ -148,13 +148,21 @@ impl AgentProcess {
 
     /// Resident set size in bytes, from /proc.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
+        self.status_bytes("VmRSS")
+    }
+
+    /// A size field of /proc/PID/status (`VmRSS`, `RssAnon`, `RssFile`).
+    pub fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
         let kb: u64 = status
             .lines()
-            .find(|line| line.starts_with("VmRSS:"))
+            .find(|line| {
+                line.strip_prefix(field)
+                    .is_some_and(|rest| rest.starts_with(':'))
+            })
             .and_then(|line| line.split_whitespace().nth(1))
             .and_then(|kb| kb.parse().ok())
-            .context("no VmRSS")?;
+            .with_context(|| format!("no {field} in /proc/PID/status"))?;
         Ok(kb * 1024)
     }
 }

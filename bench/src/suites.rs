@@ -155,9 +155,9 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         out,
         "\nFor scale, a gRPC `ServerLive` round trip (no inference, same client and connection) takes p50 {:.0} µs, \
          p99 {:.0} µs here: that much of the overhead is the client and HTTP/2 transport alone. Under it, a \
-         64-byte TCP echo between two threads of the benchmark (blocking sockets, no gRPC) takes p50 {:.0} µs, \
-         p99 {:.0} µs: the machine's own cost of two thread wake-ups across loopback, which on this virtual machine \
-         is high while its CPUs are idle.",
+         64-byte TCP echo between two threads of the benchmark process (blocking sockets, no gRPC) takes p50 \
+         {:.0} µs, p99 {:.0} µs: the kernel's share of a loopback round trip. The rest of the `ServerLive` time is \
+         the HTTP/2 stacks of client and server and waking two processes.",
         us(&floor, 0.5),
         us(&floor, 0.99),
         us(&tcp, 0.5),
@@ -444,10 +444,17 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
         out,
         "RSS of the release `edgefleet-agent serve` process 3 s after it reports ready (VmRSS from /proc). \
          Targets: ≤ 10 MB idle with tract and an empty repository (Greengrass nucleus needs ≥ 96 MB, nucleus lite \
-         states < 15 MB, KubeEdge edgecore ~30 MB); stripped binary ≤ 20 MB.\n"
+         states < 15 MB, KubeEdge edgecore ~30 MB); stripped binary ≤ 20 MB. RSS splits into anonymous memory \
+         (heap, stacks, relocated data: the agent's own) and file-backed pages (its binary's code and read-only data, \
+         shared libraries: clean, shared with the page cache; how many are mapped depends on how the kernel cached \
+         the files: this kernel maps whole large folios). The agent unmaps its ~1 MB relocation table after \
+         start-up (agent/src/memory.rs).\n"
     )?;
-    writeln!(out, "| runtime | repository | RSS (MB) |")?;
-    writeln!(out, "| --- | --- | ---: |")?;
+    writeln!(
+        out,
+        "| runtime | repository | RSS (MB) | anonymous (MB) | file-backed (MB) |"
+    )?;
+    writeln!(out, "| --- | --- | ---: | ---: | ---: |")?;
     for runtime in ["tract", "onnxruntime"] {
         for (label, repo) in [
             ("empty", empty.path()),
@@ -456,7 +463,12 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
             let agent = AgentProcess::start(&args.agent, repo, runtime).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
             let rss = agent.rss_bytes()? as f64 / 1e6;
-            writeln!(out, "| {runtime} | {label} | {rss:.1} |")?;
+            let anonymous = agent.status_bytes("RssAnon")? as f64 / 1e6;
+            let file = agent.status_bytes("RssFile")? as f64 / 1e6;
+            writeln!(
+                out,
+                "| {runtime} | {label} | {rss:.1} | {anonymous:.1} | {file:.1} |"
+            )?;
         }
     }
     let managed = managed_idle_rss(&args.agent).await?;
