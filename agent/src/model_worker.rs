@@ -13,14 +13,16 @@
 //! sender goes away; workers finish what is queued and exit — that is the
 //! drain. A runtime panic is caught and fails only that batch.
 //!
-//! A fast path skips the queue: when no other request to the version is in
-//! flight and the model's last lone request computed in at most
-//! [`INLINE_MAX_COMPUTE`], the request runs at once on the caller's thread. Handing it to a worker
-//! thread and the answer back costs two thread wake-ups, which for a small
-//! model take longer than the model itself. Each session sits behind its own
-//! mutex, which only its worker and this fast path ever take, and never both
-//! wait on it. With `max_queue_delay` set on a batched model, every request
-//! waits in the queue for company, as configured.
+//! A fast path skips the queue: a request that finds nothing else in flight
+//! for its version (and nothing for [`INLINE_QUIET`] before it), a free
+//! session, and a model whose last lone request, at least as large, computed
+//! in at most [`INLINE_MAX_COMPUTE`], runs at once on the caller's thread.
+//! Handing it to a worker thread and the answer back costs two thread
+//! wake-ups, which for a small model take about as long as the model itself.
+//! Each session sits behind its own mutex: its worker takes it for each
+//! batch; the fast path only tries it and never waits. With `max_queue_delay`
+//! set on a batched model, every request waits in the queue for company, as
+//! configured.
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
