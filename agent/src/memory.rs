@@ -160,7 +160,6 @@ mod tests {
         let (start, size) = relocation_table().unwrap();
         // SAFETY (test): the table is mapped and readable; read it once so
         // every page is resident, and keep a copy to compare.
-        #[allow(unsafe_code)]
         let before = unsafe { std::slice::from_raw_parts(start as *const u8, size) }.to_vec();
         let released = release_relocation_table();
         assert!(
@@ -176,7 +175,7 @@ mod tests {
             present.len()
         );
         // Reading it again pages it back in from the file, unchanged.
-        #[allow(unsafe_code)]
+        // SAFETY (test): as above; the pages fault back in from the file.
         let after = unsafe { std::slice::from_raw_parts(start as *const u8, size) };
         assert_eq!(after, &before[..]);
     }

@@ -17,6 +17,17 @@ pub struct AgentProcess {
     log: std::sync::mpsc::Receiver<String>,
 }
 
+/// The arguments of `edgefleet-agent <subcommand> --runtime <runtime> <flag> <dir>`.
+fn command(subcommand: &str, runtime: &str, flag: &str, dir: &Path) -> Vec<OsString> {
+    vec![
+        subcommand.into(),
+        "--runtime".into(),
+        runtime.into(),
+        flag.into(),
+        dir.into(),
+    ]
+}
+
 impl AgentProcess {
     /// `edgefleet-agent serve` on a model repository, ready to serve.
     pub async fn start(
@@ -24,13 +35,11 @@ impl AgentProcess {
         repository: &Path,
         runtime: &str,
     ) -> anyhow::Result<AgentProcess> {
-        let mut args: Vec<OsString> = ["serve", "--runtime", runtime]
-            .into_iter()
-            .map(OsString::from)
-            .collect();
-        args.push("--model-repository".into());
-        args.push(repository.into());
-        AgentProcess::spawn(agent, args).await
+        AgentProcess::spawn(
+            agent,
+            command("serve", runtime, "--model-repository", repository),
+        )
+        .await
     }
 
     /// `edgefleet-agent run` (managed mode) on an enrolled state dir, ready
@@ -40,13 +49,7 @@ impl AgentProcess {
         state_dir: &Path,
         runtime: &str,
     ) -> anyhow::Result<AgentProcess> {
-        let mut args: Vec<OsString> = ["run", "--runtime", runtime]
-            .into_iter()
-            .map(OsString::from)
-            .collect();
-        args.push("--state-dir".into());
-        args.push(state_dir.into());
-        AgentProcess::spawn(agent, args).await
+        AgentProcess::spawn(agent, command("run", runtime, "--state-dir", state_dir)).await
     }
 
     async fn spawn(agent: &Path, args: Vec<OsString>) -> anyhow::Result<AgentProcess> {

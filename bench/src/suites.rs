@@ -118,18 +118,11 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         let len = element_count(shape)?;
         let values = input_values(len);
 
-        // The agent's own session settings (its defaults: no config.toml).
-        let mut session = onnxruntime
-            .session_builder(&ModelConfig::default().session_options())?
-            .commit_from_file(model_path(&args.bench_models, model.name))?;
-        let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+        let mut run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
         let mut raw = histogram();
         for i in 0..(args.iterations + 300) {
             let started = Instant::now();
-            let tensor = ort::value::Tensor::from_array((dims.clone(), values.clone()))?;
-            let outputs = session.run(ort::inputs![tensor])?;
-            let (_, logits) = outputs[model.output].try_extract_tensor::<f32>()?;
-            std::hint::black_box(logits);
+            run.once()?;
             if i >= 300 {
                 raw.record(started.elapsed().as_micros() as u64)?;
             }
@@ -310,40 +303,60 @@ async fn closed_loop(
     })
 }
 
-/// Rows per second of raw `Session::run` on `model` at `batch` rows per run,
-/// with the agent's default session settings, over about `seconds`.
-fn raw_rows_per_second(
-    onnxruntime: &OnnxRuntime,
-    bench_models: &Path,
-    model: &BenchModel,
-    batch: usize,
-    seconds: f64,
-) -> anyhow::Result<f64> {
-    let mut session = onnxruntime
-        .session_builder(&ModelConfig::default().session_options())?
-        .commit_from_file(model_path(bench_models, model.name))?;
-    let mut dims: Vec<usize> = model.shape[..model.rank]
-        .iter()
-        .map(|&d| d as usize)
-        .collect();
-    dims[0] = batch;
-    let values = input_values(dims.iter().product());
-    let mut run = || -> anyhow::Result<()> {
-        let tensor = ort::value::Tensor::from_array((dims.clone(), values.clone()))?;
-        let outputs = session.run(ort::inputs![tensor])?;
-        std::hint::black_box(outputs[model.output].try_extract_tensor::<f32>()?);
+/// Raw `ort::Session::run` of a bench model, `batch` rows per run, with the
+/// agent's own session settings (its defaults: no config.toml). One run
+/// includes creating the input tensor and extracting the output.
+struct RawRun<'a> {
+    session: ort::session::Session,
+    model: &'a BenchModel,
+    dims: Vec<usize>,
+    values: Vec<f32>,
+}
+
+impl<'a> RawRun<'a> {
+    fn new(
+        onnxruntime: &OnnxRuntime,
+        bench_models: &Path,
+        model: &'a BenchModel,
+        batch: usize,
+    ) -> anyhow::Result<RawRun<'a>> {
+        let session = onnxruntime
+            .session_builder(&ModelConfig::default().session_options())?
+            .commit_from_file(model_path(bench_models, model.name))?;
+        let mut dims: Vec<usize> = model.shape[..model.rank]
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        dims[0] = batch;
+        let values = input_values(dims.iter().product());
+        Ok(RawRun {
+            session,
+            model,
+            dims,
+            values,
+        })
+    }
+
+    fn once(&mut self) -> anyhow::Result<()> {
+        let tensor = ort::value::Tensor::from_array((self.dims.clone(), self.values.clone()))?;
+        let outputs = self.session.run(ort::inputs![tensor])?;
+        std::hint::black_box(outputs[self.model.output].try_extract_tensor::<f32>()?);
         Ok(())
-    };
-    for _ in 0..20 {
-        run()?;
     }
-    let started = Instant::now();
-    let mut runs = 0u64;
-    while started.elapsed().as_secs_f64() < seconds {
-        run()?;
-        runs += 1;
+
+    /// Rows per second over about `seconds`, after a short warm-up.
+    fn rows_per_second(&mut self, seconds: f64) -> anyhow::Result<f64> {
+        for _ in 0..20 {
+            self.once()?;
+        }
+        let started = Instant::now();
+        let mut runs = 0u64;
+        while started.elapsed().as_secs_f64() < seconds {
+            self.once()?;
+            runs += 1;
+        }
+        Ok((runs * self.dims[0] as u64) as f64 / started.elapsed().as_secs_f64())
     }
-    Ok((runs * batch as u64) as f64 / started.elapsed().as_secs_f64())
 }
 
 pub async fn batching(args: &Args) -> anyhow::Result<String> {
@@ -353,8 +366,10 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let values = input_values(element_count(shape)?);
     // What batching alone can give on this machine: the runtime's own
     // throughput at batch 1 and batch 32, no transport, no agent.
-    let raw_single = raw_rows_per_second(&onnxruntime, &args.bench_models, model, 1, 2.0)?;
-    let raw_batched = raw_rows_per_second(&onnxruntime, &args.bench_models, model, 32, 2.0)?;
+    let raw_single =
+        RawRun::new(&onnxruntime, &args.bench_models, model, 1)?.rows_per_second(2.0)?;
+    let raw_batched =
+        RawRun::new(&onnxruntime, &args.bench_models, model, 32)?.rows_per_second(2.0)?;
     let request = infer_request(model.name, model.input, shape, &values);
     let mut out = String::new();
     writeln!(
