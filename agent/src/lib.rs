@@ -6,6 +6,7 @@
 //! loaded) → [`model_worker`] (bounded queue, dynamic batching, one thread
 //! per session) → [`runtime`] (ONNX Runtime or tract).
 
+pub mod cpu_latency;
 pub mod error;
 pub mod grpc;
 pub mod http;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgefleet_agent::cpu_latency::CpuWakeupLatency;
 use edgefleet_agent::managed::enroll::EnrollOptions;
 use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
@@ -79,6 +80,10 @@ struct ServingArgs {
     /// Largest inference request accepted, in bytes [default: 64 MiB].
     #[arg(long, env = "EDGEFLEET_MAX_REQUEST_BYTES", value_name = "BYTES")]
     max_request_bytes: Option<usize>,
+    /// Low-latency mode: keep every CPU able to wake within this long while the agent runs
+    /// (Linux PM QoS; 0s keeps idle CPUs polling). Costs power; needs root [default: off].
+    #[arg(long, env = "EDGEFLEET_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    cpu_wakeup_latency: Option<Duration>,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -146,6 +151,7 @@ struct FileConfig {
     runtime: Option<RuntimeChoice>,
     repository_poll_interval: Option<String>,
     max_request_bytes: Option<usize>,
+    cpu_wakeup_latency: Option<String>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -158,6 +164,23 @@ struct ServeConfig {
     options: ServeOptions,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    cpu_wakeup_latency: Option<Duration>,
+}
+
+impl ServeConfig {
+    /// Holds the low-latency mode's limit, if configured, for as long as the
+    /// returned value lives.
+    fn hold_cpu_wakeup_latency(&self) -> anyhow::Result<Option<CpuWakeupLatency>> {
+        let Some(limit) = self.cpu_wakeup_latency else {
+            return Ok(None);
+        };
+        let held = CpuWakeupLatency::hold(limit)?;
+        tracing::info!(
+            limit_us = limit.as_micros() as u64,
+            "low-latency mode: CPUs kept able to wake within the limit while the agent runs (uses more power)"
+        );
+        Ok(Some(held))
+    }
 }
 
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
@@ -221,6 +244,13 @@ fn resolve(
         }),
         (None, None) => DEFAULT_REPOSITORY_POLL_INTERVAL,
     };
+    let cpu_wakeup_latency = match (args.cpu_wakeup_latency, file.cpu_wakeup_latency.clone()) {
+        (Some(limit), _) => Some(limit),
+        (None, Some(text)) => humantime::parse_duration(&text)
+            .map_err(|err| problems.push(format!("cpu_wakeup_latency = \"{text}\": {err}")))
+            .ok(),
+        (None, None) => None,
+    };
     let max_request_bytes = args
         .max_request_bytes
         .or(file.max_request_bytes)
@@ -254,6 +284,7 @@ fn resolve(
         },
         grpc_addr,
         http_addr,
+        cpu_wakeup_latency,
     })
 }
 
@@ -277,6 +308,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let file = file_config(args.serving.config.as_deref())?;
     let model_repository = args.model_repository.or(file.model_repository.clone());
     let config = resolve(model_repository, args.serving, &file)?;
+    let _cpu_wakeup_latency = config.hold_cpu_wakeup_latency()?;
     let agent = Agent::new(config.options)?;
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
@@ -415,6 +447,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let sysfs_root = args.sysfs_root.or(file.sysfs_root);
 
     let model_check = config.options.model_check.clone();
+    let _cpu_wakeup_latency = config.hold_cpu_wakeup_latency()?;
     let agent = Agent::new(config.options)?;
     let recorder = Arc::clone(agent.telemetry());
     let registry = Arc::clone(agent.service().registry());

@@ -108,6 +108,24 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
     );
 }
 
+/// The agent binary with `args`, its log lines sent to the receiver.
+fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = agent_bin()
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// The real binary, configured from a TOML file, serves the quickstart model;
 /// SIGKILL stops it.
 #[tokio::test]
@@ -124,19 +142,7 @@ async fn the_binary_serves_from_a_config_file_and_dies_cleanly_on_sigkill() {
         ),
     )
     .unwrap();
-    let mut child = agent_bin()
-        .args(["serve", "--config", config.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_logging(&["serve", "--config", config.to_str().unwrap()]);
     let mut http_addr = None;
     let mut runtime_line = None;
     while http_addr.is_none() {
@@ -199,4 +205,93 @@ async fn the_binary_serves_from_a_config_file_and_dies_cleanly_on_sigkill() {
             .is_err(),
         "the port is closed"
     );
+}
+
+/// Low-latency mode: the serving agent holds a CPU wake-up latency request
+/// (`/dev/cpu_dma_latency` open, the limit in force at most its value) until
+/// it is killed; where the device cannot be opened, it refuses to start and
+/// says why. A bad value is a clear error.
+#[test]
+fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
+    fails_with(
+        &[
+            "serve",
+            "--model-repository",
+            ".",
+            "--cpu-wakeup-latency",
+            "soon",
+        ],
+        "invalid value 'soon'",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "cpu_wakeup_latency = \"3000s\"\n").unwrap();
+    fails_with(
+        &[
+            "serve",
+            "--model-repository",
+            ".",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        "too long",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    let args = [
+        "serve",
+        "--model-repository",
+        empty.path().to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--runtime",
+        "tract",
+        // The unit test in cpu_latency.rs relies on this staying above 100 µs.
+        "--cpu-wakeup-latency",
+        "900us",
+    ];
+    let permitted = std::fs::OpenOptions::new()
+        .write(true)
+        .open(edgefleet_agent::cpu_latency::PM_QOS_DEVICE);
+    if let Err(err) = permitted {
+        eprintln!("cannot open the PM QoS device here ({err}): checking the refusal");
+        fails_with(&args, "cannot limit the CPU wake-up latency");
+        return;
+    }
+    drop(permitted);
+    let (mut child, rx) = spawn_logging(&args);
+    let mut saw_mode = false;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agent logs its addresses");
+        saw_mode |= line.contains("low-latency mode") && line.contains("limit_us=900");
+        if line.contains("http=") {
+            break;
+        }
+    }
+    assert!(
+        saw_mode,
+        "the log says the low-latency mode is on, with its limit"
+    );
+    let held = |pid: u32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(Result::ok)
+                    .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                    .any(|target| target.as_os_str() == edgefleet_agent::cpu_latency::PM_QOS_DEVICE)
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        held(child.id()),
+        "the serving agent holds the PM QoS device open"
+    );
+    assert!(
+        edgefleet_agent::cpu_latency::current_limit_micros().unwrap() <= 900,
+        "the limit in force is at most the agent's 900 µs"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -13,6 +13,7 @@ use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServ
 pub struct AgentProcess {
     child: Child,
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     /// The agent's log lines, in order.
     log: std::sync::mpsc::Receiver<String>,
 }
@@ -35,11 +36,19 @@ impl AgentProcess {
         repository: &Path,
         runtime: &str,
     ) -> anyhow::Result<AgentProcess> {
-        AgentProcess::spawn(
-            agent,
-            command("serve", runtime, "--model-repository", repository),
-        )
-        .await
+        AgentProcess::start_with(agent, repository, runtime, &[]).await
+    }
+
+    /// `edgefleet-agent serve` with `extra` flags, ready to serve.
+    pub async fn start_with(
+        agent: &Path,
+        repository: &Path,
+        runtime: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<AgentProcess> {
+        let mut args = command("serve", runtime, "--model-repository", repository);
+        args.extend(extra.iter().map(OsString::from));
+        AgentProcess::spawn(agent, args).await
     }
 
     /// `edgefleet-agent run` (managed mode) on an enrolled state dir, ready
@@ -77,6 +86,7 @@ impl AgentProcess {
         let mut process = AgentProcess {
             child,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
         };
         let line = process
@@ -91,8 +101,29 @@ impl AgentProcess {
             Ok(text.parse()?)
         };
         process.grpc_addr = field("grpc=")?;
+        process.http_addr = field("http=")?;
         process.wait_ready().await?;
         Ok(process)
+    }
+
+    /// The `_sum` and `_count` of the agent's histogram `metric` for
+    /// `model`, read from its Prometheus endpoint.
+    pub fn histogram_totals(&self, metric: &str, model: &str) -> anyhow::Result<(f64, f64)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(self.http_addr)?;
+        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        let series = format!("{{model=\"{model}\",version=\"1\"}} ");
+        let value = |suffix: &str| -> anyhow::Result<f64> {
+            let prefix = format!("{metric}{suffix}{series}");
+            let line = text
+                .lines()
+                .find(|line| line.starts_with(&prefix))
+                .with_context(|| format!("no {prefix} in the agent's metrics"))?;
+            Ok(line[prefix.len()..].trim().parse()?)
+        };
+        Ok((value("_sum")?, value("_count")?))
     }
 
     /// Waits for a log line containing `needle` (lines before it are consumed).

@@ -96,67 +96,112 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          output extraction included); \
          \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (tonic client on \
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \
-         \"beyond transport\" subtracts, too, a gRPC `ServerLive` round trip on the same connection (no inference): \
-         what the agent adds to the model's own run, the figure Triton's 14–36 µs of server-side overhead compares with.\n",
+         \"ServerLive\" is a gRPC `ServerLive` round trip on the same connection (no inference): the client and \
+         HTTP/2 transport alone; \"beyond transport\" subtracts it from the overhead: what the agent adds to the \
+         model's own run, the figure Triton's 14–36 µs of server-side overhead compares with. \
+         \"agent queue\" and \"agent compute\" are means from the agent's own histograms (`/metrics`) over \
+         the same calls: how long a request waited for its model, and the model's run inside the agent. \
+         Each mode is measured with its own agent, raw runs included, one after the other: \
+         \"default\" lets idle CPUs sleep; \"low-latency\" is the agent with `--cpu-wakeup-latency 0s`, which \
+         keeps every CPU polling instead of sleeping while it runs (Linux PM QoS; more power), \
+         so that neither the agent's thread nor the client's pays a wake-up.\n",
         args.iterations
     )?;
     writeln!(
         out,
-        "| model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | beyond transport (µs) |"
+        "| mode | model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | beyond transport (µs) | agent queue mean (µs) | agent compute mean (µs) |"
     )?;
     writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
     )?;
-    let agent = AgentProcess::start(&args.agent, &args.bench_models, "onnxruntime").await?;
-    // The transport's share: a ServerLive round trip does no inference.
-    let floor = time_sequential_calls(agent.grpc_addr, None, args.iterations)?;
-    // The machine's share: a 64-byte TCP echo between two threads.
-    let tcp = tcp_round_trips(args.iterations)?;
-    for model in &BENCH_MODELS {
-        let shape = &model.shape[..model.rank];
-        let len = element_count(shape)?;
-        let values = input_values(len);
-
-        let mut run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
-        let mut raw = histogram();
-        for i in 0..(args.iterations + 300) {
-            let started = Instant::now();
-            run.once()?;
-            if i >= 300 {
-                raw.record(started.elapsed().as_micros() as u64)?;
-            }
+    let low_latency_allowed = std::fs::OpenOptions::new()
+        .write(true)
+        .open(edgefleet_agent::cpu_latency::PM_QOS_DEVICE)
+        .map_err(|err| eprintln!("low-latency mode skipped: {err}"))
+        .is_ok();
+    let mut tcp_lines = Vec::new();
+    for (mode, extra) in [
+        ("default", &[][..]),
+        ("low-latency", &["--cpu-wakeup-latency", "0s"][..]),
+    ] {
+        if !extra.is_empty() && !low_latency_allowed {
+            writeln!(
+                out,
+                "| {mode} | — | | | | | | not measured: {} cannot be opened | | | | |",
+                edgefleet_agent::cpu_latency::PM_QOS_DEVICE
+            )?;
+            continue;
         }
+        let agent =
+            AgentProcess::start_with(&args.agent, &args.bench_models, "onnxruntime", extra).await?;
+        // The transport's share: a ServerLive round trip does no inference.
+        let floor = time_sequential_calls(agent.grpc_addr, None, args.iterations)?;
+        // The machine's share: a 64-byte TCP echo between two threads.
+        let tcp = tcp_round_trips(args.iterations)?;
+        tcp_lines.push(format!(
+            "p50 {:.0} µs, p99 {:.0} µs ({mode})",
+            us(&tcp, 0.5),
+            us(&tcp, 0.99)
+        ));
+        for model in &BENCH_MODELS {
+            let shape = &model.shape[..model.rank];
+            let len = element_count(shape)?;
+            let values = input_values(len);
 
-        let request = infer_request(model.name, model.input, shape, &values);
-        let through_agent = time_sequential_calls(agent.grpc_addr, Some(request), args.iterations)?;
-        let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
-        writeln!(
-            out,
-            "| {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} |",
-            model.name,
-            us(&raw, 0.5),
-            us(&raw, 0.99),
-            us(&through_agent, 0.5),
-            us(&through_agent, 0.99),
-            delta,
-            if delta <= 50.0 { "met" } else { "missed" },
-            delta - us(&floor, 0.5)
-        )?;
+            let mut run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
+            let mut raw = histogram();
+            for i in 0..(args.iterations + 300) {
+                let started = Instant::now();
+                run.once()?;
+                if i >= 300 {
+                    raw.record(started.elapsed().as_micros() as u64)?;
+                }
+            }
+
+            let request = infer_request(model.name, model.input, shape, &values);
+            let in_agent_before = in_agent_totals(&agent, model.name)?;
+            let through_agent =
+                time_sequential_calls(agent.grpc_addr, Some(request), args.iterations)?;
+            let in_agent_after = in_agent_totals(&agent, model.name)?;
+            let mean_us = |(before_sum, before_count): (f64, f64),
+                           (after_sum, after_count): (f64, f64)| {
+                (after_sum - before_sum) / (after_count - before_count).max(1.0) * 1e6
+            };
+            let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
+            writeln!(
+                out,
+                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                model.name,
+                us(&raw, 0.5),
+                us(&raw, 0.99),
+                us(&through_agent, 0.5),
+                us(&through_agent, 0.99),
+                delta,
+                if delta <= 50.0 { "met" } else { "missed" },
+                us(&floor, 0.5),
+                delta - us(&floor, 0.5),
+                mean_us(in_agent_before.0, in_agent_after.0),
+                mean_us(in_agent_before.1, in_agent_after.1),
+            )?;
+        }
     }
     writeln!(
         out,
-        "\nFor scale, a gRPC `ServerLive` round trip (no inference, same client and connection) takes p50 {:.0} µs, \
-         p99 {:.0} µs here: that much of the overhead is the client and HTTP/2 transport alone. Under it, a \
-         64-byte TCP echo between two threads of the benchmark process (blocking sockets, no gRPC) takes p50 \
-         {:.0} µs, p99 {:.0} µs: the kernel's share of a loopback round trip. The rest of the `ServerLive` time is \
-         the HTTP/2 stacks of client and server and waking two processes.",
-        us(&floor, 0.5),
-        us(&floor, 0.99),
-        us(&tcp, 0.5),
-        us(&tcp, 0.99)
+        "\nUnder the `ServerLive` round trip, a 64-byte TCP echo between two threads of the benchmark process \
+         (blocking sockets, no gRPC) takes {}: the kernel's share of a loopback round trip. The rest of the \
+         `ServerLive` time is the HTTP/2 stacks of client and server and waking two processes.",
+        tcp_lines.join("; ")
     )?;
     Ok(out)
+}
+
+/// The agent's (queue, compute) histogram totals for `model`.
+fn in_agent_totals(agent: &AgentProcess, model: &str) -> anyhow::Result<((f64, f64), (f64, f64))> {
+    Ok((
+        agent.histogram_totals("edgefleet_inference_queue_seconds", model)?,
+        agent.histogram_totals("edgefleet_inference_compute_seconds", model)?,
+    ))
 }
 
 /// Times `iterations` (after 300 of warm-up) 64-byte round trips to a TCP
