@@ -251,15 +251,11 @@ fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
         "--cpu-wakeup-latency",
         "900us",
     ];
-    let permitted = std::fs::OpenOptions::new()
-        .write(true)
-        .open(edgefleet_agent::cpu_latency::PM_QOS_DEVICE);
-    if let Err(err) = permitted {
+    if let Err(err) = edgefleet_agent::cpu_latency::may_hold() {
         eprintln!("cannot open the PM QoS device here ({err}): checking the refusal");
         fails_with(&args, "cannot limit the CPU wake-up latency");
         return;
     }
-    drop(permitted);
     let (mut child, rx) = spawn_logging(&args);
     let mut saw_mode = false;
     loop {

@@ -29,6 +29,19 @@ fn command(subcommand: &str, runtime: &str, flag: &str, dir: &Path) -> Vec<OsStr
     ]
 }
 
+/// A Prometheus histogram's running `_sum` (seconds) and `_count`.
+pub struct HistogramTotals {
+    sum: f64,
+    count: f64,
+}
+
+impl HistogramTotals {
+    /// The mean of the observations made since `before`, in microseconds.
+    pub fn mean_micros_since(&self, before: &HistogramTotals) -> f64 {
+        (self.sum - before.sum) / (self.count - before.count).max(1.0) * 1e6
+    }
+}
+
 impl AgentProcess {
     /// `edgefleet-agent serve` on a model repository, ready to serve.
     pub async fn start(
@@ -108,7 +121,7 @@ impl AgentProcess {
 
     /// The `_sum` and `_count` of the agent's histogram `metric` for
     /// `model`, read from its Prometheus endpoint.
-    pub fn histogram_totals(&self, metric: &str, model: &str) -> anyhow::Result<(f64, f64)> {
+    pub fn histogram_totals(&self, metric: &str, model: &str) -> anyhow::Result<HistogramTotals> {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(self.http_addr)?;
         stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
@@ -123,7 +136,10 @@ impl AgentProcess {
                 .with_context(|| format!("no {prefix} in the agent's metrics"))?;
             Ok(line[prefix.len()..].trim().parse()?)
         };
-        Ok((value("_sum")?, value("_count")?))
+        Ok(HistogramTotals {
+            sum: value("_sum")?,
+            count: value("_count")?,
+        })
     }
 
     /// Waits for a log line containing `needle` (lines before it are consumed).

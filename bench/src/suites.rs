@@ -115,9 +115,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         out,
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
     )?;
-    let low_latency_allowed = std::fs::OpenOptions::new()
-        .write(true)
-        .open(edgefleet_agent::cpu_latency::PM_QOS_DEVICE)
+    let low_latency_allowed = edgefleet_agent::cpu_latency::may_hold()
         .map_err(|err| eprintln!("low-latency mode skipped: {err}"))
         .is_ok();
     let mut tcp_lines = Vec::new();
@@ -160,14 +158,18 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             }
 
             let request = infer_request(model.name, model.input, shape, &values);
-            let in_agent_before = in_agent_totals(&agent, model.name)?;
+            let queue = "edgefleet_inference_queue_seconds";
+            let compute = "edgefleet_inference_compute_seconds";
+            let queue_before = agent.histogram_totals(queue, model.name)?;
+            let compute_before = agent.histogram_totals(compute, model.name)?;
             let through_agent =
                 time_sequential_calls(agent.grpc_addr, Some(request), args.iterations)?;
-            let in_agent_after = in_agent_totals(&agent, model.name)?;
-            let mean_us = |(before_sum, before_count): (f64, f64),
-                           (after_sum, after_count): (f64, f64)| {
-                (after_sum - before_sum) / (after_count - before_count).max(1.0) * 1e6
-            };
+            let queue_mean = agent
+                .histogram_totals(queue, model.name)?
+                .mean_micros_since(&queue_before);
+            let compute_mean = agent
+                .histogram_totals(compute, model.name)?
+                .mean_micros_since(&compute_before);
             let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
             writeln!(
                 out,
@@ -181,8 +183,8 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                 if delta <= 50.0 { "met" } else { "missed" },
                 us(&floor, 0.5),
                 delta - us(&floor, 0.5),
-                mean_us(in_agent_before.0, in_agent_after.0),
-                mean_us(in_agent_before.1, in_agent_after.1),
+                queue_mean,
+                compute_mean,
             )?;
         }
     }
@@ -194,14 +196,6 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         tcp_lines.join("; ")
     )?;
     Ok(out)
-}
-
-/// The agent's (queue, compute) histogram totals for `model`.
-fn in_agent_totals(agent: &AgentProcess, model: &str) -> anyhow::Result<((f64, f64), (f64, f64))> {
-    Ok((
-        agent.histogram_totals("edgefleet_inference_queue_seconds", model)?,
-        agent.histogram_totals("edgefleet_inference_compute_seconds", model)?,
-    ))
 }
 
 /// Times `iterations` (after 300 of warm-up) 64-byte round trips to a TCP
