@@ -47,6 +47,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     queue_seconds: Family<VersionLabels, Histogram, fn() -> Histogram>,
     compute_seconds: Family<VersionLabels, Histogram, fn() -> Histogram>,
+    request_seconds: Family<VersionLabels, Histogram, fn() -> Histogram>,
     batch_size: Family<VersionLabels, Histogram, fn() -> Histogram>,
     queue_depth: Family<VersionLabels, Gauge>,
     model_ready: Family<VersionLabels, Gauge>,
@@ -67,6 +68,7 @@ impl Metrics {
         let errors = Family::<ErrorLabels, Counter>::default();
         let queue_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let compute_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let request_seconds = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         let batch_size = Family::new_with_constructor(batch_histogram as fn() -> Histogram);
         let queue_depth = Family::<VersionLabels, Gauge>::default();
         let model_ready = Family::<VersionLabels, Gauge>::default();
@@ -91,6 +93,11 @@ impl Metrics {
             "inference_compute_seconds",
             "Time the runtime took per batch",
             compute_seconds.clone(),
+        );
+        registry.register(
+            "inference_request_seconds",
+            "Time from a request reaching its model version to its answer (queue and compute included)",
+            request_seconds.clone(),
         );
         registry.register(
             "inference_batch_size",
@@ -123,6 +130,7 @@ impl Metrics {
             errors,
             queue_seconds,
             compute_seconds,
+            request_seconds,
             batch_size,
             queue_depth,
             model_ready,
@@ -141,6 +149,7 @@ impl Metrics {
             requests: self.requests.get_or_create(&labels).clone(),
             queue_seconds: self.queue_seconds.get_or_create(&labels).clone(),
             compute_seconds: self.compute_seconds.get_or_create(&labels).clone(),
+            request_seconds: self.request_seconds.get_or_create(&labels).clone(),
             batch_size: self.batch_size.get_or_create(&labels).clone(),
             queue_depth: self.queue_depth.get_or_create(&labels).clone(),
             ready: self.model_ready.get_or_create(&labels).clone(),
@@ -191,6 +200,7 @@ pub struct VersionMetrics {
     pub requests: Counter,
     pub queue_seconds: Histogram,
     pub compute_seconds: Histogram,
+    pub request_seconds: Histogram,
     pub batch_size: Histogram,
     pub queue_depth: Gauge,
     pub ready: Gauge,

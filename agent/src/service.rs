@@ -271,7 +271,7 @@ struct RequestOutcome {
 impl RequestOutcome {
     fn finish(&mut self, ok: bool) {
         if let Some(version) = self.version.take() {
-            version.telemetry().record_local(self.started.elapsed(), ok);
+            version.record_request(self.started.elapsed(), ok);
         }
     }
 }

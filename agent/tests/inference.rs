@@ -528,6 +528,27 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
         "model=\"mlp\"",
     );
     assert_eq!(requests, 36.0);
+    // Batches are timed once per run; each request's own time in the agent once per request.
+    let timed = metric_value(
+        &metrics,
+        "edgefleet_inference_request_seconds_count",
+        "model=\"mlp\"",
+    );
+    assert_eq!(timed, requests, "one request duration per mlp request");
+    let waited = metric_value(
+        &metrics,
+        "edgefleet_inference_request_seconds_sum",
+        "model=\"mlp\"",
+    );
+    let queued = metric_value(
+        &metrics,
+        "edgefleet_inference_queue_seconds_sum",
+        "model=\"mlp\"",
+    );
+    assert!(
+        waited >= queued,
+        "requests spent {waited} s in the agent but {queued} s in the queue alone"
+    );
     assert!(
         batches < requests,
         "mlp requests were never batched: {batches} runs for {requests} requests"

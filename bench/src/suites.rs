@@ -99,8 +99,9 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          \"ServerLive\" is a gRPC `ServerLive` round trip on the same connection (no inference): the client and \
          HTTP/2 transport alone; \"beyond transport\" subtracts it from the overhead: what the agent adds to the \
          model's own run, the figure Triton's 14–36 µs of server-side overhead compares with. \
-         \"agent queue\" and \"agent compute\" are means from the agent's own histograms (`/metrics`) over \
-         the same calls: how long a request waited for its model, and the model's run inside the agent. \
+         \"agent request\", \"agent queue\" and \"agent compute\" are means from the agent's own histograms \
+         (`/metrics`) over the same calls: a request's time from reaching its model to its answer, how long \
+         it waited for the model, and the model's run inside the agent. \
          Each mode is measured with its own agent, raw runs included, one after the other: \
          \"default\" lets idle CPUs sleep; \"low-latency\" is the agent with `--cpu-wakeup-latency 0s`, which \
          keeps every CPU polling instead of sleeping while it runs (Linux PM QoS; more power), \
@@ -109,11 +110,11 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "| mode | model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | beyond transport (µs) | agent queue mean (µs) | agent compute mean (µs) |"
+        "| mode | model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | beyond transport (µs) | agent request mean (µs) | agent queue mean (µs) | agent compute mean (µs) |"
     )?;
     writeln!(
         out,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let low_latency_allowed = edgefleet_agent::cpu_latency::may_hold()
         .map_err(|err| eprintln!("low-latency mode skipped: {err}"))
@@ -126,7 +127,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         if !extra.is_empty() && !low_latency_allowed {
             writeln!(
                 out,
-                "| {mode} | — | | | | | | not measured: {} cannot be opened | | | | |",
+                "| {mode} | — | | | | | | not measured: {} cannot be opened | | | | | |",
                 edgefleet_agent::cpu_latency::PM_QOS_DEVICE
             )?;
             continue;
@@ -158,22 +159,35 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             }
 
             let request = infer_request(model.name, model.input, shape, &values);
-            let queue = "edgefleet_inference_queue_seconds";
-            let compute = "edgefleet_inference_compute_seconds";
-            let queue_before = agent.histogram_totals(queue, model.name)?;
-            let compute_before = agent.histogram_totals(compute, model.name)?;
+
+            // The agent's own view of the same calls, from its /metrics histograms.
+            let histograms = [
+                "edgefleet_inference_request_seconds",
+                "edgefleet_inference_queue_seconds",
+                "edgefleet_inference_compute_seconds",
+            ];
+            let before = histograms
+                .iter()
+                .map(|name| agent.histogram_totals(name, model.name))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let through_agent =
                 time_sequential_calls(agent.grpc_addr, Some(request), args.iterations)?;
-            let queue_mean = agent
-                .histogram_totals(queue, model.name)?
-                .mean_micros_since(&queue_before);
-            let compute_mean = agent
-                .histogram_totals(compute, model.name)?
-                .mean_micros_since(&compute_before);
+            let means = histograms
+                .iter()
+                .zip(&before)
+                .map(|(name, before)| {
+                    Ok(agent
+                        .histogram_totals(name, model.name)?
+                        .mean_micros_since(before))
+                })
+                .collect::<anyhow::Result<Vec<f64>>>()?;
+            let [request_mean, queue_mean, compute_mean] = means[..] else {
+                unreachable!("three histograms read")
+            };
             let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
             writeln!(
                 out,
-                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 model.name,
                 us(&raw, 0.5),
                 us(&raw, 0.99),
@@ -183,6 +197,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                 if delta <= 50.0 { "met" } else { "missed" },
                 us(&floor, 0.5),
                 delta - us(&floor, 0.5),
+                request_mean,
                 queue_mean,
                 compute_mean,
             )?;
