@@ -232,6 +232,8 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
              target allows client, transport and agent together ({}).",
             if least > 50.0 {
                 "over it before the agent does anything"
+            } else if most > 50.0 {
+                "over it for some models and modes before the agent does anything"
             } else {
                 "the agent's share must fit in the rest"
             }
