@@ -189,6 +189,23 @@ fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
+/// A duration from its flag (or environment variable), else from the config
+/// file's `key`; an unparsable file value is noted in `problems`.
+fn duration_setting(
+    flag: Option<Duration>,
+    file: Option<&str>,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<Duration> {
+    match (flag, file) {
+        (Some(duration), _) => Some(duration),
+        (None, Some(text)) => humantime::parse_duration(text)
+            .map_err(|err| problems.push(format!("{key} = \"{text}\": {err}")))
+            .ok(),
+        (None, None) => None,
+    }
+}
+
 /// Flags, then environment (both through clap), then the file, then defaults.
 /// Reports every problem at once.
 fn resolve(
@@ -233,24 +250,19 @@ fn resolve(
         "http_addr",
         &mut problems,
     );
-    let poll = match (
+    let poll = duration_setting(
         args.repository_poll_interval,
-        file.repository_poll_interval.clone(),
-    ) {
-        (Some(interval), _) => interval,
-        (None, Some(text)) => humantime::parse_duration(&text).unwrap_or_else(|err| {
-            problems.push(format!("repository_poll_interval = \"{text}\": {err}"));
-            DEFAULT_REPOSITORY_POLL_INTERVAL
-        }),
-        (None, None) => DEFAULT_REPOSITORY_POLL_INTERVAL,
-    };
-    let cpu_wakeup_latency = match (args.cpu_wakeup_latency, file.cpu_wakeup_latency.clone()) {
-        (Some(limit), _) => Some(limit),
-        (None, Some(text)) => humantime::parse_duration(&text)
-            .map_err(|err| problems.push(format!("cpu_wakeup_latency = \"{text}\": {err}")))
-            .ok(),
-        (None, None) => None,
-    };
+        file.repository_poll_interval.as_deref(),
+        "repository_poll_interval",
+        &mut problems,
+    )
+    .unwrap_or(DEFAULT_REPOSITORY_POLL_INTERVAL);
+    let cpu_wakeup_latency = duration_setting(
+        args.cpu_wakeup_latency,
+        file.cpu_wakeup_latency.as_deref(),
+        "cpu_wakeup_latency",
+        &mut problems,
+    );
     let max_request_bytes = args
         .max_request_bytes
         .or(file.max_request_bytes)

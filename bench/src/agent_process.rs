@@ -36,6 +36,23 @@ pub struct HistogramTotals {
 }
 
 impl HistogramTotals {
+    /// The totals of histogram `metric` for version 1 of `model`, from the
+    /// agent's `metrics` text.
+    pub fn read(metrics: &str, metric: &str, model: &str) -> anyhow::Result<HistogramTotals> {
+        let value = |suffix: &str| -> anyhow::Result<f64> {
+            let prefix = format!("{metric}{suffix}{{model=\"{model}\",version=\"1\"}} ");
+            let line = metrics
+                .lines()
+                .find(|line| line.starts_with(&prefix))
+                .with_context(|| format!("no {prefix} in the agent's metrics"))?;
+            Ok(line[prefix.len()..].trim().parse()?)
+        };
+        Ok(HistogramTotals {
+            sum: value("_sum")?,
+            count: value("_count")?,
+        })
+    }
+
     /// The mean of the observations made since `before`, in microseconds.
     pub fn mean_micros_since(&self, before: &HistogramTotals) -> f64 {
         (self.sum - before.sum) / (self.count - before.count).max(1.0) * 1e6
@@ -119,27 +136,13 @@ impl AgentProcess {
         Ok(process)
     }
 
-    /// The `_sum` and `_count` of the agent's histogram `metric` for
-    /// `model`, read from its Prometheus endpoint.
-    pub fn histogram_totals(&self, metric: &str, model: &str) -> anyhow::Result<HistogramTotals> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(self.http_addr)?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        let series = format!("{{model=\"{model}\",version=\"1\"}} ");
-        let value = |suffix: &str| -> anyhow::Result<f64> {
-            let prefix = format!("{metric}{suffix}{series}");
-            let line = text
-                .lines()
-                .find(|line| line.starts_with(&prefix))
-                .with_context(|| format!("no {prefix} in the agent's metrics"))?;
-            Ok(line[prefix.len()..].trim().parse()?)
-        };
-        Ok(HistogramTotals {
-            sum: value("_sum")?,
-            count: value("_count")?,
-        })
+    /// The agent's metrics, in the Prometheus text format.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("http://{}/metrics", self.http_addr))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     /// Waits for a log line containing `needle` (lines before it are consumed).

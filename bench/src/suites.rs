@@ -15,7 +15,7 @@ use edgefleet_proto::inference as pb;
 use hdrhistogram::Histogram;
 
 use crate::Args;
-use crate::agent_process::AgentProcess;
+use crate::agent_process::{AgentProcess, HistogramTotals};
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
@@ -172,29 +172,17 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
 
             let request = infer_request(model.name, model.input, shape, &values);
             // The agent's own view of the same calls, from its /metrics histograms.
-            let histograms = [
-                "edgefleet_inference_request_seconds",
-                "edgefleet_inference_queue_seconds",
-                "edgefleet_inference_compute_seconds",
-            ];
-            let before = histograms
-                .iter()
-                .map(|name| agent.histogram_totals(name, model.name))
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let before = agent.metrics().await?;
             let through_agent =
                 time_sequential_calls(agent.grpc_addr, Call::Infer(request), args.iterations)?;
-            let means = histograms
-                .iter()
-                .zip(&before)
-                .map(|(name, before)| {
-                    Ok(agent
-                        .histogram_totals(name, model.name)?
-                        .mean_micros_since(before))
-                })
-                .collect::<anyhow::Result<Vec<f64>>>()?;
-            let [request_mean, queue_mean, compute_mean] = means[..] else {
-                unreachable!("three histograms read")
+            let after = agent.metrics().await?;
+            let mean = |metric: &str| -> anyhow::Result<f64> {
+                let since = HistogramTotals::read(&before, metric, model.name)?;
+                Ok(HistogramTotals::read(&after, metric, model.name)?.mean_micros_since(&since))
             };
+            let request_mean = mean("edgefleet_inference_request_seconds")?;
+            let queue_mean = mean("edgefleet_inference_queue_seconds")?;
+            let compute_mean = mean("edgefleet_inference_compute_seconds")?;
             let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
             writeln!(
                 out,

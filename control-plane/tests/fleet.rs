@@ -478,7 +478,9 @@ fn agents_reconnect_spread_out_within_a_minute_after_an_outage() {
             .map(|d| {
                 (
                     d["id"].as_str().unwrap().to_string(),
-                    d["last_seen_unix_ms"].as_u64().unwrap_or_default(),
+                    d["last_seen_unix_ms"]
+                        .as_u64()
+                        .expect("an online device has last_seen_unix_ms"),
                 )
             })
             .collect()
