@@ -689,3 +689,25 @@ on_both_runtimes!(
     concurrent_requests_are_batched_and_each_gets_its_own_answer,
     a_full_queue_answers_resource_exhausted_and_503,
 );
+
+/// ONNX Runtime's pool threads carry their own name, not the name of the
+/// tokio worker that built the session, so `top -H` and `perf` tell them apart.
+#[tokio::test(flavor = "multi_thread")]
+async fn onnxruntime_pool_threads_carry_their_name() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp")
+        .config("mlp", "intra_op_threads = 2\n");
+    let agent = agent(repo.path(), RuntimeChoice::Onnxruntime).start().await;
+    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(
+        names
+            .iter()
+            .any(|name| name == edgefleet_agent::runtime::ONNXRUNTIME_THREAD_NAME),
+        "threads: {names:?}"
+    );
+    agent.stop().await;
+}

@@ -98,8 +98,10 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \
          \"ServerLive\" is a gRPC `ServerLive` round trip to the same agent (no inference): the client and \
          HTTP/2 transport alone. \"ServerLive after a run\" is the same round trip timed right after the client \
-         ran the model once itself (raw, untimed): still no inference in the agent, but the run has been through \
-         both CPUs' caches, as the agent's own run has when its answer goes back. \"beyond transport\" is the \
+         ran the model once itself (raw, timed apart): still no inference in the agent, but the run has been through \
+         both CPUs' caches, as the agent's own run has when its answer goes back. \"raw between round trips\" \
+         is that raw run: the same `Session::run` as \"raw\", but with a round trip between runs, as every run \
+         of a served model has. \"beyond transport\" is the \
          overhead minus that: what the agent adds to the model's run and the transport, the figure Triton's \
          14–36 µs of server-side overhead compares with. \
          \"agent request\", \"agent queue\" and \"agent compute\" are means from the agent's own histograms \
@@ -113,17 +115,18 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "| mode | model | raw p50 (µs) | raw p99 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | ServerLive after a run p50 (µs) | beyond transport (µs) | agent request mean (µs) | agent queue mean (µs) | agent compute mean (µs) |"
+        "| mode | model | raw p50 (µs) | raw p99 (µs) | raw between round trips p50 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | ServerLive after a run p50 (µs) | beyond transport (µs) | agent request mean (µs) | agent queue mean (µs) | agent compute mean (µs) |"
     )?;
     writeln!(
         out,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let low_latency_allowed = edgefleet_agent::cpu_latency::may_hold()
         .map_err(|err| eprintln!("low-latency mode skipped: {err}"))
         .is_ok();
     let mut tcp_lines = Vec::new();
     let mut transport_after_run = Vec::new();
+    let mut run_slowdown = Vec::new();
     for (mode, extra) in [
         ("default", &[][..]),
         ("low-latency", &["--cpu-wakeup-latency", "0s"][..]),
@@ -131,7 +134,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         if !extra.is_empty() && !low_latency_allowed {
             writeln!(
                 out,
-                "| {mode} | — | | | | | | not measured: {} cannot be opened | | | | | | |",
+                "| {mode} | — | | | | | | | not measured: {} cannot be opened | | | | | | |",
                 edgefleet_agent::cpu_latency::PM_QOS_DEVICE
             )?;
             continue;
@@ -139,7 +142,8 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         let agent =
             AgentProcess::start_with(&args.agent, &args.bench_models, "onnxruntime", extra).await?;
         // The transport's share: a ServerLive round trip does no inference.
-        let floor = time_sequential_calls(agent.grpc_addr, Call::ServerLive, args.iterations)?;
+        let floor =
+            time_sequential_calls(agent.grpc_addr, Call::ServerLive, args.iterations)?.calls;
         // The machine's share: a 64-byte TCP echo between two threads.
         let tcp = tcp_round_trips(args.iterations)?;
         tcp_lines.push(format!(
@@ -162,19 +166,25 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                 }
             }
 
-            // The transport once this model's run has been through the caches.
-            let floor_after_run = time_sequential_calls(
+            // The transport once this model's run has been through the caches,
+            // and the run itself when a round trip comes between runs.
+            let SequentialTimings {
+                calls: floor_after_run,
+                runs: raw_between_round_trips,
+            } = time_sequential_calls(
                 agent.grpc_addr,
                 Call::ServerLiveAfter(run),
                 args.iterations,
             )?;
             transport_after_run.push(us(&floor_after_run, 0.5));
+            run_slowdown.push(us(&raw_between_round_trips, 0.5) - us(&raw, 0.5));
 
             let request = infer_request(model.name, model.input, shape, &values);
             // The agent's own view of the same calls, from its /metrics histograms.
             let before = agent.metrics().await?;
             let through_agent =
-                time_sequential_calls(agent.grpc_addr, Call::Infer(request), args.iterations)?;
+                time_sequential_calls(agent.grpc_addr, Call::Infer(request), args.iterations)?
+                    .calls;
             let after = agent.metrics().await?;
             let mean = |metric: &str| -> anyhow::Result<f64> {
                 let since = HistogramTotals::read(&before, metric, model.name)?;
@@ -186,10 +196,11 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
             writeln!(
                 out,
-                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 model.name,
                 us(&raw, 0.5),
                 us(&raw, 0.99),
+                us(&raw_between_round_trips, 0.5),
                 us(&through_agent, 0.5),
                 us(&through_agent, 0.99),
                 delta,
@@ -225,6 +236,17 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             } else {
                 "the agent's share must fit in the rest"
             }
+        )?;
+    }
+    if let (Some(least), Some(most)) = (
+        run_slowdown.iter().copied().reduce(f64::min),
+        run_slowdown.iter().copied().reduce(f64::max),
+    ) {
+        writeln!(
+            out,
+            "\nThe raw run itself, with a round trip between runs instead of back to back, takes {least:.0} to \
+             {most:.0} µs more at p50 (compare \"agent compute mean\", the same run inside the agent): part of \
+             the overhead is the model's run in the conditions any served request has, not code in the agent."
         )?;
     }
     Ok(out)
@@ -266,14 +288,25 @@ fn tcp_round_trips(iterations: usize) -> anyhow::Result<Histogram<u64>> {
     Ok(timings)
 }
 
+/// What [`time_sequential_calls`] measured.
+struct SequentialTimings {
+    /// The timed calls.
+    calls: Histogram<u64>,
+    /// For [`Call::ServerLiveAfter`], the untimed-by-`calls` model runs
+    /// between them; empty otherwise.
+    runs: Histogram<u64>,
+}
+
 /// What [`time_sequential_calls`] times.
 enum Call {
     /// `ModelInfer` with this request.
     Infer(pb::ModelInferRequest),
     /// `ServerLive`: the client and transport alone.
     ServerLive,
-    /// `ServerLive` right after a raw run of a model in the client's thread,
-    /// untimed: the transport with the caches as a model's run leaves them.
+    /// `ServerLive` right after a raw run of a model in the client's thread
+    /// (timed apart, into [`SequentialTimings::runs`]): the transport with the
+    /// caches as a model's run leaves them, and the run with a round trip
+    /// between runs, as a served model's runs always have.
     ServerLiveAfter(RawRun<'static>),
 }
 
@@ -284,17 +317,22 @@ fn time_sequential_calls(
     addr: std::net::SocketAddr,
     mut call: Call,
     iterations: usize,
-) -> anyhow::Result<Histogram<u64>> {
-    let client_thread = std::thread::spawn(move || -> anyhow::Result<Histogram<u64>> {
+) -> anyhow::Result<SequentialTimings> {
+    let client_thread = std::thread::spawn(move || -> anyhow::Result<SequentialTimings> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         runtime.block_on(async move {
             let mut client = AgentProcess::client_for(addr).await?;
-            let mut timings = histogram();
+            let mut calls = histogram();
+            let mut runs = histogram();
             for i in 0..(iterations + 300) {
                 if let Call::ServerLiveAfter(run) = &mut call {
+                    let started = Instant::now();
                     run.once()?;
+                    if i >= 300 {
+                        runs.record(started.elapsed().as_micros() as u64)?;
+                    }
                 }
                 let started = Instant::now();
                 match &call {
@@ -306,10 +344,10 @@ fn time_sequential_calls(
                     }
                 }
                 if i >= 300 {
-                    timings.record(started.elapsed().as_micros() as u64)?;
+                    calls.record(started.elapsed().as_micros() as u64)?;
                 }
             }
-            Ok(timings)
+            Ok(SequentialTimings { calls, runs })
         })
     });
     client_thread

@@ -18,6 +18,15 @@ use serde_json::{Value, json};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
+/// `println!` that returns the write error instead of panicking, so a closed pipe
+/// (`edgefleet devices list | head -1`) ends the command quietly; see [`is_broken_pipe`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout(), $($arg)*)?
+    }};
+}
+
 mod rollouts;
 
 /// Where `edgefleet-server serve` listens for operators by default.
@@ -301,7 +310,7 @@ fn device_json(device: &pb::Device) -> Value {
 }
 
 fn print_json(value: &Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
@@ -314,7 +323,7 @@ fn device_models(device: &pb::Device) -> String {
         .join(",")
 }
 
-fn print_device_table(devices: &[pb::Device]) {
+fn print_device_table(devices: &[pb::Device]) -> anyhow::Result<()> {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header([
         "ID",
@@ -339,10 +348,11 @@ fn print_device_table(devices: &[pb::Device]) {
             device.errors_total.to_string(),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
+    Ok(())
 }
 
-fn print_device_detail(device: &pb::Device) {
+fn print_device_detail(device: &pb::Device) -> anyhow::Result<()> {
     let inventory = device.inventory.clone().unwrap_or_default();
     let mut rows: Vec<(&str, String)> = vec![
         ("id", device.id.clone()),
@@ -424,7 +434,8 @@ fn print_device_detail(device: &pb::Device) {
     for (key, value) in rows {
         table.add_row([key.to_string(), value]);
     }
-    println!("{table}");
+    outln!("{table}");
+    Ok(())
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -473,7 +484,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }))?;
                 }
                 Output::Table => {
-                    println!("{}", token.token);
+                    outln!("{}", token.token);
                     eprintln!(
                         "join token {} for {} device(s), expires {}; enroll with:\n  edgefleet-agent enroll --server https://<this-server>:<agent-port> --token <token> --state-dir /var/lib/edgefleet",
                         token.id,
@@ -504,7 +515,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Json => {
                     print_json(&Value::Array(devices.iter().map(device_json).collect()))?
                 }
-                Output::Table => print_device_table(&devices),
+                Output::Table => print_device_table(&devices)?,
             }
         }
         Command::Devices(DevicesCommand::Get { id }) => {
@@ -517,7 +528,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             match cli.output {
                 Output::Json => print_json(&device_json(&device))?,
-                Output::Table => print_device_detail(&device),
+                Output::Table => print_device_detail(&device)?,
             }
         }
         Command::Models(command) => models(&cli, command).await?,
@@ -531,7 +542,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             match cli.output {
                 Output::Json => print_json(&device_json(&device))?,
-                Output::Table => println!("device {} revoked", device.id),
+                Output::Table => outln!("device {} revoked", device.id),
             }
         }
         Command::Devices(DevicesCommand::Label { id, set, remove }) => {
@@ -560,7 +571,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .into_inner();
             match cli.output {
                 Output::Json => print_json(&device_json(&device))?,
-                Output::Table => println!(
+                Output::Table => outln!(
                     "device {} labels: {}",
                     device.id,
                     format_labels(&device.labels)
@@ -636,7 +647,7 @@ fn model_json(model: &pb::Model) -> Value {
     })
 }
 
-fn print_model_table(models: &[pb::Model]) {
+fn print_model_table(models: &[pb::Model]) -> anyhow::Result<()> {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header([
         "NAME",
@@ -664,10 +675,11 @@ fn print_model_table(models: &[pb::Model]) {
             format_ago(model.created_unix_ms),
         ]);
     }
-    println!("{table}");
+    outln!("{table}");
+    Ok(())
 }
 
-fn print_model_detail(model: &pb::Model) {
+fn print_model_detail(model: &pb::Model) -> anyhow::Result<()> {
     let tensors = |list: &[pb::TensorInfo]| {
         list.iter()
             .map(format_tensor)
@@ -712,7 +724,8 @@ fn print_model_detail(model: &pb::Model) {
     for (key, value) in rows {
         table.add_row([key.to_string(), value]);
     }
-    println!("{table}");
+    outln!("{table}");
+    Ok(())
 }
 
 /// Upload progress on stderr: bytes, rate, ETA. Hidden for JSON output and
@@ -839,7 +852,7 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
                         format_bytes(model.size_bytes),
                         model.sha256
                     );
-                    print_model_detail(&model);
+                    print_model_detail(&model)?;
                 }
             }
         }
@@ -859,7 +872,7 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
                 .models;
             match cli.output {
                 Output::Json => print_json(&Value::Array(models.iter().map(model_json).collect()))?,
-                Output::Table => print_model_table(&models),
+                Output::Table => print_model_table(&models)?,
             }
         }
         ModelsCommand::Get { model } => {
@@ -873,7 +886,7 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
                 .into_inner();
             match cli.output {
                 Output::Json => print_json(&model_json(&model))?,
-                Output::Table => print_model_detail(&model),
+                Output::Table => print_model_detail(&model)?,
             }
         }
         ModelsCommand::Delete { model } => {
@@ -894,7 +907,7 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
                 Output::Json => {
                     print_json(&json!({ "name": name, "version": version, "deleted": true }))?
                 }
-                Output::Table => println!("model {name}@{version} deleted"),
+                Output::Table => outln!("model {name}@{version} deleted"),
             }
         }
     }
@@ -910,11 +923,22 @@ fn main() -> ExitCode {
         .and_then(|rt| rt.block_on(run(cli)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`| head`): nothing is lost and nothing to report.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("edgefleet: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error comes from writing to a pipe whose reader has closed.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 #[cfg(test)]

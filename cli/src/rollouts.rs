@@ -197,10 +197,10 @@ fn summary(r: &pb::Rollout) -> String {
     )
 }
 
-fn print_rollout(r: &pb::Rollout) {
-    println!("{}", summary(r));
+fn print_rollout(r: &pb::Rollout) -> anyhow::Result<()> {
+    outln!("{}", summary(r));
     if !r.reason.is_empty() {
-        println!("reason: {}", r.reason);
+        outln!("reason: {}", r.reason);
     }
     if !r.devices.is_empty() {
         let mut table = Table::new();
@@ -216,10 +216,10 @@ fn print_rollout(r: &pb::Rollout) {
                 d.reason.clone(),
             ]);
         }
-        println!("{table}");
+        outln!("{table}");
     }
     for e in &r.events {
-        println!(
+        outln!(
             "{}  {:<20} {:<12} {}",
             format_time(e.unix_ms),
             e.actor,
@@ -227,6 +227,7 @@ fn print_rollout(r: &pb::Rollout) {
             e.message
         );
     }
+    Ok(())
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<RolloutServiceClient<Channel>> {
@@ -255,7 +256,7 @@ async fn watch(cli: &Cli, id: &str) -> anyhow::Result<bool> {
     while let Some(rollout) = stream.message().await.map_err(status_error)? {
         let counts = rollout.counts.unwrap_or_default();
         match (&bar, cli.output) {
-            (_, Output::Json) => println!("{}", rollout_json(&rollout)),
+            (_, Output::Json) => outln!("{}", rollout_json(&rollout)),
             (Some(bar), _) => {
                 bar.set_length(u64::from(counts.targeted));
                 bar.set_position(u64::from(
@@ -279,9 +280,9 @@ async fn watch(cli: &Cli, id: &str) -> anyhow::Result<bool> {
         bail!("the server ended the watch without a rollout");
     };
     if cli.output == Output::Table {
-        println!("{}", summary(&last));
+        outln!("{}", summary(&last));
         if !last.reason.is_empty() {
-            println!("reason: {}", last.reason);
+            outln!("reason: {}", last.reason);
         }
     }
     Ok(last.state == "succeeded")
@@ -291,10 +292,7 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
     let show = |rollout: &pb::Rollout| -> anyhow::Result<()> {
         match cli.output {
             Output::Json => print_json(&rollout_json(rollout)),
-            Output::Table => {
-                print_rollout(rollout);
-                Ok(())
-            }
+            Output::Table => print_rollout(rollout),
         }
     };
     match command {
@@ -344,7 +342,7 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                 .into_inner();
             if *then_watch {
                 if cli.output == Output::Table {
-                    println!("{}", rollout.id);
+                    outln!("{}", rollout.id);
                 }
                 if !watch(cli, &rollout.id).await? {
                     bail!("rollout {} did not succeed", rollout.id);
@@ -383,7 +381,7 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                 }
                 Output::Table => {
                     for rollout in &rollouts {
-                        println!("{}", summary(rollout));
+                        outln!("{}", summary(rollout));
                     }
                 }
             }

@@ -139,6 +139,15 @@ fn enrollment_end_to_end(db: Db) {
     let table = server.cli(&["devices", "list"]);
     assert!(table.status.success());
     assert!(String::from_utf8_lossy(&table.stdout).contains(&device));
+    for output in ["table", "json"] {
+        let piped = server.cli_into_closed_pipe(&["devices", "get", &device, "--output", output]);
+        assert!(
+            piped.status.success() && piped.stderr.is_empty(),
+            "a closed stdout must end the CLI quietly ({output}): {:?} {}",
+            piped.status,
+            String::from_utf8_lossy(&piped.stderr)
+        );
+    }
     assert_contiguous(&server, &device);
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::tensor::{DataType, Tensor};
 
-pub use self::onnxruntime::{OnnxRuntime, find_onnxruntime_library};
+pub use self::onnxruntime::{ONNXRUNTIME_THREAD_NAME, OnnxRuntime, find_onnxruntime_library};
 pub use self::tract::TractRuntime;
 
 /// Which runtime a user asked for (`--runtime`).

@@ -351,6 +351,24 @@ impl Server {
             .unwrap()
     }
 
+    /// Runs the CLI with its stdout on a pipe whose reader has already gone,
+    /// as in `edgefleet devices list | head -0`.
+    pub fn cli_into_closed_pipe(&self, args: &[&str]) -> std::process::Output {
+        let mut child = Command::new(binary("edgefleet"))
+            .args(["--server", &self.api_url, "--token", &self.admin_token()])
+            .args(args)
+            .env_remove("EDGEFLEET_SERVER")
+            .env_remove("EDGEFLEET_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closing the read end before the CLI has its answer from the server
+        // makes its first write fail with EPIPE.
+        drop(child.stdout.take());
+        child.wait_with_output().unwrap()
+    }
+
     /// Runs the CLI and parses its JSON output; panics on failure.
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
