@@ -53,9 +53,15 @@ impl HistogramTotals {
         })
     }
 
-    /// The mean of the observations made since `before`, in microseconds.
+    /// The mean of the observations made since `before`, in the metric's unit.
+    pub fn mean_since(&self, before: &HistogramTotals) -> f64 {
+        (self.sum - before.sum) / (self.count - before.count).max(1.0)
+    }
+
+    /// The mean of the observations made since `before`, in microseconds
+    /// (for a histogram in seconds).
     pub fn mean_micros_since(&self, before: &HistogramTotals) -> f64 {
-        (self.sum - before.sum) / (self.count - before.count).max(1.0) * 1e6
+        self.mean_since(before) * 1e6
     }
 }
 

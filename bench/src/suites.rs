@@ -503,17 +503,18 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         out,
         "`bench_mlp` (256→1024→1024→10) on ONNX Runtime, batch-1 requests over gRPC from closed-loop clients in \
          the benchmark process, {:.0} s per point. \"on\": `max_batch_size = 32`, `max_queue_delay_us = 0` \
-         (requests queued while the worker runs are stacked); \"off\": `max_batch_size = 0`. Target: ≥ 3× the \
+         (requests queued while the worker runs are stacked); \"off\": `max_batch_size = 0`. \"on mean batch\" is \
+         the mean of the \"on\" agent's `edgefleet_inference_batch_size` histogram over the point. Target: ≥ 3× the \
          throughput with batching at 32 clients, p99 no worse than unbatched.\n",
         args.seconds
     )?;
     writeln!(
         out,
-        "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | throughput gain | errors |"
+        "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | on mean batch | throughput gain | errors |"
     )?;
     writeln!(
         out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let off_repo = repository_with(
         &args.bench_models,
@@ -533,11 +534,22 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
         let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
         closed_loop(&on_agent, clients, 0.5, request.clone()).await?;
+        let before = on_agent.metrics().await?;
         let on = closed_loop(&on_agent, clients, args.seconds, request.clone()).await?;
+        let batch = HistogramTotals::read(
+            &on_agent.metrics().await?,
+            "edgefleet_inference_batch_size",
+            model.name,
+        )?
+        .mean_since(&HistogramTotals::read(
+            &before,
+            "edgefleet_inference_batch_size",
+            model.name,
+        )?);
         let gain = on.throughput / off.throughput;
         writeln!(
             out,
-            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {gain:.2}× | {} |",
+            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {batch:.1} | {gain:.2}× | {} |",
             off.throughput,
             off.p50,
             off.p99,
