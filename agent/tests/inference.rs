@@ -690,24 +690,40 @@ on_both_runtimes!(
     a_full_queue_answers_resource_exhausted_and_503,
 );
 
-/// ONNX Runtime's pool threads carry their own name, not the name of the
-/// tokio worker that built the session, so `top -H` and `perf` tell them apart.
+/// With no `intra_op_threads` in its config, a model's ONNX Runtime session
+/// gets one thread per physical core the agent may use (the caller's plus
+/// pool threads), each pool thread named for `top -H` and `perf`, and none
+/// pinned to a core: every one may run wherever the agent may.
 #[tokio::test(flavor = "multi_thread")]
-async fn onnxruntime_pool_threads_carry_their_name() {
+async fn onnxruntime_pool_threads_are_named_sized_and_unpinned_by_default() {
     let repo = Repo::new();
-    repo.add("mlp", 1, "mlp")
-        .config("mlp", "intra_op_threads = 2\n");
+    repo.add("mlp", 1, "mlp");
     let agent = agent(repo.path(), RuntimeChoice::Onnxruntime).start().await;
-    let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+    let status_of = |task: &std::path::Path| std::fs::read_to_string(task.join("status")).unwrap();
+    let allowed_cpus = |status: &str| {
+        status
+            .lines()
+            .find(|line| line.starts_with("Cpus_allowed_list:"))
+            .map(str::to_string)
+            .unwrap()
+    };
+    let process_cpus = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap());
+    let pool: Vec<String> = std::fs::read_dir("/proc/self/task")
         .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .map(|name| name.trim().to_string())
+        .map(|task| task.unwrap().path())
+        .filter(|task| {
+            std::fs::read_to_string(task.join("comm")).unwrap().trim()
+                == edgefleet_agent::runtime::ONNXRUNTIME_THREAD_NAME
+        })
+        .map(|task| allowed_cpus(&status_of(&task)))
         .collect();
-    assert!(
-        names
-            .iter()
-            .any(|name| name == edgefleet_agent::runtime::ONNXRUNTIME_THREAD_NAME),
-        "threads: {names:?}"
+    assert_eq!(
+        pool.len(),
+        edgefleet_agent::runtime::default_intra_op_threads() - 1,
+        "pool threads: {pool:?}"
     );
+    for cpus in &pool {
+        assert_eq!(cpus, &process_cpus, "a pool thread is pinned");
+    }
     agent.stop().await;
 }

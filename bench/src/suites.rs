@@ -92,7 +92,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         out,
         "Batch-1 requests, one client, sequential, {} timed iterations after warm-up. \"raw\" is `ort::Session::run` \
          on the same model in the benchmark process, with the session settings the agent uses by default \
-         (ONNX Runtime's default thread count, threads that sleep between runs; input tensor creation and \
+         (one unpinned thread per physical core, threads that sleep between runs; input tensor creation and \
          output extraction included); \
          \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (tonic client on \
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use crate::tensor::{DataType, Tensor};
 
-pub use self::onnxruntime::{ONNXRUNTIME_THREAD_NAME, OnnxRuntime, find_onnxruntime_library};
+pub use self::onnxruntime::{
+    ONNXRUNTIME_THREAD_NAME, OnnxRuntime, default_intra_op_threads, find_onnxruntime_library,
+};
 pub use self::tract::TractRuntime;
 
 /// Which runtime a user asked for (`--runtime`).
@@ -71,7 +73,8 @@ pub struct Signature {
 /// Per-session tuning, from the model's `config.toml`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionOptions {
-    /// Threads one run may use; `None` lets the runtime decide.
+    /// Threads one run may use; `None`: one per physical core the agent may
+    /// use ([`default_intra_op_threads`]).
     pub intra_op_threads: Option<usize>,
     /// Let the runtime's threads spin between runs (ONNX Runtime). Off: they
     /// sleep, leaving the CPU to the network stack, other models and the
