@@ -244,9 +244,14 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
     ) {
         writeln!(
             out,
-            "\nThe raw run itself, with a round trip between runs instead of back to back, takes {least:.0} to \
-             {most:.0} µs more at p50 (compare \"agent compute mean\", the same run inside the agent): part of \
-             the overhead is the model's run in the conditions any served request has, not code in the agent."
+            "\nWith a round trip between runs instead of back to back, the raw run's p50 moves by {least:+.0} to \
+             {most:+.0} µs here (compare \"agent compute mean\", the same run inside the agent){}",
+            if most > 0.0 {
+                ": where it grows, that part of the overhead is the model's run in the conditions every served \
+                 request has, not code in the agent."
+            } else {
+                "."
+            }
         )?;
     }
     Ok(out)
