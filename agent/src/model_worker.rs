@@ -58,6 +58,10 @@ pub const INLINE_MAX_COMPUTE: Duration = Duration::from_millis(1);
 /// take the fast path: concurrent clients keep arriving within less.
 pub const INLINE_QUIET: Duration = Duration::from_micros(40);
 
+/// Worker threads are named `infer-MODEL-VERSION-INDEX` (the kernel keeps the
+/// first 15 bytes: `ps -T`, `top -H` and /proc show `infer-` and the model).
+pub const WORKER_THREAD_PREFIX: &str = "infer-";
+
 /// A session, shared by its worker thread and the inline fast path.
 type SharedSession = Arc<Mutex<Box<dyn ModelSession>>>;
 
@@ -255,7 +259,7 @@ impl LoadedVersion {
             let session = Arc::clone(session);
             let run = Arc::clone(&run);
             let spawned = std::thread::Builder::new()
-                .name(format!("infer-{model}-{version}-{index}"))
+                .name(format!("{WORKER_THREAD_PREFIX}{model}-{version}-{index}"))
                 .spawn(move || worker_loop(session, receiver, policy, run));
             if let Err(err) = spawned {
                 tracing::error!(model, version, error = %err, "cannot start a worker thread");

@@ -8,6 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use edgefleet_agent::model_worker::WORKER_THREAD_PREFIX;
+use edgefleet_agent::runtime::ONNXRUNTIME_THREAD_NAME;
 use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 pub struct AgentProcess {
@@ -205,6 +207,20 @@ impl AgentProcess {
         }
     }
 
+    /// CPU time the agent has used so far, split between its model threads
+    /// and the rest (see [`AgentCpu`]).
+    pub fn cpu_time(&self) -> anyhow::Result<AgentCpu> {
+        let mut cpu = AgentCpu::default();
+        for (name, used) in thread_cpu_times(self.child.id())? {
+            if is_model_thread(&name) {
+                cpu.model += used;
+            } else {
+                cpu.rest += used;
+            }
+        }
+        Ok(cpu)
+    }
+
     /// Resident set size in bytes, from /proc.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         self.status_bytes("VmRSS")
@@ -226,9 +242,144 @@ impl AgentProcess {
     }
 }
 
+/// Whether an agent thread named `name` runs models off the async threads: a
+/// model worker or an ONNX Runtime pool thread.
+fn is_model_thread(name: &str) -> bool {
+    name.starts_with(WORKER_THREAD_PREFIX) || name == ONNXRUNTIME_THREAD_NAME
+}
+
+/// CPU time an agent process has used, user and kernel.
+#[derive(Clone, Copy, Default)]
+pub struct AgentCpu {
+    /// Its model worker threads and ONNX Runtime's pool threads: batched and
+    /// queued runs.
+    pub model: Duration,
+    /// Everything else, mostly the async runtime's threads: gRPC and HTTP,
+    /// and the runs of the inline fast path (a request that finds its model
+    /// idle runs on the thread that received it).
+    pub rest: Duration,
+}
+
+impl std::ops::Sub for AgentCpu {
+    type Output = AgentCpu;
+    fn sub(self, before: AgentCpu) -> AgentCpu {
+        AgentCpu {
+            model: self.model.saturating_sub(before.model),
+            rest: self.rest.saturating_sub(before.rest),
+        }
+    }
+}
+
+/// CPU time process `pid` has used so far, user and kernel, over its live
+/// threads (see [`thread_cpu_times`]).
+pub fn process_cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    Ok(thread_cpu_times(pid)?
+        .into_iter()
+        .map(|(_, used)| used)
+        .sum())
+}
+
+/// Each live thread of process `pid`: its name and the CPU time it has used,
+/// from /proc/PID/task/*/{comm,schedstat} (nanoseconds the scheduler ran it;
+/// tick-sampled utime/stime are too coarse for per-request figures). Threads
+/// that have exited are not listed: measure over a window in which the
+/// process keeps its threads.
+pub fn thread_cpu_times(pid: u32) -> anyhow::Result<Vec<(String, Duration)>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("cannot list the threads of process {pid}"))?;
+    let mut threads = Vec::new();
+    for task in tasks {
+        let task = task?.path();
+        // A thread may exit between the listing and the reads.
+        let (Ok(name), Ok(schedstat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let nanos = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|ran| ran.parse::<u64>().ok())
+            .with_context(|| format!("unexpected {}/schedstat: {schedstat:?}", task.display()))?;
+        threads.push((name.trim_end().to_string(), Duration::from_nanos(nanos)));
+    }
+    Ok(threads)
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calling thread's CPU time, from the same counter.
+    fn own_cpu_time() -> Duration {
+        let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        Duration::from_nanos(
+            schedstat
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn thread_cpu_times_reports_a_busy_thread_by_name() {
+        let spawned = Instant::now();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
+        let (busy, parked) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("cpu-probe".into())
+            .spawn(move || {
+                while own_cpu_time() < Duration::from_millis(30) {
+                    std::hint::black_box(0u64.wrapping_add(1));
+                }
+                busy.send(()).unwrap();
+                wait.recv().unwrap();
+            })
+            .unwrap();
+        parked.recv().unwrap();
+        let threads = thread_cpu_times(std::process::id()).unwrap();
+        let lived = spawned.elapsed();
+        let probe: Vec<Duration> = threads
+            .iter()
+            .filter(|(name, _)| name == "cpu-probe")
+            .map(|&(_, used)| used)
+            .collect();
+        assert_eq!(probe.len(), 1, "one thread named cpu-probe in {threads:?}");
+        assert!(
+            probe[0] >= Duration::from_millis(30) && probe[0] <= lived,
+            "the probe used {:?} of CPU: at least the 30 ms it spun, at most the {lived:?} it lived",
+            probe[0]
+        );
+        assert!(process_cpu_time(std::process::id()).unwrap() >= probe[0]);
+        done.send(()).unwrap();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn model_threads_are_the_workers_and_onnx_runtime_pool() {
+        // The kernel keeps 15 bytes of a thread's name.
+        assert!(is_model_thread("infer-bench_mlp"));
+        assert!(is_model_thread(ONNXRUNTIME_THREAD_NAME));
+        assert!(!is_model_thread("tokio-rt-worker"));
+        assert!(!is_model_thread("edgefleet-agent"));
+    }
+
+    #[test]
+    fn thread_cpu_times_of_a_missing_process_is_an_error() {
+        let err = thread_cpu_times(u32::MAX).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot list the threads"),
+            "{err:#}"
+        );
     }
 }
