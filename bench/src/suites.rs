@@ -572,23 +572,13 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let off_agent = AgentProcess::start(&args.agent, off_repo.path(), "onnxruntime").await?;
     let on_agent = AgentProcess::start(&args.agent, on_repo.path(), "onnxruntime").await?;
     let mut verdict = String::new();
+    let mut off_at_32 = None;
     for clients in [1usize, 8, 32, 128] {
         // Warm up each, then measure; the idle agent costs nothing meanwhile.
         closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
         let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
-        closed_loop(&on_agent, clients, 0.5, request.clone()).await?;
-        let before = on_agent.metrics().await?;
-        let on = closed_loop(&on_agent, clients, args.seconds, request.clone()).await?;
-        let batch = HistogramTotals::read(
-            &on_agent.metrics().await?,
-            "edgefleet_inference_batch_size",
-            model.name,
-        )?
-        .mean_since(&HistogramTotals::read(
-            &before,
-            "edgefleet_inference_batch_size",
-            model.name,
-        )?);
+        let (on, batch) =
+            batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request).await?;
         let gain = on.throughput / off.throughput;
         writeln!(
             out,
@@ -608,6 +598,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             off.errors + on.errors
         )?;
         if clients == 32 {
+            off_at_32 = Some(off.throughput);
             verdict = format!(
                 "\nAt 32 clients: {gain:.2}× the throughput (target ≥ 3×: {}), p99 {:.0} µs vs {:.0} µs unbatched ({}). ",
                 if gain >= 3.0 { "met" } else { "missed" },
@@ -653,7 +644,64 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         raw_batched.cpu_per_row,
         raw_batched.rows_per_second / raw_single.rows_per_second
     )?;
+    drop((off_agent, on_agent));
+    let off_at_32 = off_at_32.context("no 32-client point")?;
+    writeln!(
+        out,
+        "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with a `max_queue_delay_us`: the worker waits up to \
+         that long for a batch to fill before it runs. On a device whose cores are busy with the transport, requests \
+         still being received then join the batch instead of the next one. Each delay is measured with its own \
+         agent, after the table above; \"gain\" is over the unbatched throughput at 32 clients above.\n"
+    )?;
+    writeln!(
+        out,
+        "| max_queue_delay_us | req/s | p50 (µs) | p99 (µs) | mean batch | CPU per request: model + rest of agent + clients (µs) | gain |"
+    )?;
+    writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
+    for delay_us in QUEUE_DELAYS_US {
+        let repo = repository_with(
+            &args.bench_models,
+            model.name,
+            &format!(
+                "max_batch_size = 32\nmax_queue_delay_us = {delay_us}\nqueue_capacity = 512\n"
+            ),
+        )?;
+        let agent = AgentProcess::start(&args.agent, repo.path(), "onnxruntime").await?;
+        let (on, batch) =
+            batched_closed_loop(&agent, model.name, 32, args.seconds, &request).await?;
+        writeln!(
+            out,
+            "| {delay_us} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.2}× |",
+            on.throughput,
+            on.p50,
+            on.p99,
+            on.model_cpu,
+            on.agent_rest_cpu,
+            on.clients_cpu,
+            on.throughput / off_at_32
+        )?;
+    }
     Ok(out)
+}
+
+/// The queue delays the batching suite compares at 32 clients.
+const QUEUE_DELAYS_US: [u64; 3] = [0, 200, 1000];
+
+/// A warm-up and a measured [`closed_loop`] on a batching agent, and the
+/// mean batch size over the measured part (from its `/metrics`).
+async fn batched_closed_loop(
+    agent: &AgentProcess,
+    model: &str,
+    clients: usize,
+    seconds: f64,
+    request: &pb::ModelInferRequest,
+) -> anyhow::Result<(LoadResult, f64)> {
+    const BATCH_SIZE: &str = "edgefleet_inference_batch_size";
+    closed_loop(agent, clients, 0.5, request.clone()).await?;
+    let before = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
+    let result = closed_loop(agent, clients, seconds, request.clone()).await?;
+    let after = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
+    Ok((result, after.mean_since(&before)))
 }
 
 pub async fn footprint(args: &Args) -> anyhow::Result<String> {
