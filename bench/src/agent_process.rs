@@ -297,14 +297,17 @@ pub fn thread_cpu_times(pid: u32) -> anyhow::Result<Vec<(String, Duration)>> {
         ) else {
             continue;
         };
-        let nanos = schedstat
-            .split_whitespace()
-            .next()
-            .and_then(|ran| ran.parse::<u64>().ok())
+        let ran = time_on_cpu(&schedstat)
             .with_context(|| format!("unexpected {}/schedstat: {schedstat:?}", task.display()))?;
-        threads.push((name.trim_end().to_string(), Duration::from_nanos(nanos)));
+        threads.push((name.trim_end().to_string(), ran));
     }
     Ok(threads)
+}
+
+/// The time on CPU a `schedstat` file gives: its first field, in nanoseconds.
+fn time_on_cpu(schedstat: &str) -> Option<Duration> {
+    let nanos = schedstat.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(nanos))
 }
 
 impl Drop for AgentProcess {
@@ -320,15 +323,7 @@ mod tests {
 
     /// The calling thread's CPU time, from the same counter.
     fn own_cpu_time() -> Duration {
-        let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
-        Duration::from_nanos(
-            schedstat
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap(),
-        )
+        time_on_cpu(&std::fs::read_to_string("/proc/thread-self/schedstat").unwrap()).unwrap()
     }
 
     #[test]

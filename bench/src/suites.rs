@@ -650,7 +650,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         out,
         "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with a `max_queue_delay_us`: the worker waits up to \
          that long for a batch to fill before it runs. On a device whose cores are busy with the transport, requests \
-         still being received then join the batch instead of the next one. Each delay is measured with its own \
+         still being received then join the batch the worker is gathering instead of the next one. Each delay is measured with its own \
          agent, after the table above; \"gain\" is over the unbatched throughput at 32 clients above.\n"
     )?;
     writeln!(
