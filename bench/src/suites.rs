@@ -599,36 +599,19 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         )?;
         if clients == 32 {
             off_at_32 = Some(off.throughput);
-            verdict = format!(
-                "\nAt 32 clients: {gain:.2}× the throughput (target ≥ 3×: {}), p99 {:.0} µs vs {:.0} µs unbatched ({}). ",
-                if gain >= 3.0 { "met" } else { "missed" },
-                on.p99,
-                off.p99,
-                if on.p99 <= off.p99 {
-                    "no worse: met"
-                } else {
-                    "worse: missed"
-                }
-            );
-            writeln!(
-                verdict,
-                "Batching cut the CPU per request of the agent's model threads from {:.0} to {:.0} µs ({:.2}×), of the rest \
-                 of the agent (gRPC) from {:.0} to {:.0} µs and of the clients from {:.0} to {:.0} µs: {:.2}× less CPU per \
-                 request in all. With the model's threads costing no more than a raw batch of 32 ({:.0} µs per row, \
-                 below) and the transport as measured ({:.0} µs per request for the rest of the agent and the clients), \
-                 the gain of a machine bound by its CPU would still be at most {:.2}×.",
-                off.model_cpu,
-                on.model_cpu,
-                off.model_cpu / on.model_cpu,
-                off.agent_rest_cpu,
-                on.agent_rest_cpu,
-                off.clients_cpu,
-                on.clients_cpu,
-                off.total_cpu() / on.total_cpu(),
-                raw_batched.cpu_per_row,
-                on.agent_rest_cpu + on.clients_cpu,
-                off.total_cpu() / (raw_batched.cpu_per_row + on.agent_rest_cpu + on.clients_cpu),
-            )?;
+            verdict = cpu_at_32(&off, &on, &raw_batched)?;
+            let mut pairs = vec![(off, on)];
+            // More off/on pairs, each back to back: one noisy point on a
+            // shared machine must not decide the verdict.
+            for _ in 1..GAIN_PAIRS_AT_32 {
+                closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
+                let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
+                let (on, _) =
+                    batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request)
+                        .await?;
+                pairs.push((off, on));
+            }
+            verdict = format!("{}{verdict}", gain_verdict(&pairs));
         }
     }
     out.push_str(&verdict);
@@ -682,6 +665,83 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         )?;
     }
     Ok(out)
+}
+
+/// Off/on pairs measured at 32 clients, the table's row first; the verdict
+/// takes their median gain.
+const GAIN_PAIRS_AT_32: usize = 5;
+
+/// The 32-client verdict from back-to-back off/on `pairs`: the median gain
+/// and how many pairs kept p99 no worse than unbatched.
+fn gain_verdict(pairs: &[(LoadResult, LoadResult)]) -> String {
+    let gains: Vec<f64> = pairs
+        .iter()
+        .map(|(off, on)| on.throughput / off.throughput)
+        .collect();
+    let gain = median(&gains);
+    let p99_kept = pairs.iter().filter(|(off, on)| on.p99 <= off.p99).count();
+    let listed = gains
+        .iter()
+        .map(|gain| format!("{gain:.2}×"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "\nAt 32 clients, over {} off/on pairs measured back to back (the table's row and {} more; gains {listed}): \
+         median {gain:.2}× the throughput (target ≥ 3×: {}), p99 no worse than unbatched in {p99_kept} of {} pairs ({}). ",
+        pairs.len(),
+        pairs.len() - 1,
+        if gain >= 3.0 { "met" } else { "missed" },
+        pairs.len(),
+        if p99_kept * 2 > pairs.len() {
+            "met"
+        } else {
+            "missed"
+        },
+    )
+}
+
+/// Where the CPU went at 32 clients, off vs on, and the gain a CPU-bound
+/// machine could reach with the model at the raw batch-32 cost.
+fn cpu_at_32(
+    off: &LoadResult,
+    on: &LoadResult,
+    raw_batched: &RawThroughput,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    writeln!(
+        out,
+        "In the table's row, batching cut the CPU per request of the agent's model threads from {:.0} to {:.0} µs ({:.2}×), of the rest \
+         of the agent (gRPC) from {:.0} to {:.0} µs and of the clients from {:.0} to {:.0} µs: {:.2}× less CPU per \
+         request in all. With the model's threads costing no more than a raw batch of 32 ({:.0} µs per row, \
+         below) and the transport as measured ({:.0} µs per request for the rest of the agent and the clients), \
+         the gain of a machine bound by its CPU would still be at most {:.2}×.",
+        off.model_cpu,
+        on.model_cpu,
+        off.model_cpu / on.model_cpu,
+        off.agent_rest_cpu,
+        on.agent_rest_cpu,
+        off.clients_cpu,
+        on.clients_cpu,
+        off.total_cpu() / on.total_cpu(),
+        raw_batched.cpu_per_row,
+        on.agent_rest_cpu + on.clients_cpu,
+        off.total_cpu() / (raw_batched.cpu_per_row + on.agent_rest_cpu + on.clients_cpu),
+    )?;
+    Ok(out)
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.is_empty() {
+        f64::NAN
+    } else if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    }
 }
 
 /// The queue delays the batching suite compares at 32 clients.
@@ -913,4 +973,59 @@ pub fn runtimes(args: &Args) -> anyhow::Result<String> {
         )?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(throughput: f64, p99: f64) -> LoadResult {
+        LoadResult {
+            throughput,
+            p50: p99 / 2.0,
+            p99,
+            errors: 0,
+            model_cpu: 0.0,
+            agent_rest_cpu: 0.0,
+            clients_cpu: 0.0,
+        }
+    }
+
+    #[test]
+    fn median_takes_the_middle_value_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn one_noisy_pair_does_not_decide_the_gain_verdict() {
+        let pairs = [
+            (load(1000.0, 900.0), load(2500.0, 1000.0)),
+            (load(1000.0, 900.0), load(3200.0, 800.0)),
+            (load(1000.0, 900.0), load(3400.0, 700.0)),
+        ];
+        let verdict = gain_verdict(&pairs);
+        assert!(verdict.contains("gains 2.50×, 3.20×, 3.40×"), "{verdict}");
+        assert!(
+            verdict.contains("median 3.20× the throughput (target ≥ 3×: met)"),
+            "{verdict}"
+        );
+        assert!(verdict.contains("in 2 of 3 pairs (met)"), "{verdict}");
+    }
+
+    #[test]
+    fn a_median_gain_below_three_is_missed() {
+        let pairs = [
+            (load(1000.0, 900.0), load(3500.0, 1000.0)),
+            (load(1000.0, 900.0), load(2900.0, 1000.0)),
+            (load(1000.0, 900.0), load(2000.0, 800.0)),
+        ];
+        let verdict = gain_verdict(&pairs);
+        assert!(
+            verdict.contains("median 2.90× the throughput (target ≥ 3×: missed)"),
+            "{verdict}"
+        );
+        assert!(verdict.contains("in 1 of 3 pairs (missed)"), "{verdict}");
+    }
 }
