@@ -11,9 +11,28 @@ use crate::runtime::{RuntimeChoice, SessionOptions};
 /// Largest batch the batcher builds. 32 amortises per-run overhead on small
 /// models without letting one batch hog the worker for long.
 pub const DEFAULT_MAX_BATCH_SIZE: usize = 32;
-/// No added wait by default: requests that queue up while the worker is busy
-/// are batched anyway, so batching costs no latency unless asked for.
-pub const DEFAULT_MAX_QUEUE_DELAY: Duration = Duration::ZERO;
+/// Adaptive by default: no wait while requests come one at a time, so
+/// batching costs no latency then; a short one while they come together.
+pub const DEFAULT_MAX_QUEUE_DELAY: QueueDelay = QueueDelay::Adaptive;
+/// The longest an adaptive wait for company lasts, however long the
+/// version's last run took: a request never waits much more than a
+/// millisecond for others, even on a slow model.
+pub const ADAPTIVE_MAX_WAIT: Duration = Duration::from_millis(1);
+
+/// How long the batcher waits for more requests after the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueDelay {
+    /// `max_queue_delay_us` not set. While requests come together (the
+    /// version's last run held several rows), the batcher waits for as many
+    /// rows as that run held, at most as long as it took (and at most
+    /// [`ADAPTIVE_MAX_WAIT`]); once a run holds a single row, it waits for
+    /// nothing. Under sustained load a request that arrives just after a
+    /// batch therefore runs with the next arrivals instead of alone.
+    Adaptive,
+    /// `max_queue_delay_us = N`: up to N µs for every batch; 0 runs what is
+    /// already queued at once.
+    Fixed(Duration),
+}
 /// Requests waiting per model before new ones are refused with
 /// RESOURCE_EXHAUSTED: a few batches' worth, so memory stays bounded.
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
@@ -73,7 +92,7 @@ struct RawModelConfig {
 pub struct ModelConfig {
     /// 0 or 1 disables batching.
     pub max_batch_size: usize,
-    pub max_queue_delay: Duration,
+    pub max_queue_delay: QueueDelay,
     pub queue_capacity: usize,
     pub instances: usize,
     pub intra_op_threads: Option<usize>,
@@ -147,7 +166,9 @@ impl ModelConfig {
             max_batch_size: raw.max_batch_size.unwrap_or(defaults.max_batch_size),
             max_queue_delay: raw
                 .max_queue_delay_us
-                .map_or(defaults.max_queue_delay, Duration::from_micros),
+                .map_or(defaults.max_queue_delay, |us| {
+                    QueueDelay::Fixed(Duration::from_micros(us))
+                }),
             queue_capacity,
             instances,
             intra_op_threads: raw.intra_op_threads,
@@ -193,7 +214,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.max_batch_size, 8);
-        assert_eq!(config.max_queue_delay, Duration::from_micros(500));
+        assert_eq!(
+            config.max_queue_delay,
+            QueueDelay::Fixed(Duration::from_micros(500))
+        );
         assert_eq!(config.queue_capacity, 16);
         assert_eq!(config.instances, 2);
         assert_eq!(config.intra_op_threads, Some(1));
@@ -206,6 +230,22 @@ mod tests {
                 .unwrap()
                 .version_policy,
             VersionPolicy::All
+        );
+    }
+
+    #[test]
+    fn an_unset_queue_delay_is_adaptive_and_an_explicit_zero_is_fixed() {
+        assert_eq!(
+            ModelConfig::parse("max_batch_size = 8")
+                .unwrap()
+                .max_queue_delay,
+            QueueDelay::Adaptive
+        );
+        assert_eq!(
+            ModelConfig::parse("max_queue_delay_us = 0")
+                .unwrap()
+                .max_queue_delay,
+            QueueDelay::Fixed(Duration::ZERO)
         );
     }
 

@@ -5,9 +5,11 @@
 //! thread (`instances` of them per version) and fed through a bounded queue;
 //! there is no lock around a session. A worker takes the oldest request and,
 //! if the model can be batched, every queued request with the same input
-//! shapes (after the batch dimension) up to `max_batch_size`, waiting at most
-//! `max_queue_delay` for more; it stacks them along dimension 0, runs once
-//! and splits the outputs back. A full queue refuses new requests at once.
+//! shapes (after the batch dimension) up to `max_batch_size`, waiting for more
+//! as the model's [`QueueDelay`] says (adaptive unless `max_queue_delay_us`
+//! is set: a wait only while requests come together); it stacks them along
+//! dimension 0, runs once and splits the outputs back. A full queue refuses
+//! new requests at once.
 //!
 //! When the registry drops its handle (hot reload, unload), the queue's
 //! sender goes away; workers finish what is queued and exit — that is the
@@ -22,7 +24,9 @@
 //! Each session sits behind its own mutex: its worker takes it for each
 //! batch; the fast path only tries it and never waits. With `max_queue_delay`
 //! set on a batched model, every request waits in the queue for company, as
-//! configured.
+//! configured; with the adaptive delay, requests skip the fast path while the
+//! version's last run held several (they are coming together, and a request
+//! run alone between two batches would cost a whole run for one answer).
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
@@ -36,7 +40,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::VersionMetrics;
-use crate::model_config::ModelConfig;
+use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
 use crate::runtime::{ModelSession, RuntimeKind, Signature};
 use crate::telemetry::VersionTelemetry;
 use crate::tensor::{Tensor, concat_batch, split_batch};
@@ -83,6 +87,11 @@ struct RunContext {
     lone_run_nanos: AtomicU64,
     /// Input bytes of that run: larger requests never take the fast path.
     lone_run_bytes: AtomicU64,
+    /// Requests the last run held (0 until one has run): more than one means
+    /// they are coming together, which the adaptive queue delay waits for.
+    recent_requests: AtomicUsize,
+    /// Nanoseconds the last run took.
+    recent_run_nanos: AtomicU64,
     activity: Arc<Activity>,
 }
 
@@ -169,7 +178,39 @@ impl Job {
 struct BatchPolicy {
     /// 0 or 1: never batch.
     max_batch_size: i64,
-    max_queue_delay: Duration,
+    max_queue_delay: QueueDelay,
+}
+
+/// How long a batcher that holds a first request waits for more: until
+/// `deadline`, or until it holds `enough` requests (it still takes what is
+/// already queued, up to the max batch size).
+#[derive(Debug, PartialEq, Eq)]
+struct Gather {
+    deadline: Instant,
+    enough: usize,
+}
+
+impl BatchPolicy {
+    /// The wait for a batch whose first request was queued at `first`,
+    /// given how many requests the version's last run held and how long it
+    /// took (see [`QueueDelay`]).
+    fn gather(&self, first: Instant, recent_requests: usize, recent_run: Duration) -> Gather {
+        let max = usize::try_from(self.max_batch_size).unwrap_or(usize::MAX);
+        match self.max_queue_delay {
+            QueueDelay::Fixed(delay) => Gather {
+                deadline: first + delay,
+                enough: max,
+            },
+            QueueDelay::Adaptive if recent_requests > 1 => Gather {
+                deadline: first + recent_run.min(ADAPTIVE_MAX_WAIT),
+                enough: recent_requests.min(max),
+            },
+            QueueDelay::Adaptive => Gather {
+                deadline: first,
+                enough: 1,
+            },
+        }
+    }
 }
 
 /// A model version that is loaded and serving.
@@ -185,6 +226,9 @@ pub struct LoadedVersion {
     sessions: Vec<SharedSession>,
     /// Whether requests may skip the queue (not when it delays for batching).
     inline: bool,
+    /// Whether the queue delay is adaptive: then the fast path is skipped
+    /// while requests come together.
+    adaptive: bool,
     run: Arc<RunContext>,
     metrics: VersionMetrics,
     telemetry: VersionTelemetry,
@@ -244,6 +288,8 @@ impl LoadedVersion {
             label: format!("{model}:{version}"),
             lone_run_nanos: AtomicU64::new(u64::MAX),
             lone_run_bytes: AtomicU64::new(0),
+            recent_requests: AtomicUsize::new(0),
+            recent_run_nanos: AtomicU64::new(0),
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
                 idle_since: AtomicU64::new(0),
@@ -275,7 +321,11 @@ impl LoadedVersion {
             queue: sender,
             queue_capacity: config.queue_capacity,
             sessions,
-            inline: !batching || config.max_queue_delay.is_zero(),
+            inline: match config.max_queue_delay {
+                QueueDelay::Adaptive => true,
+                QueueDelay::Fixed(delay) => !batching || delay.is_zero(),
+            },
+            adaptive: batching && config.max_queue_delay == QueueDelay::Adaptive,
             run,
             metrics,
             telemetry,
@@ -359,7 +409,8 @@ impl LoadedVersion {
         let fast =
             self.run.lone_run_nanos.load(Ordering::Relaxed) <= INLINE_MAX_COMPUTE.as_nanos() as u64;
         let known = job_bytes(&job) <= self.run.lone_run_bytes.load(Ordering::Relaxed);
-        if !self.inline || !fast || !known {
+        let together = self.adaptive && self.run.recent_requests.load(Ordering::Relaxed) > 1;
+        if !self.inline || !fast || !known || together {
             return Err(job);
         }
         for session in &self.sessions {
@@ -422,7 +473,11 @@ fn worker_loop(
         let mut batch = vec![first];
         let mut rows = batch[0].rows;
         if policy.max_batch_size > 1 {
-            let deadline = batch[0].enqueued + policy.max_queue_delay;
+            let gather = policy.gather(
+                batch[0].enqueued,
+                run.recent_requests.load(Ordering::Relaxed),
+                Duration::from_nanos(run.recent_run_nanos.load(Ordering::Relaxed)),
+            );
             while rows < policy.max_batch_size {
                 let fits = |job: &Job| {
                     rows + job.rows <= policy.max_batch_size && job.stacks_with(&batch[0])
@@ -437,7 +492,8 @@ fn worker_loop(
                 let next = match queue.try_recv() {
                     Ok(job) => job,
                     Err(TryRecvError::Disconnected) => break,
-                    Err(TryRecvError::Empty) => match queue.recv_deadline(deadline) {
+                    Err(TryRecvError::Empty) if batch.len() >= gather.enough => break,
+                    Err(TryRecvError::Empty) => match queue.recv_deadline(gather.deadline) {
                         Ok(job) => job,
                         Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                     },
@@ -472,6 +528,8 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
         label,
         lone_run_nanos,
         lone_run_bytes,
+        recent_requests,
+        recent_run_nanos,
         activity: _,
     } = run;
     // Callers that gave up (timeout, disconnect) need no answer.
@@ -511,8 +569,10 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)));
     let computed = started.elapsed();
     metrics.compute_seconds.observe(computed.as_secs_f64());
+    let nanos = u64::try_from(computed.as_nanos()).unwrap_or(u64::MAX);
+    recent_requests.store(replies.len(), Ordering::Relaxed);
+    recent_run_nanos.store(nanos, Ordering::Relaxed);
     if let Some(bytes) = lone_bytes {
-        let nanos = u64::try_from(computed.as_nanos()).unwrap_or(u64::MAX);
         lone_run_nanos.store(nanos, Ordering::Relaxed);
         lone_run_bytes.store(bytes, Ordering::Relaxed);
     }
@@ -667,7 +727,7 @@ mod tests {
     async fn queued_requests_are_batched_and_split_back_to_their_callers() {
         let config = ModelConfig {
             max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(200),
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(200)),
             ..ModelConfig::default()
         };
         let (version, batches) = start(config, Duration::ZERO);
@@ -695,7 +755,7 @@ mod tests {
     async fn batches_never_exceed_max_batch_size() {
         let config = ModelConfig {
             max_batch_size: 3,
-            max_queue_delay: Duration::from_millis(100),
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
             ..ModelConfig::default()
         };
         let (version, batches) = start(config, Duration::ZERO);
@@ -909,7 +969,7 @@ mod tests {
     fn a_queue_delay_keeps_every_request_in_the_queue_for_company() {
         let config = ModelConfig {
             max_batch_size: 8,
-            max_queue_delay: Duration::from_millis(200),
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(200)),
             ..ModelConfig::default()
         };
         let (version, batches, _) = start_traced(config, Duration::ZERO);
@@ -921,6 +981,135 @@ mod tests {
             receiver.blocking_recv().unwrap().unwrap();
         }
         assert_eq!(*batches.lock().unwrap(), vec![1, 4]);
+    }
+
+    #[test]
+    fn requests_coming_together_skip_the_fast_path_until_one_runs_alone() {
+        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        // Known to be fast: a lone request has run.
+        infer_blocking(&version);
+        // Requests queue while the session is busy: they run together.
+        let session = Arc::clone(&version.sessions[0]);
+        let guard = lock(&session);
+        let first = version.submit(row([1.0, 2.0], 1)).unwrap();
+        let queued: Vec<_> = (0..2)
+            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
+            .collect();
+        drop(guard);
+        first.blocking_recv().unwrap().unwrap();
+        for receiver in queued {
+            receiver.blocking_recv().unwrap().unwrap();
+        }
+        // Idle and fast, but the last run held two: this one goes to the
+        // worker (which may wait for company); once it ran alone, the next
+        // takes the fast path again.
+        quiet();
+        infer_blocking(&version);
+        quiet();
+        infer_blocking(&version);
+        let here = std::thread::current().name().unwrap().to_string();
+        let worker = "infer-m-1-0".to_string();
+        // The worker took all three at once, or the first and then the two
+        // that queued meanwhile.
+        let batches = batches.lock().unwrap();
+        assert!(
+            *batches == [1, 3, 1, 1] || *batches == [1, 1, 2, 1, 1],
+            "{batches:?}"
+        );
+        let threads = threads.lock().unwrap();
+        assert_eq!(threads[threads.len() - 2..], [worker, here]);
+    }
+
+    #[test]
+    fn an_explicit_zero_delay_keeps_the_fast_path_after_a_batch() {
+        let config = ModelConfig {
+            max_queue_delay: QueueDelay::Fixed(Duration::ZERO),
+            ..ModelConfig::default()
+        };
+        let (version, batches, threads) = start_traced(config, Duration::ZERO);
+        // Known to be fast: a lone request has run.
+        infer_blocking(&version);
+        let session = Arc::clone(&version.sessions[0]);
+        let guard = lock(&session);
+        let first = version.submit(row([1.0, 2.0], 1)).unwrap();
+        let queued: Vec<_> = (0..2)
+            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
+            .collect();
+        drop(guard);
+        first.blocking_recv().unwrap().unwrap();
+        for receiver in queued {
+            receiver.blocking_recv().unwrap().unwrap();
+        }
+        quiet();
+        infer_blocking(&version);
+        let here = std::thread::current().name().unwrap().to_string();
+        let batches = batches.lock().unwrap();
+        assert!(
+            *batches == [1, 3, 1] || *batches == [1, 1, 2, 1],
+            "{batches:?}"
+        );
+        assert_eq!(threads.lock().unwrap().last(), Some(&here));
+    }
+
+    fn policy(max_batch_size: i64, max_queue_delay: QueueDelay) -> BatchPolicy {
+        BatchPolicy {
+            max_batch_size,
+            max_queue_delay,
+        }
+    }
+
+    #[test]
+    fn the_adaptive_delay_waits_only_after_a_run_of_several_requests() {
+        let adaptive = policy(32, QueueDelay::Adaptive);
+        let first = Instant::now();
+        let micros = Duration::from_micros;
+        // One at a time (or nothing run yet): no wait.
+        for recent in [0, 1] {
+            assert_eq!(
+                adaptive.gather(first, recent, micros(300)),
+                Gather {
+                    deadline: first,
+                    enough: 1
+                }
+            );
+        }
+        // Together: as many as last time, at most as long as that run took.
+        assert_eq!(
+            adaptive.gather(first, 12, micros(300)),
+            Gather {
+                deadline: first + micros(300),
+                enough: 12
+            }
+        );
+        // A slow run: the wait is capped; a bigger run than the max: the max.
+        assert_eq!(
+            adaptive.gather(first, 12, Duration::from_secs(2)),
+            Gather {
+                deadline: first + ADAPTIVE_MAX_WAIT,
+                enough: 12
+            }
+        );
+        assert_eq!(
+            policy(8, QueueDelay::Adaptive)
+                .gather(first, 20, micros(300))
+                .enough,
+            8
+        );
+    }
+
+    #[test]
+    fn a_fixed_delay_waits_for_a_full_batch_whatever_ran_before() {
+        let first = Instant::now();
+        let fixed = policy(8, QueueDelay::Fixed(Duration::from_millis(5)));
+        for recent in [0, 1, 12] {
+            assert_eq!(
+                fixed.gather(first, recent, Duration::from_micros(300)),
+                Gather {
+                    deadline: first + Duration::from_millis(5),
+                    enough: 8
+                }
+            );
+        }
     }
 
     #[test]

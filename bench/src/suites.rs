@@ -540,8 +540,9 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     writeln!(
         out,
         "`bench_mlp` (256→1024→1024→10) on ONNX Runtime, batch-1 requests over gRPC from closed-loop clients in \
-         the benchmark process, {:.0} s per point. \"on\": `max_batch_size = 32`, `max_queue_delay_us = 0` \
-         (requests queued while the worker runs are stacked); \"off\": `max_batch_size = 0`. \"on mean batch\" is \
+         the benchmark process, {:.0} s per point. \"on\": `max_batch_size = 32`, `max_queue_delay_us` unset \
+         (the adaptive delay, the default: requests queued while the worker runs are stacked, and while the last \
+         run held several the worker waits, at most as long as that run took, for as many); \"off\": `max_batch_size = 0`. \"on mean batch\" is \
          the mean of the \"on\" agent's `edgefleet_inference_batch_size` histogram over the point. \"CPU per request\" \
          is the CPU time (user and kernel, from the scheduler's per-thread counters) used over the point, divided by \
          the requests answered, by the agent's model threads (its model worker and ONNX Runtime's pool: queued and \
@@ -631,8 +632,8 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let off_at_32 = off_at_32.context("no 32-client point")?;
     writeln!(
         out,
-        "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with a `max_queue_delay_us`: the worker waits up to \
-         that long for a batch to fill before it runs. On a device whose cores are busy with the transport, requests \
+        "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with a fixed `max_queue_delay_us`: the worker waits up to \
+         that long for a batch to fill before it runs (0: it runs what is queued at once, no adaptive wait). On a device whose cores are busy with the transport, requests \
          still being received then join the batch the worker is gathering instead of the next one. Each delay is measured with its own \
          agent, after the table above; \"gain\" is over the unbatched throughput at 32 clients above.\n"
     )?;
