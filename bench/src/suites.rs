@@ -599,7 +599,6 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             off.errors + on.errors
         )?;
         if clients == 32 {
-            off_at_32 = Some(off.throughput);
             verdict = cpu_at_32(&off, &on, &raw_batched)?;
             let mut pairs = vec![(off, on)];
             // More off/on pairs, each back to back: one noisy point on a
@@ -613,6 +612,8 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
                 pairs.push((off, on));
             }
             verdict = format!("{}{verdict}", gain_verdict(&pairs));
+            let offs: Vec<f64> = pairs.iter().map(|(off, _)| off.throughput).collect();
+            off_at_32 = Some(median(&offs));
         }
     }
     out.push_str(&verdict);
@@ -632,10 +633,11 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let off_at_32 = off_at_32.context("no 32-client point")?;
     writeln!(
         out,
-        "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with a fixed `max_queue_delay_us`: the worker waits up to \
-         that long for a batch to fill before it runs (0: it runs what is queued at once, no adaptive wait). On a device whose cores are busy with the transport, requests \
-         still being received then join the batch the worker is gathering instead of the next one. Each delay is measured with its own \
-         agent, after the table above; \"gain\" is over the unbatched throughput at 32 clients above.\n"
+        "\n### Queue delay at 32 clients\n\n`max_batch_size = 32` with the adaptive delay (unset, as above) and with a fixed \
+         `max_queue_delay_us`: the worker waits up to that long for a batch to fill before it runs (0: it runs what is \
+         queued at once). On a device whose cores are busy with the transport, requests still being received then join \
+         the batch the worker is gathering instead of the next one. Each delay is measured with its own agent, one \
+         after the other, after the table above; \"gain\" is over the median unbatched throughput of the 32-client pairs above.\n"
     )?;
     writeln!(
         out,
@@ -643,19 +645,21 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     )?;
     writeln!(out, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
     for delay_us in QUEUE_DELAYS_US {
+        let (label, setting) = match delay_us {
+            Some(us) => (us.to_string(), format!("max_queue_delay_us = {us}\n")),
+            None => ("unset (adaptive)".to_string(), String::new()),
+        };
         let repo = repository_with(
             &args.bench_models,
             model.name,
-            &format!(
-                "max_batch_size = 32\nmax_queue_delay_us = {delay_us}\nqueue_capacity = 512\n"
-            ),
+            &format!("max_batch_size = 32\n{setting}queue_capacity = 512\n"),
         )?;
         let agent = AgentProcess::start(&args.agent, repo.path(), "onnxruntime").await?;
         let (on, batch) =
             batched_closed_loop(&agent, model.name, 32, args.seconds, &request).await?;
         writeln!(
             out,
-            "| {delay_us} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.2}× |",
+            "| {label} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.2}× |",
             on.throughput,
             on.p50,
             on.p99,
@@ -745,8 +749,9 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The queue delays the batching suite compares at 32 clients.
-const QUEUE_DELAYS_US: [u64; 3] = [0, 200, 1000];
+/// The queue delays the batching suite compares at 32 clients (`None`: unset,
+/// the adaptive delay).
+const QUEUE_DELAYS_US: [Option<u64>; 4] = [None, Some(0), Some(200), Some(1000)];
 
 /// A warm-up and a measured [`closed_loop`] on a batching agent, and the
 /// mean batch size over the measured part (from its `/metrics`).
