@@ -983,23 +983,27 @@ mod tests {
         assert_eq!(*batches.lock().unwrap(), vec![1, 4]);
     }
 
-    #[test]
-    fn requests_coming_together_skip_the_fast_path_until_one_runs_alone() {
-        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
-        // Known to be fast: a lone request has run.
-        infer_blocking(&version);
-        // Requests queue while the session is busy: they run together.
+    /// One lone request (so the model is known to be fast), then three
+    /// that queue while the session is busy, so they run together: as
+    /// `[1, 3]`, or `[1, 1, 2]` if the worker took the first before the
+    /// others queued.
+    fn run_alone_then_together(version: &LoadedVersion) {
+        infer_blocking(version);
         let session = Arc::clone(&version.sessions[0]);
         let guard = lock(&session);
-        let first = version.submit(row([1.0, 2.0], 1)).unwrap();
-        let queued: Vec<_> = (0..2)
+        let receivers: Vec<_> = (0..3)
             .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
             .collect();
         drop(guard);
-        first.blocking_recv().unwrap().unwrap();
-        for receiver in queued {
+        for receiver in receivers {
             receiver.blocking_recv().unwrap().unwrap();
         }
+    }
+
+    #[test]
+    fn requests_coming_together_skip_the_fast_path_until_one_runs_alone() {
+        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        run_alone_then_together(&version);
         // Idle and fast, but the last run held two: this one goes to the
         // worker (which may wait for company); once it ran alone, the next
         // takes the fast path again.
@@ -1009,8 +1013,6 @@ mod tests {
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         let worker = "infer-m-1-0".to_string();
-        // The worker took all three at once, or the first and then the two
-        // that queued meanwhile.
         let batches = batches.lock().unwrap();
         assert!(
             *batches == [1, 3, 1, 1] || *batches == [1, 1, 2, 1, 1],
@@ -1027,19 +1029,7 @@ mod tests {
             ..ModelConfig::default()
         };
         let (version, batches, threads) = start_traced(config, Duration::ZERO);
-        // Known to be fast: a lone request has run.
-        infer_blocking(&version);
-        let session = Arc::clone(&version.sessions[0]);
-        let guard = lock(&session);
-        let first = version.submit(row([1.0, 2.0], 1)).unwrap();
-        let queued: Vec<_> = (0..2)
-            .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
-            .collect();
-        drop(guard);
-        first.blocking_recv().unwrap().unwrap();
-        for receiver in queued {
-            receiver.blocking_recv().unwrap().unwrap();
-        }
+        run_alone_then_together(&version);
         quiet();
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
