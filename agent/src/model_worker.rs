@@ -3,7 +3,7 @@
 //!
 //! `ort` sessions run with `&mut self`, so each session is owned by one worker
 //! thread (`instances` of them per version) and fed through a bounded queue;
-//! there is no lock around a session. A worker takes the oldest request and,
+//! no lock is shared between sessions. A worker takes the oldest request and,
 //! if the model can be batched, every queued request with the same input
 //! shapes (after the batch dimension) up to `max_batch_size`, waiting for more
 //! as the model's [`QueueDelay`] says (adaptive unless `max_queue_delay_us`

@@ -576,8 +576,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let mut off_at_32 = None;
     for clients in [1usize, 8, 32, 128] {
         // Warm up each, then measure; the idle agent costs nothing meanwhile.
-        closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
-        let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
+        let off = warmed_closed_loop(&off_agent, clients, args.seconds, &request).await?;
         let (on, batch) =
             batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request).await?;
         let gain = on.throughput / off.throughput;
@@ -599,19 +598,18 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             off.errors + on.errors
         )?;
         if clients == 32 {
-            verdict = cpu_at_32(&off, &on, &raw_batched)?;
+            let cpu = cpu_at_32(&off, &on, &raw_batched)?;
             let mut pairs = vec![(off, on)];
             // More off/on pairs, each back to back: one noisy point on a
             // shared machine must not decide the verdict.
             for _ in 1..GAIN_PAIRS_AT_32 {
-                closed_loop(&off_agent, clients, 0.5, request.clone()).await?;
-                let off = closed_loop(&off_agent, clients, args.seconds, request.clone()).await?;
+                let off = warmed_closed_loop(&off_agent, clients, args.seconds, &request).await?;
                 let (on, _) =
                     batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request)
                         .await?;
                 pairs.push((off, on));
             }
-            verdict = format!("{}{verdict}", gain_verdict(&pairs));
+            verdict = format!("{}{cpu}", gain_verdict(&pairs));
             let offs: Vec<f64> = pairs.iter().map(|(off, _)| off.throughput).collect();
             off_at_32 = Some(median(&offs));
         }
@@ -752,6 +750,17 @@ fn median(values: &[f64]) -> f64 {
 /// The queue delays the batching suite compares at 32 clients (`None`: unset,
 /// the adaptive delay).
 const QUEUE_DELAYS_US: [Option<u64>; 4] = [None, Some(0), Some(200), Some(1000)];
+
+/// A warm-up, then a measured [`closed_loop`].
+async fn warmed_closed_loop(
+    agent: &AgentProcess,
+    clients: usize,
+    seconds: f64,
+    request: &pb::ModelInferRequest,
+) -> anyhow::Result<LoadResult> {
+    closed_loop(agent, clients, 0.5, request.clone()).await?;
+    closed_loop(agent, clients, seconds, request.clone()).await
+}
 
 /// A warm-up and a measured [`closed_loop`] on a batching agent, and the
 /// mean batch size over the measured part (from its `/metrics`).
