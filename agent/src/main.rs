@@ -544,8 +544,9 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+    // Cancel first: nothing after the signal may keep the process serving.
     shutdown.cancel();
+    tracing::info!("shutting down");
 }
 
 fn check(args: CheckModelArgs) -> anyhow::Result<()> {
@@ -567,6 +568,13 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
         .block_on(work)
 }
 
+/// Writes a line to stderr; unlike `eprintln!`, does not panic when stderr
+/// is gone.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -576,6 +584,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (whoever read stderr has gone)
+        // is dropped; by default the subscriber would report it with
+        // `eprintln!`, which panics on the same broken pipe, and a panicking
+        // task (the one handling SIGTERM, say) would stop doing its work.
+        .log_internal_errors(false)
         .init();
     let released = edgefleet_agent::memory::release_relocation_table();
     tracing::debug!(bytes = released, "released the relocation table's pages");
@@ -588,7 +601,7 @@ fn main() -> ExitCode {
             return match check(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    eprintln!("model check failed: {err:#}");
+                    report(format_args!("model check failed: {err:#}"));
                     ExitCode::FAILURE
                 }
             };
@@ -597,7 +610,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("edgefleet-agent: {err:#}");
+            report(format_args!("edgefleet-agent: {err:#}"));
             ExitCode::FAILURE
         }
     }

@@ -291,3 +291,58 @@ fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Whoever reads the agent's log may go away (a log collector restarting, a
+/// closed terminal): log lines are then dropped, and SIGTERM still stops the
+/// agent cleanly. Before, the first line written after that panicked the
+/// task writing it, and the task handling SIGTERM was one of them: the agent
+/// went on serving and swallowed every later SIGTERM.
+#[test]
+fn sigterm_stops_the_agent_cleanly_after_the_reader_of_its_log_has_gone() {
+    let repository =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
+    let mut child = agent_bin()
+        .args(["serve", "--runtime", "tract", "--model-repository"])
+        .arg(&repository)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("initial model load done") {
+        line.clear();
+        let read = log.read_line(&mut line).unwrap();
+        assert!(read > 0, "the agent exited before loading its models");
+    }
+    // The pipe's only reader closes: every later write to stderr fails.
+    drop(log);
+    let status = terminate(&mut child, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the agent should exit with success on SIGTERM, got {status:?}"
+    );
+}
+
+/// SIGTERM, then waits up to `timeout` for the exit status (None: SIGKILLed
+/// after the timeout).
+fn terminate(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}

@@ -3,6 +3,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -100,7 +101,9 @@ impl AgentProcess {
     }
 
     async fn spawn(agent: &Path, args: Vec<OsString>) -> anyhow::Result<AgentProcess> {
-        let mut child = Command::new(agent)
+        let mut command = Command::new(agent);
+        stop_with_this_thread(&mut command);
+        let mut child = command
             .args(args)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("EDGEFLEET_LOG", "info")
@@ -310,6 +313,32 @@ fn time_on_cpu(schedstat: &str) -> Option<Duration> {
     Some(Duration::from_nanos(nanos))
 }
 
+/// Has the process `command` starts receive SIGTERM when the thread that
+/// starts it exits, also when the benchmark is killed and cannot drop its
+/// [`AgentProcess`]: an orphaned agent would keep serving and, in low-latency
+/// mode, keep every CPU polling (its PM QoS request lives as long as it
+/// does). Linux ties the signal to the spawning thread, not the process:
+/// agents are started from the async runtime's worker threads, which live
+/// as long as the benchmark.
+#[allow(unsafe_code)] // `pre_exec`; see the SAFETY note.
+fn stop_with_this_thread(command: &mut Command) {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure only makes two syscalls that
+    // neither allocate nor take locks.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The benchmark may have died before the request was in place.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the benchmark exited"));
+            }
+            Ok(())
+        });
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -320,6 +349,23 @@ impl Drop for AgentProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_started_process_is_stopped_when_the_thread_that_started_it_exits() {
+        let starter = std::thread::spawn(|| {
+            let mut command = Command::new("sleep");
+            command.arg("30");
+            stop_with_this_thread(&mut command);
+            command.spawn().expect("start sleep")
+        });
+        let mut child = starter.join().unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGTERM),
+            "{status:?}"
+        );
+    }
 
     /// The calling thread's CPU time, from the same counter.
     fn own_cpu_time() -> Duration {

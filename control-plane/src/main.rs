@@ -73,8 +73,16 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    tracing::info!("shutting down");
+    // Cancel first: nothing after the signal may keep the process serving.
     shutdown.cancel();
+    tracing::info!("shutting down");
+}
+
+/// Writes a line to stderr; unlike `eprintln!`, does not panic when stderr
+/// is gone.
+fn report(message: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
 }
 
 fn main() -> ExitCode {
@@ -86,6 +94,11 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // A log line that cannot be written (whoever read stderr has gone)
+        // is dropped; by default the subscriber would report it with
+        // `eprintln!`, which panics on the same broken pipe, and a panicking
+        // task (the one handling SIGTERM, say) would stop doing its work.
+        .log_internal_errors(false)
         .init();
     let result = match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
@@ -97,7 +110,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("edgefleet-server: {err:#}");
+            report(format_args!("edgefleet-server: {err:#}"));
             ExitCode::FAILURE
         }
     }

@@ -674,6 +674,58 @@ fn sigterm_stops_server_and_agent_promptly_with_a_session_open() {
     );
 }
 
+/// Whoever reads the server's log may go away (a log collector restarting):
+/// log lines are then dropped, and SIGTERM still stops the server cleanly
+/// (a line that could not be written used to panic the task writing it,
+/// the one handling SIGTERM included).
+#[test]
+fn sigterm_stops_the_server_cleanly_after_the_reader_of_its_log_has_gone() {
+    use std::io::BufRead;
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(binary("edgefleet-server"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .args(["--agent-addr", "127.0.0.1:0"])
+        .args(["--api-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .env("EDGEFLEET_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("edgefleet-server listening") {
+        line.clear();
+        let read = log.read_line(&mut line).unwrap();
+        assert!(read > 0, "the server exited before listening");
+    }
+    // The pipe's only reader closes: every later write to stderr fails.
+    drop(log);
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the server should exit with success on SIGTERM, got {status:?}"
+    );
+}
+
 #[test]
 fn telemetry_waits_for_the_upload_interval_but_urgent_events_go_at_once() {
     let fx = Fixture::new(Db::Sqlite);
