@@ -32,11 +32,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let server = edgefleet_control_plane::server::start(config).await?;
     if let Some(token) = &server.admin_token {
-        // Printed once; DATA_DIR/admin.token keeps it for scripts.
-        println!(
-            "edgefleet-server: created the first admin token (also in {}):\n{token}",
-            data_dir.join("admin.token").display()
-        );
+        // Printed once; DATA_DIR/admin.token keeps it for scripts. A closed
+        // stdout loses only the printed copy (`println!` would panic).
+        let path = data_dir.join("admin.token");
+        let printed = {
+            use std::io::Write;
+            writeln!(
+                std::io::stdout(),
+                "edgefleet-server: created the first admin token (also in {}):\n{token}",
+                path.display()
+            )
+        };
+        if let Err(err) = printed {
+            tracing::warn!(error = %err, path = %path.display(), "cannot print the first admin token; it is in the file");
+        }
     }
     let shutdown = server.shutdown_token();
     tokio::spawn(cancel_on_signal(shutdown.clone()));

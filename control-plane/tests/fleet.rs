@@ -680,21 +680,60 @@ fn sigterm_stops_server_and_agent_promptly_with_a_session_open() {
 /// the one handling SIGTERM included).
 #[test]
 fn sigterm_stops_the_server_cleanly_after_the_reader_of_its_log_has_gone() {
-    use std::io::BufRead;
     let data_dir = tempfile::tempdir().unwrap();
+    let (mut child, log) = server_until_listening(data_dir.path());
+    // The pipe's only reader closes: every later write to stderr fails.
+    drop(log);
+    let status = sigterm_and_wait(&mut child);
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the server should exit with success on SIGTERM, got {status:?}"
+    );
+}
+
+/// A first start whose stdout nobody reads (closed before the admin token is
+/// printed) still serves: the token is in DATA_DIR/admin.token.
+#[test]
+fn a_first_start_with_stdout_closed_serves_and_keeps_the_admin_token_in_its_file() {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (mut child, _log) = server_until_listening(data_dir.path());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the server exited after printing to a closed stdout"
+    );
+    let token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
+    assert!(!token.trim().is_empty(), "admin.token is empty");
+    let status = sigterm_and_wait(&mut child);
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the server should exit with success on SIGTERM, got {status:?}"
+    );
+}
+
+/// `edgefleet-server serve` on free ports, its stdout closed at once; returns
+/// once it logs that it listens, with the rest of its log still to read.
+fn server_until_listening(
+    data_dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStderr>,
+) {
+    use std::io::BufRead;
     let mut child = std::process::Command::new(binary("edgefleet-server"))
         .arg("serve")
         .arg("--data-dir")
-        .arg(data_dir.path())
+        .arg(data_dir)
         .args(["--agent-addr", "127.0.0.1:0"])
         .args(["--api-addr", "127.0.0.1:0"])
         .args(["--http-addr", "127.0.0.1:0"])
         .env("EDGEFLEET_LOG", "info")
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    drop(child.stdout.take());
     let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("edgefleet-server listening") {
@@ -702,28 +741,25 @@ fn sigterm_stops_the_server_cleanly_after_the_reader_of_its_log_has_gone() {
         let read = log.read_line(&mut line).unwrap();
         assert!(read > 0, "the server exited before listening");
     }
-    // The pipe's only reader closes: every later write to stderr fails.
-    drop(log);
+    (child, log)
+}
+
+/// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
+fn sigterm_and_wait(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
     std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
+    while Instant::now() < deadline {
         if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
+            return Some(status);
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(
-        status.is_some_and(|status| status.success()),
-        "the server should exit with success on SIGTERM, got {status:?}"
-    );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 #[test]
