@@ -77,6 +77,24 @@ pub fn may_hold() -> std::io::Result<()> {
     OpenOptions::new().write(true).open(PM_QOS_DEVICE).map(drop)
 }
 
+/// Where Linux names the driver that puts idle CPUs to sleep.
+pub const CPUIDLE_DRIVER: &str = "/sys/devices/system/cpu/cpuidle/current_driver";
+
+/// The cpuidle driver in use (`intel_idle`, `acpi_idle`, `haltpoll`, ...;
+/// `none` when the kernel has none), or `None` when it cannot be read.
+pub fn cpuidle_driver() -> Option<String> {
+    std::fs::read_to_string(CPUIDLE_DRIVER)
+        .ok()
+        .map(|driver| driver.trim().to_string())
+}
+
+/// Whether a limit can change how idle CPUs sleep under `driver`. Without a
+/// cpuidle driver (common on virtual machines) the kernel halts every idle
+/// CPU whatever the limit: PM QoS then has nothing to choose between.
+pub fn limit_can_take_effect(driver: Option<&str>) -> bool {
+    driver != Some("none")
+}
+
 /// The limit in force now, the lowest of every process's request, in
 /// microseconds (the kernel's default, about 2,000 s, when none is held).
 pub fn current_limit_micros() -> anyhow::Result<i32> {
@@ -120,6 +138,15 @@ mod tests {
             current_limit_micros().unwrap() > 7,
             "dropping the request should lift the 7 µs limit"
         );
+    }
+
+    #[test]
+    fn a_limit_takes_effect_unless_the_kernel_has_no_cpuidle_driver() {
+        assert!(!limit_can_take_effect(Some("none")));
+        assert!(limit_can_take_effect(Some("intel_idle")));
+        assert!(limit_can_take_effect(Some("haltpoll")));
+        // Unknown (no sysfs entry): the limit is held and may well work.
+        assert!(limit_can_take_effect(None));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgefleet_agent::cpu_latency::CpuWakeupLatency;
+use edgefleet_agent::cpu_latency::{self, CpuWakeupLatency};
 use edgefleet_agent::managed::enroll::EnrollOptions;
 use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
@@ -179,6 +179,13 @@ impl ServeConfig {
             limit_us = limit.as_micros() as u64,
             "low-latency mode: CPUs kept able to wake within the limit while the agent runs (uses more power)"
         );
+        let driver = cpu_latency::cpuidle_driver();
+        if !cpu_latency::limit_can_take_effect(driver.as_deref()) {
+            tracing::warn!(
+                path = cpu_latency::CPUIDLE_DRIVER,
+                "low-latency mode has no effect on this kernel: it has no cpuidle driver, so idle CPUs halt whatever the limit (common on virtual machines)"
+            );
+        }
         Ok(Some(held))
     }
 }

@@ -258,11 +258,13 @@ fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
     }
     let (mut child, rx) = spawn_logging(&args);
     let mut saw_mode = false;
+    let mut saw_no_effect = false;
     loop {
         let line = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("agent logs its addresses");
         saw_mode |= line.contains("low-latency mode") && line.contains("limit_us=900");
+        saw_no_effect |= line.contains("low-latency mode has no effect");
         if line.contains("http=") {
             break;
         }
@@ -270,6 +272,14 @@ fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
     assert!(
         saw_mode,
         "the log says the low-latency mode is on, with its limit"
+    );
+    // This machine's kernel decides: without a cpuidle driver the limit
+    // cannot change how idle CPUs sleep, and the agent says so.
+    let driver = edgefleet_agent::cpu_latency::cpuidle_driver();
+    assert_eq!(
+        saw_no_effect,
+        !edgefleet_agent::cpu_latency::limit_can_take_effect(driver.as_deref()),
+        "the warning that the mode has no effect follows the cpuidle driver ({driver:?})"
     );
     let held = |pid: u32| {
         std::fs::read_dir(format!("/proc/{pid}/fd"))

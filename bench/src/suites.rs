@@ -221,6 +221,18 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          `ServerLive` time is the HTTP/2 stacks of client and server and waking two processes.",
         tcp_lines.join("; ")
     )?;
+    let driver = edgefleet_agent::cpu_latency::cpuidle_driver();
+    if low_latency_allowed
+        && !edgefleet_agent::cpu_latency::limit_can_take_effect(driver.as_deref())
+    {
+        writeln!(
+            out,
+            "\nThis host's kernel has no cpuidle driver (`{}` reads `none`): its idle CPUs halt whatever \
+             the PM QoS limit, so the low-latency rows measure the same conditions as the default ones (the \
+             agent warns so at start).",
+            edgefleet_agent::cpu_latency::CPUIDLE_DRIVER
+        )?;
+    }
     if let (Some(least), Some(most)) = (
         transport_after_run.iter().copied().reduce(f64::min),
         transport_after_run.iter().copied().reduce(f64::max),
