@@ -372,7 +372,9 @@ impl LoadedVersion {
         match self.queue.try_send(job) {
             Ok(()) => {
                 self.metrics.requests.inc();
-                self.telemetry.observe_queue_depth(self.queue.len());
+                // This request was in the queue when it was sent, even if
+                // the worker has taken it already: the depth was at least 1.
+                self.telemetry.observe_queue_depth(self.queue.len().max(1));
                 Ok(receiver)
             }
             Err(TrySendError::Full(_)) => {
