@@ -18,6 +18,7 @@ use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
 use edgefleet_agent::server::{Agent, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions};
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
 use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};
+use edgefleet_daemon::{ShutdownSignals, report};
 use serde::Deserialize;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -324,6 +325,9 @@ fn file_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything loads or listens: a signal from now on is kept and
+    // shuts down cleanly once serving starts.
+    let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
     let file = file_config(args.serving.config.as_deref())?;
     let model_repository = args.model_repository.or(file.model_repository.clone());
     let config = resolve(model_repository, args.serving, &file)?;
@@ -332,7 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    signals.cancel_on_signal(shutdown.clone());
     with_grace(agent.run(grpc, http, shutdown.clone()), &shutdown).await?;
     Ok(())
 }
@@ -430,6 +434,9 @@ impl HelloSource for AgentHello {
 }
 
 async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
+    // Before anything loads or listens: a signal from now on is kept and
+    // shuts down cleanly once serving starts.
+    let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
     let file = file_config(args.serving.config.as_deref())?;
     let Some(state_dir) = args.state_dir.clone().or(file.state_dir.clone()) else {
         anyhow::bail!("--state-dir is required (or EDGEFLEET_STATE_DIR, or state_dir in --config)");
@@ -496,7 +503,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    signals.cancel_on_signal(shutdown.clone());
     let (delivery, delivery_task) = managed::delivery::start(
         state.clone(),
         delivery_registry,
@@ -531,31 +538,6 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    shutdown.cancel();
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    // Cancel first: nothing after the signal may keep the process serving.
-    shutdown.cancel();
-    tracing::info!("shutting down");
-}
-
 fn check(args: CheckModelArgs) -> anyhow::Result<()> {
     let (runtime, _) = runtime::select_runtime(args.runtime)?;
     let options = SessionOptions {
@@ -575,28 +557,9 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
         .block_on(work)
 }
 
-/// Writes a line to stderr; unlike `eprintln!`, does not panic when stderr
-/// is gone.
-fn report(message: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{message}");
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // A log line that cannot be written (whoever read stderr has gone)
-        // is dropped; by default the subscriber would report it with
-        // `eprintln!`, which panics on the same broken pipe, and a panicking
-        // task (the one handling SIGTERM, say) would stop doing its work.
-        .log_internal_errors(false)
-        .init();
+    edgefleet_daemon::init_logging();
     let released = edgefleet_agent::memory::release_relocation_table();
     tracing::debug!(bytes = released, "released the relocation table's pages");
     let result = match cli.command {

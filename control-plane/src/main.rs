@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefleet_control_plane::config::{ServeArgs, resolve};
-use tokio_util::sync::CancellationToken;
+use edgefleet_daemon::{ShutdownSignals, report};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,7 +30,16 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = resolve(args)?;
     let data_dir = config.data_dir.clone();
-    let server = edgefleet_control_plane::server::start(config).await?;
+    // Before anything is served: a signal from now on shuts down cleanly.
+    let mut signals = ShutdownSignals::install().context("cannot install signal handlers")?;
+    let server = tokio::select! {
+        started = edgefleet_control_plane::server::start(config) => started?,
+        // Starting may wait long (PostgreSQL unreachable): a signal stops it.
+        () = signals.recv() => {
+            tracing::info!("shutting down before the control plane had started");
+            return Ok(());
+        }
+    };
     if let Some(token) = &server.admin_token {
         // Printed once; DATA_DIR/admin.token keeps it for scripts. A closed
         // stdout loses only the printed copy (`println!` would panic).
@@ -48,7 +57,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let shutdown = server.shutdown_token();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    signals.cancel_on_signal(shutdown.clone());
     let waiting = server.wait();
     tokio::pin!(waiting);
     tokio::select! {
@@ -63,52 +72,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
-        match term {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    // Cancel first: nothing after the signal may keep the process serving.
-    shutdown.cancel();
-    tracing::info!("shutting down");
-}
-
-/// Writes a line to stderr; unlike `eprintln!`, does not panic when stderr
-/// is gone.
-fn report(message: std::fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "{message}");
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        // A log line that cannot be written (whoever read stderr has gone)
-        // is dropped; by default the subscriber would report it with
-        // `eprintln!`, which panics on the same broken pipe, and a panicking
-        // task (the one handling SIGTERM, say) would stop doing its work.
-        .log_internal_errors(false)
-        .init();
+    edgefleet_daemon::init_logging();
     let result = match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()

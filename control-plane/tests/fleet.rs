@@ -691,6 +691,58 @@ fn sigterm_stops_the_server_cleanly_after_the_reader_of_its_log_has_gone() {
     );
 }
 
+/// A SIGTERM while the server is still starting (here waiting for a
+/// PostgreSQL that accepts the connection and never answers) stops it
+/// cleanly: it is neither killed by the signal's default action nor left
+/// waiting until start-up gives up.
+#[test]
+fn sigterm_while_the_server_waits_for_its_database_stops_it_cleanly() {
+    let silent_database = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    silent_database.set_nonblocking(true).unwrap();
+    let url = format!(
+        "postgres://postgres@{}/test",
+        silent_database.local_addr().unwrap()
+    );
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(binary("edgefleet-server"))
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(data_dir.path())
+        .args(["--database-url", &url])
+        .args(["--agent-addr", "127.0.0.1:0"])
+        .args(["--api-addr", "127.0.0.1:0"])
+        .args(["--http-addr", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Connecting to its database means the server is starting.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let _connection = loop {
+        match silent_database.accept() {
+            Ok((connection, _)) => break connection,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "the server exited before connecting to its database"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "the server never connected to its database"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(err) => panic!("accept: {err}"),
+        }
+    };
+    let status = sigterm_and_wait(&mut child);
+    assert!(
+        status.is_some_and(|status| status.success()),
+        "the server should exit with success on SIGTERM while starting, got {status:?}"
+    );
+}
+
 /// A first start whose stdout nobody reads (closed before the admin token is
 /// printed) still serves: the token is in DATA_DIR/admin.token.
 #[test]

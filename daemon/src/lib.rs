@@ -1,0 +1,97 @@
+//! What edgefleet's long-running binaries (`edgefleet-agent` and
+//! `edgefleet-server`) share at start and stop:
+//!
+//! - [`init_logging`]: logs on stderr, filtered by `EDGEFLEET_LOG`, that
+//!   never panic when nobody reads them any more;
+//! - [`report`]: the final error line, written the same way;
+//! - [`ShutdownSignals`]: SIGTERM and SIGINT handlers installed before
+//!   anything is served, so a signal is never lost to the default
+//!   disposition (killed, no clean shutdown) nor to a task not yet running.
+
+use std::io::Write;
+
+use tokio_util::sync::CancellationToken;
+
+/// The environment variable holding the log filter (`info` when unset or
+/// malformed), e.g. `EDGEFLEET_LOG=debug` or `EDGEFLEET_LOG=edgefleet_agent=debug,info`.
+pub const LOG_FILTER_VAR: &str = "EDGEFLEET_LOG";
+
+/// Sends `tracing` output to stderr, with colours only on a terminal.
+///
+/// A line that cannot be written (whoever read stderr has gone: a log
+/// collector restarting, a closed terminal) is dropped. By default the
+/// subscriber would report it with `eprintln!`, which panics on the same
+/// broken pipe, and the panicking task (the one handling SIGTERM, say)
+/// would stop doing its work.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env(LOG_FILTER_VAR)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
+        .init();
+}
+
+/// Writes one line to stderr; unlike `eprintln!`, does not panic when
+/// stderr is gone.
+pub fn report(message: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// The signals that stop a daemon: SIGTERM (systemd, Kubernetes, `kill`)
+/// and SIGINT (Ctrl-C).
+///
+/// Handlers are installed by [`ShutdownSignals::install`], before the
+/// daemon starts serving: a signal that arrives while it starts is kept
+/// and delivered by the next [`recv`](ShutdownSignals::recv), instead of
+/// killing the process outright (the default disposition) or waiting for a
+/// task that has not been polled yet.
+pub struct ShutdownSignals {
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers. Must run inside a tokio runtime with signals
+    /// enabled.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                terminate: signal(SignalKind::terminate())?,
+                interrupt: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Waits for the next SIGTERM or SIGINT (one that arrived since
+    /// [`install`](Self::install) returns at once).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Spawns a task that cancels `shutdown` on the next signal, then logs
+    /// it. Cancelling comes first: nothing after the signal (a log line
+    /// that cannot be written, say) may keep the process serving.
+    pub fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+        tokio::spawn(async move {
+            self.recv().await;
+            shutdown.cancel();
+            tracing::info!("shutting down");
+        });
+    }
+}
