@@ -650,17 +650,17 @@ fn sigterm_stops_server_and_agent_promptly_with_a_session_open() {
         (server.device(&device)["status"] == "online").then_some(())
     });
     let started = Instant::now();
-    server.process.terminate();
+    let server_exit = server.process.terminate();
     assert!(
-        matches!(server.process.child.try_wait(), Ok(Some(_))),
-        "the server did not exit"
+        server_exit.is_some_and(|status| status.success()),
+        "the server did not exit cleanly on SIGTERM: {server_exit:?}"
     );
     let server_took = started.elapsed();
     let started = Instant::now();
-    agent.process.terminate();
+    let agent_exit = agent.process.terminate();
     assert!(
-        matches!(agent.process.child.try_wait(), Ok(Some(_))),
-        "the agent did not exit"
+        agent_exit.is_some_and(|status| status.success()),
+        "the agent did not exit cleanly on SIGTERM: {agent_exit:?}"
     );
     // `terminate` SIGKILLs after 10 s, so finishing well before proves SIGTERM worked.
     assert!(
@@ -704,14 +704,7 @@ fn sigterm_while_the_server_waits_for_its_database_stops_it_cleanly() {
         silent_database.local_addr().unwrap()
     );
     let data_dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(binary("edgefleet-server"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data_dir.path())
-        .args(["--database-url", &url])
-        .args(["--agent-addr", "127.0.0.1:0"])
-        .args(["--api-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0"])
+    let mut child = ephemeral_server_command(data_dir.path(), Some(&url))
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -765,6 +758,15 @@ fn a_first_start_with_stdout_closed_serves_and_keeps_the_admin_token_in_its_file
 
 /// `edgefleet-server serve` on free ports, its stdout closed at once; returns
 /// once it logs that it listens, with the rest of its log still to read.
+/// `edgefleet-server serve` on ephemeral ports, not yet spawned.
+fn ephemeral_server_command(
+    data_dir: &std::path::Path,
+    database_url: Option<&str>,
+) -> std::process::Command {
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    Server::command(data_dir, database_url, &[], any, any, any)
+}
+
 fn server_until_listening(
     data_dir: &std::path::Path,
 ) -> (
@@ -772,13 +774,7 @@ fn server_until_listening(
     std::io::BufReader<std::process::ChildStderr>,
 ) {
     use std::io::BufRead;
-    let mut child = std::process::Command::new(binary("edgefleet-server"))
-        .arg("serve")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--agent-addr", "127.0.0.1:0"])
-        .args(["--api-addr", "127.0.0.1:0"])
-        .args(["--http-addr", "127.0.0.1:0"])
+    let mut child = ephemeral_server_command(data_dir, None)
         .env("EDGEFLEET_LOG", "info")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -794,24 +790,6 @@ fn server_until_listening(
         assert!(read > 0, "the server exited before listening");
     }
     (child, log)
-}
-
-/// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
-fn sigterm_and_wait(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
 }
 
 #[test]

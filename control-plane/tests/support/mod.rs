@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -208,20 +208,27 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM and wait.
-    pub fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
+    /// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        sigterm_and_wait(&mut self.child)
     }
+}
+
+/// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
+pub fn sigterm_and_wait(child: &mut Child) -> Option<ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 impl Drop for Process {
@@ -265,14 +272,15 @@ impl Server {
         Server::start_on(data_dir, database_url, extra_args, any, any, any)
     }
 
-    pub fn start_on(
+    /// `edgefleet-server serve` with these settings, not yet spawned.
+    pub fn command(
         data_dir: &Path,
         database_url: Option<&str>,
         extra_args: &[&str],
         agent: SocketAddr,
         api: SocketAddr,
         http: SocketAddr,
-    ) -> Server {
+    ) -> Command {
         let mut command = Command::new(binary("edgefleet-server"));
         command
             .arg("serve")
@@ -285,6 +293,18 @@ impl Server {
         if let Some(url) = database_url {
             command.args(["--database-url", url]);
         }
+        command
+    }
+
+    pub fn start_on(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        extra_args: &[&str],
+        agent: SocketAddr,
+        api: SocketAddr,
+        http: SocketAddr,
+    ) -> Server {
+        let command = Server::command(data_dir, database_url, extra_args, agent, api, http);
         let mut process = Process::spawn(command, "server");
         let line = process.wait_for_stderr("edgefleet-server listening", Duration::from_secs(60));
         let agent_url = field(&line, "agent");
