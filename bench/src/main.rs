@@ -6,6 +6,7 @@
 
 mod agent_process;
 mod ingest;
+mod one_write_client;
 mod report;
 mod rollout;
 mod suites;

@@ -94,9 +94,14 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          on the same model in the benchmark process, with the session settings the agent uses by default \
          (one unpinned thread per physical core, threads that sleep between runs; input tensor creation and \
          output extraction included); \
-         \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (tonic client on \
+         \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (a client on \
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \
-         \"ServerLive\" is a gRPC `ServerLive` round trip to the same agent (no inference): the client and \
+         Each call is measured with two clients, both tonic's generated client and codec: \"tonic\" over tonic's `Channel` \
+         (hyper's HTTP/2 client, which writes a call's headers and its message in two writes, then an empty \
+         end-of-stream frame, so the agent wakes twice per call), and \"one write\" over a transport that hands \
+         h2 the headers and the message together (`bench/src/one_write_client.rs`), so a call reaches the agent in one \
+         TCP segment, as gRPC's C-core clients (C++, Python) send a unary call. \
+         \"ServerLive\" is a gRPC `ServerLive` round trip to the same agent with the same client (no inference): the client and \
          HTTP/2 transport alone. \"ServerLive after a run\" is the same round trip timed right after the client \
          ran the model once itself (raw, timed apart): still no inference in the agent, but the run has been through \
          both CPUs' caches, as the agent's own run has when its answer goes back. \"raw between round trips\" \
@@ -115,11 +120,11 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "| mode | model | raw p50 (µs) | raw p99 (µs) | raw between round trips p50 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | ServerLive after a run p50 (µs) | beyond transport (µs) | agent request mean (µs) | agent queue mean (µs) | agent compute mean (µs) |"
+        "| mode | model | client | raw p50 (µs) | raw p99 (µs) | raw between round trips p50 (µs) | agent p50 (µs) | agent p99 (µs) | p50 overhead (µs) | target | ServerLive p50 (µs) | ServerLive after a run p50 (µs) | beyond transport (µs) | agent request mean (µs) | agent queue mean (µs) | agent compute mean (µs) |"
     )?;
     writeln!(
         out,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     )?;
     let low_latency_allowed = edgefleet_agent::cpu_latency::may_hold()
         .map_err(|err| eprintln!("low-latency mode skipped: {err}"))
@@ -134,7 +139,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         if !extra.is_empty() && !low_latency_allowed {
             writeln!(
                 out,
-                "| {mode} | — | | | | | | | not measured: {} cannot be opened | | | | | | |",
+                "| {mode} | — | | | | | | | | not measured: {} cannot be opened | | | | | | |",
                 edgefleet_agent::cpu_latency::PM_QOS_DEVICE
             )?;
             continue;
@@ -142,8 +147,13 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         let agent =
             AgentProcess::start_with(&args.agent, &args.bench_models, "onnxruntime", extra).await?;
         // The transport's share: a ServerLive round trip does no inference.
-        let floor =
-            time_sequential_calls(agent.grpc_addr, Call::ServerLive, args.iterations)?.calls;
+        let mut floors = Vec::new();
+        for client in Client::ALL {
+            floors.push(
+                time_sequential_calls(agent.grpc_addr, client, Call::ServerLive, args.iterations)?
+                    .calls,
+            );
+        }
         // The machine's share: a 64-byte TCP echo between two threads.
         let tcp = tcp_round_trips(args.iterations)?;
         tcp_lines.push(format!(
@@ -165,53 +175,65 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                     raw.record(started.elapsed().as_micros() as u64)?;
                 }
             }
+            drop(run);
 
-            // The transport once this model's run has been through the caches,
-            // and the run itself when a round trip comes between runs.
-            let SequentialTimings {
-                calls: floor_after_run,
-                runs: raw_between_round_trips,
-            } = time_sequential_calls(
-                agent.grpc_addr,
-                Call::ServerLiveAfter(run),
-                args.iterations,
-            )?;
-            transport_after_run.push(us(&floor_after_run, 0.5));
-            run_slowdown.push(us(&raw_between_round_trips, 0.5) - us(&raw, 0.5));
+            for (client, floor) in Client::ALL.into_iter().zip(&floors) {
+                // The transport once this model's run has been through the caches,
+                // and the run itself when a round trip comes between runs.
+                let run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
+                let SequentialTimings {
+                    calls: floor_after_run,
+                    runs: raw_between_round_trips,
+                } = time_sequential_calls(
+                    agent.grpc_addr,
+                    client,
+                    Call::ServerLiveAfter(run),
+                    args.iterations,
+                )?;
+                transport_after_run.push(us(&floor_after_run, 0.5));
+                run_slowdown.push(us(&raw_between_round_trips, 0.5) - us(&raw, 0.5));
 
-            let request = infer_request(model.name, model.input, shape, &values);
-            // The agent's own view of the same calls, from its /metrics histograms.
-            let before = agent.metrics().await?;
-            let through_agent =
-                time_sequential_calls(agent.grpc_addr, Call::Infer(request), args.iterations)?
-                    .calls;
-            let after = agent.metrics().await?;
-            let mean = |metric: &str| -> anyhow::Result<f64> {
-                let since = HistogramTotals::read(&before, metric, model.name)?;
-                Ok(HistogramTotals::read(&after, metric, model.name)?.mean_micros_since(&since))
-            };
-            let request_mean = mean("edgefleet_inference_request_seconds")?;
-            let queue_mean = mean("edgefleet_inference_queue_seconds")?;
-            let compute_mean = mean("edgefleet_inference_compute_seconds")?;
-            let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
-            writeln!(
-                out,
-                "| {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-                model.name,
-                us(&raw, 0.5),
-                us(&raw, 0.99),
-                us(&raw_between_round_trips, 0.5),
-                us(&through_agent, 0.5),
-                us(&through_agent, 0.99),
-                delta,
-                if delta <= 50.0 { "met" } else { "missed" },
-                us(&floor, 0.5),
-                us(&floor_after_run, 0.5),
-                delta - us(&floor_after_run, 0.5),
-                request_mean,
-                queue_mean,
-                compute_mean,
-            )?;
+                let request = infer_request(model.name, model.input, shape, &values);
+                // The agent's own view of the same calls, from its /metrics histograms.
+                let before = agent.metrics().await?;
+                let through_agent = time_sequential_calls(
+                    agent.grpc_addr,
+                    client,
+                    Call::Infer(request),
+                    args.iterations,
+                )?
+                .calls;
+                let after = agent.metrics().await?;
+                let mean =
+                    |metric: &str| -> anyhow::Result<f64> {
+                        let since = HistogramTotals::read(&before, metric, model.name)?;
+                        Ok(HistogramTotals::read(&after, metric, model.name)?
+                            .mean_micros_since(&since))
+                    };
+                let request_mean = mean("edgefleet_inference_request_seconds")?;
+                let queue_mean = mean("edgefleet_inference_queue_seconds")?;
+                let compute_mean = mean("edgefleet_inference_compute_seconds")?;
+                let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
+                writeln!(
+                    out,
+                    "| {mode} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    model.name,
+                    client.label(),
+                    us(&raw, 0.5),
+                    us(&raw, 0.99),
+                    us(&raw_between_round_trips, 0.5),
+                    us(&through_agent, 0.5),
+                    us(&through_agent, 0.99),
+                    delta,
+                    if delta <= 50.0 { "met" } else { "missed" },
+                    us(floor, 0.5),
+                    us(&floor_after_run, 0.5),
+                    delta - us(&floor_after_run, 0.5),
+                    request_mean,
+                    queue_mean,
+                    compute_mean,
+                )?;
+            }
         }
     }
     writeln!(
@@ -327,12 +349,35 @@ enum Call {
     ServerLiveAfter(RawRun<'static>),
 }
 
+/// The gRPC client a sequential benchmark drives the agent with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Client {
+    /// tonic's `Channel` (hyper's HTTP/2 client): headers and message in two
+    /// writes, then an empty end-of-stream frame.
+    Tonic,
+    /// tonic's generated client over [`crate::one_write_client`]: the call in
+    /// one write, as gRPC's C-core clients (C++, Python) send a unary call.
+    OneWrite,
+}
+
+impl Client {
+    const ALL: [Client; 2] = [Client::Tonic, Client::OneWrite];
+
+    fn label(self) -> &'static str {
+        match self {
+            Client::Tonic => "tonic",
+            Client::OneWrite => "one write",
+        }
+    }
+}
+
 /// Times `iterations` sequential calls (after 300 of warm-up) from one client
 /// on its own thread and single-threaded tokio runtime, as a sequential
 /// client is normally built.
 fn time_sequential_calls(
     addr: std::net::SocketAddr,
-    mut call: Call,
+    client: Client,
+    call: Call,
     iterations: usize,
 ) -> anyhow::Result<SequentialTimings> {
     let client_thread = std::thread::spawn(move || -> anyhow::Result<SequentialTimings> {
@@ -340,36 +385,59 @@ fn time_sequential_calls(
             .enable_all()
             .build()?;
         runtime.block_on(async move {
-            let mut client = AgentProcess::client_for(addr).await?;
-            let mut calls = histogram();
-            let mut runs = histogram();
-            for i in 0..(iterations + 300) {
-                if let Call::ServerLiveAfter(run) = &mut call {
-                    let started = Instant::now();
-                    run.once()?;
-                    if i >= 300 {
-                        runs.record(started.elapsed().as_micros() as u64)?;
-                    }
+            match client {
+                Client::Tonic => {
+                    let client = AgentProcess::client_for(addr).await?;
+                    time_calls(client, call, iterations).await
                 }
-                let started = Instant::now();
-                match &call {
-                    Call::Infer(request) => {
-                        std::hint::black_box(client.model_infer(request.clone()).await?);
-                    }
-                    Call::ServerLive | Call::ServerLiveAfter(_) => {
-                        std::hint::black_box(client.server_live(pb::ServerLiveRequest {}).await?);
-                    }
-                }
-                if i >= 300 {
-                    calls.record(started.elapsed().as_micros() as u64)?;
+                Client::OneWrite => {
+                    let client = crate::one_write_client::connect(addr).await?;
+                    time_calls(client, call, iterations).await
                 }
             }
-            Ok(SequentialTimings { calls, runs })
         })
     });
     client_thread
         .join()
         .map_err(|_| anyhow::anyhow!("the client thread panicked"))?
+}
+
+async fn time_calls<T>(
+    mut client: pb::grpc_inference_service_client::GrpcInferenceServiceClient<T>,
+    mut call: Call,
+    iterations: usize,
+) -> anyhow::Result<SequentialTimings>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T::ResponseBody: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as http_body::Body>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+{
+    let mut calls = histogram();
+    let mut runs = histogram();
+    for i in 0..(iterations + 300) {
+        if let Call::ServerLiveAfter(run) = &mut call {
+            let started = Instant::now();
+            run.once()?;
+            if i >= 300 {
+                runs.record(started.elapsed().as_micros() as u64)?;
+            }
+        }
+        let started = Instant::now();
+        match &call {
+            Call::Infer(request) => {
+                std::hint::black_box(client.model_infer(request.clone()).await?);
+            }
+            Call::ServerLive | Call::ServerLiveAfter(_) => {
+                std::hint::black_box(client.server_live(pb::ServerLiveRequest {}).await?);
+            }
+        }
+        if i >= 300 {
+            calls.record(started.elapsed().as_micros() as u64)?;
+        }
+    }
+    Ok(SequentialTimings { calls, runs })
 }
 
 /// A repository holding one model with the given config.

@@ -1,0 +1,104 @@
+//! A gRPC client transport that sends a unary request in one write.
+//!
+//! tonic's `Channel` sends each request through hyper, whose HTTP/2 client
+//! writes the HEADERS frame first and the message in a second write (its body
+//! pipe waits for send capacity, which h2 only grants once the stream is open),
+//! then an empty end-of-stream DATA frame: the server wakes twice per call.
+//! gRPC's C-core clients (C++, Python) batch a unary call's headers, message and
+//! end of stream into one write, so a server gets the call in one TCP segment. This
+//! transport does the same with `h2` directly (the message is handed to h2
+//! with the headers, flagged end-of-stream), under tonic's own generated client,
+//! codec and status handling, so the overhead benchmark can measure the agent
+//! with a client of that kind beside tonic's.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use http_body::Frame;
+use http_body_util::BodyExt;
+
+/// A tonic inference client over [`OneWriteTransport`], connected to `addr`.
+/// The HTTP/2 connection is driven by a task on the current runtime.
+pub async fn connect(
+    addr: SocketAddr,
+) -> anyhow::Result<GrpcInferenceServiceClient<OneWriteTransport>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (send, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            eprintln!("one-write client: connection to {addr} ended: {err}");
+        }
+    });
+    let origin: http::Uri = format!("http://{addr}").parse()?;
+    Ok(
+        GrpcInferenceServiceClient::with_origin(OneWriteTransport { send }, origin)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+    )
+}
+
+#[derive(Clone)]
+pub struct OneWriteTransport {
+    send: h2::client::SendRequest<Bytes>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower::Service<http::Request<tonic::body::Body>> for OneWriteTransport {
+    type Response = http::Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.send.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let mut send = self.send.clone();
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            // A unary call's body is one encoded message, ready at once.
+            let message = body.collect().await?.to_bytes();
+            send = send.ready().await?;
+            let (response, mut stream) =
+                send.send_request(http::Request::from_parts(parts, ()), false)?;
+            // Buffered with the headers before the connection task next
+            // flushes: HEADERS and DATA(END_STREAM) go out in one write.
+            stream.send_data(message, true)?;
+            Ok(response.await?.map(ResponseBody))
+        })
+    }
+}
+
+/// A response's DATA frames, then its trailers (where gRPC puts the status).
+pub struct ResponseBody(h2::RecvStream);
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        if let Some(data) = ready!(self.0.poll_data(cx)) {
+            let data = data?;
+            // Hand the window back so the connection never stalls.
+            self.0.flow_control().release_capacity(data.len())?;
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        Poll::Ready(
+            ready!(self.0.poll_trailers(cx))
+                .transpose()
+                .map(|trailers| trailers.map(Frame::trailers)),
+        )
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+}
