@@ -24,6 +24,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Blob chunks are the bulk of a model download: `Bytes` lets the
         // decoder hand them over without copying.
         .bytes(".edgefleet.v1.BlobChunk.data")
+        // Tensor payloads: the agent reads a request's tensors where the
+        // decoder left them, and answers with the runtime's output bytes,
+        // without a copy on either side.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;

@@ -2,6 +2,7 @@
 //! `inference` types and the domain types, and the tonic service that calls
 //! [`InferenceService`]. Nothing else in the agent sees protobuf types.
 
+use bytes::Bytes;
 use edgefleet_proto::inference as pb;
 use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use tonic::{Request, Response, Status};
@@ -174,7 +175,7 @@ pub fn infer_response_to_proto(response: InferResponse) -> pb::ModelInferRespons
         });
         raw.push(match tensor.data {
             TensorData::Raw(bytes) => bytes,
-            TensorData::Bytes(items) => encode_raw_strings(&items),
+            TensorData::Bytes(items) => encode_raw_strings(&items).into(),
         });
     }
     pb::ModelInferResponse {
@@ -250,7 +251,7 @@ fn typed_contents(
                     "input '{name}' is FP16, which has no typed contents field: send it in raw_input_contents"
                 )))
             } else {
-                Ok(TensorData::Raw(Vec::new()))
+                Ok(TensorData::Raw(Bytes::new()))
             };
         }
     };
@@ -288,10 +289,10 @@ fn typed_contents(
                 .iter()
                 .map(|&v| i16::try_from(v).map_err(|_| out_of_range(&v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&values).to_vec())
+            TensorData::from_values(&values)
         }
-        DataType::I32 => TensorData::Raw(bytemuck::cast_slice(&contents.int_contents).to_vec()),
-        DataType::I64 => TensorData::Raw(bytemuck::cast_slice(&contents.int64_contents).to_vec()),
+        DataType::I32 => TensorData::from_values(&contents.int_contents),
+        DataType::I64 => TensorData::from_values(&contents.int64_contents),
         DataType::U8 => TensorData::Raw(
             contents
                 .uint_contents
@@ -305,14 +306,14 @@ fn typed_contents(
                 .iter()
                 .map(|&v| u16::try_from(v).map_err(|_| out_of_range(&v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&values).to_vec())
+            TensorData::from_values(&values)
         }
-        DataType::U32 => TensorData::Raw(bytemuck::cast_slice(&contents.uint_contents).to_vec()),
-        DataType::U64 => TensorData::Raw(bytemuck::cast_slice(&contents.uint64_contents).to_vec()),
-        DataType::F32 => TensorData::Raw(bytemuck::cast_slice(&contents.fp32_contents).to_vec()),
-        DataType::F64 => TensorData::Raw(bytemuck::cast_slice(&contents.fp64_contents).to_vec()),
+        DataType::U32 => TensorData::from_values(&contents.uint_contents),
+        DataType::U64 => TensorData::from_values(&contents.uint64_contents),
+        DataType::F32 => TensorData::from_values(&contents.fp32_contents),
+        DataType::F64 => TensorData::from_values(&contents.fp64_contents),
         DataType::Bytes => TensorData::Bytes(contents.bytes_contents),
-        DataType::F16 => TensorData::Raw(Vec::new()),
+        DataType::F16 => TensorData::Raw(Bytes::new()),
     })
 }
 

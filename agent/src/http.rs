@@ -307,7 +307,7 @@ fn json_to_data(name: &str, dtype: DataType, values: &[&Value]) -> Result<Tensor
                         .ok_or_else(|| bad(v))
                 })
                 .collect::<Result<Vec<$ty>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&items).to_vec())
+            TensorData::from_values(&items)
         }};
     }
     Ok(match dtype {
@@ -330,21 +330,21 @@ fn json_to_data(name: &str, dtype: DataType, values: &[&Value]) -> Result<Tensor
                 .iter()
                 .map(|v| v.as_f64().map(half::f16::from_f64).ok_or_else(|| bad(v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&items).to_vec())
+            TensorData::from_values(&items)
         }
         DataType::F32 => {
             let items = values
                 .iter()
                 .map(|v| v.as_f64().map(|n| n as f32).ok_or_else(|| bad(v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&items).to_vec())
+            TensorData::from_values(&items)
         }
         DataType::F64 => {
             let items = values
                 .iter()
                 .map(|v| v.as_f64().ok_or_else(|| bad(v)))
                 .collect::<Result<Vec<_>, _>>()?;
-            TensorData::Raw(bytemuck::cast_slice(&items).to_vec())
+            TensorData::from_values(&items)
         }
         DataType::Bytes => TensorData::Bytes(
             values

@@ -74,7 +74,7 @@ fn zeros(name: &str, dtype: DataType, shape: &[i64]) -> Result<Tensor, String> {
     let shape: Vec<i64> = shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
     let count = element_count(&shape).map_err(|err| err.to_string())?;
     let data = match dtype.element_size() {
-        Some(size) => TensorData::Raw(vec![0; count * size]),
+        Some(size) => TensorData::Raw(vec![0; count * size].into()),
         None => TensorData::Bytes(vec![Vec::new(); count]),
     };
     Ok(Tensor {

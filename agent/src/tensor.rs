@@ -2,10 +2,13 @@
 //!
 //! Fixed-size element types are kept as little-endian bytes (`TensorData::Raw`):
 //! that is what `raw_input_contents` carries, what batching concatenates and
-//! what both runtimes copy from, so most requests never convert element by
-//! element. Strings (`BYTES`) are kept as one byte vector per element.
+//! what both runtimes read, so most requests never convert element by
+//! element, and a request's payload is read where the decoder left it. Strings (`BYTES`) are kept as one byte vector per element.
 
+use std::borrow::Cow;
 use std::fmt;
+
+use bytes::Bytes;
 
 /// Element type, named as in the Open Inference Protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -90,9 +93,18 @@ impl fmt::Display for DataType {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
     /// Fixed-size elements, little-endian, row-major. `BOOL` is one byte (0/1).
-    Raw(Vec<u8>),
+    /// `Bytes`, so a request's payload is read where the protocol decoder
+    /// left it and a batch's outputs are split without copying.
+    Raw(Bytes),
     /// One entry per element, for `BYTES`.
     Bytes(Vec<Vec<u8>>),
+}
+
+impl TensorData {
+    /// Fixed-size elements copied from a typed slice.
+    pub fn from_values<T: bytemuck::Pod>(values: &[T]) -> TensorData {
+        TensorData::Raw(Bytes::copy_from_slice(bytemuck::cast_slice(values)))
+    }
 }
 
 /// A named tensor with a concrete shape.
@@ -156,7 +168,7 @@ impl Tensor {
             name: name.into(),
             dtype,
             shape,
-            data: TensorData::Raw(bytemuck::cast_slice(values).to_vec()),
+            data: TensorData::from_values(values),
         }
     }
 
@@ -230,9 +242,21 @@ impl Tensor {
     /// Panics if `T` does not match the element size; callers dispatch on
     /// `dtype` first.
     pub fn to_vec<T: bytemuck::Pod>(&self) -> Vec<T> {
+        self.values().into_owned()
+    }
+
+    /// The fixed-size elements as a slice of `T`: the data in place when it
+    /// is aligned for `T`, else an aligned copy.
+    ///
+    /// Panics if `T` does not match the element size; callers dispatch on
+    /// `dtype` first.
+    pub fn values<T: bytemuck::Pod>(&self) -> Cow<'_, [T]> {
         match &self.data {
-            TensorData::Raw(bytes) => bytemuck::pod_collect_to_vec(bytes),
-            TensorData::Bytes(_) => Vec::new(),
+            TensorData::Raw(bytes) => match bytemuck::try_cast_slice(bytes) {
+                Ok(values) => Cow::Borrowed(values),
+                Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+            },
+            TensorData::Bytes(_) => Cow::Owned(Vec::new()),
         }
     }
 }
@@ -255,7 +279,7 @@ pub fn concat_batch(name: &str, parts: &[&Tensor]) -> Tensor {
                     out.extend_from_slice(bytes);
                 }
             }
-            TensorData::Raw(out)
+            TensorData::Raw(out.into())
         }
         TensorData::Bytes(_) => {
             let mut out = Vec::new();
@@ -293,8 +317,11 @@ pub fn split_batch(tensor: Tensor, sizes: &[i64]) -> Option<Vec<Tensor>> {
         let data = match &tensor.data {
             TensorData::Raw(bytes) => {
                 let width = row_elements * tensor.dtype.element_size()?;
-                let piece = bytes.get(offset * width..(offset + rows) * width)?;
-                TensorData::Raw(piece.to_vec())
+                let range = offset * width..(offset + rows) * width;
+                if range.end > bytes.len() {
+                    return None;
+                }
+                TensorData::Raw(bytes.slice(range))
             }
             TensorData::Bytes(items) => {
                 let piece = items.get(offset * row_elements..(offset + rows) * row_elements)?;
@@ -344,7 +371,7 @@ mod tests {
             name: "x".into(),
             dtype: DataType::F32,
             shape: vec![1],
-            data: TensorData::Raw(vec![0; 5]),
+            data: TensorData::Raw(vec![0; 5].into()),
         };
         assert!(matches!(
             ragged.validate(),
@@ -355,6 +382,39 @@ mod tests {
             negative.validate(),
             Err(TensorError::NegativeDimension { .. })
         ));
+    }
+
+    /// `values` as F32 bytes `offset` bytes past a 4-byte aligned start.
+    fn f32_tensor_at(values: &[f32], offset: usize) -> Tensor {
+        struct Words(Vec<u32>);
+        impl AsRef<[u8]> for Words {
+            fn as_ref(&self) -> &[u8] {
+                bytemuck::cast_slice(&self.0)
+            }
+        }
+        let mut words = vec![0u32; values.len() + 1];
+        let len = values.len() * 4;
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[offset..offset + len]
+            .copy_from_slice(bytemuck::cast_slice(values));
+        Tensor {
+            name: "x".into(),
+            dtype: DataType::F32,
+            shape: vec![values.len() as i64],
+            data: TensorData::Raw(Bytes::from_owner(Words(words)).slice(offset..offset + len)),
+        }
+    }
+
+    #[test]
+    fn values_are_borrowed_when_aligned_and_copied_when_not() {
+        let values = [1.5f32, -2.0, 3.25];
+        let aligned = f32_tensor_at(&values, 4);
+        assert!(matches!(aligned.values::<f32>(), Cow::Borrowed(_)));
+        assert_eq!(&*aligned.values::<f32>(), &values);
+        for offset in 1..4 {
+            let misaligned = f32_tensor_at(&values, offset);
+            assert!(matches!(misaligned.values::<f32>(), Cow::Owned(_)));
+            assert_eq!(&*misaligned.values::<f32>(), &values);
+        }
     }
 
     #[test]

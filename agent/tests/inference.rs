@@ -4,6 +4,7 @@
 
 mod support;
 
+use bytes::Bytes;
 use std::collections::HashMap;
 
 use edgefleet_agent::grpc::encode_raw_strings;
@@ -40,10 +41,10 @@ fn tensor_of(value: &Value) -> Tensor {
     .unwrap()
 }
 
-fn raw_bytes(tensor: &Tensor) -> Vec<u8> {
+fn raw_bytes(tensor: &Tensor) -> Bytes {
     match &tensor.data {
         TensorData::Raw(bytes) => bytes.clone(),
-        TensorData::Bytes(items) => encode_raw_strings(items),
+        TensorData::Bytes(items) => encode_raw_strings(items).into(),
     }
 }
 
@@ -702,7 +703,81 @@ async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice)
     agent.stop().await;
 }
 
+/// A tensor's raw bytes as a slice at `offset` bytes past an 8-byte aligned
+/// start, as a protocol decoder may leave a payload.
+fn at_byte_offset(bytes: &[u8], offset: usize) -> Bytes {
+    struct Words(Vec<u64>);
+    impl AsRef<[u8]> for Words {
+        fn as_ref(&self) -> &[u8] {
+            bytemuck::cast_slice(&self.0)
+        }
+    }
+    let mut words = vec![0u64; (offset + bytes.len()).div_ceil(8)];
+    bytemuck::cast_slice_mut::<u64, u8>(&mut words)[offset..offset + bytes.len()]
+        .copy_from_slice(bytes);
+    Bytes::from_owner(Words(words)).slice(offset..offset + bytes.len())
+}
+
+/// The runtimes read a raw payload in place when it is aligned for its
+/// element type and from an aligned copy when it is not: every fixture with
+/// fixed-size inputs gives the expected outputs from payloads at byte offsets
+/// 0 to 7, so both ways are taken for every element size.
+async fn raw_inputs_at_every_byte_offset_give_the_expected_outputs(runtime: RuntimeChoice) {
+    let (loaded_runtime, _) = edgefleet_agent::runtime::select_runtime(runtime).unwrap();
+    for model in fixture_names() {
+        if expected_load_failure(&model, runtime).is_some() {
+            continue;
+        }
+        let mut session = loaded_runtime
+            .load(&fixture_model(&model), &Default::default())
+            .unwrap();
+        for (i, case) in cases(&model).iter().enumerate() {
+            let inputs: Vec<Tensor> = case["inputs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(tensor_of)
+                .collect();
+            if inputs
+                .iter()
+                .any(|input| matches!(input.data, TensorData::Bytes(_)))
+            {
+                continue;
+            }
+            for offset in 0..8 {
+                let context =
+                    format!("{model} case {i}, payload at byte offset {offset}, on {runtime:?}");
+                let shifted = inputs
+                    .iter()
+                    .map(|input| match &input.data {
+                        TensorData::Raw(bytes) => Tensor {
+                            data: TensorData::Raw(at_byte_offset(bytes, offset)),
+                            ..input.clone()
+                        },
+                        TensorData::Bytes(_) => unreachable!("skipped above"),
+                    })
+                    .collect();
+                let outputs = session
+                    .run(shifted)
+                    .unwrap_or_else(|err| panic!("{context}: {err}"));
+                let got = sorted_by_name(
+                    outputs
+                        .iter()
+                        .map(|tensor| json!({ "name": tensor.name, "datatype": tensor.dtype.protocol_name(), "shape": tensor.shape, "data": data_to_json(tensor) }))
+                        .collect(),
+                );
+                let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+                assert_eq!(got.len(), want.len(), "{context}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert_tensor_matches(g, w, &context);
+                }
+            }
+        }
+    }
+}
+
 on_both_runtimes!(
+    raw_inputs_at_every_byte_offset_give_the_expected_outputs,
     every_fixture_matches_onnxruntime_python_over_http,
     every_fixture_matches_onnxruntime_python_over_grpc,
     output_selection_returns_only_the_outputs_asked_for,

@@ -405,10 +405,10 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     });
     let mut oversized = base.clone();
     oversized.inputs[0].shape = vec![1000, 16];
-    oversized.raw_input_contents[0] = vec![0; 64_000];
+    oversized.raw_input_contents[0] = vec![0; 64_000].into();
     let mut huge = base.clone();
     huge.inputs[0].shape = vec![10_000, 16];
-    huge.raw_input_contents[0] = vec![0; 640_000];
+    huge.raw_input_contents[0] = vec![0; 640_000].into();
     let grpc_cases = vec![
         (
             "unknown model",

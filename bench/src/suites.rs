@@ -981,7 +981,7 @@ fn zeros_like(spec: &edgefleet_agent::runtime::TensorSpec) -> anyhow::Result<Ten
         .collect();
     let count = element_count(&shape)?;
     let data = match spec.dtype.element_size() {
-        Some(size) => TensorData::Raw(vec![0; count * size]),
+        Some(size) => TensorData::Raw(vec![0; count * size].into()),
         None => TensorData::Bytes(vec![b"edge".to_vec(); count]),
     };
     Ok(Tensor {

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, ValueType};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
 
 use super::{
     ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec,
@@ -249,20 +249,27 @@ struct OnnxSession {
     signature: Signature,
 }
 
+/// An input for `Session::run`: ONNX Runtime reads the request's bytes in
+/// place when they are aligned for `T` (no copy), else an aligned copy.
 fn typed<
+    'a,
     T: bytemuck::Pod + ort::value::PrimitiveTensorElementType + std::fmt::Debug + Clone + 'static,
 >(
-    tensor: &Tensor,
-) -> Result<DynValue, RuntimeError> {
-    OrtTensor::<T>::from_array((tensor.shape.clone(), tensor.to_vec::<T>()))
-        .map(|t| t.into_dyn())
-        .map_err(run_error)
+    tensor: &'a Tensor,
+) -> Result<SessionInputValue<'a>, RuntimeError> {
+    match tensor.values::<T>() {
+        Cow::Borrowed(values) => TensorRef::<T>::from_array_view((tensor.shape.clone(), values))
+            .map(|t| SessionInputValue::from(t.into_dyn())),
+        Cow::Owned(values) => OrtTensor::<T>::from_array((tensor.shape.clone(), values))
+            .map(|t| SessionInputValue::from(t.into_dyn())),
+    }
+    .map_err(run_error)
 }
 
-fn to_ort(tensor: &Tensor) -> Result<DynValue, RuntimeError> {
+fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>, RuntimeError> {
     match tensor.dtype {
         DataType::Bool => OrtTensor::<bool>::from_array((tensor.shape.clone(), tensor.bools()))
-            .map(|t| t.into_dyn())
+            .map(|t| SessionInputValue::from(t.into_dyn()))
             .map_err(run_error),
         DataType::U8 => typed::<u8>(tensor),
         DataType::U16 => typed::<u16>(tensor),
@@ -279,7 +286,7 @@ fn to_ort(tensor: &Tensor) -> Result<DynValue, RuntimeError> {
             let strings = tensor.utf8_strings().map_err(run_error)?;
             let shape: Vec<i64> = tensor.shape.clone();
             OrtTensor::<String>::from_string_array((shape, strings.as_slice()))
-                .map(|t| t.into_dyn())
+                .map(|t| SessionInputValue::from(t.into_dyn()))
                 .map_err(run_error)
         }
     }
@@ -322,7 +329,7 @@ fn from_ort(name: &str, dtype: DataType, value: &DynValue) -> Result<Tensor, Run
                 DataType::F32 => extract::<f32>(value),
                 _ => extract::<f64>(value),
             }?;
-            (shape, TensorData::Raw(bytes))
+            (shape, TensorData::Raw(bytes.into()))
         }
     };
     Ok(Tensor {
@@ -341,12 +348,7 @@ impl ModelSession for OnnxSession {
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
         let values = inputs
             .iter()
-            .map(|tensor| {
-                Ok((
-                    Cow::Owned(tensor.name.clone()),
-                    SessionInputValue::from(to_ort(tensor)?),
-                ))
-            })
+            .map(|tensor| Ok((Cow::Borrowed(tensor.name.as_str()), to_ort(tensor)?)))
             .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()?;
         let outputs = self.session.run(values).map_err(run_error)?;
         self.signature

@@ -2,6 +2,7 @@
 //! dependency. Symbolic dimensions (a dynamic batch `N`) stay symbolic, so
 //! one plan serves every batch size.
 
+use bytes::Bytes;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -168,7 +169,7 @@ fn dims(tensor: &Tensor) -> Result<Vec<usize>, RuntimeError> {
 fn typed<T: bytemuck::Pod + tract_onnx::prelude::Datum>(
     tensor: &Tensor,
 ) -> Result<TractTensor, RuntimeError> {
-    TractTensor::from_shape::<T>(&dims(tensor)?, &tensor.to_vec::<T>()).map_err(run_error)
+    TractTensor::from_shape::<T>(&dims(tensor)?, &tensor.values::<T>()).map_err(run_error)
 }
 
 fn to_tract(tensor: &Tensor) -> Result<TractTensor, RuntimeError> {
@@ -210,9 +211,9 @@ fn from_tract(name: &str, value: &TractTensor) -> Result<Tensor, RuntimeError> {
         }
         _ if value.datum_type() == DatumType::TDim => {
             let cast = value.cast_to::<i64>().map_err(run_error)?;
-            TensorData::Raw(cast.as_bytes().to_vec())
+            TensorData::Raw(Bytes::copy_from_slice(cast.as_bytes()))
         }
-        _ => TensorData::Raw(value.as_bytes().to_vec()),
+        _ => TensorData::Raw(Bytes::copy_from_slice(value.as_bytes())),
     };
     Ok(Tensor {
         name: name.to_string(),
