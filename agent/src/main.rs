@@ -336,7 +336,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
-    signals.cancel_on_signal(shutdown.clone());
+    signals.cancel_on_signal(shutdown.clone(), || tracing::info!("shutting down"));
     with_grace(agent.run(grpc, http, shutdown.clone()), &shutdown).await?;
     Ok(())
 }
@@ -503,7 +503,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let grpc = bind(config.grpc_addr, "gRPC").await?;
     let http = bind(config.http_addr, "HTTP").await?;
     let shutdown = CancellationToken::new();
-    signals.cancel_on_signal(shutdown.clone());
+    signals.cancel_on_signal(shutdown.clone(), || tracing::info!("shutting down"));
     let (delivery, delivery_task) = managed::delivery::start(
         state.clone(),
         delivery_registry,

@@ -335,6 +335,48 @@ fn sigterm_stops_the_agent_cleanly_after_the_reader_of_its_log_has_gone() {
     );
 }
 
+/// The "shutting down" line is the agent's own: a log filter that keeps only
+/// the agent's crate (`EDGEFLEET_LOG=edgefleet_agent=info,warn`) still shows
+/// it when SIGTERM arrives.
+#[test]
+fn sigterm_logs_shutting_down_under_the_agents_own_target() {
+    let repository =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
+    let mut child = agent_bin()
+        .env("EDGEFLEET_LOG", "edgefleet_agent=info,warn")
+        .args(["serve", "--runtime", "tract", "--model-repository"])
+        .arg(&repository)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = BufReader::new(child.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent logs until its models are loaded");
+        if line.contains("initial model load done") {
+            break;
+        }
+    }
+    let status = terminate(&mut child, Duration::from_secs(10));
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(
+        rest.iter()
+            .any(|line| line.contains("shutting down") && line.contains("edgefleet_agent")),
+        "no 'shutting down' line from edgefleet_agent after SIGTERM: {rest:#?}"
+    );
+}
+
 /// SIGTERM, then waits up to `timeout` for the exit status (None: SIGKILLed
 /// after the timeout).
 fn terminate(

@@ -57,7 +57,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let shutdown = server.shutdown_token();
-    signals.cancel_on_signal(shutdown.clone());
+    signals.cancel_on_signal(shutdown.clone(), || tracing::info!("shutting down"));
     let waiting = server.wait();
     tokio::pin!(waiting);
     tokio::select! {

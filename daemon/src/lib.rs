@@ -84,14 +84,20 @@ impl ShutdownSignals {
         let _ = tokio::signal::ctrl_c().await;
     }
 
-    /// Spawns a task that cancels `shutdown` on the next signal, then logs
-    /// it. Cancelling comes first: nothing after the signal (a log line
-    /// that cannot be written, say) may keep the process serving.
-    pub fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+    /// Spawns a task that cancels `shutdown` on the next signal, then calls
+    /// `log` (the daemon's "shutting down" line, logged from its own crate so
+    /// a filter on that crate keeps it). Cancelling comes first: nothing
+    /// after the signal (a log line that cannot be written, say) may keep the
+    /// process serving.
+    pub fn cancel_on_signal(
+        mut self,
+        shutdown: CancellationToken,
+        log: impl FnOnce() + Send + 'static,
+    ) {
         tokio::spawn(async move {
             self.recv().await;
             shutdown.cancel();
-            tracing::info!("shutting down");
+            log();
         });
     }
 }

@@ -26,13 +26,26 @@ async fn a_sigterm_that_arrives_before_anyone_waits_is_delivered_by_the_next_rec
 }
 
 #[tokio::test]
-async fn sigint_cancels_the_shutdown_token() {
+async fn sigint_cancels_the_shutdown_token_then_logs() {
     let signals = ShutdownSignals::install().unwrap();
     let shutdown = CancellationToken::new();
-    signals.cancel_on_signal(shutdown.clone());
+    let (logged_tx, logged) = tokio::sync::oneshot::channel();
+    let token = shutdown.clone();
+    signals.cancel_on_signal(shutdown.clone(), move || {
+        // The daemon's log line comes after the token is cancelled.
+        let _ = logged_tx.send(token.is_cancelled());
+    });
     assert!(!shutdown.is_cancelled());
     send_to_self("-INT");
     tokio::time::timeout(Duration::from_secs(10), shutdown.cancelled())
         .await
         .expect("SIGINT cancelled the token");
+    let cancelled_before_log = tokio::time::timeout(Duration::from_secs(10), logged)
+        .await
+        .expect("the log callback ran")
+        .unwrap();
+    assert!(
+        cancelled_before_log,
+        "the token was cancelled before the log line"
+    );
 }
