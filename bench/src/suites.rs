@@ -244,6 +244,16 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
         tcp_lines.join("; ")
     )?;
     let driver = edgefleet_agent::cpu_latency::cpuidle_driver();
+    if let Some(name) = driver.as_deref().filter(|_| low_latency_allowed)
+        && edgefleet_agent::cpu_latency::limit_can_take_effect(Some(name))
+    {
+        writeln!(
+            out,
+            "\nThis host's cpuidle driver is `{name}` (`{}`): the low-latency rows measure its idle CPUs \
+             kept polling, the default rows the same CPUs free to sleep.",
+            edgefleet_agent::cpu_latency::CPUIDLE_DRIVER
+        )?;
+    }
     if low_latency_allowed
         && !edgefleet_agent::cpu_latency::limit_can_take_effect(driver.as_deref())
     {
