@@ -102,3 +102,94 @@ impl http_body::Body for ResponseBody {
         self.0.is_end_stream()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use edgefleet_agent::model_check::ModelCheck;
+    use edgefleet_agent::runtime::RuntimeChoice;
+    use edgefleet_agent::server::{Agent, ServeOptions};
+    use edgefleet_proto::inference as pb;
+    use tokio_util::sync::CancellationToken;
+
+    /// Calls, their answers and their error statuses go through the
+    /// one-write transport as through tonic's `Channel`, against a real agent
+    /// serving the bundled example model.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_and_error_statuses_come_back_through_the_one_write_transport() {
+        let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
+        let agent = Agent::new(ServeOptions {
+            model_repository: repository,
+            runtime: RuntimeChoice::Tract,
+            repository_poll_interval: None,
+            max_request_bytes: 1 << 20,
+            model_check: ModelCheck::InProcess,
+        })
+        .unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = grpc.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+
+        let mut client = super::connect(addr).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !client
+            .server_ready(pb::ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        let features = [5.1f32, 3.5, 1.4, 0.2];
+        let request = pb::ModelInferRequest {
+            model_name: "iris".into(),
+            id: "one-write".into(),
+            inputs: vec![pb::model_infer_request::InferInputTensor {
+                name: "features".into(),
+                datatype: "FP32".into(),
+                shape: vec![1, 4],
+                ..Default::default()
+            }],
+            raw_input_contents: vec![features.iter().flat_map(|v| v.to_le_bytes()).collect()],
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            let response = client
+                .model_infer(request.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(response.id, "one-write");
+            assert_eq!(response.outputs[0].shape, vec![1, 3]);
+            let probabilities: Vec<f32> = response.raw_output_contents[0]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect();
+            let total: f32 = probabilities.iter().sum();
+            assert!((total - 1.0).abs() < 1e-4, "{probabilities:?}");
+        }
+
+        let unknown = client
+            .model_infer(pb::ModelInferRequest {
+                model_name: "no-such-model".into(),
+                ..request.clone()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+        assert!(unknown.message().contains("no-such-model"), "{unknown:?}");
+
+        shutdown.cancel();
+        serving.await.unwrap().unwrap();
+    }
+}
