@@ -309,16 +309,7 @@ fn low_latency_mode_holds_a_cpu_wakeup_latency_limit_while_serving() {
 /// went on serving and swallowed every later SIGTERM.
 #[test]
 fn sigterm_stops_the_agent_cleanly_after_the_reader_of_its_log_has_gone() {
-    let repository =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
-    let mut child = agent_bin()
-        .args(["serve", "--runtime", "tract", "--model-repository"])
-        .arg(&repository)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_example("info");
     let mut log = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     while !line.contains("initial model load done") {
@@ -340,17 +331,7 @@ fn sigterm_stops_the_agent_cleanly_after_the_reader_of_its_log_has_gone() {
 /// it when SIGTERM arrives.
 #[test]
 fn sigterm_logs_shutting_down_under_the_agents_own_target() {
-    let repository =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
-    let mut child = agent_bin()
-        .env("EDGEFLEET_LOG", "edgefleet_agent=info,warn")
-        .args(["serve", "--runtime", "tract", "--model-repository"])
-        .arg(&repository)
-        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = serve_example("edgefleet_agent=info,warn");
     let log = BufReader::new(child.stderr.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let reader = std::thread::spawn(move || {
@@ -375,6 +356,22 @@ fn sigterm_logs_shutting_down_under_the_agents_own_target() {
             .any(|line| line.contains("shutting down") && line.contains("edgefleet_agent")),
         "no 'shutting down' line from edgefleet_agent after SIGTERM: {rest:#?}"
     );
+}
+
+/// `edgefleet-agent serve` on the bundled example repository (tract,
+/// ephemeral ports) with `EDGEFLEET_LOG=log_filter`, its log piped.
+fn serve_example(log_filter: &str) -> std::process::Child {
+    let repository =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
+    agent_bin()
+        .env("EDGEFLEET_LOG", log_filter)
+        .args(["serve", "--runtime", "tract", "--model-repository"])
+        .arg(&repository)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
 /// SIGTERM, then waits up to `timeout` for the exit status (None: SIGKILLed
