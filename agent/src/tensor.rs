@@ -3,7 +3,8 @@
 //! Fixed-size element types are kept as little-endian bytes (`TensorData::Raw`):
 //! that is what `raw_input_contents` carries, what batching concatenates and
 //! what both runtimes read, so most requests never convert element by
-//! element, and a request's payload is read where the decoder left it. Strings (`BYTES`) are kept as one byte vector per element.
+//! element, and a request's payload is read where the decoder left it.
+//! Strings (`BYTES`) are kept as one byte vector per element.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -763,8 +763,7 @@ fn ephemeral_server_command(
     data_dir: &std::path::Path,
     database_url: Option<&str>,
 ) -> std::process::Command {
-    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
-    Server::command(data_dir, database_url, &[], any, any, any)
+    Server::command(data_dir, database_url, &[], Listen::ephemeral())
 }
 
 fn server_until_listening(

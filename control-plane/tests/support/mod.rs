@@ -265,11 +265,30 @@ pub struct Server {
     pub extra_args: Vec<String>,
 }
 
+/// The server's three listen addresses.
+#[derive(Clone, Copy)]
+pub struct Listen {
+    pub agent: SocketAddr,
+    pub api: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Listen {
+    /// Ephemeral ports on loopback.
+    pub fn ephemeral() -> Listen {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        Listen {
+            agent: any,
+            api: any,
+            http: any,
+        }
+    }
+}
+
 impl Server {
     /// Starts a server on ephemeral ports.
     pub fn start(data_dir: &Path, database_url: Option<&str>, extra_args: &[&str]) -> Server {
-        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        Server::start_on(data_dir, database_url, extra_args, any, any, any)
+        Server::start_on(data_dir, database_url, extra_args, Listen::ephemeral())
     }
 
     /// `edgefleet-server serve` with these settings, not yet spawned.
@@ -277,9 +296,7 @@ impl Server {
         data_dir: &Path,
         database_url: Option<&str>,
         extra_args: &[&str],
-        agent: SocketAddr,
-        api: SocketAddr,
-        http: SocketAddr,
+        Listen { agent, api, http }: Listen,
     ) -> Command {
         let mut command = Command::new(binary("edgefleet-server"));
         command
@@ -300,11 +317,9 @@ impl Server {
         data_dir: &Path,
         database_url: Option<&str>,
         extra_args: &[&str],
-        agent: SocketAddr,
-        api: SocketAddr,
-        http: SocketAddr,
+        listen: Listen,
     ) -> Server {
-        let command = Server::command(data_dir, database_url, extra_args, agent, api, http);
+        let command = Server::command(data_dir, database_url, extra_args, listen);
         let mut process = Process::spawn(command, "server");
         let line = process.wait_for_stderr("edgefleet-server listening", Duration::from_secs(60));
         let agent_url = field(&line, "agent");
@@ -337,9 +352,11 @@ impl Server {
                     &self.data_dir,
                     self.database_url.as_deref(),
                     &extra,
-                    self.agent_addr,
-                    self.api_addr,
-                    self.http_addr,
+                    Listen {
+                        agent: self.agent_addr,
+                        api: self.api_addr,
+                        http: self.http_addr,
+                    },
                 )
             }));
             match attempt {
