@@ -22,6 +22,16 @@ use crate::service::InferenceService;
 /// cost nothing on a device.
 pub const DEFAULT_REPOSITORY_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The largest HTTP/2 frame the gRPC server accepts (SETTINGS_MAX_FRAME_SIZE),
+/// as large as the stream's flow-control window (hyper's 1 MiB). At the
+/// protocol's default of 16 KiB, a client splits a 48 KiB image into three
+/// DATA frames and the server reads them in seven `recv` calls of at most
+/// 8 KiB; a request of up to 1 MiB now comes as one frame, which the codec
+/// reads into a buffer of the frame's size (three calls for that image, as
+/// `strace` counts them). The memory a connection may hold is bounded by the
+/// window either way.
+pub const GRPC_MAX_FRAME_SIZE: u32 = 1 << 20;
+
 /// Everything `serve` needs, validated.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -139,6 +149,7 @@ impl Agent {
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
+            .max_frame_size(GRPC_MAX_FRAME_SIZE)
             .layer(tower::util::MapResponseLayer::new(
                 crate::grpc::oversize_is_resource_exhausted,
             ))

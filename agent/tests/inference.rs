@@ -823,3 +823,177 @@ async fn onnxruntime_pool_threads_are_named_sized_and_unpinned_by_default() {
     }
     agent.stop().await;
 }
+
+/// One HTTP/2 frame as read off the wire: type, flags, stream, payload.
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
+    bytes.extend_from_slice(&stream.to_be_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
+async fn read_frame(stream: &mut tokio::net::TcpStream) -> Frame {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    stream.read_exact(&mut head).await.expect("a frame header");
+    let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; length];
+    stream
+        .read_exact(&mut payload)
+        .await
+        .expect("a frame payload");
+    Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    }
+}
+
+/// HPACK "literal header field without indexing, new name", no Huffman
+/// coding: every name and value here is shorter than 127 bytes.
+fn literal_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    for (name, value) in headers {
+        block.push(0);
+        block.push(u8::try_from(name.len()).unwrap());
+        block.extend_from_slice(name.as_bytes());
+        block.push(u8::try_from(value.len()).unwrap());
+        block.extend_from_slice(value.as_bytes());
+    }
+    block
+}
+
+/// The agent's gRPC server advertises 1 MiB HTTP/2 frames and takes a
+/// request whose whole message comes in one DATA frame nearly four times the
+/// protocol's default limit of 16 KiB (which a server keeping the default
+/// refuses with FRAME_SIZE_ERROR): 1,000 rows of the MLP fixture's first case,
+/// each answered as that case expects. Raw frames on a TCP socket, because a
+/// real client splits its messages to whatever size the server advertises.
+#[tokio::test]
+async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
+    use prost::Message;
+    use tokio::io::AsyncWriteExt;
+
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let mut socket = tokio::net::TcpStream::connect(agent.grpc_addr)
+        .await
+        .unwrap();
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(SETTINGS, 0, 0, &[]));
+    socket.write_all(&opening).await.unwrap();
+
+    let settings = read_frame(&mut socket).await;
+    assert_eq!(
+        settings.kind, SETTINGS,
+        "the server speaks first with its settings"
+    );
+    let max_frame_size = settings.payload.chunks_exact(6).find_map(|entry| {
+        (u16::from_be_bytes([entry[0], entry[1]]) == SETTINGS_MAX_FRAME_SIZE)
+            .then(|| u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]))
+    });
+    assert_eq!(
+        max_frame_size,
+        Some(edgefleet_agent::server::GRPC_MAX_FRAME_SIZE)
+    );
+    assert_eq!(max_frame_size, Some(1 << 20));
+
+    const ROWS: usize = 1000;
+    let case = &cases("mlp")[0];
+    let input = tensor_of(&case["inputs"][0]);
+    let TensorData::Raw(row) = &input.data else {
+        unreachable!("FP32 input")
+    };
+    let request = pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        id: "one-large-frame".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: input.name.clone(),
+            datatype: "FP32".into(),
+            shape: vec![ROWS as i64, input.shape[1]],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![row.repeat(ROWS).into()],
+        ..Default::default()
+    };
+    let mut message = vec![0u8];
+    message.extend_from_slice(&u32::try_from(request.encoded_len()).unwrap().to_be_bytes());
+    request.encode(&mut message).unwrap();
+    // Over 16 KiB, and within the 65,535 bytes every HTTP/2 connection may
+    // send before the server's first WINDOW_UPDATE.
+    assert!(
+        (3 * 16_384..65_535).contains(&message.len()),
+        "{}",
+        message.len()
+    );
+
+    let headers = literal_headers(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "agent"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut call = frame(SETTINGS, 0x1, 0, &[]); // ACK of the server's settings
+    call.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+    call.extend(frame(DATA, END_STREAM, 1, &message));
+    socket.write_all(&call).await.unwrap();
+
+    let mut answer = Vec::new();
+    loop {
+        let frame =
+            tokio::time::timeout(std::time::Duration::from_secs(30), read_frame(&mut socket))
+                .await
+                .expect("the agent answers");
+        assert!(
+            frame.kind != GOAWAY && frame.kind != RST_STREAM,
+            "the agent refused the frame: type {} payload {:?}",
+            frame.kind,
+            frame.payload
+        );
+        if frame.stream != 1 {
+            continue;
+        }
+        match frame.kind {
+            DATA => answer.extend_from_slice(&frame.payload),
+            HEADERS if frame.flags & END_STREAM != 0 => break,
+            _ => {}
+        }
+    }
+    assert!(answer.len() > 5, "a response message came back");
+    let response = pb::ModelInferResponse::decode(&answer[5..]).unwrap();
+    assert_eq!(response.id, "one-large-frame");
+    let expected = &case["outputs"][0];
+    let got = &grpc_outputs_as_json(&response)[0];
+    let expected_data = [expected["data"].as_array().unwrap().as_slice(); ROWS].concat();
+    let expected_rows = json!({
+        "name": expected["name"],
+        "datatype": expected["datatype"],
+        "shape": [ROWS, expected["shape"][1]],
+        "data": expected_data,
+    });
+    assert_tensor_matches(got, &expected_rows, "1,000 rows in one frame");
+    // The agent's graceful shutdown waits for its connections to close.
+    drop(socket);
+    agent.stop().await;
+}
