@@ -255,7 +255,14 @@ impl Tensor {
         match &self.data {
             TensorData::Raw(bytes) => match bytemuck::try_cast_slice(bytes) {
                 Ok(values) => Cow::Borrowed(values),
-                Err(_) => Cow::Owned(bytemuck::pod_collect_to_vec(bytes)),
+                // Element by element into uninitialised capacity: no zero
+                // fill first (`pod_collect_to_vec` writes every byte twice).
+                Err(_) => Cow::Owned(
+                    bytes
+                        .chunks_exact(std::mem::size_of::<T>())
+                        .map(bytemuck::pod_read_unaligned)
+                        .collect(),
+                ),
             },
             TensorData::Bytes(_) => Cow::Owned(Vec::new()),
         }
