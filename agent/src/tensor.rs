@@ -238,10 +238,8 @@ impl Tensor {
             .collect()
     }
 
-    /// The fixed-size elements copied into a properly aligned vector.
-    ///
-    /// Panics if `T` does not match the element size; callers dispatch on
-    /// `dtype` first.
+    /// The fixed-size elements copied into a properly aligned vector (the
+    /// same contract as [`Tensor::values`]).
     pub fn to_vec<T: bytemuck::Pod>(&self) -> Vec<T> {
         self.values().into_owned()
     }
@@ -249,8 +247,9 @@ impl Tensor {
     /// The fixed-size elements as a slice of `T`: the data in place when it
     /// is aligned for `T`, else an aligned copy.
     ///
-    /// Panics if `T` does not match the element size; callers dispatch on
-    /// `dtype` first.
+    /// `T` must match the element size: callers dispatch on `dtype` first,
+    /// on a tensor that passed [`Tensor::validate`] (a whole number of
+    /// elements).
     pub fn values<T: bytemuck::Pod>(&self) -> Cow<'_, [T]> {
         match &self.data {
             TensorData::Raw(bytes) => match bytemuck::try_cast_slice(bytes) {
