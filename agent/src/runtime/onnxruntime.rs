@@ -258,19 +258,27 @@ fn typed<
     tensor: &'a Tensor,
 ) -> Result<SessionInputValue<'a>, RuntimeError> {
     match tensor.values::<T>() {
-        Cow::Borrowed(values) => TensorRef::<T>::from_array_view((tensor.shape.clone(), values))
-            .map(|t| SessionInputValue::from(t.into_dyn())),
-        Cow::Owned(values) => OrtTensor::<T>::from_array((tensor.shape.clone(), values))
-            .map(|t| SessionInputValue::from(t.into_dyn())),
+        Cow::Borrowed(values) => input(TensorRef::<T>::from_array_view((
+            tensor.shape.clone(),
+            values,
+        ))),
+        Cow::Owned(values) => input(OrtTensor::<T>::from_array((tensor.shape.clone(), values))),
     }
-    .map_err(run_error)
+}
+
+/// A tensor `ort` made (a view or an owned copy), as a `Session::run` input.
+fn input<'a>(
+    value: ort::Result<impl Into<SessionInputValue<'a>>>,
+) -> Result<SessionInputValue<'a>, RuntimeError> {
+    value.map(Into::into).map_err(run_error)
 }
 
 fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>, RuntimeError> {
     match tensor.dtype {
-        DataType::Bool => OrtTensor::<bool>::from_array((tensor.shape.clone(), tensor.bools()))
-            .map(|t| SessionInputValue::from(t.into_dyn()))
-            .map_err(run_error),
+        DataType::Bool => input(OrtTensor::<bool>::from_array((
+            tensor.shape.clone(),
+            tensor.bools(),
+        ))),
         DataType::U8 => typed::<u8>(tensor),
         DataType::U16 => typed::<u16>(tensor),
         DataType::U32 => typed::<u32>(tensor),
@@ -284,10 +292,10 @@ fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>, RuntimeError> {
         DataType::F64 => typed::<f64>(tensor),
         DataType::Bytes => {
             let strings = tensor.utf8_strings().map_err(run_error)?;
-            let shape: Vec<i64> = tensor.shape.clone();
-            OrtTensor::<String>::from_string_array((shape, strings.as_slice()))
-                .map(|t| SessionInputValue::from(t.into_dyn()))
-                .map_err(run_error)
+            input(OrtTensor::<String>::from_string_array((
+                tensor.shape.clone(),
+                strings.as_slice(),
+            )))
         }
     }
 }

@@ -158,8 +158,9 @@ impl TelemetryCollector {
         Ok(sequence)
     }
 
-    /// Whether a batch made since the last call is urgent ([`is_urgent`]);
-    /// clears the flag. The session then uploads at once.
+    /// Whether a batch made since the last call is urgent (it reports a
+    /// failed model, overload entered or left, or dropped telemetry); clears
+    /// the flag. The session then uploads at once.
     pub fn take_urgent(&mut self) -> bool {
         std::mem::take(&mut self.urgent)
     }
