@@ -160,7 +160,7 @@ pub struct RolloutDeviceRecord {
 pub struct RolloutEventRecord {
     pub rollout_id: String,
     pub at: i64,
-    /// "operator:<token id>" or "engine".
+    /// `operator:<token id>` or `engine`.
     pub actor: String,
     pub action: String,
     pub message: String,
