@@ -21,7 +21,7 @@ use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
     RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
 };
-use crate::store::{DeviceStatus, Resolution};
+use crate::store::{DeviceStatus, Resolution, StoreError};
 
 /// How often the engine looks at every active rollout.
 pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -562,11 +562,23 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         return Ok(());
     }
     rollout.updated_at = now;
-    cp.store
-        .save_rollout_step(&rollout, &changed_devices, &desired, &events)
-        .await?;
-    poke(cp, &desired);
-    Ok(())
+    match cp
+        .store
+        .save_rollout_step(&mut rollout, &changed_devices, &desired, &events)
+        .await
+    {
+        Ok(()) => {
+            poke(cp, &desired);
+            Ok(())
+        }
+        Err(StoreError::Conflict(reason)) => {
+            // An operator or another replica's engine saved a step since
+            // this one was read: the next pass starts from theirs.
+            tracing::debug!(rollout = %rollout.id, %reason, "rollout step superseded");
+            Ok(())
+        }
+        Err(err) => Err(err.into()),
+    }
 }
 
 // ------------------------------------------------------------------ service
@@ -743,7 +755,9 @@ impl RolloutApi {
             .ok_or_else(|| Status::not_found(format!("no rollout {id:?}")))
     }
 
-    /// Applies an operator action to a rollout in an allowed state.
+    /// Applies an operator action to a rollout in an allowed state. If the
+    /// engine (of this replica or another) saves a step between the read
+    /// and the save, the action is applied again to what it saved.
     async fn act(
         &self,
         request: Request<pb::RolloutRef>,
@@ -751,7 +765,53 @@ impl RolloutApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let operator = crate::operator_service::authorize(&self.cp, &request).await?;
         let actor = format!("operator:{}", operator.id);
-        let mut rollout = self.load(&request.get_ref().id).await?;
+        let id = &request.get_ref().id;
+        let mut attempt = 1;
+        loop {
+            let mut rollout = self.load(id).await?;
+            let (devices, desired, event) = self.apply(&mut rollout, action, &actor).await?;
+            match self
+                .cp
+                .store
+                .save_rollout_step(&mut rollout, &devices, &desired, &[event])
+                .await
+            {
+                Ok(()) => {
+                    poke(&self.cp, &desired);
+                    tracing::info!(rollout = %rollout.id, %actor, action, "rollout action");
+                    return Ok(Response::new(rollout_view(&self.cp, &rollout).await?));
+                }
+                Err(StoreError::Conflict(reason)) if attempt < ACTION_ATTEMPTS => {
+                    tracing::debug!(rollout = %rollout.id, action, %reason, "rollout changed meanwhile; applying again");
+                    attempt += 1;
+                }
+                Err(StoreError::Conflict(reason)) => {
+                    return Err(Status::aborted(format!(
+                        "rollout {} kept changing while it was being {}: {reason}; try again",
+                        rollout.id,
+                        past_tense(action)
+                    )));
+                }
+                Err(err) => return Err(store_error(err)),
+            }
+        }
+    }
+
+    /// Changes `rollout` as `action` says, if its state allows it: the device
+    /// rows, desired-state changes and event to save with it.
+    async fn apply(
+        &self,
+        rollout: &mut RolloutRecord,
+        action: &str,
+        actor: &str,
+    ) -> Result<
+        (
+            Vec<RolloutDeviceRecord>,
+            Vec<DesiredChange>,
+            RolloutEventRecord,
+        ),
+        Status,
+    > {
         let mut devices = Vec::new();
         let mut desired = Vec::new();
         let from = rollout.state;
@@ -786,7 +846,7 @@ impl RolloutApi {
                     .await
                     .map_err(store_error)?;
                 let reason = format!("rolled back by {actor}");
-                desired = rollback_changes(&self.cp, &rollout, &mut devices, &reason)
+                desired = rollback_changes(&self.cp, rollout, &mut devices, &reason)
                     .await
                     .map_err(store_error)?;
                 rollout.state = RolloutState::RolledBack;
@@ -794,20 +854,28 @@ impl RolloutApi {
             }
         }
         rollout.updated_at = now_ms();
-        let events = [event(
+        let event = event(
             &rollout.id,
-            &actor,
+            actor,
             action,
             format!("{} → {}", from.as_str(), rollout.state.as_str()),
-        )];
-        self.cp
-            .store
-            .save_rollout_step(&rollout, &devices, &desired, &events)
-            .await
-            .map_err(store_error)?;
-        poke(&self.cp, &desired);
-        tracing::info!(rollout = %rollout.id, %actor, action, "rollout action");
-        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+        );
+        Ok((devices, desired, event))
+    }
+}
+
+/// How often an operator action is applied again when the engine saved a
+/// step between its read and its save (each engine step is quick, so a
+/// second attempt almost always succeeds).
+const ACTION_ATTEMPTS: u32 = 5;
+
+fn past_tense(action: &str) -> &str {
+    match action {
+        "pause" => "paused",
+        "resume" => "resumed",
+        "abort" => "aborted",
+        "rollback" => "rolled back",
+        other => other,
     }
 }
 
@@ -905,6 +973,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             created_by: format!("operator:{}", operator.id),
             created_at: now,
             updated_at: now,
+            revision: 0,
         };
         let mut message = format!(
             "{}@{} to {} devices in {} waves",
@@ -1067,5 +1136,102 @@ mod tests {
         assert!(fits_device(100, 200));
         assert!(!fits_device(101, 200));
         assert!(fits_device(1 << 40, 0), "unknown memory is not refused");
+    }
+
+    /// A control plane on a SQLite file under `dir`, with no listeners.
+    async fn control_plane(dir: &std::path::Path) -> ControlPlane {
+        let store = crate::store::open(None, dir).await.unwrap();
+        let metrics = crate::metrics::ServerMetrics::new();
+        ControlPlane {
+            config: crate::config::ServerConfig::new(dir),
+            ingester: crate::ingest::Ingester::start(Arc::clone(&store), Arc::clone(&metrics)),
+            store,
+            ca: edgefleet_pki::CertificateAuthority::load_or_create(dir)
+                .unwrap()
+                .0,
+            sessions: crate::sessions::Sessions::default(),
+            metrics,
+            registry: crate::registry::Registry::open(dir).unwrap(),
+        }
+    }
+
+    /// The engine reads a rollout, an operator pauses it, then the engine
+    /// saves the step it computed from its read: the pause must stand.
+    #[tokio::test]
+    async fn an_engine_step_computed_before_a_pause_does_not_undo_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let model = ModelRecord {
+            name: "m".into(),
+            version: 2,
+            sha256: "abc".into(),
+            ..ModelRecord::default()
+        };
+        cp.store.insert_model(&model).await.unwrap().unwrap();
+        let mut rollout = RolloutRecord {
+            id: "r1".into(),
+            model: "m".into(),
+            version: 2,
+            selector: Default::default(),
+            spec: RolloutSpec {
+                waves: vec![WaveSize::Percent(100.0)],
+                soak_ms: 0,
+                max_concurrent: 0,
+                gates: GateSpec::default(),
+                rollback_on_failure: true,
+            },
+            state: RolloutState::Pending,
+            current_wave: 0,
+            wave_done_at: 0,
+            reason: String::new(),
+            created_by: "operator:op1".into(),
+            created_at: 1,
+            updated_at: 1,
+            revision: 0,
+        };
+        let created = event("r1", "operator:op1", "created", String::new());
+        cp.store
+            .create_rollout(&rollout, &[], &created)
+            .await
+            .unwrap()
+            .unwrap();
+        let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
+
+        rollout.state = RolloutState::Paused;
+        let paused = event("r1", "operator:op1", "pause", "pending → paused".into());
+        cp.store
+            .save_rollout_step(&mut rollout, &[], &[], &[paused])
+            .await
+            .unwrap();
+
+        // From its read the engine would start the rollout.
+        step(&cp, read_by_engine).await.unwrap();
+        let stored = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(stored.state, RolloutState::Paused);
+        assert_eq!(stored.revision, 1);
+        let actions: Vec<String> = cp
+            .store
+            .rollout_events("r1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["created", "pause"]);
+
+        // Read afresh, the engine leaves a paused rollout alone; resumed, it
+        // starts it.
+        step(&cp, stored).await.unwrap();
+        let mut resumed = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(resumed.revision, 1);
+        resumed.state = RolloutState::Running;
+        cp.store
+            .save_rollout_step(&mut resumed, &[], &[], &[])
+            .await
+            .unwrap();
+        let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
+        step(&cp, read_by_engine).await.unwrap();
+        let stored = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(stored.revision, 3, "the engine saved a step");
     }
 }

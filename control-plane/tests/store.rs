@@ -1473,6 +1473,7 @@ mod registry {
         rollout_listing_order,
         save_rollout_step_applies_everything,
         failed_rollout_step_changes_nothing,
+        stale_rollout_step_is_refused_and_changes_nothing,
         desired_state_sorted_with_generation,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
@@ -1544,6 +1545,7 @@ mod registry {
             created_by: "operator:op1".into(),
             created_at,
             updated_at: created_at,
+            revision: 0,
         }
     }
 
@@ -1715,7 +1717,7 @@ mod registry {
         // The rollout ends but device a's desired state still names m@2.
         r.state = RolloutState::Succeeded;
         db.store
-            .save_rollout_step(&r, &[], &[set("a", "m", 2)], &[])
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 2)], &[])
             .await
             .unwrap();
         let refused = db.store.delete_model("m", 2).await.unwrap().unwrap_err();
@@ -1724,7 +1726,7 @@ mod registry {
 
         // Desired state moved elsewhere: allowed.
         db.store
-            .save_rollout_step(&r, &[], &[clear("a", "m")], &[])
+            .save_rollout_step(&mut r, &[], &[clear("a", "m")], &[])
             .await
             .unwrap();
         assert_eq!(db.store.delete_model("m", 2).await.unwrap(), Ok(true));
@@ -1877,7 +1879,7 @@ mod registry {
         create(db, &r, &["a", "b", "c"]).await.unwrap();
         // Device c already serves m@1 and n@1 through earlier steps.
         db.store
-            .save_rollout_step(&r, &[], &[set("c", "m", 1), set("c", "n", 1)], &[])
+            .save_rollout_step(&mut r, &[], &[set("c", "m", 1), set("c", "n", 1)], &[])
             .await
             .unwrap();
         assert_eq!(generation(db, "c").await, 1);
@@ -1900,7 +1902,7 @@ mod registry {
         ];
         db.store
             .save_rollout_step(
-                &r,
+                &mut r,
                 &[a.clone(), d.clone()],
                 &[
                     set("a", "m", 2),
@@ -1940,10 +1942,13 @@ mod registry {
 
         // A step without desired changes bumps nothing; replacing a version
         // bumps again.
-        db.store.save_rollout_step(&r, &[], &[], &[]).await.unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[], &[])
+            .await
+            .unwrap();
         assert_eq!(generation(db, "a").await, 1);
         db.store
-            .save_rollout_step(&r, &[], &[set("a", "m", 3)], &[])
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 3)], &[])
             .await
             .unwrap();
         assert_eq!(
@@ -1955,7 +1960,12 @@ mod registry {
         // Saving a rollout that does not exist is an error.
         assert!(
             db.store
-                .save_rollout_step(&rollout("ghost", "m", 1, T0), &[], &[set("a", "m", 1)], &[])
+                .save_rollout_step(
+                    &mut rollout("ghost", "m", 1, T0),
+                    &[],
+                    &[set("a", "m", 1)],
+                    &[]
+                )
                 .await
                 .is_err()
         );
@@ -1963,10 +1973,10 @@ mod registry {
     }
 
     async fn failed_rollout_step_changes_nothing(db: &Db) {
-        let r = rollout("r1", "m", 2, T0);
+        let mut r = rollout("r1", "m", 2, T0);
         create(db, &r, &["a", "b"]).await.unwrap();
         db.store
-            .save_rollout_step(&r, &[], &[set("a", "m", 1)], &[])
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 1)], &[])
             .await
             .unwrap();
         let before_rollout = db.store.rollout("r1").await.unwrap();
@@ -1984,7 +1994,7 @@ mod registry {
         let result = db
             .store
             .save_rollout_step(
-                &changed,
+                &mut changed,
                 &[a],
                 &[set("a", "m", 2), set("b", "m", 2)],
                 &[event("r1", T0 + 1, "ok"), event("ghost", T0 + 1, "bad")],
@@ -2001,22 +2011,93 @@ mod registry {
         assert_eq!(db.store.desired_state("b").await.unwrap(), (0, vec![]));
         // The store still works afterwards.
         db.store
-            .save_rollout_step(&changed, &[], &[set("b", "m", 2)], &[])
+            .save_rollout_step(&mut changed, &[], &[set("b", "m", 2)], &[])
             .await
             .unwrap();
         assert_eq!(generation(db, "b").await, 1);
     }
 
+    async fn stale_rollout_step_is_refused_and_changes_nothing(db: &Db) {
+        let r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        // Two readers of the same revision: an operator pausing, and an
+        // engine that computed the next step from the same read.
+        let mut paused = db.store.rollout("r1").await.unwrap().unwrap();
+        let mut stale = paused.clone();
+        assert_eq!(paused.revision, 0);
+        paused.state = RolloutState::Paused;
+        paused.updated_at = T0 + 1;
+        db.store
+            .save_rollout_step(&mut paused, &[], &[], &[event("r1", T0 + 1, "pause")])
+            .await
+            .unwrap();
+        assert_eq!(paused.revision, 1);
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(paused.clone()));
+
+        stale.state = RolloutState::Running;
+        stale.current_wave = 1;
+        stale.updated_at = T0 + 2;
+        let mut a = member("r1", "a", 1);
+        a.state = "updating".into();
+        let err = db
+            .store
+            .save_rollout_step(
+                &mut stale,
+                &[a],
+                &[set("a", "m", 2)],
+                &[event("r1", T0 + 2, "wave_started")],
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Conflict(message) if message.contains("r1")),
+            "{err:?}"
+        );
+        // Nothing of the stale step was written, and its revision stays.
+        assert_eq!(stale.revision, 0);
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(paused.clone()));
+        assert_eq!(
+            db.store.rollout_devices("r1").await.unwrap(),
+            members("r1", &["a", "b"])
+        );
+        assert_eq!(db.store.desired_state("a").await.unwrap(), (0, vec![]));
+        let actions: Vec<String> = db
+            .store
+            .rollout_events("r1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["created", "pause"]);
+
+        // Read again, the step saves.
+        let mut fresh = db.store.rollout("r1").await.unwrap().unwrap();
+        fresh.reason = "resumed later".into();
+        db.store
+            .save_rollout_step(&mut fresh, &[], &[], &[])
+            .await
+            .unwrap();
+        assert_eq!(fresh.revision, 2);
+        // A rollout that does not exist is not a conflict.
+        let err = db
+            .store
+            .save_rollout_step(&mut rollout("ghost", "m", 2, T0), &[], &[], &[])
+            .await
+            .unwrap_err();
+        assert!(!matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+
     async fn desired_state_sorted_with_generation(db: &Db) {
         assert_eq!(db.store.desired_state("a").await.unwrap(), (0, vec![]));
-        let r = rollout("r1", "m", 2, T0);
+        let mut r = rollout("r1", "m", 2, T0);
         create(db, &r, &["a"]).await.unwrap();
         let mut full = desired("zeta", 2);
         full.signature = (0..=255).collect();
         full.size_bytes = u64::MAX;
         db.store
             .save_rollout_step(
-                &r,
+                &mut r,
                 &[],
                 &[
                     DesiredChange::Set {
@@ -2043,7 +2124,7 @@ mod registry {
         // Clearing everything keeps the generation moving.
         db.store
             .save_rollout_step(
-                &r,
+                &mut r,
                 &[],
                 &[clear("a", "alpha"), clear("a", "mid"), clear("a", "zeta")],
                 &[],
@@ -2112,7 +2193,7 @@ mod registry {
     }
 
     async fn rollout_events_keep_insertion_order(db: &Db) {
-        let r = rollout("r1", "m", 2, T0);
+        let mut r = rollout("r1", "m", 2, T0);
         create(db, &r, &["a"]).await.unwrap();
         create(db, &rollout("r2", "n", 1, T0), &["a"])
             .await
@@ -2130,13 +2211,13 @@ mod registry {
         ];
         for events in &batches {
             db.store
-                .save_rollout_step(&r, &[], &[], events)
+                .save_rollout_step(&mut r, &[], &[], events)
                 .await
                 .unwrap();
         }
         db.store
             .save_rollout_step(
-                &rollout("r2", "n", 1, T0),
+                &mut rollout("r2", "n", 1, T0),
                 &[],
                 &[],
                 &[event("r2", T0 + 1, "other")],
@@ -2190,7 +2271,10 @@ mod registry {
             r.reason = format!("now {}", s.as_str());
             r.spec.soak_ms += 1;
             r.selector.insert("step".into(), s.as_str().into());
-            db.store.save_rollout_step(&r, &[], &[], &[]).await.unwrap();
+            db.store
+                .save_rollout_step(&mut r, &[], &[], &[])
+                .await
+                .unwrap();
             assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r.clone()));
             assert_eq!(
                 db.store.active_rollouts().await.unwrap().len(),
@@ -2202,14 +2286,17 @@ mod registry {
         renamed.model = "other".into();
         renamed.created_at = 1;
         db.store
-            .save_rollout_step(&renamed, &[], &[], &[])
+            .save_rollout_step(&mut renamed, &[], &[], &[])
             .await
             .unwrap();
+        // Only the revision moves.
+        r.revision += 1;
+        assert_eq!(renamed.revision, r.revision);
         assert_eq!(db.store.rollout("r1").await.unwrap(), Some(r));
         let mut m = member("r1", "a", u32::MAX);
         m.previous_version = u64::MAX;
         db.store
-            .save_rollout_step(&renamed, &[m.clone()], &[], &[])
+            .save_rollout_step(&mut renamed, &[m.clone()], &[], &[])
             .await
             .unwrap();
         assert_eq!(db.store.rollout_devices("r1").await.unwrap(), [m]);

@@ -588,7 +588,7 @@ fn u32_column(what: &str, owner: &str, v: i64) -> Result<u32, StoreError> {
 
 /// The columns of [`RolloutRow`], for SELECTs.
 pub(crate) const ROLLOUT_COLUMNS: &str = "id, model, version, selector, spec, state, current_wave, \
-     wave_done_at, reason, created_by, created_at, updated_at";
+     wave_done_at, reason, created_by, created_at, updated_at, revision";
 
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct RolloutRow {
@@ -604,6 +604,7 @@ pub(crate) struct RolloutRow {
     pub created_by: String,
     pub created_at: i64,
     pub updated_at: i64,
+    pub revision: i64,
 }
 
 impl TryFrom<RolloutRow> for RolloutRecord {
@@ -625,6 +626,7 @@ impl TryFrom<RolloutRow> for RolloutRecord {
             created_by: r.created_by,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            revision: r.revision,
             id: r.id,
         })
     }
@@ -727,6 +729,17 @@ impl From<ActivationRow> for ActivationRecord {
 
 /// The message refusing a rollout over a device another active rollout of
 /// the model holds.
+/// Why a rollout step was not saved: the rollout is gone (`stored` None),
+/// or another step was saved since this one's was read.
+pub(crate) fn unsaved_rollout_step(id: &str, read: i64, stored: Option<i64>) -> StoreError {
+    match stored {
+        None => StoreError::Database(sqlx::Error::RowNotFound),
+        Some(stored) => StoreError::Conflict(format!(
+            "rollout {id} changed since it was read (revision {stored}, the step was computed from {read})"
+        )),
+    }
+}
+
 pub(crate) fn rollout_conflict(device_id: &str, rollout_id: &str, model: &str) -> String {
     format!("device {device_id} is already in rollout {rollout_id} of model {model}")
 }

@@ -60,6 +60,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// A write computed from a row that has changed since it was read.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// What a device is (mirrors the protobuf `Inventory`).

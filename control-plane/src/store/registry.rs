@@ -139,6 +139,12 @@ pub struct RolloutRecord {
     pub created_by: String,
     pub created_at: i64,
     pub updated_at: i64,
+    /// Steps saved since the rollout was created: what a step was computed
+    /// from. [`RegistryStore::save_rollout_step`] saves only if the stored
+    /// rollout still has this revision, so a step computed from an older
+    /// read (another replica's engine, or the engine while an operator
+    /// paused) cannot undo a newer one.
+    pub revision: i64,
 }
 
 /// A device's part in a rollout.
@@ -236,9 +242,15 @@ pub trait RegistryStore: Send + Sync {
     /// update by (rollout, device)), the desired-state changes, and the
     /// events, in one transaction — so a crash never leaves a device
     /// half-updated. Each desired change bumps that device's generation.
+    ///
+    /// Optimistic: the step is saved only if the stored rollout's revision
+    /// is still `rollout.revision`, and `rollout.revision` then moves on to
+    /// the saved one. If another step was saved since,
+    /// [`StoreError::Conflict`] and nothing is written: read again and
+    /// recompute the step.
     async fn save_rollout_step(
         &self,
-        rollout: &RolloutRecord,
+        rollout: &mut RolloutRecord,
         devices: &[RolloutDeviceRecord],
         desired: &[DesiredChange],
         events: &[RolloutEventRecord],

@@ -246,7 +246,7 @@ impl RegistryStore for PgStore {
             )));
         }
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         )))
         .bind(&rollout.id)
         .bind(&rollout.model)
@@ -260,6 +260,7 @@ impl RegistryStore for PgStore {
         .bind(&rollout.created_by)
         .bind(rollout.created_at)
         .bind(rollout.updated_at)
+        .bind(rollout.revision)
         .execute(&mut *tx)
         .await?;
         for d in devices {
@@ -304,7 +305,7 @@ impl RegistryStore for PgStore {
 
     async fn save_rollout_step(
         &self,
-        rollout: &RolloutRecord,
+        rollout: &mut RolloutRecord,
         devices: &[RolloutDeviceRecord],
         desired: &[DesiredChange],
         events: &[RolloutEventRecord],
@@ -318,7 +319,8 @@ impl RegistryStore for PgStore {
         lock_models(&mut tx, &models).await?;
         let updated = sqlx::query(
             "UPDATE rollouts SET selector = $1, spec = $2, state = $3, current_wave = $4, \
-             wave_done_at = $5, reason = $6, updated_at = $7 WHERE id = $8",
+             wave_done_at = $5, reason = $6, updated_at = $7, revision = revision + 1 \
+             WHERE id = $8 AND revision = $9",
         )
         .bind(to_json(&rollout.selector))
         .bind(to_json(&rollout.spec))
@@ -328,12 +330,22 @@ impl RegistryStore for PgStore {
         .bind(&rollout.reason)
         .bind(rollout.updated_at)
         .bind(&rollout.id)
+        .bind(rollout.revision)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated == 0 {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT revision FROM rollouts WHERE id = $1")
+                    .bind(&rollout.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             tx.rollback().await?;
-            return Err(StoreError::Database(sqlx::Error::RowNotFound));
+            return Err(common::unsaved_rollout_step(
+                &rollout.id,
+                rollout.revision,
+                stored,
+            ));
         }
         for d in devices {
             upsert_device(&mut tx, d).await?;
@@ -380,6 +392,7 @@ impl RegistryStore for PgStore {
             insert_event(&mut tx, event).await?;
         }
         tx.commit().await?;
+        rollout.revision += 1;
         Ok(())
     }
 

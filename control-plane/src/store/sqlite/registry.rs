@@ -220,7 +220,7 @@ impl RegistryStore for SqliteStore {
             )));
         }
         sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )))
         .bind(&rollout.id)
         .bind(&rollout.model)
@@ -234,6 +234,7 @@ impl RegistryStore for SqliteStore {
         .bind(&rollout.created_by)
         .bind(rollout.created_at)
         .bind(rollout.updated_at)
+        .bind(rollout.revision)
         .execute(&mut *tx)
         .await?;
         for d in devices {
@@ -278,7 +279,7 @@ impl RegistryStore for SqliteStore {
 
     async fn save_rollout_step(
         &self,
-        rollout: &RolloutRecord,
+        rollout: &mut RolloutRecord,
         devices: &[RolloutDeviceRecord],
         desired: &[DesiredChange],
         events: &[RolloutEventRecord],
@@ -286,7 +287,8 @@ impl RegistryStore for SqliteStore {
         let mut tx = self.write().await?;
         let updated = sqlx::query(
             "UPDATE rollouts SET selector = ?, spec = ?, state = ?, current_wave = ?, \
-             wave_done_at = ?, reason = ?, updated_at = ? WHERE id = ?",
+             wave_done_at = ?, reason = ?, updated_at = ?, revision = revision + 1 \
+             WHERE id = ? AND revision = ?",
         )
         .bind(to_json(&rollout.selector))
         .bind(to_json(&rollout.spec))
@@ -296,12 +298,22 @@ impl RegistryStore for SqliteStore {
         .bind(&rollout.reason)
         .bind(rollout.updated_at)
         .bind(&rollout.id)
+        .bind(rollout.revision)
         .execute(&mut *tx)
         .await?
         .rows_affected();
         if updated == 0 {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT revision FROM rollouts WHERE id = ?")
+                    .bind(&rollout.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             tx.rollback().await?;
-            return Err(StoreError::Database(sqlx::Error::RowNotFound));
+            return Err(common::unsaved_rollout_step(
+                &rollout.id,
+                rollout.revision,
+                stored,
+            ));
         }
         for d in devices {
             upsert_device(&mut tx, d).await?;
@@ -348,6 +360,7 @@ impl RegistryStore for SqliteStore {
             insert_event(&mut tx, event).await?;
         }
         tx.commit().await?;
+        rollout.revision += 1;
         Ok(())
     }
 
