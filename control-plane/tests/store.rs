@@ -1622,6 +1622,17 @@ mod registry {
         db.store.save_rollout_step(r, &[], &[], &[]).await.unwrap();
     }
 
+    /// The actions of a rollout's events, in order.
+    async fn actions(db: &Db, rollout_id: &str) -> Vec<String> {
+        db.store
+            .rollout_events(rollout_id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect()
+    }
+
     async fn generation(db: &Db, device: &str) -> u64 {
         db.store.desired_state(device).await.unwrap().0
     }
@@ -2061,15 +2072,7 @@ mod registry {
             members("r1", &["a", "b"])
         );
         assert_eq!(db.store.desired_state("a").await.unwrap(), (0, vec![]));
-        let actions: Vec<String> = db
-            .store
-            .rollout_events("r1")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.action)
-            .collect();
-        assert_eq!(actions, ["created", "pause"]);
+        assert_eq!(actions(db, "r1").await, ["created", "pause"]);
 
         // Read again, the step saves.
         let mut fresh = db.store.rollout("r1").await.unwrap().unwrap();
@@ -2224,15 +2227,10 @@ mod registry {
             )
             .await
             .unwrap();
-        let actions: Vec<String> = db
-            .store
-            .rollout_events("r1")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|e| e.action)
-            .collect();
-        assert_eq!(actions, ["created", "e1", "e2", "e3", "e4", "e5", "e6"]);
+        assert_eq!(
+            actions(db, "r1").await,
+            ["created", "e1", "e2", "e3", "e4", "e5", "e6"]
+        );
         assert_eq!(
             db.store.rollout_events("r2").await.unwrap(),
             [event("r2", T0, "created"), event("r2", T0 + 1, "other")]
