@@ -1474,6 +1474,7 @@ mod registry {
         save_rollout_step_applies_everything,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
+        concurrent_steps_from_one_read_save_once,
         desired_state_sorted_with_generation,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
@@ -2089,6 +2090,46 @@ mod registry {
             .await
             .unwrap_err();
         assert!(!matches!(err, StoreError::Conflict(_)), "{err:?}");
+    }
+
+    /// As engines on several replicas do: each computes a step from the same
+    /// read and saves it at once. Exactly one is saved.
+    async fn concurrent_steps_from_one_read_save_once(db: &Db) {
+        let r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a"]).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let store = db.store.clone();
+            let mut step = r.clone();
+            tasks.push(tokio::spawn(async move {
+                step.state = RolloutState::Running;
+                step.current_wave = 1;
+                let result = store
+                    .save_rollout_step(
+                        &mut step,
+                        &[],
+                        &[set("a", "m", 2)],
+                        &[event("r1", T0 + 1, &format!("step{i}"))],
+                    )
+                    .await;
+                (i, result)
+            }));
+        }
+        let mut saved = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (i, Ok(())) => saved.push(format!("step{i}")),
+                (_, Err(StoreError::Conflict(_))) => {}
+                (_, Err(err)) => panic!("{err:?}"),
+            }
+        }
+        assert_eq!(saved.len(), 1, "saved: {saved:?}");
+        assert_eq!(
+            actions(db, "r1").await,
+            ["created".to_string(), saved[0].clone()]
+        );
+        assert_eq!(generation(db, "a").await, 1);
+        assert_eq!(db.store.rollout("r1").await.unwrap().unwrap().revision, 1);
     }
 
     async fn desired_state_sorted_with_generation(db: &Db) {
