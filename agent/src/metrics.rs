@@ -111,7 +111,7 @@ impl Metrics {
         );
         registry.register(
             "model_ready",
-            "1 when the model version is loaded and serving",
+            "1 when the model version is loaded and serving (2 for a moment while a copy reloaded from changed files replaces it), 0 when not",
             model_ready.clone(),
         );
         registry.register(

@@ -311,7 +311,7 @@ impl LoadedVersion {
                 tracing::error!(model, version, error = %err, "cannot start a worker thread");
             }
         }
-        metrics.ready.set(1);
+        metrics.ready.inc();
         Arc::new(LoadedVersion {
             model: model.to_string(),
             version,
@@ -449,7 +449,9 @@ impl LoadedVersion {
 impl Drop for LoadedVersion {
     fn drop(&mut self) {
         // Workers drain what is queued and exit once the sender is gone.
-        self.metrics.ready.set(0);
+        // The gauge counts loaded copies: a copy reloaded from changed files
+        // shares it, and dropping the old one must not zero it.
+        self.metrics.ready.dec();
     }
 }
 
@@ -718,6 +720,32 @@ mod tests {
             VersionTelemetry::detached("m", 1),
         );
         (version, batches, threads)
+    }
+
+    #[test]
+    fn the_ready_gauge_stays_up_while_a_reloaded_copy_replaces_the_old() {
+        let metrics = Arc::new(Metrics::new());
+        let load = || {
+            let (session, _, _) = doubler(Duration::ZERO);
+            LoadedVersion::start(
+                "m",
+                1,
+                RuntimeKind::Tract,
+                vec![session],
+                &ModelConfig::default(),
+                metrics.for_version("m", 1),
+                VersionTelemetry::detached("m", 1),
+            )
+        };
+        let ready = metrics.for_version("m", 1).ready;
+        let old = load();
+        assert_eq!(ready.get(), 1);
+        // Same version, changed files: the new copy loads next to the old.
+        let new = load();
+        drop(old);
+        assert_eq!(ready.get(), 1, "the reloaded copy serves");
+        drop(new);
+        assert_eq!(ready.get(), 0, "unloaded");
     }
 
     fn row(values: [f32; 2], rows: i64) -> Vec<Tensor> {

@@ -138,12 +138,28 @@ pub enum TensorError {
     },
     #[error("datatype {dtype} does not match the data given")]
     DataKind { dtype: DataType },
+    #[error("shape {shape:?} has a dimension over {MAX_DIMENSION}")]
+    DimensionTooLarge { shape: Vec<i64> },
+    #[error("element {index} is not valid UTF-8 (BYTES tensors hold strings)")]
+    NotUtf8 { index: usize },
 }
 
-/// Number of elements of a shape, checking for negative dims and overflow.
+/// The largest size of one dimension. No tensor a device serves comes near
+/// it; without a cap, a shape with a zero-sized dimension holds no data
+/// whatever its other dimensions say, so a tiny request could name a batch
+/// of 2^62 rows (and stacked requests add their rows up).
+pub const MAX_DIMENSION: i64 = i32::MAX as i64;
+
+/// Number of elements of a shape, checking for negative dims, dims over
+/// [`MAX_DIMENSION`] and overflow.
 pub fn element_count(shape: &[i64]) -> Result<usize, TensorError> {
     let mut count: usize = 1;
     for &dim in shape {
+        if dim > MAX_DIMENSION {
+            return Err(TensorError::DimensionTooLarge {
+                shape: shape.to_vec(),
+            });
+        }
         let dim = usize::try_from(dim).map_err(|_| TensorError::NegativeDimension {
             shape: shape.to_vec(),
         })?;
@@ -174,6 +190,9 @@ impl Tensor {
     }
 
     /// Checks that the data holds exactly the elements the shape promises.
+    /// Checks the data against the shape, and that `BYTES` elements are
+    /// strings (both runtimes need UTF-8: caught here, a bad element fails
+    /// its own request rather than the batch it would have joined).
     pub fn validate(&self) -> Result<(), TensorError> {
         let expected = element_count(&self.shape)?;
         let actual = self.len_elements()?;
@@ -183,6 +202,13 @@ impl Tensor {
                 expected,
                 actual,
             });
+        }
+        if let TensorData::Bytes(items) = &self.data
+            && let Some(index) = items
+                .iter()
+                .position(|item| std::str::from_utf8(item).is_err())
+        {
+            return Err(TensorError::NotUtf8 { index });
         }
         Ok(())
     }
@@ -389,6 +415,43 @@ mod tests {
             negative.validate(),
             Err(TensorError::NegativeDimension { .. })
         ));
+    }
+
+    #[test]
+    fn validate_caps_each_dimension_even_without_data() {
+        let empty = |shape: Vec<i64>| Tensor::from_slice::<f32>("x", DataType::F32, shape, &[]);
+        assert_eq!(empty(vec![MAX_DIMENSION, 0]).validate(), Ok(()));
+        assert!(matches!(
+            empty(vec![1 << 40, 0]).validate(),
+            Err(TensorError::DimensionTooLarge { .. })
+        ));
+        assert!(matches!(
+            empty(vec![0, i64::MAX]).validate(),
+            Err(TensorError::DimensionTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn validate_rejects_bytes_elements_that_are_not_utf8() {
+        let strings = |items: Vec<Vec<u8>>| Tensor {
+            name: "text".into(),
+            dtype: DataType::Bytes,
+            shape: vec![items.len() as i64],
+            data: TensorData::Bytes(items),
+        };
+        assert_eq!(
+            strings(vec![
+                b"ok".to_vec(),
+                "gr\u{fc}n".as_bytes().to_vec(),
+                vec![]
+            ])
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(
+            strings(vec![b"ok".to_vec(), vec![b'a', 0xff]]).validate(),
+            Err(TensorError::NotUtf8 { index: 1 })
+        );
     }
 
     /// `values` as F32 bytes `offset` bytes past a 4-byte aligned start.

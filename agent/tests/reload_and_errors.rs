@@ -248,7 +248,10 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
 
 async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: RuntimeChoice) {
     let repo = Repo::new();
-    repo.add("mlp", 1, "mlp").add("multi_io", 1, "multi_io");
+    repo.add("mlp", 1, "mlp")
+        .add("multi_io", 1, "multi_io")
+        .add("strings", 1, "strings")
+        .add("dynamic", 1, "dynamic");
     let agent = agent(repo.path(), runtime)
         .max_request_bytes(4096)
         .start()
@@ -409,6 +412,33 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     let mut huge = base.clone();
     huge.inputs[0].shape = vec![10_000, 16];
     huge.raw_input_contents[0] = vec![0; 640_000].into();
+    // Caught before batching, so it fails only its own request.
+    let not_utf8 = pb::ModelInferRequest {
+        model_name: "strings".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![2],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: vec![b"fine".to_vec(), vec![b'x', 0xff]],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // No data, as a zero-sized dimension allows, and 2^40 rows.
+    let absurd_rows = pb::ModelInferRequest {
+        model_name: "dynamic".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1 << 40, 0],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![bytes::Bytes::new()],
+        ..Default::default()
+    };
     let grpc_cases = vec![
         (
             "unknown model",
@@ -469,6 +499,18 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
             huge,
             tonic::Code::ResourceExhausted,
             "too large",
+        ),
+        (
+            "bytes that are not UTF-8",
+            not_utf8,
+            tonic::Code::InvalidArgument,
+            "input 'text': element 1 is not valid UTF-8",
+        ),
+        (
+            "a dimension over the cap",
+            absurd_rows,
+            tonic::Code::InvalidArgument,
+            "has a dimension over 2147483647",
         ),
     ];
     for (what, request, code, words) in grpc_cases {
