@@ -218,8 +218,8 @@ async fn version_figures(
                 None => true,
             };
             if point.name == model && version_matches {
-                requests += point.requests;
-                errors += point.errors;
+                requests = u64::saturating_add(requests, point.requests);
+                errors = u64::saturating_add(errors, point.errors);
                 latency.merge(&point.latency_us);
             }
         }

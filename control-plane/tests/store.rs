@@ -186,6 +186,7 @@ suite!(
     concurrent_ingests_of_new_batches_add_up,
     health_comes_from_the_highest_sequence,
     totals_accumulate,
+    absurd_counts_saturate_totals_and_spoil_nothing,
     raw_series,
     rollup_merges_histograms_and_prune_keeps_unrolled,
     late_data_rewrites_its_hour,
@@ -909,6 +910,42 @@ async fn totals_accumulate(db: &Db) {
         (d.requests_total, d.errors_total, d.offloaded_total),
         (requests, errors, offloaded)
     );
+}
+
+/// A device reporting counts no device could reach (buggy or hostile):
+/// its totals stop at the largest figure, its batch and those stored with
+/// it are kept, and the devices still read back.
+async fn absurd_counts_saturate_totals_and_spoil_nothing(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let mut absurd = sample("m1", u64::MAX, &[10], 1);
+    absurd.errors = u64::MAX - 1;
+    absurd.offloaded = 1 << 63;
+    let mut big = sample("m1", i64::MAX as u64 - 5, &[10], 1);
+    big.errors = 3;
+    let stored = db
+        .store
+        .ingest_telemetry(&[
+            batch("a", 1, T0, vec![big]),
+            batch("b", 1, T0, vec![sample("m1", 7, &[10], 1)]),
+            batch("a", 2, T0 + 10_000, vec![absurd.clone()]),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored, [true, true, true]);
+    db.store
+        .ingest_telemetry(&[batch("a", 3, T0 + 20_000, vec![absurd])])
+        .await
+        .unwrap();
+    let a = db.store.device("a").await.unwrap().unwrap();
+    let max = i64::MAX as u64;
+    assert_eq!(
+        (a.requests_total, a.errors_total, a.offloaded_total),
+        (max, max, max)
+    );
+    assert_eq!(a.last_sequence, 3);
+    let b = db.store.device("b").await.unwrap().unwrap();
+    assert_eq!((b.requests_total, b.errors_total), (7, 0));
+    assert_eq!(db.store.devices(&Labels::new()).await.unwrap().len(), 2);
 }
 
 async fn raw_series(db: &Db) {

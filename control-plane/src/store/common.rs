@@ -37,6 +37,16 @@ pub(crate) fn from_db(v: i64) -> u64 {
     v as u64
 }
 
+/// A counter's increment for SQL that adds it to a running total: never
+/// negative (where [`to_db`] would turn a figure over `i64::MAX` into one),
+/// saturating instead. The statements saturate the sum as well (`LEAST` /
+/// `min` against [`i64::MAX`]), so a device reporting absurd counts cannot
+/// make the addition overflow, which PostgreSQL refuses (failing every
+/// batch stored with it) and SQLite turns into a REAL that no read decodes.
+pub(crate) fn increment_to_db(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 pub(crate) fn to_json<T: serde::Serialize>(value: &T) -> String {
     // Serializing maps of strings and plain structs cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())

@@ -510,9 +510,9 @@ impl Store for PgStore {
                 d_id.push(id);
                 d_seq.push(d.last_sequence);
                 d_seen.push(d.last_seen);
-                d_req.push(to_db(d.requests));
-                d_err.push(to_db(d.errors));
-                d_off.push(to_db(d.offloaded));
+                d_req.push(common::increment_to_db(d.requests));
+                d_err.push(common::increment_to_db(d.errors));
+                d_off.push(common::increment_to_db(d.offloaded));
                 d_drop.push(d.dropped);
                 match d.health {
                     Some((s, bytes)) => {
@@ -528,9 +528,9 @@ impl Store for PgStore {
             sqlx::query(
                 "UPDATE devices d SET last_sequence = GREATEST(d.last_sequence, u.last_sequence), \
                  last_seen = GREATEST(d.last_seen, u.last_seen), \
-                 requests_total = d.requests_total + u.requests, \
-                 errors_total = d.errors_total + u.errors, \
-                 offloaded_total = d.offloaded_total + u.offloaded, \
+                 requests_total = d.requests_total + LEAST(u.requests, 9223372036854775807 - d.requests_total), \
+                 errors_total = d.errors_total + LEAST(u.errors, 9223372036854775807 - d.errors_total), \
+                 offloaded_total = d.offloaded_total + LEAST(u.offloaded, 9223372036854775807 - d.offloaded_total), \
                  dropped_batches_total = GREATEST(d.dropped_batches_total, u.dropped), \
                  health = CASE WHEN u.health_seq > d.health_sequence THEN u.health ELSE d.health END, \
                  health_sequence = CASE WHEN u.health_seq > d.health_sequence THEN u.health_seq ELSE d.health_sequence END \

@@ -523,8 +523,9 @@ impl Store for SqliteStore {
             let sql = format!(
                 "UPDATE devices SET last_sequence = max(last_sequence, u.column2), \
                  last_seen = max(last_seen, u.column3), \
-                 requests_total = requests_total + u.column4, errors_total = errors_total + u.column5, \
-                 offloaded_total = offloaded_total + u.column6, \
+                 requests_total = requests_total + min(u.column4, 9223372036854775807 - requests_total), \
+                 errors_total = errors_total + min(u.column5, 9223372036854775807 - errors_total), \
+                 offloaded_total = offloaded_total + min(u.column6, 9223372036854775807 - offloaded_total), \
                  dropped_batches_total = max(dropped_batches_total, u.column7), \
                  health = CASE WHEN u.column8 > health_sequence THEN u.column9 ELSE health END, \
                  health_sequence = CASE WHEN u.column8 > health_sequence THEN u.column8 ELSE health_sequence END \
@@ -541,9 +542,9 @@ impl Store for SqliteStore {
                     .bind(*id)
                     .bind(d.last_sequence)
                     .bind(d.last_seen)
-                    .bind(to_db(d.requests))
-                    .bind(to_db(d.errors))
-                    .bind(to_db(d.offloaded))
+                    .bind(common::increment_to_db(d.requests))
+                    .bind(common::increment_to_db(d.errors))
+                    .bind(common::increment_to_db(d.offloaded))
                     .bind(d.dropped)
                     .bind(health_seq)
                     .bind(health);
