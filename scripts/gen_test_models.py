@@ -233,6 +233,7 @@ def write_fixtures():
         path.write_bytes(text.encode("utf-8"))
         print(f"wrote {path.relative_to(ROOT)} ({len(text.encode('utf-8'))} bytes)")
     write_rollout_models()
+    write_batch_dims_models()
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
@@ -263,6 +264,19 @@ def slow_mlp():
 def write_rollout_models():
     data = save(slow_mlp(), ROOT / "testdata" / "rollout-models" / "slow_mlp" / "1" / "model.onnx")
     session_for(data).run(None, {"input": np.zeros((1, 16), dtype=np.float32)})
+
+
+def write_batch_dims_models():
+    """A model whose dynamic first dimensions are not one batch dimension:
+    [N, 2] flattened to [K] (K = 2N). Batching it would split its output
+    along the wrong rows; the agent must run its requests alone."""
+    f = TensorProto.FLOAT
+    flatten = model("flatten", [helper.make_node("Reshape", ["x", "flat"], ["y"])],
+                    [vinfo("x", f, ["N", 2])], [vinfo("y", f, ["K"])],
+                    [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")])
+    data = save(flatten, ROOT / "testdata" / "batch-dims" / "flatten" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.array([[1, 2], [3, 4]], dtype=np.float32)})[0]
+    assert out.tolist() == [1, 2, 3, 4], out
 
 
 def write_bench(directory):

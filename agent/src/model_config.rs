@@ -92,6 +92,10 @@ struct RawModelConfig {
 pub struct ModelConfig {
     /// 0 or 1 disables batching.
     pub max_batch_size: usize,
+    /// `max_batch_size` was given in `config.toml`: the operator says the
+    /// model's dynamic first dimension is its batch dimension, even where the
+    /// model names it differently on its inputs and outputs.
+    pub max_batch_size_set: bool,
     pub max_queue_delay: QueueDelay,
     pub queue_capacity: usize,
     pub instances: usize,
@@ -111,6 +115,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         ModelConfig {
             max_batch_size: DEFAULT_MAX_BATCH_SIZE,
+            max_batch_size_set: false,
             max_queue_delay: DEFAULT_MAX_QUEUE_DELAY,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             instances: DEFAULT_INSTANCES,
@@ -164,6 +169,7 @@ impl ModelConfig {
         }
         Ok(ModelConfig {
             max_batch_size: raw.max_batch_size.unwrap_or(defaults.max_batch_size),
+            max_batch_size_set: raw.max_batch_size.is_some(),
             max_queue_delay: raw
                 .max_queue_delay_us
                 .map_or(defaults.max_queue_delay, |us| {

@@ -4,7 +4,8 @@
 //! `ort` sessions run with `&mut self`, so each session is owned by one worker
 //! thread (`instances` of them per version) and fed through a bounded queue;
 //! no lock is shared between sessions. A worker takes the oldest request and,
-//! if the model can be batched, every queued request with the same input
+//! if the model can be batched (see [`supports_batching`] and
+//! [`batch_dimension_conflict`]), every queued request with the same input
 //! shapes (after the batch dimension) up to `max_batch_size`, waiting for more
 //! as the model's [`QueueDelay`] says (adaptive unless `max_queue_delay_us`
 //! is set: a wait only while requests come together); it stacks them along
@@ -256,6 +257,32 @@ pub fn supports_batching(signature: &Signature) -> bool {
             .all(|spec| spec.shape.first() == Some(&-1))
 }
 
+/// Why a model's dynamic first dimensions are not one batch dimension, if
+/// the runtime names them differently: an input's `N` against an output's
+/// `K` (detections, the non-zero entries of the batch) or `2*N` (a flattened
+/// batch). Stacking requests along such a model's first dimension would
+/// hand each caller rows of the others' outputs whenever the sizes happen
+/// to add up. Unnamed dimensions say nothing either way.
+pub fn batch_dimension_conflict(signature: &Signature) -> Option<String> {
+    let mut named = signature
+        .inputs
+        .iter()
+        .map(|spec| ("input", spec))
+        .chain(signature.outputs.iter().map(|spec| ("output", spec)))
+        .filter_map(|(kind, spec)| {
+            let name = spec.dim_names.first().filter(|name| !name.is_empty())?;
+            Some((kind, spec.name.as_str(), name.as_str()))
+        });
+    let (first_kind, first_tensor, first_name) = named.next()?;
+    named
+        .find(|&(_, _, name)| name != first_name)
+        .map(|(kind, tensor, name)| {
+            format!(
+                "{kind} '{tensor}' has '{name}' as its first dimension where {first_kind} '{first_tensor}' has '{first_name}'"
+            )
+        })
+}
+
 impl LoadedVersion {
     /// Starts one worker thread per session. `sessions` must not be empty and
     /// all must share one signature.
@@ -272,7 +299,18 @@ impl LoadedVersion {
             .first()
             .map(|session| session.signature().clone())
             .unwrap_or_default();
-        let batching = config.max_batch_size > 1 && supports_batching(&signature);
+        let mut batching = config.max_batch_size > 1 && supports_batching(&signature);
+        if batching
+            && !config.max_batch_size_set
+            && let Some(conflict) = batch_dimension_conflict(&signature)
+        {
+            tracing::warn!(
+                model,
+                version,
+                "not batching: {conflict}; set max_batch_size in the model's config.toml if its first dimension is a batch all the same"
+            );
+            batching = false;
+        }
         let policy = BatchPolicy {
             max_batch_size: if batching {
                 i64::try_from(config.max_batch_size).unwrap_or(i64::MAX)
@@ -686,6 +724,7 @@ mod tests {
             name: name.into(),
             dtype: DataType::F32,
             shape: vec![-1, 2],
+            dim_names: vec!["N".into(), String::new()],
         };
         let session = Doubler {
             signature: Signature {
@@ -1137,6 +1176,7 @@ mod tests {
         let spec = |shape: Vec<i64>| TensorSpec {
             name: "x".into(),
             dtype: DataType::F32,
+            dim_names: vec![String::new(); shape.len()],
             shape,
         };
         let fixed = Signature {
@@ -1154,5 +1194,90 @@ mod tests {
             outputs: vec![spec(vec![])],
         };
         assert!(!supports_batching(&scalar_out));
+    }
+
+    /// Names as the runtimes report them: `N` for the batch, `K` for a
+    /// dimension the model computes (detections, non-zero entries), `` for
+    /// an unnamed one.
+    fn named(names: &[&str]) -> TensorSpec {
+        TensorSpec {
+            name: "t".into(),
+            dtype: DataType::F32,
+            shape: vec![-1; names.len()],
+            dim_names: names.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_first_dimension_named_otherwise_than_the_inputs_is_not_a_batch() {
+        let signature = |inputs: &[&[&str]], outputs: &[&[&str]]| Signature {
+            inputs: inputs.iter().map(|n| named(n)).collect(),
+            outputs: outputs.iter().map(|n| named(n)).collect(),
+        };
+        assert_eq!(
+            batch_dimension_conflict(&signature(&[&["N", "M"]], &[&["N", "M"], &["N"]])),
+            None
+        );
+        // Unnamed dimensions say nothing either way.
+        assert_eq!(
+            batch_dimension_conflict(&signature(&[&["N"], &[""]], &[&[""]])),
+            None
+        );
+        let conflict = batch_dimension_conflict(&signature(&[&["N", "4"]], &[&["K", "6"]]));
+        assert_eq!(
+            conflict.as_deref(),
+            Some("output 't' has 'K' as its first dimension where input 't' has 'N'")
+        );
+        // tract's inferred expressions: a flattened [N, 2] is [2*N].
+        assert!(batch_dimension_conflict(&signature(&[&["N", ""]], &[&["2*N"]])).is_some());
+        assert!(batch_dimension_conflict(&signature(&[&["N"], &["B"]], &[&["N"]])).is_some());
+    }
+
+    /// A session with the given signature that doubles its input (only the
+    /// signature matters here).
+    fn session_with(signature: Signature) -> Box<dyn ModelSession> {
+        Box::new(Doubler {
+            signature,
+            batches: Arc::default(),
+            threads: Arc::default(),
+            delay: Duration::ZERO,
+        })
+    }
+
+    #[test]
+    fn a_model_whose_output_is_not_batched_along_its_input_runs_requests_alone() {
+        let signature = Signature {
+            inputs: vec![named(&["N", ""])],
+            outputs: vec![named(&["K", ""])],
+        };
+        let start = |config: &ModelConfig| {
+            LoadedVersion::start(
+                "m",
+                1,
+                RuntimeKind::Tract,
+                vec![session_with(signature.clone())],
+                config,
+                Arc::new(Metrics::new()).for_version("m", 1),
+                VersionTelemetry::detached("m", 1),
+            )
+        };
+        assert!(!start(&ModelConfig::default()).batching);
+        // The operator says dimension 0 is the batch anyway.
+        let config = ModelConfig::parse("max_batch_size = 8").unwrap();
+        assert!(start(&config).batching);
+        let agreeing = Signature {
+            inputs: vec![named(&["N", ""])],
+            outputs: vec![named(&["N", ""])],
+        };
+        let version = LoadedVersion::start(
+            "m",
+            1,
+            RuntimeKind::Tract,
+            vec![session_with(agreeing)],
+            &ModelConfig::default(),
+            Arc::new(Metrics::new()).for_version("m", 1),
+            VersionTelemetry::detached("m", 1),
+        );
+        assert!(version.batching);
     }
 }

@@ -486,8 +486,33 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
         .config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 20000\n");
     repo.add("no_batch", 1, "no_batch")
         .config("no_batch", "max_queue_delay_us = 20000\n");
+    // [N, 2] flattened to [K]: dynamic first dimensions, but not one batch.
+    let flatten = std::fs::read(testdata().join("batch-dims/flatten/1/model.onnx")).unwrap();
+    repo.write("flatten", 1, &flatten)
+        .config("flatten", "max_queue_delay_us = 20000\n");
     let agent = agent(repo.path(), runtime).start().await;
     let mut tasks = Vec::new();
+    for i in 0..12 {
+        let values = json!([i as f32, i as f32 + 0.5]);
+        let case = json!({
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": values}],
+            "outputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": values}],
+        });
+        let mut client = agent.grpc().await;
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .model_infer(grpc_request("flatten", &case, i % 2 == 0))
+                .await
+                .unwrap_or_else(|status| panic!("flatten request {i}: {status}"))
+                .into_inner();
+            let got = grpc_outputs_as_json(&response);
+            assert_tensor_matches(
+                &got[0],
+                &case["outputs"][0],
+                &format!("flatten request {i}"),
+            );
+        }));
+    }
     for i in 0..48 {
         let (model, cases) = if i % 4 == 3 {
             ("no_batch", cases("no_batch"))
@@ -569,6 +594,16 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
         "a model without a batch dimension runs each request alone"
     );
     assert_eq!(no_batch_sum, 12.0);
+    for (what, want) in [
+        ("edgefleet_inference_batch_size_count", 12.0),
+        ("edgefleet_inference_batch_size_sum", 12.0),
+    ] {
+        assert_eq!(
+            metric_value(&metrics, what, "model=\"flatten\""),
+            want,
+            "{what}: a model whose output is not batched along its input runs each request alone"
+        );
+    }
     agent.stop().await;
 }
 

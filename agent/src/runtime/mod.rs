@@ -61,6 +61,11 @@ pub struct TensorSpec {
     pub name: String,
     pub dtype: DataType,
     pub shape: Vec<i64>,
+    /// Per dimension, what the runtime calls a dynamic one: the model's
+    /// `dim_param` (ONNX Runtime) or the symbol or expression tract infers
+    /// (`N`, `2*N`); empty for fixed and unnamed dimensions. Batching uses
+    /// it to tell a batch dimension from another dynamic one.
+    pub dim_names: Vec<String>,
 }
 
 /// The inputs and outputs of a loaded model, in the model's own order.

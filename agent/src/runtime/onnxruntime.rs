@@ -200,10 +200,22 @@ fn data_type(name: &str, ty: TensorElementType) -> Result<DataType, RuntimeError
 
 fn spec(name: &str, value_type: &ValueType) -> Result<TensorSpec, RuntimeError> {
     match value_type {
-        ValueType::Tensor { ty, shape, .. } => Ok(TensorSpec {
+        ValueType::Tensor {
+            ty,
+            shape,
+            dimension_symbols,
+        } => Ok(TensorSpec {
             name: name.to_string(),
             dtype: data_type(name, *ty)?,
             shape: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
+            dim_names: shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| match dimension_symbols.get(i) {
+                    Some(symbol) if d < 0 => symbol.clone(),
+                    _ => String::new(),
+                })
+                .collect(),
         }),
         other => Err(RuntimeError::UnsupportedType {
             name: name.to_string(),

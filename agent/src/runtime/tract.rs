@@ -77,6 +77,14 @@ fn signature(model: &TypedModel, names: (&[String], &[String])) -> Result<Signat
                     .iter()
                     .map(|dim| dim.as_i64().unwrap_or(-1))
                     .collect(),
+                dim_names: fact
+                    .shape
+                    .iter()
+                    .map(|dim| match dim.as_i64() {
+                        Some(_) => String::new(),
+                        None => dim.to_string(),
+                    })
+                    .collect(),
             })
         };
     let mut inputs = Vec::new();
