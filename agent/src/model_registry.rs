@@ -208,12 +208,13 @@ impl ModelRegistry {
     fn sync_model(&self, dir: &ModelDir) {
         let name = dir.name.as_str();
         // What is loaded now (cheap clones of Arcs), read without holding the lock while loading.
-        let (old_config_fp, old_config, old_served, old_failed) = {
+        let (old_config_fp, old_config, config_invalid, old_served, old_failed) = {
             let models = self.read();
             match models.get(name) {
                 Some(state) => (
                     state.config_fingerprint,
                     state.config.clone(),
+                    state.config_error.is_some(),
                     state
                         .served
                         .iter()
@@ -221,21 +222,25 @@ impl ModelRegistry {
                         .collect::<BTreeMap<_, _>>(),
                     state.failed.clone(),
                 ),
-                None => (None, None, BTreeMap::new(), BTreeMap::new()),
+                None => (None, None, false, BTreeMap::new(), BTreeMap::new()),
             }
         };
-        let config_changed = old_config.is_none() || old_config_fp != dir.config_fingerprint;
+        // An invalid config.toml is read again every poll until it is fixed:
+        // until then the versions loaded under the last valid one keep
+        // serving, nothing new loads, and the error stays reported.
+        let config_changed =
+            old_config.is_none() || config_invalid || old_config_fp != dir.config_fingerprint;
         let config = if config_changed {
             match ModelConfig::load(&dir.dir) {
                 Ok(config) => config,
                 Err(err) => {
-                    tracing::error!(model = name, error = %err, "invalid model config; keeping what is serving");
-                    self.metrics.count_load_failure(name);
                     let mut models = self.write();
                     let state = models.entry(name.to_string()).or_default();
-                    // A model that never had a valid config is rescanned every
-                    // poll: one event per distinct problem, not per scan.
+                    // Read again every poll: one log line, failure count and
+                    // event per distinct problem, not per scan.
                     if state.config_error.as_deref() != Some(err.as_str()) {
+                        tracing::error!(model = name, error = %err, "invalid model config; keeping what is serving");
+                        self.metrics.count_load_failure(name);
                         self.telemetry.record_event(
                             EventKind::ModelFailed,
                             name,
@@ -491,5 +496,83 @@ impl ModelRegistry {
             .get(name)
             .and_then(|state| state.served.values().next_back())
             .map(|served| served.handle.runtime)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(repository: &Path) -> ModelRegistry {
+        let tract: Arc<dyn Runtime> = Arc::new(crate::runtime::TractRuntime::new());
+        ModelRegistry::new(
+            repository.to_path_buf(),
+            Runtimes {
+                default: Arc::clone(&tract),
+                tract,
+                onnxruntime: None,
+                onnxruntime_library: None,
+            },
+            Arc::new(Metrics::new()),
+            ModelCheck::InProcess,
+        )
+    }
+
+    fn add_version(repository: &Path, version: u64) {
+        let dir = repository.join("mlp").join(version.to_string());
+        std::fs::create_dir_all(&dir).unwrap();
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/models/mlp/1/model.onnx");
+        std::fs::copy(fixture, dir.join("model.onnx")).unwrap();
+    }
+
+    fn write_config(repository: &Path, text: &str) {
+        let path = repository.join("mlp").join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        // A later modification time, so the rewrite is seen on coarse clocks.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+
+    fn status(registry: &ModelRegistry) -> ModelStatus {
+        registry.statuses().into_iter().next().unwrap()
+    }
+
+    #[test]
+    fn an_invalid_config_stays_reported_and_keeps_what_serves_until_fixed() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        write_config(repository.path(), "max_batch_size = 8\n");
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [1]);
+
+        write_config(repository.path(), "max_batch_size = \"lots\"\n");
+        for poll in 0..3 {
+            registry.sync().unwrap();
+            let now = status(&registry);
+            assert!(
+                now.config_error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("config.toml") && e.contains("\"lots\"")),
+                "poll {poll}: {now:?}"
+            );
+            assert_eq!(now.served_versions, [1], "poll {poll}: still serving");
+        }
+        // A version that appears meanwhile waits for a valid config.
+        add_version(repository.path(), 2);
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [1]);
+
+        write_config(repository.path(), "max_batch_size = 4\n");
+        registry.sync().unwrap();
+        let fixed = status(&registry);
+        assert_eq!(fixed.config_error, None);
+        assert_eq!(fixed.served_versions, [2]);
     }
 }
