@@ -1512,6 +1512,7 @@ mod registry {
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
         concurrent_steps_from_one_read_save_once,
+        a_step_cannot_add_a_device_another_active_rollout_has,
         desired_state_sorted_with_generation,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
@@ -2167,6 +2168,73 @@ mod registry {
         );
         assert_eq!(generation(db, "a").await, 1);
         assert_eq!(db.store.rollout("r1").await.unwrap().unwrap().revision, 1);
+    }
+
+    /// As the engines of two rollouts of one model do when a device starts
+    /// matching both selectors: each reads the memberships, then adds it.
+    async fn a_step_cannot_add_a_device_another_active_rollout_has(db: &Db) {
+        let r1 = rollout("r1", "m", 2, T0);
+        let r2 = rollout("r2", "m", 2, T0 + 1);
+        create(db, &r1, &["a"]).await.unwrap();
+        create(db, &r2, &["b"]).await.unwrap();
+        let mut tasks = Vec::new();
+        for r in [r1.clone(), r2.clone()] {
+            let store = db.store.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut step = r.clone();
+                step.state = RolloutState::Running;
+                let joined = member(&r.id, "new", 1);
+                let result = store
+                    .save_rollout_step(&mut step, &[joined], &[], &[])
+                    .await;
+                (r.id, result)
+            }));
+        }
+        let mut joined = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (id, Ok(())) => joined.push(id),
+                (_, Err(StoreError::Conflict(message))) => assert!(
+                    message.starts_with("device new is already in rollout r"),
+                    "{message}"
+                ),
+                (_, Err(err)) => panic!("{err:?}"),
+            }
+        }
+        assert_eq!(joined.len(), 1, "{joined:?}");
+        let mut holders = Vec::new();
+        for id in ["r1", "r2"] {
+            let devices = db.store.rollout_devices(id).await.unwrap();
+            if devices.iter().any(|d| d.device_id == "new") {
+                holders.push(id.to_string());
+            }
+        }
+        assert_eq!(holders, joined);
+
+        // A device the other rollout already has is refused outright, and
+        // the refused step changes nothing.
+        let mut stale = db.store.rollout("r1").await.unwrap().unwrap();
+        let before = stale.clone();
+        stale.reason = "taking b".into();
+        let err = db
+            .store
+            .save_rollout_step(&mut stale, &[member("r1", "b", 1)], &[], &[])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+        assert_eq!(db.store.rollout("r1").await.unwrap(), Some(before));
+        // Once that rollout has ended, the device is free.
+        let mut other = db.store.rollout("r2").await.unwrap().unwrap();
+        other.state = RolloutState::Aborted;
+        db.store
+            .save_rollout_step(&mut other, &[], &[], &[])
+            .await
+            .unwrap();
+        let mut r1 = db.store.rollout("r1").await.unwrap().unwrap();
+        db.store
+            .save_rollout_step(&mut r1, &[member("r1", "b", 1)], &[], &[])
+            .await
+            .unwrap();
     }
 
     async fn desired_state_sorted_with_generation(db: &Db) {

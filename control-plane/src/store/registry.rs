@@ -247,7 +247,9 @@ pub trait RegistryStore: Send + Sync {
     /// is still `rollout.revision`, and `rollout.revision` then moves on to
     /// the saved one. If another step was saved since,
     /// [`StoreError::Conflict`] and nothing is written: read again and
-    /// recompute the step.
+    /// recompute the step. The same if the rollout is active and one of
+    /// `devices` is in another active rollout of the model (one rollout per
+    /// model and device, as [`RegistryStore::create_rollout`] keeps it).
     async fn save_rollout_step(
         &self,
         rollout: &mut RolloutRecord,

@@ -56,6 +56,32 @@ async fn upsert_device(
     Ok(())
 }
 
+/// The first of `devices` (and the rollout holding it) that another active
+/// rollout of the same model has: a device is in one at a time. Run in the
+/// write transaction, which the writer connection serializes with every
+/// other write.
+async fn owned_elsewhere(
+    tx: &mut Transaction<'static, Sqlite>,
+    rollout: &RolloutRecord,
+    devices: &[RolloutDeviceRecord],
+) -> Result<Option<(String, String)>, StoreError> {
+    if devices.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
+    Ok(sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT d.device_id, r.id FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id \
+         WHERE r.model = ? AND r.id <> ? AND r.state IN {ACTIVE_STATES} \
+         AND d.device_id IN (SELECT value FROM json_each(?)) \
+         ORDER BY d.device_id, r.created_at, r.rowid LIMIT 1"
+    )))
+    .bind(&rollout.model)
+    .bind(&rollout.id)
+    .bind(to_json(&ids))
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
 fn rollouts_from(rows: Vec<RolloutRow>) -> Result<Vec<RolloutRecord>, StoreError> {
     rows.into_iter().map(RolloutRecord::try_from).collect()
 }
@@ -199,19 +225,7 @@ impl RegistryStore for SqliteStore {
     ) -> Result<Result<(), String>, StoreError> {
         let mut tx = self.write().await?;
         // The writer connection serializes this check with every other write.
-        let ids: Vec<&str> = devices.iter().map(|d| d.device_id.as_str()).collect();
-        let conflict: Option<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
-            "SELECT d.device_id, r.id FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id \
-             WHERE r.model = ? AND r.id <> ? AND r.state IN {ACTIVE_STATES} \
-             AND d.device_id IN (SELECT value FROM json_each(?)) \
-             ORDER BY d.device_id, r.created_at, r.rowid LIMIT 1"
-        )))
-        .bind(&rollout.model)
-        .bind(&rollout.id)
-        .bind(to_json(&ids))
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some((device, other)) = conflict {
+        if let Some((device, other)) = owned_elsewhere(&mut tx, rollout, devices).await? {
             tx.rollback().await?;
             return Ok(Err(common::rollout_conflict(
                 &device,
@@ -314,6 +328,19 @@ impl RegistryStore for SqliteStore {
                 rollout.revision,
                 stored,
             ));
+        }
+        // A device the step adds may have joined another active rollout of
+        // the model since the step read the memberships (that rollout's
+        // engine on another replica, or an operator creating one).
+        if rollout.state.is_active()
+            && let Some((device, other)) = owned_elsewhere(&mut tx, rollout, devices).await?
+        {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict(common::rollout_conflict(
+                &device,
+                &other,
+                &rollout.model,
+            )));
         }
         for d in devices {
             upsert_device(&mut tx, d).await?;
