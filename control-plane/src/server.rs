@@ -279,22 +279,34 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
+/// How far back, by this replica's clock, each poll reads revocations:
+/// every poll reads them all again. A revocation is stamped when a replica
+/// handles it, before its commit, so one can land after a later-stamped one
+/// (or come from a replica whose clock is behind); reading from the latest
+/// stamp seen would miss it for good. The same window catches a session
+/// whose device was revoked between its Hello's status check and its
+/// registration. Ending a session that has ended already does nothing.
+pub const REVOCATION_LOOKBACK: Duration = Duration::from_secs(600);
+
 /// Ends sessions of devices revoked anywhere (another replica, or directly
 /// in the database) within one poll interval.
 async fn watch_revocations(
     cp: Arc<ControlPlane>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut since = now_ms();
+    let lookback = i64::try_from(REVOCATION_LOOKBACK.as_millis()).unwrap_or(i64::MAX);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(cp.config.revocation_poll_interval) => {}
         }
-        match cp.store.revocations_since(since).await {
+        match cp
+            .store
+            .revocations_since(now_ms().saturating_sub(lookback))
+            .await
+        {
             Ok(revoked) => {
-                for (device, at) in revoked {
-                    since = since.max(at);
+                for (device, _) in revoked {
                     if cp.sessions.end(
                         &device,
                         tonic::Status::permission_denied(format!(

@@ -329,6 +329,58 @@ fn revoking_a_device_ends_its_session_within_seconds_and_refuses_reconnects() {
     assert_eq!(server.device(&device)["status"], "revoked");
 }
 
+/// A revocation that lands stamped earlier than one the replica has seen
+/// (a replica whose commit came late, or whose clock is behind) still ends
+/// the device's session.
+#[test]
+fn a_revocation_stamped_before_the_latest_seen_still_ends_its_session() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(FAST);
+    let token = server.join_token(&["--uses", "2"]);
+    let (first_state, late_state) = (fx.state_dir("first"), fx.state_dir("late"));
+    let first = enroll_ok(&server, &token, &first_state);
+    let late = enroll_ok(&server, &token, &late_state);
+    let first_agent = Agent::run(&first_state, &["--reconnect-max-delay", "2s"]);
+    let late_agent = Agent::run(&late_state, &["--reconnect-max-delay", "2s"]);
+    eventually(Duration::from_secs(20), "both devices online", || {
+        [&first, &late]
+            .iter()
+            .all(|device| server.device(device)["status"] == "online")
+            .then_some(())
+    });
+    let revoked = server.cli(&["devices", "revoke", &first]);
+    assert!(revoked.status.success(), "{}", stderr(&revoked));
+    first_agent
+        .process
+        .stderr
+        .wait_for("has been revoked", Duration::from_secs(10));
+    // Two revocation polls (every 2 s) have seen it.
+    std::thread::sleep(Duration::from_secs(5));
+
+    // `late` revoked straight in the database, stamped a second before.
+    let database = server.data_dir.join("edgefleet.db");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", database.display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        let first_at: i64 = sqlx::query_scalar("SELECT revoked_at FROM devices WHERE id = ?")
+            .bind(&first)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE devices SET status = 'revoked', revoked_at = ? WHERE id = ?")
+            .bind(first_at - 1_000)
+            .bind(&late)
+            .execute(&mut db)
+            .await
+            .unwrap();
+    });
+    late_agent
+        .process
+        .stderr
+        .wait_for("has been revoked", Duration::from_secs(15));
+}
+
 fn server_sigkill_keeps_telemetry_exactly_once(db: Db) {
     let fx = Fixture::new(db);
     let mut server = fx.server(FAST);
