@@ -1513,6 +1513,7 @@ mod registry {
         stale_rollout_step_is_refused_and_changes_nothing,
         concurrent_steps_from_one_read_save_once,
         a_step_cannot_add_a_device_another_active_rollout_has,
+        a_rollout_of_a_model_deleted_meanwhile_is_refused,
         desired_state_sorted_with_generation,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
@@ -1527,7 +1528,7 @@ mod registry {
             name: name.into(),
             version,
             sha256: sha256.into(),
-            size_bytes: 1_000 + version,
+            size_bytes: version.wrapping_add(1_000),
             opset: 17,
             inputs: vec![TensorInfo {
                 name: "input".into(),
@@ -1544,7 +1545,7 @@ mod registry {
             signature: vec![1, 2, 3, version as u8, 0, 255],
             signed_by: "fleet".into(),
             signature_public_key: vec![9; 32],
-            created_at: T0 + version as i64,
+            created_at: T0.wrapping_add(version as i64),
             created_by: "operator:op1".into(),
             estimated_memory_bytes: u64::MAX - version,
         }
@@ -1643,7 +1644,9 @@ mod registry {
         }
     }
 
+    /// Creates the rollout (and its model version, if the test has not).
     async fn create(db: &Db, r: &RolloutRecord, devices: &[&str]) -> Result<(), String> {
+        ensure_model(db, &r.model, r.version).await;
         db.store
             .create_rollout(
                 r,
@@ -1652,6 +1655,17 @@ mod registry {
             )
             .await
             .unwrap()
+    }
+
+    async fn ensure_model(db: &Db, name: &str, version: u64) {
+        if db.store.model(name, Some(version)).await.unwrap().is_none() {
+            let digest = format!("blob-{name}-{version}");
+            db.store
+                .insert_model(&model(name, version, &digest))
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 
     /// Saves a step changing only the rollout's state.
@@ -1755,10 +1769,21 @@ mod registry {
         create(db, &r, &["a", "b"]).await.unwrap();
         let refused = db.store.delete_model("m", 2).await.unwrap().unwrap_err();
         assert!(refused.contains("r1"), "{refused}");
+        // So is the version its devices go back to if it rolls back.
+        let refused = db.store.delete_model("m", 1).await.unwrap().unwrap_err();
+        assert!(
+            refused.contains("device a") && refused.contains("rollout r1 rolls back"),
+            "{refused}"
+        );
         // Other versions are free.
-        assert_eq!(db.store.delete_model("m", 1).await.unwrap(), Ok(true));
-        assert!(!db.store.blob_referenced("blob1").await.unwrap());
-        assert_eq!(db.store.delete_model("m", 1).await.unwrap(), Ok(false));
+        db.store
+            .insert_model(&model("m", 3, "blob3"))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(db.store.delete_model("m", 3).await.unwrap(), Ok(true));
+        assert!(!db.store.blob_referenced("blob3").await.unwrap());
+        assert_eq!(db.store.delete_model("m", 3).await.unwrap(), Ok(false));
 
         // Paused still holds it.
         set_state(db, &mut r, RolloutState::Paused).await;
@@ -1781,6 +1806,9 @@ mod registry {
             .unwrap();
         assert_eq!(db.store.delete_model("m", 2).await.unwrap(), Ok(true));
         assert_eq!(db.store.model("m", Some(2)).await.unwrap(), None);
+        // The rollout has ended: nothing goes back to m@1 any more.
+        assert_eq!(db.store.delete_model("m", 1).await.unwrap(), Ok(true));
+        assert!(!db.store.blob_referenced("blob1").await.unwrap());
         assert_eq!(db.store.model("m", None).await.unwrap(), None);
         // blob2 is still used by copy@1, then by nothing.
         assert!(db.store.blob_referenced("blob2").await.unwrap());
@@ -1852,6 +1880,7 @@ mod registry {
     }
 
     async fn concurrent_rollout_creates_one_wins(db: &Db) {
+        ensure_model(db, "m", 2).await;
         let mut tasks = Vec::new();
         for i in 0..10 {
             let store = db.store.clone();
@@ -2235,6 +2264,23 @@ mod registry {
             .save_rollout_step(&mut r1, &[member("r1", "b", 1)], &[], &[])
             .await
             .unwrap();
+    }
+
+    /// The API reads the model, then creates the rollout: a delete in
+    /// between must not leave a rollout of a model that is gone.
+    async fn a_rollout_of_a_model_deleted_meanwhile_is_refused(db: &Db) {
+        ensure_model(db, "m", 2).await;
+        assert_eq!(db.store.delete_model("m", 2).await.unwrap(), Ok(true));
+        let r = rollout("r1", "m", 2, T0);
+        let refused = db
+            .store
+            .create_rollout(&r, &members("r1", &["a"]), &event("r1", T0, "created"))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(refused.contains("no model m@2"), "{refused}");
+        assert_eq!(db.store.rollout("r1").await.unwrap(), None);
+        assert!(db.store.rollout_devices("r1").await.unwrap().is_empty());
     }
 
     async fn desired_state_sorted_with_generation(db: &Db) {

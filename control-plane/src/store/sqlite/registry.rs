@@ -184,6 +184,23 @@ impl RegistryStore for SqliteStore {
                 "{name}@{version} is the target of rollout {id} ({state})"
             )));
         }
+        // Rolling back (by an operator or a failed gate) sends each device
+        // back to the version it had: that version must stay.
+        let rollback: Option<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT r.id, d.device_id FROM rollout_devices d JOIN rollouts r ON r.id = d.rollout_id \
+             WHERE r.model = ? AND d.previous_version = ? AND r.state IN {ACTIVE_STATES} \
+             ORDER BY r.created_at, r.rowid, d.device_id LIMIT 1"
+        )))
+        .bind(name)
+        .bind(to_db(version))
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some((id, device)) = rollback {
+            tx.rollback().await?;
+            return Ok(Err(format!(
+                "{name}@{version} is what device {device} goes back to if rollout {id} rolls back"
+            )));
+        }
         let device: Option<String> = sqlx::query_scalar(
             "SELECT device_id FROM device_desired WHERE name = ? AND version = ? \
              ORDER BY device_id LIMIT 1",
@@ -225,6 +242,21 @@ impl RegistryStore for SqliteStore {
     ) -> Result<Result<(), String>, StoreError> {
         let mut tx = self.write().await?;
         // The writer connection serializes this check with every other write.
+        // The model may have been deleted since the caller read it.
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM models WHERE name = ? AND version = ?)",
+        )
+        .bind(&rollout.model)
+        .bind(to_db(rollout.version))
+        .fetch_one(&mut *tx)
+        .await?;
+        if !exists {
+            tx.rollback().await?;
+            return Ok(Err(format!(
+                "there is no model {}@{} (deleted meanwhile?)",
+                rollout.model, rollout.version
+            )));
+        }
         if let Some((device, other)) = owned_elsewhere(&mut tx, rollout, devices).await? {
             tx.rollback().await?;
             return Ok(Err(common::rollout_conflict(
