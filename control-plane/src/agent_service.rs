@@ -500,10 +500,19 @@ async fn renew_certificate(
         .ca
         .sign_device_csr(csr_pem, device_id, cp.config.device_certificate_validity)
         .map_err(|err| Status::invalid_argument(format!("invalid CSR: {err}")))?;
-    cp.store
+    let recorded = cp
+        .store
         .set_device_certificate(device_id, &issued.serial_hex, issued.not_after_unix_ms)
         .await
         .map_err(|err| Status::unavailable(format!("cannot store the certificate: {err}")))?;
+    if !recorded {
+        // Revoked while its session was open: no new certificate, and the
+        // session ends here rather than at the next revocation poll.
+        cp.metrics.refuse_session("revoked");
+        return Err(Status::permission_denied(format!(
+            "device {device_id} has been revoked"
+        )));
+    }
     cp.metrics.certificates_renewed.inc();
     tracing::info!(device = %device_id, serial = %issued.serial_hex, "device certificate renewed");
     Ok(pb::ControlMessage {

@@ -516,3 +516,65 @@ fn grouped_uploads_are_stored_once_acked_cumulatively_and_checked_batch_by_batch
         }
     });
 }
+
+/// A device revoked by another replica (here: straight in the database,
+/// before this replica's revocation poll) asks to renew its certificate
+/// over the session it still has: no certificate, the session ends.
+#[test]
+fn a_revoked_device_gets_no_new_certificate_over_its_open_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let device = enroll_device(&server).await;
+        let mut client = mtls(
+            &server,
+            &device.ca_pem,
+            &device.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(Downstream::Welcome(_)) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        {
+            use sqlx::Connection;
+            let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("UPDATE devices SET status = 'revoked', revoked_at = ? WHERE id = ?")
+                .bind(now_unix_ms())
+                .bind(&device.device_id)
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        let csr_pem = edgefleet_pki::device_csr(&device.key_pem, "test").unwrap();
+        tx.send(pb::AgentMessage {
+            kind: Some(Upstream::RenewCertificate(pb::RenewCertificate { csr_pem })),
+        })
+        .await
+        .unwrap();
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                Err(_) => panic!("the server did not end the session"),
+                Ok(Ok(Some(message))) => {
+                    if let Some(Downstream::Certificate(_)) = message.kind {
+                        panic!("a revoked device was issued a certificate");
+                    }
+                }
+                Ok(Ok(None)) => break Code::Ok,
+                Ok(Err(status)) => break status.code(),
+            }
+        };
+        assert_eq!(end, Code::PermissionDenied);
+    });
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

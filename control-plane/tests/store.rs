@@ -679,14 +679,39 @@ async fn hello_certificate_and_touch(db: &Db) {
     assert_eq!(d.last_seen, T0 + 2000);
     assert!(d.models.is_empty());
     assert_eq!(d.runtime, "tract");
-    db.store
-        .set_device_certificate("a", "serial-2", T0 + 99 * HOUR)
-        .await
-        .unwrap();
+    assert!(
+        db.store
+            .set_device_certificate("a", "serial-2", T0 + 99 * HOUR)
+            .await
+            .unwrap()
+    );
     let d = db.store.device("a").await.unwrap().unwrap();
     assert_eq!(
         (d.certificate_serial.as_str(), d.certificate_expires_at),
         ("serial-2", T0 + 99 * HOUR)
+    );
+    // A revoked device gets no new certificate on record; nor does a stranger.
+    db.store.revoke_device("a", T0 + 3000).await.unwrap();
+    assert!(
+        !db.store
+            .set_device_certificate("a", "serial-3", T0 + 199 * HOUR)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db.store
+            .device("a")
+            .await
+            .unwrap()
+            .unwrap()
+            .certificate_serial,
+        "serial-2"
+    );
+    assert!(
+        !db.store
+            .set_device_certificate("nobody", "serial-4", T0)
+            .await
+            .unwrap()
     );
 }
 

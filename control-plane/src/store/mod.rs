@@ -288,13 +288,16 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     ) -> Result<Option<Device>, StoreError>;
     /// Ids of devices revoked at or after `since`, with their revocation time.
     async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Records a new certificate for the device (renewal).
+    /// Records a new certificate for the device (renewal), unless it is
+    /// revoked (or unknown): `Ok(false)` then, and nothing changes. One
+    /// statement, so a revocation racing the renewal either comes first and
+    /// refuses it, or comes after and ends the session as usual.
     async fn set_device_certificate(
         &self,
         id: &str,
         serial: &str,
         expires_at: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Updates what a device said in its Hello: inventory, models, runtime,
     /// and last seen.
     async fn record_hello(

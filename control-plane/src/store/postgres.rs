@@ -324,16 +324,18 @@ impl Store for PgStore {
         id: &str,
         serial: &str,
         expires_at: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE devices SET certificate_serial = $1, certificate_expires_at = $2 WHERE id = $3",
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE devices SET certificate_serial = $1, certificate_expires_at = $2 \
+             WHERE id = $3 AND status <> 'revoked'",
         )
         .bind(serial)
         .bind(expires_at)
         .bind(id)
         .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await?
+        .rows_affected();
+        Ok(updated > 0)
     }
 
     async fn record_hello(

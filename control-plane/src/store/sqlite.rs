@@ -370,18 +370,20 @@ impl Store for SqliteStore {
         id: &str,
         serial: &str,
         expires_at: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let mut tx = self.write().await?;
-        sqlx::query(
-            "UPDATE devices SET certificate_serial = ?, certificate_expires_at = ? WHERE id = ?",
+        let updated = sqlx::query(
+            "UPDATE devices SET certificate_serial = ?, certificate_expires_at = ? \
+             WHERE id = ? AND status <> 'revoked'",
         )
         .bind(serial)
         .bind(expires_at)
         .bind(id)
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected();
         tx.commit().await?;
-        Ok(())
+        Ok(updated > 0)
     }
 
     async fn record_hello(
