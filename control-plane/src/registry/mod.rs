@@ -2,8 +2,10 @@
 //! signing with the fleet release key, `ModelService`, and blob downloads
 //! for agents.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use edgefleet_pki::ReleaseKey;
@@ -78,13 +80,45 @@ pub enum BlobError {
 }
 
 /// A blob written by [`BlobUpload::finish`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct StoredBlob {
     /// Lowercase hex SHA-256.
     pub sha256: String,
     pub size: u64,
     /// false when an identical blob was already stored (this copy was dropped).
     pub created: bool,
+    /// Keeps the blob from being deleted until the model version naming it
+    /// is recorded (or the push gives up): drop it then.
+    pub pin: BlobPin,
+}
+
+/// Digests uploads have stored or reused whose model versions are not
+/// recorded yet, with how many uploads hold each.
+type Pins = Arc<Mutex<HashMap<String, usize>>>;
+
+fn lock_pins(pins: &Pins) -> MutexGuard<'_, HashMap<String, usize>> {
+    pins.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// A blob [`BlobStore::delete`] keeps while this lives. Without it, a push
+/// reusing the blob of a model being deleted could record its version after
+/// the delete found the blob unused and removed the file.
+#[derive(Debug)]
+pub struct BlobPin {
+    pins: Pins,
+    sha256: String,
+}
+
+impl Drop for BlobPin {
+    fn drop(&mut self) {
+        let mut pins = lock_pins(&self.pins);
+        if let Some(count) = pins.get_mut(&self.sha256) {
+            *count -= 1;
+            if *count == 0 {
+                pins.remove(&self.sha256);
+            }
+        }
+    }
 }
 
 /// Where model blobs live: `DATA_DIR/blobs/sha256/<first 2 hex>/<hex>`;
@@ -93,6 +127,8 @@ pub struct StoredBlob {
 pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
+    /// Shared by clones (uploads run on a clone).
+    pins: Pins,
 }
 
 impl BlobStore {
@@ -101,6 +137,7 @@ impl BlobStore {
         BlobStore {
             root: blobs.join("sha256"),
             tmp: blobs.join("tmp"),
+            pins: Pins::default(),
         }
     }
 
@@ -175,24 +212,30 @@ impl BlobStore {
         temp.as_file().sync_all()?;
         let sha256 = hex::encode(hasher.finalize());
         let path = self.path(&sha256);
-        if path.exists() {
+        // Kept or written, and pinned, with deletes held off.
+        let mut pins = lock_pins(&self.pins);
+        let created = if path.exists() {
             // Identical content is stored once; this copy goes.
             drop(temp);
-            return Ok(StoredBlob {
-                sha256,
-                size,
-                created: false,
-            });
-        }
-        let dir = path.parent().unwrap_or(&self.root);
-        std::fs::create_dir_all(dir)?;
-        temp.persist(&path)
-            .map_err(|err| BlobError::Io(err.error))?;
-        sync_dir(dir);
+            false
+        } else {
+            let dir = path.parent().unwrap_or(&self.root);
+            std::fs::create_dir_all(dir)?;
+            temp.persist(&path)
+                .map_err(|err| BlobError::Io(err.error))?;
+            sync_dir(dir);
+            true
+        };
+        *pins.entry(sha256.clone()).or_default() += 1;
+        drop(pins);
         Ok(StoredBlob {
+            pin: BlobPin {
+                pins: Arc::clone(&self.pins),
+                sha256: sha256.clone(),
+            },
             sha256,
             size,
-            created: true,
+            created,
         })
     }
 
@@ -225,9 +268,15 @@ impl BlobStore {
         Ok((file, size))
     }
 
-    /// Removes a blob; false if it was not there.
+    /// Removes a blob; false if it was not there, or if an upload still
+    /// pins it (its model version is about to be recorded).
     pub fn delete(&self, sha256: &str) -> Result<bool, BlobError> {
-        match std::fs::remove_file(self.checked(sha256)?) {
+        let path = self.checked(sha256)?;
+        let pins = lock_pins(&self.pins);
+        if pins.contains_key(sha256) {
+            return Ok(false);
+        }
+        match std::fs::remove_file(path) {
             Ok(()) => Ok(true),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(err.into()),
@@ -405,9 +454,15 @@ mod tests {
             Err(BlobError::InvalidDigest(_))
         ));
 
-        assert!(store.delete(&first.sha256).unwrap());
-        assert!(!store.delete(&first.sha256).unwrap());
-        assert_eq!(store.size(&first.sha256).unwrap(), None);
+        // Pinned by both uploads until their model versions are recorded.
+        let sha256 = first.sha256.clone();
+        drop(first);
+        assert!(!store.delete(&sha256).unwrap(), "pinned by the second");
+        assert_eq!(store.size(&sha256).unwrap(), Some(data.len() as u64));
+        drop(second);
+        assert!(store.delete(&sha256).unwrap());
+        assert!(!store.delete(&sha256).unwrap());
+        assert_eq!(store.size(&sha256).unwrap(), None);
     }
 
     #[tokio::test]

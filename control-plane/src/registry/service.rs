@@ -263,14 +263,24 @@ impl ModelApi {
             Err(status) => {
                 // Invalid content cannot be any model's blob, but a model
                 // could share the digest only if it were valid: ask anyway.
-                self.drop_blob_if_unused(&blob.sha256).await;
+                let StoredBlob { sha256, pin, .. } = blob;
+                drop(pin);
+                self.drop_blob_if_unused(&sha256).await;
                 tracing::info!(name = %header.name, %operator, reason = status.message(), "model refused");
                 return Err(status);
             }
         };
         let result = self.record(&operator, &header, &blob, info).await;
-        if result.is_err() && blob.created {
-            self.drop_blob_if_unused(&blob.sha256).await;
+        // Recorded (the store refers to the blob now) or given up.
+        let StoredBlob {
+            sha256,
+            created,
+            pin,
+            ..
+        } = blob;
+        drop(pin);
+        if result.is_err() && created {
+            self.drop_blob_if_unused(&sha256).await;
         }
         result
     }
