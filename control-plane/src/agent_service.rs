@@ -10,7 +10,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Stream, StreamExt};
 use pb::agent_message::Kind as Upstream;
 use pb::control_message::Kind as Downstream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -20,8 +20,9 @@ use crate::store::{DeviceStatus, NewDevice};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Telemetry messages (single batches or uploads) of one session being
-/// stored at once (acks stay in order).
+/// Telemetry messages (single batches or uploads) of one session received
+/// and not yet acknowledged. They are stored one after the other, in order
+/// (see [`store_telemetry`]); acks stay in order.
 const MAX_IN_FLIGHT: usize = 64;
 /// Most batches one `TelemetryUpload` may carry: the agent's send window
 /// (`edgefleet_agent::managed::session::SEND_WINDOW`), so a whole window can
@@ -62,18 +63,38 @@ fn upload_interval_seconds(interval: Duration) -> u32 {
     u32::try_from(interval.as_secs()).unwrap_or(u32::MAX)
 }
 
-/// Stores the batches of one telemetry message; resolves to the sequence to
-/// acknowledge (the highest of them) once all are committed.
+/// Stores the batches of one telemetry message once the session's
+/// `previous` message is stored (and not at all if it could not be);
+/// resolves to the sequence to acknowledge (the highest of them) once all
+/// are committed, and tells `stored` whether they were.
+///
+/// One message at a time per session: were a later message committed
+/// before an earlier one failed, the device's stored sequence would pass
+/// batches that are not stored, and the next Welcome, which acknowledges
+/// up to it, would have the agent delete them. Group commit still gathers
+/// many devices' messages into one transaction.
 async fn store_telemetry(
     ingester: crate::ingest::Ingester,
     records: Vec<crate::store::TelemetryRecord>,
+    previous: Option<oneshot::Receiver<bool>>,
+    stored: oneshot::Sender<bool>,
 ) -> Result<u64, Status> {
     let highest = records.iter().map(|r| r.sequence).max().unwrap_or(0);
-    ingester
+    if let Some(previous) = previous
+        && !previous.await.unwrap_or(false)
+    {
+        let _ = stored.send(false);
+        return Err(Status::unavailable(
+            "not stored: an earlier telemetry message of this session could not be",
+        ));
+    }
+    let result = ingester
         .store_all(records)
         .await
         .map(|_| highest)
-        .map_err(Status::unavailable)
+        .map_err(Status::unavailable);
+    let _ = stored.send(result.is_ok());
+    result
 }
 
 /// After one stored message, whatever else has been stored already: acks are
@@ -291,6 +312,9 @@ async fn run_session(
     let guard = cp.sessions.register(&device_id, outbound.clone());
     cp.metrics.sessions.inc();
     let mut storing = FuturesOrdered::new();
+    // Whether the last message handed to `storing` got stored: the next one
+    // waits for it.
+    let mut last_stored: Option<oneshot::Receiver<bool>> = None;
     let mut last_touch = now_ms();
     // Desired state: sent after Welcome, then whenever its generation moves
     // (this replica pokes the session; others are caught by the poll).
@@ -346,7 +370,13 @@ async fn run_session(
                             Ok(record) => record,
                             Err(status) => break Err(status),
                         };
-                        storing.push_back(store_telemetry(cp.ingester.clone(), vec![record]));
+                        let (stored, next) = oneshot::channel();
+                        storing.push_back(store_telemetry(
+                            cp.ingester.clone(),
+                            vec![record],
+                            last_stored.replace(next),
+                            stored,
+                        ));
                         last_touch = now;
                     }
                     Some(Upstream::TelemetryUpload(upload)) => {
@@ -367,7 +397,13 @@ async fn run_session(
                             Err(status) => break Err(status),
                         };
                         if !records.is_empty() {
-                            storing.push_back(store_telemetry(cp.ingester.clone(), records));
+                            let (stored, next) = oneshot::channel();
+                            storing.push_back(store_telemetry(
+                                cp.ingester.clone(),
+                                records,
+                                last_stored.replace(next),
+                                stored,
+                            ));
                         }
                         last_touch = now;
                     }

@@ -578,3 +578,67 @@ fn now_unix_ms() -> i64 {
         .unwrap()
         .as_millis() as i64
 }
+
+/// A message the database cannot store stops the session's later ones, so
+/// the device's stored sequence never passes a batch that is not stored:
+/// the next Welcome acknowledges up to it, and the agent deletes what the
+/// Welcome acknowledges.
+#[test]
+fn telemetry_after_a_message_that_could_not_be_stored_is_not_stored_either() {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = PgSchema::create();
+    let server = Server::start(
+        dir.path(),
+        Some(&schema.url),
+        &["--telemetry-upload-interval", "2m"],
+    );
+    // The database refuses batch 5 of any device.
+    schema.execute(
+        "CREATE FUNCTION refuse_batch_5() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'batch 5 refused by the test'; END $$; \
+         CREATE TRIGGER refuse_batch_5 BEFORE INSERT ON telemetry_batches \
+         FOR EACH ROW WHEN (NEW.sequence = 5) EXECUTE FUNCTION refuse_batch_5();",
+    );
+    runtime().block_on(async {
+        let device = enroll_device(&server).await;
+        let mut client = mtls(
+            &server,
+            &device.ca_pem,
+            &device.certificate_pem,
+            &device.key_pem,
+        )
+        .await
+        .unwrap();
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(Downstream::Welcome(_)) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        // Back to back, as an agent sending its backlog does.
+        for sequences in [1..=4, 5..=5, 6..=8] {
+            tx.send(upload("", sequences)).await.unwrap();
+        }
+        let mut acks = Vec::new();
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+                Err(_) => panic!("the server did not end the session"),
+                Ok(Ok(Some(message))) => {
+                    if let Some(Downstream::TelemetryAck(ack)) = message.kind {
+                        acks.push(ack.sequence);
+                    }
+                }
+                Ok(Ok(None)) => break Code::Ok,
+                Ok(Err(status)) => break status.code(),
+            }
+        };
+        assert_eq!(end, Code::Unavailable);
+        assert_eq!(acks, [4]);
+        assert_eq!(server.device(&device.device_id)["telemetry_sequence"], 4);
+        // The agent keeps 5 to 8 and sends them again.
+        let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        match stream.message().await.unwrap().unwrap().kind {
+            Some(Downstream::Welcome(w)) => assert_eq!(w.acked_sequence, 4),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    });
+}

@@ -74,6 +74,13 @@ impl PgSchema {
     }
 }
 
+impl PgSchema {
+    /// Runs SQL (several statements allowed) in this schema.
+    pub fn execute(&self, sql: &str) {
+        run_psql(&self.url, sql);
+    }
+}
+
 impl Drop for PgSchema {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(|| {
