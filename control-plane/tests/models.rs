@@ -215,3 +215,30 @@ fn size_limit_is_enforced() {
         blob_files(&data_dir)
     );
 }
+
+#[test]
+fn versions_stop_at_the_largest_a_database_can_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, &[]);
+    let mlp = fixture("mlp");
+    let mlp = mlp.to_str().unwrap();
+    let top = i64::MAX.to_string();
+    let over = (i64::MAX as u64 + 1).to_string();
+    let refused = server.cli(&["models", "push", mlp, "--name", "m", "--version", &over]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("over the largest"),
+        "{}",
+        stderr(&refused)
+    );
+    let pushed = server.cli(&["models", "push", mlp, "--name", "m", "--version", &top]);
+    assert!(pushed.status.success(), "{}", stderr(&pushed));
+    // No version after it to pick.
+    let refused = server.cli(&["models", "push", mlp, "--name", "m"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("largest version"),
+        "{}",
+        stderr(&refused)
+    );
+}

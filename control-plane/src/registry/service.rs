@@ -49,8 +49,18 @@ pub fn validate_model_name(name: &str) -> Result<(), String> {
 }
 
 /// Checks a header's name, labels, size and signature fields.
+/// The largest model version: versions are stored as signed 64-bit
+/// integers, and a larger one would sort below version 1.
+pub const MAX_MODEL_VERSION: u64 = i64::MAX as u64;
+
 pub fn validate_header(header: &pb::PushModelHeader, max_bytes: u64) -> Result<(), Status> {
     validate_model_name(&header.name).map_err(Status::invalid_argument)?;
+    if header.version > MAX_MODEL_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "version {} is over the largest, {MAX_MODEL_VERSION}",
+            header.version
+        )));
+    }
     for (key, value) in &header.labels {
         convert::validate_label(key, value).map_err(Status::invalid_argument)?;
     }
@@ -247,7 +257,14 @@ impl ModelApi {
 
     async fn next_version(&self, name: &str) -> Result<u64, Status> {
         let latest = self.cp.store.model(name, None).await.map_err(store_error)?;
-        Ok(latest.map_or(1, |m| m.version + 1))
+        match latest {
+            None => Ok(1),
+            Some(m) if m.version < MAX_MODEL_VERSION => Ok(m.version + 1),
+            Some(m) => Err(Status::failed_precondition(format!(
+                "{name}@{} is the largest version there can be: give the version to push",
+                m.version
+            ))),
+        }
     }
 
     async fn push(
@@ -545,6 +562,18 @@ mod tests {
             validate_header(&half_signed, 100).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
+        let top = pb::PushModelHeader {
+            version: MAX_MODEL_VERSION,
+            ..ok.clone()
+        };
+        assert!(validate_header(&top, 100).is_ok());
+        let over = pb::PushModelHeader {
+            version: MAX_MODEL_VERSION + 1,
+            ..ok.clone()
+        };
+        let status = validate_header(&over, 100).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().contains("over the largest"), "{status}");
         let bad_label = pb::PushModelHeader {
             labels: [("bad key".to_string(), "v".to_string())].into(),
             ..ok
