@@ -135,6 +135,39 @@ async fn final_status(stream: &mut tonic::Streaming<pb::ControlMessage>) -> Code
     }
 }
 
+/// Every message until the stream ends, and its final status (or OK).
+async fn rest_of(stream: &mut tonic::Streaming<pb::ControlMessage>) -> (Vec<Downstream>, Code) {
+    let mut messages = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
+            Err(_) => panic!("the server did not end the session"),
+            Ok(Ok(Some(message))) => messages.extend(message.kind),
+            Ok(Ok(None)) => return (messages, Code::Ok),
+            Ok(Err(status)) => return (messages, status.code()),
+        }
+    }
+}
+
+/// A session client holding `device`'s own certificate.
+async fn device_client(server: &Server, device: &Enrolled) -> AgentServiceClient<Channel> {
+    mtls(
+        server,
+        &device.ca_pem,
+        &device.certificate_pem,
+        &device.key_pem,
+    )
+    .await
+    .unwrap()
+}
+
+/// The Welcome a session starts with.
+async fn welcome(stream: &mut tonic::Streaming<pb::ControlMessage>) -> pb::Welcome {
+    match stream.message().await.unwrap().unwrap().kind {
+        Some(Downstream::Welcome(welcome)) => welcome,
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -281,14 +314,7 @@ fn sessions_need_a_valid_client_certificate_of_this_fleet() {
         assert_eq!(status.code(), Code::Unauthenticated);
 
         // The real one works.
-        let mut client = mtls(
-            &server,
-            &device.ca_pem,
-            &device.certificate_pem,
-            &device.key_pem,
-        )
-        .await
-        .unwrap();
+        let mut client = device_client(&server, &device).await;
         let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
         let first = stream.message().await.unwrap().unwrap();
         assert!(matches!(first.kind, Some(Downstream::Welcome(_))));
@@ -302,14 +328,7 @@ fn sessions_refuse_malformed_or_impersonating_messages() {
     runtime().block_on(async {
         let device = enroll_device(&server).await;
         let other = enroll_device(&server).await;
-        let mut client = mtls(
-            &server,
-            &device.ca_pem,
-            &device.certificate_pem,
-            &device.key_pem,
-        )
-        .await
-        .unwrap();
+        let mut client = device_client(&server, &device).await;
 
         // Hello naming another device.
         let status = open(&mut client, hello(&other.device_id))
@@ -454,14 +473,7 @@ fn grouped_uploads_are_stored_once_acked_cumulatively_and_checked_batch_by_batch
     runtime().block_on(async {
         let device = enroll_device(&server).await;
         let other = enroll_device(&server).await;
-        let client = mtls(
-            &server,
-            &device.ca_pem,
-            &device.certificate_pem,
-            &device.key_pem,
-        )
-        .await
-        .unwrap();
+        let client = device_client(&server, &device).await;
         // Compressed, as agents send it.
         let mut client = client.send_compressed(tonic::codec::CompressionEncoding::Gzip);
 
@@ -526,19 +538,9 @@ fn a_revoked_device_gets_no_new_certificate_over_its_open_session() {
     let server = Server::start(dir.path(), None, &[]);
     runtime().block_on(async {
         let device = enroll_device(&server).await;
-        let mut client = mtls(
-            &server,
-            &device.ca_pem,
-            &device.certificate_pem,
-            &device.key_pem,
-        )
-        .await
-        .unwrap();
+        let mut client = device_client(&server, &device).await;
         let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
-        match stream.message().await.unwrap().unwrap().kind {
-            Some(Downstream::Welcome(_)) => {}
-            other => panic!("expected Welcome, got {other:?}"),
-        }
+        welcome(&mut stream).await;
         {
             use sqlx::Connection;
             let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
@@ -556,18 +558,13 @@ fn a_revoked_device_gets_no_new_certificate_over_its_open_session() {
         })
         .await
         .unwrap();
-        let end = loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-                Err(_) => panic!("the server did not end the session"),
-                Ok(Ok(Some(message))) => {
-                    if let Some(Downstream::Certificate(_)) = message.kind {
-                        panic!("a revoked device was issued a certificate");
-                    }
-                }
-                Ok(Ok(None)) => break Code::Ok,
-                Ok(Err(status)) => break status.code(),
-            }
-        };
+        let (messages, end) = rest_of(&mut stream).await;
+        assert!(
+            !messages
+                .iter()
+                .any(|m| matches!(m, Downstream::Certificate(_))),
+            "a revoked device was issued a certificate"
+        );
         assert_eq!(end, Code::PermissionDenied);
     });
 }
@@ -601,44 +598,26 @@ fn telemetry_after_a_message_that_could_not_be_stored_is_not_stored_either() {
     );
     runtime().block_on(async {
         let device = enroll_device(&server).await;
-        let mut client = mtls(
-            &server,
-            &device.ca_pem,
-            &device.certificate_pem,
-            &device.key_pem,
-        )
-        .await
-        .unwrap();
+        let mut client = device_client(&server, &device).await;
         let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
-        match stream.message().await.unwrap().unwrap().kind {
-            Some(Downstream::Welcome(_)) => {}
-            other => panic!("expected Welcome, got {other:?}"),
-        }
+        welcome(&mut stream).await;
         // Back to back, as an agent sending its backlog does.
         for sequences in [1..=4, 5..=5, 6..=8] {
             tx.send(upload("", sequences)).await.unwrap();
         }
-        let mut acks = Vec::new();
-        let end = loop {
-            match tokio::time::timeout(Duration::from_secs(10), stream.message()).await {
-                Err(_) => panic!("the server did not end the session"),
-                Ok(Ok(Some(message))) => {
-                    if let Some(Downstream::TelemetryAck(ack)) = message.kind {
-                        acks.push(ack.sequence);
-                    }
-                }
-                Ok(Ok(None)) => break Code::Ok,
-                Ok(Err(status)) => break status.code(),
-            }
-        };
+        let (messages, end) = rest_of(&mut stream).await;
+        let acks: Vec<u64> = messages
+            .iter()
+            .filter_map(|m| match m {
+                Downstream::TelemetryAck(ack) => Some(ack.sequence),
+                _ => None,
+            })
+            .collect();
         assert_eq!(end, Code::Unavailable);
         assert_eq!(acks, [4]);
         assert_eq!(server.device(&device.device_id)["telemetry_sequence"], 4);
         // The agent keeps 5 to 8 and sends them again.
         let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
-        match stream.message().await.unwrap().unwrap().kind {
-            Some(Downstream::Welcome(w)) => assert_eq!(w.acked_sequence, 4),
-            other => panic!("expected Welcome, got {other:?}"),
-        }
+        assert_eq!(welcome(&mut stream).await.acked_sequence, 4);
     });
 }
