@@ -231,11 +231,13 @@ impl Tensor {
         }
     }
 
-    /// Bytes the tensor's elements occupy (payload only).
+    /// Bytes the tensor's elements occupy, as `raw_input_contents` carries
+    /// them: `BYTES` elements with their 4-byte length prefix, so many empty
+    /// strings still count against a request limit.
     pub fn byte_size(&self) -> usize {
         match &self.data {
             TensorData::Raw(bytes) => bytes.len(),
-            TensorData::Bytes(items) => items.iter().map(|item| item.len()).sum(),
+            TensorData::Bytes(items) => items.iter().map(|item| item.len() + 4).sum(),
         }
     }
 

@@ -427,6 +427,22 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
         }],
         ..Default::default()
     };
+    // 1,100 empty strings: 2 bytes each on the wire, but 4,400 bytes of
+    // elements (each with its length), over the 4,096-byte limit.
+    let empty_strings = pb::ModelInferRequest {
+        model_name: "strings".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![1100],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: vec![Vec::new(); 1100],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
     // No data, as a zero-sized dimension allows, and 2^40 rows.
     let absurd_rows = pb::ModelInferRequest {
         model_name: "dynamic".into(),
@@ -505,6 +521,12 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
             not_utf8,
             tonic::Code::InvalidArgument,
             "input 'text': element 1 is not valid UTF-8",
+        ),
+        (
+            "many empty strings",
+            empty_strings,
+            tonic::Code::ResourceExhausted,
+            "over the limit",
         ),
         (
             "a dimension over the cap",
