@@ -748,39 +748,36 @@ mod tests {
         delay: Duration,
     ) -> (Arc<LoadedVersion>, Recorded<i64>, Recorded<String>) {
         let (session, batches, threads) = doubler(delay);
-        let metrics = Arc::new(Metrics::new()).for_version("m", 1);
-        let version = LoadedVersion::start(
+        let version = load(session, &config, &Arc::new(Metrics::new()));
+        (version, batches, threads)
+    }
+
+    /// Starts `session` as version 1 of model "m", recording into `metrics`.
+    fn load(
+        session: Box<dyn ModelSession>,
+        config: &ModelConfig,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<LoadedVersion> {
+        LoadedVersion::start(
             "m",
             1,
             RuntimeKind::Tract,
             vec![session],
-            &config,
-            metrics,
+            config,
+            metrics.for_version("m", 1),
             VersionTelemetry::detached("m", 1),
-        );
-        (version, batches, threads)
+        )
     }
 
     #[test]
     fn the_ready_gauge_stays_up_while_a_reloaded_copy_replaces_the_old() {
         let metrics = Arc::new(Metrics::new());
-        let load = || {
-            let (session, _, _) = doubler(Duration::ZERO);
-            LoadedVersion::start(
-                "m",
-                1,
-                RuntimeKind::Tract,
-                vec![session],
-                &ModelConfig::default(),
-                metrics.for_version("m", 1),
-                VersionTelemetry::detached("m", 1),
-            )
-        };
+        let copy = || load(doubler(Duration::ZERO).0, &ModelConfig::default(), &metrics);
         let ready = metrics.for_version("m", 1).ready;
-        let old = load();
+        let old = copy();
         assert_eq!(ready.get(), 1);
         // Same version, changed files: the new copy loads next to the old.
-        let new = load();
+        let new = copy();
         drop(old);
         assert_eq!(ready.get(), 1, "the reloaded copy serves");
         drop(new);
@@ -1245,39 +1242,18 @@ mod tests {
     }
 
     #[test]
-    fn a_model_whose_output_is_not_batched_along_its_input_runs_requests_alone() {
-        let signature = Signature {
-            inputs: vec![named(&["N", ""])],
-            outputs: vec![named(&["K", ""])],
+    fn a_model_whose_output_is_not_batched_along_its_input_is_batched_only_if_configured() {
+        let batching = |output: &[&str], config: &ModelConfig| {
+            let signature = Signature {
+                inputs: vec![named(&["N", ""])],
+                outputs: vec![named(output)],
+            };
+            load(session_with(signature), config, &Arc::new(Metrics::new())).batching
         };
-        let start = |config: &ModelConfig| {
-            LoadedVersion::start(
-                "m",
-                1,
-                RuntimeKind::Tract,
-                vec![session_with(signature.clone())],
-                config,
-                Arc::new(Metrics::new()).for_version("m", 1),
-                VersionTelemetry::detached("m", 1),
-            )
-        };
-        assert!(!start(&ModelConfig::default()).batching);
+        assert!(!batching(&["K", ""], &ModelConfig::default()));
         // The operator says dimension 0 is the batch anyway.
         let config = ModelConfig::parse("max_batch_size = 8").unwrap();
-        assert!(start(&config).batching);
-        let agreeing = Signature {
-            inputs: vec![named(&["N", ""])],
-            outputs: vec![named(&["N", ""])],
-        };
-        let version = LoadedVersion::start(
-            "m",
-            1,
-            RuntimeKind::Tract,
-            vec![session_with(agreeing)],
-            &ModelConfig::default(),
-            Arc::new(Metrics::new()).for_version("m", 1),
-            VersionTelemetry::detached("m", 1),
-        );
-        assert!(version.batching);
+        assert!(batching(&["K", ""], &config));
+        assert!(batching(&["N", ""], &ModelConfig::default()));
     }
 }

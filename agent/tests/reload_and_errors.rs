@@ -52,6 +52,24 @@ fn mlp_input_raw() -> pb::ModelInferRequest {
     }
 }
 
+/// A request to the `strings` fixture with `items` as typed BYTES contents.
+fn strings_request(items: Vec<Vec<u8>>) -> pb::ModelInferRequest {
+    pb::ModelInferRequest {
+        model_name: "strings".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![items.len() as i64],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: items,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 /// New version appears, then its file is rewritten, then a broken version
 /// appears — all while clients hammer the model. No request may fail.
 async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
@@ -413,36 +431,10 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     huge.inputs[0].shape = vec![10_000, 16];
     huge.raw_input_contents[0] = vec![0; 640_000].into();
     // Caught before batching, so it fails only its own request.
-    let not_utf8 = pb::ModelInferRequest {
-        model_name: "strings".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "text".into(),
-            datatype: "BYTES".into(),
-            shape: vec![2],
-            contents: Some(pb::InferTensorContents {
-                bytes_contents: vec![b"fine".to_vec(), vec![b'x', 0xff]],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let not_utf8 = strings_request(vec![b"fine".to_vec(), vec![b'x', 0xff]]);
     // 1,100 empty strings: 2 bytes each on the wire, but 4,400 bytes of
     // elements (each with its length), over the 4,096-byte limit.
-    let empty_strings = pb::ModelInferRequest {
-        model_name: "strings".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: "text".into(),
-            datatype: "BYTES".into(),
-            shape: vec![1100],
-            contents: Some(pb::InferTensorContents {
-                bytes_contents: vec![Vec::new(); 1100],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
+    let empty_strings = strings_request(vec![Vec::new(); 1100]);
     // No data, as a zero-sized dimension allows, and 2^40 rows.
     let absurd_rows = pb::ModelInferRequest {
         model_name: "dynamic".into(),

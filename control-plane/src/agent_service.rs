@@ -97,6 +97,17 @@ async fn store_telemetry(
     result
 }
 
+/// [`store_telemetry`] for `records`, after the message queued before them
+/// (`last_stored` says whether that one got stored, and now follows these).
+fn store_after(
+    ingester: &crate::ingest::Ingester,
+    records: Vec<crate::store::TelemetryRecord>,
+    last_stored: &mut Option<oneshot::Receiver<bool>>,
+) -> impl std::future::Future<Output = Result<u64, Status>> + use<> {
+    let (stored, next) = oneshot::channel();
+    store_telemetry(ingester.clone(), records, last_stored.replace(next), stored)
+}
+
 /// After one stored message, whatever else has been stored already: acks are
 /// cumulative, so one ack covers them all. Returns the highest sequence, and
 /// the error that stopped the draining, if any.
@@ -370,13 +381,7 @@ async fn run_session(
                             Ok(record) => record,
                             Err(status) => break Err(status),
                         };
-                        let (stored, next) = oneshot::channel();
-                        storing.push_back(store_telemetry(
-                            cp.ingester.clone(),
-                            vec![record],
-                            last_stored.replace(next),
-                            stored,
-                        ));
+                        storing.push_back(store_after(&cp.ingester, vec![record], &mut last_stored));
                         last_touch = now;
                     }
                     Some(Upstream::TelemetryUpload(upload)) => {
@@ -397,13 +402,7 @@ async fn run_session(
                             Err(status) => break Err(status),
                         };
                         if !records.is_empty() {
-                            let (stored, next) = oneshot::channel();
-                            storing.push_back(store_telemetry(
-                                cp.ingester.clone(),
-                                records,
-                                last_stored.replace(next),
-                                stored,
-                            ));
+                            storing.push_back(store_after(&cp.ingester, records, &mut last_stored));
                         }
                         last_touch = now;
                     }
