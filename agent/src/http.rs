@@ -9,12 +9,14 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::error::{ErrorCode, InferError};
+use crate::json_data::{self, JsonData};
 use crate::runtime::TensorSpec;
 use crate::service::{InferRequest, InferResponse, InferenceService};
-use crate::tensor::{DataType, Tensor, TensorData};
+use crate::tensor::Tensor;
 
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
@@ -199,26 +201,31 @@ async fn run_infer(
         Err(err) => return err.into_response(),
     };
     match service.infer(request).await {
-        Ok(response) => Json(JsonInferResponse::from(response)).into_response(),
+        Ok(response) => Json(JsonInferResponse::new(&response)).into_response(),
         Err(err) => err.into_response(),
     }
 }
 
 #[derive(Debug, Deserialize)]
-pub struct JsonInferRequest {
+pub struct JsonInferRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
-    pub inputs: Vec<JsonInput>,
+    #[serde(borrow)]
+    pub inputs: Vec<JsonInput<'a>>,
     #[serde(default)]
     pub outputs: Vec<JsonRequestedOutput>,
 }
 
+/// One input as the request carries it: `data` stays unparsed text until
+/// the datatype is known (it may come before `datatype`), then is decoded
+/// straight into typed elements ([`json_data`]).
 #[derive(Debug, Deserialize)]
-pub struct JsonInput {
+pub struct JsonInput<'a> {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    pub data: Value,
+    #[serde(borrow)]
+    pub data: &'a RawValue,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,24 +233,24 @@ pub struct JsonRequestedOutput {
     pub name: String,
 }
 
-#[derive(Debug, Serialize)]
-pub struct JsonInferResponse {
+#[derive(Serialize)]
+pub struct JsonInferResponse<'t> {
     pub model_name: String,
     pub model_version: String,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub id: String,
-    pub outputs: Vec<JsonOutput>,
+    pub outputs: Vec<JsonOutput<'t>>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct JsonOutput {
-    pub name: String,
-    pub datatype: String,
-    pub shape: Vec<i64>,
-    pub data: Vec<Value>,
+#[derive(Serialize)]
+pub struct JsonOutput<'t> {
+    pub name: &'t str,
+    pub datatype: &'static str,
+    pub shape: &'t [i64],
+    pub data: JsonData<'t>,
 }
 
-impl JsonInferRequest {
+impl JsonInferRequest<'_> {
     fn into_domain(
         self,
         model_name: String,
@@ -252,7 +259,20 @@ impl JsonInferRequest {
         let inputs = self
             .inputs
             .into_iter()
-            .map(|input| tensor_from_json(input.name, &input.datatype, input.shape, &input.data))
+            .map(|input| {
+                let text = input.data.get();
+                // Each element takes at least two bytes of text (a digit and
+                // a comma): a bound on the buffer a lying shape can ask for.
+                let max_elements = text.len() / 2 + 1;
+                let mut data = serde_json::Deserializer::from_str(text);
+                decode_tensor(
+                    input.name,
+                    &input.datatype,
+                    input.shape,
+                    max_elements,
+                    &mut data,
+                )
+            })
             .collect::<Result<Vec<_>, InferError>>()?;
         Ok(InferRequest {
             model_name,
@@ -264,17 +284,33 @@ impl JsonInferRequest {
     }
 }
 
-/// Decodes one tensor in the protocol's JSON form.
+/// Decodes one tensor in the protocol's JSON form, its `data` already parsed
+/// (tests and tools; requests are decoded from their text).
 pub fn tensor_from_json(
     name: String,
     datatype: &str,
     shape: Vec<i64>,
     data: &Value,
 ) -> Result<Tensor, InferError> {
+    decode_tensor(name, datatype, shape, usize::MAX, data)
+}
+
+fn decode_tensor<'de, D: serde::Deserializer<'de>>(
+    name: String,
+    datatype: &str,
+    shape: Vec<i64>,
+    max_elements: usize,
+    data: D,
+) -> Result<Tensor, InferError> {
     let dtype = crate::grpc::parse_datatype(&name, datatype)?;
-    let mut flat = Vec::new();
-    flatten(data, &mut flat);
-    let data = json_to_data(&name, dtype, &flat)?;
+    let expected = shape
+        .iter()
+        .try_fold(1usize, |count, &dim| {
+            count.checked_mul(usize::try_from(dim).ok()?)
+        })
+        .unwrap_or(0);
+    let data = json_data::decode(dtype, data, expected, max_elements)
+        .map_err(|err| InferError::invalid(format!("input '{name}': {err}")))?;
     Ok(Tensor {
         name,
         dtype,
@@ -283,131 +319,26 @@ pub fn tensor_from_json(
     })
 }
 
-/// KServe allows nested arrays (row-major) or a flat list.
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|item| flatten(item, out)),
-        other => out.push(other),
-    }
+/// A tensor's elements as a flat JSON list (tests and tools; responses are
+/// serialized from the tensor as they are written).
+pub fn data_to_json(tensor: &Tensor) -> Value {
+    serde_json::to_value(JsonData(tensor)).unwrap_or(Value::Null)
 }
 
-fn json_to_data(name: &str, dtype: DataType, values: &[&Value]) -> Result<TensorData, InferError> {
-    let bad = |value: &Value| {
-        InferError::invalid(format!(
-            "input '{name}': {value} is not a valid {dtype} value"
-        ))
-    };
-    macro_rules! ints {
-        ($ty:ty, $get:ident) => {{
-            let items = values
-                .iter()
-                .map(|v| {
-                    v.$get()
-                        .and_then(|n| <$ty>::try_from(n).ok())
-                        .ok_or_else(|| bad(v))
-                })
-                .collect::<Result<Vec<$ty>, _>>()?;
-            TensorData::from_values(&items)
-        }};
-    }
-    Ok(match dtype {
-        DataType::Bool => TensorData::Raw(
-            values
-                .iter()
-                .map(|v| v.as_bool().map(u8::from).ok_or_else(|| bad(v)))
-                .collect::<Result<_, _>>()?,
-        ),
-        DataType::I8 => ints!(i8, as_i64),
-        DataType::I16 => ints!(i16, as_i64),
-        DataType::I32 => ints!(i32, as_i64),
-        DataType::I64 => ints!(i64, as_i64),
-        DataType::U8 => ints!(u8, as_u64),
-        DataType::U16 => ints!(u16, as_u64),
-        DataType::U32 => ints!(u32, as_u64),
-        DataType::U64 => ints!(u64, as_u64),
-        DataType::F16 => {
-            let items = values
-                .iter()
-                .map(|v| v.as_f64().map(half::f16::from_f64).ok_or_else(|| bad(v)))
-                .collect::<Result<Vec<_>, _>>()?;
-            TensorData::from_values(&items)
-        }
-        DataType::F32 => {
-            let items = values
-                .iter()
-                .map(|v| v.as_f64().map(|n| n as f32).ok_or_else(|| bad(v)))
-                .collect::<Result<Vec<_>, _>>()?;
-            TensorData::from_values(&items)
-        }
-        DataType::F64 => {
-            let items = values
-                .iter()
-                .map(|v| v.as_f64().ok_or_else(|| bad(v)))
-                .collect::<Result<Vec<_>, _>>()?;
-            TensorData::from_values(&items)
-        }
-        DataType::Bytes => TensorData::Bytes(
-            values
-                .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(|s| s.as_bytes().to_vec())
-                        .ok_or_else(|| bad(v))
-                })
-                .collect::<Result<_, _>>()?,
-        ),
-    })
-}
-
-/// A tensor's elements as a flat JSON list.
-pub fn data_to_json(tensor: &Tensor) -> Vec<Value> {
-    fn nums<T: bytemuck::Pod + Into<Value>>(tensor: &Tensor) -> Vec<Value> {
-        tensor.to_vec::<T>().into_iter().map(Into::into).collect()
-    }
-    match tensor.dtype {
-        DataType::Bool => match &tensor.data {
-            TensorData::Raw(bytes) => bytes.iter().map(|&b| Value::Bool(b != 0)).collect(),
-            TensorData::Bytes(_) => Vec::new(),
-        },
-        DataType::I8 => nums::<i8>(tensor),
-        DataType::I16 => nums::<i16>(tensor),
-        DataType::I32 => nums::<i32>(tensor),
-        DataType::I64 => nums::<i64>(tensor),
-        DataType::U8 => nums::<u8>(tensor),
-        DataType::U16 => nums::<u16>(tensor),
-        DataType::U32 => nums::<u32>(tensor),
-        DataType::U64 => nums::<u64>(tensor),
-        DataType::F16 => tensor
-            .to_vec::<half::f16>()
-            .into_iter()
-            .map(|v| Value::from(v.to_f64()))
-            .collect(),
-        DataType::F32 => nums::<f32>(tensor),
-        DataType::F64 => nums::<f64>(tensor),
-        DataType::Bytes => match &tensor.data {
-            TensorData::Bytes(items) => items
-                .iter()
-                .map(|item| Value::String(String::from_utf8_lossy(item).into_owned()))
-                .collect(),
-            TensorData::Raw(_) => Vec::new(),
-        },
-    }
-}
-
-impl From<InferResponse> for JsonInferResponse {
-    fn from(response: InferResponse) -> Self {
+impl<'t> JsonInferResponse<'t> {
+    fn new(response: &'t InferResponse) -> Self {
         JsonInferResponse {
-            model_name: response.model_name,
+            model_name: response.model_name.clone(),
             model_version: response.model_version.to_string(),
-            id: response.id,
+            id: response.id.clone(),
             outputs: response
                 .outputs
                 .iter()
                 .map(|tensor| JsonOutput {
-                    name: tensor.name.clone(),
-                    datatype: tensor.dtype.protocol_name().to_string(),
-                    shape: tensor.shape.clone(),
-                    data: data_to_json(tensor),
+                    name: &tensor.name,
+                    datatype: tensor.dtype.protocol_name(),
+                    shape: &tensor.shape,
+                    data: JsonData(tensor),
                 })
                 .collect(),
         }
@@ -417,29 +348,103 @@ impl From<InferResponse> for JsonInferResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::{DataType, TensorData};
+
+    fn decode(dtype: &str, data: &str) -> Result<Tensor, InferError> {
+        let mut text = serde_json::Deserializer::from_str(data);
+        decode_tensor("x".into(), dtype, vec![-1], data.len(), &mut text)
+    }
 
     #[test]
     fn nested_and_flat_json_data_decode_the_same() {
-        let nested = json!([[1.5, 2.0], [3.0, 4.0]]);
-        let flat = json!([1.5, 2.0, 3.0, 4.0]);
-        let (mut a, mut b) = (Vec::new(), Vec::new());
-        flatten(&nested, &mut a);
-        flatten(&flat, &mut b);
+        let nested = decode("FP32", "[[1.5, 2], [3.0, 4e0]]").unwrap();
+        let flat = decode("FP32", "[1.5, 2.0, 3.0, 4.0]").unwrap();
+        assert_eq!(nested.data, flat.data);
+        assert_eq!(nested.to_vec::<f32>(), vec![1.5, 2.0, 3.0, 4.0]);
+        // The same values parsed into a `Value` first decode the same.
+        let value = tensor_from_json("x".into(), "FP32", vec![-1], &json!([[1.5, 2], [3, 4]]));
+        assert_eq!(value.unwrap().data, flat.data);
+    }
+
+    #[test]
+    fn every_datatype_decodes_from_json_text() {
         assert_eq!(
-            json_to_data("x", DataType::F32, &a).unwrap(),
-            json_to_data("x", DataType::F32, &b).unwrap()
+            decode("BOOL", "[true, false]").unwrap().data,
+            TensorData::Raw(vec![1u8, 0].into())
         );
+        assert_eq!(
+            decode("INT8", "[-128, 127]").unwrap().to_vec::<i8>(),
+            vec![-128, 127]
+        );
+        assert_eq!(
+            decode("UINT64", "[18446744073709551615]")
+                .unwrap()
+                .to_vec::<u64>(),
+            vec![u64::MAX]
+        );
+        assert_eq!(
+            decode("INT64", "[-9223372036854775808]")
+                .unwrap()
+                .to_vec::<i64>(),
+            vec![i64::MIN]
+        );
+        assert_eq!(
+            decode("FP64", "[0.1, -2]").unwrap().to_vec::<f64>(),
+            vec![0.1, -2.0]
+        );
+        assert_eq!(
+            decode("FP16", "[0.5, 1]").unwrap().to_vec::<half::f16>(),
+            vec![half::f16::from_f32(0.5), half::f16::ONE]
+        );
+        assert_eq!(
+            decode("BYTES", r#"["a", "\u00e9"]"#).unwrap().data,
+            TensorData::Bytes(vec![b"a".to_vec(), "\u{e9}".as_bytes().to_vec()])
+        );
+        // A lone scalar is a list of one.
+        assert_eq!(decode("INT32", "7").unwrap().to_vec::<i32>(), vec![7]);
     }
 
     #[test]
     fn out_of_range_and_wrong_kind_values_are_refused() {
-        let v = json!(256);
-        assert!(json_to_data("x", DataType::U8, &[&v]).is_err());
-        let v = json!(-1);
-        assert!(json_to_data("x", DataType::U32, &[&v]).is_err());
-        let v = json!("a");
-        assert!(json_to_data("x", DataType::F32, &[&v]).is_err());
-        let v = json!(1);
-        assert!(json_to_data("x", DataType::Bool, &[&v]).is_err());
+        for (dtype, data, words) in [
+            ("UINT8", "[1, 256]", "256 is not a valid UINT8 value"),
+            ("UINT32", "[-1]", "-1 is not a valid UINT32 value"),
+            ("INT32", "[1.5]", "1.5 is not a valid INT32 value"),
+            ("FP32", r#"["a"]"#, r#""a" is not a valid FP32 value"#),
+            ("BOOL", "[1]", "1 is not a valid BOOL value"),
+            ("BYTES", "[1]", "1 is not a valid BYTES value"),
+            ("FP32", "[null]", "invalid type: null"),
+            ("FP32", r#"[{"a": 1}]"#, "invalid type: map"),
+        ] {
+            let err = decode(dtype, data).expect_err(data);
+            assert_eq!(err.code, ErrorCode::InvalidArgument, "{data}");
+            assert!(
+                err.message.contains("input 'x': "),
+                "{data}: {}",
+                err.message
+            );
+            assert!(err.message.contains(words), "{data}: {}", err.message);
+        }
+    }
+
+    #[test]
+    fn responses_serialize_typed_elements() {
+        let tensor = Tensor {
+            name: "y".into(),
+            dtype: DataType::F32,
+            shape: vec![2],
+            data: TensorData::from_values(&[0.1f32, f32::NAN]),
+        };
+        assert_eq!(
+            serde_json::to_string(&JsonData(&tensor)).unwrap(),
+            "[0.1,null]"
+        );
+        let flags = Tensor {
+            name: "b".into(),
+            dtype: DataType::Bool,
+            shape: vec![2],
+            data: TensorData::Raw(vec![0u8, 1].into()),
+        };
+        assert_eq!(data_to_json(&flags), json!([false, true]));
     }
 }

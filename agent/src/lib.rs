@@ -10,6 +10,7 @@ pub mod cpu_latency;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod json_data;
 pub mod managed;
 pub mod memory;
 pub mod metrics;

@@ -167,19 +167,22 @@ impl InferenceService {
             version: None,
         };
         let result = self.infer_inner(request, &mut outcome.version).await;
-        outcome.finish(result.is_ok());
         if let Err(err) = &result {
-            // Failures after queueing are counted by the worker.
-            if matches!(
-                err.code,
-                ErrorCode::NotFound
-                    | ErrorCode::InvalidArgument
-                    | ErrorCode::Unavailable
-                    | ErrorCode::TooLarge
-            ) {
-                self.metrics.count_error(&model_name, "", err.code.as_str());
+            match &outcome.version {
+                // The version counts what fails from queueing on (a full
+                // queue, a stopped version, a failed run); this counts what
+                // the request was refused for before.
+                Some(version) => {
+                    if matches!(err.code, ErrorCode::InvalidArgument | ErrorCode::TooLarge) {
+                        version.count_error(err.code);
+                    }
+                }
+                // Refused before any version: unknown model or version, a
+                // model not ready, a request over the size limit.
+                None => self.metrics.count_error(&model_name, "", err.code.as_str()),
             }
         }
+        outcome.finish(result.is_ok());
         result
     }
 

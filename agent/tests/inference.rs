@@ -607,14 +607,6 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
     agent.stop().await;
 }
 
-pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(name) && line.contains(label))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("metric {name}{{{label}}} not found in:\n{text}"))
-}
-
 async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice) {
     let repo = Repo::new();
     repo.add("conv", 1, "conv")

@@ -576,6 +576,46 @@ on_both_runtimes!(
     an_empty_repository_serves_and_says_it_has_no_models,
 );
 
+/// A request refused once it reached a version counts as that version's
+/// error, once; one refused before any version (unknown model) counts for
+/// the model alone.
+#[tokio::test]
+async fn refused_requests_are_counted_once_against_the_version_they_reached() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let mut wrong_datatype = http_infer_body();
+    wrong_datatype["inputs"][0]["datatype"] = json!("FP64");
+    for _ in 0..2 {
+        let (status, _) = post(&agent, "/v2/models/mlp/infer", &wrong_datatype).await;
+        assert_eq!(status, 400);
+    }
+    let (status, _) = post(&agent, "/v2/models/nope/infer", &http_infer_body()).await;
+    assert_eq!(status, 404);
+
+    let metrics = reqwest::get(agent.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = |labels: &str| metric_value(&metrics, "edgefleet_inference_errors_total", labels);
+    assert_eq!(
+        errors("model=\"mlp\",version=\"1\",reason=\"invalid_argument\""),
+        2.0
+    );
+    assert_eq!(
+        errors("model=\"nope\",version=\"\",reason=\"not_found\""),
+        1.0
+    );
+    let versionless_mlp = metrics.lines().find(|line| {
+        line.starts_with("edgefleet_inference_errors_total")
+            && line.contains("model=\"mlp\",version=\"\"")
+    });
+    assert_eq!(versionless_mlp, None, "{metrics}");
+    agent.stop().await;
+}
+
 #[test]
 fn a_repository_that_does_not_exist_is_refused_before_serving() {
     let dir = tempfile::tempdir().unwrap();

@@ -275,6 +275,16 @@ pub fn assert_tensor_matches(actual: &Value, expected: &Value, context: &str) {
     }
 }
 
+/// The value of the first sample of metric `name` whose labels contain
+/// `label`, in Prometheus text `text`; panics if there is none.
+pub fn metric_value(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(name) && line.contains(label))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("metric {name}{{{label}}} not found in:\n{text}"))
+}
+
 /// Runs the same async test body once per runtime, as two test functions.
 #[macro_export]
 macro_rules! on_both_runtimes {
