@@ -69,6 +69,9 @@ struct ModelState {
     config: Option<ModelConfig>,
     /// Why the model's config is unusable, if it is.
     config_error: Option<String>,
+    /// Why the model's directory could not be read at the last scan, if it
+    /// could not: what was loaded before keeps serving, unchanged.
+    unreadable: Option<String>,
     served: BTreeMap<u64, ServedVersion>,
     /// Versions that failed to load, with the file they failed on, so an
     /// unchanged broken file is not retried on every scan.
@@ -207,6 +210,9 @@ impl ModelRegistry {
 
     fn sync_model(&self, dir: &ModelDir) {
         let name = dir.name.as_str();
+        if !self.note_readability(dir) {
+            return;
+        }
         // What is loaded now (cheap clones of Arcs), read without holding the lock while loading.
         let (old_config_fp, old_config, config_invalid, old_served, old_failed) = {
             let models = self.read();
@@ -374,6 +380,35 @@ impl ModelRegistry {
         state.on_disk = dir.versions.keys().copied().collect();
     }
 
+    /// Records whether a model's directory could be read; false if it
+    /// could not, and the model is to be left as it is. A directory that
+    /// cannot be read for a moment (too many open files, an I/O error, its
+    /// permissions changed while a deployment copies files) says nothing
+    /// about what is on disk: unloading on it would take a healthy model
+    /// down. Logged once per distinct problem, and once when it clears.
+    fn note_readability(&self, dir: &ModelDir) -> bool {
+        let name = dir.name.as_str();
+        let was = self
+            .read()
+            .get(name)
+            .and_then(|state| state.unreadable.clone());
+        if was == dir.unreadable {
+            return dir.unreadable.is_none();
+        }
+        let mut models = self.write();
+        let state = models.entry(name.to_string()).or_default();
+        match &dir.unreadable {
+            Some(problem) => tracing::warn!(
+                model = name,
+                error = %problem,
+                "cannot read the model's directory; keeping what it serves as it is"
+            ),
+            None => tracing::info!(model = name, "the model's directory is readable again"),
+        }
+        state.unreadable = dir.unreadable.clone();
+        dir.unreadable.is_none()
+    }
+
     fn load_version(
         &self,
         name: &str,
@@ -458,8 +493,9 @@ impl ModelRegistry {
                 Some(served) => Ok(Arc::clone(&served.handle)),
                 None => {
                     let reason = state
-                        .config_error
+                        .unreadable
                         .clone()
+                        .or_else(|| state.config_error.clone())
                         .or_else(|| state.failed.values().next_back().map(|(_, r)| r.clone()))
                         .unwrap_or_else(|| {
                             "it has no version directory with a model.onnx".to_string()

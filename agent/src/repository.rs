@@ -21,13 +21,28 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    fn of(path: &Path) -> Option<Fingerprint> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(Fingerprint {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
+    /// The file's fingerprint; `None` if there is no such file. Any other
+    /// failure to stat it (permissions, I/O, too many open files) is an
+    /// error: the file may well be there.
+    fn of(path: &Path) -> std::io::Result<Option<Fingerprint>> {
+        match std::fs::metadata(path) {
+            Ok(meta) => Ok(Some(Fingerprint {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+            })),
+            Err(err) if is_absent(&err) => Ok(None),
+            Err(err) => Err(err),
+        }
     }
+}
+
+/// Whether an error means the path is not there (as opposed to not readable
+/// now).
+fn is_absent(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +57,11 @@ pub struct ModelDir {
     pub dir: PathBuf,
     pub config_fingerprint: Option<Fingerprint>,
     pub versions: BTreeMap<u64, VersionFiles>,
+    /// Why the model's directory could not be read in full, if it could
+    /// not (permissions, I/O errors, too many open files): `versions` and
+    /// `config_fingerprint` then say nothing about what is on disk, and the
+    /// registry keeps the model as it is.
+    pub unreadable: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,6 +103,8 @@ pub fn check_repository(path: &Path) -> Result<(), RepositoryError> {
 /// Lists every model and version directory. Entries that do not fit the
 /// layout (files at the top level, non-numeric or zero version directories,
 /// version directories without `model.onnx`) are skipped with a debug log.
+/// A model directory that cannot be read in full is listed with the reason
+/// ([`ModelDir::unreadable`]), not skipped: it may hold a serving model.
 pub fn scan(root: &Path) -> Result<RepositoryScan, RepositoryError> {
     check_repository(root)?;
     let io_err = |source| RepositoryError::Io {
@@ -100,42 +122,49 @@ pub fn scan(root: &Path) -> Result<RepositoryScan, RepositoryError> {
         if name.starts_with('.') || !dir.is_dir() {
             continue;
         }
-        let mut versions = BTreeMap::new();
-        let Ok(children) = std::fs::read_dir(&dir) else {
-            continue;
+        let mut model = ModelDir {
+            name: name.clone(),
+            dir: dir.clone(),
+            config_fingerprint: None,
+            versions: BTreeMap::new(),
+            unreadable: None,
         };
-        for child in children.flatten() {
-            let version_dir = child.path();
-            let Some(version) = child
-                .file_name()
-                .to_str()
-                .and_then(|text| text.parse::<u64>().ok())
-                .filter(|&version| version > 0)
-            else {
-                continue;
-            };
-            let model_path = version_dir.join(MODEL_FILE_NAME);
-            if let Some(fingerprint) = Fingerprint::of(&model_path) {
-                versions.insert(
-                    version,
-                    VersionFiles {
-                        model_path,
-                        fingerprint,
-                    },
-                );
-            }
+        match read_model_dir(&mut model) {
+            Ok(()) => {}
+            // Removed since the repository was listed.
+            Err(err) if is_absent(&err) && !dir.exists() => continue,
+            Err(err) => model.unreadable = Some(format!("cannot read {}: {err}", dir.display())),
         }
-        models.insert(
-            name.clone(),
-            ModelDir {
-                name,
-                config_fingerprint: Fingerprint::of(&dir.join(CONFIG_FILE_NAME)),
-                dir,
-                versions,
-            },
-        );
+        models.insert(name, model);
     }
     Ok(RepositoryScan { models })
+}
+
+/// Fills in a model's config fingerprint and versions from its directory.
+fn read_model_dir(model: &mut ModelDir) -> std::io::Result<()> {
+    model.config_fingerprint = Fingerprint::of(&model.dir.join(CONFIG_FILE_NAME))?;
+    for child in std::fs::read_dir(&model.dir)? {
+        let child = child?;
+        let Some(version) = child
+            .file_name()
+            .to_str()
+            .and_then(|text| text.parse::<u64>().ok())
+            .filter(|&version| version > 0)
+        else {
+            continue;
+        };
+        let model_path = child.path().join(MODEL_FILE_NAME);
+        if let Some(fingerprint) = Fingerprint::of(&model_path)? {
+            model.versions.insert(
+                version,
+                VersionFiles {
+                    model_path,
+                    fingerprint,
+                },
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -395,3 +395,104 @@ fn terminate(
     let _ = child.wait();
     None
 }
+
+/// A model directory that cannot be read for a while (here its permissions
+/// taken away; in the field also too many open files or an I/O error) says
+/// nothing about what is on disk: the model keeps serving, the log says why
+/// it is left alone, and once readable again nothing reloads. The agent runs
+/// as an unprivileged user (`nobody`) when the test runs as root, whom
+/// permissions do not stop.
+#[tokio::test]
+async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let set_mode = |path: &std::path::Path, mode: u32| {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    let dir = tempfile::tempdir().unwrap();
+    set_mode(dir.path(), 0o755);
+    let repository = dir.path().join("repository");
+    let version = repository.join("mlp").join("1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(fixture_model("mlp"), version.join("model.onnx")).unwrap();
+    for path in [&repository, &repository.join("mlp"), &version] {
+        set_mode(path, 0o755);
+    }
+    set_mode(&version.join("model.onnx"), 0o644);
+    // The binary, where the unprivileged user can run it whatever the
+    // permissions of the build directory.
+    let binary = dir.path().join("edgefleet-agent");
+    std::fs::copy(env!("CARGO_BIN_EXE_edgefleet-agent"), &binary).unwrap();
+    set_mode(&binary, 0o755);
+    let mut command = Command::new(&binary);
+    command
+        .env("EDGEFLEET_LOG", "info")
+        .args(["serve", "--runtime", "tract", "--model-repository"])
+        .arg(&repository)
+        .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(["--repository-poll-interval", "100ms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // The test's own user owns what it creates.
+    if std::os::unix::fs::MetadataExt::uid(&dir.path().metadata().unwrap()) == 0 {
+        command.uid(65534).gid(65534);
+    }
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_for = |words: &str| loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("the agent logs '{words}'"));
+        if line.contains(words) {
+            return line;
+        }
+    };
+    let http_line = wait_for("http=");
+    let start = http_line.find("http=").unwrap() + 5;
+    let http_addr = http_line[start..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let client = reqwest::Client::new();
+    let infer = || {
+        let client = client.clone();
+        let url = format!("http://{http_addr}/v2/models/mlp/infer");
+        async move {
+            client
+                .post(url)
+                .json(&serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": vec![0.5f32; 16]}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eventually(Duration::from_secs(30), || async { infer().await == 200 }).await;
+
+    set_mode(&repository.join("mlp"), 0o000);
+    let warning = wait_for("cannot read the model's directory");
+    assert!(warning.contains("Permission denied"), "{warning}");
+    // Polls keep coming while the directory stays unreadable.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(infer().await, 200, "the model keeps serving");
+
+    set_mode(&repository.join("mlp"), 0o755);
+    wait_for("the model's directory is readable again");
+    assert_eq!(infer().await, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let later: Vec<String> = rx.try_iter().collect();
+    assert!(
+        !later
+            .iter()
+            .any(|line| line.contains("loaded") || line.contains("unloading")),
+        "nothing reloads: {later:?}"
+    );
+}
