@@ -261,15 +261,12 @@ impl JsonInferRequest<'_> {
             .into_iter()
             .map(|input| {
                 let text = input.data.get();
-                // Each element takes at least two bytes of text (a digit and
-                // a comma): a bound on the buffer a lying shape can ask for.
-                let max_elements = text.len() / 2 + 1;
                 let mut data = serde_json::Deserializer::from_str(text);
                 decode_tensor(
                     input.name,
                     &input.datatype,
                     input.shape,
-                    max_elements,
+                    text.len(),
                     &mut data,
                 )
             })
@@ -292,14 +289,14 @@ pub fn tensor_from_json(
     shape: Vec<i64>,
     data: &Value,
 ) -> Result<Tensor, InferError> {
-    decode_tensor(name, datatype, shape, usize::MAX, data)
+    decode_tensor(name, datatype, shape, 1 << 20, data)
 }
 
 fn decode_tensor<'de, D: serde::Deserializer<'de>>(
     name: String,
     datatype: &str,
     shape: Vec<i64>,
-    max_elements: usize,
+    reserve_bytes: usize,
     data: D,
 ) -> Result<Tensor, InferError> {
     let dtype = crate::grpc::parse_datatype(&name, datatype)?;
@@ -309,8 +306,15 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
             count.checked_mul(usize::try_from(dim).ok()?)
         })
         .unwrap_or(0);
-    let data = json_data::decode(dtype, data, expected, max_elements)
-        .map_err(|err| InferError::invalid(format!("input '{name}': {err}")))?;
+    let data = json_data::decode(dtype, data, expected, reserve_bytes).map_err(|err| {
+        // serde_json places an error in the text it read: the data alone
+        // here, not the request, so the place would mislead.
+        let message = err.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(message, _)| message);
+        InferError::invalid(format!("input '{name}': {message}"))
+    })?;
     Ok(Tensor {
         name,
         dtype,
@@ -415,6 +419,7 @@ mod tests {
             ("BYTES", "[1]", "1 is not a valid BYTES value"),
             ("FP32", "[null]", "invalid type: null"),
             ("FP32", r#"[{"a": 1}]"#, "invalid type: map"),
+            ("INT32", "[1e300]", "1e300 is not a valid INT32 value"),
         ] {
             let err = decode(dtype, data).expect_err(data);
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{data}");
@@ -424,7 +429,31 @@ mod tests {
                 err.message
             );
             assert!(err.message.contains(words), "{data}: {}", err.message);
+            assert!(
+                !err.message.contains(" at line "),
+                "{data}: {}",
+                err.message
+            );
         }
+    }
+
+    /// The buffer is sized from the shape only as far as the data's text
+    /// could fill it: a shape claiming 2^40 elements reserves nothing like
+    /// 2^40 of them (24 TiB of BYTES entries, an abort if it were tried).
+    #[test]
+    fn a_shape_cannot_reserve_more_than_its_data_could_fill() {
+        for dtype in ["BYTES", "FP64", "BOOL"] {
+            let data = "[]";
+            let mut text = serde_json::Deserializer::from_str(data);
+            let tensor =
+                decode_tensor("x".into(), dtype, vec![1 << 40], data.len(), &mut text).unwrap();
+            assert!(
+                tensor.validate().is_err(),
+                "{dtype}: the count is still checked"
+            );
+        }
+        let huge = tensor_from_json("x".into(), "BYTES", vec![1 << 40], &json!([]));
+        assert!(huge.is_ok());
     }
 
     #[test]

@@ -16,44 +16,51 @@ use serde::ser::{Serialize, Serializer};
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Decodes `data` (any serde deserializer over JSON: a request's raw text,
-/// or a parsed `Value`) as elements of `dtype`; `expected` (the element count
-/// the shape gives) only sizes the buffer up front, capped by `max_elements`.
+/// or a parsed `Value`) as elements of `dtype`, written straight into the
+/// tensor's buffer. `expected` (the element count the shape gives) sizes the
+/// buffer up front, to at most `reserve_bytes`: a shape cannot make it
+/// reserve more than the text it comes with.
 pub fn decode<'de, D: Deserializer<'de>>(
     dtype: DataType,
     data: D,
     expected: usize,
-    max_elements: usize,
+    reserve_bytes: usize,
 ) -> Result<TensorData, D::Error> {
-    let capacity = expected.min(max_elements);
-    fn typed<'de, T: Element + bytemuck::Pod, D: Deserializer<'de>>(
+    fn raw<'de, T: Element + bytemuck::Pod, D: Deserializer<'de>>(
         dtype: DataType,
         data: D,
-        capacity: usize,
+        expected: usize,
+        reserve_bytes: usize,
     ) -> Result<TensorData, D::Error> {
-        let mut out = Vec::<T>::with_capacity(capacity);
-        Flat::new(dtype, &mut out).deserialize(data)?;
-        Ok(TensorData::from_values(&out))
+        let size = std::mem::size_of::<T>();
+        let mut out = Vec::<u8>::with_capacity(expected.saturating_mul(size).min(reserve_bytes));
+        let push: fn(&mut Vec<u8>, T) =
+            |out, value| out.extend_from_slice(bytemuck::bytes_of(&value));
+        Flat::new(dtype, &mut out, push).deserialize(data)?;
+        Ok(TensorData::Raw(out.into()))
     }
     match dtype {
         DataType::Bool => {
-            let mut out = Vec::<bool>::with_capacity(capacity);
-            Flat::new(dtype, &mut out).deserialize(data)?;
-            Ok(TensorData::Raw(out.into_iter().map(u8::from).collect()))
+            let mut out = Vec::<u8>::with_capacity(expected.min(reserve_bytes));
+            let push: fn(&mut Vec<u8>, bool) = |out, value| out.push(u8::from(value));
+            Flat::new(dtype, &mut out, push).deserialize(data)?;
+            Ok(TensorData::Raw(out.into()))
         }
-        DataType::U8 => typed::<u8, D>(dtype, data, capacity),
-        DataType::U16 => typed::<u16, D>(dtype, data, capacity),
-        DataType::U32 => typed::<u32, D>(dtype, data, capacity),
-        DataType::U64 => typed::<u64, D>(dtype, data, capacity),
-        DataType::I8 => typed::<i8, D>(dtype, data, capacity),
-        DataType::I16 => typed::<i16, D>(dtype, data, capacity),
-        DataType::I32 => typed::<i32, D>(dtype, data, capacity),
-        DataType::I64 => typed::<i64, D>(dtype, data, capacity),
-        DataType::F16 => typed::<half::f16, D>(dtype, data, capacity),
-        DataType::F32 => typed::<f32, D>(dtype, data, capacity),
-        DataType::F64 => typed::<f64, D>(dtype, data, capacity),
+        DataType::U8 => raw::<u8, D>(dtype, data, expected, reserve_bytes),
+        DataType::U16 => raw::<u16, D>(dtype, data, expected, reserve_bytes),
+        DataType::U32 => raw::<u32, D>(dtype, data, expected, reserve_bytes),
+        DataType::U64 => raw::<u64, D>(dtype, data, expected, reserve_bytes),
+        DataType::I8 => raw::<i8, D>(dtype, data, expected, reserve_bytes),
+        DataType::I16 => raw::<i16, D>(dtype, data, expected, reserve_bytes),
+        DataType::I32 => raw::<i32, D>(dtype, data, expected, reserve_bytes),
+        DataType::I64 => raw::<i64, D>(dtype, data, expected, reserve_bytes),
+        DataType::F16 => raw::<half::f16, D>(dtype, data, expected, reserve_bytes),
+        DataType::F32 => raw::<f32, D>(dtype, data, expected, reserve_bytes),
+        DataType::F64 => raw::<f64, D>(dtype, data, expected, reserve_bytes),
         DataType::Bytes => {
+            let capacity = expected.min(reserve_bytes / std::mem::size_of::<Vec<u8>>());
             let mut out = Vec::<Vec<u8>>::with_capacity(capacity);
-            Flat::new(dtype, &mut out).deserialize(data)?;
+            Flat::new(dtype, &mut out, Vec::push).deserialize(data)?;
             Ok(TensorData::Bytes(out))
         }
     }
@@ -127,21 +134,22 @@ impl Element for Vec<u8> {
 }
 
 /// Appends every scalar of a value, nested lists flattened in row-major
-/// order, to `out`.
-struct Flat<'v, T> {
+/// order, to `out` with `push`.
+struct Flat<'v, T, O> {
     dtype: DataType,
-    out: &'v mut Vec<T>,
+    out: &'v mut O,
+    push: fn(&mut O, T),
 }
 
-impl<'v, T> Flat<'v, T> {
-    fn new(dtype: DataType, out: &'v mut Vec<T>) -> Self {
-        Flat { dtype, out }
+impl<'v, T, O> Flat<'v, T, O> {
+    fn new(dtype: DataType, out: &'v mut O, push: fn(&mut O, T)) -> Self {
+        Flat { dtype, out, push }
     }
 
     fn push<E: de::Error>(self, value: Option<T>, shown: impl fmt::Display) -> Result<(), E> {
         match value {
             Some(value) => {
-                self.out.push(value);
+                (self.push)(self.out, value);
                 Ok(())
             }
             None => Err(E::custom(format_args!(
@@ -152,7 +160,7 @@ impl<'v, T> Flat<'v, T> {
     }
 }
 
-impl<'de, T: Element> DeserializeSeed<'de> for Flat<'_, T> {
+impl<'de, T: Element, O> DeserializeSeed<'de> for Flat<'_, T, O> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, data: D) -> Result<(), D::Error> {
@@ -160,7 +168,7 @@ impl<'de, T: Element> DeserializeSeed<'de> for Flat<'_, T> {
     }
 }
 
-impl<'de, T: Element> Visitor<'de> for Flat<'_, T> {
+impl<'de, T: Element, O> Visitor<'de> for Flat<'_, T, O> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -168,8 +176,11 @@ impl<'de, T: Element> Visitor<'de> for Flat<'_, T> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        let (dtype, out) = (self.dtype, self.out);
-        while items.next_element_seed(Flat::new(dtype, out))?.is_some() {}
+        let (dtype, out, push) = (self.dtype, self.out, self.push);
+        while items
+            .next_element_seed(Flat::new(dtype, &mut *out, push))?
+            .is_some()
+        {}
         Ok(())
     }
 
@@ -186,7 +197,8 @@ impl<'de, T: Element> Visitor<'de> for Flat<'_, T> {
     }
 
     fn visit_f64<E: de::Error>(self, value: f64) -> Result<(), E> {
-        self.push(T::from_f64(value), value)
+        // Debug: `1e300`, not three hundred digits.
+        self.push(T::from_f64(value), format_args!("{value:?}"))
     }
 
     fn visit_str<E: de::Error>(self, value: &str) -> Result<(), E> {

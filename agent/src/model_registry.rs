@@ -8,6 +8,7 @@
 //! started on, so they finish there. A version that fails to load leaves the
 //! version that was serving in place.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
 use crate::model_config::ModelConfig;
 use crate::model_worker::LoadedVersion;
-use crate::repository::{self, Fingerprint, ModelDir, RepositoryError};
+use crate::repository::{self, Fingerprint, ModelDir, RepositoryError, VersionFiles};
 use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind};
 use crate::telemetry::TelemetryRecorder;
 use edgefleet_proto::edgefleet::v1::event::Kind as EventKind;
@@ -72,6 +73,8 @@ struct ModelState {
     /// Why the model's directory could not be read at the last scan, if it
     /// could not: what was loaded before keeps serving, unchanged.
     unreadable: Option<String>,
+    /// Version directories that could not be read at the last scan.
+    unreadable_versions: BTreeMap<u64, String>,
     served: BTreeMap<u64, ServedVersion>,
     /// Versions that failed to load, with the file they failed on, so an
     /// unchanged broken file is not retried on every scan.
@@ -213,6 +216,7 @@ impl ModelRegistry {
         if !self.note_readability(dir) {
             return;
         }
+        let dir = &self.keep_unreadable_versions(dir);
         // What is loaded now (cheap clones of Arcs), read without holding the lock while loading.
         let (old_config_fp, old_config, config_invalid, old_served, old_failed) = {
             let models = self.read();
@@ -409,6 +413,52 @@ impl ModelRegistry {
         dir.unreadable.is_none()
     }
 
+    /// `dir` with each version that could not be read and is serving
+    /// listed as unchanged, so it keeps serving; one that is not serving
+    /// stays out (it cannot be loaded). Logs each distinct problem once.
+    fn keep_unreadable_versions<'d>(&self, dir: &'d ModelDir) -> Cow<'d, ModelDir> {
+        let name = dir.name.as_str();
+        let noted = self
+            .read()
+            .get(name)
+            .is_some_and(|state| !state.unreadable_versions.is_empty());
+        if dir.unreadable_versions.is_empty() && !noted {
+            return Cow::Borrowed(dir);
+        }
+        let mut models = self.write();
+        let state = models.entry(name.to_string()).or_default();
+        for (version, problem) in &dir.unreadable_versions {
+            if state.unreadable_versions.get(version) != Some(problem) {
+                tracing::warn!(
+                    model = name,
+                    version,
+                    error = %problem,
+                    "cannot read the version's directory; keeping it as it is"
+                );
+            }
+        }
+        state.unreadable_versions = dir.unreadable_versions.clone();
+        if dir.unreadable_versions.is_empty() {
+            return Cow::Borrowed(dir);
+        }
+        let mut kept = dir.clone();
+        for version in dir.unreadable_versions.keys() {
+            if let Some(serving) = state.served.get(version) {
+                kept.versions.insert(
+                    *version,
+                    VersionFiles {
+                        model_path: dir
+                            .dir
+                            .join(version.to_string())
+                            .join(repository::MODEL_FILE_NAME),
+                        fingerprint: serving.fingerprint,
+                    },
+                );
+            }
+        }
+        Cow::Owned(kept)
+    }
+
     fn load_version(
         &self,
         name: &str,
@@ -441,6 +491,11 @@ impl ModelRegistry {
             metrics,
             self.telemetry.for_version(name, version),
         ))
+    }
+
+    /// Whether the repository holds a model of this name (loaded or not).
+    pub fn has_model(&self, name: &str) -> bool {
+        self.read().contains_key(name)
     }
 
     /// The version a request goes to: the one named, or the highest served.

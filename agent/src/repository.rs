@@ -62,6 +62,10 @@ pub struct ModelDir {
     /// `config_fingerprint` then say nothing about what is on disk, and the
     /// registry keeps the model as it is.
     pub unreadable: Option<String>,
+    /// Version directories whose model file could not be looked at, with
+    /// why: not in `versions`, and the registry keeps each as it is (serving
+    /// if it served, not loaded if it was not).
+    pub unreadable_versions: BTreeMap<u64, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -119,7 +123,7 @@ pub fn scan(root: &Path) -> Result<RepositoryScan, RepositoryError> {
             tracing::debug!(path = %dir.display(), "skipping a non-UTF-8 name in the model repository");
             continue;
         };
-        if name.starts_with('.') || !dir.is_dir() {
+        if name.starts_with('.') {
             continue;
         }
         let mut model = ModelDir {
@@ -128,16 +132,30 @@ pub fn scan(root: &Path) -> Result<RepositoryScan, RepositoryError> {
             config_fingerprint: None,
             versions: BTreeMap::new(),
             unreadable: None,
+            unreadable_versions: BTreeMap::new(),
         };
-        match read_model_dir(&mut model) {
-            Ok(()) => {}
-            // Removed since the repository was listed.
-            Err(err) if is_absent(&err) && !dir.exists() => continue,
+        let read = is_directory(&dir)
+            .and_then(|is_directory| is_directory.then(|| read_model_dir(&mut model)).transpose());
+        match read {
+            Ok(Some(())) => {}
+            // A file, or removed since the repository was listed.
+            Ok(None) => continue,
+            Err(_) if matches!(is_directory(&dir), Ok(false)) => continue,
             Err(err) => model.unreadable = Some(format!("cannot read {}: {err}", dir.display())),
         }
         models.insert(name, model);
     }
     Ok(RepositoryScan { models })
+}
+
+/// Whether `path` is a directory (through symlinks); false if there is
+/// nothing there, an error if it cannot be told.
+fn is_directory(path: &Path) -> std::io::Result<bool> {
+    match std::fs::metadata(path) {
+        Ok(meta) => Ok(meta.is_dir()),
+        Err(err) if is_absent(&err) => Ok(false),
+        Err(err) => Err(err),
+    }
 }
 
 /// Fills in a model's config fingerprint and versions from its directory.
@@ -154,14 +172,23 @@ fn read_model_dir(model: &mut ModelDir) -> std::io::Result<()> {
             continue;
         };
         let model_path = child.path().join(MODEL_FILE_NAME);
-        if let Some(fingerprint) = Fingerprint::of(&model_path)? {
-            model.versions.insert(
-                version,
-                VersionFiles {
-                    model_path,
-                    fingerprint,
-                },
-            );
+        match Fingerprint::of(&model_path) {
+            Ok(Some(fingerprint)) => {
+                model.versions.insert(
+                    version,
+                    VersionFiles {
+                        model_path,
+                        fingerprint,
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(err) => {
+                model.unreadable_versions.insert(
+                    version,
+                    format!("cannot read {}: {err}", model_path.display()),
+                );
+            }
         }
     }
     Ok(())

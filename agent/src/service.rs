@@ -178,8 +178,18 @@ impl InferenceService {
                     }
                 }
                 // Refused before any version: unknown model or version, a
-                // model not ready, a request over the size limit.
-                None => self.metrics.count_error(&model_name, "", err.code.as_str()),
+                // model not ready, a request over the size limit. Names the
+                // repository does not hold all count as model "": a label
+                // per name a client sends would grow the metrics without
+                // bound.
+                None => {
+                    let model = if self.registry.has_model(&model_name) {
+                        model_name.as_str()
+                    } else {
+                        ""
+                    };
+                    self.metrics.count_error(model, "", err.code.as_str());
+                }
             }
         }
         outcome.finish(result.is_ok());

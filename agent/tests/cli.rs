@@ -486,13 +486,28 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     set_mode(&repository.join("mlp"), 0o755);
     wait_for("the model's directory is readable again");
     assert_eq!(infer().await, 200);
-    let _ = child.kill();
-    let _ = child.wait();
-    let later: Vec<String> = rx.try_iter().collect();
+    let meanwhile: Vec<String> = rx.try_iter().collect();
     assert!(
-        !later
+        !meanwhile
             .iter()
             .any(|line| line.contains("loaded") || line.contains("unloading")),
-        "nothing reloads: {later:?}"
+        "nothing reloads: {meanwhile:?}"
     );
+
+    // One version's directory unreadable: that version keeps serving, and
+    // the rest of the model does not freeze: a new version still loads.
+    set_mode(&version, 0o000);
+    wait_for("cannot read the version's directory");
+    assert_eq!(infer().await, 200, "version 1 keeps serving");
+    let version_2 = repository.join("mlp").join("2");
+    std::fs::create_dir(&version_2).unwrap();
+    std::fs::copy(fixture_model("mlp"), version_2.join("model.onnx")).unwrap();
+    set_mode(&version_2, 0o755);
+    set_mode(&version_2.join("model.onnx"), 0o644);
+    let loaded = wait_for("model version loaded");
+    assert!(loaded.contains("version=2"), "{loaded}");
+    assert_eq!(infer().await, 200);
+    set_mode(&version, 0o755);
+    let _ = child.kill();
+    let _ = child.wait();
 }
