@@ -98,7 +98,11 @@ impl GrpcInferenceService for GrpcInference {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let request = infer_request_from_proto(request.into_inner())?;
+        let request = request.into_inner();
+        let model_name = request.model_name.clone();
+        let request = infer_request_from_proto(request).inspect_err(|err| {
+            self.service.count_refused(&model_name, err);
+        })?;
         let response = self.service.infer(request).await?;
         Ok(Response::new(infer_response_to_proto(response)))
     }

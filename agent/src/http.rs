@@ -179,31 +179,36 @@ async fn run_infer(
     version: String,
     body: Body,
 ) -> Response {
-    let limit = service.max_request_bytes();
-    let bytes = match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => bytes,
-        Err(_) => {
-            return InferError::new(
-                ErrorCode::TooLarge,
-                format!("request body is over the limit of {limit} bytes"),
-            )
-            .into_response();
-        }
-    };
-    let request = match serde_json::from_slice::<JsonInferRequest>(&bytes) {
+    let request = match decode_infer_request(&service, name.clone(), version, body).await {
         Ok(request) => request,
         Err(err) => {
-            return InferError::invalid(format!("malformed JSON request: {err}")).into_response();
+            service.count_refused(&name, &err);
+            return err.into_response();
         }
-    };
-    let request = match request.into_domain(name, version) {
-        Ok(request) => request,
-        Err(err) => return err.into_response(),
     };
     match service.infer(request).await {
         Ok(response) => Json(JsonInferResponse::new(&response)).into_response(),
         Err(err) => err.into_response(),
     }
+}
+
+/// Reads and decodes an infer request's JSON body, within the size limit.
+async fn decode_infer_request(
+    service: &InferenceService,
+    name: String,
+    version: String,
+    body: Body,
+) -> Result<InferRequest, InferError> {
+    let limit = service.max_request_bytes();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        InferError::new(
+            ErrorCode::TooLarge,
+            format!("request body is over the limit of {limit} bytes"),
+        )
+    })?;
+    serde_json::from_slice::<JsonInferRequest>(&bytes)
+        .map_err(|err| InferError::invalid(format!("malformed JSON request: {err}")))?
+        .into_domain(name, version)
 }
 
 #[derive(Debug, Deserialize)]

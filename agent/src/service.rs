@@ -178,22 +178,26 @@ impl InferenceService {
                     }
                 }
                 // Refused before any version: unknown model or version, a
-                // model not ready, a request over the size limit. Names the
-                // repository does not hold all count as model "": a label
-                // per name a client sends would grow the metrics without
-                // bound.
-                None => {
-                    let model = if self.registry.has_model(&model_name) {
-                        model_name.as_str()
-                    } else {
-                        ""
-                    };
-                    self.metrics.count_error(model, "", err.code.as_str());
-                }
+                // model not ready, a request over the size limit.
+                None => self.count_refused(&model_name, err),
             }
         }
         outcome.finish(result.is_ok());
         result
+    }
+
+    /// Counts a request refused before it reached a version: here, or by a
+    /// protocol boundary that could not decode it (malformed JSON, a body
+    /// over the limit, contents that do not match their datatype). Names the
+    /// repository does not hold all count as model "": a label per name a
+    /// client sends would grow the metrics without bound.
+    pub fn count_refused(&self, model_name: &str, err: &InferError) {
+        let model = if self.registry.has_model(model_name) {
+            model_name
+        } else {
+            ""
+        };
+        self.metrics.count_error(model, "", err.code.as_str());
     }
 
     async fn infer_inner(

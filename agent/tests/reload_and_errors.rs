@@ -577,7 +577,8 @@ on_both_runtimes!(
 );
 
 /// A request refused once it reached a version counts as that version's
-/// error, once; one for a model the repository does not hold counts under
+/// error, once; one refused before (undecodable) counts for its model with
+/// version ""; one for a model the repository does not hold counts under
 /// model "", whatever name it gave.
 #[tokio::test]
 async fn refused_requests_are_counted_once_against_the_version_they_reached() {
@@ -592,6 +593,22 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     }
     let (status, _) = post(&agent, "/v2/models/nope/infer", &http_infer_body()).await;
     assert_eq!(status, 404);
+    // Refused by the protocol boundaries, before any version: malformed
+    // JSON, and gRPC contents both raw and typed.
+    let malformed = reqwest::Client::new()
+        .post(agent.url("/v2/models/mlp/infer"))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
+    let mut mixed = mlp_input_raw();
+    mixed.inputs[0].contents = Some(pb::InferTensorContents {
+        fp32_contents: vec![1.0; 16],
+        ..Default::default()
+    });
+    let status = agent.grpc().await.model_infer(mixed).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
     let metrics = reqwest::get(agent.url("/metrics"))
         .await
@@ -607,11 +624,10 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     // Unknown names count as model "": no label per name a client sends.
     assert_eq!(errors("model=\"\",version=\"\",reason=\"not_found\""), 1.0);
     assert!(!metrics.contains("model=\"nope\""), "{metrics}");
-    let versionless_mlp = metrics.lines().find(|line| {
-        line.starts_with("edgefleet_inference_errors_total")
-            && line.contains("model=\"mlp\",version=\"\"")
-    });
-    assert_eq!(versionless_mlp, None, "{metrics}");
+    assert_eq!(
+        errors("model=\"mlp\",version=\"\",reason=\"invalid_argument\""),
+        2.0
+    );
     agent.stop().await;
 }
 
