@@ -317,6 +317,7 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
         let message = err.to_string();
         let message = message
             .rsplit_once(" at line ")
+            .filter(|(_, place)| is_text_position(place))
             .map_or(message.as_str(), |(message, _)| message);
         InferError::invalid(format!("input '{name}': {message}"))
     })?;
@@ -326,6 +327,15 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
         shape,
         data,
     })
+}
+
+/// Whether `place` is what serde_json appends to an error after " at line ":
+/// `N column M`.
+fn is_text_position(place: &str) -> bool {
+    let numeric = |text: &str| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    place
+        .split_once(" column ")
+        .is_some_and(|(line, column)| numeric(line) && numeric(column))
 }
 
 /// A tensor's elements as a flat JSON list (tests and tools; responses are
@@ -440,6 +450,14 @@ mod tests {
                 err.message
             );
         }
+        // Only serde_json's own suffix goes: a value that reads like one stays.
+        let err =
+            tensor_from_json("x".into(), "FP32", vec![1], &json!(["a at line 2"])).unwrap_err();
+        assert!(
+            err.message.contains(r#""a at line 2" is not"#),
+            "{}",
+            err.message
+        );
     }
 
     /// The buffer is sized from the shape only as far as the data's text

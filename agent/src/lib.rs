@@ -24,3 +24,8 @@ pub mod server;
 pub mod service;
 pub mod telemetry;
 pub mod tensor;
+
+// Tensor bytes go to and from the runtimes and the wire as they lie in
+// memory, and the protocol's raw contents are little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("edgefleet-agent supports little-endian hosts only");

@@ -273,6 +273,29 @@ impl ModelRegistry {
         let mut failed: BTreeMap<u64, (Fingerprint, String)> = BTreeMap::new();
         for &version in &desired {
             let files = &dir.versions[&version];
+            if dir.unreadable_versions.contains_key(&version) {
+                // Kept as it is: its files cannot be read to load it again.
+                // Under a changed config, it is marked stale so that the
+                // first scan that can read it reloads it under the new one.
+                if let Some((handle, fingerprint)) = old_served.get(&version) {
+                    let fingerprint = if config_changed {
+                        Fingerprint::STALE
+                    } else {
+                        *fingerprint
+                    };
+                    served.insert(
+                        version,
+                        ServedVersion {
+                            handle: Arc::clone(handle),
+                            fingerprint,
+                        },
+                    );
+                }
+                if let Some(failure) = old_failed.get(&version) {
+                    failed.insert(version, failure.clone());
+                }
+                continue;
+            }
             if !config_changed {
                 if let Some((handle, fingerprint)) = old_served.get(&version)
                     && *fingerprint == files.fingerprint
@@ -443,7 +466,19 @@ impl ModelRegistry {
         }
         let mut kept = dir.clone();
         for version in dir.unreadable_versions.keys() {
-            if let Some(serving) = state.served.get(version) {
+            // Serving, or failed and remembered as such: either stays as it
+            // is (see `sync_model`), so it stays on the scan's list.
+            let known = state
+                .served
+                .get(version)
+                .map(|serving| serving.fingerprint)
+                .or_else(|| {
+                    state
+                        .failed
+                        .get(version)
+                        .map(|(fingerprint, _)| *fingerprint)
+                });
+            if let Some(fingerprint) = known {
                 kept.versions.insert(
                     *version,
                     VersionFiles {
@@ -451,7 +486,7 @@ impl ModelRegistry {
                             .dir
                             .join(version.to_string())
                             .join(repository::MODEL_FILE_NAME),
-                        fingerprint: serving.fingerprint,
+                        fingerprint,
                     },
                 );
             }

@@ -445,14 +445,21 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
             let _ = tx.send(line);
         }
     });
-    let wait_for = |words: &str| loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("the agent logs '{words}'"));
-        if line.contains(words) {
-            return line;
+    // The lines logged up to the first that contains `words`.
+    let lines_until = |words: &str| {
+        let mut lines = Vec::new();
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("the agent logs '{words}' (after {lines:?})"));
+            let found = line.contains(words);
+            lines.push(line);
+            if found {
+                return lines;
+            }
         }
     };
+    let wait_for = |words: &str| lines_until(words).pop().unwrap();
     let http_line = wait_for("http=");
     let start = http_line.find("http=").unwrap() + 5;
     let http_addr = http_line[start..]
@@ -499,6 +506,26 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     set_mode(&version, 0o000);
     wait_for("cannot read the version's directory");
     assert_eq!(infer().await, 200, "version 1 keeps serving");
+    // A config change meanwhile cannot reload it now (no failed load); the
+    // first scan that can read it again reloads it under the new config.
+    let config = repository.join("mlp").join("config.toml");
+    std::fs::write(&config, "max_batch_size = 0\n").unwrap();
+    set_mode(&config, 0o644);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(infer().await, 200, "version 1 still serves");
+    set_mode(&version, 0o755);
+    let lines = lines_until("model version loaded");
+    let reloaded = lines.last().unwrap();
+    assert!(
+        reloaded.contains("version=1") && reloaded.contains("batching=false"),
+        "{reloaded}"
+    );
+    assert!(
+        !lines.iter().any(|line| line.contains("failed to load")),
+        "{lines:?}"
+    );
+    set_mode(&version, 0o000);
+    wait_for("cannot read the version's directory");
     let version_2 = repository.join("mlp").join("2");
     std::fs::create_dir(&version_2).unwrap();
     std::fs::copy(fixture_model("mlp"), version_2.join("model.onnx")).unwrap();
