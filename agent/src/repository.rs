@@ -148,7 +148,7 @@ pub fn scan(root: &Path) -> Result<RepositoryScan, RepositoryError> {
             // A file, or removed since the repository was listed.
             Ok(None) => continue,
             Err(_) if matches!(is_directory(&dir), Ok(false)) => continue,
-            Err(err) => model.unreadable = Some(format!("cannot read {}: {err}", dir.display())),
+            Err(err) => model.unreadable = Some(format!("cannot read {err}")),
         }
         models.insert(name, model);
     }
@@ -165,11 +165,22 @@ fn is_directory(path: &Path) -> std::io::Result<bool> {
     }
 }
 
+/// An I/O error that names the path it happened on (its kind kept).
+fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+    move |err| std::io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+}
+
 /// Fills in a model's config fingerprint and versions from its directory.
 fn read_model_dir(model: &mut ModelDir) -> std::io::Result<()> {
-    model.config_fingerprint = Fingerprint::of(&model.dir.join(CONFIG_FILE_NAME))?;
-    for child in std::fs::read_dir(&model.dir)? {
-        let child = child?;
+    let config = model.dir.join(CONFIG_FILE_NAME);
+    model.config_fingerprint = Fingerprint::of(&config).map_err(at(&config))?;
+    if model.config_fingerprint.is_some() {
+        // Its own permissions can stop a read where the stat succeeds: such
+        // a config is unreadable for now, not invalid.
+        std::fs::File::open(&config).map_err(at(&config))?;
+    }
+    for child in std::fs::read_dir(&model.dir).map_err(at(&model.dir))? {
+        let child = child.map_err(at(&model.dir))?;
         let Some(version) = child
             .file_name()
             .to_str()

@@ -535,6 +535,21 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     assert!(loaded.contains("version=2"), "{loaded}");
     assert_eq!(infer().await, 200);
     set_mode(&version, 0o755);
+
+    // A config.toml that cannot be read is not an invalid one: the model is
+    // left as it is, not failed.
+    set_mode(&config, 0o000);
+    let lines = lines_until("cannot read the model's directory");
+    assert!(lines.last().unwrap().contains("config.toml"), "{lines:?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.contains("invalid model config")),
+        "{lines:?}"
+    );
+    assert_eq!(infer().await, 200);
+    set_mode(&config, 0o644);
+    wait_for("the model's directory is readable again");
     let _ = child.kill();
     let _ = child.wait();
 }
