@@ -936,6 +936,25 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
             "missed"
         }
     )?;
+    let json = json_request_peak(&args.agent, mlp.path()).await?;
+    writeln!(
+        out,
+        "\nA large HTTP/JSON request (tract, bench_mlp loaded): one `POST /v2/models/bench_mlp/infer` of {:.1} MB \
+         of JSON, {} FP32 values written with six decimals, whose shape says one row, so the agent decodes it all \
+         and then refuses it by its element count (400), with no model run to add memory of its own. The agent's \
+         peak RSS (VmHWM) grew by **{:.1} MB**, {:.2}× the body (the body as received is {:.1} MB of it and the \
+         tensor it decodes to {:.1} MB). The reference, in the same run: the same body parsed into a \
+         `serde_json::Value` tree (as the agent decoded JSON before) grew the benchmark process's RSS by {:.1} MB \
+         while the tree was held, {:.2}× the body, before any tensor is made from it.",
+        json.body_bytes as f64 / 1e6,
+        json.values,
+        json.peak_growth as f64 / 1e6,
+        json.peak_growth as f64 / json.body_bytes as f64,
+        json.body_bytes as f64 / 1e6,
+        (json.values * 4) as f64 / 1e6,
+        json.value_tree_bytes as f64 / 1e6,
+        json.value_tree_bytes as f64 / json.body_bytes as f64,
+    )?;
     let size = std::fs::metadata(&args.agent)?.len() as f64 / 1e6;
     let lib = std::fs::metadata(&library)?.len() as f64 / 1e6;
     writeln!(
@@ -945,6 +964,82 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
         if size <= 20.0 { "met" } else { "missed" }
     )?;
     Ok(out)
+}
+
+/// What one large JSON request cost the agent in memory.
+struct JsonRequestPeak {
+    body_bytes: usize,
+    values: usize,
+    /// VmHWM after the request minus VmHWM before it.
+    peak_growth: u64,
+    /// What the same body parsed into a `serde_json::Value` added to this
+    /// process's RSS.
+    value_tree_bytes: u64,
+}
+
+/// Sends bench_mlp one HTTP/JSON request of 6.4 million FP32 values whose
+/// shape claims one row (refused after decoding) and measures how much the
+/// agent's peak RSS grew.
+async fn json_request_peak(agent: &Path, repo: &Path) -> anyhow::Result<JsonRequestPeak> {
+    const VALUES: usize = 6_400_000;
+    let mut data = String::with_capacity(VALUES * 9 + 2);
+    data.push('[');
+    let mut state = 0x2545_f491u32;
+    for i in 0..VALUES {
+        if i > 0 {
+            data.push(',');
+        }
+        // xorshift: values that do not repeat a pattern a parser could skip.
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        write!(data, "{:.6}", f64::from(state) / f64::from(u32::MAX))?;
+    }
+    data.push(']');
+    let body = format!(
+        r#"{{"inputs":[{{"name":"input","datatype":"FP32","shape":[1,256],"data":{data}}}]}}"#
+    );
+    drop(data);
+    let agent = AgentProcess::start(agent, repo, "tract").await?;
+    let before = agent.status_bytes("VmHWM")?;
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/v2/models/bench_mlp/infer",
+            agent.http_addr
+        ))
+        .header("content-type", "application/json")
+        .body(body.clone())
+        .send()
+        .await?;
+    let status = response.status();
+    let text = response.text().await?;
+    anyhow::ensure!(
+        status == 400 && text.contains("elements"),
+        "expected a 400 for the element count, got {status}: {text}"
+    );
+    let after = agent.status_bytes("VmHWM")?;
+    let own_rss = || own_status_bytes("VmRSS");
+    let rss_before = own_rss()?;
+    let tree: serde_json::Value = serde_json::from_str(&body)?;
+    let rss_with_tree = own_rss()?;
+    drop(tree);
+    Ok(JsonRequestPeak {
+        body_bytes: body.len(),
+        values: VALUES,
+        peak_growth: after.saturating_sub(before),
+        value_tree_bytes: rss_with_tree.saturating_sub(rss_before),
+    })
+}
+
+/// A size field of this process's /proc/self/status, in bytes.
+fn own_status_bytes(field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .with_context(|| format!("no {field} in /proc/self/status"))
 }
 
 /// Starts of the agent (tract, empty repository) whose idle RSS the
