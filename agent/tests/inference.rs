@@ -537,12 +537,7 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
     for task in tasks {
         task.await.unwrap();
     }
-    let metrics = reqwest::get(agent.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     let batches = metric_value(
         &metrics,
         "edgefleet_inference_batch_size_count",

@@ -171,12 +171,7 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
 
 /// How many times the agent has loaded a version of `mlp` (a metric).
 async fn reload_count(agent: &TestAgent) -> u64 {
-    let text = reqwest::get(agent.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = agent.metrics().await;
     text.lines()
         .find(|line| {
             line.starts_with("edgefleet_model_loads_total") && line.contains("model=\"mlp\"")
@@ -251,12 +246,7 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
     // The good model serves.
     let (status, _) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
     assert_eq!(status, 200);
-    let metrics = reqwest::get(agent.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     assert!(
         metrics.contains("edgefleet_model_load_failures_total{model=\"garbage\"} 1"),
         "{metrics}"
@@ -610,12 +600,7 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     let status = agent.grpc().await.model_infer(mixed).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 
-    let metrics = reqwest::get(agent.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     let errors = |labels: &str| metric_value(&metrics, "edgefleet_inference_errors_total", labels);
     assert_eq!(
         errors("model=\"mlp\",version=\"1\",reason=\"invalid_argument\""),

@@ -177,6 +177,16 @@ impl TestAgent {
         format!("http://{}{path}", self.http_addr)
     }
 
+    /// The agent's `/metrics`, in the Prometheus text format.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn grpc(&self) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
         GrpcInferenceServiceClient::connect(format!("http://{}", self.grpc_addr))
             .await
