@@ -3,7 +3,7 @@
 //! `{"error": "..."}` with the status [`ErrorCode::http_status`] gives.
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, HttpBody};
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tokio_stream::StreamExt;
 
 use crate::error::{ErrorCode, InferError};
 use crate::json_data::{self, JsonData};
@@ -200,12 +201,29 @@ async fn decode_infer_request(
     body: Body,
 ) -> Result<InferRequest, InferError> {
     let limit = service.max_request_bytes();
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+    let too_large = || {
         InferError::new(
             ErrorCode::TooLarge,
             format!("request body is over the limit of {limit} bytes"),
         )
-    })?;
+    };
+    // Appended to one buffer sized from Content-Length when the request
+    // gives it: collecting the frames first and then joining them would
+    // hold the body twice.
+    let declared = usize::try_from(body.size_hint().exact().unwrap_or(0)).unwrap_or(usize::MAX);
+    if declared > limit {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(declared);
+    let mut frames = body.into_data_stream();
+    while let Some(frame) = frames.next().await {
+        let frame = frame
+            .map_err(|err| InferError::invalid(format!("cannot read the request body: {err}")))?;
+        if bytes.len() + frame.len() > limit {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&frame);
+    }
     serde_json::from_slice::<JsonInferRequest>(&bytes)
         .map_err(|err| InferError::invalid(format!("malformed JSON request: {err}")))?
         .into_domain(name, version)

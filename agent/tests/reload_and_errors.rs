@@ -616,6 +616,49 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     agent.stop().await;
 }
 
+/// A body over `--max-request-bytes` is refused with 413 whether the client
+/// declares its length up front or sends it in chunks of unknown total.
+#[tokio::test]
+async fn bodies_over_the_limit_are_refused_with_or_without_a_length() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .max_request_bytes(4096)
+        .start()
+        .await;
+    let chunk = format!("[{}]", vec!["0.5"; 1000].join(","));
+    for (what, head, body) in [
+        (
+            "declared",
+            format!("Content-Length: {}\r\n", 5 * chunk.len()),
+            chunk.repeat(5),
+        ),
+        (
+            "chunked",
+            "Transfer-Encoding: chunked\r\n".to_string(),
+            format!("{:x}\r\n{chunk}\r\n", chunk.len()).repeat(5) + "0\r\n\r\n",
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(agent.http_addr)
+            .await
+            .unwrap();
+        let request = format!(
+            "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n{head}Connection: close\r\n\r\n{body}"
+        );
+        // The agent may answer and close before it has read it all.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply).await;
+        assert!(reply.starts_with("HTTP/1.1 413"), "{what}: {reply}");
+        assert!(
+            reply.contains("over the limit of 4096 bytes"),
+            "{what}: {reply}"
+        );
+    }
+    agent.stop().await;
+}
+
 #[test]
 fn a_repository_that_does_not_exist_is_refused_before_serving() {
     let dir = tempfile::tempdir().unwrap();
