@@ -437,8 +437,9 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     if std::os::unix::fs::MetadataExt::uid(&dir.path().metadata().unwrap()) == 0 {
         command.uid(65534).gid(65534);
     }
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
+    // Killed when the test ends, also when an assertion fails first.
+    let mut child = KillOnDrop(command.spawn().unwrap());
+    let stderr = child.0.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -550,6 +551,14 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     assert_eq!(infer().await, 200);
     set_mode(&config, 0o644);
     wait_for("the model's directory is readable again");
-    let _ = child.kill();
-    let _ = child.wait();
+}
+
+/// A child process killed (and reaped) when this is dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
