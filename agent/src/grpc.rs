@@ -2,12 +2,19 @@
 //! `inference` types and the domain types, and the tonic service that calls
 //! [`InferenceService`]. Nothing else in the agent sees protobuf types.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::http;
 use bytes::Bytes;
 use edgefleet_proto::inference as pb;
 use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use tonic::{Request, Response, Status};
 
-use crate::error::InferError;
+use crate::error::{ErrorCode, InferError};
+use crate::metrics::Metrics;
 use crate::service::{InferRequest, InferResponse, InferenceService};
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -98,29 +105,39 @@ impl GrpcInferenceService for GrpcInference {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let request = request.into_inner();
-        let model_name = request.model_name.clone();
-        let request = infer_request_from_proto(request).inspect_err(|err| {
-            self.service.count_refused(&model_name, err);
-        })?;
+        let pb::ModelInferRequest {
+            model_name,
+            model_version,
+            id,
+            inputs,
+            outputs,
+            raw_input_contents,
+            ..
+        } = request.into_inner();
+        let inputs = match inputs_from_proto(inputs, raw_input_contents) {
+            Ok(inputs) => inputs,
+            Err(err) => {
+                self.service.count_refused(&model_name, &err);
+                return Err(err.into());
+            }
+        };
+        let request = InferRequest {
+            model_name,
+            model_version,
+            id,
+            inputs,
+            outputs: outputs.into_iter().map(|output| output.name).collect(),
+        };
         let response = self.service.infer(request).await?;
         Ok(Response::new(infer_response_to_proto(response)))
     }
 }
 
-/// Decodes a `ModelInferRequest` (raw or typed contents, never both).
-pub fn infer_request_from_proto(
-    request: pb::ModelInferRequest,
-) -> Result<InferRequest, InferError> {
-    let pb::ModelInferRequest {
-        model_name,
-        model_version,
-        id,
-        inputs,
-        outputs,
-        raw_input_contents,
-        ..
-    } = request;
+/// Decodes a request's inputs from raw or typed contents, never both.
+fn inputs_from_proto(
+    inputs: Vec<pb::model_infer_request::InferInputTensor>,
+    raw_input_contents: Vec<Bytes>,
+) -> Result<Vec<Tensor>, InferError> {
     let uses_raw = !raw_input_contents.is_empty();
     if uses_raw {
         if let Some(input) = inputs.iter().find(|input| input.contents.is_some()) {
@@ -156,13 +173,7 @@ pub fn infer_request_from_proto(
             data,
         });
     }
-    Ok(InferRequest {
-        model_name,
-        model_version,
-        id,
-        inputs: tensors,
-        outputs: outputs.into_iter().map(|output| output.name).collect(),
-    })
+    Ok(tensors)
 }
 
 /// Encodes a response the way Triton does: every output in `raw_output_contents`.
@@ -329,22 +340,163 @@ pub fn oversize_is_resource_exhausted<B>(
 ) -> axum::http::Response<B> {
     let headers = response.headers_mut();
     let is_oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && headers
-            .get("grpc-message")
-            .and_then(|m| m.to_str().ok())
-            .is_some_and(|m| {
-                m.contains("message%20length%20too%20large")
-                    || m.contains("message length too large")
-            });
+        && tonic_refusal(headers) == Some(ErrorCode::TooLarge);
     if is_oversize {
         headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
     }
     response
 }
 
+/// The path of `ModelInfer` requests.
+pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+/// Counts the `ModelInfer` requests tonic refuses before the handler sees
+/// them, as errors of model "" (their model's name was never read): a
+/// message over the decoding limit, contents that are not protobuf.
+#[derive(Debug, Clone)]
+pub struct CountRefusedInfersLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl CountRefusedInfersLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        CountRefusedInfersLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for CountRefusedInfersLayer {
+    type Service = CountRefusedInfers<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CountRefusedInfers {
+            inner,
+            metrics: Arc::clone(&self.metrics),
+        }
+    }
+}
+
+/// See [`CountRefusedInfersLayer`].
+#[derive(Debug, Clone)]
+pub struct CountRefusedInfers<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for CountRefusedInfers<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = CountRefusal<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let metrics = (request.uri().path() == MODEL_INFER_PATH).then(|| Arc::clone(&self.metrics));
+        CountRefusal {
+            inner: self.inner.call(request),
+            metrics,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response future that counts a refusal from tonic's decoding.
+    pub struct CountRefusal<F> {
+        #[pin]
+        inner: F,
+        metrics: Option<Arc<Metrics>>,
+    }
+}
+
+impl<F, B, E> Future for CountRefusal<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        if let (Some(metrics), Ok(response)) = (this.metrics.take(), &result)
+            && let Some(code) = tonic_refusal(response.headers())
+        {
+            metrics.count_error("", "", code.as_str());
+        }
+        Poll::Ready(result)
+    }
+}
+
+/// The refusals tonic answers a `ModelInfer` call with before the handler
+/// sees it: the status code and how tonic's message starts. The handler's
+/// own messages start with other words (and are counted where they arise).
+const TONIC_REFUSALS: &[(&str, &str, ErrorCode)] = &[
+    (
+        "11",
+        "Error, decoded message length too large",
+        ErrorCode::TooLarge,
+    ),
+    ("8", "Error decompressing: size limit", ErrorCode::TooLarge),
+    (
+        "13",
+        "failed to decode Protobuf message",
+        ErrorCode::Internal,
+    ),
+    ("13", "protocol error:", ErrorCode::Internal),
+    ("13", "Missing request message", ErrorCode::Internal),
+    ("13", "Unexpected EOF decoding stream", ErrorCode::Internal),
+    ("13", "Error decompressing:", ErrorCode::Internal),
+];
+
+/// Which refusal of tonic's own a response is, if it is one: the status in
+/// the headers (a trailers-only response, as tonic answers every refusal)
+/// with one of [`TONIC_REFUSALS`].
+fn tonic_refusal(headers: &http::HeaderMap) -> Option<ErrorCode> {
+    let status = headers.get("grpc-status")?.as_bytes();
+    let message = headers.get("grpc-message")?.to_str().ok()?;
+    // `grpc-message` is percent-encoded; the words matched here need only
+    // their spaces back.
+    let message = message.replace("%20", " ");
+    TONIC_REFUSALS
+        .iter()
+        .find(|(code, start, _)| status == code.as_bytes() && message.starts_with(start))
+        .map(|(_, _, reason)| *reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_tonic_refusals_count_as_such() {
+        let headers = |status: &'static str, message: &'static str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("grpc-status", http::HeaderValue::from_static(status));
+            headers.insert("grpc-message", http::HeaderValue::from_static(message));
+            headers
+        };
+        let oversize = headers(
+            "11",
+            "Error,%20decoded%20message%20length%20too%20large:%20found%20300%20bytes",
+        );
+        assert_eq!(tonic_refusal(&oversize), Some(ErrorCode::TooLarge));
+        let garbage = headers(
+            "13",
+            "failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type",
+        );
+        assert_eq!(tonic_refusal(&garbage), Some(ErrorCode::Internal));
+        // The handler's own errors, even ones that quote a client's words.
+        let quoted = headers(
+            "5",
+            "unknown%20model%20'failed%20to%20decode%20Protobuf%20message'",
+        );
+        assert_eq!(tonic_refusal(&quoted), None);
+        let internal = headers("13", "the%20model%20worker%20stopped");
+        assert_eq!(tonic_refusal(&internal), None);
+    }
 
     #[test]
     fn raw_strings_round_trip_and_reject_truncation() {

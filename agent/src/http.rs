@@ -180,8 +180,12 @@ async fn run_infer(
     version: String,
     body: Body,
 ) -> Response {
-    let request = match decode_infer_request(&service, name.clone(), version, body).await {
-        Ok(request) => request,
+    let request = match decode_infer_request(&service, body).await {
+        Ok(request) => InferRequest {
+            model_name: name,
+            model_version: version,
+            ..request
+        },
         Err(err) => {
             service.count_refused(&name, &err);
             return err.into_response();
@@ -193,11 +197,10 @@ async fn run_infer(
     }
 }
 
-/// Reads and decodes an infer request's JSON body, within the size limit.
+/// Reads and decodes an infer request's JSON body, within the size limit;
+/// the model's name and version (from the path) are left empty.
 async fn decode_infer_request(
     service: &InferenceService,
-    name: String,
-    version: String,
     body: Body,
 ) -> Result<InferRequest, InferError> {
     let limit = service.max_request_bytes();
@@ -226,7 +229,7 @@ async fn decode_infer_request(
     }
     serde_json::from_slice::<JsonInferRequest>(&bytes)
         .map_err(|err| InferError::invalid(format!("malformed JSON request: {err}")))?
-        .into_domain(name, version)
+        .into_domain()
 }
 
 #[derive(Debug, Deserialize)]
@@ -274,11 +277,8 @@ pub struct JsonOutput<'t> {
 }
 
 impl JsonInferRequest<'_> {
-    fn into_domain(
-        self,
-        model_name: String,
-        model_version: String,
-    ) -> Result<InferRequest, InferError> {
+    /// The request, its model's name and version left empty.
+    fn into_domain(self) -> Result<InferRequest, InferError> {
         let inputs = self
             .inputs
             .into_iter()
@@ -295,8 +295,8 @@ impl JsonInferRequest<'_> {
             })
             .collect::<Result<Vec<_>, InferError>>()?;
         Ok(InferRequest {
-            model_name,
-            model_version,
+            model_name: String::new(),
+            model_version: String::new(),
             id: self.id.unwrap_or_default(),
             inputs,
             outputs: self.outputs.into_iter().map(|output| output.name).collect(),
@@ -312,14 +312,14 @@ pub fn tensor_from_json(
     shape: Vec<i64>,
     data: &Value,
 ) -> Result<Tensor, InferError> {
-    decode_tensor(name, datatype, shape, 1 << 20, data)
+    decode_tensor(name, datatype, shape, 1 << 17, data)
 }
 
 fn decode_tensor<'de, D: serde::Deserializer<'de>>(
     name: String,
     datatype: &str,
     shape: Vec<i64>,
-    reserve_bytes: usize,
+    text_len: usize,
     data: D,
 ) -> Result<Tensor, InferError> {
     let dtype = crate::grpc::parse_datatype(&name, datatype)?;
@@ -329,7 +329,7 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
             count.checked_mul(usize::try_from(dim).ok()?)
         })
         .unwrap_or(0);
-    let data = json_data::decode(dtype, data, expected, reserve_bytes).map_err(|err| {
+    let data = json_data::decode(dtype, data, expected, text_len).map_err(|err| {
         // serde_json places an error in the text it read: the data alone
         // here, not the request, so the place would mislead.
         let message = err.to_string();

@@ -17,23 +17,27 @@ use crate::tensor::{DataType, Tensor, TensorData};
 
 /// Decodes `data` (any serde deserializer over JSON: a request's raw text,
 /// or a parsed `Value`) as elements of `dtype`, written straight into the
-/// tensor's buffer. `expected` (the element count the shape gives) sizes the
-/// buffer up front, to at most `reserve_bytes`: a shape cannot make it
-/// reserve more than the text it comes with.
+/// tensor's buffer. The buffer is sized up front for `expected` elements
+/// (the count the shape gives), but for no more than a list of `text_len`
+/// bytes can hold (each element takes a character and a separator, a
+/// string two quotes and a separator): a shape cannot make it reserve
+/// more than the data could fill, and a true one spares the buffer from
+/// growing while it fills.
 pub fn decode<'de, D: Deserializer<'de>>(
     dtype: DataType,
     data: D,
     expected: usize,
-    reserve_bytes: usize,
+    text_len: usize,
 ) -> Result<TensorData, D::Error> {
+    let min_width = if dtype == DataType::Bytes { 3 } else { 2 };
+    let capacity = expected.min(text_len / min_width + 1);
     fn raw<'de, T: Element + bytemuck::Pod, D: Deserializer<'de>>(
         dtype: DataType,
         data: D,
-        expected: usize,
-        reserve_bytes: usize,
+        capacity: usize,
     ) -> Result<TensorData, D::Error> {
         let size = std::mem::size_of::<T>();
-        let mut out = Vec::<u8>::with_capacity(expected.saturating_mul(size).min(reserve_bytes));
+        let mut out = Vec::<u8>::with_capacity(capacity.saturating_mul(size));
         let push: fn(&mut Vec<u8>, T) =
             |out, value| out.extend_from_slice(bytemuck::bytes_of(&value));
         Flat::new(dtype, &mut out, push).deserialize(data)?;
@@ -41,24 +45,23 @@ pub fn decode<'de, D: Deserializer<'de>>(
     }
     match dtype {
         DataType::Bool => {
-            let mut out = Vec::<u8>::with_capacity(expected.min(reserve_bytes));
+            let mut out = Vec::<u8>::with_capacity(capacity);
             let push: fn(&mut Vec<u8>, bool) = |out, value| out.push(u8::from(value));
             Flat::new(dtype, &mut out, push).deserialize(data)?;
             Ok(TensorData::Raw(out.into()))
         }
-        DataType::U8 => raw::<u8, D>(dtype, data, expected, reserve_bytes),
-        DataType::U16 => raw::<u16, D>(dtype, data, expected, reserve_bytes),
-        DataType::U32 => raw::<u32, D>(dtype, data, expected, reserve_bytes),
-        DataType::U64 => raw::<u64, D>(dtype, data, expected, reserve_bytes),
-        DataType::I8 => raw::<i8, D>(dtype, data, expected, reserve_bytes),
-        DataType::I16 => raw::<i16, D>(dtype, data, expected, reserve_bytes),
-        DataType::I32 => raw::<i32, D>(dtype, data, expected, reserve_bytes),
-        DataType::I64 => raw::<i64, D>(dtype, data, expected, reserve_bytes),
-        DataType::F16 => raw::<half::f16, D>(dtype, data, expected, reserve_bytes),
-        DataType::F32 => raw::<f32, D>(dtype, data, expected, reserve_bytes),
-        DataType::F64 => raw::<f64, D>(dtype, data, expected, reserve_bytes),
+        DataType::U8 => raw::<u8, D>(dtype, data, capacity),
+        DataType::U16 => raw::<u16, D>(dtype, data, capacity),
+        DataType::U32 => raw::<u32, D>(dtype, data, capacity),
+        DataType::U64 => raw::<u64, D>(dtype, data, capacity),
+        DataType::I8 => raw::<i8, D>(dtype, data, capacity),
+        DataType::I16 => raw::<i16, D>(dtype, data, capacity),
+        DataType::I32 => raw::<i32, D>(dtype, data, capacity),
+        DataType::I64 => raw::<i64, D>(dtype, data, capacity),
+        DataType::F16 => raw::<half::f16, D>(dtype, data, capacity),
+        DataType::F32 => raw::<f32, D>(dtype, data, capacity),
+        DataType::F64 => raw::<f64, D>(dtype, data, capacity),
         DataType::Bytes => {
-            let capacity = expected.min(reserve_bytes / std::mem::size_of::<Vec<u8>>());
             let mut out = Vec::<Vec<u8>>::with_capacity(capacity);
             Flat::new(dtype, &mut out, Vec::push).deserialize(data)?;
             Ok(TensorData::Bytes(out))

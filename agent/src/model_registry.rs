@@ -9,7 +9,7 @@
 //! version that was serving in place.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,6 +90,11 @@ pub struct ModelStatus {
     pub served_versions: Vec<u64>,
     pub failed_versions: BTreeMap<u64, String>,
     pub config_error: Option<String>,
+    /// Why the model's directory could not be read at the last scan, if
+    /// it could not (what it served before serves on).
+    pub unreadable: Option<String>,
+    /// Version directories that could not be read at the last scan.
+    pub unreadable_versions: BTreeMap<u64, String>,
 }
 
 /// The loaded models.
@@ -568,6 +573,30 @@ impl ModelRegistry {
                         ),
                     ));
                 }
+                if let Some(problem) = state.unreadable_versions.get(&version) {
+                    // Not ready if it is one the policy serves; otherwise
+                    // it would not be served readable either.
+                    let available: BTreeSet<u64> = state
+                        .on_disk
+                        .iter()
+                        .chain(state.unreadable_versions.keys())
+                        .copied()
+                        .collect();
+                    let policy = state.config.clone().unwrap_or_default().version_policy;
+                    return Err(if policy.select(available.into_iter()).contains(&version) {
+                        InferError::new(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "model '{name}' version {version} is not ready: its directory cannot be read: {problem}"
+                            ),
+                        )
+                    } else {
+                        InferError::not_found(format!(
+                            "model '{name}' version {version} is not loaded (the version policy serves {:?}); its directory cannot be read: {problem}",
+                            state.served.keys().collect::<Vec<_>>()
+                        ))
+                    });
+                }
                 if state.on_disk.contains(&version) {
                     return Err(InferError::not_found(format!(
                         "model '{name}' version {version} is not loaded (the version policy serves {:?})",
@@ -579,23 +608,32 @@ impl ModelRegistry {
                     state.on_disk
                 )))
             }
-            None => match state.served.values().next_back() {
-                Some(served) => Ok(Arc::clone(&served.handle)),
-                None => {
-                    let reason = state
+            None => {
+                match state.served.values().next_back() {
+                    Some(served) => Ok(Arc::clone(&served.handle)),
+                    None => {
+                        let reason = state
                         .unreadable
                         .clone()
                         .or_else(|| state.config_error.clone())
                         .or_else(|| state.failed.values().next_back().map(|(_, r)| r.clone()))
+                        .or_else(|| {
+                            state.unreadable_versions.iter().next_back().map(
+                                |(version, problem)| {
+                                    format!("version {version}'s directory cannot be read: {problem}")
+                                },
+                            )
+                        })
                         .unwrap_or_else(|| {
                             "it has no version directory with a model.onnx".to_string()
                         });
-                    Err(InferError::new(
-                        ErrorCode::Unavailable,
-                        format!("model '{name}' is not ready: {reason}"),
-                    ))
+                        Err(InferError::new(
+                            ErrorCode::Unavailable,
+                            format!("model '{name}' is not ready: {reason}"),
+                        ))
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -612,6 +650,8 @@ impl ModelRegistry {
                     .map(|(v, (_, r))| (*v, r.clone()))
                     .collect(),
                 config_error: state.config_error.clone(),
+                unreadable: state.unreadable.clone(),
+                unreadable_versions: state.unreadable_versions.clone(),
             })
             .collect()
     }

@@ -153,6 +153,9 @@ impl Agent {
             .layer(tower::util::MapResponseLayer::new(
                 crate::grpc::oversize_is_resource_exhausted,
             ))
+            .layer(crate::grpc::CountRefusedInfersLayer::new(Arc::clone(
+                self.service.metrics(),
+            )))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(inference)

@@ -159,28 +159,46 @@ impl InferenceService {
     /// recorded there with its end-to-end latency and outcome, also when it
     /// fails later or the caller abandons it (dropping this future).
     /// Requests refused before a version is known (unknown model or version)
-    /// belong to no version and are not recorded.
+    /// belong to no version: they count as refused for their model.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
-        let model_name = request.model_name.clone();
-        let mut outcome = RequestOutcome {
-            started: Instant::now(),
-            version: None,
-        };
-        let result = self.infer_inner(request, &mut outcome.version).await;
-        if let Err(err) = &result {
-            match &outcome.version {
-                // The version counts what fails from queueing on (a full
-                // queue, a stopped version, a failed run); this counts what
-                // the request was refused for before.
-                Some(version) => {
-                    if matches!(err.code, ErrorCode::InvalidArgument | ErrorCode::TooLarge) {
-                        version.count_error(err.code);
-                    }
-                }
-                // Refused before any version: unknown model or version, a
-                // model not ready, a request over the size limit.
-                None => self.count_refused(&model_name, err),
+        let started = Instant::now();
+        let size: usize = request.inputs.iter().map(Tensor::byte_size).sum();
+        let too_large = (size > self.max_request_bytes).then(|| {
+            InferError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "request inputs are {size} bytes, over the limit of {} bytes",
+                    self.max_request_bytes
+                ),
+            )
+        });
+        let routed = parse_version(&request.model_version)
+            .and_then(|version| self.registry.get(&request.model_name, version));
+        let loaded = match (routed, too_large) {
+            (Ok(loaded), None) => loaded,
+            (Err(err), None) | (Err(_), Some(err)) => {
+                self.count_refused(&request.model_name, &err);
+                return Err(err);
             }
+            // Counted against the version it was meant for.
+            (Ok(loaded), Some(err)) => {
+                loaded.count_error(err.code);
+                loaded.record_request(started.elapsed(), false);
+                return Err(err);
+            }
+        };
+        let mut outcome = RequestOutcome {
+            started,
+            version: Some(Arc::clone(&loaded)),
+        };
+        let result = self.run(request, &loaded).await;
+        // The version counts what fails from queueing on (a full queue, a
+        // stopped version, a failed run); this counts what the request was
+        // refused for before.
+        if let Err(err) = &result
+            && matches!(err.code, ErrorCode::InvalidArgument | ErrorCode::TooLarge)
+        {
+            loaded.count_error(err.code);
         }
         outcome.finish(result.is_ok());
         result
@@ -200,28 +218,13 @@ impl InferenceService {
         self.metrics.count_error(model, "", err.code.as_str());
     }
 
-    async fn infer_inner(
+    /// Validates a routed request against its version's signature, queues
+    /// it and selects the outputs asked for.
+    async fn run(
         &self,
         request: InferRequest,
-        routed: &mut Option<Arc<LoadedVersion>>,
+        loaded: &LoadedVersion,
     ) -> Result<InferResponse, InferError> {
-        let size: usize = request.inputs.iter().map(Tensor::byte_size).sum();
-        if size > self.max_request_bytes {
-            // Counted against the version it was meant for, if there is one.
-            if let Ok(version) = parse_version(&request.model_version) {
-                *routed = self.registry.get(&request.model_name, version).ok();
-            }
-            return Err(InferError::new(
-                ErrorCode::TooLarge,
-                format!(
-                    "request inputs are {size} bytes, over the limit of {} bytes",
-                    self.max_request_bytes
-                ),
-            ));
-        }
-        let version = parse_version(&request.model_version)?;
-        let loaded = self.registry.get(&request.model_name, version)?;
-        *routed = Some(Arc::clone(&loaded));
         let signature = &loaded.signature;
 
         for wanted in &request.outputs {

@@ -535,6 +535,28 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     let loaded = wait_for("model version loaded");
     assert!(loaded.contains("version=2"), "{loaded}");
     assert_eq!(infer().await, 200);
+    // Version 1, no longer served once version 2 takes over (the default
+    // policy serves the latest), cannot be read: a request that names it is
+    // told both, not that the version does not exist.
+    let infer_version_1 = || {
+        let request = client
+            .post(format!("http://{http_addr}/v2/models/mlp/versions/1/infer"))
+            .json(&serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": vec![0.5f32; 16]}]}));
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status(), response.text().await.unwrap())
+        }
+    };
+    assert_eventually(Duration::from_secs(30), || async {
+        infer_version_1().await.0 != 200
+    })
+    .await;
+    let (status, error) = infer_version_1().await;
+    assert_eq!(status, 404, "{error}");
+    assert!(
+        error.contains("version 1 is not loaded") && error.contains("cannot be read"),
+        "{error}"
+    );
     set_mode(&version, 0o755);
 
     // A config.toml that cannot be read is not an invalid one: the model is
@@ -551,6 +573,31 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     assert_eq!(infer().await, 200);
     set_mode(&config, 0o644);
     wait_for("the model's directory is readable again");
+
+    // A new version the policy would serve but whose directory cannot be
+    // read (created so, write-only for its owner): a request naming it is
+    // told it is not ready and why; the model's latest loaded version
+    // serves on.
+    let version_3 = repository.join("mlp").join("3");
+    std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o300)
+        .create(&version_3)
+        .unwrap();
+    std::fs::copy(fixture_model("mlp"), version_3.join("model.onnx")).unwrap();
+    wait_for("cannot read the version's directory");
+    let response = client
+        .post(format!("http://{http_addr}/v2/models/mlp/versions/3/infer"))
+        .json(&serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 16], "data": vec![0.5f32; 16]}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let error = response.text().await.unwrap();
+    assert_eq!(status, 503, "{error}");
+    assert!(
+        error.contains("version 3 is not ready") && error.contains("cannot be read"),
+        "{error}"
+    );
+    assert_eq!(infer().await, 200, "version 2 serves on");
 }
 
 /// A child process killed (and reaped) when this is dropped.

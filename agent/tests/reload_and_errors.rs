@@ -574,7 +574,10 @@ on_both_runtimes!(
 async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
-    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .max_request_bytes(64 * 1024)
+        .start()
+        .await;
     let mut wrong_datatype = http_infer_body();
     wrong_datatype["inputs"][0]["datatype"] = json!("FP64");
     for _ in 0..2 {
@@ -599,6 +602,28 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     });
     let status = agent.grpc().await.model_infer(mixed).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Over the request limit but not over the message limit: refused once
+    // it reached the version it names.
+    let mut over_limit = mlp_input_raw();
+    over_limit.raw_input_contents[0] = vec![0; 100 * 1024].into();
+    let status = agent
+        .grpc()
+        .await
+        .model_infer(over_limit)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    assert!(status.message().contains("over the limit"), "{status}");
+    // Refused by tonic before the handler: a message over the decoding
+    // limit, and one that is not a ModelInferRequest (a model name that is
+    // not UTF-8).
+    let mut huge = mlp_input_raw();
+    huge.raw_input_contents[0] = vec![0; 256 * 1024].into();
+    let status = agent.grpc().await.model_infer(huge).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    let status = send_not_utf8_model_name(&agent).await;
+    assert_eq!(status.code(), tonic::Code::Internal, "{status}");
+    assert!(status.message().contains("decode"), "{status}");
 
     let metrics = agent.metrics().await;
     let errors = |labels: &str| metric_value(&metrics, "edgefleet_inference_errors_total", labels);
@@ -613,7 +638,43 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
         errors("model=\"mlp\",version=\"\",reason=\"invalid_argument\""),
         2.0
     );
+    assert_eq!(
+        errors("model=\"mlp\",version=\"1\",reason=\"too_large\""),
+        1.0
+    );
+    assert_eq!(errors("model=\"\",version=\"\",reason=\"too_large\""), 1.0);
+    assert_eq!(errors("model=\"\",version=\"\",reason=\"internal\""), 1.0);
     agent.stop().await;
+}
+
+/// Sends a `ModelInfer` call whose field 1 (`model_name`, a string) holds
+/// bytes that are not UTF-8, which the agent cannot decode.
+async fn send_not_utf8_model_name(agent: &TestAgent) -> tonic::Status {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NotUtf8 {
+        #[prost(bytes = "vec", tag = "1")]
+        model_name: Vec<u8>,
+    }
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<NotUtf8, pb::ModelInferResponse>::default();
+    client
+        .unary(
+            tonic::Request::new(NotUtf8 {
+                model_name: vec![b'm', 0xff],
+            }),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/inference.GRPCInferenceService/ModelInfer",
+            ),
+            codec,
+        )
+        .await
+        .unwrap_err()
 }
 
 /// A body over `--max-request-bytes` is refused with 413 whether the client

@@ -47,7 +47,7 @@ use super::backoff::Backoff;
 use super::state::StateDir;
 use crate::model_check::ModelCheck;
 use crate::model_config::ModelConfig;
-use crate::model_registry::ModelRegistry;
+use crate::model_registry::{ModelRegistry, ModelStatus};
 use crate::repository::MODEL_FILE_NAME;
 use crate::runtime::{Runtime, RuntimeChoice};
 
@@ -674,7 +674,7 @@ impl Delivery {
                 .statuses()
                 .into_iter()
                 .find(|s| s.name == model.name);
-            if let Some(status) = status {
+            if let Some(status) = &status {
                 if status.served_versions.contains(&model.version) {
                     tracing::info!(model = %model.name, version = model.version, "model version active");
                     self.report(job, Stage::Active, "", 0);
@@ -685,7 +685,7 @@ impl Delivery {
                         "the version failed to load: {reason}"
                     )));
                 }
-                if let Some(reason) = status.config_error {
+                if let Some(reason) = &status.config_error {
                     return Err(Stop::Failed(format!(
                         "the model's config.toml is unusable: {reason}"
                     )));
@@ -693,8 +693,9 @@ impl Delivery {
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Stop::Failed(format!(
-                    "the registry did not serve the version within {:?}",
-                    self.options.activation_timeout
+                    "the registry did not serve the version within {:?}{}",
+                    self.options.activation_timeout,
+                    unreadable_reason(status.as_ref(), model.version)
                 )));
             }
             if job.interrupted(&self.shutdown) {
@@ -702,6 +703,23 @@ impl Delivery {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+}
+
+/// Why a version may not have become active, if the registry could not
+/// read its files: ": ..." to append to the timeout's message, or "".
+/// Not a failure before the deadline: a directory can be unreadable for a
+/// moment (too many open files, an I/O error).
+fn unreadable_reason(status: Option<&ModelStatus>, version: u64) -> String {
+    let Some(status) = status else {
+        return String::new();
+    };
+    if let Some(problem) = status.unreadable_versions.get(&version) {
+        format!(": the version's directory cannot be read: {problem}")
+    } else if let Some(problem) = &status.unreadable {
+        format!(": the model's directory cannot be read: {problem}")
+    } else {
+        String::new()
     }
 }
 
@@ -715,6 +733,29 @@ mod tests {
             bytes_done: bytes,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_version_that_times_out_unreadable_says_why() {
+        let mut status = ModelStatus {
+            name: "mlp".into(),
+            served_versions: vec![1],
+            failed_versions: BTreeMap::new(),
+            config_error: None,
+            unreadable: None,
+            unreadable_versions: BTreeMap::from([(2, "Permission denied".to_string())]),
+        };
+        assert_eq!(
+            unreadable_reason(Some(&status), 2),
+            ": the version's directory cannot be read: Permission denied"
+        );
+        assert_eq!(unreadable_reason(Some(&status), 3), "");
+        status.unreadable = Some("Too many open files".into());
+        assert_eq!(
+            unreadable_reason(Some(&status), 3),
+            ": the model's directory cannot be read: Too many open files"
+        );
+        assert_eq!(unreadable_reason(None, 2), "");
     }
 
     #[test]
