@@ -58,11 +58,25 @@ pub async fn record_activation(
         stage,
         reason: report.reason,
         at: now_ms(),
+        generation: report.generation,
+        reported_ms: i64::try_from(report.unix_ms).unwrap_or(i64::MAX),
     };
     if let Err(err) = cp.store.record_activation(&record).await {
         tracing::warn!(device = %device_id, error = %err, "cannot record an activation step");
     }
     Ok(())
+}
+
+/// Whether an activation report answers the change this rollout made to the
+/// device's desired state: it works towards that generation or a later one.
+/// Devices asked before generations were recorded (0), and reports that
+/// carry none, fall back to time; that compares two replicas' clocks.
+fn answers(report: &ActivationRecord, device: &RolloutDeviceRecord) -> bool {
+    if device.generation > 0 && report.generation > 0 {
+        report.generation >= device.generation
+    } else {
+        report.at >= device.updated_at
+    }
 }
 
 fn desired_model(model: &ModelRecord) -> DesiredModel {
@@ -411,6 +425,7 @@ async fn reconcile_membership(
             previous_version,
             reason: String::new(),
             updated_at: now,
+            generation: 0,
         });
     }
     Ok(())
@@ -469,7 +484,7 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         // count (an earlier rollout of the same version may have left one).
         if let Some(report) = activations
             .get(&device.device_id)
-            .filter(|report| report.at >= device.updated_at)
+            .filter(|report| answers(report, device))
         {
             match report.stage.as_str() {
                 "ACTIVE" => {
@@ -957,6 +972,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
                     previous_version,
                     reason: String::new(),
                     updated_at: now,
+                    generation: 0,
                 }
             })
             .collect();
@@ -1153,6 +1169,142 @@ mod tests {
             metrics,
             registry: crate::registry::Registry::open(dir).unwrap(),
         }
+    }
+
+    /// A device's ACTIVE report counts whichever replica received it: here
+    /// one whose clock is a minute behind the engine's, which stamps the
+    /// report before the engine asked the device to update. The report says
+    /// which desired state it answers; that is what is matched.
+    #[tokio::test]
+    async fn an_activation_received_by_a_replica_with_a_slow_clock_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let model = ModelRecord {
+            name: "m".into(),
+            version: 2,
+            sha256: "abc".into(),
+            ..ModelRecord::default()
+        };
+        cp.store.insert_model(&model).await.unwrap().unwrap();
+        let token = crate::store::JoinToken {
+            id: "jt".into(),
+            secret_hash: "hash".into(),
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: i64::MAX,
+            uses_left: 1,
+            created_by: "op1".into(),
+        };
+        cp.store.insert_join_token(&token).await.unwrap();
+        let device = crate::store::NewDevice {
+            id: "d1".into(),
+            inventory: Default::default(),
+            enrolled_at: now_ms(),
+            certificate_serial: "01".into(),
+            certificate_expires_at: i64::MAX,
+        };
+        cp.store
+            .enroll_device("jt", "hash", &device)
+            .await
+            .unwrap()
+            .unwrap();
+        let rollout = RolloutRecord {
+            id: "r1".into(),
+            model: "m".into(),
+            version: 2,
+            selector: Default::default(),
+            spec: RolloutSpec {
+                waves: vec![WaveSize::Percent(100.0)],
+                soak_ms: 0,
+                max_concurrent: 0,
+                gates: GateSpec::default(),
+                rollback_on_failure: true,
+            },
+            state: RolloutState::Pending,
+            current_wave: 0,
+            wave_done_at: 0,
+            reason: String::new(),
+            created_by: "operator:op1".into(),
+            created_at: 1,
+            updated_at: 1,
+            revision: 0,
+        };
+        let created = event("r1", "operator:op1", "created", String::new());
+        cp.store
+            .create_rollout(&rollout, &[], &created)
+            .await
+            .unwrap()
+            .unwrap();
+        let member = |cp: &ControlPlane| {
+            let store = Arc::clone(&cp.store);
+            async move { store.rollout_devices("r1").await.unwrap().remove(0) }
+        };
+        // Steps until the device is asked to update (it joins, then its
+        // wave starts).
+        for _ in 0..3 {
+            let read = cp.store.rollout("r1").await.unwrap().unwrap();
+            step(&cp, read).await.unwrap();
+        }
+        let asked = member(&cp).await;
+        assert_eq!(asked.state, "updating");
+        let (generation, desired) = cp.store.desired_state("d1").await.unwrap();
+        assert_eq!(desired.len(), 1);
+        assert_eq!(
+            asked.generation, generation,
+            "the rollout notes the generation"
+        );
+
+        let report = ActivationRecord {
+            device_id: "d1".into(),
+            name: "m".into(),
+            version: 2,
+            stage: "ACTIVE".into(),
+            reason: String::new(),
+            at: asked.updated_at - 60_000,
+            generation,
+            reported_ms: 5,
+        };
+        cp.store.record_activation(&report).await.unwrap();
+        let read = cp.store.rollout("r1").await.unwrap().unwrap();
+        step(&cp, read).await.unwrap();
+        assert_eq!(member(&cp).await.state, "active");
+    }
+
+    #[test]
+    fn only_reports_for_the_rollouts_change_or_later_answer_it() {
+        let device = RolloutDeviceRecord {
+            rollout_id: "r1".into(),
+            device_id: "d1".into(),
+            wave: 1,
+            state: "updating".into(),
+            previous_version: 1,
+            reason: String::new(),
+            updated_at: 1_000,
+            generation: 7,
+        };
+        let report = |generation: u64, at: i64| ActivationRecord {
+            device_id: "d1".into(),
+            name: "m".into(),
+            version: 2,
+            stage: "ACTIVE".into(),
+            reason: String::new(),
+            at,
+            generation,
+            reported_ms: 0,
+        };
+        assert!(answers(&report(7, 0), &device), "whatever the clock said");
+        assert!(answers(&report(8, 0), &device));
+        assert!(
+            !answers(&report(6, 9_000), &device),
+            "an earlier desired state's report, however late"
+        );
+        // Rows from before generations were recorded fall back to time.
+        let legacy = RolloutDeviceRecord {
+            generation: 0,
+            ..device
+        };
+        assert!(answers(&report(7, 1_000), &legacy));
+        assert!(!answers(&report(7, 999), &legacy));
     }
 
     /// The engine reads a rollout, an operator pauses it, then the engine

@@ -1623,6 +1623,7 @@ mod registry {
             previous_version: 1,
             reason: String::new(),
             updated_at: T0,
+            generation: 0,
         }
     }
 
@@ -2024,6 +2025,11 @@ mod registry {
         let mut expected = members("r1", &["a", "b", "c"]);
         expected[0] = a;
         expected.push(d);
+        // Each member whose desired state the step changed notes the
+        // generation it now has (c's second change: 2); d was not changed.
+        expected[0].generation = 1;
+        expected[1].generation = 1;
+        expected[2].generation = 2;
         assert_eq!(db.store.rollout_devices("r1").await.unwrap(), expected);
         assert_eq!(
             db.store.desired_state("a").await.unwrap(),
@@ -2354,59 +2360,53 @@ mod registry {
         assert_eq!(db.store.desired_state("a").await.unwrap(), (2, vec![]));
     }
 
+    /// The latest step per device, model and version, by the device's own
+    /// order: its desired-state generation, then its clock. Which replica
+    /// received a report, and that replica's clock (`at`), do not matter.
     async fn activations_keep_the_latest_per_device(db: &Db) {
-        let report = |device: &str, version: u64, stage: &str, at: i64| ActivationRecord {
-            device_id: device.into(),
-            name: "m".into(),
-            version,
-            stage: stage.into(),
-            reason: format!("{stage} reason"),
-            at,
+        let report = |device: &str, version: u64, stage: &str, order: (u64, i64), at: i64| {
+            ActivationRecord {
+                device_id: device.into(),
+                name: "m".into(),
+                version,
+                stage: stage.into(),
+                reason: format!("{stage} reason"),
+                at,
+                generation: order.0,
+                reported_ms: order.1,
+            }
         };
+        let record =
+            |r: ActivationRecord| async move { db.store.record_activation(&r).await.unwrap() };
         assert!(db.store.activations("m", 2).await.unwrap().is_empty());
-        db.store
-            .record_activation(&report("b", 2, "DOWNLOADING", T0))
-            .await
-            .unwrap();
-        db.store
-            .record_activation(&report("a", 2, "DOWNLOADING", T0))
-            .await
-            .unwrap();
-        db.store
-            .record_activation(&report("a", 2, "VERIFYING", T0 + 1))
-            .await
-            .unwrap();
-        db.store
-            .record_activation(&report("a", 2, "ACTIVE", T0 + 2))
-            .await
-            .unwrap();
-        // A late retry of an older step does not replace the newer one.
-        db.store
-            .record_activation(&report("a", 2, "VERIFYING", T0 + 1))
-            .await
-            .unwrap();
-        db.store
-            .record_activation(&report("b", 2, "FAILED", T0 + 5))
-            .await
-            .unwrap();
-        db.store
-            .record_activation(&report("a", 3, "ACTIVE", T0 + 9))
-            .await
-            .unwrap();
-        let mut other = report("a", 2, "ACTIVE", T0 + 9);
+        record(report("b", 2, "DOWNLOADING", (1, 100), T0)).await;
+        record(report("a", 2, "DOWNLOADING", (1, 100), T0 + 50)).await;
+        // Received by a replica whose clock is behind the first one's.
+        record(report("a", 2, "VERIFYING", (1, 101), T0)).await;
+        record(report("a", 2, "ACTIVE", (1, 102), T0 - 10)).await;
+        // A late retry of an older step does not replace the newer one,
+        // even through a replica whose clock is ahead.
+        record(report("a", 2, "VERIFYING", (1, 101), T0 + 100)).await;
+        record(report("b", 2, "FAILED", (1, 105), T0 + 5)).await;
+        // A newer desired state wins even if the device's clock went back;
+        // a late report for the older one then does not replace it.
+        record(report("b", 2, "DOWNLOADING", (2, 90), T0 + 6)).await;
+        record(report("b", 2, "FAILED", (1, 106), T0 + 7)).await;
+        record(report("a", 3, "ACTIVE", (1, 109), T0 + 9)).await;
+        let mut other = report("a", 2, "ACTIVE", (1, 109), T0 + 9);
         other.name = "n".into();
         db.store.record_activation(&other).await.unwrap();
 
         assert_eq!(
             db.store.activations("m", 2).await.unwrap(),
             [
-                report("a", 2, "ACTIVE", T0 + 2),
-                report("b", 2, "FAILED", T0 + 5)
+                report("a", 2, "ACTIVE", (1, 102), T0 - 10),
+                report("b", 2, "DOWNLOADING", (2, 90), T0 + 6)
             ]
         );
         assert_eq!(
             db.store.activations("m", 3).await.unwrap(),
-            [report("a", 3, "ACTIVE", T0 + 9)]
+            [report("a", 3, "ACTIVE", (1, 109), T0 + 9)]
         );
         assert_eq!(db.store.activations("n", 2).await.unwrap(), [other]);
         assert!(db.store.activations("m", 1).await.unwrap().is_empty());

@@ -651,6 +651,7 @@ pub(crate) struct RolloutDeviceRow {
     pub previous_version: i64,
     pub reason: String,
     pub updated_at: i64,
+    pub generation: i64,
 }
 
 impl TryFrom<RolloutDeviceRow> for RolloutDeviceRecord {
@@ -666,6 +667,7 @@ impl TryFrom<RolloutDeviceRow> for RolloutDeviceRecord {
             previous_version: from_db(r.previous_version),
             reason: r.reason,
             updated_at: r.updated_at,
+            generation: from_db(r.generation),
         })
     }
 }
@@ -722,6 +724,8 @@ pub(crate) struct ActivationRow {
     pub stage: String,
     pub reason: String,
     pub at: i64,
+    pub generation: i64,
+    pub reported_ms: i64,
 }
 
 impl From<ActivationRow> for ActivationRecord {
@@ -733,6 +737,8 @@ impl From<ActivationRow> for ActivationRecord {
             stage: r.stage,
             reason: r.reason,
             at: r.at,
+            generation: from_db(r.generation),
+            reported_ms: r.reported_ms,
         }
     }
 }

@@ -160,6 +160,12 @@ pub struct RolloutDeviceRecord {
     pub previous_version: u64,
     pub reason: String,
     pub updated_at: i64,
+    /// The device's desired-state generation after this rollout last
+    /// changed it (0: not changed yet). Activation reports count for the
+    /// device only from this generation on. Set by the store when it saves
+    /// a step's desired-state changes; the value saved with the record is
+    /// ignored.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +198,14 @@ pub struct ActivationRecord {
     /// The protobuf stage name, e.g. "ACTIVE", "FAILED".
     pub stage: String,
     pub reason: String,
+    /// When the receiving replica stored it (its own clock).
     pub at: i64,
+    /// The desired-state generation the step works towards.
+    pub generation: u64,
+    /// When the device made the report (the device's clock): with
+    /// `generation`, what orders one device's reports, whichever replica
+    /// received them.
+    pub reported_ms: i64,
 }
 
 #[async_trait::async_trait]
@@ -264,7 +277,8 @@ pub trait RegistryStore: Send + Sync {
     /// The device's desired models and generation (0 and empty if none).
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError>;
     /// Records a device's activation step (keeps the latest per device,
-    /// model and version).
+    /// model and version: the highest generation, then the latest by the
+    /// device's clock; a late retry of an earlier step does not replace it).
     async fn record_activation(&self, record: &ActivationRecord) -> Result<(), StoreError>;
     /// Latest activation steps of a model version, one per device.
     async fn activations(

@@ -438,13 +438,22 @@ impl RegistryStore for PgStore {
             }
         }
         for device_id in common::changed_devices(desired) {
-            sqlx::query(
+            let generation: i64 = sqlx::query_scalar(
                 "INSERT INTO device_generations (device_id, generation) VALUES ($1, 1) \
-                 ON CONFLICT (device_id) DO UPDATE SET generation = device_generations.generation + 1",
+                 ON CONFLICT (device_id) DO UPDATE SET generation = device_generations.generation + 1 \
+                 RETURNING generation",
             )
             .bind(device_id)
-            .execute(&mut *tx)
+            .fetch_one(&mut *tx)
             .await?;
+            // The generation from which the device's activation reports
+            // answer this change.
+            sqlx::query("UPDATE rollout_devices SET generation = $1 WHERE rollout_id = $2 AND device_id = $3")
+                .bind(generation)
+                .bind(&rollout.id)
+                .bind(device_id)
+                .execute(&mut *tx)
+                .await?;
         }
         for event in events {
             insert_event(&mut tx, event).await?;
@@ -456,8 +465,8 @@ impl RegistryStore for PgStore {
 
     async fn rollout_devices(&self, id: &str) -> Result<Vec<RolloutDeviceRecord>, StoreError> {
         let rows = sqlx::query_as::<_, RolloutDeviceRow>(
-            "SELECT rollout_id, device_id, wave, state, previous_version, reason, updated_at \
-             FROM rollout_devices WHERE rollout_id = $1 ORDER BY device_id",
+            "SELECT rollout_id, device_id, wave, state, previous_version, reason, updated_at, \
+             generation FROM rollout_devices WHERE rollout_id = $1 ORDER BY device_id",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -505,12 +514,16 @@ impl RegistryStore for PgStore {
 
     async fn record_activation(&self, r: &ActivationRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        // A report older than the stored one (a late retry) does not replace it.
+        // A report older than the stored one (a late retry) does not
+        // replace it. Older by the device's own order (generation, then its
+        // clock), not by the receiving replicas' clocks, which differ.
         sqlx::query(
-            "INSERT INTO activations (device_id, name, version, stage, reason, at) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
+            "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
-             reason = excluded.reason, at = excluded.at WHERE excluded.at >= activations.at",
+             reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
+             reported_ms = excluded.reported_ms \
+             WHERE (excluded.generation, excluded.reported_ms) >= (activations.generation, activations.reported_ms)",
         )
         .bind(&r.device_id)
         .bind(&r.name)
@@ -518,6 +531,8 @@ impl RegistryStore for PgStore {
         .bind(&r.stage)
         .bind(&r.reason)
         .bind(r.at)
+        .bind(to_db(r.generation))
+        .bind(r.reported_ms)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -530,7 +545,8 @@ impl RegistryStore for PgStore {
         version: u64,
     ) -> Result<Vec<ActivationRecord>, StoreError> {
         let rows = sqlx::query_as::<_, ActivationRow>(
-            "SELECT device_id, name, version, stage, reason, at FROM activations \
+            "SELECT device_id, name, version, stage, reason, at, generation, reported_ms \
+             FROM activations \
              WHERE name = $1 AND version = $2 ORDER BY device_id",
         )
         .bind(name)
