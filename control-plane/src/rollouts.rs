@@ -51,6 +51,12 @@ pub async fn record_activation(
         .map_err(|_| {
             Status::invalid_argument(format!("unknown activation stage {}", report.stage))
         })?;
+    if i64::try_from(report.generation).is_err() {
+        return Err(Status::invalid_argument(format!(
+            "activation generation {} is out of range",
+            report.generation
+        )));
+    }
     let record = ActivationRecord {
         device_id: device_id.to_string(),
         name: report.name,
@@ -1239,8 +1245,8 @@ mod tests {
             let store = Arc::clone(&cp.store);
             async move { store.rollout_devices("r1").await.unwrap().remove(0) }
         };
-        // Steps until the device is asked to update (it joins, then its
-        // wave starts).
+        // Steps until the device is asked to update (the first step takes
+        // it in and starts its wave; the others change nothing).
         for _ in 0..3 {
             let read = cp.store.rollout("r1").await.unwrap().unwrap();
             step(&cp, read).await.unwrap();

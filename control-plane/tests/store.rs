@@ -2050,13 +2050,24 @@ mod registry {
         all_events.extend(events);
         assert_eq!(db.store.rollout_events("r1").await.unwrap(), all_events);
 
-        // A step without desired changes bumps nothing; replacing a version
-        // bumps again.
+        // A step without desired changes bumps nothing, and saving a member
+        // keeps the generation the store noted (the record's is ignored);
+        // replacing a version bumps again.
+        let mut a_again = expected[0].clone();
+        a_again.reason = "again".into();
+        a_again.generation = 0;
         db.store
-            .save_rollout_step(&mut r, &[], &[], &[])
+            .save_rollout_step(&mut r, &[a_again.clone()], &[], &[])
             .await
             .unwrap();
         assert_eq!(generation(db, "a").await, 1);
+        assert_eq!(
+            db.store.rollout_devices("r1").await.unwrap()[0],
+            RolloutDeviceRecord {
+                generation: 1,
+                ..a_again
+            }
+        );
         db.store
             .save_rollout_step(&mut r, &[], &[set("a", "m", 3)], &[])
             .await
@@ -2393,6 +2404,10 @@ mod registry {
         record(report("b", 2, "DOWNLOADING", (2, 90), T0 + 6)).await;
         record(report("b", 2, "FAILED", (1, 106), T0 + 7)).await;
         record(report("a", 3, "ACTIVE", (1, 109), T0 + 9)).await;
+        // The device's clock stepped back between progress and outcome:
+        // the outcome still replaces the progress of its generation.
+        record(report("c", 2, "LOADING", (1, 500), T0)).await;
+        record(report("c", 2, "ACTIVE", (1, 400), T0 + 1)).await;
         let mut other = report("a", 2, "ACTIVE", (1, 109), T0 + 9);
         other.name = "n".into();
         db.store.record_activation(&other).await.unwrap();
@@ -2401,7 +2416,8 @@ mod registry {
             db.store.activations("m", 2).await.unwrap(),
             [
                 report("a", 2, "ACTIVE", (1, 102), T0 - 10),
-                report("b", 2, "DOWNLOADING", (2, 90), T0 + 6)
+                report("b", 2, "DOWNLOADING", (2, 90), T0 + 6),
+                report("c", 2, "ACTIVE", (1, 400), T0 + 1)
             ]
         );
         assert_eq!(

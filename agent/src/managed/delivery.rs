@@ -92,6 +92,9 @@ pub struct Reports {
 struct ReportQueue {
     queue: VecDeque<pb::ActivationReport>,
     latest: BTreeMap<String, pb::ActivationReport>,
+    /// The last report's `unix_ms`: each report's is later, so the control
+    /// plane orders them as they were made even if the clock steps back.
+    last_unix_ms: u64,
 }
 
 /// Reports queued at most before the queue is compacted to one per model.
@@ -102,9 +105,11 @@ impl Reports {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn push(&self, report: pb::ActivationReport) {
+    pub fn push(&self, mut report: pb::ActivationReport) {
         {
             let mut inner = self.lock();
+            report.unix_ms = report.unix_ms.max(inner.last_unix_ms.saturating_add(1));
+            inner.last_unix_ms = report.unix_ms;
             inner.latest.insert(report.name.clone(), report.clone());
             inner.queue.push_back(report);
             if inner.queue.len() > MAX_QUEUED_REPORTS {
@@ -756,6 +761,22 @@ mod tests {
             ": the model's directory cannot be read: Too many open files"
         );
         assert_eq!(unreadable_reason(None, 2), "");
+    }
+
+    #[test]
+    fn report_times_never_go_back() {
+        let reports = Reports::default();
+        let at = |unix_ms: u64| pb::ActivationReport {
+            unix_ms,
+            ..report("m", 0)
+        };
+        reports.push(at(1_000));
+        // The clock stepped back (NTP correcting it), then stood still.
+        reports.push(at(400));
+        reports.push(at(400));
+        reports.push(at(5_000));
+        let times: Vec<u64> = reports.take().iter().map(|r| r.unix_ms).collect();
+        assert_eq!(times, [1_000, 1_001, 1_002, 5_000]);
     }
 
     #[test]

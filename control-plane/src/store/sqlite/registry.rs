@@ -484,14 +484,20 @@ impl RegistryStore for SqliteStore {
         let mut tx = self.write().await?;
         // A report older than the stored one (a late retry) does not
         // replace it. Older by the device's own order (generation, then its
-        // clock), not by the receiving replicas' clocks, which differ.
+        // clock), not by the receiving replicas' clocks, which differ; and
+        // an outcome (ACTIVE, FAILED) always replaces progress of its
+        // generation, should the device's clock have stepped back between.
         sqlx::query(
             "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
              reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
              reported_ms = excluded.reported_ms \
-             WHERE (excluded.generation, excluded.reported_ms) >= (activations.generation, activations.reported_ms)",
+             WHERE excluded.generation > activations.generation \
+             OR (excluded.generation = activations.generation \
+                 AND (excluded.reported_ms >= activations.reported_ms \
+                      OR (excluded.stage IN ('ACTIVE', 'FAILED') \
+                          AND activations.stage NOT IN ('ACTIVE', 'FAILED'))))",
         )
         .bind(&r.device_id)
         .bind(&r.name)
