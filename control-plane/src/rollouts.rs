@@ -1177,14 +1177,9 @@ mod tests {
         }
     }
 
-    /// A device's ACTIVE report counts whichever replica received it: here
-    /// one whose clock is a minute behind the engine's, which stamps the
-    /// report before the engine asked the device to update. The report says
-    /// which desired state it answers; that is what is matched.
-    #[tokio::test]
-    async fn an_activation_received_by_a_replica_with_a_slow_clock_counts() {
-        let dir = tempfile::tempdir().unwrap();
-        let cp = control_plane(dir.path()).await;
+    /// Model m@2 in the registry and a pending rollout "r1" of it, one
+    /// wave of everyone, saved as an operator would create it.
+    async fn create_rollout_of_m2(cp: &ControlPlane) -> RolloutRecord {
         let model = ModelRecord {
             name: "m".into(),
             version: 2,
@@ -1192,28 +1187,6 @@ mod tests {
             ..ModelRecord::default()
         };
         cp.store.insert_model(&model).await.unwrap().unwrap();
-        let token = crate::store::JoinToken {
-            id: "jt".into(),
-            secret_hash: "hash".into(),
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: i64::MAX,
-            uses_left: 1,
-            created_by: "op1".into(),
-        };
-        cp.store.insert_join_token(&token).await.unwrap();
-        let device = crate::store::NewDevice {
-            id: "d1".into(),
-            inventory: Default::default(),
-            enrolled_at: now_ms(),
-            certificate_serial: "01".into(),
-            certificate_expires_at: i64::MAX,
-        };
-        cp.store
-            .enroll_device("jt", "hash", &device)
-            .await
-            .unwrap()
-            .unwrap();
         let rollout = RolloutRecord {
             id: "r1".into(),
             model: "m".into(),
@@ -1241,6 +1214,40 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        rollout
+    }
+
+    /// A device's ACTIVE report counts whichever replica received it: here
+    /// one whose clock is a minute behind the engine's, which stamps the
+    /// report before the engine asked the device to update. The report says
+    /// which desired state it answers; that is what is matched.
+    #[tokio::test]
+    async fn an_activation_received_by_a_replica_with_a_slow_clock_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let token = crate::store::JoinToken {
+            id: "jt".into(),
+            secret_hash: "hash".into(),
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: i64::MAX,
+            uses_left: 1,
+            created_by: "op1".into(),
+        };
+        cp.store.insert_join_token(&token).await.unwrap();
+        let device = crate::store::NewDevice {
+            id: "d1".into(),
+            inventory: Default::default(),
+            enrolled_at: now_ms(),
+            certificate_serial: "01".into(),
+            certificate_expires_at: i64::MAX,
+        };
+        cp.store
+            .enroll_device("jt", "hash", &device)
+            .await
+            .unwrap()
+            .unwrap();
+        create_rollout_of_m2(&cp).await;
         let member = |cp: &ControlPlane| {
             let store = Arc::clone(&cp.store);
             async move { store.rollout_devices("r1").await.unwrap().remove(0) }
@@ -1319,40 +1326,7 @@ mod tests {
     async fn an_engine_step_computed_before_a_pause_does_not_undo_it() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
-        let model = ModelRecord {
-            name: "m".into(),
-            version: 2,
-            sha256: "abc".into(),
-            ..ModelRecord::default()
-        };
-        cp.store.insert_model(&model).await.unwrap().unwrap();
-        let mut rollout = RolloutRecord {
-            id: "r1".into(),
-            model: "m".into(),
-            version: 2,
-            selector: Default::default(),
-            spec: RolloutSpec {
-                waves: vec![WaveSize::Percent(100.0)],
-                soak_ms: 0,
-                max_concurrent: 0,
-                gates: GateSpec::default(),
-                rollback_on_failure: true,
-            },
-            state: RolloutState::Pending,
-            current_wave: 0,
-            wave_done_at: 0,
-            reason: String::new(),
-            created_by: "operator:op1".into(),
-            created_at: 1,
-            updated_at: 1,
-            revision: 0,
-        };
-        let created = event("r1", "operator:op1", "created", String::new());
-        cp.store
-            .create_rollout(&rollout, &[], &created)
-            .await
-            .unwrap()
-            .unwrap();
+        let mut rollout = create_rollout_of_m2(&cp).await;
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
 
         rollout.state = RolloutState::Paused;

@@ -743,6 +743,18 @@ impl From<ActivationRow> for ActivationRecord {
     }
 }
 
+/// Whether an activation report (`excluded`) replaces the stored one of its
+/// device, model and version: it answers a later desired state, or the same
+/// one and was made later by the device's clock; an outcome (ACTIVE,
+/// FAILED) always replaces progress of its generation, should the device's
+/// clock have stepped back between. Not the receiving replicas' clocks
+/// (`at`): those differ.
+pub(crate) const ACTIVATION_REPLACES: &str = "excluded.generation > activations.generation \
+     OR (excluded.generation = activations.generation \
+         AND (excluded.reported_ms >= activations.reported_ms \
+              OR (excluded.stage IN ('ACTIVE', 'FAILED') \
+                  AND activations.stage NOT IN ('ACTIVE', 'FAILED'))))";
+
 /// The message refusing a rollout over a device another active rollout of
 /// the model holds.
 /// Why a rollout step was not saved: the rollout is gone (`stored` None),

@@ -514,23 +514,16 @@ impl RegistryStore for PgStore {
 
     async fn record_activation(&self, r: &ActivationRecord) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        // A report older than the stored one (a late retry) does not
-        // replace it. Older by the device's own order (generation, then its
-        // clock), not by the receiving replicas' clocks, which differ; and
-        // an outcome (ACTIVE, FAILED) always replaces progress of its
-        // generation, should the device's clock have stepped back between.
-        sqlx::query(
+        // A late retry of an older step does not replace a newer one.
+        // Static text: the shared clause is a constant.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
              ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
              reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
-             reported_ms = excluded.reported_ms \
-             WHERE excluded.generation > activations.generation \
-             OR (excluded.generation = activations.generation \
-                 AND (excluded.reported_ms >= activations.reported_ms \
-                      OR (excluded.stage IN ('ACTIVE', 'FAILED') \
-                          AND activations.stage NOT IN ('ACTIVE', 'FAILED'))))",
-        )
+             reported_ms = excluded.reported_ms WHERE {}",
+            common::ACTIVATION_REPLACES
+        )))
         .bind(&r.device_id)
         .bind(&r.name)
         .bind(to_db(r.version))
