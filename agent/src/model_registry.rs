@@ -522,7 +522,7 @@ impl ModelRegistry {
             sessions.push(loaded.map_err(|err| err.to_string())?);
         }
         let metrics = self.metrics.for_version(name, version);
-        Ok(LoadedVersion::start(
+        LoadedVersion::start(
             name,
             version,
             runtime.kind(),
@@ -530,7 +530,7 @@ impl ModelRegistry {
             config,
             metrics,
             self.telemetry.for_version(name, version),
-        ))
+        )
     }
 
     /// Whether the repository holds a model of this name (loaded or not).

@@ -283,9 +283,21 @@ pub fn batch_dimension_conflict(signature: &Signature) -> Option<String> {
         })
 }
 
+/// Starts a model worker thread. Tests can make it fail, as the OS does
+/// when the process is out of threads.
+fn spawn_worker(name: String, work: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    #[cfg(test)]
+    if tests::FAIL_WORKER_SPAWNS.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("refused by the test"));
+    }
+    std::thread::Builder::new().name(name).spawn(work).map(drop)
+}
+
 impl LoadedVersion {
     /// Starts one worker thread per session. `sessions` must not be empty and
-    /// all must share one signature.
+    /// all must share one signature. Fails if not one worker thread could be
+    /// started (the process is out of threads or memory): the version would
+    /// take requests it could never run.
     pub fn start(
         model: &str,
         version: u64,
@@ -294,7 +306,7 @@ impl LoadedVersion {
         config: &ModelConfig,
         metrics: VersionMetrics,
         telemetry: VersionTelemetry,
-    ) -> Arc<LoadedVersion> {
+    ) -> Result<Arc<LoadedVersion>, String> {
         let signature = sessions
             .first()
             .map(|session| session.signature().clone())
@@ -338,19 +350,32 @@ impl LoadedVersion {
             .into_iter()
             .map(|session| Arc::new(Mutex::new(session)))
             .collect();
+        let mut started = 0;
+        let mut failure = None;
         for (index, session) in sessions.iter().enumerate() {
             let receiver = receiver.clone();
             let session = Arc::clone(session);
             let run = Arc::clone(&run);
-            let spawned = std::thread::Builder::new()
-                .name(format!("{WORKER_THREAD_PREFIX}{model}-{version}-{index}"))
-                .spawn(move || worker_loop(session, receiver, policy, run));
-            if let Err(err) = spawned {
-                tracing::error!(model, version, error = %err, "cannot start a worker thread");
+            let spawned = spawn_worker(
+                format!("{WORKER_THREAD_PREFIX}{model}-{version}-{index}"),
+                move || worker_loop(session, receiver, policy, run),
+            );
+            match spawned {
+                Ok(()) => started += 1,
+                Err(err) => {
+                    tracing::error!(model, version, error = %err, "cannot start a worker thread");
+                    failure = Some(err);
+                }
             }
         }
+        if started == 0 {
+            return Err(format!(
+                "cannot start a worker thread: {}",
+                failure.map_or_else(|| "no sessions".to_string(), |err| err.to_string())
+            ));
+        }
         metrics.ready.inc();
-        Arc::new(LoadedVersion {
+        Ok(Arc::new(LoadedVersion {
             model: model.to_string(),
             version,
             signature,
@@ -367,7 +392,7 @@ impl LoadedVersion {
             run,
             metrics,
             telemetry,
-        })
+        }))
     }
 
     /// Queues a request (or, on the fast path, runs it at once: the receiver
@@ -767,6 +792,36 @@ mod tests {
             metrics.for_version("m", 1),
             VersionTelemetry::detached("m", 1),
         )
+        .unwrap()
+    }
+
+    thread_local! {
+        /// Set: `spawn_worker` fails on this thread.
+        pub(super) static FAIL_WORKER_SPAWNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// A version none of whose worker threads could start is refused, so
+    /// the registry records a failed load (and keeps what serves) instead of
+    /// serving a version that could never run a queued request.
+    #[test]
+    fn a_version_without_any_worker_thread_fails_to_start() {
+        let metrics = Arc::new(Metrics::new());
+        FAIL_WORKER_SPAWNS.with(|fail| fail.set(true));
+        let started = LoadedVersion::start(
+            "m",
+            1,
+            RuntimeKind::Tract,
+            vec![doubler(Duration::ZERO).0],
+            &ModelConfig::default(),
+            metrics.for_version("m", 1),
+            VersionTelemetry::detached("m", 1),
+        );
+        FAIL_WORKER_SPAWNS.with(|fail| fail.set(false));
+        let Err(err) = started else {
+            panic!("no worker thread: no version")
+        };
+        assert!(err.contains("cannot start a worker thread"), "{err}");
+        assert_eq!(metrics.for_version("m", 1).ready.get(), 0, "never ready");
     }
 
     #[test]
