@@ -332,63 +332,51 @@ fn typed_contents(
     })
 }
 
-/// tonic answers a request over the decoding limit with OUT_OF_RANGE; the
-/// gRPC spec (and every other server) says RESOURCE_EXHAUSTED. Rewrites
-/// just that status, keeping tonic's message, which states the limit.
-pub fn oversize_is_resource_exhausted<B>(
-    mut response: axum::http::Response<B>,
-) -> axum::http::Response<B> {
-    let headers = response.headers_mut();
-    let is_oversize = headers.get("grpc-status").is_some_and(|s| s == "11")
-        && tonic_refusal(headers) == Some(ErrorCode::TooLarge);
-    if is_oversize {
-        headers.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
-    }
-    response
-}
-
 /// The path of `ModelInfer` requests.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// Counts the `ModelInfer` requests tonic refuses before the handler sees
-/// them, as errors of model "" (their model's name was never read): a
-/// message over the decoding limit, contents that are not protobuf.
+/// Handles what tonic answers before a handler runs:
+/// - a request over the decoding limit gets OUT_OF_RANGE from tonic where
+///   the gRPC spec (and every other server) says RESOURCE_EXHAUSTED: that
+///   status is rewritten, keeping tonic's message, which states the limit;
+/// - a `ModelInfer` call tonic refuses (over the limit, not protobuf) is
+///   counted as an error of model "": its model's name was never read.
 #[derive(Debug, Clone)]
-pub struct CountRefusedInfersLayer {
+pub struct TonicRefusalsLayer {
     metrics: Arc<Metrics>,
 }
 
-impl CountRefusedInfersLayer {
+impl TonicRefusalsLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        CountRefusedInfersLayer { metrics }
+        TonicRefusalsLayer { metrics }
     }
 }
 
-impl<S> tower::Layer<S> for CountRefusedInfersLayer {
-    type Service = CountRefusedInfers<S>;
+impl<S> tower::Layer<S> for TonicRefusalsLayer {
+    type Service = TonicRefusals<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CountRefusedInfers {
+        TonicRefusals {
             inner,
             metrics: Arc::clone(&self.metrics),
         }
     }
 }
 
-/// See [`CountRefusedInfersLayer`].
+/// See [`TonicRefusalsLayer`].
 #[derive(Debug, Clone)]
-pub struct CountRefusedInfers<S> {
+pub struct TonicRefusals<S> {
     inner: S,
     metrics: Arc<Metrics>,
 }
 
-impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for CountRefusedInfers<S>
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TonicRefusals<S>
 where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = CountRefusal<S::Future>;
+    type Future = TonicRefusal<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -396,7 +384,7 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let metrics = (request.uri().path() == MODEL_INFER_PATH).then(|| Arc::clone(&self.metrics));
-        CountRefusal {
+        TonicRefusal {
             inner: self.inner.call(request),
             metrics,
         }
@@ -404,15 +392,16 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// A response future that counts a refusal from tonic's decoding.
-    pub struct CountRefusal<F> {
+    /// A response future that handles a refusal from tonic's decoding.
+    pub struct TonicRefusal<F> {
         #[pin]
         inner: F,
+        // Set for `ModelInfer` calls: where their refusals are counted.
         metrics: Option<Arc<Metrics>>,
     }
 }
 
-impl<F, B, E> Future for CountRefusal<F>
+impl<F, B, E> Future for TonicRefusal<F>
 where
     F: Future<Output = Result<http::Response<B>, E>>,
 {
@@ -420,11 +409,18 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
-        if let (Some(metrics), Ok(response)) = (this.metrics.take(), &result)
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        if let Ok(response) = &mut result
             && let Some(code) = tonic_refusal(response.headers())
         {
-            metrics.count_error("", "", code.as_str());
+            if code == ErrorCode::TooLarge {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", http::HeaderValue::from_static("8"));
+            }
+            if let Some(metrics) = this.metrics.take() {
+                metrics.count_error("", "", code.as_str());
+            }
         }
         Poll::Ready(result)
     }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
-use crate::model_config::ModelConfig;
+use crate::model_config::{ModelConfig, VersionPolicy};
 use crate::model_worker::LoadedVersion;
 use crate::repository::{self, Fingerprint, ModelDir, RepositoryError, VersionFiles};
 use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind};
@@ -81,6 +81,44 @@ struct ModelState {
     failed: BTreeMap<u64, (Fingerprint, String)>,
     /// Versions present on disk.
     on_disk: Vec<u64>,
+}
+
+impl ModelState {
+    /// Whether the version policy would serve `version` among the versions
+    /// on disk, readable or not.
+    fn policy_serves(&self, version: u64) -> bool {
+        let available: BTreeSet<u64> = self
+            .on_disk
+            .iter()
+            .chain(self.unreadable_versions.keys())
+            .copied()
+            .collect();
+        let select = |policy: &VersionPolicy| policy.select(available.iter().copied());
+        self.config
+            .as_ref()
+            .map_or_else(
+                || select(&VersionPolicy::default()),
+                |config| select(&config.version_policy),
+            )
+            .contains(&version)
+    }
+
+    /// Why a model that serves no version does not.
+    fn why_not_ready(&self) -> String {
+        self.unreadable
+            .clone()
+            .or_else(|| self.config_error.clone())
+            .or_else(|| self.failed.values().next_back().map(|(_, r)| r.clone()))
+            .or_else(|| {
+                self.unreadable_versions
+                    .iter()
+                    .next_back()
+                    .map(|(version, problem)| {
+                        format!("version {version}'s directory cannot be read: {problem}")
+                    })
+            })
+            .unwrap_or_else(|| "it has no version directory with a model.onnx".to_string())
+    }
 }
 
 /// A snapshot of one model's state, for metadata, logs and telemetry.
@@ -573,33 +611,25 @@ impl ModelRegistry {
                         ),
                     ));
                 }
-                if let Some(problem) = state.unreadable_versions.get(&version) {
-                    // Not ready if it is one the policy serves; otherwise
-                    // it would not be served readable either.
-                    let available: BTreeSet<u64> = state
-                        .on_disk
-                        .iter()
-                        .chain(state.unreadable_versions.keys())
-                        .copied()
-                        .collect();
-                    let policy = state.config.clone().unwrap_or_default().version_policy;
-                    return Err(if policy.select(available.into_iter()).contains(&version) {
-                        InferError::new(
-                            ErrorCode::Unavailable,
-                            format!(
-                                "model '{name}' version {version} is not ready: its directory cannot be read: {problem}"
-                            ),
-                        )
-                    } else {
-                        InferError::not_found(format!(
-                            "model '{name}' version {version} is not loaded (the version policy serves {:?}); its directory cannot be read: {problem}",
-                            state.served.keys().collect::<Vec<_>>()
-                        ))
-                    });
+                let unreadable = state.unreadable_versions.get(&version);
+                if let Some(problem) = unreadable
+                    && state.policy_serves(version)
+                {
+                    return Err(InferError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "model '{name}' version {version} is not ready: \
+                             its directory cannot be read: {problem}"
+                        ),
+                    ));
                 }
-                if state.on_disk.contains(&version) {
+                if unreadable.is_some() || state.on_disk.contains(&version) {
+                    let unreadable = unreadable
+                        .map(|problem| format!("; its directory cannot be read: {problem}"))
+                        .unwrap_or_default();
                     return Err(InferError::not_found(format!(
-                        "model '{name}' version {version} is not loaded (the version policy serves {:?})",
+                        "model '{name}' version {version} is not loaded \
+                         (the version policy serves {:?}){unreadable}",
                         state.served.keys().collect::<Vec<_>>()
                     )));
                 }
@@ -608,32 +638,13 @@ impl ModelRegistry {
                     state.on_disk
                 )))
             }
-            None => {
-                match state.served.values().next_back() {
-                    Some(served) => Ok(Arc::clone(&served.handle)),
-                    None => {
-                        let reason = state
-                        .unreadable
-                        .clone()
-                        .or_else(|| state.config_error.clone())
-                        .or_else(|| state.failed.values().next_back().map(|(_, r)| r.clone()))
-                        .or_else(|| {
-                            state.unreadable_versions.iter().next_back().map(
-                                |(version, problem)| {
-                                    format!("version {version}'s directory cannot be read: {problem}")
-                                },
-                            )
-                        })
-                        .unwrap_or_else(|| {
-                            "it has no version directory with a model.onnx".to_string()
-                        });
-                        Err(InferError::new(
-                            ErrorCode::Unavailable,
-                            format!("model '{name}' is not ready: {reason}"),
-                        ))
-                    }
-                }
-            }
+            None => match state.served.values().next_back() {
+                Some(served) => Ok(Arc::clone(&served.handle)),
+                None => Err(InferError::new(
+                    ErrorCode::Unavailable,
+                    format!("model '{name}' is not ready: {}", state.why_not_ready()),
+                )),
+            },
         }
     }
 

@@ -150,10 +150,7 @@ impl Agent {
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)
-            .layer(tower::util::MapResponseLayer::new(
-                crate::grpc::oversize_is_resource_exhausted,
-            ))
-            .layer(crate::grpc::CountRefusedInfersLayer::new(Arc::clone(
+            .layer(crate::grpc::TonicRefusalsLayer::new(Arc::clone(
                 self.service.metrics(),
             )))
             .add_service(health_service)
