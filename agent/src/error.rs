@@ -75,6 +75,14 @@ impl InferError {
         InferError::new(ErrorCode::InvalidArgument, message)
     }
 
+    /// A request for one of Triton's protocol extensions the agent does not
+    /// have (its `what` — "input" or "output" — `name` names it).
+    pub fn unsupported_extension(what: &str, name: &str, extension: &str) -> InferError {
+        InferError::invalid(format!(
+            "{what} '{name}' uses the {extension} extension, which this server does not support"
+        ))
+    }
+
     pub fn not_found(message: impl Into<String>) -> InferError {
         InferError::new(ErrorCode::NotFound, message)
     }

@@ -114,8 +114,10 @@ impl GrpcInferenceService for GrpcInference {
             raw_input_contents,
             ..
         } = request.into_inner();
-        let inputs = match inputs_from_proto(inputs, raw_input_contents) {
-            Ok(inputs) => inputs,
+        let decoded = inputs_from_proto(inputs, raw_input_contents)
+            .and_then(|inputs| Ok((inputs, output_names(outputs)?)));
+        let (inputs, outputs) = match decoded {
+            Ok(decoded) => decoded,
             Err(err) => {
                 self.service.count_refused(&model_name, &err);
                 return Err(err.into());
@@ -126,11 +128,36 @@ impl GrpcInferenceService for GrpcInference {
             model_version,
             id,
             inputs,
-            outputs: outputs.into_iter().map(|output| output.name).collect(),
+            outputs,
         };
         let response = self.service.infer(request).await?;
         Ok(Response::new(infer_response_to_proto(response)))
     }
+}
+
+/// The outputs a request asks for, by name; refused if one asks for an
+/// extension of Triton's the agent does not have.
+fn output_names(
+    outputs: Vec<pb::model_infer_request::InferRequestedOutputTensor>,
+) -> Result<Vec<String>, InferError> {
+    outputs
+        .into_iter()
+        .map(|output| {
+            for (parameter, extension) in [
+                ("classification", "classification"),
+                ("shared_memory_region", "shared memory"),
+            ] {
+                if output.parameters.contains_key(parameter) {
+                    return Err(InferError::unsupported_extension(
+                        "output",
+                        &output.name,
+                        extension,
+                    ));
+                }
+            }
+            Ok(output.name)
+        })
+        .collect()
 }
 
 /// Decodes a request's inputs from raw or typed contents, never both.
@@ -158,6 +185,13 @@ fn inputs_from_proto(
     let mut raw = raw_input_contents.into_iter();
     let mut tensors = Vec::with_capacity(inputs.len());
     for input in inputs {
+        if input.parameters.contains_key("shared_memory_region") {
+            return Err(InferError::unsupported_extension(
+                "input",
+                &input.name,
+                "shared memory",
+            ));
+        }
         let dtype = parse_datatype(&input.name, &input.datatype)?;
         let data = match raw.next() {
             Some(bytes) => match dtype {
@@ -216,8 +250,12 @@ pub fn parse_datatype(input: &str, datatype: &str) -> Result<DataType, InferErro
 pub fn decode_raw_strings(name: &str, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, InferError> {
     let mut items = Vec::new();
     while !bytes.is_empty() {
-        let malformed =
-            || InferError::invalid(format!("input '{name}': malformed raw BYTES contents"));
+        let malformed = || {
+            InferError::invalid(format!(
+                "input '{name}': malformed raw BYTES data (each element is a 4-byte \
+                 little-endian length, then that many bytes)"
+            ))
+        };
         let (len, rest) = bytes.split_first_chunk::<4>().ok_or_else(malformed)?;
         let len = u32::from_le_bytes(*len) as usize;
         let item = rest.get(..len).ok_or_else(malformed)?;
@@ -229,11 +267,16 @@ pub fn decode_raw_strings(name: &str, mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, 
 
 pub fn encode_raw_strings(items: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(items.iter().map(|item| item.len() + 4).sum());
+    append_raw_strings(&mut out, items);
+    out
+}
+
+/// Appends raw `BYTES` elements (see [`decode_raw_strings`]) to `out`.
+pub fn append_raw_strings(out: &mut Vec<u8>, items: &[Vec<u8>]) {
     for item in items {
         out.extend_from_slice(&(item.len() as u32).to_le_bytes());
         out.extend_from_slice(item);
     }
-    out
 }
 
 fn typed_contents(
@@ -501,6 +544,49 @@ mod tests {
         assert_eq!(decode_raw_strings("s", &encoded).unwrap(), items);
         assert!(decode_raw_strings("s", &encoded[..encoded.len() - 1]).is_err());
         assert!(decode_raw_strings("s", &[1, 0]).is_err());
+    }
+
+    #[test]
+    fn triton_extensions_the_agent_lacks_are_refused() {
+        let parameter = |key: &str| {
+            std::collections::HashMap::from([(key.to_string(), pb::InferParameter::default())])
+        };
+        let input = pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1],
+            parameters: parameter("shared_memory_region"),
+            contents: None,
+        };
+        let err = inputs_from_proto(vec![input], vec![]).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidArgument);
+        assert!(
+            err.message
+                .contains("input 'x' uses the shared memory extension"),
+            "{}",
+            err.message
+        );
+        for (key, extension) in [
+            ("classification", "classification"),
+            ("shared_memory_region", "shared memory"),
+        ] {
+            let output = pb::model_infer_request::InferRequestedOutputTensor {
+                name: "y".into(),
+                parameters: parameter(key),
+            };
+            let err = output_names(vec![output]).unwrap_err();
+            assert!(
+                err.message
+                    .contains(&format!("output 'y' uses the {extension} extension")),
+                "{}",
+                err.message
+            );
+        }
+        let plain = pb::model_infer_request::InferRequestedOutputTensor {
+            name: "y".into(),
+            parameters: parameter("binary_data"),
+        };
+        assert_eq!(output_names(vec![plain]).unwrap(), ["y"]);
     }
 
     #[test]

@@ -1,23 +1,32 @@
-//! The Open Inference Protocol over HTTP/JSON (KServe v2 REST), plus
-//! `/metrics`. Thin handlers over [`InferenceService`]; every error is JSON
-//! `{"error": "..."}` with the status [`ErrorCode::http_status`] gives.
+//! The Open Inference Protocol over HTTP/JSON (KServe v2 REST), with the
+//! binary tensor data extension (Triton's, which KServe adopted: tensors as
+//! raw bytes after the JSON, as `tritonclient.http` sends them by default),
+//! plus `/metrics`. Thin handlers over [`InferenceService`]; every error is
+//! JSON `{"error": "..."}` with the status [`ErrorCode::http_status`] gives.
 
 use axum::Json;
 use axum::body::{Body, HttpBody};
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use bytes::Bytes;
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 use crate::error::{ErrorCode, InferError};
+use crate::grpc::{append_raw_strings, decode_raw_strings};
 use crate::json_data::{self, JsonData};
 use crate::runtime::TensorSpec;
 use crate::service::{InferRequest, InferResponse, InferenceService};
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor, TensorData};
+
+/// The binary tensor data extension's header: the length of the JSON that
+/// starts the body; tensor bytes follow it.
+pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
 
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
@@ -161,49 +170,194 @@ async fn metrics(State(service): State<InferenceService>) -> Response {
 async fn infer(
     State(service): State<InferenceService>,
     Path(name): Path<String>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(service, name, String::new(), body).await
+    run_infer(service, name, String::new(), &headers, body).await
 }
 
 async fn infer_version(
     State(service): State<InferenceService>,
     Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(service, name, version, body).await
+    run_infer(service, name, version, &headers, body).await
 }
 
 async fn run_infer(
     service: InferenceService,
     name: String,
     version: String,
+    headers: &HeaderMap,
     body: Body,
 ) -> Response {
-    let request = match decode_infer_request(&service, body).await {
-        Ok(request) => InferRequest {
-            model_name: name,
-            model_version: version,
-            ..request
-        },
+    let (request, encoding) = match decode_infer_request(&service, headers, body).await {
+        Ok((request, encoding)) => (
+            InferRequest {
+                model_name: name,
+                model_version: version,
+                ..request
+            },
+            encoding,
+        ),
         Err(err) => {
             service.count_refused(&name, &err);
             return err.into_response();
         }
     };
     match service.infer(request).await {
-        Ok(response) => Json(JsonInferResponse::new(&response)).into_response(),
+        Ok(response) => encode_infer_response(&response, &encoding),
         Err(err) => err.into_response(),
     }
 }
 
-/// Reads and decodes an infer request's JSON body, within the size limit;
-/// the model's name and version (from the path) are left empty.
+/// Which outputs a request wants as binary tensor data.
+#[derive(Debug, Default)]
+struct OutputEncoding {
+    /// The request's `binary_data_output` parameter: outputs that do not
+    /// say otherwise come back binary.
+    binary_by_default: bool,
+    /// Outputs whose own `binary_data` parameter says, by name.
+    binary: Vec<(String, bool)>,
+}
+
+impl OutputEncoding {
+    fn is_binary(&self, output: &str) -> bool {
+        self.binary
+            .iter()
+            .find(|(name, _)| name == output)
+            .map_or(self.binary_by_default, |&(_, binary)| binary)
+    }
+}
+
+/// The response: JSON alone, or, when an output is wanted binary, the JSON
+/// followed by those outputs' bytes, its length in
+/// `Inference-Header-Content-Length`.
+fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) -> Response {
+    let binary: Vec<bool> = response
+        .outputs
+        .iter()
+        .map(|tensor| encoding.is_binary(&tensor.name))
+        .collect();
+    let json = JsonInferResponse::new(response, &binary);
+    if !binary.contains(&true) {
+        return Json(json).into_response();
+    }
+    let mut body = match serde_json::to_vec(&json) {
+        Ok(body) => body,
+        Err(err) => {
+            return InferError::new(
+                ErrorCode::Internal,
+                format!("cannot encode the response: {err}"),
+            )
+            .into_response();
+        }
+    };
+    let header_length = body.len();
+    let binary_outputs = || {
+        response
+            .outputs
+            .iter()
+            .zip(&binary)
+            .filter_map(|(tensor, &binary)| binary.then_some(tensor))
+    };
+    body.reserve_exact(binary_outputs().map(binary_data_size).sum());
+    for tensor in binary_outputs() {
+        match &tensor.data {
+            TensorData::Raw(bytes) => body.extend_from_slice(bytes),
+            TensorData::Bytes(items) => append_raw_strings(&mut body, items),
+        }
+    }
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
+            (
+                header::HeaderName::from_static(INFERENCE_HEADER_CONTENT_LENGTH),
+                HeaderValue::from(header_length),
+            ),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// A tensor's size as binary tensor data: its fixed-size elements' bytes,
+/// or for `BYTES` each element's 4-byte little-endian length and bytes.
+fn binary_data_size(tensor: &Tensor) -> usize {
+    match &tensor.data {
+        TensorData::Raw(bytes) => bytes.len(),
+        TensorData::Bytes(items) => items.iter().map(|item| item.len() + 4).sum(),
+    }
+}
+
+/// The alignment of the binary tensor data in a request's buffer: enough
+/// for any element type, so a runtime reads each tensor where it landed
+/// (one that starts misaligned, after a tensor whose size is not a multiple
+/// of it, is copied aligned by the runtime).
+const BINARY_DATA_ALIGN: usize = 16;
+
+/// The length of the JSON that starts the body, from
+/// `Inference-Header-Content-Length` (no header: the body is all JSON).
+fn json_header_length(headers: &HeaderMap) -> Result<Option<usize>, InferError> {
+    let Some(value) = headers.get(INFERENCE_HEADER_CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<usize>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            InferError::invalid(format!(
+                "Inference-Header-Content-Length {value:?} is not a byte count"
+            ))
+        })
+}
+
+/// Reads and decodes an infer request's body, within the size limit: JSON,
+/// and the binary tensor data after it if the headers say so. The model's
+/// name and version (from the path) are left empty.
 async fn decode_infer_request(
     service: &InferenceService,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<InferRequest, InferError> {
-    let limit = service.max_request_bytes();
+) -> Result<(InferRequest, OutputEncoding), InferError> {
+    let json_length = json_header_length(headers)?;
+    let (json, binary) = read_body(headers, body, service.max_request_bytes()).await?;
+    serde_json::from_slice::<JsonInferRequest>(&json)
+        .map_err(|err| {
+            let hint = if json_length.is_none() && err.to_string().starts_with("trailing characters")
+            {
+                " (binary tensor data after the JSON needs the Inference-Header-Content-Length header)"
+            } else {
+                ""
+            };
+            InferError::invalid(format!("malformed JSON request: {err}{hint}"))
+        })?
+        .into_domain(binary)
+}
+
+/// Reads a request body of at most `limit` bytes, and splits it into its
+/// JSON and the binary tensor data after it (none without
+/// `Inference-Header-Content-Length`).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<(Bytes, Bytes), InferError> {
+    if let Some(encoding) = headers
+        .get(header::CONTENT_ENCODING)
+        .filter(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(InferError::invalid(format!(
+            "Content-Encoding {encoding:?} is not supported: send the request uncompressed"
+        )));
+    }
+    let json_length = json_header_length(headers)?;
     let too_large = || {
         InferError::new(
             ErrorCode::TooLarge,
@@ -212,51 +366,105 @@ async fn decode_infer_request(
     };
     // Appended to one buffer sized from Content-Length when the request
     // gives it: collecting the frames first and then joining them would
-    // hold the body twice.
+    // hold the body twice. With binary tensor data, the body starts a few
+    // bytes in, so that the data after the JSON lands aligned.
     let declared = usize::try_from(body.size_hint().exact().unwrap_or(0)).unwrap_or(usize::MAX);
     if declared > limit {
         return Err(too_large());
     }
-    let mut bytes = Vec::with_capacity(declared);
+    let mut bytes = Vec::<u8>::with_capacity(declared.saturating_add(BINARY_DATA_ALIGN));
+    let start = json_length.map_or(0, |length| {
+        bytes
+            .as_ptr()
+            .wrapping_add(length)
+            .align_offset(BINARY_DATA_ALIGN)
+            .min(BINARY_DATA_ALIGN)
+    });
+    bytes.resize(start, 0);
     let mut frames = body.into_data_stream();
     while let Some(frame) = frames.next().await {
         let frame = frame
             .map_err(|err| InferError::invalid(format!("cannot read the request body: {err}")))?;
-        if bytes.len() + frame.len() > limit {
+        if bytes.len() - start + frame.len() > limit {
             return Err(too_large());
         }
         bytes.extend_from_slice(&frame);
     }
-    serde_json::from_slice::<JsonInferRequest>(&bytes)
-        .map_err(|err| InferError::invalid(format!("malformed JSON request: {err}")))?
-        .into_domain()
+    let mut json = Bytes::from(bytes).slice(start..);
+    let binary = match json_length {
+        Some(length) if length > json.len() => {
+            return Err(InferError::invalid(format!(
+                "Inference-Header-Content-Length says the JSON is {length} bytes, \
+                 but the body has only {}",
+                json.len()
+            )));
+        }
+        Some(length) => json.split_off(length),
+        None => Bytes::new(),
+    };
+    Ok((json, binary))
 }
 
 #[derive(Debug, Deserialize)]
 pub struct JsonInferRequest<'a> {
     #[serde(default)]
     pub id: Option<String>,
+    /// `null` or absent: none (so in the other `parameters` below).
+    #[serde(default)]
+    pub parameters: Option<RequestParameters>,
     #[serde(borrow)]
     pub inputs: Vec<JsonInput<'a>>,
     #[serde(default)]
     pub outputs: Vec<JsonRequestedOutput>,
 }
 
+/// The request parameters this server acts on; others are ignored.
+#[derive(Debug, Default, Deserialize)]
+pub struct RequestParameters {
+    /// Binary tensor data: every output that does not say otherwise comes
+    /// back binary.
+    #[serde(default)]
+    pub binary_data_output: bool,
+}
+
 /// One input as the request carries it: `data` stays unparsed text until
 /// the datatype is known (it may come before `datatype`), then is decoded
-/// straight into typed elements ([`json_data`]).
+/// straight into typed elements ([`json_data`]). Without `data`, its bytes
+/// follow the JSON (`binary_data_size`).
 #[derive(Debug, Deserialize)]
 pub struct JsonInput<'a> {
     pub name: String,
     pub shape: Vec<i64>,
     pub datatype: String,
-    #[serde(borrow)]
-    pub data: &'a RawValue,
+    #[serde(borrow, default)]
+    pub data: Option<&'a RawValue>,
+    #[serde(default)]
+    pub parameters: Option<InputParameters>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct InputParameters {
+    /// Binary tensor data: the input's size in bytes after the JSON.
+    pub binary_data_size: Option<u64>,
+    /// Triton's shared memory extension, which this server does not have.
+    pub shared_memory_region: Option<IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]
 pub struct JsonRequestedOutput {
     pub name: String,
+    #[serde(default)]
+    pub parameters: Option<OutputParameters>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct OutputParameters {
+    /// Binary tensor data: whether this output comes back binary.
+    pub binary_data: Option<bool>,
+    /// Triton's classification extension, which this server does not have.
+    pub classification: Option<IgnoredAny>,
+    /// Triton's shared memory extension, which this server does not have.
+    pub shared_memory_region: Option<IgnoredAny>,
 }
 
 #[derive(Serialize)]
@@ -273,34 +481,134 @@ pub struct JsonOutput<'t> {
     pub name: &'t str,
     pub datatype: &'static str,
     pub shape: &'t [i64],
-    pub data: JsonData<'t>,
+    /// Absent when the output's bytes follow the JSON instead.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<JsonData<'t>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<BinaryOutputParameters>,
+}
+
+#[derive(Serialize)]
+pub struct BinaryOutputParameters {
+    pub binary_data_size: usize,
 }
 
 impl JsonInferRequest<'_> {
-    /// The request, its model's name and version left empty.
-    fn into_domain(self) -> Result<InferRequest, InferError> {
+    /// The request, its model's name and version left empty, and how its
+    /// outputs are wanted. `binary` is the tensor data after the JSON: each
+    /// input with a `binary_data_size` takes that many bytes of it, in order,
+    /// without a copy.
+    fn into_domain(self, mut binary: Bytes) -> Result<(InferRequest, OutputEncoding), InferError> {
+        let binary_length = binary.len();
         let inputs = self
             .inputs
             .into_iter()
             .map(|input| {
-                let text = input.data.get();
-                let mut data = serde_json::Deserializer::from_str(text);
-                decode_tensor(
-                    input.name,
-                    &input.datatype,
-                    input.shape,
-                    text.len(),
-                    &mut data,
-                )
+                let parameters = input.parameters.unwrap_or_default();
+                if parameters.shared_memory_region.is_some() {
+                    return Err(InferError::unsupported_extension(
+                        "input",
+                        &input.name,
+                        "shared memory",
+                    ));
+                }
+                match (input.data, parameters.binary_data_size) {
+                    (Some(_), Some(_)) => Err(InferError::invalid(format!(
+                        "input '{}' has both \"data\" and a \"binary_data_size\" parameter; \
+                         give one or the other",
+                        input.name
+                    ))),
+                    (Some(data), None) => {
+                        let text = data.get();
+                        let mut data = serde_json::Deserializer::from_str(text);
+                        decode_tensor(
+                            input.name,
+                            &input.datatype,
+                            input.shape,
+                            text.len(),
+                            &mut data,
+                        )
+                    }
+                    (None, Some(size)) => {
+                        let dtype = crate::grpc::parse_datatype(&input.name, &input.datatype)?;
+                        let size = usize::try_from(size)
+                            .ok()
+                            .filter(|&size| size <= binary.len())
+                            .ok_or_else(|| {
+                                InferError::invalid(format!(
+                                    "input '{}' has a binary_data_size of {size} bytes, but only {} \
+                                     bytes of binary data are left after the JSON \
+                                     (Inference-Header-Content-Length gives where the JSON ends)",
+                                    input.name,
+                                    binary.len()
+                                ))
+                            })?;
+                        let bytes = binary.split_to(size);
+                        let data = match dtype {
+                            DataType::Bytes => {
+                                TensorData::Bytes(decode_raw_strings(&input.name, &bytes)?)
+                            }
+                            _ => TensorData::Raw(bytes),
+                        };
+                        Ok(Tensor {
+                            name: input.name,
+                            dtype,
+                            shape: input.shape,
+                            data,
+                        })
+                    }
+                    (None, None) => Err(InferError::invalid(format!(
+                        "input '{}' has no \"data\" (nor a \"binary_data_size\" parameter \
+                         for binary tensor data after the JSON)",
+                        input.name
+                    ))),
+                }
             })
             .collect::<Result<Vec<_>, InferError>>()?;
-        Ok(InferRequest {
+        if !binary.is_empty() {
+            return Err(InferError::invalid(format!(
+                "{} of the {binary_length} bytes of binary data after the JSON belong to no input \
+                 (the inputs' binary_data_size add up to {})",
+                binary.len(),
+                binary_length - binary.len()
+            )));
+        }
+        let mut encoding = OutputEncoding {
+            binary_by_default: self
+                .parameters
+                .is_some_and(|parameters| parameters.binary_data_output),
+            binary: Vec::new(),
+        };
+        let mut outputs = Vec::with_capacity(self.outputs.len());
+        for output in self.outputs {
+            let parameters = output.parameters.unwrap_or_default();
+            if parameters.classification.is_some() {
+                return Err(InferError::unsupported_extension(
+                    "output",
+                    &output.name,
+                    "classification",
+                ));
+            }
+            if parameters.shared_memory_region.is_some() {
+                return Err(InferError::unsupported_extension(
+                    "output",
+                    &output.name,
+                    "shared memory",
+                ));
+            }
+            if let Some(binary) = parameters.binary_data {
+                encoding.binary.push((output.name.clone(), binary));
+            }
+            outputs.push(output.name);
+        }
+        let request = InferRequest {
             model_name: String::new(),
             model_version: String::new(),
             id: self.id.unwrap_or_default(),
             inputs,
-            outputs: self.outputs.into_iter().map(|output| output.name).collect(),
-        })
+            outputs,
+        };
+        Ok((request, encoding))
     }
 }
 
@@ -363,7 +671,9 @@ pub fn data_to_json(tensor: &Tensor) -> Value {
 }
 
 impl<'t> JsonInferResponse<'t> {
-    fn new(response: &'t InferResponse) -> Self {
+    /// The response's JSON; an output whose `binary` flag is set gets its
+    /// `binary_data_size` instead of its data.
+    fn new(response: &'t InferResponse, binary: &[bool]) -> Self {
         JsonInferResponse {
             model_name: response.model_name.clone(),
             model_version: response.model_version.to_string(),
@@ -371,11 +681,15 @@ impl<'t> JsonInferResponse<'t> {
             outputs: response
                 .outputs
                 .iter()
-                .map(|tensor| JsonOutput {
+                .zip(binary.iter().chain(std::iter::repeat(&false)))
+                .map(|(tensor, &binary)| JsonOutput {
                     name: &tensor.name,
                     datatype: tensor.dtype.protocol_name(),
                     shape: &tensor.shape,
-                    data: JsonData(tensor),
+                    data: (!binary).then_some(JsonData(tensor)),
+                    parameters: binary.then(|| BinaryOutputParameters {
+                        binary_data_size: binary_data_size(tensor),
+                    }),
                 })
                 .collect(),
         }
@@ -495,6 +809,38 @@ mod tests {
         }
         let huge = tensor_from_json("x".into(), "BYTES", vec![1 << 40], &json!([]));
         assert!(huge.is_ok());
+    }
+
+    /// The binary tensor data after the JSON lands 16-byte aligned in the
+    /// request's buffer whatever the JSON's length, so runtimes read it in
+    /// place; the JSON and the data come out whole.
+    #[tokio::test]
+    async fn binary_data_lands_aligned_after_json_of_any_length() {
+        for json_length in 0..48 {
+            let json = vec![b' '; json_length];
+            let data: Vec<u8> = (0..100u8).collect();
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                INFERENCE_HEADER_CONTENT_LENGTH,
+                HeaderValue::from(json_length),
+            );
+            let body = Body::from([json.clone(), data.clone()].concat());
+            let (got_json, binary) = read_body(&headers, body, 1 << 20).await.unwrap();
+            assert_eq!(got_json, json);
+            assert_eq!(binary, data);
+            assert_eq!(
+                binary.as_ptr() as usize % BINARY_DATA_ALIGN,
+                0,
+                "JSON of {json_length} bytes"
+            );
+        }
+        // The limit counts the body, not the alignment bytes before it.
+        let mut headers = HeaderMap::new();
+        headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(3));
+        let exact = read_body(&headers, Body::from(vec![b' '; 64]), 64).await;
+        assert!(exact.is_ok());
+        let over = read_body(&headers, Body::from(vec![b' '; 65]), 64).await;
+        assert_eq!(over.unwrap_err().code, ErrorCode::TooLarge);
     }
 
     #[test]

@@ -122,7 +122,7 @@ impl InferenceService {
             name: SERVER_NAME.to_string(),
             version: SERVER_VERSION.to_string(),
             runtime: self.registry.runtimes().default.kind(),
-            extensions: vec![],
+            extensions: vec!["binary_tensor_data".to_string()],
         }
     }
 

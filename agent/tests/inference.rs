@@ -41,6 +41,16 @@ fn tensor_of(value: &Value) -> Tensor {
     .unwrap()
 }
 
+/// A case's inputs as tensors.
+fn input_tensors(case: &Value) -> Vec<Tensor> {
+    case["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor_of)
+        .collect()
+}
+
 fn raw_bytes(tensor: &Tensor) -> Bytes {
     match &tensor.data {
         TensorData::Raw(bytes) => bytes.clone(),
@@ -84,12 +94,7 @@ fn typed_contents(tensor: &Tensor) -> pb::InferTensorContents {
 }
 
 fn grpc_request(model: &str, case: &Value, raw: bool) -> pb::ModelInferRequest {
-    let tensors: Vec<Tensor> = case["inputs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(tensor_of)
-        .collect();
+    let tensors = input_tensors(case);
     let inputs = tensors
         .iter()
         .map(|t| pb::model_infer_request::InferInputTensor {
@@ -327,6 +332,7 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
         .unwrap();
     assert_eq!(server["name"], "edgefleet-agent");
     assert_eq!(server["runtime"], runtime_name);
+    assert_eq!(server["extensions"], json!(["binary_tensor_data"]));
     for path in [
         "/v2/health/live",
         "/v2/health/ready",
@@ -754,12 +760,7 @@ async fn raw_inputs_at_every_byte_offset_give_the_expected_outputs(runtime: Runt
             .load(&fixture_model(&model), &Default::default())
             .unwrap();
         for (i, case) in cases(&model).iter().enumerate() {
-            let inputs: Vec<Tensor> = case["inputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(tensor_of)
-                .collect();
+            let inputs = input_tensors(case);
             if inputs
                 .iter()
                 .any(|input| matches!(input.data, TensorData::Bytes(_)))
@@ -798,8 +799,202 @@ async fn raw_inputs_at_every_byte_offset_give_the_expected_outputs(runtime: Runt
     }
 }
 
+/// A binary tensor data request (Triton's extension, as `tritonclient.http`
+/// sends one): the JSON, then the bytes of each input the JSON gives no
+/// `data`, in order, the JSON's length in a header.
+fn binary_request(
+    http: &reqwest::Client,
+    url: String,
+    mut json: Value,
+    tensors: &[Tensor],
+) -> reqwest::RequestBuilder {
+    let mut binary = Vec::new();
+    for (input, tensor) in json["inputs"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .zip(tensors)
+    {
+        if input.get("data").is_none() {
+            let bytes = raw_bytes(tensor);
+            input["parameters"] = json!({ "binary_data_size": bytes.len() });
+            binary.extend_from_slice(&bytes);
+        }
+    }
+    let mut body = serde_json::to_vec(&json).unwrap();
+    let header_length = body.len();
+    body.extend_from_slice(&binary);
+    http.post(url)
+        .header("Inference-Header-Content-Length", header_length)
+        .body(body)
+}
+
+/// A response's outputs in JSON form, whichever of them came as binary
+/// tensor data after the JSON decoded back into `data`; also how many did.
+async fn outputs_of_binary_response(response: reqwest::Response) -> (Value, Vec<Value>, usize) {
+    let header_length: Option<usize> = response
+        .headers()
+        .get("inference-header-content-length")
+        .map(|value| value.to_str().unwrap().parse().unwrap());
+    let content_type = response.headers()[reqwest::header::CONTENT_TYPE].clone();
+    let body = response.bytes().await.unwrap();
+    let Some(header_length) = header_length else {
+        assert_eq!(content_type, "application/json");
+        let json: Value = serde_json::from_slice(&body).unwrap();
+        let outputs = json["outputs"].as_array().unwrap().clone();
+        return (json, outputs, 0);
+    };
+    assert_eq!(content_type, "application/octet-stream");
+    let json: Value = serde_json::from_slice(&body[..header_length]).unwrap();
+    let mut rest = body.slice(header_length..);
+    let mut binary = 0;
+    let mut outputs = Vec::new();
+    for output in json["outputs"].as_array().unwrap() {
+        let mut output = output.clone();
+        if let Some(size) = output["parameters"]["binary_data_size"].as_u64() {
+            assert!(output.get("data").is_none(), "{output}");
+            let bytes = rest.split_to(size as usize);
+            let dtype = DataType::from_protocol_name(output["datatype"].as_str().unwrap()).unwrap();
+            let data = match dtype {
+                DataType::Bytes => TensorData::Bytes(
+                    edgefleet_agent::grpc::decode_raw_strings("out", &bytes).unwrap(),
+                ),
+                _ => TensorData::Raw(bytes),
+            };
+            let tensor = Tensor {
+                name: output["name"].as_str().unwrap().to_string(),
+                dtype,
+                shape: serde_json::from_value(output["shape"].clone()).unwrap(),
+                data,
+            };
+            output["data"] = data_to_json(&tensor);
+            binary += 1;
+        }
+        outputs.push(output);
+    }
+    assert!(
+        rest.is_empty(),
+        "{} bytes after the last binary output",
+        rest.len()
+    );
+    (json, outputs, binary)
+}
+
+/// Every case of every fixture through the binary tensor data extension:
+/// all inputs as bytes and all outputs asked for as bytes; then the first
+/// input as JSON and the rest as bytes, the outputs named, every other one
+/// asked for as bytes and the others left to come back as JSON; then every
+/// output binary by default but the first, whose own parameter says no.
+async fn every_fixture_matches_onnxruntime_python_over_http_binary_data(runtime: RuntimeChoice) {
+    let repo = all_fixtures_repo();
+    let agent = agent(repo.path(), runtime).start().await;
+    let http = reqwest::Client::new();
+    for model in fixture_names() {
+        if expected_load_failure(&model, runtime).is_some() {
+            continue;
+        }
+        let url = agent.url(&format!("/v2/models/{model}/infer"));
+        for (i, case) in cases(&model).iter().enumerate() {
+            let tensors = input_tensors(case);
+            let described: Vec<Value> = tensors
+                .iter()
+                .map(|t| json!({ "name": t.name, "datatype": t.dtype.protocol_name(), "shape": t.shape }))
+                .collect();
+            let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+
+            // Sorted, as `want` is and the response need not be.
+            let names = |outputs: &mut dyn Iterator<Item = &Value>| -> Vec<String> {
+                let mut names: Vec<String> = outputs
+                    .map(|output| output["name"].as_str().unwrap().to_string())
+                    .collect();
+                names.sort();
+                names
+            };
+            // Posts `request`; checks the outputs against the case, and that
+            // those named in `binary` came as binary data and the others as
+            // JSON. Returns the response's JSON.
+            let check = |request: Value, binary: Vec<String>, context: String| {
+                let sent = binary_request(&http, url.clone(), request, &tensors).send();
+                let want = &want;
+                async move {
+                    let response = sent.await.unwrap();
+                    let status = response.status();
+                    assert_eq!(status, 200, "{context}: {}", response.text().await.unwrap());
+                    let (json, got, count) = outputs_of_binary_response(response).await;
+                    let came_binary = names(
+                        &mut got
+                            .iter()
+                            .filter(|output| output.get("parameters").is_some()),
+                    );
+                    assert_eq!(
+                        came_binary, binary,
+                        "{context}: the outputs that came binary"
+                    );
+                    assert_eq!(count, binary.len(), "{context}");
+                    let got = sorted_by_name(got);
+                    assert_eq!(got.len(), want.len(), "{context}");
+                    for (g, w) in got.iter().zip(want) {
+                        assert_tensor_matches(g, w, &context);
+                    }
+                    json
+                }
+            };
+
+            let request = json!({
+                "id": format!("case-{i}"),
+                "parameters": { "binary_data_output": true },
+                "inputs": described,
+            });
+            let context = format!("{model} case {i}, all binary, on {runtime:?}");
+            let json = check(request, names(&mut want.iter()), context).await;
+            assert_eq!(json["id"], format!("case-{i}"));
+
+            let mut inputs = described.clone();
+            inputs[0]["data"] = case["inputs"][0]["data"].clone();
+            let outputs: Vec<Value> = want
+                .iter()
+                .enumerate()
+                .map(|(j, output)| {
+                    if j % 2 == 0 {
+                        json!({ "name": output["name"], "parameters": { "binary_data": true } })
+                    } else {
+                        json!({ "name": output["name"] })
+                    }
+                })
+                .collect();
+            let request = json!({ "inputs": inputs, "outputs": outputs, "parameters": null });
+            let context = format!("{model} case {i}, mixed, on {runtime:?}");
+            check(request, names(&mut want.iter().step_by(2)), context).await;
+
+            // `binary_data_output` for every output that does not say
+            // otherwise: the first says false, the rest say nothing.
+            let outputs: Vec<Value> = want
+                .iter()
+                .enumerate()
+                .map(|(j, output)| {
+                    let parameters = if j == 0 {
+                        json!({ "binary_data": false })
+                    } else {
+                        Value::Null
+                    };
+                    json!({ "name": output["name"], "parameters": parameters })
+                })
+                .collect();
+            let request = json!({
+                "inputs": described,
+                "outputs": outputs,
+                "parameters": { "binary_data_output": true },
+            });
+            let context = format!("{model} case {i}, binary by default, on {runtime:?}");
+            check(request, names(&mut want.iter().skip(1)), context).await;
+        }
+    }
+    agent.stop().await;
+}
+
 on_both_runtimes!(
     raw_inputs_at_every_byte_offset_give_the_expected_outputs,
+    every_fixture_matches_onnxruntime_python_over_http_binary_data,
     every_fixture_matches_onnxruntime_python_over_http,
     every_fixture_matches_onnxruntime_python_over_grpc,
     output_selection_returns_only_the_outputs_asked_for,

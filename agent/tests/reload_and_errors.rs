@@ -31,14 +31,19 @@ async fn post(agent: &TestAgent, path: &str, body: &Value) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-fn mlp_input_raw() -> pb::ModelInferRequest {
-    let input = &mlp_case()["inputs"][0];
-    let values: Vec<f32> = input["data"]
+/// The MLP case's input values.
+fn mlp_input_values() -> Vec<f32> {
+    mlp_case()["inputs"][0]["data"]
         .as_array()
         .unwrap()
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+        .collect()
+}
+
+fn mlp_input_raw() -> pb::ModelInferRequest {
+    let input = &mlp_case()["inputs"][0];
+    let values = mlp_input_values();
     pb::ModelInferRequest {
         model_name: "mlp".into(),
         inputs: vec![pb::model_infer_request::InferInputTensor {
@@ -732,4 +737,167 @@ fn a_repository_that_does_not_exist_is_refused_before_serving() {
     })
     .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
+}
+
+/// Binary tensor data that does not add up, extensions the agent lacks, a
+/// malformed `Inference-Header-Content-Length` and a compressed body: each a
+/// 400 whose message says what is wrong, and the agent keeps serving.
+#[tokio::test]
+async fn malformed_binary_tensor_data_gets_clear_errors() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp").add("strings", 1, "strings");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let case = mlp_case();
+    let input = &case["inputs"][0];
+    let bytes: Vec<u8> = mlp_input_values()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
+    let described = |parameters: Value| {
+        json!({
+            "name": input["name"], "datatype": "FP32", "shape": input["shape"],
+            "parameters": parameters,
+        })
+    };
+    let http = reqwest::Client::new();
+    // The header is the JSON's length unless given.
+    let send = |model: &str, json: Value, binary: &[u8], header: Option<&str>| {
+        let mut body = serde_json::to_vec(&json).unwrap();
+        let length = header.map_or(body.len().to_string(), str::to_string);
+        body.extend_from_slice(binary);
+        http.post(agent.url(&format!("/v2/models/{model}/infer")))
+            .header("Inference-Header-Content-Length", length)
+            .body(body)
+            .send()
+    };
+    let sized = json!({ "inputs": [described(json!({ "binary_data_size": bytes.len() }))] });
+    let short = &bytes[..bytes.len() - 4];
+    let mut doubled = bytes.clone();
+    doubled.extend_from_slice(&bytes);
+    // (model, JSON, binary after it, header value, words of the error)
+    type Case<'a> = (&'a str, Value, &'a [u8], Option<&'a str>, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "mlp",
+            sized.clone(),
+            &bytes,
+            Some("twelve"),
+            "is not a byte count",
+        ),
+        (
+            "mlp",
+            sized.clone(),
+            &bytes,
+            Some("100000"),
+            "the body has only",
+        ),
+        (
+            "mlp",
+            sized.clone(),
+            short,
+            None,
+            "only 60 bytes of binary data are left",
+        ),
+        (
+            "mlp",
+            sized.clone(),
+            &doubled,
+            None,
+            "64 of the 128 bytes of binary data",
+        ),
+        (
+            "mlp",
+            json!({ "inputs": [described(json!({ "binary_data_size": 62 }))] }),
+            &bytes[..62],
+            None,
+            "not a whole number",
+        ),
+        (
+            "mlp",
+            json!({ "inputs": [described(json!({ "binary_data_size": 32 }))] }),
+            &bytes[..32],
+            None,
+            "expected 16 elements",
+        ),
+        (
+            "mlp",
+            json!({ "inputs": [described(json!({}))] }),
+            &[],
+            None,
+            "has no \"data\"",
+        ),
+        (
+            "mlp",
+            json!({ "inputs": [{
+                "name": input["name"], "datatype": "FP32", "shape": input["shape"],
+                "data": input["data"], "parameters": { "binary_data_size": bytes.len() },
+            }] }),
+            &bytes,
+            None,
+            "both \"data\" and a \"binary_data_size\"",
+        ),
+        (
+            "mlp",
+            json!({ "inputs": [described(json!({ "shared_memory_region": "input0" }))] }),
+            &[],
+            None,
+            "shared memory extension",
+        ),
+        (
+            "mlp",
+            json!({
+                "inputs": [described(json!({ "binary_data_size": bytes.len() }))],
+                "outputs": [{ "name": "logits", "parameters": { "classification": 3 } }],
+            }),
+            &bytes,
+            None,
+            "classification extension",
+        ),
+        (
+            "strings",
+            json!({ "inputs": [{
+                "name": "text", "datatype": "BYTES", "shape": [1],
+                "parameters": { "binary_data_size": 6 },
+            }] }),
+            &[9, 0, 0, 0, b'h', b'i'],
+            None,
+            "malformed raw BYTES data (each element is a 4-byte little-endian length",
+        ),
+    ];
+    // The message of a 400 answer.
+    async fn refusal(response: reqwest::Response) -> String {
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 400, "{body}");
+        body["error"].as_str().unwrap().to_string()
+    }
+    for (model, json, binary, header, words) in cases {
+        let message = refusal(send(model, json.clone(), binary, header).await.unwrap()).await;
+        assert!(message.contains(words), "{json}: {message}");
+    }
+    // Binary data sent without the header that says where the JSON ends.
+    let mut body = serde_json::to_vec(&sized).unwrap();
+    body.extend_from_slice(&bytes);
+    let url = agent.url("/v2/models/mlp/infer");
+    let message = refusal(http.post(&url).body(body).send().await.unwrap()).await;
+    assert!(
+        message.contains("trailing characters")
+            && message.contains("needs the Inference-Header-Content-Length header"),
+        "{message}"
+    );
+    // A compressed body (tritonclient's request_compression_algorithm) is
+    // named as such, not parsed as garbled JSON.
+    let gzip = http
+        .post(&url)
+        .header("Content-Encoding", "gzip")
+        .body(vec![0x1f, 0x8b, 8, 0]);
+    let message = refusal(gzip.send().await.unwrap()).await;
+    assert!(
+        message.contains("Content-Encoding \"gzip\" is not supported"),
+        "{message}"
+    );
+    // Still serving, binary data included.
+    let response = send("mlp", sized, &bytes, None).await.unwrap();
+    assert_eq!(response.status(), 200);
+    agent.stop().await;
 }

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Drives a running agent with NVIDIA's own Python client, `tritonclient`,
+as its users would: health, metadata, and every case of every fixture model
+over HTTP (binary tensor data, the client's default, and JSON) and gRPC,
+each answer compared with what onnxruntime (Python) computed for the case.
+
+Run by agent/tests/tritonclient.rs against an agent it started:
+
+    tritonclient_conformance.py --http HOST:PORT --grpc HOST:PORT \
+        --cases testdata/cases --models mlp,strings,...
+
+Prints one line per check and, last, `checked N inferences`; exits non-zero
+on the first mismatch.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import triton_to_np_dtype
+
+
+def as_numpy(tensor):
+    """A case's tensor (JSON form) as the numpy array a user would send."""
+    if tensor["datatype"] == "BYTES":
+        values = [item.encode() for item in tensor["data"]]
+        return np.array(values, dtype=np.object_).reshape(tensor["shape"])
+    dtype = triton_to_np_dtype(tensor["datatype"])
+    return np.array(tensor["data"], dtype=dtype).reshape(tensor["shape"])
+
+
+def check_output(got, want, context):
+    expected = as_numpy(want)
+    if got is None:
+        raise AssertionError(f"{context}: no output {want['name']}")
+    if list(got.shape) != list(want["shape"]):
+        raise AssertionError(
+            f"{context}: {want['name']} has shape {list(got.shape)}, expected {want['shape']}"
+        )
+    if want["datatype"] == "BYTES":
+        # Binary data comes back as bytes, JSON data as str (as from Triton).
+        items = [item.encode() if isinstance(item, str) else bytes(item) for item in got.flatten()]
+        if items != list(expected.flatten()):
+            raise AssertionError(f"{context}: {want['name']} = {got!r}, expected {expected!r}")
+        return
+    if got.dtype != expected.dtype:
+        raise AssertionError(f"{context}: {want['name']} is {got.dtype}, expected {expected.dtype}")
+    if want["datatype"] in ("FP16", "FP32", "FP64"):
+        tolerance = 1e-2 if want["datatype"] == "FP16" else 1e-4
+        ok = np.allclose(got.astype(np.float64), expected.astype(np.float64), rtol=tolerance, atol=tolerance)
+    else:
+        ok = np.array_equal(got, expected)
+    if not ok:
+        raise AssertionError(f"{context}: {want['name']} = {got!r}, expected {expected!r}")
+
+
+def infer(client, module, model, case, request_id, binary):
+    """One inference of `case`; `binary` (HTTP only) sends and asks for
+    binary tensor data (True) or JSON (False)."""
+    inputs = []
+    for tensor in case["inputs"]:
+        value = module.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
+        if binary is None:
+            value.set_data_from_numpy(as_numpy(tensor))
+        else:
+            value.set_data_from_numpy(as_numpy(tensor), binary_data=binary)
+        inputs.append(value)
+    if binary is None:
+        outputs = None
+    elif binary:
+        # No outputs named: the client asks for all of them as binary data.
+        outputs = None
+    else:
+        outputs = [
+            module.InferRequestedOutput(tensor["name"], binary_data=False)
+            for tensor in case["outputs"]
+        ]
+    return client.infer(model, inputs, outputs=outputs, request_id=request_id)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http", required=True)
+    parser.add_argument("--grpc", required=True)
+    parser.add_argument("--cases", required=True, type=Path)
+    parser.add_argument("--models", required=True, help="comma-separated fixture names")
+    args = parser.parse_args()
+
+    clients = [
+        ("HTTP", httpclient, httpclient.InferenceServerClient(url=args.http), [True, False]),
+        ("gRPC", grpcclient, grpcclient.InferenceServerClient(url=args.grpc), [None]),
+    ]
+    checked = 0
+    for protocol, module, client, modes in clients:
+        assert client.is_server_live(), f"{protocol}: server not live"
+        assert client.is_server_ready(), f"{protocol}: server not ready"
+        metadata = client.get_server_metadata()
+        if protocol == "HTTP":
+            name, extensions = metadata["name"], metadata["extensions"]
+        else:
+            name, extensions = metadata.name, list(metadata.extensions)
+        assert name == "edgefleet-agent", f"{protocol}: server name {name!r}"
+        assert "binary_tensor_data" in extensions, f"{protocol}: extensions {extensions!r}"
+        for model in args.models.split(","):
+            assert client.is_model_ready(model), f"{protocol}: {model} not ready"
+            cases = json.loads((args.cases / f"{model}.json").read_text())["cases"]
+            metadata = client.get_model_metadata(model)
+            if protocol == "HTTP":
+                inputs = {t["name"]: t["datatype"] for t in metadata["inputs"]}
+            else:
+                inputs = {t.name: t.datatype for t in metadata.inputs}
+            want = {t["name"]: t["datatype"] for t in cases[0]["inputs"]}
+            assert inputs == want, f"{protocol}: {model} metadata inputs {inputs}, expected {want}"
+            for index, case in enumerate(cases):
+                for binary in modes:
+                    mode = {None: "", True: " binary", False: " JSON"}[binary]
+                    context = f"{protocol}{mode} {model} case {index}"
+                    request_id = f"{model}-{index}"
+                    result = infer(client, module, model, case, request_id, binary)
+                    response = result.get_response()
+                    got_id = response["id"] if protocol == "HTTP" else response.id
+                    assert got_id == request_id, f"{context}: id {got_id!r}"
+                    for tensor in case["outputs"]:
+                        if binary is not None:
+                            # The client asked for binary data or for JSON:
+                            # as_numpy would read either, so check which came.
+                            output = result.get_output(tensor["name"])
+                            came_binary = "binary_data_size" in (output.get("parameters") or {})
+                            assert came_binary == binary, f"{context}: {tensor['name']} came as {output}"
+                        check_output(result.as_numpy(tensor["name"]), tensor, context)
+                    print(f"ok {context}")
+                    checked += 1
+    print(f"checked {checked} inferences")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except AssertionError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        sys.exit(1)
