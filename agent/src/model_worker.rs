@@ -639,7 +639,9 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
     let nanos = u64::try_from(computed.as_nanos()).unwrap_or(u64::MAX);
     recent_requests.store(replies.len(), Ordering::Relaxed);
     recent_run_nanos.store(nanos, Ordering::Relaxed);
-    if let Some(bytes) = lone_bytes {
+    // Only a run that completed tells how long the model takes for so much
+    // input (a runtime may refuse a huge input at once).
+    if let (Some(bytes), Ok(Ok(_))) = (lone_bytes, &outcome) {
         lone_run_nanos.store(nanos, Ordering::Relaxed);
         lone_run_bytes.store(bytes, Ordering::Relaxed);
     }
@@ -722,8 +724,15 @@ mod tests {
             &self.signature
         }
         fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-            std::thread::sleep(self.delay);
             let input = &inputs[0];
+            if input.to_vec::<f32>().contains(&f32::INFINITY) {
+                // As a runtime refusing an input at once, however slow its runs.
+                return Err(RuntimeError::Run {
+                    runtime: RuntimeKind::Tract,
+                    message: "scripted error on infinity".into(),
+                });
+            }
+            std::thread::sleep(self.delay);
             if input.to_vec::<f32>().iter().any(|v| v.is_nan()) {
                 panic!("scripted panic on NaN");
             }
@@ -1066,6 +1075,25 @@ mod tests {
             infer_blocking(&version);
         }
         assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"; 3]);
+    }
+
+    /// A run that failed at once says nothing about how long the model
+    /// takes: a large request the runtime refused must not make a slow
+    /// model look fast enough to run the next request on the caller's
+    /// (async) thread.
+    #[test]
+    fn a_failed_run_does_not_open_the_fast_path() {
+        let slow = INLINE_MAX_COMPUTE * 4;
+        let (version, _, threads) = start_traced(ModelConfig::default(), slow);
+        let refused = version
+            .submit(row([f32::INFINITY, 1.0], 8))
+            .unwrap()
+            .blocking_recv()
+            .unwrap();
+        assert!(refused.is_err(), "the scripted error");
+        quiet();
+        infer_blocking(&version);
+        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"]);
     }
 
     #[test]

@@ -162,12 +162,22 @@ impl InferenceService {
     /// belong to no version: they count as refused for their model.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse, InferError> {
         let started = Instant::now();
-        let size: usize = request.inputs.iter().map(Tensor::byte_size).sum();
+        let size = request
+            .inputs
+            .iter()
+            .map(Tensor::counted_size)
+            .fold(0usize, usize::saturating_add);
         let too_large = (size > self.max_request_bytes).then(|| {
+            let empty = request.inputs.iter().any(|input| input.shape.contains(&0));
             InferError::new(
                 ErrorCode::TooLarge,
                 format!(
-                    "request inputs are {size} bytes, over the limit of {} bytes",
+                    "request inputs are {size} bytes{}, over the limit of {} bytes",
+                    if empty {
+                        " (an empty dimension counting as 1, as a model's outputs may)"
+                    } else {
+                        ""
+                    },
                     self.max_request_bytes
                 ),
             )

@@ -241,6 +241,29 @@ impl Tensor {
         }
     }
 
+    /// The bytes the tensor counts for against a request's size limit: its
+    /// data's, or, when its shape has an empty dimension, what the shape
+    /// would hold with that dimension at 1, if that is more. A shape such
+    /// as `[2147483647, 0]` carries no data, but a model run on it may
+    /// still make outputs of 2147483647 rows.
+    /// (A shape with a negative dimension or one over [`MAX_DIMENSION`]
+    /// counts its data alone: validation refuses it, saying why.)
+    pub fn counted_size(&self) -> usize {
+        let valid = |dim: &i64| (0..=MAX_DIMENSION).contains(dim);
+        if !self.shape.contains(&0) || !self.shape.iter().all(valid) {
+            return self.byte_size();
+        }
+        let unit = self.dtype.element_size().unwrap_or(4);
+        let extent = self
+            .shape
+            .iter()
+            .try_fold(unit, |size, &dim| {
+                size.checked_mul(usize::try_from(dim.max(1)).ok()?)
+            })
+            .unwrap_or(usize::MAX);
+        self.byte_size().max(extent)
+    }
+
     /// `BOOL` elements as `bool`s (empty for other kinds of data).
     pub fn bools(&self) -> Vec<bool> {
         match &self.data {

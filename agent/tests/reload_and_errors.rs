@@ -901,3 +901,57 @@ async fn malformed_binary_tensor_data_gets_clear_errors() {
     assert_eq!(response.status(), 200);
     agent.stop().await;
 }
+
+/// A tensor with an empty dimension carries no data, but its other
+/// dimensions still size what the model makes of it: `[2147483647, 0]` into
+/// a model that sums each row would ask for 2147483647 outputs (8 GiB). It
+/// counts against the request limit as if the empty dimension were 1, so it
+/// is refused (413) before it runs, and the agent serves on.
+#[tokio::test]
+async fn an_empty_tensor_cannot_ask_for_outputs_no_request_could() {
+    let repo = Repo::new();
+    repo.add("dynamic", 1, "dynamic");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let empty = |rows: i64| json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": [rows, 0], "data": [] }] });
+    let (status, body) = post(&agent, "/v2/models/dynamic/infer", &empty(2147483647)).await;
+    assert_eq!(status, 413, "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains("an empty dimension counting as 1"),
+        "{message}"
+    );
+    // A small empty batch is not refused for its size.
+    let (status, body) = post(&agent, "/v2/models/dynamic/infer", &empty(3)).await;
+    assert_ne!(status, 413, "{body}");
+    agent.stop().await;
+}
+
+/// tract panics on an empty row sum (a divide by zero in its reduction),
+/// mid-run. The agent catches the panic (500), and the model's next request
+/// runs: the session starts again from a fresh state instead of keeping
+/// what the cut-short run resolved for the model's dimensions (with it,
+/// every later request failed: "Clashing resolution for expression").
+#[tokio::test]
+async fn tract_serves_the_next_request_after_a_run_panics() {
+    let repo = Repo::new();
+    repo.add("dynamic", 1, "dynamic");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let request = |shape: [i64; 2], data: Value| json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": shape, "data": data }] });
+    let (status, body) = post(
+        &agent,
+        "/v2/models/dynamic/infer",
+        &request([3, 0], json!([])),
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("panicked"),
+        "{body}"
+    );
+    for _ in 0..2 {
+        let one = request([1, 2], json!([1.5, 2.0]));
+        let (status, body) = post(&agent, "/v2/models/dynamic/infer", &one).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    agent.stop().await;
+}

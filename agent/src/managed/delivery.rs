@@ -483,7 +483,8 @@ impl Delivery {
             tracing::info!(model = %model.name, version = model.version, "model version installed");
         }
         let (dir, name, version) = (models_dir, model.name.clone(), model.version);
-        let removed = blocking(move || files::prune(&dir, &name, version))
+        let serving = self.serving(&model.name);
+        let removed = blocking(move || files::prune(&dir, &name, version, &serving))
             .await
             .context("cannot remove old versions")?;
         if !removed.is_empty() {
@@ -494,10 +495,17 @@ impl Delivery {
     }
 
     fn served(&self, name: &str, version: u64) -> bool {
+        self.serving(name).contains(&version)
+    }
+
+    /// The versions of `name` the agent serves now.
+    fn serving(&self, name: &str) -> Vec<u64> {
         self.registry
             .statuses()
-            .iter()
-            .any(|s| s.name == name && s.served_versions.contains(&version))
+            .into_iter()
+            .find(|status| status.name == name)
+            .map(|status| status.served_versions)
+            .unwrap_or_default()
     }
 
     fn verify_signature(&self, job: &Job<'_>) -> Result<(), Stop> {

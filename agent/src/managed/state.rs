@@ -169,6 +169,7 @@ impl StateDir {
     /// first and renames them, so a crash never pairs a key with another
     /// key's certificate: [`StateDir::load`] finishes an interrupted swap.
     pub fn save_identity(&self, identity: &Identity) -> anyhow::Result<()> {
+        let _identity = lock_identity_files();
         let next_key = self.key_path().with_extension("key.next");
         let next_cert = self.certificate_path().with_extension("crt.next");
         edgefleet_pki::write_private_file(&self.ca_path(), identity.ca_pem.as_bytes())?;
@@ -204,6 +205,7 @@ impl StateDir {
                 self.root.display()
             );
         }
+        let _identity = lock_identity_files();
         self.finish_identity_swap()?;
         let read = |path: PathBuf| {
             std::fs::read_to_string(&path)
@@ -218,6 +220,18 @@ impl StateDir {
         };
         Ok((enrollment, identity))
     }
+}
+
+/// Held while the identity files are written or read: a `load` on one task
+/// (a model download) must not see a renewal on another half-written (only
+/// `device.key.next`), take it for one a crash interrupted and undo it while
+/// the renewal goes on to install its certificate beside the old key.
+static IDENTITY_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn lock_identity_files() -> std::sync::MutexGuard<'static, ()> {
+    IDENTITY_FILES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -256,6 +270,44 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    /// Renewals on one thread while another loads the identity (as the
+    /// session renews while a download reads it): every load sees a key
+    /// with its own certificate, and so does the state left at the end.
+    #[test]
+    fn loads_during_renewals_never_pair_a_key_with_another_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let enrollment = Enrollment {
+            device_id: "dev-1".into(),
+            server_url: "https://cp:7443".into(),
+            labels: Default::default(),
+            enrolled_unix_ms: 5,
+        };
+        state.save_enrollment(&enrollment, &identity("0")).unwrap();
+        let paired = |id: &Identity| {
+            id.key_pem.strip_prefix("key-") == id.certificate_pem.strip_prefix("cert-")
+        };
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let loads = scope.spawn(|| {
+                let mut mismatched = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (_, id) = state.load().unwrap();
+                    mismatched += usize::from(!paired(&id));
+                }
+                mismatched
+            });
+            for i in 1..=300 {
+                state.save_identity(&identity(&i.to_string())).unwrap();
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(loads.join().unwrap(), 0, "loads saw mismatched pairs");
+        });
+        let (_, id) = state.load().unwrap();
+        assert!(paired(&id), "{} with {}", id.key_pem, id.certificate_pem);
+        assert_eq!(id.key_pem, "key-300");
     }
 
     #[test]

@@ -154,13 +154,41 @@ impl Runtime for TractRuntime {
             tract_onnx::prelude::IntoRunnable::into_runnable(optimized)
                 .map_err(|err| load_error(format!("{err:#}")))?;
         let state = TypedSimpleState::new(&plan).map_err(|err| load_error(format!("{err:#}")))?;
-        Ok(Box::new(TractSession { state, signature }))
+        Ok(Box::new(TractSession {
+            plan,
+            state,
+            signature,
+        }))
     }
 }
 
 struct TractSession {
+    plan: Arc<TypedRunnableModel>,
     state: TypedSimpleState,
     signature: Signature,
+}
+
+impl TractSession {
+    /// Runs the plan; after a run that failed or panicked (the panic goes
+    /// on to the caller, which reports it), starts from a fresh state: a
+    /// run cut short leaves what it resolved for the model's symbolic
+    /// dimensions in the state, and every later run with other dimensions
+    /// would fail on the clash.
+    fn run_plan(&mut self, values: TVec<TValue>) -> Result<TVec<TValue>, RuntimeError> {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.state.run(values)));
+        if !matches!(ran, Ok(Ok(_))) {
+            match TypedSimpleState::new(&self.plan) {
+                Ok(state) => self.state = state,
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "cannot reset the tract state")
+                }
+            }
+        }
+        match ran {
+            Ok(outputs) => outputs.map_err(|err| run_error(format!("{err:#}"))),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
 }
 
 fn dims(tensor: &Tensor) -> Result<Vec<usize>, RuntimeError> {
@@ -241,10 +269,7 @@ impl ModelSession for TractSession {
             .iter()
             .map(|tensor| to_tract(tensor).map(TValue::from))
             .collect::<Result<_, _>>()?;
-        let outputs = self
-            .state
-            .run(values)
-            .map_err(|err| run_error(format!("{err:#}")))?;
+        let outputs = self.run_plan(values)?;
         if outputs.len() != self.signature.outputs.len() {
             return Err(run_error(format!(
                 "the model produced {} outputs, its signature has {}",

@@ -275,10 +275,21 @@ pub fn collect_garbage(blobs_dir: &Path, wanted: &[&str]) -> Vec<String> {
 }
 
 /// Removes every version of `name` above `keep` (a rollback) and all but
-/// the highest one below it (kept for rollback). Returns what it removed.
-pub fn prune(models_dir: &Path, name: &str, keep: u64) -> anyhow::Result<Vec<u64>> {
+/// one below it, kept for rollback: the highest of those `serving` (the
+/// versions the agent serves now, known to load), else the highest on
+/// disk. A version that failed to load after the serving one was installed
+/// is not kept in its stead. Returns what it removed.
+pub fn prune(
+    models_dir: &Path,
+    name: &str,
+    keep: u64,
+    serving: &[u64],
+) -> anyhow::Result<Vec<u64>> {
     let versions = versions_on_disk(models_dir, name)?;
-    let previous = versions.iter().copied().filter(|&v| v < keep).max();
+    let below = |versions: &mut dyn Iterator<Item = u64>| versions.filter(|&v| v < keep).max();
+    let previous = below(&mut serving.iter().copied())
+        .filter(|version| versions.contains(version))
+        .or_else(|| below(&mut versions.iter().copied()));
     let mut removed = Vec::new();
     for version in versions {
         if version == keep || Some(version) == previous {
@@ -352,9 +363,26 @@ mod tests {
         for v in [1, 2, 4, 5, 7] {
             put(dir.path(), "m", v, b"x");
         }
-        let removed = prune(dir.path(), "m", 5).unwrap();
+        let removed = prune(dir.path(), "m", 5, &[]).unwrap();
         assert_eq!(removed, [1, 2, 7]);
         assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [4, 5]);
+    }
+
+    /// v5 serves, v6 was installed but failed to load (v5 served on), v7
+    /// arrives: v5, which is known to load, is the one kept for rollback.
+    #[test]
+    fn prune_keeps_the_serving_version_over_a_higher_one_that_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        for v in [4, 5, 6, 7] {
+            put(dir.path(), "m", v, b"x");
+        }
+        let removed = prune(dir.path(), "m", 7, &[5]).unwrap();
+        assert_eq!(removed, [4, 6]);
+        assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [5, 7]);
+        // A serving version no longer on disk keeps nothing of its own.
+        put(dir.path(), "m", 6, b"x");
+        let removed = prune(dir.path(), "m", 7, &[3]).unwrap();
+        assert_eq!(removed, [5]);
     }
 
     #[test]
