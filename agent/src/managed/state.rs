@@ -272,6 +272,15 @@ mod tests {
         }
     }
 
+    fn unlabelled_enrollment() -> Enrollment {
+        Enrollment {
+            device_id: "dev-1".into(),
+            server_url: "https://cp:7443".into(),
+            labels: Default::default(),
+            enrolled_unix_ms: 5,
+        }
+    }
+
     /// Renewals on one thread while another loads the identity (as the
     /// session renews while a download reads it): every load sees a key
     /// with its own certificate, and so does the state left at the end.
@@ -279,13 +288,9 @@ mod tests {
     fn loads_during_renewals_never_pair_a_key_with_another_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        let enrollment = Enrollment {
-            device_id: "dev-1".into(),
-            server_url: "https://cp:7443".into(),
-            labels: Default::default(),
-            enrolled_unix_ms: 5,
-        };
-        state.save_enrollment(&enrollment, &identity("0")).unwrap();
+        state
+            .save_enrollment(&unlabelled_enrollment(), &identity("0"))
+            .unwrap();
         let paired = |id: &Identity| {
             id.key_pem.strip_prefix("key-") == id.certificate_pem.strip_prefix("cert-")
         };
@@ -314,13 +319,9 @@ mod tests {
     fn an_interrupted_renewal_is_finished_or_undone() {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::new(dir.path());
-        let enrollment = Enrollment {
-            device_id: "dev-1".into(),
-            server_url: "https://cp:7443".into(),
-            labels: Default::default(),
-            enrolled_unix_ms: 5,
-        };
-        state.save_enrollment(&enrollment, &identity("a")).unwrap();
+        state
+            .save_enrollment(&unlabelled_enrollment(), &identity("a"))
+            .unwrap();
         // Crash after writing only the new key: the old pair stays.
         std::fs::write(state.key_path().with_extension("key.next"), "key-b").unwrap();
         let (_, id) = state.load().unwrap();
