@@ -214,18 +214,20 @@ impl Outbox {
         }
 
         let state_path = dir.join(STATE_FILE);
-        let mut state = match std::fs::read_to_string(&state_path) {
-            Ok(text) => State::decode(&text).unwrap_or_else(|reason| {
-                // Only a damaged disk or a person can cause this (the file is
-                // replaced atomically). Recover from the batch files; the
-                // control plane's acked sequence (see `ack`) lifts the counter
-                // above anything it has stored.
-                tracing::error!(path = %state_path.display(), %reason, "the telemetry queue's state file is invalid; recovering from the batch files");
-                State::default()
-            }),
-            Err(err) if err.kind() == ErrorKind::NotFound => State::default(),
+        let saved = match std::fs::read_to_string(&state_path) {
+            Ok(text) => State::decode(&text)
+                .inspect_err(|reason| {
+                    // Only a damaged disk or a person can cause this (the file
+                    // is replaced atomically). Recover from the batch files;
+                    // the control plane's acked sequence (see `ack`) lifts the
+                    // counter above anything it has stored.
+                    tracing::error!(path = %state_path.display(), %reason, "the telemetry queue's state file is invalid; recovering from the batch files");
+                })
+                .ok(),
+            Err(err) if err.kind() == ErrorKind::NotFound => None,
             Err(err) => return Err(io_error("read", &state_path)(err)),
         };
+        let mut state = saved.unwrap_or_default();
 
         let mut files = BTreeMap::new();
         let mut dropped = 0u64;
@@ -267,7 +269,11 @@ impl Outbox {
             bytes,
             _lock: lock,
         };
-        outbox.save_state(outbox.state)?;
+        // Written only if it changed: a full disk or a file system remounted
+        // read-only must not keep the agent from starting.
+        if saved != Some(outbox.state) {
+            outbox.save_state(outbox.state)?;
+        }
         Ok(outbox)
     }
 
@@ -389,15 +395,21 @@ impl Outbox {
             self.remove(old);
         }
 
+        self.write_batch(&batch)?;
+        Ok(sequence)
+    }
+
+    /// Writes a batch's file under its sequence and counts it as waiting.
+    fn write_batch(&mut self, batch: &TelemetryBatch) -> Result<(), OutboxError> {
         let payload = batch.encode_to_vec();
         let length = (payload.len() as u64).to_le_bytes();
         let digest = Sha256::digest(&payload);
-        let name = batch_file_name(sequence);
+        let name = batch_file_name(batch.sequence);
         write_atomically(&self.dir, &name, &[MAGIC, &length, &digest, &payload])?;
         let size = (HEADER_LEN + payload.len()) as u64;
-        self.files.insert(sequence, size);
+        self.files.insert(batch.sequence, size);
         self.bytes += size;
-        Ok(sequence)
+        Ok(())
     }
 
     fn remove(&mut self, sequence: u64) {
@@ -415,31 +427,46 @@ impl Outbox {
     }
 
     /// Reads one waiting batch. `None` if it is not waiting, or if its file
-    /// turned out damaged (then it is deleted and counted as dropped).
+    /// turned out damaged or cannot be read (then it is deleted and counted
+    /// as dropped: a batch that cannot be read must not hold up the ones
+    /// after it, nor the session that sends them, for ever).
     pub fn read(&mut self, sequence: u64) -> Result<Option<TelemetryBatch>, OutboxError> {
         if !self.files.contains_key(&sequence) {
             return Ok(None);
         }
         let path = self.dir.join(batch_file_name(sequence));
-        match read_batch(&path, sequence) {
+        // A second try before giving the batch up: the first may have met
+        // something passing (no file descriptor left, say).
+        let read = match read_batch(&path, sequence) {
+            Err(ReadFailure::Io(_)) => read_batch(&path, sequence),
+            read => read,
+        };
+        match read {
             Ok(batch) => Ok(Some(batch)),
             Err(ReadFailure::Missing) => {
                 tracing::warn!(path = %path.display(), "a telemetry batch disappeared from disk");
                 self.remove(sequence);
                 Ok(None)
             }
-            Err(ReadFailure::Corrupt(reason)) => {
-                tracing::error!(path = %path.display(), %reason, "dropping a damaged telemetry batch");
-                self.remove(sequence);
-                let state = State {
-                    dropped_total: self.state.dropped_total.saturating_add(1),
-                    ..self.state
-                };
-                self.save_state(state)?;
-                Ok(None)
-            }
-            Err(ReadFailure::Io(err)) => Err(io_error("read", &path)(err)),
+            Err(ReadFailure::Corrupt(reason)) => self.drop_unreadable(sequence, &path, &reason),
+            Err(ReadFailure::Io(err)) => self.drop_unreadable(sequence, &path, &err.to_string()),
         }
+    }
+
+    fn drop_unreadable(
+        &mut self,
+        sequence: u64,
+        path: &Path,
+        reason: &str,
+    ) -> Result<Option<TelemetryBatch>, OutboxError> {
+        tracing::error!(path = %path.display(), %reason, "dropping a damaged or unreadable telemetry batch");
+        self.remove(sequence);
+        let state = State {
+            dropped_total: self.state.dropped_total.saturating_add(1),
+            ..self.state
+        };
+        self.save_state(state)?;
+        Ok(None)
     }
 
     /// Up to `max` waiting batches with a sequence above `after`, oldest
@@ -477,26 +504,58 @@ impl Outbox {
     /// (cumulative): deletes them, and returns how many were deleted.
     ///
     /// If `sequence` is above every number this queue has assigned (its
-    /// state was lost, but the control plane remembers), the counter jumps
-    /// past it so new batches are not taken for duplicates: call this with
-    /// `Welcome.acked_sequence` before pushing on a new session.
+    /// state and files were lost, but the control plane remembers), the
+    /// counter jumps past it so new batches are not taken for duplicates,
+    /// and the batches waiting, numbered again from 1 since and never sent
+    /// (the control plane would have taken them for the old batches of the
+    /// same numbers), are renumbered after it, in order: call this with
+    /// `Welcome.acked_sequence` before sending on a new session.
     pub fn ack(&mut self, sequence: u64) -> Result<usize, OutboxError> {
+        if sequence > self.state.last_sequence {
+            self.renumber_after(sequence)?;
+            return Ok(0);
+        }
         let acked: Vec<u64> = self.files.range(..=sequence).map(|(&s, _)| s).collect();
         for &s in &acked {
             self.remove(s);
         }
-        if sequence > self.state.last_sequence {
-            tracing::warn!(
-                acked = sequence,
-                last = self.state.last_sequence,
-                "the control plane acknowledged sequences this queue never assigned; skipping ahead"
-            );
+        Ok(acked.len())
+    }
+
+    /// Moves the counter to `acked` and gives each waiting batch the next
+    /// number after it: written under its new number, then its old file
+    /// deleted (a crash between leaves the old one, which the next
+    /// session's ack, at or above `acked`, deletes as a duplicate).
+    fn renumber_after(&mut self, acked: u64) -> Result<(), OutboxError> {
+        let waiting: Vec<u64> = self.files.keys().copied().collect();
+        tracing::warn!(
+            acked,
+            last = self.state.last_sequence,
+            waiting = waiting.len(),
+            "the control plane acknowledged sequences this queue never assigned (its state was lost); \
+             numbering the waiting batches after them"
+        );
+        self.save_state(State {
+            last_sequence: acked,
+            ..self.state
+        })?;
+        for old in waiting {
+            let Some(mut batch) = self.read(old)? else {
+                continue;
+            };
+            batch.sequence = self
+                .state
+                .last_sequence
+                .checked_add(1)
+                .ok_or(OutboxError::SequenceExhausted)?;
             self.save_state(State {
-                last_sequence: sequence,
+                last_sequence: batch.sequence,
                 ..self.state
             })?;
+            self.write_batch(&batch)?;
+            self.remove(old);
         }
-        Ok(acked.len())
+        Ok(())
     }
 }
 
@@ -683,18 +742,70 @@ mod tests {
         assert_eq!(files, 2);
     }
 
+    /// The queue lost its state and files (the directory wiped), numbered
+    /// two batches 1 and 2 while offline, then learns the control plane has
+    /// stored up to 500: those two were never sent, so they are kept, as 501
+    /// and 502, in order, and the next batch is 503.
     #[test]
-    fn an_ack_beyond_what_was_assigned_moves_the_counter_past_it() {
+    fn an_ack_beyond_what_was_assigned_renumbers_the_waiting_batches_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        outbox.push(batch(10)).unwrap();
+        outbox.push(batch(20)).unwrap();
+        assert_eq!(outbox.ack(500).unwrap(), 0);
+        assert_eq!(outbox.last_sequence(), 502);
+        let waiting = outbox.pending().unwrap();
+        assert_eq!(seqs(&waiting), vec![501, 502]);
+        assert_eq!(starts(&waiting), vec![10, 20]);
+        assert_eq!(outbox.push(batch(30)).unwrap(), 503);
+        drop(outbox);
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        assert_eq!(outbox.last_sequence(), 503);
+        assert_eq!(starts(&outbox.pending().unwrap()), vec![10, 20, 30]);
+        assert_eq!(outbox.ack(502).unwrap(), 2);
+        assert_eq!(outbox.pending_sequences(), vec![503]);
+    }
+
+    /// A batch whose file cannot be read (here a directory stands where the
+    /// file was) is given up and counted, and the batches after it are
+    /// read: it does not stop the queue, and the session sending it, for
+    /// ever.
+    #[test]
+    fn a_batch_that_cannot_be_read_is_dropped_and_the_rest_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        for i in 1..=3 {
+            outbox.push(batch(i)).unwrap();
+        }
+        let path = dir.path().join(batch_file_name(2));
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let read = outbox.pending().unwrap();
+        assert_eq!(seqs(&read), vec![1, 3]);
+        assert_eq!(outbox.dropped_total(), 1);
+        assert_eq!(outbox.pending_sequences(), vec![1, 3]);
+    }
+
+    /// Opening a queue whose state is current does not write it again: an
+    /// agent on a full disk, or on a file system remounted read-only, still
+    /// starts.
+    #[cfg(unix)]
+    #[test]
+    fn opening_does_not_rewrite_a_current_state() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
         outbox.push(batch(1)).unwrap();
-        outbox.ack(500).unwrap();
-        assert_eq!(outbox.last_sequence(), 500);
-        assert!(outbox.is_empty());
-        assert_eq!(outbox.push(batch(2)).unwrap(), 501);
         drop(outbox);
+        let inode = || {
+            std::fs::metadata(dir.path().join(STATE_FILE))
+                .unwrap()
+                .ino()
+        };
+        let before = inode();
         let outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
-        assert_eq!(outbox.last_sequence(), 501);
+        assert_eq!(outbox.last_sequence(), 1);
+        assert_eq!(inode(), before, "the state file was replaced");
     }
 
     #[test]
