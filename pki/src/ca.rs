@@ -429,6 +429,19 @@ mod tests {
     }
 
     #[test]
+    fn a_device_certificate_matches_its_key_and_no_other() {
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        let key = generate_device_key().unwrap();
+        let other = generate_device_key().unwrap();
+        let csr = device_csr(&key, "host").unwrap();
+        let issued = ca.sign_device_csr(&csr, "dev-1", DAY).unwrap();
+        assert!(crate::certificate_matches_key(&issued.certificate_pem, &key).unwrap());
+        assert!(!crate::certificate_matches_key(&issued.certificate_pem, &other).unwrap());
+        assert!(!crate::certificate_matches_key(ca.certificate_pem(), &key).unwrap());
+        assert!(crate::certificate_matches_key(&issued.certificate_pem, "not a key").is_err());
+    }
+
+    #[test]
     fn load_or_create_creates_then_loads_the_same_ca() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");

@@ -41,6 +41,16 @@ pub fn certificate_info_der(der: &[u8]) -> Result<CertificateInfo> {
     })
 }
 
+/// Whether the certificate (the first of a PEM document) is for the private
+/// key `key_pem` (PKCS#8 PEM): its subject public key is the key's.
+pub fn certificate_matches_key(certificate_pem: &str, key_pem: &str) -> Result<bool> {
+    let der = parse_certificate_pem(certificate_pem)?;
+    let cert = parse_x509(&der)?;
+    let key = rcgen::KeyPair::from_pem(key_pem)
+        .map_err(|e| PkiError::InvalidKey(format!("cannot load the key: {e}")))?;
+    Ok(cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw())
+}
+
 /// Lower-case hex SHA-256 of the DER of the first certificate of a PEM document.
 pub fn fingerprint_pem(pem: &str) -> Result<String> {
     Ok(fingerprint_der(&parse_certificate_pem(pem)?))

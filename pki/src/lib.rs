@@ -25,7 +25,8 @@ pub use ca::{
     DEVICE_URI_PREFIX, IssuedCertificate, IssuedKeyPair, SERVER_COMMON_NAME, validate_device_id,
 };
 pub use certs::{
-    CertificateInfo, certificate_info_der, certificate_info_pem, fingerprint_der, fingerprint_pem,
+    CertificateInfo, certificate_info_der, certificate_info_pem, certificate_matches_key,
+    fingerprint_der, fingerprint_pem,
 };
 pub use device::{device_csr, generate_device_key};
 pub use error::{PkiError, Result, error_chain};

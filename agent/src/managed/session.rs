@@ -459,6 +459,12 @@ async fn connect_and_serve(
                             tracing::warn!(cn = %info.common_name, "ignoring a renewed certificate for another device");
                             continue;
                         }
+                        // Installed beside a key it is not for, it would lock
+                        // the device out of every later session.
+                        if !edgefleet_pki::certificate_matches_key(&issued.certificate_pem, &key_pem)? {
+                            tracing::warn!(serial = %info.serial_hex, "ignoring a renewed certificate that is not for the key this agent sent");
+                            continue;
+                        }
                         state.save_identity(&Identity {
                             key_pem,
                             certificate_pem: issued.certificate_pem.clone(),
