@@ -254,7 +254,9 @@ impl InferenceService {
                 .collect();
             if rows.windows(2).any(|w| w[0] != w[1]) {
                 return Err(InferError::invalid(format!(
-                    "inputs of a batched model must share their first (batch) dimension, got {rows:?}"
+                    "inputs of a batched model must share their first (batch) dimension, got \
+                     {rows:?} (if the model's first dimensions are not a batch, set \
+                     max_batch_size = 0 in its config.toml)"
                 )));
             }
         }
