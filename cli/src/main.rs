@@ -184,6 +184,12 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
         let config = edgefleet_pki::ca_client_tls_config(&ca_pem)?;
         edgefleet_pki::connect_tls(&cli.server, config, timeout).await?
     } else if cli.server.starts_with("http://") {
+        if !is_loopback_url(&cli.server) {
+            bail!(
+                "refusing to send the operator token in plaintext to {:?}: http:// is for a server on this machine (loopback); use https://HOST:PORT with --ca-cert",
+                cli.server
+            );
+        }
         Endpoint::from_shared(cli.server.clone())
             .with_context(|| format!("invalid server URL {:?}", cli.server))?
             .connect_timeout(timeout)
@@ -197,6 +203,22 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
         );
     };
     Ok(channel)
+}
+
+/// Whether a URL's host is this machine: `localhost` or a loopback address
+/// (the only place the server's operator API listens without TLS).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    let Some(host) = uri.host() else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
