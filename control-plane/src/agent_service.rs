@@ -108,6 +108,22 @@ fn store_after(
     store_telemetry(ingester.clone(), records, last_stored.replace(next), stored)
 }
 
+/// [`store_after`], counting the records as held by the session (`held`)
+/// until they are stored, or fail to be.
+fn store_held(
+    ingester: &crate::ingest::Ingester,
+    held: &Arc<std::sync::atomic::AtomicUsize>,
+    records: Vec<crate::store::TelemetryRecord>,
+    last_stored: &mut Option<oneshot::Receiver<bool>>,
+) -> impl std::future::Future<Output = Result<u64, Status>> + use<> {
+    let bytes = records
+        .iter()
+        .map(crate::store::TelemetryRecord::approx_bytes)
+        .sum();
+    let holding = ingester.pending.hold(held, bytes);
+    store_after(ingester, records, last_stored).inspect(move |_| drop(holding))
+}
+
 /// After one stored message, whatever else has been stored already: acks are
 /// cumulative, so one ack covers them all. Returns the highest sequence, and
 /// the error that stopped the draining, if any.
@@ -323,6 +339,9 @@ async fn run_session(
     let guard = cp.sessions.register(&device_id, outbound.clone());
     cp.metrics.sessions.inc();
     let mut storing = FuturesOrdered::new();
+    // Telemetry this session received and the store has not committed yet
+    // (see `ingest::SESSION_PENDING_BYTES`).
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // Whether the last message handed to `storing` got stored: the next one
     // waits for it.
     let mut last_stored: Option<oneshot::Receiver<bool>> = None;
@@ -333,7 +352,7 @@ async fn run_session(
     let mut desired_poll = tokio::time::interval(DESIRED_STATE_POLL);
     let idle_timeout = cp.config.session_idle_timeout();
     let reason: Result<(), Status> = loop {
-        let receive = storing.len() < MAX_IN_FLIGHT;
+        let receive = storing.len() < MAX_IN_FLIGHT && cp.ingester.pending.may_receive(&held);
         tokio::select! {
             _ = guard.cancel.cancelled() => break Ok(()),
             _ = desired_poll.tick() => {
@@ -381,7 +400,7 @@ async fn run_session(
                             Ok(record) => record,
                             Err(status) => break Err(status),
                         };
-                        storing.push_back(store_after(&cp.ingester, vec![record], &mut last_stored));
+                        storing.push_back(store_held(&cp.ingester, &held, vec![record], &mut last_stored));
                         last_touch = now;
                     }
                     Some(Upstream::TelemetryUpload(upload)) => {
@@ -402,7 +421,7 @@ async fn run_session(
                             Err(status) => break Err(status),
                         };
                         if !records.is_empty() {
-                            storing.push_back(store_after(&cp.ingester, records, &mut last_stored));
+                            storing.push_back(store_held(&cp.ingester, &held, records, &mut last_stored));
                         }
                         last_touch = now;
                     }

@@ -11,6 +11,7 @@
 //! sequence) is stored once, and device totals add up whatever the order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -25,6 +26,18 @@ pub const MAX_GROUP: usize = 500;
 /// waits: the stores serialize the device-row updates of a group.
 pub const WRITERS: usize = 2;
 
+/// Telemetry one session may hold in memory, received and not yet stored
+/// (as decoded: [`TelemetryRecord::approx_bytes`]), before it stops reading
+/// from its device until some is stored. A message may be small on the wire
+/// and large decoded (a histogram bucket is a byte or two as a varint and
+/// eight in memory): without a bound, a device could fill the server's
+/// memory faster than the store drains it.
+pub const SESSION_PENDING_BYTES: usize = 32 * 1024 * 1024;
+/// The same bound for all the sessions of this replica together (sessions
+/// replaced by a reconnect drain what they hold, so a device reconnecting
+/// over and over is bounded here).
+pub const REPLICA_PENDING_BYTES: usize = 256 * 1024 * 1024;
+
 /// Per batch: `true` if new, `false` if it was a duplicate.
 type Reply = oneshot::Sender<Result<Vec<bool>, String>>;
 
@@ -32,13 +45,73 @@ type Reply = oneshot::Sender<Result<Vec<bool>, String>>;
 #[derive(Debug, Clone)]
 pub struct Ingester {
     queue: mpsc::Sender<(Vec<TelemetryRecord>, Reply)>,
+    /// What sessions hold for it (see [`SESSION_PENDING_BYTES`]).
+    pub pending: PendingTelemetry,
+}
+
+/// Telemetry held in memory between a session receiving it and the store
+/// committing it, per session and for the replica, against their limits.
+#[derive(Debug, Clone)]
+pub struct PendingTelemetry {
+    replica: Arc<AtomicUsize>,
+    session_limit: usize,
+    replica_limit: usize,
+}
+
+/// Bytes a session holds for the store; given back when dropped (stored,
+/// failed, or the session gone).
+#[derive(Debug)]
+pub struct HeldTelemetry {
+    counters: [Arc<AtomicUsize>; 2],
+    bytes: usize,
+}
+
+impl Drop for HeldTelemetry {
+    fn drop(&mut self) {
+        for counter in &self.counters {
+            counter.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl PendingTelemetry {
+    pub fn new(session_limit: usize, replica_limit: usize) -> PendingTelemetry {
+        PendingTelemetry {
+            replica: Arc::default(),
+            session_limit,
+            replica_limit,
+        }
+    }
+
+    /// Whether a session holding `session` bytes may read another message.
+    pub fn may_receive(&self, session: &AtomicUsize) -> bool {
+        session.load(Ordering::Relaxed) < self.session_limit
+            && self.replica.load(Ordering::Relaxed) < self.replica_limit
+    }
+
+    /// Counts `bytes` a session received as held, until the result drops.
+    pub fn hold(&self, session: &Arc<AtomicUsize>, bytes: usize) -> HeldTelemetry {
+        let counters = [Arc::clone(session), Arc::clone(&self.replica)];
+        for counter in &counters {
+            counter.fetch_add(bytes, Ordering::Relaxed);
+        }
+        HeldTelemetry { counters, bytes }
+    }
+
+    /// Bytes all sessions of this replica hold.
+    pub fn replica_bytes(&self) -> usize {
+        self.replica.load(Ordering::Relaxed)
+    }
 }
 
 impl Ingester {
     pub fn start(store: Arc<dyn Store>, metrics: Arc<crate::metrics::ServerMetrics>) -> Ingester {
         let (queue, receiver) = mpsc::channel(MAX_GROUP * 8);
         tokio::spawn(dispatch_loop(store, receiver, metrics));
-        Ingester { queue }
+        Ingester {
+            queue,
+            pending: PendingTelemetry::new(SESSION_PENDING_BYTES, REPLICA_PENDING_BYTES),
+        }
     }
 
     /// Stores one batch; `Ok(true)` if new, `Ok(false)` if it was a
@@ -138,6 +211,61 @@ async fn write_group(
 mod tests {
     use super::*;
     use crate::store::{JoinToken, NewDevice, TelemetryRecord};
+
+    /// A session holding its limit stops reading until something it holds
+    /// is stored; all sessions together stop at the replica's limit; what
+    /// is given back opens them again.
+    #[test]
+    fn sessions_stop_reading_at_their_limit_and_the_replicas() {
+        let pending = PendingTelemetry::new(100, 250);
+        let (a, b, c) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let first = pending.hold(&a, 60);
+        assert!(pending.may_receive(&a));
+        let second = pending.hold(&a, 60);
+        assert!(!pending.may_receive(&a), "a holds 120 of its 100");
+        assert!(pending.may_receive(&b));
+        drop(first);
+        assert!(pending.may_receive(&a), "a holds 60 again");
+        let held_b = pending.hold(&b, 99);
+        let held_c = pending.hold(&c, 99);
+        assert_eq!(pending.replica_bytes(), 258);
+        assert!(!pending.may_receive(&c), "the replica holds 258 of its 250");
+        assert!(!pending.may_receive(&Arc::new(AtomicUsize::new(0))));
+        drop(second);
+        assert!(pending.may_receive(&c));
+        drop((held_b, held_c));
+        assert_eq!(pending.replica_bytes(), 0);
+        assert_eq!(a.load(Ordering::Relaxed), 0);
+    }
+
+    /// A message small on the wire can be large decoded: a histogram of
+    /// zero counts is a byte per bucket encoded and eight in memory. The
+    /// estimate sees the eight.
+    #[test]
+    fn a_record_counts_what_it_holds_decoded() {
+        use edgefleet_proto::edgefleet::v1::LogHistogram;
+        let sample = |buckets: usize| crate::store::ModelSample {
+            name: "m".into(),
+            latency_us: LogHistogram {
+                counts: vec![0; buckets],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let record = |buckets: usize| TelemetryRecord {
+            device_id: "d".into(),
+            models: vec![sample(buckets); 16],
+            ..Default::default()
+        };
+        let small = record(10).approx_bytes();
+        let large = record(4096).approx_bytes();
+        assert!(large >= 16 * 4096 * 8, "{large}");
+        assert!(small < 16 * 1024, "{small}");
+    }
 
     /// Many sessions at once, each sending every batch twice: with groups
     /// stored concurrently, each batch is stored once, reported new exactly

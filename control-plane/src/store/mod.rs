@@ -208,6 +208,37 @@ pub struct TelemetryRecord {
     pub dropped_batches_total: u64,
 }
 
+impl TelemetryRecord {
+    /// About how much memory the record holds (its heap data included):
+    /// what a session counts against its bound on telemetry not yet stored
+    /// (`ingest::SESSION_PENDING_BYTES`).
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let histogram = |h: &LogHistogram| h.counts.len() * size_of::<u64>();
+        let models: usize = self
+            .models
+            .iter()
+            .map(|m| {
+                size_of::<ModelSample>()
+                    + m.name.len()
+                    + histogram(&m.latency_us)
+                    + histogram(&m.batch_size)
+            })
+            .sum();
+        let events: usize = self
+            .events
+            .iter()
+            .map(|e| size_of::<EventRecord>() + e.kind.len() + e.model.len() + e.message.len())
+            .sum();
+        // Decoded, a message takes at most 8 times its encoded size here (a
+        // one-byte varint becomes a u64), its strings and lists included.
+        let device = self.device.as_ref().map_or(0, |d| {
+            size_of::<DeviceTelemetry>() + 8 * prost::Message::encoded_len(d)
+        });
+        size_of::<Self>() + self.device_id.len() + models + events + device
+    }
+}
+
 /// A point of a model series: raw (one batch) or rolled up (one hour).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelPoint {
