@@ -168,7 +168,10 @@ impl InferenceService {
             .map(Tensor::counted_size)
             .fold(0usize, usize::saturating_add);
         let too_large = (size > self.max_request_bytes).then(|| {
-            let empty = request.inputs.iter().any(|input| input.shape.contains(&0));
+            let empty = request
+                .inputs
+                .iter()
+                .any(|input| input.counted_size() > input.byte_size());
             InferError::new(
                 ErrorCode::TooLarge,
                 format!(

@@ -67,7 +67,13 @@ fn plaintext_is_refused_for_a_server_off_this_machine() {
         );
     }
     // Loopback is allowed: it fails only because nothing listens there.
-    for server in ["http://127.0.0.1:1", "http://localhost:1", "http://[::1]:1"] {
+    for server in [
+        "http://127.0.0.1:1",
+        "http://localhost:1",
+        "http://LOCALHOST.:1",
+        "http://[::1]:1",
+        "http://[::ffff:127.0.0.1]:1",
+    ] {
         let output = edgefleet(&["devices", "list", "--server", server, "--token", "t"]);
         assert!(!output.status.success(), "{server}");
         let stderr = String::from_utf8_lossy(&output.stderr);

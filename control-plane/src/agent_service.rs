@@ -355,6 +355,9 @@ async fn run_session(
         let receive = storing.len() < MAX_IN_FLIGHT && cp.ingester.pending.may_receive(&held);
         tokio::select! {
             _ = guard.cancel.cancelled() => break Ok(()),
+            // Over the replica's limit with nothing of its own being stored:
+            // read again once another session's telemetry is stored.
+            () = cp.ingester.pending.released(), if !receive && storing.is_empty() => {}
             _ = desired_poll.tick() => {
                 if !send_desired_state(&cp, &device_id, &outbound, &mut sent_generation).await {
                     break Ok(());

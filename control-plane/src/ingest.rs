@@ -53,24 +53,33 @@ pub struct Ingester {
 /// committing it, per session and for the replica, against their limits.
 #[derive(Debug, Clone)]
 pub struct PendingTelemetry {
-    replica: Arc<AtomicUsize>,
+    replica: Arc<ReplicaHeld>,
     session_limit: usize,
     replica_limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct ReplicaHeld {
+    bytes: AtomicUsize,
+    /// Woken whenever held bytes are given back: a session that stopped for
+    /// the replica's limit reads again as soon as there is room.
+    released: tokio::sync::Notify,
 }
 
 /// Bytes a session holds for the store; given back when dropped (stored,
 /// failed, or the session gone).
 #[derive(Debug)]
 pub struct HeldTelemetry {
-    counters: [Arc<AtomicUsize>; 2],
+    session: Arc<AtomicUsize>,
+    replica: Arc<ReplicaHeld>,
     bytes: usize,
 }
 
 impl Drop for HeldTelemetry {
     fn drop(&mut self) {
-        for counter in &self.counters {
-            counter.fetch_sub(self.bytes, Ordering::Relaxed);
-        }
+        self.session.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.replica.bytes.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.replica.released.notify_waiters();
     }
 }
 
@@ -86,21 +95,28 @@ impl PendingTelemetry {
     /// Whether a session holding `session` bytes may read another message.
     pub fn may_receive(&self, session: &AtomicUsize) -> bool {
         session.load(Ordering::Relaxed) < self.session_limit
-            && self.replica.load(Ordering::Relaxed) < self.replica_limit
+            && self.replica_bytes() < self.replica_limit
+    }
+
+    /// Resolves the next time any session gives held bytes back.
+    pub async fn released(&self) {
+        self.replica.released.notified().await;
     }
 
     /// Counts `bytes` a session received as held, until the result drops.
     pub fn hold(&self, session: &Arc<AtomicUsize>, bytes: usize) -> HeldTelemetry {
-        let counters = [Arc::clone(session), Arc::clone(&self.replica)];
-        for counter in &counters {
-            counter.fetch_add(bytes, Ordering::Relaxed);
+        session.fetch_add(bytes, Ordering::Relaxed);
+        self.replica.bytes.fetch_add(bytes, Ordering::Relaxed);
+        HeldTelemetry {
+            session: Arc::clone(session),
+            replica: Arc::clone(&self.replica),
+            bytes,
         }
-        HeldTelemetry { counters, bytes }
     }
 
     /// Bytes all sessions of this replica hold.
     pub fn replica_bytes(&self) -> usize {
-        self.replica.load(Ordering::Relaxed)
+        self.replica.bytes.load(Ordering::Relaxed)
     }
 }
 
@@ -240,6 +256,24 @@ mod tests {
         drop((held_b, held_c));
         assert_eq!(pending.replica_bytes(), 0);
         assert_eq!(a.load(Ordering::Relaxed), 0);
+    }
+
+    /// A session waiting for room is woken when another gives bytes back.
+    #[tokio::test]
+    async fn giving_bytes_back_wakes_a_session_waiting_for_room() {
+        let pending = PendingTelemetry::new(100, 100);
+        let other = Arc::new(AtomicUsize::new(0));
+        let held = pending.hold(&other, 150);
+        let waiting = pending.clone();
+        let woken = tokio::spawn(async move { waiting.released().await });
+        tokio::task::yield_now().await;
+        assert!(!woken.is_finished());
+        drop(held);
+        tokio::time::timeout(std::time::Duration::from_secs(5), woken)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert!(pending.may_receive(&AtomicUsize::new(0)));
     }
 
     /// A message small on the wire can be large decoded: a histogram of

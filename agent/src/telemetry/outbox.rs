@@ -90,13 +90,18 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 struct State {
     last_sequence: u64,
     dropped_total: u64,
+    /// Waiting batches numbered at or below this were queued after the
+    /// queue lost its state, and are being renumbered past the control
+    /// plane's ack (0: none). Durable, so that an interrupted renumbering is
+    /// finished, never taken for acknowledged batches and deleted.
+    renumber_through: u64,
 }
 
 impl State {
     fn encode(&self) -> String {
         format!(
-            "{STATE_HEADER}\nlast_sequence={}\ndropped_batches_total={}\n",
-            self.last_sequence, self.dropped_total
+            "{STATE_HEADER}\nlast_sequence={}\ndropped_batches_total={}\nrenumber_through={}\n",
+            self.last_sequence, self.dropped_total, self.renumber_through
         )
     }
 
@@ -107,6 +112,7 @@ impl State {
         }
         let mut last_sequence = None;
         let mut dropped_total = None;
+        let mut renumber_through = 0;
         for line in lines {
             let Some((key, value)) = line.split_once('=') else {
                 return Err(format!("malformed line '{line}'"));
@@ -117,12 +123,14 @@ impl State {
             match key {
                 "last_sequence" => last_sequence = Some(value),
                 "dropped_batches_total" => dropped_total = Some(value),
+                "renumber_through" => renumber_through = value,
                 _ => {}
             }
         }
         Ok(State {
             last_sequence: last_sequence.ok_or("no last_sequence")?,
             dropped_total: dropped_total.ok_or("no dropped_batches_total")?,
+            renumber_through,
         })
     }
 }
@@ -382,6 +390,7 @@ impl Outbox {
         self.save_state(State {
             last_sequence: sequence,
             dropped_total: batch.dropped_batches_total,
+            ..self.state
         })?;
         if !to_drop.is_empty() {
             tracing::warn!(
@@ -435,8 +444,8 @@ impl Outbox {
             return Ok(None);
         }
         let path = self.dir.join(batch_file_name(sequence));
-        // A second try before giving the batch up: the first may have met
-        // something passing (no file descriptor left, say).
+        // A second try before giving the batch up; an error that passes
+        // with time (no file descriptor or memory left) keeps the batch.
         let read = match read_batch(&path, sequence) {
             Err(ReadFailure::Io(_)) => read_batch(&path, sequence),
             read => read,
@@ -449,6 +458,7 @@ impl Outbox {
                 Ok(None)
             }
             Err(ReadFailure::Corrupt(reason)) => self.drop_unreadable(sequence, &path, &reason),
+            Err(ReadFailure::Io(err)) if is_passing(&err) => Err(io_error("read", &path)(err)),
             Err(ReadFailure::Io(err)) => self.drop_unreadable(sequence, &path, &err.to_string()),
         }
     }
@@ -509,11 +519,27 @@ impl Outbox {
     /// and the batches waiting, numbered again from 1 since and never sent
     /// (the control plane would have taken them for the old batches of the
     /// same numbers), are renumbered after it, in order: call this with
-    /// `Welcome.acked_sequence` before sending on a new session.
+    /// `Welcome.acked_sequence` before sending on a new session. A
+    /// renumbering cut short (a crash, a full disk) is finished by the next
+    /// call, before anything is deleted.
     pub fn ack(&mut self, sequence: u64) -> Result<usize, OutboxError> {
         if sequence > self.state.last_sequence {
-            self.renumber_after(sequence)?;
-            return Ok(0);
+            let through = self.files.keys().next_back().copied().unwrap_or(0);
+            tracing::warn!(
+                acked = sequence,
+                last = self.state.last_sequence,
+                waiting = self.files.len(),
+                "the control plane acknowledged sequences this queue never assigned (its state was lost); \
+                 numbering the waiting batches after them"
+            );
+            self.save_state(State {
+                last_sequence: sequence,
+                renumber_through: through,
+                ..self.state
+            })?;
+        }
+        if self.state.renumber_through > 0 {
+            self.finish_renumbering()?;
         }
         let acked: Vec<u64> = self.files.range(..=sequence).map(|(&s, _)| s).collect();
         for &s in &acked {
@@ -522,41 +548,51 @@ impl Outbox {
         Ok(acked.len())
     }
 
-    /// Moves the counter to `acked` and gives each waiting batch the next
-    /// number after it: written under its new number, then its old file
-    /// deleted (a crash between leaves the old one, which the next
-    /// session's ack, at or above `acked`, deletes as a duplicate).
-    fn renumber_after(&mut self, acked: u64) -> Result<(), OutboxError> {
-        let waiting: Vec<u64> = self.files.keys().copied().collect();
-        tracing::warn!(
-            acked,
-            last = self.state.last_sequence,
-            waiting = waiting.len(),
-            "the control plane acknowledged sequences this queue never assigned (its state was lost); \
-             numbering the waiting batches after them"
-        );
-        self.save_state(State {
-            last_sequence: acked,
-            ..self.state
-        })?;
-        for old in waiting {
-            let Some(mut batch) = self.read(old)? else {
-                continue;
-            };
-            batch.sequence = self
+    /// Gives each waiting batch numbered at or below `renumber_through` the
+    /// next number, in order, by renaming its file (a batch's number is its
+    /// file's name): at any point each batch is under one name, and the
+    /// counter, taken at open as the highest of the state's and the names',
+    /// never goes back.
+    fn finish_renumbering(&mut self) -> Result<(), OutboxError> {
+        let waiting: Vec<(u64, u64)> = self
+            .files
+            .range(..=self.state.renumber_through)
+            .map(|(&sequence, &size)| (sequence, size))
+            .collect();
+        for (old, size) in waiting {
+            let new = self
                 .state
                 .last_sequence
                 .checked_add(1)
                 .ok_or(OutboxError::SequenceExhausted)?;
+            let from = self.dir.join(batch_file_name(old));
+            std::fs::rename(&from, self.dir.join(batch_file_name(new)))
+                .map_err(io_error("rename", &from))?;
+            sync_dir(&self.dir)?;
+            self.files.remove(&old);
+            self.files.insert(new, size);
             self.save_state(State {
-                last_sequence: batch.sequence,
+                last_sequence: new,
                 ..self.state
             })?;
-            self.write_batch(&batch)?;
-            self.remove(old);
         }
-        Ok(())
+        self.save_state(State {
+            renumber_through: 0,
+            ..self.state
+        })
     }
+}
+
+/// Whether a read error is the process's or the system's for the moment
+/// (out of file descriptors or memory, interrupted), not the file's.
+fn is_passing(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::OutOfMemory
+    ) || matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::EINTR)
+    )
 }
 
 /// Checks a batch file's header against its size; returns the size.
@@ -598,14 +634,11 @@ fn read_batch(path: &Path, sequence: u64) -> Result<TelemetryBatch, ReadFailure>
     if Sha256::digest(payload)[..] != header[16..] {
         return Err(ReadFailure::Corrupt("checksum mismatch".into()));
     }
-    let batch = TelemetryBatch::decode(payload)
+    let mut batch = TelemetryBatch::decode(payload)
         .map_err(|err| ReadFailure::Corrupt(format!("not a TelemetryBatch: {err}")))?;
-    if batch.sequence != sequence {
-        return Err(ReadFailure::Corrupt(format!(
-            "holds sequence {} under the name of {sequence}",
-            batch.sequence
-        )));
-    }
+    // The file's name is the batch's number: a renumbering renames the file
+    // and leaves the payload (its checksum above) as it was written.
+    batch.sequence = sequence;
     Ok(batch)
 }
 
@@ -677,7 +710,7 @@ mod tests {
             dir.path().join(STATE_FILE),
             State {
                 last_sequence: 1,
-                dropped_total: 0,
+                ..State::default()
             }
             .encode(),
         )
@@ -764,6 +797,42 @@ mod tests {
         assert_eq!(starts(&outbox.pending().unwrap()), vec![10, 20, 30]);
         assert_eq!(outbox.ack(502).unwrap(), 2);
         assert_eq!(outbox.pending_sequences(), vec![503]);
+    }
+
+    /// A renumbering cut short by a crash, right after it renamed the first
+    /// of two batches: the next ack (the same one, at the next Welcome)
+    /// finishes it instead of deleting the batch still under its old
+    /// number as acknowledged.
+    #[test]
+    fn an_interrupted_renumbering_is_finished_not_taken_for_acked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        outbox.push(batch(10)).unwrap();
+        outbox.push(batch(20)).unwrap();
+        drop(outbox);
+        // The state saved as the renumbering began, then batch 1 renamed to
+        // 501, then the crash.
+        let state = State {
+            last_sequence: 500,
+            dropped_total: 0,
+            renumber_through: 2,
+        };
+        std::fs::write(dir.path().join(STATE_FILE), state.encode()).unwrap();
+        std::fs::rename(
+            dir.path().join(batch_file_name(1)),
+            dir.path().join(batch_file_name(501)),
+        )
+        .unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        assert_eq!(outbox.last_sequence(), 501);
+        assert_eq!(outbox.ack(500).unwrap(), 0);
+        let waiting = outbox.pending().unwrap();
+        assert_eq!(seqs(&waiting), vec![501, 502]);
+        assert_eq!(starts(&waiting), vec![10, 20]);
+        assert_eq!(outbox.push(batch(30)).unwrap(), 503);
+        drop(outbox);
+        let state = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(State::decode(&state).unwrap().renumber_through, 0);
     }
 
     /// A batch whose file cannot be read (here a directory stands where the
@@ -970,8 +1039,12 @@ mod tests {
         let state = State {
             last_sequence: 42,
             dropped_total: 7,
+            renumber_through: 3,
         };
         assert_eq!(State::decode(&state.encode()), Ok(state));
+        // Written before renumbering existed: none under way.
+        let older = "edgefleet telemetry outbox v1\nlast_sequence=5\ndropped_batches_total=1\n";
+        assert_eq!(State::decode(older).unwrap().renumber_through, 0);
         assert!(State::decode("edgefleet telemetry outbox v1\nlast_sequence=x\n").is_err());
         assert!(State::decode("").is_err());
     }
