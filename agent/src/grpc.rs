@@ -193,19 +193,16 @@ fn inputs_from_proto(
             ));
         }
         let dtype = parse_datatype(&input.name, &input.datatype)?;
-        let data = match raw.next() {
-            Some(bytes) => match dtype {
-                DataType::Bytes => TensorData::Bytes(decode_raw_strings(&input.name, &bytes)?),
-                _ => TensorData::Raw(bytes),
+        let tensor = match raw.next() {
+            Some(bytes) => raw_tensor(input.name, dtype, input.shape, bytes)?,
+            None => Tensor {
+                data: typed_contents(&input.name, dtype, input.contents.unwrap_or_default())?,
+                name: input.name,
+                dtype,
+                shape: input.shape,
             },
-            None => typed_contents(&input.name, dtype, input.contents.unwrap_or_default())?,
         };
-        tensors.push(Tensor {
-            name: input.name,
-            dtype,
-            shape: input.shape,
-            data,
-        });
+        tensors.push(tensor);
     }
     Ok(tensors)
 }
@@ -243,6 +240,27 @@ pub fn parse_datatype(input: &str, datatype: &str) -> Result<DataType, InferErro
             "input '{input}' has unknown datatype '{datatype}' (expected one of {})",
             DataType::ALL.map(DataType::protocol_name).join(", ")
         ))
+    })
+}
+
+/// A tensor from its raw bytes, as `raw_input_contents` and HTTP binary
+/// tensor data carry them: fixed-size elements read where they are,
+/// `BYTES` elements split out (see [`decode_raw_strings`]).
+pub fn raw_tensor(
+    name: String,
+    dtype: DataType,
+    shape: Vec<i64>,
+    bytes: Bytes,
+) -> Result<Tensor, InferError> {
+    let data = match dtype {
+        DataType::Bytes => TensorData::Bytes(decode_raw_strings(&name, &bytes)?),
+        _ => TensorData::Raw(bytes),
+    };
+    Ok(Tensor {
+        name,
+        dtype,
+        shape,
+        data,
     })
 }
 

@@ -18,11 +18,11 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
 use crate::error::{ErrorCode, InferError};
-use crate::grpc::{append_raw_strings, decode_raw_strings};
+use crate::grpc::{append_raw_strings, raw_tensor};
 use crate::json_data::{self, JsonData};
 use crate::runtime::TensorSpec;
 use crate::service::{InferRequest, InferResponse, InferenceService};
-use crate::tensor::{DataType, Tensor, TensorData};
+use crate::tensor::{Tensor, TensorData};
 
 /// The binary tensor data extension's header: the length of the JSON that
 /// starts the body; tensor bytes follow it.
@@ -262,7 +262,7 @@ fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) ->
             .zip(&binary)
             .filter_map(|(tensor, &binary)| binary.then_some(tensor))
     };
-    body.reserve_exact(binary_outputs().map(binary_data_size).sum());
+    body.reserve_exact(binary_outputs().map(Tensor::byte_size).sum());
     for tensor in binary_outputs() {
         match &tensor.data {
             TensorData::Raw(bytes) => body.extend_from_slice(bytes),
@@ -283,15 +283,6 @@ fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) ->
         body,
     )
         .into_response()
-}
-
-/// A tensor's size as binary tensor data: its fixed-size elements' bytes,
-/// or for `BYTES` each element's 4-byte little-endian length and bytes.
-fn binary_data_size(tensor: &Tensor) -> usize {
-    match &tensor.data {
-        TensorData::Raw(bytes) => bytes.len(),
-        TensorData::Bytes(items) => items.iter().map(|item| item.len() + 4).sum(),
-    }
 }
 
 /// The alignment of the binary tensor data in a request's buffer: enough
@@ -327,7 +318,7 @@ async fn decode_infer_request(
     body: Body,
 ) -> Result<(InferRequest, OutputEncoding), InferError> {
     let json_length = json_header_length(headers)?;
-    let (json, binary) = read_body(headers, body, service.max_request_bytes()).await?;
+    let (json, binary) = read_body(headers, json_length, body, service.max_request_bytes()).await?;
     serde_json::from_slice::<JsonInferRequest>(&json)
         .map_err(|err| {
             let hint = if json_length.is_none() && err.to_string().starts_with("trailing characters")
@@ -342,10 +333,11 @@ async fn decode_infer_request(
 }
 
 /// Reads a request body of at most `limit` bytes, and splits it into its
-/// JSON and the binary tensor data after it (none without
-/// `Inference-Header-Content-Length`).
+/// JSON (the first `json_length` bytes, from `Inference-Header-Content-Length`)
+/// and the binary tensor data after it (none without a length).
 async fn read_body(
     headers: &HeaderMap,
+    json_length: Option<usize>,
     body: Body,
     limit: usize,
 ) -> Result<(Bytes, Bytes), InferError> {
@@ -357,7 +349,6 @@ async fn read_body(
             "Content-Encoding {encoding:?} is not supported: send the request uncompressed"
         )));
     }
-    let json_length = json_header_length(headers)?;
     let too_large = || {
         InferError::new(
             ErrorCode::TooLarge,
@@ -372,7 +363,12 @@ async fn read_body(
     if declared > limit {
         return Err(too_large());
     }
-    let mut bytes = Vec::<u8>::with_capacity(declared.saturating_add(BINARY_DATA_ALIGN));
+    let room_to_align = if json_length.is_some() {
+        BINARY_DATA_ALIGN
+    } else {
+        0
+    };
+    let mut bytes = Vec::<u8>::with_capacity(declared.saturating_add(room_to_align));
     let start = json_length.map_or(0, |length| {
         bytes
             .as_ptr()
@@ -543,19 +539,7 @@ impl JsonInferRequest<'_> {
                                     binary.len()
                                 ))
                             })?;
-                        let bytes = binary.split_to(size);
-                        let data = match dtype {
-                            DataType::Bytes => {
-                                TensorData::Bytes(decode_raw_strings(&input.name, &bytes)?)
-                            }
-                            _ => TensorData::Raw(bytes),
-                        };
-                        Ok(Tensor {
-                            name: input.name,
-                            dtype,
-                            shape: input.shape,
-                            data,
-                        })
+                        raw_tensor(input.name, dtype, input.shape, binary.split_to(size))
                     }
                     (None, None) => Err(InferError::invalid(format!(
                         "input '{}' has no \"data\" (nor a \"binary_data_size\" parameter \
@@ -688,7 +672,7 @@ impl<'t> JsonInferResponse<'t> {
                     shape: &tensor.shape,
                     data: (!binary).then_some(JsonData(tensor)),
                     parameters: binary.then(|| BinaryOutputParameters {
-                        binary_data_size: binary_data_size(tensor),
+                        binary_data_size: tensor.byte_size(),
                     }),
                 })
                 .collect(),
@@ -825,7 +809,9 @@ mod tests {
                 HeaderValue::from(json_length),
             );
             let body = Body::from([json.clone(), data.clone()].concat());
-            let (got_json, binary) = read_body(&headers, body, 1 << 20).await.unwrap();
+            let (got_json, binary) = read_body(&headers, Some(json_length), body, 1 << 20)
+                .await
+                .unwrap();
             assert_eq!(got_json, json);
             assert_eq!(binary, data);
             assert_eq!(
@@ -837,9 +823,9 @@ mod tests {
         // The limit counts the body, not the alignment bytes before it.
         let mut headers = HeaderMap::new();
         headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(3));
-        let exact = read_body(&headers, Body::from(vec![b' '; 64]), 64).await;
+        let exact = read_body(&headers, Some(3), Body::from(vec![b' '; 64]), 64).await;
         assert!(exact.is_ok());
-        let over = read_body(&headers, Body::from(vec![b' '; 65]), 64).await;
+        let over = read_body(&headers, Some(3), Body::from(vec![b' '; 65]), 64).await;
         assert_eq!(over.unwrap_err().code, ErrorCode::TooLarge);
     }
 

@@ -98,19 +98,10 @@ async fn store_telemetry(
 }
 
 /// [`store_telemetry`] for `records`, after the message queued before them
-/// (`last_stored` says whether that one got stored, and now follows these).
+/// (`last_stored` says whether that one got stored, and now follows these),
+/// counting the records as held by the session (`held`) until they are
+/// stored, or fail to be.
 fn store_after(
-    ingester: &crate::ingest::Ingester,
-    records: Vec<crate::store::TelemetryRecord>,
-    last_stored: &mut Option<oneshot::Receiver<bool>>,
-) -> impl std::future::Future<Output = Result<u64, Status>> + use<> {
-    let (stored, next) = oneshot::channel();
-    store_telemetry(ingester.clone(), records, last_stored.replace(next), stored)
-}
-
-/// [`store_after`], counting the records as held by the session (`held`)
-/// until they are stored, or fail to be.
-fn store_held(
     ingester: &crate::ingest::Ingester,
     held: &Arc<std::sync::atomic::AtomicUsize>,
     records: Vec<crate::store::TelemetryRecord>,
@@ -121,7 +112,9 @@ fn store_held(
         .map(crate::store::TelemetryRecord::approx_bytes)
         .sum();
     let holding = ingester.pending.hold(held, bytes);
-    store_after(ingester, records, last_stored).inspect(move |_| drop(holding))
+    let (stored, next) = oneshot::channel();
+    store_telemetry(ingester.clone(), records, last_stored.replace(next), stored)
+        .inspect(move |_| drop(holding))
 }
 
 /// After one stored message, whatever else has been stored already: acks are
@@ -403,7 +396,7 @@ async fn run_session(
                             Ok(record) => record,
                             Err(status) => break Err(status),
                         };
-                        storing.push_back(store_held(&cp.ingester, &held, vec![record], &mut last_stored));
+                        storing.push_back(store_after(&cp.ingester, &held, vec![record], &mut last_stored));
                         last_touch = now;
                     }
                     Some(Upstream::TelemetryUpload(upload)) => {
@@ -424,7 +417,7 @@ async fn run_session(
                             Err(status) => break Err(status),
                         };
                         if !records.is_empty() {
-                            storing.push_back(store_held(&cp.ingester, &held, records, &mut last_stored));
+                            storing.push_back(store_after(&cp.ingester, &held, records, &mut last_stored));
                         }
                         last_touch = now;
                     }
