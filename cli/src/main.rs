@@ -4,7 +4,7 @@
 //! behaviour lives in the server, so any other gRPC client can do the same.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,6 +96,9 @@ enum ModelsCommand {
         /// The model's inputs must never leave the device (no offloading).
         #[arg(long)]
         private: bool,
+        /// Sign with this Ed25519 key (PKCS#8, DER or PEM, e.g. from `openssl genpkey -algorithm ed25519`) instead of the fleet's release key; the servers must trust its public key (--trusted-signing-key).
+        #[arg(long, value_name = "FILE")]
+        signing_key: Option<PathBuf>,
     },
     /// List model versions.
     List {
@@ -224,12 +227,16 @@ fn is_loopback_url(url: &str) -> bool {
         })
 }
 
+/// Largest answer the CLI reads: a big fleet's device list, or a rollout
+/// with every device and event, is far above tonic's 4 MiB default.
+pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
 async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
-    Ok(OperatorServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(OperatorServiceClient::new(channel(cli).await?).max_decoding_message_size(MAX_ANSWER_BYTES))
 }
 
 async fn connect_models(cli: &Cli) -> anyhow::Result<ModelServiceClient<Channel>> {
-    Ok(ModelServiceClient::new(channel(cli).await?).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(ModelServiceClient::new(channel(cli).await?).max_decoding_message_size(MAX_ANSWER_BYTES))
 }
 
 fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
@@ -851,6 +858,7 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
             version,
             labels,
             private,
+            signing_key,
         } => {
             let mut parsed = BTreeMap::new();
             for label in labels {
@@ -859,13 +867,19 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
             if *version == Some(0) {
                 bail!("--version must be at least 1 (leave it out for the next version)");
             }
-            let header = pb::PushModelHeader {
+            let mut header = pb::PushModelHeader {
                 name: name.clone(),
                 version: version.unwrap_or(0),
                 labels: parsed.into_iter().collect(),
                 private: *private,
                 ..Default::default()
             };
+            if let Some(key_path) = signing_key {
+                let key = edgefleet_pki::ReleaseKey::from_key_file(key_path)?;
+                let digest = sha256_file(file).await?;
+                header.signature = key.sign_model(&digest)?;
+                header.signature_public_key = key.public_key();
+            }
             let model = push_model(cli, file, header).await?;
             match cli.output {
                 Output::Json => print_json(&model_json(&model))?,
@@ -955,6 +969,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The hex SHA-256 of a file, read on a blocking thread.
+async fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let mut hasher = sha2::Sha256::new();
+        std::io::copy(&mut file, &mut hasher)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(hex::encode(hasher.finalize()))
+    })
+    .await
+    .context("the digest task failed")?
 }
 
 /// Whether an error comes from writing to a pipe whose reader has closed.

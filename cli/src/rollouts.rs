@@ -231,7 +231,8 @@ fn print_rollout(r: &pb::Rollout) -> anyhow::Result<()> {
 }
 
 async fn client(cli: &Cli) -> anyhow::Result<RolloutServiceClient<Channel>> {
-    Ok(RolloutServiceClient::new(channel(cli).await?))
+    Ok(RolloutServiceClient::new(channel(cli).await?)
+        .max_decoding_message_size(crate::MAX_ANSWER_BYTES))
 }
 
 /// Follows a rollout to its end; Ok(true) if it succeeded.

@@ -527,7 +527,7 @@ async fn send_desired_state(
                     private: m.private,
                 })
                 .collect(),
-            trusted_keys: Vec::new(),
+            trusted_keys: cp.config.trusted_signing_keys.clone(),
         })),
     };
     if outbound.send(Ok(message)).await.is_err() {

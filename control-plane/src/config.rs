@@ -77,6 +77,14 @@ pub struct ServeArgs {
     /// Device memory a model needs, as a multiple of its size (plus 32 MiB) [default: 3.0].
     #[arg(long, env = "EDGEFLEET_MODEL_MEMORY_FACTOR", value_name = "FACTOR")]
     pub model_memory_factor: Option<f64>,
+    /// Ed25519 public key (64 hex digits) whose model signatures the fleet trusts besides the server's release key (repeatable, or a,b,c); pushes signed by any other key are refused.
+    #[arg(
+        long = "trusted-signing-key",
+        env = "EDGEFLEET_TRUSTED_SIGNING_KEYS",
+        value_name = "HEX",
+        value_delimiter = ','
+    )]
+    pub trusted_signing_keys: Vec<String>,
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -98,6 +106,7 @@ struct FileConfig {
     device_certificate_validity: Option<String>,
     max_model_bytes: Option<u64>,
     model_memory_factor: Option<f64>,
+    trusted_signing_keys: Option<Vec<String>>,
 }
 
 /// Resolved settings.
@@ -119,6 +128,9 @@ pub struct ServerConfig {
     /// `estimated_memory_bytes = size × factor + 32 MiB` (see
     /// [`crate::registry::estimated_memory_bytes`]).
     pub model_memory_factor: f64,
+    /// Raw Ed25519 public keys (32 bytes) an operator may sign models with;
+    /// sent to agents in every desired state.
+    pub trusted_signing_keys: Vec<Vec<u8>>,
     /// How often the store is asked for revocations made by other replicas.
     pub revocation_poll_interval: Duration,
     /// How often raw telemetry is rolled up and pruned.
@@ -145,6 +157,7 @@ impl ServerConfig {
             device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
             max_model_bytes: crate::registry::DEFAULT_MAX_MODEL_BYTES,
             model_memory_factor: crate::registry::DEFAULT_MODEL_MEMORY_FACTOR,
+            trusted_signing_keys: Vec::new(),
             revocation_poll_interval: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(600),
         }
@@ -290,6 +303,19 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     } else {
         args.server_names
     };
+    let keys = if args.trusted_signing_keys.is_empty() {
+        file.trusted_signing_keys.unwrap_or_default()
+    } else {
+        args.trusted_signing_keys
+    };
+    for text in keys {
+        match hex::decode(text.trim()) {
+            Ok(key) if key.len() == 32 => config.trusted_signing_keys.push(key),
+            _ => problems.push(format!(
+                "trusted_signing_key \"{text}\" is not an Ed25519 public key: 64 hex digits (the raw 32-byte key) are expected"
+            )),
+        }
+    }
     let addrs = [config.agent_addr, config.api_addr, config.http_addr];
     for (i, a) in addrs.iter().enumerate() {
         if a.port() != 0 && addrs[..i].contains(a) {

@@ -14,15 +14,40 @@ pub const MAX_HISTOGRAM_BUCKETS: usize = 256;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_MESSAGE_LEN: usize = 4_096;
 
-/// INVALID_ARGUMENT when `value` is longer than `max` bytes.
-pub fn too_long(field: &str, value: &str, max: usize) -> Result<(), Status> {
+/// INVALID_ARGUMENT when `value` is longer than `max` bytes or holds a NUL
+/// (PostgreSQL's text cannot store one, SQLite's can: both stores must take
+/// the same input).
+pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
     if value.len() > max {
         return Err(Status::invalid_argument(format!(
             "{field} is {} bytes long; at most {max} are accepted",
             value.len()
         )));
     }
+    if value.contains('\0') {
+        return Err(Status::invalid_argument(format!(
+            "{field} contains a NUL character"
+        )));
+    }
     Ok(())
+}
+
+/// Free text a device reports (an event's message, why an activation
+/// failed), made storable instead of refused: a device resends what was
+/// refused on every session, so refusing it would end them all. Cut to at
+/// most `max` bytes on a character boundary, each NUL replaced by U+FFFD.
+pub fn storable_message(mut text: String, max: usize) -> String {
+    if text.contains('\0') {
+        text = text.replace('\0', "\u{FFFD}");
+    }
+    if text.len() > max {
+        let mut cut = max;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
 }
 
 fn saturating_i64(value: u64) -> i64 {
@@ -37,7 +62,7 @@ pub fn inventory_from_pb(inventory: &pb::Inventory) -> Result<Inventory, Status>
         ("inventory.agent_version", &inventory.agent_version),
         ("inventory.hostname", &inventory.hostname),
     ] {
-        too_long(field, value, MAX_NAME_LEN)?;
+        check_text(field, value, MAX_NAME_LEN)?;
     }
     if inventory.accelerators.len() > 64 || inventory.runtimes.len() > 16 {
         return Err(Status::invalid_argument(
@@ -45,7 +70,7 @@ pub fn inventory_from_pb(inventory: &pb::Inventory) -> Result<Inventory, Status>
         ));
     }
     for value in inventory.accelerators.iter().chain(&inventory.runtimes) {
-        too_long("inventory entry", value, MAX_NAME_LEN)?;
+        check_text("inventory entry", value, MAX_NAME_LEN)?;
     }
     Ok(Inventory {
         cpu_model: inventory.cpu_model.clone(),
@@ -81,9 +106,9 @@ pub fn models_from_pb(models: &[pb::ModelVersionRef]) -> Result<Vec<DeviceModel>
     models
         .iter()
         .map(|m| {
-            too_long("model name", &m.name, MAX_NAME_LEN)?;
-            too_long("model sha256", &m.sha256, 64)?;
-            too_long("model state", &m.state, 32)?;
+            check_text("model name", &m.name, MAX_NAME_LEN)?;
+            check_text("model sha256", &m.sha256, 64)?;
+            check_text("model state", &m.state, 32)?;
             Ok(DeviceModel {
                 name: m.name.clone(),
                 version: m.version,
@@ -163,7 +188,7 @@ pub fn telemetry_from_pb(
         .models
         .into_iter()
         .map(|m| {
-            too_long("model name", &m.name, MAX_NAME_LEN)?;
+            check_text("model name", &m.name, MAX_NAME_LEN)?;
             Ok(ModelSample {
                 latency_us: histogram("latency_us", m.latency_us.as_ref())?,
                 batch_size: histogram("batch_size", m.batch_size.as_ref())?,
@@ -181,8 +206,7 @@ pub fn telemetry_from_pb(
         .events
         .into_iter()
         .map(|e| {
-            too_long("event model", &e.model, MAX_NAME_LEN)?;
-            too_long("event message", &e.message, MAX_MESSAGE_LEN)?;
+            check_text("event model", &e.model, MAX_NAME_LEN)?;
             let kind = pb::event::Kind::try_from(e.kind)
                 .map(|k| k.as_str_name().to_string())
                 .unwrap_or_else(|_| format!("UNKNOWN_{}", e.kind));
@@ -191,12 +215,12 @@ pub fn telemetry_from_pb(
                 kind,
                 model: e.model,
                 version: e.version,
-                message: e.message,
+                message: storable_message(e.message, MAX_MESSAGE_LEN),
             })
         })
         .collect::<Result<Vec<_>, Status>>()?;
     if let Some(device) = &batch.device {
-        too_long("device runtime", &device.runtime, 32)?;
+        check_text("device runtime", &device.runtime, 32)?;
     }
     Ok(TelemetryRecord {
         device_id: device_id.to_string(),

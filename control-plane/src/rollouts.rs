@@ -36,15 +36,10 @@ pub async fn record_activation(
     device_id: &str,
     report: pb::ActivationReport,
 ) -> Result<(), Status> {
-    crate::convert::too_long(
+    crate::convert::check_text(
         "activation model name",
         &report.name,
         crate::convert::MAX_NAME_LEN,
-    )?;
-    crate::convert::too_long(
-        "activation reason",
-        &report.reason,
-        crate::convert::MAX_MESSAGE_LEN,
     )?;
     let stage = pb::activation_report::Stage::try_from(report.stage)
         .map(|s| s.as_str_name().to_string())
@@ -62,13 +57,17 @@ pub async fn record_activation(
         name: report.name,
         version: report.version,
         stage,
-        reason: report.reason,
+        reason: crate::convert::storable_message(report.reason, crate::convert::MAX_MESSAGE_LEN),
         at: now_ms(),
         generation: report.generation,
         reported_ms: i64::try_from(report.unix_ms).unwrap_or(i64::MAX),
     };
     if let Err(err) = cp.store.record_activation(&record).await {
         tracing::warn!(device = %device_id, error = %err, "cannot record an activation step");
+        // The agent sends its latest reports again on its next session.
+        return Err(Status::unavailable(
+            "cannot store the activation report now; send it again on the next session",
+        ));
     }
     Ok(())
 }
@@ -101,7 +100,8 @@ pub fn wave_sizes(waves: &[WaveSize], n: usize) -> Vec<usize> {
     let mut sizes: Vec<usize> = waves
         .iter()
         .map(|w| match *w {
-            WaveSize::Percent(p) => ((p / 100.0) * n as f64).ceil() as usize,
+            // p × n first: 3.5% of 200 is 7, where 0.035 × 200 is 7.000…1.
+            WaveSize::Percent(p) => (p * n as f64 / 100.0 - 1e-9).ceil() as usize,
             WaveSize::Count(c) => c as usize,
         })
         .map(|s| s.clamp(1, n.max(1)))
@@ -254,15 +254,21 @@ async fn judge_gates(
     devices: &[RolloutDeviceRecord],
 ) -> anyhow::Result<Option<String>> {
     let gates: &GateSpec = &rollout.spec.gates;
-    let failed: Vec<&RolloutDeviceRecord> =
-        devices.iter().filter(|d| d.state == "failed").collect();
+    // Failures from before an operator resumed the rollout were accepted.
+    let since = rollout.spec.gates_since_ms;
+    let failed: Vec<&RolloutDeviceRecord> = devices
+        .iter()
+        .filter(|d| d.state == "failed" && d.updated_at >= since)
+        .collect();
     let active: Vec<String> = devices
         .iter()
         .filter(|d| d.state == "active")
         .map(|d| d.device_id.clone())
         .collect();
     let reported = failed.len() + active.len();
-    let min_reporting = gates.min_devices_reporting.max(1) as usize;
+    // Never more devices than the rollout has: a gate would never be judged.
+    let members = devices.iter().filter(|d| d.state != "left").count();
+    let min_reporting = (gates.min_devices_reporting as usize).clamp(1, members.max(1));
     let failed_list = || {
         failed
             .iter()
@@ -298,7 +304,7 @@ async fn judge_gates(
             &active,
             &rollout.model,
             Some(rollout.version),
-            rollout.created_at,
+            rollout.created_at.max(since),
             now + 1,
         )
         .await?;
@@ -453,9 +459,9 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         anyhow::bail!("rollout {} names a missing model", rollout.id);
     };
 
-    if rollout.state == RolloutState::Paused {
-        return Ok(());
-    }
+    // A paused rollout starts no device and judges no gate, but what is
+    // updating finishes: its reports still move devices on.
+    let paused = rollout.state == RolloutState::Paused;
     if rollout.state == RolloutState::Pending {
         rollout.state = RolloutState::Running;
         rollout.current_wave = 1;
@@ -467,15 +473,17 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         ));
     }
 
-    reconcile_membership(
-        cp,
-        &rollout,
-        &model,
-        &mut devices,
-        &mut desired,
-        &mut events,
-    )
-    .await?;
+    if !paused {
+        reconcile_membership(
+            cp,
+            &rollout,
+            &model,
+            &mut devices,
+            &mut desired,
+            &mut events,
+        )
+        .await?;
+    }
 
     // Activation reports move updating devices on.
     let activations: HashMap<String, ActivationRecord> = cp
@@ -509,67 +517,91 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
     }
 
     // Health gates.
-    if let Some(reason) = judge_gates(cp, &rollout, &devices).await? {
-        if rollout.spec.rollback_on_failure {
-            desired.extend(rollback_changes(cp, &rollout, &mut devices, &reason).await?);
-            rollout.state = RolloutState::RolledBack;
-            events.push(event(&rollout.id, "engine", "rolled_back", reason.clone()));
+    if !paused {
+        if let Some(reason) = judge_gates(cp, &rollout, &devices).await? {
+            if rollout.spec.rollback_on_failure {
+                desired.extend(rollback_changes(cp, &rollout, &mut devices, &reason).await?);
+                rollout.state = RolloutState::RolledBack;
+                events.push(event(&rollout.id, "engine", "rolled_back", reason.clone()));
+            } else {
+                rollout.state = RolloutState::Paused;
+                events.push(event(&rollout.id, "engine", "paused", reason.clone()));
+            }
+            rollout.reason = reason;
         } else {
-            rollout.state = RolloutState::Paused;
-            events.push(event(&rollout.id, "engine", "paused", reason.clone()));
-        }
-        rollout.reason = reason;
-    } else {
-        // Start devices of the current wave, within the concurrency limit.
-        let updating = devices.iter().filter(|d| d.state == "updating").count();
-        let limit = match rollout.spec.max_concurrent {
-            0 => usize::MAX,
-            n => n as usize,
-        };
-        let mut room = limit.saturating_sub(updating);
-        for device in devices
-            .iter_mut()
-            .filter(|d| d.state == "waiting" && d.wave <= rollout.current_wave)
-        {
-            if room == 0 {
-                break;
+            // Start devices of the current wave, within the concurrency limit.
+            let updating = devices.iter().filter(|d| d.state == "updating").count();
+            let limit = match rollout.spec.max_concurrent {
+                0 => usize::MAX,
+                n => n as usize,
+            };
+            let mut room = limit.saturating_sub(updating);
+            for device in devices
+                .iter_mut()
+                .filter(|d| d.state == "waiting" && d.wave <= rollout.current_wave)
+            {
+                if room == 0 {
+                    break;
+                }
+                desired.push(DesiredChange::Set {
+                    device_id: device.device_id.clone(),
+                    model: desired_model(&model),
+                });
+                device.state = "updating".into();
+                device.updated_at = now;
+                room -= 1;
             }
-            desired.push(DesiredChange::Set {
-                device_id: device.device_id.clone(),
-                model: desired_model(&model),
-            });
-            device.state = "updating".into();
-            device.updated_at = now;
-            room -= 1;
-        }
-        // A wave is done when its devices all finished; then it soaks.
-        let wave_finished = devices
-            .iter()
-            .filter(|d| d.wave <= rollout.current_wave)
-            .all(|d| matches!(d.state.as_str(), "active" | "failed" | "left"));
-        if wave_finished {
-            if rollout.wave_done_at == 0 {
-                rollout.wave_done_at = now;
-            }
-            let waves = rollout.spec.waves.len().max(1) as u32;
-            if now - rollout.wave_done_at >= rollout.spec.soak_ms {
-                if rollout.current_wave >= waves {
-                    rollout.state = RolloutState::Succeeded;
-                    events.push(event(
-                        &rollout.id,
-                        "engine",
-                        "succeeded",
-                        format!("all {waves} waves done"),
-                    ));
-                } else {
-                    rollout.current_wave += 1;
-                    rollout.wave_done_at = 0;
-                    events.push(event(
-                        &rollout.id,
-                        "engine",
-                        "wave_started",
-                        format!("wave {} started", rollout.current_wave),
-                    ));
+            // A wave is done when its devices all finished; then it soaks.
+            let wave_finished = devices
+                .iter()
+                .filter(|d| d.wave <= rollout.current_wave)
+                .all(|d| matches!(d.state.as_str(), "active" | "failed" | "left"));
+            if wave_finished {
+                if rollout.wave_done_at == 0 {
+                    rollout.wave_done_at = now;
+                }
+                let waves = rollout.spec.waves.len().max(1) as u32;
+                if now - rollout.wave_done_at >= rollout.spec.soak_ms {
+                    if rollout.current_wave >= waves {
+                        let failed: Vec<String> = devices
+                            .iter()
+                            .filter(|d| d.state == "failed")
+                            .map(|d| format!("{} ({})", d.device_id, d.reason))
+                            .collect();
+                        if failed.is_empty() {
+                            rollout.state = RolloutState::Succeeded;
+                            events.push(event(
+                                &rollout.id,
+                                "engine",
+                                "succeeded",
+                                format!("all {waves} waves done"),
+                            ));
+                        } else {
+                            let members = devices.iter().filter(|d| d.state != "left").count();
+                            let reason = format!(
+                                "all {waves} waves done, but {} of {members} devices failed to activate the version: {}",
+                                failed.len(),
+                                failed.join(", ")
+                            );
+                            rollout.state = RolloutState::FinishedWithFailures;
+                            events.push(event(
+                                &rollout.id,
+                                "engine",
+                                "finished_with_failures",
+                                reason.clone(),
+                            ));
+                            rollout.reason = reason;
+                        }
+                    } else {
+                        rollout.current_wave += 1;
+                        rollout.wave_done_at = 0;
+                        events.push(event(
+                            &rollout.id,
+                            "engine",
+                            "wave_started",
+                            format!("wave {} started", rollout.current_wave),
+                        ));
+                    }
                 }
             }
         }
@@ -668,6 +700,7 @@ fn spec_from_request(request: &pb::CreateRolloutRequest) -> Result<RolloutSpec, 
             min_devices_reporting: gates.min_devices_reporting,
         },
         rollback_on_failure: request.on_failure() != pb::FailurePolicy::Pause,
+        gates_since_ms: 0,
     })
 }
 
@@ -854,6 +887,7 @@ impl RolloutApi {
             "resume" => {
                 rollout.state = RolloutState::Running;
                 rollout.reason.clear();
+                rollout.spec.gates_since_ms = now_ms();
                 if rollout.current_wave == 0 {
                     rollout.current_wave = 1;
                 }
@@ -1151,6 +1185,71 @@ mod tests {
         assert_eq!(wave_sizes(&counts, 20), vec![2, 20]);
         assert_eq!(wave_sizes(&counts, 3), vec![2, 3]);
         assert_eq!(wave_sizes(&[WaveSize::Percent(50.0)], 3), vec![3]);
+        // 0.035 × 200 is 7.000…1 in floating point; the wave is 7 devices.
+        let fractional = [WaveSize::Percent(3.5), WaveSize::Percent(100.0)];
+        assert_eq!(wave_sizes(&fractional, 200), vec![7, 200]);
+    }
+
+    fn member(id: &str, state: &str, updated_at: i64) -> RolloutDeviceRecord {
+        RolloutDeviceRecord {
+            rollout_id: "r1".into(),
+            device_id: id.into(),
+            wave: 1,
+            state: state.into(),
+            previous_version: 1,
+            reason: "broken".into(),
+            updated_at,
+            generation: 1,
+        }
+    }
+
+    /// An operator who resumes a rollout a gate paused accepts the failures
+    /// that paused it: the gate judges only failures made since, so the
+    /// rollout does not pause again at once.
+    #[tokio::test]
+    async fn a_resumed_rollout_is_judged_on_failures_since_the_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        rollout.spec.gates.max_failed_activations = 1;
+        let mut devices = vec![
+            member("d1", "failed", 500),
+            member("d2", "failed", 600),
+            member("d3", "active", 600),
+        ];
+        let paused = judge_gates(&cp, &rollout, &devices).await.unwrap();
+        assert!(paused.unwrap().contains("2 failed activations > 1"));
+
+        rollout.spec.gates_since_ms = 1_000;
+        assert_eq!(judge_gates(&cp, &rollout, &devices).await.unwrap(), None);
+        devices.push(member("d4", "failed", 2_000));
+        assert_eq!(judge_gates(&cp, &rollout, &devices).await.unwrap(), None);
+        devices.push(member("d5", "failed", 2_500));
+        let again = judge_gates(&cp, &rollout, &devices).await.unwrap().unwrap();
+        assert!(
+            again.contains("2 failed activations > 1") && again.contains("d4"),
+            "{again}"
+        );
+        assert!(!again.contains("d1"), "{again}");
+    }
+
+    /// `--min-devices` above the rollout's size would keep a gate from ever
+    /// being judged: it counts as every device of the rollout.
+    #[tokio::test]
+    async fn min_devices_above_the_rollouts_size_still_judges_gates() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        rollout.spec.gates.max_failed_activations_percent = 10.0;
+        rollout.spec.gates.min_devices_reporting = 5;
+        let devices = vec![
+            member("d1", "failed", 500),
+            member("d2", "active", 500),
+            member("d3", "active", 500),
+            member("d4", "left", 500),
+        ];
+        let reason = judge_gates(&cp, &rollout, &devices).await.unwrap().unwrap();
+        assert!(reason.contains("33.3% of 3 devices failed"), "{reason}");
     }
 
     #[test]
@@ -1198,6 +1297,7 @@ mod tests {
                 max_concurrent: 0,
                 gates: GateSpec::default(),
                 rollback_on_failure: true,
+                gates_since_ms: 0,
             },
             state: RolloutState::Pending,
             current_wave: 0,

@@ -621,3 +621,80 @@ fn telemetry_after_a_message_that_could_not_be_stored_is_not_stored_either() {
         assert_eq!(welcome(&mut stream).await.acked_sequence, 4);
     });
 }
+
+/// Free text a device reports (why an activation failed, an event's
+/// message) can be longer than the server keeps, or hold a NUL that
+/// PostgreSQL's text cannot: it is stored cut and cleaned, never refused,
+/// since an agent resends a refused report on every session and would be
+/// disconnected over and over.
+#[test]
+fn long_or_nul_free_text_from_a_device_is_stored_cut_never_refused() {
+    for db in ["sqlite", "postgres"] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == "postgres").then(PgSchema::create);
+        let server = Server::start(
+            dir.path(),
+            schema.as_ref().map(|s| s.url.as_str()),
+            &["--telemetry-upload-interval", "0s"],
+        );
+        let runtime = runtime();
+        let long_reason = format!("{}\0{}", "é".repeat(100), "é".repeat(3_000));
+        let device_id = runtime.block_on(async {
+            let device = enroll_device(&server).await;
+            let mut client = device_client(&server, &device).await;
+            let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+            welcome(&mut stream).await;
+            tx.send(pb::AgentMessage {
+                kind: Some(Upstream::Activation(pb::ActivationReport {
+                    name: "m".into(),
+                    version: 1,
+                    stage: pb::activation_report::Stage::Failed as i32,
+                    reason: long_reason.clone(),
+                    unix_ms: 1,
+                    generation: 1,
+                    ..Default::default()
+                })),
+            })
+            .await
+            .unwrap();
+            let batch = pb::TelemetryBatch {
+                sequence: 1,
+                device_id: device.device_id.clone(),
+                start_unix_ms: 1,
+                end_unix_ms: 2,
+                events: vec![pb::Event {
+                    unix_ms: 1,
+                    model: "m".into(),
+                    message: format!("bad\0byte{}", "x".repeat(5_000)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            tx.send(pb::AgentMessage {
+                kind: Some(Upstream::Telemetry(batch)),
+            })
+            .await
+            .unwrap();
+            assert_eq!(next_ack(&mut stream).await, 1, "{db}: the session went on");
+            device.device_id
+        });
+        let store = open_store(&runtime, &server);
+        let (activations, events) = runtime.block_on(async {
+            (
+                store.activations("m", 1).await.unwrap(),
+                store.events(&device_id, 0, i64::MAX).await.unwrap(),
+            )
+        });
+        assert_eq!(activations.len(), 1, "{db}: the activation was stored");
+        let reason = &activations[0].reason;
+        // 200 bytes of "é", U+FFFD (3 bytes) for the NUL, then "é" up to
+        // the last character boundary within 4,096 bytes.
+        assert_eq!(reason.len(), 4_095, "{db}: cut to at most 4096 bytes");
+        assert_eq!(&reason[200..203], "\u{FFFD}", "{db}");
+        assert!(reason[..200].chars().all(|c| c == 'é'), "{db}");
+        assert!(reason[203..].chars().all(|c| c == 'é'), "{db}");
+        assert_eq!(events.len(), 1, "{db}: the event was stored");
+        assert!(events[0].message.starts_with("bad\u{FFFD}bytexxx"), "{db}");
+        assert_eq!(events[0].message.len(), 4_096, "{db}");
+    }
+}

@@ -626,3 +626,98 @@ fn an_agent_killed_mid_download_resumes_where_it_stopped() {
     );
     assert!(agent.infer_mlp());
 }
+
+/// A model an operator signed with their own key (`models push
+/// --signing-key`) activates on devices when the servers trust that key,
+/// and a push signed by a key they do not trust is refused up front, naming
+/// the flag that would trust it.
+#[test]
+fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let (trusted, _) = edgefleet_pki::ReleaseKey::load_or_create(&keys.join("trusted")).unwrap();
+    let trusted_file = keys.join("trusted").join(edgefleet_pki::RELEASE_KEY_FILE);
+    edgefleet_pki::ReleaseKey::load_or_create(&keys.join("other")).unwrap();
+    let other_file = keys.join("other").join(edgefleet_pki::RELEASE_KEY_FILE);
+    let trusted_hex = hex::encode(trusted.public_key());
+    let mut args = FAST.to_vec();
+    args.extend(["--trusted-signing-key", trusted_hex.as_str()]);
+    let server = Server::start(&dir.path().join("server"), None, &args);
+    let state = dir.path().join("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let agent = Agent::run(&state, &["--reconnect-max-delay", "2s"]);
+    eventually(Duration::from_secs(30), "the agent online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+
+    let refused = server.cli(&[
+        "models",
+        "push",
+        &fixture("mlp"),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+        "--signing-key",
+        other_file.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    let message = stderr(&refused);
+    assert!(
+        message.contains("does not trust") && message.contains("--trusted-signing-key"),
+        "{message}"
+    );
+
+    let model = server.cli_json(&[
+        "models",
+        "push",
+        &fixture("mlp"),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+        "--signing-key",
+        trusted_file.to_str().unwrap(),
+    ]);
+    assert_eq!(model["signed_by"], "operator");
+    assert_eq!(model["signature_public_key"], trusted_hex.as_str());
+    let output = server.cli(&["rollouts", "create", "--model", "mlp@1", "--watch"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    eventually(Duration::from_secs(30), "the signed model served", || {
+        (agent.served_versions("mlp") == vec![1] && agent.infer_mlp()).then_some(())
+    });
+}
+
+/// With no gate set, a rollout whose devices failed to activate the version
+/// runs all its waves but does not end "succeeded": it ends
+/// "finished_with_failures", naming the devices, and `watch` exits non-zero.
+#[test]
+fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed() {
+    // tract lacks the operator `unsupported_op` uses: activation fails there.
+    let fleet = fleet(Db::Sqlite, &["onnxruntime", "tract"]);
+    let server = &fleet.server;
+    push(server, &fixture("unsupported_op"), "uop", 1);
+    let output = server.cli(&[
+        "rollouts",
+        "create",
+        "--model",
+        "uop@1",
+        "--selector",
+        "region=eu",
+        "--watch",
+    ]);
+    assert!(
+        !output.status.success(),
+        "a rollout with failures must exit non-zero"
+    );
+    let list = server.cli_json(&["rollouts", "list", "--model", "uop"]);
+    let finished = server.cli_json(&["rollouts", "get", list[0]["id"].as_str().unwrap()]);
+    assert_eq!(finished["state"], "finished_with_failures");
+    assert_eq!(finished["counts"]["active"], 1);
+    assert_eq!(finished["counts"]["failed"], 1);
+    let reason = finished["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("1 of 2 devices failed") && reason.contains(fleet.devices[1].as_str()),
+        "{reason}"
+    );
+}

@@ -1593,6 +1593,7 @@ mod registry {
                 min_devices_reporting: 1,
             },
             rollback_on_failure: true,
+            gates_since_ms: 0,
         }
     }
 

@@ -57,6 +57,35 @@ impl ReleaseKey {
         }
     }
 
+    /// An operator's own signing key from a file: Ed25519 in PKCS#8, DER or
+    /// PEM (`openssl genpkey -algorithm ed25519 -out signing.pem` makes one;
+    /// so does a server's `release.key`).
+    pub fn from_key_file(path: &Path) -> Result<ReleaseKey> {
+        use rustls_pki_types::PrivatePkcs8KeyDer;
+        use rustls_pki_types::pem::PemObject;
+        let bytes = std::fs::read(path).map_err(io_error(path))?;
+        let der = if bytes.starts_with(b"-----BEGIN") {
+            PrivatePkcs8KeyDer::from_pem_slice(&bytes)
+                .map_err(|e| {
+                    PkiError::InvalidKey(format!(
+                        "{} holds no PKCS#8 private key (\"BEGIN PRIVATE KEY\"): {e}",
+                        path.display()
+                    ))
+                })?
+                .secret_pkcs8_der()
+                .to_vec()
+        } else {
+            bytes
+        };
+        let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
+            PkiError::InvalidKey(format!(
+                "{} is not an Ed25519 private key in PKCS#8: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(ReleaseKey { pair })
+    }
+
     /// The raw 32-byte public key.
     pub fn public_key(&self) -> Vec<u8> {
         self.pair.public_key().as_ref().to_vec()
@@ -85,7 +114,8 @@ pub fn verify_model_signature(public_key: &[u8], sha256_hex: &str, signature: &[
         .verify(&digest, signature)
         .map_err(|_| {
             PkiError::Certificate(format!(
-                "the signature of model {sha256_hex} does not verify with the fleet's release key"
+                "the signature of model {sha256_hex} does not verify with key {}",
+                hex::encode(public_key)
             ))
         })
 }
@@ -93,6 +123,48 @@ pub fn verify_model_signature(public_key: &[u8], sha256_hex: &str, signature: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_operator_key_file_loads_from_der_or_pem_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // A server's release key (PKCS#8 v2 DER).
+        let (key, _) = ReleaseKey::load_or_create(dir.path()).unwrap();
+        let from_der = ReleaseKey::from_key_file(&dir.path().join(RELEASE_KEY_FILE)).unwrap();
+        assert_eq!(from_der.public_key(), key.public_key());
+        // A key another tool made, as PEM and as DER.
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let pem_path = dir.path().join("signing.pem");
+        std::fs::write(&pem_path, other.serialize_pem()).unwrap();
+        let from_pem = ReleaseKey::from_key_file(&pem_path).unwrap();
+        assert_eq!(from_pem.public_key(), other.public_key_raw());
+        let der_path = dir.path().join("signing.der");
+        std::fs::write(&der_path, other.serialize_der()).unwrap();
+        assert_eq!(
+            ReleaseKey::from_key_file(&der_path).unwrap().public_key(),
+            other.public_key_raw()
+        );
+        // As OpenSSL writes Ed25519 keys: PKCS#8 v1, without the public key
+        // (RFC 8410's fixed 16-byte prefix, then the 32-byte seed).
+        let seed = [7u8; 32];
+        let mut v1 = hex::decode("302e020100300506032b657004220420").unwrap();
+        v1.extend_from_slice(&seed);
+        let v1_path = dir.path().join("openssl.der");
+        std::fs::write(&v1_path, &v1).unwrap();
+        let expected = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        assert_eq!(
+            ReleaseKey::from_key_file(&v1_path).unwrap().public_key(),
+            expected.public_key().as_ref()
+        );
+
+        let garbage = dir.path().join("garbage");
+        std::fs::write(&garbage, b"not a key").unwrap();
+        let err = ReleaseKey::from_key_file(&garbage).unwrap_err().to_string();
+        assert!(err.contains("not an Ed25519 private key"), "{err}");
+        let err = ReleaseKey::from_key_file(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
+    }
 
     #[test]
     fn signatures_verify_and_tampering_is_caught() {

@@ -99,6 +99,10 @@ struct ReportQueue {
 
 /// Reports queued at most before the queue is compacted to one per model.
 const MAX_QUEUED_REPORTS: usize = 512;
+/// Longest reason an activation report carries (the control plane keeps
+/// 4,096 bytes; a model check's output or a runtime's error chain can be
+/// far longer).
+const MAX_REASON_BYTES: usize = 4_096;
 
 impl Reports {
     fn lock(&self) -> std::sync::MutexGuard<'_, ReportQueue> {
@@ -359,7 +363,7 @@ impl Delivery {
             version: job.model.version,
             sha256: job.model.sha256.clone(),
             stage: stage as i32,
-            reason: reason.to_string(),
+            reason: crate::telemetry::cut_text(reason, MAX_REASON_BYTES),
             bytes_done,
             unix_ms: now_ms(),
             generation: job.generation,

@@ -41,3 +41,14 @@ pub use probe::{DeviceProbe, agent_rss_bytes};
 pub use recorder::{
     DEFAULT_EVENT_CAP, MAX_EVENT_MESSAGE_BYTES, TelemetryRecorder, VersionTelemetry, unix_ms,
 };
+
+/// `text` cut to at most `max` bytes, on a character boundary: free text
+/// (an error chain, a child process's output) sized for the control plane,
+/// which refuses longer messages.
+pub fn cut_text(text: &str, max: usize) -> String {
+    let mut cut = text.len().min(max);
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text[..cut].to_string()
+}

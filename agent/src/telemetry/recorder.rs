@@ -81,14 +81,7 @@ impl Events {
             log.overflow = log.overflow.saturating_add(1);
             return;
         }
-        let mut message = message.to_string();
-        if message.len() > MAX_EVENT_MESSAGE_BYTES {
-            let mut cut = MAX_EVENT_MESSAGE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-        }
+        let message = super::cut_text(message, MAX_EVENT_MESSAGE_BYTES);
         log.events.push(Event {
             unix_ms: unix_ms(SystemTime::now()),
             kind: kind as i32,

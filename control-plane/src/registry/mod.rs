@@ -52,8 +52,9 @@ pub fn estimated_memory_bytes(size_bytes: u64, factor: f64) -> u64 {
 /// Whether a model with this estimate may be sent to a device with
 /// `device_memory_bytes` of RAM: the estimate must be at most half of it,
 /// leaving the rest to the OS, the agent, other models and the
-/// application the device runs. A device reporting 0 bytes (unknown) fits
-/// nothing.
+/// application the device runs. By this rule a device reporting 0 bytes
+/// fits nothing; rollouts take 0 as unknown and do not refuse it
+/// ([`crate::rollouts::fits_device`]).
 pub fn fits(estimated_memory_bytes: u64, device_memory_bytes: u64) -> bool {
     (estimated_memory_bytes as f64) <= device_memory_bytes as f64 * MAX_DEVICE_MEMORY_SHARE
 }

@@ -41,9 +41,19 @@ fn invalid(message: impl Into<String>) -> OnnxError {
     OnnxError::Invalid(message.into())
 }
 
-/// Largest single small message (an input, an output, an opset import) read
-/// into memory; real ones are a few hundred bytes.
-const MAX_SMALL_MESSAGE: u64 = 16 * 1024 * 1024;
+/// Largest single small message (an input, an output, an opset import, an
+/// initializer's name) read into memory; real ones are a few hundred bytes.
+const MAX_SMALL_MESSAGE: u64 = 1024 * 1024;
+/// Most bytes of inputs, outputs and opset imports read in all. Decoded,
+/// a message can take ~30 times its bytes (a shape of 2-byte dimensions),
+/// so this bounds what a hostile file can make the server hold to ~100 MiB.
+const MAX_DECODED_TOTAL: u64 = 4 * 1024 * 1024;
+/// Most bytes of initializer names kept in all (a model with 100,000
+/// initializers of 100-byte names holds 10 MB).
+const MAX_NAMES_TOTAL: u64 = 64 * 1024 * 1024;
+/// Most dimensions an input or output may have (ONNX Runtime refuses
+/// tensors of rank above 64 too).
+const MAX_RANK: usize = 64;
 /// Skips up to this size are read through the buffer; longer ones seek.
 const SEEK_THRESHOLD: u64 = 64 * 1024;
 
@@ -68,6 +78,8 @@ pub fn parse_reader<R: Read + Seek>(reader: R, len: u64) -> Result<OnnxInfo, Onn
         reader,
         pos: 0,
         len,
+        decoded: 0,
+        names: 0,
     };
     let mut model = ModelScan::default();
     scanner
@@ -201,6 +213,12 @@ fn tensor_info(value: &onnx::ValueInfoProto, what: &str) -> Result<TensorInfo, O
             onnx_type_name(tensor.elem_type)
         ))
     })?;
+    let rank = tensor.shape.as_ref().map_or(0, |shape| shape.dim.len());
+    if rank > MAX_RANK {
+        return Err(invalid(format!(
+            "{what} {name:?} has {rank} dimensions; at most {MAX_RANK} are supported"
+        )));
+    }
     let shape = tensor
         .shape
         .as_ref()
@@ -232,6 +250,10 @@ struct Scanner<R> {
     reader: R,
     pos: u64,
     len: u64,
+    /// Bytes of messages decoded so far (at most [`MAX_DECODED_TOTAL`]).
+    decoded: u64,
+    /// Bytes of initializer names kept so far (at most [`MAX_NAMES_TOTAL`]).
+    names: u64,
 }
 
 impl<R: Read + Seek> Scanner<R> {
@@ -330,6 +352,12 @@ impl<R: Read + Seek> Scanner<R> {
     fn message<M: Message + Default>(&mut self, end: u64, what: &str) -> Result<M, OnnxError> {
         let len = self.length(end)?;
         let at = self.pos;
+        self.decoded = budget(
+            self.decoded,
+            len,
+            MAX_DECODED_TOTAL,
+            "inputs, outputs and opset imports",
+        )?;
         let bytes = self.bytes(len, what)?;
         M::decode(bytes.as_slice())
             .map_err(|err| invalid(format!("{what} at byte {at} does not decode: {err}")))
@@ -424,6 +452,7 @@ impl<R: Read + Seek> Scanner<R> {
             let (field, wire) = self.key(end)?;
             if field == 8 && wire == LEN {
                 let len = self.length(end)?;
+                self.names = budget(self.names, len, MAX_NAMES_TOTAL, "initializer names")?;
                 let bytes = self.bytes(len, "an initializer name")?;
                 name = Some(
                     String::from_utf8(bytes)
@@ -434,6 +463,16 @@ impl<R: Read + Seek> Scanner<R> {
             }
         }
         Ok(name)
+    }
+}
+
+/// `used + len`, or an error when that passes `max`.
+fn budget(used: u64, len: u64, max: u64, what: &str) -> Result<u64, OnnxError> {
+    match used.checked_add(len) {
+        Some(total) if total <= max => Ok(total),
+        _ => Err(invalid(format!(
+            "its {what} take more than {max} bytes in all: too large for a model's signature"
+        ))),
     }
 }
 
@@ -640,6 +679,62 @@ mod tests {
         complex.graph.as_mut().unwrap().output = vec![tensor("z", 14, vec![])];
         let err = parse(&complex.encode_to_vec()).unwrap_err().to_string();
         assert!(err.contains("\"z\"") && err.contains("COMPLEX64"), "{err}");
+    }
+
+    /// A file may be built to make the parser hold far more than its
+    /// signature needs (many inputs, shapes of millions of dimensions):
+    /// each is refused with a message, not decoded.
+    #[test]
+    fn hostile_signatures_are_refused_not_held_in_memory() {
+        use onnx::tensor_shape_proto::{Dimension, dimension::Value as Dim};
+        let tensor = |name: String, rank: usize| onnx::ValueInfoProto {
+            name,
+            r#type: Some(onnx::TypeProto {
+                value: Some(onnx::type_proto::Value::TensorType(
+                    onnx::type_proto::Tensor {
+                        elem_type: 1,
+                        shape: Some(onnx::TensorShapeProto {
+                            dim: vec![
+                                Dimension {
+                                    value: Some(Dim::DimValue(1)),
+                                    denotation: String::new(),
+                                };
+                                rank
+                            ],
+                        }),
+                    },
+                )),
+                denotation: String::new(),
+            }),
+            doc_string: String::new(),
+        };
+        let model = |inputs: Vec<onnx::ValueInfoProto>| {
+            onnx::ModelProto {
+                ir_version: 8,
+                graph: Some(onnx::GraphProto {
+                    input: inputs,
+                    output: vec![tensor("y".into(), 1)],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec()
+        };
+        // Within the limits: 64 dimensions.
+        assert!(parse(&model(vec![tensor("x".into(), 64)])).is_ok());
+        let err = parse(&model(vec![tensor("x".into(), 65)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("65 dimensions"), "{err}");
+        // One input of 500,000 dimensions (a few MB decoded per MB of file).
+        let err = parse(&model(vec![tensor("x".into(), 500_000)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too large"), "{err}");
+        // 40,000 inputs of 50 dimensions each: each small, too many in all.
+        let many = (0..40_000).map(|i| tensor(format!("x{i}"), 50)).collect();
+        let err = parse(&model(many)).unwrap_err().to_string();
+        assert!(err.contains("in all"), "{err}");
     }
 
     #[test]

@@ -180,10 +180,12 @@ pub async fn inspect_blob(blobs: &BlobStore, sha256: &str) -> Result<OnnxInfo, S
     })
 }
 
-/// The signature fields of a model: the operator's own, verified, or the
-/// fleet release key's. Returns (signature, signed_by, public key).
+/// The signature fields of a model: the operator's own, verified and by a
+/// key in `trusted_keys` (agents accept no other), or the fleet release
+/// key's. Returns (signature, signed_by, public key).
 pub fn sign(
     release_key: &edgefleet_pki::ReleaseKey,
+    trusted_keys: &[Vec<u8>],
     header: &pb::PushModelHeader,
     sha256: &str,
 ) -> Result<(Vec<u8>, String, Vec<u8>), Status> {
@@ -199,6 +201,12 @@ pub fn sign(
                 "the signature does not verify: it must be the Ed25519 signature, by the given public key, of the raw SHA-256 digest {sha256}"
             ))
         })?;
+    if !trusted_keys.contains(&header.signature_public_key) {
+        let key = hex::encode(&header.signature_public_key);
+        return Err(Status::permission_denied(format!(
+            "the model is signed by key {key}, which this fleet does not trust: start the servers with --trusted-signing-key {key}, or push it unsigned to have the fleet's release key sign it"
+        )));
+    }
     Ok((
         header.signature.clone(),
         "operator".into(),
@@ -310,8 +318,12 @@ impl ModelApi {
         info: OnnxInfo,
     ) -> Result<pb::Model, Status> {
         let cp = &self.cp;
-        let (signature, signed_by, signature_public_key) =
-            sign(&cp.registry.release_key, header, &blob.sha256)?;
+        let (signature, signed_by, signature_public_key) = sign(
+            &cp.registry.release_key,
+            &cp.config.trusted_signing_keys,
+            header,
+            &blob.sha256,
+        )?;
         let mut record = ModelRecord {
             name: header.name.clone(),
             version: header.version,
@@ -667,7 +679,8 @@ mod tests {
             edgefleet_pki::ReleaseKey::load_or_create(&dir.path().join("operator")).unwrap();
         let digest = "0f".repeat(32);
         let plain = pb::PushModelHeader::default();
-        let (signature, signed_by, key) = sign(&fleet, &plain, &digest).unwrap();
+        let trusted = [operator.public_key()];
+        let (signature, signed_by, key) = sign(&fleet, &trusted, &plain, &digest).unwrap();
         assert_eq!(signed_by, "fleet");
         assert_eq!(key, fleet.public_key());
         edgefleet_pki::verify_model_signature(&key, &digest, &signature).unwrap();
@@ -677,16 +690,20 @@ mod tests {
             signature_public_key: operator.public_key(),
             ..Default::default()
         };
-        let (signature, signed_by, key) = sign(&fleet, &signed, &digest).unwrap();
+        let (signature, signed_by, key) = sign(&fleet, &trusted, &signed, &digest).unwrap();
         assert_eq!(signed_by, "operator");
         assert_eq!(key, operator.public_key());
         assert_eq!(signature, signed.signature);
+        // A good signature by a key the fleet does not trust.
+        let err = sign(&fleet, &[], &signed, &digest).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(err.message().contains("--trusted-signing-key"), "{err:?}");
 
         let forged = pb::PushModelHeader {
             signature_public_key: fleet.public_key(),
             ..signed
         };
-        let err = sign(&fleet, &forged, &digest).unwrap_err();
+        let err = sign(&fleet, &trusted, &forged, &digest).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 }

@@ -57,6 +57,9 @@ pub enum RolloutState {
     Running,
     Paused,
     Succeeded,
+    /// Every wave done, but some devices failed to activate the version
+    /// (no gate stopped it): not a success.
+    FinishedWithFailures,
     Aborted,
     RolledBack,
 }
@@ -68,6 +71,7 @@ impl RolloutState {
             RolloutState::Running => "running",
             RolloutState::Paused => "paused",
             RolloutState::Succeeded => "succeeded",
+            RolloutState::FinishedWithFailures => "finished_with_failures",
             RolloutState::Aborted => "aborted",
             RolloutState::RolledBack => "rolled_back",
         }
@@ -79,6 +83,7 @@ impl RolloutState {
             "running" => RolloutState::Running,
             "paused" => RolloutState::Paused,
             "succeeded" => RolloutState::Succeeded,
+            "finished_with_failures" => RolloutState::FinishedWithFailures,
             "aborted" => RolloutState::Aborted,
             "rolled_back" => RolloutState::RolledBack,
             _ => return None,
@@ -121,6 +126,11 @@ pub struct RolloutSpec {
     pub gates: GateSpec,
     /// true: roll back on a failed gate; false: pause.
     pub rollback_on_failure: bool,
+    /// When an operator last resumed the rollout (0: never). The gates judge
+    /// only what happened since: resuming a rollout a gate paused accepts
+    /// the failures and errors that paused it.
+    #[serde(default)]
+    pub gates_since_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
