@@ -442,6 +442,10 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
         anyhow::bail!("--state-dir is required (or EDGEFLEET_STATE_DIR, or state_dir in --config)");
     };
     let state = StateDir::new(&state_dir);
+    state.check_enrolled()?;
+    // Held until the process exits: a second agent on this state dir is
+    // refused here, before it touches anything.
+    let _agent_lock = state.lock_agent()?;
     let (enrollment, _) = state.load()?;
     state.create()?;
     let config = resolve(Some(state.models_dir()), args.serving, &file)?;

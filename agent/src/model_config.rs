@@ -38,6 +38,37 @@ pub enum QueueDelay {
 pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 /// One session (and worker thread) per version: a device has few cores.
 pub const DEFAULT_INSTANCES: usize = 1;
+
+// Upper bounds of the numeric keys. A value above one is refused with an
+// error naming the file, the key, the value and the limit (as with any
+// invalid config.toml, what the model serves keeps serving and nothing new
+// of it loads; other models are unaffected): each is far beyond any useful
+// setting, so what exceeds it is a typo, and some would otherwise hold
+// requests for hours or allocate beyond any memory.
+
+/// The longest fixed `max_queue_delay_us`: 1 s (1,000,000 µs). Triton's
+/// `max_queue_delay_microseconds` is a uint64 it puts no bound on; its
+/// guides tune it in the hundreds of µs to a few ms, and the adaptive
+/// default here waits at most [`ADAPTIVE_MAX_WAIT`] (1 ms). A second of
+/// waiting for company is already far past any gain in throughput, while a
+/// typo such as 10000000000 would hold every batched request for almost
+/// three hours.
+pub const MAX_QUEUE_DELAY_US: u64 = 1_000_000;
+/// The largest `max_batch_size`, in rows: 4096, 128 times the
+/// default's and far above the batches that pay on a device's CPU or a VM
+/// node; one batch of more would hold its worker for a long time.
+pub const MAX_BATCH_SIZE_LIMIT: usize = 4096;
+/// The largest `queue_capacity`: 65,536 requests. The queue's slots are
+/// allocated when the version loads (a few MiB at this size, more past it:
+/// 10^10 would take the agent down on the allocation), and a request that finds
+/// this many ahead of it would wait longer than any client does.
+pub const MAX_QUEUE_CAPACITY: usize = 65_536;
+/// The most `instances` per version: 64 sessions, each a copy of the model
+/// in memory and a worker thread.
+pub const MAX_INSTANCES: usize = 64;
+/// The most `intra_op_threads`: 256 threads for one run, more than any
+/// device or VM node this agent runs on has cores.
+pub const MAX_INTRA_OP_THREADS: usize = 256;
 /// Serve only the newest version, as Triton's default `latest: 1` policy.
 pub const DEFAULT_LATEST_VERSIONS: usize = 1;
 
@@ -142,6 +173,41 @@ impl ModelConfig {
         let raw: RawModelConfig = toml::from_str(text).map_err(|err| err.message().to_string())?;
         let defaults = ModelConfig::default();
         let mut problems = Vec::new();
+        let mut at_most = |key: &str, value: Option<u64>, limit: u64, unit: &str| {
+            if let Some(value) = value
+                && value > limit
+            {
+                problems.push(format!(
+                    "{key} = {value} is above the limit of {limit}{unit}"
+                ));
+            }
+        };
+        let as_u64 = |value: Option<usize>| value.map(|v| v as u64);
+        at_most(
+            "max_queue_delay_us",
+            raw.max_queue_delay_us,
+            MAX_QUEUE_DELAY_US,
+            " (1 s)",
+        );
+        at_most(
+            "max_batch_size",
+            as_u64(raw.max_batch_size),
+            MAX_BATCH_SIZE_LIMIT as u64,
+            "",
+        );
+        at_most(
+            "queue_capacity",
+            as_u64(raw.queue_capacity),
+            MAX_QUEUE_CAPACITY as u64,
+            "",
+        );
+        at_most("instances", as_u64(raw.instances), MAX_INSTANCES as u64, "");
+        at_most(
+            "intra_op_threads",
+            as_u64(raw.intra_op_threads),
+            MAX_INTRA_OP_THREADS as u64,
+            "",
+        );
         let queue_capacity = raw.queue_capacity.unwrap_or(defaults.queue_capacity);
         if queue_capacity == 0 {
             problems.push("queue_capacity must be at least 1".to_string());
@@ -260,6 +326,56 @@ mod tests {
         let err = ModelConfig::parse("queue_capacity = 0\ninstances = 0").unwrap_err();
         assert!(
             err.contains("queue_capacity") && err.contains("instances"),
+            "{err}"
+        );
+    }
+
+    /// A typo in a numeric key is refused with the key, the value and the
+    /// limit (and, through `load`, the file), not taken as asked: 10^10 µs
+    /// would hold every batched request for hours.
+    #[test]
+    fn numeric_keys_above_their_limits_are_refused() {
+        let err = ModelConfig::parse("max_queue_delay_us = 10000000000").unwrap_err();
+        assert!(
+            err.contains("max_queue_delay_us = 10000000000")
+                && err.contains(&format!("limit of {MAX_QUEUE_DELAY_US}")),
+            "{err}"
+        );
+        for (key, limit) in [
+            ("max_batch_size", MAX_BATCH_SIZE_LIMIT),
+            ("queue_capacity", MAX_QUEUE_CAPACITY),
+            ("instances", MAX_INSTANCES),
+            ("intra_op_threads", MAX_INTRA_OP_THREADS),
+        ] {
+            let err = ModelConfig::parse(&format!("{key} = {}", limit + 1)).unwrap_err();
+            assert!(
+                err.contains(&format!("{key} = {}", limit + 1))
+                    && err.contains(&format!("limit of {limit}")),
+                "{err}"
+            );
+        }
+        // Each limit itself is accepted.
+        let config = ModelConfig::parse(&format!(
+            "max_queue_delay_us = {MAX_QUEUE_DELAY_US}\nmax_batch_size = {MAX_BATCH_SIZE_LIMIT}\n\
+             queue_capacity = {MAX_QUEUE_CAPACITY}\ninstances = {MAX_INSTANCES}\n\
+             intra_op_threads = {MAX_INTRA_OP_THREADS}\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.max_queue_delay,
+            QueueDelay::Fixed(Duration::from_secs(1))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.toml"),
+            "max_queue_delay_us = 10000000000\n",
+        )
+        .unwrap();
+        let err = ModelConfig::load(dir.path()).unwrap_err();
+        assert!(
+            err.contains(&dir.path().join("config.toml").display().to_string())
+                && err.contains("max_queue_delay_us = 10000000000"),
             "{err}"
         );
     }

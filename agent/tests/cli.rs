@@ -108,6 +108,46 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
     );
 }
 
+/// A state dir another process holds, as a running agent holds it, is
+/// refused by `run` and by `enroll` at once with a clear error; once it is
+/// let go, `run` gets past the lock (to the enrollment, here unreadable).
+#[test]
+fn a_second_agent_on_one_state_dir_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("identity")).unwrap();
+    std::fs::write(state.join("identity/enrollment.json"), "{}").unwrap();
+    let held = std::fs::File::create(state.join("agent.lock")).unwrap();
+    held.lock().unwrap();
+    let state = state.to_str().unwrap();
+    let run = [
+        "run",
+        "--state-dir",
+        state,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ];
+    let refused = format!("another edgefleet-agent holds {state}");
+    fails_with(&run, &refused);
+    fails_with(
+        &[
+            "enroll",
+            "--server",
+            "https://127.0.0.1:9",
+            "--token",
+            "not-a-token",
+            "--state-dir",
+            state,
+            "--force",
+        ],
+        &refused,
+    );
+    drop(held);
+    fails_with(&run, "is corrupt");
+}
+
 /// The agent binary with `args`, its log lines sent to the receiver.
 fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let mut child = agent_bin()

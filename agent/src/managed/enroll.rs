@@ -48,12 +48,30 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Creates the state dir (0700) if it does not exist yet.
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))
+}
+
 /// Enrolls the device; returns its enrollment record.
 pub async fn enroll(
     options: &EnrollOptions,
     inventory: pb::Inventory,
 ) -> anyhow::Result<Enrollment> {
     let state = StateDir::new(&options.state_dir);
+    create_private_dir(&options.state_dir)?;
+    // Not beside a running agent (nor another enrollment): it would swap the
+    // identity the running one holds its session with.
+    let _agent_lock = state.lock_agent()?;
     if state.is_enrolled() && !options.force {
         let (enrollment, _) = state.load()?;
         anyhow::bail!(

@@ -11,8 +11,18 @@
 //!   blobs/<sha256>           downloaded model blobs, verified (`.partial`: in progress)
 //!   desired.pb               the latest DesiredState (protobuf), for restarts
 //!   telemetry/               the store-and-forward queue
+//!   agent.lock               locked (flock) by the one agent process serving or
+//!                            enrolling this state dir, for as long as it does
+//!   identity.lock            locked (flock) while the identity files are
+//!                            written or read
 //! ```
+//!
+//! The two lock files are empty and never deleted (deleting a lock file
+//! others may have open would let two holders lock two different files).
+//! The locks are advisory `flock`s: the kernel drops them when their holder
+//! exits, however it exits, so a crash never leaves the state dir locked.
 
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -38,6 +48,28 @@ pub struct Identity {
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
+}
+
+/// Locked for as long as one agent process serves or enrolls a state dir.
+const AGENT_LOCK_FILE: &str = "agent.lock";
+/// Locked while the identity files are written or read.
+const IDENTITY_LOCK_FILE: &str = "identity.lock";
+
+/// The exclusive claim of one process on a state dir
+/// ([`StateDir::lock_agent`]); released when dropped or when the process
+/// exits.
+#[derive(Debug)]
+pub struct AgentLock {
+    _file: File,
+}
+
+/// Held while the identity files are written or read: the in-process
+/// mutex orders this process's threads, the file lock other processes
+/// (an `flock` is held per open file, so it would order the threads too;
+/// the mutex keeps them from all waiting in the kernel).
+struct IdentityGuard {
+    _file: File,
+    _threads: std::sync::MutexGuard<'static, ()>,
 }
 
 impl StateDir {
@@ -130,6 +162,55 @@ impl StateDir {
         self.enrollment_path().exists()
     }
 
+    /// The clear error of a state dir that holds no enrollment.
+    pub fn check_enrolled(&self) -> anyhow::Result<()> {
+        if !self.is_enrolled() {
+            anyhow::bail!(
+                "{} holds no enrollment: run `edgefleet-agent enroll --server URL --token TOKEN --state-dir {}` first",
+                self.root.display(),
+                self.root.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Claims the state dir for this process (`STATE_DIR/agent.lock`,
+    /// exclusive), or fails at once with a clear error if another process
+    /// holds it: two agents serving one state dir would share its telemetry
+    /// queue, model cache and identity. `run` holds it for the process's
+    /// lifetime, `enroll` while it enrolls. The state dir must exist.
+    pub fn lock_agent(&self) -> anyhow::Result<AgentLock> {
+        let path = self.root.join(AGENT_LOCK_FILE);
+        let file = open_lock_file(&path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(AgentLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "another edgefleet-agent holds {} ({} is locked): stop it first, or give this one a state dir of its own",
+                self.root.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(err)) => {
+                Err(err).with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+    }
+
+    /// Takes the identity files for the caller: waits for other threads of
+    /// this process, then for other processes.
+    fn lock_identity_files(&self) -> anyhow::Result<IdentityGuard> {
+        let threads = IDENTITY_FILES
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let path = self.root.join(IDENTITY_LOCK_FILE);
+        let file = open_lock_file(&path)?;
+        file.lock()
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+        Ok(IdentityGuard {
+            _file: file,
+            _threads: threads,
+        })
+    }
+
     /// Creates the directories (0700).
     pub fn create(&self) -> anyhow::Result<()> {
         for dir in [
@@ -169,7 +250,7 @@ impl StateDir {
     /// first and renames them, so a crash never pairs a key with another
     /// key's certificate: [`StateDir::load`] finishes an interrupted swap.
     pub fn save_identity(&self, identity: &Identity) -> anyhow::Result<()> {
-        let _identity = lock_identity_files();
+        let _identity = self.lock_identity_files()?;
         let next_key = self.key_path().with_extension("key.next");
         let next_cert = self.certificate_path().with_extension("crt.next");
         edgefleet_pki::write_private_file(&self.ca_path(), identity.ca_pem.as_bytes())?;
@@ -198,14 +279,8 @@ impl StateDir {
 
     /// Reads the enrollment and identity; a clear error when not enrolled.
     pub fn load(&self) -> anyhow::Result<(Enrollment, Identity)> {
-        if !self.is_enrolled() {
-            anyhow::bail!(
-                "{} holds no enrollment: run `edgefleet-agent enroll --server URL --token TOKEN --state-dir {}` first",
-                self.root.display(),
-                self.root.display()
-            );
-        }
-        let _identity = lock_identity_files();
+        self.check_enrolled()?;
+        let _identity = self.lock_identity_files()?;
         self.finish_identity_swap()?;
         let read = |path: PathBuf| {
             std::fs::read_to_string(&path)
@@ -222,20 +297,31 @@ impl StateDir {
     }
 }
 
-/// Held while the identity files are written or read: a `load` on one task
-/// (a model download) must not see a renewal on another half-written (only
-/// `device.key.next`), take it for one a crash interrupted and undo it while
-/// the renewal goes on to install its certificate beside the old key.
+/// Held (with `identity.lock`) while the identity files are written or
+/// read: a `load` on one task (a model download), or in another process,
+/// must not see a renewal half-written (only `device.key.next`), take it for
+/// one a crash interrupted and undo it while the renewal goes on to install
+/// its certificate beside the old key.
 static IDENTITY_FILES: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn lock_identity_files() -> std::sync::MutexGuard<'static, ()> {
-    IDENTITY_FILES
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+/// Opens (creating it, 0600) a lock file. Never truncated or deleted.
+fn open_lock_file(path: &Path) -> anyhow::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn identity(tag: &str) -> Identity {
@@ -313,6 +399,67 @@ mod tests {
         let (_, id) = state.load().unwrap();
         assert!(paired(&id), "{} with {}", id.key_pem, id.certificate_pem);
         assert_eq!(id.key_pem, "key-300");
+    }
+
+    /// Another process (here another open of the lock file: an `flock` is
+    /// held per open file, as by another process) is renewing: it holds
+    /// `identity.lock` and has written only the new key. A load waits for
+    /// it instead of taking the renewal for one a crash interrupted and
+    /// undoing it, which would leave the old key beside the new certificate.
+    #[test]
+    fn a_load_waits_for_a_renewal_under_way_in_another_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        state
+            .save_enrollment(&unlabelled_enrollment(), &identity("a"))
+            .unwrap();
+        let other = open_lock_file(&dir.path().join(IDENTITY_LOCK_FILE)).unwrap();
+        other.lock().unwrap();
+        std::fs::write(state.key_path().with_extension("key.next"), "key-b").unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let state = &state;
+            scope.spawn(move || sender.send(state.load().map(|(_, id)| id)).unwrap());
+            // A load that does not wait answers now (and has undone the
+            // renewal); one that waits answers only once the lock is free,
+            // whatever this wait.
+            let early = receiver.recv_timeout(Duration::from_millis(500)).ok();
+            // The other process finishes its renewal and lets go.
+            std::fs::write(
+                state.certificate_path().with_extension("crt.next"),
+                "cert-b",
+            )
+            .unwrap();
+            state.finish_identity_swap().unwrap();
+            drop(other);
+            let loaded = early.unwrap_or_else(|| receiver.recv().unwrap()).unwrap();
+            assert_eq!(
+                (loaded.key_pem.as_str(), loaded.certificate_pem.as_str()),
+                ("key-b", "cert-b")
+            );
+        });
+        let (_, id) = state.load().unwrap();
+        assert_eq!(
+            (id.key_pem.as_str(), id.certificate_pem.as_str()),
+            ("key-b", "cert-b")
+        );
+    }
+
+    #[test]
+    fn a_second_agent_on_the_same_state_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        let first = state.lock_agent().unwrap();
+        // Another open of the lock file, as another process's.
+        let err = StateDir::new(dir.path()).lock_agent().unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("another edgefleet-agent holds")
+                && text.contains(&dir.path().display().to_string()),
+            "{text}"
+        );
+        drop(first);
+        let _again = state.lock_agent().unwrap();
     }
 
     #[test]

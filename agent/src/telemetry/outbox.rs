@@ -29,6 +29,10 @@
 //!   alone is bigger): the oldest batches make room and are counted in a
 //!   persisted `dropped_batches_total`, stamped into every later batch, and
 //!   the batch that caused the drop carries a `TELEMETRY_DROPPED` event.
+//!   They are dropped only once the new batch is written, so a write that
+//!   fails (a full disk) drops nothing; during a push the directory holds
+//!   up to one batch more than the cap (and keeps it if a crash comes in
+//!   between: the next push makes room again).
 //!
 //! All I/O is blocking `std::fs`: call it from `spawn_blocking` (or a
 //! dedicated thread) in async code. Methods take `&mut self`; share an
@@ -332,8 +336,9 @@ impl Outbox {
     /// Stores a batch and returns its sequence number. Sets the batch's
     /// `sequence` and `dropped_batches_total` (whatever they held is
     /// replaced); makes room by dropping the oldest batches if the cap
-    /// requires it. On an error the batch is not queued (its sequence number
-    /// may be skipped, never reused).
+    /// requires it, once the new batch is on disk. On an error the batch is
+    /// not queued (its sequence number may be skipped, never reused) and
+    /// nothing was dropped for it.
     pub fn push(&mut self, mut batch: TelemetryBatch) -> Result<u64, OutboxError> {
         let sequence = self
             .state
@@ -384,27 +389,39 @@ impl Outbox {
             }
         }
 
-        // The counters become durable before anything else happens: a crash
-        // from here on can skip this sequence or over-count drops, never
-        // reuse a number or hide a drop.
+        // The sequence becomes durable before the batch is written: a crash
+        // from here on can skip it, never reuse it.
         self.save_state(State {
             last_sequence: sequence,
-            dropped_total: batch.dropped_batches_total,
             ..self.state
         })?;
-        if !to_drop.is_empty() {
-            tracing::warn!(
-                dropped = to_drop.len(),
-                total = batch.dropped_batches_total,
-                cap_bytes = self.cap_bytes,
-                "telemetry queue full: dropped the oldest batches"
-            );
+        // The new batch is written before any old one is dropped: if it
+        // cannot be (a full disk), nothing was dropped for it. Meanwhile the
+        // queue holds one batch over its cap.
+        self.write_batch(&batch)?;
+        if to_drop.is_empty() {
+            return Ok(sequence);
         }
+        // The drops are counted durably before they happen: a crash from
+        // here on can over-count them, never hide one.
+        if let Err(err) = self.save_state(State {
+            dropped_total: batch.dropped_batches_total,
+            ..self.state
+        }) {
+            // The batch is queued all the same; the old ones stay until a
+            // later push makes room (the new batch's count claims them).
+            tracing::warn!(error = %err, "cannot count the telemetry batches to drop; keeping them over the cap for now");
+            return Ok(sequence);
+        }
+        tracing::warn!(
+            dropped = to_drop.len(),
+            total = batch.dropped_batches_total,
+            cap_bytes = self.cap_bytes,
+            "telemetry queue full: dropped the oldest batches"
+        );
         for old in to_drop {
             self.remove(old);
         }
-
-        self.write_batch(&batch)?;
         Ok(sequence)
     }
 
@@ -932,6 +949,44 @@ mod tests {
                 .iter()
                 .all(|e| e.kind != event::Kind::TelemetryDropped as i32)
         );
+    }
+
+    /// At the cap, a batch that cannot be written (a full disk; here a
+    /// directory stands where its file goes) drops nothing: the oldest
+    /// batch is dropped only once the new one is on disk.
+    #[test]
+    fn a_batch_that_cannot_be_written_drops_nothing_at_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = (HEADER_LEN + {
+            let mut b = batch(0);
+            b.sequence = 1;
+            b.encoded_len()
+        }) as u64;
+        let cap = one * 3 + one / 2;
+        let mut outbox = Outbox::open(dir.path(), cap).unwrap();
+        for i in 0..3 {
+            outbox.push(batch(i)).unwrap();
+        }
+        let in_the_way = dir.path().join(batch_file_name(4));
+        std::fs::create_dir(&in_the_way).unwrap();
+        assert!(outbox.push(batch(3)).is_err());
+        assert_eq!(outbox.pending_sequences(), vec![1, 2, 3]);
+        assert_eq!(starts(&outbox.pending().unwrap()), vec![0, 1, 2]);
+        assert_eq!(outbox.dropped_total(), 0);
+        assert!(outbox.bytes() <= cap);
+
+        // Once it can be written, the push drops the oldest as usual (4 was
+        // skipped, never reused).
+        std::fs::remove_dir(&in_the_way).unwrap();
+        assert_eq!(outbox.push(batch(3)).unwrap(), 5);
+        assert_eq!(outbox.pending_sequences(), vec![2, 3, 5]);
+        assert_eq!(outbox.dropped_total(), 1);
+        assert!(outbox.bytes() <= cap);
+        drop(outbox);
+        let outbox = Outbox::open(dir.path(), cap).unwrap();
+        assert_eq!(outbox.pending_sequences(), vec![2, 3, 5]);
+        assert_eq!(outbox.dropped_total(), 1);
+        assert!(outbox.bytes() <= cap);
     }
 
     #[test]

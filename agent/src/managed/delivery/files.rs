@@ -3,9 +3,12 @@
 //! pruning of old versions.
 //!
 //! Everything the registry's rescan can see appears by one `rename` of a
-//! whole version directory, so it never sees a half-written `model.onnx`.
-//! Work areas live under `models/.staging` and `models/.trash`, which the
-//! repository scan skips (dot names).
+//! complete, synced file or directory: a new version's whole directory, or
+//! a new `model.onnx` over the one of a version already there. So a scan
+//! never sees a half-written `model.onnx`, and a version being replaced
+//! never disappears, not even for a moment or after a crash. Work areas live
+//! under `models/.staging` and `models/.trash`, which the repository scan
+//! skips (dot names).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -154,16 +157,35 @@ pub fn copy_installed_blob(
 }
 
 /// Moves a checked blob into `models/<name>/<version>/model.onnx`
-/// atomically: the file goes into a staging directory, is synced, and the
-/// whole directory is renamed into place. A directory already at that
-/// version (a different file) is moved out first.
+/// atomically: the file goes into a staging directory and is synced; then
+/// one `rename` makes it visible. A new version's whole directory is
+/// renamed into place. A version directory already there (a different
+/// file) keeps its place and gets the new file renamed over its
+/// `model.onnx`: at every moment, and after a crash at any point, the
+/// repository holds that version complete, the old file or the new, never
+/// no version or half a file (moving the old directory out first, as
+/// `rename` cannot replace a directory that is not empty, would leave a
+/// moment, and after a crash a restart, without it).
 pub fn install(models_dir: &Path, blob: &Path, name: &str, version: u64) -> anyhow::Result<()> {
+    install_with(models_dir, blob, name, version, &mut |_| {})
+}
+
+/// [`install`], calling `step` after each change on disk with what it did
+/// (tests look at the repository there, as a rescan or a crash would).
+fn install_with(
+    models_dir: &Path,
+    blob: &Path,
+    name: &str,
+    version: u64,
+    step: &mut dyn FnMut(&str),
+) -> anyhow::Result<()> {
     let staging = models_dir.join(STAGING_DIR);
     std::fs::create_dir_all(&staging)
         .with_context(|| format!("cannot create {}", staging.display()))?;
     let tmp_dir = staging.join(format!("{name}-{version}-{}", nonce()));
     std::fs::create_dir(&tmp_dir)
         .with_context(|| format!("cannot create {}", tmp_dir.display()))?;
+    step("staging directory created");
     let result = (|| -> anyhow::Result<()> {
         let tmp_model = tmp_dir.join(MODEL_FILE_NAME);
         if std::fs::rename(blob, &tmp_model).is_err() {
@@ -173,12 +195,31 @@ pub fn install(models_dir: &Path, blob: &Path, name: &str, version: u64) -> anyh
         }
         std::fs::File::open(&tmp_model)?.sync_all()?;
         sync_dir(&tmp_dir)?;
+        step("model staged");
         let model_dir = models_dir.join(name);
         std::fs::create_dir_all(&model_dir)
             .with_context(|| format!("cannot create {}", model_dir.display()))?;
         let target = model_dir.join(version.to_string());
-        if target.exists() {
+        let existing = std::fs::symlink_metadata(&target).ok();
+        if existing.as_ref().is_some_and(|meta| meta.is_dir()) {
+            let model = target.join(MODEL_FILE_NAME);
+            std::fs::rename(&tmp_model, &model).with_context(|| {
+                format!(
+                    "cannot move {} into place at {}",
+                    tmp_model.display(),
+                    model.display()
+                )
+            })?;
+            sync_dir(&target)?;
+            step("model file replaced");
+            return Ok(());
+        }
+        if existing.is_some() {
+            // Not a directory: a file (no version to the scan), or a
+            // symlink, replaced by the directory rather than written
+            // through (`rename` cannot put a directory over either).
             move_to_trash(models_dir, &target)?;
+            step("non-directory moved out");
         }
         std::fs::rename(&tmp_dir, &target).with_context(|| {
             format!(
@@ -188,11 +229,11 @@ pub fn install(models_dir: &Path, blob: &Path, name: &str, version: u64) -> anyh
             )
         })?;
         sync_dir(&model_dir)?;
+        step("version directory renamed into place");
         Ok(())
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp_dir);
-    }
+    // Gone already if its directory became the version's.
+    let _ = std::fs::remove_dir_all(&tmp_dir);
     empty_trash(models_dir);
     result
 }
@@ -351,8 +392,67 @@ mod tests {
             std::fs::read_dir(models.join(STAGING_DIR)).unwrap().count(),
             0
         );
+        // Nothing went through the trash (it may not even exist).
         assert_eq!(
-            std::fs::read_dir(models.join(TRASH_DIR)).unwrap().count(),
+            std::fs::read_dir(models.join(TRASH_DIR)).map_or(0, |d| d.count()),
+            0
+        );
+    }
+
+    fn copy_tree(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_tree(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).unwrap();
+            }
+        }
+    }
+
+    /// A version replaced by one of the same number: after every step of
+    /// the install, a rescan finds the version whole, with its old file or
+    /// its new one, and so does the restart after a crash at that point
+    /// (which cleans the work areas first).
+    #[test]
+    fn a_replaced_version_is_never_missing_or_partial_not_even_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        put(&models, "m", 3, b"old");
+        let blob = blobs.join("digest");
+        std::fs::write(&blob, b"new").unwrap();
+        let check = |models: &Path, when: &str| {
+            let scan = crate::repository::scan(models).unwrap();
+            let files = scan
+                .models
+                .get("m")
+                .and_then(|model| model.versions.get(&3))
+                .unwrap_or_else(|| panic!("{when}: version 3 is missing"));
+            let bytes = std::fs::read(&files.model_path).unwrap();
+            assert!(bytes == b"old" || bytes == b"new", "{when}: {bytes:?}");
+        };
+        let mut steps = Vec::new();
+        install_with(&models, &blob, "m", 3, &mut |step| {
+            check(&models, &format!("a rescan after '{step}'"));
+            let crashed = tempfile::tempdir().unwrap();
+            copy_tree(dir.path(), crashed.path());
+            let models = crashed.path().join("models");
+            clean_work_areas(&models, &crashed.path().join("blobs"));
+            check(&models, &format!("a restart after a crash after '{step}'"));
+            steps.push(step.to_string());
+        })
+        .unwrap();
+        assert!(steps.len() >= 3, "{steps:?}");
+        assert_eq!(
+            std::fs::read(models.join("m/3/model.onnx")).unwrap(),
+            b"new"
+        );
+        assert_eq!(
+            std::fs::read_dir(models.join(STAGING_DIR)).unwrap().count(),
             0
         );
     }
