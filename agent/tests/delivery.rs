@@ -766,6 +766,33 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
     running.task.await.unwrap();
 }
 
+/// A disk with no room left fails the activation with a reason saying so
+/// (the rollout sees it), instead of retrying the download for ever, and
+/// the partial file is removed. The partial file is made a link to
+/// `/dev/full`, where every write fails with ENOSPC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_the_activation_instead_of_retrying_for_ever() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    let partial = h
+        .state
+        .blobs_dir()
+        .join(format!("{}.partial", model.sha256));
+    std::os::unix::fs::symlink("/dev/full", &partial).unwrap();
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    let report = running.outcome("conv", 1).await;
+    assert_failed(&report, "disk is full");
+    assert_eq!(h.server.requests().len(), 1, "no retry");
+    assert!(
+        std::fs::symlink_metadata(&partial).is_err(),
+        "partial removed"
+    );
+    assert_eq!(installed(&h.models_dir(), "conv", 1), None);
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
     let h = Harness::new().await;

@@ -623,7 +623,13 @@ impl Delivery {
                     Some(file) => return Ok(file.digest()),
                     None => "the partial file was closed".to_string(),
                 },
-                Err(AttemptError::Permanent(reason)) => return Err(Stop::Failed(reason)),
+                Err(AttemptError::Permanent(reason)) => {
+                    // Nothing will complete it (and on a full disk it
+                    // takes the room other files need).
+                    drop(partial);
+                    let _ = tokio::fs::remove_file(path).await;
+                    return Err(Stop::Failed(reason));
+                }
                 Err(AttemptError::Restart(reason)) => {
                     partial = None;
                     let _ = tokio::fs::remove_file(path).await;

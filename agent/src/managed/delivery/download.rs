@@ -108,16 +108,20 @@ impl PartialFile {
             .read(true)
             .append(true)
             .open(path)?;
-        let on_disk = file.metadata()?.len();
+        let mut on_disk = file.metadata()?.len();
         if expected_size > 0 && on_disk > expected_size {
             file.set_len(0)?;
+            on_disk = 0;
         }
         let mut hasher = Sha256::new();
         let mut buffer = vec![0u8; HASH_BUFFER_BYTES];
         let mut len = 0u64;
         // Reads start at 0 even in append mode; writes always go to the end.
-        loop {
-            let read = file.read(&mut buffer)?;
+        // Only the length the file had is read: what is not a regular file
+        // (a device) may never end.
+        while len < on_disk {
+            let want = usize::try_from(on_disk - len).map_or(buffer.len(), |n| n.min(buffer.len()));
+            let read = file.read(&mut buffer[..want])?;
             if read == 0 {
                 break;
             }
@@ -283,7 +287,17 @@ pub async fn attempt(
     on_progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<u64, AttemptError> {
     let io = |what: &str, err: std::io::Error| {
-        AttemptError::Transient(format!("{what} {}: {err}", path.display()))
+        let text = format!("{what} {}: {err}", path.display());
+        match err.kind() {
+            // Retrying cannot make room: the device reports the failure
+            // (its rollout sees it) instead of retrying for ever.
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                AttemptError::Permanent(format!(
+                    "the device's disk is full ({expected_size} bytes are needed): {text}"
+                ))
+            }
+            _ => AttemptError::Transient(text),
+        }
     };
     open_partial(partial, path, expected_size)
         .await
