@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::errors::{storage_status, store_unavailable};
 use crate::state::{ControlPlane, now_ms};
 use crate::store::{DeviceStatus, NewDevice};
 
@@ -88,11 +89,13 @@ async fn store_telemetry(
             "not stored: an earlier telemetry message of this session could not be",
         ));
     }
+    // A failed group commit is logged once, by the ingester, for all the
+    // sessions waiting on it.
     let result = ingester
         .store_all(records)
         .await
         .map(|_| highest)
-        .map_err(Status::unavailable);
+        .map_err(|_| storage_status(tonic::Code::Unavailable));
     let _ = stored.send(result.is_ok());
     result
 }
@@ -190,10 +193,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .store
             .enroll_device(&token.id, &hash_secret(&token.secret), &device)
             .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "cannot store an enrollment");
-                Status::unavailable(format!("cannot store the enrollment: {err}"))
-            })?;
+            .map_err(store_unavailable("cannot store an enrollment"))?;
         match enrolled {
             Ok(device) => {
                 cp.metrics.enrollments.inc();
@@ -245,7 +245,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .store
             .device(&device_id)
             .await
-            .map_err(|err| Status::unavailable(format!("cannot read the device: {err}")))?;
+            .map_err(store_unavailable("cannot read a device"))?;
         let Some(device) = device else {
             cp.metrics.refuse_session("unknown_device");
             return Err(Status::unauthenticated(format!(
@@ -286,11 +286,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         cp.store
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
             .await
-            .map_err(|err| Status::unavailable(format!("cannot record the Hello: {err}")))?;
-        let acked_sequence =
-            cp.store.last_sequence(&device_id).await.map_err(|err| {
-                Status::unavailable(format!("cannot read telemetry state: {err}"))
-            })?;
+            .map_err(store_unavailable("cannot record a Hello"))?;
+        let acked_sequence = cp
+            .store
+            .last_sequence(&device_id)
+            .await
+            .map_err(store_unavailable("cannot read a device's telemetry state"))?;
 
         let (outbound, receiver) = mpsc::channel(MAX_IN_FLIGHT * 2);
         let welcome = pb::ControlMessage {
@@ -554,7 +555,7 @@ async fn renew_certificate(
         .store
         .set_device_certificate(device_id, &issued.serial_hex, issued.not_after_unix_ms)
         .await
-        .map_err(|err| Status::unavailable(format!("cannot store the certificate: {err}")))?;
+        .map_err(store_unavailable("cannot store a renewed certificate"))?;
     if !recorded {
         // Revoked while its session was open: no new certificate, and the
         // session ends here rather than at the next revocation poll.

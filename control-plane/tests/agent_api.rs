@@ -621,3 +621,139 @@ fn telemetry_after_a_message_that_could_not_be_stored_is_not_stored_either() {
         assert_eq!(welcome(&mut stream).await.acked_sequence, 4);
     });
 }
+
+/// The server's database, behind its back.
+async fn execute_sql(server: &Server, sql: &str) {
+    use sqlx::{AssertSqlSafe, Connection, Executor};
+    match &server.database_url {
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.unwrap();
+            db.execute(AssertSqlSafe(sql.to_string())).await.unwrap();
+        }
+        None => {
+            let url = format!(
+                "sqlite://{}",
+                server.data_dir.join("edgefleet.db").display()
+            );
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            db.execute(AssertSqlSafe(sql.to_string())).await.unwrap();
+        }
+    }
+}
+
+/// What the database says when the test's triggers refuse a write.
+const DATABASE_DETAIL: &str = "refused-by-the-test-trigger";
+const STORAGE_ERROR: &str = "internal storage error; see the server log";
+
+/// Makes the database refuse `event` (e.g. "INSERT") on `table`, with
+/// [`DATABASE_DETAIL`] as its error text.
+async fn refuse(server: &Server, event: &str, table: &str) {
+    let name = format!("refuse_{}_{table}", event.to_lowercase());
+    let sql = if server.database_url.is_some() {
+        format!(
+            "CREATE OR REPLACE FUNCTION refuse_by_test() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION '{DATABASE_DETAIL}'; END $$; \
+             CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION refuse_by_test();"
+        )
+    } else {
+        format!(
+            "CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             BEGIN SELECT RAISE(ABORT, '{DATABASE_DETAIL}'); END;"
+        )
+    };
+    execute_sql(server, &sql).await;
+}
+
+async fn allow(server: &Server, event: &str, table: &str) {
+    let name = format!("refuse_{}_{table}", event.to_lowercase());
+    let on = if server.database_url.is_some() {
+        format!(" ON {table}")
+    } else {
+        String::new()
+    };
+    execute_sql(server, &format!("DROP TRIGGER {name}{on}")).await;
+}
+
+fn assert_generic(status: &tonic::Status, code: Code) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(status.message(), STORAGE_ERROR, "{status:?}");
+}
+
+/// A database failure reaches agents and operators as its status code and
+/// a generic message; the database's own text goes to the server log only.
+fn storage_failures_reach_callers_without_the_databases_text(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = (db == Db::Postgres).then(PgSchema::create);
+    let server = Server::start(
+        dir.path(),
+        schema.as_ref().map(|s| s.url.as_str()),
+        &["--telemetry-upload-interval", "2m"],
+    );
+    runtime().block_on(async {
+        // Enroll: the device cannot be stored.
+        refuse(&server, "INSERT", "devices").await;
+        let token = server.join_token(&[]);
+        let mut client = pinned(&server, &token).await;
+        let key_pem = edgefleet_pki::generate_device_key().unwrap();
+        let status = client
+            .enroll(pb::EnrollRequest {
+                join_token: token,
+                csr_pem: edgefleet_pki::device_csr(&key_pem, "test").unwrap(),
+                inventory: Some(inventory()),
+            })
+            .await
+            .unwrap_err();
+        assert_generic(&status, Code::Unavailable);
+        allow(&server, "INSERT", "devices").await;
+
+        // A session: its Hello cannot be recorded. An operator: the device
+        // cannot be revoked.
+        let device = enroll_device(&server).await;
+        refuse(&server, "UPDATE", "devices").await;
+        let mut client = device_client(&server, &device).await;
+        let status = open(&mut client, hello(&device.device_id))
+            .await
+            .unwrap_err();
+        assert_generic(&status, Code::Unavailable);
+        let revoke = server.cli(&["devices", "revoke", &device.device_id]);
+        assert!(!revoke.status.success());
+        let said = String::from_utf8_lossy(&revoke.stderr);
+        assert!(said.contains(STORAGE_ERROR), "{said}");
+        assert!(!said.contains(DATABASE_DETAIL), "{said}");
+        allow(&server, "UPDATE", "devices").await;
+
+        // Telemetry that cannot be stored ends the session.
+        refuse(&server, "INSERT", "telemetry_batches").await;
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        tx.send(upload("", 1..=3)).await.unwrap();
+        let status = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the server did not end the session")
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the session ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_generic(&status, Code::Unavailable);
+    });
+    // The detail is in the server's log, once per failure.
+    let log = server.process.stderr.text();
+    assert!(
+        log.matches(DATABASE_DETAIL).count() >= 4,
+        "the database's errors are not in the server log:\n{log}"
+    );
+}
+
+#[test]
+fn storage_failures_reach_callers_without_the_databases_text_sqlite() {
+    storage_failures_reach_callers_without_the_databases_text(Db::Sqlite);
+}
+
+#[test]
+fn storage_failures_reach_callers_without_the_databases_text_postgres() {
+    storage_failures_reach_callers_without_the_databases_text(Db::Postgres);
+}

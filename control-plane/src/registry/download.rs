@@ -9,6 +9,7 @@ use futures::{Stream, StreamExt};
 use tonic::Status;
 
 use super::{BlobError, is_sha256_hex};
+use crate::errors::{storage_error, store_unavailable};
 use crate::state::ControlPlane;
 use crate::store::DeviceStatus;
 
@@ -38,7 +39,7 @@ pub async fn download_blob(
         .store
         .device(device_id)
         .await
-        .map_err(|err| Status::unavailable(format!("cannot read the device: {err}")))?
+        .map_err(store_unavailable("cannot read a device"))?
         .ok_or_else(|| {
             Status::unauthenticated(format!("device {device_id} is not enrolled in this fleet"))
         })?;
@@ -51,7 +52,7 @@ pub async fn download_blob(
         .store
         .desired_state(device_id)
         .await
-        .map_err(|err| Status::unavailable(format!("cannot read the desired state: {err}")))?;
+        .map_err(store_unavailable("cannot read a desired state"))?;
     if !desired
         .iter()
         .any(|m| m.sha256.eq_ignore_ascii_case(&sha256))
@@ -74,7 +75,13 @@ pub async fn download_blob(
                 "blob {sha256} is missing from the server's blob store"
             )));
         }
-        Err(err) => return Err(Status::internal(err.to_string())),
+        Err(err) => {
+            return Err(storage_error(
+                tonic::Code::Internal,
+                "cannot open a blob",
+                &err,
+            ));
+        }
     };
     tracing::info!(device = %device_id, %sha256, offset, size, "blob download");
     let served = cp.metrics.blob_bytes_served.clone();
@@ -111,9 +118,11 @@ pub fn stream_file(
                         data: data.into(),
                         total_size: size,
                     }),
-                    Err(err) => Err(Status::internal(format!(
-                        "cannot read the blob at offset {position}: {err}"
-                    ))),
+                    Err(err) => Err(storage_error(
+                        tonic::Code::Internal,
+                        "cannot read a blob",
+                        &format!("at offset {position}: {err}"),
+                    )),
                 }
             }
         })
