@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::errors::{storage_status, store_unavailable};
 use crate::state::{ControlPlane, now_ms};
-use crate::store::{DeviceStatus, NewDevice};
+use crate::store::{DeviceStatus, JoinTokenRefusal, NewDevice};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -142,6 +142,18 @@ fn telemetry_ack(sequence: u64) -> pb::ControlMessage {
     }
 }
 
+/// An enrollment refused for its join token: counted, logged, and the
+/// status the caller gets.
+fn refuse_token(cp: &ControlPlane, token_id: &str, refusal: JoinTokenRefusal) -> Status {
+    cp.metrics.refuse_enrollment(match refusal {
+        JoinTokenRefusal::Unknown => "unknown_token",
+        JoinTokenRefusal::Expired => "expired_token",
+        JoinTokenRefusal::UsedUp => "used_up_token",
+    });
+    tracing::info!(token = %token_id, %refusal, "enrollment refused");
+    Status::unauthenticated(refusal.to_string())
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -169,6 +181,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
         if request.csr_pem.len() > 16 * 1024 {
             return Err(Status::invalid_argument("the CSR is too large"));
         }
+        // The token is checked before the CSR is signed, so a caller
+        // without a valid one costs a read, not a signature.
+        // `enroll_device` checks it again, atomically with taking a use.
+        let secret_hash = hash_secret(&token.secret);
+        if let Err(refusal) = cp
+            .store
+            .check_join_token(&token.id, &secret_hash, now_ms())
+            .await
+            .map_err(store_unavailable("cannot check a join token"))?
+        {
+            return Err(refuse_token(cp, &token.id, refusal));
+        }
         let device_id = new_device_id();
         let issued = cp
             .ca
@@ -181,17 +205,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 cp.metrics.refuse_enrollment("bad_csr");
                 Status::invalid_argument(format!("invalid CSR: {err}"))
             })?;
-        let now = now_ms();
         let device = NewDevice {
             id: device_id.clone(),
             inventory,
-            enrolled_at: now,
+            enrolled_at: now_ms(),
             certificate_serial: issued.serial_hex.clone(),
             certificate_expires_at: issued.not_after_unix_ms,
         };
         let enrolled = cp
             .store
-            .enroll_device(&token.id, &hash_secret(&token.secret), &device)
+            .enroll_device(&token.id, &secret_hash, &device)
             .await
             .map_err(store_unavailable("cannot store an enrollment"))?;
         match enrolled {
@@ -206,15 +229,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     release_public_key: cp.registry.release_key.public_key(),
                 }))
             }
-            Err(refusal) => {
-                cp.metrics.refuse_enrollment(match refusal {
-                    crate::store::JoinTokenRefusal::Unknown => "unknown_token",
-                    crate::store::JoinTokenRefusal::Expired => "expired_token",
-                    crate::store::JoinTokenRefusal::UsedUp => "used_up_token",
-                });
-                tracing::info!(token = %token.id, %refusal, "enrollment refused");
-                Err(Status::unauthenticated(refusal.to_string()))
-            }
+            Err(refusal) => Err(refuse_token(cp, &token.id, refusal)),
         }
     }
 

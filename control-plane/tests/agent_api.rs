@@ -622,6 +622,77 @@ fn telemetry_after_a_message_that_could_not_be_stored_is_not_stored_either() {
     });
 }
 
+/// A metric's value in the server's `/metrics` text (0 when absent).
+fn metric(server: &Server, name_and_labels: &str) -> u64 {
+    server
+        .metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn refused_enrollments(server: &Server, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("edgefleet_server_enrollments_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+const GARBAGE_CSR: &str =
+    "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n";
+
+/// The join token is checked before the CSR is even parsed: a caller
+/// without a valid token cannot make the CA sign anything. The refusals
+/// say what they said before, and count under the same reasons.
+#[test]
+fn enrollment_checks_the_join_token_before_the_csr() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    let once = server.join_token(&["--uses", "1"]);
+    let short = server.join_token(&["--expires", "1s"]);
+    runtime().block_on(async {
+        let mut client = pinned(&server, &once).await;
+        let key = edgefleet_pki::generate_device_key().unwrap();
+        let csr = edgefleet_pki::device_csr(&key, "x").unwrap();
+        let enroll = |join_token: &str, csr_pem: &str| pb::EnrollRequest {
+            join_token: join_token.to_string(),
+            csr_pem: csr_pem.to_string(),
+            inventory: Some(inventory()),
+        };
+        client.enroll(enroll(&once, &csr)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let parts: Vec<&str> = once.split('.').collect();
+        let unknown = format!("{}.{}.{}", "0".repeat(parts[0].len()), parts[1], parts[2]);
+        let wrong_secret = format!("{}.{}.{}", parts[0], "0".repeat(parts[1].len()), parts[2]);
+        for (token, says) in [
+            (&unknown, "unknown join token"),
+            (&wrong_secret, "unknown join token"),
+            (&short, "the join token has expired"),
+            (&once, "the join token has been used up"),
+        ] {
+            let status = client.enroll(enroll(token, GARBAGE_CSR)).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert_eq!(status.message(), says);
+        }
+        assert_eq!(refused_enrollments(&server, "unknown_token"), 2);
+        assert_eq!(refused_enrollments(&server, "expired_token"), 1);
+        assert_eq!(refused_enrollments(&server, "used_up_token"), 1);
+        assert_eq!(refused_enrollments(&server, "bad_csr"), 0);
+
+        // With a valid token, the CSR is what is refused, and the token
+        // keeps its use.
+        let fresh = server.join_token(&[]);
+        let status = client
+            .enroll(enroll(&fresh, GARBAGE_CSR))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(refused_enrollments(&server, "bad_csr"), 1);
+        client.enroll(enroll(&fresh, &csr)).await.unwrap();
+    });
+}
+
 /// The server's database, behind its back.
 async fn execute_sql(server: &Server, sql: &str) {
     use sqlx::{AssertSqlSafe, Connection, Executor};

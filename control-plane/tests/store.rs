@@ -180,6 +180,7 @@ suite!(
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
+    join_tokens_are_checked_without_taking_a_use,
     ingest_dedupes,
     ingest_skips_unknown_devices,
     concurrent_ingests_store_each_batch_once,
@@ -712,6 +713,46 @@ async fn hello_certificate_and_touch(db: &Db) {
             .set_device_certificate("nobody", "serial-4", T0)
             .await
             .unwrap()
+    );
+}
+
+/// The read-only check of a join token agrees with the atomic take, and
+/// takes no use.
+async fn join_tokens_are_checked_without_taking_a_use(db: &Db) {
+    let token = join_token("jt1", 1, T0 + HOUR, Labels::new());
+    db.store.insert_join_token(&token).await.unwrap();
+    let check = |id: &'static str, hash: String, at: i64| {
+        let store = db.store.clone();
+        async move { store.check_join_token(id, &hash, at).await.unwrap() }
+    };
+    for _ in 0..3 {
+        assert_eq!(check("jt1", token.secret_hash.clone(), T0).await, Ok(()));
+    }
+    assert_eq!(
+        check("nope", token.secret_hash.clone(), T0).await,
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(
+        check("jt1", "wrong".into(), T0).await,
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0 + HOUR).await,
+        Err(JoinTokenRefusal::Expired)
+    );
+    // The checks took no use: the one use is still there.
+    db.store
+        .enroll_device("jt1", &token.secret_hash, &new_device("d1", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0).await,
+        Err(JoinTokenRefusal::UsedUp)
+    );
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0 + 2 * HOUR).await,
+        Err(JoinTokenRefusal::Expired)
     );
 }
 

@@ -102,22 +102,37 @@ pub(crate) struct JoinTokenStateRow {
 }
 
 impl JoinTokenStateRow {
+    /// The columns [`JoinTokenStateRow`] reads, for SELECTs.
+    pub(crate) const COLUMNS: &'static str = "secret_hash, expires_at, uses_left";
+
+    /// Whether the token (`row`, `None` if there is none) would enroll a
+    /// device at `at` with this secret hash.
+    pub(crate) fn check(
+        row: Option<&JoinTokenStateRow>,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<(), super::JoinTokenRefusal> {
+        use super::JoinTokenRefusal::*;
+        match row {
+            None => Err(Unknown),
+            Some(r) if r.secret_hash != secret_hash => Err(Unknown),
+            Some(r) if r.expires_at <= at => Err(Expired),
+            Some(r) if r.uses_left <= 0 => Err(UsedUp),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Why the token was refused, given that the atomic take failed.
     pub(crate) fn refusal(
         row: Option<JoinTokenStateRow>,
         secret_hash: &str,
         at: i64,
     ) -> super::JoinTokenRefusal {
-        use super::JoinTokenRefusal::*;
-        match row {
-            None => Unknown,
-            Some(r) if r.secret_hash != secret_hash => Unknown,
-            Some(r) if r.expires_at <= at => Expired,
-            Some(r) if r.uses_left <= 0 => UsedUp,
-            // The row changed between the take and this read (a concurrent
-            // enrollment took the last use).
-            Some(_) => UsedUp,
-        }
+        // A token that passes the check changed between the take and this
+        // read (a concurrent enrollment took the last use).
+        Self::check(row.as_ref(), secret_hash, at)
+            .err()
+            .unwrap_or(super::JoinTokenRefusal::UsedUp)
     }
 }
 

@@ -293,6 +293,17 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
 
     // ---- join tokens and enrollment
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Whether the join token would enroll a device at `at` (id and secret
+    /// hash match, not expired, uses left), without taking a use: a cheap
+    /// read so that a caller without a valid token is refused before any
+    /// costly work (signing its CSR). Only [`Store::enroll_device`] decides:
+    /// the token may be used up between the two.
+    async fn check_join_token(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<Result<(), JoinTokenRefusal>, StoreError>;
     /// Atomically checks the join token (id and secret hash must both match,
     /// not expired at `device.enrolled_at`, uses left), takes one use, and
     /// inserts the device with the token's labels. Concurrent enrollments can

@@ -197,6 +197,23 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn check_join_token(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<Result<(), JoinTokenRefusal>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM join_tokens WHERE id = $1",
+            JoinTokenStateRow::COLUMNS
+        );
+        let row = sqlx::query_as::<_, JoinTokenStateRow>(AssertSqlSafe(sql))
+            .bind(token_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(JoinTokenStateRow::check(row.as_ref(), secret_hash, at))
+    }
+
     async fn enroll_device(
         &self,
         token_id: &str,
