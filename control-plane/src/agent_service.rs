@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::errors::{storage_status, store_unavailable};
 use crate::state::{ControlPlane, now_ms};
-use crate::store::{DeviceStatus, JoinTokenRefusal, NewDevice};
+use crate::store::{CertificateRenewal, Device, DeviceStatus, JoinTokenRefusal, NewDevice};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -48,14 +48,51 @@ fn new_device_id() -> String {
     format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
-/// The device a session belongs to: the CN of its client certificate, which
-/// the TLS layer has already verified against the fleet CA (and its validity).
-fn authenticated_device<T>(request: &Request<T>) -> Result<String, Status> {
-    edgefleet_pki::peer_device_id(request).ok_or_else(|| {
-        Status::unauthenticated(
-            "a client certificate issued by this fleet's CA is required: enroll the agent first",
-        )
-    })
+/// Who a request comes from: the device (the CN of its client
+/// certificate, which the TLS layer has already verified against the fleet
+/// CA, and its validity) and the certificate's serial, for
+/// [`check_certificate`].
+fn authenticated_device<T>(request: &Request<T>) -> Result<Peer, Status> {
+    edgefleet_pki::peer_certificate_info(request)
+        .filter(|info| !info.common_name.is_empty())
+        .map(|info| Peer {
+            device_id: info.common_name,
+            serial: info.serial_hex,
+        })
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a client certificate issued by this fleet's CA is required: enroll the agent first",
+            )
+        })
+}
+
+/// The device behind a request, and the serial of the certificate it
+/// presented.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub device_id: String,
+    pub serial: String,
+}
+
+/// Refuses a certificate of the device that a renewal has retired: the
+/// device may use its current certificate, and the one its last renewal
+/// replaced until it has opened a session with the new one (the agent
+/// installs a renewed certificate only once it has received it, so a
+/// session lost in between must not lock it out).
+pub fn check_certificate(device: &Device, serial: &str) -> Result<(), Status> {
+    if device.certificate_serial == serial
+        || device.previous_certificate_serial.as_deref() == Some(serial)
+    {
+        return Ok(());
+    }
+    Err(retired_certificate(&device.id, serial))
+}
+
+fn retired_certificate(device_id: &str, serial: &str) -> Status {
+    Status::unauthenticated(format!(
+        "this certificate of device {device_id} (serial {serial}) has been replaced by a renewal: \
+         only the device's current certificate is accepted"
+    ))
 }
 
 /// The upload interval as the Welcome carries it (whole seconds; the config
@@ -239,10 +276,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
-        let device_id = authenticated_device(&request)?;
+        let peer = authenticated_device(&request)?;
         let stream =
-            crate::registry::download::download_blob(&self.cp, &device_id, request.into_inner())
-                .await?;
+            crate::registry::download::download_blob(&self.cp, &peer, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -253,7 +289,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let cp = self.cp.clone();
-        let device_id = authenticated_device(&request).inspect_err(|_| {
+        let Peer { device_id, serial } = authenticated_device(&request).inspect_err(|_| {
             cp.metrics.refuse_session("no_client_certificate");
         })?;
         let device = cp
@@ -272,6 +308,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
             return Err(Status::permission_denied(format!(
                 "device {device_id} has been revoked"
             )));
+        }
+        check_certificate(&device, &serial).inspect_err(|_| {
+            cp.metrics.refuse_session("retired_certificate");
+        })?;
+        if let Some(previous) = &device.previous_certificate_serial
+            && *previous != serial
+        {
+            // The device holds its renewed certificate: the one it replaced
+            // is accepted no more.
+            if cp
+                .store
+                .retire_previous_certificate(&device_id, &serial)
+                .await
+                .map_err(store_unavailable("cannot retire a replaced certificate"))?
+            {
+                tracing::info!(device = %device_id, serial = %previous, "retired the certificate a renewal replaced");
+            }
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
@@ -329,7 +382,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         tracing::info!(device = %device_id, acked_sequence, "agent session opened");
         tokio::spawn(run_session(
             cp,
-            device_id,
+            Peer { device_id, serial },
             inbound,
             outbound,
             (inventory, hello.runtime),
@@ -340,7 +393,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
 async fn run_session(
     cp: Arc<ControlPlane>,
-    device_id: String,
+    Peer {
+        device_id,
+        mut serial,
+    }: Peer,
     mut inbound: Streaming<pb::AgentMessage>,
     outbound: crate::sessions::Outbound,
     (inventory, runtime): (crate::store::Inventory, String),
@@ -445,8 +501,11 @@ async fn run_session(
                     }
                     Some(Upstream::Heartbeat(_)) => {}
                     Some(Upstream::RenewCertificate(renew)) => {
-                        match renew_certificate(&cp, &device_id, &renew.csr_pem).await {
-                            Ok(message) => {
+                        match renew_certificate(&cp, &device_id, &serial, &renew.csr_pem).await {
+                            Ok((message, renewed)) => {
+                                // The agent asks again on this session only
+                                // once it has installed this one.
+                                serial = renewed;
                                 if outbound.send(Ok(message)).await.is_err() {
                                     break Ok(());
                                 }
@@ -554,11 +613,18 @@ async fn send_desired_state(
     true
 }
 
+/// Issues the session's device a new certificate for `csr_pem`: the message
+/// that carries it, and its serial. `presented` is the serial of the
+/// certificate the agent holds (the one the session was opened with, or
+/// the one the session's last renewal issued: the agent renews again only
+/// once it has installed that), which stays accepted until the device uses
+/// the new one.
 async fn renew_certificate(
     cp: &ControlPlane,
     device_id: &str,
+    presented: &str,
     csr_pem: &str,
-) -> Result<pb::ControlMessage, Status> {
+) -> Result<(pb::ControlMessage, String), Status> {
     if csr_pem.len() > 16 * 1024 {
         return Err(Status::invalid_argument("the CSR is too large"));
     }
@@ -566,25 +632,41 @@ async fn renew_certificate(
         .ca
         .sign_device_csr(csr_pem, device_id, cp.config.device_certificate_validity)
         .map_err(|err| Status::invalid_argument(format!("invalid CSR: {err}")))?;
-    let recorded = cp
+    let renewal = cp
         .store
-        .set_device_certificate(device_id, &issued.serial_hex, issued.not_after_unix_ms)
+        .set_device_certificate(
+            device_id,
+            &issued.serial_hex,
+            issued.not_after_unix_ms,
+            presented,
+        )
         .await
         .map_err(store_unavailable("cannot store a renewed certificate"))?;
-    if !recorded {
-        // Revoked while its session was open: no new certificate, and the
-        // session ends here rather than at the next revocation poll.
-        cp.metrics.refuse_session("revoked");
-        return Err(Status::permission_denied(format!(
-            "device {device_id} has been revoked"
-        )));
+    match renewal {
+        CertificateRenewal::Recorded => {}
+        CertificateRenewal::Revoked => {
+            // Revoked while its session was open: no new certificate, and the
+            // session ends here rather than at the next revocation poll.
+            cp.metrics.refuse_session("revoked");
+            return Err(Status::permission_denied(format!(
+                "device {device_id} has been revoked"
+            )));
+        }
+        CertificateRenewal::Retired => {
+            // The session's certificate was replaced, and the device has
+            // used the new one since (on another replica): whoever holds
+            // this one gets no certificate.
+            cp.metrics.refuse_session("retired_certificate");
+            return Err(retired_certificate(device_id, presented));
+        }
     }
     cp.metrics.certificates_renewed.inc();
     tracing::info!(device = %device_id, serial = %issued.serial_hex, "device certificate renewed");
-    Ok(pb::ControlMessage {
+    let message = pb::ControlMessage {
         kind: Some(Downstream::Certificate(pb::CertificateIssued {
             certificate_pem: issued.certificate_pem,
             ca_certificate_pem: cp.ca.certificate_pem().to_string(),
         })),
-    })
+    };
+    Ok((message, issued.serial_hex))
 }

@@ -693,6 +693,213 @@ fn enrollment_checks_the_join_token_before_the_csr() {
     });
 }
 
+fn renew(key_pem: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Upstream::RenewCertificate(pb::RenewCertificate {
+            csr_pem: edgefleet_pki::device_csr(key_pem, "test").unwrap(),
+        })),
+    }
+}
+
+/// Renews `device`'s certificate over a session opened with it; returns the
+/// device as it is once it has installed the new certificate.
+async fn renewed(server: &Server, device: &Enrolled) -> Enrolled {
+    let mut client = device_client(server, device).await;
+    let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+    welcome(&mut stream).await;
+    let key_pem = edgefleet_pki::generate_device_key().unwrap();
+    tx.send(renew(&key_pem)).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no certificate within 10 s")
+            .unwrap()
+            .unwrap();
+        match message.kind {
+            Some(Downstream::Certificate(issued)) => {
+                return Enrolled {
+                    device_id: device.device_id.clone(),
+                    key_pem,
+                    certificate_pem: issued.certificate_pem,
+                    ca_pem: device.ca_pem.clone(),
+                };
+            }
+            Some(Downstream::DesiredState(_)) => continue,
+            other => panic!("expected a certificate, got {other:?}"),
+        }
+    }
+}
+
+fn serial(device: &Enrolled) -> String {
+    edgefleet_pki::certificate_info_pem(&device.certificate_pem)
+        .unwrap()
+        .serial_hex
+}
+
+/// After a renewal the old certificate keeps opening sessions (the agent
+/// installs the new one only once it has it, and may have lost it), until
+/// the device has used the new one: from then on only the new one is
+/// accepted, for sessions and downloads alike.
+#[test]
+fn a_renewal_retires_the_old_certificate_once_the_new_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let old = enroll_device(&server).await;
+        let new = renewed(&server, &old).await;
+        assert_ne!(serial(&new), serial(&old));
+
+        let mut old_client = device_client(&server, &old).await;
+        for _ in 0..2 {
+            let (_tx, mut stream) = open(&mut old_client, hello(&old.device_id))
+                .await
+                .expect("the old certificate, before the new one was used");
+            welcome(&mut stream).await;
+        }
+        let mut new_client = device_client(&server, &new).await;
+        let (tx, mut stream) = open(&mut new_client, hello(&new.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        drop((tx, stream));
+
+        let status = open(&mut old_client, hello(&old.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("replaced by a renewal"),
+            "{status:?}"
+        );
+        let status = old_client
+            .download_blob(pb::DownloadBlobRequest {
+                sha256: "ab".repeat(32),
+                offset: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        // A fresh connection with it fares no better.
+        let mut again = device_client(&server, &old).await;
+        let status = open(&mut again, hello(&old.device_id)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(
+            metric(
+                &server,
+                "edgefleet_server_sessions_refused_total{reason=\"retired_certificate\"}"
+            ),
+            2
+        );
+
+        // The new certificate keeps working, and renews in its turn.
+        let (tx, mut stream) = open(&mut new_client, hello(&new.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        drop((tx, stream));
+        let newer = renewed(&server, &new).await;
+        let mut newer_client = device_client(&server, &newer).await;
+        let (_tx, mut stream) = open(&mut newer_client, hello(&newer.device_id))
+            .await
+            .unwrap();
+        welcome(&mut stream).await;
+    });
+}
+
+/// Two renewals over one long session: the agent renews again only once it
+/// has installed the first renewal's certificate, so that one (not the one
+/// the session was opened with) is what stays accepted after the second.
+#[test]
+fn a_second_renewal_over_one_session_keeps_the_first_renewals_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let first = enroll_device(&server).await;
+        let mut client = device_client(&server, &first).await;
+        let (tx, mut stream) = open(&mut client, hello(&first.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        let mut keys = Vec::new();
+        let mut certificates = Vec::new();
+        for _ in 0..2 {
+            let key_pem = edgefleet_pki::generate_device_key().unwrap();
+            tx.send(renew(&key_pem)).await.unwrap();
+            loop {
+                match stream.message().await.unwrap().unwrap().kind {
+                    Some(Downstream::Certificate(issued)) => {
+                        certificates.push(issued.certificate_pem);
+                        break;
+                    }
+                    Some(Downstream::DesiredState(_)) => continue,
+                    other => panic!("expected a certificate, got {other:?}"),
+                }
+            }
+            keys.push(key_pem);
+        }
+        drop((tx, stream));
+        let second = Enrolled {
+            device_id: first.device_id.clone(),
+            key_pem: keys[0].clone(),
+            certificate_pem: certificates[0].clone(),
+            ca_pem: first.ca_pem.clone(),
+        };
+        // The agent crashed before installing the third: it comes back with
+        // the second, which works; the first does not.
+        let mut client = device_client(&server, &second).await;
+        let (_tx, mut stream) = open(&mut client, hello(&second.device_id))
+            .await
+            .expect("the certificate the agent had installed");
+        welcome(&mut stream).await;
+        let mut client = device_client(&server, &first).await;
+        let status = open(&mut client, hello(&first.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    });
+}
+
+/// A session opened with the old certificate during the grace window (a
+/// thief's, say) gets no certificate once the device has used its new one
+/// elsewhere (on another replica; here: straight in the database).
+#[test]
+fn a_renewal_over_a_retired_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let old = enroll_device(&server).await;
+        let new = renewed(&server, &old).await;
+        let mut client = device_client(&server, &old).await;
+        let (tx, mut stream) = open(&mut client, hello(&old.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
+        {
+            use sqlx::Connection;
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("UPDATE devices SET previous_certificate_serial = NULL WHERE id = ?")
+                .bind(&old.device_id)
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        let thief_key = edgefleet_pki::generate_device_key().unwrap();
+        tx.send(renew(&thief_key)).await.unwrap();
+        let (messages, end) = rest_of(&mut stream).await;
+        assert!(
+            !messages
+                .iter()
+                .any(|m| matches!(m, Downstream::Certificate(_))),
+            "a retired certificate got a new one"
+        );
+        assert_eq!(end, Code::Unauthenticated);
+        {
+            use sqlx::Connection;
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let current: String =
+                sqlx::query_scalar("SELECT certificate_serial FROM devices WHERE id = ?")
+                    .bind(&old.device_id)
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap();
+            assert_eq!(current, serial(&new));
+        }
+    });
+}
+
 /// The server's database, behind its back.
 async fn execute_sql(server: &Server, sql: &str) {
     use sqlx::{AssertSqlSafe, Connection, Executor};

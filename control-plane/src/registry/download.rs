@@ -9,6 +9,7 @@ use futures::{Stream, StreamExt};
 use tonic::Status;
 
 use super::{BlobError, is_sha256_hex};
+use crate::agent_service::Peer;
 use crate::errors::{storage_error, store_unavailable};
 use crate::state::ControlPlane;
 use crate::store::DeviceStatus;
@@ -22,12 +23,14 @@ pub const DOWNLOAD_CHUNK_BYTES: usize = 1024 * 1024;
 pub const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Streams the blob from `request.offset` to an enrolled, unrevoked device
-/// whose desired state names it.
+/// whose desired state names it, over a certificate the device may still
+/// use.
 pub async fn download_blob(
     cp: &ControlPlane,
-    device_id: &str,
+    peer: &Peer,
     request: pb::DownloadBlobRequest,
 ) -> Result<BlobStream, Status> {
+    let device_id = peer.device_id.as_str();
     let sha256 = request.sha256.to_ascii_lowercase();
     if !is_sha256_hex(&sha256) {
         return Err(Status::invalid_argument(format!(
@@ -48,6 +51,7 @@ pub async fn download_blob(
             "device {device_id} has been revoked"
         )));
     }
+    crate::agent_service::check_certificate(&device, &peer.serial)?;
     let (_, desired) = cp
         .store
         .desired_state(device_id)

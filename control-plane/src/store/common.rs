@@ -136,6 +136,15 @@ impl JoinTokenStateRow {
     }
 }
 
+/// Why a renewal recorded nothing, from the device's status (`None`: no
+/// such device).
+pub(crate) fn refused_renewal(status: Option<&str>) -> super::CertificateRenewal {
+    match status {
+        None | Some("revoked") => super::CertificateRenewal::Revoked,
+        Some(_) => super::CertificateRenewal::Retired,
+    }
+}
+
 pub(crate) fn join_token_labels(token: &JoinToken) -> String {
     to_json(&token.labels)
 }
@@ -149,6 +158,7 @@ pub(crate) struct DeviceRow {
     pub enrolled_at: i64,
     pub revoked_at: Option<i64>,
     pub certificate_serial: String,
+    pub previous_certificate_serial: Option<String>,
     pub certificate_expires_at: i64,
     pub last_seen: i64,
     pub models: String,
@@ -163,8 +173,8 @@ pub(crate) struct DeviceRow {
 
 /// The columns of [`DeviceRow`], for SELECTs.
 pub(crate) const DEVICE_COLUMNS: &str = "id, labels, inventory, status, enrolled_at, revoked_at, \
-     certificate_serial, certificate_expires_at, last_seen, models, runtime, health, \
-     last_sequence, requests_total, errors_total, offloaded_total, dropped_batches_total";
+     certificate_serial, previous_certificate_serial, certificate_expires_at, last_seen, models, \
+     runtime, health, last_sequence, requests_total, errors_total, offloaded_total, dropped_batches_total";
 
 impl TryFrom<DeviceRow> for Device {
     type Error = StoreError;
@@ -192,6 +202,7 @@ impl TryFrom<DeviceRow> for Device {
             enrolled_at: r.enrolled_at,
             revoked_at: r.revoked_at,
             certificate_serial: r.certificate_serial,
+            previous_certificate_serial: r.previous_certificate_serial,
             certificate_expires_at: r.certificate_expires_at,
             last_seen: r.last_seen,
             runtime: r.runtime,
