@@ -164,10 +164,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .await
             .map_err(store_unavailable("cannot revoke a device"))?;
         let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
-        self.cp.sessions.end(
-            id,
-            Status::permission_denied(format!("device {id} has been revoked")),
-        );
+        self.cp.sessions.revoke(id);
         tracing::info!(device = %id, operator = %operator.id, "device revoked");
         Ok(Response::new(convert::device_to_pb(&device, false)))
     }

@@ -1035,3 +1035,99 @@ fn storage_failures_reach_callers_without_the_databases_text_sqlite() {
 fn storage_failures_reach_callers_without_the_databases_text_postgres() {
     storage_failures_reach_callers_without_the_databases_text(Db::Postgres);
 }
+
+/// Reads a session until its desired state names `sha256`.
+async fn wait_for_desired(stream: &mut tonic::Streaming<pb::ControlMessage>, sha256: &str) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("no desired state naming the blob within 30 s")
+            .unwrap()
+            .unwrap();
+        if let Some(Downstream::DesiredState(desired)) = message.kind
+            && desired.models.iter().any(|m| m.sha256 == sha256)
+        {
+            return;
+        }
+    }
+}
+
+/// A download in progress ends with PERMISSION_DENIED when its device is
+/// revoked: by an operator on this replica, or on another replica (here:
+/// straight in the database), noticed by the revocation watcher.
+#[test]
+fn a_download_in_progress_ends_when_its_device_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, &[]);
+    let (by_operator, elsewhere) =
+        runtime().block_on(async { (enroll_device(&server).await, enroll_device(&server).await) });
+    let file = dir.path().join("padded.onnx");
+    std::fs::write(&file, padded_mlp(64 << 20)).unwrap();
+    let pushed = server.cli_json(&[
+        "models",
+        "push",
+        file.to_str().unwrap(),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+    ]);
+    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
+    server.cli_json(&["rollouts", "create", "--model", "mlp@1"]);
+    runtime().block_on(async {
+        for (device, by_the_operator) in [(&by_operator, true), (&elsewhere, false)] {
+            let mut session_client = device_client(&server, device).await;
+            let (_tx, mut session) = open(&mut session_client, hello(&device.device_id))
+                .await
+                .unwrap();
+            welcome(&mut session).await;
+            wait_for_desired(&mut session, &sha256).await;
+            // Its own connection, so that the unread download holds up
+            // nothing else.
+            let mut download_client = device_client(&server, device).await;
+            let mut download = download_client
+                .download_blob(pb::DownloadBlobRequest {
+                    sha256: sha256.clone(),
+                    offset: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = download.message().await.unwrap().unwrap();
+            let total = first.total_size;
+            let mut received = first.data.len() as u64;
+            if by_the_operator {
+                let revoked = server.cli(&["devices", "revoke", &device.device_id]);
+                assert!(revoked.status.success());
+            } else {
+                execute_sql(
+                    &server,
+                    &format!(
+                        "UPDATE devices SET status = 'revoked', revoked_at = {} WHERE id = '{}'",
+                        now_unix_ms(),
+                        device.device_id
+                    ),
+                )
+                .await;
+            }
+            // The server has acted on the revocation once the session ends.
+            assert_eq!(final_status(&mut session).await, Code::PermissionDenied);
+            let end = loop {
+                match tokio::time::timeout(Duration::from_secs(10), download.message())
+                    .await
+                    .expect("the download stalled")
+                {
+                    Ok(Some(chunk)) => received += chunk.data.len() as u64,
+                    Ok(None) => break Code::Ok,
+                    Err(status) => break status.code(),
+                }
+            };
+            assert_eq!(
+                end,
+                Code::PermissionDenied,
+                "{received} of {total} bytes downloaded"
+            );
+            assert!(received < total, "the whole blob was downloaded");
+        }
+    });
+}

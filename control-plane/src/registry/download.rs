@@ -11,6 +11,7 @@ use tonic::Status;
 use super::{BlobError, is_sha256_hex};
 use crate::agent_service::Peer;
 use crate::errors::{storage_error, store_unavailable};
+use crate::sessions::DownloadGuard;
 use crate::state::ControlPlane;
 use crate::store::DeviceStatus;
 
@@ -24,7 +25,8 @@ pub const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Streams the blob from `request.offset` to an enrolled, unrevoked device
 /// whose desired state names it, over a certificate the device may still
-/// use.
+/// use. The stream ends with PERMISSION_DENIED if the device is revoked
+/// while it runs.
 pub async fn download_blob(
     cp: &ControlPlane,
     peer: &Peer,
@@ -38,6 +40,10 @@ pub async fn download_blob(
             request.sha256
         )));
     }
+    // Registered before the device is read: a revocation committed after
+    // that read ends the download (the revocation watcher re-reads recent
+    // revocations at every poll).
+    let guard = cp.sessions.register_download(device_id);
     let device = cp
         .store
         .device(device_id)
@@ -89,12 +95,40 @@ pub async fn download_blob(
     };
     tracing::info!(device = %device_id, %sha256, offset, size, "blob download");
     let served = cp.metrics.blob_bytes_served.clone();
-    let stream = stream_file(file, offset, size).inspect(move |item| {
+    let stream = until_revoked(stream_file(file, offset, size), guard).inspect(move |item| {
         if let Ok(chunk) = item {
             served.inc_by(chunk.data.len() as u64);
         }
     });
     Ok(Box::pin(stream))
+}
+
+/// `chunks` until the download's device is revoked: then PERMISSION_DENIED,
+/// and the end (chunks read ahead are dropped).
+fn until_revoked<S>(
+    chunks: S,
+    guard: DownloadGuard,
+) -> impl Stream<Item = Result<pb::BlobChunk, Status>> + Send + 'static
+where
+    S: Stream<Item = Result<pb::BlobChunk, Status>> + Send + 'static,
+{
+    futures::stream::unfold(Some((Box::pin(chunks), guard)), |state| async move {
+        let (mut chunks, guard) = state?;
+        tokio::select! {
+            biased;
+            () = guard.revoked.cancelled() => {
+                let device_id = guard.device_id();
+                tracing::info!(device = %device_id, "ended the blob download of a revoked device");
+                Some((
+                    Err(Status::permission_denied(format!(
+                        "device {device_id} has been revoked"
+                    ))),
+                    None,
+                ))
+            }
+            chunk = chunks.next() => chunk.map(|chunk| (chunk, Some((chunks, guard)))),
+        }
+    })
 }
 
 /// Yields the blob from `offset` in 1 MiB chunks, each read by its own
