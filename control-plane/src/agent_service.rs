@@ -15,8 +15,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
+use crate::errors::{storage_status, store_unavailable};
 use crate::state::{ControlPlane, now_ms};
-use crate::store::{DeviceStatus, NewDevice};
+use crate::store::{CertificateRenewal, Device, DeviceStatus, JoinTokenRefusal, NewDevice};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,14 +48,51 @@ fn new_device_id() -> String {
     format!("dev-{}", hex::encode(rand::random::<[u8; 8]>()))
 }
 
-/// The device a session belongs to: the CN of its client certificate, which
-/// the TLS layer has already verified against the fleet CA (and its validity).
-fn authenticated_device<T>(request: &Request<T>) -> Result<String, Status> {
-    edgefleet_pki::peer_device_id(request).ok_or_else(|| {
-        Status::unauthenticated(
-            "a client certificate issued by this fleet's CA is required: enroll the agent first",
-        )
-    })
+/// Who a request comes from: the device (the CN of its client
+/// certificate, which the TLS layer has already verified against the fleet
+/// CA, and its validity) and the certificate's serial, for
+/// [`check_certificate`].
+fn authenticated_device<T>(request: &Request<T>) -> Result<Peer, Status> {
+    edgefleet_pki::peer_certificate_info(request)
+        .filter(|info| !info.common_name.is_empty())
+        .map(|info| Peer {
+            device_id: info.common_name,
+            serial: info.serial_hex,
+        })
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "a client certificate issued by this fleet's CA is required: enroll the agent first",
+            )
+        })
+}
+
+/// The device behind a request, and the serial of the certificate it
+/// presented.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub device_id: String,
+    pub serial: String,
+}
+
+/// Refuses a certificate of the device that a renewal has retired: the
+/// device may use its current certificate, and the one its last renewal
+/// replaced until it has opened a session with the new one (the agent
+/// installs a renewed certificate only once it has received it, so a
+/// session lost in between must not lock it out).
+pub fn check_certificate(device: &Device, serial: &str) -> Result<(), Status> {
+    if device.certificate_serial == serial
+        || device.previous_certificate_serial.as_deref() == Some(serial)
+    {
+        return Ok(());
+    }
+    Err(retired_certificate(&device.id, serial))
+}
+
+fn retired_certificate(device_id: &str, serial: &str) -> Status {
+    Status::unauthenticated(format!(
+        "this certificate of device {device_id} (serial {serial}) has been replaced by a renewal: \
+         only the device's current certificate is accepted"
+    ))
 }
 
 /// The upload interval as the Welcome carries it (whole seconds; the config
@@ -88,11 +126,13 @@ async fn store_telemetry(
             "not stored: an earlier telemetry message of this session could not be",
         ));
     }
+    // A failed group commit is logged once, by the ingester, for all the
+    // sessions waiting on it.
     let result = ingester
         .store_all(records)
         .await
         .map(|_| highest)
-        .map_err(Status::unavailable);
+        .map_err(|_| storage_status(tonic::Code::Unavailable));
     let _ = stored.send(result.is_ok());
     result
 }
@@ -139,6 +179,18 @@ fn telemetry_ack(sequence: u64) -> pb::ControlMessage {
     }
 }
 
+/// An enrollment refused for its join token: counted, logged, and the
+/// status the caller gets.
+fn refuse_token(cp: &ControlPlane, token_id: &str, refusal: JoinTokenRefusal) -> Status {
+    cp.metrics.refuse_enrollment(match refusal {
+        JoinTokenRefusal::Unknown => "unknown_token",
+        JoinTokenRefusal::Expired => "expired_token",
+        JoinTokenRefusal::UsedUp => "used_up_token",
+    });
+    tracing::info!(token = %token_id, %refusal, "enrollment refused");
+    Status::unauthenticated(refusal.to_string())
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -166,6 +218,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
         if request.csr_pem.len() > 16 * 1024 {
             return Err(Status::invalid_argument("the CSR is too large"));
         }
+        // The token is checked before the CSR is signed, so a caller
+        // without a valid one costs a read, not a signature.
+        // `enroll_device` checks it again, atomically with taking a use.
+        let secret_hash = hash_secret(&token.secret);
+        if let Err(refusal) = cp
+            .store
+            .check_join_token(&token.id, &secret_hash, now_ms())
+            .await
+            .map_err(store_unavailable("cannot check a join token"))?
+        {
+            return Err(refuse_token(cp, &token.id, refusal));
+        }
         let device_id = new_device_id();
         let issued = cp
             .ca
@@ -178,22 +242,18 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 cp.metrics.refuse_enrollment("bad_csr");
                 Status::invalid_argument(format!("invalid CSR: {err}"))
             })?;
-        let now = now_ms();
         let device = NewDevice {
             id: device_id.clone(),
             inventory,
-            enrolled_at: now,
+            enrolled_at: now_ms(),
             certificate_serial: issued.serial_hex.clone(),
             certificate_expires_at: issued.not_after_unix_ms,
         };
         let enrolled = cp
             .store
-            .enroll_device(&token.id, &hash_secret(&token.secret), &device)
+            .enroll_device(&token.id, &secret_hash, &device)
             .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "cannot store an enrollment");
-                Status::unavailable(format!("cannot store the enrollment: {err}"))
-            })?;
+            .map_err(store_unavailable("cannot store an enrollment"))?;
         match enrolled {
             Ok(device) => {
                 cp.metrics.enrollments.inc();
@@ -206,15 +266,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                     release_public_key: cp.registry.release_key.public_key(),
                 }))
             }
-            Err(refusal) => {
-                cp.metrics.refuse_enrollment(match refusal {
-                    crate::store::JoinTokenRefusal::Unknown => "unknown_token",
-                    crate::store::JoinTokenRefusal::Expired => "expired_token",
-                    crate::store::JoinTokenRefusal::UsedUp => "used_up_token",
-                });
-                tracing::info!(token = %token.id, %refusal, "enrollment refused");
-                Err(Status::unauthenticated(refusal.to_string()))
-            }
+            Err(refusal) => Err(refuse_token(cp, &token.id, refusal)),
         }
     }
 
@@ -224,10 +276,9 @@ impl pb::agent_service_server::AgentService for AgentApi {
         &self,
         request: Request<pb::DownloadBlobRequest>,
     ) -> Result<Response<Self::DownloadBlobStream>, Status> {
-        let device_id = authenticated_device(&request)?;
+        let peer = authenticated_device(&request)?;
         let stream =
-            crate::registry::download::download_blob(&self.cp, &device_id, request.into_inner())
-                .await?;
+            crate::registry::download::download_blob(&self.cp, &peer, request.into_inner()).await?;
         Ok(Response::new(stream))
     }
 
@@ -238,14 +289,14 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<SessionStream>, Status> {
         let cp = self.cp.clone();
-        let device_id = authenticated_device(&request).inspect_err(|_| {
+        let Peer { device_id, serial } = authenticated_device(&request).inspect_err(|_| {
             cp.metrics.refuse_session("no_client_certificate");
         })?;
         let device = cp
             .store
             .device(&device_id)
             .await
-            .map_err(|err| Status::unavailable(format!("cannot read the device: {err}")))?;
+            .map_err(store_unavailable("cannot read a device"))?;
         let Some(device) = device else {
             cp.metrics.refuse_session("unknown_device");
             return Err(Status::unauthenticated(format!(
@@ -257,6 +308,23 @@ impl pb::agent_service_server::AgentService for AgentApi {
             return Err(Status::permission_denied(format!(
                 "device {device_id} has been revoked"
             )));
+        }
+        check_certificate(&device, &serial).inspect_err(|_| {
+            cp.metrics.refuse_session("retired_certificate");
+        })?;
+        if let Some(previous) = &device.previous_certificate_serial
+            && *previous != serial
+        {
+            // The device holds its renewed certificate: the one it replaced
+            // is accepted no more.
+            if cp
+                .store
+                .retire_previous_certificate(&device_id, &serial)
+                .await
+                .map_err(store_unavailable("cannot retire a replaced certificate"))?
+            {
+                tracing::info!(device = %device_id, serial = %previous, "retired the certificate a renewal replaced");
+            }
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.next()).await {
@@ -286,11 +354,12 @@ impl pb::agent_service_server::AgentService for AgentApi {
         cp.store
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
             .await
-            .map_err(|err| Status::unavailable(format!("cannot record the Hello: {err}")))?;
-        let acked_sequence =
-            cp.store.last_sequence(&device_id).await.map_err(|err| {
-                Status::unavailable(format!("cannot read telemetry state: {err}"))
-            })?;
+            .map_err(store_unavailable("cannot record a Hello"))?;
+        let acked_sequence = cp
+            .store
+            .last_sequence(&device_id)
+            .await
+            .map_err(store_unavailable("cannot read a device's telemetry state"))?;
 
         let (outbound, receiver) = mpsc::channel(MAX_IN_FLIGHT * 2);
         let welcome = pb::ControlMessage {
@@ -313,7 +382,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         tracing::info!(device = %device_id, acked_sequence, "agent session opened");
         tokio::spawn(run_session(
             cp,
-            device_id,
+            Peer { device_id, serial },
             inbound,
             outbound,
             (inventory, hello.runtime),
@@ -324,7 +393,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
 
 async fn run_session(
     cp: Arc<ControlPlane>,
-    device_id: String,
+    Peer {
+        device_id,
+        mut serial,
+    }: Peer,
     mut inbound: Streaming<pb::AgentMessage>,
     outbound: crate::sessions::Outbound,
     (inventory, runtime): (crate::store::Inventory, String),
@@ -429,8 +501,11 @@ async fn run_session(
                     }
                     Some(Upstream::Heartbeat(_)) => {}
                     Some(Upstream::RenewCertificate(renew)) => {
-                        match renew_certificate(&cp, &device_id, &renew.csr_pem).await {
-                            Ok(message) => {
+                        match renew_certificate(&cp, &device_id, &serial, &renew.csr_pem).await {
+                            Ok((message, renewed)) => {
+                                // The agent asks again on this session only
+                                // once it has installed this one.
+                                serial = renewed;
                                 if outbound.send(Ok(message)).await.is_err() {
                                     break Ok(());
                                 }
@@ -538,11 +613,18 @@ async fn send_desired_state(
     true
 }
 
+/// Issues the session's device a new certificate for `csr_pem`: the message
+/// that carries it, and its serial. `presented` is the serial of the
+/// certificate the agent holds (the one the session was opened with, or
+/// the one the session's last renewal issued: the agent renews again only
+/// once it has installed that), which stays accepted until the device uses
+/// the new one.
 async fn renew_certificate(
     cp: &ControlPlane,
     device_id: &str,
+    presented: &str,
     csr_pem: &str,
-) -> Result<pb::ControlMessage, Status> {
+) -> Result<(pb::ControlMessage, String), Status> {
     if csr_pem.len() > 16 * 1024 {
         return Err(Status::invalid_argument("the CSR is too large"));
     }
@@ -550,25 +632,41 @@ async fn renew_certificate(
         .ca
         .sign_device_csr(csr_pem, device_id, cp.config.device_certificate_validity)
         .map_err(|err| Status::invalid_argument(format!("invalid CSR: {err}")))?;
-    let recorded = cp
+    let renewal = cp
         .store
-        .set_device_certificate(device_id, &issued.serial_hex, issued.not_after_unix_ms)
+        .set_device_certificate(
+            device_id,
+            &issued.serial_hex,
+            issued.not_after_unix_ms,
+            presented,
+        )
         .await
-        .map_err(|err| Status::unavailable(format!("cannot store the certificate: {err}")))?;
-    if !recorded {
-        // Revoked while its session was open: no new certificate, and the
-        // session ends here rather than at the next revocation poll.
-        cp.metrics.refuse_session("revoked");
-        return Err(Status::permission_denied(format!(
-            "device {device_id} has been revoked"
-        )));
+        .map_err(store_unavailable("cannot store a renewed certificate"))?;
+    match renewal {
+        CertificateRenewal::Recorded => {}
+        CertificateRenewal::Revoked => {
+            // Revoked while its session was open: no new certificate, and the
+            // session ends here rather than at the next revocation poll.
+            cp.metrics.refuse_session("revoked");
+            return Err(Status::permission_denied(format!(
+                "device {device_id} has been revoked"
+            )));
+        }
+        CertificateRenewal::Retired => {
+            // The session's certificate was replaced, and the device has
+            // used the new one since (on another replica): whoever holds
+            // this one gets no certificate.
+            cp.metrics.refuse_session("retired_certificate");
+            return Err(retired_certificate(device_id, presented));
+        }
     }
     cp.metrics.certificates_renewed.inc();
     tracing::info!(device = %device_id, serial = %issued.serial_hex, "device certificate renewed");
-    Ok(pb::ControlMessage {
+    let message = pb::ControlMessage {
         kind: Some(Downstream::Certificate(pb::CertificateIssued {
             certificate_pem: issued.certificate_pem,
             ca_certificate_pem: cp.ca.certificate_pem().to_string(),
         })),
-    })
+    };
+    Ok((message, issued.serial_hex))
 }

@@ -143,13 +143,13 @@ impl Ingester {
         if records.is_empty() {
             return Ok(Vec::new());
         }
+        fn stopped<E>(_: E) -> String {
+            tracing::error!("cannot store telemetry: the telemetry writer has stopped");
+            "the telemetry writer has stopped".to_string()
+        }
         let (reply, done) = oneshot::channel();
-        self.queue
-            .send((records, reply))
-            .await
-            .map_err(|_| "the telemetry writer has stopped".to_string())?;
-        done.await
-            .map_err(|_| "the telemetry writer has stopped".to_string())?
+        self.queue.send((records, reply)).await.map_err(stopped)?;
+        done.await.map_err(stopped)?
     }
 }
 

@@ -9,6 +9,7 @@ use edgefleet_proto::edgefleet::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::errors::store_unavailable;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::{JoinToken, OperatorToken};
 
@@ -54,14 +55,8 @@ pub async fn authorize<T>(
         .store
         .operator_token_by_hash(&hash_secret(token))
         .await
-        .map_err(|err| Status::unavailable(format!("cannot check the token: {err}")))?;
+        .map_err(store_unavailable("cannot check an operator token"))?;
     found.ok_or_else(|| Status::unauthenticated("unknown or revoked token"))
-}
-
-/// A storage failure as a gRPC status (logged).
-pub fn store_error(err: impl std::fmt::Display) -> Status {
-    tracing::error!(error = %err, "store error");
-    Status::unavailable(format!("database error: {err}"))
 }
 
 #[tonic::async_trait]
@@ -106,7 +101,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
                 created_by: operator.id.clone(),
             })
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot store a join token"))?;
         tracing::info!(token = %secret.id, operator = %operator.id, uses, "join token created");
         Ok(Response::new(pb::CreateJoinTokenResponse {
             token: secret.to_string(),
@@ -130,7 +125,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .store
             .devices(&selector)
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot list devices"))?;
         Ok(Response::new(pb::ListDevicesResponse {
             devices: devices
                 .iter()
@@ -145,7 +140,12 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::Device>, Status> {
         self.authorize(&request).await?;
         let id = &request.get_ref().id;
-        let device = self.cp.store.device(id).await.map_err(store_error)?;
+        let device = self
+            .cp
+            .store
+            .device(id)
+            .await
+            .map_err(store_unavailable("cannot read a device"))?;
         let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
         let online = self.cp.sessions.is_online(&device.id);
         Ok(Response::new(convert::device_to_pb(&device, online)))
@@ -162,12 +162,9 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .store
             .revoke_device(id, now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot revoke a device"))?;
         let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
-        self.cp.sessions.end(
-            id,
-            Status::permission_denied(format!("device {id} has been revoked")),
-        );
+        self.cp.sessions.revoke(id);
         tracing::info!(device = %id, operator = %operator.id, "device revoked");
         Ok(Response::new(convert::device_to_pb(&device, false)))
     }
@@ -187,7 +184,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .store
             .set_device_labels(&request.id, &labels)
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot set a device's labels"))?
             .ok_or_else(|| Status::not_found(format!("no device {:?}", request.id)))?;
         tracing::info!(device = %device.id, operator = %operator.id, "device labels set");
         let online = self.cp.sessions.is_online(&device.id);

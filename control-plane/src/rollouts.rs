@@ -647,7 +647,7 @@ impl RolloutApi {
     }
 }
 
-use crate::operator_service::store_error;
+use crate::errors::store_unavailable;
 
 fn spec_from_request(request: &pb::CreateRolloutRequest) -> Result<RolloutSpec, Status> {
     let mut waves = Vec::new();
@@ -727,12 +727,12 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
         .store
         .rollout_devices(&rollout.id)
         .await
-        .map_err(store_error)?;
+        .map_err(store_unavailable("cannot read a rollout's devices"))?;
     let events = cp
         .store
         .rollout_events(&rollout.id)
         .await
-        .map_err(store_error)?;
+        .map_err(store_unavailable("cannot read a rollout's events"))?;
     let mut counts = pb::RolloutDeviceCounts {
         targeted: devices.len() as u32,
         ..Default::default()
@@ -805,7 +805,7 @@ impl RolloutApi {
             .store
             .rollout(id)
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot read a rollout"))?
             .ok_or_else(|| Status::not_found(format!("no rollout {id:?}")))
     }
 
@@ -846,7 +846,7 @@ impl RolloutApi {
                         past_tense(action)
                     )));
                 }
-                Err(err) => return Err(store_error(err)),
+                Err(err) => return Err(store_unavailable("cannot save a rollout action")(err)),
             }
         }
     }
@@ -899,11 +899,11 @@ impl RolloutApi {
                     .store
                     .rollout_devices(&rollout.id)
                     .await
-                    .map_err(store_error)?;
+                    .map_err(store_unavailable("cannot read a rollout's devices"))?;
                 let reason = format!("rolled back by {actor}");
                 desired = rollback_changes(&self.cp, rollout, &mut devices, &reason)
                     .await
-                    .map_err(store_error)?;
+                    .map_err(store_unavailable("cannot roll a rollout back"))?;
                 rollout.state = RolloutState::RolledBack;
                 rollout.reason = reason;
             }
@@ -953,7 +953,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .store
             .model(&request.model, version)
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot read a model"))?
             .ok_or_else(|| {
                 Status::not_found(format!(
                     "no model {}{}",
@@ -966,7 +966,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .store
             .devices(&selector)
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot list devices"))?;
         let mut too_small = Vec::new();
         let mut targeted = Vec::new();
         for device in candidates {
@@ -1049,7 +1049,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .store
             .create_rollout(&rollout, &devices, &created)
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot create a rollout"))?
             .map_err(Status::failed_precondition)?;
         tracing::info!(rollout = %id, model = %model.name, version = model.version, devices = devices.len(), "rollout created");
         Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
@@ -1075,7 +1075,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .store
             .rollouts((!model.is_empty()).then_some(model.as_str()))
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot list rollouts"))?;
         let mut views = Vec::new();
         for rollout in &rollouts {
             let mut view = rollout_view(&self.cp, rollout).await?;
@@ -1155,7 +1155,9 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
                         return;
                     }
                     Err(err) => {
-                        let _ = sender.send(Err(store_error(err))).await;
+                        let _ = sender
+                            .send(Err(store_unavailable("cannot read a rollout")(err)))
+                            .await;
                         return;
                     }
                 };

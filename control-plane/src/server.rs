@@ -285,11 +285,12 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 /// (or come from a replica whose clock is behind); reading from the latest
 /// stamp seen would miss it for good. The same window catches a session
 /// whose device was revoked between its Hello's status check and its
-/// registration. Ending a session that has ended already does nothing.
+/// registration (downloads register before their status check). Ending a
+/// session that has ended already does nothing.
 pub const REVOCATION_LOOKBACK: Duration = Duration::from_secs(600);
 
-/// Ends sessions of devices revoked anywhere (another replica, or directly
-/// in the database) within one poll interval.
+/// Ends sessions and blob downloads of devices revoked anywhere (another
+/// replica, or directly in the database) within one poll interval.
 async fn watch_revocations(
     cp: Arc<ControlPlane>,
     shutdown: CancellationToken,
@@ -307,12 +308,7 @@ async fn watch_revocations(
         {
             Ok(revoked) => {
                 for (device, _) in revoked {
-                    if cp.sessions.end(
-                        &device,
-                        tonic::Status::permission_denied(format!(
-                            "device {device} has been revoked"
-                        )),
-                    ) {
+                    if cp.sessions.revoke(&device) {
                         tracing::info!(%device, "ended the session of a revoked device");
                     }
                 }

@@ -1,6 +1,7 @@
 //! The agent sessions this replica holds: one per device. A new session of a
 //! device replaces the older one (which ends with ABORTED); revoking a device
-//! ends its session with PERMISSION_DENIED.
+//! ends its session with PERMISSION_DENIED, and its blob downloads in
+//! progress too.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +27,48 @@ struct Entry {
 pub struct Sessions {
     next_id: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
+    downloads: Arc<Downloads>,
+}
+
+/// Blob downloads in progress on this replica, by device: a revocation
+/// cancels them.
+#[derive(Debug, Default)]
+struct Downloads {
+    next_id: AtomicU64,
+    live: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+}
+
+/// A registered download; unregisters itself when dropped (the download's
+/// stream owns it).
+#[derive(Debug)]
+pub struct DownloadGuard {
+    downloads: Arc<Downloads>,
+    device_id: String,
+    id: u64,
+    /// Cancelled when the device is revoked.
+    pub revoked: CancellationToken,
+}
+
+impl DownloadGuard {
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
+}
+
+impl Drop for DownloadGuard {
+    fn drop(&mut self) {
+        let mut live = self
+            .downloads
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = live.get_mut(&self.device_id) {
+            device.remove(&self.id);
+            if device.is_empty() {
+                live.remove(&self.device_id);
+            }
+        }
+    }
 }
 
 /// A registered session; unregisters itself when dropped.
@@ -89,6 +132,45 @@ impl Sessions {
         {
             entry.poke.notify_one();
         }
+    }
+
+    /// Registers a blob download of `device_id`, so that revoking the device
+    /// ends it ([`Sessions::revoke`]).
+    pub fn register_download(&self, device_id: &str) -> DownloadGuard {
+        let id = self.downloads.next_id.fetch_add(1, Ordering::Relaxed);
+        let revoked = CancellationToken::new();
+        self.downloads
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(device_id.to_string())
+            .or_default()
+            .insert(id, revoked.clone());
+        DownloadGuard {
+            downloads: Arc::clone(&self.downloads),
+            device_id: device_id.to_string(),
+            id,
+            revoked,
+        }
+    }
+
+    /// Ends what a revoked device holds on this replica: its session, with
+    /// PERMISSION_DENIED, and its blob downloads in progress. True if it
+    /// had a session here.
+    pub fn revoke(&self, device_id: &str) -> bool {
+        let downloads = self
+            .downloads
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(device_id);
+        for revoked in downloads.into_iter().flat_map(HashMap::into_values) {
+            revoked.cancel();
+        }
+        self.end(
+            device_id,
+            Status::permission_denied(format!("device {device_id} has been revoked")),
+        )
     }
 
     /// Ends the device's session, if this replica holds one, with `status`.
@@ -162,6 +244,31 @@ mod tests {
         );
         drop(second);
         assert!(!sessions.is_online("d"));
+    }
+
+    #[tokio::test]
+    async fn revoking_a_device_ends_its_session_and_its_downloads_only() {
+        let sessions = Sessions::default();
+        let (tx, mut rx) = mpsc::channel(4);
+        let guard = sessions.register("d", tx);
+        let first = sessions.register_download("d");
+        let second = sessions.register_download("d");
+        let other = sessions.register_download("e");
+        drop(second);
+        assert!(sessions.revoke("d"));
+        assert!(guard.cancel.is_cancelled());
+        assert!(first.revoked.is_cancelled());
+        assert!(!other.revoked.is_cancelled());
+        assert_eq!(
+            rx.recv().await.unwrap().unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        // A download without a session is ended all the same.
+        let later = sessions.register_download("e");
+        assert!(!sessions.revoke("e"));
+        assert!(other.revoked.is_cancelled() && later.revoked.is_cancelled());
+        drop((first, other, later));
+        assert!(sessions.downloads.live.lock().unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -698,3 +698,513 @@ fn long_or_nul_free_text_from_a_device_is_stored_cut_never_refused() {
         assert_eq!(events[0].message.len(), 4_096, "{db}");
     }
 }
+
+/// A metric's value in the server's `/metrics` text (0 when absent).
+fn metric(server: &Server, name_and_labels: &str) -> u64 {
+    server
+        .metrics()
+        .lines()
+        .find_map(|line| line.strip_prefix(name_and_labels))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn refused_enrollments(server: &Server, reason: &str) -> u64 {
+    metric(
+        server,
+        &format!("edgefleet_server_enrollments_refused_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+const GARBAGE_CSR: &str =
+    "-----BEGIN CERTIFICATE REQUEST-----\ngarbage\n-----END CERTIFICATE REQUEST-----\n";
+
+/// The join token is checked before the CSR is even parsed: a caller
+/// without a valid token cannot make the CA sign anything. The refusals
+/// say what they said before, and count under the same reasons.
+#[test]
+fn enrollment_checks_the_join_token_before_the_csr() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    let once = server.join_token(&["--uses", "1"]);
+    let short = server.join_token(&["--expires", "1s"]);
+    runtime().block_on(async {
+        let mut client = pinned(&server, &once).await;
+        let key = edgefleet_pki::generate_device_key().unwrap();
+        let csr = edgefleet_pki::device_csr(&key, "x").unwrap();
+        let enroll = |join_token: &str, csr_pem: &str| pb::EnrollRequest {
+            join_token: join_token.to_string(),
+            csr_pem: csr_pem.to_string(),
+            inventory: Some(inventory()),
+        };
+        client.enroll(enroll(&once, &csr)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let parts: Vec<&str> = once.split('.').collect();
+        let unknown = format!("{}.{}.{}", "0".repeat(parts[0].len()), parts[1], parts[2]);
+        let wrong_secret = format!("{}.{}.{}", parts[0], "0".repeat(parts[1].len()), parts[2]);
+        for (token, says) in [
+            (&unknown, "unknown join token"),
+            (&wrong_secret, "unknown join token"),
+            (&short, "the join token has expired"),
+            (&once, "the join token has been used up"),
+        ] {
+            let status = client.enroll(enroll(token, GARBAGE_CSR)).await.unwrap_err();
+            assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+            assert_eq!(status.message(), says);
+        }
+        assert_eq!(refused_enrollments(&server, "unknown_token"), 2);
+        assert_eq!(refused_enrollments(&server, "expired_token"), 1);
+        assert_eq!(refused_enrollments(&server, "used_up_token"), 1);
+        assert_eq!(refused_enrollments(&server, "bad_csr"), 0);
+
+        // With a valid token, the CSR is what is refused, and the token
+        // keeps its use.
+        let fresh = server.join_token(&[]);
+        let status = client
+            .enroll(enroll(&fresh, GARBAGE_CSR))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(refused_enrollments(&server, "bad_csr"), 1);
+        client.enroll(enroll(&fresh, &csr)).await.unwrap();
+    });
+}
+
+fn renew(key_pem: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(Upstream::RenewCertificate(pb::RenewCertificate {
+            csr_pem: edgefleet_pki::device_csr(key_pem, "test").unwrap(),
+        })),
+    }
+}
+
+/// Renews `device`'s certificate over a session opened with it; returns the
+/// device as it is once it has installed the new certificate.
+async fn renewed(server: &Server, device: &Enrolled) -> Enrolled {
+    let mut client = device_client(server, device).await;
+    let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+    welcome(&mut stream).await;
+    let key_pem = edgefleet_pki::generate_device_key().unwrap();
+    tx.send(renew(&key_pem)).await.unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("no certificate within 10 s")
+            .unwrap()
+            .unwrap();
+        match message.kind {
+            Some(Downstream::Certificate(issued)) => {
+                return Enrolled {
+                    device_id: device.device_id.clone(),
+                    key_pem,
+                    certificate_pem: issued.certificate_pem,
+                    ca_pem: device.ca_pem.clone(),
+                };
+            }
+            Some(Downstream::DesiredState(_)) => continue,
+            other => panic!("expected a certificate, got {other:?}"),
+        }
+    }
+}
+
+fn serial(device: &Enrolled) -> String {
+    edgefleet_pki::certificate_info_pem(&device.certificate_pem)
+        .unwrap()
+        .serial_hex
+}
+
+/// After a renewal the old certificate keeps opening sessions (the agent
+/// installs the new one only once it has it, and may have lost it), until
+/// the device has used the new one: from then on only the new one is
+/// accepted, for sessions and downloads alike.
+#[test]
+fn a_renewal_retires_the_old_certificate_once_the_new_one_is_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let old = enroll_device(&server).await;
+        let new = renewed(&server, &old).await;
+        assert_ne!(serial(&new), serial(&old));
+
+        let mut old_client = device_client(&server, &old).await;
+        for _ in 0..2 {
+            let (_tx, mut stream) = open(&mut old_client, hello(&old.device_id))
+                .await
+                .expect("the old certificate, before the new one was used");
+            welcome(&mut stream).await;
+        }
+        let mut new_client = device_client(&server, &new).await;
+        let (tx, mut stream) = open(&mut new_client, hello(&new.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        drop((tx, stream));
+
+        let status = open(&mut old_client, hello(&old.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(
+            status.message().contains("replaced by a renewal"),
+            "{status:?}"
+        );
+        let status = old_client
+            .download_blob(pb::DownloadBlobRequest {
+                sha256: "ab".repeat(32),
+                offset: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        // A fresh connection with it fares no better.
+        let mut again = device_client(&server, &old).await;
+        let status = open(&mut again, hello(&old.device_id)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert_eq!(
+            metric(
+                &server,
+                "edgefleet_server_sessions_refused_total{reason=\"retired_certificate\"}"
+            ),
+            2
+        );
+
+        // The new certificate keeps working, and renews in its turn.
+        let (tx, mut stream) = open(&mut new_client, hello(&new.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        drop((tx, stream));
+        let newer = renewed(&server, &new).await;
+        let mut newer_client = device_client(&server, &newer).await;
+        let (_tx, mut stream) = open(&mut newer_client, hello(&newer.device_id))
+            .await
+            .unwrap();
+        welcome(&mut stream).await;
+    });
+}
+
+/// Two renewals over one long session: the agent renews again only once it
+/// has installed the first renewal's certificate, so that one (not the one
+/// the session was opened with) is what stays accepted after the second.
+#[test]
+fn a_second_renewal_over_one_session_keeps_the_first_renewals_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let first = enroll_device(&server).await;
+        let mut client = device_client(&server, &first).await;
+        let (tx, mut stream) = open(&mut client, hello(&first.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        let mut keys = Vec::new();
+        let mut certificates = Vec::new();
+        for _ in 0..2 {
+            let key_pem = edgefleet_pki::generate_device_key().unwrap();
+            tx.send(renew(&key_pem)).await.unwrap();
+            loop {
+                match stream.message().await.unwrap().unwrap().kind {
+                    Some(Downstream::Certificate(issued)) => {
+                        certificates.push(issued.certificate_pem);
+                        break;
+                    }
+                    Some(Downstream::DesiredState(_)) => continue,
+                    other => panic!("expected a certificate, got {other:?}"),
+                }
+            }
+            keys.push(key_pem);
+        }
+        drop((tx, stream));
+        let second = Enrolled {
+            device_id: first.device_id.clone(),
+            key_pem: keys[0].clone(),
+            certificate_pem: certificates[0].clone(),
+            ca_pem: first.ca_pem.clone(),
+        };
+        // The agent crashed before installing the third: it comes back with
+        // the second, which works; the first does not.
+        let mut client = device_client(&server, &second).await;
+        let (_tx, mut stream) = open(&mut client, hello(&second.device_id))
+            .await
+            .expect("the certificate the agent had installed");
+        welcome(&mut stream).await;
+        let mut client = device_client(&server, &first).await;
+        let status = open(&mut client, hello(&first.device_id))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    });
+}
+
+/// A session opened with the old certificate during the grace window (a
+/// thief's, say) gets no certificate once the device has used its new one
+/// elsewhere (on another replica; here: straight in the database).
+#[test]
+fn a_renewal_over_a_retired_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    runtime().block_on(async {
+        let old = enroll_device(&server).await;
+        let new = renewed(&server, &old).await;
+        let mut client = device_client(&server, &old).await;
+        let (tx, mut stream) = open(&mut client, hello(&old.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
+        {
+            use sqlx::Connection;
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            sqlx::query("UPDATE devices SET previous_certificate_serial = NULL WHERE id = ?")
+                .bind(&old.device_id)
+                .execute(&mut db)
+                .await
+                .unwrap();
+        }
+        let thief_key = edgefleet_pki::generate_device_key().unwrap();
+        tx.send(renew(&thief_key)).await.unwrap();
+        let (messages, end) = rest_of(&mut stream).await;
+        assert!(
+            !messages
+                .iter()
+                .any(|m| matches!(m, Downstream::Certificate(_))),
+            "a retired certificate got a new one"
+        );
+        assert_eq!(end, Code::Unauthenticated);
+        {
+            use sqlx::Connection;
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let current: String =
+                sqlx::query_scalar("SELECT certificate_serial FROM devices WHERE id = ?")
+                    .bind(&old.device_id)
+                    .fetch_one(&mut db)
+                    .await
+                    .unwrap();
+            assert_eq!(current, serial(&new));
+        }
+    });
+}
+
+/// The server's database, behind its back.
+async fn execute_sql(server: &Server, sql: &str) {
+    use sqlx::{AssertSqlSafe, Connection, Executor};
+    match &server.database_url {
+        Some(url) => {
+            let mut db = sqlx::PgConnection::connect(url).await.unwrap();
+            db.execute(AssertSqlSafe(sql.to_string())).await.unwrap();
+        }
+        None => {
+            let url = format!(
+                "sqlite://{}",
+                server.data_dir.join("edgefleet.db").display()
+            );
+            let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            db.execute(AssertSqlSafe(sql.to_string())).await.unwrap();
+        }
+    }
+}
+
+/// What the database says when the test's triggers refuse a write.
+const DATABASE_DETAIL: &str = "refused-by-the-test-trigger";
+const STORAGE_ERROR: &str = "internal storage error; see the server log";
+
+/// Makes the database refuse `event` (e.g. "INSERT") on `table`, with
+/// [`DATABASE_DETAIL`] as its error text.
+async fn refuse(server: &Server, event: &str, table: &str) {
+    let name = format!("refuse_{}_{table}", event.to_lowercase());
+    let sql = if server.database_url.is_some() {
+        format!(
+            "CREATE OR REPLACE FUNCTION refuse_by_test() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION '{DATABASE_DETAIL}'; END $$; \
+             CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             FOR EACH ROW EXECUTE FUNCTION refuse_by_test();"
+        )
+    } else {
+        format!(
+            "CREATE TRIGGER {name} BEFORE {event} ON {table} \
+             BEGIN SELECT RAISE(ABORT, '{DATABASE_DETAIL}'); END;"
+        )
+    };
+    execute_sql(server, &sql).await;
+}
+
+async fn allow(server: &Server, event: &str, table: &str) {
+    let name = format!("refuse_{}_{table}", event.to_lowercase());
+    let on = if server.database_url.is_some() {
+        format!(" ON {table}")
+    } else {
+        String::new()
+    };
+    execute_sql(server, &format!("DROP TRIGGER {name}{on}")).await;
+}
+
+fn assert_generic(status: &tonic::Status, code: Code) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(status.message(), STORAGE_ERROR, "{status:?}");
+}
+
+/// A database failure reaches agents and operators as its status code and
+/// a generic message; the database's own text goes to the server log only.
+fn storage_failures_reach_callers_without_the_databases_text(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let schema = (db == Db::Postgres).then(PgSchema::create);
+    let server = Server::start(
+        dir.path(),
+        schema.as_ref().map(|s| s.url.as_str()),
+        &["--telemetry-upload-interval", "2m"],
+    );
+    runtime().block_on(async {
+        // Enroll: the device cannot be stored.
+        refuse(&server, "INSERT", "devices").await;
+        let token = server.join_token(&[]);
+        let mut client = pinned(&server, &token).await;
+        let key_pem = edgefleet_pki::generate_device_key().unwrap();
+        let status = client
+            .enroll(pb::EnrollRequest {
+                join_token: token,
+                csr_pem: edgefleet_pki::device_csr(&key_pem, "test").unwrap(),
+                inventory: Some(inventory()),
+            })
+            .await
+            .unwrap_err();
+        assert_generic(&status, Code::Unavailable);
+        allow(&server, "INSERT", "devices").await;
+
+        // A session: its Hello cannot be recorded. An operator: the device
+        // cannot be revoked.
+        let device = enroll_device(&server).await;
+        refuse(&server, "UPDATE", "devices").await;
+        let mut client = device_client(&server, &device).await;
+        let status = open(&mut client, hello(&device.device_id))
+            .await
+            .unwrap_err();
+        assert_generic(&status, Code::Unavailable);
+        let revoke = server.cli(&["devices", "revoke", &device.device_id]);
+        assert!(!revoke.status.success());
+        let said = String::from_utf8_lossy(&revoke.stderr);
+        assert!(said.contains(STORAGE_ERROR), "{said}");
+        assert!(!said.contains(DATABASE_DETAIL), "{said}");
+        allow(&server, "UPDATE", "devices").await;
+
+        // Telemetry that cannot be stored ends the session.
+        refuse(&server, "INSERT", "telemetry_batches").await;
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        tx.send(upload("", 1..=3)).await.unwrap();
+        let status = loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.message())
+                .await
+                .expect("the server did not end the session")
+            {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the session ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_generic(&status, Code::Unavailable);
+    });
+    // The detail is in the server's log, once per failure.
+    let log = server.process.stderr.text();
+    assert!(
+        log.matches(DATABASE_DETAIL).count() >= 4,
+        "the database's errors are not in the server log:\n{log}"
+    );
+}
+
+#[test]
+fn storage_failures_reach_callers_without_the_databases_text_sqlite() {
+    storage_failures_reach_callers_without_the_databases_text(Db::Sqlite);
+}
+
+#[test]
+fn storage_failures_reach_callers_without_the_databases_text_postgres() {
+    storage_failures_reach_callers_without_the_databases_text(Db::Postgres);
+}
+
+/// Reads a session until its desired state names `sha256`.
+async fn wait_for_desired(stream: &mut tonic::Streaming<pb::ControlMessage>, sha256: &str) {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("no desired state naming the blob within 30 s")
+            .unwrap()
+            .unwrap();
+        if let Some(Downstream::DesiredState(desired)) = message.kind
+            && desired.models.iter().any(|m| m.sha256 == sha256)
+        {
+            return;
+        }
+    }
+}
+
+/// A download in progress ends with PERMISSION_DENIED when its device is
+/// revoked: by an operator on this replica, or on another replica (here:
+/// straight in the database), noticed by the revocation watcher.
+#[test]
+fn a_download_in_progress_ends_when_its_device_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&dir.path().join("server"), None, &[]);
+    let (by_operator, elsewhere) =
+        runtime().block_on(async { (enroll_device(&server).await, enroll_device(&server).await) });
+    let file = dir.path().join("padded.onnx");
+    std::fs::write(&file, padded_mlp(64 << 20)).unwrap();
+    let pushed = server.cli_json(&[
+        "models",
+        "push",
+        file.to_str().unwrap(),
+        "--name",
+        "mlp",
+        "--version",
+        "1",
+    ]);
+    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
+    server.cli_json(&["rollouts", "create", "--model", "mlp@1"]);
+    runtime().block_on(async {
+        for (device, by_the_operator) in [(&by_operator, true), (&elsewhere, false)] {
+            let mut session_client = device_client(&server, device).await;
+            let (_tx, mut session) = open(&mut session_client, hello(&device.device_id))
+                .await
+                .unwrap();
+            welcome(&mut session).await;
+            wait_for_desired(&mut session, &sha256).await;
+            // Its own connection, so that the unread download holds up
+            // nothing else.
+            let mut download_client = device_client(&server, device).await;
+            let mut download = download_client
+                .download_blob(pb::DownloadBlobRequest {
+                    sha256: sha256.clone(),
+                    offset: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = download.message().await.unwrap().unwrap();
+            let total = first.total_size;
+            let mut received = first.data.len() as u64;
+            if by_the_operator {
+                let revoked = server.cli(&["devices", "revoke", &device.device_id]);
+                assert!(revoked.status.success());
+            } else {
+                execute_sql(
+                    &server,
+                    &format!(
+                        "UPDATE devices SET status = 'revoked', revoked_at = {} WHERE id = '{}'",
+                        now_unix_ms(),
+                        device.device_id
+                    ),
+                )
+                .await;
+            }
+            // The server has acted on the revocation once the session ends.
+            assert_eq!(final_status(&mut session).await, Code::PermissionDenied);
+            let end = loop {
+                match tokio::time::timeout(Duration::from_secs(10), download.message())
+                    .await
+                    .expect("the download stalled")
+                {
+                    Ok(Some(chunk)) => received += chunk.data.len() as u64,
+                    Ok(None) => break Code::Ok,
+                    Err(status) => break status.code(),
+                }
+            };
+            assert_eq!(
+                end,
+                Code::PermissionDenied,
+                "{received} of {total} bytes downloaded"
+            );
+            assert!(received < total, "the whole blob was downloaded");
+        }
+    });
+}

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use edgefleet_control_plane::store::{
-    self, Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
-    Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution, Store, StoreError,
-    TelemetryRecord,
+    self, CertificateRenewal, Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken,
+    JoinTokenRefusal, Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution, Store,
+    StoreError, TelemetryRecord,
 };
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use sqlx::{AssertSqlSafe, Connection, Executor};
@@ -180,6 +180,8 @@ suite!(
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
+    renewal_retires_the_old_certificate_once_the_new_one_is_used,
+    join_tokens_are_checked_without_taking_a_use,
     ingest_dedupes,
     ingest_skips_unknown_devices,
     concurrent_ingests_store_each_batch_once,
@@ -679,11 +681,12 @@ async fn hello_certificate_and_touch(db: &Db) {
     assert_eq!(d.last_seen, T0 + 2000);
     assert!(d.models.is_empty());
     assert_eq!(d.runtime, "tract");
-    assert!(
+    assert_eq!(
         db.store
-            .set_device_certificate("a", "serial-2", T0 + 99 * HOUR)
+            .set_device_certificate("a", "serial-2", T0 + 99 * HOUR, "serial-a")
             .await
-            .unwrap()
+            .unwrap(),
+        CertificateRenewal::Recorded
     );
     let d = db.store.device("a").await.unwrap().unwrap();
     assert_eq!(
@@ -692,11 +695,12 @@ async fn hello_certificate_and_touch(db: &Db) {
     );
     // A revoked device gets no new certificate on record; nor does a stranger.
     db.store.revoke_device("a", T0 + 3000).await.unwrap();
-    assert!(
-        !db.store
-            .set_device_certificate("a", "serial-3", T0 + 199 * HOUR)
+    assert_eq!(
+        db.store
+            .set_device_certificate("a", "serial-3", T0 + 199 * HOUR, "serial-2")
             .await
-            .unwrap()
+            .unwrap(),
+        CertificateRenewal::Revoked
     );
     assert_eq!(
         db.store
@@ -707,11 +711,120 @@ async fn hello_certificate_and_touch(db: &Db) {
             .certificate_serial,
         "serial-2"
     );
+    assert_eq!(
+        db.store
+            .set_device_certificate("nobody", "serial-4", T0, "serial-nobody")
+            .await
+            .unwrap(),
+        CertificateRenewal::Revoked
+    );
+}
+
+/// A renewal keeps the certificate it came over accepted (the device may
+/// not have installed the new one yet) until the device uses the new one;
+/// from then on only the new one is, and a renewal over the old one is
+/// refused.
+async fn renewal_retires_the_old_certificate_once_the_new_one_is_used(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let serials = |d: Device| (d.certificate_serial, d.previous_certificate_serial);
+    let device = move || async move { db.store.device("a").await.unwrap().unwrap() };
+    assert_eq!(serials(device().await), ("serial-a".into(), None));
+    // Nothing to retire yet.
     assert!(
         !db.store
-            .set_device_certificate("nobody", "serial-4", T0)
+            .retire_previous_certificate("a", "serial-a")
             .await
             .unwrap()
+    );
+    let renew = |serial: &'static str, presented: &'static str| {
+        let store = db.store.clone();
+        async move {
+            store
+                .set_device_certificate("a", serial, T0 + 99 * HOUR, presented)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(renew("s1", "serial-a").await, CertificateRenewal::Recorded);
+    assert_eq!(
+        serials(device().await),
+        ("s1".into(), Some("serial-a".into()))
+    );
+    // The agent never got s1 (its session was lost) and renews again over
+    // its old certificate: that one stays the fallback, s1 is forgotten.
+    assert_eq!(renew("s2", "serial-a").await, CertificateRenewal::Recorded);
+    assert_eq!(
+        serials(device().await),
+        ("s2".into(), Some("serial-a".into()))
+    );
+    // Neither a never-installed certificate nor a stranger's renews.
+    assert_eq!(renew("s3", "s1").await, CertificateRenewal::Retired);
+    assert_eq!(renew("s3", "bogus").await, CertificateRenewal::Retired);
+    // Retiring needs the current serial.
+    assert!(
+        !db.store
+            .retire_previous_certificate("a", "serial-a")
+            .await
+            .unwrap()
+    );
+    assert!(
+        db.store
+            .retire_previous_certificate("a", "s2")
+            .await
+            .unwrap()
+    );
+    assert_eq!(serials(device().await), ("s2".into(), None));
+    assert!(
+        !db.store
+            .retire_previous_certificate("a", "s2")
+            .await
+            .unwrap()
+    );
+    // The retired certificate renews nothing; the current one does.
+    assert_eq!(renew("s4", "serial-a").await, CertificateRenewal::Retired);
+    assert_eq!(serials(device().await), ("s2".into(), None));
+    assert_eq!(renew("s4", "s2").await, CertificateRenewal::Recorded);
+    assert_eq!(serials(device().await), ("s4".into(), Some("s2".into())));
+    assert_eq!(device().await.certificate_expires_at, T0 + 99 * HOUR);
+}
+
+/// The read-only check of a join token agrees with the atomic take, and
+/// takes no use.
+async fn join_tokens_are_checked_without_taking_a_use(db: &Db) {
+    let token = join_token("jt1", 1, T0 + HOUR, Labels::new());
+    db.store.insert_join_token(&token).await.unwrap();
+    let check = |id: &'static str, hash: String, at: i64| {
+        let store = db.store.clone();
+        async move { store.check_join_token(id, &hash, at).await.unwrap() }
+    };
+    for _ in 0..3 {
+        assert_eq!(check("jt1", token.secret_hash.clone(), T0).await, Ok(()));
+    }
+    assert_eq!(
+        check("nope", token.secret_hash.clone(), T0).await,
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(
+        check("jt1", "wrong".into(), T0).await,
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0 + HOUR).await,
+        Err(JoinTokenRefusal::Expired)
+    );
+    // The checks took no use: the one use is still there.
+    db.store
+        .enroll_device("jt1", &token.secret_hash, &new_device("d1", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0).await,
+        Err(JoinTokenRefusal::UsedUp)
+    );
+    assert_eq!(
+        check("jt1", token.secret_hash.clone(), T0 + 2 * HOUR).await,
+        Err(JoinTokenRefusal::Expired)
     );
 }
 

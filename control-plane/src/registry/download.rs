@@ -9,6 +9,9 @@ use futures::{Stream, StreamExt};
 use tonic::Status;
 
 use super::{BlobError, is_sha256_hex};
+use crate::agent_service::Peer;
+use crate::errors::{storage_error, store_unavailable};
+use crate::sessions::DownloadGuard;
 use crate::state::ControlPlane;
 use crate::store::DeviceStatus;
 
@@ -21,12 +24,15 @@ pub const DOWNLOAD_CHUNK_BYTES: usize = 1024 * 1024;
 pub const READ_AHEAD_CHUNKS: usize = 2;
 
 /// Streams the blob from `request.offset` to an enrolled, unrevoked device
-/// whose desired state names it.
+/// whose desired state names it, over a certificate the device may still
+/// use. The stream ends with PERMISSION_DENIED if the device is revoked
+/// while it runs.
 pub async fn download_blob(
     cp: &ControlPlane,
-    device_id: &str,
+    peer: &Peer,
     request: pb::DownloadBlobRequest,
 ) -> Result<BlobStream, Status> {
+    let device_id = peer.device_id.as_str();
     let sha256 = request.sha256.to_ascii_lowercase();
     if !is_sha256_hex(&sha256) {
         return Err(Status::invalid_argument(format!(
@@ -34,11 +40,15 @@ pub async fn download_blob(
             request.sha256
         )));
     }
+    // Registered before the device is read: a revocation committed after
+    // that read ends the download (the revocation watcher re-reads recent
+    // revocations at every poll).
+    let guard = cp.sessions.register_download(device_id);
     let device = cp
         .store
         .device(device_id)
         .await
-        .map_err(|err| Status::unavailable(format!("cannot read the device: {err}")))?
+        .map_err(store_unavailable("cannot read a device"))?
         .ok_or_else(|| {
             Status::unauthenticated(format!("device {device_id} is not enrolled in this fleet"))
         })?;
@@ -47,11 +57,12 @@ pub async fn download_blob(
             "device {device_id} has been revoked"
         )));
     }
+    crate::agent_service::check_certificate(&device, &peer.serial)?;
     let (_, desired) = cp
         .store
         .desired_state(device_id)
         .await
-        .map_err(|err| Status::unavailable(format!("cannot read the desired state: {err}")))?;
+        .map_err(store_unavailable("cannot read a desired state"))?;
     if !desired
         .iter()
         .any(|m| m.sha256.eq_ignore_ascii_case(&sha256))
@@ -74,16 +85,50 @@ pub async fn download_blob(
                 "blob {sha256} is missing from the server's blob store"
             )));
         }
-        Err(err) => return Err(Status::internal(err.to_string())),
+        Err(err) => {
+            return Err(storage_error(
+                tonic::Code::Internal,
+                "cannot open a blob",
+                &err,
+            ));
+        }
     };
     tracing::info!(device = %device_id, %sha256, offset, size, "blob download");
     let served = cp.metrics.blob_bytes_served.clone();
-    let stream = stream_file(file, offset, size).inspect(move |item| {
+    let stream = until_revoked(stream_file(file, offset, size), guard).inspect(move |item| {
         if let Ok(chunk) = item {
             served.inc_by(chunk.data.len() as u64);
         }
     });
     Ok(Box::pin(stream))
+}
+
+/// `chunks` until the download's device is revoked: then PERMISSION_DENIED,
+/// and the end (chunks read ahead are dropped).
+fn until_revoked<S>(
+    chunks: S,
+    guard: DownloadGuard,
+) -> impl Stream<Item = Result<pb::BlobChunk, Status>> + Send + 'static
+where
+    S: Stream<Item = Result<pb::BlobChunk, Status>> + Send + 'static,
+{
+    futures::stream::unfold(Some((Box::pin(chunks), guard)), |state| async move {
+        let (mut chunks, guard) = state?;
+        tokio::select! {
+            biased;
+            () = guard.revoked.cancelled() => {
+                let device_id = guard.device_id();
+                tracing::info!(device = %device_id, "ended the blob download of a revoked device");
+                Some((
+                    Err(Status::permission_denied(format!(
+                        "device {device_id} has been revoked"
+                    ))),
+                    None,
+                ))
+            }
+            chunk = chunks.next() => chunk.map(|chunk| (chunk, Some((chunks, guard)))),
+        }
+    })
 }
 
 /// Yields the blob from `offset` in 1 MiB chunks, each read by its own
@@ -111,9 +156,11 @@ pub fn stream_file(
                         data: data.into(),
                         total_size: size,
                     }),
-                    Err(err) => Err(Status::internal(format!(
-                        "cannot read the blob at offset {position}: {err}"
-                    ))),
+                    Err(err) => Err(storage_error(
+                        tonic::Code::Internal,
+                        "cannot read a blob",
+                        &format!("at offset {position}: {err}"),
+                    )),
                 }
             }
         })

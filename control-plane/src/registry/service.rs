@@ -10,7 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::onnx::{self, OnnxError, OnnxInfo};
 use super::{BlobError, BlobStore, StoredBlob, estimated_memory_bytes};
 use crate::convert;
-use crate::operator_service::{authorize, store_error};
+use crate::errors::{storage_error, store_unavailable};
+use crate::operator_service::authorize;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::registry::{ModelConflict, ModelRecord};
 
@@ -99,10 +100,7 @@ fn blob_status(err: BlobError, max_bytes: u64) -> Status {
     match err {
         BlobError::TooLarge { .. } => too_large(max_bytes),
         BlobError::Aborted => Status::cancelled("the upload was abandoned"),
-        other => {
-            tracing::error!(error = %other, "blob store error");
-            Status::internal(format!("cannot store the model: {other}"))
-        }
+        other => storage_error(tonic::Code::Internal, "cannot store a model's blob", &other),
     }
 }
 
@@ -176,7 +174,7 @@ pub async fn inspect_blob(blobs: &BlobStore, sha256: &str) -> Result<OnnxInfo, S
         .map_err(|err| Status::internal(format!("the ONNX check failed: {err}")))?;
     parsed.map_err(|err| match err {
         OnnxError::Invalid(_) => Status::invalid_argument(err.to_string()),
-        OnnxError::Io(_) => Status::internal(err.to_string()),
+        OnnxError::Io(_) => storage_error(tonic::Code::Internal, "cannot read a stored blob", &err),
     })
 }
 
@@ -264,7 +262,12 @@ impl ModelApi {
     }
 
     async fn next_version(&self, name: &str) -> Result<u64, Status> {
-        let latest = self.cp.store.model(name, None).await.map_err(store_error)?;
+        let latest = self
+            .cp
+            .store
+            .model(name, None)
+            .await
+            .map_err(store_unavailable("cannot read a model"))?;
         match latest {
             None => Ok(1),
             Some(m) if m.version < MAX_MODEL_VERSION => Ok(m.version + 1),
@@ -355,7 +358,12 @@ impl ModelApi {
             if auto {
                 record.version = self.next_version(&record.name).await?;
             }
-            match cp.store.insert_model(&record).await.map_err(store_error)? {
+            match cp
+                .store
+                .insert_model(&record)
+                .await
+                .map_err(store_unavailable("cannot record a model"))?
+            {
                 Ok(()) => {
                     conflict = None;
                     break;
@@ -373,7 +381,7 @@ impl ModelApi {
             .store
             .model(&record.name, Some(record.version))
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot read a model"))?
             .unwrap_or(record);
         tracing::info!(
             name = %stored.name,
@@ -413,7 +421,7 @@ impl pb::model_service_server::ModelService for ModelApi {
             .store
             .models((!name.is_empty()).then_some(name.as_str()))
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot list models"))?;
         Ok(Response::new(pb::ListModelsResponse {
             models: models.iter().map(model_to_pb).collect(),
         }))
@@ -432,7 +440,7 @@ impl pb::model_service_server::ModelService for ModelApi {
             .store
             .model(&name, version)
             .await
-            .map_err(store_error)?;
+            .map_err(store_unavailable("cannot read a model"))?;
         let model = model.ok_or_else(|| match version {
             Some(v) => Status::not_found(format!("no model {name}@{v}")),
             None => Status::not_found(format!("no model named {name:?}")),
@@ -456,14 +464,14 @@ impl pb::model_service_server::ModelService for ModelApi {
         let Some(model) = store
             .model(&name, Some(version))
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot read a model"))?
         else {
             return Err(Status::not_found(format!("no model {name}@{version}")));
         };
         match store
             .delete_model(&name, version)
             .await
-            .map_err(store_error)?
+            .map_err(store_unavailable("cannot delete a model"))?
         {
             Ok(true) => {}
             Ok(false) => return Err(Status::not_found(format!("no model {name}@{version}"))),

@@ -102,22 +102,46 @@ pub(crate) struct JoinTokenStateRow {
 }
 
 impl JoinTokenStateRow {
+    /// The columns [`JoinTokenStateRow`] reads, for SELECTs.
+    pub(crate) const COLUMNS: &'static str = "secret_hash, expires_at, uses_left";
+
+    /// Whether the token (`row`, `None` if there is none) would enroll a
+    /// device at `at` with this secret hash.
+    pub(crate) fn check(
+        row: Option<&JoinTokenStateRow>,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<(), super::JoinTokenRefusal> {
+        use super::JoinTokenRefusal::*;
+        match row {
+            None => Err(Unknown),
+            Some(r) if r.secret_hash != secret_hash => Err(Unknown),
+            Some(r) if r.expires_at <= at => Err(Expired),
+            Some(r) if r.uses_left <= 0 => Err(UsedUp),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Why the token was refused, given that the atomic take failed.
     pub(crate) fn refusal(
         row: Option<JoinTokenStateRow>,
         secret_hash: &str,
         at: i64,
     ) -> super::JoinTokenRefusal {
-        use super::JoinTokenRefusal::*;
-        match row {
-            None => Unknown,
-            Some(r) if r.secret_hash != secret_hash => Unknown,
-            Some(r) if r.expires_at <= at => Expired,
-            Some(r) if r.uses_left <= 0 => UsedUp,
-            // The row changed between the take and this read (a concurrent
-            // enrollment took the last use).
-            Some(_) => UsedUp,
-        }
+        // A token that passes the check changed between the take and this
+        // read (a concurrent enrollment took the last use).
+        Self::check(row.as_ref(), secret_hash, at)
+            .err()
+            .unwrap_or(super::JoinTokenRefusal::UsedUp)
+    }
+}
+
+/// Why a renewal recorded nothing, from the device's status (`None`: no
+/// such device).
+pub(crate) fn refused_renewal(status: Option<&str>) -> super::CertificateRenewal {
+    match status {
+        None | Some("revoked") => super::CertificateRenewal::Revoked,
+        Some(_) => super::CertificateRenewal::Retired,
     }
 }
 
@@ -134,6 +158,7 @@ pub(crate) struct DeviceRow {
     pub enrolled_at: i64,
     pub revoked_at: Option<i64>,
     pub certificate_serial: String,
+    pub previous_certificate_serial: Option<String>,
     pub certificate_expires_at: i64,
     pub last_seen: i64,
     pub models: String,
@@ -148,8 +173,8 @@ pub(crate) struct DeviceRow {
 
 /// The columns of [`DeviceRow`], for SELECTs.
 pub(crate) const DEVICE_COLUMNS: &str = "id, labels, inventory, status, enrolled_at, revoked_at, \
-     certificate_serial, certificate_expires_at, last_seen, models, runtime, health, \
-     last_sequence, requests_total, errors_total, offloaded_total, dropped_batches_total";
+     certificate_serial, previous_certificate_serial, certificate_expires_at, last_seen, models, \
+     runtime, health, last_sequence, requests_total, errors_total, offloaded_total, dropped_batches_total";
 
 impl TryFrom<DeviceRow> for Device {
     type Error = StoreError;
@@ -177,6 +202,7 @@ impl TryFrom<DeviceRow> for Device {
             enrolled_at: r.enrolled_at,
             revoked_at: r.revoked_at,
             certificate_serial: r.certificate_serial,
+            previous_certificate_serial: r.previous_certificate_serial,
             certificate_expires_at: r.certificate_expires_at,
             last_seen: r.last_seen,
             runtime: r.runtime,

@@ -126,6 +126,19 @@ pub enum JoinTokenRefusal {
     UsedUp,
 }
 
+/// What [`Store::set_device_certificate`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateRenewal {
+    /// The new certificate is the device's current one.
+    Recorded,
+    /// The device is revoked (or unknown): nothing changed.
+    Revoked,
+    /// The certificate the renewal came over is no longer one the device
+    /// may use (a later renewal replaced it, and the device has used that
+    /// one since): nothing changed.
+    Retired,
+}
+
 /// A device to insert at enrollment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDevice {
@@ -152,7 +165,12 @@ pub struct Device {
     pub status: DeviceStatus,
     pub enrolled_at: i64,
     pub revoked_at: Option<i64>,
+    /// Hex serial of the device's current certificate.
     pub certificate_serial: String,
+    /// The certificate the last renewal replaced, still accepted until the
+    /// device opens a session with the current one (the agent installs a
+    /// renewed certificate only once it has received it).
+    pub previous_certificate_serial: Option<String>,
     pub certificate_expires_at: i64,
     /// Last time the device was heard from (hello, heartbeat, telemetry); 0 never.
     pub last_seen: i64,
@@ -293,6 +311,17 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
 
     // ---- join tokens and enrollment
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Whether the join token would enroll a device at `at` (id and secret
+    /// hash match, not expired, uses left), without taking a use: a cheap
+    /// read so that a caller without a valid token is refused before any
+    /// costly work (signing its CSR). Only [`Store::enroll_device`] decides:
+    /// the token may be used up between the two.
+    async fn check_join_token(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<Result<(), JoinTokenRefusal>, StoreError>;
     /// Atomically checks the join token (id and secret hash must both match,
     /// not expired at `device.enrolled_at`, uses left), takes one use, and
     /// inserts the device with the token's labels. Concurrent enrollments can
@@ -319,16 +348,27 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     ) -> Result<Option<Device>, StoreError>;
     /// Ids of devices revoked at or after `since`, with their revocation time.
     async fn revocations_since(&self, since: i64) -> Result<Vec<(String, i64)>, StoreError>;
-    /// Records a new certificate for the device (renewal), unless it is
-    /// revoked (or unknown): `Ok(false)` then, and nothing changes. One
-    /// statement, so a revocation racing the renewal either comes first and
-    /// refuses it, or comes after and ends the session as usual.
+    /// Records a new certificate for the device (renewal) over a session
+    /// opened with the certificate `presented`: `serial` becomes the current
+    /// one and `presented` the previous one, still accepted until
+    /// [`Store::retire_previous_certificate`]. Nothing changes if the device
+    /// is revoked or unknown ([`CertificateRenewal::Revoked`]) or if
+    /// `presented` is neither its current nor its previous certificate any
+    /// more ([`CertificateRenewal::Retired`]). One statement decides, so a
+    /// revocation racing the renewal either comes first and refuses it, or
+    /// comes after and ends the session as usual.
     async fn set_device_certificate(
         &self,
         id: &str,
         serial: &str,
         expires_at: i64,
-    ) -> Result<bool, StoreError>;
+        presented: &str,
+    ) -> Result<CertificateRenewal, StoreError>;
+    /// The device has used its current certificate `serial`: the one its
+    /// last renewal replaced is no longer accepted. False if there was none
+    /// to retire (or `serial` is not current).
+    async fn retire_previous_certificate(&self, id: &str, serial: &str)
+    -> Result<bool, StoreError>;
     /// Updates what a device said in its Hello: inventory, models, runtime,
     /// and last seen.
     async fn record_hello(

@@ -27,8 +27,9 @@ use super::common::{
     to_db, to_json,
 };
 use super::{
-    Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint,
-    NewDevice, OperatorToken, Resolution, RollupReport, Store, StoreError, TelemetryRecord,
+    CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
+    Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RollupReport, Store, StoreError,
+    TelemetryRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -245,6 +246,23 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn check_join_token(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        at: i64,
+    ) -> Result<Result<(), JoinTokenRefusal>, StoreError> {
+        let sql = format!(
+            "SELECT {} FROM join_tokens WHERE id = ?",
+            JoinTokenStateRow::COLUMNS
+        );
+        let row = sqlx::query_as::<_, JoinTokenStateRow>(AssertSqlSafe(sql))
+            .bind(token_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(JoinTokenStateRow::check(row.as_ref(), secret_hash, at))
+    }
+
     async fn enroll_device(
         &self,
         token_id: &str,
@@ -370,15 +388,48 @@ impl Store for SqliteStore {
         id: &str,
         serial: &str,
         expires_at: i64,
-    ) -> Result<bool, StoreError> {
+        presented: &str,
+    ) -> Result<CertificateRenewal, StoreError> {
         let mut tx = self.write().await?;
         let updated = sqlx::query(
-            "UPDATE devices SET certificate_serial = ?, certificate_expires_at = ? \
-             WHERE id = ? AND status <> 'revoked'",
+            "UPDATE devices SET certificate_serial = ?1, certificate_expires_at = ?2, \
+             previous_certificate_serial = ?3 \
+             WHERE id = ?4 AND status <> 'revoked' \
+             AND (certificate_serial = ?3 OR previous_certificate_serial = ?3)",
         )
         .bind(serial)
         .bind(expires_at)
+        .bind(presented)
         .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let renewal = if updated > 0 {
+            CertificateRenewal::Recorded
+        } else {
+            let status: Option<String> =
+                sqlx::query_scalar("SELECT status FROM devices WHERE id = ?")
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            common::refused_renewal(status.as_deref())
+        };
+        tx.commit().await?;
+        Ok(renewal)
+    }
+
+    async fn retire_previous_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        let updated = sqlx::query(
+            "UPDATE devices SET previous_certificate_serial = NULL \
+             WHERE id = ? AND certificate_serial = ? AND previous_certificate_serial IS NOT NULL",
+        )
+        .bind(id)
+        .bind(serial)
         .execute(&mut *tx)
         .await?
         .rows_affected();
