@@ -69,11 +69,11 @@ pub enum RolloutsCommand {
     Pause { id: String },
     /// Continue a paused rollout.
     Resume { id: String },
-    /// Stop where it is: devices keep what they have.
+    /// Stop where it is: devices keep what they have (those already sent the new version still install it).
     Abort { id: String },
-    /// Return every device it touched to its previous version.
+    /// Return every device it touched to its previous version (a device that had none keeps the new one, unmanaged).
     Rollback { id: String },
-    /// Follow a rollout live; exits 0 if it succeeds, 1 otherwise.
+    /// Follow a rollout live; exits 0 if it succeeds (every device active), 1 otherwise.
     Watch { id: String },
 }
 

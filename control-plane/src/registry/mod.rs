@@ -148,13 +148,22 @@ impl BlobStore {
         self.root.join(prefix).join(sha256)
     }
 
-    /// Creates the directories and removes temporary files a crash left.
+    /// Creates the directories and removes temporary files a crash left:
+    /// those untouched for [`STALE_UPLOAD`]. Newer ones may be uploads in
+    /// progress on another replica sharing the data dir.
     pub fn init(&self) -> std::io::Result<()> {
         std::fs::create_dir_all(&self.root)?;
         std::fs::create_dir_all(&self.tmp)?;
+        let now = std::time::SystemTime::now();
         for entry in std::fs::read_dir(&self.tmp)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
+            let meta = entry.metadata()?;
+            let idle = meta
+                .modified()
+                .ok()
+                .and_then(|at| now.duration_since(at).ok())
+                .unwrap_or_default();
+            if meta.is_file() && idle >= STALE_UPLOAD {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -391,9 +400,36 @@ impl Registry {
     }
 }
 
+/// A temporary upload file nobody wrote to for this long is a crash's
+/// leftover (an upload in progress writes every chunk as it arrives).
+pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replica starting on a shared data dir removes what crashed uploads
+    /// left, but not another replica's upload in progress.
+    #[test]
+    fn init_removes_stale_upload_files_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::new(dir.path());
+        store.init().unwrap();
+        let stale = store.tmp.join("crashed");
+        let live = store.tmp.join("in-progress");
+        std::fs::write(&stale, b"left by a crash").unwrap();
+        std::fs::write(&live, b"being written").unwrap();
+        let long_ago = std::time::SystemTime::now() - STALE_UPLOAD * 2;
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+        store.init().unwrap();
+        assert!(!stale.exists(), "a crash's leftover is removed");
+        assert!(live.exists(), "an upload in progress is kept");
+    }
 
     fn files_in(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
@@ -492,10 +528,6 @@ mod tests {
         let left = files_in(&dir.path().join("blobs"));
         assert!(left.is_empty(), "{left:?}");
 
-        // A crash's leftovers are removed at start.
-        std::fs::write(dir.path().join("blobs/tmp/upload-stale"), b"x").unwrap();
-        store.init().unwrap();
-        assert!(files_in(&dir.path().join("blobs")).is_empty());
     }
 
     #[test]
