@@ -527,7 +527,6 @@ mod tests {
         }
         let left = files_in(&dir.path().join("blobs"));
         assert!(left.is_empty(), "{left:?}");
-
     }
 
     #[test]
