@@ -1422,6 +1422,59 @@ mod tests {
         assert!(!answers(&report(7, 999), &legacy));
     }
 
+    /// Pausing stops the rollout from starting devices, not from counting
+    /// what the devices it already started report.
+    #[tokio::test]
+    async fn a_paused_rollout_still_counts_its_updating_devices_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        rollout.state = RolloutState::Paused;
+        let updating = RolloutDeviceRecord {
+            state: "updating".into(),
+            reason: String::new(),
+            generation: 0,
+            ..member("d1", "updating", 1_000)
+        };
+        let waiting = member("d2", "waiting", 1_000);
+        cp.store
+            .save_rollout_step(&mut rollout, &[updating, waiting], &[], &[])
+            .await
+            .unwrap();
+        cp.store
+            .record_activation(&ActivationRecord {
+                device_id: "d1".into(),
+                name: "m".into(),
+                version: 2,
+                stage: "ACTIVE".into(),
+                reason: String::new(),
+                at: now_ms(),
+                generation: 0,
+                reported_ms: 0,
+            })
+            .await
+            .unwrap();
+        let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
+        step(&cp, read_by_engine).await.unwrap();
+        let stored = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(stored.state, RolloutState::Paused);
+        let states: Vec<(String, String)> = cp
+            .store
+            .rollout_devices("r1")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.device_id, d.state))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("d1".to_string(), "active".to_string()),
+                ("d2".to_string(), "waiting".to_string())
+            ]
+        );
+    }
+
     /// The engine reads a rollout, an operator pauses it, then the engine
     /// saves the step it computed from its read: the pause must stand.
     #[tokio::test]
