@@ -35,6 +35,9 @@ pub enum RolloutsCommand {
         /// Time each finished wave must stay healthy before the next starts.
         #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
         soak: Duration,
+        /// A started device that reports nothing this long (offline, gone) counts as failed; 0s: wait for ever.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        activation_timeout: Duration,
         /// Devices updating at once (0: no limit).
         #[arg(long, default_value_t = 0)]
         max_concurrent: u32,
@@ -149,6 +152,7 @@ fn rollout_json(r: &pb::Rollout) -> Value {
         "selector": r.selector,
         "waves": r.waves.iter().map(wave_text).collect::<Vec<_>>(),
         "soak_seconds": r.soak_seconds,
+        "activation_timeout_seconds": r.activation_timeout_seconds,
         "max_concurrent": r.max_concurrent,
         "gates": {
             "max_error_rate": gates.max_error_rate,
@@ -302,6 +306,7 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
             selector,
             waves,
             soak,
+            activation_timeout,
             max_concurrent,
             max_error_rate,
             max_p95_regression,
@@ -321,6 +326,7 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                     selector: selector.clone(),
                     waves,
                     soak_seconds: soak.as_secs(),
+                    activation_timeout_seconds: activation_timeout.as_secs(),
                     max_concurrent: *max_concurrent,
                     gates: Some(pb::Gates {
                         max_error_rate: *max_error_rate,

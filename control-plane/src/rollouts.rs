@@ -493,25 +493,37 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
         .into_iter()
         .map(|a| (a.device_id.clone(), a))
         .collect();
+    let timeout = rollout.spec.activation_timeout_ms;
     for device in devices.iter_mut().filter(|d| d.state == "updating") {
         // Only reports made since this rollout asked the device to update
         // count (an earlier rollout of the same version may have left one).
-        if let Some(report) = activations
+        let report = activations
             .get(&device.device_id)
-            .filter(|report| answers(report, device))
-        {
-            match report.stage.as_str() {
-                "ACTIVE" => {
-                    device.state = "active".into();
-                    device.reason.clear();
-                    device.updated_at = now;
-                }
-                "FAILED" => {
+            .filter(|report| answers(report, device));
+        match report.map(|r| r.stage.as_str()) {
+            Some("ACTIVE") => {
+                device.state = "active".into();
+                device.reason.clear();
+                device.updated_at = now;
+            }
+            Some("FAILED") => {
+                device.state = "failed".into();
+                device.reason = report.map(|r| r.reason.clone()).unwrap_or_default();
+                device.updated_at = now;
+            }
+            _ => {
+                // Progress reports (downloading, checking) keep it alive.
+                let heard = report.map_or(device.updated_at, |r| r.at.max(device.updated_at));
+                if timeout > 0 && now.saturating_sub(heard) >= timeout {
                     device.state = "failed".into();
-                    device.reason = report.reason.clone();
+                    device.reason = format!(
+                        "no activation report for {}: offline or gone (--activation-timeout)",
+                        humantime::format_duration(Duration::from_millis(
+                            u64::try_from(now.saturating_sub(heard) / 1000 * 1000).unwrap_or(0)
+                        ))
+                    );
                     device.updated_at = now;
                 }
-                _ => {}
             }
         }
     }
@@ -691,6 +703,10 @@ fn spec_from_request(request: &pb::CreateRolloutRequest) -> Result<RolloutSpec, 
     Ok(RolloutSpec {
         waves,
         soak_ms: i64::try_from(request.soak_seconds.saturating_mul(1000)).unwrap_or(i64::MAX),
+        activation_timeout_ms: i64::try_from(
+            request.activation_timeout_seconds.saturating_mul(1000),
+        )
+        .unwrap_or(i64::MAX),
         max_concurrent: request.max_concurrent,
         gates: GateSpec {
             max_error_rate: gates.max_error_rate,
@@ -756,6 +772,7 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
         selector: labels_text(&rollout.selector),
         waves: rollout.spec.waves.iter().map(wave_to_pb).collect(),
         soak_seconds: unsigned(rollout.spec.soak_ms / 1000),
+        activation_timeout_seconds: unsigned(rollout.spec.activation_timeout_ms / 1000),
         max_concurrent: rollout.spec.max_concurrent,
         gates: Some(pb::Gates {
             max_error_rate: gates.max_error_rate,
@@ -1300,6 +1317,7 @@ mod tests {
                 gates: GateSpec::default(),
                 rollback_on_failure: true,
                 gates_since_ms: 0,
+                activation_timeout_ms: 0,
             },
             state: RolloutState::Pending,
             current_wave: 0,
@@ -1473,6 +1491,64 @@ mod tests {
                 ("d2".to_string(), "waiting".to_string())
             ]
         );
+    }
+
+    /// With `--activation-timeout`, a device started on the version that
+    /// reports nothing for that long counts as failed, so its wave can end;
+    /// one still reporting progress does not.
+    #[tokio::test]
+    async fn a_device_silent_past_the_activation_timeout_counts_as_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        rollout.state = RolloutState::Running;
+        rollout.current_wave = 1;
+        rollout.spec.activation_timeout_ms = 3_600_000;
+        let long_ago = now_ms() - 2 * 3_600_000;
+        let silent = RolloutDeviceRecord {
+            state: "updating".into(),
+            reason: String::new(),
+            generation: 0,
+            ..member("silent", "updating", long_ago)
+        };
+        let downloading = RolloutDeviceRecord {
+            device_id: "downloading".into(),
+            ..silent.clone()
+        };
+        cp.store
+            .save_rollout_step(&mut rollout, &[silent, downloading], &[], &[])
+            .await
+            .unwrap();
+        cp.store
+            .record_activation(&ActivationRecord {
+                device_id: "downloading".into(),
+                name: "m".into(),
+                version: 2,
+                stage: "DOWNLOADING".into(),
+                reason: String::new(),
+                at: now_ms(),
+                generation: 0,
+                reported_ms: 0,
+            })
+            .await
+            .unwrap();
+        let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
+        // The timeout is judged while paused too (and paused, no device
+        // leaves for not matching the empty fleet's selector).
+        let read_by_engine = RolloutRecord {
+            state: RolloutState::Paused,
+            ..read_by_engine
+        };
+        step(&cp, read_by_engine).await.unwrap();
+        let devices = cp.store.rollout_devices("r1").await.unwrap();
+        let state = |id: &str| {
+            let d = devices.iter().find(|d| d.device_id == id).unwrap();
+            (d.state.clone(), d.reason.clone())
+        };
+        let (silent_state, reason) = state("silent");
+        assert_eq!(silent_state, "failed");
+        assert!(reason.contains("no activation report for 2h"), "{reason}");
+        assert_eq!(state("downloading").0, "updating");
     }
 
     /// The engine reads a rollout, an operator pauses it, then the engine

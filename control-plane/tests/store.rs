@@ -1707,6 +1707,7 @@ mod registry {
             },
             rollback_on_failure: true,
             gates_since_ms: 0,
+            activation_timeout_ms: 0,
         }
     }
 

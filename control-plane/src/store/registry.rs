@@ -131,6 +131,10 @@ pub struct RolloutSpec {
     /// the failures and errors that paused it.
     #[serde(default)]
     pub gates_since_ms: i64,
+    /// An updating device heard nothing from about the version for this
+    /// long counts as failed (0: waits for ever).
+    #[serde(default)]
+    pub activation_timeout_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
