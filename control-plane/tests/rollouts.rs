@@ -115,12 +115,15 @@ fn rollout_to_success(db: Db, agents: usize) {
         "5%,25%,100%",
         "--max-failed",
         "1",
+        "--activation-timeout",
+        "1h",
         "--watch",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let list = server.cli_json(&["rollouts", "list"]);
     let r = &list[0];
     assert_eq!(r["state"], "succeeded");
+    assert_eq!(r["activation_timeout_seconds"], 3600);
     assert_eq!(r["counts"]["active"], agents);
     let full = server.cli_json(&["rollouts", "get", r["id"].as_str().unwrap()]);
     let actions: Vec<&str> = full["events"]
