@@ -1222,6 +1222,20 @@ mod tests {
         }
     }
 
+    /// `device`'s report of `stage` for m@2, received now.
+    fn report_now(device: &str, stage: &str) -> ActivationRecord {
+        ActivationRecord {
+            device_id: device.into(),
+            name: "m".into(),
+            version: 2,
+            stage: stage.into(),
+            reason: String::new(),
+            at: now_ms(),
+            generation: 0,
+            reported_ms: 0,
+        }
+    }
+
     /// An operator who resumes a rollout a gate paused accepts the failures
     /// that paused it: the gate judges only failures made since, so the
     /// rollout does not pause again at once.
@@ -1448,28 +1462,14 @@ mod tests {
         let cp = control_plane(dir.path()).await;
         let mut rollout = create_rollout_of_m2(&cp).await;
         rollout.state = RolloutState::Paused;
-        let updating = RolloutDeviceRecord {
-            state: "updating".into(),
-            reason: String::new(),
-            generation: 0,
-            ..member("d1", "updating", 1_000)
-        };
+        let updating = member("d1", "updating", 1_000);
         let waiting = member("d2", "waiting", 1_000);
         cp.store
             .save_rollout_step(&mut rollout, &[updating, waiting], &[], &[])
             .await
             .unwrap();
         cp.store
-            .record_activation(&ActivationRecord {
-                device_id: "d1".into(),
-                name: "m".into(),
-                version: 2,
-                stage: "ACTIVE".into(),
-                reason: String::new(),
-                at: now_ms(),
-                generation: 0,
-                reported_ms: 0,
-            })
+            .record_activation(&report_now("d1", "ACTIVE"))
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
@@ -1505,31 +1505,14 @@ mod tests {
         rollout.current_wave = 1;
         rollout.spec.activation_timeout_ms = 3_600_000;
         let long_ago = now_ms() - 2 * 3_600_000;
-        let silent = RolloutDeviceRecord {
-            state: "updating".into(),
-            reason: String::new(),
-            generation: 0,
-            ..member("silent", "updating", long_ago)
-        };
-        let downloading = RolloutDeviceRecord {
-            device_id: "downloading".into(),
-            ..silent.clone()
-        };
+        let silent = member("silent", "updating", long_ago);
+        let downloading = member("downloading", "updating", long_ago);
         cp.store
             .save_rollout_step(&mut rollout, &[silent, downloading], &[], &[])
             .await
             .unwrap();
         cp.store
-            .record_activation(&ActivationRecord {
-                device_id: "downloading".into(),
-                name: "m".into(),
-                version: 2,
-                stage: "DOWNLOADING".into(),
-                reason: String::new(),
-                at: now_ms(),
-                generation: 0,
-                reported_ms: 0,
-            })
+            .record_activation(&report_now("downloading", "DOWNLOADING"))
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
