@@ -581,11 +581,14 @@ fn worker_loop(
     }
 }
 
+/// How large a request is for the fast path: its inputs as the request
+/// limit counts them, so a tensor with an empty dimension counts as if it
+/// were 1 (`[N, 0]` holds no bytes but may make N rows of outputs).
 fn job_bytes(job: &Job) -> u64 {
     job.inputs
         .iter()
-        .map(|tensor| tensor.byte_size() as u64)
-        .sum()
+        .map(|tensor| tensor.counted_size() as u64)
+        .fold(0, u64::saturating_add)
 }
 
 fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) {
@@ -1061,6 +1064,45 @@ mod tests {
             .unwrap();
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(*batches.lock().unwrap(), vec![1, 3, 3]);
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec!["infer-m-1-0".to_string(), "infer-m-1-0".to_string(), here]
+        );
+    }
+
+    /// A tensor with an empty dimension holds no bytes but may make as many
+    /// rows of outputs as its other dimensions say: for the fast path it
+    /// counts as the request limit counts it, as if that dimension were 1.
+    #[test]
+    fn a_request_with_an_empty_dimension_counts_its_rows_for_the_fast_path() {
+        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        infer_blocking(&version);
+        let empty = || {
+            vec![Tensor::from_slice(
+                "x",
+                DataType::F32,
+                vec![1000, 0],
+                &[] as &[f32],
+            )]
+        };
+        // No bytes, but a thousand rows: more than the one-row run measured.
+        quiet();
+        let outputs = version
+            .submit(empty())
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
+        assert_eq!(outputs[0].shape, vec![1000, 0]);
+        // Measured now, so the next one is known to be fast.
+        quiet();
+        let mut receiver = version.submit(empty()).unwrap();
+        receiver
+            .try_recv()
+            .expect("answered before submit returned")
+            .unwrap();
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(*batches.lock().unwrap(), vec![1, 1000, 1000]);
         assert_eq!(
             *threads.lock().unwrap(),
             vec!["infer-m-1-0".to_string(), "infer-m-1-0".to_string(), here]
