@@ -240,12 +240,17 @@ impl InferenceService {
     ) -> Result<InferResponse, InferError> {
         let signature = &loaded.signature;
 
-        for wanted in &request.outputs {
+        for (index, wanted) in request.outputs.iter().enumerate() {
             if !signature.outputs.iter().any(|spec| &spec.name == wanted) {
                 return Err(InferError::invalid(format!(
                     "model '{}' has no output '{wanted}' (outputs: {})",
                     request.model_name,
                     names(&signature.outputs)
+                )));
+            }
+            if request.outputs[..index].contains(wanted) {
+                return Err(InferError::invalid(format!(
+                    "output '{wanted}' is asked for twice"
                 )));
             }
         }
@@ -277,6 +282,7 @@ impl InferenceService {
         let outputs = if request.outputs.is_empty() {
             outputs
         } else {
+            // In the order asked for; each at most once (checked above).
             let mut outputs = outputs;
             request
                 .outputs

@@ -363,6 +363,13 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
             "has no output 'nope'",
         ),
         (
+            "duplicated output",
+            "/v2/models/mlp/infer",
+            json!({"inputs": [input], "outputs": [{"name": "logits"}, {"name": "logits"}]}),
+            400,
+            "output 'logits' is asked for twice",
+        ),
+        (
             "oversized",
             "/v2/models/mlp/infer",
             with(json!({"shape": [100, 16], "data": vec![0.5; 1600]})),
@@ -419,6 +426,14 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
         int64_contents: vec![1; 16],
         ..Default::default()
     });
+    let mut duplicated_output = base.clone();
+    duplicated_output.outputs = vec![
+        pb::model_infer_request::InferRequestedOutputTensor {
+            name: "logits".into(),
+            ..Default::default()
+        };
+        2
+    ];
     let mut oversized = base.clone();
     oversized.inputs[0].shape = vec![1000, 16];
     oversized.raw_input_contents[0] = vec![0; 64_000].into();
@@ -490,6 +505,12 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
             typed_wrong_field,
             tonic::Code::InvalidArgument,
             "int64_contents",
+        ),
+        (
+            "duplicated output",
+            duplicated_output,
+            tonic::Code::InvalidArgument,
+            "output 'logits' is asked for twice",
         ),
         (
             "over the request limit",
