@@ -172,23 +172,47 @@ impl Agent {
     }
 }
 
+/// The wait before a failed first scan of the repository is tried again,
+/// doubled after each failure up to [`INITIAL_SCAN_MAX_RETRY`].
+pub const INITIAL_SCAN_RETRY: Duration = Duration::from_secs(1);
+pub const INITIAL_SCAN_MAX_RETRY: Duration = Duration::from_secs(30);
+
 /// Loads every model once, then rescans every `interval` for hot reload.
+/// Until a scan has succeeded the agent is not ready, whatever the poll
+/// setting: a failed one (the repository gone or unreadable since the
+/// start-up check) is tried again after [`INITIAL_SCAN_RETRY`], doubling
+/// up to [`INITIAL_SCAN_MAX_RETRY`] but never past `interval`.
 async fn watch_repository(
     registry: Arc<ModelRegistry>,
     interval: Option<Duration>,
     shutdown: CancellationToken,
 ) {
+    let mut retry = INITIAL_SCAN_RETRY;
     loop {
         let sync = Arc::clone(&registry);
-        match tokio::task::spawn_blocking(move || sync.sync()).await {
+        let result = tokio::task::spawn_blocking(move || sync.sync()).await;
+        let ready = registry.is_ready();
+        let next = if ready {
+            interval
+        } else {
+            let delay = interval.map_or(retry, |interval| retry.min(interval));
+            retry = retry.saturating_mul(2).min(INITIAL_SCAN_MAX_RETRY);
+            Some(delay)
+        };
+        match result {
             Ok(Ok(())) => {}
+            Ok(Err(err)) if !ready => tracing::error!(
+                error = %err,
+                retry_in = ?next.unwrap_or_default(),
+                "cannot scan the model repository; not ready until a scan succeeds"
+            ),
             Ok(Err(err)) => tracing::error!(error = %err, "cannot scan the model repository"),
             Err(err) => tracing::error!(error = %err, "the repository scan panicked"),
         }
-        let Some(interval) = interval else { return };
+        let Some(delay) = next else { return };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -746,6 +746,55 @@ async fn bodies_over_the_limit_are_refused_with_or_without_a_length() {
     agent.stop().await;
 }
 
+/// A first scan of the repository that fails (here: the repository is
+/// gone between the start-up check and the scan) is tried again until one
+/// succeeds, also when the agent never rescans (`--repository-poll-interval
+/// 0`): the agent then becomes ready and serves.
+#[tokio::test]
+async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().join("models");
+    std::fs::create_dir(&repository).unwrap();
+    let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+        model_repository: repository.clone(),
+        runtime: RuntimeChoice::Tract,
+        repository_poll_interval: None,
+        max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+        model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
+    })
+    .unwrap();
+    std::fs::remove_dir(&repository).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", http.local_addr().unwrap());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+    let status = |path: &str| {
+        let url = format!("{url}{path}");
+        async move { reqwest::get(url).await.unwrap().status().as_u16() }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(status("/v2/health/live").await, 200);
+    assert_eq!(status("/v2/health/ready").await, 503, "the scan failed");
+    // The repository appears, with a model in it.
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(staging.join("mlp").join("1")).unwrap();
+    std::fs::copy(
+        fixture_model("mlp"),
+        staging.join("mlp").join("1").join("model.onnx"),
+    )
+    .unwrap();
+    std::fs::rename(&staging, &repository).unwrap();
+    assert_eventually(Duration::from_secs(10), || {
+        let status = &status;
+        async move { status("/v2/health/ready").await == 200 }
+    })
+    .await;
+    assert_eq!(status("/v2/models/mlp/ready").await, 200);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[test]
 fn a_repository_that_does_not_exist_is_refused_before_serving() {
     let dir = tempfile::tempdir().unwrap();
