@@ -20,17 +20,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("edgefleet_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
+    // The Open Inference Protocol gets a codec of its own (src/inference_codec.rs):
+    // prost's, plus a memory check of a ModelInferRequest before it is decoded.
+    let (mut inference, mut others) = (fds.clone(), fds);
+    inference.file.retain(|file| file.package() == "inference");
+    others.file.retain(|file| file.package() != "inference");
     tonic_prost_build::configure()
-        // Blob chunks are the bulk of a model download: `Bytes` lets the
-        // decoder hand them over without copying.
-        .bytes(".edgefleet.v1.BlobChunk.data")
         // Tensor payloads: the agent reads a request's tensors where the
         // decoder left them, and answers with the runtime's output bytes,
         // without a copy on either side.
         .bytes(".inference.ModelInferRequest.raw_input_contents")
         .bytes(".inference.ModelInferResponse.raw_output_contents")
+        .codec_path("crate::inference_codec::InferenceCodec")
         .build_server(true)
         .build_client(true)
-        .compile_fds(fds)?;
+        .compile_fds(inference)?;
+    tonic_prost_build::configure()
+        // Blob chunks are the bulk of a model download: `Bytes` lets the
+        // decoder hand them over without copying.
+        .bytes(".edgefleet.v1.BlobChunk.data")
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(others)?;
     Ok(())
 }

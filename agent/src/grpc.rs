@@ -11,6 +11,7 @@ use axum::http;
 use bytes::Bytes;
 use edgefleet_proto::inference as pb;
 use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
+use edgefleet_proto::inference_codec;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ErrorCode, InferError};
@@ -396,20 +397,28 @@ fn typed_contents(
 /// The path of `ModelInfer` requests.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// Handles what tonic answers before a handler runs:
+/// Handles what tonic does before a handler runs:
+/// - a `ModelInferRequest` is checked before it is decoded, against the
+///   request limit set here around each poll of a call
+///   ([`edgefleet_proto::inference_codec`]): one whose decoded form would
+///   be over it is refused with RESOURCE_EXHAUSTED;
 /// - a request over the decoding limit gets OUT_OF_RANGE from tonic where
 ///   the gRPC spec (and every other server) says RESOURCE_EXHAUSTED: that
 ///   status is rewritten, keeping tonic's message, which states the limit;
-/// - a `ModelInfer` call tonic refuses (over the limit, not protobuf) is
+/// - a `ModelInfer` call tonic refuses (over a limit, not protobuf) is
 ///   counted as an error of model "": its model's name was never read.
 #[derive(Debug, Clone)]
 pub struct TonicRefusalsLayer {
     metrics: Arc<Metrics>,
+    max_request_bytes: usize,
 }
 
 impl TonicRefusalsLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        TonicRefusalsLayer { metrics }
+    pub fn new(metrics: Arc<Metrics>, max_request_bytes: usize) -> Self {
+        TonicRefusalsLayer {
+            metrics,
+            max_request_bytes,
+        }
     }
 }
 
@@ -420,6 +429,7 @@ impl<S> tower::Layer<S> for TonicRefusalsLayer {
         TonicRefusals {
             inner,
             metrics: Arc::clone(&self.metrics),
+            max_request_bytes: self.max_request_bytes,
         }
     }
 }
@@ -429,6 +439,7 @@ impl<S> tower::Layer<S> for TonicRefusalsLayer {
 pub struct TonicRefusals<S> {
     inner: S,
     metrics: Arc<Metrics>,
+    max_request_bytes: usize,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for TonicRefusals<S>
@@ -448,6 +459,7 @@ where
         TonicRefusal {
             inner: self.inner.call(request),
             metrics,
+            max_request_bytes: self.max_request_bytes,
         }
     }
 }
@@ -459,6 +471,7 @@ pin_project_lite::pin_project! {
         inner: F,
         // Set for `ModelInfer` calls: where their refusals are counted.
         metrics: Option<Arc<Metrics>>,
+        max_request_bytes: usize,
     }
 }
 
@@ -470,7 +483,12 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut result = std::task::ready!(this.inner.poll(cx));
+        // tonic decodes the request within this poll.
+        let limit = *this.max_request_bytes;
+        let inner = this.inner;
+        let mut result = std::task::ready!(inference_codec::with_request_limit(limit, || {
+            inner.poll(cx)
+        }));
         if let Ok(response) = &mut result
             && let Some(code) = tonic_refusal(response.headers())
         {
@@ -487,9 +505,10 @@ where
     }
 }
 
-/// The refusals tonic answers a `ModelInfer` call with before the handler
-/// sees it: the status code and how tonic's message starts. The handler's
-/// own messages start with other words (and are counted where they arise).
+/// The refusals tonic (with the inference codec's check) answers a
+/// `ModelInfer` call with before the handler sees it: the status code and
+/// how the message starts. The handler's own messages start with other
+/// words (and are counted where they arise).
 const TONIC_REFUSALS: &[(&str, &str, ErrorCode)] = &[
     (
         "11",
@@ -497,6 +516,7 @@ const TONIC_REFUSALS: &[(&str, &str, ErrorCode)] = &[
         ErrorCode::TooLarge,
     ),
     ("8", "Error decompressing: size limit", ErrorCode::TooLarge),
+    ("8", inference_codec::OVER_LIMIT, ErrorCode::TooLarge),
     (
         "13",
         "failed to decode Protobuf message",
@@ -540,6 +560,11 @@ mod tests {
             "Error,%20decoded%20message%20length%20too%20large:%20found%20300%20bytes",
         );
         assert_eq!(tonic_refusal(&oversize), Some(ErrorCode::TooLarge));
+        let decoded_oversize = headers(
+            "8",
+            "ModelInferRequest%20over%20the%20limit%20of%204096%20bytes%20once%20decoded",
+        );
+        assert_eq!(tonic_refusal(&decoded_oversize), Some(ErrorCode::TooLarge));
         let garbage = headers(
             "13",
             "failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type",

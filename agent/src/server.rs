@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use edgefleet_proto::inference_codec::STRUCTURE_ALLOWANCE;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -142,17 +143,20 @@ impl Agent {
             .build_v1()
             .map_err(|err| StartError::Reflection(err.to_string()))?;
         let inference = GrpcInferenceServiceServer::new(GrpcInference::new(self.service.clone()))
-            // Leave room for protobuf framing; the service enforces `limit` on the tensors.
-            .max_decoding_message_size(limit.saturating_add(64 * 1024))
+            // Leave room for protobuf framing; the service enforces `limit`
+            // on the tensors, and the codec on what the message decodes to
+            // (with as much room for its structure).
+            .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
             .max_encoding_message_size(usize::MAX);
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)
-            .layer(crate::grpc::TonicRefusalsLayer::new(Arc::clone(
-                self.service.metrics(),
-            )))
+            .layer(crate::grpc::TonicRefusalsLayer::new(
+                Arc::clone(self.service.metrics()),
+                limit,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(inference)

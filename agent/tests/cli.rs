@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use edgefleet_proto::inference as pb;
 use support::*;
 
 fn agent_bin() -> Command {
@@ -648,4 +649,173 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The agent process's peak resident memory (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in:\n{status}"));
+    kib * 1024
+}
+
+/// A `ModelInferRequest` small on the wire but huge decoded — entries of
+/// `inputs`, `outputs` or `raw_input_contents` that are empty, 2 bytes each
+/// on the wire and a struct each decoded (~300 bytes for an input: 4 MiB
+/// would decode to over 600 MB) — is refused with RESOURCE_EXHAUSTED before
+/// it is decoded: at once, the agent's memory barely moves, and it serves
+/// on.
+#[tokio::test]
+async fn a_request_that_would_decode_huge_is_refused_before_it_is_decoded() {
+    /// Just the repeated fields, each entry empty.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct EmptyEntries {
+        #[prost(bytes = "vec", repeated, tag = "5")]
+        inputs: Vec<Vec<u8>>,
+        #[prost(bytes = "vec", repeated, tag = "6")]
+        outputs: Vec<Vec<u8>>,
+        #[prost(bytes = "vec", repeated, tag = "7")]
+        raw_input_contents: Vec<Vec<u8>>,
+    }
+    let limit: usize = 4 << 20;
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let (child, rx) = spawn_logging(&[
+        "serve",
+        "--runtime",
+        "tract",
+        "--model-repository",
+        repo.path().to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--max-request-bytes",
+        &limit.to_string(),
+    ]);
+    let child = KillOnDrop(child);
+    let address = |line: &str, key: &str| {
+        let start = line.find(key).unwrap() + key.len();
+        line[start..].split_whitespace().next().unwrap().to_string()
+    };
+    let listening = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agent logs its addresses");
+        if line.contains("grpc=") && line.contains("http=") {
+            break line;
+        }
+    };
+    let (grpc_addr, http_addr) = (address(&listening, "grpc="), address(&listening, "http="));
+    let client = reqwest::Client::new();
+    assert_eventually(Duration::from_secs(30), || {
+        let url = format!("http://{http_addr}/v2/models/mlp/ready");
+        let client = client.clone();
+        async move { matches!(client.get(url).send().await, Ok(r) if r.status() == 200) }
+    })
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mlp = pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "input".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, 16],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![vec![0u8; 64].into()],
+        ..Default::default()
+    };
+    let mut grpc =
+        pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel.clone());
+    grpc.model_infer(mlp.clone()).await.unwrap();
+    let before = peak_rss(child.0.id());
+
+    // Within the message size limit (the limit and 64 KiB) on the wire.
+    let entries = vec![Vec::new(); limit / 2];
+    for (what, request) in [
+        (
+            "empty inputs",
+            EmptyEntries {
+                inputs: entries.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "empty outputs",
+            EmptyEntries {
+                outputs: entries.clone(),
+                ..Default::default()
+            },
+        ),
+        (
+            "empty raw contents",
+            EmptyEntries {
+                raw_input_contents: entries.clone(),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut client = tonic::client::Grpc::new(channel.clone());
+        client.ready().await.unwrap();
+        let started = std::time::Instant::now();
+        let status = client
+            .unary(
+                tonic::Request::new(request),
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                ),
+                tonic_prost::ProstCodec::<EmptyEntries, pb::ModelInferResponse>::default(),
+            )
+            .await
+            .expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::ResourceExhausted,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status
+                .message()
+                .contains(&format!("over the limit of {limit} bytes once decoded")),
+            "{what}: {status:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: answered in {:?}",
+            started.elapsed()
+        );
+    }
+    grpc.model_infer(mlp).await.expect("the agent serves on");
+    let grown = peak_rss(child.0.id()).saturating_sub(before);
+    eprintln!("the agent's peak memory grew by {} KiB", grown >> 10);
+    assert!(
+        grown < 256 << 20,
+        "the agent's peak memory grew by {} MiB",
+        grown >> 20
+    );
+    let metrics = client
+        .get(format!("http://{http_addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "edgefleet_inference_errors_total",
+            "model=\"\",version=\"\",reason=\"too_large\""
+        ),
+        3.0,
+        "counted as refused before the model was known"
+    );
 }

@@ -25,6 +25,8 @@ pub mod onnx {
     tonic::include_proto!("onnx");
 }
 
+pub mod inference_codec;
+
 mod histogram;
 pub use histogram::{BUCKETS_PER_OCTAVE, bucket_lower_bound, bucket_of};
 
