@@ -329,7 +329,7 @@ async fn decode_infer_request(
             };
             InferError::invalid(format!("malformed JSON request: {err}{hint}"))
         })?
-        .into_domain(binary)
+        .into_domain(binary, service.max_request_bytes())
 }
 
 /// Reads a request body of at most `limit` bytes, and splits it into its
@@ -493,9 +493,15 @@ impl JsonInferRequest<'_> {
     /// The request, its model's name and version left empty, and how its
     /// outputs are wanted. `binary` is the tensor data after the JSON: each
     /// input with a `binary_data_size` takes that many bytes of it, in order,
-    /// without a copy.
-    fn into_domain(self, mut binary: Bytes) -> Result<(InferRequest, OutputEncoding), InferError> {
+    /// without a copy. The inputs' JSON `data` may take `limit` bytes
+    /// decoded (see [`json_data::Budget`]).
+    fn into_domain(
+        self,
+        mut binary: Bytes,
+        limit: usize,
+    ) -> Result<(InferRequest, OutputEncoding), InferError> {
         let binary_length = binary.len();
+        let mut budget = json_data::Budget::new(limit);
         let inputs = self
             .inputs
             .into_iter()
@@ -523,6 +529,7 @@ impl JsonInferRequest<'_> {
                             input.shape,
                             text.len(),
                             &mut data,
+                            &mut budget,
                         )
                     }
                     (None, Some(size)) => {
@@ -604,7 +611,8 @@ pub fn tensor_from_json(
     shape: Vec<i64>,
     data: &Value,
 ) -> Result<Tensor, InferError> {
-    decode_tensor(name, datatype, shape, 1 << 17, data)
+    let mut budget = json_data::Budget::new(usize::MAX);
+    decode_tensor(name, datatype, shape, 1 << 17, data, &mut budget)
 }
 
 fn decode_tensor<'de, D: serde::Deserializer<'de>>(
@@ -613,6 +621,7 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
     shape: Vec<i64>,
     text_len: usize,
     data: D,
+    budget: &mut json_data::Budget,
 ) -> Result<Tensor, InferError> {
     let dtype = crate::grpc::parse_datatype(&name, datatype)?;
     let expected = shape
@@ -621,7 +630,17 @@ fn decode_tensor<'de, D: serde::Deserializer<'de>>(
             count.checked_mul(usize::try_from(dim).ok()?)
         })
         .unwrap_or(0);
-    let data = json_data::decode(dtype, data, expected, text_len).map_err(|err| {
+    let data = json_data::decode(dtype, data, expected, text_len, budget).map_err(|err| {
+        if budget.exceeded() {
+            return InferError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "request inputs are over the limit of {} bytes decoded from JSON \
+                     (an element counts its size; a BYTES element 24 bytes and its length)",
+                    budget.limit()
+                ),
+            );
+        }
         // serde_json places an error in the text it read: the data alone
         // here, not the request, so the place would mislead.
         let message = err.to_string();
@@ -686,8 +705,76 @@ mod tests {
     use crate::tensor::{DataType, TensorData};
 
     fn decode(dtype: &str, data: &str) -> Result<Tensor, InferError> {
+        decode_within(dtype, data, usize::MAX)
+    }
+
+    fn decode_within(dtype: &str, data: &str, limit: usize) -> Result<Tensor, InferError> {
         let mut text = serde_json::Deserializer::from_str(data);
-        decode_tensor("x".into(), dtype, vec![-1], data.len(), &mut text)
+        let mut budget = json_data::Budget::new(limit);
+        decode_tensor(
+            "x".into(),
+            dtype,
+            vec![-1],
+            data.len(),
+            &mut text,
+            &mut budget,
+        )
+    }
+
+    /// JSON data counts each element's memory against the limit as it is
+    /// decoded: `["", "", ...]` takes 3 bytes of text an element and 24
+    /// bytes of memory, and is refused once over the limit, before the
+    /// rest of it is read.
+    #[test]
+    fn json_elements_count_their_memory_against_the_limit_as_they_decode() {
+        let empty = |count: usize| vec![r#""""#; count].join(",");
+        let hundred = format!("[{}]", empty(100));
+        assert_eq!(
+            decode_within("BYTES", &hundred, 2400).unwrap().data,
+            TensorData::Bytes(vec![Vec::new(); 100])
+        );
+        let err = decode_within("BYTES", &hundred, 2399).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge);
+        assert!(
+            err.message
+                .contains("over the limit of 2399 bytes decoded from JSON"),
+            "{}",
+            err.message
+        );
+        // Refused at the 101st element: what follows is never read.
+        let cut = format!("[{}, not JSON", empty(101));
+        assert_eq!(
+            decode_within("BYTES", &cut, 2400).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+        // A string counts its bytes; a number its size.
+        assert!(decode_within("BYTES", r#"["abcd"]"#, 28).is_ok());
+        assert!(decode_within("BYTES", r#"["abcd"]"#, 27).is_err());
+        assert!(decode_within("FP64", "[[1, 2], [3]]", 24).is_ok());
+        assert_eq!(
+            decode_within("FP64", "[[1, 2], [3]]", 23).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+    }
+
+    /// The inputs of one request share the budget.
+    #[test]
+    fn a_requests_json_inputs_share_the_limit() {
+        let body = |count: usize| {
+            json!({"inputs": [
+                {"name": "a", "datatype": "BYTES", "shape": [count], "data": vec![""; count]},
+                {"name": "b", "datatype": "BYTES", "shape": [count], "data": vec![""; count]},
+            ]})
+            .to_string()
+        };
+        let decode = |text: &str, limit| {
+            serde_json::from_str::<JsonInferRequest>(text)
+                .unwrap()
+                .into_domain(Bytes::new(), limit)
+        };
+        assert!(decode(&body(50), 2400).is_ok());
+        let err = decode(&body(51), 2400).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TooLarge, "{}", err.message);
     }
 
     #[test]
@@ -784,8 +871,16 @@ mod tests {
         for dtype in ["BYTES", "FP64", "BOOL"] {
             let data = "[]";
             let mut text = serde_json::Deserializer::from_str(data);
-            let tensor =
-                decode_tensor("x".into(), dtype, vec![1 << 40], data.len(), &mut text).unwrap();
+            let mut budget = json_data::Budget::new(usize::MAX);
+            let tensor = decode_tensor(
+                "x".into(),
+                dtype,
+                vec![1 << 40],
+                data.len(),
+                &mut text,
+                &mut budget,
+            )
+            .unwrap();
             assert!(
                 tensor.validate().is_err(),
                 "{dtype}: the count is still checked"

@@ -15,12 +15,58 @@ use serde::ser::{Serialize, Serializer};
 
 use crate::tensor::{DataType, Tensor, TensorData};
 
+/// The memory a request's elements decoded from JSON may take, shared by
+/// its inputs, counted as each element is decoded: its size, for a `BYTES`
+/// element its vector (24 bytes) and its length. A list of empty strings
+/// takes 3 bytes of text and 24 of memory an element: it is refused once
+/// over the limit, not after it has all been decoded.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    left: usize,
+    exceeded: bool,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            left: limit,
+            exceeded: false,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether an element was refused for want of room (the decoder's
+    /// error then says no more than that).
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+
+    fn take(&mut self, bytes: usize) -> bool {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => {
+                self.exceeded = true;
+                false
+            }
+        }
+    }
+}
+
 /// Decodes `data` (any serde deserializer over JSON: a request's raw text,
 /// or a parsed `Value`) as elements of `dtype`, written straight into the
-/// tensor's buffer. The buffer is sized up front for `expected` elements
-/// (the count the shape gives), but for no more than a list of `text_len`
-/// bytes can hold (each element takes a character and a separator, a
-/// string two quotes and a separator): a shape cannot make it reserve
+/// tensor's buffer, each taken from `budget` (an error once it is spent).
+/// The buffer is sized up front for `expected` elements (the count the
+/// shape gives), but for no more than a list of `text_len` bytes can hold
+/// (each element takes a character and a separator, a string two quotes
+/// and a separator) nor the budget allows: a shape cannot make it reserve
 /// more than the data could fill, and a true one spares the buffer from
 /// growing while it fills.
 pub fn decode<'de, D: Deserializer<'de>>(
@@ -28,42 +74,49 @@ pub fn decode<'de, D: Deserializer<'de>>(
     data: D,
     expected: usize,
     text_len: usize,
+    budget: &mut Budget,
 ) -> Result<TensorData, D::Error> {
     let min_width = if dtype == DataType::Bytes { 3 } else { 2 };
-    let capacity = expected.min(text_len / min_width + 1);
+    let element = dtype
+        .element_size()
+        .unwrap_or(std::mem::size_of::<Vec<u8>>());
+    let capacity = expected
+        .min(text_len / min_width + 1)
+        .min((budget.left / element).saturating_add(1));
     fn raw<'de, T: Element + bytemuck::Pod, D: Deserializer<'de>>(
         dtype: DataType,
         data: D,
         capacity: usize,
+        budget: &mut Budget,
     ) -> Result<TensorData, D::Error> {
         let size = std::mem::size_of::<T>();
         let mut out = Vec::<u8>::with_capacity(capacity.saturating_mul(size));
         let push: fn(&mut Vec<u8>, T) =
             |out, value| out.extend_from_slice(bytemuck::bytes_of(&value));
-        Flat::new(dtype, &mut out, push).deserialize(data)?;
+        Flat::new(dtype, &mut out, push, budget).deserialize(data)?;
         Ok(TensorData::Raw(out.into()))
     }
     match dtype {
         DataType::Bool => {
             let mut out = Vec::<u8>::with_capacity(capacity);
             let push: fn(&mut Vec<u8>, bool) = |out, value| out.push(u8::from(value));
-            Flat::new(dtype, &mut out, push).deserialize(data)?;
+            Flat::new(dtype, &mut out, push, budget).deserialize(data)?;
             Ok(TensorData::Raw(out.into()))
         }
-        DataType::U8 => raw::<u8, D>(dtype, data, capacity),
-        DataType::U16 => raw::<u16, D>(dtype, data, capacity),
-        DataType::U32 => raw::<u32, D>(dtype, data, capacity),
-        DataType::U64 => raw::<u64, D>(dtype, data, capacity),
-        DataType::I8 => raw::<i8, D>(dtype, data, capacity),
-        DataType::I16 => raw::<i16, D>(dtype, data, capacity),
-        DataType::I32 => raw::<i32, D>(dtype, data, capacity),
-        DataType::I64 => raw::<i64, D>(dtype, data, capacity),
-        DataType::F16 => raw::<half::f16, D>(dtype, data, capacity),
-        DataType::F32 => raw::<f32, D>(dtype, data, capacity),
-        DataType::F64 => raw::<f64, D>(dtype, data, capacity),
+        DataType::U8 => raw::<u8, D>(dtype, data, capacity, budget),
+        DataType::U16 => raw::<u16, D>(dtype, data, capacity, budget),
+        DataType::U32 => raw::<u32, D>(dtype, data, capacity, budget),
+        DataType::U64 => raw::<u64, D>(dtype, data, capacity, budget),
+        DataType::I8 => raw::<i8, D>(dtype, data, capacity, budget),
+        DataType::I16 => raw::<i16, D>(dtype, data, capacity, budget),
+        DataType::I32 => raw::<i32, D>(dtype, data, capacity, budget),
+        DataType::I64 => raw::<i64, D>(dtype, data, capacity, budget),
+        DataType::F16 => raw::<half::f16, D>(dtype, data, capacity, budget),
+        DataType::F32 => raw::<f32, D>(dtype, data, capacity, budget),
+        DataType::F64 => raw::<f64, D>(dtype, data, capacity, budget),
         DataType::Bytes => {
             let mut out = Vec::<Vec<u8>>::with_capacity(capacity);
-            Flat::new(dtype, &mut out, Vec::push).deserialize(data)?;
+            Flat::new(dtype, &mut out, Vec::push, budget).deserialize(data)?;
             Ok(TensorData::Bytes(out))
         }
     }
@@ -72,6 +125,10 @@ pub fn decode<'de, D: Deserializer<'de>>(
 /// What one JSON scalar may become; `None` refuses it (out of range, or the
 /// wrong kind for the datatype).
 trait Element: Sized {
+    /// The memory the element takes in the tensor.
+    fn memory(&self) -> usize {
+        std::mem::size_of::<Self>()
+    }
     fn from_bool(_: bool) -> Option<Self> {
         None
     }
@@ -131,27 +188,43 @@ float_element!(
 );
 
 impl Element for Vec<u8> {
+    fn memory(&self) -> usize {
+        std::mem::size_of::<Self>() + self.len()
+    }
+
     fn from_str(value: &str) -> Option<Self> {
         Some(value.as_bytes().to_vec())
     }
 }
 
 /// Appends every scalar of a value, nested lists flattened in row-major
-/// order, to `out` with `push`.
+/// order, to `out` with `push`, each taken from `budget`.
 struct Flat<'v, T, O> {
     dtype: DataType,
     out: &'v mut O,
     push: fn(&mut O, T),
+    budget: &'v mut Budget,
 }
 
-impl<'v, T, O> Flat<'v, T, O> {
-    fn new(dtype: DataType, out: &'v mut O, push: fn(&mut O, T)) -> Self {
-        Flat { dtype, out, push }
+impl<'v, T: Element, O> Flat<'v, T, O> {
+    fn new(dtype: DataType, out: &'v mut O, push: fn(&mut O, T), budget: &'v mut Budget) -> Self {
+        Flat {
+            dtype,
+            out,
+            push,
+            budget,
+        }
     }
 
     fn push<E: de::Error>(self, value: Option<T>, shown: impl fmt::Display) -> Result<(), E> {
         match value {
             Some(value) => {
+                if !self.budget.take(value.memory()) {
+                    return Err(E::custom(format_args!(
+                        "over the limit of {} bytes",
+                        self.budget.limit
+                    )));
+                }
                 (self.push)(self.out, value);
                 Ok(())
             }
@@ -179,9 +252,9 @@ impl<'de, T: Element, O> Visitor<'de> for Flat<'_, T, O> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
-        let (dtype, out, push) = (self.dtype, self.out, self.push);
+        let (dtype, out, push, budget) = (self.dtype, self.out, self.push, self.budget);
         while items
-            .next_element_seed(Flat::new(dtype, &mut *out, push))?
+            .next_element_seed(Flat::new(dtype, &mut *out, push, &mut *budget))?
             .is_some()
         {}
         Ok(())

@@ -376,6 +376,16 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
             413,
             "over the limit",
         ),
+        // 200 empty strings: 600 bytes of text, 800 bytes as the service
+        // counts them, but 4,800 bytes decoded (a vector each): refused
+        // while decoding.
+        (
+            "many empty strings in JSON",
+            "/v2/models/strings/infer",
+            json!({"inputs": [{"name": "text", "datatype": "BYTES", "shape": [200], "data": vec![""; 200]}]}),
+            413,
+            "over the limit of 4096 bytes decoded from JSON",
+        ),
     ];
     for (what, path, body, status, words) in http_cases {
         let (got, reply) = post(&agent, path, &body).await;
