@@ -59,9 +59,26 @@ impl Runtimes {
     }
 }
 
+#[derive(Clone)]
 struct ServedVersion {
     handle: Arc<LoadedVersion>,
+    /// The model file it was loaded from.
     fingerprint: Fingerprint,
+    /// The `config.toml` it was loaded under (`None`: there was none). One
+    /// that differs from the model's current one means the version failed
+    /// to load again under the current one and serves on under the old
+    /// (the failure is in `ModelState::failed`), or could not be read to
+    /// load it again: the first scan that can read it does.
+    config_fingerprint: Option<Fingerprint>,
+}
+
+/// Why a version failed to load, and under which files: it is tried again
+/// once its model file or the model's `config.toml` changes.
+#[derive(Debug, Clone)]
+struct LoadFailure {
+    fingerprint: Fingerprint,
+    config_fingerprint: Option<Fingerprint>,
+    reason: String,
 }
 
 #[derive(Default)]
@@ -76,9 +93,11 @@ struct ModelState {
     /// Version directories that could not be read at the last scan.
     unreadable_versions: BTreeMap<u64, String>,
     served: BTreeMap<u64, ServedVersion>,
-    /// Versions that failed to load, with the file they failed on, so an
-    /// unchanged broken file is not retried on every scan.
-    failed: BTreeMap<u64, (Fingerprint, String)>,
+    /// Versions that failed to load, with the files they failed on, so an
+    /// unchanged broken file is not retried on every scan. A version that
+    /// failed to load again (changed files or config) stays here for as
+    /// long as its older copy serves on in `served`.
+    failed: BTreeMap<u64, LoadFailure>,
     /// Versions present on disk.
     on_disk: Vec<u64>,
 }
@@ -108,7 +127,12 @@ impl ModelState {
         self.unreadable
             .clone()
             .or_else(|| self.config_error.clone())
-            .or_else(|| self.failed.values().next_back().map(|(_, r)| r.clone()))
+            .or_else(|| {
+                self.failed
+                    .values()
+                    .next_back()
+                    .map(|failure| failure.reason.clone())
+            })
             .or_else(|| {
                 self.unreadable_versions
                     .iter()
@@ -126,6 +150,9 @@ impl ModelState {
 pub struct ModelStatus {
     pub name: String,
     pub served_versions: Vec<u64>,
+    /// Versions that failed to load, with the reason. One that is also
+    /// served failed to load again from changed files or under a changed
+    /// `config.toml`: its older copy serves on, as it was loaded.
     pub failed_versions: BTreeMap<u64, String>,
     pub config_error: Option<String>,
     /// Why the model's directory could not be read at the last scan, if
@@ -268,11 +295,7 @@ impl ModelRegistry {
                     state.config_fingerprint,
                     state.config.clone(),
                     state.config_error.is_some(),
-                    state
-                        .served
-                        .iter()
-                        .map(|(v, s)| (*v, (Arc::clone(&s.handle), s.fingerprint)))
-                        .collect::<BTreeMap<_, _>>(),
+                    state.served.clone(),
                     state.failed.clone(),
                 ),
                 None => (None, None, false, BTreeMap::new(), BTreeMap::new()),
@@ -312,54 +335,44 @@ impl ModelRegistry {
         };
 
         let desired = config.version_policy.select(dir.versions.keys().copied());
+        let config_fingerprint = dir.config_fingerprint;
         let mut served: BTreeMap<u64, ServedVersion> = BTreeMap::new();
-        let mut failed: BTreeMap<u64, (Fingerprint, String)> = BTreeMap::new();
+        let mut failed: BTreeMap<u64, LoadFailure> = BTreeMap::new();
         for &version in &desired {
             let files = &dir.versions[&version];
+            let old = old_served.get(&version);
             if dir.unreadable_versions.contains_key(&version) {
                 // Kept as it is: its files cannot be read to load it again.
-                // Under a changed config, it is marked stale so that the
-                // first scan that can read it reloads it under the new one.
-                if let Some((handle, fingerprint)) = old_served.get(&version) {
-                    let fingerprint = if config_changed {
-                        Fingerprint::STALE
-                    } else {
-                        *fingerprint
-                    };
-                    served.insert(
-                        version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint,
-                        },
-                    );
+                // The first scan that can read them loads it again if they
+                // or the config changed meanwhile.
+                if let Some(old) = old {
+                    served.insert(version, old.clone());
                 }
                 if let Some(failure) = old_failed.get(&version) {
                     failed.insert(version, failure.clone());
                 }
                 continue;
             }
-            if !config_changed {
-                if let Some((handle, fingerprint)) = old_served.get(&version)
-                    && *fingerprint == files.fingerprint
-                {
-                    served.insert(
-                        version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint: *fingerprint,
-                        },
-                    );
-                    continue;
-                }
-                if let Some((fingerprint, reason)) = old_failed.get(&version)
-                    && *fingerprint == files.fingerprint
-                {
-                    failed.insert(version, (*fingerprint, reason.clone()));
-                    continue;
-                }
+            if let Some(old) = old
+                && old.fingerprint == files.fingerprint
+                && old.config_fingerprint == config_fingerprint
+            {
+                served.insert(version, old.clone());
+                continue;
             }
-            let reloading = old_served.contains_key(&version);
+            // Failed on these very files: not tried again, and still
+            // reported, while whatever served before serves on.
+            if let Some(failure) = old_failed.get(&version)
+                && failure.fingerprint == files.fingerprint
+                && failure.config_fingerprint == config_fingerprint
+            {
+                if let Some(old) = old {
+                    served.insert(version, old.clone());
+                }
+                failed.insert(version, failure.clone());
+                continue;
+            }
+            let reloading = old.is_some();
             match self.load_version(name, version, &files.model_path, &config) {
                 Ok(handle) => {
                     self.metrics.count_load(name);
@@ -387,6 +400,7 @@ impl ModelRegistry {
                         ServedVersion {
                             handle,
                             fingerprint: files.fingerprint,
+                            config_fingerprint,
                         },
                     );
                 }
@@ -395,31 +409,27 @@ impl ModelRegistry {
                     self.metrics.count_load_failure(name);
                     self.telemetry
                         .record_event(EventKind::ModelFailed, name, version, &reason);
-                    if let Some((handle, fingerprint)) = old_served.get(&version) {
-                        // The new files are broken: keep serving the old session.
-                        served.insert(
-                            version,
-                            ServedVersion {
-                                handle: Arc::clone(handle),
-                                fingerprint: *fingerprint,
-                            },
-                        );
+                    if let Some(old) = old {
+                        // The new files or config do not load: keep serving
+                        // the old session, under what it was loaded with.
+                        served.insert(version, old.clone());
                     }
-                    failed.insert(version, (files.fingerprint, reason));
+                    failed.insert(
+                        version,
+                        LoadFailure {
+                            fingerprint: files.fingerprint,
+                            config_fingerprint,
+                            reason,
+                        },
+                    );
                 }
             }
         }
         // A wanted version failed: keep whatever served before and is still on disk.
         if desired.iter().any(|v| !served.contains_key(v)) {
-            for (version, (handle, fingerprint)) in &old_served {
+            for (version, old) in &old_served {
                 if !served.contains_key(version) && dir.versions.contains_key(version) {
-                    served.insert(
-                        *version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint: *fingerprint,
-                        },
-                    );
+                    served.insert(*version, old.clone());
                 }
             }
         }
@@ -515,12 +525,7 @@ impl ModelRegistry {
                 .served
                 .get(version)
                 .map(|serving| serving.fingerprint)
-                .or_else(|| {
-                    state
-                        .failed
-                        .get(version)
-                        .map(|(fingerprint, _)| *fingerprint)
-                });
+                .or_else(|| state.failed.get(version).map(|failure| failure.fingerprint));
             if let Some(fingerprint) = known {
                 kept.versions.insert(
                     *version,
@@ -603,7 +608,7 @@ impl ModelRegistry {
                 if let Some(served) = state.served.get(&version) {
                     return Ok(Arc::clone(&served.handle));
                 }
-                if let Some((_, reason)) = state.failed.get(&version) {
+                if let Some(LoadFailure { reason, .. }) = state.failed.get(&version) {
                     return Err(InferError::new(
                         ErrorCode::Unavailable,
                         format!(
@@ -658,7 +663,7 @@ impl ModelRegistry {
                 failed_versions: state
                     .failed
                     .iter()
-                    .map(|(v, (_, r))| (*v, r.clone()))
+                    .map(|(version, failure)| (*version, failure.reason.clone()))
                     .collect(),
                 config_error: state.config_error.clone(),
                 unreadable: state.unreadable.clone(),
@@ -718,6 +723,53 @@ mod tests {
 
     fn status(registry: &ModelRegistry) -> ModelStatus {
         registry.statuses().into_iter().next().unwrap()
+    }
+
+    fn load_failures(registry: &ModelRegistry) -> f64 {
+        let text = registry.metrics.encode();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix("edgefleet_model_load_failures_total{model=\"mlp\"} ")
+            })
+            .map_or(0.0, |value| value.parse().unwrap())
+    }
+
+    /// A valid config.toml that a serving version fails to load under (here
+    /// a runtime the agent does not have) leaves the version serving as it
+    /// was loaded, and the failure reported scan after scan (it is not
+    /// tried again on unchanged files) until the config is fixed.
+    #[test]
+    fn a_config_a_serving_version_fails_to_reload_under_stays_reported_until_fixed() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [1]);
+
+        write_config(repository.path(), "runtime = \"onnxruntime\"\n");
+        for scan in 0..3 {
+            registry.sync().unwrap();
+            let now = status(&registry);
+            assert_eq!(now.served_versions, [1], "scan {scan}: serves on");
+            assert!(
+                now.failed_versions
+                    .get(&1)
+                    .is_some_and(|reason| reason.contains("asks for onnxruntime")),
+                "scan {scan}: {now:?}"
+            );
+            assert_eq!(
+                registry.get("mlp", None).unwrap().runtime,
+                RuntimeKind::Tract
+            );
+        }
+        assert_eq!(load_failures(&registry), 1.0, "tried once");
+
+        write_config(repository.path(), "max_batch_size = 4\n");
+        registry.sync().unwrap();
+        let fixed = status(&registry);
+        assert_eq!(fixed.failed_versions, BTreeMap::new());
+        assert_eq!(fixed.served_versions, [1]);
+        assert_eq!(load_failures(&registry), 1.0);
     }
 
     #[test]
