@@ -14,6 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
@@ -72,13 +73,61 @@ struct ServedVersion {
     config_fingerprint: Option<Fingerprint>,
 }
 
+/// How long after a load that failed for a reason that may pass by itself
+/// ([`LoadError::transient`]) the first scan may try it again; the delay
+/// doubles with each such failure in a row, up to [`LOAD_RETRY_MAX`].
+pub const LOAD_RETRY_INITIAL: Duration = Duration::from_secs(30);
+
+/// The longest delay before trying a transient load failure again: a check
+/// that runs out of time costs its whole timeout (2 minutes by default) of
+/// a device's CPU at each try.
+pub const LOAD_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// The delay before trying again after `failures` transient failures in a
+/// row (at least 1).
+fn retry_delay(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    LOAD_RETRY_INITIAL
+        .saturating_mul(factor)
+        .min(LOAD_RETRY_MAX)
+}
+
 /// Why a version failed to load, and under which files: it is tried again
-/// once its model file or the model's `config.toml` changes.
+/// once its model file or the model's `config.toml` changes, or, if the
+/// failure may pass by itself, once `retry` is due.
 #[derive(Debug, Clone)]
 struct LoadFailure {
     fingerprint: Fingerprint,
     config_fingerprint: Option<Fingerprint>,
     reason: String,
+    retry: Option<Retry>,
+}
+
+/// When to try a transient load failure again.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    /// Transient failures in a row on these files.
+    failures: u32,
+}
+
+/// Why loading a version failed.
+#[derive(Debug)]
+struct LoadError {
+    reason: String,
+    /// The model was not judged (the check process could not be started,
+    /// or ran out of time; no worker thread could be started): trying again
+    /// later may load it.
+    transient: bool,
+}
+
+impl LoadError {
+    fn of_model(reason: impl Into<String>) -> LoadError {
+        LoadError {
+            reason: reason.into(),
+            transient: false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -360,11 +409,15 @@ impl ModelRegistry {
                 served.insert(version, old.clone());
                 continue;
             }
-            // Failed on these very files: not tried again, and still
-            // reported, while whatever served before serves on.
-            if let Some(failure) = old_failed.get(&version)
-                && failure.fingerprint == files.fingerprint
-                && failure.config_fingerprint == config_fingerprint
+            // Failed on these very files: still reported, while whatever
+            // served before serves on, and not tried again (unless the
+            // failure may have passed by now).
+            let failed_before = old_failed.get(&version).filter(|failure| {
+                failure.fingerprint == files.fingerprint
+                    && failure.config_fingerprint == config_fingerprint
+            });
+            if let Some(failure) = failed_before
+                && failure.retry.is_none_or(|retry| Instant::now() < retry.at)
             {
                 if let Some(old) = old {
                     served.insert(version, old.clone());
@@ -372,6 +425,9 @@ impl ModelRegistry {
                 failed.insert(version, failure.clone());
                 continue;
             }
+            let failures = failed_before
+                .and_then(|failure| failure.retry)
+                .map_or(0, |retry| retry.failures);
             let reloading = old.is_some();
             match self.load_version(name, version, &files.model_path, &config) {
                 Ok(handle) => {
@@ -404,8 +460,29 @@ impl ModelRegistry {
                         },
                     );
                 }
-                Err(reason) => {
-                    tracing::error!(model = name, version, error = %reason, "model version failed to load");
+                Err(LoadError { reason, transient }) => {
+                    let retry = transient.then(|| {
+                        let failures = failures.saturating_add(1);
+                        Retry {
+                            at: Instant::now() + retry_delay(failures),
+                            failures,
+                        }
+                    });
+                    match retry {
+                        Some(retry) => tracing::error!(
+                            model = name,
+                            version,
+                            error = %reason,
+                            retry_in_s = retry_delay(retry.failures).as_secs(),
+                            "model version failed to load; trying again later"
+                        ),
+                        None => tracing::error!(
+                            model = name,
+                            version,
+                            error = %reason,
+                            "model version failed to load"
+                        ),
+                    }
                     self.metrics.count_load_failure(name);
                     self.telemetry
                         .record_event(EventKind::ModelFailed, name, version, &reason);
@@ -420,6 +497,7 @@ impl ModelRegistry {
                             fingerprint: files.fingerprint,
                             config_fingerprint,
                             reason,
+                            retry,
                         },
                     );
                 }
@@ -548,21 +626,31 @@ impl ModelRegistry {
         version: u64,
         path: &Path,
         config: &ModelConfig,
-    ) -> Result<Arc<LoadedVersion>, String> {
-        let runtime = self.runtimes.for_model(config.runtime)?;
+    ) -> Result<Arc<LoadedVersion>, LoadError> {
+        let runtime = self
+            .runtimes
+            .for_model(config.runtime)
+            .map_err(LoadError::of_model)?;
         let options = config.session_options();
-        self.check.run(
-            runtime.as_ref(),
-            self.runtimes.onnxruntime_library.as_deref(),
-            path,
-            &options,
-        )?;
+        self.check
+            .run(
+                runtime.as_ref(),
+                self.runtimes.onnxruntime_library.as_deref(),
+                path,
+                &options,
+            )
+            .map_err(|failure| LoadError {
+                reason: failure.reason,
+                transient: failure.transient,
+            })?;
         let mut sessions: Vec<Box<dyn ModelSession>> = Vec::with_capacity(config.instances);
         for _ in 0..config.instances {
             let loaded =
                 std::panic::catch_unwind(AssertUnwindSafe(|| runtime.load(path, &options)))
-                    .map_err(|_| "the runtime panicked while loading the model".to_string())?;
-            sessions.push(loaded.map_err(|err| err.to_string())?);
+                    .map_err(|_| {
+                        LoadError::of_model("the runtime panicked while loading the model")
+                    })?;
+            sessions.push(loaded.map_err(|err| LoadError::of_model(err.to_string()))?);
         }
         let metrics = self.metrics.for_version(name, version);
         LoadedVersion::start(
@@ -574,6 +662,12 @@ impl ModelRegistry {
             metrics,
             self.telemetry.for_version(name, version),
         )
+        // Its only failure: not one worker thread could be started, the
+        // process being out of threads or memory for a moment.
+        .map_err(|reason| LoadError {
+            reason,
+            transient: true,
+        })
     }
 
     /// Whether the repository holds a model of this name (loaded or not).
@@ -686,6 +780,11 @@ mod tests {
     use super::*;
 
     fn registry(repository: &Path) -> ModelRegistry {
+        registry_checking_with(repository, ModelCheck::InProcess)
+    }
+
+    /// A registry on tract alone, checking models with `check`.
+    fn registry_checking_with(repository: &Path, check: ModelCheck) -> ModelRegistry {
         let tract: Arc<dyn Runtime> = Arc::new(crate::runtime::TractRuntime::new());
         ModelRegistry::new(
             repository.to_path_buf(),
@@ -696,7 +795,7 @@ mod tests {
                 onnxruntime_library: None,
             },
             Arc::new(Metrics::new()),
-            ModelCheck::InProcess,
+            check,
         )
     }
 
@@ -769,6 +868,62 @@ mod tests {
         let fixed = status(&registry);
         assert_eq!(fixed.failed_versions, BTreeMap::new());
         assert_eq!(fixed.served_versions, [1]);
+        assert_eq!(load_failures(&registry), 1.0);
+    }
+
+    #[test]
+    fn transient_load_failures_are_tried_again_after_a_doubling_delay() {
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1800, 1800]);
+        assert_eq!(retry_delay(u32::MAX), LOAD_RETRY_MAX);
+    }
+
+    /// A load that failed for a reason that may pass by itself (here the
+    /// check process cannot be started) is tried again once its delay is
+    /// over, not at every scan, and the version loads once it can.
+    #[test]
+    fn a_transient_load_failure_is_tried_again_once_its_delay_is_over() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let checker = tempfile::tempdir().unwrap();
+        let exe = checker.path().join("edgefleet-agent");
+        let registry = registry_checking_with(
+            repository.path(),
+            ModelCheck::ChildProcess {
+                exe: exe.clone(),
+                timeout: Duration::from_secs(60),
+            },
+        );
+        for scan in 0..3 {
+            registry.sync().unwrap();
+            let now = status(&registry);
+            assert!(now.served_versions.is_empty(), "scan {scan}: {now:?}");
+            assert!(
+                now.failed_versions
+                    .get(&1)
+                    .is_some_and(|reason| reason.contains("cannot start the model check process")),
+                "scan {scan}: {now:?}"
+            );
+        }
+        assert_eq!(load_failures(&registry), 1.0, "not tried at every scan");
+
+        // A check that passes every model can run now; the delay is not over.
+        std::os::unix::fs::symlink("/bin/true", &exe).unwrap();
+        registry.sync().unwrap();
+        assert!(status(&registry).served_versions.is_empty());
+        let due = |registry: &ModelRegistry| {
+            let mut models = registry.write();
+            let failure = models.get_mut("mlp").unwrap().failed.get_mut(&1).unwrap();
+            let retry = failure.retry.as_mut().expect("a transient failure");
+            assert_eq!(retry.failures, 1);
+            assert!(retry.at > Instant::now() + LOAD_RETRY_INITIAL - Duration::from_secs(10));
+            retry.at = Instant::now();
+        };
+        due(&registry);
+        registry.sync().unwrap();
+        let loaded = status(&registry);
+        assert_eq!(loaded.served_versions, [1]);
+        assert!(loaded.failed_versions.is_empty(), "{loaded:?}");
         assert_eq!(load_failures(&registry), 1.0);
     }
 
