@@ -217,9 +217,11 @@ def save(m, path, check=True):
     return data
 
 
-def session_for(data):
+def session_for(data, quiet=False):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    if quiet:  # the run meant to fail logs its error otherwise
+        options.log_severity_level = 4
     return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
@@ -234,6 +236,7 @@ def write_fixtures():
         print(f"wrote {path.relative_to(ROOT)} ({len(text.encode('utf-8'))} bytes)")
     write_rollout_models()
     write_batch_dims_models()
+    write_batch_isolation_models()
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
@@ -277,6 +280,35 @@ def write_batch_dims_models():
     data = save(flatten, ROOT / "testdata" / "batch-dims" / "flatten" / "1" / "model.onnx")
     out = session_for(data).run(None, {"x": np.array([[1, 2], [3, 4]], dtype=np.float32)})[0]
     assert out.tolist() == [1, 2, 3, 4], out
+
+
+def gather_table():
+    """The `gather` model's constant table: row i is [10i, 10i+1, 10i+2]."""
+    return (np.arange(10, dtype=np.float32)[:, None] * 10 + np.arange(3, dtype=np.float32)).astype(np.float32)
+
+
+def write_batch_isolation_models():
+    """`gather`: rows of a constant [10, 3] table picked by INT64 indices [N, 2]
+    (output [N, 2, 3]). Whether a run fails depends on the values: an index
+    outside [-10, 9] fails it, so one bad request stacked with good ones fails
+    their run. Outside testdata/models: the fixture suites run every model
+    there on zeros and random values."""
+    table = gather_table()
+    gather = model("gather", [helper.make_node("Gather", ["table", "indices"], ["rows"], axis=0)],
+                   [vinfo("indices", TensorProto.INT64, ["N", 2])],
+                   [vinfo("rows", TensorProto.FLOAT, ["N", 2, 3])],
+                   [numpy_helper.from_array(table, "table")])
+    data = save(gather, ROOT / "testdata" / "batch-isolation" / "gather" / "1" / "model.onnx")
+    session = session_for(data, quiet=True)
+    indices = np.array([[0, 9], [3, -1]], dtype=np.int64)
+    out = session.run(None, {"indices": indices})[0]
+    assert out.tolist() == table[indices].tolist(), out
+    try:
+        session.run(None, {"indices": np.array([[0, 10]], dtype=np.int64)})
+    except Exception as err:  # onnxruntime's own exception types are not public API
+        assert "out of data bounds" in str(err), err
+    else:
+        raise AssertionError("onnxruntime ran gather with an index out of range")
 
 
 def write_bench(directory):

@@ -20,6 +20,45 @@ use crate::tensor::{DataType, Tensor, TensorData, element_count};
 /// on a slow device can take a while, but a hang must not block reloads forever.
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Why a model check failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckFailure {
+    /// Fit for a log line and a ModelReady=false explanation.
+    pub reason: String,
+    /// The check did not get to judge the model: its process could not be
+    /// started or waited for, or it ran out of time (on a busy device, say).
+    /// Trying again later may pass.
+    pub transient: bool,
+}
+
+impl CheckFailure {
+    fn of_model(reason: String) -> CheckFailure {
+        CheckFailure {
+            reason,
+            transient: false,
+        }
+    }
+
+    fn transient(reason: String) -> CheckFailure {
+        CheckFailure {
+            reason,
+            transient: true,
+        }
+    }
+}
+
+impl std::fmt::Display for CheckFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl From<CheckFailure> for String {
+    fn from(failure: CheckFailure) -> String {
+        failure.reason
+    }
+}
+
 /// Where model checks run.
 #[derive(Debug, Clone)]
 pub enum ModelCheck {
@@ -95,17 +134,18 @@ fn is_finite(tensor: &Tensor) -> bool {
 }
 
 impl ModelCheck {
-    /// Runs the check; `Err` carries the reason, fit for a log line and a
-    /// ModelReady=false explanation.
+    /// Runs the check.
     pub fn run(
         &self,
         runtime: &dyn Runtime,
         onnxruntime_library: Option<&Path>,
         model_path: &Path,
         options: &SessionOptions,
-    ) -> Result<(), String> {
+    ) -> Result<(), CheckFailure> {
         match self {
-            ModelCheck::InProcess => check_model(runtime, model_path, options).map(|_| ()),
+            ModelCheck::InProcess => check_model(runtime, model_path, options)
+                .map(|_| ())
+                .map_err(CheckFailure::of_model),
             ModelCheck::ChildProcess { exe, timeout } => {
                 let mut command = Command::new(exe);
                 command
@@ -131,10 +171,10 @@ impl ModelCheck {
     }
 }
 
-fn run_child(mut command: Command, timeout: Duration) -> Result<(), String> {
-    let mut child = command
-        .spawn()
-        .map_err(|err| format!("cannot start the model check process: {err}"))?;
+fn run_child(mut command: Command, timeout: Duration) -> Result<(), CheckFailure> {
+    let mut child = command.spawn().map_err(|err| {
+        CheckFailure::transient(format!("cannot start the model check process: {err}"))
+    })?;
     // Read stderr on a thread so a chatty child cannot block on a full pipe.
     let mut stderr = child.stderr.take();
     let reader = std::thread::spawn(move || {
@@ -151,10 +191,16 @@ fn run_child(mut command: Command, timeout: Duration) -> Result<(), String> {
             Ok(None) if started.elapsed() > timeout => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("the model check did not finish within {timeout:?}"));
+                return Err(CheckFailure::transient(format!(
+                    "the model check did not finish within {timeout:?}"
+                )));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-            Err(err) => return Err(format!("cannot wait for the model check process: {err}")),
+            Err(err) => {
+                return Err(CheckFailure::transient(format!(
+                    "cannot wait for the model check process: {err}"
+                )));
+            }
         }
     };
     let stderr = reader.join().unwrap_or_default();
@@ -166,14 +212,14 @@ fn run_child(mut command: Command, timeout: Duration) -> Result<(), String> {
         .rev()
         .find(|line| line.starts_with("model check failed: "))
         .map(|line| line.trim_start_matches("model check failed: ").to_string());
-    Err(match (reason, status.code()) {
+    Err(CheckFailure::of_model(match (reason, status.code()) {
         (Some(reason), _) => reason,
         (None, Some(code)) => format!(
             "the model check process exited with code {code}: {}",
             last_line(&stderr)
         ),
         (None, None) => format!("the model crashed the runtime in the check process ({status})"),
-    })
+    }))
 }
 
 fn last_line(text: &str) -> &str {

@@ -14,6 +14,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
@@ -59,9 +60,74 @@ impl Runtimes {
     }
 }
 
+#[derive(Clone)]
 struct ServedVersion {
     handle: Arc<LoadedVersion>,
+    /// The model file it was loaded from.
     fingerprint: Fingerprint,
+    /// The `config.toml` it was loaded under (`None`: there was none). One
+    /// that differs from the model's current one means the version failed
+    /// to load again under the current one and serves on under the old
+    /// (the failure is in `ModelState::failed`), or could not be read to
+    /// load it again: the first scan that can read it does.
+    config_fingerprint: Option<Fingerprint>,
+}
+
+/// How long after a load that failed for a reason that may pass by itself
+/// ([`LoadError::transient`]) the first scan may try it again; the delay
+/// doubles with each such failure in a row, up to [`LOAD_RETRY_MAX`].
+pub const LOAD_RETRY_INITIAL: Duration = Duration::from_secs(30);
+
+/// The longest delay before trying a transient load failure again: a check
+/// that runs out of time costs its whole timeout (2 minutes by default) of
+/// a device's CPU at each try.
+pub const LOAD_RETRY_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// The delay before trying again after `failures` transient failures in a
+/// row (at least 1).
+fn retry_delay(failures: u32) -> Duration {
+    let factor = 1u32 << failures.saturating_sub(1).min(16);
+    LOAD_RETRY_INITIAL
+        .saturating_mul(factor)
+        .min(LOAD_RETRY_MAX)
+}
+
+/// Why a version failed to load, and under which files: it is tried again
+/// once its model file or the model's `config.toml` changes, or, if the
+/// failure may pass by itself, once `retry` is due.
+#[derive(Debug, Clone)]
+struct LoadFailure {
+    fingerprint: Fingerprint,
+    config_fingerprint: Option<Fingerprint>,
+    reason: String,
+    retry: Option<Retry>,
+}
+
+/// When to try a transient load failure again.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    at: Instant,
+    /// Transient failures in a row on these files.
+    failures: u32,
+}
+
+/// Why loading a version failed.
+#[derive(Debug)]
+struct LoadError {
+    reason: String,
+    /// The model was not judged (the check process could not be started,
+    /// or ran out of time; no worker thread could be started): trying again
+    /// later may load it.
+    transient: bool,
+}
+
+impl LoadError {
+    fn of_model(reason: impl Into<String>) -> LoadError {
+        LoadError {
+            reason: reason.into(),
+            transient: false,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -76,9 +142,11 @@ struct ModelState {
     /// Version directories that could not be read at the last scan.
     unreadable_versions: BTreeMap<u64, String>,
     served: BTreeMap<u64, ServedVersion>,
-    /// Versions that failed to load, with the file they failed on, so an
-    /// unchanged broken file is not retried on every scan.
-    failed: BTreeMap<u64, (Fingerprint, String)>,
+    /// Versions that failed to load, with the files they failed on, so an
+    /// unchanged broken file is not retried on every scan. A version that
+    /// failed to load again (changed files or config) stays here for as
+    /// long as its older copy serves on in `served`.
+    failed: BTreeMap<u64, LoadFailure>,
     /// Versions present on disk.
     on_disk: Vec<u64>,
 }
@@ -108,7 +176,12 @@ impl ModelState {
         self.unreadable
             .clone()
             .or_else(|| self.config_error.clone())
-            .or_else(|| self.failed.values().next_back().map(|(_, r)| r.clone()))
+            .or_else(|| {
+                self.failed
+                    .values()
+                    .next_back()
+                    .map(|failure| failure.reason.clone())
+            })
             .or_else(|| {
                 self.unreadable_versions
                     .iter()
@@ -126,6 +199,9 @@ impl ModelState {
 pub struct ModelStatus {
     pub name: String,
     pub served_versions: Vec<u64>,
+    /// Versions that failed to load, with the reason. One that is also
+    /// served failed to load again from changed files or under a changed
+    /// `config.toml`: its older copy serves on, as it was loaded.
     pub failed_versions: BTreeMap<u64, String>,
     pub config_error: Option<String>,
     /// Why the model's directory could not be read at the last scan, if
@@ -268,11 +344,7 @@ impl ModelRegistry {
                     state.config_fingerprint,
                     state.config.clone(),
                     state.config_error.is_some(),
-                    state
-                        .served
-                        .iter()
-                        .map(|(v, s)| (*v, (Arc::clone(&s.handle), s.fingerprint)))
-                        .collect::<BTreeMap<_, _>>(),
+                    state.served.clone(),
                     state.failed.clone(),
                 ),
                 None => (None, None, false, BTreeMap::new(), BTreeMap::new()),
@@ -312,54 +384,51 @@ impl ModelRegistry {
         };
 
         let desired = config.version_policy.select(dir.versions.keys().copied());
+        let config_fingerprint = dir.config_fingerprint;
         let mut served: BTreeMap<u64, ServedVersion> = BTreeMap::new();
-        let mut failed: BTreeMap<u64, (Fingerprint, String)> = BTreeMap::new();
+        let mut failed: BTreeMap<u64, LoadFailure> = BTreeMap::new();
         for &version in &desired {
             let files = &dir.versions[&version];
+            let old = old_served.get(&version);
             if dir.unreadable_versions.contains_key(&version) {
                 // Kept as it is: its files cannot be read to load it again.
-                // Under a changed config, it is marked stale so that the
-                // first scan that can read it reloads it under the new one.
-                if let Some((handle, fingerprint)) = old_served.get(&version) {
-                    let fingerprint = if config_changed {
-                        Fingerprint::STALE
-                    } else {
-                        *fingerprint
-                    };
-                    served.insert(
-                        version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint,
-                        },
-                    );
+                // The first scan that can read them loads it again if they
+                // or the config changed meanwhile.
+                if let Some(old) = old {
+                    served.insert(version, old.clone());
                 }
                 if let Some(failure) = old_failed.get(&version) {
                     failed.insert(version, failure.clone());
                 }
                 continue;
             }
-            if !config_changed {
-                if let Some((handle, fingerprint)) = old_served.get(&version)
-                    && *fingerprint == files.fingerprint
-                {
-                    served.insert(
-                        version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint: *fingerprint,
-                        },
-                    );
-                    continue;
-                }
-                if let Some((fingerprint, reason)) = old_failed.get(&version)
-                    && *fingerprint == files.fingerprint
-                {
-                    failed.insert(version, (*fingerprint, reason.clone()));
-                    continue;
-                }
+            if let Some(old) = old
+                && old.fingerprint == files.fingerprint
+                && old.config_fingerprint == config_fingerprint
+            {
+                served.insert(version, old.clone());
+                continue;
             }
-            let reloading = old_served.contains_key(&version);
+            // Failed on these very files: still reported, while whatever
+            // served before serves on, and not tried again (unless the
+            // failure may have passed by now).
+            let failed_before = old_failed.get(&version).filter(|failure| {
+                failure.fingerprint == files.fingerprint
+                    && failure.config_fingerprint == config_fingerprint
+            });
+            if let Some(failure) = failed_before
+                && failure.retry.is_none_or(|retry| Instant::now() < retry.at)
+            {
+                if let Some(old) = old {
+                    served.insert(version, old.clone());
+                }
+                failed.insert(version, failure.clone());
+                continue;
+            }
+            let failures = failed_before
+                .and_then(|failure| failure.retry)
+                .map_or(0, |retry| retry.failures);
+            let reloading = old.is_some();
             match self.load_version(name, version, &files.model_path, &config) {
                 Ok(handle) => {
                     self.metrics.count_load(name);
@@ -387,39 +456,58 @@ impl ModelRegistry {
                         ServedVersion {
                             handle,
                             fingerprint: files.fingerprint,
+                            config_fingerprint,
                         },
                     );
                 }
-                Err(reason) => {
-                    tracing::error!(model = name, version, error = %reason, "model version failed to load");
+                Err(LoadError { reason, transient }) => {
+                    let retry = transient.then(|| {
+                        let failures = failures.saturating_add(1);
+                        Retry {
+                            at: Instant::now() + retry_delay(failures),
+                            failures,
+                        }
+                    });
+                    match retry {
+                        Some(retry) => tracing::error!(
+                            model = name,
+                            version,
+                            error = %reason,
+                            retry_in_s = retry_delay(retry.failures).as_secs(),
+                            "model version failed to load; trying again later"
+                        ),
+                        None => tracing::error!(
+                            model = name,
+                            version,
+                            error = %reason,
+                            "model version failed to load"
+                        ),
+                    }
                     self.metrics.count_load_failure(name);
                     self.telemetry
                         .record_event(EventKind::ModelFailed, name, version, &reason);
-                    if let Some((handle, fingerprint)) = old_served.get(&version) {
-                        // The new files are broken: keep serving the old session.
-                        served.insert(
-                            version,
-                            ServedVersion {
-                                handle: Arc::clone(handle),
-                                fingerprint: *fingerprint,
-                            },
-                        );
+                    if let Some(old) = old {
+                        // The new files or config do not load: keep serving
+                        // the old session, under what it was loaded with.
+                        served.insert(version, old.clone());
                     }
-                    failed.insert(version, (files.fingerprint, reason));
+                    failed.insert(
+                        version,
+                        LoadFailure {
+                            fingerprint: files.fingerprint,
+                            config_fingerprint,
+                            reason,
+                            retry,
+                        },
+                    );
                 }
             }
         }
         // A wanted version failed: keep whatever served before and is still on disk.
         if desired.iter().any(|v| !served.contains_key(v)) {
-            for (version, (handle, fingerprint)) in &old_served {
+            for (version, old) in &old_served {
                 if !served.contains_key(version) && dir.versions.contains_key(version) {
-                    served.insert(
-                        *version,
-                        ServedVersion {
-                            handle: Arc::clone(handle),
-                            fingerprint: *fingerprint,
-                        },
-                    );
+                    served.insert(*version, old.clone());
                 }
             }
         }
@@ -515,12 +603,7 @@ impl ModelRegistry {
                 .served
                 .get(version)
                 .map(|serving| serving.fingerprint)
-                .or_else(|| {
-                    state
-                        .failed
-                        .get(version)
-                        .map(|(fingerprint, _)| *fingerprint)
-                });
+                .or_else(|| state.failed.get(version).map(|failure| failure.fingerprint));
             if let Some(fingerprint) = known {
                 kept.versions.insert(
                     *version,
@@ -543,21 +626,31 @@ impl ModelRegistry {
         version: u64,
         path: &Path,
         config: &ModelConfig,
-    ) -> Result<Arc<LoadedVersion>, String> {
-        let runtime = self.runtimes.for_model(config.runtime)?;
+    ) -> Result<Arc<LoadedVersion>, LoadError> {
+        let runtime = self
+            .runtimes
+            .for_model(config.runtime)
+            .map_err(LoadError::of_model)?;
         let options = config.session_options();
-        self.check.run(
-            runtime.as_ref(),
-            self.runtimes.onnxruntime_library.as_deref(),
-            path,
-            &options,
-        )?;
+        self.check
+            .run(
+                runtime.as_ref(),
+                self.runtimes.onnxruntime_library.as_deref(),
+                path,
+                &options,
+            )
+            .map_err(|failure| LoadError {
+                reason: failure.reason,
+                transient: failure.transient,
+            })?;
         let mut sessions: Vec<Box<dyn ModelSession>> = Vec::with_capacity(config.instances);
         for _ in 0..config.instances {
             let loaded =
                 std::panic::catch_unwind(AssertUnwindSafe(|| runtime.load(path, &options)))
-                    .map_err(|_| "the runtime panicked while loading the model".to_string())?;
-            sessions.push(loaded.map_err(|err| err.to_string())?);
+                    .map_err(|_| {
+                        LoadError::of_model("the runtime panicked while loading the model")
+                    })?;
+            sessions.push(loaded.map_err(|err| LoadError::of_model(err.to_string()))?);
         }
         let metrics = self.metrics.for_version(name, version);
         LoadedVersion::start(
@@ -569,6 +662,12 @@ impl ModelRegistry {
             metrics,
             self.telemetry.for_version(name, version),
         )
+        // Its only failure: not one worker thread could be started, the
+        // process being out of threads or memory for a moment.
+        .map_err(|reason| LoadError {
+            reason,
+            transient: true,
+        })
     }
 
     /// Whether the repository holds a model of this name (loaded or not).
@@ -603,7 +702,7 @@ impl ModelRegistry {
                 if let Some(served) = state.served.get(&version) {
                     return Ok(Arc::clone(&served.handle));
                 }
-                if let Some((_, reason)) = state.failed.get(&version) {
+                if let Some(LoadFailure { reason, .. }) = state.failed.get(&version) {
                     return Err(InferError::new(
                         ErrorCode::Unavailable,
                         format!(
@@ -658,7 +757,7 @@ impl ModelRegistry {
                 failed_versions: state
                     .failed
                     .iter()
-                    .map(|(v, (_, r))| (*v, r.clone()))
+                    .map(|(version, failure)| (*version, failure.reason.clone()))
                     .collect(),
                 config_error: state.config_error.clone(),
                 unreadable: state.unreadable.clone(),
@@ -681,6 +780,11 @@ mod tests {
     use super::*;
 
     fn registry(repository: &Path) -> ModelRegistry {
+        registry_checking_with(repository, ModelCheck::InProcess)
+    }
+
+    /// A registry on tract alone, checking models with `check`.
+    fn registry_checking_with(repository: &Path, check: ModelCheck) -> ModelRegistry {
         let tract: Arc<dyn Runtime> = Arc::new(crate::runtime::TractRuntime::new());
         ModelRegistry::new(
             repository.to_path_buf(),
@@ -691,7 +795,7 @@ mod tests {
                 onnxruntime_library: None,
             },
             Arc::new(Metrics::new()),
-            ModelCheck::InProcess,
+            check,
         )
     }
 
@@ -718,6 +822,109 @@ mod tests {
 
     fn status(registry: &ModelRegistry) -> ModelStatus {
         registry.statuses().into_iter().next().unwrap()
+    }
+
+    fn load_failures(registry: &ModelRegistry) -> f64 {
+        let text = registry.metrics.encode();
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix("edgefleet_model_load_failures_total{model=\"mlp\"} ")
+            })
+            .map_or(0.0, |value| value.parse().unwrap())
+    }
+
+    /// A valid config.toml that a serving version fails to load under (here
+    /// a runtime the agent does not have) leaves the version serving as it
+    /// was loaded, and the failure reported scan after scan (it is not
+    /// tried again on unchanged files) until the config is fixed.
+    #[test]
+    fn a_config_a_serving_version_fails_to_reload_under_stays_reported_until_fixed() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [1]);
+
+        write_config(repository.path(), "runtime = \"onnxruntime\"\n");
+        for scan in 0..3 {
+            registry.sync().unwrap();
+            let now = status(&registry);
+            assert_eq!(now.served_versions, [1], "scan {scan}: serves on");
+            assert!(
+                now.failed_versions
+                    .get(&1)
+                    .is_some_and(|reason| reason.contains("asks for onnxruntime")),
+                "scan {scan}: {now:?}"
+            );
+            assert_eq!(
+                registry.get("mlp", None).unwrap().runtime,
+                RuntimeKind::Tract
+            );
+        }
+        assert_eq!(load_failures(&registry), 1.0, "tried once");
+
+        write_config(repository.path(), "max_batch_size = 4\n");
+        registry.sync().unwrap();
+        let fixed = status(&registry);
+        assert_eq!(fixed.failed_versions, BTreeMap::new());
+        assert_eq!(fixed.served_versions, [1]);
+        assert_eq!(load_failures(&registry), 1.0);
+    }
+
+    #[test]
+    fn transient_load_failures_are_tried_again_after_a_doubling_delay() {
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 960, 1800, 1800]);
+        assert_eq!(retry_delay(u32::MAX), LOAD_RETRY_MAX);
+    }
+
+    /// A load that failed for a reason that may pass by itself (here the
+    /// check process cannot be started) is tried again once its delay is
+    /// over, not at every scan, and the version loads once it can.
+    #[test]
+    fn a_transient_load_failure_is_tried_again_once_its_delay_is_over() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let checker = tempfile::tempdir().unwrap();
+        let exe = checker.path().join("edgefleet-agent");
+        let registry = registry_checking_with(
+            repository.path(),
+            ModelCheck::ChildProcess {
+                exe: exe.clone(),
+                timeout: Duration::from_secs(60),
+            },
+        );
+        for scan in 0..3 {
+            registry.sync().unwrap();
+            let now = status(&registry);
+            assert!(now.served_versions.is_empty(), "scan {scan}: {now:?}");
+            assert!(
+                now.failed_versions
+                    .get(&1)
+                    .is_some_and(|reason| reason.contains("cannot start the model check process")),
+                "scan {scan}: {now:?}"
+            );
+        }
+        assert_eq!(load_failures(&registry), 1.0, "not tried at every scan");
+
+        // A check that passes every model can run now; the delay is not over.
+        std::os::unix::fs::symlink("/bin/true", &exe).unwrap();
+        registry.sync().unwrap();
+        assert!(status(&registry).served_versions.is_empty());
+        let due = |registry: &ModelRegistry| {
+            let mut models = registry.write();
+            let failure = models.get_mut("mlp").unwrap().failed.get_mut(&1).unwrap();
+            let retry = failure.retry.as_mut().expect("a transient failure");
+            assert_eq!(retry.failures, 1);
+            assert!(retry.at > Instant::now() + LOAD_RETRY_INITIAL - Duration::from_secs(10));
+            retry.at = Instant::now();
+        };
+        due(&registry);
+        registry.sync().unwrap();
+        let loaded = status(&registry);
+        assert_eq!(loaded.served_versions, [1]);
+        assert!(loaded.failed_versions.is_empty(), "{loaded:?}");
+        assert_eq!(load_failures(&registry), 1.0);
     }
 
     #[test]

@@ -14,7 +14,10 @@
 //!
 //! When the registry drops its handle (hot reload, unload), the queue's
 //! sender goes away; workers finish what is queued and exit — that is the
-//! drain. A runtime panic is caught and fails only that batch.
+//! drain. A run that fails, with an error or a panic (caught), fails only
+//! the requests at fault: when a run of several requests fails, each of them
+//! runs again alone, so a request whose values the model refuses (an index
+//! out of range, say) cannot fail the requests it was stacked with.
 //!
 //! A fast path skips the queue: a request that finds nothing else in flight
 //! for its version (and nothing for [`INLINE_QUIET`] before it), a free
@@ -592,18 +595,8 @@ fn job_bytes(job: &Job) -> u64 {
 }
 
 fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) {
-    let RunContext {
-        metrics,
-        telemetry,
-        label,
-        lone_run_nanos,
-        lone_run_bytes,
-        recent_requests,
-        recent_run_nanos,
-        activity: _,
-    } = run;
     // Callers that gave up (timeout, disconnect) need no answer.
-    let batch: Vec<Job> = batch
+    let mut batch: Vec<Job> = batch
         .into_iter()
         .filter(|job| !job.reply.is_closed())
         .collect();
@@ -612,48 +605,108 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
     }
     let started = Instant::now();
     for job in &batch {
-        metrics
+        run.metrics
             .queue_seconds
             .observe(started.duration_since(job.enqueued).as_secs_f64());
     }
+    if batch.len() == 1 {
+        let Some(job) = batch.pop() else { return };
+        run_alone(session, job, started, true, run);
+        return;
+    }
     let sizes: Vec<i64> = batch.iter().map(|job| job.rows).collect();
-    let mut replies = Vec::with_capacity(batch.len());
-    let lone_bytes = (batch.len() == 1).then(|| job_bytes(&batch[0]));
-    let inputs = if batch.len() == 1 {
-        let job = batch.into_iter().next().map(|job| (job.inputs, job.reply));
-        let Some((inputs, reply)) = job else { return };
-        replies.push(reply);
-        inputs
-    } else {
-        let input_count = batch[0].inputs.len();
-        let stacked = (0..input_count)
-            .map(|i| {
-                let parts: Vec<&Tensor> = batch.iter().map(|job| &job.inputs[i]).collect();
-                concat_batch(&parts[0].name, &parts)
-            })
-            .collect();
-        replies.extend(batch.into_iter().map(|job| job.reply));
-        stacked
+    // The requests keep their inputs (shared bytes, not copies) until the
+    // run is over: if it fails, each runs again alone.
+    let stacked = (0..batch[0].inputs.len())
+        .map(|i| {
+            let parts: Vec<&Tensor> = batch.iter().map(|job| &job.inputs[i]).collect();
+            concat_batch(&parts[0].name, &parts)
+        })
+        .collect();
+    let (outcome, nanos) = run_session(session, stacked, batch.len(), started, run);
+    run.recent_requests.store(batch.len(), Ordering::Relaxed);
+    run.recent_run_nanos.store(nanos, Ordering::Relaxed);
+    let outputs = match outcome {
+        Ok(outputs) => outputs,
+        Err(err) => {
+            // A run fails as a whole, also when the values of one request
+            // alone are at fault (an index out of range, say), which no
+            // validation of shapes and types can see. Each request runs
+            // again alone, so only those at fault fail, each with its own
+            // error. (tract starts the next run from a fresh state.)
+            tracing::debug!(
+                model = %run.label,
+                requests = batch.len(),
+                error = %err.message,
+                "a batched run failed; running its requests one at a time"
+            );
+            for job in batch {
+                if !job.reply.is_closed() {
+                    run_alone(session, job, Instant::now(), false, run);
+                }
+            }
+            return;
+        }
     };
+    match split_outputs(outputs, &sizes) {
+        Ok(per_request) => {
+            for (job, outputs) in batch.into_iter().zip(per_request) {
+                job.reply.send(Ok(outputs));
+            }
+        }
+        Err(err) => fail(batch.into_iter().map(|job| job.reply), err, run),
+    }
+}
 
+/// Runs one request alone and answers it. `whole_batch`: it is all the
+/// worker took (not one of a failed batch's requests run again), so the
+/// adaptive delay goes by this run; noted before the answer goes out, so
+/// the caller's next request finds it.
+fn run_alone(
+    session: &mut dyn ModelSession,
+    job: Job,
+    started: Instant,
+    whole_batch: bool,
+    run: &RunContext,
+) {
+    let bytes = job_bytes(&job);
+    let Job { inputs, reply, .. } = job;
+    let (outcome, nanos) = run_session(session, inputs, 1, started, run);
+    if whole_batch {
+        run.recent_requests.store(1, Ordering::Relaxed);
+        run.recent_run_nanos.store(nanos, Ordering::Relaxed);
+    }
+    match outcome {
+        Ok(outputs) => {
+            // Only a run that completed tells how long the model takes for
+            // so much input (a runtime may refuse a huge input at once).
+            run.lone_run_nanos.store(nanos, Ordering::Relaxed);
+            run.lone_run_bytes.store(bytes, Ordering::Relaxed);
+            reply.send(Ok(outputs));
+        }
+        Err(err) => fail([reply], err, run),
+    }
+}
+
+/// Runs the session once on `inputs`, stacked from `requests` requests, a
+/// panic caught, and records the run. Returns its outputs or error, and how
+/// long it took, in nanoseconds, from `started`.
+fn run_session(
+    session: &mut dyn ModelSession,
+    inputs: Vec<Tensor>,
+    requests: usize,
+    started: Instant,
+    run: &RunContext,
+) -> (Result<Vec<Tensor>, InferError>, u64) {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)));
     let computed = started.elapsed();
-    metrics.compute_seconds.observe(computed.as_secs_f64());
+    run.metrics.compute_seconds.observe(computed.as_secs_f64());
+    run.metrics.batch_size.observe(requests as f64);
+    run.telemetry.record_batch(requests as u64);
     let nanos = u64::try_from(computed.as_nanos()).unwrap_or(u64::MAX);
-    recent_requests.store(replies.len(), Ordering::Relaxed);
-    recent_run_nanos.store(nanos, Ordering::Relaxed);
-    // Only a run that completed tells how long the model takes for so much
-    // input (a runtime may refuse a huge input at once).
-    if let (Some(bytes), Ok(Ok(_))) = (lone_bytes, &outcome) {
-        lone_run_nanos.store(nanos, Ordering::Relaxed);
-        lone_run_bytes.store(bytes, Ordering::Relaxed);
-    }
-    metrics.batch_size.observe(replies.len() as f64);
-    telemetry.record_batch(replies.len() as u64);
-
-    let result: Result<Vec<Vec<Tensor>>, InferError> = match outcome {
-        Ok(Ok(outputs)) if replies.len() == 1 => Ok(vec![outputs]),
-        Ok(Ok(outputs)) => split_outputs(outputs, &sizes),
+    let label = &run.label;
+    let result = match outcome {
+        Ok(Ok(outputs)) => Ok(outputs),
         Ok(Err(err)) => Err(InferError::internal(format!("{label}: {err}"))),
         Err(panic) => {
             let what = panic
@@ -661,26 +714,22 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".to_string());
-            tracing::error!(model = label, panic = %what, "the runtime panicked; the request fails, the model keeps serving");
+            tracing::error!(model = label, requests, panic = %what, "the runtime panicked; the model keeps serving");
             Err(InferError::internal(format!(
                 "{label}: the runtime panicked: {what}"
             )))
         }
     };
-    match result {
-        Ok(per_request) => {
-            for (reply, outputs) in replies.into_iter().zip(per_request) {
-                reply.send(Ok(outputs));
-            }
-        }
-        Err(err) => {
-            // One event per failed run (the requests are counted by the service).
-            telemetry.record_event(event::Kind::Error, &err.message);
-            for reply in replies {
-                metrics.count_error(err.code.as_str());
-                reply.send(Err(err.clone()));
-            }
-        }
+    (result, nanos)
+}
+
+/// Answers `replies` with `err`: one event for the run that failed, one
+/// error counted per request (the service counts the requests themselves).
+fn fail(replies: impl IntoIterator<Item = Reply>, err: InferError, run: &RunContext) {
+    run.telemetry.record_event(event::Kind::Error, &err.message);
+    for reply in replies {
+        run.metrics.count_error(err.code.as_str());
+        reply.send(Err(err.clone()));
     }
 }
 
@@ -970,6 +1019,85 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(ok[0].to_vec::<f32>(), vec![2.0, 4.0]);
+    }
+
+    /// The value of metric `name` for model "m" version 1 (and `labels`).
+    fn metric(metrics: &Metrics, name: &str, labels: &str) -> f64 {
+        let prefix = format!("{name}{{model=\"m\",version=\"1\"{labels}}} ");
+        let text = metrics.encode();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no {prefix} in:\n{text}"))
+    }
+
+    /// Validation cannot see that a request's values make the model fail
+    /// (an index out of range, say): a stacked run fails as a whole. Each
+    /// request then runs alone, so only those at fault fail, each with its
+    /// own error, and the others get their own answers.
+    #[tokio::test]
+    async fn a_failed_batch_fails_only_the_requests_at_fault() {
+        let metrics = Arc::new(Metrics::new());
+        let config = ModelConfig {
+            max_batch_size: 4,
+            max_queue_delay: QueueDelay::Fixed(Duration::from_secs(1)),
+            ..ModelConfig::default()
+        };
+        let (session, batches, _) = doubler(Duration::ZERO);
+        let version = load(session, &config, &metrics);
+        let receivers: Vec<_> = [
+            [1.0, 2.0],
+            [f32::INFINITY, 1.0],
+            [3.0, 4.0],
+            [f32::NAN, 1.0],
+        ]
+        .into_iter()
+        .map(|values| version.submit(row(values, 1)).unwrap())
+        .collect();
+        let mut results = Vec::new();
+        for receiver in receivers {
+            results.push(receiver.await.unwrap());
+        }
+        let values = |i: usize| match &results[i] {
+            Ok(outputs) => outputs[0].to_vec::<f32>(),
+            Err(err) => panic!("request {i} failed: {}", err.message),
+        };
+        assert_eq!(values(0), [2.0, 4.0]);
+        assert_eq!(values(2), [6.0, 8.0]);
+        let error = |i: usize| results[i].as_ref().unwrap_err();
+        assert_eq!(error(1).code, ErrorCode::Internal);
+        assert!(
+            error(1).message.contains("scripted error on infinity"),
+            "{}",
+            error(1).message
+        );
+        assert!(
+            error(3).message.contains("panicked"),
+            "{}",
+            error(3).message
+        );
+        // The four ran together and failed, then each alone.
+        assert_eq!(*batches.lock().unwrap(), [1, 1], "the good ones, alone");
+        let runs = metric(&metrics, "edgefleet_inference_batch_size_count", "");
+        let stacked = metric(&metrics, "edgefleet_inference_batch_size_sum", "");
+        assert_eq!((runs, stacked), (5.0, 8.0), "one run of 4, four of 1");
+        let errors = metric(
+            &metrics,
+            "edgefleet_inference_errors_total",
+            ",reason=\"internal\"",
+        );
+        assert_eq!(errors, 2.0, "one error per request at fault");
+        // The worker serves on.
+        assert_eq!(
+            version
+                .submit(row([5.0, 6.0], 1))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap()[0]
+                .to_vec::<f32>(),
+            [10.0, 12.0]
+        );
     }
 
     #[tokio::test]

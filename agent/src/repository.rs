@@ -21,13 +21,6 @@ pub struct Fingerprint {
 }
 
 impl Fingerprint {
-    /// Matches no file: a version marked with it is loaded again at the next
-    /// scan that can read its file.
-    pub const STALE: Fingerprint = Fingerprint {
-        len: u64::MAX,
-        modified: None,
-    };
-
     /// The file's fingerprint; `None` if there is no such file. Any other
     /// failure to stat it (permissions, I/O, too many open files) is an
     /// error: the file may well be there.

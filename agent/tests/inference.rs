@@ -608,6 +608,87 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
     agent.stop().await;
 }
 
+/// Validation cannot see that a request's values make the model fail: one
+/// asking for row 10 of a table of 10 rows, stacked with seven good
+/// requests, fails their run. Only it may fail, with its own error; the
+/// others get their own rows.
+async fn a_request_the_model_fails_on_fails_alone_in_its_batch(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    let gather = std::fs::read(testdata().join("batch-isolation/gather/1/model.onnx")).unwrap();
+    // Eight requests fill a batch at once; the delay gives them a second to arrive.
+    repo.write("gather", 1, &gather).config(
+        "gather",
+        "max_batch_size = 8\nmax_queue_delay_us = 1000000\n",
+    );
+    let agent = agent(repo.path(), runtime).start().await;
+    let bad = 3;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(agent.grpc().await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            // Row i, and a negative index (from the end): row i + 1.
+            let indices = if i == bad {
+                vec![1, 10]
+            } else {
+                vec![i as i64, i as i64 - 9]
+            };
+            let case = json!({"inputs": [
+                {"name": "indices", "datatype": "INT64", "shape": [1, 2], "data": indices}
+            ]});
+            tokio::spawn(async move {
+                let result = client
+                    .model_infer(grpc_request("gather", &case, i % 2 == 0))
+                    .await;
+                (indices, result)
+            })
+        })
+        .collect();
+    for (i, task) in tasks.into_iter().enumerate() {
+        let (indices, result) = task.await.unwrap();
+        if i == bad {
+            let status = result.expect_err("row 10 of a table of 10 rows");
+            assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+            assert!(status.message().contains("gather:1"), "{status:?}");
+            continue;
+        }
+        let response = result
+            .unwrap_or_else(|status| panic!("good request {i} failed: {status:?}"))
+            .into_inner();
+        // The table's row k is [10k, 10k + 1, 10k + 2].
+        let rows: Vec<f64> = indices
+            .iter()
+            .map(|&k| k.rem_euclid(10))
+            .flat_map(|k| (0..3).map(move |j| (10 * k + j) as f64))
+            .collect();
+        let want = json!({"name": "rows", "datatype": "FP32", "shape": [1, 2, 3], "data": rows});
+        assert_tensor_matches(
+            &grpc_outputs_as_json(&response)[0],
+            &want,
+            &format!("request {i}"),
+        );
+    }
+    let metrics = agent.metrics().await;
+    let gather = "model=\"gather\",version=\"1\"";
+    let runs = metric_value(&metrics, "edgefleet_inference_batch_size_count", gather);
+    let requests_run = metric_value(&metrics, "edgefleet_inference_batch_size_sum", gather);
+    assert_eq!(
+        (runs, requests_run),
+        (9.0, 16.0),
+        "the eight ran stacked, then each alone"
+    );
+    let errors = metric_value(
+        &metrics,
+        "edgefleet_inference_errors_total",
+        &format!("{gather},reason=\"internal\""),
+    );
+    assert_eq!(errors, 1.0, "only the bad request failed");
+    agent.stop().await;
+}
+
 async fn a_full_queue_answers_resource_exhausted_and_503(runtime: RuntimeChoice) {
     let repo = Repo::new();
     repo.add("conv", 1, "conv")
@@ -1000,6 +1081,7 @@ on_both_runtimes!(
     output_selection_returns_only_the_outputs_asked_for,
     metadata_and_health_on_both_protocols,
     concurrent_requests_are_batched_and_each_gets_its_own_answer,
+    a_request_the_model_fails_on_fails_alone_in_its_batch,
     a_full_queue_answers_resource_exhausted_and_503,
 );
 

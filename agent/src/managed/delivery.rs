@@ -668,12 +668,14 @@ impl Delivery {
                 })?,
             };
             let options = config.session_options();
-            check.run(
-                runtime.as_ref(),
-                runtimes.onnxruntime_library.as_deref(),
-                &path,
-                &options,
-            )
+            check
+                .run(
+                    runtime.as_ref(),
+                    runtimes.onnxruntime_library.as_deref(),
+                    &path,
+                    &options,
+                )
+                .map_err(String::from)
         })
         .await
         .map_err(|err| format!("the model check task failed: {err}"))?
