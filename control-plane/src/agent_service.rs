@@ -603,6 +603,7 @@ async fn send_desired_state(
                 })
                 .collect(),
             trusted_keys: cp.config.trusted_signing_keys.clone(),
+            device_id: device_id.to_string(),
         })),
     };
     if outbound.send(Ok(message)).await.is_err() {

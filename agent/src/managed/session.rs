@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::delivery::DeliveryLink;
+use super::delivery::{DeliveryLink, Offer};
 use super::state::{Identity, StateDir};
 use crate::telemetry::TelemetryCollector;
 
@@ -488,13 +488,28 @@ async fn connect_and_serve(
                     Some(Downstream::DesiredState(desired)) => {
                         let generation = desired.generation;
                         match delivery {
-                            Some(delivery) => {
-                                if delivery.submit(desired) {
-                                    tracing::info!(generation, "new desired state");
-                                } else {
-                                    tracing::debug!(generation, "desired state not newer than the current one");
+                            Some(delivery) => match delivery.offer(desired) {
+                                Offer::Taken => tracing::info!(generation, "new desired state"),
+                                // The same generation again (a poll on another
+                                // replica, a reconnect): nothing to say.
+                                Offer::Stale { current } if current == generation => {
+                                    tracing::debug!(generation, "desired state already taken")
                                 }
-                            }
+                                // An older one: the device holds a generation
+                                // the control plane has not given it (a state
+                                // dir restored from elsewhere?). Visible, as the
+                                // device ignores what it is asked until then.
+                                Offer::Stale { current } => tracing::warn!(
+                                    generation,
+                                    current,
+                                    "ignoring a desired state older than the one this device works towards"
+                                ),
+                                Offer::OtherDevice(other) => tracing::warn!(
+                                    generation,
+                                    desired_for = %other,
+                                    "ignoring a desired state for another device"
+                                ),
+                            },
                             None => tracing::debug!(generation, "desired state received without model delivery"),
                         }
                     }

@@ -452,6 +452,31 @@ impl Outbox {
         }
     }
 
+    /// Deletes every waiting batch and starts the numbering again at 1, for
+    /// a new device identity (the state dir enrolled again): what the old
+    /// device queued must never be uploaded as the new device's, and the
+    /// new device has nothing stored anywhere. Returns how many batches were
+    /// deleted. Every file is gone (and the directory synced) before the
+    /// counter is reset, so a crash midway leaves old batches only under the
+    /// old numbering, which the caller has not replaced yet.
+    pub fn discard_all(&mut self) -> Result<usize, OutboxError> {
+        let sequences: Vec<u64> = self.files.keys().copied().collect();
+        for &sequence in &sequences {
+            let path = self.dir.join(batch_file_name(sequence));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotFound => {}
+                Err(err) => return Err(io_error("delete", &path)(err)),
+            }
+            if let Some(size) = self.files.remove(&sequence) {
+                self.bytes -= size;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.save_state(State::default())?;
+        Ok(sequences.len())
+    }
+
     /// Reads one waiting batch. `None` if it is not waiting, or if its file
     /// turned out damaged or cannot be read (then it is deleted and counted
     /// as dropped: a batch that cannot be read must not hold up the ones
