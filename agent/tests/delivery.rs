@@ -350,6 +350,7 @@ impl Running {
             generation,
             models,
             trusted_keys: Vec::new(),
+            ..Default::default()
         }));
     }
 
@@ -518,6 +519,7 @@ async fn a_restart_resumes_from_the_partial_file() {
             generation: 3,
             models: vec![model.clone()],
             trusted_keys: Vec::new(),
+            ..Default::default()
         }
         .encode_to_vec(),
     )
@@ -585,6 +587,7 @@ async fn a_bad_signature_fails_and_only_trusted_keys_are_accepted() {
         generation: 2,
         models: vec![model],
         trusted_keys: vec![operator.public_key()],
+        ..Default::default()
     }));
     assert_active(&running.outcome("mlp", 1).await);
     assert_eq!(h.served("mlp"), [1]);
@@ -710,6 +713,7 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
             generation: 9,
             models: vec![model],
             trusted_keys: Vec::new(),
+            ..Default::default()
         },
     ));
     let running = h.start().await;

@@ -249,6 +249,8 @@ async fn the_collector_turns_served_requests_into_durable_batches() {
     assert!(batches[1].models.is_empty());
     assert_eq!(batches[1].start_unix_ms, batch.end_unix_ms);
 
+    // The first Welcome of a new device (nothing stored), then an ack.
+    outbox.ack(0).unwrap();
     outbox.ack(1).unwrap();
     assert_eq!(outbox.pending_sequences(), vec![2]);
 }

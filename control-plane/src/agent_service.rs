@@ -416,8 +416,18 @@ async fn run_session(
     let mut sent_generation = None;
     let mut desired_poll = tokio::time::interval(DESIRED_STATE_POLL);
     let idle_timeout = cp.config.session_idle_timeout();
+    // When the agent's last message arrived: the session ends once it has
+    // been silent for `idle_timeout`. A deadline, not a timeout around each
+    // read: the other branches (the desired-state poll, acks) wake the loop
+    // far more often than that, and must not restart the count.
+    let mut last_message = tokio::time::Instant::now();
     let reason: Result<(), Status> = loop {
         let receive = storing.len() < MAX_IN_FLIGHT && cp.ingester.pending.may_receive(&held);
+        if !receive {
+            // Not reading (storing is behind): the agent is not silent, this
+            // session is not listening. The count starts again with reading.
+            last_message = tokio::time::Instant::now();
+        }
         tokio::select! {
             _ = guard.cancel.cancelled() => break Ok(()),
             // Over the replica's limit with nothing of its own being stored:
@@ -446,20 +456,23 @@ async fn run_session(
                     break Err(status);
                 }
             }
-            message = tokio::time::timeout(idle_timeout, inbound.next()), if receive => {
+            () = tokio::time::sleep_until(last_message + idle_timeout), if receive => {
+                break Err(Status::deadline_exceeded(format!(
+                    "no message from the agent for {} s",
+                    idle_timeout.as_secs()
+                )));
+            }
+            message = inbound.next(), if receive => {
+                last_message = tokio::time::Instant::now();
                 let message = match message {
-                    Err(_) => break Err(Status::deadline_exceeded(format!(
-                        "no message from the agent for {} s",
-                        idle_timeout.as_secs()
-                    ))),
-                    Ok(None) => break Ok(()),
-                    Ok(Some(Err(status))) => {
+                    None => break Ok(()),
+                    Some(Err(status)) => {
                         // A message over the size limit or one that does not
                         // decode; or the agent went away (then nobody reads this).
                         tracing::debug!(device = %device_id, %status, "session stream error");
                         break Err(status);
                     }
-                    Ok(Some(Ok(message))) => message,
+                    Some(Ok(message)) => message,
                 };
                 let now = now_ms();
                 match message.kind {
@@ -558,6 +571,7 @@ async fn run_session(
             tonic::Code::InvalidArgument => "invalid_argument",
             tonic::Code::Unavailable => "store_unavailable",
             tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => "message_too_large",
+            tonic::Code::DeadlineExceeded => "idle",
             _ => "other",
         });
         let _ = outbound.try_send(Err(status));
@@ -603,6 +617,7 @@ async fn send_desired_state(
                 })
                 .collect(),
             trusted_keys: cp.config.trusted_signing_keys.clone(),
+            device_id: device_id.to_string(),
         })),
     };
     if outbound.send(Ok(message)).await.is_err() {

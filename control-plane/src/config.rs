@@ -88,6 +88,11 @@ pub struct ServeArgs {
     /// TOML file with any of the settings above (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// For tests only: ends a silent session after this long instead of
+    /// three upload intervals (at least 3 minutes). Not a setting: hidden,
+    /// no environment variable or file key.
+    #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: Option<Duration>,
 }
 
 /// The same settings, from a TOML file.
@@ -135,6 +140,8 @@ pub struct ServerConfig {
     pub revocation_poll_interval: Duration,
     /// How often raw telemetry is rolled up and pruned.
     pub rollup_interval: Duration,
+    /// Replaces [`ServerConfig::session_idle_timeout`]'s figure (tests).
+    pub session_idle_timeout_override: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -160,6 +167,7 @@ impl ServerConfig {
             trusted_signing_keys: Vec::new(),
             revocation_poll_interval: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(600),
+            session_idle_timeout_override: None,
         }
     }
 
@@ -174,7 +182,8 @@ impl ServerConfig {
     /// How long a session may stay silent before the server ends it: longer
     /// than the agents' heartbeat, which is at least two upload intervals.
     pub fn session_idle_timeout(&self) -> Duration {
-        MIN_SESSION_IDLE_TIMEOUT.max(self.telemetry_upload_interval * 3)
+        self.session_idle_timeout_override
+            .unwrap_or_else(|| MIN_SESSION_IDLE_TIMEOUT.max(self.telemetry_upload_interval * 3))
     }
 }
 
@@ -298,6 +307,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         ));
     }
     config.database_url = args.database_url.or(file.database_url);
+    config.session_idle_timeout_override = args.session_idle_timeout;
+    if args.session_idle_timeout.is_some_and(|d| d.is_zero()) {
+        problems.push("--session-idle-timeout must be longer than zero".to_string());
+    }
     config.server_names = if args.server_names.is_empty() {
         file.server_names.unwrap_or_default()
     } else {

@@ -1208,3 +1208,67 @@ fn a_download_in_progress_ends_when_its_device_is_revoked() {
         }
     });
 }
+
+/// A session whose agent says nothing after its Hello is ended by the
+/// server once it has been silent for the idle timeout, although the
+/// server's own work on the session (the desired-state poll, every 5 s)
+/// wakes it more often than that.
+#[test]
+fn a_silent_session_is_ended_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &["--session-idle-timeout", "7s"]);
+    runtime().block_on(async {
+        // A session whose agent speaks (heartbeats) more often stays open.
+        let talker = enroll_device(&server).await;
+        let mut client = device_client(&server, &talker).await;
+        let (tx, mut stream) = open(&mut client, hello(&talker.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        for _ in 0..6 {
+            let heartbeat = pb::AgentMessage {
+                kind: Some(Upstream::Heartbeat(pb::Heartbeat { unix_millis: 1 })),
+            };
+            tx.send(heartbeat).await.unwrap();
+            // Whatever the server sends meanwhile (its desired state), but
+            // not the end of the session.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+            while let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await {
+                assert!(
+                    matches!(message, Ok(Some(_))),
+                    "a session that keeps talking was ended: {message:?}"
+                );
+            }
+        }
+        drop(tx);
+
+        let device = enroll_device(&server).await;
+        let mut client = device_client(&server, &device).await;
+        let started = std::time::Instant::now();
+        // `_tx` stays open: the agent is connected, only silent.
+        let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        welcome(&mut stream).await;
+        let ended = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Code::Ok,
+                    Err(status) => return status.code(),
+                }
+            }
+        })
+        .await
+        .expect("the server did not end a session silent for longer than its idle timeout");
+        let after = started.elapsed();
+        assert_eq!(ended, Code::DeadlineExceeded);
+        assert!(
+            after >= Duration::from_secs(6) && after < Duration::from_secs(20),
+            "ended after {after:?}"
+        );
+    });
+    assert_eq!(
+        metric(
+            &server,
+            "edgefleet_server_sessions_refused_total{reason=\"idle\"}"
+        ),
+        1
+    );
+}

@@ -691,3 +691,112 @@ fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed() {
         "{reason}"
     );
 }
+
+/// `enroll --force` makes a new device of a state dir. The new device takes
+/// the desired states it is given, although its generations start again
+/// at 1, below the old device's (the old device's persisted desired state
+/// is gone, not converged on); and the telemetry the old device queued is
+/// deleted, not uploaded as the new device's.
+#[test]
+fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states() {
+    let mut fleet = fleet(Db::Sqlite, &["tract"]);
+    push(&fleet.server, &fixture("mlp"), "mlp", 1);
+    push(&fleet.server, &fixture("dynamic"), "mlp", 2);
+    // The old device gets to generation 2.
+    for model in ["mlp@1", "mlp@2"] {
+        let r = rollout(&fleet.server, &["--model", model]);
+        wait_state(
+            &fleet.server,
+            r["id"].as_str().unwrap(),
+            "succeeded",
+            Duration::from_secs(60),
+        );
+    }
+    // It queues telemetry with traffic in it while the control plane is away.
+    fleet.server.process.kill();
+    for _ in 0..5 {
+        assert!(fleet.agents[0].infer_zeros("mlp"));
+    }
+    let state_dir = fleet.agents[0].state_dir.clone();
+    let queued_batches = || {
+        std::fs::read_dir(state_dir.join("telemetry"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".batch")
+            })
+            .count()
+    };
+    // The requests are in the first batch made after them.
+    eventually(Duration::from_secs(30), "queued telemetry", || {
+        (queued_batches() >= 2).then_some(())
+    });
+    fleet.agents[0].process.kill();
+    let queued = queued_batches();
+    assert!(state_dir.join("desired.pb").exists());
+
+    fleet.server.restart();
+    let token = fleet.server.join_token(&["--labels", "enrollment=second"]);
+    let output = std::process::Command::new(binary("edgefleet-agent"))
+        .args([
+            "enroll",
+            "--server",
+            &fleet.server.agent_url,
+            "--token",
+            &token,
+        ])
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("--force")
+        .env("EDGEFLEET_LOG", "info")
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let log = stderr(&output);
+    assert!(output.status.success(), "{log}");
+    assert!(
+        log.contains("deleted the telemetry batches") && log.contains(&format!("dropped={queued}")),
+        "{log}"
+    );
+    assert!(!state_dir.join("desired.pb").exists());
+    let enrollment: Value = serde_json::from_str(
+        &std::fs::read_to_string(state_dir.join("identity/enrollment.json")).unwrap(),
+    )
+    .unwrap();
+    let device = enrollment["device_id"].as_str().unwrap().to_string();
+    assert_ne!(device, fleet.devices[0]);
+
+    fleet.agents[0].restart();
+    eventually(Duration::from_secs(30), "the new device online", || {
+        (fleet.server.device(&device)["status"] == "online").then_some(())
+    });
+    // Its first desired state (generation 1) back to v1, which it still
+    // has on disk.
+    let r = rollout(
+        &fleet.server,
+        &["--model", "mlp@1", "--selector", "enrollment=second"],
+    );
+    wait_state(
+        &fleet.server,
+        r["id"].as_str().unwrap(),
+        "succeeded",
+        Duration::from_secs(60),
+    );
+    eventually(Duration::from_secs(20), "v1 served", || {
+        (fleet.agents[0].served_versions("mlp") == [1]).then_some(())
+    });
+    // Its telemetry arrives, and none of it is the old device's traffic.
+    let seen = eventually(
+        Duration::from_secs(30),
+        "the new device's telemetry",
+        || {
+            let d = fleet.server.device(&device);
+            (d["telemetry_sequence"].as_u64().unwrap_or(0) >= 2).then_some(d)
+        },
+    );
+    assert_eq!(seen["requests_total"], 0, "{seen}");
+    assert_eq!(seen["dropped_batches_total"], 0, "{seen}");
+}

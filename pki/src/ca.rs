@@ -27,8 +27,18 @@ pub const CA_COMMON_NAME: &str = "edgefleet fleet CA";
 pub const SERVER_COMMON_NAME: &str = "edgefleet control plane";
 /// Validity of a new CA: 10 years.
 pub const CA_VALIDITY: Duration = Duration::from_secs(3650 * 24 * 3600);
-/// How far in the past issued certificates start, to absorb clock skew.
+/// How far in the past device certificates start. The control plane checks
+/// them by its own clock, so this only absorbs skew between its replicas;
+/// agents reckon a certificate's issue time from it (renewal).
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// How far in the past the control plane's server certificates, and a new
+/// CA, start. Devices check them by their own clocks, and a server
+/// certificate is issued at every start of the control plane: with only a
+/// few minutes, a device whose clock is slow by more could not connect
+/// after any restart. A day absorbs any clock that is merely wrong (not
+/// reset to 1970) without keeping the certificate for later: it expires
+/// when it would anyway.
+pub const SERVER_BACKDATE: Duration = Duration::from_secs(24 * 3600);
 /// Prefix of the URI subject alternative name of device certificates.
 pub const DEVICE_URI_PREFIX: &str = "urn:edgefleet:device:";
 
@@ -137,7 +147,7 @@ impl CertificateAuthority {
             .push(DnType::OrganizationName, "edgefleet");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.not_before = to_offset_date_time(now - BACKDATE)?;
+        params.not_before = to_offset_date_time(now - SERVER_BACKDATE)?;
         params.not_after = to_offset_date_time(now_plus(CA_VALIDITY)?)?;
         params.serial_number = Some(random_serial());
         let cert = params
@@ -206,8 +216,8 @@ impl CertificateAuthority {
     ///
     /// Subject alternative names: `localhost`, `127.0.0.1`, `::1`, the machine's
     /// host name (when it is a valid DNS name), and `extra_sans` (DNS names or
-    /// IP literals; an invalid one is an error). EKU serverAuth; valid from 5
-    /// minutes ago for `validity`.
+    /// IP literals; an invalid one is an error). EKU serverAuth; valid from
+    /// [`SERVER_BACKDATE`] (a day) ago for `validity`.
     pub fn issue_server_certificate(
         &self,
         extra_sans: &[String],
@@ -250,7 +260,11 @@ impl CertificateAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| PkiError::Certificate(format!("cannot generate a server key: {e}")))?;
         let now = SystemTime::now();
-        let mut params = leaf_params(SERVER_COMMON_NAME, now - BACKDATE, now_plus(validity)?)?;
+        let mut params = leaf_params(
+            SERVER_COMMON_NAME,
+            now - SERVER_BACKDATE,
+            now_plus(validity)?,
+        )?;
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let cert = params.signed_by(&key, &self.issuer).map_err(|e| {
@@ -694,6 +708,16 @@ mod tests {
         }
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && !eku.client_auth);
+        // Valid from a day ago: a device whose clock is slow (by up to a
+        // day) accepts a server certificate issued a moment ago.
+        let info = certificate_info_pem(&issued.certificate_pem).unwrap();
+        assert!(
+            info.not_before_unix_ms <= now_ms() - 24 * 3_600_000 + 5_000,
+            "not_before {} is less than a day ago",
+            info.not_before_unix_ms
+        );
+        let ca_info = certificate_info_pem(ca.certificate_pem()).unwrap();
+        assert!(ca_info.not_before_unix_ms <= now_ms() - 24 * 3_600_000 + 5_000);
         let err = ca
             .issue_server_certificate(&["not a name!".into()], DAY)
             .unwrap_err();

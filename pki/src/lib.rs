@@ -22,7 +22,8 @@ mod transport;
 
 pub use ca::{
     BACKDATE, CA_CERT_FILE, CA_COMMON_NAME, CA_KEY_FILE, CA_VALIDITY, CertificateAuthority,
-    DEVICE_URI_PREFIX, IssuedCertificate, IssuedKeyPair, SERVER_COMMON_NAME, validate_device_id,
+    DEVICE_URI_PREFIX, IssuedCertificate, IssuedKeyPair, SERVER_BACKDATE, SERVER_COMMON_NAME,
+    validate_device_id,
 };
 pub use certs::{
     CertificateInfo, certificate_info_der, certificate_info_pem, certificate_matches_key,

@@ -161,19 +161,51 @@ impl Reports {
 pub struct DeliveryLink {
     desired: Arc<watch::Sender<Option<pb::DesiredState>>>,
     reports: Arc<Reports>,
+    /// This device's id: a desired state naming another is refused.
+    device_id: Arc<str>,
+}
+
+/// What became of a desired state handed to [`DeliveryLink::offer`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Offer {
+    /// Newer than the one the task had: the task works towards it now.
+    Taken,
+    /// Not newer than the generation the task has (`current`): ignored.
+    Stale { current: u64 },
+    /// It names another device (`device_id`): ignored.
+    OtherDevice(String),
 }
 
 impl DeliveryLink {
-    /// Hands over a desired state; ignored (false) unless its generation is
-    /// newer than the one the task has. Never blocks.
-    pub fn submit(&self, desired: pb::DesiredState) -> bool {
+    /// Hands over a desired state; ignored unless it is for this device
+    /// (or names none: an older control plane) and its generation is newer
+    /// than the one the task has. Never blocks.
+    pub fn offer(&self, mut desired: pb::DesiredState) -> Offer {
+        if desired.device_id.is_empty() {
+            // Kept in the persisted copy: see `load_desired`.
+            desired.device_id = self.device_id.to_string();
+        } else if *desired.device_id != *self.device_id {
+            return Offer::OtherDevice(desired.device_id);
+        }
+        let mut outcome = Offer::Taken;
         self.desired.send_if_modified(|current| match current {
-            Some(current) if current.generation >= desired.generation => false,
+            Some(current) if current.generation >= desired.generation => {
+                outcome = Offer::Stale {
+                    current: current.generation,
+                };
+                false
+            }
             _ => {
                 *current = Some(desired);
                 true
             }
-        })
+        });
+        outcome
+    }
+
+    /// [`offer`](Self::offer); true when it was taken.
+    pub fn submit(&self, desired: pb::DesiredState) -> bool {
+        self.offer(desired) == Offer::Taken
     }
 
     pub fn reports(&self) -> &Arc<Reports> {
@@ -199,9 +231,11 @@ pub async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<(DeliveryLink, tokio::task::JoinHandle<()>)> {
     let for_load = state.clone();
-    let persisted = tokio::task::spawn_blocking(move || {
+    let (device_id, persisted) = tokio::task::spawn_blocking(move || {
+        let (enrollment, _) = for_load.load()?;
         files::clean_work_areas(&for_load.models_dir(), &for_load.blobs_dir());
-        load_desired(&for_load)
+        let persisted = load_desired(&for_load, &enrollment.device_id)?;
+        anyhow::Ok((enrollment.device_id, persisted))
     })
     .await??;
     let on_disk = persisted.as_ref().map(|d| d.generation);
@@ -220,15 +254,31 @@ pub async fn start(
         DeliveryLink {
             desired: Arc::new(sender),
             reports,
+            device_id: device_id.into(),
         },
         task,
     ))
 }
 
-fn load_desired(state: &StateDir) -> anyhow::Result<Option<pb::DesiredState>> {
+/// The persisted desired state, if it is this device's (`device_id`). One
+/// that names another device (left by an earlier enrollment of the state
+/// dir) is ignored: its generations are another device's, and converging
+/// on it would serve, and report on, what that device was asked for. One
+/// that names no device was written before desired states carried it.
+fn load_desired(state: &StateDir, device_id: &str) -> anyhow::Result<Option<pb::DesiredState>> {
     let path = state.desired_path();
     match std::fs::read(&path) {
         Ok(bytes) => match pb::DesiredState::decode(bytes.as_slice()) {
+            Ok(desired) if !desired.device_id.is_empty() && desired.device_id != device_id => {
+                tracing::warn!(
+                    path = %path.display(),
+                    persisted_for = %desired.device_id,
+                    device = %device_id,
+                    generation = desired.generation,
+                    "ignoring the persisted desired state of another device"
+                );
+                Ok(None)
+            }
             Ok(desired) => Ok(Some(desired)),
             Err(err) => {
                 tracing::warn!(path = %path.display(), error = %err, "ignoring a corrupt desired state");
@@ -848,21 +898,79 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn only_newer_generations_are_taken() {
-        let (sender, _receiver) = watch::channel(None);
+    fn link() -> (DeliveryLink, watch::Receiver<Option<pb::DesiredState>>) {
+        let (sender, receiver) = watch::channel(None);
         let link = DeliveryLink {
             desired: Arc::new(sender),
             reports: Arc::default(),
+            device_id: "dev-1".into(),
         };
+        (link, receiver)
+    }
+
+    #[tokio::test]
+    async fn only_newer_generations_are_taken() {
+        let (link, _receiver) = link();
         let state = |generation| pb::DesiredState {
             generation,
             ..Default::default()
         };
         assert!(link.submit(state(3)));
-        assert!(!link.submit(state(3)));
-        assert!(!link.submit(state(2)));
+        assert_eq!(link.offer(state(3)), Offer::Stale { current: 3 });
+        assert_eq!(link.offer(state(2)), Offer::Stale { current: 3 });
         assert!(link.submit(state(4)));
         assert_eq!(link.generation(), 4);
+    }
+
+    /// A desired state naming another device is refused; one naming none
+    /// (an older control plane) is taken as this device's, and says so in
+    /// the copy that is persisted.
+    #[tokio::test]
+    async fn desired_states_are_this_devices_only() {
+        let (link, receiver) = link();
+        let state = |generation, device: &str| pb::DesiredState {
+            generation,
+            device_id: device.into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            link.offer(state(5, "dev-2")),
+            Offer::OtherDevice("dev-2".into())
+        );
+        assert_eq!(link.generation(), 0);
+        assert_eq!(link.offer(state(1, "")), Offer::Taken);
+        assert_eq!(receiver.borrow().as_ref().unwrap().device_id, "dev-1");
+        assert_eq!(link.offer(state(2, "dev-1")), Offer::Taken);
+        assert_eq!(link.generation(), 2);
+    }
+
+    /// The desired state a state dir kept from an earlier enrollment (another
+    /// device) is not converged on at start; this device's, and one written
+    /// before desired states named their device, are.
+    #[test]
+    fn a_persisted_desired_state_of_another_device_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        assert_eq!(load_desired(&state, "dev-1").unwrap(), None);
+        let write = |device: &str| {
+            let desired = pb::DesiredState {
+                generation: 7,
+                device_id: device.into(),
+                ..Default::default()
+            };
+            std::fs::write(state.desired_path(), desired.encode_to_vec()).unwrap();
+        };
+        write("dev-old");
+        assert_eq!(load_desired(&state, "dev-1").unwrap(), None);
+        write("dev-1");
+        assert_eq!(
+            load_desired(&state, "dev-1").unwrap().unwrap().generation,
+            7
+        );
+        write("");
+        assert_eq!(
+            load_desired(&state, "dev-1").unwrap().unwrap().generation,
+            7
+        );
     }
 }

@@ -118,6 +118,22 @@ pub async fn enroll(
             response.device_id
         );
     }
+    // A new device from here on: nothing the state dir holds for the one it
+    // was enrolled as before may be taken for this one's. Cleared before
+    // the new enrollment is saved, so a crash in between leaves the old
+    // enrollment (without its queue), never the new one with the old data.
+    let forgotten = state
+        .forget_previous_device()
+        .context("cannot clear the previous enrollment's state")?;
+    if forgotten.telemetry_batches > 0 {
+        tracing::warn!(
+            dropped = forgotten.telemetry_batches,
+            "deleted the telemetry batches the previous enrollment had not uploaded: they cannot be uploaded as the new device's"
+        );
+    }
+    if forgotten.desired_state {
+        tracing::info!("forgot the previous enrollment's desired state");
+    }
     let enrollment = Enrollment {
         device_id: response.device_id,
         server_url,

@@ -26,7 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
-use super::delivery::DeliveryLink;
+use super::delivery::{DeliveryLink, Offer};
 use super::state::{Identity, StateDir};
 use crate::telemetry::TelemetryCollector;
 
@@ -198,18 +198,82 @@ pub async fn run_session(
 
 /// How often the certificate's age is checked.
 const RENEWAL_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// One session renews at most this often, unless the certificate is about
+/// to expire by the control plane's clock ([`Renewal::Urgent`]): a device
+/// whose idea of the time is off must not ask for a certificate every few
+/// seconds.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(3600);
+/// A device clock this far from the control plane's is logged at connect.
+const CLOCK_SKEW_WARNING_MS: u64 = 5 * 60 * 1000;
 
-/// When a certificate is two thirds through its life (counted from when it
-/// was issued: its `not_before` is backdated for clock skew), it is renewed.
-fn renewal_due(certificate_pem: &str) -> bool {
-    match edgefleet_pki::certificate_info_pem(certificate_pem) {
-        Ok(info) => {
-            let backdate = i64::try_from(edgefleet_pki::BACKDATE.as_millis()).unwrap_or(0);
-            let issued = (info.not_before_unix_ms + backdate).min(info.not_after_unix_ms);
-            let due = issued + (info.not_after_unix_ms - issued) * 2 / 3;
-            now_ms() as i64 >= due
+/// The control plane's time, as the device reckons it: its own clock
+/// corrected by how far it was from the control plane's at the Welcome
+/// (`Welcome.server_unix_ms`, ignoring the trip's latency: certificates are
+/// renewed days early, not to the second).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ServerClock {
+    /// Control plane minus device, in ms; `None` for a control plane whose
+    /// Welcome carries no time (the device's clock is used as it is).
+    offset_ms: Option<i64>,
+}
+
+impl ServerClock {
+    fn from_welcome(server_unix_ms: u64, device_now_ms: u64) -> ServerClock {
+        ServerClock {
+            offset_ms: (server_unix_ms > 0).then(|| server_unix_ms as i64 - device_now_ms as i64),
         }
-        Err(_) => false,
+    }
+
+    fn now_ms(&self, device_now_ms: u64) -> i64 {
+        (device_now_ms as i64).saturating_add(self.offset_ms.unwrap_or(0))
+    }
+}
+
+/// Where a certificate is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    NotDue,
+    /// Two thirds through its life (counted from when it was issued: its
+    /// `not_before` is backdated for clock skew): renew.
+    Due,
+    /// Five sixths through: renew even if this session renewed lately.
+    Urgent,
+}
+
+/// Where `certificate_pem` is in its life at `now_ms` (the control plane's
+/// time: the certificate's validity is the control plane's).
+fn renewal(certificate_pem: &str, now_ms: i64) -> Renewal {
+    let Ok(info) = edgefleet_pki::certificate_info_pem(certificate_pem) else {
+        return Renewal::NotDue;
+    };
+    let backdate = i64::try_from(edgefleet_pki::BACKDATE.as_millis()).unwrap_or(0);
+    let issued = (info.not_before_unix_ms + backdate).min(info.not_after_unix_ms);
+    let life = info.not_after_unix_ms - issued;
+    if now_ms >= issued + life * 5 / 6 {
+        Renewal::Urgent
+    } else if now_ms >= issued + life * 2 / 3 {
+        Renewal::Due
+    } else {
+        Renewal::NotDue
+    }
+}
+
+/// Whether to ask for a certificate now: when it is due and this session has
+/// not renewed in the last [`MIN_RENEWAL_INTERVAL`], or at once when it is
+/// about to expire by the control plane's clock (`clock_known`: the Welcome
+/// said the time; without it, "about to expire" is the device's guess and
+/// waits its turn too).
+fn should_renew(
+    renewal: Renewal,
+    clock_known: bool,
+    last_renewal: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let rested = last_renewal.is_none_or(|last| now.duration_since(last) >= MIN_RENEWAL_INTERVAL);
+    match renewal {
+        Renewal::NotDue => false,
+        Renewal::Urgent if clock_known => true,
+        Renewal::Due | Renewal::Urgent => rested,
     }
 }
 
@@ -292,6 +356,15 @@ async fn connect_and_serve(
         acked_sequence = welcome.acked_sequence,
         "connected to the control plane"
     );
+    let server_clock = ServerClock::from_welcome(welcome.server_unix_ms, now_ms());
+    if let Some(offset_ms) = server_clock.offset_ms
+        && offset_ms.unsigned_abs() >= CLOCK_SKEW_WARNING_MS
+    {
+        tracing::warn!(
+            device_minus_server_s = -offset_ms / 1000,
+            "this device's clock is far from the control plane's; certificate renewal goes by the control plane's"
+        );
+    }
     if !welcome.release_public_key.is_empty() {
         let key = welcome.release_public_key.clone();
         let state_for_key = state.clone();
@@ -331,6 +404,8 @@ async fn connect_and_serve(
     let mut unacked_since: Option<tokio::time::Instant> = None;
     let mut renewal_check = tokio::time::interval(RENEWAL_CHECK_INTERVAL);
     let mut pending_key: Option<String> = None;
+    // When this session last asked for a certificate.
+    let mut last_renewal: Option<Instant> = None;
     let mut current_certificate = identity.certificate_pem.clone();
     loop {
         let models = hello.models();
@@ -420,17 +495,21 @@ async fn connect_and_serve(
                 }
             }
             _ = renewal_check.tick() => {
-                if pending_key.is_none() && renewal_due(&current_certificate) {
+                let stage = renewal(&current_certificate, server_clock.now_ms(now_ms()));
+                if pending_key.is_none()
+                    && should_renew(stage, server_clock.offset_ms.is_some(), last_renewal, Instant::now())
+                {
                     let key_pem = edgefleet_pki::generate_device_key()?;
                     let csr_pem = edgefleet_pki::device_csr(&key_pem, &enrollment.device_id)?;
                     let message = pb::AgentMessage {
                         kind: Some(Upstream::RenewCertificate(pb::RenewCertificate { csr_pem })),
                     };
-                    tracing::info!("renewing the device certificate");
+                    tracing::info!(?stage, "renewing the device certificate");
                     if outbound.send(message).await.is_err() {
                         return Ok(SessionEnd::Lost("the session's send side closed".into()));
                     }
                     pending_key = Some(key_pem);
+                    last_renewal = Some(Instant::now());
                 }
             }
             message = inbound.message() => {
@@ -488,13 +567,28 @@ async fn connect_and_serve(
                     Some(Downstream::DesiredState(desired)) => {
                         let generation = desired.generation;
                         match delivery {
-                            Some(delivery) => {
-                                if delivery.submit(desired) {
-                                    tracing::info!(generation, "new desired state");
-                                } else {
-                                    tracing::debug!(generation, "desired state not newer than the current one");
+                            Some(delivery) => match delivery.offer(desired) {
+                                Offer::Taken => tracing::info!(generation, "new desired state"),
+                                // The same generation again (a poll on another
+                                // replica, a reconnect): nothing to say.
+                                Offer::Stale { current } if current == generation => {
+                                    tracing::debug!(generation, "desired state already taken")
                                 }
-                            }
+                                // An older one: the device holds a generation
+                                // the control plane has not given it (a state
+                                // dir restored from elsewhere?). Visible, as the
+                                // device ignores what it is asked until then.
+                                Offer::Stale { current } => tracing::warn!(
+                                    generation,
+                                    current,
+                                    "ignoring a desired state older than the one this device works towards"
+                                ),
+                                Offer::OtherDevice(other) => tracing::warn!(
+                                    generation,
+                                    desired_for = %other,
+                                    "ignoring a desired state for another device"
+                                ),
+                            },
                             None => tracing::debug!(generation, "desired state received without model delivery"),
                         }
                     }
@@ -549,4 +643,73 @@ async fn send_telemetry(
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: u64 = 24 * 3600 * 1000;
+
+    fn unix_ms_now() -> u64 {
+        now_ms()
+    }
+
+    /// A device certificate issued by a fleet CA now (by the real clock),
+    /// valid for 90 days.
+    fn certificate() -> String {
+        let (ca, _) = edgefleet_pki::CertificateAuthority::generate().unwrap();
+        let key = edgefleet_pki::generate_device_key().unwrap();
+        let csr = edgefleet_pki::device_csr(&key, "dev-1").unwrap();
+        ca.sign_device_csr(&csr, "dev-1", Duration::from_secs(90 * 24 * 3600))
+            .unwrap()
+            .certificate_pem
+    }
+
+    /// A device whose clock is 80 days ahead takes its fresh 90-day
+    /// certificate for one near its end; by the control plane's time, which
+    /// the Welcome gave it, it is not due. (By its own clock it would be
+    /// renewed, and so would each renewed one, every few seconds.)
+    #[test]
+    fn renewal_goes_by_the_control_planes_clock() {
+        let cert = certificate();
+        let server_now = unix_ms_now();
+        let device_now = server_now + 80 * DAY_MS;
+        assert_eq!(renewal(&cert, device_now as i64), Renewal::Urgent);
+        let clock = ServerClock::from_welcome(server_now, device_now);
+        assert_eq!(renewal(&cert, clock.now_ms(device_now)), Renewal::NotDue);
+        // Ten minutes on, by either clock: still the control plane's time.
+        let later = device_now + 600_000;
+        assert_eq!(renewal(&cert, clock.now_ms(later)), Renewal::NotDue);
+        // At two thirds and five sixths of its life by the control plane's.
+        assert_eq!(
+            renewal(&cert, clock.now_ms(device_now + 61 * DAY_MS)),
+            Renewal::Due
+        );
+        assert_eq!(
+            renewal(&cert, clock.now_ms(device_now + 76 * DAY_MS)),
+            Renewal::Urgent
+        );
+        // A Welcome without the time: the device's clock as it is.
+        let unknown = ServerClock::from_welcome(0, device_now);
+        assert_eq!(unknown.offset_ms, None);
+        assert_eq!(unknown.now_ms(device_now), device_now as i64);
+    }
+
+    /// One renewal per hour per session, but for a certificate about to
+    /// expire by the control plane's clock.
+    #[test]
+    fn renewals_are_rate_limited_unless_the_certificate_is_expiring() {
+        let now = Instant::now() + Duration::from_secs(4 * 3600);
+        let ago = |secs| Some(now - Duration::from_secs(secs));
+        assert!(!should_renew(Renewal::NotDue, true, None, now));
+        assert!(should_renew(Renewal::Due, true, None, now));
+        assert!(!should_renew(Renewal::Due, true, ago(600), now));
+        assert!(should_renew(Renewal::Due, true, ago(3600), now));
+        assert!(should_renew(Renewal::Urgent, true, ago(10), now));
+        // Without the control plane's time, "expiring" is the device's
+        // guess: it waits its turn.
+        assert!(!should_renew(Renewal::Urgent, false, ago(10), now));
+        assert!(should_renew(Renewal::Urgent, false, ago(7200), now));
+    }
 }

@@ -37,6 +37,15 @@ pub struct Enrollment {
     pub enrolled_unix_ms: u64,
 }
 
+/// What [`StateDir::forget_previous_device`] cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForgottenDevice {
+    /// A desired state was persisted.
+    pub desired_state: bool,
+    /// Telemetry batches that were waiting to be uploaded.
+    pub telemetry_batches: usize,
+}
+
 /// The device's TLS identity.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -230,6 +239,46 @@ impl StateDir {
             }
         }
         Ok(())
+    }
+
+    /// Clears what the state dir holds for the device it was enrolled as
+    /// before, ahead of a new enrollment (`enroll --force`): the persisted
+    /// desired state (its generations are the old device's: the new
+    /// device's start again at 1 and would be ignored as older), the blob
+    /// cache and partial downloads, the fleet's release key (the new fleet
+    /// sends its own), and the telemetry queue (the old device's batches
+    /// must not be uploaded as the new device's; its numbering starts again
+    /// at 1). The model cache stays: the models serve on, and a model the
+    /// new device is sent again is found there, not downloaded.
+    pub fn forget_previous_device(&self) -> anyhow::Result<ForgottenDevice> {
+        let remove_file = |path: PathBuf| match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err).with_context(|| format!("cannot delete {}", path.display())),
+        };
+        let desired_state = remove_file(self.desired_path())?;
+        remove_file(self.release_key_path())?;
+        match std::fs::remove_dir_all(self.blobs_dir()) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot delete {}", self.blobs_dir().display()));
+            }
+        }
+        let telemetry_batches = if self.telemetry_dir().exists() {
+            crate::telemetry::Outbox::open(
+                self.telemetry_dir(),
+                crate::telemetry::DEFAULT_OUTBOX_CAP_BYTES,
+            )?
+            .discard_all()?
+        } else {
+            0
+        };
+        Ok(ForgottenDevice {
+            desired_state,
+            telemetry_batches,
+        })
     }
 
     /// Stores a fresh enrollment: identity first, the enrollment record last,
@@ -443,6 +492,61 @@ mod tests {
             (id.key_pem.as_str(), id.certificate_pem.as_str()),
             ("key-b", "cert-b")
         );
+    }
+
+    /// What a state dir holds for the device it was enrolled as goes before
+    /// a new enrollment; the model cache stays.
+    #[test]
+    fn a_new_enrollment_forgets_the_previous_devices_state() {
+        use crate::telemetry::{DEFAULT_OUTBOX_CAP_BYTES, Outbox};
+        use edgefleet_proto::edgefleet::v1::TelemetryBatch;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path());
+        // Nothing there yet (a first enrollment): nothing to forget.
+        assert_eq!(
+            state.forget_previous_device().unwrap(),
+            ForgottenDevice {
+                desired_state: false,
+                telemetry_batches: 0
+            }
+        );
+        state
+            .save_enrollment(&unlabelled_enrollment(), &identity("a"))
+            .unwrap();
+        state.save_release_key(&[7; 32]).unwrap();
+        std::fs::write(state.desired_path(), b"\x08\x05").unwrap();
+        std::fs::write(state.blobs_dir().join("ab.partial"), b"part").unwrap();
+        let installed = state.models_dir().join("mlp/1/model.onnx");
+        std::fs::create_dir_all(installed.parent().unwrap()).unwrap();
+        std::fs::write(&installed, b"onnx").unwrap();
+        {
+            let mut outbox = Outbox::open(state.telemetry_dir(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+            for _ in 0..3 {
+                outbox.push(TelemetryBatch::default()).unwrap();
+            }
+            // The Welcome of a new device, then an ack.
+            outbox.ack(0).unwrap();
+            outbox.ack(1).unwrap();
+        }
+
+        assert_eq!(
+            state.forget_previous_device().unwrap(),
+            ForgottenDevice {
+                desired_state: true,
+                telemetry_batches: 2
+            }
+        );
+        assert!(!state.desired_path().exists());
+        assert!(!state.blobs_dir().exists());
+        assert_eq!(state.release_key().unwrap(), None);
+        assert!(installed.exists(), "the model cache stays");
+        // The queue is empty and numbers from 1 again, at once and after a
+        // reopen (its state is valid: not taken for a lost one).
+        let mut outbox = Outbox::open(state.telemetry_dir(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.last_sequence(), 0);
+        assert_eq!(outbox.push(TelemetryBatch::default()).unwrap(), 1);
     }
 
     #[test]

@@ -167,8 +167,22 @@ impl TelemetryCollector {
 
     /// The interval's batch, without storing it (its sequence is still 0).
     /// Ends the interval like [`tick`](Self::tick).
+    ///
+    /// If the clock went back since the interval started (NTP correcting a
+    /// clock that was ahead), the interval is taken to start at `now`:
+    /// otherwise this and every later batch would start and end at the old,
+    /// future time until the clock caught up with it, and the control plane,
+    /// which looks batches up by their end, would not see the device's
+    /// traffic there.
     pub fn build_batch(&mut self, now: SystemTime) -> TelemetryBatch {
-        let end_unix_ms = unix_ms(now).max(self.interval_start_ms);
+        let end_unix_ms = unix_ms(now);
+        if end_unix_ms < self.interval_start_ms {
+            tracing::warn!(
+                back_ms = self.interval_start_ms - end_unix_ms,
+                "the clock went back since the telemetry interval started; the interval starts now"
+            );
+            self.interval_start_ms = end_unix_ms;
+        }
         let (models, events) = self.recorder.take_interval(now);
         let device = self.probe.sample(&self.runtime);
         let batch = TelemetryBatch {
@@ -252,5 +266,31 @@ mod tests {
         assert_eq!(collector.interval(), Duration::from_secs(10));
         collector.set_interval(Duration::from_secs(30));
         assert_eq!(collector.interval(), Duration::from_secs(30));
+    }
+
+    /// The clock went back 100 s (NTP correcting a clock that was ahead):
+    /// the next batch starts and ends at the corrected time, and the ones
+    /// after it follow the clock again, instead of all starting and ending
+    /// at the old, future time until the clock catches up.
+    #[test]
+    fn a_clock_that_goes_back_restarts_the_interval_at_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut collector = TelemetryCollector::new(
+            Arc::new(TelemetryRecorder::new()),
+            DeviceProbe::with_root(dir.path()),
+            Outbox::open(dir.path().join("q"), DEFAULT_OUTBOX_CAP_BYTES).unwrap(),
+            TelemetryConfig::default(),
+            "tract",
+            t0,
+        );
+        let span = |b: &TelemetryBatch| (b.start_unix_ms, b.end_unix_ms);
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let back = |secs: u64| t0 - Duration::from_secs(secs);
+        assert_eq!(span(&collector.build_batch(at(10))), (1_000_000, 1_010_000));
+        // 10 s later by the clock's old reckoning, the clock is set 100 s back.
+        assert_eq!(span(&collector.build_batch(back(80))), (920_000, 920_000));
+        assert_eq!(span(&collector.build_batch(back(70))), (920_000, 930_000));
+        assert_eq!(span(&collector.build_batch(back(60))), (930_000, 940_000));
     }
 }

@@ -18,9 +18,12 @@
 //! Guarantees:
 //! - Sequence numbers start at 1 and strictly increase; none is ever reused,
 //!   also across restarts and crashes: the counter is made durable before the
-//!   batch is written, and at open the next number is above both the
-//!   persisted counter and every file's number. (A crash can leave a gap,
-//!   never a repeat.)
+//!   batch is written, and the next number is above both the counter and
+//!   every file's number. (A crash can leave a gap, never a repeat.)
+//! - A queue that finds its state missing or invalid at open (new, wiped,
+//!   damaged) marks itself durably: the batches it queues until the next
+//!   Welcome are renumbered past what the control plane has stored, if need
+//!   be (see [`Outbox::ack`]), never deleted unsent.
 //! - A file is written to a temp name, fsynced, renamed into place and the
 //!   directory fsynced: a batch file is complete or absent. A file that still
 //!   fails its length or checksum (disk corruption) is logged, deleted and
@@ -94,19 +97,36 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 struct State {
     last_sequence: u64,
     dropped_total: u64,
-    /// Waiting batches numbered at or below this were queued after the
-    /// queue lost its state, and are being renumbered past the control
-    /// plane's ack (0: none). Durable, so that an interrupted renumbering is
-    /// finished, never taken for acknowledged batches and deleted.
+    /// Waiting batches numbered above `renumber_after` and at or below this
+    /// were queued after the queue lost its state, and are being renumbered
+    /// past the control plane's ack (0: none). Durable, so that an
+    /// interrupted renumbering is finished, never taken for acknowledged
+    /// batches and deleted.
     renumber_through: u64,
+    /// See `renumber_through`: batches at or below this one are not
+    /// renumbered (they were numbered before the state was lost).
+    renumber_after: u64,
+    /// The queue found its state missing or invalid when it was opened, and
+    /// has not yet learned (from a Welcome's ack) how far the control plane
+    /// has stored its batches: batches numbered above this one (the highest
+    /// found on disk then) were numbered without knowing it, and may carry
+    /// numbers the control plane has stored already.
+    unverified_after: Option<u64>,
 }
 
 impl State {
     fn encode(&self) -> String {
-        format!(
+        let mut text = format!(
             "{STATE_HEADER}\nlast_sequence={}\ndropped_batches_total={}\nrenumber_through={}\n",
             self.last_sequence, self.dropped_total, self.renumber_through
-        )
+        );
+        if self.renumber_after > 0 {
+            text.push_str(&format!("renumber_after={}\n", self.renumber_after));
+        }
+        if let Some(after) = self.unverified_after {
+            text.push_str(&format!("unverified_after={after}\n"));
+        }
+        text
     }
 
     fn decode(text: &str) -> Result<State, String> {
@@ -117,6 +137,8 @@ impl State {
         let mut last_sequence = None;
         let mut dropped_total = None;
         let mut renumber_through = 0;
+        let mut renumber_after = 0;
+        let mut unverified_after = None;
         for line in lines {
             let Some((key, value)) = line.split_once('=') else {
                 return Err(format!("malformed line '{line}'"));
@@ -128,6 +150,8 @@ impl State {
                 "last_sequence" => last_sequence = Some(value),
                 "dropped_batches_total" => dropped_total = Some(value),
                 "renumber_through" => renumber_through = value,
+                "renumber_after" => renumber_after = value,
+                "unverified_after" => unverified_after = Some(value),
                 _ => {}
             }
         }
@@ -135,6 +159,8 @@ impl State {
             last_sequence: last_sequence.ok_or("no last_sequence")?,
             dropped_total: dropped_total.ok_or("no dropped_batches_total")?,
             renumber_through,
+            renumber_after,
+            unverified_after,
         })
     }
 }
@@ -157,6 +183,9 @@ pub struct Outbox {
     bytes: u64,
     /// Held for the lifetime of the outbox.
     _lock: File,
+    /// Tests: how many more state saves succeed (`None`: all).
+    #[cfg(test)]
+    state_saves_left: Option<usize>,
 }
 
 fn batch_file_name(sequence: u64) -> String {
@@ -272,6 +301,22 @@ impl Outbox {
             }
         }
         state.dropped_total = state.dropped_total.saturating_add(dropped);
+        if saved.is_none() {
+            // New, or its state lost (wiped, damaged): the batches queued
+            // from now on are numbered without knowing how far the control
+            // plane has stored this device's. Marked durably (the state is
+            // written below), so the first Welcome's ack renumbers them if
+            // need be, also after a restart in between (see `ack`).
+            state.unverified_after = Some(state.last_sequence);
+            if !files.is_empty() {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    waiting = files.len(),
+                    last = state.last_sequence,
+                    "the telemetry queue has lost its state; batches queued from now on are checked against the control plane's at the next connect"
+                );
+            }
+        }
         let bytes = files.values().sum();
         let mut outbox = Outbox {
             dir,
@@ -280,6 +325,8 @@ impl Outbox {
             files,
             bytes,
             _lock: lock,
+            #[cfg(test)]
+            state_saves_left: None,
         };
         // Written only if it changed: a full disk or a file system remounted
         // read-only must not keep the agent from starting.
@@ -327,7 +374,28 @@ impl Outbox {
         self.files.keys().copied().collect()
     }
 
+    /// The number the next batch gets: above every number assigned (the
+    /// counter) and every batch on disk, whether or not the counter could be
+    /// saved since.
+    fn next_sequence(&self) -> Result<u64, OutboxError> {
+        let highest_file = self.files.keys().next_back().copied().unwrap_or(0);
+        self.state
+            .last_sequence
+            .max(highest_file)
+            .checked_add(1)
+            .ok_or(OutboxError::SequenceExhausted)
+    }
+
     fn save_state(&mut self, state: State) -> Result<(), OutboxError> {
+        #[cfg(test)]
+        if let Some(left) = &mut self.state_saves_left {
+            if *left == 0 {
+                return Err(io_error("write", &self.dir.join(STATE_FILE))(
+                    std::io::Error::other("no space left (test)"),
+                ));
+            }
+            *left -= 1;
+        }
         write_atomically(&self.dir, STATE_FILE, &[state.encode().as_bytes()])?;
         self.state = state;
         Ok(())
@@ -340,11 +408,7 @@ impl Outbox {
     /// not queued (its sequence number may be skipped, never reused) and
     /// nothing was dropped for it.
     pub fn push(&mut self, mut batch: TelemetryBatch) -> Result<u64, OutboxError> {
-        let sequence = self
-            .state
-            .last_sequence
-            .checked_add(1)
-            .ok_or(OutboxError::SequenceExhausted)?;
+        let sequence = self.next_sequence()?;
         batch.sequence = sequence;
 
         // Oldest batches to drop so the new one fits.
@@ -452,6 +516,31 @@ impl Outbox {
         }
     }
 
+    /// Deletes every waiting batch and starts the numbering again at 1, for
+    /// a new device identity (the state dir enrolled again): what the old
+    /// device queued must never be uploaded as the new device's, and the
+    /// new device has nothing stored anywhere. Returns how many batches were
+    /// deleted. Every file is gone (and the directory synced) before the
+    /// counter is reset, so a crash midway leaves old batches only under the
+    /// old numbering, which the caller has not replaced yet.
+    pub fn discard_all(&mut self) -> Result<usize, OutboxError> {
+        let sequences: Vec<u64> = self.files.keys().copied().collect();
+        for &sequence in &sequences {
+            let path = self.dir.join(batch_file_name(sequence));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == ErrorKind::NotFound => {}
+                Err(err) => return Err(io_error("delete", &path)(err)),
+            }
+            if let Some(size) = self.files.remove(&sequence) {
+                self.bytes -= size;
+            }
+        }
+        sync_dir(&self.dir)?;
+        self.save_state(State::default())?;
+        Ok(sequences.len())
+    }
+
     /// Reads one waiting batch. `None` if it is not waiting, or if its file
     /// turned out damaged or cannot be read (then it is deleted and counted
     /// as dropped: a batch that cannot be read must not hold up the ones
@@ -528,19 +617,53 @@ impl Outbox {
     }
 
     /// The control plane has stored every batch up to `sequence`
-    /// (cumulative): deletes them, and returns how many were deleted.
+    /// (cumulative): deletes them, and returns how many were deleted. Call
+    /// it with `Welcome.acked_sequence` before sending on a new session.
     ///
-    /// If `sequence` is above every number this queue has assigned (its
-    /// state and files were lost, but the control plane remembers), the
-    /// counter jumps past it so new batches are not taken for duplicates,
-    /// and the batches waiting, numbered again from 1 since and never sent
-    /// (the control plane would have taken them for the old batches of the
-    /// same numbers), are renumbered after it, in order: call this with
-    /// `Welcome.acked_sequence` before sending on a new session. A
-    /// renumbering cut short (a crash, a full disk) is finished by the next
-    /// call, before anything is deleted.
+    /// The counter never stays below `sequence`, so new batches are not
+    /// taken for stored ones. Batches numbered without knowing what the
+    /// control plane has stored are renumbered after `sequence` and every
+    /// number assigned, in order, before anything is deleted (the control
+    /// plane would take them for the stored batches of the same numbers, and
+    /// this call would delete them unsent):
+    /// - after the queue found its state missing or invalid at open, the
+    ///   batches queued since: the first call (the Welcome's; the mark that
+    ///   says so survives restarts) renumbers them if the control plane has
+    ///   stored anything above the highest batch that was on disk then.
+    ///   Those older batches keep their numbers: the control plane may have
+    ///   stored them, and renumbered they would be stored twice;
+    /// - when `sequence` is above every number assigned (a state restored
+    ///   from an old copy), every waiting batch.
+    ///
+    /// A renumbering cut short (a crash, a full disk) is finished by the
+    /// next call, before anything is deleted.
     pub fn ack(&mut self, sequence: u64) -> Result<usize, OutboxError> {
-        if sequence > self.state.last_sequence {
+        if let Some(before) = self.state.unverified_after {
+            let queued_since = self
+                .files
+                .keys()
+                .next_back()
+                .copied()
+                .filter(|&last| last > before);
+            let mut next = State {
+                unverified_after: None,
+                last_sequence: self.state.last_sequence.max(sequence),
+                ..self.state
+            };
+            if let Some(through) = queued_since
+                && sequence > before
+            {
+                tracing::warn!(
+                    acked = sequence,
+                    queued_since = self.files.range(before.saturating_add(1)..).count(),
+                    "the telemetry queue lost its state and the control plane has stored \
+                     batches numbered like the ones queued since; numbering those after them"
+                );
+                next.renumber_after = before;
+                next.renumber_through = through;
+            }
+            self.save_state(next)?;
+        } else if sequence > self.state.last_sequence {
             let through = self.files.keys().next_back().copied().unwrap_or(0);
             tracing::warn!(
                 acked = sequence,
@@ -551,6 +674,7 @@ impl Outbox {
             );
             self.save_state(State {
                 last_sequence: sequence,
+                renumber_after: 0,
                 renumber_through: through,
                 ..self.state
             })?;
@@ -565,35 +689,37 @@ impl Outbox {
         Ok(acked.len())
     }
 
-    /// Gives each waiting batch numbered at or below `renumber_through` the
-    /// next number, in order, by renaming its file (a batch's number is its
-    /// file's name): at any point each batch is under one name, and the
-    /// counter, taken at open as the highest of the state's and the names',
-    /// never goes back.
+    /// Gives each waiting batch numbered above `renumber_after` and at or
+    /// below `renumber_through` the next number, in order, by renaming its
+    /// file (a batch's number is its file's name): at any point each batch
+    /// is under one name, and the counter, taken as the highest of the
+    /// state's and the names' (at open, and for every new number), never
+    /// goes back. It moves in memory before it is saved: a save that fails
+    /// must not let a later push take the number a batch was renamed to.
     fn finish_renumbering(&mut self) -> Result<(), OutboxError> {
-        let waiting: Vec<(u64, u64)> = self
-            .files
-            .range(..=self.state.renumber_through)
-            .map(|(&sequence, &size)| (sequence, size))
-            .collect();
+        let from = self.state.renumber_after.saturating_add(1);
+        let through = self.state.renumber_through;
+        let waiting: Vec<(u64, u64)> = if from <= through {
+            self.files
+                .range(from..=through)
+                .map(|(&sequence, &size)| (sequence, size))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (old, size) in waiting {
-            let new = self
-                .state
-                .last_sequence
-                .checked_add(1)
-                .ok_or(OutboxError::SequenceExhausted)?;
-            let from = self.dir.join(batch_file_name(old));
-            std::fs::rename(&from, self.dir.join(batch_file_name(new)))
-                .map_err(io_error("rename", &from))?;
-            sync_dir(&self.dir)?;
+            let new = self.next_sequence()?;
+            let path = self.dir.join(batch_file_name(old));
+            std::fs::rename(&path, self.dir.join(batch_file_name(new)))
+                .map_err(io_error("rename", &path))?;
             self.files.remove(&old);
             self.files.insert(new, size);
-            self.save_state(State {
-                last_sequence: new,
-                ..self.state
-            })?;
+            self.state.last_sequence = new;
+            sync_dir(&self.dir)?;
+            self.save_state(self.state)?;
         }
         self.save_state(State {
+            renumber_after: 0,
             renumber_through: 0,
             ..self.state
         })
@@ -683,6 +809,14 @@ mod tests {
         }
     }
 
+    /// A new queue, past the first Welcome of a new device (the control
+    /// plane has stored nothing): its numbering is verified.
+    fn open_verified(dir: &Path, cap: u64) -> Outbox {
+        let mut outbox = Outbox::open(dir, cap).unwrap();
+        assert_eq!(outbox.ack(0).unwrap(), 0);
+        outbox
+    }
+
     fn starts(batches: &[TelemetryBatch]) -> Vec<u64> {
         batches.iter().map(|b| b.start_unix_ms).collect()
     }
@@ -695,7 +829,7 @@ mod tests {
     fn sequences_start_at_one_and_continue_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+            let mut outbox = open_verified(dir.path(), DEFAULT_OUTBOX_CAP_BYTES);
             assert_eq!(outbox.last_sequence(), 0);
             assert_eq!(outbox.push(batch(1)).unwrap(), 1);
             assert_eq!(outbox.push(batch(2)).unwrap(), 2);
@@ -764,7 +898,7 @@ mod tests {
     #[test]
     fn ack_deletes_up_to_and_including_the_sequence_only() {
         let dir = tempfile::tempdir().unwrap();
-        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        let mut outbox = open_verified(dir.path(), DEFAULT_OUTBOX_CAP_BYTES);
         for i in 0..5 {
             outbox.push(batch(i)).unwrap();
         }
@@ -831,8 +965,8 @@ mod tests {
         // 501, then the crash.
         let state = State {
             last_sequence: 500,
-            dropped_total: 0,
             renumber_through: 2,
+            ..State::default()
         };
         std::fs::write(dir.path().join(STATE_FILE), state.encode()).unwrap();
         std::fs::rename(
@@ -904,7 +1038,7 @@ mod tests {
         }) as u64;
         // Room for three batches (plus a little).
         let cap = one * 3 + one / 2;
-        let mut outbox = Outbox::open(dir.path(), cap).unwrap();
+        let mut outbox = open_verified(dir.path(), cap);
         for i in 0..3 {
             outbox.push(batch(i)).unwrap();
         }
@@ -1089,17 +1223,118 @@ mod tests {
         assert!(err.to_string().contains("telemetry queue"), "{err}");
     }
 
+    /// The queue lost its state and files, numbered four batches 1 to 4
+    /// while offline, then learns the control plane has stored up to 2 (of
+    /// the numbering before the loss): all four were never sent, and are
+    /// kept, after every number assigned, in order; not 1 and 2 deleted as
+    /// acknowledged.
+    #[test]
+    fn batches_queued_after_the_state_was_lost_are_renumbered_below_the_counter_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        for i in 1..=4 {
+            outbox.push(batch(i * 10)).unwrap();
+        }
+        assert_eq!(outbox.ack(2).unwrap(), 0);
+        let waiting = outbox.pending().unwrap();
+        assert_eq!(seqs(&waiting), vec![5, 6, 7, 8]);
+        assert_eq!(starts(&waiting), vec![10, 20, 30, 40]);
+        assert_eq!(outbox.push(batch(50)).unwrap(), 9);
+        // Verified now: later acks are ordinary.
+        assert_eq!(outbox.ack(6).unwrap(), 2);
+        assert_eq!(outbox.pending_sequences(), vec![7, 8, 9]);
+        drop(outbox);
+        let state = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        let state = State::decode(&state).unwrap();
+        assert_eq!((state.unverified_after, state.renumber_through), (None, 0));
+    }
+
+    /// The mark survives a restart between the loss and the first Welcome;
+    /// batches that were on disk before the loss keep their numbers (the
+    /// control plane may have stored them: renumbered, they would be stored
+    /// twice), and only those the Welcome acknowledges go.
+    #[test]
+    fn the_state_lost_is_remembered_until_the_welcome_and_older_batches_keep_their_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut outbox = open_verified(dir.path(), DEFAULT_OUTBOX_CAP_BYTES);
+            for i in 1..=5 {
+                outbox.push(batch(i)).unwrap();
+            }
+            outbox.ack(2).unwrap();
+        }
+        // 3 to 5 were sent and stored; their ack was lost, then the state.
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        {
+            let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+            assert_eq!(outbox.push(batch(6)).unwrap(), 6);
+        }
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        assert_eq!(outbox.push(batch(7)).unwrap(), 7);
+        // The control plane has 3 to 5, nothing above.
+        assert_eq!(outbox.ack(5).unwrap(), 3);
+        assert_eq!(starts(&outbox.pending().unwrap()), vec![6, 7]);
+        assert_eq!(outbox.pending_sequences(), vec![6, 7]);
+
+        // Lost again, after the control plane stored up to 9 (batches the
+        // queue no longer has): 6 and 7 are of the old numbering and stored
+        // too; the two queued since are numbered after 9.
+        drop(outbox);
+        std::fs::remove_file(dir.path().join(STATE_FILE)).unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        outbox.push(batch(80)).unwrap();
+        outbox.push(batch(90)).unwrap();
+        assert_eq!(outbox.pending_sequences(), vec![6, 7, 8, 9]);
+        assert_eq!(outbox.ack(9).unwrap(), 2);
+        assert_eq!(outbox.pending_sequences(), vec![10, 11]);
+        assert_eq!(starts(&outbox.pending().unwrap()), vec![80, 90]);
+    }
+
+    /// A renumbering whose state cannot be saved after it renamed a batch
+    /// (a full disk): the number that batch now has is never given to a new
+    /// one, which would replace it.
+    #[test]
+    fn a_renamed_batchs_number_is_not_reused_when_the_state_cannot_be_saved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut outbox = Outbox::open(dir.path(), DEFAULT_OUTBOX_CAP_BYTES).unwrap();
+        outbox.push(batch(10)).unwrap();
+        outbox.push(batch(20)).unwrap();
+        // The renumbering's start is saved, then the disk is full: batch 1
+        // is renamed to 11 and the counter cannot be saved.
+        outbox.state_saves_left = Some(1);
+        assert!(outbox.ack(10).is_err());
+        assert!(dir.path().join(batch_file_name(11)).exists());
+        outbox.state_saves_left = None;
+        let pushed = outbox.push(batch(30)).unwrap();
+        assert!(pushed > 11, "the push took {pushed}");
+        // The next Welcome finishes the renumbering; nothing was lost.
+        assert_eq!(outbox.ack(10).unwrap(), 0);
+        let mut kept = starts(&outbox.pending().unwrap());
+        kept.sort();
+        assert_eq!(kept, vec![10, 20, 30]);
+        assert!(outbox.pending_sequences().iter().all(|&s| s > 10));
+    }
+
     #[test]
     fn state_round_trips() {
         let state = State {
             last_sequence: 42,
             dropped_total: 7,
             renumber_through: 3,
+            renumber_after: 0,
+            unverified_after: None,
+        };
+        assert_eq!(State::decode(&state.encode()), Ok(state));
+        let state = State {
+            renumber_after: 2,
+            unverified_after: Some(9),
+            ..state
         };
         assert_eq!(State::decode(&state.encode()), Ok(state));
         // Written before renumbering existed: none under way.
         let older = "edgefleet telemetry outbox v1\nlast_sequence=5\ndropped_batches_total=1\n";
         assert_eq!(State::decode(older).unwrap().renumber_through, 0);
+        assert_eq!(State::decode(older).unwrap().unverified_after, None);
         assert!(State::decode("edgefleet telemetry outbox v1\nlast_sequence=x\n").is_err());
         assert!(State::decode("").is_err());
     }
