@@ -201,7 +201,7 @@ impl Activity {
             && self
                 .now()
                 .saturating_sub(self.idle_since.load(Ordering::Relaxed))
-                >= INLINE_QUIET.as_nanos() as u64
+                >= inline_quiet().as_nanos() as u64
     }
 
     fn finish(&self) {
@@ -362,6 +362,28 @@ pub fn batch_dimension_conflict(signature: &Signature) -> Option<String> {
                 "{kind} '{tensor}' has '{name}' as its first dimension where {first_kind} '{first_tensor}' has '{first_name}'"
             )
         })
+}
+
+/// [`INLINE_QUIET`]; a test may lengthen it on its own thread, so that a
+/// request it sends right after an answer counts as right after it however
+/// long a loaded machine took to wake the test.
+fn inline_quiet() -> Duration {
+    #[cfg(test)]
+    if let Some(quiet) = tests::INLINE_QUIET_IN_TEST.with(std::cell::Cell::get) {
+        return quiet;
+    }
+    INLINE_QUIET
+}
+
+/// [`INLINE_MAX_COMPUTE`]; a test may raise it on its own thread, so that
+/// its instant model counts as fast however long a loaded machine took to
+/// schedule its run.
+fn inline_max_compute() -> Duration {
+    #[cfg(test)]
+    if let Some(limit) = tests::INLINE_MAX_COMPUTE_IN_TEST.with(std::cell::Cell::get) {
+        return limit;
+    }
+    INLINE_MAX_COMPUTE
 }
 
 /// Starts a model worker thread. Tests can make it fail, as the OS does
@@ -554,8 +576,8 @@ impl LoadedVersion {
     /// ran a request at least as large fast enough last time and a session is
     /// free; gives it back otherwise.
     fn run_inline(&self, job: Job) -> Result<(), Job> {
-        let fast =
-            self.run.lone_run_nanos.load(Ordering::Relaxed) <= INLINE_MAX_COMPUTE.as_nanos() as u64;
+        let fast = self.run.lone_run_nanos.load(Ordering::Relaxed)
+            <= inline_max_compute().as_nanos() as u64;
         let known = job_bytes(&job) <= self.run.lone_run_bytes.load(Ordering::Relaxed);
         let together = self.adaptive && self.run.recent_requests.load(Ordering::Relaxed) > 1;
         if !self.inline || !fast || !known || together {
@@ -923,6 +945,11 @@ mod tests {
         delay: Duration,
     ) -> (Arc<LoadedVersion>, Recorded<i64>, Recorded<String>) {
         let (session, batches, threads) = doubler(delay);
+        if delay.is_zero() {
+            // An instant model is fast: a run the machine was slow to
+            // schedule must not close the fast path these tests look at.
+            INLINE_MAX_COMPUTE_IN_TEST.with(|limit| limit.set(Some(Duration::from_secs(60))));
+        }
         let version = load(session, &config, &Arc::new(Metrics::new()));
         (version, batches, threads)
     }
@@ -946,6 +973,10 @@ mod tests {
     }
 
     thread_local! {
+        /// Set: what `inline_quiet` returns on this thread.
+        pub(super) static INLINE_QUIET_IN_TEST: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+        /// Set: what `inline_max_compute` returns on this thread.
+        pub(super) static INLINE_MAX_COMPUTE_IN_TEST: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
         /// Set: `spawn_worker` fails on this thread.
         pub(super) static FAIL_WORKER_SPAWNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
@@ -1219,7 +1250,9 @@ mod tests {
         infer_blocking(&version);
         quiet();
         infer_blocking(&version);
-        // No pause: as from concurrent clients, whose gaps are short.
+        // No pause: as from concurrent clients, whose gaps are short (here
+        // however long the machine takes to wake this thread).
+        INLINE_QUIET_IN_TEST.with(|quiet| quiet.set(Some(Duration::from_secs(60))));
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(
