@@ -34,9 +34,8 @@
 
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
@@ -74,10 +73,10 @@ pub const WORKER_THREAD_PREFIX: &str = "infer-";
 /// A session, shared by its worker thread and the inline fast path.
 type SharedSession = Arc<Mutex<Box<dyn ModelSession>>>;
 
-fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock(session: &SharedSession) -> MutexGuard<'_, Box<dyn ModelSession>> {
     // Runs catch panics inside the lock, so it is never poisoned in practice;
-    // if it were, what it guards is still whole.
-    mutex
+    // if it were, the session itself is still whole.
+    session
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -98,83 +97,6 @@ struct RunContext {
     /// Nanoseconds the last run took.
     recent_run_nanos: AtomicU64,
     activity: Arc<Activity>,
-    gathering: Gathering,
-}
-
-/// A worker gathering a batch sleeps until enough requests are queued or
-/// its deadline passes, and is woken once, by the request that makes it
-/// enough: blocked in the queue's `recv`, it would be woken by every
-/// request that arrives (a futex wake by the caller's thread and a context
-/// switch, per request; on a VM each costs microseconds of CPU that the
-/// requests being batched share with the model).
-struct Gathering {
-    /// The queue length at which the gathering worker wants waking;
-    /// `usize::MAX` while none gathers this way (one worker at a time: other
-    /// workers of the version wait in the queue's `recv`).
-    wake_at: AtomicUsize,
-    /// The gathering worker's thread.
-    worker: Mutex<Option<Thread>>,
-    /// Set when the version is dropped: its worker stops waiting.
-    closed: AtomicBool,
-}
-
-impl Gathering {
-    fn new() -> Self {
-        Gathering {
-            wake_at: AtomicUsize::new(usize::MAX),
-            worker: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    /// Called after a request is queued: wakes the gathering worker if the
-    /// queue now holds as many requests as it waits for.
-    fn queued(&self, queue_len: impl FnOnce() -> usize) {
-        // Pairs with the fence in `wait`: either the worker sees the
-        // request in the queue or this sees the worker's `wake_at`.
-        fence(Ordering::SeqCst);
-        let wake_at = self.wake_at.load(Ordering::Relaxed);
-        if wake_at != usize::MAX && queue_len() >= wake_at {
-            self.wake();
-        }
-    }
-
-    fn wake(&self) {
-        if let Some(worker) = lock(&self.worker).as_ref() {
-            worker.unpark();
-        }
-    }
-
-    /// Sleeps until `queue` holds `wanted` requests, `deadline` passes or
-    /// the version is dropped. Returns whether the queue holds a request,
-    /// or `None` if another worker is gathering (the caller then waits in
-    /// the queue's `recv`).
-    fn wait(&self, queue: &Receiver<Job>, wanted: usize, deadline: Instant) -> Option<bool> {
-        if self
-            .wake_at
-            .compare_exchange(usize::MAX, wanted, Ordering::SeqCst, Ordering::Relaxed)
-            .is_err()
-        {
-            return None;
-        }
-        // Set before the first look at the queue: a request queued after
-        // that look finds this thread to wake.
-        *lock(&self.worker) = Some(std::thread::current());
-        loop {
-            fence(Ordering::SeqCst);
-            if queue.len() >= wanted || self.closed.load(Ordering::Relaxed) {
-                break;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            // Returns early on `unpark` (or spuriously): checked again above.
-            std::thread::park_timeout(deadline - now);
-        }
-        self.wake_at.store(usize::MAX, Ordering::SeqCst);
-        Some(!queue.is_empty())
-    }
 }
 
 /// How busy a version is: requests in flight, and since when none is.
@@ -448,7 +370,6 @@ impl LoadedVersion {
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
-            gathering: Gathering::new(),
         });
         let sessions: Vec<SharedSession> = sessions
             .into_iter()
@@ -538,7 +459,6 @@ impl LoadedVersion {
         self.metrics.queue_depth.inc();
         match self.queue.try_send(job) {
             Ok(()) => {
-                self.run.gathering.queued(|| self.queue.len());
                 self.metrics.requests.inc();
                 // This request was in the queue when it was sent, even if
                 // the worker has taken it already: the depth was at least 1.
@@ -665,19 +585,10 @@ fn worker_loop(
                     Ok(job) => job,
                     Err(TryRecvError::Disconnected) => break,
                     Err(TryRecvError::Empty) if batch.len() >= gather.enough => break,
-                    Err(TryRecvError::Empty) => {
-                        let wanted = gather.enough - batch.len();
-                        match run.gathering.wait(&queue, wanted, gather.deadline) {
-                            Some(true) => continue,
-                            Some(false) => break,
-                            None => match queue.recv_deadline(gather.deadline) {
-                                Ok(job) => job,
-                                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                                    break;
-                                }
-                            },
-                        }
-                    }
+                    Err(TryRecvError::Empty) => match queue.recv_deadline(gather.deadline) {
+                        Ok(job) => job,
+                        Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    },
                 };
                 metrics.queue_depth.dec();
                 if fits(&next) {
