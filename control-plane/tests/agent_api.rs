@@ -1095,8 +1095,17 @@ fn storage_failures_reach_callers_without_the_databases_text(db: Db) {
         };
         assert_generic(&status, Code::Unavailable);
     });
-    // The detail is in the server's log, once per failure.
-    let log = server.process.stderr.text();
+    // The detail is in the server's log, once per failure. The log is read
+    // by a thread, and the last failure may be logged after its status went
+    // out: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let log = server.process.stderr.text();
+        if log.matches(DATABASE_DETAIL).count() >= 4 || std::time::Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         log.matches(DATABASE_DETAIL).count() >= 4,
         "the database's errors are not in the server log:\n{log}"
