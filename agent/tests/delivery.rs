@@ -629,6 +629,8 @@ async fn rollback_removes_the_higher_version_and_serves_the_lower() {
     assert_active(&running.outcome("m", 2).await);
     assert_eq!(h.served("m"), [2]);
     assert!(!h.models_dir().join("m/3").exists());
+    // Held until 2 served, deleted before the ACTIVE report.
+    assert!(!h.models_dir().join(".held/m").exists());
     assert!(h.models_dir().join("m/1/model.onnx").exists());
     assert!(h.server.requests().is_empty(), "installed: no download");
     // Forward to a new version 4 (the same file as version 1, copied from
@@ -643,6 +645,33 @@ async fn rollback_removes_the_higher_version_and_serves_the_lower() {
         .collect();
     on_disk.sort();
     assert_eq!(on_disk, ["2", "4"]);
+    running.stop().await;
+}
+
+/// Rolled back to a version 1 the registry cannot load: version 2, held
+/// aside while 1 was tried, is put back and serves again; the rollback is
+/// FAILED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_that_fails_to_load_leaves_the_higher_version_serving() {
+    let h = Harness::new().await;
+    h.install_fixture("m", 1, "unsupported_op");
+    h.install_fixture("m", 2, "mlp");
+    h.sync().await;
+    assert_eq!(h.served("m"), [2]);
+    let model = h.model("m", 1, &fixture_bytes("unsupported_op"));
+    let mut running = h.start().await;
+    running.submit(1, vec![model]);
+    let report = running.outcome("m", 1).await;
+    assert_eq!(h.served("m"), [2]);
+    assert!(h.registry.get("m", None).is_ok());
+    assert_failed(&report, "failed to load");
+    assert!(report.reason.contains("put back"), "{report:?}");
+    assert!(running.stages("m").contains(&Stage::Loading));
+    assert_eq!(
+        installed(&h.models_dir(), "m", 2),
+        Some(fixture_bytes("mlp"))
+    );
+    assert!(!h.models_dir().join(".held/m").exists());
     running.stop().await;
 }
 

@@ -19,10 +19,16 @@
 //!    when the file is opened);
 //! 5. checks the model in a child process ([`ModelCheck`]);
 //! 6. installs it atomically as `STATE/models/<name>/<version>/model.onnx`,
-//!    removes higher versions (rollback) and all but one lower version, has
-//!    the registry rescan, and reports ACTIVE once the registry serves it.
+//!    removes all but one lower version, has the registry rescan, and
+//!    reports ACTIVE once the registry serves it. Higher versions (a
+//!    rollback) are moved to `STATE/models/.held/<name>/` first, and deleted
+//!    only once it serves (broken ones, which serve nothing, at once): if it
+//!    fails to load, times out or is interrupted, they are moved back and
+//!    served again, and the report is FAILED. A restart after a crash moves
+//!    them back too.
 //!
-//! Any failure is a FAILED report and leaves the serving version alone.
+//! Any failure is a FAILED report and leaves the serving version serving
+//! (after a failed rollback, once the registry has loaded it again).
 //!
 //! [`ActivationReport`]: pb::ActivationReport
 
@@ -536,30 +542,94 @@ impl Delivery {
                 .context("cannot install the model")?;
             tracing::info!(model = %model.name, version = model.version, "model version installed");
         }
-        let (dir, name, version) = (models_dir, model.name.clone(), model.version);
-        let serving = self.serving(&model.name);
-        let removed = blocking(move || files::prune(&dir, &name, version, &serving))
-            .await
-            .context("cannot remove old versions")?;
-        if !removed.is_empty() {
-            tracing::info!(model = %model.name, ?removed, "old model versions removed");
+        let (dir, name, version) = (models_dir.clone(), model.name.clone(), model.version);
+        let status = self.status(&model.name);
+        let serving = status
+            .as_ref()
+            .map(|s| s.served_versions.clone())
+            .unwrap_or_default();
+        let broken: Vec<u64> = status
+            .iter()
+            .flat_map(|s| s.failed_versions.keys())
+            .filter(|v| !serving.contains(v))
+            .copied()
+            .collect();
+        let pruned = blocking(move || files::prune(&dir, &name, version, &serving, &broken)).await;
+        let pruned = match pruned {
+            Ok(pruned) => pruned,
+            Err(err) => {
+                // Whatever it held is back: have the registry see it again.
+                if let Err(err) = self.rescan().await {
+                    tracing::warn!(model = %model.name, error = %format!("{err:#}"), "cannot rescan");
+                }
+                return Err(Stop::Failed(format!("cannot remove old versions: {err:#}")));
+            }
+        };
+        if !pruned.removed.is_empty() {
+            tracing::info!(model = %model.name, removed = ?pruned.removed, "old model versions removed");
+        }
+        if !pruned.held.is_empty() {
+            tracing::info!(model = %model.name, held = ?pruned.held, "higher model versions held until this one serves");
         }
         self.report(job, Stage::Loading, "", 0);
-        self.await_served(job).await
+        let outcome = self.await_served(job).await;
+        if !pruned.held.is_empty() {
+            let name = model.name.clone();
+            match outcome {
+                Ok(()) => {
+                    if let Err(err) = blocking(move || files::drop_held(&models_dir, &name)).await {
+                        tracing::warn!(model = %model.name, error = %format!("{err:#}"), "cannot delete the held model versions");
+                    }
+                }
+                Err(stop) => {
+                    let why = match stop {
+                        Stop::Failed(reason) => reason,
+                        Stop::Interrupted => {
+                            "interrupted (a newer desired state, or the agent stopping) before the version served".to_string()
+                        }
+                    };
+                    let restored = blocking(move || files::restore_held(&models_dir, &name)).await;
+                    let rescanned = self.rescan().await;
+                    let what = match (restored, rescanned) {
+                        (Ok(restored), Ok(())) => {
+                            format!("the higher versions {restored:?} were put back")
+                        }
+                        (Err(err), _) | (_, Err(err)) => format!(
+                            "the higher versions could not be put back ({err:#}); a restart does"
+                        ),
+                    };
+                    return Err(Stop::Failed(format!("{why}; {what}")));
+                }
+            }
+        }
+        outcome?;
+        tracing::info!(model = %model.name, version = model.version, "model version active");
+        self.report(job, Stage::Active, "", 0);
+        Ok(())
     }
 
     fn served(&self, name: &str, version: u64) -> bool {
-        self.serving(name).contains(&version)
+        self.status(name)
+            .is_some_and(|status| status.served_versions.contains(&version))
     }
 
-    /// The versions of `name` the agent serves now.
-    fn serving(&self, name: &str) -> Vec<u64> {
+    /// What the registry says of `name`.
+    fn status(&self, name: &str) -> Option<ModelStatus> {
         self.registry
             .statuses()
             .into_iter()
             .find(|status| status.name == name)
-            .map(|status| status.served_versions)
-            .unwrap_or_default()
+    }
+
+    /// Has the registry rescan the repository.
+    async fn rescan(&self) -> anyhow::Result<()> {
+        let registry = Arc::clone(&self.registry);
+        blocking(move || {
+            registry
+                .sync()
+                .map_err(|err| anyhow::anyhow!("cannot rescan the model repository: {err}"))
+        })
+        .await
     }
 
     fn verify_signature(&self, job: &Job<'_>) -> Result<(), Stop> {
@@ -731,28 +801,16 @@ impl Delivery {
         .map_err(|err| format!("the model check task failed: {err}"))?
     }
 
-    /// Has the registry rescan, then waits until it serves the version
-    /// (ACTIVE) or reports it failed (FAILED; the previous one serves on).
+    /// Has the registry rescan, then waits until it serves the version or
+    /// reports it failed (the previous one serves on).
     async fn await_served(&self, job: &Job<'_>) -> Result<(), Stop> {
         let model = job.model;
-        let registry = Arc::clone(&self.registry);
-        blocking(move || {
-            registry
-                .sync()
-                .map_err(|err| anyhow::anyhow!("cannot rescan the model repository: {err}"))
-        })
-        .await?;
+        self.rescan().await?;
         let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
         loop {
-            let status = self
-                .registry
-                .statuses()
-                .into_iter()
-                .find(|s| s.name == model.name);
+            let status = self.status(&model.name);
             if let Some(status) = &status {
                 if status.served_versions.contains(&model.version) {
-                    tracing::info!(model = %model.name, version = model.version, "model version active");
-                    self.report(job, Stage::Active, "", 0);
                     return Ok(());
                 }
                 if let Some(reason) = status.failed_versions.get(&model.version) {

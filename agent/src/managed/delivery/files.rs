@@ -7,7 +7,8 @@
 //! a new `model.onnx` over the one of a version already there. So a scan
 //! never sees a half-written `model.onnx`, and a version being replaced
 //! never disappears, not even for a moment or after a crash. Work areas live
-//! under `models/.staging` and `models/.trash`, which the repository scan
+//! under `models/.staging`, `models/.trash` and `models/.held` (versions
+//! above a rollback's target, until it serves), which the repository scan
 //! skips (dot names).
 
 use std::collections::HashMap;
@@ -23,6 +24,7 @@ use crate::repository::MODEL_FILE_NAME;
 
 const STAGING_DIR: &str = ".staging";
 const TRASH_DIR: &str = ".trash";
+const HELD_DIR: &str = ".held";
 
 /// SHA-256 of a whole file, lower-case hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
@@ -273,10 +275,26 @@ fn empty_trash(models_dir: &Path) {
     }
 }
 
-/// Deletes what an interrupted run (a crash, SIGKILL) left in the work
-/// areas: staged installs, trashed versions, half-made blob copies.
-/// `.partial` downloads stay: they are resumed.
+/// Cleans up after an interrupted run (a crash, SIGKILL): held versions go
+/// back into the repository ([`restore_held`]); staged installs, trashed
+/// versions and half-made blob copies are deleted. `.partial` downloads
+/// stay: they are resumed.
 pub fn clean_work_areas(models_dir: &Path, blobs_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(models_dir.join(HELD_DIR)) {
+        for name in entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            match restore_held(models_dir, &name) {
+                Ok(restored) => {
+                    tracing::info!(model = %name, ?restored, "held model versions restored")
+                }
+                Err(err) => {
+                    tracing::warn!(model = %name, error = %format!("{err:#}"), "cannot restore held model versions")
+                }
+            }
+        }
+    }
     if let Ok(entries) = std::fs::read_dir(models_dir.join(STAGING_DIR)) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_dir_all(entry.path());
@@ -315,32 +333,101 @@ pub fn collect_garbage(blobs_dir: &Path, wanted: &[&str]) -> Vec<String> {
     removed
 }
 
-/// Removes every version of `name` above `keep` (a rollback) and all but
-/// one below it, kept for rollback: the highest of those `serving` (the
+/// What [`prune`] did with the versions it took out of the repository.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Deleted.
+    pub removed: Vec<u64>,
+    /// Moved to `models/.held/<name>/`, out of the scan's sight, until
+    /// `keep` serves ([`drop_held`]) or fails ([`restore_held`]).
+    pub held: Vec<u64>,
+}
+
+/// Takes out of the repository every version of `name` but `keep` and one
+/// below it, kept for rollback: the highest of those `serving` (the
 /// versions the agent serves now, known to load), else the highest on
 /// disk. A version that failed to load after the serving one was installed
-/// is not kept in its stead. Returns what it removed.
+/// is not kept in its stead. Versions above `keep` (a rollback) are held,
+/// not deleted, unless `broken` (failed to load, not serving). If taking
+/// one out fails, the held ones are put back before the error returns.
 pub fn prune(
     models_dir: &Path,
     name: &str,
     keep: u64,
     serving: &[u64],
-) -> anyhow::Result<Vec<u64>> {
+    broken: &[u64],
+) -> anyhow::Result<Pruned> {
     let versions = versions_on_disk(models_dir, name)?;
     let below = |versions: &mut dyn Iterator<Item = u64>| versions.filter(|&v| v < keep).max();
     let previous = below(&mut serving.iter().copied())
         .filter(|version| versions.contains(version))
         .or_else(|| below(&mut versions.iter().copied()));
-    let mut removed = Vec::new();
-    for version in versions {
-        if version == keep || Some(version) == previous {
+    let held_dir = models_dir.join(HELD_DIR).join(name);
+    let mut pruned = Pruned::default();
+    let result = versions
+        .into_iter()
+        .filter(|&version| version != keep && Some(version) != previous)
+        .try_for_each(|version| {
+            let dir = models_dir.join(name).join(version.to_string());
+            if version < keep || broken.contains(&version) {
+                move_to_trash(models_dir, &dir)?;
+                pruned.removed.push(version);
+                return Ok(());
+            }
+            std::fs::create_dir_all(&held_dir)?;
+            std::fs::rename(&dir, held_dir.join(version.to_string()))
+                .with_context(|| format!("cannot move {} out of the repository", dir.display()))?;
+            sync_dir(&held_dir)?;
+            sync_dir(&models_dir.join(name))?;
+            pruned.held.push(version);
+            anyhow::Ok(())
+        });
+    empty_trash(models_dir);
+    if let Err(err) = result {
+        if let Err(undo) = restore_held(models_dir, name) {
+            return Err(err.context(format!("and the held versions stay held: {undo:#}")));
+        }
+        return Err(err);
+    }
+    Ok(pruned)
+}
+
+/// Deletes the versions of `name` that [`prune`] held.
+pub fn drop_held(models_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let held_dir = models_dir.join(HELD_DIR).join(name);
+    if std::fs::symlink_metadata(&held_dir).is_ok() {
+        move_to_trash(models_dir, &held_dir)?;
+        empty_trash(models_dir);
+    }
+    Ok(())
+}
+
+/// Moves the versions of `name` that [`prune`] held back into the
+/// repository (one rename each); returns them. A held version whose number
+/// is in the repository again is an older copy, and is deleted.
+pub fn restore_held(models_dir: &Path, name: &str) -> anyhow::Result<Vec<u64>> {
+    let held_dir = models_dir.join(HELD_DIR).join(name);
+    let model_dir = models_dir.join(name);
+    let mut restored = Vec::new();
+    for version in versions_on_disk(&models_dir.join(HELD_DIR), name)? {
+        let (from, to) = (
+            held_dir.join(version.to_string()),
+            model_dir.join(version.to_string()),
+        );
+        if std::fs::symlink_metadata(&to).is_ok() {
+            move_to_trash(models_dir, &from)?;
             continue;
         }
-        move_to_trash(models_dir, &models_dir.join(name).join(version.to_string()))?;
-        removed.push(version);
+        std::fs::create_dir_all(&model_dir)?;
+        std::fs::rename(&from, &to)
+            .with_context(|| format!("cannot move {} back into the repository", from.display()))?;
+        sync_dir(&model_dir)?;
+        restored.push(version);
     }
+    // Only if empty: anything else in it is left alone.
+    let _ = std::fs::remove_dir(&held_dir);
     empty_trash(models_dir);
-    Ok(removed)
+    Ok(restored)
 }
 
 /// Writes a file atomically: temp file, fsync, rename, fsync the directory.
@@ -463,8 +550,9 @@ mod tests {
         for v in [1, 2, 4, 5, 7] {
             put(dir.path(), "m", v, b"x");
         }
-        let removed = prune(dir.path(), "m", 5, &[]).unwrap();
-        assert_eq!(removed, [1, 2, 7]);
+        let removed = prune(dir.path(), "m", 5, &[], &[]).unwrap();
+        assert_eq!(removed.removed, [1, 2]);
+        assert_eq!(removed.held, [7]);
         assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [4, 5]);
     }
 
@@ -476,13 +564,82 @@ mod tests {
         for v in [4, 5, 6, 7] {
             put(dir.path(), "m", v, b"x");
         }
-        let removed = prune(dir.path(), "m", 7, &[5]).unwrap();
-        assert_eq!(removed, [4, 6]);
+        let removed = prune(dir.path(), "m", 7, &[5], &[]).unwrap();
+        assert_eq!(removed.removed, [4, 6]);
         assert_eq!(versions_on_disk(dir.path(), "m").unwrap(), [5, 7]);
         // A serving version no longer on disk keeps nothing of its own.
         put(dir.path(), "m", 6, b"x");
-        let removed = prune(dir.path(), "m", 7, &[3]).unwrap();
-        assert_eq!(removed, [5]);
+        let removed = prune(dir.path(), "m", 7, &[3], &[]).unwrap();
+        assert_eq!(removed.removed, [5]);
+    }
+
+    /// Versions seen by a rescan of the repository.
+    fn scanned(models: &Path, name: &str) -> Vec<u64> {
+        let scan = crate::repository::scan(models).unwrap();
+        assert_eq!(scan.models.keys().collect::<Vec<_>>(), [name]);
+        scan.models[name].versions.keys().copied().collect()
+    }
+
+    /// v3 serves, v4 failed to load, the rollback is to v2: v4 is deleted,
+    /// v3 moved out of the scan's sight until v2 serves (then deleted) or
+    /// fails (then moved back), v1 kept for a later rollback.
+    #[test]
+    fn a_rollback_holds_the_higher_versions_until_the_lower_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path();
+        for v in [1, 2, 3, 4] {
+            put(models, "m", v, format!("v{v}").as_bytes());
+        }
+        let pruned = prune(models, "m", 2, &[3], &[4]).unwrap();
+        assert_eq!(
+            pruned,
+            Pruned {
+                removed: vec![4],
+                held: vec![3]
+            }
+        );
+        assert_eq!(scanned(models, "m"), [1, 2]);
+        // v2 failed: v3 is back, whole.
+        assert_eq!(restore_held(models, "m").unwrap(), [3]);
+        assert_eq!(scanned(models, "m"), [1, 2, 3]);
+        assert_eq!(std::fs::read(models.join("m/3/model.onnx")).unwrap(), b"v3");
+        assert!(!models.join(HELD_DIR).join("m").exists());
+        // Tried again, v2 serves: v3 goes for good.
+        let pruned = prune(models, "m", 2, &[3], &[]).unwrap();
+        assert_eq!(pruned.held, [3]);
+        drop_held(models, "m").unwrap();
+        assert_eq!(restore_held(models, "m").unwrap(), Vec::<u64>::new());
+        assert_eq!(scanned(models, "m"), [1, 2]);
+        assert!(!models.join(HELD_DIR).join("m").exists());
+        assert_eq!(
+            std::fs::read_dir(models.join(TRASH_DIR)).unwrap().count(),
+            0
+        );
+    }
+
+    /// A crash (or SIGKILL) while a rollback's target loads: the restart's
+    /// clean-up moves the held versions back before anything is scanned.
+    #[test]
+    fn held_versions_are_moved_back_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for v in [1, 2, 3] {
+            put(&models, "m", v, format!("v{v}").as_bytes());
+        }
+        put(&models, "other", 1, b"o");
+        assert_eq!(prune(&models, "m", 1, &[3], &[]).unwrap().held, [2, 3]);
+        // A held copy of a version that is in the repository again is stale.
+        put(&models.join(HELD_DIR), "other", 1, b"stale");
+        clean_work_areas(&models, &blobs);
+        assert_eq!(versions_on_disk(&models, "m").unwrap(), [1, 2, 3]);
+        assert_eq!(std::fs::read(models.join("m/3/model.onnx")).unwrap(), b"v3");
+        assert_eq!(
+            std::fs::read(models.join("other/1/model.onnx")).unwrap(),
+            b"o"
+        );
+        assert_eq!(std::fs::read_dir(models.join(HELD_DIR)).unwrap().count(), 0);
     }
 
     #[test]
