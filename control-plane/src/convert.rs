@@ -13,6 +13,9 @@ pub const MAX_EVENTS_PER_BATCH: usize = 10_000;
 pub const MAX_HISTOGRAM_BUCKETS: usize = 256;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_MESSAGE_LEN: usize = 4_096;
+/// The runtime a device names (in its Hello and its telemetry):
+/// "onnxruntime" or "tract".
+pub const MAX_RUNTIME_LEN: usize = 32;
 
 /// INVALID_ARGUMENT when `value` is longer than `max` bytes or holds a NUL
 /// (PostgreSQL's text cannot store one, SQLite's can: both stores must take
@@ -220,7 +223,7 @@ pub fn telemetry_from_pb(
         })
         .collect::<Result<Vec<_>, Status>>()?;
     if let Some(device) = &batch.device {
-        check_text("device runtime", &device.runtime, 32)?;
+        check_text("device runtime", &device.runtime, MAX_RUNTIME_LEN)?;
     }
     Ok(TelemetryRecord {
         device_id: device_id.to_string(),

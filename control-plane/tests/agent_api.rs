@@ -699,6 +699,48 @@ fn long_or_nul_free_text_from_a_device_is_stored_cut_never_refused() {
     }
 }
 
+/// The runtime a Hello names is checked like the inventory's text: a NUL
+/// (which PostgreSQL's text cannot store: every session would end
+/// UNAVAILABLE and the agent would retry forever) or an overlong name is
+/// INVALID_ARGUMENT on both stores, and a proper Hello still works.
+#[test]
+fn a_hello_naming_a_nul_or_overlong_runtime_is_invalid() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == Db::Postgres).then(PgSchema::create);
+        let server = Server::start(dir.path(), schema.as_ref().map(|s| s.url.as_str()), &[]);
+        let device_id = runtime().block_on(async {
+            let device = enroll_device(&server).await;
+            let mut client = device_client(&server, &device).await;
+            let with_runtime = |runtime: String| pb::AgentMessage {
+                kind: Some(Upstream::Hello(pb::Hello {
+                    device_id: device.device_id.clone(),
+                    inventory: Some(inventory()),
+                    runtime,
+                    ..Default::default()
+                })),
+            };
+            for bad in ["tract\0".to_string(), "x".repeat(33)] {
+                let status = open(&mut client, with_runtime(bad.clone()))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err();
+                assert_eq!(
+                    status.code(),
+                    Code::InvalidArgument,
+                    "{db:?}: runtime {bad:?}: {status:?}"
+                );
+            }
+            let (_tx, mut stream) = open(&mut client, with_runtime("tract".into()))
+                .await
+                .unwrap();
+            welcome(&mut stream).await;
+            device.device_id
+        });
+        assert_eq!(server.device(&device_id)["runtime"], "tract", "{db:?}");
+    }
+}
+
 /// A metric's value in the server's `/metrics` text (0 when absent).
 fn metric(server: &Server, name_and_labels: &str) -> u64 {
     server
