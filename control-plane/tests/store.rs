@@ -102,6 +102,38 @@ impl Db {
             }
         }
     }
+
+    /// The plan of a query, one line per step (SQLite's EXPLAIN QUERY PLAN
+    /// details, PostgreSQL's EXPLAIN text with sequential scans disabled:
+    /// the test tables are too small for the planner to bother otherwise).
+    async fn query_plan(&self, sql: &str) -> Vec<String> {
+        use sqlx::Row;
+        match &self.backend {
+            Backend::Sqlite { .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                rows.iter().map(|r| r.get::<String, _>("detail")).collect()
+            }
+            Backend::Postgres { .. } => {
+                let mut conn = sqlx::PgConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                conn.execute("SET enable_seqscan = off").await.unwrap();
+                let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN {sql}")))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                rows.iter().map(|r| r.get::<String, _>(0)).collect()
+            }
+        }
+    }
 }
 
 impl Backend {
@@ -198,6 +230,7 @@ suite!(
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
     samples_stored_before_migration_3_are_converted,
+    raw_series_of_a_device_finds_its_window_by_index,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1196,6 +1229,39 @@ fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
         }
     }
     p
+}
+
+/// The rollout engine reads a device's raw batches ending in a window
+/// every few seconds per device of a running wave: the window is found by
+/// an index on (device_id, end_at), not by reading every retained batch of
+/// the device (migration 0007).
+async fn raw_series_of_a_device_finds_its_window_by_index(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    db.store
+        .ingest_telemetry(&hourly_batches("a", T0, 2, 1))
+        .await
+        .unwrap();
+    // The query of `model_series(.., Resolution::Raw)`.
+    let plan = db
+        .query_plan(&format!(
+            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
+             FROM telemetry_batches WHERE device_id = 'a' AND end_at >= {T0} AND end_at < {} \
+             ORDER BY start_at, sequence",
+            T0 + HOUR
+        ))
+        .await;
+    let uses_index = match db.backend {
+        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_end
+        // (device_id=? AND end_at>? AND end_at<?)
+        Backend::Sqlite { .. } => plan.iter().any(|step| {
+            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("end_at>")
+        }),
+        // Index Cond: ((device_id = 'a'::text) AND (end_at >= ..) AND (end_at < ..))
+        Backend::Postgres { .. } => plan
+            .iter()
+            .any(|step| step.contains("Index Cond") && step.contains("end_at")),
+    };
+    assert!(uses_index, "the window is not found by index: {plan:#?}");
 }
 
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
