@@ -741,6 +741,51 @@ fn a_hello_naming_a_nul_or_overlong_runtime_is_invalid() {
     }
 }
 
+/// Servers starting together on a fresh data dir and database agree on one
+/// CA, one release key and one admin token (each used to create its own:
+/// the last file written won, a server could be left with a CA key and
+/// another's certificate, and two admin tokens were stored, one in no
+/// file); a later start loads them.
+#[test]
+fn servers_starting_together_on_a_fresh_fleet_agree_on_its_keys() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = PgSchema::create();
+        let start = || Server::start(dir.path(), Some(&schema.url), &[]);
+        let servers: Vec<Server> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2).map(|_| scope.spawn(start)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let third = start();
+        let (ca, created) = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        let (release_key, created) = edgefleet_pki::ReleaseKey::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        let runtime = runtime();
+        let tokens = runtime
+            .block_on(open_store(&runtime, &third).count_operator_tokens())
+            .unwrap();
+        assert_eq!(tokens, 1, "round {round}: one admin token");
+        for server in servers.iter().chain([&third]) {
+            // The admin token in the file works on each (the CLI uses it).
+            let join_token = server.join_token(&[]);
+            let fingerprint = JoinTokenSecret::parse(&join_token).unwrap().ca_fingerprint;
+            assert_eq!(fingerprint, ca.fingerprint(), "round {round}: the CA");
+            let release_public_key = runtime.block_on(async {
+                let device = enroll_device(server).await;
+                let mut client = device_client(server, &device).await;
+                let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+                welcome(&mut stream).await.release_public_key
+            });
+            assert_eq!(
+                release_public_key,
+                release_key.public_key(),
+                "round {round}: the release key"
+            );
+        }
+    }
+}
+
 /// A metric's value in the server's `/metrics` text (0 when absent).
 fn metric(server: &Server, name_and_labels: &str) -> u64 {
     server

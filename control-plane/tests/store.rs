@@ -204,6 +204,7 @@ macro_rules! suite {
 
 suite!(
     operator_tokens_roundtrip,
+    the_first_operator_token_is_stored_once,
     enrollment_takes_a_use_and_copies_labels,
     enrollment_refusals,
     failed_device_insert_keeps_the_use,
@@ -384,6 +385,40 @@ async fn operator_tokens_roundtrip(db: &Db) {
     assert_eq!(db.store.count_operator_tokens().await.unwrap(), 2);
     // Same id again: an error, not a silent overwrite.
     assert!(db.store.insert_operator_token(&live).await.is_err());
+}
+
+/// Servers starting together each try to store a first admin token: the
+/// database takes exactly one, through separate stores (pools) as separate
+/// processes would.
+async fn the_first_operator_token_is_stored_once(db: &Db) {
+    let token = |i: usize| OperatorToken {
+        id: format!("first{i}"),
+        name: "admin".into(),
+        secret_hash: format!("{i:064x}"),
+        role: "admin".into(),
+        created_at: T0,
+        revoked_at: None,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = db.reopen().await.unwrap();
+        let token = token(i);
+        tasks.push(tokio::spawn(async move {
+            store.insert_first_operator_token(&token).await.unwrap()
+        }));
+    }
+    let mut inserted = 0;
+    for task in tasks {
+        inserted += usize::from(task.await.unwrap());
+    }
+    assert_eq!(inserted, 1);
+    assert_eq!(db.store.count_operator_tokens().await.unwrap(), 1);
+    assert!(
+        !db.store
+            .insert_first_operator_token(&token(9))
+            .await
+            .unwrap()
+    );
 }
 
 async fn enrollment_takes_a_use_and_copies_labels(db: &Db) {

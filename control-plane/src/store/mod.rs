@@ -308,6 +308,10 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
         secret_hash: &str,
     ) -> Result<Option<OperatorToken>, StoreError>;
     async fn count_operator_tokens(&self) -> Result<u64, StoreError>;
+    /// Inserts `token` only if there is no operator token at all (revoked
+    /// ones included); returns whether it did. Servers starting together on
+    /// one database insert one first token between them.
+    async fn insert_first_operator_token(&self, token: &OperatorToken) -> Result<bool, StoreError>;
 
     // ---- join tokens and enrollment
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;

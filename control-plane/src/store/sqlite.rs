@@ -227,6 +227,27 @@ impl Store for SqliteStore {
         Ok(from_db(n))
     }
 
+    async fn insert_first_operator_token(&self, token: &OperatorToken) -> Result<bool, StoreError> {
+        // The write transaction holds SQLite's write lock from its start.
+        let mut tx = self.write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, role, created_at, revoked_at) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM operator_tokens)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.secret_hash)
+        .bind(&token.role)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         sqlx::query(
