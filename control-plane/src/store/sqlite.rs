@@ -79,7 +79,11 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit is on disk before it is acknowledged. NORMAL in
+            // WAL mode may lose the last commits on a power loss: telemetry
+            // the agent deleted after its ack, enrollments, desired-state
+            // generations (which would then go backwards).
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory")
@@ -866,5 +870,25 @@ impl Store for SqliteStore {
             hours_rolled_up,
             batches_pruned: pruned,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commits_are_durable_before_they_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("edgefleet.db"))
+            .await
+            .unwrap();
+        for pool in [&store.writer, &store.reader] {
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(synchronous, 2, "PRAGMA synchronous = FULL");
+        }
     }
 }
