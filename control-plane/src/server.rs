@@ -344,15 +344,22 @@ async fn watch_revocations(
 /// Rolls raw telemetry up into hourly rows and prunes what is past retention.
 async fn roll_up(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let retention_ms = i64::try_from(cp.config.telemetry_retention.as_millis()).unwrap_or(i64::MAX);
+    let rollup_retention_ms =
+        i64::try_from(cp.config.rollup_retention.as_millis()).unwrap_or(i64::MAX);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(cp.config.rollup_interval) => {}
         }
-        match cp.store.rollup_and_prune(now_ms(), retention_ms).await {
+        match cp
+            .store
+            .rollup_and_prune(now_ms(), retention_ms, rollup_retention_ms)
+            .await
+        {
             Ok(report) => tracing::debug!(
                 hours = report.hours_rolled_up,
                 pruned = report.batches_pruned,
+                rollups_pruned = report.rollups_pruned,
                 "telemetry rolled up"
             ),
             Err(err) => tracing::warn!(error = %err, "cannot roll up telemetry"),

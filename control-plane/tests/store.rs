@@ -232,6 +232,8 @@ suite!(
     corrupt_protobuf_is_an_error,
     samples_stored_before_migration_3_are_converted,
     raw_series_of_a_device_finds_its_window_by_index,
+    batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
+    rollups_past_their_retention_are_deleted,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1322,7 +1324,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     // Retention 1h15: raw data ending before T0+1h15 may go, if rolled up.
     let report = db
         .store
-        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .rollup_and_prune(now, HOUR + 15 * 60_000, i64::MAX)
         .await
         .unwrap();
     assert_eq!(report.hours_rolled_up, 2);
@@ -1351,7 +1353,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     // Idempotent.
     let again = db
         .store
-        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .rollup_and_prune(now, HOUR + 15 * 60_000, i64::MAX)
         .await
         .unwrap();
     assert_eq!((again.hours_rolled_up, again.batches_pruned), (0, 0));
@@ -1364,7 +1366,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     );
 
     // Retention 0: everything rolled up goes, the current hour stays raw.
-    let report = db.store.rollup_and_prune(now, 0).await.unwrap();
+    let report = db.store.rollup_and_prune(now, 0, i64::MAX).await.unwrap();
     assert_eq!((report.hours_rolled_up, report.batches_pruned), (0, 4));
     assert_eq!(
         db.store.telemetry_sequences("a").await.unwrap(),
@@ -1389,17 +1391,84 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     );
 }
 
+/// A batch whose device clock is far ahead (or garbage: u64::MAX) is stored
+/// as ending at most a day after it was received, so its hour completes: it
+/// is rolled up and, past the retention, pruned like any other (it stayed
+/// forever).
+async fn batches_from_a_clock_far_ahead_are_rolled_up_and_pruned(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let received_at = T0 + 30 * 60_000;
+    let wire = edgefleet_proto::edgefleet::v1::TelemetryBatch {
+        sequence: 1,
+        device_id: "a".into(),
+        start_unix_ms: u64::MAX,
+        end_unix_ms: u64::MAX,
+        ..Default::default()
+    };
+    let record =
+        edgefleet_control_plane::convert::telemetry_from_pb("a", wire, received_at).unwrap();
+    assert_eq!(record.end_at, received_at + 24 * HOUR);
+    db.store.ingest_telemetry(&[record]).await.unwrap();
+    // Two days later, raw retention one hour.
+    let report = db
+        .store
+        .rollup_and_prune(T0 + 48 * HOUR, HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(report.batches_pruned, 1);
+    assert!(db.store.telemetry_sequences("a").await.unwrap().is_empty());
+}
+
+/// Hourly rollups are deleted once their hour ended longer ago than the
+/// rollup retention (nothing deleted them).
+async fn rollups_past_their_retention_are_deleted(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let batches = hourly_batches("a", T0, 3, 1);
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let now = T0 + 3 * HOUR + 60_000;
+    let report = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!((report.hours_rolled_up, report.rollups_pruned), (3, 0));
+    // Retention 1h30 at T0+3h01: hour T0 ended (T0+1h) before the cutoff
+    // (T0+1h31), hour T0+1h (ends T0+2h) did not.
+    let report = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, HOUR + 30 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!((report.hours_rolled_up, report.rollups_pruned), (0, 1));
+    let report = db
+        .store
+        .rollup_and_prune(now + HOUR, 24 * HOUR, HOUR + 30 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!(report.rollups_pruned, 1);
+    let hourly = db
+        .store
+        .model_series("a", T0, now, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(hourly, vec![expected_hour(&batches, T0 + 2 * HOUR)]);
+}
+
 async fn late_data_rewrites_its_hour(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     let mut batches = hourly_batches("a", T0, 1, 1);
     db.store.ingest_telemetry(&batches).await.unwrap();
     let now = T0 + HOUR + 60_000;
-    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    let r = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
     // Prune the raw data of that hour, then a late batch arrives for it.
     assert_eq!(
         db.store
-            .rollup_and_prune(now, 0)
+            .rollup_and_prune(now, 0, i64::MAX)
             .await
             .unwrap()
             .batches_pruned,
@@ -1419,7 +1488,11 @@ async fn late_data_rewrites_its_hour(db: &Db) {
         [true]
     );
     batches.push(late);
-    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    let r = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
     let hourly = db
         .store
@@ -1475,10 +1548,13 @@ async fn fleet_totals_count_each_hour_once(db: &Db) {
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // Rolled up (raw kept): each hour still counted once.
     let now = T0 + 2 * HOUR + 60_000;
-    db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    db.store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // Raw data of the rolled-up hours pruned: the rollups answer for them.
-    db.store.rollup_and_prune(now, 0).await.unwrap();
+    db.store.rollup_and_prune(now, 0, i64::MAX).await.unwrap();
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // A single whole hour.
     assert_eq!(

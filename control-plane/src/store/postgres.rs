@@ -801,6 +801,7 @@ impl Store for PgStore {
         &self,
         now: i64,
         retention_ms: i64,
+        rollup_retention_ms: i64,
     ) -> Result<RollupReport, StoreError> {
         let current_hour = hour_of(now);
         let mut tx = self.pool.begin().await?;
@@ -909,10 +910,21 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let pruned = from_db(pruned);
+        // Hours that ended before the rollup retention (`hour + 1h <= cutoff`,
+        // written so that no hour overflows).
+        let rollups_pruned = sqlx::query("DELETE FROM model_rollups_hourly WHERE hour <= $1")
+            .bind(
+                now.saturating_sub(rollup_retention_ms)
+                    .saturating_sub(HOUR_MS),
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(RollupReport {
             hours_rolled_up,
             batches_pruned: pruned,
+            rollups_pruned,
         })
     }
 }
