@@ -234,6 +234,7 @@ suite!(
     raw_series_of_a_device_finds_its_window_by_index,
     batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
     rollups_past_their_retention_are_deleted,
+    batches_stored_far_ahead_before_the_clamp_are_clamped,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -1417,6 +1418,45 @@ async fn batches_from_a_clock_far_ahead_are_rolled_up_and_pruned(db: &Db) {
         .unwrap();
     assert_eq!(report.batches_pruned, 1);
     assert!(db.store.telemetry_sequences("a").await.unwrap().is_empty());
+}
+
+/// Batches stored far ahead before the server clamped device times are
+/// clamped by migration 0008, then rolled up and pruned like the others.
+async fn batches_stored_far_ahead_before_the_clamp_are_clamped(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    db.store
+        .ingest_telemetry(&hourly_batches("a", T0, 1, 1))
+        .await
+        .unwrap();
+    // As stored before: a device clock at i64::MAX, and one an hour ahead
+    // (left alone).
+    db.raw(&format!(
+        "UPDATE telemetry_batches SET start_at = {max}, end_at = {max}, hour = {max_hour} \
+         WHERE sequence = 1; \
+         UPDATE telemetry_batches SET start_at = start_at + {HOUR}, end_at = end_at + {HOUR}, \
+         hour = hour + {HOUR} WHERE sequence = 2; \
+         DELETE FROM _sqlx_migrations WHERE version = 8",
+        max = i64::MAX,
+        max_hour = i64::MAX / HOUR * HOUR,
+    ))
+    .await;
+    let store = db.reopen().await.unwrap();
+    let raw = store
+        .model_series("a", 0, i64::MAX, Resolution::Raw)
+        .await
+        .unwrap();
+    let received_at = T0 + 10_500;
+    assert!(
+        raw.iter().any(|p| p.until == received_at + 24 * HOUR),
+        "{raw:#?}"
+    );
+    assert!(raw.iter().any(|p| p.at == T0 + 600_000 + HOUR), "{raw:#?}");
+    let report = store
+        .rollup_and_prune(T0 + 48 * HOUR, HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(report.batches_pruned, 6);
+    assert!(store.telemetry_sequences("a").await.unwrap().is_empty());
 }
 
 /// Hourly rollups are deleted once their hour ended longer ago than the
