@@ -263,7 +263,9 @@ async fn measure(kind: &'static str) -> anyhow::Result<Figures> {
     let backlog_rate = samples / backlog.as_secs_f64();
     eprintln!("{kind}: backlog in {backlog:.1?} ({backlog_rate:.0}/s)");
     let started = Instant::now();
-    let report = store.rollup_and_prune(T0 + HOUR + 1, 24 * HOUR).await?;
+    let report = store
+        .rollup_and_prune(T0 + HOUR + 1, 24 * HOUR, i64::MAX)
+        .await?;
     let rollup = started.elapsed();
     anyhow::ensure!(
         report.hours_rolled_up == (DEVICES * MODELS.len()) as u64,

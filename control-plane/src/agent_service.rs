@@ -350,6 +350,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         }
         let inventory = convert::inventory_from_pb(&hello.inventory.clone().unwrap_or_default())?;
         let models = convert::models_from_pb(&hello.models)?;
+        convert::check_text("runtime", &hello.runtime, convert::MAX_RUNTIME_LEN)?;
         let now = now_ms();
         cp.store
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)

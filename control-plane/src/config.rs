@@ -15,6 +15,8 @@ pub const DEFAULT_API_ADDR: &str = "127.0.0.1:7444";
 /// Dashboard and `/metrics`.
 pub const DEFAULT_HTTP_ADDR: &str = "127.0.0.1:7480";
 pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Hourly rollups are kept a bit over a year (a year-on-year comparison).
+pub const DEFAULT_ROLLUP_RETENTION: Duration = Duration::from_secs(400 * 24 * 3600);
 pub const DEFAULT_DEVICE_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Agents upload their 10 s batches grouped and gzip-compressed every 5
@@ -62,6 +64,9 @@ pub struct ServeArgs {
     /// How long raw telemetry is kept before only hourly rollups remain [default: 7d].
     #[arg(long, env = "EDGEFLEET_TELEMETRY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_retention: Option<Duration>,
+    /// How long hourly telemetry rollups are kept [default: 400d].
+    #[arg(long, env = "EDGEFLEET_ROLLUP_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub rollup_retention: Option<Duration>,
     /// Telemetry interval suggested to agents [default: 10s].
     #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_interval: Option<Duration>,
@@ -106,6 +111,7 @@ struct FileConfig {
     http_addr: Option<String>,
     server_names: Option<Vec<String>>,
     telemetry_retention: Option<String>,
+    rollup_retention: Option<String>,
     telemetry_interval: Option<String>,
     telemetry_upload_interval: Option<String>,
     device_certificate_validity: Option<String>,
@@ -124,6 +130,8 @@ pub struct ServerConfig {
     pub http_addr: SocketAddr,
     pub server_names: Vec<String>,
     pub telemetry_retention: Duration,
+    /// Hourly rollups of hours that ended longer ago are deleted.
+    pub rollup_retention: Duration,
     pub telemetry_interval: Duration,
     /// Suggested to agents in the Welcome; zero: each batch as it is made.
     pub telemetry_upload_interval: Duration,
@@ -159,6 +167,7 @@ impl ServerConfig {
             http_addr: parse(DEFAULT_HTTP_ADDR),
             server_names: Vec::new(),
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
+            rollup_retention: DEFAULT_ROLLUP_RETENTION,
             telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
             telemetry_upload_interval: DEFAULT_TELEMETRY_UPLOAD_INTERVAL,
             device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
@@ -255,6 +264,12 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "telemetry_retention",
         config.telemetry_retention,
     );
+    config.rollup_retention = duration(
+        args.rollup_retention,
+        file.rollup_retention,
+        "rollup_retention",
+        config.rollup_retention,
+    );
     config.telemetry_interval = duration(
         args.telemetry_interval,
         file.telemetry_interval,
@@ -267,6 +282,13 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "device_certificate_validity",
         config.device_certificate_validity,
     );
+    if config.rollup_retention < config.telemetry_retention {
+        problems.push(format!(
+            "rollup_retention ({}) must be at least telemetry_retention ({}): hourly rollups answer for raw telemetry once it is pruned",
+            humantime::format_duration(config.rollup_retention),
+            humantime::format_duration(config.telemetry_retention)
+        ));
+    }
     config.telemetry_upload_interval = match (
         args.telemetry_upload_interval,
         file.telemetry_upload_interval,
@@ -381,6 +403,29 @@ mod tests {
         assert!(err.contains("telemetry_upload_interval"), "{err}");
         assert!(
             err.contains("telemetry_interval must be longer than zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rollups_are_kept_400_days_unless_set_and_never_less_than_raw_telemetry() {
+        let config = resolve_args(&[]).unwrap();
+        assert_eq!(
+            config.rollup_retention,
+            Duration::from_secs(400 * 24 * 3600)
+        );
+        let config = resolve_args(&["--rollup-retention", "30d"]).unwrap();
+        assert_eq!(config.rollup_retention, Duration::from_secs(30 * 24 * 3600));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "rollup_retention = \"2y\"\n").unwrap();
+        let config = resolve_args(&["--config", file.to_str().unwrap()]).unwrap();
+        assert!(config.rollup_retention > Duration::from_secs(2 * 365 * 24 * 3600));
+        let err = resolve_args(&["--rollup-retention", "1d"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rollup_retention (1day) must be at least"),
             "{err}"
         );
     }

@@ -13,6 +13,13 @@ pub const MAX_EVENTS_PER_BATCH: usize = 10_000;
 pub const MAX_HISTOGRAM_BUCKETS: usize = 256;
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_MESSAGE_LEN: usize = 4_096;
+/// The runtime a device names (in its Hello and its telemetry):
+/// "onnxruntime" or "tract".
+pub const MAX_RUNTIME_LEN: usize = 32;
+/// A telemetry batch is stored as ending at most this far after the server
+/// received it (its start too): what a device's clock says beyond that is
+/// wrong.
+pub const MAX_CLOCK_AHEAD_MS: i64 = 24 * 3_600_000;
 
 /// INVALID_ARGUMENT when `value` is longer than `max` bytes or holds a NUL
 /// (PostgreSQL's text cannot store one, SQLite's can: both stores must take
@@ -220,14 +227,17 @@ pub fn telemetry_from_pb(
         })
         .collect::<Result<Vec<_>, Status>>()?;
     if let Some(device) = &batch.device {
-        check_text("device runtime", &device.runtime, 32)?;
+        check_text("device runtime", &device.runtime, MAX_RUNTIME_LEN)?;
     }
+    // A device clock far ahead (or garbage) would put the batch in an hour
+    // that never completes: never rolled up, so never pruned either.
+    let latest = received_at.saturating_add(MAX_CLOCK_AHEAD_MS);
     Ok(TelemetryRecord {
         device_id: device_id.to_string(),
         sequence: batch.sequence,
         received_at,
-        start_at: saturating_i64(batch.start_unix_ms),
-        end_at: saturating_i64(batch.end_unix_ms),
+        start_at: saturating_i64(batch.start_unix_ms).min(latest),
+        end_at: saturating_i64(batch.end_unix_ms).min(latest),
         models,
         device: batch.device,
         events,

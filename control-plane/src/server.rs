@@ -79,7 +79,16 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
-/// Creates the first admin token when the store has no operator token.
+/// Creates the first admin token when the store has no operator token;
+/// returns it when this start created it (to be printed).
+///
+/// `admin.token` is written (created, never replaced) before the token's
+/// row: a start that fails in between leaves the file, and the next start
+/// (finding no token in the database) stores the token the file holds, so
+/// operators always have the token the database accepts. Servers starting
+/// together on one data dir and database agree on one token the same way:
+/// the first to create the file names the token, the database takes one
+/// first token only.
 async fn ensure_admin_token(
     store: &dyn crate::store::Store,
     data_dir: &std::path::Path,
@@ -87,9 +96,25 @@ async fn ensure_admin_token(
     if store.count_operator_tokens().await? > 0 {
         return Ok(None);
     }
-    let (token, id) = edgefleet_pki::generate_operator_token();
-    store
-        .insert_operator_token(&OperatorToken {
+    let path = data_dir.join("admin.token");
+    let (generated, _) = edgefleet_pki::generate_operator_token();
+    let token = if edgefleet_pki::create_private_file(&path, format!("{generated}\n").as_bytes())? {
+        generated
+    } else {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let token = text.trim().to_string();
+        if edgefleet_pki::operator_token_id(&token).is_none() {
+            anyhow::bail!(
+                "{} does not hold an operator token and the database has none: remove the file to create a new admin token",
+                path.display()
+            );
+        }
+        token
+    };
+    let id = edgefleet_pki::operator_token_id(&token).unwrap_or_default();
+    let inserted = store
+        .insert_first_operator_token(&OperatorToken {
             id,
             name: "admin".into(),
             secret_hash: edgefleet_pki::hash_secret(&token),
@@ -98,9 +123,7 @@ async fn ensure_admin_token(
             revoked_at: None,
         })
         .await?;
-    let path = data_dir.join("admin.token");
-    edgefleet_pki::write_private_file(&path, format!("{token}\n").as_bytes())?;
-    Ok(Some(token))
+    Ok(inserted.then_some(token))
 }
 
 fn reflection() -> anyhow::Result<
@@ -321,15 +344,22 @@ async fn watch_revocations(
 /// Rolls raw telemetry up into hourly rows and prunes what is past retention.
 async fn roll_up(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let retention_ms = i64::try_from(cp.config.telemetry_retention.as_millis()).unwrap_or(i64::MAX);
+    let rollup_retention_ms =
+        i64::try_from(cp.config.rollup_retention.as_millis()).unwrap_or(i64::MAX);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(cp.config.rollup_interval) => {}
         }
-        match cp.store.rollup_and_prune(now_ms(), retention_ms).await {
+        match cp
+            .store
+            .rollup_and_prune(now_ms(), retention_ms, rollup_retention_ms)
+            .await
+        {
             Ok(report) => tracing::debug!(
                 hours = report.hours_rolled_up,
                 pruned = report.batches_pruned,
+                rollups_pruned = report.rollups_pruned,
                 "telemetry rolled up"
             ),
             Err(err) => tracing::warn!(error = %err, "cannot roll up telemetry"),

@@ -699,6 +699,93 @@ fn long_or_nul_free_text_from_a_device_is_stored_cut_never_refused() {
     }
 }
 
+/// The runtime a Hello names is checked like the inventory's text: a NUL
+/// (which PostgreSQL's text cannot store: every session would end
+/// UNAVAILABLE and the agent would retry forever) or an overlong name is
+/// INVALID_ARGUMENT on both stores, and a proper Hello still works.
+#[test]
+fn a_hello_naming_a_nul_or_overlong_runtime_is_invalid() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == Db::Postgres).then(PgSchema::create);
+        let server = Server::start(dir.path(), schema.as_ref().map(|s| s.url.as_str()), &[]);
+        let device_id = runtime().block_on(async {
+            let device = enroll_device(&server).await;
+            let mut client = device_client(&server, &device).await;
+            let with_runtime = |runtime: String| pb::AgentMessage {
+                kind: Some(Upstream::Hello(pb::Hello {
+                    device_id: device.device_id.clone(),
+                    inventory: Some(inventory()),
+                    runtime,
+                    ..Default::default()
+                })),
+            };
+            for bad in ["tract\0".to_string(), "x".repeat(33)] {
+                let status = open(&mut client, with_runtime(bad.clone()))
+                    .await
+                    .map(|_| ())
+                    .unwrap_err();
+                assert_eq!(
+                    status.code(),
+                    Code::InvalidArgument,
+                    "{db:?}: runtime {bad:?}: {status:?}"
+                );
+            }
+            let (_tx, mut stream) = open(&mut client, with_runtime("tract".into()))
+                .await
+                .unwrap();
+            welcome(&mut stream).await;
+            device.device_id
+        });
+        assert_eq!(server.device(&device_id)["runtime"], "tract", "{db:?}");
+    }
+}
+
+/// Servers starting together on a fresh data dir and database agree on one
+/// CA, one release key and one admin token (each used to create its own:
+/// the last file written won, a server could be left with a CA key and
+/// another's certificate, and two admin tokens were stored, one in no
+/// file); a later start loads them.
+#[test]
+fn servers_starting_together_on_a_fresh_fleet_agree_on_its_keys() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = PgSchema::create();
+        let start = || Server::start(dir.path(), Some(&schema.url), &[]);
+        let servers: Vec<Server> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..2).map(|_| scope.spawn(start)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let third = start();
+        let (ca, created) = CertificateAuthority::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        let (release_key, created) = edgefleet_pki::ReleaseKey::load_or_create(dir.path()).unwrap();
+        assert!(!created);
+        let runtime = runtime();
+        let tokens = runtime
+            .block_on(open_store(&runtime, &third).count_operator_tokens())
+            .unwrap();
+        assert_eq!(tokens, 1, "round {round}: one admin token");
+        for server in servers.iter().chain([&third]) {
+            // The admin token in the file works on each (the CLI uses it).
+            let join_token = server.join_token(&[]);
+            let fingerprint = JoinTokenSecret::parse(&join_token).unwrap().ca_fingerprint;
+            assert_eq!(fingerprint, ca.fingerprint(), "round {round}: the CA");
+            let release_public_key = runtime.block_on(async {
+                let device = enroll_device(server).await;
+                let mut client = device_client(server, &device).await;
+                let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+                welcome(&mut stream).await.release_public_key
+            });
+            assert_eq!(
+                release_public_key,
+                release_key.public_key(),
+                "round {round}: the release key"
+            );
+        }
+    }
+}
+
 /// A metric's value in the server's `/metrics` text (0 when absent).
 fn metric(server: &Server, name_and_labels: &str) -> u64 {
     server

@@ -102,6 +102,38 @@ impl Db {
             }
         }
     }
+
+    /// The plan of a query, one line per step (SQLite's EXPLAIN QUERY PLAN
+    /// details, PostgreSQL's EXPLAIN text with sequential scans disabled:
+    /// the test tables are too small for the planner to bother otherwise).
+    async fn query_plan(&self, sql: &str) -> Vec<String> {
+        use sqlx::Row;
+        match &self.backend {
+            Backend::Sqlite { .. } => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                rows.iter().map(|r| r.get::<String, _>("detail")).collect()
+            }
+            Backend::Postgres { .. } => {
+                let mut conn = sqlx::PgConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                conn.execute("SET enable_seqscan = off").await.unwrap();
+                let rows = sqlx::query(AssertSqlSafe(format!("EXPLAIN {sql}")))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap();
+                conn.close().await.unwrap();
+                rows.iter().map(|r| r.get::<String, _>(0)).collect()
+            }
+        }
+    }
 }
 
 impl Backend {
@@ -172,6 +204,7 @@ macro_rules! suite {
 
 suite!(
     operator_tokens_roundtrip,
+    the_first_operator_token_is_stored_once,
     enrollment_takes_a_use_and_copies_labels,
     enrollment_refusals,
     failed_device_insert_keeps_the_use,
@@ -198,6 +231,10 @@ suite!(
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
     samples_stored_before_migration_3_are_converted,
+    raw_series_of_a_device_finds_its_window_by_index,
+    batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
+    rollups_past_their_retention_are_deleted,
+    batches_stored_far_ahead_before_the_clamp_are_clamped,
 );
 
 // ---------------------------------------------------------------- helpers
@@ -351,6 +388,40 @@ async fn operator_tokens_roundtrip(db: &Db) {
     assert_eq!(db.store.count_operator_tokens().await.unwrap(), 2);
     // Same id again: an error, not a silent overwrite.
     assert!(db.store.insert_operator_token(&live).await.is_err());
+}
+
+/// Servers starting together each try to store a first admin token: the
+/// database takes exactly one, through separate stores (pools) as separate
+/// processes would.
+async fn the_first_operator_token_is_stored_once(db: &Db) {
+    let token = |i: usize| OperatorToken {
+        id: format!("first{i}"),
+        name: "admin".into(),
+        secret_hash: format!("{i:064x}"),
+        role: "admin".into(),
+        created_at: T0,
+        revoked_at: None,
+    };
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let store = db.reopen().await.unwrap();
+        let token = token(i);
+        tasks.push(tokio::spawn(async move {
+            store.insert_first_operator_token(&token).await.unwrap()
+        }));
+    }
+    let mut inserted = 0;
+    for task in tasks {
+        inserted += usize::from(task.await.unwrap());
+    }
+    assert_eq!(inserted, 1);
+    assert_eq!(db.store.count_operator_tokens().await.unwrap(), 1);
+    assert!(
+        !db.store
+            .insert_first_operator_token(&token(9))
+            .await
+            .unwrap()
+    );
 }
 
 async fn enrollment_takes_a_use_and_copies_labels(db: &Db) {
@@ -1198,6 +1269,39 @@ fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
     p
 }
 
+/// The rollout engine reads a device's raw batches ending in a window
+/// every few seconds per device of a running wave: the window is found by
+/// an index on (device_id, end_at), not by reading every retained batch of
+/// the device (migration 0007).
+async fn raw_series_of_a_device_finds_its_window_by_index(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    db.store
+        .ingest_telemetry(&hourly_batches("a", T0, 2, 1))
+        .await
+        .unwrap();
+    // The query of `model_series(.., Resolution::Raw)`.
+    let plan = db
+        .query_plan(&format!(
+            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
+             FROM telemetry_batches WHERE device_id = 'a' AND end_at >= {T0} AND end_at < {} \
+             ORDER BY start_at, sequence",
+            T0 + HOUR
+        ))
+        .await;
+    let uses_index = match db.backend {
+        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_end
+        // (device_id=? AND end_at>? AND end_at<?)
+        Backend::Sqlite { .. } => plan.iter().any(|step| {
+            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("end_at>")
+        }),
+        // Index Cond: ((device_id = 'a'::text) AND (end_at >= ..) AND (end_at < ..))
+        Backend::Postgres { .. } => plan
+            .iter()
+            .any(|step| step.contains("Index Cond") && step.contains("end_at")),
+    };
+    assert!(uses_index, "the window is not found by index: {plan:#?}");
+}
+
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     // Hours T0, T0+1h, T0+2h; "now" is T0+2h30: the first two are complete.
@@ -1221,7 +1325,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     // Retention 1h15: raw data ending before T0+1h15 may go, if rolled up.
     let report = db
         .store
-        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .rollup_and_prune(now, HOUR + 15 * 60_000, i64::MAX)
         .await
         .unwrap();
     assert_eq!(report.hours_rolled_up, 2);
@@ -1250,7 +1354,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     // Idempotent.
     let again = db
         .store
-        .rollup_and_prune(now, HOUR + 15 * 60_000)
+        .rollup_and_prune(now, HOUR + 15 * 60_000, i64::MAX)
         .await
         .unwrap();
     assert_eq!((again.hours_rolled_up, again.batches_pruned), (0, 0));
@@ -1263,7 +1367,7 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     );
 
     // Retention 0: everything rolled up goes, the current hour stays raw.
-    let report = db.store.rollup_and_prune(now, 0).await.unwrap();
+    let report = db.store.rollup_and_prune(now, 0, i64::MAX).await.unwrap();
     assert_eq!((report.hours_rolled_up, report.batches_pruned), (0, 4));
     assert_eq!(
         db.store.telemetry_sequences("a").await.unwrap(),
@@ -1288,17 +1392,123 @@ async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
     );
 }
 
+/// A batch whose device clock is far ahead (or garbage: u64::MAX) is stored
+/// as ending at most a day after it was received, so its hour completes: it
+/// is rolled up and, past the retention, pruned like any other (it stayed
+/// forever).
+async fn batches_from_a_clock_far_ahead_are_rolled_up_and_pruned(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let received_at = T0 + 30 * 60_000;
+    let wire = edgefleet_proto::edgefleet::v1::TelemetryBatch {
+        sequence: 1,
+        device_id: "a".into(),
+        start_unix_ms: u64::MAX,
+        end_unix_ms: u64::MAX,
+        ..Default::default()
+    };
+    let record =
+        edgefleet_control_plane::convert::telemetry_from_pb("a", wire, received_at).unwrap();
+    assert_eq!(record.end_at, received_at + 24 * HOUR);
+    db.store.ingest_telemetry(&[record]).await.unwrap();
+    // Two days later, raw retention one hour.
+    let report = db
+        .store
+        .rollup_and_prune(T0 + 48 * HOUR, HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(report.batches_pruned, 1);
+    assert!(db.store.telemetry_sequences("a").await.unwrap().is_empty());
+}
+
+/// Batches stored far ahead before the server clamped device times are
+/// clamped by migration 0008, then rolled up and pruned like the others.
+async fn batches_stored_far_ahead_before_the_clamp_are_clamped(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    db.store
+        .ingest_telemetry(&hourly_batches("a", T0, 1, 1))
+        .await
+        .unwrap();
+    // As stored before: a device clock at i64::MAX, and one an hour ahead
+    // (left alone).
+    db.raw(&format!(
+        "UPDATE telemetry_batches SET start_at = {max}, end_at = {max}, hour = {max_hour} \
+         WHERE sequence = 1; \
+         UPDATE telemetry_batches SET start_at = start_at + {HOUR}, end_at = end_at + {HOUR}, \
+         hour = hour + {HOUR} WHERE sequence = 2; \
+         DELETE FROM _sqlx_migrations WHERE version = 8",
+        max = i64::MAX,
+        max_hour = i64::MAX / HOUR * HOUR,
+    ))
+    .await;
+    let store = db.reopen().await.unwrap();
+    let raw = store
+        .model_series("a", 0, i64::MAX, Resolution::Raw)
+        .await
+        .unwrap();
+    let received_at = T0 + 10_500;
+    assert!(
+        raw.iter().any(|p| p.until == received_at + 24 * HOUR),
+        "{raw:#?}"
+    );
+    assert!(raw.iter().any(|p| p.at == T0 + 600_000 + HOUR), "{raw:#?}");
+    let report = store
+        .rollup_and_prune(T0 + 48 * HOUR, HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!(report.batches_pruned, 6);
+    assert!(store.telemetry_sequences("a").await.unwrap().is_empty());
+}
+
+/// Hourly rollups are deleted once their hour ended longer ago than the
+/// rollup retention (nothing deleted them).
+async fn rollups_past_their_retention_are_deleted(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let batches = hourly_batches("a", T0, 3, 1);
+    db.store.ingest_telemetry(&batches).await.unwrap();
+    let now = T0 + 3 * HOUR + 60_000;
+    let report = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
+    assert_eq!((report.hours_rolled_up, report.rollups_pruned), (3, 0));
+    // Retention 1h30 at T0+3h01: hour T0 ended (T0+1h) before the cutoff
+    // (T0+1h31), hour T0+1h (ends T0+2h) did not.
+    let report = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, HOUR + 30 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!((report.hours_rolled_up, report.rollups_pruned), (0, 1));
+    let report = db
+        .store
+        .rollup_and_prune(now + HOUR, 24 * HOUR, HOUR + 30 * 60_000)
+        .await
+        .unwrap();
+    assert_eq!(report.rollups_pruned, 1);
+    let hourly = db
+        .store
+        .model_series("a", T0, now, Resolution::Hourly)
+        .await
+        .unwrap();
+    assert_eq!(hourly, vec![expected_hour(&batches, T0 + 2 * HOUR)]);
+}
+
 async fn late_data_rewrites_its_hour(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     let mut batches = hourly_batches("a", T0, 1, 1);
     db.store.ingest_telemetry(&batches).await.unwrap();
     let now = T0 + HOUR + 60_000;
-    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    let r = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
     // Prune the raw data of that hour, then a late batch arrives for it.
     assert_eq!(
         db.store
-            .rollup_and_prune(now, 0)
+            .rollup_and_prune(now, 0, i64::MAX)
             .await
             .unwrap()
             .batches_pruned,
@@ -1318,7 +1528,11 @@ async fn late_data_rewrites_its_hour(db: &Db) {
         [true]
     );
     batches.push(late);
-    let r = db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    let r = db
+        .store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!((r.hours_rolled_up, r.batches_pruned), (1, 0));
     let hourly = db
         .store
@@ -1374,10 +1588,13 @@ async fn fleet_totals_count_each_hour_once(db: &Db) {
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // Rolled up (raw kept): each hour still counted once.
     let now = T0 + 2 * HOUR + 60_000;
-    db.store.rollup_and_prune(now, 24 * HOUR).await.unwrap();
+    db.store
+        .rollup_and_prune(now, 24 * HOUR, i64::MAX)
+        .await
+        .unwrap();
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // Raw data of the rolled-up hours pruned: the rollups answer for them.
-    db.store.rollup_and_prune(now, 0).await.unwrap();
+    db.store.rollup_and_prune(now, 0, i64::MAX).await.unwrap();
     assert_eq!(db.store.fleet_model_totals(from, until).await.unwrap(), all);
     // A single whole hour.
     assert_eq!(

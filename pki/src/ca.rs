@@ -15,7 +15,11 @@ use crate::certs::{
     fingerprint_der, now_plus, parse_certificate_pem, parse_x509, serial_hex, to_offset_date_time,
 };
 use crate::error::{PkiError, Result};
-use crate::files::{write_private_file, write_public_file};
+use crate::files::{create_private_file, create_public_file};
+
+/// How long a server that finds the CA key without its certificate waits for
+/// the server creating them to write the certificate.
+const CERTIFICATE_WAIT: Duration = Duration::from_secs(5);
 
 /// File name of the CA certificate inside the CA directory.
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -88,35 +92,36 @@ impl CertificateAuthority {
     /// 0600, the directory if missing) when neither exists. Returns the CA and
     /// whether it was created. Fails if only one of the files exists, if they
     /// don't belong together, or if the certificate is not a CA.
+    ///
+    /// Servers starting together on one (shared) data dir agree on one CA:
+    /// the files are created, never replaced (the key first, as the token of
+    /// the creator), and a server that finds a key without its certificate
+    /// waits a while for the one creating them.
     pub fn load_or_create(dir: &Path) -> Result<(CertificateAuthority, bool)> {
         let cert_path = dir.join(CA_CERT_FILE);
         let key_path = dir.join(CA_KEY_FILE);
         let cert_exists = exists(&cert_path)?;
         let key_exists = exists(&key_path)?;
         match (cert_exists, key_exists) {
-            (true, true) => {
-                let cert_pem =
-                    std::fs::read_to_string(&cert_path).map_err(|e| PkiError::io(&cert_path, e))?;
-                let key_pem =
-                    std::fs::read_to_string(&key_path).map_err(|e| PkiError::io(&key_path, e))?;
-                warn_if_key_readable_by_others(&key_path);
-                let ca = Self::from_pem(&cert_pem, &key_pem).map_err(|e| {
-                    PkiError::Certificate(format!(
-                        "CA in {}: {}",
-                        dir.display(),
-                        e.to_string().trim_start_matches("certificate error: ")
-                    ))
-                })?;
-                Ok((ca, false))
-            }
+            (true, true) => Self::load(dir),
             (false, false) => {
                 std::fs::create_dir_all(dir).map_err(|e| PkiError::io(dir, e))?;
                 let (ca, key_pem) = Self::generate()?;
                 // The key first: a crash in between leaves a key without a
                 // certificate, which the next start reports instead of
                 // silently replacing.
-                write_private_file(&key_path, key_pem.as_bytes())?;
-                write_public_file(&cert_path, ca.certificate_pem.as_bytes())?;
+                if !create_private_file(&key_path, key_pem.as_bytes())? {
+                    // Another server is creating the CA: use its.
+                    return Self::load_once_certified(dir);
+                }
+                if !create_public_file(&cert_path, ca.certificate_pem.as_bytes())? {
+                    return Err(PkiError::Certificate(format!(
+                        "{} appeared while this server was creating the CA: remove {} and {} to create a new CA",
+                        cert_path.display(),
+                        key_path.display(),
+                        cert_path.display()
+                    )));
+                }
                 Ok((ca, true))
             }
             (true, false) => Err(PkiError::Certificate(format!(
@@ -124,12 +129,45 @@ impl CertificateAuthority {
                 cert_path.display(),
                 key_path.display()
             ))),
-            (false, true) => Err(PkiError::Certificate(format!(
-                "{} exists but {} does not: restore the CA certificate, or remove the key to create a new CA (every device must then enroll again)",
-                key_path.display(),
-                cert_path.display()
-            ))),
+            (false, true) => Self::load_once_certified(dir),
         }
+    }
+
+    /// Loads the CA once its certificate is there: another server that has
+    /// written the key writes the certificate right after. A key alone for
+    /// longer is an error.
+    fn load_once_certified(dir: &Path) -> Result<(CertificateAuthority, bool)> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let deadline = std::time::Instant::now() + CERTIFICATE_WAIT;
+        while !exists(&cert_path)? {
+            if std::time::Instant::now() >= deadline {
+                return Err(PkiError::Certificate(format!(
+                    "{} exists but {} does not: restore the CA certificate, or remove the key to create a new CA (every device must then enroll again)",
+                    key_path.display(),
+                    cert_path.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self::load(dir)
+    }
+
+    fn load(dir: &Path) -> Result<(CertificateAuthority, bool)> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| PkiError::io(&cert_path, e))?;
+        let key_pem = std::fs::read_to_string(&key_path).map_err(|e| PkiError::io(&key_path, e))?;
+        warn_if_key_readable_by_others(&key_path);
+        let ca = Self::from_pem(&cert_pem, &key_pem).map_err(|e| {
+            PkiError::Certificate(format!(
+                "CA in {}: {}",
+                dir.display(),
+                e.to_string().trim_start_matches("certificate error: ")
+            ))
+        })?;
+        Ok((ca, false))
     }
 
     /// A new CA in memory. Returns it with its private key (PKCS#8 PEM).
@@ -431,6 +469,7 @@ mod tests {
     use super::*;
     use crate::certs::{certificate_info_pem, fingerprint_pem};
     use crate::device::{device_csr, generate_device_key};
+    use crate::files::{write_private_file, write_public_file};
     use x509_parser::extensions::{GeneralName, ParsedExtension};
 
     const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -515,6 +554,36 @@ mod tests {
         let years = (info.not_after_unix_ms - now_ms()) as f64 / (365.25 * 86_400_000.0);
         assert!((9.9..10.1).contains(&years), "{years}");
         cert.verify_signature(None).unwrap();
+    }
+
+    #[test]
+    fn servers_creating_the_ca_together_agree_on_one() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let results: Vec<(String, bool)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let (ca, created) =
+                                CertificateAuthority::load_or_create(dir.path()).unwrap();
+                            (ca.fingerprint(), created)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(
+                results.iter().filter(|(_, created)| *created).count(),
+                1,
+                "{results:?}"
+            );
+            let (again, created) = CertificateAuthority::load_or_create(dir.path()).unwrap();
+            assert!(!created);
+            assert!(
+                results.iter().all(|(fp, _)| *fp == again.fingerprint()),
+                "{results:?}"
+            );
+        }
     }
 
     #[test]

@@ -19,7 +19,58 @@ pub fn write_public_file(path: &Path, contents: &[u8]) -> Result<()> {
     write_atomically(path, contents, 0o644)
 }
 
-fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+/// Creates a private file (0600) with `contents`, unless `path` already
+/// exists: returns whether this call created it. Never replaces a file, and
+/// the file appears whole (written to a temporary file, then hard-linked to
+/// `path`), so processes racing to create the same file, even on a shared
+/// file system, end with exactly one winner whose contents all of them can
+/// read.
+pub fn create_private_file(path: &Path, contents: &[u8]) -> Result<bool> {
+    create_once(path, contents, 0o600)
+}
+
+/// [`create_private_file`] for a public file (0644).
+pub fn create_public_file(path: &Path, contents: &[u8]) -> Result<bool> {
+    create_once(path, contents, 0o644)
+}
+
+fn create_once(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
+    let (dir, tmp) = temporary_path(path)?;
+    let result = (|| {
+        let mut file = create_new(&tmp, mode).map_err(|e| PkiError::io(&tmp, e))?;
+        file.write_all(contents)
+            .map_err(|e| PkiError::io(&tmp, e))?;
+        file.sync_all().map_err(|e| PkiError::io(&tmp, e))?;
+        drop(file);
+        match fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(link_error) => {
+                // A file system without hard links: exclusive creation still
+                // picks one winner (a racing reader may see it partly written).
+                let mut file = match create_new(path, mode) {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+                    Err(_) => return Err(PkiError::io(path, link_error)),
+                };
+                file.write_all(contents)
+                    .and_then(|()| file.sync_all())
+                    .map_err(|e| PkiError::io(path, e))?;
+                Ok(true)
+            }
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    if let Ok(true) = result
+        && let Ok(d) = File::open(&dir)
+    {
+        let _ = d.sync_all();
+    }
+    result
+}
+
+/// The directory of `path` and a fresh temporary path next to it.
+fn temporary_path(path: &Path) -> Result<(PathBuf, PathBuf)> {
     let file_name = path
         .file_name()
         .ok_or_else(|| {
@@ -39,6 +90,11 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         std::process::id(),
         rand::random::<u64>()
     ));
+    Ok((dir, tmp))
+}
+
+fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let (dir, tmp) = temporary_path(path)?;
 
     let result = (|| {
         let mut file = create_new(&tmp, mode).map_err(|e| PkiError::io(&tmp, e))?;
@@ -109,6 +165,51 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn created_files_are_never_replaced_and_racers_agree_on_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("a.key");
+        assert!(create_private_file(&key, b"one").unwrap());
+        assert!(!create_private_file(&key, b"two").unwrap());
+        assert_eq!(fs::read(&key).unwrap(), b"one");
+        let crt = dir.path().join("a.crt");
+        assert!(create_public_file(&crt, b"cert").unwrap());
+        #[cfg(unix)]
+        {
+            assert_eq!(mode(&key), 0o600);
+            assert_eq!(mode(&crt), 0o644);
+        }
+        // Racing creators: exactly one wins, and the file holds its contents.
+        let raced = dir.path().join("raced.key");
+        let winners: Vec<(usize, bool)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let raced = &raced;
+                    scope.spawn(move || {
+                        (
+                            i,
+                            create_private_file(raced, format!("{i}").as_bytes()).unwrap(),
+                        )
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let won: Vec<usize> = winners
+            .iter()
+            .filter(|(_, w)| *w)
+            .map(|(i, _)| *i)
+            .collect();
+        assert_eq!(won.len(), 1, "{winners:?}");
+        assert_eq!(fs::read_to_string(&raced).unwrap(), won[0].to_string());
+        // No temporary files left behind.
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
     }
 
     #[test]

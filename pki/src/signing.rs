@@ -7,7 +7,7 @@ use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::error::{PkiError, Result};
-use crate::files::write_private_file;
+use crate::files::create_private_file;
 
 /// File name of the release key (PKCS#8 DER) in the server's data dir.
 pub const RELEASE_KEY_FILE: &str = "release.key";
@@ -34,24 +34,31 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 
 impl ReleaseKey {
     /// Loads `DIR/release.key`, or creates it (0600). Returns (key, created).
+    /// The file is created, never replaced: servers starting together on one
+    /// (shared) data dir all end with the key of the one that created it.
     pub fn load_or_create(dir: &Path) -> Result<(ReleaseKey, bool)> {
         let path: PathBuf = dir.join(RELEASE_KEY_FILE);
-        match std::fs::read(&path) {
-            Ok(der) => {
-                let pair = Ed25519KeyPair::from_pkcs8(&der).map_err(|e| {
+        let load = |der: &[u8]| {
+            Ed25519KeyPair::from_pkcs8(der)
+                .map(|pair| ReleaseKey { pair })
+                .map_err(|e| {
                     PkiError::InvalidKey(format!("{} is not an Ed25519 key: {e}", path.display()))
-                })?;
-                Ok((ReleaseKey { pair }, false))
-            }
+                })
+        };
+        match std::fs::read(&path) {
+            Ok(der) => Ok((load(&der)?, false)),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
                 let der = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|e| {
                     PkiError::InvalidKey(format!("cannot generate a release key: {e}"))
                 })?;
                 std::fs::create_dir_all(dir).map_err(io_error(dir))?;
-                write_private_file(&path, der.as_ref())?;
-                let pair = Ed25519KeyPair::from_pkcs8(der.as_ref())
-                    .map_err(|e| PkiError::InvalidKey(e.to_string()))?;
-                Ok((ReleaseKey { pair }, true))
+                if create_private_file(&path, der.as_ref())? {
+                    Ok((load(der.as_ref())?, true))
+                } else {
+                    // Another server created it meanwhile.
+                    let der = std::fs::read(&path).map_err(io_error(&path))?;
+                    Ok((load(&der)?, false))
+                }
             }
             Err(err) => Err(io_error(&path)(err)),
         }
@@ -123,6 +130,28 @@ pub fn verify_model_signature(public_key: &[u8], sha256_hex: &str, signature: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_creating_the_release_key_together_agree_on_one() {
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let results: Vec<(Vec<u8>, bool)> = std::thread::scope(|scope| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        scope.spawn(|| {
+                            let (key, created) = ReleaseKey::load_or_create(dir.path()).unwrap();
+                            (key.public_key(), created)
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1);
+            let (again, created) = ReleaseKey::load_or_create(dir.path()).unwrap();
+            assert!(!created);
+            assert!(results.iter().all(|(key, _)| *key == again.public_key()));
+        }
+    }
 
     #[test]
     fn an_operator_key_file_loads_from_der_or_pem_and_garbage_is_refused() {

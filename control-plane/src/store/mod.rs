@@ -291,6 +291,8 @@ pub struct RollupReport {
     pub hours_rolled_up: u64,
     /// Raw telemetry batches deleted for being older than the retention.
     pub batches_pruned: u64,
+    /// Hourly rollup rows deleted for being older than their retention.
+    pub rollups_pruned: u64,
 }
 
 /// The storage interface. Every method is one transaction: it either happens
@@ -308,6 +310,10 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
         secret_hash: &str,
     ) -> Result<Option<OperatorToken>, StoreError>;
     async fn count_operator_tokens(&self) -> Result<u64, StoreError>;
+    /// Inserts `token` only if there is no operator token at all (revoked
+    /// ones included); returns whether it did. Servers starting together on
+    /// one database insert one first token between them.
+    async fn insert_first_operator_token(&self, token: &OperatorToken) -> Result<bool, StoreError>;
 
     // ---- join tokens and enrollment
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;
@@ -428,10 +434,12 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// (before `now`'s hour) that has raw data, merging histograms; rewrites
     /// an hour when late data arrived for it. Then deletes raw batches (and
     /// their samples and events) whose end is older than `now - retention_ms`,
-    /// but only once their hour is rolled up. Idempotent.
+    /// but only once their hour is rolled up, and the hourly rows of hours
+    /// that ended before `now - rollup_retention_ms`. Idempotent.
     async fn rollup_and_prune(
         &self,
         now: i64,
         retention_ms: i64,
+        rollup_retention_ms: i64,
     ) -> Result<RollupReport, StoreError>;
 }

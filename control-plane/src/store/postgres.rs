@@ -181,6 +181,33 @@ impl Store for PgStore {
         Ok(from_db(n))
     }
 
+    async fn insert_first_operator_token(&self, token: &OperatorToken) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        // Without the lock, two transactions each see no token (neither sees
+        // the other's uncommitted row) and both insert.
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.first_operator_token'))",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, role, created_at, revoked_at) \
+             SELECT $1, $2, $3, $4, $5, $6 WHERE NOT EXISTS (SELECT 1 FROM operator_tokens)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.secret_hash)
+        .bind(&token.role)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by) \
@@ -774,6 +801,7 @@ impl Store for PgStore {
         &self,
         now: i64,
         retention_ms: i64,
+        rollup_retention_ms: i64,
     ) -> Result<RollupReport, StoreError> {
         let current_hour = hour_of(now);
         let mut tx = self.pool.begin().await?;
@@ -882,10 +910,21 @@ impl Store for PgStore {
         .fetch_one(&mut *tx)
         .await?;
         let pruned = from_db(pruned);
+        // Hours that ended before the rollup retention (`hour + 1h <= cutoff`,
+        // written so that no hour overflows).
+        let rollups_pruned = sqlx::query("DELETE FROM model_rollups_hourly WHERE hour <= $1")
+            .bind(
+                now.saturating_sub(rollup_retention_ms)
+                    .saturating_sub(HOUR_MS),
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(RollupReport {
             hours_rolled_up,
             batches_pruned: pruned,
+            rollups_pruned,
         })
     }
 }

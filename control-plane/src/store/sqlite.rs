@@ -79,7 +79,11 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: a commit is on disk before it is acknowledged. NORMAL in
+            // WAL mode may lose the last commits on a power loss: telemetry
+            // the agent deleted after its ack, enrollments, desired-state
+            // generations (which would then go backwards).
+            .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
             .pragma("temp_store", "memory")
@@ -225,6 +229,27 @@ impl Store for SqliteStore {
             .fetch_one(&self.reader)
             .await?;
         Ok(from_db(n))
+    }
+
+    async fn insert_first_operator_token(&self, token: &OperatorToken) -> Result<bool, StoreError> {
+        // The write transaction holds SQLite's write lock from its start.
+        let mut tx = self.write().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO operator_tokens (id, name, secret_hash, role, created_at, revoked_at) \
+             SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM operator_tokens)",
+        )
+        .bind(&token.id)
+        .bind(&token.name)
+        .bind(&token.secret_hash)
+        .bind(&token.role)
+        .bind(token.created_at)
+        .bind(token.revoked_at)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            > 0;
+        tx.commit().await?;
+        Ok(inserted)
     }
 
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
@@ -776,6 +801,7 @@ impl Store for SqliteStore {
         &self,
         now: i64,
         retention_ms: i64,
+        rollup_retention_ms: i64,
     ) -> Result<RollupReport, StoreError> {
         let current_hour = hour_of(now);
         let mut tx = self.write().await?;
@@ -840,10 +866,41 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+        // Hours that ended before the rollup retention (`hour + 1h <= cutoff`,
+        // written so that no hour overflows).
+        let rollups_pruned = sqlx::query("DELETE FROM model_rollups_hourly WHERE hour <= ?")
+            .bind(
+                now.saturating_sub(rollup_retention_ms)
+                    .saturating_sub(HOUR_MS),
+            )
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         tx.commit().await?;
         Ok(RollupReport {
             hours_rolled_up,
             batches_pruned: pruned,
+            rollups_pruned,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commits_are_durable_before_they_are_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("edgefleet.db"))
+            .await
+            .unwrap();
+        for pool in [&store.writer, &store.reader] {
+            let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            assert_eq!(synchronous, 2, "PRAGMA synchronous = FULL");
+        }
     }
 }
