@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgefleet_pki::CertificateAuthority;
-use edgefleet_proto::edgefleet::v1::agent_service_server::AgentServiceServer;
-use edgefleet_proto::edgefleet::v1::model_service_server::ModelServiceServer;
-use edgefleet_proto::edgefleet::v1::operator_service_server::OperatorServiceServer;
-use edgefleet_proto::edgefleet::v1::rollout_service_server::RolloutServiceServer;
+use edgefleet_proto::edgefleet::v1::agent_service_server::{self, AgentServiceServer};
+use edgefleet_proto::edgefleet::v1::model_service_server::{self, ModelServiceServer};
+use edgefleet_proto::edgefleet::v1::operator_service_server::{self, OperatorServiceServer};
+use edgefleet_proto::edgefleet::v1::rollout_service_server::{self, RolloutServiceServer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -103,15 +103,24 @@ async fn ensure_admin_token(
     Ok(Some(token))
 }
 
-fn reflection() -> anyhow::Result<
+/// gRPC reflection listing exactly `services`, plus the health and
+/// reflection services every listener serves too.
+fn reflection(
+    services: &[&str],
+) -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(edgefleet_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build gRPC reflection")
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(edgefleet_proto::EDGEFLEET_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME);
+    for service in services {
+        builder = builder.with_service_name(*service);
+    }
+    builder.build_v1().context("cannot build gRPC reflection")
 }
 
 /// Starts the control plane; returns once every listener is bound.
@@ -177,7 +186,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .http2_keepalive_interval(Some(config.agent_keepalive_interval()))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
-        .add_service(reflection()?)
+        .add_service(reflection(&[agent_service_server::SERVICE_NAME])?)
         .add_service(agent_service)
         .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     tasks.push(tokio::spawn(async move {
@@ -190,11 +199,18 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .set_serving::<OperatorServiceServer<OperatorApi>>()
         .await;
     health_reporter
+        .set_serving::<RolloutServiceServer<RolloutApi>>()
+        .await;
+    health_reporter
         .set_serving::<ModelServiceServer<ModelApi>>()
         .await;
     let operator_router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection()?)
+        .add_service(reflection(&[
+            operator_service_server::SERVICE_NAME,
+            rollout_service_server::SERVICE_NAME,
+            model_service_server::SERVICE_NAME,
+        ])?)
         .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(
             &cp,
         ))))

@@ -880,3 +880,115 @@ fn telemetry_waits_for_the_upload_interval_but_urgent_events_go_at_once() {
     );
     assert_contiguous(&server, &device);
 }
+
+/// The services gRPC reflection lists on `channel`; panics unless each of
+/// them also resolves to its file descriptor (what grpcurl asks next).
+async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(
+            String::new(),
+        ))]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let requests: Vec<_> = services
+        .iter()
+        .map(|name| ask(MessageRequest::FileContainingSymbol(name.clone())))
+        .collect();
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    for name in &services {
+        let reply = stream.message().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                reply.message_response,
+                Some(MessageResponse::FileDescriptorResponse(_))
+            ),
+            "{name} does not resolve: {reply:?}"
+        );
+    }
+    services.sort();
+    services
+}
+
+/// Asserts gRPC health reports every service of `services` as SERVING.
+async fn assert_serving(channel: tonic::transport::Channel, services: &[String]) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in services {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("Health/Check {service}: {status:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+}
+
+/// Each gRPC listener's reflection lists exactly the services it serves
+/// (plus health and reflection), and health reports each of them SERVING.
+#[test]
+fn each_grpc_listener_reflects_and_reports_the_health_of_exactly_its_services() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ca_pem = std::fs::read_to_string(server.data_dir.join("ca.crt")).unwrap();
+        let tls = edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap();
+        let agents = edgefleet_pki::connect_tls(&server.agent_url, tls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let operators = tonic::transport::Channel::from_shared(server.api_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for (channel, served) in [
+            (agents, &["edgefleet.v1.AgentService"][..]),
+            (
+                operators,
+                &[
+                    "edgefleet.v1.ModelService",
+                    "edgefleet.v1.OperatorService",
+                    "edgefleet.v1.RolloutService",
+                ][..],
+            ),
+        ] {
+            let services = reflected_services(channel.clone()).await;
+            let mut expected: Vec<&str> = served.to_vec();
+            expected.extend([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+            ]);
+            expected.sort();
+            assert_eq!(services, expected);
+            let served: Vec<String> = served.iter().map(|s| s.to_string()).collect();
+            assert_serving(channel, &served).await;
+        }
+    });
+}
