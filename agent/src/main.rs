@@ -194,7 +194,17 @@ impl ServeConfig {
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            edgefleet_daemon::parse_error_line(
+                &text,
+                err.message(),
+                err.span().map(|span| span.start)
+            )
+        )
+    })
 }
 
 /// A duration from its flag (or environment variable), else from the config
@@ -287,7 +297,7 @@ fn resolve(
         ));
     }
     if !problems.is_empty() {
-        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        anyhow::bail!("invalid configuration: {}", problems.join("; "));
     }
     let exe = std::env::current_exe()
         .context("cannot find the agent's own executable for model checks")?;

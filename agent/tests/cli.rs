@@ -109,6 +109,60 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
     );
 }
 
+/// A bad config is reported in exactly one line on stderr: every problem on
+/// it, and a file that does not parse as TOML by its message and place
+/// (not the parser's multi-line snippet).
+#[test]
+fn a_bad_config_is_reported_in_exactly_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let one_line = |args: &[&str], words: &[&str]| {
+        let out = agent_bin().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("edgefleet-agent: "), "{stderr}");
+        for words in words {
+            assert!(
+                stderr.contains(words),
+                "{args:?}: missing '{words}' in:\n{stderr}"
+            );
+        }
+    };
+    let path = config.to_str().unwrap();
+    std::fs::write(&config, "runtime = \"tract\"\ngrpc_addr = = 3\n").unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &[
+            "invalid config file",
+            "agent.toml",
+            "toml: line 2, column 13: ",
+        ],
+    );
+    std::fs::write(&config, "port = 3\n").unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &["toml: line 1, column 1: unknown field `port`"],
+    );
+    std::fs::write(
+        &config,
+        "grpc_addr = \"x\"\nrepository_poll_interval = \"soon\"\n",
+    )
+    .unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &[
+            "invalid configuration: grpc_addr",
+            "; repository_poll_interval",
+            "; --model-repository is required",
+        ],
+    );
+}
+
 /// A state dir another process holds, as a running agent holds it, is
 /// refused by `run` and by `enroll` at once with a clear error; once it is
 /// let go, `run` gets past the lock (to the enrollment, here unreadable).

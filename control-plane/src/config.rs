@@ -190,7 +190,17 @@ impl ServerConfig {
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            edgefleet_daemon::parse_error_line(
+                &text,
+                err.message(),
+                err.span().map(|span| span.start)
+            )
+        )
+    })
 }
 
 /// Flags and environment, then the file, then defaults. Reports every
@@ -336,7 +346,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         }
     }
     if !problems.is_empty() {
-        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        anyhow::bail!("invalid configuration: {}", problems.join("; "));
     }
     Ok(config)
 }

@@ -992,3 +992,51 @@ fn each_grpc_listener_reflects_and_reports_the_health_of_exactly_its_services() 
         }
     });
 }
+
+/// A bad config is reported in exactly one line on stderr: every problem on
+/// it, and a file that does not parse as TOML by its message and place
+/// (not the parser's multi-line snippet).
+#[test]
+fn a_bad_config_is_reported_in_exactly_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    let one_line = |extra: &[&str], words: &[&str]| {
+        let output = Server::command(&dir.path().join("data"), None, extra, Listen::ephemeral())
+            .env("EDGEFLEET_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{extra:?} should fail");
+        let stderr = stderr(&output);
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{extra:?}: not one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("edgefleet-server: "), "{stderr}");
+        for words in words {
+            assert!(
+                stderr.contains(words),
+                "{extra:?}: missing '{words}' in:\n{stderr}"
+            );
+        }
+    };
+    let path = config.to_str().unwrap();
+    std::fs::write(&config, "api_addr = \"127.0.0.1:0\"\nhttp_addr = = 3\n").unwrap();
+    one_line(
+        &["--config", path],
+        &[
+            "invalid config file",
+            "server.toml",
+            "toml: line 2, column 13: ",
+        ],
+    );
+    std::fs::write(&config, "port = 3\n").unwrap();
+    one_line(
+        &["--config", path],
+        &["toml: line 1, column 1: unknown field `port`"],
+    );
+    one_line(
+        &["--telemetry-interval", "0s", "--max-model-bytes", "0"],
+        &["invalid configuration: telemetry_interval must be longer than zero; max_model_bytes"],
+    );
+}
