@@ -85,6 +85,10 @@ struct ServingArgs {
     /// (Linux PM QoS; 0s keeps idle CPUs polling). Costs power; needs root [default: off].
     #[arg(long, env = "EDGEFLEET_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     cpu_wakeup_latency: Option<Duration>,
+    /// Let --grpc-addr and --http-addr, which serve plaintext, take an address off loopback
+    /// that other machines can reach; such an address is refused without it [default: off].
+    #[arg(long, env = "EDGEFLEET_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_plaintext_network: bool,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -153,6 +157,7 @@ struct FileConfig {
     repository_poll_interval: Option<String>,
     max_request_bytes: Option<usize>,
     cpu_wakeup_latency: Option<String>,
+    allow_plaintext_network: Option<bool>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -290,6 +295,16 @@ fn resolve(
     }
     if model_repository.is_none() {
         problems.push("--model-repository is required (or EDGEFLEET_MODEL_REPOSITORY, or model_repository in --config)".to_string());
+    }
+    // Plaintext only on loopback, unless asked for (then `bind` warns).
+    if !(args.allow_plaintext_network || file.allow_plaintext_network == Some(true)) {
+        for (key, addr) in [("grpc_addr", grpc_addr), ("http_addr", http_addr)] {
+            if !addr.ip().is_loopback() {
+                problems.push(format!(
+                    "{key} {addr} is off loopback and the agent serves plaintext: listen on 127.0.0.1, or pass --allow-plaintext-network to serve other machines unencrypted"
+                ));
+            }
+        }
     }
     if grpc_addr == http_addr && grpc_addr.port() != 0 {
         problems.push(format!(
