@@ -133,6 +133,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
     }
+    tracing::info!(data_dir = %data_dir.display(), "using the data dir");
     let store = crate::store::open(config.database_url.as_deref(), &data_dir).await?;
     tracing::info!(store = store.kind(), "database ready");
     let (ca, created) = CertificateAuthority::load_or_create(&data_dir)?;

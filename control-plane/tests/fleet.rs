@@ -1040,3 +1040,72 @@ fn a_bad_config_is_reported_in_exactly_one_line() {
         &["invalid configuration: telemetry_interval must be longer than zero; max_model_bytes"],
     );
 }
+
+/// Without `--data-dir` the server picks one as a Linux daemon does; for a
+/// user other than root, `$XDG_DATA_HOME/edgefleet-server`, else
+/// `~/.local/share/edgefleet-server`. It creates the dir (0700), says which
+/// it uses, and keeps its database there. (Run by root, the test runs the
+/// server as `nobody`, whose default is under HOME; root's,
+/// /var/lib/edgefleet-server, is for the unit test.)
+#[test]
+fn without_a_data_dir_the_server_keeps_its_data_in_the_users_data_home() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let home = tempfile::tempdir().unwrap();
+    let as_root = home.path().metadata().unwrap().uid() == 0;
+    let server_binary = if as_root {
+        // Where the unprivileged user can run it whatever the permissions
+        // of the build directory.
+        let copy = home.path().join("edgefleet-server");
+        std::fs::copy(binary("edgefleet-server"), &copy).unwrap();
+        std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
+        copy
+    } else {
+        binary("edgefleet-server")
+    };
+    let xdg = home.path().join("xdg");
+    for (xdg_data_home, data_dir) in [
+        (Some(&xdg), xdg.join("edgefleet-server")),
+        (None, home.path().join(".local/share/edgefleet-server")),
+    ] {
+        let mut command = std::process::Command::new(&server_binary);
+        command
+            .arg("serve")
+            .args(["--agent-addr", "127.0.0.1:0"])
+            .args(["--api-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .env("HOME", home.path())
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("EDGEFLEET_DATA_DIR")
+            .env_remove("EDGEFLEET_DATABASE_URL")
+            .env_remove("EDGEFLEET_CONFIG");
+        if let Some(dir) = xdg_data_home {
+            command.env("XDG_DATA_HOME", dir);
+        }
+        if as_root {
+            command.uid(65534).gid(65534);
+        }
+        let mut server = Process::spawn(command, "server");
+        let listening =
+            server.wait_for_stderr("edgefleet-server listening", Duration::from_secs(60));
+        let used = server.stderr.wait_for("using the data dir", Duration::ZERO);
+        assert!(
+            used.contains(data_dir.to_str().unwrap()),
+            "{xdg_data_home:?}: {used}"
+        );
+        assert!(data_dir.join("edgefleet.db").is_file(), "{data_dir:?}");
+        let mode = data_dir.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{data_dir:?}");
+        // It serves: the CLI lists its (no) devices with the token it made.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
+        let api_url = field(&listening, "api");
+        let listed = std::process::Command::new(support::binary("edgefleet"))
+            .args(["--server", &api_url, "--token", token.trim()])
+            .args(["devices", "list", "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(listed.status.success(), "{}", stderr(&listed));
+        assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+        server.kill();
+    }
+}
