@@ -16,10 +16,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(PROTOS, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out_dir.join("edgefleet_descriptor.bin"),
-        prost::Message::encode_to_vec(&fds),
-    )?;
+    // One descriptor set per server, for gRPC reflection: the agent's holds
+    // the Open Inference Protocol alone, the control plane's its own API.
+    for (file, package) in [
+        ("inference_descriptor.bin", "inference"),
+        ("edgefleet_descriptor.bin", "edgefleet.v1"),
+    ] {
+        let mut set = fds.clone();
+        set.file.retain(|file| file.package() == package);
+        std::fs::write(out_dir.join(file), prost::Message::encode_to_vec(&set))?;
+    }
     // The Open Inference Protocol gets a codec of its own (src/inference_codec.rs):
     // prost's, plus a memory check of a ModelInferRequest before it is decoded.
     let (mut inference, mut others) = (fds.clone(), fds);

@@ -85,6 +85,10 @@ struct ServingArgs {
     /// (Linux PM QoS; 0s keeps idle CPUs polling). Costs power; needs root [default: off].
     #[arg(long, env = "EDGEFLEET_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     cpu_wakeup_latency: Option<Duration>,
+    /// Let --grpc-addr and --http-addr, which serve plaintext, take an address off loopback
+    /// that other machines can reach; such an address is refused without it [default: off].
+    #[arg(long, env = "EDGEFLEET_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_plaintext_network: bool,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -153,6 +157,7 @@ struct FileConfig {
     repository_poll_interval: Option<String>,
     max_request_bytes: Option<usize>,
     cpu_wakeup_latency: Option<String>,
+    allow_plaintext_network: Option<bool>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -194,7 +199,17 @@ impl ServeConfig {
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            edgefleet_daemon::parse_error_line(
+                &text,
+                err.message(),
+                err.span().map(|span| span.start)
+            )
+        )
+    })
 }
 
 /// A duration from its flag (or environment variable), else from the config
@@ -281,13 +296,23 @@ fn resolve(
     if model_repository.is_none() {
         problems.push("--model-repository is required (or EDGEFLEET_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
+    // Plaintext only on loopback, unless asked for (then `bind` warns).
+    if !(args.allow_plaintext_network || file.allow_plaintext_network == Some(true)) {
+        for (key, addr) in [("grpc_addr", grpc_addr), ("http_addr", http_addr)] {
+            if !addr.ip().is_loopback() {
+                problems.push(format!(
+                    "{key} {addr} is off loopback and the agent serves plaintext: listen on 127.0.0.1, or pass --allow-plaintext-network to serve other machines unencrypted"
+                ));
+            }
+        }
+    }
     if grpc_addr == http_addr && grpc_addr.port() != 0 {
         problems.push(format!(
             "the gRPC and HTTP listeners cannot share {grpc_addr}"
         ));
     }
     if !problems.is_empty() {
-        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        anyhow::bail!("invalid configuration: {}", problems.join("; "));
     }
     let exe = std::env::current_exe()
         .context("cannot find the agent's own executable for model checks")?;

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use edgefleet_proto::inference::grpc_inference_service_server::{
+    self as pb_server, GrpcInferenceServiceServer,
+};
 use edgefleet_proto::inference_codec::STRUCTURE_ALLOWANCE;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -138,8 +140,13 @@ impl Agent {
         health_reporter
             .set_serving::<GrpcInferenceServiceServer<GrpcInference>>()
             .await;
+        // Reflection lists what this server serves, and nothing else.
         let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(edgefleet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(edgefleet_proto::INFERENCE_FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(pb_server::SERVICE_NAME)
+            .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+            .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
             .build_v1()
             .map_err(|err| StartError::Reflection(err.to_string()))?;
         let inference = GrpcInferenceServiceServer::new(GrpcInference::new(self.service.clone()))

@@ -109,6 +109,148 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
     );
 }
 
+/// A bad config is reported in exactly one line on stderr: every problem on
+/// it, and a file that does not parse as TOML by its message and place
+/// (not the parser's multi-line snippet).
+#[test]
+fn a_bad_config_is_reported_in_exactly_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    let one_line = |args: &[&str], words: &[&str]| {
+        let out = agent_bin().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("edgefleet-agent: "), "{stderr}");
+        for words in words {
+            assert!(
+                stderr.contains(words),
+                "{args:?}: missing '{words}' in:\n{stderr}"
+            );
+        }
+    };
+    let path = config.to_str().unwrap();
+    std::fs::write(&config, "runtime = \"tract\"\ngrpc_addr = = 3\n").unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &[
+            "invalid config file",
+            "agent.toml",
+            "toml: line 2, column 13: ",
+        ],
+    );
+    std::fs::write(&config, "port = 3\n").unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &["toml: line 1, column 1: unknown field `port`"],
+    );
+    std::fs::write(
+        &config,
+        "grpc_addr = \"x\"\nrepository_poll_interval = \"soon\"\n",
+    )
+    .unwrap();
+    one_line(
+        &["serve", "--config", path],
+        &[
+            "invalid configuration: grpc_addr",
+            "; repository_poll_interval",
+            "; --model-repository is required",
+        ],
+    );
+}
+
+/// Plaintext only on loopback, unless asked for: a listener address other
+/// machines can reach is refused with one line naming it and the way out;
+/// `--allow-plaintext-network` (or its variable, or its config key) lets the
+/// agent serve there, with a warning.
+#[test]
+fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().to_str().unwrap();
+    for (grpc, http, refused) in [
+        ("0.0.0.0:0", "127.0.0.1:0", "grpc_addr 0.0.0.0:0"),
+        ("127.0.0.1:0", "[::]:0", "http_addr [::]:0"),
+    ] {
+        let mut child = agent_bin()
+            .env_remove("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK")
+            .args(["serve", "--model-repository", repository])
+            .args(["--grpc-addr", grpc, "--http-addr", http])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Refused at once; one that serves instead is stopped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.code().is_some_and(|code| code != 0),
+            "{grpc} {http} should be refused, got {:?}",
+            out.status
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
+        for words in [refused, "plaintext", "--allow-plaintext-network"] {
+            assert!(stderr.contains(words), "missing '{words}' in:\n{stderr}");
+        }
+    }
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "allow_plaintext_network = true\n").unwrap();
+    let config = config.to_str().unwrap();
+    for (allow, env) in [
+        (&["--allow-plaintext-network"][..], None),
+        (&[][..], Some("1")),
+        (&["--config", config][..], None),
+    ] {
+        let mut command = agent_bin();
+        command.env_remove("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK");
+        if let Some(value) = env {
+            command.env("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK", value);
+        }
+        let mut child = command
+            .args([
+                "serve",
+                "--runtime",
+                "tract",
+                "--model-repository",
+                repository,
+            ])
+            .args(["--grpc-addr", "0.0.0.0:0", "--http-addr", "127.0.0.1:0"])
+            .args(allow)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut seen = Vec::new();
+        let listening = loop {
+            let Some(Ok(line)) = lines.next() else {
+                let _ = child.kill();
+                panic!("{allow:?} {env:?}: the agent exited before listening: {seen:#?}");
+            };
+            if line.contains("edgefleet-agent listening") {
+                break line;
+            }
+            seen.push(line);
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(listening.contains("grpc=0.0.0.0:"), "{listening}");
+        assert!(
+            seen.iter()
+                .any(|line| line.contains("WARN") && line.contains("not on loopback")),
+            "{allow:?} {env:?}: no warning in {seen:#?}"
+        );
+    }
+}
+
 /// A state dir another process holds, as a running agent holds it, is
 /// refused by `run` and by `enroll` at once with a clear error; once it is
 /// let go, `run` gets past the lock (to the enrollment, here unreadable).

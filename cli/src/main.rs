@@ -36,7 +36,7 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
 #[command(
     name = "edgefleet",
     version,
-    about = "Operate an edgefleet control plane: join tokens, devices, models",
+    about = "Operate an edgefleet control plane: join tokens, devices, models, rollouts",
     after_help = "The admin token is printed once by the server's first start and kept in DATA_DIR/admin.token."
 )]
 pub(crate) struct Cli {

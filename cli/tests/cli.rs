@@ -17,7 +17,7 @@ fn help_lists_the_commands() {
     let output = edgefleet(&["--help"]);
     assert!(output.status.success());
     let text = String::from_utf8_lossy(&output.stdout);
-    for command in ["join-token", "devices"] {
+    for command in ["join-token", "devices", "models", "rollouts"] {
         assert!(text.contains(command), "{text}");
     }
 }

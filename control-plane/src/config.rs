@@ -33,7 +33,9 @@ pub const MIN_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
-    /// Where the server keeps its CA, admin token and (by default) its SQLite database.
+    /// Where the server keeps its CA, admin token and (by default) its SQLite database
+    /// [default: /var/lib/edgefleet-server as root, else $XDG_DATA_HOME/edgefleet-server or
+    /// ~/.local/share/edgefleet-server].
     #[arg(long, env = "EDGEFLEET_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// postgres://… for PostgreSQL, sqlite://PATH for another SQLite file [default: SQLite in the data dir].
@@ -196,10 +198,57 @@ impl ServerConfig {
     }
 }
 
+/// The data dir's name under the system's or the user's data directory.
+const DATA_DIR_NAME: &str = "edgefleet-server";
+
+/// The data dir when none is configured, as Linux daemons pick one: for
+/// root `/var/lib/edgefleet-server`; for anyone else
+/// `$XDG_DATA_HOME/edgefleet-server` (an absolute `XDG_DATA_HOME` only, as
+/// the XDG Base Directory spec says), else
+/// `$HOME/.local/share/edgefleet-server`. None without an absolute `HOME`.
+pub fn default_data_dir(
+    root: bool,
+    xdg_data_home: Option<&std::ffi::OsStr>,
+    home: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
+    if root {
+        return Some(Path::new("/var/lib").join(DATA_DIR_NAME));
+    }
+    fn absolute(dir: Option<&std::ffi::OsStr>) -> Option<&Path> {
+        dir.map(Path::new).filter(|dir| dir.is_absolute())
+    }
+    if let Some(data_home) = absolute(xdg_data_home) {
+        return Some(data_home.join(DATA_DIR_NAME));
+    }
+    absolute(home).map(|home| home.join(".local/share").join(DATA_DIR_NAME))
+}
+
+/// Whether this process runs as root (effective uid 0), from
+/// `/proc/self/status`; false where that cannot be read.
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
 fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            edgefleet_daemon::parse_error_line(
+                &text,
+                err.message(),
+                err.span().map(|span| span.start)
+            )
+        )
+    })
 }
 
 /// Flags and environment, then the file, then defaults. Reports every
@@ -210,10 +259,16 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         None => FileConfig::default(),
     };
     let mut problems = Vec::new();
-    let data_dir = args.data_dir.or(file.data_dir);
+    let data_dir = args.data_dir.or(file.data_dir).or_else(|| {
+        default_data_dir(
+            running_as_root(),
+            std::env::var_os("XDG_DATA_HOME").as_deref(),
+            std::env::var_os("HOME").as_deref(),
+        )
+    });
     if data_dir.is_none() {
         problems.push(
-            "--data-dir is required (or EDGEFLEET_DATA_DIR, or data_dir in --config)".to_string(),
+            "no data dir: HOME is unset (or not absolute), so there is no default; pass --data-dir (or EDGEFLEET_DATA_DIR, or data_dir in --config)".to_string(),
         );
     }
     let mut config = ServerConfig::new(&data_dir.unwrap_or_default());
@@ -358,7 +413,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         }
     }
     if !problems.is_empty() {
-        anyhow::bail!("invalid configuration:\n  - {}", problems.join("\n  - "));
+        anyhow::bail!("invalid configuration: {}", problems.join("; "));
     }
     Ok(config)
 }
@@ -377,6 +432,34 @@ mod tests {
     fn resolve_args(args: &[&str]) -> anyhow::Result<ServerConfig> {
         let cli = Cli::try_parse_from(["serve", "--data-dir", "/tmp/x"].iter().chain(args))?;
         resolve(cli.serve)
+    }
+
+    #[test]
+    fn the_default_data_dir_is_the_systems_for_root_else_the_users() {
+        use std::ffi::OsStr;
+        let (xdg, home) = (Some(OsStr::new("/x/data")), Some(OsStr::new("/home/u")));
+        let dir = |root, xdg, home| default_data_dir(root, xdg, home);
+        assert_eq!(
+            dir(true, xdg, home),
+            Some(PathBuf::from("/var/lib/edgefleet-server"))
+        );
+        assert_eq!(
+            dir(true, None, None),
+            Some(PathBuf::from("/var/lib/edgefleet-server"))
+        );
+        assert_eq!(
+            dir(false, xdg, home),
+            Some(PathBuf::from("/x/data/edgefleet-server"))
+        );
+        let home_dir = Some(PathBuf::from("/home/u/.local/share/edgefleet-server"));
+        assert_eq!(dir(false, None, home), home_dir);
+        // A relative or empty XDG_DATA_HOME is ignored, as the spec says.
+        assert_eq!(dir(false, Some(OsStr::new("data")), home), home_dir);
+        assert_eq!(dir(false, Some(OsStr::new("")), home), home_dir);
+        // Without a usable HOME there is no default.
+        assert_eq!(dir(false, None, None), None);
+        assert_eq!(dir(false, None, Some(OsStr::new(""))), None);
+        assert_eq!(dir(false, None, Some(OsStr::new("rel"))), None);
     }
 
     #[test]

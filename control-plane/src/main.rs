@@ -11,7 +11,7 @@ use edgefleet_daemon::{ShutdownSignals, report};
 #[command(
     name = "edgefleet-server",
     version,
-    about = "The edgefleet control plane: devices, enrollment, agent sessions, telemetry"
+    about = "The edgefleet control plane: devices, enrollment, agent sessions, telemetry, models, rollouts"
 )]
 struct Cli {
     #[command(subcommand)]

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use edgefleet_pki::CertificateAuthority;
-use edgefleet_proto::edgefleet::v1::agent_service_server::AgentServiceServer;
-use edgefleet_proto::edgefleet::v1::model_service_server::ModelServiceServer;
-use edgefleet_proto::edgefleet::v1::operator_service_server::OperatorServiceServer;
-use edgefleet_proto::edgefleet::v1::rollout_service_server::RolloutServiceServer;
+use edgefleet_proto::edgefleet::v1::agent_service_server::{self, AgentServiceServer};
+use edgefleet_proto::edgefleet::v1::model_service_server::{self, ModelServiceServer};
+use edgefleet_proto::edgefleet::v1::operator_service_server::{self, OperatorServiceServer};
+use edgefleet_proto::edgefleet::v1::rollout_service_server::{self, RolloutServiceServer};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -126,15 +126,24 @@ async fn ensure_admin_token(
     Ok(inserted.then_some(token))
 }
 
-fn reflection() -> anyhow::Result<
+/// gRPC reflection listing exactly `services`, plus the health and
+/// reflection services every listener serves too.
+fn reflection(
+    services: &[&str],
+) -> anyhow::Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(edgefleet_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("cannot build gRPC reflection")
+    let mut builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(edgefleet_proto::EDGEFLEET_FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(tonic_health::pb::health_server::SERVICE_NAME)
+        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME);
+    for service in services {
+        builder = builder.with_service_name(*service);
+    }
+    builder.build_v1().context("cannot build gRPC reflection")
 }
 
 /// Starts the control plane; returns once every listener is bound.
@@ -147,6 +156,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700));
     }
+    tracing::info!(data_dir = %data_dir.display(), "using the data dir");
     let store = crate::store::open(config.database_url.as_deref(), &data_dir).await?;
     tracing::info!(store = store.kind(), "database ready");
     let (ca, created) = CertificateAuthority::load_or_create(&data_dir)?;
@@ -200,7 +210,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .http2_keepalive_interval(Some(config.agent_keepalive_interval()))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
-        .add_service(reflection()?)
+        .add_service(reflection(&[agent_service_server::SERVICE_NAME])?)
         .add_service(agent_service)
         .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await });
     tasks.push(tokio::spawn(async move {
@@ -213,11 +223,18 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .set_serving::<OperatorServiceServer<OperatorApi>>()
         .await;
     health_reporter
+        .set_serving::<RolloutServiceServer<RolloutApi>>()
+        .await;
+    health_reporter
         .set_serving::<ModelServiceServer<ModelApi>>()
         .await;
     let operator_router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection()?)
+        .add_service(reflection(&[
+            operator_service_server::SERVICE_NAME,
+            rollout_service_server::SERVICE_NAME,
+            model_service_server::SERVICE_NAME,
+        ])?)
         .add_service(OperatorServiceServer::new(OperatorApi::new(Arc::clone(
             &cp,
         ))))

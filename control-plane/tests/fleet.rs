@@ -880,3 +880,232 @@ fn telemetry_waits_for_the_upload_interval_but_urgent_events_go_at_once() {
     );
     assert_contiguous(&server, &device);
 }
+
+/// The services gRPC reflection lists on `channel`; panics unless each of
+/// them also resolves to its file descriptor (what grpcurl asks next).
+async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let mut reflection =
+        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |request: MessageRequest| tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(
+            String::new(),
+        ))]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply: {reply:?}");
+    };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    let requests: Vec<_> = services
+        .iter()
+        .map(|name| ask(MessageRequest::FileContainingSymbol(name.clone())))
+        .collect();
+    let mut stream = reflection
+        .server_reflection_info(futures::stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    for name in &services {
+        let reply = stream.message().await.unwrap().unwrap();
+        assert!(
+            matches!(
+                reply.message_response,
+                Some(MessageResponse::FileDescriptorResponse(_))
+            ),
+            "{name} does not resolve: {reply:?}"
+        );
+    }
+    services.sort();
+    services
+}
+
+/// Asserts gRPC health reports every service of `services` as SERVING.
+async fn assert_serving(channel: tonic::transport::Channel, services: &[String]) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in services {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.clone(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("Health/Check {service}: {status:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+}
+
+/// Each gRPC listener's reflection lists exactly the services it serves
+/// (plus health and reflection), and health reports each of them SERVING.
+#[test]
+fn each_grpc_listener_reflects_and_reports_the_health_of_exactly_its_services() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&[]);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let ca_pem = std::fs::read_to_string(server.data_dir.join("ca.crt")).unwrap();
+        let tls = edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap();
+        let agents = edgefleet_pki::connect_tls(&server.agent_url, tls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let operators = tonic::transport::Channel::from_shared(server.api_url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        for (channel, served) in [
+            (agents, &["edgefleet.v1.AgentService"][..]),
+            (
+                operators,
+                &[
+                    "edgefleet.v1.ModelService",
+                    "edgefleet.v1.OperatorService",
+                    "edgefleet.v1.RolloutService",
+                ][..],
+            ),
+        ] {
+            let services = reflected_services(channel.clone()).await;
+            let mut expected: Vec<&str> = served.to_vec();
+            expected.extend([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+            ]);
+            expected.sort();
+            assert_eq!(services, expected);
+            let served: Vec<String> = served.iter().map(|s| s.to_string()).collect();
+            assert_serving(channel, &served).await;
+        }
+    });
+}
+
+/// A bad config is reported in exactly one line on stderr: every problem on
+/// it, and a file that does not parse as TOML by its message and place
+/// (not the parser's multi-line snippet).
+#[test]
+fn a_bad_config_is_reported_in_exactly_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("server.toml");
+    let one_line = |extra: &[&str], words: &[&str]| {
+        let output = Server::command(&dir.path().join("data"), None, extra, Listen::ephemeral())
+            .env("EDGEFLEET_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{extra:?} should fail");
+        let stderr = stderr(&output);
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{extra:?}: not one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("edgefleet-server: "), "{stderr}");
+        for words in words {
+            assert!(
+                stderr.contains(words),
+                "{extra:?}: missing '{words}' in:\n{stderr}"
+            );
+        }
+    };
+    let path = config.to_str().unwrap();
+    std::fs::write(&config, "api_addr = \"127.0.0.1:0\"\nhttp_addr = = 3\n").unwrap();
+    one_line(
+        &["--config", path],
+        &[
+            "invalid config file",
+            "server.toml",
+            "toml: line 2, column 13: ",
+        ],
+    );
+    std::fs::write(&config, "port = 3\n").unwrap();
+    one_line(
+        &["--config", path],
+        &["toml: line 1, column 1: unknown field `port`"],
+    );
+    one_line(
+        &["--telemetry-interval", "0s", "--max-model-bytes", "0"],
+        &["invalid configuration: telemetry_interval must be longer than zero; max_model_bytes"],
+    );
+}
+
+/// Without `--data-dir` the server picks one as a Linux daemon does; for a
+/// user other than root, `$XDG_DATA_HOME/edgefleet-server`, else
+/// `~/.local/share/edgefleet-server`. It creates the dir (0700), says which
+/// it uses, and keeps its database there. (Run by root, the test runs the
+/// server as `nobody`, whose default is under HOME; root's,
+/// /var/lib/edgefleet-server, is for the unit test.)
+#[test]
+fn without_a_data_dir_the_server_keeps_its_data_in_the_users_data_home() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let home = tempfile::tempdir().unwrap();
+    let as_root = home.path().metadata().unwrap().uid() == 0;
+    let server_binary = if as_root {
+        // Where the unprivileged user can run it whatever the permissions
+        // of the build directory.
+        let copy = home.path().join("edgefleet-server");
+        std::fs::copy(binary("edgefleet-server"), &copy).unwrap();
+        std::os::unix::fs::chown(home.path(), Some(65534), Some(65534)).unwrap();
+        copy
+    } else {
+        binary("edgefleet-server")
+    };
+    let xdg = home.path().join("xdg");
+    for (xdg_data_home, data_dir) in [
+        (Some(&xdg), xdg.join("edgefleet-server")),
+        (None, home.path().join(".local/share/edgefleet-server")),
+    ] {
+        let mut command = std::process::Command::new(&server_binary);
+        command
+            .arg("serve")
+            .args(["--agent-addr", "127.0.0.1:0"])
+            .args(["--api-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .env("HOME", home.path())
+            .env_remove("XDG_DATA_HOME")
+            .env_remove("EDGEFLEET_DATA_DIR")
+            .env_remove("EDGEFLEET_DATABASE_URL")
+            .env_remove("EDGEFLEET_CONFIG");
+        if let Some(dir) = xdg_data_home {
+            command.env("XDG_DATA_HOME", dir);
+        }
+        if as_root {
+            command.uid(65534).gid(65534);
+        }
+        let mut server = Process::spawn(command, "server");
+        let listening =
+            server.wait_for_stderr("edgefleet-server listening", Duration::from_secs(60));
+        let used = server.stderr.wait_for("using the data dir", Duration::ZERO);
+        assert!(
+            used.contains(data_dir.to_str().unwrap()),
+            "{xdg_data_home:?}: {used}"
+        );
+        assert!(data_dir.join("edgefleet.db").is_file(), "{data_dir:?}");
+        let mode = data_dir.metadata().unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "{data_dir:?}");
+        // It serves: the CLI lists its (no) devices with the token it made.
+        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
+        let api_url = field(&listening, "api");
+        let listed = std::process::Command::new(support::binary("edgefleet"))
+            .args(["--server", &api_url, "--token", token.trim()])
+            .args(["devices", "list", "--output", "json"])
+            .output()
+            .unwrap();
+        assert!(listed.status.success(), "{}", stderr(&listed));
+        assert_eq!(String::from_utf8_lossy(&listed.stdout).trim(), "[]");
+        server.kill();
+    }
+}

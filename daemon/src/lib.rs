@@ -4,6 +4,7 @@
 //! - [`init_logging`]: logs on stderr, filtered by `EDGEFLEET_LOG`, that
 //!   never panic when nobody reads them any more;
 //! - [`report`]: the final error line, written the same way;
+//! - [`parse_error_line`]: a config file's parse error on one line;
 //! - [`ShutdownSignals`]: SIGTERM and SIGINT handlers installed before
 //!   anything is served, so a signal is never lost to the default
 //!   disposition (killed, no clean shutdown) nor to a task not yet running.
@@ -39,6 +40,24 @@ pub fn init_logging() {
 /// stderr is gone.
 pub fn report(message: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// A config file's parse error as one line: where, `line L, column C: `
+/// (1-based, from the byte offset `at` into `text`), then the parser's
+/// message, instead of the multi-line snippet TOML parsers print.
+pub fn parse_error_line(text: &str, message: &str, at: Option<usize>) -> String {
+    let message = message
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
+    let Some(before) = at.and_then(|at| text.get(..at)) else {
+        return message;
+    };
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    format!("line {line}, column {column}: {message}")
 }
 
 /// The signals that stop a daemon: SIGTERM (systemd, Kubernetes, `kill`)
@@ -99,5 +118,28 @@ impl ShutdownSignals {
             shutdown.cancel();
             log();
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_error_line;
+
+    #[test]
+    fn a_parse_error_is_one_line_with_its_line_and_column() {
+        let text = "a = 1\nbé = = 2\n";
+        let at = text.find("= 2").unwrap();
+        assert_eq!(
+            parse_error_line(text, "invalid string\nexpected `\"`\n", Some(at)),
+            "line 2, column 6: invalid string; expected `\"`"
+        );
+        assert_eq!(
+            parse_error_line(text, "oops", Some(0)),
+            "line 1, column 1: oops"
+        );
+        assert_eq!(parse_error_line(text, "oops", None), "oops");
+        // An offset past the end (or inside a character) names no place.
+        assert_eq!(parse_error_line(text, "oops", Some(999)), "oops");
+        assert_eq!(parse_error_line(text, "oops", Some(8)), "oops");
     }
 }

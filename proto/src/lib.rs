@@ -30,5 +30,12 @@ pub mod inference_codec;
 mod histogram;
 pub use histogram::{BUCKETS_PER_OCTAVE, bucket_lower_bound, bucket_of};
 
-/// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("edgefleet_descriptor");
+/// Encoded `FileDescriptorSet` of the Open Inference Protocol (`package
+/// inference`), for the agent's gRPC reflection.
+pub const INFERENCE_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("inference_descriptor");
+
+/// Encoded `FileDescriptorSet` of `package edgefleet.v1` (agent and operator
+/// APIs), for the control plane's gRPC reflection.
+pub const EDGEFLEET_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("edgefleet_descriptor");

@@ -244,7 +244,7 @@ impl Drop for Process {
     }
 }
 
-fn field(line: &str, key: &str) -> String {
+pub fn field(line: &str, key: &str) -> String {
     let start = line
         .find(&format!("{key}="))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
