@@ -1095,7 +1095,47 @@ async fn every_fixture_matches_onnxruntime_python_over_http_binary_data(runtime:
     agent.stop().await;
 }
 
+/// A BYTES element holding NUL bytes comes back whole (ONNX Runtime's
+/// strings have lengths; a C string would stop at, or refuse, the NUL).
+async fn strings_with_nul_bytes_come_back_whole(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("strings", 1, "strings");
+    let agent = agent(repo.path(), runtime).start().await;
+    let items = vec![
+        b"a\0b".to_vec(),
+        Vec::new(),
+        b"\0".to_vec(),
+        b"edge".to_vec(),
+    ];
+    let request = pb::ModelInferRequest {
+        model_name: "strings".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![items.len() as i64],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: items.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = agent
+        .grpc()
+        .await
+        .model_infer(request)
+        .await
+        .unwrap_or_else(|status| panic!("on {runtime:?}: {status}"))
+        .into_inner();
+    let raw = &response.raw_output_contents[0];
+    let got = edgefleet_agent::grpc::decode_raw_strings("text_out", raw).unwrap();
+    assert_eq!(got, items, "on {runtime:?}");
+    agent.stop().await;
+}
+
 on_both_runtimes!(
+    strings_with_nul_bytes_come_back_whole,
     raw_inputs_at_every_byte_offset_give_the_expected_outputs,
     every_fixture_matches_onnxruntime_python_over_http_binary_data,
     every_fixture_matches_onnxruntime_python_over_http,
