@@ -280,6 +280,23 @@ def write_batch_dims_models():
     data = save(flatten, ROOT / "testdata" / "batch-dims" / "flatten" / "1" / "model.onnx")
     out = session_for(data).run(None, {"x": np.array([[1, 2], [3, 4]], dtype=np.float32)})[0]
     assert out.tolist() == [1, 2, 3, 4], out
+    # The same with the output's dimension unnamed ([None]): ONNX Runtime
+    # names none, so only that it is unnamed next to the input's N tells.
+    flatten_unnamed = model("flatten_unnamed", [helper.make_node("Reshape", ["x", "flat"], ["y"])],
+                            [vinfo("x", f, ["N", 2])], [vinfo("y", f, [None])],
+                            [numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")])
+    data = save(flatten_unnamed, ROOT / "testdata" / "batch-dims" / "flatten_unnamed" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.array([[1, 2], [3, 4]], dtype=np.float32)})[0]
+    assert out.tolist() == [1, 2, 3, 4], out
+    # [N] sorted, largest first (TopK of all N), with the indices: as many
+    # rows as the batch, but rows of every request in the batch.
+    sorted_ = model("sorted", [helper.make_node("Shape", ["x"], ["k"]),
+                               helper.make_node("TopK", ["x", "k"], ["y", "indices"], axis=0)],
+                    [vinfo("x", f, ["N"])],
+                    [vinfo("y", f, [None]), vinfo("indices", TensorProto.INT64, [None])])
+    data = save(sorted_, ROOT / "testdata" / "batch-dims" / "sorted" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.array([1, 3, 2], dtype=np.float32)})
+    assert [o.tolist() for o in out] == [[3, 2, 1], [1, 2, 0]], out
 
 
 def gather_table():

@@ -241,10 +241,7 @@ fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) ->
         .map(|tensor| encoding.is_binary(&tensor.name))
         .collect();
     let json = JsonInferResponse::new(response, &binary);
-    if !binary.contains(&true) {
-        return Json(json).into_response();
-    }
-    let mut body = match serde_json::to_vec(&json) {
+    let mut body = match json_data::to_json(&json) {
         Ok(body) => body,
         Err(err) => {
             return InferError::new(
@@ -254,6 +251,16 @@ fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) ->
             .into_response();
         }
     };
+    if !binary.contains(&true) {
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response();
+    }
     let header_length = body.len();
     let binary_outputs = || {
         response
@@ -319,7 +326,15 @@ async fn decode_infer_request(
 ) -> Result<(InferRequest, OutputEncoding), InferError> {
     let json_length = json_header_length(headers)?;
     let (json, binary) = read_body(headers, json_length, body, service.max_request_bytes()).await?;
-    serde_json::from_slice::<JsonInferRequest>(&json)
+    let quoted;
+    let mut request = serde_json::from_slice::<JsonInferRequest>(&json);
+    if request.is_err()
+        && let Some(text) = json_data::quote_non_finite(&json)
+    {
+        quoted = text;
+        request = serde_json::from_slice(&quoted);
+    }
+    request
         .map_err(|err| {
             let hint = if json_length.is_none() && err.to_string().starts_with("trailing characters")
             {
@@ -668,7 +683,8 @@ fn is_text_position(place: &str) -> bool {
 }
 
 /// A tensor's elements as a flat JSON list (tests and tools; responses are
-/// serialized from the tensor as they are written).
+/// serialized from the tensor as they are written): `null` for a float
+/// tensor holding NaN or an infinity, which a `Value` cannot.
 pub fn data_to_json(tensor: &Tensor) -> Value {
     serde_json::to_value(JsonData(tensor)).unwrap_or(Value::Null)
 }
@@ -826,6 +842,58 @@ mod tests {
         assert_eq!(decode("INT32", "7").unwrap().to_vec::<i32>(), vec![7]);
     }
 
+    /// Triton's clients write NaN and the infinities as `NaN`, `Infinity`
+    /// and `-Infinity`, which are not JSON: float data takes them (and the
+    /// same as strings); strings that hold them stay strings.
+    #[test]
+    fn nan_and_infinity_tokens_decode_as_those_values() {
+        let body = r#"{"inputs": [
+            {"name": "x", "datatype": "FP32", "shape": [4], "data": [NaN, Infinity,-Infinity, 1.5]},
+            {"name": "y", "datatype": "FP64", "shape": [2], "data": ["-Infinity", "NaN"]},
+            {"name": "s", "datatype": "BYTES", "shape": [2], "data": ["NaN \"Infinity\\", "-Infinity"]}]}"#;
+        assert!(serde_json::from_str::<JsonInferRequest>(body).is_err());
+        let quoted = json_data::quote_non_finite(body.as_bytes()).unwrap();
+        let (request, _) = serde_json::from_slice::<JsonInferRequest>(&quoted)
+            .unwrap()
+            .into_domain(Bytes::new(), usize::MAX)
+            .unwrap();
+        let bits = |values: Vec<f64>| values.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        let x = request.inputs[0]
+            .to_vec::<f32>()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let want = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 1.5];
+        assert_eq!(bits(x), bits(want.to_vec()));
+        let y = request.inputs[1].to_vec::<f64>();
+        assert_eq!(bits(y), bits(vec![f64::NEG_INFINITY, f64::NAN]));
+        assert_eq!(
+            request.inputs[2].data,
+            TensorData::Bytes(vec![br#"NaN "Infinity\"#.to_vec(), b"-Infinity".to_vec()])
+        );
+        assert_eq!(
+            json_data::quote_non_finite(br#"{"a": "NaN", "b": 1e5}"#),
+            None
+        );
+        let err = decode("INT32", r#"["NaN"]"#).unwrap_err();
+        assert!(err.message.contains("not a valid INT32"), "{}", err.message);
+    }
+
+    /// FP64 over JSON is exact: each value as Rust's own parser reads it
+    /// (serde_json's default parser was 1 ULP off for about a quarter of
+    /// such values).
+    #[test]
+    fn fp64_values_decode_to_the_nearest_double() {
+        let values = [
+            "-1.629099479930528e-109",
+            "5.988462126346276e+115",
+            "3.972210748165899e-120",
+        ];
+        let want: Vec<f64> = values.iter().map(|v| v.parse().unwrap()).collect();
+        let data = format!("[{}]", values.join(", "));
+        assert_eq!(decode("FP64", &data).unwrap().to_vec::<f64>(), want);
+    }
+
     #[test]
     fn out_of_range_and_wrong_kind_values_are_refused() {
         for (dtype, data, words) in [
@@ -930,12 +998,31 @@ mod tests {
             name: "y".into(),
             dtype: DataType::F32,
             shape: vec![2],
-            data: TensorData::from_values(&[0.1f32, f32::NAN]),
+            data: TensorData::from_values(&[f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.5, 0.1]),
         };
+        // NaN and the infinities as Triton writes them; the rest as serde_json does.
         assert_eq!(
-            serde_json::to_string(&JsonData(&tensor)).unwrap(),
-            "[0.1,null]"
+            String::from_utf8(json_data::to_json(&JsonData(&tensor)).unwrap()).unwrap(),
+            "[Infinity,-Infinity,NaN,1.5,0.1]"
         );
+        for (dtype, data) in [
+            (
+                DataType::F64,
+                TensorData::from_values(&[f64::NAN, -f64::INFINITY, 1.0]),
+            ),
+            (
+                DataType::F16,
+                TensorData::from_values(&[half::f16::NAN, half::f16::NEG_INFINITY, half::f16::ONE]),
+            ),
+        ] {
+            let tensor = Tensor {
+                dtype,
+                data,
+                ..tensor.clone()
+            };
+            let json = json_data::to_json(&JsonData(&tensor)).unwrap();
+            assert_eq!(json, b"[NaN,-Infinity,1.0]", "{dtype}");
+        }
         let flags = Tensor {
             name: "b".into(),
             dtype: DataType::Bool,

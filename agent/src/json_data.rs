@@ -178,6 +178,12 @@ macro_rules! float_element {
             fn from_f64(value: f64) -> Option<Self> {
                 Some($from_f64(value))
             }
+            fn from_str(value: &str) -> Option<Self> {
+                NON_FINITE
+                    .iter()
+                    .find(|&&(_, token, _)| token == value)
+                    .map(|&(value, _, _)| $from_f64(value))
+            }
         }
     )*};
 }
@@ -282,8 +288,98 @@ impl<'de, T: Element, O> Visitor<'de> for Flat<'_, T, O> {
     }
 }
 
+/// The values JSON has no number for, as Triton writes and reads them
+/// (rapidjson's `kWriteNanAndInfFlag`, `kParseNanAndInfFlag`; Python's
+/// `json` too), and the `i128` a [`JsonData`] serializes each as, which
+/// [`to_json`] writes as the token (nothing else in a response is an `i128`).
+const NON_FINITE: [(f64, &str, i128); 3] = [
+    (f64::NAN, "NaN", i128::MIN),
+    (f64::INFINITY, "Infinity", i128::MIN + 1),
+    (f64::NEG_INFINITY, "-Infinity", i128::MIN + 2),
+];
+
+/// `json` with each `NaN`, `Infinity` and `-Infinity` token (not JSON,
+/// but what Triton's clients send for those values) outside a string made a
+/// string, which float data takes as that value; `None` if it has none.
+/// For a request serde_json refused: no other request pays for the scan.
+pub fn quote_non_finite(json: &[u8]) -> Option<Vec<u8>> {
+    let (mut out, mut copied, mut i) = (Vec::new(), 0, 0);
+    let (mut in_string, mut escaped) = (false, false);
+    while let Some(&byte) = json.get(i) {
+        i += 1;
+        if in_string {
+            (in_string, escaped) = (escaped || byte != b'"', !escaped && byte == b'\\');
+        } else if byte == b'"' {
+            in_string = true;
+        } else if let Some((_, token, _)) = NON_FINITE
+            .iter()
+            .find(|(_, token, _)| json[i - 1..].starts_with(token.as_bytes()))
+        {
+            out.extend_from_slice(&json[copied..i - 1]);
+            out.extend_from_slice(format!("\"{token}\"").as_bytes());
+            i += token.len() - 1;
+            copied = i;
+        }
+    }
+    if copied == 0 {
+        return None;
+    }
+    out.extend_from_slice(&json[copied..]);
+    Some(out)
+}
+
+/// serde_json's compact JSON, but with the `i128`s a [`JsonData`] writes for
+/// NaN and the infinities written as Triton writes those (serde_json writes
+/// `null`, which clients read as NaN, losing the infinities).
+struct NonFiniteTokens;
+
+impl serde_json::ser::Formatter for NonFiniteTokens {
+    fn write_i128<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        value: i128,
+    ) -> std::io::Result<()> {
+        match NON_FINITE.iter().find(|&&(_, _, marker)| marker == value) {
+            Some((_, token, _)) => writer.write_all(token.as_bytes()),
+            None => serde_json::ser::CompactFormatter.write_i128(writer, value),
+        }
+    }
+}
+
+/// `value` as JSON, the [`JsonData`] in it with `NaN`, `Infinity` and
+/// `-Infinity` for those values.
+pub fn to_json<T: Serialize>(value: &T) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(128);
+    value.serialize(&mut serde_json::Serializer::with_formatter(
+        &mut out,
+        NonFiniteTokens,
+    ))?;
+    Ok(out)
+}
+
+/// A float element: a finite one as serde writes it, NaN or an infinity as
+/// its `i128` in [`NON_FINITE`].
+struct Float<T>(T);
+
+impl<T: Serialize + Copy + Into<f64>> Serialize for Float<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let value: f64 = self.0.into();
+        if value.is_finite() {
+            return self.0.serialize(serializer);
+        }
+        let which = if value.is_nan() {
+            0
+        } else {
+            1 + usize::from(value < 0.0)
+        };
+        serializer.serialize_i128(NON_FINITE[which].2)
+    }
+}
+
 /// A tensor's elements as one flat JSON list, serialized from the typed
-/// elements as they are written (no `Value` per element).
+/// elements as they are written (no `Value` per element). Serialized by
+/// [`to_json`], a float element that is NaN or infinite is `NaN`,
+/// `Infinity` or `-Infinity`; other serializers get an `i128` for it.
 pub struct JsonData<'t>(pub &'t Tensor);
 
 impl Serialize for JsonData<'_> {
@@ -318,10 +414,14 @@ impl Serialize for JsonData<'_> {
                 tensor
                     .values::<half::f16>()
                     .iter()
-                    .map(|value| value.to_f32()),
+                    .map(|value| Float(value.to_f32())),
             ),
-            (DataType::F32, _) => numbers::<f32, S>(tensor, serializer),
-            (DataType::F64, _) => numbers::<f64, S>(tensor, serializer),
+            (DataType::F32, _) => {
+                serializer.collect_seq(tensor.values::<f32>().iter().map(|&v| Float(v)))
+            }
+            (DataType::F64, _) => {
+                serializer.collect_seq(tensor.values::<f64>().iter().map(|&v| Float(v)))
+            }
         }
     }
 }

@@ -15,7 +15,9 @@
 //! 22.04 (and so NVIDIA JetPack 6) does not have.
 
 // The auxiliary vector, the program headers and madvise are raw memory; this
-// module is the agent's only unsafe code and reads nothing it did not check.
+// module is the agent's only unsafe code but for one ONNX Runtime call (a
+// string tensor filled with lengths, runtime/onnxruntime.rs), and reads
+// nothing it did not check.
 #![allow(unsafe_code)]
 
 /// The executable's relocation table: its address and size in bytes, when it

@@ -265,7 +265,10 @@ pub fn supports_batching(signature: &Signature) -> bool {
 /// `K` (detections, the non-zero entries of the batch) or `2*N` (a flattened
 /// batch). Stacking requests along such a model's first dimension would
 /// hand each caller rows of the others' outputs whenever the sizes happen
-/// to add up. Unnamed dimensions say nothing either way.
+/// to add up. An output's unnamed dynamic first dimension where an input's
+/// is named is one too: nothing links it to the batch, and it may well not
+/// be (a flattened batch, the values of a batch sorted). Unnamed inputs say
+/// nothing either way.
 pub fn batch_dimension_conflict(signature: &Signature) -> Option<String> {
     let mut named = signature
         .inputs
@@ -277,6 +280,15 @@ pub fn batch_dimension_conflict(signature: &Signature) -> Option<String> {
             Some((kind, spec.name.as_str(), name.as_str()))
         });
     let (first_kind, first_tensor, first_name) = named.next()?;
+    let unnamed = signature.outputs.iter().find(|spec| {
+        spec.shape.first() == Some(&-1) && spec.dim_names.first().is_none_or(String::is_empty)
+    });
+    if let Some(output) = unnamed.filter(|_| first_kind == "input") {
+        return Some(format!(
+            "output '{}' has an unnamed first dimension where input '{first_tensor}' has '{first_name}'",
+            output.name
+        ));
+    }
     named
         .find(|&(_, _, name)| name != first_name)
         .map(|(kind, tensor, name)| {
@@ -656,17 +668,7 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             // validation of shapes and types can see. Each request runs
             // again alone, so only those at fault fail, each with its own
             // error. (tract starts the next run from a fresh state.)
-            tracing::debug!(
-                model = %run.label,
-                requests = batch.len(),
-                error = %err.message,
-                "a batched run failed; running its requests one at a time"
-            );
-            for job in batch {
-                if !job.reply.is_closed() {
-                    run_alone(session, job, Instant::now(), false, run);
-                }
-            }
+            run_each_alone(session, batch, &err, "a batched run failed", run);
             return;
         }
     };
@@ -676,7 +678,30 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
                 job.reply.send(Ok(outputs));
             }
         }
-        Err(err) => fail(batch.into_iter().map(|job| job.reply), err, run),
+        // Outputs that are not batched along the inputs (max_batch_size
+        // set on such a model): each request's own run has its own answer.
+        Err(err) => run_each_alone(session, batch, &err, "a batch's outputs did not split", run),
+    }
+}
+
+/// Runs each request of a batch that failed (`what`, with `err`) again alone.
+fn run_each_alone(
+    session: &mut dyn ModelSession,
+    batch: Vec<Job>,
+    err: &InferError,
+    what: &str,
+    run: &RunContext,
+) {
+    tracing::debug!(
+        model = %run.label,
+        requests = batch.len(),
+        error = %err.message,
+        "{what}; running its requests one at a time"
+    );
+    for job in batch {
+        if !job.reply.is_closed() {
+            run_alone(session, job, Instant::now(), false, run);
+        }
     }
 }
 
@@ -762,8 +787,9 @@ fn split_outputs(outputs: Vec<Tensor>, sizes: &[i64]) -> Result<Vec<Vec<Tensor>>
         let name = output.name.clone();
         let rows = output.shape.first().copied();
         let pieces = split_batch(output, sizes).ok_or_else(|| {
+            let rows = rows.map_or_else(|| "no first dimension".into(), |n| format!("{n} rows"));
             InferError::internal(format!(
-                "output '{name}' has {rows:?} rows for a batch of {} rows, so its first dimension \
+                "output '{name}' has {rows} for a batch of {} rows, so its first dimension \
                  is not a batch dimension: set max_batch_size = 0 in the model's config.toml",
                 sizes.iter().sum::<i64>()
             ))
@@ -1501,9 +1527,18 @@ mod tests {
             batch_dimension_conflict(&signature(&[&["N", "M"]], &[&["N", "M"], &["N"]])),
             None
         );
-        // Unnamed dimensions say nothing either way.
+        // An unnamed input says nothing either way; an unnamed output is
+        // one the runtime could not link to the batch.
         assert_eq!(
-            batch_dimension_conflict(&signature(&[&["N"], &[""]], &[&[""]])),
+            batch_dimension_conflict(&signature(&[&["N"], &[""]], &[&["N"]])),
+            None
+        );
+        assert_eq!(
+            batch_dimension_conflict(&signature(&[&["N"], &[""]], &[&[""]])).as_deref(),
+            Some("output 't' has an unnamed first dimension where input 't' has 'N'")
+        );
+        assert_eq!(
+            batch_dimension_conflict(&signature(&[&[""]], &[&[""]])),
             None
         );
         let conflict = batch_dimension_conflict(&signature(&[&["N", "4"]], &[&["K", "6"]]));
@@ -1541,5 +1576,43 @@ mod tests {
         let config = ModelConfig::parse("max_batch_size = 8").unwrap();
         assert!(batching(&["K", ""], &config));
         assert!(batching(&["N", ""], &ModelConfig::default()));
+    }
+
+    /// Flattens its [N, 2] input to [2N], recording each run's rows.
+    struct Flattener(Signature, Recorded<i64>);
+
+    impl ModelSession for Flattener {
+        fn signature(&self) -> &Signature {
+            &self.0
+        }
+        fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+            self.1.lock().unwrap().push(inputs[0].shape[0]);
+            let values = inputs[0].to_vec::<f32>();
+            let shape = vec![values.len() as i64];
+            Ok(vec![Tensor::from_slice("y", DataType::F32, shape, &values)])
+        }
+    }
+
+    /// max_batch_size set on a model whose outputs do not split along the
+    /// batch: each request of a batch runs again alone and gets its own answer.
+    #[tokio::test]
+    async fn a_batch_whose_outputs_do_not_split_runs_each_request_alone() {
+        let runs = Recorded::default();
+        let signature = Signature {
+            inputs: vec![named(&["N", ""])],
+            outputs: vec![named(&[""])],
+        };
+        let session = Box::new(Flattener(signature, Arc::clone(&runs)));
+        let config = ModelConfig::parse("max_batch_size = 8\nmax_queue_delay_us = 200000").unwrap();
+        let version = load(session, &config, &Arc::new(Metrics::new()));
+        assert!(version.batching, "forced by the config");
+        let receivers: Vec<_> = (0..3)
+            .map(|i| version.submit(row([i as f32, 0.5], 1)).unwrap())
+            .collect();
+        for (i, receiver) in receivers.into_iter().enumerate() {
+            let outputs = receiver.await.unwrap().unwrap();
+            assert_eq!(outputs[0].to_vec::<f32>(), vec![i as f32, 0.5]);
+        }
+        assert_eq!(*runs.lock().unwrap(), vec![3, 1, 1, 1]);
     }
 }

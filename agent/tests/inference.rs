@@ -519,31 +519,50 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
         .config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 20000\n");
     repo.add("no_batch", 1, "no_batch")
         .config("no_batch", "max_queue_delay_us = 20000\n");
-    // [N, 2] flattened to [K]: dynamic first dimensions, but not one batch.
-    let flatten = std::fs::read(testdata().join("batch-dims/flatten/1/model.onnx")).unwrap();
-    repo.write("flatten", 1, &flatten)
-        .config("flatten", "max_queue_delay_us = 20000\n");
+    // Dynamic first dimensions, but not one batch: [N, 2] flattened to [K]
+    // or to an unnamed dimension, and [N] sorted (an unnamed dimension too;
+    // tract cannot run its TopK of a k computed from the input).
+    let unbatched: &[&str] = match runtime {
+        RuntimeChoice::Onnxruntime => &["flatten", "flatten_unnamed", "sorted"],
+        _ => &["flatten", "flatten_unnamed"],
+    };
+    for &model in unbatched {
+        let path = format!("batch-dims/{model}/1/model.onnx");
+        repo.write(model, 1, &std::fs::read(testdata().join(path)).unwrap())
+            .config(model, "max_queue_delay_us = 20000\n");
+    }
     let agent = agent(repo.path(), runtime).start().await;
     let mut tasks = Vec::new();
-    for i in 0..12 {
-        let values = json!([i as f32, i as f32 + 0.5]);
-        let case = json!({
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": values}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": values}],
-        });
+    for i in 0..12 * unbatched.len() {
+        let model = unbatched[i % unbatched.len()];
+        let v = (i / unbatched.len()) as f32;
+        let case = if model == "sorted" {
+            json!({
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [3], "data": [v, v + 0.5, v + 0.25]}],
+                "outputs": [
+                    {"name": "y", "datatype": "FP32", "shape": [3], "data": [v + 0.5, v + 0.25, v]},
+                    {"name": "indices", "datatype": "INT64", "shape": [3], "data": [1, 2, 0]},
+                ],
+            })
+        } else {
+            json!({
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [v, v + 0.5]}],
+                "outputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": [v, v + 0.5]}],
+            })
+        };
         let mut client = agent.grpc().await;
         tasks.push(tokio::spawn(async move {
             let response = client
-                .model_infer(grpc_request("flatten", &case, i % 2 == 0))
+                .model_infer(grpc_request(model, &case, i % 2 == 0))
                 .await
-                .unwrap_or_else(|status| panic!("flatten request {i}: {status}"))
+                .unwrap_or_else(|status| panic!("{model} request {i}: {status}"))
                 .into_inner();
             let got = grpc_outputs_as_json(&response);
-            assert_tensor_matches(
-                &got[0],
-                &case["outputs"][0],
-                &format!("flatten request {i}"),
-            );
+            let want = case["outputs"].as_array().unwrap();
+            assert_eq!(got.len(), want.len(), "{model} request {i}");
+            for (got, want) in got.iter().zip(want) {
+                assert_tensor_matches(got, want, &format!("{model} request {i}"));
+            }
         }));
     }
     for i in 0..48 {
@@ -622,14 +641,17 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
         "a model without a batch dimension runs each request alone"
     );
     assert_eq!(no_batch_sum, 12.0);
-    for (what, want) in [
-        ("edgefleet_inference_batch_size_count", 12.0),
-        ("edgefleet_inference_batch_size_sum", 12.0),
-    ] {
+    for (model, what) in unbatched.iter().flat_map(|model| {
+        [
+            "edgefleet_inference_batch_size_count",
+            "edgefleet_inference_batch_size_sum",
+        ]
+        .map(|what| (model, what))
+    }) {
         assert_eq!(
-            metric_value(&metrics, what, "model=\"flatten\""),
-            want,
-            "{what}: a model whose output is not batched along its input runs each request alone"
+            metric_value(&metrics, what, &format!("model=\"{model}\"")),
+            12.0,
+            "{what}: {model}, whose output is not batched along its input, runs each request alone"
         );
     }
     agent.stop().await;
@@ -1100,7 +1122,47 @@ async fn every_fixture_matches_onnxruntime_python_over_http_binary_data(runtime:
     agent.stop().await;
 }
 
+/// A BYTES element holding NUL bytes comes back whole (ONNX Runtime's
+/// strings have lengths; a C string would stop at, or refuse, the NUL).
+async fn strings_with_nul_bytes_come_back_whole(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("strings", 1, "strings");
+    let agent = agent(repo.path(), runtime).start().await;
+    let items = vec![
+        b"a\0b".to_vec(),
+        Vec::new(),
+        b"\0".to_vec(),
+        b"edge".to_vec(),
+    ];
+    let request = pb::ModelInferRequest {
+        model_name: "strings".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "text".into(),
+            datatype: "BYTES".into(),
+            shape: vec![items.len() as i64],
+            contents: Some(pb::InferTensorContents {
+                bytes_contents: items.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let response = agent
+        .grpc()
+        .await
+        .model_infer(request)
+        .await
+        .unwrap_or_else(|status| panic!("on {runtime:?}: {status}"))
+        .into_inner();
+    let raw = &response.raw_output_contents[0];
+    let got = edgefleet_agent::grpc::decode_raw_strings("text_out", raw).unwrap();
+    assert_eq!(got, items, "on {runtime:?}");
+    agent.stop().await;
+}
+
 on_both_runtimes!(
+    strings_with_nul_bytes_come_back_whole,
     raw_inputs_at_every_byte_offset_give_the_expected_outputs,
     every_fixture_matches_onnxruntime_python_over_http_binary_data,
     every_fixture_matches_onnxruntime_python_over_http,

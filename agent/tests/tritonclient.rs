@@ -48,5 +48,9 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
         stdout.contains(&format!("checked {inferences} inferences")),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("checked non-finite values over JSON"),
+        "{stdout}"
+    );
     agent.stop().await;
 }

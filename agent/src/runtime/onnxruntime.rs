@@ -304,12 +304,40 @@ fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>, RuntimeError> {
         DataType::F64 => typed::<f64>(tensor),
         DataType::Bytes => {
             let strings = tensor.utf8_strings().map_err(run_error)?;
-            input(OrtTensor::<String>::from_string_array((
-                tensor.shape.clone(),
-                strings.as_slice(),
-            )))
+            string_tensor(&tensor.shape, &strings).map(Into::into)
         }
     }
+}
+
+/// A string tensor holding `strings`, each copied in with its length: an
+/// ONNX Runtime string is bytes and a length, so one holding a NUL byte
+/// arrives whole (`ort`'s `from_string_array` copies each into a C string,
+/// which refuses one).
+#[allow(unsafe_code)]
+fn string_tensor(shape: &[i64], strings: &[String]) -> Result<OrtTensor<String>, RuntimeError> {
+    use ort::AsPointer;
+    let empty = vec![""; strings.len()];
+    let mut value = OrtTensor::<String>::from_string_array((shape.to_vec(), empty.as_slice()))
+        .map_err(run_error)?;
+    for (index, string) in strings.iter().enumerate() {
+        let mut buffer: *mut std::ffi::c_char = std::ptr::null_mut();
+        // SAFETY: `value` is a string tensor of `strings.len()` elements;
+        // ONNX Runtime resizes element `index` to `string.len()` bytes and
+        // points `buffer` at them (null only with an error status).
+        unsafe {
+            let status = (ort::api().GetResizedStringTensorElementBuffer)(
+                value.ptr_mut(),
+                index,
+                string.len(),
+                &mut buffer,
+            );
+            ort::Error::result_from_status(status).map_err(run_error)?;
+            if !string.is_empty() {
+                std::ptr::copy_nonoverlapping(string.as_ptr(), buffer.cast(), string.len());
+            }
+        }
+    }
+    Ok(value)
 }
 
 fn extract<T: bytemuck::Pod + ort::value::PrimitiveTensorElementType>(

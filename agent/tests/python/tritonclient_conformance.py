@@ -134,7 +134,37 @@ def main():
                         check_output(result.as_numpy(tensor["name"]), tensor, context)
                     print(f"ok {context}")
                     checked += 1
+    if "all_types" in args.models.split(","):
+        check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
     print(f"checked {checked} inferences")
+
+
+def check_non_finite_over_json(client):
+    """NaN and the infinities through `all_types`' identities over HTTP in
+    JSON both ways: the client writes and reads them as the tokens `NaN`,
+    `Infinity` and `-Infinity`, as Triton does."""
+    floats = ["FP32", "FP64"]
+    sent, inputs = {}, []
+    for tensor in client.get_model_metadata("all_types")["inputs"]:
+        datatype = tensor["datatype"]
+        if datatype in floats:
+            values = np.array([[np.inf, -np.inf], [np.nan, 1.5]], dtype=triton_to_np_dtype(datatype))
+            sent[datatype] = values
+        else:  # the model's other inputs, as binary data
+            values = np.zeros([2, 2], dtype=triton_to_np_dtype(datatype))
+        given = httpclient.InferInput(tensor["name"], [2, 2], datatype)
+        given.set_data_from_numpy(values, binary_data=datatype not in floats)
+        inputs.append(given)
+    wanted = [httpclient.InferRequestedOutput(f"out_{datatype}", binary_data=False) for datatype in floats]
+    result = client.infer("all_types", inputs, outputs=wanted)
+    for datatype, values in sent.items():
+        output = result.get_output(f"out_{datatype}")
+        assert "data" in output, f"non-finite {datatype}: came as {output}"
+        got = result.as_numpy(f"out_{datatype}")
+        assert np.array_equal(got, values, equal_nan=True), f"non-finite {datatype}: {got.tolist()}"
+        print(f"ok HTTP JSON non-finite {datatype}")
+    assert len(sent) == len(floats), f"all_types inputs: {sorted(sent)}"
+    print("checked non-finite values over JSON")
 
 
 if __name__ == "__main__":
