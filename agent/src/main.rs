@@ -196,22 +196,6 @@ impl ServeConfig {
     }
 }
 
-fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|err| {
-        anyhow::anyhow!(
-            "invalid config file {}: {}",
-            path.display(),
-            edgefleet_daemon::parse_error_line(
-                &text,
-                err.message(),
-                err.span().map(|span| span.start)
-            )
-        )
-    })
-}
-
 /// A duration from its flag (or environment variable), else from the config
 /// file's `key`; an unparsable file value is noted in `problems`.
 fn duration_setting(
@@ -344,7 +328,7 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpLis
 
 fn file_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
     match path {
-        Some(path) => load_file_config(path),
+        Some(path) => edgefleet_daemon::load_toml_config(path),
         None => Ok(FileConfig::default()),
     }
 }

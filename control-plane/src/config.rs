@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::Deserialize;
 
 /// Agents connect here (TLS; mutual TLS for everything but enrollment).
@@ -235,27 +234,11 @@ fn running_as_root() -> bool {
     })
 }
 
-fn load_file_config(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).map_err(|err| {
-        anyhow::anyhow!(
-            "invalid config file {}: {}",
-            path.display(),
-            edgefleet_daemon::parse_error_line(
-                &text,
-                err.message(),
-                err.span().map(|span| span.start)
-            )
-        )
-    })
-}
-
 /// Flags and environment, then the file, then defaults. Reports every
 /// problem at once.
 pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     let file = match &args.config {
-        Some(path) => load_file_config(path)?,
+        Some(path) => edgefleet_daemon::load_toml_config(path)?,
         None => FileConfig::default(),
     };
     let mut problems = Vec::new();

@@ -4,13 +4,15 @@
 //! - [`init_logging`]: logs on stderr, filtered by `EDGEFLEET_LOG`, that
 //!   never panic when nobody reads them any more;
 //! - [`report`]: the final error line, written the same way;
-//! - [`parse_error_line`]: a config file's parse error on one line;
+//! - [`load_toml_config`]: a TOML config file, its parse error on one line;
 //! - [`ShutdownSignals`]: SIGTERM and SIGINT handlers installed before
 //!   anything is served, so a signal is never lost to the default
 //!   disposition (killed, no clean shutdown) nor to a task not yet running.
 
 use std::io::Write;
+use std::path::Path;
 
+use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 /// The environment variable holding the log filter (`info` when unset or
@@ -40,6 +42,20 @@ pub fn init_logging() {
 /// stderr is gone.
 pub fn report(message: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+/// The TOML config file at `path`; an error that cannot be read or parsed
+/// is one line naming the file (a parse error by [`parse_error_line`]).
+pub fn load_toml_config<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).map_err(|err| {
+        anyhow::anyhow!(
+            "invalid config file {}: {}",
+            path.display(),
+            parse_error_line(&text, err.message(), err.span().map(|span| span.start))
+        )
+    })
 }
 
 /// A config file's parse error as one line: where, `line L, column C: `
