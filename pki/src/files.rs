@@ -37,11 +37,7 @@ pub fn create_public_file(path: &Path, contents: &[u8]) -> Result<bool> {
 fn create_once(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
     let (dir, tmp) = temporary_path(path)?;
     let result = (|| {
-        let mut file = create_new(&tmp, mode).map_err(|e| PkiError::io(&tmp, e))?;
-        file.write_all(contents)
-            .map_err(|e| PkiError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| PkiError::io(&tmp, e))?;
-        drop(file);
+        write_new(&tmp, contents, mode)?;
         match fs::hard_link(&tmp, path) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
@@ -67,6 +63,15 @@ fn create_once(path: &Path, contents: &[u8], mode: u32) -> Result<bool> {
         let _ = d.sync_all();
     }
     result
+}
+
+/// Creates `path` (never an existing file) with `contents` and `mode`, and
+/// syncs it to disk.
+fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let mut file = create_new(path, mode).map_err(|e| PkiError::io(path, e))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| PkiError::io(path, e))
 }
 
 /// The directory of `path` and a fresh temporary path next to it.
@@ -97,11 +102,7 @@ fn write_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     let (dir, tmp) = temporary_path(path)?;
 
     let result = (|| {
-        let mut file = create_new(&tmp, mode).map_err(|e| PkiError::io(&tmp, e))?;
-        file.write_all(contents)
-            .map_err(|e| PkiError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| PkiError::io(&tmp, e))?;
-        drop(file);
+        write_new(&tmp, contents, mode)?;
         fs::rename(&tmp, path).map_err(|e| PkiError::io(path, e))
     })();
     if result.is_err() {
