@@ -57,7 +57,7 @@ enum Command {
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
     /// Model repository: DIR/<model>/<version>/model.onnx (Triton's layout).
-    #[arg(long, env = "EDGEFLEET_MODEL_REPOSITORY", value_name = "DIR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_MODEL_REPOSITORY", value_name = "DIR")]
     model_repository: Option<PathBuf>,
     #[command(flatten)]
     serving: ServingArgs,
@@ -67,48 +67,48 @@ struct ServeArgs {
 #[derive(Debug, clap::Args)]
 struct ServingArgs {
     /// Open Inference Protocol gRPC listener [default: 127.0.0.1:8001].
-    #[arg(long, env = "EDGEFLEET_GRPC_ADDR", value_name = "ADDR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_GRPC_ADDR", value_name = "ADDR")]
     grpc_addr: Option<SocketAddr>,
     /// Open Inference Protocol HTTP listener, also /metrics [default: 127.0.0.1:8000].
-    #[arg(long, env = "EDGEFLEET_HTTP_ADDR", value_name = "ADDR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_HTTP_ADDR", value_name = "ADDR")]
     http_addr: Option<SocketAddr>,
     /// ONNX runtime: auto picks onnxruntime when its library is found, else tract [default: auto].
-    #[arg(long, env = "EDGEFLEET_RUNTIME", value_enum)]
+    #[arg(long, env = "EDGEFLEET_AGENT_RUNTIME", value_enum)]
     runtime: Option<RuntimeChoice>,
     /// How often to rescan the repository for new or changed models; 0 turns hot reload off [default: 5s].
-    #[arg(long, env = "EDGEFLEET_REPOSITORY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_AGENT_REPOSITORY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     repository_poll_interval: Option<Duration>,
     /// Largest inference request accepted, in bytes [default: 64 MiB].
-    #[arg(long, env = "EDGEFLEET_MAX_REQUEST_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "EDGEFLEET_AGENT_MAX_REQUEST_BYTES", value_name = "BYTES")]
     max_request_bytes: Option<usize>,
     /// Low-latency mode: keep every CPU able to wake within this long while the agent runs
     /// (Linux PM QoS; 0s keeps idle CPUs polling). Costs power; needs root [default: off].
-    #[arg(long, env = "EDGEFLEET_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_AGENT_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     cpu_wakeup_latency: Option<Duration>,
     /// Let --grpc-addr and --http-addr, which serve plaintext, take an address off loopback
     /// that other machines can reach; such an address is refused without it [default: off].
-    #[arg(long, env = "EDGEFLEET_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(long, env = "EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
     allow_plaintext_network: bool,
     /// TOML file with any of these settings (flags and environment win).
-    #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "EDGEFLEET_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 struct EnrollArgs {
     /// The control plane's agent listener: https://HOST:PORT.
-    #[arg(long, env = "EDGEFLEET_SERVER", value_name = "URL")]
+    #[arg(long, env = "EDGEFLEET_AGENT_SERVER", value_name = "URL")]
     server: String,
     /// Join token from `edgefleet join-token create`.
     #[arg(
         long,
-        env = "EDGEFLEET_JOIN_TOKEN",
+        env = "EDGEFLEET_AGENT_TOKEN",
         value_name = "TOKEN",
         hide_env_values = true
     )]
     token: String,
     /// Where the agent keeps its identity, model cache and telemetry queue.
-    #[arg(long, env = "EDGEFLEET_STATE_DIR", value_name = "DIR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_STATE_DIR", value_name = "DIR")]
     state_dir: PathBuf,
     /// Enroll again even if the state dir already holds an enrollment.
     #[arg(long)]
@@ -118,21 +118,25 @@ struct EnrollArgs {
 #[derive(Debug, clap::Args)]
 struct RunArgs {
     /// The state dir `enroll` filled.
-    #[arg(long, env = "EDGEFLEET_STATE_DIR", value_name = "DIR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_STATE_DIR", value_name = "DIR")]
     state_dir: Option<PathBuf>,
     #[command(flatten)]
     serving: ServingArgs,
     /// Telemetry interval until the control plane suggests one [default: 10s].
-    #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_AGENT_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     telemetry_interval: Option<Duration>,
     /// Cap of the on-disk telemetry queue in bytes; the oldest batches are dropped (and counted) beyond it [default: 64 MiB].
-    #[arg(long, env = "EDGEFLEET_TELEMETRY_QUEUE_BYTES", value_name = "BYTES")]
+    #[arg(
+        long,
+        env = "EDGEFLEET_AGENT_TELEMETRY_QUEUE_BYTES",
+        value_name = "BYTES"
+    )]
     telemetry_queue_bytes: Option<u64>,
     /// Root under which /sys and /proc are read for device telemetry [default: /].
-    #[arg(long, env = "EDGEFLEET_SYSFS_ROOT", value_name = "DIR")]
+    #[arg(long, env = "EDGEFLEET_AGENT_SYSFS_ROOT", value_name = "DIR")]
     sysfs_root: Option<PathBuf>,
     /// Longest wait between reconnect attempts (delays double up to it, with full jitter) [default: 30s].
-    #[arg(long, env = "EDGEFLEET_RECONNECT_MAX_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_AGENT_RECONNECT_MAX_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     reconnect_max_delay: Option<Duration>,
 }
 
@@ -278,7 +282,7 @@ fn resolve(
         problems.push("max_request_bytes must be positive".to_string());
     }
     if model_repository.is_none() {
-        problems.push("--model-repository is required (or EDGEFLEET_MODEL_REPOSITORY, or model_repository in --config)".to_string());
+        problems.push("--model-repository is required (or EDGEFLEET_AGENT_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
     // Plaintext only on loopback, unless asked for (then `bind` warns).
     if !(args.allow_plaintext_network || file.allow_plaintext_network == Some(true)) {
@@ -448,7 +452,9 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let signals = ShutdownSignals::install().context("cannot install signal handlers")?;
     let file = file_config(args.serving.config.as_deref())?;
     let Some(state_dir) = args.state_dir.clone().or(file.state_dir.clone()) else {
-        anyhow::bail!("--state-dir is required (or EDGEFLEET_STATE_DIR, or state_dir in --config)");
+        anyhow::bail!(
+            "--state-dir is required (or EDGEFLEET_AGENT_STATE_DIR, or state_dir in --config)"
+        );
     };
     let state = StateDir::new(&state_dir);
     state.check_enrolled()?;
@@ -571,7 +577,7 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> anyh
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = edgefleet_daemon::parse_args();
     edgefleet_daemon::init_logging();
     let released = edgefleet_agent::memory::release_relocation_table();
     tracing::debug!(bytes = released, "released the relocation table's pages");

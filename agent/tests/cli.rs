@@ -13,7 +13,7 @@ use support::*;
 fn agent_bin() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
     command
-        .env_remove("EDGEFLEET_MODEL_REPOSITORY")
+        .env_remove("EDGEFLEET_AGENT_MODEL_REPOSITORY")
         .env("EDGEFLEET_LOG", "info");
     command
 }
@@ -176,7 +176,7 @@ fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
         ("127.0.0.1:0", "[::]:0", "http_addr [::]:0"),
     ] {
         let mut child = agent_bin()
-            .env_remove("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK")
+            .env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK")
             .args(["serve", "--model-repository", repository])
             .args(["--grpc-addr", grpc, "--http-addr", http])
             .stdout(Stdio::null())
@@ -210,9 +210,9 @@ fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
         (&["--config", config][..], None),
     ] {
         let mut command = agent_bin();
-        command.env_remove("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK");
+        command.env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK");
         if let Some(value) = env {
-            command.env("EDGEFLEET_ALLOW_PLAINTEXT_NETWORK", value);
+            command.env("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value);
         }
         let mut child = command
             .args([

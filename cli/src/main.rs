@@ -27,11 +27,14 @@ macro_rules! outln {
     }};
 }
 
+mod config;
 mod rollouts;
 
 /// Where `edgefleet-server serve` listens for operators by default.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
 
+/// The command line; [`Cli`] is what the commands use, once the config file
+/// and the defaults filled what it leaves out.
 #[derive(Debug, Parser)]
 #[command(
     name = "edgefleet",
@@ -39,24 +42,58 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
     about = "Operate an edgefleet control plane: join tokens, devices, models, rollouts",
     after_help = "The admin token is printed once by the server's first start and kept in DATA_DIR/admin.token."
 )]
-pub(crate) struct Cli {
-    /// The control plane's operator API: http://HOST:PORT on loopback, https://HOST:PORT elsewhere.
-    #[arg(long, global = true, env = "EDGEFLEET_SERVER", default_value = DEFAULT_SERVER)]
-    server: String,
+struct Args {
+    /// The control plane's operator API: http://HOST:PORT on loopback, https://HOST:PORT elsewhere
+    /// [default: http://127.0.0.1:7444].
+    #[arg(long, global = true, env = "EDGEFLEET_SERVER", value_name = "URL")]
+    server: Option<String>,
     /// Operator bearer token.
     #[arg(long, global = true, env = "EDGEFLEET_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// CA certificate (PEM) to trust for an https:// server: the server's DATA_DIR/ca.crt.
     #[arg(long, global = true, env = "EDGEFLEET_CA_CERT", value_name = "FILE")]
     ca_cert: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, global = true, value_enum, default_value = "table")]
-    output: Output,
+    /// Output format [default: table].
+    #[arg(long, global = true, env = "EDGEFLEET_OUTPUT", value_enum)]
+    output: Option<Output>,
+    /// TOML file with any of server, token, ca_cert, output (flags and environment win); one
+    /// holding a token must be private (chmod 600) [default:
+    /// $XDG_CONFIG_HOME/edgefleet/config.toml, else ~/.config/edgefleet/config.toml, if it exists].
+    #[arg(long, global = true, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// The settings, resolved, and the command to run.
+#[derive(Debug)]
+pub(crate) struct Cli {
+    server: String,
+    token: Option<String>,
+    ca_cert: Option<PathBuf>,
+    output: Output,
+    command: Command,
+}
+
+impl Cli {
+    /// Flags and environment (through clap), then the config file, then defaults.
+    fn resolve(args: Args) -> anyhow::Result<Cli> {
+        let file = config::load(args.config.as_deref())?;
+        Ok(Cli {
+            server: args
+                .server
+                .or(file.server)
+                .unwrap_or_else(|| DEFAULT_SERVER.to_string()),
+            token: args.token.or(file.token),
+            ca_cert: args.ca_cert.or(file.ca_cert),
+            output: args.output.or(file.output).unwrap_or(Output::Table),
+            command: args.command,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub(crate) enum Output {
     Table,
     Json,
@@ -179,7 +216,7 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
     let channel = if cli.server.starts_with("https://") {
         let Some(ca_path) = &cli.ca_cert else {
             bail!(
-                "--ca-cert (or EDGEFLEET_CA_CERT) is required for an https:// server: use the server's DATA_DIR/ca.crt"
+                "--ca-cert (or EDGEFLEET_CA_CERT, or ca_cert in the config file) is required for an https:// server: use the server's DATA_DIR/ca.crt"
             );
         };
         let ca_pem = std::fs::read_to_string(ca_path)
@@ -242,7 +279,7 @@ async fn connect_models(cli: &Cli) -> anyhow::Result<ModelServiceClient<Channel>
 fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
     let Some(token) = &cli.token else {
         bail!(
-            "--token (or EDGEFLEET_TOKEN) is required: the server's DATA_DIR/admin.token holds the first one"
+            "--token (or EDGEFLEET_TOKEN, or token in the config file) is required: the server's DATA_DIR/admin.token holds the first one"
         );
     };
     let mut request = tonic::Request::new(message);
@@ -954,18 +991,20 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-        .and_then(|rt| rt.block_on(run(cli)));
+    let args: Args = edgefleet_daemon::parse_args();
+    let result = Cli::resolve(args).and_then(|cli| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(cli)))
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`| head`): nothing is lost and nothing to report.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("edgefleet: {err:#}");
+            edgefleet_daemon::report(format_args!("edgefleet: {err:#}"));
             ExitCode::FAILURE
         }
     }

@@ -1,4 +1,4 @@
-//! `edgefleet-server serve` settings: flags, then environment (`EDGEFLEET_…`,
+//! `edgefleet-server serve` settings: flags, then environment (`EDGEFLEET_SERVER_…`,
 //! both through clap), then a TOML file, then defaults.
 
 use std::net::SocketAddr;
@@ -35,64 +35,68 @@ pub struct ServeArgs {
     /// Where the server keeps its CA, admin token and (by default) its SQLite database
     /// [default: /var/lib/edgefleet-server as root, else $XDG_DATA_HOME/edgefleet-server or
     /// ~/.local/share/edgefleet-server].
-    #[arg(long, env = "EDGEFLEET_DATA_DIR", value_name = "DIR")]
+    #[arg(long, env = "EDGEFLEET_SERVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// postgres://… for PostgreSQL, sqlite://PATH for another SQLite file [default: SQLite in the data dir].
     #[arg(
         long,
-        env = "EDGEFLEET_DATABASE_URL",
+        env = "EDGEFLEET_SERVER_DATABASE_URL",
         value_name = "URL",
         hide_env_values = true
     )]
     pub database_url: Option<String>,
     /// gRPC listener for agents, TLS [default: 0.0.0.0:7443].
-    #[arg(long, env = "EDGEFLEET_AGENT_ADDR", value_name = "ADDR")]
+    #[arg(long, env = "EDGEFLEET_SERVER_AGENT_ADDR", value_name = "ADDR")]
     pub agent_addr: Option<SocketAddr>,
     /// Operator gRPC API; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7444].
-    #[arg(long, env = "EDGEFLEET_API_ADDR", value_name = "ADDR")]
+    #[arg(long, env = "EDGEFLEET_SERVER_API_ADDR", value_name = "ADDR")]
     pub api_addr: Option<SocketAddr>,
     /// Dashboard and /metrics HTTP listener; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7480].
-    #[arg(long, env = "EDGEFLEET_HTTP_ADDR", value_name = "ADDR")]
+    #[arg(long, env = "EDGEFLEET_SERVER_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Extra names (DNS or IP) agents use to reach this server, for its certificate: a,b,c.
     #[arg(
         long,
-        env = "EDGEFLEET_SERVER_NAMES",
+        env = "EDGEFLEET_SERVER_SERVER_NAMES",
         value_name = "NAMES",
         value_delimiter = ','
     )]
     pub server_names: Vec<String>,
     /// How long raw telemetry is kept before only hourly rollups remain [default: 7d].
-    #[arg(long, env = "EDGEFLEET_TELEMETRY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_SERVER_TELEMETRY_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_retention: Option<Duration>,
     /// How long hourly telemetry rollups are kept [default: 400d].
-    #[arg(long, env = "EDGEFLEET_ROLLUP_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_SERVER_ROLLUP_RETENTION", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub rollup_retention: Option<Duration>,
     /// Telemetry interval suggested to agents [default: 10s].
-    #[arg(long, env = "EDGEFLEET_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_SERVER_TELEMETRY_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_interval: Option<Duration>,
     /// How often agents upload their queued telemetry batches, grouped and compressed; 0s = each batch as it is made [default: 5m].
-    #[arg(long, env = "EDGEFLEET_TELEMETRY_UPLOAD_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_SERVER_TELEMETRY_UPLOAD_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub telemetry_upload_interval: Option<Duration>,
     /// Lifetime of device certificates; agents renew when a third is left [default: 90d].
-    #[arg(long, env = "EDGEFLEET_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "EDGEFLEET_SERVER_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub device_certificate_validity: Option<Duration>,
     /// Largest model `PushModel` accepts, in bytes [default: 2 GiB].
-    #[arg(long, env = "EDGEFLEET_MAX_MODEL_BYTES", value_name = "BYTES")]
+    #[arg(long, env = "EDGEFLEET_SERVER_MAX_MODEL_BYTES", value_name = "BYTES")]
     pub max_model_bytes: Option<u64>,
     /// Device memory a model needs, as a multiple of its size (plus 32 MiB) [default: 3.0].
-    #[arg(long, env = "EDGEFLEET_MODEL_MEMORY_FACTOR", value_name = "FACTOR")]
+    #[arg(
+        long,
+        env = "EDGEFLEET_SERVER_MODEL_MEMORY_FACTOR",
+        value_name = "FACTOR"
+    )]
     pub model_memory_factor: Option<f64>,
     /// Ed25519 public key (64 hex digits) whose model signatures the fleet trusts besides the server's release key (repeatable, or a,b,c); pushes signed by any other key are refused.
     #[arg(
         long = "trusted-signing-key",
-        env = "EDGEFLEET_TRUSTED_SIGNING_KEYS",
+        env = "EDGEFLEET_SERVER_TRUSTED_SIGNING_KEY",
         value_name = "HEX",
         value_delimiter = ','
     )]
     pub trusted_signing_keys: Vec<String>,
     /// TOML file with any of the settings above (flags and environment win).
-    #[arg(long, env = "EDGEFLEET_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "EDGEFLEET_SERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// For tests only: ends a silent session after this long instead of
     /// three upload intervals (at least 3 minutes). Not a setting: hidden,
@@ -251,7 +255,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     });
     if data_dir.is_none() {
         problems.push(
-            "no data dir: HOME is unset (or not absolute), so there is no default; pass --data-dir (or EDGEFLEET_DATA_DIR, or data_dir in --config)".to_string(),
+            "no data dir: HOME is unset (or not absolute), so there is no default; pass --data-dir (or EDGEFLEET_SERVER_DATA_DIR, or data_dir in --config)".to_string(),
         );
     }
     let mut config = ServerConfig::new(&data_dir.unwrap_or_default());

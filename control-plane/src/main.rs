@@ -73,7 +73,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = edgefleet_daemon::parse_args();
     edgefleet_daemon::init_logging();
     let result = match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()

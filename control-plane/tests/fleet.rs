@@ -244,6 +244,8 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
     let no_token = std::process::Command::new(binary("edgefleet"))
         .args(["--server", &server.api_url, "devices", "list"])
         .env_remove("EDGEFLEET_TOKEN")
+        .env_remove("EDGEFLEET_CONFIG")
+        .env("XDG_CONFIG_HOME", &server.data_dir)
         .output()
         .unwrap();
     assert!(!no_token.status.success());
@@ -1076,9 +1078,9 @@ fn without_a_data_dir_the_server_keeps_its_data_in_the_users_data_home() {
             .args(["--http-addr", "127.0.0.1:0"])
             .env("HOME", home.path())
             .env_remove("XDG_DATA_HOME")
-            .env_remove("EDGEFLEET_DATA_DIR")
-            .env_remove("EDGEFLEET_DATABASE_URL")
-            .env_remove("EDGEFLEET_CONFIG");
+            .env_remove("EDGEFLEET_SERVER_DATA_DIR")
+            .env_remove("EDGEFLEET_SERVER_DATABASE_URL")
+            .env_remove("EDGEFLEET_SERVER_CONFIG");
         if let Some(dir) = xdg_data_home {
             command.env("XDG_DATA_HOME", dir);
         }

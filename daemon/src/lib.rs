@@ -1,6 +1,7 @@
-//! What edgefleet's long-running binaries (`edgefleet-agent` and
-//! `edgefleet-server`) share at start and stop:
+//! What edgefleet's binaries share at start and stop:
 //!
+//! - [`parse_args`]: the command line, an error in it on one line (all
+//!   three binaries, the `edgefleet` CLI too);
 //! - [`init_logging`]: logs on stderr, filtered by `EDGEFLEET_LOG`, that
 //!   never panic when nobody reads them any more;
 //! - [`report`]: the final error line, written the same way;
@@ -14,6 +15,9 @@ use std::path::Path;
 
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
+
+mod args;
+pub use args::{error_line, parse_args};
 
 /// The environment variable holding the log filter (`info` when unset or
 /// malformed), e.g. `EDGEFLEET_LOG=debug` or `EDGEFLEET_LOG=edgefleet_agent=debug,info`.

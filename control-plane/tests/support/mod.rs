@@ -391,6 +391,10 @@ impl Server {
             .args(args)
             .env_remove("EDGEFLEET_SERVER")
             .env_remove("EDGEFLEET_TOKEN")
+            .env_remove("EDGEFLEET_OUTPUT")
+            .env_remove("EDGEFLEET_CONFIG")
+            // No config file of whoever runs the tests.
+            .env("XDG_CONFIG_HOME", &self.data_dir)
             .output()
             .unwrap()
     }
@@ -403,6 +407,10 @@ impl Server {
             .args(args)
             .env_remove("EDGEFLEET_SERVER")
             .env_remove("EDGEFLEET_TOKEN")
+            .env_remove("EDGEFLEET_OUTPUT")
+            .env_remove("EDGEFLEET_CONFIG")
+            // No config file of whoever runs the tests.
+            .env("XDG_CONFIG_HOME", &self.data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
