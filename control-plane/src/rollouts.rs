@@ -21,7 +21,7 @@ use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
     RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
 };
-use crate::store::{DeviceStatus, Resolution, StoreError};
+use crate::store::{DeviceStatus, StoreError};
 
 /// How often the engine looks at every active rollout.
 pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -214,8 +214,12 @@ async fn rollback_changes(
     Ok(desired)
 }
 
-/// Telemetry of one model version on some devices since `from`:
-/// (requests, errors, latency histogram).
+/// Telemetry of one model version on some devices that the server received
+/// in `[from, until)`: (requests, errors, latency histogram). The window is
+/// the server's time (the rollout's creation, a resume), compared with when
+/// each batch arrived, not with the batch times the device stamped: a device
+/// whose clock is behind would otherwise have its fresh figures missed, and
+/// one whose clock is ahead its old figures counted.
 async fn version_figures(
     cp: &ControlPlane,
     devices: &[String],
@@ -228,11 +232,7 @@ async fn version_figures(
     let mut errors = 0;
     let mut latency = pb::LogHistogram::default();
     for device in devices {
-        for point in cp
-            .store
-            .model_series(device, from, until, Resolution::Raw)
-            .await?
-        {
+        for point in cp.store.received_model_series(device, from, until).await? {
             let version_matches = match version {
                 Some(v) => point.version == v,
                 None => true,
@@ -1189,6 +1189,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{ModelSample, TelemetryRecord};
 
     #[test]
     fn waves_are_cumulative_and_end_with_everyone() {
@@ -1351,6 +1352,95 @@ mod tests {
         rollout
     }
 
+    /// Enrolls devices with these ids (no labels).
+    async fn enroll(cp: &ControlPlane, ids: &[&str]) {
+        let token = crate::store::JoinToken {
+            id: "jt".into(),
+            secret_hash: "hash".into(),
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: i64::MAX,
+            uses_left: ids.len() as u32,
+            created_by: "op1".into(),
+        };
+        cp.store.insert_join_token(&token).await.unwrap();
+        for id in ids {
+            let device = crate::store::NewDevice {
+                id: id.to_string(),
+                inventory: Default::default(),
+                enrolled_at: now_ms(),
+                certificate_serial: "01".into(),
+                certificate_expires_at: i64::MAX,
+            };
+            cp.store
+                .enroll_device("jt", "hash", &device)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// A telemetry batch of m@2 with 100 requests and 50 errors that the
+    /// server received at `received_at`, stamped by the device as ending at
+    /// `end_at`.
+    fn failing_batch(device: &str, received_at: i64, end_at: i64) -> TelemetryRecord {
+        TelemetryRecord {
+            device_id: device.into(),
+            sequence: 1,
+            received_at,
+            start_at: end_at - 10_000,
+            end_at,
+            models: vec![ModelSample {
+                name: "m".into(),
+                version: 2,
+                requests: 100,
+                errors: 50,
+                local: 100,
+                ..ModelSample::default()
+            }],
+            ..TelemetryRecord::default()
+        }
+    }
+
+    /// The metric gates judge what the devices sent since the rollout began
+    /// by the server's clock, whatever the devices' clocks say. A device
+    /// whose clock is an hour behind stamps the errors it sent just now an
+    /// hour before the rollout: they still count. A device whose clock is
+    /// two hours ahead stamped errors it sent two hours ago (before the
+    /// rollout) as now: they do not.
+    #[tokio::test]
+    async fn metric_gates_judge_by_when_the_server_received_telemetry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        enroll(&cp, &["behind", "ahead"]).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        let now = now_ms();
+        rollout.created_at = now - 60_000;
+        rollout.spec.gates.max_error_rate = 0.1;
+        let hour = 3_600_000;
+        cp.store
+            .ingest_telemetry(&[
+                failing_batch("behind", now, now - hour),
+                failing_batch("ahead", now - 2 * hour, now),
+            ])
+            .await
+            .unwrap();
+
+        let ahead = [member("ahead", "active", now)];
+        assert_eq!(
+            judge_gates(&cp, &rollout, &ahead).await.unwrap(),
+            None,
+            "errors sent before the rollout count against it"
+        );
+        let behind = [member("behind", "active", now)];
+        let reason = judge_gates(&cp, &rollout, &behind).await.unwrap();
+        let reason = reason.expect("errors sent during the rollout are missed");
+        assert!(
+            reason.contains("error-rate gate: 50 errors in 100 requests"),
+            "{reason}"
+        );
+    }
+
     /// A device's ACTIVE report counts whichever replica received it: here
     /// one whose clock is a minute behind the engine's, which stamps the
     /// report before the engine asked the device to update. The report says
@@ -1359,28 +1449,7 @@ mod tests {
     async fn an_activation_received_by_a_replica_with_a_slow_clock_counts() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
-        let token = crate::store::JoinToken {
-            id: "jt".into(),
-            secret_hash: "hash".into(),
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: i64::MAX,
-            uses_left: 1,
-            created_by: "op1".into(),
-        };
-        cp.store.insert_join_token(&token).await.unwrap();
-        let device = crate::store::NewDevice {
-            id: "d1".into(),
-            inventory: Default::default(),
-            enrolled_at: now_ms(),
-            certificate_serial: "01".into(),
-            certificate_expires_at: i64::MAX,
-        };
-        cp.store
-            .enroll_device("jt", "hash", &device)
-            .await
-            .unwrap()
-            .unwrap();
+        enroll(&cp, &["d1"]).await;
         create_rollout_of_m2(&cp).await;
         let member = |cp: &ControlPlane| {
             let store = Arc::clone(&cp.store);

@@ -231,7 +231,8 @@ suite!(
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
     samples_stored_before_migration_3_are_converted,
-    raw_series_of_a_device_finds_its_window_by_index,
+    received_series_of_a_device_finds_its_window_by_index,
+    received_series_is_by_the_servers_clock,
     batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
     rollups_past_their_retention_are_deleted,
     batches_stored_far_ahead_before_the_clamp_are_clamped,
@@ -1269,37 +1270,89 @@ fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
     p
 }
 
-/// The rollout engine reads a device's raw batches ending in a window
-/// every few seconds per device of a running wave: the window is found by
-/// an index on (device_id, end_at), not by reading every retained batch of
-/// the device (migration 0007).
-async fn raw_series_of_a_device_finds_its_window_by_index(db: &Db) {
+/// The rollout engine reads the raw batches a device sent in a window of
+/// the server's time every few seconds per device of a running wave: the
+/// window is found by an index on (device_id, received_at), not by reading
+/// every retained batch of the device (migration 0009).
+async fn received_series_of_a_device_finds_its_window_by_index(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     db.store
         .ingest_telemetry(&hourly_batches("a", T0, 2, 1))
         .await
         .unwrap();
-    // The query of `model_series(.., Resolution::Raw)`.
+    // The query of `received_model_series`.
     let plan = db
         .query_plan(&format!(
             "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
-             FROM telemetry_batches WHERE device_id = 'a' AND end_at >= {T0} AND end_at < {} \
-             ORDER BY start_at, sequence",
+             FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
+             AND received_at < {}",
             T0 + HOUR
         ))
         .await;
     let uses_index = match db.backend {
-        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_end
-        // (device_id=? AND end_at>? AND end_at<?)
+        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_received
+        // (device_id=? AND received_at>? AND received_at<?)
         Backend::Sqlite { .. } => plan.iter().any(|step| {
-            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("end_at>")
+            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("received_at>")
         }),
-        // Index Cond: ((device_id = 'a'::text) AND (end_at >= ..) AND (end_at < ..))
+        // Index Cond: ((device_id = 'a'::text) AND (received_at >= ..) AND (received_at < ..))
         Backend::Postgres { .. } => plan
             .iter()
-            .any(|step| step.contains("Index Cond") && step.contains("end_at")),
+            .any(|step| step.contains("Index Cond") && step.contains("received_at")),
     };
     assert!(uses_index, "the window is not found by index: {plan:#?}");
+}
+
+/// The gates' series selects batches by when the server received them;
+/// the device's timeline (`model_series`) by the times the device stamped.
+/// A device whose clock is an hour behind sent a batch at T0 + 2h (server
+/// time) that it stamped as ending at T0 + 1h.
+async fn received_series_is_by_the_servers_clock(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let mut late = batch("a", 1, T0 + HOUR - 10_000, vec![sample("m", 10, &[5], 1)]);
+    late.received_at = T0 + 2 * HOUR;
+    let mut other = batch("b", 1, T0 + HOUR - 10_000, vec![sample("m", 99, &[1], 1)]);
+    other.received_at = T0 + 2 * HOUR;
+    db.store
+        .ingest_telemetry(&[late.clone(), other])
+        .await
+        .unwrap();
+    let received = db
+        .store
+        .received_model_series("a", T0 + 2 * HOUR, T0 + 2 * HOUR + 1)
+        .await
+        .unwrap();
+    let by_device_clock = db
+        .store
+        .model_series("a", T0 + HOUR, T0 + HOUR + 1, Resolution::Raw)
+        .await
+        .unwrap();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received, by_device_clock, "the same point, as stamped");
+    assert_eq!(received[0].at, late.start_at);
+    assert_eq!(received[0].until, late.end_at);
+    assert_eq!(received[0].requests, 10);
+    // [from, until): received at the window's end is outside it; by the
+    // device's clock the batch is not in the window it was received in.
+    for (from, until) in [
+        (T0 + HOUR, T0 + 2 * HOUR),
+        (T0 + 2 * HOUR + 1, T0 + 3 * HOUR),
+    ] {
+        assert!(
+            db.store
+                .received_model_series("a", from, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        db.store
+            .model_series("a", T0 + 2 * HOUR, T0 + 3 * HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
