@@ -103,6 +103,51 @@ impl Db {
         }
     }
 
+    /// Whether another connection could take, right now, the lock under
+    /// which the store does a blob digest's file work (see
+    /// `store::registry::BlobWork`): PostgreSQL's advisory lock of the
+    /// digest, SQLite's write lock. Taken and released at once if free.
+    async fn blob_lock_free(&self, sha256: &str) -> bool {
+        match &self.backend {
+            Backend::Sqlite { .. } => {
+                use std::str::FromStr;
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.backend.url())
+                    .unwrap()
+                    .busy_timeout(std::time::Duration::ZERO);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                let free = match conn.execute("BEGIN IMMEDIATE").await {
+                    Ok(_) => {
+                        conn.execute("ROLLBACK").await.unwrap();
+                        true
+                    }
+                    Err(err) => {
+                        assert!(err.to_string().contains("locked"), "{err}");
+                        false
+                    }
+                };
+                conn.close().await.unwrap();
+                free
+            }
+            Backend::Postgres { .. } => {
+                let mut conn = sqlx::PgConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                let key = "hashtextextended(current_schema() || '.edgefleet.blob.' || $1, 0)";
+                let free: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT pg_try_advisory_lock({key})"
+                )))
+                .bind(sha256)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                conn.close().await.unwrap();
+                free
+            }
+        }
+    }
+
     /// The plan of a query, one line per step (SQLite's EXPLAIN QUERY PLAN
     /// details, PostgreSQL's EXPLAIN text with sequential scans disabled:
     /// the test tables are too small for the planner to bother otherwise).
@@ -1912,6 +1957,8 @@ mod registry {
 
     suite!(
         models_roundtrip,
+        blob_work_goes_with_the_model_insert_and_the_reference_check,
+        blob_work_runs_holding_the_digests_lock,
         delete_model_refused_while_in_use,
         rollout_create_and_conflict,
         concurrent_rollout_creates_one_wins,
@@ -2102,6 +2149,126 @@ mod registry {
     }
 
     // ------------------------------------------------------------ tests
+
+    /// A push puts its blob in place in the transaction that records its
+    /// version: for a new version and for the same version again (its blob
+    /// put back should it be missing), not for a conflicting one; and if
+    /// that fails, nothing is recorded. An unused blob is removed only if no
+    /// version uses its digest.
+    async fn blob_work_goes_with_the_model_insert_and_the_reference_check(db: &Db) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let placed = AtomicUsize::new(0);
+        let mut place = || {
+            placed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let v1 = model("m", 1, "d1");
+        let store = &db.store;
+        assert_eq!(
+            store.insert_model_with_blob(&v1, &mut place).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            store.insert_model_with_blob(&v1, &mut place).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 2, "the same version again");
+        let clash = model("m", 1, "d2");
+        assert!(
+            store
+                .insert_model_with_blob(&clash, &mut place)
+                .await
+                .unwrap()
+                .is_err()
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 2, "not for a conflict");
+
+        let mut disk_full = || Err(std::io::Error::other("disk full"));
+        let v2 = model("m", 2, "d3");
+        let err = store
+            .insert_model_with_blob(&v2, &mut disk_full)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Blob(_)), "{err:?}");
+        assert_eq!(store.model("m", Some(2)).await.unwrap(), None);
+        assert_eq!(store.model("m", None).await.unwrap(), Some(v1));
+
+        let removed = AtomicUsize::new(0);
+        let mut remove = || {
+            removed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        assert!(
+            !store
+                .drop_blob_if_unreferenced("d1", &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(removed.load(Ordering::SeqCst), 0, "m@1 uses d1");
+        assert!(
+            store
+                .drop_blob_if_unreferenced("d3", &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(removed.load(Ordering::SeqCst), 1);
+        let mut failing = || Err(std::io::Error::other("read-only file system"));
+        let err = store
+            .drop_blob_if_unreferenced("d3", &mut failing)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Blob(_)), "{err:?}");
+    }
+
+    /// The blob work runs while the digest is locked against every other
+    /// connection to the database (other replicas): on PostgreSQL the
+    /// digest's advisory lock, on SQLite the write lock. Each callback here
+    /// asks, from another connection, whether it could take that lock.
+    async fn blob_work_runs_holding_the_digests_lock(db: &Db) {
+        let digest = "ab".repeat(32);
+        // Asked on another thread: the callbacks are synchronous.
+        let lock_free = || {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap()
+                            .block_on(db.blob_lock_free(&digest))
+                    })
+                    .join()
+                    .unwrap()
+            })
+        };
+        assert!(lock_free(), "nobody holds it yet");
+        let mut free_while_placing = None;
+        let mut place = || {
+            free_while_placing = Some(lock_free());
+            Ok(())
+        };
+        db.store
+            .insert_model_with_blob(&model("m", 1, &digest), &mut place)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(free_while_placing, Some(false));
+        db.store.delete_model("m", 1).await.unwrap().unwrap();
+        let mut free_while_removing = None;
+        let mut remove = || {
+            free_while_removing = Some(lock_free());
+            Ok(())
+        };
+        assert!(
+            db.store
+                .drop_blob_if_unreferenced(&digest, &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(free_while_removing, Some(false));
+        assert!(lock_free(), "released with the transaction");
+    }
 
     async fn models_roundtrip(db: &Db) {
         assert_eq!(db.store.model("resnet", None).await.unwrap(), None);

@@ -63,6 +63,10 @@ pub enum StoreError {
     /// A write computed from a row that has changed since it was read.
     #[error("{0}")]
     Conflict(String),
+    /// File work done inside a transaction failed (see
+    /// [`registry::BlobWork`]); the transaction was rolled back.
+    #[error("blob store I/O error: {0}")]
+    Blob(std::io::Error),
 }
 
 /// What a device is (mirrors the protobuf `Inventory`).
