@@ -737,35 +737,30 @@ fn labels_text(labels: &crate::store::Labels) -> String {
         .join(",")
 }
 
-/// The full operator view of a rollout.
-async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
-    let devices = cp
-        .store
-        .rollout_devices(&rollout.id)
-        .await
-        .map_err(store_unavailable("cannot read a rollout's devices"))?;
-    let events = cp
-        .store
-        .rollout_events(&rollout.id)
-        .await
-        .map_err(store_unavailable("cannot read a rollout's events"))?;
-    let mut counts = pb::RolloutDeviceCounts {
-        targeted: devices.len() as u32,
-        ..Default::default()
-    };
-    for device in &devices {
-        match device.state.as_str() {
-            "waiting" => counts.waiting += 1,
-            "updating" => counts.updating += 1,
-            "active" => counts.active += 1,
-            "failed" => counts.failed += 1,
-            "rolled_back" | "rolling_back" => counts.rolled_back += 1,
+/// A rollout's device counts from (device state, devices) pairs.
+fn device_counts<'a>(states: impl IntoIterator<Item = (&'a str, u64)>) -> pb::RolloutDeviceCounts {
+    let mut counts = pb::RolloutDeviceCounts::default();
+    for (state, devices) in states {
+        let devices = u32::try_from(devices).unwrap_or(u32::MAX);
+        let add = |count: &mut u32| *count = count.saturating_add(devices);
+        add(&mut counts.targeted);
+        match state {
+            "waiting" => add(&mut counts.waiting),
+            "updating" => add(&mut counts.updating),
+            "active" => add(&mut counts.active),
+            "failed" => add(&mut counts.failed),
+            "rolled_back" | "rolling_back" => add(&mut counts.rolled_back),
             _ => {}
         }
     }
+    counts
+}
+
+/// A rollout as a list shows it: everything but its devices and events.
+fn rollout_summary(rollout: &RolloutRecord, counts: pb::RolloutDeviceCounts) -> pb::Rollout {
     let gates = &rollout.spec.gates;
     let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
-    Ok(pb::Rollout {
+    pb::Rollout {
         id: rollout.id.clone(),
         model: rollout.model.clone(),
         version: rollout.version,
@@ -793,6 +788,26 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
         created_by: rollout.created_by.clone(),
         created_unix_ms: unsigned(rollout.created_at),
         updated_unix_ms: unsigned(rollout.updated_at),
+        devices: Vec::new(),
+        events: Vec::new(),
+    }
+}
+
+/// The full operator view of a rollout.
+async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
+    let devices = cp
+        .store
+        .rollout_devices(&rollout.id)
+        .await
+        .map_err(store_unavailable("cannot read a rollout's devices"))?;
+    let events = cp
+        .store
+        .rollout_events(&rollout.id)
+        .await
+        .map_err(store_unavailable("cannot read a rollout's events"))?;
+    let counts = device_counts(devices.iter().map(|d| (d.state.as_str(), 1)));
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
+    Ok(pb::Rollout {
         devices: devices
             .iter()
             .map(|d| pb::RolloutDevice {
@@ -813,6 +828,7 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
                 message: e.message.clone(),
             })
             .collect(),
+        ..rollout_summary(rollout, counts)
     })
 }
 
@@ -1093,13 +1109,28 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .rollouts((!model.is_empty()).then_some(model.as_str()))
             .await
             .map_err(store_unavailable("cannot list rollouts"))?;
-        let mut views = Vec::new();
-        for rollout in &rollouts {
-            let mut view = rollout_view(&self.cp, rollout).await?;
-            view.devices.clear();
-            view.events.clear();
-            views.push(view);
+        // Counted by the database, one query for the whole list. A rollout
+        // created since the list was read is counted and left out.
+        let states = self
+            .cp
+            .store
+            .rollout_device_states((!model.is_empty()).then_some(model.as_str()))
+            .await
+            .map_err(store_unavailable("cannot count rollouts' devices"))?;
+        let mut by_rollout: HashMap<&str, Vec<(&str, u64)>> = HashMap::new();
+        for (id, state, devices) in &states {
+            by_rollout
+                .entry(id.as_str())
+                .or_default()
+                .push((state.as_str(), *devices));
         }
+        let views = rollouts
+            .iter()
+            .map(|rollout| {
+                let states = by_rollout.remove(rollout.id.as_str()).unwrap_or_default();
+                rollout_summary(rollout, device_counts(states))
+            })
+            .collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts: views }))
     }
 
@@ -1350,6 +1381,112 @@ mod tests {
             .unwrap()
             .unwrap();
         rollout
+    }
+
+    /// The list of rollouts counts each one's devices in the database; its
+    /// counts are the ones the rollout's own view shows, and so is the rest
+    /// of it but the devices and events.
+    #[tokio::test]
+    async fn the_list_counts_devices_as_each_rollouts_view_does() {
+        use pb::rollout_service_server::RolloutService;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Arc::new(control_plane(dir.path()).await);
+        let mut r1 = create_rollout_of_m2(&cp).await;
+        let states = [
+            "waiting",
+            "updating",
+            "updating",
+            "active",
+            "active",
+            "active",
+            "failed",
+            "rolled_back",
+            "rolling_back",
+            "left",
+        ];
+        let members: Vec<RolloutDeviceRecord> = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| member(&format!("d{i}"), state, 1_000))
+            .collect();
+        r1.state = RolloutState::Running;
+        cp.store
+            .save_rollout_step(&mut r1, &members, &[], &[])
+            .await
+            .unwrap();
+        // Another model's rollout, with no devices yet.
+        let n = ModelRecord {
+            name: "n".into(),
+            version: 1,
+            sha256: "def".into(),
+            ..ModelRecord::default()
+        };
+        cp.store.insert_model(&n).await.unwrap().unwrap();
+        let r2 = RolloutRecord {
+            id: "r2".into(),
+            model: "n".into(),
+            version: 1,
+            created_at: 2,
+            ..r1.clone()
+        };
+        let created = event("r2", "operator:op1", "created", String::new());
+        cp.store
+            .create_rollout(&r2, &[], &created)
+            .await
+            .unwrap()
+            .unwrap();
+        let token = crate::store::OperatorToken {
+            id: "op1".into(),
+            name: "admin".into(),
+            secret_hash: edgefleet_pki::hash_secret("secret"),
+            role: "admin".into(),
+            created_at: 0,
+            revoked_at: None,
+        };
+        cp.store.insert_operator_token(&token).await.unwrap();
+        fn authorized<T>(message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            let bearer = "Bearer secret".parse().unwrap();
+            request.metadata_mut().insert("authorization", bearer);
+            request
+        }
+        let api = RolloutApi::new(Arc::clone(&cp));
+
+        let list = |model: &str| {
+            let request = authorized(pb::ListRolloutsRequest {
+                model: model.into(),
+            });
+            let api = api.clone();
+            async move { api.list_rollouts(request).await.unwrap().into_inner() }
+        };
+        let all = list("").await.rollouts;
+        let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r2", "r1"]);
+        for listed in &all {
+            let request = authorized(pb::RolloutRef {
+                id: listed.id.clone(),
+            });
+            let view = api.get_rollout(request).await.unwrap().into_inner();
+            let summary = pb::Rollout {
+                devices: Vec::new(),
+                events: Vec::new(),
+                ..view
+            };
+            assert_eq!(listed, &summary);
+        }
+        let counts = pb::RolloutDeviceCounts {
+            targeted: 10,
+            waiting: 1,
+            updating: 2,
+            active: 3,
+            failed: 1,
+            rolled_back: 2,
+        };
+        assert_eq!(all[1].counts, Some(counts));
+        assert_eq!(all[0].counts, Some(pb::RolloutDeviceCounts::default()));
+        let of_m = list("m").await.rollouts;
+        assert_eq!(of_m.len(), 1);
+        assert_eq!(of_m[0], all[1]);
     }
 
     /// Enrolls devices with these ids (no labels).

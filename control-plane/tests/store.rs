@@ -1963,6 +1963,7 @@ mod registry {
         rollout_create_and_conflict,
         concurrent_rollout_creates_one_wins,
         rollout_listing_order,
+        rollout_device_states_are_counted,
         save_rollout_step_applies_everything,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
@@ -2529,6 +2530,53 @@ mod registry {
             ids(db.store.rollouts(Some("m")).await.unwrap()),
             ["new", "old"]
         );
+    }
+
+    /// What a list of rollouts shows: each rollout's devices per state,
+    /// counted by the database.
+    async fn rollout_device_states_are_counted(db: &Db) {
+        let mut r1 = rollout("r1", "m", 1, T0);
+        create(db, &r1, &["a", "b", "c", "d"]).await.unwrap();
+        let mut b = member("r1", "b", 1);
+        b.state = "active".into();
+        let mut c = member("r1", "c", 1);
+        c.state = "active".into();
+        let mut d = member("r1", "d", 1);
+        d.state = "failed".into();
+        db.store
+            .save_rollout_step(&mut r1, &[b, c, d], &[], &[])
+            .await
+            .unwrap();
+        create(db, &rollout("r2", "n", 1, T0 + 10), &["e"])
+            .await
+            .unwrap();
+        create(db, &rollout("r3", "m", 2, T0 + 20), &[])
+            .await
+            .unwrap();
+        let counted = |model: Option<&'static str>| async move {
+            let mut rows = db.store.rollout_device_states(model).await.unwrap();
+            rows.sort();
+            rows
+        };
+        let row = |id: &str, state: &str, n: u64| (id.to_string(), state.to_string(), n);
+        assert_eq!(
+            counted(None).await,
+            [
+                row("r1", "active", 2),
+                row("r1", "failed", 1),
+                row("r1", "waiting", 1),
+                row("r2", "waiting", 1),
+            ]
+        );
+        assert_eq!(
+            counted(Some("m")).await,
+            [
+                row("r1", "active", 2),
+                row("r1", "failed", 1),
+                row("r1", "waiting", 1),
+            ]
+        );
+        assert!(counted(Some("zzz")).await.is_empty());
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {

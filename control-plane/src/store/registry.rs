@@ -299,6 +299,14 @@ pub trait RegistryStore: Send + Sync {
     async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
     /// Newest first; of one model when given.
     async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// How many devices of each rollout (of `model` when given) are in each
+    /// state, as (rollout id, device state, devices), counted by the
+    /// database: what a list of rollouts shows, without reading every
+    /// device row.
+    async fn rollout_device_states(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(String, String, u64)>, StoreError>;
     /// Pending, running and paused rollouts, oldest first.
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
     /// Writes the rollout's changed fields, the given device rows (insert or

@@ -389,6 +389,24 @@ impl RegistryStore for PgStore {
         rollouts_from(rows)
     }
 
+    async fn rollout_device_states(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT d.rollout_id, d.state, count(*) FROM rollout_devices d \
+             JOIN rollouts r ON r.id = d.rollout_id WHERE $1::text IS NULL OR r.model = $1 \
+             GROUP BY d.rollout_id, d.state",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, state, devices)| (id, state, common::from_db(devices)))
+            .collect())
+    }
+
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
         let rows = sqlx::query_as::<_, RolloutRow>(AssertSqlSafe(format!(
             "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE state IN {ACTIVE_STATES} \
