@@ -21,7 +21,7 @@ use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
     RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
 };
-use crate::store::{DeviceStatus, Resolution, StoreError};
+use crate::store::{DeviceStatus, StoreError};
 
 /// How often the engine looks at every active rollout.
 pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
@@ -214,8 +214,12 @@ async fn rollback_changes(
     Ok(desired)
 }
 
-/// Telemetry of one model version on some devices since `from`:
-/// (requests, errors, latency histogram).
+/// Telemetry of one model version on some devices that the server received
+/// in `[from, until)`: (requests, errors, latency histogram). The window is
+/// the server's time (the rollout's creation, a resume), compared with when
+/// each batch arrived, not with the batch times the device stamped: a device
+/// whose clock is behind would otherwise have its fresh figures missed, and
+/// one whose clock is ahead its old figures counted.
 async fn version_figures(
     cp: &ControlPlane,
     devices: &[String],
@@ -228,11 +232,7 @@ async fn version_figures(
     let mut errors = 0;
     let mut latency = pb::LogHistogram::default();
     for device in devices {
-        for point in cp
-            .store
-            .model_series(device, from, until, Resolution::Raw)
-            .await?
-        {
+        for point in cp.store.received_model_series(device, from, until).await? {
             let version_matches = match version {
                 Some(v) => point.version == v,
                 None => true,
@@ -737,35 +737,30 @@ fn labels_text(labels: &crate::store::Labels) -> String {
         .join(",")
 }
 
-/// The full operator view of a rollout.
-async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
-    let devices = cp
-        .store
-        .rollout_devices(&rollout.id)
-        .await
-        .map_err(store_unavailable("cannot read a rollout's devices"))?;
-    let events = cp
-        .store
-        .rollout_events(&rollout.id)
-        .await
-        .map_err(store_unavailable("cannot read a rollout's events"))?;
-    let mut counts = pb::RolloutDeviceCounts {
-        targeted: devices.len() as u32,
-        ..Default::default()
-    };
-    for device in &devices {
-        match device.state.as_str() {
-            "waiting" => counts.waiting += 1,
-            "updating" => counts.updating += 1,
-            "active" => counts.active += 1,
-            "failed" => counts.failed += 1,
-            "rolled_back" | "rolling_back" => counts.rolled_back += 1,
+/// A rollout's device counts from (device state, devices) pairs.
+fn device_counts<'a>(states: impl IntoIterator<Item = (&'a str, u64)>) -> pb::RolloutDeviceCounts {
+    let mut counts = pb::RolloutDeviceCounts::default();
+    for (state, devices) in states {
+        let devices = u32::try_from(devices).unwrap_or(u32::MAX);
+        let add = |count: &mut u32| *count = count.saturating_add(devices);
+        add(&mut counts.targeted);
+        match state {
+            "waiting" => add(&mut counts.waiting),
+            "updating" => add(&mut counts.updating),
+            "active" => add(&mut counts.active),
+            "failed" => add(&mut counts.failed),
+            "rolled_back" | "rolling_back" => add(&mut counts.rolled_back),
             _ => {}
         }
     }
+    counts
+}
+
+/// A rollout as a list shows it: everything but its devices and events.
+fn rollout_summary(rollout: &RolloutRecord, counts: pb::RolloutDeviceCounts) -> pb::Rollout {
     let gates = &rollout.spec.gates;
     let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
-    Ok(pb::Rollout {
+    pb::Rollout {
         id: rollout.id.clone(),
         model: rollout.model.clone(),
         version: rollout.version,
@@ -793,6 +788,26 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
         created_by: rollout.created_by.clone(),
         created_unix_ms: unsigned(rollout.created_at),
         updated_unix_ms: unsigned(rollout.updated_at),
+        devices: Vec::new(),
+        events: Vec::new(),
+    }
+}
+
+/// The full operator view of a rollout.
+async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
+    let devices = cp
+        .store
+        .rollout_devices(&rollout.id)
+        .await
+        .map_err(store_unavailable("cannot read a rollout's devices"))?;
+    let events = cp
+        .store
+        .rollout_events(&rollout.id)
+        .await
+        .map_err(store_unavailable("cannot read a rollout's events"))?;
+    let counts = device_counts(devices.iter().map(|d| (d.state.as_str(), 1)));
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
+    Ok(pb::Rollout {
         devices: devices
             .iter()
             .map(|d| pb::RolloutDevice {
@@ -813,6 +828,7 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
                 message: e.message.clone(),
             })
             .collect(),
+        ..rollout_summary(rollout, counts)
     })
 }
 
@@ -1093,13 +1109,28 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .rollouts((!model.is_empty()).then_some(model.as_str()))
             .await
             .map_err(store_unavailable("cannot list rollouts"))?;
-        let mut views = Vec::new();
-        for rollout in &rollouts {
-            let mut view = rollout_view(&self.cp, rollout).await?;
-            view.devices.clear();
-            view.events.clear();
-            views.push(view);
+        // Counted by the database, one query for the whole list. A rollout
+        // created since the list was read is counted and left out.
+        let states = self
+            .cp
+            .store
+            .rollout_device_states((!model.is_empty()).then_some(model.as_str()))
+            .await
+            .map_err(store_unavailable("cannot count rollouts' devices"))?;
+        let mut by_rollout: HashMap<&str, Vec<(&str, u64)>> = HashMap::new();
+        for (id, state, devices) in &states {
+            by_rollout
+                .entry(id.as_str())
+                .or_default()
+                .push((state.as_str(), *devices));
         }
+        let views = rollouts
+            .iter()
+            .map(|rollout| {
+                let states = by_rollout.remove(rollout.id.as_str()).unwrap_or_default();
+                rollout_summary(rollout, device_counts(states))
+            })
+            .collect();
         Ok(Response::new(pb::ListRolloutsResponse { rollouts: views }))
     }
 
@@ -1189,6 +1220,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{ModelSample, TelemetryRecord};
 
     #[test]
     fn waves_are_cumulative_and_end_with_everyone() {
@@ -1351,6 +1383,201 @@ mod tests {
         rollout
     }
 
+    /// The list of rollouts counts each one's devices in the database; its
+    /// counts are the ones the rollout's own view shows, and so is the rest
+    /// of it but the devices and events.
+    #[tokio::test]
+    async fn the_list_counts_devices_as_each_rollouts_view_does() {
+        use pb::rollout_service_server::RolloutService;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Arc::new(control_plane(dir.path()).await);
+        let mut r1 = create_rollout_of_m2(&cp).await;
+        let states = [
+            "waiting",
+            "updating",
+            "updating",
+            "active",
+            "active",
+            "active",
+            "failed",
+            "rolled_back",
+            "rolling_back",
+            "left",
+        ];
+        let members: Vec<RolloutDeviceRecord> = states
+            .iter()
+            .enumerate()
+            .map(|(i, state)| member(&format!("d{i}"), state, 1_000))
+            .collect();
+        r1.state = RolloutState::Running;
+        cp.store
+            .save_rollout_step(&mut r1, &members, &[], &[])
+            .await
+            .unwrap();
+        // Another model's rollout, with no devices yet.
+        let n = ModelRecord {
+            name: "n".into(),
+            version: 1,
+            sha256: "def".into(),
+            ..ModelRecord::default()
+        };
+        cp.store.insert_model(&n).await.unwrap().unwrap();
+        let r2 = RolloutRecord {
+            id: "r2".into(),
+            model: "n".into(),
+            version: 1,
+            created_at: 2,
+            ..r1.clone()
+        };
+        let created = event("r2", "operator:op1", "created", String::new());
+        cp.store
+            .create_rollout(&r2, &[], &created)
+            .await
+            .unwrap()
+            .unwrap();
+        let token = crate::store::OperatorToken {
+            id: "op1".into(),
+            name: "admin".into(),
+            secret_hash: edgefleet_pki::hash_secret("secret"),
+            role: "admin".into(),
+            created_at: 0,
+            revoked_at: None,
+        };
+        cp.store.insert_operator_token(&token).await.unwrap();
+        fn authorized<T>(message: T) -> Request<T> {
+            let mut request = Request::new(message);
+            let bearer = "Bearer secret".parse().unwrap();
+            request.metadata_mut().insert("authorization", bearer);
+            request
+        }
+        let api = RolloutApi::new(Arc::clone(&cp));
+
+        let list = |model: &str| {
+            let request = authorized(pb::ListRolloutsRequest {
+                model: model.into(),
+            });
+            let api = api.clone();
+            async move { api.list_rollouts(request).await.unwrap().into_inner() }
+        };
+        let all = list("").await.rollouts;
+        let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r2", "r1"]);
+        for listed in &all {
+            let request = authorized(pb::RolloutRef {
+                id: listed.id.clone(),
+            });
+            let view = api.get_rollout(request).await.unwrap().into_inner();
+            let summary = pb::Rollout {
+                devices: Vec::new(),
+                events: Vec::new(),
+                ..view
+            };
+            assert_eq!(listed, &summary);
+        }
+        let counts = pb::RolloutDeviceCounts {
+            targeted: 10,
+            waiting: 1,
+            updating: 2,
+            active: 3,
+            failed: 1,
+            rolled_back: 2,
+        };
+        assert_eq!(all[1].counts, Some(counts));
+        assert_eq!(all[0].counts, Some(pb::RolloutDeviceCounts::default()));
+        let of_m = list("m").await.rollouts;
+        assert_eq!(of_m.len(), 1);
+        assert_eq!(of_m[0], all[1]);
+    }
+
+    /// Enrolls devices with these ids (no labels).
+    async fn enroll(cp: &ControlPlane, ids: &[&str]) {
+        let token = crate::store::JoinToken {
+            id: "jt".into(),
+            secret_hash: "hash".into(),
+            labels: Default::default(),
+            created_at: 0,
+            expires_at: i64::MAX,
+            uses_left: ids.len() as u32,
+            created_by: "op1".into(),
+        };
+        cp.store.insert_join_token(&token).await.unwrap();
+        for id in ids {
+            let device = crate::store::NewDevice {
+                id: id.to_string(),
+                inventory: Default::default(),
+                enrolled_at: now_ms(),
+                certificate_serial: "01".into(),
+                certificate_expires_at: i64::MAX,
+            };
+            cp.store
+                .enroll_device("jt", "hash", &device)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    /// A telemetry batch of m@2 with 100 requests and 50 errors that the
+    /// server received at `received_at`, stamped by the device as ending at
+    /// `end_at`.
+    fn failing_batch(device: &str, received_at: i64, end_at: i64) -> TelemetryRecord {
+        TelemetryRecord {
+            device_id: device.into(),
+            sequence: 1,
+            received_at,
+            start_at: end_at - 10_000,
+            end_at,
+            models: vec![ModelSample {
+                name: "m".into(),
+                version: 2,
+                requests: 100,
+                errors: 50,
+                local: 100,
+                ..ModelSample::default()
+            }],
+            ..TelemetryRecord::default()
+        }
+    }
+
+    /// The metric gates judge what the devices sent since the rollout began
+    /// by the server's clock, whatever the devices' clocks say. A device
+    /// whose clock is an hour behind stamps the errors it sent just now an
+    /// hour before the rollout: they still count. A device whose clock is
+    /// two hours ahead stamped errors it sent two hours ago (before the
+    /// rollout) as now: they do not.
+    #[tokio::test]
+    async fn metric_gates_judge_by_when_the_server_received_telemetry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        enroll(&cp, &["behind", "ahead"]).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        let now = now_ms();
+        rollout.created_at = now - 60_000;
+        rollout.spec.gates.max_error_rate = 0.1;
+        let hour = 3_600_000;
+        cp.store
+            .ingest_telemetry(&[
+                failing_batch("behind", now, now - hour),
+                failing_batch("ahead", now - 2 * hour, now),
+            ])
+            .await
+            .unwrap();
+
+        let ahead = [member("ahead", "active", now)];
+        assert_eq!(
+            judge_gates(&cp, &rollout, &ahead).await.unwrap(),
+            None,
+            "errors sent before the rollout count against it"
+        );
+        let behind = [member("behind", "active", now)];
+        let reason = judge_gates(&cp, &rollout, &behind).await.unwrap();
+        let reason = reason.expect("errors sent during the rollout are missed");
+        assert!(
+            reason.contains("error-rate gate: 50 errors in 100 requests"),
+            "{reason}"
+        );
+    }
+
     /// A device's ACTIVE report counts whichever replica received it: here
     /// one whose clock is a minute behind the engine's, which stamps the
     /// report before the engine asked the device to update. The report says
@@ -1359,28 +1586,7 @@ mod tests {
     async fn an_activation_received_by_a_replica_with_a_slow_clock_counts() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
-        let token = crate::store::JoinToken {
-            id: "jt".into(),
-            secret_hash: "hash".into(),
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: i64::MAX,
-            uses_left: 1,
-            created_by: "op1".into(),
-        };
-        cp.store.insert_join_token(&token).await.unwrap();
-        let device = crate::store::NewDevice {
-            id: "d1".into(),
-            inventory: Default::default(),
-            enrolled_at: now_ms(),
-            certificate_serial: "01".into(),
-            certificate_expires_at: i64::MAX,
-        };
-        cp.store
-            .enroll_device("jt", "hash", &device)
-            .await
-            .unwrap()
-            .unwrap();
+        enroll(&cp, &["d1"]).await;
         create_rollout_of_m2(&cp).await;
         let member = |cp: &ControlPlane| {
             let store = Arc::clone(&cp.store);

@@ -242,3 +242,86 @@ fn versions_stop_at_the_largest_a_database_can_order() {
         stderr(&refused)
     );
 }
+
+/// Replicas share one PostgreSQL database and one data dir. An operator
+/// deletes model `a` (the only version using its content) on one replica
+/// while another replica records `b`, a push of the same bytes. The push
+/// is held just before it records its version (a third connection holds
+/// the advisory lock of model name `b`, the first thing its insert takes),
+/// so the delete finds the content unused and removes the file; then the
+/// push goes on. `b` must not end up without its file: the push still has
+/// its own copy and puts it in place with its version, under the digest's
+/// lock (the one the delete held while it checked and removed).
+#[test]
+fn a_push_racing_a_delete_of_the_same_content_on_another_replica_keeps_its_blob() {
+    use sqlx::{Connection, Executor};
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("server");
+    let schema = support::PgSchema::create();
+    let deleting = Server::start(&data_dir, Some(&schema.url), &[]);
+    let pushing = Server::start(&data_dir, Some(&schema.url), &[]);
+    let mlp = fixture("mlp");
+    let mlp = mlp.to_str().unwrap();
+    let digest = sha256_of(Path::new(mlp));
+    let blob = data_dir
+        .join("blobs/sha256")
+        .join(&digest[..2])
+        .join(&digest);
+    deleting.cli_json(&["models", "push", mlp, "--name", "a", "--version", "1"]);
+    assert!(blob.exists());
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut holder = runtime
+        .block_on(sqlx::PgConnection::connect(&schema.url))
+        .unwrap();
+    let holder_pid: i32 = runtime.block_on(async {
+        holder.execute("BEGIN").await.unwrap();
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtext(current_schema() || '.edgefleet.model.' || $1))",
+        )
+        .bind("b")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap()
+    });
+    std::thread::scope(|scope| {
+        let push =
+            scope.spawn(|| pushing.cli(&["models", "push", mlp, "--name", "b", "--version", "1"]));
+        support::eventually(
+            std::time::Duration::from_secs(30),
+            "the push of b waits for its model's lock",
+            || {
+                let waiting: i64 = runtime
+                    .block_on(
+                        sqlx::query_scalar(
+                            "SELECT count(*) FROM pg_stat_activity \
+                             WHERE $1 = ANY(pg_blocking_pids(pid))",
+                        )
+                        .bind(holder_pid)
+                        .fetch_one(&mut holder),
+                    )
+                    .unwrap();
+                (waiting > 0).then_some(())
+            },
+        );
+        let deleted = deleting.cli(&["models", "delete", "a@1"]);
+        assert!(deleted.status.success(), "{}", stderr(&deleted));
+        assert!(!blob.exists(), "a's delete found the content unused");
+        runtime.block_on(holder.execute("ROLLBACK")).unwrap();
+        let pushed = push.join().unwrap();
+        assert!(pushed.status.success(), "{}", stderr(&pushed));
+    });
+    let b = deleting.cli_json(&["models", "get", "b@1"]);
+    assert_eq!(b["sha256"], digest.as_str());
+    assert!(blob.exists(), "b@1 is recorded without its blob");
+    assert_eq!(sha256_of(&blob), digest);
+    // Only the blob is left: no upload's temporary file.
+    assert_eq!(blob_files(&data_dir), vec![blob]);
+}

@@ -126,6 +126,8 @@ fn rollout_to_success(db: Db, agents: usize) {
     assert_eq!(r["activation_timeout_seconds"], 3600);
     assert_eq!(r["counts"]["active"], agents);
     let full = server.cli_json(&["rollouts", "get", r["id"].as_str().unwrap()]);
+    // The list counts in the database what the rollout's view counts.
+    assert_eq!(r["counts"], full["counts"]);
     let actions: Vec<&str> = full["events"]
         .as_array()
         .unwrap()
@@ -209,6 +211,7 @@ fn a_model_failing_its_check_on_some_devices_is_rolled_back() {
     let list = server.cli_json(&["rollouts", "list", "--model", "mlp"]);
     let failed = server.cli_json(&["rollouts", "get", list[0]["id"].as_str().unwrap()]);
     assert_eq!(failed["state"], "rolled_back");
+    assert_eq!(list[0]["counts"], failed["counts"]);
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("failed-activations gate"), "{reason}");
     for device in &fleet.devices[2..] {

@@ -103,6 +103,51 @@ impl Db {
         }
     }
 
+    /// Whether another connection could take, right now, the lock under
+    /// which the store does a blob digest's file work (see
+    /// `store::registry::BlobWork`): PostgreSQL's advisory lock of the
+    /// digest, SQLite's write lock. Taken and released at once if free.
+    async fn blob_lock_free(&self, sha256: &str) -> bool {
+        match &self.backend {
+            Backend::Sqlite { .. } => {
+                use std::str::FromStr;
+                let options = sqlx::sqlite::SqliteConnectOptions::from_str(&self.backend.url())
+                    .unwrap()
+                    .busy_timeout(std::time::Duration::ZERO);
+                let mut conn = sqlx::SqliteConnection::connect_with(&options)
+                    .await
+                    .unwrap();
+                let free = match conn.execute("BEGIN IMMEDIATE").await {
+                    Ok(_) => {
+                        conn.execute("ROLLBACK").await.unwrap();
+                        true
+                    }
+                    Err(err) => {
+                        assert!(err.to_string().contains("locked"), "{err}");
+                        false
+                    }
+                };
+                conn.close().await.unwrap();
+                free
+            }
+            Backend::Postgres { .. } => {
+                let mut conn = sqlx::PgConnection::connect(&self.backend.url())
+                    .await
+                    .unwrap();
+                let key = "hashtextextended(current_schema() || '.edgefleet.blob.' || $1, 0)";
+                let free: bool = sqlx::query_scalar(AssertSqlSafe(format!(
+                    "SELECT pg_try_advisory_lock({key})"
+                )))
+                .bind(sha256)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+                conn.close().await.unwrap();
+                free
+            }
+        }
+    }
+
     /// The plan of a query, one line per step (SQLite's EXPLAIN QUERY PLAN
     /// details, PostgreSQL's EXPLAIN text with sequential scans disabled:
     /// the test tables are too small for the planner to bother otherwise).
@@ -231,7 +276,8 @@ suite!(
     reopening_keeps_data,
     corrupt_protobuf_is_an_error,
     samples_stored_before_migration_3_are_converted,
-    raw_series_of_a_device_finds_its_window_by_index,
+    received_series_of_a_device_finds_its_window_by_index,
+    received_series_is_by_the_servers_clock,
     batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
     rollups_past_their_retention_are_deleted,
     batches_stored_far_ahead_before_the_clamp_are_clamped,
@@ -1269,37 +1315,89 @@ fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
     p
 }
 
-/// The rollout engine reads a device's raw batches ending in a window
-/// every few seconds per device of a running wave: the window is found by
-/// an index on (device_id, end_at), not by reading every retained batch of
-/// the device (migration 0007).
-async fn raw_series_of_a_device_finds_its_window_by_index(db: &Db) {
+/// The rollout engine reads the raw batches a device sent in a window of
+/// the server's time every few seconds per device of a running wave: the
+/// window is found by an index on (device_id, received_at), not by reading
+/// every retained batch of the device (migration 0009).
+async fn received_series_of_a_device_finds_its_window_by_index(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     db.store
         .ingest_telemetry(&hourly_batches("a", T0, 2, 1))
         .await
         .unwrap();
-    // The query of `model_series(.., Resolution::Raw)`.
+    // The query of `received_model_series`.
     let plan = db
         .query_plan(&format!(
             "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
-             FROM telemetry_batches WHERE device_id = 'a' AND end_at >= {T0} AND end_at < {} \
-             ORDER BY start_at, sequence",
+             FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
+             AND received_at < {}",
             T0 + HOUR
         ))
         .await;
     let uses_index = match db.backend {
-        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_end
-        // (device_id=? AND end_at>? AND end_at<?)
+        // SEARCH telemetry_batches USING INDEX telemetry_batches_device_received
+        // (device_id=? AND received_at>? AND received_at<?)
         Backend::Sqlite { .. } => plan.iter().any(|step| {
-            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("end_at>")
+            step.contains("SEARCH telemetry_batches USING INDEX") && step.contains("received_at>")
         }),
-        // Index Cond: ((device_id = 'a'::text) AND (end_at >= ..) AND (end_at < ..))
+        // Index Cond: ((device_id = 'a'::text) AND (received_at >= ..) AND (received_at < ..))
         Backend::Postgres { .. } => plan
             .iter()
-            .any(|step| step.contains("Index Cond") && step.contains("end_at")),
+            .any(|step| step.contains("Index Cond") && step.contains("received_at")),
     };
     assert!(uses_index, "the window is not found by index: {plan:#?}");
+}
+
+/// The gates' series selects batches by when the server received them;
+/// the device's timeline (`model_series`) by the times the device stamped.
+/// A device whose clock is an hour behind sent a batch at T0 + 2h (server
+/// time) that it stamped as ending at T0 + 1h.
+async fn received_series_is_by_the_servers_clock(db: &Db) {
+    enroll(db, &["a", "b"], Labels::new()).await;
+    let mut late = batch("a", 1, T0 + HOUR - 10_000, vec![sample("m", 10, &[5], 1)]);
+    late.received_at = T0 + 2 * HOUR;
+    let mut other = batch("b", 1, T0 + HOUR - 10_000, vec![sample("m", 99, &[1], 1)]);
+    other.received_at = T0 + 2 * HOUR;
+    db.store
+        .ingest_telemetry(&[late.clone(), other])
+        .await
+        .unwrap();
+    let received = db
+        .store
+        .received_model_series("a", T0 + 2 * HOUR, T0 + 2 * HOUR + 1)
+        .await
+        .unwrap();
+    let by_device_clock = db
+        .store
+        .model_series("a", T0 + HOUR, T0 + HOUR + 1, Resolution::Raw)
+        .await
+        .unwrap();
+    assert_eq!(received.len(), 1, "{received:?}");
+    assert_eq!(received, by_device_clock, "the same point, as stamped");
+    assert_eq!(received[0].at, late.start_at);
+    assert_eq!(received[0].until, late.end_at);
+    assert_eq!(received[0].requests, 10);
+    // [from, until): received at the window's end is outside it; by the
+    // device's clock the batch is not in the window it was received in.
+    for (from, until) in [
+        (T0 + HOUR, T0 + 2 * HOUR),
+        (T0 + 2 * HOUR + 1, T0 + 3 * HOUR),
+    ] {
+        assert!(
+            db.store
+                .received_model_series("a", from, until)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        db.store
+            .model_series("a", T0 + 2 * HOUR, T0 + 3 * HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }
 
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {
@@ -1859,10 +1957,13 @@ mod registry {
 
     suite!(
         models_roundtrip,
+        blob_work_goes_with_the_model_insert_and_the_reference_check,
+        blob_work_runs_holding_the_digests_lock,
         delete_model_refused_while_in_use,
         rollout_create_and_conflict,
         concurrent_rollout_creates_one_wins,
         rollout_listing_order,
+        rollout_device_states_are_counted,
         save_rollout_step_applies_everything,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
@@ -2049,6 +2150,126 @@ mod registry {
     }
 
     // ------------------------------------------------------------ tests
+
+    /// A push puts its blob in place in the transaction that records its
+    /// version: for a new version and for the same version again (its blob
+    /// put back should it be missing), not for a conflicting one; and if
+    /// that fails, nothing is recorded. An unused blob is removed only if no
+    /// version uses its digest.
+    async fn blob_work_goes_with_the_model_insert_and_the_reference_check(db: &Db) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let placed = AtomicUsize::new(0);
+        let mut place = || {
+            placed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        let v1 = model("m", 1, "d1");
+        let store = &db.store;
+        assert_eq!(
+            store.insert_model_with_blob(&v1, &mut place).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            store.insert_model_with_blob(&v1, &mut place).await.unwrap(),
+            Ok(())
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 2, "the same version again");
+        let clash = model("m", 1, "d2");
+        assert!(
+            store
+                .insert_model_with_blob(&clash, &mut place)
+                .await
+                .unwrap()
+                .is_err()
+        );
+        assert_eq!(placed.load(Ordering::SeqCst), 2, "not for a conflict");
+
+        let mut disk_full = || Err(std::io::Error::other("disk full"));
+        let v2 = model("m", 2, "d3");
+        let err = store
+            .insert_model_with_blob(&v2, &mut disk_full)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Blob(_)), "{err:?}");
+        assert_eq!(store.model("m", Some(2)).await.unwrap(), None);
+        assert_eq!(store.model("m", None).await.unwrap(), Some(v1));
+
+        let removed = AtomicUsize::new(0);
+        let mut remove = || {
+            removed.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        };
+        assert!(
+            !store
+                .drop_blob_if_unreferenced("d1", &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(removed.load(Ordering::SeqCst), 0, "m@1 uses d1");
+        assert!(
+            store
+                .drop_blob_if_unreferenced("d3", &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(removed.load(Ordering::SeqCst), 1);
+        let mut failing = || Err(std::io::Error::other("read-only file system"));
+        let err = store
+            .drop_blob_if_unreferenced("d3", &mut failing)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Blob(_)), "{err:?}");
+    }
+
+    /// The blob work runs while the digest is locked against every other
+    /// connection to the database (other replicas): on PostgreSQL the
+    /// digest's advisory lock, on SQLite the write lock. Each callback here
+    /// asks, from another connection, whether it could take that lock.
+    async fn blob_work_runs_holding_the_digests_lock(db: &Db) {
+        let digest = "ab".repeat(32);
+        // Asked on another thread: the callbacks are synchronous.
+        let lock_free = || {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| {
+                        tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .unwrap()
+                            .block_on(db.blob_lock_free(&digest))
+                    })
+                    .join()
+                    .unwrap()
+            })
+        };
+        assert!(lock_free(), "nobody holds it yet");
+        let mut free_while_placing = None;
+        let mut place = || {
+            free_while_placing = Some(lock_free());
+            Ok(())
+        };
+        db.store
+            .insert_model_with_blob(&model("m", 1, &digest), &mut place)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(free_while_placing, Some(false));
+        db.store.delete_model("m", 1).await.unwrap().unwrap();
+        let mut free_while_removing = None;
+        let mut remove = || {
+            free_while_removing = Some(lock_free());
+            Ok(())
+        };
+        assert!(
+            db.store
+                .drop_blob_if_unreferenced(&digest, &mut remove)
+                .await
+                .unwrap()
+        );
+        assert_eq!(free_while_removing, Some(false));
+        assert!(lock_free(), "released with the transaction");
+    }
 
     async fn models_roundtrip(db: &Db) {
         assert_eq!(db.store.model("resnet", None).await.unwrap(), None);
@@ -2309,6 +2530,53 @@ mod registry {
             ids(db.store.rollouts(Some("m")).await.unwrap()),
             ["new", "old"]
         );
+    }
+
+    /// What a list of rollouts shows: each rollout's devices per state,
+    /// counted by the database.
+    async fn rollout_device_states_are_counted(db: &Db) {
+        let mut r1 = rollout("r1", "m", 1, T0);
+        create(db, &r1, &["a", "b", "c", "d"]).await.unwrap();
+        let mut b = member("r1", "b", 1);
+        b.state = "active".into();
+        let mut c = member("r1", "c", 1);
+        c.state = "active".into();
+        let mut d = member("r1", "d", 1);
+        d.state = "failed".into();
+        db.store
+            .save_rollout_step(&mut r1, &[b, c, d], &[], &[])
+            .await
+            .unwrap();
+        create(db, &rollout("r2", "n", 1, T0 + 10), &["e"])
+            .await
+            .unwrap();
+        create(db, &rollout("r3", "m", 2, T0 + 20), &[])
+            .await
+            .unwrap();
+        let counted = |model: Option<&'static str>| async move {
+            let mut rows = db.store.rollout_device_states(model).await.unwrap();
+            rows.sort();
+            rows
+        };
+        let row = |id: &str, state: &str, n: u64| (id.to_string(), state.to_string(), n);
+        assert_eq!(
+            counted(None).await,
+            [
+                row("r1", "active", 2),
+                row("r1", "failed", 1),
+                row("r1", "waiting", 1),
+                row("r2", "waiting", 1),
+            ]
+        );
+        assert_eq!(
+            counted(Some("m")).await,
+            [
+                row("r1", "active", 2),
+                row("r1", "failed", 1),
+                row("r1", "waiting", 1),
+            ]
+        );
+        assert!(counted(Some("zzz")).await.is_empty());
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {

@@ -2,10 +2,8 @@
 //! signing with the fleet release key, `ModelService`, and blob downloads
 //! for agents.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use edgefleet_pki::ReleaseKey;
@@ -80,45 +78,33 @@ pub enum BlobError {
     Io(#[from] std::io::Error),
 }
 
-/// A blob written by [`BlobUpload::finish`].
+/// An upload [`BlobUpload::finish`] has hashed and synced, not yet at its
+/// content address: [`BlobStore::place`] puts it there once its model
+/// version is recorded (under the digest's lock, see
+/// [`crate::store::RegistryStore::insert_model_with_blob`]). Until then a
+/// delete of another model version with the same content may remove the
+/// stored blob: this copy puts it back. Dropped unplaced, the copy goes.
 #[derive(Debug)]
-pub struct StoredBlob {
+pub struct UploadedBlob {
     /// Lowercase hex SHA-256.
     pub sha256: String,
     pub size: u64,
-    /// false when an identical blob was already stored (this copy was dropped).
-    pub created: bool,
-    /// Keeps the blob from being deleted until the model version naming it
-    /// is recorded (or the push gives up): drop it then.
-    pub pin: BlobPin,
+    /// The upload's temporary file (removed on drop); `None` once placed.
+    file: Option<tempfile::TempPath>,
+    /// Where the file is (it moves to the blob's path when placed).
+    path: PathBuf,
 }
 
-/// Digests uploads have stored or reused whose model versions are not
-/// recorded yet, with how many uploads hold each.
-type Pins = Arc<Mutex<HashMap<String, usize>>>;
+impl UploadedBlob {
+    /// The uploaded bytes: the temporary file, or the blob once placed.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 
-fn lock_pins(pins: &Pins) -> MutexGuard<'_, HashMap<String, usize>> {
-    pins.lock().unwrap_or_else(|poison| poison.into_inner())
-}
-
-/// A blob [`BlobStore::delete`] keeps while this lives. Without it, a push
-/// reusing the blob of a model being deleted could record its version after
-/// the delete found the blob unused and removed the file.
-#[derive(Debug)]
-pub struct BlobPin {
-    pins: Pins,
-    sha256: String,
-}
-
-impl Drop for BlobPin {
-    fn drop(&mut self) {
-        let mut pins = lock_pins(&self.pins);
-        if let Some(count) = pins.get_mut(&self.sha256) {
-            *count -= 1;
-            if *count == 0 {
-                pins.remove(&self.sha256);
-            }
-        }
+    /// Whether [`BlobStore::place`] moved this copy to the blob's path
+    /// (false if it found the blob there already, or was not called).
+    pub fn placed(&self) -> bool {
+        self.file.is_none()
     }
 }
 
@@ -128,8 +114,6 @@ impl Drop for BlobPin {
 pub struct BlobStore {
     root: PathBuf,
     tmp: PathBuf,
-    /// Shared by clones (uploads run on a clone).
-    pins: Pins,
 }
 
 impl BlobStore {
@@ -138,7 +122,6 @@ impl BlobStore {
         BlobStore {
             root: blobs.join("sha256"),
             tmp: blobs.join("tmp"),
-            pins: Pins::default(),
         }
     }
 
@@ -179,8 +162,8 @@ impl BlobStore {
 
     /// Starts a streaming upload of at most `max_bytes`. Chunks are hashed
     /// and written to a temporary file on a blocking thread; `finish` fsyncs
-    /// and renames it to its content address. Dropping the upload unfinished
-    /// (a client gone mid-upload) removes the temporary file.
+    /// it and names its digest (see [`UploadedBlob`]). Dropping the upload
+    /// unfinished (a client gone mid-upload) removes the temporary file.
     pub async fn upload(&self, max_bytes: u64) -> Result<BlobUpload, BlobError> {
         let tmp = self.tmp.clone();
         // Removed on drop unless persisted: every early return cleans up.
@@ -205,7 +188,7 @@ impl BlobStore {
         &self,
         mut temp: tempfile::NamedTempFile,
         mut rx: mpsc::Receiver<UploadMessage>,
-    ) -> Result<StoredBlob, BlobError> {
+    ) -> Result<UploadedBlob, BlobError> {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         loop {
@@ -220,33 +203,46 @@ impl BlobStore {
             }
         }
         temp.as_file().sync_all()?;
-        let sha256 = hex::encode(hasher.finalize());
-        let path = self.path(&sha256);
-        // Kept or written, and pinned, with deletes held off.
-        let mut pins = lock_pins(&self.pins);
-        let created = if path.exists() {
-            // Identical content is stored once; this copy goes.
-            drop(temp);
-            false
-        } else {
-            let dir = path.parent().unwrap_or(&self.root);
-            std::fs::create_dir_all(dir)?;
-            temp.persist(&path)
-                .map_err(|err| BlobError::Io(err.error))?;
-            sync_dir(dir);
-            true
-        };
-        *pins.entry(sha256.clone()).or_default() += 1;
-        drop(pins);
-        Ok(StoredBlob {
-            pin: BlobPin {
-                pins: Arc::clone(&self.pins),
-                sha256: sha256.clone(),
-            },
-            sha256,
+        let file = temp.into_temp_path();
+        Ok(UploadedBlob {
+            sha256: hex::encode(hasher.finalize()),
             size,
-            created,
+            path: file.to_path_buf(),
+            file: Some(file),
         })
+    }
+
+    /// Puts an uploaded blob at its content address, or drops the upload's
+    /// copy if an identical blob is there (content is stored once). Call it
+    /// only while holding the digest's lock, as
+    /// [`crate::store::RegistryStore::insert_model_with_blob`] does: a
+    /// replica deleting the blob at the same moment ([`BlobStore::delete`])
+    /// holds that lock too. Placing again is a no-op while the blob is there.
+    pub fn place(&self, blob: &mut UploadedBlob) -> Result<(), BlobError> {
+        let path = self.checked(&blob.sha256)?;
+        if path.exists() {
+            // An identical blob; this copy (if still there) goes on drop.
+            return Ok(());
+        }
+        let Some(file) = blob.file.take() else {
+            return Err(BlobError::NotFound(blob.sha256.clone()));
+        };
+        let dir = path.parent().unwrap_or(&self.root);
+        if let Err(err) = std::fs::create_dir_all(dir) {
+            blob.file = Some(file);
+            return Err(err.into());
+        }
+        match file.persist(&path) {
+            Ok(()) => {
+                sync_dir(dir);
+                blob.path = path;
+                Ok(())
+            }
+            Err(err) => {
+                blob.file = Some(err.path);
+                Err(err.error.into())
+            }
+        }
     }
 
     /// A blob's size; `None` if it is not stored.
@@ -278,15 +274,13 @@ impl BlobStore {
         Ok((file, size))
     }
 
-    /// Removes a blob; false if it was not there, or if an upload still
-    /// pins it (its model version is about to be recorded).
+    /// Removes a blob; false if it was not there. Call it only while
+    /// holding the digest's lock, having found no model version that uses
+    /// the blob, as [`crate::store::RegistryStore::drop_blob_if_unreferenced`]
+    /// does: a push of the same content on any replica places its copy under
+    /// that lock ([`BlobStore::place`]) after recording its version.
     pub fn delete(&self, sha256: &str) -> Result<bool, BlobError> {
-        let path = self.checked(sha256)?;
-        let pins = lock_pins(&self.pins);
-        if pins.contains_key(sha256) {
-            return Ok(false);
-        }
-        match std::fs::remove_file(path) {
+        match std::fs::remove_file(self.checked(sha256)?) {
             Ok(()) => Ok(true),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(err.into()),
@@ -312,7 +306,7 @@ enum UploadMessage {
 #[derive(Debug)]
 pub struct BlobUpload {
     tx: mpsc::Sender<UploadMessage>,
-    task: JoinHandle<Result<StoredBlob, BlobError>>,
+    task: JoinHandle<Result<UploadedBlob, BlobError>>,
     written: u64,
     max_bytes: u64,
 }
@@ -361,8 +355,8 @@ impl BlobUpload {
         }
     }
 
-    /// Stores the blob under its digest (once, however often it is uploaded).
-    pub async fn finish(mut self) -> Result<StoredBlob, BlobError> {
+    /// Ends the upload: the file is synced and its digest known.
+    pub async fn finish(mut self) -> Result<UploadedBlob, BlobError> {
         if self.tx.send(UploadMessage::Finish).await.is_err() {
             return Err(self.fail().await);
         }
@@ -401,7 +395,8 @@ impl Registry {
 }
 
 /// A temporary upload file nobody wrote to for this long is a crash's
-/// leftover (an upload in progress writes every chunk as it arrives).
+/// leftover (an upload in progress writes every chunk as it arrives, and a
+/// finished one is checked and placed, or dropped, right after).
 pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[cfg(test)]
@@ -446,7 +441,7 @@ mod tests {
         out
     }
 
-    async fn put(store: &BlobStore, data: &[u8], chunk: usize) -> StoredBlob {
+    async fn put(store: &BlobStore, data: &[u8], chunk: usize) -> UploadedBlob {
         let mut upload = store.upload(u64::MAX).await.unwrap();
         for part in data.chunks(chunk) {
             upload.write(Bytes::copy_from_slice(part)).await.unwrap();
@@ -460,13 +455,20 @@ mod tests {
         let store = BlobStore::new(dir.path());
         store.init().unwrap();
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        let first = put(&store, &data, 65536).await;
-        assert!(first.created);
+        let mut first = put(&store, &data, 65536).await;
         assert_eq!(first.size, data.len() as u64);
         assert_eq!(first.sha256, hex::encode(Sha256::digest(&data)));
-        let second = put(&store, &data, 1000).await;
+        assert_eq!(std::fs::read(first.path()).unwrap(), data);
+        assert_eq!(store.size(&first.sha256).unwrap(), None, "not placed yet");
+        let mut second = put(&store, &data, 1000).await;
         assert_eq!(second.sha256, first.sha256);
-        assert!(!second.created);
+        store.place(&mut first).unwrap();
+        assert!(first.placed());
+        assert_eq!(first.path(), store.path(&first.sha256));
+        store.place(&mut second).unwrap();
+        assert!(!second.placed(), "an identical blob was there");
+        store.place(&mut first).unwrap();
+        drop(second);
         let files = files_in(&dir.path().join("blobs"));
         assert_eq!(files, vec![store.path(&first.sha256)]);
         assert_eq!(std::fs::read(store.path(&first.sha256)).unwrap(), data);
@@ -491,15 +493,20 @@ mod tests {
             Err(BlobError::InvalidDigest(_))
         ));
 
-        // Pinned by both uploads until their model versions are recorded.
-        let sha256 = first.sha256.clone();
-        drop(first);
-        assert!(!store.delete(&sha256).unwrap(), "pinned by the second");
-        assert_eq!(store.size(&sha256).unwrap(), Some(data.len() as u64));
-        drop(second);
-        assert!(store.delete(&sha256).unwrap());
-        assert!(!store.delete(&sha256).unwrap());
-        assert_eq!(store.size(&sha256).unwrap(), None);
+        // A blob deleted while another upload of the same content waited to
+        // be placed: that upload's copy puts it back.
+        let mut third = put(&store, &data, 4096).await;
+        assert!(store.delete(&first.sha256).unwrap());
+        assert!(!store.delete(&first.sha256).unwrap());
+        assert_eq!(store.size(&first.sha256).unwrap(), None);
+        store.place(&mut third).unwrap();
+        assert!(third.placed());
+        assert_eq!(std::fs::read(store.path(&first.sha256)).unwrap(), data);
+        // An upload dropped unplaced leaves nothing.
+        let fourth = put(&store, &data, 4096).await;
+        drop(fourth);
+        let files = files_in(&dir.path().join("blobs"));
+        assert_eq!(files, vec![store.path(&first.sha256)]);
     }
 
     #[tokio::test]

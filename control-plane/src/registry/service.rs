@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::onnx::{self, OnnxError, OnnxInfo};
-use super::{BlobError, BlobStore, StoredBlob, estimated_memory_bytes};
+use super::{BlobError, BlobStore, UploadedBlob, estimated_memory_bytes};
 use crate::convert;
 use crate::errors::{storage_error, store_unavailable};
 use crate::operator_service::authorize;
@@ -111,7 +111,7 @@ pub async fn receive_upload<S>(
     blobs: &BlobStore,
     max_bytes: u64,
     mut stream: S,
-) -> Result<(pb::PushModelHeader, StoredBlob), Status>
+) -> Result<(pb::PushModelHeader, UploadedBlob), Status>
 where
     S: Stream<Item = Result<pb::PushModelRequest, Status>> + Unpin,
 {
@@ -166,9 +166,9 @@ where
     Ok((header, blob))
 }
 
-/// Parses a stored blob as ONNX on a blocking thread.
-pub async fn inspect_blob(blobs: &BlobStore, sha256: &str) -> Result<OnnxInfo, Status> {
-    let path = blobs.path(sha256);
+/// Parses an uploaded blob as ONNX on a blocking thread.
+pub async fn inspect_blob(blob: &UploadedBlob) -> Result<OnnxInfo, Status> {
+    let path = blob.path().to_path_buf();
     let parsed = tokio::task::spawn_blocking(move || onnx::parse_file(&path))
         .await
         .map_err(|err| Status::internal(format!("the ONNX check failed: {err}")))?;
@@ -248,16 +248,20 @@ impl ModelApi {
     /// Removes a blob no model version uses (any more). Keeps it when the
     /// store cannot say.
     async fn drop_blob_if_unused(&self, sha256: &str) {
-        match self.cp.store.blob_referenced(sha256).await {
-            Ok(true) => {}
-            Ok(false) => {
-                if let Err(err) = self.cp.registry.blobs.delete(sha256) {
-                    tracing::warn!(%sha256, error = %err, "cannot delete an unused blob");
-                }
-            }
-            Err(err) => {
-                tracing::warn!(%sha256, error = %err, "cannot tell whether a blob is used; kept")
-            }
+        let blobs = &self.cp.registry.blobs;
+        let mut remove = || {
+            blobs
+                .delete(sha256)
+                .map(drop)
+                .map_err(std::io::Error::other)
+        };
+        if let Err(err) = self
+            .cp
+            .store
+            .drop_blob_if_unreferenced(sha256, &mut remove)
+            .await
+        {
+            tracing::warn!(%sha256, error = %err, "cannot delete an unused blob; kept");
         }
     }
 
@@ -285,30 +289,20 @@ impl ModelApi {
     ) -> Result<pb::Model, Status> {
         let cp = &self.cp;
         let max_bytes = cp.config.max_model_bytes;
-        let (header, blob) = receive_upload(&cp.registry.blobs, max_bytes, stream).await?;
-        let info = match inspect_blob(&cp.registry.blobs, &blob.sha256).await {
+        let (header, mut blob) = receive_upload(&cp.registry.blobs, max_bytes, stream).await?;
+        // Refused, the upload's file goes with `blob`: it was never placed.
+        let info = match inspect_blob(&blob).await {
             Ok(info) => info,
             Err(status) => {
-                // Invalid content cannot be any model's blob, but a model
-                // could share the digest only if it were valid: ask anyway.
-                let StoredBlob { sha256, pin, .. } = blob;
-                drop(pin);
-                self.drop_blob_if_unused(&sha256).await;
                 tracing::info!(name = %header.name, %operator, reason = status.message(), "model refused");
                 return Err(status);
             }
         };
-        let result = self.record(&operator, &header, &blob, info).await;
-        // Recorded (the store refers to the blob now) or given up.
-        let StoredBlob {
-            sha256,
-            created,
-            pin,
-            ..
-        } = blob;
-        drop(pin);
-        if result.is_err() && created {
-            self.drop_blob_if_unused(&sha256).await;
+        let result = self.record(&operator, &header, &mut blob, info).await;
+        if result.is_err() && blob.placed() {
+            // Placed, then the commit failed: unless it committed after all
+            // (or another version uses the content), nothing refers to it.
+            self.drop_blob_if_unused(&blob.sha256).await;
         }
         result
     }
@@ -317,7 +311,7 @@ impl ModelApi {
         &self,
         operator: &str,
         header: &pb::PushModelHeader,
-        blob: &StoredBlob,
+        blob: &mut UploadedBlob,
         info: OnnxInfo,
     ) -> Result<pb::Model, Status> {
         let cp = &self.cp;
@@ -354,13 +348,18 @@ impl ModelApi {
         let auto = header.version == 0;
         let attempts = if auto { AUTO_VERSION_ATTEMPTS } else { 1 };
         let mut conflict = None;
+        let blobs = &cp.registry.blobs;
+        // Put in place with the version recorded, under the digest's lock:
+        // a replica deleting the same content as unused either removed it
+        // before (this copy is put back) or sees this version and keeps it.
+        let mut place = || blobs.place(blob).map_err(std::io::Error::other);
         for _ in 0..attempts {
             if auto {
                 record.version = self.next_version(&record.name).await?;
             }
             match cp
                 .store
-                .insert_model(&record)
+                .insert_model_with_blob(&record, &mut place)
                 .await
                 .map_err(store_unavailable("cannot record a model"))?
             {
@@ -617,8 +616,13 @@ mod tests {
             .unwrap();
         assert_eq!(header.name, "conv");
         assert_eq!(blob.size, model.len() as u64);
-        let info = inspect_blob(&blobs, &blob.sha256).await.unwrap();
+        let info = inspect_blob(&blob).await.unwrap();
         assert_eq!(info.inputs.len(), 1);
+        assert_eq!(blob_files(dir.path()), 1);
+        // Put in place once its version is recorded.
+        let mut blob = blob;
+        blobs.place(&mut blob).unwrap();
+        assert_eq!(blobs.size(&blob.sha256).unwrap(), Some(model.len() as u64));
         assert_eq!(blob_files(dir.path()), 1);
     }
 
@@ -666,7 +670,7 @@ mod tests {
         assert!(err.message().contains("announced"), "{err:?}");
         settle(dir.path(), 0).await;
 
-        // Not ONNX: stored, then refused by the parser.
+        // Not ONNX: uploaded, then refused by the parser; never placed.
         let (_, blob) = receive_upload(
             &blobs,
             100,
@@ -674,9 +678,11 @@ mod tests {
         )
         .await
         .unwrap();
-        let err = inspect_blob(&blobs, &blob.sha256).await.unwrap_err();
+        let err = inspect_blob(&blob).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("not a valid ONNX model"), "{err:?}");
+        drop(blob);
+        settle(dir.path(), 0).await;
     }
 
     #[test]

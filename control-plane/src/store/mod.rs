@@ -63,6 +63,10 @@ pub enum StoreError {
     /// A write computed from a row that has changed since it was read.
     #[error("{0}")]
     Conflict(String),
+    /// File work done inside a transaction failed (see
+    /// [`registry::BlobWork`]); the transaction was rolled back.
+    #[error("blob store I/O error: {0}")]
+    Blob(std::io::Error),
 }
 
 /// What a device is (mirrors the protobuf `Inventory`).
@@ -401,13 +405,28 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     async fn last_sequence(&self, device_id: &str) -> Result<u64, StoreError>;
     /// Every sequence stored for the device, ascending (tests and audits).
     async fn telemetry_sequences(&self, device_id: &str) -> Result<Vec<u64>, StoreError>;
-    /// A device's model series in `[from, until)`, ordered by time then model.
+    /// A device's model series in `[from, until)` of the device's own
+    /// timeline (batch ends as the device stamped them, at most a day after
+    /// receipt), ordered by time then model.
     async fn model_series(
         &self,
         device_id: &str,
         from: i64,
         until: i64,
         resolution: Resolution,
+    ) -> Result<Vec<ModelPoint>, StoreError>;
+    /// A device's raw model samples from the batches the server received in
+    /// `[from, until)`, ordered as [`Store::model_series`] orders them (the
+    /// points keep the batches' own start and end). What the rollout gates
+    /// judge: the window is the server's time, so a device whose clock is off
+    /// (by minutes or hours) is judged on what it sent in the window, where
+    /// [`Store::model_series`], by the device's timeline, would miss it (clock
+    /// behind) or count old batches as new (clock ahead).
+    async fn received_model_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
     ) -> Result<Vec<ModelPoint>, StoreError>;
     /// A device's raw device samples in `[from, until)` as (batch end, sample).
     async fn device_series(

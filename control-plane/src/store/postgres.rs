@@ -712,6 +712,25 @@ impl Store for PgStore {
         }
     }
 
+    async fn received_model_series(
+        &self,
+        device_id: &str,
+        from: i64,
+        until: i64,
+    ) -> Result<Vec<ModelPoint>, StoreError> {
+        // Found by index (device_id, received_at), migration 0009.
+        let rows = sqlx::query_as::<_, BatchSamplesRow>(
+            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
+             FROM telemetry_batches WHERE device_id = $1 AND received_at >= $2 AND received_at < $3",
+        )
+        .bind(device_id)
+        .bind(from)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        common::raw_points(rows)
+    }
+
     async fn device_series(
         &self,
         device_id: &str,

@@ -222,14 +222,42 @@ pub struct ActivationRecord {
     pub reported_ms: i64,
 }
 
+/// File work a registry store does inside a transaction, holding a blob
+/// digest's lock: putting an uploaded blob in place, or removing an unused
+/// one. Blobs are files named by digest in a data dir replicas share, and
+/// whether a blob is used is a question for the database: the lock makes
+/// "is it used? then remove it" and "record a version using it, and put it
+/// in place" happen one after the other, never interleaved.
+///
+/// The lock: on PostgreSQL a transaction-scoped advisory lock keyed by the
+/// digest (`pg_advisory_xact_lock`), which every replica on the database
+/// takes; on SQLite the write transaction itself (one writer connection per
+/// process, `BEGIN IMMEDIATE` against other processes on the file).
+pub type BlobWork<'a> = &'a mut (dyn FnMut() -> std::io::Result<()> + Send);
+
 #[async_trait::async_trait]
 pub trait RegistryStore: Send + Sync {
     // ---- models
     /// Inserts a model version; inserting the same name, version and digest
-    /// again is a no-op (`Ok(Ok(()))`).
+    /// again is a no-op (`Ok(Ok(()))`). For a version whose blob is already
+    /// stored; a push uses [`RegistryStore::insert_model_with_blob`].
     async fn insert_model(
         &self,
         model: &ModelRecord,
+    ) -> Result<Result<(), ModelConflict>, StoreError> {
+        self.insert_model_with_blob(model, &mut || Ok(())).await
+    }
+    /// Inserts a model version as [`RegistryStore::insert_model`] does and,
+    /// unless it conflicts, calls `place_blob` (which puts the version's
+    /// blob at its content address) before the insert commits, holding the
+    /// lock of the digest (see [`BlobWork`]). If `place_blob` fails nothing
+    /// is inserted ([`StoreError::Blob`]). So a version is never recorded
+    /// without its file, even while another replica removes the same
+    /// content as unused ([`RegistryStore::drop_blob_if_unreferenced`]).
+    async fn insert_model_with_blob(
+        &self,
+        model: &ModelRecord,
+        place_blob: BlobWork<'_>,
     ) -> Result<Result<(), ModelConflict>, StoreError>;
     /// `version` None: the highest version of `name`.
     async fn model(
@@ -249,6 +277,14 @@ pub trait RegistryStore: Send + Sync {
     ) -> Result<Result<bool, String>, StoreError>;
     /// Whether any model version (other than deleted ones) still uses the blob.
     async fn blob_referenced(&self, sha256: &str) -> Result<bool, StoreError>;
+    /// Calls `remove` (which deletes the blob's file) if no model version
+    /// uses the digest, holding the digest's lock (see [`BlobWork`]) from
+    /// the check until `remove` returns; returns whether it called it.
+    async fn drop_blob_if_unreferenced(
+        &self,
+        sha256: &str,
+        remove: BlobWork<'_>,
+    ) -> Result<bool, StoreError>;
 
     // ---- rollouts
     /// Inserts a rollout with its devices and first event, unless one of the
@@ -263,6 +299,14 @@ pub trait RegistryStore: Send + Sync {
     async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
     /// Newest first; of one model when given.
     async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// How many devices of each rollout (of `model` when given) are in each
+    /// state, as (rollout id, device state, devices), counted by the
+    /// database: what a list of rollouts shows, without reading every
+    /// device row.
+    async fn rollout_device_states(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(String, String, u64)>, StoreError>;
     /// Pending, running and paused rollouts, oldest first.
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;
     /// Writes the rollout's changed fields, the given device rows (insert or

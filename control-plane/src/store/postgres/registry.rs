@@ -5,7 +5,8 @@
 //! the lock sees everything the previous holder committed, so two racing
 //! rollouts of a model cannot both pass the device check, and a model version
 //! cannot be deleted while a rollout or desired state naming it commits.
-//! Generations are bumped in device id order.
+//! Generations are bumped in device id order. A blob digest has its own
+//! advisory lock (see `BlobWork`), taken after a model's, never before.
 
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
@@ -80,6 +81,22 @@ async fn lock_models(
     Ok(())
 }
 
+/// Takes the advisory lock of a blob digest until the transaction ends (see
+/// `BlobWork`): a 64-bit key from the digest, within this schema (replicas
+/// of one fleet share it; other fleets or tests on the server do not).
+async fn lock_blob(
+    tx: &mut Transaction<'static, Postgres>,
+    sha256: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended(current_schema() || '.edgefleet.blob.' || $1, 0))",
+    )
+    .bind(sha256)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 /// The first of `devices` (and the rollout holding it) that another active
 /// rollout of the same model has: a device is in one at a time. Run after
 /// [`lock_models`] on the model, so it sees every committed membership.
@@ -105,13 +122,44 @@ async fn owned_elsewhere(
     .await?)
 }
 
+async fn insert_model_row(
+    tx: &mut Transaction<'static, Postgres>,
+    m: &ModelRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+    )))
+    .bind(&m.name)
+    .bind(to_db(m.version))
+    .bind(&m.sha256)
+    .bind(to_db(m.size_bytes))
+    .bind(m.opset)
+    .bind(to_json(&m.inputs))
+    .bind(to_json(&m.outputs))
+    .bind(to_json(&m.labels))
+    .bind(m.private)
+    .bind(&m.signature)
+    .bind(&m.signed_by)
+    .bind(&m.signature_public_key)
+    .bind(m.created_at)
+    .bind(&m.created_by)
+    .bind(to_db(m.estimated_memory_bytes))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 fn rollouts_from(rows: Vec<RolloutRow>) -> Result<Vec<RolloutRecord>, StoreError> {
     rows.into_iter().map(RolloutRecord::try_from).collect()
 }
 
 #[async_trait::async_trait]
 impl RegistryStore for PgStore {
-    async fn insert_model(&self, m: &ModelRecord) -> Result<Result<(), ModelConflict>, StoreError> {
+    async fn insert_model_with_blob(
+        &self,
+        m: &ModelRecord,
+        place_blob: BlobWork<'_>,
+    ) -> Result<Result<(), ModelConflict>, StoreError> {
         let mut tx = self.pool.begin().await?;
         lock_models(&mut tx, &[&m.name]).await?;
         let existing: Option<String> =
@@ -121,37 +169,21 @@ impl RegistryStore for PgStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if let Some(existing_sha256) = existing {
-            tx.rollback().await?;
-            return Ok(if existing_sha256 == m.sha256 {
-                Ok(())
-            } else {
-                Err(ModelConflict::Exists {
+            if existing_sha256 != m.sha256 {
+                tx.rollback().await?;
+                return Ok(Err(ModelConflict::Exists {
                     name: m.name.clone(),
                     version: m.version,
                     existing_sha256,
-                })
-            });
+                }));
+            }
+            // The same version again: nothing to insert, but its blob is put
+            // back should it be missing.
+        } else {
+            insert_model_row(&mut tx, m).await?;
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO models ({MODEL_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-        )))
-        .bind(&m.name)
-        .bind(to_db(m.version))
-        .bind(&m.sha256)
-        .bind(to_db(m.size_bytes))
-        .bind(m.opset)
-        .bind(to_json(&m.inputs))
-        .bind(to_json(&m.outputs))
-        .bind(to_json(&m.labels))
-        .bind(m.private)
-        .bind(&m.signature)
-        .bind(&m.signed_by)
-        .bind(&m.signature_public_key)
-        .bind(m.created_at)
-        .bind(&m.created_by)
-        .bind(to_db(m.estimated_memory_bytes))
-        .execute(&mut *tx)
-        .await?;
+        lock_blob(&mut tx, &m.sha256).await?;
+        place_blob().map_err(StoreError::Blob)?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -259,6 +291,25 @@ impl RegistryStore for PgStore {
         Ok(found)
     }
 
+    async fn drop_blob_if_unreferenced(
+        &self,
+        sha256: &str,
+        remove: BlobWork<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        lock_blob(&mut tx, sha256).await?;
+        let used: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE sha256 = $1)")
+                .bind(sha256)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !used {
+            remove().map_err(StoreError::Blob)?;
+        }
+        tx.commit().await?;
+        Ok(!used)
+    }
+
     async fn create_rollout(
         &self,
         rollout: &RolloutRecord,
@@ -336,6 +387,24 @@ impl RegistryStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         rollouts_from(rows)
+    }
+
+    async fn rollout_device_states(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT d.rollout_id, d.state, count(*) FROM rollout_devices d \
+             JOIN rollouts r ON r.id = d.rollout_id WHERE $1::text IS NULL OR r.model = $1 \
+             GROUP BY d.rollout_id, d.state",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, state, devices)| (id, state, common::from_db(devices)))
+            .collect())
     }
 
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {

@@ -1,7 +1,8 @@
 //! [`RegistryStore`] on SQLite. Writes go through the one-connection writer
 //! pool with `BEGIN IMMEDIATE` (see the parent module), so the read-check-write
 //! sequences below (model conflicts, rollout device conflicts, delete checks)
-//! cannot interleave with another write.
+//! cannot interleave with another write; nor can the file work on a blob
+//! done inside such a transaction (`BlobWork`), which needs no other lock.
 
 use sqlx::{AssertSqlSafe, Sqlite, Transaction};
 
@@ -82,13 +83,44 @@ async fn owned_elsewhere(
     .await?)
 }
 
+async fn insert_model_row(
+    tx: &mut Transaction<'static, Sqlite>,
+    m: &ModelRecord,
+) -> Result<(), StoreError> {
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO models ({MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )))
+    .bind(&m.name)
+    .bind(to_db(m.version))
+    .bind(&m.sha256)
+    .bind(to_db(m.size_bytes))
+    .bind(m.opset)
+    .bind(to_json(&m.inputs))
+    .bind(to_json(&m.outputs))
+    .bind(to_json(&m.labels))
+    .bind(m.private)
+    .bind(&m.signature)
+    .bind(&m.signed_by)
+    .bind(&m.signature_public_key)
+    .bind(m.created_at)
+    .bind(&m.created_by)
+    .bind(to_db(m.estimated_memory_bytes))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
 fn rollouts_from(rows: Vec<RolloutRow>) -> Result<Vec<RolloutRecord>, StoreError> {
     rows.into_iter().map(RolloutRecord::try_from).collect()
 }
 
 #[async_trait::async_trait]
 impl RegistryStore for SqliteStore {
-    async fn insert_model(&self, m: &ModelRecord) -> Result<Result<(), ModelConflict>, StoreError> {
+    async fn insert_model_with_blob(
+        &self,
+        m: &ModelRecord,
+        place_blob: BlobWork<'_>,
+    ) -> Result<Result<(), ModelConflict>, StoreError> {
         let mut tx = self.write().await?;
         let existing: Option<String> =
             sqlx::query_scalar("SELECT sha256 FROM models WHERE name = ? AND version = ?")
@@ -97,37 +129,21 @@ impl RegistryStore for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
         if let Some(existing_sha256) = existing {
-            tx.rollback().await?;
-            return Ok(if existing_sha256 == m.sha256 {
-                Ok(())
-            } else {
-                Err(ModelConflict::Exists {
+            if existing_sha256 != m.sha256 {
+                tx.rollback().await?;
+                return Ok(Err(ModelConflict::Exists {
                     name: m.name.clone(),
                     version: m.version,
                     existing_sha256,
-                })
-            });
+                }));
+            }
+            // The same version again: nothing to insert, but its blob is put
+            // back should it be missing.
+        } else {
+            insert_model_row(&mut tx, m).await?;
         }
-        sqlx::query(AssertSqlSafe(format!(
-            "INSERT INTO models ({MODEL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        )))
-        .bind(&m.name)
-        .bind(to_db(m.version))
-        .bind(&m.sha256)
-        .bind(to_db(m.size_bytes))
-        .bind(m.opset)
-        .bind(to_json(&m.inputs))
-        .bind(to_json(&m.outputs))
-        .bind(to_json(&m.labels))
-        .bind(m.private)
-        .bind(&m.signature)
-        .bind(&m.signed_by)
-        .bind(&m.signature_public_key)
-        .bind(m.created_at)
-        .bind(&m.created_by)
-        .bind(to_db(m.estimated_memory_bytes))
-        .execute(&mut *tx)
-        .await?;
+        // The write transaction is the digest's lock (see `BlobWork`).
+        place_blob().map_err(StoreError::Blob)?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -234,6 +250,25 @@ impl RegistryStore for SqliteStore {
         Ok(found)
     }
 
+    async fn drop_blob_if_unreferenced(
+        &self,
+        sha256: &str,
+        remove: BlobWork<'_>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.write().await?;
+        // The write transaction is the digest's lock (see `BlobWork`).
+        let used: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM models WHERE sha256 = ?)")
+                .bind(sha256)
+                .fetch_one(&mut *tx)
+                .await?;
+        if !used {
+            remove().map_err(StoreError::Blob)?;
+        }
+        tx.commit().await?;
+        Ok(!used)
+    }
+
     async fn create_rollout(
         &self,
         rollout: &RolloutRecord,
@@ -311,6 +346,24 @@ impl RegistryStore for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rollouts_from(rows)
+    }
+
+    async fn rollout_device_states(
+        &self,
+        model: Option<&str>,
+    ) -> Result<Vec<(String, String, u64)>, StoreError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT d.rollout_id, d.state, count(*) FROM rollout_devices d \
+             JOIN rollouts r ON r.id = d.rollout_id WHERE ?1 IS NULL OR r.model = ?1 \
+             GROUP BY d.rollout_id, d.state",
+        )
+        .bind(model)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, state, devices)| (id, state, common::from_db(devices)))
+            .collect())
     }
 
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError> {
