@@ -237,6 +237,7 @@ def write_fixtures():
     write_rollout_models()
     write_batch_dims_models()
     write_batch_isolation_models()
+    write_unknown_rank_models()
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
@@ -297,6 +298,20 @@ def write_batch_dims_models():
     data = save(sorted_, ROOT / "testdata" / "batch-dims" / "sorted" / "1" / "model.onnx")
     out = session_for(data).run(None, {"x": np.array([1, 3, 2], dtype=np.float32)})
     assert [o.tolist() for o in out] == [[3, 2, 1], [1, 2, 0]], out
+
+
+def write_unknown_rank_models():
+    """`relu`: an input (and output) declared with no shape at all, unknown
+    rank. ONNX Runtime runs it on any shape; its metadata API reports it with
+    no dimensions, like a scalar, which `scalar` (rank 0 declared) is. The
+    ONNX checker wants a shape on graph inputs, so neither is checked."""
+    f = TensorProto.FLOAT
+    for name, shape, x in [("relu", None, [[-1, 2]]), ("scalar", [], -3)]:
+        m = model(name, [helper.make_node("Relu", ["x"], ["y"])],
+                  [vinfo("x", f, shape)], [vinfo("y", f, shape)])
+        data = save(m, ROOT / "testdata" / "unknown-rank" / name / "1" / "model.onnx", check=False)
+        out = session_for(data).run(None, {"x": np.array(x, dtype=np.float32)})[0]
+        assert out.tolist() == np.maximum(np.array(x, dtype=np.float32), 0).tolist(), out
 
 
 def gather_table():

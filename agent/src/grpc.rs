@@ -87,9 +87,9 @@ impl GrpcInferenceService for GrpcInference {
             specs
                 .into_iter()
                 .map(|spec| pb::model_metadata_response::TensorMetadata {
-                    name: spec.name,
+                    shape: spec.metadata_shape(),
                     datatype: spec.dtype.protocol_name().to_string(),
-                    shape: spec.shape,
+                    name: spec.name,
                 })
                 .collect()
         };

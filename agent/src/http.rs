@@ -96,7 +96,7 @@ async fn ready(State(service): State<InferenceService>) -> Response {
 fn spec_json(specs: Vec<TensorSpec>) -> Vec<Value> {
     specs
         .into_iter()
-        .map(|spec| json!({ "name": spec.name, "datatype": spec.dtype.protocol_name(), "shape": spec.shape }))
+        .map(|spec| json!({ "name": spec.name, "datatype": spec.dtype.protocol_name(), "shape": spec.metadata_shape() }))
         .collect()
 }
 

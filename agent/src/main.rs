@@ -417,28 +417,7 @@ impl HelloSource for AgentHello {
     }
 
     fn models(&self) -> Vec<edgefleet_proto::edgefleet::v1::ModelVersionRef> {
-        let mut models = Vec::new();
-        for status in self.registry.statuses() {
-            for version in &status.served_versions {
-                models.push(edgefleet_proto::edgefleet::v1::ModelVersionRef {
-                    name: status.name.clone(),
-                    version: *version,
-                    sha256: String::new(),
-                    state: "ready".into(),
-                    ..Default::default()
-                });
-            }
-            for version in status.failed_versions.keys() {
-                models.push(edgefleet_proto::edgefleet::v1::ModelVersionRef {
-                    name: status.name.clone(),
-                    version: *version,
-                    sha256: String::new(),
-                    state: "failed".into(),
-                    ..Default::default()
-                });
-            }
-        }
-        models
+        session::hello_models(&self.registry.statuses())
     }
 
     fn runtime(&self) -> String {

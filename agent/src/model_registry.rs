@@ -65,6 +65,9 @@ struct ServedVersion {
     handle: Arc<LoadedVersion>,
     /// The model file it was loaded from.
     fingerprint: Fingerprint,
+    /// Hex SHA-256 of that file, read just before the load (what the agent
+    /// reports to the control plane; computed once per load, not per report).
+    sha256: String,
     /// The `config.toml` it was loaded under (`None`: there was none). One
     /// that differs from the model's current one means the version failed
     /// to load again under the current one and serves on under the old
@@ -99,6 +102,8 @@ fn retry_delay(failures: u32) -> Duration {
 struct LoadFailure {
     fingerprint: Fingerprint,
     config_fingerprint: Option<Fingerprint>,
+    /// Hex SHA-256 of the model file that failed, if it could be read.
+    sha256: Option<String>,
     reason: String,
     retry: Option<Retry>,
 }
@@ -203,6 +208,11 @@ pub struct ModelStatus {
     /// served failed to load again from changed files or under a changed
     /// `config.toml`: its older copy serves on, as it was loaded.
     pub failed_versions: BTreeMap<u64, String>,
+    /// Hex SHA-256 (lower case) of the model file of each served version
+    /// (the one it was loaded from, which a failed reload does not change),
+    /// and of each failed version that is not served, when its file could
+    /// be read.
+    pub sha256: BTreeMap<u64, String>,
     pub config_error: Option<String>,
     /// Why the model's directory could not be read at the last scan, if
     /// it could not (what it served before serves on).
@@ -429,7 +439,25 @@ impl ModelRegistry {
                 .and_then(|failure| failure.retry)
                 .map_or(0, |retry| retry.failures);
             let reloading = old.is_some();
-            match self.load_version(name, version, &files.model_path, &config) {
+            // Hashed here, once per load: the file may change between this
+            // read and the runtime's, but then its fingerprint changes too
+            // and the next scan loads (and hashes) it again.
+            let (sha256, loaded) = match repository::sha256_file(&files.model_path) {
+                Ok(sha256) => (
+                    Some(sha256),
+                    self.load_version(name, version, &files.model_path, &config),
+                ),
+                // The scan could see it but it cannot be read (too many
+                // open files, permissions changed meanwhile): may pass.
+                Err(err) => (
+                    None,
+                    Err(LoadError {
+                        reason: format!("cannot read {}: {err}", files.model_path.display()),
+                        transient: true,
+                    }),
+                ),
+            };
+            match loaded {
                 Ok(handle) => {
                     self.metrics.count_load(name);
                     tracing::info!(
@@ -457,6 +485,7 @@ impl ModelRegistry {
                             handle,
                             fingerprint: files.fingerprint,
                             config_fingerprint,
+                            sha256: sha256.unwrap_or_default(),
                         },
                     );
                 }
@@ -496,6 +525,7 @@ impl ModelRegistry {
                         LoadFailure {
                             fingerprint: files.fingerprint,
                             config_fingerprint,
+                            sha256,
                             reason,
                             retry,
                         },
@@ -759,6 +789,19 @@ impl ModelRegistry {
                     .iter()
                     .map(|(version, failure)| (*version, failure.reason.clone()))
                     .collect(),
+                // Served versions last: a version that serves on after a
+                // failed reload reports the digest of what it serves.
+                sha256: state
+                    .failed
+                    .iter()
+                    .filter_map(|(version, failure)| Some((*version, failure.sha256.clone()?)))
+                    .chain(
+                        state
+                            .served
+                            .iter()
+                            .map(|(version, served)| (*version, served.sha256.clone())),
+                    )
+                    .collect(),
                 config_error: state.config_error.clone(),
                 unreadable: state.unreadable.clone(),
                 unreadable_versions: state.unreadable_versions.clone(),
@@ -869,6 +912,66 @@ mod tests {
         assert_eq!(fixed.failed_versions, BTreeMap::new());
         assert_eq!(fixed.served_versions, [1]);
         assert_eq!(load_failures(&registry), 1.0);
+    }
+
+    fn sha256_hex(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
+
+    fn write_later(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+    }
+
+    /// What Hello lists: a version whose changed file fails to load serves
+    /// on from the file it was loaded from, so it is listed once, "ready",
+    /// with that file's digest (not twice, "ready" and "failed"); a version
+    /// that fails and serves nothing is "failed", with the digest of the
+    /// file that failed.
+    #[test]
+    fn hello_lists_a_version_serving_on_after_a_failed_reload_once_as_ready_with_its_digest() {
+        use edgefleet_proto::edgefleet::v1::ModelVersionRef;
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let v1 = repository.path().join("mlp/1/model.onnx");
+        let served = sha256_hex(&std::fs::read(&v1).unwrap());
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        let entry = |version: u64, sha256: &str, state: &str| ModelVersionRef {
+            name: "mlp".into(),
+            version,
+            sha256: sha256.into(),
+            state: state.into(),
+            ..Default::default()
+        };
+        let hello = || crate::managed::session::hello_models(&registry.statuses());
+        assert_eq!(hello(), [entry(1, &served, "ready")]);
+
+        let broken = b"not an onnx model".as_slice();
+        write_later(&v1, broken);
+        registry.sync().unwrap();
+        let now = status(&registry);
+        assert_eq!(now.served_versions, [1], "{now:?}");
+        assert!(now.failed_versions.contains_key(&1), "{now:?}");
+        assert_eq!(hello(), [entry(1, &served, "ready")]);
+
+        write_later(&repository.path().join("mlp/2/model.onnx"), broken);
+        registry.sync().unwrap();
+        assert_eq!(
+            hello(),
+            [
+                entry(1, &served, "ready"),
+                entry(2, &sha256_hex(broken), "failed")
+            ]
+        );
     }
 
     #[test]

@@ -858,6 +858,7 @@ mod tests {
             name: name.into(),
             dtype: DataType::F32,
             shape: vec![-1, 2],
+            unknown_rank: false,
             dim_names: vec!["N".into(), String::new()],
         };
         let session = Doubler {
@@ -1485,6 +1486,7 @@ mod tests {
         let spec = |shape: Vec<i64>| TensorSpec {
             name: "x".into(),
             dtype: DataType::F32,
+            unknown_rank: false,
             dim_names: vec![String::new(); shape.len()],
             shape,
         };
@@ -1513,6 +1515,7 @@ mod tests {
             name: "t".into(),
             dtype: DataType::F32,
             shape: vec![-1; names.len()],
+            unknown_rank: false,
             dim_names: names.iter().map(|n| n.to_string()).collect(),
         }
     }

@@ -13,6 +13,24 @@ use std::time::SystemTime;
 pub const MODEL_FILE_NAME: &str = "model.onnx";
 pub const CONFIG_FILE_NAME: &str = "config.toml";
 
+/// SHA-256 of a whole file, lower-case hex: the form the control plane's
+/// registry names pushed models by. Read in chunks, never whole in memory.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
 /// Enough to notice that a file was replaced or rewritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fingerprint {

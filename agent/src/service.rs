@@ -359,12 +359,13 @@ fn order_and_validate(
                 input.name, input.dtype, spec.dtype
             )));
         }
-        let shape_ok = input.shape.len() == spec.shape.len()
-            && input
-                .shape
-                .iter()
-                .zip(&spec.shape)
-                .all(|(&got, &want)| want < 0 || got == want);
+        let shape_ok = spec.unknown_rank
+            || input.shape.len() == spec.shape.len()
+                && input
+                    .shape
+                    .iter()
+                    .zip(&spec.shape)
+                    .all(|(&got, &want)| want < 0 || got == want);
         if !shape_ok {
             return Err(InferError::invalid(format!(
                 "input '{}' has shape {:?}, the model expects {:?} (-1: any size)",

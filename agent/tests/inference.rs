@@ -1161,7 +1161,91 @@ async fn strings_with_nul_bytes_come_back_whole(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
+async fn post_json(http: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let response = http.post(url).json(body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+/// An input declared with no shape at all (unknown rank; `relu`) takes any
+/// shape on ONNX Runtime, and metadata reports it as `[-1]` on both
+/// protocols. One declared rank 0 (`scalar`) stays a scalar: ONNX Runtime's
+/// metadata API reports both with no dimensions, the agent tells them apart.
+/// tract refuses to load `relu`, with a clear error; it serves `scalar`.
+async fn an_input_of_unknown_rank_takes_any_shape(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    for model in ["relu", "scalar"] {
+        let path = testdata().join(format!("unknown-rank/{model}/1/model.onnx"));
+        repo.write(model, 1, &std::fs::read(path).unwrap());
+    }
+    let agent = agent(repo.path(), runtime).start().await;
+    let http = reqwest::Client::new();
+    let x = |shape: Value, data: Value| json!({"inputs": [{"name": "x", "datatype": "FP32", "shape": shape, "data": data}]});
+    let infer = |model: &str| agent.url(&format!("/v2/models/{model}/infer"));
+
+    let scalar: Value = http
+        .get(agent.url("/v2/models/scalar"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(scalar["inputs"][0]["shape"], json!([]), "{scalar}");
+    let (status, body) = post_json(&http, infer("scalar"), &x(json!([2]), json!([1, 2]))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("expects []"),
+        "{body}"
+    );
+
+    if runtime == RuntimeChoice::Tract {
+        let (status, body) = post_json(&http, infer("relu"), &x(json!([]), json!([1]))).await;
+        assert_eq!(status, 503, "{body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("tract cannot load the model"), "{error}");
+        agent.stop().await;
+        return;
+    }
+    let metadata: Value = http
+        .get(agent.url("/v2/models/relu"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(metadata["inputs"][0]["shape"], json!([-1]), "{metadata}");
+    assert_eq!(metadata["outputs"][0]["shape"], json!([-1]), "{metadata}");
+    let grpc = agent
+        .grpc()
+        .await
+        .model_metadata(pb::ModelMetadataRequest {
+            name: "relu".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grpc.inputs[0].shape, [-1]);
+    for (shape, data, relu) in [
+        (
+            json!([2, 2]),
+            json!([-1, 2, 3, -4]),
+            json!([0.0, 2.0, 3.0, 0.0]),
+        ),
+        (json!([]), json!([-3]), json!([0.0])),
+        (json!([1, 1, 3]), json!([5, -5, 1]), json!([5.0, 0.0, 1.0])),
+    ] {
+        let (status, body) = post_json(&http, infer("relu"), &x(shape.clone(), data)).await;
+        assert_eq!(status, 200, "shape {shape}: {body}");
+        assert_eq!(body["outputs"][0]["shape"], shape, "{body}");
+        assert_eq!(body["outputs"][0]["data"], relu, "{body}");
+    }
+    agent.stop().await;
+}
+
 on_both_runtimes!(
+    an_input_of_unknown_rank_takes_any_shape,
     strings_with_nul_bytes_come_back_whole,
     raw_inputs_at_every_byte_offset_give_the_expected_outputs,
     every_fixture_matches_onnxruntime_python_over_http_binary_data,

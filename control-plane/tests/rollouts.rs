@@ -176,6 +176,60 @@ fn rollout_to_success_postgres() {
     rollout_to_success(Db::Postgres, 4);
 }
 
+/// After a rollout, `devices get` lists the model with the digest of the
+/// pushed file, which is what the device serves. When that version's file
+/// then changes to bytes that do not load, the device serves on from the
+/// file it loaded, and keeps listing the version once, "ready", with the
+/// digest of what it serves (not also as "failed").
+#[test]
+fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready() {
+    let fleet = fleet(Db::Sqlite, &["tract"]);
+    let server = &fleet.server;
+    let (agent, device) = (&fleet.agents[0], &fleet.devices[0]);
+    let pushed = push(server, &fixture("mlp"), "mlp", 1);
+    let sha256 = pushed["sha256"].as_str().unwrap();
+    assert_eq!(sha256.len(), 64, "{pushed}");
+    let first = rollout(server, &["--model", "mlp@1", "--selector", "region=eu"]);
+    wait_state(
+        server,
+        first["id"].as_str().unwrap(),
+        "succeeded",
+        Duration::from_secs(60),
+    );
+    let listed = serde_json::json!([
+        { "name": "mlp", "version": 1, "sha256": sha256, "state": "ready" }
+    ]);
+    eventually(
+        Duration::from_secs(20),
+        "mlp@1 listed with its digest",
+        || (server.device(device)["models"] == listed).then_some(()),
+    );
+
+    let installed = agent.state_dir.join("models/mlp/1/model.onnx");
+    std::fs::write(&installed, b"not an onnx model").unwrap();
+    eventually(Duration::from_secs(30), "the reload failed", || {
+        http(agent.http_addr, "GET", "/metrics", None)
+            .filter(|(_, body)| {
+                body.contains("edgefleet_model_load_failures_total{model=\"mlp\"} 1")
+            })
+            .map(|_| ())
+    });
+    // Two telemetry batches made after the failure reach the server: the
+    // agent sends a changed model list before the batch that follows it.
+    let sequence = |d: &Value| d["telemetry_sequence"].as_u64().unwrap();
+    let before = sequence(&server.device(device));
+    let shown = eventually(
+        Duration::from_secs(30),
+        "telemetry after the failure",
+        || {
+            let shown = server.device(device);
+            (sequence(&shown) >= before + 2).then_some(shown)
+        },
+    );
+    assert_eq!(shown["models"], listed);
+    assert!(agent.infer_mlp(), "v1 serves on");
+}
+
 #[test]
 fn a_model_failing_its_check_on_some_devices_is_rolled_back() {
     // tract lacks the operator `unsupported_op` uses: activation fails there.

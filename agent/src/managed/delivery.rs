@@ -874,6 +874,7 @@ mod tests {
             name: "mlp".into(),
             served_versions: vec![1],
             failed_versions: BTreeMap::new(),
+            sha256: BTreeMap::new(),
             config_error: None,
             unreadable: None,
             unreadable_versions: BTreeMap::from([(2, "Permission denied".to_string())]),

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::backoff::Backoff;
 use super::delivery::{DeliveryLink, Offer};
 use super::state::{Identity, StateDir};
+use crate::model_registry::ModelStatus;
 use crate::telemetry::TelemetryCollector;
 
 /// Batches sent but not yet acknowledged, at most. Keeps the agent from
@@ -79,6 +80,43 @@ pub trait HelloSource: Send + Sync {
     fn inventory(&self) -> pb::Inventory;
     fn models(&self) -> Vec<pb::ModelVersionRef>;
     fn runtime(&self) -> String;
+}
+
+/// The models a Hello (or ModelsChanged) lists, from the registry's
+/// statuses: each served version once as "ready", with the digest of the
+/// file it serves, and each version that failed and serves nothing as
+/// "failed". A version that serves on after a failed reload (its files or
+/// config changed and did not load) is "ready": it serves, and the control
+/// plane counts a device's "ready" versions as what it runs. The failure
+/// stays in the agent's log and metrics and in a ModelFailed
+/// telemetry event; `ModelVersionRef` has no field for it.
+pub fn hello_models(statuses: &[ModelStatus]) -> Vec<pb::ModelVersionRef> {
+    let mut models = Vec::new();
+    for status in statuses {
+        let sha256 = |version: &u64| status.sha256.get(version).cloned().unwrap_or_default();
+        for version in &status.served_versions {
+            models.push(pb::ModelVersionRef {
+                name: status.name.clone(),
+                version: *version,
+                sha256: sha256(version),
+                state: "ready".into(),
+                ..Default::default()
+            });
+        }
+        for version in status.failed_versions.keys() {
+            if status.served_versions.contains(version) {
+                continue;
+            }
+            models.push(pb::ModelVersionRef {
+                name: status.name.clone(),
+                version: *version,
+                sha256: sha256(version),
+                state: "failed".into(),
+                ..Default::default()
+            });
+        }
+    }
+    models
 }
 
 /// The collector shared by the telemetry ticker and the session.

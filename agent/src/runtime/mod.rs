@@ -60,12 +60,29 @@ impl fmt::Display for RuntimeKind {
 pub struct TensorSpec {
     pub name: String,
     pub dtype: DataType,
+    /// Empty for a scalar, and for a tensor of unknown rank.
     pub shape: Vec<i64>,
+    /// Declared with no shape at all (ONNX Runtime only; tract refuses such
+    /// a model): any shape is accepted, and metadata reports `[-1]`.
+    pub unknown_rank: bool,
     /// Per dimension, what the runtime calls a dynamic one: the model's
     /// `dim_param` (ONNX Runtime) or the symbol or expression tract infers
     /// (`N`, `2*N`); empty for fixed and unnamed dimensions. Batching uses
     /// it to tell a batch dimension from another dynamic one.
     pub dim_names: Vec<String>,
+}
+
+impl TensorSpec {
+    /// The shape model metadata reports. The Open Inference Protocol has no
+    /// way to say "any rank" (Triton serves no input of unknown rank), so
+    /// an unknown rank is `[-1]`, the closest: a dynamic shape.
+    pub fn metadata_shape(&self) -> Vec<i64> {
+        if self.unknown_rank {
+            vec![-1]
+        } else {
+            self.shape.clone()
+        }
+    }
 }
 
 /// The inputs and outputs of a loaded model, in the model's own order.

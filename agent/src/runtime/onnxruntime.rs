@@ -198,7 +198,11 @@ fn data_type(name: &str, ty: TensorElementType) -> Result<DataType, RuntimeError
     })
 }
 
-fn spec(name: &str, value_type: &ValueType) -> Result<TensorSpec, RuntimeError> {
+fn spec(
+    name: &str,
+    value_type: &ValueType,
+    unknown_rank: bool,
+) -> Result<TensorSpec, RuntimeError> {
     match value_type {
         ValueType::Tensor {
             ty,
@@ -208,6 +212,7 @@ fn spec(name: &str, value_type: &ValueType) -> Result<TensorSpec, RuntimeError> 
             name: name.to_string(),
             dtype: data_type(name, *ty)?,
             shape: shape.iter().map(|&d| if d < 0 { -1 } else { d }).collect(),
+            unknown_rank,
             dim_names: shape
                 .iter()
                 .enumerate()
@@ -240,17 +245,19 @@ impl Runtime for OnnxRuntime {
         })?;
         let mut builder = self.session_builder(options)?;
         let session = builder.commit_from_memory(&bytes).map_err(load_error)?;
+        let specs = |outlets: &[ort::value::Outlet], side: Side| {
+            outlets
+                .iter()
+                .enumerate()
+                .map(|(index, outlet)| {
+                    let unknown_rank = !has_shape(&session, side, index)?;
+                    spec(outlet.name(), outlet.dtype(), unknown_rank)
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
         let signature = Signature {
-            inputs: session
-                .inputs()
-                .iter()
-                .map(|outlet| spec(outlet.name(), outlet.dtype()))
-                .collect::<Result<_, _>>()?,
-            outputs: session
-                .outputs()
-                .iter()
-                .map(|outlet| spec(outlet.name(), outlet.dtype()))
-                .collect::<Result<_, _>>()?,
+            inputs: specs(session.inputs(), Side::Input)?,
+            outputs: specs(session.outputs(), Side::Output)?,
         };
         Ok(Box::new(OnnxSession { session, signature }))
     }
@@ -306,6 +313,43 @@ fn to_ort(tensor: &Tensor) -> Result<SessionInputValue<'_>, RuntimeError> {
             let strings = tensor.utf8_strings().map_err(run_error)?;
             string_tensor(&tensor.shape, &strings).map(Into::into)
         }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Input,
+    Output,
+}
+
+/// Whether ONNX Runtime knows the shape (so the rank) of a session's input
+/// or output `index`; false for one declared with no shape at all, which
+/// takes any shape. `ort`'s `ValueType` reports such a tensor with no
+/// dimensions, as it does a scalar; only `TensorTypeAndShape_HasShape`
+/// (C API 24, ONNX Runtime 1.24) tells the two apart. Not a tensor: true
+/// (`spec` refuses it).
+#[allow(unsafe_code)]
+fn has_shape(session: &Session, side: Side, index: usize) -> Result<bool, RuntimeError> {
+    use ort::AsPointer;
+    let api = ort::api();
+    let get = match side {
+        Side::Input => api.SessionGetInputTypeInfo,
+        Side::Output => api.SessionGetOutputTypeInfo,
+    };
+    let mut type_info: *mut ort::sys::OrtTypeInfo = std::ptr::null_mut();
+    // SAFETY: `session` is alive and has more than `index` inputs (or
+    // outputs): its outlets were listed from it. ONNX Runtime sets
+    // `type_info` (null only with an error status), which is released here;
+    // `info` points into it and is not used after.
+    unsafe {
+        ort::Error::result_from_status(get(session.ptr(), index, &mut type_info))
+            .map_err(load_error)?;
+        let mut info: *const ort::sys::OrtTensorTypeAndShapeInfo = std::ptr::null();
+        let cast =
+            ort::Error::result_from_status((api.CastTypeInfoToTensorInfo)(type_info, &mut info));
+        let known = cast.map(|()| info.is_null() || (api.TensorTypeAndShape_HasShape)(info));
+        (api.ReleaseTypeInfo)(type_info);
+        known.map_err(load_error)
     }
 }
 

@@ -77,6 +77,9 @@ fn signature(model: &TypedModel, names: (&[String], &[String])) -> Result<Signat
                     .iter()
                     .map(|dim| dim.as_i64().unwrap_or(-1))
                     .collect(),
+                // tract types every input before serving, so it never has
+                // one of unknown rank: it refuses to load such a model.
+                unknown_rank: false,
                 dim_names: fact
                     .shape
                     .iter()

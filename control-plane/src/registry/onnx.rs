@@ -232,7 +232,10 @@ fn tensor_info(value: &onnx::ValueInfoProto, what: &str) -> Result<TensorInfo, O
                 })
                 .collect()
         })
-        .unwrap_or_default();
+        // No shape at all: any rank. Reported as the agent's model
+        // metadata does (the protocol cannot say "any rank"); a scalar
+        // has a shape with no dimensions, `[]`.
+        .unwrap_or_else(|| vec![-1]);
     Ok(TensorInfo {
         name: name.clone(),
         datatype: datatype.to_string(),
@@ -584,6 +587,22 @@ mod tests {
         assert_eq!(oip_datatype(10), Some("FP16"));
         assert_eq!(oip_datatype(16), Some("BF16"));
         assert_eq!(oip_datatype(14), None);
+    }
+
+    #[test]
+    fn a_tensor_of_unknown_rank_is_minus_one_and_a_scalar_has_no_dimensions() {
+        let model = |name: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../testdata/unknown-rank")
+                .join(name)
+                .join("1/model.onnx");
+            parse(&std::fs::read(path).unwrap()).unwrap()
+        };
+        let relu = model("relu");
+        assert_eq!(relu.inputs, [info("x", "FP32", &[-1])]);
+        assert_eq!(relu.outputs, [info("y", "FP32", &[-1])]);
+        let scalar = model("scalar");
+        assert_eq!(scalar.inputs, [info("x", "FP32", &[])]);
     }
 
     #[test]

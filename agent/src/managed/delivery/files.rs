@@ -12,13 +12,12 @@
 //! skips (dot names).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
 use anyhow::Context;
-use sha2::{Digest, Sha256};
 
 use crate::repository::MODEL_FILE_NAME;
 
@@ -26,20 +25,7 @@ const STAGING_DIR: &str = ".staging";
 const TRASH_DIR: &str = ".trash";
 const HELD_DIR: &str = ".held";
 
-/// SHA-256 of a whole file, lower-case hex.
-pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let read = file.read(&mut buffer)?;
-        if read == 0 {
-            break;
-        }
-        hasher.update(&buffer[..read]);
-    }
-    Ok(hex::encode(hasher.finalize()))
-}
+pub use crate::repository::sha256_file;
 
 /// Digests of files, remembered by (size, modification time) so an unchanged
 /// model is not hashed again at every desired state.
