@@ -687,8 +687,8 @@ async fn rollback_removes_the_higher_version_and_serves_the_lower() {
 }
 
 /// Rolled back to a version 1 the registry cannot load: version 2, held
-/// aside while 1 was tried, is put back and serves again; the rollback is
-/// FAILED.
+/// aside while 1 was tried, serves on throughout (never a moment with
+/// nothing served) and is put back; the rollback is FAILED.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rollback_that_fails_to_load_leaves_the_higher_version_serving() {
     let h = Harness::new().await;
@@ -698,8 +698,30 @@ async fn a_rollback_that_fails_to_load_leaves_the_higher_version_serving() {
     assert_eq!(h.served("m"), [2]);
     let model = h.model("m", 1, &fixture_bytes("unsupported_op"));
     let mut running = h.start().await;
+    // Watches what the registry serves, as often as it can, meanwhile.
+    let watching = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let (registry, watching) = (Arc::clone(&h.registry), Arc::clone(&watching));
+        std::thread::spawn(move || {
+            let mut seen = std::collections::BTreeSet::new();
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                let served = registry
+                    .statuses()
+                    .into_iter()
+                    .find(|s| s.name == "m")
+                    .map(|s| s.served_versions)
+                    .unwrap_or_default();
+                seen.insert(served);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            seen
+        })
+    };
     running.submit(1, vec![model]);
     let report = running.outcome("m", 1).await;
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    let seen = watcher.join().unwrap();
+    assert_eq!(seen, [vec![2]].into(), "served at some point: {seen:?}");
     assert_eq!(h.served("m"), [2]);
     assert!(h.registry.get("m", None).is_ok());
     assert_failed(&report, "failed to load");

@@ -30,8 +30,8 @@
 //! A failure that says something about the model (a bad signature, a
 //! digest mismatch, a failed model check or load, a blob the control plane
 //! refuses, a full disk) is a FAILED report, final for that generation, and
-//! leaves the serving version serving (after a failed rollback, once the
-//! registry has loaded it again). One that may pass by itself (the network,
+//! leaves the serving version serving (after a failed rollback too: the
+//! registry serves a held version on while the lower one fails to load). One that may pass by itself (the network,
 //! the control plane unavailable, a download on which nothing arrives for
 //! [`DeliveryOptions::stall_timeout`], a model check that could not run or
 //! ran out of time, a local I/O error) sends no report: the model is tried

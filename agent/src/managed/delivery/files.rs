@@ -20,11 +20,10 @@ use std::time::SystemTime;
 use anyhow::Context;
 use sha2::{Digest, Sha256};
 
-use crate::repository::MODEL_FILE_NAME;
+use crate::repository::{HELD_DIR, MODEL_FILE_NAME};
 
 const STAGING_DIR: &str = ".staging";
 const TRASH_DIR: &str = ".trash";
-const HELD_DIR: &str = ".held";
 
 /// SHA-256 of a whole file, lower-case hex.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
