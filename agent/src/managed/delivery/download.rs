@@ -359,7 +359,9 @@ impl Body for WatchedBody {
     }
 }
 
-/// Awaits `future` unless nothing arrives for `limit` first (`None`).
+/// Awaits `future` unless nothing arrives for `limit` first (`None`). The
+/// future is polled before each verdict: frames that arrived while this
+/// task was busy elsewhere (writing the previous chunk) count.
 async fn unless_stalled<F: Future>(
     activity: &Activity,
     limit: Duration,
@@ -367,12 +369,11 @@ async fn unless_stalled<F: Future>(
 ) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     loop {
-        let idle = activity.idle();
-        if idle >= limit {
-            return None;
-        }
-        if let Ok(output) = tokio::time::timeout(limit - idle, &mut future).await {
-            return Some(output);
+        let wait = limit.saturating_sub(activity.idle());
+        match tokio::time::timeout(wait, &mut future).await {
+            Ok(output) => return Some(output),
+            Err(_) if activity.idle() >= limit => return None,
+            Err(_) => {}
         }
     }
 }
@@ -606,6 +607,37 @@ mod tests {
         assert!(partial.matches_disk());
         assert_eq!(partial.digest(), sha256_hex(&whole));
         assert_eq!(std::fs::read(&path).unwrap(), whole);
+    }
+
+    /// The stall verdict is about inactivity: a future that takes three
+    /// times the limit completes while activity goes on; without activity
+    /// it is given up after the limit; one that is ready counts even after a
+    /// long silence (its data arrived while the task was busy elsewhere).
+    #[tokio::test]
+    async fn only_inactivity_counts_as_a_stall() {
+        let limit = Duration::from_millis(200);
+        let activity = Arc::new(Activity::new());
+        let toucher = {
+            let activity = Arc::clone(&activity);
+            tokio::spawn(async move {
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    activity.touch();
+                }
+            })
+        };
+        let slow = tokio::time::sleep(Duration::from_millis(600));
+        assert_eq!(unless_stalled(&activity, limit, slow).await, Some(()));
+        toucher.await.unwrap();
+
+        let started = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(unless_stalled(&activity, limit, never).await, None);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+
+        std::thread::sleep(Duration::from_millis(300));
+        let ready = std::future::ready(7);
+        assert_eq!(unless_stalled(&activity, limit, ready).await, Some(7));
     }
 
     #[test]
