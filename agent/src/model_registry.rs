@@ -533,10 +533,15 @@ impl ModelRegistry {
                 }
             }
         }
-        // A wanted version failed: keep whatever served before and is still on disk.
+        // A wanted version failed: keep whatever served before and is still
+        // on disk, or held aside (a rollback's higher versions, in
+        // `.held/<name>/<version>` until the lower one serves): put back,
+        // it serves on as it is, with no moment of serving nothing.
         if desired.iter().any(|v| !served.contains_key(v)) {
             for (version, old) in &old_served {
-                if !served.contains_key(version) && dir.versions.contains_key(version) {
+                if !served.contains_key(version)
+                    && (dir.versions.contains_key(version) || self.is_held(name, *version))
+                {
                     served.insert(*version, old.clone());
                 }
             }
@@ -566,6 +571,17 @@ impl ModelRegistry {
         state.served = served;
         state.failed = failed;
         state.on_disk = dir.versions.keys().copied().collect();
+    }
+
+    /// Whether a version of `name` is held aside in the repository's
+    /// [`HELD_DIR`](repository::HELD_DIR).
+    fn is_held(&self, name: &str, version: u64) -> bool {
+        self.repository
+            .join(repository::HELD_DIR)
+            .join(name)
+            .join(version.to_string())
+            .join(repository::MODEL_FILE_NAME)
+            .is_file()
     }
 
     /// Records whether a model's directory could be read; false if it
@@ -972,6 +988,44 @@ mod tests {
                 entry(2, &sha256_hex(broken), "failed")
             ]
         );
+    }
+
+    /// A rollback from 2 to a version 1 that fails to load: version 2,
+    /// held aside meanwhile, serves on (its handle kept) instead of the
+    /// model serving nothing until 2 is put back and loaded again; once 2
+    /// is back it serves as it was, not loaded again.
+    #[test]
+    fn a_held_version_serves_on_while_the_lower_one_fails_to_load() {
+        let repository = tempfile::tempdir().unwrap();
+        let models = repository.path();
+        let broken = models.join("mlp/1");
+        std::fs::create_dir_all(&broken).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../testdata/models/unsupported_op/1/model.onnx"),
+            broken.join("model.onnx"),
+        )
+        .unwrap();
+        add_version(models, 2);
+        let registry = registry(models);
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [2]);
+        let loaded = registry.get("mlp", None).unwrap();
+
+        let held = models.join(repository::HELD_DIR).join("mlp");
+        std::fs::create_dir_all(&held).unwrap();
+        std::fs::rename(models.join("mlp/2"), held.join("2")).unwrap();
+        registry.sync().unwrap();
+        let rolled = status(&registry);
+        assert!(rolled.failed_versions.contains_key(&1), "{rolled:?}");
+        assert_eq!(rolled.served_versions, [2]);
+        assert!(Arc::ptr_eq(&registry.get("mlp", None).unwrap(), &loaded));
+
+        std::fs::rename(held.join("2"), models.join("mlp/2")).unwrap();
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [2]);
+        assert!(Arc::ptr_eq(&registry.get("mlp", None).unwrap(), &loaded));
+        assert_eq!(load_failures(&registry), 1.0, "2 was not loaded again");
     }
 
     #[test]

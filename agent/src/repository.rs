@@ -122,6 +122,12 @@ pub fn check_repository(path: &Path) -> Result<(), RepositoryError> {
     }
 }
 
+/// Where managed mode holds a rollback's higher versions
+/// (`<repository>/.held/<name>/<version>/`) until the lower one serves. The
+/// scan does not see it (a dot name), but a version held there that was
+/// serving serves on while the version it makes way for fails to load.
+pub const HELD_DIR: &str = ".held";
+
 /// Lists every model and version directory. Entries that do not fit the
 /// layout (files at the top level, non-numeric or zero version directories,
 /// version directories without `model.onnx`) are skipped with a debug log.

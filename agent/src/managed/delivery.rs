@@ -27,15 +27,24 @@
 //!    served again, and the report is FAILED. A restart after a crash moves
 //!    them back too.
 //!
-//! Any failure is a FAILED report and leaves the serving version serving
-//! (after a failed rollback, once the registry has loaded it again).
+//! A failure that says something about the model (a bad signature, a
+//! digest mismatch, a failed model check or load, a blob the control plane
+//! refuses, a full disk) is a FAILED report, final for that generation, and
+//! leaves the serving version serving (after a failed rollback too: the
+//! registry serves a held version on while the lower one fails to load). One that may pass by itself (the network,
+//! the control plane unavailable, a download on which nothing arrives for
+//! [`DeliveryOptions::stall_timeout`], a model check that could not run or
+//! ran out of time, a local I/O error) sends no report: the model is tried
+//! again after a delay (exponential backoff with jitter, per model, started
+//! afresh when its download got further), and the other models of the
+//! desired state go on meanwhile, so one stuck download holds none of them.
 //!
 //! [`ActivationReport`]: pb::ActivationReport
 
 mod download;
 pub mod files;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -51,7 +60,7 @@ use self::download::{AttemptError, PartialFile};
 use self::files::DigestCache;
 use super::backoff::Backoff;
 use super::state::StateDir;
-use crate::model_check::ModelCheck;
+use crate::model_check::{CheckFailure, ModelCheck};
 use crate::model_config::ModelConfig;
 use crate::model_registry::{ModelRegistry, ModelStatus};
 use crate::repository::MODEL_FILE_NAME;
@@ -63,7 +72,11 @@ pub struct DeliveryOptions {
     /// How a model is checked before it is installed.
     pub check: ModelCheck,
     pub connect_timeout: Duration,
-    /// Retry delays of a failing download: exponential with full jitter.
+    /// A download on which nothing arrives for this long is given up and
+    /// resumed later (inactivity, not a limit on the download's length).
+    pub stall_timeout: Duration,
+    /// Retry delays of a model whose delivery failed for a reason that may
+    /// pass (per model): exponential with full jitter.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// How long the registry has to serve an installed version.
@@ -77,6 +90,7 @@ impl DeliveryOptions {
         DeliveryOptions {
             check,
             connect_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(60),
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             activation_timeout: Duration::from_secs(600),
@@ -253,6 +267,7 @@ pub async fn start(
         options,
         reports: Arc::clone(&reports),
         digests: Arc::new(DigestCache::default()),
+        partials: Mutex::default(),
         shutdown,
     };
     let task = tokio::spawn(delivery.run(receiver, on_disk));
@@ -304,13 +319,41 @@ fn now_ms() -> u64 {
 enum Stop {
     /// A newer desired state arrived, or the agent is shutting down.
     Interrupted,
-    /// Reported as FAILED.
+    /// Reported as FAILED: trying again would not help.
     Failed(String),
+    /// Worth another try later in this generation; `progressed`: its
+    /// download got further (its backoff starts afresh).
+    Retry { reason: String, progressed: bool },
 }
 
+impl Stop {
+    fn retry(reason: String) -> Stop {
+        Stop::Retry {
+            reason,
+            progressed: false,
+        }
+    }
+}
+
+/// Local file work that failed (an I/O error, a rescan): tried again later,
+/// but for a full disk, which is FAILED as for a download (the rollout sees
+/// it instead of the device retrying for ever).
 impl From<anyhow::Error> for Stop {
     fn from(err: anyhow::Error) -> Stop {
-        Stop::Failed(format!("{err:#}"))
+        let full = err.chain().any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+                )
+            })
+        });
+        let reason = format!("{err:#}");
+        if full {
+            Stop::Failed(format!("the device's disk is full: {reason}"))
+        } else {
+            Stop::retry(reason)
+        }
     }
 }
 
@@ -349,6 +392,9 @@ struct Delivery {
     options: DeliveryOptions,
     reports: Arc<Reports>,
     digests: Arc<DigestCache>,
+    /// Open partial downloads left by an attempt that failed, with the
+    /// digest of what they hold, so a retry does not hash them again.
+    partials: Mutex<HashMap<PathBuf, PartialFile>>,
     shutdown: CancellationToken,
 }
 
@@ -413,8 +459,12 @@ impl Delivery {
         }
     }
 
+    /// Queues a report, unless it would repeat the model's latest one (a
+    /// retry going through the same stages again): a device that retries
+    /// without getting anywhere stays silent, as the control plane's
+    /// activation timeout expects of one that is stuck.
     fn report(&self, job: &Job<'_>, stage: Stage, reason: &str, bytes_done: u64) {
-        self.reports.push(pb::ActivationReport {
+        let report = pb::ActivationReport {
             name: job.model.name.clone(),
             version: job.model.version,
             sha256: job.model.sha256.clone(),
@@ -423,11 +473,26 @@ impl Delivery {
             bytes_done,
             unix_ms: now_ms(),
             generation: job.generation,
+        };
+        let repeated = self.reports.latest(&report.name).is_some_and(|latest| {
+            pb::ActivationReport {
+                unix_ms: report.unix_ms,
+                ..latest
+            } == report
         });
+        if !repeated {
+            self.reports.push(report);
+        }
+    }
+
+    fn partials(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, PartialFile>> {
+        self.partials.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Brings every model of `desired` into service, one after the other,
-    /// until done or a newer desired state arrives.
+    /// until done or a newer desired state arrives. A model whose delivery
+    /// failed for a reason that may pass is tried again after its backoff
+    /// delay, after the models behind it had their turn.
     async fn converge(
         &self,
         desired: &pb::DesiredState,
@@ -452,36 +517,71 @@ impl Delivery {
             .into_iter()
             .chain(desired.trusted_keys.iter().cloned())
             .collect();
-        let mut seen = Vec::new();
+        let job = |model| Job {
+            generation: desired.generation,
+            model,
+            keys: &keys,
+            desired: receiver,
+        };
+        // The models still to deliver, in the desired state's order, each
+        // with its backoff and when it is due.
+        let mut pending: Vec<(&pb::ModelVersionRef, Backoff, tokio::time::Instant)> = Vec::new();
         for model in &desired.models {
-            let job = Job {
-                generation: desired.generation,
-                model,
-                keys: &keys,
-                desired: receiver,
-            };
-            if job.interrupted(&self.shutdown) {
-                return;
-            }
-            if seen.contains(&model.name.as_str()) {
+            if pending.iter().any(|(other, _, _)| other.name == model.name) {
                 self.report(
-                    &job,
+                    &job(model),
                     Stage::Failed,
                     "the desired state names this model twice",
                     0,
                 );
                 continue;
             }
-            seen.push(model.name.as_str());
-            match self.deliver(&job).await {
-                Ok(()) => {}
-                Err(Stop::Interrupted) => return,
-                Err(Stop::Failed(reason)) => {
-                    tracing::warn!(model = %model.name, version = model.version, %reason, "model version not activated");
-                    self.report(&job, Stage::Failed, &reason, 0);
+            let backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
+            pending.push((model, backoff, tokio::time::Instant::now()));
+        }
+        while !pending.is_empty() {
+            let mut index = 0;
+            while index < pending.len() {
+                let (model, backoff, due) = &mut pending[index];
+                if *due > tokio::time::Instant::now() {
+                    index += 1;
+                    continue;
                 }
+                let job = job(model);
+                if job.interrupted(&self.shutdown) {
+                    return;
+                }
+                match self.deliver(&job).await {
+                    Ok(()) => {}
+                    Err(Stop::Interrupted) => return,
+                    Err(Stop::Failed(reason)) => {
+                        tracing::warn!(model = %model.name, version = model.version, %reason, "model version not activated");
+                        self.report(&job, Stage::Failed, &reason, 0);
+                    }
+                    Err(Stop::Retry { reason, progressed }) => {
+                        if progressed {
+                            backoff.reset();
+                        }
+                        let delay = backoff.next_delay();
+                        tracing::warn!(model = %model.name, version = model.version, %reason, delay_ms = delay.as_millis() as u64, "model delivery failed for now; trying again after a delay");
+                        *due = tokio::time::Instant::now() + delay;
+                        index += 1;
+                        continue;
+                    }
+                }
+                pending.remove(index);
+            }
+            let Some(next) = pending.iter().map(|(_, _, due)| *due).min() else {
+                break;
+            };
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = newer_desired_state(receiver) => return,
+                () = tokio::time::sleep_until(next) => {}
             }
         }
+        // Every model has its outcome: no partial download is resumed.
+        self.partials().clear();
         // Done with this generation: blobs nothing wants any more go.
         let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
         let blobs_dir = self.state.blobs_dir();
@@ -531,10 +631,23 @@ impl Delivery {
                 return Err(Stop::Interrupted);
             }
             self.report(job, Stage::Checking, "", 0);
-            if let Err(reason) = self.check(&model.name, &blob).await {
-                let path = blob.clone();
-                let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
-                return Err(Stop::Failed(format!("the model check failed: {reason}")));
+            match self.check(&model.name, &blob).await {
+                Ok(()) => {}
+                // The check did not judge the model (the blob stays cached).
+                Err(failure) if failure.transient => {
+                    return Err(Stop::retry(format!(
+                        "the model check could not run: {}",
+                        failure.reason
+                    )));
+                }
+                Err(failure) => {
+                    let path = blob.clone();
+                    let _ = blocking(move || Ok(std::fs::remove_file(&path)?)).await;
+                    return Err(Stop::Failed(format!(
+                        "the model check failed: {}",
+                        failure.reason
+                    )));
+                }
             }
             let (dir, name, version) = (models_dir.clone(), model.name.clone(), model.version);
             blocking(move || files::install(&dir, &blob, &name, version))
@@ -562,7 +675,7 @@ impl Delivery {
                 if let Err(err) = self.rescan().await {
                     tracing::warn!(model = %model.name, error = %format!("{err:#}"), "cannot rescan");
                 }
-                return Err(Stop::Failed(format!("cannot remove old versions: {err:#}")));
+                return Err(Stop::from(err.context("cannot remove old versions")));
             }
         };
         if !pruned.removed.is_empty() {
@@ -582,10 +695,11 @@ impl Delivery {
                     }
                 }
                 Err(stop) => {
-                    let why = match stop {
-                        Stop::Failed(reason) => reason,
+                    let (why, retry) = match stop {
+                        Stop::Failed(reason) => (reason, false),
+                        Stop::Retry { reason, .. } => (reason, true),
                         Stop::Interrupted => {
-                            "interrupted (a newer desired state, or the agent stopping) before the version served".to_string()
+                            ("interrupted (a newer desired state, or the agent stopping) before the version served".to_string(), false)
                         }
                     };
                     let restored = blocking(move || files::restore_held(&models_dir, &name)).await;
@@ -598,7 +712,12 @@ impl Delivery {
                             "the higher versions could not be put back ({err:#}); a restart does"
                         ),
                     };
-                    return Err(Stop::Failed(format!("{why}; {what}")));
+                    let reason = format!("{why}; {what}");
+                    return Err(if retry {
+                        Stop::retry(reason)
+                    } else {
+                        Stop::Failed(reason)
+                    });
                 }
             }
         }
@@ -679,7 +798,10 @@ impl Delivery {
             return Ok(());
         }
         let partial = blob.with_file_name(format!("{}.partial", model.sha256));
-        let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0;
+        // What a partial file held before this run (a crash, a power cut),
+        // not written by an attempt of this one.
+        let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0
+            && !self.partials().contains_key(&partial);
         loop {
             // The digest of the bytes written, computed while downloading.
             let digest = self.download(job, &partial).await?;
@@ -704,101 +826,106 @@ impl Delivery {
         }
     }
 
-    /// Downloads into `path` until complete, retrying with backoff; returns
-    /// the SHA-256 of the whole file.
+    /// Downloads into `path` (one attempt, resuming what it holds); returns
+    /// the SHA-256 of the whole file. An attempt that fails for a reason
+    /// that may pass is [`Stop::Retry`], its open file kept for the next.
     async fn download(&self, job: &Job<'_>, path: &Path) -> Result<String, Stop> {
         let model = job.model;
-        let mut backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
         let start = download::partial_len(path).await.unwrap_or(0);
         self.report(job, Stage::Downloading, "", start);
         let mut progress = download::Progress::new(self.options.progress_interval);
         // The open partial file and the digest of what it holds, kept
         // across attempts so nothing is hashed twice.
-        let mut partial: Option<PartialFile> = None;
-        loop {
-            if job.interrupted(&self.shutdown) {
-                return Err(Stop::Interrupted);
-            }
-            let before = download::partial_len(path).await.unwrap_or(0);
-            let mut on_progress = |done: u64, total: u64| {
-                if progress.due(done, total) {
-                    self.report(job, Stage::Downloading, "", done);
-                }
-            };
-            let attempt = tokio::select! {
-                () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
-                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
-                attempt = download::attempt(
-                    &self.state,
-                    self.options.connect_timeout,
-                    &model.sha256,
-                    model.size_bytes,
-                    path,
-                    &mut partial,
-                    &mut on_progress,
-                ) => attempt,
-            };
-            let reason = match attempt {
-                Ok(_) => match &partial {
-                    Some(file) => return Ok(file.digest()),
-                    None => "the partial file was closed".to_string(),
-                },
-                Err(AttemptError::Permanent(reason)) => {
-                    // Nothing will complete it (and on a full disk it
-                    // takes the room other files need).
-                    drop(partial);
-                    let _ = tokio::fs::remove_file(path).await;
-                    return Err(Stop::Failed(reason));
-                }
-                Err(AttemptError::Restart(reason)) => {
-                    partial = None;
-                    let _ = tokio::fs::remove_file(path).await;
-                    reason
-                }
-                Err(AttemptError::Transient(reason)) => reason,
-            };
-            if download::partial_len(path).await.unwrap_or(0) > before {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            tracing::warn!(model = %model.name, version = model.version, %reason, delay_ms = delay.as_millis() as u64, "model download interrupted; retrying");
-            tokio::select! {
-                () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
-                () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
-                () = tokio::time::sleep(delay) => {}
-            }
+        let mut partial: Option<PartialFile> = self.partials().remove(path);
+        if job.interrupted(&self.shutdown) {
+            return Err(Stop::Interrupted);
         }
+        let mut on_progress = |done: u64, total: u64| {
+            if progress.due(done, total) {
+                self.report(job, Stage::Downloading, "", done);
+            }
+        };
+        let attempt = tokio::select! {
+            () = self.shutdown.cancelled() => return Err(Stop::Interrupted),
+            () = newer_desired_state(job.desired) => return Err(Stop::Interrupted),
+            attempt = download::attempt(
+                &self.state,
+                download::Timeouts {
+                    connect: self.options.connect_timeout,
+                    stall: self.options.stall_timeout,
+                },
+                &model.sha256,
+                model.size_bytes,
+                path,
+                &mut partial,
+                &mut on_progress,
+            ) => attempt,
+        };
+        let reason = match attempt {
+            Ok(_) => match &partial {
+                Some(file) => return Ok(file.digest()),
+                None => "the partial file was closed".to_string(),
+            },
+            Err(AttemptError::Permanent(reason)) => {
+                // Nothing will complete it (and on a full disk it
+                // takes the room other files need).
+                drop(partial);
+                let _ = tokio::fs::remove_file(path).await;
+                return Err(Stop::Failed(reason));
+            }
+            Err(AttemptError::Restart(reason)) => {
+                partial = None;
+                let _ = tokio::fs::remove_file(path).await;
+                reason
+            }
+            Err(AttemptError::Transient(reason)) => reason,
+        };
+        let progressed = download::partial_len(path).await.unwrap_or(0) > start;
+        if let Some(file) = partial {
+            self.partials().insert(path.to_path_buf(), file);
+        }
+        Err(Stop::Retry {
+            reason: format!("model download interrupted: {reason}"),
+            progressed,
+        })
     }
 
     /// Runs the model check on `path` with the runtime the model would use.
-    async fn check(&self, name: &str, path: &Path) -> Result<(), String> {
+    async fn check(&self, name: &str, path: &Path) -> Result<(), CheckFailure> {
         let model_dir = self.state.models_dir().join(name);
         let registry = Arc::clone(&self.registry);
         let check = self.options.check.clone();
         let path: PathBuf = path.to_path_buf();
+        let of_model = |reason: String| CheckFailure {
+            reason,
+            transient: false,
+        };
         tokio::task::spawn_blocking(move || {
-            let config = ModelConfig::load(&model_dir)?;
+            let config = ModelConfig::load(&model_dir).map_err(of_model)?;
             let runtimes = registry.runtimes();
             let runtime: Arc<dyn Runtime> = match config.runtime {
                 None | Some(RuntimeChoice::Auto) => Arc::clone(&runtimes.default),
                 Some(RuntimeChoice::Tract) => Arc::clone(&runtimes.tract),
                 Some(RuntimeChoice::Onnxruntime) => runtimes.onnxruntime.clone().ok_or_else(|| {
-                    "the model's config.toml asks for onnxruntime, but its library was not found"
-                        .to_string()
+                    of_model(
+                        "the model's config.toml asks for onnxruntime, but its library was not found"
+                            .to_string(),
+                    )
                 })?,
             };
             let options = config.session_options();
-            check
-                .run(
-                    runtime.as_ref(),
-                    runtimes.onnxruntime_library.as_deref(),
-                    &path,
-                    &options,
-                )
-                .map_err(String::from)
+            check.run(
+                runtime.as_ref(),
+                runtimes.onnxruntime_library.as_deref(),
+                &path,
+                &options,
+            )
         })
         .await
-        .map_err(|err| format!("the model check task failed: {err}"))?
+        .map_err(|err| CheckFailure {
+            reason: format!("the model check task failed: {err}"),
+            transient: true,
+        })?
     }
 
     /// Has the registry rescan, then waits until it serves the version or

@@ -1,11 +1,18 @@
 //! `DownloadBlob` into `blobs/<sha256>.partial`, resuming from the size of
 //! that file after a cut stream or an agent restart, and hashing the bytes
 //! on their way to the disk (once; a resumed file is hashed when opened).
+//! An attempt on which nothing arrives for the stall timeout is given up
+//! (to be resumed later): inactivity is judged by the HTTP/2 frames that
+//! arrive, not by whole messages, so a slow link that delivers a 1 MiB chunk
+//! over minutes is not taken for a stalled one.
 
+use std::future::Future;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -14,6 +21,8 @@ use edgefleet_proto::edgefleet::v1 as pb;
 use pb::agent_service_client::AgentServiceClient;
 use sha2::{Digest, Sha256};
 use tonic::Code;
+use tonic::codegen::{Body, BoxFuture, Service, http};
+use tonic::transport::Channel;
 
 use super::super::state::StateDir;
 
@@ -274,12 +283,114 @@ async fn sync(partial: PartialFile) -> std::io::Result<PartialFile> {
     .map_err(std::io::Error::other)?
 }
 
+/// When bytes last arrived from the control plane on a download.
+#[derive(Debug)]
+struct Activity(Mutex<Instant>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity(Mutex::new(Instant::now()))
+    }
+
+    fn touch(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn idle(&self) -> Duration {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).elapsed()
+    }
+}
+
+/// A channel whose responses note in `activity` each frame that arrives.
+#[derive(Clone)]
+struct WatchedChannel {
+    channel: Channel,
+    activity: Arc<Activity>,
+}
+
+impl Service<http::Request<tonic::body::Body>> for WatchedChannel {
+    type Response = http::Response<WatchedBody>;
+    type Error = tonic::transport::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
+        self.channel.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let call = self.channel.call(request);
+        let activity = Arc::clone(&self.activity);
+        Box::pin(async move {
+            let response = call.await?;
+            activity.touch();
+            Ok(response.map(|inner| WatchedBody { inner, activity }))
+        })
+    }
+}
+
+/// A response body that notes each frame (an HTTP/2 DATA frame is at most
+/// 16 KiB by default) as activity.
+struct WatchedBody {
+    inner: tonic::body::Body,
+    activity: Arc<Activity>,
+}
+
+impl Body for WatchedBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, tonic::Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = &polled {
+            self.activity.touch();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Awaits `future` unless nothing arrives for `limit` first (`None`). The
+/// future is polled before each verdict: frames that arrived while this
+/// task was busy elsewhere (writing the previous chunk) count.
+async fn unless_stalled<F: Future>(
+    activity: &Activity,
+    limit: Duration,
+    future: F,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    loop {
+        let wait = limit.saturating_sub(activity.idle());
+        match tokio::time::timeout(wait, &mut future).await {
+            Ok(output) => return Some(output),
+            Err(_) if activity.idle() >= limit => return None,
+            Err(_) => {}
+        }
+    }
+}
+
+/// How long an attempt waits to connect, and for anything to arrive.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub stall: Duration,
+}
+
 /// One connection and one `DownloadBlob` stream, appended to the partial
 /// file at `path` (opened into `partial` if it is not yet). Returns once
 /// the file holds the whole blob; `partial` then has its digest.
 pub async fn attempt(
     state: &StateDir,
-    connect_timeout: Duration,
+    timeouts: Timeouts,
     sha256: &str,
     expected_size: u64,
     path: &Path,
@@ -312,6 +423,16 @@ pub async fn attempt(
         *partial = Some(file);
         return Ok(offset);
     }
+    let Timeouts {
+        connect: connect_timeout,
+        stall: stall_timeout,
+    } = timeouts;
+    let stalled = || {
+        AttemptError::Transient(format!(
+            "nothing arrived from the control plane for {stall_timeout:?}"
+        ))
+    };
+    let activity = Arc::new(Activity::new());
     let connected = async {
         let state_for_load = state.clone();
         let (enrollment, identity) = tokio::task::spawn_blocking(move || state_for_load.load())
@@ -327,14 +448,19 @@ pub async fn attempt(
         let channel = edgefleet_pki::connect_tls(&enrollment.server_url, tls, connect_timeout)
             .await
             .map_err(|e| AttemptError::Transient(format!("{e:#}")))?;
-        let mut client =
-            AgentServiceClient::new(channel).max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
-        client
-            .download_blob(pb::DownloadBlobRequest {
-                sha256: sha256.to_string(),
-                offset,
-            })
+        let mut client = AgentServiceClient::new(WatchedChannel {
+            channel,
+            activity: Arc::clone(&activity),
+        })
+        .max_decoding_message_size(MAX_CHUNK_MESSAGE_BYTES);
+        activity.touch();
+        let request = client.download_blob(pb::DownloadBlobRequest {
+            sha256: sha256.to_string(),
+            offset,
+        });
+        unless_stalled(&activity, stall_timeout, request)
             .await
+            .ok_or_else(stalled)?
             .map_err(|status| {
                 if status.code() == Code::OutOfRange {
                     AttemptError::Restart(format!(
@@ -360,10 +486,11 @@ pub async fn attempt(
     let mut write_error = None;
     let mut total = (expected_size > 0).then_some(expected_size);
     let outcome = loop {
-        let chunk = match stream.message().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break Ok(()),
-            Err(status) => break Err(status_error(&status)),
+        let chunk = match unless_stalled(&activity, stall_timeout, stream.message()).await {
+            Some(Ok(Some(chunk))) => chunk,
+            Some(Ok(None)) => break Ok(()),
+            Some(Err(status)) => break Err(status_error(&status)),
+            None => break Err(stalled()),
         };
         if chunk.offset != offset {
             break Err(AttemptError::Transient(format!(
@@ -480,6 +607,37 @@ mod tests {
         assert!(partial.matches_disk());
         assert_eq!(partial.digest(), sha256_hex(&whole));
         assert_eq!(std::fs::read(&path).unwrap(), whole);
+    }
+
+    /// The stall verdict is about inactivity: a future that takes three
+    /// times the limit completes while activity goes on; without activity
+    /// it is given up after the limit; one that is ready counts even after a
+    /// long silence (its data arrived while the task was busy elsewhere).
+    #[tokio::test]
+    async fn only_inactivity_counts_as_a_stall() {
+        let limit = Duration::from_millis(200);
+        let activity = Arc::new(Activity::new());
+        let toucher = {
+            let activity = Arc::clone(&activity);
+            tokio::spawn(async move {
+                for _ in 0..12 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    activity.touch();
+                }
+            })
+        };
+        let slow = tokio::time::sleep(Duration::from_millis(600));
+        assert_eq!(unless_stalled(&activity, limit, slow).await, Some(()));
+        toucher.await.unwrap();
+
+        let started = Instant::now();
+        let never = std::future::pending::<()>();
+        assert_eq!(unless_stalled(&activity, limit, never).await, None);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+
+        std::thread::sleep(Duration::from_millis(300));
+        let ready = std::future::ready(7);
+        assert_eq!(unless_stalled(&activity, limit, ready).await, Some(7));
     }
 
     #[test]

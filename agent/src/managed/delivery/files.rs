@@ -19,11 +19,10 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 
-use crate::repository::MODEL_FILE_NAME;
+use crate::repository::{HELD_DIR, MODEL_FILE_NAME};
 
 const STAGING_DIR: &str = ".staging";
 const TRASH_DIR: &str = ".trash";
-const HELD_DIR: &str = ".held";
 
 pub use crate::repository::sha256_file;
 
