@@ -208,6 +208,13 @@ pub struct ModelStatus {
     /// served failed to load again from changed files or under a changed
     /// `config.toml`: its older copy serves on, as it was loaded.
     pub failed_versions: BTreeMap<u64, String>,
+    /// The versions of `failed_versions` whose failure may pass by itself
+    /// (the load check could not run or ran out of time, the file could
+    /// not be read, no worker thread could be started), with when the
+    /// registry tries them again: at its first scan from then on. The
+    /// others failed on what their files are, and are tried again only
+    /// once those (or the `config.toml`) change.
+    pub retry_at: BTreeMap<u64, Instant>,
     /// Hex SHA-256 (lower case) of the model file of each served version
     /// (the one it was loaded from, which a failed reload does not change),
     /// and of each failed version that is not served, when its file could
@@ -805,6 +812,11 @@ impl ModelRegistry {
                     .iter()
                     .map(|(version, failure)| (*version, failure.reason.clone()))
                     .collect(),
+                retry_at: state
+                    .failed
+                    .iter()
+                    .filter_map(|(version, failure)| Some((*version, failure.retry?.at)))
+                    .collect(),
                 // Served versions last: a version that serves on after a
                 // failed reload reports the digest of what it serves.
                 sha256: state
@@ -915,6 +927,7 @@ mod tests {
                     .is_some_and(|reason| reason.contains("asks for onnxruntime")),
                 "scan {scan}: {now:?}"
             );
+            assert!(now.retry_at.is_empty(), "scan {scan}: definitive: {now:?}");
             assert_eq!(
                 registry.get("mlp", None).unwrap().runtime,
                 RuntimeKind::Tract
@@ -1061,6 +1074,10 @@ mod tests {
                     .is_some_and(|reason| reason.contains("cannot start the model check process")),
                 "scan {scan}: {now:?}"
             );
+            assert!(
+                now.retry_at[&1] > Instant::now() + LOAD_RETRY_INITIAL - Duration::from_secs(10),
+                "scan {scan}: reported as transient: {now:?}"
+            );
         }
         assert_eq!(load_failures(&registry), 1.0, "not tried at every scan");
 
@@ -1081,6 +1098,7 @@ mod tests {
         let loaded = status(&registry);
         assert_eq!(loaded.served_versions, [1]);
         assert!(loaded.failed_versions.is_empty(), "{loaded:?}");
+        assert!(loaded.retry_at.is_empty(), "{loaded:?}");
         assert_eq!(load_failures(&registry), 1.0);
     }
 

@@ -208,6 +208,12 @@ impl Drop for Harness {
 
 impl Harness {
     async fn new() -> Harness {
+        Harness::with_registry_check(check()).await
+    }
+
+    /// A harness whose registry checks models with `registry_check` before
+    /// loading them (delivery's own check is set by `start_with`).
+    async fn with_registry_check(registry_check: ModelCheck) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let (ca, _) = CertificateAuthority::generate().unwrap();
         let server_pair = ca
@@ -259,7 +265,7 @@ impl Harness {
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-            model_check: check(),
+            model_check: registry_check,
         })
         .unwrap();
         let registry = Arc::clone(agent.service().registry());
@@ -932,6 +938,79 @@ async fn a_version_the_registry_fails_to_load_is_failed_and_the_previous_serves_
     assert!(h.registry.get("mlp", None).is_ok());
     // The previous version is still on disk for the registry to serve.
     assert!(h.models_dir().join("mlp/1/model.onnx").exists());
+    running.stop().await;
+}
+
+/// New bytes for a version that serves, which fail to load: the older copy
+/// of the version serves on, and the activation is FAILED, not ACTIVE for
+/// bytes the device does not serve; so is a later generation's, which
+/// finds the desired bytes installed and the version served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn desired_bytes_of_a_serving_version_that_fail_to_load_are_failed() {
+    let h = Harness::new().await;
+    h.install_fixture("mlp", 1, "mlp");
+    h.sync().await;
+    let serving = h.registry.get("mlp", Some(1)).unwrap();
+    // A pre-install check that passes anything, so only the registry's
+    // own load finds the new bytes broken.
+    let lenient = ModelCheck::ChildProcess {
+        exe: PathBuf::from("true"),
+        timeout: Duration::from_secs(10),
+    };
+    let broken = fixture_bytes("unsupported_op");
+    let model = h.model("mlp", 1, &broken);
+    let mut running = h.start_with(lenient).await;
+    running.submit(1, vec![model.clone()]);
+    let report = running.outcome("mlp", 1).await;
+    assert_failed(&report, "failed to load");
+    assert!(running.stages("mlp").contains(&Stage::Loading));
+    assert_eq!(installed(&h.models_dir(), "mlp", 1), Some(broken));
+    assert_eq!(h.served("mlp"), [1]);
+    assert!(Arc::ptr_eq(
+        &h.registry.get("mlp", Some(1)).unwrap(),
+        &serving
+    ));
+
+    running.submit(2, vec![model]);
+    let report = running.outcome("mlp", 1).await;
+    assert_eq!(report.generation, 2);
+    assert_failed(&report, "failed to load");
+    assert_eq!(h.served("mlp"), [1]);
+    running.stop().await;
+}
+
+/// A load that failed for a reason that may pass by itself (the registry's
+/// load check cannot start for now) is not FAILED: delivery waits, the
+/// registry tries it again once its delay is over (at delivery's rescan:
+/// the harness runs no repository poller), and the version activates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_failure_that_may_pass_is_waited_out() {
+    let checker = tempfile::tempdir().unwrap();
+    let exe = checker.path().join("edgefleet-agent");
+    let h = Harness::with_registry_check(ModelCheck::ChildProcess {
+        exe: exe.clone(),
+        timeout: Duration::from_secs(60),
+    })
+    .await;
+    let model = h.model("mlp", 1, &fixture_bytes("mlp"));
+    let mut running = h.start().await;
+    running.submit(1, vec![model]);
+    support::assert_eventually(Duration::from_secs(30), || {
+        let failed = h.registry.statuses().into_iter().any(|s| {
+            s.name == "mlp" && s.failed_versions.contains_key(&1) && s.retry_at.contains_key(&1)
+        });
+        async move { failed }
+    })
+    .await;
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_edgefleet-agent"), &exe).unwrap();
+    let report = running.outcome("mlp", 1).await;
+    assert_active(&report);
+    assert!(
+        !running.seen.iter().any(|r| r.stage == Stage::Failed as i32),
+        "{:?}",
+        running.seen
+    );
+    assert_eq!(h.served("mlp"), [1]);
     running.stop().await;
 }
 

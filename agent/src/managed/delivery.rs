@@ -20,12 +20,15 @@
 //! 5. checks the model in a child process ([`ModelCheck`]);
 //! 6. installs it atomically as `STATE/models/<name>/<version>/model.onnx`,
 //!    removes all but one lower version, has the registry rescan, and
-//!    reports ACTIVE once the registry serves it. Higher versions (a
-//!    rollback) are moved to `STATE/models/.held/<name>/` first, and deleted
-//!    only once it serves (broken ones, which serve nothing, at once): if it
-//!    fails to load, times out or is interrupted, they are moved back and
-//!    served again, and the report is FAILED. A restart after a crash moves
-//!    them back too.
+//!    reports ACTIVE once the registry serves it from the desired bytes
+//!    (an older copy of the version serving on after the desired bytes
+//!    failed to load is a failure; a load failure that may pass by itself
+//!    is waited out, up to [`DeliveryOptions::activation_timeout`]).
+//!    Higher versions (a rollback) are moved to `STATE/models/.held/<name>/`
+//!    first, and deleted only once it serves (broken ones, which serve
+//!    nothing, at once): if it fails to load, times out or is interrupted,
+//!    they are moved back and served again, and the report is FAILED. A
+//!    restart after a crash moves them back too.
 //!
 //! A failure that says something about the model (a bad signature, a
 //! digest mismatch, a failed model check or load, a blob the control plane
@@ -620,7 +623,10 @@ impl Delivery {
         };
         // Even a version already served must be signed to count as desired.
         self.verify_signature(job)?;
-        if installed_ok && !higher_on_disk && self.served(&model.name, model.version) {
+        if installed_ok
+            && !higher_on_disk
+            && self.status(&model.name).is_some_and(|s| serves(&s, model))
+        {
             self.report(job, Stage::Active, "", 0);
             return Ok(());
         }
@@ -725,11 +731,6 @@ impl Delivery {
         tracing::info!(model = %model.name, version = model.version, "model version active");
         self.report(job, Stage::Active, "", 0);
         Ok(())
-    }
-
-    fn served(&self, name: &str, version: u64) -> bool {
-        self.status(name)
-            .is_some_and(|status| status.served_versions.contains(&version))
     }
 
     /// What the registry says of `name`.
@@ -928,22 +929,32 @@ impl Delivery {
         })?
     }
 
-    /// Has the registry rescan, then waits until it serves the version or
-    /// reports it failed (the previous one serves on).
+    /// Has the registry rescan, then waits until it serves the version
+    /// from the desired bytes, or reports it failed (what served before
+    /// serves on). A load failure that may pass by itself (the registry's
+    /// load check could not run or ran out of time on a busy device) is
+    /// waited out until the activation deadline: the registry tries it
+    /// again after its own delay, at the rescan made once that is over.
     async fn await_served(&self, job: &Job<'_>) -> Result<(), Stop> {
         let model = job.model;
         self.rescan().await?;
         let deadline = tokio::time::Instant::now() + self.options.activation_timeout;
         loop {
             let status = self.status(&model.name);
+            let mut retry_at = None;
             if let Some(status) = &status {
-                if status.served_versions.contains(&model.version) {
+                if serves(status, model) {
                     return Ok(());
                 }
+                // Also when the version serves on from other bytes (an
+                // older copy of it): the desired ones failed.
                 if let Some(reason) = status.failed_versions.get(&model.version) {
-                    return Err(Stop::Failed(format!(
-                        "the version failed to load: {reason}"
-                    )));
+                    retry_at = status.retry_at.get(&model.version).copied();
+                    if retry_at.is_none() {
+                        return Err(Stop::Failed(format!(
+                            "the version failed to load: {reason}"
+                        )));
+                    }
                 }
                 if let Some(reason) = &status.config_error {
                     return Err(Stop::Failed(format!(
@@ -955,29 +966,50 @@ impl Delivery {
                 return Err(Stop::Failed(format!(
                     "the registry did not serve the version within {:?}{}",
                     self.options.activation_timeout,
-                    unreadable_reason(status.as_ref(), model.version)
+                    why_not_served(status.as_ref(), model.version)
                 )));
             }
             if job.interrupted(&self.shutdown) {
                 return Err(Stop::Interrupted);
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
+            // Without a repository poller, nothing else would rescan.
+            if retry_at.is_some_and(|at| std::time::Instant::now() >= at) {
+                self.rescan().await?;
+            }
         }
     }
 }
 
-/// Why a version may not have become active, if the registry could not
-/// read its files: ": ..." to append to the timeout's message, or "".
-/// Not a failure before the deadline: a directory can be unreadable for a
-/// moment (too many open files, an I/O error).
-fn unreadable_reason(status: Option<&ModelStatus>, version: u64) -> String {
+/// Whether the registry serves `model`'s version from the file with its
+/// digest. The version alone is not enough: if the desired bytes of a
+/// version failed to load, an older copy of the same version serves on.
+fn serves(status: &ModelStatus, model: &pb::ModelVersionRef) -> bool {
+    status.served_versions.contains(&model.version)
+        && status.sha256.get(&model.version) == Some(&model.sha256)
+}
+
+/// Why a version may not have become active by the deadline: ": ..." to
+/// append to the timeout's message, or "". None of these is a failure
+/// before the deadline: a load failure that may pass by itself is tried
+/// again, and a directory can be unreadable for a moment (too many open
+/// files, an I/O error).
+fn why_not_served(status: Option<&ModelStatus>, version: u64) -> String {
     let Some(status) = status else {
         return String::new();
     };
-    if let Some(problem) = status.unreadable_versions.get(&version) {
+    if let Some(reason) = status.failed_versions.get(&version) {
+        format!(": its last load failed for a reason that may pass: {reason}")
+    } else if let Some(problem) = status.unreadable_versions.get(&version) {
         format!(": the version's directory cannot be read: {problem}")
     } else if let Some(problem) = &status.unreadable {
         format!(": the model's directory cannot be read: {problem}")
+    } else if let Some(sha256) = status
+        .sha256
+        .get(&version)
+        .filter(|_| status.served_versions.contains(&version))
+    {
+        format!(": it serves other bytes of the version (SHA-256 {sha256})")
     } else {
         String::new()
     }
@@ -996,27 +1028,44 @@ mod tests {
     }
 
     #[test]
-    fn a_version_that_times_out_unreadable_says_why() {
+    fn a_version_that_times_out_says_why() {
         let mut status = ModelStatus {
             name: "mlp".into(),
             served_versions: vec![1],
             failed_versions: BTreeMap::new(),
-            sha256: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            sha256: BTreeMap::from([(1, "cd".repeat(32))]),
             config_error: None,
             unreadable: None,
             unreadable_versions: BTreeMap::from([(2, "Permission denied".to_string())]),
         };
         assert_eq!(
-            unreadable_reason(Some(&status), 2),
+            why_not_served(Some(&status), 2),
             ": the version's directory cannot be read: Permission denied"
         );
-        assert_eq!(unreadable_reason(Some(&status), 3), "");
+        assert_eq!(why_not_served(Some(&status), 3), "");
+        assert_eq!(
+            why_not_served(Some(&status), 1),
+            format!(
+                ": it serves other bytes of the version (SHA-256 {})",
+                "cd".repeat(32)
+            )
+        );
         status.unreadable = Some("Too many open files".into());
         assert_eq!(
-            unreadable_reason(Some(&status), 3),
+            why_not_served(Some(&status), 3),
             ": the model's directory cannot be read: Too many open files"
         );
-        assert_eq!(unreadable_reason(None, 2), "");
+        status
+            .failed_versions
+            .insert(3, "the model check did not finish within 2m".into());
+        status.retry_at.insert(3, std::time::Instant::now());
+        assert_eq!(
+            why_not_served(Some(&status), 3),
+            ": its last load failed for a reason that may pass: \
+             the model check did not finish within 2m"
+        );
+        assert_eq!(why_not_served(None, 2), "");
     }
 
     #[test]
