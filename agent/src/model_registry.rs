@@ -1102,6 +1102,54 @@ mod tests {
         assert_eq!(load_failures(&registry), 1.0);
     }
 
+    /// What Hello lists for a version whose load failed for a reason that
+    /// may pass (the check process cannot start): "loading", as the
+    /// registry tries it again, with the digest of its file; "ready" once
+    /// it loads.
+    #[test]
+    fn hello_lists_a_version_whose_load_may_pass_as_loading() {
+        use edgefleet_proto::edgefleet::v1::ModelVersionRef;
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let digest =
+            sha256_hex(&std::fs::read(repository.path().join("mlp/1/model.onnx")).unwrap());
+        let checker = tempfile::tempdir().unwrap();
+        let exe = checker.path().join("edgefleet-agent");
+        let registry = registry_checking_with(
+            repository.path(),
+            ModelCheck::ChildProcess {
+                exe: exe.clone(),
+                timeout: Duration::from_secs(60),
+            },
+        );
+        let hello = || crate::managed::session::hello_models(&registry.statuses());
+        let entry = |state: &str| ModelVersionRef {
+            name: "mlp".into(),
+            version: 1,
+            sha256: digest.clone(),
+            state: state.into(),
+            ..Default::default()
+        };
+        registry.sync().unwrap();
+        assert!(status(&registry).retry_at.contains_key(&1));
+        assert_eq!(hello(), [entry("loading")]);
+
+        std::os::unix::fs::symlink("/bin/true", &exe).unwrap();
+        registry
+            .write()
+            .get_mut("mlp")
+            .unwrap()
+            .failed
+            .get_mut(&1)
+            .unwrap()
+            .retry
+            .as_mut()
+            .unwrap()
+            .at = Instant::now();
+        registry.sync().unwrap();
+        assert_eq!(hello(), [entry("ready")]);
+    }
+
     #[test]
     fn an_invalid_config_stays_reported_and_keeps_what_serves_until_fixed() {
         let repository = tempfile::tempdir().unwrap();

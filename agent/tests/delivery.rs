@@ -741,6 +741,52 @@ async fn a_rollback_that_fails_to_load_leaves_the_higher_version_serving() {
     running.stop().await;
 }
 
+/// A rollback from a version 2 whose load failed for a reason that may
+/// pass (the registry's load check cannot start for now, nor can version
+/// 1's): 2 is held while 1 is tried, not deleted as broken, and is put
+/// back when the rollback fails, for the registry to try again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_version_whose_load_may_pass_is_held_not_deleted() {
+    let checker = tempfile::tempdir().unwrap();
+    let h = Harness::with_registry_check(ModelCheck::ChildProcess {
+        exe: checker.path().join("edgefleet-agent"),
+        timeout: Duration::from_secs(60),
+    })
+    .await;
+    h.install_fixture("m", 1, "mlp");
+    h.install_fixture("m", 2, "conv");
+    h.sync().await;
+    let status = h.registry.statuses().into_iter().find(|s| s.name == "m");
+    assert!(
+        status
+            .as_ref()
+            .is_some_and(|s| s.served_versions.is_empty() && s.retry_at.contains_key(&2)),
+        "{status:?}"
+    );
+    let model = h.model("m", 1, &fixture_bytes("mlp"));
+    let mut running = h
+        .start_with_options(DeliveryOptions {
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            activation_timeout: Duration::from_secs(2),
+            ..DeliveryOptions::new(check())
+        })
+        .await;
+    running.submit(1, vec![model]);
+    let report = running.outcome("m", 1).await;
+    assert_failed(&report, "may pass");
+    assert!(
+        report.reason.contains("versions [2] were put back"),
+        "{report:?}"
+    );
+    assert_eq!(
+        installed(&h.models_dir(), "m", 2),
+        Some(fixture_bytes("conv"))
+    );
+    assert!(!h.models_dir().join(".held/m").exists());
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_already_on_the_device_is_not_downloaded() {
     let h = Harness::new().await;

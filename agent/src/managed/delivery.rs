@@ -26,7 +26,8 @@
 //!    is waited out, up to [`DeliveryOptions::activation_timeout`]).
 //!    Higher versions (a rollback) are moved to `STATE/models/.held/<name>/`
 //!    first, and deleted only once it serves (broken ones, which serve
-//!    nothing, at once): if it fails to load, times out or is interrupted,
+//!    nothing, at once; not those whose load failure may pass, which the
+//!    registry tries again): if it fails to load, times out or is interrupted,
 //!    they are moved back and served again, and the report is FAILED. A
 //!    restart after a crash moves them back too.
 //!
@@ -667,9 +668,15 @@ impl Delivery {
             .as_ref()
             .map(|s| s.served_versions.clone())
             .unwrap_or_default();
+        // A failure the registry tries again may pass: such a version is
+        // held like the others, not deleted as broken.
         let broken: Vec<u64> = status
             .iter()
-            .flat_map(|s| s.failed_versions.keys())
+            .flat_map(|s| {
+                s.failed_versions
+                    .keys()
+                    .filter(|v| !s.retry_at.contains_key(v))
+            })
             .filter(|v| !serving.contains(v))
             .copied()
             .collect();

@@ -85,11 +85,15 @@ pub trait HelloSource: Send + Sync {
 /// The models a Hello (or ModelsChanged) lists, from the registry's
 /// statuses: each served version once as "ready", with the digest of the
 /// file it serves, and each version that failed and serves nothing as
-/// "failed". A version that serves on after a failed reload (its files or
-/// config changed and did not load) is "ready": it serves, and the control
-/// plane counts a device's "ready" versions as what it runs. The failure
-/// stays in the agent's log and metrics and in a ModelFailed
-/// telemetry event; `ModelVersionRef` has no field for it.
+/// "failed", or as "loading" if the registry tries it again (its failure
+/// may pass: the load check could not run or ran out of time, the file
+/// could not be read), so the control plane can tell a version that may
+/// still load from one that will not. A version that serves on after a
+/// failed reload (its files or config changed and did not load) is
+/// "ready": it serves, and the control plane counts a device's "ready"
+/// versions as what it runs. The failure stays in the agent's log and
+/// metrics and in a ModelFailed telemetry event; `ModelVersionRef` has no
+/// field for it.
 pub fn hello_models(statuses: &[ModelStatus]) -> Vec<pb::ModelVersionRef> {
     let mut models = Vec::new();
     for status in statuses {
@@ -107,11 +111,16 @@ pub fn hello_models(statuses: &[ModelStatus]) -> Vec<pb::ModelVersionRef> {
             if status.served_versions.contains(version) {
                 continue;
             }
+            let state = if status.retry_at.contains_key(version) {
+                "loading"
+            } else {
+                "failed"
+            };
             models.push(pb::ModelVersionRef {
                 name: status.name.clone(),
                 version: *version,
                 sha256: sha256(version),
-                state: "failed".into(),
+                state: state.into(),
                 ..Default::default()
             });
         }

@@ -333,7 +333,7 @@ pub struct Pruned {
 /// versions the agent serves now, known to load), else the highest on
 /// disk. A version that failed to load after the serving one was installed
 /// is not kept in its stead. Versions above `keep` (a rollback) are held,
-/// not deleted, unless `broken` (failed to load, not serving). If taking
+/// not deleted, unless `broken` (failed to load for good, not serving). If taking
 /// one out fails, the held ones are put back before the error returns.
 pub fn prune(
     models_dir: &Path,
