@@ -57,6 +57,28 @@ def parse_waves(pb, text):
     return waves
 
 
+def open_channel(parser, server, ca_cert):
+    """TLS for https:// or a CA file; plaintext only to a server on this
+    machine, as the edgefleet CLI does: the token must not cross a network
+    in the clear."""
+    tls = server.startswith("https://") or ca_cert is not None
+    address = server.removeprefix("http://").removeprefix("https://")
+    if tls:
+        roots = None
+        if ca_cert:
+            with open(ca_cert, "rb") as f:
+                roots = f.read()
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host not in ("localhost", "127.0.0.1", "::1") and not host.startswith("127."):
+        parser.error(
+            f"refusing to send the operator token in plaintext to {server!r}: "
+            "plaintext is for a server on this machine (loopback); "
+            "use https://HOST:PORT with --ca-cert"
+        )
+    return grpc.insecure_channel(address)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default=os.environ.get("EDGEFLEET_SERVER", "127.0.0.1:7444"),
@@ -77,12 +99,7 @@ def main():
     name, _, version = args.model.partition("@")
 
     pb, pb_grpc = load_stubs()
-    server = args.server.removeprefix("http://").removeprefix("https://")
-    if args.ca_cert:
-        with open(args.ca_cert, "rb") as f:
-            channel = grpc.secure_channel(server, grpc.ssl_channel_credentials(f.read()))
-    else:
-        channel = grpc.insecure_channel(server)
+    channel = open_channel(parser, args.server, args.ca_cert)
     stub = pb_grpc.RolloutServiceStub(channel)
     metadata = [("authorization", f"Bearer {args.token.strip()}")]
 

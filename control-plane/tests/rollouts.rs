@@ -451,6 +451,30 @@ fn a_python_script_creates_and_watches_a_rollout() {
     assert!(fleet.agents[0].infer_mlp());
 }
 
+/// The script, like the CLI, sends the operator token in plaintext only
+/// to a server on this machine: to any other address it refuses before
+/// connecting (10.255.255.1 is never reached: the refusal is immediate).
+#[test]
+fn the_python_script_refuses_to_send_the_token_in_plaintext_off_loopback() {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rollout.py");
+    for server in ["10.255.255.1:7444", "http://edgefleet.example:7444"] {
+        let output = std::process::Command::new("python3")
+            .arg(&script)
+            .args(["--server", server, "--model", "mlp@1"])
+            .env("EDGEFLEET_TOKEN", "secret-token")
+            .env_remove("EDGEFLEET_CA_CERT")
+            .output()
+            .unwrap();
+        let stderr = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{server}: {stderr}");
+        assert!(
+            stderr.contains("refusing to send the operator token in plaintext"),
+            "{server}: {stderr}"
+        );
+        assert!(!stderr.contains("secret-token"), "{stderr}");
+    }
+}
+
 #[test]
 fn a_slower_model_trips_the_latency_gate_and_is_rolled_back() {
     let fleet = fleet(Db::Sqlite, &["tract", "tract"]);
