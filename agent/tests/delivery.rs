@@ -962,6 +962,38 @@ async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
     running.stop().await;
 }
 
+/// After a power cut, the first attempt typically cannot reach the control
+/// plane (the network is not up yet); the partial file it opened is still
+/// one whose bytes are from before the restart, so garbage in it is
+/// downloaded again once, not FAILED as a digest mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_partial_file_is_downloaded_again_after_a_failed_first_attempt() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    std::fs::write(
+        h.state
+            .blobs_dir()
+            .join(format!("{}.partial", model.sha256)),
+        vec![0u8; 2000],
+    )
+    .unwrap();
+    *h.server.unavailable.lock().unwrap() = 1;
+    let mut running = h.start().await;
+    running.submit(1, vec![model.clone()]);
+    assert_active(&running.outcome("conv", 1).await);
+    assert_eq!(
+        h.server.requests(),
+        [
+            (model.sha256.clone(), 2000),
+            (model.sha256.clone(), 2000),
+            (model.sha256.clone(), 0)
+        ]
+    );
+    assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
+    running.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_the_registry_fails_to_load_is_failed_and_the_previous_serves_on() {
     let h = Harness::new().await;
@@ -1244,7 +1276,7 @@ async fn a_slow_download_that_keeps_arriving_is_not_taken_for_stalled() {
         .await;
     let started = std::time::Instant::now();
     running.submit(1, vec![model.clone()]);
-    running.outcome("slow", 1).await;
+    assert_active(&running.outcome("slow", 1).await);
     assert!(
         started.elapsed() > Duration::from_secs(1),
         "the download was not slow: {:?}",
@@ -1305,5 +1337,41 @@ async fn a_model_check_that_could_not_run_is_tried_again() {
         running.seen
     );
     assert_eq!(h.served("mlp"), [1]);
+    running.stop().await;
+}
+
+/// A model check that always runs out of time is not run again for ever:
+/// once the activation timeout has passed since its first timeout, the
+/// model is FAILED, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_check_that_keeps_running_out_of_time_is_failed() {
+    let h = Harness::new().await;
+    let model = h.model("mlp", 1, &fixture_bytes("mlp"));
+    let exe = h.dir.path().join("slow-checker");
+    std::fs::write(&exe, "#!/bin/sh\nexec sleep 30\n").unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut running = h
+        .start_with_options(DeliveryOptions {
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            activation_timeout: Duration::from_secs(2),
+            ..DeliveryOptions::new(ModelCheck::ChildProcess {
+                exe,
+                timeout: Duration::from_millis(300),
+            })
+        })
+        .await;
+    running.submit(1, vec![model]);
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(Duration::from_secs(30), running.outcome("mlp", 1))
+        .await
+        .expect("the check is retried for ever");
+    assert_failed(&report, "the model check kept running out of time");
+    assert!(
+        report.reason.contains("did not finish within"),
+        "{report:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(h.served("mlp"), Vec::<u64>::new());
     running.stop().await;
 }

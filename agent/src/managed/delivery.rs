@@ -42,13 +42,17 @@
 //! again after a delay (exponential backoff with jitter, per model, started
 //! afresh when its download got further), and the other models of the
 //! desired state go on meanwhile, so one stuck download holds none of them.
+//! A model check that still cannot run or finish once
+//! [`DeliveryOptions::activation_timeout`] has passed since its first such
+//! failure in the generation is FAILED (it would otherwise occupy the
+//! device for ever).
 //!
 //! [`ActivationReport`]: pb::ActivationReport
 
 mod download;
 pub mod files;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -83,7 +87,8 @@ pub struct DeliveryOptions {
     /// pass (per model): exponential with full jitter.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
-    /// How long the registry has to serve an installed version.
+    /// How long the registry has to serve an installed version; also how
+    /// long a model check that cannot run or finish is tried again.
     pub activation_timeout: Duration,
     /// DOWNLOADING reports go out at most this often (and every 10%).
     pub progress_interval: Duration,
@@ -272,6 +277,8 @@ pub async fn start(
         reports: Arc::clone(&reports),
         digests: Arc::new(DigestCache::default()),
         partials: Mutex::default(),
+        fresh_partials: Mutex::default(),
+        check_trouble: Mutex::default(),
         shutdown,
     };
     let task = tokio::spawn(delivery.run(receiver, on_disk));
@@ -399,6 +406,15 @@ struct Delivery {
     /// Open partial downloads left by an attempt that failed, with the
     /// digest of what they hold, so a retry does not hash them again.
     partials: Mutex<HashMap<PathBuf, PartialFile>>,
+    /// Partial files this run started from nothing (none, or an empty one,
+    /// or one it deleted): every byte they hold is this run's. Any other
+    /// holds bytes from before a restart, whether or not an attempt of this
+    /// run has opened it since (one that could not connect keeps it open).
+    fresh_partials: Mutex<HashSet<PathBuf>>,
+    /// Per model of the generation: since when its model check has failed
+    /// for a reason that may pass (it could not run, or ran out of time),
+    /// so a check that never finishes is not run again for ever.
+    check_trouble: Mutex<HashMap<String, tokio::time::Instant>>,
     shutdown: CancellationToken,
 }
 
@@ -493,6 +509,16 @@ impl Delivery {
         self.partials.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn fresh_partials(&self) -> std::sync::MutexGuard<'_, HashSet<PathBuf>> {
+        self.fresh_partials
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_trouble(&self) -> std::sync::MutexGuard<'_, HashMap<String, tokio::time::Instant>> {
+        self.check_trouble.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Brings every model of `desired` into service, one after the other,
     /// until done or a newer desired state arrives. A model whose delivery
     /// failed for a reason that may pass is tried again after its backoff
@@ -504,6 +530,8 @@ impl Delivery {
     ) {
         let names: Vec<&str> = desired.models.iter().map(|m| m.name.as_str()).collect();
         self.reports.retain(&names);
+        // A new generation gives each model's check its full time again.
+        self.check_trouble().clear();
         tracing::info!(
             generation = desired.generation,
             models = desired.models.len(),
@@ -586,6 +614,7 @@ impl Delivery {
         }
         // Every model has its outcome: no partial download is resumed.
         self.partials().clear();
+        self.fresh_partials().clear();
         // Done with this generation: blobs nothing wants any more go.
         let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
         let blobs_dir = self.state.blobs_dir();
@@ -639,9 +668,26 @@ impl Delivery {
             }
             self.report(job, Stage::Checking, "", 0);
             match self.check(&model.name, &blob).await {
-                Ok(()) => {}
-                // The check did not judge the model (the blob stays cached).
+                Ok(()) => {
+                    self.check_trouble().remove(&model.name);
+                }
+                // The check did not judge the model (the blob stays cached):
+                // tried again, but only until the activation timeout has
+                // passed since its first such failure, so a check that
+                // always runs out of time does not keep the device busy
+                // for ever.
                 Err(failure) if failure.transient => {
+                    let since = *self
+                        .check_trouble()
+                        .entry(model.name.clone())
+                        .or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= self.options.activation_timeout {
+                        return Err(Stop::Failed(format!(
+                            "the model check kept running out of time or could not run, \
+                             on every try for {:?}: {}",
+                            self.options.activation_timeout, failure.reason
+                        )));
+                    }
                     return Err(Stop::retry(format!(
                         "the model check could not run: {}",
                         failure.reason
@@ -808,8 +854,14 @@ impl Delivery {
         let partial = blob.with_file_name(format!("{}.partial", model.sha256));
         // What a partial file held before this run (a crash, a power cut),
         // not written by an attempt of this one.
-        let mut resumed = download::partial_len(&partial).await.unwrap_or(0) > 0
-            && !self.partials().contains_key(&partial);
+        let mut resumed = {
+            let len = download::partial_len(&partial).await.unwrap_or(0);
+            let mut fresh = self.fresh_partials();
+            if len == 0 {
+                fresh.insert(partial.clone());
+            }
+            !fresh.contains(&partial)
+        };
         loop {
             // The digest of the bytes written, computed while downloading.
             let digest = self.download(job, &partial).await?;
@@ -825,6 +877,7 @@ impl Delivery {
                 // (a power cut can leave garbage): one fresh download.
                 tracing::warn!(model = %model.name, version = model.version, "a resumed download does not match its digest; downloading it again");
                 resumed = false;
+                self.fresh_partials().insert(partial.clone());
                 continue;
             }
             return Err(Stop::Failed(format!(
