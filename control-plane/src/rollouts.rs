@@ -219,7 +219,10 @@ async fn rollback_changes(
 /// the server's time (the rollout's creation, a resume), compared with when
 /// each batch arrived, not with the batch times the device stamped: a device
 /// whose clock is behind would otherwise have its fresh figures missed, and
-/// one whose clock is ahead its old figures counted.
+/// one whose clock is ahead its old figures counted. Batches made before
+/// `from` but uploaded after it (an upload spans minutes) are left out, so
+/// a resume does not count the errors it accepted
+/// ([`crate::store::Store::received_model_series`]).
 async fn version_figures(
     cp: &ControlPlane,
     devices: &[String],
@@ -1576,6 +1579,90 @@ mod tests {
             reason.contains("error-rate gate: 50 errors in 100 requests"),
             "{reason}"
         );
+    }
+
+    /// m@2 telemetry from `device` with `errors` in 100 requests, stamped by
+    /// the device as ending at `end_at`, in an upload the server received at
+    /// `received_at`.
+    fn batch_of_upload(
+        device: &str,
+        sequence: u64,
+        received_at: i64,
+        end_at: i64,
+        errors: u64,
+    ) -> TelemetryRecord {
+        let mut batch = failing_batch(device, received_at, end_at);
+        batch.sequence = sequence;
+        batch.models[0].errors = errors;
+        batch
+    }
+
+    /// Agents upload the batches they made every few minutes. An upload that
+    /// arrives just after an operator resumed a rollout the error-rate gate
+    /// paused carries errors made before the resume, which the operator
+    /// accepted: they do not pause it again, whether the device's clock is
+    /// right or two hours behind. Errors made after the resume still do.
+    #[tokio::test]
+    async fn errors_made_before_a_resume_but_received_after_it_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let devices = ["right", "behind"];
+        enroll(&cp, &devices).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        let now = now_ms();
+        let minute = 60_000;
+        let hour = 60 * minute;
+        rollout.created_at = now - 20 * minute;
+        rollout.spec.gates.max_error_rate = 0.1;
+        rollout.spec.rollback_on_failure = false;
+        for (device, skew) in [("right", 0), ("behind", -2 * hour)] {
+            let active = [member(device, "active", now)];
+            // The errors that paused the rollout.
+            cp.store
+                .ingest_telemetry(&[batch_of_upload(
+                    device,
+                    1,
+                    now - 10 * minute,
+                    now - 10 * minute - 5_000 + skew,
+                    50,
+                )])
+                .await
+                .unwrap();
+            let mut resumed = rollout.clone();
+            let reason = judge_gates(&cp, &resumed, &active).await.unwrap();
+            assert!(reason.is_some(), "{device}: the gate pauses the rollout");
+            // Resumed (as `resume_rollout` does) five minutes ago.
+            resumed.spec.gates_since_ms = now - 5 * minute;
+
+            // The next upload: errors made before the resume, then a
+            // healthy batch made since.
+            let late = now - minute;
+            cp.store
+                .ingest_telemetry(&[
+                    batch_of_upload(device, 2, late, now - 7 * minute + skew, 50),
+                    batch_of_upload(device, 3, late, now - 6 * minute + skew, 50),
+                    batch_of_upload(device, 4, late, late - 5_000 + skew, 0),
+                ])
+                .await
+                .unwrap();
+            assert_eq!(
+                judge_gates(&cp, &resumed, &active).await.unwrap(),
+                None,
+                "{device}: errors made before the resume pause the rollout again"
+            );
+
+            // Errors made after the resume count.
+            cp.store
+                .ingest_telemetry(&[batch_of_upload(device, 5, now, now - 5_000 + skew, 50)])
+                .await
+                .unwrap();
+            let reason = judge_gates(&cp, &resumed, &active).await.unwrap();
+            let reason = reason.expect("errors made after the resume are missed");
+            assert!(
+                reason.contains("error-rate gate: 50 errors in 200 requests"),
+                "{device}: {reason}"
+            );
+        }
     }
 
     /// A device's ACTIVE report counts whichever replica received it: here

@@ -278,6 +278,7 @@ suite!(
     samples_stored_before_migration_3_are_converted,
     received_series_of_a_device_finds_its_window_by_index,
     received_series_is_by_the_servers_clock,
+    received_series_leaves_out_batches_made_before_the_window,
     batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
     rollups_past_their_retention_are_deleted,
     batches_stored_far_ahead_before_the_clamp_are_clamped,
@@ -1328,9 +1329,12 @@ async fn received_series_of_a_device_finds_its_window_by_index(db: &Db) {
     // The query of `received_model_series`.
     let plan = db
         .query_plan(&format!(
-            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
-             FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
-             AND received_at < {}",
+            "SELECT device_id, at, until, sequence, models FROM ( \
+               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
+                 MAX(end_at) OVER (PARTITION BY received_at) AS newest \
+               FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
+               AND received_at < {}) AS b \
+             WHERE received_at - (newest - until) >= {T0}",
             T0 + HOUR
         ))
         .await;
@@ -1398,6 +1402,46 @@ async fn received_series_is_by_the_servers_clock(db: &Db) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// An agent uploads the batches it made every few minutes, so an upload
+/// received at the window's start carries batches made before it: those are
+/// left out. When each was made is reckoned from the upload's newest batch
+/// (made just before the upload) on the device's own clock, here two hours
+/// behind the server's: the batches that ended 7 and 6 minutes before the
+/// newest one were made before a window that began 5 minutes before the
+/// upload arrived, the one that ended 4 minutes before it within it.
+async fn received_series_leaves_out_batches_made_before_the_window(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    const MINUTE: i64 = 60_000;
+    let arrived = T0 + 2 * HOUR;
+    let newest_end = T0 - 10_000;
+    let upload: Vec<_> = [(1, 7 * MINUTE), (2, 6 * MINUTE), (3, 4 * MINUTE), (4, 0)]
+        .into_iter()
+        .map(|(sequence, before_newest)| {
+            let mut b = batch(
+                "a",
+                sequence,
+                newest_end - before_newest - 10_000,
+                vec![sample("m", sequence * 10, &[5], 1)],
+            );
+            b.received_at = arrived;
+            b
+        })
+        .collect();
+    db.store.ingest_telemetry(&upload).await.unwrap();
+    let requests = |from: i64| async move {
+        db.store
+            .received_model_series("a", from, arrived + 1)
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.requests)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(requests(arrived - 5 * MINUTE).await, vec![30, 40]);
+    assert_eq!(requests(arrived).await, vec![40], "the newest batch counts");
+    assert_eq!(requests(arrived - 10 * MINUTE).await, vec![10, 20, 30, 40]);
 }
 
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {

@@ -421,7 +421,14 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// judge: the window is the server's time, so a device whose clock is off
     /// (by minutes or hours) is judged on what it sent in the window, where
     /// [`Store::model_series`], by the device's timeline, would miss it (clock
-    /// behind) or count old batches as new (clock ahead).
+    /// behind) or count old batches as new (clock ahead). A batch that ended
+    /// before `from` is left out even when received after it: agents upload
+    /// grouped batches every few minutes, so an upload received just after a
+    /// resume carries batches made before it. When a batch ended is taken,
+    /// in server time, as the upload's receipt minus how long before the
+    /// upload's newest batch it ended (both ends on the device's clock). A
+    /// backlog sent after a disconnect goes in several uploads, and those
+    /// but the last have no recent batch: theirs count as newer than they are.
     async fn received_model_series(
         &self,
         device_id: &str,

@@ -718,10 +718,17 @@ impl Store for PgStore {
         from: i64,
         until: i64,
     ) -> Result<Vec<ModelPoint>, StoreError> {
-        // Found by index (device_id, received_at), migration 0009.
+        // Found by index (device_id, received_at), migration 0009. The
+        // batches of one upload share their received_at, and the newest of
+        // them ended just before the upload was sent: a batch ended
+        // (newest end - its end) before the upload arrived. That difference
+        // is of two times on the same device clock, so its skew cancels out.
         let rows = sqlx::query_as::<_, BatchSamplesRow>(
-            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
-             FROM telemetry_batches WHERE device_id = $1 AND received_at >= $2 AND received_at < $3",
+            "SELECT device_id, at, until, sequence, models FROM ( \
+               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
+                 MAX(end_at) OVER (PARTITION BY received_at) AS newest \
+               FROM telemetry_batches WHERE device_id = $1 AND received_at >= $2 AND received_at < $3) AS b \
+             WHERE received_at - (newest - until) >= $2",
         )
         .bind(device_id)
         .bind(from)

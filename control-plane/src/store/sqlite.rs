@@ -715,14 +715,22 @@ impl Store for SqliteStore {
         from: i64,
         until: i64,
     ) -> Result<Vec<ModelPoint>, StoreError> {
-        // Found by index (device_id, received_at), migration 0009.
+        // Found by index (device_id, received_at), migration 0009. The
+        // batches of one upload share their received_at, and the newest of
+        // them ended just before the upload was sent: a batch ended
+        // (newest end - its end) before the upload arrived. That difference
+        // is of two times on the same device clock, so its skew cancels out.
         let rows = sqlx::query_as::<_, BatchSamplesRow>(
-            "SELECT device_id, start_at AS at, end_at AS until, sequence, models \
-             FROM telemetry_batches WHERE device_id = ? AND received_at >= ? AND received_at < ?",
+            "SELECT device_id, at, until, sequence, models FROM ( \
+               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
+                 MAX(end_at) OVER (PARTITION BY received_at) AS newest \
+               FROM telemetry_batches WHERE device_id = ? AND received_at >= ? AND received_at < ?) AS b \
+             WHERE received_at - (newest - until) >= ?",
         )
         .bind(device_id)
         .bind(from)
         .bind(until)
+        .bind(from)
         .fetch_all(&self.reader)
         .await?;
         common::raw_points(rows)
