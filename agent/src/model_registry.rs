@@ -854,6 +854,41 @@ mod tests {
         registry_checking_with(repository, ModelCheck::InProcess)
     }
 
+    /// A registry whose check program does not exist yet, so every load
+    /// fails for a reason that may pass; the path where the program goes
+    /// (link `/bin/true` there to let checks pass), in a dir that lives as
+    /// long as the returned guard.
+    fn registry_without_its_check_program(
+        repository: &Path,
+    ) -> (ModelRegistry, PathBuf, tempfile::TempDir) {
+        let checker = tempfile::tempdir().unwrap();
+        let exe = checker.path().join("edgefleet-agent");
+        let registry = registry_checking_with(
+            repository,
+            ModelCheck::ChildProcess {
+                exe: exe.clone(),
+                timeout: Duration::from_secs(60),
+            },
+        );
+        (registry, exe, checker)
+    }
+
+    /// Makes the pending retry of `name`'s version `version` due now;
+    /// returns the failure count it had.
+    fn make_retry_due(registry: &ModelRegistry, name: &str, version: u64) -> u32 {
+        let mut models = registry.write();
+        let failure = models
+            .get_mut(name)
+            .unwrap()
+            .failed
+            .get_mut(&version)
+            .unwrap();
+        let retry = failure.retry.as_mut().expect("a transient failure");
+        assert!(retry.at > Instant::now() + LOAD_RETRY_INITIAL - Duration::from_secs(10));
+        retry.at = Instant::now();
+        retry.failures
+    }
+
     /// A registry on tract alone, checking models with `check`.
     fn registry_checking_with(repository: &Path, check: ModelCheck) -> ModelRegistry {
         let tract: Arc<dyn Runtime> = Arc::new(crate::runtime::TractRuntime::new());
@@ -1055,15 +1090,7 @@ mod tests {
     fn a_transient_load_failure_is_tried_again_once_its_delay_is_over() {
         let repository = tempfile::tempdir().unwrap();
         add_version(repository.path(), 1);
-        let checker = tempfile::tempdir().unwrap();
-        let exe = checker.path().join("edgefleet-agent");
-        let registry = registry_checking_with(
-            repository.path(),
-            ModelCheck::ChildProcess {
-                exe: exe.clone(),
-                timeout: Duration::from_secs(60),
-            },
-        );
+        let (registry, exe, _checker) = registry_without_its_check_program(repository.path());
         for scan in 0..3 {
             registry.sync().unwrap();
             let now = status(&registry);
@@ -1085,15 +1112,7 @@ mod tests {
         std::os::unix::fs::symlink("/bin/true", &exe).unwrap();
         registry.sync().unwrap();
         assert!(status(&registry).served_versions.is_empty());
-        let due = |registry: &ModelRegistry| {
-            let mut models = registry.write();
-            let failure = models.get_mut("mlp").unwrap().failed.get_mut(&1).unwrap();
-            let retry = failure.retry.as_mut().expect("a transient failure");
-            assert_eq!(retry.failures, 1);
-            assert!(retry.at > Instant::now() + LOAD_RETRY_INITIAL - Duration::from_secs(10));
-            retry.at = Instant::now();
-        };
-        due(&registry);
+        assert_eq!(make_retry_due(&registry, "mlp", 1), 1);
         registry.sync().unwrap();
         let loaded = status(&registry);
         assert_eq!(loaded.served_versions, [1]);
@@ -1113,15 +1132,7 @@ mod tests {
         add_version(repository.path(), 1);
         let digest =
             sha256_hex(&std::fs::read(repository.path().join("mlp/1/model.onnx")).unwrap());
-        let checker = tempfile::tempdir().unwrap();
-        let exe = checker.path().join("edgefleet-agent");
-        let registry = registry_checking_with(
-            repository.path(),
-            ModelCheck::ChildProcess {
-                exe: exe.clone(),
-                timeout: Duration::from_secs(60),
-            },
-        );
+        let (registry, exe, _checker) = registry_without_its_check_program(repository.path());
         let hello = || crate::managed::session::hello_models(&registry.statuses());
         let entry = |state: &str| ModelVersionRef {
             name: "mlp".into(),
@@ -1135,17 +1146,7 @@ mod tests {
         assert_eq!(hello(), [entry("loading")]);
 
         std::os::unix::fs::symlink("/bin/true", &exe).unwrap();
-        registry
-            .write()
-            .get_mut("mlp")
-            .unwrap()
-            .failed
-            .get_mut(&1)
-            .unwrap()
-            .retry
-            .as_mut()
-            .unwrap()
-            .at = Instant::now();
+        make_retry_due(&registry, "mlp", 1);
         registry.sync().unwrap();
         assert_eq!(hello(), [entry("ready")]);
     }

@@ -938,12 +938,9 @@ async fn a_full_disk_fails_the_activation_instead_of_retrying_for_ever() {
     running.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
-    let h = Harness::new().await;
-    let bytes = fixture_bytes("conv");
-    let model = h.model("conv", 1, &bytes);
-    // Garbage a power cut could leave: the right length, the wrong bytes.
+/// Garbage a power cut could leave in a model's partial download: 2000
+/// bytes, all zero.
+fn leave_garbage_partial(h: &Harness, model: &pb::ModelVersionRef) {
     std::fs::write(
         h.state
             .blobs_dir()
@@ -951,6 +948,14 @@ async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
         vec![0u8; 2000],
     )
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_partial_file_is_downloaded_again_from_the_start() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("conv");
+    let model = h.model("conv", 1, &bytes);
+    leave_garbage_partial(&h, &model);
     let mut running = h.start().await;
     running.submit(1, vec![model.clone()]);
     assert_active(&running.outcome("conv", 1).await);
@@ -971,13 +976,7 @@ async fn a_corrupt_partial_file_is_downloaded_again_after_a_failed_first_attempt
     let h = Harness::new().await;
     let bytes = fixture_bytes("conv");
     let model = h.model("conv", 1, &bytes);
-    std::fs::write(
-        h.state
-            .blobs_dir()
-            .join(format!("{}.partial", model.sha256)),
-        vec![0u8; 2000],
-    )
-    .unwrap();
+    leave_garbage_partial(&h, &model);
     *h.server.unavailable.lock().unwrap() = 1;
     let mut running = h.start().await;
     running.submit(1, vec![model.clone()]);
