@@ -1056,6 +1056,21 @@ async fn desired_bytes_of_a_serving_version_that_fail_to_load_are_failed() {
     running.stop().await;
 }
 
+/// Puts the agent's own binary where `exe`, the check program the test
+/// left missing, should be; then mlp@1 activates, without a FAILED report
+/// on the way, and serves.
+async fn activates_once_the_check_can_run(h: &Harness, mut running: Running, exe: &Path) {
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_edgefleet-agent"), exe).unwrap();
+    assert_active(&running.outcome("mlp", 1).await);
+    assert!(
+        !running.seen.iter().any(|r| r.stage == Stage::Failed as i32),
+        "{:?}",
+        running.seen
+    );
+    assert_eq!(h.served("mlp"), [1]);
+    running.stop().await;
+}
+
 /// A load that failed for a reason that may pass by itself (the registry's
 /// load check cannot start for now) is not FAILED: delivery waits, the
 /// registry tries it again once its delay is over (at delivery's rescan:
@@ -1070,7 +1085,7 @@ async fn a_load_failure_that_may_pass_is_waited_out() {
     })
     .await;
     let model = h.model("mlp", 1, &fixture_bytes("mlp"));
-    let mut running = h.start().await;
+    let running = h.start().await;
     running.submit(1, vec![model]);
     support::assert_eventually(Duration::from_secs(30), || {
         let failed = h.registry.statuses().into_iter().any(|s| {
@@ -1079,16 +1094,7 @@ async fn a_load_failure_that_may_pass_is_waited_out() {
         async move { failed }
     })
     .await;
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_edgefleet-agent"), &exe).unwrap();
-    let report = running.outcome("mlp", 1).await;
-    assert_active(&report);
-    assert!(
-        !running.seen.iter().any(|r| r.stage == Stage::Failed as i32),
-        "{:?}",
-        running.seen
-    );
-    assert_eq!(h.served("mlp"), [1]);
-    running.stop().await;
+    activates_once_the_check_can_run(&h, running, &exe).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1313,7 +1319,7 @@ async fn a_model_check_that_could_not_run_is_tried_again() {
     let h = Harness::new().await;
     let model = h.model("mlp", 1, &fixture_bytes("mlp"));
     let exe = h.dir.path().join("checker");
-    let mut running = h
+    let running = h
         .start_with(ModelCheck::ChildProcess {
             exe: exe.clone(),
             timeout: Duration::from_secs(60),
@@ -1328,15 +1334,7 @@ async fn a_model_check_that_could_not_run_is_tried_again() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_edgefleet-agent"), &exe).unwrap();
-    assert_active(&running.outcome("mlp", 1).await);
-    assert!(
-        !running.seen.iter().any(|r| r.stage == Stage::Failed as i32),
-        "{:?}",
-        running.seen
-    );
-    assert_eq!(h.served("mlp"), [1]);
-    running.stop().await;
+    activates_once_the_check_can_run(&h, running, &exe).await;
 }
 
 /// A model check that always runs out of time is not run again for ever:
