@@ -345,6 +345,13 @@ impl BlobUpload {
         Ok(())
     }
 
+    /// Gives the upload up and waits until its temporary file is gone, so
+    /// a refusal answered after this leaves nothing behind. (Dropping the
+    /// upload instead removes the file soon after, on the writing thread.)
+    pub async fn abandon(mut self) {
+        let _ = self.fail().await;
+    }
+
     async fn fail(&mut self) -> BlobError {
         let (tx, _) = mpsc::channel(1);
         drop(std::mem::replace(&mut self.tx, tx));

@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::onnx::{self, OnnxError, OnnxInfo};
-use super::{BlobError, BlobStore, UploadedBlob, estimated_memory_bytes};
+use super::{BlobError, BlobStore, BlobUpload, UploadedBlob, estimated_memory_bytes};
 use crate::convert;
 use crate::errors::{storage_error, store_unavailable};
 use crate::operator_service::authorize;
@@ -105,8 +105,8 @@ fn blob_status(err: BlobError, max_bytes: u64) -> Status {
 }
 
 /// Reads a push stream: the header, then the chunks into the blob store.
-/// Any error (or the client going away) drops the upload, which removes its
-/// temporary file.
+/// On any error (the client going away included) the upload's temporary
+/// file is removed before this returns.
 pub async fn receive_upload<S>(
     blobs: &BlobStore,
     max_bytes: u64,
@@ -133,6 +133,30 @@ where
         .upload(max_bytes)
         .await
         .map_err(|err| blob_status(err, max_bytes))?;
+    if let Err(status) = receive_chunks(&header, &mut upload, max_bytes, stream).await {
+        // Answer only once the temporary file is gone.
+        upload.abandon().await;
+        return Err(status);
+    }
+    let blob = upload
+        .finish()
+        .await
+        .map_err(|err| blob_status(err, max_bytes))?;
+    Ok((header, blob))
+}
+
+/// The chunks after the header, written to `upload`, and the checks on
+/// what arrived (not empty, as long as the header announced).
+async fn receive_chunks<S>(
+    header: &pb::PushModelHeader,
+    upload: &mut BlobUpload,
+    max_bytes: u64,
+    mut stream: S,
+) -> Result<(), Status>
+where
+    S: Stream<Item = Result<pb::PushModelRequest, Status>> + Unpin,
+{
+    use pb::push_model_request::Kind;
     while let Some(message) = stream.next().await {
         match message?.kind {
             Some(Kind::Chunk(chunk)) => upload
@@ -159,11 +183,7 @@ where
             upload.written()
         )));
     }
-    let blob = upload
-        .finish()
-        .await
-        .map_err(|err| blob_status(err, max_bytes))?;
-    Ok((header, blob))
+    Ok(())
 }
 
 /// Parses an uploaded blob as ONNX on a blocking thread.
@@ -537,16 +557,6 @@ mod tests {
             .unwrap_or(0)
     }
 
-    async fn settle(dir: &std::path::Path, files: usize) {
-        for _ in 0..100 {
-            if blob_files(dir) == files {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        assert_eq!(blob_files(dir), files);
-    }
-
     #[test]
     fn names_are_checked() {
         assert!(validate_model_name("resnet-50_v1.2").is_ok());
@@ -631,12 +641,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let blobs = BlobStore::new(dir.path());
         blobs.init().unwrap();
+        // Refused, and the temporary file already gone when the refusal is
+        // answered (a client may look at once); several times, as the file
+        // is written on another thread.
         let run = |messages: Vec<Result<pb::PushModelRequest, Status>>, max: u64| {
             let blobs = blobs.clone();
+            let dir = dir.path().to_path_buf();
             async move {
-                receive_upload(&blobs, max, futures::stream::iter(messages))
-                    .await
-                    .unwrap_err()
+                let mut last = None;
+                for _ in 0..20 {
+                    let err = receive_upload(&blobs, max, futures::stream::iter(messages.clone()))
+                        .await
+                        .unwrap_err();
+                    assert_eq!(blob_files(&dir), 0, "{err:?}");
+                    last = Some(err);
+                }
+                last.unwrap()
             }
         };
         let err = run(vec![Ok(chunk(b"x"))], 100).await;
@@ -668,7 +688,6 @@ mod tests {
         }
         let err = run(vec![Ok(short), Ok(chunk(&[1; 50]))], 100).await;
         assert!(err.message().contains("announced"), "{err:?}");
-        settle(dir.path(), 0).await;
 
         // Not ONNX: uploaded, then refused by the parser; never placed.
         let (_, blob) = receive_upload(
@@ -682,7 +701,7 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         assert!(err.message().contains("not a valid ONNX model"), "{err:?}");
         drop(blob);
-        settle(dir.path(), 0).await;
+        assert_eq!(blob_files(dir.path()), 0);
     }
 
     #[test]
