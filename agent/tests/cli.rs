@@ -8,6 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use edgefleet_proto::inference as pb;
+use edgefleet_test_support::{KillOnDrop, assert_eventually, fixture_model, sigterm_and_wait};
 use support::*;
 
 fn agent_bin() -> Command {
@@ -502,7 +503,7 @@ fn sigterm_stops_the_agent_cleanly_after_the_reader_of_its_log_has_gone() {
     }
     // The pipe's only reader closes: every later write to stderr fails.
     drop(log);
-    let status = terminate(&mut child, Duration::from_secs(10));
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(
         status.is_some_and(|status| status.success()),
         "the agent should exit with success on SIGTERM, got {status:?}"
@@ -530,7 +531,7 @@ fn sigterm_logs_shutting_down_under_the_agents_own_target() {
             break;
         }
     }
-    let status = terminate(&mut child, Duration::from_secs(10));
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(status.is_some_and(|status| status.success()), "{status:?}");
     reader.join().unwrap();
     let rest: Vec<String> = rx.try_iter().collect();
@@ -555,28 +556,6 @@ fn serve_example(log_filter: &str) -> std::process::Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
-}
-
-/// SIGTERM, then waits up to `timeout` for the exit status (None: SIGKILLed
-/// after the timeout).
-fn terminate(
-    child: &mut std::process::Child,
-    timeout: Duration,
-) -> Option<std::process::ExitStatus> {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
 }
 
 /// A model directory that cannot be read for a while (here its permissions
@@ -781,16 +760,6 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
         "{error}"
     );
     assert_eq!(infer().await, 200, "version 2 serves on");
-}
-
-/// A child process killed (and reaped) when this is dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The agent process's peak resident memory (`VmHWM`), in bytes.

@@ -18,6 +18,7 @@ use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_agent::server::{Agent, ServeOptions};
 use edgefleet_pki::{CertificateAuthority, ReleaseKey};
 use edgefleet_proto::edgefleet::v1 as pb;
+use edgefleet_test_support::{assert_eventually, fixture_model};
 use futures::Stream;
 use pb::activation_report::Stage;
 use pb::agent_service_server::{AgentService, AgentServiceServer};
@@ -188,7 +189,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 fn fixture_bytes(name: &str) -> Vec<u8> {
-    std::fs::read(support::fixture_model(name)).unwrap()
+    std::fs::read(fixture_model(name)).unwrap()
 }
 
 struct Harness {
@@ -309,7 +310,7 @@ impl Harness {
     fn install_fixture(&self, name: &str, version: u64, fixture: &str) {
         let dir = self.models_dir().join(name).join(version.to_string());
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::copy(support::fixture_model(fixture), dir.join("model.onnx")).unwrap();
+        std::fs::copy(fixture_model(fixture), dir.join("model.onnx")).unwrap();
     }
 
     async fn sync(&self) {
@@ -585,7 +586,7 @@ async fn a_restart_resumes_from_the_partial_file() {
     assert_eq!(installed(&h.models_dir(), "conv", 1), Some(bytes));
     assert_eq!(running.link.generation(), 3);
     assert!(!staged.exists());
-    support::assert_eventually(Duration::from_secs(10), || {
+    assert_eventually(Duration::from_secs(10), || {
         let gone = !stale.exists();
         async move { gone }
     })
@@ -891,7 +892,7 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
             })
             .collect()
     };
-    support::assert_eventually(Duration::from_secs(60), || {
+    assert_eventually(Duration::from_secs(60), || {
         let done = activations()
             .iter()
             .any(|r| r.stage == Stage::Active as i32 && r.generation == 9);
@@ -1087,7 +1088,7 @@ async fn a_load_failure_that_may_pass_is_waited_out() {
     let model = h.model("mlp", 1, &fixture_bytes("mlp"));
     let running = h.start().await;
     running.submit(1, vec![model]);
-    support::assert_eventually(Duration::from_secs(30), || {
+    assert_eventually(Duration::from_secs(30), || {
         let failed = h.registry.statuses().into_iter().any(|s| {
             s.name == "mlp" && s.failed_versions.contains_key(&1) && s.retry_at.contains_key(&1)
         });
@@ -1109,7 +1110,7 @@ async fn a_newer_desired_state_interrupts_a_stalled_download() {
         .state
         .blobs_dir()
         .join(format!("{}.partial", stalled.sha256));
-    support::assert_eventually(Duration::from_secs(30), || {
+    assert_eventually(Duration::from_secs(30), || {
         let written = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         async move { written >= CHUNK as u64 }
     })
@@ -1326,7 +1327,7 @@ async fn a_model_check_that_could_not_run_is_tried_again() {
         })
         .await;
     running.submit(1, vec![model]);
-    support::assert_eventually(Duration::from_secs(30), || {
+    assert_eventually(Duration::from_secs(30), || {
         let checking = running.link.reports().latest("mlp").is_some_and(|r| {
             r.stage != Stage::Downloading as i32 && r.stage != Stage::Verifying as i32
         });

@@ -12,6 +12,7 @@ use edgefleet_agent::http::{data_to_json, tensor_from_json};
 use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_agent::tensor::{DataType, Tensor, TensorData};
 use edgefleet_proto::inference as pb;
+use edgefleet_test_support::{fixture_model, reflected_services, testdata};
 use serde_json::{Value, json};
 use support::*;
 
@@ -454,8 +455,7 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     // Reflection lists exactly the services served, each resolvable.
-    let mut services = reflected_services(channel).await;
-    services.sort();
+    let services = reflected_services(channel).await;
     assert_eq!(
         services,
         [
@@ -465,51 +465,6 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
         ]
     );
     agent.stop().await;
-}
-
-/// The services gRPC reflection lists; panics unless each of them also
-/// resolves to its file descriptor (what grpcurl asks next).
-async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let ask = |request: MessageRequest| tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
-    };
-    let mut stream = reflection
-        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(
-            String::new(),
-        ))]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
-        panic!("unexpected reflection reply: {reply:?}");
-    };
-    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    let requests: Vec<_> = services
-        .iter()
-        .map(|name| ask(MessageRequest::FileContainingSymbol(name.clone())))
-        .collect();
-    let mut stream = reflection
-        .server_reflection_info(futures::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    for name in &services {
-        let reply = stream.message().await.unwrap().unwrap();
-        assert!(
-            matches!(
-                reply.message_response,
-                Some(MessageResponse::FileDescriptorResponse(_))
-            ),
-            "{name} does not resolve: {reply:?}"
-        );
-    }
-    services
 }
 
 /// Many clients at once: every answer belongs to its own request.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_proto::inference as pb;
+use edgefleet_test_support::{assert_eventually, fixture_model};
 use serde_json::{Value, json};
 use support::*;
 

@@ -11,6 +11,7 @@ use edgefleet_agent::telemetry::{
     DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig, collect_inventory,
 };
 use edgefleet_proto::edgefleet::v1::{ModelTelemetry, event};
+use edgefleet_test_support::assert_eventually;
 use serde_json::{Value, json};
 use support::*;
 

@@ -10,6 +10,7 @@ mod support;
 use std::path::Path;
 
 use edgefleet_agent::runtime::RuntimeChoice;
+use edgefleet_test_support::testdata;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use edgefleet_test_support::{eventually, reflected_services, sigterm_and_wait};
 use serde_json::Value;
 use support::*;
 
@@ -738,7 +739,7 @@ fn sigterm_stops_the_server_cleanly_after_the_reader_of_its_log_has_gone() {
     let (mut child, log) = server_until_listening(data_dir.path());
     // The pipe's only reader closes: every later write to stderr fails.
     drop(log);
-    let status = sigterm_and_wait(&mut child);
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(
         status.is_some_and(|status| status.success()),
         "the server should exit with success on SIGTERM, got {status:?}"
@@ -783,7 +784,7 @@ fn sigterm_while_the_server_waits_for_its_database_stops_it_cleanly() {
             Err(err) => panic!("accept: {err}"),
         }
     };
-    let status = sigterm_and_wait(&mut child);
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(
         status.is_some_and(|status| status.success()),
         "the server should exit with success on SIGTERM while starting, got {status:?}"
@@ -803,7 +804,7 @@ fn a_first_start_with_stdout_closed_serves_and_keeps_the_admin_token_in_its_file
     );
     let token = std::fs::read_to_string(data_dir.path().join("admin.token")).unwrap();
     assert!(!token.trim().is_empty(), "admin.token is empty");
-    let status = sigterm_and_wait(&mut child);
+    let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(
         status.is_some_and(|status| status.success()),
         "the server should exit with success on SIGTERM, got {status:?}"
@@ -881,52 +882,6 @@ fn telemetry_waits_for_the_upload_interval_but_urgent_events_go_at_once() {
         started.elapsed()
     );
     assert_contiguous(&server, &device);
-}
-
-/// The services gRPC reflection lists on `channel`; panics unless each of
-/// them also resolves to its file descriptor (what grpcurl asks next).
-async fn reflected_services(channel: tonic::transport::Channel) -> Vec<String> {
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let ask = |request: MessageRequest| tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(request),
-    };
-    let mut stream = reflection
-        .server_reflection_info(futures::stream::iter([ask(MessageRequest::ListServices(
-            String::new(),
-        ))]))
-        .await
-        .unwrap()
-        .into_inner();
-    let reply = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
-        panic!("unexpected reflection reply: {reply:?}");
-    };
-    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    let requests: Vec<_> = services
-        .iter()
-        .map(|name| ask(MessageRequest::FileContainingSymbol(name.clone())))
-        .collect();
-    let mut stream = reflection
-        .server_reflection_info(futures::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    for name in &services {
-        let reply = stream.message().await.unwrap().unwrap();
-        assert!(
-            matches!(
-                reply.message_response,
-                Some(MessageResponse::FileDescriptorResponse(_))
-            ),
-            "{name} does not resolve: {reply:?}"
-        );
-    }
-    services.sort();
-    services
 }
 
 /// Asserts gRPC health reports every service of `services` as SERVING.

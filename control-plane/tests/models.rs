@@ -7,12 +7,9 @@ mod support;
 
 use std::path::{Path, PathBuf};
 
+use edgefleet_test_support::{eventually, fixture_model};
 use serde_json::Value;
-use support::{Server, testdata};
-
-fn fixture(name: &str) -> PathBuf {
-    testdata().join("models").join(name).join("1/model.onnx")
-}
+use support::Server;
 
 fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -46,7 +43,7 @@ fn push_list_get_dedupe_reject_delete() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("server");
     let server = Server::start(&data_dir, None, &[]);
-    let mlp = fixture("mlp");
+    let mlp = fixture_model("mlp");
     let digest = sha256_of(&mlp);
 
     // Push: checked, stored by digest, signed by the fleet.
@@ -119,7 +116,7 @@ fn push_list_get_dedupe_reject_delete() {
     );
 
     // Other content under an existing version: ALREADY_EXISTS.
-    let conv = fixture("conv");
+    let conv = fixture_model("conv");
     let clash = server.cli(&[
         "models",
         "push",
@@ -204,7 +201,7 @@ fn size_limit_is_enforced() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("server");
     let server = Server::start(&data_dir, None, &["--max-model-bytes", "1000"]);
-    let conv = fixture("conv");
+    let conv = fixture_model("conv");
     assert!(std::fs::metadata(&conv).unwrap().len() > 1000);
     let refused = server.cli(&["models", "push", conv.to_str().unwrap(), "--name", "conv"]);
     assert!(!refused.status.success());
@@ -220,7 +217,7 @@ fn size_limit_is_enforced() {
 fn versions_stop_at_the_largest_a_database_can_order() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&dir.path().join("server"), None, &[]);
-    let mlp = fixture("mlp");
+    let mlp = fixture_model("mlp");
     let mlp = mlp.to_str().unwrap();
     let top = i64::MAX.to_string();
     let over = (i64::MAX as u64 + 1).to_string();
@@ -260,7 +257,7 @@ fn a_push_racing_a_delete_of_the_same_content_on_another_replica_keeps_its_blob(
     let schema = support::PgSchema::create();
     let deleting = Server::start(&data_dir, Some(&schema.url), &[]);
     let pushing = Server::start(&data_dir, Some(&schema.url), &[]);
-    let mlp = fixture("mlp");
+    let mlp = fixture_model("mlp");
     let mlp = mlp.to_str().unwrap();
     let digest = sha256_of(Path::new(mlp));
     let blob = data_dir
@@ -294,7 +291,7 @@ fn a_push_racing_a_delete_of_the_same_content_on_another_replica_keeps_its_blob(
     std::thread::scope(|scope| {
         let push =
             scope.spawn(|| pushing.cli(&["models", "push", mlp, "--name", "b", "--version", "1"]));
-        support::eventually(
+        eventually(
             std::time::Duration::from_secs(30),
             "the push of b waits for its model's lock",
             || {

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use edgefleet_test_support::{eventually, fixture_model, testdata};
 use serde_json::Value;
 use support::*;
 
@@ -60,13 +61,7 @@ fn fleet(db: Db, runtimes: &[&str]) -> Fleet {
 }
 
 fn fixture(name: &str) -> String {
-    testdata()
-        .join("models")
-        .join(name)
-        .join("1")
-        .join("model.onnx")
-        .to_string_lossy()
-        .to_string()
+    fixture_model(name).to_string_lossy().to_string()
 }
 
 fn push(server: &Server, file: &str, name: &str, version: u64) -> Value {

@@ -12,21 +12,9 @@ use edgefleet_agent::runtime::{RuntimeChoice, find_onnxruntime_library};
 use edgefleet_agent::server::{Agent, ServeOptions};
 use edgefleet_agent::telemetry::TelemetryRecorder;
 use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use edgefleet_test_support::{assert_eventually, fixture_model, testdata};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
-
-pub fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
-}
-
-/// `testdata/models/<name>/1/model.onnx`.
-pub fn fixture_model(name: &str) -> PathBuf {
-    testdata()
-        .join("models")
-        .join(name)
-        .join("1")
-        .join("model.onnx")
-}
 
 /// The expected cases computed by onnxruntime (Python) for a fixture.
 pub fn cases(name: &str) -> Vec<Value> {
@@ -219,25 +207,6 @@ impl TestAgent {
 impl Drop for TestAgent {
     fn drop(&mut self) {
         self.shutdown.cancel();
-    }
-}
-
-/// Polls `check` until it is true, failing the test after `timeout`.
-pub async fn assert_eventually<F, Fut>(timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 

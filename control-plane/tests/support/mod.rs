@@ -6,10 +6,11 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use edgefleet_test_support::{KillOnDrop, sigterm_and_wait, testdata};
 use serde_json::Value;
 
 /// Where cargo put the workspace's binaries (next to this test's `deps/`).
@@ -39,10 +40,6 @@ pub fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "cannot build {name}");
     }
     path
-}
-
-pub fn testdata() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata")
 }
 
 /// The database a test runs on.
@@ -155,7 +152,7 @@ impl Output {
 
 /// A running process, killed on drop.
 pub struct Process {
-    pub child: Child,
+    pub child: KillOnDrop,
     pub stdout: Output,
     pub stderr: Output,
 }
@@ -179,7 +176,7 @@ impl Process {
         stdout.collect(child.stdout.take().unwrap(), name);
         stderr.collect(child.stderr.take().unwrap(), name);
         Process {
-            child,
+            child: KillOnDrop(child),
             stdout,
             stderr,
         }
@@ -217,30 +214,7 @@ impl Process {
 
     /// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
     pub fn terminate(&mut self) -> Option<ExitStatus> {
-        sigterm_and_wait(&mut self.child)
-    }
-}
-
-/// SIGTERM, then the exit status within 10 s (None: SIGKILLed after that).
-pub fn sigterm_and_wait(child: &mut Child) -> Option<ExitStatus> {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill();
+        sigterm_and_wait(&mut self.child, Duration::from_secs(10))
     }
 }
 
@@ -637,18 +611,6 @@ pub fn install_fixture(state_dir: &Path, name: &str) {
         dir.join("model.onnx"),
     )
     .unwrap();
-}
-
-/// Polls `check` until it returns Some, or panics after `timeout`.
-pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// The store the server uses, opened directly, to check what it holds.

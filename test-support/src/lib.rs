@@ -1,0 +1,16 @@
+//! Helpers the integration tests of several crates need alike: fixture
+//! files, waiting for a condition, child processes that do not outlive a
+//! failed test, and what a gRPC server's reflection lists.
+//!
+//! A dev-dependency only: nothing here may end up in a shipped binary, so
+//! it can panic freely (a panic here is a failed test, with its reason).
+
+mod fixtures;
+mod process;
+mod reflection;
+mod wait;
+
+pub use fixtures::{fixture_model, testdata};
+pub use process::{KillOnDrop, sigterm_and_wait};
+pub use reflection::reflected_services;
+pub use wait::{assert_eventually, eventually};
