@@ -162,10 +162,6 @@ fn enrollment_end_to_end_postgres() {
     enrollment_end_to_end(Db::Postgres);
 }
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
-
 #[test]
 fn join_tokens_are_refused_when_used_up_expired_unknown_or_for_another_fleet() {
     let fx = Fixture::new(Db::Sqlite);

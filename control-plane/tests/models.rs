@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use edgefleet_test_support::{eventually, fixture_model};
 use serde_json::Value;
-use support::Server;
+use support::{Server, stderr};
 
 fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -32,10 +32,6 @@ fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
 fn sha256_of(path: &Path) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
-}
-
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
 }
 
 #[test]

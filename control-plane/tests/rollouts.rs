@@ -76,10 +76,6 @@ fn push(server: &Server, file: &str, name: &str, version: u64) -> Value {
     ])
 }
 
-fn stderr(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stderr).to_string()
-}
-
 fn rollout(server: &Server, args: &[&str]) -> Value {
     let mut all = vec!["rollouts", "create"];
     all.extend(args);

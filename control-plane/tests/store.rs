@@ -3,6 +3,8 @@
 //! `postgres://postgres@127.0.0.1:5432/test`, one fresh schema per test,
 //! dropped afterwards).
 
+mod support;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -13,15 +15,11 @@ use edgefleet_control_plane::store::{
 };
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use sqlx::{AssertSqlSafe, Connection, Executor};
+use support::postgres_base_url;
 
 const HOUR: i64 = 3_600_000;
 /// 2025-01-01 00:00 UTC, an hour boundary.
 const T0: i64 = 1_735_689_600_000;
-
-fn postgres_base_url() -> String {
-    std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
 
 enum Backend {
     Sqlite { dir: tempfile::TempDir },

@@ -49,6 +49,13 @@ pub enum Db {
     Postgres,
 }
 
+/// A finished process's stderr, as text (for assertions and their messages).
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// The PostgreSQL server the tests use: `EDGEFLEET_TEST_POSTGRES_URL`, else
+/// the local one with its `test` database.
 pub fn postgres_base_url() -> String {
     std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
