@@ -1,6 +1,8 @@
 //! Model delivery end to end: a real mTLS `AgentService` test server serving
 //! blobs from memory (and cutting streams on request), a real state dir, real
-//! child-process model checks and a real serving registry.
+//! child-process model checks and a real serving registry. The same server
+//! records what the session sends upstream (activation reports, telemetry
+//! uploads).
 
 mod support;
 
@@ -48,6 +50,10 @@ struct BlobServer {
     session_script: Mutex<Option<(Vec<u8>, pb::DesiredState)>>,
     /// Every message agents sent on sessions.
     upstream: Arc<Mutex<Vec<pb::AgentMessage>>>,
+    /// The upload interval the Welcome suggests (0: none).
+    upload_interval_seconds: Mutex<u32>,
+    /// The next session ends once it has received a TelemetryUpload (once).
+    end_after_upload: Mutex<bool>,
 }
 
 const CHUNK: usize = 256;
@@ -86,18 +92,14 @@ impl AgentService for BlobServer {
         ) {
             return Err(Status::invalid_argument("Hello first"));
         }
-        let upstream = Arc::clone(&self.upstream);
-        tokio::spawn(async move {
-            while let Ok(Some(message)) = inbound.message().await {
-                upstream.lock().unwrap().push(message);
-            }
-        });
+        let upload_interval = *self.upload_interval_seconds.lock().unwrap();
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
         use pb::control_message::Kind;
         for kind in [
             Kind::Welcome(pb::Welcome {
                 device_id: "dev-1".into(),
                 release_public_key: release_key,
+                telemetry_upload_interval_seconds: upload_interval,
                 ..Default::default()
             }),
             Kind::DesiredState(desired),
@@ -106,8 +108,25 @@ impl AgentService for BlobServer {
                 .send(Ok(pb::ControlMessage { kind: Some(kind) }))
                 .await;
         }
-        // Keep the stream open as long as the test runs.
+        let upstream = Arc::clone(&self.upstream);
+        let end_after_upload = std::mem::take(&mut *self.end_after_upload.lock().unwrap());
         tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let sent_at = match &message.kind {
+                    Some(pb::agent_message::Kind::TelemetryUpload(u)) => Some(u.sent_at_ms),
+                    _ => None,
+                };
+                upstream.lock().unwrap().push(message);
+                if let (true, Some(sent_at)) = (end_after_upload, sent_at) {
+                    // Ended once the clock has passed the upload's stamp, so
+                    // what the next session sends was sent later by it.
+                    while now_ms() <= sent_at {
+                        tokio::task::yield_now().await;
+                    }
+                    return;
+                }
+            }
+            // Keep the stream open as long as the test runs.
             sender.closed().await;
         });
         Ok(Response::new(Box::pin(
@@ -910,6 +929,104 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
     running.stop.cancel();
     session.await.unwrap();
     running.task.await.unwrap();
+}
+
+fn now_ms() -> u64 {
+    edgefleet_agent::telemetry::unix_ms(std::time::SystemTime::now())
+}
+
+/// Each TelemetryUpload says when the agent sent it, by the device's clock
+/// (the clock its batches are stamped by): the control plane reckons from it
+/// how long before the upload's arrival each batch ended. A backlog sent
+/// again after a reconnect is stamped again, when it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
+    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
+    use edgefleet_agent::telemetry::{
+        DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
+        TelemetryRecorder,
+    };
+    let h = Harness::new().await;
+    *h.server.session_script.lock().unwrap() =
+        Some((h.release.public_key(), pb::DesiredState::default()));
+    *h.server.upload_interval_seconds.lock().unwrap() = 300;
+    *h.server.end_after_upload.lock().unwrap() = true;
+    let config = TelemetryConfig {
+        interval: DEFAULT_TELEMETRY_INTERVAL,
+        outbox_cap_bytes: 1 << 20,
+    };
+    let mut outbox = Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap();
+    // A backlog made an hour ago, in 10 s batches.
+    let made = now_ms() - 3_600_000;
+    for i in 0..3 {
+        outbox
+            .push(pb::TelemetryBatch {
+                start_unix_ms: made + i * 10_000,
+                end_unix_ms: made + (i + 1) * 10_000,
+                ..Default::default()
+            })
+            .unwrap();
+    }
+    let collector = TelemetryCollector::new(
+        Arc::new(TelemetryRecorder::new()),
+        DeviceProbe::new(),
+        outbox,
+        config,
+        "tract",
+        std::time::SystemTime::now(),
+    );
+    let stop = CancellationToken::new();
+    let before = now_ms();
+    let session = tokio::spawn(run_session(
+        h.state.clone(),
+        Arc::new(Mutex::new(collector)),
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(NoHello),
+        None,
+        SessionClientOptions {
+            backoff_initial: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(50),
+            ..SessionClientOptions::default()
+        },
+        stop.clone(),
+    ));
+    let uploads = || -> Vec<pb::TelemetryUpload> {
+        h.server
+            .upstream
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|m| match &m.kind {
+                Some(pb::agent_message::Kind::TelemetryUpload(upload)) => Some(upload.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    support::assert_eventually(Duration::from_secs(60), || {
+        let sent = uploads().len();
+        async move { sent >= 2 }
+    })
+    .await;
+    let after = now_ms();
+    stop.cancel();
+    session.await.unwrap();
+    let uploads = uploads();
+    let (first, again) = (&uploads[0], &uploads[1]);
+    let sequences =
+        |u: &pb::TelemetryUpload| u.batches.iter().map(|b| b.sequence).collect::<Vec<_>>();
+    assert_eq!(sequences(first), [1, 2, 3], "the backlog in one upload");
+    assert_eq!(sequences(again), [1, 2, 3], "not acknowledged: sent again");
+    assert!(
+        (before..=after).contains(&first.sent_at_ms),
+        "sent at {} by the device's clock, between {before} and {after}",
+        first.sent_at_ms
+    );
+    assert!(
+        first.sent_at_ms < again.sent_at_ms && again.sent_at_ms <= after,
+        "sent again at {}, after {} and by {after}",
+        again.sent_at_ms,
+        first.sent_at_ms
+    );
 }
 
 /// A disk with no room left fails the activation with a reason saying so

@@ -180,6 +180,8 @@ fn make_batch(d: usize, k: usize) -> TelemetryRecord {
         received_at: start + INTERVAL_MS + 200,
         start_at: start,
         end_at: start + INTERVAL_MS,
+        // As the server reckons it for an upload sent as its batch ended.
+        server_end_at: Some(start + INTERVAL_MS + 200),
         models,
         device: Some(DeviceTelemetry {
             cpu_permille: (salt % 1000) as u32,

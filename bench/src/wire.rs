@@ -427,7 +427,11 @@ fn representative_upload(
     let message = edgefleet_proto::edgefleet::v1::AgentMessage {
         kind: Some(
             edgefleet_proto::edgefleet::v1::agent_message::Kind::TelemetryUpload(
-                edgefleet_proto::edgefleet::v1::TelemetryUpload { batches },
+                edgefleet_proto::edgefleet::v1::TelemetryUpload {
+                    batches,
+                    // Stamped as the agent stamps it, as it sends.
+                    sent_at_ms: edgefleet_agent::telemetry::unix_ms(SystemTime::now()),
+                },
             ),
         ),
     };

@@ -493,12 +493,7 @@ async fn run_session(
                             )));
                         }
                         // Every batch is checked (identity included) before any is stored.
-                        let records: Result<Vec<_>, Status> = upload
-                            .batches
-                            .into_iter()
-                            .map(|batch| convert::telemetry_from_pb(&device_id, batch, now))
-                            .collect();
-                        let records = match records {
+                        let records = match convert::telemetry_upload_from_pb(&device_id, upload, now) {
                             Ok(records) => records,
                             Err(status) => break Err(status),
                         };

@@ -148,8 +148,55 @@ fn histogram(field: &str, h: Option<&pb::LogHistogram>) -> Result<pb::LogHistogr
     Ok(h)
 }
 
+/// Validates the batches of a telemetry upload a session received from
+/// `device_id` (every one, before any is stored) and turns them into store
+/// records, each with when it ended in the server's time
+/// ([`server_end_times`]).
+pub fn telemetry_upload_from_pb(
+    device_id: &str,
+    upload: pb::TelemetryUpload,
+    received_at: i64,
+) -> Result<Vec<TelemetryRecord>, Status> {
+    let mut records = upload
+        .batches
+        .into_iter()
+        .map(|batch| telemetry_from_pb(device_id, batch, received_at))
+        .collect::<Result<Vec<_>, Status>>()?;
+    server_end_times(&mut records, upload.sent_at_ms, received_at);
+    Ok(records)
+}
+
+/// Sets when each batch of one upload ended in the server's time: the
+/// upload's receipt less how long before it was sent the batch ended, two
+/// times on the device's clock, so the clock's offset cancels out (the
+/// network's delay is not counted: seconds, against uploads minutes apart).
+/// An older agent does not stamp its uploads (`sent_at_ms` 0): then less how
+/// long before the upload's newest batch it ended, which holds for a regular
+/// upload (its newest batch was made just before it) but makes every upload
+/// of a backlog but the last look newer than it is. Never after the receipt:
+/// a batch that ends after its upload was sent (the clock stepped back) is
+/// taken as ending at it. The stamp is clamped as the batch times are (at
+/// most [`MAX_CLOCK_AHEAD_MS`] after receipt), so a clock further ahead does
+/// not make the batches look older than they are.
+fn server_end_times(records: &mut [TelemetryRecord], sent_at_ms: u64, received_at: i64) {
+    let sent_at = if sent_at_ms > 0 {
+        saturating_i64(sent_at_ms).min(received_at.saturating_add(MAX_CLOCK_AHEAD_MS))
+    } else {
+        match records.iter().map(|r| r.end_at).max() {
+            Some(newest) => newest,
+            None => return,
+        }
+    };
+    for record in records {
+        let before_sending = sent_at.saturating_sub(record.end_at).max(0);
+        record.server_end_at = Some(received_at.saturating_sub(before_sending));
+    }
+}
+
 /// Validates a telemetry batch a session received from `device_id` and turns
-/// it into a store record.
+/// it into a store record. Its end in the server's time is taken as the
+/// receipt: a batch sent alone goes when it is made (an upload's batches are
+/// reckoned by [`telemetry_upload_from_pb`]).
 pub fn telemetry_from_pb(
     device_id: &str,
     batch: pb::TelemetryBatch,
@@ -238,6 +285,7 @@ pub fn telemetry_from_pb(
         received_at,
         start_at: saturating_i64(batch.start_unix_ms).min(latest),
         end_at: saturating_i64(batch.end_unix_ms).min(latest),
+        server_end_at: Some(received_at),
         models,
         device: batch.device,
         events,
@@ -354,6 +402,68 @@ mod tests {
         assert_eq!(
             telemetry_from_pb("d", wide, 0).unwrap_err().code(),
             tonic::Code::InvalidArgument
+        );
+    }
+
+    /// An upload of batches ending at `ends` (device clock) sent at
+    /// `sent_at_ms`, received at 1_000_000: each batch's end in server time.
+    fn server_ends(ends: &[u64], sent_at_ms: u64) -> Vec<Option<i64>> {
+        let upload = pb::TelemetryUpload {
+            batches: ends
+                .iter()
+                .zip(1..)
+                .map(|(&end, sequence)| pb::TelemetryBatch {
+                    sequence,
+                    start_unix_ms: end.saturating_sub(10),
+                    end_unix_ms: end,
+                    ..Default::default()
+                })
+                .collect(),
+            sent_at_ms,
+        };
+        telemetry_upload_from_pb("d", upload, 1_000_000)
+            .unwrap()
+            .iter()
+            .map(|r| r.server_end_at)
+            .collect()
+    }
+
+    /// A batch ended, in server time, as long before its upload arrived as
+    /// the agent's stamp says it ended before the upload was sent; without
+    /// a stamp, as long before as it ended before the upload's newest batch.
+    /// Never after the upload arrived.
+    #[test]
+    fn a_batch_ends_in_server_time_before_its_upload_arrives() {
+        // The device's clock is 500 s behind the server's.
+        assert_eq!(
+            server_ends(&[200_000, 400_000], 500_000),
+            [Some(700_000), Some(900_000)]
+        );
+        assert_eq!(
+            server_ends(&[200_000, 400_000], 0),
+            [Some(800_000), Some(1_000_000)],
+            "an older agent's upload is reckoned from its newest batch"
+        );
+        // The clock stepped back between the batch's end and the sending.
+        assert_eq!(server_ends(&[600_000], 500_000), [Some(1_000_000)]);
+        // A clock far ahead: the stamp is clamped as the batch times are.
+        let far = 1_000_000 + MAX_CLOCK_AHEAD_MS as u64 * 10;
+        assert_eq!(server_ends(&[far], far + 5_000), [Some(1_000_000)]);
+        assert_eq!(
+            server_ends(&[1_000], u64::MAX),
+            [Some(1_000 - MAX_CLOCK_AHEAD_MS)]
+        );
+        // A batch sent alone is taken as ending when it arrives.
+        let single = pb::TelemetryBatch {
+            sequence: 1,
+            end_unix_ms: 5,
+            ..Default::default()
+        };
+        assert_eq!(
+            telemetry_from_pb("d", single, 1_000_000)
+                .unwrap()
+                .server_end_at,
+            Some(1_000_000)
         );
     }
 

@@ -220,8 +220,10 @@ async fn rollback_changes(
 /// each batch arrived, not with the batch times the device stamped: a device
 /// whose clock is behind would otherwise have its fresh figures missed, and
 /// one whose clock is ahead its old figures counted. Batches made before
-/// `from` but uploaded after it (an upload spans minutes) are left out, so
-/// a resume does not count the errors it accepted
+/// `from` but uploaded after it (an upload spans minutes, a backlog after a
+/// disconnect several uploads) are left out, by when each ended in server
+/// time as reckoned at receipt from the agent's send stamp, so a resume does
+/// not count the errors it accepted
 /// ([`crate::store::Store::received_model_series`]).
 async fn version_figures(
     cp: &ControlPlane,
@@ -1660,6 +1662,105 @@ mod tests {
             let reason = reason.expect("errors made after the resume are missed");
             assert!(
                 reason.contains("error-rate gate: 50 errors in 200 requests"),
+                "{device}: {reason}"
+            );
+        }
+    }
+
+    /// An upload as the session of `device` receives it at `received_at`:
+    /// m@2 batches of 100 requests, (sequence, end on the device's clock,
+    /// errors) each, stamped by the agent as sent at `sent_at_ms`.
+    fn received_upload(
+        device: &str,
+        received_at: i64,
+        sent_at_ms: i64,
+        batches: &[(u64, i64, u64)],
+    ) -> Vec<TelemetryRecord> {
+        let upload = pb::TelemetryUpload {
+            batches: batches
+                .iter()
+                .map(|&(sequence, end, errors)| pb::TelemetryBatch {
+                    sequence,
+                    start_unix_ms: (end - 10_000) as u64,
+                    end_unix_ms: end as u64,
+                    models: vec![pb::ModelTelemetry {
+                        name: "m".into(),
+                        version: 2,
+                        requests: 100,
+                        errors,
+                        local: 100,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .collect(),
+            sent_at_ms: sent_at_ms as u64,
+        };
+        crate::convert::telemetry_upload_from_pb(device, upload, received_at).unwrap()
+    }
+
+    /// A device offline across a resume sends its backlog when it comes
+    /// back, in several uploads one right after the other: the first holds
+    /// only errors made before the resume, which the operator accepted, the
+    /// second what was made since. The first upload has no recent batch, but
+    /// says when the agent sent it: its errors do not pause the rollout
+    /// again, whether the device's clock is right or two hours behind.
+    #[tokio::test]
+    async fn a_backlog_in_two_uploads_after_a_resume_does_not_trip_the_gate_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        let devices = ["right", "behind"];
+        enroll(&cp, &devices).await;
+        let mut rollout = create_rollout_of_m2(&cp).await;
+        let now = now_ms();
+        let minute = 60_000;
+        let hour = 60 * minute;
+        rollout.created_at = now - 30 * minute;
+        rollout.spec.gates.max_error_rate = 0.1;
+        rollout.spec.rollback_on_failure = false;
+        // Resumed (as `resume_rollout` does) five minutes ago.
+        rollout.spec.gates_since_ms = now - 5 * minute;
+        for (device, skew) in [("right", 0), ("behind", -2 * hour)] {
+            let active = [member(device, "active", now)];
+            let back = now - minute;
+            let first = received_upload(
+                device,
+                back,
+                back + skew,
+                &[
+                    (1, now - 20 * minute + skew, 50),
+                    (2, now - 7 * minute + skew, 50),
+                    (3, now - 6 * minute + skew, 50),
+                ],
+            );
+            let second = received_upload(
+                device,
+                back + 50,
+                back + 40 + skew,
+                &[(4, now - 4 * minute + skew, 0), (5, back - 5_000 + skew, 0)],
+            );
+            cp.store.ingest_telemetry(&first).await.unwrap();
+            cp.store.ingest_telemetry(&second).await.unwrap();
+            assert_eq!(
+                judge_gates(&cp, &rollout, &active).await.unwrap(),
+                None,
+                "{device}: errors made before the resume, sent in a backlog after it, pause the rollout again"
+            );
+
+            // Errors made after the resume count.
+            cp.store
+                .ingest_telemetry(&received_upload(
+                    device,
+                    now,
+                    now + skew,
+                    &[(6, now - 5_000 + skew, 50)],
+                ))
+                .await
+                .unwrap();
+            let reason = judge_gates(&cp, &rollout, &active).await.unwrap();
+            let reason = reason.expect("errors made after the resume are missed");
+            assert!(
+                reason.contains("error-rate gate: 50 errors in 300 requests"),
                 "{device}: {reason}"
             );
         }

@@ -446,6 +446,7 @@ fn upload(device_id: &str, sequences: impl IntoIterator<Item = u64>) -> pb::Agen
                     ..Default::default()
                 })
                 .collect(),
+            sent_at_ms: 0,
         })),
     }
 }

@@ -277,6 +277,8 @@ suite!(
     received_series_of_a_device_finds_its_window_by_index,
     received_series_is_by_the_servers_clock,
     received_series_leaves_out_batches_made_before_the_window,
+    received_series_leaves_out_a_backlog_upload_of_batches_made_before_the_window,
+    received_series_reckons_an_unstamped_upload_from_its_newest_batch,
     batches_from_a_clock_far_ahead_are_rolled_up_and_pruned,
     rollups_past_their_retention_are_deleted,
     batches_stored_far_ahead_before_the_clamp_are_clamped,
@@ -386,6 +388,8 @@ fn batch(device: &str, sequence: u64, start: i64, models: Vec<ModelSample>) -> T
         received_at: start + 10_500,
         start_at: start,
         end_at: start + 10_000,
+        // As a batch stored before migration 0010 (the queries reckon it).
+        server_end_at: None,
         models,
         device: Some(telemetry(sequence as u32)),
         events: vec![],
@@ -1329,10 +1333,10 @@ async fn received_series_of_a_device_finds_its_window_by_index(db: &Db) {
         .query_plan(&format!(
             "SELECT device_id, at, until, sequence, models FROM ( \
                SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
-                 MAX(end_at) OVER (PARTITION BY received_at) AS newest \
+                 server_end_at, MAX(end_at) OVER (PARTITION BY received_at) AS newest \
                FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
                AND received_at < {}) AS b \
-             WHERE received_at - (newest - until) >= {T0}",
+             WHERE COALESCE(server_end_at, received_at - (newest - until)) >= {T0}",
             T0 + HOUR
         ))
         .await;
@@ -1404,14 +1408,14 @@ async fn received_series_is_by_the_servers_clock(db: &Db) {
 
 /// An agent uploads the batches it made every few minutes, so an upload
 /// received at the window's start carries batches made before it: those are
-/// left out. When each was made is reckoned from the upload's newest batch
+/// left out. For batches stored before migration 0010 (no `server_end_at`),
+/// when each was made is reckoned from the upload's newest batch
 /// (made just before the upload) on the device's own clock, here two hours
 /// behind the server's: the batches that ended 7 and 6 minutes before the
 /// newest one were made before a window that began 5 minutes before the
 /// upload arrived, the one that ended 4 minutes before it within it.
 async fn received_series_leaves_out_batches_made_before_the_window(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
-    const MINUTE: i64 = 60_000;
     let arrived = T0 + 2 * HOUR;
     let newest_end = T0 - 10_000;
     let upload: Vec<_> = [(1, 7 * MINUTE), (2, 6 * MINUTE), (3, 4 * MINUTE), (4, 0)]
@@ -1440,6 +1444,136 @@ async fn received_series_leaves_out_batches_made_before_the_window(db: &Db) {
     assert_eq!(requests(arrived - 5 * MINUTE).await, vec![30, 40]);
     assert_eq!(requests(arrived).await, vec![40], "the newest batch counts");
     assert_eq!(requests(arrived - 10 * MINUTE).await, vec![10, 20, 30, 40]);
+}
+
+const MINUTE: i64 = 60_000;
+
+/// An upload of device "a" as its session receives it: 10 s batches of
+/// `sequences` ending at `ends` (device clock), each with `sequence * 10`
+/// requests of m@1, stamped as sent at `sent_at_ms` (0: an older agent), and
+/// turned into records by the server's ingest conversion.
+fn received_upload(
+    batches: &[(u64, i64)],
+    sent_at_ms: u64,
+    received_at: i64,
+) -> Vec<TelemetryRecord> {
+    use edgefleet_proto::edgefleet::v1 as pb;
+    let upload = pb::TelemetryUpload {
+        batches: batches
+            .iter()
+            .map(|&(sequence, end)| pb::TelemetryBatch {
+                sequence,
+                start_unix_ms: (end - 10_000) as u64,
+                end_unix_ms: end as u64,
+                models: vec![pb::ModelTelemetry {
+                    name: "m".into(),
+                    version: 1,
+                    requests: sequence * 10,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        sent_at_ms,
+    };
+    edgefleet_control_plane::convert::telemetry_upload_from_pb("a", upload, received_at).unwrap()
+}
+
+/// The requests of each point of device "a"'s gate series in `[from, until)`.
+async fn received_requests(db: &Db, from: i64, until: i64) -> Vec<u64> {
+    db.store
+        .received_model_series("a", from, until)
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.requests)
+        .collect()
+}
+
+/// After a disconnect an agent sends its backlog in several uploads, one
+/// right after the other. The first holds only batches made before the
+/// window (a resume 5 minutes before they arrive), the second the ones made
+/// since. Each upload says when the agent sent it, on the device's clock
+/// (here two hours behind the server's), so each batch's age at receipt is
+/// known: the whole first upload is left out, though nothing in it is recent.
+async fn received_series_leaves_out_a_backlog_upload_of_batches_made_before_the_window(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let skew = -2 * HOUR;
+    let arrived = T0 + 2 * HOUR;
+    let from = arrived - 5 * MINUTE;
+    let device = |server_time: i64| server_time + skew;
+    let old = received_upload(
+        &[
+            (1, device(arrived - 30 * MINUTE)),
+            (2, device(arrived - 6 * MINUTE)),
+        ],
+        device(arrived) as u64,
+        arrived,
+    );
+    let recent = received_upload(
+        &[
+            (3, device(arrived - 4 * MINUTE)),
+            (4, device(arrived - 10_000)),
+        ],
+        device(arrived + 20) as u64,
+        arrived + 30,
+    );
+    db.store.ingest_telemetry(&old).await.unwrap();
+    db.store.ingest_telemetry(&recent).await.unwrap();
+    assert_eq!(
+        received_requests(db, from, arrived + MINUTE).await,
+        vec![30, 40],
+        "the first upload of the backlog holds nothing made since {from}"
+    );
+    // Each batch's age at receipt counts, not its upload's: the batch that
+    // ended 6 minutes before its upload was sent is in a window that began 7
+    // minutes before it arrived.
+    assert_eq!(
+        received_requests(db, arrived - 7 * MINUTE, arrived + MINUTE).await,
+        vec![20, 30, 40]
+    );
+}
+
+/// From an agent that does not stamp its uploads (`sent_at_ms` 0), when a
+/// batch was made is reckoned from its upload's newest batch, as before the
+/// stamp: the regular upload's old batches are left out, and in a backlog
+/// in two uploads the first upload's newest batch, made before the window,
+/// is taken for a recent one (the flaw the stamp removes).
+async fn received_series_reckons_an_unstamped_upload_from_its_newest_batch(db: &Db) {
+    enroll(db, &["a"], Labels::new()).await;
+    let skew = -2 * HOUR;
+    let arrived = T0 + 2 * HOUR;
+    let from = arrived - 5 * MINUTE;
+    let device = |server_time: i64| server_time + skew;
+    let newest = device(arrived - 10_000);
+    let regular = received_upload(
+        &[
+            (1, newest - 7 * MINUTE),
+            (2, newest - 4 * MINUTE),
+            (3, newest),
+        ],
+        0,
+        arrived,
+    );
+    db.store.ingest_telemetry(&regular).await.unwrap();
+    assert_eq!(received_requests(db, from, arrived + 1).await, vec![20, 30]);
+
+    let later = arrived + HOUR;
+    let old = received_upload(
+        &[
+            (4, device(later - 30 * MINUTE)),
+            (5, device(later - 6 * MINUTE)),
+        ],
+        0,
+        later,
+    );
+    let recent = received_upload(&[(6, device(later - 10_000))], 0, later + 30);
+    db.store.ingest_telemetry(&old).await.unwrap();
+    db.store.ingest_telemetry(&recent).await.unwrap();
+    assert_eq!(
+        received_requests(db, later - 5 * MINUTE, later + MINUTE).await,
+        vec![50, 60]
+    );
 }
 
 async fn rollup_merges_histograms_and_prune_keeps_unrolled(db: &Db) {

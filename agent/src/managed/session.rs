@@ -649,8 +649,12 @@ async fn connect_and_serve(
 /// Sends batches in order: grouped in `TelemetryUpload`s (at most
 /// `MAX_UPLOAD_BYTES` of batches each), or one `telemetry` message each for a
 /// control plane without an upload interval. The device id is left out: the
-/// session already says which device this is. False when the session's send
-/// side has closed.
+/// session already says which device this is. Each upload is stamped with the
+/// device's time as it is put on the stream (not when its group was formed:
+/// the previous send may have waited), so the control plane can tell how
+/// long before its arrival each batch ended; a backlog sent again after a
+/// reconnect comes through here again and is stamped again. False when the
+/// session's send side has closed.
 async fn send_telemetry(
     outbound: &mpsc::Sender<pb::AgentMessage>,
     batches: Vec<pb::TelemetryBatch>,
@@ -662,25 +666,28 @@ async fn send_telemetry(
     for mut batch in batches {
         batch.device_id.clear();
         if !grouped {
-            messages.push(Upstream::Telemetry(batch));
+            messages.push(Outgoing::Single(batch));
             continue;
         }
         let bytes = batch.encoded_len();
         if !group.is_empty() && group_bytes + bytes > MAX_UPLOAD_BYTES {
-            messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload {
-                batches: std::mem::take(&mut group),
-            }));
+            messages.push(Outgoing::Upload(std::mem::take(&mut group)));
             group_bytes = 0;
         }
         group_bytes += bytes;
         group.push(batch);
     }
     if !group.is_empty() {
-        messages.push(Upstream::TelemetryUpload(pb::TelemetryUpload {
-            batches: group,
-        }));
+        messages.push(Outgoing::Upload(group));
     }
-    for kind in messages {
+    for message in messages {
+        let kind = match message {
+            Outgoing::Single(batch) => Upstream::Telemetry(batch),
+            Outgoing::Upload(batches) => Upstream::TelemetryUpload(pb::TelemetryUpload {
+                batches,
+                sent_at_ms: now_ms(),
+            }),
+        };
         if outbound
             .send(pb::AgentMessage { kind: Some(kind) })
             .await
@@ -690,6 +697,12 @@ async fn send_telemetry(
         }
     }
     true
+}
+
+/// One telemetry message of [`send_telemetry`], before it is stamped.
+enum Outgoing {
+    Single(pb::TelemetryBatch),
+    Upload(Vec<pb::TelemetryBatch>),
 }
 
 #[cfg(test)]

@@ -224,6 +224,12 @@ pub struct TelemetryRecord {
     pub received_at: i64,
     pub start_at: i64,
     pub end_at: i64,
+    /// When the batch ended in the server's time, as reckoned at receipt
+    /// (`convert::telemetry_upload_from_pb`): never after `received_at`.
+    /// What [`Store::received_model_series`] leaves batches made before its
+    /// window out by. `None` (batches stored before migration 0010): that
+    /// query reckons it from the batch's upload, as it did before.
+    pub server_end_at: Option<i64>,
     pub models: Vec<ModelSample>,
     pub device: Option<DeviceTelemetry>,
     pub events: Vec<EventRecord>,
@@ -423,12 +429,18 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// [`Store::model_series`], by the device's timeline, would miss it (clock
     /// behind) or count old batches as new (clock ahead). A batch that ended
     /// before `from` is left out even when received after it: agents upload
-    /// grouped batches every few minutes, so an upload received just after a
-    /// resume carries batches made before it. When a batch ended is taken,
-    /// in server time, as the upload's receipt minus how long before the
-    /// upload's newest batch it ended (both ends on the device's clock). A
-    /// backlog sent after a disconnect goes in several uploads, and those
-    /// but the last have no recent batch: theirs count as newer than they are.
+    /// grouped batches every few minutes, and after a disconnect their backlog
+    /// in several uploads, so an upload received just after a resume carries
+    /// batches made before it. When a batch ended, in server time, is its
+    /// [`TelemetryRecord::server_end_at`], reckoned at receipt: the upload's
+    /// receipt minus how long before the agent sent it the batch ended (both
+    /// on the device's clock, so its offset cancels out), or, from an agent
+    /// that does not stamp its uploads, minus how long before the upload's
+    /// newest batch it ended (then the uploads of a backlog but the last,
+    /// having no recent batch, count as newer than they are). Batches stored
+    /// without it (before migration 0010) are reckoned the second way here.
+    /// A step of the device's clock between a batch's end and its upload's
+    /// sending still moves that batch by the step.
     async fn received_model_series(
         &self,
         device_id: &str,

@@ -467,6 +467,7 @@ impl Store for PgStore {
 
         let n = candidates.len();
         let mut models = Vec::with_capacity(n);
+        let mut server_ends = Vec::with_capacity(n);
         let (mut ids, mut seqs, mut received, mut starts, mut ends, mut hours, mut samples) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -486,13 +487,16 @@ impl Store for PgStore {
             hours.push(hour_of(b.start_at));
             samples.push(b.device.as_ref().map(|d| d.encode_to_vec()));
             models.push(common::encode_samples(b));
+            server_ends.push(b.server_end_at);
         }
         let rows = sqlx::query(
-            "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models) \
-             SELECT u.device_id, u.sequence, u.received_at, u.start_at, u.end_at, u.hour, u.device, u.models \
+            "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models, \
+               server_end_at) \
+             SELECT u.device_id, u.sequence, u.received_at, u.start_at, u.end_at, u.hour, u.device, u.models, \
+               u.server_end_at \
              FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[], $6::int8[], $7::bytea[], \
-               $8::bytea[]) WITH ORDINALITY AS u(device_id, sequence, received_at, start_at, end_at, hour, device, \
-               models, n) \
+               $8::bytea[], $9::int8[]) WITH ORDINALITY AS u(device_id, sequence, received_at, start_at, end_at, hour, \
+               device, models, server_end_at, n) \
              WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = u.device_id) \
              ORDER BY u.n \
              ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
@@ -505,6 +509,7 @@ impl Store for PgStore {
         .bind(&hours)
         .bind(&samples)
         .bind(&models)
+        .bind(&server_ends)
         .fetch_all(&mut *tx)
         .await?;
         let mut inserted: HashMap<(String, i64), i64> = HashMap::with_capacity(rows.len());
@@ -718,17 +723,20 @@ impl Store for PgStore {
         from: i64,
         until: i64,
     ) -> Result<Vec<ModelPoint>, StoreError> {
-        // Found by index (device_id, received_at), migration 0009. The
-        // batches of one upload share their received_at, and the newest of
-        // them ended just before the upload was sent: a batch ended
-        // (newest end - its end) before the upload arrived. That difference
-        // is of two times on the same device clock, so its skew cancels out.
+        // Found by index (device_id, received_at), migration 0009. A batch
+        // that ended before the window is left out, by when it ended in
+        // server time as reckoned at receipt (`server_end_at`, 0010). Rows
+        // stored before 0010 have none and are reckoned as they were then:
+        // the batches of one upload share their received_at, and the newest
+        // of them ended just before the upload was sent, so a batch ended
+        // (newest end - its end) before the upload arrived, a difference of
+        // two times on the same device clock, whose skew cancels out.
         let rows = sqlx::query_as::<_, BatchSamplesRow>(
             "SELECT device_id, at, until, sequence, models FROM ( \
-               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
+               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, server_end_at, \
                  MAX(end_at) OVER (PARTITION BY received_at) AS newest \
                FROM telemetry_batches WHERE device_id = $1 AND received_at >= $2 AND received_at < $3) AS b \
-             WHERE received_at - (newest - until) >= $2",
+             WHERE COALESCE(server_end_at, received_at - (newest - until)) >= $2",
         )
         .bind(device_id)
         .bind(from)

@@ -516,11 +516,12 @@ impl Store for SqliteStore {
             let (chunk, tail) = rest.split_at(size);
             rest = tail;
             let sql = format!(
-                "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models) \
-                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8 \
+                "INSERT INTO telemetry_batches (device_id, sequence, received_at, start_at, end_at, hour, device, models, \
+                   server_end_at) \
+                 SELECT v.column1, v.column2, v.column3, v.column4, v.column5, v.column6, v.column7, v.column8, v.column9 \
                  FROM (VALUES {}) AS v WHERE EXISTS (SELECT 1 FROM devices d WHERE d.id = v.column1) \
                  ON CONFLICT DO NOTHING RETURNING id, device_id, sequence",
-                placeholders(size, 8)
+                placeholders(size, 9)
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for &i in chunk {
@@ -533,7 +534,8 @@ impl Store for SqliteStore {
                     .bind(b.end_at)
                     .bind(hour_of(b.start_at))
                     .bind(b.device.as_ref().map(|d| d.encode_to_vec()))
-                    .bind(common::encode_samples(b));
+                    .bind(common::encode_samples(b))
+                    .bind(b.server_end_at);
             }
             let mut rows = q.fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
@@ -715,17 +717,20 @@ impl Store for SqliteStore {
         from: i64,
         until: i64,
     ) -> Result<Vec<ModelPoint>, StoreError> {
-        // Found by index (device_id, received_at), migration 0009. The
-        // batches of one upload share their received_at, and the newest of
-        // them ended just before the upload was sent: a batch ended
-        // (newest end - its end) before the upload arrived. That difference
-        // is of two times on the same device clock, so its skew cancels out.
+        // Found by index (device_id, received_at), migration 0009. A batch
+        // that ended before the window is left out, by when it ended in
+        // server time as reckoned at receipt (`server_end_at`, 0010). Rows
+        // stored before 0010 have none and are reckoned as they were then:
+        // the batches of one upload share their received_at, and the newest
+        // of them ended just before the upload was sent, so a batch ended
+        // (newest end - its end) before the upload arrived, a difference of
+        // two times on the same device clock, whose skew cancels out.
         let rows = sqlx::query_as::<_, BatchSamplesRow>(
             "SELECT device_id, at, until, sequence, models FROM ( \
-               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
+               SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, server_end_at, \
                  MAX(end_at) OVER (PARTITION BY received_at) AS newest \
                FROM telemetry_batches WHERE device_id = ? AND received_at >= ? AND received_at < ?) AS b \
-             WHERE received_at - (newest - until) >= ?",
+             WHERE COALESCE(server_end_at, received_at - (newest - until)) >= ?",
         )
         .bind(device_id)
         .bind(from)

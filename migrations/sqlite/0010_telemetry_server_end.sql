@@ -1,0 +1,12 @@
+-- The rollout gates leave out the batches an upload carries that ended
+-- before their window (`received_model_series`), reckoning when each ended
+-- in the server's time. They reckoned it from the upload's newest batch, so
+-- the uploads of a backlog but the last, which hold no recent batch, looked
+-- newer than they were. Agents now stamp each upload with when they sent it
+-- (`TelemetryUpload.sent_at_ms`), and the server reckons a batch's end at
+-- receipt and keeps it here (never after received_at). Rows stored before
+-- stay NULL: the query reckons them from their upload as before (no rewrite
+-- of the table, and raw batches are pruned after the retention anyway). The
+-- window is still found by (device_id, received_at) (0009); this column is
+-- only read from the rows found there, so it needs no index.
+ALTER TABLE telemetry_batches ADD COLUMN server_end_at INTEGER;
