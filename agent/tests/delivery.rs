@@ -1002,7 +1002,7 @@ async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
             })
             .collect()
     };
-    support::assert_eventually(Duration::from_secs(60), || {
+    assert_eventually(Duration::from_secs(60), || {
         let sent = uploads().len();
         async move { sent >= 2 }
     })
