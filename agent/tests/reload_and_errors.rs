@@ -603,6 +603,50 @@ on_both_runtimes!(
     an_empty_repository_serves_and_says_it_has_no_models,
 );
 
+/// gRPC ModelReady answers as Triton's does: a model or version the agent
+/// does not serve is not ready (`ready: false`), so a client polling for a
+/// model still to be deployed (`tritonclient.grpc`'s `is_model_ready`) is
+/// told `false` instead of getting an error; a version that is not a
+/// positive integer is still refused. HTTP says not ready with its 404.
+#[tokio::test]
+async fn grpc_model_ready_is_false_for_a_model_or_version_not_served() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let mut grpc = agent.grpc().await;
+    for (name, version, want) in [
+        ("mlp", "", true),
+        ("mlp", "1", true),
+        ("mlp", "2", false),
+        ("not_deployed_yet", "", false),
+        ("not_deployed_yet", "1", false),
+    ] {
+        let ready = grpc
+            .model_ready(pb::ModelReadyRequest {
+                name: name.into(),
+                version: version.into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{name} version {version:?}: {status}"))
+            .into_inner();
+        assert_eq!(ready.ready, want, "{name} version {version:?}");
+    }
+    let err = grpc
+        .model_ready(pb::ModelReadyRequest {
+            name: "mlp".into(),
+            version: "latest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let status = reqwest::get(agent.url("/v2/models/not_deployed_yet/ready"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 404);
+    agent.stop().await;
+}
+
 /// A request refused once it reached a version counts as that version's
 /// error, once; one refused before (undecodable) counts for its model with
 /// version ""; one for a model the repository does not hold counts under
