@@ -850,6 +850,81 @@ async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
     task.await.unwrap().unwrap();
 }
 
+/// gRPC health says what ServerReady says, as Triton's does: NOT_SERVING
+/// for the whole server ("") and the inference service while the agent is
+/// not ready (here: its repository is gone, so no scan can finish), so a
+/// health probe sends no requests that would find the models still
+/// loading; SERVING once a scan is done.
+#[tokio::test]
+async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().join("models");
+    std::fs::create_dir(&repository).unwrap();
+    let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+        model_repository: repository.clone(),
+        runtime: RuntimeChoice::Tract,
+        repository_poll_interval: None,
+        max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+        model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
+    })
+    .unwrap();
+    std::fs::remove_dir(&repository).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut inference = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel);
+    let services = ["", "inference.GRPCInferenceService"];
+    let statuses = || {
+        let mut health = health.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for service in services {
+                let status = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status();
+                statuses.push(status);
+            }
+            statuses
+        }
+    };
+    let ready = inference
+        .server_ready(pb::ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ready.ready);
+    assert_eq!(statuses().await, [ServingStatus::NotServing; 2]);
+    // The repository appears: the agent becomes ready, and says so.
+    std::fs::create_dir(&repository).unwrap();
+    assert_eventually(Duration::from_secs(10), || {
+        let statuses = &statuses;
+        async move { statuses().await == [ServingStatus::Serving; 2] }
+    })
+    .await;
+    let ready = inference
+        .server_ready(pb::ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[test]
 fn a_repository_that_does_not_exist_is_refused_before_serving() {
     let dir = tempfile::tempdir().unwrap();
