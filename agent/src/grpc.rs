@@ -56,7 +56,15 @@ impl GrpcInferenceService for GrpcInference {
         request: Request<pb::ModelReadyRequest>,
     ) -> Result<Response<pb::ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let ready = self.service.model_ready(&request.name, &request.version)?;
+        let ready = match self.service.model_ready(&request.name, &request.version) {
+            Ok(ready) => ready,
+            // As Triton answers: a model or version it does not serve is
+            // not ready. A client polling for a model still to be deployed
+            // (`tritonclient.grpc`'s `is_model_ready`) gets `false`, not an
+            // exception; HTTP says the same with its 404.
+            Err(err) if err.code == ErrorCode::NotFound => false,
+            Err(err) => return Err(err.into()),
+        };
         Ok(Response::new(pb::ModelReadyResponse { ready }))
     }
 

@@ -195,6 +195,16 @@ impl ModelState {
                         format!("version {version}'s directory cannot be read: {problem}")
                     })
             })
+            .or_else(|| {
+                // Versions on disk, none of them failed: the policy left them out.
+                (!self.on_disk.is_empty()).then(|| {
+                    format!(
+                        "the version_policy in its config.toml selects none of the \
+                         versions on disk ({:?})",
+                        self.on_disk
+                    )
+                })
+            })
             .unwrap_or_else(|| "it has no version directory with a model.onnx".to_string())
     }
 }
@@ -1149,6 +1159,33 @@ mod tests {
         make_retry_due(&registry, "mlp", 1);
         registry.sync().unwrap();
         assert_eq!(hello(), [entry("ready")]);
+    }
+
+    /// A model whose version policy selects none of its versions on disk
+    /// says so, not that it has no versions.
+    #[test]
+    fn a_policy_that_selects_no_version_on_disk_is_named_as_the_reason() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        write_config(repository.path(), "version_policy = { specific = [3] }\n");
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        let err = registry.get("mlp", None).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unavailable);
+        assert!(
+            err.message.contains("version_policy") && err.message.contains("[1]"),
+            "{}",
+            err.message
+        );
+        // Without versions on disk, that is the reason.
+        std::fs::remove_dir_all(repository.path().join("mlp").join("1")).unwrap();
+        registry.sync().unwrap();
+        let err = registry.get("mlp", None).unwrap_err();
+        assert!(
+            err.message.contains("no version directory"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]

@@ -11,6 +11,8 @@ use edgefleet_proto::inference::grpc_inference_service_server::{
 use edgefleet_proto::inference_codec::STRUCTURE_ALLOWANCE;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::grpc::GrpcInference;
 use crate::metrics::Metrics;
@@ -129,17 +131,19 @@ impl Agent {
         if let (Ok(grpc), Ok(http)) = (grpc_listener.local_addr(), http_listener.local_addr()) {
             tracing::info!(grpc = %grpc, http = %http, "edgefleet-agent listening");
         }
+        let limit = self.options.max_request_bytes;
+        // gRPC health says what ServerReady says, as Triton's does: a probe
+        // (a container's gRPC readiness check, a client's health-checked
+        // load balancing) must not send requests while the models are
+        // still loading. The watcher reports SERVING once a scan is done.
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        set_health(&health_reporter, ServingStatus::NotServing).await;
         let watcher = tokio::spawn(watch_repository(
             Arc::clone(&self.registry),
             self.options.repository_poll_interval,
             shutdown.clone(),
+            health_reporter,
         ));
-
-        let limit = self.options.max_request_bytes;
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<GrpcInferenceServiceServer<GrpcInference>>()
-            .await;
         // Reflection lists what this server serves, and nothing else.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(edgefleet_proto::INFERENCE_FILE_DESCRIPTOR_SET)
@@ -183,6 +187,15 @@ impl Agent {
     }
 }
 
+/// Sets the gRPC health status of the whole server (the service name "")
+/// and of the inference service.
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status(pb_server::SERVICE_NAME, status)
+        .await;
+}
+
 /// The wait before a failed first scan of the repository is tried again,
 /// doubled after each failure up to [`INITIAL_SCAN_MAX_RETRY`].
 pub const INITIAL_SCAN_RETRY: Duration = Duration::from_secs(1);
@@ -192,17 +205,24 @@ pub const INITIAL_SCAN_MAX_RETRY: Duration = Duration::from_secs(30);
 /// Until a scan has succeeded the agent is not ready, whatever the poll
 /// setting: a failed one (the repository gone or unreadable since the
 /// start-up check) is tried again after [`INITIAL_SCAN_RETRY`], doubling
-/// up to [`INITIAL_SCAN_MAX_RETRY`] but never past `interval`.
+/// up to [`INITIAL_SCAN_MAX_RETRY`] but never past `interval`. gRPC health
+/// turns SERVING as soon as the agent is ready.
 async fn watch_repository(
     registry: Arc<ModelRegistry>,
     interval: Option<Duration>,
     shutdown: CancellationToken,
+    health: HealthReporter,
 ) {
     let mut retry = INITIAL_SCAN_RETRY;
+    let mut serving = false;
     loop {
         let sync = Arc::clone(&registry);
         let result = tokio::task::spawn_blocking(move || sync.sync()).await;
         let ready = registry.is_ready();
+        if ready && !serving {
+            set_health(&health, ServingStatus::Serving).await;
+            serving = true;
+        }
         let next = if ready {
             interval
         } else {

@@ -603,6 +603,50 @@ on_both_runtimes!(
     an_empty_repository_serves_and_says_it_has_no_models,
 );
 
+/// gRPC ModelReady answers as Triton's does: a model or version the agent
+/// does not serve is not ready (`ready: false`), so a client polling for a
+/// model still to be deployed (`tritonclient.grpc`'s `is_model_ready`) is
+/// told `false` instead of getting an error; a version that is not a
+/// positive integer is still refused. HTTP says not ready with its 404.
+#[tokio::test]
+async fn grpc_model_ready_is_false_for_a_model_or_version_not_served() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let mut grpc = agent.grpc().await;
+    for (name, version, want) in [
+        ("mlp", "", true),
+        ("mlp", "1", true),
+        ("mlp", "2", false),
+        ("not_deployed_yet", "", false),
+        ("not_deployed_yet", "1", false),
+    ] {
+        let ready = grpc
+            .model_ready(pb::ModelReadyRequest {
+                name: name.into(),
+                version: version.into(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("{name} version {version:?}: {status}"))
+            .into_inner();
+        assert_eq!(ready.ready, want, "{name} version {version:?}");
+    }
+    let err = grpc
+        .model_ready(pb::ModelReadyRequest {
+            name: "mlp".into(),
+            version: "latest".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let status = reqwest::get(agent.url("/v2/models/not_deployed_yet/ready"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 404);
+    agent.stop().await;
+}
+
 /// A request refused once it reached a version counts as that version's
 /// error, once; one refused before (undecodable) counts for its model with
 /// version ""; one for a model the repository does not hold counts under
@@ -802,6 +846,81 @@ async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
     })
     .await;
     assert_eq!(status("/v2/models/mlp/ready").await, 200);
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// gRPC health says what ServerReady says, as Triton's does: NOT_SERVING
+/// for the whole server ("") and the inference service while the agent is
+/// not ready (here: its repository is gone, so no scan can finish), so a
+/// health probe sends no requests that would find the models still
+/// loading; SERVING once a scan is done.
+#[tokio::test]
+async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let repository = dir.path().join("models");
+    std::fs::create_dir(&repository).unwrap();
+    let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+        model_repository: repository.clone(),
+        runtime: RuntimeChoice::Tract,
+        repository_poll_interval: None,
+        max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+        model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
+    })
+    .unwrap();
+    std::fs::remove_dir(&repository).unwrap();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let mut inference = pb::grpc_inference_service_client::GrpcInferenceServiceClient::new(channel);
+    let services = ["", "inference.GRPCInferenceService"];
+    let statuses = || {
+        let mut health = health.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for service in services {
+                let status = health
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status();
+                statuses.push(status);
+            }
+            statuses
+        }
+    };
+    let ready = inference
+        .server_ready(pb::ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ready.ready);
+    assert_eq!(statuses().await, [ServingStatus::NotServing; 2]);
+    // The repository appears: the agent becomes ready, and says so.
+    std::fs::create_dir(&repository).unwrap();
+    assert_eventually(Duration::from_secs(10), || {
+        let statuses = &statuses;
+        async move { statuses().await == [ServingStatus::Serving; 2] }
+    })
+    .await;
+    let ready = inference
+        .server_ready(pb::ServerReadyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
