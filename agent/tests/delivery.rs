@@ -1373,3 +1373,55 @@ async fn a_model_check_that_keeps_running_out_of_time_is_failed() {
     assert_eq!(h.served("mlp"), Vec::<u64>::new());
     running.stop().await;
 }
+
+/// Puts `fixture` in place of `name` `version`'s installed model file the
+/// way a local edit would: written beside it, then renamed over it.
+fn replace_installed(h: &Harness, name: &str, version: u64, fixture: &str) {
+    let dir = h.models_dir().join(name).join(version.to_string());
+    let tmp = dir.join("model.onnx.edit");
+    std::fs::write(&tmp, fixture_bytes(fixture)).unwrap();
+    std::fs::rename(&tmp, dir.join("model.onnx")).unwrap();
+}
+
+/// The digest the registry serves `name` `version` from, if it serves it.
+fn served_digest(h: &Harness, name: &str, version: u64) -> Option<String> {
+    h.registry
+        .statuses()
+        .into_iter()
+        .find(|s| s.name == name && s.served_versions.contains(&version))
+        .and_then(|s| s.sha256.get(&version).cloned())
+}
+
+/// What happens without drift repair: an installed model file changed after
+/// activation is hot-reloaded and served, Hello lists its digest as
+/// "ready", and delivery, idle until a newer desired state, leaves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_installed_model_file_is_served_as_it_is() {
+    let h = Harness::new().await;
+    let model = h.model("mlp", 1, &fixture_bytes("mlp"));
+    let mut running = h.start().await;
+    running.submit(7, vec![model.clone()]);
+    assert_active(&running.outcome("mlp", 1).await);
+    replace_installed(&h, "mlp", 1, "dynamic");
+    h.sync().await;
+    let changed = sha256_hex(&fixture_bytes("dynamic"));
+    assert_eq!(served_digest(&h, "mlp", 1), Some(changed.clone()));
+    let listed = edgefleet_agent::managed::session::hello_models(&h.registry.statuses());
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].state.as_str(), &listed[0].sha256),
+        ("ready", &changed)
+    );
+    // Nothing happens meanwhile (observed, not awaited: nothing can be).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(running.link.reports().take().is_empty());
+    assert_eq!(served_digest(&h, "mlp", 1), Some(changed));
+    assert_eq!(h.server.requests().len(), 1);
+    // Only a newer desired state (or a restart) has delivery look again:
+    // it finds the file's digest wrong and installs the desired bytes.
+    running.submit(8, vec![model.clone()]);
+    assert_active(&running.outcome("mlp", 1).await);
+    assert_eq!(served_digest(&h, "mlp", 1), Some(model.sha256.clone()));
+    assert_eq!(h.server.requests().len(), 2);
+    running.stop().await;
+}
