@@ -1392,36 +1392,41 @@ fn served_digest(h: &Harness, name: &str, version: u64) -> Option<String> {
         .and_then(|s| s.sha256.get(&version).cloned())
 }
 
-/// What happens without drift repair: an installed model file changed after
-/// activation is hot-reloaded and served, Hello lists its digest as
-/// "ready", and delivery, idle until a newer desired state, leaves it.
+/// An installed model file changed after activation (another valid model
+/// renamed over it) is noticed at the registry's next scan: delivery
+/// downloads the desired bytes again (the install consumed the cached
+/// blob), installs them, and the registry serves the desired digest again,
+/// once per change (no loop: a second change is repaired once more, after
+/// its backoff).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_installed_model_file_is_served_as_it_is() {
+async fn a_changed_installed_model_file_is_replaced_by_the_desired_bytes() {
     let h = Harness::new().await;
-    let model = h.model("mlp", 1, &fixture_bytes("mlp"));
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
     let mut running = h.start().await;
     running.submit(7, vec![model.clone()]);
     assert_active(&running.outcome("mlp", 1).await);
-    replace_installed(&h, "mlp", 1, "dynamic");
-    h.sync().await;
-    let changed = sha256_hex(&fixture_bytes("dynamic"));
-    assert_eq!(served_digest(&h, "mlp", 1), Some(changed.clone()));
-    let listed = edgefleet_agent::managed::session::hello_models(&h.registry.statuses());
-    assert_eq!(listed.len(), 1);
-    assert_eq!(
-        (listed[0].state.as_str(), &listed[0].sha256),
-        ("ready", &changed)
-    );
-    // Nothing happens meanwhile (observed, not awaited: nothing can be).
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(running.link.reports().take().is_empty());
-    assert_eq!(served_digest(&h, "mlp", 1), Some(changed));
-    assert_eq!(h.server.requests().len(), 1);
-    // Only a newer desired state (or a restart) has delivery look again:
-    // it finds the file's digest wrong and installs the desired bytes.
-    running.submit(8, vec![model.clone()]);
-    assert_active(&running.outcome("mlp", 1).await);
-    assert_eq!(served_digest(&h, "mlp", 1), Some(model.sha256.clone()));
-    assert_eq!(h.server.requests().len(), 2);
+    for (change, fixture) in [(1, "dynamic"), (2, "conv")] {
+        running.seen.clear();
+        replace_installed(&h, "mlp", 1, fixture);
+        // The scan the repository poller would make.
+        h.sync().await;
+        let report = running.outcome("mlp", 1).await;
+        assert_active(&report);
+        assert_eq!(report.generation, 7);
+        assert_eq!(
+            running.stages("mlp"),
+            [
+                Stage::Downloading,
+                Stage::Verifying,
+                Stage::Checking,
+                Stage::Loading,
+                Stage::Active
+            ]
+        );
+        assert_eq!(served_digest(&h, "mlp", 1), Some(model.sha256.clone()));
+        assert_eq!(installed(&h.models_dir(), "mlp", 1), Some(bytes.clone()));
+        assert_eq!(h.server.requests().len(), 1 + change);
+    }
     running.stop().await;
 }
