@@ -249,6 +249,10 @@ pub struct ModelRegistry {
     initial_load_done: AtomicBool,
     /// Serialises scans (the poller and explicit reloads).
     sync_lock: Mutex<()>,
+    /// Counts the scans that loaded, failed to load or unloaded a version:
+    /// managed delivery watches it to notice an installed model file that
+    /// changed under it ([`ModelRegistry::changes`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for ModelRegistry {
@@ -275,7 +279,15 @@ impl ModelRegistry {
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Sees a new value after each scan that loaded, failed to load or
+    /// unloaded a version (a file changed on disk, or a version came or
+    /// went), whoever made the scan.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Records into `telemetry` instead of a recorder of its own. Call before
@@ -312,8 +324,10 @@ impl ModelRegistry {
             .unwrap_or_else(|poison| poison.into_inner());
         let scan = repository::scan(&self.repository)?;
         let known: Vec<String> = self.read().keys().cloned().collect();
+        let mut changed = false;
         for name in known {
             if !scan.models.contains_key(&name) {
+                changed = true;
                 tracing::info!(model = %name, "model removed from the repository; unloading");
                 let removed = self.write().remove(&name);
                 for version in removed.iter().flat_map(|state| state.served.keys()) {
@@ -327,7 +341,11 @@ impl ModelRegistry {
             }
         }
         for dir in scan.models.values() {
-            self.sync_model(dir);
+            changed |= self.sync_model(dir);
+        }
+        if changed {
+            self.changes
+                .send_modify(|count| *count = count.wrapping_add(1));
         }
         if !self.initial_load_done.swap(true, Ordering::AcqRel) {
             let models = self.read();
@@ -357,10 +375,12 @@ impl ModelRegistry {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    fn sync_model(&self, dir: &ModelDir) {
+    /// Brings one model in line with its directory; true if a version was
+    /// loaded, failed to load or was unloaded.
+    fn sync_model(&self, dir: &ModelDir) -> bool {
         let name = dir.name.as_str();
         if !self.note_readability(dir) {
-            return;
+            return false;
         }
         let dir = &self.keep_unreadable_versions(dir);
         // What is loaded now (cheap clones of Arcs), read without holding the lock while loading.
@@ -403,7 +423,7 @@ impl ModelRegistry {
                     state.config_fingerprint = dir.config_fingerprint;
                     state.config_error = Some(err);
                     state.on_disk = dir.versions.keys().copied().collect();
-                    return;
+                    return false;
                 }
             }
         } else {
@@ -414,6 +434,7 @@ impl ModelRegistry {
         let config_fingerprint = dir.config_fingerprint;
         let mut served: BTreeMap<u64, ServedVersion> = BTreeMap::new();
         let mut failed: BTreeMap<u64, LoadFailure> = BTreeMap::new();
+        let mut changed = false;
         for &version in &desired {
             let files = &dir.versions[&version];
             let old = old_served.get(&version);
@@ -456,6 +477,7 @@ impl ModelRegistry {
                 .and_then(|failure| failure.retry)
                 .map_or(0, |retry| retry.failures);
             let reloading = old.is_some();
+            changed = true;
             // Hashed here, once per load: the file may change between this
             // read and the runtime's, but then its fingerprint changes too
             // and the next scan loads (and hashes) it again.
@@ -565,6 +587,7 @@ impl ModelRegistry {
         }
         for version in old_served.keys() {
             if !served.contains_key(version) {
+                changed = true;
                 tracing::info!(
                     model = name,
                     version,
@@ -588,6 +611,7 @@ impl ModelRegistry {
         state.served = served;
         state.failed = failed;
         state.on_disk = dir.versions.keys().copied().collect();
+        changed
     }
 
     /// Whether a version of `name` is held aside in the repository's

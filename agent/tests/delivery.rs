@@ -1490,3 +1490,60 @@ async fn a_model_check_that_keeps_running_out_of_time_is_failed() {
     assert_eq!(h.served("mlp"), Vec::<u64>::new());
     running.stop().await;
 }
+
+/// Puts `fixture` in place of `name` `version`'s installed model file the
+/// way a local edit would: written beside it, then renamed over it.
+fn replace_installed(h: &Harness, name: &str, version: u64, fixture: &str) {
+    let dir = h.models_dir().join(name).join(version.to_string());
+    let tmp = dir.join("model.onnx.edit");
+    std::fs::write(&tmp, fixture_bytes(fixture)).unwrap();
+    std::fs::rename(&tmp, dir.join("model.onnx")).unwrap();
+}
+
+/// The digest the registry serves `name` `version` from, if it serves it.
+fn served_digest(h: &Harness, name: &str, version: u64) -> Option<String> {
+    h.registry
+        .statuses()
+        .into_iter()
+        .find(|s| s.name == name && s.served_versions.contains(&version))
+        .and_then(|s| s.sha256.get(&version).cloned())
+}
+
+/// An installed model file changed after activation (another valid model
+/// renamed over it) is noticed at the registry's next scan: delivery
+/// downloads the desired bytes again (the install consumed the cached
+/// blob), installs them, and the registry serves the desired digest again,
+/// once per change (no loop: a second change is repaired once more, after
+/// its backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_installed_model_file_is_replaced_by_the_desired_bytes() {
+    let h = Harness::new().await;
+    let bytes = fixture_bytes("mlp");
+    let model = h.model("mlp", 1, &bytes);
+    let mut running = h.start().await;
+    running.submit(7, vec![model.clone()]);
+    assert_active(&running.outcome("mlp", 1).await);
+    for (change, fixture) in [(1, "dynamic"), (2, "conv")] {
+        running.seen.clear();
+        replace_installed(&h, "mlp", 1, fixture);
+        // The scan the repository poller would make.
+        h.sync().await;
+        let report = running.outcome("mlp", 1).await;
+        assert_active(&report);
+        assert_eq!(report.generation, 7);
+        assert_eq!(
+            running.stages("mlp"),
+            [
+                Stage::Downloading,
+                Stage::Verifying,
+                Stage::Checking,
+                Stage::Loading,
+                Stage::Active
+            ]
+        );
+        assert_eq!(served_digest(&h, "mlp", 1), Some(model.sha256.clone()));
+        assert_eq!(installed(&h.models_dir(), "mlp", 1), Some(bytes.clone()));
+        assert_eq!(h.server.requests().len(), 1 + change);
+    }
+    running.stop().await;
+}

@@ -364,9 +364,7 @@ fn device_json(device: &pb::Device) -> Value {
             "agent_version": inventory.agent_version,
             "runtimes": inventory.runtimes,
         },
-        "models": device.models.iter().map(|m| json!({
-            "name": m.name, "version": m.version, "sha256": m.sha256, "state": m.state,
-        })).collect::<Vec<_>>(),
+        "models": device.models.iter().map(model_ref_json).collect::<Vec<_>>(),
         "runtime": device.runtime,
         "health": health,
         "telemetry_sequence": device.telemetry_sequence,
@@ -378,6 +376,18 @@ fn device_json(device: &pb::Device) -> Value {
     })
 }
 
+/// A model version a device lists; `expected_sha256` (the registry's
+/// digest) only on one whose digest is not the registry's.
+fn model_ref_json(model: &pb::ModelVersionRef) -> Value {
+    let mut value = json!({
+        "name": model.name, "version": model.version, "sha256": model.sha256, "state": model.state,
+    });
+    if !model.expected_sha256.is_empty() {
+        value["expected_sha256"] = json!(model.expected_sha256);
+    }
+    value
+}
+
 fn print_json(value: &Value) -> anyhow::Result<()> {
     outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -387,9 +397,37 @@ fn device_models(device: &pb::Device) -> String {
     device
         .models
         .iter()
-        .map(|m| format!("{}@{}", m.name, m.version))
+        .map(|m| {
+            let drift = if m.expected_sha256.is_empty() {
+                ""
+            } else {
+                " (digest mismatch)"
+            };
+            format!("{}@{}{drift}", m.name, m.version)
+        })
         .collect::<Vec<_>>()
         .join(",")
+}
+
+/// The versions a device lists with a digest other than the registry's:
+/// `NAME@V: device SHA…, registry SHA…`, one per line.
+fn device_digest_mismatches(device: &pb::Device) -> String {
+    let short = |sha: &str| sha.chars().take(12).collect::<String>();
+    device
+        .models
+        .iter()
+        .filter(|m| !m.expected_sha256.is_empty())
+        .map(|m| {
+            format!(
+                "{}@{}: device {}…, registry {}…",
+                m.name,
+                m.version,
+                short(&m.sha256),
+                short(&m.expected_sha256)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn print_device_table(devices: &[pb::Device]) -> anyhow::Result<()> {
@@ -497,6 +535,14 @@ fn print_device_detail(device: &pb::Device) -> anyhow::Result<()> {
             "agent rss",
             format!("{:.1} MiB", health.agent_rss_bytes as f64 / 1048576.0),
         ));
+    }
+    let mismatches = device_digest_mismatches(device);
+    if !mismatches.is_empty() {
+        let after_models = rows.iter().position(|(key, _)| *key == "models");
+        rows.insert(
+            after_models.map_or(rows.len(), |i| i + 1),
+            ("digest mismatch", mismatches),
+        );
     }
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED);

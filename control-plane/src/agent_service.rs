@@ -352,6 +352,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let models = convert::models_from_pb(&hello.models)?;
         convert::check_text("runtime", &hello.runtime, convert::MAX_RUNTIME_LEN)?;
         let now = now_ms();
+        // Before it is recorded: what `devices get` shows has been checked.
+        cp.drift
+            .check(cp.store.as_ref(), &device_id, &device.models, &models)
+            .await;
         cp.store
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
             .await
@@ -386,7 +390,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Peer { device_id, serial },
             inbound,
             outbound,
-            (inventory, hello.runtime),
+            // What the device listed, for the next ModelsChanged.
+            (inventory, hello.runtime, models),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -400,7 +405,11 @@ async fn run_session(
     }: Peer,
     mut inbound: Streaming<pb::AgentMessage>,
     outbound: crate::sessions::Outbound,
-    (inventory, runtime): (crate::store::Inventory, String),
+    (inventory, runtime, mut listed): (
+        crate::store::Inventory,
+        String,
+        Vec<crate::store::DeviceModel>,
+    ),
 ) {
     let guard = cp.sessions.register(&device_id, outbound.clone());
     cp.metrics.sessions.inc();
@@ -527,9 +536,12 @@ async fn run_session(
                             Ok(models) => models,
                             Err(status) => break Err(status),
                         };
+                        // Before it is recorded: what `devices get` shows has been checked.
+                        cp.drift.check(cp.store.as_ref(), &device_id, &listed, &models).await;
                         if let Err(err) = cp.store.record_hello(&device_id, &inventory, &models, &runtime, now).await {
                             tracing::warn!(device = %device_id, error = %err, "cannot record the device's models");
                         }
+                        listed = models;
                     }
                     Some(Upstream::Activation(report)) => {
                         if let Err(status) = crate::rollouts::record_activation(&cp, &device_id, report).await {
@@ -610,6 +622,7 @@ async fn send_desired_state(
                     size_bytes: m.size_bytes,
                     signature: m.signature,
                     private: m.private,
+                    expected_sha256: String::new(),
                 })
                 .collect(),
             trusted_keys: cp.config.trusted_signing_keys.clone(),

@@ -5,6 +5,7 @@
 pub mod agent_service;
 pub mod config;
 pub mod convert;
+pub mod drift;
 pub mod errors;
 pub mod http;
 pub mod ingest;

@@ -9,6 +9,7 @@ use edgefleet_proto::edgefleet::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::convert;
+use crate::drift;
 use crate::errors::store_unavailable;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::{JoinToken, OperatorToken};
@@ -30,6 +31,21 @@ impl OperatorApi {
 
     async fn authorize<T>(&self, request: &Request<T>) -> Result<OperatorToken, Status> {
         authorize(&self.cp, request).await
+    }
+
+    /// Marks each model version of `devices` whose digest is not the
+    /// registry's for it (`expected_sha256`).
+    async fn mark_drift(&self, devices: &mut [pb::Device]) -> Result<(), Status> {
+        drift::mark_mismatches(self.cp.store.as_ref(), devices)
+            .await
+            .map_err(store_unavailable("cannot read the model registry"))
+    }
+
+    async fn one_with_drift(&self, device: pb::Device) -> Result<Response<pb::Device>, Status> {
+        let mut devices = [device];
+        self.mark_drift(&mut devices).await?;
+        let [device] = devices;
+        Ok(Response::new(device))
     }
 }
 
@@ -126,12 +142,12 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .devices(&selector)
             .await
             .map_err(store_unavailable("cannot list devices"))?;
-        Ok(Response::new(pb::ListDevicesResponse {
-            devices: devices
-                .iter()
-                .map(|d| convert::device_to_pb(d, self.cp.sessions.is_online(&d.id)))
-                .collect(),
-        }))
+        let mut devices: Vec<pb::Device> = devices
+            .iter()
+            .map(|d| convert::device_to_pb(d, self.cp.sessions.is_online(&d.id)))
+            .collect();
+        self.mark_drift(&mut devices).await?;
+        Ok(Response::new(pb::ListDevicesResponse { devices }))
     }
 
     async fn get_device(
@@ -148,7 +164,8 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .map_err(store_unavailable("cannot read a device"))?;
         let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
         let online = self.cp.sessions.is_online(&device.id);
-        Ok(Response::new(convert::device_to_pb(&device, online)))
+        self.one_with_drift(convert::device_to_pb(&device, online))
+            .await
     }
 
     async fn revoke_device(
@@ -166,7 +183,8 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         let device = device.ok_or_else(|| Status::not_found(format!("no device {id:?}")))?;
         self.cp.sessions.revoke(id);
         tracing::info!(device = %id, operator = %operator.id, "device revoked");
-        Ok(Response::new(convert::device_to_pb(&device, false)))
+        self.one_with_drift(convert::device_to_pb(&device, false))
+            .await
     }
 
     async fn set_device_labels(
@@ -188,6 +206,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .ok_or_else(|| Status::not_found(format!("no device {:?}", request.id)))?;
         tracing::info!(device = %device.id, operator = %operator.id, "device labels set");
         let online = self.cp.sessions.is_online(&device.id);
-        Ok(Response::new(convert::device_to_pb(&device, online)))
+        self.one_with_drift(convert::device_to_pb(&device, online))
+            .await
     }
 }

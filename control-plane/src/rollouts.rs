@@ -1343,6 +1343,7 @@ mod tests {
             sessions: crate::sessions::Sessions::default(),
             metrics,
             registry: crate::registry::Registry::open(dir).unwrap(),
+            drift: Default::default(),
         }
     }
 

@@ -188,6 +188,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         sessions: Sessions::default(),
         ingester,
         metrics: Arc::clone(&metrics),
+        drift: Default::default(),
     });
     let shutdown = CancellationToken::new();
     let mut tasks = Vec::new();

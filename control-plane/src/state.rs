@@ -20,6 +20,8 @@ pub struct ControlPlane {
     pub ingester: Ingester,
     pub metrics: Arc<ServerMetrics>,
     pub registry: crate::registry::Registry,
+    /// Devices listing bytes other than the registry's, warned about once.
+    pub drift: crate::drift::DriftWarnings,
 }
 
 /// Unix milliseconds now.

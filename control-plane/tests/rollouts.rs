@@ -221,6 +221,93 @@ fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_
     assert!(agent.infer_mlp(), "v1 serves on");
 }
 
+/// Puts `fixture` in place of the agent's `name` `version` model file the
+/// way a local edit would: written beside it, then renamed over it.
+fn replace_installed(agent: &Agent, name: &str, version: u64, fixture: &str) {
+    let dir = agent
+        .state_dir
+        .join("models")
+        .join(name)
+        .join(version.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = dir.join("model.onnx.edit");
+    std::fs::copy(fixture_model(fixture), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("model.onnx")).unwrap();
+}
+
+/// A device that lists a version with bytes other than the registry's for
+/// it (here copied in by hand: no desired state names it, so the agent
+/// does not repair it) is marked by `devices get` and `devices list`
+/// (`expected_sha256`, and "digest mismatch" in the tables), and the server
+/// warns once per change: not again when the agent reconnects listing the
+/// same, again when the bytes change once more.
+#[test]
+fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked() {
+    let mut fleet = fleet(Db::Sqlite, &["tract"]);
+    let device = fleet.devices[0].clone();
+    let server = &fleet.server;
+    let sha = |pushed: Value| pushed["sha256"].as_str().unwrap().to_string();
+    let expected = sha(push(server, &fixture("mlp"), "mlp", 1));
+    // The digests of the other files, as the registry computes them.
+    let conv = sha(push(server, &fixture("conv"), "conv", 1));
+    let dynamic = sha(push(server, &fixture("dynamic"), "dynamic", 1));
+    let warning = "the device lists a model version with bytes other than the registry's";
+
+    replace_installed(&fleet.agents[0], "mlp", 1, "conv");
+    let marked = |found: &str| {
+        serde_json::json!([{
+            "name": "mlp", "version": 1, "sha256": found, "state": "ready",
+            "expected_sha256": expected,
+        }])
+    };
+    eventually(Duration::from_secs(30), "mlp@1 marked", || {
+        (server.device(&device)["models"] == marked(&conv)).then_some(())
+    });
+    let listed = server.cli_json(&["devices", "list"]);
+    assert_eq!(listed[0]["models"], marked(&conv), "{listed}");
+    let table = server.cli(&["devices", "get", &device]);
+    assert!(table.status.success(), "{}", stderr(&table));
+    let table = String::from_utf8_lossy(&table.stdout).to_string();
+    assert!(table.contains("mlp@1 (digest mismatch)"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "mlp@1: device {}…, registry {}…",
+            &conv[..12],
+            &expected[..12]
+        )),
+        "{table}"
+    );
+    let line = server
+        .process
+        .stderr
+        .wait_for(warning, Duration::from_secs(10));
+    assert!(line.contains(&expected) && line.contains(&conv), "{line}");
+
+    // A reconnect lists the same: no second warning.
+    let opened = "agent session opened";
+    assert_eq!(server.process.stderr.count(opened), 1);
+    fleet.agents[0].restart();
+    let server = &fleet.server;
+    eventually(Duration::from_secs(30), "a second session", || {
+        (server.process.stderr.count(opened) == 2).then_some(())
+    });
+    // Listed by the new session (its Hello, or a ModelsChanged once the
+    // agent has loaded it), checked before it is recorded.
+    eventually(Duration::from_secs(30), "mlp@1 listed again", || {
+        (server.device(&device)["models"] == marked(&conv)).then_some(())
+    });
+    assert_eq!(server.process.stderr.count(warning), 1);
+
+    // Other bytes again: a new warning, and the mark names them.
+    replace_installed(&fleet.agents[0], "mlp", 1, "dynamic");
+    eventually(Duration::from_secs(30), "the second change marked", || {
+        (server.device(&device)["models"] == marked(&dynamic)).then_some(())
+    });
+    eventually(Duration::from_secs(10), "a second warning", || {
+        (server.process.stderr.count(warning) == 2).then_some(())
+    });
+}
+
 #[test]
 fn a_model_failing_its_check_on_some_devices_is_rolled_back() {
     // tract lacks the operator `unsupported_op` uses: activation fails there.

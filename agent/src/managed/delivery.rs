@@ -31,6 +31,17 @@
 //!    they are moved back and served again, and the report is FAILED. A
 //!    restart after a crash moves them back too.
 //!
+//! Once a generation has converged, the task watches the registry
+//! ([`ModelRegistry::changes`]): after a scan that loaded, failed to load or
+//! unloaded something, each model that was ACTIVE in the generation and
+//! whose installed file, or what the registry serves of the version, no
+//! longer has the desired digest (the file was edited, replaced or
+//! corrupted on the device) is logged as a warning and delivered again
+//! from step 3, so the registry serves the desired bytes again. Each
+//! repair of a model after its first in the generation waits out a delay
+//! that grows as the retries' do, so a file that keeps being changed is
+//! not reinstalled in a loop.
+//!
 //! A failure that says something about the model (a bad signature, a
 //! digest mismatch, a failed model check or load, a blob the control plane
 //! refuses, a full disk) is a FAILED report, final for that generation, and
@@ -432,6 +443,24 @@ impl Job<'_> {
     }
 }
 
+/// A model still to deliver: with its backoff, and when it is due.
+type Pending<'a> = (&'a pb::ModelVersionRef, Backoff, tokio::time::Instant);
+
+/// Repairs of one model's installed file within a generation: each one
+/// after the first waits out a growing delay.
+struct Repair {
+    backoff: Backoff,
+    not_before: tokio::time::Instant,
+}
+
+/// How an active model version no longer matches its desired digest.
+struct Drift {
+    /// The digest of the installed file (or why there is none).
+    found: String,
+    /// The digest of what the registry serves of the version, or "nothing".
+    served: String,
+}
+
 /// Resolves when a desired state newer than the one being worked on arrives.
 async fn newer_desired_state(desired: &watch::Receiver<Option<pb::DesiredState>>) {
     let mut desired = desired.clone();
@@ -457,6 +486,11 @@ impl Delivery {
         mut on_disk: Option<u64>,
     ) {
         let mut current = desired.borrow_and_update().clone();
+        // The desired state last converged on, and per model the backoff
+        // of its repairs in that generation.
+        let mut applied: Option<pb::DesiredState> = None;
+        let mut repairs: HashMap<String, Repair> = HashMap::new();
+        let mut registry_changes = self.registry.changes();
         loop {
             if let Some(state) = current.take() {
                 if on_disk != Some(state.generation) {
@@ -469,14 +503,112 @@ impl Delivery {
                         }
                     }
                 }
+                repairs.clear();
                 self.converge(&state, &desired).await;
+                applied = Some(state);
             }
             tokio::select! {
                 () = self.shutdown.cancelled() => return,
                 changed = desired.changed() => if changed.is_err() { return },
+                // A scan loaded or unloaded something: an installed model
+                // file may have changed (tampering, corruption, an edit).
+                Ok(()) = registry_changes.changed() => {
+                    registry_changes.borrow_and_update();
+                    if let Some(state) = &applied {
+                        self.repair_drift(state, &desired, &mut repairs).await;
+                    }
+                    continue;
+                }
             }
             current = desired.borrow_and_update().clone();
         }
+    }
+
+    /// Installs the desired bytes again of each model of `desired` that
+    /// was ACTIVE in its generation and whose installed file, or what the
+    /// registry serves of the version, no longer has the desired digest.
+    /// A model repaired before in the generation waits out its backoff
+    /// first, so a file that keeps being changed is not installed in a
+    /// loop. Returns when done, or at a newer desired state or shutdown.
+    async fn repair_drift(
+        &self,
+        desired: &pb::DesiredState,
+        receiver: &watch::Receiver<Option<pb::DesiredState>>,
+        repairs: &mut HashMap<String, Repair>,
+    ) {
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for model in &desired.models {
+            let was_active = self.reports.latest(&model.name).is_some_and(|report| {
+                report.stage == Stage::Active as i32
+                    && report.generation == desired.generation
+                    && report.version == model.version
+                    && report.sha256 == model.sha256
+            });
+            if !was_active || pending.iter().any(|(other, _, _)| other.name == model.name) {
+                continue;
+            }
+            let Some(drift) = self.drift(model).await else {
+                continue;
+            };
+            let repair = repairs.entry(model.name.clone()).or_insert_with(|| Repair {
+                backoff: Backoff::new(self.options.backoff_initial, self.options.backoff_max),
+                not_before: tokio::time::Instant::now(),
+            });
+            let wait = repair
+                .not_before
+                .saturating_duration_since(tokio::time::Instant::now());
+            tracing::warn!(
+                model = %model.name,
+                version = model.version,
+                expected = %model.sha256,
+                found = %drift.found,
+                served = %drift.served,
+                repair_in_ms = wait.as_millis() as u64,
+                "the installed model file no longer has the desired digest; installing the desired bytes again"
+            );
+            pending.push((model, repair.backoff.clone(), repair.not_before));
+            // The next repair of this model waits longer.
+            let delay = repair.backoff.next_delay();
+            repair.not_before = tokio::time::Instant::now() + wait + delay;
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let keys = self.keys(desired).await;
+        self.deliver_each(desired, &keys, receiver, pending).await;
+    }
+
+    /// How `model`'s installed version differs from its desired digest, if
+    /// it does: the digest of the installed file, or of what the registry
+    /// serves of the version. A version that serves nothing with the
+    /// desired file installed is no drift (nothing was changed under it).
+    async fn drift(&self, model: &pb::ModelVersionRef) -> Option<Drift> {
+        let path = self
+            .state
+            .models_dir()
+            .join(&model.name)
+            .join(model.version.to_string())
+            .join(MODEL_FILE_NAME);
+        let digests = Arc::clone(&self.digests);
+        let found = match blocking(move || Ok(digests.digest(&path)?)).await {
+            Ok(Some(digest)) => digest,
+            Ok(None) => "none (the file is gone)".to_string(),
+            Err(err) => {
+                tracing::warn!(model = %model.name, version = model.version, error = %format!("{err:#}"), "cannot hash the installed model file");
+                return None;
+            }
+        };
+        let served = self
+            .status(&model.name)
+            .filter(|status| status.served_versions.contains(&model.version))
+            .and_then(|status| status.sha256.get(&model.version).cloned());
+        if found == model.sha256 && served.as_ref().is_none_or(|served| *served == model.sha256) {
+            return None;
+        }
+        Some(Drift {
+            found,
+            served: served.unwrap_or_else(|| "nothing".to_string()),
+        })
     }
 
     /// Queues a report, unless it would repeat the model's latest one (a
@@ -537,31 +669,20 @@ impl Delivery {
             models = desired.models.len(),
             "converging on the desired state"
         );
-        let state = self.state.clone();
-        let release_key = match blocking(move || state.release_key()).await {
-            Ok(key) => key,
-            Err(err) => {
-                tracing::warn!(error = %format!("{err:#}"), "cannot read the release key");
-                None
-            }
-        };
-        let keys: Vec<Vec<u8>> = release_key
-            .into_iter()
-            .chain(desired.trusted_keys.iter().cloned())
-            .collect();
-        let job = |model| Job {
-            generation: desired.generation,
-            model,
-            keys: &keys,
-            desired: receiver,
-        };
+        let keys = self.keys(desired).await;
         // The models still to deliver, in the desired state's order, each
         // with its backoff and when it is due.
-        let mut pending: Vec<(&pb::ModelVersionRef, Backoff, tokio::time::Instant)> = Vec::new();
+        let mut pending: Vec<Pending<'_>> = Vec::new();
         for model in &desired.models {
             if pending.iter().any(|(other, _, _)| other.name == model.name) {
+                let job = Job {
+                    generation: desired.generation,
+                    model,
+                    keys: &keys,
+                    desired: receiver,
+                };
                 self.report(
-                    &job(model),
+                    &job,
                     Stage::Failed,
                     "the desired state names this model twice",
                     0,
@@ -571,6 +692,60 @@ impl Delivery {
             let backoff = Backoff::new(self.options.backoff_initial, self.options.backoff_max);
             pending.push((model, backoff, tokio::time::Instant::now()));
         }
+        if !self.deliver_each(desired, &keys, receiver, pending).await {
+            return;
+        }
+        // Every model has its outcome: no partial download is resumed.
+        self.partials().clear();
+        self.fresh_partials().clear();
+        // Done with this generation: blobs nothing wants any more go.
+        let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
+        let blobs_dir = self.state.blobs_dir();
+        if let Ok(removed) = blocking(move || {
+            let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
+            Ok(files::collect_garbage(&blobs_dir, &wanted))
+        })
+        .await
+            && !removed.is_empty()
+        {
+            tracing::info!(?removed, "deleted model blobs no longer wanted");
+        }
+    }
+
+    /// The keys a model's signature may verify with: the release key and
+    /// the desired state's trusted keys.
+    async fn keys(&self, desired: &pb::DesiredState) -> Vec<Vec<u8>> {
+        let state = self.state.clone();
+        let release_key = match blocking(move || state.release_key()).await {
+            Ok(key) => key,
+            Err(err) => {
+                tracing::warn!(error = %format!("{err:#}"), "cannot read the release key");
+                None
+            }
+        };
+        release_key
+            .into_iter()
+            .chain(desired.trusted_keys.iter().cloned())
+            .collect()
+    }
+
+    /// Delivers each of `pending` once it is due, one after the other; a
+    /// model whose delivery failed for a reason that may pass is tried
+    /// again after its backoff delay, after the models behind it had their
+    /// turn. False if a newer desired state or shutdown interrupted it.
+    async fn deliver_each(
+        &self,
+        desired: &pb::DesiredState,
+        keys: &[Vec<u8>],
+        receiver: &watch::Receiver<Option<pb::DesiredState>>,
+        mut pending: Vec<Pending<'_>>,
+    ) -> bool {
+        let job = |model| Job {
+            generation: desired.generation,
+            model,
+            keys,
+            desired: receiver,
+        };
         while !pending.is_empty() {
             let mut index = 0;
             while index < pending.len() {
@@ -581,11 +756,11 @@ impl Delivery {
                 }
                 let job = job(model);
                 if job.interrupted(&self.shutdown) {
-                    return;
+                    return false;
                 }
                 match self.deliver(&job).await {
                     Ok(()) => {}
-                    Err(Stop::Interrupted) => return,
+                    Err(Stop::Interrupted) => return false,
                     Err(Stop::Failed(reason)) => {
                         tracing::warn!(model = %model.name, version = model.version, %reason, "model version not activated");
                         self.report(&job, Stage::Failed, &reason, 0);
@@ -607,26 +782,12 @@ impl Delivery {
                 break;
             };
             tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = newer_desired_state(receiver) => return,
+                () = self.shutdown.cancelled() => return false,
+                () = newer_desired_state(receiver) => return false,
                 () = tokio::time::sleep_until(next) => {}
             }
         }
-        // Every model has its outcome: no partial download is resumed.
-        self.partials().clear();
-        self.fresh_partials().clear();
-        // Done with this generation: blobs nothing wants any more go.
-        let wanted: Vec<String> = desired.models.iter().map(|m| m.sha256.clone()).collect();
-        let blobs_dir = self.state.blobs_dir();
-        if let Ok(removed) = blocking(move || {
-            let wanted: Vec<&str> = wanted.iter().map(String::as_str).collect();
-            Ok(files::collect_garbage(&blobs_dir, &wanted))
-        })
-        .await
-            && !removed.is_empty()
-        {
-            tracing::info!(?removed, "deleted model blobs no longer wanted");
-        }
+        true
     }
 
     async fn deliver(&self, job: &Job<'_>) -> Result<(), Stop> {
