@@ -238,6 +238,7 @@ def write_fixtures():
     write_batch_dims_models()
     write_batch_isolation_models()
     write_unknown_rank_models()
+    write_check_models()
     iris = gemm_chain("iris", "features", "probabilities", [4, 8, 3], final_softmax=True)
     data = save(iris, ROOT / "examples" / "model-repository" / "iris" / "1" / "model.onnx")
     session_for(data).run(None, {"features": np.array([[5.1, 3.5, 1.4, 0.2]], dtype=np.float32)})
@@ -312,6 +313,47 @@ def write_unknown_rank_models():
         data = save(m, ROOT / "testdata" / "unknown-rank" / name / "1" / "model.onnx", check=False)
         out = session_for(data).run(None, {"x": np.array(x, dtype=np.float32)})[0]
         assert out.tolist() == np.maximum(np.array(x, dtype=np.float32), 0).tolist(), out
+
+
+def write_check_models():
+    """Models the agent's pre-load check (a run on made-up inputs) must judge
+    right. `spatial_conv`: a 3x3 convolution without padding on [N, 1, H, W],
+    which no input of 1x1 pixels fits (H and W must be at least 3), as
+    networks exported with dynamic image sizes are. `l2_normalize`: x / |x|
+    per row, NaN for a row of zeros but a fine model. `nan_weights`: x plus a
+    constant holding NaN, broken for any input. `width5`: [N, W] times a
+    [5, 2] matrix, declared with a dynamic W that only 5 fits, which no
+    made-up width (64, 1) is: loaded with a warning."""
+    f = TensorProto.FLOAT
+    rng = np.random.default_rng(7)
+    kernel = numpy_helper.from_array(rng.standard_normal((2, 1, 3, 3)).astype(np.float32), "kernel")
+    conv = model("spatial_conv", [helper.make_node("Conv", ["x", "kernel"], ["y"])],
+                 [vinfo("x", f, ["N", 1, "H", "W"])], [vinfo("y", f, ["N", 2, None, None])], [kernel])
+    data = save(conv, ROOT / "testdata" / "check-models" / "spatial_conv" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.ones((1, 1, 5, 4), dtype=np.float32)})[0]
+    assert out.shape == (1, 2, 3, 2), out.shape
+    l2 = model("l2_normalize", [
+        helper.make_node("Mul", ["x", "x"], ["squares"]),
+        helper.make_node("ReduceSum", ["squares", "axes"], ["sum"], keepdims=1),
+        helper.make_node("Sqrt", ["sum"], ["norm"]),
+        helper.make_node("Div", ["x", "norm"], ["y"]),
+    ], [vinfo("x", f, ["N", 4])], [vinfo("y", f, ["N", 4])],
+        [numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")])
+    data = save(l2, ROOT / "testdata" / "check-models" / "l2_normalize" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.array([[3, 0, 4, 0]], dtype=np.float32)})[0]
+    assert np.allclose(out, [[0.6, 0, 0.8, 0]]), out
+    nan = model("nan_weights", [helper.make_node("Add", ["x", "bias"], ["y"])],
+                [vinfo("x", f, ["N", 4])], [vinfo("y", f, ["N", 4])],
+                [numpy_helper.from_array(np.array([0, np.nan, 0, 0], dtype=np.float32), "bias")])
+    data = save(nan, ROOT / "testdata" / "check-models" / "nan_weights" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.ones((1, 4), dtype=np.float32)})[0]
+    assert np.isnan(out[0, 1]), out
+    weights = numpy_helper.from_array(rng.standard_normal((5, 2)).astype(np.float32), "weights")
+    width5 = model("width5", [helper.make_node("MatMul", ["x", "weights"], ["y"])],
+                   [vinfo("x", f, ["N", "W"])], [vinfo("y", f, ["N", 2])], [weights])
+    data = save(width5, ROOT / "testdata" / "check-models" / "width5" / "1" / "model.onnx")
+    out = session_for(data).run(None, {"x": np.ones((1, 5), dtype=np.float32)})[0]
+    assert out.shape == (1, 2), out.shape
 
 
 def gather_table():

@@ -542,8 +542,11 @@ fn check(args: CheckModelArgs) -> anyhow::Result<()> {
         intra_op_threads: args.intra_op_threads,
         spin_wait: false,
     };
-    check_model(runtime.as_ref(), &args.model, &options)
+    let checked = check_model(runtime.as_ref(), &args.model, &options)
         .map_err(|reason| anyhow::anyhow!(reason))?;
+    if let Some(warning) = checked.warning {
+        eprintln!("{}{warning}", edgefleet_agent::model_check::WARNING_PREFIX);
+    }
     Ok(())
 }
 

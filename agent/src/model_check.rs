@@ -69,34 +69,98 @@ pub enum ModelCheck {
     InProcess,
 }
 
-/// Loads the model and runs it once on zeros; outputs must be finite.
+/// A model that passed the check.
+#[derive(Debug, Clone)]
+pub struct Checked {
+    pub signature: Signature,
+    /// Why the check could not run the model, though it loaded: no made-up
+    /// input of the shapes it declares fitted it (see [`check_model`]).
+    pub warning: Option<String>,
+}
+
+/// Dynamic dimensions other than the first are set to this on the first
+/// try: inputs of 1 pixel or token do not fit every model (a convolution
+/// without padding, a network that halves its image five times and joins
+/// the halves again; tract even crashes on a convolution whose input is
+/// smaller than its kernel), and 64 is divisible by the strides vision
+/// networks use. The first dimension, a batch if the model has one, is 1.
+const FIRST_TRY_DIM: i64 = 64;
+
+/// Loads the model and runs it on made-up inputs of its declared shapes:
+/// zeros, then ones (in floating-point inputs); dynamic dimensions past the
+/// first as [`FIRST_TRY_DIM`], then, if no run fitted, as 1 (the first is
+/// always 1). The model passes once a run gives finite outputs.
+/// It fails if it does not load, panics, or gives non-finite values on
+/// every input that ran (broken weights: a row of zeros alone may rightly
+/// give NaN, as in `x / |x|`). If no run fitted a model with dynamic
+/// dimensions past the first, the made-up shapes may be at fault, not the
+/// model: it passes with a warning (its requests will tell); with every
+/// dimension but a batch declared, a run that fails is the model's fault.
 pub fn check_model(
     runtime: &dyn Runtime,
     model_path: &Path,
     options: &SessionOptions,
-) -> Result<Signature, String> {
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Signature, String> {
+) -> Result<Checked, String> {
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Checked, String> {
         let mut session = runtime
             .load(model_path, options)
             .map_err(|err| err.to_string())?;
         let signature = session.signature().clone();
-        let inputs = signature
+        // Dynamic dimensions past the first: the made-up sizes may not fit.
+        let dynamic = signature
             .inputs
             .iter()
-            .map(|spec| zeros(&spec.name, spec.dtype, &spec.shape))
-            .collect::<Result<Vec<_>, _>>()?;
-        let outputs = session
-            .run(inputs)
-            .map_err(|err| format!("test run on zeros failed: {err}"))?;
-        for output in &outputs {
-            if !is_finite(output) {
-                return Err(format!(
-                    "test run on zeros gave non-finite values in output '{}'",
-                    output.name
-                ));
+            .any(|spec| spec.unknown_rank || spec.shape.iter().skip(1).any(|&d| d < 0));
+        let any_float = signature.inputs.iter().any(|spec| is_float(spec.dtype));
+        let sizes: &[i64] = if dynamic { &[FIRST_TRY_DIM, 1] } else { &[1] };
+        let fills: &[f32] = if any_float { &[0.0, 1.0] } else { &[0.0] };
+        let mut run_errors = Vec::new();
+        let mut non_finite = None;
+        for &size in sizes {
+            for &fill in fills {
+                let inputs = signature
+                    .inputs
+                    .iter()
+                    .map(|spec| made_up(&spec.name, spec.dtype, &spec.shape, size, fill))
+                    .collect::<Result<Vec<_>, _>>()?;
+                match session.run(inputs) {
+                    Ok(outputs) => match outputs.iter().find(|output| !is_finite(output)) {
+                        None => {
+                            return Ok(Checked {
+                                signature,
+                                warning: None,
+                            });
+                        }
+                        Some(output) => non_finite = Some(output.name.clone()),
+                    },
+                    Err(err) => {
+                        // Other values of the same shapes will not fit either.
+                        run_errors.push(if dynamic {
+                            format!("dynamic dimensions as {size}: {err}")
+                        } else {
+                            err.to_string()
+                        });
+                        break;
+                    }
+                }
             }
         }
-        Ok(signature)
+        if let Some(output) = non_finite {
+            return Err(format!(
+                "test runs on zeros and on ones gave non-finite values in output '{output}'"
+            ));
+        }
+        let errors = run_errors.join("; ");
+        if !dynamic {
+            return Err(format!("test run on zeros failed: {errors}"));
+        }
+        Ok(Checked {
+            signature,
+            warning: Some(format!(
+                "no made-up input fitted the model's dynamic dimensions, so it was loaded but not \
+                 run ({errors})"
+            )),
+        })
     }));
     outcome.unwrap_or_else(|panic| {
         let what = panic
@@ -108,12 +172,42 @@ pub fn check_model(
     })
 }
 
-fn zeros(name: &str, dtype: DataType, shape: &[i64]) -> Result<Tensor, String> {
-    // Dynamic dimensions become 1: the smallest real input.
-    let shape: Vec<i64> = shape.iter().map(|&d| if d < 0 { 1 } else { d }).collect();
+/// An input of `shape` filled with `fill` (floating-point types; others get
+/// zeros, which index and count safely): dynamic dimensions as 1, but the
+/// second and later as `size`.
+fn made_up(
+    name: &str,
+    dtype: DataType,
+    shape: &[i64],
+    size: i64,
+    fill: f32,
+) -> Result<Tensor, String> {
+    let shape: Vec<i64> = shape
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| match d {
+            d if d >= 0 => d,
+            _ if i == 0 => 1,
+            _ => size,
+        })
+        .collect();
     let count = element_count(&shape).map_err(|err| err.to_string())?;
     let data = match dtype.element_size() {
-        Some(size) => TensorData::Raw(vec![0; count * size].into()),
+        Some(width) => {
+            let mut bytes = vec![0; count * width];
+            let one: Option<Vec<u8>> = match dtype {
+                DataType::F32 => Some(fill.to_le_bytes().to_vec()),
+                DataType::F64 => Some(f64::from(fill).to_le_bytes().to_vec()),
+                DataType::F16 => Some(half::f16::from_f32(fill).to_le_bytes().to_vec()),
+                _ => None,
+            };
+            if let Some(one) = one.filter(|_| fill != 0.0) {
+                for chunk in bytes.chunks_exact_mut(width) {
+                    chunk.copy_from_slice(&one);
+                }
+            }
+            TensorData::Raw(bytes.into())
+        }
         None => TensorData::Bytes(vec![Vec::new(); count]),
     };
     Ok(Tensor {
@@ -122,6 +216,10 @@ fn zeros(name: &str, dtype: DataType, shape: &[i64]) -> Result<Tensor, String> {
         shape,
         data,
     })
+}
+
+fn is_float(dtype: DataType) -> bool {
+    matches!(dtype, DataType::F32 | DataType::F64 | DataType::F16)
 }
 
 fn is_finite(tensor: &Tensor) -> bool {
@@ -143,9 +241,14 @@ impl ModelCheck {
         options: &SessionOptions,
     ) -> Result<(), CheckFailure> {
         match self {
-            ModelCheck::InProcess => check_model(runtime, model_path, options)
-                .map(|_| ())
-                .map_err(CheckFailure::of_model),
+            ModelCheck::InProcess => {
+                let checked =
+                    check_model(runtime, model_path, options).map_err(CheckFailure::of_model)?;
+                if let Some(warning) = checked.warning {
+                    tracing::warn!(model = %model_path.display(), "{warning}");
+                }
+                Ok(())
+            }
             ModelCheck::ChildProcess { exe, timeout } => {
                 let mut command = Command::new(exe);
                 command
@@ -165,13 +268,17 @@ impl ModelCheck {
                 {
                     command.env("ORT_DYLIB_PATH", library);
                 }
-                run_child(command, *timeout)
+                run_child(command, *timeout, model_path)
             }
         }
     }
 }
 
-fn run_child(mut command: Command, timeout: Duration) -> Result<(), CheckFailure> {
+/// What `check-model` prints on stderr before a warning of a model that
+/// passed ([`Checked::warning`]), for the serving process to log it.
+pub const WARNING_PREFIX: &str = "model check warning: ";
+
+fn run_child(mut command: Command, timeout: Duration, model: &Path) -> Result<(), CheckFailure> {
     let mut child = command.spawn().map_err(|err| {
         CheckFailure::transient(format!("cannot start the model check process: {err}"))
     })?;
@@ -205,6 +312,12 @@ fn run_child(mut command: Command, timeout: Duration) -> Result<(), CheckFailure
     };
     let stderr = reader.join().unwrap_or_default();
     if status.success() {
+        for warning in stderr
+            .lines()
+            .filter_map(|l| l.strip_prefix(WARNING_PREFIX))
+        {
+            tracing::warn!(model = %model.display(), "{warning}");
+        }
         return Ok(());
     }
     let reason = stderr

@@ -40,6 +40,48 @@ fn help_and_version() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
+/// `check-model`, the pre-load check the agent runs in a child process:
+/// exit 0 for a model that runs finite, and for one no made-up input fits
+/// with a warning on stderr; non-zero with the reason for NaN weights.
+#[test]
+fn check_model_passes_good_models_warns_when_it_cannot_run_and_fails_nan_weights() {
+    require_onnxruntime();
+    let check = |name: &str, runtime: &str| {
+        let model = edgefleet_test_support::testdata()
+            .join("check-models")
+            .join(name)
+            .join("1/model.onnx");
+        let out = agent_bin()
+            .args(["check-model", "--runtime", runtime, "--model"])
+            .arg(model)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.success(), stderr)
+    };
+    for runtime in ["tract", "onnxruntime"] {
+        for name in ["spatial_conv", "l2_normalize"] {
+            let (passed, stderr) = check(name, runtime);
+            assert!(passed, "{name} on {runtime}: {stderr}");
+            assert!(!stderr.contains("model check warning"), "{name}: {stderr}");
+        }
+        let (passed, stderr) = check("nan_weights", runtime);
+        assert!(!passed, "nan_weights passed on {runtime}");
+        assert!(
+            stderr.contains("non-finite values in output 'y'"),
+            "{runtime}: {stderr}"
+        );
+    }
+    // tract infers that only 5 fits the width and runs it; ONNX Runtime
+    // keeps the width dynamic, and neither 64 nor 1 fits it.
+    let (passed, stderr) = check("width5", "onnxruntime");
+    assert!(passed, "{stderr}");
+    assert!(
+        stderr.contains("model check warning: no made-up input fitted"),
+        "{stderr}"
+    );
+}
+
 fn fails_with(args: &[&str], words: &str) {
     let out = agent_bin().args(args).output().unwrap();
     assert!(!out.status.success(), "{args:?} should fail");

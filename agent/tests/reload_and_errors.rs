@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_proto::inference as pb;
-use edgefleet_test_support::{assert_eventually, fixture_model};
+use edgefleet_test_support::{assert_eventually, fixture_model, testdata};
 use serde_json::{Value, json};
 use support::*;
 
@@ -596,11 +596,74 @@ async fn an_empty_repository_serves_and_says_it_has_no_models(runtime: RuntimeCh
     agent.stop().await;
 }
 
+/// The check a model passes before it is served runs it on made-up inputs
+/// of its declared shapes. Models with dynamic dimensions that an input of
+/// 1 pixel does not fit (a 3x3 convolution without padding), or that rightly
+/// give NaN on zeros (x / |x|), are served, and an input too small for the
+/// convolution is refused; a model with NaN in its weights,
+/// non-finite for any input, is refused with a reason that says so. A model
+/// no made-up input fits (a dynamic width that only 5 fits) is served.
+async fn the_model_check_serves_valid_models_and_refuses_broken_weights(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    for name in ["spatial_conv", "l2_normalize", "nan_weights", "width5"] {
+        let dir = repo.path().join(name).join("1");
+        std::fs::create_dir_all(&dir).unwrap();
+        let fixture = testdata()
+            .join("check-models")
+            .join(name)
+            .join("1/model.onnx");
+        std::fs::copy(fixture, dir.join("model.onnx")).unwrap();
+    }
+    let agent = agent(repo.path(), runtime).start().await;
+    let served = &agent;
+    let infer = |model: &str, shape: Value, data: Value| {
+        let body = json!({ "inputs": [{ "name": "x", "datatype": "FP32", "shape": shape, "data": data }] });
+        let path = format!("/v2/models/{model}/infer");
+        async move { post(served, &path, &body).await }
+    };
+    let (status, body) = infer("spatial_conv", json!([1, 1, 5, 4]), json!(vec![1.0f32; 20])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 2, 3, 2]), "{body}");
+    // An image smaller than the kernel is the request's fault: refused, and
+    // the agent serves on (tract left alone computes it out of bounds and
+    // the process dies of SIGSEGV).
+    let (status, body) = infer("spatial_conv", json!([1, 1, 1, 1]), json!([1.0])).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("failed to run"),
+        "{body}"
+    );
+    let (status, body) = infer("spatial_conv", json!([1, 1, 3, 3]), json!(vec![1.0f32; 9])).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = infer("l2_normalize", json!([1, 4]), json!([3.0, 0.0, 4.0, 0.0])).await;
+    assert_eq!(status, 200, "{body}");
+    let values: Vec<f64> = serde_json::from_value(body["outputs"][0]["data"].clone()).unwrap();
+    for (got, want) in values.iter().zip([0.6, 0.0, 0.8, 0.0]) {
+        assert!((got - want).abs() < 1e-5, "{values:?}");
+    }
+    let (status, body) = infer("width5", json!([1, 5]), json!(vec![1.0f32; 5])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["outputs"][0]["shape"], json!([1, 2]), "{body}");
+    let status = reqwest::get(agent.url("/v2/models/nan_weights/ready"))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 503);
+    let (status, body) = infer("nan_weights", json!([1, 4]), json!([1.0, 1.0, 1.0, 1.0])).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("non-finite"),
+        "{body}"
+    );
+    agent.stop().await;
+}
+
 on_both_runtimes!(
     hot_reload_under_load_drops_no_request,
     broken_models_are_reported_and_the_rest_keep_serving,
     bad_requests_get_clear_errors_and_the_agent_keeps_serving,
     an_empty_repository_serves_and_says_it_has_no_models,
+    the_model_check_serves_valid_models_and_refuses_broken_weights,
 );
 
 /// gRPC ModelReady answers as Triton's does: a model or version the agent

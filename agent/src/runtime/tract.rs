@@ -7,8 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceModelExt, IntoTensor, TValue, TVec, Tensor as TractTensor,
-    TypedModel, TypedRunnableModel, TypedSimpleState, tract_ndarray,
+    DatumType, Framework, InferenceModelExt, IntoTensor, Symbol, SymbolValues, TDim, TValue, TVec,
+    Tensor as TractTensor, TypedModel, TypedRunnableModel, TypedSimpleState, tract_ndarray,
 };
 
 use super::{
@@ -153,6 +153,7 @@ impl Runtime for TractRuntime {
             .into_optimized()
             .map_err(|err| load_error(format!("{err:#}")))?;
         let signature = signature(&optimized, (&input_names, &output_names))?;
+        let dim_guard = DimGuard::of(&optimized).map_err(|err| load_error(format!("{err:#}")))?;
         let plan: Arc<TypedRunnableModel> =
             tract_onnx::prelude::IntoRunnable::into_runnable(optimized)
                 .map_err(|err| load_error(format!("{err:#}")))?;
@@ -161,6 +162,7 @@ impl Runtime for TractRuntime {
             plan,
             state,
             signature,
+            dim_guard,
         }))
     }
 }
@@ -169,6 +171,80 @@ struct TractSession {
     plan: Arc<TypedRunnableModel>,
     state: TypedSimpleState,
     signature: Signature,
+    dim_guard: DimGuard,
+}
+
+/// The dimensions of every value inside a model that depend on its inputs'
+/// dynamic dimensions (`H - 2` after a 3x3 convolution without padding), to
+/// refuse an input they would make negative before tract runs it: tract
+/// does not check, and computes such a convolution out of bounds until the
+/// process dies of SIGSEGV (tract-onnx 0.23, a 1x1 image into a 3x3
+/// kernel). A request must not take the agent down.
+struct DimGuard {
+    /// Per input, per axis, the symbol the axis binds (`N`, `H`), if any.
+    inputs: Vec<Vec<Option<Symbol>>>,
+    /// The distinct symbolic dimensions, each with the first node it is a
+    /// dimension of.
+    dims: Vec<(TDim, String)>,
+}
+
+impl DimGuard {
+    fn of(model: &TypedModel) -> tract_onnx::prelude::TractResult<DimGuard> {
+        let inputs = model
+            .input_outlets()?
+            .iter()
+            .map(|&outlet| {
+                let fact = model.outlet_fact(outlet)?;
+                Ok(fact
+                    .shape
+                    .iter()
+                    .map(|dim| match dim {
+                        TDim::Sym(symbol) => Some(symbol.clone()),
+                        _ => None,
+                    })
+                    .collect())
+            })
+            .collect::<tract_onnx::prelude::TractResult<_>>()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut dims = Vec::new();
+        for node in model.nodes() {
+            for output in &node.outputs {
+                for dim in output.fact.shape.iter() {
+                    if dim.as_i64().is_none() && seen.insert(dim.clone()) {
+                        dims.push((dim.clone(), node.name.clone()));
+                    }
+                }
+            }
+        }
+        Ok(DimGuard { inputs, dims })
+    }
+
+    /// An error if `inputs` would give a value inside the model a negative
+    /// dimension.
+    fn check(&self, inputs: &[Tensor]) -> Result<(), RuntimeError> {
+        if self.dims.is_empty() {
+            return Ok(());
+        }
+        let mut values = SymbolValues::default();
+        for (axes, tensor) in self.inputs.iter().zip(inputs) {
+            for (symbol, &size) in axes.iter().zip(&tensor.shape) {
+                if let Some(symbol) = symbol {
+                    values.set(symbol, size);
+                }
+            }
+        }
+        for (dim, node) in &self.dims {
+            if let Some(size) = dim.eval(&values).as_i64()
+                && size < 0
+            {
+                return Err(run_error(format!(
+                    "the input is too small for the model: node '{node}' would have a dimension \
+                     of {size} ({dim})"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl TractSession {
@@ -268,6 +344,7 @@ impl ModelSession for TractSession {
     }
 
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        self.dim_guard.check(&inputs)?;
         let values: TVec<TValue> = inputs
             .iter()
             .map(|tensor| to_tract(tensor).map(TValue::from))
