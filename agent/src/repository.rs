@@ -129,7 +129,8 @@ pub fn check_repository(path: &Path) -> Result<(), RepositoryError> {
 pub const HELD_DIR: &str = ".held";
 
 /// Lists every model and version directory. Entries that do not fit the
-/// layout (files at the top level, non-numeric or zero version directories,
+/// layout (files at the top level, version directories that are not a
+/// positive number written plainly — `0`, `01`, `+1`, `latest` —
 /// version directories without `model.onnx`) are skipped with a debug log.
 /// A model directory that cannot be read in full is listed with the reason
 /// ([`ModelDir::unreadable`]), not skipped: it may hold a serving model.
@@ -198,12 +199,7 @@ fn read_model_dir(model: &mut ModelDir) -> std::io::Result<()> {
     }
     for child in std::fs::read_dir(&model.dir).map_err(at(&model.dir))? {
         let child = child.map_err(at(&model.dir))?;
-        let Some(version) = child
-            .file_name()
-            .to_str()
-            .and_then(|text| text.parse::<u64>().ok())
-            .filter(|&version| version > 0)
-        else {
+        let Some(version) = child.file_name().to_str().and_then(version_number) else {
             continue;
         };
         let model_path = child.path().join(MODEL_FILE_NAME);
@@ -229,6 +225,15 @@ fn read_model_dir(model: &mut ModelDir) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The version a directory name stands for: a positive decimal number
+/// written as `u64` prints it, so no two directories (`1`, `01`, `+1`) claim
+/// one version and which of them serves never depends on the order the
+/// directory lists them in.
+fn version_number(name: &str) -> Option<u64> {
+    let canonical = !name.starts_with('0') && name.bytes().all(|b| b.is_ascii_digit());
+    name.parse().ok().filter(|_| canonical)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,7 +246,12 @@ mod tests {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join(MODEL_FILE_NAME), b"x").unwrap();
         }
-        // Ignored: no model file, a non-numeric version, version 0, a top-level file.
+        // Ignored: no model file, a non-numeric version, version 0, a
+        // top-level file, versions not written as a plain number.
+        for other in ["a/01", "a/05", "a/+6", "a/ 7", "b/007"] {
+            std::fs::create_dir_all(root.path().join(other)).unwrap();
+            std::fs::write(root.path().join(other).join(MODEL_FILE_NAME), b"x").unwrap();
+        }
         std::fs::create_dir_all(root.path().join("a/4")).unwrap();
         std::fs::create_dir_all(root.path().join("a/latest")).unwrap();
         std::fs::create_dir_all(root.path().join("b/0")).unwrap();
@@ -258,6 +268,10 @@ mod tests {
                 .copied()
                 .collect::<Vec<_>>(),
             [1, 3]
+        );
+        assert_eq!(
+            scan.models["a"].versions[&1].model_path,
+            root.path().join("a/1").join(MODEL_FILE_NAME)
         );
         assert_eq!(
             scan.models["b"]
