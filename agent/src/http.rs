@@ -158,10 +158,7 @@ async fn model_version_ready(
 
 async fn metrics(State(service): State<InferenceService>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, edgefleet_proto::METRICS_CONTENT_TYPE)],
         service.metrics().encode(),
     )
         .into_response()

@@ -1424,3 +1424,30 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
     drop(socket);
     agent.stop().await;
 }
+
+/// `/metrics` says what its text is: OpenMetrics, ended by `# EOF`, which
+/// Prometheus parses by that type (under the older text format's
+/// `text/plain; version=0.0.4` it would read it as that format).
+#[tokio::test]
+async fn metrics_are_served_as_openmetrics() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let response = reqwest::get(agent.url("/metrics")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
+    let text = response.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(
+        text.contains("# TYPE edgefleet_inference_requests counter"),
+        "{text}"
+    );
+    agent.stop().await;
+}

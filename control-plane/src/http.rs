@@ -19,10 +19,7 @@ pub fn router(metrics: Arc<ServerMetrics>) -> axum::Router {
 
 async fn metrics_text(State(metrics): State<Arc<ServerMetrics>>) -> Response {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, edgefleet_proto::METRICS_CONTENT_TYPE)],
         metrics.encode(),
     )
         .into_response()

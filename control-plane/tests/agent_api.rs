@@ -1369,3 +1369,32 @@ fn a_silent_session_is_ended_after_the_idle_timeout() {
         1
     );
 }
+
+/// The control plane's `/metrics` says what its text is: OpenMetrics,
+/// ended by `# EOF`, which Prometheus parses by that type.
+#[test]
+fn metrics_are_served_as_openmetrics() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &[]);
+    let mut stream = std::net::TcpStream::connect(server.http_addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+        server.http_addr
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let head = head.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(
+        head.contains("\r\ncontent-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+}

@@ -30,6 +30,12 @@ pub mod inference_codec;
 mod histogram;
 pub use histogram::{BUCKETS_PER_OCTAVE, bucket_lower_bound, bucket_of};
 
+/// The `Content-Type` of agent and control plane `/metrics`: their text is
+/// OpenMetrics (`prometheus-client`'s encoding, ending in `# EOF`), which
+/// Prometheus parses by this type and would read as its older text format
+/// under `text/plain; version=0.0.4`.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Encoded `FileDescriptorSet` of the Open Inference Protocol (`package
 /// inference`), for the agent's gRPC reflection.
 pub const INFERENCE_FILE_DESCRIPTOR_SET: &[u8] =
