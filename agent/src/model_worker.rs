@@ -349,6 +349,14 @@ impl LoadedVersion {
             .map(|session| session.signature().clone())
             .unwrap_or_default();
         let mut batching = config.max_batch_size > 1 && supports_batching(&signature);
+        if config.max_batch_size_set && config.max_batch_size > 1 && !batching {
+            tracing::warn!(
+                model,
+                version,
+                max_batch_size = config.max_batch_size,
+                "not batching although config.toml sets max_batch_size: not every input and output of the model has a dynamic first dimension to stack requests along"
+            );
+        }
         if batching
             && !config.max_batch_size_set
             && let Some(conflict) = batch_dimension_conflict(&signature)

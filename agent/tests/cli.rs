@@ -972,3 +972,49 @@ async fn a_request_that_would_decode_huge_is_refused_before_it_is_decoded() {
         "counted as refused before the model was known"
     );
 }
+
+/// A `max_batch_size` the model cannot honour (its first dimension is
+/// fixed) is not silently ignored: the log says the model is not batched.
+#[test]
+fn max_batch_size_on_a_model_without_a_batch_dimension_is_warned_about() {
+    let repo = tempfile::tempdir().unwrap();
+    let version = repo.path().join("fixed/1");
+    std::fs::create_dir_all(&version).unwrap();
+    std::fs::copy(fixture_model("no_batch"), version.join("model.onnx")).unwrap();
+    std::fs::write(
+        repo.path().join("fixed/config.toml"),
+        "max_batch_size = 8\n",
+    )
+    .unwrap();
+    let (child, rx) = spawn_logging(&[
+        "serve",
+        "--model-repository",
+        repo.path().to_str().unwrap(),
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--runtime",
+        "tract",
+    ]);
+    let _child = KillOnDrop(child);
+    let mut warning = None;
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("agent logs its model load");
+        if line.contains("not batching although config.toml sets max_batch_size") {
+            warning = Some(line.clone());
+        }
+        if line.contains("initial model load done") {
+            break;
+        }
+    }
+    let warning = warning.expect("a warning that the model is not batched");
+    assert!(
+        warning.contains("WARN")
+            && warning.contains("model=\"fixed\"")
+            && warning.contains("max_batch_size=8"),
+        "{warning}"
+    );
+}
