@@ -572,8 +572,13 @@ fn worker_loop(
     let metrics = &run.metrics;
     let mut deferred: VecDeque<Job> = VecDeque::new();
     loop {
+        // The gauge counts a request until a batch takes it: one set aside
+        // for a later batch (`deferred`) is still waiting.
         let first = match deferred.pop_front() {
-            Some(job) => job,
+            Some(job) => {
+                metrics.queue_depth.dec();
+                job
+            }
             None => match queue.recv() {
                 Ok(job) => {
                     metrics.queue_depth.dec();
@@ -596,6 +601,7 @@ fn worker_loop(
                 };
                 if let Some(pos) = deferred.iter().position(fits) {
                     if let Some(job) = deferred.remove(pos) {
+                        metrics.queue_depth.dec();
                         rows += job.rows;
                         batch.push(job);
                     }
@@ -610,8 +616,8 @@ fn worker_loop(
                         Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                     },
                 };
-                metrics.queue_depth.dec();
                 if fits(&next) {
+                    metrics.queue_depth.dec();
                     rows += next.rows;
                     batch.push(next);
                 } else {
@@ -824,6 +830,8 @@ mod tests {
         batches: Arc<Mutex<Vec<i64>>>,
         /// The name of the thread each run ran on.
         threads: Arc<Mutex<Vec<String>>>,
+        /// Runs started (counted before the delay).
+        started: Arc<AtomicUsize>,
         delay: Duration,
     }
 
@@ -840,6 +848,7 @@ mod tests {
                     message: "scripted error on infinity".into(),
                 });
             }
+            self.started.fetch_add(1, Ordering::SeqCst);
             std::thread::sleep(self.delay);
             if input.to_vec::<f32>().iter().any(|v| v.is_nan()) {
                 panic!("scripted panic on NaN");
@@ -860,8 +869,12 @@ mod tests {
     type Recorded<T> = Arc<Mutex<Vec<T>>>;
 
     fn doubler(delay: Duration) -> (Box<dyn ModelSession>, Recorded<i64>, Recorded<String>) {
-        let batches = Arc::new(Mutex::new(Vec::new()));
-        let threads = Arc::new(Mutex::new(Vec::new()));
+        let session = doubler_session(delay);
+        let (batches, threads) = (Arc::clone(&session.batches), Arc::clone(&session.threads));
+        (Box::new(session), batches, threads)
+    }
+
+    fn doubler_session(delay: Duration) -> Doubler {
         let spec = |name: &str| TensorSpec {
             name: name.into(),
             dtype: DataType::F32,
@@ -869,16 +882,16 @@ mod tests {
             unknown_rank: false,
             dim_names: vec!["N".into(), String::new()],
         };
-        let session = Doubler {
+        Doubler {
             signature: Signature {
                 inputs: vec![spec("x")],
                 outputs: vec![spec("y")],
             },
-            batches: Arc::clone(&batches),
-            threads: Arc::clone(&threads),
+            batches: Recorded::default(),
+            threads: Recorded::default(),
+            started: Arc::default(),
             delay,
-        };
-        (Box::new(session), batches, threads)
+        }
     }
 
     fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Recorded<i64>) {
@@ -997,6 +1010,32 @@ mod tests {
         }
         // 1+2+1+2 rows arrive within the queue delay: one run of 6 rows.
         assert_eq!(*batches.lock().unwrap(), vec![6]);
+    }
+
+    /// A request that does not fit the batch being gathered is set aside
+    /// for the next one: the queue depth gauge still counts it as waiting.
+    #[tokio::test]
+    async fn a_request_set_aside_for_the_next_batch_counts_as_queued() {
+        let config = ModelConfig {
+            max_batch_size: 4,
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(200)),
+            ..ModelConfig::default()
+        };
+        let metrics = Arc::new(Metrics::new());
+        let session = doubler_session(Duration::from_millis(500));
+        let started = Arc::clone(&session.started);
+        let version = load(Box::new(session), &config, &metrics);
+        let depth = metrics.for_version("m", 1).queue_depth;
+        let first = version.submit(row([1.0, 2.0], 3)).unwrap();
+        let second = version.submit(row([3.0, 4.0], 3)).unwrap();
+        // 3 + 3 rows do not fit 4: the first runs alone, the second waits.
+        while started.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(depth.get(), 1, "the request set aside is waiting");
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(depth.get(), 0);
     }
 
     #[tokio::test]
@@ -1567,9 +1606,7 @@ mod tests {
     fn session_with(signature: Signature) -> Box<dyn ModelSession> {
         Box::new(Doubler {
             signature,
-            batches: Arc::default(),
-            threads: Arc::default(),
-            delay: Duration::ZERO,
+            ..doubler_session(Duration::ZERO)
         })
     }
 
