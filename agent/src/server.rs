@@ -11,6 +11,7 @@ use edgefleet_proto::inference::grpc_inference_service_server::{
 use edgefleet_proto::inference_codec::STRUCTURE_ALLOWANCE;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -158,7 +159,12 @@ impl Agent {
             // on the tensors, and the codec on what the message decodes to
             // (with as much room for its structure).
             .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
-            .max_encoding_message_size(usize::MAX);
+            .max_encoding_message_size(usize::MAX)
+            // As Triton's: clients may gzip requests (tritonclient's
+            // `compression_algorithm`) and ask for gzipped answers. tonic
+            // holds a request's decompressed size to the decoding limit.
+            .accept_compressed(CompressionEncoding::Gzip)
+            .send_compressed(CompressionEncoding::Gzip);
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();

@@ -791,6 +791,52 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
     agent.stop().await;
 }
 
+/// Requests gzipped as tritonclient's `compression_algorithm="gzip"` sends
+/// them are served, with gzipped answers to a client that asks for them; a
+/// request that is small on the wire but decompresses to more than the
+/// request limit is refused with RESOURCE_EXHAUSTED, and the agent serves on.
+#[tokio::test]
+async fn gzipped_requests_are_served_within_the_request_limit() {
+    use tonic::codec::CompressionEncoding::Gzip;
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .max_request_bytes(64 * 1024)
+        .start()
+        .await;
+    let plain = agent
+        .grpc()
+        .await
+        .model_infer(mlp_input_raw())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut gzip = agent
+        .grpc()
+        .await
+        .send_compressed(Gzip)
+        .accept_compressed(Gzip);
+    let zipped = gzip.model_infer(mlp_input_raw()).await.unwrap();
+    assert_eq!(
+        zipped
+            .metadata()
+            .get("grpc-encoding")
+            .map(|v| v.to_str().unwrap()),
+        Some("gzip")
+    );
+    assert_eq!(
+        zipped.into_inner().raw_output_contents,
+        plain.raw_output_contents
+    );
+    // 16 MiB of zeros gzip to some 16 KiB: under the limit on the wire.
+    let mut bomb = mlp_input_raw();
+    bomb.raw_input_contents[0] = vec![0; 16 << 20].into();
+    let status = gzip.model_infer(bomb).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+    gzip.model_infer(mlp_input_raw()).await.unwrap();
+    agent.stop().await;
+}
+
 /// Sends a `ModelInfer` call whose field 1 (`model_name`, a string) holds
 /// bytes that are not UTF-8, which the agent cannot decode.
 async fn send_not_utf8_model_name(agent: &TestAgent) -> tonic::Status {

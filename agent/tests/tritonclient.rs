@@ -53,5 +53,6 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
         stdout.contains("checked non-finite values over JSON"),
         "{stdout}"
     );
+    assert!(stdout.contains("checked gzip over gRPC"), "{stdout}");
     agent.stop().await;
 }

@@ -136,7 +136,24 @@ def main():
                     checked += 1
     if "all_types" in args.models.split(","):
         check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
+    if "mlp" in args.models.split(","):
+        check_gzip_over_grpc(grpcclient.InferenceServerClient(url=args.grpc), args.cases)
     print(f"checked {checked} inferences")
+
+
+def check_gzip_over_grpc(client, cases_dir):
+    """gRPC requests and answers gzipped (`compression_algorithm`), as
+    Triton serves them."""
+    for index, case in enumerate(json.loads((cases_dir / "mlp.json").read_text())["cases"]):
+        inputs = []
+        for tensor in case["inputs"]:
+            value = grpcclient.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
+            value.set_data_from_numpy(as_numpy(tensor))
+            inputs.append(value)
+        result = client.infer("mlp", inputs, compression_algorithm="gzip")
+        for tensor in case["outputs"]:
+            check_output(result.as_numpy(tensor["name"]), tensor, f"gRPC gzip mlp case {index}")
+    print("checked gzip over gRPC")
 
 
 def check_non_finite_over_json(client):
