@@ -161,10 +161,12 @@ impl Agent {
             .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
             .max_encoding_message_size(usize::MAX)
             // As Triton's: clients may gzip requests (tritonclient's
-            // `compression_algorithm`) and ask for gzipped answers. tonic
-            // holds a request's decompressed size to the decoding limit.
-            .accept_compressed(CompressionEncoding::Gzip)
-            .send_compressed(CompressionEncoding::Gzip);
+            // `compression_algorithm`); tonic holds a request's decompressed
+            // size to the decoding limit. Answers go uncompressed, as
+            // Triton's do by default: gRPC's C-core clients (Python, C++)
+            // say they accept gzip on every call, and compressing every
+            // answer to them would cost the device CPU and latency.
+            .accept_compressed(CompressionEncoding::Gzip);
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();

@@ -142,8 +142,8 @@ def main():
 
 
 def check_gzip_over_grpc(client, cases_dir):
-    """gRPC requests and answers gzipped (`compression_algorithm`), as
-    Triton serves them."""
+    """gRPC requests gzipped (`compression_algorithm`), as Triton takes
+    them."""
     for index, case in enumerate(json.loads((cases_dir / "mlp.json").read_text())["cases"]):
         inputs = []
         for tensor in case["inputs"]:
