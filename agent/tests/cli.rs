@@ -352,6 +352,19 @@ fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiv
     (child, rx)
 }
 
+/// `serve` on tract and ephemeral loopback ports, with `extra` flags,
+/// logging as [`spawn_logging`].
+fn spawn_serving(
+    repo: &std::path::Path,
+    extra: &[&str],
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let repo = repo.to_str().unwrap();
+    let mut args = vec!["serve", "--runtime", "tract", "--model-repository", repo];
+    args.extend(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]);
+    args.extend(extra);
+    spawn_logging(&args)
+}
+
 /// The real binary, configured from a TOML file, serves the quickstart model;
 /// SIGKILL stops it.
 #[tokio::test]
@@ -836,19 +849,7 @@ async fn a_request_that_would_decode_huge_is_refused_before_it_is_decoded() {
     let limit: usize = 4 << 20;
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
-    let (child, rx) = spawn_logging(&[
-        "serve",
-        "--runtime",
-        "tract",
-        "--model-repository",
-        repo.path().to_str().unwrap(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--max-request-bytes",
-        &limit.to_string(),
-    ]);
+    let (child, rx) = spawn_serving(repo.path(), &["--max-request-bytes", &limit.to_string()]);
     let child = KillOnDrop(child);
     let address = |line: &str, key: &str| {
         let start = line.find(key).unwrap() + key.len();
@@ -986,17 +987,7 @@ fn max_batch_size_on_a_model_without_a_batch_dimension_is_warned_about() {
         "max_batch_size = 8\n",
     )
     .unwrap();
-    let (child, rx) = spawn_logging(&[
-        "serve",
-        "--model-repository",
-        repo.path().to_str().unwrap(),
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--http-addr",
-        "127.0.0.1:0",
-        "--runtime",
-        "tract",
-    ]);
+    let (child, rx) = spawn_serving(repo.path(), &[]);
     let _child = KillOnDrop(child);
     let mut warning = None;
     loop {
