@@ -20,9 +20,11 @@ use tokio_stream::StreamExt;
 use crate::error::{ErrorCode, InferError};
 use crate::grpc::{append_raw_strings, raw_tensor};
 use crate::json_data::{self, JsonData};
+use crate::model_config::QueueDelay;
+use crate::model_worker::LoadedVersion;
 use crate::runtime::TensorSpec;
 use crate::service::{InferRequest, InferResponse, InferenceService};
-use crate::tensor::{Tensor, TensorData};
+use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The binary tensor data extension's header: the length of the JSON that
 /// starts the body; tensor bytes follow it.
@@ -54,6 +56,11 @@ pub fn router(service: InferenceService) -> axum::Router {
         .route(
             "/v2/models/{name}/versions/{version}/ready",
             get(model_version_ready),
+        )
+        .route("/v2/models/{name}/config", get(model_config))
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(model_version_config),
         )
         .route("/v2/models/{name}/infer", post(infer))
         .route(
@@ -126,6 +133,72 @@ async fn model_version_metadata(
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     metadata_response(&service, &name, &version)
+}
+
+/// Triton's model configuration (its `model_config.proto` in JSON) of the
+/// version a request would reach, as far as the agent has one: what
+/// `tritonclient`'s `get_model_config` and Triton's `perf_analyzer` read.
+/// With `max_batch_size` above 0, `dims` leave out the batch dimension, as
+/// Triton's do.
+fn triton_config(loaded: &LoadedVersion) -> Value {
+    let batched = loaded.max_batch_size > 0;
+    let tensors = |specs: &[TensorSpec]| -> Vec<Value> {
+        specs
+            .iter()
+            .map(|spec| {
+                let shape = spec.metadata_shape();
+                let dims = shape.get(usize::from(batched)..).unwrap_or_default();
+                json!({ "name": spec.name, "data_type": triton_data_type(spec.dtype), "dims": dims })
+            })
+            .collect()
+    };
+    let mut config = json!({
+        "name": loaded.model,
+        "platform": InferenceService::platform(loaded.runtime),
+        "backend": loaded.runtime.as_str(),
+        "max_batch_size": loaded.max_batch_size,
+        "input": tensors(&loaded.signature.inputs),
+        "output": tensors(&loaded.signature.outputs),
+        "instance_group": [{ "count": loaded.instances, "kind": "KIND_CPU" }],
+    });
+    if batched {
+        config["dynamic_batching"] = match loaded.max_queue_delay {
+            QueueDelay::Adaptive => json!({}),
+            QueueDelay::Fixed(delay) => {
+                json!({ "max_queue_delay_microseconds": delay.as_micros() as u64 })
+            }
+        };
+    }
+    config
+}
+
+/// Triton's `DataType` name of a protocol datatype.
+fn triton_data_type(dtype: DataType) -> String {
+    match dtype {
+        DataType::Bytes => "TYPE_STRING".to_string(),
+        other => format!("TYPE_{}", other.protocol_name()),
+    }
+}
+
+fn config_response(service: &InferenceService, name: &str, version: &str) -> Response {
+    match service.model_config(name, version) {
+        Ok(loaded) => Json(triton_config(&loaded)).into_response(),
+        Err(err) => err.into_response(),
+    }
+}
+
+async fn model_config(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
+    config_response(&service, &name, "")
+}
+
+async fn model_version_config(
+    State(service): State<InferenceService>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    config_response(&service, &name, &version)
 }
 
 fn ready_response(service: &InferenceService, name: &str, version: &str) -> Response {

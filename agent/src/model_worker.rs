@@ -225,6 +225,11 @@ pub struct LoadedVersion {
     pub runtime: RuntimeKind,
     /// Whether requests are stacked along dimension 0.
     pub batching: bool,
+    /// The most rows a batch holds: 0 when the version is not batched.
+    pub max_batch_size: usize,
+    pub max_queue_delay: QueueDelay,
+    /// Sessions with a worker thread.
+    pub instances: usize,
     queue: Sender<Job>,
     queue_capacity: usize,
     sessions: Vec<SharedSession>,
@@ -426,6 +431,9 @@ impl LoadedVersion {
             signature,
             runtime,
             batching,
+            max_batch_size: if batching { config.max_batch_size } else { 0 },
+            max_queue_delay: config.max_queue_delay,
+            instances: started,
             queue: sender,
             queue_capacity: config.queue_capacity,
             sessions,

@@ -153,6 +153,21 @@ impl InferenceService {
         })
     }
 
+    /// The version a request naming `name` and `version` ("" for the
+    /// highest) would reach, for Triton's model configuration.
+    pub fn model_config(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Arc<LoadedVersion>, InferError> {
+        self.registry.get(name, parse_version(version)?)
+    }
+
+    /// The `platform` of model metadata and configuration.
+    pub fn platform(runtime: RuntimeKind) -> &'static str {
+        platform(runtime)
+    }
+
     /// Runs one request to completion.
     ///
     /// Telemetry: once the request is routed to a model version, it is

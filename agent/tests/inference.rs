@@ -1199,6 +1199,72 @@ async fn an_input_of_unknown_rank_takes_any_shape(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
+/// Triton's model configuration extension (`GET .../config`, what
+/// tritonclient's `get_model_config` and perf_analyzer read): the batch
+/// size, queue delay and instances the agent serves the version with, and
+/// each tensor's dims without the batch dimension when it batches.
+async fn model_configuration_is_served_as_tritons(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp").add("no_batch", 1, "no_batch");
+    repo.add("mlp8", 1, "mlp").config(
+        "mlp8",
+        "max_batch_size = 8\nmax_queue_delay_us = 500\ninstances = 2\n",
+    );
+    let agent = agent(repo.path(), runtime).start().await;
+    let get = |path: String| {
+        let url = agent.url(&path);
+        async move {
+            let response = reqwest::get(url).await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let backend = match runtime {
+        RuntimeChoice::Tract => "tract",
+        _ => "onnxruntime",
+    };
+    let (status, mlp) = get("/v2/models/mlp/config".into()).await;
+    assert_eq!(status, 200, "{mlp}");
+    assert_eq!(mlp["name"], "mlp");
+    assert_eq!(mlp["backend"], backend);
+    assert_eq!(mlp["max_batch_size"], 32, "{mlp}");
+    assert_eq!(
+        mlp["input"],
+        json!([{ "name": "input", "data_type": "TYPE_FP32", "dims": [16] }])
+    );
+    assert_eq!(
+        mlp["output"],
+        json!([{ "name": "logits", "data_type": "TYPE_FP32", "dims": [4] }])
+    );
+    assert_eq!(mlp["dynamic_batching"], json!({}), "{mlp}");
+    assert_eq!(
+        mlp["instance_group"],
+        json!([{ "count": 1, "kind": "KIND_CPU" }])
+    );
+
+    let (status, mlp8) = get("/v2/models/mlp8/versions/1/config".into()).await;
+    assert_eq!(status, 200, "{mlp8}");
+    assert_eq!(mlp8["max_batch_size"], 8);
+    assert_eq!(
+        mlp8["dynamic_batching"],
+        json!({ "max_queue_delay_microseconds": 500 })
+    );
+    assert_eq!(mlp8["instance_group"][0]["count"], 2);
+
+    let (status, fixed) = get("/v2/models/no_batch/config".into()).await;
+    assert_eq!(status, 200, "{fixed}");
+    assert_eq!(fixed["max_batch_size"], 0);
+    assert_eq!(fixed["input"][0]["dims"], json!([2, 3]), "{fixed}");
+    assert!(fixed.get("dynamic_batching").is_none(), "{fixed}");
+
+    for path in ["/v2/models/nope/config", "/v2/models/mlp/versions/2/config"] {
+        let (status, body) = get(path.into()).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    agent.stop().await;
+}
+
 on_both_runtimes!(
     an_input_of_unknown_rank_takes_any_shape,
     strings_with_nul_bytes_come_back_whole,
@@ -1211,6 +1277,7 @@ on_both_runtimes!(
     concurrent_requests_are_batched_and_each_gets_its_own_answer,
     a_request_the_model_fails_on_fails_alone_in_its_batch,
     a_full_queue_answers_resource_exhausted_and_503,
+    model_configuration_is_served_as_tritons,
 );
 
 /// With no `intra_op_threads` in its config, a model's ONNX Runtime session

@@ -115,6 +115,10 @@ def main():
                 inputs = {t.name: t.datatype for t in metadata.inputs}
             want = {t["name"]: t["datatype"] for t in cases[0]["inputs"]}
             assert inputs == want, f"{protocol}: {model} metadata inputs {inputs}, expected {want}"
+            if protocol == "HTTP":
+                config = client.get_model_config(model)
+                names = [t["name"] for t in config["input"]]
+                assert config["name"] == model and names == list(want), f"HTTP: {model} config {config}"
             for index, case in enumerate(cases):
                 for binary in modes:
                     mode = {None: "", True: " binary", False: " JSON"}[binary]
