@@ -154,7 +154,7 @@ fn triton_config(loaded: &LoadedVersion) -> Value {
     };
     let mut config = json!({
         "name": loaded.model,
-        "platform": InferenceService::platform(loaded.runtime),
+        "platform": crate::service::platform(loaded.runtime),
         "backend": loaded.runtime.as_str(),
         "max_batch_size": loaded.max_batch_size,
         "input": tensors(&loaded.signature.inputs),

@@ -77,7 +77,8 @@ pub fn parse_version(text: &str) -> Result<Option<u64>, InferError> {
     }
 }
 
-fn platform(runtime: RuntimeKind) -> &'static str {
+/// The `platform` of model metadata and configuration.
+pub fn platform(runtime: RuntimeKind) -> &'static str {
     match runtime {
         RuntimeKind::OnnxRuntime => "onnxruntime_onnx",
         RuntimeKind::Tract => "tract_onnx",
@@ -161,11 +162,6 @@ impl InferenceService {
         version: &str,
     ) -> Result<Arc<LoadedVersion>, InferError> {
         self.registry.get(name, parse_version(version)?)
-    }
-
-    /// The `platform` of model metadata and configuration.
-    pub fn platform(runtime: RuntimeKind) -> &'static str {
-        platform(runtime)
     }
 
     /// Runs one request to completion.

@@ -62,6 +62,15 @@ impl BlobServer {
     fn requests(&self) -> Vec<(String, u64)> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// What sessions sent upstream that `pick` picks out, in order.
+    fn sent<T>(&self, pick: impl Fn(&pb::agent_message::Kind) -> Option<T>) -> Vec<T> {
+        let upstream = self.upstream.lock().unwrap();
+        upstream
+            .iter()
+            .filter_map(|m| m.kind.as_ref().and_then(&pick))
+            .collect()
+    }
 }
 
 #[tonic::async_trait]
@@ -899,17 +908,11 @@ async fn the_session_feeds_delivery_and_sends_its_reports_upstream() {
         SessionClientOptions::default(),
         running.stop.clone(),
     ));
-    let activations = || -> Vec<pb::ActivationReport> {
-        h.server
-            .upstream
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|m| match &m.kind {
-                Some(pb::agent_message::Kind::Activation(report)) => Some(report.clone()),
-                _ => None,
-            })
-            .collect()
+    let activations = || {
+        h.server.sent(|kind| match kind {
+            pb::agent_message::Kind::Activation(report) => Some(report.clone()),
+            _ => None,
+        })
     };
     assert_eventually(Duration::from_secs(60), || {
         let done = activations()
@@ -990,17 +993,11 @@ async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
         },
         stop.clone(),
     ));
-    let uploads = || -> Vec<pb::TelemetryUpload> {
-        h.server
-            .upstream
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|m| match &m.kind {
-                Some(pb::agent_message::Kind::TelemetryUpload(upload)) => Some(upload.clone()),
-                _ => None,
-            })
-            .collect()
+    let uploads = || {
+        h.server.sent(|kind| match kind {
+            pb::agent_message::Kind::TelemetryUpload(upload) => Some(upload.clone()),
+            _ => None,
+        })
     };
     assert_eventually(Duration::from_secs(60), || {
         let sent = uploads().len();

@@ -909,25 +909,55 @@ async fn bodies_over_the_limit_are_refused_with_or_without_a_length() {
 /// gone between the start-up check and the scan) is tried again until one
 /// succeeds, also when the agent never rescans (`--repository-poll-interval
 /// 0`): the agent then becomes ready and serves.
+/// An agent (tract, no rescans) whose repository `models` in `dir` is
+/// removed right after its start-up check, so its first scan fails.
+struct GoneRepository {
+    repository: std::path::PathBuf,
+    grpc_addr: std::net::SocketAddr,
+    http_addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), edgefleet_agent::server::StartError>>,
+}
+
+impl GoneRepository {
+    async fn start(dir: &std::path::Path) -> GoneRepository {
+        let repository = dir.join("models");
+        std::fs::create_dir(&repository).unwrap();
+        let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+            model_repository: repository.clone(),
+            runtime: RuntimeChoice::Tract,
+            repository_poll_interval: None,
+            max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+            model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
+        })
+        .unwrap();
+        std::fs::remove_dir(&repository).unwrap();
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+        GoneRepository {
+            repository,
+            grpc_addr,
+            http_addr,
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let repository = dir.path().join("models");
-    std::fs::create_dir(&repository).unwrap();
-    let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
-        model_repository: repository.clone(),
-        runtime: RuntimeChoice::Tract,
-        repository_poll_interval: None,
-        max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-        model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
-    })
-    .unwrap();
-    std::fs::remove_dir(&repository).unwrap();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", http.local_addr().unwrap());
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
+    let agent = GoneRepository::start(dir.path()).await;
+    let repository = agent.repository.clone();
+    let url = format!("http://{}", agent.http_addr);
     let status = |path: &str| {
         let url = format!("{url}{path}");
         async move { reqwest::get(url).await.unwrap().status().as_u16() }
@@ -950,8 +980,7 @@ async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
     })
     .await;
     assert_eq!(status("/v2/models/mlp/ready").await, 200);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    agent.stop().await;
 }
 
 /// gRPC health says what ServerReady says, as Triton's does: NOT_SERVING
@@ -963,23 +992,8 @@ async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
 async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
     use tonic_health::pb::health_check_response::ServingStatus;
     let dir = tempfile::tempdir().unwrap();
-    let repository = dir.path().join("models");
-    std::fs::create_dir(&repository).unwrap();
-    let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
-        model_repository: repository.clone(),
-        runtime: RuntimeChoice::Tract,
-        repository_poll_interval: None,
-        max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-        model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
-    })
-    .unwrap();
-    std::fs::remove_dir(&repository).unwrap();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(agent.run(grpc, http, shutdown.clone()));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc_addr}"))
+    let agent = GoneRepository::start(dir.path()).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", agent.grpc_addr))
         .unwrap()
         .connect()
         .await
@@ -1013,7 +1027,7 @@ async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
     assert!(!ready.ready);
     assert_eq!(statuses().await, [ServingStatus::NotServing; 2]);
     // The repository appears: the agent becomes ready, and says so.
-    std::fs::create_dir(&repository).unwrap();
+    std::fs::create_dir(&agent.repository).unwrap();
     assert_eventually(Duration::from_secs(10), || {
         let statuses = &statuses;
         async move { statuses().await == [ServingStatus::Serving; 2] }
@@ -1025,8 +1039,7 @@ async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
         .unwrap()
         .into_inner();
     assert!(ready.ready);
-    shutdown.cancel();
-    task.await.unwrap().unwrap();
+    agent.stop().await;
 }
 
 #[test]
