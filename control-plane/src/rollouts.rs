@@ -1609,15 +1609,10 @@ mod tests {
     async fn errors_made_before_a_resume_but_received_after_it_are_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
-        let devices = ["right", "behind"];
-        enroll(&cp, &devices).await;
-        let mut rollout = create_rollout_of_m2(&cp).await;
         let now = now_ms();
         let minute = 60_000;
         let hour = 60 * minute;
-        rollout.created_at = now - 20 * minute;
-        rollout.spec.gates.max_error_rate = 0.1;
-        rollout.spec.rollback_on_failure = false;
+        let rollout = error_gated_rollout_of_right_and_behind(&cp, now - 20 * minute).await;
         for (device, skew) in [("right", 0), ("behind", -2 * hour)] {
             let active = [member(device, "active", now)];
             // The errors that paused the rollout.
@@ -1668,6 +1663,21 @@ mod tests {
         }
     }
 
+    /// Devices "right" and "behind" enrolled, and a rollout of m@2 created
+    /// at `created_at` with an error-rate gate of 10% that does not roll
+    /// back.
+    async fn error_gated_rollout_of_right_and_behind(
+        cp: &ControlPlane,
+        created_at: i64,
+    ) -> RolloutRecord {
+        enroll(cp, &["right", "behind"]).await;
+        let mut rollout = create_rollout_of_m2(cp).await;
+        rollout.created_at = created_at;
+        rollout.spec.gates.max_error_rate = 0.1;
+        rollout.spec.rollback_on_failure = false;
+        rollout
+    }
+
     /// An upload as the session of `device` receives it at `received_at`:
     /// m@2 batches of 100 requests, (sequence, end on the device's clock,
     /// errors) each, stamped by the agent as sent at `sent_at_ms`.
@@ -1710,15 +1720,10 @@ mod tests {
     async fn a_backlog_in_two_uploads_after_a_resume_does_not_trip_the_gate_again() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
-        let devices = ["right", "behind"];
-        enroll(&cp, &devices).await;
-        let mut rollout = create_rollout_of_m2(&cp).await;
         let now = now_ms();
         let minute = 60_000;
         let hour = 60 * minute;
-        rollout.created_at = now - 30 * minute;
-        rollout.spec.gates.max_error_rate = 0.1;
-        rollout.spec.rollback_on_failure = false;
+        let mut rollout = error_gated_rollout_of_right_and_behind(&cp, now - 30 * minute).await;
         // Resumed (as `resume_rollout` does) five minutes ago.
         rollout.spec.gates_since_ms = now - 5 * minute;
         for (device, skew) in [("right", 0), ("behind", -2 * hour)] {
