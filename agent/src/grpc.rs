@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
 use crate::service::{InferRequest, InferResponse, InferenceService};
+use crate::statistics::Timed;
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The tonic service over the shared inference service.
@@ -108,6 +109,49 @@ impl GrpcInferenceService for GrpcInference {
             inputs: tensors(metadata.inputs),
             outputs: tensors(metadata.outputs),
         }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<pb::ModelStatisticsRequest>,
+    ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let statistics = self.service.statistics(&request.name, &request.version)?;
+        let duration = |timed: Timed| {
+            Some(pb::StatisticDuration {
+                count: timed.count,
+                ns: timed.ns,
+            })
+        };
+        let model_stats = statistics
+            .into_iter()
+            .map(|(loaded, stats)| pb::ModelStatistics {
+                name: loaded.model.clone(),
+                version: loaded.version.to_string(),
+                last_inference: stats.last_inference_ms,
+                inference_count: stats.inference_count,
+                execution_count: stats.execution_count,
+                inference_stats: Some(pb::InferStatistics {
+                    success: duration(stats.success),
+                    fail: duration(stats.fail),
+                    queue: duration(stats.queue),
+                    compute_input: duration(Timed::default()),
+                    compute_infer: duration(stats.compute_infer),
+                    compute_output: duration(Timed::default()),
+                }),
+                batch_stats: stats
+                    .batches
+                    .into_iter()
+                    .map(|(rows, timed)| pb::InferBatchStatistics {
+                        batch_size: rows,
+                        compute_input: duration(Timed::default()),
+                        compute_infer: duration(timed),
+                        compute_output: duration(Timed::default()),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
     }
 
     async fn model_infer(

@@ -24,6 +24,7 @@ use crate::model_config::QueueDelay;
 use crate::model_worker::LoadedVersion;
 use crate::runtime::TensorSpec;
 use crate::service::{InferRequest, InferResponse, InferenceService};
+use crate::statistics::Timed;
 use crate::tensor::{DataType, Tensor, TensorData};
 
 /// The binary tensor data extension's header: the length of the JSON that
@@ -61,6 +62,12 @@ pub fn router(service: InferenceService) -> axum::Router {
         .route(
             "/v2/models/{name}/versions/{version}/config",
             get(model_version_config),
+        )
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{name}/stats", get(model_statistics))
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(model_version_statistics),
         )
         .route("/v2/models/{name}/infer", post(infer))
         .route(
@@ -199,6 +206,71 @@ async fn model_version_config(
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     config_response(&service, &name, &version)
+}
+
+/// Triton's statistics extension, as its HTTP API writes it.
+fn statistics_response(service: &InferenceService, name: &str, version: &str) -> Response {
+    let statistics = match service.statistics(name, version) {
+        Ok(statistics) => statistics,
+        Err(err) => return err.into_response(),
+    };
+    let duration = |timed: Timed| json!({ "count": timed.count, "ns": timed.ns });
+    let zero = duration(Timed::default());
+    let model_stats: Vec<Value> = statistics
+        .into_iter()
+        .map(|(loaded, stats)| {
+            let batch_stats: Vec<Value> = stats
+                .batches
+                .iter()
+                .map(|&(rows, timed)| {
+                    json!({
+                        "batch_size": rows,
+                        "compute_input": zero,
+                        "compute_infer": duration(timed),
+                        "compute_output": zero,
+                    })
+                })
+                .collect();
+            json!({
+                "name": loaded.model,
+                "version": loaded.version.to_string(),
+                "last_inference": stats.last_inference_ms,
+                "inference_count": stats.inference_count,
+                "execution_count": stats.execution_count,
+                "inference_stats": {
+                    "success": duration(stats.success),
+                    "fail": duration(stats.fail),
+                    "queue": duration(stats.queue),
+                    "compute_input": zero,
+                    "compute_infer": duration(stats.compute_infer),
+                    "compute_output": zero,
+                    "cache_hit": zero,
+                    "cache_miss": zero,
+                },
+                "batch_stats": batch_stats,
+                "memory_usage": [],
+            })
+        })
+        .collect();
+    Json(json!({ "model_stats": model_stats })).into_response()
+}
+
+async fn all_statistics(State(service): State<InferenceService>) -> Response {
+    statistics_response(&service, "", "")
+}
+
+async fn model_statistics(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
+    statistics_response(&service, &name, "")
+}
+
+async fn model_version_statistics(
+    State(service): State<InferenceService>,
+    Path((name, version)): Path<(String, String)>,
+) -> Response {
+    statistics_response(&service, &name, &version)
 }
 
 fn ready_response(service: &InferenceService, name: &str, version: &str) -> Response {

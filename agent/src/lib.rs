@@ -22,6 +22,7 @@ pub mod repository;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod statistics;
 pub mod telemetry;
 pub mod tensor;
 

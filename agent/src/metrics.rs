@@ -3,7 +3,8 @@
 //! Handles for one model version are created once ([`VersionMetrics`]) and
 //! cloned into its worker, so the serving path never looks up a label set.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +12,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::statistics::VersionStatistics;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
@@ -53,6 +56,8 @@ pub struct Metrics {
     model_ready: Family<VersionLabels, Gauge>,
     load_failures: Family<ModelLabels, Counter>,
     loads: Family<ModelLabels, Counter>,
+    /// Triton's statistics per version, kept like the metrics across reloads.
+    statistics: Mutex<HashMap<VersionLabels, Arc<VersionStatistics>>>,
 }
 
 impl Default for Metrics {
@@ -136,6 +141,7 @@ impl Metrics {
             model_ready,
             load_failures,
             loads,
+            statistics: Mutex::default(),
         }
     }
 
@@ -153,6 +159,13 @@ impl Metrics {
             batch_size: self.batch_size.get_or_create(&labels).clone(),
             queue_depth: self.queue_depth.get_or_create(&labels).clone(),
             ready: self.model_ready.get_or_create(&labels).clone(),
+            statistics: Arc::clone(
+                self.statistics
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .entry(labels.clone())
+                    .or_default(),
+            ),
             metrics: Arc::clone(self),
             labels,
         }
@@ -204,6 +217,7 @@ pub struct VersionMetrics {
     pub batch_size: Histogram,
     pub queue_depth: Gauge,
     pub ready: Gauge,
+    pub statistics: Arc<VersionStatistics>,
     metrics: Arc<Metrics>,
     labels: VersionLabels,
 }

@@ -46,6 +46,7 @@ use crate::error::{ErrorCode, InferError};
 use crate::metrics::VersionMetrics;
 use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
 use crate::runtime::{ModelSession, RuntimeKind, Signature};
+use crate::statistics::StatisticsSnapshot;
 use crate::telemetry::VersionTelemetry;
 use crate::tensor::{Tensor, concat_batch, split_batch};
 
@@ -553,7 +554,13 @@ impl LoadedVersion {
     /// this version to its answer, in the metrics and the telemetry.
     pub fn record_request(&self, elapsed: Duration, ok: bool) {
         self.metrics.request_seconds.observe(elapsed.as_secs_f64());
+        self.metrics.statistics.record_request(elapsed, ok);
         self.telemetry.record_local(elapsed, ok);
+    }
+
+    /// Triton's statistics of this version (see [`crate::statistics`]).
+    pub fn statistics(&self) -> StatisticsSnapshot {
+        self.metrics.statistics.snapshot()
     }
 
     /// Requests waiting right now.
@@ -696,6 +703,11 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
     };
     match split_outputs(outputs, &sizes) {
         Ok(per_request) => {
+            run.metrics.statistics.record_run(
+                sizes.iter().map(|&rows| rows as u64).sum(),
+                Duration::from_nanos(nanos),
+                batch.iter().map(|job| started.duration_since(job.enqueued)),
+            );
             for (job, outputs) in batch.into_iter().zip(per_request) {
                 job.reply.send(Ok(outputs));
             }
@@ -739,7 +751,12 @@ fn run_alone(
     run: &RunContext,
 ) {
     let bytes = job_bytes(&job);
-    let Job { inputs, reply, .. } = job;
+    let Job {
+        inputs,
+        reply,
+        rows,
+        enqueued,
+    } = job;
     let (outcome, nanos) = run_session(session, inputs, 1, started, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
@@ -751,6 +768,11 @@ fn run_alone(
             // so much input (a runtime may refuse a huge input at once).
             run.lone_run_nanos.store(nanos, Ordering::Relaxed);
             run.lone_run_bytes.store(bytes, Ordering::Relaxed);
+            run.metrics.statistics.record_run(
+                rows as u64,
+                Duration::from_nanos(nanos),
+                [started.duration_since(enqueued)],
+            );
             reply.send(Ok(outputs));
         }
         Err(err) => fail([reply], err, run),

@@ -10,6 +10,7 @@ use crate::metrics::Metrics;
 use crate::model_registry::ModelRegistry;
 use crate::model_worker::LoadedVersion;
 use crate::runtime::{RuntimeKind, TensorSpec};
+use crate::statistics::StatisticsSnapshot;
 use crate::tensor::Tensor;
 
 /// Largest request accepted, on both protocols, unless configured: big
@@ -123,7 +124,9 @@ impl InferenceService {
             name: SERVER_NAME.to_string(),
             version: SERVER_VERSION.to_string(),
             runtime: self.registry.runtimes().default.kind(),
-            extensions: vec!["binary_tensor_data".to_string()],
+            extensions: ["binary_tensor_data", "model_configuration", "statistics"]
+                .map(String::from)
+                .to_vec(),
         }
     }
 
@@ -162,6 +165,57 @@ impl InferenceService {
         version: &str,
     ) -> Result<Arc<LoadedVersion>, InferError> {
         self.registry.get(name, parse_version(version)?)
+    }
+
+    /// Triton's statistics of the versions `name` and `version` select:
+    /// every served version of every model when `name` is "", every served
+    /// version of `name` when `version` is "", else that version. A model
+    /// or version not served is the error a request for it would get.
+    pub fn statistics(
+        &self,
+        name: &str,
+        version: &str,
+    ) -> Result<Vec<(Arc<LoadedVersion>, StatisticsSnapshot)>, InferError> {
+        let version = parse_version(version)?;
+        if let Some(version) = version {
+            let loaded = self.registry.get(name, Some(version))?;
+            let snapshot = loaded.statistics();
+            return Ok(vec![(loaded, snapshot)]);
+        }
+        let selected: Vec<(String, u64)> = match name {
+            "" => self
+                .registry
+                .statuses()
+                .into_iter()
+                .flat_map(|status| {
+                    let name = status.name;
+                    status
+                        .served_versions
+                        .into_iter()
+                        .map(move |version| (name.clone(), version))
+                })
+                .collect(),
+            _ => {
+                // Refused as a request for the model would be.
+                self.registry.get(name, None)?;
+                self.registry
+                    .statuses()
+                    .into_iter()
+                    .filter(|status| status.name == name)
+                    .flat_map(|status| status.served_versions)
+                    .map(|version| (name.to_string(), version))
+                    .collect()
+            }
+        };
+        Ok(selected
+            .into_iter()
+            // A version unloaded since the listing is left out.
+            .filter_map(|(name, version)| self.registry.get(&name, Some(version)).ok())
+            .map(|loaded| {
+                let snapshot = loaded.statistics();
+                (loaded, snapshot)
+            })
+            .collect())
     }
 
     /// Runs one request to completion.

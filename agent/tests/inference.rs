@@ -333,7 +333,10 @@ async fn metadata_and_health_on_both_protocols(runtime: RuntimeChoice) {
         .unwrap();
     assert_eq!(server["name"], "edgefleet-agent");
     assert_eq!(server["runtime"], runtime_name);
-    assert_eq!(server["extensions"], json!(["binary_tensor_data"]));
+    assert_eq!(
+        server["extensions"],
+        json!(["binary_tensor_data", "model_configuration", "statistics"])
+    );
     for path in [
         "/v2/health/live",
         "/v2/health/ready",
@@ -1265,6 +1268,169 @@ async fn model_configuration_is_served_as_tritons(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
+/// Triton's statistics extension (`GET /v2/models[/{m}[/versions/{v}]]/stats`,
+/// gRPC `ModelStatistics`, tritonclient's `get_inference_statistics`): per
+/// served version, requests answered and failed, rows and runs, and where
+/// their time went, alike on both protocols.
+async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    // The batch never fills (12 rows of 16), so the worker waits out the delay.
+    repo.add("mlp", 1, "mlp")
+        .config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 200000\n");
+    repo.add("no_batch", 1, "no_batch");
+    let agent = agent(repo.path(), runtime).start().await;
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let before_ms = now_ms();
+    let rows_request = |rows: usize, width: usize| {
+        let case = json!({"inputs": [{
+            "name": "input", "datatype": "FP32", "shape": [rows, width],
+            "data": vec![0.5f32; rows * width],
+        }]});
+        grpc_request("mlp", &case, true)
+    };
+    // 8 concurrent requests of 1 and 2 rows: 12 rows, batched.
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(agent.grpc().await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut client)| {
+            let request = rows_request(1 + i % 2, 16);
+            tokio::spawn(async move { client.model_infer(request).await.map(|_| ()) })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let mut grpc = agent.grpc().await;
+    // Reaches the version and fails there (wrong shape): counted as failed.
+    let status = grpc.model_infer(rows_request(1, 15)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // Never reaches a version: counted nowhere.
+    let mut unknown = rows_request(1, 16);
+    unknown.model_name = "nope".into();
+    grpc.model_infer(unknown).await.unwrap_err();
+    let no_batch = cases("no_batch")[0].clone();
+    grpc.model_infer(grpc_request("no_batch", &no_batch, true))
+        .await
+        .unwrap();
+    let after_ms = now_ms();
+
+    let get = |path: &str| {
+        let url = agent.url(path);
+        async move {
+            let response = reqwest::get(url).await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = get("/v2/models/mlp/stats").await;
+    assert_eq!(status, 200, "{body}");
+    let stats = &body["model_stats"];
+    assert_eq!(stats.as_array().unwrap().len(), 1, "{body}");
+    let mlp = &stats[0];
+    assert_eq!(
+        (&mlp["name"], &mlp["version"]),
+        (&json!("mlp"), &json!("1"))
+    );
+    let count = |path: &str| mlp.pointer(path).and_then(Value::as_u64).unwrap();
+    assert_eq!(count("/inference_count"), 12, "{mlp}");
+    assert_eq!(count("/inference_stats/success/count"), 8, "{mlp}");
+    assert_eq!(count("/inference_stats/fail/count"), 1, "{mlp}");
+    assert_eq!(count("/inference_stats/queue/count"), 8, "{mlp}");
+    assert_eq!(count("/inference_stats/compute_infer/count"), 8, "{mlp}");
+    // A request's time covers its wait and its run; the first to arrive
+    // waited out the 200 ms delay.
+    let success_ns = count("/inference_stats/success/ns");
+    let queue_ns = count("/inference_stats/queue/ns");
+    assert!(queue_ns >= 150_000_000, "{mlp}");
+    assert!(
+        success_ns >= queue_ns + count("/inference_stats/compute_infer/ns"),
+        "{mlp}"
+    );
+    let last = count("/last_inference");
+    assert!(
+        (before_ms..=after_ms).contains(&last),
+        "{before_ms}..{after_ms}: {mlp}"
+    );
+    // Runs by their rows: every row in one run, fewer runs than requests.
+    let batches = mlp["batch_stats"].as_array().unwrap();
+    let runs: u64 = batches
+        .iter()
+        .map(|b| b["compute_infer"]["count"].as_u64().unwrap())
+        .sum();
+    let rows: u64 = batches
+        .iter()
+        .map(|b| b["batch_size"].as_u64().unwrap() * b["compute_infer"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(count("/execution_count"), runs, "{mlp}");
+    assert_eq!(rows, 12, "{mlp}");
+    assert!(runs < 8, "batched: {mlp}");
+
+    // Every served version; a model that is not batched counts a row per request.
+    let (status, all) = get("/v2/models/stats").await;
+    assert_eq!(status, 200, "{all}");
+    let mut names: Vec<&str> = all["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["mlp", "no_batch"], "{all}");
+    let (_, fixed) = get("/v2/models/no_batch/versions/1/stats").await;
+    let fixed = &fixed["model_stats"][0];
+    assert_eq!(fixed["inference_count"], 1, "{fixed}");
+    assert_eq!(fixed["execution_count"], 1, "{fixed}");
+    assert_eq!(fixed["batch_stats"][0]["batch_size"], 1, "{fixed}");
+
+    // gRPC says the same.
+    let response = grpc
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "mlp".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let over_grpc = &response.model_stats[0];
+    let inference = over_grpc.inference_stats.as_ref().unwrap();
+    assert_eq!(
+        (
+            over_grpc.inference_count,
+            over_grpc.execution_count,
+            over_grpc.last_inference,
+            inference.success.unwrap().ns,
+            inference.queue.unwrap().ns,
+            inference.fail.unwrap().count,
+            over_grpc.batch_stats.len(),
+        ),
+        (12, runs, last, success_ns, queue_ns, 1, batches.len())
+    );
+
+    for path in ["/v2/models/nope/stats", "/v2/models/mlp/versions/2/stats"] {
+        let (status, body) = get(path).await;
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(body["error"].is_string(), "{path}: {body}");
+    }
+    let status = grpc
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "nope".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    agent.stop().await;
+}
+
 on_both_runtimes!(
     an_input_of_unknown_rank_takes_any_shape,
     strings_with_nul_bytes_come_back_whole,
@@ -1278,6 +1444,7 @@ on_both_runtimes!(
     a_request_the_model_fails_on_fails_alone_in_its_batch,
     a_full_queue_answers_resource_exhausted_and_503,
     model_configuration_is_served_as_tritons,
+    statistics_are_served_as_tritons,
 );
 
 /// With no `intra_op_threads` in its config, a model's ONNX Runtime session

@@ -54,5 +54,12 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
         "{stdout}"
     );
     assert!(stdout.contains("checked gzip over gRPC"), "{stdout}");
+    // Triton's statistics agree with what was served, over both protocols.
+    for model in &models {
+        assert!(
+            stdout.contains(&format!("ok statistics {model}\n")),
+            "{stdout}"
+        );
+    }
     agent.stop().await;
 }

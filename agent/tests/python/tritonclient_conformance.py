@@ -95,6 +95,7 @@ def main():
         ("gRPC", grpcclient, grpcclient.InferenceServerClient(url=args.grpc), [None]),
     ]
     checked = 0
+    served = {}
     for protocol, module, client, modes in clients:
         assert client.is_server_live(), f"{protocol}: server not live"
         assert client.is_server_ready(), f"{protocol}: server not ready"
@@ -138,11 +139,31 @@ def main():
                         check_output(result.as_numpy(tensor["name"]), tensor, context)
                     print(f"ok {context}")
                     checked += 1
+                    served[model] = served.get(model, 0) + 1
+    check_statistics(clients, served)
     if "all_types" in args.models.split(","):
         check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
     if "mlp" in args.models.split(","):
         check_gzip_over_grpc(grpcclient.InferenceServerClient(url=args.grpc), args.cases)
     print(f"checked {checked} inferences")
+
+
+def check_statistics(clients, served):
+    """get_inference_statistics: every request served so far, alike over both protocols."""
+    for model, requests in served.items():
+        seen = []
+        for protocol, _, client, _ in clients:
+            if protocol == "gRPC":
+                stats = client.get_inference_statistics(model, as_json=True)
+            else:
+                stats = client.get_inference_statistics(model)
+            (model_stats,) = stats["model_stats"]
+            assert model_stats["name"] == model, f"{protocol}: statistics of {model_stats['name']!r}"
+            success = int(model_stats["inference_stats"]["success"]["count"])
+            assert success == requests, f"{protocol}: {model} served {success} requests, expected {requests}"
+            seen.append((success, int(model_stats["execution_count"]), int(model_stats["last_inference"])))
+        assert seen[0] == seen[1], f"{model}: HTTP and gRPC statistics differ: {seen}"
+        print(f"ok statistics {model}")
 
 
 def check_gzip_over_grpc(client, cases_dir):
