@@ -16,7 +16,10 @@ use tonic::{Request, Response, Status};
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
-use crate::service::{InferRequest, InferResponse, InferenceService};
+use crate::model_config::QueueDelay;
+use crate::service::{
+    InferRequest, InferResponse, InferenceService, config_data_type, config_dims, platform,
+};
 use crate::statistics::Timed;
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -152,6 +155,61 @@ impl GrpcInferenceService for GrpcInference {
             })
             .collect();
         Ok(Response::new(pb::ModelStatisticsResponse { model_stats }))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<pb::ModelConfigRequest>,
+    ) -> Result<Response<pb::ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let loaded = self.service.model_config(&request.name, &request.version)?;
+        let batched = loaded.max_batch_size > 0;
+        let data_type = |dtype| {
+            pb::DataType::from_str_name(&config_data_type(dtype))
+                .unwrap_or(pb::DataType::TypeInvalid) as i32
+        };
+        let config = pb::ModelConfig {
+            name: loaded.model.clone(),
+            platform: platform(loaded.runtime).to_string(),
+            backend: loaded.runtime.as_str().to_string(),
+            max_batch_size: i32::try_from(loaded.max_batch_size).unwrap_or(i32::MAX),
+            input: loaded
+                .signature
+                .inputs
+                .iter()
+                .map(|spec| pb::ModelInput {
+                    name: spec.name.clone(),
+                    data_type: data_type(spec.dtype),
+                    dims: config_dims(spec, batched),
+                })
+                .collect(),
+            output: loaded
+                .signature
+                .outputs
+                .iter()
+                .map(|spec| pb::ModelOutput {
+                    name: spec.name.clone(),
+                    data_type: data_type(spec.dtype),
+                    dims: config_dims(spec, batched),
+                })
+                .collect(),
+            instance_group: vec![pb::ModelInstanceGroup {
+                name: String::new(),
+                count: i32::try_from(loaded.instances).unwrap_or(i32::MAX),
+                kind: pb::model_instance_group::Kind::Cpu as i32,
+            }],
+            dynamic_batching: batched.then(|| pb::ModelDynamicBatching {
+                max_queue_delay_microseconds: match loaded.max_queue_delay {
+                    QueueDelay::Adaptive => 0,
+                    QueueDelay::Fixed(delay) => {
+                        u64::try_from(delay.as_micros()).unwrap_or(u64::MAX)
+                    }
+                },
+            }),
+        };
+        Ok(Response::new(pb::ModelConfigResponse {
+            config: Some(config),
+        }))
     }
 
     async fn model_infer(

@@ -23,9 +23,11 @@ use crate::json_data::{self, JsonData};
 use crate::model_config::QueueDelay;
 use crate::model_worker::LoadedVersion;
 use crate::runtime::TensorSpec;
-use crate::service::{InferRequest, InferResponse, InferenceService};
+use crate::service::{
+    InferRequest, InferResponse, InferenceService, config_data_type, config_dims,
+};
 use crate::statistics::Timed;
-use crate::tensor::{DataType, Tensor, TensorData};
+use crate::tensor::{Tensor, TensorData};
 
 /// The binary tensor data extension's header: the length of the JSON that
 /// starts the body; tensor bytes follow it.
@@ -153,9 +155,11 @@ fn triton_config(loaded: &LoadedVersion) -> Value {
         specs
             .iter()
             .map(|spec| {
-                let shape = spec.metadata_shape();
-                let dims = shape.get(usize::from(batched)..).unwrap_or_default();
-                json!({ "name": spec.name, "data_type": triton_data_type(spec.dtype), "dims": dims })
+                json!({
+                    "name": spec.name,
+                    "data_type": config_data_type(spec.dtype),
+                    "dims": config_dims(spec, batched),
+                })
             })
             .collect()
     };
@@ -177,14 +181,6 @@ fn triton_config(loaded: &LoadedVersion) -> Value {
         };
     }
     config
-}
-
-/// Triton's `DataType` name of a protocol datatype.
-fn triton_data_type(dtype: DataType) -> String {
-    match dtype {
-        DataType::Bytes => "TYPE_STRING".to_string(),
-        other => format!("TYPE_{}", other.protocol_name()),
-    }
 }
 
 fn config_response(service: &InferenceService, name: &str, version: &str) -> Response {

@@ -11,7 +11,7 @@ use crate::model_registry::ModelRegistry;
 use crate::model_worker::LoadedVersion;
 use crate::runtime::{RuntimeKind, TensorSpec};
 use crate::statistics::StatisticsSnapshot;
-use crate::tensor::Tensor;
+use crate::tensor::{DataType, Tensor};
 
 /// Largest request accepted, on both protocols, unless configured: big
 /// enough for a batch of camera frames, small enough for a device's memory.
@@ -83,6 +83,24 @@ pub fn platform(runtime: RuntimeKind) -> &'static str {
     match runtime {
         RuntimeKind::OnnxRuntime => "onnxruntime_onnx",
         RuntimeKind::Tract => "tract_onnx",
+    }
+}
+
+/// A tensor's `dims` in Triton's model configuration: without the batch
+/// dimension when the version is `batched`, -1 where dynamic.
+pub fn config_dims(spec: &TensorSpec, batched: bool) -> Vec<i64> {
+    let shape = spec.metadata_shape();
+    shape
+        .get(usize::from(batched)..)
+        .unwrap_or_default()
+        .to_vec()
+}
+
+/// Triton's `DataType` name of a protocol datatype (`TYPE_FP32`, …).
+pub fn config_data_type(dtype: DataType) -> String {
+    match dtype {
+        DataType::Bytes => "TYPE_STRING".to_string(),
+        other => format!("TYPE_{}", other.protocol_name()),
     }
 }
 

@@ -1202,8 +1202,9 @@ async fn an_input_of_unknown_rank_takes_any_shape(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
-/// Triton's model configuration extension (`GET .../config`, what
-/// tritonclient's `get_model_config` and perf_analyzer read): the batch
+/// Triton's model configuration extension (`GET .../config` and gRPC
+/// `ModelConfig`, what tritonclient's `get_model_config` and perf_analyzer
+/// read): the batch
 /// size, queue delay and instances the agent serves the version with, and
 /// each tensor's dims without the batch dimension when it batches.
 async fn model_configuration_is_served_as_tritons(runtime: RuntimeChoice) {
@@ -1264,6 +1265,83 @@ async fn model_configuration_is_served_as_tritons(runtime: RuntimeChoice) {
         let (status, body) = get(path.into()).await;
         assert_eq!(status, 404, "{path}: {body}");
         assert!(body["error"].is_string(), "{path}: {body}");
+    }
+
+    // gRPC says the same, in Triton's model_config.proto.
+    let grpc = agent.grpc().await;
+    let config = |name: &str, version: &str| {
+        let request = pb::ModelConfigRequest {
+            name: name.into(),
+            version: version.into(),
+        };
+        let mut grpc = grpc.clone();
+        async move {
+            let response = grpc.model_config(request).await?;
+            Ok::<_, tonic::Status>(response.into_inner().config.unwrap())
+        }
+    };
+    let tensors = |specs: Vec<(String, i32, Vec<i64>)>| -> Value {
+        specs
+            .into_iter()
+            .map(|(name, data_type, dims)| {
+                let data_type = pb::DataType::try_from(data_type).unwrap().as_str_name();
+                json!({ "name": name, "data_type": data_type, "dims": dims })
+            })
+            .collect()
+    };
+    for (name, version, over_http) in [
+        ("mlp", "", &mlp),
+        ("mlp8", "1", &mlp8),
+        ("no_batch", "", &fixed),
+    ] {
+        let got = config(name, version).await.unwrap();
+        let inputs = got
+            .input
+            .into_iter()
+            .map(|t| (t.name, t.data_type, t.dims))
+            .collect();
+        let outputs = got
+            .output
+            .into_iter()
+            .map(|t| (t.name, t.data_type, t.dims))
+            .collect();
+        assert_eq!(
+            (
+                got.name.as_str(),
+                got.platform.as_str(),
+                got.backend.as_str()
+            ),
+            (name, over_http["platform"].as_str().unwrap(), backend)
+        );
+        assert_eq!(
+            i64::from(got.max_batch_size),
+            over_http["max_batch_size"].as_i64().unwrap()
+        );
+        assert_eq!(tensors(inputs), over_http["input"], "{name}");
+        assert_eq!(tensors(outputs), over_http["output"], "{name}");
+        let group = &got.instance_group[0];
+        assert_eq!(
+            (group.count, group.kind()),
+            (
+                over_http["instance_group"][0]["count"].as_i64().unwrap() as i32,
+                pb::model_instance_group::Kind::Cpu
+            )
+        );
+        let delay = got.dynamic_batching.map(|b| b.max_queue_delay_microseconds);
+        let http_delay = over_http.get("dynamic_batching").map(|b| {
+            b.get("max_queue_delay_microseconds")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        });
+        assert_eq!(delay, http_delay, "{name}");
+    }
+    for (name, version) in [("nope", ""), ("mlp", "2")] {
+        let status = config(name, version).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::NotFound,
+            "{name} {version}: {status:?}"
+        );
     }
     agent.stop().await;
 }

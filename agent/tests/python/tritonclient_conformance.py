@@ -118,8 +118,10 @@ def main():
             assert inputs == want, f"{protocol}: {model} metadata inputs {inputs}, expected {want}"
             if protocol == "HTTP":
                 config = client.get_model_config(model)
-                names = [t["name"] for t in config["input"]]
-                assert config["name"] == model and names == list(want), f"HTTP: {model} config {config}"
+            else:
+                config = client.get_model_config(model, as_json=True)["config"]
+            names = [t["name"] for t in config["input"]]
+            assert config["name"] == model and names == list(want), f"{protocol}: {model} config {config}"
             for index, case in enumerate(cases):
                 for binary in modes:
                     mode = {None: "", True: " binary", False: " JSON"}[binary]
