@@ -7,9 +7,10 @@ cd "$(dirname "$0")/.."
 
 ORT_DYLIB_PATH="$(scripts/fetch-onnxruntime.sh)"
 export ORT_DYLIB_PATH
-# The Python rollout client's test needs grpcio, the agent's tritonclient test
-# NVIDIA's client (scripts/requirements-client.txt).
-python3 -c 'import grpc, grpc_tools, tritonclient.http, tritonclient.grpc' 2>/dev/null ||
+# The Python rollout client's test needs grpcio, the agent's client library
+# tests NVIDIA's and KServe's clients (scripts/requirements-client.txt).
+python3 -c 'import grpc, grpc_tools, tritonclient.http, tritonclient.grpc, importlib.util, sys
+sys.exit(importlib.util.find_spec("kserve") is None)' 2>/dev/null ||
   python3 -m pip install --quiet -r scripts/requirements-client.txt
 # The storage and fleet tests run on SQLite files and on this PostgreSQL
 # (each test in a fresh schema it drops afterwards).

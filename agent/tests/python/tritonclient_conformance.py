@@ -23,39 +23,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import triton_to_np_dtype
 
-
-def as_numpy(tensor):
-    """A case's tensor (JSON form) as the numpy array a user would send."""
-    if tensor["datatype"] == "BYTES":
-        values = [item.encode() for item in tensor["data"]]
-        return np.array(values, dtype=np.object_).reshape(tensor["shape"])
-    dtype = triton_to_np_dtype(tensor["datatype"])
-    return np.array(tensor["data"], dtype=dtype).reshape(tensor["shape"])
-
-
-def check_output(got, want, context):
-    expected = as_numpy(want)
-    if got is None:
-        raise AssertionError(f"{context}: no output {want['name']}")
-    if list(got.shape) != list(want["shape"]):
-        raise AssertionError(
-            f"{context}: {want['name']} has shape {list(got.shape)}, expected {want['shape']}"
-        )
-    if want["datatype"] == "BYTES":
-        # Binary data comes back as bytes, JSON data as str (as from Triton).
-        items = [item.encode() if isinstance(item, str) else bytes(item) for item in got.flatten()]
-        if items != list(expected.flatten()):
-            raise AssertionError(f"{context}: {want['name']} = {got!r}, expected {expected!r}")
-        return
-    if got.dtype != expected.dtype:
-        raise AssertionError(f"{context}: {want['name']} is {got.dtype}, expected {expected.dtype}")
-    if want["datatype"] in ("FP16", "FP32", "FP64"):
-        tolerance = 1e-2 if want["datatype"] == "FP16" else 1e-4
-        ok = np.allclose(got.astype(np.float64), expected.astype(np.float64), rtol=tolerance, atol=tolerance)
-    else:
-        ok = np.array_equal(got, expected)
-    if not ok:
-        raise AssertionError(f"{context}: {want['name']} = {got!r}, expected {expected!r}")
+from cases import as_numpy, check_output
 
 
 def infer(client, module, model, case, request_id, binary):
