@@ -18,7 +18,8 @@ use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
 use crate::model_config::QueueDelay;
 use crate::service::{
-    InferRequest, InferResponse, InferenceService, config_data_type, config_dims, platform,
+    InferRequest, InferResponse, InferenceService, config_data_type, config_dims, index_state,
+    platform,
 };
 use crate::statistics::Timed;
 use crate::tensor::{DataType, Tensor, TensorData};
@@ -210,6 +211,46 @@ impl GrpcInferenceService for GrpcInference {
         Ok(Response::new(pb::ModelConfigResponse {
             config: Some(config),
         }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<pb::RepositoryIndexRequest>,
+    ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
+        let models = self
+            .service
+            .repository_index(request.into_inner().ready)
+            .into_iter()
+            .map(|entry| pb::repository_index_response::ModelIndex {
+                state: index_state(entry.ready).to_string(),
+                version: entry.version.map(|v| v.to_string()).unwrap_or_default(),
+                name: entry.name,
+                reason: entry.reason,
+            })
+            .collect();
+        Ok(Response::new(pb::RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<pb::RepositoryModelLoadRequest>,
+    ) -> Result<Response<pb::RepositoryModelLoadResponse>, Status> {
+        let model = request.into_inner().model_name;
+        Err(self
+            .service
+            .refuse_repository_control("load", &model)
+            .into())
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<pb::RepositoryModelUnloadRequest>,
+    ) -> Result<Response<pb::RepositoryModelUnloadResponse>, Status> {
+        let model = request.into_inner().model_name;
+        Err(self
+            .service
+            .refuse_repository_control("unload", &model)
+            .into())
     }
 
     async fn model_infer(

@@ -24,7 +24,7 @@ use crate::model_config::QueueDelay;
 use crate::model_worker::LoadedVersion;
 use crate::runtime::TensorSpec;
 use crate::service::{
-    InferRequest, InferResponse, InferenceService, config_data_type, config_dims,
+    InferRequest, InferResponse, InferenceService, config_data_type, config_dims, index_state,
 };
 use crate::statistics::Timed;
 use crate::tensor::{Tensor, TensorData};
@@ -70,6 +70,12 @@ pub fn router(service: InferenceService) -> axum::Router {
         .route(
             "/v2/models/{name}/versions/{version}/stats",
             get(model_version_statistics),
+        )
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(repository_unload),
         )
         .route("/v2/models/{name}/infer", post(infer))
         .route(
@@ -267,6 +273,75 @@ async fn model_version_statistics(
     Path((name, version)): Path<(String, String)>,
 ) -> Response {
     statistics_response(&service, &name, &version)
+}
+
+/// The most a repository request's body may hold: `{"ready": true}` and
+/// room for what a client adds (Triton's load parameters, say).
+const REPOSITORY_BODY_LIMIT: usize = 64 * 1024;
+
+/// Triton's repository index: every model version, with its state and why
+/// it is not ready. The body, if any, may ask for the ready ones only.
+async fn repository_index(State(service): State<InferenceService>, body: Body) -> Response {
+    #[derive(Deserialize)]
+    struct IndexRequest {
+        #[serde(default)]
+        ready: bool,
+    }
+    let body = match axum::body::to_bytes(body, REPOSITORY_BODY_LIMIT).await {
+        Ok(body) => body,
+        Err(err) => {
+            return InferError::invalid(format!(
+                "cannot read the request body (at most {REPOSITORY_BODY_LIMIT} bytes): {err}"
+            ))
+            .into_response();
+        }
+    };
+    let ready = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        match serde_json::from_slice::<IndexRequest>(&body) {
+            Ok(request) => request.ready,
+            Err(err) => {
+                return InferError::invalid(format!(
+                    "the body is not a repository index request ({{\"ready\": true|false}}): {err}"
+                ))
+                .into_response();
+            }
+        }
+    };
+    let index: Vec<Value> = service
+        .repository_index(ready)
+        .into_iter()
+        .map(|entry| {
+            let mut model = json!({ "name": entry.name, "state": index_state(entry.ready) });
+            if let Some(version) = entry.version {
+                model["version"] = json!(version.to_string());
+            }
+            if !entry.reason.is_empty() {
+                model["reason"] = json!(entry.reason);
+            }
+            model
+        })
+        .collect();
+    Json(index).into_response()
+}
+
+async fn repository_load(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
+    service
+        .refuse_repository_control("load", &name)
+        .into_response()
+}
+
+async fn repository_unload(
+    State(service): State<InferenceService>,
+    Path(name): Path<String>,
+) -> Response {
+    service
+        .refuse_repository_control("unload", &name)
+        .into_response()
 }
 
 fn ready_response(service: &InferenceService, name: &str, version: &str) -> Response {

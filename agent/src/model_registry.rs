@@ -209,6 +209,19 @@ impl ModelState {
     }
 }
 
+/// One model version of the repository index (Triton's repository
+/// extension: what `tritonclient`'s `get_model_repository_index` lists).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    /// None when the model has no version to name: none on disk, or its
+    /// directory or `config.toml` could not be read.
+    pub version: Option<u64>,
+    pub ready: bool,
+    /// Why it is not ready; empty when it is.
+    pub reason: String,
+}
+
 /// A snapshot of one model's state, for metadata, logs and telemetry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelStatus {
@@ -832,6 +845,42 @@ impl ModelRegistry {
                 )),
             },
         }
+    }
+
+    /// Every model version the registry knows, ready or not, sorted by
+    /// name and version: Triton's repository index.
+    pub fn index(&self) -> Vec<IndexEntry> {
+        let mut entries = Vec::new();
+        for (name, state) in self.read().iter() {
+            let versions: BTreeSet<u64> = state
+                .served
+                .keys()
+                .chain(state.failed.keys())
+                .copied()
+                .collect();
+            for &version in &versions {
+                let failure = (!state.served.contains_key(&version))
+                    .then(|| state.failed.get(&version))
+                    .flatten();
+                entries.push(IndexEntry {
+                    name: name.clone(),
+                    version: Some(version),
+                    ready: failure.is_none(),
+                    reason: failure
+                        .map(|failure| failure.reason.clone())
+                        .unwrap_or_default(),
+                });
+            }
+            if versions.is_empty() {
+                entries.push(IndexEntry {
+                    name: name.clone(),
+                    version: None,
+                    ready: false,
+                    reason: state.why_not_ready(),
+                });
+            }
+        }
+        entries
     }
 
     /// Every model's state, sorted by name.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
-use crate::model_registry::ModelRegistry;
+use crate::model_registry::{IndexEntry, ModelRegistry};
 use crate::model_worker::LoadedVersion;
 use crate::runtime::{RuntimeKind, TensorSpec};
 use crate::statistics::StatisticsSnapshot;
@@ -84,6 +84,11 @@ pub fn platform(runtime: RuntimeKind) -> &'static str {
         RuntimeKind::OnnxRuntime => "onnxruntime_onnx",
         RuntimeKind::Tract => "tract_onnx",
     }
+}
+
+/// A repository index entry's `state`, as Triton names it.
+pub fn index_state(ready: bool) -> &'static str {
+    if ready { "READY" } else { "UNAVAILABLE" }
 }
 
 /// A tensor's `dims` in Triton's model configuration: without the batch
@@ -234,6 +239,24 @@ impl InferenceService {
                 (loaded, snapshot)
             })
             .collect())
+    }
+
+    /// Triton's repository index: every model version the agent knows,
+    /// ready or not (only the ready ones when `ready_only`).
+    pub fn repository_index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let mut index = self.registry.index();
+        index.retain(|entry| entry.ready || !ready_only);
+        index
+    }
+
+    /// Triton's explicit model load and unload (`action`), which the agent
+    /// does not take: what it serves is what its repository holds.
+    pub fn refuse_repository_control(&self, action: &str, model: &str) -> InferError {
+        InferError::invalid(format!(
+            "cannot {action} model '{model}' on request: the agent serves the models its \
+             repository holds, and loads and unloads them as version directories are added \
+             and removed (standalone) or as the control plane rolls them out (managed)"
+        ))
     }
 
     /// Runs one request to completion.

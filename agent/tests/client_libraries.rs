@@ -67,6 +67,12 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
         "{stdout}"
     );
     assert!(stdout.contains("checked gzip over gRPC"), "{stdout}");
+    for protocol in ["HTTP", "gRPC"] {
+        assert!(
+            stdout.contains(&format!("ok repository index over {protocol}\n")),
+            "{stdout}"
+        );
+    }
     // Triton's statistics agree with what was served, over both protocols.
     for model in &models {
         assert!(

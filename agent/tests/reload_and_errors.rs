@@ -195,7 +195,9 @@ fn filetime_bump(path: &std::path::Path) {
     file.set_modified(later).unwrap();
 }
 
-async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeChoice) {
+/// A repository of one good model (`mlp`) and broken ones: garbage bytes,
+/// a truncated model, a bad `config.toml`, a model without versions.
+fn broken_repo() -> Repo {
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
     repo.write("garbage", 1, &[0xde, 0xad, 0xbe, 0xef, 0x00, 0x13, 0x37]);
@@ -204,6 +206,11 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
     repo.config("bad_config", "max_batch_size = \"lots\"")
         .add("bad_config", 1, "mlp");
     std::fs::create_dir_all(repo.path().join("no_versions")).unwrap();
+    repo
+}
+
+async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeChoice) {
+    let repo = broken_repo();
     let agent = agent(repo.path(), runtime).start().await;
     let http = reqwest::Client::new();
     for model in ["garbage", "truncated", "bad_config", "no_versions"] {
@@ -257,6 +264,125 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
         metrics.contains("edgefleet_model_load_failures_total{model=\"garbage\"} 1"),
         "{metrics}"
     );
+    agent.stop().await;
+}
+
+/// Triton's repository index (`POST /v2/repository/index`, gRPC
+/// `RepositoryIndex`, tritonclient's `get_model_repository_index`): every
+/// model version the agent knows, ready or not and why not; explicit load
+/// and unload are refused with a message saying how models are loaded.
+async fn the_repository_index_lists_every_model_and_why_it_is_not_ready(runtime: RuntimeChoice) {
+    let repo = broken_repo();
+    let agent = agent(repo.path(), runtime).start().await;
+    let http = reqwest::Client::new();
+    let index = |body: Option<&'static str>| {
+        let mut request = http.post(agent.url("/v2/repository/index"));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, all) = index(None).await;
+    assert_eq!(status, 200, "{all}");
+    let entries = all.as_array().unwrap();
+    let summary: Vec<(&str, Option<&str>, &str)> = entries
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().unwrap();
+            (name, m["version"].as_str(), m["state"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("bad_config", None, "UNAVAILABLE"),
+            ("garbage", Some("1"), "UNAVAILABLE"),
+            ("mlp", Some("1"), "READY"),
+            ("no_versions", None, "UNAVAILABLE"),
+            ("truncated", Some("1"), "UNAVAILABLE"),
+        ],
+        "{all}"
+    );
+    let reason = |name: &str| {
+        let entry = entries.iter().find(|m| m["name"] == name).unwrap();
+        entry["reason"].as_str().unwrap_or_default().to_string()
+    };
+    assert!(reason("bad_config").contains("config.toml"), "{all}");
+    assert!(
+        reason("no_versions").contains("no version directory"),
+        "{all}"
+    );
+    assert!(!reason("garbage").is_empty(), "{all}");
+    assert!(
+        entries[2].get("reason").is_none(),
+        "a ready model has none: {all}"
+    );
+
+    let (status, ready) = index(Some(r#"{"ready": true}"#)).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(
+        ready,
+        json!([{ "name": "mlp", "version": "1", "state": "READY" }])
+    );
+    let (status, body) = index(Some("{ready")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("repository index request"),
+        "{body}"
+    );
+
+    for action in ["load", "unload"] {
+        let response = http
+            .post(agent.url(&format!("/v2/repository/models/mlp/{action}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{action}");
+        let body: Value = response.json().await.unwrap();
+        let message = body["error"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("cannot {action} model 'mlp'")),
+            "{body}"
+        );
+    }
+
+    // gRPC lists the same.
+    let mut grpc = agent.grpc().await;
+    let listed = grpc
+        .repository_index(pb::RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let over_grpc: Vec<Value> = listed
+        .models
+        .into_iter()
+        .map(|m| {
+            let mut entry = json!({ "name": m.name, "state": m.state });
+            if !m.version.is_empty() {
+                entry["version"] = json!(m.version);
+            }
+            if !m.reason.is_empty() {
+                entry["reason"] = json!(m.reason);
+            }
+            entry
+        })
+        .collect();
+    assert_eq!(Value::from(over_grpc), all);
+    let status = grpc
+        .repository_model_load(pb::RepositoryModelLoadRequest {
+            model_name: "mlp".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     agent.stop().await;
 }
 
@@ -661,6 +787,7 @@ async fn the_model_check_serves_valid_models_and_refuses_broken_weights(runtime:
 on_both_runtimes!(
     hot_reload_under_load_drops_no_request,
     broken_models_are_reported_and_the_rest_keep_serving,
+    the_repository_index_lists_every_model_and_why_it_is_not_ready,
     bad_requests_get_clear_errors_and_the_agent_keeps_serving,
     an_empty_repository_serves_and_says_it_has_no_models,
     the_model_check_serves_valid_models_and_refuses_broken_weights,

@@ -111,6 +111,7 @@ def main():
                     checked += 1
                     served[model] = served.get(model, 0) + 1
     check_statistics(clients, served)
+    check_repository_index(clients, args.models.split(","))
     if "all_types" in args.models.split(","):
         check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
     if "mlp" in args.models.split(","):
@@ -134,6 +135,19 @@ def check_statistics(clients, served):
             seen.append((success, int(model_stats["execution_count"]), int(model_stats["last_inference"])))
         assert seen[0] == seen[1], f"{model}: HTTP and gRPC statistics differ: {seen}"
         print(f"ok statistics {model}")
+
+
+def check_repository_index(clients, models):
+    """get_model_repository_index: every model served, version 1, READY."""
+    for protocol, _, client, _ in clients:
+        if protocol == "gRPC":
+            index = client.get_model_repository_index(as_json=True).get("models", [])
+        else:
+            index = client.get_model_repository_index()
+        listed = sorted((m["name"], m.get("version"), m["state"]) for m in index)
+        want = sorted((model, "1", "READY") for model in models)
+        assert listed == want, f"{protocol}: repository index {listed}, expected {want}"
+        print(f"ok repository index over {protocol}")
 
 
 def check_gzip_over_grpc(client, cases_dir):
