@@ -629,11 +629,9 @@ async fn a_request_the_model_fails_on_fails_alone_in_its_batch(runtime: RuntimeC
     );
     let agent = agent(repo.path(), runtime).start().await;
     let bad = 3;
-    let mut clients = Vec::new();
-    for _ in 0..8 {
-        clients.push(agent.grpc().await);
-    }
-    let tasks: Vec<_> = clients
+    let tasks: Vec<_> = agent
+        .grpc_clients(8)
+        .await
         .into_iter()
         .enumerate()
         .map(|(i, mut client)| {
@@ -1372,11 +1370,9 @@ async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
         grpc_request("mlp", &case, true)
     };
     // 8 concurrent requests of 1 and 2 rows: 12 rows, batched.
-    let mut clients = Vec::new();
-    for _ in 0..8 {
-        clients.push(agent.grpc().await);
-    }
-    let tasks: Vec<_> = clients
+    let tasks: Vec<_> = agent
+        .grpc_clients(8)
+        .await
         .into_iter()
         .enumerate()
         .map(|(i, mut client)| {

@@ -1,8 +1,21 @@
 """The fixture cases (testdata/cases/*.json) as a client script sends and
 checks them: shared by the tritonclient and kserve conformance scripts."""
 
+import argparse
+from pathlib import Path
+
 import numpy as np
 from tritonclient.utils import triton_to_np_dtype
+
+
+def parse_args(description):
+    """The agent's addresses, the cases' folder and the models to run."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--http", required=True, help="the agent's HTTP HOST:PORT")
+    parser.add_argument("--grpc", required=True, help="the agent's gRPC HOST:PORT")
+    parser.add_argument("--cases", required=True, type=Path)
+    parser.add_argument("--models", required=True, help="comma-separated fixture names")
+    return parser.parse_args()
 
 
 def as_numpy(tensor):

@@ -14,27 +14,15 @@ Prints one line per check and, last, `checked N inferences`; exits non-zero
 on the first mismatch.
 """
 
-import argparse
 import asyncio
 import json
 import sys
-from pathlib import Path
 
-from cases import as_numpy, check_output
-
-
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--http", required=True)
-    parser.add_argument("--grpc", required=True)
-    parser.add_argument("--cases", required=True, type=Path)
-    parser.add_argument("--models", required=True, help="comma-separated fixture names")
-    return parser.parse_args()
-
+from cases import as_numpy, check_output, parse_args
 
 # kserve parses the command line of whatever imports it (for its model
 # server's options): it sees only the script's name.
-ARGS = parse_args()
+ARGS = parse_args(__doc__.splitlines()[0])
 sys.argv = sys.argv[:1]
 
 from kserve import (  # noqa: E402

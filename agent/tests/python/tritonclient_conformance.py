@@ -13,17 +13,15 @@ Prints one line per check and, last, `checked N inferences`; exits non-zero
 on the first mismatch.
 """
 
-import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import triton_to_np_dtype
 
-from cases import as_numpy, check_output
+from cases import as_numpy, check_output, parse_args
 
 
 def infer(client, module, model, case, request_id, binary):
@@ -51,12 +49,7 @@ def infer(client, module, model, case, request_id, binary):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--http", required=True)
-    parser.add_argument("--grpc", required=True)
-    parser.add_argument("--cases", required=True, type=Path)
-    parser.add_argument("--models", required=True, help="comma-separated fixture names")
-    args = parser.parse_args()
+    args = parse_args(__doc__.splitlines()[0])
 
     clients = [
         ("HTTP", httpclient, httpclient.InferenceServerClient(url=args.http), [True, False]),

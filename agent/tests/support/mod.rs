@@ -183,6 +183,19 @@ impl TestAgent {
             .max_encoding_message_size(usize::MAX)
     }
 
+    /// `n` clients, each on its own connection, all connected: requests
+    /// they then send at once reach the agent together.
+    pub async fn grpc_clients(
+        &self,
+        n: usize,
+    ) -> Vec<GrpcInferenceServiceClient<tonic::transport::Channel>> {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(self.grpc().await);
+        }
+        clients
+    }
+
     async fn wait_ready(&self) {
         let client = reqwest::Client::new();
         let url = self.url("/v2/health/ready");
