@@ -18,12 +18,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // One descriptor set per server, for gRPC reflection: the agent's holds
     // the Open Inference Protocol alone, the control plane's its own API.
-    for (file, package) in [
-        ("inference_descriptor.bin", "inference"),
-        ("edgefleet_descriptor.bin", "edgefleet.v1"),
+    // The agent's leaves out the comments (source code info): two thirds of
+    // its bytes, decoded into the agent's heap at start, on a device where
+    // memory is short; the .proto and docs/agent.md have them. The control
+    // plane's keeps them, for operators exploring its API with grpcurl.
+    for (file, package, comments) in [
+        ("inference_descriptor.bin", "inference", false),
+        ("edgefleet_descriptor.bin", "edgefleet.v1", true),
     ] {
         let mut set = fds.clone();
         set.file.retain(|file| file.package() == package);
+        if !comments {
+            for file in &mut set.file {
+                file.source_code_info = None;
+            }
+        }
         std::fs::write(out_dir.join(file), prost::Message::encode_to_vec(&set))?;
     }
     // The Open Inference Protocol gets a codec of its own (src/inference_codec.rs):
