@@ -205,31 +205,17 @@ impl InferenceService {
             let snapshot = loaded.statistics();
             return Ok(vec![(loaded, snapshot)]);
         }
-        let selected: Vec<(String, u64)> = match name {
-            "" => self
-                .registry
-                .statuses()
-                .into_iter()
-                .flat_map(|status| {
-                    let name = status.name;
-                    status
-                        .served_versions
-                        .into_iter()
-                        .map(move |version| (name.clone(), version))
-                })
-                .collect(),
-            _ => {
-                // Refused as a request for the model would be.
-                self.registry.get(name, None)?;
-                self.registry
-                    .statuses()
-                    .into_iter()
-                    .filter(|status| status.name == name)
-                    .flat_map(|status| status.served_versions)
-                    .map(|version| (name.to_string(), version))
-                    .collect()
-            }
-        };
+        if !name.is_empty() {
+            // Refused as a request for the model would be.
+            self.registry.get(name, None)?;
+        }
+        let selected: Vec<(String, u64)> = self
+            .registry
+            .index()
+            .into_iter()
+            .filter(|entry| entry.ready && (name.is_empty() || entry.name == name))
+            .filter_map(|entry| Some((entry.name, entry.version?)))
+            .collect();
         Ok(selected
             .into_iter()
             // A version unloaded since the listing is left out.
