@@ -1254,8 +1254,16 @@ mod tests {
         assert_eq!(batches.lock().unwrap().len(), 5);
     }
 
-    /// Lets the version be idle long enough for the fast path.
-    fn quiet() {
+    /// Lets the version be idle long enough for the fast path: once the
+    /// worker has let go of the last request (it answers before it does,
+    /// and a loaded machine may pause it in between), for twice
+    /// [`INLINE_QUIET`].
+    fn quiet(version: &LoadedVersion) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while version.run.activity.in_flight.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "a request stays in flight");
+            std::thread::sleep(Duration::from_micros(50));
+        }
         std::thread::sleep(INLINE_QUIET * 2);
     }
 
@@ -1263,7 +1271,7 @@ mod tests {
     fn a_request_right_after_another_is_answered_goes_through_the_queue() {
         let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
         infer_blocking(&version);
-        quiet();
+        quiet(&version);
         infer_blocking(&version);
         // No pause: as from concurrent clients, whose gaps are short (here
         // however long the machine takes to wake this thread).
@@ -1294,7 +1302,7 @@ mod tests {
         // The model is fast and idle: the next requests run at once, here
         // (each answered request no longer counts as in flight).
         for i in 0..2 {
-            quiet();
+            quiet(&version);
             let mut receiver = version.submit(row([3.0, 4.0 + i as f32], 1)).unwrap();
             let outputs = receiver
                 .try_recv()
@@ -1321,7 +1329,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // Measured now, so the next three-row request is known to be fast.
-        quiet();
+        quiet(&version);
         let mut receiver = version.submit(row([1.0, 2.0], 3)).unwrap();
         receiver
             .try_recv()
@@ -1351,7 +1359,7 @@ mod tests {
             )]
         };
         // No bytes, but a thousand rows: more than the one-row run measured.
-        quiet();
+        quiet(&version);
         let outputs = version
             .submit(empty())
             .unwrap()
@@ -1360,7 +1368,7 @@ mod tests {
             .unwrap();
         assert_eq!(outputs[0].shape, vec![1000, 0]);
         // Measured now, so the next one is known to be fast.
-        quiet();
+        quiet(&version);
         let mut receiver = version.submit(empty()).unwrap();
         receiver
             .try_recv()
@@ -1398,7 +1406,7 @@ mod tests {
             .blocking_recv()
             .unwrap();
         assert!(refused.is_err(), "the scripted error");
-        quiet();
+        quiet(&version);
         infer_blocking(&version);
         assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"]);
     }
@@ -1410,7 +1418,7 @@ mod tests {
         // Hold the only session, as a running batch would.
         let session = Arc::clone(&version.sessions[0]);
         let guard = lock(&session);
-        quiet();
+        quiet(&version);
         let mut receiver = version.submit(row([1.0, 2.0], 1)).unwrap();
         assert!(
             receiver.try_recv().is_err(),
@@ -1463,9 +1471,9 @@ mod tests {
         // Idle and fast, but the last run held two: this one goes to the
         // worker (which may wait for company); once it ran alone, the next
         // takes the fast path again.
-        quiet();
+        quiet(&version);
         infer_blocking(&version);
-        quiet();
+        quiet(&version);
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         let worker = "infer-m-1-0".to_string();
@@ -1486,7 +1494,7 @@ mod tests {
         };
         let (version, batches, threads) = start_traced(config, Duration::ZERO);
         run_alone_then_together(&version);
-        quiet();
+        quiet(&version);
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         let batches = batches.lock().unwrap();
