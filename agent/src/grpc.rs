@@ -12,9 +12,11 @@ use bytes::Bytes;
 use edgefleet_proto::inference as pb;
 use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
 use edgefleet_proto::inference_codec;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ErrorCode, InferError};
+use crate::grpc_stream::InferStream;
 use crate::metrics::Metrics;
 use crate::model_config::QueueDelay;
 use crate::service::{
@@ -28,11 +30,13 @@ use crate::tensor::{DataType, Tensor, TensorData};
 #[derive(Debug, Clone)]
 pub struct GrpcInference {
     service: InferenceService,
+    // Ends open `ModelStreamInfer` calls (see [`InferStream`]).
+    shutdown: CancellationToken,
 }
 
 impl GrpcInference {
-    pub fn new(service: InferenceService) -> Self {
-        GrpcInference { service }
+    pub fn new(service: InferenceService, shutdown: CancellationToken) -> Self {
+        GrpcInference { service, shutdown }
     }
 }
 
@@ -257,34 +261,63 @@ impl GrpcInferenceService for GrpcInference {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let pb::ModelInferRequest {
-            model_name,
-            model_version,
-            id,
-            inputs,
-            outputs,
-            raw_input_contents,
-            ..
-        } = request.into_inner();
-        let decoded = inputs_from_proto(inputs, raw_input_contents)
-            .and_then(|inputs| Ok((inputs, output_names(outputs)?)));
-        let (inputs, outputs) = match decoded {
-            Ok(decoded) => decoded,
-            Err(err) => {
-                self.service.count_refused(&model_name, &err);
-                return Err(err.into());
-            }
-        };
-        let request = InferRequest {
-            model_name,
-            model_version,
-            id,
-            inputs,
-            outputs,
-        };
-        let response = self.service.infer(request).await?;
-        Ok(Response::new(infer_response_to_proto(response)))
+        let response = infer(&self.service, request.into_inner()).await?;
+        Ok(Response::new(response))
     }
+
+    type ModelStreamInferStream = InferStream;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<tonic::Streaming<pb::ModelInferRequest>>,
+    ) -> Result<Response<InferStream>, Status> {
+        // Triton's switch: the first failure ends the stream with its status.
+        let errors_end_stream = request
+            .metadata()
+            .get("triton_grpc_error")
+            .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"true"));
+        Ok(Response::new(InferStream::new(
+            self.service.clone(),
+            request.into_inner(),
+            errors_end_stream,
+            self.shutdown.clone(),
+        )))
+    }
+}
+
+/// Decodes one `ModelInferRequest` and runs it; a request refused while
+/// decoding counts as refused for its model.
+pub async fn infer(
+    service: &InferenceService,
+    request: pb::ModelInferRequest,
+) -> Result<pb::ModelInferResponse, InferError> {
+    let pb::ModelInferRequest {
+        model_name,
+        model_version,
+        id,
+        inputs,
+        outputs,
+        raw_input_contents,
+        ..
+    } = request;
+    let decoded = inputs_from_proto(inputs, raw_input_contents)
+        .and_then(|inputs| Ok((inputs, output_names(outputs)?)));
+    let (inputs, outputs) = match decoded {
+        Ok(decoded) => decoded,
+        Err(err) => {
+            service.count_refused(&model_name, &err);
+            return Err(err);
+        }
+    };
+    let request = InferRequest {
+        model_name,
+        model_version,
+        id,
+        inputs,
+        outputs,
+    };
+    let response = service.infer(request).await?;
+    Ok(infer_response_to_proto(response))
 }
 
 /// The outputs a request asks for, by name; refused if one asks for an
@@ -683,14 +716,19 @@ const TONIC_REFUSALS: &[(&str, &str, ErrorCode)] = &[
 /// the headers (a trailers-only response, as tonic answers every refusal)
 /// with one of [`TONIC_REFUSALS`].
 fn tonic_refusal(headers: &http::HeaderMap) -> Option<ErrorCode> {
-    let status = headers.get("grpc-status")?.as_bytes();
+    let status = headers.get("grpc-status")?.to_str().ok()?;
     let message = headers.get("grpc-message")?.to_str().ok()?;
     // `grpc-message` is percent-encoded; the words matched here need only
     // their spaces back.
-    let message = message.replace("%20", " ");
+    refusal_reason(status, &message.replace("%20", " "))
+}
+
+/// Which of [`TONIC_REFUSALS`] a status (its code as a number, and its
+/// message) is, if any.
+pub fn refusal_reason(code: &str, message: &str) -> Option<ErrorCode> {
     TONIC_REFUSALS
         .iter()
-        .find(|(code, start, _)| status == code.as_bytes() && message.starts_with(start))
+        .find(|(status, start, _)| code == *status && message.starts_with(start))
         .map(|(_, _, reason)| *reason)
 }
 

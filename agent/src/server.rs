@@ -154,19 +154,22 @@ impl Agent {
             .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
             .build_v1()
             .map_err(|err| StartError::Reflection(err.to_string()))?;
-        let inference = GrpcInferenceServiceServer::new(GrpcInference::new(self.service.clone()))
-            // Leave room for protobuf framing; the service enforces `limit`
-            // on the tensors, and the codec on what the message decodes to
-            // (with as much room for its structure).
-            .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
-            .max_encoding_message_size(usize::MAX)
-            // As Triton's: clients may gzip requests (tritonclient's
-            // `compression_algorithm`); tonic holds a request's decompressed
-            // size to the decoding limit. Answers go uncompressed, as
-            // Triton's do by default: gRPC's C-core clients (Python, C++)
-            // say they accept gzip on every call, and compressing every
-            // answer to them would cost the device CPU and latency.
-            .accept_compressed(CompressionEncoding::Gzip);
+        let inference = GrpcInferenceServiceServer::new(GrpcInference::new(
+            self.service.clone(),
+            shutdown.clone(),
+        ))
+        // Leave room for protobuf framing; the service enforces `limit`
+        // on the tensors, and the codec on what the message decodes to
+        // (with as much room for its structure).
+        .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
+        .max_encoding_message_size(usize::MAX)
+        // As Triton's: clients may gzip requests (tritonclient's
+        // `compression_algorithm`); tonic holds a request's decompressed
+        // size to the decoding limit. Answers go uncompressed, as
+        // Triton's do by default: gRPC's C-core clients (Python, C++)
+        // say they accept gzip on every call, and compressing every
+        // answer to them would cost the device CPU and latency.
+        .accept_compressed(CompressionEncoding::Gzip);
         let incoming =
             tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();

@@ -56,8 +56,8 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
     let stdout = run_client_script("tritonclient_conformance.py").await;
     let models = fixture_names();
     // Every case of every model, over HTTP twice (binary data and JSON) and
-    // gRPC once: none skipped.
-    let inferences: usize = models.iter().map(|model| cases(model).len() * 3).sum();
+    // gRPC twice (one call each, and all on one stream): none skipped.
+    let inferences: usize = models.iter().map(|model| cases(model).len() * 4).sum();
     assert!(
         stdout.contains(&format!("checked {inferences} inferences")),
         "{stdout}"

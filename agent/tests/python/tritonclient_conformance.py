@@ -14,6 +14,7 @@ on the first mismatch.
 """
 
 import json
+import queue
 import sys
 
 import numpy as np
@@ -109,6 +110,9 @@ def main():
         check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
     if "mlp" in args.models.split(","):
         check_gzip_over_grpc(grpcclient.InferenceServerClient(url=args.grpc), args.cases)
+    checked += check_streaming_over_grpc(
+        grpcclient.InferenceServerClient(url=args.grpc), args.cases, args.models.split(",")
+    )
     print(f"checked {checked} inferences")
 
 
@@ -143,16 +147,55 @@ def check_repository_index(clients, models):
         print(f"ok repository index over {protocol}")
 
 
+def grpc_inputs(case):
+    """A case's inputs for tritonclient.grpc."""
+    inputs = []
+    for tensor in case["inputs"]:
+        value = grpcclient.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
+        value.set_data_from_numpy(as_numpy(tensor))
+        inputs.append(value)
+    return inputs
+
+
+def check_streaming_over_grpc(client, cases_dir, models):
+    """Every case of every model on one stream (`start_stream`,
+    `async_stream_infer`), all sent before any answer is read, answers
+    matched by request id; then a request for a model the agent does not
+    have, whose error comes on the stream. Returns the inferences checked."""
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    sent = {}
+    for model in models:
+        for index, case in enumerate(json.loads((cases_dir / f"{model}.json").read_text())["cases"]):
+            request_id = f"stream {model} case {index}"
+            client.async_stream_infer(model, grpc_inputs(case), request_id=request_id)
+            sent[request_id] = case
+    client.async_stream_infer("no_such_model", grpc_inputs(next(iter(sent.values()))), request_id="unknown")
+    # Closes the client's side and waits for the stream to end.
+    client.stop_stream()
+    errors = []
+    checked = 0
+    while not answers.empty():
+        result, error = answers.get()
+        if error is not None:
+            errors.append(str(error))
+            continue
+        request_id = result.get_response().id
+        case = sent.pop(request_id)
+        for tensor in case["outputs"]:
+            check_output(result.as_numpy(tensor["name"]), tensor, f"gRPC {request_id}")
+        print(f"ok gRPC {request_id}")
+        checked += 1
+    assert not sent, f"never answered on the stream: {sorted(sent)}"
+    assert len(errors) == 1 and "no_such_model" in errors[0], f"errors on the stream: {errors}"
+    return checked
+
+
 def check_gzip_over_grpc(client, cases_dir):
     """gRPC requests gzipped (`compression_algorithm`), as Triton takes
     them."""
     for index, case in enumerate(json.loads((cases_dir / "mlp.json").read_text())["cases"]):
-        inputs = []
-        for tensor in case["inputs"]:
-            value = grpcclient.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
-            value.set_data_from_numpy(as_numpy(tensor))
-            inputs.append(value)
-        result = client.infer("mlp", inputs, compression_algorithm="gzip")
+        result = client.infer("mlp", grpc_inputs(case), compression_algorithm="gzip")
         for tensor in case["outputs"]:
             check_output(result.as_numpy(tensor["name"]), tensor, f"gRPC gzip mlp case {index}")
     print("checked gzip over gRPC")

@@ -7,13 +7,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use edgefleet_agent::grpc::encode_raw_strings;
+use edgefleet_agent::http::{data_to_json, tensor_from_json};
 use edgefleet_agent::model_check::ModelCheck;
 use edgefleet_agent::runtime::{RuntimeChoice, find_onnxruntime_library};
 use edgefleet_agent::server::{Agent, ServeOptions};
 use edgefleet_agent::telemetry::TelemetryRecorder;
+use edgefleet_agent::tensor::{DataType, Tensor, TensorData};
+use edgefleet_proto::inference as pb;
 use edgefleet_proto::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
 use edgefleet_test_support::{assert_eventually, fixture_model, testdata};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 /// The expected cases computed by onnxruntime (Python) for a fixture.
@@ -298,4 +303,135 @@ macro_rules! on_both_runtimes {
             )*
         }
     };
+}
+
+/// Models a runtime cannot load, and the words its error must contain.
+pub fn expected_load_failure(model: &str, runtime: RuntimeChoice) -> Option<&'static str> {
+    match (model, runtime) {
+        ("unsupported_op", RuntimeChoice::Tract) => Some("Det"),
+        _ => None,
+    }
+}
+
+pub fn all_fixtures_repo() -> Repo {
+    let repo = Repo::new();
+    for name in fixture_names() {
+        repo.add(&name, 1, &name);
+    }
+    repo
+}
+
+pub fn tensor_of(value: &Value) -> Tensor {
+    tensor_from_json(
+        value["name"].as_str().unwrap().to_string(),
+        value["datatype"].as_str().unwrap(),
+        serde_json::from_value(value["shape"].clone()).unwrap(),
+        &value["data"],
+    )
+    .unwrap()
+}
+
+/// A case's inputs as tensors.
+pub fn input_tensors(case: &Value) -> Vec<Tensor> {
+    case["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(tensor_of)
+        .collect()
+}
+
+pub fn raw_bytes(tensor: &Tensor) -> Bytes {
+    match &tensor.data {
+        TensorData::Raw(bytes) => bytes.clone(),
+        TensorData::Bytes(items) => encode_raw_strings(items).into(),
+    }
+}
+
+/// The typed `contents` field a client would fill for this tensor.
+pub fn typed_contents(tensor: &Tensor) -> pb::InferTensorContents {
+    let mut contents = pb::InferTensorContents::default();
+    match tensor.dtype {
+        DataType::Bool => {
+            contents.bool_contents = tensor.to_vec::<u8>().into_iter().map(|b| b != 0).collect()
+        }
+        DataType::I8 => {
+            contents.int_contents = tensor.to_vec::<i8>().into_iter().map(i32::from).collect()
+        }
+        DataType::I16 => {
+            contents.int_contents = tensor.to_vec::<i16>().into_iter().map(i32::from).collect()
+        }
+        DataType::I32 => contents.int_contents = tensor.to_vec::<i32>(),
+        DataType::I64 => contents.int64_contents = tensor.to_vec::<i64>(),
+        DataType::U8 => {
+            contents.uint_contents = tensor.to_vec::<u8>().into_iter().map(u32::from).collect()
+        }
+        DataType::U16 => {
+            contents.uint_contents = tensor.to_vec::<u16>().into_iter().map(u32::from).collect()
+        }
+        DataType::U32 => contents.uint_contents = tensor.to_vec::<u32>(),
+        DataType::U64 => contents.uint64_contents = tensor.to_vec::<u64>(),
+        DataType::F32 => contents.fp32_contents = tensor.to_vec::<f32>(),
+        DataType::F64 => contents.fp64_contents = tensor.to_vec::<f64>(),
+        DataType::Bytes => {
+            if let TensorData::Bytes(items) = &tensor.data {
+                contents.bytes_contents = items.clone();
+            }
+        }
+        DataType::F16 => unreachable!("FP16 has no typed contents"),
+    }
+    contents
+}
+
+pub fn grpc_request(model: &str, case: &Value, raw: bool) -> pb::ModelInferRequest {
+    let tensors = input_tensors(case);
+    let inputs = tensors
+        .iter()
+        .map(|t| pb::model_infer_request::InferInputTensor {
+            name: t.name.clone(),
+            datatype: t.dtype.protocol_name().into(),
+            shape: t.shape.clone(),
+            parameters: Default::default(),
+            contents: (!raw).then(|| typed_contents(t)),
+        })
+        .collect();
+    pb::ModelInferRequest {
+        model_name: model.into(),
+        id: format!("req-{model}"),
+        inputs,
+        raw_input_contents: if raw {
+            tensors.iter().map(raw_bytes).collect()
+        } else {
+            vec![]
+        },
+        ..Default::default()
+    }
+}
+
+/// A gRPC response's outputs in JSON form, for comparison with the cases.
+pub fn grpc_outputs_as_json(response: &pb::ModelInferResponse) -> Vec<Value> {
+    response
+        .outputs
+        .iter()
+        .zip(&response.raw_output_contents)
+        .map(|(output, raw)| {
+            let dtype = DataType::from_protocol_name(&output.datatype).unwrap();
+            let data = match dtype {
+                DataType::Bytes => TensorData::Bytes(edgefleet_agent::grpc::decode_raw_strings("out", raw).unwrap()),
+                _ => TensorData::Raw(raw.clone()),
+            };
+            let tensor = Tensor {
+                name: output.name.clone(),
+                dtype,
+                shape: output.shape.clone(),
+                data,
+            };
+            json!({ "name": output.name, "datatype": output.datatype, "shape": output.shape, "data": data_to_json(&tensor) })
+        })
+        .collect()
+}
+
+pub fn sorted_by_name(mut outputs: Vec<Value>) -> Vec<Value> {
+    outputs.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    outputs
 }
