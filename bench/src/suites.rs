@@ -96,11 +96,14 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
          output extraction included); \
          \"agent\" is a `ModelInfer` call through the release agent's gRPC API on loopback (a client on \
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \
-         Each call is measured with two clients, both tonic's generated client and codec: \"tonic\" over tonic's `Channel` \
+         Each call is measured with three clients, all tonic's generated client and codec: \"tonic\" over tonic's `Channel` \
          (hyper's HTTP/2 client, which writes a call's headers and its message in two writes, then an empty \
-         end-of-stream frame, so the agent wakes twice per call), and \"one write\" over a transport that hands \
+         end-of-stream frame, so the agent wakes twice per call), \"one write\" over a transport that hands \
          h2 the headers and the message together (`bench/src/one_write_client.rs`), so a call reaches the agent in one \
-         TCP segment, as gRPC's C-core clients (C++, Python) send a unary call. \
+         TCP segment, as gRPC's C-core clients (C++, Python) send a unary call, and \
+         \"stream\", which sends the same requests as messages on one open `ModelStreamInfer` call (perf_analyzer's \
+         `--streaming`), each answer awaited before the next request: no HTTP/2 stream, headers or server task \
+         per inference (its round-trip columns are empty: `ServerLive` has no streaming form). \
          \"ServerLive\" is a gRPC `ServerLive` round trip to the same agent with the same client (no inference): the client and \
          HTTP/2 transport alone. \"ServerLive after a run\" is the same round trip timed right after the client \
          ran the model once itself (raw, timed apart): still no inference in the agent, but the run has been through \
@@ -148,7 +151,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             AgentProcess::start_with(&args.agent, &args.bench_models, "onnxruntime", extra).await?;
         // The transport's share: a ServerLive round trip does no inference.
         let mut floors = Vec::new();
-        for client in Client::ALL {
+        for client in Client::UNARY {
             floors.push(
                 time_sequential_calls(agent.grpc_addr, client, Call::ServerLive, args.iterations)?
                     .calls,
@@ -177,21 +180,32 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             }
             drop(run);
 
-            for (client, floor) in Client::ALL.into_iter().zip(&floors) {
+            for client in Client::ALL {
                 // The transport once this model's run has been through the caches,
-                // and the run itself when a round trip comes between runs.
-                let run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
-                let SequentialTimings {
-                    calls: floor_after_run,
-                    runs: raw_between_round_trips,
-                } = time_sequential_calls(
-                    agent.grpc_addr,
-                    client,
-                    Call::ServerLiveAfter(run),
-                    args.iterations,
-                )?;
-                transport_after_run.push(us(&floor_after_run, 0.5));
-                run_slowdown.push(us(&raw_between_round_trips, 0.5) - us(&raw, 0.5));
+                // and the run itself when a round trip comes between runs: unary
+                // calls only (`ServerLive` has no streaming form).
+                let transport = match Client::UNARY.iter().position(|&unary| unary == client) {
+                    Some(index) => {
+                        let run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
+                        let SequentialTimings {
+                            calls: floor_after_run,
+                            runs: raw_between_round_trips,
+                        } = time_sequential_calls(
+                            agent.grpc_addr,
+                            client,
+                            Call::ServerLiveAfter(run),
+                            args.iterations,
+                        )?;
+                        transport_after_run.push(us(&floor_after_run, 0.5));
+                        run_slowdown.push(us(&raw_between_round_trips, 0.5) - us(&raw, 0.5));
+                        Some((
+                            us(&floors[index], 0.5),
+                            us(&floor_after_run, 0.5),
+                            us(&raw_between_round_trips, 0.5),
+                        ))
+                    }
+                    None => None,
+                };
 
                 let request = infer_request(model.name, model.input, shape, &values);
                 // The agent's own view of the same calls, from its /metrics histograms.
@@ -214,21 +228,23 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                 let queue_mean = mean("edgefleet_inference_queue_seconds")?;
                 let compute_mean = mean("edgefleet_inference_compute_seconds")?;
                 let delta = us(&through_agent, 0.5) - us(&raw, 0.5);
+                let micros =
+                    |value: Option<f64>| value.map_or("—".to_string(), |v| format!("{v:.0}"));
                 writeln!(
                     out,
-                    "| {mode} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+                    "| {mode} | {} | {} | {:.0} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {:.0} |",
                     model.name,
                     client.label(),
                     us(&raw, 0.5),
                     us(&raw, 0.99),
-                    us(&raw_between_round_trips, 0.5),
+                    micros(transport.map(|(_, _, between)| between)),
                     us(&through_agent, 0.5),
                     us(&through_agent, 0.99),
                     delta,
                     if delta <= 50.0 { "met" } else { "missed" },
-                    us(floor, 0.5),
-                    us(&floor_after_run, 0.5),
-                    delta - us(&floor_after_run, 0.5),
+                    micros(transport.map(|(floor, _, _)| floor)),
+                    micros(transport.map(|(_, after, _)| after)),
+                    micros(transport.map(|(_, after, _)| delta - after)),
                     request_mean,
                     queue_mean,
                     compute_mean,
@@ -368,15 +384,22 @@ enum Client {
     /// tonic's generated client over [`crate::one_write_client`]: the call in
     /// one write, as gRPC's C-core clients (C++, Python) send a unary call.
     OneWrite,
+    /// One `ModelStreamInfer` call over tonic's `Channel`, each request a
+    /// message on the open stream (perf_analyzer's `--streaming`): no HTTP/2
+    /// stream, headers or task per inference.
+    Stream,
 }
 
 impl Client {
-    const ALL: [Client; 2] = [Client::Tonic, Client::OneWrite];
+    const ALL: [Client; 3] = [Client::Tonic, Client::OneWrite, Client::Stream];
+    /// The clients of unary calls (`ServerLive` has no streaming form).
+    const UNARY: [Client; 2] = [Client::Tonic, Client::OneWrite];
 
     fn label(self) -> &'static str {
         match self {
             Client::Tonic => "tonic",
             Client::OneWrite => "one write",
+            Client::Stream => "stream",
         }
     }
 }
@@ -403,6 +426,10 @@ fn time_sequential_calls(
                 Client::OneWrite => {
                     let client = crate::one_write_client::connect(addr).await?;
                     time_calls(client, call, iterations).await
+                }
+                Client::Stream => {
+                    let client = AgentProcess::client_for(addr).await?;
+                    time_stream_calls(client, call, iterations).await
                 }
             }
         })
@@ -448,6 +475,45 @@ where
         }
     }
     Ok(SequentialTimings { calls, runs })
+}
+
+/// Times `iterations` inferences (after 300 of warm-up) on one
+/// `ModelStreamInfer` call: each request sent on the open stream, and its
+/// answer awaited before the next is sent.
+async fn time_stream_calls(
+    mut client: pb::grpc_inference_service_client::GrpcInferenceServiceClient<
+        tonic::transport::Channel,
+    >,
+    call: Call,
+    iterations: usize,
+) -> anyhow::Result<SequentialTimings> {
+    let Call::Infer(request) = call else {
+        anyhow::bail!("a stream carries inferences only");
+    };
+    let (requests, receiver) = futures::channel::mpsc::unbounded();
+    let mut answers = client.model_stream_infer(receiver).await?.into_inner();
+    let mut calls = histogram();
+    for i in 0..(iterations + 300) {
+        let started = Instant::now();
+        requests.unbounded_send(request.clone())?;
+        let answer = answers
+            .message()
+            .await?
+            .context("the agent ended the stream early")?;
+        anyhow::ensure!(
+            answer.error_message.is_empty(),
+            "inference on the stream failed: {}",
+            answer.error_message
+        );
+        std::hint::black_box(answer);
+        if i >= 300 {
+            calls.record(started.elapsed().as_micros() as u64)?;
+        }
+    }
+    Ok(SequentialTimings {
+        calls,
+        runs: histogram(),
+    })
 }
 
 /// A repository holding one model with the given config.
