@@ -96,15 +96,7 @@ async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoi
             continue;
         }
         for (i, case) in cases(&model).iter().enumerate() {
-            let has_fp16 = case["inputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["datatype"] == "FP16");
-            for raw in [true, false] {
-                if !raw && has_fp16 {
-                    continue; // FP16 can only travel raw.
-                }
+            for raw in grpc_encodings(case) {
                 let context = format!("{model} case {i} over gRPC (raw: {raw}) on {runtime:?}");
                 let response = client
                     .model_infer(grpc_request(&model, case, raw))
@@ -117,12 +109,7 @@ async fn every_fixture_matches_onnxruntime_python_over_grpc(runtime: RuntimeChoi
                     "{context}: request id echoed"
                 );
                 assert_eq!(response.model_version, "1");
-                let got = sorted_by_name(grpc_outputs_as_json(&response));
-                let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
-                assert_eq!(got.len(), want.len(), "{context}");
-                for (g, w) in got.iter().zip(&want) {
-                    assert_tensor_matches(g, w, &context);
-                }
+                assert_grpc_outputs_match(&response, case, &context);
             }
         }
     }
@@ -405,11 +392,11 @@ async fn concurrent_requests_are_batched_and_each_gets_its_own_answer(runtime: R
                 .await
                 .unwrap()
                 .into_inner();
-            let got = sorted_by_name(grpc_outputs_as_json(&response));
-            let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
-            for (g, w) in got.iter().zip(&want) {
-                assert_tensor_matches(g, w, &format!("concurrent request {i} to {model}"));
-            }
+            assert_grpc_outputs_match(
+                &response,
+                &case,
+                &format!("concurrent request {i} to {model}"),
+            );
         }));
     }
     for task in tasks {

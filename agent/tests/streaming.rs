@@ -65,15 +65,7 @@ async fn every_fixture_matches_onnxruntime_python_over_one_stream(runtime: Runti
     let mut expected: HashMap<String, Result<Value, &str>> = HashMap::new();
     for model in fixture_names() {
         for (i, case) in cases(&model).iter().enumerate() {
-            let has_fp16 = case["inputs"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|t| t["datatype"] == "FP16");
-            for raw in [true, false] {
-                if !raw && has_fp16 {
-                    continue; // FP16 can only travel raw.
-                }
+            for raw in grpc_encodings(case) {
                 let id = format!("{model} case {i} (raw: {raw})");
                 requests
                     .send(with_id(grpc_request(&model, case, raw), &id))
@@ -101,12 +93,7 @@ async fn every_fixture_matches_onnxruntime_python_over_one_stream(runtime: Runti
             Ok(case) => {
                 assert_eq!(answer.error_message, "", "{context}");
                 assert_eq!(response.model_version, "1", "{context}");
-                let got = sorted_by_name(grpc_outputs_as_json(&response));
-                let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
-                assert_eq!(got.len(), want.len(), "{context}");
-                for (g, w) in got.iter().zip(&want) {
-                    assert_tensor_matches(g, w, &context);
-                }
+                assert_grpc_outputs_match(&response, &case, &context);
             }
             Err(words) => assert!(
                 answer.error_message.contains("not ready") && answer.error_message.contains(words),
@@ -153,12 +140,7 @@ async fn a_failed_request_gets_its_error_and_the_stream_goes_on(runtime: Runtime
     assert!(error.contains("shape"), "{error}");
     let (error, response) = &got["good"];
     assert_eq!(error, "");
-    let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
-    let outputs = sorted_by_name(grpc_outputs_as_json(response));
-    assert_eq!(outputs.len(), want.len());
-    for (g, w) in outputs.iter().zip(&want) {
-        assert_tensor_matches(g, w, "the good request");
-    }
+    assert_grpc_outputs_match(response, case, "the good request");
 
     let (requests, mut answers) = open_stream(&agent, true).await;
     requests.send(with_id(good.clone(), "first")).unwrap();

@@ -435,3 +435,28 @@ pub fn sorted_by_name(mut outputs: Vec<Value>) -> Vec<Value> {
     outputs.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     outputs
 }
+
+/// How a case's inputs can travel over gRPC: raw (`true`), and typed
+/// `contents` (`false`) unless one is FP16, which has no typed field.
+pub fn grpc_encodings(case: &Value) -> Vec<bool> {
+    let has_fp16 = case["inputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["datatype"] == "FP16");
+    if has_fp16 {
+        vec![true]
+    } else {
+        vec![true, false]
+    }
+}
+
+/// Asserts a gRPC answer holds the case's expected outputs, in any order.
+pub fn assert_grpc_outputs_match(response: &pb::ModelInferResponse, case: &Value, context: &str) {
+    let got = sorted_by_name(grpc_outputs_as_json(response));
+    let want = sorted_by_name(case["outputs"].as_array().unwrap().clone());
+    assert_eq!(got.len(), want.len(), "{context}: outputs");
+    for (g, w) in got.iter().zip(&want) {
+        assert_tensor_matches(g, w, context);
+    }
+}
