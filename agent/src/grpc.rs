@@ -19,6 +19,7 @@ use crate::error::{ErrorCode, InferError};
 use crate::grpc_stream::InferStream;
 use crate::metrics::Metrics;
 use crate::model_config::QueueDelay;
+use crate::model_worker::SequentialCaller;
 use crate::service::{
     InferRequest, InferResponse, InferenceService, config_data_type, config_dims, index_state,
     platform,
@@ -261,7 +262,7 @@ impl GrpcInferenceService for GrpcInference {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let response = infer(&self.service, request.into_inner()).await?;
+        let response = infer(&self.service, request.into_inner(), None).await?;
         Ok(Response::new(response))
     }
 
@@ -285,11 +286,13 @@ impl GrpcInferenceService for GrpcInference {
     }
 }
 
-/// Decodes one `ModelInferRequest` and runs it; a request refused while
-/// decoding counts as refused for its model.
+/// Decodes one `ModelInferRequest` and runs it (for `caller`, if it sends
+/// one request at a time); a request refused while decoding counts as
+/// refused for its model.
 pub async fn infer(
     service: &InferenceService,
     request: pb::ModelInferRequest,
+    caller: Option<Arc<SequentialCaller>>,
 ) -> Result<pb::ModelInferResponse, InferError> {
     let pb::ModelInferRequest {
         model_name,
@@ -315,6 +318,7 @@ pub async fn infer(
         id,
         inputs,
         outputs,
+        caller,
     };
     let response = service.infer(request).await?;
     Ok(infer_response_to_proto(response))

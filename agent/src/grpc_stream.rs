@@ -13,6 +13,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use edgefleet_proto::inference as pb;
@@ -23,6 +24,7 @@ use tonic::{Status, Streaming};
 
 use crate::error::{ErrorCode, InferError};
 use crate::grpc::{infer, refusal_reason};
+use crate::model_worker::SequentialCaller;
 use crate::service::InferenceService;
 
 /// How many requests of one stream may run at once.
@@ -57,6 +59,8 @@ pub struct InferStream {
     errors_end_stream: bool,
     ended: bool,
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The stream as a client that may send one request at a time.
+    sequential: Arc<SequentialCaller>,
 }
 
 impl InferStream {
@@ -75,6 +79,7 @@ impl InferStream {
             errors_end_stream,
             ended: false,
             shutdown: Box::pin(shutdown.cancelled_owned()),
+            sequential: Arc::default(),
         }
     }
 
@@ -111,9 +116,15 @@ impl InferStream {
             model_name: request.model_name.clone(),
             model_version: request.model_version.clone(),
         };
+        // With nothing else of the stream running, the client sent this
+        // after its last answer: one request at a time.
+        let caller = self
+            .running
+            .is_empty()
+            .then(|| Arc::clone(&self.sequential));
         let service = self.service.clone();
         self.running.push(Box::pin(async move {
-            let result = infer(&service, request).await;
+            let result = infer(&service, request, caller).await;
             (named, result)
         }));
     }

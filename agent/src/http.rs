@@ -826,6 +826,7 @@ impl JsonInferRequest<'_> {
             id: self.id.unwrap_or_default(),
             inputs,
             outputs,
+            caller: None,
         };
         Ok((request, encoding))
     }

@@ -20,7 +20,9 @@
 //! out of range, say) cannot fail the requests it was stacked with.
 //!
 //! A fast path skips the queue: a request that finds nothing else in flight
-//! for its version (and nothing for [`INLINE_QUIET`] before it), a free
+//! for its version (and nothing for [`INLINE_QUIET`] before it, unless it
+//! comes from a [`SequentialCaller`] whose last request was the version's
+//! last), a free
 //! session, and a model whose last lone request, at least as large, computed
 //! in at most [`INLINE_MAX_COMPUTE`], runs at once on the caller's thread.
 //! Handing it to a worker thread and the answer back costs two thread
@@ -35,7 +37,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
@@ -100,10 +102,25 @@ struct RunContext {
     activity: Arc<Activity>,
 }
 
+/// A client whose requests come one at a time, each after the answer to the
+/// last (a gRPC stream with nothing else running): its next request may take
+/// the fast path however soon it comes, as long as no other request reached
+/// the version since its last one. Without this, a client quick enough to
+/// send within [`INLINE_QUIET`] of its answer looks like concurrent clients,
+/// and its requests pay the worker thread's two wake-ups.
+#[derive(Debug, Default)]
+pub struct SequentialCaller {
+    /// The version its last request went to (its activity's address) and
+    /// that request's place in the version's order.
+    last: Mutex<Option<(usize, u64)>>,
+}
+
 /// How busy a version is: requests in flight, and since when none is.
 struct Activity {
     /// Requests submitted and not yet answered.
     in_flight: AtomicUsize,
+    /// Requests ever submitted: each one's place in the version's order.
+    submitted: AtomicU64,
     /// When the last request in flight was answered, in nanoseconds since
     /// `epoch`.
     idle_since: AtomicU64,
@@ -115,16 +132,29 @@ impl Activity {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Counts a new request in; true if it is alone and the version has
-    /// been idle for [`INLINE_QUIET`] (so it is not part of a stream of
-    /// concurrent requests whose gaps happen to leave nothing in flight).
-    fn start(&self) -> bool {
+    /// Counts a new request in; true if it is alone and either the version
+    /// has been idle for [`INLINE_QUIET`] (so it is not part of a stream of
+    /// concurrent requests whose gaps happen to leave nothing in flight) or
+    /// it comes from a [`SequentialCaller`] whose last request was the last
+    /// one the version took (nobody else's came in between).
+    fn start(&self, caller: Option<&SequentialCaller>) -> bool {
         let alone = self.in_flight.fetch_add(1, Ordering::Relaxed) == 0;
+        let place = self.submitted.fetch_add(1, Ordering::Relaxed);
+        let follows_itself = caller.is_some_and(|caller| {
+            let version = self as *const Activity as usize;
+            let last = caller
+                .last
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .replace((version, place));
+            last == Some((version, place.wrapping_sub(1)))
+        });
         alone
-            && self
-                .now()
-                .saturating_sub(self.idle_since.load(Ordering::Relaxed))
-                >= inline_quiet().as_nanos() as u64
+            && (follows_itself
+                || self
+                    .now()
+                    .saturating_sub(self.idle_since.load(Ordering::Relaxed))
+                    >= inline_quiet().as_nanos() as u64)
     }
 
     fn finish(&self) {
@@ -393,6 +423,7 @@ impl LoadedVersion {
             recent_run_nanos: AtomicU64::new(0),
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
+                submitted: AtomicU64::new(0),
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
             }),
@@ -456,6 +487,16 @@ impl LoadedVersion {
         &self,
         inputs: Vec<Tensor>,
     ) -> Result<oneshot::Receiver<InferResult>, InferError> {
+        self.submit_from(inputs, None)
+    }
+
+    /// [`LoadedVersion::submit`] for a request from `caller`, if it is a
+    /// [`SequentialCaller`].
+    pub fn submit_from(
+        &self,
+        inputs: Vec<Tensor>,
+        caller: Option<&SequentialCaller>,
+    ) -> Result<oneshot::Receiver<InferResult>, InferError> {
         let rows = if self.batching {
             inputs
                 .first()
@@ -465,7 +506,7 @@ impl LoadedVersion {
             1
         };
         let (sender, receiver) = oneshot::channel();
-        let alone = self.run.activity.start();
+        let alone = self.run.activity.start(caller);
         let reply = Reply {
             sender: Some(sender),
             activity: Arc::clone(&self.run.activity),
@@ -1259,12 +1300,73 @@ mod tests {
     /// and a loaded machine may pause it in between), for twice
     /// [`INLINE_QUIET`].
     fn quiet(version: &LoadedVersion) {
+        settled(version);
+        std::thread::sleep(INLINE_QUIET * 2);
+    }
+
+    /// Waits until the worker has let go of the last request.
+    fn settled(version: &LoadedVersion) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while version.run.activity.in_flight.load(Ordering::Relaxed) > 0 {
             assert!(Instant::now() < deadline, "a request stays in flight");
             std::thread::sleep(Duration::from_micros(50));
         }
-        std::thread::sleep(INLINE_QUIET * 2);
+    }
+
+    /// One request from `caller` through `version`: its outputs, and
+    /// whether it was answered before `submit_from` returned (the fast path).
+    fn infer_from(version: &LoadedVersion, caller: &SequentialCaller) -> (Vec<Tensor>, bool) {
+        let mut receiver = version
+            .submit_from(row([1.0, 2.0], 1), Some(caller))
+            .unwrap();
+        match receiver.try_recv() {
+            Ok(outputs) => (outputs.unwrap(), true),
+            Err(_) => (receiver.blocking_recv().unwrap().unwrap(), false),
+        }
+    }
+
+    #[test]
+    fn a_sequential_callers_next_request_takes_the_fast_path_however_soon_it_comes() {
+        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let caller = SequentialCaller::default();
+        // The first goes to the worker: nothing is known of the model's speed.
+        assert!(!infer_from(&version, &caller).1);
+        // No quiet pause (and none would count): only the caller's order
+        // lets its next requests run at once.
+        INLINE_QUIET_IN_TEST.with(|quiet| quiet.set(Some(Duration::from_secs(60))));
+        for _ in 0..2 {
+            settled(&version);
+            let (outputs, inline) = infer_from(&version, &caller);
+            assert!(inline, "answered before submit_from returned");
+            assert_eq!(outputs[0].to_vec::<f32>(), vec![2.0, 4.0]);
+        }
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec!["infer-m-1-0".to_string(), here.clone(), here]
+        );
+    }
+
+    #[test]
+    fn a_sequential_caller_goes_through_the_queue_after_anothers_request() {
+        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let caller = SequentialCaller::default();
+        infer_from(&version, &caller);
+        INLINE_QUIET_IN_TEST.with(|quiet| quiet.set(Some(Duration::from_secs(60))));
+        // Another client's request in between: as from concurrent clients.
+        settled(&version);
+        infer_blocking(&version);
+        settled(&version);
+        assert!(!infer_from(&version, &caller).1);
+        // The caller's own request was then the last: at once again.
+        settled(&version);
+        assert!(infer_from(&version, &caller).1);
+        let worker = "infer-m-1-0".to_string();
+        let here = std::thread::current().name().unwrap().to_string();
+        assert_eq!(
+            *threads.lock().unwrap(),
+            vec![worker.clone(), worker.clone(), worker, here]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::Metrics;
 use crate::model_registry::{IndexEntry, ModelRegistry};
-use crate::model_worker::LoadedVersion;
+use crate::model_worker::{LoadedVersion, SequentialCaller};
 use crate::runtime::{RuntimeKind, TensorSpec};
 use crate::statistics::StatisticsSnapshot;
 use crate::tensor::{DataType, Tensor};
@@ -30,6 +30,10 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Names of the outputs wanted; empty means all.
     pub outputs: Vec<String>,
+    /// Set when the request comes from a client sending one request at a
+    /// time (a gRPC stream with nothing else running): see
+    /// [`SequentialCaller`].
+    pub caller: Option<Arc<SequentialCaller>>,
 }
 
 #[derive(Debug, Clone)]
@@ -361,7 +365,7 @@ impl InferenceService {
             }
         }
 
-        let receiver = loaded.submit(inputs)?;
+        let receiver = loaded.submit_from(inputs, request.caller.as_deref())?;
         let outputs = match receiver.await {
             Ok(result) => result?,
             Err(_) => {
