@@ -212,6 +212,50 @@ async fn a_stream_runs_at_most_its_limit_of_requests_at_once() {
     agent.stop().await;
 }
 
+/// Requests a client sends on one stream without waiting are stacked into
+/// batches as separate calls' are, and each answer is its own request's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sent_together_on_a_stream_are_batched() {
+    let repo = Repo::new();
+    // The first request waits 50 ms for company; all 32 arrive sooner.
+    repo.add("mlp", 1, "mlp")
+        .config("mlp", "max_batch_size = 16\nmax_queue_delay_us = 50000\n");
+    let agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let cases = cases("mlp");
+    let (requests, mut answers) = open_stream(&agent, false).await;
+    let mut rows = 0;
+    for i in 0..32 {
+        let case = &cases[i % cases.len()];
+        rows += case["inputs"][0]["shape"][0].as_u64().unwrap();
+        requests
+            .send(with_id(grpc_request("mlp", case, true), &i.to_string()))
+            .unwrap();
+    }
+    drop(requests);
+    let mut answered = 0;
+    while let Some(answer) = next_answer(&mut answers).await {
+        let answer = answer.unwrap();
+        assert_eq!(answer.error_message, "");
+        let response = answer.infer_response.unwrap();
+        let i: usize = response.id.parse().unwrap();
+        assert_grpc_outputs_match(&response, &cases[i % cases.len()], &format!("request {i}"));
+        answered += 1;
+    }
+    assert_eq!(answered, 32);
+    let runs = metric_value(
+        &agent.metrics().await,
+        "edgefleet_inference_batch_size_count",
+        "model=\"mlp\"",
+    );
+    // Packed, the rows take rows / 16 runs (rounded up); unbatched, 32.
+    let packed = rows.div_ceil(16) as f64;
+    assert!(
+        runs <= packed + 2.0,
+        "32 requests of {rows} rows took {runs} runs"
+    );
+    agent.stop().await;
+}
+
 /// A message the agent cannot take (over the request limit on the wire, or
 /// once decoded) ends the stream with RESOURCE_EXHAUSTED, after the answers
 /// of the requests before it; it is counted, and the agent serves on.
