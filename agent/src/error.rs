@@ -19,6 +19,15 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 6] = [
+        ErrorCode::NotFound,
+        ErrorCode::InvalidArgument,
+        ErrorCode::Unavailable,
+        ErrorCode::ResourceExhausted,
+        ErrorCode::TooLarge,
+        ErrorCode::Internal,
+    ];
+
     pub fn grpc_code(self) -> tonic::Code {
         match self {
             ErrorCode::NotFound => tonic::Code::NotFound,

@@ -686,7 +686,7 @@ where
                     .insert("grpc-status", http::HeaderValue::from_static("8"));
             }
             if let Some(metrics) = this.metrics.take() {
-                metrics.count_error("", "", code.as_str());
+                metrics.count_error("", "", code);
             }
         }
         Poll::Ready(result)

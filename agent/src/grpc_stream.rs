@@ -142,7 +142,7 @@ impl InferStream {
         let code = (status.code() as i32).to_string();
         match refusal_reason(&code, status.message()) {
             Some(reason) => {
-                self.service.metrics().count_error("", "", reason.as_str());
+                self.service.metrics().count_error("", "", reason);
                 if reason == ErrorCode::TooLarge {
                     Status::resource_exhausted(status.message())
                 } else {

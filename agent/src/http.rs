@@ -107,12 +107,17 @@ async fn live(State(service): State<InferenceService>) -> Json<Value> {
 
 async fn ready(State(service): State<InferenceService>) -> Response {
     let ready = service.server_ready();
-    let status = if ready {
+    (readiness_status(ready), Json(json!({ "ready": ready }))).into_response()
+}
+
+/// The status a health endpoint answers: the Open Inference Protocol says
+/// 200 for true and a 4xx for false; Triton answers 400, and so do we.
+fn readiness_status(ready: bool) -> StatusCode {
+    if ready {
         StatusCode::OK
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, Json(json!({ "ready": ready }))).into_response()
+        StatusCode::BAD_REQUEST
+    }
 }
 
 fn spec_json(specs: Vec<TensorSpec>) -> Vec<Value> {
@@ -346,14 +351,11 @@ async fn repository_unload(
 
 fn ready_response(service: &InferenceService, name: &str, version: &str) -> Response {
     match service.model_ready(name, version) {
-        Ok(ready) => {
-            let status = if ready {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (status, Json(json!({ "name": name, "ready": ready }))).into_response()
-        }
+        Ok(ready) => (
+            readiness_status(ready),
+            Json(json!({ "name": name, "ready": ready })),
+        )
+            .into_response(),
         Err(err) => err.into_response(),
     }
 }

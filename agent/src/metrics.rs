@@ -2,6 +2,10 @@
 //!
 //! Handles for one model version are created once ([`VersionMetrics`]) and
 //! cloned into its worker, so the serving path never looks up a label set.
+//! A version's series live as long as something holds its handles: once it
+//! is unloaded and its last request answered, they are dropped (as Triton
+//! drops an unloaded model's), so a device that rolls through many
+//! versions does not export, or keep in memory, every version it ever served.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::error::ErrorCode;
 use crate::statistics::VersionStatistics;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,6 +62,8 @@ pub struct Metrics {
     load_failures: Family<ModelLabels, Counter>,
     loads: Family<ModelLabels, Counter>,
     /// Triton's statistics per version, kept like the metrics across reloads.
+    /// Also what tells a version's series in use: a version's handles hold
+    /// its entry, so an entry only this map holds is one nobody serves.
     statistics: Mutex<HashMap<VersionLabels, Arc<VersionStatistics>>>,
 }
 
@@ -145,12 +152,18 @@ impl Metrics {
         }
     }
 
-    /// Handles for one model version.
+    /// Handles for one model version: the same series each time for the
+    /// same model and version while any handle is held (so a copy reloaded
+    /// from changed files, loaded while the old one serves, counts on).
     pub fn for_version(self: &Arc<Self>, model: &str, version: u64) -> VersionMetrics {
         let labels = VersionLabels {
             model: model.to_string(),
             version: version.to_string(),
         };
+        // Under the lock `forget_unheld_versions` takes, so it cannot drop the
+        // series between their creation here and the handles holding them.
+        let mut statistics = self.lock_statistics();
+        let statistics = Arc::clone(statistics.entry(labels.clone()).or_default());
         VersionMetrics {
             requests: self.requests.get_or_create(&labels).clone(),
             queue_seconds: self.queue_seconds.get_or_create(&labels).clone(),
@@ -159,25 +172,55 @@ impl Metrics {
             batch_size: self.batch_size.get_or_create(&labels).clone(),
             queue_depth: self.queue_depth.get_or_create(&labels).clone(),
             ready: self.model_ready.get_or_create(&labels).clone(),
-            statistics: Arc::clone(
-                self.statistics
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .entry(labels.clone())
-                    .or_default(),
-            ),
+            statistics,
             metrics: Arc::clone(self),
             labels,
         }
     }
 
+    /// Drops the series and statistics of every version no handle holds any
+    /// more: unloaded, its queue drained and its last request answered.
+    /// Called on each scrape and after each repository scan. Should the
+    /// version be loaded again, it starts from zero, which Prometheus reads
+    /// as a counter reset.
+    pub fn forget_unheld_versions(&self) {
+        self.lock_statistics().retain(|labels, statistics| {
+            if Arc::strong_count(statistics) > 1 {
+                return true;
+            }
+            self.requests.remove(labels);
+            self.queue_seconds.remove(labels);
+            self.compute_seconds.remove(labels);
+            self.request_seconds.remove(labels);
+            self.batch_size.remove(labels);
+            self.queue_depth.remove(labels);
+            self.model_ready.remove(labels);
+            for code in ErrorCode::ALL {
+                self.errors.remove(&ErrorLabels {
+                    model: labels.model.clone(),
+                    version: labels.version.clone(),
+                    reason: code.as_str().to_string(),
+                });
+            }
+            false
+        });
+    }
+
+    fn lock_statistics(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<VersionLabels, Arc<VersionStatistics>>> {
+        self.statistics
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Counts a failed request that never reached a version (unknown model, bad input).
-    pub fn count_error(&self, model: &str, version: &str, reason: &str) {
+    pub fn count_error(&self, model: &str, version: &str, reason: ErrorCode) {
         self.errors
             .get_or_create(&ErrorLabels {
                 model: model.to_string(),
                 version: version.to_string(),
-                reason: reason.to_string(),
+                reason: reason.as_str().to_string(),
             })
             .inc();
     }
@@ -200,6 +243,7 @@ impl Metrics {
 
     /// The Prometheus text exposition format.
     pub fn encode(&self) -> String {
+        self.forget_unheld_versions();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -223,8 +267,77 @@ pub struct VersionMetrics {
 }
 
 impl VersionMetrics {
-    pub fn count_error(&self, reason: &str) {
+    pub fn count_error(&self, reason: ErrorCode) {
         self.metrics
             .count_error(&self.labels.model, &self.labels.version, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn series_of(metrics: &Metrics, version: &str) -> Vec<String> {
+        let label = format!("version=\"{version}\"");
+        metrics
+            .encode()
+            .lines()
+            .filter(|line| line.contains(&label))
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_versions_series_go_once_nothing_holds_its_handles() {
+        let metrics = Arc::new(Metrics::new());
+        let first = metrics.for_version("m", 1);
+        first.requests.inc();
+        first.count_error(ErrorCode::Internal);
+        first
+            .statistics
+            .record_request(Duration::from_millis(1), true);
+        let second = metrics.for_version("m", 2);
+        second.requests.inc();
+        metrics.count_error("m", "", ErrorCode::NotFound);
+
+        // A copy reloaded from changed files, loaded while the first serves:
+        // the same series, which outlive the first's handles.
+        let reloaded = metrics.for_version("m", 1);
+        assert_eq!(reloaded.requests.get(), 1);
+        drop(first);
+        let series = series_of(&metrics, "1");
+        assert!(
+            series
+                .iter()
+                .any(|line| line.starts_with("edgefleet_inference_errors_total")),
+            "{series:?}"
+        );
+        assert!(
+            series
+                .iter()
+                .any(|line| line.starts_with("edgefleet_inference_requests_total")),
+            "{series:?}"
+        );
+
+        // Unloaded and drained: every series of version 1 goes, the other
+        // version's and the refusals of no version stay.
+        drop(reloaded);
+        assert_eq!(series_of(&metrics, "1"), Vec::<String>::new());
+        assert!(!series_of(&metrics, "2").is_empty());
+        assert!(
+            metrics.encode().contains(
+                "edgefleet_inference_errors_total{model=\"m\",version=\"\",reason=\"not_found\"} 1"
+            ),
+            "{}",
+            metrics.encode()
+        );
+
+        // Loaded again, it starts from zero, statistics included.
+        let again = metrics.for_version("m", 1);
+        assert_eq!(again.requests.get(), 0);
+        assert_eq!(again.statistics.snapshot().success.count, 0);
+        drop(second);
     }
 }

@@ -356,6 +356,10 @@ impl ModelRegistry {
         for dir in scan.models.values() {
             changed |= self.sync_model(dir);
         }
+        // Versions unloaded by an earlier scan have drained by now, mostly:
+        // their metrics go (those unloaded by this one go on a later scan,
+        // or on a scrape, once their last request is answered).
+        self.metrics.forget_unheld_versions();
         if changed {
             self.changes
                 .send_modify(|count| *count = count.wrapping_add(1));

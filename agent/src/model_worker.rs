@@ -537,8 +537,7 @@ impl LoadedVersion {
             }
             Err(TrySendError::Full(_)) => {
                 self.metrics.queue_depth.dec();
-                self.metrics
-                    .count_error(ErrorCode::ResourceExhausted.as_str());
+                self.metrics.count_error(ErrorCode::ResourceExhausted);
                 self.telemetry.record_queue_full(self.queue_capacity);
                 Err(InferError::new(
                     ErrorCode::ResourceExhausted,
@@ -550,7 +549,7 @@ impl LoadedVersion {
             }
             Err(TrySendError::Disconnected(_)) => {
                 self.metrics.queue_depth.dec();
-                self.metrics.count_error(ErrorCode::Unavailable.as_str());
+                self.metrics.count_error(ErrorCode::Unavailable);
                 Err(InferError::new(
                     ErrorCode::Unavailable,
                     format!(
@@ -588,7 +587,7 @@ impl LoadedVersion {
 
     /// Counts a request for this version that failed after it was queued.
     pub fn count_error(&self, code: ErrorCode) {
-        self.metrics.count_error(code.as_str());
+        self.metrics.count_error(code);
     }
 
     /// Records one finished request: its time in the agent, from reaching
@@ -860,7 +859,7 @@ fn run_session(
 fn fail(replies: impl IntoIterator<Item = Reply>, err: InferError, run: &RunContext) {
     run.telemetry.record_event(event::Kind::Error, &err.message);
     for reply in replies {
-        run.metrics.count_error(err.code.as_str());
+        run.metrics.count_error(err.code);
         reply.send(Err(err.clone()));
     }
 }

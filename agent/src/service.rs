@@ -324,7 +324,7 @@ impl InferenceService {
         } else {
             ""
         };
-        self.metrics.count_error(model, "", err.code.as_str());
+        self.metrics.count_error(model, "", err.code);
     }
 
     /// Validates a routed request against its version's signature, queues

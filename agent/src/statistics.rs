@@ -4,7 +4,8 @@
 //! tritonclient's `get_inference_statistics`).
 //!
 //! The counters are a version's from its first load on: a copy reloaded from
-//! changed files keeps them, as it keeps its Prometheus metrics. Triton's
+//! changed files keeps them, as it keeps its Prometheus metrics, and they go
+//! with those once the version is unloaded and drained. Triton's
 //! meanings: a request counts once in `success` or `fail` (its time from
 //! reaching the version to its answer); a request answered from a run counts
 //! its wait in `queue` and the whole run in `compute_infer`; a run counts

@@ -28,7 +28,7 @@ async fn every_fixture_matches_onnxruntime_python_over_http(runtime: RuntimeChoi
                 .unwrap();
             assert_eq!(
                 response.status(),
-                503,
+                400,
                 "{model} should not be ready on {runtime:?}"
             );
             let response = http

@@ -108,6 +108,7 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     }
     let http = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(has_series_of_version(&agent, "1").await);
 
     // 1. A new version directory appears: traffic moves to it.
     repo.add("mlp", 2, "mlp");
@@ -125,6 +126,14 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
         .unwrap()
         .status();
     assert_eq!(status, 404);
+    // Once drained, its metrics go: a device rolling through versions does
+    // not export every version it ever served.
+    let agent_ref = &agent;
+    assert_eventually(Duration::from_secs(30), || async move {
+        !has_series_of_version(agent_ref, "1").await
+    })
+    .await;
+    assert!(has_series_of_version(&agent, "2").await);
 
     // 2. The serving version's file changes: reloaded in place.
     let loads_before = reload_count(&agent).await;
@@ -132,7 +141,6 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     std::fs::copy(fixture_model("mlp"), &staged).unwrap();
     filetime_bump(&staged);
     std::fs::rename(&staged, repo.path().join("mlp/2/model.onnx")).unwrap();
-    let agent_ref = &agent;
     assert_eventually(Duration::from_secs(30), || async move {
         reload_count(agent_ref).await > loads_before
     })
@@ -149,7 +157,7 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     assert_eventually(Duration::from_secs(30), || {
         let http = http.clone();
         let url = agent.url("/v2/models/mlp/versions/3/ready");
-        async move { http.get(url).send().await.unwrap().status() == 503 }
+        async move { http.get(url).send().await.unwrap().status() == 400 }
     })
     .await;
     let (status, body) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
@@ -173,6 +181,12 @@ async fn hot_reload_under_load_drops_no_request(runtime: RuntimeChoice) {
     }
     assert!(total.load(Ordering::Relaxed) > 50);
     agent.stop().await;
+}
+
+/// Whether `/metrics` has a series of `mlp` at `version`.
+async fn has_series_of_version(agent: &TestAgent, version: &str) -> bool {
+    let labels = format!("model=\"mlp\",version=\"{version}\"");
+    agent.metrics().await.contains(&labels)
 }
 
 /// How many times the agent has loaded a version of `mlp` (a metric).
@@ -220,7 +234,7 @@ async fn broken_models_are_reported_and_the_rest_keep_serving(runtime: RuntimeCh
             .await
             .unwrap()
             .status();
-        assert_eq!(status, 503, "{model} must not be ready");
+        assert_eq!(status, 400, "{model} must not be ready");
         let (status, body) = post(
             &agent,
             &format!("/v2/models/{model}/infer"),
@@ -774,7 +788,7 @@ async fn the_model_check_serves_valid_models_and_refuses_broken_weights(runtime:
         .await
         .unwrap()
         .status();
-    assert_eq!(status, 503);
+    assert_eq!(status, 400);
     let (status, body) = infer("nan_weights", json!([1, 4]), json!([1.0, 1.0, 1.0, 1.0])).await;
     assert_eq!(status, 503, "{body}");
     assert!(
@@ -1091,7 +1105,7 @@ async fn a_failed_first_scan_is_retried_until_the_agent_is_ready() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(status("/v2/health/live").await, 200);
-    assert_eq!(status("/v2/health/ready").await, 503, "the scan failed");
+    assert_eq!(status("/v2/health/ready").await, 400, "the scan failed");
     // The repository appears, with a model in it.
     let staging = dir.path().join("staging");
     std::fs::create_dir_all(staging.join("mlp").join("1")).unwrap();
