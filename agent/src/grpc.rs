@@ -144,18 +144,18 @@ impl GrpcInferenceService for GrpcInference {
                     success: duration(stats.success),
                     fail: duration(stats.fail),
                     queue: duration(stats.queue),
-                    compute_input: duration(Timed::default()),
-                    compute_infer: duration(stats.compute_infer),
-                    compute_output: duration(Timed::default()),
+                    compute_input: duration(stats.compute.input),
+                    compute_infer: duration(stats.compute.infer),
+                    compute_output: duration(stats.compute.output),
                 }),
                 batch_stats: stats
                     .batches
                     .into_iter()
-                    .map(|(rows, timed)| pb::InferBatchStatistics {
+                    .map(|(rows, compute)| pb::InferBatchStatistics {
                         batch_size: rows,
-                        compute_input: duration(Timed::default()),
-                        compute_infer: duration(timed),
-                        compute_output: duration(Timed::default()),
+                        compute_input: duration(compute.input),
+                        compute_infer: duration(compute.infer),
+                        compute_output: duration(compute.output),
                     })
                     .collect(),
             })

@@ -229,12 +229,12 @@ fn statistics_response(service: &InferenceService, name: &str, version: &str) ->
             let batch_stats: Vec<Value> = stats
                 .batches
                 .iter()
-                .map(|&(rows, timed)| {
+                .map(|&(rows, compute)| {
                     json!({
                         "batch_size": rows,
-                        "compute_input": zero,
-                        "compute_infer": duration(timed),
-                        "compute_output": zero,
+                        "compute_input": duration(compute.input),
+                        "compute_infer": duration(compute.infer),
+                        "compute_output": duration(compute.output),
                     })
                 })
                 .collect();
@@ -248,9 +248,9 @@ fn statistics_response(service: &InferenceService, name: &str, version: &str) ->
                     "success": duration(stats.success),
                     "fail": duration(stats.fail),
                     "queue": duration(stats.queue),
-                    "compute_input": zero,
-                    "compute_infer": duration(stats.compute_infer),
-                    "compute_output": zero,
+                    "compute_input": duration(stats.compute.input),
+                    "compute_infer": duration(stats.compute.infer),
+                    "compute_output": duration(stats.compute.output),
                     "cache_hit": zero,
                     "cache_miss": zero,
                 },

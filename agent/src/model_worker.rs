@@ -47,8 +47,8 @@ use tokio::sync::oneshot;
 use crate::error::{ErrorCode, InferError};
 use crate::metrics::VersionMetrics;
 use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
-use crate::runtime::{ModelSession, RuntimeKind, Signature};
-use crate::statistics::StatisticsSnapshot;
+use crate::runtime::{ModelSession, RunPhases, RuntimeKind, Signature};
+use crate::statistics::{ComputeTimes, StatisticsSnapshot};
 use crate::telemetry::VersionTelemetry;
 use crate::tensor::{Tensor, concat_batch, split_batch};
 
@@ -726,7 +726,7 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
-    let (outcome, nanos) = run_session(session, stacked, batch.len(), started, run);
+    let (outcome, nanos, mut times) = run_session(session, stacked, batch.len(), started, run);
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -741,11 +741,13 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             return;
         }
     };
+    let splitting = Instant::now();
     match split_outputs(outputs, &sizes) {
         Ok(per_request) => {
+            times.output += splitting.elapsed();
             run.metrics.statistics.record_run(
                 sizes.iter().map(|&rows| rows as u64).sum(),
-                Duration::from_nanos(nanos),
+                times,
                 batch.iter().map(|job| started.duration_since(job.enqueued)),
             );
             for (job, outputs) in batch.into_iter().zip(per_request) {
@@ -797,7 +799,7 @@ fn run_alone(
         rows,
         enqueued,
     } = job;
-    let (outcome, nanos) = run_session(session, inputs, 1, started, run);
+    let (outcome, nanos, times) = run_session(session, inputs, 1, started, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
         run.recent_run_nanos.store(nanos, Ordering::Relaxed);
@@ -810,7 +812,7 @@ fn run_alone(
             run.lone_run_bytes.store(bytes, Ordering::Relaxed);
             run.metrics.statistics.record_run(
                 rows as u64,
-                Duration::from_nanos(nanos),
+                times,
                 [started.duration_since(enqueued)],
             );
             reply.send(Ok(outputs));
@@ -819,18 +821,28 @@ fn run_alone(
     }
 }
 
-/// Runs the session once on `inputs`, stacked from `requests` requests, a
-/// panic caught, and records the run. Returns its outputs or error, and how
-/// long it took, in nanoseconds, from `started`.
+/// Runs the session once on `inputs`, stacked from `requests` requests
+/// since `started`, a panic caught, and records the run. Returns its
+/// outputs or error, how long it took, in nanoseconds, from `started`, and
+/// where that time went (stacking counts as making the inputs).
 fn run_session(
     session: &mut dyn ModelSession,
     inputs: Vec<Tensor>,
     requests: usize,
     started: Instant,
     run: &RunContext,
-) -> (Result<Vec<Tensor>, InferError>, u64) {
-    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| session.run(inputs)));
+) -> (Result<Vec<Tensor>, InferError>, u64, ComputeTimes) {
+    let stacked = started.elapsed();
+    let mut phases = RunPhases::default();
+    let outcome =
+        std::panic::catch_unwind(AssertUnwindSafe(|| session.run_phased(inputs, &mut phases)));
     let computed = started.elapsed();
+    let input = stacked + phases.input;
+    let times = ComputeTimes {
+        input,
+        infer: computed.saturating_sub(input + phases.output),
+        output: phases.output,
+    };
     run.metrics.compute_seconds.observe(computed.as_secs_f64());
     run.metrics.batch_size.observe(requests as f64);
     run.telemetry.record_batch(requests as u64);
@@ -851,7 +863,7 @@ fn run_session(
             )))
         }
     };
-    (result, nanos)
+    (result, nanos, times)
 }
 
 /// Answers `replies` with `err`: one event for the run that failed, one
@@ -909,7 +921,11 @@ mod tests {
         fn signature(&self) -> &Signature {
             &self.signature
         }
-        fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        fn run_phased(
+            &mut self,
+            inputs: Vec<Tensor>,
+            _phases: &mut RunPhases,
+        ) -> Result<Vec<Tensor>, RuntimeError> {
             let input = &inputs[0];
             if input.to_vec::<f32>().contains(&f32::INFINITY) {
                 // As a runtime refusing an input at once, however slow its runs.
@@ -1772,7 +1788,11 @@ mod tests {
         fn signature(&self) -> &Signature {
             &self.0
         }
-        fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        fn run_phased(
+            &mut self,
+            inputs: Vec<Tensor>,
+            _phases: &mut RunPhases,
+        ) -> Result<Vec<Tensor>, RuntimeError> {
             self.1.lock().unwrap().push(inputs[0].shape[0]);
             let values = inputs[0].to_vec::<f32>();
             let shape = vec![values.len() as i64];

@@ -10,8 +10,11 @@
 //! reaching the version to its answer); a request answered from a run counts
 //! its wait in `queue` and the whole run in `compute_infer`; a run counts
 //! once in `execution_count` and in the `batch_stats` of its rows, its rows
-//! in `inference_count`. Our runs include making the input tensors and
-//! taking the outputs apart, so `compute_input` and `compute_output` stay 0.
+//! in `inference_count`. A run's time splits as Triton's does:
+//! `compute_input` is stacking a batch's inputs and making the runtime's
+//! input values from them, `compute_output` making our tensors from the
+//! runtime's outputs and splitting them back per request, `compute_infer`
+//! the rest (the model's own run).
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -64,7 +67,9 @@ pub struct VersionStatistics {
     success: AtomicTimed,
     fail: AtomicTimed,
     queue: AtomicTimed,
+    compute_input: AtomicTimed,
     compute_infer: AtomicTimed,
+    compute_output: AtomicTimed,
     /// Per run: rows and runs answered, and the runs' time by their rows.
     runs: Mutex<Runs>,
 }
@@ -73,7 +78,32 @@ pub struct VersionStatistics {
 struct Runs {
     inference_count: u64,
     execution_count: u64,
-    by_rows: BTreeMap<u64, Timed>,
+    by_rows: BTreeMap<u64, ComputeStatistics>,
+}
+
+/// Where one run's time went, in Triton's three parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ComputeTimes {
+    pub input: Duration,
+    pub infer: Duration,
+    pub output: Duration,
+}
+
+/// Runs' (or requests') time in Triton's three parts: `compute_input`,
+/// `compute_infer`, `compute_output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ComputeStatistics {
+    pub input: Timed,
+    pub infer: Timed,
+    pub output: Timed,
+}
+
+impl ComputeStatistics {
+    fn add(&mut self, times: ComputeTimes) {
+        self.input.add(1, times.input);
+        self.infer.add(1, times.infer);
+        self.output.add(1, times.output);
+    }
 }
 
 /// What a version's statistics say at one moment.
@@ -87,9 +117,10 @@ pub struct StatisticsSnapshot {
     pub success: Timed,
     pub fail: Timed,
     pub queue: Timed,
-    pub compute_infer: Timed,
+    /// Each answered request's run (a batch's counted once per request).
+    pub compute: ComputeStatistics,
     /// Runs by their rows, fewest first.
-    pub batches: Vec<(u64, Timed)>,
+    pub batches: Vec<(u64, ComputeStatistics)>,
 }
 
 impl VersionStatistics {
@@ -105,16 +136,18 @@ impl VersionStatistics {
     }
 
     /// A run of `rows` rows whose outputs went to its requests: each
-    /// request waited its `queued` time and had the whole run, `compute`.
+    /// request waited its `queued` time and had the whole run, `times`.
     pub fn record_run(
         &self,
         rows: u64,
-        compute: Duration,
+        times: ComputeTimes,
         queued: impl IntoIterator<Item = Duration>,
     ) {
         for wait in queued {
             self.queue.add(wait);
-            self.compute_infer.add(compute);
+            self.compute_input.add(times.input);
+            self.compute_infer.add(times.infer);
+            self.compute_output.add(times.output);
         }
         let mut runs = self
             .runs
@@ -122,7 +155,7 @@ impl VersionStatistics {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         runs.inference_count = runs.inference_count.saturating_add(rows);
         runs.execution_count = runs.execution_count.saturating_add(1);
-        runs.by_rows.entry(rows).or_default().add(1, compute);
+        runs.by_rows.entry(rows).or_default().add(times);
     }
 
     pub fn snapshot(&self) -> StatisticsSnapshot {
@@ -137,11 +170,15 @@ impl VersionStatistics {
             success: self.success.get(),
             fail: self.fail.get(),
             queue: self.queue.get(),
-            compute_infer: self.compute_infer.get(),
+            compute: ComputeStatistics {
+                input: self.compute_input.get(),
+                infer: self.compute_infer.get(),
+                output: self.compute_output.get(),
+            },
             batches: runs
                 .by_rows
                 .iter()
-                .map(|(&rows, &timed)| (rows, timed))
+                .map(|(&rows, &compute)| (rows, compute))
                 .collect(),
         }
     }
@@ -151,13 +188,25 @@ impl VersionStatistics {
 mod tests {
     use super::*;
 
+    fn timed(count: u64, ms: u64) -> Timed {
+        Timed {
+            count,
+            ns: ms * 1_000_000,
+        }
+    }
+
     #[test]
     fn runs_and_requests_add_up_as_tritons_statistics_do() {
         let stats = VersionStatistics::default();
         let ms = Duration::from_millis;
+        let times = |input, infer, output| ComputeTimes {
+            input: ms(input),
+            infer: ms(infer),
+            output: ms(output),
+        };
         // A batch of two requests (1 + 2 rows) and a lone request of 1 row.
-        stats.record_run(3, ms(4), [ms(1), ms(2)]);
-        stats.record_run(1, ms(5), [ms(3)]);
+        stats.record_run(3, times(1, 4, 2), [ms(1), ms(2)]);
+        stats.record_run(1, times(3, 5, 1), [ms(3)]);
         stats.record_request(ms(10), true);
         stats.record_request(ms(20), true);
         stats.record_request(ms(30), true);
@@ -165,33 +214,16 @@ mod tests {
         let snapshot = stats.snapshot();
         assert_eq!(snapshot.inference_count, 4);
         assert_eq!(snapshot.execution_count, 2);
+        assert_eq!(snapshot.success, timed(3, 60));
+        assert_eq!(snapshot.fail, timed(1, 7));
+        assert_eq!(snapshot.queue, timed(3, 6));
+        // Each request of the batch had the whole run, in its three parts.
         assert_eq!(
-            snapshot.success,
-            Timed {
-                count: 3,
-                ns: 60_000_000
-            }
-        );
-        assert_eq!(
-            snapshot.fail,
-            Timed {
-                count: 1,
-                ns: 7_000_000
-            }
-        );
-        assert_eq!(
-            snapshot.queue,
-            Timed {
-                count: 3,
-                ns: 6_000_000
-            }
-        );
-        // Each request of the batch had the whole 4 ms run.
-        assert_eq!(
-            snapshot.compute_infer,
-            Timed {
-                count: 3,
-                ns: 13_000_000
+            snapshot.compute,
+            ComputeStatistics {
+                input: timed(3, 5),
+                infer: timed(3, 13),
+                output: timed(3, 5),
             }
         );
         assert_eq!(
@@ -199,16 +231,18 @@ mod tests {
             vec![
                 (
                     1,
-                    Timed {
-                        count: 1,
-                        ns: 5_000_000
+                    ComputeStatistics {
+                        input: timed(1, 3),
+                        infer: timed(1, 5),
+                        output: timed(1, 1),
                     }
                 ),
                 (
                     3,
-                    Timed {
-                        count: 1,
-                        ns: 4_000_000
+                    ComputeStatistics {
+                        input: timed(1, 1),
+                        infer: timed(1, 4),
+                        output: timed(1, 2),
                     }
                 )
             ]

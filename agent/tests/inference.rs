@@ -1274,16 +1274,27 @@ async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
     assert_eq!(count("/inference_stats/success/count"), 8, "{mlp}");
     assert_eq!(count("/inference_stats/fail/count"), 1, "{mlp}");
     assert_eq!(count("/inference_stats/queue/count"), 8, "{mlp}");
-    assert_eq!(count("/inference_stats/compute_infer/count"), 8, "{mlp}");
+    // Each answered request's run, in Triton's three parts: making the
+    // inputs (stacking, the runtime's values), the model's run, and the
+    // outputs (our tensors, split per request). Each takes some time.
+    let parts = ["compute_input", "compute_infer", "compute_output"];
+    for part in parts {
+        assert_eq!(count(&format!("/inference_stats/{part}/count")), 8, "{mlp}");
+        assert!(
+            count(&format!("/inference_stats/{part}/ns")) > 0,
+            "{part}: {mlp}"
+        );
+    }
     // A request's time covers its wait and its run; the first to arrive
     // waited out the 200 ms delay.
     let success_ns = count("/inference_stats/success/ns");
     let queue_ns = count("/inference_stats/queue/ns");
     assert!(queue_ns >= 150_000_000, "{mlp}");
-    assert!(
-        success_ns >= queue_ns + count("/inference_stats/compute_infer/ns"),
-        "{mlp}"
-    );
+    let compute_ns: u64 = parts
+        .iter()
+        .map(|part| count(&format!("/inference_stats/{part}/ns")))
+        .sum();
+    assert!(success_ns >= queue_ns + compute_ns, "{mlp}");
     let last = count("/last_inference");
     assert!(
         (before_ms..=after_ms).contains(&last),
@@ -1301,6 +1312,15 @@ async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
         .sum();
     assert_eq!(count("/execution_count"), runs, "{mlp}");
     assert_eq!(rows, 12, "{mlp}");
+    for batch in batches {
+        for part in parts {
+            assert_eq!(
+                batch[part]["count"], batch["compute_infer"]["count"],
+                "{mlp}"
+            );
+            assert!(batch[part]["ns"].as_u64().unwrap() > 0, "{part}: {mlp}");
+        }
+    }
     assert!(runs < 8, "batched: {mlp}");
 
     // Every served version; a model that is not batched counts a row per request.
@@ -1340,8 +1360,20 @@ async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
             inference.queue.unwrap().ns,
             inference.fail.unwrap().count,
             over_grpc.batch_stats.len(),
+            inference.compute_input.unwrap().ns
+                + inference.compute_infer.unwrap().ns
+                + inference.compute_output.unwrap().ns,
         ),
-        (12, runs, last, success_ns, queue_ns, 1, batches.len())
+        (
+            12,
+            runs,
+            last,
+            success_ns,
+            queue_ns,
+            1,
+            batches.len(),
+            compute_ns
+        )
     );
 
     for path in ["/v2/models/nope/stats", "/v2/models/mlp/versions/2/stats"] {

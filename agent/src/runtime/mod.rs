@@ -11,6 +11,7 @@ mod tract;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::tensor::{DataType, Tensor};
 
@@ -131,14 +132,34 @@ pub enum RuntimeError {
     Library(String),
 }
 
+/// Where a run's time went besides the model's own computation: making
+/// the runtime's input values from our tensors, and our tensors from its
+/// outputs (Triton's `compute_input` and `compute_output`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunPhases {
+    pub input: Duration,
+    pub output: Duration,
+}
+
 /// A loaded model, owned by one worker.
 pub trait ModelSession: Send {
     fn signature(&self) -> &Signature;
 
     /// Runs the model on `inputs` (one per signature input, in signature
     /// order, already validated against it) and returns every output in
-    /// signature order.
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError>;
+    /// signature order; adds the time it took to convert the inputs and
+    /// the outputs to `phases`.
+    fn run_phased(
+        &mut self,
+        inputs: Vec<Tensor>,
+        phases: &mut RunPhases,
+    ) -> Result<Vec<Tensor>, RuntimeError>;
+
+    /// [`run_phased`](ModelSession::run_phased), for a caller that does not
+    /// keep the phases.
+    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+        self.run_phased(inputs, &mut RunPhases::default())
+    }
 }
 
 /// Something that loads ONNX files into sessions.

@@ -7,6 +7,7 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::time::Instant;
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
@@ -14,7 +15,8 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
 
 use super::{
-    ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec,
+    ModelSession, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature,
+    TensorSpec,
 };
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -437,13 +439,21 @@ impl ModelSession for OnnxSession {
         &self.signature
     }
 
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+    fn run_phased(
+        &mut self,
+        inputs: Vec<Tensor>,
+        phases: &mut RunPhases,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let started = Instant::now();
         let values = inputs
             .iter()
             .map(|tensor| Ok((Cow::Borrowed(tensor.name.as_str()), to_ort(tensor)?)))
             .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()?;
+        phases.input += started.elapsed();
         let outputs = self.session.run(values).map_err(run_error)?;
-        self.signature
+        let ran = Instant::now();
+        let outputs = self
+            .signature
             .outputs
             .iter()
             .map(|spec| {
@@ -452,6 +462,8 @@ impl ModelSession for OnnxSession {
                 })?;
                 from_ort(&spec.name, spec.dtype, value)
             })
-            .collect()
+            .collect();
+        phases.output += ran.elapsed();
+        outputs
     }
 }

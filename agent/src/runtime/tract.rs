@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, IntoTensor, Symbol, SymbolValues, TDim, TValue, TVec,
@@ -12,7 +13,8 @@ use tract_onnx::prelude::{
 };
 
 use super::{
-    ModelSession, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature, TensorSpec,
+    ModelSession, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature,
+    TensorSpec,
 };
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -343,13 +345,20 @@ impl ModelSession for TractSession {
         &self.signature
     }
 
-    fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
+    fn run_phased(
+        &mut self,
+        inputs: Vec<Tensor>,
+        phases: &mut RunPhases,
+    ) -> Result<Vec<Tensor>, RuntimeError> {
+        let started = Instant::now();
         self.dim_guard.check(&inputs)?;
         let values: TVec<TValue> = inputs
             .iter()
             .map(|tensor| to_tract(tensor).map(TValue::from))
             .collect::<Result<_, _>>()?;
+        phases.input += started.elapsed();
         let outputs = self.run_plan(values)?;
+        let ran = Instant::now();
         if outputs.len() != self.signature.outputs.len() {
             return Err(run_error(format!(
                 "the model produced {} outputs, its signature has {}",
@@ -357,10 +366,12 @@ impl ModelSession for TractSession {
                 self.signature.outputs.len()
             )));
         }
-        outputs
+        let outputs = outputs
             .iter()
             .zip(&self.signature.outputs)
             .map(|(value, spec)| from_tract(&spec.name, value))
-            .collect()
+            .collect();
+        phases.output += ran.elapsed();
+        outputs
     }
 }
