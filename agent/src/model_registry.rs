@@ -853,6 +853,17 @@ impl ModelRegistry {
 
     /// Every model version the registry knows, ready or not, sorted by
     /// name and version: Triton's repository index.
+    /// Every version served, of every model or of `name` only, by name and
+    /// then version.
+    pub fn served_versions(&self, name: Option<&str>) -> Vec<Arc<LoadedVersion>> {
+        self.read()
+            .iter()
+            .filter(|(model, _)| name.is_none_or(|name| name == model.as_str()))
+            .flat_map(|(_, state)| state.served.values())
+            .map(|served| Arc::clone(&served.handle))
+            .collect()
+    }
+
     pub fn index(&self) -> Vec<IndexEntry> {
         let mut entries = Vec::new();
         for (name, state) in self.read().iter() {

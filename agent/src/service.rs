@@ -213,17 +213,10 @@ impl InferenceService {
             // Refused as a request for the model would be.
             self.registry.get(name, None)?;
         }
-        let selected: Vec<(String, u64)> = self
+        Ok(self
             .registry
-            .index()
+            .served_versions((!name.is_empty()).then_some(name))
             .into_iter()
-            .filter(|entry| entry.ready && (name.is_empty() || entry.name == name))
-            .filter_map(|entry| Some((entry.name, entry.version?)))
-            .collect();
-        Ok(selected
-            .into_iter()
-            // A version unloaded since the listing is left out.
-            .filter_map(|(name, version)| self.registry.get(&name, Some(version)).ok())
             .map(|loaded| {
                 let snapshot = loaded.statistics();
                 (loaded, snapshot)
