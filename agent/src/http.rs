@@ -5,7 +5,7 @@
 //! JSON `{"error": "..."}` with the status [`ErrorCode::http_status`] gives.
 
 use axum::Json;
-use axum::body::{Body, HttpBody};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,13 +15,13 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tokio_stream::StreamExt;
 
 use crate::error::{ErrorCode, InferError};
 use crate::grpc::{append_raw_strings, raw_tensor};
 use crate::json_data::{self, JsonData};
 use crate::model_config::QueueDelay;
 use crate::model_worker::LoadedVersion;
+use crate::request_body::read_body;
 use crate::runtime::TensorSpec;
 use crate::service::{
     InferRequest, InferResponse, InferenceService, config_data_type, config_dims, index_state,
@@ -85,6 +85,15 @@ pub fn router(service: InferenceService) -> axum::Router {
         .route("/metrics", get(metrics))
         .fallback(|| async {
             InferError::not_found("no such endpoint (see the Open Inference Protocol: /v2/...)")
+        })
+        // axum adds the `Allow` header to this answer.
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(json!({
+                    "error": format!("{method} is not allowed on {} (see the Allow header)", uri.path())
+                })),
+            )
         })
         // The body limit is enforced while reading, with a JSON error.
         .layer(axum::extract::DefaultBodyLimit::disable())
@@ -507,12 +516,6 @@ fn encode_infer_response(response: &InferResponse, encoding: &OutputEncoding) ->
         .into_response()
 }
 
-/// The alignment of the binary tensor data in a request's buffer: enough
-/// for any element type, so a runtime reads each tensor where it landed
-/// (one that starts misaligned, after a tensor whose size is not a multiple
-/// of it, is copied aligned by the runtime).
-const BINARY_DATA_ALIGN: usize = 16;
-
 /// The length of the JSON that starts the body, from
 /// `Inference-Header-Content-Length` (no header: the body is all JSON).
 fn json_header_length(headers: &HeaderMap) -> Result<Option<usize>, InferError> {
@@ -560,75 +563,6 @@ async fn decode_infer_request(
             InferError::invalid(format!("malformed JSON request: {err}{hint}"))
         })?
         .into_domain(binary, service.max_request_bytes())
-}
-
-/// Reads a request body of at most `limit` bytes, and splits it into its
-/// JSON (the first `json_length` bytes, from `Inference-Header-Content-Length`)
-/// and the binary tensor data after it (none without a length).
-async fn read_body(
-    headers: &HeaderMap,
-    json_length: Option<usize>,
-    body: Body,
-    limit: usize,
-) -> Result<(Bytes, Bytes), InferError> {
-    if let Some(encoding) = headers
-        .get(header::CONTENT_ENCODING)
-        .filter(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"))
-    {
-        return Err(InferError::invalid(format!(
-            "Content-Encoding {encoding:?} is not supported: send the request uncompressed"
-        )));
-    }
-    let too_large = || {
-        InferError::new(
-            ErrorCode::TooLarge,
-            format!("request body is over the limit of {limit} bytes"),
-        )
-    };
-    // Appended to one buffer sized from Content-Length when the request
-    // gives it: collecting the frames first and then joining them would
-    // hold the body twice. With binary tensor data, the body starts a few
-    // bytes in, so that the data after the JSON lands aligned.
-    let declared = usize::try_from(body.size_hint().exact().unwrap_or(0)).unwrap_or(usize::MAX);
-    if declared > limit {
-        return Err(too_large());
-    }
-    let room_to_align = if json_length.is_some() {
-        BINARY_DATA_ALIGN
-    } else {
-        0
-    };
-    let mut bytes = Vec::<u8>::with_capacity(declared.saturating_add(room_to_align));
-    let start = json_length.map_or(0, |length| {
-        bytes
-            .as_ptr()
-            .wrapping_add(length)
-            .align_offset(BINARY_DATA_ALIGN)
-            .min(BINARY_DATA_ALIGN)
-    });
-    bytes.resize(start, 0);
-    let mut frames = body.into_data_stream();
-    while let Some(frame) = frames.next().await {
-        let frame = frame
-            .map_err(|err| InferError::invalid(format!("cannot read the request body: {err}")))?;
-        if bytes.len() - start + frame.len() > limit {
-            return Err(too_large());
-        }
-        bytes.extend_from_slice(&frame);
-    }
-    let mut json = Bytes::from(bytes).slice(start..);
-    let binary = match json_length {
-        Some(length) if length > json.len() => {
-            return Err(InferError::invalid(format!(
-                "Inference-Header-Content-Length says the JSON is {length} bytes, \
-                 but the body has only {}",
-                json.len()
-            )));
-        }
-        Some(length) => json.split_off(length),
-        None => Bytes::new(),
-    };
-    Ok((json, binary))
 }
 
 #[derive(Debug, Deserialize)]
@@ -1172,40 +1106,6 @@ mod tests {
         }
         let huge = tensor_from_json("x".into(), "BYTES", vec![1 << 40], &json!([]));
         assert!(huge.is_ok());
-    }
-
-    /// The binary tensor data after the JSON lands 16-byte aligned in the
-    /// request's buffer whatever the JSON's length, so runtimes read it in
-    /// place; the JSON and the data come out whole.
-    #[tokio::test]
-    async fn binary_data_lands_aligned_after_json_of_any_length() {
-        for json_length in 0..48 {
-            let json = vec![b' '; json_length];
-            let data: Vec<u8> = (0..100u8).collect();
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                INFERENCE_HEADER_CONTENT_LENGTH,
-                HeaderValue::from(json_length),
-            );
-            let body = Body::from([json.clone(), data.clone()].concat());
-            let (got_json, binary) = read_body(&headers, Some(json_length), body, 1 << 20)
-                .await
-                .unwrap();
-            assert_eq!(got_json, json);
-            assert_eq!(binary, data);
-            assert_eq!(
-                binary.as_ptr() as usize % BINARY_DATA_ALIGN,
-                0,
-                "JSON of {json_length} bytes"
-            );
-        }
-        // The limit counts the body, not the alignment bytes before it.
-        let mut headers = HeaderMap::new();
-        headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(3));
-        let exact = read_body(&headers, Some(3), Body::from(vec![b' '; 64]), 64).await;
-        assert!(exact.is_ok());
-        let over = read_body(&headers, Some(3), Body::from(vec![b' '; 65]), 64).await;
-        assert_eq!(over.unwrap_err().code, ErrorCode::TooLarge);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod model_config;
 pub mod model_registry;
 pub mod model_worker;
 pub mod repository;
+pub mod request_body;
 pub mod runtime;
 pub mod server;
 pub mod service;

@@ -67,6 +67,7 @@ async fn tritonclient_runs_every_fixture_over_http_and_grpc() {
         "{stdout}"
     );
     assert!(stdout.contains("checked gzip over gRPC"), "{stdout}");
+    assert!(stdout.contains("checked compression over HTTP"), "{stdout}");
     for protocol in ["HTTP", "gRPC"] {
         assert!(
             stdout.contains(&format!("ok repository index over {protocol}\n")),

@@ -555,6 +555,22 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
     );
     let response = reqwest::get(agent.url("/v2/nothing/here")).await.unwrap();
     assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("no such endpoint"),
+        "{body}"
+    );
+    // A known endpoint with the wrong method: 405, JSON and `Allow`.
+    let response = reqwest::get(agent.url("/v2/models/mlp/infer"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        body["error"], "GET is not allowed on /v2/models/mlp/infer (see the Allow header)",
+        "{body}"
+    );
 
     // gRPC.
     let mut grpc = agent.grpc().await;
@@ -936,9 +952,13 @@ async fn refused_requests_are_counted_once_against_the_version_they_reached() {
 /// them are served, answered uncompressed even to a client that accepts
 /// gzip (as gRPC's C-core clients say on every call); a request that is
 /// small on the wire but decompresses to more than the request limit is
-/// refused with RESOURCE_EXHAUSTED, and the agent serves on.
+/// refused with RESOURCE_EXHAUSTED, and the agent serves on. The same over
+/// HTTP, with deflate too.
 #[tokio::test]
-async fn gzipped_requests_are_served_within_the_request_limit() {
+async fn compressed_requests_are_served_within_the_request_limit() {
+    use flate2::Compression;
+    use flate2::write::{GzEncoder, ZlibEncoder};
+    use std::io::Write;
     use tonic::codec::CompressionEncoding::Gzip;
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
@@ -970,6 +990,66 @@ async fn gzipped_requests_are_served_within_the_request_limit() {
     let status = gzip.model_infer(bomb).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
     gzip.model_infer(mlp_input_raw()).await.unwrap();
+
+    // Over HTTP, as tritonclient's `request_compression_algorithm` sends
+    // them: gzip and deflate bodies are served; a bomb gets 413.
+    let http = reqwest::Client::new();
+    let url = agent.url("/v2/models/mlp/infer");
+    let body = serde_json::to_vec(&http_infer_body()).unwrap();
+    let plain: Value = http
+        .post(&url)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let gzipped = {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
+        encoder.write_all(&body).unwrap();
+        encoder.finish().unwrap()
+    };
+    let deflated = {
+        let mut encoder = ZlibEncoder::new(Vec::new(), Compression::fast());
+        encoder.write_all(&body).unwrap();
+        encoder.finish().unwrap()
+    };
+    for (coding, compressed) in [("gzip", gzipped), ("deflate", deflated)] {
+        let response = http
+            .post(&url)
+            .header("Content-Encoding", coding)
+            .body(compressed)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{coding}");
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["outputs"], plain["outputs"], "{coding}");
+    }
+    let bomb = {
+        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
+        encoder.write_all(&vec![b' '; 16 << 20]).unwrap();
+        encoder.finish().unwrap()
+    };
+    assert!(bomb.len() < 64 * 1024, "{} bytes on the wire", bomb.len());
+    let response = http
+        .post(&url)
+        .header("Content-Encoding", "gzip")
+        .body(bomb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    let answer: Value = response.json().await.unwrap();
+    assert!(
+        answer["error"].as_str().unwrap().contains("over the limit"),
+        "{answer}"
+    );
+    assert_eq!(
+        http.post(&url).body(body).send().await.unwrap().status(),
+        200
+    );
     agent.stop().await;
 }
 
@@ -1343,15 +1423,24 @@ async fn malformed_binary_tensor_data_gets_clear_errors() {
             && message.contains("needs the Inference-Header-Content-Length header"),
         "{message}"
     );
-    // A compressed body (tritonclient's request_compression_algorithm) is
-    // named as such, not parsed as garbled JSON.
+    // A compressed body that ends early, and one in an encoding the agent
+    // does not take, are named as such, not parsed as garbled JSON.
     let gzip = http
         .post(&url)
         .header("Content-Encoding", "gzip")
         .body(vec![0x1f, 0x8b, 8, 0]);
     let message = refusal(gzip.send().await.unwrap()).await;
     assert!(
-        message.contains("Content-Encoding \"gzip\" is not supported"),
+        message.starts_with("cannot decompress the request body (Content-Encoding gzip)"),
+        "{message}"
+    );
+    let brotli = http
+        .post(&url)
+        .header("Content-Encoding", "br")
+        .body(vec![0x1f, 0x8b, 8, 0]);
+    let message = refusal(brotli.send().await.unwrap()).await;
+    assert!(
+        message.contains("Content-Encoding \"br\" is not supported"),
         "{message}"
     );
     // Still serving, binary data included.

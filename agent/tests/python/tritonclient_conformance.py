@@ -110,6 +110,7 @@ def main():
         check_non_finite_over_json(httpclient.InferenceServerClient(url=args.http))
     if "mlp" in args.models.split(","):
         check_gzip_over_grpc(grpcclient.InferenceServerClient(url=args.grpc), args.cases)
+        check_compression_over_http(httpclient.InferenceServerClient(url=args.http), args.cases)
     checked += check_streaming_over_grpc(
         grpcclient.InferenceServerClient(url=args.grpc), args.cases, args.models.split(",")
     )
@@ -199,6 +200,30 @@ def check_gzip_over_grpc(client, cases_dir):
         for tensor in case["outputs"]:
             check_output(result.as_numpy(tensor["name"]), tensor, f"gRPC gzip mlp case {index}")
     print("checked gzip over gRPC")
+
+
+def check_compression_over_http(client, cases_dir):
+    """HTTP requests compressed (`request_compression_algorithm`, gzip and
+    deflate), binary data and JSON, as Triton takes them; the client also
+    asks for compressed answers, which may come either way."""
+    for index, case in enumerate(json.loads((cases_dir / "mlp.json").read_text())["cases"]):
+        for algorithm in ["gzip", "deflate"]:
+            for binary in [True, False]:
+                context = f"HTTP {algorithm} {'binary' if binary else 'JSON'} mlp case {index}"
+                inputs = []
+                for tensor in case["inputs"]:
+                    value = httpclient.InferInput(tensor["name"], tensor["shape"], tensor["datatype"])
+                    value.set_data_from_numpy(as_numpy(tensor), binary_data=binary)
+                    inputs.append(value)
+                result = client.infer(
+                    "mlp",
+                    inputs,
+                    request_compression_algorithm=algorithm,
+                    response_compression_algorithm=algorithm,
+                )
+                for tensor in case["outputs"]:
+                    check_output(result.as_numpy(tensor["name"]), tensor, context)
+    print("checked compression over HTTP")
 
 
 def check_non_finite_over_json(client):
