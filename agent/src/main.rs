@@ -138,6 +138,9 @@ struct RunArgs {
     /// Longest wait between reconnect attempts (delays double up to it, with full jitter) [default: 30s].
     #[arg(long, env = "EDGEFLEET_AGENT_RECONNECT_MAX_DELAY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     reconnect_max_delay: Option<Duration>,
+    /// A model download on which nothing arrives for this long is given up and resumed later; raise it on links that pause for minutes [default: 60s].
+    #[arg(long, env = "EDGEFLEET_AGENT_DOWNLOAD_STALL_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    download_stall_timeout: Option<Duration>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -168,6 +171,7 @@ struct FileConfig {
     telemetry_queue_bytes: Option<u64>,
     sysfs_root: Option<PathBuf>,
     reconnect_max_delay: Option<String>,
+    download_stall_timeout: Option<String>,
 }
 
 struct ServeConfig {
@@ -443,24 +447,40 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let (enrollment, _) = state.load()?;
     state.create()?;
     let config = resolve(Some(state.models_dir()), args.serving, &file)?;
-    let parse = |text: &Option<String>, key: &str| -> anyhow::Result<Option<Duration>> {
-        text.as_deref()
-            .map(|t| humantime::parse_duration(t).with_context(|| format!("{key} = \"{t}\"")))
-            .transpose()
-    };
-    let interval = match args.telemetry_interval {
-        Some(interval) => interval,
-        None => parse(&file.telemetry_interval, "telemetry_interval")?
-            .unwrap_or(telemetry::DEFAULT_TELEMETRY_INTERVAL),
-    };
+    let mut problems = Vec::new();
+    let interval = duration_setting(
+        args.telemetry_interval,
+        file.telemetry_interval.as_deref(),
+        "telemetry_interval",
+        &mut problems,
+    )
+    .unwrap_or(telemetry::DEFAULT_TELEMETRY_INTERVAL);
     if interval.is_zero() {
-        anyhow::bail!("the telemetry interval must be longer than zero");
+        problems.push("the telemetry interval must be longer than zero".to_string());
     }
-    let reconnect_max_delay = match args.reconnect_max_delay {
-        Some(delay) => delay,
-        None => parse(&file.reconnect_max_delay, "reconnect_max_delay")?
-            .unwrap_or(SessionClientOptions::default().backoff_max),
-    };
+    let reconnect_max_delay = duration_setting(
+        args.reconnect_max_delay,
+        file.reconnect_max_delay.as_deref(),
+        "reconnect_max_delay",
+        &mut problems,
+    )
+    .unwrap_or(SessionClientOptions::default().backoff_max);
+    let model_check = config.options.model_check.clone();
+    let mut delivery_options = managed::delivery::DeliveryOptions::new(model_check);
+    if let Some(stall) = duration_setting(
+        args.download_stall_timeout,
+        file.download_stall_timeout.as_deref(),
+        "download_stall_timeout",
+        &mut problems,
+    ) {
+        delivery_options.stall_timeout = stall;
+    }
+    if delivery_options.stall_timeout.is_zero() {
+        problems.push("the download stall timeout must be longer than zero".to_string());
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("invalid configuration: {}", problems.join("; "));
+    }
     let telemetry_config = TelemetryConfig {
         interval,
         outbox_cap_bytes: args
@@ -470,7 +490,6 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     };
     let sysfs_root = args.sysfs_root.or(file.sysfs_root);
 
-    let model_check = config.options.model_check.clone();
     let _cpu_wakeup_latency = config.hold_cpu_wakeup_latency()?;
     let agent = Agent::new(config.options)?;
     let recorder = Arc::clone(agent.telemetry());
@@ -505,7 +524,7 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     let (delivery, delivery_task) = managed::delivery::start(
         state.clone(),
         delivery_registry,
-        managed::delivery::DeliveryOptions::new(model_check),
+        delivery_options,
         shutdown.clone(),
     )
     .await?;

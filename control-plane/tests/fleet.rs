@@ -6,7 +6,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use edgefleet_test_support::{eventually, reflected_services, sigterm_and_wait};
+use edgefleet_test_support::{eventually, output_within, reflected_services, sigterm_and_wait};
 use serde_json::Value;
 use support::*;
 
@@ -297,6 +297,66 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
         "{}",
         stderr(&unreachable)
     );
+}
+
+/// `run`'s own durations are checked before the agent loads or connects:
+/// one that cannot be used (zero, or text that is no duration, from a flag,
+/// the environment or the config file) stops it with a clear line, non-zero.
+#[test]
+fn run_refuses_unusable_durations_before_it_starts() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(FAST);
+    let state = fx.state_dir("agent");
+    enroll_ok(&server, &server.join_token(&[]), &state);
+    let config = fx.root.join("agent.toml");
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = std::process::Command::new(binary("edgefleet-agent"));
+        command
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--runtime", "tract", "--grpc-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied());
+        let Some(output) = output_within(command, Duration::from_secs(30)) else {
+            panic!("{args:?} {env:?}: the agent started instead of refusing the setting");
+        };
+        assert!(!output.status.success(), "{args:?} {env:?} should fail");
+        stderr(&output)
+    };
+    let message = run(&["--download-stall-timeout", "0s"], &[]);
+    assert!(
+        message.contains("the download stall timeout must be longer than zero"),
+        "{message}"
+    );
+    let message = run(&["--telemetry-interval", "0s"], &[]);
+    assert!(
+        message.contains("the telemetry interval must be longer than zero"),
+        "{message}"
+    );
+    let message = run(&[], &[("EDGEFLEET_AGENT_DOWNLOAD_STALL_TIMEOUT", "soon")]);
+    assert!(
+        message.contains("invalid value 'soon' for '--download-stall-timeout <DURATION>'"),
+        "{message}"
+    );
+    std::fs::write(&config, "download_stall_timeout = \"soon\"\n").unwrap();
+    let message = run(&["--config", config.to_str().unwrap()], &[]);
+    assert!(
+        message.contains("download_stall_timeout = \"soon\""),
+        "{message}"
+    );
+    // The flag wins over the file, as every setting's does.
+    let agent = Agent::run(
+        &state,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--download-stall-timeout",
+            "5m",
+        ],
+    );
+    drop(agent);
 }
 
 #[test]

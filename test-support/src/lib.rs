@@ -11,6 +11,6 @@ mod reflection;
 mod wait;
 
 pub use fixtures::{fixture_model, testdata};
-pub use process::{KillOnDrop, sigterm_and_wait};
+pub use process::{KillOnDrop, output_within, sigterm_and_wait};
 pub use reflection::reflected_services;
 pub use wait::{assert_eventually, eventually};

@@ -1,8 +1,9 @@
 //! Child processes a test starts: never left running after the test, even
 //! when an assertion fails first.
 
+use std::io::Read;
 use std::ops::{Deref, DerefMut};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// A child process killed (SIGKILL) and reaped when this is dropped, so a
@@ -47,4 +48,43 @@ pub fn sigterm_and_wait(child: &mut Child, timeout: Duration) -> Option<ExitStat
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// Runs `command` to its end, as `Command::output` does, but for at most
+/// `timeout`: None (and the process SIGKILLed) if it is still running
+/// then, so a test of a command that should exit fails instead of hanging
+/// when it does not.
+pub fn output_within(mut command: Command, timeout: Duration) -> Option<Output> {
+    let mut child = KillOnDrop(
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start the command"),
+    );
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("piped")));
+    let stderr = drain(Box::new(child.stderr.take().expect("piped")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Some(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
