@@ -996,30 +996,24 @@ async fn compressed_requests_are_served_within_the_request_limit() {
     let http = reqwest::Client::new();
     let url = agent.url("/v2/models/mlp/infer");
     let body = serde_json::to_vec(&http_infer_body()).unwrap();
-    let plain: Value = http
-        .post(&url)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let gzipped = {
-        let mut encoder = GzEncoder::new(Vec::new(), Compression::fast());
-        encoder.write_all(&body).unwrap();
-        encoder.finish().unwrap()
+    let (status, plain) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
+    assert_eq!(status, 200, "{plain}");
+    let compress = |coding: &str, bytes: &[u8], level: Compression| -> Vec<u8> {
+        if coding == "gzip" {
+            let mut encoder = GzEncoder::new(Vec::new(), level);
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        } else {
+            let mut encoder = ZlibEncoder::new(Vec::new(), level);
+            encoder.write_all(bytes).unwrap();
+            encoder.finish().unwrap()
+        }
     };
-    let deflated = {
-        let mut encoder = ZlibEncoder::new(Vec::new(), Compression::fast());
-        encoder.write_all(&body).unwrap();
-        encoder.finish().unwrap()
-    };
-    for (coding, compressed) in [("gzip", gzipped), ("deflate", deflated)] {
+    for coding in ["gzip", "deflate"] {
         let response = http
             .post(&url)
             .header("Content-Encoding", coding)
-            .body(compressed)
+            .body(compress(coding, &body, Compression::fast()))
             .send()
             .await
             .unwrap();
@@ -1027,11 +1021,7 @@ async fn compressed_requests_are_served_within_the_request_limit() {
         let answer: Value = response.json().await.unwrap();
         assert_eq!(answer["outputs"], plain["outputs"], "{coding}");
     }
-    let bomb = {
-        let mut encoder = GzEncoder::new(Vec::new(), Compression::best());
-        encoder.write_all(&vec![b' '; 16 << 20]).unwrap();
-        encoder.finish().unwrap()
-    };
+    let bomb = compress("gzip", &vec![b' '; 16 << 20], Compression::best());
     assert!(bomb.len() < 64 * 1024, "{} bytes on the wire", bomb.len());
     let response = http
         .post(&url)
