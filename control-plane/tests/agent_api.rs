@@ -1371,9 +1371,10 @@ fn a_silent_session_is_ended_after_the_idle_timeout() {
 }
 
 /// The control plane's `/metrics` says what its text is: OpenMetrics,
-/// ended by `# EOF`, which Prometheus parses by that type.
+/// ended by `# EOF`, which Prometheus parses by that type; a path or method
+/// the listener does not serve gets a JSON error.
 #[test]
-fn metrics_are_served_as_openmetrics() {
+fn metrics_are_served_as_openmetrics_and_other_paths_get_json_errors() {
     use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), None, &[]);
@@ -1397,4 +1398,16 @@ fn metrics_are_served_as_openmetrics() {
         "{head}"
     );
     assert!(body.ends_with("# EOF\n"), "{body}");
+    // What the listener does not serve is answered in JSON.
+    let (status, body) = http(server.http_addr, "GET", "/nothing", None).unwrap();
+    assert_eq!(status, 404);
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"], "no such endpoint: /nothing");
+    let (status, body) = http(server.http_addr, "POST", "/metrics", None).unwrap();
+    assert_eq!(status, 405);
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        error["error"],
+        "POST is not allowed on /metrics (see the Allow header)"
+    );
 }
