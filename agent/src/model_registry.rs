@@ -851,8 +851,6 @@ impl ModelRegistry {
         }
     }
 
-    /// Every model version the registry knows, ready or not, sorted by
-    /// name and version: Triton's repository index.
     /// Every version served, of every model or of `name` only, by name and
     /// then version.
     pub fn served_versions(&self, name: Option<&str>) -> Vec<Arc<LoadedVersion>> {
@@ -864,6 +862,8 @@ impl ModelRegistry {
             .collect()
     }
 
+    /// Every model version the registry knows, ready or not, sorted by
+    /// name and version: Triton's repository index.
     pub fn index(&self) -> Vec<IndexEntry> {
         let mut entries = Vec::new();
         for (name, state) in self.read().iter() {

@@ -135,7 +135,7 @@ impl ContentCoding {
             return too_large();
         }
         let name = match self {
-            Self::Identity => "",
+            Self::Identity => "identity",
             Self::Gzip => "gzip",
             Self::Deflate => "deflate",
         };

@@ -141,6 +141,16 @@ pub struct RunPhases {
     pub output: Duration,
 }
 
+impl RunPhases {
+    /// Runs `convert`, adding the time it took to `phase` (one of ours).
+    pub fn timed<T>(phase: &mut Duration, convert: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let converted = convert();
+        *phase += started.elapsed();
+        converted
+    }
+}
+
 /// A loaded model, owned by one worker.
 pub trait ModelSession: Send {
     fn signature(&self) -> &Signature;

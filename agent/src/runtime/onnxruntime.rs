@@ -7,7 +7,6 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
@@ -444,26 +443,24 @@ impl ModelSession for OnnxSession {
         inputs: Vec<Tensor>,
         phases: &mut RunPhases,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let started = Instant::now();
-        let values = inputs
-            .iter()
-            .map(|tensor| Ok((Cow::Borrowed(tensor.name.as_str()), to_ort(tensor)?)))
-            .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()?;
-        phases.input += started.elapsed();
+        let values = RunPhases::timed(&mut phases.input, || {
+            inputs
+                .iter()
+                .map(|tensor| Ok((Cow::Borrowed(tensor.name.as_str()), to_ort(tensor)?)))
+                .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()
+        })?;
         let outputs = self.session.run(values).map_err(run_error)?;
-        let ran = Instant::now();
-        let outputs = self
-            .signature
-            .outputs
-            .iter()
-            .map(|spec| {
-                let value = outputs.get(&spec.name).ok_or_else(|| {
-                    run_error(format!("output '{}' missing from the run", spec.name))
-                })?;
-                from_ort(&spec.name, spec.dtype, value)
-            })
-            .collect();
-        phases.output += ran.elapsed();
-        outputs
+        RunPhases::timed(&mut phases.output, || {
+            self.signature
+                .outputs
+                .iter()
+                .map(|spec| {
+                    let value = outputs.get(&spec.name).ok_or_else(|| {
+                        run_error(format!("output '{}' missing from the run", spec.name))
+                    })?;
+                    from_ort(&spec.name, spec.dtype, value)
+                })
+                .collect()
+        })
     }
 }

@@ -5,7 +5,6 @@
 use bytes::Bytes;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tract_onnx::prelude::{
     DatumType, Framework, InferenceModelExt, IntoTensor, Symbol, SymbolValues, TDim, TValue, TVec,
@@ -350,15 +349,14 @@ impl ModelSession for TractSession {
         inputs: Vec<Tensor>,
         phases: &mut RunPhases,
     ) -> Result<Vec<Tensor>, RuntimeError> {
-        let started = Instant::now();
-        self.dim_guard.check(&inputs)?;
-        let values: TVec<TValue> = inputs
-            .iter()
-            .map(|tensor| to_tract(tensor).map(TValue::from))
-            .collect::<Result<_, _>>()?;
-        phases.input += started.elapsed();
+        let values: TVec<TValue> = RunPhases::timed(&mut phases.input, || {
+            self.dim_guard.check(&inputs)?;
+            inputs
+                .iter()
+                .map(|tensor| to_tract(tensor).map(TValue::from))
+                .collect::<Result<_, _>>()
+        })?;
         let outputs = self.run_plan(values)?;
-        let ran = Instant::now();
         if outputs.len() != self.signature.outputs.len() {
             return Err(run_error(format!(
                 "the model produced {} outputs, its signature has {}",
@@ -366,12 +364,12 @@ impl ModelSession for TractSession {
                 self.signature.outputs.len()
             )));
         }
-        let outputs = outputs
-            .iter()
-            .zip(&self.signature.outputs)
-            .map(|(value, spec)| from_tract(&spec.name, value))
-            .collect();
-        phases.output += ran.elapsed();
-        outputs
+        RunPhases::timed(&mut phases.output, || {
+            outputs
+                .iter()
+                .zip(&self.signature.outputs)
+                .map(|(value, spec)| from_tract(&spec.name, value))
+                .collect()
+        })
     }
 }
