@@ -15,6 +15,8 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use tower_http::compression::predicate::{DefaultPredicate, Predicate, SizeAbove};
+use tower_http::compression::{CompressionLayer, CompressionLevel};
 
 use crate::error::{ErrorCode, InferError};
 use crate::grpc::{append_raw_strings, raw_tensor};
@@ -43,9 +45,10 @@ impl IntoResponse for InferError {
     }
 }
 
-/// The HTTP routes.
-pub fn router(service: InferenceService) -> axum::Router {
-    axum::Router::new()
+/// The HTTP routes; `compress_answers`: compressed as clients ask (see
+/// [`answer_compression`]).
+pub fn router(service: InferenceService, compress_answers: bool) -> axum::Router {
+    let router = axum::Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
@@ -96,8 +99,32 @@ pub fn router(service: InferenceService) -> axum::Router {
             )
         })
         // The body limit is enforced while reading, with a JSON error.
-        .layer(axum::extract::DefaultBodyLimit::disable())
-        .with_state(service)
+        .layer(axum::extract::DefaultBodyLimit::disable());
+    let router = if compress_answers {
+        router.layer(answer_compression())
+    } else {
+        router
+    };
+    router.with_state(service)
+}
+
+/// Answers of this many bytes or more are compressed for a client that
+/// asks; smaller ones fit in a packet either way.
+pub const COMPRESS_ANSWERS_FROM: u16 = 1024;
+
+/// Answers compressed as the client asks (`Accept-Encoding: gzip` or
+/// `deflate`, as tritonclient's `response_compression_algorithm`, Python's
+/// `requests` and Prometheus send it; Triton answers them compressed too):
+/// at the fastest level, since the device's CPU serves the models, and only
+/// from [`COMPRESS_ANSWERS_FROM`] bytes. A client that says nothing, or
+/// `identity`, gets the answer as it is. Off unless asked for
+/// (`--compress-http-answers`): the agent's clients are mostly on the same
+/// machine, where compressing saves no bytes and costs CPU and latency on
+/// both sides, and Python's `requests` asks for gzip on every call.
+fn answer_compression() -> CompressionLayer<impl Predicate> {
+    CompressionLayer::new()
+        .quality(CompressionLevel::Fastest)
+        .compress_when(DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ANSWERS_FROM)))
 }
 
 async fn server_metadata(State(service): State<InferenceService>) -> Json<Value> {

@@ -89,6 +89,11 @@ struct ServingArgs {
     /// that other machines can reach; such an address is refused without it [default: off].
     #[arg(long, env = "EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
     allow_plaintext_network: bool,
+    /// Compress HTTP answers of 1 KiB and more for clients that ask (Accept-Encoding gzip or
+    /// deflate), as Triton does: worth it for clients on other machines; on loopback it only
+    /// costs CPU [default: off].
+    #[arg(long, env = "EDGEFLEET_AGENT_COMPRESS_HTTP_ANSWERS", value_parser = clap::builder::BoolishValueParser::new())]
+    compress_http_answers: bool,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -165,6 +170,7 @@ struct FileConfig {
     max_request_bytes: Option<usize>,
     cpu_wakeup_latency: Option<String>,
     allow_plaintext_network: Option<bool>,
+    compress_http_answers: Option<bool>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -314,6 +320,8 @@ fn resolve(
             runtime: args.runtime.or(file.runtime).unwrap_or_default(),
             repository_poll_interval: (!poll.is_zero()).then_some(poll),
             max_request_bytes,
+            compress_http_answers: args.compress_http_answers
+                || file.compress_http_answers == Some(true),
             model_check: ModelCheck::ChildProcess {
                 exe,
                 timeout: DEFAULT_CHECK_TIMEOUT,

@@ -46,6 +46,9 @@ pub struct ServeOptions {
     /// `None`: never rescan (no hot reload).
     pub repository_poll_interval: Option<Duration>,
     pub max_request_bytes: usize,
+    /// Compress HTTP answers for clients that ask (see
+    /// [`crate::http::COMPRESS_ANSWERS_FROM`]); off, answers go as they are.
+    pub compress_http_answers: bool,
     pub model_check: ModelCheck,
 }
 
@@ -184,7 +187,7 @@ impl Agent {
             .add_service(inference)
             .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
 
-        let router = crate::http::router(self.service.clone());
+        let router = crate::http::router(self.service.clone(), self.options.compress_http_answers);
         let http_shutdown = shutdown.clone();
         let http = axum::serve(http_listener, router)
             .with_graceful_shutdown(async move { http_shutdown.cancelled().await });

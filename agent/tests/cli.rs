@@ -365,8 +365,8 @@ fn spawn_serving(
     spawn_logging(&args)
 }
 
-/// The real binary, configured from a TOML file, serves the quickstart model;
-/// SIGKILL stops it.
+/// The real binary, configured from a TOML file, serves the quickstart model
+/// (and compresses answers as the file says); SIGKILL stops it.
 #[tokio::test]
 async fn the_binary_serves_from_a_config_file_and_dies_cleanly_on_sigkill() {
     let dir = tempfile::tempdir().unwrap();
@@ -376,7 +376,7 @@ async fn the_binary_serves_from_a_config_file_and_dies_cleanly_on_sigkill() {
     std::fs::write(
         &config,
         format!(
-            "model_repository = \"{}\"\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nruntime = \"tract\"\n",
+            "model_repository = \"{}\"\ngrpc_addr = \"127.0.0.1:0\"\nhttp_addr = \"127.0.0.1:0\"\nruntime = \"tract\"\ncompress_http_answers = true\n",
             repository.display()
         ),
     )
@@ -433,6 +433,14 @@ async fn the_binary_serves_from_a_config_file_and_dies_cleanly_on_sigkill() {
         (probabilities.iter().sum::<f64>() - 1.0).abs() < 1e-4,
         "softmax sums to 1: {probabilities:?}"
     );
+    // The file's `compress_http_answers`: /metrics, over 1 KiB, gzipped as asked.
+    let metrics = client
+        .get(format!("http://{http_addr}/metrics"))
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.headers()["content-encoding"], "gzip");
     child.kill().unwrap();
     let status = child.wait().unwrap();
     assert!(!status.success());

@@ -16,14 +16,22 @@ use edgefleet_test_support::testdata;
 use support::*;
 
 /// Runs `script` against an agent serving every fixture model (ONNX
-/// Runtime) and returns its output, asserting it succeeded.
+/// Runtime) and returns its output, asserting it succeeded. The agent
+/// compresses HTTP answers for clients that ask (`--compress-http-answers`),
+/// so the clients' decompression is checked too: tritonclient's when the
+/// script asks (`response_compression_algorithm`), and httpx's, under
+/// KServe's client, which asks on every call (answers of 1 KiB and more
+/// come compressed).
 async fn run_client_script(script: &str) -> String {
     let repo = Repo::new();
     let models = fixture_names();
     for name in &models {
         repo.add(name, 1, name);
     }
-    let agent = agent(repo.path(), RuntimeChoice::Onnxruntime).start().await;
+    let agent = agent(repo.path(), RuntimeChoice::Onnxruntime)
+        .compress_http_answers()
+        .start()
+        .await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/python")
         .join(script);

@@ -1043,6 +1043,131 @@ async fn compressed_requests_are_served_within_the_request_limit() {
     agent.stop().await;
 }
 
+/// With `--compress-http-answers`, HTTP answers are compressed as the
+/// client asks (`Accept-Encoding`, as tritonclient's
+/// `response_compression_algorithm`, Python's `requests` and Prometheus send
+/// it), gzip or deflate, JSON and binary tensor data alike, `/metrics` too;
+/// a client that asks for nothing, for `identity` or for an encoding the
+/// agent lacks, and an answer under 1 KiB, get it as it is. Without the
+/// setting, answers always go as they are.
+#[tokio::test]
+async fn answers_are_compressed_for_clients_that_ask_when_enabled() {
+    use std::io::Read;
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let plain_agent = agent(repo.path(), RuntimeChoice::Tract).start().await;
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .compress_http_answers()
+        .start()
+        .await;
+    let http = reqwest::Client::new();
+    // 64 rows: 64 × 4 logits, some 5 KB of JSON.
+    let rows = 64;
+    let values: Vec<f32> = mlp_input_values().repeat(rows);
+    let json_body = json!({ "inputs": [{
+        "name": "input", "datatype": "FP32", "shape": [rows, 16], "data": values,
+    }]});
+    let mut binary_body = json_body.clone();
+    binary_body["parameters"] = json!({ "binary_data_output": true });
+    let decompress = |coding: &str, bytes: &[u8]| -> Vec<u8> {
+        let mut plain = Vec::new();
+        match coding {
+            "gzip" => flate2::read::GzDecoder::new(bytes).read_to_end(&mut plain),
+            "deflate" => flate2::read::ZlibDecoder::new(bytes).read_to_end(&mut plain),
+            other => panic!("unexpected Content-Encoding {other}"),
+        }
+        .unwrap();
+        plain
+    };
+    // What each answer is, uncompressed, with the headers that describe it.
+    let ask_agent = |agent: &TestAgent, path: &str, body: Option<&Value>, accept: Option<&str>| {
+        let mut request = match body {
+            Some(body) => http.post(agent.url(path)).json(body),
+            None => http.get(agent.url(path)),
+        };
+        if let Some(accept) = accept {
+            request = request.header("Accept-Encoding", accept);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .map(|value| value.to_str().unwrap().to_string())
+            };
+            let coding = header("content-encoding");
+            let json_length = header("inference-header-content-length");
+            let vary = header("vary");
+            let wire = response.bytes().await.unwrap().to_vec();
+            let body = match &coding {
+                Some(coding) => {
+                    let plain = decompress(coding, &wire);
+                    assert!(wire.len() < plain.len(), "{} ≥ {}", wire.len(), plain.len());
+                    plain
+                }
+                None => wire,
+            };
+            (coding, json_length, vary, body)
+        }
+    };
+    let ask = |path, body, accept| ask_agent(&agent, path, body, accept);
+    for (body, path) in [
+        (Some(&json_body), "/v2/models/mlp/infer"),
+        (Some(&binary_body), "/v2/models/mlp/infer"),
+        (None, "/metrics"),
+    ] {
+        let (coding, json_length, _, plain) = ask(path, body, None).await;
+        assert_eq!(coding, None, "{path}");
+        assert!(plain.len() >= 1024, "{path}: {} bytes", plain.len());
+        for accept in [
+            "gzip",
+            "deflate",
+            "br;q=1.0, gzip;q=0.5",
+            "deflate, gzip;q=0.1",
+        ] {
+            let (coding, compressed_json_length, vary, answer) =
+                ask(path, body, Some(accept)).await;
+            let expected = if accept.starts_with("deflate") {
+                "deflate"
+            } else {
+                "gzip"
+            };
+            assert_eq!(coding.as_deref(), Some(expected), "{path}, {accept}");
+            assert_eq!(vary.as_deref(), Some("accept-encoding"), "{path}, {accept}");
+            // The binary extension's JSON length is that of the decompressed body.
+            assert_eq!(compressed_json_length, json_length, "{path}, {accept}");
+            if path == "/metrics" {
+                let text = String::from_utf8(answer).unwrap();
+                assert!(text.ends_with("# EOF\n"), "{text}");
+            } else {
+                assert_eq!(answer, plain, "{path}, {accept}");
+            }
+        }
+        for accept in ["identity", "br", "gzip;q=0"] {
+            let (coding, ..) = ask(path, body, Some(accept)).await;
+            assert_eq!(coding, None, "{path}, {accept}");
+        }
+        let (coding, _, _, answer) = ask_agent(&plain_agent, path, body, Some("gzip")).await;
+        assert_eq!(coding, None, "{path} without the setting");
+        if path != "/metrics" {
+            assert_eq!(answer, plain, "{path} without the setting");
+        }
+    }
+    // A small answer (one row: 4 logits) goes as it is.
+    let (coding, _, _, answer) = ask(
+        "/v2/models/mlp/infer",
+        Some(&http_infer_body()),
+        Some("gzip"),
+    )
+    .await;
+    assert_eq!(coding, None);
+    assert!(answer.len() < 1024, "{} bytes", answer.len());
+    agent.stop().await;
+    plain_agent.stop().await;
+}
+
 /// Sends a `ModelInfer` call whose field 1 (`model_name`, a string) holds
 /// bytes that are not UTF-8, which the agent cannot decode.
 async fn send_not_utf8_model_name(agent: &TestAgent) -> tonic::Status {
@@ -1139,6 +1264,7 @@ impl GoneRepository {
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+            compress_http_answers: false,
             model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
         })
         .unwrap();
@@ -1261,6 +1387,7 @@ fn a_repository_that_does_not_exist_is_refused_before_serving() {
         runtime: RuntimeChoice::Tract,
         repository_poll_interval: None,
         max_request_bytes: 1024,
+        compress_http_answers: false,
         model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
     })
     .unwrap_err();

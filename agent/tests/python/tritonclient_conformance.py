@@ -205,7 +205,7 @@ def check_gzip_over_grpc(client, cases_dir):
 def check_compression_over_http(client, cases_dir):
     """HTTP requests compressed (`request_compression_algorithm`, gzip and
     deflate), binary data and JSON, as Triton takes them; the client also
-    asks for compressed answers, which may come either way."""
+    asks for compressed answers, which come compressed from 1 KiB."""
     for index, case in enumerate(json.loads((cases_dir / "mlp.json").read_text())["cases"]):
         for algorithm in ["gzip", "deflate"]:
             for binary in [True, False]:
@@ -223,6 +223,22 @@ def check_compression_over_http(client, cases_dir):
                 )
                 for tensor in case["outputs"]:
                     check_output(result.as_numpy(tensor["name"]), tensor, context)
+    # An answer over 1 KiB, which the agent compresses as asked: 64 rows
+    # of the first case, answered the same compressed and plain.
+    first = json.loads((cases_dir / "mlp.json").read_text())["cases"][0]["inputs"][0]
+    rows = np.repeat(as_numpy(first), 64, axis=0)
+    for binary in [True, False]:
+        value = httpclient.InferInput(first["name"], list(rows.shape), first["datatype"])
+        value.set_data_from_numpy(rows, binary_data=binary)
+        wanted = [httpclient.InferRequestedOutput("logits", binary_data=binary)]
+        plain = client.infer("mlp", [value], outputs=wanted).as_numpy("logits")
+        assert plain.shape == (64, 4), f"64 rows answered as {plain.shape}"
+        for algorithm in ["gzip", "deflate"]:
+            answer = client.infer(
+                "mlp", [value], outputs=wanted, response_compression_algorithm=algorithm
+            ).as_numpy("logits")
+            context = f"64 rows answered {algorithm}, {'binary' if binary else 'JSON'}"
+            assert np.array_equal(answer, plain), f"{context}: {answer} != {plain}"
     print("checked compression over HTTP")
 
 

@@ -105,9 +105,16 @@ pub struct AgentBuilder<'a> {
     runtime: RuntimeChoice,
     poll: Option<Duration>,
     max_request_bytes: usize,
+    compress_http_answers: bool,
 }
 
 impl<'a> AgentBuilder<'a> {
+    /// Serve as `--compress-http-answers` does.
+    pub fn compress_http_answers(mut self) -> Self {
+        self.compress_http_answers = true;
+        self
+    }
+
     pub fn poll(mut self, interval: Duration) -> Self {
         self.poll = Some(interval);
         self
@@ -127,6 +134,7 @@ impl<'a> AgentBuilder<'a> {
             runtime: self.runtime,
             repository_poll_interval: self.poll,
             max_request_bytes: self.max_request_bytes,
+            compress_http_answers: self.compress_http_answers,
             model_check: ModelCheck::ChildProcess {
                 exe: PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
                 timeout: Duration::from_secs(60),
@@ -162,6 +170,7 @@ pub fn agent(repo: &Path, runtime: RuntimeChoice) -> AgentBuilder<'_> {
         runtime,
         poll: None,
         max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
+        compress_http_answers: false,
     }
 }
 
