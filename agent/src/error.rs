@@ -16,16 +16,19 @@ pub enum ErrorCode {
     TooLarge,
     /// The runtime failed while running the model.
     Internal,
+    /// The client stopped sending its request before it was whole.
+    TimedOut,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 6] = [
+    pub const ALL: [ErrorCode; 7] = [
         ErrorCode::NotFound,
         ErrorCode::InvalidArgument,
         ErrorCode::Unavailable,
         ErrorCode::ResourceExhausted,
         ErrorCode::TooLarge,
         ErrorCode::Internal,
+        ErrorCode::TimedOut,
     ];
 
     pub fn grpc_code(self) -> tonic::Code {
@@ -35,6 +38,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => tonic::Code::Unavailable,
             ErrorCode::ResourceExhausted | ErrorCode::TooLarge => tonic::Code::ResourceExhausted,
             ErrorCode::Internal => tonic::Code::Internal,
+            ErrorCode::TimedOut => tonic::Code::DeadlineExceeded,
         }
     }
 
@@ -48,6 +52,7 @@ impl ErrorCode {
             }
             ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::TimedOut => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -60,6 +65,7 @@ impl ErrorCode {
             ErrorCode::ResourceExhausted => "queue_full",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Internal => "internal",
+            ErrorCode::TimedOut => "timed_out",
         }
     }
 }

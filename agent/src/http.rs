@@ -4,12 +4,14 @@
 //! plus `/metrics`. Thin handlers over [`InferenceService`]; every error is
 //! JSON `{"error": "..."}` with the status [`ErrorCode::http_status`] gives.
 
-use axum::Json;
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
@@ -45,9 +47,36 @@ impl IntoResponse for InferError {
     }
 }
 
-/// The HTTP routes; `compress_answers`: compressed as clients ask (see
-/// [`answer_compression`]).
-pub fn router(service: InferenceService, compress_answers: bool) -> axum::Router {
+/// How the HTTP listener treats its clients.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Compress answers for clients that ask (see [`answer_compression`]).
+    pub compress_answers: bool,
+    /// The longest a client may leave the agent waiting for the next part
+    /// of a request: its headers (on a kept-alive connection, the next
+    /// request's: the connection is closed) or the next bytes of its body
+    /// (TimedOut, 408).
+    pub read_timeout: Duration,
+}
+
+/// [`HttpOptions::read_timeout`] by default, nginx's for headers and bodies.
+pub const DEFAULT_HTTP_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            compress_answers: false,
+            read_timeout: DEFAULT_HTTP_READ_TIMEOUT,
+        }
+    }
+}
+
+/// The stall timeout of request bodies, for the handlers.
+#[derive(Debug, Clone, Copy)]
+struct ReadTimeout(Duration);
+
+/// The HTTP routes.
+pub fn router(service: InferenceService, options: &HttpOptions) -> axum::Router {
     let router = axum::Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -99,8 +128,9 @@ pub fn router(service: InferenceService, compress_answers: bool) -> axum::Router
             )
         })
         // The body limit is enforced while reading, with a JSON error.
-        .layer(axum::extract::DefaultBodyLimit::disable());
-    let router = if compress_answers {
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(Extension(ReadTimeout(options.read_timeout)));
+    let router = if options.compress_answers {
         router.layer(answer_compression())
     } else {
         router
@@ -322,20 +352,20 @@ const REPOSITORY_BODY_LIMIT: usize = 64 * 1024;
 
 /// Triton's repository index: every model version, with its state and why
 /// it is not ready. The body, if any, may ask for the ready ones only.
-async fn repository_index(State(service): State<InferenceService>, body: Body) -> Response {
+async fn repository_index(
+    State(service): State<InferenceService>,
+    Extension(ReadTimeout(timeout)): Extension<ReadTimeout>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     #[derive(Deserialize)]
     struct IndexRequest {
         #[serde(default)]
         ready: bool,
     }
-    let body = match axum::body::to_bytes(body, REPOSITORY_BODY_LIMIT).await {
-        Ok(body) => body,
-        Err(err) => {
-            return InferError::invalid(format!(
-                "cannot read the request body (at most {REPOSITORY_BODY_LIMIT} bytes): {err}"
-            ))
-            .into_response();
-        }
+    let body = match read_body(&headers, None, body, REPOSITORY_BODY_LIMIT, timeout).await {
+        Ok((body, _)) => body,
+        Err(err) => return err.into_response(),
     };
     let ready = if body.iter().all(u8::is_ascii_whitespace) {
         false
@@ -420,20 +450,22 @@ async fn metrics(State(service): State<InferenceService>) -> Response {
 
 async fn infer(
     State(service): State<InferenceService>,
+    Extension(timeout): Extension<ReadTimeout>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(service, name, String::new(), &headers, body).await
+    run_infer(service, name, String::new(), &headers, body, timeout).await
 }
 
 async fn infer_version(
     State(service): State<InferenceService>,
+    Extension(timeout): Extension<ReadTimeout>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    run_infer(service, name, version, &headers, body).await
+    run_infer(service, name, version, &headers, body, timeout).await
 }
 
 async fn run_infer(
@@ -442,8 +474,9 @@ async fn run_infer(
     version: String,
     headers: &HeaderMap,
     body: Body,
+    timeout: ReadTimeout,
 ) -> Response {
-    let (request, encoding) = match decode_infer_request(&service, headers, body).await {
+    let (request, encoding) = match decode_infer_request(&service, headers, body, timeout).await {
         Ok((request, encoding)) => (
             InferRequest {
                 model_name: name,
@@ -568,9 +601,11 @@ async fn decode_infer_request(
     service: &InferenceService,
     headers: &HeaderMap,
     body: Body,
+    ReadTimeout(timeout): ReadTimeout,
 ) -> Result<(InferRequest, OutputEncoding), InferError> {
     let json_length = json_header_length(headers)?;
-    let (json, binary) = read_body(headers, json_length, body, service.max_request_bytes()).await?;
+    let limit = service.max_request_bytes();
+    let (json, binary) = read_body(headers, json_length, body, limit, timeout).await?;
     let quoted;
     let mut request = serde_json::from_slice::<JsonInferRequest>(&json);
     if request.is_err()

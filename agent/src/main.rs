@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefleet_agent::cpu_latency::{self, CpuWakeupLatency};
+use edgefleet_agent::http::{DEFAULT_HTTP_READ_TIMEOUT, HttpOptions};
 use edgefleet_agent::managed::enroll::EnrollOptions;
 use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
@@ -94,6 +95,11 @@ struct ServingArgs {
     /// costs CPU [default: off].
     #[arg(long, env = "EDGEFLEET_AGENT_COMPRESS_HTTP_ANSWERS", value_parser = clap::builder::BoolishValueParser::new())]
     compress_http_answers: bool,
+    /// Longest an HTTP client may keep the agent waiting for the next part of a request: its
+    /// headers (an idle kept-alive connection is then closed) or the next bytes of its body
+    /// (answered 408) [default: 60s].
+    #[arg(long, env = "EDGEFLEET_AGENT_HTTP_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    http_read_timeout: Option<Duration>,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -171,6 +177,7 @@ struct FileConfig {
     cpu_wakeup_latency: Option<String>,
     allow_plaintext_network: Option<bool>,
     compress_http_answers: Option<bool>,
+    http_read_timeout: Option<String>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -284,6 +291,16 @@ fn resolve(
         "cpu_wakeup_latency",
         &mut problems,
     );
+    let http_read_timeout = duration_setting(
+        args.http_read_timeout,
+        file.http_read_timeout.as_deref(),
+        "http_read_timeout",
+        &mut problems,
+    )
+    .unwrap_or(DEFAULT_HTTP_READ_TIMEOUT);
+    if http_read_timeout.is_zero() {
+        problems.push("the HTTP read timeout must be longer than zero".to_string());
+    }
     let max_request_bytes = args
         .max_request_bytes
         .or(file.max_request_bytes)
@@ -320,8 +337,11 @@ fn resolve(
             runtime: args.runtime.or(file.runtime).unwrap_or_default(),
             repository_poll_interval: (!poll.is_zero()).then_some(poll),
             max_request_bytes,
-            compress_http_answers: args.compress_http_answers
-                || file.compress_http_answers == Some(true),
+            http: HttpOptions {
+                compress_answers: args.compress_http_answers
+                    || file.compress_http_answers == Some(true),
+                read_timeout: http_read_timeout,
+            },
             model_check: ModelCheck::ChildProcess {
                 exe,
                 timeout: DEFAULT_CHECK_TIMEOUT,

@@ -5,6 +5,7 @@
 //! tensor data after it, that data aligned for the runtimes.
 
 use std::io::{self, Write};
+use std::time::Duration;
 
 use axum::body::{Body, HttpBody};
 use axum::http::{HeaderMap, header};
@@ -23,12 +24,15 @@ pub const BINARY_DATA_ALIGN: usize = 16;
 /// Reads a request body of at most `limit` bytes (decompressed), and splits
 /// it into its JSON (the first `json_length` bytes, from
 /// `Inference-Header-Content-Length`, which counts the decompressed JSON)
-/// and the binary tensor data after it (none without a length).
+/// and the binary tensor data after it (none without a length). A body on
+/// which nothing arrives for `stall_timeout` is given up (TimedOut, 408):
+/// its client stalled or vanished, and what it sent is not held forever.
 pub async fn read_body(
     headers: &HeaderMap,
     json_length: Option<usize>,
     body: Body,
     limit: usize,
+    stall_timeout: Duration,
 ) -> Result<(Bytes, Bytes), InferError> {
     let coding = ContentCoding::of(headers)?;
     let too_large = || {
@@ -65,9 +69,21 @@ pub async fn read_body(
     };
     let mut decoder = coding.decoder(buffer);
     let mut frames = body.into_data_stream();
-    while let Some(frame) = frames.next().await {
+    let mut received = 0usize;
+    loop {
+        let Ok(frame) = tokio::time::timeout(stall_timeout, frames.next()).await else {
+            return Err(InferError::new(
+                ErrorCode::TimedOut,
+                format!(
+                    "the request body stalled: nothing arrived for {} after {received} bytes",
+                    humantime::format_duration(stall_timeout)
+                ),
+            ));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame
             .map_err(|err| InferError::invalid(format!("cannot read the request body: {err}")))?;
+        received = received.saturating_add(frame.len());
         decoder
             .write_all(&frame)
             .map_err(|err| coding.error(err, too_large))?;
@@ -212,6 +228,9 @@ mod tests {
     use flate2::Compression;
     use flate2::write::{GzEncoder, ZlibEncoder};
 
+    /// Long enough that no test body stalls.
+    const STALL: Duration = Duration::from_secs(60);
+
     /// The binary tensor data after the JSON lands 16-byte aligned in the
     /// request's buffer whatever the JSON's length, so runtimes read it in
     /// place; the JSON and the data come out whole.
@@ -226,7 +245,7 @@ mod tests {
                 HeaderValue::from(json_length),
             );
             let body = Body::from([json.clone(), data.clone()].concat());
-            let (got_json, binary) = read_body(&headers, Some(json_length), body, 1 << 20)
+            let (got_json, binary) = read_body(&headers, Some(json_length), body, 1 << 20, STALL)
                 .await
                 .unwrap();
             assert_eq!(got_json, json);
@@ -240,9 +259,9 @@ mod tests {
         // The limit counts the body, not the alignment bytes before it.
         let mut headers = HeaderMap::new();
         headers.insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(3));
-        let exact = read_body(&headers, Some(3), Body::from(vec![b' '; 64]), 64).await;
+        let exact = read_body(&headers, Some(3), Body::from(vec![b' '; 64]), 64, STALL).await;
         assert!(exact.is_ok());
-        let over = read_body(&headers, Some(3), Body::from(vec![b' '; 65]), 64).await;
+        let over = read_body(&headers, Some(3), Body::from(vec![b' '; 65]), 64, STALL).await;
         assert_eq!(over.unwrap_err().code, ErrorCode::TooLarge);
     }
 
@@ -294,6 +313,7 @@ mod tests {
                     Some(json.len()),
                     in_frames(body.clone(), frame),
                     plain.len(),
+                    STALL,
                 )
                 .await
                 .unwrap_or_else(|err| panic!("{coding} in {frame}-byte frames: {err:?}"));
@@ -316,12 +336,20 @@ mod tests {
             Some(0),
             Body::from(bomb.clone()),
             65_536,
+            STALL,
         )
         .await;
         let err = over.unwrap_err();
         assert_eq!(err.code, ErrorCode::TooLarge, "{}", err.message);
         assert!(err.message.contains("65536"), "{}", err.message);
-        let exact = read_body(&encoded("gzip", 0), Some(0), Body::from(bomb), 1 << 20).await;
+        let exact = read_body(
+            &encoded("gzip", 0),
+            Some(0),
+            Body::from(bomb),
+            1 << 20,
+            STALL,
+        )
+        .await;
         assert_eq!(exact.unwrap().1.len(), 1 << 20);
     }
 
@@ -330,9 +358,15 @@ mod tests {
         let plain = br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}"#;
         for (coding, body) in [("gzip", gzip(plain)), ("deflate", zlib(plain))] {
             let truncated = body[..body.len() - 5].to_vec();
-            let err = read_body(&encoded(coding, 0), None, Body::from(truncated), 1 << 20)
-                .await
-                .unwrap_err();
+            let err = read_body(
+                &encoded(coding, 0),
+                None,
+                Body::from(truncated),
+                1 << 20,
+                STALL,
+            )
+            .await
+            .unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidArgument);
             assert!(
                 err.message.starts_with(&format!(
@@ -344,9 +378,15 @@ mod tests {
             let mut corrupt = body.clone();
             let middle = corrupt.len() / 2;
             corrupt[middle] ^= 0xff;
-            let err = read_body(&encoded(coding, 0), None, Body::from(corrupt), 1 << 20)
-                .await
-                .unwrap_err();
+            let err = read_body(
+                &encoded(coding, 0),
+                None,
+                Body::from(corrupt),
+                1 << 20,
+                STALL,
+            )
+            .await
+            .unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{}", err.message);
         }
         // Not compressed at all, though the header says so.
@@ -355,14 +395,60 @@ mod tests {
             None,
             Body::from(plain.to_vec()),
             1 << 20,
+            STALL,
         )
         .await
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{}", err.message);
-        let err = read_body(&encoded("br", 0), None, Body::from(plain.to_vec()), 1 << 20)
-            .await
-            .unwrap_err();
+        let err = read_body(
+            &encoded("br", 0),
+            None,
+            Body::from(plain.to_vec()),
+            1 << 20,
+            STALL,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidArgument);
         assert!(err.message.contains("not supported"), "{}", err.message);
+    }
+
+    /// A body on which nothing arrives for the stall timeout is given up,
+    /// saying how much had come; one that keeps arriving, however slowly
+    /// in all, is read whole.
+    #[tokio::test]
+    async fn a_stalled_body_times_out_and_a_slow_one_does_not() {
+        let frame = |bytes: &'static [u8]| Ok::<_, std::io::Error>(Bytes::from_static(bytes));
+        let stalled = futures::stream::iter([frame(b"{\"inp")]).chain(futures::stream::pending());
+        let stall = Duration::from_millis(200);
+        let err = read_body(
+            &HeaderMap::new(),
+            None,
+            Body::from_stream(stalled),
+            1 << 20,
+            stall,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::TimedOut);
+        assert_eq!(
+            err.message,
+            "the request body stalled: nothing arrived for 200ms after 5 bytes"
+        );
+        // Ten frames 50 ms apart: half a second in all, never 200 ms without one.
+        let slow = futures::stream::iter(0..10).then(move |_| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            frame(b"0123456789")
+        });
+        let (json, _) = read_body(
+            &HeaderMap::new(),
+            None,
+            Body::from_stream(slow),
+            1 << 20,
+            stall,
+        )
+        .await
+        .unwrap();
+        assert_eq!(json.len(), 100);
     }
 }

@@ -109,11 +109,21 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
         &["serve", "--model-repository", ".", "--grpc-addr", "nowhere"],
         "invalid value 'nowhere'",
     );
+    fails_with(
+        &[
+            "serve",
+            "--model-repository",
+            ".",
+            "--http-read-timeout",
+            "0s",
+        ],
+        "the HTTP read timeout must be longer than zero",
+    );
     fails_with(&["bogus"], "unrecognized subcommand");
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,
-        "grpc_addr = \"x\"\nrepository_poll_interval = \"soon\"\n",
+        "grpc_addr = \"x\"\nrepository_poll_interval = \"soon\"\nhttp_read_timeout = \"later\"\n",
     )
     .unwrap();
     // Every problem at once.
@@ -126,6 +136,7 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
     for words in [
         "grpc_addr",
         "repository_poll_interval",
+        "http_read_timeout = \"later\"",
         "--model-repository is required",
     ] {
         assert!(stderr.contains(words), "missing '{words}' in:\n{stderr}");

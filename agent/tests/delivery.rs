@@ -294,7 +294,7 @@ impl Harness {
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-            compress_http_answers: false,
+            http: Default::default(),
             model_check: registry_check,
         })
         .unwrap();

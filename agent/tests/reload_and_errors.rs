@@ -1168,6 +1168,84 @@ async fn answers_are_compressed_for_clients_that_ask_when_enabled() {
     plain_agent.stop().await;
 }
 
+/// HTTP clients that stall are not waited for forever (`--http-read-timeout`,
+/// here 500 ms): a connection whose request headers stop coming, or that
+/// sits idle after an answer, is closed; a request whose body stops coming
+/// gets 408 in JSON and counts as `timed_out`. A body that keeps coming,
+/// however slowly in all, is served, and so is everyone else meanwhile.
+#[tokio::test]
+async fn stalled_http_clients_are_timed_out_and_the_agent_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .http_read_timeout(Duration::from_millis(500))
+        .start()
+        .await;
+    let body = serde_json::to_vec(&http_infer_body()).unwrap();
+    let head = format!(
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let connect = || tokio::net::TcpStream::connect(agent.http_addr);
+    // Everything the agent sends until it closes the connection, which it
+    // must do well within 10 s.
+    async fn until_closed(stream: &mut tokio::net::TcpStream) -> String {
+        let mut received = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received))
+            .await
+            .expect("the agent closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&received).into_owned()
+    }
+
+    // Headers that stop halfway: closed, nothing answered.
+    let mut stream = connect().await.unwrap();
+    stream
+        .write_all(b"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: ag")
+        .await
+        .unwrap();
+    assert_eq!(until_closed(&mut stream).await, "");
+
+    // A body that stops halfway: 408, in JSON.
+    let mut stream = connect().await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body[..10]).await.unwrap();
+    let answer = until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains(
+            r#"{"error":"the request body stalled: nothing arrived for 500ms after 10 bytes"}"#
+        ),
+        "{answer}"
+    );
+
+    // A body sent in 8 pieces 150 ms apart (over a second in all): served;
+    // then the connection, kept alive and idle, is closed.
+    let mut stream = connect().await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for piece in body.chunks(body.len().div_ceil(8)) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        stream.write_all(piece).await.unwrap();
+    }
+    let answer = until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""name":"logits""#), "{answer}");
+
+    let metrics = agent.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "edgefleet_inference_errors_total",
+            "model=\"mlp\",version=\"\",reason=\"timed_out\""
+        ),
+        1.0
+    );
+    let (status, answer) = post(&agent, "/v2/models/mlp/infer", &http_infer_body()).await;
+    assert_eq!(status, 200, "{answer}");
+    agent.stop().await;
+}
+
 /// Sends a `ModelInfer` call whose field 1 (`model_name`, a string) holds
 /// bytes that are not UTF-8, which the agent cannot decode.
 async fn send_not_utf8_model_name(agent: &TestAgent) -> tonic::Status {
@@ -1264,7 +1342,7 @@ impl GoneRepository {
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-            compress_http_answers: false,
+            http: Default::default(),
             model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
         })
         .unwrap();
@@ -1387,7 +1465,7 @@ fn a_repository_that_does_not_exist_is_refused_before_serving() {
         runtime: RuntimeChoice::Tract,
         repository_poll_interval: None,
         max_request_bytes: 1024,
-        compress_http_answers: false,
+        http: Default::default(),
         model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
     })
     .unwrap_err();

@@ -125,7 +125,7 @@ mod tests {
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
             max_request_bytes: 1 << 20,
-            compress_http_answers: false,
+            http: Default::default(),
             model_check: ModelCheck::InProcess,
         })
         .unwrap();

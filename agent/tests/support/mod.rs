@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use edgefleet_agent::grpc::encode_raw_strings;
-use edgefleet_agent::http::{data_to_json, tensor_from_json};
+use edgefleet_agent::http::{HttpOptions, data_to_json, tensor_from_json};
 use edgefleet_agent::model_check::ModelCheck;
 use edgefleet_agent::runtime::{RuntimeChoice, find_onnxruntime_library};
 use edgefleet_agent::server::{Agent, ServeOptions};
@@ -105,13 +105,19 @@ pub struct AgentBuilder<'a> {
     runtime: RuntimeChoice,
     poll: Option<Duration>,
     max_request_bytes: usize,
-    compress_http_answers: bool,
+    http: HttpOptions,
 }
 
 impl<'a> AgentBuilder<'a> {
     /// Serve as `--compress-http-answers` does.
     pub fn compress_http_answers(mut self) -> Self {
-        self.compress_http_answers = true;
+        self.http.compress_answers = true;
+        self
+    }
+
+    /// Serve as `--http-read-timeout` does.
+    pub fn http_read_timeout(mut self, timeout: Duration) -> Self {
+        self.http.read_timeout = timeout;
         self
     }
 
@@ -134,7 +140,7 @@ impl<'a> AgentBuilder<'a> {
             runtime: self.runtime,
             repository_poll_interval: self.poll,
             max_request_bytes: self.max_request_bytes,
-            compress_http_answers: self.compress_http_answers,
+            http: self.http,
             model_check: ModelCheck::ChildProcess {
                 exe: PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
                 timeout: Duration::from_secs(60),
@@ -170,7 +176,7 @@ pub fn agent(repo: &Path, runtime: RuntimeChoice) -> AgentBuilder<'_> {
         runtime,
         poll: None,
         max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
-        compress_http_answers: false,
+        http: HttpOptions::default(),
     }
 }
 
