@@ -353,20 +353,19 @@ mod tests {
         assert_eq!(exact.unwrap().1.len(), 1 << 20);
     }
 
+    /// The error reading `body` as `coding` ends in.
+    async fn refused(coding: &'static str, body: Vec<u8>) -> InferError {
+        read_body(&encoded(coding, 0), None, Body::from(body), 1 << 20, STALL)
+            .await
+            .unwrap_err()
+    }
+
     #[tokio::test]
     async fn truncated_corrupt_and_unknown_encodings_are_refused() {
         let plain = br#"{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[1]}]}"#;
         for (coding, body) in [("gzip", gzip(plain)), ("deflate", zlib(plain))] {
             let truncated = body[..body.len() - 5].to_vec();
-            let err = read_body(
-                &encoded(coding, 0),
-                None,
-                Body::from(truncated),
-                1 << 20,
-                STALL,
-            )
-            .await
-            .unwrap_err();
+            let err = refused(coding, truncated).await;
             assert_eq!(err.code, ErrorCode::InvalidArgument);
             assert!(
                 err.message.starts_with(&format!(
@@ -378,37 +377,13 @@ mod tests {
             let mut corrupt = body.clone();
             let middle = corrupt.len() / 2;
             corrupt[middle] ^= 0xff;
-            let err = read_body(
-                &encoded(coding, 0),
-                None,
-                Body::from(corrupt),
-                1 << 20,
-                STALL,
-            )
-            .await
-            .unwrap_err();
+            let err = refused(coding, corrupt).await;
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{}", err.message);
         }
         // Not compressed at all, though the header says so.
-        let err = read_body(
-            &encoded("gzip", 0),
-            None,
-            Body::from(plain.to_vec()),
-            1 << 20,
-            STALL,
-        )
-        .await
-        .unwrap_err();
+        let err = refused("gzip", plain.to_vec()).await;
         assert_eq!(err.code, ErrorCode::InvalidArgument, "{}", err.message);
-        let err = read_body(
-            &encoded("br", 0),
-            None,
-            Body::from(plain.to_vec()),
-            1 << 20,
-            STALL,
-        )
-        .await
-        .unwrap_err();
+        let err = refused("br", plain.to_vec()).await;
         assert_eq!(err.code, ErrorCode::InvalidArgument);
         assert!(err.message.contains("not supported"), "{}", err.message);
     }
