@@ -16,7 +16,9 @@ use edgefleet_agent::managed::{self};
 use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_model};
 use edgefleet_agent::model_registry::ModelRegistry;
 use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
-use edgefleet_agent::server::{Agent, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions};
+use edgefleet_agent::server::{
+    Agent, DEFAULT_GRPC_KEEPALIVE, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions,
+};
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
 use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};
 use edgefleet_daemon::{ShutdownSignals, report};
@@ -100,6 +102,11 @@ struct ServingArgs {
     /// (answered 408) [default: 60s].
     #[arg(long, env = "EDGEFLEET_AGENT_HTTP_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     http_read_timeout: Option<Duration>,
+    /// Ping a gRPC client after this long without a frame from it, and drop its connection if the
+    /// ping is not answered within as long again: a client that vanished without closing its
+    /// connection is let go [default: 60s].
+    #[arg(long, env = "EDGEFLEET_AGENT_GRPC_KEEPALIVE", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    grpc_keepalive: Option<Duration>,
     /// TOML file with any of these settings (flags and environment win).
     #[arg(long, env = "EDGEFLEET_AGENT_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
@@ -178,6 +185,7 @@ struct FileConfig {
     allow_plaintext_network: Option<bool>,
     compress_http_answers: Option<bool>,
     http_read_timeout: Option<String>,
+    grpc_keepalive: Option<String>,
     // Managed mode (`run`) only.
     state_dir: Option<PathBuf>,
     telemetry_interval: Option<String>,
@@ -301,6 +309,16 @@ fn resolve(
     if http_read_timeout.is_zero() {
         problems.push("the HTTP read timeout must be longer than zero".to_string());
     }
+    let grpc_keepalive = duration_setting(
+        args.grpc_keepalive,
+        file.grpc_keepalive.as_deref(),
+        "grpc_keepalive",
+        &mut problems,
+    )
+    .unwrap_or(DEFAULT_GRPC_KEEPALIVE);
+    if grpc_keepalive.is_zero() {
+        problems.push("the gRPC keepalive must be longer than zero".to_string());
+    }
     let max_request_bytes = args
         .max_request_bytes
         .or(file.max_request_bytes)
@@ -342,6 +360,7 @@ fn resolve(
                     || file.compress_http_answers == Some(true),
                 read_timeout: http_read_timeout,
             },
+            grpc_keepalive,
             model_check: ModelCheck::ChildProcess {
                 exe,
                 timeout: DEFAULT_CHECK_TIMEOUT,

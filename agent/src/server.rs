@@ -91,6 +91,11 @@ async fn serve_http(
     Ok(())
 }
 
+/// [`ServeOptions::grpc_keepalive`] by default: a client that vanished
+/// without closing its connection (its network went away) is noticed within
+/// two minutes, and what it had sent of a request is let go.
+pub const DEFAULT_GRPC_KEEPALIVE: Duration = Duration::from_secs(60);
+
 /// How often the repository is rescanned for new or changed models: quick
 /// enough that a copied-in version serves within seconds, rare enough to
 /// cost nothing on a device.
@@ -116,6 +121,9 @@ pub struct ServeOptions {
     pub max_request_bytes: usize,
     /// The HTTP listener's answer compression and read timeout.
     pub http: HttpOptions,
+    /// A gRPC connection on which nothing has arrived for this long is
+    /// pinged, and dropped if the ping is not answered within as long.
+    pub grpc_keepalive: Duration,
     pub model_check: ModelCheck,
 }
 
@@ -245,6 +253,10 @@ impl Agent {
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)
+            // A live client's HTTP/2 stack answers pings even while its
+            // stream is quiet: only a vanished one is dropped.
+            .http2_keepalive_interval(Some(self.options.grpc_keepalive))
+            .http2_keepalive_timeout(Some(self.options.grpc_keepalive))
             .layer(crate::grpc::TonicRefusalsLayer::new(
                 Arc::clone(self.service.metrics()),
                 limit,

@@ -119,6 +119,10 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
         ],
         "the HTTP read timeout must be longer than zero",
     );
+    fails_with(
+        &["serve", "--model-repository", ".", "--grpc-keepalive", "0s"],
+        "the gRPC keepalive must be longer than zero",
+    );
     fails_with(&["bogus"], "unrecognized subcommand");
     let config = dir.path().join("agent.toml");
     std::fs::write(

@@ -295,6 +295,7 @@ impl Harness {
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
             http: Default::default(),
+            grpc_keepalive: edgefleet_agent::server::DEFAULT_GRPC_KEEPALIVE,
             model_check: registry_check,
         })
         .unwrap();

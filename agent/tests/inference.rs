@@ -6,6 +6,7 @@ mod support;
 
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::time::Duration;
 
 use edgefleet_agent::http::data_to_json;
 use edgefleet_agent::runtime::RuntimeChoice;
@@ -1617,6 +1618,111 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
     assert_tensor_matches(got, &expected_rows, "1,000 rows in one frame");
     // The agent's graceful shutdown waits for its connections to close.
     drop(socket);
+    agent.stop().await;
+}
+
+/// A gRPC client that vanished (here: a raw connection that stopped
+/// answering, halfway through sending a `ModelInfer` message) is pinged
+/// after `--grpc-keepalive` (here 300 ms) and dropped when the ping goes
+/// unanswered, so what it sent is not held forever; a live client whose
+/// stream stays quiet meanwhile answers the pings and keeps its stream.
+#[tokio::test]
+async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PING: u8 = 0x6;
+
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let agent = agent(repo.path(), RuntimeChoice::Tract)
+        .grpc_keepalive(Duration::from_millis(300))
+        .start()
+        .await;
+    let case = &cases("mlp")[0];
+    let input = tensor_of(&case["inputs"][0]);
+    let TensorData::Raw(row) = &input.data else {
+        unreachable!("FP32 input")
+    };
+    let request = pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: input.name.clone(),
+            datatype: "FP32".into(),
+            shape: input.shape.clone(),
+            ..Default::default()
+        }],
+        raw_input_contents: vec![row.clone()],
+        ..Default::default()
+    };
+
+    // A live client: one answer on an open stream, which then stays quiet.
+    let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let mut answers = agent
+        .grpc()
+        .await
+        .model_stream_infer(tokio_stream::wrappers::UnboundedReceiverStream::new(
+            receiver,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    requests.send(request.clone()).unwrap();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert_eq!(answer.error_message, "");
+
+    // The vanished one: settings acknowledged, a call's headers and half
+    // its message, then nothing, not even an answer to a ping.
+    let mut socket = tokio::net::TcpStream::connect(agent.grpc_addr)
+        .await
+        .unwrap();
+    let mut message = vec![0u8];
+    message.extend_from_slice(&u32::try_from(request.encoded_len()).unwrap().to_be_bytes());
+    request.encode(&mut message).unwrap();
+    let headers = literal_headers(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "agent"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]);
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(SETTINGS, 0, 0, &[]));
+    opening.extend(frame(SETTINGS, 0x1, 0, &[]));
+    opening.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+    opening.extend(frame(DATA, 0, 1, &message[..message.len() / 2]));
+    socket.write_all(&opening).await.unwrap();
+    let mut pinged = false;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            if socket.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            if socket.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            // A ping from the agent (not the acknowledgement of one).
+            pinged |= head[3] == PING && head[4] & 0x1 == 0;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the agent keeps a client that does not answer its pings"
+    );
+    assert!(
+        pinged,
+        "the agent closed the connection without pinging it first"
+    );
+
+    // The quiet stream answered its pings meanwhile and still serves.
+    requests.send(request).unwrap();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert_eq!(answer.error_message, "");
+    drop(requests);
     agent.stop().await;
 }
 

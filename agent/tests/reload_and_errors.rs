@@ -1343,6 +1343,7 @@ impl GoneRepository {
             repository_poll_interval: None,
             max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
             http: Default::default(),
+            grpc_keepalive: edgefleet_agent::server::DEFAULT_GRPC_KEEPALIVE,
             model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
         })
         .unwrap();
@@ -1466,6 +1467,7 @@ fn a_repository_that_does_not_exist_is_refused_before_serving() {
         repository_poll_interval: None,
         max_request_bytes: 1024,
         http: Default::default(),
+        grpc_keepalive: edgefleet_agent::server::DEFAULT_GRPC_KEEPALIVE,
         model_check: edgefleet_agent::model_check::ModelCheck::InProcess,
     })
     .unwrap_err();

@@ -126,6 +126,7 @@ mod tests {
             repository_poll_interval: None,
             max_request_bytes: 1 << 20,
             http: Default::default(),
+            grpc_keepalive: edgefleet_agent::server::DEFAULT_GRPC_KEEPALIVE,
             model_check: ModelCheck::InProcess,
         })
         .unwrap();

@@ -106,12 +106,19 @@ pub struct AgentBuilder<'a> {
     poll: Option<Duration>,
     max_request_bytes: usize,
     http: HttpOptions,
+    grpc_keepalive: Duration,
 }
 
 impl<'a> AgentBuilder<'a> {
     /// Serve as `--compress-http-answers` does.
     pub fn compress_http_answers(mut self) -> Self {
         self.http.compress_answers = true;
+        self
+    }
+
+    /// Serve as `--grpc-keepalive` does.
+    pub fn grpc_keepalive(mut self, interval: Duration) -> Self {
+        self.grpc_keepalive = interval;
         self
     }
 
@@ -141,6 +148,7 @@ impl<'a> AgentBuilder<'a> {
             repository_poll_interval: self.poll,
             max_request_bytes: self.max_request_bytes,
             http: self.http,
+            grpc_keepalive: self.grpc_keepalive,
             model_check: ModelCheck::ChildProcess {
                 exe: PathBuf::from(env!("CARGO_BIN_EXE_edgefleet-agent")),
                 timeout: Duration::from_secs(60),
@@ -177,6 +185,7 @@ pub fn agent(repo: &Path, runtime: RuntimeChoice) -> AgentBuilder<'_> {
         poll: None,
         max_request_bytes: edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES,
         http: HttpOptions::default(),
+        grpc_keepalive: edgefleet_agent::server::DEFAULT_GRPC_KEEPALIVE,
     }
 }
 
