@@ -1504,6 +1504,46 @@ fn literal_headers(headers: &[(&str, &str)]) -> Vec<u8> {
     block
 }
 
+/// The MLP fixture's first case, its one row repeated `rows` times.
+fn mlp_rows_request(rows: usize) -> pb::ModelInferRequest {
+    let input = tensor_of(&cases("mlp")[0]["inputs"][0]);
+    let TensorData::Raw(row) = &input.data else {
+        unreachable!("FP32 input")
+    };
+    pb::ModelInferRequest {
+        model_name: "mlp".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: input.name.clone(),
+            datatype: "FP32".into(),
+            shape: vec![rows as i64, input.shape[1]],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![row.repeat(rows).into()],
+        ..Default::default()
+    }
+}
+
+/// `request` as a gRPC message: uncompressed, its length, its bytes.
+fn grpc_message(request: &pb::ModelInferRequest) -> Vec<u8> {
+    use prost::Message;
+    let mut message = vec![0u8];
+    message.extend_from_slice(&u32::try_from(request.encoded_len()).unwrap().to_be_bytes());
+    request.encode(&mut message).unwrap();
+    message
+}
+
+/// The header block of a `ModelInfer` call.
+fn model_infer_headers() -> Vec<u8> {
+    literal_headers(&[
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", "agent"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ])
+}
+
 /// The agent's gRPC server advertises 1 MiB HTTP/2 frames and takes a
 /// request whose whole message comes in one DATA frame nearly four times the
 /// protocol's default limit of 16 KiB (which a server keeping the default
@@ -1542,25 +1582,11 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
 
     const ROWS: usize = 1000;
     let case = &cases("mlp")[0];
-    let input = tensor_of(&case["inputs"][0]);
-    let TensorData::Raw(row) = &input.data else {
-        unreachable!("FP32 input")
-    };
     let request = pb::ModelInferRequest {
-        model_name: "mlp".into(),
         id: "one-large-frame".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: input.name.clone(),
-            datatype: "FP32".into(),
-            shape: vec![ROWS as i64, input.shape[1]],
-            ..Default::default()
-        }],
-        raw_input_contents: vec![row.repeat(ROWS).into()],
-        ..Default::default()
+        ..mlp_rows_request(ROWS)
     };
-    let mut message = vec![0u8];
-    message.extend_from_slice(&u32::try_from(request.encoded_len()).unwrap().to_be_bytes());
-    request.encode(&mut message).unwrap();
+    let message = grpc_message(&request);
     // Over 16 KiB, and within the 65,535 bytes every HTTP/2 connection may
     // send before the server's first WINDOW_UPDATE.
     assert!(
@@ -1569,14 +1595,7 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
         message.len()
     );
 
-    let headers = literal_headers(&[
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "agent"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]);
+    let headers = model_infer_headers();
     let mut call = frame(SETTINGS, 0x1, 0, &[]); // ACK of the server's settings
     call.extend(frame(HEADERS, END_HEADERS, 1, &headers));
     call.extend(frame(DATA, END_STREAM, 1, &message));
@@ -1628,7 +1647,6 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
 /// stream stays quiet meanwhile answers the pings and keeps its stream.
 #[tokio::test]
 async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
-    use prost::Message;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const PING: u8 = 0x6;
 
@@ -1638,22 +1656,7 @@ async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
         .grpc_keepalive(Duration::from_millis(300))
         .start()
         .await;
-    let case = &cases("mlp")[0];
-    let input = tensor_of(&case["inputs"][0]);
-    let TensorData::Raw(row) = &input.data else {
-        unreachable!("FP32 input")
-    };
-    let request = pb::ModelInferRequest {
-        model_name: "mlp".into(),
-        inputs: vec![pb::model_infer_request::InferInputTensor {
-            name: input.name.clone(),
-            datatype: "FP32".into(),
-            shape: input.shape.clone(),
-            ..Default::default()
-        }],
-        raw_input_contents: vec![row.clone()],
-        ..Default::default()
-    };
+    let request = mlp_rows_request(1);
 
     // A live client: one answer on an open stream, which then stays quiet.
     let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
@@ -1675,17 +1678,8 @@ async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
     let mut socket = tokio::net::TcpStream::connect(agent.grpc_addr)
         .await
         .unwrap();
-    let mut message = vec![0u8];
-    message.extend_from_slice(&u32::try_from(request.encoded_len()).unwrap().to_be_bytes());
-    request.encode(&mut message).unwrap();
-    let headers = literal_headers(&[
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/inference.GRPCInferenceService/ModelInfer"),
-        (":authority", "agent"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]);
+    let message = grpc_message(&request);
+    let headers = model_infer_headers();
     let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     opening.extend(frame(SETTINGS, 0, 0, &[]));
     opening.extend(frame(SETTINGS, 0x1, 0, &[]));
