@@ -242,6 +242,24 @@ fn duration_setting(
     }
 }
 
+/// A duration setting that must be longer than zero, as [`duration_setting`]
+/// finds it, else `default`; zero is noted in `problems` as "the `what`
+/// must be longer than zero".
+fn positive_duration_setting(
+    flag: Option<Duration>,
+    file: Option<&str>,
+    key: &str,
+    default: Duration,
+    what: &str,
+    problems: &mut Vec<String>,
+) -> Duration {
+    let duration = duration_setting(flag, file, key, problems).unwrap_or(default);
+    if duration.is_zero() {
+        problems.push(format!("the {what} must be longer than zero"));
+    }
+    duration
+}
+
 /// Flags, then environment (both through clap), then the file, then defaults.
 /// Reports every problem at once.
 fn resolve(
@@ -299,26 +317,22 @@ fn resolve(
         "cpu_wakeup_latency",
         &mut problems,
     );
-    let http_read_timeout = duration_setting(
+    let http_read_timeout = positive_duration_setting(
         args.http_read_timeout,
         file.http_read_timeout.as_deref(),
         "http_read_timeout",
+        DEFAULT_HTTP_READ_TIMEOUT,
+        "HTTP read timeout",
         &mut problems,
-    )
-    .unwrap_or(DEFAULT_HTTP_READ_TIMEOUT);
-    if http_read_timeout.is_zero() {
-        problems.push("the HTTP read timeout must be longer than zero".to_string());
-    }
-    let grpc_keepalive = duration_setting(
+    );
+    let grpc_keepalive = positive_duration_setting(
         args.grpc_keepalive,
         file.grpc_keepalive.as_deref(),
         "grpc_keepalive",
+        DEFAULT_GRPC_KEEPALIVE,
+        "gRPC keepalive",
         &mut problems,
-    )
-    .unwrap_or(DEFAULT_GRPC_KEEPALIVE);
-    if grpc_keepalive.is_zero() {
-        problems.push("the gRPC keepalive must be longer than zero".to_string());
-    }
+    );
     let max_request_bytes = args
         .max_request_bytes
         .or(file.max_request_bytes)
@@ -495,16 +509,14 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     state.create()?;
     let config = resolve(Some(state.models_dir()), args.serving, &file)?;
     let mut problems = Vec::new();
-    let interval = duration_setting(
+    let interval = positive_duration_setting(
         args.telemetry_interval,
         file.telemetry_interval.as_deref(),
         "telemetry_interval",
+        telemetry::DEFAULT_TELEMETRY_INTERVAL,
+        "telemetry interval",
         &mut problems,
-    )
-    .unwrap_or(telemetry::DEFAULT_TELEMETRY_INTERVAL);
-    if interval.is_zero() {
-        problems.push("the telemetry interval must be longer than zero".to_string());
-    }
+    );
     let reconnect_max_delay = duration_setting(
         args.reconnect_max_delay,
         file.reconnect_max_delay.as_deref(),
@@ -514,17 +526,14 @@ async fn run_managed(args: RunArgs) -> anyhow::Result<()> {
     .unwrap_or(SessionClientOptions::default().backoff_max);
     let model_check = config.options.model_check.clone();
     let mut delivery_options = managed::delivery::DeliveryOptions::new(model_check);
-    if let Some(stall) = duration_setting(
+    delivery_options.stall_timeout = positive_duration_setting(
         args.download_stall_timeout,
         file.download_stall_timeout.as_deref(),
         "download_stall_timeout",
+        delivery_options.stall_timeout,
+        "download stall timeout",
         &mut problems,
-    ) {
-        delivery_options.stall_timeout = stall;
-    }
-    if delivery_options.stall_timeout.is_zero() {
-        problems.push("the download stall timeout must be longer than zero".to_string());
-    }
+    );
     if !problems.is_empty() {
         anyhow::bail!("invalid configuration: {}", problems.join("; "));
     }
