@@ -733,21 +733,33 @@ fn a_full_telemetry_queue_drops_the_oldest_batches_and_reports_it() {
         (telemetry_sequence(&server, &device) >= 1).then_some(())
     });
     server.process.kill();
+    // Twelve batches made while the queue holds two or three: most are
+    // dropped without ever being sent.
     std::thread::sleep(Duration::from_secs(12));
     server.restart();
-    let shown = eventually(Duration::from_secs(30), "the drop to be reported", || {
-        let d = server.device(&device);
-        (d["dropped_batches_total"].as_u64().unwrap() > 0).then_some(d)
-    });
-    let dropped = shown["dropped_batches_total"].as_u64().unwrap();
-    // What was stored has gaps exactly where batches were dropped: every
-    // sequence up to the highest is either stored or counted as dropped.
-    eventually(Duration::from_secs(20), "the queue to drain", || {
+    // The backlog that survived, the newest batches, arrives after the
+    // gap the drops left.
+    let (missing, dropped) = eventually(Duration::from_secs(40), "batches past the gap", || {
+        // Sequences first, the count after: the count only grows, and the
+        // batch stamped with a drop is stored in the same transaction as the
+        // count, so every gap below the highest stored sequence is counted.
         let sequences = device_sequences(&server, &device);
+        let dropped = server.device(&device)["dropped_batches_total"]
+            .as_u64()
+            .unwrap();
         let highest = *sequences.last().unwrap();
         let missing = highest - sequences.len() as u64;
-        (missing == dropped).then_some(())
+        (missing > 0).then_some((missing, dropped))
     });
+    // Every sequence up to the highest stored is either stored or counted as
+    // dropped: nothing went missing uncounted. The count may exceed the gaps:
+    // a batch dropped after it was sent, before its acknowledgement came
+    // (the control plane killed, or slow to answer while new batches fill
+    // the queue), may have been stored all the same.
+    assert!(
+        missing <= dropped,
+        "{missing} sequences missing but only {dropped} batches counted as dropped"
+    );
 }
 
 #[test]

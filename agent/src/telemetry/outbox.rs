@@ -425,7 +425,7 @@ impl Outbox {
                 (drop_event, to_drop.first(), to_drop.last())
             {
                 batch.events[index].message = format!(
-                    "the telemetry queue dropped {} unsent batch(es), sequences {first}..={last}, \
+                    "the telemetry queue dropped {} unacknowledged batch(es), sequences {first}..={last}, \
                      to stay under its cap of {} bytes ({} dropped in total)",
                     to_drop.len(),
                     self.cap_bytes,

@@ -162,6 +162,28 @@ pub struct Process {
     pub child: KillOnDrop,
     pub stdout: Output,
     pub stderr: Output,
+    name: &'static str,
+}
+
+/// How much of a process's log a failed test shows.
+const LOG_TAIL_ON_FAILURE: usize = 40;
+
+impl Drop for Process {
+    /// A test that fails shows the end of each process's log: what the
+    /// server and the agents were doing when it gave up.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let lines = self.stderr.lines();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_ON_FAILURE)..];
+            eprintln!(
+                "--- the last {} lines of the {}'s stderr (pid {}) ---\n{}",
+                tail.len(),
+                self.name,
+                self.child.id(),
+                tail.join("\n")
+            );
+        }
+    }
 }
 
 impl Process {
@@ -186,6 +208,7 @@ impl Process {
             child: KillOnDrop(child),
             stdout,
             stderr,
+            name,
         }
     }
 
