@@ -60,7 +60,7 @@ pub struct HttpOptions {
 }
 
 /// [`HttpOptions::read_timeout`] by default, nginx's for headers and bodies.
-pub const DEFAULT_HTTP_READ_TIMEOUT: Duration = Duration::from_secs(60);
+pub use edgefleet_daemon::http::DEFAULT_HTTP_READ_TIMEOUT;
 
 impl Default for HttpOptions {
     fn default() -> Self {

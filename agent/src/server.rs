@@ -24,73 +24,6 @@ use crate::repository::{self, RepositoryError};
 use crate::runtime::{self, RuntimeChoice, RuntimeError, RuntimeKind, TractRuntime};
 use crate::service::InferenceService;
 
-/// Serves `router` on `listener` until `shutdown`, then lets open requests
-/// finish. As `axum::serve` does, plus what a listener facing clients that
-/// stall or vanish needs: an HTTP/1 connection that leaves the agent waiting
-/// `read_timeout` for a request's headers (a slow or dead client, or a
-/// kept-alive connection left idle) is closed, and an HTTP/2 connection
-/// whose client stops answering pings for as long is dropped. (Bodies have
-/// their own stall timeout, in `request_body`.) Answers go out without
-/// Nagle's delay.
-async fn serve_http(
-    listener: TcpListener,
-    router: axum::Router,
-    read_timeout: Duration,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(read_timeout)
-        .keep_alive_timeout(read_timeout);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            // The client gave up before it was accepted.
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
-                ) =>
-            {
-                continue;
-            }
-            // Out of file descriptors, say: wait for some to close.
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot accept an HTTP connection; retrying in 1s");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let connection = graceful.watch(
-            builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned(),
-        );
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "HTTP connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    graceful.shutdown().await;
-    Ok(())
-}
-
 /// [`ServeOptions::grpc_keepalive`] by default: a client that vanished
 /// without closing its connection (its network went away) is noticed within
 /// two minutes, and what it had sent of a request is let go.
@@ -267,17 +200,16 @@ impl Agent {
             .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
 
         let router = crate::http::router(self.service.clone(), &self.options.http);
-        let http = serve_http(
+        let http = edgefleet_daemon::http::serve_http(
             http_listener,
             router,
             self.options.http.read_timeout,
             shutdown.clone(),
         );
 
-        let (grpc_result, http_result) = tokio::join!(grpc, http);
+        let (grpc_result, ()) = tokio::join!(grpc, http);
         watcher.abort();
         grpc_result.map_err(|err| StartError::Serve(format!("gRPC: {err}")))?;
-        http_result.map_err(|err| StartError::Serve(format!("HTTP: {err}")))?;
         tracing::info!("edgefleet-agent stopped");
         Ok(())
     }

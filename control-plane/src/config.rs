@@ -54,6 +54,9 @@ pub struct ServeArgs {
     /// Dashboard and /metrics HTTP listener; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7480].
     #[arg(long, env = "EDGEFLEET_SERVER_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// How long the HTTP listener waits for a client's request headers, or the next request on a kept-alive connection, before closing the connection [default: 60s].
+    #[arg(long, env = "EDGEFLEET_SERVER_HTTP_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub http_read_timeout: Option<Duration>,
     /// Extra names (DNS or IP) agents use to reach this server, for its certificate: a,b,c.
     #[arg(
         long,
@@ -114,6 +117,7 @@ struct FileConfig {
     agent_addr: Option<String>,
     api_addr: Option<String>,
     http_addr: Option<String>,
+    http_read_timeout: Option<String>,
     server_names: Option<Vec<String>>,
     telemetry_retention: Option<String>,
     rollup_retention: Option<String>,
@@ -133,6 +137,9 @@ pub struct ServerConfig {
     pub agent_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// A client of the HTTP listener that leaves it waiting this long for
+    /// request headers, or an idle kept-alive connection, is disconnected.
+    pub http_read_timeout: Duration,
     pub server_names: Vec<String>,
     pub telemetry_retention: Duration,
     /// Hourly rollups of hours that ended longer ago are deleted.
@@ -170,6 +177,7 @@ impl ServerConfig {
             agent_addr: parse(DEFAULT_AGENT_ADDR),
             api_addr: parse(DEFAULT_API_ADDR),
             http_addr: parse(DEFAULT_HTTP_ADDR),
+            http_read_timeout: edgefleet_daemon::http::DEFAULT_HTTP_READ_TIMEOUT,
             server_names: Vec::new(),
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
             rollup_retention: DEFAULT_ROLLUP_RETENTION,
@@ -300,6 +308,12 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             }
             value
         };
+    config.http_read_timeout = duration(
+        args.http_read_timeout,
+        file.http_read_timeout,
+        "http_read_timeout",
+        config.http_read_timeout,
+    );
     config.telemetry_retention = duration(
         args.telemetry_retention,
         file.telemetry_retention,
@@ -475,6 +489,31 @@ mod tests {
             err.contains("telemetry_interval must be longer than zero"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_http_read_timeout_defaults_to_a_minute_and_zero_is_refused() {
+        let config = resolve_args(&[]).unwrap();
+        assert_eq!(config.http_read_timeout, Duration::from_secs(60));
+        let config = resolve_args(&["--http-read-timeout", "15s"]).unwrap();
+        assert_eq!(config.http_read_timeout, Duration::from_secs(15));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "http_read_timeout = \"2m\"\n").unwrap();
+        let config = resolve_args(&["--config", file.to_str().unwrap()]).unwrap();
+        assert_eq!(config.http_read_timeout, Duration::from_secs(120));
+        let err = resolve_args(&["--http-read-timeout", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http_read_timeout must be longer than zero"),
+            "{err}"
+        );
+        std::fs::write(&file, "http_read_timeout = \"soon\"\n").unwrap();
+        let err = resolve_args(&["--config", file.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http_read_timeout = \"soon\""), "{err}");
     }
 
     #[test]

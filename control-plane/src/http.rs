@@ -47,39 +47,3 @@ async fn metrics_text(State(metrics): State<Arc<ServerMetrics>>) -> Response {
     )
         .into_response()
 }
-
-/// Serves `router` over TLS (for an HTTP listener off loopback).
-pub async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    config: Arc<rustls::ServerConfig>,
-    router: axum::Router,
-    stop: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<()> {
-    use futures::StreamExt;
-    let mut incoming = std::pin::pin!(edgefleet_pki::tls_incoming(listener, config));
-    loop {
-        let connection = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            connection = incoming.next() => connection,
-        };
-        let connection = match connection {
-            Some(Ok(connection)) => connection,
-            Some(Err(err)) => {
-                tracing::debug!(error = %err, "HTTP connection failed");
-                continue;
-            }
-            None => return Ok(()),
-        };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(err) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(connection), service)
-                .await
-            {
-                tracing::debug!(error = %err, "HTTP connection ended with an error");
-            }
-        });
-    }
-}

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use edgefleet_daemon::http::{serve_http, serve_http_connections};
 use edgefleet_pki::CertificateAuthority;
 use edgefleet_proto::edgefleet::v1::agent_service_server::{self, AgentServiceServer};
 use edgefleet_proto::edgefleet::v1::model_service_server::{self, ModelServiceServer};
@@ -266,20 +267,18 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     // HTTP: plaintext on loopback, TLS elsewhere.
     let router = crate::http::router(Arc::clone(&metrics));
     let stop = shutdown.clone();
+    let read_timeout = config.http_read_timeout;
     if http_addr.ip().is_loopback() {
         tasks.push(tokio::spawn(async move {
-            axum::serve(http_listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .context("HTTP listener failed")
+            serve_http(http_listener, router, read_timeout, stop).await;
+            Ok(())
         }));
     } else {
-        tasks.push(tokio::spawn(crate::http::serve_tls(
-            http_listener,
-            operator_tls,
-            router,
-            stop,
-        )));
+        let incoming = edgefleet_pki::tls_incoming(http_listener, operator_tls);
+        tasks.push(tokio::spawn(async move {
+            serve_http_connections(incoming, router, read_timeout, stop).await;
+            Ok(())
+        }));
     }
 
     tasks.push(tokio::spawn(watch_revocations(

@@ -1411,3 +1411,110 @@ fn metrics_are_served_as_openmetrics_and_other_paths_get_json_errors() {
         "POST is not allowed on /metrics (see the Allow header)"
     );
 }
+
+/// Everything a connection yields until the server closes it, and how long
+/// that took; panics if it stays open for 10 s (the socket's read timeout).
+fn until_closed(connection: &mut impl std::io::Read) -> (String, Duration) {
+    let started = std::time::Instant::now();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    loop {
+        match connection.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            // A TLS connection closed without close_notify.
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(err) => panic!(
+                "the server did not close the connection within 10 s ({err}); received {:?}",
+                String::from_utf8_lossy(&received)
+            ),
+        }
+    }
+    (
+        String::from_utf8_lossy(&received).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// A client that stops halfway through its request's headers, or leaves a
+/// kept-alive connection idle, is disconnected after the HTTP read timeout,
+/// on the plaintext listener (loopback) and the TLS one (any other address),
+/// and the listener serves on. Before, both kept such connections open for
+/// as long as the client liked.
+#[test]
+fn stalled_http_clients_are_disconnected_on_the_plaintext_and_tls_listeners() {
+    use std::io::Write;
+    for (http, tls) in [("127.0.0.1:0", false), ("0.0.0.0:0", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_on(
+            dir.path(),
+            None,
+            &["--http-read-timeout", "500ms"],
+            Listen {
+                http: http.parse().unwrap(),
+                ..Listen::ephemeral()
+            },
+        );
+        assert_eq!(
+            server.http_url.starts_with("https://"),
+            tls,
+            "{}",
+            server.http_url
+        );
+        let port = server.http_addr.port();
+        let ca_pem = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
+        let connect = || -> Box<dyn ReadWrite> {
+            let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            if !tls {
+                return Box::new(tcp);
+            }
+            let mut config = (*edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap()).clone();
+            config.alpn_protocols.clear(); // HTTP/1.1
+            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let connection = rustls::ClientConnection::new(config.into(), name).unwrap();
+            Box::new(rustls::StreamOwned::new(connection, tcp))
+        };
+        let what = if tls { "TLS" } else { "plaintext" };
+
+        // Headers that stop halfway: closed after the timeout, nothing answered.
+        let mut stream = connect();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: cp")
+            .unwrap();
+        stream.flush().unwrap();
+        let (answer, after) = until_closed(&mut stream);
+        assert_eq!(answer, "", "{what}");
+        assert!(
+            after >= Duration::from_millis(400),
+            "{what}: closed after {after:?}"
+        );
+
+        // A request answered; the connection, kept alive and then idle, is
+        // closed after the timeout.
+        let mut stream = connect();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: cp\r\n\r\n")
+            .unwrap();
+        stream.flush().unwrap();
+        let (answer, after) = until_closed(&mut stream);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+        assert!(answer.ends_with("\r\n\r\nok\n"), "{what}: {answer}");
+        assert!(
+            after >= Duration::from_millis(400),
+            "{what}: closed after {after:?}"
+        );
+
+        // And the listener serves on.
+        let mut stream = connect();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        stream.flush().unwrap();
+        let (answer, _) = until_closed(&mut stream);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{what}: {answer}");
+    }
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}

@@ -8,7 +8,9 @@
 //! - [`load_toml_config`]: a TOML config file, its parse error on one line;
 //! - [`ShutdownSignals`]: SIGTERM and SIGINT handlers installed before
 //!   anything is served, so a signal is never lost to the default
-//!   disposition (killed, no clean shutdown) nor to a task not yet running.
+//!   disposition (killed, no clean shutdown) nor to a task not yet running;
+//! - `http::serve_http` (feature `http`): an HTTP listener that times out
+//!   clients that stall (the agent's and the control plane's).
 
 use std::io::Write;
 use std::path::Path;
@@ -18,6 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 mod args;
 pub use args::{error_line, parse_args};
+#[cfg(feature = "http")]
+pub mod http;
 
 /// The environment variable holding the log filter (`info` when unset or
 /// malformed), e.g. `EDGEFLEET_LOG=debug` or `EDGEFLEET_LOG=edgefleet_agent=debug,info`.
