@@ -1118,6 +1118,11 @@ mod tests {
             ("FP32", "[null]", "invalid type: null"),
             ("FP32", r#"[{"a": 1}]"#, "invalid type: map"),
             ("INT32", "[1e300]", "1e300 is not a valid INT32 value"),
+            // Too large for the float type: refused, not made infinite.
+            ("FP32", "[1.0, 1e39]", "1e39 is not a valid FP32 value"),
+            ("FP32", "[-3.5e38]", "-3.5e38 is not a valid FP32 value"),
+            ("FP16", "[65504, 70000]", "70000 is not a valid FP16 value"),
+            ("FP16", "[1e5]", "100000.0 is not a valid FP16 value"),
         ] {
             let err = decode(dtype, data).expect_err(data);
             assert_eq!(err.code, ErrorCode::InvalidArgument, "{data}");

@@ -166,17 +166,21 @@ macro_rules! integer_element {
 }
 integer_element!(u8, u16, u32, u64, i8, i16, i32, i64);
 
+/// A number too large for the datatype is refused, not made infinite (1e39
+/// for FP32, 70000 for FP16); one too small for it rounds to zero, as any
+/// conversion rounds.
 macro_rules! float_element {
     ($($ty:ty => $from_f64:expr),*) => {$(
         impl Element for $ty {
             fn from_i64(value: i64) -> Option<Self> {
-                Some($from_f64(value as f64))
+                <Self as Element>::from_f64(value as f64)
             }
             fn from_u64(value: u64) -> Option<Self> {
-                Some($from_f64(value as f64))
+                <Self as Element>::from_f64(value as f64)
             }
             fn from_f64(value: f64) -> Option<Self> {
-                Some($from_f64(value))
+                let converted: $ty = $from_f64(value);
+                converted.is_finite().then_some(converted)
             }
             fn from_str(value: &str) -> Option<Self> {
                 NON_FINITE
