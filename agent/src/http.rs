@@ -142,18 +142,28 @@ pub fn router(service: InferenceService, options: &HttpOptions) -> axum::Router 
 /// asks; smaller ones fit in a packet either way.
 pub const COMPRESS_ANSWERS_FROM: u16 = 1024;
 
+/// The deflate level of compressed answers, of zlib's 1 (fastest) to 9.
+/// zlib-rs (flate2's backend here) at 1 uses a quicker strategy whose
+/// answers come out about half as large again as at 2; at 2 they are
+/// smaller than miniz_oxide's (the backend before) at 1, for less CPU,
+/// most of all on small answers, for which miniz_oxide's fresh compressor
+/// per answer cost more than the compressing. Compared with the
+/// `compression` benchmark (docs/benchmarks.md, "Compressed HTTP
+/// answers"), each backend and level built in turn.
+pub const COMPRESSION_LEVEL: i32 = 2;
+
 /// Answers compressed as the client asks (`Accept-Encoding: gzip` or
 /// `deflate`, as tritonclient's `response_compression_algorithm`, Python's
 /// `requests` and Prometheus send it; Triton answers them compressed too):
-/// at the fastest level, since the device's CPU serves the models, and only
-/// from [`COMPRESS_ANSWERS_FROM`] bytes. A client that says nothing, or
+/// at [`COMPRESSION_LEVEL`], since the device's CPU serves the models, and
+/// only from [`COMPRESS_ANSWERS_FROM`] bytes. A client that says nothing, or
 /// `identity`, gets the answer as it is. Off unless asked for
 /// (`--compress-http-answers`): the agent's clients are mostly on the same
 /// machine, where compressing saves no bytes and costs CPU and latency on
 /// both sides, and Python's `requests` asks for gzip on every call.
 fn answer_compression() -> CompressionLayer<impl Predicate> {
     CompressionLayer::new()
-        .quality(CompressionLevel::Fastest)
+        .quality(CompressionLevel::Precise(COMPRESSION_LEVEL))
         .compress_when(DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ANSWERS_FROM)))
 }
 

@@ -5,6 +5,7 @@
 //! benchmark models and builds in release mode first).
 
 mod agent_process;
+mod compression;
 mod ingest;
 mod one_write_client;
 mod report;
@@ -32,6 +33,8 @@ pub enum Suite {
     Wire,
     /// A model rolled out to a simulated fleet; one agent's download throughput.
     Rollout,
+    /// Compressed HTTP answers (gzip, deflate) vs plain: latency, agent CPU, bytes.
+    Compression,
     /// Everything above.
     All,
 }
@@ -106,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Ingest,
             Suite::Wire,
             Suite::Rollout,
+            Suite::Compression,
         ],
         one => vec![one],
     };
@@ -119,6 +123,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
             Suite::Rollout => rollout::runtime()?.block_on(rollout::rollout(&args))?,
+            Suite::Compression => runtime.block_on(compression::compression(&args))?,
             Suite::All => unreachable!(),
         };
         println!("{section}");
