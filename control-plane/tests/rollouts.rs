@@ -877,15 +877,15 @@ fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states() {
         assert!(fleet.agents[0].infer_zeros("mlp"));
     }
     let state_dir = fleet.agents[0].state_dir.clone();
+    // Whole batches: not a `.tmp-*` write in progress, which a SIGKILL may
+    // leave behind, and which is deleted, not counted, when the queue opens.
     let queued_batches = || {
         std::fs::read_dir(state_dir.join("telemetry"))
             .unwrap()
             .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .ends_with(".batch")
+                let name = e.as_ref().unwrap().file_name();
+                let name = name.to_string_lossy();
+                name.ends_with(".batch") && !name.starts_with(".tmp-")
             })
             .count()
     };
