@@ -29,6 +29,12 @@ pub const MIN_AGENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// A session silent for this long (at least; 3 upload intervals when those
 /// are longer) is considered dead.
 pub const MIN_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
+/// An operator API connection on which nothing arrived for this long is
+/// pinged (HTTP/2 PING), and dropped if the ping goes unanswered as long: a
+/// CLI or script whose machine vanished mid-call (halfway through a
+/// `models push`, say) is let go within two minutes. Live clients answer
+/// pings, so a quiet `rollouts watch` keeps its stream.
+pub const API_KEEPALIVE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -106,6 +112,10 @@ pub struct ServeArgs {
     /// no environment variable or file key.
     #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub session_idle_timeout: Option<Duration>,
+    /// For tests only: replaces [`API_KEEPALIVE`]. Hidden, like
+    /// `--session-idle-timeout`.
+    #[arg(long, hide = true, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub api_keepalive: Option<Duration>,
 }
 
 /// The same settings, from a TOML file.
@@ -162,6 +172,8 @@ pub struct ServerConfig {
     pub rollup_interval: Duration,
     /// Replaces [`ServerConfig::session_idle_timeout`]'s figure (tests).
     pub session_idle_timeout_override: Option<Duration>,
+    /// The operator API's keepalive: [`API_KEEPALIVE`] but in tests.
+    pub api_keepalive: Duration,
 }
 
 impl ServerConfig {
@@ -190,6 +202,7 @@ impl ServerConfig {
             revocation_poll_interval: Duration::from_secs(2),
             rollup_interval: Duration::from_secs(600),
             session_idle_timeout_override: None,
+            api_keepalive: API_KEEPALIVE,
         }
     }
 
@@ -388,6 +401,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
     config.session_idle_timeout_override = args.session_idle_timeout;
     if args.session_idle_timeout.is_some_and(|d| d.is_zero()) {
         problems.push("--session-idle-timeout must be longer than zero".to_string());
+    }
+    config.api_keepalive = args.api_keepalive.unwrap_or(API_KEEPALIVE);
+    if config.api_keepalive.is_zero() {
+        problems.push("--api-keepalive must be longer than zero".to_string());
     }
     config.server_names = if args.server_names.is_empty() {
         file.server_names.unwrap_or_default()

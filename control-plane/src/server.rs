@@ -231,6 +231,8 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         .set_serving::<ModelServiceServer<ModelApi>>()
         .await;
     let operator_router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.api_keepalive))
+        .http2_keepalive_timeout(Some(config.api_keepalive))
         .add_service(health)
         .add_service(reflection(&[
             operator_service_server::SERVICE_NAME,

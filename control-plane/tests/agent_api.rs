@@ -1508,3 +1508,86 @@ fn stalled_http_clients_are_disconnected_on_the_plaintext_and_tls_listeners() {
 
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// An operator API client that vanished (its HTTP/2 stack no longer
+/// answering) is pinged after the keepalive and dropped when the ping goes
+/// unanswered, so what it had sent is not held; a live client's quiet
+/// stream (a health `Watch`, as quiet as a `rollouts watch` between
+/// changes) answers the pings and keeps going.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_api_client_that_stops_answering_pings_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const SETTINGS: u8 = 0x4;
+    const PING: u8 = 0x6;
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags, 0, 0, 0, 0]);
+        out.extend(payload);
+        out
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = tokio::task::spawn_blocking({
+        let path = dir.path().to_path_buf();
+        move || Server::start(&path, None, &["--api-keepalive", "300ms"])
+    })
+    .await
+    .unwrap();
+
+    // A live client with a quiet stream.
+    let channel = Channel::from_shared(server.api_url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+
+    // The vanished one: settings acknowledged, then nothing.
+    let mut socket = tokio::net::TcpStream::connect(server.api_addr)
+        .await
+        .unwrap();
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(SETTINGS, 0, &[]));
+    opening.extend(frame(SETTINGS, 0x1, &[]));
+    socket.write_all(&opening).await.unwrap();
+    let mut pinged = false;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let mut head = [0u8; 9];
+            if socket.read_exact(&mut head).await.is_err() {
+                return;
+            }
+            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; length];
+            if socket.read_exact(&mut payload).await.is_err() {
+                return;
+            }
+            // A ping from the server (not the acknowledgement of one).
+            pinged |= head[3] == PING && head[4] & 0x1 == 0;
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the operator API keeps a client that does not answer its pings"
+    );
+    assert!(pinged, "the connection was closed without a ping first");
+
+    // The quiet stream, pinged as long, is still open, and its channel serves.
+    let still_open = tokio::time::timeout(Duration::from_millis(200), watch.message()).await;
+    assert!(
+        still_open.is_err(),
+        "the quiet stream ended: {still_open:?}"
+    );
+    let check = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await;
+    assert!(check.is_ok(), "{check:?}");
+    drop(server);
+}
