@@ -12,6 +12,9 @@ use edgefleet_agent::http::data_to_json;
 use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_agent::tensor::{DataType, Tensor, TensorData};
 use edgefleet_proto::inference as pb;
+use edgefleet_test_support::raw_http2::{
+    DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, RST_STREAM, SETTINGS, frame,
+};
 use edgefleet_test_support::{fixture_model, reflected_services, testdata};
 use serde_json::{Value, json};
 use support::*;
@@ -1455,22 +1458,7 @@ struct Frame {
     payload: Vec<u8>,
 }
 
-const DATA: u8 = 0x0;
-const HEADERS: u8 = 0x1;
-const RST_STREAM: u8 = 0x3;
-const SETTINGS: u8 = 0x4;
-const GOAWAY: u8 = 0x7;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
 const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let length = u32::try_from(payload.len()).unwrap().to_be_bytes();
-    let mut bytes = vec![length[1], length[2], length[3], kind, flags];
-    bytes.extend_from_slice(&stream.to_be_bytes());
-    bytes.extend_from_slice(payload);
-    bytes
-}
 
 async fn read_frame(stream: &mut tokio::net::TcpStream) -> Frame {
     use tokio::io::AsyncReadExt;
@@ -1647,8 +1635,7 @@ async fn a_grpc_message_may_come_in_one_frame_far_over_http2s_default_size() {
 /// stream stays quiet meanwhile answers the pings and keeps its stream.
 #[tokio::test]
 async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const PING: u8 = 0x6;
+    use edgefleet_test_support::raw_http2;
 
     let repo = Repo::new();
     repo.add("mlp", 1, "mlp");
@@ -1680,35 +1667,18 @@ async fn a_grpc_client_that_stops_answering_pings_is_dropped() {
         .unwrap();
     let message = grpc_message(&request);
     let headers = model_infer_headers();
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend(frame(SETTINGS, 0, 0, &[]));
-    opening.extend(frame(SETTINGS, 0x1, 0, &[]));
+    let mut opening = raw_http2::opening();
     opening.extend(frame(HEADERS, END_HEADERS, 1, &headers));
     opening.extend(frame(DATA, 0, 1, &message[..message.len() / 2]));
-    socket.write_all(&opening).await.unwrap();
-    let mut pinged = false;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let mut head = [0u8; 9];
-            if socket.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; length];
-            if socket.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            // A ping from the agent (not the acknowledgement of one).
-            pinged |= head[3] == PING && head[4] & 0x1 == 0;
-        }
-    })
-    .await;
-    assert!(
-        closed.is_ok(),
+    let closed =
+        raw_http2::silent_until_closed(&mut socket, &opening, Duration::from_secs(10)).await;
+    assert_ne!(
+        closed, None,
         "the agent keeps a client that does not answer its pings"
     );
-    assert!(
-        pinged,
+    assert_eq!(
+        closed,
+        Some(true),
         "the agent closed the connection without pinging it first"
     );
 

@@ -1516,15 +1516,7 @@ impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 /// changes) answers the pings and keeps going.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_api_client_that_stops_answering_pings_is_dropped() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const SETTINGS: u8 = 0x4;
-    const PING: u8 = 0x6;
-    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
-        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-        out.extend([kind, flags, 0, 0, 0, 0]);
-        out.extend(payload);
-        out
-    }
+    use edgefleet_test_support::raw_http2;
 
     let dir = tempfile::tempdir().unwrap();
     let server = tokio::task::spawn_blocking({
@@ -1552,32 +1544,18 @@ async fn an_operator_api_client_that_stops_answering_pings_is_dropped() {
     let mut socket = tokio::net::TcpStream::connect(server.api_addr)
         .await
         .unwrap();
-    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    opening.extend(frame(SETTINGS, 0, &[]));
-    opening.extend(frame(SETTINGS, 0x1, &[]));
-    socket.write_all(&opening).await.unwrap();
-    let mut pinged = false;
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let mut head = [0u8; 9];
-            if socket.read_exact(&mut head).await.is_err() {
-                return;
-            }
-            let length = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-            let mut payload = vec![0u8; length];
-            if socket.read_exact(&mut payload).await.is_err() {
-                return;
-            }
-            // A ping from the server (not the acknowledgement of one).
-            pinged |= head[3] == PING && head[4] & 0x1 == 0;
-        }
-    })
-    .await;
-    assert!(
-        closed.is_ok(),
+    let closed =
+        raw_http2::silent_until_closed(&mut socket, &raw_http2::opening(), Duration::from_secs(10))
+            .await;
+    assert_ne!(
+        closed, None,
         "the operator API keeps a client that does not answer its pings"
     );
-    assert!(pinged, "the connection was closed without a ping first");
+    assert_eq!(
+        closed,
+        Some(true),
+        "the connection was closed without a ping first"
+    );
 
     // The quiet stream, pinged as long, is still open, and its channel serves.
     let still_open = tokio::time::timeout(Duration::from_millis(200), watch.message()).await;

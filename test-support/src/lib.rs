@@ -1,12 +1,14 @@
 //! Helpers the integration tests of several crates need alike: fixture
 //! files, waiting for a condition, child processes that do not outlive a
-//! failed test, and what a gRPC server's reflection lists.
+//! failed test, what a gRPC server's reflection lists, and a hand-driven
+//! HTTP/2 client's pieces.
 //!
 //! A dev-dependency only: nothing here may end up in a shipped binary, so
 //! it can panic freely (a panic here is a failed test, with its reason).
 
 mod fixtures;
 mod process;
+pub mod raw_http2;
 mod reflection;
 mod wait;
 
