@@ -54,6 +54,8 @@ struct BlobServer {
     upload_interval_seconds: Mutex<u32>,
     /// The next session ends once it has received a TelemetryUpload (once).
     end_after_upload: Mutex<bool>,
+    /// The Welcome says the server takes TelemetryUploads without an interval.
+    takes_uploads: Mutex<bool>,
 }
 
 const CHUNK: usize = 256;
@@ -102,6 +104,7 @@ impl AgentService for BlobServer {
             return Err(Status::invalid_argument("Hello first"));
         }
         let upload_interval = *self.upload_interval_seconds.lock().unwrap();
+        let takes_uploads = *self.takes_uploads.lock().unwrap();
         let (sender, receiver) = tokio::sync::mpsc::channel(8);
         use pb::control_message::Kind;
         for kind in [
@@ -109,6 +112,7 @@ impl AgentService for BlobServer {
                 device_id: "dev-1".into(),
                 release_public_key: release_key,
                 telemetry_upload_interval_seconds: upload_interval,
+                takes_telemetry_uploads: takes_uploads,
                 ..Default::default()
             }),
             Kind::DesiredState(desired),
@@ -1026,6 +1030,107 @@ async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
         again.sent_at_ms,
         first.sent_at_ms
     );
+}
+
+/// Without an upload interval each batch goes as soon as it is made, and a
+/// backlog at once: in stamped TelemetryUploads when the Welcome says the
+/// server takes them (so it can tell an hour-old backlog from fresh
+/// telemetry), as single unstamped `telemetry` messages to a server from
+/// before uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_upload_interval_batches_go_stamped_unless_the_server_predates_uploads() {
+    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
+    use edgefleet_agent::telemetry::{
+        DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
+        TelemetryRecorder,
+    };
+    for takes_uploads in [true, false] {
+        let h = Harness::new().await;
+        *h.server.session_script.lock().unwrap() =
+            Some((h.release.public_key(), pb::DesiredState::default()));
+        *h.server.upload_interval_seconds.lock().unwrap() = 0;
+        *h.server.takes_uploads.lock().unwrap() = takes_uploads;
+        let config = TelemetryConfig {
+            interval: DEFAULT_TELEMETRY_INTERVAL,
+            outbox_cap_bytes: 1 << 20,
+        };
+        let mut outbox = Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap();
+        // A backlog made an hour ago, in 10 s batches.
+        let made = now_ms() - 3_600_000;
+        for i in 0..3 {
+            outbox
+                .push(pb::TelemetryBatch {
+                    start_unix_ms: made + i * 10_000,
+                    end_unix_ms: made + (i + 1) * 10_000,
+                    ..Default::default()
+                })
+                .unwrap();
+        }
+        let collector = TelemetryCollector::new(
+            Arc::new(TelemetryRecorder::new()),
+            DeviceProbe::new(),
+            outbox,
+            config,
+            "tract",
+            std::time::SystemTime::now(),
+        );
+        let stop = CancellationToken::new();
+        let before = now_ms();
+        let session = tokio::spawn(run_session(
+            h.state.clone(),
+            Arc::new(Mutex::new(collector)),
+            Arc::new(tokio::sync::Notify::new()),
+            Arc::new(NoHello),
+            None,
+            SessionClientOptions::default(),
+            stop.clone(),
+        ));
+        // (sequence, sent_at_ms) of every batch sent; 0: unstamped.
+        let sent = || {
+            h.server
+                .sent(|kind| match kind {
+                    pb::agent_message::Kind::TelemetryUpload(upload) => Some(
+                        upload
+                            .batches
+                            .iter()
+                            .map(|b| (b.sequence, upload.sent_at_ms))
+                            .collect::<Vec<_>>(),
+                    ),
+                    pb::agent_message::Kind::Telemetry(batch) => Some(vec![(batch.sequence, 0)]),
+                    _ => None,
+                })
+                .concat()
+        };
+        assert_eventually(Duration::from_secs(60), || {
+            let count = sent().len();
+            async move { count >= 3 }
+        })
+        .await;
+        let after = now_ms();
+        stop.cancel();
+        session.await.unwrap();
+        let sent = sent();
+        let sequences: Vec<u64> = sent.iter().map(|(sequence, _)| *sequence).collect();
+        assert_eq!(sequences, [1, 2, 3], "the backlog at once, in order");
+        let uploads = h.server.sent(|kind| match kind {
+            pb::agent_message::Kind::TelemetryUpload(_) => Some(()),
+            _ => None,
+        });
+        if takes_uploads {
+            assert_eq!(uploads.len(), 1, "the backlog in one upload: {sent:?}");
+            for (sequence, sent_at) in &sent {
+                assert!(
+                    (before..=after).contains(sent_at),
+                    "batch {sequence} sent at {sent_at}, not between {before} and {after}"
+                );
+            }
+        } else {
+            assert!(
+                uploads.is_empty(),
+                "a server from before uploads gets single messages: {sent:?}"
+            );
+        }
+    }
 }
 
 /// A disk with no room left fails the activation with a reason saying so

@@ -378,6 +378,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
                 telemetry_upload_interval_seconds: upload_interval_seconds(
                     cp.config.telemetry_upload_interval,
                 ),
+                takes_telemetry_uploads: true,
             })),
         };
         outbound

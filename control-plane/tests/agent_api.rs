@@ -451,6 +451,77 @@ fn upload(device_id: &str, sequences: impl IntoIterator<Item = u64>) -> pb::Agen
     }
 }
 
+/// Without an upload interval (`--telemetry-upload-interval 0s`) the Welcome
+/// still says the server takes TelemetryUploads, which carry when the agent
+/// sent them: a backlog made an hour ago, uploaded now, is reckoned as an
+/// hour old and kept out of the rollout gates' window of the last minutes,
+/// while a single unstamped batch (an older agent's) is taken as made when
+/// it arrived.
+#[test]
+fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_reckoned_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), None, &["--telemetry-upload-interval", "0s"]);
+    let runtime = runtime();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let batch = |device_id: &str, sequence: u64, end: u64| pb::TelemetryBatch {
+        sequence,
+        device_id: device_id.into(),
+        start_unix_ms: end - 10_000,
+        end_unix_ms: end,
+        models: vec![pb::ModelTelemetry {
+            name: "m".into(),
+            version: 1,
+            requests: sequence * 10,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let started = now() as i64;
+    let device_id = runtime.block_on(async {
+        let device = enroll_device(&server).await;
+        let mut client = device_client(&server, &device).await;
+        let (tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+        let w = welcome(&mut stream).await;
+        assert_eq!(w.telemetry_upload_interval_seconds, 0);
+        assert!(w.takes_telemetry_uploads, "{w:?}");
+        let hour_ago = now() - 3_600_000;
+        // Batches 1 and 2 (10 and 20 requests): a backlog made an hour ago.
+        tx.send(pb::AgentMessage {
+            kind: Some(Upstream::TelemetryUpload(pb::TelemetryUpload {
+                batches: vec![batch("", 1, hour_ago), batch("", 2, hour_ago + 10_000)],
+                sent_at_ms: now(),
+            })),
+        })
+        .await
+        .unwrap();
+        assert_eq!(next_ack(&mut stream).await, 2);
+        // Batch 3 (30 requests), from an older agent: unstamped.
+        tx.send(pb::AgentMessage {
+            kind: Some(Upstream::Telemetry(batch(&device.device_id, 3, hour_ago))),
+        })
+        .await
+        .unwrap();
+        assert_eq!(next_ack(&mut stream).await, 3);
+        device.device_id
+    });
+    let store = open_store(&runtime, &server);
+    let window_start = started - 5 * 60_000;
+    let points = runtime
+        .block_on(store.received_model_series(&device_id, window_start, now() as i64 + 60_000))
+        .unwrap();
+    let requests: Vec<u64> = points.iter().map(|p| p.requests).collect();
+    assert_eq!(
+        requests,
+        [30],
+        "only the unstamped batch counts as made in the last 5 minutes"
+    );
+}
+
 /// The next TelemetryAck's sequence (a desired state may come first).
 async fn next_ack(stream: &mut tonic::Streaming<pb::ControlMessage>) -> u64 {
     loop {

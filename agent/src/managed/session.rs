@@ -436,9 +436,11 @@ async fn connect_and_serve(
     })
     .await??;
 
-    // 0 (an older control plane): each batch as a single message at once.
+    // 0: each batch at once; in a stamped upload unless the control plane
+    // predates uploads (then as a single message).
     let upload_interval = Duration::from_secs(u64::from(welcome.telemetry_upload_interval_seconds));
     let grouped = !upload_interval.is_zero();
+    let stamped = grouped || welcome.takes_telemetry_uploads;
     let mut acked = welcome.acked_sequence;
     let mut sent = acked;
     // Uploads reset it: it fires only when nothing went out for this long.
@@ -490,7 +492,7 @@ async fn connect_and_serve(
             maybe_more = batches.len() == room.min(READ_CHUNK);
             if let Some(last) = batches.last() {
                 sent = last.sequence;
-                if !send_telemetry(&outbound, batches, grouped).await {
+                if !send_telemetry(&outbound, batches, stamped).await {
                     return Ok(SessionEnd::Lost("the session's send side closed".into()));
                 }
                 heartbeat.reset();
@@ -648,7 +650,8 @@ async fn connect_and_serve(
 
 /// Sends batches in order: grouped in `TelemetryUpload`s (at most
 /// `MAX_UPLOAD_BYTES` of batches each), or one `telemetry` message each for a
-/// control plane without an upload interval. The device id is left out: the
+/// control plane that takes no uploads (`Welcome.takes_telemetry_uploads`
+/// false and no upload interval). The device id is left out: the
 /// session already says which device this is. Each upload is stamped with the
 /// device's time as it is put on the stream (not when its group was formed:
 /// the previous send may have waited), so the control plane can tell how
@@ -658,14 +661,14 @@ async fn connect_and_serve(
 async fn send_telemetry(
     outbound: &mpsc::Sender<pb::AgentMessage>,
     batches: Vec<pb::TelemetryBatch>,
-    grouped: bool,
+    uploads: bool,
 ) -> bool {
     let mut group: Vec<pb::TelemetryBatch> = Vec::new();
     let mut group_bytes = 0;
     let mut messages = Vec::new();
     for mut batch in batches {
         batch.device_id.clear();
-        if !grouped {
+        if !uploads {
             messages.push(Outgoing::Single(batch));
             continue;
         }
