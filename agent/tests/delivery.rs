@@ -944,28 +944,23 @@ fn now_ms() -> u64 {
     edgefleet_agent::telemetry::unix_ms(std::time::SystemTime::now())
 }
 
-/// Each TelemetryUpload says when the agent sent it, by the device's clock
-/// (the clock its batches are stamped by): the control plane reckons from it
-/// how long before the upload's arrival each batch ended. A backlog sent
-/// again after a reconnect is stamped again, when it goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
-    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
+/// Starts a telemetry session for `h`'s device whose queue holds a backlog
+/// made an hour ago: three 10 s batches, sequences 1 to 3. Stop it with the
+/// token.
+fn session_with_an_hour_old_backlog(
+    h: &Harness,
+    options: edgefleet_agent::managed::session::SessionClientOptions,
+) -> (tokio::task::JoinHandle<()>, CancellationToken) {
+    use edgefleet_agent::managed::session::run_session;
     use edgefleet_agent::telemetry::{
         DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
         TelemetryRecorder,
     };
-    let h = Harness::new().await;
-    *h.server.session_script.lock().unwrap() =
-        Some((h.release.public_key(), pb::DesiredState::default()));
-    *h.server.upload_interval_seconds.lock().unwrap() = 300;
-    *h.server.end_after_upload.lock().unwrap() = true;
     let config = TelemetryConfig {
         interval: DEFAULT_TELEMETRY_INTERVAL,
         outbox_cap_bytes: 1 << 20,
     };
     let mut outbox = Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap();
-    // A backlog made an hour ago, in 10 s batches.
     let made = now_ms() - 3_600_000;
     for i in 0..3 {
         outbox
@@ -985,20 +980,39 @@ async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
         std::time::SystemTime::now(),
     );
     let stop = CancellationToken::new();
-    let before = now_ms();
     let session = tokio::spawn(run_session(
         h.state.clone(),
         Arc::new(Mutex::new(collector)),
         Arc::new(tokio::sync::Notify::new()),
         Arc::new(NoHello),
         None,
+        options,
+        stop.clone(),
+    ));
+    (session, stop)
+}
+
+/// Each TelemetryUpload says when the agent sent it, by the device's clock
+/// (the clock its batches are stamped by): the control plane reckons from it
+/// how long before the upload's arrival each batch ended. A backlog sent
+/// again after a reconnect is stamped again, when it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
+    use edgefleet_agent::managed::session::SessionClientOptions;
+    let h = Harness::new().await;
+    *h.server.session_script.lock().unwrap() =
+        Some((h.release.public_key(), pb::DesiredState::default()));
+    *h.server.upload_interval_seconds.lock().unwrap() = 300;
+    *h.server.end_after_upload.lock().unwrap() = true;
+    let before = now_ms();
+    let (session, stop) = session_with_an_hour_old_backlog(
+        &h,
         SessionClientOptions {
             backoff_initial: Duration::from_millis(10),
             backoff_max: Duration::from_millis(50),
             ..SessionClientOptions::default()
         },
-        stop.clone(),
-    ));
+    );
     let uploads = || {
         h.server.sent(|kind| match kind {
             pb::agent_message::Kind::TelemetryUpload(upload) => Some(upload.clone()),
@@ -1039,52 +1053,14 @@ async fn telemetry_uploads_carry_the_device_time_they_were_sent_at() {
 /// before uploads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_upload_interval_batches_go_stamped_unless_the_server_predates_uploads() {
-    use edgefleet_agent::managed::session::{SessionClientOptions, run_session};
-    use edgefleet_agent::telemetry::{
-        DEFAULT_TELEMETRY_INTERVAL, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig,
-        TelemetryRecorder,
-    };
     for takes_uploads in [true, false] {
         let h = Harness::new().await;
         *h.server.session_script.lock().unwrap() =
             Some((h.release.public_key(), pb::DesiredState::default()));
         *h.server.upload_interval_seconds.lock().unwrap() = 0;
         *h.server.takes_uploads.lock().unwrap() = takes_uploads;
-        let config = TelemetryConfig {
-            interval: DEFAULT_TELEMETRY_INTERVAL,
-            outbox_cap_bytes: 1 << 20,
-        };
-        let mut outbox = Outbox::open(h.state.telemetry_dir(), config.outbox_cap_bytes).unwrap();
-        // A backlog made an hour ago, in 10 s batches.
-        let made = now_ms() - 3_600_000;
-        for i in 0..3 {
-            outbox
-                .push(pb::TelemetryBatch {
-                    start_unix_ms: made + i * 10_000,
-                    end_unix_ms: made + (i + 1) * 10_000,
-                    ..Default::default()
-                })
-                .unwrap();
-        }
-        let collector = TelemetryCollector::new(
-            Arc::new(TelemetryRecorder::new()),
-            DeviceProbe::new(),
-            outbox,
-            config,
-            "tract",
-            std::time::SystemTime::now(),
-        );
-        let stop = CancellationToken::new();
         let before = now_ms();
-        let session = tokio::spawn(run_session(
-            h.state.clone(),
-            Arc::new(Mutex::new(collector)),
-            Arc::new(tokio::sync::Notify::new()),
-            Arc::new(NoHello),
-            None,
-            SessionClientOptions::default(),
-            stop.clone(),
-        ));
+        let (session, stop) = session_with_an_hour_old_backlog(&h, Default::default());
         // (sequence, sent_at_ms) of every batch sent; 0: unstamped.
         let sent = || {
             h.server
