@@ -462,26 +462,7 @@ fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_re
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), None, &["--telemetry-upload-interval", "0s"]);
     let runtime = runtime();
-    let now = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64
-    };
-    let batch = |device_id: &str, sequence: u64, end: u64| pb::TelemetryBatch {
-        sequence,
-        device_id: device_id.into(),
-        start_unix_ms: end - 10_000,
-        end_unix_ms: end,
-        models: vec![pb::ModelTelemetry {
-            name: "m".into(),
-            version: 1,
-            requests: sequence * 10,
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let started = now() as i64;
+    let started = now_unix_ms();
     let device_id = runtime.block_on(async {
         let device = enroll_device(&server).await;
         let mut client = device_client(&server, &device).await;
@@ -489,12 +470,12 @@ fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_re
         let w = welcome(&mut stream).await;
         assert_eq!(w.telemetry_upload_interval_seconds, 0);
         assert!(w.takes_telemetry_uploads, "{w:?}");
-        let hour_ago = now() - 3_600_000;
+        let hour_ago = now_unix_ms() as u64 - 3_600_000;
         // Batches 1 and 2 (10 and 20 requests): a backlog made an hour ago.
         tx.send(pb::AgentMessage {
             kind: Some(Upstream::TelemetryUpload(pb::TelemetryUpload {
-                batches: vec![batch("", 1, hour_ago), batch("", 2, hour_ago + 10_000)],
-                sent_at_ms: now(),
+                batches: vec![model_batch(1, hour_ago), model_batch(2, hour_ago + 10_000)],
+                sent_at_ms: now_unix_ms() as u64,
             })),
         })
         .await
@@ -502,7 +483,10 @@ fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_re
         assert_eq!(next_ack(&mut stream).await, 2);
         // Batch 3 (30 requests), from an older agent: unstamped.
         tx.send(pb::AgentMessage {
-            kind: Some(Upstream::Telemetry(batch(&device.device_id, 3, hour_ago))),
+            kind: Some(Upstream::Telemetry(pb::TelemetryBatch {
+                device_id: device.device_id.clone(),
+                ..model_batch(3, hour_ago)
+            })),
         })
         .await
         .unwrap();
@@ -512,7 +496,7 @@ fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_re
     let store = open_store(&runtime, &server);
     let window_start = started - 5 * 60_000;
     let points = runtime
-        .block_on(store.received_model_series(&device_id, window_start, now() as i64 + 60_000))
+        .block_on(store.received_model_series(&device_id, window_start, now_unix_ms() + 60_000))
         .unwrap();
     let requests: Vec<u64> = points.iter().map(|p| p.requests).collect();
     assert_eq!(

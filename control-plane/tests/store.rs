@@ -1461,18 +1461,7 @@ fn received_upload(
     let upload = pb::TelemetryUpload {
         batches: batches
             .iter()
-            .map(|&(sequence, end)| pb::TelemetryBatch {
-                sequence,
-                start_unix_ms: (end - 10_000) as u64,
-                end_unix_ms: end as u64,
-                models: vec![pb::ModelTelemetry {
-                    name: "m".into(),
-                    version: 1,
-                    requests: sequence * 10,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            })
+            .map(|&(sequence, end)| support::model_batch(sequence, end as u64))
             .collect(),
         sent_at_ms,
     };

@@ -695,3 +695,25 @@ pub fn padded_mlp(padding_bytes: usize) -> Vec<u8> {
     field_bytes(0x3a, &graph, &mut model); // ModelProto.graph (merged)
     model
 }
+
+/// A 10 s telemetry batch ending at `end_unix_ms` that says model "m"
+/// version 1 served `sequence * 10` requests (no device id: as agents send
+/// batches on a session).
+pub fn model_batch(
+    sequence: u64,
+    end_unix_ms: u64,
+) -> edgefleet_proto::edgefleet::v1::TelemetryBatch {
+    use edgefleet_proto::edgefleet::v1 as pb;
+    pb::TelemetryBatch {
+        sequence,
+        start_unix_ms: end_unix_ms - 10_000,
+        end_unix_ms,
+        models: vec![pb::ModelTelemetry {
+            name: "m".into(),
+            version: 1,
+            requests: sequence * 10,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
