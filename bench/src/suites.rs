@@ -552,10 +552,15 @@ impl LoadResult {
 
 async fn closed_loop(
     agent: &AgentProcess,
+    client: Client,
     clients: usize,
     seconds: f64,
     request: pb::ModelInferRequest,
 ) -> anyhow::Result<LoadResult> {
+    anyhow::ensure!(
+        client != Client::OneWrite,
+        "closed loops drive tonic's clients, unary or streaming"
+    );
     // A few connections shared by the clients, as several apps on a device would.
     let mut channels = Vec::new();
     for _ in 0..clients.min(8) {
@@ -567,29 +572,21 @@ async fn closed_loop(
     let request = Arc::new(request);
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let mut client = channels[i % channels.len()].clone();
+        let channel = channels[i % channels.len()].clone();
         let request = Arc::clone(&request);
         tasks.push(tokio::spawn(async move {
-            let mut h = histogram();
-            let mut errors = 0u64;
-            while Instant::now() < deadline {
-                let started = Instant::now();
-                match client.model_infer((*request).clone()).await {
-                    Ok(_) => h.record(started.elapsed().as_micros().max(1) as u64).ok(),
-                    Err(_) => {
-                        errors += 1;
-                        None
-                    }
-                };
+            if client == Client::Stream {
+                streaming_client(channel, &request, deadline).await
+            } else {
+                unary_client(channel, &request, deadline).await
             }
-            (h, errors)
         }));
     }
     let started = Instant::now();
     let mut merged = histogram();
     let mut errors = 0;
     for task in tasks {
-        let (h, e) = task.await?;
+        let (h, e) = task.await??;
         merged.add(&h)?;
         errors += e;
     }
@@ -605,6 +602,66 @@ async fn closed_loop(
         agent_rest_cpu: per_request(agent_cpu.rest),
         clients_cpu: per_request(process_cpu_time(std::process::id())? - clients_cpu_before),
     })
+}
+
+type InferenceClient =
+    pb::grpc_inference_service_client::GrpcInferenceServiceClient<tonic::transport::Channel>;
+
+/// One closed-loop client of unary `ModelInfer` calls until `deadline`: the
+/// latencies of its answered calls and how many failed.
+async fn unary_client(
+    mut client: InferenceClient,
+    request: &pb::ModelInferRequest,
+    deadline: Instant,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let mut h = histogram();
+    let mut errors = 0u64;
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        match client.model_infer(request.clone()).await {
+            Ok(_) => h.record(started.elapsed().as_micros().max(1) as u64)?,
+            Err(_) => errors += 1,
+        }
+    }
+    Ok((h, errors))
+}
+
+/// One closed-loop client on an open `ModelStreamInfer` call until
+/// `deadline` (perf_analyzer's `--streaming`): each request a message on the
+/// stream, its answer awaited before the next is sent. A stream the agent
+/// ends counts as a failed request and is opened again.
+async fn streaming_client(
+    mut client: InferenceClient,
+    request: &pb::ModelInferRequest,
+    deadline: Instant,
+) -> anyhow::Result<(Histogram<u64>, u64)> {
+    let mut h = histogram();
+    let mut errors = 0u64;
+    'streams: while Instant::now() < deadline {
+        let (requests, receiver) = futures::channel::mpsc::unbounded();
+        let mut answers = match client.model_stream_infer(receiver).await {
+            Ok(answers) => answers.into_inner(),
+            Err(_) => {
+                errors += 1;
+                continue;
+            }
+        };
+        while Instant::now() < deadline {
+            let started = Instant::now();
+            requests.unbounded_send(request.clone())?;
+            match answers.message().await {
+                Ok(Some(answer)) if answer.error_message.is_empty() => {
+                    h.record(started.elapsed().as_micros().max(1) as u64)?
+                }
+                Ok(Some(_)) => errors += 1,
+                Ok(None) | Err(_) => {
+                    errors += 1;
+                    continue 'streams;
+                }
+            }
+        }
+    }
+    Ok((h, errors))
 }
 
 /// Raw `ort::Session::run` of a bench model, `batch` rows per run, with the
@@ -732,9 +789,17 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let mut off_at_32 = None;
     for clients in [1usize, 8, 32, 128] {
         // Warm up each, then measure; the idle agent costs nothing meanwhile.
-        let off = warmed_closed_loop(&off_agent, clients, args.seconds, &request).await?;
-        let (on, batch) =
-            batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request).await?;
+        let off =
+            warmed_closed_loop(&off_agent, Client::Tonic, clients, args.seconds, &request).await?;
+        let (on, batch) = batched_closed_loop(
+            &on_agent,
+            model.name,
+            Client::Tonic,
+            clients,
+            args.seconds,
+            &request,
+        )
+        .await?;
         let gain = on.throughput / off.throughput;
         writeln!(
             out,
@@ -754,18 +819,33 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             off.errors + on.errors
         )?;
         if clients == 32 {
-            let cpu = cpu_at_32(&off, &on, &raw_batched)?;
+            let cpu = cpu_at_32("In the table's row", &off, &on, &raw_batched)?;
             let mut pairs = vec![(off, on)];
             // More off/on pairs, each back to back: one noisy point on a
             // shared machine must not decide the verdict.
             for _ in 1..GAIN_PAIRS_AT_32 {
-                let off = warmed_closed_loop(&off_agent, clients, args.seconds, &request).await?;
-                let (on, _) =
-                    batched_closed_loop(&on_agent, model.name, clients, args.seconds, &request)
+                let off =
+                    warmed_closed_loop(&off_agent, Client::Tonic, clients, args.seconds, &request)
                         .await?;
+                let (on, _) = batched_closed_loop(
+                    &on_agent,
+                    model.name,
+                    Client::Tonic,
+                    clients,
+                    args.seconds,
+                    &request,
+                )
+                .await?;
                 pairs.push((off, on));
             }
-            verdict = format!("{}{cpu}", gain_verdict(&pairs));
+            verdict = format!(
+                "{}{cpu}",
+                gain_verdict(
+                    "At 32 clients",
+                    &format!("the table's row and {} more", pairs.len() - 1),
+                    &pairs
+                )
+            );
             let offs: Vec<f64> = pairs.iter().map(|(off, _)| off.throughput).collect();
             off_at_32 = Some(median(&offs));
         }
@@ -783,7 +863,17 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
         raw_batched.cpu_per_row,
         raw_batched.rows_per_second / raw_single.rows_per_second
     )?;
+    let streaming = streaming_pairs(
+        &off_agent,
+        &on_agent,
+        model.name,
+        args.seconds,
+        &request,
+        &raw_batched,
+    )
+    .await?;
     drop((off_agent, on_agent));
+    out.push_str(&streaming);
     let off_at_32 = off_at_32.context("no 32-client point")?;
     writeln!(
         out,
@@ -809,8 +899,15 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             &format!("max_batch_size = 32\n{setting}queue_capacity = 512\n"),
         )?;
         let agent = AgentProcess::start(&args.agent, repo.path(), "onnxruntime").await?;
-        let (on, batch) =
-            batched_closed_loop(&agent, model.name, 32, args.seconds, &request).await?;
+        let (on, batch) = batched_closed_loop(
+            &agent,
+            model.name,
+            Client::Tonic,
+            32,
+            args.seconds,
+            &request,
+        )
+        .await?;
         writeln!(
             out,
             "| {label} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.2}× |",
@@ -832,7 +929,7 @@ const GAIN_PAIRS_AT_32: usize = 5;
 
 /// The 32-client verdict from back-to-back off/on `pairs`: the median gain
 /// and how many pairs kept p99 no worse than unbatched.
-fn gain_verdict(pairs: &[(LoadResult, LoadResult)]) -> String {
+fn gain_verdict(at: &str, pairs_are: &str, pairs: &[(LoadResult, LoadResult)]) -> String {
     let gains: Vec<f64> = pairs
         .iter()
         .map(|(off, on)| on.throughput / off.throughput)
@@ -845,10 +942,9 @@ fn gain_verdict(pairs: &[(LoadResult, LoadResult)]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "\nAt 32 clients, over {} off/on pairs measured back to back (the table's row and {} more; gains {listed}): \
+        "\n{at}, over {} off/on pairs measured back to back ({pairs_are}; gains {listed}): \
          median {gain:.2}× the throughput (target ≥ 3×: {}), p99 no worse than unbatched in {p99_kept} of {} pairs ({}). ",
         pairs.len(),
-        pairs.len() - 1,
         if gain >= 3.0 { "met" } else { "missed" },
         pairs.len(),
         if p99_kept * 2 > pairs.len() {
@@ -862,6 +958,7 @@ fn gain_verdict(pairs: &[(LoadResult, LoadResult)]) -> String {
 /// Where the CPU went at 32 clients, off vs on, and the gain a CPU-bound
 /// machine could reach with the model at the raw batch-32 cost.
 fn cpu_at_32(
+    row: &str,
     off: &LoadResult,
     on: &LoadResult,
     raw_batched: &RawThroughput,
@@ -869,7 +966,7 @@ fn cpu_at_32(
     let mut out = String::new();
     writeln!(
         out,
-        "In the table's row, batching cut the CPU per request of the agent's model threads from {:.0} to {:.0} µs ({:.2}×), of the rest \
+        "{row}, batching cut the CPU per request of the agent's model threads from {:.0} to {:.0} µs ({:.2}×), of the rest \
          of the agent (gRPC) from {:.0} to {:.0} µs and of the clients from {:.0} to {:.0} µs: {:.2}× less CPU per \
          request in all. With the model's threads costing no more than a raw batch of 32 ({:.0} µs per row, \
          below) and the transport as measured ({:.0} µs per request for the rest of the agent and the clients), \
@@ -886,6 +983,67 @@ fn cpu_at_32(
         on.agent_rest_cpu + on.clients_cpu,
         off.total_cpu() / (raw_batched.cpu_per_row + on.agent_rest_cpu + on.clients_cpu),
     )?;
+    Ok(out)
+}
+
+/// The 32-client off/on pairs again with streaming clients (each holding one
+/// open `ModelStreamInfer` call), on the same agents: a markdown subsection.
+async fn streaming_pairs(
+    off_agent: &AgentProcess,
+    on_agent: &AgentProcess,
+    model: &str,
+    seconds: f64,
+    request: &pb::ModelInferRequest,
+    raw_batched: &RawThroughput,
+) -> anyhow::Result<String> {
+    let mut out = String::new();
+    writeln!(
+        out,
+        "\n### Streaming clients at 32 clients\n\nThe same two agents and request, after the table above, with each of the 32 \
+         clients holding one open `ModelStreamInfer` call (perf_analyzer's `--streaming`) on the same connections and \
+         sending its next request when the answer to the last arrives: no HTTP/2 stream, headers or server task per \
+         inference, so the transport takes less of each request. {GAIN_PAIRS_AT_32} off/on pairs, each back to back.\n"
+    )?;
+    writeln!(
+        out,
+        "| pair | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | on mean batch | off CPU per request: model + rest of agent + clients (µs) | on CPU per request: model + rest of agent + clients (µs) | throughput gain | errors |"
+    )?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    let mut pairs = Vec::new();
+    for pair in 1..=GAIN_PAIRS_AT_32 {
+        let off = warmed_closed_loop(off_agent, Client::Stream, 32, seconds, request).await?;
+        let (on, batch) =
+            batched_closed_loop(on_agent, model, Client::Stream, 32, seconds, request).await?;
+        writeln!(
+            out,
+            "| {pair} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.0} + {:.0} + {:.0} | {:.2}× | {} |",
+            off.throughput,
+            off.p50,
+            off.p99,
+            on.throughput,
+            on.p50,
+            on.p99,
+            off.model_cpu,
+            off.agent_rest_cpu,
+            off.clients_cpu,
+            on.model_cpu,
+            on.agent_rest_cpu,
+            on.clients_cpu,
+            on.throughput / off.throughput,
+            off.errors + on.errors
+        )?;
+        pairs.push((off, on));
+    }
+    out.push_str(&gain_verdict(
+        "With 32 streaming clients",
+        "the rows above",
+        &pairs,
+    ));
+    let (off, on) = &pairs[0];
+    out.push_str(&cpu_at_32("In the first pair", off, on, raw_batched)?);
     Ok(out)
 }
 
@@ -910,12 +1068,13 @@ const QUEUE_DELAYS_US: [Option<u64>; 4] = [None, Some(0), Some(200), Some(1000)]
 /// A warm-up, then a measured [`closed_loop`].
 async fn warmed_closed_loop(
     agent: &AgentProcess,
+    client: Client,
     clients: usize,
     seconds: f64,
     request: &pb::ModelInferRequest,
 ) -> anyhow::Result<LoadResult> {
-    closed_loop(agent, clients, 0.5, request.clone()).await?;
-    closed_loop(agent, clients, seconds, request.clone()).await
+    closed_loop(agent, client, clients, 0.5, request.clone()).await?;
+    closed_loop(agent, client, clients, seconds, request.clone()).await
 }
 
 /// A warm-up and a measured [`closed_loop`] on a batching agent, and the
@@ -923,14 +1082,15 @@ async fn warmed_closed_loop(
 async fn batched_closed_loop(
     agent: &AgentProcess,
     model: &str,
+    client: Client,
     clients: usize,
     seconds: f64,
     request: &pb::ModelInferRequest,
 ) -> anyhow::Result<(LoadResult, f64)> {
     const BATCH_SIZE: &str = "edgefleet_inference_batch_size";
-    closed_loop(agent, clients, 0.5, request.clone()).await?;
+    closed_loop(agent, client, clients, 0.5, request.clone()).await?;
     let before = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
-    let result = closed_loop(agent, clients, seconds, request.clone()).await?;
+    let result = closed_loop(agent, client, clients, seconds, request.clone()).await?;
     let after = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
     Ok((result, after.mean_since(&before)))
 }
@@ -1312,7 +1472,7 @@ mod tests {
             (load(1000.0, 900.0), load(3200.0, 800.0)),
             (load(1000.0, 900.0), load(3400.0, 700.0)),
         ];
-        let verdict = gain_verdict(&pairs);
+        let verdict = gain_verdict("At 32 clients", "three", &pairs);
         assert!(verdict.contains("gains 2.50×, 3.20×, 3.40×"), "{verdict}");
         assert!(
             verdict.contains("median 3.20× the throughput (target ≥ 3×: met)"),
@@ -1328,7 +1488,7 @@ mod tests {
             (load(1000.0, 900.0), load(2900.0, 1000.0)),
             (load(1000.0, 900.0), load(2000.0, 800.0)),
         ];
-        let verdict = gain_verdict(&pairs);
+        let verdict = gain_verdict("At 32 clients", "three", &pairs);
         assert!(
             verdict.contains("median 2.90× the throughput (target ≥ 3×: missed)"),
             "{verdict}"
