@@ -765,14 +765,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
          throughput with batching at 32 clients, p99 no worse than unbatched.\n",
         args.seconds
     )?;
-    writeln!(
-        out,
-        "| clients | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | on mean batch | off CPU per request: model + rest of agent + clients (µs) | on CPU per request: model + rest of agent + clients (µs) | throughput gain | errors |"
-    )?;
-    writeln!(
-        out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    )?;
+    writeln!(out, "| clients | {PAIR_COLUMNS}")?;
     let off_repo = repository_with(
         &args.bench_models,
         model.name,
@@ -800,24 +793,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             &request,
         )
         .await?;
-        let gain = on.throughput / off.throughput;
-        writeln!(
-            out,
-            "| {clients} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.0} + {:.0} + {:.0} | {gain:.2}× | {} |",
-            off.throughput,
-            off.p50,
-            off.p99,
-            on.throughput,
-            on.p50,
-            on.p99,
-            off.model_cpu,
-            off.agent_rest_cpu,
-            off.clients_cpu,
-            on.model_cpu,
-            on.agent_rest_cpu,
-            on.clients_cpu,
-            off.errors + on.errors
-        )?;
+        writeln!(out, "{}", pair_row(clients, &off, &on, batch))?;
         if clients == 32 {
             let cpu = cpu_at_32("In the table's row", &off, &on, &raw_batched)?;
             let mut pairs = vec![(off, on)];
@@ -923,6 +899,39 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The columns of an off/on table after its first, and the alignment row.
+const PAIR_COLUMNS: &str = "off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | \
+    on mean batch | off CPU per request: model + rest of agent + clients (µs) | on CPU per request: model + \
+    rest of agent + clients (µs) | throughput gain | errors |\n\
+    | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |";
+
+/// A row of an off/on table under [`PAIR_COLUMNS`], `first` in its first
+/// column; `batch` is the "on" agent's mean batch.
+fn pair_row(
+    first: impl std::fmt::Display,
+    off: &LoadResult,
+    on: &LoadResult,
+    batch: f64,
+) -> String {
+    format!(
+        "| {first} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.0} + {:.0} + {:.0} | {:.2}× | {} |",
+        off.throughput,
+        off.p50,
+        off.p99,
+        on.throughput,
+        on.p50,
+        on.p99,
+        off.model_cpu,
+        off.agent_rest_cpu,
+        off.clients_cpu,
+        on.model_cpu,
+        on.agent_rest_cpu,
+        on.clients_cpu,
+        on.throughput / off.throughput,
+        off.errors + on.errors
+    )
+}
+
 /// Off/on pairs measured at 32 clients, the table's row first; the verdict
 /// takes their median gain.
 const GAIN_PAIRS_AT_32: usize = 5;
@@ -1004,37 +1013,13 @@ async fn streaming_pairs(
          sending its next request when the answer to the last arrives: no HTTP/2 stream, headers or server task per \
          inference, so the transport takes less of each request. {GAIN_PAIRS_AT_32} off/on pairs, each back to back.\n"
     )?;
-    writeln!(
-        out,
-        "| pair | off req/s | off p50 (µs) | off p99 (µs) | on req/s | on p50 (µs) | on p99 (µs) | on mean batch | off CPU per request: model + rest of agent + clients (µs) | on CPU per request: model + rest of agent + clients (µs) | throughput gain | errors |"
-    )?;
-    writeln!(
-        out,
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    )?;
+    writeln!(out, "| pair | {PAIR_COLUMNS}")?;
     let mut pairs = Vec::new();
     for pair in 1..=GAIN_PAIRS_AT_32 {
         let off = warmed_closed_loop(off_agent, Client::Stream, 32, seconds, request).await?;
         let (on, batch) =
             batched_closed_loop(on_agent, model, Client::Stream, 32, seconds, request).await?;
-        writeln!(
-            out,
-            "| {pair} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.0} + {:.0} + {:.0} | {:.2}× | {} |",
-            off.throughput,
-            off.p50,
-            off.p99,
-            on.throughput,
-            on.p50,
-            on.p99,
-            off.model_cpu,
-            off.agent_rest_cpu,
-            off.clients_cpu,
-            on.model_cpu,
-            on.agent_rest_cpu,
-            on.clients_cpu,
-            on.throughput / off.throughput,
-            off.errors + on.errors
-        )?;
+        writeln!(out, "{}", pair_row(pair, &off, &on, batch))?;
         pairs.push((off, on));
     }
     out.push_str(&gain_verdict(
@@ -1479,6 +1464,20 @@ mod tests {
             "{verdict}"
         );
         assert!(verdict.contains("in 2 of 3 pairs (met)"), "{verdict}");
+    }
+
+    #[test]
+    fn an_off_on_row_has_a_cell_for_each_column() {
+        let header = format!("| clients | {PAIR_COLUMNS}");
+        let mut lines = header.lines();
+        let cells = |line: &str| line.matches('|').count();
+        let (names, alignment) = (lines.next().unwrap(), lines.next().unwrap());
+        let row = pair_row(32, &load(1000.0, 900.0), &load(3100.0, 800.0), 17.5);
+        assert_eq!(cells(names), cells(alignment), "{header}");
+        assert_eq!(cells(&row), cells(names), "{row}");
+        assert!(row.starts_with("| 32 | 1000 | "), "{row}");
+        assert!(row.contains("| 17.5 | "), "{row}");
+        assert!(row.ends_with("| 3.10× | 0 |"), "{row}");
     }
 
     #[test]
