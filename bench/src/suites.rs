@@ -782,17 +782,14 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
     let mut off_at_32 = None;
     for clients in [1usize, 8, 32, 128] {
         // Warm up each, then measure; the idle agent costs nothing meanwhile.
-        let off =
-            warmed_closed_loop(&off_agent, Client::Tonic, clients, args.seconds, &request).await?;
-        let (on, batch) = batched_closed_loop(
-            &on_agent,
-            model.name,
-            Client::Tonic,
+        let load = Load {
+            model: model.name,
+            client: Client::Tonic,
             clients,
-            args.seconds,
-            &request,
-        )
-        .await?;
+            seconds: args.seconds,
+            request: &request,
+        };
+        let (off, on, batch) = off_on_pair(&off_agent, &on_agent, &load).await?;
         writeln!(out, "{}", pair_row(clients, &off, &on, batch))?;
         if clients == 32 {
             let cpu = cpu_at_32("In the table's row", &off, &on, &raw_batched)?;
@@ -800,18 +797,7 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             // More off/on pairs, each back to back: one noisy point on a
             // shared machine must not decide the verdict.
             for _ in 1..GAIN_PAIRS_AT_32 {
-                let off =
-                    warmed_closed_loop(&off_agent, Client::Tonic, clients, args.seconds, &request)
-                        .await?;
-                let (on, _) = batched_closed_loop(
-                    &on_agent,
-                    model.name,
-                    Client::Tonic,
-                    clients,
-                    args.seconds,
-                    &request,
-                )
-                .await?;
+                let (off, on, _) = off_on_pair(&off_agent, &on_agent, &load).await?;
                 pairs.push((off, on));
             }
             verdict = format!(
@@ -1015,10 +1001,15 @@ async fn streaming_pairs(
     )?;
     writeln!(out, "| pair | {PAIR_COLUMNS}")?;
     let mut pairs = Vec::new();
+    let load = Load {
+        model,
+        client: Client::Stream,
+        clients: 32,
+        seconds,
+        request,
+    };
     for pair in 1..=GAIN_PAIRS_AT_32 {
-        let off = warmed_closed_loop(off_agent, Client::Stream, 32, seconds, request).await?;
-        let (on, batch) =
-            batched_closed_loop(on_agent, model, Client::Stream, 32, seconds, request).await?;
+        let (off, on, batch) = off_on_pair(off_agent, on_agent, &load).await?;
         writeln!(out, "{}", pair_row(pair, &off, &on, batch))?;
         pairs.push((off, on));
     }
@@ -1049,6 +1040,36 @@ fn median(values: &[f64]) -> f64 {
 /// The queue delays the batching suite compares at 32 clients (`None`: unset,
 /// the adaptive delay).
 const QUEUE_DELAYS_US: [Option<u64>; 4] = [None, Some(0), Some(200), Some(1000)];
+
+/// What a closed loop runs: `clients` of kind `client` sending `request`
+/// to `model` for `seconds`.
+struct Load<'a> {
+    model: &'a str,
+    client: Client,
+    clients: usize,
+    seconds: f64,
+    request: &'a pb::ModelInferRequest,
+}
+
+/// One off/on pair, back to back: the unbatched agent's load, the batching
+/// agent's, and its mean batch.
+async fn off_on_pair(
+    off_agent: &AgentProcess,
+    on_agent: &AgentProcess,
+    load: &Load<'_>,
+) -> anyhow::Result<(LoadResult, LoadResult, f64)> {
+    let Load {
+        model,
+        client,
+        clients,
+        seconds,
+        request,
+    } = *load;
+    let off = warmed_closed_loop(off_agent, client, clients, seconds, request).await?;
+    let (on, batch) =
+        batched_closed_loop(on_agent, model, client, clients, seconds, request).await?;
+    Ok((off, on, batch))
+}
 
 /// A warm-up, then a measured [`closed_loop`].
 async fn warmed_closed_loop(
