@@ -550,17 +550,15 @@ impl LoadResult {
     }
 }
 
+/// `load` for `seconds` (its own or a warm-up's).
 async fn closed_loop(
     agent: &AgentProcess,
-    client: Client,
-    clients: usize,
+    load: &Load<'_>,
     seconds: f64,
-    request: pb::ModelInferRequest,
 ) -> anyhow::Result<LoadResult> {
-    anyhow::ensure!(
-        client != Client::OneWrite,
-        "closed loops drive tonic's clients, unary or streaming"
-    );
+    let Load {
+        client, clients, ..
+    } = *load;
     // A few connections shared by the clients, as several apps on a device would.
     let mut channels = Vec::new();
     for _ in 0..clients.min(8) {
@@ -569,16 +567,18 @@ async fn closed_loop(
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let agent_cpu_before = agent.cpu_time()?;
     let clients_cpu_before = process_cpu_time(std::process::id())?;
-    let request = Arc::new(request);
+    let request = Arc::new(load.request.clone());
     let mut tasks = Vec::new();
     for i in 0..clients {
         let channel = channels[i % channels.len()].clone();
         let request = Arc::clone(&request);
         tasks.push(tokio::spawn(async move {
-            if client == Client::Stream {
-                streaming_client(channel, &request, deadline).await
-            } else {
-                unary_client(channel, &request, deadline).await
+            match client {
+                Client::Tonic => unary_client(channel, &request, deadline).await,
+                Client::Stream => streaming_client(channel, &request, deadline).await,
+                Client::OneWrite => {
+                    anyhow::bail!("closed loops drive tonic's clients, unary or streaming")
+                }
             }
         }));
     }
@@ -861,15 +861,14 @@ pub async fn batching(args: &Args) -> anyhow::Result<String> {
             &format!("max_batch_size = 32\n{setting}queue_capacity = 512\n"),
         )?;
         let agent = AgentProcess::start(&args.agent, repo.path(), "onnxruntime").await?;
-        let (on, batch) = batched_closed_loop(
-            &agent,
-            model.name,
-            Client::Tonic,
-            32,
-            args.seconds,
-            &request,
-        )
-        .await?;
+        let load = Load {
+            model: model.name,
+            client: Client::Tonic,
+            clients: 32,
+            seconds: args.seconds,
+            request: &request,
+        };
+        let (on, batch) = batched_closed_loop(&agent, &load).await?;
         writeln!(
             out,
             "| {label} | {:.0} | {:.0} | {:.0} | {batch:.1} | {:.0} + {:.0} + {:.0} | {:.2}× |",
@@ -1042,7 +1041,7 @@ fn median(values: &[f64]) -> f64 {
 const QUEUE_DELAYS_US: [Option<u64>; 4] = [None, Some(0), Some(200), Some(1000)];
 
 /// What a closed loop runs: `clients` of kind `client` sending `request`
-/// to `model` for `seconds`.
+/// to `model` for `seconds` (after a warm-up).
 struct Load<'a> {
     model: &'a str,
     client: Client,
@@ -1058,46 +1057,31 @@ async fn off_on_pair(
     on_agent: &AgentProcess,
     load: &Load<'_>,
 ) -> anyhow::Result<(LoadResult, LoadResult, f64)> {
-    let Load {
-        model,
-        client,
-        clients,
-        seconds,
-        request,
-    } = *load;
-    let off = warmed_closed_loop(off_agent, client, clients, seconds, request).await?;
-    let (on, batch) =
-        batched_closed_loop(on_agent, model, client, clients, seconds, request).await?;
+    let off = warmed_closed_loop(off_agent, load).await?;
+    let (on, batch) = batched_closed_loop(on_agent, load).await?;
     Ok((off, on, batch))
 }
 
 /// A warm-up, then a measured [`closed_loop`].
-async fn warmed_closed_loop(
-    agent: &AgentProcess,
-    client: Client,
-    clients: usize,
-    seconds: f64,
-    request: &pb::ModelInferRequest,
-) -> anyhow::Result<LoadResult> {
-    closed_loop(agent, client, clients, 0.5, request.clone()).await?;
-    closed_loop(agent, client, clients, seconds, request.clone()).await
+async fn warmed_closed_loop(agent: &AgentProcess, load: &Load<'_>) -> anyhow::Result<LoadResult> {
+    closed_loop(agent, load, WARM_UP_SECONDS).await?;
+    closed_loop(agent, load, load.seconds).await
 }
+
+/// How long each closed loop runs unmeasured first.
+const WARM_UP_SECONDS: f64 = 0.5;
 
 /// A warm-up and a measured [`closed_loop`] on a batching agent, and the
 /// mean batch size over the measured part (from its `/metrics`).
 async fn batched_closed_loop(
     agent: &AgentProcess,
-    model: &str,
-    client: Client,
-    clients: usize,
-    seconds: f64,
-    request: &pb::ModelInferRequest,
+    load: &Load<'_>,
 ) -> anyhow::Result<(LoadResult, f64)> {
     const BATCH_SIZE: &str = "edgefleet_inference_batch_size";
-    closed_loop(agent, client, clients, 0.5, request.clone()).await?;
-    let before = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
-    let result = closed_loop(agent, client, clients, seconds, request.clone()).await?;
-    let after = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, model)?;
+    closed_loop(agent, load, WARM_UP_SECONDS).await?;
+    let before = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, load.model)?;
+    let result = closed_loop(agent, load, load.seconds).await?;
+    let after = HistogramTotals::read(&agent.metrics().await?, BATCH_SIZE, load.model)?;
     Ok((result, after.mean_since(&before)))
 }
 
