@@ -465,6 +465,26 @@ impl<K: Ord> Merger<K> {
     }
 }
 
+/// Rolled-up hours and raw batches not rolled up yet, merged into one point
+/// per `key` (which may also adjust the point first: a total's window, say).
+pub(crate) fn merge_points<K: Ord>(
+    rollups: Vec<PointRow>,
+    raw: Vec<BatchSamplesRow>,
+    mut key: impl FnMut(&mut ModelPoint) -> K,
+) -> Result<Vec<ModelPoint>, StoreError> {
+    let mut merger = Merger {
+        groups: BTreeMap::new(),
+    };
+    let rollup_points = rollups.into_iter().map(|r| r.into_point().map(|p| vec![p]));
+    let raw_points = raw.into_iter().map(BatchSamplesRow::into_points);
+    for points in rollup_points.chain(raw_points) {
+        for mut p in points? {
+            merger.add(key(&mut p), p);
+        }
+    }
+    Ok(merger.groups.into_values().collect())
+}
+
 /// Per-device effect of one ingest call, from its newly stored batches.
 #[derive(Debug, Default)]
 pub(crate) struct DeviceDelta {

@@ -702,17 +702,7 @@ impl Store for PgStore {
                 .fetch_all(&mut *tx)
                 .await?;
                 tx.commit().await?;
-                let mut merger = Merger::default();
-                for row in rollups {
-                    let p = row.into_point()?;
-                    merger.add((p.at, p.name.clone(), p.version), p);
-                }
-                for row in raw {
-                    for p in row.into_points()? {
-                        merger.add((p.at, p.name.clone(), p.version), p);
-                    }
-                }
-                Ok(merger.groups.into_values().collect())
+                common::merge_points(rollups, raw, |p| (p.at, p.name.clone(), p.version))
             }
         }
     }
@@ -800,17 +790,12 @@ impl Store for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        let mut merger = Merger::default();
-        let raw_points = raw.into_iter().map(BatchSamplesRow::into_points);
-        let rollup_points = rollups.into_iter().map(|r| r.into_point().map(|p| vec![p]));
-        for points in rollup_points.chain(raw_points) {
-            for mut p in points? {
-                p.at = from;
-                p.until = until;
-                merger.add((p.name.clone(), p.version), p);
-            }
-        }
-        Ok(merger.groups.into_values().collect())
+        // Each point covers the whole window.
+        common::merge_points(rollups, raw, |p| {
+            p.at = from;
+            p.until = until;
+            (p.name.clone(), p.version)
+        })
     }
 
     async fn events(
