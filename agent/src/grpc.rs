@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ErrorCode, InferError};
+use crate::grpc_connection::caller_of;
 use crate::grpc_stream::InferStream;
 use crate::metrics::Metrics;
 use crate::model_config::QueueDelay;
@@ -262,7 +263,9 @@ impl GrpcInferenceService for GrpcInference {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let response = infer(&self.service, request.into_inner(), None).await?;
+        // Calls that come one after another on a connection are one caller's.
+        let caller = caller_of(&request);
+        let response = infer(&self.service, request.into_inner(), caller).await?;
         Ok(Response::new(response))
     }
 
@@ -286,8 +289,8 @@ impl GrpcInferenceService for GrpcInference {
     }
 }
 
-/// Decodes one `ModelInferRequest` and runs it (for `caller`, if it sends
-/// one request at a time); a request refused while decoding counts as
+/// Decodes one `ModelInferRequest` and runs it (for `caller`, if it may
+/// send one request at a time); a request refused while decoding counts as
 /// refused for its model.
 pub async fn infer(
     service: &InferenceService,

@@ -9,6 +9,7 @@
 pub mod cpu_latency;
 pub mod error;
 pub mod grpc;
+pub mod grpc_connection;
 pub mod grpc_stream;
 pub mod http;
 pub mod json_data;

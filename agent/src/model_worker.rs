@@ -103,11 +103,15 @@ struct RunContext {
 }
 
 /// A client whose requests come one at a time, each after the answer to the
-/// last (a gRPC stream with nothing else running): its next request may take
-/// the fast path however soon it comes, as long as no other request reached
-/// the version since its last one. Without this, a client quick enough to
-/// send within [`INLINE_QUIET`] of its answer looks like concurrent clients,
-/// and its requests pay the worker thread's two wake-ups.
+/// last (a gRPC stream with nothing else running, or one gRPC connection's
+/// unary calls: see [`crate::grpc_connection`]): its next request may take
+/// the fast path however soon it comes, as long as nothing is in flight on
+/// the version and no other request reached it since its last one. Without
+/// this, a client quick enough to send within [`INLINE_QUIET`] of its answer
+/// looks like concurrent clients, and its requests pay the worker thread's
+/// two wake-ups. (Clients sharing one connection are one caller here: while
+/// their requests overlap none is alone, and while the version's runs hold
+/// several the fast path is closed anyway.)
 #[derive(Debug, Default)]
 pub struct SequentialCaller {
     /// The version its last request went to (its activity's address) and

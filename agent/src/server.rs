@@ -181,8 +181,8 @@ impl Agent {
         // say they accept gzip on every call, and compressing every
         // answer to them would cost the device CPU and latency.
         .accept_compressed(CompressionEncoding::Gzip);
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        // Each connection is one caller (see `grpc_connection`).
+        let incoming = crate::grpc_connection::incoming(grpc_listener);
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)

@@ -30,9 +30,9 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Names of the outputs wanted; empty means all.
     pub outputs: Vec<String>,
-    /// Set when the request comes from a client sending one request at a
-    /// time (a gRPC stream with nothing else running): see
-    /// [`SequentialCaller`].
+    /// Set when the request comes from a client that may send one request
+    /// at a time (a gRPC stream with nothing else running, a gRPC
+    /// connection's unary calls): see [`SequentialCaller`].
     pub caller: Option<Arc<SequentialCaller>>,
 }
 
