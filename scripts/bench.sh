@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every benchmark (or the suites named: overhead, batching, footprint,
+# Runs every benchmark (or the suites named: overhead, overhead-small, batching, footprint,
 # runtimes, ingest, wire, rollout, compression) and writes the figures to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,8 @@ use clap::{Parser, ValueEnum};
 pub enum Suite {
     /// Agent gRPC latency vs a raw ONNX Runtime Session::run.
     Overhead,
+    /// The same on the small test fixtures mlp and conv (runs of microseconds).
+    OverheadSmall,
     /// Throughput and p99 at 1/8/32/128 clients, batching on vs off.
     Batching,
     /// Idle RSS and binary size.
@@ -103,6 +105,7 @@ fn main() -> anyhow::Result<()> {
     let suites: Vec<Suite> = match args.suite {
         Suite::All => vec![
             Suite::Overhead,
+            Suite::OverheadSmall,
             Suite::Batching,
             Suite::Footprint,
             Suite::Runtimes,
@@ -117,6 +120,7 @@ fn main() -> anyhow::Result<()> {
         eprintln!("== {suite:?}");
         let section = match suite {
             Suite::Overhead => runtime.block_on(suites::overhead(&args))?,
+            Suite::OverheadSmall => runtime.block_on(suites::overhead_small(&args))?,
             Suite::Batching => runtime.block_on(suites::batching(&args))?,
             Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
             Suite::Runtimes => suites::runtimes(&args)?,

@@ -80,14 +80,58 @@ static BENCH_MODELS: [BenchModel; 2] = [
     },
 ];
 
+/// The small test fixtures, for the overhead on models that run in a few
+/// microseconds (`overhead-small`).
+static SMALL_MODELS: [BenchModel; 2] = [
+    BenchModel {
+        name: "mlp",
+        input: "input",
+        output: "logits",
+        shape: [1, 16, 0, 0],
+        rank: 2,
+    },
+    BenchModel {
+        name: "conv",
+        input: "image",
+        output: "logits",
+        shape: [1, 3, 16, 16],
+        rank: 4,
+    },
+];
+
 pub async fn overhead(args: &Args) -> anyhow::Result<String> {
+    let title = "## Overhead: agent gRPC vs raw ONNX Runtime `Session::run`\n";
+    overhead_of(args, title, &BENCH_MODELS, &args.bench_models).await
+}
+
+/// The overhead suite on the small test fixtures `mlp` and `conv`, whose
+/// runs take microseconds: a quick client's next call then comes soon after
+/// its answer, and the agent's own share of each call stands out.
+pub async fn overhead_small(args: &Args) -> anyhow::Result<String> {
+    let title = "## Overhead on small models: the test fixtures `mlp` (16 inputs) and `conv` \
+                 (a 3×16×16 image)\n\nThe overhead suite of the section above again, on models that run in \
+                 microseconds (from `--fixtures`): with them the agent's own share of a call stands out.\n";
+    overhead_of(args, title, &SMALL_MODELS, &args.fixtures).await
+}
+
+async fn overhead_of(
+    args: &Args,
+    title: &str,
+    models: &'static [BenchModel],
+    source: &Path,
+) -> anyhow::Result<String> {
     let library = ort_library()?;
     let onnxruntime = OnnxRuntime::new(&library)?;
+    // A repository holding just these models, for the agent and the raw runs.
+    let repository = tempfile::tempdir()?;
+    for model in models {
+        let version = repository.path().join(model.name).join("1");
+        std::fs::create_dir_all(&version)?;
+        std::fs::copy(model_path(source, model.name), version.join("model.onnx"))?;
+    }
+    let dir = repository.path();
     let mut out = String::new();
-    writeln!(
-        out,
-        "## Overhead: agent gRPC vs raw ONNX Runtime `Session::run`\n"
-    )?;
+    writeln!(out, "{title}")?;
     writeln!(
         out,
         "Batch-1 requests, one client, sequential, {} timed iterations after warm-up. \"raw\" is `ort::Session::run` \
@@ -147,8 +191,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             )?;
             continue;
         }
-        let agent =
-            AgentProcess::start_with(&args.agent, &args.bench_models, "onnxruntime", extra).await?;
+        let agent = AgentProcess::start_with(&args.agent, dir, "onnxruntime", extra).await?;
         // The transport's share: a ServerLive round trip does no inference.
         let mut floors = Vec::new();
         for client in Client::UNARY {
@@ -164,12 +207,12 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
             us(&tcp, 0.5),
             us(&tcp, 0.99)
         ));
-        for model in &BENCH_MODELS {
+        for model in models {
             let shape = &model.shape[..model.rank];
             let len = element_count(shape)?;
             let values = input_values(len);
 
-            let mut run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
+            let mut run = RawRun::new(&onnxruntime, dir, model, 1)?;
             let mut raw = histogram();
             for i in 0..(args.iterations + 300) {
                 let started = Instant::now();
@@ -186,7 +229,7 @@ pub async fn overhead(args: &Args) -> anyhow::Result<String> {
                 // calls only (`ServerLive` has no streaming form).
                 let transport = match Client::UNARY.iter().position(|&unary| unary == client) {
                     Some(index) => {
-                        let run = RawRun::new(&onnxruntime, &args.bench_models, model, 1)?;
+                        let run = RawRun::new(&onnxruntime, dir, model, 1)?;
                         let SequentialTimings {
                             calls: floor_after_run,
                             runs: raw_between_round_trips,
