@@ -125,9 +125,7 @@ async fn overhead_of(
     // A repository holding just these models, for the agent and the raw runs.
     let repository = tempfile::tempdir()?;
     for model in models {
-        let version = repository.path().join(model.name).join("1");
-        std::fs::create_dir_all(&version)?;
-        std::fs::copy(model_path(source, model.name), version.join("model.onnx"))?;
+        copy_model(source, model.name, repository.path())?;
     }
     let dir = repository.path();
     let mut out = String::new();
@@ -566,11 +564,16 @@ fn repository_with(
     config: &str,
 ) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    let version = dir.path().join(model).join("1");
-    std::fs::create_dir_all(&version)?;
-    std::fs::copy(model_path(bench_models, model), version.join("model.onnx"))?;
+    copy_model(bench_models, model, dir.path())?;
     std::fs::write(dir.path().join(model).join("config.toml"), config)?;
     Ok(dir)
+}
+
+/// Copies version 1 of `model` from the repository `source` into `repository`.
+fn copy_model(source: &Path, model: &str, repository: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(repository.join(model).join("1"))?;
+    std::fs::copy(model_path(source, model), model_path(repository, model))?;
+    Ok(())
 }
 
 struct LoadResult {
