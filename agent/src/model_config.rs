@@ -170,7 +170,9 @@ impl ModelConfig {
 
     /// Parses and validates a `config.toml`, reporting every problem at once.
     pub fn parse(text: &str) -> Result<ModelConfig, String> {
-        let raw: RawModelConfig = toml::from_str(text).map_err(|err| err.message().to_string())?;
+        let raw: RawModelConfig = toml::from_str(text).map_err(|err| {
+            edgefleet_daemon::parse_error_line(text, err.message(), err.span().map(|at| at.start))
+        })?;
         let defaults = ModelConfig::default();
         let mut problems = Vec::new();
         let mut at_most = |key: &str, value: Option<u64>, limit: u64, unit: &str| {
@@ -378,6 +380,16 @@ mod tests {
                 && err.contains("max_queue_delay_us = 10000000000"),
             "{err}"
         );
+    }
+
+    /// A value of the wrong type is refused with where it is, as one line:
+    /// the parser's message alone does not name the key or the line.
+    #[test]
+    fn a_value_of_the_wrong_type_is_refused_with_its_line_and_column() {
+        let err = ModelConfig::parse("instances = 2\nmax_batch_size = 'x'\n").unwrap_err();
+        assert!(err.starts_with("line 2, column 18: "), "{err}");
+        assert!(err.contains("expected usize"), "{err}");
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
