@@ -1069,6 +1069,15 @@ async fn streaming_pairs(
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
+/// Megabyte figures as the prose lists them: `9.5, 9.4, 9.6`.
+fn listed_mb(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|mb| format!("{mb:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
@@ -1172,11 +1181,7 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
         idle_tract.push(idle_rss_mb(&args.agent, empty.path(), "tract").await?.0);
     }
     let idle = median(&idle_tract);
-    let listed = idle_tract
-        .iter()
-        .map(|rss| format!("{rss:.1}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let listed = listed_mb(&idle_tract);
     writeln!(
         out,
         "\nIdle with tract and an empty repository, over {} starts one after the other (the table's row and {} more: \
@@ -1185,9 +1190,9 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
         idle_tract.len() - 1,
         if idle <= 10.0 { "met" } else { "missed" }
     )?;
-    // The file the linker wrote sits in the page cache in small pages; a
-    // copy (as `install`, `cp` or a download writes one) in large folios,
-    // of which the kernel maps more per fault: the RSS a device sees.
+    // A device runs a copy (written by `install`, `cp` or a download), not
+    // the file the linker wrote; the kernel caches the two differently and
+    // maps more of a copy's code (docs/benchmarks.md, across hosts).
     let installed_dir = tempfile::tempdir()?;
     let installed = installed_dir.path().join("edgefleet-agent");
     std::fs::copy(&args.agent, &installed)?;
@@ -1199,16 +1204,11 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
         installed_file.push(file);
     }
     let installed_idle = median(&installed_rss);
-    let listed = installed_rss
-        .iter()
-        .map(|rss| format!("{rss:.1}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let listed = listed_mb(&installed_rss);
     writeln!(
         out,
         "\nThe same binary installed: copied to another file first (as `install`, `cp` or a download writes it), \
-         which the page cache holds in larger folios than the file the linker wrote, so the kernel maps more of \
-         its code per page fault. Idle with tract and an empty repository over {} starts: {listed} MB, median \
+         which the kernel caches differently from the file the linker wrote: it maps more of the copy's code. Idle with tract and an empty repository over {} starts: {listed} MB, median \
          **{installed_idle:.1} MB** (file-backed median {:.1} MB; target ≤ 10 MB: {}).",
         installed_rss.len(),
         median(&installed_file),
