@@ -1068,7 +1068,6 @@ async fn streaming_pairs(
     Ok(out)
 }
 
-/// The median of `values` (the mean of the middle two for an even count).
 /// Megabyte figures as the prose lists them: `9.5, 9.4, 9.6`.
 fn listed_mb(values: &[f64]) -> String {
     values
@@ -1078,6 +1077,7 @@ fn listed_mb(values: &[f64]) -> String {
         .join(", ")
 }
 
+/// The median of `values` (the mean of the middle two for an even count).
 fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
