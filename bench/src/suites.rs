@@ -1154,7 +1154,8 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          (heap, stacks, relocated data: the agent's own) and file-backed pages (its binary's code and read-only data, \
          shared libraries: clean, shared with the page cache; how many are mapped depends on how the kernel cached \
          the files: this kernel maps whole large folios). The agent unmaps its ~1 MB relocation table after \
-         start-up (agent/src/memory.rs).\n"
+         start-up (agent/src/memory.rs), and the functions it runs from start to idle are linked side by side \
+         (agent/build.rs, agent/text-order.txt), so it maps few pages of its code.\n"
     )?;
     writeln!(
         out,

@@ -1,0 +1,47 @@
+//! Links the agent's start-up code together.
+//!
+//! An idle agent's memory is mostly its own code: every page of it that
+//! start-up touched stays mapped, and the kernel maps whole neighbourhoods
+//! (64 KB windows, or whole large folios of a freshly installed file) around
+//! each page touched. Left to the compiler, the ~900 functions an agent runs
+//! from `main` to idle are spread over ~4.5 MB of its ~14 MB of code.
+//! `text-order.txt` lists them (`scripts/order-agent-text.py` records them
+//! by running the agent under callgrind), and lld's
+//! `--symbol-ordering-file` places them first, side by side: the idle agent
+//! then maps ~0.8 MB of its code instead of ~4.5 MB (docs/benchmarks.md,
+//! footprint). Names missing from the build (another dependency version,
+//! another toolchain) are skipped silently: a stale list costs memory, never
+//! a build.
+//!
+//! Only release builds for x86_64 Linux (glibc), which rustc links with its
+//! own lld; another linker (a configured `linker`, `-C linker-flavor`, a
+//! cross build) may not know the option, so those builds are left alone.
+//!
+//! `EDGEFLEET_AGENT_LINK_MAP=PATH` also writes lld's map of the agent (where
+//! each function landed) to PATH: the ordering script reads it.
+
+use std::env;
+use std::path::Path;
+
+fn main() {
+    println!("cargo::rerun-if-changed=text-order.txt");
+    println!("cargo::rerun-if-env-changed=EDGEFLEET_AGENT_LINK_MAP");
+    let var = |name: &str| env::var(name).unwrap_or_default();
+    let rustflags = var("CARGO_ENCODED_RUSTFLAGS");
+    let links_with_rust_lld = var("CARGO_CFG_TARGET_ARCH") == "x86_64"
+        && var("CARGO_CFG_TARGET_OS") == "linux"
+        && var("CARGO_CFG_TARGET_ENV") == "gnu"
+        && env::var_os("RUSTC_LINKER").is_none()
+        && !rustflags.contains("linker")
+        && !rustflags.contains("link-self-contained");
+    let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("text-order.txt");
+    if !links_with_rust_lld || var("PROFILE") != "release" || !order.is_file() {
+        return;
+    }
+    let link_arg = |arg: String| println!("cargo::rustc-link-arg-bin=edgefleet-agent={arg}");
+    link_arg(format!("-Wl,--symbol-ordering-file={}", order.display()));
+    link_arg("-Wl,--no-warn-symbol-ordering".to_owned());
+    if let Some(map) = env::var_os("EDGEFLEET_AGENT_LINK_MAP") {
+        link_arg(format!("-Wl,-Map={}", Path::new(&map).display()));
+    }
+}
