@@ -4,12 +4,12 @@
 //! start-up touched stays mapped, and the kernel maps whole neighbourhoods
 //! (64 KB windows, or whole large folios of a freshly installed file) around
 //! each page touched. Left to the compiler, the functions an agent runs from
-//! `main` to idle are spread over ~4.5 MB of its ~14 MB of code.
+//! `main` to idle are spread over megabytes of its code.
 //! `text-order.txt` lists them (`scripts/order-agent-text.py` records them
 //! by running the agent under callgrind), and lld's
-//! `--symbol-ordering-file` places them first, side by side: the idle agent
-//! then maps ~1 MB of its code instead of ~4.5 MB (docs/benchmarks.md,
-//! footprint). Names missing from the build (another dependency version,
+//! `--symbol-ordering-file` places them first, side by side, and the idle
+//! agent maps far less of its code (docs/benchmarks.md, footprint: idle RSS
+//! about halved). Names missing from the build (another dependency version,
 //! another toolchain) are skipped silently: a stale list costs memory, never
 //! a build.
 //!

@@ -3,8 +3,8 @@
 
 The release agent is linked with lld's --symbol-ordering-file=agent/text-order.txt
 (agent/build.rs), which places the functions it names first and side by side,
-so an idle agent maps a few hundred KB of its code instead of megabytes spread
-over the whole binary. This script writes that list. For each way the agent is
+so an idle agent maps far less of its code than when it is spread over the
+whole binary. This script writes that list. For each way the agent is
 built (alone, as a device build does, and with the other packages, as the README
 and scripts/bench.sh build it: Cargo's feature unification gives dependencies,
 and so symbol names, that differ between the two), it:
@@ -32,12 +32,16 @@ import bisect
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,9 +171,7 @@ def probe(addresses):
     """What a ready agent answers before it serves a model: the health,
     metadata and metrics endpoints a supervisor, a load balancer or a client
     library calls (HTTP, and gRPC with raw bytes: every message here is empty)."""
-    import grpc
-    import urllib.error
-    import urllib.request
+    import grpc  # scripts/requirements-client.txt
 
     for path in ["/v2/health/live", "/v2/health/ready", "/v2", "/metrics", "/v2/models/absent"]:
         try:
@@ -200,7 +202,7 @@ def record(release, work, idle_seconds):
     # `run`: enrolled with a control plane (of the same build) on ports of its own.
     data_dir, state_dir = work / "control-plane", work / "device"
     for directory in (data_dir, state_dir):
-        subprocess.run(["rm", "-rf", directory], check=True)
+        shutil.rmtree(directory, ignore_errors=True)
     ports = free_ports(3)
     control_plane = subprocess.Popen(
         [server, "serve", "--data-dir", data_dir, "--agent-addr", f"127.0.0.1:{ports[0]}",
@@ -213,6 +215,8 @@ def record(release, work, idle_seconds):
             if token_file.exists() and token_file.read_text().strip():
                 break
             time.sleep(0.1)
+        else:
+            sys.exit(f"order-agent-text: the control plane wrote no {token_file} within 30 s")
         env = dict(os.environ, EDGEFLEET_TOKEN=token_file.read_text().strip(),
                    EDGEFLEET_SERVER=f"http://127.0.0.1:{ports[1]}")
         join = subprocess.run([cli, "join-token", "create", "--uses", "1"], env=env,
@@ -232,7 +236,6 @@ def record(release, work, idle_seconds):
 
 
 def free_ports(count):
-    import socket
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
@@ -266,7 +269,7 @@ def main():
                     if name not in seen:
                         seen.add(name)
                         ordered.append(name)
-            counts.append(f"{' '.join(packages)}: {found} functions")
+            counts.append(f"{' '.join(packages)}: {found} functions (serve's and run's, each counted)")
             log(counts[-1])
     header = [
         "# The functions the agent runs from start to idle (serve, then run), for lld's",
