@@ -6,25 +6,31 @@
 //! each page touched. Left to the compiler, the functions an agent runs from
 //! `main` to idle are spread over megabytes of its code.
 //! `text-order.txt` lists them (`scripts/order-agent-text.py` records them
-//! by running the agent under callgrind), and lld's
-//! `--symbol-ordering-file` places them first, side by side, and the idle
+//! by running the agent under callgrind), by name and again as globs that
+//! leave out Cargo's hashes (src/text_order.rs), and the linker script
+//! written from it places them first in `.text`, side by side: the idle
 //! agent maps far less of its code (docs/benchmarks.md, footprint: idle RSS
-//! about halved). Names missing from the build (another dependency version,
-//! another toolchain) are skipped silently: a stale list costs memory, never
-//! a build.
+//! about halved). After a dependency or toolchain update the globs still
+//! find most of them; what nothing matches is skipped: a stale list costs
+//! memory, never a build.
 //!
 //! Only release builds for x86_64 Linux (glibc), which rustc links with its
 //! own lld; another linker (a configured `linker`, `-C linker-flavor`, a
-//! cross build) may not know the option, so those builds are left alone.
+//! cross build) may not read the script, so those builds are left alone.
 //!
 //! `EDGEFLEET_AGENT_LINK_MAP=PATH` also writes lld's map of the agent (where
 //! each function landed) to PATH: the ordering script reads it.
 
 use std::env;
+use std::fs;
 use std::path::Path;
+
+#[path = "src/text_order.rs"]
+mod text_order;
 
 fn main() {
     println!("cargo::rerun-if-changed=text-order.txt");
+    println!("cargo::rerun-if-changed=src/text_order.rs");
     println!("cargo::rerun-if-env-changed=EDGEFLEET_AGENT_LINK_MAP");
     let var = |name: &str| env::var(name).unwrap_or_default();
     let rustflags = var("CARGO_ENCODED_RUSTFLAGS");
@@ -35,12 +41,26 @@ fn main() {
         && !rustflags.contains("linker")
         && !rustflags.contains("link-self-contained");
     let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("text-order.txt");
-    if !links_with_rust_lld || var("PROFILE") != "release" || !order.is_file() {
+    if !links_with_rust_lld || var("PROFILE") != "release" {
         return;
     }
+    let Ok(list) = fs::read_to_string(&order) else {
+        return;
+    };
+    let script = match text_order::linker_script(&list) {
+        Ok(script) => script,
+        Err(error) => {
+            println!(
+                "cargo::warning=agent/text-order.txt is not used: {error} \
+                 (scripts/order-agent-text.py writes it)"
+            );
+            return;
+        }
+    };
+    let script_path = Path::new(&var("OUT_DIR")).join("text-order.ld");
+    fs::write(&script_path, script).expect("cannot write the agent's linker script to OUT_DIR");
     let link_arg = |arg: String| println!("cargo::rustc-link-arg-bin=edgefleet-agent={arg}");
-    link_arg(format!("-Wl,--symbol-ordering-file={}", order.display()));
-    link_arg("-Wl,--no-warn-symbol-ordering".to_owned());
+    link_arg(format!("-Wl,-T,{}", script_path.display()));
     if let Some(map) = env::var_os("EDGEFLEET_AGENT_LINK_MAP") {
         link_arg(format!("-Wl,-Map={}", Path::new(&map).display()));
     }

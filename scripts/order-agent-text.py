@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Records which functions the agent runs from start to idle, for agent/text-order.txt.
 
-The release agent is linked with lld's --symbol-ordering-file=agent/text-order.txt
-(agent/build.rs), which places the functions it names first and side by side,
-so an idle agent maps far less of its code than when it is spread over the
-whole binary. This script writes that list. For each way the agent is
-built (alone, as a device build does, and with the other packages, as the README
-and scripts/bench.sh build it: Cargo's feature unification gives dependencies,
+The release agent is linked with a linker script written from
+agent/text-order.txt (agent/build.rs, agent/src/text_order.rs), which places
+the functions it names first in `.text`, side by side, so an idle agent maps
+far less of its code than when it is spread over the whole
+binary. This script writes that list. For each way the agent is built (alone,
+as a device build does, and with the other packages, as the README and
+scripts/bench.sh build it: Cargo's feature unification gives dependencies,
 and so symbol names, that differ between the two), it:
 
 1. builds it (`cargo build --release --locked`, stripped as shipped) with
@@ -18,11 +19,16 @@ and so symbol names, that differ between the two), it:
    once ready, as a supervisor or a client library would;
 3. turns the executed addresses into function names through the map.
 
-The list is the union, `serve`'s functions first. Names are exact and carry
-Cargo's hashes, so a dependency or toolchain change leaves some of them
-matching nothing: lld skips those, and running this script again restores the
-layout. Needs valgrind and grpcio (scripts/requirements-client.txt); takes 10-20
-minutes (a release build of each kind).
+The list is the union, `serve`'s functions first, then each name again as a
+glob without the parts that change from build to build (Cargo's hash, a
+crate's disambiguator, LLVM's `.N` suffix). The linker places the functions
+the exact names match first, then the rest the globs match: with the names
+current that is just the functions that ran, packed; after a dependency or
+toolchain update changed them, the globs still gather the functions that ran,
+with the other instances of the generic ones among them. Running this script
+again restores the packed layout. Needs valgrind
+and grpcio (scripts/requirements-client.txt); takes 10-20 minutes (a release
+build of each kind).
 
 Usage: scripts/order-agent-text.py [--idle-seconds N]
 """
@@ -97,6 +103,19 @@ def functions_by_address(link_map):
                 functions.append((start, start + size, name))
     functions.sort()
     return functions
+
+
+LEGACY_HASH = re.compile(r"17h[0-9a-f]{16}E")
+V0_CRATE = re.compile(r"Cs[0-9A-Za-z]+_")
+LOCAL_SUFFIX = re.compile(r"(\.\d+)+$")
+
+
+def glob_of(name):
+    """`name` with the parts that change between builds as `*`."""
+    glob = LEGACY_HASH.sub("17h*E", name) if name.startswith("_ZN") else name
+    if name.startswith("_R"):
+        glob = V0_CRATE.sub("Cs*_", glob)
+    return LOCAL_SUFFIX.sub(".*", glob)
 
 
 def executed_addresses(callgrind_out, object_name):
@@ -271,14 +290,24 @@ def main():
                         ordered.append(name)
             counts.append(f"{' '.join(packages)}: {found} functions (serve's and run's, each counted)")
             log(counts[-1])
+    globs = []
+    for name in ordered:
+        glob = glob_of(name)
+        if glob != name and glob not in seen:
+            seen.add(glob)
+            globs.append(glob)
     header = [
-        "# The functions the agent runs from start to idle (serve, then run), for lld's",
-        "# --symbol-ordering-file (agent/build.rs). Written by scripts/order-agent-text.py;",
-        "# run it again after a dependency or toolchain change. Builds recorded:",
+        "# The functions the agent runs from start to idle (serve, then run), placed",
+        "# first in its code, side by side, when it is linked (agent/build.rs,",
+        "# agent/src/text_order.rs). Their exact names first, then the same names as",
+        "# globs (`*` for Cargo's hash, a crate's disambiguator, LLVM's suffix): where a",
+        "# dependency or toolchain update has changed the names, the globs still find",
+        "# the functions, with their other instances. Written by",
+        "# scripts/order-agent-text.py; run it again after such an update. Builds recorded:",
         *(f"#   {line}" for line in counts),
     ]
-    ORDER_FILE.write_text("\n".join(header + ordered) + "\n")
-    log(f"wrote {ORDER_FILE.relative_to(ROOT)}: {len(ordered)} functions")
+    ORDER_FILE.write_text("\n".join(header + ordered + ["# The same functions as globs."] + globs) + "\n")
+    log(f"wrote {ORDER_FILE.relative_to(ROOT)}: {len(ordered)} functions, then {len(globs)} globs")
     log("the next `cargo build --release` links the agent with it")
 
 

@@ -28,6 +28,8 @@ pub mod service;
 pub mod statistics;
 pub mod telemetry;
 pub mod tensor;
+#[cfg(test)]
+mod text_order;
 
 // Tensor bytes go to and from the runtimes and the wire as they lie in
 // memory, and the protocol's raw contents are little-endian.

@@ -181,26 +181,4 @@ mod tests {
         let after = unsafe { std::slice::from_raw_parts(start as *const u8, size) };
         assert_eq!(after, &before[..]);
     }
-
-    /// lld reads `text-order.txt` (agent/build.rs) a line at a time: a
-    /// symbol, or a comment after `#`. A line with two names, or a name twice,
-    /// would be a broken list (`scripts/order-agent-text.py` writes it).
-    #[test]
-    fn the_text_order_file_names_one_function_per_line_each_once() {
-        let text = include_str!("../text-order.txt");
-        let names: Vec<&str> = text
-            .lines()
-            .filter(|line| !line.trim_start().starts_with('#'))
-            .collect();
-        assert!(names.len() >= 500, "only {} functions listed", names.len());
-        let mut seen = std::collections::HashSet::new();
-        for name in &names {
-            assert!(
-                !name.is_empty() && !name.contains(char::is_whitespace) && !name.contains('#'),
-                "not one symbol name: {name:?}"
-            );
-            assert!(seen.insert(name), "listed twice: {name}");
-        }
-        assert!(names.contains(&"main"), "the program's entry is not listed");
-    }
 }
