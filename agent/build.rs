@@ -59,9 +59,13 @@ fn main() {
     };
     let script_path = Path::new(&var("OUT_DIR")).join("text-order.ld");
     fs::write(&script_path, script).expect("cannot write the agent's linker script to OUT_DIR");
-    let link_arg = |arg: String| println!("cargo::rustc-link-arg-bin=edgefleet-agent={arg}");
-    link_arg(format!("-Wl,-T,{}", script_path.display()));
+    // `-Xlinker ARG` rather than `-Wl,ARG`: a path may hold a comma.
+    let linker_arg = |arg: String| {
+        println!("cargo::rustc-link-arg-bin=edgefleet-agent=-Xlinker");
+        println!("cargo::rustc-link-arg-bin=edgefleet-agent={arg}");
+    };
+    linker_arg(format!("--script={}", script_path.display()));
     if let Some(map) = env::var_os("EDGEFLEET_AGENT_LINK_MAP") {
-        link_arg(format!("-Wl,-Map={}", Path::new(&map).display()));
+        linker_arg(format!("-Map={}", Path::new(&map).display()));
     }
 }
