@@ -40,10 +40,10 @@ fn main() {
         && env::var_os("RUSTC_LINKER").is_none()
         && !rustflags.contains("linker")
         && !rustflags.contains("link-self-contained");
-    let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("text-order.txt");
     if !links_with_rust_lld || var("PROFILE") != "release" {
         return;
     }
+    let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("text-order.txt");
     let Ok(list) = fs::read_to_string(&order) else {
         return;
     };

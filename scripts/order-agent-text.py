@@ -59,7 +59,10 @@ BUILDS = [
     ["edgefleet-control-plane", "edgefleet-agent", "edgefleet-cli"],
     ["edgefleet-agent"],
 ]
-# Prefixes LLVM may put before a function's name in its section's name.
+# Prefixes LLVM may put before a function's name in its section's name: all
+# are stripped to find the name, but the linker script takes only "unlikely."
+# (agent/src/text_order.rs): the others come with profile data, which these
+# builds do not use.
 SECTION_PREFIXES = ("unlikely.", "hot.", "startup.", "exit.", "split.")
 
 
