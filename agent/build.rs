@@ -14,16 +14,20 @@
 //! find most of them; what nothing matches is skipped: a stale list costs
 //! memory, never a build.
 //!
-//! Only release builds for x86_64 Linux (glibc), which rustc links with its
-//! own lld; another linker (a configured `linker`, `-C linker-flavor`, a
-//! cross build) may not read the script, so those builds are left alone.
+//! Only release builds for Linux (glibc), linked by rustc's own lld (x86_64)
+//! or by a compiler driver whose linker is GNU ld or lld (every other
+//! target: a cross build for a device), which read the script alike. Where
+//! the linker is chosen otherwise (`-fuse-ld`, `--ld-path`,
+//! `-C linker-flavor`) or is another one (gold, mold), the build is left
+//! alone.
 //!
-//! `EDGEFLEET_AGENT_LINK_MAP=PATH` also writes lld's map of the agent (where
-//! each function landed) to PATH: the ordering script reads it.
+//! `EDGEFLEET_AGENT_LINK_MAP=PATH` also writes the linker's map of the agent
+//! (where each function landed) to PATH: the ordering script reads it.
 
 use std::env;
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 
 #[path = "src/text_order.rs"]
 mod text_order;
@@ -33,14 +37,31 @@ fn main() {
     println!("cargo::rerun-if-changed=src/text_order.rs");
     println!("cargo::rerun-if-env-changed=EDGEFLEET_AGENT_LINK_MAP");
     let var = |name: &str| env::var(name).unwrap_or_default();
-    let rustflags = var("CARGO_ENCODED_RUSTFLAGS");
+    if var("CARGO_CFG_TARGET_OS") != "linux"
+        || var("CARGO_CFG_TARGET_ENV") != "gnu"
+        || var("PROFILE") != "release"
+    {
+        return;
+    }
+    let rustflags: Vec<String> = var("CARGO_ENCODED_RUSTFLAGS")
+        .split('\x1f')
+        .map(str::to_string)
+        .collect();
+    let flags_mention = |word: &str| rustflags.iter().any(|flag| flag.contains(word));
+    if ["fuse-ld", "ld-path", "linker-flavor"]
+        .into_iter()
+        .any(flags_mention)
+    {
+        return;
+    }
+    let linker = env::var("RUSTC_LINKER")
+        .ok()
+        .or_else(|| linker_flag(&rustflags));
     let links_with_rust_lld = var("CARGO_CFG_TARGET_ARCH") == "x86_64"
-        && var("CARGO_CFG_TARGET_OS") == "linux"
-        && var("CARGO_CFG_TARGET_ENV") == "gnu"
-        && env::var_os("RUSTC_LINKER").is_none()
-        && !rustflags.contains("linker")
-        && !rustflags.contains("link-self-contained");
-    if !links_with_rust_lld || var("PROFILE") != "release" {
+        && linker.is_none()
+        && !flags_mention("linker-features")
+        && !flags_mention("link-self-contained");
+    if !links_with_rust_lld && !driver_links_with_gnu_ld_or_lld(linker.as_deref().unwrap_or("cc")) {
         return;
     }
     let order = Path::new(&var("CARGO_MANIFEST_DIR")).join("text-order.txt");
@@ -68,4 +89,30 @@ fn main() {
     if let Some(map) = env::var_os("EDGEFLEET_AGENT_LINK_MAP") {
         linker_arg(format!("-Map={}", Path::new(&map).display()));
     }
+}
+
+/// The linker `-C linker=PATH` in the rustflags names, if any.
+fn linker_flag(rustflags: &[String]) -> Option<String> {
+    let mut flags = rustflags.iter().map(String::as_str);
+    while let Some(flag) = flags.next() {
+        let codegen = match flag {
+            "-C" => flags.next().unwrap_or_default(),
+            _ => flag.strip_prefix("-C").unwrap_or_default(),
+        };
+        if let Some(linker) = codegen.strip_prefix("linker=") {
+            return Some(linker.to_string());
+        }
+    }
+    None
+}
+
+/// Asks the compiler driver rustc links through (`cc`, `aarch64-linux-gnu-gcc`,
+/// `clang`…) which linker it runs.
+fn driver_links_with_gnu_ld_or_lld(driver: &str) -> bool {
+    let Ok(output) = Command::new(driver).arg("-Wl,--version").output() else {
+        return false;
+    };
+    let printed = [output.stdout, output.stderr].concat();
+    output.status.success()
+        && text_order::linker_reads_the_script(&String::from_utf8_lossy(&printed))
 }

@@ -1,10 +1,17 @@
 //! `agent/text-order.txt` as a linker script: the functions the agent runs
-//! from start to idle, placed first in `.text`, side by side (agent/build.rs
-//! links the release agent with it). The rest of the code follows them in
-//! `.text` as the linker lays it out anyway (a script that names an output
-//! section which the default layout also fills gets the rest appended), so
-//! profilers and debuggers that look for the code in `.text` still find all
-//! of it.
+//! from start to idle, placed side by side in `.text` (agent/build.rs links
+//! the release agent with it). The script amends the linker's default layout
+//! (`INSERT`) instead of replacing it, and reads alike to the two linkers a
+//! Linux build meets, rustc's own lld on x86_64 and GNU ld, the system
+//! linker of every other target (a cross build for a device): lld puts the
+//! listed functions first in `.text` and appends the rest of the code after
+//! them, one section as without a script (so profilers and debuggers that
+//! look for the code in `.text` still find all of it); GNU ld makes them an
+//! output section of their own, also named `.text`, right after the rest of
+//! the code, in the same executable segment. `INSERT BEFORE .fini` is the
+//! anchor both take so: lld refuses `.text` before `.text`, and GNU ld would
+//! put the functions after `.eh_frame` (where lld's default layout has
+//! `.text`) in a segment of their own after the read-only data.
 //!
 //! Each line of the list names one function's symbol, or a glob of one: the
 //! exact names of the functions that ran when the list was recorded first,
@@ -16,8 +23,9 @@
 //! the globs then only other instances of generic ones, placed after them;
 //! after a dependency or toolchain update changed the names, the globs take
 //! the functions that ran, with those other instances among them (more code
-//! mapped than with a fresh list, far less than with none). Lines starting
-//! with `#` are comments.
+//! mapped than with a fresh list, far less than with none). A build for
+//! another target has other hashes: the globs take its functions likewise.
+//! Lines starting with `#` are comments.
 //!
 //! This file is compiled twice: into agent/build.rs (`#[path]`) and, for its
 //! tests, into the library.
@@ -53,10 +61,9 @@ pub fn patterns(list: &str) -> Result<Vec<&str>, String> {
     Ok(patterns)
 }
 
-/// The linker script: the listed functions, in the list's order, first in
-/// `.text`, which stays where the default layout puts it, after
-/// `.eh_frame` (an `INSERT` script amends the default layout instead of
-/// replacing it).
+/// The linker script: the listed functions, in the list's order, side by
+/// side in `.text` (see the top of this file for where each linker puts
+/// them).
 pub fn linker_script(list: &str) -> Result<String, String> {
     let mut script = String::from("SECTIONS {\n  .text : {\n");
     for pattern in patterns(list)? {
@@ -67,8 +74,20 @@ pub fn linker_script(list: &str) -> Result<String, String> {
         }
         script.push_str(")\n");
     }
-    script.push_str("  }\n} INSERT AFTER .eh_frame;\n");
+    script.push_str("  }\n} INSERT BEFORE .fini;\n");
     Ok(script)
+}
+
+/// Whether the linker that printed `version` (its `--version` output, as a
+/// compiler driver prints it for `-Wl,--version`) reads the script as this
+/// file expects: GNU ld and lld do; gold and mold do not take `INSERT`
+/// scripts alike (or at all), and a linker not recognised is not tried.
+pub fn linker_reads_the_script(version: &str) -> bool {
+    version.lines().any(|line| {
+        let line = line.trim();
+        line.starts_with("GNU ld ")
+            || (line.contains("LLD ") && line.ends_with("(compatible with GNU linkers)"))
+    })
 }
 
 #[cfg(test)]
@@ -86,7 +105,7 @@ mod tests {
             lines[3],
             "    *(.text._ZN5tokio4main17h*E .text.unlikely._ZN5tokio4main17h*E)"
         );
-        assert_eq!(&lines[4..], ["  }", "} INSERT AFTER .eh_frame;"]);
+        assert_eq!(&lines[4..], ["  }", "} INSERT BEFORE .fini;"]);
     }
 
     #[test]
@@ -95,6 +114,183 @@ mod tests {
         assert!(error.starts_with("line 3: ')'"), "{error}");
         let error = linker_script("\"quoted\"").unwrap_err();
         assert!(error.starts_with("line 1: '\"'"), "{error}");
+    }
+
+    #[test]
+    fn gnu_ld_and_lld_are_recognised_by_their_version_and_gold_and_mold_are_not() {
+        // As `cc -Wl,--version` prints them: the driver's line first.
+        let gnu_ld = "collect2 version 12.2.0\n/usr/bin/ld -plugin … --version\n\
+                      GNU ld (GNU Binutils for Debian) 2.40\nCopyright (C) 2023 Free Software Foundation, Inc.\n";
+        assert!(linker_reads_the_script(gnu_ld));
+        let cross_gnu_ld = "GNU ld (GNU Binutils for Ubuntu) 2.42\n";
+        assert!(linker_reads_the_script(cross_gnu_ld));
+        assert!(linker_reads_the_script(
+            "LLD 22.1.2 (/checkout/src/llvm-project/llvm 1cb4e38) (compatible with GNU linkers)\n"
+        ));
+        assert!(linker_reads_the_script(
+            "Ubuntu LLD 18.1.3 (compatible with GNU linkers)\n"
+        ));
+        assert!(!linker_reads_the_script(
+            "collect2 version 12.2.0\nGNU gold (GNU Binutils for Debian 2.40) 1.16\n"
+        ));
+        assert!(!linker_reads_the_script(
+            "mold 2.34.1 (compatible with GNU ld)\n"
+        ));
+        assert!(!linker_reads_the_script(""));
+        assert!(!linker_reads_the_script(
+            "cc: error: unrecognized command-line option\n"
+        ));
+    }
+
+    /// Links a small program with the script the list below makes, by
+    /// `linker` (`rustc_flags` choose it), runs it, and checks where its
+    /// functions landed: the listed ones side by side, in the list's order
+    /// (the reverse of the source's), the glob's after the exact names, and
+    /// the unlisted ones outside them.
+    fn link_and_check_the_order(linker: Linker, rustc_flags: &[&str]) {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("ordered.rs");
+        let mut program = String::new();
+        let names = [
+            "unlisted_before",
+            "listed_third_by_glob",
+            "listed_second",
+            "listed_first",
+            "unlisted_after",
+        ];
+        for (i, name) in names.iter().enumerate() {
+            let _ = writeln!(
+                program,
+                "#[no_mangle] #[inline(never)] pub fn {name}(x: u64) -> u64 {{ \
+                 std::hint::black_box(x).wrapping_mul({}).rotate_left({}) }}",
+                i + 3,
+                i + 1
+            );
+        }
+        // It also prints how its ELF header and its read-only data are
+        // mapped: a script that moved code among them would make them
+        // executable.
+        program.push_str(PERMISSIONS_OF);
+        program.push_str("fn main() {\n");
+        for name in names {
+            let _ = writeln!(
+                program,
+                "    println!(\"{name} {{}} {{}}\", {name} as fn(u64) -> u64 as usize, {name}(7));"
+            );
+        }
+        program.push_str(
+            "    println!(\"headers {} 0\", permissions_of(unsafe { std::ptr::addr_of!(__ehdr_start) } as usize));\n\
+             \x20   println!(\"read_only_data {} 0\", permissions_of(std::hint::black_box(&TABLE) as *const _ as usize));\n}\n",
+        );
+        std::fs::write(&source, program).unwrap();
+        let script = dir.path().join("order.ld");
+        std::fs::write(
+            &script,
+            linker_script("# the list\nlisted_first\nlisted_second\nlisted_third_by_*\n").unwrap(),
+        )
+        .unwrap();
+        let binary = dir.path().join("ordered");
+        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+        let output = std::process::Command::new(rustc)
+            .args(["--edition", "2021", "-O", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .args(rustc_flags)
+            .args(["-C", "link-arg=-Xlinker"])
+            .arg(format!("-Clink-arg=--script={}", script.display()))
+            .output()
+            .expect("run rustc");
+        assert!(
+            output.status.success(),
+            "rustc {rustc_flags:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let run = std::process::Command::new(&binary).output().unwrap();
+        assert!(run.status.success(), "the linked program failed: {run:?}");
+        let stdout = String::from_utf8(run.stdout).unwrap();
+        let address = |name: &str| -> usize {
+            let line = stdout
+                .lines()
+                .find(|line| line.split(' ').next() == Some(name))
+                .unwrap_or_else(|| panic!("{name} missing from {stdout}"));
+            line.split(' ').nth(1).unwrap().parse().unwrap()
+        };
+        for data in ["headers", "read_only_data"] {
+            let line = stdout.lines().find(|line| line.starts_with(data)).unwrap();
+            assert!(
+                !line.split(' ').nth(1).unwrap().contains('x'),
+                "{data} mapped executable ({rustc_flags:?}): {stdout}"
+            );
+        }
+        let listed = [
+            address("listed_first"),
+            address("listed_second"),
+            address("listed_third_by_glob"),
+        ];
+        assert!(
+            listed[0] < listed[1] && listed[1] < listed[2],
+            "not in the list's order ({rustc_flags:?}): {stdout}"
+        );
+        for unlisted in ["unlisted_before", "unlisted_after"] {
+            let at = address(unlisted);
+            assert!(
+                at < listed[0] || at > listed[2],
+                "{unlisted} landed among the listed functions ({rustc_flags:?}): {stdout}"
+            );
+        }
+        // lld names itself in the binary's `.comment`; GNU ld does not.
+        let binary = std::fs::read(&binary).unwrap();
+        let by_lld = binary.windows(11).any(|window| window == b"Linker: LLD");
+        assert_eq!(
+            by_lld,
+            linker == Linker::Lld,
+            "linked by the other linker ({rustc_flags:?})"
+        );
+    }
+
+    /// The test program's lookup of an address in its own memory map, and
+    /// the data it looks up.
+    const PERMISSIONS_OF: &str = r#"
+static TABLE: [u8; 64] = [7; 64];
+extern "C" { static __ehdr_start: u8; }
+fn permissions_of(address: usize) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (start, end) = fields.next().unwrap().split_once('-').unwrap();
+        let start = usize::from_str_radix(start, 16).unwrap();
+        let end = usize::from_str_radix(end, 16).unwrap();
+        if start <= address && address < end {
+            return fields.next().unwrap().to_string();
+        }
+    }
+    "unmapped".to_string()
+}
+"#;
+
+    #[derive(Debug, PartialEq)]
+    enum Linker {
+        GnuLd,
+        Lld,
+    }
+
+    /// GNU ld: the system linker of a cross build for a device (here the
+    /// host's `cc`, rustc told not to use its own lld).
+    #[test]
+    fn gnu_ld_places_the_listed_functions_side_by_side_in_order() {
+        let flags: &[&str] = if cfg!(target_arch = "x86_64") {
+            &["-Clinker-features=-lld", "-Clink-self-contained=-linker"]
+        } else {
+            &[]
+        };
+        link_and_check_the_order(Linker::GnuLd, flags);
+    }
+
+    /// lld: how rustc links for x86_64 Linux by default.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn rusts_own_lld_places_the_listed_functions_side_by_side_in_order() {
+        link_and_check_the_order(Linker::Lld, &[]);
     }
 
     /// The committed list (`scripts/order-agent-text.py` writes it): every
