@@ -8,7 +8,7 @@
 //! `text-order.txt` lists them (`scripts/order-agent-text.py` records them
 //! by running the agent under callgrind), by name and again as globs that
 //! leave out Cargo's hashes (src/text_order.rs), and the linker script
-//! written from it places them first in `.text`, side by side: the idle
+//! written from it places them side by side in `.text`: the idle
 //! agent maps far less of its code (docs/benchmarks.md, footprint: idle RSS
 //! about halved). After a dependency or toolchain update the globs still
 //! find most of them; what nothing matches is skipped: a stale list costs

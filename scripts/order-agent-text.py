@@ -3,7 +3,7 @@
 
 The release agent is linked with a linker script written from
 agent/text-order.txt (agent/build.rs, agent/src/text_order.rs), which places
-the functions it names first in `.text`, side by side, so an idle agent maps
+the functions it names side by side in `.text`, so an idle agent maps
 far less of its code than when it is spread over the whole
 binary. This script writes that list. For each way the agent is built (alone,
 as a device build does, and with the other packages, as the README and
@@ -11,7 +11,8 @@ scripts/bench.sh build it: Cargo's feature unification gives dependencies,
 and so symbol names, that differ between the two), it:
 
 1. builds it (`cargo build --release --locked`, stripped as shipped) with
-   EDGEFLEET_AGENT_LINK_MAP set, so lld writes its map: which function is where;
+   EDGEFLEET_AGENT_LINK_MAP set, so lld writes its map: which function is where
+   (rustc's own lld on x86_64: the map read below is lld's format);
 2. runs it under `valgrind --tool=callgrind --dump-instr=yes`, which records
    every instruction executed: `serve` (tract, empty repository) until idle,
    then `run` enrolled with a control plane of the same build, until idle;
