@@ -37,6 +37,18 @@ fn main() {
     println!("cargo::rerun-if-changed=src/text_order.rs");
     println!("cargo::rerun-if-env-changed=EDGEFLEET_AGENT_LINK_MAP");
     let var = |name: &str| env::var(name).unwrap_or_default();
+    // What decides below which linker runs, where set in the environment
+    // (a `linker` in a Cargo config file is not seen here).
+    let target = var("TARGET").to_uppercase().replace(['-', '.'], "_");
+    for name in [
+        "RUSTFLAGS".to_string(),
+        "CARGO_ENCODED_RUSTFLAGS".to_string(),
+        "CARGO_BUILD_RUSTFLAGS".to_string(),
+        format!("CARGO_TARGET_{target}_LINKER"),
+        format!("CARGO_TARGET_{target}_RUSTFLAGS"),
+    ] {
+        println!("cargo::rerun-if-env-changed={name}");
+    }
     if var("CARGO_CFG_TARGET_OS") != "linux"
         || var("CARGO_CFG_TARGET_ENV") != "gnu"
         || var("PROFILE") != "release"
