@@ -88,6 +88,22 @@ pub fn cpuidle_driver() -> Option<String> {
         .map(|driver| driver.trim().to_string())
 }
 
+/// Where the kernel's `haltpoll` cpuidle driver (KVM guests) keeps how long
+/// it lets an idle vCPU poll before halting it, in nanoseconds.
+pub const HALTPOLL_GUEST_POLL_NS: &str = "/sys/module/haltpoll/parameters/guest_halt_poll_ns";
+
+/// How long `haltpoll` polls an idle vCPU before halting it (the kernel's
+/// default is 200 µs; a host may turn it off with
+/// `haltpoll.guest_halt_poll_ns=0`, and then each wake-up is a halted vCPU's),
+/// or `None` when the driver's parameters cannot be read.
+pub fn haltpoll_guest_poll_ns() -> Option<u64> {
+    haltpoll_guest_poll_ns_at(Path::new(HALTPOLL_GUEST_POLL_NS))
+}
+
+fn haltpoll_guest_poll_ns_at(parameter: &Path) -> Option<u64> {
+    std::fs::read_to_string(parameter).ok()?.trim().parse().ok()
+}
+
 /// Whether a limit can change how idle CPUs sleep under `driver`. Without a
 /// cpuidle driver (common on virtual machines) the kernel halts every idle
 /// CPU whatever the limit: PM QoS then has nothing to choose between.
@@ -108,6 +124,19 @@ pub fn current_limit_micros() -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn haltpolls_guest_polling_is_read_in_nanoseconds_and_absent_without_the_driver() {
+        let dir = tempfile::tempdir().unwrap();
+        let parameter = dir.path().join("guest_halt_poll_ns");
+        std::fs::write(&parameter, "0\n").unwrap();
+        assert_eq!(haltpoll_guest_poll_ns_at(&parameter), Some(0));
+        std::fs::write(&parameter, "200000\n").unwrap();
+        assert_eq!(haltpoll_guest_poll_ns_at(&parameter), Some(200_000));
+        std::fs::write(&parameter, "fast\n").unwrap();
+        assert_eq!(haltpoll_guest_poll_ns_at(&parameter), None);
+        assert_eq!(haltpoll_guest_poll_ns_at(&dir.path().join("absent")), None);
+    }
 
     /// The only test holding a limit below 100 µs (the CLI test's agent holds
     /// 900 µs), so while it runs nothing else in the suite brings the limit to

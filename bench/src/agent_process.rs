@@ -231,17 +231,29 @@ impl AgentProcess {
 
     /// A size field of /proc/PID/status (`VmRSS`, `RssAnon`, `RssFile`).
     pub fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kb: u64 = status
-            .lines()
-            .find(|line| {
-                line.strip_prefix(field)
-                    .is_some_and(|rest| rest.starts_with(':'))
-            })
-            .and_then(|line| line.split_whitespace().nth(1))
+        let kb: u64 = self
+            .status_field(field)?
+            .split_whitespace()
+            .next()
             .and_then(|kb| kb.parse().ok())
             .with_context(|| format!("no {field} in /proc/PID/status"))?;
         Ok(kb * 1024)
+    }
+
+    /// The CPUs the agent's main thread may run on, as Linux lists them
+    /// (`0-1`, `3`).
+    pub fn cpus_allowed(&self) -> anyhow::Result<String> {
+        self.status_field("Cpus_allowed_list")
+    }
+
+    /// The value of a field of /proc/PID/status.
+    fn status_field(&self, field: &str) -> anyhow::Result<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .map(|value| value.trim().to_string())
+            .with_context(|| format!("no {field} in /proc/PID/status"))
     }
 }
 

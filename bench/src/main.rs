@@ -7,6 +7,7 @@
 mod agent_process;
 mod compression;
 mod ingest;
+mod one_cpu;
 mod one_write_client;
 mod report;
 mod rollout;

@@ -16,6 +16,7 @@ use hdrhistogram::Histogram;
 
 use crate::Args;
 use crate::agent_process::{AgentProcess, HistogramTotals, process_cpu_time};
+use crate::one_cpu::OneCpu;
 
 fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
@@ -160,7 +161,10 @@ async fn overhead_of(
          Each mode is measured with its own agent, raw runs included, one after the other: \
          \"default\" lets idle CPUs sleep; \"low-latency\" is the agent with `--cpu-wakeup-latency 0s`, which \
          keeps every CPU polling instead of sleeping while it runs (Linux PM QoS; more power), \
-         so that neither the agent's thread nor the client's pays a wake-up.\n",
+         so that neither the agent's thread nor the client's pays a wake-up; \"one CPU\" is the default agent with \
+         the client, the raw runs and the agent all held to one CPU (as `taskset -c N` or systemd's `CPUAffinity=` \
+         would): a call then never wakes an idle CPU, as in low-latency mode, and nothing polls, but the model \
+         has that one core (one thread) for the raw runs and the agent alike.\n",
         args.iterations
     )?;
     writeln!(
@@ -177,9 +181,11 @@ async fn overhead_of(
     let mut tcp_lines = Vec::new();
     let mut transport_after_run = Vec::new();
     let mut run_slowdown = Vec::new();
-    for (mode, extra) in [
-        ("default", &[][..]),
-        ("low-latency", &["--cpu-wakeup-latency", "0s"][..]),
+    let mut one_cpu_used = None;
+    for (mode, extra, on_one_cpu) in [
+        ("default", &[][..], false),
+        ("low-latency", &["--cpu-wakeup-latency", "0s"][..], false),
+        ("one CPU", &[][..], true),
     ] {
         if !extra.is_empty() && !low_latency_allowed {
             writeln!(
@@ -189,7 +195,23 @@ async fn overhead_of(
             )?;
             continue;
         }
+        // Held to the end of the mode: the client threads, the raw runs'
+        // sessions and the agent are all started from this thread.
+        let _pinned = if on_one_cpu {
+            let pinned = OneCpu::pin().context("cannot hold the benchmark to one CPU")?;
+            one_cpu_used = Some(pinned.cpu());
+            Some(pinned)
+        } else {
+            None
+        };
         let agent = AgentProcess::start_with(&args.agent, dir, "onnxruntime", extra).await?;
+        if let Some(cpu) = one_cpu_used.filter(|_| on_one_cpu) {
+            let allowed = agent.cpus_allowed()?;
+            anyhow::ensure!(
+                allowed == cpu.to_string(),
+                "the one-CPU agent may run on CPUs {allowed}, not only on CPU {cpu}"
+            );
+        }
         // The transport's share: a ServerLive round trip does no inference.
         let mut floors = Vec::new();
         for client in Client::UNARY {
@@ -307,8 +329,36 @@ async fn overhead_of(
         writeln!(
             out,
             "\nThis host's cpuidle driver is `{name}` (`{}`): the low-latency rows measure its idle CPUs \
-             kept polling, the default rows the same CPUs free to sleep.",
-            edgefleet_agent::cpu_latency::CPUIDLE_DRIVER
+             kept polling, the default rows the same CPUs free to sleep.{}",
+            edgefleet_agent::cpu_latency::CPUIDLE_DRIVER,
+            match edgefleet_agent::cpu_latency::haltpoll_guest_poll_ns()
+                .filter(|_| name == "haltpoll")
+            {
+                Some(0) => format!(
+                    " Its guest-side polling is off (`{}` reads 0): an idle vCPU halts at once, where by \
+                     default the driver lets it poll for up to 200 µs first.",
+                    edgefleet_agent::cpu_latency::HALTPOLL_GUEST_POLL_NS
+                ),
+                Some(ns) => format!(
+                    " It lets an idle vCPU poll for up to {} µs before halting it (`{}`).",
+                    ns / 1000,
+                    edgefleet_agent::cpu_latency::HALTPOLL_GUEST_POLL_NS
+                ),
+                None => String::new(),
+            }
+        )?;
+    }
+    if let Some(cpu) = one_cpu_used {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        writeln!(
+            out,
+            "\nThe one-CPU rows ran on CPU {cpu}{}.",
+            if cpus > 1 {
+                format!(" of the {cpus} this process may use")
+            } else {
+                ", the only one this process may use: they measure what the default rows do"
+                    .to_string()
+            }
         )?;
     }
     if low_latency_allowed
