@@ -26,7 +26,7 @@
 
 use std::env;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 #[path = "src/text_order.rs"]
@@ -37,8 +37,16 @@ fn main() {
     println!("cargo::rerun-if-changed=src/text_order.rs");
     println!("cargo::rerun-if-env-changed=EDGEFLEET_AGENT_LINK_MAP");
     let var = |name: &str| env::var(name).unwrap_or_default();
-    // What decides below which linker runs, where set in the environment
-    // (a `linker` in a Cargo config file is not seen here).
+    // What decides below which linker runs: the environment, and a `linker`
+    // in a Cargo config file (which reaches this script as RUSTC_LINKER).
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::home_dir().map(|home| home.join(".cargo")));
+    for config in
+        text_order::cargo_config_files(Path::new(&var("CARGO_MANIFEST_DIR")), cargo_home.as_deref())
+    {
+        println!("cargo::rerun-if-changed={}", config.display());
+    }
     let target = var("TARGET").to_uppercase().replace(['-', '.'], "_");
     for name in [
         "RUSTFLAGS".to_string(),
@@ -69,6 +77,10 @@ fn main() {
     let linker = env::var("RUSTC_LINKER")
         .ok()
         .or_else(|| linker_flag(&rustflags));
+    // A driver named by its path may be a wrapper script, edited in place.
+    if let Some(driver) = linker.as_deref().filter(|linker| linker.contains('/')) {
+        println!("cargo::rerun-if-changed={driver}");
+    }
     let links_with_rust_lld = var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && linker.is_none()
         && !flags_mention("linker-features")

@@ -90,9 +90,54 @@ pub fn linker_reads_the_script(version: &str) -> bool {
     })
 }
 
+/// The Cargo configuration files a build of the package in `package_dir`
+/// may read, those that exist: `.cargo/config.toml` and `.cargo/config` in
+/// that directory and every one above it, then in Cargo's home. A `linker`
+/// set there for the target decides which linker runs, and Cargo runs a
+/// build script again when a file it names changes; it does not on its own
+/// when only the linker of a target other than the host's changes (a cross
+/// build's), so the decision would outlive the linker it was made for.
+pub fn cargo_config_files(
+    package_dir: &std::path::Path,
+    cargo_home: Option<&std::path::Path>,
+) -> Vec<std::path::PathBuf> {
+    package_dir
+        .ancestors()
+        .map(|dir| dir.join(".cargo"))
+        .chain(cargo_home.map(std::path::Path::to_path_buf))
+        .flat_map(|dir| [dir.join("config.toml"), dir.join("config")])
+        .filter(|file| file.is_file())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_config_files_a_build_reads_are_found_above_the_package_and_in_cargos_home() {
+        let root = tempfile::tempdir().unwrap();
+        let package = root.path().join("workspace").join("agent");
+        let home = root.path().join("cargo-home");
+        for dir in [
+            &package,
+            &home,
+            &root.path().join("workspace").join(".cargo"),
+        ] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let workspace_config = root.path().join("workspace/.cargo/config.toml");
+        let home_config = home.join("config");
+        std::fs::write(&workspace_config, "[target.aarch64-unknown-linux-gnu]\n").unwrap();
+        std::fs::write(&home_config, "").unwrap();
+        // A directory named like a config file is not one.
+        std::fs::create_dir_all(package.join(".cargo/config.toml")).unwrap();
+        assert_eq!(
+            cargo_config_files(&package, Some(&home)),
+            vec![workspace_config.clone(), home_config]
+        );
+        assert_eq!(cargo_config_files(&package, None), vec![workspace_config]);
+    }
 
     #[test]
     fn each_listed_function_is_taken_under_every_section_prefix_in_order() {
