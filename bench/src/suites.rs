@@ -197,12 +197,19 @@ async fn overhead_of(
         }
         // Held to the end of the mode: the client threads, the raw runs'
         // sessions and the agent are all started from this thread.
-        let _pinned = if on_one_cpu {
-            let pinned = OneCpu::pin().context("cannot hold the benchmark to one CPU")?;
-            one_cpu_used = Some(pinned.cpu());
-            Some(pinned)
-        } else {
-            None
+        let _pinned = match on_one_cpu.then(OneCpu::pin) {
+            None => None,
+            Some(Ok(pinned)) => {
+                one_cpu_used = Some(pinned.cpu());
+                Some(pinned)
+            }
+            Some(Err(err)) => {
+                writeln!(
+                    out,
+                    "| {mode} | — | | | | | | | | not measured: cannot hold the benchmark to one CPU ({err}) | | | | | | |"
+                )?;
+                continue;
+            }
         };
         let agent = AgentProcess::start_with(&args.agent, dir, "onnxruntime", extra).await?;
         if let Some(cpu) = one_cpu_used.filter(|_| on_one_cpu) {
