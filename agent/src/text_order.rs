@@ -132,11 +132,19 @@ mod tests {
         std::fs::write(&home_config, "").unwrap();
         // A directory named like a config file is not one.
         std::fs::create_dir_all(package.join(".cargo/config.toml")).unwrap();
+        // Only what lies in this test's tree: a machine may have config
+        // files above the temporary directory too.
+        let found = |home: Option<&std::path::Path>| -> Vec<std::path::PathBuf> {
+            cargo_config_files(&package, home)
+                .into_iter()
+                .filter(|file| file.starts_with(root.path()))
+                .collect()
+        };
         assert_eq!(
-            cargo_config_files(&package, Some(&home)),
+            found(Some(&home)),
             vec![workspace_config.clone(), home_config]
         );
-        assert_eq!(cargo_config_files(&package, None), vec![workspace_config]);
+        assert_eq!(found(None), vec![workspace_config]);
     }
 
     #[test]
