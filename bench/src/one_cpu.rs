@@ -2,6 +2,12 @@
 //! CPU, as `taskset -c N` or systemd's `CPUAffinity=` would: a call then
 //! never has to wake an idle CPU, and nothing polls.
 
+// Through libc, not rustix: rustix's `thread` feature would do it without
+// `unsafe`, but turning the feature on for the benchmark changes rustix's
+// build, and with it the symbol names of everything the agent links above it
+// (clap, tract) when the agent is built with the benchmark, so
+// agent/text-order.txt's exact names stop matching (measured: idle RSS
+// 5.8 → 6.8 MB).
 use std::io;
 use std::mem;
 

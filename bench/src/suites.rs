@@ -197,7 +197,7 @@ async fn overhead_of(
         }
         // Held to the end of the mode: the client threads, the raw runs'
         // sessions and the agent are all started from this thread.
-        let _pinned = match on_one_cpu.then(OneCpu::pin) {
+        let pinned = match on_one_cpu.then(OneCpu::pin) {
             None => None,
             Some(Ok(pinned)) => {
                 one_cpu_used = Some(pinned.cpu());
@@ -212,11 +212,12 @@ async fn overhead_of(
             }
         };
         let agent = AgentProcess::start_with(&args.agent, dir, "onnxruntime", extra).await?;
-        if let Some(cpu) = one_cpu_used.filter(|_| on_one_cpu) {
+        if let Some(pinned) = &pinned {
             let allowed = agent.cpus_allowed()?;
             anyhow::ensure!(
-                allowed == cpu.to_string(),
-                "the one-CPU agent may run on CPUs {allowed}, not only on CPU {cpu}"
+                allowed == pinned.cpu().to_string(),
+                "the one-CPU agent may run on CPUs {allowed}, not only on CPU {}",
+                pinned.cpu()
             );
         }
         // The transport's share: a ServerLive round trip does no inference.
