@@ -976,6 +976,99 @@ async fn strings_with_nul_bytes_come_back_whole(runtime: RuntimeChoice) {
     agent.stop().await;
 }
 
+/// A tensor with a zero-length dimension (no rows, or rows of no values) is
+/// valid ONNX, and `dynamic` (y = 2x + 1, row_sum = the sum of each row)
+/// declares both dimensions free. ONNX Runtime runs all three shapes here
+/// ([2, 0]: an empty y and row sums of 0). tract 0.23 runs [0, 4] but
+/// panics summing rows of no values, [2, 0] and [0, 0] (a division by zero
+/// inside tract-core), which the agent contains to that request: INTERNAL,
+/// saying the runtime panicked. Either way the model serves the next
+/// request. (Found by `scripts/fuzz.sh grpc_infer`.)
+async fn empty_dimensions_are_run_or_fail_alone(runtime: RuntimeChoice) {
+    let repo = Repo::new();
+    repo.add("dynamic", 1, "dynamic");
+    let agent = agent(repo.path(), runtime).start().await;
+    let mut grpc = agent.grpc().await;
+    let request = |shape: Vec<i64>, values: &[f32]| pb::ModelInferRequest {
+        model_name: "dynamic".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape,
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::copy_from_slice(bytemuck::cast_slice(values))],
+        ..Default::default()
+    };
+    for shape in [vec![2, 0], vec![0, 4], vec![0, 0]] {
+        match grpc.model_infer(request(shape.clone(), &[])).await {
+            Ok(response) => {
+                let response = response.into_inner();
+                let outputs: HashMap<&str, &pb::model_infer_response::InferOutputTensor> = response
+                    .outputs
+                    .iter()
+                    .map(|o| (o.name.as_str(), o))
+                    .collect();
+                assert_eq!(outputs["y"].shape, shape, "{shape:?} on {runtime:?}");
+                assert_eq!(
+                    outputs["row_sum"].shape,
+                    [shape[0]],
+                    "{shape:?} on {runtime:?}"
+                );
+                let index = response
+                    .outputs
+                    .iter()
+                    .position(|o| o.name == "row_sum")
+                    .unwrap();
+                let sums = f32s(&response.raw_output_contents[index]);
+                assert_eq!(
+                    sums,
+                    vec![0.0; shape[0] as usize],
+                    "{shape:?} on {runtime:?}"
+                );
+            }
+            Err(status) => {
+                assert_eq!(
+                    runtime,
+                    RuntimeChoice::Tract,
+                    "{shape:?} on {runtime:?}: {status:?}"
+                );
+                assert_eq!(
+                    status.code(),
+                    tonic::Code::Internal,
+                    "{shape:?}: {status:?}"
+                );
+                assert!(
+                    status.message().contains("the runtime panicked"),
+                    "{shape:?}: {status:?}"
+                );
+            }
+        }
+        let response = grpc
+            .model_infer(request(vec![1, 2], &[1.0, 2.0]))
+            .await
+            .unwrap_or_else(|status| panic!("after {shape:?} on {runtime:?}: {status}"))
+            .into_inner();
+        let index = response
+            .outputs
+            .iter()
+            .position(|o| o.name == "row_sum")
+            .unwrap();
+        let sums = f32s(&response.raw_output_contents[index]);
+        assert_eq!(sums, [3.0], "after {shape:?} on {runtime:?}");
+    }
+    agent.stop().await;
+}
+
+/// Little-endian FP32 values from raw output bytes (which need not be
+/// aligned for a cast).
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|chunk| f32::from_le_bytes(chunk.try_into().unwrap()))
+        .collect()
+}
+
 async fn post_json(http: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
     let response = http.post(url).json(body).send().await.unwrap();
     (response.status().as_u16(), response.json().await.unwrap())
@@ -1397,6 +1490,7 @@ async fn statistics_are_served_as_tritons(runtime: RuntimeChoice) {
 }
 
 on_both_runtimes!(
+    empty_dimensions_are_run_or_fail_alone,
     an_input_of_unknown_rank_takes_any_shape,
     strings_with_nul_bytes_come_back_whole,
     raw_inputs_at_every_byte_offset_give_the_expected_outputs,

@@ -1,0 +1,89 @@
+//! What the fuzz targets share: one agent library serving the test
+//! fixtures (`testdata/models`) with tract, in this process, loaded once.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use edgefleet_agent::http::HttpOptions;
+use edgefleet_agent::model_check::ModelCheck;
+use edgefleet_agent::runtime::RuntimeChoice;
+use edgefleet_agent::server::{Agent, ServeOptions};
+use edgefleet_agent::service::InferenceService;
+
+/// The models a fuzz input picks from by its first byte.
+pub const MODELS: &[&str] = &[
+    "mlp",
+    "all_types",
+    "int_bool",
+    "multi_io",
+    "no_batch",
+    "strings",
+    "dynamic",
+    "conv",
+];
+
+/// Largest request the fixture's service accepts (small, so that the limit
+/// itself is fuzzed).
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
+
+pub struct Fixture {
+    pub runtime: tokio::runtime::Runtime,
+    pub service: InferenceService,
+    pub router: axum::Router,
+}
+
+pub fn fixture() -> &'static Fixture {
+    static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+    FIXTURE.get_or_init(|| {
+        // The agent contains a runtime's panic to the request that caused it
+        // (an INTERNAL error, the model keeps serving); libFuzzer's hook would
+        // abort on it first. A panic that escapes the agent still aborts:
+        // the target's `catch_unwind` sees it.
+        std::panic::set_hook(Box::new(|info| eprintln!("contained? {info}")));
+        let repository = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/models");
+        let agent = Agent::new(ServeOptions {
+            model_repository: repository,
+            runtime: RuntimeChoice::Tract,
+            repository_poll_interval: None,
+            max_request_bytes: MAX_REQUEST_BYTES,
+            http: HttpOptions::default(),
+            grpc_keepalive: Duration::from_secs(60),
+            model_check: ModelCheck::InProcess,
+        })
+        .expect("the fixtures' repository");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let service = agent.service().clone();
+        service.registry().sync().expect("the fixtures load");
+        for model in MODELS {
+            assert!(
+                service.model_ready(model, "").unwrap_or(false),
+                "fixture {model} is not ready"
+            );
+        }
+        let router = edgefleet_agent::http::router(service.clone(), &HttpOptions::default());
+        Fixture {
+            runtime,
+            service,
+            router,
+        }
+    })
+}
+
+/// Whether an INTERNAL error is the model's run failing in its runtime (the
+/// agent reports those as INTERNAL, as Triton does, and keeps serving), as
+/// opposed to the agent failing on its own.
+/// Those messages start with the model's label, `name:version: `.
+pub fn is_runtime_failure(model: &str, message: &str) -> bool {
+    message
+        .strip_prefix(model)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .and_then(|rest| rest.split_once(": "))
+        .is_some_and(|(version, _)| {
+            !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
+        })
+}

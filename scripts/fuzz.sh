@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of the agent's infer request decoding (fuzz/):
+#   scripts/fuzz.sh [TARGET] [SECONDS] [-- LIBFUZZER-FLAGS...]
+# TARGET is http_infer (default) or grpc_infer; SECONDS defaults to 300.
+# Installs cargo-fuzz if missing, writes the starting corpus from
+# testdata/cases the first time, and runs on the stable toolchain (no
+# sanitizer: a panic that escapes the agent, or an error the target's checks
+# refuse, is what it finds). Findings land in fuzz/artifacts/TARGET/; rerun
+# one with `cargo fuzz run -s none --fuzz-dir fuzz TARGET FILE`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target="${1:-http_infer}"
+seconds="${2:-300}"
+shift $(( $# > 2 ? 2 : $# ))
+[[ "${1:-}" == "--" ]] && shift
+case "$target" in
+  http_infer|grpc_infer) ;;
+  *) echo "fuzz.sh: unknown target '$target' (http_infer or grpc_infer)" >&2; exit 2 ;;
+esac
+[[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, not '$seconds'" >&2; exit 2; }
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  cargo install --locked cargo-fuzz
+fi
+if [[ ! -d "fuzz/corpus/$target" ]]; then
+  cargo run --locked --release --manifest-path fuzz/Cargo.toml --example seeds
+fi
+exec cargo fuzz run --sanitizer none --fuzz-dir fuzz "$target" "fuzz/corpus/$target" -- \
+  -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -max_len=8192 "$@"
