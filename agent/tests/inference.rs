@@ -1000,6 +1000,14 @@ async fn empty_dimensions_are_run_or_fail_alone(runtime: RuntimeChoice) {
         raw_input_contents: vec![Bytes::copy_from_slice(bytemuck::cast_slice(values))],
         ..Default::default()
     };
+    let row_sums = |response: &pb::ModelInferResponse| {
+        let index = response
+            .outputs
+            .iter()
+            .position(|o| o.name == "row_sum")
+            .expect("a row_sum output");
+        f32s(&response.raw_output_contents[index])
+    };
     for shape in [vec![2, 0], vec![0, 4], vec![0, 0]] {
         match grpc.model_infer(request(shape.clone(), &[])).await {
             Ok(response) => {
@@ -1015,14 +1023,8 @@ async fn empty_dimensions_are_run_or_fail_alone(runtime: RuntimeChoice) {
                     [shape[0]],
                     "{shape:?} on {runtime:?}"
                 );
-                let index = response
-                    .outputs
-                    .iter()
-                    .position(|o| o.name == "row_sum")
-                    .unwrap();
-                let sums = f32s(&response.raw_output_contents[index]);
                 assert_eq!(
-                    sums,
+                    row_sums(&response),
                     vec![0.0; shape[0] as usize],
                     "{shape:?} on {runtime:?}"
                 );
@@ -1049,13 +1051,7 @@ async fn empty_dimensions_are_run_or_fail_alone(runtime: RuntimeChoice) {
             .await
             .unwrap_or_else(|status| panic!("after {shape:?} on {runtime:?}: {status}"))
             .into_inner();
-        let index = response
-            .outputs
-            .iter()
-            .position(|o| o.name == "row_sum")
-            .unwrap();
-        let sums = f32s(&response.raw_output_contents[index]);
-        assert_eq!(sums, [3.0], "after {shape:?} on {runtime:?}");
+        assert_eq!(row_sums(&response), [3.0], "after {shape:?} on {runtime:?}");
     }
     agent.stop().await;
 }
