@@ -2,6 +2,8 @@
 # Coverage-guided fuzzing of the agent's infer request decoding (fuzz/):
 #   scripts/fuzz.sh [TARGET] [SECONDS] [-- LIBFUZZER-FLAGS...]
 # TARGET is http_infer (default) or grpc_infer; SECONDS defaults to 300.
+# The agent serves with tract, or with ONNX Runtime when
+# EDGEFLEET_FUZZ_RUNTIME=onnxruntime (fetched from PyPI if needed).
 # Installs cargo-fuzz if missing, writes the starting corpus from
 # testdata/cases the first time, and runs on the stable toolchain (no
 # sanitizer: a panic that escapes the agent, or an error the target's checks
@@ -20,6 +22,11 @@ case "$target" in
 esac
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, not '$seconds'" >&2; exit 2; }
 
+case "${EDGEFLEET_FUZZ_RUNTIME:-tract}" in
+  tract) ;;
+  onnxruntime) ORT_DYLIB_PATH="$(scripts/fetch-onnxruntime.sh)"; export ORT_DYLIB_PATH ;;
+  *) echo "fuzz.sh: EDGEFLEET_FUZZ_RUNTIME must be tract or onnxruntime, not '$EDGEFLEET_FUZZ_RUNTIME'" >&2; exit 2 ;;
+esac
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz
 fi

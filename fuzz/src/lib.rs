@@ -1,5 +1,7 @@
 //! What the fuzz targets share: one agent library serving the test
-//! fixtures (`testdata/models`) with tract, in this process, loaded once.
+//! fixtures (`testdata/models`) in this process, loaded once, with tract,
+//! or with ONNX Runtime when `EDGEFLEET_FUZZ_RUNTIME=onnxruntime` (its
+//! library found as the agent finds it: `ORT_DYLIB_PATH`, …).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -44,7 +46,7 @@ pub fn fixture() -> &'static Fixture {
         let repository = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/models");
         let agent = Agent::new(ServeOptions {
             model_repository: repository,
-            runtime: RuntimeChoice::Tract,
+            runtime: runtime_choice(),
             repository_poll_interval: None,
             max_request_bytes: MAX_REQUEST_BYTES,
             http: HttpOptions::default(),
@@ -86,4 +88,13 @@ pub fn is_runtime_failure(model: &str, message: &str) -> bool {
         .is_some_and(|(version, _)| {
             !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
         })
+}
+
+/// The runtime `EDGEFLEET_FUZZ_RUNTIME` names; tract when unset.
+fn runtime_choice() -> RuntimeChoice {
+    match std::env::var("EDGEFLEET_FUZZ_RUNTIME").as_deref() {
+        Err(_) | Ok("tract") => RuntimeChoice::Tract,
+        Ok("onnxruntime") => RuntimeChoice::Onnxruntime,
+        Ok(other) => panic!("EDGEFLEET_FUZZ_RUNTIME={other}: tract or onnxruntime"),
+    }
 }
