@@ -10,9 +10,12 @@ use std::task::{Context, Poll};
 use axum::http;
 use bytes::Bytes;
 use edgefleet_proto::inference as pb;
-use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceService;
-use edgefleet_proto::inference_codec;
+use edgefleet_proto::inference::grpc_inference_service_server::{
+    GrpcInferenceService, GrpcInferenceServiceServer,
+};
+use edgefleet_proto::inference_codec::{self, STRUCTURE_ALLOWANCE};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use crate::error::{ErrorCode, InferError};
@@ -27,6 +30,28 @@ use crate::service::{
 };
 use crate::statistics::Timed;
 use crate::tensor::{DataType, Tensor, TensorData};
+
+/// The agent's `GrpcInferenceService`, as it serves it: requests up to
+/// `max_request_bytes` of tensors, gzip-compressed requests accepted.
+pub fn inference_server(
+    service: InferenceService,
+    shutdown: CancellationToken,
+    max_request_bytes: usize,
+) -> GrpcInferenceServiceServer<GrpcInference> {
+    GrpcInferenceServiceServer::new(GrpcInference::new(service, shutdown))
+        // Leave room for protobuf framing; the service enforces the limit
+        // on the tensors, and the codec on what the message decodes to
+        // (with as much room for its structure).
+        .max_decoding_message_size(max_request_bytes.saturating_add(STRUCTURE_ALLOWANCE))
+        .max_encoding_message_size(usize::MAX)
+        // As Triton's: clients may gzip requests (tritonclient's
+        // `compression_algorithm`); tonic holds a request's decompressed
+        // size to the decoding limit. Answers go uncompressed, as
+        // Triton's do by default: gRPC's C-core clients (Python, C++)
+        // say they accept gzip on every call, and compressing every
+        // answer to them would cost the device CPU and latency.
+        .accept_compressed(CompressionEncoding::Gzip)
+}
 
 /// The tonic service over the shared inference service.
 #[derive(Debug, Clone)]

@@ -5,17 +5,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use edgefleet_proto::inference::grpc_inference_service_server::{
-    self as pb_server, GrpcInferenceServiceServer,
-};
-use edgefleet_proto::inference_codec::STRUCTURE_ALLOWANCE;
+use edgefleet_proto::inference::grpc_inference_service_server as pb_server;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::grpc::GrpcInference;
 use crate::http::HttpOptions;
 use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
@@ -165,22 +160,8 @@ impl Agent {
             .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
             .build_v1()
             .map_err(|err| StartError::Reflection(err.to_string()))?;
-        let inference = GrpcInferenceServiceServer::new(GrpcInference::new(
-            self.service.clone(),
-            shutdown.clone(),
-        ))
-        // Leave room for protobuf framing; the service enforces `limit`
-        // on the tensors, and the codec on what the message decodes to
-        // (with as much room for its structure).
-        .max_decoding_message_size(limit.saturating_add(STRUCTURE_ALLOWANCE))
-        .max_encoding_message_size(usize::MAX)
-        // As Triton's: clients may gzip requests (tritonclient's
-        // `compression_algorithm`); tonic holds a request's decompressed
-        // size to the decoding limit. Answers go uncompressed, as
-        // Triton's do by default: gRPC's C-core clients (Python, C++)
-        // say they accept gzip on every call, and compressing every
-        // answer to them would cost the device CPU and latency.
-        .accept_compressed(CompressionEncoding::Gzip);
+        let inference =
+            crate::grpc::inference_server(self.service.clone(), shutdown.clone(), limit);
         // Each connection is one caller (see `grpc_connection`).
         let incoming = crate::grpc_connection::incoming(grpc_listener);
         let grpc_shutdown = shutdown.clone();
