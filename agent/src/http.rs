@@ -7,13 +7,14 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json};
 use bytes::Bytes;
-use serde::de::IgnoredAny;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
@@ -44,6 +45,26 @@ impl IntoResponse for InferError {
             Json(json!({ "error": self.message })),
         )
             .into_response()
+    }
+}
+
+/// axum's `Path`, but a path it cannot decode (a model name that is not
+/// UTF-8 once percent-decoded: `/v2/models/%FF/ready`) is refused with the
+/// agent's JSON error, as every other bad request is, not axum's plain text.
+struct Path<T>(T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = InferError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, InferError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(rejection) => Err(InferError::invalid(rejection.body_text())),
+        }
     }
 }
 

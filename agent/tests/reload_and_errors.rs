@@ -571,6 +571,30 @@ async fn bad_requests_get_clear_errors_and_the_agent_keeps_serving(runtime: Runt
         body["error"], "GET is not allowed on /v2/models/mlp/infer (see the Allow header)",
         "{body}"
     );
+    // A model name or version that is not UTF-8 once percent-decoded: 400
+    // and a JSON error, like every other bad request (found by fuzzing).
+    let url = |path| agent.url(path);
+    let get = |path: &'static str| async move {
+        let response = reqwest::get(url(path)).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    };
+    for (what, (status, body)) in [
+        ("ready", get("/v2/models/%FF/ready").await),
+        ("metadata", get("/v2/models/mlp/versions/%C3%28").await),
+        (
+            "infer",
+            post(&agent, "/v2/models/ml%FEp/infer", &json!({})).await,
+        ),
+    ] {
+        assert_eq!(status, 400, "{what}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .is_some_and(|error| error.contains("Invalid UTF-8")),
+            "{what}: {body}"
+        );
+    }
 
     // gRPC.
     let mut grpc = agent.grpc().await;
