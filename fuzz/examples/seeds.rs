@@ -2,17 +2,22 @@
 //! (`testdata/cases/*.json`): for `http_infer` each case's request as JSON,
 //! for `grpc_infer` the same request as a `ModelInferRequest` with raw
 //! contents and, where the protocol has a typed field for every input, with
-//! typed contents.
+//! typed contents; for `http_routes` and `grpc_service` those requests as
+//! whole calls (the gRPC ones framed, alone and as a stream of two), and a
+//! call of every other route and RPC naming a fixture.
 //!
-//! `cargo run --release --example seeds` (from `fuzz/`) writes `corpus/http_infer/` and
-//! `corpus/grpc_infer/`.
+//! `cargo run --release --example seeds` (from `fuzz/`) writes
+//! `corpus/<target>/` for each target.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use edgefleet_fuzz::MODELS;
+use axum::http::Method;
+use edgefleet_fuzz::{GRPC_METHODS, HTTP_METHODS, MODELS};
 use edgefleet_proto::inference::model_infer_request::InferInputTensor;
-use edgefleet_proto::inference::{InferTensorContents, ModelInferRequest};
+use edgefleet_proto::inference::{
+    InferTensorContents, ModelInferRequest, ModelMetadataRequest, RepositoryModelLoadRequest,
+};
 use prost::Message;
 use serde_json::Value;
 
@@ -20,9 +25,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let http_dir = root.join("corpus/http_infer");
     let grpc_dir = root.join("corpus/grpc_infer");
-    fs::create_dir_all(&http_dir)?;
-    fs::create_dir_all(&grpc_dir)?;
+    let routes_dir = root.join("corpus/http_routes");
+    let service_dir = root.join("corpus/grpc_service");
+    for dir in [&http_dir, &grpc_dir, &routes_dir, &service_dir] {
+        fs::create_dir_all(dir)?;
+    }
     let mut written = 0;
+    written += write_route_seeds(&routes_dir)?;
+    written += write_rpc_seeds(&service_dir)?;
     for entry in fs::read_dir(root.join("../testdata/cases"))? {
         let path = entry?.path();
         let file: Value = serde_json::from_slice(&fs::read(&path)?)?;
@@ -40,11 +50,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .enumerate()
         {
             let inputs = case["inputs"].as_array().ok_or("no inputs")?;
+            let json = serde_json::to_vec(&serde_json::json!({ "inputs": inputs }))?;
             let mut http = vec![selector];
-            http.extend(serde_json::to_vec(
-                &serde_json::json!({ "inputs": inputs }),
-            )?);
+            http.extend(&json);
             write(&http_dir, model, n, "json", &http)?;
+            let mut route = http_call(
+                Method::POST,
+                &format!("/v2/models/{model}/infer"),
+                "content-type: application/json\n",
+            );
+            route.extend(&json);
+            write(&routes_dir, model, n, "infer", &route)?;
 
             let request = |typed: bool| -> Option<ModelInferRequest> {
                 let mut request = ModelInferRequest {
@@ -77,21 +93,123 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             for (typed, kind) in [(false, "raw"), (true, "typed")] {
                 if let Some(request) = request(typed) {
+                    let message = request.encode_to_vec();
                     let mut grpc = vec![selector];
-                    grpc.extend(request.encode_to_vec());
+                    grpc.extend(&message);
                     write(&grpc_dir, model, n, kind, &grpc)?;
-                    written += 1;
+                    let mut call = vec![rpc("ModelInfer")];
+                    frame(&mut call, &message);
+                    write(&service_dir, model, n, kind, &call)?;
+                    let mut stream = vec![rpc("ModelStreamInfer")];
+                    frame(&mut stream, &message);
+                    frame(&mut stream, &message);
+                    write(&service_dir, model, n, &format!("{kind}-stream"), &stream)?;
+                    written += 3;
                 }
             }
             written += 1;
         }
     }
-    println!(
-        "{written} seeds in {} and {}",
-        http_dir.display(),
-        grpc_dir.display()
-    );
+    println!("{written} seeds in {}", root.join("corpus").display());
     Ok(())
+}
+
+/// An `http_routes` input: the method, the target, the header lines and
+/// the empty line; the body goes after it.
+fn http_call(method: Method, target: &str, headers: &str) -> Vec<u8> {
+    let index = HTTP_METHODS
+        .iter()
+        .position(|m| *m == method)
+        .expect("a method");
+    let mut call = vec![u8::try_from(index).expect("few methods")];
+    call.extend(format!("{target}\n{headers}\n").as_bytes());
+    call
+}
+
+/// A call of every HTTP route but infer (written from the cases), naming
+/// the `mlp` fixture where the route names a model.
+fn write_route_seeds(dir: &Path) -> std::io::Result<usize> {
+    let routes = [
+        (Method::GET, "/v2"),
+        (Method::GET, "/v2/health/live"),
+        (Method::GET, "/v2/health/ready"),
+        (Method::GET, "/ready"),
+        (Method::GET, "/v2/models/mlp"),
+        (Method::GET, "/v2/models/mlp/versions/1"),
+        (Method::GET, "/v2/models/mlp/ready"),
+        (Method::GET, "/v2/models/mlp/versions/1/ready"),
+        (Method::GET, "/v2/models/mlp/config"),
+        (Method::GET, "/v2/models/mlp/versions/1/config"),
+        (Method::GET, "/v2/models/stats"),
+        (Method::GET, "/v2/models/mlp/stats"),
+        (Method::GET, "/v2/models/mlp/versions/1/stats"),
+        (Method::POST, "/v2/repository/index"),
+        (Method::POST, "/v2/repository/models/mlp/load"),
+        (Method::POST, "/v2/repository/models/mlp/unload"),
+        (Method::GET, "/metrics"),
+    ];
+    for (n, (method, target)) in routes.iter().enumerate() {
+        fs::write(
+            dir.join(format!("route-{n}")),
+            http_call(method.clone(), target, ""),
+        )?;
+    }
+    Ok(routes.len())
+}
+
+/// `grpc_service`'s byte for an RPC.
+fn rpc(name: &str) -> u8 {
+    let index = GRPC_METHODS
+        .iter()
+        .position(|m| *m == name)
+        .expect("an RPC");
+    u8::try_from(index).expect("few RPCs")
+}
+
+/// Appends `message` as one gRPC message: not compressed, its length.
+fn frame(out: &mut Vec<u8>, message: &[u8]) {
+    out.push(0);
+    out.extend(
+        u32::try_from(message.len())
+            .expect("a small message")
+            .to_be_bytes(),
+    );
+    out.extend(message);
+}
+
+/// A call of every RPC but the infer ones (written from the cases), naming
+/// the `mlp` fixture where the RPC names a model.
+fn write_rpc_seeds(dir: &Path) -> std::io::Result<usize> {
+    // ModelReady, ModelMetadata, ModelStatistics and ModelConfig requests
+    // share their fields: name = 1, version = 2.
+    let model = ModelMetadataRequest {
+        name: "mlp".to_string(),
+        version: "1".to_string(),
+    }
+    .encode_to_vec();
+    let load = RepositoryModelLoadRequest {
+        model_name: "mlp".to_string(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let calls: [(&str, &[u8]); 10] = [
+        ("ServerLive", &[]),
+        ("ServerReady", &[]),
+        ("ServerMetadata", &[]),
+        ("RepositoryIndex", &[]),
+        ("ModelReady", &model),
+        ("ModelMetadata", &model),
+        ("ModelStatistics", &model),
+        ("ModelConfig", &model),
+        ("RepositoryModelLoad", &load),
+        ("RepositoryModelUnload", &load),
+    ];
+    for (name, message) in calls {
+        let mut call = vec![rpc(name)];
+        frame(&mut call, message);
+        fs::write(dir.join(name), call)?;
+    }
+    Ok(calls.len())
 }
 
 fn write(dir: &Path, model: &str, n: usize, kind: &str, bytes: &[u8]) -> std::io::Result<()> {

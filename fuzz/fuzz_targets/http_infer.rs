@@ -13,9 +13,7 @@
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use edgefleet_fuzz::{MODELS, fixture, is_runtime_failure};
-use http_body_util::BodyExt;
 use libfuzzer_sys::fuzz_target;
-use tower::ServiceExt;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, mut body)) = data.split_first() else {
@@ -34,13 +32,7 @@ fuzz_target!(|data: &[u8]| {
         request = request.header("inference-header-content-length", json_length.to_string());
     }
     let request = request.body(Body::from(body.to_vec())).unwrap();
-    let fixture = fixture();
-    let (status, answer) = fixture.runtime.block_on(async {
-        let response = fixture.router.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let answer = response.into_body().collect().await.unwrap().to_bytes();
-        (status, answer)
-    });
+    let (status, answer) = fixture().serve_http(request);
     let parsed: serde_json::Value = serde_json::from_slice(&answer).unwrap_or_else(|err| {
         // A binary answer (binary_data_output) starts with JSON too.
         assert!(

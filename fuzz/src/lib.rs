@@ -4,14 +4,22 @@
 //! library found as the agent finds it: `ORT_DYLIB_PATH`, …).
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use axum::body::{Body, Bytes};
+use axum::http::{Method, Request, StatusCode};
+
+use edgefleet_agent::grpc::{GrpcInference, TonicRefusals, TonicRefusalsLayer};
 use edgefleet_agent::http::HttpOptions;
 use edgefleet_agent::model_check::ModelCheck;
 use edgefleet_agent::runtime::RuntimeChoice;
 use edgefleet_agent::server::{Agent, ServeOptions};
 use edgefleet_agent::service::InferenceService;
+use edgefleet_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
+use tower::{Layer, ServiceExt};
 
 /// The models a fuzz input picks from by its first byte.
 pub const MODELS: &[&str] = &[
@@ -25,6 +33,35 @@ pub const MODELS: &[&str] = &[
     "conv",
 ];
 
+/// The RPCs of `inference.GRPCInferenceService`, which `grpc_service`'s
+/// first byte picks from.
+pub const GRPC_METHODS: &[&str] = &[
+    "ServerLive",
+    "ServerReady",
+    "ModelReady",
+    "ServerMetadata",
+    "ModelMetadata",
+    "ModelInfer",
+    "ModelStreamInfer",
+    "ModelStatistics",
+    "ModelConfig",
+    "RepositoryIndex",
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+];
+
+/// The methods `http_routes`' first byte picks from.
+pub const HTTP_METHODS: &[Method] = &[
+    Method::GET,
+    Method::POST,
+    Method::HEAD,
+    Method::PUT,
+    Method::DELETE,
+    Method::OPTIONS,
+    Method::PATCH,
+    Method::TRACE,
+];
+
 /// Largest request the fixture's service accepts (small, so that the limit
 /// itself is fuzzed).
 pub const MAX_REQUEST_BYTES: usize = 1 << 20;
@@ -32,7 +69,24 @@ pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 pub struct Fixture {
     pub runtime: tokio::runtime::Runtime,
     pub service: InferenceService,
+    /// The HTTP routes.
     pub router: axum::Router,
+    /// The gRPC inference service, behind the refusal layer the agent's
+    /// server puts in front of it.
+    pub grpc: TonicRefusals<GrpcInferenceServiceServer<GrpcInference>>,
+}
+
+impl Fixture {
+    /// Serves one HTTP request through the agent's routes: the answer's
+    /// status and body.
+    pub fn serve_http(&self, request: Request<Body>) -> (StatusCode, Bytes) {
+        self.runtime.block_on(async {
+            let response = self.router.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let answer = response.into_body().collect().await.unwrap().to_bytes();
+            (status, answer)
+        })
+    }
 }
 
 pub fn fixture() -> &'static Fixture {
@@ -68,10 +122,18 @@ pub fn fixture() -> &'static Fixture {
             );
         }
         let router = edgefleet_agent::http::router(service.clone(), &HttpOptions::default());
+        let grpc = TonicRefusalsLayer::new(Arc::clone(service.metrics()), MAX_REQUEST_BYTES).layer(
+            edgefleet_agent::grpc::inference_server(
+                service.clone(),
+                CancellationToken::new(),
+                MAX_REQUEST_BYTES,
+            ),
+        );
         Fixture {
             runtime,
             service,
             router,
+            grpc,
         }
     })
 }
@@ -88,6 +150,15 @@ pub fn is_runtime_failure(model: &str, message: &str) -> bool {
         .is_some_and(|(version, _)| {
             !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit())
         })
+}
+
+/// Whether an INTERNAL error is some fixture's run failing in its runtime
+/// (see [`is_runtime_failure`]), for a target that does not know which
+/// model the request named.
+pub fn is_any_runtime_failure(message: &str) -> bool {
+    MODELS
+        .iter()
+        .any(|model| is_runtime_failure(model, message))
 }
 
 /// The runtime `EDGEFLEET_FUZZ_RUNTIME` names; tract when unset.
