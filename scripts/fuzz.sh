@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of what apps send the agent (fuzz/):
 #   scripts/fuzz.sh [TARGET] [SECONDS] [-- LIBFUZZER-FLAGS...]
-# TARGET is http_infer (default), grpc_infer, http_routes or grpc_service;
+# TARGET is http_infer (default), grpc_infer, http_routes, grpc_service or
+# onnx_scan (the control plane's ONNX validation);
 # SECONDS defaults to 300.
 # The agent serves with tract, or with ONNX Runtime when
 # EDGEFLEET_FUZZ_RUNTIME=onnxruntime (fetched from PyPI if needed).
@@ -18,8 +19,8 @@ seconds="${2:-300}"
 shift $(( $# > 2 ? 2 : $# ))
 [[ "${1:-}" == "--" ]] && shift
 case "$target" in
-  http_infer|grpc_infer|http_routes|grpc_service) ;;
-  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes or grpc_service)" >&2; exit 2 ;;
+  http_infer|grpc_infer|http_routes|grpc_service|onnx_scan) ;;
+  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes, grpc_service or onnx_scan)" >&2; exit 2 ;;
 esac
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, not '$seconds'" >&2; exit 2; }
 

@@ -4,7 +4,8 @@
 //! contents and, where the protocol has a typed field for every input, with
 //! typed contents; for `http_routes` and `grpc_service` those requests as
 //! whole calls (the gRPC ones framed, alone and as a stream of two), and a
-//! call of every other route and RPC naming a fixture.
+//! call of every other route and RPC naming a fixture; for `onnx_scan` the
+//! test fixtures' and the example's model files.
 //!
 //! `cargo run --release --example seeds` (from `fuzz/`) writes
 //! `corpus/<target>/` for each target.
@@ -33,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut written = 0;
     written += write_route_seeds(&routes_dir)?;
     written += write_rpc_seeds(&service_dir)?;
+    written += write_model_seeds(&root.join("corpus/onnx_scan"))?;
     for entry in fs::read_dir(root.join("../testdata/cases"))? {
         let path = entry?.path();
         let file: Value = serde_json::from_slice(&fs::read(&path)?)?;
@@ -283,4 +285,24 @@ fn raw_contents(datatype: &str, data: &[Value]) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// The ONNX files of the test fixtures and of the example repository.
+fn write_model_seeds(dir: &Path) -> std::io::Result<usize> {
+    fs::create_dir_all(dir)?;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut written = 0;
+    for repository in ["testdata/models", "examples/model-repository"] {
+        for model in fs::read_dir(root.join(repository))? {
+            let model = model?.path();
+            for version in fs::read_dir(&model)? {
+                let file = version?.path().join("model.onnx");
+                if let (Ok(bytes), Some(name)) = (fs::read(&file), model.file_name()) {
+                    fs::write(dir.join(name), bytes)?;
+                    written += 1;
+                }
+            }
+        }
+    }
+    Ok(written)
 }
