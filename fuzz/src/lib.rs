@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{Method, Request, StatusCode};
-
 use edgefleet_agent::grpc::{GrpcInference, TonicRefusals, TonicRefusalsLayer};
 use edgefleet_agent::http::HttpOptions;
 use edgefleet_agent::model_check::ModelCheck;
