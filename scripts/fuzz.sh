@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing of what apps send the agent (fuzz/):
 #   scripts/fuzz.sh [TARGET] [SECONDS] [-- LIBFUZZER-FLAGS...]
-# TARGET is http_infer (default), grpc_infer, http_routes, grpc_service or
-# onnx_scan (the control plane's ONNX validation);
+# TARGET is http_infer (default), grpc_infer, http_routes, grpc_service,
+# onnx_scan (the control plane's ONNX validation) or control_plane_api (the
+# control plane's agent and operator gRPC APIs);
 # SECONDS defaults to 300.
 # The agent serves with tract, or with ONNX Runtime when
 # EDGEFLEET_FUZZ_RUNTIME=onnxruntime (fetched from PyPI if needed).
+# control_plane_api's control plane keeps its data in SQLite, or in a new
+# schema of the PostgreSQL database EDGEFLEET_FUZZ_DATABASE_URL names.
 # Installs cargo-fuzz if missing, writes the starting corpus from
 # testdata/cases the first time, and runs on the stable toolchain (no
 # sanitizer: a panic that escapes the agent, or an error the target's checks
@@ -19,8 +22,8 @@ seconds="${2:-300}"
 shift $(( $# > 2 ? 2 : $# ))
 [[ "${1:-}" == "--" ]] && shift
 case "$target" in
-  http_infer|grpc_infer|http_routes|grpc_service|onnx_scan) ;;
-  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes, grpc_service or onnx_scan)" >&2; exit 2 ;;
+  http_infer|grpc_infer|http_routes|grpc_service|onnx_scan|control_plane_api) ;;
+  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes, grpc_service, onnx_scan or control_plane_api)" >&2; exit 2 ;;
 esac
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, not '$seconds'" >&2; exit 2; }
 

@@ -5,7 +5,9 @@
 //! typed contents; for `http_routes` and `grpc_service` those requests as
 //! whole calls (the gRPC ones framed, alone and as a stream of two), and a
 //! call of every other route and RPC naming a fixture; for `onnx_scan` the
-//! test fixtures' and the example's model files.
+//! test fixtures' and the example's model files; for `control_plane_api` a
+//! call of every RPC it picks from, and a session carrying each kind of
+//! message an agent sends.
 //!
 //! `cargo run --release --example seeds` (from `fuzz/`) writes
 //! `corpus/<target>/` for each target.
@@ -14,7 +16,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use axum::http::Method;
+use edgefleet_fuzz::control_plane::{CONTROL_PLANE_METHODS, Help, frames, inventory};
 use edgefleet_fuzz::{GRPC_METHODS, HTTP_METHODS, MODELS};
+use edgefleet_proto::edgefleet::v1 as pb;
 use edgefleet_proto::inference::model_infer_request::InferInputTensor;
 use edgefleet_proto::inference::{
     InferTensorContents, ModelInferRequest, ModelMetadataRequest, RepositoryModelLoadRequest,
@@ -35,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     written += write_route_seeds(&routes_dir)?;
     written += write_rpc_seeds(&service_dir)?;
     written += write_model_seeds(&root.join("corpus/onnx_scan"))?;
+    written += write_control_plane_seeds(&root.join("corpus/control_plane_api"))?;
     for entry in fs::read_dir(root.join("../testdata/cases"))? {
         let path = entry?.path();
         let file: Value = serde_json::from_slice(&fs::read(&path)?)?;
@@ -301,6 +306,246 @@ fn write_model_seeds(dir: &Path) -> std::io::Result<usize> {
                     fs::write(dir.join(name), bytes)?;
                     written += 1;
                 }
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// `control_plane_api`'s calls: for each RPC, a request an operator or
+/// agent would send (the fixture's own token, device or digest where the
+/// call is helped to them); for the helped session, one of each message an
+/// agent sends after its Hello, and all of them in one session.
+fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Error>> {
+    use pb::agent_message::Kind;
+    fs::create_dir_all(dir)?;
+    let key = edgefleet_pki::generate_device_key()?;
+    let csr_pem = edgefleet_pki::device_csr(&key, "seed")?;
+    let labels = || [("fleet".to_string(), "fuzz".to_string())].into();
+    let model = |name: &str, version| pb::GetModelRequest {
+        name: name.to_string(),
+        version,
+    };
+    let rollout = pb::RolloutRef {
+        id: "ro-000000000000".to_string(),
+    };
+    let iris = fs::read(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/model-repository/iris/1/model.onnx"),
+    )?;
+    let batch = pb::TelemetryBatch {
+        sequence: 1,
+        start_unix_ms: 1_800_000_000_000,
+        end_unix_ms: 1_800_000_010_000,
+        models: vec![pb::ModelTelemetry {
+            name: "mlp".into(),
+            version: 1,
+            requests: 10,
+            errors: 1,
+            local: 10,
+            ..Default::default()
+        }],
+        device: Some(pb::DeviceTelemetry {
+            cpu_permille: 500,
+            memory_used_bytes: 1 << 20,
+            memory_total_bytes: 1 << 30,
+            temperature_millicelsius: Some(45_000),
+            runtime: "tract".into(),
+            ..Default::default()
+        }),
+        events: vec![pb::Event {
+            unix_ms: 1_800_000_005_000,
+            kind: pb::event::Kind::ModelLoaded.into(),
+            model: "mlp".into(),
+            version: 1,
+            message: "loaded".into(),
+        }],
+        ..Default::default()
+    };
+    let agent_messages = [
+        Kind::Heartbeat(pb::Heartbeat {
+            unix_millis: 1_800_000_000_000,
+        }),
+        Kind::CommandAck(pb::CommandAck {
+            command_id: 1,
+            ok: true,
+            message: String::new(),
+        }),
+        Kind::Telemetry(batch.clone()),
+        Kind::RenewCertificate(pb::RenewCertificate {
+            csr_pem: csr_pem.clone(),
+        }),
+        Kind::ModelsChanged(pb::ModelsChanged {
+            models: vec![pb::ModelVersionRef {
+                name: "mlp".into(),
+                version: 1,
+                state: "ready".into(),
+                ..Default::default()
+            }],
+        }),
+        Kind::Activation(pb::ActivationReport {
+            name: "mlp".into(),
+            version: 1,
+            stage: pb::activation_report::Stage::Active.into(),
+            ..Default::default()
+        }),
+        Kind::TelemetryUpload(pb::TelemetryUpload {
+            batches: vec![batch],
+            sent_at_ms: 1_800_000_010_000,
+        }),
+    ]
+    .map(|kind| pb::AgentMessage { kind: Some(kind) }.encode_to_vec());
+
+    let enroll = pb::EnrollRequest {
+        join_token: String::new(),
+        csr_pem,
+        inventory: Some(inventory()),
+    };
+    let one = |message: Vec<u8>| vec![message];
+    let mut calls: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        ("Enroll", one(enroll.encode_to_vec())),
+        ("Session", agent_messages.to_vec()),
+        (
+            "DownloadBlob",
+            one(pb::DownloadBlobRequest {
+                sha256: String::new(),
+                offset: 1000,
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "CreateJoinToken",
+            one(pb::CreateJoinTokenRequest {
+                labels: labels(),
+                expires_in_seconds: 3600,
+                uses: 2,
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "ListDevices",
+            one(pb::ListDevicesRequest {
+                selector: "fleet=fuzz".into(),
+            }
+            .encode_to_vec()),
+        ),
+        ("GetDevice", one(Vec::new())),
+        (
+            "RevokeDevice",
+            one(pb::RevokeDeviceRequest {
+                id: "dev-000000000000".into(),
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "SetDeviceLabels",
+            one(pb::SetDeviceLabelsRequest {
+                id: String::new(),
+                labels: labels(),
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "PushModel",
+            vec![
+                pb::PushModelRequest {
+                    kind: Some(pb::push_model_request::Kind::Header(pb::PushModelHeader {
+                        name: "iris".into(),
+                        size_bytes: iris.len() as u64,
+                        labels: labels(),
+                        ..Default::default()
+                    })),
+                }
+                .encode_to_vec(),
+                pb::PushModelRequest {
+                    kind: Some(pb::push_model_request::Kind::Chunk(iris)),
+                }
+                .encode_to_vec(),
+            ],
+        ),
+        (
+            "ListModels",
+            one(pb::ListModelsRequest { name: "mlp".into() }.encode_to_vec()),
+        ),
+        ("GetModel", one(model("mlp", 1).encode_to_vec())),
+        ("DeleteModel", one(model("iris", 0).encode_to_vec())),
+        (
+            "CreateRollout",
+            one(pb::CreateRolloutRequest {
+                model: "mlp".into(),
+                version: 1,
+                selector: "fleet=fuzz".into(),
+                waves: vec![
+                    pb::Wave {
+                        size: Some(pb::wave::Size::Percent(50.0)),
+                    },
+                    pb::Wave {
+                        size: Some(pb::wave::Size::Percent(100.0)),
+                    },
+                ],
+                ..Default::default()
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "ListRollouts",
+            one(pb::ListRolloutsRequest {
+                model: "mlp".into(),
+            }
+            .encode_to_vec()),
+        ),
+    ];
+    for name in [
+        "GetRollout",
+        "PauseRollout",
+        "ResumeRollout",
+        "AbortRollout",
+        "RollbackRollout",
+    ] {
+        calls.push((name, one(rollout.encode_to_vec())));
+    }
+    // The unhelped session says Hello as another device.
+    let other_hello = pb::AgentMessage {
+        kind: Some(Kind::Hello(pb::Hello {
+            device_id: "dev-000000000000".into(),
+            inventory: Some(inventory()),
+            runtime: "tract".into(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    let mut written = 0;
+    for (index, (_, path, help)) in CONTROL_PLANE_METHODS.iter().enumerate() {
+        let method = path.rsplit('/').next().unwrap_or(path);
+        let (_, messages) = calls
+            .iter()
+            .find(|(name, _)| *name == method)
+            .expect("a seed for every RPC");
+        // A helped call's seed leaves out what the target gives it.
+        let body = match help {
+            Help::FirstField(_) => messages[0].clone(),
+            Help::Hello => frames(messages.iter().cloned()).to_vec(),
+            Help::None if method == "Session" => {
+                frames(std::iter::once(other_hello.clone()).chain(messages.iter().cloned()))
+                    .to_vec()
+            }
+            Help::None => frames(messages.iter().cloned()).to_vec(),
+        };
+        let selector = u8::try_from(index).expect("few RPCs");
+        fs::write(
+            dir.join(format!("{index:02}-{method}")),
+            [&[selector][..], &body].concat(),
+        )?;
+        written += 1;
+        if *help == Help::Hello {
+            // Each of the session's messages alone, too.
+            for (n, message) in messages.iter().enumerate() {
+                let body = frames([message.clone()]);
+                fs::write(
+                    dir.join(format!("{index:02}-{method}-{n}")),
+                    [&[selector][..], &body].concat(),
+                )?;
+                written += 1;
             }
         }
     }

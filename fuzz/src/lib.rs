@@ -3,6 +3,8 @@
 //! or with ONNX Runtime when `EDGEFLEET_FUZZ_RUNTIME=onnxruntime` (its
 //! library found as the agent finds it: `ORT_DYLIB_PATH`, …).
 
+pub mod control_plane;
+
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
