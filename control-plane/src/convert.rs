@@ -39,6 +39,15 @@ pub fn check_text(field: &str, value: &str, max: usize) -> Result<(), Status> {
     Ok(())
 }
 
+/// Checks an id a caller names to look something up (a device, a
+/// rollout): the server makes them short, of ASCII letters, digits and
+/// `-`. An overlong one, or one holding a NUL, which PostgreSQL's text
+/// cannot take (the lookup would fail as a storage error where SQLite
+/// finds nothing), is INVALID_ARGUMENT before the store sees it.
+pub fn check_id(field: &str, value: &str) -> Result<(), Status> {
+    check_text(field, value, MAX_NAME_LEN)
+}
+
 /// Free text a device reports (an event's message, why an activation
 /// failed), made storable instead of refused: a device resends what was
 /// refused on every session, so refusing it would end them all. Cut to at

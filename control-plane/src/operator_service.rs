@@ -156,6 +156,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::Device>, Status> {
         self.authorize(&request).await?;
         let id = &request.get_ref().id;
+        convert::check_id("device id", id)?;
         let device = self
             .cp
             .store
@@ -174,6 +175,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::Device>, Status> {
         let operator = self.authorize(&request).await?;
         let id = &request.get_ref().id;
+        convert::check_id("device id", id)?;
         let device = self
             .cp
             .store
@@ -193,6 +195,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::Device>, Status> {
         let operator = self.authorize(&request).await?;
         let request = request.into_inner();
+        convert::check_id("device id", &request.id)?;
         for (key, value) in &request.labels {
             convert::validate_label(key, value).map_err(Status::invalid_argument)?;
         }

@@ -16,6 +16,7 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::registry::service::validate_model_name;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
@@ -839,6 +840,7 @@ async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::
 
 impl RolloutApi {
     async fn load(&self, id: &str) -> Result<RolloutRecord, Status> {
+        crate::convert::check_id("rollout id", id)?;
         self.cp
             .store
             .rollout(id)
@@ -982,6 +984,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let operator = crate::operator_service::authorize(&self.cp, &request).await?;
         let request = request.into_inner();
+        validate_model_name(&request.model).map_err(Status::invalid_argument)?;
         let spec = spec_from_request(&request)?;
         let selector =
             crate::convert::parse_labels(&request.selector).map_err(Status::invalid_argument)?;
@@ -1108,6 +1111,9 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         crate::operator_service::authorize(&self.cp, &request).await?;
         let model = request.get_ref().model.clone();
+        if !model.is_empty() {
+            validate_model_name(&model).map_err(Status::invalid_argument)?;
+        }
         let rollouts = self
             .cp
             .store

@@ -168,14 +168,6 @@ async fn welcome(stream: &mut tonic::Streaming<pb::ControlMessage>) -> pb::Welco
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn enroll_rejects_malformed_requests() {
     let dir = tempfile::tempdir().unwrap();

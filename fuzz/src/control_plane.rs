@@ -397,7 +397,7 @@ fn postgres_schema() -> Option<String> {
         .arg(&base)
         .args(["-q", "-v", "ON_ERROR_STOP=1", "-c"])
         .arg(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+            "SET client_min_messages = warning; DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
         ))
         .status()
         .expect("psql");

@@ -49,6 +49,15 @@ pub enum Db {
     Postgres,
 }
 
+/// A runtime for the tests that drive the server's gRPC APIs by hand.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A finished process's stderr, as text (for assertions and their messages).
 pub fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).to_string()
