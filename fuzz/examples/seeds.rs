@@ -468,7 +468,7 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             one(pb::ListModelsRequest { name: "mlp".into() }.encode_to_vec()),
         ),
         ("GetModel", one(model("mlp", 1).encode_to_vec())),
-        ("DeleteModel", one(model("iris", 0).encode_to_vec())),
+        ("DeleteModel", one(model("iris", 1).encode_to_vec())),
         (
             "CreateRollout",
             one(pb::CreateRolloutRequest {
@@ -523,7 +523,7 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             .expect("a seed for every RPC");
         // A helped call's seed leaves out what the target gives it.
         let body = match help {
-            Help::FirstField(_) => messages[0].clone(),
+            Help::FirstField(_) => without_field_1(&messages[0]),
             Help::Hello => frames(messages.iter().cloned()).to_vec(),
             Help::None if method == "Session" => {
                 frames(std::iter::once(other_hello.clone()).chain(messages.iter().cloned()))
@@ -550,4 +550,22 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
         }
     }
     Ok(written)
+}
+
+/// A message without its field 1 (a string: the target writes it), which
+/// prost encodes first when it is set.
+fn without_field_1(message: &[u8]) -> Vec<u8> {
+    if message.first() != Some(&0x0a) {
+        return message.to_vec();
+    }
+    let (mut length, mut shift, mut at) = (0usize, 0, 1);
+    while let Some(&byte) = message.get(at) {
+        length |= usize::from(byte & 0x7f) << shift;
+        shift += 7;
+        at += 1;
+        if byte & 0x80 == 0 {
+            break;
+        }
+    }
+    message.get(at + length..).unwrap_or_default().to_vec()
 }

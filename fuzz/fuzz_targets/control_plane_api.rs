@@ -14,7 +14,8 @@
 //! The input's first byte picks the RPC (low 7 bits) and whether the call
 //! says its messages are gzip-compressed (the top bit); the rest is the
 //! request body or, for the helped calls, its message (see
-//! `control_plane::Help`).
+//! `control_plane::Help`). With `EDGEFLEET_FUZZ_VERBOSE` set, each call's
+//! status is printed.
 #![no_main]
 
 use edgefleet_agent::grpc::refusal_reason;
@@ -36,6 +37,12 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|err| panic!("{path} ({help:?}): {err}"));
     fixture.restore_after(path, &answer);
     let (code, message) = (answer.status.code(), answer.status.message());
+    if std::env::var_os("EDGEFLEET_FUZZ_VERBOSE").is_some() {
+        // What each input got (run the target on a few files to see how far
+        // the seeds reach).
+        let answered = answer.messages.len();
+        eprintln!("{path} ({help:?}): {code:?} {message:?}, {answered} messages answered");
+    }
     if code == Code::Ok {
         return;
     }

@@ -351,6 +351,27 @@ impl ControlPlaneFixture {
         pushed.sha256
     }
 
+    /// The id of the rollout created last (ListRollouts lists the newest
+    /// first); empty when there is none.
+    fn newest_rollout_id(&self) -> String {
+        let body = frames([pb::ListRolloutsRequest::default().encode_to_vec()]);
+        let answer = self
+            .call(
+                Surface::Operator,
+                "/edgefleet.v1.RolloutService/ListRollouts",
+                false,
+                body,
+            )
+            .unwrap_or_else(|err| panic!("ListRollouts: {err}"));
+        answer
+            .messages
+            .first()
+            .and_then(|message| pb::ListRolloutsResponse::decode(message.as_ref()).ok())
+            .and_then(|list| list.rollouts.into_iter().next())
+            .map(|rollout| rollout.id)
+            .unwrap_or_default()
+    }
+
     /// Puts back what a successful call may have taken from the calls that
     /// follow: the enrolled device (revoked: a new one is enrolled) and the
     /// model `mlp` (deleted: pushed again).
@@ -431,11 +452,15 @@ pub enum Given {
     JoinToken,
     DeviceId,
     ModelSha256,
+    /// The newest rollout's (inputs create them; none: empty).
+    NewestRolloutId,
 }
 
 /// The RPCs `control_plane_api`'s first byte picks from (low 7 bits): every
 /// RPC of the agent and operator APIs but `WatchRollout` (it waits for a
-/// rollout to end), some twice, helped and not.
+/// rollout to end), some twice, helped and not; the rollout actions only
+/// helped (a fuzzer cannot guess a rollout's id; `GetRollout` unhelped
+/// checks how ids are read).
 pub const CONTROL_PLANE_METHODS: &[(Surface, &str, Help)] = &[
     (
         Surface::Anonymous,
@@ -535,28 +560,33 @@ pub const CONTROL_PLANE_METHODS: &[(Surface, &str, Help)] = &[
     ),
     (
         Surface::Operator,
+        "/edgefleet.v1.RolloutService/GetRollout",
+        Help::FirstField(Given::NewestRolloutId),
+    ),
+    (
+        Surface::Operator,
         "/edgefleet.v1.RolloutService/ListRollouts",
         Help::None,
     ),
     (
         Surface::Operator,
         "/edgefleet.v1.RolloutService/PauseRollout",
-        Help::None,
+        Help::FirstField(Given::NewestRolloutId),
     ),
     (
         Surface::Operator,
         "/edgefleet.v1.RolloutService/ResumeRollout",
-        Help::None,
+        Help::FirstField(Given::NewestRolloutId),
     ),
     (
         Surface::Operator,
         "/edgefleet.v1.RolloutService/AbortRollout",
-        Help::None,
+        Help::FirstField(Given::NewestRolloutId),
     ),
     (
         Surface::Operator,
         "/edgefleet.v1.RolloutService/RollbackRollout",
-        Help::None,
+        Help::FirstField(Given::NewestRolloutId),
     ),
 ];
 
@@ -570,6 +600,7 @@ impl ControlPlaneFixture {
                     Given::JoinToken => self.join_token.clone(),
                     Given::DeviceId => self.device_id(),
                     Given::ModelSha256 => self.model_sha256.clone(),
+                    Given::NewestRolloutId => self.newest_rollout_id(),
                 };
                 // Field 1, length-delimited: every request above has its
                 // string there.
