@@ -28,7 +28,10 @@ macro_rules! outln {
 }
 
 mod config;
+mod pages;
 mod rollouts;
+
+use pages::{PageSize, all_pages};
 
 /// Where `edgefleet-server serve` listens for operators by default.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
@@ -142,6 +145,8 @@ enum ModelsCommand {
         /// Only versions of this model.
         #[arg(long)]
         name: Option<String>,
+        #[command(flatten)]
+        pages: PageSize,
     },
     /// Show one model version in full: NAME (the highest version) or NAME@VERSION.
     Get {
@@ -178,6 +183,8 @@ enum DevicesCommand {
         /// Only devices carrying all these labels: k=v,k2=v2.
         #[arg(long, value_name = "K=V,...")]
         selector: Option<String>,
+        #[command(flatten)]
+        pages: PageSize,
     },
     /// Show one device in full.
     Get { id: String },
@@ -264,8 +271,8 @@ fn is_loopback_url(url: &str) -> bool {
         })
 }
 
-/// Largest answer the CLI reads: a big fleet's device list, or a rollout
-/// with every device and event, is far above tonic's 4 MiB default.
+/// Largest answer the CLI reads: a rollout with every device and event of
+/// a big fleet is far above tonic's 4 MiB default (lists come in pages).
 pub(crate) const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
 async fn connect(cli: &Cli) -> anyhow::Result<OperatorServiceClient<Channel>> {
@@ -609,23 +616,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Devices(DevicesCommand::List { selector }) => {
+        Command::Devices(DevicesCommand::List { selector, pages }) => {
             if let Some(selector) = selector {
                 parse_labels(selector)?;
             }
-            let request = authorized(
-                &cli,
-                pb::ListDevicesRequest {
-                    selector: selector.clone().unwrap_or_default(),
-                },
-            )?;
-            let mut client = connect(&cli).await?;
-            let devices = client
-                .list_devices(request)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .devices;
+            let client = connect(&cli).await?;
+            let devices = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = authorized(
+                    &cli,
+                    pb::ListDevicesRequest {
+                        selector: selector.clone().unwrap_or_default(),
+                        page_size: pages.page_size,
+                        page_token,
+                    },
+                );
+                async move {
+                    let page = client
+                        .list_devices(request?)
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    Ok((page.devices, page.next_page_token))
+                }
+            })
+            .await?;
             match cli.output {
                 Output::Json => {
                     print_json(&Value::Array(devices.iter().map(device_json).collect()))?
@@ -978,20 +993,28 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ModelsCommand::List { name } => {
-            let request = authorized(
-                cli,
-                pb::ListModelsRequest {
-                    name: name.clone().unwrap_or_default(),
-                },
-            )?;
-            let models = connect_models(cli)
-                .await?
-                .list_models(request)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .models;
+        ModelsCommand::List { name, pages } => {
+            let client = connect_models(cli).await?;
+            let models = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = authorized(
+                    cli,
+                    pb::ListModelsRequest {
+                        name: name.clone().unwrap_or_default(),
+                        page_size: pages.page_size,
+                        page_token,
+                    },
+                );
+                async move {
+                    let page = client
+                        .list_models(request?)
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    Ok((page.models, page.next_page_token))
+                }
+            })
+            .await?;
             match cli.output {
                 Output::Json => print_json(&Value::Array(models.iter().map(model_json).collect()))?,
                 Output::Table => print_model_table(&models)?,

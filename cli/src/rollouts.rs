@@ -11,6 +11,7 @@ use pb::rollout_service_client::RolloutServiceClient;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+use crate::pages::{PageSize, all_pages};
 use crate::{Cli, Output, authorized, channel, format_time, print_json, status_error};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +68,8 @@ pub enum RolloutsCommand {
         /// Only rollouts of this model.
         #[arg(long)]
         model: Option<String>,
+        #[command(flatten)]
+        pages: PageSize,
     },
     /// Stop starting devices; what is updating finishes.
     Pause { id: String },
@@ -368,20 +371,28 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                 .into_inner();
             show(&rollout)?;
         }
-        RolloutsCommand::List { model } => {
-            let request = authorized(
-                cli,
-                pb::ListRolloutsRequest {
-                    model: model.clone().unwrap_or_default(),
-                },
-            )?;
-            let rollouts = client(cli)
-                .await?
-                .list_rollouts(request)
-                .await
-                .map_err(status_error)?
-                .into_inner()
-                .rollouts;
+        RolloutsCommand::List { model, pages } => {
+            let rollouts_client = client(cli).await?;
+            let rollouts = all_pages(|page_token| {
+                let mut client = rollouts_client.clone();
+                let request = authorized(
+                    cli,
+                    pb::ListRolloutsRequest {
+                        model: model.clone().unwrap_or_default(),
+                        page_size: pages.page_size,
+                        page_token,
+                    },
+                );
+                async move {
+                    let page = client
+                        .list_rollouts(request?)
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    Ok((page.rollouts, page.next_page_token))
+                }
+            })
+            .await?;
             match cli.output {
                 Output::Json => {
                     print_json(&Value::Array(rollouts.iter().map(rollout_json).collect()))?

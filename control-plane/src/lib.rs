@@ -11,6 +11,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod operator_service;
+pub mod paging;
 pub mod registry;
 pub mod rollouts;
 pub mod server;

@@ -11,8 +11,9 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::drift;
 use crate::errors::store_unavailable;
+use crate::paging;
 use crate::state::{ControlPlane, now_ms};
-use crate::store::{JoinToken, OperatorToken};
+use crate::store::{self, JoinToken, OperatorToken};
 
 /// Join tokens live 24 h unless asked otherwise, and at most a year.
 const DEFAULT_JOIN_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -134,20 +135,32 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         request: Request<pb::ListDevicesRequest>,
     ) -> Result<Response<pb::ListDevicesResponse>, Status> {
         self.authorize(&request).await?;
+        let request = request.into_inner();
         let selector =
-            convert::parse_labels(&request.get_ref().selector).map_err(Status::invalid_argument)?;
-        let devices = self
-            .cp
-            .store
-            .devices(&selector)
-            .await
-            .map_err(store_unavailable("cannot list devices"))?;
+            convert::parse_labels(&request.selector).map_err(Status::invalid_argument)?;
+        let pages = paging::Pages::new("ListDevices", &request.selector);
+        let after: Option<String> = pages.after(&request.page_token)?;
+        if let Some(after) = &after {
+            convert::check_id("page_token's device id", after)?;
+        }
+        let (devices, more) = store::devices_page(
+            self.cp.store.as_ref(),
+            &selector,
+            after.as_deref(),
+            paging::page_size(request.page_size),
+        )
+        .await
+        .map_err(store_unavailable("cannot list devices"))?;
+        let next_page_token = pages.next(more, devices.last().map(|d| &d.id));
         let mut devices: Vec<pb::Device> = devices
             .iter()
             .map(|d| convert::device_to_pb(d, self.cp.sessions.is_online(&d.id)))
             .collect();
         self.mark_drift(&mut devices).await?;
-        Ok(Response::new(pb::ListDevicesResponse { devices }))
+        Ok(Response::new(pb::ListDevicesResponse {
+            devices,
+            next_page_token,
+        }))
     }
 
     async fn get_device(

@@ -16,6 +16,7 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::paging;
 use crate::registry::service::validate_model_name;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::registry::{
@@ -1110,22 +1111,39 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
         crate::operator_service::authorize(&self.cp, &request).await?;
-        let model = request.get_ref().model.clone();
-        if !model.is_empty() {
-            validate_model_name(&model).map_err(Status::invalid_argument)?;
+        let request = request.into_inner();
+        let model = (!request.model.is_empty()).then_some(request.model.as_str());
+        if let Some(model) = model {
+            validate_model_name(model).map_err(Status::invalid_argument)?;
         }
+        let pages = paging::Pages::new("ListRollouts", &request.model);
+        let after: Option<String> = pages.after(&request.page_token)?;
+        if let Some(after) = &after {
+            // Rollouts are never deleted: a token's rollout is still there.
+            self.load(after)
+                .await
+                .map_err(|status| match status.code() {
+                    tonic::Code::NotFound | tonic::Code::InvalidArgument => {
+                        Status::invalid_argument("page_token names no rollout this list gave")
+                    }
+                    _ => status,
+                })?;
+        }
+        let size = paging::page_size(request.page_size);
         let rollouts = self
             .cp
             .store
-            .rollouts((!model.is_empty()).then_some(model.as_str()))
+            .rollouts(model, after.as_deref(), size + 1)
             .await
             .map_err(store_unavailable("cannot list rollouts"))?;
-        // Counted by the database, one query for the whole list. A rollout
-        // created since the list was read is counted and left out.
+        let (rollouts, more) = paging::split(rollouts, size);
+        let next_page_token = pages.next(more, rollouts.last().map(|r| &r.id));
+        // Counted by the database, one query for the whole page.
+        let ids: Vec<String> = rollouts.iter().map(|r| r.id.clone()).collect();
         let states = self
             .cp
             .store
-            .rollout_device_states((!model.is_empty()).then_some(model.as_str()))
+            .rollout_device_states(&ids)
             .await
             .map_err(store_unavailable("cannot count rollouts' devices"))?;
         let mut by_rollout: HashMap<&str, Vec<(&str, u64)>> = HashMap::new();
@@ -1142,7 +1160,10 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
                 rollout_summary(rollout, device_counts(states))
             })
             .collect();
-        Ok(Response::new(pb::ListRolloutsResponse { rollouts: views }))
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: views,
+            next_page_token,
+        }))
     }
 
     async fn pause_rollout(
@@ -1464,13 +1485,16 @@ mod tests {
         }
         let api = RolloutApi::new(Arc::clone(&cp));
 
-        let list = |model: &str| {
+        let page = |model: &str, page_size: u32, page_token: &str| {
             let request = authorized(pb::ListRolloutsRequest {
                 model: model.into(),
+                page_size,
+                page_token: page_token.into(),
             });
             let api = api.clone();
             async move { api.list_rollouts(request).await.unwrap().into_inner() }
         };
+        let list = |model: &str| page(model, 0, "");
         let all = list("").await.rollouts;
         let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r2", "r1"]);
@@ -1499,6 +1523,13 @@ mod tests {
         let of_m = list("m").await.rollouts;
         assert_eq!(of_m.len(), 1);
         assert_eq!(of_m[0], all[1]);
+        // A page at a time: each rollout with its own counts.
+        let first = page("", 1, "").await;
+        assert_eq!(first.rollouts, all[..1]);
+        assert!(!first.next_page_token.is_empty());
+        let second = page("", 1, &first.next_page_token).await;
+        assert_eq!(second.rollouts, all[1..]);
+        assert_eq!(second.next_page_token, "");
     }
 
     /// Enrolls devices with these ids (no labels).

@@ -6,6 +6,7 @@
 mod support;
 
 use edgefleet_proto::edgefleet::v1 as pb;
+use pb::model_service_client::ModelServiceClient;
 use pb::operator_service_client::OperatorServiceClient;
 use pb::rollout_service_client::RolloutServiceClient;
 use support::*;
@@ -134,6 +135,7 @@ fn ids_and_model_names_holding_a_nul_are_invalid_on_both_stores() {
                         .list_rollouts(authorized(
                             pb::ListRolloutsRequest {
                                 model: "iris\0".into(),
+                                ..Default::default()
                             },
                             &token,
                         ))
@@ -179,5 +181,227 @@ fn ids_and_model_names_holding_a_nul_are_invalid_on_both_stores() {
                 .unwrap();
             assert!(listed.into_inner().devices.is_empty(), "{db:?}");
         });
+    }
+}
+
+/// Devices, models and rollouts listed a page at a time (`page_size`,
+/// `page_token`, `next_page_token`) on each store: every item once, in the
+/// list's order, whatever the page size and with a filter; a token that is
+/// not this list's, or is for another filter, or is garbage is
+/// INVALID_ARGUMENT; the CLI reads every page (`--page-size`).
+#[test]
+fn lists_come_in_pages_on_both_stores() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == Db::Postgres).then(PgSchema::create);
+        let server = Server::start(dir.path(), schema.as_ref().map(|s| s.url.as_str()), &[]);
+        let token = server.admin_token();
+        let eu = server.join_token(&["--labels", "region=eu", "--uses", "3"]);
+        let us = server.join_token(&["--labels", "region=us", "--uses", "2"]);
+        for (i, join) in [&eu, &eu, &us, &eu, &us].into_iter().enumerate() {
+            enroll_ok(&server, join, &dir.path().join(format!("device-{i}")));
+        }
+        let mlp = edgefleet_test_support::testdata().join("models/mlp/1/model.onnx");
+        for name in ["c", "a", "b"] {
+            server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", name]);
+            server.cli_json(&[
+                "rollouts",
+                "create",
+                "--model",
+                &format!("{name}@1"),
+                "--selector",
+                "region=eu",
+            ]);
+        }
+        runtime().block_on(async {
+            let channel = tonic::transport::Channel::from_shared(server.api_url.clone())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let devices = OperatorServiceClient::new(channel.clone());
+            let mut models = ModelServiceClient::new(channel.clone());
+            let mut rollouts = RolloutServiceClient::new(channel);
+
+            // Devices, all in one page and then two at a time.
+            let list_devices = |selector: &str, page_size: u32, page_token: String| {
+                let request = authorized(
+                    pb::ListDevicesRequest {
+                        selector: selector.into(),
+                        page_size,
+                        page_token,
+                    },
+                    &token,
+                );
+                let mut devices = devices.clone();
+                async move { devices.list_devices(request).await }
+            };
+            let whole = list_devices("", 0, String::new()).await.unwrap().into_inner();
+            assert_eq!(whole.devices.len(), 5, "{db:?}");
+            assert_eq!(whole.next_page_token, "", "{db:?}: one page holds them all");
+            let ids = |devices: &[pb::Device]| devices.iter().map(|d| d.id.clone()).collect::<Vec<_>>();
+            let mut sorted = ids(&whole.devices);
+            sorted.sort();
+            assert_eq!(ids(&whole.devices), sorted, "{db:?}: ordered by id");
+            for (selector, expected) in [("", 5), ("region=eu", 3), ("region=us", 2)] {
+                let (paged, calls) = every_page(2, |page_token| {
+                    let page = list_devices(selector, 2, page_token);
+                    async move {
+                        let page = page.await.unwrap().into_inner();
+                        (ids(&page.devices), page.next_page_token)
+                    }
+                })
+                .await;
+                let region = selector.strip_prefix("region=");
+                let matching: Vec<String> = whole
+                    .devices
+                    .iter()
+                    .filter(|d| region.is_none() || d.labels.get("region").map(String::as_str) == region)
+                    .map(|d| d.id.clone())
+                    .collect();
+                assert_eq!(paged, matching, "{db:?} {selector:?}: each once, in order");
+                assert_eq!(paged.len(), expected, "{db:?} {selector:?}");
+                assert_eq!(calls, expected.div_ceil(2), "{db:?} {selector:?}: no empty last page");
+            }
+
+            // Tokens that are not this list's, for this filter.
+            let eu_token = list_devices("region=eu", 1, String::new())
+                .await
+                .unwrap()
+                .into_inner()
+                .next_page_token;
+            let forged = |after: &str| {
+                hex::encode(
+                    serde_json::json!({"list": "ListDevices", "filter": "", "after": after}).to_string(),
+                )
+            };
+            for (what, selector, page_token, says) in [
+                ("another selector's", "region=us", eu_token.clone(), "another filter"),
+                ("garbage", "", "not a token".to_string(), "page_token"),
+                ("a device id with a NUL", "", forged("dev-0\0"), "NUL"),
+            ] {
+                let status = list_devices(selector, 1, page_token).await.unwrap_err();
+                assert_eq!(status.code(), Code::InvalidArgument, "{db:?} {what}: {status:?}");
+                assert!(status.message().contains(says), "{db:?} {what}: {status:?}");
+            }
+            let status = models
+                .list_models(authorized(
+                    pb::ListModelsRequest {
+                        page_token: eu_token.clone(),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{db:?}: {status:?}");
+            assert!(status.message().contains("ListModels"), "{db:?}: {status:?}");
+
+            // Models by name, a page at a time.
+            let (names, _) = every_page(2, |page_token| {
+                let request = authorized(
+                    pb::ListModelsRequest {
+                        page_size: 2,
+                        page_token,
+                        ..Default::default()
+                    },
+                    &token,
+                );
+                let mut models = models.clone();
+                async move {
+                    let page = models.list_models(request).await.unwrap().into_inner();
+                    let names = page.models.iter().map(|m| format!("{}@{}", m.name, m.version));
+                    (names.collect(), page.next_page_token)
+                }
+            })
+            .await;
+            assert_eq!(names, ["a@1", "b@1", "c@1"], "{db:?}");
+
+            // Rollouts newest first, one per page, each counted on its page.
+            let (listed, _) = every_page(1, |page_token| {
+                let request = authorized(
+                    pb::ListRolloutsRequest {
+                        page_size: 1,
+                        page_token,
+                        ..Default::default()
+                    },
+                    &token,
+                );
+                let mut rollouts = rollouts.clone();
+                async move {
+                    let page = rollouts.list_rollouts(request).await.unwrap().into_inner();
+                    (page.rollouts, page.next_page_token)
+                }
+            })
+            .await;
+            let models_rolled: Vec<&str> = listed.iter().map(|r| r.model.as_str()).collect();
+            assert_eq!(models_rolled, ["b", "a", "c"], "{db:?}");
+            for rollout in &listed {
+                assert_eq!(rollout.counts.unwrap_or_default().targeted, 3, "{db:?}");
+            }
+            let unknown = hex::encode(
+                serde_json::json!({"list": "ListRollouts", "filter": "", "after": "ro-000000000000"})
+                    .to_string(),
+            );
+            let status = rollouts
+                .list_rollouts(authorized(
+                    pb::ListRolloutsRequest {
+                        page_token: unknown,
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{db:?}: {status:?}");
+        });
+
+        // The CLI reads every page, whatever their size.
+        for list in [
+            &["devices", "list"][..],
+            &["models", "list"],
+            &["rollouts", "list"],
+        ] {
+            let whole = server.cli_json(list);
+            let mut paged = list.to_vec();
+            paged.extend(["--page-size", "1"]);
+            assert_eq!(server.cli_json(&paged), whole, "{db:?} {list:?}");
+            assert_eq!(
+                whole.as_array().unwrap().len(),
+                if list[0] == "devices" { 5 } else { 3 },
+                "{db:?} {list:?}"
+            );
+        }
+        let refused = server.cli(&["devices", "list", "--page-size", "0"]);
+        assert!(!refused.status.success(), "{db:?}");
+        assert!(
+            stderr(&refused).contains("--page-size"),
+            "{db:?}: {}",
+            stderr(&refused)
+        );
+    }
+}
+
+/// Every item of a list, a page at a time: `page(token)` answers a page's
+/// items and its next token. Also how many calls it took; no page holds
+/// more than `size`.
+async fn every_page<T, Fut>(size: usize, mut page: impl FnMut(String) -> Fut) -> (Vec<T>, usize)
+where
+    Fut: std::future::Future<Output = (Vec<T>, String)>,
+{
+    let (mut items, mut calls, mut token) = (Vec::new(), 0, String::new());
+    loop {
+        let (batch, next) = page(token).await;
+        calls += 1;
+        assert!(
+            batch.len() <= size,
+            "a page of {} items, asked for {size}",
+            batch.len()
+        );
+        items.extend(batch);
+        if next.is_empty() {
+            return (items, calls);
+        }
+        token = next;
     }
 }

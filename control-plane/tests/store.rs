@@ -253,6 +253,7 @@ suite!(
     failed_device_insert_keeps_the_use,
     concurrent_enrollments_never_exceed_uses,
     devices_by_selector,
+    devices_paged_by_selector,
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
@@ -622,7 +623,9 @@ async fn concurrent_enrollments_never_exceed_uses(db: &Db) {
     assert_eq!(db.store.devices(&Labels::new()).await.unwrap().len(), 5);
 }
 
-async fn devices_by_selector(db: &Db) {
+/// Devices a to d: a and c in paris at the edge, b in paris, d in lyon at
+/// the edge.
+async fn enroll_four_labelled(db: &Db) {
     enroll(
         db,
         &["c", "a"],
@@ -631,6 +634,10 @@ async fn devices_by_selector(db: &Db) {
     .await;
     enroll(db, &["b"], labels(&[("site", "paris")])).await;
     enroll(db, &["d"], labels(&[("site", "lyon"), ("tier", "edge")])).await;
+}
+
+async fn devices_by_selector(db: &Db) {
+    enroll_four_labelled(db).await;
     let ids = |devices: Vec<Device>| devices.into_iter().map(|d| d.id).collect::<Vec<_>>();
     assert_eq!(
         ids(db.store.devices(&Labels::new()).await.unwrap()),
@@ -673,6 +680,42 @@ async fn devices_by_selector(db: &Db) {
             .await
             .unwrap()
             .is_empty()
+    );
+}
+
+/// Pages of devices (ListDevices): up to `limit` matching devices after an
+/// id, and whether more follow, however the matches fall in the scan.
+async fn devices_paged_by_selector(db: &Db) {
+    enroll_four_labelled(db).await;
+    let page = |selector: Labels, after: Option<&'static str>, limit| async move {
+        let (devices, more) = store::devices_page(db.store.as_ref(), &selector, after, limit)
+            .await
+            .unwrap();
+        (devices.into_iter().map(|d| d.id).collect::<Vec<_>>(), more)
+    };
+    let all = Labels::new;
+    assert_eq!(
+        page(all(), None, 2).await,
+        (vec!["a".into(), "b".into()], true)
+    );
+    assert_eq!(
+        page(all(), Some("b"), 2).await,
+        (vec!["c".into(), "d".into()], false)
+    );
+    assert!(!page(all(), None, 4).await.1);
+    assert_eq!(page(all(), Some("d"), 2).await, (vec![], false));
+    // An id that is no device's still places the page.
+    assert_eq!(page(all(), Some("bb"), 1).await, (vec!["c".into()], true));
+    let edge = || labels(&[("tier", "edge")]);
+    assert_eq!(page(edge(), None, 1).await, (vec!["a".into()], true));
+    // "b" does not match: the scan passes it to find the next that does.
+    assert_eq!(page(edge(), Some("a"), 1).await, (vec!["c".into()], true));
+    assert_eq!(page(edge(), Some("c"), 1).await, (vec!["d".into()], false));
+    let lyon = || labels(&[("site", "lyon")]);
+    assert_eq!(page(lyon(), None, 1).await, (vec!["d".into()], false));
+    assert_eq!(
+        page(labels(&[("site", "nice")]), None, 3).await,
+        (vec![], false)
     );
 }
 
@@ -2438,7 +2481,7 @@ mod registry {
 
     async fn models_roundtrip(db: &Db) {
         assert_eq!(db.store.model("resnet", None).await.unwrap(), None);
-        assert!(db.store.models(None).await.unwrap().is_empty());
+        assert!(db.store.models(None, None, 100).await.unwrap().is_empty());
         let v1 = model("resnet", 1, "aaa");
         let v2 = model("resnet", 2, "bbb");
         let v10 = model("resnet", 10, "ccc");
@@ -2461,14 +2504,48 @@ mod registry {
             Some(other.clone())
         );
         assert_eq!(
-            db.store.models(None).await.unwrap(),
+            db.store.models(None, None, 100).await.unwrap(),
             [other.clone(), v1.clone(), v2.clone(), v10.clone()]
         );
         assert_eq!(
-            db.store.models(Some("resnet")).await.unwrap(),
+            db.store.models(Some("resnet"), None, 100).await.unwrap(),
             [v1.clone(), v2.clone(), v10.clone()]
         );
-        assert!(db.store.models(Some("nope")).await.unwrap().is_empty());
+        assert!(
+            db.store
+                .models(Some("nope"), None, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Pages: up to `limit` versions after (name, version), in the same order.
+        let page = |name: Option<&'static str>, after: Option<(&'static str, u64)>, limit| async move {
+            db.store.models(name, after, limit).await.unwrap()
+        };
+        assert_eq!(page(None, None, 2).await, [other.clone(), v1.clone()]);
+        assert_eq!(
+            page(None, Some(("resnet", 1)), 2).await,
+            [v2.clone(), v10.clone()]
+        );
+        // Version 10 sorts after 2 as a number, not before it as text.
+        assert_eq!(
+            page(None, Some(("resnet", 2)), 5).await,
+            std::slice::from_ref(&v10)
+        );
+        assert!(page(None, Some(("resnet", 10)), 5).await.is_empty());
+        assert_eq!(
+            page(None, Some(("bert", 3)), 1).await,
+            std::slice::from_ref(&v1)
+        );
+        // A key that is no version's (deleted since) still places the page.
+        assert_eq!(
+            page(None, Some(("c", 0)), 5).await,
+            [v1.clone(), v2.clone(), v10.clone()]
+        );
+        assert_eq!(
+            page(Some("resnet"), Some(("resnet", 1)), 1).await,
+            std::slice::from_ref(&v2)
+        );
 
         // The same name, version and digest again: a no-op, even with other
         // metadata (the first insert wins).
@@ -2486,7 +2563,14 @@ mod registry {
                 existing_sha256: "bbb".into(),
             })
         );
-        assert_eq!(db.store.models(Some("resnet")).await.unwrap().len(), 3);
+        assert_eq!(
+            db.store
+                .models(Some("resnet"), None, 100)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
     }
 
     async fn delete_model_refused_while_in_use(db: &Db) {
@@ -2660,7 +2744,10 @@ mod registry {
         let active = db.store.active_rollouts().await.unwrap();
         assert_eq!(active.len(), 1);
         assert_eq!(active[0].id, won[0]);
-        assert_eq!(db.store.rollouts(Some("m")).await.unwrap().len(), 1);
+        assert_eq!(
+            db.store.rollouts(Some("m"), None, 100).await.unwrap().len(),
+            1
+        );
         assert_eq!(db.store.rollout_devices(&won[0]).await.unwrap().len(), 3);
     }
 
@@ -2674,14 +2761,30 @@ mod registry {
         create(db, &mid, &["c"]).await.unwrap();
         let ids = |rs: Vec<RolloutRecord>| rs.into_iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(
-            ids(db.store.rollouts(None).await.unwrap()),
+            ids(db.store.rollouts(None, None, 100).await.unwrap()),
             ["new", "mid", "old"]
         );
         assert_eq!(
-            ids(db.store.rollouts(Some("m")).await.unwrap()),
+            ids(db.store.rollouts(Some("m"), None, 100).await.unwrap()),
             ["new", "old"]
         );
-        assert!(db.store.rollouts(Some("zzz")).await.unwrap().is_empty());
+        assert!(
+            db.store
+                .rollouts(Some("zzz"), None, 100)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // Pages: up to `limit` rollouts older than the one named.
+        let page = |model: Option<&'static str>, after: Option<&'static str>, limit| async move {
+            ids(db.store.rollouts(model, after, limit).await.unwrap())
+        };
+        assert_eq!(page(None, None, 2).await, ["new", "mid"]);
+        assert_eq!(page(None, Some("mid"), 2).await, ["old"]);
+        assert_eq!(page(None, Some("new"), 1).await, ["mid"]);
+        assert_eq!(page(Some("m"), Some("new"), 5).await, ["old"]);
+        assert!(page(None, Some("old"), 5).await.is_empty());
+        assert!(page(None, Some("nope"), 5).await.is_empty());
         assert_eq!(
             ids(db.store.active_rollouts().await.unwrap()),
             ["old", "mid", "new"]
@@ -2692,9 +2795,21 @@ mod registry {
             ["mid", "new"]
         );
         assert_eq!(
-            ids(db.store.rollouts(Some("m")).await.unwrap()),
+            ids(db.store.rollouts(Some("m"), None, 100).await.unwrap()),
             ["new", "old"]
         );
+        // Created in the same millisecond: the later one first, and a page
+        // boundary between them loses neither.
+        create(db, &rollout("tie1", "t", 1, T0 + 30), &["d"])
+            .await
+            .unwrap();
+        create(db, &rollout("tie0", "t", 1, T0 + 30), &["e"])
+            .await
+            .unwrap();
+        assert_eq!(page(None, None, 2).await, ["tie0", "tie1"]);
+        assert_eq!(page(None, None, 1).await, ["tie0"]);
+        assert_eq!(page(None, Some("tie0"), 1).await, ["tie1"]);
+        assert_eq!(page(None, Some("tie1"), 1).await, ["new"]);
     }
 
     /// What a list of rollouts shows: each rollout's devices per state,
@@ -2718,14 +2833,15 @@ mod registry {
         create(db, &rollout("r3", "m", 2, T0 + 20), &[])
             .await
             .unwrap();
-        let counted = |model: Option<&'static str>| async move {
-            let mut rows = db.store.rollout_device_states(model).await.unwrap();
+        let counted = |ids: &'static [&'static str]| async move {
+            let ids: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+            let mut rows = db.store.rollout_device_states(&ids).await.unwrap();
             rows.sort();
             rows
         };
         let row = |id: &str, state: &str, n: u64| (id.to_string(), state.to_string(), n);
         assert_eq!(
-            counted(None).await,
+            counted(&["r1", "r2", "r3"]).await,
             [
                 row("r1", "active", 2),
                 row("r1", "failed", 1),
@@ -2734,14 +2850,16 @@ mod registry {
             ]
         );
         assert_eq!(
-            counted(Some("m")).await,
+            counted(&["r3", "r1"]).await,
             [
                 row("r1", "active", 2),
                 row("r1", "failed", 1),
                 row("r1", "waiting", 1),
             ]
         );
-        assert!(counted(Some("zzz")).await.is_empty());
+        assert_eq!(counted(&["r2"]).await, [row("r2", "waiting", 1)]);
+        assert!(counted(&["zzz"]).await.is_empty());
+        assert!(counted(&[]).await.is_empty());
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {
@@ -3313,7 +3431,7 @@ mod registry {
             Err(StoreError::Corrupt(_))
         ));
         assert!(matches!(
-            db.store.models(None).await,
+            db.store.models(None, None, 100).await,
             Err(StoreError::Corrupt(_))
         ));
         db.raw("UPDATE rollouts SET state = 'exploded'").await;
@@ -3334,7 +3452,7 @@ mod registry {
         .await;
         db.raw("UPDATE rollouts SET current_wave = -1").await;
         assert!(matches!(
-            db.store.rollouts(None).await,
+            db.store.rollouts(None, None, 100).await,
             Err(StoreError::Corrupt(_))
         ));
         db.raw("UPDATE rollout_devices SET wave = 5000000000").await;

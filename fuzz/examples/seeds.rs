@@ -426,6 +426,8 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             "ListDevices",
             one(pb::ListDevicesRequest {
                 selector: "fleet=fuzz".into(),
+                page_size: 2,
+                page_token: page_token("ListDevices", "fleet=fuzz", "\"dev-0\""),
             }
             .encode_to_vec()),
         ),
@@ -465,7 +467,12 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
         ),
         (
             "ListModels",
-            one(pb::ListModelsRequest { name: "mlp".into() }.encode_to_vec()),
+            one(pb::ListModelsRequest {
+                name: "mlp".into(),
+                page_size: 1,
+                page_token: page_token("ListModels", "mlp", "[\"mlp\",1]"),
+            }
+            .encode_to_vec()),
         ),
         ("GetModel", one(model("mlp", 1).encode_to_vec())),
         ("DeleteModel", one(model("iris", 1).encode_to_vec())),
@@ -491,6 +498,8 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             "ListRollouts",
             one(pb::ListRolloutsRequest {
                 model: "mlp".into(),
+                page_size: 1,
+                page_token: String::new(),
             }
             .encode_to_vec()),
         ),
@@ -568,4 +577,12 @@ fn without_field_1(message: &[u8]) -> Vec<u8> {
         }
     }
     message.get(at + length..).unwrap_or_default().to_vec()
+}
+
+/// A page token as the control plane makes them (hex of its JSON), after
+/// `after` (JSON) in `list` with `filter`: the fuzzer starts from the
+/// shape, and mutates it into the tokens no list gave.
+fn page_token(list: &str, filter: &str, after: &str) -> String {
+    let json = format!(r#"{{"list":"{list}","filter":"{filter}","after":{after}}}"#);
+    json.bytes().map(|b| format!("{b:02x}")).collect()
 }

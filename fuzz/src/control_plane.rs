@@ -352,9 +352,13 @@ impl ControlPlaneFixture {
     }
 
     /// The id of the rollout created last (ListRollouts lists the newest
-    /// first); empty when there is none.
+    /// first: a page of one); empty when there is none.
     fn newest_rollout_id(&self) -> String {
-        let body = frames([pb::ListRolloutsRequest::default().encode_to_vec()]);
+        let body = frames([pb::ListRolloutsRequest {
+            page_size: 1,
+            ..Default::default()
+        }
+        .encode_to_vec()]);
         let answer = self
             .call(
                 Surface::Operator,

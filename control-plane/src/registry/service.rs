@@ -12,6 +12,7 @@ use super::{BlobError, BlobStore, BlobUpload, UploadedBlob, estimated_memory_byt
 use crate::convert;
 use crate::errors::{storage_error, store_unavailable};
 use crate::operator_service::authorize;
+use crate::paging;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::registry::{ModelConflict, ModelRecord};
 
@@ -431,18 +432,35 @@ impl pb::model_service_server::ModelService for ModelApi {
         request: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         authorize(&self.cp, &request).await?;
-        let name = &request.get_ref().name;
-        if !name.is_empty() {
+        let request = request.into_inner();
+        let name = (!request.name.is_empty()).then_some(request.name.as_str());
+        if let Some(name) = name {
             validate_model_name(name).map_err(Status::invalid_argument)?;
         }
+        let pages = paging::Pages::new("ListModels", &request.name);
+        let after: Option<(String, u64)> = pages.after(&request.page_token)?;
+        if let Some((name, _)) = &after {
+            validate_model_name(name)
+                .map_err(|e| Status::invalid_argument(format!("page_token: {e}")))?;
+        }
+        let size = paging::page_size(request.page_size);
         let models = self
             .cp
             .store
-            .models((!name.is_empty()).then_some(name.as_str()))
+            .models(
+                name,
+                after
+                    .as_ref()
+                    .map(|(name, version)| (name.as_str(), *version)),
+                size + 1,
+            )
             .await
             .map_err(store_unavailable("cannot list models"))?;
+        let (models, more) = paging::split(models, size);
+        let next_page_token = pages.next(more, models.last().map(|m| (&m.name, m.version)));
         Ok(Response::new(pb::ListModelsResponse {
             models: models.iter().map(model_to_pb).collect(),
+            next_page_token,
         }))
     }
 

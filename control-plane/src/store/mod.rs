@@ -46,6 +46,38 @@ pub async fn open(
     }
 }
 
+/// Up to `limit` devices carrying every label of `selector`, ordered by
+/// id, starting after the id `after` when given; and whether more follow.
+/// Reads the devices in chunks and matches labels here, as
+/// [`Store::devices`] does, so a page costs a few indexed reads however
+/// deep into the fleet it starts.
+pub async fn devices_page(
+    store: &dyn Store,
+    selector: &Labels,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<(Vec<Device>, bool), StoreError> {
+    let chunk = limit.saturating_add(1);
+    let mut after = after.map(str::to_string);
+    let mut page = Vec::new();
+    loop {
+        let devices = store.devices_after(after.as_deref(), chunk).await?;
+        let exhausted = devices.len() < chunk as usize;
+        for device in devices {
+            after = Some(device.id.clone());
+            if common::matches(&device.labels, selector) {
+                if page.len() == limit as usize {
+                    return Ok((page, true));
+                }
+                page.push(device);
+            }
+        }
+        if exhausted {
+            return Ok((page, false));
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -353,6 +385,13 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     async fn device(&self, id: &str) -> Result<Option<Device>, StoreError>;
     /// All devices carrying every label of `selector`, ordered by id.
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
+    /// Up to `limit` devices ordered by id, starting after the id `after`
+    /// when given (which need not be a device's).
+    async fn devices_after(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError>;
     /// Marks the device revoked (keeping the first revocation time). `None`
     /// if there is no such device.
     async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError>;

@@ -265,8 +265,14 @@ pub trait RegistryStore: Send + Sync {
         name: &str,
         version: Option<u64>,
     ) -> Result<Option<ModelRecord>, StoreError>;
-    /// All versions (of `name` when given), by name then version.
-    async fn models(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError>;
+    /// Up to `limit` versions (of `name` when given), by name then version,
+    /// starting after the version `after` (name, version) when given.
+    async fn models(
+        &self,
+        name: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<ModelRecord>, StoreError>;
     /// Deletes a model version unless an active rollout targets it or a
     /// device's desired state names it: then `Ok(Err(reason))`. `Ok(Ok(false))`
     /// if there was no such model.
@@ -297,15 +303,21 @@ pub trait RegistryStore: Send + Sync {
         event: &RolloutEventRecord,
     ) -> Result<Result<(), String>, StoreError>;
     async fn rollout(&self, id: &str) -> Result<Option<RolloutRecord>, StoreError>;
-    /// Newest first; of one model when given.
-    async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError>;
-    /// How many devices of each rollout (of `model` when given) are in each
-    /// state, as (rollout id, device state, devices), counted by the
-    /// database: what a list of rollouts shows, without reading every
-    /// device row.
-    async fn rollout_device_states(
+    /// Up to `limit` rollouts (of one model when given), newest first,
+    /// starting after the rollout whose id is `after` (the last of the page
+    /// before: rollouts are never deleted); none after an id no rollout has.
+    async fn rollouts(
         &self,
         model: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RolloutRecord>, StoreError>;
+    /// How many devices of each of these rollouts are in each state, as
+    /// (rollout id, device state, devices), counted by the database: what a
+    /// list of rollouts shows, without reading every device row.
+    async fn rollout_device_states(
+        &self,
+        rollout_ids: &[String],
     ) -> Result<Vec<(String, String, u64)>, StoreError>;
     /// Pending, running and paused rollouts, oldest first.
     async fn active_rollouts(&self) -> Result<Vec<RolloutRecord>, StoreError>;

@@ -364,6 +364,22 @@ impl Store for SqliteStore {
         Ok(out)
     }
 
+    async fn devices_after(
+        &self,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Device>, StoreError> {
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE ?1 IS NULL OR id > ?1 ORDER BY id LIMIT ?2"
+        );
+        let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(after)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(Device::try_from).collect()
+    }
+
     async fn revoke_device(&self, id: &str, at: i64) -> Result<Option<Device>, StoreError> {
         let mut tx = self.write().await?;
         sqlx::query(

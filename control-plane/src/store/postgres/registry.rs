@@ -210,11 +210,21 @@ impl RegistryStore for PgStore {
             .transpose()
     }
 
-    async fn models(&self, name: Option<&str>) -> Result<Vec<ModelRecord>, StoreError> {
+    async fn models(
+        &self,
+        name: Option<&str>,
+        after: Option<(&str, u64)>,
+        limit: u32,
+    ) -> Result<Vec<ModelRecord>, StoreError> {
         let rows = sqlx::query_as::<_, ModelRow>(AssertSqlSafe(format!(
-            "SELECT {MODEL_COLUMNS} FROM models WHERE $1::text IS NULL OR name = $1 ORDER BY name, version"
+            "SELECT {MODEL_COLUMNS} FROM models WHERE ($1::text IS NULL OR name = $1) \
+             AND ($2::text IS NULL OR (name, version) > ($2, $3::bigint)) \
+             ORDER BY name, version LIMIT $4"
         )))
         .bind(name)
+        .bind(after.map(|(name, _)| name))
+        .bind(after.map(|(_, version)| to_db(version)))
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(ModelRecord::try_from).collect()
@@ -378,12 +388,21 @@ impl RegistryStore for PgStore {
         .transpose()
     }
 
-    async fn rollouts(&self, model: Option<&str>) -> Result<Vec<RolloutRecord>, StoreError> {
+    async fn rollouts(
+        &self,
+        model: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RolloutRecord>, StoreError> {
         let rows = sqlx::query_as::<_, RolloutRow>(AssertSqlSafe(format!(
-            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE $1::text IS NULL OR model = $1 \
-             ORDER BY created_at DESC, seq DESC"
+            "SELECT {ROLLOUT_COLUMNS} FROM rollouts WHERE ($1::text IS NULL OR model = $1) \
+             AND ($2::text IS NULL OR (created_at, seq) < \
+                  (SELECT created_at, seq FROM rollouts WHERE id = $2)) \
+             ORDER BY created_at DESC, seq DESC LIMIT $3"
         )))
         .bind(model)
+        .bind(after)
+        .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
         rollouts_from(rows)
@@ -391,14 +410,13 @@ impl RegistryStore for PgStore {
 
     async fn rollout_device_states(
         &self,
-        model: Option<&str>,
+        rollout_ids: &[String],
     ) -> Result<Vec<(String, String, u64)>, StoreError> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT d.rollout_id, d.state, count(*) FROM rollout_devices d \
-             JOIN rollouts r ON r.id = d.rollout_id WHERE $1::text IS NULL OR r.model = $1 \
-             GROUP BY d.rollout_id, d.state",
+            "SELECT rollout_id, state, count(*) FROM rollout_devices \
+             WHERE rollout_id = ANY($1) GROUP BY rollout_id, state",
         )
-        .bind(model)
+        .bind(rollout_ids)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
