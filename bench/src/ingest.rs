@@ -116,6 +116,7 @@ async fn enroll_fleet(store: &dyn Store) -> anyhow::Result<()> {
         expires_at: T0 + 24 * HOUR,
         uses_left: DEVICES as u32,
         created_by: "bench".into(),
+        revoked_at: None,
     };
     store.insert_join_token(&token).await?;
     for d in 0..DEVICES {

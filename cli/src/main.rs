@@ -174,6 +174,16 @@ enum JoinTokenCommand {
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
+    /// List join tokens, newest first, with their state (never their secrets).
+    List {
+        #[command(flatten)]
+        pages: PageSize,
+    },
+    /// Revoke a join token: no device can enroll with it any more (those it enrolled stay).
+    Revoke {
+        /// The token's id (its part before the first dot, as `list` shows).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -336,6 +346,44 @@ fn format_labels(labels: &std::collections::HashMap<String, String>) -> String {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",")
+}
+
+fn join_token_json(token: &pb::JoinToken) -> Value {
+    let labels: BTreeMap<_, _> = token.labels.iter().collect();
+    json!({
+        "id": token.id,
+        "state": token.state,
+        "labels": labels,
+        "uses_left": token.uses_left,
+        "created_unix_ms": token.created_unix_ms,
+        "expires_unix_ms": token.expires_unix_ms,
+        "revoked_unix_ms": token.revoked_unix_ms,
+        "created_by": token.created_by,
+    })
+}
+
+fn print_join_token_table(tokens: &[pb::JoinToken]) -> anyhow::Result<()> {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "ID",
+        "STATE",
+        "USES LEFT",
+        "EXPIRES",
+        "LABELS",
+        "CREATED",
+    ]);
+    for token in tokens {
+        table.add_row([
+            token.id.clone(),
+            token.state.clone(),
+            token.uses_left.to_string(),
+            format_time(token.expires_unix_ms),
+            format_labels(&token.labels),
+            format_time(token.created_unix_ms),
+        ]);
+    }
+    outln!("{table}");
+    Ok(())
 }
 
 fn device_json(device: &pb::Device) -> Value {
@@ -614,6 +662,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         format_time(token.expires_unix_ms)
                     );
                 }
+            }
+        }
+        Command::JoinToken(JoinTokenCommand::List { pages }) => {
+            let client = connect(&cli).await?;
+            let tokens = all_pages(|page_token| {
+                let mut client = client.clone();
+                let request = authorized(
+                    &cli,
+                    pb::ListJoinTokensRequest {
+                        page_size: pages.page_size,
+                        page_token,
+                    },
+                );
+                async move {
+                    let page = client
+                        .list_join_tokens(request?)
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    Ok((page.join_tokens, page.next_page_token))
+                }
+            })
+            .await?;
+            match cli.output {
+                Output::Json => {
+                    print_json(&Value::Array(tokens.iter().map(join_token_json).collect()))?
+                }
+                Output::Table => print_join_token_table(&tokens)?,
+            }
+        }
+        Command::JoinToken(JoinTokenCommand::Revoke { id }) => {
+            let request = authorized(&cli, pb::RevokeJoinTokenRequest { id: id.clone() })?;
+            let token = connect(&cli)
+                .await?
+                .revoke_join_token(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            match cli.output {
+                Output::Json => print_json(&join_token_json(&token))?,
+                Output::Table => outln!(
+                    "join token {} revoked at {}: it enrolls no device from now on",
+                    token.id,
+                    format_time(token.revoked_unix_ms)
+                ),
             }
         }
         Command::Devices(DevicesCommand::List { selector, pages }) => {

@@ -186,6 +186,7 @@ fn refuse_token(cp: &ControlPlane, token_id: &str, refusal: JoinTokenRefusal) ->
         JoinTokenRefusal::Unknown => "unknown_token",
         JoinTokenRefusal::Expired => "expired_token",
         JoinTokenRefusal::UsedUp => "used_up_token",
+        JoinTokenRefusal::Revoked => "revoked_token",
     });
     tracing::info!(token = %token_id, %refusal, "enrollment refused");
     Status::unauthenticated(refusal.to_string())

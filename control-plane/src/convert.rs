@@ -302,6 +302,21 @@ pub fn telemetry_from_pb(
     })
 }
 
+/// The operator view of a join token at `now`: all but its secret hash.
+pub fn join_token_to_pb(token: &store::JoinToken, now: i64) -> pb::JoinToken {
+    let unix_ms = |at: i64| u64::try_from(at).unwrap_or_default();
+    pb::JoinToken {
+        id: token.id.clone(),
+        labels: token.labels.clone().into_iter().collect(),
+        created_unix_ms: unix_ms(token.created_at),
+        expires_unix_ms: unix_ms(token.expires_at),
+        uses_left: token.uses_left,
+        created_by: token.created_by.clone(),
+        revoked_unix_ms: token.revoked_at.map(unix_ms).unwrap_or_default(),
+        state: token.state(now).to_string(),
+    }
+}
+
 /// The operator view of a device.
 pub fn device_to_pb(device: &store::Device, online: bool) -> pb::Device {
     let status = match device.status {

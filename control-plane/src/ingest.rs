@@ -321,6 +321,7 @@ mod tests {
             expires_at: i64::MAX,
             uses_left: DEVICES as u32,
             created_by: "test".into(),
+            revoked_at: None,
         };
         store.insert_join_token(&token).await.unwrap();
         for d in 0..DEVICES {

@@ -116,6 +116,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
                 expires_at,
                 uses_left: uses,
                 created_by: operator.id.clone(),
+                revoked_at: None,
             })
             .await
             .map_err(store_unavailable("cannot store a join token"))?;
@@ -128,6 +129,55 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             ca_fingerprint: secret.ca_fingerprint.clone(),
             labels: labels.into_iter().collect(),
         }))
+    }
+
+    async fn list_join_tokens(
+        &self,
+        request: Request<pb::ListJoinTokensRequest>,
+    ) -> Result<Response<pb::ListJoinTokensResponse>, Status> {
+        self.authorize(&request).await?;
+        let request = request.into_inner();
+        let pages = paging::Pages::new("ListJoinTokens", "");
+        let after: Option<(i64, String)> = pages.after(&request.page_token)?;
+        if let Some((_, id)) = &after {
+            convert::check_id("page_token's join token id", id)?;
+        }
+        let size = paging::page_size(request.page_size);
+        let tokens = self
+            .cp
+            .store
+            .join_tokens(after.as_ref().map(|(at, id)| (*at, id.as_str())), size + 1)
+            .await
+            .map_err(store_unavailable("cannot list join tokens"))?;
+        let (tokens, more) = paging::split(tokens, size);
+        let next_page_token = pages.next(more, tokens.last().map(|t| (t.created_at, &t.id)));
+        let now = now_ms();
+        Ok(Response::new(pb::ListJoinTokensResponse {
+            join_tokens: tokens
+                .iter()
+                .map(|t| convert::join_token_to_pb(t, now))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_join_token(
+        &self,
+        request: Request<pb::RevokeJoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let operator = self.authorize(&request).await?;
+        let id = &request.get_ref().id;
+        convert::check_id("join token id", id)?;
+        let now = now_ms();
+        let token = self
+            .cp
+            .store
+            .revoke_join_token(id, now)
+            .await
+            .map_err(store_unavailable("cannot revoke a join token"))?
+            .ok_or_else(|| Status::not_found(format!("no join token {id:?}")))?;
+        tracing::info!(token = %token.id, operator = %operator.id, "join token revoked");
+        Ok(Response::new(convert::join_token_to_pb(&token, now)))
     }
 
     async fn list_devices(

@@ -1542,6 +1542,7 @@ mod tests {
             expires_at: i64::MAX,
             uses_left: ids.len() as u32,
             created_by: "op1".into(),
+            revoked_at: None,
         };
         cp.store.insert_join_token(&token).await.unwrap();
         for id in ids {

@@ -234,6 +234,90 @@ fn join_tokens_are_refused_when_used_up_expired_unknown_or_for_another_fleet() {
     );
 }
 
+/// An operator lists join tokens and revokes one (`join-token list`,
+/// `join-token revoke`): enrollment with it is refused, saying so; the
+/// device it enrolled keeps working; on both stores.
+fn join_tokens_are_listed_and_revoked(db: Db) {
+    let fx = Fixture::new(db);
+    let server = fx.server(&[]);
+    let token = server.join_token(&["--uses", "3", "--labels", "site=paris"]);
+    let id = token.split('.').next().unwrap().to_string();
+    let other = server.join_token(&[]);
+    let first = enroll_ok(&server, &token, &fx.state_dir("a"));
+
+    let listed = server.cli_json(&["join-token", "list"]);
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{db:?}: {listed:?}");
+    // Newest first.
+    assert_eq!(listed[0]["id"], other.split('.').next().unwrap(), "{db:?}");
+    assert_eq!(listed[1]["id"], id.as_str(), "{db:?}");
+    assert_eq!(listed[1]["state"], "active", "{db:?}");
+    assert_eq!(listed[1]["uses_left"], 2, "{db:?}");
+    assert_eq!(listed[1]["labels"]["site"], "paris", "{db:?}");
+    assert_eq!(listed[1]["revoked_unix_ms"], 0, "{db:?}");
+    let text = serde_json::to_string(&listed).unwrap();
+    let secret = token.split('.').nth(1).unwrap();
+    assert!(!text.contains(secret), "{db:?}: a secret was listed");
+    // A page at a time, the same list.
+    let paged = server.cli_json(&["join-token", "list", "--page-size", "1"]);
+    assert_eq!(paged.as_array().unwrap(), listed, "{db:?}");
+
+    let revoked = server.cli_json(&["join-token", "revoke", &id]);
+    assert_eq!(revoked["state"], "revoked", "{db:?}");
+    let revoked_at = revoked["revoked_unix_ms"].as_u64().unwrap();
+    assert!(revoked_at > 0, "{db:?}");
+    let refused = enroll(&server.agent_url, &token, &fx.state_dir("b"));
+    assert!(!refused.status.success(), "{db:?}");
+    assert!(
+        stderr(&refused).contains("revoked"),
+        "{db:?}: {}",
+        stderr(&refused)
+    );
+    assert!(
+        server
+            .metrics()
+            .contains("edgefleet_server_enrollments_refused_total{reason=\"revoked_token\"} 1"),
+        "{db:?}"
+    );
+    // Revoking again changes nothing; an unknown id is an error.
+    let again = server.cli_json(&["join-token", "revoke", &id]);
+    assert_eq!(
+        again["revoked_unix_ms"].as_u64(),
+        Some(revoked_at),
+        "{db:?}"
+    );
+    let unknown = server.cli(&["join-token", "revoke", "jt-nope"]);
+    assert!(!unknown.status.success(), "{db:?}");
+    assert!(
+        stderr(&unknown).contains("no join token"),
+        "{db:?}: {}",
+        stderr(&unknown)
+    );
+    let table = server.cli(&["join-token", "list"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("revoked") && table.contains("active"),
+        "{db:?}: {table}"
+    );
+
+    // The device it enrolled stays; the other token still enrolls.
+    let devices = server.cli_json(&["devices", "list"]);
+    assert_eq!(devices.as_array().unwrap().len(), 1, "{db:?}");
+    assert_eq!(devices[0]["id"], first.as_str(), "{db:?}");
+    assert_ne!(devices[0]["status"], "revoked", "{db:?}");
+    enroll_ok(&server, &other, &fx.state_dir("c"));
+}
+
+#[test]
+fn join_tokens_are_listed_and_revoked_sqlite() {
+    join_tokens_are_listed_and_revoked(Db::Sqlite);
+}
+
+#[test]
+fn join_tokens_are_listed_and_revoked_postgres() {
+    join_tokens_are_listed_and_revoked(Db::Postgres);
+}
+
 #[test]
 fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
     let fx = Fixture::new(Db::Sqlite);

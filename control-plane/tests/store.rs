@@ -251,6 +251,7 @@ suite!(
     enrollment_takes_a_use_and_copies_labels,
     enrollment_refusals,
     failed_device_insert_keeps_the_use,
+    join_tokens_are_revoked_and_listed,
     concurrent_enrollments_never_exceed_uses,
     devices_by_selector,
     devices_paged_by_selector,
@@ -303,6 +304,7 @@ fn join_token(id: &str, uses: u32, expires_at: i64, l: Labels) -> JoinToken {
         expires_at,
         uses_left: uses,
         created_by: "op1".into(),
+        revoked_at: None,
     }
 }
 
@@ -567,6 +569,90 @@ async fn enrollment_refusals(db: &Db) {
         refuse("jt1", token.secret_hash.clone(), T0 + 2 * HOUR).await,
         JoinTokenRefusal::Expired
     );
+}
+
+/// `RevokeJoinToken` and `ListJoinTokens`: a revoked token enrolls no
+/// device (the refusal says so only to a caller holding its secret) and
+/// takes no use; the first revocation time stays; tokens list newest
+/// first, a page at a time.
+async fn join_tokens_are_revoked_and_listed(db: &Db) {
+    let mut older = join_token("jt-a", 2, T0 + HOUR, Labels::new());
+    older.created_at = T0 - 10;
+    let tied_low = join_token("jt-b", 2, T0 + HOUR, labels(&[("site", "paris")]));
+    let tied_high = join_token("jt-c", 1, T0 + HOUR, Labels::new());
+    for token in [&tied_low, &older, &tied_high] {
+        db.store.insert_join_token(token).await.unwrap();
+    }
+    let ids = |tokens: Vec<JoinToken>| tokens.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let page = |after: Option<(i64, &'static str)>, limit| async move {
+        ids(db.store.join_tokens(after, limit).await.unwrap())
+    };
+    // Newest first; created in the same millisecond, by id descending.
+    assert_eq!(page(None, 10).await, ["jt-c", "jt-b", "jt-a"]);
+    assert_eq!(page(None, 1).await, ["jt-c"]);
+    assert_eq!(page(Some((T0, "jt-c")), 1).await, ["jt-b"]);
+    assert_eq!(page(Some((T0, "jt-b")), 5).await, ["jt-a"]);
+    assert!(page(Some((T0 - 10, "jt-a")), 5).await.is_empty());
+
+    db.store
+        .enroll_device("jt-b", &tied_low.secret_hash, &new_device("d1", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    let revoked = db
+        .store
+        .revoke_join_token("jt-b", T0 + 5)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(T0 + 5));
+    assert_eq!(revoked.uses_left, 1);
+    assert_eq!(revoked.labels, tied_low.labels);
+    assert_eq!(revoked.state(T0 + 6), "revoked");
+    // Again: the first revocation time stays.
+    let again = db.store.revoke_join_token("jt-b", T0 + 50).await.unwrap();
+    assert_eq!(again.unwrap().revoked_at, Some(T0 + 5));
+    assert_eq!(db.store.revoke_join_token("nope", T0).await.unwrap(), None);
+
+    assert_eq!(
+        db.store
+            .check_join_token("jt-b", &tied_low.secret_hash, T0 + 6)
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Revoked)
+    );
+    assert_eq!(
+        db.store
+            .enroll_device("jt-b", &tied_low.secret_hash, &new_device("d2", T0 + 6))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Revoked)
+    );
+    // Without its secret, a revoked token is as unknown as any other.
+    assert_eq!(
+        db.store
+            .enroll_device("jt-b", "wrong", &new_device("d2", T0 + 6))
+            .await
+            .unwrap(),
+        Err(JoinTokenRefusal::Unknown)
+    );
+    assert_eq!(db.store.device("d2").await.unwrap(), None);
+    // The device it enrolled stays; the refusals took no use; the other
+    // tokens are untouched.
+    assert!(db.store.device("d1").await.unwrap().is_some());
+    let listed = db.store.join_tokens(None, 10).await.unwrap();
+    assert_eq!(listed[1].uses_left, 1);
+    assert_eq!(listed[1].revoked_at, Some(T0 + 5));
+    assert_eq!(listed[0].revoked_at, None);
+    assert_eq!(listed[0].state(T0), "active");
+    assert_eq!(listed[2].state(T0 + HOUR), "expired");
+    db.store
+        .enroll_device("jt-c", &tied_high.secret_hash, &new_device("d3", T0))
+        .await
+        .unwrap()
+        .unwrap();
+    let used_up = db.store.join_tokens(None, 1).await.unwrap();
+    assert_eq!(used_up[0].state(T0), "used_up");
 }
 
 async fn failed_device_insert_keeps_the_use(db: &Db) {

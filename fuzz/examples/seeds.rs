@@ -503,6 +503,18 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             }
             .encode_to_vec()),
         ),
+        (
+            "ListJoinTokens",
+            one(pb::ListJoinTokensRequest {
+                page_size: 1,
+                page_token: page_token("ListJoinTokens", "", "[1796490017736,\"jt-0\"]"),
+            }
+            .encode_to_vec()),
+        ),
+        (
+            "RevokeJoinToken",
+            one(pb::RevokeJoinTokenRequest { id: "jt-0".into() }.encode_to_vec()),
+        ),
     ];
     for name in [
         "GetRollout",

@@ -592,6 +592,17 @@ pub const CONTROL_PLANE_METHODS: &[(Surface, &str, Help)] = &[
         "/edgefleet.v1.RolloutService/RollbackRollout",
         Help::FirstField(Given::NewestRolloutId),
     ),
+    (
+        Surface::Operator,
+        "/edgefleet.v1.OperatorService/ListJoinTokens",
+        Help::None,
+    ),
+    // Not helped: revoking this run's join token would stop the enrollments.
+    (
+        Surface::Operator,
+        "/edgefleet.v1.OperatorService/RevokeJoinToken",
+        Help::None,
+    ),
 ];
 
 impl ControlPlaneFixture {

@@ -99,11 +99,12 @@ pub(crate) struct JoinTokenStateRow {
     pub secret_hash: String,
     pub expires_at: i64,
     pub uses_left: i64,
+    pub revoked_at: Option<i64>,
 }
 
 impl JoinTokenStateRow {
     /// The columns [`JoinTokenStateRow`] reads, for SELECTs.
-    pub(crate) const COLUMNS: &'static str = "secret_hash, expires_at, uses_left";
+    pub(crate) const COLUMNS: &'static str = "secret_hash, expires_at, uses_left, revoked_at";
 
     /// Whether the token (`row`, `None` if there is none) would enroll a
     /// device at `at` with this secret hash.
@@ -116,6 +117,7 @@ impl JoinTokenStateRow {
         match row {
             None => Err(Unknown),
             Some(r) if r.secret_hash != secret_hash => Err(Unknown),
+            Some(r) if r.revoked_at.is_some() => Err(Revoked),
             Some(r) if r.expires_at <= at => Err(Expired),
             Some(r) if r.uses_left <= 0 => Err(UsedUp),
             Some(_) => Ok(()),
@@ -147,6 +149,40 @@ pub(crate) fn refused_renewal(status: Option<&str>) -> super::CertificateRenewal
 
 pub(crate) fn join_token_labels(token: &JoinToken) -> String {
     to_json(&token.labels)
+}
+
+/// The columns [`JoinTokenRow`] reads, for SELECTs.
+pub(crate) const JOIN_TOKEN_COLUMNS: &str =
+    "id, secret_hash, labels, created_at, expires_at, uses_left, created_by, revoked_at";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct JoinTokenRow {
+    pub id: String,
+    pub secret_hash: String,
+    pub labels: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub uses_left: i64,
+    pub created_by: String,
+    pub revoked_at: Option<i64>,
+}
+
+impl TryFrom<JoinTokenRow> for JoinToken {
+    type Error = StoreError;
+
+    fn try_from(row: JoinTokenRow) -> Result<Self, StoreError> {
+        let labels = from_json("labels", &format!("join token {:?}", row.id), &row.labels)?;
+        Ok(JoinToken {
+            uses_left: u32::try_from(row.uses_left).unwrap_or(0),
+            id: row.id,
+            secret_hash: row.secret_hash,
+            labels,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            created_by: row.created_by,
+            revoked_at: row.revoked_at,
+        })
+    }
 }
 
 #[derive(Debug, sqlx::FromRow)]

@@ -149,6 +149,25 @@ pub struct JoinToken {
     pub uses_left: u32,
     /// Operator token id that created it.
     pub created_by: String,
+    /// When an operator revoked it; `None` while it is not revoked.
+    pub revoked_at: Option<i64>,
+}
+
+impl JoinToken {
+    /// What the token is at `at`: "active" (it would enroll a device),
+    /// "revoked", "expired" or "used_up", the first that applies in that
+    /// order (the order enrollment checks them in).
+    pub fn state(&self, at: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at <= at {
+            "expired"
+        } else if self.uses_left == 0 {
+            "used_up"
+        } else {
+            "active"
+        }
+    }
 }
 
 /// Why a join token was refused.
@@ -160,6 +179,8 @@ pub enum JoinTokenRefusal {
     Expired,
     #[error("the join token has been used up")]
     UsedUp,
+    #[error("the join token has been revoked")]
+    Revoked,
 }
 
 /// What [`Store::set_device_certificate`] did.
@@ -359,8 +380,19 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
 
     // ---- join tokens and enrollment
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError>;
+    /// Up to `limit` join tokens, newest first (by creation time, then id),
+    /// starting after the token `after` (its creation time and id) when
+    /// given.
+    async fn join_tokens(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<JoinToken>, StoreError>;
+    /// Marks the join token revoked (keeping the first revocation time):
+    /// it enrolls no device from then on. `None` if there is no such token.
+    async fn revoke_join_token(&self, id: &str, at: i64) -> Result<Option<JoinToken>, StoreError>;
     /// Whether the join token would enroll a device at `at` (id and secret
-    /// hash match, not expired, uses left), without taking a use: a cheap
+    /// hash match, not revoked, not expired, uses left), without taking a use: a cheap
     /// read so that a caller without a valid token is refused before any
     /// costly work (signing its CSR). Only [`Store::enroll_device`] decides:
     /// the token may be used up between the two.
@@ -371,7 +403,7 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
         at: i64,
     ) -> Result<Result<(), JoinTokenRefusal>, StoreError>;
     /// Atomically checks the join token (id and secret hash must both match,
-    /// not expired at `device.enrolled_at`, uses left), takes one use, and
+    /// not revoked, not expired at `device.enrolled_at`, uses left), takes one use, and
     /// inserts the device with the token's labels. Concurrent enrollments can
     /// never take more uses than the token has.
     async fn enroll_device(

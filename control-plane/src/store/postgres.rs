@@ -20,9 +20,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Postgres, Row, Transaction};
 
 use super::common::{
-    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
-    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
-    to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JOIN_TOKEN_COLUMNS,
+    JoinTokenRow, JoinTokenStateRow, LegacySampleRow, Merger, OperatorTokenRow, PointRow,
+    RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
 };
 use super::{
     CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
@@ -210,8 +210,8 @@ impl Store for PgStore {
 
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&token.id)
         .bind(&token.secret_hash)
@@ -220,9 +220,42 @@ impl Store for PgStore {
         .bind(token.expires_at)
         .bind(i64::from(token.uses_left))
         .bind(&token.created_by)
+        .bind(token.revoked_at)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn join_tokens(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<JoinToken>, StoreError> {
+        let sql = format!(
+            "SELECT {JOIN_TOKEN_COLUMNS} FROM join_tokens \
+             WHERE $1::bigint IS NULL OR (created_at, id) < ($1, $2) \
+             ORDER BY created_at DESC, id DESC LIMIT $3"
+        );
+        let rows = sqlx::query_as::<_, JoinTokenRow>(AssertSqlSafe(sql))
+            .bind(after.map(|(created_at, _)| created_at))
+            .bind(after.map(|(_, id)| id))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.into_iter().map(JoinToken::try_from).collect()
+    }
+
+    async fn revoke_join_token(&self, id: &str, at: i64) -> Result<Option<JoinToken>, StoreError> {
+        let sql = format!(
+            "UPDATE join_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2 \
+             RETURNING {JOIN_TOKEN_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, JoinTokenRow>(AssertSqlSafe(sql))
+            .bind(at)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(JoinToken::try_from).transpose()
     }
 
     async fn check_join_token(
@@ -253,7 +286,8 @@ impl Store for PgStore {
         // each re-checks uses_left > 0 after the previous one committed.
         let labels: Option<String> = sqlx::query_scalar(
             "UPDATE join_tokens SET uses_left = uses_left - 1 \
-             WHERE id = $1 AND secret_hash = $2 AND uses_left > 0 AND expires_at > $3 RETURNING labels",
+             WHERE id = $1 AND secret_hash = $2 AND uses_left > 0 AND expires_at > $3 \
+             AND revoked_at IS NULL RETURNING labels",
         )
         .bind(token_id)
         .bind(secret_hash)
@@ -261,12 +295,14 @@ impl Store for PgStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(labels) = labels else {
-            let row = sqlx::query_as::<_, JoinTokenStateRow>(
-                "SELECT secret_hash, expires_at, uses_left FROM join_tokens WHERE id = $1",
-            )
-            .bind(token_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let sql = format!(
+                "SELECT {} FROM join_tokens WHERE id = $1",
+                JoinTokenStateRow::COLUMNS
+            );
+            let row = sqlx::query_as::<_, JoinTokenStateRow>(AssertSqlSafe(sql))
+                .bind(token_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             tx.rollback().await?;
             return Ok(Err(JoinTokenStateRow::refusal(
                 row,

@@ -22,9 +22,9 @@ use sqlx::sqlite::{
 use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 
 use super::common::{
-    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JoinTokenStateRow,
-    LegacySampleRow, Merger, OperatorTokenRow, PointRow, RollupKey, from_db, hour_ceil, hour_of,
-    to_db, to_json,
+    self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JOIN_TOKEN_COLUMNS,
+    JoinTokenRow, JoinTokenStateRow, LegacySampleRow, Merger, OperatorTokenRow, PointRow,
+    RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
 };
 use super::{
     CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
@@ -255,8 +255,8 @@ impl Store for SqliteStore {
     async fn insert_join_token(&self, token: &JoinToken) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
         sqlx::query(
-            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO join_tokens (id, secret_hash, labels, created_at, expires_at, uses_left, created_by, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&token.id)
         .bind(&token.secret_hash)
@@ -265,10 +265,45 @@ impl Store for SqliteStore {
         .bind(token.expires_at)
         .bind(i64::from(token.uses_left))
         .bind(&token.created_by)
+        .bind(token.revoked_at)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn join_tokens(
+        &self,
+        after: Option<(i64, &str)>,
+        limit: u32,
+    ) -> Result<Vec<JoinToken>, StoreError> {
+        let sql = format!(
+            "SELECT {JOIN_TOKEN_COLUMNS} FROM join_tokens \
+             WHERE ?1 IS NULL OR (created_at, id) < (?1, ?2) \
+             ORDER BY created_at DESC, id DESC LIMIT ?3"
+        );
+        let rows = sqlx::query_as::<_, JoinTokenRow>(AssertSqlSafe(sql))
+            .bind(after.map(|(created_at, _)| created_at))
+            .bind(after.map(|(_, id)| id))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(JoinToken::try_from).collect()
+    }
+
+    async fn revoke_join_token(&self, id: &str, at: i64) -> Result<Option<JoinToken>, StoreError> {
+        let mut tx = self.write().await?;
+        let sql = format!(
+            "UPDATE join_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? \
+             RETURNING {JOIN_TOKEN_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, JoinTokenRow>(AssertSqlSafe(sql))
+            .bind(at)
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        row.map(JoinToken::try_from).transpose()
     }
 
     async fn check_join_token(
@@ -297,7 +332,8 @@ impl Store for SqliteStore {
         let mut tx = self.write().await?;
         let labels: Option<String> = sqlx::query_scalar(
             "UPDATE join_tokens SET uses_left = uses_left - 1 \
-             WHERE id = ? AND secret_hash = ? AND uses_left > 0 AND expires_at > ? RETURNING labels",
+             WHERE id = ? AND secret_hash = ? AND uses_left > 0 AND expires_at > ? \
+             AND revoked_at IS NULL RETURNING labels",
         )
         .bind(token_id)
         .bind(secret_hash)
@@ -305,12 +341,14 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(labels) = labels else {
-            let row = sqlx::query_as::<_, JoinTokenStateRow>(
-                "SELECT secret_hash, expires_at, uses_left FROM join_tokens WHERE id = ?",
-            )
-            .bind(token_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let sql = format!(
+                "SELECT {} FROM join_tokens WHERE id = ?",
+                JoinTokenStateRow::COLUMNS
+            );
+            let row = sqlx::query_as::<_, JoinTokenStateRow>(AssertSqlSafe(sql))
+                .bind(token_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             return Ok(Err(JoinTokenStateRow::refusal(
                 row,
                 secret_hash,
