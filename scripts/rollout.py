@@ -119,7 +119,8 @@ def main():
         print(f"created {rollout.id}: {rollout.model}@{rollout.version} "
               f"to {rollout.counts.targeted} devices", flush=True)
         last = rollout
-        for last in stub.WatchRollout(pb.RolloutRef(id=rollout.id), metadata=metadata):
+        for last in stub.WatchRollout(
+                pb.RolloutRef(id=rollout.id, view=pb.ROLLOUT_VIEW_BASIC), metadata=metadata):
             c = last.counts
             print(f"{last.state} wave {last.current_wave}/{max(len(last.waves), 1)}: "
                   f"{c.active} active, {c.updating} updating, {c.waiting} waiting, "

@@ -230,7 +230,12 @@ impl Fleet {
         let mut client = pb::rollout_service_client::RolloutServiceClient::new(self.api.clone())
             .max_decoding_message_size(256 << 20);
         Ok(client
-            .get_rollout(self.request(pb::RolloutRef { id: id.into() }))
+            .get_rollout(self.request(pb::RolloutRef {
+                id: id.into(),
+                // Its state and counts, as `edgefleet rollouts create --watch`
+                // follows a rollout: not every device at every poll.
+                view: pb::RolloutView::Basic.into(),
+            }))
             .await?
             .into_inner())
     }

@@ -244,7 +244,15 @@ async fn client(cli: &Cli) -> anyhow::Result<RolloutServiceClient<Channel>> {
 
 /// Follows a rollout to its end; Ok(true) if it succeeded.
 async fn watch(cli: &Cli, id: &str) -> anyhow::Result<bool> {
-    let request = authorized(cli, pb::RolloutRef { id: id.to_string() })?;
+    // Its state and counts at each change, not every device again (the
+    // JSON lines too: `rollouts get` has the devices and events).
+    let request = authorized(
+        cli,
+        pb::RolloutRef {
+            id: id.to_string(),
+            view: pb::RolloutView::Basic.into(),
+        },
+    )?;
     let mut stream = client(cli)
         .await?
         .watch_rollout(request)
@@ -362,7 +370,13 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
             }
         }
         RolloutsCommand::Get { id } => {
-            let request = authorized(cli, pb::RolloutRef { id: id.clone() })?;
+            let request = authorized(
+                cli,
+                pb::RolloutRef {
+                    id: id.clone(),
+                    view: pb::RolloutView::Full.into(),
+                },
+            )?;
             let rollout = client(cli)
                 .await?
                 .get_rollout(request)
@@ -408,7 +422,13 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
         | RolloutsCommand::Resume { id }
         | RolloutsCommand::Abort { id }
         | RolloutsCommand::Rollback { id } => {
-            let request = authorized(cli, pb::RolloutRef { id: id.clone() })?;
+            let request = authorized(
+                cli,
+                pb::RolloutRef {
+                    id: id.clone(),
+                    view: pb::RolloutView::Full.into(),
+                },
+            )?;
             let mut client = client(cli).await?;
             let rollout = match command {
                 RolloutsCommand::Pause { .. } => client.pause_rollout(request).await,

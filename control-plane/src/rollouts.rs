@@ -801,7 +801,23 @@ fn rollout_summary(rollout: &RolloutRecord, counts: pb::RolloutDeviceCounts) -> 
 }
 
 /// The full operator view of a rollout.
-async fn rollout_view(cp: &ControlPlane, rollout: &RolloutRecord) -> Result<pb::Rollout, Status> {
+/// The operator view of a rollout: with each device and event (`FULL`, and
+/// when unspecified), or only its counts (`BASIC`, as a list has it, one
+/// counting query).
+async fn rollout_view(
+    cp: &ControlPlane,
+    rollout: &RolloutRecord,
+    view: pb::RolloutView,
+) -> Result<pb::Rollout, Status> {
+    if view == pb::RolloutView::Basic {
+        let states = cp
+            .store
+            .rollout_device_states(std::slice::from_ref(&rollout.id))
+            .await
+            .map_err(store_unavailable("cannot count a rollout's devices"))?;
+        let counts = device_counts(states.iter().map(|(_, state, n)| (state.as_str(), *n)));
+        return Ok(rollout_summary(rollout, counts));
+    }
     let devices = cp
         .store
         .rollout_devices(&rollout.id)
@@ -861,6 +877,7 @@ impl RolloutApi {
         let operator = crate::operator_service::authorize(&self.cp, &request).await?;
         let actor = format!("operator:{}", operator.id);
         let id = &request.get_ref().id;
+        let view = request.get_ref().view();
         let mut attempt = 1;
         loop {
             let mut rollout = self.load(id).await?;
@@ -874,7 +891,7 @@ impl RolloutApi {
                 Ok(()) => {
                     poke(&self.cp, &desired);
                     tracing::info!(rollout = %rollout.id, %actor, action, "rollout action");
-                    return Ok(Response::new(rollout_view(&self.cp, &rollout).await?));
+                    return Ok(Response::new(rollout_view(&self.cp, &rollout, view).await?));
                 }
                 Err(StoreError::Conflict(reason)) if attempt < ACTION_ATTEMPTS => {
                     tracing::debug!(rollout = %rollout.id, action, %reason, "rollout changed meanwhile; applying again");
@@ -1094,7 +1111,9 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .map_err(store_unavailable("cannot create a rollout"))?
             .map_err(Status::failed_precondition)?;
         tracing::info!(rollout = %id, model = %model.name, version = model.version, devices = devices.len(), "rollout created");
-        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+        Ok(Response::new(
+            rollout_view(&self.cp, &rollout, pb::RolloutView::Full).await?,
+        ))
     }
 
     async fn get_rollout(
@@ -1103,7 +1122,8 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         crate::operator_service::authorize(&self.cp, &request).await?;
         let rollout = self.load(&request.get_ref().id).await?;
-        Ok(Response::new(rollout_view(&self.cp, &rollout).await?))
+        let view = request.get_ref().view();
+        Ok(Response::new(rollout_view(&self.cp, &rollout, view).await?))
     }
 
     async fn list_rollouts(
@@ -1202,13 +1222,14 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
     ) -> Result<Response<WatchStream>, Status> {
         crate::operator_service::authorize(&self.cp, &request).await?;
         let first = self.load(&request.get_ref().id).await?;
+        let wanted = request.get_ref().view();
         let cp = Arc::clone(&self.cp);
         let (sender, receiver) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut last: Option<pb::Rollout> = None;
             let mut rollout = first;
             loop {
-                let view = match rollout_view(&cp, &rollout).await {
+                let view = match rollout_view(&cp, &rollout, wanted).await {
                     Ok(view) => view,
                     Err(status) => {
                         let _ = sender.send(Err(status)).await;
@@ -1498,18 +1519,30 @@ mod tests {
         let all = list("").await.rollouts;
         let ids: Vec<&str> = all.iter().map(|r| r.id.as_str()).collect();
         assert_eq!(ids, ["r2", "r1"]);
-        for listed in &all {
+        let get = |id: &str, view: pb::RolloutView| {
             let request = authorized(pb::RolloutRef {
-                id: listed.id.clone(),
+                id: id.into(),
+                view: view.into(),
             });
-            let view = api.get_rollout(request).await.unwrap().into_inner();
+            let api = api.clone();
+            async move { api.get_rollout(request).await.unwrap().into_inner() }
+        };
+        for listed in &all {
+            let full = get(&listed.id, pb::RolloutView::Unspecified).await;
+            assert_eq!(full, get(&listed.id, pb::RolloutView::Full).await);
             let summary = pb::Rollout {
                 devices: Vec::new(),
                 events: Vec::new(),
-                ..view
+                ..full.clone()
             };
             assert_eq!(listed, &summary);
+            // The basic view is the list's entry: counted by the database,
+            // without the devices and events.
+            assert_eq!(listed, &get(&listed.id, pb::RolloutView::Basic).await);
         }
+        let full = get("r1", pb::RolloutView::Full).await;
+        assert_eq!(full.devices.len(), 10);
+        assert!(!full.events.is_empty());
         let counts = pb::RolloutDeviceCounts {
             targeted: 10,
             waiting: 1,

@@ -328,6 +328,7 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
     };
     let rollout = pb::RolloutRef {
         id: "ro-000000000000".to_string(),
+        view: pb::RolloutView::Basic.into(),
     };
     let iris = fs::read(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
