@@ -2,8 +2,9 @@
 # Coverage-guided fuzzing of what apps send the agent (fuzz/):
 #   scripts/fuzz.sh [TARGET] [SECONDS] [-- LIBFUZZER-FLAGS...]
 # TARGET is http_infer (default), grpc_infer, http_routes, grpc_service,
-# onnx_scan (the control plane's ONNX validation) or control_plane_api (the
-# control plane's agent and operator gRPC APIs);
+# onnx_scan (the control plane's ONNX validation), control_plane_api (the
+# control plane's agent and operator gRPC APIs) or agent_session (what the
+# control plane sends an agent in managed mode);
 # SECONDS defaults to 300.
 # The agent serves with tract, or with ONNX Runtime when
 # EDGEFLEET_FUZZ_RUNTIME=onnxruntime (fetched from PyPI if needed).
@@ -22,8 +23,8 @@ seconds="${2:-300}"
 shift $(( $# > 2 ? 2 : $# ))
 [[ "${1:-}" == "--" ]] && shift
 case "$target" in
-  http_infer|grpc_infer|http_routes|grpc_service|onnx_scan|control_plane_api) ;;
-  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes, grpc_service, onnx_scan or control_plane_api)" >&2; exit 2 ;;
+  http_infer|grpc_infer|http_routes|grpc_service|onnx_scan|control_plane_api|agent_session) ;;
+  *) echo "fuzz.sh: unknown target '$target' (http_infer, grpc_infer, http_routes, grpc_service, onnx_scan, control_plane_api or agent_session)" >&2; exit 2 ;;
 esac
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, not '$seconds'" >&2; exit 2; }
 

@@ -7,7 +7,10 @@
 //! call of every other route and RPC naming a fixture; for `onnx_scan` the
 //! test fixtures' and the example's model files; for `control_plane_api` a
 //! call of every RPC it picks from, and a session carrying each kind of
-//! message an agent sends.
+//! message an agent sends; for `agent_session` what a control plane sends
+//! an agent: desired states (the `mlp` fixture, helped to its digest and
+//! signature; a blob the server does not have; none), a Disconnect, an
+//! acknowledgement, a certificate, another Welcome, alone and together.
 //!
 //! `cargo run --release --example seeds` (from `fuzz/`) writes
 //! `corpus/<target>/` for each target.
@@ -40,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     written += write_rpc_seeds(&service_dir)?;
     written += write_model_seeds(&root.join("corpus/onnx_scan"))?;
     written += write_control_plane_seeds(&root.join("corpus/control_plane_api"))?;
+    written += write_agent_session_seeds(&root.join("corpus/agent_session"))?;
     for entry in fs::read_dir(root.join("../testdata/cases"))? {
         let path = entry?.path();
         let file: Value = serde_json::from_slice(&fs::read(&path)?)?;
@@ -598,4 +602,94 @@ fn without_field_1(message: &[u8]) -> Vec<u8> {
 fn page_token(list: &str, filter: &str, after: &str) -> String {
     let json = format!(r#"{{"list":"{list}","filter":"{filter}","after":{after}}}"#);
     json.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a control plane sends an agent after the Welcome, each message
+/// length-delimited (see `edgefleet_fuzz::agent_session`).
+fn write_agent_session_seeds(dir: &Path) -> std::io::Result<usize> {
+    use pb::control_message::Kind;
+    fs::create_dir_all(dir)?;
+    let message = |kind: Kind| pb::ControlMessage { kind: Some(kind) };
+    let model = |name: &str, version, sha256: &str| pb::ModelVersionRef {
+        name: name.into(),
+        version,
+        // Empty: the target gives it the fixture's digest, size and signature.
+        sha256: sha256.into(),
+        ..Default::default()
+    };
+    let desired = |generation, models: Vec<pb::ModelVersionRef>| {
+        message(Kind::DesiredState(pb::DesiredState {
+            generation,
+            models,
+            ..Default::default()
+        }))
+    };
+    let seeds: Vec<(&str, Vec<pb::ControlMessage>)> = vec![
+        ("desired-mlp", vec![desired(1, vec![model("mlp", 1, "")])]),
+        (
+            "desired-mlp-then-v2",
+            vec![
+                desired(2, vec![model("mlp", 1, "")]),
+                desired(3, vec![model("mlp", 2, "")]),
+            ],
+        ),
+        (
+            "desired-missing-blob",
+            vec![desired(4, vec![model("other", 1, &"ab".repeat(32))])],
+        ),
+        ("desired-none", vec![desired(5, Vec::new())]),
+        (
+            "desired-another-device",
+            vec![message(Kind::DesiredState(pb::DesiredState {
+                generation: 6,
+                models: vec![model("mlp", 1, "")],
+                device_id: "dev-other".into(),
+                ..Default::default()
+            }))],
+        ),
+        (
+            "disconnect",
+            vec![message(Kind::Command(pb::Command {
+                command_id: 1,
+                kind: Some(pb::command::Kind::Disconnect(pb::Disconnect {
+                    reason: "fuzz".into(),
+                })),
+            }))],
+        ),
+        (
+            "telemetry-ack",
+            vec![message(Kind::TelemetryAck(pb::TelemetryAck {
+                sequence: 7,
+            }))],
+        ),
+        (
+            "certificate",
+            vec![message(Kind::Certificate(pb::CertificateIssued {
+                certificate_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+                    .into(),
+                ca_certificate_pem: String::new(),
+            }))],
+        ),
+        (
+            "welcome-again",
+            vec![message(Kind::Welcome(pb::Welcome {
+                device_id: "dev-fuzz".into(),
+                telemetry_interval_seconds: 1,
+                ..Default::default()
+            }))],
+        ),
+    ];
+    let mut all = Vec::new();
+    for (name, messages) in &seeds {
+        let mut bytes = Vec::new();
+        for message in messages {
+            message
+                .encode_length_delimited(&mut bytes)
+                .expect("a Vec grows");
+        }
+        fs::write(dir.join(name), &bytes)?;
+        all.extend(bytes);
+    }
+    fs::write(dir.join("all"), all)?;
+    Ok(seeds.len() + 1)
 }

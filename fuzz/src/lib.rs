@@ -3,6 +3,7 @@
 //! or with ONNX Runtime when `EDGEFLEET_FUZZ_RUNTIME=onnxruntime` (its
 //! library found as the agent finds it: `ORT_DYLIB_PATH`, …).
 
+pub mod agent_session;
 pub mod control_plane;
 
 use std::path::PathBuf;
