@@ -800,7 +800,6 @@ fn rollout_summary(rollout: &RolloutRecord, counts: pb::RolloutDeviceCounts) -> 
     }
 }
 
-/// The full operator view of a rollout.
 /// The operator view of a rollout: with each device and event (`FULL`, and
 /// when unspecified), or only its counts (`BASIC`, as a list has it, one
 /// counting query).
