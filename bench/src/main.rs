@@ -84,8 +84,9 @@ pub struct Args {
     /// Seconds the `rollout` suite waits for the rollout to end.
     #[arg(long, default_value_t = 900)]
     pub rollout_timeout: u64,
-    /// In the `rollout` suite, each simulated device deletes and unloads the
-    /// model once it reported ACTIVE (so that 1,000 fit in one process).
+    /// In the `rollout` suite, each simulated device leaves (its tasks end,
+    /// its model is unloaded, its state dir deleted) once the rollout counts
+    /// it as active, so that 1,000 loaded models fit in one process.
     #[arg(long)]
     pub rollout_unload_active: bool,
     /// Size in MiB of the model the `rollout` suite's throughput agent downloads.
