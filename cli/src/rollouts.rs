@@ -71,6 +71,15 @@ pub enum RolloutsCommand {
         #[command(flatten)]
         pages: PageSize,
     },
+    /// A rollout's devices (all, or those in one state), read a page at a time.
+    Devices {
+        id: String,
+        /// Only devices in this state.
+        #[arg(long, value_parser = ["waiting", "updating", "active", "failed", "rolling_back", "rolled_back", "left"])]
+        state: Option<String>,
+        #[command(flatten)]
+        pages: PageSize,
+    },
     /// Stop starting devices; what is updating finishes.
     Pause { id: String },
     /// Continue a paused rollout.
@@ -145,6 +154,32 @@ fn wave_text(wave: &pb::Wave) -> String {
     }
 }
 
+fn rollout_device_json(d: &pb::RolloutDevice) -> Value {
+    json!({
+        "device_id": d.device_id, "wave": d.wave, "state": d.state,
+        "previous_version": d.previous_version, "reason": d.reason,
+        "updated_unix_ms": d.updated_unix_ms,
+    })
+}
+
+/// Devices of a rollout as a table.
+fn devices_table(devices: &[pb::RolloutDevice]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(["DEVICE", "WAVE", "STATE", "PREVIOUS", "REASON"]);
+    for d in devices {
+        table.add_row([
+            d.device_id.clone(),
+            d.wave.to_string(),
+            d.state.clone(),
+            d.previous_version.to_string(),
+            d.reason.clone(),
+        ]);
+    }
+    table
+}
+
 fn rollout_json(r: &pb::Rollout) -> Value {
     let counts = r.counts.unwrap_or_default();
     let gates = r.gates.unwrap_or_default();
@@ -175,11 +210,7 @@ fn rollout_json(r: &pb::Rollout) -> Value {
         "created_by": r.created_by,
         "created_unix_ms": r.created_unix_ms,
         "updated_unix_ms": r.updated_unix_ms,
-        "devices": r.devices.iter().map(|d| json!({
-            "device_id": d.device_id, "wave": d.wave, "state": d.state,
-            "previous_version": d.previous_version, "reason": d.reason,
-            "updated_unix_ms": d.updated_unix_ms,
-        })).collect::<Vec<_>>(),
+        "devices": r.devices.iter().map(rollout_device_json).collect::<Vec<_>>(),
         "events": r.events.iter().map(|e| json!({
             "unix_ms": e.unix_ms, "actor": e.actor, "action": e.action, "message": e.message,
         })).collect::<Vec<_>>(),
@@ -210,20 +241,7 @@ fn print_rollout(r: &pb::Rollout) -> anyhow::Result<()> {
         outln!("reason: {}", r.reason);
     }
     if !r.devices.is_empty() {
-        let mut table = Table::new();
-        table
-            .load_preset(UTF8_FULL_CONDENSED)
-            .set_header(["DEVICE", "WAVE", "STATE", "PREVIOUS", "REASON"]);
-        for d in &r.devices {
-            table.add_row([
-                d.device_id.clone(),
-                d.wave.to_string(),
-                d.state.clone(),
-                d.previous_version.to_string(),
-                d.reason.clone(),
-            ]);
-        }
-        outln!("{table}");
+        outln!("{}", devices_table(&r.devices));
     }
     for e in &r.events {
         outln!(
@@ -384,6 +402,36 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                 .map_err(status_error)?
                 .into_inner();
             show(&rollout)?;
+        }
+        RolloutsCommand::Devices { id, state, pages } => {
+            let rollouts_client = client(cli).await?;
+            let devices = all_pages(|page_token| {
+                let mut client = rollouts_client.clone();
+                let request = authorized(
+                    cli,
+                    pb::ListRolloutDevicesRequest {
+                        rollout_id: id.clone(),
+                        state: state.clone().unwrap_or_default(),
+                        page_size: pages.page_size,
+                        page_token,
+                    },
+                );
+                async move {
+                    let page = client
+                        .list_rollout_devices(request?)
+                        .await
+                        .map_err(status_error)?
+                        .into_inner();
+                    Ok((page.devices, page.next_page_token))
+                }
+            })
+            .await?;
+            match cli.output {
+                Output::Json => print_json(&Value::Array(
+                    devices.iter().map(rollout_device_json).collect(),
+                ))?,
+                Output::Table => outln!("{}", devices_table(&devices)),
+            }
         }
         RolloutsCommand::List { model, pages } => {
             let rollouts_client = client(cli).await?;

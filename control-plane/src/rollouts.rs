@@ -800,6 +800,28 @@ fn rollout_summary(rollout: &RolloutRecord, counts: pb::RolloutDeviceCounts) -> 
     }
 }
 
+/// The states a device has in a rollout.
+const ROLLOUT_DEVICE_STATES: [&str; 7] = [
+    "waiting",
+    "updating",
+    "active",
+    "failed",
+    "rolling_back",
+    "rolled_back",
+    "left",
+];
+
+fn rollout_device_to_pb(device: &RolloutDeviceRecord) -> pb::RolloutDevice {
+    pb::RolloutDevice {
+        device_id: device.device_id.clone(),
+        wave: device.wave,
+        state: device.state.clone(),
+        previous_version: device.previous_version,
+        reason: device.reason.clone(),
+        updated_unix_ms: u64::try_from(device.updated_at).unwrap_or_default(),
+    }
+}
+
 /// The operator view of a rollout: with each device and event (`FULL`, and
 /// when unspecified), or only its counts (`BASIC`, as a list has it, one
 /// counting query).
@@ -830,17 +852,7 @@ async fn rollout_view(
     let counts = device_counts(devices.iter().map(|d| (d.state.as_str(), 1)));
     let unsigned = |v: i64| u64::try_from(v).unwrap_or_default();
     Ok(pb::Rollout {
-        devices: devices
-            .iter()
-            .map(|d| pb::RolloutDevice {
-                device_id: d.device_id.clone(),
-                wave: d.wave,
-                state: d.state.clone(),
-                previous_version: d.previous_version,
-                reason: d.reason.clone(),
-                updated_unix_ms: unsigned(d.updated_at),
-            })
-            .collect(),
+        devices: devices.iter().map(rollout_device_to_pb).collect(),
         events: events
             .iter()
             .map(|e| pb::RolloutEvent {
@@ -1181,6 +1193,45 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .collect();
         Ok(Response::new(pb::ListRolloutsResponse {
             rollouts: views,
+            next_page_token,
+        }))
+    }
+
+    async fn list_rollout_devices(
+        &self,
+        request: Request<pb::ListRolloutDevicesRequest>,
+    ) -> Result<Response<pb::ListRolloutDevicesResponse>, Status> {
+        crate::operator_service::authorize(&self.cp, &request).await?;
+        let request = request.into_inner();
+        let rollout = self.load(&request.rollout_id).await?;
+        let state = (!request.state.is_empty()).then_some(request.state.as_str());
+        if let Some(state) = state
+            && !ROLLOUT_DEVICE_STATES.contains(&state)
+        {
+            return Err(Status::invalid_argument(format!(
+                "state {state:?} is not a rollout device's state; one of {}",
+                ROLLOUT_DEVICE_STATES.join(", ")
+            )));
+        }
+        let filter = format!("rollout={},state={}", rollout.id, request.state);
+        let pages = paging::Pages::new("ListRolloutDevices", &filter);
+        let after: Option<String> = pages.after(&request.page_token)?;
+        if let Some(after) = &after {
+            crate::convert::check_id("device id", after).map_err(|_| {
+                Status::invalid_argument("page_token names no device this list gave")
+            })?;
+        }
+        let size = paging::page_size(request.page_size);
+        let devices = self
+            .cp
+            .store
+            .rollout_devices_page(&rollout.id, state, after.as_deref(), size + 1)
+            .await
+            .map_err(store_unavailable("cannot read a rollout's devices"))?;
+        let (devices, more) = paging::split(devices, size);
+        let next_page_token = pages.next(more, devices.last().map(|d| &d.device_id));
+        Ok(Response::new(pb::ListRolloutDevicesResponse {
+            devices: devices.iter().map(rollout_device_to_pb).collect(),
             next_page_token,
         }))
     }

@@ -191,7 +191,8 @@ fn ids_and_model_names_holding_a_nul_are_invalid_on_both_stores() {
 /// not this list's, or is for another filter, or is garbage is
 /// INVALID_ARGUMENT; the CLI reads every page (`--page-size`). And a
 /// rollout in the basic view (`RolloutView`): its counts without its
-/// devices and events, by GetRollout and WatchRollout.
+/// devices and events, by GetRollout and WatchRollout; its devices a page
+/// at a time (ListRolloutDevices, `edgefleet rollouts devices`).
 #[test]
 fn lists_come_in_pages_on_both_stores() {
     for db in [Db::Sqlite, Db::Postgres] {
@@ -383,6 +384,88 @@ fn lists_come_in_pages_on_both_stores() {
             assert_eq!(first.id, basic.id, "{db:?}");
             assert!(first.devices.is_empty() && first.events.is_empty(), "{db:?}");
             assert_eq!(targeted(&first), 3, "{db:?}");
+
+            // A rollout's devices, a page at a time, all or in one state,
+            // once the engine has started all three (they never connect, so
+            // they stay updating).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            loop {
+                let now = rollouts
+                    .get_rollout(rollout_ref(pb::RolloutView::Basic))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if now.counts.unwrap_or_default().updating == 3 {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "{db:?}: {now:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            let list_rollout_devices = |state: &str, page_size: u32, page_token: String| {
+                let request = authorized(
+                    pb::ListRolloutDevicesRequest {
+                        rollout_id: listed[0].id.clone(),
+                        state: state.into(),
+                        page_size,
+                        page_token,
+                    },
+                    &token,
+                );
+                let mut rollouts = rollouts.clone();
+                async move { rollouts.list_rollout_devices(request).await }
+            };
+            let full_ids: Vec<String> = full.devices.iter().map(|d| d.device_id.clone()).collect();
+            for (state, expected) in [("", full_ids.clone()), ("updating", full_ids.clone()), ("waiting", vec![]), ("active", vec![])] {
+                let (paged, calls) = every_page(2, |page_token| {
+                    let page = list_rollout_devices(state, 2, page_token);
+                    async move {
+                        let page = page.await.unwrap().into_inner();
+                        (page.devices, page.next_page_token)
+                    }
+                })
+                .await;
+                let ids: Vec<String> = paged.iter().map(|d| d.device_id.clone()).collect();
+                assert_eq!(ids, expected, "{db:?} {state:?}: each once, by id");
+                assert_eq!(calls, expected.len().div_ceil(2).max(1), "{db:?} {state:?}");
+                assert!(paged.iter().all(|d| d.state == "updating" && d.wave == 1), "{db:?}: {paged:?}");
+            }
+            let updating_token = list_rollout_devices("updating", 1, String::new())
+                .await
+                .unwrap()
+                .into_inner()
+                .next_page_token;
+            let forged = |after: &str| {
+                let filter = format!("rollout={},state=", listed[0].id);
+                hex::encode(
+                    serde_json::json!({"list": "ListRolloutDevices", "filter": filter, "after": after})
+                        .to_string(),
+                )
+            };
+            for (what, state, page_token, says) in [
+                ("a state that is none", "bogus", String::new(), "state \"bogus\""),
+                ("another state's token", "", updating_token, "another filter"),
+                ("another list's token", "", eu_token.clone(), "ListRolloutDevices"),
+                ("a device id with a NUL", "", forged("dev-0\0"), "page_token"),
+            ] {
+                let status = list_rollout_devices(state, 1, page_token).await.unwrap_err();
+                assert_eq!(status.code(), Code::InvalidArgument, "{db:?} {what}: {status:?}");
+                assert!(status.message().contains(says), "{db:?} {what}: {status:?}");
+            }
+            // A forged token past the last device: an empty last page.
+            let past = list_rollout_devices("", 1, forged("~")).await.unwrap().into_inner();
+            assert!(past.devices.is_empty() && past.next_page_token.is_empty(), "{db:?}");
+            let status = rollouts
+                .list_rollout_devices(authorized(
+                    pb::ListRolloutDevicesRequest {
+                        rollout_id: "ro-000000000000".into(),
+                        ..Default::default()
+                    },
+                    &token,
+                ))
+                .await
+                .unwrap_err();
+            assert_eq!(status.code(), Code::NotFound, "{db:?}: {status:?}");
+
             let unknown = hex::encode(
                 serde_json::json!({"list": "ListRollouts", "filter": "", "after": "ro-000000000000"})
                     .to_string(),
@@ -416,6 +499,29 @@ fn lists_come_in_pages_on_both_stores() {
                 "{db:?} {list:?}"
             );
         }
+        let rollout = server.cli_json(&["rollouts", "list"])[0]["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let devices = server.cli_json(&["rollouts", "devices", &rollout]);
+        assert_eq!(
+            server.cli_json(&["rollouts", "devices", &rollout, "--page-size", "1"]),
+            devices,
+            "{db:?}"
+        );
+        assert_eq!(devices.as_array().unwrap().len(), 3, "{db:?}: {devices}");
+        assert_eq!(
+            server.cli_json(&["rollouts", "devices", &rollout, "--state", "updating"]),
+            devices,
+            "{db:?}"
+        );
+        let refused = server.cli(&["rollouts", "devices", &rollout, "--state", "bogus"]);
+        assert!(!refused.status.success(), "{db:?}");
+        assert!(
+            stderr(&refused).contains("--state"),
+            "{db:?}: {}",
+            stderr(&refused)
+        );
         let refused = server.cli(&["devices", "list", "--page-size", "0"]);
         assert!(!refused.status.success(), "{db:?}");
         assert!(

@@ -2258,6 +2258,7 @@ mod registry {
         concurrent_rollout_creates_one_wins,
         rollout_listing_order,
         rollout_device_states_are_counted,
+        rollout_devices_come_in_pages,
         save_rollout_step_applies_everything,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
@@ -2946,6 +2947,61 @@ mod registry {
         assert_eq!(counted(&["r2"]).await, [row("r2", "waiting", 1)]);
         assert!(counted(&["zzz"]).await.is_empty());
         assert!(counted(&[]).await.is_empty());
+    }
+
+    /// A rollout's devices by id, a page at a time, all or in one state; the
+    /// rows whole, as `rollout_devices` has them.
+    async fn rollout_devices_come_in_pages(db: &Db) {
+        let mut r1 = rollout("r1", "m", 1, T0);
+        create(db, &r1, &["e", "a", "d", "b", "c"]).await.unwrap();
+        let mut b = member("r1", "b", 1);
+        b.state = "active".into();
+        b.reason = "activated".into();
+        let mut d = member("r1", "d", 2);
+        d.state = "active".into();
+        db.store
+            .save_rollout_step(&mut r1, &[b, d], &[], &[])
+            .await
+            .unwrap();
+        // Another rollout's devices are not in r1's pages.
+        create(db, &rollout("r2", "n", 1, T0 + 10), &["a", "aa", "f"])
+            .await
+            .unwrap();
+        let page = |state: Option<&'static str>, after: Option<&'static str>, limit: u32| async move {
+            db.store
+                .rollout_devices_page("r1", state, after, limit)
+                .await
+                .unwrap()
+        };
+        let ids = |rows: Vec<RolloutDeviceRecord>| -> Vec<String> {
+            rows.into_iter().map(|r| r.device_id).collect()
+        };
+        assert_eq!(
+            page(None, None, 10).await,
+            db.store.rollout_devices("r1").await.unwrap()
+        );
+        assert_eq!(ids(page(None, None, 2).await), ["a", "b"]);
+        assert_eq!(ids(page(None, Some("b"), 2).await), ["c", "d"]);
+        assert_eq!(ids(page(None, Some("d"), 2).await), ["e"]);
+        assert!(page(None, Some("e"), 2).await.is_empty());
+        // After an id no device has: from the next one up.
+        assert_eq!(ids(page(None, Some("bb"), 1).await), ["c"]);
+        assert_eq!(ids(page(Some("active"), None, 1).await), ["b"]);
+        assert_eq!(ids(page(Some("active"), Some("b"), 5).await), ["d"]);
+        assert_eq!(ids(page(Some("waiting"), None, 5).await), ["a", "c", "e"]);
+        assert!(page(Some("failed"), None, 5).await.is_empty());
+        let active = page(Some("active"), None, 1).await;
+        assert_eq!(
+            (active[0].state.as_str(), active[0].reason.as_str()),
+            ("active", "activated")
+        );
+        assert!(
+            db.store
+                .rollout_devices_page("zzz", None, None, 5)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {

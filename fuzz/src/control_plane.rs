@@ -574,6 +574,16 @@ pub const CONTROL_PLANE_METHODS: &[(Surface, &str, Help)] = &[
     ),
     (
         Surface::Operator,
+        "/edgefleet.v1.RolloutService/ListRolloutDevices",
+        Help::None,
+    ),
+    (
+        Surface::Operator,
+        "/edgefleet.v1.RolloutService/ListRolloutDevices",
+        Help::FirstField(Given::NewestRolloutId),
+    ),
+    (
+        Surface::Operator,
         "/edgefleet.v1.RolloutService/PauseRollout",
         Help::FirstField(Given::NewestRolloutId),
     ),

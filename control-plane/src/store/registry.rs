@@ -341,6 +341,16 @@ pub trait RegistryStore: Send + Sync {
         events: &[RolloutEventRecord],
     ) -> Result<(), StoreError>;
     async fn rollout_devices(&self, id: &str) -> Result<Vec<RolloutDeviceRecord>, StoreError>;
+    /// Up to `limit` of a rollout's devices by device id (only those in
+    /// `state` when given), starting after the device `after` (the last of
+    /// the page before).
+    async fn rollout_devices_page(
+        &self,
+        id: &str,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RolloutDeviceRecord>, StoreError>;
     async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError>;
 
     // ---- desired state and activation reports

@@ -520,6 +520,31 @@ impl RegistryStore for SqliteStore {
             .collect()
     }
 
+    async fn rollout_devices_page(
+        &self,
+        id: &str,
+        state: Option<&str>,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<RolloutDeviceRecord>, StoreError> {
+        // The primary key (rollout_id, device_id) orders and bounds the page.
+        let rows = sqlx::query_as::<_, RolloutDeviceRow>(
+            "SELECT rollout_id, device_id, wave, state, previous_version, reason, updated_at, \
+             generation FROM rollout_devices WHERE rollout_id = ?1 \
+             AND (?2 IS NULL OR state = ?2) AND device_id > ?3 \
+             ORDER BY device_id LIMIT ?4",
+        )
+        .bind(id)
+        .bind(state)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.into_iter()
+            .map(RolloutDeviceRecord::try_from)
+            .collect()
+    }
+
     async fn rollout_events(&self, id: &str) -> Result<Vec<RolloutEventRecord>, StoreError> {
         let rows = sqlx::query_as::<_, RolloutEventRow>(
             "SELECT rollout_id, at, actor, action, message FROM rollout_events \
