@@ -422,24 +422,6 @@ fn rss_mb() -> f64 {
 
 // ------------------------------------------------------------------ the suite
 
-/// Allocations of 4 MiB and more (a model's bytes and weights) are mapped
-/// on their own, so freeing them gives the memory back at once. glibc's
-/// default threshold rises to the size of each such block freed, after
-/// which the next models' buffers come from its heaps, which keep what is
-/// freed: the models of devices that left stayed resident in this one
-/// process (at 1000 devices a peak of 21 GB of this machine's 24, against
-/// 12 GB with this). A real device holds one agent's models, so only the
-/// simulation needs it.
-fn return_large_frees_to_the_system() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    #[allow(unsafe_code)] // mallopt; see the SAFETY note.
-    // SAFETY: mallopt only sets an allocator parameter, before the suite
-    // starts its agents; glibc serialises it with allocations.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-    }
-}
-
 struct FleetRun {
     agents: usize,
     model_bytes: u64,
@@ -789,7 +771,6 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 pub async fn rollout(args: &Args) -> anyhow::Result<String> {
-    return_large_frees_to_the_system();
     let work = tempfile::Builder::new()
         .prefix("edgefleet-rollout-bench")
         .tempdir_in(&args.rollout_dir)
@@ -839,7 +820,9 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
              `GetRollout`'s full view, every device's state): its session and delivery tasks \
              end, its registry unloads the model and its state dir is deleted, as a device \
              switched off after its update. Its ACTIVE report has been counted by then, but \
-             the leaving shares the same 2 cores during the run.\n",
+             the leaving shares the same 2 cores during the run. The process's RSS still \
+             counts much of what the devices that left freed: glibc's allocator keeps freed \
+             blocks in its heaps for reuse.\n",
             run.agents
         )?;
     }
