@@ -1,7 +1,9 @@
 //! `edgefleet.v1.AgentService`: enrollment and the agent session stream.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use edgefleet_pki::{JoinTokenSecret, hash_secret};
@@ -12,6 +14,7 @@ use pb::agent_message::Kind as Upstream;
 use pb::control_message::Kind as Downstream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert;
@@ -29,9 +32,12 @@ const MAX_IN_FLIGHT: usize = 64;
 /// (`edgefleet_agent::managed::session::SEND_WINDOW`), so a whole window can
 /// go in one message.
 pub const MAX_UPLOAD_BATCHES: usize = 256;
-/// How often a session rereads its device's desired state (changes made on
+/// How often a replica compares the desired-state generations its sessions
+/// sent with the database's, in one query per 500 sessions (changes made on
 /// this replica are pushed at once; this catches the others').
-const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
+pub const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
+/// Devices per query of [`watch_desired_states`].
+const DESIRED_GENERATIONS_CHUNK: usize = 500;
 
 #[derive(Debug, Clone)]
 pub struct AgentApi {
@@ -423,10 +429,10 @@ async fn run_session(
     // waits for it.
     let mut last_stored: Option<oneshot::Receiver<bool>> = None;
     let mut last_touch = now_ms();
-    // Desired state: sent after Welcome, then whenever its generation moves
-    // (this replica pokes the session; others are caught by the poll).
+    // Desired state: sent after Welcome (the registration's poke), then
+    // whenever its generation moves: this replica's changes poke the
+    // session, others' are found by `watch_desired_states`.
     let mut sent_generation = None;
-    let mut desired_poll = tokio::time::interval(DESIRED_STATE_POLL);
     let idle_timeout = cp.config.session_idle_timeout();
     // When the agent's last message arrived: the session ends once it has
     // been silent for `idle_timeout`. A deadline, not a timeout around each
@@ -445,14 +451,12 @@ async fn run_session(
             // Over the replica's limit with nothing of its own being stored:
             // read again once another session's telemetry is stored.
             () = cp.ingester.pending.released(), if !receive && storing.is_empty() => {}
-            _ = desired_poll.tick() => {
-                if !send_desired_state(&cp, &device_id, &outbound, &mut sent_generation).await {
-                    break Ok(());
-                }
-            }
             () = guard.poke.notified() => {
                 if !send_desired_state(&cp, &device_id, &outbound, &mut sent_generation).await {
                     break Ok(());
+                }
+                if let Some(generation) = sent_generation {
+                    guard.sent_generation.store(generation, Ordering::Relaxed);
                 }
             }
             Some(stored) = storing.next(), if !storing.is_empty() => {
@@ -595,6 +599,41 @@ async fn run_session(
 
 /// Sends the device's desired state if its generation differs from the one
 /// last sent. False when the session is gone.
+/// Pokes each session of this replica whose device's desired-state
+/// generation in the database is not the one it sent last: changed by
+/// another replica (or straight in the database), or not sent because its
+/// read failed. One query per [`DESIRED_GENERATIONS_CHUNK`] sessions every
+/// [`DESIRED_STATE_POLL`], where each session reading its own desired state
+/// that often made a thousand sessions a steady 200 reads a second.
+pub async fn watch_desired_states(
+    cp: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(DESIRED_STATE_POLL) => {}
+        }
+        let sent = cp.sessions.sent_generations();
+        for chunk in sent.chunks(DESIRED_GENERATIONS_CHUNK) {
+            let ids: Vec<String> = chunk.iter().map(|(device, _)| device.clone()).collect();
+            let stored: HashMap<String, u64> = match cp.store.desired_generations(&ids).await {
+                Ok(rows) => rows.into_iter().collect(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot read desired-state generations");
+                    continue;
+                }
+            };
+            for (device, sent) in chunk {
+                let generation = stored.get(device).copied().unwrap_or(0);
+                if *sent != generation {
+                    cp.sessions.poke(device);
+                }
+            }
+        }
+    }
+}
+
 async fn send_desired_state(
     cp: &ControlPlane,
     device_id: &str,

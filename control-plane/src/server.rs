@@ -287,6 +287,10 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         Arc::clone(&cp),
         shutdown.clone(),
     )));
+    tasks.push(tokio::spawn(crate::agent_service::watch_desired_states(
+        Arc::clone(&cp),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(roll_up(Arc::clone(&cp), shutdown.clone())));
     tasks.push(tokio::spawn(crate::rollouts::run_engine(
         Arc::clone(&cp),

@@ -21,7 +21,11 @@ struct Entry {
     outbound: Outbound,
     cancel: CancellationToken,
     poke: Arc<Notify>,
+    sent_generation: Arc<AtomicU64>,
 }
+
+/// A session's `sent_generation` before it has sent a desired state.
+pub const NOTHING_SENT: u64 = u64::MAX;
 
 #[derive(Debug, Default)]
 pub struct Sessions {
@@ -78,8 +82,13 @@ pub struct SessionGuard<'a> {
     device_id: String,
     id: u64,
     pub cancel: CancellationToken,
-    /// Woken when the device's desired state changed.
+    /// Woken when the device's desired state changed (and once at
+    /// registration: the session sends its desired state first thing).
     pub poke: Arc<Notify>,
+    /// The generation of the desired state the session sent last
+    /// ([`NOTHING_SENT`] before the first): what
+    /// [`Sessions::sent_generations`] compares with the database's.
+    pub sent_generation: Arc<AtomicU64>,
 }
 
 impl Drop for SessionGuard<'_> {
@@ -97,6 +106,8 @@ impl Sessions {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
         let poke = Arc::new(Notify::new());
+        poke.notify_one();
+        let sent_generation = Arc::new(AtomicU64::new(NOTHING_SENT));
         let previous = self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(
             device_id.to_string(),
             Entry {
@@ -104,6 +115,7 @@ impl Sessions {
                 outbound,
                 cancel: cancel.clone(),
                 poke: Arc::clone(&poke),
+                sent_generation: Arc::clone(&sent_generation),
             },
         );
         if let Some(previous) = previous {
@@ -118,7 +130,24 @@ impl Sessions {
             id,
             cancel,
             poke,
+            sent_generation,
         }
+    }
+
+    /// Each session's device and the generation of the desired state it
+    /// sent last ([`NOTHING_SENT`] before the first).
+    pub fn sent_generations(&self) -> Vec<(String, u64)> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(device, entry)| {
+                (
+                    device.clone(),
+                    entry.sent_generation.load(Ordering::Relaxed),
+                )
+            })
+            .collect()
     }
 
     /// Tells the device's session (if this replica holds it) to resend its

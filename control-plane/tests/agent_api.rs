@@ -1257,6 +1257,56 @@ fn storage_failures_reach_callers_without_the_databases_text_postgres() {
     storage_failures_reach_callers_without_the_databases_text(Db::Postgres);
 }
 
+/// A desired state changed by another replica (here: straight in the
+/// database, which pokes no session of this one) reaches the device's
+/// session on this replica: its replica compares the generations its
+/// sessions sent with the database's, in one query, every few seconds.
+#[test]
+fn a_desired_state_changed_by_another_replica_reaches_the_session() {
+    for db in [Db::Sqlite, Db::Postgres] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == Db::Postgres).then(PgSchema::create);
+        let server = Server::start(dir.path(), schema.as_ref().map(|s| s.url.as_str()), &[]);
+        runtime().block_on(async {
+            let device = enroll_device(&server).await;
+            let mut client = device_client(&server, &device).await;
+            let (_tx, mut stream) = open(&mut client, hello(&device.device_id)).await.unwrap();
+            welcome(&mut stream).await;
+            let first = loop {
+                let message = stream.message().await.unwrap().unwrap();
+                if let Some(Downstream::DesiredState(desired)) = message.kind {
+                    break desired;
+                }
+            };
+            assert_eq!((first.generation, first.models.len()), (0, 0), "{db:?}");
+            let sha256 = "ab".repeat(32);
+            let (signature, private) = match db {
+                Db::Sqlite => ("x'0102'", "0"),
+                Db::Postgres => ("'\\x0102'::bytea", "false"),
+            };
+            execute_sql(
+                &server,
+                &format!(
+                    "INSERT INTO device_desired (device_id, name, version, sha256, size_bytes, \
+                     signature, private) VALUES ('{}', 'elsewhere', 3, '{sha256}', 10, {signature}, \
+                     {private})",
+                    device.device_id
+                ),
+            )
+            .await;
+            execute_sql(
+                &server,
+                &format!(
+                    "INSERT INTO device_generations (device_id, generation) VALUES ('{}', 1)",
+                    device.device_id
+                ),
+            )
+            .await;
+            wait_for_desired(&mut stream, &sha256).await;
+        });
+    }
+}
+
 /// Reads a session until its desired state names `sha256`.
 async fn wait_for_desired(stream: &mut tonic::Streaming<pb::ControlMessage>, sha256: &str) {
     loop {

@@ -2266,6 +2266,7 @@ mod registry {
         a_step_cannot_add_a_device_another_active_rollout_has,
         a_rollout_of_a_model_deleted_meanwhile_is_refused,
         desired_state_sorted_with_generation,
+        desired_generations_of_many_devices,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
         rollout_state_and_spec_round_trip,
@@ -3348,6 +3349,40 @@ mod registry {
         assert!(refused.contains("no model m@2"), "{refused}");
         assert_eq!(db.store.rollout("r1").await.unwrap(), None);
         assert!(db.store.rollout_devices("r1").await.unwrap().is_empty());
+    }
+
+    /// Each listed device's generation, as `desired_state` has it; none for
+    /// a device never given a desired state or not listed.
+    async fn desired_generations_of_many_devices(db: &Db) {
+        let ids = |ids: &[&str]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+        assert!(
+            db.store
+                .desired_generations(&ids(&["a", "b"]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 1), set("b", "m", 1)], &[])
+            .await
+            .unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 2)], &[])
+            .await
+            .unwrap();
+        let mut read = db
+            .store
+            .desired_generations(&ids(&["a", "b", "c", "a'"]))
+            .await
+            .unwrap();
+        read.sort();
+        assert_eq!(read, [("a".to_string(), 2), ("b".to_string(), 1)]);
+        assert_eq!(db.store.desired_state("a").await.unwrap().0, 2);
+        let only_b = db.store.desired_generations(&ids(&["b"])).await.unwrap();
+        assert_eq!(only_b, [("b".to_string(), 1)]);
+        assert!(db.store.desired_generations(&[]).await.unwrap().is_empty());
     }
 
     async fn desired_state_sorted_with_generation(db: &Db) {

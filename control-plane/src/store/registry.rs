@@ -356,6 +356,14 @@ pub trait RegistryStore: Send + Sync {
     // ---- desired state and activation reports
     /// The device's desired models and generation (0 and empty if none).
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError>;
+    /// The desired-state generation of each of these devices that has one
+    /// (a device never given a desired state has none: generation 0), in
+    /// one query: how a replica learns which of its sessions' desired
+    /// states another replica changed.
+    async fn desired_generations(
+        &self,
+        device_ids: &[String],
+    ) -> Result<Vec<(String, u64)>, StoreError>;
     /// Records a device's activation step (keeps the latest per device,
     /// model and version: the highest generation, then the latest by the
     /// device's clock; a late retry of an earlier step does not replace it).

@@ -599,6 +599,22 @@ impl RegistryStore for PgStore {
         Ok(rows.into_iter().map(RolloutEventRecord::from).collect())
     }
 
+    async fn desired_generations(
+        &self,
+        device_ids: &[String],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT device_id, generation FROM device_generations WHERE device_id = ANY($1)",
+        )
+        .bind(device_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, generation)| (id, common::from_db(generation)))
+            .collect())
+    }
+
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError> {
         // One read transaction: the generation and the models of one snapshot.
         let mut tx = self

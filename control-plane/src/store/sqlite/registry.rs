@@ -556,6 +556,24 @@ impl RegistryStore for SqliteStore {
         Ok(rows.into_iter().map(RolloutEventRecord::from).collect())
     }
 
+    async fn desired_generations(
+        &self,
+        device_ids: &[String],
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let ids = serde_json::to_string(device_ids)
+            .map_err(|e| StoreError::Corrupt(format!("cannot encode device ids: {e}")))?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT device_id, generation FROM device_generations WHERE device_id IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(ids)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, generation)| (id, common::from_db(generation)))
+            .collect())
+    }
+
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError> {
         // One read transaction: the generation and the models of one snapshot.
         let mut tx = self.reader.begin().await?;
