@@ -35,7 +35,7 @@ pub const MAX_UPLOAD_BATCHES: usize = 256;
 /// How often a replica compares the desired-state generations its sessions
 /// sent with the database's, in one query per 500 sessions (changes made on
 /// this replica are pushed at once; this catches the others').
-pub const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
+const DESIRED_STATE_POLL: Duration = Duration::from_secs(5);
 /// Devices per query of [`watch_desired_states`].
 const DESIRED_GENERATIONS_CHUNK: usize = 500;
 
@@ -597,8 +597,6 @@ async fn run_session(
     drop(guard);
 }
 
-/// Sends the device's desired state if its generation differs from the one
-/// last sent. False when the session is gone.
 /// Pokes each session of this replica whose device's desired-state
 /// generation in the database is not the one it sent last: changed by
 /// another replica (or straight in the database), or not sent because its
@@ -634,6 +632,8 @@ pub async fn watch_desired_states(
     }
 }
 
+/// Sends the device's desired state if its generation differs from the one
+/// last sent. False when the session is gone.
 async fn send_desired_state(
     cp: &ControlPlane,
     device_id: &str,
