@@ -509,6 +509,18 @@ fn write_control_plane_seeds(dir: &Path) -> Result<usize, Box<dyn std::error::Er
             .encode_to_vec()),
         ),
         (
+            "ListRolloutDevices",
+            // No token: the helped call (the newest rollout's id) reads
+            // a page from the store.
+            one(pb::ListRolloutDevicesRequest {
+                rollout_id: "ro-000000000000".into(),
+                state: "updating".into(),
+                page_size: 1,
+                page_token: String::new(),
+            }
+            .encode_to_vec()),
+        ),
+        (
             "ListJoinTokens",
             one(pb::ListJoinTokensRequest {
                 page_size: 1,
