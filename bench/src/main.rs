@@ -103,13 +103,7 @@ fn main() -> anyhow::Result<()> {
     // What the agents and control planes the suites run in this process
     // log: errors only unless EDGEFLEET_LOG says otherwise (as the
     // binaries read it), so a failure behind a figure is on stderr.
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDGEFLEET_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    edgefleet_daemon::init_logging_at("error");
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

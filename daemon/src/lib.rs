@@ -35,10 +35,16 @@ pub const LOG_FILTER_VAR: &str = "EDGEFLEET_LOG";
 /// broken pipe, and the panicking task (the one handling SIGTERM, say)
 /// would stop doing its work.
 pub fn init_logging() {
+    init_logging_at("info");
+}
+
+/// [`init_logging`] with another filter for when `EDGEFLEET_LOG` is unset
+/// or malformed (the benchmarks: `error`).
+pub fn init_logging_at(default_filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(LOG_FILTER_VAR)
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
