@@ -143,9 +143,30 @@ pub fn matmul_model(k: i64, n: i64) -> Vec<u8> {
 
 struct Fleet {
     server: RunningServer,
+    /// The control plane's own runtime: its tasks do not queue behind the
+    /// simulated devices' (a control plane is a process of its own).
+    runtime: OwnRuntime,
     api: Channel,
     token: MetadataValue<tonic::metadata::Ascii>,
     agent_url: String,
+}
+
+/// A runtime that may be dropped in async code: it shuts down in the
+/// background.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("only taken by drop").handle()
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl Fleet {
@@ -156,7 +177,22 @@ impl Fleet {
         config.api_addr = local;
         config.http_addr = local;
         config.telemetry_interval = Duration::from_secs(3600);
-        let server = edgefleet_control_plane::server::start(config).await?;
+        let runtime = OwnRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .thread_name("control-plane")
+                .enable_all()
+                .build()?,
+        ));
+        // `start`'s future is not `Send`: it runs on a thread of its own
+        // that enters the runtime (its tasks land on the runtime's workers).
+        let (started, start_result) = tokio::sync::oneshot::channel();
+        let handle = runtime.handle().clone();
+        std::thread::spawn(move || {
+            let _ = started.send(handle.block_on(edgefleet_control_plane::server::start(config)));
+        });
+        let server = start_result
+            .await
+            .context("the control plane's start thread ended")??;
         let admin = server
             .admin_token
             .clone()
@@ -169,7 +205,13 @@ impl Fleet {
             token: format!("Bearer {admin}").parse()?,
             api,
             server,
+            runtime,
         })
+    }
+
+    /// Stops the control plane (on its runtime, then the runtime).
+    async fn stop(self) -> anyhow::Result<()> {
+        self.runtime.handle().spawn(self.server.stop()).await?
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
@@ -784,7 +826,7 @@ pub async fn rollout(args: &Args) -> anyhow::Result<String> {
         mb_per_s(throughput.bytes, throughput.agent)
     );
     let run = fleet_run(args, &fleet, work.path()).await?;
-    fleet.server.stop().await?;
+    fleet.stop().await?;
     Ok(render(args, &run, &throughput)?)
 }
 
@@ -794,8 +836,9 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
     writeln!(out, "### Fleet rollout\n")?;
     writeln!(
         out,
-        "One process: the control plane (`server::start`, SQLite, telemetry every hour) \
-         and {} simulated devices, each the agent's real enrollment (Enroll RPC, 32 at a time), \
+        "One process: the control plane (`server::start`, SQLite, telemetry every hour, on a \
+         tokio runtime of its own, so its tasks do not queue behind the devices' as they \
+         would not in a process of its own) and {} simulated devices, each the agent's real enrollment (Enroll RPC, 32 at a time), \
          session and delivery code over mTLS on loopback, on its own state dir, with a \
          tract-only model registry and no inference listeners. The model is a generated \
          ONNX MatMul `[1,1024]·[1024,2560]` ({mb:.2} MB), pushed through `ModelService.PushModel`. \
@@ -806,7 +849,7 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
          check is timed on its own below. Every device's CPU work (TLS, SHA-256 once while \
          downloading, check, tract load) and disk writes (each device's file is synced before \
          it is verified) run on this machine's 2 cores and one disk, where a real fleet does \
-         them in parallel on its own hardware. The suite's tokio runtime has {BLOCKING_THREADS} \
+         them in parallel on its own hardware. The devices' tokio runtime has {BLOCKING_THREADS} \
          blocking threads (tokio's default is 512): the simulated devices' file writes, checks \
          and loads queue for those instead of hundreds of tract loads running at once in one \
          process.\n",

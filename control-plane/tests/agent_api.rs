@@ -48,7 +48,12 @@ async fn pinned(server: &Server, token: &str) -> AgentServiceClient<Channel> {
 }
 
 async fn enroll_device(server: &Server) -> Enrolled {
-    let token = server.join_token(&[]);
+    enroll_labelled(server, "").await
+}
+
+/// A device enrolled with a join token giving it `labels` (k=v,k2=v2).
+async fn enroll_labelled(server: &Server, labels: &str) -> Enrolled {
+    let token = server.join_token(&["--labels", labels]);
     let mut client = pinned(server, &token).await;
     let key_pem = edgefleet_pki::generate_device_key().unwrap();
     let csr_pem = edgefleet_pki::device_csr(&key_pem, "test").unwrap();
@@ -1401,6 +1406,122 @@ fn a_download_in_progress_ends_when_its_device_is_revoked() {
             assert!(received < total, "the whole blob was downloaded");
         }
     });
+}
+
+/// `DownloadBlob` streams a blob only to an enrolled, unrevoked device whose
+/// own desired state names it (its digest in any case), on both stores:
+/// another model's blob, a blob another device is to have, a digest that
+/// is not one, an offset past the end and a revoked device are refused
+/// with their own codes.
+#[test]
+fn a_download_is_refused_what_the_device_may_not_have() {
+    for db in ["sqlite", "postgres"] {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = (db == "postgres").then(PgSchema::create);
+        let server = Server::start(
+            &dir.path().join("server"),
+            schema.as_ref().map(|s| s.url.as_str()),
+            &[],
+        );
+        let (device, bystander) = runtime().block_on(async {
+            (
+                enroll_labelled(&server, "role=target").await,
+                enroll_device(&server).await,
+            )
+        });
+        let mut pushed = Vec::new();
+        for (name, padding) in [("wanted", 1 << 10), ("other", 2 << 10)] {
+            let file = dir.path().join(format!("{name}.onnx"));
+            std::fs::write(&file, padded_mlp(padding)).unwrap();
+            let model = server.cli_json(&[
+                "models",
+                "push",
+                file.to_str().unwrap(),
+                "--name",
+                name,
+                "--version",
+                "1",
+            ]);
+            pushed.push(model["sha256"].as_str().unwrap().to_string());
+        }
+        let [wanted, other] = [pushed[0].clone(), pushed[1].clone()];
+        server.cli_json(&[
+            "rollouts",
+            "create",
+            "--model",
+            "wanted@1",
+            "--selector",
+            "role=target",
+        ]);
+        runtime().block_on(async {
+            let mut session_client = device_client(&server, &device).await;
+            let (_tx, mut session) = open(&mut session_client, hello(&device.device_id))
+                .await
+                .unwrap();
+            welcome(&mut session).await;
+            wait_for_desired(&mut session, &wanted).await;
+
+            let client = device_client(&server, &device).await;
+            let download = |client: &AgentServiceClient<Channel>, sha256: &str, offset: u64| {
+                let request = pb::DownloadBlobRequest {
+                    sha256: sha256.to_string(),
+                    offset,
+                };
+                let mut client = client.clone();
+                async move {
+                    let mut stream = client.download_blob(request).await?.into_inner();
+                    let mut bytes = 0;
+                    while let Some(chunk) = stream.message().await? {
+                        bytes += chunk.data.len() as u64;
+                    }
+                    Ok::<u64, tonic::Status>(bytes)
+                }
+            };
+            let size = download(&client, &wanted, 0).await.unwrap();
+            assert!(size > 1 << 10, "{db}: {size} bytes");
+            assert_eq!(
+                download(&client, &wanted.to_ascii_uppercase(), size - 5)
+                    .await
+                    .unwrap(),
+                5,
+                "{db}"
+            );
+            let refused = |result: Result<u64, tonic::Status>, code: Code, text: &str| {
+                let status = result.expect_err("refused");
+                assert_eq!(status.code(), code, "{db}: {status:?}");
+                assert!(status.message().contains(text), "{db}: {status:?}");
+            };
+            refused(
+                download(&client, &other, 0).await,
+                Code::PermissionDenied,
+                "is not in the desired state",
+            );
+            refused(
+                download(&client, "not-a-digest", 0).await,
+                Code::InvalidArgument,
+                "not a hex SHA-256",
+            );
+            refused(
+                download(&client, &wanted, size + 1).await,
+                Code::OutOfRange,
+                "past the end",
+            );
+            let bystander_client = device_client(&server, &bystander).await;
+            refused(
+                download(&bystander_client, &wanted, 0).await,
+                Code::PermissionDenied,
+                "is not in the desired state",
+            );
+            let revoked = server.cli(&["devices", "revoke", &device.device_id]);
+            assert!(revoked.status.success(), "{db}");
+            let fresh = device_client(&server, &device).await;
+            refused(
+                download(&fresh, &wanted, 0).await,
+                Code::PermissionDenied,
+                "has been revoked",
+            );
+        });
+    }
 }
 
 /// A session whose agent says nothing after its Hello is ended by the

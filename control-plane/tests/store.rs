@@ -2267,6 +2267,7 @@ mod registry {
         a_rollout_of_a_model_deleted_meanwhile_is_refused,
         desired_state_sorted_with_generation,
         desired_generations_of_many_devices,
+        device_for_download_reads_the_device_and_its_desired_blob,
         activations_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
         rollout_state_and_spec_round_trip,
@@ -3383,6 +3384,42 @@ mod registry {
         let only_b = db.store.desired_generations(&ids(&["b"])).await.unwrap();
         assert_eq!(only_b, [("b".to_string(), 1)]);
         assert!(db.store.desired_generations(&[]).await.unwrap().is_empty());
+    }
+
+    /// The device as `device` reads it, and whether its own desired state
+    /// (not another device's) names the digest, in any case; None for a
+    /// device not enrolled.
+    async fn device_for_download_reads_the_device_and_its_desired_blob(db: &Db) {
+        enroll(db, &["a", "b"], Labels::new()).await;
+        let check = async |device: &str, sha256: &str| -> Option<bool> {
+            let (d, desired) = db
+                .store
+                .device_for_download(device, sha256)
+                .await
+                .unwrap()?;
+            assert_eq!(Some(d), db.store.device(device).await.unwrap());
+            Some(desired)
+        };
+        assert_eq!(check("nobody", "sha-m-1").await, None);
+        assert_eq!(check("a", "sha-m-1").await, Some(false));
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 1), set("a", "n", 2)], &[])
+            .await
+            .unwrap();
+        assert_eq!(check("a", "sha-m-1").await, Some(true));
+        assert_eq!(check("a", "sha-n-2").await, Some(true));
+        assert_eq!(check("a", "SHA-M-1").await, Some(true));
+        assert_eq!(check("a", "sha-m-2").await, Some(false));
+        assert_eq!(check("a", "sha-m-").await, Some(false));
+        assert_eq!(check("b", "sha-m-1").await, Some(false));
+        db.store
+            .save_rollout_step(&mut r, &[], &[clear("a", "m")], &[])
+            .await
+            .unwrap();
+        assert_eq!(check("a", "sha-m-1").await, Some(false));
+        assert_eq!(check("a", "sha-n-2").await, Some(true));
     }
 
     async fn desired_state_sorted_with_generation(db: &Db) {

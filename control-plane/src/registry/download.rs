@@ -44,9 +44,9 @@ pub async fn download_blob(
     // that read ends the download (the revocation watcher re-reads recent
     // revocations at every poll).
     let guard = cp.sessions.register_download(device_id);
-    let device = cp
+    let (device, blob_desired) = cp
         .store
-        .device(device_id)
+        .device_for_download(device_id, &sha256)
         .await
         .map_err(store_unavailable("cannot read a device"))?
         .ok_or_else(|| {
@@ -58,15 +58,7 @@ pub async fn download_blob(
         )));
     }
     crate::agent_service::check_certificate(&device, &peer.serial)?;
-    let (_, desired) = cp
-        .store
-        .desired_state(device_id)
-        .await
-        .map_err(store_unavailable("cannot read a desired state"))?;
-    if !desired
-        .iter()
-        .any(|m| m.sha256.eq_ignore_ascii_case(&sha256))
-    {
+    if !blob_desired {
         return Err(Status::permission_denied(format!(
             "blob {sha256} is not in the desired state of device {device_id}"
         )));

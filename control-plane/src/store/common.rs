@@ -207,6 +207,15 @@ pub(crate) struct DeviceRow {
     pub dropped_batches_total: i64,
 }
 
+/// A device and whether its desired state names a blob
+/// (`Store::device_for_download`).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct DeviceDownloadRow {
+    #[sqlx(flatten)]
+    pub device: DeviceRow,
+    pub blob_desired: bool,
+}
+
 /// The columns of [`DeviceRow`], for SELECTs.
 pub(crate) const DEVICE_COLUMNS: &str = "id, labels, inventory, status, enrolled_at, revoked_at, \
      certificate_serial, previous_certificate_serial, certificate_expires_at, last_seen, models, \

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Labels, StoreError};
+use super::{Device, Labels, StoreError};
 
 /// A model input or output.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +356,14 @@ pub trait RegistryStore: Send + Sync {
     // ---- desired state and activation reports
     /// The device's desired models and generation (0 and empty if none).
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError>;
+    /// The device (None if it is not enrolled) and whether its desired
+    /// state names the blob `sha256` (any case), in one query: what a blob
+    /// download checks before it streams, on every replica.
+    async fn device_for_download(
+        &self,
+        device_id: &str,
+        sha256: &str,
+    ) -> Result<Option<(Device, bool)>, StoreError>;
     /// The desired-state generation of each of these devices that has one
     /// (a device never given a desired state has none: generation 0), in
     /// one query: how a replica learns which of its sessions' desired

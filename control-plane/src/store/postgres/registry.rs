@@ -11,12 +11,12 @@
 use sqlx::{AssertSqlSafe, Postgres, Transaction};
 
 use super::PgStore;
-use crate::store::StoreError;
 use crate::store::common::{
-    self, ActivationRow, DesiredRow, MODEL_COLUMNS, ModelRow, ROLLOUT_COLUMNS, RolloutDeviceRow,
-    RolloutEventRow, RolloutRow, to_db, to_json,
+    self, ActivationRow, DEVICE_COLUMNS, DesiredRow, DeviceDownloadRow, MODEL_COLUMNS, ModelRow,
+    ROLLOUT_COLUMNS, RolloutDeviceRow, RolloutEventRow, RolloutRow, to_db, to_json,
 };
 use crate::store::registry::*;
+use crate::store::{Device, StoreError};
 
 /// Rollout states that still own their devices.
 const ACTIVE_STATES: &str = "('pending', 'running', 'paused')";
@@ -638,6 +638,27 @@ impl RegistryStore for PgStore {
             common::from_db(generation.unwrap_or(0)),
             rows.into_iter().map(DesiredModel::from).collect(),
         ))
+    }
+
+    async fn device_for_download(
+        &self,
+        device_id: &str,
+        sha256: &str,
+    ) -> Result<Option<(Device, bool)>, StoreError> {
+        // One statement, one snapshot: a download's two checks without a
+        // transaction's round trips.
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS}, EXISTS (SELECT 1 FROM device_desired d \
+             WHERE d.device_id = devices.id AND lower(d.sha256) = lower($1)) AS blob_desired \
+             FROM devices WHERE id = $2"
+        );
+        sqlx::query_as::<_, DeviceDownloadRow>(AssertSqlSafe(sql))
+            .bind(sha256)
+            .bind(device_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| Ok((Device::try_from(row.device)?, row.blob_desired)))
+            .transpose()
     }
 
     async fn record_activation(&self, r: &ActivationRecord) -> Result<(), StoreError> {
