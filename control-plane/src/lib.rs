@@ -2,6 +2,7 @@
 //! telemetry, and the operator API. `edgefleet-server` is a thin binary over
 //! [`server::start`].
 
+pub mod activations;
 pub mod agent_service;
 pub mod config;
 pub mod convert;

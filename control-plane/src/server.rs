@@ -179,6 +179,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let metrics = ServerMetrics::new();
     let ingester = Ingester::start(Arc::clone(&store), Arc::clone(&metrics));
+    let activations = crate::activations::ActivationWriter::start(Arc::clone(&store));
     let ca_fingerprint = ca.fingerprint();
     let registry = crate::registry::Registry::open(&data_dir)?;
     let cp = Arc::new(ControlPlane {
@@ -188,6 +189,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ca,
         sessions: Sessions::default(),
         ingester,
+        activations,
         metrics: Arc::clone(&metrics),
         drift: Default::default(),
     });

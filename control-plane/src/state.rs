@@ -18,6 +18,8 @@ pub struct ControlPlane {
     pub ca: CertificateAuthority,
     pub sessions: Sessions,
     pub ingester: Ingester,
+    /// Stores devices' activation steps, many per transaction.
+    pub activations: crate::activations::ActivationWriter,
     pub metrics: Arc<ServerMetrics>,
     pub registry: crate::registry::Registry,
     /// Devices listing bytes other than the registry's, warned about once.

@@ -2269,6 +2269,7 @@ mod registry {
         desired_generations_of_many_devices,
         device_for_download_reads_the_device_and_its_desired_blob,
         activations_keep_the_latest_per_device,
+        activations_recorded_together_keep_the_latest_per_device,
         rollout_events_keep_insertion_order,
         rollout_state_and_spec_round_trip,
         corrupt_registry_rows_are_errors,
@@ -3472,6 +3473,16 @@ mod registry {
     /// order: its desired-state generation, then its clock. Which replica
     /// received a report, and that replica's clock (`at`), do not matter.
     async fn activations_keep_the_latest_per_device(db: &Db) {
+        activations_keep_the_latest(db, false).await;
+    }
+
+    /// The same reports stored in one `record_activations` call (as the
+    /// control plane's group commit does) keep the same steps.
+    async fn activations_recorded_together_keep_the_latest_per_device(db: &Db) {
+        activations_keep_the_latest(db, true).await;
+    }
+
+    async fn activations_keep_the_latest(db: &Db, together: bool) {
         let report = |device: &str, version: u64, stage: &str, order: (u64, i64), at: i64| {
             ActivationRecord {
                 device_id: device.into(),
@@ -3484,30 +3495,37 @@ mod registry {
                 reported_ms: order.1,
             }
         };
-        let record =
-            |r: ActivationRecord| async move { db.store.record_activation(&r).await.unwrap() };
         assert!(db.store.activations("m", 2).await.unwrap().is_empty());
-        record(report("b", 2, "DOWNLOADING", (1, 100), T0)).await;
-        record(report("a", 2, "DOWNLOADING", (1, 100), T0 + 50)).await;
-        // Received by a replica whose clock is behind the first one's.
-        record(report("a", 2, "VERIFYING", (1, 101), T0)).await;
-        record(report("a", 2, "ACTIVE", (1, 102), T0 - 10)).await;
-        // A late retry of an older step does not replace the newer one,
-        // even through a replica whose clock is ahead.
-        record(report("a", 2, "VERIFYING", (1, 101), T0 + 100)).await;
-        record(report("b", 2, "FAILED", (1, 105), T0 + 5)).await;
-        // A newer desired state wins even if the device's clock went back;
-        // a late report for the older one then does not replace it.
-        record(report("b", 2, "DOWNLOADING", (2, 90), T0 + 6)).await;
-        record(report("b", 2, "FAILED", (1, 106), T0 + 7)).await;
-        record(report("a", 3, "ACTIVE", (1, 109), T0 + 9)).await;
-        // The device's clock stepped back between progress and outcome:
-        // the outcome still replaces the progress of its generation.
-        record(report("c", 2, "LOADING", (1, 500), T0)).await;
-        record(report("c", 2, "ACTIVE", (1, 400), T0 + 1)).await;
         let mut other = report("a", 2, "ACTIVE", (1, 109), T0 + 9);
         other.name = "n".into();
-        db.store.record_activation(&other).await.unwrap();
+        let reports = [
+            report("b", 2, "DOWNLOADING", (1, 100), T0),
+            report("a", 2, "DOWNLOADING", (1, 100), T0 + 50),
+            // Received by a replica whose clock is behind the first one's.
+            report("a", 2, "VERIFYING", (1, 101), T0),
+            report("a", 2, "ACTIVE", (1, 102), T0 - 10),
+            // A late retry of an older step does not replace the newer one,
+            // even through a replica whose clock is ahead.
+            report("a", 2, "VERIFYING", (1, 101), T0 + 100),
+            report("b", 2, "FAILED", (1, 105), T0 + 5),
+            // A newer desired state wins even if the device's clock went
+            // back; a late report for the older one then does not replace it.
+            report("b", 2, "DOWNLOADING", (2, 90), T0 + 6),
+            report("b", 2, "FAILED", (1, 106), T0 + 7),
+            report("a", 3, "ACTIVE", (1, 109), T0 + 9),
+            // The device's clock stepped back between progress and outcome:
+            // the outcome still replaces the progress of its generation.
+            report("c", 2, "LOADING", (1, 500), T0),
+            report("c", 2, "ACTIVE", (1, 400), T0 + 1),
+            other.clone(),
+        ];
+        if together {
+            db.store.record_activations(&reports).await.unwrap();
+        } else {
+            for r in &reports {
+                db.store.record_activation(r).await.unwrap();
+            }
+        }
 
         assert_eq!(
             db.store.activations("m", 2).await.unwrap(),
@@ -3523,6 +3541,7 @@ mod registry {
         );
         assert_eq!(db.store.activations("n", 2).await.unwrap(), [other]);
         assert!(db.store.activations("m", 1).await.unwrap().is_empty());
+        db.store.record_activations(&[]).await.unwrap();
     }
 
     async fn rollout_events_keep_insertion_order(db: &Db) {

@@ -375,7 +375,12 @@ pub trait RegistryStore: Send + Sync {
     /// Records a device's activation step (keeps the latest per device,
     /// model and version: the highest generation, then the latest by the
     /// device's clock; a late retry of an earlier step does not replace it).
-    async fn record_activation(&self, record: &ActivationRecord) -> Result<(), StoreError>;
+    async fn record_activation(&self, record: &ActivationRecord) -> Result<(), StoreError> {
+        self.record_activations(std::slice::from_ref(record)).await
+    }
+    /// Records activation steps as [`Self::record_activation`] does, in
+    /// order, in one transaction (all or none).
+    async fn record_activations(&self, records: &[ActivationRecord]) -> Result<(), StoreError>;
     /// Latest activation steps of a model version, one per device.
     async fn activations(
         &self,

@@ -661,28 +661,30 @@ impl RegistryStore for PgStore {
             .transpose()
     }
 
-    async fn record_activation(&self, r: &ActivationRecord) -> Result<(), StoreError> {
+    async fn record_activations(&self, records: &[ActivationRecord]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        // A late retry of an older step does not replace a newer one.
-        // Static text: the shared clause is a constant.
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
-             reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
-             reported_ms = excluded.reported_ms WHERE {}",
-            common::ACTIVATION_REPLACES
-        )))
-        .bind(&r.device_id)
-        .bind(&r.name)
-        .bind(to_db(r.version))
-        .bind(&r.stage)
-        .bind(&r.reason)
-        .bind(r.at)
-        .bind(to_db(r.generation))
-        .bind(r.reported_ms)
-        .execute(&mut *tx)
-        .await?;
+        for r in records {
+            // A late retry of an older step does not replace a newer one.
+            // Static text: the shared clause is a constant.
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
+                 reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
+                 reported_ms = excluded.reported_ms WHERE {}",
+                common::ACTIVATION_REPLACES
+            )))
+            .bind(&r.device_id)
+            .bind(&r.name)
+            .bind(to_db(r.version))
+            .bind(&r.stage)
+            .bind(&r.reason)
+            .bind(r.at)
+            .bind(to_db(r.generation))
+            .bind(r.reported_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
