@@ -10,9 +10,9 @@ use edgefleet_control_plane::store::{
     self, Inventory, JoinToken, Labels, ModelSample, NewDevice, Store, TelemetryRecord,
 };
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
-use sqlx::{AssertSqlSafe, Connection, Executor};
 
 use crate::Args;
+use crate::pg_schema::FreshSchema;
 use edgefleet_control_plane::ingest::{MAX_GROUP, WRITERS};
 
 const DEVICES: usize = 1_000;
@@ -38,15 +38,10 @@ const HOUR: i64 = 3_600_000;
 const TARGET_SQLITE: f64 = 50_000.0;
 const TARGET_POSTGRES: f64 = 100_000.0;
 
-fn postgres_url() -> String {
-    std::env::var("EDGEFLEET_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 /// A fresh, empty database for one measurement.
 enum Fresh {
     Sqlite(tempfile::TempDir),
-    Postgres(String),
+    Postgres(FreshSchema),
 }
 
 impl Fresh {
@@ -56,18 +51,8 @@ impl Fresh {
             let store = store::sqlite::open_file(&dir.path().join("edgefleet.db")).await?;
             Ok((Fresh::Sqlite(dir), store))
         } else {
-            let schema = format!("bench_ingest_{:08x}", std::process::id() ^ rand_u32());
-            let mut conn = sqlx::PgConnection::connect(&postgres_url())
-                .await
-                .context("PostgreSQL (EDGEFLEET_TEST_POSTGRES_URL)")?;
-            conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .await?;
-            conn.close().await?;
-            let base = postgres_url();
-            let sep = if base.contains('?') { '&' } else { '?' };
-            let store =
-                store::postgres::open(&format!("{base}{sep}options=-c%20search_path%3D{schema}"))
-                    .await?;
+            let schema = FreshSchema::create("bench_ingest").await?;
+            let store = store::postgres::open(&schema.url).await?;
             Ok((Fresh::Postgres(schema), store))
         }
     }
@@ -87,20 +72,10 @@ impl Fresh {
 
     async fn close(self) -> anyhow::Result<()> {
         if let Fresh::Postgres(schema) = self {
-            let mut conn = sqlx::PgConnection::connect(&postgres_url()).await?;
-            conn.execute(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-                .await?;
-            conn.close().await?;
+            schema.drop_schema().await?;
         }
         Ok(())
     }
-}
-
-fn rand_u32() -> u32 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0)
 }
 
 fn device_id(d: usize) -> String {

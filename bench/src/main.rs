@@ -9,6 +9,7 @@ mod compression;
 mod ingest;
 mod one_cpu;
 mod one_write_client;
+mod pg_schema;
 mod report;
 mod rollout;
 mod suites;
@@ -40,6 +41,13 @@ pub enum Suite {
     Compression,
     /// Everything above.
     All,
+}
+
+/// Where the `rollout` suite's control plane keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RolloutStore {
+    Sqlite,
+    Postgres,
 }
 
 #[derive(Debug, Parser)]
@@ -89,6 +97,12 @@ pub struct Args {
     /// it as active, so that 1,000 loaded models fit in one process.
     #[arg(long)]
     pub rollout_unload_active: bool,
+    /// The `rollout` suite's control-plane store: SQLite (a file in its
+    /// temp dir) or PostgreSQL (a schema of its own in the database of
+    /// EDGEFLEET_TEST_POSTGRES_URL, default the local `test` database,
+    /// dropped after).
+    #[arg(long, value_enum, default_value_t = RolloutStore::Sqlite)]
+    pub rollout_store: RolloutStore,
     /// Size in MiB of the model the `rollout` suite's throughput agent downloads.
     #[arg(long, default_value_t = 256)]
     pub throughput_mb: u64,

@@ -31,7 +31,8 @@ use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use crate::Args;
+use crate::pg_schema::FreshSchema;
+use crate::{Args, RolloutStore};
 
 /// Blocking threads of the suite's runtime. The simulated devices share
 /// one process: with tokio's default of 512, hundreds of them would run
@@ -170,9 +171,10 @@ impl Drop for OwnRuntime {
 }
 
 impl Fleet {
-    async fn start(data_dir: &Path) -> anyhow::Result<Fleet> {
+    async fn start(data_dir: &Path, database_url: Option<String>) -> anyhow::Result<Fleet> {
         let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let mut config = ServerConfig::new(data_dir);
+        config.database_url = database_url;
         config.agent_addr = local;
         config.api_addr = local;
         config.http_addr = local;
@@ -817,17 +819,35 @@ pub async fn rollout(args: &Args) -> anyhow::Result<String> {
         .prefix("edgefleet-rollout-bench")
         .tempdir_in(&args.rollout_dir)
         .with_context(|| format!("cannot make a temp dir in {}", args.rollout_dir.display()))?;
-    let fleet = Fleet::start(&work.path().join("server")).await?;
-    let throughput = throughput_run(args, &fleet, work.path()).await?;
+    let schema = match args.rollout_store {
+        RolloutStore::Sqlite => None,
+        RolloutStore::Postgres => Some(FreshSchema::create("bench_rollout").await?),
+    };
+    let runs = runs(args, work.path(), schema.as_ref().map(|s| s.url.clone())).await;
+    if let Some(schema) = schema {
+        schema.drop_schema().await?;
+    }
+    let (run, throughput) = runs?;
+    Ok(render(args, &run, &throughput)?)
+}
+
+/// The download throughput, then the fleet's rollout, on one control plane.
+async fn runs(
+    args: &Args,
+    work: &Path,
+    database_url: Option<String>,
+) -> anyhow::Result<(FleetRun, Throughput)> {
+    let fleet = Fleet::start(&work.join("server"), database_url).await?;
+    let throughput = throughput_run(args, &fleet, work).await?;
     eprintln!(
         "throughput: {} bytes in {:.3?} = {:.0} MB/s",
         throughput.bytes,
         throughput.agent,
         mb_per_s(throughput.bytes, throughput.agent)
     );
-    let run = fleet_run(args, &fleet, work.path()).await?;
+    let run = fleet_run(args, &fleet, work).await?;
     fleet.stop().await?;
-    Ok(render(args, &run, &throughput)?)
+    Ok((run, throughput))
 }
 
 fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fmt::Error> {
@@ -836,7 +856,7 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
     writeln!(out, "### Fleet rollout\n")?;
     writeln!(
         out,
-        "One process: the control plane (`server::start`, SQLite, telemetry every hour, on a \
+        "One process: the control plane (`server::start`, {store}, telemetry every hour, on a \
          tokio runtime of its own, so its tasks do not queue behind the devices' as they \
          would not in a process of its own) and {} simulated devices, each the agent's real enrollment (Enroll RPC, 32 at a time), \
          session and delivery code over mTLS on loopback, on its own state dir, with a \
@@ -853,7 +873,11 @@ fn render(args: &Args, run: &FleetRun, t: &Throughput) -> Result<String, std::fm
          blocking threads (tokio's default is 512): the simulated devices' file writes, checks \
          and loads queue for those instead of hundreds of tract loads running at once in one \
          process.\n",
-        run.agents
+        run.agents,
+        store = match args.rollout_store {
+            RolloutStore::Sqlite => "SQLite",
+            RolloutStore::Postgres => "PostgreSQL on this machine, a schema of its own",
+        },
     )?;
     if run.unloaded > 0 {
         writeln!(
