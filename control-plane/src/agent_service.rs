@@ -518,7 +518,7 @@ async fn run_session(
                         last_touch = now;
                     }
                     Some(Upstream::Heartbeat(_)) if now - last_touch >= 5_000 => {
-                        if let Err(err) = cp.store.touch_device(&device_id, now).await {
+                        if let Err(err) = cp.writers.touches.submit((device_id.clone(), now)).await {
                             tracing::warn!(device = %device_id, error = %err, "cannot record a heartbeat");
                         }
                         last_touch = now;
@@ -592,7 +592,11 @@ async fn run_session(
     } else {
         tracing::info!(device = %device_id, "agent session closed");
     }
-    let _ = cp.store.touch_device(&device_id, now_ms()).await;
+    let _ = cp
+        .writers
+        .touches
+        .submit((device_id.clone(), now_ms()))
+        .await;
     cp.metrics.sessions.dec();
     drop(guard);
 }

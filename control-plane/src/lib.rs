@@ -2,12 +2,12 @@
 //! telemetry, and the operator API. `edgefleet-server` is a thin binary over
 //! [`server::start`].
 
-pub mod activations;
 pub mod agent_service;
 pub mod config;
 pub mod convert;
 pub mod drift;
 pub mod errors;
+pub mod group_commit;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -64,7 +64,7 @@ pub async fn record_activation(
         generation: report.generation,
         reported_ms: i64::try_from(report.unix_ms).unwrap_or(i64::MAX),
     };
-    if let Err(err) = cp.activations.record(record).await {
+    if let Err(err) = cp.writers.activations.submit(record).await {
         tracing::warn!(device = %device_id, error = %err, "cannot record an activation step");
         // The agent sends its latest reports again on its next session.
         return Err(Status::unavailable(
@@ -1434,7 +1434,7 @@ mod tests {
         ControlPlane {
             config: crate::config::ServerConfig::new(dir),
             ingester: crate::ingest::Ingester::start(Arc::clone(&store), Arc::clone(&metrics)),
-            activations: crate::activations::ActivationWriter::start(Arc::clone(&store)),
+            writers: crate::group_commit::GroupWriters::start(&store),
             store,
             ca: edgefleet_pki::CertificateAuthority::load_or_create(dir)
                 .unwrap()

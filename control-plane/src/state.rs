@@ -18,8 +18,8 @@ pub struct ControlPlane {
     pub ca: CertificateAuthority,
     pub sessions: Sessions,
     pub ingester: Ingester,
-    /// Stores devices' activation steps, many per transaction.
-    pub activations: crate::activations::ActivationWriter,
+    /// Activation steps and last-seen times, many per transaction.
+    pub writers: crate::group_commit::GroupWriters,
     pub metrics: Arc<ServerMetrics>,
     pub registry: crate::registry::Registry,
     /// Devices listing bytes other than the registry's, warned about once.

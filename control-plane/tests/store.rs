@@ -258,6 +258,7 @@ suite!(
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
+    touches_in_one_call_keep_each_devices_latest,
     renewal_retires_the_old_certificate_once_the_new_one_is_used,
     join_tokens_are_checked_without_taking_a_use,
     ingest_dedupes,
@@ -881,6 +882,36 @@ async fn revoke_and_revocations_since(db: &Db) {
         db.store.device("a").await.unwrap().unwrap().status,
         DeviceStatus::Enrolled
     );
+}
+
+/// Last-seen times stored together (the control plane's group commit):
+/// each device's latest, never backwards, a device listed twice or not
+/// enrolled at all changing nothing else.
+async fn touches_in_one_call_keep_each_devices_latest(db: &Db) {
+    enroll(db, &["a", "b", "c"], Labels::new()).await;
+    let seen =
+        |id: &'static str| async move { db.store.device(id).await.unwrap().unwrap().last_seen };
+    let c_before = seen("c").await;
+    db.store
+        .touch_devices(&[
+            ("b".into(), T0 + 300),
+            ("a".into(), T0 + 200),
+            ("nobody".into(), T0 + 900),
+            ("a".into(), T0 + 100),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(seen("a").await, T0 + 200);
+    assert_eq!(seen("b").await, T0 + 300);
+    assert_eq!(seen("c").await, c_before);
+    db.store
+        .touch_devices(&[("a".into(), T0 + 150), ("b".into(), T0 + 400)])
+        .await
+        .unwrap();
+    assert_eq!(seen("a").await, T0 + 200);
+    assert_eq!(seen("b").await, T0 + 400);
+    db.store.touch_devices(&[]).await.unwrap();
+    assert!(db.store.device("nobody").await.unwrap().is_none());
 }
 
 async fn hello_certificate_and_touch(db: &Db) {

@@ -207,6 +207,16 @@ pub(crate) struct DeviceRow {
     pub dropped_batches_total: i64,
 }
 
+/// Each device's latest time of `touches`, in device id order.
+pub(crate) fn latest_touches(touches: &[(String, i64)]) -> Vec<(&str, i64)> {
+    let mut latest = std::collections::BTreeMap::new();
+    for (id, at) in touches {
+        let time = latest.entry(id.as_str()).or_insert(*at);
+        *time = (*time).max(*at);
+    }
+    latest.into_iter().collect()
+}
+
 /// A device and whether its desired state names a blob
 /// (`Store::device_for_download`).
 #[derive(Debug, sqlx::FromRow)]

@@ -467,7 +467,13 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
         at: i64,
     ) -> Result<(), StoreError>;
     /// Sets last seen (never moves it backwards).
-    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError>;
+    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
+        self.touch_devices(&[(id.to_string(), at)]).await
+    }
+    /// Sets the last seen of each (device id, time), as
+    /// [`Self::touch_device`] does, in one transaction (in device id order,
+    /// the latest time of a device listed twice).
+    async fn touch_devices(&self, touches: &[(String, i64)]) -> Result<(), StoreError>;
 
     // ---- telemetry
     /// Stores a group of batches (possibly from many devices) in one

@@ -490,12 +490,19 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE devices SET last_seen = GREATEST(last_seen, $1) WHERE id = $2")
-            .bind(at)
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
+    async fn touch_devices(&self, touches: &[(String, i64)]) -> Result<(), StoreError> {
+        // In device id order: two replicas' groups lock shared rows in the
+        // same order, so they cannot deadlock.
+        let touches = common::latest_touches(touches);
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in touches {
+            sqlx::query("UPDATE devices SET last_seen = GREATEST(last_seen, $1) WHERE id = $2")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 

@@ -551,13 +551,16 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
+    async fn touch_devices(&self, touches: &[(String, i64)]) -> Result<(), StoreError> {
+        let touches = common::latest_touches(touches);
         let mut tx = self.write().await?;
-        sqlx::query("UPDATE devices SET last_seen = max(last_seen, ?) WHERE id = ?")
-            .bind(at)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        for (id, at) in touches {
+            sqlx::query("UPDATE devices SET last_seen = max(last_seen, ?) WHERE id = ?")
+                .bind(at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
