@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::{KindLabels, ServerMetrics};
 use crate::store::StoreError;
 
 /// Most items in one transaction.
@@ -37,14 +38,21 @@ impl<T> Clone for GroupCommit<T> {
 
 impl<T: Send + 'static> GroupCommit<T> {
     /// Starts the writer task on the current runtime: `write` stores a
-    /// group (all or none). `what` names the items in errors.
-    pub fn start<W, F>(what: &'static str, write: W) -> GroupCommit<T>
+    /// group (all or none). `what` names the items in errors; `kind`, in
+    /// the `group_commit_*` metrics.
+    pub fn start<W, F>(
+        what: &'static str,
+        kind: &'static str,
+        metrics: Arc<ServerMetrics>,
+        write: W,
+    ) -> GroupCommit<T>
     where
         W: Fn(Vec<T>) -> F + Send + 'static,
         F: Future<Output = Result<(), StoreError>> + Send + 'static,
     {
         let (queue, receiver) = mpsc::channel(MAX_GROUP * 4);
-        tokio::spawn(write_loop(write, receiver));
+        let labels = KindLabels { kind: kind.into() };
+        tokio::spawn(write_loop(write, receiver, metrics, labels));
         GroupCommit { what, queue }
     }
 
@@ -66,15 +74,33 @@ impl<T: Send + 'static> GroupCommit<T> {
 
 /// Takes what has queued, stores it, answers every sender; until every
 /// handle is gone.
-async fn write_loop<T, W, F>(write: W, mut receiver: mpsc::Receiver<(T, Reply)>)
-where
+async fn write_loop<T, W, F>(
+    write: W,
+    mut receiver: mpsc::Receiver<(T, Reply)>,
+    metrics: Arc<ServerMetrics>,
+    labels: KindLabels,
+) where
     W: Fn(Vec<T>) -> F,
     F: Future<Output = Result<(), StoreError>>,
 {
     let mut queued = Vec::with_capacity(MAX_GROUP);
     while receiver.recv_many(&mut queued, MAX_GROUP).await > 0 {
         let (items, replies): (Vec<T>, Vec<Reply>) = queued.drain(..).unzip();
+        let count = items.len();
+        let started = std::time::Instant::now();
         let stored = write(items).await.map_err(|err| err.to_string());
+        metrics
+            .group_commit_seconds
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if stored.is_ok() {
+            metrics
+                .group_commit_items
+                .get_or_create(&labels)
+                .observe(count as f64);
+        } else {
+            metrics.group_commit_failures.get_or_create(&labels).inc();
+        }
         for reply in replies {
             // A sender whose session ended meanwhile no longer waits.
             let _ = reply.send(stored.clone());
@@ -92,20 +118,35 @@ pub struct GroupWriters {
 }
 
 impl GroupWriters {
-    pub fn start(store: &Arc<dyn crate::store::Store>) -> GroupWriters {
+    pub fn start(
+        store: &Arc<dyn crate::store::Store>,
+        metrics: &Arc<ServerMetrics>,
+    ) -> GroupWriters {
         let activations = {
             let store = Arc::clone(store);
-            GroupCommit::start("activation steps", move |records: Vec<_>| {
-                let store = Arc::clone(&store);
-                async move { store.record_activations(&records).await }
-            })
+            let metrics = Arc::clone(metrics);
+            GroupCommit::start(
+                "activation steps",
+                "activation",
+                metrics,
+                move |records: Vec<_>| {
+                    let store = Arc::clone(&store);
+                    async move { store.record_activations(&records).await }
+                },
+            )
         };
         let touches = {
             let store = Arc::clone(store);
-            GroupCommit::start("last-seen times", move |touches: Vec<_>| {
-                let store = Arc::clone(&store);
-                async move { store.touch_devices(&touches).await }
-            })
+            let metrics = Arc::clone(metrics);
+            GroupCommit::start(
+                "last-seen times",
+                "last_seen",
+                metrics,
+                move |touches: Vec<_>| {
+                    let store = Arc::clone(&store);
+                    async move { store.touch_devices(&touches).await }
+                },
+            )
         };
         GroupWriters {
             activations,
@@ -118,6 +159,18 @@ impl GroupWriters {
 mod tests {
     use super::*;
     use crate::store::registry::ActivationRecord;
+
+    /// The value of the sample `name{kind="activation"}` in `/metrics`.
+    fn sample(metrics: &ServerMetrics, name: &str) -> f64 {
+        let line = format!("{name}{{kind=\"activation\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line} in {}", metrics.encode()))
+            .parse()
+            .unwrap()
+    }
 
     fn report(device: usize) -> ActivationRecord {
         ActivationRecord {
@@ -133,12 +186,14 @@ mod tests {
     }
 
     /// Reports sent at once from many sessions are each answered once
-    /// stored, and all of them are.
+    /// stored, and all of them are, in fewer transactions than reports
+    /// (the metrics count them).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reports_sent_together_are_all_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open(None, dir.path()).await.unwrap();
-        let writers = GroupWriters::start(&store);
+        let metrics = ServerMetrics::new();
+        let writers = GroupWriters::start(&store, &metrics);
         let devices = MAX_GROUP * 2 + 7;
         let sent: Vec<_> = (0..devices)
             .map(|device| {
@@ -151,6 +206,10 @@ mod tests {
         }
         let stored = store.activations("m", 1).await.unwrap();
         assert_eq!(stored, (0..devices).map(report).collect::<Vec<_>>());
+        let items = "edgefleet_server_group_commit_items";
+        assert_eq!(sample(&metrics, &format!("{items}_sum")), devices as f64);
+        let groups = sample(&metrics, &format!("{items}_count"));
+        assert!(groups < devices as f64, "{groups} transactions");
     }
 
     /// A group the store cannot commit answers each of its senders with
@@ -160,7 +219,8 @@ mod tests {
         use sqlx::Connection as _;
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open(None, dir.path()).await.unwrap();
-        let writers = GroupWriters::start(&store);
+        let metrics = ServerMetrics::new();
+        let writers = GroupWriters::start(&store, &metrics);
         writers.activations.submit(report(0)).await.unwrap();
         let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
         let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -185,5 +245,10 @@ mod tests {
         writers.activations.submit(report(40)).await.unwrap();
         let stored = store.activations("m", 1).await.unwrap();
         assert_eq!(stored, [report(0), report(40)]);
+        assert!(sample(&metrics, "edgefleet_server_group_commit_failures_total") >= 1.0);
+        assert_eq!(
+            sample(&metrics, "edgefleet_server_group_commit_items_sum"),
+            2.0
+        );
     }
 }

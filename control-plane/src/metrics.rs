@@ -6,11 +6,29 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+type HistogramFamily = Family<KindLabels, Histogram, fn() -> Histogram>;
+
+/// 1 to 256 items (`group_commit::MAX_GROUP`).
+fn items_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 9))
+}
+
+/// 100 µs to ~100 s.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1e-4, 2.0, 21))
 }
 
 #[derive(Debug)]
@@ -25,6 +43,12 @@ pub struct ServerMetrics {
     pub certificates_renewed: Counter,
     /// Blob bytes handed to DownloadBlob streams (agents' model downloads).
     pub blob_bytes_served: Counter,
+    /// Items per group-commit transaction, by kind of write.
+    pub group_commit_items: HistogramFamily,
+    /// Time to store one group, by kind of write.
+    pub group_commit_seconds: HistogramFamily,
+    /// Groups the store could not commit, by kind of write.
+    pub group_commit_failures: Family<KindLabels, Counter>,
 }
 
 impl ServerMetrics {
@@ -38,6 +62,26 @@ impl ServerMetrics {
         let telemetry_duplicates = Counter::default();
         let certificates_renewed = Counter::default();
         let blob_bytes_served = Counter::default();
+        let group_commit_items =
+            HistogramFamily::new_with_constructor(items_histogram as fn() -> Histogram);
+        let group_commit_seconds =
+            HistogramFamily::new_with_constructor(seconds_histogram as fn() -> Histogram);
+        let group_commit_failures = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "group_commit_items",
+            "Items stored per group-commit transaction (activation steps, last-seen times), by kind",
+            group_commit_items.clone(),
+        );
+        registry.register(
+            "group_commit_seconds",
+            "Time to store one group-commit transaction, by kind",
+            group_commit_seconds.clone(),
+        );
+        registry.register(
+            "group_commit_failures",
+            "Group-commit transactions the store could not commit, by kind",
+            group_commit_failures.clone(),
+        );
         registry.register(
             "agent_sessions",
             "Agent sessions open on this replica",
@@ -84,6 +128,9 @@ impl ServerMetrics {
             telemetry_duplicates,
             certificates_renewed,
             blob_bytes_served,
+            group_commit_items,
+            group_commit_seconds,
+            group_commit_failures,
         })
     }
 

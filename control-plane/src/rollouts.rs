@@ -1434,7 +1434,7 @@ mod tests {
         ControlPlane {
             config: crate::config::ServerConfig::new(dir),
             ingester: crate::ingest::Ingester::start(Arc::clone(&store), Arc::clone(&metrics)),
-            writers: crate::group_commit::GroupWriters::start(&store),
+            writers: crate::group_commit::GroupWriters::start(&store, &metrics),
             store,
             ca: edgefleet_pki::CertificateAuthority::load_or_create(dir)
                 .unwrap()

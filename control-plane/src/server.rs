@@ -179,7 +179,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
 
     let metrics = ServerMetrics::new();
     let ingester = Ingester::start(Arc::clone(&store), Arc::clone(&metrics));
-    let writers = crate::group_commit::GroupWriters::start(&store);
+    let writers = crate::group_commit::GroupWriters::start(&store, &metrics);
     let ca_fingerprint = ca.fingerprint();
     let registry = crate::registry::Registry::open(&data_dir)?;
     let cp = Arc::new(ControlPlane {
