@@ -13,7 +13,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::{KindLabels, ServerMetrics};
-use crate::store::StoreError;
+use crate::store::registry::ActivationRecord;
+use crate::store::{Store, StoreError};
 
 /// Most items in one transaction.
 pub const MAX_GROUP: usize = 256;
@@ -38,21 +39,28 @@ impl<T> Clone for GroupCommit<T> {
 
 impl<T: Send + 'static> GroupCommit<T> {
     /// Starts the writer task on the current runtime: `write` stores a
-    /// group (all or none). `what` names the items in errors; `kind`, in
-    /// the `group_commit_*` metrics.
+    /// group in `store` (all or none). `what` names the items in errors;
+    /// `kind`, in the `group_commit_*` metrics.
     pub fn start<W, F>(
         what: &'static str,
         kind: &'static str,
-        metrics: Arc<ServerMetrics>,
+        store: &Arc<dyn Store>,
+        metrics: &Arc<ServerMetrics>,
         write: W,
     ) -> GroupCommit<T>
     where
-        W: Fn(Vec<T>) -> F + Send + 'static,
+        W: Fn(Arc<dyn Store>, Vec<T>) -> F + Send + 'static,
         F: Future<Output = Result<(), StoreError>> + Send + 'static,
     {
         let (queue, receiver) = mpsc::channel(MAX_GROUP * 4);
         let labels = KindLabels { kind: kind.into() };
-        tokio::spawn(write_loop(write, receiver, metrics, labels));
+        tokio::spawn(write_loop(
+            Arc::clone(store),
+            write,
+            receiver,
+            Arc::clone(metrics),
+            labels,
+        ));
         GroupCommit { what, queue }
     }
 
@@ -75,12 +83,13 @@ impl<T: Send + 'static> GroupCommit<T> {
 /// Takes what has queued, stores it, answers every sender; until every
 /// handle is gone.
 async fn write_loop<T, W, F>(
+    store: Arc<dyn Store>,
     write: W,
     mut receiver: mpsc::Receiver<(T, Reply)>,
     metrics: Arc<ServerMetrics>,
     labels: KindLabels,
 ) where
-    W: Fn(Vec<T>) -> F,
+    W: Fn(Arc<dyn Store>, Vec<T>) -> F,
     F: Future<Output = Result<(), StoreError>>,
 {
     let mut queued = Vec::with_capacity(MAX_GROUP);
@@ -88,7 +97,9 @@ async fn write_loop<T, W, F>(
         let (items, replies): (Vec<T>, Vec<Reply>) = queued.drain(..).unzip();
         let count = items.len();
         let started = std::time::Instant::now();
-        let stored = write(items).await.map_err(|err| err.to_string());
+        let stored = write(Arc::clone(&store), items)
+            .await
+            .map_err(|err| err.to_string());
         metrics
             .group_commit_seconds
             .get_or_create(&labels)
@@ -112,45 +123,28 @@ async fn write_loop<T, W, F>(
 #[derive(Debug, Clone)]
 pub struct GroupWriters {
     /// Activation steps devices report (`record_activations`).
-    pub activations: GroupCommit<crate::store::registry::ActivationRecord>,
+    pub activations: GroupCommit<ActivationRecord>,
     /// Devices' last-seen times (`touch_devices`): (device id, unix ms).
     pub touches: GroupCommit<(String, i64)>,
 }
 
 impl GroupWriters {
-    pub fn start(
-        store: &Arc<dyn crate::store::Store>,
-        metrics: &Arc<ServerMetrics>,
-    ) -> GroupWriters {
-        let activations = {
-            let store = Arc::clone(store);
-            let metrics = Arc::clone(metrics);
-            GroupCommit::start(
+    pub fn start(store: &Arc<dyn Store>, metrics: &Arc<ServerMetrics>) -> GroupWriters {
+        GroupWriters {
+            activations: GroupCommit::start(
                 "activation steps",
                 "activation",
+                store,
                 metrics,
-                move |records: Vec<_>| {
-                    let store = Arc::clone(&store);
-                    async move { store.record_activations(&records).await }
-                },
-            )
-        };
-        let touches = {
-            let store = Arc::clone(store);
-            let metrics = Arc::clone(metrics);
-            GroupCommit::start(
+                |store, records: Vec<_>| async move { store.record_activations(&records).await },
+            ),
+            touches: GroupCommit::start(
                 "last-seen times",
                 "last_seen",
+                store,
                 metrics,
-                move |touches: Vec<_>| {
-                    let store = Arc::clone(&store);
-                    async move { store.touch_devices(&touches).await }
-                },
-            )
-        };
-        GroupWriters {
-            activations,
-            touches,
+                |store, touches: Vec<_>| async move { store.touch_devices(&touches).await },
+            ),
         }
     }
 }
@@ -158,7 +152,6 @@ impl GroupWriters {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::registry::ActivationRecord;
 
     /// The value of the sample `name{kind="activation"}` in `/metrics`.
     fn sample(metrics: &ServerMetrics, name: &str) -> f64 {

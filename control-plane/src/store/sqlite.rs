@@ -44,13 +44,7 @@ const WAL_AUTOCHECKPOINT_PAGES: &str = "16384";
 /// What the WAL file is truncated to after a checkpoint, so a burst does not
 /// leave a large file behind.
 const JOURNAL_SIZE_LIMIT_BYTES: &str = "67108864";
-/// Reader connections (each a thread of its own; WAL readers do not wait
-/// for each other or for the writer). A connection is held from acquire to
-/// release across several wake-ups of the task that holds it, so on a busy
-/// runtime each use holds it far longer than its statements run: under a
-/// 1000-device rollout on 2 cores, 4 connections left ~430 downloads
-/// waiting out the 30 s acquire timeout, 16 left 120-250.
-const READ_CONNECTIONS: u32 = 16;
+const READ_CONNECTIONS: u32 = 4;
 
 /// Opens (creating if missing) the SQLite database file at `path`.
 pub async fn open_file(path: &Path) -> Result<Arc<dyn Store>, StoreError> {
