@@ -15,11 +15,11 @@ use crate::Args;
 use crate::pg_schema::FreshSchema;
 use edgefleet_control_plane::ingest::{MAX_GROUP, WRITERS};
 
-const DEVICES: usize = 1_000;
-const MODELS: [&str; 3] = ["resnet50", "yolov8n", "bert-tiny"];
-const INTERVAL_MS: i64 = 10_000;
+pub(crate) const DEVICES: usize = 1_000;
+pub(crate) const MODELS: [&str; 3] = ["resnet50", "yolov8n", "bert-tiny"];
+pub(crate) const INTERVAL_MS: i64 = 10_000;
 /// One hour of backlog at the default 10 s interval.
-const BACKLOG_INTERVALS: usize = 360;
+pub(crate) const BACKLOG_INTERVALS: usize = 360;
 /// Intervals (×1,000 devices) per sustained measurement.
 const SUSTAINED_INTERVALS: usize = 60;
 /// The group commit the server uses: up to this many batches per call.
@@ -33,19 +33,19 @@ const POINTS: [(usize, usize); 4] = [
     (SERVER_GROUP, WRITERS),
 ];
 /// 2025-01-01 00:00 UTC.
-const T0: i64 = 1_735_689_600_000;
-const HOUR: i64 = 3_600_000;
+pub(crate) const T0: i64 = 1_735_689_600_000;
+pub(crate) const HOUR: i64 = 3_600_000;
 const TARGET_SQLITE: f64 = 50_000.0;
 const TARGET_POSTGRES: f64 = 100_000.0;
 
 /// A fresh, empty database for one measurement.
-enum Fresh {
+pub(crate) enum Fresh {
     Sqlite(tempfile::TempDir),
     Postgres(FreshSchema),
 }
 
 impl Fresh {
-    async fn open(kind: &str) -> anyhow::Result<(Fresh, Arc<dyn Store>)> {
+    pub(crate) async fn open(kind: &str) -> anyhow::Result<(Fresh, Arc<dyn Store>)> {
         if kind == "sqlite" {
             let dir = tempfile::tempdir()?;
             let store = store::sqlite::open_file(&dir.path().join("edgefleet.db")).await?;
@@ -70,7 +70,7 @@ impl Fresh {
         }
     }
 
-    async fn close(self) -> anyhow::Result<()> {
+    pub(crate) async fn close(self) -> anyhow::Result<()> {
         if let Fresh::Postgres(schema) = self {
             schema.drop_schema().await?;
         }
@@ -78,11 +78,11 @@ impl Fresh {
     }
 }
 
-fn device_id(d: usize) -> String {
+pub(crate) fn device_id(d: usize) -> String {
     format!("device-{d:05}")
 }
 
-async fn enroll_fleet(store: &dyn Store) -> anyhow::Result<()> {
+pub(crate) async fn enroll_fleet(store: &dyn Store) -> anyhow::Result<()> {
     let token = JoinToken {
         id: "bench".into(),
         secret_hash: "bench-hash".into(),
@@ -125,7 +125,7 @@ fn latency(center: u64, salt: u64) -> LogHistogram {
 }
 
 /// The batch device `d` sends for interval `k` (sequence k + 1).
-fn make_batch(d: usize, k: usize) -> TelemetryRecord {
+pub(crate) fn make_batch(d: usize, k: usize) -> TelemetryRecord {
     let start = T0 + k as i64 * INTERVAL_MS;
     let salt = (d * 31 + k) as u64;
     let models = MODELS
@@ -179,7 +179,7 @@ fn make_batch(d: usize, k: usize) -> TelemetryRecord {
 /// calls of `group` batches with up to `in_flight` calls at a time (the
 /// server keeps [`WRITERS`] in flight). The batches are built beforehand;
 /// returns the wall time from the first call to the last call's end.
-async fn ingest(
+pub(crate) async fn ingest(
     store: &Arc<dyn Store>,
     intervals: usize,
     group: usize,

@@ -6,6 +6,7 @@
 
 mod agent_process;
 mod compression;
+mod gates;
 mod ingest;
 mod one_cpu;
 mod one_write_client;
@@ -33,6 +34,8 @@ pub enum Suite {
     Runtimes,
     /// Telemetry ingest through the control plane's Store (SQLite and PostgreSQL).
     Ingest,
+    /// What the rollout engine reads each pass to judge metric gates at 1,000 devices.
+    Gates,
     /// Telemetry bytes on the wire per device per day, managed agent RSS.
     Wire,
     /// A model rolled out to a simulated fleet; one agent's download throughput.
@@ -130,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint,
             Suite::Runtimes,
             Suite::Ingest,
+            Suite::Gates,
             Suite::Wire,
             Suite::Rollout,
             Suite::Compression,
@@ -145,6 +149,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
+            Suite::Gates => runtime.block_on(gates::gates(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
             Suite::Rollout => rollout::runtime()?.block_on(rollout::rollout(&args))?,
             Suite::Compression => runtime.block_on(compression::compression(&args))?,

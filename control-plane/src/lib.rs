@@ -7,6 +7,7 @@ pub mod config;
 pub mod convert;
 pub mod drift;
 pub mod errors;
+pub mod gate_figures;
 pub mod group_commit;
 pub mod http;
 pub mod ingest;

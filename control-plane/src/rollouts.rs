@@ -16,6 +16,7 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::gate_figures::{Figures, GateFigures};
 use crate::paging;
 use crate::registry::service::validate_model_name;
 use crate::state::{ControlPlane, now_ms};
@@ -29,8 +30,6 @@ use crate::store::{DeviceStatus, StoreError};
 pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
 /// Fewest requests on each side before the latency gate compares p95s.
 const MIN_LATENCY_SAMPLES: u64 = 20;
-/// How far back the previous version's latency baseline reaches.
-const BASELINE_WINDOW_MS: i64 = 3_600_000;
 
 /// Stores an activation step a device reported (the engine reads them).
 pub async fn record_activation(
@@ -136,6 +135,7 @@ fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> Rollou
 
 /// Runs the engine until shutdown.
 pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut gate_figures: HashMap<String, GateFigures> = HashMap::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
@@ -148,8 +148,11 @@ pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> a
                 continue;
             }
         };
+        // What each active rollout's gates counted, kept between passes.
+        gate_figures.retain(|id, _| rollouts.iter().any(|r| &r.id == id));
         for rollout in rollouts {
-            if let Err(err) = step(&cp, rollout).await {
+            let figures = gate_figures.entry(rollout.id.clone()).or_default();
+            if let Err(err) = step(&cp, rollout, figures).await {
                 tracing::warn!(error = %format!("{err:#}"), "rollout step failed; retrying");
             }
         }
@@ -216,49 +219,12 @@ async fn rollback_changes(
     Ok(desired)
 }
 
-/// Telemetry of one model version on some devices that the server received
-/// in `[from, until)`: (requests, errors, latency histogram). The window is
-/// the server's time (the rollout's creation, a resume), compared with when
-/// each batch arrived, not with the batch times the device stamped: a device
-/// whose clock is behind would otherwise have its fresh figures missed, and
-/// one whose clock is ahead its old figures counted. Batches made before
-/// `from` but uploaded after it (an upload spans minutes, a backlog after a
-/// disconnect several uploads) are left out, by when each ended in server
-/// time as reckoned at receipt from the agent's send stamp, so a resume does
-/// not count the errors it accepted
-/// ([`crate::store::Store::received_model_series`]).
-async fn version_figures(
-    cp: &ControlPlane,
-    devices: &[String],
-    model: &str,
-    version: Option<u64>,
-    from: i64,
-    until: i64,
-) -> anyhow::Result<(u64, u64, pb::LogHistogram)> {
-    let mut requests = 0;
-    let mut errors = 0;
-    let mut latency = pb::LogHistogram::default();
-    for device in devices {
-        for point in cp.store.received_model_series(device, from, until).await? {
-            let version_matches = match version {
-                Some(v) => point.version == v,
-                None => true,
-            };
-            if point.name == model && version_matches {
-                requests = u64::saturating_add(requests, point.requests);
-                errors = u64::saturating_add(errors, point.errors);
-                latency.merge(&point.latency_us);
-            }
-        }
-    }
-    Ok((requests, errors, latency))
-}
-
 /// The first failed gate, as a sentence with the devices and figures.
 async fn judge_gates(
     cp: &ControlPlane,
     rollout: &RolloutRecord,
     devices: &[RolloutDeviceRecord],
+    figures: &mut GateFigures,
 ) -> anyhow::Result<Option<String>> {
     let gates: &GateSpec = &rollout.spec.gates;
     // Failures from before an operator resumed the rollout were accepted.
@@ -306,15 +272,22 @@ async fn judge_gates(
     }
     let now = now_ms();
     if gates.max_error_rate > 0.0 || gates.max_p95_latency_regression > 0.0 {
-        let (requests, errors, latency) = version_figures(
-            cp,
-            &active,
-            &rollout.model,
-            Some(rollout.version),
-            rollout.created_at.max(since),
-            now + 1,
-        )
-        .await?;
+        // The new version's requests since the rollout began (or resumed),
+        // by when the server received them (crate::gate_figures).
+        let Figures {
+            requests,
+            errors,
+            latency,
+        } = figures
+            .new_version(
+                cp.store.as_ref(),
+                &rollout.model,
+                rollout.version,
+                &active,
+                rollout.created_at.max(since),
+                now,
+            )
+            .await?;
         if gates.max_error_rate > 0.0 && requests > 0 {
             let rate = errors as f64 / requests as f64;
             if rate > gates.max_error_rate {
@@ -328,15 +301,15 @@ async fn judge_gates(
         }
         tracing::debug!(rollout = %rollout.id, requests, errors, samples = latency.count(), "gate figures of the new version");
         if gates.max_p95_latency_regression > 0.0 && latency.count() >= MIN_LATENCY_SAMPLES {
-            let (_, _, baseline) = version_figures(
-                cp,
-                &active,
-                &rollout.model,
-                None,
-                rollout.created_at - BASELINE_WINDOW_MS,
-                rollout.created_at,
-            )
-            .await?;
+            let baseline = figures
+                .baseline(
+                    cp.store.as_ref(),
+                    &rollout.model,
+                    &active,
+                    rollout.created_at,
+                    now,
+                )
+                .await?;
             let new_p95 = latency.quantile(0.95).unwrap_or(0) as f64;
             let old_p95 = baseline.quantile(0.95).unwrap_or(0).max(1) as f64;
             tracing::debug!(rollout = %rollout.id, new_p95, old_p95, baseline_samples = baseline.count(), "latency gate figures");
@@ -451,7 +424,11 @@ async fn reconcile_membership(
 }
 
 /// One pass over one rollout.
-async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<()> {
+async fn step(
+    cp: &ControlPlane,
+    mut rollout: RolloutRecord,
+    figures: &mut GateFigures,
+) -> anyhow::Result<()> {
     let now = now_ms();
     let mut events = Vec::new();
     let mut devices = cp.store.rollout_devices(&rollout.id).await?;
@@ -537,7 +514,7 @@ async fn step(cp: &ControlPlane, mut rollout: RolloutRecord) -> anyhow::Result<(
 
     // Health gates.
     if !paused {
-        if let Some(reason) = judge_gates(cp, &rollout, &devices).await? {
+        if let Some(reason) = judge_gates(cp, &rollout, &devices, figures).await? {
             if rollout.spec.rollback_on_failure {
                 desired.extend(rollback_changes(cp, &rollout, &mut devices, &reason).await?);
                 rollout.state = RolloutState::RolledBack;
@@ -1378,6 +1355,7 @@ mod tests {
     async fn a_resumed_rollout_is_judged_on_failures_since_the_resume() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
+        let mut figures = GateFigures::default();
         let mut rollout = create_rollout_of_m2(&cp).await;
         rollout.spec.gates.max_failed_activations = 1;
         let mut devices = vec![
@@ -1385,15 +1363,30 @@ mod tests {
             member("d2", "failed", 600),
             member("d3", "active", 600),
         ];
-        let paused = judge_gates(&cp, &rollout, &devices).await.unwrap();
+        let paused = judge_gates(&cp, &rollout, &devices, &mut figures)
+            .await
+            .unwrap();
         assert!(paused.unwrap().contains("2 failed activations > 1"));
 
         rollout.spec.gates_since_ms = 1_000;
-        assert_eq!(judge_gates(&cp, &rollout, &devices).await.unwrap(), None);
+        assert_eq!(
+            judge_gates(&cp, &rollout, &devices, &mut figures)
+                .await
+                .unwrap(),
+            None
+        );
         devices.push(member("d4", "failed", 2_000));
-        assert_eq!(judge_gates(&cp, &rollout, &devices).await.unwrap(), None);
+        assert_eq!(
+            judge_gates(&cp, &rollout, &devices, &mut figures)
+                .await
+                .unwrap(),
+            None
+        );
         devices.push(member("d5", "failed", 2_500));
-        let again = judge_gates(&cp, &rollout, &devices).await.unwrap().unwrap();
+        let again = judge_gates(&cp, &rollout, &devices, &mut figures)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             again.contains("2 failed activations > 1") && again.contains("d4"),
             "{again}"
@@ -1407,6 +1400,7 @@ mod tests {
     async fn min_devices_above_the_rollouts_size_still_judges_gates() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
+        let mut figures = GateFigures::default();
         let mut rollout = create_rollout_of_m2(&cp).await;
         rollout.spec.gates.max_failed_activations_percent = 10.0;
         rollout.spec.gates.min_devices_reporting = 5;
@@ -1416,7 +1410,10 @@ mod tests {
             member("d3", "active", 500),
             member("d4", "left", 500),
         ];
-        let reason = judge_gates(&cp, &rollout, &devices).await.unwrap().unwrap();
+        let reason = judge_gates(&cp, &rollout, &devices, &mut figures)
+            .await
+            .unwrap()
+            .unwrap();
         assert!(reason.contains("33.3% of 3 devices failed"), "{reason}");
     }
 
@@ -1677,6 +1674,7 @@ mod tests {
     async fn metric_gates_judge_by_when_the_server_received_telemetry() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
+        let mut figures = GateFigures::default();
         enroll(&cp, &["behind", "ahead"]).await;
         let mut rollout = create_rollout_of_m2(&cp).await;
         let now = now_ms();
@@ -1693,12 +1691,16 @@ mod tests {
 
         let ahead = [member("ahead", "active", now)];
         assert_eq!(
-            judge_gates(&cp, &rollout, &ahead).await.unwrap(),
+            judge_gates(&cp, &rollout, &ahead, &mut figures)
+                .await
+                .unwrap(),
             None,
             "errors sent before the rollout count against it"
         );
         let behind = [member("behind", "active", now)];
-        let reason = judge_gates(&cp, &rollout, &behind).await.unwrap();
+        let reason = judge_gates(&cp, &rollout, &behind, &mut figures)
+            .await
+            .unwrap();
         let reason = reason.expect("errors sent during the rollout are missed");
         assert!(
             reason.contains("error-rate gate: 50 errors in 100 requests"),
@@ -1731,6 +1733,7 @@ mod tests {
     async fn errors_made_before_a_resume_but_received_after_it_are_accepted() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
+        let mut figures = GateFigures::default();
         let now = now_ms();
         let minute = 60_000;
         let hour = 60 * minute;
@@ -1749,7 +1752,9 @@ mod tests {
                 .await
                 .unwrap();
             let mut resumed = rollout.clone();
-            let reason = judge_gates(&cp, &resumed, &active).await.unwrap();
+            let reason = judge_gates(&cp, &resumed, &active, &mut figures)
+                .await
+                .unwrap();
             assert!(reason.is_some(), "{device}: the gate pauses the rollout");
             // Resumed (as `resume_rollout` does) five minutes ago.
             resumed.spec.gates_since_ms = now - 5 * minute;
@@ -1766,7 +1771,9 @@ mod tests {
                 .await
                 .unwrap();
             assert_eq!(
-                judge_gates(&cp, &resumed, &active).await.unwrap(),
+                judge_gates(&cp, &resumed, &active, &mut figures)
+                    .await
+                    .unwrap(),
                 None,
                 "{device}: errors made before the resume pause the rollout again"
             );
@@ -1776,7 +1783,9 @@ mod tests {
                 .ingest_telemetry(&[batch_of_upload(device, 5, now, now - 5_000 + skew, 50)])
                 .await
                 .unwrap();
-            let reason = judge_gates(&cp, &resumed, &active).await.unwrap();
+            let reason = judge_gates(&cp, &resumed, &active, &mut figures)
+                .await
+                .unwrap();
             let reason = reason.expect("errors made after the resume are missed");
             assert!(
                 reason.contains("error-rate gate: 50 errors in 200 requests"),
@@ -1842,6 +1851,7 @@ mod tests {
     async fn a_backlog_in_two_uploads_after_a_resume_does_not_trip_the_gate_again() {
         let dir = tempfile::tempdir().unwrap();
         let cp = control_plane(dir.path()).await;
+        let mut figures = GateFigures::default();
         let now = now_ms();
         let minute = 60_000;
         let hour = 60 * minute;
@@ -1870,7 +1880,9 @@ mod tests {
             cp.store.ingest_telemetry(&first).await.unwrap();
             cp.store.ingest_telemetry(&second).await.unwrap();
             assert_eq!(
-                judge_gates(&cp, &rollout, &active).await.unwrap(),
+                judge_gates(&cp, &rollout, &active, &mut figures)
+                    .await
+                    .unwrap(),
                 None,
                 "{device}: errors made before the resume, sent in a backlog after it, pause the rollout again"
             );
@@ -1885,7 +1897,9 @@ mod tests {
                 ))
                 .await
                 .unwrap();
-            let reason = judge_gates(&cp, &rollout, &active).await.unwrap();
+            let reason = judge_gates(&cp, &rollout, &active, &mut figures)
+                .await
+                .unwrap();
             let reason = reason.expect("errors made after the resume are missed");
             assert!(
                 reason.contains("error-rate gate: 50 errors in 300 requests"),
@@ -1912,7 +1926,7 @@ mod tests {
         // it in and starts its wave; the others change nothing).
         for _ in 0..3 {
             let read = cp.store.rollout("r1").await.unwrap().unwrap();
-            step(&cp, read).await.unwrap();
+            step(&cp, read, &mut GateFigures::default()).await.unwrap();
         }
         let asked = member(&cp).await;
         assert_eq!(asked.state, "updating");
@@ -1935,7 +1949,7 @@ mod tests {
         };
         cp.store.record_activation(&report).await.unwrap();
         let read = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read).await.unwrap();
+        step(&cp, read, &mut GateFigures::default()).await.unwrap();
         assert_eq!(member(&cp).await.state, "active");
     }
 
@@ -1995,7 +2009,9 @@ mod tests {
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read_by_engine).await.unwrap();
+        step(&cp, read_by_engine, &mut GateFigures::default())
+            .await
+            .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();
         assert_eq!(stored.state, RolloutState::Paused);
         let states: Vec<(String, String)> = cp
@@ -2044,7 +2060,9 @@ mod tests {
             state: RolloutState::Paused,
             ..read_by_engine
         };
-        step(&cp, read_by_engine).await.unwrap();
+        step(&cp, read_by_engine, &mut GateFigures::default())
+            .await
+            .unwrap();
         let devices = cp.store.rollout_devices("r1").await.unwrap();
         let state = |id: &str| {
             let d = devices.iter().find(|d| d.device_id == id).unwrap();
@@ -2073,7 +2091,9 @@ mod tests {
             .unwrap();
 
         // From its read the engine would start the rollout.
-        step(&cp, read_by_engine).await.unwrap();
+        step(&cp, read_by_engine, &mut GateFigures::default())
+            .await
+            .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();
         assert_eq!(stored.state, RolloutState::Paused);
         assert_eq!(stored.revision, 1);
@@ -2089,7 +2109,9 @@ mod tests {
 
         // Read afresh, the engine leaves a paused rollout alone; resumed, it
         // starts it.
-        step(&cp, stored).await.unwrap();
+        step(&cp, stored, &mut GateFigures::default())
+            .await
+            .unwrap();
         let mut resumed = cp.store.rollout("r1").await.unwrap().unwrap();
         assert_eq!(resumed.revision, 1);
         resumed.state = RolloutState::Running;
@@ -2098,7 +2120,9 @@ mod tests {
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read_by_engine).await.unwrap();
+        step(&cp, read_by_engine, &mut GateFigures::default())
+            .await
+            .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();
         assert_eq!(stored.revision, 3, "the engine saved a step");
     }

@@ -493,9 +493,13 @@ fn without_an_upload_interval_stamped_uploads_are_taken_and_an_old_backlog_is_re
     let store = open_store(&runtime, &server);
     let window_start = started - 5 * 60_000;
     let points = runtime
-        .block_on(store.received_model_series(&device_id, window_start, now_unix_ms() + 60_000))
+        .block_on(store.received_model_series(
+            std::slice::from_ref(&device_id),
+            window_start,
+            window_start..now_unix_ms() + 60_000,
+        ))
         .unwrap();
-    let requests: Vec<u64> = points.iter().map(|p| p.requests).collect();
+    let requests: Vec<u64> = points.iter().map(|(_, p)| p.requests).collect();
     assert_eq!(
         requests,
         [30],

@@ -279,6 +279,7 @@ suite!(
     samples_stored_before_migration_3_are_converted,
     received_series_of_a_device_finds_its_window_by_index,
     received_series_is_by_the_servers_clock,
+    received_series_of_several_devices_reckons_each_upload_on_its_own,
     received_series_leaves_out_batches_made_before_the_window,
     received_series_leaves_out_a_backlog_upload_of_batches_made_before_the_window,
     received_series_reckons_an_unstamped_upload_from_its_newest_batch,
@@ -1478,23 +1479,27 @@ fn expected_hour(batches: &[TelemetryRecord], hour: i64) -> ModelPoint {
     p
 }
 
-/// The rollout engine reads the raw batches a device sent in a window of
-/// the server's time every few seconds per device of a running wave: the
-/// window is found by an index on (device_id, received_at), not by reading
-/// every retained batch of the device (migration 0009).
+/// The rollout engine reads the raw batches its active devices sent in a
+/// window of the server's time every pass: each device's window is found by
+/// an index on (device_id, received_at), not by reading every retained
+/// batch of the device (migration 0009).
 async fn received_series_of_a_device_finds_its_window_by_index(db: &Db) {
     enroll(db, &["a"], Labels::new()).await;
     db.store
         .ingest_telemetry(&hourly_batches("a", T0, 2, 1))
         .await
         .unwrap();
-    // The query of `received_model_series`.
+    // The query of `received_model_series`, for two devices.
+    let devices = match db.backend {
+        Backend::Sqlite { .. } => "IN (SELECT value FROM json_each('[\"a\",\"b\"]'))",
+        Backend::Postgres { .. } => "= ANY(ARRAY['a', 'b'])",
+    };
     let plan = db
         .query_plan(&format!(
             "SELECT device_id, at, until, sequence, models FROM ( \
                SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, \
-                 server_end_at, MAX(end_at) OVER (PARTITION BY received_at) AS newest \
-               FROM telemetry_batches WHERE device_id = 'a' AND received_at >= {T0} \
+                 server_end_at, MAX(end_at) OVER (PARTITION BY device_id, received_at) AS newest \
+               FROM telemetry_batches WHERE device_id {devices} AND received_at >= {T0} \
                AND received_at < {}) AS b \
              WHERE COALESCE(server_end_at, received_at - (newest - until)) >= {T0}",
             T0 + HOUR
@@ -1528,11 +1533,7 @@ async fn received_series_is_by_the_servers_clock(db: &Db) {
         .ingest_telemetry(&[late.clone(), other])
         .await
         .unwrap();
-    let received = db
-        .store
-        .received_model_series("a", T0 + 2 * HOUR, T0 + 2 * HOUR + 1)
-        .await
-        .unwrap();
+    let received = received_series_of_a(db, T0 + 2 * HOUR, T0 + 2 * HOUR + 1).await;
     let by_device_clock = db
         .store
         .model_series("a", T0 + HOUR, T0 + HOUR + 1, Resolution::Raw)
@@ -1549,17 +1550,66 @@ async fn received_series_is_by_the_servers_clock(db: &Db) {
         (T0 + HOUR, T0 + 2 * HOUR),
         (T0 + 2 * HOUR + 1, T0 + 3 * HOUR),
     ] {
-        assert!(
-            db.store
-                .received_model_series("a", from, until)
-                .await
-                .unwrap()
-                .is_empty()
-        );
+        assert!(received_series_of_a(db, from, until).await.is_empty());
     }
     assert!(
         db.store
             .model_series("a", T0 + 2 * HOUR, T0 + 3 * HOUR, Resolution::Raw)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// The gates read all their devices in one query, each point with its
+/// device. Two devices' uploads arriving in the same millisecond are still
+/// two uploads: a batch stored before migration 0010 is reckoned from its
+/// own device's newest batch. Here "a"'s clock is two hours behind "b"'s,
+/// so against "b"'s newest batch every batch of "a" would look two hours
+/// old and be left out.
+async fn received_series_of_several_devices_reckons_each_upload_on_its_own(db: &Db) {
+    enroll(db, &["a", "b", "c"], Labels::new()).await;
+    let arrived = T0 + 3 * HOUR;
+    let upload = |device: &str, newest_end: i64, first: u64| -> Vec<TelemetryRecord> {
+        [(first, 7 * MINUTE), (first + 1, 4 * MINUTE), (first + 2, 0)]
+            .into_iter()
+            .map(|(sequence, before_newest)| {
+                let requests = sequence * 10;
+                let start = newest_end - before_newest - 10_000;
+                let mut b = batch(
+                    device,
+                    sequence,
+                    start,
+                    vec![sample("m", requests, &[5], 1)],
+                );
+                b.received_at = arrived;
+                b
+            })
+            .collect()
+    };
+    let mut both = upload("a", arrived - 2 * HOUR - 10_000, 1);
+    both.extend(upload("b", arrived - 10_000, 4));
+    both.extend(upload("c", arrived - 10_000, 7));
+    db.store.ingest_telemetry(&both).await.unwrap();
+    let from = arrived - 5 * MINUTE;
+    let ids = ["b".to_string(), "a".to_string()];
+    let points = db
+        .store
+        .received_model_series(&ids, from, from..arrived + 1)
+        .await
+        .unwrap();
+    let found: Vec<(&str, u64)> = points
+        .iter()
+        .map(|(device, point)| (device.as_str(), point.requests))
+        .collect();
+    assert_eq!(
+        found,
+        vec![("a", 20), ("a", 30), ("b", 50), ("b", 60)],
+        "by device, each upload reckoned from its own newest batch, \"c\" not asked for"
+    );
+    assert!(
+        db.store
+            .received_model_series(&[], from, from..arrived + 1)
             .await
             .unwrap()
             .is_empty()
@@ -1592,15 +1642,7 @@ async fn received_series_leaves_out_batches_made_before_the_window(db: &Db) {
         })
         .collect();
     db.store.ingest_telemetry(&upload).await.unwrap();
-    let requests = |from: i64| async move {
-        db.store
-            .received_model_series("a", from, arrived + 1)
-            .await
-            .unwrap()
-            .iter()
-            .map(|p| p.requests)
-            .collect::<Vec<_>>()
-    };
+    let requests = |from: i64| received_requests(db, from, arrived + 1);
     assert_eq!(requests(arrived - 5 * MINUTE).await, vec![30, 40]);
     assert_eq!(requests(arrived).await, vec![40], "the newest batch counts");
     assert_eq!(requests(arrived - 10 * MINUTE).await, vec![10, 20, 30, 40]);
@@ -1630,13 +1672,23 @@ fn received_upload(
 
 /// The requests of each point of device "a"'s gate series in `[from, until)`.
 async fn received_requests(db: &Db, from: i64, until: i64) -> Vec<u64> {
-    db.store
-        .received_model_series("a", from, until)
+    received_series_of_a(db, from, until)
         .await
-        .unwrap()
         .iter()
         .map(|p| p.requests)
         .collect()
+}
+
+/// Device "a"'s gate series: received in `[from, until)` and made since
+/// `from`.
+async fn received_series_of_a(db: &Db, from: i64, until: i64) -> Vec<ModelPoint> {
+    let points = db
+        .store
+        .received_model_series(&["a".to_string()], from, from..until)
+        .await
+        .unwrap();
+    assert!(points.iter().all(|(device, _)| device == "a"), "{points:?}");
+    points.into_iter().map(|(_, point)| point).collect()
 }
 
 /// After a disconnect an agent sends its backlog in several uploads, one

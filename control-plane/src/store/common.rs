@@ -420,6 +420,26 @@ impl BatchSamplesRow {
     }
 }
 
+/// Several devices' raw points from their batch rows, each with its device's
+/// id: ordered by device, then as [`raw_points`] orders one device's.
+pub(crate) fn raw_points_by_device(
+    rows: Vec<BatchSamplesRow>,
+) -> Result<Vec<(String, ModelPoint)>, StoreError> {
+    let mut points = Vec::new();
+    for row in rows {
+        let (device, sequence) = (row.device_id.clone(), row.sequence);
+        points.extend(
+            row.into_points()?
+                .into_iter()
+                .map(|p| (device.clone(), sequence, p)),
+        );
+    }
+    points.sort_by(|(da, sa, a), (db, sb, b)| {
+        (da, a.at, &a.name, a.version, sa).cmp(&(db, b.at, &b.name, b.version, sb))
+    });
+    Ok(points.into_iter().map(|(d, _, p)| (d, p)).collect())
+}
+
 /// The raw series of a device from its batch rows (ordered by start, then
 /// sequence): ordered by time, then model, version and sequence.
 pub(crate) fn raw_points(rows: Vec<BatchSamplesRow>) -> Result<Vec<ModelPoint>, StoreError> {

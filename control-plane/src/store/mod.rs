@@ -498,14 +498,17 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
         until: i64,
         resolution: Resolution,
     ) -> Result<Vec<ModelPoint>, StoreError>;
-    /// A device's raw model samples from the batches the server received in
-    /// `[from, until)`, ordered as [`Store::model_series`] orders them (the
-    /// points keep the batches' own start and end). What the rollout gates
-    /// judge: the window is the server's time, so a device whose clock is off
-    /// (by minutes or hours) is judged on what it sent in the window, where
-    /// [`Store::model_series`], by the device's timeline, would miss it (clock
-    /// behind) or count old batches as new (clock ahead). A batch that ended
-    /// before `from` is left out even when received after it: agents upload
+    /// Some devices' raw model samples from the batches the server received
+    /// in `received`, each with its device's id, ordered by device, then as
+    /// [`Store::model_series`] orders a device's (the points keep the
+    /// batches' own start and end); one query for all the devices. What the
+    /// rollout gates judge: the window is the server's time, so a device whose
+    /// clock is off (by minutes or hours) is judged on what it sent in the
+    /// window, where [`Store::model_series`], by the device's timeline, would
+    /// miss it (clock behind) or count old batches as new (clock ahead). A
+    /// batch that ended before `made_since` is left out even when received
+    /// after it (`received` usually starts at `made_since`; the gates read a
+    /// long window in parts, each part with the window's start): agents upload
     /// grouped batches every few minutes, and after a disconnect their backlog
     /// in several uploads, so an upload received just after a resume carries
     /// batches made before it. When a batch ended, in server time, is its
@@ -520,10 +523,10 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// sending still moves that batch by the step.
     async fn received_model_series(
         &self,
-        device_id: &str,
-        from: i64,
-        until: i64,
-    ) -> Result<Vec<ModelPoint>, StoreError>;
+        device_ids: &[String],
+        made_since: i64,
+        received: std::ops::Range<i64>,
+    ) -> Result<Vec<(String, ModelPoint)>, StoreError>;
     /// A device's raw device samples in `[from, until)` as (batch end, sample).
     async fn device_series(
         &self,

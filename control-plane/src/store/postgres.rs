@@ -768,31 +768,33 @@ impl Store for PgStore {
 
     async fn received_model_series(
         &self,
-        device_id: &str,
-        from: i64,
-        until: i64,
-    ) -> Result<Vec<ModelPoint>, StoreError> {
-        // Found by index (device_id, received_at), migration 0009. A batch
-        // that ended before the window is left out, by when it ended in
-        // server time as reckoned at receipt (`server_end_at`, 0010). Rows
-        // stored before 0010 have none and are reckoned as they were then:
-        // the batches of one upload share their received_at, and the newest
-        // of them ended just before the upload was sent, so a batch ended
-        // (newest end - its end) before the upload arrived, a difference of
-        // two times on the same device clock, whose skew cancels out.
+        device_ids: &[String],
+        made_since: i64,
+        received: std::ops::Range<i64>,
+    ) -> Result<Vec<(String, ModelPoint)>, StoreError> {
+        // Found by index (device_id, received_at), migration 0009, one range per
+        // device. A batch that ended before `made_since` is left out, by when
+        // it ended in server time as reckoned at receipt (`server_end_at`,
+        // 0010). Rows stored before 0010 have none and are reckoned as they
+        // were then: the batches of one upload share their device and
+        // received_at, and the newest of them ended just before the upload
+        // was sent, so a batch ended (newest end - its end) before the upload
+        // arrived, a difference of two times on the same device clock, whose
+        // skew cancels out.
         let rows = sqlx::query_as::<_, BatchSamplesRow>(
             "SELECT device_id, at, until, sequence, models FROM ( \
                SELECT device_id, start_at AS at, end_at AS until, sequence, models, received_at, server_end_at, \
-                 MAX(end_at) OVER (PARTITION BY received_at) AS newest \
-               FROM telemetry_batches WHERE device_id = $1 AND received_at >= $2 AND received_at < $3) AS b \
-             WHERE COALESCE(server_end_at, received_at - (newest - until)) >= $2",
+                 MAX(end_at) OVER (PARTITION BY device_id, received_at) AS newest \
+               FROM telemetry_batches WHERE device_id = ANY($1) AND received_at >= $2 AND received_at < $3) AS b \
+             WHERE COALESCE(server_end_at, received_at - (newest - until)) >= $4",
         )
-        .bind(device_id)
-        .bind(from)
-        .bind(until)
+        .bind(device_ids)
+        .bind(received.start)
+        .bind(received.end)
+        .bind(made_since)
         .fetch_all(&self.pool)
         .await?;
-        common::raw_points(rows)
+        common::raw_points_by_device(rows)
     }
 
     async fn device_series(
