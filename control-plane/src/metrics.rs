@@ -49,6 +49,10 @@ pub struct ServerMetrics {
     pub group_commit_seconds: HistogramFamily,
     /// Groups the store could not commit, by kind of write.
     pub group_commit_failures: Family<KindLabels, Counter>,
+    /// Time of one rollout engine step (one pass over one active rollout).
+    pub rollout_step_seconds: Histogram,
+    /// Rollout engine steps that failed (retried on the next pass).
+    pub rollout_step_failures: Counter,
 }
 
 impl ServerMetrics {
@@ -67,6 +71,18 @@ impl ServerMetrics {
         let group_commit_seconds =
             HistogramFamily::new_with_constructor(seconds_histogram as fn() -> Histogram);
         let group_commit_failures = Family::<KindLabels, Counter>::default();
+        let rollout_step_seconds = seconds_histogram();
+        let rollout_step_failures = Counter::default();
+        registry.register(
+            "rollout_step_seconds",
+            "Time of one rollout engine step: read one active rollout, its devices and reports, judge, save",
+            rollout_step_seconds.clone(),
+        );
+        registry.register(
+            "rollout_step_failures",
+            "Rollout engine steps that failed (retried on the next pass)",
+            rollout_step_failures.clone(),
+        );
         registry.register(
             "group_commit_items",
             "Items stored per group-commit transaction (activation steps, last-seen times), by kind",
@@ -131,6 +147,8 @@ impl ServerMetrics {
             group_commit_items,
             group_commit_seconds,
             group_commit_failures,
+            rollout_step_seconds,
+            rollout_step_failures,
         })
     }
 

@@ -152,7 +152,13 @@ pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> a
         gate_figures.retain(|id, _| rollouts.iter().any(|r| &r.id == id));
         for rollout in rollouts {
             let figures = gate_figures.entry(rollout.id.clone()).or_default();
-            if let Err(err) = step(&cp, rollout, figures).await {
+            let started = std::time::Instant::now();
+            let result = step(&cp, rollout, figures).await;
+            cp.metrics
+                .rollout_step_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(err) = result {
+                cp.metrics.rollout_step_failures.inc();
                 tracing::warn!(error = %format!("{err:#}"), "rollout step failed; retrying");
             }
         }
@@ -1640,6 +1646,66 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
+    }
+
+    /// The value of the unlabelled sample `name` in `/metrics`.
+    fn metric(cp: &ControlPlane, name: &str) -> f64 {
+        let text = cp.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
+    /// The engine's steps are in `/metrics`: how many and how long, and
+    /// how many failed (here while the activations table is away).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_steps_are_timed_and_failures_counted() {
+        use sqlx::Connection as _;
+        let dir = tempfile::tempdir().unwrap();
+        let cp = Arc::new(control_plane(dir.path()).await);
+        enroll(&cp, &["d1"]).await;
+        create_rollout_of_m2(&cp).await;
+        let shutdown = CancellationToken::new();
+        let engine = tokio::spawn(run_engine(Arc::clone(&cp), shutdown.clone()));
+        let steps = "edgefleet_server_rollout_step_seconds_count";
+        let failures = "edgefleet_server_rollout_step_failures_total";
+        let until = |what: &'static str, done: Box<dyn Fn(&ControlPlane) -> bool + Send>| {
+            let cp = Arc::clone(&cp);
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !done(&cp) {
+                    assert!(std::time::Instant::now() < deadline, "no {what} in 20 s");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        until("step", Box::new(move |cp| metric(cp, steps) >= 1.0)).await;
+        assert_eq!(metric(&cp, failures), 0.0);
+        assert!(metric(&cp, "edgefleet_server_rollout_step_seconds_sum") > 0.0);
+
+        let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("ALTER TABLE activations RENAME TO moved")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        until("failure", Box::new(move |cp| metric(cp, failures) >= 1.0)).await;
+        sqlx::query("ALTER TABLE moved RENAME TO activations")
+            .execute(&mut db)
+            .await
+            .unwrap();
+        let failed = metric(&cp, failures);
+        let counted = metric(&cp, steps);
+        until(
+            "step after the table is back",
+            Box::new(move |cp| metric(cp, steps) >= counted + 2.0),
+        )
+        .await;
+        assert!(metric(&cp, failures) <= failed + 1.0, "steps still fail");
+        shutdown.cancel();
+        engine.await.unwrap().unwrap();
     }
 
     /// A telemetry batch of m@2 with 100 requests and 50 errors that the
