@@ -6,6 +6,7 @@
 
 mod agent_process;
 mod compression;
+mod engine;
 mod gates;
 mod ingest;
 mod one_cpu;
@@ -36,6 +37,8 @@ pub enum Suite {
     Ingest,
     /// What the rollout engine reads each pass to judge metric gates at 1,000 devices.
     Gates,
+    /// One rollout engine step at 1,000 and 10,000 devices (SQLite).
+    Engine,
     /// Telemetry bytes on the wire per device per day, managed agent RSS.
     Wire,
     /// A model rolled out to a simulated fleet; one agent's download throughput.
@@ -134,6 +137,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Runtimes,
             Suite::Ingest,
             Suite::Gates,
+            Suite::Engine,
             Suite::Wire,
             Suite::Rollout,
             Suite::Compression,
@@ -150,6 +154,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
             Suite::Gates => runtime.block_on(gates::gates(&args))?,
+            Suite::Engine => rollout::runtime()?.block_on(engine::engine(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
             Suite::Rollout => rollout::runtime()?.block_on(rollout::rollout(&args))?,
             Suite::Compression => runtime.block_on(compression::compression(&args))?,

@@ -142,12 +142,12 @@ pub fn matmul_model(k: i64, n: i64) -> Vec<u8> {
 
 // ----------------------------------------------------------------- the server
 
-struct Fleet {
-    server: RunningServer,
+pub(crate) struct Fleet {
+    pub(crate) server: RunningServer,
     /// The control plane's own runtime: its tasks do not queue behind the
     /// simulated devices' (a control plane is a process of its own).
     runtime: OwnRuntime,
-    api: Channel,
+    pub(crate) api: Channel,
     token: MetadataValue<tonic::metadata::Ascii>,
     agent_url: String,
 }
@@ -171,7 +171,10 @@ impl Drop for OwnRuntime {
 }
 
 impl Fleet {
-    async fn start(data_dir: &Path, database_url: Option<String>) -> anyhow::Result<Fleet> {
+    pub(crate) async fn start(
+        data_dir: &Path,
+        database_url: Option<String>,
+    ) -> anyhow::Result<Fleet> {
         let local = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
         let mut config = ServerConfig::new(data_dir);
         config.database_url = database_url;
@@ -212,11 +215,11 @@ impl Fleet {
     }
 
     /// Stops the control plane (on its runtime, then the runtime).
-    async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.runtime.handle().spawn(self.server.stop()).await?
     }
 
-    fn request<T>(&self, message: T) -> Request<T> {
+    pub(crate) fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
         request
             .metadata_mut()
@@ -224,7 +227,7 @@ impl Fleet {
         request
     }
 
-    async fn push(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<pb::Model> {
+    pub(crate) async fn push(&self, name: &str, bytes: Vec<u8>) -> anyhow::Result<pb::Model> {
         let mut client = pb::model_service_client::ModelServiceClient::new(self.api.clone())
             .max_decoding_message_size(64 << 20);
         let header = pb::PushModelRequest {
@@ -271,7 +274,11 @@ impl Fleet {
         Ok(rollout.id)
     }
 
-    async fn rollout(&self, id: &str, view: pb::RolloutView) -> anyhow::Result<pb::Rollout> {
+    pub(crate) async fn rollout(
+        &self,
+        id: &str,
+        view: pb::RolloutView,
+    ) -> anyhow::Result<pb::Rollout> {
         let mut client = pb::rollout_service_client::RolloutServiceClient::new(self.api.clone())
             .max_decoding_message_size(256 << 20);
         Ok(client

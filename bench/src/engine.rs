@@ -1,0 +1,339 @@
+//! The `engine` suite: one step of the rollout engine (one active rollout
+//! read, judged and saved, once a second) at 1,000 and 10,000 devices.
+//!
+//! The control plane runs in process (`server::start`, on a runtime of its
+//! own, as in the rollout suite) with devices enrolled and telemetry stored
+//! straight through its store: no agents, so the devices' numbers are not
+//! bounded by simulated agents' memory. A model is rolled out to all of
+//! them in one wave with the error-rate and latency gates on; every device
+//! reports ACTIVE (through the store, as the activation writer would); then,
+//! with the wave soaking, the steps the engine takes are timed from its
+//! `/metrics` (`rollout_step_seconds`), and each read a step makes is timed
+//! alone through the store, so the step's time has its parts.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use edgefleet_control_plane::state::now_ms;
+use edgefleet_control_plane::store::registry::ActivationRecord;
+use edgefleet_control_plane::store::{
+    JoinToken, Labels, ModelSample, NewDevice, Store, TelemetryRecord,
+};
+use edgefleet_proto::edgefleet::v1 as pb;
+
+use crate::Args;
+use crate::rollout::{Fleet, matmul_model};
+
+const FLEETS: [usize; 2] = [1_000, 10_000];
+/// Seconds of steady state whose steps are counted.
+const STEADY: Duration = Duration::from_secs(20);
+const MINUTE: i64 = 60_000;
+
+struct Run {
+    devices: usize,
+    steps: f64,
+    mean_step: Duration,
+    reads: Vec<(&'static str, Duration)>,
+    to_active: Duration,
+}
+
+/// `edgefleet_server_<name>` from the control plane's `/metrics`.
+fn metric(fleet: &Fleet, name: &str) -> f64 {
+    let line = format!("edgefleet_server_{name} ");
+    fleet
+        .server
+        .control_plane
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(&line).map(str::to_string))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+fn device_id(d: usize) -> String {
+    format!("dev-{d:05}")
+}
+
+/// 5-minute uploads of `model`@`version` for every device over
+/// `[from, until)` (server time), a few errors, latency around 2 ms.
+fn telemetry(
+    devices: usize,
+    model: &str,
+    version: u64,
+    from: i64,
+    until: i64,
+    first: u64,
+) -> Vec<TelemetryRecord> {
+    let mut out = Vec::new();
+    let mut latency = pb::LogHistogram::default();
+    for v in [1_500, 1_800, 2_000, 2_200, 2_600] {
+        latency.record_n(v, 20);
+    }
+    for d in 0..devices {
+        for (k, end) in (from..until)
+            .step_by(5 * MINUTE as usize)
+            .skip(1)
+            .enumerate()
+        {
+            out.push(TelemetryRecord {
+                device_id: device_id(d),
+                sequence: first + k as u64,
+                received_at: end,
+                start_at: end - 5 * MINUTE,
+                end_at: end,
+                server_end_at: Some(end),
+                models: vec![ModelSample {
+                    name: model.into(),
+                    version,
+                    requests: 100,
+                    errors: 1,
+                    local: 100,
+                    latency_us: latency.clone(),
+                    ..ModelSample::default()
+                }],
+                ..TelemetryRecord::default()
+            });
+        }
+    }
+    out
+}
+
+async fn ingest(store: &dyn Store, batches: Vec<TelemetryRecord>) -> anyhow::Result<()> {
+    for group in batches.chunks(256) {
+        store.ingest_telemetry(group).await?;
+    }
+    Ok(())
+}
+
+async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
+    let work = tempfile::Builder::new()
+        .prefix("edgefleet-engine-bench")
+        .tempdir_in(&args.rollout_dir)?;
+    let fleet = Fleet::start(&work.path().join("server"), None).await?;
+    let store: Arc<dyn Store> = Arc::clone(&fleet.server.control_plane.store);
+    let labels = Labels::from([("fleet".to_string(), "engine".to_string())]);
+    let token = JoinToken {
+        id: "bench".into(),
+        secret_hash: "bench-hash".into(),
+        labels,
+        created_at: 0,
+        expires_at: i64::MAX,
+        uses_left: devices as u32,
+        created_by: "bench".into(),
+        revoked_at: None,
+    };
+    store.insert_join_token(&token).await?;
+    for d in 0..devices {
+        let device = NewDevice {
+            id: device_id(d),
+            inventory: Default::default(),
+            enrolled_at: now_ms(),
+            certificate_serial: format!("{d:x}"),
+            certificate_expires_at: i64::MAX,
+        };
+        store
+            .enroll_device(&token.id, &token.secret_hash, &device)
+            .await?
+            .map_err(|refusal| anyhow::anyhow!("enrollment refused: {refusal}"))?;
+    }
+    let model = fleet.push("engine", matmul_model(16, 16)).await?;
+    let created = now_ms();
+    // The latency gate's baseline: the hour before the rollout.
+    ingest(
+        &*store,
+        telemetry(devices, "engine", 0, created - 60 * MINUTE, created, 1),
+    )
+    .await?;
+    eprintln!("{devices} devices: enrolled, an hour of telemetry stored");
+
+    let started = Instant::now();
+    let mut client = pb::rollout_service_client::RolloutServiceClient::new(fleet.api.clone());
+    let rollout = client
+        .create_rollout(fleet.request(pb::CreateRolloutRequest {
+            model: model.name.clone(),
+            version: model.version,
+            selector: "fleet=engine".into(),
+            soak_seconds: 3600,
+            gates: Some(pb::Gates {
+                max_error_rate: 0.5,
+                max_p95_latency_regression: 10.0,
+                min_devices_reporting: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await?
+        .into_inner();
+    let ids: Vec<String> = (0..devices).map(device_id).collect();
+    // Every device asked to update, then each reports ACTIVE for the
+    // desired state it was sent.
+    let generations: HashMap<String, u64> = loop {
+        let found = store.desired_generations(&ids).await?;
+        if found.len() == devices && found.iter().all(|(_, g)| *g > 0) {
+            break found.into_iter().collect();
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "devices not started in 10 min"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let reports: Vec<ActivationRecord> = ids
+        .iter()
+        .map(|id| ActivationRecord {
+            device_id: id.clone(),
+            name: model.name.clone(),
+            version: model.version,
+            stage: "ACTIVE".into(),
+            reason: String::new(),
+            at: now_ms(),
+            generation: generations[id],
+            reported_ms: now_ms(),
+        })
+        .collect();
+    for group in reports.chunks(256) {
+        store.record_activations(group).await?;
+    }
+    loop {
+        let view = fleet.rollout(&rollout.id, pb::RolloutView::Basic).await?;
+        let active = view.counts.as_ref().map_or(0, |c| c.active);
+        if active as usize == devices {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(900),
+            "{active} of {devices} active after 15 min"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let to_active = started.elapsed();
+    // The new version's traffic since the rollout began.
+    let now = now_ms();
+    ingest(
+        &*store,
+        telemetry(
+            devices,
+            "engine",
+            model.version,
+            created,
+            now.max(created + 10 * MINUTE),
+            1_000,
+        ),
+    )
+    .await?;
+    eprintln!("{devices} devices: all active after {to_active:.1?}");
+
+    // Steady state: the wave soaks, gates judged every step.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (count0, sum0) = (
+        metric(&fleet, "rollout_step_seconds_count"),
+        metric(&fleet, "rollout_step_seconds_sum"),
+    );
+    tokio::time::sleep(STEADY).await;
+    let steps = metric(&fleet, "rollout_step_seconds_count") - count0;
+    let seconds = metric(&fleet, "rollout_step_seconds_sum") - sum0;
+    anyhow::ensure!(steps > 0.0, "no engine step in {STEADY:?}");
+    anyhow::ensure!(
+        metric(&fleet, "rollout_step_failures_total") == 0.0,
+        "engine steps failed"
+    );
+    let state = fleet
+        .rollout(&rollout.id, pb::RolloutView::Basic)
+        .await?
+        .state;
+    anyhow::ensure!(state == "running", "the rollout is {state}, not soaking");
+
+    // The reads a step makes, each alone.
+    let selector = Labels::from([("fleet".to_string(), "engine".to_string())]);
+    let mut reads = Vec::new();
+    let timed = Instant::now();
+    let members = store.rollout_devices(&rollout.id).await?;
+    reads.push(("rollout's devices", timed.elapsed()));
+    anyhow::ensure!(members.len() == devices, "{} members", members.len());
+    let timed = Instant::now();
+    let matching = store.devices(&selector).await?;
+    reads.push(("devices matching the selector", timed.elapsed()));
+    anyhow::ensure!(matching.len() == devices, "{} matching", matching.len());
+    let timed = Instant::now();
+    store.active_rollouts().await?;
+    reads.push(("active rollouts", timed.elapsed()));
+    let timed = Instant::now();
+    let activations = store.activations(&model.name, model.version).await?;
+    reads.push(("activation reports", timed.elapsed()));
+    anyhow::ensure!(
+        activations.len() == devices,
+        "{} reports",
+        activations.len()
+    );
+    fleet.stop().await.context("stopping the control plane")?;
+    Ok(Run {
+        devices,
+        steps,
+        mean_step: Duration::from_secs_f64(seconds / steps),
+        reads,
+        to_active,
+    })
+}
+
+pub async fn engine(args: &Args) -> anyhow::Result<String> {
+    let mut runs = Vec::new();
+    for devices in FLEETS {
+        let run = measure(args, devices).await?;
+        eprintln!(
+            "{devices} devices: {} steps, mean {:.1?}",
+            run.steps, run.mean_step
+        );
+        runs.push(run);
+    }
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## Rollout engine: one step at 1,000 and 10,000 devices\n"
+    )?;
+    writeln!(
+        out,
+        "The control plane in process on SQLite (`server::start`, on a runtime of its own), devices enrolled and \
+         telemetry stored straight through its store (no agents), an hour of 5-minute uploads before the rollout \
+         and since. One rollout of every device, one wave, error-rate and latency gates on, `--soak 1h`; every \
+         device reports ACTIVE through the store. Then, while the wave soaks, the engine's steps over {} s are timed \
+         from `/metrics` (`rollout_step_seconds`: one step is one active rollout read, judged and saved; the engine \
+         steps each active rollout once a second), and each read a step makes is timed alone after. **Created to all \
+         active**: from the create call to every device counted active (the engine starting all devices in one step, \
+         then reading the reports).\n",
+        STEADY.as_secs()
+    )?;
+    write!(
+        out,
+        "| devices | steps | mean step | share of the 1 s pass | created to all active |"
+    )?;
+    for (name, _) in &runs[0].reads {
+        write!(out, " {name} |")?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "| ---: | ---: | ---: | ---: | ---: |{}",
+        " ---: |".repeat(runs[0].reads.len())
+    )?;
+    for run in &runs {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        write!(
+            out,
+            "| {} | {:.0} | {:.0} ms | {:.0}% | {:.1} s |",
+            run.devices,
+            run.steps,
+            ms(run.mean_step),
+            run.mean_step.as_secs_f64() * 100.0,
+            run.to_active.as_secs_f64()
+        )?;
+        for (_, time) in &run.reads {
+            write!(out, " {:.0} ms |", ms(*time))?;
+        }
+        writeln!(out)?;
+    }
+    Ok(out)
+}
