@@ -1,5 +1,6 @@
 //! The `engine` suite: one step of the rollout engine (one active rollout
-//! read, judged and saved, once a second) at 1,000 and 10,000 devices.
+//! read, judged and saved, once a second) at 1,000 and 10,000 devices, on
+//! SQLite and PostgreSQL.
 //!
 //! The control plane runs in process (`server::start`, on a runtime of its
 //! own, as in the rollout suite) with devices enrolled and telemetry stored
@@ -24,15 +25,19 @@ use edgefleet_control_plane::store::{
 };
 use edgefleet_proto::edgefleet::v1 as pb;
 
-use crate::Args;
+use crate::pg_schema::FreshSchema;
 use crate::rollout::{Fleet, matmul_model};
+use crate::{Args, RolloutStore};
 
-const FLEETS: [usize; 2] = [1_000, 10_000];
+/// (devices enrolled, devices the rollout selects).
+const CASES: [(usize, usize); 3] = [(1_000, 1_000), (10_000, 10_000), (10_000, 1_000)];
 /// Seconds of steady state whose steps are counted.
 const STEADY: Duration = Duration::from_secs(20);
 const MINUTE: i64 = 60_000;
 
 struct Run {
+    store: &'static str,
+    fleet: usize,
     devices: usize,
     steps: f64,
     mean_step: Duration,
@@ -109,36 +114,79 @@ async fn ingest(store: &dyn Store, batches: Vec<TelemetryRecord>) -> anyhow::Res
     Ok(())
 }
 
-async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
+/// One case on a fresh store: a temp dir's SQLite file, or a PostgreSQL
+/// schema of its own (dropped after).
+async fn measure(
+    args: &Args,
+    store: RolloutStore,
+    fleet_size: usize,
+    devices: usize,
+) -> anyhow::Result<Run> {
+    let schema = match store {
+        RolloutStore::Sqlite => None,
+        RolloutStore::Postgres => Some(FreshSchema::create("bench_engine").await?),
+    };
+    let run = measure_on(
+        args,
+        schema.as_ref().map(|s| s.url.clone()),
+        fleet_size,
+        devices,
+    )
+    .await;
+    if let Some(schema) = schema {
+        schema.drop_schema().await?;
+    }
+    let mut run = run?;
+    run.store = match store {
+        RolloutStore::Sqlite => "SQLite",
+        RolloutStore::Postgres => "PostgreSQL",
+    };
+    Ok(run)
+}
+
+async fn measure_on(
+    args: &Args,
+    database_url: Option<String>,
+    fleet_size: usize,
+    devices: usize,
+) -> anyhow::Result<Run> {
     let work = tempfile::Builder::new()
         .prefix("edgefleet-engine-bench")
         .tempdir_in(&args.rollout_dir)?;
-    let fleet = Fleet::start(&work.path().join("server"), None).await?;
+    let fleet = Fleet::start(&work.path().join("server"), database_url).await?;
     let store: Arc<dyn Store> = Arc::clone(&fleet.server.control_plane.store);
-    let labels = Labels::from([("fleet".to_string(), "engine".to_string())]);
-    let token = JoinToken {
-        id: "bench".into(),
-        secret_hash: "bench-hash".into(),
-        labels,
-        created_at: 0,
-        expires_at: i64::MAX,
-        uses_left: devices as u32,
-        created_by: "bench".into(),
-        revoked_at: None,
-    };
-    store.insert_join_token(&token).await?;
-    for d in 0..devices {
-        let device = NewDevice {
-            id: device_id(d),
-            inventory: Default::default(),
-            enrolled_at: now_ms(),
-            certificate_serial: format!("{d:x}"),
-            certificate_expires_at: i64::MAX,
+    // The first `devices` are selected (fleet=engine), the rest not.
+    for (name, first, count) in [
+        ("engine", 0, devices),
+        ("other", devices, fleet_size - devices),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let token = JoinToken {
+            id: name.into(),
+            secret_hash: "bench-hash".into(),
+            labels: Labels::from([("fleet".to_string(), name.to_string())]),
+            created_at: 0,
+            expires_at: i64::MAX,
+            uses_left: count as u32,
+            created_by: "bench".into(),
+            revoked_at: None,
         };
-        store
-            .enroll_device(&token.id, &token.secret_hash, &device)
-            .await?
-            .map_err(|refusal| anyhow::anyhow!("enrollment refused: {refusal}"))?;
+        store.insert_join_token(&token).await?;
+        for d in first..first + count {
+            let device = NewDevice {
+                id: device_id(d),
+                inventory: Default::default(),
+                enrolled_at: now_ms(),
+                certificate_serial: format!("{d:x}"),
+                certificate_expires_at: i64::MAX,
+            };
+            store
+                .enroll_device(&token.id, &token.secret_hash, &device)
+                .await?
+                .map_err(|refusal| anyhow::anyhow!("enrollment refused: {refusal}"))?;
+        }
     }
     let model = fleet.push("engine", matmul_model(16, 16)).await?;
     let created = now_ms();
@@ -148,7 +196,7 @@ async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
         telemetry(devices, "engine", 0, created - 60 * MINUTE, created, 1),
     )
     .await?;
-    eprintln!("{devices} devices: enrolled, an hour of telemetry stored");
+    eprintln!("{devices} of {fleet_size} devices: enrolled, an hour of telemetry stored");
 
     let started = Instant::now();
     let mut client = pb::rollout_service_client::RolloutServiceClient::new(fleet.api.clone());
@@ -225,7 +273,7 @@ async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
         ),
     )
     .await?;
-    eprintln!("{devices} devices: all active after {to_active:.1?}");
+    eprintln!("{devices} of {fleet_size} devices: all active after {to_active:.1?}");
 
     // Steady state: the wave soaks, gates judged every step.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -252,12 +300,18 @@ async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
     let mut reads = Vec::new();
     let timed = Instant::now();
     let members = store.rollout_devices(&rollout.id).await?;
-    reads.push(("rollout's devices", timed.elapsed()));
+    reads.push(("rollout members", timed.elapsed()));
     anyhow::ensure!(members.len() == devices, "{} members", members.len());
     let timed = Instant::now();
     let matching = store.devices(&selector).await?;
     reads.push(("devices matching the selector", timed.elapsed()));
     anyhow::ensure!(matching.len() == devices, "{} matching", matching.len());
+    // What the selector's read cost before the database matched it: every
+    // device of the fleet read and decoded, to be matched in Rust.
+    let timed = Instant::now();
+    let everyone = store.devices(&Labels::new()).await?;
+    reads.push(("the whole fleet (reference)", timed.elapsed()));
+    anyhow::ensure!(everyone.len() == fleet_size, "{} devices", everyone.len());
     let timed = Instant::now();
     store.active_rollouts().await?;
     reads.push(("active rollouts", timed.elapsed()));
@@ -271,6 +325,8 @@ async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
     );
     fleet.stop().await.context("stopping the control plane")?;
     Ok(Run {
+        store: "",
+        fleet: fleet_size,
         devices,
         steps,
         mean_step: Duration::from_secs_f64(seconds / steps),
@@ -281,13 +337,15 @@ async fn measure(args: &Args, devices: usize) -> anyhow::Result<Run> {
 
 pub async fn engine(args: &Args) -> anyhow::Result<String> {
     let mut runs = Vec::new();
-    for devices in FLEETS {
-        let run = measure(args, devices).await?;
-        eprintln!(
-            "{devices} devices: {} steps, mean {:.1?}",
-            run.steps, run.mean_step
-        );
-        runs.push(run);
+    for store in [RolloutStore::Sqlite, RolloutStore::Postgres] {
+        for (fleet, devices) in CASES {
+            let run = measure(args, store, fleet, devices).await?;
+            eprintln!(
+                "{}: {devices} of {fleet} devices: {} steps, mean {:.1?}",
+                run.store, run.steps, run.mean_step
+            );
+            runs.push(run);
+        }
     }
     let mut out = String::new();
     writeln!(
@@ -296,19 +354,19 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "The control plane in process on SQLite (`server::start`, on a runtime of its own), devices enrolled and \
+        "The control plane in process (`server::start`, on a runtime of its own) on SQLite (a file in a temp dir) and on PostgreSQL (a schema of its own in the local database), devices enrolled and \
          telemetry stored straight through its store (no agents), an hour of 5-minute uploads before the rollout \
-         and since. One rollout of every device, one wave, error-rate and latency gates on, `--soak 1h`; every \
+         and since. One rollout of every device (or of 1,000 of the 10,000: a label the others do not have), one wave, error-rate and latency gates on, `--soak 1h`; every \
          device reports ACTIVE through the store. Then, while the wave soaks, the engine's steps over {} s are timed \
          from `/metrics` (`rollout_step_seconds`: one step is one active rollout read, judged and saved; the engine \
-         steps each active rollout once a second), and each read a step makes is timed alone after. **Created to all \
+         steps each active rollout once a second), and each read a step makes is timed alone after, with a reference: reading the whole fleet, what the selector's read cost before the database matched the selector (every device read and decoded, then matched in Rust). **Created to all \
          active**: from the create call to every device counted active (the engine starting all devices in one step, \
          then reading the reports).\n",
         STEADY.as_secs()
     )?;
     write!(
         out,
-        "| devices | steps | mean step | share of the 1 s pass | created to all active |"
+        "| store | fleet | rollout's devices | steps | mean step | share of the 1 s pass | created to all active |"
     )?;
     for (name, _) in &runs[0].reads {
         write!(out, " {name} |")?;
@@ -316,14 +374,16 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
     writeln!(out)?;
     writeln!(
         out,
-        "| ---: | ---: | ---: | ---: | ---: |{}",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |{}",
         " ---: |".repeat(runs[0].reads.len())
     )?;
     for run in &runs {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             out,
-            "| {} | {:.0} | {:.0} ms | {:.0}% | {:.1} s |",
+            "| {} | {} | {} | {:.0} | {:.0} ms | {:.0}% | {:.1} s |",
+            run.store,
+            run.fleet,
             run.devices,
             run.steps,
             ms(run.mean_step),

@@ -37,7 +37,7 @@ pub enum Suite {
     Ingest,
     /// What the rollout engine reads each pass to judge metric gates at 1,000 devices.
     Gates,
-    /// One rollout engine step at 1,000 and 10,000 devices (SQLite).
+    /// One rollout engine step at 1,000 and 10,000 devices (SQLite and PostgreSQL).
     Engine,
     /// Telemetry bytes on the wire per device per day, managed agent RSS.
     Wire,

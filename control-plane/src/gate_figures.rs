@@ -217,7 +217,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::store::{JoinToken, ModelSample, NewDevice, TelemetryRecord};
+    use crate::store::{ModelSample, TelemetryRecord};
 
     /// 2025-01-01 00:00 UTC, the simulated clock's start.
     const T0: i64 = 1_735_689_600_000;
@@ -225,31 +225,8 @@ mod tests {
 
     async fn store_with(dir: &std::path::Path, ids: &[String]) -> Arc<dyn Store> {
         let store = crate::store::open(None, dir).await.unwrap();
-        let token = JoinToken {
-            id: "jt".into(),
-            secret_hash: "hash".into(),
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: i64::MAX,
-            uses_left: ids.len() as u32,
-            created_by: "op1".into(),
-            revoked_at: None,
-        };
-        store.insert_join_token(&token).await.unwrap();
-        for id in ids {
-            let device = NewDevice {
-                id: id.clone(),
-                inventory: Default::default(),
-                enrolled_at: T0,
-                certificate_serial: "01".into(),
-                certificate_expires_at: i64::MAX,
-            };
-            store
-                .enroll_device("jt", "hash", &device)
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        crate::store::enroll_for_test(store.as_ref(), &ids, T0).await;
         store
     }
 

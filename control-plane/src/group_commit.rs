@@ -155,14 +155,7 @@ mod tests {
 
     /// The value of the sample `name{kind="activation"}` in `/metrics`.
     fn sample(metrics: &ServerMetrics, name: &str) -> f64 {
-        let line = format!("{name}{{kind=\"activation\"}} ");
-        metrics
-            .encode()
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .unwrap_or_else(|| panic!("no {line} in {}", metrics.encode()))
-            .parse()
-            .unwrap()
+        metrics.sample(&format!("{name}{{kind=\"activation\"}}"))
     }
 
     fn report(device: usize) -> ActivationRecord {

@@ -168,6 +168,19 @@ impl ServerMetrics {
             .inc();
     }
 
+    /// The value of the sample `name` (with its labels, if any) in
+    /// [`ServerMetrics::encode`]'s text (unit tests).
+    #[cfg(test)]
+    pub(crate) fn sample(&self, name: &str) -> f64 {
+        let text = self.encode();
+        let line = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    }
+
     pub fn encode(&self) -> String {
         let mut text = String::new();
         if prometheus_client::encoding::text::encode(&mut text, &self.registry).is_err() {

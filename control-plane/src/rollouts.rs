@@ -1626,41 +1626,11 @@ mod tests {
 
     /// Enrolls devices with these ids (no labels).
     async fn enroll(cp: &ControlPlane, ids: &[&str]) {
-        let token = crate::store::JoinToken {
-            id: "jt".into(),
-            secret_hash: "hash".into(),
-            labels: Default::default(),
-            created_at: 0,
-            expires_at: i64::MAX,
-            uses_left: ids.len() as u32,
-            created_by: "op1".into(),
-            revoked_at: None,
-        };
-        cp.store.insert_join_token(&token).await.unwrap();
-        for id in ids {
-            let device = crate::store::NewDevice {
-                id: id.to_string(),
-                inventory: Default::default(),
-                enrolled_at: now_ms(),
-                certificate_serial: "01".into(),
-                certificate_expires_at: i64::MAX,
-            };
-            cp.store
-                .enroll_device("jt", "hash", &device)
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        crate::store::enroll_for_test(cp.store.as_ref(), ids, now_ms()).await;
     }
 
-    /// The value of the unlabelled sample `name` in `/metrics`.
     fn metric(cp: &ControlPlane, name: &str) -> f64 {
-        let text = cp.metrics.encode();
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .parse()
-            .unwrap()
+        cp.metrics.sample(name)
     }
 
     /// The engine's steps are in `/metrics`: how many and how long, and

@@ -254,6 +254,7 @@ suite!(
     join_tokens_are_revoked_and_listed,
     concurrent_enrollments_never_exceed_uses,
     devices_by_selector,
+    devices_by_selector_with_any_label_text,
     devices_paged_by_selector,
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
@@ -769,6 +770,56 @@ async fn devices_by_selector(db: &Db) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The selector is matched by the database: keys with dots and slashes,
+/// values with quotes, spaces, '=' and non-ASCII characters match only
+/// themselves; a key that is a prefix of another, or a value that is
+/// another's prefix, does not match; the empty value is a value.
+async fn devices_by_selector_with_any_label_text(db: &Db) {
+    enroll(
+        db,
+        &["a"],
+        labels(&[
+            ("topology.example.com/zone", "eu-west \"3\" = é"),
+            ("tier", ""),
+        ]),
+    )
+    .await;
+    enroll(
+        db,
+        &["b"],
+        labels(&[("topology.example.com/zone-b", "eu-west \"3\" = é")]),
+    )
+    .await;
+    enroll(
+        db,
+        &["c"],
+        labels(&[("topology.example.com/zone", "eu-west")]),
+    )
+    .await;
+    let found = |selector: &[(&str, &str)]| {
+        let selector = labels(selector);
+        async move {
+            let devices = db.store.devices(&selector).await.unwrap();
+            devices.into_iter().map(|d| d.id).collect::<Vec<_>>()
+        }
+    };
+    let zone = "topology.example.com/zone";
+    assert_eq!(found(&[(zone, "eu-west \"3\" = é")]).await, ["a"]);
+    assert_eq!(found(&[(zone, "eu-west")]).await, ["c"]);
+    assert_eq!(found(&[("tier", "")]).await, ["a"]);
+    assert_eq!(
+        found(&[(zone, "eu-west"), ("tier", "")]).await,
+        Vec::<String>::new()
+    );
+    assert!(
+        found(&[("topology.example.com", "eu-west")])
+            .await
+            .is_empty()
+    );
+    assert!(found(&[(zone, "eu")]).await.is_empty());
+    assert_eq!(found(&[]).await, ["a", "b", "c"]);
 }
 
 /// Pages of devices (ListDevices): up to `limit` matching devices after an

@@ -272,11 +272,6 @@ impl TryFrom<DeviceRow> for Device {
     }
 }
 
-/// True when the device carries every label of the selector.
-pub(crate) fn matches(labels: &Labels, selector: &Labels) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
 /// A model sample or rollup as read back: figures plus encoded histograms.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct PointRow {

@@ -48,33 +48,48 @@ pub async fn open(
 
 /// Up to `limit` devices carrying every label of `selector`, ordered by
 /// id, starting after the id `after` when given; and whether more follow.
-/// Reads the devices in chunks and matches labels here, as
-/// [`Store::devices`] does, so a page costs a few indexed reads however
-/// deep into the fleet it starts.
 pub async fn devices_page(
     store: &dyn Store,
     selector: &Labels,
     after: Option<&str>,
     limit: u32,
 ) -> Result<(Vec<Device>, bool), StoreError> {
-    let chunk = limit.saturating_add(1);
-    let mut after = after.map(str::to_string);
-    let mut page = Vec::new();
-    loop {
-        let devices = store.devices_after(after.as_deref(), chunk).await?;
-        let exhausted = devices.len() < chunk as usize;
-        for device in devices {
-            after = Some(device.id.clone());
-            if common::matches(&device.labels, selector) {
-                if page.len() == limit as usize {
-                    return Ok((page, true));
-                }
-                page.push(device);
-            }
-        }
-        if exhausted {
-            return Ok((page, false));
-        }
+    let mut page = store
+        .devices_after(selector, after, limit.saturating_add(1))
+        .await?;
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
+    Ok((page, more))
+}
+
+/// Enrolls devices with these ids, no labels, through one join token
+/// (unit tests' fleets).
+#[cfg(test)]
+pub(crate) async fn enroll_for_test(store: &dyn Store, ids: &[&str], enrolled_at: i64) {
+    let token = JoinToken {
+        id: "jt".into(),
+        secret_hash: "hash".into(),
+        labels: Default::default(),
+        created_at: 0,
+        expires_at: i64::MAX,
+        uses_left: ids.len() as u32,
+        created_by: "op1".into(),
+        revoked_at: None,
+    };
+    store.insert_join_token(&token).await.unwrap();
+    for id in ids {
+        let device = NewDevice {
+            id: id.to_string(),
+            inventory: Default::default(),
+            enrolled_at,
+            certificate_serial: "01".into(),
+            certificate_expires_at: i64::MAX,
+        };
+        store
+            .enroll_device("jt", "hash", &device)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -415,12 +430,16 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
 
     // ---- devices
     async fn device(&self, id: &str) -> Result<Option<Device>, StoreError>;
-    /// All devices carrying every label of `selector`, ordered by id.
+    /// All devices carrying every label of `selector`, ordered by id. The
+    /// database matches the selector, so a rollout of a few devices in a
+    /// large fleet decodes only those (the engine reads them each pass).
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
-    /// Up to `limit` devices ordered by id, starting after the id `after`
-    /// when given (which need not be a device's).
+    /// Up to `limit` devices carrying every label of `selector`, ordered by
+    /// id, starting after the id `after` when given (which need not be a
+    /// device's): one indexed walk however deep into the fleet it starts.
     async fn devices_after(
         &self,
+        selector: &Labels,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Device>, StoreError>;

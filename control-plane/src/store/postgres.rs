@@ -138,6 +138,11 @@ async fn device_in(
 const POINT_FROM_ROLLUPS: &str = "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
      errors, local, offloaded, latency_us, batch_size, max_queue_depth FROM model_rollups_hourly";
 
+/// Devices carrying every label of the selector bound first (a JSON
+/// object), matched by the database: the filter of [`Store::devices`] and
+/// [`Store::devices_after`].
+const SELECTED: &str = "labels::jsonb @> $1::jsonb";
+
 #[async_trait::async_trait]
 impl Store for PgStore {
     fn kind(&self) -> &'static str {
@@ -342,29 +347,25 @@ impl Store for PgStore {
     }
 
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id");
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {SELECTED} ORDER BY id");
         let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(common::to_json(selector))
             .fetch_all(&self.pool)
             .await?;
-        let mut out = Vec::new();
-        for row in rows {
-            let device = Device::try_from(row)?;
-            if common::matches(&device.labels, selector) {
-                out.push(device);
-            }
-        }
-        Ok(out)
+        rows.into_iter().map(Device::try_from).collect()
     }
 
     async fn devices_after(
         &self,
+        selector: &Labels,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Device>, StoreError> {
         let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE $1::text IS NULL OR id > $1 ORDER BY id LIMIT $2"
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE {SELECTED} AND ($2::text IS NULL OR id > $2) ORDER BY id LIMIT $3"
         );
         let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(common::to_json(selector))
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)

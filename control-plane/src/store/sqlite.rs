@@ -191,6 +191,14 @@ async fn device_in(
         .transpose()
 }
 
+/// Devices carrying every label of the selector bound first (a JSON
+/// object), matched by the database: the filter of [`Store::devices`] and
+/// [`Store::devices_after`].
+const SELECTED: &str = "NOT EXISTS ( \
+     SELECT 1 FROM json_each(?1) AS wanted WHERE NOT EXISTS ( \
+       SELECT 1 FROM json_each(devices.labels) AS have \
+       WHERE have.key = wanted.key AND have.value = wanted.value))";
+
 #[async_trait::async_trait]
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
@@ -393,29 +401,25 @@ impl Store for SqliteStore {
     }
 
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError> {
-        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY id");
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {SELECTED} ORDER BY id");
         let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(common::to_json(selector))
             .fetch_all(&self.reader)
             .await?;
-        let mut out = Vec::new();
-        for row in rows {
-            let device = Device::try_from(row)?;
-            if common::matches(&device.labels, selector) {
-                out.push(device);
-            }
-        }
-        Ok(out)
+        rows.into_iter().map(Device::try_from).collect()
     }
 
     async fn devices_after(
         &self,
+        selector: &Labels,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Device>, StoreError> {
         let sql = format!(
-            "SELECT {DEVICE_COLUMNS} FROM devices WHERE ?1 IS NULL OR id > ?1 ORDER BY id LIMIT ?2"
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE {SELECTED} AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
         );
         let rows = sqlx::query_as::<_, DeviceRow>(AssertSqlSafe(sql))
+            .bind(common::to_json(selector))
             .bind(after)
             .bind(i64::from(limit))
             .fetch_all(&self.reader)
