@@ -8,7 +8,7 @@
 //! with the rollout's devices and its age. [`GateFigures`] instead keeps,
 //! per device, what it counted of the batches received before a point that
 //! moves with the clock (*settled*), and each pass reads only the batches
-//! received since, all devices in one query: a device newly active has its
+//! received since, up to 1,000 devices a query: a device newly active has its
 //! whole window read once, and the previous versions' latency of the hour
 //! before the rollout (the latency gate's baseline) is read once per device.
 //!
@@ -182,6 +182,22 @@ struct Read {
     points: u64,
 }
 
+/// About how many batches one query may bring back: a whole window read
+/// (a device newly active, a replica restarted, a long pause) is split into
+/// queries of fewer devices, so its rows are never all in memory at once.
+const BATCHES_PER_QUERY: i64 = 50_000;
+/// The most devices one query names.
+const DEVICES_PER_QUERY: usize = 1_000;
+
+/// Devices per query for a window of receipt times: a device sends a batch
+/// about every 10 s (the agent's default telemetry interval).
+fn devices_per_query(received: &Range<i64>) -> usize {
+    let batches_per_device = (received.end - received.start) / 10_000 + 1;
+    usize::try_from(BATCHES_PER_QUERY / batches_per_device)
+        .unwrap_or(1)
+        .clamp(1, DEVICES_PER_QUERY)
+}
+
 async fn read(
     store: &dyn Store,
     devices: &[String],
@@ -196,17 +212,19 @@ async fn read(
     if devices.is_empty() || received.is_empty() {
         return Ok(found);
     }
-    for (device, point) in store
-        .received_model_series(devices, made_since, received)
-        .await?
-    {
-        found.points += 1;
-        if matches(&point.name, point.version) {
-            found.by_device.entry(device).or_default().add(&Figures {
-                requests: point.requests,
-                errors: point.errors,
-                latency: point.latency_us,
-            });
+    for group in devices.chunks(devices_per_query(&received)) {
+        let points = store
+            .received_model_series(group, made_since, received.clone())
+            .await?;
+        for (device, point) in points {
+            found.points += 1;
+            if matches(&point.name, point.version) {
+                found.by_device.entry(device).or_default().add(&Figures {
+                    requests: point.requests,
+                    errors: point.errors,
+                    latency: point.latency_us,
+                });
+            }
         }
     }
     Ok(found)
@@ -355,11 +373,34 @@ mod tests {
             assert_eq!(again, expected, "pass {pass}, a fresh tally");
             whole_points += once.points_read();
         }
+        // A window a year long is read one device a query: the same count.
+        let (year, now) = (365 * 86_400 * SECOND, T0 + 900 * SECOND);
+        let mut long = GateFigures::default();
+        let counted = long
+            .new_version(store.as_ref(), "m", 2, &ids, T0 - year, now)
+            .await
+            .unwrap();
+        assert_eq!(
+            counted,
+            whole_read(store.as_ref(), &ids, T0 - year, now).await
+        );
+        assert!(counted.requests > 0);
         assert!(
             figures.points_read() * 5 < whole_points,
             "passes read {} points, whole reads {whole_points}",
             figures.points_read()
         );
+    }
+
+    /// A pass's short reads name up to a thousand devices a query; a whole
+    /// window's fewer, so that a query brings back about 50,000 batches.
+    #[test]
+    fn long_windows_are_read_a_few_devices_at_a_time() {
+        let from = T0;
+        assert_eq!(devices_per_query(&(from..from + 61 * SECOND)), 1_000);
+        assert_eq!(devices_per_query(&(from..from + 3_600 * SECOND)), 138);
+        assert_eq!(devices_per_query(&(from..from + 86_400 * SECOND)), 5);
+        assert_eq!(devices_per_query(&(from..from + 365 * 86_400 * SECOND)), 1);
     }
 
     /// A resume moves the window's start: the tally starts over from it.

@@ -2285,6 +2285,15 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
         db.store.devices(&Labels::new()).await,
         Err(StoreError::Corrupt(_))
     ));
+    // A selector is matched by the database, which refuses the row too: an
+    // error, not a device silently left out.
+    let selector = labels(&[("site", "paris")]);
+    assert!(db.store.devices(&selector).await.is_err());
+    assert!(
+        store::devices_page(db.store.as_ref(), &selector, None, 10)
+            .await
+            .is_err()
+    );
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -140,8 +140,10 @@ const POINT_FROM_ROLLUPS: &str = "SELECT device_id, hour AS at, hour + 3600000 A
 
 /// Devices carrying every label of the selector bound first (a JSON
 /// object), matched by the database: the filter of [`Store::devices`] and
-/// [`Store::devices_after`].
-const SELECTED: &str = "labels::jsonb @> $1::jsonb";
+/// [`Store::devices_after`]. The empty selector takes every device without
+/// reading its labels (a row whose labels are not JSON is then found
+/// corrupt as it is decoded, as on SQLite, not refused by the cast).
+const SELECTED: &str = "CASE WHEN $1::text = '{}' THEN TRUE ELSE labels::jsonb @> $1::jsonb END";
 
 #[async_trait::async_trait]
 impl Store for PgStore {

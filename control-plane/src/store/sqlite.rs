@@ -193,7 +193,8 @@ async fn device_in(
 
 /// Devices carrying every label of the selector bound first (a JSON
 /// object), matched by the database: the filter of [`Store::devices`] and
-/// [`Store::devices_after`].
+/// [`Store::devices_after`]. The empty selector takes every device without
+/// reading its labels (nothing is wanted).
 const SELECTED: &str = "NOT EXISTS ( \
      SELECT 1 FROM json_each(?1) AS wanted WHERE NOT EXISTS ( \
        SELECT 1 FROM json_each(devices.labels) AS have \
