@@ -2403,6 +2403,7 @@ mod registry {
         rollout_device_states_are_counted,
         rollout_devices_come_in_pages,
         save_rollout_step_applies_everything,
+        changes_to_one_device_in_a_step_end_as_applied_in_order,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
         concurrent_steps_from_one_read_save_once,
@@ -3148,6 +3149,52 @@ mod registry {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A step's desired changes end as applying them one after the other
+    /// would, though a store may write them together: the last change to a
+    /// (device, model) wins, whether a set or a clear, and each device's
+    /// generation moves once.
+    async fn changes_to_one_device_in_a_step_end_as_applied_in_order(db: &Db) {
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b", "c"]).await.unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[set("c", "m", 1)], &[])
+            .await
+            .unwrap();
+        db.store
+            .save_rollout_step(
+                &mut r,
+                &[],
+                &[
+                    set("a", "m", 1),
+                    clear("a", "m"),
+                    clear("b", "m"),
+                    set("b", "m", 1),
+                    set("b", "m", 2),
+                    clear("c", "m"),
+                    set("c", "m", 3),
+                    clear("c", "m"),
+                ],
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(db.store.desired_state("a").await.unwrap(), (1, vec![]));
+        assert_eq!(
+            db.store.desired_state("b").await.unwrap(),
+            (1, vec![desired("m", 2)])
+        );
+        assert_eq!(db.store.desired_state("c").await.unwrap(), (2, vec![]));
+        let generations: Vec<u64> = db
+            .store
+            .rollout_devices("r1")
+            .await
+            .unwrap()
+            .iter()
+            .map(|d| d.generation)
+            .collect();
+        assert_eq!(generations, [1, 1, 2]);
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {
