@@ -180,6 +180,33 @@ fn devices_table(devices: &[pb::RolloutDevice]) -> Table {
     table
 }
 
+/// One row per rollout, as the other list commands print theirs (a header
+/// even when there is none).
+fn rollouts_table(rollouts: &[pb::Rollout]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "ID", "MODEL", "STATE", "WAVE", "ACTIVE", "UPDATING", "WAITING", "FAILED", "SELECTOR",
+        "CREATED", "REASON",
+    ]);
+    for r in rollouts {
+        let c = r.counts.unwrap_or_default();
+        table.add_row([
+            r.id.clone(),
+            format!("{}@{}", r.model, r.version),
+            r.state.clone(),
+            format!("{}/{}", r.current_wave, r.waves.len().max(1)),
+            c.active.to_string(),
+            c.updating.to_string(),
+            c.waiting.to_string(),
+            c.failed.to_string(),
+            r.selector.clone(),
+            format_time(r.created_unix_ms),
+            r.reason.clone(),
+        ]);
+    }
+    table
+}
+
 fn rollout_json(r: &pb::Rollout) -> Value {
     let counts = r.counts.unwrap_or_default();
     let gates = r.gates.unwrap_or_default();
@@ -459,22 +486,20 @@ pub async fn run(cli: &Cli, command: &RolloutsCommand) -> anyhow::Result<()> {
                 Output::Json => {
                     print_json(&Value::Array(rollouts.iter().map(rollout_json).collect()))?
                 }
-                Output::Table => {
-                    for rollout in &rollouts {
-                        outln!("{}", summary(rollout));
-                    }
-                }
+                Output::Table => outln!("{}", rollouts_table(&rollouts)),
             }
         }
         RolloutsCommand::Pause { id }
         | RolloutsCommand::Resume { id }
         | RolloutsCommand::Abort { id }
         | RolloutsCommand::Rollback { id } => {
+            // The rollout as it stands after the action, without its devices
+            // and events (thousands of rows): `rollouts get` shows those.
             let request = authorized(
                 cli,
                 pb::RolloutRef {
                     id: id.clone(),
-                    view: pb::RolloutView::Full.into(),
+                    view: pb::RolloutView::Basic.into(),
                 },
             )?;
             let mut client = client(cli).await?;

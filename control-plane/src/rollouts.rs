@@ -26,7 +26,8 @@ use crate::store::registry::{
 };
 use crate::store::{DeviceStatus, StoreError};
 
-/// How often the engine looks at every active rollout.
+/// How often the engine looks at every active rollout (the first pass is
+/// at once, so a restarted replica picks rollouts up without waiting).
 pub const ENGINE_INTERVAL: Duration = Duration::from_secs(1);
 /// Fewest requests on each side before the latency gate compares p95s.
 const MIN_LATENCY_SAMPLES: u64 = 20;
@@ -136,10 +137,14 @@ fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> Rollou
 /// Runs the engine until shutdown.
 pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut gate_figures: HashMap<String, GateFigures> = HashMap::new();
+    // Passes start ENGINE_INTERVAL apart, however long each takes (a pass
+    // longer than that delays the next rather than bunching the ones after).
+    let mut passes = tokio::time::interval(ENGINE_INTERVAL);
+    passes.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(ENGINE_INTERVAL) => {}
+            _ = passes.tick() => {}
         }
         let rollouts = match cp.store.active_rollouts().await {
             Ok(rollouts) => rollouts,

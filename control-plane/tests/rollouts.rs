@@ -94,6 +94,14 @@ fn rollout_to_success(db: Db, agents: usize) {
     let fleet = fleet(db, &runtimes);
     let server = &fleet.server;
     push(server, &fixture("mlp"), "mlp", 1);
+    // No rollout yet: the table says so with its header, not with nothing.
+    let empty = server.cli(&["rollouts", "list", "--output", "table"]);
+    assert!(empty.status.success(), "{}", stderr(&empty));
+    let empty = String::from_utf8_lossy(&empty.stdout).into_owned();
+    assert!(
+        empty.contains("MODEL") && !empty.contains("mlp@1"),
+        "{empty}"
+    );
     // --watch: exits 0 only when the rollout succeeds.
     let output = server.cli(&[
         "rollouts",
@@ -116,6 +124,18 @@ fn rollout_to_success(db: Db, agents: usize) {
     assert_eq!(r["state"], "succeeded");
     assert_eq!(r["activation_timeout_seconds"], 3600);
     assert_eq!(r["counts"]["active"], agents);
+    let table = server.cli(&["rollouts", "list", "--output", "table"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    let row = table
+        .lines()
+        .find(|line| line.contains(r["id"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("no row for the rollout in {table}"));
+    let cells: Vec<&str> = row.split('┆').map(|c| c.trim_matches(['│', ' '])).collect();
+    assert_eq!(
+        cells[1..5],
+        ["mlp@1", "succeeded", "3/3", &agents.to_string()],
+        "{row}"
+    );
     let full = server.cli_json(&["rollouts", "get", r["id"].as_str().unwrap()]);
     // The list counts in the database what the rollout's view counts.
     assert_eq!(r["counts"], full["counts"]);
@@ -394,6 +414,9 @@ fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume() {
 
     let paused = fleet.server.cli_json(&["rollouts", "pause", &id]);
     assert_eq!(paused["state"], "paused");
+    // An action answers with the rollout's counts, not each of its devices.
+    assert_eq!(paused["counts"]["active"], 1);
+    assert_eq!(paused["devices"], serde_json::json!([]), "{paused}");
     let again = fleet.server.cli(&["rollouts", "pause", &id]);
     assert!(!again.status.success(), "pausing twice must be refused");
     let resumed = fleet.server.cli_json(&["rollouts", "resume", &id]);
