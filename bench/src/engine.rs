@@ -303,9 +303,15 @@ async fn measure_on(
     reads.push(("rollout members", timed.elapsed()));
     anyhow::ensure!(members.len() == devices, "{} members", members.len());
     let timed = Instant::now();
-    let matching = store.devices(&selector).await?;
+    let matching = store.rollout_targets(&selector).await?;
     reads.push(("devices matching the selector", timed.elapsed()));
     anyhow::ensure!(matching.len() == devices, "{} matching", matching.len());
+    // What that read cost when a step took the devices' whole rows (their
+    // health above all: a telemetry batch each).
+    let timed = Instant::now();
+    let whole = store.devices(&selector).await?;
+    reads.push(("the same, whole rows (reference)", timed.elapsed()));
+    anyhow::ensure!(whole.len() == devices, "{} matching", whole.len());
     // What the selector's read cost before the database matched it: every
     // device of the fleet read and decoded, to be matched in Rust.
     let timed = Instant::now();
@@ -315,9 +321,11 @@ async fn measure_on(
     let timed = Instant::now();
     store.active_rollouts().await?;
     reads.push(("active rollouts", timed.elapsed()));
+    // Read by a step only while some device is updating: not by the
+    // soaking steps timed above.
     let timed = Instant::now();
     let activations = store.activations(&model.name, model.version).await?;
-    reads.push(("activation reports", timed.elapsed()));
+    reads.push(("activation reports (while devices update)", timed.elapsed()));
     anyhow::ensure!(
         activations.len() == devices,
         "{} reports",
@@ -359,7 +367,7 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
          and since. One rollout of every device (or of 1,000 of the 10,000: a label the others do not have), one wave, error-rate and latency gates on, `--soak 1h`; every \
          device reports ACTIVE through the store. Then, while the wave soaks, the engine's steps over {} s are timed \
          from `/metrics` (`rollout_step_seconds`: one step is one active rollout read, judged and saved; the engine \
-         steps each active rollout once a second), and each read a step makes is timed alone after, with a reference: reading the whole fleet, what the selector's read cost before the database matched the selector (every device read and decoded, then matched in Rust). **Created to all \
+         steps each active rollout once a second), and each read a step makes is timed alone after, with two references: the same devices' whole rows, what a step read of them before it read only what a rollout needs (id, status, memory, models: not the health, a telemetry batch each), and the whole fleet, what the selector's read cost before the database matched the selector (every device read and decoded, then matched in Rust). A step reads the activation reports only while some device is updating: the steps timed here, of a soaking wave, do not. **Created to all \
          active**: from the create call to every device counted active (the engine starting all devices in one step, \
          then reading the reports).\n",
         STEADY.as_secs()

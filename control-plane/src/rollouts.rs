@@ -24,7 +24,7 @@ use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
     RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
 };
-use crate::store::{DeviceStatus, StoreError};
+use crate::store::{DeviceStatus, RolloutTarget, StoreError};
 
 /// How often the engine looks at every active rollout (the first pass is
 /// at once, so a restarted replica picks rollouts up without waiting).
@@ -116,6 +116,18 @@ pub fn wave_sizes(waves: &[WaveSize], n: usize) -> Vec<usize> {
         *last = n;
     }
     sizes
+}
+
+/// The highest version of `model` the device reported serving (0: none):
+/// what a rollout returns it to.
+fn ready_version(device: &RolloutTarget, model: &str) -> u64 {
+    device
+        .models
+        .iter()
+        .filter(|m| m.name == model && m.state == "ready")
+        .map(|m| m.version)
+        .max()
+        .unwrap_or(0)
 }
 
 /// Whether a model's estimated memory fits a device (the registry's rule);
@@ -351,13 +363,13 @@ async fn reconcile_membership(
     events: &mut Vec<RolloutEventRecord>,
 ) -> anyhow::Result<()> {
     let now = now_ms();
-    let matching: HashMap<String, crate::store::Device> = cp
+    let matching: HashMap<String, RolloutTarget> = cp
         .store
-        .devices(&rollout.selector)
+        .rollout_targets(&rollout.selector)
         .await?
         .into_iter()
         .filter(|d| d.status != DeviceStatus::Revoked)
-        .filter(|d| fits_device(model.estimated_memory_bytes, d.inventory.memory_bytes))
+        .filter(|d| fits_device(model.estimated_memory_bytes, d.memory_bytes))
         .map(|d| (d.id.clone(), d))
         .collect();
     for device in devices.iter_mut() {
@@ -407,13 +419,7 @@ async fn reconcile_membership(
         if known.contains(&id) || owned_elsewhere.contains(&id) {
             continue;
         }
-        let previous_version = device
-            .models
-            .iter()
-            .filter(|m| m.name == model.name && m.state == "ready")
-            .map(|m| m.version)
-            .max()
-            .unwrap_or(0);
+        let previous_version = ready_version(&device, &model.name);
         events.push(event(
             &rollout.id,
             "engine",
@@ -480,14 +486,19 @@ async fn step(
         .await?;
     }
 
-    // Activation reports move updating devices on.
-    let activations: HashMap<String, ActivationRecord> = cp
-        .store
-        .activations(&rollout.model, rollout.version)
-        .await?
-        .into_iter()
-        .map(|a| (a.device_id.clone(), a))
-        .collect();
+    // Activation reports move updating devices on (none to read while a
+    // wave soaks or waits: a read of every report of the version).
+    let activations: HashMap<String, ActivationRecord> =
+        if devices.iter().any(|d| d.state == "updating") {
+            cp.store
+                .activations(&rollout.model, rollout.version)
+                .await?
+                .into_iter()
+                .map(|a| (a.device_id.clone(), a))
+                .collect()
+        } else {
+            HashMap::new()
+        };
     let timeout = rollout.spec.activation_timeout_ms;
     for device in devices.iter_mut().filter(|d| d.state == "updating") {
         // Only reports made since this rollout asked the device to update
@@ -1027,7 +1038,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
         let candidates = self
             .cp
             .store
-            .devices(&selector)
+            .rollout_targets(&selector)
             .await
             .map_err(store_unavailable("cannot list devices"))?;
         let mut too_small = Vec::new();
@@ -1036,7 +1047,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             if device.status == DeviceStatus::Revoked {
                 continue;
             }
-            if !fits_device(model.estimated_memory_bytes, device.inventory.memory_bytes) {
+            if !fits_device(model.estimated_memory_bytes, device.memory_bytes) {
                 too_small.push(device.id.clone());
                 continue;
             }
@@ -1060,13 +1071,7 @@ impl pb::rollout_service_server::RolloutService for RolloutApi {
             .enumerate()
             .map(|(i, device)| {
                 let wave = sizes.iter().position(|&size| i < size).unwrap_or(0) as u32 + 1;
-                let previous_version = device
-                    .models
-                    .iter()
-                    .filter(|m| m.name == model.name && m.state == "ready")
-                    .map(|m| m.version)
-                    .max()
-                    .unwrap_or(0);
+                let previous_version = ready_version(device, &model.name);
                 RolloutDeviceRecord {
                     rollout_id: id.clone(),
                     device_id: device.id.clone(),
@@ -1462,6 +1467,16 @@ mod tests {
     /// Model m@2 in the registry and a pending rollout "r1" of it, one
     /// wave of everyone, saved as an operator would create it.
     async fn create_rollout_of_m2(cp: &ControlPlane) -> RolloutRecord {
+        create_rollout_of_m2_with(cp, |_| {}, &[]).await
+    }
+
+    /// As `create_rollout_of_m2`, with `adjust` applied to its spec and
+    /// these devices (id, wave) its members from the start, waiting.
+    async fn create_rollout_of_m2_with(
+        cp: &ControlPlane,
+        adjust: impl FnOnce(&mut RolloutSpec),
+        members: &[(&str, u32)],
+    ) -> RolloutRecord {
         let model = ModelRecord {
             name: "m".into(),
             version: 2,
@@ -1469,20 +1484,22 @@ mod tests {
             ..ModelRecord::default()
         };
         cp.store.insert_model(&model).await.unwrap().unwrap();
+        let mut spec = RolloutSpec {
+            waves: vec![WaveSize::Percent(100.0)],
+            soak_ms: 0,
+            max_concurrent: 0,
+            gates: GateSpec::default(),
+            rollback_on_failure: true,
+            gates_since_ms: 0,
+            activation_timeout_ms: 0,
+        };
+        adjust(&mut spec);
         let rollout = RolloutRecord {
             id: "r1".into(),
             model: "m".into(),
             version: 2,
             selector: Default::default(),
-            spec: RolloutSpec {
-                waves: vec![WaveSize::Percent(100.0)],
-                soak_ms: 0,
-                max_concurrent: 0,
-                gates: GateSpec::default(),
-                rollback_on_failure: true,
-                gates_since_ms: 0,
-                activation_timeout_ms: 0,
-            },
+            spec,
             state: RolloutState::Pending,
             current_wave: 0,
             wave_done_at: 0,
@@ -1493,8 +1510,21 @@ mod tests {
             revision: 0,
         };
         let created = event("r1", "operator:op1", "created", String::new());
+        let members: Vec<RolloutDeviceRecord> = members
+            .iter()
+            .map(|&(device, wave)| RolloutDeviceRecord {
+                rollout_id: "r1".into(),
+                device_id: device.into(),
+                wave,
+                state: "waiting".into(),
+                previous_version: 0,
+                reason: String::new(),
+                updated_at: 1,
+                generation: 0,
+            })
+            .collect();
         cp.store
-            .create_rollout(&rollout, &[], &created)
+            .create_rollout(&rollout, &members, &created)
             .await
             .unwrap()
             .unwrap();
@@ -1638,11 +1668,117 @@ mod tests {
         cp.metrics.sample(name)
     }
 
+    /// Renames a table of the SQLite store under `dir`, behind the control
+    /// plane's back: its reads of the old name fail until it is renamed back.
+    async fn rename_table(dir: &std::path::Path, from: &str, to: &str) {
+        use sqlx::Connection as _;
+        let url = format!("sqlite://{}", dir.join("edgefleet.db").display());
+        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE {from} RENAME TO {to}"
+        )))
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+
+    /// While a wave soaks no device is updating, and a step reads no
+    /// activation report (the read is every report of the version: at
+    /// 10,000 devices, 10,000 rows a second): here the wave's steps go on
+    /// with the reports' table gone.
+    #[tokio::test]
+    async fn a_soaking_wave_steps_without_reading_activation_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        enroll(&cp, &["d1", "d2"]).await;
+        create_rollout_of_m2_with(
+            &cp,
+            |spec| {
+                spec.waves = vec![WaveSize::Count(1), WaveSize::Percent(100.0)];
+                spec.soak_ms = 3_600_000;
+            },
+            &[("d1", 1), ("d2", 2)],
+        )
+        .await;
+        let step_once = || async {
+            let read = cp.store.rollout("r1").await.unwrap().unwrap();
+            step(&cp, read, &mut GateFigures::default()).await
+        };
+        let states = || async {
+            let members = cp.store.rollout_devices("r1").await.unwrap();
+            let states: Vec<(String, String)> = members
+                .into_iter()
+                .map(|d| (d.device_id, d.state))
+                .collect();
+            states
+        };
+        // The first step starts wave 1 (d1).
+        step_once().await.unwrap();
+        let d1 = cp.store.rollout_devices("r1").await.unwrap().remove(0);
+        assert_eq!(
+            (d1.device_id.as_str(), d1.state.as_str()),
+            ("d1", "updating")
+        );
+        let report = ActivationRecord {
+            device_id: "d1".into(),
+            name: "m".into(),
+            version: 2,
+            stage: "ACTIVE".into(),
+            reason: String::new(),
+            at: now_ms(),
+            generation: d1.generation,
+            reported_ms: 5,
+        };
+        cp.store.record_activation(&report).await.unwrap();
+        step_once().await.unwrap();
+        let soaking = [
+            ("d1".into(), "active".into()),
+            ("d2".into(), "waiting".into()),
+        ];
+        assert_eq!(states().await, soaking);
+
+        rename_table(dir.path(), "activations", "moved").await;
+        for _ in 0..3 {
+            step_once()
+                .await
+                .expect("a soaking wave's step reads no reports");
+        }
+        assert_eq!(states().await, soaking);
+        let rollout = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(
+            (rollout.state, rollout.current_wave),
+            (RolloutState::Running, 1)
+        );
+
+        // The check is not vacuous: with a device updating, the step reads them.
+        let mut read = cp.store.rollout("r1").await.unwrap().unwrap();
+        read.spec.soak_ms = 0;
+        cp.store
+            .save_rollout_step(&mut read, &[], &[], &[])
+            .await
+            .unwrap();
+        // The steps that end the soak and start wave 2 begin with nobody
+        // updating ...
+        for _ in 0..3 {
+            if states().await[1].1 == "updating" {
+                break;
+            }
+            step_once().await.expect("no device was updating");
+        }
+        assert_eq!(states().await[1], ("d2".into(), "updating".into()));
+        // ... and the next one has d2 updating.
+        let stepped = step_once().await;
+        rename_table(dir.path(), "moved", "activations").await;
+        assert!(
+            stepped.is_err(),
+            "a step with d2 updating must read the reports"
+        );
+    }
+
     /// The engine's steps are in `/metrics`: how many and how long, and
     /// how many failed (here while the activations table is away).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn engine_steps_are_timed_and_failures_counted() {
-        use sqlx::Connection as _;
         let dir = tempfile::tempdir().unwrap();
         let cp = Arc::new(control_plane(dir.path()).await);
         enroll(&cp, &["d1"]).await;
@@ -1665,17 +1801,9 @@ mod tests {
         assert_eq!(metric(&cp, failures), 0.0);
         assert!(metric(&cp, "edgefleet_server_rollout_step_seconds_sum") > 0.0);
 
-        let url = format!("sqlite://{}", dir.path().join("edgefleet.db").display());
-        let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query("ALTER TABLE activations RENAME TO moved")
-            .execute(&mut db)
-            .await
-            .unwrap();
+        rename_table(dir.path(), "activations", "moved").await;
         until("failure", Box::new(move |cp| metric(cp, failures) >= 1.0)).await;
-        sqlx::query("ALTER TABLE moved RENAME TO activations")
-            .execute(&mut db)
-            .await
-            .unwrap();
+        rename_table(dir.path(), "moved", "activations").await;
         let failed = metric(&cp, failures);
         let counted = metric(&cp, steps);
         until(

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use edgefleet_control_plane::store::{
     self, CertificateRenewal, Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken,
-    JoinTokenRefusal, Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution, Store,
-    StoreError, TelemetryRecord,
+    JoinTokenRefusal, Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution,
+    RolloutTarget, Store, StoreError, TelemetryRecord,
 };
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use sqlx::{AssertSqlSafe, Connection, Executor};
@@ -255,6 +255,7 @@ suite!(
     concurrent_enrollments_never_exceed_uses,
     devices_by_selector,
     devices_by_selector_with_any_label_text,
+    rollout_targets_are_the_devices_rows,
     devices_paged_by_selector,
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
@@ -802,7 +803,12 @@ async fn devices_by_selector_with_any_label_text(db: &Db) {
         let selector = labels(selector);
         async move {
             let devices = db.store.devices(&selector).await.unwrap();
-            devices.into_iter().map(|d| d.id).collect::<Vec<_>>()
+            let ids: Vec<String> = devices.into_iter().map(|d| d.id).collect();
+            // A rollout's targets are matched alike.
+            let targets = db.store.rollout_targets(&selector).await.unwrap();
+            let target_ids: Vec<String> = targets.into_iter().map(|t| t.id).collect();
+            assert_eq!(target_ids, ids, "rollout targets of {selector:?}");
+            ids
         }
     };
     let zone = "topology.example.com/zone";
@@ -964,6 +970,54 @@ async fn touches_in_one_call_keep_each_devices_latest(db: &Db) {
     assert_eq!(seen("b").await, T0 + 400);
     db.store.touch_devices(&[]).await.unwrap();
     assert!(db.store.device("nobody").await.unwrap().is_none());
+}
+
+/// A rollout's targets carry what the devices' rows say: status, the
+/// memory the device reported and the models it serves, for the devices the
+/// selector picks, in id order.
+async fn rollout_targets_are_the_devices_rows(db: &Db) {
+    enroll(db, &["b", "a", "c"], labels(&[("site", "paris")])).await;
+    enroll(db, &["x"], labels(&[("site", "lyon")])).await;
+    let mut inventory = new_device("a", T0).inventory;
+    inventory.memory_bytes = 2 << 30;
+    let models = vec![DeviceModel {
+        name: "m".into(),
+        version: 3,
+        sha256: "ab".repeat(32),
+        state: "ready".into(),
+    }];
+    db.store
+        .record_hello("a", &inventory, &models, "tract", T0 + 1000)
+        .await
+        .unwrap();
+    db.store.revoke_device("c", T0 + 2000).await.unwrap();
+    let targets = db
+        .store
+        .rollout_targets(&labels(&[("site", "paris")]))
+        .await
+        .unwrap();
+    let devices = db
+        .store
+        .devices(&labels(&[("site", "paris")]))
+        .await
+        .unwrap();
+    let expected: Vec<RolloutTarget> = devices
+        .into_iter()
+        .map(|d| RolloutTarget {
+            id: d.id,
+            status: d.status,
+            memory_bytes: d.inventory.memory_bytes,
+            models: d.models,
+        })
+        .collect();
+    assert_eq!(targets, expected);
+    assert_eq!(
+        targets.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(targets[0].memory_bytes, 2 << 30);
+    assert_eq!(targets[0].models, models);
+    assert_eq!(targets[2].status, DeviceStatus::Revoked);
 }
 
 async fn hello_certificate_and_touch(db: &Db) {
@@ -2279,8 +2333,20 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
             .await,
         Err(StoreError::Corrupt(_))
     ));
-    db.raw("UPDATE devices SET health = NULL, labels = 'not json'")
+    // A rollout's targets are read without their health, but what they are
+    // read with is checked as the whole row is.
+    db.raw("UPDATE devices SET health = NULL, inventory = 'not json'")
         .await;
+    assert!(matches!(
+        db.store.rollout_targets(&Labels::new()).await,
+        Err(StoreError::Corrupt(_))
+    ));
+    db.raw(&format!(
+        "UPDATE devices SET inventory = '{}'",
+        serde_json::to_string(&new_device("a", T0).inventory).unwrap()
+    ))
+    .await;
+    db.raw("UPDATE devices SET labels = 'not json'").await;
     assert!(matches!(
         db.store.devices(&Labels::new()).await,
         Err(StoreError::Corrupt(_))
@@ -2289,6 +2355,7 @@ async fn corrupt_protobuf_is_an_error(db: &Db) {
     // error, not a device silently left out.
     let selector = labels(&[("site", "paris")]);
     assert!(db.store.devices(&selector).await.is_err());
+    assert!(db.store.rollout_targets(&selector).await.is_err());
     assert!(
         store::devices_page(db.store.as_ref(), &selector, None, 10)
             .await

@@ -12,7 +12,7 @@ use super::registry::{
 };
 use super::{
     Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, Labels, ModelPoint,
-    ModelSample, OperatorToken, StoreError, TelemetryRecord,
+    ModelSample, OperatorToken, RolloutTarget, StoreError, TelemetryRecord,
 };
 
 pub(crate) const HOUR_MS: i64 = 3_600_000;
@@ -207,6 +207,41 @@ pub(crate) struct DeviceRow {
     pub dropped_batches_total: i64,
 }
 
+/// The columns of `RolloutTargetRow`.
+pub(crate) const ROLLOUT_TARGET_COLUMNS: &str = "id, status, inventory, models";
+
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct RolloutTargetRow {
+    pub id: String,
+    pub status: String,
+    pub inventory: String,
+    pub models: String,
+}
+
+impl TryFrom<RolloutTargetRow> for RolloutTarget {
+    type Error = StoreError;
+
+    fn try_from(r: RolloutTargetRow) -> Result<Self, StoreError> {
+        let owner = format!("device {:?}", r.id);
+        Ok(RolloutTarget {
+            status: device_status(&owner, &r.status)?,
+            memory_bytes: from_json::<Inventory>("inventory", &owner, &r.inventory)?.memory_bytes,
+            models: from_json::<Vec<DeviceModel>>("models", &owner, &r.models)?,
+            id: r.id,
+        })
+    }
+}
+
+fn device_status(owner: &str, status: &str) -> Result<DeviceStatus, StoreError> {
+    match status {
+        "enrolled" => Ok(DeviceStatus::Enrolled),
+        "revoked" => Ok(DeviceStatus::Revoked),
+        other => Err(StoreError::Corrupt(format!(
+            "status of {owner} is {other:?}"
+        ))),
+    }
+}
+
 /// Each device's latest time of `touches`, in device id order.
 pub(crate) fn latest_touches(touches: &[(String, i64)]) -> Vec<(&str, i64)> {
     let mut latest = std::collections::BTreeMap::new();
@@ -236,15 +271,7 @@ impl TryFrom<DeviceRow> for Device {
 
     fn try_from(r: DeviceRow) -> Result<Self, StoreError> {
         let owner = format!("device {:?}", r.id);
-        let status = match r.status.as_str() {
-            "enrolled" => DeviceStatus::Enrolled,
-            "revoked" => DeviceStatus::Revoked,
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "status of {owner} is {other:?}"
-                )));
-            }
-        };
+        let status = device_status(&owner, &r.status)?;
         let health = match &r.health {
             Some(bytes) => Some(decode_telemetry(&owner, bytes)?),
             None => None,

@@ -130,6 +130,17 @@ pub struct Inventory {
     pub hostname: String,
 }
 
+/// What a rollout needs of a device its selector picks (`Store::rollout_targets`):
+/// not its health, the last telemetry batch, which is most of a row to decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutTarget {
+    pub id: String,
+    pub status: DeviceStatus,
+    /// RAM the device reported (0: unknown).
+    pub memory_bytes: u64,
+    pub models: Vec<DeviceModel>,
+}
+
 /// A model version as a device reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceModel {
@@ -434,6 +445,10 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// database matches the selector, so a rollout of a few devices in a
     /// large fleet decodes only those (the engine reads them each pass).
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
+    /// What a rollout needs of each device carrying every label of
+    /// `selector`, ordered by id: the rollout engine reads it every pass,
+    /// and the whole rows (`devices`) cost several times as much to decode.
+    async fn rollout_targets(&self, selector: &Labels) -> Result<Vec<RolloutTarget>, StoreError>;
     /// Up to `limit` devices carrying every label of `selector`, ordered by
     /// id, starting after the id `after` when given (which need not be a
     /// device's): one indexed walk however deep into the fleet it starts.

@@ -24,12 +24,13 @@ use sqlx::{AssertSqlSafe, Row, Sqlite, Transaction};
 use super::common::{
     self, BatchSamplesRow, DEVICE_COLUMNS, DeviceRow, EventRow, HOUR_MS, JOIN_TOKEN_COLUMNS,
     JoinTokenRow, JoinTokenStateRow, LegacySampleRow, Merger, OperatorTokenRow, PointRow,
-    RollupKey, from_db, hour_ceil, hour_of, to_db, to_json,
+    ROLLOUT_TARGET_COLUMNS, RolloutTargetRow, RollupKey, from_db, hour_ceil, hour_of, to_db,
+    to_json,
 };
 use super::{
     CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
-    Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RollupReport, Store, StoreError,
-    TelemetryRecord,
+    Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
+    StoreError, TelemetryRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
@@ -408,6 +409,16 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         rows.into_iter().map(Device::try_from).collect()
+    }
+
+    async fn rollout_targets(&self, selector: &Labels) -> Result<Vec<RolloutTarget>, StoreError> {
+        let sql =
+            format!("SELECT {ROLLOUT_TARGET_COLUMNS} FROM devices WHERE {SELECTED} ORDER BY id");
+        let rows = sqlx::query_as::<_, RolloutTargetRow>(AssertSqlSafe(sql))
+            .bind(common::to_json(selector))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.into_iter().map(RolloutTarget::try_from).collect()
     }
 
     async fn devices_after(
