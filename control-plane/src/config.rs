@@ -118,6 +118,56 @@ pub struct ServeArgs {
     pub api_keepalive: Option<Duration>,
 }
 
+/// `edgefleet-server backup`: where the control plane's files are, read as
+/// `serve` reads them, and where the copy goes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackupArgs {
+    /// A new directory for the backup (its parent must exist); a data dir
+    /// `serve --data-dir` starts from as it is.
+    #[arg(value_name = "DEST")]
+    pub dest: PathBuf,
+    /// The data dir of the control plane to back up [default: as `serve`'s].
+    #[arg(long, env = "EDGEFLEET_SERVER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Its database, as given to `serve` [default: SQLite in the data dir].
+    #[arg(
+        long,
+        env = "EDGEFLEET_SERVER_DATABASE_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// The TOML file `serve` reads (its data_dir and database_url are used).
+    #[arg(long, env = "EDGEFLEET_SERVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The data dir and database URL of `backup`'s arguments, resolved as
+/// `serve` resolves them (flags and environment, then the file, then the
+/// default data dir).
+pub fn resolve_backup(args: &BackupArgs) -> anyhow::Result<(PathBuf, Option<String>)> {
+    let file = match &args.config {
+        Some(path) => edgefleet_daemon::load_toml_config(path)?,
+        None => FileConfig::default(),
+    };
+    let data_dir = data_dir_or_default(args.data_dir.clone().or(file.data_dir))
+        .map_err(|problem| anyhow::anyhow!(problem))?;
+    Ok((data_dir, args.database_url.clone().or(file.database_url)))
+}
+
+/// The data dir given, else the default one; an error when there is none.
+fn data_dir_or_default(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    given
+        .or_else(|| {
+            default_data_dir(
+                running_as_root(),
+                std::env::var_os("XDG_DATA_HOME").as_deref(),
+                std::env::var_os("HOME").as_deref(),
+            )
+        })
+        .ok_or_else(|| "no data dir: HOME is unset (or not absolute), so there is no default; pass --data-dir (or EDGEFLEET_SERVER_DATA_DIR, or data_dir in --config)".to_string())
+}
+
 /// The same settings, from a TOML file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -267,19 +317,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         None => FileConfig::default(),
     };
     let mut problems = Vec::new();
-    let data_dir = args.data_dir.or(file.data_dir).or_else(|| {
-        default_data_dir(
-            running_as_root(),
-            std::env::var_os("XDG_DATA_HOME").as_deref(),
-            std::env::var_os("HOME").as_deref(),
-        )
-    });
-    if data_dir.is_none() {
-        problems.push(
-            "no data dir: HOME is unset (or not absolute), so there is no default; pass --data-dir (or EDGEFLEET_SERVER_DATA_DIR, or data_dir in --config)".to_string(),
-        );
-    }
-    let mut config = ServerConfig::new(&data_dir.unwrap_or_default());
+    let data_dir = data_dir_or_default(args.data_dir.or(file.data_dir))
+        .map_err(|problem| problems.push(problem))
+        .unwrap_or_default();
+    let mut config = ServerConfig::new(&data_dir);
     let mut addr = |flag: Option<SocketAddr>,
                     text: Option<String>,
                     key: &str,

@@ -3,6 +3,7 @@
 //! [`server::start`].
 
 pub mod agent_service;
+pub mod backup;
 pub mod config;
 pub mod convert;
 pub mod drift;

@@ -80,6 +80,9 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
         .with_context(|| format!("cannot listen for {what} on {addr}"))
 }
 
+/// The data dir's copy of the first admin token.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
 /// Creates the first admin token when the store has no operator token;
 /// returns it when this start created it (to be printed).
 ///
@@ -97,7 +100,7 @@ async fn ensure_admin_token(
     if store.count_operator_tokens().await? > 0 {
         return Ok(None);
     }
-    let path = data_dir.join("admin.token");
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
     let (generated, _) = edgefleet_pki::generate_operator_token();
     let token = if edgefleet_pki::create_private_file(&path, format!("{generated}\n").as_bytes())? {
         generated

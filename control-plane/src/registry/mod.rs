@@ -125,6 +125,12 @@ impl BlobStore {
         }
     }
 
+    /// The directory of the blobs' files (one subdirectory per first two
+    /// hex digits of their SHA-256).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     /// The file of a blob (whether or not it exists).
     pub fn path(&self, sha256: &str) -> PathBuf {
         let prefix = sha256.get(..2).unwrap_or("00");

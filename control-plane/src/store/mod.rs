@@ -24,6 +24,9 @@ pub use registry::RegistryStore;
 /// Device and token labels, ordered so their JSON is stable.
 pub type Labels = BTreeMap<String, String>;
 
+/// The SQLite database in the data dir, when no database URL is given.
+pub const SQLITE_FILE: &str = "edgefleet.db";
+
 /// Opens the store a database URL names: `postgres://…` / `postgresql://…`
 /// for PostgreSQL, `sqlite://PATH` for SQLite, and `None` for SQLite at
 /// `DATA_DIR/edgefleet.db` (created if missing). Applies pending migrations;
@@ -42,7 +45,7 @@ pub async fn open(
             "unsupported database URL scheme in {:?}: use postgres://… or sqlite://PATH",
             url.split(':').next().unwrap_or_default()
         ))),
-        None => sqlite::open_file(&data_dir.join("edgefleet.db")).await,
+        None => sqlite::open_file(&data_dir.join(SQLITE_FILE)).await,
     }
 }
 
