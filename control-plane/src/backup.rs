@@ -92,6 +92,7 @@ async fn copy_all(
         Some(file) => {
             let snapshot = dest.join(SQLITE_FILE);
             snapshot_sqlite(file, &snapshot).await?;
+            tracing::info!(database = %file.display(), "database snapshot taken");
             move_generations_forward(&snapshot).await?;
             let digests = model_digests(&snapshot).await?;
             (Some(std::fs::metadata(&snapshot)?.len()), digests)
@@ -115,7 +116,7 @@ async fn copy_all(
     let source = BlobStore::new(data_dir);
     let target = BlobStore::new(dest);
     let mut blob_bytes = 0;
-    for digest in &digests {
+    for (done, digest) in digests.iter().enumerate() {
         let from = source.path(digest);
         if !from.exists() {
             bail!(
@@ -131,6 +132,14 @@ async fn copy_all(
             .mode(0o700)
             .create(parent)?;
         blob_bytes += copy_file(&from, &to, 0o600, Some(digest))?;
+        // Progress: a fleet's model files may be gigabytes.
+        tracing::info!(
+            sha256 = %digest,
+            done = done + 1,
+            of = digests.len(),
+            bytes_so_far = blob_bytes,
+            "model file copied"
+        );
     }
     sync_tree(dest)?;
     Ok(BackupReport {
