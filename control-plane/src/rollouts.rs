@@ -1668,6 +1668,21 @@ mod tests {
         cp.metrics.sample(name)
     }
 
+    /// An ACTIVE report of m@2 from `device`, received at `at`, answering
+    /// desired-state generation `generation`.
+    fn active_on_m2(device: &str, at: i64, generation: u64) -> ActivationRecord {
+        ActivationRecord {
+            device_id: device.into(),
+            name: "m".into(),
+            version: 2,
+            stage: "ACTIVE".into(),
+            reason: String::new(),
+            at,
+            generation,
+            reported_ms: 5,
+        }
+    }
+
     /// Renames a table of the SQLite store under `dir`, behind the control
     /// plane's back: its reads of the old name fail until it is renamed back.
     async fn rename_table(dir: &std::path::Path, from: &str, to: &str) {
@@ -1719,17 +1734,10 @@ mod tests {
             (d1.device_id.as_str(), d1.state.as_str()),
             ("d1", "updating")
         );
-        let report = ActivationRecord {
-            device_id: "d1".into(),
-            name: "m".into(),
-            version: 2,
-            stage: "ACTIVE".into(),
-            reason: String::new(),
-            at: now_ms(),
-            generation: d1.generation,
-            reported_ms: 5,
-        };
-        cp.store.record_activation(&report).await.unwrap();
+        cp.store
+            .record_activation(&active_on_m2("d1", now_ms(), d1.generation))
+            .await
+            .unwrap();
         step_once().await.unwrap();
         let soaking = [
             ("d1".into(), "active".into()),
@@ -2111,16 +2119,7 @@ mod tests {
             "the rollout notes the generation"
         );
 
-        let report = ActivationRecord {
-            device_id: "d1".into(),
-            name: "m".into(),
-            version: 2,
-            stage: "ACTIVE".into(),
-            reason: String::new(),
-            at: asked.updated_at - 60_000,
-            generation,
-            reported_ms: 5,
-        };
+        let report = active_on_m2("d1", asked.updated_at - 60_000, generation);
         cp.store.record_activation(&report).await.unwrap();
         let read = cp.store.rollout("r1").await.unwrap().unwrap();
         step(&cp, read, &mut GateFigures::default()).await.unwrap();

@@ -25,6 +25,16 @@ fn backup(data_dir: &Path, dest: &Path) -> Output {
         .unwrap()
 }
 
+/// A server on `data_dir` with the `mlp` fixture pushed as mlp@1, and the
+/// model file's SHA-256.
+fn server_with_mlp(data_dir: &Path, database_url: Option<&str>) -> (Server, String) {
+    let server = Server::start(data_dir, database_url, &[]);
+    let mlp = fixture_model("mlp");
+    let pushed = server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", "mlp"]);
+    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
+    (server, sha256)
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
@@ -41,10 +51,8 @@ fn ids(list: &serde_json::Value, key: &str) -> Vec<String> {
 fn a_backup_of_a_running_server_starts_a_server_with_its_fleet() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let server = Server::start(&data_dir, None, &[]);
+    let (server, sha256) = server_with_mlp(&data_dir, None);
     let mlp = fixture_model("mlp");
-    let pushed = server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", "mlp"]);
-    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
     let token = server.join_token(&["--labels", "site=paris", "--uses", "2"]);
     let device = enroll_ok(&server, &token, &dir.path().join("device"));
 
@@ -92,10 +100,7 @@ fn a_backup_of_a_running_server_starts_a_server_with_its_fleet() {
 fn a_backup_never_overwrites_and_one_that_fails_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
-    let server = Server::start(&data_dir, None, &[]);
-    let mlp = fixture_model("mlp");
-    let pushed = server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", "mlp"]);
-    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
+    let (server, sha256) = server_with_mlp(&data_dir, None);
 
     // An existing directory is not written into.
     let existing = dir.path().join("existing");
@@ -149,10 +154,8 @@ fn a_backup_on_postgres_copies_the_files_and_says_the_database_is_not_in_it() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let schema = PgSchema::create();
-    let server = Server::start(&data_dir, Some(&schema.url), &[]);
+    let (server, sha256) = server_with_mlp(&data_dir, Some(&schema.url));
     let mlp = fixture_model("mlp");
-    let pushed = server.cli_json(&["models", "push", mlp.to_str().unwrap(), "--name", "mlp"]);
-    let sha256 = pushed["sha256"].as_str().unwrap().to_string();
 
     let dest = dir.path().join("backup");
     let output = Command::new(binary("edgefleet-server"))
