@@ -367,6 +367,21 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
             .await
             .map_err(store_unavailable("cannot record a Hello"))?;
+        // A device working towards a desired state newer than this control
+        // plane's (restored from an older backup) would ignore ours as older:
+        // ours moves past it, and the session sends it below.
+        if cp
+            .store
+            .move_generation_past(&device_id, hello.desired_generation)
+            .await
+            .map_err(store_unavailable("cannot read a device's desired state"))?
+        {
+            tracing::warn!(
+                device = %device_id,
+                device_generation = hello.desired_generation,
+                "the device works towards a desired state newer than this control plane's (restored from a backup?); sending ours as newer"
+            );
+        }
         let acked_sequence = cp
             .store
             .last_sequence(&device_id)

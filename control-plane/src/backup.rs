@@ -93,7 +93,6 @@ async fn copy_all(
             let snapshot = dest.join(SQLITE_FILE);
             snapshot_sqlite(file, &snapshot).await?;
             tracing::info!(database = %file.display(), "database snapshot taken");
-            move_generations_forward(&snapshot).await?;
             let digests = model_digests(&snapshot).await?;
             (Some(std::fs::metadata(&snapshot)?.len()), digests)
         }
@@ -172,42 +171,6 @@ async fn snapshot_sqlite(file: &Path, snapshot: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot copy the database {}", file.display()))?;
     std::fs::set_permissions(snapshot, std::fs::Permissions::from_mode(0o600))?;
-    Ok(())
-}
-
-/// How far a backup moves every device's desired-state generation forward.
-/// A device works towards the newest generation it was given and ignores
-/// older ones; one whose desired state changed after the backup (a rollout
-/// step) holds a generation the backup does not know, and would ignore the
-/// restored server until it caught up. Moved this far, the restored
-/// server's generations are newer than any a device can have been given
-/// since, unless it was given this many.
-pub const GENERATION_STEP: i64 = 1 << 20;
-
-/// Moves the snapshot's desired-state generations forward by
-/// [`GENERATION_STEP`], every device's (one that has none gets one), with
-/// the generations its rollouts noted and its activation reports answer
-/// (0, "none yet", stays 0), so that they still match each other.
-async fn move_generations_forward(snapshot: &Path) -> anyhow::Result<()> {
-    let mut db = SqliteConnectOptions::new()
-        .filename(snapshot)
-        .connect()
-        .await?;
-    let mut tx = sqlx::Connection::begin(&mut db).await?;
-    for statement in [
-        "UPDATE device_generations SET generation = generation + ?1",
-        "INSERT INTO device_generations (device_id, generation) \
-         SELECT id, ?1 FROM devices WHERE id NOT IN (SELECT device_id FROM device_generations)",
-        "UPDATE rollout_devices SET generation = generation + ?1 WHERE generation > 0",
-        "UPDATE activations SET generation = generation + ?1 WHERE generation > 0",
-    ] {
-        sqlx::query(statement)
-            .bind(GENERATION_STEP)
-            .execute(&mut *tx)
-            .await
-            .context("cannot move the snapshot's desired-state generations forward")?;
-    }
-    tx.commit().await?;
     Ok(())
 }
 

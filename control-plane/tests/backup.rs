@@ -178,9 +178,9 @@ fn a_backup_on_postgres_copies_the_files_and_says_the_database_is_not_in_it() {
 
 /// A device whose desired state changed after the backup (here: a rollout
 /// of v2) holds a newer desired-state generation than the backup's
-/// database, and works towards the newest it was given: the backup moves
-/// its generations forward, so the restored server is obeyed, and the
-/// device returns to what the restored fleet says it serves (v1).
+/// database, and ignores desired states older than its own: it says which
+/// it holds in its Hello, the restored server moves its own past it, and
+/// the device returns to what the restored fleet says it serves (v1).
 #[test]
 fn devices_follow_a_server_restored_from_a_backup_older_than_their_state() {
     let dir = tempfile::tempdir().unwrap();

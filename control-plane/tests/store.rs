@@ -2471,6 +2471,7 @@ mod registry {
         rollout_devices_come_in_pages,
         save_rollout_step_applies_everything,
         changes_to_one_device_in_a_step_end_as_applied_in_order,
+        a_generation_moves_past_only_one_a_device_holds_ahead_of_it,
         failed_rollout_step_changes_nothing,
         stale_rollout_step_is_refused_and_changes_nothing,
         concurrent_steps_from_one_read_save_once,
@@ -3216,6 +3217,41 @@ mod registry {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A device says which desired-state generation it holds; the store
+    /// moves its own past it only when it is behind (a restored backup),
+    /// never on an ordinary reconnect, and keeps the desired state.
+    async fn a_generation_moves_past_only_one_a_device_holds_ahead_of_it(db: &Db) {
+        let mut r = rollout("r1", "m", 2, T0);
+        create(db, &r, &["a", "b"]).await.unwrap();
+        db.store
+            .save_rollout_step(&mut r, &[], &[set("a", "m", 1)], &[])
+            .await
+            .unwrap();
+        let before = db.store.desired_state("a").await.unwrap();
+        assert_eq!(before, (1, vec![desired("m", 1)]));
+        // Holding what the store gave, or none yet, or less: nothing moves.
+        for held in [0, 1] {
+            assert!(!db.store.move_generation_past("a", held).await.unwrap());
+            assert_eq!(db.store.desired_state("a").await.unwrap(), before);
+        }
+        // Ahead: the store's generation moves past it, the state unchanged.
+        assert!(db.store.move_generation_past("a", 7).await.unwrap());
+        assert_eq!(
+            db.store.desired_state("a").await.unwrap(),
+            (8, vec![desired("m", 1)])
+        );
+        assert!(!db.store.move_generation_past("a", 8).await.unwrap());
+        // A device the store never gave a desired state.
+        assert!(db.store.move_generation_past("b", 3).await.unwrap());
+        assert_eq!(db.store.desired_state("b").await.unwrap(), (4, vec![]));
+        // The next change moves on from there.
+        db.store
+            .save_rollout_step(&mut r, &[], &[clear("a", "m")], &[])
+            .await
+            .unwrap();
+        assert_eq!(db.store.desired_state("a").await.unwrap(), (9, vec![]));
     }
 
     /// A step's desired changes end as applying them one after the other

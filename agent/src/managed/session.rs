@@ -358,6 +358,7 @@ async fn connect_and_serve(
             models: models_at_hello,
             runtime: hello.runtime(),
             last_sequence,
+            desired_generation: delivery.map_or(0, DeliveryLink::generation),
         })),
     };
     outbound

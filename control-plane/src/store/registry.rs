@@ -356,6 +356,13 @@ pub trait RegistryStore: Send + Sync {
     // ---- desired state and activation reports
     /// The device's desired models and generation (0 and empty if none).
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError>;
+    /// Moves the device's desired-state generation to `held + 1` when it is
+    /// behind `held`, the generation the device says it works towards (its
+    /// desired state is unchanged); true if it moved. A device
+    /// ahead of the store is one whose control plane was restored from a
+    /// backup older than its last change: it ignores desired states older
+    /// than its own.
+    async fn move_generation_past(&self, device_id: &str, held: u64) -> Result<bool, StoreError>;
     /// The device (None if it is not enrolled) and whether its desired
     /// state names the blob `sha256` (any case), in one query: what a blob
     /// download checks before it streams, on every replica.

@@ -665,6 +665,24 @@ impl RegistryStore for PgStore {
             .collect())
     }
 
+    async fn move_generation_past(&self, device_id: &str, held: u64) -> Result<bool, StoreError> {
+        if held == 0 {
+            return Ok(false);
+        }
+        let moved = sqlx::query(
+            "INSERT INTO device_generations (device_id, generation) VALUES ($1, $2 + 1) \
+             ON CONFLICT (device_id) DO UPDATE SET generation = excluded.generation \
+             WHERE device_generations.generation < $2",
+        )
+        .bind(device_id)
+        .bind(to_db(held))
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0;
+        Ok(moved)
+    }
+
     async fn desired_state(&self, device_id: &str) -> Result<(u64, Vec<DesiredModel>), StoreError> {
         // One read transaction: the generation and the models of one snapshot.
         let mut tx = self
