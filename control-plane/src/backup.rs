@@ -86,8 +86,8 @@ async fn copy_all(
     database: Option<&Path>,
     dest: &Path,
 ) -> anyhow::Result<BackupReport> {
-    // The snapshot first: the model files it names were placed before their
-    // rows were written, so each is there to copy.
+    // The snapshot first: a push places its model file before its row is
+    // committed, so each file the snapshot names is there to copy.
     let (database_bytes, digests) = match database {
         Some(file) => {
             let snapshot = dest.join(SQLITE_FILE);
