@@ -408,7 +408,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .await
             .map_err(|_| Status::cancelled("the agent went away"))?;
         tracing::info!(device = %device_id, acked_sequence, "agent session opened");
-        tokio::spawn(run_session(
+        let tasks = cp.sessions.tasks.clone();
+        tasks.spawn(run_session(
             cp,
             Peer { device_id, serial },
             inbound,

@@ -32,6 +32,10 @@ pub const MAX_AGENT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 /// Lifetime of the server certificate issued at each start.
 const SERVER_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// How long a stopping server waits for agent sessions to finish closing
+/// once its listeners have stopped.
+const SESSIONS_CLOSING: Duration = Duration::from_secs(2);
+
 /// A started control plane.
 #[derive(Debug)]
 pub struct RunningServer {
@@ -65,6 +69,21 @@ impl RunningServer {
                 self.shutdown.cancel();
                 first_error.get_or_insert(err);
             }
+        }
+        // The listeners are done; sessions still closing finish their last
+        // writes before the caller drops the runtime (and the writers).
+        // A session whose connection outlives its listener is not waited
+        // for long.
+        let sessions = &self.control_plane.sessions.tasks;
+        sessions.close();
+        if tokio::time::timeout(SESSIONS_CLOSING, sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = sessions.len(),
+                "agent sessions still open {SESSIONS_CLOSING:?} after the listeners stopped"
+            );
         }
         first_error.map_or(Ok(()), Err)
     }
@@ -392,5 +411,38 @@ async fn roll_up(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::
             ),
             Err(err) => tracing::warn!(error = %err, "cannot roll up telemetry"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+
+    /// A stopping server returns once its listeners have stopped *and* its
+    /// agent sessions have finished closing (each ends with a last-seen
+    /// write through a group writer that the runtime's end would drop):
+    /// here a session task still writing for 300 ms after the stop.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stopping_waits_for_sessions_to_finish_closing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ServerConfig::new(dir.path());
+        let local: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        config.agent_addr = local;
+        config.api_addr = local;
+        config.http_addr = local;
+        let server = start(config).await.unwrap();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closing = Arc::clone(&closed);
+        server.control_plane.sessions.tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            closing.store(true, Ordering::SeqCst);
+        });
+        server.stop().await.unwrap();
+        assert!(
+            closed.load(Ordering::SeqCst),
+            "stop returned before the session finished closing"
+        );
     }
 }

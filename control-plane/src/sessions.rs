@@ -32,6 +32,10 @@ pub struct Sessions {
     next_id: AtomicU64,
     live: Mutex<HashMap<String, Entry>>,
     downloads: Arc<Downloads>,
+    /// The sessions' tasks: a stopping server waits for them (each ends
+    /// with a write, its device's last-seen time) before the writers they
+    /// write through are dropped with the runtime.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 /// Blob downloads in progress on this replica, by device: a revocation
