@@ -2138,16 +2138,7 @@ mod tests {
             updated_at: 1_000,
             generation: 7,
         };
-        let report = |generation: u64, at: i64| ActivationRecord {
-            device_id: "d1".into(),
-            name: "m".into(),
-            version: 2,
-            stage: "ACTIVE".into(),
-            reason: String::new(),
-            at,
-            generation,
-            reported_ms: 0,
-        };
+        let report = |generation: u64, at: i64| active_on_m2("d1", at, generation);
         assert!(answers(&report(7, 0), &device), "whatever the clock said");
         assert!(answers(&report(8, 0), &device));
         assert!(
