@@ -578,6 +578,16 @@ impl RegistryStore for SqliteStore {
         if held == 0 {
             return Ok(false);
         }
+        // Every Hello asks, and a device is almost never ahead: a read, not
+        // a turn at the one writer, decides that.
+        let stored: Option<i64> =
+            sqlx::query_scalar("SELECT generation FROM device_generations WHERE device_id = ?")
+                .bind(device_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        if stored.is_some_and(|stored| common::from_db(stored) >= held) {
+            return Ok(false);
+        }
         let mut tx = self.write().await?;
         let moved = sqlx::query(
             "INSERT INTO device_generations (device_id, generation) VALUES (?1, ?2 + 1) \
