@@ -241,7 +241,8 @@ def record(release, work, idle_seconds):
         else:
             sys.exit(f"order-agent-text: the control plane wrote no {token_file} within 30 s")
         env = dict(os.environ, EDGEFLEET_TOKEN=token_file.read_text().strip(),
-                   EDGEFLEET_SERVER=f"http://127.0.0.1:{ports[1]}")
+                   EDGEFLEET_SERVER=f"https://127.0.0.1:{ports[1]}",
+                   EDGEFLEET_CA_CERT=str(data_dir / "ca.crt"))
         join = subprocess.run([cli, "join-token", "create", "--uses", "1"], env=env,
                               check=True, capture_output=True, text=True).stdout.strip()
         subprocess.run([agent, "enroll", "--server", f"https://127.0.0.1:{ports[0]}", "--token", join,

@@ -5,7 +5,7 @@ Proof that rollouts are scriptable from outside Rust: the stubs are generated
 from the repo's own protos (grpcio-tools) at start, nothing else is needed.
 
     pip install -r scripts/requirements-client.txt
-    EDGEFLEET_TOKEN=$(cat DATA_DIR/admin.token) \
+    EDGEFLEET_TOKEN=$(cat DATA_DIR/admin.token) EDGEFLEET_CA_CERT=DATA_DIR/ca.crt \
         scripts/rollout.py --server 127.0.0.1:7444 --model mlp@2 \
         --selector region=eu --waves 10%,100% --max-failed 1
 
@@ -58,23 +58,26 @@ def parse_waves(pb, text):
 
 
 def open_channel(parser, server, ca_cert):
-    """TLS for https:// or a CA file; plaintext only to a server on this
-    machine, as the edgefleet CLI does: the token must not cross a network
-    in the clear."""
-    tls = server.startswith("https://") or ca_cert is not None
+    """TLS trusting the fleet CA (the server's ca.crt), as the edgefleet CLI
+    does; plaintext only for http:// to a server on this machine started
+    with --plaintext-on-loopback: the token must not cross a network in the
+    clear."""
     address = server.removeprefix("http://").removeprefix("https://")
-    if tls:
-        roots = None
-        if ca_cert:
-            with open(ca_cert, "rb") as f:
-                roots = f.read()
+    if not server.startswith("http://"):
+        if not ca_cert:
+            parser.error(
+                f"--ca-cert (or EDGEFLEET_CA_CERT) is required to trust {server!r}: "
+                "use the server's DATA_DIR/ca.crt"
+            )
+        with open(ca_cert, "rb") as f:
+            roots = f.read()
         return grpc.secure_channel(address, grpc.ssl_channel_credentials(roots))
     host = address.rsplit(":", 1)[0].strip("[]")
     if host not in ("localhost", "127.0.0.1", "::1") and not host.startswith("127."):
         parser.error(
             f"refusing to send the operator token in plaintext to {server!r}: "
-            "plaintext is for a server on this machine (loopback); "
-            "use https://HOST:PORT with --ca-cert"
+            "http:// is for a server on this machine (loopback); "
+            "use HOST:PORT (TLS) with --ca-cert"
         )
     return grpc.insecure_channel(address)
 
@@ -82,9 +85,11 @@ def open_channel(parser, server, ca_cert):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--server", default=os.environ.get("EDGEFLEET_SERVER", "127.0.0.1:7444"),
-                        help="operator API, HOST:PORT (plaintext on loopback)")
+                        help="operator API: HOST:PORT or https://HOST:PORT (TLS), "
+                        "http://HOST:PORT for a plaintext one on loopback")
     parser.add_argument("--ca-cert", default=os.environ.get("EDGEFLEET_CA_CERT"),
-                        help="the server's ca.crt, for a TLS operator API")
+                        help="the server's DATA_DIR/ca.crt, which its TLS certificate is from "
+                        "(or EDGEFLEET_CA_CERT)")
     parser.add_argument("--token", default=os.environ.get("EDGEFLEET_TOKEN"),
                         help="operator bearer token (or EDGEFLEET_TOKEN)")
     parser.add_argument("--model", required=True, help="NAME@VERSION")

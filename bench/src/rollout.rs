@@ -181,6 +181,8 @@ impl Fleet {
         config.agent_addr = local;
         config.api_addr = local;
         config.http_addr = local;
+        // The operator API in plaintext: the bench drives it on loopback.
+        config.plaintext_on_loopback = true;
         config.telemetry_interval = Duration::from_secs(3600);
         let runtime = OwnRuntime(Some(
             tokio::runtime::Builder::new_multi_thread()

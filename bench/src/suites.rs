@@ -1431,6 +1431,8 @@ async fn managed_idle_rss(agent: &Path) -> anyhow::Result<u64> {
     config.agent_addr = local;
     config.api_addr = local;
     config.http_addr = local;
+    // The operator API in plaintext: the bench drives it on loopback.
+    config.plaintext_on_loopback = true;
     let server = edgefleet_control_plane::server::start(config).await?;
     let admin = server.admin_token.clone().context("no admin token")?;
     let api = tonic::transport::Channel::from_shared(format!("http://{}", server.api_addr))?

@@ -34,7 +34,7 @@ mod rollouts;
 use pages::{PageSize, all_pages};
 
 /// Where `edgefleet-server serve` listens for operators by default.
-const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
+const DEFAULT_SERVER: &str = "https://127.0.0.1:7444";
 
 /// The command line; [`Cli`] is what the commands use, once the config file
 /// and the defaults filled what it leaves out.
@@ -46,8 +46,8 @@ const DEFAULT_SERVER: &str = "http://127.0.0.1:7444";
     after_help = "The admin token is printed once by the server's first start and kept in DATA_DIR/admin.token."
 )]
 struct Args {
-    /// The control plane's operator API: http://HOST:PORT on loopback, https://HOST:PORT elsewhere
-    /// [default: http://127.0.0.1:7444].
+    /// The control plane's operator API: https://HOST:PORT, or http://HOST:PORT for a server on
+    /// this machine started with --plaintext-on-loopback [default: https://127.0.0.1:7444].
     #[arg(long, global = true, env = "EDGEFLEET_SERVER", value_name = "URL")]
     server: Option<String>,
     /// Operator bearer token.
@@ -233,13 +233,20 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
     let channel = if cli.server.starts_with("https://") {
         let Some(ca_path) = &cli.ca_cert else {
             bail!(
-                "--ca-cert (or EDGEFLEET_CA_CERT, or ca_cert in the config file) is required for an https:// server: use the server's DATA_DIR/ca.crt"
+                "--ca-cert (or EDGEFLEET_CA_CERT, or ca_cert in the config file) is required to trust {}: use the server's DATA_DIR/ca.crt",
+                cli.server
             );
         };
         let ca_pem = std::fs::read_to_string(ca_path)
             .with_context(|| format!("cannot read CA certificate {}", ca_path.display()))?;
         let config = edgefleet_pki::ca_client_tls_config(&ca_pem)?;
-        edgefleet_pki::connect_tls(&cli.server, config, timeout).await?
+        match edgefleet_pki::connect_tls(&cli.server, config, timeout).await {
+            Ok(channel) => channel,
+            Err(err @ edgefleet_pki::PkiError::NotTls { .. }) => {
+                bail!("{err}: a server started with --plaintext-on-loopback takes http://HOST:PORT")
+            }
+            Err(err) => return Err(err.into()),
+        }
     } else if cli.server.starts_with("http://") {
         if !is_loopback_url(&cli.server) {
             bail!(
@@ -308,13 +315,39 @@ fn authorized<T>(cli: &Cli, message: T) -> anyhow::Result<tonic::Request<T>> {
 }
 
 fn status_error(status: tonic::Status) -> anyhow::Error {
-    let code = status.code();
-    let message = status.message();
-    match code {
-        tonic::Code::Unavailable => anyhow::anyhow!("server unavailable: {message}"),
-        tonic::Code::Unauthenticated => anyhow::anyhow!("not authorized: {message}"),
-        _ => anyhow::anyhow!("{message} ({code:?})"),
+    RpcError(status).into()
+}
+
+/// An RPC's error status, as the CLI words it.
+#[derive(Debug)]
+struct RpcError(tonic::Status);
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let code = self.0.code();
+        let message = self.0.message();
+        match code {
+            tonic::Code::Unavailable => write!(f, "server unavailable: {message}"),
+            tonic::Code::Unauthenticated => write!(f, "not authorized: {message}"),
+            _ => write!(f, "{message} ({code:?})"),
+        }
     }
+}
+
+impl std::error::Error for RpcError {}
+
+/// A plaintext (`http://`) client's first RPC to a TLS listener ends in a
+/// bare "transport error": say what is likely wrong.
+fn explain_plaintext_failure(server: &str, err: anyhow::Error) -> anyhow::Error {
+    let broken_transport = err.downcast_ref::<RpcError>().is_some_and(|rpc| {
+        rpc.0.code() == tonic::Code::Unknown && rpc.0.message() == "transport error"
+    });
+    if server.starts_with("http://") && broken_transport {
+        return err.context(format!(
+            "{server} broke the connection: it serves TLS unless started with --plaintext-on-loopback; use https://HOST:PORT with --ca-cert"
+        ));
+    }
+    err
 }
 
 fn now_ms() -> u64 {
@@ -1155,11 +1188,13 @@ async fn models(cli: &Cli, command: &ModelsCommand) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let args: Args = edgefleet_daemon::parse_args();
     let result = Cli::resolve(args).and_then(|cli| {
+        let server = cli.server.clone();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("cannot start the async runtime")
             .and_then(|rt| rt.block_on(run(cli)))
+            .map_err(|err| explain_plaintext_failure(&server, err))
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

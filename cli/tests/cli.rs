@@ -187,13 +187,15 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
         reaches(&["--token", "t"], &[("EDGEFLEET_CONFIG", &named)]),
         "http://127.0.0.1:3"
     );
-    // Without any file: the default server.
+    // Without any file: the default server, over TLS.
     let output = command()
         .args(["--token", "t", "join-token", "create"])
         .output()
         .unwrap();
     assert!(
-        error_line(&output).contains("cannot connect to http://127.0.0.1:7444"),
+        error_line(&output).contains(
+            "--ca-cert (or EDGEFLEET_CA_CERT, or ca_cert in the config file) is required to trust https://127.0.0.1:7444"
+        ),
         "{output:?}"
     );
 }

@@ -54,12 +54,16 @@ pub struct ServeArgs {
     /// gRPC listener for agents, TLS [default: 0.0.0.0:7443].
     #[arg(long, env = "EDGEFLEET_SERVER_AGENT_ADDR", value_name = "ADDR")]
     pub agent_addr: Option<SocketAddr>,
-    /// Operator gRPC API; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7444].
+    /// Operator gRPC API, TLS (the server certificate, from the fleet CA) [default: 127.0.0.1:7444].
     #[arg(long, env = "EDGEFLEET_SERVER_API_ADDR", value_name = "ADDR")]
     pub api_addr: Option<SocketAddr>,
-    /// Dashboard and /metrics HTTP listener; plaintext on loopback, TLS elsewhere [default: 127.0.0.1:7480].
+    /// Dashboard and /metrics HTTP listener, TLS like the operator API [default: 127.0.0.1:7480].
     #[arg(long, env = "EDGEFLEET_SERVER_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// Serve the operator API and the HTTP listener in plaintext when their address is a
+    /// loopback one (a listener anywhere else keeps TLS) [default: off].
+    #[arg(long, env = "EDGEFLEET_SERVER_PLAINTEXT_ON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
+    pub plaintext_on_loopback: bool,
     /// How long the HTTP listener waits for a client's request headers, or the next request on a kept-alive connection, before closing the connection [default: 60s].
     #[arg(long, env = "EDGEFLEET_SERVER_HTTP_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub http_read_timeout: Option<Duration>,
@@ -177,6 +181,7 @@ struct FileConfig {
     agent_addr: Option<String>,
     api_addr: Option<String>,
     http_addr: Option<String>,
+    plaintext_on_loopback: Option<bool>,
     http_read_timeout: Option<String>,
     server_names: Option<Vec<String>>,
     telemetry_retention: Option<String>,
@@ -197,6 +202,9 @@ pub struct ServerConfig {
     pub agent_addr: SocketAddr,
     pub api_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The operator API and HTTP listeners speak plaintext where their
+    /// address is a loopback one; TLS otherwise, and always without this.
+    pub plaintext_on_loopback: bool,
     /// A client of the HTTP listener that leaves it waiting this long for
     /// request headers, or an idle kept-alive connection, is disconnected.
     pub http_read_timeout: Duration,
@@ -239,6 +247,7 @@ impl ServerConfig {
             agent_addr: parse(DEFAULT_AGENT_ADDR),
             api_addr: parse(DEFAULT_API_ADDR),
             http_addr: parse(DEFAULT_HTTP_ADDR),
+            plaintext_on_loopback: false,
             http_read_timeout: edgefleet_daemon::http::DEFAULT_HTTP_READ_TIMEOUT,
             server_names: Vec::new(),
             telemetry_retention: DEFAULT_TELEMETRY_RETENTION,
@@ -254,6 +263,12 @@ impl ServerConfig {
             session_idle_timeout_override: None,
             api_keepalive: API_KEEPALIVE,
         }
+    }
+
+    /// Whether the operator API or HTTP listener bound to `addr` speaks
+    /// plaintext: only on loopback, and only when asked for.
+    pub fn plaintext(&self, addr: SocketAddr) -> bool {
+        self.plaintext_on_loopback && addr.ip().is_loopback()
     }
 
     /// The HTTP/2 keepalive interval of the agent listener: a PING goes out
@@ -347,6 +362,8 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "http_addr",
         config.http_addr,
     );
+    config.plaintext_on_loopback =
+        args.plaintext_on_loopback || file.plaintext_on_loopback == Some(true);
     let mut duration =
         |flag: Option<Duration>, text: Option<String>, key: &str, default: Duration| {
             let value = match (flag, text) {

@@ -243,7 +243,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         agent_server.await.context("agent listener failed")
     }));
 
-    // Operators: plaintext on loopback, TLS elsewhere.
+    // Operators: TLS, but plaintext on loopback when asked for.
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<OperatorServiceServer<OperatorApi>>()
@@ -272,7 +272,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .max_decoding_message_size(MAX_PUSH_MESSAGE_BYTES),
         );
     let stop = shutdown.clone();
-    if api_addr.ip().is_loopback() {
+    if config.plaintext(api_addr) {
         let incoming = tonic::transport::server::TcpIncoming::from(api_listener);
         tasks.push(tokio::spawn(async move {
             operator_router
@@ -290,11 +290,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         }));
     }
 
-    // HTTP: plaintext on loopback, TLS elsewhere.
+    // HTTP: as the operator API.
     let router = crate::http::router(Arc::clone(&metrics));
     let stop = shutdown.clone();
     let read_timeout = config.http_read_timeout;
-    if http_addr.ip().is_loopback() {
+    if config.plaintext(http_addr) {
         tasks.push(tokio::spawn(async move {
             serve_http(http_listener, router, read_timeout, stop).await;
             Ok(())
@@ -321,16 +321,19 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     )));
 
-    let api_scheme = if api_addr.ip().is_loopback() {
-        "http"
-    } else {
-        "https"
+    let scheme = |addr| {
+        if config.plaintext(addr) {
+            "http"
+        } else {
+            "https"
+        }
     };
-    let http_scheme = if http_addr.ip().is_loopback() {
-        "http"
-    } else {
-        "https"
-    };
+    let (api_scheme, http_scheme) = (scheme(api_addr), scheme(http_addr));
+    if config.plaintext_on_loopback && api_scheme == "https" && http_scheme == "https" {
+        tracing::warn!(
+            "plaintext_on_loopback is set, but neither the operator API nor the HTTP listener is on a loopback address: both serve TLS"
+        );
+    }
     tracing::info!(
         agent = %format!("https://{agent_addr}"),
         api = %format!("{api_scheme}://{api_addr}"),

@@ -1597,21 +1597,19 @@ fn a_silent_session_is_ended_after_the_idle_timeout() {
 /// the listener does not serve gets a JSON error.
 #[test]
 fn metrics_are_served_as_openmetrics_and_other_paths_get_json_errors() {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), None, &[]);
-    let mut stream = std::net::TcpStream::connect(server.http_addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let tcp = std::net::TcpStream::connect(server.http_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut stream = support::tls_client(tcp, &server.ca_cert());
     write!(
         stream,
         "GET /metrics HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
         server.http_addr
     )
     .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    let (response, _) = until_closed(&mut stream);
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
@@ -1621,11 +1619,11 @@ fn metrics_are_served_as_openmetrics_and_other_paths_get_json_errors() {
     );
     assert!(body.ends_with("# EOF\n"), "{body}");
     // What the listener does not serve is answered in JSON.
-    let (status, body) = http(server.http_addr, "GET", "/nothing", None).unwrap();
+    let (status, body) = server.request("GET", "/nothing", None).unwrap();
     assert_eq!(status, 404);
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(error["error"], "no such endpoint: /nothing");
-    let (status, body) = http(server.http_addr, "POST", "/metrics", None).unwrap();
+    let (status, body) = server.request("POST", "/metrics", None).unwrap();
     assert_eq!(status, 405);
     let error: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(
@@ -1660,19 +1658,28 @@ fn until_closed(connection: &mut impl std::io::Read) -> (String, Duration) {
 
 /// A client that stops halfway through its request's headers, or leaves a
 /// kept-alive connection idle, is disconnected after the HTTP read timeout,
-/// on the plaintext listener (loopback) and the TLS one (any other address),
+/// on the plaintext listener (loopback, when asked for) and the TLS one,
 /// and the listener serves on. Before, both kept such connections open for
 /// as long as the client liked.
 #[test]
 fn stalled_http_clients_are_disconnected_on_the_plaintext_and_tls_listeners() {
     use std::io::Write;
     const TIMEOUT: Duration = Duration::from_millis(500);
-    for (http, tls) in [("127.0.0.1:0", false), ("0.0.0.0:0", true)] {
+    let timeout = format!("{}ms", TIMEOUT.as_millis());
+    for (http, plaintext, tls) in [
+        ("127.0.0.1:0", true, false),
+        ("127.0.0.1:0", false, true),
+        ("0.0.0.0:0", true, true),
+    ] {
         let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["--http-read-timeout", &timeout];
+        if plaintext {
+            args.push("--plaintext-on-loopback");
+        }
         let server = Server::start_on(
             dir.path(),
             None,
-            &["--http-read-timeout", &format!("{}ms", TIMEOUT.as_millis())],
+            &args,
             Listen {
                 http: http.parse().unwrap(),
                 ..Listen::ephemeral()
@@ -1685,18 +1692,13 @@ fn stalled_http_clients_are_disconnected_on_the_plaintext_and_tls_listeners() {
             server.http_url
         );
         let port = server.http_addr.port();
-        let ca_pem = std::fs::read_to_string(dir.path().join("ca.crt")).unwrap();
         let connect = || -> Box<dyn ReadWrite> {
             let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
             tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             if !tls {
                 return Box::new(tcp);
             }
-            let mut config = (*edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap()).clone();
-            config.alpn_protocols.clear(); // HTTP/1.1
-            let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let connection = rustls::ClientConnection::new(config.into(), name).unwrap();
-            Box::new(rustls::StreamOwned::new(connection, tcp))
+            Box::new(support::tls_client(tcp, &server.ca_cert()))
         };
         let what = if tls { "TLS" } else { "plaintext" };
 
@@ -1743,17 +1745,20 @@ async fn an_operator_api_client_that_stops_answering_pings_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let server = tokio::task::spawn_blocking({
         let path = dir.path().to_path_buf();
-        move || Server::start(&path, None, &["--api-keepalive", "300ms"])
+        // Plaintext: the raw HTTP/2 client below speaks no TLS.
+        move || {
+            Server::start(
+                &path,
+                None,
+                &["--api-keepalive", "300ms", "--plaintext-on-loopback"],
+            )
+        }
     })
     .await
     .unwrap();
 
     // A live client with a quiet stream.
-    let channel = Channel::from_shared(server.api_url.clone())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = server.operator_channel().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut watch = health
         .watch(tonic_health::pb::HealthCheckRequest::default())

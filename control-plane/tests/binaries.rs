@@ -280,8 +280,9 @@ fn the_cli_config_file_gives_way_to_the_environment_and_flags() {
     std::fs::write(
         &config,
         format!(
-            "server = \"{}\"\ntoken = \"{token}\"\noutput = \"json\"\n",
-            server.api_url
+            "server = \"{}\"\nca_cert = \"{}\"\ntoken = \"{token}\"\noutput = \"json\"\n",
+            server.api_url,
+            server.ca_cert().display()
         ),
     )
     .unwrap();

@@ -324,6 +324,8 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
     let server = fx.server(&[]);
     let no_token = std::process::Command::new(binary("edgefleet"))
         .args(["--server", &server.api_url, "devices", "list"])
+        .arg("--ca-cert")
+        .arg(server.ca_cert())
         .env_remove("EDGEFLEET_TOKEN")
         .env_remove("EDGEFLEET_CONFIG")
         .env("XDG_CONFIG_HOME", &server.data_dir)
@@ -340,6 +342,8 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
             "devices",
             "list",
         ])
+        .arg("--ca-cert")
+        .arg(server.ca_cert())
         .output()
         .unwrap();
     assert!(!bad_token.status.success());
@@ -381,6 +385,85 @@ fn the_operator_api_needs_a_valid_token_and_well_formed_requests() {
         "{}",
         stderr(&unreachable)
     );
+}
+
+/// design.md: plaintext "only on loopback, and only when asked for". On
+/// loopback addresses the operator API and the HTTP listener serve TLS with
+/// a certificate from the fleet CA, and a plaintext client gets nothing
+/// from them; `--plaintext-on-loopback` makes both plaintext (the agent
+/// listener stays TLS), and a TLS client gets nothing then. The CLI says
+/// which to use when its scheme is not the server's.
+#[test]
+fn operators_get_tls_on_loopback_unless_plaintext_is_asked_for() {
+    for plaintext in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let args: &[&str] = if plaintext {
+            &["--plaintext-on-loopback"]
+        } else {
+            &[]
+        };
+        let server = Server::start(dir.path(), None, args);
+        let (scheme, other) = if plaintext {
+            ("http", "https")
+        } else {
+            ("https", "http")
+        };
+        assert!(server.agent_url.starts_with("https://127.0.0.1:"));
+        for url in [&server.api_url, &server.http_url] {
+            assert!(
+                url.starts_with(&format!("{scheme}://127.0.0.1:")),
+                "plaintext {plaintext}: {url}"
+            );
+        }
+        // Served on its own scheme: the CLI, gRPC health, /healthz.
+        assert_eq!(server.cli_json(&["devices", "list"]), Value::Array(vec![]));
+        let (status, body) = server.request("GET", "/healthz", None).unwrap();
+        assert_eq!(
+            (status, body.as_str()),
+            (200, "ok\n"),
+            "plaintext {plaintext}"
+        );
+        // Nothing on the other one.
+        let wrong = if plaintext {
+            let tcp = std::net::TcpStream::connect(server.http_addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut tls = tls_client(tcp, &server.ca_cert());
+            use std::io::{Read, Write};
+            let wrote = tls.write_all(b"GET /healthz HTTP/1.1\r\nhost: cp\r\n\r\n");
+            let mut answer = Vec::new();
+            wrote
+                .and_then(|()| tls.read_to_end(&mut answer))
+                .map(|_| answer)
+        } else {
+            http(server.http_addr, "GET", "/healthz", None)
+                .map(|answer| answer.1.into_bytes())
+                .ok_or(std::io::ErrorKind::InvalidData.into())
+        };
+        assert!(
+            wrong.as_ref().is_err() || wrong.as_ref().is_ok_and(Vec::is_empty),
+            "plaintext {plaintext}: {other} answered {wrong:?}"
+        );
+        let port = server.api_addr.port();
+        let output = std::process::Command::new(binary("edgefleet"))
+            .args(["--server", &format!("{other}://127.0.0.1:{port}")])
+            .arg("--ca-cert")
+            .arg(server.ca_cert())
+            .args(["--token", &server.admin_token(), "devices", "list"])
+            .env("XDG_CONFIG_HOME", &server.data_dir)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let hint = if plaintext {
+            "answered with something other than TLS"
+        } else {
+            "--plaintext-on-loopback"
+        };
+        assert!(
+            stderr(&output).contains(hint),
+            "plaintext {plaintext}: {}",
+            stderr(&output)
+        );
+    }
 }
 
 /// `run`'s own durations are checked before the agent loads or connects:
@@ -1072,11 +1155,7 @@ fn each_grpc_listener_reflects_and_reports_the_health_of_exactly_its_services() 
         let agents = edgefleet_pki::connect_tls(&server.agent_url, tls, Duration::from_secs(5))
             .await
             .unwrap();
-        let operators = tonic::transport::Channel::from_shared(server.api_url.clone())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let operators = server.operator_channel().await;
         for (channel, served) in [
             (agents, &["edgefleet.v1.AgentService"][..]),
             (
@@ -1210,6 +1289,8 @@ fn without_a_data_dir_the_server_keeps_its_data_in_the_users_data_home() {
         let api_url = field(&listening, "api");
         let listed = std::process::Command::new(support::binary("edgefleet"))
             .args(["--server", &api_url, "--token", token.trim()])
+            .arg("--ca-cert")
+            .arg(data_dir.join("ca.crt"))
             .args(["devices", "list", "--output", "json"])
             .output()
             .unwrap();

@@ -34,11 +34,7 @@ fn ids_and_model_names_holding_a_nul_are_invalid_on_both_stores() {
         let server = Server::start(dir.path(), schema.as_ref().map(|s| s.url.as_str()), &[]);
         let token = server.admin_token();
         runtime().block_on(async {
-            let channel = tonic::transport::Channel::from_shared(server.api_url.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let channel = server.operator_channel().await;
             let mut devices = OperatorServiceClient::new(channel.clone());
             let mut rollouts = RolloutServiceClient::new(channel);
             let id = "dev-0\0".to_string();
@@ -218,11 +214,7 @@ fn lists_come_in_pages_on_both_stores() {
             ]);
         }
         runtime().block_on(async {
-            let channel = tonic::transport::Channel::from_shared(server.api_url.clone())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
+            let channel = server.operator_channel().await;
             let devices = OperatorServiceClient::new(channel.clone());
             let mut models = ModelServiceClient::new(channel.clone());
             let mut rollouts = RolloutServiceClient::new(channel);

@@ -527,6 +527,8 @@ fn a_python_script_creates_and_watches_a_rollout() {
     let output = std::process::Command::new("python3")
         .arg(script)
         .args(["--server", &fleet.server.api_addr.to_string()])
+        .arg("--ca-cert")
+        .arg(fleet.server.ca_cert())
         .args([
             "--model",
             "mlp@1",
@@ -555,10 +557,24 @@ fn a_python_script_creates_and_watches_a_rollout() {
 /// The script, like the CLI, sends the operator token in plaintext only
 /// to a server on this machine: to any other address it refuses before
 /// connecting (10.255.255.1 is never reached: the refusal is immediate).
+/// Over TLS (any address without `http://`) it needs the fleet CA.
 #[test]
 fn the_python_script_refuses_to_send_the_token_in_plaintext_off_loopback() {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rollout.py");
-    for server in ["10.255.255.1:7444", "http://edgefleet.example:7444"] {
+    let output = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--server", "10.255.255.1:7444", "--model", "mlp@1"])
+        .env("EDGEFLEET_TOKEN", "secret-token")
+        .env_remove("EDGEFLEET_CA_CERT")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("--ca-cert (or EDGEFLEET_CA_CERT) is required to trust"),
+        "{}",
+        stderr(&output)
+    );
+    for server in ["http://10.255.255.1:7444", "http://edgefleet.example:7444"] {
         let output = std::process::Command::new("python3")
             .arg(&script)
             .args(["--server", server, "--model", "mlp@1"])

@@ -240,6 +240,8 @@ fn start() -> ControlPlaneFixture {
     config.agent_addr = loopback;
     config.api_addr = loopback;
     config.http_addr = loopback;
+    // Plaintext: the fuzzer drives the operator API on loopback.
+    config.plaintext_on_loopback = true;
     config.database_url = postgres_schema();
     let server = runtime
         .block_on(edgefleet_control_plane::server::start(config))

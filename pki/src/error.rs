@@ -48,6 +48,12 @@ pub enum PkiError {
          (expected CA {expected}); is the token for this control plane?"
     )]
     CaFingerprintMismatch { server: String, expected: String },
+    /// The server answered the TLS handshake with something other than TLS:
+    /// a plaintext listener.
+    #[error(
+        "cannot connect to {server}: TLS handshake failed: the server answered with something other than TLS (a plaintext listener?)"
+    )]
+    NotTls { server: String },
     /// The TCP connection, the TLS handshake or the HTTP/2 setup with a server failed.
     #[error("cannot connect to {server}: {reason}")]
     Connect { server: String, reason: String },

@@ -102,6 +102,9 @@ async fn establish(
                     server: target.server.clone(),
                     expected,
                 },
+                None if crate::tls::not_tls(&e) => PkiError::NotTls {
+                    server: target.server.clone(),
+                },
                 None => PkiError::Connect {
                     server: target.server.clone(),
                     reason: format!("TLS handshake failed: {e}"),

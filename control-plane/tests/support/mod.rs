@@ -397,10 +397,44 @@ impl Server {
             .to_string()
     }
 
+    /// The server's `ca.crt` (the fleet CA), which its operator API and
+    /// HTTP listener present certificates of.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.data_dir.join("ca.crt")
+    }
+
+    /// `--server`, `--ca-cert` and `--token` for the CLI.
+    pub fn cli_connection(&self) -> Vec<String> {
+        let mut args = vec!["--server".to_string(), self.api_url.clone()];
+        args.push("--ca-cert".into());
+        args.push(self.ca_cert().display().to_string());
+        args.push("--token".into());
+        args.push(self.admin_token());
+        args
+    }
+
+    /// A channel to the operator API: TLS trusting the fleet CA, or
+    /// plaintext if the server was asked for it on loopback.
+    pub async fn operator_channel(&self) -> tonic::transport::Channel {
+        operator_channel(&self.api_url, &self.ca_cert()).await
+    }
+
+    /// A request to the server's HTTP listener, over TLS trusting the fleet
+    /// CA (or plaintext if asked for); `(status, body)`.
+    pub fn request(&self, method: &str, path: &str, json: Option<&Value>) -> Option<(u16, String)> {
+        if self.http_url.starts_with("http://") {
+            return http(self.http_addr, method, path, json);
+        }
+        let tcp =
+            std::net::TcpStream::connect_timeout(&self.http_addr, Duration::from_secs(5)).ok()?;
+        let mut stream = tls_client(tcp, &self.ca_cert());
+        http_exchange(&mut stream, self.http_addr, method, path, json)
+    }
+
     /// Runs the `edgefleet` CLI against this server.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(binary("edgefleet"))
-            .args(["--server", &self.api_url, "--token", &self.admin_token()])
+            .args(self.cli_connection())
             .args(args)
             .env_remove("EDGEFLEET_SERVER")
             .env_remove("EDGEFLEET_TOKEN")
@@ -416,7 +450,7 @@ impl Server {
     /// as in `edgefleet devices list | head -0`.
     pub fn cli_into_closed_pipe(&self, args: &[&str]) -> std::process::Output {
         let mut child = Command::new(binary("edgefleet"))
-            .args(["--server", &self.api_url, "--token", &self.admin_token()])
+            .args(self.cli_connection())
             .args(args)
             .env_remove("EDGEFLEET_SERVER")
             .env_remove("EDGEFLEET_TOKEN")
@@ -458,7 +492,7 @@ impl Server {
     }
 
     pub fn metrics(&self) -> String {
-        http(self.http_addr, "GET", "/metrics", None)
+        self.request("GET", "/metrics", None)
             .map(|(_, body)| body)
             .unwrap_or_default()
     }
@@ -471,9 +505,51 @@ pub fn http(
     path: &str,
     json: Option<&Value>,
 ) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    http_exchange(&mut stream, addr, method, path, json)
+}
+
+/// A channel to an operator API at `url`: `https://` trusting the CA in
+/// `ca_cert`, or `http://` (plaintext on loopback, when asked for).
+pub async fn operator_channel(url: &str, ca_cert: &Path) -> tonic::transport::Channel {
+    if url.starts_with("http://") {
+        return tonic::transport::Channel::from_shared(url.to_string())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+    }
+    let ca_pem = std::fs::read_to_string(ca_cert).unwrap();
+    let config = edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap();
+    edgefleet_pki::connect_tls(url, config, Duration::from_secs(10))
+        .await
+        .unwrap()
+}
+
+/// `tcp` wrapped in a TLS client (HTTP/1.1) trusting the CA in `ca_cert`,
+/// for the server name 127.0.0.1.
+pub fn tls_client(
+    tcp: std::net::TcpStream,
+    ca_cert: &Path,
+) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let ca_pem = std::fs::read_to_string(ca_cert).unwrap();
+    let mut config = (*edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap()).clone();
+    config.alpn_protocols.clear(); // HTTP/1.1
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connection = rustls::ClientConnection::new(config.into(), name).unwrap();
+    rustls::StreamOwned::new(connection, tcp)
+}
+
+/// One HTTP/1.1 request on `stream` (`connection: close`); `(status, body)`.
+fn http_exchange(
+    stream: &mut (impl std::io::Read + std::io::Write + AsTcp),
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&Value>,
+) -> Option<(u16, String)> {
     stream
+        .tcp()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .ok()?;
     let body = json.map(Value::to_string).unwrap_or_default();
@@ -483,11 +559,33 @@ pub fn http(
     );
     stream.write_all(request.as_bytes()).ok()?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).ok()?;
+    match stream.read_to_end(&mut response) {
+        Ok(_) => {}
+        // A TLS connection closed without close_notify.
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(_) => return None,
+    }
     let text = String::from_utf8_lossy(&response).to_string();
     let status = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
     Some((status, body))
+}
+
+/// The TCP socket under a stream (for its read timeout).
+pub trait AsTcp {
+    fn tcp(&self) -> &std::net::TcpStream;
+}
+
+impl AsTcp for std::net::TcpStream {
+    fn tcp(&self) -> &std::net::TcpStream {
+        self
+    }
+}
+
+impl AsTcp for rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    fn tcp(&self) -> &std::net::TcpStream {
+        &self.sock
+    }
 }
 
 /// `edgefleet-agent enroll`; returns the process output.
