@@ -52,8 +52,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             use std::io::Write;
             writeln!(
                 std::io::stdout(),
-                "edgefleet-server: created the first admin token (also in {}):\n{token}",
-                path.display()
+                "edgefleet-server: created the first admin token (also in {}):\n{token}\n\
+                 operators' clients trust this server's TLS certificate with its CA: edgefleet --ca-cert {} (or EDGEFLEET_CA_CERT)",
+                path.display(),
+                data_dir.join(edgefleet_pki::CA_CERT_FILE).display()
             )
         };
         if let Err(err) = printed {

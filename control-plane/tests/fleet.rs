@@ -409,6 +409,18 @@ fn operators_get_tls_on_loopback_unless_plaintext_is_asked_for() {
             ("https", "http")
         };
         assert!(server.agent_url.starts_with("https://127.0.0.1:"));
+        // The first start says how operators' clients trust it.
+        let printed = server
+            .process
+            .stdout
+            .wait_for("--ca-cert", Duration::from_secs(10));
+        assert!(
+            printed.ends_with(&format!(
+                "edgefleet --ca-cert {} (or EDGEFLEET_CA_CERT)",
+                server.ca_cert().display()
+            )),
+            "{printed}"
+        );
         for url in [&server.api_url, &server.http_url] {
             assert!(
                 url.starts_with(&format!("{scheme}://127.0.0.1:")),
