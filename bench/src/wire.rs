@@ -491,6 +491,8 @@ pub async fn wire(args: &Args) -> anyhow::Result<String> {
 
     let output = Command::new(&args.cli)
         .args(["--server", &api_url, "--token", &admin])
+        .arg("--ca-cert")
+        .arg(data.path().join("ca.crt"))
         .args(["join-token", "create", "--output", "json"])
         .env_remove("EDGEFLEET_SERVER")
         .env_remove("EDGEFLEET_TOKEN")

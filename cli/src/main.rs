@@ -984,22 +984,6 @@ fn print_model_detail(model: &pb::Model) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Upload progress on stderr: bytes, rate, ETA. Hidden for JSON output and
-/// when stderr is not a terminal.
-fn progress_bar(size: u64, hidden: bool) -> indicatif::ProgressBar {
-    use std::io::IsTerminal;
-    if hidden || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(size);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
-}
-
 /// Reads up to `buf.len()` bytes (fewer only at the end of the file).
 async fn read_chunk(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
@@ -1034,7 +1018,7 @@ async fn push_model(
     }
     header.size_bytes = meta.len();
     let mut client = connect_models(cli).await?;
-    let bar = progress_bar(meta.len(), cli.output == Output::Json);
+    let bar = edgefleet_daemon::byte_progress_bar(meta.len(), cli.output == Output::Json);
     // A local read error ends the stream early; it is reported instead of
     // the server's complaint about the short upload.
     let read_error: Arc<Mutex<Option<std::io::Error>>> = Arc::default();

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use anyhow::{Context, bail};
+use edgefleet_daemon::ProgressBar;
 use sha2::{Digest, Sha256};
 use sqlx::ConnectOptions;
 use sqlx::sqlite::SqliteConnectOptions;
@@ -37,11 +38,13 @@ pub struct BackupReport {
 
 /// Backs up the control plane whose files are in `data_dir` and whose
 /// database is `database_url` (None: SQLite in the data dir) into `dest`,
-/// a directory that must not exist yet.
+/// a directory that must not exist yet. `progress` counts the model files'
+/// bytes as they are copied (its length set to their total).
 pub async fn backup(
     data_dir: &Path,
     database_url: Option<&str>,
     dest: &Path,
+    progress: &ProgressBar,
 ) -> anyhow::Result<BackupReport> {
     let ca_cert = data_dir.join(edgefleet_pki::CA_CERT_FILE);
     if !ca_cert.is_file() {
@@ -56,7 +59,8 @@ pub async fn backup(
         .mode(0o700)
         .create(dest)
         .with_context(|| format!("cannot create the backup directory {}", dest.display()))?;
-    let result = copy_all(data_dir, database.as_deref(), dest).await;
+    let result = copy_all(data_dir, database.as_deref(), dest, progress).await;
+    progress.finish_and_clear();
     if result.is_err() {
         // Only the directory this call made, so that what is left is whole.
         let _ = std::fs::remove_dir_all(dest);
@@ -85,6 +89,7 @@ async fn copy_all(
     data_dir: &Path,
     database: Option<&Path>,
     dest: &Path,
+    progress: &ProgressBar,
 ) -> anyhow::Result<BackupReport> {
     // The snapshot first: a push places its model file before its row is
     // committed, so each file the snapshot names is there to copy.
@@ -109,11 +114,18 @@ async fn copy_all(
         if !required && !from.exists() {
             continue;
         }
-        copy_file(&from, &dest.join(name), mode, None)?;
+        copy_file(&from, &dest.join(name), mode, None, None)?;
         files.push(name.to_string());
     }
     let source = BlobStore::new(data_dir);
     let target = BlobStore::new(dest);
+    // A fleet's model files may be gigabytes: a byte count to show.
+    let total: u64 = digests
+        .iter()
+        .filter_map(|digest| std::fs::metadata(source.path(digest)).ok())
+        .map(|meta| meta.len())
+        .sum();
+    progress.set_length(total);
     let mut blob_bytes = 0;
     for (done, digest) in digests.iter().enumerate() {
         let from = source.path(digest);
@@ -130,15 +142,16 @@ async fn copy_all(
             .recursive(true)
             .mode(0o700)
             .create(parent)?;
-        blob_bytes += copy_file(&from, &to, 0o600, Some(digest))?;
-        // Progress: a fleet's model files may be gigabytes.
-        tracing::info!(
-            sha256 = %digest,
-            done = done + 1,
-            of = digests.len(),
-            bytes_so_far = blob_bytes,
-            "model file copied"
-        );
+        blob_bytes += copy_file(&from, &to, 0o600, Some(digest), Some(progress))?;
+        progress.suspend(|| {
+            tracing::info!(
+                sha256 = %digest,
+                done = done + 1,
+                of = digests.len(),
+                bytes_so_far = blob_bytes,
+                "model file copied"
+            )
+        });
     }
     sync_tree(dest)?;
     Ok(BackupReport {
@@ -215,8 +228,15 @@ fn blobs_on_disk(blobs: &BlobStore) -> anyhow::Result<Vec<String>> {
 }
 
 /// Copies `from` to a new file `to` created with `mode`, synced; checks the
-/// copy's SHA-256 against `digest` when given. Returns the bytes copied.
-fn copy_file(from: &Path, to: &Path, mode: u32, digest: Option<&str>) -> anyhow::Result<u64> {
+/// copy's SHA-256 against `digest` when given; counts the bytes on
+/// `progress` when given. Returns the bytes copied.
+fn copy_file(
+    from: &Path,
+    to: &Path,
+    mode: u32,
+    digest: Option<&str>,
+    progress: Option<&ProgressBar>,
+) -> anyhow::Result<u64> {
     let mut source =
         std::fs::File::open(from).with_context(|| format!("cannot read {}", from.display()))?;
     let mut target = std::fs::OpenOptions::new()
@@ -236,6 +256,9 @@ fn copy_file(from: &Path, to: &Path, mode: u32, digest: Option<&str>) -> anyhow:
         hasher.update(&buffer[..n]);
         target.write_all(&buffer[..n])?;
         copied += n as u64;
+        if let Some(progress) = progress {
+            progress.inc(n as u64);
+        }
     }
     target.sync_all()?;
     if let Some(expected) = digest {
@@ -260,4 +283,64 @@ fn sync_tree(dir: &Path) -> anyhow::Result<()> {
     }
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes `bytes` into the blob store under their SHA-256; the digest.
+    fn put_blob(blobs: &BlobStore, bytes: &[u8]) -> String {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let path = blobs.path(&digest);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+        digest
+    }
+
+    /// A backup's progress is the model files' bytes: its length their
+    /// total, each copy adding what it copied as it goes (1 MiB chunks).
+    #[tokio::test]
+    async fn a_backup_counts_its_progress_in_model_file_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        for name in [edgefleet_pki::CA_CERT_FILE, edgefleet_pki::CA_KEY_FILE] {
+            std::fs::write(data.join(name), name).unwrap();
+        }
+        let blobs = BlobStore::new(&data);
+        let big = vec![7u8; 3 * (1 << 20) / 2];
+        put_blob(&blobs, &big);
+        put_blob(&blobs, b"a small model");
+        let total = (big.len() + b"a small model".len()) as u64;
+
+        // Part of the way: one file's copy counts its bytes.
+        let progress = ProgressBar::hidden();
+        let digest = hex::encode(Sha256::digest(&big));
+        let copied = copy_file(
+            &blobs.path(&digest),
+            &dir.path().join("copy"),
+            0o600,
+            Some(&digest),
+            Some(&progress),
+        )
+        .unwrap();
+        assert_eq!(
+            (copied, progress.position()),
+            (big.len() as u64, big.len() as u64)
+        );
+
+        // A whole backup (on PostgreSQL: every model file on disk).
+        let progress = ProgressBar::hidden();
+        let report = backup(
+            &data,
+            Some("postgres://db.example/fleet"),
+            &dir.path().join("backup"),
+            &progress,
+        )
+        .await
+        .unwrap();
+        assert_eq!((report.blobs, report.blob_bytes), (2, total));
+        assert_eq!(progress.length(), Some(total));
+    }
 }

@@ -80,9 +80,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn backup(args: BackupArgs) -> anyhow::Result<()> {
     let (data_dir, database_url) = resolve_backup(&args)?;
-    let report =
-        edgefleet_control_plane::backup::backup(&data_dir, database_url.as_deref(), &args.dest)
-            .await?;
+    let progress = edgefleet_daemon::byte_progress_bar(0, false);
+    let report = edgefleet_control_plane::backup::backup(
+        &data_dir,
+        database_url.as_deref(),
+        &args.dest,
+        &progress,
+    )
+    .await?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
     match report.database_bytes {

@@ -23,6 +23,27 @@ pub use args::{error_line, parse_args};
 #[cfg(feature = "http")]
 pub mod http;
 
+#[cfg(feature = "progress")]
+pub use indicatif::ProgressBar;
+
+/// Progress of work counted in bytes (an upload, a copy) on stderr: bytes,
+/// rate, ETA. Hidden when stderr is not a terminal (logs, pipes, tests) or
+/// when `hidden`.
+#[cfg(feature = "progress")]
+pub fn byte_progress_bar(size: u64, hidden: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if hidden || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(size);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
 /// The environment variable holding the log filter (`info` when unset or
 /// malformed), e.g. `EDGEFLEET_LOG=debug` or `EDGEFLEET_LOG=edgefleet_agent=debug,info`.
 pub const LOG_FILTER_VAR: &str = "EDGEFLEET_LOG";
