@@ -630,4 +630,25 @@ mod tests {
             "{err}"
         );
     }
+
+    /// Plaintext is off unless asked for (flag or file), and then only for
+    /// a loopback address.
+    #[test]
+    fn plaintext_is_off_unless_asked_for_and_only_on_loopback() {
+        let loopback: SocketAddr = "127.0.0.1:7444".parse().unwrap();
+        let anywhere: SocketAddr = "0.0.0.0:7444".parse().unwrap();
+        let config = resolve_args(&[]).unwrap();
+        assert!(!config.plaintext_on_loopback);
+        assert!(!config.plaintext(loopback));
+        let config = resolve_args(&["--plaintext-on-loopback"]).unwrap();
+        assert!(config.plaintext(loopback));
+        assert!(config.plaintext("[::1]:7444".parse().unwrap()));
+        assert!(!config.plaintext(anywhere));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(&file, "plaintext_on_loopback = true\n").unwrap();
+        let config = resolve_args(&["--config", file.to_str().unwrap()]).unwrap();
+        assert!(config.plaintext(loopback));
+        assert!(resolve_args(&["--plaintext-on-loopback=maybe"]).is_err());
+    }
 }
