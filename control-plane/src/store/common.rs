@@ -898,6 +898,31 @@ pub(crate) const ACTIVATION_REPLACES: &str = "excluded.generation > activations.
               OR (excluded.stage IN ('ACTIVE', 'FAILED') \
                   AND activations.stage NOT IN ('ACTIVE', 'FAILED'))))";
 
+/// Activation reports split into rounds that one statement each can write
+/// (an upsert cannot touch a row twice): a report goes into the round after
+/// the last one holding a report of its device, model and version. Written
+/// round after round, each report meets the ones before it as it would
+/// written one at a time, so `ACTIVATION_REPLACES` decides as it does then.
+/// A batch of one report per key is one round.
+pub(crate) fn activation_rounds(records: &[ActivationRecord]) -> Vec<Vec<&ActivationRecord>> {
+    let mut rounds: Vec<Vec<&ActivationRecord>> = Vec::new();
+    let mut seen: HashMap<(&str, &str, u64), usize> = HashMap::new();
+    for record in records {
+        let key = (
+            record.device_id.as_str(),
+            record.name.as_str(),
+            record.version,
+        );
+        let round = seen.get(&key).map_or(0, |last| last + 1);
+        seen.insert(key, round);
+        if round == rounds.len() {
+            rounds.push(Vec::new());
+        }
+        rounds[round].push(record);
+    }
+    rounds
+}
+
 /// The message refusing a rollout over a device another active rollout of
 /// the model holds.
 /// Why a rollout step was not saved: the rollout is gone (`stored` None),
@@ -929,4 +954,55 @@ pub(crate) fn changed_devices(desired: &[super::registry::DesiredChange]) -> Vec
     ids.sort_unstable();
     ids.dedup();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report goes into the round after its key's last one; the rest
+    /// keep their order.
+    #[test]
+    fn activation_rounds_hold_one_report_per_key_in_order() {
+        let report = |device: &str, version: u64, stage: &str| ActivationRecord {
+            device_id: device.into(),
+            name: "m".into(),
+            version,
+            stage: stage.into(),
+            reason: String::new(),
+            at: 0,
+            generation: 1,
+            reported_ms: 0,
+        };
+        let records = [
+            report("a", 1, "DOWNLOADING"),
+            report("b", 1, "DOWNLOADING"),
+            report("a", 1, "VERIFYING"),
+            report("a", 2, "DOWNLOADING"),
+            report("a", 1, "ACTIVE"),
+            report("b", 1, "ACTIVE"),
+        ];
+        let rounds: Vec<Vec<(&str, u64, &str)>> = activation_rounds(&records)
+            .iter()
+            .map(|round| {
+                round
+                    .iter()
+                    .map(|r| (r.device_id.as_str(), r.version, r.stage.as_str()))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            rounds,
+            [
+                vec![
+                    ("a", 1, "DOWNLOADING"),
+                    ("b", 1, "DOWNLOADING"),
+                    ("a", 2, "DOWNLOADING")
+                ],
+                vec![("a", 1, "VERIFYING"), ("b", 1, "ACTIVE")],
+                vec![("a", 1, "ACTIVE")],
+            ]
+        );
+        assert!(activation_rounds(&[]).is_empty());
+    }
 }

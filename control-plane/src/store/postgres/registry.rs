@@ -730,26 +730,31 @@ impl RegistryStore for PgStore {
     }
 
     async fn record_activations(&self, records: &[ActivationRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await?;
-        for r in records {
+        // One statement per round, not per report: a round trip each.
+        for round in common::activation_rounds(records) {
             // A late retry of an older step does not replace a newer one.
             // Static text: the shared clause is a constant.
             sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::text[], \
+                 $6::int8[], $7::int8[], $8::int8[]) \
                  ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
                  reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
                  reported_ms = excluded.reported_ms WHERE {}",
                 common::ACTIVATION_REPLACES
             )))
-            .bind(&r.device_id)
-            .bind(&r.name)
-            .bind(to_db(r.version))
-            .bind(&r.stage)
-            .bind(&r.reason)
-            .bind(r.at)
-            .bind(to_db(r.generation))
-            .bind(r.reported_ms)
+            .bind(round.iter().map(|r| r.device_id.as_str()).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| to_db(r.version)).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| r.stage.as_str()).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| r.at).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| to_db(r.generation)).collect::<Vec<_>>())
+            .bind(round.iter().map(|r| r.reported_ms).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
