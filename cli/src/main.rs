@@ -239,12 +239,17 @@ async fn channel(cli: &Cli) -> anyhow::Result<Channel> {
         };
         let ca_pem = std::fs::read_to_string(ca_path)
             .with_context(|| format!("cannot read CA certificate {}", ca_path.display()))?;
-        let config = edgefleet_pki::ca_client_tls_config(&ca_pem)?;
+        let config = edgefleet_pki::ca_client_tls_config(&ca_pem)
+            .with_context(|| format!("cannot use the CA certificate {}", ca_path.display()))?;
         match edgefleet_pki::connect_tls(&cli.server, config, timeout).await {
             Ok(channel) => channel,
             Err(err @ edgefleet_pki::PkiError::NotTls { .. }) => {
                 bail!("{err}: a server started with --plaintext-on-loopback takes http://HOST:PORT")
             }
+            Err(err @ edgefleet_pki::PkiError::UntrustedServer { .. }) => bail!(
+                "{err}: --ca-cert {} is not this server's DATA_DIR/ca.crt",
+                ca_path.display()
+            ),
             Err(err) => return Err(err.into()),
         }
     } else if cli.server.starts_with("http://") {
@@ -336,11 +341,15 @@ impl std::fmt::Display for RpcError {
 
 impl std::error::Error for RpcError {}
 
-/// A plaintext (`http://`) client's first RPC to a TLS listener ends in a
-/// bare "transport error": say what is likely wrong.
+/// A plaintext (`http://`) client's first RPC to a TLS listener ends in
+/// the client's own HTTP/2 failing ("transport error", UNKNOWN, or "h2
+/// protocol error", INTERNAL, as the TLS alert arrives): say what is
+/// likely wrong.
 fn explain_plaintext_failure(server: &str, err: anyhow::Error) -> anyhow::Error {
     let broken_transport = err.downcast_ref::<RpcError>().is_some_and(|rpc| {
-        rpc.0.code() == tonic::Code::Unknown && rpc.0.message() == "transport error"
+        matches!(rpc.0.code(), tonic::Code::Unknown | tonic::Code::Internal)
+            && (rpc.0.message().starts_with("transport error")
+                || rpc.0.message().starts_with("h2 protocol error"))
     });
     if server.starts_with("http://") && broken_transport {
         return err.context(format!(

@@ -455,6 +455,29 @@ fn operators_get_tls_on_loopback_unless_plaintext_is_asked_for() {
             wrong.as_ref().is_err() || wrong.as_ref().is_ok_and(Vec::is_empty),
             "plaintext {plaintext}: {other} answered {wrong:?}"
         );
+        if !plaintext {
+            // Another fleet's CA: said so, naming the file.
+            let (other, _) = edgefleet_pki::CertificateAuthority::generate().unwrap();
+            let other_ca = dir.path().join("other-ca.crt");
+            std::fs::write(&other_ca, other.certificate_pem()).unwrap();
+            let output = std::process::Command::new(binary("edgefleet"))
+                .args(["--server", &server.api_url])
+                .arg("--ca-cert")
+                .arg(&other_ca)
+                .args(["--token", &server.admin_token(), "devices", "list"])
+                .env("XDG_CONFIG_HOME", &server.data_dir)
+                .output()
+                .unwrap();
+            assert!(!output.status.success());
+            assert!(
+                stderr(&output).contains(&format!(
+                    "is not from the CA this client trusts (BadSignature): --ca-cert {} is not this server's DATA_DIR/ca.crt",
+                    other_ca.display()
+                )),
+                "{}",
+                stderr(&output)
+            );
+        }
         let port = server.api_addr.port();
         let output = std::process::Command::new(binary("edgefleet"))
             .args(["--server", &format!("{other}://127.0.0.1:{port}")])

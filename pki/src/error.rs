@@ -54,6 +54,12 @@ pub enum PkiError {
         "cannot connect to {server}: TLS handshake failed: the server answered with something other than TLS (a plaintext listener?)"
     )]
     NotTls { server: String },
+    /// The server's certificate is not from the CA the client trusts
+    /// (another fleet's server, or a CA file of another fleet).
+    #[error(
+        "cannot connect to {server}: TLS handshake failed: the server's certificate is not from the CA this client trusts ({reason})"
+    )]
+    UntrustedServer { server: String, reason: String },
     /// The TCP connection, the TLS handshake or the HTTP/2 setup with a server failed.
     #[error("cannot connect to {server}: {reason}")]
     Connect { server: String, reason: String },

@@ -267,26 +267,26 @@ impl ServerCertVerifier for PinnedCaVerifier {
 
 /// The expected fingerprint if a rustls error (or an I/O error wrapping one)
 /// is a pinned-CA fingerprint mismatch.
-/// Whether a handshake failed because the peer answered with something
-/// other than TLS records (a plaintext listener, say).
-pub(crate) fn not_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+/// The rustls error a handshake failed with, through the I/O errors that
+/// carry it.
+pub(crate) fn rustls_error<'e>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e rustls::Error> {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) =
-            e.downcast_ref::<rustls::Error>()
-        {
-            return true;
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
         }
         if let Some(inner) = e
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            && not_tls(inner)
+            && let Some(tls) = rustls_error(inner)
         {
-            return true;
+            return Some(tls);
         }
         current = e.source();
     }
-    false
+    None
 }
 
 pub(crate) fn fingerprint_mismatch(error: &(dyn std::error::Error + 'static)) -> Option<String> {

@@ -102,12 +102,23 @@ async fn establish(
                     server: target.server.clone(),
                     expected,
                 },
-                None if crate::tls::not_tls(&e) => PkiError::NotTls {
-                    server: target.server.clone(),
-                },
-                None => PkiError::Connect {
-                    server: target.server.clone(),
-                    reason: format!("TLS handshake failed: {e}"),
+                None => match crate::tls::rustls_error(&e) {
+                    Some(rustls::Error::InvalidMessage(
+                        rustls::InvalidMessage::InvalidContentType,
+                    )) => PkiError::NotTls {
+                        server: target.server.clone(),
+                    },
+                    Some(rustls::Error::InvalidCertificate(
+                        reason @ (rustls::CertificateError::BadSignature
+                        | rustls::CertificateError::UnknownIssuer),
+                    )) => PkiError::UntrustedServer {
+                        server: target.server.clone(),
+                        reason: format!("{reason:?}"),
+                    },
+                    _ => PkiError::Connect {
+                        server: target.server.clone(),
+                        reason: format!("TLS handshake failed: {e}"),
+                    },
                 },
             })
     };

@@ -331,8 +331,12 @@ async fn client_trusting_another_ca_fails_the_handshake() {
     let err = connect_tls(&fixture.url(), wrong_ca, TIMEOUT)
         .await
         .unwrap_err();
-    assert!(matches!(err, PkiError::Connect { .. }), "{err}");
-    assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+    assert!(matches!(err, PkiError::UntrustedServer { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the server's certificate is not from the CA this client trusts"),
+        "{err}"
+    );
     assert!(err.to_string().contains("localhost"), "{err}");
 }
 
@@ -451,6 +455,34 @@ async fn connection_failures_name_the_server() {
     .await
     .unwrap_err();
     assert!(err.to_string().contains("timed out"), "{err}");
+
+    // A plaintext server (it answers the ClientHello with an HTTP/1.1 error,
+    // as hyper does): named as not TLS.
+    let plaintext = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plaintext_port = plaintext.local_addr().unwrap().port();
+    let _answer = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = plaintext.accept().await {
+            let mut hello = [0u8; 512];
+            let _ = s.read(&mut hello).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let err = connect_tls(
+        &format!("https://127.0.0.1:{plaintext_port}"),
+        config.clone(),
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, PkiError::NotTls { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{plaintext_port}")),
+        "{err}"
+    );
 
     for bad in [
         "http://localhost:1",
