@@ -265,8 +265,6 @@ impl ServerCertVerifier for PinnedCaVerifier {
     }
 }
 
-/// The expected fingerprint if a rustls error (or an I/O error wrapping one)
-/// is a pinned-CA fingerprint mismatch.
 /// The rustls error a handshake failed with, through the I/O errors that
 /// carry it.
 pub(crate) fn rustls_error<'e>(
@@ -289,26 +287,14 @@ pub(crate) fn rustls_error<'e>(
     None
 }
 
+/// The expected fingerprint if a rustls error (or an I/O error wrapping one)
+/// is a pinned-CA fingerprint mismatch.
 pub(crate) fn fingerprint_mismatch(error: &(dyn std::error::Error + 'static)) -> Option<String> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(m) = e.downcast_ref::<CaFingerprintMismatch>() {
-            return Some(m.expected.clone());
-        }
-        if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) =
-            e.downcast_ref::<rustls::Error>()
-            && let Some(m) = other.0.downcast_ref::<CaFingerprintMismatch>()
-        {
-            return Some(m.expected.clone());
-        }
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            && let Some(expected) = fingerprint_mismatch(inner)
-        {
-            return Some(expected);
-        }
-        current = e.source();
+    match rustls_error(error) {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => other
+            .0
+            .downcast_ref::<CaFingerprintMismatch>()
+            .map(|m| m.expected.clone()),
+        _ => None,
     }
-    None
 }
