@@ -3219,16 +3219,22 @@ mod registry {
         );
     }
 
-    /// A device says which desired-state generation it holds; the store
-    /// moves its own past it only when it is behind (a restored backup),
-    /// never on an ordinary reconnect, and keeps the desired state.
-    async fn a_generation_moves_past_only_one_a_device_holds_ahead_of_it(db: &Db) {
+    /// Rollout r1 over devices a and b, one step saved: a is to serve m@1.
+    async fn rollout_with_m1_desired_on_a(db: &Db) -> RolloutRecord {
         let mut r = rollout("r1", "m", 2, T0);
         create(db, &r, &["a", "b"]).await.unwrap();
         db.store
             .save_rollout_step(&mut r, &[], &[set("a", "m", 1)], &[])
             .await
             .unwrap();
+        r
+    }
+
+    /// A device says which desired-state generation it holds; the store
+    /// moves its own past it only when it is behind (a restored backup),
+    /// never on an ordinary reconnect, and keeps the desired state.
+    async fn a_generation_moves_past_only_one_a_device_holds_ahead_of_it(db: &Db) {
+        let mut r = rollout_with_m1_desired_on_a(db).await;
         let before = db.store.desired_state("a").await.unwrap();
         assert_eq!(before, (1, vec![desired("m", 1)]));
         // Holding what the store gave, or none yet, or less: nothing moves.
@@ -3415,12 +3421,7 @@ mod registry {
     }
 
     async fn failed_rollout_step_changes_nothing(db: &Db) {
-        let mut r = rollout("r1", "m", 2, T0);
-        create(db, &r, &["a", "b"]).await.unwrap();
-        db.store
-            .save_rollout_step(&mut r, &[], &[set("a", "m", 1)], &[])
-            .await
-            .unwrap();
+        let r = rollout_with_m1_desired_on_a(db).await;
         let before_rollout = db.store.rollout("r1").await.unwrap();
         let before_devices = db.store.rollout_devices("r1").await.unwrap();
         let before_events = db.store.rollout_events("r1").await.unwrap();
