@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use edgefleet_control_plane::metrics::ServerMetrics;
 use edgefleet_control_plane::state::now_ms;
 use edgefleet_control_plane::store::registry::ActivationRecord;
 use edgefleet_control_plane::store::{
@@ -47,11 +48,14 @@ struct Run {
 
 /// `edgefleet_server_<name>` from the control plane's `/metrics`.
 fn metric(fleet: &Fleet, name: &str) -> f64 {
+    server_metric(&fleet.server.control_plane.metrics, name)
+}
+
+/// The sample `edgefleet_server_<name>` (labels included) of `metrics`, 0
+/// if there is none yet.
+pub(crate) fn server_metric(metrics: &ServerMetrics, name: &str) -> f64 {
     let line = format!("edgefleet_server_{name} ");
-    fleet
-        .server
-        .control_plane
-        .metrics
+    metrics
         .encode()
         .lines()
         .find_map(|l| l.strip_prefix(&line).map(str::to_string))

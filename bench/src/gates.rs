@@ -64,7 +64,7 @@ async fn per_device(store: &dyn Store, devices: &[String], now: i64) -> anyhow::
 
 async fn measure(kind: &'static str) -> anyhow::Result<Timings> {
     let (fresh, store) = Fresh::open(kind).await?;
-    enroll_fleet(&*store).await?;
+    enroll_fleet(&*store, DEVICES).await?;
     let loaded = ingest(&store, BACKLOG_INTERVALS, SERVER_GROUP, WRITERS).await?;
     eprintln!("{kind}: an hour of {DEVICES} devices stored in {loaded:.1?}");
     let devices: Vec<String> = (0..DEVICES).map(device_id).collect();

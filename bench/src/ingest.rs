@@ -82,19 +82,20 @@ pub(crate) fn device_id(d: usize) -> String {
     format!("device-{d:05}")
 }
 
-pub(crate) async fn enroll_fleet(store: &dyn Store) -> anyhow::Result<()> {
+/// Enrolls devices `0..devices` (labelled `fleet=bench`).
+pub(crate) async fn enroll_fleet(store: &dyn Store, devices: usize) -> anyhow::Result<()> {
     let token = JoinToken {
         id: "bench".into(),
         secret_hash: "bench-hash".into(),
         labels: Labels::from([("fleet".to_string(), "bench".to_string())]),
         created_at: T0 - HOUR,
         expires_at: T0 + 24 * HOUR,
-        uses_left: DEVICES as u32,
+        uses_left: devices as u32,
         created_by: "bench".into(),
         revoked_at: None,
     };
     store.insert_join_token(&token).await?;
-    for d in 0..DEVICES {
+    for d in 0..devices {
         let device = NewDevice {
             id: device_id(d),
             inventory: Inventory {
@@ -225,7 +226,7 @@ async fn measure(kind: &'static str) -> anyhow::Result<Figures> {
     let mut sustained = Vec::new();
     for (group, in_flight) in POINTS {
         let (fresh, store) = Fresh::open(kind).await?;
-        enroll_fleet(&*store).await?;
+        enroll_fleet(&*store, DEVICES).await?;
         let busy = ingest(&store, SUSTAINED_INTERVALS, group, in_flight).await?;
         let samples = (SUSTAINED_INTERVALS * DEVICES * MODELS.len()) as f64;
         let rate = samples / busy.as_secs_f64();
@@ -235,7 +236,7 @@ async fn measure(kind: &'static str) -> anyhow::Result<Figures> {
         fresh.close().await?;
     }
     let (fresh, store) = Fresh::open(kind).await?;
-    enroll_fleet(&*store).await?;
+    enroll_fleet(&*store, DEVICES).await?;
     let backlog = ingest(&store, BACKLOG_INTERVALS, SERVER_GROUP, WRITERS).await?;
     let samples = (BACKLOG_INTERVALS * DEVICES * MODELS.len()) as f64;
     let backlog_rate = samples / backlog.as_secs_f64();

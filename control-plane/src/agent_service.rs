@@ -20,7 +20,9 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert;
 use crate::errors::{storage_status, store_unavailable};
 use crate::state::{ControlPlane, now_ms};
-use crate::store::{CertificateRenewal, Device, DeviceStatus, JoinTokenRefusal, NewDevice};
+use crate::store::{
+    CertificateRenewal, Device, DeviceStatus, HelloRecord, JoinTokenRefusal, NewDevice,
+};
 
 /// How long an agent has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
@@ -363,8 +365,16 @@ impl pb::agent_service_server::AgentService for AgentApi {
         cp.drift
             .check(cp.store.as_ref(), &device_id, &device.models, &models)
             .await;
-        cp.store
-            .record_hello(&device_id, &inventory, &models, &hello.runtime, now)
+        let said = HelloRecord {
+            device_id: device_id.clone(),
+            inventory,
+            models,
+            runtime: hello.runtime,
+            at: now,
+        };
+        cp.writers
+            .hellos
+            .submit(said.clone())
             .await
             .map_err(store_unavailable("cannot record a Hello"))?;
         // A device working towards a desired state newer than this control
@@ -414,8 +424,8 @@ impl pb::agent_service_server::AgentService for AgentApi {
             Peer { device_id, serial },
             inbound,
             outbound,
-            // What the device listed, for the next ModelsChanged.
-            (inventory, hello.runtime, models),
+            // What the device said, for the next ModelsChanged.
+            said,
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
@@ -429,11 +439,7 @@ async fn run_session(
     }: Peer,
     mut inbound: Streaming<pb::AgentMessage>,
     outbound: crate::sessions::Outbound,
-    (inventory, runtime, mut listed): (
-        crate::store::Inventory,
-        String,
-        Vec<crate::store::DeviceModel>,
-    ),
+    mut said: HelloRecord,
 ) {
     let guard = cp.sessions.register(&device_id, outbound.clone());
     cp.metrics.sessions.inc();
@@ -559,11 +565,12 @@ async fn run_session(
                             Err(status) => break Err(status),
                         };
                         // Before it is recorded: what `devices get` shows has been checked.
-                        cp.drift.check(cp.store.as_ref(), &device_id, &listed, &models).await;
-                        if let Err(err) = cp.store.record_hello(&device_id, &inventory, &models, &runtime, now).await {
+                        cp.drift.check(cp.store.as_ref(), &device_id, &said.models, &models).await;
+                        said.models = models;
+                        said.at = now;
+                        if let Err(err) = cp.writers.hellos.submit(said.clone()).await {
                             tracing::warn!(device = %device_id, error = %err, "cannot record the device's models");
                         }
-                        listed = models;
                     }
                     Some(Upstream::Activation(report)) => {
                         if let Err(status) = crate::rollouts::record_activation(&cp, &device_id, report).await {

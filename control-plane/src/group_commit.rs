@@ -1,8 +1,9 @@
 //! Group commit for writes many sessions make at about the same time: a
 //! rollout's devices report each activation step (DOWNLOADING, VERIFYING,
-//! ACTIVE, …) together, and every device's heartbeat moves its last-seen
-//! time. A transaction per write queued them all for the store's writer
-//! (SQLite has one connection, and every commit is an fsync). One task per
+//! ACTIVE, …) together, every device's heartbeat moves its last-seen
+//! time, and a restarted control plane has every device's Hello at once.
+//! A transaction per write queued them all for the store's writer (SQLite
+//! has one connection, and every commit is an fsync). One task per
 //! kind of write stores, in one transaction, every item that queued while
 //! the previous group was being written, up to [`MAX_GROUP`], and answers
 //! each sender once its item is committed.
@@ -14,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::{KindLabels, ServerMetrics};
 use crate::store::registry::ActivationRecord;
-use crate::store::{Store, StoreError};
+use crate::store::{HelloRecord, Store, StoreError};
 
 /// Most items in one transaction.
 pub const MAX_GROUP: usize = 256;
@@ -126,6 +127,10 @@ pub struct GroupWriters {
     pub activations: GroupCommit<ActivationRecord>,
     /// Devices' last-seen times (`touch_devices`): (device id, unix ms).
     pub touches: GroupCommit<(String, i64)>,
+    /// What devices say of themselves as their sessions open, and as their
+    /// models change (`record_hellos`): a control plane that restarts has
+    /// every device's Hello at once.
+    pub hellos: GroupCommit<HelloRecord>,
 }
 
 impl GroupWriters {
@@ -144,6 +149,13 @@ impl GroupWriters {
                 store,
                 metrics,
                 |store, touches: Vec<_>| async move { store.touch_devices(&touches).await },
+            ),
+            hellos: GroupCommit::start(
+                "Hellos",
+                "hello",
+                store,
+                metrics,
+                |store, hellos: Vec<_>| async move { store.record_hellos(&hellos).await },
             ),
         }
     }

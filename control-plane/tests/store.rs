@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use edgefleet_control_plane::store::{
-    self, CertificateRenewal, Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken,
-    JoinTokenRefusal, Labels, ModelPoint, ModelSample, NewDevice, OperatorToken, Resolution,
-    RolloutTarget, Store, StoreError, TelemetryRecord,
+    self, CertificateRenewal, Device, DeviceModel, DeviceStatus, EventRecord, HelloRecord,
+    Inventory, JoinToken, JoinTokenRefusal, Labels, ModelPoint, ModelSample, NewDevice,
+    OperatorToken, Resolution, RolloutTarget, Store, StoreError, TelemetryRecord,
 };
 use edgefleet_proto::edgefleet::v1::{DeviceTelemetry, LogHistogram};
 use sqlx::{AssertSqlSafe, Connection, Executor};
@@ -261,6 +261,7 @@ suite!(
     labels_are_replaced_and_selected_on,
     hello_certificate_and_touch,
     touches_in_one_call_keep_each_devices_latest,
+    hellos_in_one_call_keep_each_devices_last,
     renewal_retires_the_old_certificate_once_the_new_one_is_used,
     join_tokens_are_checked_without_taking_a_use,
     ingest_dedupes,
@@ -972,6 +973,66 @@ async fn touches_in_one_call_keep_each_devices_latest(db: &Db) {
     assert!(db.store.device("nobody").await.unwrap().is_none());
 }
 
+fn hello(
+    device_id: &str,
+    inventory: &Inventory,
+    models: &[DeviceModel],
+    runtime: &str,
+    at: i64,
+) -> HelloRecord {
+    HelloRecord {
+        device_id: device_id.into(),
+        inventory: inventory.clone(),
+        models: models.to_vec(),
+        runtime: runtime.into(),
+        at,
+    }
+}
+
+/// Hellos stored together (the control plane's group commit): each
+/// device's last Hello, its latest time as last seen (never backwards), a
+/// device listed twice or not enrolled at all changing nothing else.
+async fn hellos_in_one_call_keep_each_devices_last(db: &Db) {
+    enroll(db, &["a", "b", "c"], Labels::new()).await;
+    db.store.touch_device("b", T0 + 5000).await.unwrap();
+    let c_before = db.store.device("c").await.unwrap().unwrap();
+    let inventory = |cores: u32| Inventory {
+        cpu_cores: cores,
+        ..new_device("x", T0).inventory
+    };
+    let model = |version: u64| DeviceModel {
+        name: "m".into(),
+        version,
+        sha256: "ab".repeat(32),
+        state: "ready".into(),
+    };
+    db.store
+        .record_hellos(&[
+            hello("a", &inventory(2), &[model(1)], "tract", T0 + 300),
+            hello("b", &inventory(3), &[model(2)], "onnxruntime", T0 + 100),
+            hello("nobody", &inventory(9), &[], "tract", T0 + 900),
+            // a's models changed, in a message stamped before its Hello's
+            // (clocks): its last one is what it serves.
+            hello("a", &inventory(2), &[model(1), model(3)], "tract", T0 + 200),
+        ])
+        .await
+        .unwrap();
+    let a = db.store.device("a").await.unwrap().unwrap();
+    assert_eq!(a.models, [model(1), model(3)]);
+    assert_eq!(a.inventory.cpu_cores, 2);
+    assert_eq!(a.runtime, "tract");
+    assert_eq!(a.last_seen, T0 + 300);
+    let b = db.store.device("b").await.unwrap().unwrap();
+    assert_eq!(b.models, [model(2)]);
+    assert_eq!(b.inventory.cpu_cores, 3);
+    assert_eq!(b.runtime, "onnxruntime");
+    assert_eq!(b.last_seen, T0 + 5000);
+    assert_eq!(db.store.device("c").await.unwrap().unwrap(), c_before);
+    assert!(db.store.device("nobody").await.unwrap().is_none());
+    db.store.record_hellos(&[]).await.unwrap();
+    assert_eq!(db.store.device("a").await.unwrap().unwrap(), a);
+}
+
 /// A rollout's targets carry what the devices' rows say: status, the
 /// memory the device reported and the models it serves, for the devices the
 /// selector picks, in id order.
@@ -987,7 +1048,7 @@ async fn rollout_targets_are_the_devices_rows(db: &Db) {
         state: "ready".into(),
     }];
     db.store
-        .record_hello("a", &inventory, &models, "tract", T0 + 1000)
+        .record_hello(hello("a", &inventory, &models, "tract", T0 + 1000))
         .await
         .unwrap();
     db.store.revoke_device("c", T0 + 2000).await.unwrap();
@@ -1040,7 +1101,7 @@ async fn hello_certificate_and_touch(db: &Db) {
         },
     ];
     db.store
-        .record_hello("a", &inventory, &models, "onnxruntime", T0 + 1000)
+        .record_hello(hello("a", &inventory, &models, "onnxruntime", T0 + 1000))
         .await
         .unwrap();
     let d = db.store.device("a").await.unwrap().unwrap();
@@ -1060,7 +1121,7 @@ async fn hello_certificate_and_touch(db: &Db) {
         T0 + 2000
     );
     db.store
-        .record_hello("a", &inventory, &[], "tract", T0 + 1500)
+        .record_hello(hello("a", &inventory, &[], "tract", T0 + 1500))
         .await
         .unwrap();
     let d = db.store.device("a").await.unwrap().unwrap();

@@ -11,8 +11,8 @@ use super::registry::{
     RolloutRecord, RolloutSpec, RolloutState, TensorInfo,
 };
 use super::{
-    Device, DeviceModel, DeviceStatus, EventRecord, Inventory, JoinToken, Labels, ModelPoint,
-    ModelSample, OperatorToken, RolloutTarget, StoreError, TelemetryRecord,
+    Device, DeviceModel, DeviceStatus, EventRecord, HelloRecord, Inventory, JoinToken, Labels,
+    ModelPoint, ModelSample, OperatorToken, RolloutTarget, StoreError, TelemetryRecord,
 };
 
 pub(crate) const HOUR_MS: i64 = 3_600_000;
@@ -244,12 +244,36 @@ fn device_status(owner: &str, status: &str) -> Result<DeviceStatus, StoreError> 
 
 /// Each device's latest time of `touches`, in device id order.
 pub(crate) fn latest_touches(touches: &[(String, i64)]) -> Vec<(&str, i64)> {
-    let mut latest = std::collections::BTreeMap::new();
-    for (id, at) in touches {
-        let time = latest.entry(id.as_str()).or_insert(*at);
-        *time = (*time).max(*at);
+    latest_per_device(touches, |(id, _)| id, |(_, at)| *at)
+        .into_iter()
+        .map(|((id, _), at)| (id.as_str(), at))
+        .collect()
+}
+
+/// Each device's last Hello of `hellos`, with the device's latest time of
+/// them, in device id order.
+pub(crate) fn latest_hellos(hellos: &[HelloRecord]) -> Vec<(&HelloRecord, i64)> {
+    latest_per_device(hellos, |h| &h.device_id, |h| h.at)
+}
+
+/// Each device's last item of `items` with the device's latest time of
+/// them, in device id order: what one write per device stores of a group.
+fn latest_per_device<'a, T>(
+    items: &'a [T],
+    device: impl Fn(&'a T) -> &'a String,
+    at: impl Fn(&T) -> i64,
+) -> Vec<(&'a T, i64)> {
+    let mut latest: BTreeMap<&str, (&T, i64)> = BTreeMap::new();
+    for item in items {
+        latest
+            .entry(device(item).as_str())
+            .and_modify(|(last, time)| {
+                *last = item;
+                *time = (*time).max(at(item));
+            })
+            .or_insert((item, at(item)));
     }
-    latest.into_iter().collect()
+    latest.into_values().collect()
 }
 
 /// A device and whether its desired state names a blob

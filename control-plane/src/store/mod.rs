@@ -153,6 +153,18 @@ pub struct DeviceModel {
     pub state: String,
 }
 
+/// What a device says of itself when its session opens (its Hello), and
+/// again when its models change: stored by [`Store::record_hellos`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloRecord {
+    pub device_id: String,
+    pub inventory: Inventory,
+    pub models: Vec<DeviceModel>,
+    pub runtime: String,
+    /// When it was said (unix ms): the device's last seen, if later.
+    pub at: i64,
+}
+
 /// An operator's bearer token (only its SHA-256 is stored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorToken {
@@ -494,15 +506,15 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     async fn retire_previous_certificate(&self, id: &str, serial: &str)
     -> Result<bool, StoreError>;
     /// Updates what a device said in its Hello: inventory, models, runtime,
-    /// and last seen.
-    async fn record_hello(
-        &self,
-        id: &str,
-        inventory: &Inventory,
-        models: &[DeviceModel],
-        runtime: &str,
-        at: i64,
-    ) -> Result<(), StoreError>;
+    /// and last seen (never moved backwards).
+    async fn record_hello(&self, hello: HelloRecord) -> Result<(), StoreError> {
+        self.record_hellos(&[hello]).await
+    }
+    /// Records each Hello, as [`Self::record_hello`] does, in one
+    /// transaction (in device id order; a device listed twice: its last
+    /// Hello's inventory, models and runtime, and its latest time). A device
+    /// not enrolled is skipped.
+    async fn record_hellos(&self, hellos: &[HelloRecord]) -> Result<(), StoreError>;
     /// Sets last seen (never moves it backwards).
     async fn touch_device(&self, id: &str, at: i64) -> Result<(), StoreError> {
         self.touch_devices(&[(id.to_string(), at)]).await

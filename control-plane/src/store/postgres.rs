@@ -26,8 +26,8 @@ use super::common::{
     to_json,
 };
 use super::{
-    CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
-    Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
+    CertificateRenewal, Device, EventRecord, HelloRecord, JoinToken, JoinTokenRefusal, Labels,
+    ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
     StoreError, TelemetryRecord,
 };
 
@@ -134,6 +134,20 @@ async fn device_in(
         .await?
         .map(Device::try_from)
         .transpose()
+}
+
+/// Locks the rows of devices `ids` in id order (as `ids` must be), so two
+/// replicas' group writes touching the same devices wait for each other
+/// instead of deadlocking, whatever order their UPDATE then takes.
+async fn lock_devices(
+    tx: &mut Transaction<'static, Postgres>,
+    ids: &[&str],
+) -> Result<(), StoreError> {
+    sqlx::query("SELECT id FROM devices WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 const POINT_FROM_ROLLUPS: &str = "SELECT device_id, hour AS at, hour + 3600000 AS until, model, version, requests, \
@@ -482,40 +496,49 @@ impl Store for PgStore {
         Ok(updated > 0)
     }
 
-    async fn record_hello(
-        &self,
-        id: &str,
-        inventory: &Inventory,
-        models: &[DeviceModel],
-        runtime: &str,
-        at: i64,
-    ) -> Result<(), StoreError> {
+    async fn record_hellos(&self, hellos: &[HelloRecord]) -> Result<(), StoreError> {
+        let hellos = common::latest_hellos(hellos);
+        if hellos.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = hellos.iter().map(|(h, _)| h.device_id.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        lock_devices(&mut tx, &ids).await?;
+        // One statement for the group, not one per Hello: a round trip each.
         sqlx::query(
-            "UPDATE devices SET inventory = $1, models = $2, runtime = $3, \
-             last_seen = GREATEST(last_seen, $4) WHERE id = $5",
+            "UPDATE devices AS d SET inventory = h.inventory, models = h.models, runtime = h.runtime, \
+             last_seen = GREATEST(d.last_seen, h.at) \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+               AS h(id, inventory, models, runtime, at) \
+             WHERE d.id = h.id",
         )
-        .bind(to_json(inventory))
-        .bind(to_json(&models))
-        .bind(runtime)
-        .bind(at)
-        .bind(id)
-        .execute(&self.pool)
+        .bind(&ids)
+        .bind(hellos.iter().map(|(h, _)| to_json(&h.inventory)).collect::<Vec<_>>())
+        .bind(hellos.iter().map(|(h, _)| to_json(&h.models)).collect::<Vec<_>>())
+        .bind(hellos.iter().map(|(h, _)| h.runtime.as_str()).collect::<Vec<_>>())
+        .bind(hellos.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
     async fn touch_devices(&self, touches: &[(String, i64)]) -> Result<(), StoreError> {
-        // In device id order: two replicas' groups lock shared rows in the
-        // same order, so they cannot deadlock.
         let touches = common::latest_touches(touches);
-        let mut tx = self.pool.begin().await?;
-        for (id, at) in touches {
-            sqlx::query("UPDATE devices SET last_seen = GREATEST(last_seen, $1) WHERE id = $2")
-                .bind(at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        if touches.is_empty() {
+            return Ok(());
         }
+        let ids: Vec<&str> = touches.iter().map(|(id, _)| *id).collect();
+        let mut tx = self.pool.begin().await?;
+        lock_devices(&mut tx, &ids).await?;
+        sqlx::query(
+            "UPDATE devices AS d SET last_seen = GREATEST(d.last_seen, t.at) \
+             FROM UNNEST($1::text[], $2::int8[]) AS t(id, at) WHERE d.id = t.id",
+        )
+        .bind(&ids)
+        .bind(touches.iter().map(|(_, at)| *at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

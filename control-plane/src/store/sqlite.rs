@@ -28,8 +28,8 @@ use super::common::{
     to_json,
 };
 use super::{
-    CertificateRenewal, Device, DeviceModel, EventRecord, Inventory, JoinToken, JoinTokenRefusal,
-    Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
+    CertificateRenewal, Device, EventRecord, HelloRecord, JoinToken, JoinTokenRefusal, Labels,
+    ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
     StoreError, TelemetryRecord,
 };
 
@@ -537,26 +537,25 @@ impl Store for SqliteStore {
         Ok(updated > 0)
     }
 
-    async fn record_hello(
-        &self,
-        id: &str,
-        inventory: &Inventory,
-        models: &[DeviceModel],
-        runtime: &str,
-        at: i64,
-    ) -> Result<(), StoreError> {
+    async fn record_hellos(&self, hellos: &[HelloRecord]) -> Result<(), StoreError> {
+        let hellos = common::latest_hellos(hellos);
+        if hellos.is_empty() {
+            return Ok(());
+        }
         let mut tx = self.write().await?;
-        sqlx::query(
-            "UPDATE devices SET inventory = ?, models = ?, runtime = ?, last_seen = max(last_seen, ?) \
-             WHERE id = ?",
-        )
-        .bind(to_json(inventory))
-        .bind(to_json(&models))
-        .bind(runtime)
-        .bind(at)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
+        for (hello, at) in hellos {
+            sqlx::query(
+                "UPDATE devices SET inventory = ?, models = ?, runtime = ?, last_seen = max(last_seen, ?) \
+                 WHERE id = ?",
+            )
+            .bind(to_json(&hello.inventory))
+            .bind(to_json(&hello.models))
+            .bind(&hello.runtime)
+            .bind(at)
+            .bind(&hello.device_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
