@@ -8,13 +8,13 @@ mod agent_process;
 mod compression;
 mod engine;
 mod gates;
-mod hellos;
 mod ingest;
 mod one_cpu;
 mod one_write_client;
 mod pg_schema;
 mod report;
 mod rollout;
+mod session_writes;
 mod suites;
 mod wire;
 
@@ -36,8 +36,8 @@ pub enum Suite {
     Runtimes,
     /// Telemetry ingest through the control plane's Store (SQLite and PostgreSQL).
     Ingest,
-    /// A fleet's Hellos recorded at once (a control plane's restart), grouped vs one transaction each.
-    Hellos,
+    /// A whole fleet's session writes at once (Hellos, activation steps, last-seen times), group commit vs a transaction each.
+    SessionWrites,
     /// What the rollout engine reads each pass to judge metric gates at 1,000 devices.
     Gates,
     /// One rollout engine step at 1,000 and 10,000 devices (SQLite and PostgreSQL).
@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint,
             Suite::Runtimes,
             Suite::Ingest,
-            Suite::Hellos,
+            Suite::SessionWrites,
             Suite::Gates,
             Suite::Engine,
             Suite::Wire,
@@ -157,7 +157,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Footprint => runtime.block_on(suites::footprint(&args))?,
             Suite::Runtimes => suites::runtimes(&args)?,
             Suite::Ingest => runtime.block_on(ingest::ingest_suite(&args))?,
-            Suite::Hellos => runtime.block_on(hellos::hellos(&args))?,
+            Suite::SessionWrites => runtime.block_on(session_writes::session_writes(&args))?,
             Suite::Gates => runtime.block_on(gates::gates(&args))?,
             Suite::Engine => rollout::runtime()?.block_on(engine::engine(&args))?,
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
