@@ -179,6 +179,36 @@ fn placeholders(rows: usize, cols: usize) -> String {
     vec![row; rows].join(", ")
 }
 
+type SqliteQuery<'a> = sqlx::query::Query<'a, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
+
+/// `UPDATE devices SET {set} FROM (VALUES …) AS v WHERE devices.id =
+/// v.column1` over `rows`, at most one per device: a statement per chunk
+/// of rows, not per row (each statement is a round trip to SQLite's
+/// thread). `bind` binds a row's `cols` values, its device id first.
+async fn update_devices<'a, T>(
+    tx: &mut Transaction<'static, Sqlite>,
+    set: &'static str,
+    cols: usize,
+    rows: &'a [T],
+    bind: impl Fn(SqliteQuery<'a>, &'a T) -> SqliteQuery<'a>,
+) -> Result<(), StoreError> {
+    let mut rest = rows;
+    for size in chunk_sizes(rows.len()) {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        let sql = format!(
+            "UPDATE devices SET {set} FROM (VALUES {}) AS v WHERE devices.id = v.column1",
+            placeholders(size, cols)
+        );
+        let mut query = sqlx::query(AssertSqlSafe(sql));
+        for row in chunk {
+            query = bind(query, row);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 async fn device_in(
     tx: &mut Transaction<'static, Sqlite>,
     id: &str,
@@ -543,33 +573,39 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let mut tx = self.write().await?;
-        for (hello, at) in hellos {
-            sqlx::query(
-                "UPDATE devices SET inventory = ?, models = ?, runtime = ?, last_seen = max(last_seen, ?) \
-                 WHERE id = ?",
-            )
-            .bind(to_json(&hello.inventory))
-            .bind(to_json(&hello.models))
-            .bind(&hello.runtime)
-            .bind(at)
-            .bind(&hello.device_id)
-            .execute(&mut *tx)
-            .await?;
-        }
+        update_devices(
+            &mut tx,
+            "inventory = v.column2, models = v.column3, runtime = v.column4, \
+             last_seen = max(devices.last_seen, v.column5)",
+            5,
+            &hellos,
+            |q, (hello, at)| {
+                q.bind(&hello.device_id)
+                    .bind(to_json(&hello.inventory))
+                    .bind(to_json(&hello.models))
+                    .bind(&hello.runtime)
+                    .bind(*at)
+            },
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn touch_devices(&self, touches: &[(String, i64)]) -> Result<(), StoreError> {
         let touches = common::latest_touches(touches);
-        let mut tx = self.write().await?;
-        for (id, at) in touches {
-            sqlx::query("UPDATE devices SET last_seen = max(last_seen, ?) WHERE id = ?")
-                .bind(at)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+        if touches.is_empty() {
+            return Ok(());
         }
+        let mut tx = self.write().await?;
+        update_devices(
+            &mut tx,
+            "last_seen = max(devices.last_seen, v.column2)",
+            2,
+            &touches,
+            |q, (id, at)| q.bind(*id).bind(*at),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }

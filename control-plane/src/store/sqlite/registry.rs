@@ -649,27 +649,36 @@ impl RegistryStore for SqliteStore {
 
     async fn record_activations(&self, records: &[ActivationRecord]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        for r in records {
+        // A statement per chunk of reports, not per report. SQLite upserts
+        // a statement's rows one after the other, so a key's later report
+        // meets its earlier one as it would written alone.
+        let mut rest = records;
+        for size in super::chunk_sizes(records.len()) {
+            let (chunk, tail) = rest.split_at(size);
+            rest = tail;
             // A late retry of an older step does not replace a newer one.
             // Static text: the shared clause is a constant.
-            sqlx::query(sqlx::AssertSqlSafe(format!(
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) \
+                 VALUES {} \
                  ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
                  reason = excluded.reason, at = excluded.at, generation = excluded.generation, \
                  reported_ms = excluded.reported_ms WHERE {}",
+                super::placeholders(size, 8),
                 common::ACTIVATION_REPLACES
-            )))
-            .bind(&r.device_id)
-            .bind(&r.name)
-            .bind(to_db(r.version))
-            .bind(&r.stage)
-            .bind(&r.reason)
-            .bind(r.at)
-            .bind(to_db(r.generation))
-            .bind(r.reported_ms)
-            .execute(&mut *tx)
-            .await?;
+            )));
+            for r in chunk {
+                query = query
+                    .bind(&r.device_id)
+                    .bind(&r.name)
+                    .bind(to_db(r.version))
+                    .bind(&r.stage)
+                    .bind(&r.reason)
+                    .bind(r.at)
+                    .bind(to_db(r.generation))
+                    .bind(r.reported_ms);
+            }
+            query.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
