@@ -274,7 +274,7 @@ pub async fn ingest_suite(_args: &Args) -> anyhow::Result<String> {
     writeln!(
         out,
         "In process, through the `Store` trait, on a fresh database each time (SQLite: a file in a temp dir, WAL, \
-         `synchronous=NORMAL`; PostgreSQL 15 on localhost: a fresh schema). A fleet of {DEVICES} enrolled devices, \
+         `synchronous=FULL`, as the server opens it; PostgreSQL 15 on localhost: a fresh schema). A fleet of {DEVICES} enrolled devices, \
          each batch one device's 10 s interval: {} models with a ~10-bucket latency histogram and a 3-bucket batch-size \
          histogram each, plus a device sample. Batches arrive time-major (each interval from all devices) and are \
          stored in group commits of N batches per call (one transaction), with up to M calls in flight; the server \
