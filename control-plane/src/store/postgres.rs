@@ -136,7 +136,7 @@ async fn device_in(
         .transpose()
 }
 
-/// Locks the rows of devices `ids` in id order (as `ids` must be), so two
+/// Locks the rows of devices `ids`, one after the other in id order, so two
 /// replicas' group writes touching the same devices wait for each other
 /// instead of deadlocking, whatever order their UPDATE then takes.
 async fn lock_devices(
