@@ -287,14 +287,37 @@ pub(crate) fn rustls_error<'e>(
     None
 }
 
-/// The expected fingerprint if a rustls error (or an I/O error wrapping one)
-/// is a pinned-CA fingerprint mismatch.
-pub(crate) fn fingerprint_mismatch(error: &(dyn std::error::Error + 'static)) -> Option<String> {
-    match rustls_error(error) {
-        Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) => other
-            .0
-            .downcast_ref::<CaFingerprintMismatch>()
-            .map(|m| m.expected.clone()),
-        _ => None,
+/// What a failed TLS handshake with `server` means for its client, from the
+/// rustls error behind `error` (one walk of its chain): a pinned CA that is
+/// not the server's, a peer that does not speak TLS, a certificate from
+/// another CA, or another failure, with rustls' words.
+pub(crate) fn handshake_failure(
+    server: &str,
+    error: &(dyn std::error::Error + 'static),
+) -> PkiError {
+    let server = server.to_string();
+    let tls = rustls_error(error);
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(other))) = tls
+        && let Some(mismatch) = other.0.downcast_ref::<CaFingerprintMismatch>()
+    {
+        return PkiError::CaFingerprintMismatch {
+            server,
+            expected: mismatch.expected.clone(),
+        };
+    }
+    match tls {
+        Some(rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType)) => {
+            PkiError::NotTls { server }
+        }
+        Some(rustls::Error::InvalidCertificate(
+            reason @ (CertificateError::BadSignature | CertificateError::UnknownIssuer),
+        )) => PkiError::UntrustedServer {
+            server,
+            reason: format!("{reason:?}"),
+        },
+        _ => PkiError::Connect {
+            server,
+            reason: format!("TLS handshake failed: {error}"),
+        },
     }
 }

@@ -22,7 +22,6 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::certs::{CertificateInfo, certificate_info_der};
 use crate::error::{PkiError, Result, error_chain};
-use crate::tls::fingerprint_mismatch;
 
 /// How long a server waits for a client to complete the TLS handshake.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -97,30 +96,7 @@ async fn establish(
         connector
             .connect(target.server_name.clone(), tcp)
             .await
-            .map_err(|e| match fingerprint_mismatch(&e) {
-                Some(expected) => PkiError::CaFingerprintMismatch {
-                    server: target.server.clone(),
-                    expected,
-                },
-                None => match crate::tls::rustls_error(&e) {
-                    Some(rustls::Error::InvalidMessage(
-                        rustls::InvalidMessage::InvalidContentType,
-                    )) => PkiError::NotTls {
-                        server: target.server.clone(),
-                    },
-                    Some(rustls::Error::InvalidCertificate(
-                        reason @ (rustls::CertificateError::BadSignature
-                        | rustls::CertificateError::UnknownIssuer),
-                    )) => PkiError::UntrustedServer {
-                        server: target.server.clone(),
-                        reason: format!("{reason:?}"),
-                    },
-                    _ => PkiError::Connect {
-                        server: target.server.clone(),
-                        reason: format!("TLS handshake failed: {e}"),
-                    },
-                },
-            })
+            .map_err(|e| crate::tls::handshake_failure(&target.server, &e))
     };
     tokio::time::timeout(connect_timeout, connect)
         .await

@@ -425,13 +425,16 @@ async fn connection_failures_name_the_server() {
     drop(listener);
     let (ca, _) = CertificateAuthority::generate().unwrap();
     let config = ca_client_tls_config(ca.certificate_pem()).unwrap();
-    let err = connect_tls(
-        &format!("https://127.0.0.1:{port}"),
-        config.clone(),
-        TIMEOUT,
-    )
-    .await
-    .unwrap_err();
+    // How a TLS client trusting `ca` fails against this machine's `port`.
+    let refusal = |port: u16, timeout: Duration| {
+        let config = config.clone();
+        async move {
+            connect_tls(&format!("https://127.0.0.1:{port}"), config, timeout)
+                .await
+                .unwrap_err()
+        }
+    };
+    let err = refusal(port, TIMEOUT).await;
     assert!(matches!(err, PkiError::Connect { .. }), "{err}");
     assert!(
         err.to_string().contains(&format!("127.0.0.1:{port}")),
@@ -447,13 +450,7 @@ async fn connection_failures_name_the_server() {
             held.push(s);
         }
     });
-    let err = connect_tls(
-        &format!("https://127.0.0.1:{silent_port}"),
-        config.clone(),
-        Duration::from_millis(300),
-    )
-    .await
-    .unwrap_err();
+    let err = refusal(silent_port, Duration::from_millis(300)).await;
     assert!(err.to_string().contains("timed out"), "{err}");
 
     // A plaintext server (it answers the ClientHello with an HTTP/1.1 error,
@@ -470,13 +467,7 @@ async fn connection_failures_name_the_server() {
                 .await;
         }
     });
-    let err = connect_tls(
-        &format!("https://127.0.0.1:{plaintext_port}"),
-        config.clone(),
-        TIMEOUT,
-    )
-    .await
-    .unwrap_err();
+    let err = refusal(plaintext_port, TIMEOUT).await;
     assert!(matches!(err, PkiError::NotTls { .. }), "{err}");
     assert!(
         err.to_string()
