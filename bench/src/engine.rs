@@ -299,9 +299,13 @@ async fn measure_on(
         .state;
     anyhow::ensure!(state == "running", "the rollout is {state}, not soaking");
 
-    // The reads a step makes, each alone.
+    // The reads a step makes, or made each pass before it kept the members
+    // and the targets between passes, each alone.
     let selector = Labels::from([("fleet".to_string(), "engine".to_string())]);
     let mut reads = Vec::new();
+    let timed = Instant::now();
+    store.device_changes().await?;
+    reads.push(("device change counter", timed.elapsed()));
     let timed = Instant::now();
     let members = store.rollout_devices(&rollout.id).await?;
     reads.push(("rollout members", timed.elapsed()));
@@ -371,7 +375,7 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
          and since. One rollout of every device (or of 1,000 of the 10,000: a label the others do not have), one wave, error-rate and latency gates on, `--soak 1h`; every \
          device reports ACTIVE through the store. Then, while the wave soaks, the engine's steps over {} s are timed \
          from `/metrics` (`rollout_step_seconds`: one step is one active rollout read, judged and saved; the engine \
-         steps each active rollout once a second), and each read a step makes is timed alone after, with two references: the same devices' whole rows, what a step read of them before it read only what a rollout needs (id, status, memory, models: not the health, a telemetry batch each), and the whole fleet, what the selector's read cost before the database matched the selector (every device read and decoded, then matched in Rust). A step reads the activation reports only while some device is updating: the steps timed here, of a soaking wave, do not. **Created to all \
+         steps each active rollout once a second), and each read a step makes (or made every pass before it kept a rollout's members and targets between passes) is timed alone after, with two references: the same devices' whole rows, what a step read of them before it read only what a rollout needs (id, status, memory, models: not the health, a telemetry batch each), and the whole fleet, what the selector's read cost before the database matched the selector (every device read and decoded, then matched in Rust). A step reads the activation reports only while some device is updating, the rollout's members only when its revision moved since the pass before (a step was saved), and the devices matching the selector only when the device change counter moved (a device enrolled, relabelled, revoked or reporting other models or memory): the steps timed here, of a soaking wave, read none of them, only the counter (and the gates' telemetry since the pass before). **Created to all \
          active**: from the create call to every device counted active (the engine starting all devices in one step, \
          then reading the reports).\n",
         STEADY.as_secs()
@@ -393,7 +397,7 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             out,
-            "| {} | {} | {} | {:.0} | {:.0} ms | {:.0}% | {:.1} s |",
+            "| {} | {} | {} | {:.0} | {:.1} ms | {:.1}% | {:.1} s |",
             run.store,
             run.fleet,
             run.devices,
@@ -403,7 +407,7 @@ pub async fn engine(args: &Args) -> anyhow::Result<String> {
             run.to_active.as_secs_f64()
         )?;
         for (_, time) in &run.reads {
-            write!(out, " {:.0} ms |", ms(*time))?;
+            write!(out, " {:.1} ms |", ms(*time))?;
         }
         writeln!(out)?;
     }

@@ -4,7 +4,9 @@
 //! Everything the engine knows is in the database (rollout, device rows,
 //! desired states, activation reports, telemetry), and each step is saved in
 //! one transaction, so a control plane restarted mid-rollout resumes where it
-//! was and never leaves a device half-updated. Steps are idempotent.
+//! was and never leaves a device half-updated. Steps are idempotent. What it
+//! keeps between passes ([`Kept`]) only spares it reads: each part is checked
+//! against the database (a revision, a counter) before a pass uses it.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -24,7 +26,7 @@ use crate::store::registry::{
     ActivationRecord, DesiredChange, DesiredModel, GateSpec, ModelRecord, RolloutDeviceRecord,
     RolloutEventRecord, RolloutRecord, RolloutSpec, RolloutState, WaveSize,
 };
-use crate::store::{DeviceStatus, RolloutTarget, StoreError};
+use crate::store::{DeviceStatus, Labels, RolloutTarget, StoreError};
 
 /// How often the engine looks at every active rollout (the first pass is
 /// at once, so a restarted replica picks rollouts up without waiting).
@@ -146,9 +148,33 @@ fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> Rollou
     }
 }
 
+/// What the engine keeps of one active rollout between passes, so that a
+/// pass at thousands of devices reads only what may have changed.
+#[derive(Debug, Default)]
+pub(crate) struct Kept {
+    /// What its gates counted.
+    figures: GateFigures,
+    /// Its device rows as read at a revision. Every change to them is a
+    /// saved step, which moves the revision: while the rollout still has
+    /// it, they are what a read would return.
+    members: Option<(i64, Vec<RolloutDeviceRecord>)>,
+    /// The devices its selector matched that can take its version.
+    targets: Option<KeptTargets>,
+}
+
+/// The devices a selector matched (enrolled, with room for the model), as
+/// read when [`crate::store::Store::device_changes`] stood at
+/// `device_changes`: until it moves, a read would match the same.
+#[derive(Debug)]
+struct KeptTargets {
+    device_changes: u64,
+    selector: Labels,
+    matching: HashMap<String, RolloutTarget>,
+}
+
 /// Runs the engine until shutdown.
 pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut gate_figures: HashMap<String, GateFigures> = HashMap::new();
+    let mut kept: HashMap<String, Kept> = HashMap::new();
     // Passes start ENGINE_INTERVAL apart, however long each takes (a pass
     // longer than that delays the next rather than bunching the ones after).
     let mut passes = tokio::time::interval(ENGINE_INTERVAL);
@@ -165,12 +191,11 @@ pub async fn run_engine(cp: Arc<ControlPlane>, shutdown: CancellationToken) -> a
                 continue;
             }
         };
-        // What each active rollout's gates counted, kept between passes.
-        gate_figures.retain(|id, _| rollouts.iter().any(|r| &r.id == id));
+        kept.retain(|id, _| rollouts.iter().any(|r| &r.id == id));
         for rollout in rollouts {
-            let figures = gate_figures.entry(rollout.id.clone()).or_default();
+            let kept = kept.entry(rollout.id.clone()).or_default();
             let started = std::time::Instant::now();
-            let result = step(&cp, rollout, figures).await;
+            let result = step(&cp, rollout, kept).await;
             cp.metrics
                 .rollout_step_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -361,17 +386,33 @@ async fn reconcile_membership(
     devices: &mut Vec<RolloutDeviceRecord>,
     desired: &mut Vec<DesiredChange>,
     events: &mut Vec<RolloutEventRecord>,
+    kept: &mut Option<KeptTargets>,
 ) -> anyhow::Result<()> {
     let now = now_ms();
-    let matching: HashMap<String, RolloutTarget> = cp
-        .store
-        .rollout_targets(&rollout.selector)
-        .await?
-        .into_iter()
-        .filter(|d| d.status != DeviceStatus::Revoked)
-        .filter(|d| fits_device(model.estimated_memory_bytes, d.memory_bytes))
-        .map(|d| (d.id.clone(), d))
-        .collect();
+    // Read before the targets: a change committed in between moves it past
+    // the value kept with them, and the next pass reads them again.
+    let device_changes = cp.store.device_changes().await?;
+    let targets = match kept.take() {
+        Some(targets)
+            if targets.device_changes == device_changes && targets.selector == rollout.selector =>
+        {
+            targets
+        }
+        _ => KeptTargets {
+            device_changes,
+            selector: rollout.selector.clone(),
+            matching: cp
+                .store
+                .rollout_targets(&rollout.selector)
+                .await?
+                .into_iter()
+                .filter(|d| d.status != DeviceStatus::Revoked)
+                .filter(|d| fits_device(model.estimated_memory_bytes, d.memory_bytes))
+                .map(|d| (d.id.clone(), d))
+                .collect(),
+        },
+    };
+    let matching = &kept.insert(targets).matching;
     for device in devices.iter_mut() {
         let matches = matching.contains_key(&device.device_id);
         match device.state.as_str() {
@@ -413,22 +454,23 @@ async fn reconcile_membership(
             }
         }
     }
-    let known: std::collections::HashSet<String> =
-        devices.iter().map(|d| d.device_id.clone()).collect();
-    for (id, device) in matching {
-        if known.contains(&id) || owned_elsewhere.contains(&id) {
-            continue;
-        }
-        let previous_version = ready_version(&device, &model.name);
+    let known: std::collections::HashSet<&str> =
+        devices.iter().map(|d| d.device_id.as_str()).collect();
+    let newcomers: Vec<&RolloutTarget> = matching
+        .values()
+        .filter(|d| !known.contains(d.id.as_str()) && !owned_elsewhere.contains(&d.id))
+        .collect();
+    for device in newcomers {
+        let previous_version = ready_version(device, &model.name);
         events.push(event(
             &rollout.id,
             "engine",
             "device_joined",
-            format!("{id} now matches the selector"),
+            format!("{} now matches the selector", device.id),
         ));
         devices.push(RolloutDeviceRecord {
             rollout_id: rollout.id.clone(),
-            device_id: id,
+            device_id: device.id.clone(),
             wave: rollout.current_wave.max(1),
             state: "waiting".into(),
             previous_version,
@@ -444,11 +486,14 @@ async fn reconcile_membership(
 async fn step(
     cp: &ControlPlane,
     mut rollout: RolloutRecord,
-    figures: &mut GateFigures,
+    kept: &mut Kept,
 ) -> anyhow::Result<()> {
     let now = now_ms();
     let mut events = Vec::new();
-    let mut devices = cp.store.rollout_devices(&rollout.id).await?;
+    let mut devices = match kept.members.take() {
+        Some((revision, members)) if revision == rollout.revision => members,
+        _ => cp.store.rollout_devices(&rollout.id).await?,
+    };
     let before = devices.clone();
     let before_rollout = rollout.clone();
     let mut desired = Vec::new();
@@ -482,6 +527,7 @@ async fn step(
             &mut devices,
             &mut desired,
             &mut events,
+            &mut kept.targets,
         )
         .await?;
     }
@@ -536,7 +582,7 @@ async fn step(
 
     // Health gates.
     if !paused {
-        if let Some(reason) = judge_gates(cp, &rollout, &devices, figures).await? {
+        if let Some(reason) = judge_gates(cp, &rollout, &devices, &mut kept.figures).await? {
             if rollout.spec.rollback_on_failure {
                 desired.extend(rollback_changes(cp, &rollout, &mut devices, &reason).await?);
                 rollout.state = RolloutState::RolledBack;
@@ -629,12 +675,14 @@ async fn step(
     // each with itself as read (a search of `before` for each would be
     // quadratic: seconds a pass at 10,000 devices).
     let changed_devices: Vec<RolloutDeviceRecord> = devices
-        .into_iter()
+        .iter()
         .enumerate()
-        .filter(|(i, d)| before.get(*i) != Some(d))
-        .map(|(_, d)| d)
+        .filter(|(i, d)| before.get(*i) != Some(*d))
+        .map(|(_, d)| d.clone())
         .collect();
     if changed_devices.is_empty() && events.is_empty() && rollout == before_rollout {
+        // Nothing to save: the rows stay as read until the revision moves.
+        kept.members = Some((rollout.revision, devices));
         return Ok(());
     }
     rollout.updated_at = now;
@@ -740,7 +788,7 @@ fn wave_to_pb(wave: &WaveSize) -> pb::Wave {
     }
 }
 
-fn labels_text(labels: &crate::store::Labels) -> String {
+fn labels_text(labels: &Labels) -> String {
     labels
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
@@ -1717,7 +1765,7 @@ mod tests {
         .await;
         let step_once = || async {
             let read = cp.store.rollout("r1").await.unwrap().unwrap();
-            step(&cp, read, &mut GateFigures::default()).await
+            step(&cp, read, &mut Kept::default()).await
         };
         let states = || async {
             let members = cp.store.rollout_devices("r1").await.unwrap();
@@ -2108,7 +2156,7 @@ mod tests {
         // it in and starts its wave; the others change nothing).
         for _ in 0..3 {
             let read = cp.store.rollout("r1").await.unwrap().unwrap();
-            step(&cp, read, &mut GateFigures::default()).await.unwrap();
+            step(&cp, read, &mut Kept::default()).await.unwrap();
         }
         let asked = member(&cp).await;
         assert_eq!(asked.state, "updating");
@@ -2122,7 +2170,7 @@ mod tests {
         let report = active_on_m2("d1", asked.updated_at - 60_000, generation);
         cp.store.record_activation(&report).await.unwrap();
         let read = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read, &mut GateFigures::default()).await.unwrap();
+        step(&cp, read, &mut Kept::default()).await.unwrap();
         assert_eq!(member(&cp).await.state, "active");
     }
 
@@ -2173,7 +2221,7 @@ mod tests {
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read_by_engine, &mut GateFigures::default())
+        step(&cp, read_by_engine, &mut Kept::default())
             .await
             .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();
@@ -2224,7 +2272,7 @@ mod tests {
             state: RolloutState::Paused,
             ..read_by_engine
         };
-        step(&cp, read_by_engine, &mut GateFigures::default())
+        step(&cp, read_by_engine, &mut Kept::default())
             .await
             .unwrap();
         let devices = cp.store.rollout_devices("r1").await.unwrap();
@@ -2236,6 +2284,95 @@ mod tests {
         assert_eq!(silent_state, "failed");
         assert!(reason.contains("no activation report for 2h"), "{reason}");
         assert_eq!(state("downloading").0, "updating");
+    }
+
+    /// The engine keeps a rollout's members and targets between passes; a
+    /// pass still sees a device that came to match the selector since (the
+    /// device counter moved) and a member another replica's engine or an
+    /// operator changed since (the rollout's revision moved).
+    #[tokio::test]
+    async fn kept_reads_give_way_to_what_changed_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        enroll(&cp, &["d1", "d2"]).await;
+        let paris: Labels = [("site".to_string(), "paris".to_string())].into();
+        cp.store.set_device_labels("d1", &paris).await.unwrap();
+        let mut rollout =
+            create_rollout_of_m2_with(&cp, |spec| spec.soak_ms = 3_600_000, &[]).await;
+        rollout.selector = paris.clone();
+        cp.store
+            .save_rollout_step(&mut rollout, &[], &[], &[])
+            .await
+            .unwrap();
+        let mut kept = Kept::default();
+        let pass = async |kept: &mut Kept| {
+            let read = cp.store.rollout("r1").await.unwrap().unwrap();
+            step(&cp, read, kept).await.unwrap();
+            let devices = cp.store.rollout_devices("r1").await.unwrap();
+            devices
+                .into_iter()
+                .map(|d| (d.device_id, (d.state, d.generation)))
+                .collect::<HashMap<_, _>>()
+        };
+        let activate = async |device: &str, generation: u64| {
+            cp.store
+                .record_activation(&active_on_m2(device, now_ms(), generation))
+                .await
+                .unwrap();
+        };
+
+        // d1 joins and updates, then is active, and the wave soaks.
+        let devices = pass(&mut kept).await;
+        assert_eq!(devices.keys().collect::<Vec<_>>(), ["d1"]);
+        activate("d1", devices["d1"].1).await;
+        assert_eq!(pass(&mut kept).await["d1"].0, "active");
+        let soaking = cp.store.rollout("r1").await.unwrap().unwrap();
+        pass(&mut kept).await;
+        assert_eq!(
+            cp.store.rollout("r1").await.unwrap().unwrap().revision,
+            soaking.revision,
+            "a soaking pass saves nothing"
+        );
+        assert!(
+            matches!(&kept.members, Some((revision, _)) if *revision == soaking.revision),
+            "the members are kept"
+        );
+        assert!(kept.targets.is_some(), "the targets are kept");
+
+        // d2 comes to match the selector: the next pass takes it in.
+        cp.store.set_device_labels("d2", &paris).await.unwrap();
+        let devices = pass(&mut kept).await;
+        assert_eq!(devices["d2"].0, "updating");
+        activate("d2", devices["d2"].1).await;
+        assert_eq!(pass(&mut kept).await["d2"].0, "active");
+        pass(&mut kept).await;
+
+        // Another replica's engine finds d1 failed and ends the soak: the
+        // next pass works from that, not from the members it kept.
+        let mut read = cp.store.rollout("r1").await.unwrap().unwrap();
+        read.spec.soak_ms = 0;
+        let mut d1 = cp
+            .store
+            .rollout_devices("r1")
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|d| d.device_id == "d1")
+            .unwrap();
+        d1.state = "failed".into();
+        d1.reason = "found failed elsewhere".into();
+        cp.store
+            .save_rollout_step(&mut read, &[d1], &[], &[])
+            .await
+            .unwrap();
+        pass(&mut kept).await;
+        let finished = cp.store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!(finished.state, RolloutState::FinishedWithFailures);
+        assert!(
+            finished.reason.contains("d1 (found failed elsewhere)"),
+            "{}",
+            finished.reason
+        );
     }
 
     /// The engine reads a rollout, an operator pauses it, then the engine
@@ -2255,7 +2392,7 @@ mod tests {
             .unwrap();
 
         // From its read the engine would start the rollout.
-        step(&cp, read_by_engine, &mut GateFigures::default())
+        step(&cp, read_by_engine, &mut Kept::default())
             .await
             .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();
@@ -2273,9 +2410,7 @@ mod tests {
 
         // Read afresh, the engine leaves a paused rollout alone; resumed, it
         // starts it.
-        step(&cp, stored, &mut GateFigures::default())
-            .await
-            .unwrap();
+        step(&cp, stored, &mut Kept::default()).await.unwrap();
         let mut resumed = cp.store.rollout("r1").await.unwrap().unwrap();
         assert_eq!(resumed.revision, 1);
         resumed.state = RolloutState::Running;
@@ -2284,7 +2419,7 @@ mod tests {
             .await
             .unwrap();
         let read_by_engine = cp.store.rollout("r1").await.unwrap().unwrap();
-        step(&cp, read_by_engine, &mut GateFigures::default())
+        step(&cp, read_by_engine, &mut Kept::default())
             .await
             .unwrap();
         let stored = cp.store.rollout("r1").await.unwrap().unwrap();

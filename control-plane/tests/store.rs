@@ -256,6 +256,7 @@ suite!(
     devices_by_selector,
     devices_by_selector_with_any_label_text,
     rollout_targets_are_the_devices_rows,
+    device_changes_move_with_what_a_rollout_reads,
     devices_paged_by_selector,
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
@@ -1079,6 +1080,85 @@ async fn rollout_targets_are_the_devices_rows(db: &Db) {
     assert_eq!(targets[0].memory_bytes, 2 << 30);
     assert_eq!(targets[0].models, models);
     assert_eq!(targets[2].status, DeviceStatus::Revoked);
+}
+
+/// The counter the rollout engine checks before reading a rollout's
+/// targets again moves with every write that changes what that read returns
+/// (an enrollment, a Hello with other models or memory, new labels, a
+/// revocation), and stands still through the writes every device makes all
+/// the time (last seen, telemetry, certificates, a Hello that says what the
+/// row already holds).
+async fn device_changes_move_with_what_a_rollout_reads(db: &Db) {
+    let changes = || async { db.store.device_changes().await.unwrap() };
+    let paris = labels(&[("site", "paris")]);
+    let targets = || async { db.store.rollout_targets(&paris).await.unwrap() };
+    let mut seen = changes().await;
+    let mut read = targets().await;
+    // Each step: whether the targets changed, and the counter must agree.
+    let mut check = async |what: &str| {
+        let (now, now_read) = (changes().await, targets().await);
+        assert_eq!(
+            now != seen,
+            now_read != read,
+            "{what}: counter {seen} -> {now}, targets changed: {}",
+            now_read != read
+        );
+        assert!(now >= seen, "{what}: the counter went back");
+        (seen, read) = (now, now_read);
+    };
+
+    enroll(db, &["a", "b"], labels(&[("site", "paris")])).await;
+    check("enrollment").await;
+    db.store.touch_device("a", T0 + 1000).await.unwrap();
+    check("last seen").await;
+    db.store
+        .ingest_telemetry(&[batch("a", 1, T0, vec![sample("m", 10, &[100], 1)])])
+        .await
+        .unwrap();
+    check("telemetry").await;
+    db.store
+        .set_device_certificate("a", "serial-2", T0 + 99 * HOUR, "serial-a")
+        .await
+        .unwrap();
+    check("certificate").await;
+    let inventory = new_device("a", T0).inventory;
+    db.store
+        .record_hello(hello("a", &inventory, &[], "tract", T0 + 2000))
+        .await
+        .unwrap();
+    check("a Hello saying what the row holds").await;
+    let models = [DeviceModel {
+        name: "m".into(),
+        version: 1,
+        sha256: "ab".repeat(32),
+        state: "ready".into(),
+    }];
+    db.store
+        .record_hellos(&[hello("a", &inventory, &models, "tract", T0 + 3000)])
+        .await
+        .unwrap();
+    check("a Hello with a new model").await;
+    let bigger = Inventory {
+        memory_bytes: 8 << 30,
+        ..inventory.clone()
+    };
+    db.store
+        .record_hello(hello("a", &bigger, &models, "tract", T0 + 4000))
+        .await
+        .unwrap();
+    check("a Hello with more memory").await;
+    db.store
+        .set_device_labels("b", &labels(&[("site", "lyon")]))
+        .await
+        .unwrap();
+    check("new labels (b leaves the selector)").await;
+    db.store
+        .set_device_labels("b", &labels(&[("site", "lyon")]))
+        .await
+        .unwrap();
+    check("the same labels again").await;
+    db.store.revoke_device("a", T0 + 5000).await.unwrap();
+    check("revocation").await;
 }
 
 async fn hello_certificate_and_touch(db: &Db) {
@@ -2531,6 +2611,7 @@ mod registry {
         rollout_device_states_are_counted,
         rollout_devices_come_in_pages,
         save_rollout_step_applies_everything,
+        a_step_of_hundreds_of_devices_applies_to_each,
         changes_to_one_device_in_a_step_end_as_applied_in_order,
         a_generation_moves_past_only_one_a_device_holds_ahead_of_it,
         failed_rollout_step_changes_nothing,
@@ -3365,6 +3446,61 @@ mod registry {
             .map(|d| d.generation)
             .collect();
         assert_eq!(generations, [1, 1, 2]);
+    }
+
+    /// A step that starts hundreds of devices at once (written in chunks of
+    /// rows) creates, changes and bumps each of them, and only them.
+    async fn a_step_of_hundreds_of_devices_applies_to_each(db: &Db) {
+        let ids: Vec<String> = (0..300).map(|i| format!("d{i:03}")).collect();
+        let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut r = rollout("r1", "m", 2, T0);
+        // d000..d199 are members from the start, d200..d299 join in the step.
+        create(db, &r, &id_refs[..200]).await.unwrap();
+        // Every other device already had m@1 (generation 1).
+        let earlier: Vec<DesiredChange> = ids.iter().step_by(2).map(|d| set(d, "m", 1)).collect();
+        db.store
+            .save_rollout_step(&mut r, &[], &earlier, &[])
+            .await
+            .unwrap();
+        let started: Vec<RolloutDeviceRecord> = ids
+            .iter()
+            .map(|d| RolloutDeviceRecord {
+                state: "updating".into(),
+                updated_at: T0 + 1_000,
+                ..member("r1", d, 1)
+            })
+            .collect();
+        // All but the last are set to m@2; the last has m cleared.
+        let mut changes: Vec<DesiredChange> = ids[..299].iter().map(|d| set(d, "m", 2)).collect();
+        changes.push(clear(&ids[299], "m"));
+        db.store
+            .save_rollout_step(&mut r, &started, &changes, &[])
+            .await
+            .unwrap();
+
+        let stored = db.store.rollout_devices("r1").await.unwrap();
+        assert_eq!(stored.len(), 300);
+        for (i, (device, expected)) in stored.iter().zip(&started).enumerate() {
+            let generation = if i % 2 == 0 { 2 } else { 1 };
+            assert_eq!(
+                device,
+                &RolloutDeviceRecord {
+                    generation,
+                    ..expected.clone()
+                }
+            );
+            let models = if i == 299 {
+                vec![]
+            } else {
+                vec![desired("m", 2)]
+            };
+            assert_eq!(
+                db.store.desired_state(&device.device_id).await.unwrap(),
+                (generation, models),
+                "{}",
+                device.device_id
+            );
+        }
     }
 
     async fn save_rollout_step_applies_everything(db: &Db) {

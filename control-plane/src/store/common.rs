@@ -964,6 +964,37 @@ pub(crate) fn rollout_conflict(device_id: &str, rollout_id: &str, model: &str) -
     format!("device {device_id} is already in rollout {rollout_id} of model {model}")
 }
 
+/// Desired-state changes as a few statements apply them: each (device,
+/// model)'s last change, as applying them one by one would leave it.
+pub(crate) struct LastDesired<'a> {
+    /// (device id, model) to set.
+    pub sets: Vec<(&'a str, &'a super::registry::DesiredModel)>,
+    /// (device id, model name) to clear.
+    pub clears: Vec<(&'a str, &'a str)>,
+}
+
+pub(crate) fn last_desired(desired: &[super::registry::DesiredChange]) -> LastDesired<'_> {
+    use super::registry::DesiredChange;
+    let mut last: std::collections::BTreeMap<(&str, &str), &DesiredChange> = Default::default();
+    for change in desired {
+        let key = match change {
+            DesiredChange::Set { device_id, model } => (device_id.as_str(), model.name.as_str()),
+            DesiredChange::Clear { device_id, name } => (device_id.as_str(), name.as_str()),
+        };
+        last.insert(key, change);
+    }
+    let (mut sets, mut clears) = (Vec::new(), Vec::new());
+    for change in last.into_values() {
+        match change {
+            DesiredChange::Set { device_id, model } => sets.push((device_id.as_str(), model)),
+            DesiredChange::Clear { device_id, name } => {
+                clears.push((device_id.as_str(), name.as_str()))
+            }
+        }
+    }
+    LastDesired { sets, clears }
+}
+
 /// The devices named by desired-state changes, each once, sorted.
 pub(crate) fn changed_devices(desired: &[super::registry::DesiredChange]) -> Vec<&str> {
     use super::registry::DesiredChange;

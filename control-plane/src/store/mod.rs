@@ -461,9 +461,16 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     /// large fleet decodes only those (the engine reads them each pass).
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
     /// What a rollout needs of each device carrying every label of
-    /// `selector`, ordered by id: the rollout engine reads it every pass,
-    /// and the whole rows (`devices`) cost several times as much to decode.
+    /// `selector`, ordered by id: the rollout engine reads it when
+    /// [`Self::device_changes`] moved, and the whole rows (`devices`) cost
+    /// several times as much to decode.
     async fn rollout_targets(&self, selector: &Labels) -> Result<Vec<RolloutTarget>, StoreError>;
+    /// A counter that moves whenever a device is enrolled or removed, or its
+    /// status, labels, inventory or models change (database triggers keep
+    /// it): while it stands still, [`Self::rollout_targets`] answers as it
+    /// did. Read it before the targets, so that a change committed between
+    /// the two reads moves it past the value kept with them.
+    async fn device_changes(&self) -> Result<u64, StoreError>;
     /// Up to `limit` devices carrying every label of `selector`, ordered by
     /// id, starting after the id `after` when given (which need not be a
     /// device's): one indexed walk however deep into the fleet it starts.

@@ -382,6 +382,13 @@ impl Store for PgStore {
         rows.into_iter().map(RolloutTarget::try_from).collect()
     }
 
+    async fn device_changes(&self) -> Result<u64, StoreError> {
+        let version: i64 = sqlx::query_scalar("SELECT version FROM device_changes")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(from_db(version))
+    }
+
     async fn devices_after(
         &self,
         selector: &Labels,

@@ -181,10 +181,34 @@ fn placeholders(rows: usize, cols: usize) -> String {
 
 type SqliteQuery<'a> = sqlx::query::Query<'a, Sqlite, <Sqlite as sqlx::Database>::Arguments>;
 
+/// Executes `sql(n)`, a statement over `n` rows, once per chunk of `rows`
+/// ([`chunk_sizes`]), `bind` binding each row of the chunk in turn: a round
+/// trip to SQLite's thread per chunk, not per row. SQLite applies a
+/// statement's rows one after the other, so each meets the ones before it
+/// as it would written alone.
+async fn execute_chunked<'a, T>(
+    tx: &mut Transaction<'static, Sqlite>,
+    rows: &'a [T],
+    sql: impl Fn(usize) -> String,
+    bind: impl Fn(SqliteQuery<'a>, &'a T) -> SqliteQuery<'a>,
+) -> Result<(), StoreError> {
+    let mut rest = rows;
+    for size in chunk_sizes(rows.len()) {
+        let (chunk, tail) = rest.split_at(size);
+        rest = tail;
+        let mut query = sqlx::query(AssertSqlSafe(sql(size)));
+        for row in chunk {
+            query = bind(query, row);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 /// `UPDATE devices SET {set} FROM (VALUES …) AS v WHERE devices.id =
-/// v.column1` over `rows`, at most one per device: a statement per chunk
-/// of rows, not per row (each statement is a round trip to SQLite's
-/// thread). `bind` binds a row's `cols` values, its device id first.
+/// v.column1` over `rows`, at most one per device, a statement per chunk
+/// ([`execute_chunked`]). `bind` binds a row's `cols` values, its device id
+/// first.
 async fn update_devices<'a, T>(
     tx: &mut Transaction<'static, Sqlite>,
     set: &'static str,
@@ -192,21 +216,13 @@ async fn update_devices<'a, T>(
     rows: &'a [T],
     bind: impl Fn(SqliteQuery<'a>, &'a T) -> SqliteQuery<'a>,
 ) -> Result<(), StoreError> {
-    let mut rest = rows;
-    for size in chunk_sizes(rows.len()) {
-        let (chunk, tail) = rest.split_at(size);
-        rest = tail;
-        let sql = format!(
+    let sql = |size| {
+        format!(
             "UPDATE devices SET {set} FROM (VALUES {}) AS v WHERE devices.id = v.column1",
             placeholders(size, cols)
-        );
-        let mut query = sqlx::query(AssertSqlSafe(sql));
-        for row in chunk {
-            query = bind(query, row);
-        }
-        query.execute(&mut **tx).await?;
-    }
-    Ok(())
+        )
+    };
+    execute_chunked(tx, rows, sql, bind).await
 }
 
 async fn device_in(
@@ -449,6 +465,13 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         rows.into_iter().map(RolloutTarget::try_from).collect()
+    }
+
+    async fn device_changes(&self) -> Result<u64, StoreError> {
+        let version: i64 = sqlx::query_scalar("SELECT version FROM device_changes")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(from_db(version))
     }
 
     async fn devices_after(

@@ -72,38 +72,20 @@ async fn upsert_devices(
     Ok(())
 }
 
-/// Applies desired-state changes in a few statements: each (device, model)
-/// ends as its last change in `desired` leaves it, as applying them one by
-/// one would.
+/// Applies desired-state changes in a few statements
+/// ([`common::last_desired`]).
 async fn apply_desired(
     tx: &mut Transaction<'static, Postgres>,
     desired: &[DesiredChange],
 ) -> Result<(), StoreError> {
-    let mut last: std::collections::BTreeMap<(&str, &str), &DesiredChange> = Default::default();
-    for change in desired {
-        let key = match change {
-            DesiredChange::Set { device_id, model } => (device_id.as_str(), model.name.as_str()),
-            DesiredChange::Clear { device_id, name } => (device_id.as_str(), name.as_str()),
-        };
-        last.insert(key, change);
-    }
-    let (mut sets, mut clears) = (Vec::new(), (Vec::new(), Vec::new()));
-    for change in last.into_values() {
-        match change {
-            DesiredChange::Set { device_id, model } => sets.push((device_id, model)),
-            DesiredChange::Clear { device_id, name } => {
-                clears.0.push(device_id.clone());
-                clears.1.push(name.clone());
-            }
-        }
-    }
+    let common::LastDesired { sets, clears } = common::last_desired(desired);
     if !sets.is_empty() {
         let text = |f: fn(&DesiredModel) -> &String| {
             sets.iter().map(|(_, m)| f(m).clone()).collect::<Vec<_>>()
         };
         let number =
             |f: fn(&DesiredModel) -> u64| sets.iter().map(|(_, m)| to_db(f(m))).collect::<Vec<_>>();
-        let devices: Vec<String> = sets.iter().map(|(d, _)| (*d).clone()).collect();
+        let devices: Vec<&str> = sets.iter().map(|(d, _)| *d).collect();
         let signatures: Vec<Vec<u8>> = sets.iter().map(|(_, m)| m.signature.clone()).collect();
         let private: Vec<bool> = sets.iter().map(|(_, m)| m.private).collect();
         sqlx::query(
@@ -123,13 +105,14 @@ async fn apply_desired(
         .execute(&mut **tx)
         .await?;
     }
-    if !clears.0.is_empty() {
+    if !clears.is_empty() {
+        let (devices, names): (Vec<&str>, Vec<&str>) = clears.into_iter().unzip();
         sqlx::query(
             "DELETE FROM device_desired WHERE (device_id, name) IN \
              (SELECT * FROM UNNEST($1::text[], $2::text[]))",
         )
-        .bind(clears.0)
-        .bind(clears.1)
+        .bind(devices)
+        .bind(names)
         .execute(&mut **tx)
         .await?;
     }

@@ -34,27 +34,103 @@ async fn insert_event(
     Ok(())
 }
 
-async fn upsert_device(
+/// Inserts or updates members by (rollout, device), a statement per chunk.
+async fn upsert_devices(
     tx: &mut Transaction<'static, Sqlite>,
-    d: &RolloutDeviceRecord,
+    devices: &[RolloutDeviceRecord],
 ) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, previous_version, reason, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?) \
-         ON CONFLICT (rollout_id, device_id) DO UPDATE SET wave = excluded.wave, state = excluded.state, \
-         previous_version = excluded.previous_version, reason = excluded.reason, \
-         updated_at = excluded.updated_at",
-    )
-    .bind(&d.rollout_id)
-    .bind(&d.device_id)
-    .bind(i64::from(d.wave))
-    .bind(&d.state)
-    .bind(to_db(d.previous_version))
-    .bind(&d.reason)
-    .bind(d.updated_at)
-    .execute(&mut **tx)
+    let sql = |size| {
+        format!(
+            "INSERT INTO rollout_devices (rollout_id, device_id, wave, state, previous_version, reason, updated_at) \
+             VALUES {} \
+             ON CONFLICT (rollout_id, device_id) DO UPDATE SET wave = excluded.wave, state = excluded.state, \
+             previous_version = excluded.previous_version, reason = excluded.reason, \
+             updated_at = excluded.updated_at",
+            super::placeholders(size, 7)
+        )
+    };
+    super::execute_chunked(tx, devices, sql, |query, d| {
+        query
+            .bind(&d.rollout_id)
+            .bind(&d.device_id)
+            .bind(i64::from(d.wave))
+            .bind(&d.state)
+            .bind(to_db(d.previous_version))
+            .bind(&d.reason)
+            .bind(d.updated_at)
+    })
+    .await
+}
+
+/// Applies desired-state changes ([`common::last_desired`]), a statement
+/// per chunk.
+async fn apply_desired(
+    tx: &mut Transaction<'static, Sqlite>,
+    desired: &[DesiredChange],
+) -> Result<(), StoreError> {
+    let common::LastDesired { sets, clears } = common::last_desired(desired);
+    let sql = |size| {
+        format!(
+            "INSERT INTO device_desired (device_id, name, version, sha256, size_bytes, signature, private) \
+             VALUES {} \
+             ON CONFLICT (device_id, name) DO UPDATE SET version = excluded.version, \
+             sha256 = excluded.sha256, size_bytes = excluded.size_bytes, \
+             signature = excluded.signature, private = excluded.private",
+            super::placeholders(size, 7)
+        )
+    };
+    super::execute_chunked(tx, &sets, sql, |query, (device_id, model)| {
+        query
+            .bind(*device_id)
+            .bind(&model.name)
+            .bind(to_db(model.version))
+            .bind(&model.sha256)
+            .bind(to_db(model.size_bytes))
+            .bind(&model.signature)
+            .bind(model.private)
+    })
     .await?;
-    Ok(())
+    let sql = |size| {
+        format!(
+            "DELETE FROM device_desired WHERE (device_id, name) IN (VALUES {})",
+            super::placeholders(size, 2)
+        )
+    };
+    super::execute_chunked(tx, &clears, sql, |query, (device_id, name)| {
+        query.bind(*device_id).bind(*name)
+    })
+    .await
+}
+
+/// Moves each changed device's desired-state generation on, and notes in
+/// its member row of `rollout_id` the generation from which its activation
+/// reports answer this change: two statements per chunk of devices.
+async fn bump_generations(
+    tx: &mut Transaction<'static, Sqlite>,
+    rollout_id: &str,
+    devices: &[&str],
+) -> Result<(), StoreError> {
+    let sql = |size| {
+        format!(
+            "INSERT INTO device_generations (device_id, generation) \
+             SELECT column1, 1 FROM (VALUES {}) WHERE true \
+             ON CONFLICT (device_id) DO UPDATE SET generation = generation + 1",
+            super::placeholders(size, 1)
+        )
+    };
+    super::execute_chunked(tx, devices, sql, |query, id| query.bind(*id)).await?;
+    let sql = |size| {
+        format!(
+            "UPDATE rollout_devices SET generation = g.generation \
+             FROM (VALUES {}) AS v JOIN device_generations g ON g.device_id = v.column2 \
+             WHERE rollout_devices.rollout_id = v.column1 AND rollout_devices.device_id = v.column2",
+            super::placeholders(size, 2)
+        )
+    };
+    super::execute_chunked(tx, devices, sql, |query, id| {
+        query.bind(rollout_id).bind(*id)
+    })
+    .await
 }
 
 /// The first of `devices` (and the rollout holding it) that another active
@@ -327,9 +403,7 @@ impl RegistryStore for SqliteStore {
         .bind(rollout.revision)
         .execute(&mut *tx)
         .await?;
-        for d in devices {
-            upsert_device(&mut tx, d).await?;
-        }
+        upsert_devices(&mut tx, devices).await?;
         insert_event(&mut tx, event).await?;
         tx.commit().await?;
         Ok(Ok(()))
@@ -447,58 +521,9 @@ impl RegistryStore for SqliteStore {
                 &rollout.model,
             )));
         }
-        for d in devices {
-            upsert_device(&mut tx, d).await?;
-        }
-        for change in desired {
-            match change {
-                DesiredChange::Set { device_id, model } => {
-                    sqlx::query(
-                        "INSERT INTO device_desired (device_id, name, version, sha256, size_bytes, signature, private) \
-                         VALUES (?, ?, ?, ?, ?, ?, ?) \
-                         ON CONFLICT (device_id, name) DO UPDATE SET version = excluded.version, \
-                         sha256 = excluded.sha256, size_bytes = excluded.size_bytes, \
-                         signature = excluded.signature, private = excluded.private",
-                    )
-                    .bind(device_id)
-                    .bind(&model.name)
-                    .bind(to_db(model.version))
-                    .bind(&model.sha256)
-                    .bind(to_db(model.size_bytes))
-                    .bind(&model.signature)
-                    .bind(model.private)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                DesiredChange::Clear { device_id, name } => {
-                    sqlx::query("DELETE FROM device_desired WHERE device_id = ? AND name = ?")
-                        .bind(device_id)
-                        .bind(name)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-            }
-        }
-        for device_id in common::changed_devices(desired) {
-            let generation: i64 = sqlx::query_scalar(
-                "INSERT INTO device_generations (device_id, generation) VALUES (?, 1) \
-                 ON CONFLICT (device_id) DO UPDATE SET generation = generation + 1 \
-                 RETURNING generation",
-            )
-            .bind(device_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            // The generation from which the device's activation reports
-            // answer this change.
-            sqlx::query(
-                "UPDATE rollout_devices SET generation = ? WHERE rollout_id = ? AND device_id = ?",
-            )
-            .bind(generation)
-            .bind(&rollout.id)
-            .bind(device_id)
-            .execute(&mut *tx)
-            .await?;
-        }
+        upsert_devices(&mut tx, devices).await?;
+        apply_desired(&mut tx, desired).await?;
+        bump_generations(&mut tx, &rollout.id, &common::changed_devices(desired)).await?;
         for event in events {
             insert_event(&mut tx, event).await?;
         }
@@ -649,16 +674,10 @@ impl RegistryStore for SqliteStore {
 
     async fn record_activations(&self, records: &[ActivationRecord]) -> Result<(), StoreError> {
         let mut tx = self.write().await?;
-        // A statement per chunk of reports, not per report. SQLite upserts
-        // a statement's rows one after the other, so a key's later report
-        // meets its earlier one as it would written alone.
-        let mut rest = records;
-        for size in super::chunk_sizes(records.len()) {
-            let (chunk, tail) = rest.split_at(size);
-            rest = tail;
-            // A late retry of an older step does not replace a newer one.
-            // Static text: the shared clause is a constant.
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(format!(
+        // A late retry of an older step does not replace a newer one.
+        // Static text: the shared clause is a constant.
+        let sql = |size| {
+            format!(
                 "INSERT INTO activations (device_id, name, version, stage, reason, at, generation, reported_ms) \
                  VALUES {} \
                  ON CONFLICT (device_id, name, version) DO UPDATE SET stage = excluded.stage, \
@@ -666,20 +685,20 @@ impl RegistryStore for SqliteStore {
                  reported_ms = excluded.reported_ms WHERE {}",
                 super::placeholders(size, 8),
                 common::ACTIVATION_REPLACES
-            )));
-            for r in chunk {
-                query = query
-                    .bind(&r.device_id)
-                    .bind(&r.name)
-                    .bind(to_db(r.version))
-                    .bind(&r.stage)
-                    .bind(&r.reason)
-                    .bind(r.at)
-                    .bind(to_db(r.generation))
-                    .bind(r.reported_ms);
-            }
-            query.execute(&mut *tx).await?;
-        }
+            )
+        };
+        super::execute_chunked(&mut tx, records, sql, |query, r| {
+            query
+                .bind(&r.device_id)
+                .bind(&r.name)
+                .bind(to_db(r.version))
+                .bind(&r.stage)
+                .bind(&r.reason)
+                .bind(r.at)
+                .bind(to_db(r.generation))
+                .bind(r.reported_ms)
+        })
+        .await?;
         tx.commit().await?;
         Ok(())
     }
