@@ -13,11 +13,16 @@ CREATE TABLE device_changes (
 );
 INSERT INTO device_changes (id, version) VALUES (1, 0);
 
+-- Once per transaction, however many rows it changed (a group of Hellos
+-- changes hundreds): a transaction-local setting notes that it counted.
 -- search_path as the migration ran: the schema of this database's tables.
 CREATE FUNCTION count_device_change() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
-    UPDATE device_changes SET version = version + 1;
+    IF coalesce(current_setting('edgefleet.device_change_counted', true), '') <> 'yes' THEN
+        PERFORM set_config('edgefleet.device_change_counted', 'yes', true);
+        UPDATE device_changes SET version = version + 1;
+    END IF;
     RETURN NULL;
 END
 $$;
