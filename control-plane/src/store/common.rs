@@ -973,6 +973,7 @@ pub(crate) struct LastDesired<'a> {
     pub clears: Vec<(&'a str, &'a str)>,
 }
 
+/// Each (device, model)'s last change in `desired`.
 pub(crate) fn last_desired(desired: &[super::registry::DesiredChange]) -> LastDesired<'_> {
     use super::registry::DesiredChange;
     let mut last: std::collections::BTreeMap<(&str, &str), &DesiredChange> = Default::default();
