@@ -14,14 +14,15 @@ CREATE TABLE device_changes (
 INSERT INTO device_changes (id, version) VALUES (1, 0);
 
 -- Once per transaction, however many rows it changed (a group of Hellos
--- changes hundreds): a transaction-local setting notes that it counted.
--- search_path as the migration ran: the schema of this database's tables.
+-- changes hundreds): a transaction-local setting names the schema whose
+-- counter it moved. The counter is the one beside the `devices` table
+-- that fired, whatever the search_path.
 CREATE FUNCTION count_device_change() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql AS $$
 BEGIN
-    IF coalesce(current_setting('edgefleet.device_change_counted', true), '') <> 'yes' THEN
-        PERFORM set_config('edgefleet.device_change_counted', 'yes', true);
-        UPDATE device_changes SET version = version + 1;
+    IF current_setting('edgefleet.device_change_counted', true) IS DISTINCT FROM TG_TABLE_SCHEMA THEN
+        PERFORM set_config('edgefleet.device_change_counted', TG_TABLE_SCHEMA, true);
+        EXECUTE format('UPDATE %I.device_changes SET version = version + 1', TG_TABLE_SCHEMA);
     END IF;
     RETURN NULL;
 END
