@@ -151,7 +151,7 @@ fn event(rollout_id: &str, actor: &str, action: &str, message: String) -> Rollou
 /// What the engine keeps of one active rollout between passes, so that a
 /// pass at thousands of devices reads only what may have changed.
 #[derive(Debug, Default)]
-pub(crate) struct Kept {
+struct Kept {
     /// What its gates counted.
     figures: GateFigures,
     /// Its device rows as read at a revision. Every change to them is a

@@ -458,7 +458,7 @@ pub trait Store: RegistryStore + Send + Sync + std::fmt::Debug {
     async fn device(&self, id: &str) -> Result<Option<Device>, StoreError>;
     /// All devices carrying every label of `selector`, ordered by id. The
     /// database matches the selector, so a rollout of a few devices in a
-    /// large fleet decodes only those (the engine reads them each pass).
+    /// large fleet decodes only those.
     async fn devices(&self, selector: &Labels) -> Result<Vec<Device>, StoreError>;
     /// What a rollout needs of each device carrying every label of
     /// `selector`, ordered by id: the rollout engine reads it when
