@@ -446,20 +446,27 @@ async fn reconcile_membership(
         }
     }
     // Newcomers, unless another active rollout of this model owns them.
+    // Once every matching device is a member (a rollout's steady state)
+    // there is no candidate, and the other rollouts are not read.
+    let known: std::collections::HashSet<&str> =
+        devices.iter().map(|d| d.device_id.as_str()).collect();
+    let candidates: Vec<&RolloutTarget> = matching
+        .values()
+        .filter(|d| !known.contains(d.id.as_str()))
+        .collect();
     let mut owned_elsewhere = std::collections::HashSet::new();
-    for other in cp.store.active_rollouts().await? {
-        if other.id != rollout.id && other.model == rollout.model {
-            for d in cp.store.rollout_devices(&other.id).await? {
-                owned_elsewhere.insert(d.device_id);
+    if !candidates.is_empty() {
+        for other in cp.store.active_rollouts().await? {
+            if other.id != rollout.id && other.model == rollout.model {
+                for d in cp.store.rollout_devices(&other.id).await? {
+                    owned_elsewhere.insert(d.device_id);
+                }
             }
         }
     }
-    let known: std::collections::HashSet<&str> =
-        devices.iter().map(|d| d.device_id.as_str()).collect();
-    let newcomers: Vec<&RolloutTarget> = matching
-        .values()
-        .filter(|d| !known.contains(d.id.as_str()) && !owned_elsewhere.contains(&d.id))
-        .collect();
+    let newcomers = candidates
+        .into_iter()
+        .filter(|d| !owned_elsewhere.contains(&d.id));
     for device in newcomers {
         let previous_version = ready_version(device, &model.name);
         events.push(event(
@@ -2372,6 +2379,74 @@ mod tests {
             finished.reason.contains("d1 (found failed elsewhere)"),
             "{}",
             finished.reason
+        );
+    }
+
+    /// A device that comes to match a rollout's selector while another
+    /// active rollout of the same model holds it stays with that one; a
+    /// device no rollout holds joins.
+    #[tokio::test]
+    async fn a_device_another_rollout_of_the_model_holds_does_not_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let cp = control_plane(dir.path()).await;
+        enroll(&cp, &["d1", "d2", "d3"]).await;
+        let paris: Labels = [("site".to_string(), "paris".to_string())].into();
+        cp.store.set_device_labels("d1", &paris).await.unwrap();
+        let mut r1 = create_rollout_of_m2_with(&cp, |spec| spec.soak_ms = 3_600_000, &[]).await;
+        r1.selector = paris.clone();
+        cp.store
+            .save_rollout_step(&mut r1, &[], &[], &[])
+            .await
+            .unwrap();
+        let r2 = RolloutRecord {
+            id: "r2".into(),
+            selector: [("site".to_string(), "lyon".to_string())].into(),
+            revision: 0,
+            ..r1.clone()
+        };
+        let held_by_r2 = RolloutDeviceRecord {
+            rollout_id: "r2".into(),
+            device_id: "d2".into(),
+            wave: 1,
+            state: "waiting".into(),
+            previous_version: 0,
+            reason: String::new(),
+            updated_at: 1,
+            generation: 0,
+        };
+        let created = event("r2", "operator:op1", "created", String::new());
+        cp.store
+            .create_rollout(&r2, &[held_by_r2], &created)
+            .await
+            .unwrap()
+            .unwrap();
+        let mut kept = Kept::default();
+        let pass = async |kept: &mut Kept| {
+            let read = cp.store.rollout("r1").await.unwrap().unwrap();
+            step(&cp, read, kept).await.unwrap();
+            let mut ids: Vec<String> = cp
+                .store
+                .rollout_devices("r1")
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|d| d.device_id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(pass(&mut kept).await, ["d1"]);
+
+        cp.store.set_device_labels("d2", &paris).await.unwrap();
+        cp.store.set_device_labels("d3", &paris).await.unwrap();
+        assert_eq!(
+            pass(&mut kept).await,
+            ["d1", "d3"],
+            "d3 joins; d2 stays with r2"
+        );
+        assert_eq!(
+            cp.store.rollout_devices("r2").await.unwrap()[0].device_id,
+            "d2"
         );
     }
 
