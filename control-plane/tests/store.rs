@@ -257,6 +257,7 @@ suite!(
     devices_by_selector_with_any_label_text,
     rollout_targets_are_the_devices_rows,
     device_changes_move_with_what_a_rollout_reads,
+    concurrent_device_changes_each_move_the_counter,
     devices_paged_by_selector,
     revoke_and_revocations_since,
     labels_are_replaced_and_selected_on,
@@ -1159,6 +1160,42 @@ async fn device_changes_move_with_what_a_rollout_reads(db: &Db) {
     check("the same labels again").await;
     db.store.revoke_device("a", T0 + 5000).await.unwrap();
     check("revocation").await;
+}
+
+/// Device changes committed at once (a fleet's label changes, another
+/// replica's revocations) each add one to the counter, whatever slot of it
+/// they take: none is lost, so the engine cannot keep targets read before
+/// one of them.
+async fn concurrent_device_changes_each_move_the_counter(db: &Db) {
+    const DEVICES: usize = 40;
+    let ids: Vec<String> = (0..DEVICES).map(|i| format!("dev-{i:02}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    enroll(db, &id_refs, labels(&[("site", "paris")])).await;
+    let before = db.store.device_changes().await.unwrap();
+    let mut changes = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let store = db.store.clone();
+        changes.spawn(async move {
+            store
+                .set_device_labels(&id, &labels(&[("site", "lyon")]))
+                .await
+        });
+    }
+    while let Some(done) = changes.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let after = db.store.device_changes().await.unwrap();
+    assert_eq!(
+        after - before,
+        DEVICES as u64,
+        "{DEVICES} transactions, each changing one device's labels"
+    );
+    let lyon = db
+        .store
+        .rollout_targets(&labels(&[("site", "lyon")]))
+        .await
+        .unwrap();
+    assert_eq!(lyon.len(), DEVICES);
 }
 
 async fn hello_certificate_and_touch(db: &Db) {

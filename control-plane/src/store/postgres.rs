@@ -383,7 +383,9 @@ impl Store for PgStore {
     }
 
     async fn device_changes(&self) -> Result<u64, StoreError> {
-        let version: i64 = sqlx::query_scalar("SELECT version FROM device_changes")
+        // The sum of the counter's slots (migration 0013): each commit that
+        // changed a device added one to one of them.
+        let version: i64 = sqlx::query_scalar("SELECT sum(version)::bigint FROM device_changes")
             .fetch_one(&self.pool)
             .await?;
         Ok(from_db(version))
