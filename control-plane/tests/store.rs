@@ -293,6 +293,48 @@ suite!(
     batches_stored_far_ahead_before_the_clamp_are_clamped,
 );
 
+/// PostgreSQL only: a database whose device change counter was one row
+/// (migration 0012) keeps its count when 0013 splits it into slots, and a
+/// replica still without 0013 fails to read it (its rollout engine's passes
+/// fail) instead of reading one slot as the whole count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_counter_slots_keep_the_count_and_fail_older_readers() {
+    let schema = format!("t_{:016x}", rand::random::<u64>());
+    let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
+        .await
+        .expect("PostgreSQL for the store tests (EDGEFLEET_TEST_POSTGRES_URL)");
+    conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let backend = Backend::Postgres { schema };
+    let mut conn = sqlx::PgConnection::connect(&backend.url()).await.unwrap();
+    sqlx::migrate!("../migrations/postgres")
+        .run_to(12, &mut conn)
+        .await
+        .unwrap();
+    conn.execute("UPDATE device_changes SET version = 41")
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+
+    let store = store::postgres::open(&backend.url()).await.unwrap();
+    assert_eq!(store.device_changes().await.unwrap(), 41, "the count kept");
+    let db = Db { store, backend };
+    enroll(&db, &["a"], Labels::new()).await;
+    assert_eq!(db.store.device_changes().await.unwrap(), 42);
+
+    // What a replica without 0013 reads the counter with.
+    let mut conn = sqlx::PgConnection::connect(&db.backend.url())
+        .await
+        .unwrap();
+    let older = sqlx::query_scalar::<_, i64>("SELECT version FROM device_changes")
+        .fetch_one(&mut conn)
+        .await;
+    assert!(older.is_err(), "an older replica read {older:?}");
+    conn.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------- helpers
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {

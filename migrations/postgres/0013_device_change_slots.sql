@@ -10,17 +10,26 @@
 -- commit that changed a device still adds one to the sum, so the sum moves
 -- exactly when the single counter did; it is still taken last, at the
 -- commit, one row per transaction, so no two writers deadlock over it.
-ALTER TABLE device_changes DROP CONSTRAINT device_changes_id_check;
-ALTER TABLE device_changes ADD CONSTRAINT device_change_slot CHECK (id BETWEEN 0 AND 63);
-INSERT INTO device_changes (id, version)
-    SELECT slot, 0 FROM generate_series(0, 63) AS slot WHERE slot <> 1;
+--
+-- A new table, not new rows in the old one: a replica still running a
+-- binary without this migration fails to read the counter (its rollout
+-- engine's passes fail, and the upgraded replicas step the rollouts),
+-- where it would read one slot as the whole and act on stale targets.
+CREATE TABLE device_change_slots (
+    slot    INTEGER PRIMARY KEY NOT NULL CHECK (slot BETWEEN 0 AND 63),
+    changes BIGINT NOT NULL
+);
+INSERT INTO device_change_slots (slot, changes)
+    SELECT slot, CASE WHEN slot = 0 THEN (SELECT version FROM device_changes) ELSE 0 END
+    FROM generate_series(0, 63) AS slot;
+DROP TABLE device_changes;
 
 CREATE OR REPLACE FUNCTION count_device_change() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
     IF current_setting('edgefleet.device_change_counted', true) IS DISTINCT FROM TG_TABLE_SCHEMA THEN
         PERFORM set_config('edgefleet.device_change_counted', TG_TABLE_SCHEMA, true);
-        EXECUTE format('UPDATE %I.device_changes SET version = version + 1 WHERE id = $1', TG_TABLE_SCHEMA)
+        EXECUTE format('UPDATE %I.device_change_slots SET changes = changes + 1 WHERE slot = $1', TG_TABLE_SCHEMA)
             USING (txid_current() % 64)::integer;
     END IF;
     RETURN NULL;

@@ -385,9 +385,10 @@ impl Store for PgStore {
     async fn device_changes(&self) -> Result<u64, StoreError> {
         // The sum of the counter's slots (migration 0013): each commit that
         // changed a device added one to one of them.
-        let version: i64 = sqlx::query_scalar("SELECT sum(version)::bigint FROM device_changes")
-            .fetch_one(&self.pool)
-            .await?;
+        let version: i64 =
+            sqlx::query_scalar("SELECT sum(changes)::bigint FROM device_change_slots")
+                .fetch_one(&self.pool)
+                .await?;
         Ok(from_db(version))
     }
 
