@@ -46,15 +46,7 @@ impl Db {
     }
 
     async fn postgres() -> Db {
-        let schema = format!("t_{:016x}", rand::random::<u64>());
-        let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
-            .await
-            .expect("PostgreSQL for the store tests (EDGEFLEET_TEST_POSTGRES_URL)");
-        conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        let backend = Backend::Postgres { schema };
+        let backend = Backend::fresh_postgres_schema().await;
         let store = store::postgres::open(&backend.url()).await.unwrap();
         Db { store, backend }
     }
@@ -180,6 +172,19 @@ impl Db {
 }
 
 impl Backend {
+    /// A new, empty schema of the test database (dropped with the value).
+    async fn fresh_postgres_schema() -> Backend {
+        let schema = format!("t_{:016x}", rand::random::<u64>());
+        let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
+            .await
+            .expect("PostgreSQL for the store tests (EDGEFLEET_TEST_POSTGRES_URL)");
+        conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        Backend::Postgres { schema }
+    }
+
     fn url(&self) -> String {
         match self {
             Backend::Sqlite { dir } => {
@@ -299,15 +304,7 @@ suite!(
 /// fail) instead of reading one slot as the whole count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_counter_slots_keep_the_count_and_fail_older_readers() {
-    let schema = format!("t_{:016x}", rand::random::<u64>());
-    let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
-        .await
-        .expect("PostgreSQL for the store tests (EDGEFLEET_TEST_POSTGRES_URL)");
-    conn.execute(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
-    let backend = Backend::Postgres { schema };
+    let backend = Backend::fresh_postgres_schema().await;
     let mut conn = sqlx::PgConnection::connect(&backend.url()).await.unwrap();
     sqlx::migrate!("../migrations/postgres")
         .run_to(12, &mut conn)
