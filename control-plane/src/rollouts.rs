@@ -413,8 +413,12 @@ async fn reconcile_membership(
         },
     };
     let matching = &kept.insert(targets).matching;
+    // Members matching the selector: when they are all of `matching`
+    // (a member row is one per device), no device is left to join.
+    let mut matching_members = 0;
     for device in devices.iter_mut() {
         let matches = matching.contains_key(&device.device_id);
+        matching_members += usize::from(matches);
         match device.state.as_str() {
             "waiting" | "updating" | "active" | "failed" if !matches => {
                 if device.state != "waiting" {
@@ -447,7 +451,11 @@ async fn reconcile_membership(
     }
     // Newcomers, unless another active rollout of this model owns them.
     // Once every matching device is a member (a rollout's steady state)
-    // there is no candidate, and the other rollouts are not read.
+    // there is no candidate: neither the members' ids nor the other
+    // rollouts are gathered.
+    if matching_members == matching.len() {
+        return Ok(());
+    }
     let known: std::collections::HashSet<&str> =
         devices.iter().map(|d| d.device_id.as_str()).collect();
     let candidates: Vec<&RolloutTarget> = matching
@@ -455,12 +463,10 @@ async fn reconcile_membership(
         .filter(|d| !known.contains(d.id.as_str()))
         .collect();
     let mut owned_elsewhere = std::collections::HashSet::new();
-    if !candidates.is_empty() {
-        for other in cp.store.active_rollouts().await? {
-            if other.id != rollout.id && other.model == rollout.model {
-                for d in cp.store.rollout_devices(&other.id).await? {
-                    owned_elsewhere.insert(d.device_id);
-                }
+    for other in cp.store.active_rollouts().await? {
+        if other.id != rollout.id && other.model == rollout.model {
+            for d in cp.store.rollout_devices(&other.id).await? {
+                owned_elsewhere.insert(d.device_id);
             }
         }
     }
