@@ -36,8 +36,10 @@ pub const MIN_SESSION_IDLE_TIMEOUT: Duration = Duration::from_secs(180);
 /// pings, so a quiet `rollouts watch` keeps its stream.
 pub const API_KEEPALIVE: Duration = Duration::from_secs(60);
 
+/// Where the control plane's files and database are: `serve` and `backup`
+/// take them alike.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ServeArgs {
+pub struct StorageArgs {
     /// Where the server keeps its CA, admin token and (by default) its SQLite database
     /// [default: /var/lib/edgefleet-server as root, else $XDG_DATA_HOME/edgefleet-server or
     /// ~/.local/share/edgefleet-server].
@@ -51,6 +53,25 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// TOML file with any of `serve`'s settings (flags and environment win).
+    #[arg(long, env = "EDGEFLEET_SERVER_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+impl StorageArgs {
+    /// The `--config` file's settings; none without one.
+    fn file(&self) -> anyhow::Result<FileConfig> {
+        match &self.config {
+            Some(path) => edgefleet_daemon::load_toml_config(path),
+            None => Ok(FileConfig::default()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
     /// gRPC listener for agents, TLS [default: 0.0.0.0:7443].
     #[arg(long, env = "EDGEFLEET_SERVER_AGENT_ADDR", value_name = "ADDR")]
     pub agent_addr: Option<SocketAddr>,
@@ -108,9 +129,6 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub trusted_signing_keys: Vec<String>,
-    /// TOML file with any of the settings above (flags and environment win).
-    #[arg(long, env = "EDGEFLEET_SERVER_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
     /// For tests only: ends a silent session after this long instead of
     /// three upload intervals (at least 3 minutes). Not a setting: hidden,
     /// no environment variable or file key.
@@ -130,33 +148,19 @@ pub struct BackupArgs {
     /// `serve --data-dir` starts from as it is.
     #[arg(value_name = "DEST")]
     pub dest: PathBuf,
-    /// The data dir of the control plane to back up [default: as `serve`'s].
-    #[arg(long, env = "EDGEFLEET_SERVER_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Its database, as given to `serve` [default: SQLite in the data dir].
-    #[arg(
-        long,
-        env = "EDGEFLEET_SERVER_DATABASE_URL",
-        value_name = "URL",
-        hide_env_values = true
-    )]
-    pub database_url: Option<String>,
-    /// The TOML file `serve` reads (its data_dir and database_url are used).
-    #[arg(long, env = "EDGEFLEET_SERVER_CONFIG", value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// The data dir and database URL of `backup`'s arguments, resolved as
 /// `serve` resolves them (flags and environment, then the file, then the
 /// default data dir).
 pub fn resolve_backup(args: &BackupArgs) -> anyhow::Result<(PathBuf, Option<String>)> {
-    let file = match &args.config {
-        Some(path) => edgefleet_daemon::load_toml_config(path)?,
-        None => FileConfig::default(),
-    };
-    let data_dir = data_dir_or_default(args.data_dir.clone().or(file.data_dir))
+    let storage = &args.storage;
+    let file = storage.file()?;
+    let data_dir = data_dir_or_default(storage.data_dir.clone().or(file.data_dir))
         .map_err(|problem| anyhow::anyhow!(problem))?;
-    Ok((data_dir, args.database_url.clone().or(file.database_url)))
+    Ok((data_dir, storage.database_url.clone().or(file.database_url)))
 }
 
 /// The data dir given, else the default one; an error when there is none.
@@ -327,12 +331,9 @@ fn running_as_root() -> bool {
 /// Flags and environment, then the file, then defaults. Reports every
 /// problem at once.
 pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
-    let file = match &args.config {
-        Some(path) => edgefleet_daemon::load_toml_config(path)?,
-        None => FileConfig::default(),
-    };
+    let file = args.storage.file()?;
     let mut problems = Vec::new();
-    let data_dir = data_dir_or_default(args.data_dir.or(file.data_dir))
+    let data_dir = data_dir_or_default(args.storage.data_dir.or(file.data_dir))
         .map_err(|problem| problems.push(problem))
         .unwrap_or_default();
     let mut config = ServerConfig::new(&data_dir);
@@ -455,7 +456,7 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
             config.model_memory_factor
         ));
     }
-    config.database_url = args.database_url.or(file.database_url);
+    config.database_url = args.storage.database_url.or(file.database_url);
     config.session_idle_timeout_override = args.session_idle_timeout;
     if args.session_idle_timeout.is_some_and(|d| d.is_zero()) {
         problems.push("--session-idle-timeout must be longer than zero".to_string());
@@ -627,6 +628,58 @@ mod tests {
             .to_string();
         assert!(
             err.contains("telemetry_upload_interval = \"soon\""),
+            "{err}"
+        );
+    }
+
+    /// `backup` finds the data dir and the database where `serve` would:
+    /// flags first, then the `--config` file (whose other keys it ignores).
+    #[test]
+    fn backup_takes_the_data_dir_and_database_from_the_config_file_unless_given() {
+        #[derive(Parser)]
+        struct BackupCli {
+            #[command(flatten)]
+            backup: BackupArgs,
+        }
+        let backup = |args: &[&str]| {
+            let cli = BackupCli::try_parse_from(["backup", "/tmp/dest"].iter().chain(args))?;
+            assert_eq!(cli.backup.dest, PathBuf::from("/tmp/dest"));
+            resolve_backup(&cli.backup)
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/edgefleet\"\ndatabase_url = \"postgres://db/fleet\"\ntelemetry_interval = \"5s\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        assert_eq!(
+            backup(&["--config", file]).unwrap(),
+            (
+                PathBuf::from("/srv/edgefleet"),
+                Some("postgres://db/fleet".to_string())
+            )
+        );
+        assert_eq!(
+            backup(&[
+                "--config",
+                file,
+                "--data-dir",
+                "/var/cp",
+                "--database-url",
+                "sqlite:///var/cp/other.db"
+            ])
+            .unwrap(),
+            (
+                PathBuf::from("/var/cp"),
+                Some("sqlite:///var/cp/other.db".to_string())
+            )
+        );
+        std::fs::write(dir.path().join("server.toml"), "data_dir = 7\n").unwrap();
+        let err = backup(&["--config", file]).unwrap_err().to_string();
+        assert!(
+            err.contains("invalid config file") && err.contains(file),
             "{err}"
         );
     }
