@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, InferError};
+use crate::memory;
 use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
 use crate::model_config::{ModelConfig, VersionPolicy};
@@ -361,6 +362,9 @@ impl ModelRegistry {
         // or on a scrape, once their last request is answered).
         self.metrics.forget_unheld_versions();
         if changed {
+            // What the loads allocated for a while (parsed graphs, tract's
+            // optimisation passes, failed loads' sessions) is free now.
+            memory::release_freed_heap();
             self.changes
                 .send_modify(|count| *count = count.wrapping_add(1));
         }

@@ -45,6 +45,7 @@ use edgefleet_proto::edgefleet::v1::event;
 use tokio::sync::oneshot;
 
 use crate::error::{ErrorCode, InferError};
+use crate::memory;
 use crate::metrics::VersionMetrics;
 use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
 use crate::runtime::{ModelSession, RunPhases, RuntimeKind, Signature};
@@ -619,6 +620,10 @@ impl Drop for LoadedVersion {
         // The gauge counts loaded copies: a copy reloaded from changed files
         // shares it, and dropping the old one must not zero it.
         self.metrics.ready.dec();
+        // Whoever lets go of a session last gives its memory back: here, or
+        // its worker as it exits (a session holds the model's weights).
+        drop(std::mem::take(&mut self.sessions));
+        memory::release_freed_heap();
     }
 }
 
@@ -689,6 +694,8 @@ fn worker_loop(
         }
         run_batch(lock(&session).as_mut(), batch, &run);
     }
+    drop(session);
+    memory::release_freed_heap();
 }
 
 /// How large a request is for the fast path: its inputs as the request

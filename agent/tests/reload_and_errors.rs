@@ -191,14 +191,77 @@ async fn has_series_of_version(agent: &TestAgent, version: &str) -> bool {
 
 /// How many times the agent has loaded a version of `mlp` (a metric).
 async fn reload_count(agent: &TestAgent) -> u64 {
+    load_count(agent, "mlp").await
+}
+
+/// How many times the agent has loaded a version of `model` (a metric).
+async fn load_count(agent: &TestAgent, model: &str) -> u64 {
     let text = agent.metrics().await;
+    let label = format!("model=\"{model}\"");
     text.lines()
-        .find(|line| {
-            line.starts_with("edgefleet_model_loads_total") && line.contains("model=\"mlp\"")
-        })
+        .find(|line| line.starts_with("edgefleet_model_loads_total") && line.contains(&label))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// This process's anonymous memory (heap, stacks) in bytes: `RssAnon` of
+/// /proc/self/status.
+fn anonymous_memory() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .expect("RssAnon in /proc/self/status");
+    kb * 1024
+}
+
+/// Reloading a model gives back the memory of the version it replaces: the
+/// old session held the model's weights, and loading the new one allocated
+/// more for a while. glibc's allocator keeps what is freed unless told to
+/// give it back: before the agent did, sixteen reloads of this model (4 MB
+/// of weights) left this process's anonymous memory 16–29 MB larger with
+/// tract and 20 MB with ONNX Runtime, for good. Now it comes back to within
+/// two copies of the weights of where it was with the first version loaded
+/// (0 MB more with tract, 4 MB with ONNX Runtime, measured).
+async fn reloads_give_the_replaced_versions_memory_back(runtime: RuntimeChoice) {
+    let model = edgefleet_test_support::matmul_model(1024, 1024);
+    let weights = 1024 * 1024 * 4;
+    let repo = Repo::new();
+    repo.write("big", 1, &model);
+    let agent = agent(repo.path(), runtime)
+        .poll(Duration::from_millis(100))
+        .start()
+        .await;
+    let agent_ref = &agent;
+    let baseline = anonymous_memory();
+    for _ in 0..16 {
+        let loads = load_count(&agent, "big").await;
+        let staged = repo.path().join("big/1/.model.onnx.new");
+        std::fs::write(&staged, &model).unwrap();
+        filetime_bump(&staged);
+        std::fs::rename(&staged, repo.path().join("big/1/model.onnx")).unwrap();
+        assert_eventually(Duration::from_secs(60), || async move {
+            load_count(agent_ref, "big").await > loads
+        })
+        .await;
+    }
+    // The replaced versions' workers exit as soon as their queues are empty.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut grown = anonymous_memory().saturating_sub(baseline);
+    while grown > 2 * weights && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        grown = anonymous_memory().saturating_sub(baseline);
+    }
+    assert!(
+        grown <= 2 * weights,
+        "anonymous memory grew {} KB over 16 reloads of a model of {} KB of weights",
+        grown / 1024,
+        weights / 1024
+    );
+    agent.stop().await;
 }
 
 /// Moves a file's modification time forward so a rewrite is always noticed,
@@ -845,6 +908,7 @@ on_both_runtimes!(
     bad_requests_get_clear_errors_and_the_agent_keeps_serving,
     an_empty_repository_serves_and_says_it_has_no_models,
     the_model_check_serves_valid_models_and_refuses_broken_weights,
+    reloads_give_the_replaced_versions_memory_back,
 );
 
 /// gRPC ModelReady answers as Triton's does: a model or version the agent

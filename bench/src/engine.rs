@@ -25,9 +25,10 @@ use edgefleet_control_plane::store::{
     JoinToken, Labels, ModelSample, NewDevice, Store, TelemetryRecord,
 };
 use edgefleet_proto::edgefleet::v1 as pb;
+use edgefleet_test_support::matmul_model;
 
 use crate::pg_schema::FreshSchema;
-use crate::rollout::{Fleet, matmul_model};
+use crate::rollout::Fleet;
 use crate::{Args, RolloutStore};
 
 /// (devices enrolled, devices the rollout selects).

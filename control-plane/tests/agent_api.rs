@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use edgefleet_pki::{CertificateAuthority, JoinTokenSecret};
 use edgefleet_proto::edgefleet::v1 as pb;
+use edgefleet_test_support::padded_mlp;
 use pb::agent_message::Kind as Upstream;
 use pb::agent_service_client::AgentServiceClient;
 use pb::control_message::Kind as Downstream;

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use edgefleet_test_support::{eventually, fixture_model, testdata};
+use edgefleet_test_support::{eventually, fixture_model, padded_mlp, testdata};
 use serde_json::Value;
 use support::*;
 

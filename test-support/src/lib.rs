@@ -1,18 +1,21 @@
 //! Helpers the integration tests of several crates need alike: fixture
-//! files, waiting for a condition, child processes that do not outlive a
-//! failed test, what a gRPC server's reflection lists, and a hand-driven
-//! HTTP/2 client's pieces.
+//! files, ONNX models of a given size, waiting for a condition, child
+//! processes that do not outlive a failed test, what a gRPC server's
+//! reflection lists, and a hand-driven HTTP/2 client's pieces.
 //!
-//! A dev-dependency only: nothing here may end up in a shipped binary, so
-//! it can panic freely (a panic here is a failed test, with its reason).
+//! A dev-dependency, and the benchmark tool's: nothing here may end up in a
+//! shipped binary, so it can panic freely (a panic here is a failed test,
+//! with its reason).
 
 mod fixtures;
+mod models;
 mod process;
 pub mod raw_http2;
 mod reflection;
 mod wait;
 
 pub use fixtures::{fixture_model, testdata};
+pub use models::{matmul_model, padded_mlp};
 pub use process::{KillOnDrop, output_within, sigterm_and_wait};
 pub use reflection::reflected_services;
 pub use wait::{assert_eventually, eventually};

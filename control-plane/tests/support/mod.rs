@@ -763,46 +763,6 @@ pub fn open_store(
         .unwrap()
 }
 
-/// Protobuf varint.
-fn varint(mut value: u64, out: &mut Vec<u8>) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn field_bytes(tag: u8, payload: &[u8], out: &mut Vec<u8>) {
-    out.push(tag);
-    varint(payload.len() as u64, out);
-    out.extend_from_slice(payload);
-}
-
-/// The `mlp` fixture with an unused `padding_bytes` initializer appended
-/// (protobuf merges a repeated `graph` field), so it computes the same but
-/// takes a while to download.
-pub fn padded_mlp(padding_bytes: usize) -> Vec<u8> {
-    let mut model = std::fs::read(
-        testdata()
-            .join("models")
-            .join("mlp")
-            .join("1")
-            .join("model.onnx"),
-    )
-    .unwrap();
-    let mut tensor = Vec::new();
-    tensor.push(0x08); // dims
-    varint((padding_bytes / 4) as u64, &mut tensor);
-    tensor.extend_from_slice(&[0x10, 0x01]); // data_type FLOAT
-    field_bytes(0x42, b"unused_padding", &mut tensor); // name
-    let raw: Vec<u8> = (0..padding_bytes).map(|i| (i % 251) as u8).collect();
-    field_bytes(0x4a, &raw, &mut tensor); // raw_data
-    let mut graph = Vec::new();
-    field_bytes(0x2a, &tensor, &mut graph); // GraphProto.initializer
-    field_bytes(0x3a, &graph, &mut model); // ModelProto.graph (merged)
-    model
-}
-
 /// A 10 s telemetry batch ending at `end_unix_ms` that says model "m"
 /// version 1 served `sequence * 10` requests (no device id: as agents send
 /// batches on a session).
