@@ -1254,8 +1254,8 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          after the last), against the first version loaded (the table's rows): {}. A replaced version's session, \
          and what a load allocates for a while, is given back to the system (agent/src/memory.rs): glibc's \
          allocator would otherwise keep it, and the agent would grow with every model update. What stays above \
-         the first load is at most about two copies of the weights, by where the allocator placed the last \
-         loads (the test `reloads_give_the_replaced_versions_memory_back` holds it to that).",
+         the first load is where the allocator placed the last loads: up to a copy or two of the weights \
+         (the test `reloads_give_the_replaced_versions_memory_back` fails past four).",
         reloaded.join("; ")
     )?;
     while idle_tract.len() < IDLE_RSS_STARTS {
