@@ -140,9 +140,8 @@ fn release_pages(_start: usize, _size: usize) -> usize {
 
 /// Gives the heap's free pages back to the system (glibc's `malloc_trim`):
 /// after a model's session is dropped or a load's scratch memory freed.
-/// Takes a millisecond or so on a heap of tens of megabytes, so it is for
-/// rare events, never per request. Elsewhere (musl, other systems) it does
-/// nothing.
+/// It walks every arena under that arena's lock, so it is for rare events,
+/// never per request. Elsewhere (musl, other systems) it does nothing.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn release_freed_heap() {
     // SAFETY: malloc_trim only walks glibc's own arenas, under their locks.
