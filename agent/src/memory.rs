@@ -22,8 +22,9 @@
 //! the agent tens of megabytes larger (a 4 MB model's anonymous memory grew
 //! by ~30 MB over a few reloads on either runtime, and stayed there).
 //! [`release_freed_heap`] hands the free pages back (`malloc_trim`); the
-//! model registry calls it after it loads or unloads versions, and a
-//! version calls it when its last session is gone.
+//! model registry calls it after it loads or unloads versions, and whoever
+//! drops a version's last session (its worker thread, as a rule) calls it
+//! then.
 
 // The auxiliary vector, the program headers and madvise are raw memory, and
 // malloc_trim a C call; this module is the agent's only unsafe code but for

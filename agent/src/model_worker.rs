@@ -620,11 +620,24 @@ impl Drop for LoadedVersion {
         // The gauge counts loaded copies: a copy reloaded from changed files
         // shares it, and dropping the old one must not zero it.
         self.metrics.ready.dec();
-        // Whoever lets go of a session last gives its memory back: here, or
-        // its worker as it exits (a session holds the model's weights).
-        drop(std::mem::take(&mut self.sessions));
-        memory::release_freed_heap();
+        // Whoever lets go of a session last gives its memory back (a session
+        // holds the model's weights): its worker as it exits, as a rule, or
+        // here if no worker holds it. Not while a worker does: the registry
+        // drops a replaced version under the lock every request reads.
+        let mut gone = false;
+        for session in std::mem::take(&mut self.sessions) {
+            gone |= drop_session(session);
+        }
+        if gone {
+            memory::release_freed_heap();
+        }
     }
+}
+
+/// Lets go of one holder's share of a session; true if it was the last, so
+/// the session itself is gone.
+fn drop_session(session: SharedSession) -> bool {
+    Arc::into_inner(session).is_some()
 }
 
 fn worker_loop(
@@ -694,8 +707,9 @@ fn worker_loop(
         }
         run_batch(lock(&session).as_mut(), batch, &run);
     }
-    drop(session);
-    memory::release_freed_heap();
+    if drop_session(session) {
+        memory::release_freed_heap();
+    }
 }
 
 /// How large a request is for the fast path: its inputs as the request
