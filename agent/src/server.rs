@@ -188,8 +188,11 @@ impl Agent {
             shutdown.clone(),
         );
 
+        let heap_keeper = tokio::spawn(crate::memory::keep_heap_small(shutdown.clone()));
+
         let (grpc_result, ()) = tokio::join!(grpc, http);
         watcher.abort();
+        heap_keeper.abort();
         grpc_result.map_err(|err| StartError::Serve(format!("gRPC: {err}")))?;
         tracing::info!("edgefleet-agent stopped");
         Ok(())

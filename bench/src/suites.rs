@@ -1258,6 +1258,26 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          (the test `reloads_give_the_replaced_versions_memory_back` fails past four).",
         reloaded.join("; ")
     )?;
+    let mut bursts = Vec::new();
+    for runtime in ["tract", "onnxruntime"] {
+        let burst = rss_after_large_requests(&args.agent, mlp.path(), runtime).await?;
+        bursts.push(format!(
+            "{runtime} {:.1} MB ({:.1} anonymous) against {:.1} ({:.1}) before it, the burst taking {:.2} s",
+            burst.after.0, burst.after.1, burst.before.0, burst.before.1, burst.seconds
+        ));
+    }
+    writeln!(
+        out,
+        "\nAfter a burst of large requests ({BURST_REQUESTS} gRPC requests of bench_mlp, {BURST_ROWS} rows each: \
+         {:.1} MB of input, {BURST_CLIENTS} clients at a time; RSS {} s after the last answer), against the same agent \
+         after one small request on each connection: {}. glibc keeps freed blocks of up to 32 MiB (a large \
+         request's body, its tensors, the model's activations for it) in the heap of the thread that freed them; \
+         the agent trims the heap once what it holds unused has grown by 8 MiB, looking every 5 s \
+         (agent/src/memory.rs). ONNX Runtime's own arena keeps what the largest run needed.",
+        (BURST_ROWS * 256 * 4) as f64 / 1e6,
+        BURST_SETTLE.as_secs(),
+        bursts.join("; ")
+    )?;
     while idle_tract.len() < IDLE_RSS_STARTS {
         idle_tract.push(idle_rss_mb(&args.agent, empty.path(), "tract").await?.0);
     }
@@ -1487,6 +1507,89 @@ async fn rss_after_reloads_mb(
         agent.rss_bytes()? as f64 / 1e6,
         agent.status_bytes("RssAnon")? as f64 / 1e6,
     ))
+}
+
+/// Large requests in the footprint suite's burst, their rows of bench_mlp
+/// (256 FP32 values each: 2 MiB of input), and how many are sent at a time.
+const BURST_REQUESTS: usize = 24;
+const BURST_ROWS: usize = 2048;
+const BURST_CLIENTS: usize = 4;
+/// How long after a burst its memory is read: two of the agent's looks at
+/// its heap (every 5 s).
+const BURST_SETTLE: Duration = Duration::from_secs(12);
+
+/// What a burst of large requests left in an agent's memory.
+struct Burst {
+    /// RSS and anonymous memory in MB before the burst, after one small
+    /// request on each client's connection.
+    before: (f64, f64),
+    /// The same [`BURST_SETTLE`] after the burst's last answer.
+    after: (f64, f64),
+    /// How long the burst took.
+    seconds: f64,
+}
+
+/// Sends an agent serving bench_mlp (in `repo`) [`BURST_REQUESTS`] requests
+/// of [`BURST_ROWS`] rows, [`BURST_CLIENTS`] at a time, each client on a
+/// connection of its own, and measures its memory before and after.
+async fn rss_after_large_requests(
+    agent: &Path,
+    repo: &Path,
+    runtime: &str,
+) -> anyhow::Result<Burst> {
+    let agent = AgentProcess::start(agent, repo, runtime).await?;
+    let mut clients = Vec::with_capacity(BURST_CLIENTS);
+    for _ in 0..BURST_CLIENTS {
+        let mut client = agent.client().await?;
+        client
+            .model_infer(infer_request(
+                "bench_mlp",
+                "input",
+                &[1, 256],
+                &input_values(256),
+            ))
+            .await?;
+        clients.push(client);
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let memory = || -> anyhow::Result<(f64, f64)> {
+        Ok((
+            agent.rss_bytes()? as f64 / 1e6,
+            agent.status_bytes("RssAnon")? as f64 / 1e6,
+        ))
+    };
+    let before = memory()?;
+    let shape = [BURST_ROWS as i64, 256];
+    let large = infer_request(
+        "bench_mlp",
+        "input",
+        &shape,
+        &input_values(BURST_ROWS * 256),
+    );
+    let started = Instant::now();
+    for _ in 0..BURST_REQUESTS / BURST_CLIENTS {
+        let round = clients.iter().map(|client| {
+            let mut client = client.clone();
+            let large = large.clone();
+            async move { client.model_infer(large).await }
+        });
+        for answer in futures::future::join_all(round).await {
+            let outputs = answer?.into_inner().outputs;
+            anyhow::ensure!(
+                outputs
+                    .first()
+                    .is_some_and(|output| output.shape == [shape[0], 10]),
+                "bench_mlp answered {outputs:?}"
+            );
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(BURST_SETTLE).await;
+    Ok(Burst {
+        before,
+        after: memory()?,
+        seconds,
+    })
 }
 
 /// RSS, anonymous and file-backed, in MB, of an agent serving `repo` 3 s
