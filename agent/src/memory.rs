@@ -36,15 +36,15 @@
 //! good. Reusing that memory while requests come is what makes them fast
 //! (fixing the threshold at 1 MiB instead, so such blocks are unmapped when
 //! freed, cost a 2048-row bench_mlp request 15 % and a 32-row bench_conv
-//! one 50 % with ONNX Runtime: 1,294 page faults a request, against 3). So
-//! [`keep_heap_small`]
-//! gives it back afterwards, as jemalloc's decay returns freed pages some
-//! seconds later: every [`HEAP_CHECK_INTERVAL`] it compares the agent's
-//! anonymous memory with what the heap has handed out, and trims the heap
-//! once the difference has grown by [`HEAP_GROWTH_TO_TRIM`].
+//! one 50 % with ONNX Runtime: 1,294 page faults a request, against 3).
+//! So [`keep_heap_small`] gives it back afterwards, as jemalloc's decay
+//! returns freed pages some seconds later: every [`HEAP_CHECK_INTERVAL`] it
+//! compares the agent's anonymous memory with what the heap has handed
+//! out, and trims the heap once the difference has grown by
+//! [`HEAP_GROWTH_TO_TRIM`].
 
 // The auxiliary vector, the program headers and madvise are raw memory, and
-// malloc_trim a C call; this module is the agent's only unsafe code but for
+// malloc_trim and mallinfo2 C calls; this module is the agent's only unsafe code but for
 // one ONNX Runtime call (a string tensor filled with lengths,
 // runtime/onnxruntime.rs), and reads nothing it did not check.
 #![allow(unsafe_code)]
