@@ -233,19 +233,11 @@ fn trim_if_grown(floor: u64) -> Option<u64> {
 /// in it too: [`keep_heap_small`] watches it grow, not its size.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn heap_slack() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let anonymous_kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssAnon:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
+    let anonymous = crate::telemetry::agent_anonymous_bytes()?;
     // SAFETY: mallinfo2 only reads glibc's arenas, under their locks.
     let heap = unsafe { libc::mallinfo2() };
     let in_use = u64::try_from(heap.uordblks.saturating_add(heap.hblkhd)).ok()?;
-    Some((anonymous_kib * 1024).saturating_sub(in_use))
+    Some(anonymous.saturating_sub(in_use))
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]

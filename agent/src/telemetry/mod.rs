@@ -37,7 +37,7 @@ pub use collector::{
 };
 pub use inventory::{collect_inventory, collect_inventory_at};
 pub use outbox::{DEFAULT_OUTBOX_CAP_BYTES, Outbox, OutboxError};
-pub use probe::{DeviceProbe, agent_rss_bytes};
+pub use probe::{DeviceProbe, agent_anonymous_bytes, agent_rss_bytes};
 pub use recorder::{
     DEFAULT_EVENT_CAP, MAX_EVENT_MESSAGE_BYTES, TelemetryRecorder, VersionTelemetry, unix_ms,
 };

@@ -201,8 +201,18 @@ impl DeviceProbe {
 
 /// Resident memory of this process (from the real `/proc/self/status`).
 pub fn agent_rss_bytes() -> Option<u64> {
+    own_status_bytes("VmRSS")
+}
+
+/// Anonymous resident memory of this process (heap, stacks: `RssAnon` of
+/// the real `/proc/self/status`).
+pub fn agent_anonymous_bytes() -> Option<u64> {
+    own_status_bytes("RssAnon")
+}
+
+fn own_status_bytes(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    kib_field(&text, "VmRSS")
+    kib_field(&text, key)
 }
 
 #[cfg(test)]
