@@ -31,12 +31,12 @@
 //! threshold to the block's size, up to 32 MiB: after the first large
 //! request, request bodies, tensors and the model's activations for them
 //! come from the heap of the thread that served them, and every thread's
-//! heap keeps the most it ever held. 24 gRPC requests of 8 MiB, four at a
-//! time, left the agent 68 MB larger (18 MB idle before, 87 after), for
-//! good. Reusing that memory while requests come is what makes them fast
-//! (fixing the threshold at 1 MiB instead, so such blocks are unmapped when
-//! freed, cost a 2048-row bench_mlp request 15 % and a 32-row bench_conv
-//! one 50 % with ONNX Runtime: 1,294 page faults a request, against 3).
+//! heap keeps the most it ever held: the footprint benchmark's burst (24
+//! requests of 2048 rows of bench_mlp, four at a time) left tract's agent
+//! with 90 MB of anonymous memory, against 7 before it, for good. Reusing
+//! that memory while requests come is what makes them fast (fixing the
+//! threshold at 1 MiB instead, so such blocks are unmapped when freed,
+//! made the same burst 14 % slower: four times the page faults).
 //! So [`keep_heap_small`] gives it back afterwards, as jemalloc's decay
 //! returns freed pages some seconds later: every [`HEAP_CHECK_INTERVAL`] it
 //! compares the agent's anonymous memory with what the heap has handed

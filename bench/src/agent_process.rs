@@ -87,7 +87,19 @@ impl AgentProcess {
     ) -> anyhow::Result<AgentProcess> {
         let mut args = command("serve", runtime, "--model-repository", repository);
         args.extend(extra.iter().map(OsString::from));
-        AgentProcess::spawn(agent, args).await
+        AgentProcess::spawn(agent, args, &[]).await
+    }
+
+    /// `edgefleet-agent serve` with `env` set in its environment, ready to
+    /// serve.
+    pub async fn start_with_env(
+        agent: &Path,
+        repository: &Path,
+        runtime: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<AgentProcess> {
+        let args = command("serve", runtime, "--model-repository", repository);
+        AgentProcess::spawn(agent, args, env).await
     }
 
     /// `edgefleet-agent run` (managed mode) on an enrolled state dir, ready
@@ -97,14 +109,24 @@ impl AgentProcess {
         state_dir: &Path,
         runtime: &str,
     ) -> anyhow::Result<AgentProcess> {
-        AgentProcess::spawn(agent, command("run", runtime, "--state-dir", state_dir)).await
+        AgentProcess::spawn(
+            agent,
+            command("run", runtime, "--state-dir", state_dir),
+            &[],
+        )
+        .await
     }
 
-    async fn spawn(agent: &Path, args: Vec<OsString>) -> anyhow::Result<AgentProcess> {
+    async fn spawn(
+        agent: &Path,
+        args: Vec<OsString>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<AgentProcess> {
         let mut command = Command::new(agent);
         stop_with_this_thread(&mut command);
         let mut child = command
             .args(args)
+            .envs(env.iter().copied())
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .env("EDGEFLEET_LOG", "info")
             .stdin(Stdio::null())
@@ -222,6 +244,18 @@ impl AgentProcess {
             }
         }
         Ok(cpu)
+    }
+
+    /// Page faults the agent has taken so far that read nothing from disk
+    /// (`minflt` of /proc/PID/stat): a fresh page mapped, zeroed, for each.
+    pub fn minor_faults(&self) -> anyhow::Result<u64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // The fields after the command name, which is in parentheses and may
+        // hold spaces: state is the third field, minflt the tenth.
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+            .and_then(|field| field.parse().ok())
+            .context("no minflt in /proc/PID/stat")
     }
 
     /// Resident set size in bytes, from /proc.

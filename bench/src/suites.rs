@@ -1258,26 +1258,55 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          (the test `reloads_give_the_replaced_versions_memory_back` fails past four).",
         reloaded.join("; ")
     )?;
-    let mut bursts = Vec::new();
-    for runtime in ["tract", "onnxruntime"] {
-        let burst = rss_after_large_requests(&args.agent, mlp.path(), runtime).await?;
-        bursts.push(format!(
-            "{runtime} {:.1} MB ({:.1} anonymous) against {:.1} ({:.1}) before it, the burst taking {:.2} s",
-            burst.after.0, burst.after.1, burst.before.0, burst.before.1, burst.seconds
-        ));
-    }
     writeln!(
         out,
         "\nAfter a burst of large requests ({BURST_REQUESTS} gRPC requests of bench_mlp, {BURST_ROWS} rows each: \
          {:.1} MB of input, {BURST_CLIENTS} clients at a time; RSS {} s after the last answer), against the same agent \
-         after one small request on each connection: {}. glibc keeps freed blocks of up to 32 MiB (a large \
-         request's body, its tensors, the model's activations for it) in the heap of the thread that freed them; \
-         the agent trims the heap once what it holds unused has grown by 8 MiB, looking every 5 s \
-         (agent/src/memory.rs). ONNX Runtime's own arena keeps what the largest run needed.",
+         after one small request on each connection, under glibc's allocator as the agent runs by default and \
+         with two settings an operator may give it in `GLIBC_TUNABLES`. By default glibc keeps freed blocks of up \
+         to 32 MiB (a large request's body, its tensors, the model's activations for it) in the heap of the thread \
+         that freed them, and the agent trims the heap once what it holds unused has grown by 8 MiB, looking every \
+         5 s (agent/src/memory.rs); the trim does not reach the top of each thread's heap, which one heap for all \
+         threads (`arena_max=1`) removes; a fixed 1 MiB threshold has every large block mapped for itself and \
+         unmapped when freed, so each request pays page faults for it. ONNX Runtime's own arena keeps what the \
+         largest run needed, whatever the allocator.\n",
         (BURST_ROWS * 256 * 4) as f64 / 1e6,
         BURST_SETTLE.as_secs(),
-        bursts.join("; ")
     )?;
+    writeln!(
+        out,
+        "| allocator | runtime | RSS before (MB) | anonymous before (MB) | RSS after (MB) | anonymous after (MB) | burst (s) | page faults per request |"
+    )?;
+    writeln!(
+        out,
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    for (allocator, tunables) in [
+        ("default", None),
+        (
+            "`glibc.malloc.arena_max=1`",
+            Some("glibc.malloc.arena_max=1"),
+        ),
+        (
+            "`glibc.malloc.mmap_threshold=1048576`",
+            Some("glibc.malloc.mmap_threshold=1048576"),
+        ),
+    ] {
+        for runtime in ["tract", "onnxruntime"] {
+            let burst =
+                rss_after_large_requests(&args.agent, mlp.path(), runtime, tunables).await?;
+            writeln!(
+                out,
+                "| {allocator} | {runtime} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+                burst.before.0,
+                burst.before.1,
+                burst.after.0,
+                burst.after.1,
+                burst.seconds,
+                burst.faults_per_request
+            )?;
+        }
+    }
     while idle_tract.len() < IDLE_RSS_STARTS {
         idle_tract.push(idle_rss_mb(&args.agent, empty.path(), "tract").await?.0);
     }
@@ -1527,17 +1556,25 @@ struct Burst {
     after: (f64, f64),
     /// How long the burst took.
     seconds: f64,
+    /// The agent's minor page faults during the burst, per request.
+    faults_per_request: f64,
 }
 
-/// Sends an agent serving bench_mlp (in `repo`) [`BURST_REQUESTS`] requests
+/// Sends an agent serving bench_mlp (in `repo`; `tunables` in its
+/// `GLIBC_TUNABLES`, if any) [`BURST_REQUESTS`] requests
 /// of [`BURST_ROWS`] rows, [`BURST_CLIENTS`] at a time, each client on a
 /// connection of its own, and measures its memory before and after.
 async fn rss_after_large_requests(
     agent: &Path,
     repo: &Path,
     runtime: &str,
+    tunables: Option<&str>,
 ) -> anyhow::Result<Burst> {
-    let agent = AgentProcess::start(agent, repo, runtime).await?;
+    let env: Vec<(&str, &str)> = tunables
+        .map(|t| ("GLIBC_TUNABLES", t))
+        .into_iter()
+        .collect();
+    let agent = AgentProcess::start_with_env(agent, repo, runtime, &env).await?;
     let mut clients = Vec::with_capacity(BURST_CLIENTS);
     for _ in 0..BURST_CLIENTS {
         let mut client = agent.client().await?;
@@ -1566,6 +1603,7 @@ async fn rss_after_large_requests(
         &shape,
         &input_values(BURST_ROWS * 256),
     );
+    let faults = agent.minor_faults()?;
     let started = Instant::now();
     for _ in 0..BURST_REQUESTS / BURST_CLIENTS {
         let round = clients.iter().map(|client| {
@@ -1584,11 +1622,13 @@ async fn rss_after_large_requests(
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let faults_per_request = (agent.minor_faults()? - faults) as f64 / BURST_REQUESTS as f64;
     tokio::time::sleep(BURST_SETTLE).await;
     Ok(Burst {
         before,
         after: memory()?,
         seconds,
+        faults_per_request,
     })
 }
 
