@@ -36,7 +36,7 @@
 //! with 90 MB of anonymous memory, against 7 before it, for good. Reusing
 //! that memory while requests come is what makes them fast (fixing the
 //! threshold at 1 MiB instead, so such blocks are unmapped when freed,
-//! made the same burst 14 % slower: four times the page faults).
+//! made the same burst 7–14 % slower: five times the page faults).
 //! So [`keep_heap_small`] gives it back afterwards, as jemalloc's decay
 //! returns freed pages some seconds later: every [`HEAP_CHECK_INTERVAL`] it
 //! compares the agent's anonymous memory with what the heap has handed
