@@ -853,16 +853,10 @@ async fn a_model_directory_that_cannot_be_read_keeps_its_model_serving() {
     assert_eq!(infer().await, 200, "version 2 serves on");
 }
 
-/// A memory figure of process `pid` (`field` of /proc/PID/status, such as
-/// `VmHWM`, its peak resident memory), in bytes.
+/// A memory figure of process `pid` (`field` of /proc/PID/status), in bytes.
 fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in:\n{status}"));
-    kib * 1024
+    edgefleet_test_support::status_bytes(Some(pid), field)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
 /// The agent process's peak resident memory (`VmHWM`), in bytes.

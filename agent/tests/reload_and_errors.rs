@@ -208,14 +208,7 @@ async fn load_count(agent: &TestAgent, model: &str) -> u64 {
 /// This process's anonymous memory (heap, stacks) in bytes: `RssAnon` of
 /// /proc/self/status.
 fn anonymous_memory() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("RssAnon:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kb| kb.parse().ok())
-        .expect("RssAnon in /proc/self/status");
-    kb * 1024
+    edgefleet_test_support::status_bytes(None, "RssAnon").expect("RssAnon in /proc/self/status")
 }
 
 /// Reloading a model gives back the memory of the version it replaces: the

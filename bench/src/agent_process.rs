@@ -265,13 +265,8 @@ impl AgentProcess {
 
     /// A size field of /proc/PID/status (`VmRSS`, `RssAnon`, `RssFile`).
     pub fn status_bytes(&self, field: &str) -> anyhow::Result<u64> {
-        let kb: u64 = self
-            .status_field(field)?
-            .split_whitespace()
-            .next()
-            .and_then(|kb| kb.parse().ok())
-            .with_context(|| format!("no {field} in /proc/PID/status"))?;
-        Ok(kb * 1024)
+        edgefleet_test_support::status_bytes(Some(self.child.id()), field)
+            .with_context(|| format!("no {field} in /proc/PID/status"))
     }
 
     /// The CPUs the agent's main thread may run on, as Linux lists them

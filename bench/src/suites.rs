@@ -1466,12 +1466,7 @@ async fn json_request_peak(agent: &Path, repo: &Path) -> anyhow::Result<JsonRequ
 
 /// A size field of this process's /proc/self/status, in bytes.
 fn own_status_bytes(field: &str) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|kb| kb * 1024)
+    edgefleet_test_support::status_bytes(None, field)
         .with_context(|| format!("no {field} in /proc/self/status"))
 }
 

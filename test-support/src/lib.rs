@@ -1,6 +1,6 @@
 //! Helpers the integration tests of several crates need alike: fixture
 //! files, ONNX models of a given size, waiting for a condition, child
-//! processes that do not outlive a failed test, what a gRPC server's
+//! processes that do not outlive a failed test and their memory figures, what a gRPC server's
 //! reflection lists, and a hand-driven HTTP/2 client's pieces.
 //!
 //! A dev-dependency, and the benchmark tool's: nothing here may end up in a
@@ -16,6 +16,6 @@ mod wait;
 
 pub use fixtures::{fixture_model, testdata};
 pub use models::{matmul_model, padded_mlp};
-pub use process::{KillOnDrop, output_within, sigterm_and_wait};
+pub use process::{KillOnDrop, output_within, sigterm_and_wait, status_bytes};
 pub use reflection::reflected_services;
 pub use wait::{assert_eventually, eventually};

@@ -88,3 +88,22 @@ pub fn output_within(mut command: Command, timeout: Duration) -> Option<Output> 
         stderr: stderr.join().unwrap_or_default(),
     })
 }
+
+/// A size field of /proc/PID/status (`VmRSS`, `VmHWM`, `RssAnon`,
+/// `RssFile`) of process `pid`, or of this process if None, in bytes. None
+/// if the process or the field is not there.
+pub fn status_bytes(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_string(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
+}
