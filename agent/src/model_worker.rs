@@ -48,7 +48,7 @@ use crate::error::{ErrorCode, InferError};
 use crate::memory;
 use crate::metrics::VersionMetrics;
 use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
-use crate::runtime::{ModelSession, RunPhases, RuntimeKind, Signature};
+use crate::runtime::{ModelSession, RunMemory, RunPhases, RuntimeKind, Signature};
 use crate::statistics::{ComputeTimes, StatisticsSnapshot};
 use crate::telemetry::VersionTelemetry;
 use crate::tensor::{Tensor, concat_batch, split_batch};
@@ -100,6 +100,12 @@ struct RunContext {
     recent_requests: AtomicUsize,
     /// Nanoseconds the last run took.
     recent_run_nanos: AtomicU64,
+    /// The most rows a batch holds (`i64::MAX` when the version is not
+    /// batched). A request with more runs alone, and unless another such
+    /// request is in flight (a burst of them, whose next run would need the
+    /// same again), the runtime gives back what its run needed
+    /// ([`RunMemory::Release`]) rather than keep it for runs of batch size.
+    batch_rows: i64,
     activity: Arc<Activity>,
 }
 
@@ -124,6 +130,8 @@ pub struct SequentialCaller {
 struct Activity {
     /// Requests submitted and not yet answered.
     in_flight: AtomicUsize,
+    /// Those of them with more rows than a batch holds.
+    outsized_in_flight: AtomicUsize,
     /// Requests ever submitted: each one's place in the version's order.
     submitted: AtomicU64,
     /// When the last request in flight was answered, in nanoseconds since
@@ -184,6 +192,9 @@ struct Reply {
     /// Taken when the answer is sent.
     sender: Option<oneshot::Sender<InferResult>>,
     activity: Arc<Activity>,
+    /// The request has more rows than a batch holds (counted in
+    /// `Activity::outsized_in_flight`).
+    outsized: bool,
 }
 
 impl Reply {
@@ -200,6 +211,11 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
+        if self.outsized {
+            self.activity
+                .outsized_in_flight
+                .fetch_sub(1, Ordering::Relaxed);
+        }
         self.activity.finish();
     }
 }
@@ -426,8 +442,14 @@ impl LoadedVersion {
             lone_run_bytes: AtomicU64::new(0),
             recent_requests: AtomicUsize::new(0),
             recent_run_nanos: AtomicU64::new(0),
+            batch_rows: if batching {
+                i64::try_from(config.max_batch_size).unwrap_or(i64::MAX)
+            } else {
+                i64::MAX
+            },
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
+                outsized_in_flight: AtomicUsize::new(0),
                 submitted: AtomicU64::new(0),
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -512,9 +534,17 @@ impl LoadedVersion {
         };
         let (sender, receiver) = oneshot::channel();
         let alone = self.run.activity.start(caller);
+        let outsized = rows > self.run.batch_rows;
+        if outsized {
+            self.run
+                .activity
+                .outsized_in_flight
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let reply = Reply {
             sender: Some(sender),
             activity: Arc::clone(&self.run.activity),
+            outsized,
         };
         let job = Job {
             inputs,
@@ -751,7 +781,8 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
-    let (outcome, nanos, mut times) = run_session(session, stacked, batch.len(), started, run);
+    let (outcome, nanos, mut times) =
+        run_session(session, stacked, batch.len(), started, RunMemory::Keep, run);
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -824,7 +855,14 @@ fn run_alone(
         rows,
         enqueued,
     } = job;
-    let (outcome, nanos, times) = run_session(session, inputs, 1, started, run);
+    // This request is still in flight: another counted is another one.
+    let memory =
+        if rows > run.batch_rows && run.activity.outsized_in_flight.load(Ordering::Relaxed) <= 1 {
+            RunMemory::Release
+        } else {
+            RunMemory::Keep
+        };
+    let (outcome, nanos, times) = run_session(session, inputs, 1, started, memory, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
         run.recent_run_nanos.store(nanos, Ordering::Relaxed);
@@ -855,12 +893,14 @@ fn run_session(
     inputs: Vec<Tensor>,
     requests: usize,
     started: Instant,
+    memory: RunMemory,
     run: &RunContext,
 ) -> (Result<Vec<Tensor>, InferError>, u64, ComputeTimes) {
     let stacked = started.elapsed();
     let mut phases = RunPhases::default();
-    let outcome =
-        std::panic::catch_unwind(AssertUnwindSafe(|| session.run_phased(inputs, &mut phases)));
+    let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        session.run_phased(inputs, &mut phases, memory)
+    }));
     let computed = started.elapsed();
     let input = stacked + phases.input;
     let times = ComputeTimes {
@@ -939,6 +979,8 @@ mod tests {
         threads: Arc<Mutex<Vec<String>>>,
         /// Runs started (counted before the delay).
         started: Arc<AtomicUsize>,
+        /// Each run's rows and what it was told to keep of its memory.
+        memory: Recorded<(i64, RunMemory)>,
         delay: Duration,
     }
 
@@ -950,6 +992,7 @@ mod tests {
             &mut self,
             inputs: Vec<Tensor>,
             _phases: &mut RunPhases,
+            memory: RunMemory,
         ) -> Result<Vec<Tensor>, RuntimeError> {
             let input = &inputs[0];
             if input.to_vec::<f32>().contains(&f32::INFINITY) {
@@ -965,6 +1008,7 @@ mod tests {
                 panic!("scripted panic on NaN");
             }
             self.batches.lock().unwrap().push(input.shape[0]);
+            self.memory.lock().unwrap().push((input.shape[0], memory));
             let thread = std::thread::current().name().unwrap_or("").to_string();
             self.threads.lock().unwrap().push(thread);
             let doubled: Vec<f32> = input.to_vec::<f32>().iter().map(|v| v * 2.0).collect();
@@ -1001,6 +1045,7 @@ mod tests {
             batches: Recorded::default(),
             threads: Recorded::default(),
             started: Arc::default(),
+            memory: Recorded::default(),
             delay,
         }
     }
@@ -1166,6 +1211,78 @@ mod tests {
         let batches = batches.lock().unwrap();
         assert_eq!(batches.iter().sum::<i64>(), 7);
         assert!(batches.iter().all(|&rows| rows <= 3), "{batches:?}");
+    }
+
+    /// A request with more rows than a batch holds runs alone and tells the
+    /// runtime to give back what the run needed, unless another such request
+    /// is in flight (the last of a burst gives it back); runs of batch size,
+    /// alone or stacked, keep it for the next; without batching every run
+    /// keeps it.
+    #[tokio::test]
+    async fn only_the_last_of_requests_larger_than_a_batch_gives_its_runs_memory_back() {
+        let config = |max_batch_size| ModelConfig {
+            max_batch_size,
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
+            ..ModelConfig::default()
+        };
+        let session = doubler_session(Duration::from_millis(20));
+        let memory = Arc::clone(&session.memory);
+        let version = load(Box::new(session), &config(4), &Arc::new(Metrics::new()));
+        for rows in [6, 4] {
+            version
+                .submit(row([1.0, 2.0], rows))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        let runs = std::mem::take(&mut *memory.lock().unwrap());
+        assert_eq!(runs, [(6, RunMemory::Release), (4, RunMemory::Keep)]);
+
+        // The worker holds a one-row request (waiting for company, then
+        // running) while two of 6 rows queue behind it.
+        let first = version.submit(row([1.0, 2.0], 1)).unwrap();
+        let burst: Vec<_> = (0..2)
+            .map(|_| version.submit(row([1.0, 2.0], 6)).unwrap())
+            .collect();
+        first.await.unwrap().unwrap();
+        for receiver in burst {
+            receiver.await.unwrap().unwrap();
+        }
+        let runs = std::mem::take(&mut *memory.lock().unwrap());
+        assert_eq!(
+            runs,
+            [
+                (1, RunMemory::Keep),
+                (6, RunMemory::Keep),
+                (6, RunMemory::Release)
+            ]
+        );
+
+        let stacked: Vec<_> = (0..2)
+            .map(|_| version.submit(row([1.0, 2.0], 2)).unwrap())
+            .collect();
+        for receiver in stacked {
+            receiver.await.unwrap().unwrap();
+        }
+        let runs = memory.lock().unwrap().clone();
+        assert_eq!(runs.iter().map(|(rows, _)| rows).sum::<i64>(), 4);
+        assert!(
+            runs.iter().all(|&(_, memory)| memory == RunMemory::Keep),
+            "{runs:?}"
+        );
+
+        let session = doubler_session(Duration::ZERO);
+        let memory = Arc::clone(&session.memory);
+        let version = load(Box::new(session), &config(0), &Arc::new(Metrics::new()));
+        assert!(!version.batching);
+        version
+            .submit(row([1.0, 2.0], 64))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*memory.lock().unwrap(), [(64, RunMemory::Keep)]);
     }
 
     #[tokio::test]
@@ -1817,6 +1934,7 @@ mod tests {
             &mut self,
             inputs: Vec<Tensor>,
             _phases: &mut RunPhases,
+            _memory: RunMemory,
         ) -> Result<Vec<Tensor>, RuntimeError> {
             self.1.lock().unwrap().push(inputs[0].shape[0]);
             let values = inputs[0].to_vec::<f32>();

@@ -151,6 +151,22 @@ impl RunPhases {
     }
 }
 
+/// What the runtime keeps of the memory a run needed once the run is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunMemory {
+    /// Keep it for the next run (ONNX Runtime's arena stays as large as the
+    /// largest run needed): for runs of a size that comes again.
+    #[default]
+    Keep,
+    /// Give back what the run needed beyond what the session held between
+    /// runs (the arena's regions no output of the run still uses): for a run
+    /// larger than the batches the session serves, so one outsized request
+    /// does not leave the session that large for good. Costs the next run
+    /// of the usual size its arena's regions again. tract needs no telling:
+    /// what a run allocates is freed as the run ends.
+    Release,
+}
+
 /// A loaded model, owned by one worker.
 pub trait ModelSession: Send {
     fn signature(&self) -> &Signature;
@@ -158,17 +174,19 @@ pub trait ModelSession: Send {
     /// Runs the model on `inputs` (one per signature input, in signature
     /// order, already validated against it) and returns every output in
     /// signature order; adds the time it took to convert the inputs and
-    /// the outputs to `phases`.
+    /// the outputs to `phases`. `memory` says what the runtime keeps of the
+    /// memory the run needed.
     fn run_phased(
         &mut self,
         inputs: Vec<Tensor>,
         phases: &mut RunPhases,
+        memory: RunMemory,
     ) -> Result<Vec<Tensor>, RuntimeError>;
 
     /// [`run_phased`](ModelSession::run_phased), for a caller that does not
-    /// keep the phases.
+    /// keep the phases, keeping the run's memory.
     fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RuntimeError> {
-        self.run_phased(inputs, &mut RunPhases::default())
+        self.run_phased(inputs, &mut RunPhases::default(), RunMemory::Keep)
     }
 }
 

@@ -10,12 +10,12 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
+use ort::session::{RunOptions, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, ValueType};
 
 use super::{
-    ModelSession, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature,
-    TensorSpec,
+    ModelSession, RunMemory, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions,
+    Signature, TensorSpec,
 };
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -260,13 +260,28 @@ impl Runtime for OnnxRuntime {
             inputs: specs(session.inputs(), Side::Input)?,
             outputs: specs(session.outputs(), Side::Output)?,
         };
-        Ok(Box::new(OnnxSession { session, signature }))
+        let mut releasing = RunOptions::new().map_err(load_error)?;
+        releasing
+            .set(ARENA_SHRINKAGE.0, ARENA_SHRINKAGE.1)
+            .map_err(load_error)?;
+        Ok(Box::new(OnnxSession {
+            session,
+            signature,
+            releasing,
+        }))
     }
 }
+
+/// The run option that makes ONNX Runtime free, as a run ends, the regions
+/// of its CPU arena (`cpu:0`) that nothing holds any more, all but the first.
+const ARENA_SHRINKAGE: (&str, &str) = ("memory.enable_memory_arena_shrinkage", "cpu:0");
 
 struct OnnxSession {
     session: Session,
     signature: Signature,
+    /// Options for the runs that give their memory back
+    /// ([`RunMemory::Release`]).
+    releasing: RunOptions,
 }
 
 /// An input for `Session::run`: ONNX Runtime reads the request's bytes in
@@ -442,6 +457,7 @@ impl ModelSession for OnnxSession {
         &mut self,
         inputs: Vec<Tensor>,
         phases: &mut RunPhases,
+        memory: RunMemory,
     ) -> Result<Vec<Tensor>, RuntimeError> {
         let values = RunPhases::timed(&mut phases.input, || {
             inputs
@@ -449,7 +465,11 @@ impl ModelSession for OnnxSession {
                 .map(|tensor| Ok((Cow::Borrowed(tensor.name.as_str()), to_ort(tensor)?)))
                 .collect::<Result<Vec<(Cow<'_, str>, SessionInputValue<'_>)>, RuntimeError>>()
         })?;
-        let outputs = self.session.run(values).map_err(run_error)?;
+        let outputs = match memory {
+            RunMemory::Keep => self.session.run(values),
+            RunMemory::Release => self.session.run_with_options(values, &self.releasing),
+        }
+        .map_err(run_error)?;
         RunPhases::timed(&mut phases.output, || {
             self.signature
                 .outputs

@@ -12,8 +12,8 @@ use tract_onnx::prelude::{
 };
 
 use super::{
-    ModelSession, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions, Signature,
-    TensorSpec,
+    ModelSession, RunMemory, RunPhases, Runtime, RuntimeError, RuntimeKind, SessionOptions,
+    Signature, TensorSpec,
 };
 use crate::tensor::{DataType, Tensor, TensorData};
 
@@ -348,6 +348,7 @@ impl ModelSession for TractSession {
         &mut self,
         inputs: Vec<Tensor>,
         phases: &mut RunPhases,
+        _memory: RunMemory,
     ) -> Result<Vec<Tensor>, RuntimeError> {
         let values: TVec<TValue> = RunPhases::timed(&mut phases.input, || {
             self.dim_guard.check(&inputs)?;
