@@ -1268,8 +1268,10 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          that freed them, and the agent trims the heap once what it holds unused has grown by 8 MiB, looking every \
          5 s (agent/src/memory.rs); the trim does not reach the top of each thread's heap, which one heap for all \
          threads (`arena_max=1`) removes; a fixed 1 MiB threshold has every large block mapped for itself and \
-         unmapped when freed, so each request pays page faults for it. ONNX Runtime's own arena keeps what the \
-         largest run needed, whatever the allocator.\n",
+         unmapped when freed, so each request pays page faults for it. ONNX Runtime keeps its own arena \
+         as large as its largest run needed; these requests hold more rows than a batch (32, bench_mlp's default \
+         `max_batch_size`), and the last of them, with no other such request in flight, gives back what it \
+         needed as its run ends (agent/src/model_worker.rs).\n",
         (BURST_ROWS * 256 * 4) as f64 / 1e6,
         BURST_SETTLE.as_secs(),
     )?;
