@@ -1225,7 +1225,7 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
             ..ModelConfig::default()
         };
-        let session = doubler_session(Duration::from_millis(20));
+        let session = doubler_session(Duration::from_millis(200));
         let memory = Arc::clone(&session.memory);
         let version = load(Box::new(session), &config(4), &Arc::new(Metrics::new()));
         for rows in [6, 4] {
@@ -1239,8 +1239,8 @@ mod tests {
         let runs = std::mem::take(&mut *memory.lock().unwrap());
         assert_eq!(runs, [(6, RunMemory::Release), (4, RunMemory::Keep)]);
 
-        // The worker holds a one-row request (waiting for company, then
-        // running) while two of 6 rows queue behind it.
+        // The worker holds a one-row request (waiting 100 ms for company,
+        // then running for 200) while two of 6 rows queue behind it.
         let first = version.submit(row([1.0, 2.0], 1)).unwrap();
         let burst: Vec<_> = (0..2)
             .map(|_| version.submit(row([1.0, 2.0], 6)).unwrap())
