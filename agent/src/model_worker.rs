@@ -102,9 +102,9 @@ struct RunContext {
     recent_run_nanos: AtomicU64,
     /// The most rows a batch holds (`i64::MAX` when the version is not
     /// batched). A request with more runs alone, and unless another such
-    /// request is in flight (a burst of them, whose next run would need the
-    /// same again), the runtime gives back what its run needed
-    /// ([`RunMemory::Release`]) rather than keep it for runs of batch size.
+    /// request waits ([`Outsized`]), the runtime gives back what its run
+    /// needed ([`RunMemory::Release`]) rather than keep it for runs of batch
+    /// size.
     batch_rows: i64,
     activity: Arc<Activity>,
 }
@@ -130,8 +130,9 @@ pub struct SequentialCaller {
 struct Activity {
     /// Requests submitted and not yet answered.
     in_flight: AtomicUsize,
-    /// Those of them with more rows than a batch holds.
-    outsized_in_flight: AtomicUsize,
+    /// Requests with more rows than a batch holds whose run has not
+    /// started ([`Outsized`]).
+    outsized_waiting: AtomicUsize,
     /// Requests ever submitted: each one's place in the version's order.
     submitted: AtomicU64,
     /// When the last request in flight was answered, in nanoseconds since
@@ -182,6 +183,8 @@ struct Job {
     inputs: Vec<Tensor>,
     /// Rows along dimension 0 (1 if the model is not batched).
     rows: i64,
+    /// Set when `rows` is more than a batch holds.
+    outsized: Option<Outsized>,
     enqueued: Instant,
     reply: Reply,
 }
@@ -192,9 +195,6 @@ struct Reply {
     /// Taken when the answer is sent.
     sender: Option<oneshot::Sender<InferResult>>,
     activity: Arc<Activity>,
-    /// The request has more rows than a batch holds (counted in
-    /// `Activity::outsized_in_flight`).
-    outsized: bool,
 }
 
 impl Reply {
@@ -211,12 +211,38 @@ impl Reply {
 
 impl Drop for Reply {
     fn drop(&mut self) {
-        if self.outsized {
-            self.activity
-                .outsized_in_flight
-                .fetch_sub(1, Ordering::Relaxed);
-        }
         self.activity.finish();
+    }
+}
+
+/// A request with more rows than a batch holds, counted in
+/// `Activity::outsized_waiting` until its run starts (or it is dropped
+/// unrun): a run of one tells whether another will follow it.
+struct Outsized(Arc<Activity>);
+
+impl Outsized {
+    fn new(activity: &Arc<Activity>) -> Outsized {
+        activity.outsized_waiting.fetch_add(1, Ordering::Relaxed);
+        Outsized(Arc::clone(activity))
+    }
+
+    /// What the run of this request keeps of its memory: it gives it back
+    /// unless another such request waits (a burst of them, whose next run
+    /// would need the same again).
+    /// Its run starts: it stops waiting as it returns.
+    fn run_memory(self) -> RunMemory {
+        // It counts itself.
+        if self.0.outsized_waiting.load(Ordering::Relaxed) > 1 {
+            RunMemory::Keep
+        } else {
+            RunMemory::Release
+        }
+    }
+}
+
+impl Drop for Outsized {
+    fn drop(&mut self) {
+        self.0.outsized_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -449,7 +475,7 @@ impl LoadedVersion {
             },
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
-                outsized_in_flight: AtomicUsize::new(0),
+                outsized_waiting: AtomicUsize::new(0),
                 submitted: AtomicU64::new(0),
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -534,21 +560,14 @@ impl LoadedVersion {
         };
         let (sender, receiver) = oneshot::channel();
         let alone = self.run.activity.start(caller);
-        let outsized = rows > self.run.batch_rows;
-        if outsized {
-            self.run
-                .activity
-                .outsized_in_flight
-                .fetch_add(1, Ordering::Relaxed);
-        }
         let reply = Reply {
             sender: Some(sender),
             activity: Arc::clone(&self.run.activity),
-            outsized,
         };
         let job = Job {
             inputs,
             rows,
+            outsized: (rows > self.run.batch_rows).then(|| Outsized::new(&self.run.activity)),
             enqueued: Instant::now(),
             reply,
         };
@@ -853,15 +872,10 @@ fn run_alone(
         inputs,
         reply,
         rows,
+        outsized,
         enqueued,
     } = job;
-    // This request is still in flight: another counted is another one.
-    let memory =
-        if rows > run.batch_rows && run.activity.outsized_in_flight.load(Ordering::Relaxed) <= 1 {
-            RunMemory::Release
-        } else {
-            RunMemory::Keep
-        };
+    let memory = outsized.map_or(RunMemory::Keep, Outsized::run_memory);
     let (outcome, nanos, times) = run_session(session, inputs, 1, started, memory, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
@@ -1215,7 +1229,7 @@ mod tests {
 
     /// A request with more rows than a batch holds runs alone and tells the
     /// runtime to give back what the run needed, unless another such request
-    /// is in flight (the last of a burst gives it back); runs of batch size,
+    /// waits (the last of a burst gives it back); runs of batch size,
     /// alone or stacked, keep it for the next; without batching every run
     /// keeps it.
     #[tokio::test]

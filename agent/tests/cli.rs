@@ -911,7 +911,7 @@ async fn a_burst_of_large_requests_gives_its_memory_back_on_tract() {
 
 /// The same on ONNX Runtime, whose own arena keeps what a run needed for
 /// the next: a run of more rows than a batch holds gives it back as it ends
-/// when no other such request is in flight (`RunMemory::Release`). With
+/// when no other such request waits to run (`RunMemory::Release`). With
 /// every run keeping it (the release disabled by hand), the agent kept
 /// 33 MiB of this burst 30 s after it (2 runs); with it, 2 MiB within 5 s.
 #[tokio::test]

@@ -1270,7 +1270,7 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
          threads (`arena_max=1`) removes; a fixed 1 MiB threshold has every large block mapped for itself and \
          unmapped when freed, so each request pays page faults for it. ONNX Runtime keeps its own arena \
          as large as its largest run needed; these requests hold more rows than a batch (32, bench_mlp's default \
-         `max_batch_size`), and the last of them, with no other such request in flight, gives back what it \
+         `max_batch_size`), and the last of them, with no other such request waiting, gives back what it \
          needed as its run ends (agent/src/model_worker.rs).\n",
         (BURST_ROWS * 256 * 4) as f64 / 1e6,
         BURST_SETTLE.as_secs(),
