@@ -226,10 +226,10 @@ impl Outsized {
         Outsized(Arc::clone(activity))
     }
 
-    /// What the run of this request keeps of its memory: it gives it back
-    /// unless another such request waits (a burst of them, whose next run
-    /// would need the same again).
-    /// Its run starts: it stops waiting as it returns.
+    /// What the run of this request, which starts now, keeps of its
+    /// memory: it gives it back unless another such request waits (a burst
+    /// of them, whose next run would need the same again). The request
+    /// stops counting as waiting as this returns.
     fn run_memory(self) -> RunMemory {
         // It counts itself.
         if self.0.outsized_waiting.load(Ordering::Relaxed) > 1 {
