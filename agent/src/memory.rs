@@ -43,10 +43,11 @@
 //! out, and trims the heap once the difference has grown by
 //! [`HEAP_GROWTH_TO_TRIM`].
 
-// The auxiliary vector, the program headers and madvise are raw memory, and
-// malloc_trim and mallinfo2 C calls; this module is the agent's only unsafe code but for
-// one ONNX Runtime call (a string tensor filled with lengths,
-// runtime/onnxruntime.rs), and reads nothing it did not check.
+// The auxiliary vector, the program headers and madvise are raw memory,
+// and malloc_trim and mallinfo2 C calls; this module is the agent's only
+// unsafe code but for two raw ONNX Runtime calls in runtime/onnxruntime.rs
+// (a string tensor filled with lengths, and whether an input or output has
+// a shape), and reads nothing it did not check.
 #![allow(unsafe_code)]
 
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! Helpers the integration tests of several crates need alike: fixture
 //! files, ONNX models of a given size, waiting for a condition, child
-//! processes that do not outlive a failed test and their memory figures, what a gRPC server's
-//! reflection lists, and a hand-driven HTTP/2 client's pieces.
+//! processes that do not outlive a failed test and their memory figures,
+//! what a gRPC server's reflection lists, and a hand-driven HTTP/2
+//! client's pieces.
 //!
 //! A dev-dependency, and the benchmark tool's: nothing here may end up in a
 //! shipped binary, so it can panic freely (a panic here is a failed test,
