@@ -72,6 +72,31 @@ pub const MAX_INTRA_OP_THREADS: usize = 256;
 /// Serve only the newest version, as Triton's default `latest: 1` policy.
 pub const DEFAULT_LATEST_VERSIONS: usize = 1;
 
+/// When a version's runs give back the memory the runtime keeps for the
+/// next run (ONNX Runtime's arena: as large as the largest run so far;
+/// tract frees what a run allocates as it ends, so for it every setting is
+/// the same). Giving it back costs the next run that memory's page faults
+/// again, so by default only the runs that batches never need so much for
+/// do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseMemory {
+    /// A run of a request of more rows than `max_batch_size` gives it back,
+    /// unless another such request waits to run (a burst of them gives it
+    /// back after its last). A version that is not batched keeps it.
+    #[default]
+    AfterLargeRequests,
+    /// As `after_large_requests`, and also any run that leaves no other
+    /// request in flight for the version: the memory is given back whenever
+    /// the version goes idle. For a model whose requests vary in size (a
+    /// dynamic image size, a sequence length) without being batched, which
+    /// would otherwise keep what its largest request ever needed.
+    WhenIdle,
+    /// Every run keeps it: the least work per run, for a device with the
+    /// memory to spare.
+    Never,
+}
+
 /// Which of the versions on disk are loaded.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
@@ -116,6 +141,7 @@ struct RawModelConfig {
     runtime: Option<RuntimeChoice>,
     version_policy: Option<VersionPolicy>,
     private: Option<bool>,
+    release_memory: Option<ReleaseMemory>,
 }
 
 /// Validated per-model settings.
@@ -140,6 +166,8 @@ pub struct ModelConfig {
     pub version_policy: VersionPolicy,
     /// Inputs must never leave the device (used by offloading).
     pub private: bool,
+    /// When runs give back the runtime's memory for the next run.
+    pub release_memory: ReleaseMemory,
 }
 
 impl Default for ModelConfig {
@@ -155,6 +183,7 @@ impl Default for ModelConfig {
             runtime: None,
             version_policy: VersionPolicy::default(),
             private: false,
+            release_memory: ReleaseMemory::default(),
         }
     }
 }
@@ -250,6 +279,7 @@ impl ModelConfig {
             runtime: raw.runtime,
             version_policy: raw.version_policy.unwrap_or_default(),
             private: raw.private.unwrap_or(false),
+            release_memory: raw.release_memory.unwrap_or_default(),
         })
     }
 
@@ -284,7 +314,7 @@ mod tests {
         let config = ModelConfig::parse(
             "max_batch_size = 8\nmax_queue_delay_us = 500\nqueue_capacity = 16\ninstances = 2\n\
              intra_op_threads = 1\nspin_wait = true\nruntime = \"tract\"\nprivate = true\n\
-             version_policy = { latest = 2 }\n",
+             version_policy = { latest = 2 }\nrelease_memory = \"when_idle\"\n",
         )
         .unwrap();
         assert_eq!(config.max_batch_size, 8);
@@ -299,6 +329,13 @@ mod tests {
         assert_eq!(config.runtime, Some(RuntimeChoice::Tract));
         assert!(config.private);
         assert_eq!(config.version_policy, VersionPolicy::Latest(2));
+        assert_eq!(config.release_memory, ReleaseMemory::WhenIdle);
+        assert_eq!(
+            ModelConfig::parse("release_memory = \"never\"")
+                .unwrap()
+                .release_memory,
+            ReleaseMemory::Never
+        );
         assert_eq!(
             ModelConfig::parse("version_policy = \"all\"")
                 .unwrap()
@@ -390,6 +427,17 @@ mod tests {
         assert!(err.starts_with("line 2, column 18: "), "{err}");
         assert!(err.contains("expected usize"), "{err}");
         assert!(!err.contains('\n'), "{err}");
+    }
+
+    /// A `release_memory` that is none of its values is refused with the
+    /// values it may take.
+    #[test]
+    fn an_unknown_release_memory_is_refused_with_the_values_it_may_take() {
+        let err = ModelConfig::parse("release_memory = \"sometimes\"").unwrap_err();
+        assert!(err.starts_with("line 1, column 18: "), "{err}");
+        for value in ["sometimes", "after_large_requests", "when_idle", "never"] {
+            assert!(err.contains(value), "{err}");
+        }
     }
 
     #[test]

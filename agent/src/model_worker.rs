@@ -47,7 +47,7 @@ use tokio::sync::oneshot;
 use crate::error::{ErrorCode, InferError};
 use crate::memory;
 use crate::metrics::VersionMetrics;
-use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay};
+use crate::model_config::{ADAPTIVE_MAX_WAIT, ModelConfig, QueueDelay, ReleaseMemory};
 use crate::runtime::{ModelSession, RunMemory, RunPhases, RuntimeKind, Signature};
 use crate::statistics::{ComputeTimes, StatisticsSnapshot};
 use crate::telemetry::VersionTelemetry;
@@ -106,7 +106,27 @@ struct RunContext {
     /// needed ([`RunMemory::Release`]) rather than keep it for runs of batch
     /// size.
     batch_rows: i64,
+    /// Which runs give their memory back (the model's `release_memory`).
+    release_memory: ReleaseMemory,
     activity: Arc<Activity>,
+}
+
+impl RunContext {
+    /// What a run of `requests` requests, which starts now, keeps of the
+    /// memory it needs (`outsized`: it is one request larger than a batch).
+    fn run_memory(&self, outsized: Option<Outsized>, requests: usize) -> RunMemory {
+        let after_large_request = outsized.map_or(RunMemory::Keep, Outsized::run_memory);
+        match self.release_memory {
+            // Every request in flight is in this run: the version goes idle
+            // as it ends.
+            ReleaseMemory::WhenIdle
+                if self.activity.in_flight.load(Ordering::Relaxed) <= requests =>
+            {
+                RunMemory::Release
+            }
+            _ => after_large_request,
+        }
+    }
 }
 
 /// A client whose requests come one at a time, each after the answer to the
@@ -473,6 +493,7 @@ impl LoadedVersion {
             } else {
                 i64::MAX
             },
+            release_memory: config.release_memory,
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
                 outsized_waiting: AtomicUsize::new(0),
@@ -567,7 +588,9 @@ impl LoadedVersion {
         let job = Job {
             inputs,
             rows,
-            outsized: (rows > self.run.batch_rows).then(|| Outsized::new(&self.run.activity)),
+            outsized: (rows > self.run.batch_rows
+                && self.run.release_memory != ReleaseMemory::Never)
+                .then(|| Outsized::new(&self.run.activity)),
             enqueued: Instant::now(),
             reply,
         };
@@ -800,8 +823,9 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
+    let memory = run.run_memory(None, batch.len());
     let (outcome, nanos, mut times) =
-        run_session(session, stacked, batch.len(), started, RunMemory::Keep, run);
+        run_session(session, stacked, batch.len(), started, memory, run);
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -875,7 +899,7 @@ fn run_alone(
         outsized,
         enqueued,
     } = job;
-    let memory = outsized.map_or(RunMemory::Keep, Outsized::run_memory);
+    let memory = run.run_memory(outsized, 1);
     let (outcome, nanos, times) = run_session(session, inputs, 1, started, memory, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
@@ -1297,6 +1321,81 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(*memory.lock().unwrap(), [(64, RunMemory::Keep)]);
+    }
+
+    /// `release_memory = "when_idle"`: also a run that leaves nothing in
+    /// flight for the version gives its memory back, whatever its size and
+    /// batched or not; `"never"`: not even the run of a request larger than
+    /// a batch.
+    #[tokio::test]
+    async fn release_memory_when_idle_or_never_decides_which_runs_give_their_memory_back() {
+        let config = |max_batch_size, release_memory| ModelConfig {
+            max_batch_size,
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
+            release_memory,
+            ..ModelConfig::default()
+        };
+        let session = doubler_session(Duration::from_millis(200));
+        let memory = Arc::clone(&session.memory);
+        let when_idle = config(4, ReleaseMemory::WhenIdle);
+        let version = load(Box::new(session), &when_idle, &Arc::new(Metrics::new()));
+        version
+            .submit(row([1.0, 2.0], 1))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            std::mem::take(&mut *memory.lock().unwrap()),
+            [(1, RunMemory::Release)]
+        );
+        // The worker gathers one row and then two (the next two do not fit
+        // into a batch of 4 with them) while two more requests are in
+        // flight; it runs those two, the last in flight, together.
+        let receivers: Vec<_> = [1, 2, 2]
+            .into_iter()
+            .map(|rows| version.submit(row([1.0, 2.0], rows)).unwrap())
+            .collect();
+        for receiver in receivers {
+            receiver.await.unwrap().unwrap();
+        }
+        assert_eq!(
+            *memory.lock().unwrap(),
+            [(3, RunMemory::Keep), (2, RunMemory::Release)]
+        );
+
+        for (release_memory, expected) in [
+            (ReleaseMemory::WhenIdle, RunMemory::Release),
+            (ReleaseMemory::AfterLargeRequests, RunMemory::Keep),
+        ] {
+            let session = doubler_session(Duration::ZERO);
+            let memory = Arc::clone(&session.memory);
+            let not_batched = config(0, release_memory);
+            let version = load(Box::new(session), &not_batched, &Arc::new(Metrics::new()));
+            version
+                .submit(row([1.0, 2.0], 64))
+                .unwrap()
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                *memory.lock().unwrap(),
+                [(64, expected)],
+                "{release_memory:?}"
+            );
+        }
+
+        let session = doubler_session(Duration::ZERO);
+        let memory = Arc::clone(&session.memory);
+        let never = config(4, ReleaseMemory::Never);
+        let version = load(Box::new(session), &never, &Arc::new(Metrics::new()));
+        version
+            .submit(row([1.0, 2.0], 6))
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(*memory.lock().unwrap(), [(6, RunMemory::Keep)]);
     }
 
     #[tokio::test]
