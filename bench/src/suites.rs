@@ -1296,10 +1296,55 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
     ] {
         for runtime in ["tract", "onnxruntime"] {
             let burst =
-                rss_after_large_requests(&args.agent, mlp.path(), runtime, tunables).await?;
+                rss_after_large_requests(&args.agent, mlp.path(), runtime, tunables, BURST_CLIENTS)
+                    .await?;
             writeln!(
                 out,
                 "| {allocator} | {runtime} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+                burst.before.0,
+                burst.before.1,
+                burst.after.0,
+                burst.after.1,
+                burst.seconds,
+                burst.faults_per_request
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "\nThe same requests to ONNX Runtime's agent serving bench_mlp not batched (`max_batch_size = 0` in its \
+         `config.toml`): no request is then larger than a batch, so by default every run keeps the arena, and \
+         the model stays as large as its largest request needed; with `release_memory = \"when_idle\"` a run \
+         that leaves no other request in flight gives it back. From {BURST_CLIENTS} clients at a time as above, \
+         and from one client sending them one at a time, where every run finds the model idle and pays for \
+         the arena's pages again (glibc's allocator as the agent runs by default).\n"
+    )?;
+    writeln!(
+        out,
+        "| release_memory | clients | RSS before (MB) | anonymous before (MB) | RSS after (MB) | anonymous after (MB) | burst (s) | page faults per request |"
+    )?;
+    writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )?;
+    for release_memory in ["after_large_requests", "when_idle"] {
+        let not_batched = repository_with(
+            &args.bench_models,
+            "bench_mlp",
+            &format!("max_batch_size = 0\nrelease_memory = \"{release_memory}\"\n"),
+        )?;
+        for clients in [BURST_CLIENTS, 1] {
+            let burst = rss_after_large_requests(
+                &args.agent,
+                not_batched.path(),
+                "onnxruntime",
+                None,
+                clients,
+            )
+            .await?;
+            writeln!(
+                out,
+                "| `{release_memory}` | {clients} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
                 burst.before.0,
                 burst.before.1,
                 burst.after.0,
@@ -1536,7 +1581,8 @@ async fn rss_after_reloads_mb(
 }
 
 /// Large requests in the footprint suite's burst, their rows of bench_mlp
-/// (256 FP32 values each: 2 MiB of input), and how many are sent at a time.
+/// (256 FP32 values each: 2 MiB of input), and how many are sent at a time
+/// (but for the rows of one client).
 const BURST_REQUESTS: usize = 24;
 const BURST_ROWS: usize = 2048;
 const BURST_CLIENTS: usize = 4;
@@ -1559,21 +1605,22 @@ struct Burst {
 
 /// Sends an agent serving bench_mlp (in `repo`; `tunables` in its
 /// `GLIBC_TUNABLES`, if any) [`BURST_REQUESTS`] requests
-/// of [`BURST_ROWS`] rows, [`BURST_CLIENTS`] at a time, each client on a
+/// of [`BURST_ROWS`] rows, `client_count` at a time, each client on a
 /// connection of its own, and measures its memory before and after.
 async fn rss_after_large_requests(
     agent: &Path,
     repo: &Path,
     runtime: &str,
     tunables: Option<&str>,
+    client_count: usize,
 ) -> anyhow::Result<Burst> {
     let env: Vec<(&str, &str)> = tunables
         .map(|t| ("GLIBC_TUNABLES", t))
         .into_iter()
         .collect();
     let agent = AgentProcess::start_with_env(agent, repo, runtime, &env).await?;
-    let mut clients = Vec::with_capacity(BURST_CLIENTS);
-    for _ in 0..BURST_CLIENTS {
+    let mut clients = Vec::with_capacity(client_count);
+    for _ in 0..client_count {
         let mut client = agent.client().await?;
         client
             .model_infer(infer_request(
@@ -1602,7 +1649,7 @@ async fn rss_after_large_requests(
     );
     let faults = agent.minor_faults()?;
     let started = Instant::now();
-    for _ in 0..BURST_REQUESTS / BURST_CLIENTS {
+    for _ in 0..BURST_REQUESTS / client_count {
         let round = clients.iter().map(|client| {
             let mut client = client.clone();
             let large = large.clone();
