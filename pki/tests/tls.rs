@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use edgefleet_pki::{
     CertificateAuthority, CertificateInfo, IssuedKeyPair, PkiError, agent_server_tls_config,
-    ca_client_tls_config, connect_tls, device_csr, generate_device_key, mtls_client_tls_config,
-    peer_certificate_info, peer_device_id, pinned_client_tls_config,
+    ca_client_tls_config, connect_tls, crypto_provider, device_csr, generate_device_key,
+    mtls_client_tls_config, peer_certificate_info, peer_device_id, pinned_client_tls_config,
     rejected_client_certificate_alert, tls_incoming,
 };
 use rustls_pki_types::ServerName;
@@ -132,7 +132,7 @@ async fn assert_handshake_rejected(fixture: &Fixture, cert_pem: &str, key_pem: &
     let base = mtls_client_tls_config(fixture.ca.certificate_pem(), cert_pem, key_pem).unwrap();
 
     // Same roots and client certificate, TLS 1.2 only.
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(rustls_pki_types::CertificateDer::from(
@@ -247,7 +247,7 @@ fn pinned_verifier_checks_chain_name_and_validity() {
     use rustls_pki_types::{CertificateDer, UnixTime};
 
     let (ca, _) = CertificateAuthority::generate().unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crypto_provider();
     let verifier =
         edgefleet_pki::PinnedCaVerifier::new(&ca.fingerprint(), provider.clone()).unwrap();
     let server = ca
