@@ -1310,17 +1310,10 @@ mod tests {
             "{runs:?}"
         );
 
-        let session = doubler_session(Duration::ZERO);
-        let memory = Arc::clone(&session.memory);
-        let version = load(Box::new(session), &config(0), &Arc::new(Metrics::new()));
-        assert!(!version.batching);
-        version
-            .submit(row([1.0, 2.0], 64))
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(*memory.lock().unwrap(), [(64, RunMemory::Keep)]);
+        assert_eq!(
+            lone_run_memory(&config(0), 64).await,
+            [(64, RunMemory::Keep)]
+        );
     }
 
     /// `release_memory = "when_idle"`: also a run that leaves nothing in
@@ -1368,34 +1361,31 @@ mod tests {
             (ReleaseMemory::WhenIdle, RunMemory::Release),
             (ReleaseMemory::AfterLargeRequests, RunMemory::Keep),
         ] {
-            let session = doubler_session(Duration::ZERO);
-            let memory = Arc::clone(&session.memory);
-            let not_batched = config(0, release_memory);
-            let version = load(Box::new(session), &not_batched, &Arc::new(Metrics::new()));
-            version
-                .submit(row([1.0, 2.0], 64))
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
             assert_eq!(
-                *memory.lock().unwrap(),
+                lone_run_memory(&config(0, release_memory), 64).await,
                 [(64, expected)],
                 "{release_memory:?}"
             );
         }
+        assert_eq!(
+            lone_run_memory(&config(4, ReleaseMemory::Never), 6).await,
+            [(6, RunMemory::Keep)]
+        );
+    }
 
+    /// The rows of the one run of a lone request of `rows` rows to a new
+    /// instant model under `config`, and what it kept of its memory.
+    async fn lone_run_memory(config: &ModelConfig, rows: i64) -> Vec<(i64, RunMemory)> {
         let session = doubler_session(Duration::ZERO);
         let memory = Arc::clone(&session.memory);
-        let never = config(4, ReleaseMemory::Never);
-        let version = load(Box::new(session), &never, &Arc::new(Metrics::new()));
+        let version = load(Box::new(session), config, &Arc::new(Metrics::new()));
         version
-            .submit(row([1.0, 2.0], 6))
+            .submit(row([1.0, 2.0], rows))
             .unwrap()
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(*memory.lock().unwrap(), [(6, RunMemory::Keep)]);
+        memory.lock().unwrap().clone()
     }
 
     #[tokio::test]

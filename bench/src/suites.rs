@@ -1288,16 +1288,7 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
             let burst =
                 rss_after_large_requests(&args.agent, mlp.path(), runtime, tunables, BURST_CLIENTS)
                     .await?;
-            writeln!(
-                out,
-                "| {allocator} | {runtime} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
-                burst.before.0,
-                burst.before.1,
-                burst.after.0,
-                burst.after.1,
-                burst.seconds,
-                burst.faults_per_request
-            )?;
+            writeln!(out, "| {allocator} | {runtime} | {} |", burst.cells())?;
         }
     }
     writeln!(
@@ -1337,13 +1328,8 @@ pub async fn footprint(args: &Args) -> anyhow::Result<String> {
                 .await?;
                 writeln!(
                     out,
-                    "| {allocator} | `{release_memory}` | {clients} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
-                    burst.before.0,
-                    burst.before.1,
-                    burst.after.0,
-                    burst.after.1,
-                    burst.seconds,
-                    burst.faults_per_request
+                    "| {allocator} | `{release_memory}` | {clients} | {} |",
+                    burst.cells()
                 )?;
             }
         }
@@ -1608,6 +1594,22 @@ struct Burst {
     seconds: f64,
     /// The agent's minor page faults during the burst, per request.
     faults_per_request: f64,
+}
+
+impl Burst {
+    /// Its table cells: RSS and anonymous memory before and after, the
+    /// burst's time, its page faults per request.
+    fn cells(&self) -> String {
+        format!(
+            "{:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0}",
+            self.before.0,
+            self.before.1,
+            self.after.0,
+            self.after.1,
+            self.seconds,
+            self.faults_per_request
+        )
+    }
 }
 
 /// Sends an agent serving bench_mlp (in `repo`; `tunables` in its
