@@ -25,11 +25,12 @@ pub const ALPN_H2: &[u8] = b"h2";
 ///
 /// rustls deprecates it since 0.23.48 as it has no post-quantum key
 /// exchange (X25519MLKEM768), which only its aws-lc-rs provider offers.
-/// Kept on purpose: aws-lc-rs needs a C toolchain (and CMake on some
-/// targets) to cross-build for a device and adds its C library to an agent
-/// binary that has half a megabyte left under its 20 MB target
-/// (docs/benchmarks.md, "Footprint"). The fleet's connections keep
-/// rustls's safe defaults (TLS 1.3 and 1.2, X25519 first), not post-quantum.
+/// Kept on purpose, as design.md fixes it: aws-lc-rs needs a C toolchain
+/// (and CMake on some targets) to cross-build for a device and adds its C
+/// library to an agent binary that has half a megabyte left under its
+/// 20 MB target (docs/benchmarks.md, "Footprint"). The fleet's connections
+/// keep rustls's safe defaults (TLS 1.3 and 1.2, X25519 first), not
+/// post-quantum.
 #[allow(deprecated)]
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
