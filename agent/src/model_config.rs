@@ -76,8 +76,7 @@ pub const DEFAULT_LATEST_VERSIONS: usize = 1;
 /// next run (ONNX Runtime's arena: as large as the largest run so far;
 /// tract frees what a run allocates as it ends, so for it every setting is
 /// the same). Giving it back costs the next run that memory's page faults
-/// again, so by default only the runs that batches never need so much for
-/// do.
+/// again, so by default only runs larger than any batch do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReleaseMemory {
