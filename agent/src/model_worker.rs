@@ -489,7 +489,7 @@ impl LoadedVersion {
             recent_requests: AtomicUsize::new(0),
             recent_run_nanos: AtomicU64::new(0),
             batch_rows: if batching {
-                i64::try_from(config.max_batch_size).unwrap_or(i64::MAX)
+                policy.max_batch_size
             } else {
                 i64::MAX
             },
@@ -1263,16 +1263,9 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
             ..ModelConfig::default()
         };
-        let session = doubler_session(Duration::from_millis(200));
-        let memory = Arc::clone(&session.memory);
-        let version = load(Box::new(session), &config(4), &Arc::new(Metrics::new()));
+        let (version, memory) = recording_memory(&config(4), Duration::from_millis(200));
         for rows in [6, 4] {
-            version
-                .submit(row([1.0, 2.0], rows))
-                .unwrap()
-                .await
-                .unwrap()
-                .unwrap();
+            answered(&version, rows).await;
         }
         let runs = std::mem::take(&mut *memory.lock().unwrap());
         assert_eq!(runs, [(6, RunMemory::Release), (4, RunMemory::Keep)]);
@@ -1328,16 +1321,11 @@ mod tests {
             release_memory,
             ..ModelConfig::default()
         };
-        let session = doubler_session(Duration::from_millis(200));
-        let memory = Arc::clone(&session.memory);
-        let when_idle = config(4, ReleaseMemory::WhenIdle);
-        let version = load(Box::new(session), &when_idle, &Arc::new(Metrics::new()));
-        version
-            .submit(row([1.0, 2.0], 1))
-            .unwrap()
-            .await
-            .unwrap()
-            .unwrap();
+        let (version, memory) = recording_memory(
+            &config(4, ReleaseMemory::WhenIdle),
+            Duration::from_millis(200),
+        );
+        answered(&version, 1).await;
         assert_eq!(
             std::mem::take(&mut *memory.lock().unwrap()),
             [(1, RunMemory::Release)]
@@ -1373,19 +1361,36 @@ mod tests {
         );
     }
 
+    /// A model under `config` whose runs take `delay`, and the record of
+    /// each run's rows and what it kept of its memory.
+    fn recording_memory(
+        config: &ModelConfig,
+        delay: Duration,
+    ) -> (Arc<LoadedVersion>, Recorded<(i64, RunMemory)>) {
+        let session = doubler_session(delay);
+        let memory = Arc::clone(&session.memory);
+        (
+            load(Box::new(session), config, &Arc::new(Metrics::new())),
+            memory,
+        )
+    }
+
     /// The rows of the one run of a lone request of `rows` rows to a new
     /// instant model under `config`, and what it kept of its memory.
     async fn lone_run_memory(config: &ModelConfig, rows: i64) -> Vec<(i64, RunMemory)> {
-        let session = doubler_session(Duration::ZERO);
-        let memory = Arc::clone(&session.memory);
-        let version = load(Box::new(session), config, &Arc::new(Metrics::new()));
+        let (version, memory) = recording_memory(config, Duration::ZERO);
+        answered(&version, rows).await;
+        memory.lock().unwrap().clone()
+    }
+
+    /// Sends `version` one request of `rows` rows and waits for its answer.
+    async fn answered(version: &LoadedVersion, rows: i64) {
         version
             .submit(row([1.0, 2.0], rows))
             .unwrap()
             .await
             .unwrap()
             .unwrap();
-        memory.lock().unwrap().clone()
     }
 
     #[tokio::test]
