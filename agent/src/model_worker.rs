@@ -75,9 +75,52 @@ pub const INLINE_QUIET: Duration = Duration::from_micros(40);
 pub const WORKER_THREAD_PREFIX: &str = "infer-";
 
 /// A session, shared by its worker thread and the inline fast path.
-type SharedSession = Arc<Mutex<Box<dyn ModelSession>>>;
+type SharedSession = Arc<Mutex<Instance>>;
 
-fn lock(session: &SharedSession) -> MutexGuard<'_, Box<dyn ModelSession>> {
+/// One session of a version, and what its runs left in it.
+struct Instance {
+    session: Box<dyn ModelSession>,
+    /// A run of a request larger than a batch kept what it needed, for
+    /// another such request that was waiting; with several instances that
+    /// one may have run on another session, so the next run here with none
+    /// waiting gives it back ([`Instance::run_memory`]).
+    holds_large_run: bool,
+}
+
+impl Instance {
+    /// What a run on this session of `requests` requests, which starts now,
+    /// keeps of the memory it needs (`outsized`: it is one request larger
+    /// than a batch): as the version decides ([`RunContext::run_memory`]),
+    /// except that a session still holding a large run's memory gives it
+    /// back once no large request waits.
+    fn run_memory(
+        &mut self,
+        run: &RunContext,
+        outsized: Option<Outsized>,
+        requests: usize,
+    ) -> RunMemory {
+        let large = outsized.is_some();
+        let memory = match run.run_memory(outsized, requests) {
+            RunMemory::Keep if large => {
+                self.holds_large_run = run.release_memory != ReleaseMemory::Never;
+                RunMemory::Keep
+            }
+            RunMemory::Keep
+                if self.holds_large_run
+                    && run.activity.outsized_waiting.load(Ordering::Relaxed) == 0 =>
+            {
+                RunMemory::Release
+            }
+            memory => memory,
+        };
+        if memory == RunMemory::Release {
+            self.holds_large_run = false;
+        }
+        memory
+    }
+}
+
+fn lock(session: &SharedSession) -> MutexGuard<'_, Instance> {
     // Runs catch panics inside the lock, so it is never poisoned in practice;
     // if it were, the session itself is still whole.
     session
@@ -504,7 +547,12 @@ impl LoadedVersion {
         });
         let sessions: Vec<SharedSession> = sessions
             .into_iter()
-            .map(|session| Arc::new(Mutex::new(session)))
+            .map(|session| {
+                Arc::new(Mutex::new(Instance {
+                    session,
+                    holds_large_run: false,
+                }))
+            })
             .collect();
         let mut started = 0;
         let mut failure = None;
@@ -656,7 +704,7 @@ impl LoadedVersion {
                 Err(TryLockError::WouldBlock) => continue,
             };
             self.metrics.requests.inc();
-            run_batch(guard.as_mut(), vec![job], &self.run);
+            run_batch(&mut guard, vec![job], &self.run);
             return Ok(());
         }
         Err(job)
@@ -777,7 +825,7 @@ fn worker_loop(
                 }
             }
         }
-        run_batch(lock(&session).as_mut(), batch, &run);
+        run_batch(&mut lock(&session), batch, &run);
     }
     if drop_session(session) {
         memory::release_freed_heap();
@@ -794,7 +842,7 @@ fn job_bytes(job: &Job) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
-fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) {
+fn run_batch(instance: &mut Instance, batch: Vec<Job>, run: &RunContext) {
     // Callers that gave up (timeout, disconnect) need no answer.
     let mut batch: Vec<Job> = batch
         .into_iter()
@@ -811,7 +859,7 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
     }
     if batch.len() == 1 {
         let Some(job) = batch.pop() else { return };
-        run_alone(session, job, started, true, run);
+        run_alone(instance, job, started, true, run);
         return;
     }
     let sizes: Vec<i64> = batch.iter().map(|job| job.rows).collect();
@@ -823,9 +871,15 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
-    let memory = run.run_memory(None, batch.len());
-    let (outcome, nanos, mut times) =
-        run_session(session, stacked, batch.len(), started, memory, run);
+    let memory = instance.run_memory(run, None, batch.len());
+    let (outcome, nanos, mut times) = run_session(
+        instance.session.as_mut(),
+        stacked,
+        batch.len(),
+        started,
+        memory,
+        run,
+    );
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -836,7 +890,7 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
             // validation of shapes and types can see. Each request runs
             // again alone, so only those at fault fail, each with its own
             // error. (tract starts the next run from a fresh state.)
-            run_each_alone(session, batch, &err, "a batched run failed", run);
+            run_each_alone(instance, batch, &err, "a batched run failed", run);
             return;
         }
     };
@@ -855,13 +909,19 @@ fn run_batch(session: &mut dyn ModelSession, batch: Vec<Job>, run: &RunContext) 
         }
         // Outputs that are not batched along the inputs (max_batch_size
         // set on such a model): each request's own run has its own answer.
-        Err(err) => run_each_alone(session, batch, &err, "a batch's outputs did not split", run),
+        Err(err) => run_each_alone(
+            instance,
+            batch,
+            &err,
+            "a batch's outputs did not split",
+            run,
+        ),
     }
 }
 
 /// Runs each request of a batch that failed (`what`, with `err`) again alone.
 fn run_each_alone(
-    session: &mut dyn ModelSession,
+    instance: &mut Instance,
     batch: Vec<Job>,
     err: &InferError,
     what: &str,
@@ -875,7 +935,7 @@ fn run_each_alone(
     );
     for job in batch {
         if !job.reply.is_closed() {
-            run_alone(session, job, Instant::now(), false, run);
+            run_alone(instance, job, Instant::now(), false, run);
         }
     }
 }
@@ -885,7 +945,7 @@ fn run_each_alone(
 /// adaptive delay goes by this run; noted before the answer goes out, so
 /// the caller's next request finds it.
 fn run_alone(
-    session: &mut dyn ModelSession,
+    instance: &mut Instance,
     job: Job,
     started: Instant,
     whole_batch: bool,
@@ -899,8 +959,9 @@ fn run_alone(
         outsized,
         enqueued,
     } = job;
-    let memory = run.run_memory(outsized, 1);
-    let (outcome, nanos, times) = run_session(session, inputs, 1, started, memory, run);
+    let memory = instance.run_memory(run, outsized, 1);
+    let (outcome, nanos, times) =
+        run_session(instance.session.as_mut(), inputs, 1, started, memory, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
         run.recent_run_nanos.store(nanos, Ordering::Relaxed);
@@ -1009,7 +1070,8 @@ mod tests {
 
     /// A scripted session: doubles its input and records each batch's rows.
     /// (A fake runtime here only to test batching logic deterministically;
-    /// the end-to-end tests use real models.)
+    /// the end-to-end tests use real models.) Its clones share its records.
+    #[derive(Clone)]
     struct Doubler {
         signature: Signature,
         batches: Arc<Mutex<Vec<i64>>>,
@@ -1046,9 +1108,13 @@ mod tests {
                 panic!("scripted panic on NaN");
             }
             self.batches.lock().unwrap().push(input.shape[0]);
-            self.memory.lock().unwrap().push((input.shape[0], memory));
+            // A run's memory and thread go in under one lock, so that the
+            // two records' entries stay in step when sessions run at once.
+            let mut memory_record = self.memory.lock().unwrap();
+            memory_record.push((input.shape[0], memory));
             let thread = std::thread::current().name().unwrap_or("").to_string();
             self.threads.lock().unwrap().push(thread);
+            drop(memory_record);
             let doubled: Vec<f32> = input.to_vec::<f32>().iter().map(|v| v * 2.0).collect();
             Ok(vec![Tensor::from_slice(
                 "y",
@@ -1358,6 +1424,84 @@ mod tests {
         assert_eq!(
             lone_run_memory(&config(4, ReleaseMemory::Never), 6).await,
             [(6, RunMemory::Keep)]
+        );
+    }
+
+    /// With two sessions, one that kept a large run's memory for another
+    /// large request waiting, which the other session then ran (giving its
+    /// own back), gives it back on its next run once no large request
+    /// waits, instead of keeping it until its next large request.
+    #[tokio::test]
+    async fn a_session_that_kept_memory_for_a_request_another_ran_gives_it_back_next() {
+        let config = ModelConfig {
+            max_batch_size: 2,
+            max_queue_delay: QueueDelay::Fixed(Duration::from_millis(1)),
+            ..ModelConfig::default()
+        };
+        let session = doubler_session(Duration::from_millis(200));
+        let (memory, threads) = (Arc::clone(&session.memory), Arc::clone(&session.threads));
+        let version = LoadedVersion::start(
+            "m",
+            1,
+            RuntimeKind::Tract,
+            vec![Box::new(session.clone()), Box::new(session)],
+            &config,
+            Arc::new(Metrics::new()).for_version("m", 1),
+            VersionTelemetry::detached("m", 1),
+        )
+        .unwrap();
+        // Each run's rows, memory and session, taken off the records.
+        let runs = || {
+            let mut memory = memory.lock().unwrap();
+            let threads = std::mem::take(&mut *threads.lock().unwrap());
+            std::mem::take(&mut *memory)
+                .into_iter()
+                .zip(threads)
+                .map(|((rows, memory), thread)| (rows, memory, thread))
+                .collect::<Vec<_>>()
+        };
+        let all_answered = |rows: &[i64]| {
+            let receivers: Vec<_> = rows
+                .iter()
+                .map(|&rows| version.submit(row([1.0, 2.0], rows)).unwrap())
+                .collect();
+            async move {
+                for receiver in receivers {
+                    receiver.await.unwrap().unwrap();
+                }
+            }
+        };
+        // A full batch on each session while two requests larger than a
+        // batch queue: the first to start sees the other waiting and keeps
+        // its memory; the other session, free as soon, runs the second.
+        all_answered(&[2, 2, 3, 3]).await;
+        let first = runs();
+        assert_eq!(first.len(), 4, "{first:?}");
+        // (Both end at once, in either order.)
+        let large = |memory| {
+            first[2..]
+                .iter()
+                .find(|run| run.0 == 3 && run.1 == memory)
+                .map(|run| &run.2)
+                .unwrap_or_else(|| panic!("no large run with {memory:?}: {first:?}"))
+        };
+        let (kept, released) = (large(RunMemory::Keep), large(RunMemory::Release));
+        assert_ne!(kept, released, "both large runs on one session: {first:?}");
+        // A full batch on each session: the one that kept gives it back.
+        all_answered(&[2, 2]).await;
+        let next = runs();
+        let on = |session: &String| {
+            next.iter()
+                .filter(|(_, _, thread)| thread == session)
+                .map(|&(rows, memory, _)| (rows, memory))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(kept)[0], (2, RunMemory::Release), "{next:?}");
+        assert!(
+            on(released)
+                .iter()
+                .all(|&(_, memory)| memory == RunMemory::Keep),
+            "{next:?}"
         );
     }
 
