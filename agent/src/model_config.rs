@@ -85,9 +85,10 @@ pub enum ReleaseMemory {
     /// back after its last). A version that is not batched keeps it.
     #[default]
     AfterLargeRequests,
-    /// As `after_large_requests`, and also any run that leaves no other
-    /// request in flight for the version: the memory is given back whenever
-    /// the version goes idle. For a model whose requests vary in size (a
+    /// As `after_large_requests`, and also any run that leaves no request
+    /// of the version waiting (every one in flight is in a run, on this
+    /// session or another): the memory is given back whenever the version
+    /// goes idle. For a model whose requests vary in size (a
     /// dynamic image size, a sequence length) without being batched, which
     /// would otherwise keep what its largest request ever needed.
     WhenIdle,

@@ -88,19 +88,14 @@ struct Instance {
 }
 
 impl Instance {
-    /// What a run on this session of `requests` requests, which starts now,
-    /// keeps of the memory it needs (`outsized`: it is one request larger
+    /// What a run on this session, which starts now, keeps of the memory it
+    /// needs (`outsized`: it is one request larger
     /// than a batch): as the version decides ([`RunContext::run_memory`]),
     /// except that a session still holding a large run's memory gives it
     /// back once no large request waits.
-    fn run_memory(
-        &mut self,
-        run: &RunContext,
-        outsized: Option<Outsized>,
-        requests: usize,
-    ) -> RunMemory {
+    fn run_memory(&mut self, run: &RunContext, outsized: Option<Outsized>) -> RunMemory {
         let large = outsized.is_some();
-        let memory = match run.run_memory(outsized, requests) {
+        let memory = match run.run_memory(outsized) {
             RunMemory::Keep if large => {
                 self.holds_large_run = run.release_memory != ReleaseMemory::Never;
                 RunMemory::Keep
@@ -155,15 +150,18 @@ struct RunContext {
 }
 
 impl RunContext {
-    /// What a run of `requests` requests, which starts now, keeps of the
-    /// memory it needs (`outsized`: it is one request larger than a batch).
-    fn run_memory(&self, outsized: Option<Outsized>, requests: usize) -> RunMemory {
+    /// What a run, which starts now (counted in [`Activity::running`]),
+    /// keeps of the memory it needs (`outsized`: it is one request larger
+    /// than a batch).
+    fn run_memory(&self, outsized: Option<Outsized>) -> RunMemory {
         let after_large_request = outsized.map_or(RunMemory::Keep, Outsized::run_memory);
         match self.release_memory {
-            // Every request in flight is in this run: the version goes idle
-            // as it ends.
+            // Every request in flight is in a run under way, this one's or
+            // another session's: none waits, and the version goes idle as
+            // the runs end.
             ReleaseMemory::WhenIdle
-                if self.activity.in_flight.load(Ordering::Relaxed) <= requests =>
+                if self.activity.in_flight.load(Ordering::Relaxed)
+                    <= self.activity.running.load(Ordering::Relaxed) =>
             {
                 RunMemory::Release
             }
@@ -196,6 +194,9 @@ struct Activity {
     /// Requests with more rows than a batch holds whose run has not
     /// started ([`Outsized`]).
     outsized_waiting: AtomicUsize,
+    /// Requests in the runs under way on the version's sessions
+    /// ([`Running`]).
+    running: AtomicUsize,
     /// Requests ever submitted: each one's place in the version's order.
     submitted: AtomicU64,
     /// When the last request in flight was answered, in nanoseconds since
@@ -238,6 +239,30 @@ impl Activity {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.idle_since.store(self.now(), Ordering::Relaxed);
         }
+    }
+
+    /// Counts a run of `requests` requests as under way until the guard
+    /// is dropped.
+    fn run_starts(&self, requests: usize) -> Running<'_> {
+        self.running.fetch_add(requests, Ordering::Relaxed);
+        Running {
+            activity: self,
+            requests,
+        }
+    }
+}
+
+/// A run under way, counted in [`Activity::running`] while it lives.
+struct Running<'a> {
+    activity: &'a Activity,
+    requests: usize,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.activity
+            .running
+            .fetch_sub(self.requests, Ordering::Relaxed);
     }
 }
 
@@ -540,6 +565,7 @@ impl LoadedVersion {
             activity: Arc::new(Activity {
                 in_flight: AtomicUsize::new(0),
                 outsized_waiting: AtomicUsize::new(0),
+                running: AtomicUsize::new(0),
                 submitted: AtomicU64::new(0),
                 idle_since: AtomicU64::new(0),
                 epoch: Instant::now(),
@@ -871,7 +897,8 @@ fn run_batch(instance: &mut Instance, batch: Vec<Job>, run: &RunContext) {
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
-    let memory = instance.run_memory(run, None, batch.len());
+    let running = run.activity.run_starts(batch.len());
+    let memory = instance.run_memory(run, None);
     let (outcome, nanos, mut times) = run_session(
         instance.session.as_mut(),
         stacked,
@@ -880,6 +907,7 @@ fn run_batch(instance: &mut Instance, batch: Vec<Job>, run: &RunContext) {
         memory,
         run,
     );
+    drop(running);
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -959,9 +987,11 @@ fn run_alone(
         outsized,
         enqueued,
     } = job;
-    let memory = instance.run_memory(run, outsized, 1);
+    let running = run.activity.run_starts(1);
+    let memory = instance.run_memory(run, outsized);
     let (outcome, nanos, times) =
         run_session(instance.session.as_mut(), inputs, 1, started, memory, run);
+    drop(running);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
         run.recent_run_nanos.store(nanos, Ordering::Relaxed);
@@ -1438,44 +1468,12 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(1)),
             ..ModelConfig::default()
         };
-        let session = doubler_session(Duration::from_millis(200));
-        let (memory, threads) = (Arc::clone(&session.memory), Arc::clone(&session.threads));
-        let version = LoadedVersion::start(
-            "m",
-            1,
-            RuntimeKind::Tract,
-            vec![Box::new(session.clone()), Box::new(session)],
-            &config,
-            Arc::new(Metrics::new()).for_version("m", 1),
-            VersionTelemetry::detached("m", 1),
-        )
-        .unwrap();
-        // Each run's rows, memory and session, taken off the records.
-        let runs = || {
-            let mut memory = memory.lock().unwrap();
-            let threads = std::mem::take(&mut *threads.lock().unwrap());
-            std::mem::take(&mut *memory)
-                .into_iter()
-                .zip(threads)
-                .map(|((rows, memory), thread)| (rows, memory, thread))
-                .collect::<Vec<_>>()
-        };
-        let all_answered = |rows: &[i64]| {
-            let receivers: Vec<_> = rows
-                .iter()
-                .map(|&rows| version.submit(row([1.0, 2.0], rows)).unwrap())
-                .collect();
-            async move {
-                for receiver in receivers {
-                    receiver.await.unwrap().unwrap();
-                }
-            }
-        };
+        let (version, runs) = two_recording_sessions(&config);
         // A full batch on each session while two requests larger than a
         // batch queue: the first to start sees the other waiting and keeps
         // its memory; the other session, free as soon, runs the second.
-        all_answered(&[2, 2, 3, 3]).await;
-        let first = runs();
+        all_answered(&version, &[2, 2, 3, 3]).await;
+        let first = runs.taken();
         assert_eq!(first.len(), 4, "{first:?}");
         // (Both end at once, in either order.)
         let large = |memory| {
@@ -1488,8 +1486,8 @@ mod tests {
         let (kept, released) = (large(RunMemory::Keep), large(RunMemory::Release));
         assert_ne!(kept, released, "both large runs on one session: {first:?}");
         // A full batch on each session: the one that kept gives it back.
-        all_answered(&[2, 2]).await;
-        let next = runs();
+        all_answered(&version, &[2, 2]).await;
+        let next = runs.taken();
         let on = |session: &String| {
             next.iter()
                 .filter(|(_, _, thread)| thread == session)
@@ -1503,6 +1501,82 @@ mod tests {
                 .all(|&(_, memory)| memory == RunMemory::Keep),
             "{next:?}"
         );
+    }
+
+    /// `release_memory = "when_idle"` with two sessions: of the last two
+    /// requests, running at once, one on each session, the one that starts
+    /// second finds none waiting and gives its memory back (each used to
+    /// see the other in flight and keep it, so the idle version held both).
+    #[tokio::test]
+    async fn when_idle_on_two_sessions_the_run_that_leaves_none_waiting_gives_memory_back() {
+        let config = ModelConfig {
+            max_batch_size: 0,
+            release_memory: ReleaseMemory::WhenIdle,
+            ..ModelConfig::default()
+        };
+        let (version, runs) = two_recording_sessions(&config);
+        // One on each session while two queue; those two start together as
+        // the first two end.
+        all_answered(&version, &[1, 1, 1, 1]).await;
+        let runs = runs.taken();
+        assert_eq!(runs.len(), 4, "{runs:?}");
+        assert!(
+            runs[2..].iter().any(|run| run.1 == RunMemory::Release),
+            "{runs:?}"
+        );
+    }
+
+    /// Each run's rows, memory and session (its worker thread), on the
+    /// sessions of one version.
+    struct SessionRuns {
+        memory: Recorded<(i64, RunMemory)>,
+        threads: Recorded<String>,
+    }
+
+    impl SessionRuns {
+        /// The runs recorded so far, taken off the records.
+        fn taken(&self) -> Vec<(i64, RunMemory, String)> {
+            let mut memory = self.memory.lock().unwrap();
+            let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+            std::mem::take(&mut *memory)
+                .into_iter()
+                .zip(threads)
+                .map(|((rows, memory), thread)| (rows, memory, thread))
+                .collect()
+        }
+    }
+
+    /// A model under `config` with two sessions whose runs take 200 ms, and
+    /// the record of their runs.
+    fn two_recording_sessions(config: &ModelConfig) -> (Arc<LoadedVersion>, SessionRuns) {
+        let session = doubler_session(Duration::from_millis(200));
+        let runs = SessionRuns {
+            memory: Arc::clone(&session.memory),
+            threads: Arc::clone(&session.threads),
+        };
+        let version = LoadedVersion::start(
+            "m",
+            1,
+            RuntimeKind::Tract,
+            vec![Box::new(session.clone()), Box::new(session)],
+            config,
+            Arc::new(Metrics::new()).for_version("m", 1),
+            VersionTelemetry::detached("m", 1),
+        )
+        .unwrap();
+        (version, runs)
+    }
+
+    /// Sends `version` requests of these rows at once and waits for every
+    /// answer.
+    async fn all_answered(version: &LoadedVersion, rows: &[i64]) {
+        let receivers: Vec<_> = rows
+            .iter()
+            .map(|&rows| version.submit(row([1.0, 2.0], rows)).unwrap())
+            .collect();
+        for receiver in receivers {
+            receiver.await.unwrap().unwrap();
+        }
     }
 
     /// A model under `config` whose runs take `delay`, and the record of
