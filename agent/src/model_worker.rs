@@ -89,10 +89,10 @@ struct Instance {
 
 impl Instance {
     /// What a run on this session, which starts now, keeps of the memory it
-    /// needs (`outsized`: it is one request larger
-    /// than a batch): as the version decides ([`RunContext::run_memory`]),
-    /// except that a session still holding a large run's memory gives it
-    /// back once no large request waits.
+    /// needs (`outsized`: it is one request larger than a batch): as the
+    /// version decides ([`RunContext::run_memory`]), except that a session
+    /// still holding a large run's memory gives it back once no large
+    /// request waits.
     fn run_memory(&mut self, run: &RunContext, outsized: Option<Outsized>) -> RunMemory {
         let large = outsized.is_some();
         let memory = match run.run_memory(outsized) {
@@ -897,17 +897,8 @@ fn run_batch(instance: &mut Instance, batch: Vec<Job>, run: &RunContext) {
             concat_batch(&parts[0].name, &parts)
         })
         .collect();
-    let running = run.activity.run_starts(batch.len());
-    let memory = instance.run_memory(run, None);
-    let (outcome, nanos, mut times) = run_session(
-        instance.session.as_mut(),
-        stacked,
-        batch.len(),
-        started,
-        memory,
-        run,
-    );
-    drop(running);
+    let (outcome, nanos, mut times) =
+        run_session(instance, stacked, batch.len(), None, started, run);
     run.recent_requests.store(batch.len(), Ordering::Relaxed);
     run.recent_run_nanos.store(nanos, Ordering::Relaxed);
     let outputs = match outcome {
@@ -987,11 +978,7 @@ fn run_alone(
         outsized,
         enqueued,
     } = job;
-    let running = run.activity.run_starts(1);
-    let memory = instance.run_memory(run, outsized);
-    let (outcome, nanos, times) =
-        run_session(instance.session.as_mut(), inputs, 1, started, memory, run);
-    drop(running);
+    let (outcome, nanos, times) = run_session(instance, inputs, 1, outsized, started, run);
     if whole_batch {
         run.recent_requests.store(1, Ordering::Relaxed);
         run.recent_run_nanos.store(nanos, Ordering::Relaxed);
@@ -1014,22 +1001,26 @@ fn run_alone(
 }
 
 /// Runs the session once on `inputs`, stacked from `requests` requests
-/// since `started`, a panic caught, and records the run. Returns its
-/// outputs or error, how long it took, in nanoseconds, from `started`, and
-/// where that time went (stacking counts as making the inputs).
+/// since `started` (`outsized`: one request larger than a batch), a panic
+/// caught, and records the run. Returns its outputs or error, how long it
+/// took, in nanoseconds, from `started`, and where that time went
+/// (stacking counts as making the inputs).
 fn run_session(
-    session: &mut dyn ModelSession,
+    instance: &mut Instance,
     inputs: Vec<Tensor>,
     requests: usize,
+    outsized: Option<Outsized>,
     started: Instant,
-    memory: RunMemory,
     run: &RunContext,
 ) -> (Result<Vec<Tensor>, InferError>, u64, ComputeTimes) {
     let stacked = started.elapsed();
     let mut phases = RunPhases::default();
+    let running = run.activity.run_starts(requests);
+    let memory = instance.run_memory(run, outsized);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        session.run_phased(inputs, &mut phases, memory)
+        instance.session.run_phased(inputs, &mut phases, memory)
     }));
+    drop(running);
     let computed = started.elapsed();
     let input = stacked + phases.input;
     let times = ComputeTimes {
