@@ -195,7 +195,7 @@ struct Activity {
     /// started ([`Outsized`]).
     outsized_waiting: AtomicUsize,
     /// Requests in the runs under way on the version's sessions
-    /// ([`Running`]).
+    /// ([`Running`]), counted for `when_idle` versions only.
     running: AtomicUsize,
     /// Requests ever submitted: each one's place in the version's order.
     submitted: AtomicU64,
@@ -1015,7 +1015,9 @@ fn run_session(
 ) -> (Result<Vec<Tensor>, InferError>, u64, ComputeTimes) {
     let stacked = started.elapsed();
     let mut phases = RunPhases::default();
-    let running = run.activity.run_starts(requests);
+    // Only `when_idle` reads the count: other versions' runs skip it.
+    let running =
+        (run.release_memory == ReleaseMemory::WhenIdle).then(|| run.activity.run_starts(requests));
     let memory = instance.run_memory(run, outsized);
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| {
         instance.session.run_phased(inputs, &mut phases, memory)
