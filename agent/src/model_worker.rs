@@ -1468,32 +1468,34 @@ mod tests {
         all_answered(&version, &[2, 2, 3, 3]).await;
         let first = runs.taken();
         assert_eq!(first.len(), 4, "{first:?}");
-        // (Both end at once, in either order.)
-        let large = |memory| {
-            first[2..]
-                .iter()
-                .find(|run| run.0 == 3 && run.1 == memory)
-                .map(|run| &run.2)
-                .unwrap_or_else(|| panic!("no large run with {memory:?}: {first:?}"))
-        };
-        let (kept, released) = (large(RunMemory::Keep), large(RunMemory::Release));
-        assert_ne!(kept, released, "both large runs on one session: {first:?}");
-        // A full batch on each session: the one that kept gives it back.
+        // Both start (and end) at once: the first to decide sees the other
+        // waiting and keeps; the other releases, or, if both decided
+        // before either stopped counting as waiting, keeps as well.
+        let large: Vec<_> = first.iter().filter(|run| run.0 == 3).collect();
+        assert_eq!(large.len(), 2, "{first:?}");
+        assert_ne!(
+            large[0].2, large[1].2,
+            "both large runs on one session: {first:?}"
+        );
+        assert!(
+            large.iter().any(|run| run.1 == RunMemory::Keep),
+            "neither kept its memory for the other: {first:?}"
+        );
+        // A full batch on each session: a session that kept gives it back,
+        // one that released keeps.
         all_answered(&version, &[2, 2]).await;
         let next = runs.taken();
-        let on = |session: &String| {
-            next.iter()
-                .filter(|(_, _, thread)| thread == session)
-                .map(|&(rows, memory, _)| (rows, memory))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(on(kept)[0], (2, RunMemory::Release), "{next:?}");
-        assert!(
-            on(released)
+        for (_, memory, session) in large {
+            let after = next
                 .iter()
-                .all(|&(_, memory)| memory == RunMemory::Keep),
-            "{next:?}"
-        );
+                .find(|run| &run.2 == session)
+                .unwrap_or_else(|| panic!("no run on {session}: {next:?}"));
+            let expected = match memory {
+                RunMemory::Keep => RunMemory::Release,
+                RunMemory::Release => RunMemory::Keep,
+            };
+            assert_eq!((after.0, after.1), (2, expected), "{first:?} then {next:?}");
+        }
     }
 
     /// `release_memory = "when_idle"` with two sessions: of the last two
