@@ -3,7 +3,9 @@
 //! tonic's `Channel` sends each request through hyper, whose HTTP/2 client
 //! writes the HEADERS frame first and the message in a second write (its body
 //! pipe waits for send capacity, which h2 only grants once the stream is open),
-//! then an empty end-of-stream DATA frame: the server wakes twice per call.
+//! then an empty end-of-stream DATA frame: a server that reads before all of
+//! it has come (as the agent does when the client shares its CPU: `strace`
+//! shows the headers read alone, then a wait for the message) waits again.
 //! gRPC's C-core clients (C++, Python) batch a unary call's headers, message and
 //! end of stream into one write, so a server gets the call in one TCP segment. This
 //! transport does the same with `h2` directly (the message is handed to h2

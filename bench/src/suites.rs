@@ -141,7 +141,8 @@ async fn overhead_of(
          its own single-threaded tokio runtime, raw_input_contents, client and transport included). Target: agent p50 − raw p50 ≤ 50 µs. \
          Each call is measured with three clients, all tonic's generated client and codec: \"tonic\" over tonic's `Channel` \
          (hyper's HTTP/2 client, which writes a call's headers and its message in two writes, then an empty \
-         end-of-stream frame, so the agent wakes twice per call), \"one write\" over a transport that hands \
+         end-of-stream frame: an agent that reads before all of it has come waits again for the rest, as \
+         it does with client and agent on one CPU), \"one write\" over a transport that hands \
          h2 the headers and the message together (`bench/src/one_write_client.rs`), so a call reaches the agent in one \
          TCP segment, as gRPC's C-core clients (C++, Python) send a unary call, and \
          \"stream\", which sends the same requests as messages on one open `ModelStreamInfer` call (perf_analyzer's \
