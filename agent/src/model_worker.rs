@@ -1091,20 +1091,67 @@ mod tests {
     use crate::runtime::{RuntimeError, TensorSpec};
     use crate::tensor::DataType;
 
-    /// A scripted session: doubles its input and records each batch's rows.
+    /// A scripted session: doubles its input and records each run.
     /// (A fake runtime here only to test batching logic deterministically;
     /// the end-to-end tests use real models.) Its clones share its records.
     #[derive(Clone)]
     struct Doubler {
         signature: Signature,
-        batches: Arc<Mutex<Vec<i64>>>,
-        /// The name of the thread each run ran on.
-        threads: Arc<Mutex<Vec<String>>>,
+        runs: RunLog,
         /// Runs started (counted before the delay).
         started: Arc<AtomicUsize>,
-        /// Each run's rows and what it was told to keep of its memory.
-        memory: Recorded<(i64, RunMemory)>,
         delay: Duration,
+    }
+
+    /// One run of a [`Doubler`].
+    #[derive(Debug, Clone, PartialEq)]
+    struct Run {
+        rows: i64,
+        /// What the run was told to keep of its memory.
+        memory: RunMemory,
+        /// The thread it ran on: its session's worker, or the caller's.
+        thread: String,
+    }
+
+    /// The runs of a [`Doubler`] (and of its clones: one version's sessions).
+    #[derive(Clone, Default)]
+    struct RunLog(Arc<Mutex<Vec<Run>>>);
+
+    impl RunLog {
+        fn runs(&self) -> Vec<Run> {
+            self.0.lock().unwrap().clone()
+        }
+
+        /// The runs recorded so far, taken off the log.
+        fn taken(&self) -> Vec<Run> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+
+        /// Each run's rows.
+        fn rows(&self) -> Vec<i64> {
+            self.runs().iter().map(|run| run.rows).collect()
+        }
+
+        /// Each run's rows and what it kept of its memory.
+        fn memory(&self) -> Vec<(i64, RunMemory)> {
+            self.runs()
+                .iter()
+                .map(|run| (run.rows, run.memory))
+                .collect()
+        }
+
+        /// What [`RunLog::memory`] gives, taken off the log.
+        fn memory_taken(&self) -> Vec<(i64, RunMemory)> {
+            self.taken()
+                .iter()
+                .map(|run| (run.rows, run.memory))
+                .collect()
+        }
+
+        /// The thread each run ran on.
+        fn threads(&self) -> Vec<String> {
+            self.runs().into_iter().map(|run| run.thread).collect()
+        }
     }
 
     impl ModelSession for Doubler {
@@ -1130,14 +1177,11 @@ mod tests {
             if input.to_vec::<f32>().iter().any(|v| v.is_nan()) {
                 panic!("scripted panic on NaN");
             }
-            self.batches.lock().unwrap().push(input.shape[0]);
-            // A run's memory and thread go in under one lock, so that the
-            // two records' entries stay in step when sessions run at once.
-            let mut memory_record = self.memory.lock().unwrap();
-            memory_record.push((input.shape[0], memory));
-            let thread = std::thread::current().name().unwrap_or("").to_string();
-            self.threads.lock().unwrap().push(thread);
-            drop(memory_record);
+            self.runs.0.lock().unwrap().push(Run {
+                rows: input.shape[0],
+                memory,
+                thread: std::thread::current().name().unwrap_or("").to_string(),
+            });
             let doubled: Vec<f32> = input.to_vec::<f32>().iter().map(|v| v * 2.0).collect();
             Ok(vec![Tensor::from_slice(
                 "y",
@@ -1148,12 +1192,10 @@ mod tests {
         }
     }
 
-    type Recorded<T> = Arc<Mutex<Vec<T>>>;
-
-    fn doubler(delay: Duration) -> (Box<dyn ModelSession>, Recorded<i64>, Recorded<String>) {
+    fn doubler(delay: Duration) -> (Box<dyn ModelSession>, RunLog) {
         let session = doubler_session(delay);
-        let (batches, threads) = (Arc::clone(&session.batches), Arc::clone(&session.threads));
-        (Box::new(session), batches, threads)
+        let runs = session.runs.clone();
+        (Box::new(session), runs)
     }
 
     fn doubler_session(delay: Duration) -> Doubler {
@@ -1169,31 +1211,23 @@ mod tests {
                 inputs: vec![spec("x")],
                 outputs: vec![spec("y")],
             },
-            batches: Recorded::default(),
-            threads: Recorded::default(),
+            runs: RunLog::default(),
             started: Arc::default(),
-            memory: Recorded::default(),
             delay,
         }
     }
 
-    fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, Recorded<i64>) {
-        let (version, batches, _) = start_traced(config, delay);
-        (version, batches)
-    }
-
-    fn start_traced(
-        config: ModelConfig,
-        delay: Duration,
-    ) -> (Arc<LoadedVersion>, Recorded<i64>, Recorded<String>) {
-        let (session, batches, threads) = doubler(delay);
+    /// A model under `config` whose runs take `delay`, and the log of its
+    /// runs.
+    fn start(config: ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, RunLog) {
+        let (session, runs) = doubler(delay);
         if delay.is_zero() {
             // An instant model is fast: a run the machine was slow to
             // schedule must not close the fast path these tests look at.
             INLINE_MAX_COMPUTE_IN_TEST.with(|limit| limit.set(Some(Duration::from_secs(60))));
         }
         let version = load(session, &config, &Arc::new(Metrics::new()));
-        (version, batches, threads)
+        (version, runs)
     }
 
     /// Starts `session` as version 1 of model "m", recording into `metrics`.
@@ -1274,7 +1308,7 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(200)),
             ..ModelConfig::default()
         };
-        let (version, batches) = start(config, Duration::ZERO);
+        let (version, runs) = start(config, Duration::ZERO);
         let receivers: Vec<_> = (0..4)
             .map(|i| {
                 version
@@ -1292,7 +1326,7 @@ mod tests {
             assert_eq!(outputs[0].to_vec::<f32>(), expected);
         }
         // 1+2+1+2 rows arrive within the queue delay: one run of 6 rows.
-        assert_eq!(*batches.lock().unwrap(), vec![6]);
+        assert_eq!(runs.rows(), vec![6]);
     }
 
     /// A request that does not fit the batch being gathered is set aside
@@ -1328,14 +1362,14 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
             ..ModelConfig::default()
         };
-        let (version, batches) = start(config, Duration::ZERO);
+        let (version, runs) = start(config, Duration::ZERO);
         let receivers: Vec<_> = (0..7)
             .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
             .collect();
         for receiver in receivers {
             receiver.await.unwrap().unwrap();
         }
-        let batches = batches.lock().unwrap();
+        let batches = runs.rows();
         assert_eq!(batches.iter().sum::<i64>(), 7);
         assert!(batches.iter().all(|&rows| rows <= 3), "{batches:?}");
     }
@@ -1352,11 +1386,11 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(100)),
             ..ModelConfig::default()
         };
-        let (version, memory) = recording_memory(&config(4), Duration::from_millis(200));
+        let (version, log) = recording_memory(&config(4), Duration::from_millis(200));
         for rows in [6, 4] {
             answered(&version, rows).await;
         }
-        let runs = std::mem::take(&mut *memory.lock().unwrap());
+        let runs = log.memory_taken();
         assert_eq!(runs, [(6, RunMemory::Release), (4, RunMemory::Keep)]);
 
         // The worker holds a one-row request (waiting 100 ms for company,
@@ -1369,7 +1403,7 @@ mod tests {
         for receiver in burst {
             receiver.await.unwrap().unwrap();
         }
-        let runs = std::mem::take(&mut *memory.lock().unwrap());
+        let runs = log.memory_taken();
         assert_eq!(
             runs,
             [
@@ -1385,7 +1419,7 @@ mod tests {
         for receiver in stacked {
             receiver.await.unwrap().unwrap();
         }
-        let runs = memory.lock().unwrap().clone();
+        let runs = log.memory();
         assert_eq!(runs.iter().map(|(rows, _)| rows).sum::<i64>(), 4);
         assert!(
             runs.iter().all(|&(_, memory)| memory == RunMemory::Keep),
@@ -1410,15 +1444,12 @@ mod tests {
             release_memory,
             ..ModelConfig::default()
         };
-        let (version, memory) = recording_memory(
+        let (version, log) = recording_memory(
             &config(4, ReleaseMemory::WhenIdle),
             Duration::from_millis(200),
         );
         answered(&version, 1).await;
-        assert_eq!(
-            std::mem::take(&mut *memory.lock().unwrap()),
-            [(1, RunMemory::Release)]
-        );
+        assert_eq!(log.memory_taken(), [(1, RunMemory::Release)]);
         // The worker gathers one row and then two (the next two do not fit
         // into a batch of 4 with them) while two more requests are in
         // flight; it runs those two, the last in flight, together.
@@ -1430,7 +1461,7 @@ mod tests {
             receiver.await.unwrap().unwrap();
         }
         assert_eq!(
-            *memory.lock().unwrap(),
+            log.memory(),
             [(3, RunMemory::Keep), (2, RunMemory::Release)]
         );
 
@@ -1471,30 +1502,34 @@ mod tests {
         // Both start (and end) at once: the first to decide sees the other
         // waiting and keeps; the other releases, or, if both decided
         // before either stopped counting as waiting, keeps as well.
-        let large: Vec<_> = first.iter().filter(|run| run.0 == 3).collect();
+        let large: Vec<_> = first.iter().filter(|run| run.rows == 3).collect();
         assert_eq!(large.len(), 2, "{first:?}");
         assert_ne!(
-            large[0].2, large[1].2,
+            large[0].thread, large[1].thread,
             "both large runs on one session: {first:?}"
         );
         assert!(
-            large.iter().any(|run| run.1 == RunMemory::Keep),
+            large.iter().any(|run| run.memory == RunMemory::Keep),
             "neither kept its memory for the other: {first:?}"
         );
         // A full batch on each session: a session that kept gives it back,
         // one that released keeps.
         all_answered(&version, &[2, 2]).await;
         let next = runs.taken();
-        for (_, memory, session) in large {
+        for large in large {
             let after = next
                 .iter()
-                .find(|run| &run.2 == session)
-                .unwrap_or_else(|| panic!("no run on {session}: {next:?}"));
-            let expected = match memory {
+                .find(|run| run.thread == large.thread)
+                .unwrap_or_else(|| panic!("no run on {}: {next:?}", large.thread));
+            let expected = match large.memory {
                 RunMemory::Keep => RunMemory::Release,
                 RunMemory::Release => RunMemory::Keep,
             };
-            assert_eq!((after.0, after.1), (2, expected), "{first:?} then {next:?}");
+            assert_eq!(
+                (after.rows, after.memory),
+                (2, expected),
+                "{first:?} then {next:?}"
+            );
         }
     }
 
@@ -1516,39 +1551,16 @@ mod tests {
         let runs = runs.taken();
         assert_eq!(runs.len(), 4, "{runs:?}");
         assert!(
-            runs[2..].iter().any(|run| run.1 == RunMemory::Release),
+            runs[2..].iter().any(|run| run.memory == RunMemory::Release),
             "{runs:?}"
         );
     }
 
-    /// Each run's rows, memory and session (its worker thread), on the
-    /// sessions of one version.
-    struct SessionRuns {
-        memory: Recorded<(i64, RunMemory)>,
-        threads: Recorded<String>,
-    }
-
-    impl SessionRuns {
-        /// The runs recorded so far, taken off the records.
-        fn taken(&self) -> Vec<(i64, RunMemory, String)> {
-            let mut memory = self.memory.lock().unwrap();
-            let threads = std::mem::take(&mut *self.threads.lock().unwrap());
-            std::mem::take(&mut *memory)
-                .into_iter()
-                .zip(threads)
-                .map(|((rows, memory), thread)| (rows, memory, thread))
-                .collect()
-        }
-    }
-
     /// A model under `config` with two sessions whose runs take 200 ms, and
     /// the record of their runs.
-    fn two_recording_sessions(config: &ModelConfig) -> (Arc<LoadedVersion>, SessionRuns) {
+    fn two_recording_sessions(config: &ModelConfig) -> (Arc<LoadedVersion>, RunLog) {
         let session = doubler_session(Duration::from_millis(200));
-        let runs = SessionRuns {
-            memory: Arc::clone(&session.memory),
-            threads: Arc::clone(&session.threads),
-        };
+        let runs = session.runs.clone();
         let version = LoadedVersion::start(
             "m",
             1,
@@ -1576,24 +1588,21 @@ mod tests {
 
     /// A model under `config` whose runs take `delay`, and the record of
     /// each run's rows and what it kept of its memory.
-    fn recording_memory(
-        config: &ModelConfig,
-        delay: Duration,
-    ) -> (Arc<LoadedVersion>, Recorded<(i64, RunMemory)>) {
+    fn recording_memory(config: &ModelConfig, delay: Duration) -> (Arc<LoadedVersion>, RunLog) {
         let session = doubler_session(delay);
-        let memory = Arc::clone(&session.memory);
+        let runs = session.runs.clone();
         (
             load(Box::new(session), config, &Arc::new(Metrics::new())),
-            memory,
+            runs,
         )
     }
 
     /// The rows of the one run of a lone request of `rows` rows to a new
     /// instant model under `config`, and what it kept of its memory.
     async fn lone_run_memory(config: &ModelConfig, rows: i64) -> Vec<(i64, RunMemory)> {
-        let (version, memory) = recording_memory(config, Duration::ZERO);
+        let (version, log) = recording_memory(config, Duration::ZERO);
         answered(&version, rows).await;
-        memory.lock().unwrap().clone()
+        log.memory()
     }
 
     /// Sends `version` one request of `rows` rows and waits for its answer.
@@ -1612,7 +1621,7 @@ mod tests {
             max_batch_size: 0,
             ..ModelConfig::default()
         };
-        let (version, batches) = start(config, Duration::from_millis(5));
+        let (version, runs) = start(config, Duration::from_millis(5));
         assert!(!version.batching);
         let receivers: Vec<_> = (0..4)
             .map(|_| version.submit(row([1.0, 2.0], 2)).unwrap())
@@ -1620,7 +1629,7 @@ mod tests {
         for receiver in receivers {
             receiver.await.unwrap().unwrap();
         }
-        assert_eq!(*batches.lock().unwrap(), vec![2, 2, 2, 2]);
+        assert_eq!(runs.rows(), vec![2, 2, 2, 2]);
     }
 
     #[tokio::test]
@@ -1697,7 +1706,7 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_secs(1)),
             ..ModelConfig::default()
         };
-        let (session, batches, _) = doubler(Duration::ZERO);
+        let (session, runs) = doubler(Duration::ZERO);
         let version = load(session, &config, &metrics);
         let receivers: Vec<_> = [
             [1.0, 2.0],
@@ -1731,7 +1740,7 @@ mod tests {
             error(3).message
         );
         // The four ran together and failed, then each alone.
-        assert_eq!(*batches.lock().unwrap(), [1, 1], "the good ones, alone");
+        assert_eq!(runs.rows(), [1, 1], "the good ones, alone");
         let runs = metric(&metrics, "edgefleet_inference_batch_size_count", "");
         let stacked = metric(&metrics, "edgefleet_inference_batch_size_sum", "");
         assert_eq!((runs, stacked), (5.0, 8.0), "one run of 4, four of 1");
@@ -1756,7 +1765,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_the_version_drains_queued_requests() {
-        let (version, batches) = start(
+        let (version, runs) = start(
             ModelConfig {
                 max_batch_size: 0,
                 ..ModelConfig::default()
@@ -1770,7 +1779,7 @@ mod tests {
         for receiver in receivers {
             receiver.await.unwrap().unwrap();
         }
-        assert_eq!(batches.lock().unwrap().len(), 5);
+        assert_eq!(runs.rows().len(), 5);
     }
 
     /// Lets the version be idle long enough for the fast path: once the
@@ -1805,7 +1814,7 @@ mod tests {
 
     #[test]
     fn a_sequential_callers_next_request_takes_the_fast_path_however_soon_it_comes() {
-        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         let caller = SequentialCaller::default();
         // The first goes to the worker: nothing is known of the model's speed.
         assert!(!infer_from(&version, &caller).1);
@@ -1820,14 +1829,14 @@ mod tests {
         }
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec!["infer-m-1-0".to_string(), here.clone(), here]
         );
     }
 
     #[test]
     fn a_sequential_caller_goes_through_the_queue_after_anothers_request() {
-        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         let caller = SequentialCaller::default();
         infer_from(&version, &caller);
         INLINE_QUIET_IN_TEST.with(|quiet| quiet.set(Some(Duration::from_secs(60))));
@@ -1842,14 +1851,14 @@ mod tests {
         let worker = "infer-m-1-0".to_string();
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec![worker.clone(), worker.clone(), worker, here]
         );
     }
 
     #[test]
     fn a_request_right_after_another_is_answered_goes_through_the_queue() {
-        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         infer_blocking(&version);
         quiet(&version);
         infer_blocking(&version);
@@ -1859,7 +1868,7 @@ mod tests {
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec!["infer-m-1-0".to_string(), here, "infer-m-1-0".to_string()]
         );
     }
@@ -1876,7 +1885,7 @@ mod tests {
 
     #[test]
     fn an_idle_fast_model_runs_requests_on_the_callers_thread() {
-        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         // The first request goes to the worker: nothing is known of its speed.
         infer_blocking(&version);
         // The model is fast and idle: the next requests run at once, here
@@ -1892,14 +1901,14 @@ mod tests {
         }
         let here = std::thread::current().name().unwrap().to_string();
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec!["infer-m-1-0".to_string(), here.clone(), here]
         );
     }
 
     #[test]
     fn a_larger_request_than_the_last_lone_one_runs_on_the_worker() {
-        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         infer_blocking(&version);
         // Three rows: more input than the one-row run that was measured.
         version
@@ -1916,9 +1925,9 @@ mod tests {
             .expect("answered before submit returned")
             .unwrap();
         let here = std::thread::current().name().unwrap().to_string();
-        assert_eq!(*batches.lock().unwrap(), vec![1, 3, 3]);
+        assert_eq!(runs.rows(), vec![1, 3, 3]);
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec!["infer-m-1-0".to_string(), "infer-m-1-0".to_string(), here]
         );
     }
@@ -1928,7 +1937,7 @@ mod tests {
     /// counts as the request limit counts it, as if that dimension were 1.
     #[test]
     fn a_request_with_an_empty_dimension_counts_its_rows_for_the_fast_path() {
-        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         infer_blocking(&version);
         let empty = || {
             vec![Tensor::from_slice(
@@ -1955,9 +1964,9 @@ mod tests {
             .expect("answered before submit returned")
             .unwrap();
         let here = std::thread::current().name().unwrap().to_string();
-        assert_eq!(*batches.lock().unwrap(), vec![1, 1000, 1000]);
+        assert_eq!(runs.rows(), vec![1, 1000, 1000]);
         assert_eq!(
-            *threads.lock().unwrap(),
+            runs.threads(),
             vec!["infer-m-1-0".to_string(), "infer-m-1-0".to_string(), here]
         );
     }
@@ -1965,11 +1974,11 @@ mod tests {
     #[test]
     fn a_slow_model_always_runs_on_its_worker() {
         let slow = INLINE_MAX_COMPUTE * 4;
-        let (version, _, threads) = start_traced(ModelConfig::default(), slow);
+        let (version, runs) = start(ModelConfig::default(), slow);
         for _ in 0..3 {
             infer_blocking(&version);
         }
-        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"; 3]);
+        assert_eq!(runs.threads(), vec!["infer-m-1-0"; 3]);
     }
 
     /// A run that failed at once says nothing about how long the model
@@ -1979,7 +1988,7 @@ mod tests {
     #[test]
     fn a_failed_run_does_not_open_the_fast_path() {
         let slow = INLINE_MAX_COMPUTE * 4;
-        let (version, _, threads) = start_traced(ModelConfig::default(), slow);
+        let (version, runs) = start(ModelConfig::default(), slow);
         let refused = version
             .submit(row([f32::INFINITY, 1.0], 8))
             .unwrap()
@@ -1988,12 +1997,12 @@ mod tests {
         assert!(refused.is_err(), "the scripted error");
         quiet(&version);
         infer_blocking(&version);
-        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"]);
+        assert_eq!(runs.threads(), vec!["infer-m-1-0"]);
     }
 
     #[test]
     fn a_busy_model_queues_instead_of_running_inline() {
-        let (version, _, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         infer_blocking(&version);
         // Hold the only session, as a running batch would.
         let session = Arc::clone(&version.sessions[0]);
@@ -2006,7 +2015,7 @@ mod tests {
         );
         drop(guard);
         receiver.blocking_recv().unwrap().unwrap();
-        assert_eq!(*threads.lock().unwrap(), vec!["infer-m-1-0"; 2]);
+        assert_eq!(runs.threads(), vec!["infer-m-1-0"; 2]);
     }
 
     #[test]
@@ -2016,7 +2025,7 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::from_millis(200)),
             ..ModelConfig::default()
         };
-        let (version, batches, _) = start_traced(config, Duration::ZERO);
+        let (version, runs) = start(config, Duration::ZERO);
         infer_blocking(&version);
         let receivers: Vec<_> = (0..4)
             .map(|_| version.submit(row([1.0, 2.0], 1)).unwrap())
@@ -2024,7 +2033,7 @@ mod tests {
         for receiver in receivers {
             receiver.blocking_recv().unwrap().unwrap();
         }
-        assert_eq!(*batches.lock().unwrap(), vec![1, 4]);
+        assert_eq!(runs.rows(), vec![1, 4]);
     }
 
     /// One lone request (so the model is known to be fast), then three
@@ -2046,7 +2055,7 @@ mod tests {
 
     #[test]
     fn requests_coming_together_skip_the_fast_path_until_one_runs_alone() {
-        let (version, batches, threads) = start_traced(ModelConfig::default(), Duration::ZERO);
+        let (version, runs) = start(ModelConfig::default(), Duration::ZERO);
         run_alone_then_together(&version);
         // Idle and fast, but the last run held two: this one goes to the
         // worker (which may wait for company); once it ran alone, the next
@@ -2057,12 +2066,12 @@ mod tests {
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
         let worker = "infer-m-1-0".to_string();
-        let batches = batches.lock().unwrap();
+        let batches = runs.rows();
         assert!(
             *batches == [1, 3, 1, 1] || *batches == [1, 1, 2, 1, 1],
             "{batches:?}"
         );
-        let threads = threads.lock().unwrap();
+        let threads = runs.threads();
         assert_eq!(threads[threads.len() - 2..], [worker, here]);
     }
 
@@ -2072,17 +2081,17 @@ mod tests {
             max_queue_delay: QueueDelay::Fixed(Duration::ZERO),
             ..ModelConfig::default()
         };
-        let (version, batches, threads) = start_traced(config, Duration::ZERO);
+        let (version, runs) = start(config, Duration::ZERO);
         run_alone_then_together(&version);
         quiet(&version);
         infer_blocking(&version);
         let here = std::thread::current().name().unwrap().to_string();
-        let batches = batches.lock().unwrap();
+        let batches = runs.rows();
         assert!(
             *batches == [1, 3, 1] || *batches == [1, 1, 2, 1],
             "{batches:?}"
         );
-        assert_eq!(threads.lock().unwrap().last(), Some(&here));
+        assert_eq!(runs.threads().last(), Some(&here));
     }
 
     fn policy(max_batch_size: i64, max_queue_delay: QueueDelay) -> BatchPolicy {
@@ -2245,7 +2254,7 @@ mod tests {
     }
 
     /// Flattens its [N, 2] input to [2N], recording each run's rows.
-    struct Flattener(Signature, Recorded<i64>);
+    struct Flattener(Signature, Arc<Mutex<Vec<i64>>>);
 
     impl ModelSession for Flattener {
         fn signature(&self) -> &Signature {
@@ -2268,7 +2277,7 @@ mod tests {
     /// batch: each request of a batch runs again alone and gets its own answer.
     #[tokio::test]
     async fn a_batch_whose_outputs_do_not_split_runs_each_request_alone() {
-        let runs = Recorded::default();
+        let runs = Arc::<Mutex<Vec<i64>>>::default();
         let signature = Signature {
             inputs: vec![named(&["N", ""])],
             outputs: vec![named(&[""])],
