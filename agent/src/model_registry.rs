@@ -261,6 +261,9 @@ pub struct ModelRegistry {
     check: ModelCheck,
     models: RwLock<BTreeMap<String, ModelState>>,
     initial_load_done: AtomicBool,
+    /// Set at shutdown: a scan under way loads no further model
+    /// ([`ModelRegistry::stop_loading`]).
+    stopping: AtomicBool,
     /// Serialises scans (the poller and explicit reloads).
     sync_lock: Mutex<()>,
     /// Counts the scans that loaded, failed to load or unloaded a version:
@@ -292,6 +295,7 @@ impl ModelRegistry {
             check,
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
         }
@@ -329,8 +333,17 @@ impl ModelRegistry {
         self.initial_load_done.load(Ordering::Acquire)
     }
 
-    /// Scans the repository and brings the loaded versions in line with it.
-    /// Blocking: run it on a blocking thread.
+    /// For shutdown: a scan under way stops before its next model, and
+    /// later scans load nothing (a model's load in progress cannot be cut
+    /// short, so shutdown waits for that one only, not for the rest of a
+    /// repository's models).
+    pub fn stop_loading(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Scans the repository and brings the loaded versions in line with it
+    /// (unless [`stop_loading`](Self::stop_loading) was called: then it
+    /// stops before the next model). Blocking: run it on a blocking thread.
     pub fn sync(&self) -> Result<(), RepositoryError> {
         let _guard = self
             .sync_lock
@@ -355,6 +368,13 @@ impl ModelRegistry {
             }
         }
         for dir in scan.models.values() {
+            if self.stopping.load(Ordering::Acquire) {
+                tracing::info!(
+                    model = %dir.name,
+                    "shutting down: the scan stops before loading this model and those after it"
+                );
+                return Ok(());
+            }
             changed |= self.sync_model(dir);
         }
         // Versions unloaded by an earlier scan have drained by now, mostly:
@@ -1039,6 +1059,32 @@ mod tests {
                 line.strip_prefix("edgefleet_model_load_failures_total{model=\"mlp\"} ")
             })
             .map_or(0.0, |value| value.parse().unwrap())
+    }
+
+    /// After `stop_loading` (shutdown) a scan loads no further model, and
+    /// what was serving stays as it was.
+    #[test]
+    fn a_scan_after_stop_loading_loads_no_further_model() {
+        let repository = tempfile::tempdir().unwrap();
+        add_version(repository.path(), 1);
+        let registry = registry(repository.path());
+        registry.sync().unwrap();
+        assert_eq!(status(&registry).served_versions, [1]);
+        // A second model and a new version of the first appear.
+        let second = repository.path().join("second").join("1");
+        std::fs::create_dir_all(&second).unwrap();
+        std::fs::copy(
+            repository.path().join("mlp").join("1").join("model.onnx"),
+            second.join("model.onnx"),
+        )
+        .unwrap();
+        add_version(repository.path(), 2);
+
+        registry.stop_loading();
+        registry.sync().unwrap();
+        let statuses = registry.statuses();
+        assert_eq!(statuses.len(), 1, "{statuses:?}");
+        assert_eq!(statuses[0].served_versions, [1], "{statuses:?}");
     }
 
     /// A valid config.toml that a serving version fails to load under (here

@@ -218,7 +218,8 @@ pub const INITIAL_SCAN_MAX_RETRY: Duration = Duration::from_secs(30);
 /// setting: a failed one (the repository gone or unreadable since the
 /// start-up check) is tried again after [`INITIAL_SCAN_RETRY`], doubling
 /// up to [`INITIAL_SCAN_MAX_RETRY`] but never past `interval`. gRPC health
-/// turns SERVING as soon as the agent is ready.
+/// turns SERVING as soon as the agent is ready. On `shutdown` a scan under
+/// way stops before its next model ([`ModelRegistry::stop_loading`]).
 async fn watch_repository(
     registry: Arc<ModelRegistry>,
     interval: Option<Duration>,
@@ -229,7 +230,16 @@ async fn watch_repository(
     let mut serving = false;
     loop {
         let sync = Arc::clone(&registry);
-        let result = tokio::task::spawn_blocking(move || sync.sync()).await;
+        let scan = tokio::task::spawn_blocking(move || sync.sync());
+        let result = tokio::select! {
+            result = scan => result,
+            () = shutdown.cancelled() => {
+                // The scan's thread finishes the model it is loading and
+                // stops; the process exits once it has.
+                registry.stop_loading();
+                return;
+            }
+        };
         let ready = registry.is_ready();
         if ready && !serving {
             set_health(&health, ServingStatus::Serving).await;

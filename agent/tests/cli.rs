@@ -637,6 +637,67 @@ fn sigterm_logs_shutting_down_under_the_agents_own_target() {
     );
 }
 
+/// SIGTERM while the models are still loading stops the agent after the
+/// model being loaded, not after the whole repository: of many models, the
+/// ones after the signal are never loaded, and the agent exits 0.
+#[test]
+fn sigterm_while_models_load_stops_before_the_rest_of_the_repository() {
+    const MODELS: usize = 200;
+    let repository = tempfile::tempdir().unwrap();
+    for index in 0..MODELS {
+        let version = repository.path().join(format!("conv{index:03}")).join("1");
+        std::fs::create_dir_all(&version).unwrap();
+        std::fs::copy(fixture_model("conv"), version.join("model.onnx")).unwrap();
+    }
+    let mut child = KillOnDrop(
+        agent_bin()
+            .env("EDGEFLEET_LOG", "info")
+            .args(["serve", "--runtime", "tract", "--model-repository"])
+            .arg(repository.path())
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let log = BufReader::new(child.0.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in log.lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // The models load once the listeners are up: the signal comes as the
+    // first of them loads.
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the agent logs that it listens");
+        if line.contains("edgefleet-agent listening") {
+            break;
+        }
+    }
+    let status = sigterm_and_wait(&mut child.0, Duration::from_secs(30));
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    let loaded = rest
+        .iter()
+        .filter(|line| line.contains("model version loaded"))
+        .count();
+    assert!(
+        loaded < MODELS,
+        "all {MODELS} models loaded after SIGTERM: {:#?}",
+        &rest[rest.len().saturating_sub(5)..]
+    );
+    assert!(
+        !rest
+            .iter()
+            .any(|line| line.contains("initial model load done")),
+        "{rest:#?}"
+    );
+}
+
 /// `edgefleet-agent serve` on the bundled example repository (tract,
 /// ephemeral ports) with `EDGEFLEET_LOG=log_filter`, its log piped.
 fn serve_example(log_filter: &str) -> std::process::Child {
