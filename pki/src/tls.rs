@@ -25,14 +25,14 @@ pub const ALPN_H2: &[u8] = b"h2";
 ///
 /// rustls deprecates it since 0.23.48 as it has no post-quantum key
 /// exchange (X25519MLKEM768), which only its aws-lc-rs provider offers.
-/// Kept on purpose, as design.md fixes it: aws-lc-rs builds a C library
-/// (a C toolchain for each device target, CMake on some) and took the
-/// agent from 19.41 to 21.96 MB stripped (built alone, rustls's
-/// `aws-lc-rs` and `prefer-post-quantum` features added, ring kept for
-/// rcgen; measured by hand in stop 61), over its 20 MB target
-/// (docs/benchmarks.md, "Footprint"). The fleet's connections keep
-/// rustls's safe defaults (TLS 1.3 and 1.2, X25519 first), not
-/// post-quantum.
+/// Kept on purpose (the project's design names the ring provider):
+/// aws-lc-rs builds a C library (a C toolchain for each
+/// device target, CMake on some) and took the agent from 19.41 to 21.96 MB
+/// stripped (built alone, rustls's `aws-lc-rs` and `prefer-post-quantum`
+/// features added, ring kept for rcgen; measured by hand in stop 61), over
+/// its 20 MB target (docs/benchmarks.md, "Footprint"). The fleet's
+/// connections keep rustls's safe defaults (TLS 1.3 and 1.2, X25519
+/// first), not post-quantum.
 #[allow(deprecated)]
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
