@@ -356,6 +356,19 @@ fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiv
     spawn_command_logging(command)
 }
 
+/// Waits up to 30 s for a log line containing `words`; the lines before it
+/// are consumed.
+fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, words: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no log line with '{words}' within 30 s"));
+        if line.contains(words) {
+            return line;
+        }
+    }
+}
+
 /// `command` started, its log lines sent to the receiver.
 fn spawn_command_logging(
     mut command: Command,
@@ -613,23 +626,16 @@ fn sigterm_logs_shutting_down_under_the_agents_own_target() {
     let mut child = serve_example("edgefleet_agent=info,warn");
     let log = BufReader::new(child.stderr.take().unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         for line in log.lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the agent logs until its models are loaded");
-        if line.contains("initial model load done") {
-            break;
-        }
-    }
+    wait_for_line(&rx, "initial model load done");
     let status = sigterm_and_wait(&mut child, Duration::from_secs(10));
     assert!(status.is_some_and(|status| status.success()), "{status:?}");
-    reader.join().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
+    // Every line up to the end of the log (the reader then hangs up).
+    let rest: Vec<String> = rx.iter().collect();
     assert!(
         rest.iter()
             .any(|line| line.contains("shutting down") && line.contains("edgefleet_agent")),
@@ -649,38 +655,14 @@ fn sigterm_while_models_load_stops_before_the_rest_of_the_repository() {
         std::fs::create_dir_all(&version).unwrap();
         std::fs::copy(fixture_model("conv"), version.join("model.onnx")).unwrap();
     }
-    let mut child = KillOnDrop(
-        agent_bin()
-            .env("EDGEFLEET_LOG", "info")
-            .args(["serve", "--runtime", "tract", "--model-repository"])
-            .arg(repository.path())
-            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let log = BufReader::new(child.0.stderr.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        for line in log.lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (child, rx) = spawn_serving(repository.path(), &[]);
+    let mut child = KillOnDrop(child);
     // The models load once the listeners are up: the signal comes as the
     // first of them loads.
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the agent logs that it listens");
-        if line.contains("edgefleet-agent listening") {
-            break;
-        }
-    }
+    wait_for_line(&rx, "edgefleet-agent listening");
     let status = sigterm_and_wait(&mut child.0, Duration::from_secs(30));
     assert!(status.is_some_and(|status| status.success()), "{status:?}");
-    reader.join().unwrap();
-    let rest: Vec<String> = rx.try_iter().collect();
+    let rest: Vec<String> = rx.iter().collect();
     let loaded = rest
         .iter()
         .filter(|line| line.contains("model version loaded"))
