@@ -89,14 +89,15 @@ struct ServingArgs {
     #[arg(long, env = "EDGEFLEET_AGENT_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     cpu_wakeup_latency: Option<Duration>,
     /// Let --grpc-addr and --http-addr, which serve plaintext, take an address off loopback
-    /// that other machines can reach; such an address is refused without it [default: off].
-    #[arg(long, env = "EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value_parser = clap::builder::BoolishValueParser::new())]
-    allow_plaintext_network: bool,
+    /// that other machines can reach; such an address is refused without it (`=false` turns
+    /// off what the config file turns on) [default: off].
+    #[arg(long, env = "EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    allow_plaintext_network: Option<bool>,
     /// Compress HTTP answers of 1 KiB and more for clients that ask (Accept-Encoding gzip or
     /// deflate), as Triton does: worth it for clients on other machines; on loopback it only
-    /// costs CPU [default: off].
-    #[arg(long, env = "EDGEFLEET_AGENT_COMPRESS_HTTP_ANSWERS", value_parser = clap::builder::BoolishValueParser::new())]
-    compress_http_answers: bool,
+    /// costs CPU (`=false` turns off what the config file turns on) [default: off].
+    #[arg(long, env = "EDGEFLEET_AGENT_COMPRESS_HTTP_ANSWERS", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    compress_http_answers: Option<bool>,
     /// Longest an HTTP client may keep the agent waiting for the next part of a request: its
     /// headers (an idle kept-alive connection is then closed) or the next bytes of its body
     /// (answered 408) [default: 60s].
@@ -344,7 +345,11 @@ fn resolve(
         problems.push("--model-repository is required (or EDGEFLEET_AGENT_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
     // Plaintext only on loopback, unless asked for (then `bind` warns).
-    if !(args.allow_plaintext_network || file.allow_plaintext_network == Some(true)) {
+    let allow_plaintext_network = args
+        .allow_plaintext_network
+        .or(file.allow_plaintext_network)
+        .unwrap_or(false);
+    if !allow_plaintext_network {
         for (key, addr) in [("grpc_addr", grpc_addr), ("http_addr", http_addr)] {
             if !addr.ip().is_loopback() {
                 problems.push(format!(
@@ -370,8 +375,10 @@ fn resolve(
             repository_poll_interval: (!poll.is_zero()).then_some(poll),
             max_request_bytes,
             http: HttpOptions {
-                compress_answers: args.compress_http_answers
-                    || file.compress_http_answers == Some(true),
+                compress_answers: args
+                    .compress_http_answers
+                    .or(file.compress_http_answers)
+                    .unwrap_or(false),
                 read_timeout: http_read_timeout,
             },
             grpc_keepalive,

@@ -229,14 +229,43 @@ fn a_bad_config_is_reported_in_exactly_one_line() {
 fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let repository = dir.path().to_str().unwrap();
-    for (grpc, http, refused) in [
-        ("0.0.0.0:0", "127.0.0.1:0", "grpc_addr 0.0.0.0:0"),
-        ("127.0.0.1:0", "[::]:0", "http_addr [::]:0"),
+    let allowing = dir.path().join("agent.toml");
+    std::fs::write(&allowing, "allow_plaintext_network = true\n").unwrap();
+    let allowing = allowing.to_str().unwrap();
+    // The flag and its variable win over the file, also to turn it off.
+    for (grpc, http, refused, extra, env) in [
+        (
+            "0.0.0.0:0",
+            "127.0.0.1:0",
+            "grpc_addr 0.0.0.0:0",
+            &[][..],
+            None,
+        ),
+        ("127.0.0.1:0", "[::]:0", "http_addr [::]:0", &[][..], None),
+        (
+            "0.0.0.0:0",
+            "127.0.0.1:0",
+            "grpc_addr 0.0.0.0:0",
+            &["--config", allowing, "--allow-plaintext-network=false"][..],
+            None,
+        ),
+        (
+            "0.0.0.0:0",
+            "127.0.0.1:0",
+            "grpc_addr 0.0.0.0:0",
+            &["--config", allowing][..],
+            Some("false"),
+        ),
     ] {
-        let mut child = agent_bin()
-            .env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK")
+        let mut command = agent_bin();
+        command.env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK");
+        if let Some(value) = env {
+            command.env("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value);
+        }
+        let mut child = command
             .args(["serve", "--model-repository", repository])
             .args(["--grpc-addr", grpc, "--http-addr", http])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -250,7 +279,7 @@ fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
         let out = child.wait_with_output().unwrap();
         assert!(
             out.status.code().is_some_and(|code| code != 0),
-            "{grpc} {http} should be refused, got {:?}",
+            "{grpc} {http} {extra:?} {env:?} should be refused, got {:?}",
             out.status
         );
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -259,9 +288,7 @@ fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
             assert!(stderr.contains(words), "missing '{words}' in:\n{stderr}");
         }
     }
-    let config = dir.path().join("agent.toml");
-    std::fs::write(&config, "allow_plaintext_network = true\n").unwrap();
-    let config = config.to_str().unwrap();
+    let config = allowing;
     for (allow, env) in [
         (&["--allow-plaintext-network"][..], None),
         (&[][..], Some("1")),

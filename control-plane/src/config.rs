@@ -82,9 +82,10 @@ pub struct ServeArgs {
     #[arg(long, env = "EDGEFLEET_SERVER_HTTP_ADDR", value_name = "ADDR")]
     pub http_addr: Option<SocketAddr>,
     /// Serve the operator API and the HTTP listener in plaintext when their address is a
-    /// loopback one (a listener anywhere else keeps TLS) [default: off].
-    #[arg(long, env = "EDGEFLEET_SERVER_PLAINTEXT_ON_LOOPBACK", value_parser = clap::builder::BoolishValueParser::new())]
-    pub plaintext_on_loopback: bool,
+    /// loopback one (a listener anywhere else keeps TLS); `=false` (or the variable set to
+    /// false) turns off what the config file turns on [default: off].
+    #[arg(long, env = "EDGEFLEET_SERVER_PLAINTEXT_ON_LOOPBACK", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    pub plaintext_on_loopback: Option<bool>,
     /// How long the HTTP listener waits for a client's request headers, or the next request on a kept-alive connection, before closing the connection [default: 60s].
     #[arg(long, env = "EDGEFLEET_SERVER_HTTP_READ_TIMEOUT", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub http_read_timeout: Option<Duration>,
@@ -363,8 +364,10 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "http_addr",
         config.http_addr,
     );
-    config.plaintext_on_loopback =
-        args.plaintext_on_loopback || file.plaintext_on_loopback == Some(true);
+    config.plaintext_on_loopback = args
+        .plaintext_on_loopback
+        .or(file.plaintext_on_loopback)
+        .unwrap_or(false);
     let mut duration =
         |flag: Option<Duration>, text: Option<String>, key: &str, default: Duration| {
             let value = match (flag, text) {
@@ -684,8 +687,8 @@ mod tests {
         );
     }
 
-    /// Plaintext is off unless asked for (flag or file), and then only for
-    /// a loopback address.
+    /// Plaintext is off unless asked for (flag or file; the flag wins), and
+    /// then only for a loopback address.
     #[test]
     fn plaintext_is_off_unless_asked_for_and_only_on_loopback() {
         let loopback: SocketAddr = "127.0.0.1:7444".parse().unwrap();
@@ -702,6 +705,14 @@ mod tests {
         std::fs::write(&file, "plaintext_on_loopback = true\n").unwrap();
         let config = resolve_args(&["--config", file.to_str().unwrap()]).unwrap();
         assert!(config.plaintext(loopback));
+        // The flag (as its variable) wins over the file, also to turn it off.
+        let config = resolve_args(&[
+            "--config",
+            file.to_str().unwrap(),
+            "--plaintext-on-loopback=false",
+        ])
+        .unwrap();
+        assert!(!config.plaintext(loopback));
         assert!(resolve_args(&["--plaintext-on-loopback=maybe"]).is_err());
     }
 }
