@@ -74,8 +74,9 @@ fn env_names(help: &str) -> Vec<(String, String)> {
         let trimmed = line.trim_start();
         let indent = line.len() - trimmed.len();
         if indent <= 6 && trimmed.starts_with('-') {
+            // `--compress-http-answers[=<BOOL>]`: an optional value.
             let flag = trimmed
-                .split([' ', ','])
+                .split([' ', ',', '['])
                 .find_map(|word| word.strip_prefix("--"))
                 .unwrap_or_default();
             blocks.push((flag.to_string(), String::new()));

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use edgefleet_test_support::{eventually, fixture_model};
 use serde_json::Value;
-use support::{Server, stderr};
+use support::{Db, Server, start_server, stderr};
 
 fn blob_files(data_dir: &Path) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -34,11 +34,10 @@ fn sha256_of(path: &Path) -> String {
     hex::encode(sha2::Sha256::digest(std::fs::read(path).unwrap()))
 }
 
-#[test]
-fn push_list_get_dedupe_reject_delete() {
+fn push_list_get_dedupe_reject_delete(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("server");
-    let server = Server::start(&data_dir, None, &[]);
+    let (_schema, server) = start_server(db, dir.path(), &[]);
     let mlp = fixture_model("mlp");
     let digest = sha256_of(&mlp);
 
@@ -193,10 +192,19 @@ fn push_list_get_dedupe_reject_delete() {
 }
 
 #[test]
-fn size_limit_is_enforced() {
+fn push_list_get_dedupe_reject_delete_sqlite() {
+    push_list_get_dedupe_reject_delete(Db::Sqlite);
+}
+
+#[test]
+fn push_list_get_dedupe_reject_delete_postgres() {
+    push_list_get_dedupe_reject_delete(Db::Postgres);
+}
+
+fn size_limit_is_enforced(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("server");
-    let server = Server::start(&data_dir, None, &["--max-model-bytes", "1000"]);
+    let (_schema, server) = start_server(db, dir.path(), &["--max-model-bytes", "1000"]);
     let conv = fixture_model("conv");
     assert!(std::fs::metadata(&conv).unwrap().len() > 1000);
     let refused = server.cli(&["models", "push", conv.to_str().unwrap(), "--name", "conv"]);
@@ -210,9 +218,18 @@ fn size_limit_is_enforced() {
 }
 
 #[test]
-fn versions_stop_at_the_largest_a_database_can_order() {
+fn size_limit_is_enforced_sqlite() {
+    size_limit_is_enforced(Db::Sqlite);
+}
+
+#[test]
+fn size_limit_is_enforced_postgres() {
+    size_limit_is_enforced(Db::Postgres);
+}
+
+fn versions_stop_at_the_largest_a_database_can_order(db: Db) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), None, &[]);
+    let (_schema, server) = start_server(db, dir.path(), &[]);
     let mlp = fixture_model("mlp");
     let mlp = mlp.to_str().unwrap();
     let top = i64::MAX.to_string();
@@ -234,6 +251,16 @@ fn versions_stop_at_the_largest_a_database_can_order() {
         "{}",
         stderr(&refused)
     );
+}
+
+#[test]
+fn versions_stop_at_the_largest_a_database_can_order_sqlite() {
+    versions_stop_at_the_largest_a_database_can_order(Db::Sqlite);
+}
+
+#[test]
+fn versions_stop_at_the_largest_a_database_can_order_postgres() {
+    versions_stop_at_the_largest_a_database_can_order(Db::Postgres);
 }
 
 /// Replicas share one PostgreSQL database and one data dir. An operator

@@ -261,9 +261,8 @@ fn replace_installed(agent: &Agent, name: &str, version: u64, fixture: &str) {
 /// (`expected_sha256`, and "digest mismatch" in the tables), and the server
 /// warns once per change: not again when the agent reconnects listing the
 /// same, again when the bytes change once more.
-#[test]
-fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked() {
-    let mut fleet = fleet(Db::Sqlite, &["tract"]);
+fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked(db: Db) {
+    let mut fleet = fleet(db, &["tract"]);
     let device = fleet.devices[0].clone();
     let server = &fleet.server;
     let sha = |pushed: Value| pushed["sha256"].as_str().unwrap().to_string();
@@ -329,12 +328,18 @@ fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked() {
 }
 
 #[test]
-fn a_model_failing_its_check_on_some_devices_is_rolled_back() {
+fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked_sqlite() {
+    a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked(Db::Sqlite);
+}
+
+#[test]
+fn a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked_postgres() {
+    a_device_serving_other_bytes_than_the_registrys_for_a_version_is_marked(Db::Postgres);
+}
+
+fn a_model_failing_its_check_on_some_devices_is_rolled_back(db: Db) {
     // tract lacks the operator `unsupported_op` uses: activation fails there.
-    let fleet = fleet(
-        Db::Sqlite,
-        &["onnxruntime", "onnxruntime", "tract", "tract"],
-    );
+    let fleet = fleet(db, &["onnxruntime", "onnxruntime", "tract", "tract"]);
     let server = &fleet.server;
     push(server, &fixture("mlp"), "mlp", 1);
     let first = rollout(server, &["--model", "mlp@1", "--selector", "region=eu"]);
@@ -381,8 +386,17 @@ fn a_model_failing_its_check_on_some_devices_is_rolled_back() {
 }
 
 #[test]
-fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume() {
-    let mut fleet = fleet(Db::Sqlite, &["tract", "tract", "tract"]);
+fn a_model_failing_its_check_on_some_devices_is_rolled_back_sqlite() {
+    a_model_failing_its_check_on_some_devices_is_rolled_back(Db::Sqlite);
+}
+
+#[test]
+fn a_model_failing_its_check_on_some_devices_is_rolled_back_postgres() {
+    a_model_failing_its_check_on_some_devices_is_rolled_back(Db::Postgres);
+}
+
+fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume(db: Db) {
+    let mut fleet = fleet(db, &["tract", "tract", "tract"]);
     push(&fleet.server, &fixture("mlp"), "mlp", 1);
     let first = rollout(&fleet.server, &["--model", "mlp@1"]);
     wait_state(
@@ -476,8 +490,17 @@ fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume() {
 }
 
 #[test]
-fn an_offline_agent_converges_when_it_comes_back() {
-    let mut fleet = fleet(Db::Sqlite, &["tract", "tract"]);
+fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume_sqlite() {
+    operators_pause_resume_and_roll_back_by_hand_and_restarts_resume(Db::Sqlite);
+}
+
+#[test]
+fn operators_pause_resume_and_roll_back_by_hand_and_restarts_resume_postgres() {
+    operators_pause_resume_and_roll_back_by_hand_and_restarts_resume(Db::Postgres);
+}
+
+fn an_offline_agent_converges_when_it_comes_back(db: Db) {
+    let mut fleet = fleet(db, &["tract", "tract"]);
     fleet.agents[1].process.kill();
     push(&fleet.server, &fixture("mlp"), "mlp", 1);
     let r = rollout(&fleet.server, &["--model", "mlp@1"]);
@@ -493,6 +516,16 @@ fn an_offline_agent_converges_when_it_comes_back() {
     fleet.agents[1].restart();
     wait_state(&fleet.server, &id, "succeeded", Duration::from_secs(60));
     assert!(fleet.agents[1].infer_mlp());
+}
+
+#[test]
+fn an_offline_agent_converges_when_it_comes_back_sqlite() {
+    an_offline_agent_converges_when_it_comes_back(Db::Sqlite);
+}
+
+#[test]
+fn an_offline_agent_converges_when_it_comes_back_postgres() {
+    an_offline_agent_converges_when_it_comes_back(Db::Postgres);
 }
 
 #[test]
@@ -592,9 +625,8 @@ fn the_python_script_refuses_to_send_the_token_in_plaintext_off_loopback() {
     }
 }
 
-#[test]
-fn a_slower_model_trips_the_latency_gate_and_is_rolled_back() {
-    let fleet = fleet(Db::Sqlite, &["tract", "tract"]);
+fn a_slower_model_trips_the_latency_gate_and_is_rolled_back(db: Db) {
+    let fleet = fleet(db, &["tract", "tract"]);
     let server = &fleet.server;
     // v1: the small MLP; v2: the same inputs and outputs, ~3000x the work
     // (so the gate trips however loaded the machine running the test is).
@@ -674,9 +706,18 @@ fn a_slower_model_trips_the_latency_gate_and_is_rolled_back() {
 }
 
 #[test]
-fn devices_join_and_leave_a_rollout_as_their_labels_change() {
+fn a_slower_model_trips_the_latency_gate_and_is_rolled_back_sqlite() {
+    a_slower_model_trips_the_latency_gate_and_is_rolled_back(Db::Sqlite);
+}
+
+#[test]
+fn a_slower_model_trips_the_latency_gate_and_is_rolled_back_postgres() {
+    a_slower_model_trips_the_latency_gate_and_is_rolled_back(Db::Postgres);
+}
+
+fn devices_join_and_leave_a_rollout_as_their_labels_change(db: Db) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), None, FAST);
+    let (_schema, server) = start_server(db, dir.path(), FAST);
     let eu = server.join_token(&["--labels", "region=eu", "--uses", "2"]);
     let us = server.join_token(&["--labels", "region=us"]);
     let mut agents = Vec::new();
@@ -740,9 +781,18 @@ fn devices_join_and_leave_a_rollout_as_their_labels_change() {
 }
 
 #[test]
-fn an_agent_killed_mid_download_resumes_where_it_stopped() {
+fn devices_join_and_leave_a_rollout_as_their_labels_change_sqlite() {
+    devices_join_and_leave_a_rollout_as_their_labels_change(Db::Sqlite);
+}
+
+#[test]
+fn devices_join_and_leave_a_rollout_as_their_labels_change_postgres() {
+    devices_join_and_leave_a_rollout_as_their_labels_change(Db::Postgres);
+}
+
+fn an_agent_killed_mid_download_resumes_where_it_stopped(db: Db) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), None, FAST);
+    let (_schema, server) = start_server(db, dir.path(), FAST);
     let state = dir.path().join("agent");
     enroll_ok(&server, &server.join_token(&[]), &state);
     let mut agent = Agent::run(&state, &["--reconnect-max-delay", "1s"]);
@@ -795,12 +845,21 @@ fn an_agent_killed_mid_download_resumes_where_it_stopped() {
     assert!(agent.infer_mlp());
 }
 
+#[test]
+fn an_agent_killed_mid_download_resumes_where_it_stopped_sqlite() {
+    an_agent_killed_mid_download_resumes_where_it_stopped(Db::Sqlite);
+}
+
+#[test]
+fn an_agent_killed_mid_download_resumes_where_it_stopped_postgres() {
+    an_agent_killed_mid_download_resumes_where_it_stopped(Db::Postgres);
+}
+
 /// A model an operator signed with their own key (`models push
 /// --signing-key`) activates on devices when the servers trust that key,
 /// and a push signed by a key they do not trust is refused up front, naming
 /// the flag that would trust it.
-#[test]
-fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused() {
+fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     let (trusted, _) = edgefleet_pki::ReleaseKey::load_or_create(&keys.join("trusted")).unwrap();
@@ -810,7 +869,7 @@ fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused() {
     let trusted_hex = hex::encode(trusted.public_key());
     let mut args = FAST.to_vec();
     args.extend(["--trusted-signing-key", trusted_hex.as_str()]);
-    let server = Server::start(&dir.path().join("server"), None, &args);
+    let (_schema, server) = start_server(db, dir.path(), &args);
     let state = dir.path().join("agent");
     let device = enroll_ok(&server, &server.join_token(&[]), &state);
     let agent = Agent::run(&state, &["--reconnect-max-delay", "2s"]);
@@ -856,13 +915,22 @@ fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused() {
     });
 }
 
+#[test]
+fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused_sqlite() {
+    a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused(Db::Sqlite);
+}
+
+#[test]
+fn a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused_postgres() {
+    a_model_signed_by_a_trusted_operator_key_activates_and_others_are_refused(Db::Postgres);
+}
+
 /// With no gate set, a rollout whose devices failed to activate the version
 /// runs all its waves but does not end "succeeded": it ends
 /// "finished_with_failures", naming the devices, and `watch` exits non-zero.
-#[test]
-fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed() {
+fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed(db: Db) {
     // tract lacks the operator `unsupported_op` uses: activation fails there.
-    let fleet = fleet(Db::Sqlite, &["onnxruntime", "tract"]);
+    let fleet = fleet(db, &["onnxruntime", "tract"]);
     let server = &fleet.server;
     push(server, &fixture("unsupported_op"), "uop", 1);
     let output = server.cli(&[
@@ -890,14 +958,23 @@ fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed() {
     );
 }
 
+#[test]
+fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed_sqlite() {
+    a_rollout_with_failed_devices_and_no_gate_does_not_succeed(Db::Sqlite);
+}
+
+#[test]
+fn a_rollout_with_failed_devices_and_no_gate_does_not_succeed_postgres() {
+    a_rollout_with_failed_devices_and_no_gate_does_not_succeed(Db::Postgres);
+}
+
 /// `enroll --force` makes a new device of a state dir. The new device takes
 /// the desired states it is given, although its generations start again
 /// at 1, below the old device's (the old device's persisted desired state
 /// is gone, not converged on); and the telemetry the old device queued is
 /// deleted, not uploaded as the new device's.
-#[test]
-fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states() {
-    let mut fleet = fleet(Db::Sqlite, &["tract"]);
+fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states(db: Db) {
+    let mut fleet = fleet(db, &["tract"]);
     push(&fleet.server, &fixture("mlp"), "mlp", 1);
     push(&fleet.server, &fixture("dynamic"), "mlp", 2);
     // The old device gets to generation 2.
@@ -997,4 +1074,14 @@ fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states() {
     );
     assert_eq!(seen["requests_total"], 0, "{seen}");
     assert_eq!(seen["dropped_batches_total"], 0, "{seen}");
+}
+
+#[test]
+fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states_sqlite() {
+    a_state_dir_enrolled_again_takes_its_new_devices_desired_states(Db::Sqlite);
+}
+
+#[test]
+fn a_state_dir_enrolled_again_takes_its_new_devices_desired_states_postgres() {
+    a_state_dir_enrolled_again_takes_its_new_devices_desired_states(Db::Postgres);
 }

@@ -70,6 +70,16 @@ pub fn postgres_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// A server on `db` with these flags, its data in `dir/server`; with
+/// PostgreSQL, in a schema of its own, dropped with the first value (after
+/// the server, which goes first).
+pub fn start_server(db: Db, dir: &std::path::Path, args: &[&str]) -> (Option<PgSchema>, Server) {
+    let schema = (db == Db::Postgres).then(PgSchema::create);
+    let url = schema.as_ref().map(|schema| schema.url.clone());
+    let server = Server::start(&dir.join("server"), url.as_deref(), args);
+    (schema, server)
+}
+
 /// A fresh PostgreSQL schema, dropped on drop.
 pub struct PgSchema {
     pub name: String,
