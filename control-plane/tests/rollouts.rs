@@ -192,9 +192,8 @@ fn rollout_to_success_postgres() {
 /// then changes to bytes that do not load, the device serves on from the
 /// file it loaded, and keeps listing the version once, "ready", with the
 /// digest of what it serves (not also as "failed").
-#[test]
-fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready() {
-    let fleet = fleet(Db::Sqlite, &["tract"]);
+fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready(db: Db) {
+    let fleet = fleet(db, &["tract"]);
     let server = &fleet.server;
     let (agent, device) = (&fleet.agents[0], &fleet.devices[0]);
     let pushed = push(server, &fixture("mlp"), "mlp", 1);
@@ -239,6 +238,21 @@ fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_
     );
     assert_eq!(shown["models"], listed);
     assert!(agent.infer_mlp(), "v1 serves on");
+}
+
+#[test]
+fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready_sqlite() {
+    a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready(
+        Db::Sqlite,
+    );
+}
+
+#[test]
+fn a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready_postgres()
+{
+    a_device_lists_the_digest_it_serves_and_a_failed_reload_keeps_it_listed_once_as_ready(
+        Db::Postgres,
+    );
 }
 
 /// Puts `fixture` in place of the agent's `name` `version` model file the
@@ -528,10 +542,9 @@ fn an_offline_agent_converges_when_it_comes_back_postgres() {
     an_offline_agent_converges_when_it_comes_back(Db::Postgres);
 }
 
-#[test]
-fn the_registry_rejects_what_is_not_onnx() {
+fn the_registry_rejects_what_is_not_onnx(db: Db) {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&dir.path().join("server"), None, &[]);
+    let (_schema, server) = start_server(db, dir.path(), &[]);
     let junk = dir.path().join("junk.onnx");
     std::fs::write(&junk, b"definitely not a protobuf model").unwrap();
     let output = server.cli(&["models", "push", junk.to_str().unwrap(), "--name", "junk"]);
@@ -550,6 +563,16 @@ fn the_registry_rejects_what_is_not_onnx() {
         "{}",
         stderr(&missing)
     );
+}
+
+#[test]
+fn the_registry_rejects_what_is_not_onnx_sqlite() {
+    the_registry_rejects_what_is_not_onnx(Db::Sqlite);
+}
+
+#[test]
+fn the_registry_rejects_what_is_not_onnx_postgres() {
+    the_registry_rejects_what_is_not_onnx(Db::Postgres);
 }
 
 #[test]
