@@ -26,6 +26,7 @@ use crate::repository::{self, Fingerprint, ModelDir, RepositoryError, VersionFil
 use crate::runtime::{ModelSession, Runtime, RuntimeChoice, RuntimeKind};
 use crate::telemetry::TelemetryRecorder;
 use edgefleet_proto::edgefleet::v1::event::Kind as EventKind;
+use tokio_util::sync::CancellationToken;
 
 /// The runtimes this agent can use: its chosen default, tract always, and
 /// ONNX Runtime when its library was found.
@@ -261,9 +262,6 @@ pub struct ModelRegistry {
     check: ModelCheck,
     models: RwLock<BTreeMap<String, ModelState>>,
     initial_load_done: AtomicBool,
-    /// Set at shutdown: a scan under way loads no further model
-    /// ([`ModelRegistry::stop_loading`]).
-    stopping: AtomicBool,
     /// Serialises scans (the poller and explicit reloads).
     sync_lock: Mutex<()>,
     /// Counts the scans that loaded, failed to load or unloaded a version:
@@ -295,7 +293,6 @@ impl ModelRegistry {
             check,
             models: RwLock::new(BTreeMap::new()),
             initial_load_done: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
             changes: tokio::sync::watch::Sender::new(0),
         }
@@ -333,18 +330,17 @@ impl ModelRegistry {
         self.initial_load_done.load(Ordering::Acquire)
     }
 
-    /// For shutdown: a scan under way stops before its next model, and
-    /// later scans load nothing (a model's load in progress cannot be cut
-    /// short, so shutdown waits for that one only, not for the rest of a
-    /// repository's models).
-    pub fn stop_loading(&self) {
-        self.stopping.store(true, Ordering::Release);
+    /// Scans the repository and brings the loaded versions in line with it.
+    /// Blocking: run it on a blocking thread.
+    pub fn sync(&self) -> Result<(), RepositoryError> {
+        self.sync_unless(&CancellationToken::new())
     }
 
-    /// Scans the repository and brings the loaded versions in line with it
-    /// (unless [`stop_loading`](Self::stop_loading) was called: then it
-    /// stops before the next model). Blocking: run it on a blocking thread.
-    pub fn sync(&self) -> Result<(), RepositoryError> {
+    /// [`sync`](Self::sync), but once `stop` is cancelled (shutdown) the
+    /// scan stops before its next model: a load in progress cannot be cut
+    /// short, so shutdown waits for that model only, not for the rest of
+    /// the repository's.
+    pub fn sync_unless(&self, stop: &CancellationToken) -> Result<(), RepositoryError> {
         let _guard = self
             .sync_lock
             .lock()
@@ -368,7 +364,7 @@ impl ModelRegistry {
             }
         }
         for dir in scan.models.values() {
-            if self.stopping.load(Ordering::Acquire) {
+            if stop.is_cancelled() {
                 tracing::info!(
                     model = %dir.name,
                     "shutting down: the scan stops before loading this model and those after it"
@@ -1061,10 +1057,10 @@ mod tests {
             .map_or(0.0, |value| value.parse().unwrap())
     }
 
-    /// After `stop_loading` (shutdown) a scan loads no further model, and
-    /// what was serving stays as it was.
+    /// A scan told to stop (shutdown) loads no further model, and what was
+    /// serving stays as it was.
     #[test]
-    fn a_scan_after_stop_loading_loads_no_further_model() {
+    fn a_scan_told_to_stop_loads_no_further_model() {
         let repository = tempfile::tempdir().unwrap();
         add_version(repository.path(), 1);
         let registry = registry(repository.path());
@@ -1080,8 +1076,9 @@ mod tests {
         .unwrap();
         add_version(repository.path(), 2);
 
-        registry.stop_loading();
-        registry.sync().unwrap();
+        let stop = CancellationToken::new();
+        stop.cancel();
+        registry.sync_unless(&stop).unwrap();
         let statuses = registry.statuses();
         assert_eq!(statuses.len(), 1, "{statuses:?}");
         assert_eq!(statuses[0].served_versions, [1], "{statuses:?}");

@@ -219,7 +219,7 @@ pub const INITIAL_SCAN_MAX_RETRY: Duration = Duration::from_secs(30);
 /// start-up check) is tried again after [`INITIAL_SCAN_RETRY`], doubling
 /// up to [`INITIAL_SCAN_MAX_RETRY`] but never past `interval`. gRPC health
 /// turns SERVING as soon as the agent is ready. On `shutdown` a scan under
-/// way stops before its next model ([`ModelRegistry::stop_loading`]).
+/// way stops before its next model ([`ModelRegistry::sync_unless`]).
 async fn watch_repository(
     registry: Arc<ModelRegistry>,
     interval: Option<Duration>,
@@ -229,17 +229,14 @@ async fn watch_repository(
     let mut retry = INITIAL_SCAN_RETRY;
     let mut serving = false;
     loop {
-        let sync = Arc::clone(&registry);
-        let scan = tokio::task::spawn_blocking(move || sync.sync());
-        let result = tokio::select! {
-            result = scan => result,
-            () = shutdown.cancelled() => {
-                // The scan's thread finishes the model it is loading and
-                // stops; the process exits once it has.
-                registry.stop_loading();
-                return;
-            }
-        };
+        let (sync, stop) = (Arc::clone(&registry), shutdown.clone());
+        // At shutdown the scan itself stops before its next model (the
+        // process exits once it has): it sees the token whether or not
+        // this task is still polled.
+        let result = tokio::task::spawn_blocking(move || sync.sync_unless(&stop)).await;
+        if shutdown.is_cancelled() {
+            return;
+        }
         let ready = registry.is_ready();
         if ready && !serving {
             set_health(&health, ServingStatus::Serving).await;
