@@ -575,9 +575,8 @@ fn the_registry_rejects_what_is_not_onnx_postgres() {
     the_registry_rejects_what_is_not_onnx(Db::Postgres);
 }
 
-#[test]
-fn a_python_script_creates_and_watches_a_rollout() {
-    let fleet = fleet(Db::Sqlite, &["tract"]);
+fn a_python_script_creates_and_watches_a_rollout(db: Db) {
+    let fleet = fleet(db, &["tract"]);
     push(&fleet.server, &fixture("mlp"), "mlp", 1);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/rollout.py");
     let output = std::process::Command::new("python3")
@@ -608,6 +607,16 @@ fn a_python_script_creates_and_watches_a_rollout() {
         "{stdout}"
     );
     assert!(fleet.agents[0].infer_mlp());
+}
+
+#[test]
+fn a_python_script_creates_and_watches_a_rollout_sqlite() {
+    a_python_script_creates_and_watches_a_rollout(Db::Sqlite);
+}
+
+#[test]
+fn a_python_script_creates_and_watches_a_rollout_postgres() {
+    a_python_script_creates_and_watches_a_rollout(Db::Postgres);
 }
 
 /// The script, like the CLI, sends the operator token in plaintext only

@@ -955,12 +955,13 @@ impl Delivery {
             .find(|status| status.name == name)
     }
 
-    /// Has the registry rescan the repository.
+    /// Has the registry rescan the repository (stopping before its next
+    /// model at shutdown, as the repository watcher's scans do).
     async fn rescan(&self) -> anyhow::Result<()> {
-        let registry = Arc::clone(&self.registry);
+        let (registry, stop) = (Arc::clone(&self.registry), self.shutdown.clone());
         blocking(move || {
             registry
-                .sync()
+                .sync_unless(&stop)
                 .map_err(|err| anyhow::anyhow!("cannot rescan the model repository: {err}"))
         })
         .await
