@@ -27,9 +27,7 @@ struct Fleet {
 /// A server and `runtimes.len()` enrolled, running agents labelled region=eu.
 fn fleet(db: Db, runtimes: &[&str]) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
-    let schema = (db == Db::Postgres).then(PgSchema::create);
-    let url = schema.as_ref().map(|s| s.url.clone());
-    let server = Server::start(&dir.path().join("server"), url.as_deref(), FAST);
+    let (schema, server) = start_server(db, dir.path(), FAST);
     let token = server.join_token(&[
         "--labels",
         "region=eu",

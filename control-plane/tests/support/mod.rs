@@ -70,9 +70,9 @@ pub fn postgres_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A server on `db` with these flags, its data in `dir/server`; with
-/// PostgreSQL, in a schema of its own, dropped with the first value (after
-/// the server, which goes first).
+/// A server on `db` with these flags, its data in `dir/server`, and with
+/// PostgreSQL the fresh schema it uses (dropped with it: bound as
+/// `let (_schema, server)`, the server is dropped first).
 pub fn start_server(db: Db, dir: &std::path::Path, args: &[&str]) -> (Option<PgSchema>, Server) {
     let schema = (db == Db::Postgres).then(PgSchema::create);
     let url = schema.as_ref().map(|schema| schema.url.clone());
