@@ -8,25 +8,30 @@
 //! the worker thread's two wake-ups.
 //!
 //! tonic hands every request of a connection a clone of the connection's
-//! [`Connected::ConnectInfo`]: [`CallerIo`] wraps the accepted TCP stream
-//! so that its connect info carries the connection's caller.
+//! [`Connected::ConnectInfo`]: [`CallerIo`] wraps the accepted stream (TCP,
+//! or TLS over it) so that its connect info carries the connection's caller.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::{Stream, TryStreamExt};
+use edgefleet_pki::TlsConnection;
+use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::model_worker::SequentialCaller;
 
-/// One accepted gRPC connection: the TCP stream and its caller.
+/// The stream of an accepted connection: TCP, or TLS over it.
+pub type Transport = Either<TcpStream, TlsConnection>;
+
+/// One accepted gRPC connection: its stream and its caller.
 #[derive(Debug)]
 pub struct CallerIo {
-    tcp: TcpStream,
+    io: Transport,
     connection: Connection,
 }
 
@@ -38,11 +43,22 @@ pub struct Connection {
 }
 
 /// The connections `listener` accepts, with Nagle's algorithm off (answers
-/// go out as soon as they are written).
-pub fn incoming(listener: TcpListener) -> impl Stream<Item = io::Result<CallerIo>> {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map_ok(CallerIo::new)
+/// go out as soon as they are written): plaintext, or with `tls` the ones
+/// whose TLS handshake succeeded (each handshake in its own task, see
+/// [`edgefleet_pki::tls_incoming`]).
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> impl Stream<Item = io::Result<CallerIo>> {
+    match tls {
+        None => TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map_ok(|tcp| CallerIo::new(Either::Left(tcp)))
+            .left_stream(),
+        Some(config) => edgefleet_pki::tls_incoming(listener, config)
+            .map_ok(|tls| CallerIo::new(Either::Right(tls)))
+            .right_stream(),
+    }
 }
 
 /// The caller a request's connection is, if it came through [`incoming`].
@@ -54,9 +70,9 @@ pub fn caller_of<T>(request: &tonic::Request<T>) -> Option<Arc<SequentialCaller>
 }
 
 impl CallerIo {
-    pub fn new(tcp: TcpStream) -> Self {
+    pub fn new(io: Transport) -> Self {
         CallerIo {
-            tcp,
+            io,
             connection: Connection::default(),
         }
     }
@@ -76,7 +92,7 @@ impl AsyncRead for CallerIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
@@ -86,7 +102,7 @@ impl AsyncWrite for CallerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     // h2 writes an answer's frames with one `writev`: it leaves in one
@@ -96,19 +112,19 @@ impl AsyncWrite for CallerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -140,7 +156,7 @@ mod tests {
             Server::builder()
                 .layer(tonic::service::InterceptorLayer::new(interceptor))
                 .add_service(health)
-                .serve_with_incoming(incoming(listener)),
+                .serve_with_incoming(incoming(listener, None)),
         );
         let connect = || async {
             let channel = Channel::from_shared(format!("http://{addr}"))

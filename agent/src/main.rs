@@ -17,7 +17,7 @@ use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_mode
 use edgefleet_agent::model_registry::ModelRegistry;
 use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
 use edgefleet_agent::server::{
-    Agent, DEFAULT_GRPC_KEEPALIVE, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions,
+    Agent, DEFAULT_GRPC_KEEPALIVE, DEFAULT_REPOSITORY_POLL_INTERVAL, ListenerTls, ServeOptions,
 };
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
 use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};
@@ -88,11 +88,18 @@ struct ServingArgs {
     /// (Linux PM QoS; 0s keeps idle CPUs polling). Costs power; needs root [default: off].
     #[arg(long, env = "EDGEFLEET_AGENT_CPU_WAKEUP_LATENCY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     cpu_wakeup_latency: Option<Duration>,
-    /// Let --grpc-addr and --http-addr, which serve plaintext, take an address off loopback
-    /// that other machines can reach; such an address is refused without it (`=false` turns
-    /// off what the config file turns on) [default: off].
-    #[arg(long, env = "EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value_name = "BOOL", num_args = 0..=1, require_equals = true, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
-    allow_plaintext_network: Option<bool>,
+    /// Serve both listeners over TLS with this certificate (PEM, leaf first, may hold its
+    /// chain), with --tls-key; a listener off loopback, which other machines can reach, needs
+    /// it [default: plaintext, on loopback only].
+    #[arg(long, env = "EDGEFLEET_AGENT_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[arg(long, env = "EDGEFLEET_AGENT_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: serve only clients with a certificate that chains to a CA certificate of
+    /// this file (PEM) [default: no client certificate asked for].
+    #[arg(long, env = "EDGEFLEET_AGENT_TLS_CLIENT_CA", value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Compress HTTP answers of 1 KiB and more for clients that ask (Accept-Encoding gzip or
     /// deflate), as Triton does: worth it for clients on other machines; on loopback it only
     /// costs CPU (`=false` turns off what the config file turns on) [default: off].
@@ -183,7 +190,9 @@ struct FileConfig {
     repository_poll_interval: Option<String>,
     max_request_bytes: Option<usize>,
     cpu_wakeup_latency: Option<String>,
-    allow_plaintext_network: Option<bool>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_client_ca: Option<PathBuf>,
     compress_http_answers: Option<bool>,
     http_read_timeout: Option<String>,
     grpc_keepalive: Option<String>,
@@ -344,16 +353,18 @@ fn resolve(
     if model_repository.is_none() {
         problems.push("--model-repository is required (or EDGEFLEET_AGENT_MODEL_REPOSITORY, or model_repository in --config)".to_string());
     }
-    // Plaintext only on loopback, unless asked for (then `bind` warns).
-    let allow_plaintext_network = args
-        .allow_plaintext_network
-        .or(file.allow_plaintext_network)
-        .unwrap_or(false);
-    if !allow_plaintext_network {
+    // TLS when given a certificate; plaintext only on loopback.
+    let tls = listener_tls(
+        args.tls_cert.or(file.tls_cert.clone()),
+        args.tls_key.or(file.tls_key.clone()),
+        args.tls_client_ca.or(file.tls_client_ca.clone()),
+        &mut problems,
+    );
+    if matches!(tls, TlsSetting::Plaintext) {
         for (key, addr) in [("grpc_addr", grpc_addr), ("http_addr", http_addr)] {
             if !addr.ip().is_loopback() {
                 problems.push(format!(
-                    "{key} {addr} is off loopback and the agent serves plaintext: listen on 127.0.0.1, or pass --allow-plaintext-network to serve other machines unencrypted"
+                    "{key} {addr} is off loopback, where the agent serves TLS only: listen on 127.0.0.1, or give it a certificate with --tls-cert and --tls-key"
                 ));
             }
         }
@@ -386,6 +397,10 @@ fn resolve(
                 exe,
                 timeout: DEFAULT_CHECK_TIMEOUT,
             },
+            tls: match tls {
+                TlsSetting::Tls(tls) => Some(tls),
+                TlsSetting::Plaintext | TlsSetting::Invalid => None,
+            },
         },
         grpc_addr,
         http_addr,
@@ -393,10 +408,89 @@ fn resolve(
     })
 }
 
-async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "the {what} listener is plaintext and not on loopback: other machines can reach it");
+/// What the TLS settings make of the listeners.
+enum TlsSetting {
+    Plaintext,
+    Tls(ListenerTls),
+    /// Asked for, but a problem is noted.
+    Invalid,
+}
+
+/// TLS for the listeners from the certificate, key and client CA files,
+/// if given; each problem (a file missing or unreadable, not PEM, a key
+/// that is not the certificate's) noted in `problems`.
+fn listener_tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    problems: &mut Vec<String>,
+) -> TlsSetting {
+    let (cert, key) = match (cert, key) {
+        (Some(cert), Some(key)) => (cert, key),
+        (None, None) if client_ca.is_none() => return TlsSetting::Plaintext,
+        (None, None) => {
+            problems.push("--tls-client-ca needs --tls-cert and --tls-key".to_string());
+            return TlsSetting::Invalid;
+        }
+        (Some(_), None) => {
+            problems.push("--tls-cert needs --tls-key, the certificate's private key".to_string());
+            return TlsSetting::Invalid;
+        }
+        (None, Some(_)) => {
+            problems
+                .push("--tls-key needs --tls-cert, the certificate it is the key of".to_string());
+            return TlsSetting::Invalid;
+        }
+    };
+    let mut read = |key: &str, path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|err| problems.push(format!("cannot read {key} {}: {err}", path.display())))
+            .ok()
+    };
+    let cert_pem = read("tls_cert", &cert);
+    let key_pem = read("tls_key", &key);
+    let client_ca_pem = client_ca.as_ref().map(|path| read("tls_client_ca", path));
+    let (Some(cert_pem), Some(key_pem)) = (cert_pem, key_pem) else {
+        return TlsSetting::Invalid;
+    };
+    let client_ca_pem = match client_ca_pem {
+        Some(Some(pem)) => Some(pem),
+        Some(None) => return TlsSetting::Invalid,
+        None => None,
+    };
+    match ListenerTls::from_pem(&cert_pem, &key_pem, client_ca_pem.as_deref()) {
+        Ok(tls) => {
+            warn_if_readable_by_others(&key);
+            TlsSetting::Tls(tls)
+        }
+        Err(err) => {
+            problems.push(format!(
+                "cannot serve TLS with {} and {}: {err}",
+                cert.display(),
+                key.display()
+            ));
+            TlsSetting::Invalid
+        }
     }
+}
+
+/// A private key others can read is no longer private: said at start, as
+/// ssh says it.
+fn warn_if_readable_by_others(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(metadata) = std::fs::metadata(path) {
+        let mode = metadata.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:04o}"),
+                "the TLS key file can be read by other users: chmod 600 it"
+            );
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen for {what} on {addr}"))

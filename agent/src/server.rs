@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use edgefleet_proto::inference::grpc_inference_service_server as pb_server;
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
@@ -53,6 +54,38 @@ pub struct ServeOptions {
     /// pinged, and dropped if the ping is not answered within as long.
     pub grpc_keepalive: Duration,
     pub model_check: ModelCheck,
+    /// TLS on both listeners; `None`: plaintext (for loopback only).
+    pub tls: Option<ListenerTls>,
+}
+
+/// TLS for the agent's two listeners, from one certificate: the gRPC
+/// listener offers ALPN `h2`, the HTTP one `h2` and `http/1.1` (clients
+/// that only speak HTTP/1.1, such as Python's urllib3, offer only that).
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    grpc: Arc<rustls::ServerConfig>,
+    http: Arc<rustls::ServerConfig>,
+    client_certificates_required: bool,
+}
+
+impl ListenerTls {
+    /// `cert_pem` (leaf first, may hold its chain) with its key `key_pem`;
+    /// with `client_ca_pem`, clients must present a certificate that chains
+    /// to it (mutual TLS).
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: Option<&str>,
+    ) -> Result<ListenerTls, edgefleet_pki::PkiError> {
+        let config = |alpn: &[&[u8]]| {
+            edgefleet_pki::listener_tls_config(cert_pem, key_pem, client_ca_pem, alpn)
+        };
+        Ok(ListenerTls {
+            grpc: config(&[edgefleet_pki::ALPN_H2])?,
+            http: config(&[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11])?,
+            client_certificates_required: client_ca_pem.is_some(),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,7 +169,13 @@ impl Agent {
     ) -> Result<(), StartError> {
         tracing::info!(runtime = %self.registry.runtimes().default.kind(), reason = %self.runtime_reason, "runtime selected");
         if let (Ok(grpc), Ok(http)) = (grpc_listener.local_addr(), http_listener.local_addr()) {
-            tracing::info!(grpc = %grpc, http = %http, "edgefleet-agent listening");
+            // "mutual": clients must present a certificate too.
+            let tls = match &self.options.tls {
+                None => "off",
+                Some(tls) if tls.client_certificates_required => "mutual",
+                Some(_) => "on",
+            };
+            tracing::info!(grpc = %grpc, http = %http, tls = %tls, "edgefleet-agent listening");
         }
         let limit = self.options.max_request_bytes;
         // gRPC health says what ServerReady says, as Triton's does: a probe
@@ -163,7 +202,10 @@ impl Agent {
         let inference =
             crate::grpc::inference_server(self.service.clone(), shutdown.clone(), limit);
         // Each connection is one caller (see `grpc_connection`).
-        let incoming = crate::grpc_connection::incoming(grpc_listener);
+        let incoming = crate::grpc_connection::incoming(
+            grpc_listener,
+            self.options.tls.as_ref().map(|tls| Arc::clone(&tls.grpc)),
+        );
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)
@@ -181,12 +223,23 @@ impl Agent {
             .serve_with_incoming_shutdown(incoming, async move { grpc_shutdown.cancelled().await });
 
         let router = crate::http::router(self.service.clone(), &self.options.http);
-        let http = edgefleet_daemon::http::serve_http(
-            http_listener,
-            router,
-            self.options.http.read_timeout,
-            shutdown.clone(),
-        );
+        let read_timeout = self.options.http.read_timeout;
+        let http = match &self.options.tls {
+            None => edgefleet_daemon::http::serve_http(
+                http_listener,
+                router,
+                read_timeout,
+                shutdown.clone(),
+            )
+            .left_future(),
+            Some(tls) => edgefleet_daemon::http::serve_http_connections(
+                edgefleet_pki::tls_incoming(http_listener, Arc::clone(&tls.http)),
+                router,
+                read_timeout,
+                shutdown.clone(),
+            )
+            .right_future(),
+        };
 
         let heap_keeper = tokio::spawn(crate::memory::keep_heap_small(shutdown.clone()));
 

@@ -11,14 +11,6 @@ use edgefleet_proto::inference as pb;
 use edgefleet_test_support::{KillOnDrop, assert_eventually, fixture_model, sigterm_and_wait};
 use support::*;
 
-fn agent_bin() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
-    command
-        .env_remove("EDGEFLEET_AGENT_MODEL_REPOSITORY")
-        .env("EDGEFLEET_LOG", "info");
-    command
-}
-
 #[test]
 fn help_and_version() {
     let out = agent_bin().arg("--help").output().unwrap();
@@ -221,121 +213,6 @@ fn a_bad_config_is_reported_in_exactly_one_line() {
     );
 }
 
-/// Plaintext only on loopback, unless asked for: a listener address other
-/// machines can reach is refused with one line naming it and the way out;
-/// `--allow-plaintext-network` (or its variable, or its config key) lets the
-/// agent serve there, with a warning.
-#[test]
-fn a_plaintext_listener_off_loopback_is_refused_unless_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let repository = dir.path().to_str().unwrap();
-    let allowing = dir.path().join("agent.toml");
-    std::fs::write(&allowing, "allow_plaintext_network = true\n").unwrap();
-    let allowing = allowing.to_str().unwrap();
-    // The flag and its variable win over the file, also to turn it off.
-    for (grpc, http, refused, extra, env) in [
-        (
-            "0.0.0.0:0",
-            "127.0.0.1:0",
-            "grpc_addr 0.0.0.0:0",
-            &[][..],
-            None,
-        ),
-        ("127.0.0.1:0", "[::]:0", "http_addr [::]:0", &[][..], None),
-        (
-            "0.0.0.0:0",
-            "127.0.0.1:0",
-            "grpc_addr 0.0.0.0:0",
-            &["--config", allowing, "--allow-plaintext-network=false"][..],
-            None,
-        ),
-        (
-            "0.0.0.0:0",
-            "127.0.0.1:0",
-            "grpc_addr 0.0.0.0:0",
-            &["--config", allowing][..],
-            Some("false"),
-        ),
-    ] {
-        let mut command = agent_bin();
-        command.env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK");
-        if let Some(value) = env {
-            command.env("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value);
-        }
-        let mut child = command
-            .args(["serve", "--model-repository", repository])
-            .args(["--grpc-addr", grpc, "--http-addr", http])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // Refused at once; one that serves instead is stopped.
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.code().is_some_and(|code| code != 0),
-            "{grpc} {http} {extra:?} {env:?} should be refused, got {:?}",
-            out.status
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(stderr.lines().count(), 1, "not one line:\n{stderr}");
-        for words in [refused, "plaintext", "--allow-plaintext-network"] {
-            assert!(stderr.contains(words), "missing '{words}' in:\n{stderr}");
-        }
-    }
-    let config = allowing;
-    for (allow, env) in [
-        (&["--allow-plaintext-network"][..], None),
-        (&[][..], Some("1")),
-        (&["--config", config][..], None),
-    ] {
-        let mut command = agent_bin();
-        command.env_remove("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK");
-        if let Some(value) = env {
-            command.env("EDGEFLEET_AGENT_ALLOW_PLAINTEXT_NETWORK", value);
-        }
-        let mut child = command
-            .args([
-                "serve",
-                "--runtime",
-                "tract",
-                "--model-repository",
-                repository,
-            ])
-            .args(["--grpc-addr", "0.0.0.0:0", "--http-addr", "127.0.0.1:0"])
-            .args(allow)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let mut seen = Vec::new();
-        let listening = loop {
-            let Some(Ok(line)) = lines.next() else {
-                let _ = child.kill();
-                panic!("{allow:?} {env:?}: the agent exited before listening: {seen:#?}");
-            };
-            if line.contains("edgefleet-agent listening") {
-                break line;
-            }
-            seen.push(line);
-        };
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(listening.contains("grpc=0.0.0.0:"), "{listening}");
-        assert!(
-            seen.iter()
-                .any(|line| line.contains("WARN") && line.contains("not on loopback")),
-            "{allow:?} {env:?}: no warning in {seen:#?}"
-        );
-    }
-}
-
 /// A state dir another process holds, as a running agent holds it, is
 /// refused by `run` and by `enroll` at once with a clear error; once it is
 /// let go, `run` gets past the lock (to the enrollment, here unreadable).
@@ -374,45 +251,6 @@ fn a_second_agent_on_one_state_dir_is_refused_at_start() {
     );
     drop(held);
     fails_with(&run, "is corrupt");
-}
-
-/// The agent binary with `args`, its log lines sent to the receiver.
-fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut command = agent_bin();
-    command.args(args);
-    spawn_command_logging(command)
-}
-
-/// Waits up to 30 s for a log line containing `words`; the lines before it
-/// are consumed.
-fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, words: &str) -> String {
-    loop {
-        let line = lines
-            .recv_timeout(Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("no log line with '{words}' within 30 s"));
-        if line.contains(words) {
-            return line;
-        }
-    }
-}
-
-/// `command` started, its log lines sent to the receiver.
-fn spawn_command_logging(
-    mut command: Command,
-) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
-    let mut child = command
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    (child, rx)
 }
 
 /// `serve` on tract and ephemeral loopback ports, with `extra` flags,

@@ -294,6 +294,7 @@ impl Harness {
         let (release, _) = ReleaseKey::load_or_create(&dir.path().join("release")).unwrap();
         state.save_release_key(&release.public_key()).unwrap();
         let agent = Agent::new(ServeOptions {
+            tls: None,
             model_repository: state.models_dir(),
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,

@@ -1421,6 +1421,7 @@ impl GoneRepository {
         let repository = dir.join("models");
         std::fs::create_dir(&repository).unwrap();
         let agent = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+            tls: None,
             model_repository: repository.clone(),
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,
@@ -1545,6 +1546,7 @@ async fn grpc_health_is_not_serving_until_the_agent_is_ready() {
 fn a_repository_that_does_not_exist_is_refused_before_serving() {
     let dir = tempfile::tempdir().unwrap();
     let err = edgefleet_agent::server::Agent::new(edgefleet_agent::server::ServeOptions {
+        tls: None,
         model_repository: dir.path().join("missing"),
         runtime: RuntimeChoice::Tract,
         repository_poll_interval: None,

@@ -123,6 +123,7 @@ mod tests {
     async fn answers_and_error_statuses_come_back_through_the_one_write_transport() {
         let repository = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/model-repository");
         let agent = Agent::new(ServeOptions {
+            tls: None,
             model_repository: repository,
             runtime: RuntimeChoice::Tract,
             repository_poll_interval: None,

@@ -191,6 +191,14 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         ca.issue_server_certificate(&config.server_names, SERVER_CERTIFICATE_VALIDITY)?;
     let agent_tls = edgefleet_pki::agent_server_tls_config(&server_identity, ca.certificate_pem())?;
     let operator_tls = edgefleet_pki::operator_server_tls_config(&server_identity)?;
+    // The HTTP listener offers HTTP/1.1 too: a client that offers only it
+    // (Python's urllib3, `curl --http1.1`) is refused by an h2-only one.
+    let http_tls = edgefleet_pki::listener_tls_config(
+        &server_identity.certificate_pem,
+        &server_identity.key_pem,
+        None,
+        &[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11],
+    )?;
 
     let agent_listener = bind(config.agent_addr, "agents").await?;
     let api_listener = bind(config.api_addr, "the operator API").await?;
@@ -281,7 +289,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .context("operator API listener failed")
         }));
     } else {
-        let incoming = edgefleet_pki::tls_incoming(api_listener, Arc::clone(&operator_tls));
+        let incoming = edgefleet_pki::tls_incoming(api_listener, operator_tls);
         tasks.push(tokio::spawn(async move {
             operator_router
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
@@ -300,7 +308,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             Ok(())
         }));
     } else {
-        let incoming = edgefleet_pki::tls_incoming(http_listener, operator_tls);
+        let incoming = edgefleet_pki::tls_incoming(http_listener, http_tls);
         tasks.push(tokio::spawn(async move {
             serve_http_connections(incoming, router, read_timeout, stop).await;
             Ok(())

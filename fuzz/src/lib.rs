@@ -101,6 +101,7 @@ pub fn fixture() -> &'static Fixture {
         std::panic::set_hook(Box::new(|info| eprintln!("contained? {info}")));
         let repository = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testdata/models");
         let agent = Agent::new(ServeOptions {
+            tls: None,
             model_repository: repository,
             runtime: runtime_choice(),
             repository_poll_interval: None,

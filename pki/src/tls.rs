@@ -98,6 +98,50 @@ pub fn operator_server_tls_config(server: &IssuedKeyPair) -> Result<Arc<ServerCo
     Ok(Arc::new(config))
 }
 
+/// The ALPN protocol of HTTP/1.1, which an HTTP listener offers beside
+/// [`ALPN_H2`]: a client that offers only it (Python's urllib3, `curl
+/// --http1.1`) is refused by a listener that does not.
+pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+/// Server config for a listener whose certificate its operator supplies
+/// (the agent's inference listeners): presents `cert_pem` (leaf first, may
+/// hold a chain) with `key_pem`, which must be the leaf's key. With
+/// `client_ca_pem`, every client must present a certificate that chains to
+/// one of its certificates and is valid now (mutual TLS); without, none is
+/// asked for. Offers the `alpn` protocols, in that order of preference.
+pub fn listener_tls_config(
+    cert_pem: &str,
+    key_pem: &str,
+    client_ca_pem: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>> {
+    let context = |what: &'static str| move |e: PkiError| PkiError::Tls(format!("{what}: {e}"));
+    let provider = crypto_provider();
+    let chain = parse_certificate_chain_pem(cert_pem).map_err(context("the certificate"))?;
+    let key = parse_private_key_pem(key_pem).map_err(context("the key"))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_err("protocol versions"))?;
+    let builder = match client_ca_pem {
+        Some(ca_pem) => {
+            let roots = roots_from_pem(ca_pem).map_err(context("the client CA"))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| PkiError::Tls(format!("cannot build the client verifier: {e}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            PkiError::Tls("the key is not the certificate's (their public keys differ)".into())
+        }
+        e => PkiError::Tls(format!("cannot use the certificate and key: {e}")),
+    })?;
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    Ok(Arc::new(config))
+}
+
 /// Client config trusting the CA whose SHA-256 fingerprint (hex) is given —
 /// for an agent's first connection with a join token. See
 /// [`PinnedCaVerifier`]. No client certificate. ALPN h2.

@@ -2,8 +2,10 @@
 //! running in-process on ephemeral ports, and clients for both protocols.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,6 +145,7 @@ impl<'a> AgentBuilder<'a> {
             require_onnxruntime();
         }
         let agent = Agent::new(ServeOptions {
+            tls: None,
             model_repository: self.repo.to_path_buf(),
             runtime: self.runtime,
             repository_poll_interval: self.poll,
@@ -483,4 +486,53 @@ pub fn assert_grpc_outputs_match(response: &pb::ModelInferResponse, case: &Value
     for (g, w) in got.iter().zip(&want) {
         assert_tensor_matches(g, w, context);
     }
+}
+
+/// The `edgefleet-agent` binary, logging at info level, its repository
+/// variable unset.
+pub fn agent_bin() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_edgefleet-agent"));
+    command
+        .env_remove("EDGEFLEET_AGENT_MODEL_REPOSITORY")
+        .env("EDGEFLEET_LOG", "info");
+    command
+}
+
+/// The agent binary with `args`, its log lines sent to the receiver.
+pub fn spawn_logging(args: &[&str]) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut command = agent_bin();
+    command.args(args);
+    spawn_command_logging(command)
+}
+
+/// Waits up to 30 s for a log line containing `words`; the lines before it
+/// are consumed.
+pub fn wait_for_line(lines: &std::sync::mpsc::Receiver<String>, words: &str) -> String {
+    loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("no log line with '{words}' within 30 s"));
+        if line.contains(words) {
+            return line;
+        }
+    }
+}
+
+/// `command` started, its log lines sent to the receiver.
+pub fn spawn_command_logging(
+    mut command: Command,
+) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
 }

@@ -544,7 +544,8 @@ pub fn tls_client(
 ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
     let ca_pem = std::fs::read_to_string(ca_cert).unwrap();
     let mut config = (*edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap()).clone();
-    config.alpn_protocols.clear(); // HTTP/1.1
+    // HTTP/1.1, offered by name as Python's urllib3 and `curl --http1.1` do.
+    config.alpn_protocols = vec![edgefleet_pki::ALPN_HTTP11.to_vec()];
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let connection = rustls::ClientConnection::new(config.into(), name).unwrap();
     rustls::StreamOwned::new(connection, tcp)
