@@ -23,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::either::Either;
 use tonic::transport::server::{Connected, TcpIncoming};
 
+use crate::listener_tls::ListenerTls;
 use crate::model_worker::SequentialCaller;
 
 /// The stream of an accepted connection: TCP, or TLS over it.
@@ -44,20 +45,25 @@ pub struct Connection {
 
 /// The connections `listener` accepts, with Nagle's algorithm off (answers
 /// go out as soon as they are written): plaintext, or with `tls` the ones
-/// whose TLS handshake succeeded (each handshake in its own task, see
-/// [`edgefleet_pki::tls_incoming`]).
+/// whose TLS handshake succeeded, each with the certificate current when it
+/// was accepted (each handshake in its own task, see
+/// [`edgefleet_pki::tls_incoming_from`]).
 pub fn incoming(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<ListenerTls>,
 ) -> impl Stream<Item = io::Result<CallerIo>> {
     match tls {
         None => TcpIncoming::from(listener)
             .with_nodelay(Some(true))
             .map_ok(|tcp| CallerIo::new(Either::Left(tcp)))
             .left_stream(),
-        Some(config) => edgefleet_pki::tls_incoming(listener, config)
-            .map_ok(|tls| CallerIo::new(Either::Right(tls)))
-            .right_stream(),
+        Some(tls) => edgefleet_pki::tls_incoming_from(
+            listener,
+            move || tls.grpc_config(),
+            edgefleet_pki::DEFAULT_HANDSHAKE_TIMEOUT,
+        )
+        .map_ok(|tls| CallerIo::new(Either::Right(tls)))
+        .right_stream(),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod grpc_connection;
 pub mod grpc_stream;
 pub mod http;
 pub mod json_data;
+pub mod listener_tls;
 pub mod managed;
 pub mod memory;
 pub mod metrics;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefleet_agent::cpu_latency::{self, CpuWakeupLatency};
 use edgefleet_agent::http::{DEFAULT_HTTP_READ_TIMEOUT, HttpOptions};
+use edgefleet_agent::listener_tls::TlsFiles;
 use edgefleet_agent::managed::enroll::EnrollOptions;
 use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
@@ -442,33 +443,17 @@ fn listener_tls(
             return TlsSetting::Invalid;
         }
     };
-    let mut read = |key: &str, path: &Path| {
-        std::fs::read_to_string(path)
-            .map_err(|err| problems.push(format!("cannot read {key} {}: {err}", path.display())))
-            .ok()
-    };
-    let cert_pem = read("tls_cert", &cert);
-    let key_pem = read("tls_key", &key);
-    let client_ca_pem = client_ca.as_ref().map(|path| read("tls_client_ca", path));
-    let (Some(cert_pem), Some(key_pem)) = (cert_pem, key_pem) else {
-        return TlsSetting::Invalid;
-    };
-    let client_ca_pem = match client_ca_pem {
-        Some(Some(pem)) => Some(pem),
-        Some(None) => return TlsSetting::Invalid,
-        None => None,
-    };
-    match ListenerTls::from_pem(&cert_pem, &key_pem, client_ca_pem.as_deref()) {
+    match ListenerTls::load(TlsFiles {
+        cert,
+        key,
+        client_ca,
+    }) {
         Ok(tls) => {
-            warn_if_readable_by_others(&key);
+            warn_if_readable_by_others(&tls.files().key);
             TlsSetting::Tls(tls)
         }
         Err(err) => {
-            problems.push(format!(
-                "cannot serve TLS with {} and {}: {err}",
-                cert.display(),
-                key.display()
-            ));
+            problems.push(err.to_string());
             TlsSetting::Invalid
         }
     }

@@ -13,6 +13,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::http::HttpOptions;
+pub use crate::listener_tls::ListenerTls;
 use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
 use crate::model_registry::{ModelRegistry, Runtimes};
@@ -56,36 +57,6 @@ pub struct ServeOptions {
     pub model_check: ModelCheck,
     /// TLS on both listeners; `None`: plaintext (for loopback only).
     pub tls: Option<ListenerTls>,
-}
-
-/// TLS for the agent's two listeners, from one certificate: the gRPC
-/// listener offers ALPN `h2`, the HTTP one `h2` and `http/1.1` (clients
-/// that only speak HTTP/1.1, such as Python's urllib3, offer only that).
-#[derive(Debug, Clone)]
-pub struct ListenerTls {
-    grpc: Arc<rustls::ServerConfig>,
-    http: Arc<rustls::ServerConfig>,
-    client_certificates_required: bool,
-}
-
-impl ListenerTls {
-    /// `cert_pem` (leaf first, may hold its chain) with its key `key_pem`;
-    /// with `client_ca_pem`, clients must present a certificate that chains
-    /// to it (mutual TLS).
-    pub fn from_pem(
-        cert_pem: &str,
-        key_pem: &str,
-        client_ca_pem: Option<&str>,
-    ) -> Result<ListenerTls, edgefleet_pki::PkiError> {
-        let config = |alpn: &[&[u8]]| {
-            edgefleet_pki::listener_tls_config(cert_pem, key_pem, client_ca_pem, alpn)
-        };
-        Ok(ListenerTls {
-            grpc: config(&[edgefleet_pki::ALPN_H2])?,
-            http: config(&[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11])?,
-            client_certificates_required: client_ca_pem.is_some(),
-        })
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +143,7 @@ impl Agent {
             // "mutual": clients must present a certificate too.
             let tls = match &self.options.tls {
                 None => "off",
-                Some(tls) if tls.client_certificates_required => "mutual",
+                Some(tls) if tls.client_certificates_required() => "mutual",
                 Some(_) => "on",
             };
             tracing::info!(grpc = %grpc, http = %http, tls = %tls, "edgefleet-agent listening");
@@ -202,10 +173,7 @@ impl Agent {
         let inference =
             crate::grpc::inference_server(self.service.clone(), shutdown.clone(), limit);
         // Each connection is one caller (see `grpc_connection`).
-        let incoming = crate::grpc_connection::incoming(
-            grpc_listener,
-            self.options.tls.as_ref().map(|tls| Arc::clone(&tls.grpc)),
-        );
+        let incoming = crate::grpc_connection::incoming(grpc_listener, self.options.tls.clone());
         let grpc_shutdown = shutdown.clone();
         let grpc = tonic::transport::Server::builder()
             .max_frame_size(GRPC_MAX_FRAME_SIZE)
@@ -233,7 +201,14 @@ impl Agent {
             )
             .left_future(),
             Some(tls) => edgefleet_daemon::http::serve_http_connections(
-                edgefleet_pki::tls_incoming(http_listener, Arc::clone(&tls.http)),
+                edgefleet_pki::tls_incoming_from(
+                    http_listener,
+                    {
+                        let tls = tls.clone();
+                        move || tls.http_config()
+                    },
+                    edgefleet_pki::DEFAULT_HANDSHAKE_TIMEOUT,
+                ),
                 router,
                 read_timeout,
                 shutdown.clone(),
@@ -242,10 +217,20 @@ impl Agent {
         };
 
         let heap_keeper = tokio::spawn(crate::memory::keep_heap_small(shutdown.clone()));
+        let tls_watcher = self.options.tls.clone().map(|tls| {
+            tokio::spawn(crate::listener_tls::watch_files(
+                tls,
+                crate::listener_tls::TLS_FILES_POLL_INTERVAL,
+                shutdown.clone(),
+            ))
+        });
 
         let (grpc_result, ()) = tokio::join!(grpc, http);
         watcher.abort();
         heap_keeper.abort();
+        if let Some(tls_watcher) = tls_watcher {
+            tls_watcher.abort();
+        }
         grpc_result.map_err(|err| StartError::Serve(format!("gRPC: {err}")))?;
         tracing::info!("edgefleet-agent stopped");
         Ok(())

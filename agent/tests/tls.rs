@@ -82,6 +82,21 @@ fn mlp_repository() -> Repo {
 /// The agent started with `args` (and `env`), once its models are loaded:
 /// the process, its gRPC and HTTP addresses, and the log lines up to then.
 fn start_agent(args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, String, String, Vec<String>) {
+    let (child, grpc, http, lines, _) = start_agent_logging(args, env);
+    (child, grpc, http, lines)
+}
+
+/// [`start_agent`], with the receiver of the log lines that follow.
+fn start_agent_logging(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    KillOnDrop,
+    String,
+    String,
+    Vec<String>,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut command = agent_bin();
     command.args(args);
     for (key, value) in env {
@@ -109,7 +124,7 @@ fn start_agent(args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, String, Stri
         }
     }
     let (grpc, http) = addresses.expect("a listening line before the models loaded");
-    (child, grpc, http, lines)
+    (child, grpc, http, lines, rx)
 }
 
 /// The port of `addr` on 127.0.0.1, where a client finds a listener bound to
@@ -160,10 +175,20 @@ async fn grpc_over_tls(
     grpc: &str,
     client: Option<&str>,
 ) -> Result<GrpcInferenceServiceClient<tonic::transport::Channel>, String> {
+    grpc_trusting(&certificates.ca_pem, certificates, grpc, client).await
+}
+
+/// [`grpc_over_tls`] trusting the CA `ca_pem`.
+async fn grpc_trusting(
+    ca_pem: &str,
+    certificates: &Certificates,
+    grpc: &str,
+    client: Option<&str>,
+) -> Result<GrpcInferenceServiceClient<tonic::transport::Channel>, String> {
     let config = match client {
-        None => edgefleet_pki::ca_client_tls_config(&certificates.ca_pem),
+        None => edgefleet_pki::ca_client_tls_config(ca_pem),
         Some(name) => edgefleet_pki::mtls_client_tls_config(
-            &certificates.ca_pem,
+            ca_pem,
             &certificates.pem(&format!("{name}.crt")),
             &certificates.pem(&format!("{name}.key")),
         ),
@@ -324,6 +349,60 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
         let refused = live(grpc_over_tls(&certificates, &grpc, presented).await).await;
         assert!(refused.is_err(), "{presented:?} was served");
     }
+}
+
+/// A certificate renewed in its files (as cert-manager or certbot renew
+/// one) is served to new connections within seconds, with no restart; a
+/// key written before its certificate (the two do not match yet) is logged
+/// as an error and the certificate before keeps serving until the new one
+/// is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_renewed_in_its_files_is_served_without_a_restart() {
+    let certificates = Certificates::new();
+    let repo = mlp_repository();
+    let repository = repo.path().to_str().unwrap().to_string();
+    let (cert, key) = (certificates.arg("agent.crt"), certificates.arg("agent.key"));
+    let (_agent, grpc, _http, _log, rx) = start_agent_logging(
+        &[
+            "serve",
+            "--runtime",
+            "tract",
+            "--model-repository",
+            &repository,
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+        ],
+        &[],
+    );
+    let old_ca = certificates.ca_pem.clone();
+    live(grpc_trusting(&old_ca, &certificates, &grpc, None).await)
+        .await
+        .unwrap();
+
+    let (new_ca, _) = CertificateAuthority::generate().unwrap();
+    let renewed = new_ca
+        .issue_server_certificate(&[], Duration::from_secs(3600))
+        .unwrap();
+    certificates.write("agent.key", &renewed.key_pem, 0o600);
+    let line = wait_for_line(&rx, "cannot reload the TLS files");
+    assert!(line.contains("the key is not the certificate's"), "{line}");
+    live(grpc_trusting(&old_ca, &certificates, &grpc, None).await)
+        .await
+        .expect("the certificate before still serves");
+
+    certificates.write("agent.crt", &renewed.certificate_pem, 0o644);
+    wait_for_line(&rx, "reloaded the TLS certificate");
+    live(grpc_trusting(new_ca.certificate_pem(), &certificates, &grpc, None).await)
+        .await
+        .expect("the renewed certificate serves");
+    let old = live(grpc_trusting(&old_ca, &certificates, &grpc, None).await).await;
+    assert!(old.is_err(), "the replaced certificate still served");
 }
 
 /// What cannot work is refused at start, before anything listens, with one

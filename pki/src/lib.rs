@@ -46,5 +46,5 @@ pub use tokens::{
 pub use transport::{
     DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONCURRENT_HANDSHAKES, PeerInfo, TlsConnection, TlsIncoming,
     connect_tls, peer_certificate_info, peer_device_id, peer_info,
-    rejected_client_certificate_alert, tls_incoming, tls_incoming_with_timeout,
+    rejected_client_certificate_alert, tls_incoming, tls_incoming_from, tls_incoming_with_timeout,
 };

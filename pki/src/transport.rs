@@ -363,8 +363,18 @@ pub fn tls_incoming_with_timeout(
     config: Arc<ServerConfig>,
     handshake_timeout: Duration,
 ) -> TlsIncoming {
+    tls_incoming_from(listener, move || Arc::clone(&config), handshake_timeout)
+}
+
+/// [`tls_incoming_with_timeout`] with the config `config` returns when a
+/// connection is accepted: a listener whose certificate is renewed while it
+/// serves hands each new connection the current one.
+pub fn tls_incoming_from(
+    listener: TcpListener,
+    config: impl Fn() -> Arc<ServerConfig> + Send + 'static,
+    handshake_timeout: Duration,
+) -> TlsIncoming {
     let (tx, rx) = mpsc::channel::<io::Result<TlsConnection>>(64);
-    let acceptor = TlsAcceptor::from(config);
     let permits = Arc::new(Semaphore::new(MAX_CONCURRENT_HANDSHAKES));
     let accept_task = tokio::spawn(async move {
         loop {
@@ -388,7 +398,7 @@ pub fn tls_incoming_with_timeout(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(config());
             let tx = tx.clone();
             tokio::spawn(async move {
                 let _permit = permit;
