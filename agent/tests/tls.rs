@@ -79,16 +79,41 @@ fn mlp_repository() -> Repo {
     repo
 }
 
+/// `serve` of `repo` on tract and ephemeral loopback ports, over TLS with
+/// the agent's certificate and key of `certificates`.
+fn serving_tls(repo: &Repo, certificates: &Certificates) -> Vec<String> {
+    let repository = repo.path().to_str().unwrap();
+    [
+        "serve",
+        "--runtime",
+        "tract",
+        "--model-repository",
+        repository,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain(["--tls-cert".into(), certificates.arg("agent.crt")])
+    .chain(["--tls-key".into(), certificates.arg("agent.key")])
+    .collect()
+}
+
 /// The agent started with `args` (and `env`), once its models are loaded:
 /// the process, its gRPC and HTTP addresses, and the log lines up to then.
-fn start_agent(args: &[&str], env: &[(&str, &str)]) -> (KillOnDrop, String, String, Vec<String>) {
+fn start_agent(
+    args: &[impl AsRef<std::ffi::OsStr>],
+    env: &[(&str, &str)],
+) -> (KillOnDrop, String, String, Vec<String>) {
     let (child, grpc, http, lines, _) = start_agent_logging(args, env);
     (child, grpc, http, lines)
 }
 
 /// [`start_agent`], with the receiver of the log lines that follow.
 fn start_agent_logging(
-    args: &[&str],
+    args: &[impl AsRef<std::ffi::OsStr>],
     env: &[(&str, &str)],
 ) -> (
     KillOnDrop,
@@ -295,28 +320,9 @@ async fn with_a_certificate_both_listeners_serve_tls_and_refuse_plaintext() {
 async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
     let certificates = Certificates::new();
     let repo = mlp_repository();
-    let repository = repo.path().to_str().unwrap().to_string();
-    let (cert, key, client_ca) = (
-        certificates.arg("agent.crt"),
-        certificates.arg("agent.key"),
-        certificates.arg("ca.crt"),
-    );
+    let client_ca = certificates.arg("ca.crt");
     let (_agent, grpc, http, log) = start_agent(
-        &[
-            "serve",
-            "--runtime",
-            "tract",
-            "--model-repository",
-            &repository,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
+        &serving_tls(&repo, &certificates),
         &[("EDGEFLEET_AGENT_TLS_CLIENT_CA", &client_ca)],
     );
     let listening = log.iter().find(|line| line.contains("listening")).unwrap();
@@ -360,26 +366,8 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
 async fn a_certificate_renewed_in_its_files_is_served_without_a_restart() {
     let certificates = Certificates::new();
     let repo = mlp_repository();
-    let repository = repo.path().to_str().unwrap().to_string();
-    let (cert, key) = (certificates.arg("agent.crt"), certificates.arg("agent.key"));
-    let (_agent, grpc, _http, _log, rx) = start_agent_logging(
-        &[
-            "serve",
-            "--runtime",
-            "tract",
-            "--model-repository",
-            &repository,
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-        ],
-        &[],
-    );
+    let (_agent, grpc, _http, _log, rx) =
+        start_agent_logging(&serving_tls(&repo, &certificates), &[]);
     let old_ca = certificates.ca_pem.clone();
     live(grpc_trusting(&old_ca, &certificates, &grpc, None).await)
         .await
