@@ -91,7 +91,8 @@ struct ServingArgs {
     cpu_wakeup_latency: Option<Duration>,
     /// Serve both listeners over TLS with this certificate (PEM, leaf first, may hold its
     /// chain), with --tls-key; a listener off loopback, which other machines can reach, needs
-    /// it [default: plaintext, on loopback only].
+    /// it. Renewed files are served within 5 s, with no restart [default: plaintext, on
+    /// loopback only].
     #[arg(long, env = "EDGEFLEET_AGENT_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).
