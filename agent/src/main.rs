@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefleet_agent::cpu_latency::{self, CpuWakeupLatency};
 use edgefleet_agent::http::{DEFAULT_HTTP_READ_TIMEOUT, HttpOptions};
-use edgefleet_agent::listener_tls::TlsFiles;
+use edgefleet_agent::listener_tls::{ListenerTls, TlsFiles};
 use edgefleet_agent::managed::enroll::EnrollOptions;
 use edgefleet_agent::managed::session::{self, HelloSource, SessionClientOptions};
 use edgefleet_agent::managed::state::StateDir;
@@ -18,7 +18,7 @@ use edgefleet_agent::model_check::{DEFAULT_CHECK_TIMEOUT, ModelCheck, check_mode
 use edgefleet_agent::model_registry::ModelRegistry;
 use edgefleet_agent::runtime::{self, RuntimeChoice, SessionOptions};
 use edgefleet_agent::server::{
-    Agent, DEFAULT_GRPC_KEEPALIVE, DEFAULT_REPOSITORY_POLL_INTERVAL, ListenerTls, ServeOptions,
+    Agent, DEFAULT_GRPC_KEEPALIVE, DEFAULT_REPOSITORY_POLL_INTERVAL, ServeOptions,
 };
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
 use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};

@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::http::HttpOptions;
-pub use crate::listener_tls::ListenerTls;
+use crate::listener_tls::ListenerTls;
 use crate::metrics::Metrics;
 use crate::model_check::ModelCheck;
 use crate::model_registry::{ModelRegistry, Runtimes};
