@@ -74,10 +74,11 @@ fn stamp(path: &Path) -> Option<FileStamp> {
 
 impl ListenerTls {
     /// Reads the files and builds both configs; any problem is an error
-    /// that names the file.
+    /// that names the file. A key file others can read is warned about.
     pub fn load(files: TlsFiles) -> Result<ListenerTls, TlsFilesError> {
         let stamps = stamps(&files);
         let (grpc, http) = configs(&files)?;
+        edgefleet_pki::warn_if_key_readable_by_others(&files.key, "the TLS key file");
         Ok(ListenerTls {
             inner: Arc::new(Inner {
                 files,

@@ -449,29 +449,10 @@ fn listener_tls(
         key,
         client_ca,
     }) {
-        Ok(tls) => {
-            warn_if_readable_by_others(&tls.files().key);
-            TlsSetting::Tls(tls)
-        }
+        Ok(tls) => TlsSetting::Tls(tls),
         Err(err) => {
             problems.push(err.to_string());
             TlsSetting::Invalid
-        }
-    }
-}
-
-/// A private key others can read is no longer private: said at start, as
-/// ssh says it.
-fn warn_if_readable_by_others(path: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(metadata) = std::fs::metadata(path) {
-        let mode = metadata.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(
-                path = %path.display(),
-                mode = format!("{mode:04o}"),
-                "the TLS key file can be read by other users: chmod 600 it"
-            );
         }
     }
 }

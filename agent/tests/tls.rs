@@ -271,7 +271,7 @@ async fn with_a_certificate_both_listeners_serve_tls_and_refuse_plaintext() {
     assert!(listening.contains("tls=on"), "{listening}");
     assert!(
         log.iter()
-            .any(|line| line.contains("WARN") && line.contains("can be read by other users")),
+            .any(|line| line.contains("WARN") && line.contains("is readable by other users")),
         "no warning about the key file's mode in {log:#?}"
     );
 
@@ -329,7 +329,7 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
     assert!(listening.contains("tls=mutual"), "{listening}");
     assert!(
         !log.iter()
-            .any(|line| line.contains("can be read by other users")),
+            .any(|line| line.contains("is readable by other users")),
         "a 0600 key warned about: {log:#?}"
     );
 

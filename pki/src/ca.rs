@@ -159,7 +159,7 @@ impl CertificateAuthority {
         let cert_pem =
             std::fs::read_to_string(&cert_path).map_err(|e| PkiError::io(&cert_path, e))?;
         let key_pem = std::fs::read_to_string(&key_path).map_err(|e| PkiError::io(&key_path, e))?;
-        warn_if_key_readable_by_others(&key_path);
+        crate::files::warn_if_key_readable_by_others(&key_path, "the CA private key");
         let ca = Self::from_pem(&cert_pem, &key_pem).map_err(|e| {
             PkiError::Certificate(format!(
                 "CA in {}: {}",
@@ -443,25 +443,6 @@ fn random_serial() -> SerialNumber {
 
 fn exists(path: &Path) -> Result<bool> {
     path.try_exists().map_err(|e| PkiError::io(path, e))
-}
-
-fn warn_if_key_readable_by_others(path: &Path) {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(path) {
-            let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = format!("{mode:o}"),
-                    "the CA private key is readable by other users; chmod 600 it"
-                );
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = path;
 }
 
 #[cfg(test)]

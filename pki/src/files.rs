@@ -6,6 +6,28 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{PkiError, Result};
 
+/// Warns (as ssh does) when the private key file at `path`, `what` in the
+/// message ("the CA private key"), can be read or written by others than
+/// its owner: a key others can read is no longer private.
+pub fn warn_if_key_readable_by_others(path: &Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:04o}"),
+                    "{what} is readable by other users; chmod 600 it"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
+}
+
 /// Writes a file atomically (temporary file in the same directory, fsync,
 /// rename, fsync of the directory) with mode 0600. The temporary file is
 /// created with mode 0600, so the contents are never readable by others, not

@@ -31,7 +31,10 @@ pub use certs::{
 };
 pub use device::{device_csr, generate_device_key};
 pub use error::{PkiError, Result, error_chain};
-pub use files::{create_private_file, create_public_file, write_private_file, write_public_file};
+pub use files::{
+    create_private_file, create_public_file, warn_if_key_readable_by_others, write_private_file,
+    write_public_file,
+};
 pub use signing::{RELEASE_KEY_FILE, ReleaseKey, verify_model_signature};
 pub use tls::{
     ALPN_H2, ALPN_HTTP11, CaFingerprintMismatch, PinnedCaVerifier, agent_server_tls_config,
