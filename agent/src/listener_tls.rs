@@ -1,9 +1,9 @@
 //! TLS for the agent's two listeners, from a certificate, its key and an
 //! optional client CA in files, which are watched: a certificate renewed in
 //! place (as cert-manager, step-ca or certbot renew them) is served to new
-//! connections within [`TLS_FILES_POLL_INTERVAL`], with no restart (a
-//! restart would reload every model). Open connections keep the one they
-//! were accepted with.
+//! connections within [`TLS_FILES_POLL_INTERVAL`], or at once on SIGHUP,
+//! with no restart (a restart would reload every model). Open connections
+//! keep the one they were accepted with.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -172,13 +172,19 @@ fn configs(files: &TlsFiles) -> Result<Configs, TlsFilesError> {
     ))
 }
 
-/// Checks the files every `interval` until `shutdown`, and logs each reload
-/// and each failed one.
-pub async fn watch_files(tls: ListenerTls, interval: Duration, shutdown: CancellationToken) {
+/// Checks the files every `interval`, and whenever `check_now` asks, until
+/// `shutdown`; logs each reload and each failed one.
+pub async fn watch_files(
+    tls: ListenerTls,
+    interval: Duration,
+    shutdown: CancellationToken,
+    mut check_now: crate::server::CheckNow,
+) {
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+            () = crate::server::asked(&mut check_now) => {}
         }
         let reloading = tls.clone();
         match tokio::task::spawn_blocking(move || reloading.reload_if_changed()).await {
@@ -193,5 +199,63 @@ pub async fn watch_files(tls: ListenerTls, interval: Duration, shutdown: Cancell
             ),
             Err(err) => tracing::error!(error = %err, "the TLS file check panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a certificate for localhost from `ca` and its key as `dir`'s
+    /// `agent.crt` and `agent.key`.
+    fn write_pair(ca: &edgefleet_pki::CertificateAuthority, dir: &Path) {
+        let pair = ca
+            .issue_server_certificate(&[], Duration::from_secs(3600))
+            .unwrap();
+        std::fs::write(dir.join("agent.crt"), &pair.certificate_pem).unwrap();
+        std::fs::write(dir.join("agent.key"), &pair.key_pem).unwrap();
+    }
+
+    /// SIGHUP's [`crate::server::CheckNow`]: files renewed in place are read
+    /// as soon as a check is asked for, where the poll would have waited its
+    /// whole interval (an hour here).
+    #[tokio::test]
+    async fn a_check_asked_for_reads_renewed_files_without_waiting_for_the_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, _) = edgefleet_pki::CertificateAuthority::generate().unwrap();
+        write_pair(&ca, dir.path());
+        let tls = ListenerTls::load(TlsFiles {
+            cert: dir.path().join("agent.crt"),
+            key: dir.path().join("agent.key"),
+            client_ca: None,
+        })
+        .unwrap();
+        let first = tls.grpc_config();
+        let (ask, check_now) = tokio::sync::watch::channel(());
+        let shutdown = CancellationToken::new();
+        let watcher = tokio::spawn(watch_files(
+            tls.clone(),
+            Duration::from_secs(3600),
+            shutdown.clone(),
+            check_now,
+        ));
+        write_pair(&ca, dir.path());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            Arc::ptr_eq(&tls.grpc_config(), &first),
+            "the renewed files were read before a check was asked for"
+        );
+        ask.send_replace(());
+        let asked = std::time::Instant::now();
+        while Arc::ptr_eq(&tls.grpc_config(), &first) {
+            assert!(
+                asked.elapsed() < Duration::from_secs(10),
+                "the renewed files were not read within 10 s of the check asked for"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!Arc::ptr_eq(&tls.http_config(), &first));
+        shutdown.cancel();
+        watcher.await.unwrap();
     }
 }

@@ -79,7 +79,7 @@ struct ServingArgs {
     /// ONNX runtime: auto picks onnxruntime when its library is found, else tract [default: auto].
     #[arg(long, env = "EDGEFLEET_AGENT_RUNTIME", value_enum)]
     runtime: Option<RuntimeChoice>,
-    /// How often to rescan the repository for new or changed models; 0 turns hot reload off [default: 5s].
+    /// How often to rescan the repository for new or changed models; 0 rescans only on SIGHUP [default: 5s].
     #[arg(long, env = "EDGEFLEET_AGENT_REPOSITORY_POLL_INTERVAL", value_name = "DURATION", value_parser = humantime::parse_duration)]
     repository_poll_interval: Option<Duration>,
     /// Largest inference request accepted, in bytes [default: 64 MiB].
@@ -91,8 +91,8 @@ struct ServingArgs {
     cpu_wakeup_latency: Option<Duration>,
     /// Serve both listeners over TLS with this certificate (PEM, leaf first, may hold its
     /// chain), with --tls-key; a listener off loopback, which other machines can reach, needs
-    /// it. Renewed files are served within 5 s, with no restart [default: plaintext, on
-    /// loopback only].
+    /// it. Renewed files are served within 5 s (at once on SIGHUP), with no restart
+    /// [default: plaintext, on loopback only].
     #[arg(long, env = "EDGEFLEET_AGENT_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// The private key of --tls-cert (PEM: PKCS#8, SEC1 or PKCS#1).

@@ -138,6 +138,9 @@ impl Agent {
         http_listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), StartError> {
+        // Before the listening line, which tells supervisors and tests that
+        // the agent is up.
+        let check_now = check_now_on_hangup(shutdown.clone());
         tracing::info!(runtime = %self.registry.runtimes().default.kind(), reason = %self.runtime_reason, "runtime selected");
         if let (Ok(grpc), Ok(http)) = (grpc_listener.local_addr(), http_listener.local_addr()) {
             // "mutual": clients must present a certificate too.
@@ -160,6 +163,7 @@ impl Agent {
             self.options.repository_poll_interval,
             shutdown.clone(),
             health_reporter,
+            check_now.clone(),
         ));
         // Reflection lists what this server serves, and nothing else.
         let reflection = tonic_reflection::server::Builder::configure()
@@ -222,6 +226,7 @@ impl Agent {
                 tls,
                 crate::listener_tls::TLS_FILES_POLL_INTERVAL,
                 shutdown.clone(),
+                check_now,
             ))
         });
 
@@ -246,12 +251,55 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
         .await;
 }
 
+/// Asks the agent's watchers to look at their files now rather than at
+/// their next poll: [`check_now_on_hangup`] marks it changed at each
+/// SIGHUP.
+pub type CheckNow = tokio::sync::watch::Receiver<()>;
+
+/// Turns each SIGHUP, until `shutdown`, into a [`CheckNow`]: the model
+/// repository is rescanned and the TLS files are read again at once (as
+/// `systemctl reload` or `kill -HUP` asks a daemon to), and the signal no
+/// longer ends the process (its default). If the handler cannot be
+/// installed, the watchers poll as before.
+fn check_now_on_hangup(shutdown: CancellationToken) -> CheckNow {
+    let (ask, check_now) = tokio::sync::watch::channel(());
+    #[cfg(unix)]
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(mut hangups) => {
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        Some(()) = hangups.recv() => {}
+                    }
+                    tracing::info!("SIGHUP: checking the model repository and the TLS files now");
+                    ask.send_replace(());
+                }
+            });
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot handle SIGHUP; the files are checked at each poll only")
+        }
+    }
+    #[cfg(not(unix))]
+    drop((ask, shutdown));
+    check_now
+}
+
+/// Resolves when [`CheckNow`] is next asked; never once no one can ask.
+pub async fn asked(check_now: &mut CheckNow) {
+    if check_now.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 /// The wait before a failed first scan of the repository is tried again,
 /// doubled after each failure up to [`INITIAL_SCAN_MAX_RETRY`].
 pub const INITIAL_SCAN_RETRY: Duration = Duration::from_secs(1);
 pub const INITIAL_SCAN_MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// Loads every model once, then rescans every `interval` for hot reload.
+/// Loads every model once, then rescans every `interval` for hot reload,
+/// and whenever `check_now` asks (without an interval, only then).
 /// Until a scan has succeeded the agent is not ready, whatever the poll
 /// setting: a failed one (the repository gone or unreadable since the
 /// start-up check) is tried again after [`INITIAL_SCAN_RETRY`], doubling
@@ -263,6 +311,7 @@ async fn watch_repository(
     interval: Option<Duration>,
     shutdown: CancellationToken,
     health: HealthReporter,
+    mut check_now: CheckNow,
 ) {
     let mut retry = INITIAL_SCAN_RETRY;
     let mut serving = false;
@@ -297,10 +346,16 @@ async fn watch_repository(
             Ok(Err(err)) => tracing::error!(error = %err, "cannot scan the model repository"),
             Err(err) => tracing::error!(error = %err, "the repository scan panicked"),
         }
-        let Some(delay) = next else { return };
+        let poll = async {
+            match next {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
+            () = poll => {}
+            () = asked(&mut check_now) => {}
         }
     }
 }

@@ -508,6 +508,51 @@ fn sigterm_logs_shutting_down_under_the_agents_own_target() {
     );
 }
 
+/// SIGHUP asks the agent to look at its files now, as daemons take it
+/// (`systemctl reload`): with polling off (`--repository-poll-interval 0`),
+/// a version copied into the repository is not served until SIGHUP comes,
+/// then is; and the agent keeps running (the signal's default is to end the
+/// process).
+#[tokio::test]
+async fn sighup_rescans_the_repository_at_once_and_leaves_the_agent_serving() {
+    let repo = Repo::new();
+    repo.add("mlp", 1, "mlp");
+    let (child, rx) = spawn_serving(repo.path(), &["--repository-poll-interval", "0"]);
+    let mut child = KillOnDrop(child);
+    let (_, http) = serving_addresses(&rx, "mlp").await;
+    wait_for_line(&rx, "initial model load done");
+    repo.add("mlp", 2, "mlp");
+    let client = reqwest::Client::new();
+    let version_2_ready = || {
+        let (client, url) = (
+            client.clone(),
+            format!("http://{http}/v2/models/mlp/versions/2/ready"),
+        );
+        async move { matches!(client.get(url).send().await, Ok(r) if r.status() == 200) }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !version_2_ready().await,
+        "version 2 served before SIGHUP, with polling off"
+    );
+    let sent = Command::new("kill")
+        .args(["-HUP", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_for_line(
+        &rx,
+        "SIGHUP: checking the model repository and the TLS files now",
+    );
+    assert_eventually(Duration::from_secs(30), version_2_ready).await;
+    assert!(
+        child.0.try_wait().unwrap().is_none(),
+        "the agent exited on SIGHUP"
+    );
+    let status = sigterm_and_wait(&mut child.0, Duration::from_secs(10));
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+}
+
 /// SIGTERM while the models are still loading stops the agent after the
 /// model being loaded, not after the whole repository: of many models, the
 /// ones after the signal are never loaded, and the agent exits 0.
