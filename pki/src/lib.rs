@@ -37,9 +37,9 @@ pub use files::{
 };
 pub use signing::{RELEASE_KEY_FILE, ReleaseKey, verify_model_signature};
 pub use tls::{
-    ALPN_H2, ALPN_HTTP11, CaFingerprintMismatch, PinnedCaVerifier, agent_server_tls_config,
-    ca_client_tls_config, crypto_provider, listener_tls_config, mtls_client_tls_config,
-    operator_server_tls_config, pinned_client_tls_config,
+    ALPN_H2, ALPN_HTTP11, CaFingerprintMismatch, KX_GROUPS, PinnedCaVerifier,
+    agent_server_tls_config, ca_client_tls_config, crypto_provider, listener_tls_config,
+    mtls_client_tls_config, operator_server_tls_config, pinned_client_tls_config,
 };
 pub use tokens::{
     FINGERPRINT_LEN, JOIN_TOKEN_ID_LEN, JOIN_TOKEN_SECRET_LEN, JoinTokenSecret,

@@ -500,3 +500,108 @@ fn server_config_rejects_mismatched_key() {
     assert!(agent_server_tls_config(&a, "not pem").is_err());
     assert!(edgefleet_pki::operator_server_tls_config(&a).is_ok());
 }
+
+/// Runs a TLS handshake between `client` and `server` in memory; the key
+/// exchange group both ends agreed on.
+fn negotiated_group(
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+) -> rustls::NamedGroup {
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(client, name).unwrap();
+    let mut server = rustls::ServerConnection::new(server).unwrap();
+    let mut flight = Vec::new();
+    while client.is_handshaking() || server.is_handshaking() {
+        flight.clear();
+        while client.wants_write() {
+            client.write_tls(&mut flight).unwrap();
+        }
+        let mut incoming = &flight[..];
+        while !incoming.is_empty() {
+            server.read_tls(&mut incoming).unwrap();
+        }
+        server.process_new_packets().unwrap();
+        flight.clear();
+        while server.wants_write() {
+            server.write_tls(&mut flight).unwrap();
+        }
+        let mut incoming = &flight[..];
+        while !incoming.is_empty() {
+            client.read_tls(&mut incoming).unwrap();
+        }
+        client.process_new_packets().unwrap();
+    }
+    let group = client.negotiated_key_exchange_group().unwrap().name();
+    assert_eq!(
+        server.negotiated_key_exchange_group().unwrap().name(),
+        group
+    );
+    group
+}
+
+/// The fleet's clients and servers agree on X25519: rustls 0.23.48's ring
+/// provider lists P-384 first, which ring computes with generic bignum code
+/// (a handshake took five times the CPU). A client that offers only P-384
+/// or P-256 is still served, on its group.
+#[test]
+fn handshakes_use_x25519_and_other_groups_are_still_served() {
+    let fixture_dir = tempfile::tempdir().unwrap();
+    let (ca, _) = CertificateAuthority::load_or_create(fixture_dir.path()).unwrap();
+    let server_cert = ca.issue_server_certificate(&[], DAY).unwrap();
+    let agent_listener = agent_server_tls_config(&server_cert, ca.certificate_pem()).unwrap();
+    let operator_listener = edgefleet_pki::operator_server_tls_config(&server_cert).unwrap();
+    let inference_listener = edgefleet_pki::listener_tls_config(
+        &server_cert.certificate_pem,
+        &server_cert.key_pem,
+        None,
+        &[edgefleet_pki::ALPN_H2],
+    )
+    .unwrap();
+    let key = generate_device_key().unwrap();
+    let device = ca
+        .sign_device_csr(&device_csr(&key, "host").unwrap(), "dev-1", DAY)
+        .unwrap();
+    let mtls = mtls_client_tls_config(ca.certificate_pem(), &device.certificate_pem, &key).unwrap();
+    let pinned = pinned_client_tls_config(&ca.fingerprint()).unwrap();
+    let operator = ca_client_tls_config(ca.certificate_pem()).unwrap();
+    for (client, server) in [
+        (&mtls, &agent_listener),
+        (&pinned, &agent_listener),
+        (&operator, &operator_listener),
+        (&operator, &inference_listener),
+    ] {
+        assert_eq!(
+            negotiated_group(client.clone(), server.clone()),
+            rustls::NamedGroup::X25519
+        );
+    }
+    #[allow(deprecated)]
+    for (group, name) in [
+        (
+            rustls::crypto::ring::kx_group::SECP384R1,
+            rustls::NamedGroup::secp384r1,
+        ),
+        (
+            rustls::crypto::ring::kx_group::SECP256R1,
+            rustls::NamedGroup::secp256r1,
+        ),
+    ] {
+        let mut provider = (*crypto_provider()).clone();
+        provider.kx_groups = vec![group];
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(rustls_pki_types::CertificateDer::from(
+                ca.certificate_der().to_vec(),
+            ))
+            .unwrap();
+        let only_that = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        assert_eq!(
+            negotiated_group(Arc::new(only_that), inference_listener.clone()),
+            name
+        );
+    }
+}
