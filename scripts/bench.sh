@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark (or the suites named: overhead, overhead-small, batching, footprint,
-# runtimes, ingest, session-writes, gates, engine, wire, rollout, compression) and writes the figures to docs/benchmarks.md.
+# runtimes, ingest, session-writes, gates, engine, wire, rollout, compression, tls) and writes the figures to docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

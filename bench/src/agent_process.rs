@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -17,6 +18,8 @@ pub struct AgentProcess {
     child: Child,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// How a client reaches its listeners over TLS, when it serves TLS.
+    client_tls: Option<Arc<rustls::ClientConfig>>,
     /// The agent's log lines, in order.
     log: std::sync::mpsc::Receiver<String>,
 }
@@ -87,7 +90,22 @@ impl AgentProcess {
     ) -> anyhow::Result<AgentProcess> {
         let mut args = command("serve", runtime, "--model-repository", repository);
         args.extend(extra.iter().map(OsString::from));
-        AgentProcess::spawn(agent, args, &[]).await
+        AgentProcess::spawn(agent, args, &[], None).await
+    }
+
+    /// [`AgentProcess::start_with`] for an agent whose `extra` flags make it
+    /// serve TLS: clients (and the wait for it to be ready) connect with
+    /// `client_tls`.
+    pub async fn start_tls(
+        agent: &Path,
+        repository: &Path,
+        runtime: &str,
+        extra: &[&str],
+        client_tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<AgentProcess> {
+        let mut args = command("serve", runtime, "--model-repository", repository);
+        args.extend(extra.iter().map(OsString::from));
+        AgentProcess::spawn(agent, args, &[], Some(client_tls)).await
     }
 
     /// `edgefleet-agent serve` with `env` set in its environment, ready to
@@ -99,7 +117,7 @@ impl AgentProcess {
         env: &[(&str, &str)],
     ) -> anyhow::Result<AgentProcess> {
         let args = command("serve", runtime, "--model-repository", repository);
-        AgentProcess::spawn(agent, args, env).await
+        AgentProcess::spawn(agent, args, env, None).await
     }
 
     /// `edgefleet-agent run` (managed mode) on an enrolled state dir, ready
@@ -113,6 +131,7 @@ impl AgentProcess {
             agent,
             command("run", runtime, "--state-dir", state_dir),
             &[],
+            None,
         )
         .await
     }
@@ -121,6 +140,7 @@ impl AgentProcess {
         agent: &Path,
         args: Vec<OsString>,
         env: &[(&str, &str)],
+        client_tls: Option<Arc<rustls::ClientConfig>>,
     ) -> anyhow::Result<AgentProcess> {
         let mut command = Command::new(agent);
         stop_with_this_thread(&mut command);
@@ -150,6 +170,7 @@ impl AgentProcess {
             child,
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            client_tls,
             log,
         };
         let line = process
@@ -196,7 +217,27 @@ impl AgentProcess {
     pub async fn client(
         &self,
     ) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
-        AgentProcess::client_for(self.grpc_addr).await
+        AgentProcess::client_over(self.grpc_addr, self.client_tls.as_ref()).await
+    }
+
+    /// A client of the agent's gRPC API at `addr` on a new connection, over
+    /// TLS with `tls` if given, on the current runtime.
+    pub async fn client_over(
+        addr: SocketAddr,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<GrpcInferenceServiceClient<tonic::transport::Channel>> {
+        let Some(tls) = tls else {
+            return AgentProcess::client_for(addr).await;
+        };
+        let channel = edgefleet_pki::connect_tls(
+            &format!("https://{addr}"),
+            tls.clone(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
     }
 
     /// A client of the agent's gRPC API at `addr`, on the current runtime.

@@ -16,6 +16,7 @@ mod report;
 mod rollout;
 mod session_writes;
 mod suites;
+mod tls;
 mod wire;
 
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ pub enum Suite {
     Rollout,
     /// Compressed HTTP answers (gzip, deflate) vs plain: latency, agent CPU, bytes.
     Compression,
+    /// TLS and mutual TLS on the inference listeners vs plaintext: latency, CPU, handshakes.
+    Tls,
     /// Everything above.
     All,
 }
@@ -145,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Wire,
             Suite::Rollout,
             Suite::Compression,
+            Suite::Tls,
         ],
         one => vec![one],
     };
@@ -163,6 +167,7 @@ fn main() -> anyhow::Result<()> {
             Suite::Wire => runtime.block_on(wire::wire(&args))?,
             Suite::Rollout => rollout::runtime()?.block_on(rollout::rollout(&args))?,
             Suite::Compression => runtime.block_on(compression::compression(&args))?,
+            Suite::Tls => tls::tls(&args)?,
             Suite::All => unreachable!(),
         };
         println!("{section}");

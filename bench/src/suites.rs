@@ -42,7 +42,12 @@ fn input_values(len: usize) -> Vec<f32> {
         .collect()
 }
 
-fn infer_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> pb::ModelInferRequest {
+pub(crate) fn infer_request(
+    model: &str,
+    input: &str,
+    shape: &[i64],
+    values: &[f32],
+) -> pb::ModelInferRequest {
     pb::ModelInferRequest {
         model_name: model.into(),
         inputs: vec![pb::model_infer_request::InferInputTensor {
@@ -56,15 +61,15 @@ fn infer_request(model: &str, input: &str, shape: &[i64], values: &[f32]) -> pb:
     }
 }
 
-struct BenchModel {
-    name: &'static str,
-    input: &'static str,
+pub(crate) struct BenchModel {
+    pub(crate) name: &'static str,
+    pub(crate) input: &'static str,
     output: &'static str,
-    shape: [i64; 4],
-    rank: usize,
+    pub(crate) shape: [i64; 4],
+    pub(crate) rank: usize,
 }
 
-static BENCH_MODELS: [BenchModel; 2] = [
+pub(crate) static BENCH_MODELS: [BenchModel; 2] = [
     BenchModel {
         name: "bench_mlp",
         input: "input",
@@ -83,7 +88,7 @@ static BENCH_MODELS: [BenchModel; 2] = [
 
 /// The small test fixtures, for the overhead on models that run in a few
 /// microseconds (`overhead-small`).
-static SMALL_MODELS: [BenchModel; 2] = [
+pub(crate) static SMALL_MODELS: [BenchModel; 2] = [
     BenchModel {
         name: "mlp",
         input: "input",
@@ -629,7 +634,7 @@ fn repository_with(
 }
 
 /// Copies version 1 of `model` from the repository `source` into `repository`.
-fn copy_model(source: &Path, model: &str, repository: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_model(source: &Path, model: &str, repository: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(repository.join(model).join("1"))?;
     std::fs::copy(model_path(source, model), model_path(repository, model))?;
     Ok(())
