@@ -600,17 +600,7 @@ async fn time_stream_calls(
     let mut calls = histogram();
     for i in 0..(iterations + 300) {
         let started = Instant::now();
-        requests.unbounded_send(request.clone())?;
-        let answer = answers
-            .message()
-            .await?
-            .context("the agent ended the stream early")?;
-        anyhow::ensure!(
-            answer.error_message.is_empty(),
-            "inference on the stream failed: {}",
-            answer.error_message
-        );
-        std::hint::black_box(answer);
+        stream_round_trip(&requests, &mut answers, &request).await?;
         if i >= 300 {
             calls.record(started.elapsed().as_micros() as u64)?;
         }
@@ -619,6 +609,27 @@ async fn time_stream_calls(
         calls,
         runs: histogram(),
     })
+}
+
+/// Sends `request` on an open `ModelStreamInfer` call and waits for its
+/// answer, which must not be an error.
+pub(crate) async fn stream_round_trip(
+    requests: &futures::channel::mpsc::UnboundedSender<pb::ModelInferRequest>,
+    answers: &mut tonic::Streaming<pb::ModelStreamInferResponse>,
+    request: &pb::ModelInferRequest,
+) -> anyhow::Result<()> {
+    requests.unbounded_send(request.clone())?;
+    let answer = answers
+        .message()
+        .await?
+        .context("the agent ended the stream early")?;
+    anyhow::ensure!(
+        answer.error_message.is_empty(),
+        "inference on the stream failed: {}",
+        answer.error_message
+    );
+    std::hint::black_box(answer);
+    Ok(())
 }
 
 /// A repository holding one model with the given config.

@@ -17,7 +17,9 @@ use hdrhistogram::Histogram;
 
 use crate::Args;
 use crate::agent_process::{AgentProcess, process_cpu_time};
-use crate::suites::{BENCH_MODELS, BenchModel, SMALL_MODELS, copy_model, infer_request};
+use crate::suites::{
+    BENCH_MODELS, BenchModel, SMALL_MODELS, copy_model, infer_request, stream_round_trip,
+};
 
 /// Rounds of one block per listener, interleaved so that drift in the
 /// machine's speed falls on all three alike.
@@ -333,17 +335,7 @@ impl Caller {
                 std::hint::black_box(client.model_infer(request.clone()).await?);
             }
             Caller::Stream { requests, answers } => {
-                requests.unbounded_send(request.clone())?;
-                let answer = answers
-                    .message()
-                    .await?
-                    .context("the agent ended the stream early")?;
-                anyhow::ensure!(
-                    answer.error_message.is_empty(),
-                    "inference on the stream failed: {}",
-                    answer.error_message
-                );
-                std::hint::black_box(answer);
+                stream_round_trip(requests, answers, request).await?;
             }
             Caller::New { addr, tls } => {
                 let mut client = AgentProcess::client_over(*addr, tls.as_ref()).await?;
