@@ -108,6 +108,10 @@ struct Certificates {
     server_only: Arc<rustls::ClientConfig>,
     /// A client that trusts the CA and presents one it issued.
     mutual: Arc<rustls::ClientConfig>,
+    /// The CA's certificate, DER.
+    ca_der: Vec<u8>,
+    /// The agent's listener config from its files (gRPC's ALPN).
+    listener: Arc<rustls::ServerConfig>,
 }
 
 impl Certificates {
@@ -137,6 +141,13 @@ impl Certificates {
                 ca.certificate_pem(),
                 &client.certificate_pem,
                 &client_key,
+            )?,
+            ca_der: ca.certificate_der().to_vec(),
+            listener: edgefleet_pki::listener_tls_config(
+                &server.certificate_pem,
+                &server.key_pem,
+                None,
+                &[edgefleet_pki::ALPN_H2],
             )?,
             dir,
         })
@@ -289,7 +300,86 @@ async fn measure(args: &Args) -> anyhow::Result<String> {
             }
         }
     }
+    handshakes(&mut out, &certificates)?;
     Ok(out)
+}
+
+/// Handshakes timed per block, per client below.
+const HANDSHAKES_PER_BLOCK: usize = 60;
+
+/// What a handshake costs in CPU alone, by the key exchange group the
+/// client offers first: client and server in memory on this thread
+/// (`handshake_in_memory`), the agent's listener config as the server, no
+/// session resumed; [`ROUNDS`] interleaved blocks per client.
+#[allow(deprecated)] // rustls's ring provider: see `edgefleet_pki::crypto_provider`.
+fn handshakes(out: &mut String, certificates: &Certificates) -> anyhow::Result<()> {
+    use rustls::crypto::ring::{default_provider, kx_group};
+    let ours = edgefleet_pki::crypto_provider();
+    let ring_default = default_provider();
+    let clients = [
+        (
+            "pki's order (`KX_GROUPS`: X25519, P-256, P-384)",
+            &*ours,
+            ours.kx_groups.clone(),
+        ),
+        (
+            "rustls's ring provider as it comes (its `DEFAULT_KX_GROUPS`)",
+            &ring_default,
+            ring_default.kx_groups.clone(),
+        ),
+        ("X25519 only", &*ours, vec![kx_group::X25519]),
+        ("P-256 only", &*ours, vec![kx_group::SECP256R1]),
+        ("P-384 only", &*ours, vec![kx_group::SECP384R1]),
+    ]
+    .map(|(label, provider, groups)| {
+        let config =
+            edgefleet_test_support::client_offering(provider, &groups, &certificates.ca_der);
+        (label, config)
+    });
+    let mut spent = vec![Duration::ZERO; clients.len()];
+    let mut agreed = vec![String::new(); clients.len()];
+    for _ in 0..ROUNDS {
+        for ((_, client), (spent, agreed)) in clients.iter().zip(spent.iter_mut().zip(&mut agreed))
+        {
+            let started = Instant::now();
+            for _ in 0..HANDSHAKES_PER_BLOCK {
+                let (connection, _) = edgefleet_test_support::handshake_in_memory(
+                    client.clone(),
+                    certificates.listener.clone(),
+                    "localhost",
+                );
+                *agreed = connection
+                    .negotiated_key_exchange_group()
+                    .map_or("none".to_string(), |group| format!("{:?}", group.name()));
+            }
+            *spent += started.elapsed();
+        }
+    }
+    let per_handshake =
+        |spent: Duration| spent.as_secs_f64() * 1e6 / (ROUNDS * HANDSHAKES_PER_BLOCK) as f64;
+    let reference = per_handshake(spent[0]);
+    writeln!(
+        out,
+        "\nWhat a handshake costs in CPU alone: a rustls client and the agent's listener config as the server \
+         in memory, on one thread (so its time is both sides' CPU), no session resumed, the server supporting \
+         X25519, P-256 and P-384 in pki's order; {ROUNDS} interleaved blocks of {HANDSHAKES_PER_BLOCK} handshakes \
+         per client, which differ only in the key exchange groups they offer (rustls's ring provider lists \
+         P-384 first since 0.23.48, and ring computes P-384 with generic bignum code).\n"
+    )?;
+    writeln!(
+        out,
+        "| client offers | group agreed | µs per handshake (client and server) | vs pki's order |"
+    )?;
+    writeln!(out, "|---|---|---:|---:|")?;
+    for (((label, _), spent), agreed) in clients.iter().zip(&spent).zip(&agreed) {
+        let micros = per_handshake(*spent);
+        writeln!(
+            out,
+            "| {label} | {agreed} | {micros:.0} | {:.2}× |",
+            micros / reference
+        )?;
+    }
+    Ok(())
 }
 
 /// One client of one agent, connected as a [`Connection`] says.

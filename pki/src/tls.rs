@@ -44,12 +44,11 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// The key exchange groups our clients offer and our servers prefer, in
 /// that order. rustls 0.23.48 put P-384 first in the ring provider's list
 /// (its `DEFAULT_KX_GROUPS`), and ring computes P-384 with generic bignum
-/// code: a handshake between a client and a server of ours took 1.8 ms of
-/// CPU on P-384 against 0.35 ms on X25519 (the two sides in one process,
-/// resumption off; 1.6 against 0.2 ms resumed; measured on AMD EPYC by
-/// hand, stop 65). X25519 is what other clients (curl, browsers, Python's
-/// ssl, gRPC's C core) offer first, too. P-256 and P-384 stay, for clients
-/// that offer only those.
+/// code: a handshake between a client and a server of ours takes about
+/// four times the CPU on P-384 as on X25519 (`edgefleet-bench tls`, its
+/// handshake table; docs/benchmarks.md). X25519 is what other clients
+/// (curl, browsers, Python's ssl, gRPC's C core) offer first, too. P-256
+/// and P-384 stay, for clients that offer only those.
 #[allow(deprecated)]
 pub static KX_GROUPS: [&dyn rustls::crypto::SupportedKxGroup; 3] = [
     rustls::crypto::ring::kx_group::X25519,

@@ -501,36 +501,13 @@ fn server_config_rejects_mismatched_key() {
     assert!(edgefleet_pki::operator_server_tls_config(&a).is_ok());
 }
 
-/// Runs a TLS handshake between `client` and `server` in memory; the key
-/// exchange group both ends agreed on.
+/// The key exchange group `client` and `server` agree on, in a handshake
+/// in memory.
 fn negotiated_group(
     client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
 ) -> rustls::NamedGroup {
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut client = rustls::ClientConnection::new(client, name).unwrap();
-    let mut server = rustls::ServerConnection::new(server).unwrap();
-    let mut flight = Vec::new();
-    while client.is_handshaking() || server.is_handshaking() {
-        flight.clear();
-        while client.wants_write() {
-            client.write_tls(&mut flight).unwrap();
-        }
-        let mut incoming = &flight[..];
-        while !incoming.is_empty() {
-            server.read_tls(&mut incoming).unwrap();
-        }
-        server.process_new_packets().unwrap();
-        flight.clear();
-        while server.wants_write() {
-            server.write_tls(&mut flight).unwrap();
-        }
-        let mut incoming = &flight[..];
-        while !incoming.is_empty() {
-            client.read_tls(&mut incoming).unwrap();
-        }
-        client.process_new_packets().unwrap();
-    }
+    let (client, server) = edgefleet_test_support::handshake_in_memory(client, server, "localhost");
     let group = client.negotiated_key_exchange_group().unwrap().name();
     assert_eq!(
         server.negotiated_key_exchange_group().unwrap().name(),
@@ -586,21 +563,13 @@ fn handshakes_use_x25519_and_other_groups_are_still_served() {
             rustls::NamedGroup::secp256r1,
         ),
     ] {
-        let mut provider = (*crypto_provider()).clone();
-        provider.kx_groups = vec![group];
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(rustls_pki_types::CertificateDer::from(
-                ca.certificate_der().to_vec(),
-            ))
-            .unwrap();
-        let only_that = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let only_that = edgefleet_test_support::client_offering(
+            &crypto_provider(),
+            &[group],
+            ca.certificate_der(),
+        );
         assert_eq!(
-            negotiated_group(Arc::new(only_that), inference_listener.clone()),
+            negotiated_group(only_that, inference_listener.clone()),
             name
         );
     }
