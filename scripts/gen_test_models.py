@@ -30,6 +30,10 @@ RNG = np.random.default_rng(20261124)
 BENCH_SEED = 20261125
 # The rollout tests' slow model: its own generator, so adding it changed no other fixture.
 SLOW_SEED = 20261126
+# Fixtures added after the first nine draw their cases from seeds of their
+# own, so that adding one leaves the others' cases and iris's weights (drawn
+# from RNG after them) as they were.
+OWN_SEEDS = {"spectrum": 20261127}
 
 KSERVE = {
     TensorProto.FLOAT16: "FP16", TensorProto.FLOAT: "FP32", TensorProto.DOUBLE: "FP64",
@@ -156,22 +160,34 @@ def fixture_models():
     # A standard operator ONNX Runtime runs and tract does not implement.
     models["unsupported_op"] = model("unsupported_op", [helper.make_node("Det", ["x"], ["det"])],
                                      [vinfo("x", f, ["N", 3, 3])], [vinfo("det", f, ["N"])])
+
+    # An audio front end: a DFT of the whole signal and an STFT with a Hann
+    # window (tract runs both with rustfft).
+    models["spectrum"] = model("spectrum", [
+        helper.make_node("DFT", ["signal"], ["dft"], axis=1, onesided=1),
+        helper.make_node("HannWindow", ["frame_length"], ["window"]),
+        helper.make_node("STFT", ["signal", "frame_step", "window", "frame_length"], ["stft"],
+                         onesided=1),
+    ], [vinfo("signal", f, ["N", 128, 1])],
+        [vinfo("dft", f, ["N", 65, 2]), vinfo("stft", f, ["N", 7, 17, 2])],
+        [numpy_helper.from_array(np.array(16, dtype=np.int64), "frame_step"),
+         numpy_helper.from_array(np.array(32, dtype=np.int64), "frame_length")])
     return models
 
 
-def random_input(kserve, shape):
+def random_input(kserve, shape, rng=RNG):
     if kserve == "BYTES":
         words = ["hello", "ünïcode ✓", "edge", "", "fleet"]
         return np.array([f"{words[i % len(words)]} {i}" for i in range(int(np.prod(shape)))],
                         dtype=object).reshape(shape)
     dtype = NUMPY[kserve]
     if kserve == "BOOL":
-        return RNG.integers(0, 2, size=shape).astype(np.bool_)
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
     if kserve.startswith("FP"):
-        return (RNG.standard_normal(shape) * 2).astype(dtype)
+        return (rng.standard_normal(shape) * 2).astype(dtype)
     info = np.iinfo(dtype)
     low, high = max(info.min, -1000), min(info.max, 1000)
-    return RNG.integers(low, high, size=shape, endpoint=True).astype(dtype)
+    return rng.integers(low, high, size=shape, endpoint=True).astype(dtype)
 
 
 def json_tensor(name, array):
@@ -195,12 +211,13 @@ def concrete(shape, batch, extra):
 
 
 def cases_for(name, m, session):
+    rng = np.random.default_rng(OWN_SEEDS[name]) if name in OWN_SEEDS else RNG
     cases = []
     for batch, extra in [(1, 3), (2, 1), (5, 4)]:
         feeds = {}
         for inp in m.graph.input:
             elem = inp.type.tensor_type.elem_type
-            feeds[inp.name] = random_input(KSERVE[elem], concrete(inp.type.tensor_type.shape, batch, extra))
+            feeds[inp.name] = random_input(KSERVE[elem], concrete(inp.type.tensor_type.shape, batch, extra), rng)
         results = session.run(None, feeds)
         outputs = [json_tensor(o.name, np.asarray(r)) for o, r in zip(session.get_outputs(), results)]
         cases.append({"inputs": [json_tensor(k, v) for k, v in feeds.items()], "outputs": outputs})
@@ -385,6 +402,24 @@ def write_batch_isolation_models():
         raise AssertionError("onnxruntime ran gather with an index out of range")
 
 
+def spectrogram(name, samples, frame, step):
+    """An audio front end as speech models have it (Whisper's: 25 ms frames
+    every 10 ms of 16 kHz audio): the STFT of a signal with a Hann window, and
+    each bin's power. No weights: what it costs is the FFTs."""
+    f = TensorProto.FLOAT
+    frames, bins = (samples - frame) // step + 1, frame // 2 + 1
+    return model(name, [
+        helper.make_node("HannWindow", ["frame_length"], ["window"]),
+        helper.make_node("STFT", ["signal", "frame_step", "window", "frame_length"], ["stft"],
+                         onesided=1),
+        helper.make_node("Mul", ["stft", "stft"], ["squares"]),
+        helper.make_node("ReduceSum", ["squares", "last"], ["power"], keepdims=0),
+    ], [vinfo("signal", f, ["N", samples, 1])], [vinfo("power", f, ["N", frames, bins])],
+        [numpy_helper.from_array(np.array(step, dtype=np.int64), "frame_step"),
+         numpy_helper.from_array(np.array(frame, dtype=np.int64), "frame_length"),
+         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last")])
+
+
 def write_bench(directory):
     directory = pathlib.Path(directory).resolve()
     models = {
@@ -392,8 +427,9 @@ def write_bench(directory):
                                 rng=np.random.default_rng(BENCH_SEED)),
         "bench_conv": conv_net("bench_conv", [16, 32, 64], 64, 2, 10,
                                rng=np.random.default_rng(BENCH_SEED + 1)),
+        "bench_spectrum": spectrogram("bench_spectrum", samples=16000, frame=400, step=160),
     }
-    shapes = {"bench_mlp": (2, 256), "bench_conv": (2, 3, 64, 64)}
+    shapes = {"bench_mlp": (2, 256), "bench_conv": (2, 3, 64, 64), "bench_spectrum": (2, 16000, 1)}
     for name, m in models.items():
         data = save(m, directory / name / "1" / "model.onnx")
         feed = {m.graph.input[0].name: np.zeros(shapes[name], dtype=np.float32)}

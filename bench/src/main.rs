@@ -70,7 +70,8 @@ pub enum RolloutStore {
 pub struct Args {
     #[arg(value_enum, default_value = "all")]
     pub suite: Suite,
-    /// Repository holding bench_mlp and bench_conv (scripts/gen_test_models.py --bench-dir).
+    /// Repository holding bench_mlp, bench_conv and bench_spectrum (scripts/gen_test_models.py
+    /// --bench-dir).
     #[arg(long, default_value = "target/bench-models")]
     pub bench_models: PathBuf,
     /// The committed test fixtures.
