@@ -521,6 +521,7 @@ mod tests {
             "mlp",
             "multi_io",
             "no_batch",
+            "spectrum",
             "strings",
             "unsupported_op",
         ] {
