@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ServerConfig, ServerConnection};
 
 /// Runs a handshake between `client` (connecting to `server_name`) and
 /// `server`, each side's flight handed to the other whole; panics if it
@@ -19,30 +19,29 @@ pub fn handshake_in_memory(
     let mut server = ServerConnection::new(server).expect("a server connection");
     let mut flight = Vec::new();
     while client.is_handshaking() || server.is_handshaking() {
-        flight.clear();
-        while client.wants_write() {
-            client.write_tls(&mut flight).expect("writes to memory");
-        }
-        let mut incoming = &flight[..];
-        while !incoming.is_empty() {
-            server.read_tls(&mut incoming).expect("reads from memory");
-        }
-        server
-            .process_new_packets()
-            .expect("the server takes the client's flight");
-        flight.clear();
-        while server.wants_write() {
-            server.write_tls(&mut flight).expect("writes to memory");
-        }
-        let mut incoming = &flight[..];
-        while !incoming.is_empty() {
-            client.read_tls(&mut incoming).expect("reads from memory");
-        }
-        client
-            .process_new_packets()
-            .expect("the client takes the server's flight");
+        send_flight(&mut client, &mut server, &mut flight);
+        send_flight(&mut server, &mut client, &mut flight);
     }
     (client, server)
+}
+
+/// Hands everything `from` has to write to `to` through `flight`, and has
+/// `to` process it; panics if `to` refuses it.
+fn send_flight<A, B>(
+    from: &mut ConnectionCommon<A>,
+    to: &mut ConnectionCommon<B>,
+    flight: &mut Vec<u8>,
+) {
+    flight.clear();
+    while from.wants_write() {
+        from.write_tls(flight).expect("writes to memory");
+    }
+    let mut incoming = &flight[..];
+    while !incoming.is_empty() {
+        to.read_tls(&mut incoming).expect("reads from memory");
+    }
+    to.process_new_packets()
+        .expect("the other side takes the flight");
 }
 
 /// A client config on `provider` with its key exchange groups set to
