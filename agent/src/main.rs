@@ -23,6 +23,7 @@ use edgefleet_agent::server::{
 use edgefleet_agent::service::DEFAULT_MAX_REQUEST_BYTES;
 use edgefleet_agent::telemetry::{self, DeviceProbe, Outbox, TelemetryCollector, TelemetryConfig};
 use edgefleet_daemon::{ShutdownSignals, report};
+use edgefleet_pki::error_chain;
 use serde::Deserialize;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -715,7 +716,10 @@ fn main() -> ExitCode {
             return match check(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
-                    report(format_args!("model check failed: {err:#}"));
+                    report(format_args!(
+                        "model check failed: {}",
+                        error_chain(err.as_ref())
+                    ));
                     ExitCode::FAILURE
                 }
             };
@@ -724,7 +728,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            report(format_args!("edgefleet-agent: {err:#}"));
+            report(format_args!(
+                "edgefleet-agent: {}",
+                error_chain(err.as_ref())
+            ));
             ExitCode::FAILURE
         }
     }

@@ -116,6 +116,28 @@ fn bad_arguments_and_config_exit_non_zero_with_a_clear_message() {
         "the gRPC keepalive must be longer than zero",
     );
     fails_with(&["bogus"], "unrecognized subcommand");
+    // A token that is not one, said once (not "invalid join token: invalid
+    // join token: …") and before the server is dialled.
+    let state_dir = dir.path().join("state");
+    let out = agent_bin()
+        .args([
+            "enroll",
+            "--server",
+            "https://127.0.0.1:1",
+            "--token",
+            "not-a-token",
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        "edgefleet-agent: invalid join token: expected 3 parts separated by '.' \
+         (<id>.<secret>.<ca-fingerprint>), found 1",
+    );
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,

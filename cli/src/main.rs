@@ -1194,7 +1194,10 @@ fn main() -> ExitCode {
         // The reader went away (`| head`): nothing is lost and nothing to report.
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            edgefleet_daemon::report(format_args!("edgefleet: {err:#}"));
+            edgefleet_daemon::report(format_args!(
+                "edgefleet: {}",
+                edgefleet_pki::error_chain(err.as_ref())
+            ));
             ExitCode::FAILURE
         }
     }

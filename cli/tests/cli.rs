@@ -112,6 +112,38 @@ fn error_line(output: &std::process::Output) -> String {
     stderr
 }
 
+/// An error is one line that names each of its causes once: hyper calls a
+/// refused connection "tcp connect error" at two levels of its chain, which
+/// the line says once.
+#[test]
+fn a_refused_connection_names_each_cause_once() {
+    let output = command()
+        .args([
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            "t",
+            "devices",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    let line = error_line(&output);
+    let line = line.trim_end();
+    assert!(
+        line.starts_with("edgefleet: cannot connect to http://127.0.0.1:1: "),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
+    let causes: Vec<&str> = line.split(": ").collect();
+    for (i, cause) in causes.iter().enumerate() {
+        assert!(
+            !causes[i + 1..].contains(cause),
+            "{cause:?} twice in {line}"
+        );
+    }
+}
+
 /// Settings come from flags, then the environment, then the config file
 /// (`$XDG_CONFIG_HOME/edgefleet/config.toml`, else
 /// `~/.config/edgefleet/config.toml`, or the one `--config` or

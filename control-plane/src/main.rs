@@ -6,6 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgefleet_control_plane::config::{BackupArgs, ServeArgs, resolve, resolve_backup};
 use edgefleet_daemon::{ShutdownSignals, report};
+use edgefleet_pki::error_chain;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -131,7 +132,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            report(format_args!("edgefleet-server: {err:#}"));
+            report(format_args!(
+                "edgefleet-server: {}",
+                error_chain(err.as_ref())
+            ));
             ExitCode::FAILURE
         }
     }

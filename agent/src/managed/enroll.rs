@@ -82,7 +82,7 @@ pub async fn enroll(
         );
     }
     let server_url = normalize_server_url(&options.server_url)?;
-    let token = JoinTokenSecret::parse(options.token.trim()).context("invalid join token")?;
+    let token = JoinTokenSecret::parse(options.token.trim())?;
     let key_pem = edgefleet_pki::generate_device_key()?;
     let csr_pem = edgefleet_pki::device_csr(&key_pem, &hostname())?;
     let tls = edgefleet_pki::pinned_client_tls_config(&token.ca_fingerprint)?;
