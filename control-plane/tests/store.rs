@@ -332,6 +332,51 @@ async fn postgres_counter_slots_keep_the_count_and_fail_older_readers() {
     conn.close().await.unwrap();
 }
 
+/// PostgreSQL only: a database error reads as PostgreSQL says it, with its
+/// detail, hint and SQLSTATE, and not with sqlx's " at line N" (N a line of
+/// PostgreSQL's own C source, which an operator would take for one of
+/// theirs): opening the store as a role that does not exist, and statements
+/// that fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_errors_give_their_sqlstate_not_a_line_of_postgres_source() {
+    let base = postgres_base_url();
+    let (_, rest) = base.split_once("://").unwrap();
+    let host_and_db = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let no_such_role = format!("postgres://edgefleet_no_such_role@{host_and_db}");
+    let Err(err) = store::postgres::open(&no_such_role).await else {
+        panic!("opened the store as a role that does not exist");
+    };
+    assert_eq!(
+        err.to_string(),
+        "cannot open the database: PostgreSQL: error returned from database: \
+         role \"edgefleet_no_such_role\" does not exist [SQLSTATE 28000]"
+    );
+
+    let mut conn = sqlx::PgConnection::connect(&base).await.unwrap();
+    conn.execute("CREATE TEMPORARY TABLE once (id integer PRIMARY KEY)")
+        .await
+        .unwrap();
+    async fn failed(conn: &mut sqlx::PgConnection, sql: &'static str) -> String {
+        let err = conn.execute(sql).await.expect_err(sql);
+        StoreError::from(err).to_string()
+    }
+    conn.execute("INSERT INTO once VALUES (1)").await.unwrap();
+    assert_eq!(
+        failed(&mut conn, "INSERT INTO once VALUES (1)").await,
+        "database error: error returned from database: duplicate key value violates \
+         unique constraint \"once_pkey\" (Key (id)=(1) already exists.) [SQLSTATE 23505]"
+    );
+    let text = failed(&mut conn, "SELECT edgefleet_no_such_function(1)").await;
+    assert!(
+        text.starts_with(
+            "database error: error returned from database: function \
+             edgefleet_no_such_function(integer) does not exist; hint: No function matches"
+        ) && text.ends_with(" [SQLSTATE 42883]"),
+        "{text}"
+    );
+    conn.close().await.unwrap();
+}
+
 // ---------------------------------------------------------------- helpers
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {

@@ -11,8 +11,9 @@ use super::registry::{
     RolloutRecord, RolloutSpec, RolloutState, TensorInfo,
 };
 use super::{
-    Device, DeviceModel, DeviceStatus, EventRecord, HelloRecord, Inventory, JoinToken, Labels,
-    ModelPoint, ModelSample, OperatorToken, RolloutTarget, StoreError, TelemetryRecord,
+    DatabaseErrorText, Device, DeviceModel, DeviceStatus, EventRecord, HelloRecord, Inventory,
+    JoinToken, Labels, ModelPoint, ModelSample, OperatorToken, RolloutTarget, StoreError,
+    TelemetryRecord,
 };
 
 pub(crate) const HOUR_MS: i64 = 3_600_000;
@@ -671,6 +672,16 @@ pub(crate) fn migrate_error(e: sqlx::migrate::MigrateError, known: i64) -> Store
     match e {
         sqlx::migrate::MigrateError::VersionMissing(found) => {
             StoreError::SchemaTooNew { found, known }
+        }
+        sqlx::migrate::MigrateError::Execute(error) => StoreError::Migrate(format!(
+            "while executing migrations: {}",
+            DatabaseErrorText(&error)
+        )),
+        sqlx::migrate::MigrateError::ExecuteMigration(error, version) => {
+            StoreError::Migrate(format!(
+                "while executing migration {version}: {}",
+                DatabaseErrorText(&error)
+            ))
         }
         other => StoreError::Migrate(other.to_string()),
     }

@@ -108,7 +108,7 @@ pub enum StoreError {
     Connect(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("database error: {0}")]
+    #[error("database error: {}", DatabaseErrorText(.0))]
     Database(#[from] sqlx::Error),
     /// A write computed from a row that has changed since it was read.
     #[error("{0}")]
@@ -117,6 +117,35 @@ pub enum StoreError {
     /// [`registry::BlobWork`]); the transaction was rolled back.
     #[error("blob store I/O error: {0}")]
     Blob(std::io::Error),
+}
+
+/// A database error as an operator reads it in the server's log. sqlx ends
+/// a PostgreSQL error's text with " at line N", N a line of PostgreSQL's own
+/// C source (the error's `L` field), which reads as a line of the operator's
+/// SQL or config: a PostgreSQL error is given here by its message, detail,
+/// hint and SQLSTATE instead; any other error as sqlx writes it.
+pub struct DatabaseErrorText<'a>(pub &'a sqlx::Error);
+
+impl std::fmt::Display for DatabaseErrorText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let postgres = match self.0 {
+            sqlx::Error::Database(error) => {
+                error.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            }
+            _ => None,
+        };
+        let Some(error) = postgres else {
+            return self.0.fmt(f);
+        };
+        write!(f, "error returned from database: {}", error.message())?;
+        if let Some(detail) = error.detail() {
+            write!(f, " ({detail})")?;
+        }
+        if let Some(hint) = error.hint() {
+            write!(f, "; hint: {hint}")?;
+        }
+        write!(f, " [SQLSTATE {}]", error.code())
+    }
 }
 
 /// What a device is (mirrors the protobuf `Inventory`).

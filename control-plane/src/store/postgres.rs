@@ -26,9 +26,9 @@ use super::common::{
     to_json,
 };
 use super::{
-    CertificateRenewal, Device, EventRecord, HelloRecord, JoinToken, JoinTokenRefusal, Labels,
-    ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget, RollupReport, Store,
-    StoreError, TelemetryRecord,
+    CertificateRenewal, DatabaseErrorText, Device, EventRecord, HelloRecord, JoinToken,
+    JoinTokenRefusal, Labels, ModelPoint, NewDevice, OperatorToken, Resolution, RolloutTarget,
+    RollupReport, Store, StoreError, TelemetryRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
@@ -49,7 +49,8 @@ impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| StoreError::Connect(format!("invalid PostgreSQL URL: {e}")))?;
-        let connect_error = |e: sqlx::Error| StoreError::Connect(format!("PostgreSQL: {e}"));
+        let connect_error =
+            |e: sqlx::Error| StoreError::Connect(format!("PostgreSQL: {}", DatabaseErrorText(&e)));
         // Migrate on a connection of its own, closed afterwards: the migrator
         // holds a session advisory lock it does not release when it fails, and
         // closing the connection releases it.
