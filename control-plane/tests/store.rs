@@ -347,7 +347,7 @@ async fn postgres_errors_give_their_sqlstate_not_a_line_of_postgres_source() {
         panic!("opened the store as a role that does not exist");
     };
     assert_eq!(
-        err.to_string(),
+        edgefleet_pki::error_chain(&err),
         "cannot open the database: PostgreSQL: error returned from database: \
          role \"edgefleet_no_such_role\" does not exist [SQLSTATE 28000]"
     );
@@ -358,7 +358,9 @@ async fn postgres_errors_give_their_sqlstate_not_a_line_of_postgres_source() {
         .unwrap();
     async fn failed(conn: &mut sqlx::PgConnection, sql: &'static str) -> String {
         let err = conn.execute(sql).await.expect_err(sql);
-        StoreError::from(err).to_string()
+        // As the server's last error line and the log write it: the error
+        // and its causes.
+        edgefleet_pki::error_chain(&StoreError::from(err))
     }
     conn.execute("INSERT INTO once VALUES (1)").await.unwrap();
     assert_eq!(

@@ -108,8 +108,11 @@ pub enum StoreError {
     Connect(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// Written whole by [`DatabaseErrorText`], so the sqlx error is not
+    /// also its source: a chain of causes would say it again, " at line N"
+    /// and all.
     #[error("database error: {}", DatabaseErrorText(.0))]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// A write computed from a row that has changed since it was read.
     #[error("{0}")]
     Conflict(String),
@@ -117,6 +120,12 @@ pub enum StoreError {
     /// [`registry::BlobWork`]); the transaction was rolled back.
     #[error("blob store I/O error: {0}")]
     Blob(std::io::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        StoreError::Database(error)
+    }
 }
 
 /// A database error as an operator reads it in the server's log. sqlx ends
