@@ -17,6 +17,9 @@ pub const DEFAULT_TELEMETRY_RETENTION: Duration = Duration::from_secs(7 * 24 * 3
 /// Hourly rollups are kept a bit over a year (a year-on-year comparison).
 pub const DEFAULT_ROLLUP_RETENTION: Duration = Duration::from_secs(400 * 24 * 3600);
 pub const DEFAULT_DEVICE_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of the server certificate, renewed while the server runs when
+/// a third of it is left (see [`crate::server_tls`]).
+pub const DEFAULT_SERVER_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 pub const DEFAULT_TELEMETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Agents upload their 10 s batches grouped and gzip-compressed every 5
 /// minutes (urgent events at once): what keeps a device under 1 MB of
@@ -112,6 +115,9 @@ pub struct ServeArgs {
     /// Lifetime of device certificates; agents renew when a third is left [default: 90d].
     #[arg(long, env = "EDGEFLEET_SERVER_DEVICE_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
     pub device_certificate_validity: Option<Duration>,
+    /// Lifetime of the server certificate (issued by the fleet CA at start); renewed while the server runs when a third is left [default: 90d].
+    #[arg(long, env = "EDGEFLEET_SERVER_SERVER_CERTIFICATE_VALIDITY", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub server_certificate_validity: Option<Duration>,
     /// Largest model `PushModel` accepts, in bytes [default: 2 GiB].
     #[arg(long, env = "EDGEFLEET_SERVER_MAX_MODEL_BYTES", value_name = "BYTES")]
     pub max_model_bytes: Option<u64>,
@@ -194,6 +200,7 @@ struct FileConfig {
     telemetry_interval: Option<String>,
     telemetry_upload_interval: Option<String>,
     device_certificate_validity: Option<String>,
+    server_certificate_validity: Option<String>,
     max_model_bytes: Option<u64>,
     model_memory_factor: Option<f64>,
     trusted_signing_keys: Option<Vec<String>>,
@@ -221,6 +228,8 @@ pub struct ServerConfig {
     /// Suggested to agents in the Welcome; zero: each batch as it is made.
     pub telemetry_upload_interval: Duration,
     pub device_certificate_validity: Duration,
+    /// Lifetime of each server certificate the fleet CA issues this server.
+    pub server_certificate_validity: Duration,
     /// Largest model `PushModel` accepts.
     pub max_model_bytes: u64,
     /// `estimated_memory_bytes = size × factor + 32 MiB` (see
@@ -260,6 +269,7 @@ impl ServerConfig {
             telemetry_interval: DEFAULT_TELEMETRY_INTERVAL,
             telemetry_upload_interval: DEFAULT_TELEMETRY_UPLOAD_INTERVAL,
             device_certificate_validity: DEFAULT_DEVICE_CERTIFICATE_VALIDITY,
+            server_certificate_validity: DEFAULT_SERVER_CERTIFICATE_VALIDITY,
             max_model_bytes: crate::registry::DEFAULT_MAX_MODEL_BYTES,
             model_memory_factor: crate::registry::DEFAULT_MODEL_MEMORY_FACTOR,
             trusted_signing_keys: Vec::new(),
@@ -413,6 +423,21 @@ pub fn resolve(args: ServeArgs) -> anyhow::Result<ServerConfig> {
         "device_certificate_validity",
         config.device_certificate_validity,
     );
+    config.server_certificate_validity = duration(
+        args.server_certificate_validity,
+        file.server_certificate_validity,
+        "server_certificate_validity",
+        config.server_certificate_validity,
+    );
+    if !config.server_certificate_validity.is_zero()
+        && config.server_certificate_validity < crate::server_tls::MIN_VALIDITY
+    {
+        problems.push(format!(
+            "server_certificate_validity ({}) must be at least {}",
+            humantime::format_duration(config.server_certificate_validity),
+            humantime::format_duration(crate::server_tls::MIN_VALIDITY)
+        ));
+    }
     if config.rollup_retention < config.telemetry_retention {
         problems.push(format!(
             "rollup_retention ({}) must be at least telemetry_retention ({}): hourly rollups answer for raw telemetry once it is pruned",
@@ -566,6 +591,32 @@ mod tests {
         assert!(err.contains("telemetry_upload_interval"), "{err}");
         assert!(
             err.contains("telemetry_interval must be longer than zero"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_server_certificate_lives_ninety_days_unless_set_and_at_least_five_seconds() {
+        let config = resolve_args(&[]).unwrap();
+        assert_eq!(
+            config.server_certificate_validity,
+            Duration::from_secs(90 * 24 * 3600)
+        );
+        let config = resolve_args(&["--server-certificate-validity", "5s"]).unwrap();
+        assert_eq!(config.server_certificate_validity, Duration::from_secs(5));
+        let err = resolve_args(&["--server-certificate-validity", "4s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_certificate_validity (4s) must be at least 5s"),
+            "{err}"
+        );
+        let err = resolve_args(&["--server-certificate-validity", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("server_certificate_validity must be longer than zero")
+                && !err.contains("at least"),
             "{err}"
         );
     }

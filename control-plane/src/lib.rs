@@ -18,6 +18,7 @@ pub mod paging;
 pub mod registry;
 pub mod rollouts;
 pub mod server;
+pub mod server_tls;
 pub mod sessions;
 pub mod state;
 pub mod store;

@@ -23,14 +23,13 @@ use crate::metrics::ServerMetrics;
 use crate::operator_service::OperatorApi;
 use crate::registry::service::{MAX_PUSH_MESSAGE_BYTES, ModelApi};
 use crate::rollouts::RolloutApi;
+use crate::server_tls::{ServerTls, tls_incoming};
 use crate::sessions::Sessions;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::OperatorToken;
 
 /// Largest message an agent may send (a telemetry batch is a few KB).
 pub const MAX_AGENT_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Lifetime of the server certificate issued at each start.
-const SERVER_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// How long a stopping server waits for agent sessions to finish closing
 /// once its listeners have stopped.
@@ -187,18 +186,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tracing::info!(fingerprint = %ca.fingerprint(), "created the fleet CA");
     }
     let admin_token = ensure_admin_token(store.as_ref(), &data_dir).await?;
-    let server_identity =
-        ca.issue_server_certificate(&config.server_names, SERVER_CERTIFICATE_VALIDITY)?;
-    let agent_tls = edgefleet_pki::agent_server_tls_config(&server_identity, ca.certificate_pem())?;
-    let operator_tls = edgefleet_pki::operator_server_tls_config(&server_identity)?;
-    // The HTTP listener offers HTTP/1.1 too: a client that offers only it
-    // (Python's urllib3, `curl --http1.1`) is refused by an h2-only one.
-    let http_tls = edgefleet_pki::listener_tls_config(
-        &server_identity.certificate_pem,
-        &server_identity.key_pem,
-        None,
-        &[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11],
-    )?;
+    let server_tls = Arc::new(ServerTls::issue(
+        &ca,
+        &config.server_names,
+        config.server_certificate_validity,
+    )?);
 
     let agent_listener = bind(config.agent_addr, "agents").await?;
     let api_listener = bind(config.api_addr, "the operator API").await?;
@@ -236,7 +228,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let agent_service = AgentServiceServer::new(AgentApi::new(Arc::clone(&cp)))
         .max_decoding_message_size(MAX_AGENT_MESSAGE_BYTES)
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    let incoming = edgefleet_pki::tls_incoming(agent_listener, agent_tls);
+    let incoming = tls_incoming(agent_listener, &server_tls, ServerTls::agent);
     let stop = shutdown.clone();
     let agent_server = tonic::transport::Server::builder()
         // A PING only after a silence longer than the upload interval (see
@@ -289,7 +281,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
                 .context("operator API listener failed")
         }));
     } else {
-        let incoming = edgefleet_pki::tls_incoming(api_listener, operator_tls);
+        let incoming = tls_incoming(api_listener, &server_tls, ServerTls::operator);
         tasks.push(tokio::spawn(async move {
             operator_router
                 .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
@@ -308,7 +300,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
             Ok(())
         }));
     } else {
-        let incoming = edgefleet_pki::tls_incoming(http_listener, http_tls);
+        let incoming = tls_incoming(http_listener, &server_tls, ServerTls::http);
         tasks.push(tokio::spawn(async move {
             serve_http_connections(incoming, router, read_timeout, stop).await;
             Ok(())
@@ -324,6 +316,11 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(roll_up(Arc::clone(&cp), shutdown.clone())));
+    tasks.push(tokio::spawn(crate::server_tls::renew_server_certificate(
+        server_tls,
+        Arc::clone(&cp),
+        shutdown.clone(),
+    )));
     tasks.push(tokio::spawn(crate::rollouts::run_engine(
         Arc::clone(&cp),
         shutdown.clone(),

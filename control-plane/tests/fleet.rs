@@ -880,6 +880,82 @@ fn certificates_are_renewed_over_the_session_before_they_expire() {
     });
 }
 
+/// The certificate `addr` presents to a client that trusts the fleet CA
+/// (`ca_cert`) and offers ALPN `h2`, which all three listeners speak; an
+/// error if the handshake fails (an expired certificate, say).
+fn presented_certificate(
+    addr: std::net::SocketAddr,
+    ca_cert: &std::path::Path,
+) -> Result<edgefleet_pki::CertificateInfo, String> {
+    let ca_pem = std::fs::read_to_string(ca_cert).unwrap();
+    let mut config = (*edgefleet_pki::ca_client_tls_config(&ca_pem).unwrap()).clone();
+    config.alpn_protocols = vec![edgefleet_pki::ALPN_H2.to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut connection = rustls::ClientConnection::new(config.into(), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    while connection.is_handshaking() {
+        connection
+            .complete_io(&mut tcp)
+            .map_err(|err| format!("handshake with {addr}: {err}"))?;
+    }
+    let leaf = connection.peer_certificates().unwrap()[0].clone();
+    Ok(edgefleet_pki::certificate_info_der(&leaf).unwrap())
+}
+
+/// The server certificate is renewed while the server runs, before it
+/// expires: once the one issued at start has expired, every listener
+/// presents a newer one that clients trusting the fleet CA accept (a bare
+/// handshake, the CLI, `/healthz`, an agent's session). Without the renewal
+/// they would all be handed the expired one and refuse it.
+#[test]
+fn the_server_certificate_is_renewed_while_the_server_runs() {
+    let fx = Fixture::new(Db::Sqlite);
+    let server = fx.server(&["--server-certificate-validity", "6s"]);
+    let ca_cert = server.ca_cert();
+    let listeners = [server.agent_addr, server.api_addr, server.http_addr];
+    let first = presented_certificate(server.agent_addr, &ca_cert).unwrap();
+    for addr in listeners {
+        let info = presented_certificate(addr, &ca_cert).unwrap();
+        assert_eq!(info.serial_hex, first.serial_hex, "{addr}: one certificate");
+    }
+    let state = fx.state_dir("agent");
+    let device = enroll_ok(&server, &server.join_token(&[]), &state);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    while now_ms() < first.not_after_unix_ms + 1000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for addr in listeners {
+        let renewed = presented_certificate(addr, &ca_cert)
+            .unwrap_or_else(|err| panic!("after the first certificate expired: {err}"));
+        assert_ne!(renewed.serial_hex, first.serial_hex, "{addr}");
+        assert!(
+            renewed.not_after_unix_ms > now_ms(),
+            "{addr} presents an expired certificate"
+        );
+    }
+    server
+        .process
+        .stderr
+        .wait_for("renewed the server certificate", Duration::from_secs(10));
+    assert_eq!(
+        server.cli_json(&["devices", "list"])[0]["id"],
+        Value::String(device.clone())
+    );
+    let (status, _) = server.request("GET", "/healthz", None).unwrap();
+    assert_eq!(status, 200);
+    // An agent connecting now (its first session) trusts the renewed one.
+    let _agent = Agent::run(&state, &[]);
+    eventually(Duration::from_secs(20), "the device online", || {
+        (server.device(&device)["status"] == "online").then_some(())
+    });
+}
+
 #[test]
 fn device_health_comes_from_sysfs_a_hot_zone_and_a_low_battery() {
     let fx = Fixture::new(Db::Sqlite);

@@ -1,0 +1,165 @@
+//! The control plane's server certificate, which all three listeners
+//! present: issued by the fleet CA at each start and again whenever a third
+//! of its lifetime is left, so a server that runs for longer than one
+//! certificate lives never presents an expired one (agents, the CLI and
+//! Prometheus trust the CA, not the certificate, so a renewal needs nothing
+//! of them). New connections get the current certificate; open ones keep
+//! the one they were accepted with.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use edgefleet_pki::CertificateAuthority;
+use rustls::ServerConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::ControlPlane;
+
+/// How long after a failed renewal the next try comes, at the most.
+const RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// The shortest lifetime a server certificate may have: certificates count
+/// time in whole seconds, and a shorter one would be renewed all the time.
+pub const MIN_VALIDITY: Duration = Duration::from_secs(5);
+
+/// The three listeners' TLS configs, all with the current certificate.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// Mutual TLS (a client certificate optional, for `Enroll`), ALPN `h2`;
+    /// presents the CA's certificate too, which joining agents pin.
+    agent: ArcSwap<ServerConfig>,
+    /// The operator API: no client certificate, ALPN `h2`.
+    operator: ArcSwap<ServerConfig>,
+    /// `/metrics` and `/healthz`: ALPN `h2` and `http/1.1` (clients that
+    /// speak only HTTP/1.1, Python's urllib3, offer only that).
+    http: ArcSwap<ServerConfig>,
+    /// The certificate's extra subject alternative names (`--server-names`).
+    server_names: Vec<String>,
+    /// Each certificate's lifetime.
+    validity: Duration,
+}
+
+/// One certificate's three configs.
+struct Configs {
+    agent: Arc<ServerConfig>,
+    operator: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+}
+
+impl ServerTls {
+    /// Issues the first certificate.
+    pub fn issue(
+        ca: &CertificateAuthority,
+        server_names: &[String],
+        validity: Duration,
+    ) -> anyhow::Result<ServerTls> {
+        let configs = Self::configs(ca, server_names, validity)?;
+        Ok(ServerTls {
+            agent: ArcSwap::new(configs.agent),
+            operator: ArcSwap::new(configs.operator),
+            http: ArcSwap::new(configs.http),
+            server_names: server_names.to_vec(),
+            validity,
+        })
+    }
+
+    fn configs(
+        ca: &CertificateAuthority,
+        server_names: &[String],
+        validity: Duration,
+    ) -> anyhow::Result<Configs> {
+        let identity = ca
+            .issue_server_certificate(server_names, validity)
+            .context("cannot issue the server certificate")?;
+        Ok(Configs {
+            agent: edgefleet_pki::agent_server_tls_config(&identity, ca.certificate_pem())?,
+            operator: edgefleet_pki::operator_server_tls_config(&identity)?,
+            http: edgefleet_pki::listener_tls_config(
+                &identity.certificate_pem,
+                &identity.key_pem,
+                None,
+                &[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11],
+            )?,
+        })
+    }
+
+    /// Issues a new certificate and hands it to new connections.
+    pub fn renew(&self, ca: &CertificateAuthority) -> anyhow::Result<()> {
+        let configs = Self::configs(ca, &self.server_names, self.validity)?;
+        self.agent.store(configs.agent);
+        self.operator.store(configs.operator);
+        self.http.store(configs.http);
+        Ok(())
+    }
+
+    pub fn agent(&self) -> Arc<ServerConfig> {
+        self.agent.load_full()
+    }
+
+    pub fn operator(&self) -> Arc<ServerConfig> {
+        self.operator.load_full()
+    }
+
+    pub fn http(&self) -> Arc<ServerConfig> {
+        self.http.load_full()
+    }
+
+    /// How long after its issue a certificate is renewed: when a third of
+    /// its lifetime is left, as agents renew theirs.
+    pub fn renew_after(&self) -> Duration {
+        self.validity.mul_f64(2.0 / 3.0)
+    }
+}
+
+/// A TLS listener that hands each connection the config `current` gives
+/// at that moment: the latest certificate.
+pub fn tls_incoming(
+    listener: TcpListener,
+    tls: &Arc<ServerTls>,
+    current: fn(&ServerTls) -> Arc<ServerConfig>,
+) -> edgefleet_pki::TlsIncoming {
+    let tls = Arc::clone(tls);
+    edgefleet_pki::tls_incoming_from(
+        listener,
+        move || current(&tls),
+        edgefleet_pki::DEFAULT_HANDSHAKE_TIMEOUT,
+    )
+}
+
+/// Renews the server certificate whenever a third of its lifetime is left,
+/// until `shutdown`. A renewal that fails is logged and tried again (within
+/// a minute, and before the certificate expires), the current certificate
+/// served meanwhile.
+pub async fn renew_server_certificate(
+    tls: Arc<ServerTls>,
+    cp: Arc<ControlPlane>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let retry_delay = RETRY_DELAY.min(tls.validity / 10);
+    let mut wait = tls.renew_after();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(wait) => {}
+        }
+        match tls.renew(&cp.ca) {
+            Ok(()) => {
+                tracing::info!(
+                    valid_for = %humantime::format_duration(tls.validity),
+                    "renewed the server certificate"
+                );
+                wait = tls.renew_after();
+            }
+            Err(err) => {
+                tracing::warn!(
+                    error = %edgefleet_pki::error_chain(err.as_ref()),
+                    "cannot renew the server certificate; serving the current one and trying again"
+                );
+                wait = retry_delay;
+            }
+        }
+    }
+}
