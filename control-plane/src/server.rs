@@ -23,7 +23,7 @@ use crate::metrics::ServerMetrics;
 use crate::operator_service::OperatorApi;
 use crate::registry::service::{MAX_PUSH_MESSAGE_BYTES, ModelApi};
 use crate::rollouts::RolloutApi;
-use crate::server_tls::{ServerTls, tls_incoming};
+use crate::server_tls::{RenewOnHangup, ServerTls, tls_incoming};
 use crate::sessions::Sessions;
 use crate::state::{ControlPlane, now_ms};
 use crate::store::OperatorToken;
@@ -170,6 +170,9 @@ fn reflection(
 
 /// Starts the control plane; returns once every listener is bound.
 pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
+    // First, so a SIGHUP while the server starts (waiting for PostgreSQL,
+    // say) renews the certificate once it is issued instead of ending it.
+    let renew_on_hangup = RenewOnHangup::install();
     let data_dir = config.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data dir {}", data_dir.display()))?;
@@ -319,6 +322,7 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     tasks.push(tokio::spawn(crate::server_tls::renew_server_certificate(
         server_tls,
         Arc::clone(&cp),
+        renew_on_hangup,
         shutdown.clone(),
     )));
     tasks.push(tokio::spawn(crate::rollouts::run_engine(

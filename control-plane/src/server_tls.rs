@@ -129,13 +129,54 @@ pub fn tls_incoming(
     )
 }
 
+/// SIGHUP, which asks for a renewal at once, as `systemctl reload` or
+/// `kill -HUP` asks a daemon to act again on what it read at start: the
+/// new certificate names the machine's host name as it is now, say.
+/// Installed before the server serves, so from then on the signal no longer
+/// ends the process (its default disposition).
+pub struct RenewOnHangup {
+    #[cfg(unix)]
+    hangups: Option<tokio::signal::unix::Signal>,
+}
+
+impl RenewOnHangup {
+    /// Installs the handler; without one (logged), renewals come on their
+    /// schedule only.
+    pub fn install() -> RenewOnHangup {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let hangups = signal(SignalKind::hangup())
+                .map_err(|err| {
+                    tracing::warn!(error = %err, "cannot handle SIGHUP; the server certificate is renewed on its schedule only")
+                })
+                .ok();
+            RenewOnHangup { hangups }
+        }
+        #[cfg(not(unix))]
+        RenewOnHangup {}
+    }
+
+    /// Resolves at the next SIGHUP; never without a handler.
+    async fn asked(&mut self) {
+        #[cfg(unix)]
+        if let Some(hangups) = &mut self.hangups
+            && hangups.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
 /// Renews the server certificate whenever a third of its lifetime is left,
-/// until `shutdown`. A renewal that fails is logged and tried again (within
-/// a minute, and before the certificate expires), the current certificate
-/// served meanwhile.
+/// and at each SIGHUP, until `shutdown`. A renewal that fails is logged and
+/// tried again (within a minute, and before the certificate expires), the
+/// current certificate served meanwhile.
 pub async fn renew_server_certificate(
     tls: Arc<ServerTls>,
     cp: Arc<ControlPlane>,
+    mut hangup: RenewOnHangup,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let retry_delay = RETRY_DELAY.min(tls.validity / 10);
@@ -144,6 +185,9 @@ pub async fn renew_server_certificate(
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(wait) => {}
+            () = hangup.asked() => {
+                tracing::info!("SIGHUP: renewing the server certificate now");
+            }
         }
         match tls.renew(&cp.ca) {
             Ok(()) => {

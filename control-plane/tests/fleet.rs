@@ -956,6 +956,42 @@ fn the_server_certificate_is_renewed_while_the_server_runs() {
     });
 }
 
+/// SIGHUP renews the server certificate at once, as daemons take the signal
+/// (`systemctl reload`), and the server keeps serving (the signal's default
+/// is to end the process).
+#[test]
+fn sighup_renews_the_server_certificate_and_leaves_the_server_serving() {
+    let fx = Fixture::new(Db::Sqlite);
+    let mut server = fx.server(&[]);
+    let ca_cert = server.ca_cert();
+    let first = presented_certificate(server.api_addr, &ca_cert).unwrap();
+    let pid = server.process.child.id().to_string();
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    server.process.stderr.wait_for(
+        "SIGHUP: renewing the server certificate now",
+        Duration::from_secs(10),
+    );
+    server
+        .process
+        .stderr
+        .wait_for("renewed the server certificate", Duration::from_secs(10));
+    assert!(
+        server.process.child.try_wait().unwrap().is_none(),
+        "the server exited on SIGHUP"
+    );
+    for addr in [server.agent_addr, server.api_addr, server.http_addr] {
+        let renewed = presented_certificate(addr, &ca_cert).unwrap();
+        assert_ne!(renewed.serial_hex, first.serial_hex, "{addr}");
+    }
+    assert_eq!(server.cli_json(&["devices", "list"]), Value::Array(vec![]));
+    let status = server.process.terminate();
+    assert!(status.is_some_and(|status| status.success()), "{status:?}");
+}
+
 #[test]
 fn device_health_comes_from_sysfs_a_hot_zone_and_a_low_battery() {
     let fx = Fixture::new(Db::Sqlite);
