@@ -53,6 +53,11 @@ pub struct ServerMetrics {
     pub rollout_step_seconds: Histogram,
     /// Rollout engine steps that failed (retried on the next pass).
     pub rollout_step_failures: Counter,
+    /// When the server certificate the listeners present expires (Unix
+    /// seconds): set at each issue and renewal.
+    pub server_certificate_expiration: Gauge,
+    /// When the fleet CA's certificate expires (Unix seconds).
+    pub ca_certificate_expiration: Gauge,
 }
 
 impl ServerMetrics {
@@ -73,6 +78,18 @@ impl ServerMetrics {
         let group_commit_failures = Family::<KindLabels, Counter>::default();
         let rollout_step_seconds = seconds_histogram();
         let rollout_step_failures = Counter::default();
+        let server_certificate_expiration = Gauge::default();
+        let ca_certificate_expiration = Gauge::default();
+        registry.register(
+            "certificate_expiration_timestamp_seconds",
+            "When the server certificate the listeners present expires, in Unix seconds (renewed when a third of its lifetime is left)",
+            server_certificate_expiration.clone(),
+        );
+        registry.register(
+            "ca_certificate_expiration_timestamp_seconds",
+            "When the fleet CA's certificate expires, in Unix seconds",
+            ca_certificate_expiration.clone(),
+        );
         registry.register(
             "rollout_step_seconds",
             "Time of one rollout engine step: read one active rollout, its devices and reports, judge, save",
@@ -149,6 +166,8 @@ impl ServerMetrics {
             group_commit_failures,
             rollout_step_seconds,
             rollout_step_failures,
+            server_certificate_expiration,
+            ca_certificate_expiration,
         })
     }
 

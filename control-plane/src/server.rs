@@ -189,10 +189,17 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
         tracing::info!(fingerprint = %ca.fingerprint(), "created the fleet CA");
     }
     let admin_token = ensure_admin_token(store.as_ref(), &data_dir).await?;
+    let metrics = ServerMetrics::new();
+    metrics.ca_certificate_expiration.set(
+        edgefleet_pki::certificate_info_der(ca.certificate_der())?
+            .not_after_unix_ms
+            .div_euclid(1000),
+    );
     let server_tls = Arc::new(ServerTls::issue(
         &ca,
         &config.server_names,
         config.server_certificate_validity,
+        metrics.server_certificate_expiration.clone(),
     )?);
 
     let agent_listener = bind(config.agent_addr, "agents").await?;
@@ -202,7 +209,6 @@ pub async fn start(config: ServerConfig) -> anyhow::Result<RunningServer> {
     let api_addr = api_listener.local_addr()?;
     let http_addr = http_listener.local_addr()?;
 
-    let metrics = ServerMetrics::new();
     let ingester = Ingester::start(Arc::clone(&store), Arc::clone(&metrics));
     let writers = crate::group_commit::GroupWriters::start(&store, &metrics);
     let ca_fingerprint = ca.fingerprint();

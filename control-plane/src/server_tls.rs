@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use edgefleet_pki::CertificateAuthority;
+use prometheus_client::metrics::gauge::Gauge;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +41,9 @@ pub struct ServerTls {
     server_names: Vec<String>,
     /// Each certificate's lifetime.
     validity: Duration,
+    /// Set to the current certificate's expiry, in Unix seconds
+    /// (`edgefleet_server_certificate_expiration_timestamp_seconds`).
+    expiration: Gauge,
 }
 
 /// One certificate's three configs.
@@ -47,22 +51,28 @@ struct Configs {
     agent: Arc<ServerConfig>,
     operator: Arc<ServerConfig>,
     http: Arc<ServerConfig>,
+    /// The certificate's `notAfter`, Unix milliseconds.
+    not_after_unix_ms: i64,
 }
 
 impl ServerTls {
-    /// Issues the first certificate.
+    /// Issues the first certificate; `expiration` is set to its expiry and
+    /// to each renewal's.
     pub fn issue(
         ca: &CertificateAuthority,
         server_names: &[String],
         validity: Duration,
+        expiration: Gauge,
     ) -> anyhow::Result<ServerTls> {
         let configs = Self::configs(ca, server_names, validity)?;
+        expiration.set(configs.not_after_unix_ms.div_euclid(1000));
         Ok(ServerTls {
             agent: ArcSwap::new(configs.agent),
             operator: ArcSwap::new(configs.operator),
             http: ArcSwap::new(configs.http),
             server_names: server_names.to_vec(),
             validity,
+            expiration,
         })
     }
 
@@ -74,7 +84,10 @@ impl ServerTls {
         let identity = ca
             .issue_server_certificate(server_names, validity)
             .context("cannot issue the server certificate")?;
+        let not_after_unix_ms =
+            edgefleet_pki::certificate_info_pem(&identity.certificate_pem)?.not_after_unix_ms;
         Ok(Configs {
+            not_after_unix_ms,
             agent: edgefleet_pki::agent_server_tls_config(&identity, ca.certificate_pem())?,
             operator: edgefleet_pki::operator_server_tls_config(&identity)?,
             http: edgefleet_pki::listener_tls_config(
@@ -92,6 +105,8 @@ impl ServerTls {
         self.agent.store(configs.agent);
         self.operator.store(configs.operator);
         self.http.store(configs.http);
+        self.expiration
+            .set(configs.not_after_unix_ms.div_euclid(1000));
         Ok(())
     }
 

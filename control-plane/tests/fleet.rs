@@ -919,6 +919,26 @@ fn the_server_certificate_is_renewed_while_the_server_runs() {
         let info = presented_certificate(addr, &ca_cert).unwrap();
         assert_eq!(info.serial_hex, first.serial_hex, "{addr}: one certificate");
     }
+    // Prometheus can alert on both expiries.
+    let expiration = |name: &str| -> i64 {
+        let text = server.metrics();
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .parse()
+            .unwrap()
+    };
+    const SERVER_EXPIRATION: &str = "edgefleet_server_certificate_expiration_timestamp_seconds";
+    assert_eq!(
+        expiration(SERVER_EXPIRATION),
+        first.not_after_unix_ms / 1000
+    );
+    let ca =
+        edgefleet_pki::certificate_info_pem(&std::fs::read_to_string(&ca_cert).unwrap()).unwrap();
+    assert_eq!(
+        expiration("edgefleet_server_ca_certificate_expiration_timestamp_seconds"),
+        ca.not_after_unix_ms / 1000
+    );
     let state = fx.state_dir("agent");
     let device = enroll_ok(&server, &server.join_token(&[]), &state);
     let now_ms = || {
@@ -939,6 +959,15 @@ fn the_server_certificate_is_renewed_while_the_server_runs() {
             "{addr} presents an expired certificate"
         );
     }
+    // The gauge follows: it gives the presented certificate's expiry, or a
+    // later one's (renewals come every 4 s here).
+    let renewed = presented_certificate(server.api_addr, &ca_cert).unwrap();
+    let gauge = expiration(SERVER_EXPIRATION);
+    assert!(
+        gauge >= renewed.not_after_unix_ms / 1000 && gauge <= now_ms() / 1000 + 6,
+        "gauge {gauge}, presented certificate's expiry {}",
+        renewed.not_after_unix_ms / 1000
+    );
     server
         .process
         .stderr
