@@ -29,14 +29,8 @@ pub const MIN_VALIDITY: Duration = Duration::from_secs(5);
 /// The three listeners' TLS configs, all with the current certificate.
 #[derive(Debug)]
 pub struct ServerTls {
-    /// Mutual TLS (a client certificate optional, for `Enroll`), ALPN `h2`;
-    /// presents the CA's certificate too, which joining agents pin.
-    agent: ArcSwap<ServerConfig>,
-    /// The operator API: no client certificate, ALPN `h2`.
-    operator: ArcSwap<ServerConfig>,
-    /// `/metrics` and `/healthz`: ALPN `h2` and `http/1.1` (clients that
-    /// speak only HTTP/1.1, Python's urllib3, offer only that).
-    http: ArcSwap<ServerConfig>,
+    /// The current certificate's configs, swapped whole at each renewal.
+    current: ArcSwap<Configs>,
     /// The certificate's extra subject alternative names (`--server-names`).
     server_names: Vec<String>,
     /// Each certificate's lifetime.
@@ -46,13 +40,43 @@ pub struct ServerTls {
     expiration: Gauge,
 }
 
-/// One certificate's three configs.
+/// One certificate's configs, one a listener.
+#[derive(Debug)]
 struct Configs {
+    /// Mutual TLS (a client certificate optional, for `Enroll`), ALPN `h2`;
+    /// presents the CA's certificate too, which joining agents pin.
     agent: Arc<ServerConfig>,
+    /// The operator API: no client certificate, ALPN `h2`.
     operator: Arc<ServerConfig>,
+    /// `/metrics` and `/healthz`: ALPN `h2` and `http/1.1` (clients that
+    /// speak only HTTP/1.1, Python's urllib3, offer only that).
     http: Arc<ServerConfig>,
     /// The certificate's `notAfter`, Unix milliseconds.
     not_after_unix_ms: i64,
+}
+
+impl Configs {
+    fn issue(
+        ca: &CertificateAuthority,
+        server_names: &[String],
+        validity: Duration,
+    ) -> anyhow::Result<Configs> {
+        let identity = ca
+            .issue_server_certificate(server_names, validity)
+            .context("cannot issue the server certificate")?;
+        Ok(Configs {
+            agent: edgefleet_pki::agent_server_tls_config(&identity, ca.certificate_pem())?,
+            operator: edgefleet_pki::operator_server_tls_config(&identity)?,
+            http: edgefleet_pki::listener_tls_config(
+                &identity.certificate_pem,
+                &identity.key_pem,
+                None,
+                &[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11],
+            )?,
+            not_after_unix_ms: edgefleet_pki::certificate_info_pem(&identity.certificate_pem)?
+                .not_after_unix_ms,
+        })
+    }
 }
 
 impl ServerTls {
@@ -64,62 +88,35 @@ impl ServerTls {
         validity: Duration,
         expiration: Gauge,
     ) -> anyhow::Result<ServerTls> {
-        let configs = Self::configs(ca, server_names, validity)?;
+        let configs = Configs::issue(ca, server_names, validity)?;
         expiration.set(configs.not_after_unix_ms.div_euclid(1000));
         Ok(ServerTls {
-            agent: ArcSwap::new(configs.agent),
-            operator: ArcSwap::new(configs.operator),
-            http: ArcSwap::new(configs.http),
+            current: ArcSwap::from_pointee(configs),
             server_names: server_names.to_vec(),
             validity,
             expiration,
         })
     }
 
-    fn configs(
-        ca: &CertificateAuthority,
-        server_names: &[String],
-        validity: Duration,
-    ) -> anyhow::Result<Configs> {
-        let identity = ca
-            .issue_server_certificate(server_names, validity)
-            .context("cannot issue the server certificate")?;
-        let not_after_unix_ms =
-            edgefleet_pki::certificate_info_pem(&identity.certificate_pem)?.not_after_unix_ms;
-        Ok(Configs {
-            not_after_unix_ms,
-            agent: edgefleet_pki::agent_server_tls_config(&identity, ca.certificate_pem())?,
-            operator: edgefleet_pki::operator_server_tls_config(&identity)?,
-            http: edgefleet_pki::listener_tls_config(
-                &identity.certificate_pem,
-                &identity.key_pem,
-                None,
-                &[edgefleet_pki::ALPN_H2, edgefleet_pki::ALPN_HTTP11],
-            )?,
-        })
-    }
-
     /// Issues a new certificate and hands it to new connections.
     pub fn renew(&self, ca: &CertificateAuthority) -> anyhow::Result<()> {
-        let configs = Self::configs(ca, &self.server_names, self.validity)?;
-        self.agent.store(configs.agent);
-        self.operator.store(configs.operator);
-        self.http.store(configs.http);
+        let configs = Configs::issue(ca, &self.server_names, self.validity)?;
         self.expiration
             .set(configs.not_after_unix_ms.div_euclid(1000));
+        self.current.store(Arc::new(configs));
         Ok(())
     }
 
     pub fn agent(&self) -> Arc<ServerConfig> {
-        self.agent.load_full()
+        Arc::clone(&self.current.load().agent)
     }
 
     pub fn operator(&self) -> Arc<ServerConfig> {
-        self.operator.load_full()
+        Arc::clone(&self.current.load().operator)
     }
 
     pub fn http(&self) -> Arc<ServerConfig> {
-        self.http.load_full()
+        Arc::clone(&self.current.load().http)
     }
 
     /// How long after its issue a certificate is renewed: when a third of
