@@ -17,10 +17,12 @@ use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::ControlPlane;
+use crate::state::{ControlPlane, now_ms};
 
-/// How long after a failed renewal the next try comes, at the most.
-const RETRY_DELAY: Duration = Duration::from_secs(60);
+/// How often, at the most, the certificate's time left is read off the wall
+/// clock (and a failed renewal tried again); a tenth of the certificate's
+/// lifetime when that is shorter.
+const CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The shortest lifetime a server certificate may have: certificates count
 /// time in whole seconds, and a shorter one would be renewed all the time.
@@ -119,10 +121,17 @@ impl ServerTls {
         Arc::clone(&self.current.load().http)
     }
 
-    /// How long after its issue a certificate is renewed: when a third of
-    /// its lifetime is left, as agents renew theirs.
-    pub fn renew_after(&self) -> Duration {
-        self.validity.mul_f64(2.0 / 3.0)
+    /// How long from `now_unix_ms` until the current certificate is due
+    /// for renewal: when a third of its lifetime is left, as agents renew
+    /// theirs. Zero when it is due.
+    pub fn until_renewal(&self, now_unix_ms: i64) -> Duration {
+        let third_ms = i64::try_from(self.validity.as_millis() / 3).unwrap_or(i64::MAX);
+        let due = self
+            .current
+            .load()
+            .not_after_unix_ms
+            .saturating_sub(third_ms);
+        Duration::from_millis(u64::try_from(due.saturating_sub(now_unix_ms)).unwrap_or(0))
     }
 }
 
@@ -182,21 +191,32 @@ impl RenewOnHangup {
 }
 
 /// Renews the server certificate whenever a third of its lifetime is left,
-/// and at each SIGHUP, until `shutdown`. A renewal that fails is logged and
-/// tried again (within a minute, and before the certificate expires), the
-/// current certificate served meanwhile.
+/// and at each SIGHUP, until `shutdown`. The time left is read off the
+/// wall clock at least every [`CHECK_INTERVAL`]: a machine that was
+/// suspended, or whose clock was set forward, renews within that long
+/// (a timer alone counts neither). A renewal that fails is logged and tried
+/// again at the next check, the current certificate served meanwhile.
 pub async fn renew_server_certificate(
     tls: Arc<ServerTls>,
     cp: Arc<ControlPlane>,
     mut hangup: RenewOnHangup,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let retry_delay = RETRY_DELAY.min(tls.validity / 10);
-    let mut wait = tls.renew_after();
+    let check_interval = CHECK_INTERVAL.min(tls.validity / 10);
+    let mut failed = false;
     loop {
+        let wait = if failed {
+            check_interval
+        } else {
+            tls.until_renewal(now_ms()).min(check_interval)
+        };
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            () = tokio::time::sleep(wait) => {}
+            () = tokio::time::sleep(wait) => {
+                if !tls.until_renewal(now_ms()).is_zero() {
+                    continue;
+                }
+            }
             () = hangup.asked() => {
                 tracing::info!("SIGHUP: renewing the server certificate now");
             }
@@ -207,15 +227,47 @@ pub async fn renew_server_certificate(
                     valid_for = %humantime::format_duration(tls.validity),
                     "renewed the server certificate"
                 );
-                wait = tls.renew_after();
+                failed = false;
             }
             Err(err) => {
                 tracing::warn!(
                     error = %edgefleet_pki::error_chain(err.as_ref()),
                     "cannot renew the server certificate; serving the current one and trying again"
                 );
-                wait = retry_delay;
+                failed = true;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY_MS: i64 = 24 * 3600 * 1000;
+
+    /// The renewal is due when a third of the certificate's lifetime is
+    /// left by the wall clock, however long the process's timers say has
+    /// passed: 60 days into a 90-day certificate, or at once once the clock
+    /// shows it past that (after a suspend, or the clock set forward).
+    #[test]
+    fn a_renewal_is_due_when_a_third_of_the_lifetime_is_left_by_the_wall_clock() {
+        let (ca, _) = CertificateAuthority::generate().unwrap();
+        let validity = Duration::from_secs(90 * 24 * 3600);
+        let tls = ServerTls::issue(&ca, &[], validity, Gauge::default()).unwrap();
+        let issued = now_ms();
+        let left = tls.until_renewal(issued);
+        // Certificates count whole seconds.
+        let sixty_days = Duration::from_millis(60 * DAY_MS as u64);
+        assert!(
+            left <= sixty_days && left >= sixty_days - Duration::from_secs(2),
+            "{left:?}"
+        );
+        assert!(!tls.until_renewal(issued + 59 * DAY_MS).is_zero());
+        assert!(tls.until_renewal(issued + 60 * DAY_MS).is_zero());
+        assert!(tls.until_renewal(issued + 400 * DAY_MS).is_zero());
+        // A renewal starts the count again.
+        tls.renew(&ca).unwrap();
+        assert!(tls.until_renewal(now_ms()) >= sixty_days - Duration::from_secs(2));
     }
 }
