@@ -978,11 +978,15 @@ fn the_server_certificate_is_renewed_while_the_server_runs() {
     );
     let (status, _) = server.request("GET", "/healthz", None).unwrap();
     assert_eq!(status, 200);
-    // An agent connecting now (its first session) trusts the renewed one.
+    // An agent connecting now (its first session) trusts the renewed one,
+    // and one enrolling now (pinning the CA by the token's fingerprint)
+    // finds the CA in its chain.
     let _agent = Agent::run(&state, &[]);
     eventually(Duration::from_secs(20), "the device online", || {
         (server.device(&device)["status"] == "online").then_some(())
     });
+    let second = enroll_ok(&server, &server.join_token(&[]), &fx.state_dir("second"));
+    assert_ne!(second, device);
 }
 
 /// SIGHUP renews the server certificate at once, as daemons take the signal
